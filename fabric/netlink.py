@@ -1,0 +1,233 @@
+"""The one place that talks rtnetlink (via pyroute2).
+
+Only the control path (creating and configuring ports) lands here, so pyroute2 is imported
+lazily inside the functions: the data plane can import the port classes without paying for
+pyroute2. Every failure surfaces as `PortError` with a message naming the namespace and the
+interface, because that is what an operator needs to fix a pod.
+
+Namespaces are always handled by absolute path (not name) so that `/run/netns/NAME` and
+`/proc/PID/ns/net` behave the same, and pyroute2 is always called with flags=0: its default
+(O_CREAT) would silently *create* a namespace that does not exist.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import ipaddress
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from fabric.errors import PortError
+
+if TYPE_CHECKING:
+    from pyroute2 import IPRoute
+
+NETNS_DIR = "/run/netns"
+IFNAMSIZ = 16
+NS_GET_NSTYPE = 0xB703  # _IO(0xb7, 0x3)
+CLONE_NEWNET = 0x40000000
+
+
+def check_ifname(ifname: str) -> None:
+    """Reject names the kernel would refuse, before touching any state."""
+    if (
+        not ifname
+        or len(ifname) >= IFNAMSIZ
+        or ifname in (".", "..")
+        or any(c in ifname for c in "/: \t\n")
+    ):
+        raise PortError(f"invalid interface name {ifname!r} (1-15 chars, no '/', ':' or spaces)")
+
+
+def resolve_netns(netns: str) -> str:
+    """Turn a pod's `netns` (a name under /run/netns or an absolute path) into a path.
+
+    Checks that the path exists and really is a network namespace, so a typo fails here
+    with a clear message instead of deep inside pyroute2 (or, worse, creating a namespace).
+    """
+    if not netns:
+        raise PortError("netns is empty")
+    if netns.startswith("/"):
+        path = netns
+    elif "/" in netns or netns in (".", ".."):
+        raise PortError(f"netns {netns!r}: must be a name under {NETNS_DIR} or an absolute path")
+    else:
+        path = os.path.join(NETNS_DIR, netns)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise PortError(f"netns {netns!r} does not exist ({path} not found)") from None
+    except OSError as exc:
+        raise PortError(f"netns {netns!r}: cannot open {path}: {exc.strerror}") from None
+    try:
+        nstype = fcntl.ioctl(fd, NS_GET_NSTYPE)
+    except OSError:
+        raise PortError(f"netns {netns!r}: {path} is not a namespace file") from None
+    finally:
+        os.close(fd)
+    if nstype != CLONE_NEWNET:
+        raise PortError(f"netns {netns!r}: {path} is not a network namespace")
+    return path
+
+
+@contextmanager
+def _ipr(netns: str | None = None) -> Iterator[IPRoute]:
+    """An IPRoute in the current namespace, or in `netns` (a path from resolve_netns).
+
+    pyroute2 opens the socket inside the namespace through a short-lived forked helper that
+    exits before this returns, so nothing is left running after the `with` block.
+    """
+    from pyroute2 import IPRoute
+
+    try:
+        ipr = IPRoute() if netns is None else IPRoute(netns=netns, flags=0)
+    except OSError as exc:
+        where = f"netns {netns}" if netns else "current netns"
+        raise PortError(f"{where}: cannot open netlink: {exc}") from None
+    with ipr:
+        yield ipr
+
+
+def _nl_error(exc: Exception) -> str:
+    """A readable reason from a pyroute2 NetlinkError or OSError."""
+    code = getattr(exc, "code", None)
+    if isinstance(code, int) and code > 0:
+        return f"{os.strerror(code)} (errno {code})"
+    return str(exc) or type(exc).__name__
+
+
+def _lookup(ipr: IPRoute, name: str) -> int | None:
+    found = ipr.link_lookup(ifname=name)
+    return found[0] if found else None
+
+
+def link_exists(name: str, netns: str | None = None) -> bool:
+    """Whether an interface `name` exists in the current namespace or in `netns`."""
+    path = resolve_netns(netns) if netns is not None else None
+    with _ipr(path) as ipr:
+        return _lookup(ipr, name) is not None
+
+
+def link_index(name: str) -> int:
+    """Interface index in the current namespace; PortError if it is missing."""
+    with _ipr() as ipr:
+        index = _lookup(ipr, name)
+    if index is None:
+        raise PortError(f"interface {name!r} does not exist")
+    return index
+
+
+def move_link(index: int, netns: str) -> None:
+    """Move interface `index` from the current namespace into `netns`.
+
+    We pass our own fd rather than the name so the namespace cannot change between the
+    check in resolve_netns and the move, and the fd is closed right away.
+    """
+    path = resolve_netns(netns)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with _ipr() as ipr:
+            ipr.link("set", index=index, net_ns_fd=fd)
+    except PortError:
+        raise
+    except Exception as exc:
+        raise PortError(f"moving interface #{index} into netns {netns!r}: {_nl_error(exc)}") from None
+    finally:
+        os.close(fd)
+
+
+def configure_pod_link(
+    netns: str,
+    current_name: str,
+    ifname: str,
+    mac: str,
+    ip: str | ipaddress.IPv4Address | ipaddress.IPv6Address,
+    prefixlen: int,
+    gateway: str | ipaddress.IPv4Address | ipaddress.IPv6Address | None,
+    mtu: int,
+) -> None:
+    """Inside `netns`: rename `current_name` to `ifname`, set MAC/MTU, address, up, default
+    route via `gateway`, and bring `lo` up.
+
+    Refuses (PortError) if `ifname` already exists there rather than guessing which of the
+    two the pod should use. A half-configured link is left for the caller to delete (closing
+    a TAP's fd does it).
+    """
+    check_ifname(ifname)
+    path = resolve_netns(netns)
+    addr = ipaddress.ip_address(str(ip))
+    gw = ipaddress.ip_address(str(gateway)) if gateway is not None else None
+    if gw is not None and gw.version != addr.version:
+        raise PortError(f"gateway {gw} and address {addr} are of different IP versions")
+    step = "opening netlink"
+    try:
+        with _ipr(path) as ipr:
+            step = f"looking up {current_name!r}"
+            index = _lookup(ipr, current_name)
+            if index is None:
+                raise PortError(f"netns {netns!r}: interface {current_name!r} not found")
+            if ifname != current_name and _lookup(ipr, ifname) is not None:
+                raise PortError(f"netns {netns!r}: an interface named {ifname!r} already exists")
+            step = f"setting name {ifname!r}, MAC {mac}, MTU {mtu}"
+            ipr.link("set", index=index, state="down")
+            ipr.link("set", index=index, ifname=ifname, address=mac, mtu=mtu)
+            step = f"adding address {addr}/{prefixlen}"
+            ipr.addr("add", index=index, address=str(addr), prefixlen=prefixlen)
+            step = "bringing the link up"
+            ipr.link("set", index=index, state="up")
+            if gw is not None:
+                step = f"adding default route via {gw}"
+                dst = "0.0.0.0/0" if gw.version == 4 else "::/0"
+                route: dict[str, Any] = {"dst": dst, "gateway": str(gw), "oif": index}
+                ipr.route("add", **route)
+            step = "bringing lo up"
+            lo = _lookup(ipr, "lo")
+            if lo is not None:
+                ipr.link("set", index=lo, state="up")
+    except PortError:
+        raise
+    except Exception as exc:
+        raise PortError(f"netns {netns!r}, {ifname!r}: {step}: {_nl_error(exc)}") from None
+
+
+def set_link(name: str, up: bool = True, mtu: int | None = None) -> int:
+    """Set state (and optionally MTU) of `name` in the current namespace; returns its MTU.
+
+    Returning the MTU saves callers a second netlink round trip (and /sys/class/net would
+    show the namespace sysfs was mounted in, not the calling thread's).
+    """
+    try:
+        with _ipr() as ipr:
+            index = _lookup(ipr, name)
+            if index is None:
+                raise PortError(f"interface {name!r} does not exist")
+            changes: dict[str, Any] = {"state": "up" if up else "down"}
+            if mtu is not None:
+                changes["mtu"] = mtu
+            ipr.link("set", index=index, **changes)
+            (msg,) = ipr.link("get", index=index)
+            return int(msg.get_attr("IFLA_MTU"))
+    except PortError:
+        raise
+    except Exception as exc:
+        raise PortError(f"setting interface {name!r}: {_nl_error(exc)}") from None
+
+
+def disable_ipv6(name: str) -> bool:
+    """Best effort: stop the host stack from speaking IPv6 (RS, MLD, DAD) on a fabric port.
+
+    /proc/sys/net follows the calling thread's namespace. Returns False if it could not be
+    done (IPv6 compiled out, interface gone); callers ignore that on purpose.
+    """
+    check_ifname(name)
+    try:
+        with open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "w") as f:
+            f.write("1")
+        return True
+    except OSError as exc:
+        if exc.errno not in (errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS):
+            return False
+        return False
