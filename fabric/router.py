@@ -1,0 +1,505 @@
+"""The per-namespace router: a static IP -> port table with proxy ARP, anti-spoofing,
+TTL and MTU handling, and a bounded hold for pods whose port is not attached yet.
+
+Sans-IO: `receive()` takes a frame in a buffer and the time; the fast path rewrites the
+frame in place and returns the port to write it to, everything else (ARP and ICMP
+replies, converted or released frames) is appended to `outputs` in the framing of the
+port it goes to. The shell must flush `outputs` after each call that filled it, which
+keeps frames in order. Timers: `next_timer()` and `handle_timer(now)`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from collections import deque
+from collections.abc import Callable
+
+from fabric import checksum, gso, packets
+from fabric.packets import (
+    ARP_REPLY,
+    ARP_REQUEST,
+    BROADCAST_MAC,
+    ETH_P_ARP,
+    ETH_P_IP,
+    ICMP_ECHO_REQUEST,
+    ICMP_TIME_EXCEEDED,
+    ICMP_UNREACH,
+    IP_DF,
+    PROTO_ICMP,
+    PROTO_TCP,
+    PROTO_UDP,
+    UNREACH_FRAG_NEEDED,
+    UNREACH_HOST,
+    UNREACH_NET,
+    UNREACH_PORT,
+    Malformed,
+)
+from fabric.vnet import GSO_ECN, GSO_NONE, GSO_TCPV4, GSO_UDP_L4, VNET_HDR_LEN, ZERO_HDR, VnetHdr
+
+GATEWAY_MAC = "02:fb:00:00:00:01"
+HOLD_PACKETS = 64
+HOLD_TIMEOUT = 30.0
+ARP_RETRY = 1.0
+ICMP_RATE = 1000.0  # ICMP errors per second per namespace
+ICMP_BURST = 100.0
+
+_ADDRS = struct.Struct("!4s4s")
+_from_bytes = int.from_bytes
+
+# Drop reasons, named once so counters, metrics and docs agree.
+DROP_MALFORMED = "malformed"
+DROP_BAD_CHECKSUM = "bad_checksum"
+DROP_SPOOFED = "spoofed_source"
+DROP_IPV6 = "ipv6"
+DROP_ETHERTYPE = "ethertype"
+DROP_TTL = "ttl_expired"
+DROP_NO_ROUTE = "no_route"
+DROP_BROADCAST = "broadcast"
+DROP_MULTICAST = "multicast"
+DROP_TOO_BIG = "too_big"
+DROP_HOLD_OVERFLOW = "hold_overflow"
+DROP_HOLD_TIMEOUT = "hold_timeout"
+DROP_NO_TUNNEL = "no_tunnel"
+DROP_GATEWAY_PORT = "gateway_port_closed"
+DROP_BAD_OFFLOAD = "bad_offload"
+DROP_ICMP_RATELIMIT = "icmp_ratelimited"
+DROP_TX_FULL = "tx_full"
+DROP_TX_ERROR = "tx_error"
+DROP_POD_REMOVED = "pod_removed"
+
+
+class Port:
+    """The router's view of an attached pod port. `fd` is an opaque handle for the shell."""
+
+    __slots__ = ("pod", "hlen", "mtu", "fd", "kind", "rx_packets", "rx_bytes", "tx_packets",
+                 "tx_bytes", "drops", "capture")
+
+    def __init__(self, *, vnet: bool, mtu: int, fd: int = -1, kind: str = "test") -> None:
+        self.pod: Pod | None = None
+        self.hlen = VNET_HDR_LEN if vnet else 0
+        self.mtu = mtu
+        self.fd = fd
+        self.kind = kind
+        self.rx_packets = 0
+        self.rx_bytes = 0
+        self.tx_packets = 0
+        self.tx_bytes = 0
+        self.drops: dict[str, int] = {}
+        # Called as capture(now, ethernet_frame, outgoing) when someone captures this port.
+        self.capture: Callable[[float, bytes, bool], None] | None = None
+
+    @property
+    def vnet(self) -> bool:
+        return self.hlen != 0
+
+    def drop(self, reason: str) -> None:
+        self.drops[reason] = self.drops.get(reason, 0) + 1
+
+
+class Pod:
+    """A table entry: a pod's address, its MAC once known, and its port once attached."""
+
+    __slots__ = ("name", "ip", "mac", "mac_fixed", "port", "remote", "pending", "arp_due")
+
+    def __init__(self, name: str, ip: bytes, mac: bytes | None, remote: str | None) -> None:
+        self.name = name
+        self.ip = ip
+        self.mac = mac
+        self.mac_fixed = mac is not None
+        self.port: Port | None = None
+        self.remote = remote
+        # (arrival time, header length, frame with its virtio-net header if any)
+        self.pending: deque[tuple[float, int, bytes]] = deque()
+        self.arp_due = 0.0
+
+
+class Router:
+    """One namespace's forwarding table and L2/L3 rules (see module docstring)."""
+
+    def __init__(
+        self,
+        name: str,
+        cidr: str | ipaddress.IPv4Network,
+        *,
+        gateway_mac: str = GATEWAY_MAC,
+        hold_packets: int = HOLD_PACKETS,
+        hold_timeout: float = HOLD_TIMEOUT,
+    ) -> None:
+        self.name = name
+        self.cidr = ipaddress.IPv4Network(cidr)
+        self.gw_ip = self.cidr.network_address.__add__(1).packed
+        self.gw_mac = packets.mac_bytes(gateway_mac)
+        self.net = _from_bytes(self.cidr.network_address.packed, "big")
+        self.mask = _from_bytes(self.cidr.netmask.packed, "big")
+        self.bcast = self.cidr.broadcast_address.packed
+        self.hold_packets = hold_packets
+        self.hold_timeout = hold_timeout
+        self.pods: dict[str, Pod] = {}
+        self.by_ip: dict[bytes, Pod] = {}
+        self.outputs: list[tuple[Port, bytes]] = []
+        self.drops: dict[str, int] = {}  # drops not attributable to an ingress port
+        self._held: set[Pod] = set()
+        self._icmp_tokens = ICMP_BURST
+        self._icmp_last = 0.0
+
+    # --- table ---------------------------------------------------------------------------
+
+    def add_pod(self, name: str, ip: str | ipaddress.IPv4Address, mac: str | None = None,
+                remote: str | None = None) -> Pod:
+        addr = ipaddress.IPv4Address(ip)
+        if addr not in self.cidr:
+            raise ValueError(f"{addr} is not inside {self.cidr}")
+        if name in self.pods or addr.packed in self.by_ip:
+            raise ValueError(f"pod {name} or address {addr} already in the table")
+        pod = Pod(name, addr.packed, packets.mac_bytes(mac) if mac else None, remote)
+        self.pods[name] = pod
+        self.by_ip[pod.ip] = pod
+        return pod
+
+    def remove_pod(self, name: str) -> Port | None:
+        pod = self.pods.pop(name)
+        del self.by_ip[pod.ip]
+        if pod.pending:
+            self._count(DROP_POD_REMOVED, len(pod.pending))
+            pod.pending.clear()
+        self._held.discard(pod)
+        port = pod.port
+        if port is not None:
+            port.pod = None
+            pod.port = None
+        return port
+
+    def attach(self, name: str, port: Port, now: float, mac: str | None = None) -> None:
+        """Connect a pod's port; frames held for the pod are released in arrival order."""
+        pod = self.pods[name]
+        if pod.port is not None:
+            raise ValueError(f"pod {name} already has a port")
+        if mac:
+            pod.mac = packets.mac_bytes(mac)
+            pod.mac_fixed = True
+        port.pod = pod
+        pod.port = port
+        if pod.mac is None:
+            self._arp_for(pod, now)
+        else:
+            self._release(pod)
+
+    def detach(self, name: str) -> Port | None:
+        pod = self.pods[name]
+        port = pod.port
+        if port is not None:
+            port.pod = None
+            pod.port = None
+            if not pod.mac_fixed:
+                pod.mac = None
+        return port
+
+    # --- the packet path -----------------------------------------------------------------
+
+    def receive(self, port: Port, buf: bytearray, n: int, now: float) -> Port | None:
+        """Route one frame that arrived on `port` (buf[:n], with a virtio-net header when
+        the port has one). Returns the port to write buf[:n] to, or None."""
+        h = port.hlen
+        port.rx_packets += 1
+        port.rx_bytes += n
+        if port.capture is not None:
+            port.capture(now, bytes(buf[h:n]), False)
+        pod = port.pod
+        if pod is None:
+            return None
+        if n < h + 34 or buf[h + 12] != 8 or buf[h + 13] != 0:
+            self._not_ipv4(port, pod, buf, h, n, now)
+            return None
+        ip = h + 14
+        vihl = buf[ip]
+        ihl = (vihl & 15) << 2
+        total = buf[ip + 2] << 8 | buf[ip + 3]
+        if vihl >> 4 != 4 or ihl < 20 or total < ihl or ip + total > n:
+            port.drop(DROP_MALFORMED)
+            return None
+        src, dst = _ADDRS.unpack_from(buf, ip + 12)
+        if src != pod.ip:
+            port.drop(DROP_SPOOFED)
+            return None
+        if _from_bytes(buf[ip:ip + ihl], "big") % 0xFFFF:
+            port.drop(DROP_BAD_CHECKSUM)
+            return None
+        if pod.mac is None:
+            self._learn(pod, buf, h)
+        dpod = self.by_ip.get(dst)
+        if dpod is None:
+            self._not_pod(port, buf, h, n, ip, ihl, dst, now)
+            return None
+        ttl = buf[ip + 8]
+        if ttl <= 1:
+            self._icmp_error(port, buf, ip, ICMP_TIME_EXCEEDED, 0, now, DROP_TTL)
+            return None
+        buf[ip + 8] = ttl - 1
+        c = (buf[ip + 10] << 8 | buf[ip + 11]) + 0x100
+        c = (c + (c >= 0xFFFF)) & 0xFFFF
+        buf[ip + 10] = c >> 8
+        buf[ip + 11] = c & 0xFF
+        out = dpod.port
+        if out is None or dpod.mac is None:
+            self._hold(dpod, port, buf, h, n, ip, now)
+            return None
+        if total > out.mtu and not self._fits(out, port, buf, h, n, ip, ihl, total, now):
+            return None
+        buf[h:h + 6] = dpod.mac
+        buf[h + 6:h + 12] = self.gw_mac
+        if out.hlen != h:
+            self._emit(out, bytes(buf[:n]), h, now)
+            return None
+        out.tx_packets += 1
+        out.tx_bytes += n
+        if out.capture is not None:
+            out.capture(now, bytes(buf[h:n]), True)
+        return out
+
+    # --- slow paths ----------------------------------------------------------------------
+
+    def _fits(self, out: Port, port: Port, buf: bytearray, h: int, n: int, ip: int, ihl: int,
+              total: int, now: float) -> bool:
+        """A packet bigger than the egress MTU: GSO super-frames are fine if their segments
+        fit; DF packets get ICMP fragmentation-needed; others are fragmented here."""
+        if h and buf[1] & ~GSO_ECN != GSO_NONE:
+            gso_type = buf[1] & ~GSO_ECN
+            gso_size = buf[4] | buf[5] << 8
+            l4 = ip + ihl
+            if gso_type == GSO_TCPV4 and n > l4 + 12:
+                seg = ihl + ((buf[l4 + 12] >> 4) << 2) + gso_size
+            elif gso_type == GSO_UDP_L4:
+                seg = ihl + 8 + gso_size
+            else:
+                seg = total
+            if seg <= out.mtu:
+                return True
+        if (buf[ip + 6] << 8 | buf[ip + 7]) & IP_DF:
+            self._icmp_error(port, buf, ip, ICMP_UNREACH, UNREACH_FRAG_NEEDED, now, DROP_TOO_BIG,
+                             mtu=out.mtu)
+            return False
+        dpod = out.pod
+        assert dpod is not None and dpod.mac is not None
+        try:
+            if h:
+                frames = gso.segment(memoryview(buf)[h:n], VnetHdr.parse(buf))
+                packets_ = [f[14:] for f in frames]
+            else:
+                packets_ = [bytes(buf[ip:ip + total])]
+            eth = packets.eth_header(dpod.mac, self.gw_mac, ETH_P_IP)
+            for p in packets_:
+                for frag in packets.fragment(p, out.mtu):
+                    self._emit(out, eth + frag, 0, now)
+        except (Malformed, ValueError):
+            port.drop(DROP_MALFORMED)
+        return False
+
+    def _not_ipv4(self, port: Port, pod: Pod, buf: bytearray, h: int, n: int,
+                  now: float) -> None:
+        if n < h + 14:
+            port.drop(DROP_MALFORMED)
+            return
+        etype = buf[h + 12] << 8 | buf[h + 13]
+        if etype == ETH_P_ARP:
+            self._arp(port, pod, buf, h, n, now)
+        elif etype == ETH_P_IP:
+            port.drop(DROP_MALFORMED)
+        elif etype == 0x86DD:
+            port.drop(DROP_IPV6)
+        else:
+            port.drop(DROP_ETHERTYPE)
+
+    def _arp(self, port: Port, pod: Pod, buf: bytearray, h: int, n: int, now: float) -> None:
+        try:
+            arp = packets.Arp.parse(memoryview(buf)[h + 14:n])
+        except Malformed:
+            port.drop(DROP_MALFORMED)
+            return
+        if arp.spa != pod.ip and arp.spa != b"\0\0\0\0":
+            port.drop(DROP_SPOOFED)
+            return
+        if arp.spa == pod.ip and (pod.mac is None or not pod.mac_fixed) and pod.mac != arp.sha:
+            if arp.sha[0] & 1 == 0:
+                pod.mac = arp.sha
+                self._release(pod)
+        if arp.op != ARP_REQUEST:
+            return
+        tpa = arp.tpa
+        # Never answer for the requester's own address: gratuitous ARP and RFC 5227
+        # probes would see a conflict.
+        if tpa == arp.spa or tpa == pod.ip:
+            return
+        t = _from_bytes(tpa, "big")
+        if t & self.mask != self.net or tpa == self.bcast or t == self.net:
+            return
+        reply = packets.arp_frame(ARP_REPLY, self.gw_mac, tpa, arp.sha, arp.spa, arp.sha)
+        self._emit(port, reply, 0, now)
+
+    def _learn(self, pod: Pod, buf: bytearray, h: int) -> None:
+        mac = bytes(buf[h + 6:h + 12])
+        if mac[0] & 1 == 0:
+            pod.mac = mac
+            self._release(pod)
+
+    def _not_pod(self, port: Port, buf: bytearray, h: int, n: int, ip: int, ihl: int,
+                 dst: bytes, now: float) -> None:
+        if dst == self.gw_ip:
+            self._to_gateway(port, buf, h, n, ip, ihl, now)
+            return
+        d = _from_bytes(dst, "big")
+        if d >> 28 == 0xE:
+            port.drop(DROP_MULTICAST)
+        elif dst == self.bcast or d == 0xFFFFFFFF:
+            port.drop(DROP_BROADCAST)
+        elif d & self.mask == self.net:
+            self._icmp_error(port, buf, ip, ICMP_UNREACH, UNREACH_HOST, now, DROP_NO_ROUTE)
+        else:
+            self._icmp_error(port, buf, ip, ICMP_UNREACH, UNREACH_NET, now, DROP_NO_ROUTE)
+
+    def _to_gateway(self, port: Port, buf: bytearray, h: int, n: int, ip: int, ihl: int,
+                    now: float) -> None:
+        proto = buf[ip + 9]
+        total = buf[ip + 2] << 8 | buf[ip + 3]
+        frag = (buf[ip + 6] << 8 | buf[ip + 7]) & 0x3FFF
+        if proto == PROTO_ICMP and not frag and total >= ihl + 8:
+            icmp = ip + ihl
+            if buf[icmp] == ICMP_ECHO_REQUEST:
+                msg = bytes(buf[icmp:ip + total])
+                if checksum.ones_sum(msg) != 0xFFFF:
+                    port.drop(DROP_BAD_CHECKSUM)
+                    return
+                ident, seq = struct.unpack_from("!HH", msg, 4)
+                reply = packets.icmp_echo(self.gw_ip, bytes(buf[ip + 12:ip + 16]), ident, seq,
+                                          msg[8:], reply=True)
+                self._emit_ip(port, reply, now)
+                return
+        if proto in (PROTO_TCP, PROTO_UDP):
+            self._icmp_error(port, buf, ip, ICMP_UNREACH, UNREACH_PORT, now, DROP_GATEWAY_PORT)
+        else:
+            port.drop(DROP_GATEWAY_PORT)
+
+    def _hold(self, dpod: Pod, port: Port, buf: bytearray, h: int, n: int, ip: int,
+              now: float) -> None:
+        if dpod.remote is not None:
+            self._icmp_error(port, buf, ip, ICMP_UNREACH, UNREACH_HOST, now, DROP_NO_TUNNEL)
+            return
+        if len(dpod.pending) >= self.hold_packets:
+            port.drop(DROP_HOLD_OVERFLOW)
+            return
+        dpod.pending.append((now, h, bytes(buf[:n])))
+        self._held.add(dpod)
+        if dpod.port is not None and dpod.mac is None and now >= dpod.arp_due:
+            self._arp_for(dpod, now)
+
+    def _release(self, pod: Pod) -> None:
+        out = pod.port
+        if out is None or pod.mac is None or not pod.pending:
+            return
+        for _, h, frame in pod.pending:
+            b = bytearray(frame)
+            b[h:h + 6] = pod.mac
+            b[h + 6:h + 12] = self.gw_mac
+            self._emit(out, b, h, 0.0)
+        pod.pending.clear()
+        self._held.discard(pod)
+
+    def _arp_for(self, pod: Pod, now: float) -> None:
+        port = pod.port
+        if port is None:
+            return
+        req = packets.arp_frame(ARP_REQUEST, self.gw_mac, self.gw_ip, b"\0" * 6, pod.ip,
+                                BROADCAST_MAC)
+        pod.arp_due = now + ARP_RETRY
+        self._emit(port, req, 0, now)
+
+    def _icmp_error(self, port: Port, buf: bytearray, ip: int, icmp_type: int, code: int,
+                    now: float, reason: str, mtu: int = 0) -> None:
+        """Drop the packet with `reason` and tell its sender, unless ICMP must stay quiet."""
+        port.drop(reason)
+        ihl = (buf[ip] & 15) << 2
+        frag = (buf[ip + 6] << 8 | buf[ip + 7]) & 0x1FFF
+        if frag or packets.is_icmp_error(memoryview(buf)[ip:], ihl):
+            return
+        src = _from_bytes(buf[ip + 12:ip + 16], "big")
+        if src == 0 or src >> 28 == 0xE:
+            return
+        elapsed = now - self._icmp_last
+        self._icmp_last = now
+        self._icmp_tokens = min(ICMP_BURST, self._icmp_tokens + max(elapsed, 0.0) * ICMP_RATE)
+        if self._icmp_tokens < 1.0:
+            port.drop(DROP_ICMP_RATELIMIT)
+            return
+        self._icmp_tokens -= 1.0
+        total = buf[ip + 2] << 8 | buf[ip + 3]
+        msg = packets.icmp_error(self.gw_ip, memoryview(buf)[ip:ip + total], icmp_type, code,
+                                 mtu=mtu)
+        sender = self.by_ip.get(bytes(buf[ip + 12:ip + 16]))
+        if sender is not None and sender.port is not None:
+            self._emit_ip(sender.port, msg, now)
+
+    def _emit_ip(self, port: Port, packet: bytes, now: float) -> None:
+        pod = port.pod
+        if pod is None or pod.mac is None:
+            return
+        self._emit(port, packets.eth_header(pod.mac, self.gw_mac, ETH_P_IP) + packet, 0, now)
+
+    def _emit(self, out: Port, frame: bytes | bytearray, h: int, now: float) -> None:
+        """Queue a frame for `out`, converting between framings: virtio-net frames going to
+        a port without offloads are segmented and get full checksums."""
+        if h == out.hlen:
+            frames = [bytes(frame)]
+        elif out.hlen:
+            frames = [ZERO_HDR + bytes(frame)]
+        else:
+            try:
+                frames = gso.segment(memoryview(frame)[h:], VnetHdr.parse(frame))
+            except Malformed:
+                out.drop(DROP_BAD_OFFLOAD)
+                return
+        oh = out.hlen
+        for f in frames:
+            out.tx_packets += 1
+            out.tx_bytes += len(f)
+            if out.capture is not None:
+                out.capture(now, f[oh:], True)
+            self.outputs.append((out, f))
+
+    # --- timers --------------------------------------------------------------------------
+
+    def next_timer(self) -> float | None:
+        t: float | None = None
+        for pod in self._held:
+            if pod.pending:
+                d = pod.pending[0][0] + self.hold_timeout
+                t = d if t is None or d < t else t
+            if pod.pending and pod.port is not None and pod.mac is None:
+                t = pod.arp_due if t is None or pod.arp_due < t else t
+        return t
+
+    def handle_timer(self, now: float) -> None:
+        """Expire held frames (their senders get ICMP host unreachable) and retry ARP."""
+        for pod in list(self._held):
+            q = pod.pending
+            limit = now - self.hold_timeout
+            while q and q[0][0] <= limit:
+                _, h, frame = q.popleft()
+                b = bytearray(frame)
+                sender = self.by_ip.get(bytes(b[h + 26:h + 30]))
+                if sender is not None and sender.port is not None:
+                    self._icmp_error(sender.port, b, h + 14, ICMP_UNREACH, UNREACH_HOST, now,
+                                     DROP_HOLD_TIMEOUT)
+                else:
+                    self._count(DROP_HOLD_TIMEOUT, 1)
+            if not q:
+                self._held.discard(pod)
+            elif pod.port is not None and pod.mac is None and now >= pod.arp_due:
+                self._arp_for(pod, now)
+
+    # --- counters ------------------------------------------------------------------------
+
+    def _count(self, reason: str, k: int) -> None:
+        self.drops[reason] = self.drops.get(reason, 0) + k
+
+    def held(self) -> int:
+        return sum(len(p.pending) for p in self.pods.values())
