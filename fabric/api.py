@@ -1,0 +1,279 @@
+"""The embedding API: an asyncio `Fabric` that a worker process drives, and that the
+daemon and its control API are thin shells over.
+
+Every call validates its input with the same rules and messages as the config file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import socket
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from fabric import config as cfg
+from fabric.capture import CaptureSubscription
+from fabric.config import NamespaceSpec, PodSpec
+from fabric.dataplane import DataPlane
+from fabric.errors import ConfigError, FabricError, NotFound
+from fabric.events import EventBus, Subscription
+from fabric.metrics import Metric
+from fabric.namespace import RETRY_INTERVAL, Namespace, PodState
+from fabric.tap import TapPort
+
+log = logging.getLogger("fabricd")
+
+
+class Fabric:
+    """Namespaces, pods and their ports on this worker.
+
+    Use as `async with Fabric(worker_id="w1") as fab:`; leaving the block detaches every
+    pod and removes every interface the fabric created.
+    """
+
+    def __init__(self, worker_id: str | None = None) -> None:
+        self.worker_id = worker_id or socket.gethostname()
+        self.bus = EventBus()
+        self.namespaces: dict[str, Namespace] = {}
+        self.started = time.time()
+        self._dataplane: DataPlane | None = None
+        self._lock = asyncio.Lock()
+        self._retry_task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Fabric:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        if self._dataplane is None:
+            self._dataplane = DataPlane(asyncio.get_running_loop())
+            self._dataplane.start()
+            self._retry_task = asyncio.create_task(self._retry_loop())
+
+    async def close(self) -> None:
+        if self._retry_task is not None:
+            self._retry_task.cancel()
+            self._retry_task = None
+        async with self._lock:
+            for name in list(self.namespaces):
+                self._remove(name)
+        if self._dataplane is not None:
+            self._dataplane.close()
+            self._dataplane = None
+        self.bus.close()
+
+    @property
+    def dataplane(self) -> DataPlane:
+        if self._dataplane is None:
+            raise FabricError("the fabric is not started (use `async with Fabric(...)`)")
+        return self._dataplane
+
+    # --- namespaces ----------------------------------------------------------------------
+
+    async def apply_namespace(self, spec: Mapping[str, Any] | NamespaceSpec,
+                              source: str = "apply_namespace") -> dict[str, Any]:
+        """Create or reconcile a namespace: unchanged pods (and their flows) are untouched,
+        changed pods are re-attached, missing ones detached."""
+        if not isinstance(spec, NamespaceSpec):
+            spec = cfg.parse_namespace(dict(spec), source, self.worker_id)
+        others = [ns.spec for name, ns in self.namespaces.items() if name != spec.name]
+        cfg.validate_namespace_set(others + [spec], source)
+        async with self._lock:
+            ns = self.namespaces.get(spec.name)
+            if ns is not None and _needs_rebuild(ns.spec, spec):
+                self._remove(spec.name)
+                ns = None
+            if ns is None:
+                ns = Namespace(spec, self.dataplane, self.bus)
+                self.namespaces[spec.name] = ns
+                for pod in spec.pods:
+                    await ns.add_pod(pod, strict=False)
+                self.bus.emit("namespace_applied", spec.name, created=True)
+                log.info("namespace %s: created (%s, %d pods)", spec.name, spec.cidr,
+                         len(spec.pods))
+                return ns.summary()
+            old = ns.spec
+            ns.spec = spec
+            wanted = {p.name: p for p in spec.pods}
+            changed = 0
+            for name in list(ns.pods):
+                if name not in wanted or ns.pods[name].spec != wanted[name]:
+                    ns.remove_pod(name)
+                    changed += 1
+            for pod in spec.pods:
+                if pod.name not in ns.pods:
+                    await ns.add_pod(pod, strict=False)
+                    changed += 1
+                else:
+                    ns.pods[pod.name].spec = pod
+            if old != spec:
+                self.bus.emit("namespace_applied", spec.name, created=False, pods_changed=changed)
+                log.info("namespace %s: reconciled, %d pods changed", spec.name, changed)
+            return ns.summary()
+
+    async def remove_namespace(self, name: str) -> None:
+        async with self._lock:
+            self._remove(name)
+
+    def _remove(self, name: str) -> None:
+        ns = self.namespaces.pop(name, None)
+        if ns is None:
+            raise NotFound(f"namespace {name} not found")
+        ns.close()
+        self.bus.emit("namespace_removed", name)
+        log.info("namespace %s: removed", name)
+
+    def _ns(self, name: str) -> Namespace:
+        ns = self.namespaces.get(name)
+        if ns is None:
+            raise NotFound(f"namespace {name} not found")
+        return ns
+
+    # --- pods ----------------------------------------------------------------------------
+
+    async def attach_pod(self, namespace: str, spec: Mapping[str, Any] | PodSpec, *,
+                         fd: int | None = None, vnet: bool = True) -> dict[str, Any]:
+        """Add a pod and attach its port: a TAP the fabric makes in `netns`, an existing
+        `interface`, or (with `fd`) a TAP file descriptor the caller already opened.
+        Returns the pod, including the DNS settings a VMM or runtime should give it."""
+        ns = self._ns(namespace)
+        source = f"attach_pod {namespace}"
+        if not isinstance(spec, PodSpec):
+            data = dict(spec)
+            if fd is not None:
+                if "netns" in data or "interface" in data or "worker" in data:
+                    raise ConfigError(source, "fd", "give either fd or netns/interface/worker")
+                data["interface"] = f"fd{fd}"
+            spec = cfg.parse_pod(data, source, ns.spec, self.worker_id)
+        async with self._lock:
+            if spec.name in ns.pods:
+                if ns.pods[spec.name].spec == spec and fd is None:
+                    return ns.pod_view(ns.pods[spec.name])
+                ns.remove_pod(spec.name)
+            if fd is not None:
+                os.set_blocking(fd, False)
+                ns.router.add_pod(spec.name, spec.ip, spec.mac)
+                state = PodState(spec, spec.ready)
+                ns.pods[spec.name] = state
+                ns.attach_fd(state, TapPort.from_fd(fd, vnet, mtu=ns.spec.mtu))
+            else:
+                state = await ns.add_pod(spec, strict=True)
+            self._record_pod(ns, spec)
+            return ns.pod_view(state)
+
+    async def detach_pod(self, namespace: str, name: str) -> None:
+        async with self._lock:
+            ns = self._ns(namespace)
+            ns.remove_pod(name)
+            ns.spec = dataclasses.replace(
+                ns.spec, pods=tuple(p for p in ns.spec.pods if p.name != name))
+
+    def _record_pod(self, ns: Namespace, spec: PodSpec) -> None:
+        pods = tuple(p for p in ns.spec.pods if p.name != spec.name) + (spec,)
+        ns.spec = dataclasses.replace(ns.spec, pods=pods)
+
+    def set_ready(self, namespace: str, pod: str, ready: bool) -> None:
+        self._ns(namespace).set_ready(pod, ready)
+
+    # --- views ---------------------------------------------------------------------------
+
+    def get_namespaces(self) -> list[dict[str, Any]]:
+        return [ns.summary() for ns in self.namespaces.values()]
+
+    def get_namespace(self, name: str) -> dict[str, Any]:
+        ns = self._ns(name)
+        d = cfg.namespace_to_dict(ns.spec)
+        d["status"] = ns.summary()
+        return d
+
+    def get_pods(self, namespace: str | None = None) -> list[dict[str, Any]]:
+        spaces = [self._ns(namespace)] if namespace else list(self.namespaces.values())
+        return [ns.pod_view(p) for ns in spaces for p in ns.pods.values()]
+
+    def get_services(self, namespace: str | None = None) -> list[dict[str, Any]]:
+        if namespace:
+            self._ns(namespace)
+        return []
+
+    def get_peers(self) -> list[dict[str, Any]]:
+        return []
+
+    def events(self) -> Subscription:
+        return self.bus.subscribe()
+
+    def capture(self, namespace: str, pod: str,
+                max_frames: int | None = None) -> CaptureSubscription:
+        return self._ns(namespace).capture(pod, max_frames)
+
+    def counters(self) -> dict[str, Any]:
+        """All counters as plain data, for embedding workers that keep their own metrics."""
+        out: dict[str, Any] = {}
+        for ns in self.namespaces.values():
+            out[ns.name] = {
+                "drops": dict(ns.router.drops),
+                "held": ns.router.held(),
+                "pods": {name: ns.pod_view(p) for name, p in ns.pods.items()},
+            }
+        return out
+
+    def metrics(self) -> list[Metric]:
+        rx_p = Metric("fabric_port_rx_packets_total", "counter",
+                      "Frames received from a pod's port (a GSO super-frame counts once)")
+        rx_b = Metric("fabric_port_rx_bytes_total", "counter", "Bytes received from a pod's port")
+        tx_p = Metric("fabric_port_tx_packets_total", "counter", "Frames sent to a pod's port")
+        tx_b = Metric("fabric_port_tx_bytes_total", "counter", "Bytes sent to a pod's port")
+        drops = Metric("fabric_drops_total", "counter",
+                       "Frames dropped, by namespace, ingress pod (empty if none) and reason")
+        pods = Metric("fabric_pods", "gauge", "Pods in the namespace's table")
+        attached = Metric("fabric_pods_attached", "gauge", "Pods whose port is attached")
+        held = Metric("fabric_held_packets", "gauge", "Frames held for pods not attached yet")
+        for ns in self.namespaces.values():
+            n = ns.name
+            for reason, v in ns.router.drops.items():
+                drops.samples.append(({"namespace": n, "pod": "", "reason": reason}, v))
+            for name, st in ns.pods.items():
+                port = st.port
+                if port is None:
+                    continue
+                lab = {"namespace": n, "pod": name}
+                rx_p.samples.append((lab, port.rx_packets))
+                rx_b.samples.append((lab, port.rx_bytes))
+                tx_p.samples.append((lab, port.tx_packets))
+                tx_b.samples.append((lab, port.tx_bytes))
+                for reason, v in port.drops.items():
+                    drops.samples.append(({**lab, "reason": reason}, v))
+            pods.samples.append(({"namespace": n}, len(ns.pods)))
+            attached.samples.append(
+                ({"namespace": n}, sum(1 for p in ns.pods.values() if p.port is not None)))
+            held.samples.append(({"namespace": n}, ns.router.held()))
+        nss = Metric("fabric_namespaces", "gauge", "Namespaces on this worker",
+                     [({}, len(self.namespaces))])
+        ev = Metric("fabric_events_total", "counter", "Events published",
+                    [({}, self.bus.published)])
+        evl = Metric("fabric_events_lost_total", "counter",
+                     "Events a slow subscriber lost (its queue was full)", [({}, self.bus.lost())])
+        return [nss, pods, attached, held, rx_p, rx_b, tx_p, tx_b, drops, ev, evl]
+
+    async def _retry_loop(self) -> None:
+        while True:
+            await asyncio.sleep(RETRY_INTERVAL)
+            for ns in list(self.namespaces.values()):
+                try:
+                    async with self._lock:
+                        if self.namespaces.get(ns.name) is ns:
+                            await ns.retry_unattached()
+                except Exception:
+                    log.exception("namespace %s: retrying attachments failed", ns.name)
+
+
+def _needs_rebuild(old: NamespaceSpec, new: NamespaceSpec) -> bool:
+    """Changes that alter every pod's addressing or link: rebuild the namespace."""
+    return (old.cidr != new.cidr or old.gateway_mac != new.gateway_mac or old.mtu != new.mtu
+            or old.id != new.id)

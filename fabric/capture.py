@@ -1,0 +1,81 @@
+"""Live capture of a pod's port: frames copied into bounded per-subscriber queues.
+
+The router calls the hub only while someone captures, so an idle port pays one
+attribute check per frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+from fabric.router import Port
+
+QUEUE_LIMIT = 8192
+
+
+class CaptureSubscription:
+    def __init__(self, hub: CaptureHub, max_frames: int | None) -> None:
+        self._hub = hub
+        self._queue: deque[tuple[float, bytes]] = deque()
+        self._wake = asyncio.Event()
+        self.remaining = max_frames
+        self.dropped = 0
+        self.closed = False
+
+    def push(self, ts: float, frame: bytes) -> None:
+        if self.remaining is not None:
+            if self.remaining <= 0:
+                return
+            self.remaining -= 1
+        if len(self._queue) >= QUEUE_LIMIT:
+            self.dropped += 1
+            return
+        self._queue.append((ts, frame))
+        self._wake.set()
+
+    def __aiter__(self) -> CaptureSubscription:
+        return self
+
+    async def __anext__(self) -> tuple[float, bytes]:
+        while not self._queue:
+            if self.closed or self.remaining == 0:
+                raise StopAsyncIteration
+            self._wake.clear()
+            await self._wake.wait()
+        return self._queue.popleft()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._wake.set()
+            self._hub.remove(self)
+
+
+class CaptureHub:
+    """Fans one port's frames out to its capture subscribers, stamped with wall time."""
+
+    def __init__(self, port: Port, clock_offset: float) -> None:
+        self.port = port
+        self.offset = clock_offset  # wall time minus monotonic time
+        self.subs: set[CaptureSubscription] = set()
+
+    def feed(self, now: float, frame: bytes, outgoing: bool) -> None:
+        ts = now + self.offset
+        for s in list(self.subs):
+            s.push(ts, frame)
+
+    def add(self, max_frames: int | None) -> CaptureSubscription:
+        s = CaptureSubscription(self, max_frames)
+        self.subs.add(s)
+        self.port.capture = self.feed
+        return s
+
+    def remove(self, sub: CaptureSubscription) -> None:
+        self.subs.discard(sub)
+        if not self.subs:
+            self.port.capture = None
+
+    def close(self) -> None:
+        for s in list(self.subs):
+            s.close()

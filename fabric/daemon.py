@@ -1,0 +1,109 @@
+"""`fabricd run`: the daemon shell over `Fabric` — config, control socket, signals.
+
+SIGTERM/SIGINT: clean shutdown, everything created is removed. SIGHUP: reload the file
+and apply only the difference; a bad file is reported and the running state kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from fabric import config as cfg
+from fabric.api import Fabric
+from fabric.config import Config
+from fabric.control import ControlServer
+from fabric.errors import FabricError
+
+log = logging.getLogger("fabricd")
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s fabricd %(levelname)s %(name)s: %(message)s")
+
+
+def load(path: str | None) -> Config:
+    return cfg.load_config(path) if path else cfg.default_config()
+
+
+def run(config_path: str | None) -> int:
+    """Run until SIGTERM/SIGINT. Returns the process exit code."""
+    setup_logging()
+    try:
+        config = load(config_path)
+    except FabricError as e:
+        print(f"fabricd: {e.message}", file=sys.stderr)
+        return 1
+    try:
+        return asyncio.run(Daemon(config, config_path).main())
+    except FabricError as e:
+        print(f"fabricd: {e.message}", file=sys.stderr)
+        return 1
+
+
+class Daemon:
+    def __init__(self, config: Config, path: str | None) -> None:
+        self.config = config
+        self.path = path
+        self.fabric = Fabric(worker_id=config.worker.id)
+        self.stop = asyncio.Event()
+        self._reloading: asyncio.Task[None] | None = None
+
+    async def main(self) -> int:
+        loop = asyncio.get_running_loop()
+        control = ControlServer(self.fabric, self.config.worker.control,
+                                self.config.worker.control_mode)
+        await self.fabric.start()
+        try:
+            await control.start()
+            for ns in self.config.namespaces:
+                await self.fabric.apply_namespace(ns, self.config.source)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stop.set)
+            loop.add_signal_handler(signal.SIGHUP, self._on_hup)
+            log.info("worker %s ready: %d namespaces, control socket %s",
+                     self.fabric.worker_id, len(self.fabric.namespaces),
+                     self.config.worker.control)
+            self.fabric.bus.emit("daemon_ready", worker=self.fabric.worker_id)
+            await self.stop.wait()
+            log.info("shutting down")
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            await control.close()
+            await self.fabric.close()
+        return 0
+
+    def _on_hup(self) -> None:
+        if self._reloading is not None and not self._reloading.done():
+            log.warning("reload already in progress; SIGHUP ignored")
+            return
+        self._reloading = asyncio.create_task(self.reload())
+
+    async def reload(self) -> None:
+        """Apply the difference between the running config and the file."""
+        try:
+            new = load(self.path)
+        except FabricError as e:
+            log.error("reload failed, keeping the running config: %s", e.message)
+            self.fabric.bus.emit("config_reload_failed", error=e.message)
+            return
+        if new.worker != self.config.worker:
+            log.warning("reload: changes to `worker` need a restart; they are not applied")
+        wanted = {ns.name for ns in new.namespaces}
+        try:
+            for name in list(self.fabric.namespaces):
+                if name not in wanted:
+                    await self.fabric.remove_namespace(name)
+            for ns in new.namespaces:
+                await self.fabric.apply_namespace(ns, new.source)
+        except FabricError as e:
+            log.error("reload partly applied: %s", e.message)
+            self.fabric.bus.emit("config_reload_failed", error=e.message)
+            return
+        self.config = new
+        log.info("reloaded %s", new.source)
+        self.fabric.bus.emit("config_reloaded", source=new.source)

@@ -1,0 +1,221 @@
+"""A namespace at run time: its router, its pods' ports and their readiness.
+
+Port creation talks netlink and may block, so it runs in a worker thread; the router
+and the data plane are only touched from the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from fabric import packets
+from fabric.afpacket import PacketPort
+from fabric.capture import CaptureHub, CaptureSubscription
+from fabric.config import NamespaceSpec, PodSpec
+from fabric.dataplane import DataPlane
+from fabric.errors import FabricError, NotFound, PortError
+from fabric.events import EventBus
+from fabric.router import Port, Router
+from fabric.tap import TapPort
+
+log = logging.getLogger("fabricd.namespace")
+
+RETRY_INTERVAL = 2.0
+
+
+def pod_mac(pod: PodSpec) -> str:
+    """The MAC the fabric gives a pod whose TAP it makes: locally administered, from the IP."""
+    if pod.mac:
+        return pod.mac
+    return packets.mac_str(b"\x02\x00" + pod.ip.packed)
+
+
+@dataclass
+class PodState:
+    spec: PodSpec
+    ready: bool
+    port: Port | None = None
+    io: TapPort | PacketPort | None = None
+    error: str | None = None
+    attached_at: float | None = None
+    hub: CaptureHub | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Namespace:
+    def __init__(self, spec: NamespaceSpec, dataplane: DataPlane, bus: EventBus) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.dataplane = dataplane
+        self.bus = bus
+        self.router = Router(spec.name, spec.cidr, gateway_mac=spec.gateway_mac)
+        self.pods: dict[str, PodState] = {}
+        self.created = time.time()
+        dataplane.add_router(self.router)
+
+    # --- pods ----------------------------------------------------------------------------
+
+    async def add_pod(self, spec: PodSpec, *, strict: bool) -> PodState:
+        """Put a pod in the table and attach its port. With `strict`, a port that cannot be
+        made is an error and the pod is not added; otherwise the pod stays in the table
+        unattached (its traffic held) and attaching is retried."""
+        mac = spec.mac if spec.kind == "interface" else pod_mac(spec)
+        self.router.add_pod(spec.name, spec.ip, mac,
+                            remote=spec.worker if spec.kind == "remote" else None)
+        state = PodState(spec, spec.ready)
+        self.pods[spec.name] = state
+        if spec.kind == "remote":
+            return state
+        try:
+            await self._attach(state)
+        except FabricError as e:
+            if strict:
+                self.router.remove_pod(spec.name)
+                del self.pods[spec.name]
+                raise
+            state.error = e.message
+            log.warning("namespace %s: pod %s not attached yet: %s (retrying every %.0fs)",
+                        self.name, spec.name, e.message, RETRY_INTERVAL)
+            self.bus.emit("pod_attach_failed", self.name, spec.name, error=e.message)
+        return state
+
+    async def _attach(self, state: PodState) -> None:
+        spec = state.spec
+        prefix = self.spec.cidr.prefixlen
+        if spec.kind == "netns":
+            assert spec.netns is not None
+            io: TapPort | PacketPort = await asyncio.to_thread(
+                TapPort.create, spec.name, spec.netns, spec.ip, prefix, self.spec.gateway,
+                pod_mac(spec), self.spec.mtu, spec.ifname)
+            kind = "netns"
+        elif spec.kind == "interface":
+            assert spec.interface is not None
+            io = await asyncio.to_thread(PacketPort.open, spec.interface)
+            kind = "interface"
+        else:
+            raise PortError(f"pod {spec.name} has no local port")
+        if self.pods.get(spec.name) is not state:  # removed while we were creating it
+            io.close()
+            return
+        self._connect(state, io, kind)
+
+    def attach_fd(self, state: PodState, io: TapPort) -> None:
+        self._connect(state, io, "fd")
+
+    def _connect(self, state: PodState, io: TapPort | PacketPort, kind: str) -> None:
+        mtu = min(io.mtu, self.spec.mtu) if io.mtu else self.spec.mtu
+        port = Port(vnet=io.vnet, mtu=mtu, fd=io.fd, kind=kind)
+        state.io = io
+        state.port = port
+        state.error = None
+        state.attached_at = time.time()
+        mac = state.spec.mac if kind == "interface" else None
+        self.router.attach(state.spec.name, port, time.monotonic(), mac)
+        self.dataplane.add_port(self.router, port)
+        if self.router.outputs:
+            self.dataplane.flush(self.router)
+        self.bus.emit("pod_attached", self.name, state.spec.name, port=kind,
+                      ip=str(state.spec.ip))
+
+    async def retry_unattached(self) -> None:
+        for state in list(self.pods.values()):
+            if state.port is None and state.spec.kind in ("netns", "interface"):
+                try:
+                    await self._attach(state)
+                except FabricError as e:
+                    if e.message != state.error:
+                        state.error = e.message
+                        log.warning("namespace %s: pod %s still not attached: %s", self.name,
+                                    state.spec.name, e.message)
+
+    def remove_pod(self, name: str) -> None:
+        state = self.pods.pop(name, None)
+        if state is None:
+            raise NotFound(f"pod {name} not found in namespace {self.name}")
+        if state.hub is not None:
+            state.hub.close()
+        if state.port is not None:
+            self.dataplane.remove_port(state.port)
+        self.router.remove_pod(name)
+        if state.io is not None:
+            state.io.close()
+        self.bus.emit("pod_detached", self.name, name)
+
+    def set_ready(self, name: str, ready: bool) -> None:
+        state = self.get(name)
+        if state.ready != ready:
+            state.ready = ready
+            self.bus.emit("pod_ready" if ready else "pod_unready", self.name, name)
+
+    def get(self, name: str) -> PodState:
+        state = self.pods.get(name)
+        if state is None:
+            raise NotFound(f"pod {name} not found in namespace {self.name}")
+        return state
+
+    def capture(self, name: str, max_frames: int | None) -> CaptureSubscription:
+        state = self.get(name)
+        if state.port is None:
+            raise FabricError(f"pod {self.name}/{name} has no attached port to capture")
+        if state.hub is None or state.hub.port is not state.port:
+            state.hub = CaptureHub(state.port, time.time() - time.monotonic())
+        return state.hub.add(max_frames)
+
+    def close(self) -> None:
+        for name in list(self.pods):
+            self.remove_pod(name)
+        self.dataplane.remove_router(self.router)
+
+    # --- views ---------------------------------------------------------------------------
+
+    def pod_view(self, state: PodState) -> dict[str, Any]:
+        spec = state.spec
+        rpod = self.router.pods.get(spec.name)
+        port = state.port
+        drops: dict[str, int] = dict(port.drops) if port else {}
+        return {
+            "namespace": self.name,
+            "name": spec.name,
+            "ip": str(spec.ip),
+            "mac": packets.mac_str(rpod.mac) if rpod and rpod.mac else None,
+            "kind": spec.kind if port is None or port.kind != "fd" else "fd",
+            "netns": spec.netns,
+            "interface": spec.interface,
+            "worker": spec.worker,
+            "attached": port is not None,
+            "ready": state.ready,
+            "error": state.error,
+            "held": len(rpod.pending) if rpod else 0,
+            "rx_packets": port.rx_packets if port else 0,
+            "rx_bytes": port.rx_bytes if port else 0,
+            "tx_packets": port.tx_packets if port else 0,
+            "tx_bytes": port.tx_bytes if port else 0,
+            "drops": sum(drops.values()),
+            "drop_reasons": drops,
+            "dns": self.dns_settings(),
+        }
+
+    def dns_settings(self) -> dict[str, Any]:
+        d = self.spec.dns
+        zone = f"{self.name}.{d.domain}"
+        return {"nameservers": [str(self.spec.gateway)], "search": [zone, d.domain]}
+
+    def summary(self) -> dict[str, Any]:
+        s = self.spec
+        return {
+            "name": s.name,
+            "id": s.id,
+            "cidr": str(s.cidr),
+            "gateway": str(s.gateway),
+            "gateway_mac": s.gateway_mac,
+            "mtu": s.mtu,
+            "pods": len(self.pods),
+            "attached": sum(1 for p in self.pods.values() if p.port is not None),
+            "held": self.router.held(),
+            "drops": sum(self.router.drops.values()) + sum(
+                sum(p.port.drops.values()) for p in self.pods.values() if p.port),
+        }

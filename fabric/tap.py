@@ -1,0 +1,214 @@
+"""A pod's port as a TAP device whose fd stays in the worker and whose netdev lives in the pod.
+
+The TAP is created in the worker's namespace (where the fd and its socket are accounted)
+and then moved into the pod's namespace: the fd keeps working across the move, and closing
+it deletes the netdev wherever it is, so the fd is the single owner of the port's lifetime.
+
+The fd carries a 10-byte `struct virtio_net_hdr` before every frame and offloads are on, so
+TCP moves as GSO super-frames of up to 64 KiB instead of MTU-sized packets.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import ipaddress
+import os
+import secrets
+import struct
+
+from fabric import netlink
+from fabric.errors import PortError
+
+TUN_PATH = "/dev/net/tun"
+
+TUNSETIFF = 0x400454CA
+TUNSETOFFLOAD = 0x400454D0
+TUNGETIFF = 0x800454D2
+TUNSETVNETHDRSZ = 0x400454D8
+
+IFF_TUN = 0x0001
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
+TUN_F_TSO_ECN = 0x08
+OFFLOADS = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN
+
+VNET_HDR_LEN = 10
+_IFREQ = "16sH22x"  # struct ifreq: name, flags, padding to 40 bytes
+_TEMP_PREFIX = "fbp"
+_NAME_TRIES = 4
+
+
+def _set_nonblocking(fd: int) -> None:
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+
+
+def _set_vnet(fd: int) -> None:
+    """Fix the header size at 10 (no num_buffers) and accept checksum/TSO offloads."""
+    fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
+    fcntl.ioctl(fd, TUNSETOFFLOAD, OFFLOADS)
+
+
+def _open_tap() -> tuple[int, str]:
+    """Open a fresh non-persistent TAP with a random temporary name in this namespace."""
+    try:
+        fd = os.open(TUN_PATH, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        raise PortError(f"cannot open {TUN_PATH}: {exc.strerror}") from None
+    try:
+        flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR
+        for attempt in range(_NAME_TRIES):
+            name = _TEMP_PREFIX + secrets.token_hex(4)
+            try:
+                fcntl.ioctl(fd, TUNSETIFF, struct.pack(_IFREQ, name.encode(), flags))
+                break
+            except OSError as exc:
+                # A name clash (astronomically unlikely) shows up as EBUSY/EEXIST/EINVAL.
+                retry = exc.errno in (errno.EBUSY, errno.EEXIST, errno.EINVAL)
+                if not retry or attempt == _NAME_TRIES - 1:
+                    raise PortError(f"TUNSETIFF {name}: {exc.strerror}") from None
+        try:
+            _set_vnet(fd)
+        except OSError as exc:
+            raise PortError(f"TAP {name}: enabling vnet header/offloads: {exc.strerror}") from None
+        _set_nonblocking(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, name
+
+
+class TapPort:
+    """A pod port backed by a TAP fd; the data plane reads/writes frames on `fd` itself."""
+
+    fd: int
+    vnet: bool
+    gso: bool
+    name: str
+    mac: str | None
+    mtu: int
+
+    def __init__(
+        self,
+        fd: int,
+        *,
+        vnet: bool = True,
+        gso: bool = True,
+        name: str = "",
+        mac: str | None = None,
+        mtu: int = 1500,
+    ) -> None:
+        self.fd = fd
+        self.vnet = vnet
+        self.gso = gso
+        self.name = name
+        self.mac = mac
+        self.mtu = mtu
+        self._closed = False
+
+    @classmethod
+    def create(
+        cls,
+        pod_name: str,
+        netns: str,
+        ip: str | ipaddress.IPv4Address | ipaddress.IPv6Address,
+        prefixlen: int,
+        gateway: str | ipaddress.IPv4Address | ipaddress.IPv6Address | None,
+        mac: str,
+        mtu: int,
+        ifname: str = "eth0",
+    ) -> TapPort:
+        """Create the TAP here (the worker's namespace) and hand its netdev to the pod.
+
+        The netns and ifname are validated before anything is created. On any later failure
+        the fd is closed, which deletes the TAP wherever it has got to.
+        """
+        where = f"pod {pod_name!r}"
+        try:
+            netlink.check_ifname(ifname)
+            netlink.resolve_netns(netns)
+        except PortError as exc:
+            raise PortError(f"{where}: {exc.message}") from None
+        fd, temp = _open_tap()
+        try:
+            index = netlink.link_index(temp)
+            netlink.move_link(index, netns)
+            netlink.configure_pod_link(netns, temp, ifname, mac, ip, prefixlen, gateway, mtu)
+        except PortError as exc:
+            os.close(fd)
+            raise PortError(f"{where}: {exc.message}") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(fd, vnet=True, gso=True, name=ifname, mac=mac, mtu=mtu)
+
+    @classmethod
+    def from_fd(
+        cls,
+        fd: int,
+        vnet: bool,
+        *,
+        mtu: int = 1500,
+        name: str | None = None,
+        mac: str | None = None,
+    ) -> TapPort:
+        """Adopt a ready TAP fd handed in by an embedding worker; the port then owns it.
+
+        We check with TUNGETIFF that it is a TAP (Ethernet frames) and that its vnet header
+        setting matches `vnet`: a mismatch would make every frame misparsed. With a vnet
+        header we pin its size to 10 and enable offloads, as for ports we create.
+        """
+        try:
+            raw = fcntl.ioctl(fd, TUNGETIFF, bytes(struct.calcsize(_IFREQ)))
+        except OSError as exc:
+            raise PortError(f"fd {fd} is not a TUN/TAP device: {exc.strerror}") from None
+        rawname, flags = struct.unpack(_IFREQ, raw)
+        if not flags & IFF_TAP:
+            raise PortError(f"fd {fd} is a TUN (L3) device; a TAP (Ethernet) one is required")
+        if bool(flags & IFF_VNET_HDR) != vnet:
+            have = "has" if flags & IFF_VNET_HDR else "lacks"
+            raise PortError(f"fd {fd} {have} IFF_VNET_HDR but vnet={vnet} was given")
+        gso = False
+        if vnet:
+            try:
+                fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
+            except OSError as exc:
+                raise PortError(f"fd {fd}: TUNSETVNETHDRSZ: {exc.strerror}") from None
+            try:
+                fcntl.ioctl(fd, TUNSETOFFLOAD, OFFLOADS)
+                gso = True
+            except OSError:
+                gso = False  # still correct, just slower: the kernel segments for us
+        _set_nonblocking(fd)
+        ifname = name if name is not None else rawname.rstrip(b"\0").decode(errors="replace")
+        return cls(fd, vnet=vnet, gso=gso, name=ifname, mac=mac, mtu=mtu)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        """Close the fd, which also deletes a non-persistent TAP from the pod. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        os.close(self.fd)
+
+    def __enter__(self) -> TapPort:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"fd={self.fd}"
+        return f"TapPort({self.name!r}, {state}, mac={self.mac}, mtu={self.mtu})"
