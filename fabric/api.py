@@ -158,11 +158,12 @@ class Fabric:
                     return ns.pod_view(ns.pods[spec.name])
                 ns.remove_pod(spec.name)
             if fd is not None:
+                io = TapPort.from_fd(fd, vnet, mtu=ns.spec.mtu)
                 os.set_blocking(fd, False)
                 ns.router.add_pod(spec.name, spec.ip, spec.mac)
                 state = PodState(spec, spec.ready)
                 ns.pods[spec.name] = state
-                ns.attach_fd(state, TapPort.from_fd(fd, vnet, mtu=ns.spec.mtu))
+                ns.attach_fd(state, io)
             else:
                 state = await ns.add_pod(spec, strict=True)
             self._record_pod(ns, spec)

@@ -55,7 +55,7 @@ def format_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> 
     cells = [[h for h, _ in columns]] + [[_cell(r.get(k)) for _, k in columns] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     return "\n".join(
-        "   ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells
+        "   ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
     )
 
 
@@ -73,21 +73,40 @@ def _generic_columns(rows: list[dict[str, Any]], skip: set[str]) -> list[tuple[s
 
 
 NAMESPACE_COLUMNS = [
-    ("NAME", "name"), ("ID", "id"), ("CIDR", "cidr"), ("GATEWAY", "gateway"),
-    ("MTU", "mtu"), ("PODS", "pods"),
+    ("NAME", "name"),
+    ("ID", "id"),
+    ("CIDR", "cidr"),
+    ("GATEWAY", "gateway"),
+    ("MTU", "mtu"),
+    ("PODS", "pods"),
 ]
 POD_COLUMNS = [
-    ("NAMESPACE", "namespace"), ("NAME", "name"), ("IP", "ip"), ("MAC", "mac"),
-    ("KIND", "kind"), ("ATTACHED", "attached"), ("READY", "ready"),
-    ("RX-PKTS", "rx_packets"), ("RX-BYTES", "rx_bytes"), ("TX-PKTS", "tx_packets"),
-    ("TX-BYTES", "tx_bytes"), ("DROPS", "drops"),
+    ("NAMESPACE", "namespace"),
+    ("NAME", "name"),
+    ("IP", "ip"),
+    ("MAC", "mac"),
+    ("KIND", "kind"),
+    ("ATTACHED", "attached"),
+    ("READY", "ready"),
+    ("RX-PKTS", "rx_packets"),
+    ("RX-BYTES", "rx_bytes"),
+    ("TX-PKTS", "tx_packets"),
+    ("TX-BYTES", "tx_bytes"),
+    ("DROPS", "drops"),
 ]
 
 KIND_ALIASES = {
-    "namespaces": "namespaces", "namespace": "namespaces", "ns": "namespaces",
-    "pods": "pods", "pod": "pods", "po": "pods",
-    "services": "services", "service": "services", "svc": "services",
-    "peers": "peers", "peer": "peers",
+    "namespaces": "namespaces",
+    "namespace": "namespaces",
+    "ns": "namespaces",
+    "pods": "pods",
+    "pod": "pods",
+    "po": "pods",
+    "services": "services",
+    "service": "services",
+    "svc": "services",
+    "peers": "peers",
+    "peer": "peers",
 }
 
 
@@ -249,7 +268,8 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
     key = X25519PrivateKey.generate()
     private = key.private_bytes(
-        serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+        serialization.Encoding.Raw,
+        serialization.PrivateFormat.Raw,
         serialization.NoEncryption(),
     )
     public = key.public_key().public_bytes(
@@ -276,18 +296,26 @@ def _positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Userspace L3 network fabric.")
     parser.add_argument(
-        "--control", metavar="PATH",
+        "--control",
+        metavar="PATH",
         help="control socket (default: $FABRICD_CONTROL or /run/fabricd/control.sock)",
     )
     # SUPPRESS so a subcommand's absent --control does not erase a top-level one.
     control = _Parser(add_help=False)
-    control.add_argument("--control", metavar="PATH", default=argparse.SUPPRESS,
-                         help="control socket (default: $FABRICD_CONTROL or "
-                              "/run/fabricd/control.sock)")
+    control.add_argument(
+        "--control",
+        metavar="PATH",
+        default=argparse.SUPPRESS,
+        help="control socket (default: $FABRICD_CONTROL or /run/fabricd/control.sock)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    def add(name: str, handler: Callable[[argparse.Namespace], int], help: str,
-            parents: Sequence[argparse.ArgumentParser] = ()) -> argparse.ArgumentParser:
+    def add(
+        name: str,
+        handler: Callable[[argparse.Namespace], int],
+        help: str,
+        parents: Sequence[argparse.ArgumentParser] = (),
+    ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help, parents=list(parents))
         p.set_defaults(handler=handler)
         return p
@@ -297,8 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("demo", cmd_demo, "run a self-contained demo")
 
     p = add("get", cmd_get, "list namespaces, pods, services or peers", [control])
-    p.add_argument("kind", choices=sorted(KIND_ALIASES), metavar="KIND",
-                   help="namespaces | pods | services | peers")
+    p.add_argument(
+        "kind",
+        choices=sorted(KIND_ALIASES),
+        metavar="KIND",
+        help="namespaces | pods | services | peers",
+    )
     p.add_argument("-n", "--namespace", metavar="NS", help="only this namespace")
     p.add_argument("-o", "--output", choices=("table", "json"), default="table")
 
@@ -312,8 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("capture", cmd_capture, "capture a pod's frames as pcap", [control])
     p.add_argument("pod", metavar="NS/POD")
     p.add_argument("-w", "--write", metavar="FILE", help="pcap file (default: stdout)")
-    p.add_argument("-c", "--count", type=_positive_int, metavar="N",
-                   help="stop after N frames")
+    p.add_argument("-c", "--count", type=_positive_int, metavar="N", help="stop after N frames")
 
     p = add("activator", cmd_activator, "activator tools")
     asub = p.add_subparsers(dest="activator_command", metavar="COMMAND", required=True)

@@ -173,13 +173,14 @@ class ControlClient:
     def _open_stream(self, path: str) -> tuple[UnixHTTPConnection, http.client.HTTPResponse]:
         """Errors (unreachable, 404, ...) surface here, at call time, not on first next()."""
         conn = self._connect(self.timeout)
+        sock = conn.sock  # http.client detaches it from conn for Connection: close answers
+        assert sock is not None
         try:
             conn.request("GET", path)
             resp = conn.getresponse()
             if resp.status >= 400:
                 raise error_from_body(resp.status, resp.reason, resp.read())
-            assert conn.sock is not None
-            conn.sock.settimeout(None)  # streams may be quiet for a long time
+            sock.settimeout(None)  # streams may be quiet for a long time
         except FabricError:
             conn.close()
             raise
@@ -208,16 +209,25 @@ class ControlClient:
                     return
                 yield chunk
         finally:
+            resp.close()
             conn.close()
 
     def _lines(self, conn: UnixHTTPConnection, resp: http.client.HTTPResponse) -> Iterator[bytes]:
+        # Built on read1, not readline: readline hides a truncated chunked body as a clean EOF.
+        buf = b""
         try:
             while True:
-                line = self._read(resp, resp.readline)
-                if not line:
+                chunk = self._read(resp, lambda: resp.read1(65536))
+                if not chunk:
+                    if buf:
+                        yield buf
                     return
-                yield line
+                buf += chunk
+                *complete, buf = buf.split(b"\n")
+                for line in complete:
+                    yield line + b"\n"
         finally:
+            resp.close()
             conn.close()
 
     def _read(self, resp: http.client.HTTPResponse, read: Any) -> bytes:

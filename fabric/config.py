@@ -91,9 +91,20 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*$")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*$")
 _DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _SIZE_UNITS = {
-    "": 1, "b": 1,
-    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
-    "ki": 1024, "kib": 1024, "mi": 1024**2, "mib": 1024**2, "gi": 1024**3, "gib": 1024**3,
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "ki": 1024,
+    "kib": 1024,
+    "mi": 1024**2,
+    "mib": 1024**2,
+    "gi": 1024**3,
+    "gib": 1024**3,
 }
 
 
@@ -375,7 +386,8 @@ class _Obj:
                 raise ConfigError(src, path, f"keys must be strings, got {_describe(k)}")
             if k not in allowed:
                 raise ConfigError(
-                    src, _key(path, k),
+                    src,
+                    _key(path, k),
                     f"unknown key {k!r} (expected one of: {', '.join(allowed)})",
                 )
         self.data = data
@@ -430,7 +442,8 @@ def _dns_label(value: Any, src: str, key: str) -> str:
     text = _str(value, src, key)
     if not _DNS_LABEL.match(text):
         raise ConfigError(
-            src, key,
+            src,
+            key,
             f"{text!r} is not a valid name (DNS label: lowercase letters, digits and '-', "
             "at most 63 characters, starting and ending with a letter or digit)",
         )
@@ -441,7 +454,8 @@ def _worker_id(value: Any, src: str, key: str) -> str:
     text = _str(value, src, key)
     if not _WORKER_ID.match(text):
         raise ConfigError(
-            src, key,
+            src,
+            key,
             f"{text!r} is not a valid worker id (letters, digits, '.', '_', '-'; "
             "at most 63 characters, starting with a letter or digit)",
         )
@@ -452,7 +466,8 @@ def _ifname(value: Any, src: str, key: str) -> str:
     text = _str(value, src, key)
     if not _IFNAME.match(text) or text in (".", ".."):
         raise ConfigError(
-            src, key,
+            src,
+            key,
             f"{text!r} is not a valid interface name (1-15 characters: letters, digits, "
             "'-', '_', '.')",
         )
@@ -484,9 +499,7 @@ def _network(value: Any, src: str, key: str, lo: int = 0, hi: int = 32) -> IPv4N
                 src, key, f"{text!r} is not an IPv4 network (expected e.g. 10.10.0.0/24)"
             ) from None
         if net.network_address != IPv4Address(text.split("/", 1)[0]):
-            raise ConfigError(
-                src, key, f"{text} has host bits set (the network would be {net})"
-            )
+            raise ConfigError(src, key, f"{text} has host bits set (the network would be {net})")
     if not lo <= net.prefixlen <= hi:
         raise ConfigError(
             src, key, f"prefix /{net.prefixlen} of {net} is out of range (/{lo}../{hi})"
@@ -499,8 +512,9 @@ def _mac(value: Any, src: str, key: str) -> str:
     if isinstance(value, int) and not isinstance(value, bool):
         # YAML 1.1 reads some unquoted MACs (e.g. 12:34:56:00:00:01) as base-60 integers.
         raise ConfigError(
-            src, key, f"expected a MAC address string, got {_describe(value)} "
-            "(quote MAC addresses in YAML)",
+            src,
+            key,
+            f"expected a MAC address string, got {_describe(value)} (quote MAC addresses in YAML)",
         )
     text = _str(value, src, key).strip()
     if not _MAC.match(text):
@@ -578,8 +592,12 @@ def _host_port(
         host = str(IPv4Address(host))
     except ValueError:
         labels = host.rstrip(".").split(".")
-        if not hostname_ok or not host or not all(
-            re.match(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$", lb) for lb in labels
+        if (
+            not hostname_ok
+            or not host
+            or not all(
+                re.match(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$", lb) for lb in labels
+            )
         ):
             what = "an IPv4 address or host name" if hostname_ok else "an IPv4 address"
             raise ConfigError(src, key, f"{host!r} in {text!r} is not {what}") from None
@@ -612,8 +630,9 @@ def _json_value(value: Any, src: str, key: str) -> Any:
     if isinstance(value, (list, tuple)):
         return tuple(_json_value(v, src, _index(key, i)) for i, v in enumerate(value))
     raise ConfigError(
-        src, key, f"expected plain data (string, number, boolean, list, mapping), got "
-        f"{_describe(value)}",
+        src,
+        key,
+        f"expected plain data (string, number, boolean, list, mapping), got {_describe(value)}",
     )
 
 
@@ -622,11 +641,27 @@ def _json_value(value: Any, src: str, key: str) -> Any:
 # ---------------------------------------------------------------------------
 
 _NS_KEYS = (
-    "name", "id", "cidr", "gateway", "gateway_mac", "mtu", "dns", "egress", "pods", "services",
+    "name",
+    "id",
+    "cidr",
+    "gateway",
+    "gateway_mac",
+    "mtu",
+    "dns",
+    "egress",
+    "pods",
+    "services",
 )
 _POD_KEYS = ("name", "ip", "netns", "interface", "worker", "ifname", "mac", "ready")
 _SERVICE_KEYS = (
-    "name", "ip", "ports", "backends", "hold", "idle_timeout", "readiness", "on_activate",
+    "name",
+    "ip",
+    "ports",
+    "backends",
+    "hold",
+    "idle_timeout",
+    "readiness",
+    "on_activate",
     "on_idle",
 )
 _PORT_KEYS = ("port", "target_port", "protocol", "activator", "activator_config")
@@ -672,8 +707,8 @@ def _parse_dns(value: Any, src: str, key: str) -> DnsSpec:
     if value is None:
         return DnsSpec()
     obj = _Obj(value, src, key, _DNS_KEYS)
-    domain = _domain(obj.get("domain"), src, obj.key("domain")) if obj.has("domain") else (
-        DEFAULT_DOMAIN
+    domain = (
+        _domain(obj.get("domain"), src, obj.key("domain")) if obj.has("domain") else DEFAULT_DOMAIN
     )
     upstream: list[tuple[str, int]] = []
     if obj.has("upstream"):
@@ -698,8 +733,10 @@ def _parse_egress_allow(value: Any, src: str, key: str) -> tuple[IPv4Network, ..
         raise _type_error(value, src, key, "a boolean or a mapping {allow: [CIDR, ...]}")
     obj = _Obj(value, src, key, ("allow",))
     akey = obj.key("allow")
-    nets = [_network(item, src, _index(akey, i)) for i, item in
-            enumerate(_list(obj.required("allow"), src, akey))]
+    nets = [
+        _network(item, src, _index(akey, i))
+        for i, item in enumerate(_list(obj.required("allow"), src, akey))
+    ]
     return tuple(nets)
 
 
@@ -720,7 +757,8 @@ def _parse_pod(
         raise ConfigError(src, prefix, "give exactly one of netns, interface or worker")
     if len(given) > 1:
         raise ConfigError(
-            src, prefix,
+            src,
+            prefix,
             f"{' and '.join(given)} are mutually exclusive (give exactly one of netns, "
             "interface or worker)",
         )
@@ -732,7 +770,8 @@ def _parse_pod(
         )
         if bad:
             raise ConfigError(
-                src, obj.key("netns"),
+                src,
+                obj.key("netns"),
                 f"{netns!r} must be a name under {NETNS_DIR} or an absolute path",
             )
     elif obj.has("interface"):
@@ -741,7 +780,8 @@ def _parse_pod(
         worker = _worker_id(obj.get("worker"), src, obj.key("worker"))
         if worker == worker_id:
             raise ConfigError(
-                src, obj.key("worker"),
+                src,
+                obj.key("worker"),
                 f"worker {worker} is this worker: give netns or interface",
             )
 
@@ -753,8 +793,16 @@ def _parse_pod(
     mac = _mac(obj.get("mac"), src, obj.key("mac")) if obj.has("mac") else None
     ready = _bool(obj.get("ready"), src, obj.key("ready")) if obj.has("ready") else True
 
-    pod = PodSpec(name=name, ip=ip, netns=netns, interface=interface, worker=worker, mac=mac,
-                  ifname=ifname, ready=ready)
+    pod = PodSpec(
+        name=name,
+        ip=ip,
+        netns=netns,
+        interface=interface,
+        worker=worker,
+        mac=mac,
+        ifname=ifname,
+        ready=ready,
+    )
     _check_pod_against(pod, ns, src, obj, replacing)
     return pod
 
@@ -785,14 +833,17 @@ def _check_pod_against(
     for other in others:
         if pod.interface is not None and other.interface == pod.interface:
             raise ConfigError(
-                src, obj.key("interface"),
+                src,
+                obj.key("interface"),
                 f"interface {pod.interface} is already used by pod {other.name}",
             )
         if pod.netns is not None and (other.netns_path, other.ifname) == (
-            pod.netns_path, pod.ifname
+            pod.netns_path,
+            pod.ifname,
         ):
             raise ConfigError(
-                src, obj.key("ifname") if obj.has("ifname") else obj.key("netns"),
+                src,
+                obj.key("ifname") if obj.has("ifname") else obj.key("netns"),
                 f"netns {pod.netns} already has {pod.ifname} (pod {other.name}); "
                 "give a different ifname",
             )
@@ -814,11 +865,14 @@ def _parse_port(data: Any, src: str, key: str) -> PortSpec:
     activator = "none"
     if obj.has("activator"):
         activator = _str(obj.get("activator"), src, obj.key("activator")).strip()
-        if activator != "none" and not activator.endswith(".wasm") and not (
-            _ACTIVATOR_NAME.match(activator)
+        if (
+            activator != "none"
+            and not activator.endswith(".wasm")
+            and not _ACTIVATOR_NAME.match(activator)
         ):
             raise ConfigError(
-                src, obj.key("activator"),
+                src,
+                obj.key("activator"),
                 f"{activator!r} is not an activator (expected none, a shipped name like tcp, "
                 "or a path ending .wasm)",
             )
@@ -831,8 +885,13 @@ def _parse_port(data: Any, src: str, key: str) -> PortSpec:
         config = _json_value(raw, src, ckey)
         if config and activator == "none":
             raise ConfigError(src, ckey, "activator_config given but activator is none")
-    return PortSpec(port=port, target_port=target, protocol=protocol, activator=activator,
-                    activator_config=config)
+    return PortSpec(
+        port=port,
+        target_port=target,
+        protocol=protocol,
+        activator=activator,
+        activator_config=config,
+    )
 
 
 def _parse_hold(value: Any, src: str, key: str) -> HoldSpec:
@@ -883,7 +942,8 @@ def _parse_service(
         if first != i:
             where = _index("ports", first)
             raise ConfigError(
-                src, _key(_index(pkey, i), "port"),
+                src,
+                _key(_index(pkey, i), "port"),
                 f"{port.port}/{port.protocol} is already listed in {where}",
             )
         ports.append(port)
@@ -908,15 +968,21 @@ def _parse_service(
     if obj.has("readiness"):
         readiness = _str(obj.get("readiness"), src, obj.key("readiness"))
         if readiness not in ("probe", "external"):
-            raise ConfigError(
-                src, obj.key("readiness"), f"{readiness!r} is not probe or external"
-            )
+            raise ConfigError(src, obj.key("readiness"), f"{readiness!r} is not probe or external")
     hooks: dict[str, str | None] = {}
     for hook in ("on_activate", "on_idle"):
         hooks[hook] = _str(obj.get(hook), src, obj.key(hook)) if obj.has(hook) else None
-    return ServiceSpec(name=name, ip=ip, ports=tuple(ports), backends=tuple(backends),
-                       hold=hold, idle_timeout=idle, readiness=readiness,
-                       on_activate=hooks["on_activate"], on_idle=hooks["on_idle"])
+    return ServiceSpec(
+        name=name,
+        ip=ip,
+        ports=tuple(ports),
+        backends=tuple(backends),
+        hold=hold,
+        idle_timeout=idle,
+        readiness=readiness,
+        on_activate=hooks["on_activate"],
+        on_idle=hooks["on_idle"],
+    )
 
 
 def parse_namespace(
@@ -938,7 +1004,8 @@ def parse_namespace(
         given = _ipv4(obj.get("gateway"), source, obj.key("gateway"))
         if given != gateway:
             raise ConfigError(
-                source, obj.key("gateway"),
+                source,
+                obj.key("gateway"),
                 f"{given} is not the gateway of {cidr}: it is always the first host, {gateway}",
             )
     gateway_mac = DEFAULT_GATEWAY_MAC
@@ -950,9 +1017,16 @@ def parse_namespace(
     dns = _parse_dns(obj.get("dns"), source, obj.key("dns"))
     egress = _parse_egress_allow(obj.get("egress"), source, obj.key("egress"))
 
-    ns = NamespaceSpec(name=name, id=ns_id, cidr=cidr, gateway=gateway,
-                       gateway_mac=gateway_mac, mtu=mtu or DEFAULT_MTU, dns=dns,
-                       egress_allow=egress)
+    ns = NamespaceSpec(
+        name=name,
+        id=ns_id,
+        cidr=cidr,
+        gateway=gateway,
+        gateway_mac=gateway_mac,
+        mtu=mtu or DEFAULT_MTU,
+        dns=dns,
+        egress_allow=egress,
+    )
     pods_key = obj.key("pods")
     pod_items = _list(obj.get("pods"), source, pods_key) if obj.has("pods") else []
     for i, item in enumerate(pod_items):
@@ -1001,7 +1075,8 @@ def validate_namespace_set(
         at = _index(key_prefix, i)
         if ns.name in names:
             raise ConfigError(
-                source, _key(at, "name"),
+                source,
+                _key(at, "name"),
                 f"duplicate namespace name {ns.name} (also {_index(key_prefix, names[ns.name])})",
             )
         names[ns.name] = i
@@ -1017,7 +1092,8 @@ def validate_namespace_set(
             if pod.interface is not None:
                 if pod.interface in interfaces:
                     raise ConfigError(
-                        source, _key(pat, "interface"),
+                        source,
+                        _key(pat, "interface"),
                         f"interface {pod.interface} is already used by {interfaces[pod.interface]}",
                     )
                 interfaces[pod.interface] = who
@@ -1025,7 +1101,8 @@ def validate_namespace_set(
                 slot = (pod.netns_path, pod.ifname)
                 if slot in netns_ifs:
                     raise ConfigError(
-                        source, _key(pat, "netns"),
+                        source,
+                        _key(pat, "netns"),
                         f"netns {pod.netns} already has {pod.ifname} ({netns_ifs[slot]})",
                     )
                 netns_ifs[slot] = who
@@ -1047,15 +1124,15 @@ def _control_mode(value: Any, src: str, key: str) -> int:
         text = value.strip().lower()
         text = text[2:] if text.startswith("0o") else text
         if not text or any(c not in "01234567" for c in text):
-            raise ConfigError(src, key, f"{value!r} is not an octal mode (expected e.g. \"0600\")")
+            raise ConfigError(src, key, f'{value!r} is not an octal mode (expected e.g. "0600")')
         mode = int(text, 8)
     elif isinstance(value, int) and not isinstance(value, bool):
         mode = value
     else:
-        raise _type_error(value, src, key, "an octal mode string like \"0600\"")
+        raise _type_error(value, src, key, 'an octal mode string like "0600"')
     if not 0 <= mode <= 0o777:
         raise ConfigError(
-            src, key, f"{value} is not a valid mode (give an octal string like \"0600\")"
+            src, key, f'{value} is not a valid mode (give an octal string like "0600")'
         )
     return mode
 
@@ -1099,8 +1176,7 @@ def _parse_tunnel(
         if isinstance(raw, int) and not isinstance(raw, bool):
             listen = (DEFAULT_LISTEN[0], _int(raw, src, obj.key("listen"), 1, 65535))
         else:
-            listen = _host_port(raw, src, obj.key("listen"), default_port=None,
-                                hostname_ok=False)
+            listen = _host_port(raw, src, obj.key("listen"), default_port=None, hostname_ok=False)
     if obj.has("private_key") == obj.has("private_key_file"):
         raise ConfigError(src, key, "give exactly one of private_key or private_key_file")
     key_file = None
@@ -1127,15 +1203,26 @@ def _parse_tunnel(
             raise ConfigError(src, pobj.key("id"), f"duplicate peer id {peer_id}")
         public_key = _key32(pobj.required("public_key"), src, pobj.key("public_key"))
         if any(p.public_key == public_key for p in peers):
-            raise ConfigError(src, pobj.key("public_key"), "public key is already used by "
-                              f"peer {next(p.id for p in peers if p.public_key == public_key)}")
+            raise ConfigError(
+                src,
+                pobj.key("public_key"),
+                "public key is already used by "
+                f"peer {next(p.id for p in peers if p.public_key == public_key)}",
+            )
         endpoint = None
         if pobj.has("endpoint"):
-            endpoint = _host_port(pobj.get("endpoint"), src, pobj.key("endpoint"),
-                                  default_port=None, hostname_ok=True)
+            endpoint = _host_port(
+                pobj.get("endpoint"), src, pobj.key("endpoint"), default_port=None, hostname_ok=True
+            )
         peers.append(TunnelPeerSpec(id=peer_id, public_key=public_key, endpoint=endpoint))
-    return TunnelSpec(listen=listen, private_key=private_key, private_key_file=key_file,
-                      psk=psk, keepalive=keepalive, peers=tuple(peers))
+    return TunnelSpec(
+        listen=listen,
+        private_key=private_key,
+        private_key_file=key_file,
+        psk=psk,
+        keepalive=keepalive,
+        peers=tuple(peers),
+    )
 
 
 def _parse_worker(value: Any, src: str, key: str, base_dir: str | None) -> WorkerSpec:
@@ -1148,17 +1235,18 @@ def _parse_worker(value: Any, src: str, key: str, base_dir: str | None) -> Worke
         control = _str(obj.get("control"), src, obj.key("control"))
         if len(os.fsencode(control)) > _SUN_PATH_MAX:
             raise ConfigError(
-                src, obj.key("control"),
-                f"socket path is too long ({len(os.fsencode(control))} bytes, "
-                f"max {_SUN_PATH_MAX})",
+                src,
+                obj.key("control"),
+                f"socket path is too long ({len(os.fsencode(control))} bytes, max {_SUN_PATH_MAX})",
             )
     mode = DEFAULT_CONTROL_MODE
     if obj.has("control_mode"):
         mode = _control_mode(obj.get("control_mode"), src, obj.key("control_mode"))
     egress = _parse_egress(obj.get("egress"), src, obj.key("egress"))
     tunnel = _parse_tunnel(obj.get("tunnel"), src, obj.key("tunnel"), worker_id, base_dir)
-    return WorkerSpec(id=worker_id, control=control, control_mode=mode, egress=egress,
-                      tunnel=tunnel)
+    return WorkerSpec(
+        id=worker_id, control=control, control_mode=mode, egress=egress, tunnel=tunnel
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -1174,11 +1262,11 @@ def parse_config(data: object, source: str, base_dir: str | None = None) -> Conf
     A missing ``namespaces`` key means no namespaces (they can be added via the API).
     """
     if data is None:
-        raise ConfigError(source, "", "config is empty (expected a mapping with worker and "
-                          "namespaces)")
+        raise ConfigError(
+            source, "", "config is empty (expected a mapping with worker and namespaces)"
+        )
     if not isinstance(data, Mapping):
-        raise ConfigError(source, "", f"expected a mapping at the top level, got "
-                          f"{_describe(data)}")
+        raise ConfigError(source, "", f"expected a mapping at the top level, got {_describe(data)}")
     obj = _Obj(data, source, "", ("worker", "namespaces"))
     worker = _parse_worker(obj.get("worker"), source, "worker", base_dir)
     items = _list(obj.get("namespaces"), source, "namespaces") if obj.has("namespaces") else []
@@ -1191,7 +1279,8 @@ def parse_config(data: object, source: str, base_dir: str | None = None) -> Conf
         for ns in namespaces:
             if ns.cidr.overlaps(worker.egress.pool):
                 raise ConfigError(
-                    source, "worker.egress.pool",
+                    source,
+                    "worker.egress.pool",
                     f"{worker.egress.pool} overlaps cidr {ns.cidr} of namespace {ns.name}",
                 )
     return Config(worker=worker, namespaces=namespaces, source=source)
@@ -1213,7 +1302,8 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = Fal
             continue  # unhashable key: the mapping constructor reports it
         if first is not None:
             raise yaml.constructor.ConstructorError(
-                None, None,
+                None,
+                None,
                 f"duplicate key {key!r} (first at line {first.start_mark.line + 1})",
                 key_node.start_mark,
             )
@@ -1242,16 +1332,19 @@ def load_config(path: str) -> Config:
     except yaml.YAMLError as e:
         raise ConfigError(path, "", f"invalid YAML: {e}") from None
     if data is None:
-        raise ConfigError(path, "", "file is empty (expected a mapping with worker and "
-                          "namespaces)")
+        raise ConfigError(path, "", "file is empty (expected a mapping with worker and namespaces)")
     return parse_config(data, path, base_dir=os.path.dirname(os.path.abspath(path)))
 
 
 def default_config(worker_id: str | None = None) -> Config:
     """The embedded default: one namespace ``default`` (id 1, 10.88.0.0/24), no pods."""
     worker = WorkerSpec(id=worker_id or socket.gethostname())
-    ns = parse_namespace({"name": "default", "id": 1, "cidr": "10.88.0.0/24"},
-                         DEFAULT_CONFIG_SOURCE, worker.id, "namespaces[0]")
+    ns = parse_namespace(
+        {"name": "default", "id": 1, "cidr": "10.88.0.0/24"},
+        DEFAULT_CONFIG_SOURCE,
+        worker.id,
+        "namespaces[0]",
+    )
     return Config(worker=worker, namespaces=(ns,), source=DEFAULT_CONFIG_SOURCE)
 
 
@@ -1282,13 +1375,17 @@ def service_to_dict(svc: ServiceSpec) -> dict[str, Any]:
         "name": svc.name,
         "ip": str(svc.ip),
         "ports": [
-            {"port": p.port, "target_port": p.target_port, "protocol": p.protocol,
-             "activator": p.activator, "activator_config": p.activator_config.to_dict()}
+            {
+                "port": p.port,
+                "target_port": p.target_port,
+                "protocol": p.protocol,
+                "activator": p.activator,
+                "activator_config": p.activator_config.to_dict(),
+            }
             for p in svc.ports
         ],
         "backends": list(svc.backends),
-        "hold": {"packets": svc.hold.packets, "bytes": svc.hold.bytes,
-                 "timeout": svc.hold.timeout},
+        "hold": {"packets": svc.hold.packets, "bytes": svc.hold.bytes, "timeout": svc.hold.timeout},
         "idle_timeout": svc.idle_timeout,
         "readiness": svc.readiness,
     }
@@ -1310,18 +1407,20 @@ def namespace_to_dict(ns: NamespaceSpec) -> dict[str, Any]:
         egress = False
     else:
         egress = {"allow": [str(n) for n in ns.egress_allow]}
-    out.update({
-        "cidr": str(ns.cidr),
-        "gateway": str(ns.gateway),
-        "gateway_mac": ns.gateway_mac,
-        "mtu": ns.mtu,
-        "dns": {
-            "domain": ns.dns.domain,
-            "upstream": [f"{host}:{port}" for host, port in ns.dns.upstream],
-            "resolv_conf": ns.dns.resolv_conf,
-        },
-        "egress": egress,
-        "pods": [pod_to_dict(p) for p in ns.pods],
-        "services": [service_to_dict(s) for s in ns.services],
-    })
+    out.update(
+        {
+            "cidr": str(ns.cidr),
+            "gateway": str(ns.gateway),
+            "gateway_mac": ns.gateway_mac,
+            "mtu": ns.mtu,
+            "dns": {
+                "domain": ns.dns.domain,
+                "upstream": [f"{host}:{port}" for host, port in ns.dns.upstream],
+                "resolv_conf": ns.dns.resolv_conf,
+            },
+            "egress": egress,
+            "pods": [pod_to_dict(p) for p in ns.pods],
+            "services": [service_to_dict(s) for s in ns.services],
+        }
+    )
     return out

@@ -285,7 +285,7 @@ class ControlServer:
                 os.unlink(self.path)
             log.info("removed stale control socket %s", self.path)
             return
-        except (asyncio.TimeoutError, OSError):
+        except (TimeoutError, OSError):
             pass
         else:
             writer.close()
@@ -322,9 +322,7 @@ class ControlServer:
 
     # ---- connections -----------------------------------------------------------------------
 
-    async def _on_connect(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         busy = len(self._active) >= self.max_connections
@@ -335,14 +333,18 @@ class ControlServer:
         conn = _Http(reader, writer)
         try:
             await self._serve(conn, busy)
-        except (ConnectionError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
             pass
+        except asyncio.CancelledError:
+            pass  # close() cancels us; ending normally keeps asyncio from logging it
         except Exception:
             log.exception("control connection failed")
         finally:
-            self._active.discard(task)
-            self._rejecting.discard(task)
-            await self._finish(conn)
+            try:
+                await self._finish(conn)
+            finally:
+                self._active.discard(task)
+                self._rejecting.discard(task)
 
     async def _finish(self, conn: _Http) -> None:
         """Close; if the client may still be sending, drain briefly so it can read our error
@@ -510,8 +512,11 @@ class ControlServer:
             Route("/v1/namespaces", {"GET": self._list_namespaces}),
             Route(
                 "/v1/namespaces/{ns}",
-                {"GET": self._get_namespace, "PUT": self._put_namespace,
-                 "DELETE": self._delete_namespace},
+                {
+                    "GET": self._get_namespace,
+                    "PUT": self._put_namespace,
+                    "DELETE": self._delete_namespace,
+                },
             ),
             Route("/v1/namespaces/{ns}/pods", {"GET": self._list_ns_pods}),
             Route(
@@ -566,7 +571,8 @@ class ControlServer:
         spec = req.json_object()
         if "name" in spec and spec["name"] != name:
             raise ConfigError(
-                f"{req.method} {req.path}", "name",
+                f"{req.method} {req.path}",
+                "name",
                 f"{spec['name']!r} does not match {name!r} from the path",
             )
         spec["name"] = name
@@ -622,11 +628,14 @@ class ControlServer:
     def _own_metrics(self) -> list[metrics_mod.Metric]:
         return [
             metrics_mod.Metric(
-                "fabricd_control_connections", "gauge",
-                "Open control API connections.", [({}, float(len(self._active)))],
+                "fabricd_control_connections",
+                "gauge",
+                "Open control API connections.",
+                [({}, float(len(self._active)))],
             ),
             metrics_mod.Metric(
-                "fabricd_control_requests_total", "counter",
+                "fabricd_control_requests_total",
+                "counter",
                 "Control API requests answered, by HTTP status.",
                 [({"code": str(code)}, float(n)) for code, n in sorted(self._requests.items())],
             ),
@@ -648,9 +657,7 @@ class ControlServer:
                 raise BadRequest(f"count must be a positive integer, not {raw!r}")
         # Opened before the response starts so an unknown pod is still a clean 404.
         sub = await _call(self.fabric.capture, ns, pod, count)
-        return Response(
-            content_type=PCAP_TYPE, stream=_pcap_records(sub, count), subscription=sub
-        )
+        return Response(content_type=PCAP_TYPE, stream=_pcap_records(sub, count), subscription=sub)
 
 
 async def _wait_disconnect(reader: asyncio.StreamReader) -> None:

@@ -6,18 +6,23 @@ pyroute2. Every failure surfaces as `PortError` with a message naming the namesp
 interface, because that is what an operator needs to fix a pod.
 
 Namespaces are always handled by absolute path (not name) so that `/run/netns/NAME` and
-`/proc/PID/ns/net` behave the same, and pyroute2 is always called with flags=0: its default
-(O_CREAT) would silently *create* a namespace that does not exist.
+`/proc/PID/ns/net` behave the same. Work inside a pod's namespace runs in a short-lived
+thread that setns()-es there (network namespaces are per thread) instead of pyroute2's
+`IPRoute(netns=...)`, which forks a helper per call: forking a multi-threaded daemon with a
+big data-plane heap is slow and risky, and pyroute2's default flags (O_CREAT) would silently
+*create* a namespace that does not exist.
 """
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import ipaddress
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fabric.errors import PortError
 
@@ -28,6 +33,8 @@ NETNS_DIR = "/run/netns"
 IFNAMSIZ = 16
 NS_GET_NSTYPE = 0xB703  # _IO(0xb7, 0x3)
 CLONE_NEWNET = 0x40000000
+
+T = TypeVar("T")
 
 
 def check_ifname(ifname: str) -> None:
@@ -72,20 +79,59 @@ def resolve_netns(netns: str) -> str:
     return path
 
 
-@contextmanager
-def _ipr(netns: str | None = None) -> Iterator[IPRoute]:
-    """An IPRoute in the current namespace, or in `netns` (a path from resolve_netns).
+def _setns(fd: int) -> None:
+    # os.setns only exists from Python 3.12; libc's symbols are in the interpreter itself.
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
-    pyroute2 opens the socket inside the namespace through a short-lived forked helper that
-    exits before this returns, so nothing is left running after the `with` block.
+
+def run_in_netns(netns: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Call `fn` in a throwaway thread that joined `netns`; returns or raises what it did.
+
+    Only that thread changes namespace, so the caller (and the data plane) never does, and
+    sockets opened by `fn` stay bound to `netns` (ifindex lookups, /proc/sys/net too).
     """
+    path = resolve_netns(netns)
+    try:
+        nsfd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise PortError(f"netns {netns!r}: cannot open {path}: {exc.strerror}") from None
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            _setns(nsfd)
+        except OSError as exc:
+            error.append(PortError(f"netns {netns!r}: setns failed: {exc.strerror}"))
+            return
+        try:
+            result.append(fn(*args, **kwargs))
+        except BaseException as exc:  # handed to the caller's thread
+            error.append(exc)
+
+    try:
+        thread = threading.Thread(target=body, name="fabric-netns", daemon=True)
+        thread.start()
+        thread.join()
+    finally:
+        os.close(nsfd)
+    if error:
+        raise error[0]
+    return result[0]
+
+
+@contextmanager
+def _ipr() -> Iterator[IPRoute]:
+    """An IPRoute bound to the calling thread's namespace, always closed."""
     from pyroute2 import IPRoute
 
     try:
-        ipr = IPRoute() if netns is None else IPRoute(netns=netns, flags=0)
+        ipr = IPRoute()
     except OSError as exc:
-        where = f"netns {netns}" if netns else "current netns"
-        raise PortError(f"{where}: cannot open netlink: {exc}") from None
+        raise PortError(f"cannot open rtnetlink: {exc.strerror or exc}") from None
     with ipr:
         yield ipr
 
@@ -103,11 +149,16 @@ def _lookup(ipr: IPRoute, name: str) -> int | None:
     return found[0] if found else None
 
 
+def _exists_here(name: str) -> bool:
+    with _ipr() as ipr:
+        return _lookup(ipr, name) is not None
+
+
 def link_exists(name: str, netns: str | None = None) -> bool:
     """Whether an interface `name` exists in the current namespace or in `netns`."""
-    path = resolve_netns(netns) if netns is not None else None
-    with _ipr(path) as ipr:
-        return _lookup(ipr, name) is not None
+    if netns is None:
+        return _exists_here(name)
+    return run_in_netns(netns, _exists_here, name)
 
 
 def link_index(name: str) -> int:
@@ -157,14 +208,33 @@ def configure_pod_link(
     a TAP's fd does it).
     """
     check_ifname(ifname)
-    path = resolve_netns(netns)
-    addr = ipaddress.ip_address(str(ip))
-    gw = ipaddress.ip_address(str(gateway)) if gateway is not None else None
+    try:
+        addr = ipaddress.ip_address(str(ip))
+        gw = ipaddress.ip_address(str(gateway)) if gateway is not None else None
+    except ValueError as exc:
+        raise PortError(f"pod interface {ifname!r}: {exc}") from None
+    if not 0 <= prefixlen <= addr.max_prefixlen:
+        raise PortError(f"prefix length {prefixlen} is out of range for {addr}")
     if gw is not None and gw.version != addr.version:
         raise PortError(f"gateway {gw} and address {addr} are of different IP versions")
-    step = "opening netlink"
+    run_in_netns(netns, _configure_here, netns, current_name, ifname, mac, addr, prefixlen,
+                 gw, mtu)  # fmt: skip
+
+
+def _configure_here(
+    netns: str,
+    current_name: str,
+    ifname: str,
+    mac: str,
+    addr: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    prefixlen: int,
+    gw: ipaddress.IPv4Address | ipaddress.IPv6Address | None,
+    mtu: int,
+) -> None:
+    """configure_pod_link's body, run by a thread already inside the pod's namespace."""
+    step = "opening rtnetlink"
     try:
-        with _ipr(path) as ipr:
+        with _ipr() as ipr:
             step = f"looking up {current_name!r}"
             index = _lookup(ipr, current_name)
             if index is None:
@@ -172,7 +242,7 @@ def configure_pod_link(
             if ifname != current_name and _lookup(ipr, ifname) is not None:
                 raise PortError(f"netns {netns!r}: an interface named {ifname!r} already exists")
             step = f"setting name {ifname!r}, MAC {mac}, MTU {mtu}"
-            ipr.link("set", index=index, state="down")
+            ipr.link("set", index=index, state="down")  # renaming needs the link down
             ipr.link("set", index=index, ifname=ifname, address=mac, mtu=mtu)
             step = f"adding address {addr}/{prefixlen}"
             ipr.addr("add", index=index, address=str(addr), prefixlen=prefixlen)

@@ -32,9 +32,7 @@ def record(ts: float, frame: bytes, snaplen: int = DEFAULT_SNAPLEN) -> bytes:
     return struct.pack("<IIII", sec, usec, len(data), len(frame)) + data
 
 
-def write_pcap(
-    frames: Iterable[tuple[float, bytes]], snaplen: int = DEFAULT_SNAPLEN
-) -> bytes:
+def write_pcap(frames: Iterable[tuple[float, bytes]], snaplen: int = DEFAULT_SNAPLEN) -> bytes:
     """A whole file in memory, for tests and replay fixtures."""
     return global_header(snaplen) + b"".join(record(ts, f, snaplen) for ts, f in frames)
 
@@ -52,7 +50,7 @@ def _parse_global(data: bytes) -> tuple[str, float]:
         if magic == PCAPNG_MAGIC:
             raise ValueError("pcapng is not supported; convert with: editcap -F pcap IN OUT")
         raise ValueError(f"not a pcap file: bad magic 0x{magic:08x}")
-    major, _minor, _tz, _sigfigs, _snaplen, linktype = struct.unpack_from(endian + "HHiIII", data, 4)
+    major, _minor, _tz, _sigfigs, _snap, linktype = struct.unpack_from(endian + "HHiIII", data, 4)
     if major != 2:
         raise ValueError(f"unsupported pcap version {major}")
     if linktype & 0xFFFF != LINKTYPE_ETHERNET:

@@ -158,16 +158,20 @@ class TapPort:
         name: str | None = None,
         mac: str | None = None,
     ) -> TapPort:
-        """Adopt a ready TAP fd handed in by an embedding worker; the port then owns it.
+        """Adopt a ready fd handed in by an embedding worker; the port then owns it.
 
-        We check with TUNGETIFF that it is a TAP (Ethernet frames) and that its vnet header
-        setting matches `vnet`: a mismatch would make every frame misparsed. With a vnet
-        header we pin its size to 10 and enable offloads, as for ports we create.
+        For a real TUN/TAP fd, TUNGETIFF lets us refuse what would misparse every frame (an
+        L3 TUN, or a vnet header setting that contradicts `vnet`), and with a vnet header we
+        pin its size to 10 and enable offloads, as for ports we create. Any other open fd
+        (e.g. a datagram socketpair from a VMM shim or a test) is taken as declared.
         """
         try:
             raw = fcntl.ioctl(fd, TUNGETIFF, bytes(struct.calcsize(_IFREQ)))
         except OSError as exc:
-            raise PortError(f"fd {fd} is not a TUN/TAP device: {exc.strerror}") from None
+            if exc.errno == errno.EBADF:
+                raise PortError(f"fd {fd} is not an open file descriptor") from None
+            _set_nonblocking(fd)
+            return cls(fd, vnet=vnet, gso=vnet, name=name or f"fd{fd}", mac=mac, mtu=mtu)
         rawname, flags = struct.unpack(_IFREQ, raw)
         if not flags & IFF_TAP:
             raise PortError(f"fd {fd} is a TUN (L3) device; a TAP (Ethernet) one is required")

@@ -7,7 +7,6 @@ a crashed run can be swept without touching the host's real network.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import secrets
 import shutil
@@ -54,9 +53,7 @@ def run_in(
     argv = ["ip", "netns", "exec", ns, *cmd] if ns else list(cmd)
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise RuntimeError(
-            f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}"
-        )
+        raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}")
     return proc
 
 
@@ -114,7 +111,7 @@ def sweep(prefix: str = "fbt-") -> list[str]:
 def _setns(path: str) -> None:
     global _libc
     if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        _libc = ctypes.CDLL(None, use_errno=True)  # libc symbols live in the interpreter
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         if _libc.setns(fd, CLONE_NEWNET) != 0:

@@ -226,7 +226,7 @@ def arp_roundtrip(port_fd: int, pod_ns: str, pod_ip: str, gw_ip: str) -> None:
         echo = read_frame(port_fd, is_icmp_to(GW_MAC))
         assert eth_src(echo) == mac_bytes(POD_MAC)
     finally:
-        ping.wait(timeout=10)
+        ping.communicate(timeout=10)
     assert neigh_lladdr(pod_ns, gw_ip, "eth0") == GW_MAC
 
 
@@ -309,13 +309,17 @@ def test_tap_from_fd_adopts_ready_fd(worker: str, pod_a: str) -> None:
         assert (adopted.vnet, adopted.gso, adopted.name) == (True, True, "eth0")
         with pytest.raises(PortError, match="IFF_VNET_HDR"):
             TapPort.from_fd(adopted.fd, vnet=False)
-        r, w = os.pipe()
+        # A non-TUN fd (a VMM shim's socketpair) is taken as declared; a closed one is not.
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        shim = TapPort.from_fd(a.detach(), vnet=True, mtu=9000)
         try:
-            with pytest.raises(PortError, match="not a TUN/TAP"):
-                TapPort.from_fd(r, vnet=True)
+            assert (shim.vnet, shim.gso, shim.mtu) == (True, True, 9000)
+            assert os.get_blocking(shim.fd) is False
         finally:
-            os.close(r)
-            os.close(w)
+            shim.close()
+            b.close()
+        with pytest.raises(PortError, match="not an open file descriptor"):
+            TapPort.from_fd(1 << 30, vnet=True)  # far above any open fd
     finally:
         adopted.close()
         made.close()

@@ -1,0 +1,43 @@
+# Two commands on a fresh Debian 12 machine: `make demo` and `make test`.
+# Each installs what it needs: Debian packages (when root), a venv, pinned Python packages.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-unit test-e2e bench lint debs clean sweep
+
+debs:
+	@sh scripts/install-debs
+
+$(STAMP): requirements.lock pyproject.toml | debs
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements.lock
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: debs $(STAMP)
+	$(BIN)/fabricd demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: debs $(STAMP) lint
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit tests/replay
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/e2e
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -q tests/unit tests/replay
+
+test-e2e: debs $(STAMP)
+	$(BIN)/python -m pytest -q tests/e2e
+
+bench: debs $(STAMP)
+	$(BIN)/python -m tests.bench
+
+sweep: $(STAMP)
+	$(BIN)/python -m fabric.sandbox --sweep
+
+clean:
+	rm -rf $(VENV) *.egg-info
