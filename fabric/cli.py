@@ -184,10 +184,10 @@ def cmd_get(args: argparse.Namespace) -> int:
             columns = NAMESPACE_COLUMNS
         elif kind == "pods":
             data = client.get(f"/v1/namespaces/{quote(ns, safe='')}/pods" if ns else "/v1/pods")
-            columns = [c for c in POD_COLUMNS if not (ns and c[1] == "namespace")]
+            columns = POD_COLUMNS
         elif kind == "services":
             data = client.get("/v1/services" + (f"?{urlencode({'namespace': ns})}" if ns else ""))
-            columns = _generic_columns(data, {"namespace"} if ns else set())
+            columns = _generic_columns(data, set())
         else:
             data = client.get("/v1/peers")
             columns = _generic_columns(data, set())

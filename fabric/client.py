@@ -121,8 +121,15 @@ class ControlClient:
             raise self._unreachable(e) from None
         return conn
 
-    def request(self, method: str, path: str, body: Any = None) -> Any:
-        """Send one request; JSON answers are parsed, other content comes back as text."""
+    def __del__(self) -> None:
+        # Scripts often do ControlClient(p).get(...) without closing; don't leak the socket.
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def request(self, method: str, path: str, body: Any = None, *, text: bool = False) -> Any:
+        """Send one request; JSON answers are parsed (unless text=True), others are text."""
         payload = None if body is None else json.dumps(body).encode()
         headers = {"Accept": "application/json"}
         if payload is not None:
@@ -154,6 +161,8 @@ class ControlClient:
                 self.close()
             if resp.status >= 400:
                 raise error_from_body(resp.status, resp.reason, data)
+            if text:
+                return data.decode("utf-8", "replace")
             if not data:
                 return None
             if (resp.getheader("Content-Type") or "").startswith("application/json"):
@@ -163,6 +172,10 @@ class ControlClient:
 
     def get(self, path: str) -> Any:
         return self.request("GET", path)
+
+    def get_text(self, path: str) -> str:
+        """The body as text whatever its type (e.g. /metrics)."""
+        return self.request("GET", path, text=True)
 
     def put(self, path: str, body: Any) -> Any:
         return self.request("PUT", path, body)

@@ -401,6 +401,7 @@ class ControlServer:
     async def _reject(self, conn: _Http, exc: FabricError, status: int | None = None) -> None:
         if status is not None and status != exc.status:
             exc.status = status
+        self._requests[exc.status] = self._requests.get(exc.status, 0) + 1
         if conn.can_respond():
             with contextlib.suppress(Exception):
                 await self._send_response(conn, error_response(exc), close=True)

@@ -184,10 +184,15 @@ class Daemon:
 
         return ControlClient(self.control).get(path)
 
-    def cli(self, *args: str, check: bool = True, timeout: float = 30.0) -> str:
+    def cli_argv(self, *args: str) -> list[str]:
+        """The command line of `fabricd --control SOCKET ARGS...` (for Popen)."""
         exe = os.path.join(os.path.dirname(sys.executable), "fabricd")
-        p = subprocess.run([exe, "--control", self.control, *args], capture_output=True,
-                           text=True, timeout=timeout)
+        cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "fabric"]
+        return [*cmd, "--control", self.control, *args]
+
+    def cli(self, *args: str, check: bool = True, timeout: float = 30.0) -> str:
+        p = subprocess.run(self.cli_argv(*args), capture_output=True, text=True,
+                           timeout=timeout)
         if check and p.returncode:
             raise RuntimeError(f"fabricd {' '.join(args)}: {p.stderr.strip()}")
         return p.stdout

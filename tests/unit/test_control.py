@@ -70,16 +70,44 @@ class FakeFabric:
 
     def __init__(self) -> None:
         self.namespaces: dict[str, dict[str, Any]] = {
-            "blue": {"name": "blue", "id": 1, "cidr": "10.1.0.0/24", "gateway": "10.1.0.1",
-                     "mtu": 1500, "pods": 2},
+            "blue": {
+                "name": "blue",
+                "id": 1,
+                "cidr": "10.1.0.0/24",
+                "gateway": "10.1.0.1",
+                "mtu": 1500,
+                "pods": 2,
+            },
         }
         self.pods: list[dict[str, Any]] = [
-            {"namespace": "blue", "name": "web", "ip": "10.1.0.2", "mac": "02:00:00:00:00:02",
-             "kind": "tap", "attached": True, "ready": True, "rx_packets": 10,
-             "rx_bytes": 1000, "tx_packets": 5, "tx_bytes": 500, "drops": 0},
-            {"namespace": "blue", "name": "db", "ip": "10.1.0.3", "mac": "02:00:00:00:00:03",
-             "kind": "veth", "attached": False, "ready": False, "rx_packets": 0,
-             "rx_bytes": 0, "tx_packets": 0, "tx_bytes": 0, "drops": 1},
+            {
+                "namespace": "blue",
+                "name": "web",
+                "ip": "10.1.0.2",
+                "mac": "02:00:00:00:00:02",
+                "kind": "tap",
+                "attached": True,
+                "ready": True,
+                "rx_packets": 10,
+                "rx_bytes": 1000,
+                "tx_packets": 5,
+                "tx_bytes": 500,
+                "drops": 0,
+            },
+            {
+                "namespace": "blue",
+                "name": "db",
+                "ip": "10.1.0.3",
+                "mac": "02:00:00:00:00:03",
+                "kind": "veth",
+                "attached": False,
+                "ready": False,
+                "rx_packets": 0,
+                "rx_bytes": 0,
+                "tx_packets": 0,
+                "tx_bytes": 0,
+                "drops": 1,
+            },
         ]
         self.ready_calls: list[tuple[str, str, bool]] = []
         self.applied: list[dict[str, Any]] = []
@@ -141,8 +169,14 @@ class FakeFabric:
         return sub
 
     def metrics(self) -> list[Metric]:
-        return [Metric("fabric_rx_packets_total", "counter", "Frames received.",
-                       [({"namespace": "blue", "pod": 'we"b'}, 10.0)])]
+        return [
+            Metric(
+                "fabric_rx_packets_total",
+                "counter",
+                "Frames received.",
+                [({"namespace": "blue", "pod": 'we"b'}, 10.0)],
+            )
+        ]
 
     def capture(self, ns: str, pod: str, max_frames: int | None) -> FakeSubscription:
         if not any(p["namespace"] == ns and p["name"] == pod for p in self.pods):
@@ -286,8 +320,7 @@ def test_live_daemon_is_not_replaced(harness: Harness, fabric: FakeFabric) -> No
         with pytest.raises(FabricError, match="another fabricd is running on"):
             other.start()
     finally:
-        other.loop.call_soon_threadsafe(other.loop.stop)
-        other.thread.join(5)
+        other.stop()
     with ControlClient(harness.path) as c:
         assert c.get("/v1/health")["ok"] is True
 
@@ -328,7 +361,10 @@ def test_put_and_delete(client: ControlClient, fabric: FakeFabric) -> None:
     assert client.put("/v1/namespaces/blue/pods/web/ready", {"ready": False})["ready"] is False
     assert fabric.ready_calls == [("blue", "web", False)]
     assert client.delete("/v1/namespaces/blue/pods/db") == {
-        "ok": True, "namespace": "blue", "pod": "db"}
+        "ok": True,
+        "namespace": "blue",
+        "pod": "db",
+    }
     assert client.delete("/v1/namespaces/blue") == {"ok": True, "namespace": "blue"}
 
 
@@ -364,6 +400,8 @@ def test_unexpected_exception_is_500_and_server_survives(
 
 def test_metrics_text(client: ControlClient) -> None:
     text = client.get("/metrics")
+    assert client.get_text("/metrics").startswith("# HELP")
+    assert client.get_text("/v1/peers") == "[]\n"
     assert "# TYPE fabric_rx_packets_total counter" in text
     assert 'fabric_rx_packets_total{namespace="blue",pod="we\\"b"} 10' in text
     assert "# TYPE fabricd_control_connections gauge" in text
@@ -407,8 +445,9 @@ def test_malformed_request_line_is_400(harness: Harness) -> None:
 
 def test_bad_json_is_400(harness: Harness) -> None:
     payload = b"{not json"
-    req = (b"PUT /v1/namespaces/red HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
-           % len(payload)) + payload
+    req = (
+        b"PUT /v1/namespaces/red HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(payload)
+    ) + payload
     status, _, body = raw_exchange(harness.path, req)
     assert status == 400
     assert "not valid JSON" in body["error"]["message"]
@@ -416,8 +455,9 @@ def test_bad_json_is_400(harness: Harness) -> None:
 
 def test_oversized_body_is_413(harness: Harness) -> None:
     payload = b"x" * ((1 << 20) + 1)
-    req = (b"PUT /v1/namespaces/red HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
-           % len(payload)) + payload
+    req = (
+        b"PUT /v1/namespaces/red HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(payload)
+    ) + payload
     status, _, body = raw_exchange(harness.path, req)
     assert status == 413
     assert body["error"]["code"] == "too_large"
@@ -427,8 +467,11 @@ def test_oversized_chunked_body_is_413(fabric: FakeFabric, sockdir: str) -> None
     h = Harness(fabric, os.path.join(sockdir, "c.sock"), max_body=100).start()
     try:
         chunk = b"x" * 80
-        req = (b"PUT /v1/namespaces/red HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-               + (b"50\r\n" + chunk + b"\r\n") * 2 + b"0\r\n\r\n")
+        req = (
+            b"PUT /v1/namespaces/red HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + (b"50\r\n" + chunk + b"\r\n") * 2
+            + b"0\r\n\r\n"
+        )
         status, _, body = raw_exchange(h.path, req)
         assert status == 413
     finally:
@@ -450,8 +493,10 @@ def test_keep_alive_two_requests_one_connection(harness: Harness) -> None:
 def test_pipelined_requests(harness: Harness) -> None:
     with raw_connect(harness.path) as s:
         f = s.makefile("rb")
-        s.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n"
-                  b"GET /v1/peers HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        s.sendall(
+            b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET /v1/peers HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
         assert read_response(f)[0] == 200
         status, headers, body = read_response(f)
         assert (status, body) == (200, b"[]\n")
@@ -478,8 +523,10 @@ def test_connection_limit_gives_503(fabric: FakeFabric, sockdir: str) -> None:
 
 
 def test_events_stream_lines_until_end(client: ControlClient, fabric: FakeFabric) -> None:
-    fabric.event_items = [FakeEvent("pod_attached", namespace="blue", pod="web"),
-                          FakeEvent("peer_up", peer="w2")]
+    fabric.event_items = [
+        FakeEvent("pod_attached", namespace="blue", pod="web"),
+        FakeEvent("peer_up", peer="w2"),
+    ]
     events = list(client.events())
     assert [e["kind"] for e in events] == ["pod_attached", "peer_up"]
     assert events[0]["namespace"] == "blue"
@@ -559,12 +606,24 @@ def test_refused_socket_message(sockdir: str) -> None:
 def test_cli_get_tables(harness: Harness, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["get", "pods", "--control", harness.path]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["NAMESPACE", "NAME", "IP", "MAC", "KIND", "ATTACHED", "READY",
-                                "RX-PKTS", "RX-BYTES", "TX-PKTS", "TX-BYTES", "DROPS"]
+    assert lines[0].split() == [
+        "NAMESPACE",
+        "NAME",
+        "IP",
+        "MAC",
+        "KIND",
+        "ATTACHED",
+        "READY",
+        "RX-PKTS",
+        "RX-BYTES",
+        "TX-PKTS",
+        "TX-BYTES",
+        "DROPS",
+    ]
     assert lines[1].split()[:3] == ["blue", "web", "10.1.0.2"]
     assert lines[0].index("IP") == lines[1].index("10.1.0.2")  # aligned
     assert cli.main(["--control", harness.path, "get", "po", "-n", "blue"]) == 0
-    assert capsys.readouterr().out.splitlines()[0].split()[0] == "NAME"
+    assert capsys.readouterr().out.splitlines()[1].split()[:3] == ["blue", "web", "10.1.0.2"]
     assert cli.main(["get", "namespaces", "--control", harness.path]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == ["NAME", "ID", "CIDR", "GATEWAY", "MTU", "PODS"]
@@ -611,18 +670,37 @@ def test_cli_events(
 
 
 def test_cli_capture_to_file_and_stdout(
-    harness: Harness, fabric: FakeFabric, sockdir: str,
+    harness: Harness,
+    fabric: FakeFabric,
+    sockdir: str,
     capsysbinary: pytest.CaptureFixture[bytes],
 ) -> None:
     fabric.frames = [(10.0, b"\xaa" * 64), (11.0, b"\xbb" * 64)]
     out = os.path.join(sockdir, "cap.pcap")
-    assert cli.main(["capture", "blue/web", "-w", out, "-c", "1",
-                     "--control", harness.path]) == 0
+    assert cli.main(["capture", "blue/web", "-w", out, "-c", "1", "--control", harness.path]) == 0
     assert read_pcap(Path(out).read_bytes()) == [(10.0, b"\xaa" * 64)]
     assert b"1 frames written" in capsysbinary.readouterr().err
     assert cli.main(["capture", "blue/web", "--control", harness.path]) == 0
     assert len(read_pcap(capsysbinary.readouterr().out)) == 2
     assert cli.main(["capture", "blue/web", "-c", "0", "--control", harness.path]) == 2
+
+
+def test_cli_broken_pipe_is_quiet(harness: Harness, fabric: FakeFabric) -> None:
+    import subprocess
+    import sys
+
+    fabric.event_items = [FakeEvent("tick", n=i) for i in range(20000)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fabric.cli", "events", "-o", "json", "--control", harness.path],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    assert json.loads(proc.stdout.readline())["kind"] == "tick"
+    proc.stdout.close()  # like `| head -1`
+    assert proc.wait(15) == 0
+    assert proc.stderr.read() == b""
+    proc.stderr.close()
 
 
 def test_cli_unreachable(sockdir: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,11 +15,20 @@ SAMPLE_RE = re.compile(
 
 
 def test_render_exact() -> None:
-    text = render([
-        Metric("fabric_rx_packets_total", "counter", "Frames received by a pod port.",
-               [({"namespace": "blue", "pod": "web"}, 12.0), ({"namespace": "blue", "pod": "db"}, 0)]),
-        Metric("fabric_pods", "gauge", "Attached pods.", [({}, 3)]),
-    ])
+    text = render(
+        [
+            Metric(
+                "fabric_rx_packets_total",
+                "counter",
+                "Frames received by a pod port.",
+                [
+                    ({"namespace": "blue", "pod": "web"}, 12.0),
+                    ({"namespace": "blue", "pod": "db"}, 0),
+                ],
+            ),
+            Metric("fabric_pods", "gauge", "Attached pods.", [({}, 3)]),
+        ]
+    )
     assert text == (
         "# HELP fabric_rx_packets_total Frames received by a pod port.\n"
         "# TYPE fabric_rx_packets_total counter\n"
@@ -50,10 +59,12 @@ def test_values() -> None:
 
 
 def test_repeated_family_is_merged() -> None:
-    text = render([
-        Metric("x_total", "counter", "X.", [({"a": "1"}, 1)]),
-        Metric("x_total", "counter", "X.", [({"a": "2"}, 2)]),
-    ])
+    text = render(
+        [
+            Metric("x_total", "counter", "X.", [({"a": "1"}, 1)]),
+            Metric("x_total", "counter", "X.", [({"a": "2"}, 2)]),
+        ]
+    )
     assert text.count("# TYPE x_total") == 1
     assert text.splitlines()[2:] == ['x_total{a="1"} 1', 'x_total{a="2"} 2']
 

@@ -76,7 +76,8 @@ def test_scapy_reads_our_files(tmp_path: object) -> None:
     path = f"{tmp_path}/x.pcap"
     with open(path, "wb") as f:
         f.write(write_pcap(FRAMES))
-    got = [(meta.sec + meta.usec / 1e6, data) for data, meta in RawPcapReader(path)]
+    with RawPcapReader(path) as reader:
+        got = [(meta.sec + meta.usec / 1e6, data) for data, meta in reader]
     assert [d for _, d in got] == [f for _, f in FRAMES]
     assert got[0][0] == pytest.approx(FRAMES[0][0], abs=1e-6)
 
