@@ -183,7 +183,7 @@ class Router:
         if pod.mac is None:
             self._arp_for(pod, now)
         else:
-            self._release(pod)
+            self._release(pod, now)
 
     def detach(self, name: str) -> Port | None:
         pod = self.pods[name]
@@ -226,7 +226,7 @@ class Router:
             port.drop(DROP_BAD_CHECKSUM)
             return None
         if pod.mac is None:
-            self._learn(pod, buf, h)
+            self._learn(pod, buf, h, now)
         dpod = self.by_ip.get(dst)
         if dpod is None:
             self._not_pod(port, buf, h, n, ip, ihl, dst, now)
@@ -322,7 +322,7 @@ class Router:
         if arp.spa == pod.ip and (pod.mac is None or not pod.mac_fixed) and pod.mac != arp.sha:
             if arp.sha[0] & 1 == 0:
                 pod.mac = arp.sha
-                self._release(pod)
+                self._release(pod, now)
         if arp.op != ARP_REQUEST:
             return
         tpa = arp.tpa
@@ -336,11 +336,11 @@ class Router:
         reply = packets.arp_frame(ARP_REPLY, self.gw_mac, tpa, arp.sha, arp.spa, arp.sha)
         self._emit(port, reply, 0, now)
 
-    def _learn(self, pod: Pod, buf: bytearray, h: int) -> None:
+    def _learn(self, pod: Pod, buf: bytearray, h: int, now: float) -> None:
         mac = bytes(buf[h + 6:h + 12])
         if mac[0] & 1 == 0:
             pod.mac = mac
-            self._release(pod)
+            self._release(pod, now)
 
     def _not_pod(self, port: Port, buf: bytearray, h: int, n: int, ip: int, ihl: int,
                  dst: bytes, now: float) -> None:
@@ -392,7 +392,7 @@ class Router:
         if dpod.port is not None and dpod.mac is None and now >= dpod.arp_due:
             self._arp_for(dpod, now)
 
-    def _release(self, pod: Pod) -> None:
+    def _release(self, pod: Pod, now: float) -> None:
         out = pod.port
         if out is None or pod.mac is None or not pod.pending:
             return
@@ -400,7 +400,7 @@ class Router:
             b = bytearray(frame)
             b[h:h + 6] = pod.mac
             b[h + 6:h + 12] = self.gw_mac
-            self._emit(out, b, h, 0.0)
+            self._emit(out, b, h, now)
         pod.pending.clear()
         self._held.discard(pod)
 

@@ -150,6 +150,9 @@ def test_spoofed_source_is_dropped_and_counted(sandbox: Sandbox) -> None:
     a, b, ns = two_pods(sandbox)
     d = Daemon(sandbox, worker, {"namespaces": [ns]}).start()
     d.wait_attached(2)
+    # Resolve the neighbour first with the honest address: ARP from a foreign sender
+    # address is refused too, and then no IP packet would even be sent.
+    assert "1 received" in sandbox.run(a, "ping", "-c", "1", "-W", "2", "10.40.0.3").stdout
     sandbox.run(a, "ip", "addr", "add", "10.40.0.99/24", "dev", "eth0")
     before = metric(d, "fabric_drops_total", pod="a", reason="spoofed_source")
     out = sandbox.run(a, "ping", "-c", "3", "-i", "0.2", "-W", "1", "-I", "10.40.0.99",
