@@ -90,6 +90,7 @@ class Fabric:
             if ns is not None and _needs_rebuild(ns.spec, spec):
                 self._remove(spec.name)
                 ns = None
+            _warn_unimplemented(spec)
             if ns is None:
                 ns = Namespace(spec, self.dataplane, self.bus)
                 self.namespaces[spec.name] = ns
@@ -278,3 +279,13 @@ def _needs_rebuild(old: NamespaceSpec, new: NamespaceSpec) -> bool:
     """Changes that alter every pod's addressing or link: rebuild the namespace."""
     return (old.cidr != new.cidr or old.gateway_mac != new.gateway_mac or old.mtu != new.mtu
             or old.id != new.id)
+
+
+def _warn_unimplemented(spec: NamespaceSpec) -> None:
+    """Say plainly which accepted parts of a spec this version does not act on yet."""
+    if spec.services:
+        log.warning("namespace %s: %d services configured; services are not implemented in "
+                    "this version and are ignored", spec.name, len(spec.services))
+    if spec.dns.upstream:
+        log.warning("namespace %s: dns.upstream is not used yet (no DNS server in this "
+                    "version)", spec.name)

@@ -56,6 +56,10 @@ class Daemon:
         loop = asyncio.get_running_loop()
         control = ControlServer(self.fabric, self.config.worker.control,
                                 self.config.worker.control_mode)
+        for part in ("egress", "tunnel"):
+            if getattr(self.config.worker, part) is not None:
+                log.warning("worker.%s is configured but not implemented in this version; "
+                            "ignored", part)
         await self.fabric.start()
         try:
             await control.start()

@@ -139,7 +139,8 @@ class Router:
         self.by_ip: dict[bytes, Pod] = {}
         self.outputs: list[tuple[Port, bytes]] = []
         self.drops: dict[str, int] = {}  # drops not attributable to an ingress port
-        self._held: set[Pod] = set()
+        # Pods with held frames; a dict so timers visit them in a reproducible order.
+        self._held: dict[Pod, None] = {}
         self._icmp_tokens = ICMP_BURST
         self._icmp_last = 0.0
 
@@ -163,7 +164,7 @@ class Router:
         if pod.pending:
             self._count(DROP_POD_REMOVED, len(pod.pending))
             pod.pending.clear()
-        self._held.discard(pod)
+        self._held.pop(pod, None)
         port = pod.port
         if port is not None:
             port.pod = None
@@ -388,7 +389,7 @@ class Router:
             port.drop(DROP_HOLD_OVERFLOW)
             return
         dpod.pending.append((now, h, bytes(buf[:n])))
-        self._held.add(dpod)
+        self._held[dpod] = None
         if dpod.port is not None and dpod.mac is None and now >= dpod.arp_due:
             self._arp_for(dpod, now)
 
@@ -400,9 +401,23 @@ class Router:
             b = bytearray(frame)
             b[h:h + 6] = pod.mac
             b[h + 6:h + 12] = self.gw_mac
+            ip = h + 14
+            total = b[ip + 2] << 8 | b[ip + 3]
+            if total > out.mtu:
+                # The egress MTU was unknown when the frame was held: apply it now, with
+                # drops and ICMP going to the sender (counted here if it left meanwhile).
+                sender = self.by_ip.get(bytes(b[ip + 12:ip + 16]))
+                sport = sender.port if sender is not None else None
+                tmp = sport or Port(vnet=False, mtu=0)
+                ok = self._fits(out, tmp, b, h, len(b), ip, (b[ip] & 15) << 2, total, now)
+                if sport is None:
+                    for reason, k in tmp.drops.items():
+                        self._count(reason, k)
+                if not ok:
+                    continue
             self._emit(out, b, h, now)
         pod.pending.clear()
-        self._held.discard(pod)
+        self._held.pop(pod, None)
 
     def _arp_for(self, pod: Pod, now: float) -> None:
         port = pod.port
@@ -492,7 +507,7 @@ class Router:
                 else:
                     self._count(DROP_HOLD_TIMEOUT, 1)
             if not q:
-                self._held.discard(pod)
+                self._held.pop(pod, None)
             elif pod.port is not None and pod.mac is None and now >= pod.arp_due:
                 self._arp_for(pod, now)
 

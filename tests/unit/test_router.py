@@ -890,6 +890,68 @@ def test_hold_timeout_sends_host_unreachable(net: Net) -> None:
     assert net.take() == []
 
 
+def test_held_frames_meet_the_mtu_of_the_port_that_attaches() -> None:
+    net = Net()
+    df = tcp_packet(IP_A, IP_C, 1000, 80, 1, 1, packets.TCP_ACK, bytes(1460), ident=1)
+    no_df = udp_packet(IP_A, IP_C, 1, 2, bytes(1400), flags_frag=0, ident=2)
+    small = udp_packet(IP_A, IP_C, 1, 2, b"small", ident=3)
+    for i, p in enumerate((df, no_df, small)):
+        assert net.ip(net.a, p, 1.0 + i) == []
+    c = Port(vnet=False, mtu=1000)
+    net.r.attach("c", c, 5.0)
+    out = net.take()
+    assert [p for p, _ in out] == [net.a, c, c, c]
+    quoted = tcp_packet(IP_A, IP_C, 1000, 80, 1, 1, packets.TCP_ACK, bytes(1460), ident=1,
+                        ttl=63)
+    assert out[0][1] == to_pod(MAC_A, icmp_error(GW, quoted, ICMP_UNREACH,
+                                                 UNREACH_FRAG_NEEDED, mtu=1000))
+    forwarded = udp_packet(IP_A, IP_C, 1, 2, bytes(1400), flags_frag=0, ident=2, ttl=63)
+    assert [f[14:] for _, f in out[1:3]] == packets.fragment(forwarded, 1000)
+    assert out[3][1] == to_pod(MAC_C, udp_packet(IP_A, IP_C, 1, 2, b"small", ident=3, ttl=63))
+    assert net.a.drops == {"too_big": 1}
+
+
+def test_held_gso_super_frame_meets_the_mtu_of_a_vnet_port() -> None:
+    net = Net("vnet")
+    hdr, frame = tcp_super_frame(bytes(6000), 1448, options=b"", mac_dst=GW_MAC,
+                                 mac_src=MAC_A, dst=IP_C)
+    assert net.send(net.a, frame, 1.0, hdr=hdr.pack()) == []
+    c = Port(vnet=True, mtu=1400)
+    net.r.attach("c", c, 2.0)
+    out = net.take()
+    assert len(out) == 1 and out[0][0] is net.a
+    assert Ether(body(net.a, out[0][1]))[ICMP].nexthopmtu == 1400
+    # The same with a port that takes the segments: the super-frame passes whole.
+    net = Net("vnet")
+    net.send(net.a, frame, 1.0, hdr=hdr.pack())
+    c = Port(vnet=True, mtu=1500)
+    net.r.attach("c", c, 2.0)
+    out = net.take()
+    assert len(out) == 1 and out[0][0] is c and out[0][1][:10] == hdr.pack()
+
+
+def test_held_too_big_frame_from_a_sender_that_left() -> None:
+    net = Net()
+    df = tcp_packet(IP_A, IP_C, 1000, 80, 1, 1, packets.TCP_ACK, bytes(1460))
+    net.ip(net.a, df, 1.0)
+    net.r.detach("a")
+    net.r.attach("c", Port(vnet=False, mtu=1000), 2.0)
+    assert net.take() == []
+    assert net.r.drops == {"too_big": 1}
+
+
+def test_hold_timeouts_in_a_reproducible_order() -> None:
+    net = Net()
+    net.r.add_pod("d", "10.0.0.5", "02:00:00:00:00:0d")
+    ip_d = bytes([10, 0, 0, 5])
+    net.ip(net.a, udp_packet(IP_A, ip_d, 1, 2, b"d1", ident=1), 1.0)
+    net.ip(net.a, udp_packet(IP_A, IP_C, 1, 2, b"c2", ident=2), 2.0)
+    net.ip(net.a, udp_packet(IP_A, ip_d, 1, 2, b"d3", ident=3), 3.0)
+    out = net.timer(60.0)
+    # Pod by pod, in the order pods first had frames held; each queue in arrival order.
+    assert [Ether(f)[ICMP].payload.id for _, f in out] == [1, 3, 2]
+
+
 def test_hold_timeout_for_detached_sender_counted_on_router() -> None:
     net = Net()
     net.ip(net.a, udp_packet(IP_A, IP_C, 1, 2, b"x"), 1.0)
