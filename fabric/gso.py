@@ -50,6 +50,13 @@ def segment(frame: bytes | bytearray | memoryview, hdr: VnetHdr) -> list[bytes]:
     if gso == GSO_NONE:
         buf = bytearray(frame)
         if hdr.flags & F_NEEDS_CSUM:
+            # The sum must start after the headers: a checksum written into them would
+            # change addresses after they were checked (or the MAC the router just set).
+            l4 = ETH_HLEN
+            if len(buf) >= ETH_HLEN + 20 and _H.unpack_from(buf, 12)[0] == ETH_P_IP:
+                l4 += (buf[ETH_HLEN] & 0x0F) * 4
+            if hdr.csum_start < l4:
+                raise Malformed("checksum start inside the Ethernet or IP header")
             complete_checksum(buf, hdr.csum_start, hdr.csum_offset)
         return [bytes(buf)]
     if len(frame) < ETH_HLEN + 20 or _H.unpack_from(frame, 12)[0] != ETH_P_IP:

@@ -281,6 +281,15 @@ def test_needs_csum_icmp() -> None:
     scapy_valid(out)
 
 
+def test_needs_csum_right_after_ip_options_is_fine() -> None:
+    udp = packets.udp_packet(SRC, DST, 1, 2, b"opts")[20:]
+    ip = packets.ipv4_header(SRC, DST, 17, len(udp), options=b"\x94\x04\0\0")
+    good = packets.eth_header(MAC_DST, MAC_SRC, packets.ETH_P_IP) + ip + udp
+    raw = bytearray(good)
+    partial_l4(raw, 38, 44, packets.PROTO_UDP)
+    assert gso.segment(raw, VnetHdr(F_NEEDS_CSUM, GSO_NONE, 0, 0, 38, 6)) == [good]
+
+
 def test_complete_checksum_in_place() -> None:
     hdr, frame = tcp_super_frame(b"data", 1448)
     buf = bytearray(frame)
@@ -298,7 +307,8 @@ def _tcp() -> tuple[VnetHdr, bytes]:
 @pytest.mark.parametrize("case", [
     "ipv6", "gso_size0", "proto_udp", "ihl", "version", "total_big", "total_small",
     "short_tcp", "doff_small", "doff_big", "tcpv6", "unknown", "csum_outside",
-    "csum_start_outside", "short_frame", "udp_short", "udp_on_tcp",
+    "csum_start_outside", "short_frame", "udp_short", "udp_on_tcp", "csum_in_eth",
+    "csum_in_ip", "csum_in_ip_options", "csum_in_eth_arp",
 ])
 def test_malformed_raises(case: str) -> None:
     hdr, frame = _tcp()
@@ -341,6 +351,21 @@ def test_malformed_raises(case: str) -> None:
         f[16:18] = (24).to_bytes(2, "big")
     elif case == "udp_on_tcp":
         hdr = hdr._replace(gso_type=GSO_UDP_L4)
+    elif case == "csum_in_eth":
+        # A partial checksum must never be written over the MACs...
+        hdr = hdr._replace(gso_type=GSO_NONE, csum_start=0, csum_offset=0)
+    elif case == "csum_in_ip":
+        # ... nor over the IP addresses, which were checked before.
+        hdr = hdr._replace(gso_type=GSO_NONE, csum_start=14, csum_offset=12)
+    elif case == "csum_in_ip_options":
+        f = bytearray(packets.eth_header(MAC_DST, MAC_SRC, packets.ETH_P_IP)
+                      + packets.ipv4_header(SRC, DST, 17, 8, options=b"\x94\x04\0\0")
+                      + bytes(8))
+        hdr = VnetHdr(F_NEEDS_CSUM, GSO_NONE, 0, 0, 34, 2)  # 34 is inside the options
+    elif case == "csum_in_eth_arp":
+        f = bytearray(packets.arp_frame(1, MAC_SRC, SRC, bytes(6), DST,
+                                        packets.BROADCAST_MAC))
+        hdr = VnetHdr(F_NEEDS_CSUM, GSO_NONE, 0, 0, 6, 0)
     with pytest.raises(Malformed):
         gso.segment(bytes(f), hdr)
 

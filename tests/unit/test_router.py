@@ -620,6 +620,17 @@ def test_vnet_bad_offload_to_plain_port_dropped() -> None:
     assert net.a.drops == {"too_big": 1}
 
 
+@pytest.mark.parametrize("start,offset", [(0, 0), (6, 0), (14, 12), (14, 16), (30, 2)])
+def test_vnet_partial_checksum_into_headers_dropped(start: int, offset: int) -> None:
+    # csum_start/offset pointing at the MACs or IP addresses would let the checksum
+    # overwrite them after the router rewrote and checked them.
+    net = Net("vnet", "plain")
+    hdr, frame = _mss_frame(100, 1448)
+    bad = hdr._replace(csum_start=start, csum_offset=offset)
+    assert net.send(net.a, frame, 1.0, hdr=bad.pack()) == []
+    assert net.b.drops == {"bad_offload": 1} and net.b.tx_packets == 0
+
+
 def test_plain_to_vnet_frames_get_zero_header() -> None:
     net = Net("plain", "vnet", mtu_b=576)
     pkt = udp_packet(IP_A, IP_B, 1, 2, bytes(1000), flags_frag=0)
