@@ -269,3 +269,28 @@ def test_cli_get_ready_events(sandbox: Sandbox) -> None:
     err = subprocess.run(d.cli_argv("ready", "shop/nope"), capture_output=True, text=True,
                          timeout=10)
     assert err.returncode != 0 and "nope" in err.stderr and err.stderr.count("\n") == 1
+
+
+def test_pod_attached_late_gets_held_traffic(sandbox: Sandbox) -> None:
+    """A pod whose namespace does not exist yet stays in the table; traffic to it is held,
+    attaching is retried, and the held ping is delivered once the pod appears."""
+    worker = sandbox.netns("worker")
+    a, b, ns = two_pods(sandbox)
+    late = sandbox.name("late")
+    ns["pods"].append({"name": "late", "ip": "10.40.0.9", "netns": late})
+    d = Daemon(sandbox, worker, {"namespaces": [ns]}).start()
+    d.wait_attached(2)
+    pods = {p["name"]: p for p in d.get("/v1/pods")}
+    assert not pods["late"]["attached"] and "late" in (pods["late"]["error"] or "")
+    ping = sandbox.popen(a, "ping", "-c", "1", "-W", "15", "10.40.0.9", text=True)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if next(p for p in d.get("/v1/pods") if p["name"] == "late")["held"]:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the ping to the missing pod was not held")
+    assert sandbox.netns("late") == late
+    out, _ = ping.communicate(timeout=20)
+    assert "1 received" in out, out
+    assert next(p for p in d.get("/v1/pods") if p["name"] == "late")["attached"]
