@@ -22,7 +22,8 @@ from types import FrameType
 from typing import Any
 
 from tests.bench import ping, scale, tcp, udp
-from tests.bench.common import Report, Settings, render, table
+from tests.bench.common import Report, Settings, fmt, render, table
+from tests.bench.topo import leftovers
 
 BENCHMARKS: dict[str, Callable[[Settings], Report]] = {
     tcp.NAME: tcp.run,
@@ -83,7 +84,7 @@ def _summary(reports: list[Report]) -> str:
             rows.append([r.name, "(could not run)", "-", "-", "ERROR"])
         for c in r.checks:
             if c.passed is not None:
-                v = "-" if c.value is None else f"{c.value:.1f} {c.unit}"
+                v = f"{fmt(c.value)} {c.unit}" if c.value is not None else "-"
                 rows.append([r.name, c.label, v, c.target, c.status])
     met = sum(1 for r in reports for c in r.checks if c.passed)
     missed = sum(1 for r in reports for c in r.checks if c.passed is False)
@@ -104,6 +105,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     meta = _meta(s, args.names)
     print(f"fabricd benchmarks: {', '.join(args.names)}; {s.runs} run(s) of {s.seconds} s; "
           f"{meta['cpus']} CPUs, kernel {meta['kernel']}, commit {meta['commit']}", flush=True)
+    stale = leftovers()
+    meta["stale_namespaces"] = stale
+    if stale:
+        print(f"WARNING: {len(stale)} fbb-* namespace(s) already exist ({', '.join(stale[:5])}"
+              f"{', ...' if len(stale) > 5 else ''}): another benchmark run, or a killed one "
+              "whose processes may still use CPU; `make sweep` removes them", flush=True)
     reports: list[Report] = []
     t_all = time.monotonic()
     try:
@@ -116,6 +123,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 report = Report(name, "failed")
                 report.error = f"{type(e).__name__}: {e}"
                 traceback.print_exc(file=sys.stderr)
+            except BaseException:  # Ctrl-C, SIGTERM: say so in the results, then stop
+                reports.append(Report(name, "interrupted", error="interrupted",
+                                      elapsed=time.monotonic() - t0))
+                raise
             report.elapsed = time.monotonic() - t0
             reports.append(report)
             print("\n" + render(report), flush=True)

@@ -131,18 +131,12 @@ def fmt(v: float | None) -> str:
     """A number with as many digits as make sense for its size."""
     if v is None:
         return "-"
-    a = abs(v)
-    if a >= 1000:
-        s = f"{v:.0f}"
-    elif a >= 100:
-        s = f"{v:.0f}"
-    elif a >= 10:
-        s = f"{v:.1f}"
-    elif a >= 1:
-        s = f"{v:.2f}"
-    else:
-        s = f"{v:.3f}"
-    return s
+    if v == int(v) and abs(v) < 1e6:
+        return str(int(v))
+    for digits, limit in ((3, 1.0), (2, 10.0), (1, 100.0)):
+        if abs(round(v, digits)) < limit:
+            return f"{v:.{digits}f}"
+    return f"{v:.0f}"
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]], left: int = 2) -> str:

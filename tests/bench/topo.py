@@ -10,16 +10,27 @@ Nothing is routed or NATed in the machine's own namespace.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from dataclasses import dataclass
 from typing import Any
 
-from fabric.sandbox import Daemon, Sandbox, prerequisites, sweep
+from fabric.sandbox import NETNS_DIR, Daemon, Sandbox, prerequisites
 
 PREFIX = "fbb"
 FABRIC = "fabric"
 VETH = "veth"
 IPERF_PORT = 5201
+
+
+def leftovers() -> list[str]:
+    """`fbb-*` namespaces that exist although no Topology of ours is open: a killed run
+    (or, against the rules, a concurrent one). They are not removed here, since they might
+    belong to a run in progress; `make sweep` removes them."""
+    try:
+        return sorted(n for n in os.listdir(NETNS_DIR) if n.startswith(PREFIX + "-"))
+    except OSError:
+        return []
 
 
 @dataclass(frozen=True)
@@ -36,15 +47,14 @@ class Topology:
     """Both paths, built on enter and removed on exit (also on failure)."""
 
     def __init__(self) -> None:
+        why = prerequisites()
+        if why:
+            raise RuntimeError(f"cannot create namespaces: {why}")
         self.sb = Sandbox(PREFIX)
         self.daemon: Daemon | None = None
         self.sides: dict[str, Side] = {}
 
     def __enter__(self) -> Topology:
-        why = prerequisites()
-        if why:
-            raise RuntimeError(f"cannot create namespaces: {why}")
-        sweep([PREFIX])  # leftovers of an earlier, killed benchmark run
         try:
             self._build()
         except BaseException:
