@@ -100,11 +100,17 @@ class Port:
 class Pod:
     """A table entry: a pod's address, its MAC once known, and its port once attached."""
 
-    __slots__ = ("name", "ip", "mac", "mac_fixed", "port", "remote", "pending", "arp_due")
+    __slots__ = ("name", "ip", "_mac", "l2", "gw_mac", "mac_fixed", "port", "remote",
+                 "pending", "arp_due")
 
-    def __init__(self, name: str, ip: bytes, mac: bytes | None, remote: str | None) -> None:
+    def __init__(self, name: str, ip: bytes, mac: bytes | None, remote: str | None,
+                 gw_mac: bytes) -> None:
         self.name = name
         self.ip = ip
+        self.gw_mac = gw_mac
+        # The 12 bytes of Ethernet addresses a frame toward this pod starts with (one slice
+        # assignment on the fast path), None while the pod's MAC is unknown.
+        self.l2: bytes | None = None
         self.mac = mac
         self.mac_fixed = mac is not None
         self.port: Port | None = None
@@ -112,6 +118,15 @@ class Pod:
         # (arrival time, header length, frame with its virtio-net header if any)
         self.pending: deque[tuple[float, int, bytes]] = deque()
         self.arp_due = 0.0
+
+    @property
+    def mac(self) -> bytes | None:
+        return self._mac
+
+    @mac.setter
+    def mac(self, mac: bytes | None) -> None:
+        self._mac = mac
+        self.l2 = None if mac is None else mac + self.gw_mac
 
 
 class Router:
@@ -153,7 +168,8 @@ class Router:
             raise ValueError(f"{addr} is not inside {self.cidr}")
         if name in self.pods or addr.packed in self.by_ip:
             raise ValueError(f"pod {name} or address {addr} already in the table")
-        pod = Pod(name, addr.packed, packets.mac_bytes(mac) if mac else None, remote)
+        pod = Pod(name, addr.packed, packets.mac_bytes(mac) if mac else None, remote,
+                  self.gw_mac)
         self.pods[name] = pod
         self.by_ip[pod.ip] = pod
         return pod
@@ -242,13 +258,13 @@ class Router:
         buf[ip + 10] = c >> 8
         buf[ip + 11] = c & 0xFF
         out = dpod.port
-        if out is None or dpod.mac is None:
+        l2 = dpod.l2
+        if out is None or l2 is None:
             self._hold(dpod, port, buf, h, n, ip, now)
             return None
         if total > out.mtu and not self._fits(out, port, buf, h, n, ip, ihl, total, now):
             return None
-        buf[h:h + 6] = dpod.mac
-        buf[h + 6:h + 12] = self.gw_mac
+        buf[h:h + 12] = l2
         if out.hlen != h:
             self._emit(out, bytes(buf[:n]), h, now)
             return None
@@ -399,8 +415,7 @@ class Router:
             return
         for _, h, frame in pod.pending:
             b = bytearray(frame)
-            b[h:h + 6] = pod.mac
-            b[h + 6:h + 12] = self.gw_mac
+            b[h:h + 12] = pod.l2
             ip = h + 14
             total = b[ip + 2] << 8 | b[ip + 3]
             if total > out.mtu:
@@ -496,8 +511,9 @@ class Router:
         """Expire held frames (their senders get ICMP host unreachable) and retry ARP."""
         for pod in list(self._held):
             q = pod.pending
-            limit = now - self.hold_timeout
-            while q and q[0][0] <= limit:
+            # The same sum next_timer() computes, so handling a timer at its due time
+            # always expires what made it due (now - timeout can round below it).
+            while q and q[0][0] + self.hold_timeout <= now:
                 _, h, frame = q.popleft()
                 b = bytearray(frame)
                 sender = self.by_ip.get(bytes(b[h + 26:h + 30]))
