@@ -173,6 +173,8 @@ def _segment_udp(frame: bytes | bytearray | memoryview, size: int) -> list[bytes
 def _fragment_udp(frame: bytes | bytearray | memoryview, size: int) -> list[bytes]:
     """Legacy UFO: one UDP datagram carried as IP fragments of `size` payload bytes."""
     ihl, total = _ip_header(frame, PROTO_UDP)
+    if total < ihl + 8:
+        raise Malformed("short UDP header in GSO frame")
     buf = bytearray(frame[: ETH_HLEN + total])
     _l4_check(buf, ihl, PROTO_UDP, ETH_HLEN + ihl + 6)
     ip = buf[ETH_HLEN:]

@@ -308,7 +308,7 @@ def _tcp() -> tuple[VnetHdr, bytes]:
     "ipv6", "gso_size0", "proto_udp", "ihl", "version", "total_big", "total_small",
     "short_tcp", "doff_small", "doff_big", "tcpv6", "unknown", "csum_outside",
     "csum_start_outside", "short_frame", "udp_short", "udp_on_tcp", "csum_in_eth",
-    "csum_in_ip", "csum_in_ip_options", "csum_in_eth_arp",
+    "csum_in_ip", "csum_in_ip_options", "csum_in_eth_arp", "ufo_short",
 ])
 def test_malformed_raises(case: str) -> None:
     hdr, frame = _tcp()
@@ -351,6 +351,10 @@ def test_malformed_raises(case: str) -> None:
         f[16:18] = (24).to_bytes(2, "big")
     elif case == "udp_on_tcp":
         hdr = hdr._replace(gso_type=GSO_UDP_L4)
+    elif case == "ufo_short":
+        hdr, frame = udp_super_frame(b"x" * 100, 10, gso_type=GSO_UDP, df=False)
+        f = bytearray(frame[:14 + 20 + 4])
+        f[16:18] = (24).to_bytes(2, "big")
     elif case == "csum_in_eth":
         # A partial checksum must never be written over the MACs...
         hdr = hdr._replace(gso_type=GSO_NONE, csum_start=0, csum_offset=0)

@@ -19,12 +19,10 @@ from fabric.packets import (
     ARP_REPLY,
     ARP_REQUEST,
     BROADCAST_MAC,
-    ETH_P_ARP,
     ETH_P_IP,
-    IP_DF,
-    IP_MF,
     ICMP_TIME_EXCEEDED,
     ICMP_UNREACH,
+    IP_MF,
     UNREACH_FRAG_NEEDED,
     UNREACH_HOST,
     UNREACH_NET,
@@ -37,7 +35,7 @@ from fabric.packets import (
     udp_packet,
 )
 from fabric.router import GATEWAY_MAC, HOLD_PACKETS, HOLD_TIMEOUT, Port, Router
-from fabric.vnet import F_NEEDS_CSUM, GSO_NONE, GSO_TCPV4, GSO_UDP_L4, ZERO_HDR, VnetHdr
+from fabric.vnet import F_NEEDS_CSUM, GSO_NONE, GSO_UDP_L4, ZERO_HDR, VnetHdr
 from tests.unit.test_gso import tcp_super_frame, udp_super_frame
 
 CIDR = "10.0.0.0/24"
@@ -631,6 +629,15 @@ def test_vnet_partial_checksum_into_headers_dropped(start: int, offset: int) -> 
     assert net.b.drops == {"bad_offload": 1} and net.b.tx_packets == 0
 
 
+def test_vnet_ufo_without_udp_header_dropped_not_raised() -> None:
+    net = Net("vnet", "plain")
+    pkt = packets.ipv4_header(IP_A, IP_B, 17, 4) + b"\0\1\0\2"
+    hdr = VnetHdr(0, 3, 0, 100, 0, 0)  # GSO_UDP (UFO) on a packet with half a UDP header
+    assert net.send(net.a, eth_header(GW_MAC, MAC_A, ETH_P_IP) + pkt, 1.0,
+                    hdr=hdr.pack()) == []
+    assert net.b.drops == {"bad_offload": 1}
+
+
 def test_plain_to_vnet_frames_get_zero_header() -> None:
     net = Net("plain", "vnet", mtu_b=576)
     pkt = udp_packet(IP_A, IP_B, 1, 2, bytes(1000), flags_frag=0)
@@ -961,6 +968,19 @@ def test_hold_timeouts_in_a_reproducible_order() -> None:
     out = net.timer(60.0)
     # Pod by pod, in the order pods first had frames held; each queue in arrival order.
     assert [Ether(f)[ICMP].payload.id for _, f in out] == [1, 3, 2]
+
+
+@pytest.mark.parametrize("held_at", [0.002, 0.005, 1.1, 12345.678])
+def test_hold_timer_handled_at_its_due_time_expires(held_at: float) -> None:
+    # (0.002 + 30) - 30 < 0.002 in floating point: the expiry must use the same sum as
+    # next_timer(), or handle_timer(next_timer()) does nothing and the timer stays due.
+    net = Net()
+    net.ip(net.a, udp_packet(IP_A, IP_C, 1, 2, b"x"), held_at)
+    due = net.r.next_timer()
+    assert due == held_at + HOLD_TIMEOUT
+    out = net.timer(due)
+    assert len(out) == 1 and net.r.next_timer() is None
+    assert net.a.drops == {"hold_timeout": 1}
 
 
 def test_hold_timeout_for_detached_sender_counted_on_router() -> None:
