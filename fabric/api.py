@@ -53,7 +53,7 @@ class Fabric:
 
     async def start(self) -> None:
         if self._dataplane is None:
-            self._dataplane = DataPlane(asyncio.get_running_loop())
+            self._dataplane = DataPlane()
             self._dataplane.start()
             self._retry_task = asyncio.create_task(self._retry_loop())
 
@@ -161,7 +161,7 @@ class Fabric:
             if fd is not None:
                 io = TapPort.from_fd(fd, vnet, mtu=ns.spec.mtu)
                 os.set_blocking(fd, False)
-                ns.router.add_pod(spec.name, spec.ip, spec.mac)
+                self.dataplane.call(ns.router.add_pod, spec.name, spec.ip, spec.mac)
                 state = PodState(spec, spec.ready)
                 ns.pods[spec.name] = state
                 ns.attach_fd(state, io)
@@ -238,7 +238,7 @@ class Fabric:
         held = Metric("fabric_held_packets", "gauge", "Frames held for pods not attached yet")
         for ns in self.namespaces.values():
             n = ns.name
-            for reason, v in ns.router.drops.items():
+            for reason, v in dict(ns.router.drops).items():
                 drops.samples.append(({"namespace": n, "pod": "", "reason": reason}, v))
             for name, st in ns.pods.items():
                 port = st.port
@@ -249,7 +249,7 @@ class Fabric:
                 rx_b.samples.append((lab, port.rx_bytes))
                 tx_p.samples.append((lab, port.tx_packets))
                 tx_b.samples.append((lab, port.tx_bytes))
-                for reason, v in port.drops.items():
+                for reason, v in dict(port.drops).items():
                     drops.samples.append(({**lab, "reason": reason}, v))
             pods.samples.append(({"namespace": n}, len(ns.pods)))
             attached.samples.append(

@@ -1,7 +1,8 @@
 """Live capture of a pod's port: frames copied into bounded per-subscriber queues.
 
-The router calls the hub only while someone captures, so an idle port pays one
-attribute check per frame.
+The router calls the hub (on the data-plane thread) only while someone captures, so an
+idle port pays one attribute check per frame. Readers run on the event loop; a push
+wakes them through call_soon_threadsafe at most once per wakeup.
 """
 
 from __future__ import annotations
@@ -15,10 +16,13 @@ QUEUE_LIMIT = 8192
 
 
 class CaptureSubscription:
-    def __init__(self, hub: CaptureHub, max_frames: int | None) -> None:
+    def __init__(self, hub: CaptureHub, max_frames: int | None,
+                 loop: asyncio.AbstractEventLoop) -> None:
         self._hub = hub
+        self._loop = loop
         self._queue: deque[tuple[float, bytes]] = deque()
         self._wake = asyncio.Event()
+        self._signalled = False
         self.remaining = max_frames
         self.dropped = 0
         self.closed = False
@@ -32,6 +36,15 @@ class CaptureSubscription:
             self.dropped += 1
             return
         self._queue.append((ts, frame))
+        if not self._signalled:
+            self._signalled = True
+            try:
+                self._loop.call_soon_threadsafe(self._signal)
+            except RuntimeError:  # the loop is closed: nobody is reading any more
+                pass
+
+    def _signal(self) -> None:
+        self._signalled = False
         self._wake.set()
 
     def __aiter__(self) -> CaptureSubscription:
@@ -66,7 +79,7 @@ class CaptureHub:
             s.push(ts, frame)
 
     def add(self, max_frames: int | None) -> CaptureSubscription:
-        s = CaptureSubscription(self, max_frames)
+        s = CaptureSubscription(self, max_frames, asyncio.get_running_loop())
         self.subs.add(s)
         self.port.capture = self.feed
         return s

@@ -64,8 +64,8 @@ class Namespace:
         made is an error and the pod is not added; otherwise the pod stays in the table
         unattached (its traffic held) and attaching is retried."""
         mac = spec.mac if spec.kind == "interface" else pod_mac(spec)
-        self.router.add_pod(spec.name, spec.ip, mac,
-                            remote=spec.worker if spec.kind == "remote" else None)
+        self.dataplane.call(self.router.add_pod, spec.name, spec.ip, mac,
+                            spec.worker if spec.kind == "remote" else None)
         state = PodState(spec, spec.ready)
         self.pods[spec.name] = state
         if spec.kind == "remote":
@@ -74,7 +74,7 @@ class Namespace:
             await self._attach(state)
         except FabricError as e:
             if strict:
-                self.router.remove_pod(spec.name)
+                self.dataplane.call(self.router.remove_pod, spec.name)
                 del self.pods[spec.name]
                 raise
             state.error = e.message
@@ -114,12 +114,14 @@ class Namespace:
         state.error = None
         state.attached_at = time.time()
         mac = state.spec.mac if kind == "interface" else None
-        self.router.attach(state.spec.name, port, time.monotonic(), mac)
-        self.dataplane.add_port(self.router, port)
-        if self.router.outputs:
-            self.dataplane.flush(self.router)
+        self.dataplane.call(self._attach_port, state.spec.name, port, mac)
         self.bus.emit("pod_attached", self.name, state.spec.name, port=kind,
                       ip=str(state.spec.ip))
+
+    def _attach_port(self, name: str, port: Port, mac: str | None) -> None:
+        """On the data-plane thread: connect the port, flush what that released."""
+        self.router.attach(name, port, time.monotonic(), mac)
+        self.dataplane.add_port(self.router, port)
 
     async def retry_unattached(self) -> None:
         for state in list(self.pods.values()):
@@ -140,7 +142,7 @@ class Namespace:
             state.hub.close()
         if state.port is not None:
             self.dataplane.remove_port(state.port)
-        self.router.remove_pod(name)
+        self.dataplane.call(self.router.remove_pod, name)
         if state.io is not None:
             state.io.close()
         self.bus.emit("pod_detached", self.name, name)
@@ -216,6 +218,6 @@ class Namespace:
             "pods": len(self.pods),
             "attached": sum(1 for p in self.pods.values() if p.port is not None),
             "held": self.router.held(),
-            "drops": sum(self.router.drops.values()) + sum(
-                sum(p.port.drops.values()) for p in self.pods.values() if p.port),
+            "drops": sum(dict(self.router.drops).values()) + sum(
+                sum(dict(p.port.drops).values()) for p in self.pods.values() if p.port),
         }
