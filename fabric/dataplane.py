@@ -22,9 +22,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from fabric.router import DROP_TX_ERROR, DROP_TX_FULL, Port, Router
+from fabric.router import DROP_TX_ERROR, DROP_TX_FULL, L3_OFF, Port, Router
 
 log = logging.getLogger("fabricd.dataplane")
 
@@ -32,6 +32,15 @@ BATCH = 256
 BUF_SIZE = 256 * 1024
 TICK = 0.1
 T = TypeVar("T")
+
+Receive = Callable[[Port, bytearray, int, float], "Port | None"]
+
+
+class Owner(Protocol):
+    """What reads a port: a namespace's router, or the uplink's demultiplexer."""
+
+    name: str
+    outputs: list[tuple[Port, bytes]]
 
 
 class _Call:
@@ -50,7 +59,8 @@ class DataPlane:
         self.buf = bytearray(BUF_SIZE)
         self.mv = memoryview(self.buf)
         self.routers: dict[Router, None] = {}
-        self.ports: dict[int, tuple[Router, Port]] = {}
+        # fd -> (owner, port, receive function, read offset)
+        self.ports: dict[int, tuple[Owner, Port, Receive, int]] = {}
         self.rx_errors = 0
         self.wakeups = 0
         self.frames = 0
@@ -102,17 +112,24 @@ class DataPlane:
 
     def add_port(self, router: Router, port: Port) -> None:
         """Start reading `port` (call from the control side, or inside `call`)."""
-        self.call(self._add_port, router, port)
+        if port.l3:
+            self.call(self._add_port, router, port, router.receive_l3, L3_OFF)
+        else:
+            self.call(self._add_port, router, port, router.receive, 0)
+
+    def add_reader(self, owner: Owner, port: Port, receive: Receive, offset: int) -> None:
+        """Read `port` with a receive function of another owner (the uplink)."""
+        self.call(self._add_port, owner, port, receive, offset)
 
     def remove_port(self, port: Port) -> None:
         """Stop reading `port`; once this returns the fd may be closed."""
         self.call(self._remove_port, port)
 
-    def _add_port(self, router: Router, port: Port) -> None:
-        self.ports[port.fd] = (router, port)
+    def _add_port(self, owner: Owner, port: Port, receive: Receive, offset: int) -> None:
+        self.ports[port.fd] = (owner, port, receive, offset)
         self._ep.register(port.fd, select.EPOLLIN)
-        if router.outputs:
-            self.flush(router)
+        if owner.outputs:
+            self.flush(owner)
 
     def _remove_port(self, port: Port) -> None:
         entry = self.ports.get(port.fd)
@@ -139,7 +156,7 @@ class DataPlane:
             for fd, _ in events:
                 entry = ports.get(fd)
                 if entry is not None:
-                    readable(entry[0], entry[1])
+                    readable(*entry)
                 elif fd == wake:
                     try:
                         os.eventfd_read(wake)
@@ -163,13 +180,12 @@ class DataPlane:
                 c.error = e
             c.done.set()
 
-    def _readable(self, router: Router, port: Port) -> None:
+    def _readable(self, owner: Owner, port: Port, receive: Receive, offset: int) -> None:
         buf = self.buf
         mv = self.mv
-        bufs = [buf]
+        bufs = [mv[offset:]] if offset else [buf]
         readv = os.readv
         write = os.write
-        receive = router.receive
         fd = port.fd
         now = time.monotonic()
         k = 0
@@ -189,24 +205,25 @@ class DataPlane:
                     break
                 if n <= 0:
                     break
+                n += offset
                 out = receive(port, buf, n, now)
                 if out is not None:
                     try:
-                        write(out.fd, mv[:n])
+                        write(out.fd, mv[L3_OFF:n] if out.l3 else mv[:n])
                     except BlockingIOError:
                         out.drop(DROP_TX_FULL)
                     except OSError as e:
                         out.drop(DROP_TX_FULL if e.errno == errno.ENOBUFS else DROP_TX_ERROR)
-                if router.outputs:
-                    self.flush(router)
+                if owner.outputs:
+                    self.flush(owner)
         except Exception:
             # A router bug must cost one frame, never the data plane.
-            log.exception("namespace %s: dropping a frame that raised", router.name)
-            router.outputs.clear()
+            log.exception("%s: dropping a frame that raised", owner.name)
+            owner.outputs.clear()
         self.frames += k
 
-    def flush(self, router: Router) -> None:
-        outputs = router.outputs
+    def flush(self, owner: Owner) -> None:
+        outputs = owner.outputs
         write = os.write
         for out, frame in outputs:
             if out.fd < 0:

@@ -14,6 +14,7 @@ import ipaddress
 import struct
 from collections import deque
 from collections.abc import Callable
+from typing import Protocol
 
 from fabric import checksum, gso, packets
 from fabric.packets import (
@@ -29,13 +30,23 @@ from fabric.packets import (
     PROTO_ICMP,
     PROTO_TCP,
     PROTO_UDP,
+    UNREACH_ADMIN,
     UNREACH_FRAG_NEEDED,
     UNREACH_HOST,
     UNREACH_NET,
     UNREACH_PORT,
     Malformed,
 )
-from fabric.vnet import GSO_ECN, GSO_NONE, GSO_TCPV4, GSO_UDP_L4, VNET_HDR_LEN, ZERO_HDR, VnetHdr
+from fabric.vnet import (
+    F_NEEDS_CSUM,
+    GSO_ECN,
+    GSO_NONE,
+    GSO_TCPV4,
+    GSO_UDP_L4,
+    VNET_HDR_LEN,
+    ZERO_HDR,
+    VnetHdr,
+)
 
 GATEWAY_MAC = "02:fb:00:00:00:01"
 HOLD_PACKETS = 64
@@ -45,6 +56,7 @@ ICMP_RATE = 1000.0  # ICMP errors per second per namespace
 ICMP_BURST = 100.0
 
 _ADDRS = struct.Struct("!4s4s")
+L3_OFF = 14  # where an L3 port's frame starts in the shell's buffer
 _from_bytes = int.from_bytes
 
 # Drop reasons, named once so counters, metrics and docs agree.
@@ -67,17 +79,44 @@ DROP_ICMP_RATELIMIT = "icmp_ratelimited"
 DROP_TX_FULL = "tx_full"
 DROP_TX_ERROR = "tx_error"
 DROP_POD_REMOVED = "pod_removed"
+DROP_EGRESS_DENIED = "egress_denied"
+DROP_EGRESS_FULL = "egress_table_full"
+DROP_EGRESS_UNSUPPORTED = "egress_unsupported"
+DROP_NO_FLOW = "no_flow"
+
+# Verdicts of EgressCore.outbound.
+EGRESS_OK = 0
+EGRESS_DENIED = 1
+EGRESS_FULL = 2
+EGRESS_UNSUPPORTED = 3
+EGRESS_MALFORMED = 4
+
+
+class EgressCore(Protocol):
+    """The namespace's egress NAT (gateway/egress.py), as the router drives it."""
+
+    def outbound(self, pkt: bytearray, off: int, length: int, now: float,
+                 partial: bool) -> int: ...
+
+    def inbound(self, pkt: bytearray, off: int, length: int, now: float,
+                partial: bool) -> ipaddress.IPv4Address | None: ...
 
 
 class Port:
     """The router's view of an attached pod port. `fd` is an opaque handle for the shell."""
 
-    __slots__ = ("pod", "hlen", "mtu", "fd", "kind", "rx_packets", "rx_bytes", "tx_packets",
-                 "tx_bytes", "drops", "capture")
+    __slots__ = ("pod", "hlen", "l3", "mtu", "fd", "kind", "rx_packets", "rx_bytes",
+                 "tx_packets", "tx_bytes", "drops", "capture")
 
-    def __init__(self, *, vnet: bool, mtu: int, fd: int = -1, kind: str = "test") -> None:
+    def __init__(self, *, vnet: bool, mtu: int, fd: int = -1, kind: str = "test",
+                 l3: bool = False) -> None:
         self.pod: Pod | None = None
         self.hlen = VNET_HDR_LEN if vnet else 0
+        # An L3 port (a TUN: the local stack, the egress uplink) carries IPv4 packets with
+        # no Ethernet header. The fast path leaves its frames at buf[L3_OFF:n], and the
+        # shell reads L3 ports into buf[L3_OFF:] so the router can put an Ethernet header
+        # in front in place.
+        self.l3 = l3
         self.mtu = mtu
         self.fd = fd
         self.kind = kind
@@ -158,6 +197,12 @@ class Router:
         self._held: dict[Pod, None] = {}
         self._icmp_tokens = ICMP_BURST
         self._icmp_last = 0.0
+        # The local stack (gateway address, later L4-terminated VIPs) and egress, when the
+        # namespace has them; without a local stack the router answers ping itself.
+        self.local: Port | None = None
+        self.local_ips: set[bytes] = {self.gw_ip}
+        self.egress: EgressCore | None = None
+        self.uplink: Port | None = None
 
     # --- table ---------------------------------------------------------------------------
 
@@ -246,8 +291,7 @@ class Router:
             self._learn(pod, buf, h, now)
         dpod = self.by_ip.get(dst)
         if dpod is None:
-            self._not_pod(port, buf, h, n, ip, ihl, dst, now)
-            return None
+            return self._not_pod(port, buf, h, n, ip, ihl, dst, now)
         ttl = buf[ip + 8]
         if ttl <= 1:
             self._icmp_error(port, buf, ip, ICMP_TIME_EXCEEDED, 0, now, DROP_TTL)
@@ -360,10 +404,13 @@ class Router:
             self._release(pod, now)
 
     def _not_pod(self, port: Port, buf: bytearray, h: int, n: int, ip: int, ihl: int,
-                 dst: bytes, now: float) -> None:
-        if dst == self.gw_ip:
-            self._to_gateway(port, buf, h, n, ip, ihl, now)
-            return
+                 dst: bytes, now: float) -> Port | None:
+        if dst in self.local_ips:
+            if self.local is not None:
+                return self._to_l3(self.local, port, buf, h, n, now)
+            if dst == self.gw_ip:
+                self._to_gateway(port, buf, h, n, ip, ihl, now)
+                return None
         d = _from_bytes(dst, "big")
         if d >> 28 == 0xE:
             port.drop(DROP_MULTICAST)
@@ -371,8 +418,149 @@ class Router:
             port.drop(DROP_BROADCAST)
         elif d & self.mask == self.net:
             self._icmp_error(port, buf, ip, ICMP_UNREACH, UNREACH_HOST, now, DROP_NO_ROUTE)
+        elif self.egress is not None and self.uplink is not None:
+            return self._to_egress(port, buf, h, n, ip, now)
         else:
             self._icmp_error(port, buf, ip, ICMP_UNREACH, UNREACH_NET, now, DROP_NO_ROUTE)
+        return None
+
+    # --- L3 ports: the local stack and the egress uplink --------------------------------
+
+    def _to_l3(self, out: Port, port: Port, buf: bytearray, h: int, n: int,
+               now: float) -> Port | None:
+        """Hand a pod's frame to an L3 port: drop the Ethernet header in place (the
+        virtio-net header moves up to sit right before the IP header)."""
+        if out.hlen != h:
+            self._emit(out, bytes(buf[:n]), h, now)
+            return None
+        if h:
+            _shift_vnet(buf, 0, L3_OFF, -L3_OFF)
+        out.tx_packets += 1
+        out.tx_bytes += n - L3_OFF
+        return out
+
+    def _to_egress(self, port: Port, buf: bytearray, h: int, n: int, ip: int,
+                   now: float) -> Port | None:
+        nat = self.egress
+        out = self.uplink
+        assert nat is not None and out is not None
+        ttl = buf[ip + 8]
+        if ttl <= 1:
+            self._icmp_error(port, buf, ip, ICMP_TIME_EXCEEDED, 0, now, DROP_TTL)
+            return None
+        buf[ip + 8] = ttl - 1
+        c = (buf[ip + 10] << 8 | buf[ip + 11]) + 0x100
+        c = (c + (c >= 0xFFFF)) & 0xFFFF
+        buf[ip + 10] = c >> 8
+        buf[ip + 11] = c & 0xFF
+        total = buf[ip + 2] << 8 | buf[ip + 3]
+        verdict = nat.outbound(buf, ip, total, now, bool(h and buf[0] & F_NEEDS_CSUM))
+        if verdict != EGRESS_OK:
+            if verdict == EGRESS_DENIED:
+                self._icmp_error(port, buf, ip, ICMP_UNREACH, UNREACH_ADMIN, now,
+                                 DROP_EGRESS_DENIED)
+            elif verdict == EGRESS_FULL:
+                port.drop(DROP_EGRESS_FULL)
+            elif verdict == EGRESS_UNSUPPORTED:
+                port.drop(DROP_EGRESS_UNSUPPORTED)
+            else:
+                port.drop(DROP_MALFORMED)
+            return None
+        if total > out.mtu:
+            ihl = (buf[ip] & 15) << 2
+            if not self._fits(out, port, buf, h, n, ip, ihl, total, now):
+                return None
+        return self._to_l3(out, port, buf, h, n, now)
+
+    def receive_l3(self, port: Port, buf: bytearray, n: int, now: float) -> Port | None:
+        """A packet from the local stack: buf[L3_OFF:n] holds it (virtio-net header and
+        IPv4, no Ethernet). Returns the pod port to write buf[:n] to, or None."""
+        port.rx_packets += 1
+        port.rx_bytes += n - L3_OFF
+        h = port.hlen
+        ip = L3_OFF + h
+        total = self._l3_header(port, buf, ip, n)
+        if not total:
+            return None
+        src, dst = _ADDRS.unpack_from(buf, ip + 12)
+        if src not in self.local_ips:
+            port.drop(DROP_SPOOFED)
+            return None
+        return self._l3_to_pod(port, buf, h, n, ip, total, dst, now, False)
+
+    def receive_egress(self, port: Port, buf: bytearray, n: int, now: float) -> Port | None:
+        """A packet from the uplink addressed to this namespace's egress address (the
+        shell demultiplexes by address): translate it back and deliver it to its pod."""
+        h = port.hlen
+        ip = L3_OFF + h
+        total = self._l3_header(port, buf, ip, n)
+        nat = self.egress
+        if not total or nat is None:
+            return None
+        pod_ip = nat.inbound(buf, ip, total, now, bool(h and buf[L3_OFF] & F_NEEDS_CSUM))
+        if pod_ip is None:
+            port.drop(DROP_NO_FLOW)
+            return None
+        return self._l3_to_pod(port, buf, h, n, ip, total, pod_ip.packed, now, True)
+
+    def _l3_header(self, port: Port, buf: bytearray, ip: int, n: int) -> int:
+        """The IPv4 total length of a packet from an L3 port, or 0 if it must be dropped."""
+        if n < ip + 20:
+            port.drop(DROP_MALFORMED)
+            return 0
+        vihl = buf[ip]
+        ihl = (vihl & 15) << 2
+        total = buf[ip + 2] << 8 | buf[ip + 3]
+        if vihl >> 4 != 4 or ihl < 20 or total < ihl or ip + total > n:
+            port.drop(DROP_MALFORMED if vihl >> 4 == 4 else DROP_IPV6)
+            return 0
+        if _from_bytes(buf[ip:ip + ihl], "big") % 0xFFFF:
+            port.drop(DROP_BAD_CHECKSUM)
+            return 0
+        return total
+
+    def _l3_to_pod(self, port: Port, buf: bytearray, h: int, n: int, ip: int, total: int,
+                   dst: bytes, now: float, routed: bool) -> Port | None:
+        """Put an Ethernet header (and the virtio-net header) in front of the packet in
+        place, turning buf[:n] into a frame for the pod that owns `dst`."""
+        dpod = self.by_ip.get(dst)
+        if dpod is None:
+            port.drop(DROP_NO_ROUTE)
+            return None
+        if routed:
+            ttl = buf[ip + 8]
+            if ttl <= 1:
+                port.drop(DROP_TTL)
+                return None
+            buf[ip + 8] = ttl - 1
+            c = (buf[ip + 10] << 8 | buf[ip + 11]) + 0x100
+            c = (c + (c >= 0xFFFF)) & 0xFFFF
+            buf[ip + 10] = c >> 8
+            buf[ip + 11] = c & 0xFF
+        if h:
+            _shift_vnet(buf, L3_OFF, 0, L3_OFF)
+        buf[h + 12] = 8
+        buf[h + 13] = 0
+        out = dpod.port
+        l2 = dpod.l2
+        if out is None or l2 is None:
+            buf[h + 6:h + 12] = self.gw_mac
+            self._hold(dpod, port, buf, h, n, ip, now)
+            return None
+        buf[h:h + 12] = l2
+        eth_ip = h + 14
+        if total > out.mtu:
+            ihl = (buf[eth_ip] & 15) << 2
+            if not self._fits(out, port, buf, h, n, eth_ip, ihl, total, now):
+                return None
+        if out.hlen != h:
+            self._emit(out, bytes(buf[:n]), h, now)
+            return None
+        out.tx_packets += 1
+        out.tx_bytes += n
+        if out.capture is not None:
+            out.capture(now, bytes(buf[h:n]), True)
+        return out
 
     def _to_gateway(self, port: Port, buf: bytearray, h: int, n: int, ip: int, ihl: int,
                     now: float) -> None:
@@ -488,6 +676,8 @@ class Router:
                 out.drop(DROP_BAD_OFFLOAD)
                 return
         oh = out.hlen
+        if out.l3:
+            frames = [_strip_l2(f, oh) for f in frames]
         for f in frames:
             out.tx_packets += 1
             out.tx_bytes += len(f)
@@ -534,3 +724,29 @@ class Router:
 
     def held(self) -> int:
         return sum(len(p.pending) for p in self.pods.values())
+
+
+def _shift_vnet(buf: bytearray, src: int, dst: int, delta: int) -> None:
+    """Move a virtio-net header from buf[src:] to buf[dst:], moving its offsets (which
+    count from the start of the frame) by `delta` bytes, as when an Ethernet header is
+    removed (-14) or added (+14) between the header and the IP packet."""
+    hdr = bytes(buf[src:src + VNET_HDR_LEN])
+    buf[dst:dst + VNET_HDR_LEN] = hdr
+    hdr_len = hdr[2] | hdr[3] << 8
+    if hdr_len:
+        hdr_len = max(hdr_len + delta, 0)
+        buf[dst + 2] = hdr_len & 0xFF
+        buf[dst + 3] = hdr_len >> 8
+    if hdr[0] & F_NEEDS_CSUM:
+        start = max((hdr[6] | hdr[7] << 8) + delta, 0)
+        buf[dst + 6] = start & 0xFF
+        buf[dst + 7] = start >> 8
+
+
+def _strip_l2(frame: bytes, h: int) -> bytes:
+    """An L2 frame (with an h-byte virtio-net header) as an L3 port takes it."""
+    if not h:
+        return frame[packets.ETH_HLEN:]
+    b = bytearray(frame)
+    _shift_vnet(b, 0, L3_OFF, -L3_OFF)
+    return bytes(b[L3_OFF:])
