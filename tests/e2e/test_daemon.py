@@ -122,9 +122,12 @@ def test_same_cidr_namespaces_are_isolated(sandbox: Sandbox) -> None:
     d = Daemon(sandbox, worker, {"namespaces": [ns1, ns2]}).start()
     d.wait_attached(4)
     caps = [sandbox.popen(b, "tcpdump", "-i", "eth0", "-nn", "-x", "-l", "icmp",
-                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for b in (b1, b2)]
-    time.sleep(1.0)
+    for c in caps:  # wait until each capture really listens
+        assert c.stderr is not None
+        while "listening on" not in (line := c.stderr.readline()):
+            assert line, "tcpdump exited before listening"
     pings = [sandbox.popen(a, "ping", "-c", "200", "-i", "0.005", "-p", pat, "-W", "2",
                            "10.42.0.3", text=True)
              for a, pat in ((a1, "aa"), (a2, "bb"))]
