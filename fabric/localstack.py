@@ -127,8 +127,9 @@ class LocalStack:
     gso: bool = True
     l3: bool = True  # IPv4 packets, no Ethernet header
 
-    def __init__(self, name: str, cidr: ipaddress.IPv4Network, gateway: ipaddress.IPv4Address,
-                 mtu: int) -> None:
+    def __init__(
+        self, name: str, cidr: ipaddress.IPv4Network, gateway: ipaddress.IPv4Address, mtu: int
+    ) -> None:
         """Use `create()`: this only records the parameters."""
         self.name = name
         self.cidr = cidr
@@ -151,8 +152,13 @@ class LocalStack:
     # --- life cycle ----------------------------------------------------------------------
 
     @classmethod
-    def create(cls, name: str, cidr: ipaddress.IPv4Network | str,
-               gateway: ipaddress.IPv4Address | str, mtu: int) -> LocalStack:
+    def create(
+        cls,
+        name: str,
+        cidr: ipaddress.IPv4Network | str,
+        gateway: ipaddress.IPv4Address | str,
+        mtu: int,
+    ) -> LocalStack:
         """Start the stack's thread, which makes and configures the namespace and fab0.
 
         Returns once everything is up; on failure the thread has exited and nothing is
@@ -166,14 +172,16 @@ class LocalStack:
         if gw not in net:
             raise PortError(f"local stack {name!r}: gateway {gw} is outside {net}")
         if net.prefixlen < 31 and gw in (net.network_address, net.broadcast_address):
-            raise PortError(f"local stack {name!r}: gateway {gw} is the network or "
-                            f"broadcast address of {net}")
+            raise PortError(
+                f"local stack {name!r}: gateway {gw} is the network or broadcast address of {net}"
+            )
         if not MIN_MTU <= mtu <= MAX_MTU:
             raise PortError(f"local stack {name!r}: MTU {mtu} is outside {MIN_MTU}..{MAX_MTU}")
         stack = cls(name, net, gw, mtu)
         ready: Future[None] = Future()
-        thread = threading.Thread(target=stack._serve, args=(ready,),
-                                  name=f"localstack-{name}", daemon=True)
+        thread = threading.Thread(
+            target=stack._serve, args=(ready,), name=f"localstack-{name}", daemon=True
+        )
         stack._thread = thread
         thread.start()
         try:
@@ -251,8 +259,12 @@ class LocalStack:
                 step = f"setting {IFNAME} MTU {self.mtu}"
                 ipr.link("set", index=self._ifindex, mtu=self.mtu, txqlen=TXQLEN)
                 step = f"adding {self.gateway}/{self.cidr.prefixlen} to {IFNAME}"
-                ipr.addr("add", index=self._ifindex, address=str(self.gateway),
-                         prefixlen=self.cidr.prefixlen)
+                ipr.addr(
+                    "add",
+                    index=self._ifindex,
+                    address=str(self.gateway),
+                    prefixlen=self.cidr.prefixlen,
+                )
                 step = f"bringing {IFNAME} up"
                 ipr.link("set", index=self._ifindex, state="up")
                 # The connected route sends the CIDR to fab0; the default route sends
@@ -306,8 +318,10 @@ class LocalStack:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"fd={self.fd}"
-        return (f"LocalStack({self.name!r}, {state}, {self.gateway}/{self.cidr.prefixlen}, "
-                f"mtu={self.mtu})")
+        return (
+            f"LocalStack({self.name!r}, {state}, {self.gateway}/{self.cidr.prefixlen}, "
+            f"mtu={self.mtu})"
+        )
 
     # --- requests ------------------------------------------------------------------------
 
@@ -378,30 +392,50 @@ class LocalStack:
         from pyroute2 import IPRoute
 
         with IPRoute() as ipr:
-            return [(str(m.get_attr("IFA_ADDRESS")), int(m["prefixlen"]))
-                    for m in ipr.get_addr(family=socket.AF_INET, index=self._ifindex)]
+            return [
+                (str(m.get_attr("IFA_ADDRESS")), int(m["prefixlen"]))
+                for m in ipr.get_addr(family=socket.AF_INET, index=self._ifindex)
+            ]
 
     # --- sockets -------------------------------------------------------------------------
 
-    def listen_udp(self, ip: ipaddress.IPv4Address | str, port: int) -> socket.socket:
-        """A non-blocking UDP socket bound to ip:port inside the stack."""
-        return self._do(f"UDP listen on {ip}:{port}", _bound, socket.SOCK_DGRAM, str(ip),
-                        port, None)
+    def listen_udp(
+        self, ip: ipaddress.IPv4Address | str, port: int, reuse_addr: bool = False
+    ) -> socket.socket:
+        """A non-blocking UDP socket bound to ip:port inside the stack.
 
-    def listen_tcp(self, ip: ipaddress.IPv4Address | str, port: int,
-                   backlog: int = 1024) -> socket.socket:
-        """A non-blocking listening TCP socket on ip:port inside the stack."""
-        return self._do(f"TCP listen on {ip}:{port}", _bound, socket.SOCK_STREAM, str(ip),
-                        port, backlog)
+        No SO_REUSEADDR unless asked: on UDP it lets a second socket bind the same ip:port
+        and silently take all unicast traffic from the first (measured: last bind wins),
+        so a duplicate listener would hide instead of failing with EADDRINUSE.
+        """
+        return self._do(
+            f"UDP listen on {ip}:{port}", _bound, socket.SOCK_DGRAM, str(ip), port, None,
+            reuse_addr,
+        )  # fmt: skip
+
+    def listen_tcp(
+        self, ip: ipaddress.IPv4Address | str, port: int, backlog: int = 1024
+    ) -> socket.socket:
+        """A non-blocking listening TCP socket on ip:port (SO_REUSEADDR: a restarted
+        listener must not wait for TIME_WAIT connections) inside the stack."""
+        return self._do(
+            f"TCP listen on {ip}:{port}", _bound, socket.SOCK_STREAM, str(ip), port, backlog,
+            True,
+        )  # fmt: skip
 
     def udp_socket(self, src_ip: ipaddress.IPv4Address | str) -> socket.socket:
         """A non-blocking UDP socket bound to src_ip with an ephemeral port."""
-        return self._do(f"UDP socket on {src_ip}", _bound, socket.SOCK_DGRAM, str(src_ip),
-                        0, None)
+        return self._do(
+            f"UDP socket on {src_ip}", _bound, socket.SOCK_DGRAM, str(src_ip), 0, None, False
+        )
 
-    def connect_tcp(self, src_ip: ipaddress.IPv4Address | str,
-                    dst_ip: ipaddress.IPv4Address | str, dst_port: int,
-                    timeout: float) -> socket.socket:
+    def connect_tcp(
+        self,
+        src_ip: ipaddress.IPv4Address | str,
+        dst_ip: ipaddress.IPv4Address | str,
+        dst_port: int,
+        timeout: float,
+    ) -> socket.socket:
         """A TCP connection from src_ip (ephemeral port) to dst_ip:dst_port, non-blocking.
 
         Only creating and binding the socket needs the stack's thread; the blocking
@@ -416,18 +450,20 @@ class LocalStack:
             sock.setblocking(False)
         except TimeoutError:
             sock.close()
-            raise PortError(f"local stack {self.name!r}: {what}: timed out after "
-                            f"{timeout}s") from None
+            raise PortError(
+                f"local stack {self.name!r}: {what}: timed out after {timeout}s"
+            ) from None
         except OSError as exc:
             sock.close()
             raise PortError(f"local stack {self.name!r}: {what}: {_reason(exc)}") from None
         return sock
 
 
-def _bound(kind: int, ip: str, port: int, backlog: int | None) -> socket.socket:
+def _bound(kind: int, ip: str, port: int, backlog: int | None, reuse_addr: bool) -> socket.socket:
     sock = socket.socket(socket.AF_INET, kind | socket.SOCK_CLOEXEC)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_addr:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((ip, port))
         if backlog is not None:
             sock.listen(backlog)
