@@ -35,8 +35,11 @@ class Fabric:
     pod and removes every interface the fabric created.
     """
 
-    def __init__(self, worker_id: str | None = None) -> None:
+    def __init__(self, worker_id: str | None = None, *, local_stack: bool = True) -> None:
         self.worker_id = worker_id or socket.gethostname()
+        # Each namespace's gateway lives in a private kernel namespace (needs root and
+        # unshare); without it the router answers ping at the gateway itself.
+        self.local_stack = local_stack
         self.bus = EventBus()
         self.namespaces: dict[str, Namespace] = {}
         self.started = time.time()
@@ -93,6 +96,12 @@ class Fabric:
             _warn_unimplemented(spec)
             if ns is None:
                 ns = Namespace(spec, self.dataplane, self.bus)
+                if self.local_stack:
+                    try:
+                        await ns.start_local_stack()
+                    except BaseException:
+                        ns.close()
+                        raise
                 self.namespaces[spec.name] = ns
                 for pod in spec.pods:
                     await ns.add_pod(pod, strict=False)

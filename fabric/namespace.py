@@ -19,6 +19,7 @@ from fabric.config import NamespaceSpec, PodSpec
 from fabric.dataplane import DataPlane
 from fabric.errors import FabricError, NotFound, PortError
 from fabric.events import EventBus
+from fabric.localstack import LocalStack
 from fabric.router import Port, Router
 from fabric.tap import TapPort
 
@@ -55,7 +56,24 @@ class Namespace:
         self.router = Router(spec.name, spec.cidr, gateway_mac=spec.gateway_mac)
         self.pods: dict[str, PodState] = {}
         self.created = time.time()
+        self.local: LocalStack | None = None
+        self.local_port: Port | None = None
         dataplane.add_router(self.router)
+
+    async def start_local_stack(self) -> None:
+        """Give the namespace its local stack: the gateway address then lives in a private
+        kernel namespace (the kernel answers ping; the DNS server listens there)."""
+        spec = self.spec
+        stack = await asyncio.to_thread(LocalStack.create, spec.name, spec.cidr, spec.gateway,
+                                        spec.mtu)
+        port = Port(vnet=True, mtu=spec.mtu, fd=stack.fd, kind="local", l3=True)
+        self.local = stack
+        self.local_port = port
+        self.dataplane.call(self._attach_local, port)
+
+    def _attach_local(self, port: Port) -> None:
+        self.router.local = port
+        self.dataplane.add_port(self.router, port)
 
     # --- pods ----------------------------------------------------------------------------
 
@@ -170,6 +188,13 @@ class Namespace:
     def close(self) -> None:
         for name in list(self.pods):
             self.remove_pod(name)
+        if self.local_port is not None:
+            self.dataplane.remove_port(self.local_port)
+            self.dataplane.call(setattr, self.router, "local", None)
+            self.local_port = None
+        if self.local is not None:
+            self.local.close()
+            self.local = None
         self.dataplane.remove_router(self.router)
 
     # --- views ---------------------------------------------------------------------------
