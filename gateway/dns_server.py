@@ -1,0 +1,187 @@
+"""The I/O shell of a namespace's DNS server.
+
+Queries arrive on UDP and TCP port 53 of the gateway address, on sockets opened in the
+namespace's local stack; forwarded queries leave from sockets in the daemon's own
+network namespace (where the upstream resolvers are reachable). All protocol decisions
+are the sans-IO `DnsCore`'s; this module moves bytes and keeps the limits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+import time
+from typing import Any
+
+from gateway.dns import DnsCore, Forward, Reply
+
+log = logging.getLogger("fabricd.dns")
+
+MAX_TCP_CLIENTS = 256
+TCP_IDLE = 10.0
+UDP_BATCH = 256
+MAX_MESSAGE = 65535
+
+
+class _TcpClient:
+    """A client connection; the core sees it as an opaque address."""
+
+    __slots__ = ("writer",)
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+
+
+class DnsServer:
+    def __init__(self, core: DnsCore, udp: socket.socket, tcp: socket.socket,
+                 name: str) -> None:
+        self.core = core
+        self.name = name
+        self.udp = udp
+        self.tcp = tcp
+        self.upstream = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.upstream.setblocking(False)
+        self.upstream.bind(("0.0.0.0", 0))
+        self._loop = asyncio.get_running_loop()
+        self._server: asyncio.base_events.Server | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._tcp_clients = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.counters: dict[str, int] = {"tcp_rejected": 0, "send_errors": 0,
+                                         "upstream_tcp_errors": 0}
+
+    async def start(self) -> None:
+        self._loop.add_reader(self.udp.fileno(), self._on_udp)
+        self._loop.add_reader(self.upstream.fileno(), self._on_upstream)
+        self._server = await asyncio.start_server(self._on_tcp, sock=self.tcp,
+                                                  limit=MAX_MESSAGE + 2)
+
+    async def close(self) -> None:
+        for s in (self.udp, self.upstream):
+            try:
+                self._loop.remove_reader(s.fileno())
+            except (ValueError, OSError):
+                pass
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._server is not None:
+            self._server.close()
+        for t in list(self._tasks):
+            t.cancel()
+        self.udp.close()
+        self.upstream.close()
+        self.tcp.close()
+
+    # --- queries -------------------------------------------------------------------------
+
+    def _on_udp(self) -> None:
+        recv = self.udp.recvfrom
+        handle = self.core.handle_query
+        now = time.monotonic()
+        for _ in range(UDP_BATCH):
+            try:
+                data, addr = recv(MAX_MESSAGE)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                break
+            self._do(handle(data, addr, now, False))
+        self._arm()
+
+    async def _on_tcp(self, reader: asyncio.StreamReader,
+                      writer: asyncio.StreamWriter) -> None:
+        if self._tcp_clients >= MAX_TCP_CLIENTS:
+            self.counters["tcp_rejected"] += 1
+            writer.close()
+            return
+        self._tcp_clients += 1
+        client = _TcpClient(writer)
+        try:
+            while True:
+                head = await asyncio.wait_for(reader.readexactly(2), TCP_IDLE)
+                (size,) = struct.unpack("!H", head)
+                data = await asyncio.wait_for(reader.readexactly(size), TCP_IDLE)
+                self._do(self.core.handle_query(data, client, time.monotonic(), True))
+                self._arm()
+        except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
+            pass
+        finally:
+            self._tcp_clients -= 1
+            writer.close()
+
+    # --- upstream ------------------------------------------------------------------------
+
+    def _on_upstream(self) -> None:
+        now = time.monotonic()
+        for _ in range(UDP_BATCH):
+            try:
+                data, addr = self.upstream.recvfrom(MAX_MESSAGE)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                break
+            self._do(self.core.handle_upstream(data, (addr[0], addr[1]), now, False))
+        self._arm()
+
+    async def _forward_tcp(self, fwd: Forward) -> None:
+        host, port = fwd.upstream
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 3.0)
+            try:
+                writer.write(struct.pack("!H", len(fwd.data)) + fwd.data)
+                await writer.drain()
+                head = await asyncio.wait_for(reader.readexactly(2), 5.0)
+                (size,) = struct.unpack("!H", head)
+                data = await asyncio.wait_for(reader.readexactly(size), 5.0)
+            finally:
+                writer.close()
+        except (OSError, TimeoutError, asyncio.IncompleteReadError):
+            # The core's own timer retries or answers SERVFAIL.
+            self.counters["upstream_tcp_errors"] += 1
+            return
+        self._do(self.core.handle_upstream(data, fwd.upstream, time.monotonic(), True))
+        self._arm()
+
+    # --- actions and timers --------------------------------------------------------------
+
+    def _do(self, actions: list[Any]) -> None:
+        for a in actions:
+            if isinstance(a, Reply):
+                c = a.client
+                try:
+                    if isinstance(c, _TcpClient):
+                        if not c.writer.is_closing():
+                            c.writer.write(struct.pack("!H", len(a.data)) + a.data)
+                    else:
+                        self.udp.sendto(a.data, c)
+                except OSError:
+                    self.counters["send_errors"] += 1
+            elif isinstance(a, Forward):
+                if a.tcp:
+                    t = asyncio.ensure_future(self._forward_tcp(a))
+                    self._tasks.add(t)
+                    t.add_done_callback(self._tasks.discard)
+                else:
+                    try:
+                        self.upstream.sendto(a.data, a.upstream)
+                    except OSError:
+                        self.counters["send_errors"] += 1
+
+    def _arm(self) -> None:
+        t = self.core.next_timer()
+        if t is None or t == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = t
+        delay = max(0.0, t - time.monotonic())
+        self._timer = self._loop.call_later(delay, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self._do(self.core.handle_timer(time.monotonic()))
+        self._arm()
