@@ -123,6 +123,7 @@ class Fabric:
                     changed += 1
                 else:
                     ns.pods[pod.name].spec = pod
+            ns.sync_records()
             if old != spec:
                 self.bus.emit("namespace_applied", spec.name, created=False, pods_changed=changed)
                 log.info("namespace %s: reconciled, %d pods changed", spec.name, changed)
@@ -185,10 +186,12 @@ class Fabric:
             ns.remove_pod(name)
             ns.spec = dataclasses.replace(
                 ns.spec, pods=tuple(p for p in ns.spec.pods if p.name != name))
+            ns.sync_records()
 
     def _record_pod(self, ns: Namespace, spec: PodSpec) -> None:
         pods = tuple(p for p in ns.spec.pods if p.name != spec.name) + (spec,)
         ns.spec = dataclasses.replace(ns.spec, pods=pods)
+        ns.sync_records()
 
     def set_ready(self, namespace: str, pod: str, ready: bool) -> None:
         self._ns(namespace).set_ready(pod, ready)
@@ -295,6 +298,3 @@ def _warn_unimplemented(spec: NamespaceSpec) -> None:
     if spec.services:
         log.warning("namespace %s: %d services configured; services are not implemented in "
                     "this version and are ignored", spec.name, len(spec.services))
-    if spec.dns.upstream:
-        log.warning("namespace %s: dns.upstream is not used yet (no DNS server in this "
-                    "version)", spec.name)

@@ -22,6 +22,10 @@ from fabric.events import EventBus
 from fabric.localstack import LocalStack
 from fabric.router import Port, Router
 from fabric.tap import TapPort
+from gateway import resolvconf
+from gateway.dns import DnsCore
+from gateway.dns_server import DnsServer
+from gateway.records import Records
 
 log = logging.getLogger("fabricd.namespace")
 
@@ -58,6 +62,9 @@ class Namespace:
         self.created = time.time()
         self.local: LocalStack | None = None
         self.local_port: Port | None = None
+        self.dns: DnsServer | None = None
+        self.records = Records(spec.name, spec.dns.domain, spec.cidr)
+        self.sync_records()
         dataplane.add_router(self.router)
 
     async def start_local_stack(self) -> None:
@@ -70,6 +77,18 @@ class Namespace:
         self.local = stack
         self.local_port = port
         self.dataplane.call(self._attach_local, port)
+        gw = str(spec.gateway)
+        udp = await asyncio.to_thread(stack.listen_udp, gw, 53)
+        tcp = await asyncio.to_thread(stack.listen_tcp, gw, 53)
+        core = DnsCore(self.records, list(spec.dns.upstream))
+        self.dns = DnsServer(core, udp, tcp, spec.name)
+        await self.dns.start()
+
+    def sync_records(self) -> None:
+        """DNS names follow the table at once: pods (attached or not) and services."""
+        names = {p.name: p.ip for p in self.spec.pods}
+        names.update({s.name: s.ip for s in self.spec.services})
+        self.records.replace_all(names)
 
     def _attach_local(self, port: Port) -> None:
         self.router.local = port
@@ -133,6 +152,15 @@ class Namespace:
         state.attached_at = time.time()
         mac = state.spec.mac if kind == "interface" else None
         self.dataplane.call(self._attach_port, state.spec.name, port, mac)
+        if kind == "netns" and self.spec.dns.resolv_conf and state.spec.netns:
+            settings = self.dns_settings()
+            try:
+                state.extra["resolv_conf"] = resolvconf.write(
+                    state.spec.netns, state.spec.name, settings["nameservers"][0],
+                    settings["search"])
+            except OSError as e:
+                log.warning("namespace %s: pod %s: cannot write resolv.conf: %s", self.name,
+                            state.spec.name, e)
         self.bus.emit("pod_attached", self.name, state.spec.name, port=kind,
                       ip=str(state.spec.ip))
 
@@ -163,6 +191,8 @@ class Namespace:
         self.dataplane.call(self.router.remove_pod, name)
         if state.io is not None:
             state.io.close()
+        if state.extra.get("resolv_conf") and state.spec.netns:
+            resolvconf.remove(state.spec.netns)
         self.bus.emit("pod_detached", self.name, name)
 
     def set_ready(self, name: str, ready: bool) -> None:
@@ -188,6 +218,9 @@ class Namespace:
     def close(self) -> None:
         for name in list(self.pods):
             self.remove_pod(name)
+        if self.dns is not None:
+            self.dns.close()
+            self.dns = None
         if self.local_port is not None:
             self.dataplane.remove_port(self.local_port)
             self.dataplane.call(setattr, self.router, "local", None)

@@ -59,7 +59,7 @@ class DnsServer:
         self._server = await asyncio.start_server(self._on_tcp, sock=self.tcp,
                                                   limit=MAX_MESSAGE + 2)
 
-    async def close(self) -> None:
+    def close(self) -> None:
         for s in (self.udp, self.upstream):
             try:
                 self._loop.remove_reader(s.fileno())

@@ -320,7 +320,9 @@ class EgressNat:
             pkt[cf] = c >> 8
             pkt[cf + 1] = c & 0xFF
         if proto == PROTO_TCP:
-            self._tcp_out(flow, pkt[l4 + 13])
+            f = pkt[l4 + 13]
+            if f & (TCP_SYN | TCP_FIN | TCP_RST) or not flow.state & _EST:
+                self._tcp_out(flow, f)
         counters["translations_out"] += 1
         if ff & IP_MF:
             self._remember(self._frag_out, (proto, key >> 32, pkt[ip + 4] << 8 | pkt[ip + 5]),
@@ -489,7 +491,9 @@ class EgressNat:
             pkt[cf] = c >> 8
             pkt[cf + 1] = c & 0xFF
         if proto == PROTO_TCP:
-            self._tcp_in(flow, pkt[l4 + 13])
+            f = pkt[l4 + 13]
+            if f & (TCP_SYN | TCP_FIN | TCP_RST) or not flow.state & _EST:
+                self._tcp_in(flow, f)
         elif proto == PROTO_UDP and not flow.state:
             flow.state = _REPLIED
             flow.timeout = self.udp_timeout  # longer: the lazy wheel re-checks it
