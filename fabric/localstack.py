@@ -30,12 +30,10 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import ipaddress
 import os
 import queue
 import socket
-import struct
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -43,17 +41,7 @@ from typing import Any, TypeVar
 
 from fabric.errors import PortError
 from fabric.netlink import CLONE_NEWNET, TXQLEN
-from fabric.tap import (
-    IFF_NO_PI,
-    IFF_TUN,
-    IFF_VNET_HDR,
-    OFFLOADS,
-    TUN_PATH,
-    TUNSETIFF,
-    TUNSETOFFLOAD,
-    TUNSETVNETHDRSZ,
-    VNET_HDR_LEN,
-)
+from fabric.tap import open_tun
 
 T = TypeVar("T")
 
@@ -235,7 +223,7 @@ class LocalStack:
                     if not path.startswith("ipv6/"):  # IPv6 compiled out is fine
                         raise
             step = f"creating TUN {IFNAME}"
-            self.fd = _open_tun(IFNAME)
+            self.fd = open_tun(IFNAME)
             for path, value in _SYSCTLS_FAB0:
                 step = f"sysctl net/{path}={value}"
                 try:
@@ -482,19 +470,3 @@ def _client_tcp(src_ip: str) -> socket.socket:
         sock.close()
         raise
     return sock
-
-
-def _open_tun(ifname: str) -> int:
-    """A non-blocking L3 TUN in the calling thread's namespace with vnet header + offloads."""
-    fd = os.open(TUN_PATH, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        flags = IFF_TUN | IFF_NO_PI | IFF_VNET_HDR
-        fcntl.ioctl(fd, TUNSETIFF, struct.pack(_IFREQ, ifname.encode(), flags))
-        fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
-        fcntl.ioctl(fd, TUNSETOFFLOAD, OFFLOADS)
-        fl = fcntl.fcntl(fd, fcntl.F_GETFL)
-        fcntl.fcntl(fd, fcntl.F_SETFL, fl | os.O_NONBLOCK)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd

@@ -216,3 +216,19 @@ class TapPort:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"fd={self.fd}"
         return f"TapPort({self.name!r}, {state}, mac={self.mac}, mtu={self.mtu})"
+
+
+def open_tun(ifname: str) -> int:
+    """A non-blocking L3 TUN in the calling thread's namespace with vnet header + offloads."""
+    fd = os.open(TUN_PATH, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        flags = IFF_TUN | IFF_NO_PI | IFF_VNET_HDR
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack(_IFREQ, ifname.encode(), flags))
+        fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
+        fcntl.ioctl(fd, TUNSETOFFLOAD, OFFLOADS)
+        fl = fcntl.fcntl(fd, fcntl.F_GETFL)
+        fcntl.fcntl(fd, fcntl.F_SETFL, fl | os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
