@@ -303,3 +303,17 @@ def disable_ipv6(name: str) -> bool:
         return True
     except OSError:
         return False
+
+
+def replace_route(dst: str, ifname: str) -> None:
+    """Route `dst` (a prefix) out of `ifname` in the current namespace (create or replace)."""
+    try:
+        with _ipr() as ipr:
+            index = _lookup(ipr, ifname)
+            if index is None:
+                raise PortError(f"interface {ifname!r} does not exist")
+            ipr.route("replace", dst=dst, oif=index)
+    except PortError:
+        raise
+    except Exception as exc:
+        raise PortError(f"routing {dst} to {ifname!r}: {_nl_error(exc)}") from None

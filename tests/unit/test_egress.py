@@ -164,6 +164,19 @@ def udp_no_checksum(src: bytes, dst: bytes, sport: int, dport: int, payload: byt
     return bytes(p)
 
 
+# --- the incremental update -------------------------------------------------------------
+
+
+@given(st.integers(0, 0xFFFF), st.binary(min_size=6, max_size=6),
+       st.binary(min_size=6, max_size=6))
+def test_precomputed_delta_equals_rfc1624_adjust(check: int, old: bytes, new: bytes) -> None:
+    """The per-flow delta applied on the fast path gives what checksum.adjust and
+    checksum.adjust_partial give."""
+    d = egress._delta(old, new)
+    assert ~checksum.add(~check & 0xFFFF, d) & 0xFFFF == checksum.adjust(check, old, new)
+    assert checksum.add(check, d) == checksum.adjust_partial(check, old, new)
+
+
 # --- TCP --------------------------------------------------------------------------------
 
 
@@ -355,6 +368,21 @@ def test_udp_round_trip(partial: bool) -> None:
     q = IP(finished(back, partial))
     assert q.dst == "10.0.0.2" and q[UDP].dport == 5353 and q[UDP].sport == 53
     assert bytes(q[UDP].payload) == b"answer!"
+
+
+def test_udp_with_ip_options_both_ways() -> None:
+    n = nat()
+    opts = b"\x94\x04\0\0"  # router alert
+    seg = udp(POD_A, REMOTE, 41000, 53, b"opt")[20:]
+    verdict, t = out(n, packets.ipv4_header(POD_A, REMOTE, PROTO_UDP, len(seg), options=opts)
+                     + seg)
+    assert verdict == OK and valid(t)[UDP].sport == 41000
+    seg = udp(REMOTE, EIP, 53, 41000, b"back")[20:]
+    pod, back = inn(n, packets.ipv4_header(REMOTE, EIP, PROTO_UDP, len(seg), options=opts)
+                    + seg)
+    assert pod == IPv4Address(POD_A)
+    q = valid(back)
+    assert q.dst == "10.0.0.2" and q[UDP].dport == 41000 and q.options
 
 
 def test_udp_checksum_zero_stays_zero() -> None:
