@@ -17,13 +17,15 @@ from typing import Any
 
 from fabric import config as cfg
 from fabric.capture import CaptureSubscription
-from fabric.config import NamespaceSpec, PodSpec
+from fabric.config import EgressSpec, NamespaceSpec, PodSpec
 from fabric.dataplane import DataPlane
 from fabric.errors import ConfigError, FabricError, NotFound
 from fabric.events import EventBus, Subscription
 from fabric.metrics import Metric
 from fabric.namespace import RETRY_INTERVAL, Namespace, PodState
+from fabric.router import L3_OFF
 from fabric.tap import TapPort
+from gateway.uplink import Uplink
 
 log = logging.getLogger("fabricd")
 
@@ -35,8 +37,12 @@ class Fabric:
     pod and removes every interface the fabric created.
     """
 
-    def __init__(self, worker_id: str | None = None, *, local_stack: bool = True) -> None:
+    def __init__(self, worker_id: str | None = None, *, local_stack: bool = True,
+                 egress: EgressSpec | None = None) -> None:
         self.worker_id = worker_id or socket.gethostname()
+        # The worker's egress TUN (and its address pool), if pods may reach the outside.
+        self.egress = egress
+        self.uplink: Uplink | None = None
         # Each namespace's gateway lives in a private kernel namespace (needs root and
         # unshare); without it the router answers ping at the gateway itself.
         self.local_stack = local_stack
@@ -58,6 +64,17 @@ class Fabric:
         if self._dataplane is None:
             self._dataplane = DataPlane()
             self._dataplane.start()
+            if self.egress is not None:
+                uplink = Uplink(self.egress.tun, self.egress.pool)
+                try:
+                    port = await asyncio.to_thread(uplink.open)
+                except BaseException:
+                    self._dataplane.close()
+                    self._dataplane = None
+                    raise
+                self.uplink = uplink
+                self._dataplane.add_reader(uplink, port, uplink.receive, L3_OFF)
+                log.info("egress through %s, pool %s", self.egress.tun, self.egress.pool)
             self._retry_task = asyncio.create_task(self._retry_loop())
 
     async def close(self) -> None:
@@ -68,8 +85,13 @@ class Fabric:
             for name in list(self.namespaces):
                 self._remove(name)
         if self._dataplane is not None:
+            if self.uplink is not None and self.uplink.port is not None:
+                self._dataplane.remove_port(self.uplink.port)
             self._dataplane.close()
             self._dataplane = None
+        if self.uplink is not None:
+            self.uplink.close()
+            self.uplink = None
         self.bus.close()
 
     @property
@@ -96,12 +118,14 @@ class Fabric:
             _warn_unimplemented(spec)
             if ns is None:
                 ns = Namespace(spec, self.dataplane, self.bus)
-                if self.local_stack:
-                    try:
+                try:
+                    if self.local_stack:
                         await ns.start_local_stack()
-                    except BaseException:
-                        ns.close()
-                        raise
+                    if self.uplink is not None:
+                        ns.start_egress(self.uplink)
+                except BaseException:
+                    ns.close()
+                    raise
                 self.namespaces[spec.name] = ns
                 for pod in spec.pods:
                     await ns.add_pod(pod, strict=False)
@@ -124,6 +148,8 @@ class Fabric:
                 else:
                     ns.pods[pod.name].spec = pod
             ns.sync_records()
+            if old.egress_allow != spec.egress_allow:
+                ns.update_egress()
             if old != spec:
                 self.bus.emit("namespace_applied", spec.name, created=False, pods_changed=changed)
                 log.info("namespace %s: reconciled, %d pods changed", spec.name, changed)

@@ -48,7 +48,7 @@ class Daemon:
     def __init__(self, config: Config, path: str | None) -> None:
         self.config = config
         self.path = path
-        self.fabric = Fabric(worker_id=config.worker.id)
+        self.fabric = Fabric(worker_id=config.worker.id, egress=config.worker.egress)
         self.stop = asyncio.Event()
         self._reloading: asyncio.Task[None] | None = None
 
@@ -56,10 +56,9 @@ class Daemon:
         loop = asyncio.get_running_loop()
         control = ControlServer(self.fabric, self.config.worker.control,
                                 self.config.worker.control_mode)
-        for part in ("egress", "tunnel"):
-            if getattr(self.config.worker, part) is not None:
-                log.warning("worker.%s is configured but not implemented in this version; "
-                            "ignored", part)
+        if self.config.worker.tunnel is not None:
+            log.warning("worker.tunnel is configured but not implemented in this version; "
+                        "ignored")
         await self.fabric.start()
         try:
             await control.start()

@@ -7,6 +7,7 @@ and the data plane are only touched from the event loop.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,9 @@ from fabric.tap import TapPort
 from gateway import resolvconf
 from gateway.dns import DnsCore
 from gateway.dns_server import DnsServer
+from gateway.egress import EgressNat
 from gateway.records import Records
+from gateway.uplink import Uplink
 
 log = logging.getLogger("fabricd.namespace")
 
@@ -63,6 +66,8 @@ class Namespace:
         self.local: LocalStack | None = None
         self.local_port: Port | None = None
         self.dns: DnsServer | None = None
+        self.egress: EgressNat | None = None
+        self.uplink: Uplink | None = None
         self.records = Records(spec.name, spec.dns.domain, spec.cidr)
         self.sync_records()
         dataplane.add_router(self.router)
@@ -83,6 +88,26 @@ class Namespace:
         core = DnsCore(self.records, list(spec.dns.upstream))
         self.dns = DnsServer(core, udp, tcp, spec.name)
         await self.dns.start()
+
+    def start_egress(self, uplink: Uplink) -> None:
+        """Give the namespace its own egress address and NAT on the worker's uplink."""
+        addr = uplink.allocate(self.name, self.spec.id)
+        nat = EgressNat(addr, self.spec.egress_allow)
+        self.egress = nat
+        self.uplink = uplink
+        self.dataplane.call(self._attach_egress, uplink, addr, nat)
+        log.info("namespace %s: egress as %s (allow %s)", self.name, addr,
+                 ", ".join(map(str, self.spec.egress_allow)) or "nothing")
+
+    def _attach_egress(self, uplink: Uplink, addr: ipaddress.IPv4Address,
+                       nat: EgressNat) -> None:
+        self.router.egress = nat
+        self.router.uplink = uplink.port
+        uplink.add(self.name, addr, self.router)
+
+    def update_egress(self) -> None:
+        if self.egress is not None:
+            self.dataplane.call(self.egress.set_allow, self.spec.egress_allow)
 
     def sync_records(self) -> None:
         """DNS names follow the table at once: pods (attached or not) and services."""
@@ -228,6 +253,10 @@ class Namespace:
         if self.local is not None:
             self.local.close()
             self.local = None
+        if self.uplink is not None:
+            self.dataplane.call(self.uplink.remove, self.name)
+            self.dataplane.call(setattr, self.router, "egress", None)
+            self.uplink = None
         self.dataplane.remove_router(self.router)
 
     # --- views ---------------------------------------------------------------------------
@@ -276,6 +305,8 @@ class Namespace:
             "pods": len(self.pods),
             "attached": sum(1 for p in self.pods.values() if p.port is not None),
             "held": self.router.held(),
+            "egress": str(self.egress.egress_ip) if self.egress is not None else None,
+            "egress_flows": self.egress.flows if self.egress is not None else 0,
             "drops": sum(dict(self.router.drops).values()) + sum(
                 sum(dict(p.port.drops).values()) for p in self.pods.values() if p.port),
         }

@@ -47,6 +47,10 @@ from fabric.vnet import (
     ZERO_HDR,
     VnetHdr,
 )
+from gateway.egress import DENIED as EGRESS_DENIED
+from gateway.egress import FULL as EGRESS_FULL
+from gateway.egress import OK as EGRESS_OK
+from gateway.egress import UNSUPPORTED as EGRESS_UNSUPPORTED
 
 GATEWAY_MAC = "02:fb:00:00:00:01"
 HOLD_PACKETS = 64
@@ -84,12 +88,7 @@ DROP_EGRESS_FULL = "egress_table_full"
 DROP_EGRESS_UNSUPPORTED = "egress_unsupported"
 DROP_NO_FLOW = "no_flow"
 
-# Verdicts of EgressCore.outbound.
-EGRESS_OK = 0
-EGRESS_DENIED = 1
-EGRESS_FULL = 2
-EGRESS_UNSUPPORTED = 3
-EGRESS_MALFORMED = 4
+# Verdicts of EgressCore.outbound: gateway.egress.EgressNat's, kept in one place there.
 
 
 class EgressCore(Protocol):
@@ -100,6 +99,10 @@ class EgressCore(Protocol):
 
     def inbound(self, pkt: bytearray, off: int, length: int, now: float,
                 partial: bool) -> ipaddress.IPv4Address | None: ...
+
+    def next_timer(self) -> float | None: ...
+
+    def handle_timer(self, now: float) -> None: ...
 
 
 class Port:
@@ -688,7 +691,7 @@ class Router:
     # --- timers --------------------------------------------------------------------------
 
     def next_timer(self) -> float | None:
-        t: float | None = None
+        t: float | None = self.egress.next_timer() if self.egress is not None else None
         for pod in self._held:
             if pod.pending:
                 d = pod.pending[0][0] + self.hold_timeout
@@ -698,7 +701,10 @@ class Router:
         return t
 
     def handle_timer(self, now: float) -> None:
-        """Expire held frames (their senders get ICMP host unreachable) and retry ARP."""
+        """Expire held frames (their senders get ICMP host unreachable), retry ARP, and
+        let egress NAT expire its flows."""
+        if self.egress is not None:
+            self.egress.handle_timer(now)
         for pod in list(self._held):
             q = pod.pending
             # The same sum next_timer() computes, so handling a timer at its due time

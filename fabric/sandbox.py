@@ -254,7 +254,8 @@ def sweep(prefixes: Sequence[str] = PREFIXES) -> list[str]:
 
 
 def _http(port: int) -> None:
-    """A small HTTP server: `/` says hello, `/bytes/N` returns N bytes, `/echo` echoes."""
+    """A small HTTP server: `/` says hello, `/bytes/N` returns N bytes, `/whoami` the
+    client's address as the server sees it."""
     import socketserver
     from http.server import BaseHTTPRequestHandler
 
@@ -273,7 +274,10 @@ def _http(port: int) -> None:
                     self.wfile.write(chunk[: min(n, len(chunk))])
                     n -= len(chunk)
                 return
-            body = f"hello from {os.uname().nodename} pid {os.getpid()}\n".encode()
+            if path == "/whoami":
+                body = f"{self.client_address[0]}\n".encode()
+            else:
+                body = f"hello from {os.uname().nodename} pid {os.getpid()}\n".encode()
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()

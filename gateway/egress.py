@@ -203,9 +203,7 @@ class EgressNat:
             raise ValueError("max_flows and max_fragments must be positive")
         self.egress_ip = IPv4Address(egress_ip)
         self._eip = self.egress_ip.packed
-        self.allow = tuple(IPv4Network(n) for n in allow)
-        self._allow = tuple((int(n.network_address), int(n.netmask)) for n in self.allow)
-        self._allow_all = any(mask == 0 for _, mask in self._allow)
+        self.set_allow(allow)
         self.port_range = (lo, hi)
         self.max_flows = max_flows
         self.max_fragments = max_fragments
@@ -234,6 +232,12 @@ class EgressNat:
     @property
     def flows(self) -> int:
         return self._flows
+
+    def set_allow(self, allow: Iterable[IPv4Network | str]) -> None:
+        """Change the allow list (a config reload); existing flows keep going."""
+        self.allow = tuple(IPv4Network(n) for n in allow)
+        self._allow = tuple((int(n.network_address), int(n.netmask)) for n in self.allow)
+        self._allow_all = any(mask == 0 for _, mask in self._allow)
 
     def allowed(self, dst: bytes) -> bool:
         """True when the 4 address bytes `dst` are inside the allow list."""
