@@ -293,13 +293,49 @@ class Fabric:
             attached.samples.append(
                 ({"namespace": n}, sum(1 for p in ns.pods.values() if p.port is not None)))
             held.samples.append(({"namespace": n}, ns.router.held()))
+        dns = Metric("fabric_dns_total", "counter",
+                     "DNS server events per namespace (queries, local answers, forwards, "
+                     "drops...), by counter name")
+        egress = Metric("fabric_egress_total", "counter",
+                        "Egress NAT events per namespace, by counter name")
+        flows = Metric("fabric_egress_flows", "gauge", "Egress NAT flows in the table")
+        for ns in self.namespaces.values():
+            n = ns.name
+            if ns.dns is not None:
+                for k, v in dict(ns.dns.core.counters).items():
+                    dns.samples.append(({"namespace": n, "counter": k}, v))
+                for k, v in dict(ns.dns.counters).items():
+                    dns.samples.append(({"namespace": n, "counter": k}, v))
+            if ns.egress is not None:
+                for k, v in dict(ns.egress.counters).items():
+                    egress.samples.append(({"namespace": n, "counter": k}, v))
+                flows.samples.append(({"namespace": n}, ns.egress.flows))
+            lp = ns.local_port
+            if lp is not None:
+                lab = {"namespace": n, "pod": "(gateway)"}
+                rx_p.samples.append((lab, lp.rx_packets))
+                rx_b.samples.append((lab, lp.rx_bytes))
+                tx_p.samples.append((lab, lp.tx_packets))
+                tx_b.samples.append((lab, lp.tx_bytes))
+                for reason, v in dict(lp.drops).items():
+                    drops.samples.append(({**lab, "reason": reason}, v))
+        up = self.uplink.port if self.uplink is not None else None
+        if up is not None:
+            lab = {"namespace": "", "pod": "(uplink)"}
+            rx_p.samples.append((lab, up.rx_packets))
+            rx_b.samples.append((lab, up.rx_bytes))
+            tx_p.samples.append((lab, up.tx_packets))
+            tx_b.samples.append((lab, up.tx_bytes))
+            for reason, v in dict(up.drops).items():
+                drops.samples.append(({**lab, "reason": reason}, v))
         nss = Metric("fabric_namespaces", "gauge", "Namespaces on this worker",
                      [({}, len(self.namespaces))])
         ev = Metric("fabric_events_total", "counter", "Events published",
                     [({}, self.bus.published)])
         evl = Metric("fabric_events_lost_total", "counter",
                      "Events a slow subscriber lost (its queue was full)", [({}, self.bus.lost())])
-        return [nss, pods, attached, held, rx_p, rx_b, tx_p, tx_b, drops, ev, evl]
+        return [nss, pods, attached, held, rx_p, rx_b, tx_p, tx_b, drops, dns, egress, flows,
+                ev, evl]
 
     async def _retry_loop(self) -> None:
         while True:

@@ -91,6 +91,12 @@ def test_dns_local_names(gateway: tuple[Sandbox, Daemon, str, str, str]) -> None
     assert answers(out)[0][4] == "10.40.0.2"
     out = dig(sb, a, "B.ShOp.FaBrIc.InTeRnAl", "A")  # 0x20: the question's case echoed
     assert answers(out)[0][0] == "B.ShOp.FaBrIc.InTeRnAl."
+    from fabric.client import ControlClient
+
+    metrics = ControlClient(d.control).get_text("/metrics")
+    m = re.search(r'^fabric_dns_total\{namespace="shop",counter="nxdomain"\} (\d+)', metrics,
+                  re.M)
+    assert m and int(m.group(1)) >= 1, metrics
 
 
 def test_dns_forwarding_and_servfail(gateway: tuple[Sandbox, Daemon, str, str, str]) -> None:
