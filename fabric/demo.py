@@ -64,9 +64,14 @@ def main() -> int:
         sb.http_server(web, 8080)
         _done(t)
 
-        t = _step("client fetches http://10.77.0.10:8080/ with curl")
+        t = _step("client resolves web.shop.fabric.internal at the gateway's DNS")
+        out = sb.run(client, "dig", "+short", "web.shop.fabric.internal").stdout.strip()
+        _done(t, f"A {out} (resolv.conf was written for the pod: `curl http://web:8080/`"
+                 " works too)")
+
+        t = _step("client fetches http://web:8080/ with curl")
         out = sb.run(client, "curl", "-sS", "--max-time", "5", "-w",
-                     "\n%{time_connect} %{time_total}", "http://10.77.0.10:8080/").stdout
+                     "\n%{time_connect} %{time_total}", "http://web:8080/").stdout
         body, times = out.rsplit("\n", 1)
         connect, total = (float(x) * 1000 for x in times.split())
         _done(t, f"{body.strip()!r}, connect {connect:.2f} ms, total {total:.2f} ms")
