@@ -79,6 +79,11 @@ NAMESPACE_COLUMNS = [
     ("GATEWAY", "gateway"),
     ("MTU", "mtu"),
     ("PODS", "pods"),
+    ("ATTACHED", "attached"),
+    ("EGRESS", "egress"),
+    ("FLOWS", "egress_flows"),
+    ("HELD", "held"),
+    ("DROPS", "drops"),
 ]
 POD_COLUMNS = [
     ("NAMESPACE", "namespace"),
