@@ -626,7 +626,8 @@ def test_cli_get_tables(harness: Harness, capsys: pytest.CaptureFixture[str]) ->
     assert capsys.readouterr().out.splitlines()[1].split()[:3] == ["blue", "web", "10.1.0.2"]
     assert cli.main(["get", "namespaces", "--control", harness.path]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split() == ["NAME", "ID", "CIDR", "GATEWAY", "MTU", "PODS"]
+    assert out[0].split() == ["NAME", "ID", "CIDR", "GATEWAY", "MTU", "PODS", "ATTACHED",
+                             "EGRESS", "FLOWS", "HELD", "DROPS"]
     assert out[1].split() == ["blue", "1", "10.1.0.0/24", "10.1.0.1", "1500", "2"]
     assert cli.main(["get", "svc", "--control", harness.path]) == 0
     assert "10.1.0.100" in capsys.readouterr().out
