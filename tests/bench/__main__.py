@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any
 
-from tests.bench import ping, scale, tcp, udp
+from tests.bench import dns, egress, ping, scale, tcp, udp
 from tests.bench.common import Report, Settings, fmt, render, table
 from tests.bench.topo import leftovers
 
@@ -30,6 +30,8 @@ BENCHMARKS: dict[str, Callable[[Settings], Report]] = {
     udp.NAME: udp.run,
     ping.NAME: ping.run,
     scale.NAME: scale.run,
+    dns.NAME: dns.run,
+    egress.NAME: egress.run,
 }
 
 
