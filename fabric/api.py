@@ -302,9 +302,11 @@ class Fabric:
         for ns in self.namespaces.values():
             n = ns.name
             if ns.dns is not None:
-                for k, v in dict(ns.dns.core.counters).items():
-                    dns.samples.append(({"namespace": n, "counter": k}, v))
-                for k, v in dict(ns.dns.counters).items():
+                total: dict[str, int] = dict(ns.dns.core.counters)
+                for extra in (ns.dns_fast.counters if ns.dns_fast else {}, ns.dns.counters):
+                    for k, v in dict(extra).items():
+                        total[k] = total.get(k, 0) + v
+                for k, v in total.items():
                     dns.samples.append(({"namespace": n, "counter": k}, v))
             if ns.egress is not None:
                 for k, v in dict(ns.egress.counters).items():

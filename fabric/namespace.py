@@ -68,6 +68,7 @@ class Namespace:
         self.dns: DnsServer | None = None
         self.egress: EgressNat | None = None
         self.uplink: Uplink | None = None
+        self.dns_fast: DnsCore | None = None
         self.records = Records(spec.name, spec.dns.domain, spec.cidr)
         self.sync_records()
         dataplane.add_router(self.router)
@@ -88,6 +89,10 @@ class Namespace:
         core = DnsCore(self.records, list(spec.dns.upstream))
         self.dns = DnsServer(core, udp, tcp, spec.name)
         await self.dns.start()
+        # Local names are answered by the data plane itself (one core per thread);
+        # forwarded names and TCP go on to the server above.
+        self.dns_fast = DnsCore(self.records, [])
+        self.dataplane.call(setattr, self.router, "dns_local", self.dns_fast.answer_local)
 
     def start_egress(self, uplink: Uplink) -> None:
         """Give the namespace its own egress address and NAT on the worker's uplink."""
@@ -244,6 +249,7 @@ class Namespace:
         for name in list(self.pods):
             self.remove_pod(name)
         if self.dns is not None:
+            self.dataplane.call(setattr, self.router, "dns_local", None)
             self.dns.close()
             self.dns = None
         if self.local_port is not None:

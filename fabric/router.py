@@ -206,6 +206,9 @@ class Router:
         self.local_ips: set[bytes] = {self.gw_ip}
         self.egress: EgressCore | None = None
         self.uplink: Port | None = None
+        # Answers DNS queries for local names right here (see gateway.dns.answer_local):
+        # returns the reply, b"" to drop, or None to pass the query to the local stack.
+        self.dns_local: Callable[[bytes, float], bytes | None] | None = None
 
     # --- table ---------------------------------------------------------------------------
 
@@ -409,6 +412,9 @@ class Router:
     def _not_pod(self, port: Port, buf: bytearray, h: int, n: int, ip: int, ihl: int,
                  dst: bytes, now: float) -> Port | None:
         if dst in self.local_ips:
+            if (dst == self.gw_ip and buf[ip + 9] == PROTO_UDP and self.dns_local is not None
+                    and self._dns(port, buf, h, n, ip, ihl, now)):
+                return None
             if self.local is not None:
                 return self._to_l3(self.local, port, buf, h, n, now)
             if dst == self.gw_ip:
@@ -426,6 +432,31 @@ class Router:
         else:
             self._icmp_error(port, buf, ip, ICMP_UNREACH, UNREACH_NET, now, DROP_NO_ROUTE)
         return None
+
+    def _dns(self, port: Port, buf: bytearray, h: int, n: int, ip: int, ihl: int,
+             now: float) -> bool:
+        """Answer a DNS query to the gateway in the data plane; False to pass it on."""
+        l4 = ip + ihl
+        total = buf[ip + 2] << 8 | buf[ip + 3]
+        if (buf[l4 + 2] << 8 | buf[l4 + 3]) != 53 or total < ihl + 20:
+            return False
+        if (buf[ip + 6] << 8 | buf[ip + 7]) & 0x3FFF:  # fragments: let the kernel reassemble
+            return False
+        if not (h and buf[0] & F_NEEDS_CSUM) and (buf[l4 + 6] or buf[l4 + 7]):
+            psum = checksum.pseudo_header_sum(bytes(buf[ip + 12:ip + 16]), self.gw_ip,
+                                              PROTO_UDP, total - ihl)
+            if checksum.add(checksum.ones_sum(memoryview(buf)[l4:ip + total]), psum) != 0xFFFF:
+                port.drop(DROP_BAD_CHECKSUM)
+                return True
+        assert self.dns_local is not None
+        reply = self.dns_local(bytes(buf[l4 + 8:ip + total]), now)
+        if reply is None:
+            return False
+        if reply:
+            sport = buf[l4] << 8 | buf[l4 + 1]
+            self._emit_ip(port, packets.udp_packet(self.gw_ip, bytes(buf[ip + 12:ip + 16]), 53,
+                                                   sport, reply, flags_frag=0), now)
+        return True
 
     # --- L3 ports: the local stack and the egress uplink --------------------------------
 

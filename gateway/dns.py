@@ -212,6 +212,8 @@ class DnsCore:
         self._next_key = 1
         self.last_error: str | None = None
         self._preferred = 0  # the upstream new queries try first; moves on when one times out
+        self._local_only = False
+        self._needs_forward = False
 
     @property
     def inflight(self) -> int:
@@ -235,6 +237,24 @@ class DnsCore:
                                                 0, 0, 0, 0))]
             except Exception:
                 return []
+
+    def answer_local(self, data: bytes, now: float) -> bytes | None:
+        """The reply to a UDP query when it needs no upstream (the zone, the reverse zone,
+        errors), b"" when it is to be dropped, None when it must be forwarded.
+
+        This is what lets the data plane answer local names straight from the router,
+        without the trip through the local stack's kernel sockets; everything else
+        takes that trip to the full server."""
+        self._local_only = True
+        try:
+            actions = self.handle_query(data, None, now)
+        finally:
+            self._local_only = False
+        if self._needs_forward:
+            self._needs_forward = False
+            self.counters["queries"] -= 1  # the full server counts it
+            return None
+        return actions[0].data if actions else b""  # type: ignore[union-attr]
 
     def _query(self, data: bytes, client: Hashable, now: float, tcp: bool) -> list[Action]:
         c = self.counters
@@ -294,6 +314,9 @@ class DnsCore:
         if hit is None:
             built = self._build_local(qlower, qtype, qclass, estate, flags)
             if built is None:
+                if self._local_only:
+                    self._needs_forward = True
+                    return []
                 return self._forward(data, client, now, tcp, qid, flags, (qlower, qtype, qclass),
                                      question, estate, limit)
             if len(self._cache) >= MAX_CACHE:

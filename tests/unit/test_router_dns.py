@@ -1,0 +1,75 @@
+"""The data plane answers DNS for local names itself; other queries go to the local stack."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address
+
+import dnslib
+from scapy.layers.inet import IP, UDP
+from scapy.layers.l2 import Ether
+
+from fabric import packets
+from fabric.router import L3_OFF, Port, Router
+from gateway.dns import DnsCore
+from gateway.records import Records
+
+POD_MAC = "02:00:0a:00:00:02"
+
+
+def setup() -> tuple[Router, Port, Port, DnsCore]:
+    r = Router("shop", "10.0.0.0/24")
+    r.add_pod("a", "10.0.0.2", POD_MAC)
+    pa = Port(vnet=False, mtu=1500)
+    r.attach("a", pa, 0.0)
+    local = Port(vnet=False, mtu=1500, l3=True)
+    r.local = local
+    records = Records("shop", "fabric.internal", "10.0.0.0/24")
+    records.set("a", IPv4Address("10.0.0.2"))
+    core = DnsCore(records, [])
+    r.dns_local = core.answer_local
+    r.outputs.clear()
+    return r, pa, local, core
+
+
+def query(name: str, qtype: str = "A", sport: int = 40000) -> bytearray:
+    q = dnslib.DNSRecord.question(name, qtype).pack()
+    pkt = packets.udp_packet(packets.ip_bytes("10.0.0.2"), packets.ip_bytes("10.0.0.1"),
+                             sport, 53, q)
+    return bytearray(packets.eth_header(packets.mac_bytes("02:fb:00:00:00:01"),
+                                        packets.mac_bytes(POD_MAC), packets.ETH_P_IP) + pkt)
+
+
+def test_local_name_answered_in_the_data_plane() -> None:
+    r, pa, local, core = setup()
+    f = query("a.shop.fabric.internal", sport=40001)
+    assert r.receive(pa, f, len(f), 1.0) is None
+    assert len(r.outputs) == 1
+    out, frame = r.outputs[0]
+    assert out is pa
+    e = Ether(frame)
+    assert e.dst == POD_MAC and e[IP].src == "10.0.0.1" and e[IP].dst == "10.0.0.2"
+    assert e[UDP].sport == 53 and e[UDP].dport == 40001
+    chk = e[UDP].chksum
+    del e[UDP].chksum
+    assert Ether(bytes(e))[UDP].chksum == chk  # valid checksum
+    reply = dnslib.DNSRecord.parse(bytes(e[UDP].payload))
+    assert str(reply.rr[0].rdata) == "10.0.0.2" and reply.rr[0].ttl == 5
+    assert core.counters["local_answers"] == 1 and local.tx_packets == 0
+
+
+def test_other_names_go_to_the_local_stack_unchanged() -> None:
+    r, pa, local, core = setup()
+    f = query("www.example.test")
+    ip_packet = bytes(f[14:])
+    out = r.receive(pa, f, len(f), 1.0)
+    assert out is local and not r.outputs
+    assert bytes(f[L3_OFF:len(f)]) == ip_packet
+    assert core.counters["queries"] == 0
+
+
+def test_bad_udp_checksum_is_dropped() -> None:
+    r, pa, local, core = setup()
+    f = query("a.shop.fabric.internal")
+    f[14 + 20 + 6] ^= 0xFF
+    assert r.receive(pa, f, len(f), 1.0) is None
+    assert not r.outputs and pa.drops == {"bad_checksum": 1}
