@@ -323,3 +323,44 @@ def l4_ports(packet: bytes | bytearray | memoryview, ihl: int) -> Ports | None:
         sport, dport = struct.unpack_from("!HH", packet, ihl)
         return Ports(sport, dport)
     return None
+
+
+def clamp_mss(packet: bytearray, max_mss: int) -> bool:
+    """Lower the MSS option of a TCP SYN in place to at most `max_mss` (updating the TCP
+    checksum incrementally), so connections across a smaller-MTU link never need
+    fragmentation. Returns True when it changed something."""
+    if len(packet) < 20 or packet[9] != PROTO_TCP or packet[6] & 0x1F or packet[7]:
+        return False
+    ihl = (packet[0] & 0x0F) * 4
+    if len(packet) < ihl + 20 or not packet[ihl + 13] & TCP_SYN:
+        return False
+    doff = (packet[ihl + 12] >> 4) * 4
+    end = min(ihl + doff, len(packet))
+    i = ihl + 20
+    while i < end:
+        kind = packet[i]
+        if kind == 0:
+            return False
+        if kind == 1:
+            i += 1
+            continue
+        if i + 1 >= end or packet[i + 1] < 2:
+            return False
+        if kind == 2 and packet[i + 1] == 4 and i + 4 <= end:
+            mss = packet[i + 2] << 8 | packet[i + 3]
+            if mss <= max_mss:
+                return False
+            old = bytes(packet[i + 2:i + 4])
+            new = max_mss.to_bytes(2, "big")
+            packet[i + 2:i + 4] = new
+            # Options start 20 bytes into the header, so the MSS value is 16-bit aligned.
+            c = checksum.adjust(packet[ihl + 16] << 8 | packet[ihl + 17], old, new) \
+                if (i - ihl) % 2 == 0 else None
+            if c is None:
+                seg = packet[ihl:]
+                seg[16:18] = b"\0\0"
+                c = l4_checksum(bytes(packet[12:16]), bytes(packet[16:20]), PROTO_TCP, seg)
+            packet[ihl + 16:ihl + 18] = c.to_bytes(2, "big")
+            return True
+        i += packet[i + 1]
+    return False

@@ -209,6 +209,9 @@ class Router:
         # Answers DNS queries for local names right here (see gateway.dns.answer_local):
         # returns the reply, b"" to drop, or None to pass the query to the local stack.
         self.dns_local: Callable[[bytes, float], bytes | None] | None = None
+        # Sends an IPv4 packet to a pod on another worker: tunnel_send(worker, packet, now).
+        self.tunnel_send: Callable[[str, bytes, float], None] | None = None
+        self.tunnel_mtu = 1420
 
     # --- table ---------------------------------------------------------------------------
 
@@ -458,6 +461,88 @@ class Router:
                                                    sport, reply, flags_frag=0), now)
         return True
 
+    # --- pods on other workers -----------------------------------------------------------
+
+    def _to_remote(self, worker: str, port: Port, buf: bytearray, h: int, n: int, ip: int,
+                   now: float) -> None:
+        """Hand a packet for a pod on another worker to the tunnel: super-frames are
+        segmented and partial checksums completed first (the far side gets plain packets),
+        TCP SYNs get their MSS clamped to the tunnel, and packets too big for the tunnel
+        get fragmentation-needed (DF) or are fragmented."""
+        send = self.tunnel_send
+        assert send is not None
+        try:
+            if h and (buf[1] != GSO_NONE or buf[0] & F_NEEDS_CSUM):
+                segs = [f[packets.ETH_HLEN:]
+                        for f in gso.segment(memoryview(buf)[h:n], VnetHdr.parse(buf))]
+            else:
+                total = buf[ip + 2] << 8 | buf[ip + 3]
+                segs = [bytes(buf[ip:ip + total])]
+        except Malformed:
+            port.drop(DROP_BAD_OFFLOAD)
+            return
+        mtu = self.tunnel_mtu
+        for seg in segs:
+            pkt = bytearray(seg)
+            packets.clamp_mss(pkt, mtu - 40)
+            if len(pkt) <= mtu:
+                send(worker, bytes(pkt), now)
+            elif (pkt[6] << 8 | pkt[7]) & IP_DF:
+                b = bytearray(h + packets.ETH_HLEN) + pkt
+                self._icmp_error(port, b, h + packets.ETH_HLEN, ICMP_UNREACH,
+                                 UNREACH_FRAG_NEEDED, now, DROP_TOO_BIG, mtu=mtu)
+                return
+            else:
+                for frag in packets.fragment(pkt, mtu):
+                    send(worker, frag, now)
+
+    def receive_remote(self, worker: str, packet: bytes, now: float) -> None:
+        """A packet from a pod on another worker (already authenticated by the tunnel):
+        deliver it to its local pod. Its source must be a pod that lives on that worker."""
+        drops = self.drops
+        n = len(packet)
+        if n < 20 or packet[0] >> 4 != 4:
+            drops[DROP_MALFORMED] = drops.get(DROP_MALFORMED, 0) + 1
+            return
+        ihl = (packet[0] & 15) << 2
+        total = packet[2] << 8 | packet[3]
+        if ihl < 20 or total < ihl or total > n:
+            drops[DROP_MALFORMED] = drops.get(DROP_MALFORMED, 0) + 1
+            return
+        if _from_bytes(packet[:ihl], "big") % 0xFFFF:
+            drops[DROP_BAD_CHECKSUM] = drops.get(DROP_BAD_CHECKSUM, 0) + 1
+            return
+        spod = self.by_ip.get(packet[12:16])
+        if spod is None or spod.remote != worker:
+            drops[DROP_SPOOFED] = drops.get(DROP_SPOOFED, 0) + 1
+            return
+        dpod = self.by_ip.get(packet[16:20])
+        if dpod is None or dpod.remote is not None:
+            drops[DROP_NO_ROUTE] = drops.get(DROP_NO_ROUTE, 0) + 1
+            return
+        b = bytearray(packets.ETH_HLEN) + packet[:total]
+        ip = packets.ETH_HLEN
+        ttl = b[ip + 8]
+        if ttl <= 1:
+            drops[DROP_TTL] = drops.get(DROP_TTL, 0) + 1
+            return
+        b[ip + 8] = ttl - 1
+        b[ip + 10:ip + 12] = checksum.ttl_decrement_check(b[ip + 10] << 8 | b[ip + 11]).to_bytes(
+            2, "big")
+        b[12] = 8
+        b[13] = 0
+        out = dpod.port
+        if out is None or dpod.l2 is None:
+            b[6:12] = self.gw_mac
+            spod_port = Port(vnet=False, mtu=65535)  # nobody to send ICMP to locally
+            self._hold(dpod, spod_port, b, 0, len(b), ip, now)
+            return
+        b[0:12] = dpod.l2
+        if total > out.mtu:
+            self._fits(out, Port(vnet=False, mtu=65535), b, 0, len(b), ip, ihl, total, now)
+            return
+        self._emit(out, b, 0, now)
+
     # --- L3 ports: the local stack and the egress uplink --------------------------------
 
     def _to_l3(self, out: Port, port: Port, buf: bytearray, h: int, n: int,
@@ -621,7 +706,11 @@ class Router:
     def _hold(self, dpod: Pod, port: Port, buf: bytearray, h: int, n: int, ip: int,
               now: float) -> None:
         if dpod.remote is not None:
-            self._icmp_error(port, buf, ip, ICMP_UNREACH, UNREACH_HOST, now, DROP_NO_TUNNEL)
+            if self.tunnel_send is None:
+                self._icmp_error(port, buf, ip, ICMP_UNREACH, UNREACH_HOST, now,
+                                 DROP_NO_TUNNEL)
+            else:
+                self._to_remote(dpod.remote, port, buf, h, n, ip, now)
             return
         if len(dpod.pending) >= self.hold_packets:
             port.drop(DROP_HOLD_OVERFLOW)
