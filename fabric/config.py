@@ -54,6 +54,7 @@ __all__ = [
     "parse_config",
     "parse_duration",
     "parse_namespace",
+    "parse_peer",
     "parse_pod",
     "parse_service",
     "parse_size",
@@ -1195,26 +1196,7 @@ def _parse_tunnel(
     peers: list[TunnelPeerSpec] = []
     pkey = obj.key("peers")
     for i, item in enumerate(_list(obj.get("peers"), src, pkey) if obj.has("peers") else []):
-        pobj = _Obj(item, src, _index(pkey, i), _PEER_KEYS)
-        peer_id = _worker_id(pobj.required("id"), src, pobj.key("id"))
-        if peer_id == worker_id:
-            raise ConfigError(src, pobj.key("id"), f"{peer_id} is this worker's own id")
-        if any(p.id == peer_id for p in peers):
-            raise ConfigError(src, pobj.key("id"), f"duplicate peer id {peer_id}")
-        public_key = _key32(pobj.required("public_key"), src, pobj.key("public_key"))
-        if any(p.public_key == public_key for p in peers):
-            raise ConfigError(
-                src,
-                pobj.key("public_key"),
-                "public key is already used by "
-                f"peer {next(p.id for p in peers if p.public_key == public_key)}",
-            )
-        endpoint = None
-        if pobj.has("endpoint"):
-            endpoint = _host_port(
-                pobj.get("endpoint"), src, pobj.key("endpoint"), default_port=None, hostname_ok=True
-            )
-        peers.append(TunnelPeerSpec(id=peer_id, public_key=public_key, endpoint=endpoint))
+        peers.append(parse_peer(item, src, worker_id, peers, _index(pkey, i)))
     return TunnelSpec(
         listen=listen,
         private_key=private_key,
@@ -1223,6 +1205,28 @@ def _parse_tunnel(
         keepalive=keepalive,
         peers=tuple(peers),
     )
+
+
+def parse_peer(data: object, source: str, worker_id: str,
+               others: Sequence[TunnelPeerSpec] = (), key_prefix: str = "") -> TunnelPeerSpec:
+    """One tunnel peer (a file's `worker.tunnel.peers[i]`, or a control API call): its
+    id, public key and optional endpoint, unique among `others`."""
+    pobj = _Obj(data, source, key_prefix, _PEER_KEYS)
+    peer_id = _worker_id(pobj.required("id"), source, pobj.key("id"))
+    if peer_id == worker_id:
+        raise ConfigError(source, pobj.key("id"), f"{peer_id} is this worker's own id")
+    if any(p.id == peer_id for p in others):
+        raise ConfigError(source, pobj.key("id"), f"duplicate peer id {peer_id}")
+    public_key = _key32(pobj.required("public_key"), source, pobj.key("public_key"))
+    for p in others:
+        if p.public_key == public_key:
+            raise ConfigError(source, pobj.key("public_key"),
+                              f"public key is already used by peer {p.id}")
+    endpoint = None
+    if pobj.has("endpoint"):
+        endpoint = _host_port(pobj.get("endpoint"), source, pobj.key("endpoint"),
+                              default_port=None, hostname_ok=True)
+    return TunnelPeerSpec(id=peer_id, public_key=public_key, endpoint=endpoint)
 
 
 def _parse_worker(value: Any, src: str, key: str, base_dir: str | None) -> WorkerSpec:

@@ -529,6 +529,8 @@ class ControlServer:
             Route("/v1/pods", {"GET": self._list_pods}),
             Route("/v1/services", {"GET": self._list_services}),
             Route("/v1/peers", {"GET": self._list_peers}),
+            Route("/v1/peers/{peer}", {"PUT": self._put_peer, "DELETE": self._delete_peer}),
+            Route("/v1/peers/{peer}/rekey", {"POST": self._rekey_peer}),
             Route("/v1/events", {"GET": self._events}),
             Route("/metrics", {"GET": self._metrics}),
         ]
@@ -620,6 +622,22 @@ class ControlServer:
 
     async def _list_peers(self, req: Request) -> Response:
         return json_response(await _call(self.fabric.get_peers))
+
+    async def _put_peer(self, req: Request, peer: str) -> Response:
+        spec = req.json_object()
+        if "id" in spec and spec["id"] != peer:
+            raise ConfigError(f"{req.method} {req.path}", "id",
+                              f"{spec['id']!r} does not match {peer!r} from the path")
+        spec["id"] = peer
+        return json_response(await _call(self.fabric.set_peer, spec))
+
+    async def _delete_peer(self, req: Request, peer: str) -> Response:
+        await _call(self.fabric.remove_peer, peer)
+        return json_response({"ok": True, "peer": peer})
+
+    async def _rekey_peer(self, req: Request, peer: str) -> Response:
+        await _call(self.fabric.rekey_peer, peer)
+        return json_response({"ok": True, "peer": peer})
 
     async def _metrics(self, req: Request) -> Response:
         families = list(await _call(self.fabric.metrics)) + self._own_metrics()

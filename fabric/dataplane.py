@@ -61,6 +61,7 @@ class DataPlane:
         self.routers: dict[Router, None] = {}
         # fd -> (owner, port, receive function, read offset)
         self.ports: dict[int, tuple[Owner, Port, Receive, int]] = {}
+        self.handlers: dict[int, tuple[Callable[[], None], str]] = {}
         self.rx_errors = 0
         self.wakeups = 0
         self.frames = 0
@@ -125,6 +126,25 @@ class DataPlane:
         """Stop reading `port`; once this returns the fd may be closed."""
         self.call(self._remove_port, port)
 
+    def add_handler(self, fd: int, fn: Callable[[], None], name: str) -> None:
+        """Call fn() on the data-plane thread whenever `fd` is readable (it reads itself:
+        for sockets that need the sender's address, like the tunnel's UDP socket)."""
+        self.call(self._add_handler, fd, fn, name)
+
+    def remove_handler(self, fd: int) -> None:
+        self.call(self._remove_fd, fd)
+
+    def _add_handler(self, fd: int, fn: Callable[[], None], name: str) -> None:
+        self.handlers[fd] = (fn, name)
+        self._ep.register(fd, select.EPOLLIN)
+
+    def _remove_fd(self, fd: int) -> None:
+        if self.handlers.pop(fd, None) is not None:
+            try:
+                self._ep.unregister(fd)
+            except (OSError, ValueError):
+                pass
+
     def _add_port(self, owner: Owner, port: Port, receive: Receive, offset: int) -> None:
         self.ports[port.fd] = (owner, port, receive, offset)
         self._ep.register(port.fd, select.EPOLLIN)
@@ -145,6 +165,7 @@ class DataPlane:
     def _run(self) -> None:
         poll = self._ep.poll
         ports = self.ports
+        handlers = self.handlers
         wake = self._wake_fd
         readable = self._readable
         next_tick = time.monotonic() + TICK
@@ -157,6 +178,12 @@ class DataPlane:
                 entry = ports.get(fd)
                 if entry is not None:
                     readable(*entry)
+                elif fd in handlers:
+                    fn, name = handlers[fd]
+                    try:
+                        fn()
+                    except Exception:
+                        log.exception("%s: handler failed", name)
                 elif fd == wake:
                     try:
                         os.eventfd_read(wake)

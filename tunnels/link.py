@@ -1,0 +1,121 @@
+"""The tunnel's UDP link: the I/O shell around the sans-IO `TunnelCore`.
+
+It runs on the data-plane thread (its socket is one more fd in the data plane's epoll),
+so decrypted packets go straight to the routers that own their namespaces, and the
+routers' tunnel sends go straight out, with no thread hop on the packet path.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import time
+from collections.abc import Callable
+
+from tunnels.core import TunnelCore
+
+log = logging.getLogger("fabricd.tunnel")
+
+BATCH = 256
+SOCK_BUF = 8 * 1024 * 1024
+MAX_DATAGRAM = 65535
+
+Deliver = Callable[[str, int, bytes, float], None]
+
+
+class TunnelLink:
+    name = "tunnel"
+
+    def __init__(self, core: TunnelCore, listen: tuple[str, int], deliver: Deliver) -> None:
+        self.core = core
+        self.listen = listen
+        self.deliver = deliver  # (peer_id, namespace_id, packet, now) -> None
+        self.sock: socket.socket | None = None
+        self.buf = bytearray(MAX_DATAGRAM)
+        self.outputs: list[object] = []  # the data plane's owner protocol; always empty
+        self.counters: dict[str, int] = {"send_errors": 0, "recv_errors": 0,
+                                         "datagrams_in": 0, "datagrams_out": 0}
+
+    def open(self) -> int:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            for opt, force in ((socket.SO_RCVBUF, 33), (socket.SO_SNDBUF, 32)):
+                try:
+                    s.setsockopt(socket.SOL_SOCKET, force, SOCK_BUF)  # *BUFFORCE as root
+                except OSError:
+                    s.setsockopt(socket.SOL_SOCKET, opt, SOCK_BUF)
+            s.bind(self.listen)
+            s.setblocking(False)
+        except OSError as e:
+            s.close()
+            from fabric.errors import PortError
+
+            raise PortError(f"tunnel listen {self.listen[0]}:{self.listen[1]}: "
+                            f"{e.strerror}") from None
+        self.sock = s
+        return s.fileno()
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    # --- on the data-plane thread --------------------------------------------------------
+
+    def readable(self) -> None:
+        sock = self.sock
+        if sock is None:
+            return
+        recv = sock.recvfrom_into
+        buf = self.buf
+        receive = self.core.receive
+        deliver = self.deliver
+        now = time.monotonic()
+        c = self.counters
+        for _ in range(BATCH):
+            try:
+                n, addr = recv(buf)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                c["recv_errors"] += 1
+                break
+            c["datagrams_in"] += 1
+            out, packets = receive(bytes(buf[:n]), (addr[0], addr[1]), now)
+            if out:
+                self._sendall(out)
+            for peer, ns_id, pkt in packets:
+                deliver(peer, ns_id, pkt, now)
+
+    def send(self, peer_id: str, ns_id: int, packet: bytes, now: float) -> None:
+        out = self.core.send(peer_id, ns_id, packet, now)
+        if out:
+            self._sendall(out)
+
+    def _sendall(self, datagrams: list[tuple[tuple[str, int], bytes]]) -> None:
+        sock = self.sock
+        if sock is None:
+            return
+        c = self.counters
+        for addr, data in datagrams:
+            try:
+                sock.sendto(data, addr)
+                c["datagrams_out"] += 1
+            except OSError as e:
+                # A full socket buffer or an unreachable endpoint costs this datagram;
+                # the protocol's own retries and keepalives recover.
+                c["send_errors"] += 1
+                if e.errno not in (errno.EAGAIN, errno.ENOBUFS, errno.EHOSTUNREACH,
+                                   errno.ENETUNREACH, errno.ECONNREFUSED, errno.EPERM):
+                    log.warning("tunnel send to %s: %s", addr, e)
+
+    # --- timers (the data plane calls these like a router's) ----------------------------
+
+    def next_timer(self) -> float | None:
+        return self.core.next_timer()
+
+    def handle_timer(self, now: float) -> None:
+        out = self.core.handle_timer(now)
+        if out:
+            self._sendall(out)
