@@ -13,11 +13,11 @@ import os
 import socket
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fabric import config as cfg
 from fabric.capture import CaptureSubscription
-from fabric.config import EgressSpec, NamespaceSpec, PodSpec
+from fabric.config import EgressSpec, NamespaceSpec, PodSpec, TunnelPeerSpec, TunnelSpec
 from fabric.dataplane import DataPlane
 from fabric.errors import ConfigError, FabricError, NotFound
 from fabric.events import EventBus, Subscription
@@ -26,6 +26,9 @@ from fabric.namespace import RETRY_INTERVAL, Namespace, PodState
 from fabric.router import L3_OFF
 from fabric.tap import TapPort
 from gateway.uplink import Uplink
+
+if TYPE_CHECKING:
+    from tunnels.link import TunnelLink
 
 log = logging.getLogger("fabricd")
 
@@ -38,8 +41,14 @@ class Fabric:
     """
 
     def __init__(self, worker_id: str | None = None, *, local_stack: bool = True,
-                 egress: EgressSpec | None = None) -> None:
+                 egress: EgressSpec | None = None, tunnel: TunnelSpec | None = None) -> None:
         self.worker_id = worker_id or socket.gethostname()
+        # Noise-encrypted UDP tunnels to other workers, for pods that live there.
+        self.tunnel = tunnel
+        self.link: TunnelLink | None = None
+        self.peer_specs: dict[str, TunnelPeerSpec] = {}
+        self._by_id: dict[int, Namespace] = {}
+        self.tunnel_unknown_namespace = 0
         # The worker's egress TUN (and its address pool), if pods may reach the outside.
         self.egress = egress
         self.uplink: Uplink | None = None
@@ -75,6 +84,8 @@ class Fabric:
                 self.uplink = uplink
                 self._dataplane.add_reader(uplink, port, uplink.receive, L3_OFF)
                 log.info("egress through %s, pool %s", self.egress.tun, self.egress.pool)
+            if self.tunnel is not None:
+                await self._start_tunnel(self.tunnel)
             self._retry_task = asyncio.create_task(self._retry_loop())
 
     async def close(self) -> None:
@@ -85,6 +96,9 @@ class Fabric:
             for name in list(self.namespaces):
                 self._remove(name)
         if self._dataplane is not None:
+            if self.link is not None and self.link.sock is not None:
+                self._dataplane.remove_handler(self.link.sock.fileno())
+                self._dataplane.remove_router(self.link)  # type: ignore[arg-type]
             if self.uplink is not None and self.uplink.port is not None:
                 self._dataplane.remove_port(self.uplink.port)
             self._dataplane.close()
@@ -92,7 +106,86 @@ class Fabric:
         if self.uplink is not None:
             self.uplink.close()
             self.uplink = None
+        if self.link is not None:
+            self.link.close()
+            self.link = None
         self.bus.close()
+
+    async def _start_tunnel(self, spec: TunnelSpec) -> None:
+        from tunnels.core import TunnelCore
+
+        from tunnels.link import TunnelLink
+
+        core = TunnelCore(spec.private_key, spec.psk)
+        for peer in spec.peers:
+            core.add_peer(peer.id, peer.public_key, peer.endpoint, spec.keepalive)
+            self.peer_specs[peer.id] = peer
+        link = TunnelLink(core, spec.listen, self._deliver)
+        fd = await asyncio.to_thread(link.open)
+        self.link = link
+        self.dataplane.add_handler(fd, link.readable, "tunnel")
+        self.dataplane.add_router(link)  # type: ignore[arg-type]  # for its timers
+        log.info("tunnel listening on %s:%d, %d peers", spec.listen[0], spec.listen[1],
+                 len(spec.peers))
+
+    def _deliver(self, peer: str, ns_id: int, packet: bytes, now: float) -> None:
+        """On the data-plane thread: a packet from another worker, to its namespace."""
+        ns = self._by_id.get(ns_id)
+        if ns is None:
+            self.tunnel_unknown_namespace += 1
+            return
+        router = ns.router
+        router.receive_remote(peer, packet, now)
+        if router.outputs:
+            self.dataplane.flush(router)
+
+    def _link(self) -> TunnelLink:
+        if self.link is None:
+            raise FabricError("no tunnel: this worker has no `worker.tunnel` configured")
+        return self.link
+
+    def set_peer(self, spec: Mapping[str, Any] | TunnelPeerSpec,
+                 source: str = "set_peer") -> dict[str, Any]:
+        """Add a peer or change its key/endpoint, without a restart."""
+        link = self._link()
+        if not isinstance(spec, TunnelPeerSpec):
+            others = [p for pid, p in self.peer_specs.items() if pid != spec.get("id")]
+            spec = cfg.parse_peer(dict(spec), source, self.worker_id, others)
+        keepalive = self.tunnel.keepalive if self.tunnel else None
+        old = self.peer_specs.get(spec.id)
+        if old is not None and old != spec:
+            self.dataplane.call(link.core.remove_peer, spec.id)
+        if old != spec:
+            self.dataplane.call(link.core.add_peer, spec.id, spec.public_key, spec.endpoint,
+                                keepalive)
+            self.peer_specs[spec.id] = spec
+            self.bus.emit("peer_added" if old is None else "peer_changed", peer=spec.id)
+        return next(p for p in self.get_peers() if p.get("id") == spec.id)
+
+    def remove_peer(self, peer_id: str) -> None:
+        link = self._link()
+        if peer_id not in self.peer_specs:
+            raise NotFound(f"peer {peer_id} not found")
+        self.dataplane.call(link.core.remove_peer, peer_id)
+        del self.peer_specs[peer_id]
+        self.bus.emit("peer_removed", peer=peer_id)
+
+    def rekey_peer(self, peer_id: str) -> None:
+        link = self._link()
+        if peer_id not in self.peer_specs:
+            raise NotFound(f"peer {peer_id} not found")
+        self.dataplane.call(link.core.rekey, peer_id, time.monotonic())
+
+    def sync_peers(self, peers: tuple[TunnelPeerSpec, ...]) -> None:
+        """Make the peer set equal to `peers` (a config reload)."""
+        if self.link is None:
+            return
+        wanted = {p.id: p for p in peers}
+        for pid in list(self.peer_specs):
+            if pid not in wanted:
+                self.remove_peer(pid)
+        for p in peers:
+            self.set_peer(p)
 
     @property
     def dataplane(self) -> DataPlane:
@@ -108,6 +201,9 @@ class Fabric:
         changed pods are re-attached, missing ones detached."""
         if not isinstance(spec, NamespaceSpec):
             spec = cfg.parse_namespace(dict(spec), source, self.worker_id)
+        if spec.id is None and any(p.kind == "remote" for p in spec.pods):
+            raise ConfigError(source, "id", f"namespace {spec.name} has pods on other workers:"
+                              " it needs an id (the same on every worker)")
         others = [ns.spec for name, ns in self.namespaces.items() if name != spec.name]
         cfg.validate_namespace_set(others + [spec], source)
         async with self._lock:
@@ -123,6 +219,9 @@ class Fabric:
                         await ns.start_local_stack()
                     if self.uplink is not None:
                         ns.start_egress(self.uplink)
+                    if self.link is not None and spec.id is not None:
+                        ns.start_tunnel(self.link, spec.id)
+                        self._by_id[spec.id] = ns
                 except BaseException:
                     ns.close()
                     raise
@@ -163,6 +262,8 @@ class Fabric:
         ns = self.namespaces.pop(name, None)
         if ns is None:
             raise NotFound(f"namespace {name} not found")
+        if ns.spec.id is not None and self._by_id.get(ns.spec.id) is ns:
+            self.dataplane.call(self._by_id.pop, ns.spec.id, None)
         ns.close()
         self.bus.emit("namespace_removed", name)
         log.info("namespace %s: removed", name)
@@ -243,7 +344,9 @@ class Fabric:
         return []
 
     def get_peers(self) -> list[dict[str, Any]]:
-        return []
+        if self.link is None:
+            return []
+        return self.dataplane.call(self.link.core.peers)
 
     def events(self) -> Subscription:
         return self.bus.subscribe()

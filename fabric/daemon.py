@@ -7,6 +7,7 @@ and apply only the difference; a bad file is reported and the running state kept
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import sys
@@ -48,7 +49,8 @@ class Daemon:
     def __init__(self, config: Config, path: str | None) -> None:
         self.config = config
         self.path = path
-        self.fabric = Fabric(worker_id=config.worker.id, egress=config.worker.egress)
+        self.fabric = Fabric(worker_id=config.worker.id, egress=config.worker.egress,
+                             tunnel=config.worker.tunnel)
         self.stop = asyncio.Event()
         self._reloading: asyncio.Task[None] | None = None
 
@@ -56,9 +58,6 @@ class Daemon:
         loop = asyncio.get_running_loop()
         control = ControlServer(self.fabric, self.config.worker.control,
                                 self.config.worker.control_mode)
-        if self.config.worker.tunnel is not None:
-            log.warning("worker.tunnel is configured but not implemented in this version; "
-                        "ignored")
         await self.fabric.start()
         try:
             await control.start()
@@ -94,8 +93,17 @@ class Daemon:
             log.error("reload failed, keeping the running config: %s", e.message)
             self.fabric.bus.emit("config_reload_failed", error=e.message)
             return
-        if new.worker != self.config.worker:
-            log.warning("reload: changes to `worker` need a restart; they are not applied")
+        old_w, new_w = self.config.worker, new.worker
+        if old_w.tunnel is not None and new_w.tunnel is not None:
+            try:
+                self.fabric.sync_peers(new_w.tunnel.peers)
+            except FabricError as e:
+                log.error("reload: tunnel peers not applied: %s", e.message)
+            old_w = dataclasses.replace(old_w, tunnel=dataclasses.replace(
+                old_w.tunnel, peers=new_w.tunnel.peers))
+        if new_w != old_w:
+            log.warning("reload: changes to `worker` other than tunnel peers need a restart; "
+                        "they are not applied")
         wanted = {ns.name for ns in new.namespaces}
         try:
             for name in list(self.fabric.namespaces):

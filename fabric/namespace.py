@@ -10,8 +10,9 @@ import asyncio
 import ipaddress
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fabric import packets
 from fabric.afpacket import PacketPort
@@ -29,6 +30,9 @@ from gateway.dns_server import DnsServer
 from gateway.egress import EgressNat
 from gateway.records import Records
 from gateway.uplink import Uplink
+
+if TYPE_CHECKING:
+    from tunnels.link import TunnelLink
 
 log = logging.getLogger("fabricd.namespace")
 
@@ -109,6 +113,19 @@ class Namespace:
         self.router.egress = nat
         self.router.uplink = uplink.port
         uplink.add(self.name, addr, self.router)
+
+    def start_tunnel(self, link: TunnelLink, ns_id: int) -> None:
+        """Pods of this namespace on other workers are reached through the tunnel."""
+        send = link.send
+
+        def tunnel_send(worker: str, packet: bytes, now: float) -> None:
+            send(worker, ns_id, packet, now)
+
+        self.dataplane.call(self._attach_tunnel, tunnel_send)
+
+    def _attach_tunnel(self, fn: Callable[[str, bytes, float], None]) -> None:
+        self.router.tunnel_send = fn
+        self.router.tunnel_mtu = self.spec.mtu
 
     def update_egress(self) -> None:
         if self.egress is not None:
