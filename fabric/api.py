@@ -113,7 +113,6 @@ class Fabric:
 
     async def _start_tunnel(self, spec: TunnelSpec) -> None:
         from tunnels.core import TunnelCore
-
         from tunnels.link import TunnelLink
 
         core = TunnelCore(spec.private_key, spec.psk)
@@ -174,7 +173,7 @@ class Fabric:
         link = self._link()
         if peer_id not in self.peer_specs:
             raise NotFound(f"peer {peer_id} not found")
-        self.dataplane.call(link.core.rekey, peer_id, time.monotonic())
+        self.dataplane.call(link.rekey, peer_id, time.monotonic())
 
     def sync_peers(self, peers: tuple[TunnelPeerSpec, ...]) -> None:
         """Make the peer set equal to `peers` (a config reload)."""
@@ -346,7 +345,17 @@ class Fabric:
     def get_peers(self) -> list[dict[str, Any]]:
         if self.link is None:
             return []
-        return self.dataplane.call(self.link.core.peers)
+        mono = time.monotonic()
+        rows = self.dataplane.call(self.link.core.peers, mono)
+        wall = time.time()
+        for r in rows:
+            ep = r.get("endpoint")
+            r["endpoint"] = f"{ep[0]}:{ep[1]}" if ep else None
+            lh = r.get("last_handshake")
+            r["last_handshake"] = round(wall - (mono - lh), 3) if lh is not None else None
+            r["last_handshake_age"] = round(mono - lh, 3) if lh is not None else None
+            r["drops_total"] = sum(r.get("drops", {}).values())
+        return rows
 
     def events(self) -> Subscription:
         return self.bus.subscribe()

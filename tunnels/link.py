@@ -34,8 +34,12 @@ class TunnelLink:
         self.sock: socket.socket | None = None
         self.buf = bytearray(MAX_DATAGRAM)
         self.outputs: list[object] = []  # the data plane's owner protocol; always empty
-        self.counters: dict[str, int] = {"send_errors": 0, "recv_errors": 0,
-                                         "datagrams_in": 0, "datagrams_out": 0}
+        self.counters: dict[str, int] = {
+            "send_errors": 0,
+            "recv_errors": 0,
+            "datagrams_in": 0,
+            "datagrams_out": 0,
+        }
 
     def open(self) -> int:
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -51,8 +55,9 @@ class TunnelLink:
             s.close()
             from fabric.errors import PortError
 
-            raise PortError(f"tunnel listen {self.listen[0]}:{self.listen[1]}: "
-                            f"{e.strerror}") from None
+            raise PortError(
+                f"tunnel listen {self.listen[0]}:{self.listen[1]}: {e.strerror}"
+            ) from None
         self.sock = s
         return s.fileno()
 
@@ -106,9 +111,20 @@ class TunnelLink:
                 # A full socket buffer or an unreachable endpoint costs this datagram;
                 # the protocol's own retries and keepalives recover.
                 c["send_errors"] += 1
-                if e.errno not in (errno.EAGAIN, errno.ENOBUFS, errno.EHOSTUNREACH,
-                                   errno.ENETUNREACH, errno.ECONNREFUSED, errno.EPERM):
+                if e.errno not in (
+                    errno.EAGAIN,
+                    errno.ENOBUFS,
+                    errno.EHOSTUNREACH,
+                    errno.ENETUNREACH,
+                    errno.ECONNREFUSED,
+                    errno.EPERM,
+                ):
                     log.warning("tunnel send to %s: %s", addr, e)
+
+    def rekey(self, peer_id: str, now: float) -> None:
+        out = self.core.rekey(peer_id, now)
+        if out:
+            self._sendall(out)
 
     # --- timers (the data plane calls these like a router's) ----------------------------
 
