@@ -115,7 +115,9 @@ class Fabric:
         from tunnels.core import TunnelCore
         from tunnels.link import TunnelLink
 
-        core = TunnelCore(spec.private_key, spec.psk)
+        # Initiation timestamps must grow across restarts: they follow the wall clock.
+        core = TunnelCore(spec.private_key, spec.psk,
+                          wall_offset=time.time() - time.monotonic())
         for peer in spec.peers:
             core.add_peer(peer.id, peer.public_key, peer.endpoint, spec.keepalive)
             self.peer_specs[peer.id] = peer
