@@ -493,7 +493,7 @@ class TunnelCore:
         c["initiation_received"] += 1
         peer.rx_bytes += len(msg)
         self._rx_bytes += len(msg)
-        roamed = self._roam(peer, src)
+        self._roam(peer, src)
         peer.timers.authenticated_received()
         if peer.handshake is not None:
             started = peer.timers.attempt_start
@@ -503,11 +503,12 @@ class TunnelCore:
                 and now - started < REKEY_TIMEOUT
             ):
                 # Both sides initiated at once: the greater public key wins and its own
-                # initiation goes on; the peer yields and answers ours. If the peer's
-                # address changed, ours may have gone astray: resend it there now.
+                # initiation goes on; the peer yields and answers ours. The peer's
+                # initiation also proves it is up now, while ours may have been sent
+                # before it was (a worker starting) or to an old address: send ours
+                # again at once instead of waiting for the retry timer.
                 c["simultaneous_ignored"] += 1
-                if roamed:
-                    out.extend(self._initiate(peer, now, force=True))
+                out.extend(self._initiate(peer, now, force=True))
                 return
             c["simultaneous_yielded"] += 1
             self._drop_handshake(peer)
