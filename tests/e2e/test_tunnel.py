@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal
 import sys
 import time
@@ -32,33 +33,57 @@ def keypair() -> tuple[str, str]:
 
 
 class Cluster:
-    def __init__(self, sb: Sandbox, *, wrong_key: bool = False) -> None:
+    """Two workers. The underlay is a veth between them, or with `impaired` a relay
+    namespace in between that drops, delays and reorders (see impair.py)."""
+
+    def __init__(self, sb: Sandbox, *, wrong_key: bool = False, impaired: bool = False) -> None:
         self.sb = sb
         self.w1 = sb.netns("w1")
         self.w2 = sb.netns("w2")
-        sb.veth(self.w1, "under0", self.w2, "under0")
-        for ns, addr in ((self.w1, W1), (self.w2, W2)):
-            sb.run(ns, "ip", "addr", "add", f"{addr}/24", "dev", "under0")
-            sb.run(ns, "ip", "link", "set", "under0", "up")
+        if impaired:
+            wan = sb.netns("wan")
+            sb.veth(self.w1, "under0", wan, "to-w1")
+            sb.veth(self.w2, "under0", wan, "to-w2")
+            w2_addr = "198.51.100.2"
+            for ns, dev, addr in ((self.w1, "under0", f"{W1}/24"),
+                                  (self.w2, "under0", f"{w2_addr}/24"),
+                                  (wan, "to-w1", "192.0.2.254/24"),
+                                  (wan, "to-w2", "198.51.100.254/24")):
+                sb.run(ns, "ip", "addr", "add", addr, "dev", dev)
+                sb.run(ns, "ip", "link", "set", dev, "up")
+            relay = sb.popen(wan, sys.executable, "-m", "tests.e2e.impair",
+                             "192.0.2.254:51821", f"{W1}:51820",
+                             "198.51.100.254:51822", f"{w2_addr}:51820",
+                             "--loss", "0.05", "--delay", "0.02", "--reorder", "0.01",
+                             text=True, cwd=os.path.dirname(os.path.dirname(
+                                 os.path.dirname(os.path.abspath(__file__)))))
+            assert relay.stdout is not None and relay.stdout.readline().strip() == "ready"
+            ep_for_w1, ep_for_w2 = "192.0.2.254:51821", "198.51.100.254:51822"
+        else:
+            sb.veth(self.w1, "under0", self.w2, "under0")
+            for ns, addr in ((self.w1, W1), (self.w2, W2)):
+                sb.run(ns, "ip", "addr", "add", f"{addr}/24", "dev", "under0")
+                sb.run(ns, "ip", "link", "set", "under0", "up")
+            ep_for_w1, ep_for_w2 = f"{W2}:51820", f"{W1}:51820"
         self.a = sb.netns("a")
         self.b = sb.netns("b")
         self.k1, self.k2 = keypair(), keypair()
         pub2 = keypair()[1] if wrong_key else self.k2[1]
-        self.d1 = Daemon(sb, self.w1, self.config("w1", self.k1[0], "w2", pub2, W2,
+        self.d1 = Daemon(sb, self.w1, self.config("w1", self.k1[0], "w2", pub2, ep_for_w1,
                                                   local=("a", "10.40.0.2", self.a),
                                                   remote=("b", "10.40.0.3")), name="w1")
-        self.d2 = Daemon(sb, self.w2, self.config("w2", self.k2[0], "w1", self.k1[1], W1,
+        self.d2 = Daemon(sb, self.w2, self.config("w2", self.k2[0], "w1", self.k1[1],
+                                                  ep_for_w2,
                                                   local=("b", "10.40.0.3", self.b),
                                                   remote=("a", "10.40.0.2")), name="w2")
 
     @staticmethod
-    def config(me: str, priv: str, peer: str, peer_pub: str, peer_addr: str,
+    def config(me: str, priv: str, peer: str, peer_pub: str, endpoint: str,
                local: tuple[str, str, str], remote: tuple[str, str]) -> dict[str, Any]:
         return {
             "worker": {"id": me, "tunnel": {
                 "listen": "0.0.0.0:51820", "private_key": priv, "keepalive": "2s",
-                "peers": [{"id": peer, "public_key": peer_pub,
-                           "endpoint": f"{peer_addr}:51820"}]}},
+                "peers": [{"id": peer, "public_key": peer_pub, "endpoint": endpoint}]}},
             "namespaces": [{"name": "shop", "id": 7, "cidr": "10.40.0.0/24", "pods": [
                 {"name": local[0], "ip": local[1], "netns": local[2]},
                 {"name": remote[0], "ip": remote[1], "worker": peer}]}],
@@ -96,11 +121,10 @@ def test_ping_curl_iperf_across_workers(cluster: Cluster) -> None:
     assert "w2" in table
 
 
-def test_lossy_underlay_transfer_is_intact(cluster: Cluster) -> None:
+def test_lossy_underlay_transfer_is_intact(sandbox: Sandbox) -> None:
+    """5 % loss, 20 ms delay and 1 % reordering each way on the underlay."""
+    cluster = Cluster(sandbox, impaired=True).start()
     sb = cluster.sb
-    for ns in (cluster.w1, cluster.w2):
-        sb.run(ns, "tc", "qdisc", "add", "dev", "under0", "root", "netem", "loss", "5%",
-               "delay", "20ms", "reorder", "1%")
     sb.http_server(cluster.b, 8080)
     n = 50_000_000
     out = sb.run(cluster.a, "sh", "-c",
