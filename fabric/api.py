@@ -444,6 +444,29 @@ class Fabric:
             tx_b.samples.append((lab, up.tx_bytes))
             for reason, v in dict(up.drops).items():
                 drops.samples.append(({**lab, "reason": reason}, v))
+        tun_metrics: list[Metric] = []
+        if self.link is not None:
+            core_c = self.dataplane.call(lambda: self.link.core.counters)  # type: ignore[union-attr]
+            tun = Metric("fabric_tunnel_total", "counter",
+                         "Tunnel events (handshakes, drops by reason, rx/tx), by counter name",
+                         [({"counter": k}, v) for k, v in core_c.items()])
+            tun.samples += [({"counter": k}, v) for k, v in self.link.counters.items()]
+            tun.samples.append(({"counter": "unknown_namespace"}, self.tunnel_unknown_namespace))
+            peer_rx = Metric("fabric_peer_rx_bytes_total", "counter", "Bytes from a peer")
+            peer_tx = Metric("fabric_peer_tx_bytes_total", "counter", "Bytes to a peer")
+            peer_drops = Metric("fabric_peer_drops_total", "counter",
+                                "Datagrams of a peer dropped, by reason")
+            peer_hs = Metric("fabric_peer_last_handshake_seconds", "gauge",
+                             "Unix time of the peer's last completed handshake")
+            for r in self.get_peers():
+                lab = {"peer": r["id"]}
+                peer_rx.samples.append((lab, r["rx_bytes"]))
+                peer_tx.samples.append((lab, r["tx_bytes"]))
+                for reason, v in r.get("drops", {}).items():
+                    peer_drops.samples.append(({**lab, "reason": reason}, v))
+                if r["last_handshake"] is not None:
+                    peer_hs.samples.append((lab, r["last_handshake"]))
+            tun_metrics = [tun, peer_rx, peer_tx, peer_drops, peer_hs]
         nss = Metric("fabric_namespaces", "gauge", "Namespaces on this worker",
                      [({}, len(self.namespaces))])
         ev = Metric("fabric_events_total", "counter", "Events published",
@@ -451,7 +474,7 @@ class Fabric:
         evl = Metric("fabric_events_lost_total", "counter",
                      "Events a slow subscriber lost (its queue was full)", [({}, self.bus.lost())])
         return [nss, pods, attached, held, rx_p, rx_b, tx_p, tx_b, drops, dns, egress, flows,
-                ev, evl]
+                *tun_metrics, ev, evl]
 
     async def _retry_loop(self) -> None:
         while True:

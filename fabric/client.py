@@ -183,6 +183,9 @@ class ControlClient:
     def delete(self, path: str) -> Any:
         return self.request("DELETE", path)
 
+    def post(self, path: str, body: Any = None) -> Any:
+        return self.request("POST", path, body)
+
     def _open_stream(self, path: str) -> tuple[UnixHTTPConnection, http.client.HTTPResponse]:
         """Errors (unreachable, 404, ...) surface here, at call time, not on first next()."""
         conn = self._connect(self.timeout)

@@ -119,6 +119,20 @@ def test_ping_curl_iperf_across_workers(cluster: Cluster) -> None:
     assert peers[0]["id"] == "w2" and peers[0]["last_handshake"] is not None
     table = cluster.d1.cli("get", "peers")
     assert "w2" in table
+    from fabric.client import ControlClient
+
+    metrics = ControlClient(cluster.d1.control).get_text("/metrics")
+    assert 'fabric_peer_rx_bytes_total{peer="w2"}' in metrics
+    # Peers are managed at run time: remove w2, traffic stops; add it back, it resumes.
+    ControlClient(cluster.d1.control).delete("/v1/peers/w2")
+    assert sb.run(cluster.a, "ping", "-c", "1", "-W", "1", "10.40.0.3",
+                  check=False).returncode != 0
+    ControlClient(cluster.d1.control).put("/v1/peers/w2", {
+        "public_key": cluster.k2[1], "endpoint": f"{W2}:51820"})
+    assert ControlClient(cluster.d1.control).post("/v1/peers/w2/rekey")["ok"]
+    out = sb.run(cluster.a, "ping", "-c", "3", "-i", "0.3", "-W", "3", "10.40.0.3",
+                 check=False).stdout
+    assert " 0 received" not in out, out
 
 
 def test_lossy_underlay_transfer_is_intact(sandbox: Sandbox) -> None:
