@@ -522,13 +522,9 @@ class Router:
             return
         b = bytearray(packets.ETH_HLEN) + packet[:total]
         ip = packets.ETH_HLEN
-        ttl = b[ip + 8]
-        if ttl <= 1:
+        if not _decrement_ttl(b, ip):
             drops[DROP_TTL] = drops.get(DROP_TTL, 0) + 1
             return
-        b[ip + 8] = ttl - 1
-        b[ip + 10:ip + 12] = checksum.ttl_decrement_check(b[ip + 10] << 8 | b[ip + 11]).to_bytes(
-            2, "big")
         b[12] = 8
         b[13] = 0
         out = dpod.port
@@ -563,15 +559,9 @@ class Router:
         nat = self.egress
         out = self.uplink
         assert nat is not None and out is not None
-        ttl = buf[ip + 8]
-        if ttl <= 1:
+        if not _decrement_ttl(buf, ip):
             self._icmp_error(port, buf, ip, ICMP_TIME_EXCEEDED, 0, now, DROP_TTL)
             return None
-        buf[ip + 8] = ttl - 1
-        c = (buf[ip + 10] << 8 | buf[ip + 11]) + 0x100
-        c = (c + (c >= 0xFFFF)) & 0xFFFF
-        buf[ip + 10] = c >> 8
-        buf[ip + 11] = c & 0xFF
         total = buf[ip + 2] << 8 | buf[ip + 3]
         verdict = nat.outbound(buf, ip, total, now, bool(h and buf[0] & F_NEEDS_CSUM))
         if verdict != EGRESS_OK:
@@ -646,16 +636,9 @@ class Router:
         if dpod is None:
             port.drop(DROP_NO_ROUTE)
             return None
-        if routed:
-            ttl = buf[ip + 8]
-            if ttl <= 1:
-                port.drop(DROP_TTL)
-                return None
-            buf[ip + 8] = ttl - 1
-            c = (buf[ip + 10] << 8 | buf[ip + 11]) + 0x100
-            c = (c + (c >= 0xFFFF)) & 0xFFFF
-            buf[ip + 10] = c >> 8
-            buf[ip + 11] = c & 0xFF
+        if routed and not _decrement_ttl(buf, ip):
+            port.drop(DROP_TTL)
+            return None
         if h:
             _shift_vnet(buf, L3_OFF, 0, L3_OFF)
         buf[h + 12] = 8
@@ -876,3 +859,17 @@ def _strip_l2(frame: bytes, h: int) -> bytes:
     b = bytearray(frame)
     _shift_vnet(b, 0, L3_OFF, -L3_OFF)
     return bytes(b[L3_OFF:])
+
+
+def _decrement_ttl(buf: bytearray, ip: int) -> bool:
+    """TTL - 1 with the header checksum updated as Linux does (the router's main path
+    has the same lines inline); False when the packet's time is up."""
+    ttl = buf[ip + 8]
+    if ttl <= 1:
+        return False
+    buf[ip + 8] = ttl - 1
+    c = (buf[ip + 10] << 8 | buf[ip + 11]) + 0x100
+    c = (c + (c >= 0xFFFF)) & 0xFFFF
+    buf[ip + 10] = c >> 8
+    buf[ip + 11] = c & 0xFF
+    return True
