@@ -24,6 +24,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 test: debs $(STAMP) lint
+	$(BIN)/python activators/build.py --check
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit tests/replay
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/e2e
 

@@ -116,14 +116,14 @@ class Namespace:
 
     def start_tunnel(self, link: TunnelLink, ns_id: int) -> None:
         """Pods of this namespace on other workers are reached through the tunnel."""
-        send = link.send
+        send = link.send_many
 
-        def tunnel_send(worker: str, packet: bytes, now: float) -> None:
-            send(worker, ns_id, packet, now)
+        def tunnel_send(worker: str, pkts: list[bytes], now: float) -> None:
+            send(worker, ns_id, pkts, now)
 
         self.dataplane.call(self._attach_tunnel, tunnel_send)
 
-    def _attach_tunnel(self, fn: Callable[[str, bytes, float], None]) -> None:
+    def _attach_tunnel(self, fn: Callable[[str, list[bytes], float], None]) -> None:
         self.router.tunnel_send = fn
         self.router.tunnel_mtu = self.spec.mtu
 

@@ -209,8 +209,9 @@ class Router:
         # Answers DNS queries for local names right here (see gateway.dns.answer_local):
         # returns the reply, b"" to drop, or None to pass the query to the local stack.
         self.dns_local: Callable[[bytes, float], bytes | None] | None = None
-        # Sends an IPv4 packet to a pod on another worker: tunnel_send(worker, packet, now).
-        self.tunnel_send: Callable[[str, bytes, float], None] | None = None
+        # Sends IPv4 packets to a pod on another worker: tunnel_send(worker, packets, now)
+        # (a list, so the segments of one super-frame leave in one batch).
+        self.tunnel_send: Callable[[str, list[bytes], float], None] | None = None
         self.tunnel_mtu = 1420
 
     # --- table ---------------------------------------------------------------------------
@@ -482,19 +483,21 @@ class Router:
             port.drop(DROP_BAD_OFFLOAD)
             return
         mtu = self.tunnel_mtu
+        out: list[bytes] = []
         for seg in segs:
             pkt = bytearray(seg)
             packets.clamp_mss(pkt, mtu - 40)
             if len(pkt) <= mtu:
-                send(worker, bytes(pkt), now)
+                out.append(bytes(pkt))
             elif (pkt[6] << 8 | pkt[7]) & IP_DF:
                 b = bytearray(h + packets.ETH_HLEN) + pkt
                 self._icmp_error(port, b, h + packets.ETH_HLEN, ICMP_UNREACH,
                                  UNREACH_FRAG_NEEDED, now, DROP_TOO_BIG, mtu=mtu)
-                return
+                break
             else:
-                for frag in packets.fragment(pkt, mtu):
-                    send(worker, frag, now)
+                out.extend(packets.fragment(pkt, mtu))
+        if out:
+            send(worker, out, now)
 
     def receive_remote(self, worker: str, packet: bytes, now: float) -> None:
         """A packet from a pod on another worker (already authenticated by the tunnel):

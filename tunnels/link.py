@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import struct
 import time
 from collections.abc import Callable
 
@@ -20,6 +21,10 @@ log = logging.getLogger("fabricd.tunnel")
 BATCH = 256
 SOCK_BUF = 8 * 1024 * 1024
 MAX_DATAGRAM = 65535
+SOL_UDP = 17
+UDP_SEGMENT = 103
+GSO_MAX_SEGMENTS = 64
+GSO_MAX_BYTES = 65000
 
 Deliver = Callable[[str, int, bytes, float], None]
 
@@ -39,7 +44,9 @@ class TunnelLink:
             "recv_errors": 0,
             "datagrams_in": 0,
             "datagrams_out": 0,
+            "gso_sends": 0,
         }
+        self.gso = True
 
     def open(self) -> int:
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -98,28 +105,64 @@ class TunnelLink:
         if out:
             self._sendall(out)
 
+    def send_many(self, peer_id: str, ns_id: int, packets: list[bytes], now: float) -> None:
+        """The segments of one super-frame: encrypted one by one, sent as one batch."""
+        send = self.core.send
+        out: list[tuple[tuple[str, int], bytes]] = []
+        for p in packets:
+            out += send(peer_id, ns_id, p, now)
+        if out:
+            self._sendall(out)
+
     def _sendall(self, datagrams: list[tuple[tuple[str, int], bytes]]) -> None:
+        """Send datagrams; runs of equal-size datagrams to one address go out as one
+        UDP GSO send (one system call, the kernel cuts them), where the kernel can."""
         sock = self.sock
         if sock is None:
             return
-        c = self.counters
-        for addr, data in datagrams:
-            try:
-                sock.sendto(data, addr)
-                c["datagrams_out"] += 1
-            except OSError as e:
-                # A full socket buffer or an unreachable endpoint costs this datagram;
-                # the protocol's own retries and keepalives recover.
-                c["send_errors"] += 1
-                if e.errno not in (
-                    errno.EAGAIN,
-                    errno.ENOBUFS,
-                    errno.EHOSTUNREACH,
-                    errno.ENETUNREACH,
-                    errno.ECONNREFUSED,
-                    errno.EPERM,
-                ):
-                    log.warning("tunnel send to %s: %s", addr, e)
+        i = 0
+        n = len(datagrams)
+        while i < n:
+            addr, data = datagrams[i]
+            size = len(data)
+            j = i + 1
+            if self.gso:
+                limit = min(n, i + min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // size))
+                while (j < limit and datagrams[j][0] == addr
+                       and len(datagrams[j][1]) == size):
+                    j += 1
+                # A shorter last datagram may end a GSO batch.
+                if j < limit and datagrams[j][0] == addr and len(datagrams[j][1]) < size:
+                    j += 1
+            if j - i > 1:
+                payload = b"".join(d for _, d in datagrams[i:j])
+                try:
+                    sock.sendmsg([payload], [(SOL_UDP, UDP_SEGMENT, struct.pack("H", size))],
+                                 0, addr)
+                    self.counters["datagrams_out"] += j - i
+                    self.counters["gso_sends"] += 1
+                except OSError as e:
+                    if e.errno in (errno.EINVAL, errno.EIO, errno.ENOPROTOOPT,
+                                   errno.EOPNOTSUPP):
+                        self.gso = False  # no UDP GSO here: plain sends from now on
+                        log.info("tunnel: UDP GSO not available (%s); sending one by one", e)
+                        continue
+                    self._send_error(addr, e, j - i)
+            else:
+                try:
+                    sock.sendto(data, addr)
+                    self.counters["datagrams_out"] += 1
+                except OSError as e:
+                    self._send_error(addr, e, 1)
+            i = j
+
+    def _send_error(self, addr: tuple[str, int], e: OSError, count: int) -> None:
+        # A full socket buffer or an unreachable endpoint costs these datagrams; the
+        # protocol's own retries and keepalives recover.
+        self.counters["send_errors"] += count
+        if e.errno not in (errno.EAGAIN, errno.ENOBUFS, errno.EHOSTUNREACH, errno.ENETUNREACH,
+                           errno.ECONNREFUSED, errno.EPERM):
+            log.warning("tunnel send to %s: %s", addr, e)
 
     def rekey(self, peer_id: str, now: float) -> None:
         out = self.core.rekey(peer_id, now)

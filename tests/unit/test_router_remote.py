@@ -21,7 +21,7 @@ def setup() -> tuple[Router, Port, list[tuple[str, bytes]]]:
     pa = Port(vnet=False, mtu=1500)
     r.attach("a", pa, 0.0)
     sent: list[tuple[str, bytes]] = []
-    r.tunnel_send = lambda worker, pkt, now: sent.append((worker, pkt))
+    r.tunnel_send = lambda worker, pkts, now: sent.extend((worker, p) for p in pkts)
     r.tunnel_mtu = 1420
     r.outputs.clear()
     return r, pa, sent

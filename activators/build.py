@@ -1,0 +1,109 @@
+"""Build the activators' .wasm files from C, reproducibly, with the zig toolchain from PyPI.
+
+Why a script rather than a Makefile rule: CI runs ``python activators/build.py --check``,
+which rebuilds everything into a temporary directory and compares bytes with the committed
+.wasm files, so a source change without a rebuild (or a toolchain drift) fails loudly.
+The flags are fixed and the output stripped (no debug info, no producers section), so the
+bytes depend only on the sources and the pinned ``ziglang`` version.
+
+Usage: ``python activators/build.py`` (write) or ``python activators/build.py --check``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+
+#: source -> output, both relative to activators/
+TARGETS: dict[str, str] = {
+    "tcp/tcp.c": "tcp/tcp.wasm",
+    "testing/loop.c": "testing/loop.wasm",
+    "testing/membomb.c": "testing/membomb.wasm",
+    "testing/trap.c": "testing/trap.wasm",
+    "testing/garbage.c": "testing/garbage.wasm",
+    "testing/noexport.c": "testing/noexport.wasm",
+}
+
+CFLAGS: tuple[str, ...] = (
+    "--target=wasm32-freestanding",
+    "-O2",
+    "-std=c11",
+    "-nostdlib",
+    "-g0",
+    "-s",
+    "-Wall",
+    "-Wextra",
+    "-Werror",
+    "-fno-builtin",
+    "-Wl,--no-entry",
+    "-Wl,--export-memory",
+    "-Wl,--strip-all",
+    "-Wl,-z,stack-size=65536",
+)
+
+
+def compile_one(src: Path, out: Path, cache: Path) -> None:
+    """Compile one activator; the zig caches live in ``cache`` so builds are hermetic."""
+    env = dict(os.environ, ZIG_GLOBAL_CACHE_DIR=str(cache / "global"),
+               ZIG_LOCAL_CACHE_DIR=str(cache / "local"))
+    # Run from ROOT with relative paths, so no absolute path can leak into the output.
+    cmd = [sys.executable, "-m", "ziglang", "cc", *CFLAGS, "-o", str(out),
+           str(src.relative_to(ROOT))]
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True)
+
+
+def build_all(outdir: Path) -> dict[str, Path]:
+    """Build every target under ``outdir`` (mirroring the relative layout)."""
+    built: dict[str, Path] = {}
+    with tempfile.TemporaryDirectory(prefix="fab-zig-cache-") as cache:
+        for src, out in TARGETS.items():
+            dest = outdir / out
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            compile_one(ROOT / src, dest, Path(cache))
+            built[out] = dest
+    return built
+
+
+def check() -> list[str]:
+    """Rebuild into a temp dir; return the outputs whose bytes differ from the committed."""
+    with tempfile.TemporaryDirectory(prefix="fab-activators-") as tmp:
+        built = build_all(Path(tmp))
+        return [out for out, path in built.items()
+                if not (ROOT / out).is_file() or (ROOT / out).read_bytes() != path.read_bytes()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true",
+                    help="rebuild into a temp dir and compare with the committed .wasm")
+    args = ap.parse_args(argv)
+    if args.check:
+        try:
+            bad = check()
+        except subprocess.CalledProcessError as e:
+            print(f"build failed: {e}", file=sys.stderr)
+            return 1
+        for out in bad:
+            print(f"activators/{out}: differs from a fresh build; run activators/build.py",
+                  file=sys.stderr)
+        if not bad:
+            print(f"{len(TARGETS)} activators match their sources")
+        return 1 if bad else 0
+    try:
+        build_all(ROOT)
+    except subprocess.CalledProcessError as e:
+        print(f"build failed: {e}", file=sys.stderr)
+        return 2
+    for out in TARGETS.values():
+        print(f"activators/{out}: {(ROOT / out).stat().st_size} bytes")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
