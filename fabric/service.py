@@ -1,0 +1,939 @@
+"""Services: a virtual IP (VIP) in front of backend pods, with scale-from-zero holding.
+
+Sans-IO like the router and egress NAT: the router hands over IPv4 packets in its buffer
+(`pkt[off:off+length]`, whatever framing sits in front left alone) with the time, and the
+core rewrites them in place at fixed offsets and answers with a verdict; everything slower
+(held packets, their release or rejection, signals) comes back as action objects.
+
+Forwarding
+    `outbound()` takes a packet addressed to the VIP. A packet of a known flow is
+    DNATed to the backend pinned in conntrack (fabric/conntrack.py). A new flow to one
+    of the service's ports picks a ready backend by a hash of its 5-tuple and is pinned;
+    `reply()` takes a packet from a backend and rewrites its source back to VIP:port
+    (NOT_OURS when it belongs to no flow: the router routes it as usual). Checksums are
+    updated incrementally with deltas precomputed per flow (RFC 1624, as egress does):
+    with `partial` (virtio-net NEEDS_CSUM) the TCP/UDP field holds the pseudo-header sum,
+    which covers the addresses but not the ports. ICMP errors about a flow (either way)
+    are translated too, quote included, and later fragments follow their first one.
+
+Hairpin
+    A backend calling its own service would get a packet from itself to itself: its
+    kernel drops it (a "martian" with a local source) and, even if not, would answer
+    over loopback, never through the fabric, so the reply could not be un-NATed and the
+    client would see a SYN-ACK from the wrong address. So when the chosen backend is the
+    client itself, the source is SNATed to the VIP as well (the client's port is kept
+    unless that tuple is in use): the backend sees VIP:port' -> itself:target_port,
+    answers to the VIP, the router hands that packet to `outbound()` (its destination is
+    the VIP), which finds it in the reply table and translates it back to
+    VIP:port -> client:port. The SNAT port is never one of the service's own ports of
+    that protocol, so a hairpin reply can never be mistaken for a new request.
+
+Readiness
+    A backend is ready when the controller marked it ready and, with readiness "probe",
+    the fabric's own TCP connect to it succeeded. The core only keeps the state:
+    `probes_due(now)` says which backends to connect to (retried every
+    `probe_interval`), `probe_result()` reports back; `next_timer()` includes the probe
+    times, so the shell calls `probes_due(now)` when its timer fires. Only ready backends
+    get new flows; a backend going unready keeps its existing flows until they end; a
+    removed backend loses its flows.
+
+Holding and release order
+    While no backend is ready, packets of new flows are held in arrival order, bounded by
+    packets, bytes and time (HoldSpec); overflow is tail-drop. When a backend becomes
+    ready the shell calls `release(now)`, which DNATs the held packets (pinning their
+    flows) and returns them in arrival order. Ordering guarantee: while the hold queue is
+    not empty, every packet that belongs to no pinned flow joins the queue instead of
+    being forwarded -- HELD when no backend is ready, QUEUED ("queue behind") when one is
+    and the queue only waits for `release()`. A packet can therefore never overtake a
+    held one: held packets are by construction of unpinned flows, and an unpinned flow's
+    packets always queue while anything is held; packets of pinned flows cannot have
+    anything of their own flow in the queue. The router sends what `release()` returns
+    before anything else of the service, which it does simply by calling `release()`
+    when it sees QUEUED, after `set_backend()`/`probe_result()`, or from the timer
+    (`next_timer()` is due at once while a release is pending and `handle_timer()`
+    returns `Released` actions then).
+
+    Held packets that time out come back from `handle_timer()` as `HoldTimeout` actions
+    carrying the answer already built: a TCP RST for a SYN, ICMP port unreachable (from
+    the VIP, quoting the packet as the client sent it) for anything else, nothing for
+    RSTs, later fragments and ICMP errors.
+
+Signals
+    `need()` is a level: the service is needed while it holds packets, has open flows
+    (TCP until FIN both ways or RST, UDP until its idle timeout), or saw traffic or an
+    activation within `idle_timeout`. Its edges become `Signal("activate", reason, flow)`
+    (reason "held", "traffic" or "activator:<name>", flow the first flow) and
+    `Signal("idle", "idle_timeout", None)`. An activate within `activate_debounce` of the
+    previous one is deferred to the end of that interval. Signals are never dropped:
+    pending ones coalesce (at most two, alternating kinds, the last one always giving
+    the current level; a repeated kind keeps the first reason). `outbound()` and
+    `reply()` return verdicts, so signals they raise wait in `signals_pending` until
+    `take_signals()`, `activate()` or `handle_timer()` returns them (`next_timer()` is due
+    at once while any are pending).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from fabric import checksum, packets
+from fabric.config import DEFAULT_IDLE_TIMEOUT, HoldSpec, PortSpec, ServiceSpec
+from fabric.conntrack import Conn, Conntrack
+from fabric.packets import (
+    ICMP_ECHO_REPLY,
+    ICMP_ECHO_REQUEST,
+    ICMP_TIME_EXCEEDED,
+    ICMP_UNREACH,
+    IP_MF,
+    IP_OFFMASK,
+    PROTO_ICMP,
+    PROTO_TCP,
+    PROTO_UDP,
+    TCP_ACK,
+    TCP_FIN,
+    TCP_RST,
+    TCP_SYN,
+    UNREACH_PORT,
+)
+from gateway.egress import EgressNat, _delta
+
+# Verdicts of outbound() and reply().
+FORWARD = 0  # rewritten in place: route by the new destination
+HELD = 1  # copied into the hold (no backend ready): drop the buffer
+QUEUED = 2  # copied behind held packets that can go now: call release() and send them
+HOLD_FULL = 3  # no room in the hold (even if a release is pending): tail-dropped, counted
+NO_BACKEND = 4  # no ready backend and holding disabled: answer with reject_response()
+TABLE_FULL = 5  # conntrack is full: drop
+NOT_SERVICE = 6  # not for a service port (or not TCP/UDP): the router decides
+NOT_OURS = 7  # reply(): not part of any flow, untouched: route as usual
+NO_FLOW = 8  # a later fragment or ICMP error with no flow: drop
+MALFORMED = 9
+
+VERDICTS = ("forward", "held", "queued", "hold_full", "no_backend", "table_full",
+            "not_service", "not_ours", "no_flow", "malformed")
+
+PROBE_INTERVAL = 0.2
+ACTIVATE_DEBOUNCE = 1.0
+
+COUNTERS = (
+    "held",
+    "released",
+    "release_dropped",
+    "hold_overflow",
+    "hold_timeout",
+    "dnat_flows",
+    "dnat_packets",
+    "reverse_nat",
+    "hairpin",
+    "no_backend",
+    "table_full",
+    "not_service",
+    "no_flow",
+    "malformed",
+    "icmp_errors_translated",
+    "fragments_translated",
+    "flows_expired",
+    "activations",
+    "idles",
+    "probes",
+)
+
+_ICMP_ERRORS = frozenset((ICMP_UNREACH, ICMP_TIME_EXCEEDED, 12))
+_PROTO_NAMES = {PROTO_TCP: "tcp", PROTO_UDP: "udp"}
+_PROTOS = {"tcp": PROTO_TCP, "udp": PROTO_UDP}
+_from_bytes = int.from_bytes
+_adjust16 = EgressNat._adjust16
+_adjust_udp = EgressNat._adjust_udp
+_quote = EgressNat._quote
+
+
+# --- actions --------------------------------------------------------------------------------
+
+
+class FlowId(NamedTuple):
+    """A flow as the client sent it, for signals and status."""
+
+    proto: str
+    src: str
+    sport: int
+    dst: str
+    dport: int
+
+    def __str__(self) -> str:
+        return f"{self.proto} {self.src}:{self.sport} -> {self.dst}:{self.dport}"
+
+
+@dataclass(frozen=True, slots=True)
+class Signal:
+    kind: str  # "activate" or "idle"
+    reason: str
+    flow: FlowId | None
+
+
+@dataclass(frozen=True, slots=True)
+class Released:
+    """A held packet, DNATed, to send now: `frame` is the buffer the router handed over
+    (pkt[:off+length], its framing in front untouched), the IPv4 packet at `off`."""
+
+    frame: bytes
+    off: int
+    length: int
+    partial: bool
+
+    @property
+    def packet(self) -> bytes:
+        return self.frame[self.off:self.off + self.length]
+
+
+@dataclass(frozen=True, slots=True)
+class HoldTimeout:
+    """A held packet that waited too long, as it arrived; `response` is the IPv4 packet to
+    send its sender (RST for a SYN, ICMP port unreachable otherwise), or None."""
+
+    frame: bytes
+    off: int
+    length: int
+    partial: bool
+    response: bytes | None
+
+    @property
+    def packet(self) -> bytes:
+        return self.frame[self.off:self.off + self.length]
+
+
+Action = Signal | Released | HoldTimeout
+
+
+class Backend:
+    __slots__ = ("name", "ip", "addr", "marked", "probed", "probe_due", "flows")
+
+    def __init__(self, name: str, addr: ipaddress.IPv4Address) -> None:
+        self.name = name
+        self.addr = addr
+        self.ip = addr.packed
+        self.marked = False  # ready according to the controller
+        self.probed = False  # our own probe succeeded since it was marked
+        self.probe_due = 0.0
+        self.flows = 0
+
+
+# --- the service ------------------------------------------------------------------------------
+
+
+class Service:
+    """One service's forwarding, hold and demand state (see module docstring)."""
+
+    def __init__(
+        self,
+        name: str,
+        vip: str | ipaddress.IPv4Address,
+        ports: Iterable[PortSpec],
+        *,
+        hold: HoldSpec = HoldSpec(),
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        readiness: str = "probe",
+        probe_interval: float = PROBE_INTERVAL,
+        activate_debounce: float = ACTIVATE_DEBOUNCE,
+        conntrack: Conntrack | None = None,
+        now: float = 0.0,
+    ) -> None:
+        if readiness not in ("probe", "external"):
+            raise ValueError(f"readiness {readiness!r} is not probe or external")
+        self.name = name
+        self.vip = ipaddress.IPv4Address(vip)
+        self._vip = self.vip.packed
+        self.ports = tuple(ports)
+        # (proto << 16 | port) -> target port
+        self._ports: dict[int, int] = {}
+        for p in self.ports:
+            proto = _PROTOS.get(p.protocol)
+            if proto is None:
+                raise ValueError(f"protocol {p.protocol!r} is not tcp or udp")
+            self._ports[proto << 16 | p.port] = p.target_port
+        tcp_targets = [p.target_port for p in self.ports if p.protocol == "tcp"]
+        # The readiness probe connects to the first TCP port's target; a service with only
+        # UDP ports cannot be probed by a connect and goes by the controller alone.
+        self.probe_port = tcp_targets[0] if tcp_targets else None
+        self.readiness = readiness
+        self._probe = readiness == "probe" and self.probe_port is not None
+        self.hold_spec = hold
+        self.idle_timeout = idle_timeout
+        self.probe_interval = probe_interval
+        self.activate_debounce = activate_debounce
+        self.ct = conntrack if conntrack is not None else Conntrack()
+        self.ct.on_remove = self._flow_removed
+        self.backends: dict[str, Backend] = {}
+        self._by_ip: dict[bytes, Backend] = {}
+        self._ready: list[Backend] = []  # sorted by name: the hash picks from this
+        # (arrival, frame, off, length, partial)
+        self._hold: deque[tuple[float, bytes, int, int, bool]] = deque()
+        self.held_bytes = 0
+        self._release_at: float | None = None  # a release is pending since then
+        self._need = False
+        self._last_traffic = now
+        self._last_activate: float | None = None
+        self._deferred: tuple[float, str, FlowId | None] | None = None
+        self._pending: list[Signal] = []
+        self._pending_at = 0.0
+        self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
+
+    @classmethod
+    def from_spec(cls, spec: ServiceSpec, **kw: Any) -> Service:
+        return cls(spec.name, spec.ip, spec.ports, hold=spec.hold,
+                   idle_timeout=spec.idle_timeout, readiness=spec.readiness, **kw)
+
+    # --- backends and readiness ------------------------------------------------------------
+
+    def set_backend(self, name: str, ip: str | ipaddress.IPv4Address, ready: bool,
+                    now: float = 0.0) -> None:
+        """Add or update a backend as the controller sees it. When this makes a backend
+        ready while packets are held, call `release(now)`."""
+        addr = ipaddress.IPv4Address(ip)
+        b = self.backends.get(name)
+        if b is not None and b.addr != addr:
+            self.remove_backend(name)
+            b = None
+        if b is None:
+            other = self._by_ip.get(addr.packed)
+            if other is not None:
+                raise ValueError(f"{addr} is already backend {other.name}")
+            b = Backend(name, addr)
+            self.backends[name] = b
+            self._by_ip[b.ip] = b
+        if ready and not b.marked:
+            b.probe_due = now
+        if not ready:
+            b.probed = False
+        b.marked = ready
+        self._update_ready(now)
+
+    def remove_backend(self, name: str, now: float = 0.0) -> None:
+        """Forget a backend; its flows go with it."""
+        b = self.backends.pop(name, None)
+        if b is None:
+            return
+        del self._by_ip[b.ip]
+        b.marked = b.probed = False
+        for conn in list(self.ct):
+            if conn.backend is b:
+                self.ct.remove(conn)
+        self._update_ready(now)
+
+    def probes_due(self, now: float) -> list[tuple[str, str, int]]:
+        """(name, ip, port) of the backends to probe with a TCP connect now; each is due
+        again `probe_interval` later unless `probe_result()` says it succeeded."""
+        out: list[tuple[str, str, int]] = []
+        if not self._probe:
+            return out
+        port = self.probe_port
+        assert port is not None
+        for b in self.backends.values():
+            if b.marked and not b.probed and b.probe_due <= now:
+                b.probe_due = now + self.probe_interval
+                out.append((b.name, str(b.addr), port))
+                self.counters["probes"] += 1
+        return out
+
+    def probe_result(self, name: str, ok: bool, now: float) -> None:
+        """The outcome of a probe; a failure retries after `probe_interval`. When this makes
+        a backend ready while packets are held, call `release(now)`."""
+        b = self.backends.get(name)
+        if b is None or not b.marked:
+            return
+        b.probed = ok
+        if not ok:
+            b.probe_due = now + self.probe_interval
+        self._update_ready(now)
+
+    def is_ready(self, b: Backend) -> bool:
+        return b.marked and (b.probed or not self._probe)
+
+    def _update_ready(self, now: float) -> None:
+        self._ready = sorted((b for b in self.backends.values() if self.is_ready(b)),
+                             key=lambda b: b.name)
+        if self._ready and self._hold:
+            if self._release_at is None:
+                self._release_at = now
+        else:
+            self._release_at = None
+
+    @property
+    def releasable(self) -> bool:
+        return bool(self._hold) and bool(self._ready)
+
+    def _flow_removed(self, conn: Conn) -> None:
+        b = conn.backend
+        if isinstance(b, Backend):
+            b.flows -= 1
+
+    # --- packets: client -> VIP --------------------------------------------------------------
+
+    def outbound(self, pkt: bytearray, off: int, length: int, now: float,
+                 partial: bool) -> int:
+        """Translate pkt[off:off+length], an IPv4 packet to the VIP, in place; a verdict.
+        A packet that is not FORWARDed is left unchanged."""
+        return self._outbound(pkt, off, length, now, partial, False)
+
+    def _outbound(self, pkt: bytearray, off: int, length: int, now: float, partial: bool,
+                  releasing: bool) -> int:
+        ip = off
+        counters = self.counters
+        if off < 0 or length < 20 or off + length > len(pkt):
+            counters["malformed"] += 1
+            return MALFORMED
+        vihl = pkt[ip]
+        ihl = (vihl & 15) << 2
+        total = pkt[ip + 2] << 8 | pkt[ip + 3]
+        if vihl >> 4 != 4 or ihl < 20 or total < ihl or total > length:
+            counters["malformed"] += 1
+            return MALFORMED
+        if pkt[ip + 16:ip + 20] != self._vip:
+            counters["not_service"] += 1
+            return NOT_SERVICE
+        proto = pkt[ip + 9]
+        ff = pkt[ip + 6] << 8 | pkt[ip + 7]
+        l4 = ip + ihl
+        if proto == PROTO_TCP:
+            need, cf = 20, l4 + 16
+        elif proto == PROTO_UDP:
+            need, cf = 8, l4 + 6
+        elif (proto == PROTO_ICMP and not ff & (IP_OFFMASK | IP_MF) and total - ihl >= 8
+              and pkt[l4] in _ICMP_ERRORS):
+            return self._icmp_error(pkt, ip, l4, total, partial)
+        else:
+            counters["not_service"] += 1
+            return NOT_SERVICE
+        if ff & IP_OFFMASK:
+            return self._later_fragment(pkt, ip, off, length, proto, now, partial, releasing)
+        if total - ihl < need:
+            counters["malformed"] += 1
+            return MALFORMED
+        key = (_from_bytes(pkt[ip + 12:ip + 20], "big"), _from_bytes(pkt[l4:l4 + 4], "big"))
+        ct = self.ct
+        conn = ct.get(proto, key)
+        if conn is not None and proto == PROTO_TCP and ct.fresh_syn(conn, pkt[l4 + 13]):
+            ct.remove(conn)  # a new connection on the tuple of a closed one
+            conn = None
+        if conn is None:
+            rconn = ct.get_reply(proto, key)
+            if rconn is not None:  # a hairpin reply: from a backend to VIP:snat-port
+                return self._reply_conn(rconn, pkt, ip, l4, cf, proto, ff, now, partial)
+            target = self._ports.get(proto << 16 | (pkt[l4 + 2] << 8 | pkt[l4 + 3]))
+            if target is None:
+                counters["not_service"] += 1
+                return NOT_SERVICE
+            if not releasing and (self._hold or not self._ready):
+                return self._hold_packet(pkt, off, length, now, partial, proto, l4)
+            conn = self._new_flow(pkt, ip, l4, proto, key, target, now)
+            if conn is None:
+                counters["table_full"] += 1
+                return TABLE_FULL
+        conn.last = now
+        self._last_traffic = now
+        pkt[ip + 12:ip + 20] = conn.fwd_addrs
+        c = ((pkt[ip + 10] << 8 | pkt[ip + 11]) ^ 0xFFFF) + conn.fwd_dip
+        c = ((c & 0xFFFF) + (c >> 16)) ^ 0xFFFF
+        pkt[ip + 10] = c >> 8
+        pkt[ip + 11] = c & 0xFF
+        pkt[l4:l4 + 4] = conn.fwd_ports
+        c = pkt[cf] << 8 | pkt[cf + 1]
+        if partial:
+            c += conn.fwd_dip
+            c = (c & 0xFFFF) + (c >> 16)
+            pkt[cf] = c >> 8
+            pkt[cf + 1] = c & 0xFF
+        elif c or proto != PROTO_UDP:  # a UDP checksum of 0 means "none" and stays 0
+            c = (c ^ 0xFFFF) + conn.fwd_dl4
+            c = ((c & 0xFFFF) + (c >> 16)) ^ 0xFFFF
+            if c == 0 and proto == PROTO_UDP:
+                c = 0xFFFF
+            pkt[cf] = c >> 8
+            pkt[cf + 1] = c & 0xFF
+        if proto == PROTO_TCP:
+            f = pkt[l4 + 13]
+            if f & (TCP_SYN | TCP_FIN | TCP_RST) or not conn.state & 4:
+                ct.tcp_orig(conn, f)
+        if ff & IP_MF:
+            ct.remember_fragment(ct.frag_fwd, (proto, key[0], pkt[ip + 4] << 8 | pkt[ip + 5]),
+                                 conn, now)
+            counters["fragments_translated"] += 1
+        counters["dnat_packets"] += 1
+        return FORWARD
+
+    def _new_flow(self, pkt: bytearray, ip: int, l4: int, proto: int, key: tuple[int, int],
+                  target: int, now: float) -> Conn | None:
+        ready = self._ready
+        b = ready[_mix(proto, key) % len(ready)] if len(ready) > 1 else ready[0]
+        src = bytes(pkt[ip + 12:ip + 16])
+        orig_addrs = bytes(pkt[ip + 12:ip + 20])
+        orig_ports = bytes(pkt[l4:l4 + 4])
+        sport = orig_ports[0] << 8 | orig_ports[1]
+        hairpin = src == b.ip
+        new_src = self._vip if hairpin else src
+        tp = target.to_bytes(2, "big")
+        sport = self._free_port(proto, new_src, b.ip, target, sport, hairpin)
+        if sport < 0:
+            return None
+        conn = Conn(proto, orig_addrs, orig_ports, new_src + b.ip, sport.to_bytes(2, "big") + tp,
+                    b, hairpin)
+        if not self.ct.add(conn, now):
+            return None
+        b.flows += 1
+        self.counters["dnat_flows"] += 1
+        if hairpin:
+            self.counters["hairpin"] += 1
+        if not self._need:
+            self._raise_need("traffic", _flow_id(proto, orig_addrs, orig_ports), now)
+        return conn
+
+    def _free_port(self, proto: int, src: bytes, dst: bytes, dport: int, sport: int,
+                   hairpin: bool) -> int:
+        """The source port a new flow's translated tuple can use: the client's own unless
+        the reply tuple is taken (two service ports with the same target, or a hairpin
+        clash) or, for hairpin, it is one of the service's ports; -1 if none is free."""
+        base = _from_bytes(dst + src, "big")
+        ct = self.ct
+        p = sport
+        for i in range(64):
+            if i:
+                p = 1024 + (sport * 2654435761 + i * 40503) % (65536 - 1024)
+            if hairpin and (proto << 16 | p) in self._ports:
+                continue
+            if not ct.reply_taken(proto, (base, dport << 16 | p)):
+                return p
+        return -1
+
+    def _later_fragment(self, pkt: bytearray, ip: int, off: int, length: int, proto: int,
+                        now: float, partial: bool, releasing: bool) -> int:
+        """A fragment without the L4 header: only the addresses change."""
+        ct = self.ct
+        fkey = (proto, _from_bytes(pkt[ip + 12:ip + 20], "big"), pkt[ip + 4] << 8 | pkt[ip + 5])
+        conn = ct.fragment_conn(ct.frag_fwd, fkey, now)
+        if conn is not None:
+            new, d = conn.fwd_addrs, conn.fwd_dip
+            self.counters["dnat_packets"] += 1
+        else:
+            conn = ct.fragment_conn(ct.frag_rev, fkey, now)  # of a hairpin reply
+            if conn is None:
+                if self._hold and not releasing:  # maybe its first fragment is held
+                    return self._hold_packet(pkt, off, length, now, partial, proto, -1)
+                self.counters["no_flow"] += 1
+                return NO_FLOW
+            new, d = conn.rev_addrs, conn.rev_dip
+            self.counters["reverse_nat"] += 1
+        conn.last = now
+        self._last_traffic = now
+        pkt[ip + 12:ip + 20] = new
+        _adjust16(pkt, ip + 10, d)
+        self.counters["fragments_translated"] += 1
+        return FORWARD
+
+    # --- packets: backend -> client ------------------------------------------------------------
+
+    def reply(self, pkt: bytearray, off: int, length: int, now: float, partial: bool) -> int:
+        """Translate pkt[off:off+length], an IPv4 packet from a backend, back to VIP:port in
+        place: FORWARD, or NOT_OURS (untouched) when it is no service flow's reply."""
+        ip = off
+        counters = self.counters
+        if off < 0 or length < 20 or off + length > len(pkt):
+            counters["malformed"] += 1
+            return MALFORMED
+        vihl = pkt[ip]
+        ihl = (vihl & 15) << 2
+        total = pkt[ip + 2] << 8 | pkt[ip + 3]
+        if vihl >> 4 != 4 or ihl < 20 or total < ihl or total > length:
+            counters["malformed"] += 1
+            return MALFORMED
+        proto = pkt[ip + 9]
+        ff = pkt[ip + 6] << 8 | pkt[ip + 7]
+        l4 = ip + ihl
+        if proto == PROTO_TCP:
+            need, cf = 20, l4 + 16
+        elif proto == PROTO_UDP:
+            need, cf = 8, l4 + 6
+        elif (proto == PROTO_ICMP and not ff & (IP_OFFMASK | IP_MF) and total - ihl >= 8
+              and pkt[l4] in _ICMP_ERRORS):
+            v = self._icmp_error(pkt, ip, l4, total, partial, True)
+            return v if v == FORWARD else NOT_OURS
+        else:
+            return NOT_OURS
+        ct = self.ct
+        if ff & IP_OFFMASK:
+            fkey = (proto, _from_bytes(pkt[ip + 12:ip + 20], "big"),
+                    pkt[ip + 4] << 8 | pkt[ip + 5])
+            conn = ct.fragment_conn(ct.frag_rev, fkey, now)
+            if conn is None:
+                return NOT_OURS
+            conn.last = now
+            self._last_traffic = now
+            pkt[ip + 12:ip + 20] = conn.rev_addrs
+            _adjust16(pkt, ip + 10, conn.rev_dip)
+            counters["reverse_nat"] += 1
+            counters["fragments_translated"] += 1
+            return FORWARD
+        if total - ihl < need:
+            return NOT_OURS
+        rkey = (_from_bytes(pkt[ip + 12:ip + 20], "big"), _from_bytes(pkt[l4:l4 + 4], "big"))
+        conn = ct.get_reply(proto, rkey)
+        if conn is None:
+            return NOT_OURS
+        return self._reply_conn(conn, pkt, ip, l4, cf, proto, ff, now, partial)
+
+    def _reply_conn(self, conn: Conn, pkt: bytearray, ip: int, l4: int, cf: int, proto: int,
+                    ff: int, now: float, partial: bool) -> int:
+        conn.last = now
+        self._last_traffic = now
+        if ff & IP_MF:
+            ct = self.ct
+            ct.remember_fragment(ct.frag_rev, (proto, _from_bytes(pkt[ip + 12:ip + 20], "big"),
+                                               pkt[ip + 4] << 8 | pkt[ip + 5]), conn, now)
+            self.counters["fragments_translated"] += 1
+        pkt[ip + 12:ip + 20] = conn.rev_addrs
+        c = ((pkt[ip + 10] << 8 | pkt[ip + 11]) ^ 0xFFFF) + conn.rev_dip
+        c = ((c & 0xFFFF) + (c >> 16)) ^ 0xFFFF
+        pkt[ip + 10] = c >> 8
+        pkt[ip + 11] = c & 0xFF
+        pkt[l4:l4 + 4] = conn.rev_ports
+        c = pkt[cf] << 8 | pkt[cf + 1]
+        if partial:
+            c += conn.rev_dip
+            c = (c & 0xFFFF) + (c >> 16)
+            pkt[cf] = c >> 8
+            pkt[cf + 1] = c & 0xFF
+        elif c or proto != PROTO_UDP:
+            c = (c ^ 0xFFFF) + conn.rev_dl4
+            c = ((c & 0xFFFF) + (c >> 16)) ^ 0xFFFF
+            if c == 0 and proto == PROTO_UDP:
+                c = 0xFFFF
+            pkt[cf] = c >> 8
+            pkt[cf + 1] = c & 0xFF
+        if proto == PROTO_TCP:
+            f = pkt[l4 + 13]
+            if f & (TCP_SYN | TCP_FIN | TCP_RST) or not conn.state & 4:
+                self.ct.tcp_reply(conn, f)
+        else:
+            self.ct.udp_reply(conn)
+        self.counters["reverse_nat"] += 1
+        return FORWARD
+
+    # --- ICMP errors ------------------------------------------------------------------------------
+
+    def _icmp_error(self, pkt: bytearray, ip: int, l4: int, total: int, partial: bool,
+                    quiet: bool = False) -> int:
+        """An ICMP error quoting a packet of a flow, in either direction: a client's error
+        about a reply it got (quote VIP:port -> client) goes to the backend, a backend's
+        error about a packet it got (quote client -> backend) goes to the client."""
+        inner, il4 = _quote(pkt, ip, l4, total)
+        if inner <= 0 or pkt[inner + 9] not in (PROTO_TCP, PROTO_UDP):
+            if not quiet:
+                self.counters["malformed" if inner < 0 else "no_flow"] += 1
+            return MALFORMED if inner < 0 else NO_FLOW
+        iproto = pkt[inner + 9]
+        # The quoted packet went the other way: swap it into the key form of this way.
+        swapped = (_from_bytes(pkt[inner + 16:inner + 20] + pkt[inner + 12:inner + 16], "big"),
+                   _from_bytes(pkt[il4 + 2:il4 + 4] + pkt[il4:il4 + 2], "big"))
+        conn = self.ct.get(iproto, swapped)
+        if conn is not None and pkt[ip + 16:ip + 20] == self._vip:
+            outer = conn.fwd_addrs
+            q_addrs = conn.fwd_addrs[4:] + conn.fwd_addrs[:4]
+            q_ports = conn.fwd_ports[2:] + conn.fwd_ports[:2]
+        else:
+            conn = self.ct.get_reply(iproto, swapped)
+            if conn is None:
+                if not quiet:
+                    self.counters["no_flow"] += 1
+                return NO_FLOW
+            outer = conn.rev_addrs
+            q_addrs = conn.orig_addrs
+            q_ports = conn.orig_ports
+        end = ip + total
+        old = bytes(pkt[inner + 12:inner + 20]) + bytes(pkt[il4:il4 + 4])
+        d = _delta(old, q_addrs + q_ports)
+        pkt[inner + 12:inner + 20] = q_addrs
+        _adjust16(pkt, inner + 10, _delta(old[:8], q_addrs))
+        pkt[il4:il4 + 4] = q_ports
+        if iproto == PROTO_UDP:
+            _adjust_udp(pkt, il4 + 6, d)
+        elif il4 + 18 <= end:
+            _adjust16(pkt, il4 + 16, d)
+        if not partial:
+            pkt[l4 + 2:l4 + 4] = b"\0\0"
+            c = checksum.checksum(pkt[l4:end])
+            pkt[l4 + 2] = c >> 8
+            pkt[l4 + 3] = c & 0xFF
+        old_outer = bytes(pkt[ip + 12:ip + 20])
+        pkt[ip + 12:ip + 20] = outer
+        _adjust16(pkt, ip + 10, _delta(old_outer, outer))
+        self.counters["icmp_errors_translated"] += 1
+        return FORWARD
+
+    # --- holding ----------------------------------------------------------------------------------
+
+    def _hold_packet(self, pkt: bytearray, off: int, length: int, now: float, partial: bool,
+                     proto: int, l4: int) -> int:
+        counters = self.counters
+        spec = self.hold_spec
+        if not self._need:
+            flow = None
+            if l4 >= 0:
+                flow = _flow_id(proto, bytes(pkt[off + 12:off + 20]), bytes(pkt[l4:l4 + 4]))
+            self._raise_need("held" if spec.packets > 0 and spec.timeout > 0 else "traffic",
+                             flow, now)
+        self._last_traffic = now
+        if spec.packets <= 0 or spec.bytes <= 0 or spec.timeout <= 0:
+            counters["no_backend"] += 1
+            return NO_BACKEND
+        if len(self._hold) >= spec.packets or self.held_bytes + length > spec.bytes:
+            counters["hold_overflow"] += 1
+            return HOLD_FULL
+        self._hold.append((now, bytes(pkt[:off + length]), off, length, partial))
+        self.held_bytes += length
+        counters["held"] += 1
+        if self._ready:
+            if self._release_at is None:
+                self._release_at = now
+            return QUEUED
+        return HELD
+
+    def release(self, now: float) -> list[Released]:
+        """The held packets, DNATed to ready backends (their flows pinned), in arrival
+        order; nothing while no backend is ready. Send them before anything that arrives
+        later (see module docstring)."""
+        out: list[Released] = []
+        if not self._ready:
+            return out
+        hold = self._hold
+        while hold:
+            _, frame, off, length, partial = hold.popleft()
+            self.held_bytes -= length
+            b = bytearray(frame)
+            v = self._outbound(b, off, length, now, partial, True)
+            if v == FORWARD:
+                out.append(Released(bytes(b), off, length, partial))
+                self.counters["released"] += 1
+            else:
+                self.counters["release_dropped"] += 1
+        self._release_at = None
+        return out
+
+    @property
+    def held_packets(self) -> int:
+        return len(self._hold)
+
+    # --- demand -----------------------------------------------------------------------------------
+
+    def need(self) -> bool:
+        """Whether the service is wanted now (a level; see module docstring)."""
+        return self._need
+
+    def activate(self, reason: str, now: float, flow: FlowId | None = None) -> list[Signal]:
+        """An activator asks for the service: counts as traffic now. Returns the pending
+        signals (an activate if this raised the need)."""
+        self._last_traffic = max(self._last_traffic, now)
+        if not self._need:
+            self._raise_need(f"activator:{reason}", flow, now)
+        return self.take_signals()
+
+    @property
+    def signals_pending(self) -> bool:
+        return bool(self._pending)
+
+    def take_signals(self) -> list[Signal]:
+        out = self._pending
+        self._pending = []
+        return out
+
+    def _raise_need(self, reason: str, flow: FlowId | None, now: float) -> None:
+        self._need = True
+        last = self._last_activate
+        if last is not None and now < last + self.activate_debounce:
+            if self._deferred is None:
+                self._deferred = (last + self.activate_debounce, reason, flow)
+            return
+        self._emit_activate(reason, flow, now)
+
+    def _emit_activate(self, reason: str, flow: FlowId | None, now: float) -> None:
+        self._last_activate = now
+        self.counters["activations"] += 1
+        self._signal(Signal("activate", reason, flow), now)
+
+    def _signal(self, sig: Signal, now: float) -> None:
+        """Queue a signal, coalescing: never more than two, alternating kinds."""
+        p = self._pending
+        if not p:
+            self._pending_at = now
+        if p and p[-1].kind == sig.kind:
+            return
+        if len(p) == 2:  # [x, y] + x: y was undone, the level is x again
+            p.pop()
+            return
+        p.append(sig)
+
+    def _idle_due(self) -> float | None:
+        if not self._need or self._hold or self.ct.open:
+            return None
+        return self._last_traffic + self.idle_timeout
+
+    def _check_idle(self, now: float) -> None:
+        due = self._idle_due()
+        if due is None or now < due:
+            return
+        self._need = False
+        if self._deferred is not None:
+            # The rise was never told: the fall is not news either.
+            self._deferred = None
+            return
+        self.counters["idles"] += 1
+        self._signal(Signal("idle", "idle_timeout", None), now)
+
+    # --- timers -----------------------------------------------------------------------------------
+
+    def next_timer(self) -> float | None:
+        ts: list[float] = []
+        t = self.ct.next_timer()
+        if t is not None:
+            ts.append(t)
+        if self._pending:
+            ts.append(self._pending_at)
+        if self._release_at is not None:
+            ts.append(self._release_at)
+        if self._hold:
+            ts.append(self._hold[0][0] + self.hold_spec.timeout)
+        if self._deferred is not None:
+            ts.append(self._deferred[0])
+        d = self._idle_due()
+        if d is not None:
+            ts.append(d)
+        if self._probe:
+            for b in self.backends.values():
+                if b.marked and not b.probed:
+                    ts.append(b.probe_due)
+        return min(ts) if ts else None
+
+    def handle_timer(self, now: float) -> list[Action]:
+        """Expire flows, release held packets if a backend is ready, time out held packets,
+        deliver deferred activations and idleness. Probes are the shell's: call
+        `probes_due(now)` too."""
+        out: list[Action] = []
+        self.counters["flows_expired"] += self.ct.expire(now)
+        if self._ready and self._hold:
+            out.extend(self.release(now))
+        hold = self._hold
+        timeout = self.hold_spec.timeout
+        while hold and hold[0][0] + timeout <= now:
+            _, frame, off, length, partial = hold.popleft()
+            self.held_bytes -= length
+            self.counters["hold_timeout"] += 1
+            resp = reject_response(frame[off:off + length], partial)
+            out.append(HoldTimeout(frame, off, length, partial, resp))
+        if self._deferred is not None and self._deferred[0] <= now:
+            _, reason, flow = self._deferred
+            self._deferred = None
+            if self._need:
+                self._emit_activate(reason, flow, now)
+        self._check_idle(now)
+        out.extend(self.take_signals())
+        return out
+
+    # --- status -----------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        if self._ready:
+            return "ready" if self._need else "idle"
+        return "activating" if self._need else "dormant"
+
+    def status(self) -> dict[str, Any]:
+        """A row for `fabricd get services`."""
+        return {
+            "name": self.name,
+            "ip": str(self.vip),
+            "ports": [{"port": p.port, "target_port": p.target_port, "protocol": p.protocol}
+                      for p in self.ports],
+            "state": self.state,
+            "need": self._need,
+            "held_packets": len(self._hold),
+            "held_bytes": self.held_bytes,
+            "flows": len(self.ct),
+            "open_flows": self.ct.open,
+            "backends": [
+                {"name": b.name, "ip": str(b.addr), "ready": self.is_ready(b),
+                 "marked_ready": b.marked, "probed": b.probed, "flows": b.flows}
+                for b in self.backends.values()
+            ],
+            "counters": dict(self.counters),
+        }
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+
+def _mix(proto: int, key: tuple[int, int]) -> int:
+    """A well-spread, deterministic hash of a flow key (splitmix64's finaliser)."""
+    x = (key[0] ^ (key[1] << 29) ^ (proto << 61)) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
+
+
+def _flow_id(proto: int, addrs: bytes, ports: bytes) -> FlowId:
+    return FlowId(_PROTO_NAMES.get(proto, str(proto)), packets.ip_str(addrs[:4]),
+                  ports[0] << 8 | ports[1], packets.ip_str(addrs[4:8]), ports[2] << 8 | ports[3])
+
+
+def _complete_l4(packet: bytearray, ihl: int) -> None:
+    """Finish a NEEDS_CSUM partial TCP/UDP checksum in place (the field holds the
+    pseudo-header sum): the complement of the sum over the segment."""
+    proto = packet[9]
+    f = ihl + (16 if proto == PROTO_TCP else 6)
+    if f + 2 > len(packet):
+        return
+    c = ~checksum.ones_sum(packet[ihl:]) & 0xFFFF
+    if proto == PROTO_UDP and c == 0:
+        c = 0xFFFF
+    packet[f] = c >> 8
+    packet[f + 1] = c & 0xFF
+
+
+def reject_response(packet: bytes | bytearray, partial: bool = False) -> bytes | None:
+    """The answer to a packet no backend will take, from the address it was sent to: a
+    RST for a TCP SYN, ICMP port unreachable for anything else; None for RSTs, ICMP
+    errors, later fragments and unanswerable sources. Never raises."""
+    try:
+        return _reject(packet, partial)
+    except (packets.Malformed, ValueError, IndexError):
+        return None
+
+
+def _reject(packet: bytes | bytearray, partial: bool) -> bytes | None:
+    h = packets.IPv4.parse(packet)
+    if h.frag_offset or packets.is_icmp_error(packet, h.ihl):
+        return None
+    src = _from_bytes(h.src, "big")
+    if src == 0 or src >> 28 >= 0xE or src == 0xFFFFFFFF:
+        return None
+    p = bytearray(packet[:h.total_length])
+    l4 = h.ihl
+    if h.proto == PROTO_TCP and len(p) >= l4 + 20:
+        flags = p[l4 + 13]
+        if flags & TCP_RST:
+            return None
+        if flags & TCP_SYN and not flags & TCP_ACK:
+            sport = p[l4] << 8 | p[l4 + 1]
+            dport = p[l4 + 2] << 8 | p[l4 + 3]
+            seq = _from_bytes(p[l4 + 4:l4 + 8], "big")
+            doff = (p[l4 + 12] >> 4) * 4
+            seg_len = max(len(p) - l4 - doff, 0) + 1 + (1 if flags & TCP_FIN else 0)
+            return packets.tcp_packet(h.dst, h.src, dport, sport, 0,
+                                      (seq + seg_len) & 0xFFFFFFFF, TCP_RST | TCP_ACK,
+                                      window=0)
+    if h.proto == PROTO_ICMP and len(p) > l4 and p[l4] not in (ICMP_ECHO_REQUEST,
+                                                               ICMP_ECHO_REPLY):
+        return None
+    if partial and h.proto in (PROTO_TCP, PROTO_UDP) and not h.more_fragments:
+        _complete_l4(p, l4)
+    return packets.icmp_error(h.dst, p, ICMP_UNREACH, UNREACH_PORT)
