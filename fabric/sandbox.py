@@ -91,6 +91,26 @@ class Sandbox:
             self.run(ns_a, "ip", "link", "set", tmp, "netns", ns_b)
         self.run(ns_b or ns_a, "ip", "link", "set", tmp, "name", name_b)
 
+    def link(self, ns_a: str, dev_a: str, addr_a: str | None, ns_b: str, dev_b: str,
+             addr_b: str | None) -> None:
+        """A veth between two namespaces, addressed (CIDR notation) and up on both ends."""
+        self.veth(ns_a, dev_a, ns_b, dev_b)
+        for ns, dev, addr in ((ns_a, dev_a, addr_a), (ns_b, dev_b, addr_b)):
+            if addr:
+                self.run(ns, "ip", "addr", "add", addr, "dev", dev)
+            self.run(ns, "ip", "link", "set", dev, "up")
+
+    def internet(self, worker: str, server: str, pool: str) -> str:
+        """An "internet" namespace behind `worker` (which routes and forwards to it), with
+        `server` on its loopback and a route for the egress `pool` back to the worker."""
+        net = self.netns("internet")
+        self.run(net, "ip", "addr", "add", f"{server}/32", "dev", "lo")
+        self.link(worker, "up0", "198.51.100.1/24", net, "eth0", "198.51.100.53/24")
+        self.run(worker, "ip", "route", "add", "default", "via", "198.51.100.53")
+        self.run(worker, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        self.run(net, "ip", "route", "add", pool, "via", "198.51.100.1")
+        return net
+
     def http_server(self, ns: str, port: int) -> subprocess.Popen[Any]:
         p = self.popen(ns, sys.executable, "-m", "fabric.sandbox", "http", str(port))
         self.wait_port(ns, port)

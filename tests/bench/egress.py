@@ -46,19 +46,10 @@ class EgressTopology(Topology):
 
     def _build(self) -> None:
         sb = self.sb
-        worker, a, net = sb.netns("worker"), sb.netns("a"), sb.netns("internet")
-        kc, kfwd = sb.netns("kc"), sb.netns("kfwd")
-
-        sb.run(net, "ip", "addr", "add", f"{SERVER}/32", "dev", "lo")
+        worker, a = sb.netns("worker"), sb.netns("a")
         # worker <-> internet (the fabric's uplink)
-        sb.veth(worker, "up0", net, "eth0")
-        sb.run(worker, "ip", "addr", "add", "198.51.100.1/24", "dev", "up0")
-        sb.run(worker, "ip", "link", "set", "up0", "up")
-        sb.run(worker, "ip", "route", "add", "default", "via", "198.51.100.53")
-        sb.run(worker, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-        sb.run(net, "ip", "addr", "add", "198.51.100.53/24", "dev", "eth0")
-        sb.run(net, "ip", "link", "set", "eth0", "up")
-        sb.run(net, "ip", "route", "add", POOL, "via", "198.51.100.1")
+        net = sb.internet(worker, SERVER, POOL)
+        kc, kfwd = sb.netns("kc"), sb.netns("kfwd")
 
         cfg = {"worker": {"id": "bench", "egress": {"tun": "fabeg0", "pool": POOL}},
                "namespaces": [{"name": "bench", "id": 7, "cidr": "10.40.0.0/24",

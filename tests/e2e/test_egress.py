@@ -19,16 +19,7 @@ POOL = "100.64.0.0/16"
 
 def topology(sb: Sandbox, namespaces: list[dict[str, Any]]) -> tuple[Daemon, str]:
     worker = sb.netns("worker")
-    net = sb.netns("internet")
-    sb.veth(worker, "up0", net, "eth0")
-    sb.run(worker, "ip", "addr", "add", "198.51.100.1/24", "dev", "up0")
-    sb.run(worker, "ip", "link", "set", "up0", "up")
-    sb.run(worker, "ip", "route", "add", "default", "via", "198.51.100.53")
-    sb.run(worker, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-    sb.run(net, "ip", "addr", "add", "198.51.100.53/24", "dev", "eth0")
-    sb.run(net, "ip", "addr", "add", f"{SERVER}/32", "dev", "lo")
-    sb.run(net, "ip", "link", "set", "eth0", "up")
-    sb.run(net, "ip", "route", "add", POOL, "via", "198.51.100.1")
+    net = sb.internet(worker, SERVER, POOL)
     sb.http_server(net, 8080)
     d = Daemon(sb, worker, {"worker": {"egress": {"tun": "fabeg0", "pool": POOL}},
                             "namespaces": namespaces}).start()
