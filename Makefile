@@ -35,6 +35,7 @@ test-e2e: debs $(STAMP)
 	$(BIN)/python -m pytest -q tests/e2e
 
 bench: debs $(STAMP)
+	@sh scripts/install-debs bench
 	$(BIN)/python -m tests.bench
 
 sweep: $(STAMP)
