@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from fabric import checksum, gso, packets
+from fabric import service as svc_mod
 from fabric.packets import (
     ARP_REPLY,
     ARP_REQUEST,
@@ -87,6 +88,10 @@ DROP_EGRESS_DENIED = "egress_denied"
 DROP_EGRESS_FULL = "egress_table_full"
 DROP_EGRESS_UNSUPPORTED = "egress_unsupported"
 DROP_NO_FLOW = "no_flow"
+DROP_SERVICE_HOLD_FULL = "service_hold_full"
+DROP_SERVICE_NO_BACKEND = "service_no_backend"
+DROP_SERVICE_PORT = "service_port_closed"
+DROP_SERVICE_TABLE_FULL = "service_table_full"
 
 # Verdicts of EgressCore.outbound: gateway.egress.EgressNat's, kept in one place there.
 
@@ -213,6 +218,12 @@ class Router:
         # (a list, so the segments of one super-frame leave in one batch).
         self.tunnel_send: Callable[[str, list[bytes], float], None] | None = None
         self.tunnel_mtu = 1420
+        # Services: VIP -> Service, and backend pod address -> the services it serves
+        # (replies from backends are un-NATed before routing). Signals (activate, idle)
+        # go to on_signal(service name, signal) as they happen.
+        self.services: dict[bytes, svc_mod.Service] = {}
+        self.backend_ips: dict[bytes, list[svc_mod.Service]] = {}
+        self.on_signal: Callable[[str, svc_mod.Signal], None] | None = None
 
     # --- table ---------------------------------------------------------------------------
 
@@ -299,6 +310,8 @@ class Router:
             return None
         if pod.mac is None:
             self._learn(pod, buf, h, now)
+        if src in self.backend_ips:
+            dst = self._from_backend(src, buf, h, ip, total, now)
         dpod = self.by_ip.get(dst)
         if dpod is None:
             return self._not_pod(port, buf, h, n, ip, ihl, dst, now)
@@ -424,6 +437,9 @@ class Router:
             if dst == self.gw_ip:
                 self._to_gateway(port, buf, h, n, ip, ihl, now)
                 return None
+        svc = self.services.get(dst)
+        if svc is not None:
+            return self._to_service(svc, port, buf, h, n, ip, now)
         d = _from_bytes(dst, "big")
         if d >> 28 == 0xE:
             port.drop(DROP_MULTICAST)
@@ -461,6 +477,139 @@ class Router:
             self._emit_ip(port, packets.udp_packet(self.gw_ip, bytes(buf[ip + 12:ip + 16]), 53,
                                                    sport, reply, flags_frag=0), now)
         return True
+
+    # --- services ------------------------------------------------------------------------
+
+    def add_service(self, svc: svc_mod.Service) -> None:
+        self.services[svc.vip.packed] = svc
+
+    def remove_service(self, svc: svc_mod.Service) -> None:
+        self.services.pop(svc.vip.packed, None)
+        for ip, lst in list(self.backend_ips.items()):
+            if svc in lst:
+                lst.remove(svc)
+                if not lst:
+                    del self.backend_ips[ip]
+
+    def set_backend(self, svc: svc_mod.Service, name: str, ip: str, ready: bool,
+                    now: float) -> None:
+        """A backend's readiness changed (or it appeared): update the service and send what
+        its hold can release now."""
+        svc.set_backend(name, ip, ready, now)
+        packed = ipaddress.IPv4Address(ip).packed
+        lst = self.backend_ips.setdefault(packed, [])
+        if svc not in lst:
+            lst.append(svc)
+        self.release_service(svc, now)
+
+    def probe_result(self, svc: svc_mod.Service, name: str, ok: bool, now: float) -> None:
+        svc.probe_result(name, ok, now)
+        self.release_service(svc, now)
+
+    def release_service(self, svc: svc_mod.Service, now: float) -> None:
+        if svc.releasable:
+            self._service_actions(svc, list(svc.release(now)), now)
+        self._service_signals(svc)
+
+    def _from_backend(self, src: bytes, buf: bytearray, h: int, ip: int, total: int,
+                      now: float) -> bytes:
+        """A packet from a backend pod: un-NAT replies of service flows (the source
+        becomes the VIP); returns the destination to route by."""
+        partial = bool(h and buf[0] & F_NEEDS_CSUM)
+        for svc in self.backend_ips[src]:
+            if svc.reply(buf, ip, total, now, partial) == svc_mod.FORWARD:
+                break
+        return bytes(buf[ip + 16:ip + 20])
+
+    def _to_service(self, svc: svc_mod.Service, port: Port, buf: bytearray, h: int, n: int,
+                    ip: int, now: float) -> Port | None:
+        if not _decrement_ttl(buf, ip):
+            self._icmp_error(port, buf, ip, ICMP_TIME_EXCEEDED, 0, now, DROP_TTL)
+            return None
+        total = buf[ip + 2] << 8 | buf[ip + 3]
+        partial = bool(h and buf[0] & F_NEEDS_CSUM)
+        v = svc.outbound(buf, ip, total, now, partial)
+        out: Port | None = None
+        if v == svc_mod.FORWARD:
+            dpod = self.by_ip.get(bytes(buf[ip + 16:ip + 20]))
+            if dpod is None:
+                port.drop(DROP_NO_ROUTE)
+            else:
+                out = self._deliver(dpod, port, buf, h, n, ip, total, now)
+        elif v == svc_mod.QUEUED:
+            self.release_service(svc, now)
+        elif v == svc_mod.HOLD_FULL:
+            port.drop(DROP_SERVICE_HOLD_FULL)
+        elif v == svc_mod.NO_BACKEND:
+            port.drop(DROP_SERVICE_NO_BACKEND)
+            resp = svc_mod.reject_response(bytes(buf[ip:ip + total]), partial)
+            if resp is not None:
+                self._emit_ip(port, resp, now)
+        elif v == svc_mod.NOT_SERVICE:
+            self._icmp_error(port, buf, ip, ICMP_UNREACH, UNREACH_PORT, now, DROP_SERVICE_PORT)
+        elif v == svc_mod.TABLE_FULL:
+            port.drop(DROP_SERVICE_TABLE_FULL)
+        elif v != svc_mod.HELD:
+            port.drop(DROP_MALFORMED)
+        if svc.signals_pending:
+            self._service_signals(svc)
+        return out
+
+    def _deliver(self, dpod: Pod, port: Port, buf: bytearray, h: int, n: int, ip: int,
+                 total: int, now: float) -> Port | None:
+        """The tail of the fast path for a frame whose TTL is already done."""
+        if dpod.remote is not None or dpod.port is None or dpod.l2 is None:
+            self._hold(dpod, port, buf, h, n, ip, now)
+            return None
+        out = dpod.port
+        if total > out.mtu:
+            ihl = (buf[ip] & 15) << 2
+            if not self._fits(out, port, buf, h, n, ip, ihl, total, now):
+                return None
+        buf[h:h + 12] = dpod.l2
+        if out.hlen != h:
+            self._emit(out, bytes(buf[:n]), h, now)
+            return None
+        out.tx_packets += 1
+        out.tx_bytes += n
+        if out.capture is not None:
+            out.capture(now, bytes(buf[h:n]), True)
+        return out
+
+    def _service_actions(self, svc: svc_mod.Service, actions: list[svc_mod.Action],
+                         now: float) -> None:
+        for a in actions:
+            if isinstance(a, svc_mod.Released):
+                self._send_released(a, now)
+            elif isinstance(a, svc_mod.HoldTimeout):
+                if a.response is not None:
+                    client = self.by_ip.get(a.response[16:20])
+                    if client is not None and client.port is not None:
+                        self._emit_ip(client.port, a.response, now)
+                self._count(DROP_HOLD_TIMEOUT, 1)
+            elif isinstance(a, svc_mod.Signal) and self.on_signal is not None:
+                self.on_signal(svc.name, a)
+        self._service_signals(svc)
+
+    def _send_released(self, r: svc_mod.Released, now: float) -> None:
+        h = r.off - packets.ETH_HLEN
+        b = bytearray(r.frame)
+        dpod = self.by_ip.get(bytes(b[r.off + 16:r.off + 20]))
+        if dpod is None or h < 0:
+            self._count(DROP_NO_ROUTE, 1)
+            return
+        if dpod.port is None or dpod.l2 is None:
+            self._count(DROP_NO_ROUTE, 1)
+            return
+        b[h:h + 12] = dpod.l2
+        self._emit(dpod.port, b, h, now)
+
+    def _service_signals(self, svc: svc_mod.Service) -> None:
+        if svc.signals_pending:
+            sigs = svc.take_signals()
+            if self.on_signal is not None:
+                for sig in sigs:
+                    self.on_signal(svc.name, sig)
 
     # --- pods on other workers -----------------------------------------------------------
 
@@ -798,6 +947,10 @@ class Router:
 
     def next_timer(self) -> float | None:
         t: float | None = self.egress.next_timer() if self.egress is not None else None
+        for svc in self.services.values():
+            st = svc.next_timer()
+            if st is not None and (t is None or st < t):
+                t = st
         for pod in self._held:
             if pod.pending:
                 d = pod.pending[0][0] + self.hold_timeout
@@ -811,6 +964,8 @@ class Router:
         let egress NAT expire its flows."""
         if self.egress is not None:
             self.egress.handle_timer(now)
+        for svc in list(self.services.values()):
+            self._service_actions(svc, svc.handle_timer(now), now)
         for pod in list(self._held):
             q = pod.pending
             # The same sum next_timer() computes, so handling a timer at its due time
