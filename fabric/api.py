@@ -223,6 +223,7 @@ class Fabric:
                     if self.link is not None and spec.id is not None:
                         ns.start_tunnel(self.link, spec.id)
                         self._by_id[spec.id] = ns
+                    ns.start_services()
                 except BaseException:
                     ns.close()
                     raise
@@ -248,6 +249,8 @@ class Fabric:
                 else:
                     ns.pods[pod.name].spec = pod
             ns.sync_records()
+            if ns.services is not None and old.services != spec.services:
+                ns.services.apply(spec.services)
             if old.egress_allow != spec.egress_allow:
                 ns.update_egress()
             if old != spec:
@@ -340,9 +343,9 @@ class Fabric:
         return [ns.pod_view(p) for ns in spaces for p in ns.pods.values()]
 
     def get_services(self, namespace: str | None = None) -> list[dict[str, Any]]:
-        if namespace:
-            self._ns(namespace)
-        return []
+        spaces = [self._ns(namespace)] if namespace else list(self.namespaces.values())
+        return [row for ns in spaces if ns.services is not None
+                for row in ns.services.views()]
 
     def get_peers(self) -> list[dict[str, Any]]:
         if self.link is None:
@@ -496,6 +499,9 @@ def _needs_rebuild(old: NamespaceSpec, new: NamespaceSpec) -> bool:
 
 def _warn_unimplemented(spec: NamespaceSpec) -> None:
     """Say plainly which accepted parts of a spec this version does not act on yet."""
-    if spec.services:
-        log.warning("namespace %s: %d services configured; services are not implemented in "
-                    "this version and are ignored", spec.name, len(spec.services))
+    for svc in spec.services:
+        for p in svc.ports:
+            if p.activator != "none":
+                log.warning("namespace %s: service %s port %d: activator %r is not wired "
+                            "in this version; the service holds and activates without it",
+                            spec.name, svc.name, p.port, p.activator)

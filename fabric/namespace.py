@@ -23,6 +23,7 @@ from fabric.errors import FabricError, NotFound, PortError
 from fabric.events import EventBus
 from fabric.localstack import LocalStack
 from fabric.router import Port, Router
+from fabric.services import Services
 from fabric.tap import TapPort
 from gateway import resolvconf
 from gateway.dns import DnsCore
@@ -73,6 +74,7 @@ class Namespace:
         self.egress: EgressNat | None = None
         self.uplink: Uplink | None = None
         self.dns_fast: DnsCore | None = None
+        self.services: Services | None = None
         self.records = Records(spec.name, spec.dns.domain, spec.cidr)
         self.sync_records()
         dataplane.add_router(self.router)
@@ -97,6 +99,11 @@ class Namespace:
         # forwarded names and TCP go on to the server above.
         self.dns_fast = DnsCore(self.records, [])
         self.dataplane.call(setattr, self.router, "dns_local", self.dns_fast.answer_local)
+
+    def start_services(self) -> None:
+        """Services of the spec, held and released by the router, probed from here."""
+        self.services = Services(self)
+        self.services.apply(self.spec.services)
 
     def start_egress(self, uplink: Uplink) -> None:
         """Give the namespace its own egress address and NAT on the worker's uplink."""
@@ -210,6 +217,8 @@ class Namespace:
                             state.spec.name, e)
         self.bus.emit("pod_attached", self.name, state.spec.name, port=kind,
                       ip=str(state.spec.ip))
+        if self.services is not None:
+            self.services.sync_backend(state.spec.name)
 
     def _attach_port(self, name: str, port: Port, mac: str | None) -> None:
         """On the data-plane thread: connect the port, flush what that released."""
@@ -241,12 +250,16 @@ class Namespace:
         if state.extra.get("resolv_conf") and state.spec.netns:
             resolvconf.remove(state.spec.netns)
         self.bus.emit("pod_detached", self.name, name)
+        if self.services is not None:
+            self.services.sync_backend(name)
 
     def set_ready(self, name: str, ready: bool) -> None:
         state = self.get(name)
         if state.ready != ready:
             state.ready = ready
             self.bus.emit("pod_ready" if ready else "pod_unready", self.name, name)
+            if self.services is not None:
+                self.services.sync_backend(name)
 
     def get(self, name: str) -> PodState:
         state = self.pods.get(name)
@@ -263,6 +276,9 @@ class Namespace:
         return state.hub.add(max_frames)
 
     def close(self) -> None:
+        if self.services is not None:
+            self.services.close()
+            self.services = None
         for name in list(self.pods):
             self.remove_pod(name)
         if self.dns is not None:

@@ -209,7 +209,7 @@ Action = Signal | Released | HoldTimeout
 
 
 class Backend:
-    __slots__ = ("name", "ip", "addr", "marked", "probed", "probe_due", "flows")
+    __slots__ = ("name", "ip", "addr", "marked", "probed", "probe_due", "flows", "parked")
 
     def __init__(self, name: str, addr: ipaddress.IPv4Address) -> None:
         self.name = name
@@ -219,6 +219,9 @@ class Backend:
         self.probed = False  # our own probe succeeded since it was marked
         self.probe_due = 0.0
         self.flows = 0
+        # After an idle signal the controller scales the backend down: it is not trusted
+        # (nor probed) again until demand returns, then it must pass a fresh probe.
+        self.parked = False
 
 
 # --- the service ------------------------------------------------------------------------------
@@ -332,7 +335,7 @@ class Service:
         port = self.probe_port
         assert port is not None
         for b in self.backends.values():
-            if b.marked and not b.probed and b.probe_due <= now:
+            if b.marked and not b.probed and not b.parked and b.probe_due <= now:
                 b.probe_due = now + self.probe_interval
                 out.append((b.name, str(b.addr), port))
                 self.counters["probes"] += 1
@@ -749,6 +752,10 @@ class Service:
 
     def _raise_need(self, reason: str, flow: FlowId | None, now: float) -> None:
         self._need = True
+        for b in self.backends.values():
+            if b.parked:
+                b.parked = False
+                b.probe_due = now
         last = self._last_activate
         if last is not None and now < last + self.activate_debounce:
             if self._deferred is None:
@@ -789,6 +796,11 @@ class Service:
             return
         self.counters["idles"] += 1
         self._signal(Signal("idle", "idle_timeout", None), now)
+        if self._probe:
+            for b in self.backends.values():
+                b.probed = False
+                b.parked = True
+            self._update_ready(now)
 
     # --- timers -----------------------------------------------------------------------------------
 

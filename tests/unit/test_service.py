@@ -752,3 +752,22 @@ def test_hairpin_fragmented_reply() -> None:
         got.append(valid(t))
     assert all((p.src, p.dst) == ("10.0.0.100", "10.0.0.11") for p in got)
     assert got[0][UDP].sport == 53 and got[0][UDP].dport == 50000
+
+
+def test_after_idle_a_probed_backend_is_trusted_again_only_after_a_new_probe() -> None:
+    """Idle means the controller scales the backend down: no probing while parked, and
+    the next request is held (and activates) until a fresh probe succeeds."""
+    s = Service("web", ip_s(VIP), PORTS, probe_interval=0.5, idle_timeout=5.0)
+    s.set_backend("web-1", ip_s(B1), True, 0.0)
+    assert s.probes_due(0.0)
+    s.probe_result("web-1", True, 0.1)
+    assert out(s, udp(dport=53), 1.0)[0] in (FORWARD, NOT_SERVICE)
+    s.handle_timer(100.0)
+    s.take_signals()
+    assert s.status()["backends"][0]["ready"] is False
+    assert s.probes_due(101.0) == []  # parked: nothing to probe without demand
+    assert out(s, syn(), 102.0)[0] == HELD
+    assert any(sig.kind == "activate" for sig in s.take_signals())
+    assert s.probes_due(102.0) == [("web-1", "10.0.0.11", 8080)]
+    s.probe_result("web-1", True, 102.2)
+    assert s.releasable

@@ -1,0 +1,197 @@
+"""A namespace's services at run time: the shell around `fabric.service.Service` cores.
+
+The cores live on the data-plane thread inside the router; this side keeps their
+backends' readiness in step with the pods, probes backends from the gateway address
+through the namespace's local stack, turns the cores' signals into events and runs the
+`on_activate` / `on_idle` hooks (without a shell, with a timeout, output logged).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shlex
+import time
+from typing import TYPE_CHECKING, Any
+
+from fabric.config import ServiceSpec
+from fabric.service import Service, Signal
+
+if TYPE_CHECKING:
+    from fabric.namespace import Namespace
+
+log = logging.getLogger("fabricd.services")
+
+PROBE_TICK = 0.02
+PROBE_TIMEOUT = 1.0
+HOOK_TIMEOUT = 60.0
+
+
+class Services:
+    def __init__(self, ns: Namespace) -> None:
+        self.ns = ns
+        self.by_name: dict[str, Service] = {}
+        self.specs: dict[str, ServiceSpec] = {}
+        self._loop = asyncio.get_running_loop()
+        self._probing: set[tuple[str, str]] = set()
+        self._probe_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        ns.dataplane.call(setattr, ns.router, "on_signal", self._signal_from_dataplane)
+
+    # --- spec ----------------------------------------------------------------------------
+
+    def apply(self, specs: tuple[ServiceSpec, ...]) -> None:
+        """Make the services equal to `specs`; a changed service is rebuilt (its held
+        packets are dropped and counted by its old core)."""
+        wanted = {s.name: s for s in specs}
+        for name in list(self.by_name):
+            if name not in wanted or wanted[name] != self.specs[name]:
+                self._remove(name)
+        for spec in specs:
+            if spec.name not in self.by_name:
+                self._add(spec)
+        if any(s.readiness == "probe" for s in specs) and self._probe_task is None:
+            self._probe_task = self._loop.create_task(self._probe_loop())
+
+    def _add(self, spec: ServiceSpec) -> None:
+        svc = Service.from_spec(spec, now=time.monotonic())
+        dp = self.ns.dataplane
+        dp.call(self.ns.router.add_service, svc)
+        self.by_name[spec.name] = svc
+        self.specs[spec.name] = spec
+        for b in spec.backends:
+            self.sync_backend(b)
+        log.info("namespace %s: service %s at %s (%s)", self.ns.name, spec.name, spec.ip,
+                 ", ".join(f"{p.port}->{p.target_port}/{p.protocol}" for p in spec.ports))
+
+    def _remove(self, name: str) -> None:
+        svc = self.by_name.pop(name)
+        self.specs.pop(name)
+        self.ns.dataplane.call(self.ns.router.remove_service, svc)
+
+    def close(self) -> None:
+        for name in list(self.by_name):
+            self._remove(name)
+        if self._probe_task is not None:
+            self._probe_task.cancel()
+            self._probe_task = None
+        for t in list(self._tasks):
+            t.cancel()
+
+    # --- backends ------------------------------------------------------------------------
+
+    def sync_backend(self, pod_name: str) -> None:
+        """A pod's readiness or attachment changed: tell every service it backs."""
+        state = self.ns.pods.get(pod_name)
+        for name, spec in self.specs.items():
+            if pod_name not in spec.backends:
+                continue
+            svc = self.by_name[name]
+            pod = self.ns.spec.pod(pod_name)
+            if pod is None:
+                continue
+            ready = bool(state is not None and state.ready and
+                         (state.port is not None or pod.kind == "remote"))
+            self.ns.dataplane.call(self.ns.router.set_backend, svc, pod_name, str(pod.ip),
+                                   ready, time.monotonic())
+
+    async def _probe_loop(self) -> None:
+        """TCP probes of backends marked ready, from the gateway address, so nothing is
+        released to a backend whose port does not accept yet."""
+        while True:
+            await asyncio.sleep(PROBE_TICK)
+            stack = self.ns.local
+            now = time.monotonic()
+            for name, svc in list(self.by_name.items()):
+                for backend, ip, port in self.ns.dataplane.call(svc.probes_due, now):
+                    key = (name, backend)
+                    if key in self._probing:
+                        continue
+                    self._probing.add(key)
+                    t = self._loop.create_task(self._probe(svc, name, backend, ip, port, stack))
+                    self._tasks.add(t)
+                    t.add_done_callback(self._tasks.discard)
+
+    async def _probe(self, svc: Service, name: str, backend: str, ip: str, port: int,
+                     stack: Any) -> None:
+        ok = False
+        try:
+            if stack is None:
+                ok = True  # no local stack to probe from: trust the controller
+            else:
+                sock = await asyncio.to_thread(stack.connect_tcp, str(self.ns.spec.gateway),
+                                               ip, port, PROBE_TIMEOUT)
+                sock.close()
+                ok = True
+        except Exception:
+            ok = False
+        finally:
+            self._probing.discard((name, backend))
+        if name in self.by_name and self.by_name[name] is svc:
+            self.ns.dataplane.call(self.ns.router.probe_result, svc, backend, ok,
+                                   time.monotonic())
+
+    # --- signals and hooks ---------------------------------------------------------------
+
+    def _signal_from_dataplane(self, service: str, sig: Signal) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._signal, service, sig)
+        except RuntimeError:  # the loop is gone: the daemon is stopping
+            pass
+
+    def _signal(self, service: str, sig: Signal) -> None:
+        flow = str(sig.flow) if sig.flow is not None else None
+        self.ns.bus.emit(sig.kind, self.ns.name, None, service=service, reason=sig.reason,
+                         flow=flow)
+        log.info("namespace %s: service %s: %s (%s%s)", self.ns.name, service, sig.kind,
+                 sig.reason, f", first flow {flow}" if flow else "")
+        spec = self.specs.get(service)
+        if spec is None:
+            return
+        cmd = spec.on_activate if sig.kind == "activate" else spec.on_idle
+        if cmd:
+            t = self._loop.create_task(self._hook(service, sig.kind, cmd))
+            self._tasks.add(t)
+            t.add_done_callback(self._tasks.discard)
+
+    async def _hook(self, service: str, kind: str, cmd: str) -> None:
+        env = {**os.environ, "FABRIC_NAMESPACE": self.ns.name, "FABRIC_SERVICE": service,
+               "FABRIC_EVENT": kind}
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *shlex.split(cmd), env=env, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+        except OSError as e:
+            log.error("namespace %s: service %s: %s hook %r failed to start: %s",
+                      self.ns.name, service, kind, cmd, e)
+            self.ns.bus.emit("hook_failed", self.ns.name, None, service=service, hook=kind,
+                             error=str(e))
+            return
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(), HOOK_TIMEOUT)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            log.error("namespace %s: service %s: %s hook %r killed after %.0fs",
+                      self.ns.name, service, kind, cmd, HOOK_TIMEOUT)
+            self.ns.bus.emit("hook_failed", self.ns.name, None, service=service, hook=kind,
+                             error="timeout")
+            return
+        for line in out.decode(errors="replace").splitlines()[-20:]:
+            log.info("namespace %s: service %s: %s hook: %s", self.ns.name, service, kind,
+                     line)
+        if proc.returncode:
+            log.warning("namespace %s: service %s: %s hook %r exited with %d", self.ns.name,
+                        service, kind, cmd, proc.returncode)
+            self.ns.bus.emit("hook_failed", self.ns.name, None, service=service, hook=kind,
+                             error=f"exit {proc.returncode}")
+
+    # --- views ---------------------------------------------------------------------------
+
+    def views(self) -> list[dict[str, Any]]:
+        rows = []
+        for svc in self.by_name.values():
+            row = self.ns.dataplane.call(svc.status)
+            rows.append({"namespace": self.ns.name, **row})
+        return rows

@@ -1,0 +1,78 @@
+"""Services that scale to zero, end to end with the daemon: a dormant service whose
+on_activate hook starts a real HTTP server after a delay, many clients started before
+the backend exists, the idle hook stopping it, and a backend that never comes up."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import subprocess
+import sys
+import time
+
+from fabric.sandbox import Daemon, Sandbox
+
+VIP = "10.40.0.100"
+
+
+def setup(sb: Sandbox, service: dict) -> tuple[Daemon, str, str]:
+    worker = sb.netns("worker")
+    client, web = sb.netns("client"), sb.netns("web")
+    ns = {"name": "shop", "id": 7, "cidr": "10.40.0.0/24",
+          "pods": [{"name": "client", "ip": "10.40.0.2", "netns": client},
+                   {"name": "web-1", "ip": "10.40.0.3", "netns": web}],
+          "services": [service]}
+    d = Daemon(sb, worker, {"namespaces": [ns]}).start()
+    d.wait_attached(2)
+    return d, client, web
+
+
+def start_cmd(web: str, delay: float) -> str:
+    return (f"sh -c '(sleep {delay}; exec ip netns exec {web} {sys.executable} -m "
+            f"fabric.sandbox http 8080) >/dev/null 2>&1 &'")
+
+
+def curl(sb: Sandbox, ns: str, timeout: float = 40) -> subprocess.CompletedProcess[str]:
+    return sb.run(ns, "curl", "-sS", "--max-time", str(timeout), f"http://{VIP}/",
+                  check=False, timeout=timeout + 10)
+
+
+def test_dormant_service_woken_by_a_real_request(sandbox: Sandbox) -> None:
+    web_ns = sandbox.name("web")
+    d, client, web = setup(sandbox, {
+        "name": "web", "ip": VIP, "ports": [{"port": 80, "target_port": 8080}],
+        "backends": ["web-1"], "idle_timeout": "3s",
+        "on_activate": start_cmd(web_ns, 1.0),
+        "on_idle": f"sh -c 'ip netns pids {web_ns} | xargs -r kill'"})
+    assert d.get("/v1/services")[0]["state"] == "dormant"
+    t0 = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(200) as pool:
+        results = list(pool.map(lambda _: curl(sandbox, client), range(200)))
+    took = time.monotonic() - t0
+    failed = [r for r in results if r.returncode != 0 or "hello from" not in r.stdout]
+    assert not failed, (len(failed), failed[0].stderr if failed else "", d.log()[-2000:])
+    assert took < 30
+    svc = d.get("/v1/services")[0]
+    assert svc["counters"]["held"] >= 200 and svc["counters"]["released"] >= 200
+    # Idle: the hook stops the server after idle_timeout; the next request wakes it again.
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if d.get("/v1/services")[0]["state"] in ("idle", "dormant") and \
+                not sandbox.run(None, "ip", "netns", "pids", web).stdout.strip():
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError(f"not idle: {d.get('/v1/services')[0]}")
+    r = curl(sandbox, client)
+    assert r.returncode == 0 and "hello from" in r.stdout, r.stderr
+
+
+def test_backend_that_never_comes_up_is_refused(sandbox: Sandbox) -> None:
+    d, client, web = setup(sandbox, {
+        "name": "web", "ip": VIP, "ports": [{"port": 80, "target_port": 8080}],
+        "backends": ["web-1"], "hold": {"timeout": "2s"}})
+    t0 = time.monotonic()
+    r = curl(sandbox, client, timeout=20)
+    took = time.monotonic() - t0
+    assert r.returncode == 7, (r.returncode, r.stderr)  # connection refused, not a hang
+    assert 1.5 < took < 6, took
+    assert d.get("/v1/services")[0]["counters"]["hold_timeout"] >= 1
