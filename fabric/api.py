@@ -501,7 +501,7 @@ def _warn_unimplemented(spec: NamespaceSpec) -> None:
     """Say plainly which accepted parts of a spec this version does not act on yet."""
     for svc in spec.services:
         for p in svc.ports:
-            if p.activator != "none":
-                log.warning("namespace %s: service %s port %d: activator %r is not wired "
-                            "in this version; the service holds and activates without it",
-                            spec.name, svc.name, p.port, p.activator)
+            if p.activator not in ("none", "tcp") and not p.activator.endswith(".wasm"):
+                log.warning("namespace %s: service %s port %d: activator %r is not shipped "
+                            "in this version (shipped: tcp); the service holds and "
+                            "activates without it", spec.name, svc.name, p.port, p.activator)

@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
+from fabric import activator as act_mod
 from fabric import checksum, gso, packets
 from fabric import service as svc_mod
 from fabric.packets import (
@@ -92,6 +93,7 @@ DROP_SERVICE_HOLD_FULL = "service_hold_full"
 DROP_SERVICE_NO_BACKEND = "service_no_backend"
 DROP_SERVICE_PORT = "service_port_closed"
 DROP_SERVICE_TABLE_FULL = "service_table_full"
+DROP_ACTIVATOR = "activator_drop"
 
 # Verdicts of EgressCore.outbound: gateway.egress.EgressNat's, kept in one place there.
 
@@ -224,6 +226,7 @@ class Router:
         self.services: dict[bytes, svc_mod.Service] = {}
         self.backend_ips: dict[bytes, list[svc_mod.Service]] = {}
         self.on_signal: Callable[[str, svc_mod.Signal], None] | None = None
+        self._packet_id = 0
 
     # --- table ---------------------------------------------------------------------------
 
@@ -508,6 +511,10 @@ class Router:
 
     def release_service(self, svc: svc_mod.Service, now: float) -> None:
         if svc.releasable:
+            # The core replays the held packets itself; activators learn the backend is
+            # there so they forget what they were holding.
+            for port, host in svc.activators.items():
+                host.process(port, [act_mod.BackendAvailable()])
             self._service_actions(svc, list(svc.release(now)), now)
         self._service_signals(svc)
 
@@ -528,6 +535,10 @@ class Router:
             return None
         total = buf[ip + 2] << 8 | buf[ip + 3]
         partial = bool(h and buf[0] & F_NEEDS_CSUM)
+        if svc.activators and not svc.has_ready and self._activator_drops(svc, buf, ip,
+                                                                            total):
+            port.drop(DROP_ACTIVATOR)
+            return None
         v = svc.outbound(buf, ip, total, now, partial)
         out: Port | None = None
         if v == svc_mod.FORWARD:
@@ -554,6 +565,28 @@ class Router:
         if svc.signals_pending:
             self._service_signals(svc)
         return out
+
+    def _activator_drops(self, svc: svc_mod.Service, buf: bytearray, ip: int,
+                         total: int) -> bool:
+        """Ask the port's activator about a packet for a service with no ready backend:
+        True when it says drop (an RST, a stray segment that must not wake anything).
+        A failed activator (None) means plain hold-and-activate."""
+        ihl = (buf[ip] & 15) << 2
+        if buf[ip + 9] not in (PROTO_TCP, PROTO_UDP) or total < ihl + 4:
+            return False
+        dport = buf[ip + ihl + 2] << 8 | buf[ip + ihl + 3]
+        host = svc.activators.get(dport)
+        if host is None:
+            return False
+        self._packet_id = (self._packet_id + 1) & 0xFFFFFFFF
+        pid = self._packet_id
+        actions = host.process(dport, [act_mod.Packet(pid, 0, bytes(buf[ip:ip + total]))])
+        if actions is None:
+            return False
+        for a in actions:
+            if isinstance(a, act_mod.PacketDecision) and a.packet_id == pid:
+                return a.verdict == act_mod.DROP
+        return False
 
     def _deliver(self, dpod: Pod, port: Port, buf: bytearray, h: int, n: int, ip: int,
                  total: int, now: float) -> Port | None:

@@ -277,6 +277,9 @@ class Service:
         self.held_bytes = 0
         self._release_at: float | None = None  # a release is pending since then
         self._need = False
+        # Activators by service port (set by the shell): consulted while no backend is
+        # ready, to drop what must not wake or be held (RSTs, strays).
+        self.activators: dict[int, Any] = {}
         self._last_traffic = now
         self._last_activate: float | None = None
         self._deferred: tuple[float, str, FlowId | None] | None = None
@@ -363,6 +366,10 @@ class Service:
                 self._release_at = now
         else:
             self._release_at = None
+
+    @property
+    def has_ready(self) -> bool:
+        return bool(self._ready)
 
     @property
     def releasable(self) -> bool:

@@ -9,12 +9,15 @@ through the namespace's local stack, turns the cores' signals into events and ru
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import shlex
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fabric.activator import ActivatorHost
 from fabric.config import ServiceSpec
 from fabric.service import Service, Signal
 
@@ -26,6 +29,8 @@ log = logging.getLogger("fabricd.services")
 PROBE_TICK = 0.02
 PROBE_TIMEOUT = 1.0
 HOOK_TIMEOUT = 60.0
+# Shipped activators: activators/<name>/<name>.wasm beside the packages.
+SHIPPED = Path(__file__).resolve().parent.parent / "activators"
 
 
 class Services:
@@ -56,6 +61,11 @@ class Services:
 
     def _add(self, spec: ServiceSpec) -> None:
         svc = Service.from_spec(spec, now=time.monotonic())
+        for p in spec.ports:
+            if p.activator != "none":
+                host = self._activator(spec, p.port, p.activator, p.activator_config)
+                if host is not None:
+                    svc.activators[p.port] = host
         dp = self.ns.dataplane
         dp.call(self.ns.router.add_service, svc)
         self.by_name[spec.name] = svc
@@ -65,10 +75,31 @@ class Services:
         log.info("namespace %s: service %s at %s (%s)", self.ns.name, spec.name, spec.ip,
                  ", ".join(f"{p.port}->{p.target_port}/{p.protocol}" for p in spec.ports))
 
+    def _activator(self, spec: ServiceSpec, port: int, name: str,
+                   config: Any) -> ActivatorHost | None:
+        """The activator host of a service port: a shipped one by name, or a .wasm path.
+        One that cannot be loaded is logged and the port holds and activates without."""
+        path = Path(name) if name.endswith(".wasm") else SHIPPED / name / f"{name}.wasm"
+        try:
+            cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
+            host = ActivatorHost(path, cfg, label=f"{self.ns.name}/{spec.name}:{port}")
+        except Exception as e:  # a bad module must never take the namespace down
+            log.error("namespace %s: service %s port %d: activator %s unusable (%s); "
+                      "holding and activating without it", self.ns.name, spec.name, port,
+                      name, e)
+            self.ns.bus.emit("activator_failed", self.ns.name, None, service=spec.name,
+                             port=port, error=str(e))
+            return None
+        log.info("namespace %s: service %s port %d: activator %s", self.ns.name, spec.name,
+                 port, path)
+        return host
+
     def _remove(self, name: str) -> None:
         svc = self.by_name.pop(name)
         self.specs.pop(name)
         self.ns.dataplane.call(self.ns.router.remove_service, svc)
+        for host in svc.activators.values():
+            host.close()
 
     def close(self) -> None:
         for name in list(self.by_name):
@@ -193,5 +224,8 @@ class Services:
         rows = []
         for svc in self.by_name.values():
             row = self.ns.dataplane.call(svc.status)
+            row["activators"] = {
+                str(port): {"module": host.label, **dataclasses.asdict(host.stats)}
+                for port, host in svc.activators.items()}
             rows.append({"namespace": self.ns.name, **row})
         return rows

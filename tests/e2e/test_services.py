@@ -76,3 +76,46 @@ def test_backend_that_never_comes_up_is_refused(sandbox: Sandbox) -> None:
     assert r.returncode == 7, (r.returncode, r.stderr)  # connection refused, not a hang
     assert 1.5 < took < 6, took
     assert d.get("/v1/services")[0]["counters"]["hold_timeout"] >= 1
+
+
+def test_activators_tcp_and_hostile_side_by_side(sandbox: Sandbox) -> None:
+    """Two services: one with the TCP activator, one with an activator that loops
+    forever. Both wake and serve (the hostile one falls back to hold-and-activate and is
+    counted); a stray ACK to the dormant TCP-activator service is dropped, not a wake."""
+    import os
+
+    web_ns = sandbox.name("web")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    worker = sandbox.netns("worker")
+    client, web = sandbox.netns("client"), sandbox.netns("web")
+    loop_wasm = os.path.join(root, "activators", "testing", "loop.wasm")
+    ns = {"name": "shop", "id": 7, "cidr": "10.40.0.0/24",
+          "pods": [{"name": "client", "ip": "10.40.0.2", "netns": client},
+                   {"name": "web-1", "ip": "10.40.0.3", "netns": web}],
+          "services": [
+              {"name": "good", "ip": VIP, "backends": ["web-1"],
+               "ports": [{"port": 80, "target_port": 8080, "activator": "tcp"}],
+               "on_activate": start_cmd(web_ns, 0.3)},
+              {"name": "bad", "ip": "10.40.0.101", "backends": ["web-1"],
+               "ports": [{"port": 80, "target_port": 8080, "activator": loop_wasm}],
+               "on_activate": start_cmd(web_ns, 0.3)}]}
+    d = Daemon(sandbox, worker, {"namespaces": [ns]}).start()
+    d.wait_attached(2)
+    # A stray ACK (no connection) to the dormant service: dropped by the activator.
+    sandbox.run(client, sys.executable, "-c",
+                "from scapy.all import IP, TCP, send; "
+                f"send(IP(dst='{VIP}')/TCP(dport=80, flags='A'), verbose=0)")
+    time.sleep(0.3)
+    good = next(s for s in d.get("/v1/services") if s["name"] == "good")
+    assert good["state"] == "dormant" and good["counters"]["activations"] == 0, good
+    # The hostile activator's service first: its instance is killed by the deadline,
+    # recreated, and the service holds and activates without it.
+    r = sandbox.run(client, "curl", "-sS", "--max-time", "20", "http://10.40.0.101/",
+                    check=False, timeout=30)
+    assert r.returncode == 0 and "hello from" in r.stdout, r.stderr
+    r = curl(sandbox, client)
+    assert r.returncode == 0 and "hello from" in r.stdout, r.stderr
+    svcs = {s["name"]: s for s in d.get("/v1/services")}
+    assert svcs["good"]["activators"]["80"]["calls"] >= 1
+    bad = svcs["bad"]["activators"]["80"]
+    assert bad["recreated"] >= 1 and bad["traps"] >= 1, bad
