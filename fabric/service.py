@@ -117,6 +117,7 @@ VERDICTS = ("forward", "held", "queued", "hold_full", "no_backend", "table_full"
             "not_service", "not_ours", "no_flow", "malformed")
 
 PROBE_INTERVAL = 0.2
+ACTIVE_PROBE_INTERVAL = 0.001
 ACTIVATE_DEBOUNCE = 1.0
 
 COUNTERS = (
@@ -339,7 +340,10 @@ class Service:
         assert port is not None
         for b in self.backends.values():
             if b.marked and not b.probed and not b.parked and b.probe_due <= now:
-                b.probe_due = now + self.probe_interval
+                # While clients wait, probe fast: the wake is only as quick as the probe
+                # that sees the backend's port accept.
+                b.probe_due = now + (ACTIVE_PROBE_INTERVAL if self._hold else
+                                     self.probe_interval)
                 out.append((b.name, str(b.addr), port))
                 self.counters["probes"] += 1
         return out

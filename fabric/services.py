@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("fabricd.services")
 
 PROBE_TICK = 0.02
+ACTIVE_PROBE_TICK = 0.001
 PROBE_TIMEOUT = 1.0
 HOOK_TIMEOUT = 60.0
 # Shipped activators: activators/<name>/<name>.wasm beside the packages.
@@ -131,7 +132,9 @@ class Services:
         """TCP probes of backends marked ready, from the gateway address, so nothing is
         released to a backend whose port does not accept yet."""
         while True:
-            await asyncio.sleep(PROBE_TICK)
+            # Tick fast while some service holds clients for a backend that is coming up.
+            waiting = any(svc.held_packets for svc in self.by_name.values())
+            await asyncio.sleep(ACTIVE_PROBE_TICK if waiting else PROBE_TICK)
             stack = self.ns.local
             now = time.monotonic()
             for name, svc in list(self.by_name.items()):
