@@ -43,7 +43,8 @@ def test_dormant_service_woken_by_a_real_request(sandbox: Sandbox) -> None:
         "backends": ["web-1"], "idle_timeout": "3s",
         "on_activate": start_cmd(web_ns, 1.0),
         "on_idle": f"sh -c 'ip netns pids {web_ns} | xargs -r kill'"})
-    assert d.get("/v1/services")[0]["state"] == "dormant"
+    first = d.get("/v1/services")[0]
+    assert first["state"] == "dormant", (first, d.log()[-2000:])
     t0 = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(200) as pool:
         results = list(pool.map(lambda _: curl(sandbox, client), range(200)))
