@@ -85,6 +85,33 @@ NAMESPACE_COLUMNS = [
     ("HELD", "held"),
     ("DROPS", "drops"),
 ]
+SERVICE_COLUMNS = [
+    ("NAMESPACE", "namespace"),
+    ("NAME", "name"),
+    ("IP", "ip"),
+    ("PORTS", "ports_text"),
+    ("STATE", "state"),
+    ("NEED", "need"),
+    ("HELD", "held_text"),
+    ("FLOWS", "flows"),
+    ("BACKENDS", "backends_text"),
+    ("WAKES", "wakes"),
+]
+
+
+def _service_row(r: dict[str, Any]) -> dict[str, Any]:
+    """Flatten a service for the table: ports, held packets/bytes, backends' readiness."""
+    row = dict(r)
+    row["ports_text"] = ",".join(f"{p['port']}->{p['target_port']}/{p['protocol']}"
+                                 for p in r.get("ports", []))
+    row["held_text"] = f"{r.get('held_packets', 0)}/{r.get('held_bytes', 0)}B"
+    row["backends_text"] = ",".join(
+        f"{b['name']}({'ready' if b.get('ready') else 'not-ready'})"
+        for b in r.get("backends", []))
+    row["wakes"] = r.get("counters", {}).get("activations", 0)
+    return row
+
+
 POD_COLUMNS = [
     ("NAMESPACE", "namespace"),
     ("NAME", "name"),
@@ -192,7 +219,9 @@ def cmd_get(args: argparse.Namespace) -> int:
             columns = POD_COLUMNS
         elif kind == "services":
             data = client.get("/v1/services" + (f"?{urlencode({'namespace': ns})}" if ns else ""))
-            columns = _generic_columns(data, set())
+            columns = SERVICE_COLUMNS
+            if args.output != "json":
+                data = [_service_row(r) for r in data]
         else:
             data = client.get("/v1/peers")
             columns = _generic_columns(data, set())

@@ -6,6 +6,7 @@ and shows them talking, with timings. Everything is removed at the end, also on 
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import time
@@ -36,6 +37,12 @@ def main() -> int:
         client = sb.netns("client")
         _done(t, f"{worker}, {web}, {client}")
 
+        api = sb.netns("api")
+        ready_file = os.path.join(sb.tmp, "api-ready")
+        # The hook plays the controller resuming a VM: the server starts 0.5 s later.
+        start_api = (f"sh -c '(sleep 0.5; exec ip netns exec {api} {sys.executable} -m "
+                     f"fabric.sandbox http 8080 --ready-file {ready_file}) "
+                     f">/dev/null 2>&1 &'")
         cfg = {
             "worker": {"id": "demo"},
             "namespaces": [{
@@ -45,12 +52,18 @@ def main() -> int:
                 "pods": [
                     {"name": "web", "ip": "10.77.0.10", "netns": web},
                     {"name": "client", "ip": "10.77.0.20", "netns": client},
+                    {"name": "api-1", "ip": "10.77.0.30", "netns": api},
                 ],
+                "services": [{
+                    "name": "api", "ip": "10.77.0.100", "backends": ["api-1"],
+                    "ports": [{"port": 80, "target_port": 8080, "activator": "tcp"}],
+                    "on_activate": start_api, "idle_timeout": "60s",
+                }],
             }],
         }
         t = _step("starting fabricd in the worker namespace")
         d = Daemon(sb, worker, cfg).start()
-        d.wait_attached(2)
+        d.wait_attached(3)
         _done(t, "both pods attached (TAP with offloads, moved in as eth0)")
         print(d.cli("get", "pods"))
 
@@ -84,6 +97,31 @@ def main() -> int:
         _done(t, f"{int(size) / 1e6:.0f} MB at {float(speed) * 8 / 1e9:.2f} Gbit/s")
 
         print(d.cli("get", "pods"))
+
+        t = _step("client calls http://api/ -- a service scaled to zero (no server runs)")
+        print(d.cli("get", "services"))
+        # A tiny client that notes when its connection is established (CLOCK_MONOTONIC is
+        # one clock for the whole machine, so it compares with the server's note).
+        client_py = ("import socket,time\n"
+                     "t0=time.monotonic()\n"
+                     "s=socket.create_connection(('api',80),30)\n"
+                     "t1=time.monotonic()\n"
+                     "s.sendall(b'GET / HTTP/1.0\\r\\nHost: api\\r\\n\\r\\n')\n"
+                     "d=b''\n"
+                     "while (c:=s.recv(65536)): d+=c\n"
+                     "print(t0, t1, time.monotonic())\n"
+                     "print(d.split(b'\\r\\n\\r\\n',1)[1].decode().strip())\n")
+        out = sb.run(client, sys.executable, "-c", client_py, timeout=40).stdout
+        stamps, body = out.split("\n", 1)
+        t0, t1, t2 = (float(x) for x in stamps.split())
+        with open(ready_file) as f:
+            t_listen = float(f.read())
+        _done(t, f"{body.strip()!r} after {(t2 - t0) * 1000:.0f} ms: the backend's port "
+                 f"accepted {(t_listen - t0) * 1000:.0f} ms after the connect (the hook's "
+                 f"500 ms resume); the fabric had the connection established "
+                 f"{(t1 - t_listen) * 1000:.1f} ms after that")
+        print(d.cli("get", "services"))
+
         t = _step("stopping fabricd (SIGTERM): it removes every interface it made")
         rc = d.stop()
         left = sb.run(web, "ip", "-o", "link", "show", "eth0", check=False)

@@ -273,7 +273,7 @@ def sweep(prefixes: Sequence[str] = PREFIXES) -> list[str]:
     return gone
 
 
-def _http(port: int) -> None:
+def _http(port: int, ready_file: str | None = None) -> None:
     """A small HTTP server: `/` says hello, `/bytes/N` returns N bytes, `/whoami` the
     client's address as the server sees it."""
     import socketserver
@@ -312,6 +312,9 @@ def _http(port: int) -> None:
         request_queue_size = 1024
 
     with Server(("0.0.0.0", port), Handler) as srv:
+        if ready_file:  # when the port accepts, on the system-wide monotonic clock
+            with open(ready_file, "w") as f:
+                f.write(f"{time.monotonic()}\n")
         srv.serve_forever()
 
 
@@ -321,9 +324,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd")
     h = sub.add_parser("http")
     h.add_argument("port", type=int)
+    h.add_argument("--ready-file")
     args = ap.parse_args(argv)
     if args.cmd == "http":
-        _http(args.port)
+        _http(args.port, args.ready_file)
         return 0
     if args.sweep is not None:
         for name in sweep(args.sweep or PREFIXES):

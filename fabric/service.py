@@ -356,7 +356,7 @@ class Service:
             return
         b.probed = ok
         if not ok:
-            b.probe_due = now + self.probe_interval
+            b.probe_due = now + (ACTIVE_PROBE_INTERVAL if self._hold else self.probe_interval)
         self._update_ready(now)
 
     def is_ready(self, b: Backend) -> bool:

@@ -157,7 +157,11 @@ class FakeFabric:
         return [p for p in self.pods if ns is None or p["namespace"] == ns]
 
     def get_services(self, ns: str | None = None) -> list[dict[str, Any]]:
-        svcs = [{"namespace": "blue", "name": "api", "vip": "10.1.0.100", "ports": [80, 443]}]
+        svcs = [{"namespace": "blue", "name": "api", "ip": "10.1.0.100", "state": "dormant",
+                 "need": False, "held_packets": 3, "held_bytes": 180, "flows": 0,
+                 "ports": [{"port": 80, "target_port": 8080, "protocol": "tcp"}],
+                 "backends": [{"name": "api-1", "ready": False}],
+                 "counters": {"activations": 1}}]
         return [s for s in svcs if ns is None or s["namespace"] == ns]
 
     def get_peers(self) -> list[dict[str, Any]]:
@@ -347,7 +351,7 @@ def test_health_and_lists(client: ControlClient, fabric: FakeFabric) -> None:
     assert [p["name"] for p in client.get("/v1/pods")] == ["web", "db"]
     assert len(client.get("/v1/namespaces/blue/pods")) == 2
     assert client.get("/v1/namespaces/blue/pods/db")["kind"] == "veth"
-    assert client.get("/v1/services?namespace=blue")[0]["vip"] == "10.1.0.100"
+    assert client.get("/v1/services?namespace=blue")[0]["ip"] == "10.1.0.100"
     assert client.get("/v1/services?namespace=red") == []
     assert client.get("/v1/peers") == []
 
@@ -630,7 +634,11 @@ def test_cli_get_tables(harness: Harness, capsys: pytest.CaptureFixture[str]) ->
                              "EGRESS", "FLOWS", "HELD", "DROPS"]
     assert out[1].split()[:6] == ["blue", "1", "10.1.0.0/24", "10.1.0.1", "1500", "2"]
     assert cli.main(["get", "svc", "--control", harness.path]) == 0
-    assert "10.1.0.100" in capsys.readouterr().out
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["NAMESPACE", "NAME", "IP", "PORTS", "STATE", "NEED", "HELD",
+                                "FLOWS", "BACKENDS", "WAKES"]
+    assert lines[1].split() == ["blue", "api", "10.1.0.100", "80->8080/tcp", "dormant",
+                                "false", "3/180B", "0", "api-1(not-ready)", "1"]
     assert cli.main(["get", "peers", "--control", harness.path]) == 0
     assert "No peers found" in capsys.readouterr().err
 
