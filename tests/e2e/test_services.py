@@ -120,3 +120,31 @@ def test_activators_tcp_and_hostile_side_by_side(sandbox: Sandbox) -> None:
     assert svcs["good"]["activators"]["80"]["calls"] >= 1
     bad = svcs["bad"]["activators"]["80"]
     assert bad["recreated"] >= 1 and bad["traps"] >= 1, bad
+
+
+def test_two_backends_share_and_unready_takes_no_new_flows(sandbox: Sandbox) -> None:
+    worker = sandbox.netns("worker")
+    client, w1, w2 = sandbox.netns("client"), sandbox.netns("w1"), sandbox.netns("w2")
+    ns = {"name": "shop", "id": 7, "cidr": "10.40.0.0/24",
+          "pods": [{"name": "client", "ip": "10.40.0.2", "netns": client},
+                   {"name": "web-1", "ip": "10.40.0.3", "netns": w1},
+                   {"name": "web-2", "ip": "10.40.0.4", "netns": w2}],
+          "services": [{"name": "web", "ip": VIP, "backends": ["web-1", "web-2"],
+                        "ports": [{"port": 80, "target_port": 8080}]}]}
+    d = Daemon(sandbox, worker, {"namespaces": [ns]}).start()
+    d.wait_attached(3)
+    sandbox.http_server(w1, 8080)
+    sandbox.http_server(w2, 8080)
+
+    def who() -> str:
+        r = curl(sandbox, client, timeout=10)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.split("pid ")[1].strip()
+
+    seen = {who() for _ in range(30)}
+    assert len(seen) == 2, seen  # flows spread over both backends
+    d.cli("ready", "shop/web-2", "--unready")
+    after = {who() for _ in range(20)}
+    assert len(after) == 1 and after < seen, (after, seen)
+    backends = {b["name"]: b for b in d.get("/v1/services")[0]["backends"]}
+    assert backends["web-2"]["ready"] is False and backends["web-1"]["ready"] is True
