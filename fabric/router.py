@@ -707,6 +707,11 @@ class Router:
             return
         b = bytearray(packets.ETH_HLEN) + packet[:total]
         ip = packets.ETH_HLEN
+        if spod.ip in self.backend_ips:  # a remote backend answering a service flow
+            dpod = self.by_ip.get(self._from_backend(spod.ip, b, 0, ip, total, now))
+            if dpod is None or dpod.remote is not None:
+                drops[DROP_NO_ROUTE] = drops.get(DROP_NO_ROUTE, 0) + 1
+                return
         if not _decrement_ttl(b, ip):
             drops[DROP_TTL] = drops.get(DROP_TTL, 0) + 1
             return

@@ -125,8 +125,14 @@ class Services:
                 continue
             ready = bool(state is not None and state.ready and
                          (state.port is not None or pod.kind == "remote"))
+            now = time.monotonic()
             self.ns.dataplane.call(self.ns.router.set_backend, svc, pod_name, str(pod.ip),
-                                   ready, time.monotonic())
+                                   ready, now)
+            if ready and pod.kind == "remote":
+                # Our gateway address is also the other worker's: a probe's answer would
+                # stay there. A backend on another worker is ready on the controller's
+                # word alone (its own worker is where it could be probed).
+                self.ns.dataplane.call(self.ns.router.probe_result, svc, pod_name, True, now)
 
     async def _probe_loop(self) -> None:
         """TCP probes of backends marked ready, from the gateway address, so nothing is

@@ -206,3 +206,29 @@ def test_fuzzed_datagrams_are_rejected(cluster: Cluster) -> None:
     pods = cluster.d1.get("/v1/pods")
     assert all(p["rx_packets"] < 1000 for p in pods)  # nothing of the fuzz got through
     assert "Traceback" not in cluster.d1.log()
+
+
+def test_dormant_service_on_w1_with_its_backend_on_w2(sandbox: Sandbox) -> None:
+    """A service defined on worker 1 whose backend pod lives on worker 2: held on w1,
+    woken by the hook, probed and released across the tunnel, replies un-NATed."""
+    c = Cluster(sandbox)
+    fabricd = os.path.join(os.path.dirname(sys.executable), "fabricd")
+    # The controller's part: start the backend on w2, then tell w1 it is ready (a pod
+    # on another worker is ready on the controller's word).
+    start = (f"sh -c '(ip netns exec {c.b} {sys.executable} -m fabric.sandbox http 8080 & "
+             f"sleep 0.5; {fabricd} --control {c.d1.control} ready shop/b) "
+             f">/dev/null 2>&1 &'")
+    cfg = Cluster.config("w1", c.k1[0], "w2", c.k2[1], f"{W2}:51820",
+                         local=("a", "10.40.0.2", c.a), remote=("b", "10.40.0.3"))
+    cfg["namespaces"][0]["pods"][1]["ready"] = False
+    cfg["namespaces"][0]["services"] = [{
+        "name": "web", "ip": "10.40.0.100", "backends": ["b"],
+        "ports": [{"port": 80, "target_port": 8080}], "on_activate": start}]
+    c.d1.write_config(cfg)
+    c.start()
+    assert c.d1.get("/v1/services")[0]["state"] == "dormant"
+    r = sandbox.run(c.a, "curl", "-sS", "--max-time", "20", "http://10.40.0.100/",
+                    check=False, timeout=30)
+    assert r.returncode == 0 and "hello from" in r.stdout, (r.stderr, c.d1.log()[-1500:])
+    svc = c.d1.get("/v1/services")[0]
+    assert svc["counters"]["activations"] == 1 and svc["counters"]["released"] >= 1

@@ -13,12 +13,28 @@ A case is a directory `pcaps/<case>/` holding
 `mtu` (default 1500) and `vnet` (default false: no virtio-net header; when true, frames get
 a zero header in and must come out with a zero header) describe its port. Optional keys:
 "name" (namespace name), "gateway_mac", "until" (run timers up to this time after the last
-frame; default: the last event). Other keys are left to callers (see `setup`).
+frame; default: the last event), "services" and "events" (below). Other keys are left to
+callers (see `setup`).
+
+Services (the router's service core, with the shipped activators) are declared as
+
+    "services": [{"name": "web", "ip": "10.0.0.100",
+                  "ports": [{"port": 80, "target_port": 8080, "protocol": "tcp",
+                             "activator": "tcp" | "none", "activator_config": {...}}],
+                  "backends": ["web"],              # pod names, not ready at the start
+                  "readiness": "external",          # the only kind a replay can drive
+                  "hold": {"packets": 1024, "bytes": 8388608, "timeout": 30.0},
+                  "idle_timeout": 300.0}]
+    "events":   [{"t": 1.0, "backend": "web", "ready": true, "service": "web"}]
+
+An event marks a backend (ready or not) at its time in every service that lists it (or only
+in "service"), as the controller would with `Router.set_backend`; services, their activators
+and their backends (not ready, at t=0) are set up before `setup` runs.
 
 Replay is a simulated clock: all inputs are merged by timestamp (ties: attaches first, then
-pods in case.json order, then capture order); before each event every timer that is due
-(`next_timer() <= t`) runs at exactly its due time; a frame is fed with its capture
-timestamp; outputs are stamped with the time of the call that made them, the frame
+events and hooks, then pods in case.json order, then capture order); before each event
+every timer that is due (`next_timer() <= t`) runs at exactly its due time; a frame is fed
+with its capture timestamp; outputs are stamped with the time of the call that made them, the frame
 `receive` returns first and then `router.outputs`, as the data plane writes them.
 
 Set FABRIC_REGEN_PCAPS=1 to rewrite every `<pod>.out.pcap` from the current router
@@ -29,12 +45,15 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fabric.activator import ActivatorHost
+from fabric.config import DEFAULT_IDLE_TIMEOUT, HoldSpec, PortSpec
 from fabric.router import Port, Router
+from fabric.service import Service
 from fabric.vnet import ZERO_HDR
 
 try:
@@ -43,11 +62,13 @@ except ImportError:  # pragma: no cover - fabric.pcap is written in parallel
     read_pcap = None  # type: ignore[assignment]
 
 PCAPS = Path(__file__).resolve().parents[2] / "pcaps"
+ACTIVATORS = PCAPS.parent / "activators"  # shipped activators: <name>/<name>.wasm
 REGEN_ENV = "FABRIC_REGEN_PCAPS"
 TOLERANCE = 1e-3
 MAX_TIMER_RUNS = 100_000
 
 Frames = list[tuple[float, bytes]]
+Hook = Callable[[Router, float], None]
 
 
 @dataclass
@@ -113,28 +134,91 @@ def write_frames(path: Path, frames: Frames) -> None:
     wrpcap(str(path), pkts, linktype=1)
 
 
+def setup_services(router: Router, case: Case) -> list[ActivatorHost]:
+    """Add the case's "services" to the router (with their activators and backends, not
+    ready, at t=0); returns the activator hosts, for closing."""
+    hosts: list[ActivatorHost] = []
+    pod_ips = {p.name: p.ip for p in case.pods}
+    for s in case.raw.get("services", []):
+        readiness = s.get("readiness", "external")
+        if readiness != "external":
+            raise ValueError(f"{case.path.name}: service {s['name']}: a replay drives "
+                             f"readiness external only, not {readiness!r}")
+        ports = [PortSpec(port=int(p["port"]), target_port=int(p.get("target_port", p["port"])),
+                          protocol=p.get("protocol", "tcp"), activator=p.get("activator", "none"))
+                 for p in s["ports"]]
+        svc = Service(s["name"], s["ip"], ports, hold=HoldSpec(**s.get("hold", {})),
+                      idle_timeout=float(s.get("idle_timeout", DEFAULT_IDLE_TIMEOUT)),
+                      readiness=readiness, now=0.0)
+        for p, raw in zip(ports, s["ports"], strict=True):
+            if p.activator != "none":
+                host = ActivatorHost(ACTIVATORS / p.activator / f"{p.activator}.wasm",
+                                     raw.get("activator_config", {}),
+                                     label=f"{case.name}/{svc.name}:{p.port}")
+                hosts.append(host)
+                svc.activators[p.port] = host
+        router.add_service(svc)
+        for b in s.get("backends", []):
+            router.set_backend(svc, b, pod_ips[b], False, 0.0)
+    return hosts
+
+
+def case_hooks(router: Router, case: Case) -> list[tuple[float, Hook]]:
+    """The case's "events" as timed hooks: backends becoming ready or not."""
+    by_name = {svc.name: svc for svc in router.services.values()}
+    hooks: list[tuple[float, Hook]] = []
+    for ev in case.raw.get("events", []):
+        backend, ready, only = ev["backend"], bool(ev["ready"]), ev.get("service")
+        svcs = [svc for svc in by_name.values() if backend in svc.backends
+                and (only is None or svc.name == only)]
+        if not svcs:
+            raise ValueError(f"{case.path.name}: event {ev}: no service has backend {backend}")
+
+        def apply(r: Router, now: float, svcs: list[Service] = svcs, backend: str = backend,
+                  ready: bool = ready) -> None:
+            for svc in svcs:
+                r.set_backend(svc, backend, str(svc.backends[backend].addr), ready, now)
+
+        hooks.append((float(ev["t"]), apply))
+    return hooks
+
+
 def replay(case_dir: str | Path,
-           setup: Callable[[Router, Case], None] | None = None) -> dict[str, Frames]:
+           setup: Callable[[Router, Case], None] | None = None,
+           hooks: Sequence[tuple[float, Hook]] = ()) -> dict[str, Frames]:
     """Run a case and return, per pod, the frames the router sent to it with their times.
 
-    `setup(router, case)` runs after the pods are in the table and before any event, for
-    cases that configure more (services, tunnels) from their own case.json keys.
+    `setup(router, case)` runs after the pods and the case's services are in place and
+    before any event, for cases that configure more (tunnels) from their own case.json
+    keys. `hooks` are (time, hook(router, now)) run at their time like the case's "events"
+    (after them on a tie), e.g. to look at counters at a given moment.
     """
     case = load_case(case_dir)
     kwargs = {"gateway_mac": case.gateway_mac} if case.gateway_mac else {}
     router = Router(case.name, case.cidr, **kwargs)
     for spec in case.pods:
         router.add_pod(spec.name, spec.ip, spec.mac)
-    if setup is not None:
-        setup(router, case)
+    hosts = setup_services(router, case)
+    try:
+        timed = case_hooks(router, case) + list(hooks)
+        if setup is not None:
+            setup(router, case)
+        return _run(case, router, timed)
+    finally:
+        for host in hosts:
+            host.close()
 
-    # (time, kind: 0 attach / 1 frame, pod order, capture order, pod, frame)
-    events: list[tuple[float, int, int, int, PodSpec, bytes]] = []
+
+def _run(case: Case, router: Router, timed: list[tuple[float, Hook]]) -> dict[str, Frames]:
+    # (time, kind: 0 attach / 1 hook / 2 frame, order, capture order, pod, frame, hook)
+    events: list[tuple[float, int, int, int, PodSpec | None, bytes, Hook | None]] = []
+    for k, (ts, hook) in enumerate(timed):
+        events.append((float(ts), 1, k, 0, None, b"", hook))
     for i, spec in enumerate(case.pods):
         if spec.attach is not None:
-            events.append((float(spec.attach), 0, i, 0, spec, b""))
+            events.append((float(spec.attach), 0, i, 0, spec, b"", None))
         for j, (ts, frame) in enumerate(read_frames(case.path / f"{spec.name}.in.pcap")):
-            events.append((ts, 1, i, j, spec, frame))
+            events.append((ts, 2, i, j, spec, frame, None))
     events.sort(key=lambda e: e[:4])
 
     ports: dict[str, Port] = {}
@@ -168,9 +252,14 @@ def replay(case_dir: str | Path,
         raise AssertionError(f"{case.path.name}: timers keep firing before {until}")
 
     last = 0.0
-    for ts, kind, _, _, spec, frame in events:
+    for ts, kind, _, _, spec, frame, hook in events:
         run_timers(ts)
         last = ts
+        if hook is not None:
+            hook(router, ts)
+            collect(ts)
+            continue
+        assert spec is not None
         if kind == 0:
             port = Port(vnet=spec.vnet, mtu=spec.mtu, kind="replay")
             ports[spec.name] = port
@@ -242,10 +331,11 @@ def case_dirs(root: Path = PCAPS) -> list[Path]:
     return sorted(p.parent for p in root.glob("*/case.json"))
 
 
-def check(case_dir: str | Path, setup: Callable[[Router, Case], None] | None = None) -> None:
+def check(case_dir: str | Path, setup: Callable[[Router, Case], None] | None = None,
+          hooks: Sequence[tuple[float, Hook]] = ()) -> None:
     """Replay a case and assert it matches (or rewrite it when FABRIC_REGEN_PCAPS is set):
     the one-liner for tests of later features that add their own cases."""
-    got = replay(case_dir, setup)
+    got = replay(case_dir, setup, hooks)
     if regen_requested():
         regenerate(case_dir, got)
         return
