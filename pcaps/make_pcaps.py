@@ -30,18 +30,28 @@ CIDR = "10.0.0.0/24"
 GW_IP = "10.0.0.1"
 GW_MAC = "02:fb:00:00:00:01"
 BCAST = "ff:ff:ff:ff:ff:ff"
-IPS = {"a": "10.0.0.2", "b": "10.0.0.3"}
-MACS = {"a": "02:00:00:00:00:0a", "b": "02:00:00:00:00:0b"}
+IPS = {"a": "10.0.0.2", "b": "10.0.0.3", "web": "10.0.0.20"}
+MACS = {"a": "02:00:00:00:00:0a", "b": "02:00:00:00:00:0b", "web": "02:00:00:00:00:20"}
+CLIENTS = [f"c{i}" for i in range(1, 6)]  # service clients c1..c5: 10.0.0.11-15
+for _i, _c in enumerate(CLIENTS, 1):
+    IPS[_c] = f"10.0.0.{10 + _i}"
+    MACS[_c] = f"02:00:00:00:00:c{_i}"
+VIP = "10.0.0.100"  # the service "web" in the svc_* cases
+LINUX_SYN_OPTS = [("MSS", 1460), ("SAckOK", b""), ("Timestamp", (100, 0)), ("NOP", None),
+                  ("WScale", 7)]
 PING_DATA = bytes.fromhex("3ee8d76500000000") + bytes(range(0x10, 0x40))  # 8 + 48 bytes
 
 
 class Case:
-    def __init__(self, name: str, description: str, pods: list[dict], until: float | None = None
+    def __init__(self, name: str, description: str, pods: list[dict], until: float | None = None,
+                 services: list[dict] | None = None, events: list[dict] | None = None
                  ) -> None:
         self.name = name
         self.description = description
         self.pods = pods
         self.until = until
+        self.services = services or []
+        self.events = events or []
         self.inputs: dict[str, list[tuple[float, bytes]]] = {p["name"]: [] for p in pods}
         self.outputs: dict[str, list[tuple[float, bytes]]] = {p["name"]: [] for p in pods}
 
@@ -59,6 +69,10 @@ class Case:
         spec = {"description": self.description, "cidr": CIDR, "pods": self.pods}
         if self.until is not None:
             spec["until"] = self.until
+        if self.services:
+            spec["services"] = self.services
+        if self.events:
+            spec["events"] = self.events
         (d / "case.json").write_text(json.dumps(spec, indent=2) + "\n")
         for pod in self.inputs:
             _write(d / f"{pod}.in.pcap", self.inputs[pod])
@@ -131,19 +145,44 @@ def gw_arp_request(to: str) -> bytes:
         op=1, hwsrc=GW_MAC, psrc=GW_IP, hwdst="00:00:00:00:00:00", pdst=IPS[to]))
 
 
-def icmp_error(to: str, offending: bytes, icmp_type: int, code: int, mtu: int = 0) -> bytes:
-    """ICMP error from the gateway quoting the offending IP header and 8 bytes."""
+def icmp_error(to: str, offending: bytes, icmp_type: int, code: int, mtu: int = 0,
+               src: str = GW_IP) -> bytes:
+    """ICMP error from the gateway (or `src`) quoting the offending IP header and 8 bytes."""
     ihl = (offending[0] & 15) * 4
     icmp = ICMP(type=icmp_type, code=code)
     if mtu:
         icmp.nexthopmtu = mtu
     return bytes(Ether(src=GW_MAC, dst=MACS[to]) / IP(
-        src=GW_IP, dst=IPS[to], ttl=64, id=0, flags=0) / icmp / Raw(offending[:ihl + 8]))
+        src=src, dst=IPS[to], ttl=64, id=0, flags=0) / icmp / Raw(offending[:ihl + 8]))
 
 
 def as_held(frame: Ether) -> bytes:
     """The IP packet as the router holds it (TTL already decremented)."""
     return forwarded(frame, "a")[14:]
+
+
+def dnat(frame: Ether, to: str, target_port: int) -> bytes:
+    """A client's packet to the VIP as backend pod `to` must receive it: destination
+    address and port rewritten to the backend's, source kept, TTL - 1, the IP and L4
+    checksums computed afresh by scapy, gateway MAC to the backend's MAC."""
+    ip = IP(bytes(frame[IP]))
+    ip.ttl -= 1
+    ip.dst = IPS[to]
+    del ip.chksum
+    l4 = ip.payload
+    l4.dport = target_port
+    del l4.chksum
+    return bytes(Ether(src=GW_MAC, dst=MACS[to], type=0x0800) / ip)
+
+
+def tcp_reset_for_syn(to: str, syn: Ether) -> bytes:
+    """RFC 793's answer to a SYN nobody takes, from the address it was sent to: RST|ACK,
+    seq 0, ack = its seq + 1, window 0 (IP: TTL 64, id 0, DF, as Linux sends RSTs)."""
+    ip, tcp = syn[IP], syn[TCP]
+    return bytes(Ether(src=GW_MAC, dst=MACS[to]) / IP(src=ip.dst, dst=ip.src, ttl=64, id=0,
+                                                       flags="DF")
+                 / TCP(sport=tcp.dport, dport=tcp.sport, seq=0, ack=(tcp.seq + 1) & 0xFFFFFFFF,
+                       flags="RA", window=0))
 
 
 def echo_reply(to: str, request: Ether) -> bytes:
@@ -329,9 +368,107 @@ def tcp_handshake() -> Case:
     return c
 
 
+# --- services: the router's service core with the shipped TCP activator ------------------
+
+
+def client(name: str) -> dict:
+    return {"name": name, "ip": IPS[name], "mac": MACS[name], "attach": 0.0}
+
+
+def web_service(hold: dict | None = None, backends: tuple[str, ...] = ("web",),
+                udp: bool = False) -> dict:
+    """The service "web": VIP:80/tcp -> 8080 with the TCP activator (and, with `udp`,
+    VIP:53/udp -> 5353 without activator), readiness from the controller (the events)."""
+    ports: list[dict] = [{"port": 80, "target_port": 8080, "protocol": "tcp",
+                          "activator": "tcp"}]
+    if udp:
+        ports.append({"port": 53, "target_port": 5353, "protocol": "udp", "activator": "none"})
+    svc: dict = {"name": "web", "ip": VIP, "ports": ports, "backends": list(backends),
+                 "readiness": "external"}
+    if hold:
+        svc["hold"] = hold
+    return svc
+
+
+def syn(src: str, sport: int, isn: int, ip_id: int, tsval: int = 100) -> Packet:
+    """A Linux client's SYN to VIP:80."""
+    opts = [o if o[0] != "Timestamp" else ("Timestamp", (tsval, 0)) for o in LINUX_SYN_OPTS]
+    return eth(src) / IP(src=IPS[src], dst=VIP, id=ip_id, flags="DF") / TCP(
+        sport=sport, dport=80, seq=isn, flags="S", window=64240, options=opts)
+
+
+def svc_syn_storm() -> Case:
+    c = Case("svc_syn_storm", "50 SYNs from five clients to a dormant VIP within 100 ms are "
+             "held (one wake) and reach the backend DNATed to 8080, in arrival order, only "
+             "when it is ready at t=1.0.",
+             [client(n) for n in CLIENTS] + [{**client("web"), "attach": 0.5}],
+             services=[web_service()],
+             events=[{"t": 1.0, "backend": "web", "ready": True}])
+    for i in range(50):
+        src = CLIENTS[i % len(CLIENTS)]
+        sport = 32768 + (i * 7919) % 28000  # Linux's ephemeral range
+        isn = (0x1000193 * (i + 1) * 2654435761) & 0xFFFFFFFF
+        p = c.send(src, round(0.1 + i * 0.002, 6), syn(src, sport, isn, 0x4000 + i, 1000 + i))
+        c.expect("web", 1.0, dnat(p, "web", 8080))
+    return c
+
+
+def svc_retransmits() -> Case:
+    c = Case("svc_retransmits", "One client's SYN at t=0 and its retransmits at 1 s and 3 s "
+             "(Linux RTO) are held with one wake; the backend, ready at 3.5, gets all three "
+             "DNATed in order (the core does not dedupe).",
+             [client("c1"), client("web")], services=[web_service()],
+             events=[{"t": 3.5, "backend": "web", "ready": True}])
+    for k, t in enumerate((0.0, 1.0, 3.0)):
+        p = c.send("c1", t, syn("c1", 45678, 0x5EED1234, 0x6000 + k, 5000 + int(t * 1000)))
+        c.expect("web", 3.5, dnat(p, "web", 8080))
+    return c
+
+
+def svc_rst_and_strays() -> Case:
+    c = Case("svc_rst_and_strays", "While dormant, a stray ACK with data, a keepalive and an "
+             "RST to the VIP are dropped by the TCP activator without a wake; a SYN is held "
+             "and wakes; at ready (t=2.5) only the SYN reaches the backend.",
+             [client("c1"), client("web")], services=[web_service()],
+             events=[{"t": 2.5, "backend": "web", "ready": True}])
+
+    def seg(t: float, sport: int, flags: str, seq: int, ack: int, data: bytes = b"",
+            ip_id: int = 0) -> None:
+        c.send("c1", t, eth("c1") / IP(src=IPS["c1"], dst=VIP, id=ip_id, flags="DF") / TCP(
+            sport=sport, dport=80, seq=seq, ack=ack, flags=flags, window=502,
+            options=[("NOP", None), ("NOP", None), ("Timestamp", (9000, 7000))]) / Raw(data))
+
+    # A connection that died with the last backend: more data, then a keepalive
+    # (seq = snd.nxt - 1, no data), then a reset from another one.
+    seg(0.5, 41000, "PA", 0x100000, 0x200000, b"GET /again HTTP/1.1\r\n\r\n", 0x7001)
+    seg(0.7, 41000, "A", 0x100000 + 23, 0x200000, ip_id=0x7002)
+    seg(0.9, 41002, "R", 0x300000, 0, ip_id=0)
+    p = c.send("c1", 1.5, syn("c1", 41004, 0x400000, 0x7003))
+    c.expect("web", 2.5, dnat(p, "web", 8080))
+    return c
+
+
+def svc_hold_timeout() -> Case:
+    c = Case("svc_hold_timeout", "No backend, hold timeout 2 s: a held SYN is answered with "
+             "RST|ACK from the VIP and a held UDP datagram with ICMP port unreachable from the "
+             "VIP (quoting it as held, TTL 63), each 2 s after it arrived.",
+             [client("c1")], until=6.0,
+             services=[web_service(hold={"timeout": 2.0}, backends=(), udp=True)])
+    s1 = c.send("c1", 1.0, syn("c1", 50000, 0xC0FFEE00, 0x7100))
+    c.expect("c1", 3.0, tcp_reset_for_syn("c1", s1))
+    query = bytes.fromhex("1234010000010000000000000377656206666162726963000001" "0001")
+    u1 = c.send("c1", 1.2, eth("c1") / IP(src=IPS["c1"], dst=VIP, id=0x7101, flags=0)
+                / UDP(sport=51000, dport=53) / Raw(query))
+    held = IP(bytes(u1[IP]))
+    held.ttl -= 1
+    del held.chksum
+    c.expect("c1", 3.2, icmp_error("c1", bytes(held), 3, 3, src=VIP))
+    return c
+
+
 CASES: dict[str, Callable[[], Case]] = {f.__name__: f for f in (
     arp_ping, garp_probe, spoofed_source, ttl_expiry, hold_release, hold_timeout, frag_needed,
-    tcp_handshake)}
+    tcp_handshake, svc_syn_storm, svc_retransmits, svc_rst_and_strays, svc_hold_timeout)}
 
 
 def main(argv: list[str]) -> None:

@@ -173,8 +173,9 @@ class Waker:
         self.states: dict[str, int] = {}
         self.rng = random.Random(1)
 
-    def make_dormant(self) -> None:
-        """Server closed, backend marked unready and ready again: the next SYN is held."""
+    def make_dormant(self) -> str:
+        """Server closed, backend marked unready and ready again: the next SYN is held.
+        Returns the service's state then."""
         self.server.call("close")
         self.topo.set_ready("w", False)
         self.topo.set_ready("w", True)
@@ -182,14 +183,13 @@ class Waker:
         while True:
             svc = self.topo.service("wake")
             if svc["state"] not in ("ready", "idle") and svc["held_packets"] == 0:
-                self.states[svc["state"]] = self.states.get(svc["state"], 0) + 1
-                return
+                return str(svc["state"])
             if time.monotonic() > deadline:
                 raise RuntimeError(f"service wake did not go unready: {json.dumps(svc)}")
             time.sleep(0.01)
 
     def wake(self, record: bool = True) -> float:
-        self.make_dormant()
+        state = self.make_dormant()
         time.sleep(self.rng.uniform(*WAKE_JITTER))
         before = self.topo.service("wake")["counters"]
         self.client.send(f"connect {WAKE_VIP} {WAKE_PORT} 10")
@@ -204,6 +204,7 @@ class Waker:
                                f"held ({got}, t_listen {t_listen})")
         overhead = (got["t_established"] - t_listen) * 1e3
         if record:
+            self.states[state] = self.states.get(state, 0) + 1
             self.overheads_ms.append(overhead)
             self.totals_ms.append((got["t_established"] - got["t_start"]) * 1e3)
             self.probes.append(after.get("probes", 0) - before.get("probes", 0))

@@ -12,11 +12,13 @@ import pytest
 
 from fabric import packets
 from fabric.pcap import write_pcap
-from fabric.router import Router
+from fabric.router import DROP_ACTIVATOR, Router
+from fabric.service import Signal
 from tests.replay import harness
 
 REQUIRED = {"arp_ping", "garp_probe", "spoofed_source", "ttl_expiry", "hold_release",
-            "hold_timeout", "frag_needed", "tcp_handshake"}
+            "hold_timeout", "frag_needed", "tcp_handshake",
+            "svc_syn_storm", "svc_retransmits", "svc_rst_and_strays", "svc_hold_timeout"}
 CASES = harness.case_dirs()
 
 
@@ -40,6 +42,76 @@ def test_cases_are_not_trivial(case_dir: Path) -> None:
     outputs = sum(len(v) for v in harness.expected(case_dir).values())
     assert inputs > 0
     assert outputs > 0
+
+
+# --- services: what the captures cannot show (counters, signals, timing) -----------------
+
+VIP = packets.ip_bytes("10.0.0.100")
+
+
+def _replay_svc(name: str, hooks: list | None = None
+                ) -> tuple[Router, dict[str, harness.Frames], list[tuple[str, Signal]]]:
+    """Replay a service case, keeping the router and the signals it raised."""
+    seen: list[Router] = []
+    signals: list[tuple[str, Signal]] = []
+
+    def setup(router: Router, case: harness.Case) -> None:
+        seen.append(router)
+        router.on_signal = lambda svc, sig: signals.append((svc, sig))
+
+    got = harness.replay(harness.PCAPS / name, setup, hooks or [])
+    return seen[0], got, signals
+
+
+def test_svc_syn_storm_wakes_once_and_releases_nothing_early() -> None:
+    before: dict[str, int] = {}
+
+    def just_before_ready(router: Router, now: float) -> None:
+        svc = router.services[VIP]
+        before.update(held=svc.held_packets, sent=router.pods["web"].port.tx_packets)
+
+    router, got, signals = _replay_svc("svc_syn_storm", [(0.999, just_before_ready)])
+    c = router.services[VIP].counters
+    assert before == {"held": 50, "sent": 0}
+    assert (c["held"], c["released"], c["dnat_flows"], c["activations"]) == (50, 50, 50, 1)
+    assert [t for t, _ in got["web"]] == [1.0] * 50
+    assert [(n, s.kind, s.reason) for n, s in signals] == [("web", "activate", "held")]
+    assert str(signals[0][1].flow).startswith("tcp 10.0.0.11:")
+
+
+def test_svc_retransmits_wake_once_and_are_all_released() -> None:
+    router, got, signals = _replay_svc("svc_retransmits")
+    c = router.services[VIP].counters
+    assert c["activations"] == 1 and len(signals) == 1
+    # Not deduped: three held, three released on one pinned flow.
+    assert (c["held"], c["released"], c["dnat_flows"], c["dnat_packets"]) == (3, 3, 1, 3)
+    assert len(got["web"]) == 3
+
+
+def test_svc_rst_and_strays_are_dropped_without_a_wake() -> None:
+    at: dict[str, int] = {}
+
+    def before_syn(router: Router, now: float) -> None:
+        svc = router.services[VIP]
+        at.update(activations=svc.counters["activations"], held=svc.held_packets,
+                  drops=router.pods["c1"].port.drops.get(DROP_ACTIVATOR, 0))
+
+    router, got, signals = _replay_svc("svc_rst_and_strays", [(1.0, before_syn)])
+    assert at == {"activations": 0, "held": 0, "drops": 3}
+    c = router.services[VIP].counters
+    assert (c["activations"], c["held"], c["released"]) == (1, 1, 1)
+    assert router.pods["c1"].port.drops == {DROP_ACTIVATOR: 3}
+    assert [(s.kind, str(s.flow)) for _, s in signals] == [
+        ("activate", "tcp 10.0.0.11:41004 -> 10.0.0.100:80")]
+    assert len(got["web"]) == 1
+
+
+def test_svc_hold_timeout_counts() -> None:
+    router, got, _ = _replay_svc("svc_hold_timeout")
+    c = router.services[VIP].counters
+    assert (c["held"], c["hold_timeout"], c["released"], c["activations"]) == (2, 2, 0, 1)
+    assert router.drops.get("hold_timeout") == 2
+    assert router.services[VIP].held_packets == 0
 
 
 # --- the harness itself -------------------------------------------------------------------
@@ -108,6 +180,36 @@ def test_harness_vnet_pods_and_setup_hook(tmp_path: Path) -> None:
     got = harness.replay(d, setup=lambda r, case: seen.append(r))
     assert len(seen) == 1 and set(seen[0].pods) == {"a", "b"}
     assert got == {"b": [(1.0, _fwd(MAC_B, A, B, b"v"))], "a": [(2.0, _fwd(MAC_A, B, A, b"w"))]}
+
+
+def test_harness_services_and_timed_backend_events(tmp_path: Path) -> None:
+    spec = {"cidr": "10.0.0.0/24", "pods": [
+        {"name": "a", "ip": "10.0.0.2", "mac": "02:00:00:00:00:0a", "attach": 0.0},
+        {"name": "b", "ip": "10.0.0.3", "mac": "02:00:00:00:00:0b", "attach": 0.0}],
+        "services": [{"name": "s", "ip": "10.0.0.100", "backends": ["b"],
+                      "ports": [{"port": 80, "target_port": 8080, "protocol": "udp"}]}],
+        "events": [{"t": 1.0, "backend": "b", "ready": True},
+                   {"t": 2.0, "backend": "b", "ready": False, "service": "s"}]}
+    vip = packets.ip_bytes("10.0.0.100")
+
+    def to_vip(sport: int, payload: bytes) -> bytes:
+        return packets.eth_header(GW_MAC, MAC_A, packets.ETH_P_IP) + packets.udp_packet(
+            A, vip, sport, 80, payload)
+
+    d = _write_case(tmp_path / "t", spec, {"a": [
+        (0.5, to_vip(1000, b"held")), (1.0, to_vip(1001, b"same time as ready")),
+        (3.0, to_vip(1002, b"after unready"))]})
+    got = harness.replay(d)
+    assert [t for t, _ in got["b"]] == [1.0, 1.0]  # the event goes before a frame on a tie
+    for (_, frame), payload in zip(got["b"], (b"held", b"same time as ready"), strict=True):
+        ip = frame[14:]
+        assert ip[16:20] == B and ip[22:24] == (8080).to_bytes(2, "big")
+        assert ip[28:] == payload
+    assert got["a"] == []
+    spec["events"] = [{"t": 1.0, "backend": "nobody", "ready": True}]
+    (d / "case.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match="no service has backend nobody"):
+        harness.replay(d)
 
 
 def test_harness_rejects_frames_from_pods_without_port(tmp_path: Path) -> None:
