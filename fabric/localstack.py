@@ -417,6 +417,15 @@ class LocalStack:
             f"UDP socket on {src_ip}", _bound, socket.SOCK_DGRAM, str(src_ip), 0, None, False
         )
 
+    def tcp_sockets(self, src_ip: ipaddress.IPv4Address | str, count: int) -> list[socket.socket]:
+        """Non-blocking TCP sockets bound to src_ip, made in the stack's namespace, for
+        connects done elsewhere (an event loop's sock_connect): probes need no thread."""
+        socks = self._do("TCP sockets", lambda: [_client_tcp(str(src_ip))
+                                                 for _ in range(count)])
+        for s in socks:
+            s.setblocking(False)
+        return socks
+
     def connect_tcp(
         self,
         src_ip: ipaddress.IPv4Address | str,

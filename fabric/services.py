@@ -28,6 +28,8 @@ log = logging.getLogger("fabricd.services")
 
 PROBE_TICK = 0.02
 ACTIVE_PROBE_TICK = 0.001
+MAX_PROBES_IN_FLIGHT = 4
+POOL_SIZE = 32
 PROBE_TIMEOUT = 1.0
 HOOK_TIMEOUT = 60.0
 # Shipped activators: activators/<name>/<name>.wasm beside the packages.
@@ -40,7 +42,9 @@ class Services:
         self.by_name: dict[str, Service] = {}
         self.specs: dict[str, ServiceSpec] = {}
         self._loop = asyncio.get_running_loop()
-        self._probing: set[tuple[str, str]] = set()
+        self._probing: dict[tuple[str, str], int] = {}
+        self._pool: list[Any] = []
+        self._last_ok: dict[tuple[str, str], float] = {}
         self._probe_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         ns.dataplane.call(setattr, ns.router, "on_signal", self._signal_from_dataplane)
@@ -110,6 +114,9 @@ class Services:
             self._probe_task = None
         for t in list(self._tasks):
             t.cancel()
+        for sock in self._pool:
+            sock.close()
+        self._pool.clear()
 
     # --- backends ------------------------------------------------------------------------
 
@@ -136,38 +143,60 @@ class Services:
 
     async def _probe_loop(self) -> None:
         """TCP probes of backends marked ready, from the gateway address, so nothing is
-        released to a backend whose port does not accept yet."""
+        released to a backend whose port does not accept yet. While clients wait, a new
+        probe starts every millisecond even if earlier ones are still in flight: the
+        wake is only as late as the first probe after the port starts accepting."""
         while True:
-            # Tick fast while some service holds clients for a backend that is coming up.
             waiting = any(svc.held_packets for svc in self.by_name.values())
             await asyncio.sleep(ACTIVE_PROBE_TICK if waiting else PROBE_TICK)
-            stack = self.ns.local
             now = time.monotonic()
             for name, svc in list(self.by_name.items()):
                 for backend, ip, port in self.ns.dataplane.call(svc.probes_due, now):
                     key = (name, backend)
-                    if key in self._probing:
+                    if self._probing.get(key, 0) >= MAX_PROBES_IN_FLIGHT:
                         continue
-                    self._probing.add(key)
-                    t = self._loop.create_task(self._probe(svc, name, backend, ip, port, stack))
+                    self._probing[key] = self._probing.get(key, 0) + 1
+                    t = self._loop.create_task(self._probe(svc, name, backend, ip, port))
                     self._tasks.add(t)
                     t.add_done_callback(self._tasks.discard)
 
-    async def _probe(self, svc: Service, name: str, backend: str, ip: str, port: int,
-                     stack: Any) -> None:
+    async def _socket(self) -> Any:
+        """A TCP socket in the local stack, from a pool refilled in the background."""
+        if not self._pool:
+            stack = self.ns.local
+            assert stack is not None
+            self._pool.extend(await asyncio.to_thread(stack.tcp_sockets,
+                                                      str(self.ns.spec.gateway), POOL_SIZE))
+        return self._pool.pop()
+
+    async def _probe(self, svc: Service, name: str, backend: str, ip: str,
+                     port: int) -> None:
+        started = time.monotonic()
         ok = False
         try:
-            if stack is None:
+            if self.ns.local is None:
                 ok = True  # no local stack to probe from: trust the controller
             else:
-                sock = await asyncio.to_thread(stack.connect_tcp, str(self.ns.spec.gateway),
-                                               ip, port, PROBE_TIMEOUT)
-                sock.close()
-                ok = True
+                sock = await self._socket()
+                try:
+                    await asyncio.wait_for(self._loop.sock_connect(sock, (ip, port)),
+                                           PROBE_TIMEOUT)
+                    ok = True
+                finally:
+                    sock.close()
         except Exception:
             ok = False
         finally:
-            self._probing.discard((name, backend))
+            left = self._probing.get((name, backend), 1) - 1
+            if left > 0:
+                self._probing[(name, backend)] = left
+            else:
+                self._probing.pop((name, backend), None)
+        key = (name, backend)
+        if ok:
+            self._last_ok[key] = max(self._last_ok.get(key, 0.0), started)
+        elif started <= self._last_ok.get(key, -1.0):
+            return  # an older probe failing after a newer one succeeded says nothing
         if name in self.by_name and self.by_name[name] is svc:
             self.ns.dataplane.call(self.ns.router.probe_result, svc, backend, ok,
                                    time.monotonic())
