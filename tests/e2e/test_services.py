@@ -5,6 +5,7 @@ the backend exists, the idle hook stopping it, and a backend that never comes up
 from __future__ import annotations
 
 import concurrent.futures
+import signal
 import subprocess
 import sys
 import time
@@ -114,6 +115,30 @@ def test_activators_tcp_and_hostile_side_by_side(sandbox: Sandbox) -> None:
     r = sandbox.run(client, "curl", "-sS", "--max-time", "20", "http://10.40.0.101/",
                     check=False, timeout=30)
     assert r.returncode == 0 and "hello from" in r.stdout, r.stderr
+    # The other hostile modules, each on its own dormant service (its own target port,
+    # woken by its hook): served through the fallback, each misbehaviour counted.
+    mods = ("membomb", "trap", "garbage", "noexport")
+    for i, mod in enumerate(mods):
+        port = 8081 + i
+        ns["services"].append({
+            "name": f"hostile-{mod}", "ip": f"10.40.0.{110 + i}", "backends": ["web-1"],
+            "ports": [{"port": 80, "target_port": port,
+                       "activator": os.path.join(root, "activators", "testing",
+                                                 f"{mod}.wasm")}],
+            "on_activate": start_cmd(web_ns, 0.3).replace("http 8080", f"http {port}")})
+    d.write_config({"namespaces": [ns]})
+    d.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while len(d.get("/v1/services")) < 2 + len(mods) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for i, mod in enumerate(mods):
+        r = sandbox.run(client, "curl", "-sS", "--max-time", "20",
+                        f"http://10.40.0.{110 + i}/", check=False, timeout=30)
+        assert r.returncode == 0 and "hello from" in r.stdout, (mod, r.stderr)
+    hostile = {s["name"]: s["activators"]["80"] for s in d.get("/v1/services")
+               if s["name"].startswith("hostile-")}
+    for mod, st in hostile.items():
+        assert st["recreated"] + st["bad_module"] + st["fallbacks"] >= 1, (mod, st)
     r = curl(sandbox, client)
     assert r.returncode == 0 and "hello from" in r.stdout, r.stderr
     svcs = {s["name"]: s for s in d.get("/v1/services")}
