@@ -227,6 +227,8 @@ class Router:
         self.backend_ips: dict[bytes, list[svc_mod.Service]] = {}
         self.on_signal: Callable[[str, svc_mod.Signal], None] | None = None
         self._packet_id = 0
+        # Drops of released packets are counted here (their sender's port is unknown).
+        self._released_port = Port(vnet=False, mtu=65535, kind="released")
 
     # --- table ---------------------------------------------------------------------------
 
@@ -510,13 +512,24 @@ class Router:
         self.release_service(svc, now)
 
     def release_service(self, svc: svc_mod.Service, now: float) -> None:
+        self._tell_activators(svc)
         if svc.releasable:
-            # The core replays the held packets itself; activators learn the backend is
-            # there so they forget what they were holding.
-            for port, host in svc.activators.items():
-                host.process(port, [act_mod.BackendAvailable()])
             self._service_actions(svc, list(svc.release(now)), now)
         self._service_signals(svc)
+
+    def _tell_activators(self, svc: svc_mod.Service) -> None:
+        """Activators learn when the service gains or loses its last ready backend (the
+        core replays held packets itself; they forget theirs, and filter again once the
+        service is dormant)."""
+        if not svc.activators:
+            return
+        ready = svc.has_ready
+        if ready == svc.activators_told:
+            return
+        svc.activators_told = ready
+        ev = act_mod.BackendAvailable() if ready else act_mod.BackendUnavailable()
+        for (port, _proto), host in svc.activators.items():
+            host.process(port, [ev])
 
     def _from_backend(self, src: bytes, buf: bytearray, h: int, ip: int, total: int,
                       now: float) -> bytes:
@@ -536,7 +549,7 @@ class Router:
         total = buf[ip + 2] << 8 | buf[ip + 3]
         partial = bool(h and buf[0] & F_NEEDS_CSUM)
         if svc.activators and not svc.has_ready and self._activator_drops(svc, buf, ip,
-                                                                            total):
+                                                                            total, now):
             port.drop(DROP_ACTIVATOR)
             return None
         v = svc.outbound(buf, ip, total, now, partial)
@@ -566,27 +579,38 @@ class Router:
             self._service_signals(svc)
         return out
 
-    def _activator_drops(self, svc: svc_mod.Service, buf: bytearray, ip: int,
-                         total: int) -> bool:
+    def _activator_drops(self, svc: svc_mod.Service, buf: bytearray, ip: int, total: int,
+                         now: float) -> bool:
         """Ask the port's activator about a packet for a service with no ready backend:
         True when it says drop (an RST, a stray segment that must not wake anything).
         A failed activator (None) means plain hold-and-activate."""
         ihl = (buf[ip] & 15) << 2
         if buf[ip + 9] not in (PROTO_TCP, PROTO_UDP) or total < ihl + 4:
             return False
+        proto = buf[ip + 9]
         dport = buf[ip + ihl + 2] << 8 | buf[ip + ihl + 3]
-        host = svc.activators.get(dport)
+        host = svc.activators.get((dport, proto))
         if host is None:
             return False
         self._packet_id = (self._packet_id + 1) & 0xFFFFFFFF
         pid = self._packet_id
-        actions = host.process(dport, [act_mod.Packet(pid, 0, bytes(buf[ip:ip + total]))])
+        flow = (_from_bytes(buf[ip + 12:ip + 20], "big") ^
+                _from_bytes(buf[ip + ihl:ip + ihl + 4], "big")) & 0xFFFFFFFF
+        actions = host.process(dport, [act_mod.Packet(pid, flow, bytes(buf[ip:ip + total]))])
         if actions is None:
             return False
+        verdict = act_mod.HOLD
+        wants = False
         for a in actions:
             if isinstance(a, act_mod.PacketDecision) and a.packet_id == pid:
-                return a.verdict == act_mod.DROP
-        return False
+                verdict = a.verdict
+            elif isinstance(a, act_mod.SetBackendNeed) and a.need == act_mod.NEED_ACTIVE:
+                wants = True
+        # A held packet activates the service itself (with its flow); the activator's
+        # own request matters when it asks for a backend without holding this packet.
+        if wants and verdict != act_mod.HOLD:
+            self._service_actions(svc, svc.activate(host.label, now), now)
+        return verdict == act_mod.DROP
 
     def _deliver(self, dpod: Pod, port: Port, buf: bytearray, h: int, n: int, ip: int,
                  total: int, now: float) -> Port | None:
@@ -631,8 +655,10 @@ class Router:
         if dpod is None or h < 0:
             self._count(DROP_NO_ROUTE, 1)
             return
-        if dpod.port is None or dpod.l2 is None:
-            self._count(DROP_NO_ROUTE, 1)
+        if dpod.remote is not None or dpod.port is None or dpod.l2 is None:
+            # Not deliverable yet (a pod on another worker, a port not attached, a MAC
+            # not learned): the pod's own hold and ARP take over, as for any frame.
+            self._hold(dpod, self._released_port, b, h, len(b), r.off, now)
             return
         b[h:h + 12] = dpod.l2
         self._emit(dpod.port, b, h, now)
@@ -1004,6 +1030,7 @@ class Router:
             self.egress.handle_timer(now)
         for svc in list(self.services.values()):
             self._service_actions(svc, svc.handle_timer(now), now)
+            self._tell_activators(svc)
         for pod in list(self._held):
             q = pod.pending
             # The same sum next_timer() computes, so handling a timer at its due time

@@ -280,7 +280,8 @@ class Service:
         self._need = False
         # Activators by service port (set by the shell): consulted while no backend is
         # ready, to drop what must not wake or be held (RSTs, strays).
-        self.activators: dict[int, Any] = {}
+        self.activators: dict[tuple[int, int], Any] = {}  # (port, IP protocol) -> host
+        self.activators_told = False
         self._last_traffic = now
         self._last_activate: float | None = None
         self._deferred: tuple[float, str, FlowId | None] | None = None

@@ -70,7 +70,7 @@ class Services:
             if p.activator != "none":
                 host = self._activator(spec, p.port, p.activator, p.activator_config)
                 if host is not None:
-                    svc.activators[p.port] = host
+                    svc.activators[(p.port, 6 if p.protocol == "tcp" else 17)] = host
         dp = self.ns.dataplane
         dp.call(self.ns.router.add_service, svc)
         self.by_name[spec.name] = svc
@@ -263,7 +263,8 @@ class Services:
         for svc in self.by_name.values():
             row = self.ns.dataplane.call(svc.status)
             row["activators"] = {
-                str(port): {"module": host.label, **dataclasses.asdict(host.stats)}
-                for port, host in svc.activators.items()}
+                str(port) + ("" if proto == 6 else "/udp"):
+                    {"module": host.label, **dataclasses.asdict(host.stats)}
+                for (port, proto), host in svc.activators.items()}
             rows.append({"namespace": self.ns.name, **row})
         return rows

@@ -156,7 +156,7 @@ def setup_services(router: Router, case: Case) -> list[ActivatorHost]:
                                      raw.get("activator_config", {}),
                                      label=f"{case.name}/{svc.name}:{p.port}")
                 hosts.append(host)
-                svc.activators[p.port] = host
+                svc.activators[(p.port, 6 if p.protocol == "tcp" else 17)] = host
         router.add_service(svc)
         for b in s.get("backends", []):
             router.set_backend(svc, b, pod_ips[b], False, 0.0)
