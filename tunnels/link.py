@@ -23,6 +23,8 @@ SOCK_BUF = 8 * 1024 * 1024
 MAX_DATAGRAM = 65535
 SOL_UDP = 17
 UDP_SEGMENT = 103
+UDP_GRO = 104
+GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
 GSO_MAX_SEGMENTS = 64
 GSO_MAX_BYTES = 65000
 
@@ -45,8 +47,10 @@ class TunnelLink:
             "datagrams_in": 0,
             "datagrams_out": 0,
             "gso_sends": 0,
+            "gro_batches": 0,
         }
         self.gso = True
+        self.gro = False
 
     def open(self) -> int:
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -65,6 +69,11 @@ class TunnelLink:
             raise PortError(
                 f"tunnel listen {self.listen[0]}:{self.listen[1]}: {e.strerror}"
             ) from None
+        try:
+            s.setsockopt(SOL_UDP, UDP_GRO, 1)
+            self.gro = True
+        except OSError:
+            self.gro = False  # an older kernel: one datagram per read
         self.sock = s
         return s.fileno()
 
@@ -79,26 +88,43 @@ class TunnelLink:
         sock = self.sock
         if sock is None:
             return
-        recv = sock.recvfrom_into
         buf = self.buf
+        mv = memoryview(buf)
         receive = self.core.receive
         deliver = self.deliver
         now = time.monotonic()
         c = self.counters
+        gro = self.gro
+        recvmsg = sock.recvmsg_into
+        bufs = [buf]
         for _ in range(BATCH):
             try:
-                n, addr = recv(buf)
+                if gro:
+                    # With UDP GRO the kernel hands over several datagrams of one sender
+                    # at once, cut at gso_size (told in a control message).
+                    n, anc, _flags, addr = recvmsg(bufs, GRO_CMSG_SPACE)
+                else:
+                    n, addr = sock.recvfrom_into(buf)
+                    anc = ()
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
                 c["recv_errors"] += 1
                 break
-            c["datagrams_in"] += 1
-            out, packets = receive(bytes(buf[:n]), (addr[0], addr[1]), now)
-            if out:
-                self._sendall(out)
-            for peer, ns_id, pkt in packets:
-                deliver(peer, ns_id, pkt, now)
+            size = n
+            for level, kind, data in anc:
+                if level == SOL_UDP and kind == UDP_GRO and len(data) >= 2:
+                    size = int.from_bytes(data[:2], "little") or n
+                    if size < n:
+                        c["gro_batches"] += 1
+            src = (addr[0], addr[1])
+            for off in range(0, n, size):
+                c["datagrams_in"] += 1
+                out, packets = receive(bytes(mv[off:min(off + size, n)]), src, now)
+                if out:
+                    self._sendall(out)
+                for peer, ns_id, pkt in packets:
+                    deliver(peer, ns_id, pkt, now)
 
     def send(self, peer_id: str, ns_id: int, packet: bytes, now: float) -> None:
         out = self.core.send(peer_id, ns_id, packet, now)
