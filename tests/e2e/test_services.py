@@ -42,7 +42,8 @@ def test_dormant_service_woken_by_a_real_request(sandbox: Sandbox) -> None:
     d, client, web = setup(sandbox, {
         "name": "web", "ip": VIP, "ports": [{"port": 80, "target_port": 8080}],
         "backends": ["web-1"], "idle_timeout": "3s",
-        "on_activate": start_cmd(web_ns, 1.0),
+        # The backend appears 3 s after the wake: every client below starts before it.
+        "on_activate": start_cmd(web_ns, 3.0),
         "on_idle": f"sh -c 'ip netns pids {web_ns} | xargs -r kill'"})
     first = d.get("/v1/services")[0]
     assert first["state"] == "dormant", (first, d.log()[-2000:])
