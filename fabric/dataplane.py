@@ -31,6 +31,7 @@ log = logging.getLogger("fabricd.dataplane")
 BATCH = 256
 BUF_SIZE = 256 * 1024
 TICK = 0.1
+FAST_TICK = 0.0005
 T = TypeVar("T")
 
 Receive = Callable[[Port, bytearray, int, float], "Port | None"]
@@ -62,6 +63,9 @@ class DataPlane:
         # fd -> (owner, port, receive function, read offset)
         self.ports: dict[int, tuple[Owner, Port, Receive, int]] = {}
         self.handlers: dict[int, tuple[Callable[[], None], str]] = {}
+        # Called every loop turn with `now`; any returning True makes the loop turn at
+        # least every FAST_TICK (service probes while clients wait).
+        self.fast_tickers: list[Callable[[float], bool]] = []
         self.rx_errors = 0
         self.wakeups = 0
         self.frames = 0
@@ -134,9 +138,18 @@ class DataPlane:
     def remove_handler(self, fd: int) -> None:
         self.call(self._remove_fd, fd)
 
-    def _add_handler(self, fd: int, fn: Callable[[], None], name: str) -> None:
+    def _add_handler(self, fd: int, fn: Callable[[], None], name: str,
+                     mask: int = select.EPOLLIN) -> None:
         self.handlers[fd] = (fn, name)
-        self._ep.register(fd, select.EPOLLIN)
+        self._ep.register(fd, mask)
+
+    def add_writer_here(self, fd: int, fn: Callable[[], None], name: str) -> None:
+        """On the data-plane thread: call fn() once `fd` is writable (a connect done);
+        the caller removes it with remove_fd_here()."""
+        self._add_handler(fd, fn, name, select.EPOLLOUT)
+
+    def remove_fd_here(self, fd: int) -> None:
+        self._remove_fd(fd)
 
     def _remove_fd(self, fd: int) -> None:
         if self.handlers.pop(fd, None) is not None:
@@ -169,9 +182,10 @@ class DataPlane:
         wake = self._wake_fd
         readable = self._readable
         next_tick = time.monotonic() + TICK
+        fast = False
         while not self._stop:
             try:
-                events = poll(TICK)
+                events = poll(FAST_TICK if fast else TICK)
             except InterruptedError:
                 continue
             for fd, _ in events:
@@ -195,6 +209,12 @@ class DataPlane:
             if now >= next_tick:
                 next_tick = now + TICK
                 self._timers(now)
+            fast = False
+            for tick in self.fast_tickers:
+                try:
+                    fast = tick(now) or fast
+                except Exception:
+                    log.exception("a fast ticker failed")
         while self._calls:
             self._run_calls()
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import logging
 import os
 import shlex
+import socket
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,8 +28,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fabricd.services")
 
-PROBE_TICK = 0.02
-ACTIVE_PROBE_TICK = 0.001
 MAX_PROBES_IN_FLIGHT = 4
 POOL_SIZE = 32
 PROBE_TIMEOUT = 1.0
@@ -44,8 +44,10 @@ class Services:
         self._loop = asyncio.get_running_loop()
         self._probing: dict[tuple[str, str], int] = {}
         self._pool: list[Any] = []
+        self._inflight: dict[int, tuple[Any, Service, str, str, float]] = {}
+        self._refilling = False
+        self._ticking = False
         self._last_ok: dict[tuple[str, str], float] = {}
-        self._probe_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         ns.dataplane.call(setattr, ns.router, "on_signal", self._signal_from_dataplane)
 
@@ -61,8 +63,10 @@ class Services:
         for spec in specs:
             if spec.name not in self.by_name:
                 self._add(spec)
-        if any(s.readiness == "probe" for s in specs) and self._probe_task is None:
-            self._probe_task = self._loop.create_task(self._probe_loop())
+        if any(s.readiness == "probe" for s in specs) and not self._ticking:
+            self._ticking = True
+            self._want_sockets()
+            self.ns.dataplane.call(self.ns.dataplane.fast_tickers.append, self._probe_tick)
 
     def _add(self, spec: ServiceSpec) -> None:
         svc = Service.from_spec(spec, now=time.monotonic())
@@ -99,6 +103,15 @@ class Services:
                  port, path)
         return host
 
+    def _stop_probes(self) -> None:
+        """On the data-plane thread: no more ticks, in-flight probes closed."""
+        if self._probe_tick in self.ns.dataplane.fast_tickers:
+            self.ns.dataplane.fast_tickers.remove(self._probe_tick)
+        for fd, p in list(self._inflight.items()):
+            self.ns.dataplane.remove_fd_here(fd)
+            p[0].close()
+        self._inflight.clear()
+
     def _remove(self, name: str) -> None:
         svc = self.by_name.pop(name)
         self.specs.pop(name)
@@ -109,9 +122,9 @@ class Services:
     def close(self) -> None:
         for name in list(self.by_name):
             self._remove(name)
-        if self._probe_task is not None:
-            self._probe_task.cancel()
-            self._probe_task = None
+        if self._ticking:
+            self._ticking = False
+            self.ns.dataplane.call(self._stop_probes)
         for t in list(self._tasks):
             t.cancel()
         for sock in self._pool:
@@ -141,65 +154,102 @@ class Services:
                 # word alone (its own worker is where it could be probed).
                 self.ns.dataplane.call(self.ns.router.probe_result, svc, pod_name, True, now)
 
-    async def _probe_loop(self) -> None:
-        """TCP probes of backends marked ready, from the gateway address, so nothing is
-        released to a backend whose port does not accept yet. While clients wait, a new
-        probe starts every millisecond even if earlier ones are still in flight: the
-        wake is only as late as the first probe after the port starts accepting."""
-        while True:
-            waiting = any(svc.held_packets for svc in self.by_name.values())
-            await asyncio.sleep(ACTIVE_PROBE_TICK if waiting else PROBE_TICK)
-            now = time.monotonic()
-            for name, svc in list(self.by_name.items()):
-                for backend, ip, port in self.ns.dataplane.call(svc.probes_due, now):
-                    key = (name, backend)
-                    if self._probing.get(key, 0) >= MAX_PROBES_IN_FLIGHT:
-                        continue
-                    self._probing[key] = self._probing.get(key, 0) + 1
-                    t = self._loop.create_task(self._probe(svc, name, backend, ip, port))
-                    self._tasks.add(t)
-                    t.add_done_callback(self._tasks.discard)
+    # --- probes (on the data-plane thread) ---------------------------------------------
 
-    async def _socket(self) -> Any:
-        """A TCP socket in the local stack, from a pool refilled in the background."""
-        if not self._pool:
-            stack = self.ns.local
-            assert stack is not None
-            self._pool.extend(await asyncio.to_thread(stack.tcp_sockets,
-                                                      str(self.ns.spec.gateway), POOL_SIZE))
-        return self._pool.pop()
-
-    async def _probe(self, svc: Service, name: str, backend: str, ip: str,
-                     port: int) -> None:
-        started = time.monotonic()
-        ok = False
-        try:
-            if self.ns.local is None:
-                ok = True  # no local stack to probe from: trust the controller
-            else:
-                sock = await self._socket()
-                try:
-                    await asyncio.wait_for(self._loop.sock_connect(sock, (ip, port)),
-                                           PROBE_TIMEOUT)
-                    ok = True
-                finally:
+    def _probe_tick(self, now: float) -> bool:
+        """On the data-plane thread, every loop turn: start due probes as non-blocking
+        connects from pooled local-stack sockets, expire stuck ones. A probe's SYN, the
+        backend's answer and the release of held packets then all happen on this thread,
+        often in the same loop turn. True while clients wait (turn fast)."""
+        waiting = False
+        inflight = self._inflight
+        if inflight:
+            for fd, p in list(inflight.items()):
+                if now - p[4] > PROBE_TIMEOUT:
+                    self._probe_done(fd, False, now)
+        for name, svc in list(self.by_name.items()):
+            if svc.held_packets:
+                waiting = True
+            if not svc.backends:
+                continue
+            for backend, ip, port in svc.probes_due(now):
+                key = (name, backend)
+                if self._probing.get(key, 0) >= MAX_PROBES_IN_FLIGHT:
+                    continue
+                if self.ns.local is None:
+                    self.ns.router.probe_result(svc, backend, True, now)
+                    continue
+                if not self._pool:
+                    self._want_sockets()
+                    break
+                sock = self._pool.pop()
+                err = sock.connect_ex((ip, port))
+                if err not in (0, errno.EINPROGRESS):
                     sock.close()
-        except Exception:
-            ok = False
-        finally:
-            left = self._probing.get((name, backend), 1) - 1
-            if left > 0:
-                self._probing[(name, backend)] = left
-            else:
-                self._probing.pop((name, backend), None)
+                    self._record(svc, name, backend, False, now, now)
+                    continue
+                self._probing[key] = self._probing.get(key, 0) + 1
+                fd = sock.fileno()
+                inflight[fd] = (sock, svc, name, backend, now)
+                self.ns.dataplane.add_writer_here(fd, lambda fd=fd: self._writable(fd),
+                                                  "probe")
+        if len(self._pool) < POOL_SIZE // 2:
+            self._want_sockets()
+        return waiting
+
+    def _writable(self, fd: int) -> None:
+        p = self._inflight.get(fd)
+        if p is None:
+            return
+        err = p[0].getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        self._probe_done(fd, err == 0, time.monotonic())
+
+    def _probe_done(self, fd: int, ok: bool, now: float) -> None:
+        sock, svc, name, backend, started = self._inflight.pop(fd)
+        self.ns.dataplane.remove_fd_here(fd)
+        sock.close()
+        key = (name, backend)
+        left = self._probing.get(key, 1) - 1
+        if left > 0:
+            self._probing[key] = left
+        else:
+            self._probing.pop(key, None)
+        self._record(svc, name, backend, ok, started, now)
+
+    def _record(self, svc: Service, name: str, backend: str, ok: bool, started: float,
+                now: float) -> None:
         key = (name, backend)
         if ok:
             self._last_ok[key] = max(self._last_ok.get(key, 0.0), started)
         elif started <= self._last_ok.get(key, -1.0):
             return  # an older probe failing after a newer one succeeded says nothing
-        if name in self.by_name and self.by_name[name] is svc:
-            self.ns.dataplane.call(self.ns.router.probe_result, svc, backend, ok,
-                                   time.monotonic())
+        if self.by_name.get(name) is svc:
+            self.ns.router.probe_result(svc, backend, ok, now)
+
+    def _want_sockets(self) -> None:
+        if not self._refilling:
+            self._refilling = True
+            try:
+                self._loop.call_soon_threadsafe(self._start_refill)
+            except RuntimeError:
+                self._refilling = False
+
+    def _start_refill(self) -> None:
+        t = self._loop.create_task(self._refill())
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    async def _refill(self) -> None:
+        try:
+            stack = self.ns.local
+            if stack is not None:
+                socks = await asyncio.to_thread(stack.tcp_sockets, str(self.ns.spec.gateway),
+                                                POOL_SIZE)
+                self._pool.extend(socks)
+        except Exception as e:
+            log.warning("namespace %s: no sockets for probes: %s", self.ns.name, e)
+        finally:
+            self._refilling = False
 
     # --- signals and hooks ---------------------------------------------------------------
 
