@@ -129,14 +129,15 @@ class Fabric:
         log.info("tunnel listening on %s:%d, %d peers", spec.listen[0], spec.listen[1],
                  len(spec.peers))
 
-    def _deliver(self, peer: str, ns_id: int, packet: bytes, now: float) -> None:
+    def _deliver(self, peer: str, ns_id: int, packet: bytes, now: float,
+                 vnet_hdr: bytes | None = None) -> None:
         """On the data-plane thread: a packet from another worker, to its namespace."""
         ns = self._by_id.get(ns_id)
         if ns is None:
             self.tunnel_unknown_namespace += 1
             return
         router = ns.router
-        router.receive_remote(peer, packet, now)
+        router.receive_remote(peer, packet, now, vnet_hdr)
         if router.outputs:
             self.dataplane.flush(router)
 

@@ -707,7 +707,8 @@ class Router:
         if out:
             send(worker, out, now)
 
-    def receive_remote(self, worker: str, packet: bytes, now: float) -> None:
+    def receive_remote(self, worker: str, packet: bytes, now: float,
+                       vnet_hdr: bytes | None = None) -> None:
         """A packet from a pod on another worker (already authenticated by the tunnel):
         deliver it to its local pod. Its source must be a pod that lives on that worker."""
         drops = self.drops
@@ -731,29 +732,30 @@ class Router:
         if dpod is None or dpod.remote is not None:
             drops[DROP_NO_ROUTE] = drops.get(DROP_NO_ROUTE, 0) + 1
             return
-        b = bytearray(packets.ETH_HLEN) + packet[:total]
-        ip = packets.ETH_HLEN
+        # A coalesced super-frame from the tunnel keeps its virtio-net header (GSO).
+        h = VNET_HDR_LEN if vnet_hdr is not None else 0
+        b = bytearray(vnet_hdr or b"") + bytearray(packets.ETH_HLEN) + packet[:total]
+        ip = h + packets.ETH_HLEN
         if spod.ip in self.backend_ips:  # a remote backend answering a service flow
-            dpod = self.by_ip.get(self._from_backend(spod.ip, b, 0, ip, total, now))
+            dpod = self.by_ip.get(self._from_backend(spod.ip, b, h, ip, total, now))
             if dpod is None or dpod.remote is not None:
                 drops[DROP_NO_ROUTE] = drops.get(DROP_NO_ROUTE, 0) + 1
                 return
         if not _decrement_ttl(b, ip):
             drops[DROP_TTL] = drops.get(DROP_TTL, 0) + 1
             return
-        b[12] = 8
-        b[13] = 0
+        b[h + 12] = 8
+        b[h + 13] = 0
         out = dpod.port
         if out is None or dpod.l2 is None:
-            b[6:12] = self.gw_mac
-            spod_port = Port(vnet=False, mtu=65535)  # nobody to send ICMP to locally
-            self._hold(dpod, spod_port, b, 0, len(b), ip, now)
+            b[h + 6:h + 12] = self.gw_mac
+            self._hold(dpod, self._released_port, b, h, len(b), ip, now)
             return
-        b[0:12] = dpod.l2
-        if total > out.mtu:
-            self._fits(out, Port(vnet=False, mtu=65535), b, 0, len(b), ip, ihl, total, now)
+        b[h:h + 12] = dpod.l2
+        if total > out.mtu and not self._fits(out, self._released_port, b, h, len(b), ip,
+                                              ihl, total, now):
             return
-        self._emit(out, b, 0, now)
+        self._emit(out, b, h, now)
 
     # --- L3 ports: the local stack and the egress uplink --------------------------------
 
