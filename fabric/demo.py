@@ -1,7 +1,8 @@
 """`fabricd demo`: a tour of the fabric inside throwaway network namespaces.
 
-It runs the real daemon in a worker namespace, gives two pod namespaces a port each,
-and shows them talking, with timings. Everything is removed at the end, also on failure.
+It runs the real daemon in a worker namespace, gives three pod namespaces a port each,
+shows them talking and resolving each other by name, and wakes a service scaled to
+zero with a real request, with timings. Everything is removed at the end, also on failure.
 """
 
 from __future__ import annotations
@@ -31,11 +32,11 @@ def main() -> int:
         return 1
     sweep(["fbd"])
     with Sandbox("fbd") as sb:
-        t = _step("creating namespaces: a worker and two pods")
+        t = _step("creating namespaces: a worker and three pods")
         worker = sb.netns("worker")
         web = sb.netns("web")
         client = sb.netns("client")
-        _done(t, f"{worker}, {web}, {client}")
+        _done(t, f"{worker}, {web}, {client} (and the api pod's, below)")
 
         api = sb.netns("api")
         ready_file = os.path.join(sb.tmp, "api-ready")
@@ -64,7 +65,7 @@ def main() -> int:
         t = _step("starting fabricd in the worker namespace")
         d = Daemon(sb, worker, cfg).start()
         d.wait_attached(3)
-        _done(t, "both pods attached (TAP with offloads, moved in as eth0)")
+        _done(t, "three pods attached (TAP with offloads, moved in as eth0)")
         print(d.cli("get", "pods"))
 
         t = _step("client pings the gateway 10.77.0.1 and the web pod 10.77.0.10")
