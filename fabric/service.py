@@ -449,25 +449,8 @@ class Service:
                 return TABLE_FULL
         conn.last = now
         self._last_traffic = now
-        pkt[ip + 12:ip + 20] = conn.fwd_addrs
-        c = ((pkt[ip + 10] << 8 | pkt[ip + 11]) ^ 0xFFFF) + conn.fwd_dip
-        c = ((c & 0xFFFF) + (c >> 16)) ^ 0xFFFF
-        pkt[ip + 10] = c >> 8
-        pkt[ip + 11] = c & 0xFF
-        pkt[l4:l4 + 4] = conn.fwd_ports
-        c = pkt[cf] << 8 | pkt[cf + 1]
-        if partial:
-            c += conn.fwd_dip
-            c = (c & 0xFFFF) + (c >> 16)
-            pkt[cf] = c >> 8
-            pkt[cf + 1] = c & 0xFF
-        elif c or proto != PROTO_UDP:  # a UDP checksum of 0 means "none" and stays 0
-            c = (c ^ 0xFFFF) + conn.fwd_dl4
-            c = ((c & 0xFFFF) + (c >> 16)) ^ 0xFFFF
-            if c == 0 and proto == PROTO_UDP:
-                c = 0xFFFF
-            pkt[cf] = c >> 8
-            pkt[cf + 1] = c & 0xFF
+        _rewrite(pkt, ip, l4, cf, proto, partial, conn.fwd_addrs, conn.fwd_ports,
+                 conn.fwd_dip, conn.fwd_dl4)
         if proto == PROTO_TCP:
             f = pkt[l4 + 13]
             if f & (TCP_SYN | TCP_FIN | TCP_RST) or not conn.state & 4:
@@ -607,25 +590,8 @@ class Service:
             ct.remember_fragment(ct.frag_rev, (proto, _from_bytes(pkt[ip + 12:ip + 20], "big"),
                                                pkt[ip + 4] << 8 | pkt[ip + 5]), conn, now)
             self.counters["fragments_translated"] += 1
-        pkt[ip + 12:ip + 20] = conn.rev_addrs
-        c = ((pkt[ip + 10] << 8 | pkt[ip + 11]) ^ 0xFFFF) + conn.rev_dip
-        c = ((c & 0xFFFF) + (c >> 16)) ^ 0xFFFF
-        pkt[ip + 10] = c >> 8
-        pkt[ip + 11] = c & 0xFF
-        pkt[l4:l4 + 4] = conn.rev_ports
-        c = pkt[cf] << 8 | pkt[cf + 1]
-        if partial:
-            c += conn.rev_dip
-            c = (c & 0xFFFF) + (c >> 16)
-            pkt[cf] = c >> 8
-            pkt[cf + 1] = c & 0xFF
-        elif c or proto != PROTO_UDP:
-            c = (c ^ 0xFFFF) + conn.rev_dl4
-            c = ((c & 0xFFFF) + (c >> 16)) ^ 0xFFFF
-            if c == 0 and proto == PROTO_UDP:
-                c = 0xFFFF
-            pkt[cf] = c >> 8
-            pkt[cf + 1] = c & 0xFF
+        _rewrite(pkt, ip, l4, cf, proto, partial, conn.rev_addrs, conn.rev_ports,
+                 conn.rev_dip, conn.rev_dl4)
         if proto == PROTO_TCP:
             f = pkt[l4 + 13]
             if f & (TCP_SYN | TCP_FIN | TCP_RST) or not conn.state & 4:
@@ -894,6 +860,32 @@ class Service:
 
 
 # --- helpers --------------------------------------------------------------------------------------
+
+
+def _rewrite(pkt: bytearray, ip: int, l4: int, cf: int, proto: int, partial: bool,
+             addrs: bytes, ports: bytes, dip: int, dl4: int) -> None:
+    """Put a flow's translated addresses and ports in place and update the checksums with
+    its precomputed deltas (a partial L4 sum only takes the address delta; a UDP checksum
+    of 0 means "none" and stays 0)."""
+    pkt[ip + 12:ip + 20] = addrs
+    c = ((pkt[ip + 10] << 8 | pkt[ip + 11]) ^ 0xFFFF) + dip
+    c = ((c & 0xFFFF) + (c >> 16)) ^ 0xFFFF
+    pkt[ip + 10] = c >> 8
+    pkt[ip + 11] = c & 0xFF
+    pkt[l4:l4 + 4] = ports
+    c = pkt[cf] << 8 | pkt[cf + 1]
+    if partial:
+        c += dip
+        c = (c & 0xFFFF) + (c >> 16)
+        pkt[cf] = c >> 8
+        pkt[cf + 1] = c & 0xFF
+    elif c or proto != PROTO_UDP:
+        c = (c ^ 0xFFFF) + dl4
+        c = ((c & 0xFFFF) + (c >> 16)) ^ 0xFFFF
+        if c == 0 and proto == PROTO_UDP:
+            c = 0xFFFF
+        pkt[cf] = c >> 8
+        pkt[cf + 1] = c & 0xFF
 
 
 def _mix(proto: int, key: tuple[int, int]) -> int:
