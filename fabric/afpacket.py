@@ -12,6 +12,7 @@ import struct
 
 from fabric import netlink
 from fabric.errors import PortError
+from fabric.portfd import PortFd
 
 SOL_PACKET = 263
 PACKET_ADD_MEMBERSHIP = 1
@@ -37,7 +38,7 @@ def _set_buffer(sock: socket.socket, force_opt: int, opt: int, size: int) -> Non
             pass
 
 
-class PacketPort:
+class PacketPort(PortFd):
     """A pod port backed by an AF_PACKET socket bound to one interface of this namespace."""
 
     fd: int
@@ -95,25 +96,12 @@ class PacketPort:
             raise PortError(f"AF_PACKET on {ifname!r}: {step}: {exc.strerror}") from None
         return cls(sock, ifname, ifindex, mtu)
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def fileno(self) -> int:
-        return self.fd
-
     def close(self) -> None:
         """Close the socket (drops promiscuous membership). The interface is left alone."""
         if self._closed:
             return
         self._closed = True
         self._sock.close()
-
-    def __enter__(self) -> PacketPort:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"fd={self.fd}"

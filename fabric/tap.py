@@ -19,6 +19,7 @@ import struct
 
 from fabric import netlink
 from fabric.errors import PortError
+from fabric.portfd import PortFd
 
 TUN_PATH = "/dev/net/tun"
 
@@ -84,7 +85,7 @@ def _open_tap() -> tuple[int, str]:
     return fd, name
 
 
-class TapPort:
+class TapPort(PortFd):
     """A pod port backed by a TAP fd; the data plane reads/writes frames on `fd` itself."""
 
     fd: int
@@ -193,25 +194,12 @@ class TapPort:
         ifname = name if name is not None else rawname.rstrip(b"\0").decode(errors="replace")
         return cls(fd, vnet=vnet, gso=gso, name=ifname, mac=mac, mtu=mtu)
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def fileno(self) -> int:
-        return self.fd
-
     def close(self) -> None:
         """Close the fd, which also deletes a non-persistent TAP from the pod. Idempotent."""
         if self._closed:
             return
         self._closed = True
         os.close(self.fd)
-
-    def __enter__(self) -> TapPort:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"fd={self.fd}"
