@@ -39,7 +39,7 @@ bench: debs $(STAMP)
 	$(BIN)/python -m tests.bench
 
 sweep: $(STAMP)
-	$(BIN)/python -m fabric.sandbox --sweep
+	$(BIN)/python -m fabric.tools.sandbox --sweep
 
 clean:
 	rm -rf $(VENV) *.egg-info

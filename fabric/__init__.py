@@ -9,14 +9,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from fabric.api import Fabric
+    from fabric.runtime.worker import Fabric
 
 __all__ = ["Fabric"]
 
 
 def __getattr__(name: str) -> Any:
     if name == "Fabric":
-        from fabric.api import Fabric
+        from fabric.runtime.worker import Fabric
 
         return Fabric
     raise AttributeError(f"module 'fabric' has no attribute {name!r}")

@@ -1,5 +1,5 @@
 import sys
 
-from fabric.cli import main
+from fabric.control.cli import main
 
 sys.exit(main())

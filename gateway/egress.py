@@ -24,8 +24,8 @@ from collections import deque
 from collections.abc import Iterable
 from ipaddress import IPv4Address, IPv4Network
 
-from fabric import checksum
-from fabric.packets import (
+from fabric.net import checksum
+from fabric.net.packets import (
     ICMP_ECHO_REPLY,
     ICMP_ECHO_REQUEST,
     ICMP_TIME_EXCEEDED,

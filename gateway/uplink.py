@@ -14,10 +14,10 @@ import logging
 import os
 import struct
 
-from fabric import netlink
 from fabric.errors import FabricError, PortError
-from fabric.router import L3_OFF, Port, Router
-from fabric.tap import open_tun
+from fabric.ports import netlink
+from fabric.ports.tap import open_tun
+from fabric.router.router import L3_OFF, Port, Router
 
 log = logging.getLogger("fabricd.egress")
 

@@ -14,7 +14,7 @@ import struct
 import time
 from collections.abc import Callable
 
-from tunnels.coalesce import coalesce
+from fabric.net.coalesce import coalesce
 from tunnels.core import TunnelCore
 
 log = logging.getLogger("fabricd.tunnel")

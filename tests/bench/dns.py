@@ -26,7 +26,7 @@ import shutil
 import subprocess
 from typing import Any
 
-from fabric.sandbox import Daemon
+from fabric.tools.sandbox import Daemon
 from tests.bench.common import Report, Settings, fmt, interleaved, median, percentile, progress
 from tests.bench.cpu import ThreadCpu
 from tests.bench.topo import FABRIC, Side, Topology

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from fabric.sandbox import Daemon
+from fabric.tools.sandbox import Daemon
 from tests.bench.common import Report, Settings, fmt, interleaved, median, progress
 from tests.bench.cpu import ThreadCpu
 from tests.bench.topo import FABRIC, Side, Topology

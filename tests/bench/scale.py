@@ -46,9 +46,9 @@ def rss_kb(field: str = "VmRSS") -> int:
 
 def _child(iterations: int, runs: int) -> dict[str, Any]:
     """Build the namespaces step by step and time at each step; return the numbers."""
-    from fabric import packets
-    from fabric.router import GATEWAY_MAC, Port, Router
-    from fabric.vnet import ZERO_HDR
+    from fabric.net import packets
+    from fabric.net.vnet import ZERO_HDR
+    from fabric.router.router import GATEWAY_MAC, Port, Router
 
     def pod_mac(j: int) -> bytes:
         return b"\x02\x00\x0a\x3c\x00" + bytes([j + 2])

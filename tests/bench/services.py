@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fabric.sandbox import Daemon
+from fabric.tools.sandbox import Daemon
 from tests.bench.common import Report, Settings, fmt, interleaved, median, percentile, progress
 from tests.bench.topo import Side, Topology
 
@@ -154,7 +154,7 @@ class ServicesTopology(Topology):
         raise RuntimeError(f"service {name} is gone")
 
     def set_ready(self, pod: str, ready: bool) -> None:
-        from fabric.client import ControlClient
+        from fabric.control.client import ControlClient
 
         assert self.daemon is not None
         ControlClient(self.daemon.control).set_ready(NS, pod, ready)
@@ -221,8 +221,8 @@ class Waker:
 def activator_rate(batch: int, seconds: float) -> tuple[float, float, dict[str, Any]]:
     """(events per second, µs per call) of the TCP activator on SYN events of FLOWS
     flows, `batch` events a call, for about `seconds`."""
-    from fabric import activator as A
-    from fabric import packets as P
+    from fabric.activator import host as A
+    from fabric.net import packets as P
 
     client, vip = P.ip_bytes("10.0.0.7"), P.ip_bytes("10.96.0.10")
     events = [A.Packet(i + 1, (40000 + i) * 2654435761 & 0xFFFFFFFF,

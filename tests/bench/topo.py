@@ -15,7 +15,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import Any
 
-from fabric.sandbox import NETNS_DIR, Daemon, Sandbox, prerequisites
+from fabric.tools.sandbox import NETNS_DIR, Daemon, Sandbox, prerequisites
 
 PREFIX = "fbb"
 FABRIC = "fabric"
@@ -134,7 +134,7 @@ class Topology:
 
     def fabric_drops(self) -> dict[str, float]:
         """fabricd's drop counters summed by reason (from its /metrics)."""
-        from fabric.client import ControlClient
+        from fabric.control.client import ControlClient
 
         assert self.daemon is not None
         text = ControlClient(self.daemon.control).get_text("/metrics")

@@ -38,8 +38,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from fabric.client import ControlClient
-from fabric.sandbox import Daemon
+from fabric.control.client import ControlClient
+from fabric.tools.sandbox import Daemon
 from tests.bench.common import Report, Settings, fmt, interleaved, median, progress
 from tests.bench.cpu import _TICK, ThreadCpu, thread_ticks
 from tests.bench.topo import Side, Topology
@@ -356,8 +356,8 @@ def responder_rate(seconds: float, initiators: int = 8, batch: int = 256,
 
 
 def core_numbers(seconds: float) -> dict[str, float]:
-    """One measurement of each in-process number (tunnels.bench does the data path)."""
-    from tunnels import bench as tb
+    """One measurement of each in-process number (tests.bench.tunnel_core does the data path)."""
+    from tests.bench import tunnel_core as tb
 
     return {
         "initiations": responder_rate(seconds),
@@ -478,7 +478,7 @@ def run(s: Settings) -> Report:
                    "full socket receive buffer (each lost one is a TCP retransmit); fabricd "
                    "asks for 8 MB buffers, wireguard-go and nebula run with their defaults")
     r.notes.append(f"in-process numbers: {micro_s:g} s per measurement; the responder "
-                   "faces 8 initiating peers; the data path is tunnels.bench.bench_data")
+                   "faces 8 initiating peers; the data path is tests.bench.tunnel_core.bench_data")
     fdrops = {k: v - drops_before.get(k, 0) for k, v in drops_after.items()
               if v - drops_before.get(k, 0)}
     shown_drops = {k: v for k, v in fdrops.items() if k != "ipv6"}

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from fabric.sandbox import Sandbox, prerequisites
+from fabric.tools.sandbox import Sandbox, prerequisites
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from fabric import pcap
-from fabric.sandbox import Daemon, Sandbox
+from fabric.net import pcap
+from fabric.tools.sandbox import Daemon, Sandbox
 
 CIDR = "10.40.0.0/24"
 
@@ -31,7 +31,7 @@ def two_pods(sb: Sandbox, name: str = "shop", cidr: str = CIDR,
 
 
 def metric(d: Daemon, name: str, **labels: str) -> float:
-    from fabric.client import ControlClient
+    from fabric.control.client import ControlClient
 
     text = ControlClient(d.control).get_text("/metrics")
     total = 0.0

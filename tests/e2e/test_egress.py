@@ -11,7 +11,7 @@ import threading
 import time
 from typing import Any
 
-from fabric.sandbox import Daemon, Sandbox
+from fabric.tools.sandbox import Daemon, Sandbox
 
 SERVER = "203.0.113.10"
 POOL = "100.64.0.0/16"
@@ -82,7 +82,7 @@ def test_allowlist_denial_fails_fast(sandbox: Sandbox) -> None:
     assert p.returncode != 0
     assert time.monotonic() - t0 < 3, "denied egress must fail fast (ICMP prohibited)"
     assert "unreachable" in p.stderr.lower() or "couldn't connect" in p.stderr.lower()
-    from fabric.client import ControlClient
+    from fabric.control.client import ControlClient
 
     metrics = ControlClient(d.control).get_text("/metrics")
     assert 'reason="egress_denied"' in metrics

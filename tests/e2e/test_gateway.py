@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from fabric.sandbox import Daemon, Sandbox
+from fabric.tools.sandbox import Daemon, Sandbox
 
 UPSTREAM = "198.51.100.53"
 WORKER_UPLINK = "198.51.100.1"
@@ -91,7 +91,7 @@ def test_dns_local_names(gateway: tuple[Sandbox, Daemon, str, str, str]) -> None
     assert answers(out)[0][4] == "10.40.0.2"
     out = dig(sb, a, "B.ShOp.FaBrIc.InTeRnAl", "A")  # 0x20: the question's case echoed
     assert answers(out)[0][0] == "B.ShOp.FaBrIc.InTeRnAl."
-    from fabric.client import ControlClient
+    from fabric.control.client import ControlClient
 
     metrics = ControlClient(d.control).get_text("/metrics")
     m = re.search(r'^fabric_dns_total\{namespace="shop",counter="nxdomain"\} (\d+)', metrics,
@@ -126,7 +126,7 @@ def test_resolv_conf_and_runtime_pod(gateway: tuple[Sandbox, Daemon, str, str, s
     # The pod's own resolver (ip netns exec bind-mounts the file) finds short names.
     assert "10.40.0.3" in sb.run(a, "getent", "hosts", "b").stdout
     c = sb.netns("c")
-    from fabric.client import ControlClient
+    from fabric.control.client import ControlClient
 
     pod = ControlClient(d.control).put("/v1/namespaces/shop/pods/c",
                                        {"ip": "10.40.0.4", "netns": c})

@@ -2,7 +2,7 @@
 
 The test process plays the router: it writes IPv4 packets (after a 10-byte virtio-net
 header) into the TUN fd and reads what the kernel inside the stack sends back. Stacks are
-created from a thread that joined a throwaway worker namespace (fabric.netlink.run_in_netns)
+created from a thread that joined a throwaway worker namespace (fabric.ports.netlink.run_in_netns)
 although unshare() makes a fresh namespace wherever it is called: nothing here may touch
 the test machine's own namespace, and it is also how the daemon runs.
 
@@ -26,13 +26,13 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from fabric import packets as P
 from fabric.errors import PortError
-from fabric.gso import complete_checksum
-from fabric.localstack import LocalStack
-from fabric.netlink import run_in_netns
-from fabric.sandbox import Sandbox, prerequisites
-from fabric.vnet import F_NEEDS_CSUM, VNET_HDR_LEN, ZERO_HDR, VnetHdr
+from fabric.net import packets as P
+from fabric.net.gso import complete_checksum
+from fabric.net.vnet import F_NEEDS_CSUM, VNET_HDR_LEN, ZERO_HDR, VnetHdr
+from fabric.ports.localstack import LocalStack
+from fabric.ports.netlink import run_in_netns
+from fabric.tools.sandbox import Sandbox, prerequisites
 
 _reason = prerequisites()
 pytestmark = pytest.mark.skipif(_reason is not None, reason=_reason or "")

@@ -19,9 +19,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from fabric.afpacket import PacketPort
 from fabric.errors import PortError
-from fabric.tap import TapPort
+from fabric.ports.afpacket import PacketPort
+from fabric.ports.tap import TapPort
 from tests.e2e import netns_util
 from tests.e2e.netns_util import call_in, popen_in, run_in
 

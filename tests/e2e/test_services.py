@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-from fabric.sandbox import Daemon, Sandbox
+from fabric.tools.sandbox import Daemon, Sandbox
 
 VIP = "10.40.0.100"
 
@@ -29,7 +29,7 @@ def setup(sb: Sandbox, service: dict) -> tuple[Daemon, str, str]:
 
 def start_cmd(web: str, delay: float) -> str:
     return (f"sh -c '(sleep {delay}; exec ip netns exec {web} {sys.executable} -m "
-            f"fabric.sandbox http 8080) >/dev/null 2>&1 &'")
+            f"fabric.tools.sandbox http 8080) >/dev/null 2>&1 &'")
 
 
 def curl(sb: Sandbox, ns: str, timeout: float = 40) -> subprocess.CompletedProcess[str]:

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from fabric.sandbox import Daemon, Sandbox
+from fabric.tools.sandbox import Daemon, Sandbox
 
 W1, W2 = "192.0.2.1", "192.0.2.2"
 
@@ -119,7 +119,7 @@ def test_ping_curl_iperf_across_workers(cluster: Cluster) -> None:
     assert peers[0]["id"] == "w2" and peers[0]["last_handshake"] is not None
     table = cluster.d1.cli("get", "peers")
     assert "w2" in table
-    from fabric.client import ControlClient
+    from fabric.control.client import ControlClient
 
     metrics = ControlClient(cluster.d1.control).get_text("/metrics")
     assert 'fabric_peer_rx_bytes_total{peer="w2"}' in metrics
@@ -215,7 +215,7 @@ def test_dormant_service_on_w1_with_its_backend_on_w2(sandbox: Sandbox) -> None:
     fabricd = os.path.join(os.path.dirname(sys.executable), "fabricd")
     # The controller's part: start the backend on w2, then tell w1 it is ready (a pod
     # on another worker is ready on the controller's word).
-    start = (f"sh -c '(ip netns exec {c.b} {sys.executable} -m fabric.sandbox http 8080 & "
+    start = (f"sh -c '(ip netns exec {c.b} {sys.executable} -m fabric.tools.sandbox http 8080 & "
              f"sleep 0.5; {fabricd} --control {c.d1.control} ready shop/b) "
              f">/dev/null 2>&1 &'")
     cfg = Cluster.config("w1", c.k1[0], "w2", c.k2[1], f"{W2}:51820",

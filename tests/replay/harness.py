@@ -50,15 +50,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fabric.activator import ActivatorHost
+from fabric.activator.host import ActivatorHost
 from fabric.config import DEFAULT_IDLE_TIMEOUT, HoldSpec, PortSpec
-from fabric.router import Port, Router
-from fabric.service import Service
-from fabric.vnet import ZERO_HDR
+from fabric.net.vnet import ZERO_HDR
+from fabric.router.router import Port, Router
+from fabric.services.core import Service
 
 try:
-    from fabric.pcap import read_pcap
-except ImportError:  # pragma: no cover - fabric.pcap is written in parallel
+    from fabric.net.pcap import read_pcap
+except ImportError:  # pragma: no cover - fabric.net.pcap is written in parallel
     read_pcap = None  # type: ignore[assignment]
 
 PCAPS = Path(__file__).resolve().parents[2] / "pcaps"
@@ -116,7 +116,7 @@ def read_frames(path: Path) -> Frames:
     data = path.read_bytes()
     if read_pcap is not None:
         return read_pcap(data)
-    from scapy.utils import rdpcap  # fallback when fabric.pcap is not there yet
+    from scapy.utils import rdpcap  # fallback when fabric.net.pcap is not there yet
 
     return [(float(p.time), bytes(p)) for p in rdpcap(str(path))]
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from fabric import packets
-from fabric.pcap import write_pcap
-from fabric.router import DROP_ACTIVATOR, Router
-from fabric.service import Signal
+from fabric.net import packets
+from fabric.net.pcap import write_pcap
+from fabric.router.router import DROP_ACTIVATOR, Router
+from fabric.services.core import Signal
 from tests.replay import harness
 
 REQUIRED = {"arp_ping", "garp_probe", "spoofed_source", "ttl_expiry", "hold_release",

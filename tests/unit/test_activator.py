@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from fabric import activator as A
-from fabric import packets as P
+from fabric.activator import host as A
+from fabric.net import packets as P
 
 ROOT = Path(__file__).resolve().parents[2]
 ACT = ROOT / "activators"

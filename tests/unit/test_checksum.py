@@ -1,4 +1,4 @@
-"""fabric.checksum against a naive word-by-word reference and against scapy."""
+"""fabric.net.checksum against a naive word-by-word reference and against scapy."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP, UDP, in4_chksum
 from scapy.utils import checksum as scapy_checksum
 
-from fabric import checksum
+from fabric.net import checksum
 
 # --- the reference ----------------------------------------------------------------------
 

@@ -3,11 +3,11 @@ the segments that came in; anything not mergeable passes through untouched."""
 
 from __future__ import annotations
 
-from fabric import packets
-from fabric.gso import segment
-from fabric.packets import TCP_ACK, TCP_PSH, TCP_SYN
-from fabric.vnet import GSO_TCPV4, VnetHdr
-from tunnels.coalesce import coalesce
+from fabric.net import packets
+from fabric.net.coalesce import coalesce
+from fabric.net.gso import segment
+from fabric.net.packets import TCP_ACK, TCP_PSH, TCP_SYN
+from fabric.net.vnet import GSO_TCPV4, VnetHdr
 
 A = packets.ip_bytes("10.0.0.2")
 B = packets.ip_bytes("10.0.0.3")

@@ -22,12 +22,12 @@ from typing import Any
 import pytest
 import yaml
 
-from fabric import cli
-from fabric.client import ControlClient
-from fabric.control import ControlServer
+from fabric.control import cli
+from fabric.control.client import ControlClient
+from fabric.control.server import ControlServer
 from fabric.errors import Conflict, FabricError, NotFound
-from fabric.metrics import Metric
-from fabric.pcap import read_pcap
+from fabric.net.pcap import read_pcap
+from fabric.runtime.prometheus import Metric
 
 # ---- fake fabric -----------------------------------------------------------------------
 
@@ -700,7 +700,8 @@ def test_cli_broken_pipe_is_quiet(harness: Harness, fabric: FakeFabric) -> None:
 
     fabric.event_items = [FakeEvent("tick", n=i) for i in range(20000)]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fabric.cli", "events", "-o", "json", "--control", harness.path],
+        [sys.executable, "-m", "fabric.control.cli", "events", "-o", "json", "--control",
+         harness.path],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -746,16 +747,17 @@ def test_cli_run_and_demo_are_lazy(monkeypatch: pytest.MonkeyPatch) -> None:
     import types
 
     calls: list[Any] = []
-    daemon = types.ModuleType("fabric.daemon")
+    daemon = types.ModuleType("fabric.control.daemon")
     daemon.run = lambda path: calls.append(("run", path))  # type: ignore[attr-defined]
-    demo = types.ModuleType("fabric.demo")
+    demo = types.ModuleType("fabric.tools.demo")
     demo.main = lambda: calls.append(("demo",)) or 3  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "fabric.daemon", daemon)
-    monkeypatch.setitem(sys.modules, "fabric.demo", demo)
-    import fabric
+    monkeypatch.setitem(sys.modules, "fabric.control.daemon", daemon)
+    monkeypatch.setitem(sys.modules, "fabric.tools.demo", demo)
+    import fabric.control
+    import fabric.tools
 
-    monkeypatch.setattr(fabric, "daemon", daemon, raising=False)
-    monkeypatch.setattr(fabric, "demo", demo, raising=False)
+    monkeypatch.setattr(fabric.control, "daemon", daemon, raising=False)
+    monkeypatch.setattr(fabric.tools, "demo", demo, raising=False)
     assert cli.main(["run", "-c", "/etc/fabricd.yaml"]) == 0
     assert cli.main(["demo"]) == 3
     assert calls == [("run", "/etc/fabricd.yaml"), ("demo",)]

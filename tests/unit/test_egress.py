@@ -1,6 +1,6 @@
 """gateway.egress: source NAT of pods to their namespace's egress address.
 
-Packets are built with fabric.packets, translated in place (embedded at an offset inside
+Packets are built with fabric.net.packets, translated in place (embedded at an offset inside
 a bigger buffer, as the data plane hands them over), and every checksum is then checked
 independently with scapy; frames with partial (NEEDS_CSUM) checksums are completed first,
 as the kernel or software GSO would, and then checked the same way.
@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP, defragment
 from scapy.utils import checksum as scapy_checksum
 
-from fabric import checksum, gso, packets
-from fabric.packets import (
+from fabric.net import checksum, gso, packets
+from fabric.net.packets import (
     ICMP_TIME_EXCEEDED,
     ICMP_UNREACH,
     IP_MF,
@@ -115,7 +115,7 @@ def make_partial(pkt: bytes) -> bytes:
 
 
 def complete(pkt: bytes) -> bytes:
-    """Finish a partial checksum with fabric.gso on an Ethernet-framed copy."""
+    """Finish a partial checksum with fabric.net.gso on an Ethernet-framed copy."""
     frame = bytearray(packets.eth_header(b"\2" * 6, b"\4" * 6, packets.ETH_P_IP) + pkt)
     ihl = (pkt[0] & 15) * 4
     gso.complete_checksum(frame, 14 + ihl, l4_field(pkt) - ihl)

@@ -1,4 +1,4 @@
-"""Software GSO (fabric.gso) on super-frames built the way Linux hands them to a TAP with
+"""Software GSO (fabric.net.gso) on super-frames built the way Linux hands them to a TAP with
 IFF_VNET_HDR: virtio-net header with NEEDS_CSUM, csum_start/csum_offset pointing at the L4
 checksum field, and that field holding the uncomplemented pseudo-header sum."""
 
@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP, defragment
 from scapy.layers.l2 import Ether
 
-from fabric import checksum, gso, packets, vnet
-from fabric.packets import Malformed
-from fabric.vnet import F_NEEDS_CSUM, GSO_ECN, GSO_NONE, GSO_TCPV4, GSO_UDP, GSO_UDP_L4, VnetHdr
+from fabric.net import checksum, gso, packets, vnet
+from fabric.net.packets import Malformed
+from fabric.net.vnet import F_NEEDS_CSUM, GSO_ECN, GSO_NONE, GSO_TCPV4, GSO_UDP, GSO_UDP_L4, VnetHdr
 
 SRC = bytes([10, 0, 0, 2])
 DST = bytes([10, 0, 0, 3])

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from fabric.metrics import Metric, format_value, render
+from fabric.runtime.prometheus import Metric, format_value, render
 
 SAMPLE_RE = re.compile(
     r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="(\\.|[^"\\])*",?)*\})? \S+$'

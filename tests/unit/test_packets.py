@@ -1,4 +1,4 @@
-"""fabric.packets: builders and parsers checked against scapy's view of the same bytes."""
+"""fabric.net.packets: builders and parsers checked against scapy's view of the same bytes."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, defragment
 from scapy.layers.l2 import ARP, Ether
 
-from fabric import checksum, packets
-from fabric.packets import IPv4, Malformed
+from fabric.net import checksum, packets
+from fabric.net.packets import IPv4, Malformed
 
 A = bytes([10, 0, 0, 2])
 B = bytes([10, 0, 0, 3])

@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from fabric.pcap import (
+from fabric.net.pcap import (
     StreamSplitter,
     global_header,
     read_pcap,

@@ -1,8 +1,8 @@
-"""The sans-IO router (fabric.router): every forwarding rule, driven with explicit times.
+"""The sans-IO router (fabric.router.router): every forwarding rule, driven with explicit times.
 
 Each test feeds whole frames to `Router.receive` the way the data plane does (one buffer,
 the returned port gets buf[:n], then `outputs` is flushed) and compares what comes out
-byte for byte with frames built independently (fabric.packets builders compute every
+byte for byte with frames built independently (fabric.net.packets builders compute every
 checksum from scratch; scapy checks the rest).
 """
 
@@ -14,8 +14,8 @@ import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP, defragment
 from scapy.layers.l2 import Ether
 
-from fabric import checksum, gso, packets
-from fabric.packets import (
+from fabric.net import checksum, gso, packets
+from fabric.net.packets import (
     ARP_REPLY,
     ARP_REQUEST,
     BROADCAST_MAC,
@@ -34,8 +34,8 @@ from fabric.packets import (
     tcp_packet,
     udp_packet,
 )
-from fabric.router import GATEWAY_MAC, HOLD_PACKETS, HOLD_TIMEOUT, Port, Router
-from fabric.vnet import F_NEEDS_CSUM, GSO_NONE, GSO_UDP_L4, ZERO_HDR, VnetHdr
+from fabric.net.vnet import F_NEEDS_CSUM, GSO_NONE, GSO_UDP_L4, ZERO_HDR, VnetHdr
+from fabric.router.router import GATEWAY_MAC, HOLD_PACKETS, HOLD_TIMEOUT, Port, Router
 from tests.unit.test_gso import tcp_super_frame, udp_super_frame
 
 CIDR = "10.0.0.0/24"

@@ -8,8 +8,8 @@ import dnslib
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
-from fabric import packets
-from fabric.router import L3_OFF, Port, Router
+from fabric.net import packets
+from fabric.router.router import L3_OFF, Port, Router
 from gateway.dns import DnsCore
 from gateway.records import Records
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
-from fabric import packets
-from fabric.router import Port, Router
+from fabric.net import packets
+from fabric.router.router import Port, Router
 from tests.unit.test_gso import tcp_super_frame
 
 GW = packets.mac_bytes("02:fb:00:00:00:01")

@@ -1,7 +1,7 @@
-"""fabric.service and fabric.conntrack: the service core (DNAT to backends, reverse NAT,
-hairpin, holding while no backend is ready, release order, demand signals).
+"""fabric.services.core and fabric.services.conntrack: the service core (DNAT to backends,
+reverse NAT, hairpin, holding while no backend is ready, release order, demand signals).
 
-Packets are built with fabric.packets and handed over inside a bigger buffer (framing in
+Packets are built with fabric.net.packets and handed over inside a bigger buffer (framing in
 front, bytes past the packet that must never be touched), time is explicit, and every
 rewritten packet's checksums are checked independently with scapy; partial (NEEDS_CSUM)
 checksums are completed first, as the kernel or software GSO would.
@@ -17,10 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 
-from fabric import checksum, gso, packets
 from fabric.config import HoldSpec, PortSpec, ServiceSpec
-from fabric.conntrack import Conntrack
-from fabric.packets import (
+from fabric.net import checksum, gso, packets
+from fabric.net.packets import (
     ICMP_UNREACH,
     IP_MF,
     PROTO_ICMP,
@@ -33,7 +32,8 @@ from fabric.packets import (
     TCP_SYN,
     UNREACH_PORT,
 )
-from fabric.service import (
+from fabric.services.conntrack import Conntrack
+from fabric.services.core import (
     FORWARD,
     HELD,
     HOLD_FULL,

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from tests.support.tunnel_net import Datagram, Net, ipv4_packet, packet_tag
 from tunnels import messages
 from tunnels.cookie import hash32, mac16
 from tunnels.core import TunnelCore
 from tunnels.keys import generate_keypair
 from tunnels.peer import QUEUE_LIMIT
 from tunnels.replay import WINDOW
-from tunnels.testing import Datagram, Net, ipv4_packet, packet_tag
 from tunnels.timers import (
     KEEPALIVE_TIMEOUT,
     REJECT_AFTER_TIME,

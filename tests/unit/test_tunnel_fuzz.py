@@ -14,9 +14,9 @@ import struct
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.support.tunnel_net import Net, ipv4_packet, packet_tag
 from tunnels import messages
 from tunnels.cookie import hash32, mac16
-from tunnels.testing import Net, ipv4_packet, packet_tag
 
 A_ADDR = ("192.0.2.1", 51820)
 B_ADDR = ("192.0.2.2", 51820)

@@ -16,15 +16,15 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from fabric import config as cfg
-from fabric.capture import CaptureSubscription
 from fabric.config import EgressSpec, NamespaceSpec, PodSpec, TunnelPeerSpec, TunnelSpec
-from fabric.dataplane import DataPlane
 from fabric.errors import ConfigError, FabricError, NotFound
-from fabric.events import EventBus, Subscription
-from fabric.metrics import Metric
-from fabric.namespace import RETRY_INTERVAL, Namespace, PodState
-from fabric.router import L3_OFF
-from fabric.tap import TapPort
+from fabric.ports.tap import TapPort
+from fabric.router.router import L3_OFF
+from fabric.runtime.capture import CaptureSubscription
+from fabric.runtime.dataplane import DataPlane
+from fabric.runtime.events import EventBus, Subscription
+from fabric.runtime.namespace import RETRY_INTERVAL, Namespace, PodState
+from fabric.runtime.prometheus import Metric
 from gateway.uplink import Uplink
 
 if TYPE_CHECKING:

@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
-from fabric.router import DROP_TX_ERROR, DROP_TX_FULL, L3_OFF, Port, Router
+from fabric.router.router import DROP_TX_ERROR, DROP_TX_FULL, L3_OFF, Port, Router
 
 log = logging.getLogger("fabricd.dataplane")
 

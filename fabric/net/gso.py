@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import struct
 
-from fabric import checksum
-from fabric.packets import (
+from fabric.net import checksum
+from fabric.net.packets import (
     ETH_HLEN,
     ETH_P_IP,
     IP_DF,
@@ -24,7 +24,7 @@ from fabric.packets import (
     Malformed,
     fragment,
 )
-from fabric.vnet import F_NEEDS_CSUM, GSO_ECN, GSO_NONE, GSO_TCPV4, GSO_UDP, GSO_UDP_L4, VnetHdr
+from fabric.net.vnet import F_NEEDS_CSUM, GSO_ECN, GSO_NONE, GSO_TCPV4, GSO_UDP, GSO_UDP_L4, VnetHdr
 
 _H = struct.Struct("!H")
 _I = struct.Struct("!I")

@@ -4,8 +4,8 @@ Everything is named `<prefix>-<run id>-<role>` so a sweeper can remove what a cr
 run left behind without touching anything else; `close()` removes it all, also after
 failures. Nothing here touches the machine's own network namespace beyond `ip netns`.
 
-`python -m fabric.sandbox --sweep [PREFIX...]` removes leftovers; `python -m
-fabric.sandbox http PORT` is a tiny HTTP server for tests (it never does reverse DNS).
+`python -m fabric.tools.sandbox --sweep [PREFIX...]` removes leftovers; `python -m
+fabric.tools.sandbox http PORT` is a tiny HTTP server for tests (it never does reverse DNS).
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ class Sandbox:
         return net
 
     def http_server(self, ns: str, port: int) -> subprocess.Popen[Any]:
-        p = self.popen(ns, sys.executable, "-m", "fabric.sandbox", "http", str(port))
+        p = self.popen(ns, sys.executable, "-m", "fabric.tools.sandbox", "http", str(port))
         self.wait_port(ns, port)
         return p
 
@@ -200,7 +200,7 @@ class Daemon:
         raise RuntimeError(f"fabricd did not answer within {timeout}s:\n{self.log()}")
 
     def get(self, path: str) -> Any:
-        from fabric.client import ControlClient
+        from fabric.control.client import ControlClient
 
         return ControlClient(self.control).get(path)
 
@@ -319,7 +319,7 @@ def _http(port: int, ready_file: str | None = None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fabric.sandbox")
+    ap = argparse.ArgumentParser(prog="python -m fabric.tools.sandbox")
     ap.add_argument("--sweep", nargs="*", metavar="PREFIX")
     sub = ap.add_subparsers(dest="cmd")
     h = sub.add_parser("http")

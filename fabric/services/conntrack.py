@@ -28,7 +28,7 @@ import heapq
 import math
 from collections.abc import Callable, Iterator
 
-from fabric.packets import PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
+from fabric.net.packets import PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
 from gateway.egress import _delta
 
 # TCP state bits.

@@ -16,7 +16,7 @@ Everything namespace-bound (netlink, /proc/sys/net, creating sockets) runs on th
 long-lived thread via `run()`. A socket keeps the namespace it was created in forever, so
 once made it can be used from any thread or event loop.
 
-Pitfalls this design avoids (see also fabric.netlink):
+Pitfalls this design avoids (see also fabric.ports.netlink):
 - pyroute2's `IPRoute(netns=...)`/`NetNS` fork helpers and may *create* namespaces; a
   plain `IPRoute()` opened on the thread binds to the thread's namespace.
 - /proc/sys/net follows the namespace of the thread that opens the file, but /proc/self/net
@@ -40,8 +40,8 @@ from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from fabric.errors import PortError
-from fabric.netlink import CLONE_NEWNET, TXQLEN
-from fabric.tap import open_tun
+from fabric.ports.netlink import CLONE_NEWNET, TXQLEN
+from fabric.ports.tap import open_tun
 
 T = TypeVar("T")
 

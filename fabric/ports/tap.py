@@ -17,9 +17,9 @@ import os
 import secrets
 import struct
 
-from fabric import netlink
 from fabric.errors import PortError
-from fabric.portfd import PortFd
+from fabric.ports import netlink
+from fabric.ports.portfd import PortFd
 
 TUN_PATH = "/dev/net/tun"
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import struct
 
-from fabric import checksum
-from fabric.packets import PROTO_TCP, TCP_ACK, TCP_PSH
-from fabric.vnet import F_NEEDS_CSUM, GSO_TCPV4
-from fabric.vnet import pack as vnet_pack
+from fabric.net import checksum
+from fabric.net.packets import PROTO_TCP, TCP_ACK, TCP_PSH
+from fabric.net.vnet import F_NEEDS_CSUM, GSO_TCPV4
+from fabric.net.vnet import pack as vnet_pack
 
 MAX_SUPER = 65535 - 14  # IPv4 total length bound
 _I = struct.Struct("!I")

@@ -11,7 +11,7 @@ import ipaddress
 import struct
 from dataclasses import dataclass
 
-from fabric import checksum
+from fabric.net import checksum
 
 ETH_P_IP = 0x0800
 ETH_P_ARP = 0x0806

@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import IO, Any, NoReturn
 from urllib.parse import quote, urlencode
 
-from fabric.client import ControlClient, resolve_control_path
+from fabric.control.client import ControlClient, resolve_control_path
 from fabric.errors import FabricError, NotFound
 
 PROG = "fabricd"
@@ -187,13 +187,13 @@ def _client(args: argparse.Namespace) -> ControlClient:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fabric import daemon  # heavy: only the daemon needs it
+    from fabric.control import daemon  # heavy: only the daemon needs it
 
     return int(daemon.run(args.config) or 0)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from fabric import demo
+    from fabric.tools import demo
 
     return int(demo.main() or 0)
 
@@ -258,7 +258,7 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 
 def cmd_capture(args: argparse.Namespace) -> int:
-    from fabric.pcap import StreamSplitter
+    from fabric.net.pcap import StreamSplitter
 
     ns, pod = _split_pod(args.pod)
     to_stdout = args.write in (None, "-")

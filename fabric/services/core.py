@@ -80,10 +80,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from fabric import checksum, packets
 from fabric.config import DEFAULT_IDLE_TIMEOUT, HoldSpec, PortSpec, ServiceSpec
-from fabric.conntrack import Conn, Conntrack
-from fabric.packets import (
+from fabric.net import checksum, packets
+from fabric.net.packets import (
     ICMP_ECHO_REPLY,
     ICMP_ECHO_REQUEST,
     ICMP_TIME_EXCEEDED,
@@ -99,6 +98,7 @@ from fabric.packets import (
     TCP_SYN,
     UNREACH_PORT,
 )
+from fabric.services.conntrack import Conn, Conntrack
 from gateway.egress import EgressNat, _delta
 
 # Verdicts of outbound() and reply().

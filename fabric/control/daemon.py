@@ -13,10 +13,10 @@ import signal
 import sys
 
 from fabric import config as cfg
-from fabric.api import Fabric
 from fabric.config import Config
-from fabric.control import ControlServer
+from fabric.control.server import ControlServer
 from fabric.errors import FabricError
+from fabric.runtime.worker import Fabric
 
 log = logging.getLogger("fabricd")
 

@@ -16,10 +16,9 @@ from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
-from fabric import activator as act_mod
-from fabric import checksum, gso, packets
-from fabric import service as svc_mod
-from fabric.packets import (
+from fabric.activator import host as act_mod
+from fabric.net import checksum, gso, packets
+from fabric.net.packets import (
     ARP_REPLY,
     ARP_REQUEST,
     BROADCAST_MAC,
@@ -39,7 +38,7 @@ from fabric.packets import (
     UNREACH_PORT,
     Malformed,
 )
-from fabric.vnet import (
+from fabric.net.vnet import (
     F_NEEDS_CSUM,
     GSO_ECN,
     GSO_NONE,
@@ -49,6 +48,7 @@ from fabric.vnet import (
     ZERO_HDR,
     VnetHdr,
 )
+from fabric.services import core as svc_mod
 from gateway.egress import DENIED as EGRESS_DENIED
 from gateway.egress import FULL as EGRESS_FULL
 from gateway.egress import OK as EGRESS_OK

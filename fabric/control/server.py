@@ -26,9 +26,9 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import h11
 
-from fabric import metrics as metrics_mod
-from fabric import pcap
 from fabric.errors import ConfigError, FabricError, NotFound
+from fabric.net import pcap
+from fabric.runtime import prometheus as metrics_mod
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,8 @@ class Subscription(Protocol):
 
 
 class FabricAPI(Protocol):
-    """The slice of fabric.api.Fabric the control API needs (sync or async results accepted)."""
+    """The slice of fabric.runtime.worker.Fabric the control API needs (sync or async
+    results accepted)."""
 
     worker_id: str
 

@@ -12,7 +12,7 @@ import re
 import sys
 import time
 
-from fabric.sandbox import Daemon, Sandbox, prerequisites, sweep
+from fabric.tools.sandbox import Daemon, Sandbox, prerequisites, sweep
 
 
 def _step(msg: str) -> float:
@@ -42,7 +42,7 @@ def main() -> int:
         ready_file = os.path.join(sb.tmp, "api-ready")
         # The hook plays the controller resuming a VM: the server starts 0.5 s later.
         start_api = (f"sh -c '(sleep 0.5; exec ip netns exec {api} {sys.executable} -m "
-                     f"fabric.sandbox http 8080 --ready-file {ready_file}) "
+                     f"fabric.tools.sandbox http 8080 --ready-file {ready_file}) "
                      f">/dev/null 2>&1 &'")
         cfg = {
             "worker": {"id": "demo"},

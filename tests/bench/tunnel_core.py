@@ -1,4 +1,4 @@
-"""Micro-benchmarks of the tunnel core: ``python -m tunnels.bench [--seconds S]``.
+"""Micro-benchmarks of the tunnel core: ``python -m tests.bench.tunnel_core [--seconds S]``.
 
 * data: one ``send`` on A plus one ``receive`` on B of a 1,400-byte IPv4 packet, i.e. the
   whole per-packet cost of both ends of the tunnel, in pairs per second;
@@ -17,9 +17,9 @@ import time
 
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
+from tests.support.tunnel_net import ipv4_packet
 from tunnels.core import TunnelCore
 from tunnels.keys import generate_keypair
-from tunnels.testing import ipv4_packet
 
 A_ADDR = ("192.0.2.1", 51820)
 B_ADDR = ("192.0.2.2", 51820)

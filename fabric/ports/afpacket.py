@@ -10,9 +10,9 @@ from __future__ import annotations
 import socket
 import struct
 
-from fabric import netlink
 from fabric.errors import PortError
-from fabric.portfd import PortFd
+from fabric.ports import netlink
+from fabric.ports.portfd import PortFd
 
 SOL_PACKET = 263
 PACKET_ADD_MEMBERSHIP = 1

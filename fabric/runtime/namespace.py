@@ -14,17 +14,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from fabric import packets
-from fabric.afpacket import PacketPort
-from fabric.capture import CaptureHub, CaptureSubscription
 from fabric.config import NamespaceSpec, PodSpec
-from fabric.dataplane import DataPlane
 from fabric.errors import FabricError, NotFound, PortError
-from fabric.events import EventBus
-from fabric.localstack import LocalStack
-from fabric.router import Port, Router
-from fabric.services import Services
-from fabric.tap import TapPort
+from fabric.net import packets
+from fabric.ports.afpacket import PacketPort
+from fabric.ports.localstack import LocalStack
+from fabric.ports.tap import TapPort
+from fabric.router.router import Port, Router
+from fabric.runtime.capture import CaptureHub, CaptureSubscription
+from fabric.runtime.dataplane import DataPlane
+from fabric.runtime.events import EventBus
+from fabric.services.manager import Services
 from gateway import resolvconf
 from gateway.dns import DnsCore
 from gateway.dns_server import DnsServer

@@ -1,4 +1,4 @@
-"""A namespace's services at run time: the shell around `fabric.service.Service` cores.
+"""A namespace's services at run time: the shell around `fabric.services.core.Service` cores.
 
 The cores live on the data-plane thread inside the router; this side keeps their
 backends' readiness in step with the pods, probes backends from the gateway address
@@ -19,12 +19,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fabric.activator import ActivatorHost
+from fabric.activator.host import ActivatorHost
 from fabric.config import ServiceSpec
-from fabric.service import Service, Signal
+from fabric.services.core import Service, Signal
 
 if TYPE_CHECKING:
-    from fabric.namespace import Namespace
+    from fabric.runtime.namespace import Namespace
 
 log = logging.getLogger("fabricd.services")
 
@@ -33,7 +33,7 @@ POOL_SIZE = 32
 PROBE_TIMEOUT = 1.0
 HOOK_TIMEOUT = 60.0
 # Shipped activators: activators/<name>/<name>.wasm beside the packages.
-SHIPPED = Path(__file__).resolve().parent.parent / "activators"
+SHIPPED = Path(__file__).resolve().parents[2] / "activators"
 
 
 class Services:
