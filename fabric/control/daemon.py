@@ -12,8 +12,8 @@ import logging
 import signal
 import sys
 
-from fabric import config as cfg
-from fabric.config import Config
+from fabric.config.load import default_config, load_config
+from fabric.config.specs import Config
 from fabric.control.server import ControlServer
 from fabric.errors import FabricError
 from fabric.runtime.worker import Fabric
@@ -27,7 +27,7 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 
 def load(path: str | None) -> Config:
-    return cfg.load_config(path) if path else cfg.default_config()
+    return load_config(path) if path else default_config()
 
 
 def run(config_path: str | None) -> int:

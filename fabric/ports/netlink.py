@@ -24,12 +24,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from fabric.config.specs import NETNS_DIR
 from fabric.errors import PortError
 
 if TYPE_CHECKING:
     from pyroute2 import IPRoute
 
-NETNS_DIR = "/run/netns"
 IFNAMSIZ = 16
 NS_GET_NSTYPE = 0xB703  # _IO(0xb7, 0x3)
 CLONE_NEWNET = 0x40000000

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from fabric.activator import host as act_mod
+from fabric.config.specs import DEFAULT_GATEWAY_MAC, TUNNEL_MTU
 from fabric.net import checksum, gso, packets
 from fabric.net.packets import (
     ARP_REPLY,
@@ -54,7 +55,6 @@ from gateway.egress import FULL as EGRESS_FULL
 from gateway.egress import OK as EGRESS_OK
 from gateway.egress import UNSUPPORTED as EGRESS_UNSUPPORTED
 
-GATEWAY_MAC = "02:fb:00:00:00:01"
 HOLD_PACKETS = 64
 HOLD_TIMEOUT = 30.0
 ARP_RETRY = 1.0
@@ -186,7 +186,7 @@ class Router:
         name: str,
         cidr: str | ipaddress.IPv4Network,
         *,
-        gateway_mac: str = GATEWAY_MAC,
+        gateway_mac: str = DEFAULT_GATEWAY_MAC,
         hold_packets: int = HOLD_PACKETS,
         hold_timeout: float = HOLD_TIMEOUT,
     ) -> None:
@@ -219,7 +219,7 @@ class Router:
         # Sends IPv4 packets to a pod on another worker: tunnel_send(worker, packets, now)
         # (a list, so the segments of one super-frame leave in one batch).
         self.tunnel_send: Callable[[str, list[bytes], float], None] | None = None
-        self.tunnel_mtu = 1420
+        self.tunnel_mtu = TUNNEL_MTU
         # Services: VIP -> Service, and backend pod address -> the services it serves
         # (replies from backends are un-NATed before routing). Signals (activate, idle)
         # go to on_signal(service name, signal) as they happen.

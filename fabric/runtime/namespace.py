@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from fabric.config import NamespaceSpec, PodSpec
+from fabric.config.specs import NamespaceSpec, PodSpec
 from fabric.errors import FabricError, NotFound, PortError
 from fabric.net import packets
 from fabric.ports.afpacket import PacketPort

@@ -15,8 +15,9 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from fabric import config as cfg
-from fabric.config import EgressSpec, NamespaceSpec, PodSpec, TunnelPeerSpec, TunnelSpec
+from fabric.config.parse import parse_namespace, parse_peer, parse_pod, validate_namespace_set
+from fabric.config.render import namespace_to_dict
+from fabric.config.specs import EgressSpec, NamespaceSpec, PodSpec, TunnelPeerSpec, TunnelSpec
 from fabric.errors import ConfigError, FabricError, NotFound
 from fabric.ports.tap import TapPort
 from fabric.router.router import L3_OFF
@@ -152,7 +153,7 @@ class Fabric:
         link = self._link()
         if not isinstance(spec, TunnelPeerSpec):
             others = [p for pid, p in self.peer_specs.items() if pid != spec.get("id")]
-            spec = cfg.parse_peer(dict(spec), source, self.worker_id, others)
+            spec = parse_peer(dict(spec), source, self.worker_id, others)
         keepalive = self.tunnel.keepalive if self.tunnel else None
         old = self.peer_specs.get(spec.id)
         if old is not None and old != spec:
@@ -202,12 +203,12 @@ class Fabric:
         """Create or reconcile a namespace: unchanged pods (and their flows) are untouched,
         changed pods are re-attached, missing ones detached."""
         if not isinstance(spec, NamespaceSpec):
-            spec = cfg.parse_namespace(dict(spec), source, self.worker_id)
+            spec = parse_namespace(dict(spec), source, self.worker_id)
         if spec.id is None and any(p.kind == "remote" for p in spec.pods):
             raise ConfigError(source, "id", f"namespace {spec.name} has pods on other workers:"
                               " it needs an id (the same on every worker)")
         others = [ns.spec for name, ns in self.namespaces.items() if name != spec.name]
-        cfg.validate_namespace_set(others + [spec], source)
+        validate_namespace_set(others + [spec], source)
         async with self._lock:
             ns = self.namespaces.get(spec.name)
             if ns is not None and _needs_rebuild(ns.spec, spec):
@@ -294,7 +295,7 @@ class Fabric:
                 if "netns" in data or "interface" in data or "worker" in data:
                     raise ConfigError(source, "fd", "give either fd or netns/interface/worker")
                 data["interface"] = f"fd{fd}"
-            spec = cfg.parse_pod(data, source, ns.spec, self.worker_id)
+            spec = parse_pod(data, source, ns.spec, self.worker_id)
         async with self._lock:
             if spec.name in ns.pods:
                 if ns.pods[spec.name].spec == spec and fd is None:
@@ -335,7 +336,7 @@ class Fabric:
 
     def get_namespace(self, name: str) -> dict[str, Any]:
         ns = self._ns(name)
-        d = cfg.namespace_to_dict(ns.spec)
+        d = namespace_to_dict(ns.spec)
         d["status"] = ns.summary()
         return d
 

@@ -80,7 +80,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from fabric.config import DEFAULT_IDLE_TIMEOUT, HoldSpec, PortSpec, ServiceSpec
+from fabric.config.specs import DEFAULT_IDLE_TIMEOUT, HoldSpec, PortSpec, ServiceSpec
 from fabric.net import checksum, packets
 from fabric.net.packets import (
     ICMP_ECHO_REPLY,

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fabric.activator.host import ActivatorHost
-from fabric.config import ServiceSpec
+from fabric.config.specs import ServiceSpec
 from fabric.services.core import Service, Signal
 
 if TYPE_CHECKING:

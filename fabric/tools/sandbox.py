@@ -24,7 +24,8 @@ import urllib.parse
 from collections.abc import Sequence
 from typing import Any
 
-NETNS_DIR = "/run/netns"
+from fabric.config.specs import NETNS_DIR
+
 PREFIXES = ("fbt", "fbd", "fbb")  # tests, demo, benchmarks
 
 

@@ -46,9 +46,10 @@ def rss_kb(field: str = "VmRSS") -> int:
 
 def _child(iterations: int, runs: int) -> dict[str, Any]:
     """Build the namespaces step by step and time at each step; return the numbers."""
+    from fabric.config.specs import DEFAULT_GATEWAY_MAC as GATEWAY_MAC
     from fabric.net import packets
     from fabric.net.vnet import ZERO_HDR
-    from fabric.router.router import GATEWAY_MAC, Port, Router
+    from fabric.router.router import Port, Router
 
     def pod_mac(j: int) -> bytes:
         return b"\x02\x00\x0a\x3c\x00" + bytes([j + 2])

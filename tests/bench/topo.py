@@ -15,7 +15,8 @@ import subprocess
 from dataclasses import dataclass
 from typing import Any
 
-from fabric.tools.sandbox import NETNS_DIR, Daemon, Sandbox, prerequisites
+from fabric.config.specs import NETNS_DIR
+from fabric.tools.sandbox import Daemon, Sandbox, prerequisites
 
 PREFIX = "fbb"
 FABRIC = "fabric"

@@ -16,7 +16,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-NETNS_DIR = "/run/netns"
+from fabric.config.specs import NETNS_DIR
+
 CLONE_NEWNET = 0x40000000
 
 T = TypeVar("T")

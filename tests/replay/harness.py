@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from fabric.activator.host import ActivatorHost
-from fabric.config import DEFAULT_IDLE_TIMEOUT, HoldSpec, PortSpec
+from fabric.config.specs import DEFAULT_IDLE_TIMEOUT, HoldSpec, PortSpec
 from fabric.net.vnet import ZERO_HDR
 from fabric.router.router import Port, Router
 from fabric.services.core import Service

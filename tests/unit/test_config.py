@@ -13,7 +13,11 @@ from typing import Any
 
 import pytest
 
-from fabric.config import (
+from fabric.config.fields import parse_duration, parse_size
+from fabric.config.load import default_config, load_config
+from fabric.config.parse import parse_config, parse_namespace, parse_pod, parse_service
+from fabric.config.render import namespace_to_dict, pod_to_dict, service_to_dict
+from fabric.config.specs import (
     DEFAULT_CONTROL,
     TUNNEL_MTU,
     Config,
@@ -24,17 +28,6 @@ from fabric.config import (
     NamespaceSpec,
     PodSpec,
     PortSpec,
-    default_config,
-    load_config,
-    namespace_to_dict,
-    parse_config,
-    parse_duration,
-    parse_namespace,
-    parse_pod,
-    parse_service,
-    parse_size,
-    pod_to_dict,
-    service_to_dict,
 )
 from fabric.errors import ConfigError
 

@@ -14,6 +14,7 @@ import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP, defragment
 from scapy.layers.l2 import Ether
 
+from fabric.config.specs import DEFAULT_GATEWAY_MAC as GATEWAY_MAC
 from fabric.net import checksum, gso, packets
 from fabric.net.packets import (
     ARP_REPLY,
@@ -35,7 +36,7 @@ from fabric.net.packets import (
     udp_packet,
 )
 from fabric.net.vnet import F_NEEDS_CSUM, GSO_NONE, GSO_UDP_L4, ZERO_HDR, VnetHdr
-from fabric.router.router import GATEWAY_MAC, HOLD_PACKETS, HOLD_TIMEOUT, Port, Router
+from fabric.router.router import HOLD_PACKETS, HOLD_TIMEOUT, Port, Router
 from tests.unit.test_gso import tcp_super_frame, udp_super_frame
 
 CIDR = "10.0.0.0/24"

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 
-from fabric.config import HoldSpec, PortSpec, ServiceSpec
+from fabric.config.specs import HoldSpec, PortSpec, ServiceSpec
 from fabric.net import checksum, gso, packets
 from fabric.net.packets import (
     ICMP_UNREACH,

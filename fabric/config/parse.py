@@ -1,0 +1,729 @@
+"""Parsers from YAML/API data to specs: namespaces, pods, services, the worker, its
+tunnel and peers, and the checks across namespaces.
+
+The same parsers serve the YAML file (``load_config``/``parse_config``) and the control
+API (``parse_namespace``/``parse_pod``/``parse_service`` with a source such as
+``PUT /v1/namespaces/shop`` and key paths relative to the posted object).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any
+
+from fabric.config.fields import (
+    ACTIVATOR_NAME,
+    DNS_LABEL,
+    SUN_PATH_MAX,
+    Obj,
+    describe,
+    index_path,
+    key_path,
+    parse_duration,
+    parse_size,
+    read_bool,
+    read_dns_label,
+    read_host_port,
+    read_ifname,
+    read_int,
+    read_ipv4,
+    read_json,
+    read_key32,
+    read_list,
+    read_mac,
+    read_network,
+    read_str,
+    read_worker_id,
+    type_error,
+)
+from fabric.config.specs import (
+    ALLOW_ALL,
+    DEFAULT_CONTROL,
+    DEFAULT_CONTROL_MODE,
+    DEFAULT_DOMAIN,
+    DEFAULT_EGRESS_POOL,
+    DEFAULT_EGRESS_TUN,
+    DEFAULT_GATEWAY_MAC,
+    DEFAULT_HOLD_BYTES,
+    DEFAULT_HOLD_PACKETS,
+    DEFAULT_HOLD_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_IFNAME,
+    DEFAULT_LISTEN,
+    DEFAULT_MTU,
+    NETNS_DIR,
+    TUNNEL_MTU,
+    Config,
+    DnsSpec,
+    EgressSpec,
+    FrozenMap,
+    HoldSpec,
+    NamespaceSpec,
+    PodSpec,
+    PortSpec,
+    ServiceSpec,
+    TunnelPeerSpec,
+    TunnelSpec,
+    WorkerSpec,
+)
+from fabric.errors import ConfigError
+
+# ---------------------------------------------------------------------------
+# Namespaces, pods, services
+# ---------------------------------------------------------------------------
+
+_NS_KEYS = (
+    "name",
+    "id",
+    "cidr",
+    "gateway",
+    "gateway_mac",
+    "mtu",
+    "dns",
+    "egress",
+    "pods",
+    "services",
+)
+_POD_KEYS = ("name", "ip", "netns", "interface", "worker", "ifname", "mac", "ready")
+_SERVICE_KEYS = (
+    "name",
+    "ip",
+    "ports",
+    "backends",
+    "hold",
+    "idle_timeout",
+    "readiness",
+    "on_activate",
+    "on_idle",
+)
+_PORT_KEYS = ("port", "target_port", "protocol", "activator", "activator_config")
+_HOLD_KEYS = ("packets", "bytes", "timeout")
+_DNS_KEYS = ("domain", "upstream", "resolv_conf")
+
+
+def _check_address(ip: IPv4Address, ns: NamespaceSpec, src: str, key: str) -> None:
+    """A pod or service IP must be a usable host address of the namespace, not the gateway."""
+    cidr = ns.cidr
+    if ip not in cidr:
+        raise ConfigError(src, key, f"{ip} is not inside cidr {cidr}")
+    if ip == cidr.network_address:
+        raise ConfigError(src, key, f"{ip} is the network address of {cidr}")
+    if ip == cidr.broadcast_address:
+        raise ConfigError(src, key, f"{ip} is the broadcast address of {cidr}")
+    if ip == ns.gateway:
+        raise ConfigError(src, key, f"{ip} is the gateway address of {cidr}")
+
+
+def _ip_owner(
+    ip: IPv4Address, ns: NamespaceSpec, skip_pod: str | None, skip_service: str | None
+) -> str | None:
+    """Who already holds ``ip`` in the namespace ("pod web-1"/"service web"), if anyone."""
+    for pod in ns.pods:
+        if pod.ip == ip and pod.name != skip_pod:
+            return f"pod {pod.name}"
+    for svc in ns.services:
+        if svc.ip == ip and svc.name != skip_service:
+            return f"service {svc.name}"
+    return None
+
+
+def _domain(value: Any, src: str, key: str) -> str:
+    text = read_str(value, src, key).strip().rstrip(".").lower()
+    labels = text.split(".")
+    if len(text) > 253 or not all(DNS_LABEL.match(lb) for lb in labels):
+        raise ConfigError(src, key, f"{value!r} is not a valid DNS domain")
+    return text
+
+
+def _parse_dns(value: Any, src: str, key: str) -> DnsSpec:
+    if value is None:
+        return DnsSpec()
+    obj = Obj(value, src, key, _DNS_KEYS)
+    domain = (
+        _domain(obj.get("domain"), src, obj.key("domain")) if obj.has("domain") else DEFAULT_DOMAIN
+    )
+    upstream: list[tuple[str, int]] = []
+    if obj.has("upstream"):
+        ukey = obj.key("upstream")
+        for i, item in enumerate(read_list(obj.get("upstream"), src, ukey)):
+            upstream.append(
+                read_host_port(item, src, index_path(ukey, i), default_port=53, hostname_ok=False)
+            )
+    resolv_conf = True
+    if obj.has("resolv_conf"):
+        resolv_conf = read_bool(obj.get("resolv_conf"), src, obj.key("resolv_conf"))
+    return DnsSpec(domain=domain, upstream=tuple(upstream), resolv_conf=resolv_conf)
+
+
+def _parse_egress_allow(value: Any, src: str, key: str) -> tuple[IPv4Network, ...]:
+    """``true`` -> allow everything, ``false`` -> nothing, ``{allow: [CIDR, ...]}`` -> those."""
+    if value is None:
+        return ALLOW_ALL
+    if isinstance(value, bool):
+        return ALLOW_ALL if value else ()
+    if not isinstance(value, Mapping):
+        raise type_error(value, src, key, "a boolean or a mapping {allow: [CIDR, ...]}")
+    obj = Obj(value, src, key, ("allow",))
+    akey = obj.key("allow")
+    nets = [
+        read_network(item, src, index_path(akey, i))
+        for i, item in enumerate(read_list(obj.required("allow"), src, akey))
+    ]
+    return tuple(nets)
+
+
+def _parse_pod(
+    data: Any, src: str, ns: NamespaceSpec, worker_id: str, prefix: str, replacing: bool
+) -> PodSpec:
+    """Parse one pod and check it against ``ns``.
+
+    ``replacing`` lets a pod of the same name be swapped (runtime attach); otherwise a
+    same-named pod is a duplicate (loading a whole namespace).
+    """
+    obj = Obj(data, src, prefix, _POD_KEYS)
+    name = read_dns_label(obj.required("name"), src, obj.key("name"))
+    ip = read_ipv4(obj.required("ip"), src, obj.key("ip"))
+
+    given = [k for k in ("netns", "interface", "worker") if obj.has(k)]
+    if not given:
+        raise ConfigError(src, prefix, "give exactly one of netns, interface or worker")
+    if len(given) > 1:
+        raise ConfigError(
+            src,
+            prefix,
+            f"{' and '.join(given)} are mutually exclusive (give exactly one of netns, "
+            "interface or worker)",
+        )
+    netns = interface = worker = None
+    if obj.has("netns"):
+        netns = read_str(obj.get("netns"), src, obj.key("netns")).strip()
+        bad = "\0" in netns or (
+            not netns.startswith("/") and ("/" in netns or netns in (".", ".."))
+        )
+        if bad:
+            raise ConfigError(
+                src,
+                obj.key("netns"),
+                f"{netns!r} must be a name under {NETNS_DIR} or an absolute path",
+            )
+    elif obj.has("interface"):
+        interface = read_ifname(obj.get("interface"), src, obj.key("interface"))
+    else:
+        worker = read_worker_id(obj.get("worker"), src, obj.key("worker"))
+        if worker == worker_id:
+            raise ConfigError(
+                src,
+                obj.key("worker"),
+                f"worker {worker} is this worker: give netns or interface",
+            )
+
+    ifname = DEFAULT_IFNAME
+    if obj.has("ifname"):
+        if netns is None:
+            raise ConfigError(src, obj.key("ifname"), "ifname is only valid with netns")
+        ifname = read_ifname(obj.get("ifname"), src, obj.key("ifname"))
+    mac = read_mac(obj.get("mac"), src, obj.key("mac")) if obj.has("mac") else None
+    ready = read_bool(obj.get("ready"), src, obj.key("ready")) if obj.has("ready") else True
+
+    pod = PodSpec(
+        name=name,
+        ip=ip,
+        netns=netns,
+        interface=interface,
+        worker=worker,
+        mac=mac,
+        ifname=ifname,
+        ready=ready,
+    )
+    _check_pod_against(pod, ns, src, obj, replacing)
+    return pod
+
+
+def _check_pod_against(
+    pod: PodSpec, ns: NamespaceSpec, src: str, obj: Obj, replacing: bool
+) -> None:
+    """Uniqueness and address rules for a pod within its namespace."""
+    existing = ns.pod(pod.name)
+    if existing is not None and not replacing:
+        where = index_path("pods", ns.pods.index(existing))
+        raise ConfigError(src, obj.key("name"), f"duplicate pod name {pod.name} (also {where})")
+    if ns.service(pod.name) is not None:
+        raise ConfigError(src, obj.key("name"), f"{pod.name} is already a service name")
+    _check_address(pod.ip, ns, src, obj.key("ip"))
+    owner = _ip_owner(pod.ip, ns, skip_pod=pod.name, skip_service=None)
+    if owner:
+        raise ConfigError(src, obj.key("ip"), f"{pod.ip} is already used by {owner}")
+    others = [p for p in ns.pods if p.name != pod.name]
+    if pod.mac is not None:
+        if pod.mac == ns.gateway_mac:
+            raise ConfigError(src, obj.key("mac"), f"{pod.mac} is the namespace's gateway_mac")
+        for other in others:
+            if other.mac == pod.mac:
+                raise ConfigError(
+                    src, obj.key("mac"), f"{pod.mac} is already used by pod {other.name}"
+                )
+    for other in others:
+        if pod.interface is not None and other.interface == pod.interface:
+            raise ConfigError(
+                src,
+                obj.key("interface"),
+                f"interface {pod.interface} is already used by pod {other.name}",
+            )
+        if pod.netns is not None and (other.netns_path, other.ifname) == (
+            pod.netns_path,
+            pod.ifname,
+        ):
+            raise ConfigError(
+                src,
+                obj.key("ifname") if obj.has("ifname") else obj.key("netns"),
+                f"netns {pod.netns} already has {pod.ifname} (pod {other.name}); "
+                "give a different ifname",
+            )
+
+
+def _parse_port(data: Any, src: str, key: str) -> PortSpec:
+    if isinstance(data, int) and not isinstance(data, bool):
+        data = {"port": data}  # shorthand: `ports: [80, 443]`
+    obj = Obj(data, src, key, _PORT_KEYS)
+    port = read_int(obj.required("port"), src, obj.key("port"), 1, 65535)
+    target = port
+    if obj.has("target_port"):
+        target = read_int(obj.get("target_port"), src, obj.key("target_port"), 1, 65535)
+    protocol = "tcp"
+    if obj.has("protocol"):
+        protocol = read_str(obj.get("protocol"), src, obj.key("protocol"))
+        if protocol not in ("tcp", "udp"):
+            raise ConfigError(src, obj.key("protocol"), f"{protocol!r} is not tcp or udp")
+    activator = "none"
+    if obj.has("activator"):
+        activator = read_str(obj.get("activator"), src, obj.key("activator")).strip()
+        if (
+            activator != "none"
+            and not activator.endswith(".wasm")
+            and not ACTIVATOR_NAME.match(activator)
+        ):
+            raise ConfigError(
+                src,
+                obj.key("activator"),
+                f"{activator!r} is not an activator (expected none, a shipped name like tcp, "
+                "or a path ending .wasm)",
+            )
+    config = FrozenMap()
+    if obj.has("activator_config"):
+        ckey = obj.key("activator_config")
+        raw = obj.get("activator_config")
+        if not isinstance(raw, Mapping):
+            raise type_error(raw, src, ckey, "a mapping")
+        config = read_json(raw, src, ckey)
+        if config and activator == "none":
+            raise ConfigError(src, ckey, "activator_config given but activator is none")
+    return PortSpec(
+        port=port,
+        target_port=target,
+        protocol=protocol,
+        activator=activator,
+        activator_config=config,
+    )
+
+
+def _parse_hold(value: Any, src: str, key: str) -> HoldSpec:
+    if value is None:
+        return HoldSpec()
+    obj = Obj(value, src, key, _HOLD_KEYS)
+    packets = DEFAULT_HOLD_PACKETS
+    if obj.has("packets"):
+        packets = read_int(obj.get("packets"), src, obj.key("packets"), 1, 2**31 - 1)
+    size = DEFAULT_HOLD_BYTES
+    if obj.has("bytes"):
+        size = parse_size(obj.get("bytes"), src, obj.key("bytes"))
+        if size < 1:
+            raise ConfigError(src, obj.key("bytes"), "must be at least 1 byte")
+    timeout = DEFAULT_HOLD_TIMEOUT
+    if obj.has("timeout"):
+        timeout = parse_duration(obj.get("timeout"), src, obj.key("timeout"))
+    return HoldSpec(packets=packets, bytes=size, timeout=timeout)
+
+
+def _parse_service(
+    data: Any, src: str, ns: NamespaceSpec, prefix: str, replacing: bool
+) -> ServiceSpec:
+    """Parse one service and check it against ``ns`` (see ``_parse_pod`` for ``replacing``)."""
+    obj = Obj(data, src, prefix, _SERVICE_KEYS)
+    name = read_dns_label(obj.required("name"), src, obj.key("name"))
+    existing = ns.service(name)
+    if existing is not None and not replacing:
+        where = index_path("services", ns.services.index(existing))
+        raise ConfigError(src, obj.key("name"), f"duplicate service name {name} (also {where})")
+    if ns.pod(name) is not None:
+        raise ConfigError(src, obj.key("name"), f"{name} is already a pod name")
+    ip = read_ipv4(obj.required("ip"), src, obj.key("ip"))
+    _check_address(ip, ns, src, obj.key("ip"))
+    owner = _ip_owner(ip, ns, skip_pod=None, skip_service=name)
+    if owner:
+        raise ConfigError(src, obj.key("ip"), f"{ip} is already used by {owner}")
+
+    pkey = obj.key("ports")
+    items = read_list(obj.required("ports"), src, pkey)
+    if not items:
+        raise ConfigError(src, pkey, "must list at least one port")
+    ports: list[PortSpec] = []
+    seen: dict[tuple[int, str], int] = {}
+    for i, item in enumerate(items):
+        port = _parse_port(item, src, index_path(pkey, i))
+        first = seen.setdefault((port.port, port.protocol), i)
+        if first != i:
+            where = index_path("ports", first)
+            raise ConfigError(
+                src,
+                key_path(index_path(pkey, i), "port"),
+                f"{port.port}/{port.protocol} is already listed in {where}",
+            )
+        ports.append(port)
+
+    backends: list[str] = []
+    if obj.has("backends"):
+        bkey = obj.key("backends")
+        for i, item in enumerate(read_list(obj.get("backends"), src, bkey)):
+            ikey = index_path(bkey, i)
+            backend = read_str(item, src, ikey)
+            if ns.pod(backend) is None:
+                raise ConfigError(src, ikey, f"no pod named {backend} in namespace {ns.name}")
+            if backend in backends:
+                raise ConfigError(src, ikey, f"{backend} is listed twice")
+            backends.append(backend)
+
+    hold = _parse_hold(obj.get("hold"), src, obj.key("hold"))
+    idle = DEFAULT_IDLE_TIMEOUT
+    if obj.has("idle_timeout"):
+        idle = parse_duration(obj.get("idle_timeout"), src, obj.key("idle_timeout"))
+    readiness = "probe"
+    if obj.has("readiness"):
+        readiness = read_str(obj.get("readiness"), src, obj.key("readiness"))
+        if readiness not in ("probe", "external"):
+            raise ConfigError(src, obj.key("readiness"), f"{readiness!r} is not probe or external")
+    hooks: dict[str, str | None] = {}
+    for hook in ("on_activate", "on_idle"):
+        hooks[hook] = read_str(obj.get(hook), src, obj.key(hook)) if obj.has(hook) else None
+    return ServiceSpec(
+        name=name,
+        ip=ip,
+        ports=tuple(ports),
+        backends=tuple(backends),
+        hold=hold,
+        idle_timeout=idle,
+        readiness=readiness,
+        on_activate=hooks["on_activate"],
+        on_idle=hooks["on_idle"],
+    )
+
+
+def parse_namespace(
+    data: object, source: str, worker_id: str, key_prefix: str = ""
+) -> NamespaceSpec:
+    """Validate one namespace mapping (with its pods and services) into a NamespaceSpec.
+
+    ``worker_id`` is this worker's id: pods naming it as their ``worker`` are an error.
+    ``key_prefix`` is prepended to key paths (``namespaces[0]`` in a file, ``""`` for API).
+    """
+    obj = Obj(data, source, key_prefix, _NS_KEYS)
+    name = read_dns_label(obj.required("name"), source, obj.key("name"))
+    ns_id = None
+    if obj.has("id"):
+        ns_id = read_int(obj.get("id"), source, obj.key("id"), 1, 2**32 - 1)
+    cidr = read_network(obj.required("cidr"), source, obj.key("cidr"), 8, 30)
+    gateway = cidr.network_address + 1
+    if obj.has("gateway"):
+        given = read_ipv4(obj.get("gateway"), source, obj.key("gateway"))
+        if given != gateway:
+            raise ConfigError(
+                source,
+                obj.key("gateway"),
+                f"{given} is not the gateway of {cidr}: it is always the first host, {gateway}",
+            )
+    gateway_mac = DEFAULT_GATEWAY_MAC
+    if obj.has("gateway_mac"):
+        gateway_mac = read_mac(obj.get("gateway_mac"), source, obj.key("gateway_mac"))
+    mtu: int | None = None
+    if obj.has("mtu"):
+        mtu = read_int(obj.get("mtu"), source, obj.key("mtu"), 576, 65535)
+    dns = _parse_dns(obj.get("dns"), source, obj.key("dns"))
+    egress = _parse_egress_allow(obj.get("egress"), source, obj.key("egress"))
+
+    ns = NamespaceSpec(
+        name=name,
+        id=ns_id,
+        cidr=cidr,
+        gateway=gateway,
+        gateway_mac=gateway_mac,
+        mtu=mtu or DEFAULT_MTU,
+        dns=dns,
+        egress_allow=egress,
+    )
+    pods_key = obj.key("pods")
+    pod_items = read_list(obj.get("pods"), source, pods_key) if obj.has("pods") else []
+    for i, item in enumerate(pod_items):
+        pod = _parse_pod(item, source, ns, worker_id, index_path(pods_key, i), replacing=False)
+        ns = replace(ns, pods=ns.pods + (pod,))
+    svc_key = obj.key("services")
+    svc_items = read_list(obj.get("services"), source, svc_key) if obj.has("services") else []
+    for i, item in enumerate(svc_items):
+        svc = _parse_service(item, source, ns, index_path(svc_key, i), replacing=False)
+        ns = replace(ns, services=ns.services + (svc,))
+    if mtu is None and any(p.kind == "remote" for p in ns.pods):
+        ns = replace(ns, mtu=TUNNEL_MTU)  # the namespace spans tunnels: leave room
+    return ns
+
+
+def parse_pod(
+    data: object, source: str, namespace: NamespaceSpec, worker_id: str, key_prefix: str = ""
+) -> PodSpec:
+    """Validate one pod for attaching at runtime to ``namespace``.
+
+    A pod with the same name already in ``namespace`` is treated as being replaced: its
+    IP, MAC and interface do not count as taken.
+    """
+    return _parse_pod(data, source, namespace, worker_id, key_prefix, replacing=True)
+
+
+def parse_service(
+    data: object, source: str, namespace: NamespaceSpec, key_prefix: str = ""
+) -> ServiceSpec:
+    """Validate one service for adding at runtime to ``namespace`` (same-name = replace)."""
+    return _parse_service(data, source, namespace, key_prefix, replacing=True)
+
+
+def validate_namespace_set(
+    namespaces: Sequence[NamespaceSpec], source: str, key_prefix: str = "namespaces"
+) -> None:
+    """Rules across namespaces on one worker: unique names and ids, no shared host ports.
+
+    Key paths are ``{key_prefix}[i]....`` where i indexes ``namespaces``.
+    """
+    names: dict[str, int] = {}
+    ids: dict[int, str] = {}
+    interfaces: dict[str, str] = {}
+    netns_ifs: dict[tuple[str, str], str] = {}
+    for i, ns in enumerate(namespaces):
+        at = index_path(key_prefix, i)
+        if ns.name in names:
+            raise ConfigError(
+                source,
+                key_path(at, "name"),
+                f"duplicate namespace name {ns.name} "
+                f"(also {index_path(key_prefix, names[ns.name])})",
+            )
+        names[ns.name] = i
+        if ns.id is not None:
+            if ns.id in ids:
+                raise ConfigError(source, key_path(at, "id"),
+                                  f"id {ns.id} is already used by namespace {ids[ns.id]}")
+            ids[ns.id] = ns.name
+        for j, pod in enumerate(ns.pods):
+            pat = index_path(key_path(at, "pods"), j)
+            who = f"pod {pod.name} in namespace {ns.name}"
+            if pod.interface is not None:
+                if pod.interface in interfaces:
+                    raise ConfigError(
+                        source,
+                        key_path(pat, "interface"),
+                        f"interface {pod.interface} is already used by {interfaces[pod.interface]}",
+                    )
+                interfaces[pod.interface] = who
+            if pod.netns_path is not None:
+                slot = (pod.netns_path, pod.ifname)
+                if slot in netns_ifs:
+                    raise ConfigError(
+                        source,
+                        key_path(pat, "netns"),
+                        f"netns {pod.netns} already has {pod.ifname} ({netns_ifs[slot]})",
+                    )
+                netns_ifs[slot] = who
+
+
+
+# ---------------------------------------------------------------------------
+# Worker
+# ---------------------------------------------------------------------------
+
+_WORKER_KEYS = ("id", "control", "control_mode", "egress", "tunnel")
+_EGRESS_KEYS = ("tun", "pool")
+_TUNNEL_KEYS = ("listen", "private_key", "private_key_file", "psk", "keepalive", "peers")
+_PEER_KEYS = ("id", "endpoint", "public_key")
+
+
+def _control_mode(value: Any, src: str, key: str) -> int:
+    """An octal mode: a string like "0600"/"600"/"0o600", or an int (YAML reads 0600 as octal)."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        text = text[2:] if text.startswith("0o") else text
+        if not text or any(c not in "01234567" for c in text):
+            raise ConfigError(src, key, f'{value!r} is not an octal mode (expected e.g. "0600")')
+        mode = int(text, 8)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        mode = value
+    else:
+        raise type_error(value, src, key, 'an octal mode string like "0600"')
+    if not 0 <= mode <= 0o777:
+        raise ConfigError(
+            src, key, f'{value} is not a valid mode (give an octal string like "0600")'
+        )
+    return mode
+
+
+def _parse_egress(value: Any, src: str, key: str) -> EgressSpec | None:
+    if value is None or value is False:
+        return None
+    if value is True:
+        return EgressSpec()
+    obj = Obj(value, src, key, _EGRESS_KEYS)
+    tun = read_ifname(obj.get("tun"), src, obj.key("tun")) if obj.has("tun") else DEFAULT_EGRESS_TUN
+    pool = DEFAULT_EGRESS_POOL
+    if obj.has("pool"):
+        pool = read_network(obj.get("pool"), src, obj.key("pool"), 8, 30)
+    return EgressSpec(tun=tun, pool=pool)
+
+
+def _read_key_file(path: str, src: str, key: str) -> bytes:
+    try:
+        with open(path, encoding="ascii") as f:
+            text = f.read().strip()
+    except OSError as e:
+        raise ConfigError(src, key, f"cannot read {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(src, key, f"{path} does not hold a base64 32-byte key") from None
+    try:
+        return read_key32(text, src, key)
+    except ConfigError:
+        raise ConfigError(src, key, f"{path} does not hold a base64 32-byte key") from None
+
+
+def _parse_tunnel(
+    value: Any, src: str, key: str, worker_id: str, base_dir: str | None
+) -> TunnelSpec | None:
+    if value is None:
+        return None
+    obj = Obj(value, src, key, _TUNNEL_KEYS)
+    listen = DEFAULT_LISTEN
+    if obj.has("listen"):
+        raw = obj.get("listen")
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            listen = (DEFAULT_LISTEN[0], read_int(raw, src, obj.key("listen"), 1, 65535))
+        else:
+            listen = read_host_port(raw, src, obj.key("listen"), default_port=None,
+                                    hostname_ok=False)
+    if obj.has("private_key") == obj.has("private_key_file"):
+        raise ConfigError(src, key, "give exactly one of private_key or private_key_file")
+    key_file = None
+    if obj.has("private_key"):
+        private_key = read_key32(obj.get("private_key"), src, obj.key("private_key"))
+    else:
+        key_file = read_str(obj.get("private_key_file"), src, obj.key("private_key_file"))
+        if base_dir is not None:
+            key_file = os.path.join(base_dir, key_file)
+        private_key = _read_key_file(key_file, src, obj.key("private_key_file"))
+    psk = read_key32(obj.get("psk"), src, obj.key("psk")) if obj.has("psk") else None
+    keepalive = None
+    if obj.has("keepalive"):
+        keepalive = parse_duration(obj.get("keepalive"), src, obj.key("keepalive"))
+
+    peers: list[TunnelPeerSpec] = []
+    pkey = obj.key("peers")
+    for i, item in enumerate(read_list(obj.get("peers"), src, pkey) if obj.has("peers") else []):
+        peers.append(parse_peer(item, src, worker_id, peers, index_path(pkey, i)))
+    return TunnelSpec(
+        listen=listen,
+        private_key=private_key,
+        private_key_file=key_file,
+        psk=psk,
+        keepalive=keepalive,
+        peers=tuple(peers),
+    )
+
+
+def parse_peer(data: object, source: str, worker_id: str,
+               others: Sequence[TunnelPeerSpec] = (), key_prefix: str = "") -> TunnelPeerSpec:
+    """One tunnel peer (a file's `worker.tunnel.peers[i]`, or a control API call): its
+    id, public key and optional endpoint, unique among `others`."""
+    pobj = Obj(data, source, key_prefix, _PEER_KEYS)
+    peer_id = read_worker_id(pobj.required("id"), source, pobj.key("id"))
+    if peer_id == worker_id:
+        raise ConfigError(source, pobj.key("id"), f"{peer_id} is this worker's own id")
+    if any(p.id == peer_id for p in others):
+        raise ConfigError(source, pobj.key("id"), f"duplicate peer id {peer_id}")
+    public_key = read_key32(pobj.required("public_key"), source, pobj.key("public_key"))
+    for p in others:
+        if p.public_key == public_key:
+            raise ConfigError(source, pobj.key("public_key"),
+                              f"public key is already used by peer {p.id}")
+    endpoint = None
+    if pobj.has("endpoint"):
+        endpoint = read_host_port(pobj.get("endpoint"), source, pobj.key("endpoint"),
+                              default_port=None, hostname_ok=True)
+    return TunnelPeerSpec(id=peer_id, public_key=public_key, endpoint=endpoint)
+
+
+def _parse_worker(value: Any, src: str, key: str, base_dir: str | None) -> WorkerSpec:
+    obj = Obj({} if value is None else value, src, key, _WORKER_KEYS)
+    worker_id = (
+        read_worker_id(obj.get("id"), src, obj.key("id")) if obj.has("id") else socket.gethostname()
+    )
+    control = DEFAULT_CONTROL
+    if obj.has("control"):
+        control = read_str(obj.get("control"), src, obj.key("control"))
+        if len(os.fsencode(control)) > SUN_PATH_MAX:
+            raise ConfigError(
+                src,
+                obj.key("control"),
+                f"socket path is too long ({len(os.fsencode(control))} bytes, max {SUN_PATH_MAX})",
+            )
+    mode = DEFAULT_CONTROL_MODE
+    if obj.has("control_mode"):
+        mode = _control_mode(obj.get("control_mode"), src, obj.key("control_mode"))
+    egress = _parse_egress(obj.get("egress"), src, obj.key("egress"))
+    tunnel = _parse_tunnel(obj.get("tunnel"), src, obj.key("tunnel"), worker_id, base_dir)
+    return WorkerSpec(
+        id=worker_id, control=control, control_mode=mode, egress=egress, tunnel=tunnel
+    )
+
+
+
+# ---------------------------------------------------------------------------
+# Whole config
+# ---------------------------------------------------------------------------
+
+
+def parse_config(data: object, source: str, base_dir: str | None = None) -> Config:
+    """Validate a whole config mapping (as read from YAML, or built in Python).
+
+    ``base_dir`` resolves a relative ``private_key_file`` (``load_config`` passes the
+    config file's directory); otherwise it is relative to the current directory.
+    A missing ``namespaces`` key means no namespaces (they can be added via the API).
+    """
+    if data is None:
+        raise ConfigError(
+            source, "", "config is empty (expected a mapping with worker and namespaces)"
+        )
+    if not isinstance(data, Mapping):
+        raise ConfigError(source, "", f"expected a mapping at the top level, got {describe(data)}")
+    obj = Obj(data, source, "", ("worker", "namespaces"))
+    worker = _parse_worker(obj.get("worker"), source, "worker", base_dir)
+    items = read_list(obj.get("namespaces"), source, "namespaces") if obj.has("namespaces") else []
+    namespaces = tuple(
+        parse_namespace(item, source, worker.id, index_path("namespaces", i))
+        for i, item in enumerate(items)
+    )
+    validate_namespace_set(namespaces, source)
+    if worker.egress is not None:
+        for ns in namespaces:
+            if ns.cidr.overlaps(worker.egress.pool):
+                raise ConfigError(
+                    source,
+                    "worker.egress.pool",
+                    f"{worker.egress.pool} overlaps cidr {ns.cidr} of namespace {ns.name}",
+                )
+    return Config(worker=worker, namespaces=namespaces, source=source)
+
