@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
-from fabric.activator import host as act_mod
+from fabric.activator import abi as act_mod
 from fabric.config.specs import DEFAULT_GATEWAY_MAC, TUNNEL_MTU
 from fabric.net import checksum, gso, packets
 from fabric.net.packets import (

@@ -221,7 +221,8 @@ class Waker:
 def activator_rate(batch: int, seconds: float) -> tuple[float, float, dict[str, Any]]:
     """(events per second, µs per call) of the TCP activator on SYN events of FLOWS
     flows, `batch` events a call, for about `seconds`."""
-    from fabric.activator import host as A
+    from fabric.activator import abi as A
+    from fabric.activator.host import ActivatorHost
     from fabric.net import packets as P
 
     client, vip = P.ip_bytes("10.0.0.7"), P.ip_bytes("10.96.0.10")
@@ -232,7 +233,7 @@ def activator_rate(batch: int, seconds: float) -> tuple[float, float, dict[str, 
         batches = [[e] for e in events]
     else:
         batches = [[events[(j + k) % FLOWS] for k in range(batch)] for j in range(FLOWS)]
-    with A.ActivatorHost(TCP_WASM, {"hold_timeout_ms": 30000}) as host:
+    with ActivatorHost(TCP_WASM, {"hold_timeout_ms": 30000}) as host:
         inst = host.instance(80)
         for b in batches:  # warm up: every flow known, the buffers sized
             out = inst.process(b)

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from fabric.activator import host as A
+from fabric.activator import abi as A
+from fabric.activator import runtime
+from fabric.activator.host import ActivatorHost, ActivatorInstance
 from fabric.net import packets as P
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,7 +31,7 @@ def seg(sport: int, flags: int, payload: bytes = b"", *, seq: int = 1000) -> byt
 class Feed:
     """Numbers packets like the dataplane does and remembers their bytes."""
 
-    def __init__(self, inst: A.ActivatorInstance) -> None:
+    def __init__(self, inst: ActivatorInstance) -> None:
         self.inst = inst
         self.next_id = 1
         self.sent: dict[int, bytes] = {}
@@ -55,7 +57,7 @@ def wakes(actions: list[A.Action]) -> int:
 
 @pytest.fixture
 def tcp_host():
-    with A.ActivatorHost(TCP, {"hold_timeout_ms": 30000}) as host:
+    with ActivatorHost(TCP, {"hold_timeout_ms": 30000}) as host:
         yield host
 
 
@@ -172,7 +174,7 @@ def test_hold_timeout_on_tick(tcp_host) -> None:
 
 
 def test_flow_table_is_bounded_and_evicts_the_oldest() -> None:
-    with A.ActivatorHost(TCP, {"max_flows": 4}) as host:
+    with ActivatorHost(TCP, {"max_flows": 4}) as host:
         feed = Feed(host.instance(80))
         for sport in range(1000, 1004):
             feed.packet(seg(sport, P.TCP_SYN))
@@ -208,8 +210,8 @@ def test_instances_per_port_are_independent(tcp_host) -> None:
 
 
 def test_public_api_fallback_behaves_the_same(monkeypatch) -> None:
-    monkeypatch.setattr(A, "FORCE_PUBLIC_API", True)
-    with A.ActivatorHost(TCP, {}) as host:
+    monkeypatch.setattr(runtime, "FORCE_PUBLIC_API", True)
+    with ActivatorHost(TCP, {}) as host:
         feed = Feed(host.instance(80))
         assert not feed.inst.raw_path
         out = feed.packet(seg(40000, P.TCP_SYN))
@@ -218,7 +220,7 @@ def test_public_api_fallback_behaves_the_same(monkeypatch) -> None:
 
 
 def test_module_is_compiled_once(tcp_host) -> None:
-    with A.ActivatorHost(TCP.read_bytes(), {}) as other:
+    with ActivatorHost(TCP.read_bytes(), {}) as other:
         assert other.module is tcp_host.module
         assert other.engine is tcp_host.engine
 
@@ -240,7 +242,7 @@ def alive(actions: list[A.Action] | None) -> bool:
     ("garbage", "malformed", {}),
 ])
 def test_hostile_instance_is_recycled_and_its_neighbour_works(name, counter, kwargs) -> None:
-    with A.ActivatorHost(HOSTILE / f"{name}.wasm", {}, **kwargs) as host:
+    with ActivatorHost(HOSTILE / f"{name}.wasm", {}, **kwargs) as host:
         bad, good = host.instance(1), host.instance(2)
         assert alive(bad.process([A.Tick(1)])) and alive(good.process([A.Tick(1)]))
         t0 = time.monotonic()
@@ -258,7 +260,7 @@ def test_hostile_instance_is_recycled_and_its_neighbour_works(name, counter, kwa
 
 
 def test_garbage_every_kind_of_malformed_batch() -> None:
-    with A.ActivatorHost(HOSTILE / "garbage.wasm", {}) as host:
+    with ActivatorHost(HOSTILE / "garbage.wasm", {}) as host:
         inst = host.instance(1)
         for mode in range(5):   # packet_id % 5 picks the kind of garbage (garbage.c)
             assert inst.process([A.Packet(mode, 0, b"x")]) is None
@@ -267,7 +269,7 @@ def test_garbage_every_kind_of_malformed_batch() -> None:
 
 
 def test_memory_never_exceeds_the_limit() -> None:
-    with A.ActivatorHost(HOSTILE / "membomb.wasm", {}, memory_limit=2 << 20) as host:
+    with ActivatorHost(HOSTILE / "membomb.wasm", {}, memory_limit=2 << 20) as host:
         inst = host.instance(1)
         assert inst.process(TRIGGER) is None
         assert inst.stats.memory_cap == 1
@@ -275,7 +277,7 @@ def test_memory_never_exceeds_the_limit() -> None:
 
 
 def test_missing_export_is_refused_and_other_hosts_work(tcp_host) -> None:
-    with A.ActivatorHost(HOSTILE / "noexport.wasm", {}) as host:
+    with ActivatorHost(HOSTILE / "noexport.wasm", {}) as host:
         inst = host.instance(1)
         assert inst.process([A.Tick(1)]) is None
         assert inst.process(TRIGGER) is None
@@ -286,7 +288,7 @@ def test_missing_export_is_refused_and_other_hosts_work(tcp_host) -> None:
 
 def test_not_wasm_at_all_raises_at_construction() -> None:
     with pytest.raises(Exception):  # noqa: B017 - wasmtime's own error type
-        A.ActivatorHost(b"\x00asm garbage", {})
+        ActivatorHost(b"\x00asm garbage", {})
 
 
 # ---- reproducible build ----

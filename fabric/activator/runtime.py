@@ -1,0 +1,236 @@
+"""The wasmtime side of activators: one shared engine, a module cache, the epoch ticker
+and the two ways of calling into a guest (wasmtime's raw C entry point, with the public
+API as fallback).
+
+Why the raw path: ``Func.__call__`` re-reads the function type on every call (~27 us);
+the C entry point with a preallocated value array costs ~1.7 us. It is private API, so
+it sits behind ``guest_access()``, which falls back to the public path whenever
+wasmtime-py's internals do not look as expected.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import wasmtime
+
+log = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------------------
+# Engine, module cache, epoch ticker
+# ---------------------------------------------------------------------------------------
+
+_lock = threading.Lock()
+_engine: wasmtime.Engine | None = None
+_modules: dict[str, wasmtime.Module] = {}
+
+
+def shared_engine() -> wasmtime.Engine:
+    """One engine for all activators: fuel metering and epoch interruption on."""
+    global _engine
+    with _lock:
+        if _engine is None:
+            cfg = wasmtime.Config()
+            cfg.consume_fuel = True
+            cfg.epoch_interruption = True
+            cfg.cranelift_opt_level = "speed"
+            _engine = wasmtime.Engine(cfg)
+        return _engine
+
+
+def compile_module(wasm: bytes) -> wasmtime.Module:
+    """Compile once per distinct module (keyed by sha256); compiling costs milliseconds."""
+    key = hashlib.sha256(wasm).hexdigest()
+    engine = shared_engine()
+    with _lock:
+        mod = _modules.get(key)
+    if mod is None:
+        mod = wasmtime.Module(engine, wasm)
+        with _lock:
+            mod = _modules.setdefault(key, mod)
+    return mod
+
+
+class EpochTicker:
+    """Advances the shared engine's epoch about once a millisecond while any host lives.
+
+    Deadlines are counted in ticks, so ``deadline_ms`` is a lower bound: sleep(0.001)
+    oversleeps, never undersleeps. The thread parks when no host is open.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._users = 0
+        self._thread: threading.Thread | None = None
+
+    def acquire(self, engine: wasmtime.Engine) -> None:
+        with self._cond:
+            self._users += 1
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, args=(engine,),
+                                                name="activator-epoch", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def release(self) -> None:
+        with self._cond:
+            self._users = max(0, self._users - 1)
+
+    def _run(self, engine: wasmtime.Engine) -> None:
+        while True:
+            with self._cond:
+                while self._users == 0:
+                    self._cond.wait()
+            engine.increment_epoch()
+            time.sleep(0.001)
+
+
+epoch_ticker = EpochTicker()
+
+
+# ---------------------------------------------------------------------------------------
+# Calling into the guest
+# ---------------------------------------------------------------------------------------
+
+
+class PublicAccess:
+    """Guest calls, budgets and memory through wasmtime-py's public API (the fallback)."""
+
+    raw = False
+
+    def __init__(self, store: wasmtime.Store, mem: wasmtime.Memory) -> None:
+        self.store = store
+        self.mem = mem
+
+    def caller(self, func: wasmtime.Func, nparams: int) -> Callable[..., int]:
+        store = self.store
+
+        def call(*args: int) -> int:
+            return func(store, *args)
+        return call
+
+    def begin(self, fuel: int, ticks: int) -> None:
+        self.store.set_fuel(fuel)
+        self.store.set_epoch_deadline(ticks)
+
+    def fuel_left(self) -> int:
+        return self.store.get_fuel()
+
+    def memory(self) -> tuple[int, int]:
+        base = ctypes.cast(self.mem.data_ptr(self.store), ctypes.c_void_p).value or 0
+        return base, self.mem.data_len(self.store)
+
+
+class RawAccess(PublicAccess):
+    """The same through wasmtime's C API directly: ~1.7 µs a call instead of ~27 µs.
+
+    Uses wasmtime-py internals (``_bindings``, ``Store._context``, ``Func._func``,
+    ``Memory._memory``); the constructor raises on any mismatch and the instance then uses
+    ``PublicAccess``. Calls go through ``wasmtime_func_call_unchecked``, which trusts
+    the argument types: only used after each export's type was checked against the ABI.
+    """
+
+    raw = True
+
+    def __init__(self, store: wasmtime.Store, mem: wasmtime.Memory) -> None:
+        super().__init__(store, mem)
+        from wasmtime import _bindings as ffi
+
+        self.ffi = ffi
+        self.ctx = store._context()
+        self.memref = ctypes.byref(mem._memory)
+        # Own function objects (dll[...] is not cached), so changing restype is private.
+        self._mem_data = ffi.dll["wasmtime_memory_data"]
+        self._mem_data.restype = ctypes.c_void_p
+        self._mem_data.argtypes = ffi._wasmtime_memory_data.argtypes
+        self._mem_size = ffi._wasmtime_memory_data_size
+        self._set_fuel = ffi._wasmtime_context_set_fuel
+        self._get_fuel = ffi._wasmtime_context_get_fuel
+        self._set_deadline = ffi._wasmtime_context_set_epoch_deadline
+        self._fuel = ctypes.c_uint64(0)
+        self._fuelref = ctypes.byref(self._fuel)
+        self._call = ffi._wasmtime_func_call_unchecked
+        self._trap_t = ctypes.POINTER(ffi.wasm_trap_t)
+        self.base, self.size = 0, 0
+
+    def caller(self, func: wasmtime.Func, nparams: int) -> Callable[..., int]:
+        call, ctx, fref = self._call, self.ctx, ctypes.byref(func._func)
+        nslots = max(nparams, 1)  # the array holds the params, then the one result
+        vals = (self.ffi.wasmtime_val_raw_t * nslots)()
+        trap_t = self._trap_t
+        state = [trap_t()]
+        state.append(ctypes.byref(state[0]))
+        Trap, Error = wasmtime.Trap, wasmtime.WasmtimeError
+
+        def check(err: Any) -> None:
+            if err:
+                raise Error._from_ptr(err)
+            trap = state[0]
+            if trap:  # the Trap object takes ownership; start over with a null pointer
+                state[0] = trap_t()
+                state[1] = ctypes.byref(state[0])
+                raise Trap._from_ptr(trap)
+
+        if nparams == 2:  # the per-batch path (fab_process, fab_init): no loop
+            def raw2(a: int, b: int) -> int:
+                vals[0].i32 = a
+                vals[1].i32 = b
+                err = call(ctx, fref, vals, 2, state[1])
+                if err or state[0]:
+                    check(err)
+                return vals[0].i64
+            return raw2
+
+        def raw(*args: int) -> int:
+            for i, a in enumerate(args):
+                vals[i].i32 = a
+            err = call(ctx, fref, vals, nslots, state[1])
+            if err or state[0]:
+                check(err)
+            return vals[0].i64
+        return raw
+
+    def begin(self, fuel: int, ticks: int) -> None:
+        err = self._set_fuel(self.ctx, fuel)
+        if err:
+            raise wasmtime.WasmtimeError._from_ptr(err)
+        self._set_deadline(self.ctx, ticks)
+
+    def fuel_left(self) -> int:
+        err = self._get_fuel(self.ctx, self._fuelref)
+        if err:
+            raise wasmtime.WasmtimeError._from_ptr(err)
+        return self._fuel.value
+
+    def memory(self) -> tuple[int, int]:
+        return self._mem_data(self.ctx, self.memref) or 0, self._mem_size(self.ctx, self.memref)
+
+
+#: Tests set this to exercise the public fallback path.
+FORCE_PUBLIC_API = False
+
+
+def guest_access(store: wasmtime.Store, mem: wasmtime.Memory) -> PublicAccess:
+    """The fast path if this wasmtime-py's internals look as expected, else the public one."""
+    if not FORCE_PUBLIC_API:
+        try:
+            return RawAccess(store, mem)
+        except Exception as e:  # noqa: BLE001 - any mismatch means "use the public path"
+            log.info("activator: raw wasmtime path unavailable (%s); using the public API", e)
+    return PublicAccess(store, mem)
+
+
+# Export name -> (param kinds, result kinds), as wasmtime ValType strings.
+EXPORTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "fab_abi_version": ((), ("i32",)),
+    "fab_alloc": (("i32",), ("i32",)),
+    "fab_init": (("i32", "i32"), ("i32",)),
+    "fab_process": (("i32", "i32"), ("i64",)),
+}
+
