@@ -18,6 +18,7 @@ from typing import Protocol
 
 from fabric.activator import abi as act_mod
 from fabric.config.specs import DEFAULT_GATEWAY_MAC, TUNNEL_MTU
+from fabric.flows import verdicts
 from fabric.net import checksum, gso, packets
 from fabric.net.packets import (
     ARP_REPLY,
@@ -50,10 +51,6 @@ from fabric.net.vnet import (
     VnetHdr,
 )
 from fabric.services import core as svc_mod
-from gateway.egress import DENIED as EGRESS_DENIED
-from gateway.egress import FULL as EGRESS_FULL
-from gateway.egress import OK as EGRESS_OK
-from gateway.egress import UNSUPPORTED as EGRESS_UNSUPPORTED
 
 HOLD_PACKETS = 64
 HOLD_TIMEOUT = 30.0
@@ -95,7 +92,6 @@ DROP_SERVICE_PORT = "service_port_closed"
 DROP_SERVICE_TABLE_FULL = "service_table_full"
 DROP_ACTIVATOR = "activator_drop"
 
-# Verdicts of EgressCore.outbound: gateway.egress.EgressNat's, kept in one place there.
 
 
 class EgressCore(Protocol):
@@ -105,7 +101,7 @@ class EgressCore(Protocol):
                  partial: bool) -> int: ...
 
     def inbound(self, pkt: bytearray, off: int, length: int, now: float,
-                partial: bool) -> ipaddress.IPv4Address | None: ...
+                partial: bool) -> int: ...
 
     def next_timer(self) -> float | None: ...
 
@@ -783,13 +779,13 @@ class Router:
             return None
         total = buf[ip + 2] << 8 | buf[ip + 3]
         verdict = nat.outbound(buf, ip, total, now, bool(h and buf[0] & F_NEEDS_CSUM))
-        if verdict != EGRESS_OK:
-            if verdict == EGRESS_DENIED:
+        if verdict != verdicts.OK:
+            if verdict == verdicts.DENIED:
                 self._icmp_error(port, buf, ip, ICMP_UNREACH, UNREACH_ADMIN, now,
                                  DROP_EGRESS_DENIED)
-            elif verdict == EGRESS_FULL:
+            elif verdict == verdicts.FULL:
                 port.drop(DROP_EGRESS_FULL)
-            elif verdict == EGRESS_UNSUPPORTED:
+            elif verdict == verdicts.UNSUPPORTED:
                 port.drop(DROP_EGRESS_UNSUPPORTED)
             else:
                 port.drop(DROP_MALFORMED)
@@ -825,11 +821,13 @@ class Router:
         nat = self.egress
         if not total or nat is None:
             return None
-        pod_ip = nat.inbound(buf, ip, total, now, bool(h and buf[L3_OFF] & F_NEEDS_CSUM))
-        if pod_ip is None:
-            port.drop(DROP_NO_FLOW)
+        v = nat.inbound(buf, ip, total, now, bool(h and buf[L3_OFF] & F_NEEDS_CSUM))
+        if v != verdicts.OK:
+            port.drop(DROP_EGRESS_UNSUPPORTED if v == verdicts.UNSUPPORTED else
+                      DROP_MALFORMED if v == verdicts.MALFORMED else DROP_NO_FLOW)
             return None
-        return self._l3_to_pod(port, buf, h, n, ip, total, pod_ip.packed, now, True)
+        return self._l3_to_pod(port, buf, h, n, ip, total, bytes(buf[ip + 16:ip + 20]), now,
+                               True)
 
     def _l3_header(self, port: Port, buf: bytearray, ip: int, n: int) -> int:
         """The IPv4 total length of a packet from an L3 port, or 0 if it must be dropped."""

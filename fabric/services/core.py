@@ -81,14 +81,17 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from fabric.config.specs import DEFAULT_IDLE_TIMEOUT, HoldSpec, PortSpec, ServiceSpec
+from fabric.flows import tcpstate
+from fabric.flows.headers import FRAGMENT, ICMP_ERROR, TRANSPORT, Headers
+from fabric.flows.headers import MALFORMED as MALFORMED_PACKET
+from fabric.flows.rewrite import quote, quoted_key
+from fabric.flows.table import Flow, FlowPolicy, FlowTable, error_to_origin, error_to_peer
 from fabric.net import checksum, packets
 from fabric.net.packets import (
     ICMP_ECHO_REPLY,
     ICMP_ECHO_REQUEST,
-    ICMP_TIME_EXCEEDED,
     ICMP_UNREACH,
     IP_MF,
-    IP_OFFMASK,
     PROTO_ICMP,
     PROTO_TCP,
     PROTO_UDP,
@@ -98,8 +101,6 @@ from fabric.net.packets import (
     TCP_SYN,
     UNREACH_PORT,
 )
-from fabric.services.conntrack import Conn, Conntrack
-from gateway.egress import EgressNat, _delta
 
 # Verdicts of outbound() and reply().
 FORWARD = 0  # rewritten in place: route by the new destination
@@ -143,13 +144,16 @@ COUNTERS = (
     "probes",
 )
 
-_ICMP_ERRORS = frozenset((ICMP_UNREACH, ICMP_TIME_EXCEEDED, 12))
 _PROTO_NAMES = {PROTO_TCP: "tcp", PROTO_UDP: "udp"}
 _PROTOS = {"tcp": PROTO_TCP, "udp": PROTO_UDP}
 _from_bytes = int.from_bytes
-_adjust16 = EgressNat._adjust16
-_adjust_udp = EgressNat._adjust_udp
-_quote = EgressNat._quote
+
+# The flow policy of services: closed connections leave within seconds (so idle
+# detection sees the end of the last one) and are the first to go when the table is
+# full; an unanswered UDP flow lasts 30 s, one that was answered 2 min.
+SERVICE_FLOWS = FlowPolicy(
+    max_flows=65536, tcp_syn=120.0, tcp_established=7440.0, tcp_closed=10.0,
+    udp_unreplied=30.0, udp_replied=120.0, evict_closed=True, max_fragments=1024)
 
 
 # --- actions --------------------------------------------------------------------------------
@@ -242,7 +246,7 @@ class Service:
         readiness: str = "probe",
         probe_interval: float = PROBE_INTERVAL,
         activate_debounce: float = ACTIVATE_DEBOUNCE,
-        conntrack: Conntrack | None = None,
+        flow_policy: FlowPolicy = SERVICE_FLOWS,
         now: float = 0.0,
     ) -> None:
         if readiness not in ("probe", "external"):
@@ -268,8 +272,8 @@ class Service:
         self.idle_timeout = idle_timeout
         self.probe_interval = probe_interval
         self.activate_debounce = activate_debounce
-        self.ct = conntrack if conntrack is not None else Conntrack()
-        self.ct.on_remove = self._flow_removed
+        self.table = FlowTable(flow_policy, on_remove=self._flow_removed)
+        self._h = Headers()
         self.backends: dict[str, Backend] = {}
         self._by_ip: dict[bytes, Backend] = {}
         self._ready: list[Backend] = []  # sorted by name: the hash picks from this
@@ -326,9 +330,9 @@ class Service:
             return
         del self._by_ip[b.ip]
         b.marked = b.probed = False
-        for conn in list(self.ct):
-            if conn.backend is b:
-                self.ct.remove(conn)
+        for flow in list(self.table):
+            if flow.tag is b:
+                self.table.remove(flow)
         self._update_ready(now)
 
     def probes_due(self, now: float) -> list[tuple[str, str, int]]:
@@ -380,8 +384,8 @@ class Service:
     def releasable(self) -> bool:
         return bool(self._hold) and bool(self._ready)
 
-    def _flow_removed(self, conn: Conn) -> None:
-        b = conn.backend
+    def _flow_removed(self, flow: Flow) -> None:
+        b = flow.tag
         if isinstance(b, Backend):
             b.flows -= 1
 
@@ -395,90 +399,83 @@ class Service:
 
     def _outbound(self, pkt: bytearray, off: int, length: int, now: float, partial: bool,
                   releasing: bool) -> int:
-        ip = off
+        h = self._h
+        kind = h.parse(pkt, off, length)
         counters = self.counters
-        if off < 0 or length < 20 or off + length > len(pkt):
+        if kind == MALFORMED_PACKET:
             counters["malformed"] += 1
             return MALFORMED
-        vihl = pkt[ip]
-        ihl = (vihl & 15) << 2
-        total = pkt[ip + 2] << 8 | pkt[ip + 3]
-        if vihl >> 4 != 4 or ihl < 20 or total < ihl or total > length:
-            counters["malformed"] += 1
-            return MALFORMED
-        if pkt[ip + 16:ip + 20] != self._vip:
+        if pkt[off + 16:off + 20] != self._vip:
             counters["not_service"] += 1
             return NOT_SERVICE
-        proto = pkt[ip + 9]
-        ff = pkt[ip + 6] << 8 | pkt[ip + 7]
-        l4 = ip + ihl
-        if proto == PROTO_TCP:
-            need, cf = 20, l4 + 16
-        elif proto == PROTO_UDP:
-            need, cf = 8, l4 + 6
-        elif (proto == PROTO_ICMP and not ff & (IP_OFFMASK | IP_MF) and total - ihl >= 8
-              and pkt[l4] in _ICMP_ERRORS):
-            return self._icmp_error(pkt, ip, l4, total, partial)
-        else:
+        proto = h.proto
+        if kind == ICMP_ERROR:
+            return self._icmp_error(pkt, h, partial)
+        if proto != PROTO_TCP and proto != PROTO_UDP:
             counters["not_service"] += 1
             return NOT_SERVICE
-        if ff & IP_OFFMASK:
-            return self._later_fragment(pkt, ip, off, length, proto, now, partial, releasing)
-        if total - ihl < need:
+        if kind == FRAGMENT:
+            return self._later_fragment(pkt, off, length, now, partial, releasing)
+        if kind != TRANSPORT:
             counters["malformed"] += 1
             return MALFORMED
-        key = (_from_bytes(pkt[ip + 12:ip + 20], "big"), _from_bytes(pkt[l4:l4 + 4], "big"))
-        ct = self.ct
-        conn = ct.get(proto, key)
-        if conn is not None and proto == PROTO_TCP and ct.fresh_syn(conn, pkt[l4 + 13]):
-            ct.remove(conn)  # a new connection on the tuple of a closed one
-            conn = None
-        if conn is None:
-            rconn = ct.get_reply(proto, key)
-            if rconn is not None:  # a hairpin reply: from a backend to VIP:snat-port
-                return self._reply_conn(rconn, pkt, ip, l4, cf, proto, ff, now, partial)
+        l4 = h.l4
+        key = h.key(pkt)
+        table = self.table
+        flow = table.fwd[proto].get(key)
+        if (flow is not None and proto == PROTO_TCP
+                and tcpstate.reopens(flow.state, pkt[l4 + 13])):
+            table.remove(flow)  # a new connection on the tuple of a closed one
+            flow = None
+        if flow is None:
+            rflow = table.rev[proto].get(key)
+            if rflow is not None:  # a hairpin reply: from a backend to VIP:snat-port
+                return self._translate_reply(rflow, pkt, h, now, partial)
             target = self._ports.get(proto << 16 | (pkt[l4 + 2] << 8 | pkt[l4 + 3]))
             if target is None:
                 counters["not_service"] += 1
                 return NOT_SERVICE
             if not releasing and (self._hold or not self._ready):
                 return self._hold_packet(pkt, off, length, now, partial, proto, l4)
-            conn = self._new_flow(pkt, ip, l4, proto, key, target, now)
-            if conn is None:
+            flow = self._new_flow(pkt, h, target, now)
+            if flow is None:
                 counters["table_full"] += 1
                 return TABLE_FULL
-        conn.last = now
         self._last_traffic = now
-        _rewrite(pkt, ip, l4, cf, proto, partial, conn.fwd_addrs, conn.fwd_ports,
-                 conn.fwd_dip, conn.fwd_dl4)
-        if proto == PROTO_TCP:
-            f = pkt[l4 + 13]
-            if f & (TCP_SYN | TCP_FIN | TCP_RST) or not conn.state & 4:
-                ct.tcp_orig(conn, f)
-        if ff & IP_MF:
-            ct.remember_fragment(ct.frag_fwd, (proto, key[0], pkt[ip + 4] << 8 | pkt[ip + 5]),
-                                 conn, now)
+        table.forward(flow, pkt, off, l4, h.cf, h.ff, now, partial)
+        if h.ff & IP_MF:
             counters["fragments_translated"] += 1
         counters["dnat_packets"] += 1
         return FORWARD
 
-    def _new_flow(self, pkt: bytearray, ip: int, l4: int, proto: int, key: tuple[int, int],
-                  target: int, now: float) -> Conn | None:
+    def _translate_reply(self, flow: Flow, pkt: bytearray, h: Headers, now: float,
+                         partial: bool) -> int:
+        self._last_traffic = now
+        self.table.reverse(flow, pkt, h.ip, h.l4, h.cf, h.ff, now, partial)
+        self.counters["reverse_nat"] += 1
+        if h.ff & IP_MF:
+            self.counters["fragments_translated"] += 1
+        return FORWARD
+
+    def _new_flow(self, pkt: bytearray, h: Headers, target: int, now: float) -> Flow | None:
         ready = self._ready
-        b = ready[_mix(proto, key) % len(ready)] if len(ready) > 1 else ready[0]
-        src = bytes(pkt[ip + 12:ip + 16])
+        proto = h.proto
+        ip = h.ip
+        l4 = h.l4
         orig_addrs = bytes(pkt[ip + 12:ip + 20])
         orig_ports = bytes(pkt[l4:l4 + 4])
+        key = (_from_bytes(orig_addrs, "big"), _from_bytes(orig_ports, "big"))
+        b = ready[_mix(proto, key) % len(ready)] if len(ready) > 1 else ready[0]
+        src = orig_addrs[:4]
         sport = orig_ports[0] << 8 | orig_ports[1]
         hairpin = src == b.ip
         new_src = self._vip if hairpin else src
-        tp = target.to_bytes(2, "big")
         sport = self._free_port(proto, new_src, b.ip, target, sport, hairpin)
         if sport < 0:
             return None
-        conn = Conn(proto, orig_addrs, orig_ports, new_src + b.ip, sport.to_bytes(2, "big") + tp,
-                    b, hairpin)
-        if not self.ct.add(conn, now):
+        flow = Flow(proto, orig_addrs, orig_ports, new_src + b.ip,
+                    sport.to_bytes(2, "big") + target.to_bytes(2, "big"), tag=b)
+        if not self.table.add(flow, now):
             return None
         b.flows += 1
         self.counters["dnat_flows"] += 1
@@ -486,7 +483,7 @@ class Service:
             self.counters["hairpin"] += 1
         if not self._need:
             self._raise_need("traffic", _flow_id(proto, orig_addrs, orig_ports), now)
-        return conn
+        return flow
 
     def _free_port(self, proto: int, src: bytes, dst: bytes, dport: int, sport: int,
                    hairpin: bool) -> int:
@@ -494,39 +491,31 @@ class Service:
         the reply tuple is taken (two service ports with the same target, or a hairpin
         clash) or, for hairpin, it is one of the service's ports; -1 if none is free."""
         base = _from_bytes(dst + src, "big")
-        ct = self.ct
+        table = self.table
         p = sport
         for i in range(64):
             if i:
                 p = 1024 + (sport * 2654435761 + i * 40503) % (65536 - 1024)
             if hairpin and (proto << 16 | p) in self._ports:
                 continue
-            if not ct.reply_taken(proto, (base, dport << 16 | p)):
+            if not table.reply_taken(proto, (base, dport << 16 | p)):
                 return p
         return -1
 
-    def _later_fragment(self, pkt: bytearray, ip: int, off: int, length: int, proto: int,
-                        now: float, partial: bool, releasing: bool) -> int:
+    def _later_fragment(self, pkt: bytearray, off: int, length: int, now: float,
+                        partial: bool, releasing: bool) -> int:
         """A fragment without the L4 header: only the addresses change."""
-        ct = self.ct
-        fkey = (proto, _from_bytes(pkt[ip + 12:ip + 20], "big"), pkt[ip + 4] << 8 | pkt[ip + 5])
-        conn = ct.fragment_conn(ct.frag_fwd, fkey, now)
-        if conn is not None:
-            new, d = conn.fwd_addrs, conn.fwd_dip
+        table = self.table
+        if table.readdress_fragment(table.frag_orig, pkt, off, now) is not None:
             self.counters["dnat_packets"] += 1
+        elif table.readdress_fragment(table.frag_reply, pkt, off, now) is not None:
+            self.counters["reverse_nat"] += 1  # of a hairpin reply
+        elif self._hold and not releasing:  # maybe its first fragment is held
+            return self._hold_packet(pkt, off, length, now, partial, pkt[off + 9], -1)
         else:
-            conn = ct.fragment_conn(ct.frag_rev, fkey, now)  # of a hairpin reply
-            if conn is None:
-                if self._hold and not releasing:  # maybe its first fragment is held
-                    return self._hold_packet(pkt, off, length, now, partial, proto, -1)
-                self.counters["no_flow"] += 1
-                return NO_FLOW
-            new, d = conn.rev_addrs, conn.rev_dip
-            self.counters["reverse_nat"] += 1
-        conn.last = now
+            self.counters["no_flow"] += 1
+            return NO_FLOW
         self._last_traffic = now
-        pkt[ip + 12:ip + 20] = new
-        _adjust16(pkt, ip + 10, d)
         self.counters["fragments_translated"] += 1
         return FORWARD
 
@@ -535,122 +524,58 @@ class Service:
     def reply(self, pkt: bytearray, off: int, length: int, now: float, partial: bool) -> int:
         """Translate pkt[off:off+length], an IPv4 packet from a backend, back to VIP:port in
         place: FORWARD, or NOT_OURS (untouched) when it is no service flow's reply."""
-        ip = off
-        counters = self.counters
-        if off < 0 or length < 20 or off + length > len(pkt):
-            counters["malformed"] += 1
+        h = self._h
+        kind = h.parse(pkt, off, length)
+        if kind == MALFORMED_PACKET:
+            self.counters["malformed"] += 1
             return MALFORMED
-        vihl = pkt[ip]
-        ihl = (vihl & 15) << 2
-        total = pkt[ip + 2] << 8 | pkt[ip + 3]
-        if vihl >> 4 != 4 or ihl < 20 or total < ihl or total > length:
-            counters["malformed"] += 1
-            return MALFORMED
-        proto = pkt[ip + 9]
-        ff = pkt[ip + 6] << 8 | pkt[ip + 7]
-        l4 = ip + ihl
-        if proto == PROTO_TCP:
-            need, cf = 20, l4 + 16
-        elif proto == PROTO_UDP:
-            need, cf = 8, l4 + 6
-        elif (proto == PROTO_ICMP and not ff & (IP_OFFMASK | IP_MF) and total - ihl >= 8
-              and pkt[l4] in _ICMP_ERRORS):
-            v = self._icmp_error(pkt, ip, l4, total, partial, True)
+        if kind == ICMP_ERROR:
+            v = self._icmp_error(pkt, h, partial, True)
             return v if v == FORWARD else NOT_OURS
-        else:
+        if h.proto != PROTO_TCP and h.proto != PROTO_UDP:
             return NOT_OURS
-        ct = self.ct
-        if ff & IP_OFFMASK:
-            fkey = (proto, _from_bytes(pkt[ip + 12:ip + 20], "big"),
-                    pkt[ip + 4] << 8 | pkt[ip + 5])
-            conn = ct.fragment_conn(ct.frag_rev, fkey, now)
-            if conn is None:
+        table = self.table
+        if kind == FRAGMENT:
+            if table.readdress_fragment(table.frag_reply, pkt, off, now) is None:
                 return NOT_OURS
-            conn.last = now
             self._last_traffic = now
-            pkt[ip + 12:ip + 20] = conn.rev_addrs
-            _adjust16(pkt, ip + 10, conn.rev_dip)
-            counters["reverse_nat"] += 1
-            counters["fragments_translated"] += 1
-            return FORWARD
-        if total - ihl < need:
-            return NOT_OURS
-        rkey = (_from_bytes(pkt[ip + 12:ip + 20], "big"), _from_bytes(pkt[l4:l4 + 4], "big"))
-        conn = ct.get_reply(proto, rkey)
-        if conn is None:
-            return NOT_OURS
-        return self._reply_conn(conn, pkt, ip, l4, cf, proto, ff, now, partial)
-
-    def _reply_conn(self, conn: Conn, pkt: bytearray, ip: int, l4: int, cf: int, proto: int,
-                    ff: int, now: float, partial: bool) -> int:
-        conn.last = now
-        self._last_traffic = now
-        if ff & IP_MF:
-            ct = self.ct
-            ct.remember_fragment(ct.frag_rev, (proto, _from_bytes(pkt[ip + 12:ip + 20], "big"),
-                                               pkt[ip + 4] << 8 | pkt[ip + 5]), conn, now)
+            self.counters["reverse_nat"] += 1
             self.counters["fragments_translated"] += 1
-        _rewrite(pkt, ip, l4, cf, proto, partial, conn.rev_addrs, conn.rev_ports,
-                 conn.rev_dip, conn.rev_dl4)
-        if proto == PROTO_TCP:
-            f = pkt[l4 + 13]
-            if f & (TCP_SYN | TCP_FIN | TCP_RST) or not conn.state & 4:
-                self.ct.tcp_reply(conn, f)
-        else:
-            self.ct.udp_reply(conn)
-        self.counters["reverse_nat"] += 1
-        return FORWARD
+            return FORWARD
+        if kind != TRANSPORT:
+            return NOT_OURS
+        flow = table.rev[h.proto].get(h.key(pkt))
+        if flow is None:
+            return NOT_OURS
+        return self._translate_reply(flow, pkt, h, now, partial)
 
     # --- ICMP errors ------------------------------------------------------------------------------
 
-    def _icmp_error(self, pkt: bytearray, ip: int, l4: int, total: int, partial: bool,
-                    quiet: bool = False) -> int:
+    def _icmp_error(self, pkt: bytearray, h: Headers, partial: bool, quiet: bool = False) -> int:
         """An ICMP error quoting a packet of a flow, in either direction: a client's error
         about a reply it got (quote VIP:port -> client) goes to the backend, a backend's
         error about a packet it got (quote client -> backend) goes to the client."""
-        inner, il4 = _quote(pkt, ip, l4, total)
-        if inner <= 0 or pkt[inner + 9] not in (PROTO_TCP, PROTO_UDP):
+        ip, l4, total = h.ip, h.l4, h.total
+        inner, il4 = quote(pkt, ip, l4, total)
+        qk = quoted_key(pkt, inner, il4) if inner > 0 else None
+        if qk is None or qk[0] == PROTO_ICMP:
             if not quiet:
                 self.counters["malformed" if inner < 0 else "no_flow"] += 1
             return MALFORMED if inner < 0 else NO_FLOW
-        iproto = pkt[inner + 9]
-        # The quoted packet went the other way: swap it into the key form of this way.
-        swapped = (_from_bytes(pkt[inner + 16:inner + 20] + pkt[inner + 12:inner + 16], "big"),
-                   _from_bytes(pkt[il4 + 2:il4 + 4] + pkt[il4:il4 + 2], "big"))
-        conn = self.ct.get(iproto, swapped)
-        if conn is not None and pkt[ip + 16:ip + 20] == self._vip:
-            outer = conn.fwd_addrs
-            q_addrs = conn.fwd_addrs[4:] + conn.fwd_addrs[:4]
-            q_ports = conn.fwd_ports[2:] + conn.fwd_ports[:2]
+        iproto, swapped = qk
+        flow = self.table.get(iproto, swapped)
+        if flow is not None and pkt[ip + 16:ip + 20] == self._vip:
+            error_to_peer(flow, pkt, ip, l4, total, partial, inner, il4)
         else:
-            conn = self.ct.get_reply(iproto, swapped)
-            if conn is None:
+            flow = self.table.get_reply(iproto, swapped)
+            if flow is None:
                 if not quiet:
                     self.counters["no_flow"] += 1
                 return NO_FLOW
-            outer = conn.rev_addrs
-            q_addrs = conn.orig_addrs
-            q_ports = conn.orig_ports
-        end = ip + total
-        old = bytes(pkt[inner + 12:inner + 20]) + bytes(pkt[il4:il4 + 4])
-        d = _delta(old, q_addrs + q_ports)
-        pkt[inner + 12:inner + 20] = q_addrs
-        _adjust16(pkt, inner + 10, _delta(old[:8], q_addrs))
-        pkt[il4:il4 + 4] = q_ports
-        if iproto == PROTO_UDP:
-            _adjust_udp(pkt, il4 + 6, d)
-        elif il4 + 18 <= end:
-            _adjust16(pkt, il4 + 16, d)
-        if not partial:
-            pkt[l4 + 2:l4 + 4] = b"\0\0"
-            c = checksum.checksum(pkt[l4:end])
-            pkt[l4 + 2] = c >> 8
-            pkt[l4 + 3] = c & 0xFF
-        old_outer = bytes(pkt[ip + 12:ip + 20])
-        pkt[ip + 12:ip + 20] = outer
-        _adjust16(pkt, ip + 10, _delta(old_outer, outer))
+            error_to_origin(flow, pkt, ip, l4, total, partial, inner, il4)
         self.counters["icmp_errors_translated"] += 1
         return FORWARD
+
 
     # --- holding ----------------------------------------------------------------------------------
 
@@ -759,7 +684,7 @@ class Service:
         p.append(sig)
 
     def _idle_due(self) -> float | None:
-        if not self._need or self._hold or self.ct.open:
+        if not self._need or self._hold or self.table.open:
             return None
         return self._last_traffic + self.idle_timeout
 
@@ -784,7 +709,7 @@ class Service:
 
     def next_timer(self) -> float | None:
         ts: list[float] = []
-        t = self.ct.next_timer()
+        t = self.table.next_timer()
         if t is not None:
             ts.append(t)
         if self._pending:
@@ -809,7 +734,7 @@ class Service:
         deliver deferred activations and idleness. Probes are the shell's: call
         `probes_due(now)` too."""
         out: list[Action] = []
-        self.counters["flows_expired"] += self.ct.expire(now)
+        self.counters["flows_expired"] += self.table.expire(now)
         if self._ready and self._hold:
             out.extend(self.release(now))
         hold = self._hold
@@ -848,8 +773,8 @@ class Service:
             "need": self._need,
             "held_packets": len(self._hold),
             "held_bytes": self.held_bytes,
-            "flows": len(self.ct),
-            "open_flows": self.ct.open,
+            "flows": len(self.table),
+            "open_flows": self.table.open,
             "backends": [
                 {"name": b.name, "ip": str(b.addr), "ready": self.is_ready(b),
                  "marked_ready": b.marked, "probed": b.probed, "flows": b.flows}
@@ -860,32 +785,6 @@ class Service:
 
 
 # --- helpers --------------------------------------------------------------------------------------
-
-
-def _rewrite(pkt: bytearray, ip: int, l4: int, cf: int, proto: int, partial: bool,
-             addrs: bytes, ports: bytes, dip: int, dl4: int) -> None:
-    """Put a flow's translated addresses and ports in place and update the checksums with
-    its precomputed deltas (a partial L4 sum only takes the address delta; a UDP checksum
-    of 0 means "none" and stays 0)."""
-    pkt[ip + 12:ip + 20] = addrs
-    c = ((pkt[ip + 10] << 8 | pkt[ip + 11]) ^ 0xFFFF) + dip
-    c = ((c & 0xFFFF) + (c >> 16)) ^ 0xFFFF
-    pkt[ip + 10] = c >> 8
-    pkt[ip + 11] = c & 0xFF
-    pkt[l4:l4 + 4] = ports
-    c = pkt[cf] << 8 | pkt[cf + 1]
-    if partial:
-        c += dip
-        c = (c & 0xFFFF) + (c >> 16)
-        pkt[cf] = c >> 8
-        pkt[cf + 1] = c & 0xFF
-    elif c or proto != PROTO_UDP:
-        c = (c ^ 0xFFFF) + dl4
-        c = ((c & 0xFFFF) + (c >> 16)) ^ 0xFFFF
-        if c == 0 and proto == PROTO_UDP:
-            c = 0xFFFF
-        pkt[cf] = c >> 8
-        pkt[cf + 1] = c & 0xFF
 
 
 def _mix(proto: int, key: tuple[int, int]) -> int:

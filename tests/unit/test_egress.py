@@ -8,9 +8,11 @@ as the kernel or software GSO would, and then checked the same way.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 import time
 from ipaddress import IPv4Address, IPv4Network
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -18,7 +20,8 @@ from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP, defragment
 from scapy.utils import checksum as scapy_checksum
 
-from fabric.net import checksum, gso, packets
+from fabric.flows.rewrite import delta
+from fabric.net import checksum, packets
 from fabric.net.packets import (
     ICMP_TIME_EXCEEDED,
     ICMP_UNREACH,
@@ -34,8 +37,18 @@ from fabric.net.packets import (
     UNREACH_FRAG_NEEDED,
     UNREACH_PORT,
 )
-from gateway import egress
-from gateway.egress import DENIED, FULL, MALFORMED, OK, UNSUPPORTED, EgressNat
+from gateway.egress import (
+    DENIED,
+    EGRESS_FLOWS,
+    FULL,
+    MALFORMED,
+    NO_FLOW,
+    OK,
+    UNSUPPORTED,
+    EgressNat,
+    PortPool,
+)
+from tests.support.packets import complete, finished, make_partial, valid
 
 POD_A = bytes([10, 0, 0, 2])
 POD_B = bytes([10, 0, 0, 3])
@@ -50,8 +63,11 @@ PREFIX = bytes(range(24))  # virtio-net header + Ethernet header in front of the
 SUFFIX = b"\xee\xee\xee"  # bytes past the packet's length (must never be touched)
 
 
-def nat(eip: bytes = EIP, allow: tuple[IPv4Network, ...] = ALL, **kw: object) -> EgressNat:
-    return EgressNat(IPv4Address(eip), allow, **kw)  # type: ignore[arg-type]
+def nat(eip: bytes = EIP, allow: tuple[IPv4Network, ...] = ALL,
+        port_range: tuple[int, int] = (20000, 59999), **policy: Any) -> EgressNat:
+    """A NAT with the egress flow policy, `policy` overriding some of it."""
+    return EgressNat(IPv4Address(eip), allow, port_range=port_range,
+                     policy=dataclasses.replace(EGRESS_FLOWS, **policy))
 
 
 def out(n: EgressNat, pkt: bytes, now: float = 0.0, partial: bool = False) -> tuple[int, bytes]:
@@ -68,80 +84,13 @@ def out(n: EgressNat, pkt: bytes, now: float = 0.0, partial: bool = False) -> tu
 def inn(n: EgressNat, pkt: bytes, now: float = 0.0,
         partial: bool = False) -> tuple[IPv4Address | None, bytes]:
     buf = bytearray(PREFIX + pkt + SUFFIX)
-    pod = n.inbound(buf, len(PREFIX), len(pkt), now, partial)
+    verdict = n.inbound(buf, len(PREFIX), len(pkt), now, partial)
+    pod = IPv4Address(bytes(buf[len(PREFIX) + 16:len(PREFIX) + 20])) if verdict == OK else None
     assert len(buf) == len(PREFIX) + len(pkt) + len(SUFFIX)
     assert buf[:len(PREFIX)] == PREFIX and buf[len(buf) - len(SUFFIX):] == SUFFIX
     if pod is None:
         assert buf[len(PREFIX):len(PREFIX) + len(pkt)] == pkt, "refused packet was changed"
     return pod, bytes(buf[len(PREFIX):len(PREFIX) + len(pkt)])
-
-
-def valid(pkt: bytes) -> IP:
-    """Parse with scapy and assert that every checksum is the one scapy computes."""
-    p = IP(pkt)
-    again = p.copy()
-    del again[IP].chksum
-    if p.flags.MF or p.frag:  # the L4 checksum covers the reassembled datagram
-        assert bytes(again) == pkt, "bad IP header checksum"
-        return p
-    if TCP in again:
-        del again[TCP].chksum
-    if UDP in again and again[UDP].chksum != 0:  # 0: sent without a checksum
-        del again[UDP].chksum
-    if ICMP in again:
-        del again[ICMP].chksum
-    assert bytes(again) == pkt, "scapy computes different checksums"
-    return p
-
-
-def l4_field(pkt: bytes) -> int:
-    """Offset of the TCP/UDP/ICMP checksum field in an IPv4 packet."""
-    ihl = (pkt[0] & 15) * 4
-    return ihl + {PROTO_TCP: 16, PROTO_UDP: 6, PROTO_ICMP: 2}[pkt[9]]
-
-
-def make_partial(pkt: bytes) -> bytes:
-    """The packet as Linux hands it over with NEEDS_CSUM: the TCP/UDP checksum field holds
-    the pseudo-header sum (uncomplemented), an ICMP one 0 (no pseudo-header)."""
-    b = bytearray(pkt)
-    ihl = (b[0] & 15) * 4
-    f = l4_field(pkt)
-    if b[9] == PROTO_ICMP:
-        psum = 0
-    else:
-        psum = checksum.pseudo_header_sum(bytes(b[12:16]), bytes(b[16:20]), b[9], len(b) - ihl)
-    b[f:f + 2] = psum.to_bytes(2, "big")
-    return bytes(b)
-
-
-def complete(pkt: bytes) -> bytes:
-    """Finish a partial checksum with fabric.net.gso on an Ethernet-framed copy."""
-    frame = bytearray(packets.eth_header(b"\2" * 6, b"\4" * 6, packets.ETH_P_IP) + pkt)
-    ihl = (pkt[0] & 15) * 4
-    gso.complete_checksum(frame, 14 + ihl, l4_field(pkt) - ihl)
-    return bytes(frame[14:])
-
-
-def by_hand(pkt: bytes) -> bytes:
-    """Finish a partial checksum by hand: the complement of the sum over the segment."""
-    b = bytearray(pkt)
-    ihl = (b[0] & 15) * 4
-    f = l4_field(pkt)
-    c = ~checksum.ones_sum(b[ihl:]) & 0xFFFF
-    if b[9] == PROTO_UDP and c == 0:
-        c = 0xFFFF
-    b[f:f + 2] = c.to_bytes(2, "big")
-    return bytes(b)
-
-
-def finished(pkt: bytes, partial: bool) -> bytes:
-    """The packet with full checksums, checked by scapy; both ways of completing agree."""
-    if partial:
-        done = complete(pkt)
-        assert by_hand(pkt) == done
-        pkt = done
-    valid(pkt)
-    return pkt
 
 
 def ports(pkt: bytes) -> tuple[int, int]:
@@ -172,7 +121,7 @@ def udp_no_checksum(src: bytes, dst: bytes, sport: int, dport: int, payload: byt
 def test_precomputed_delta_equals_rfc1624_adjust(check: int, old: bytes, new: bytes) -> None:
     """The per-flow delta applied on the fast path gives what checksum.adjust and
     checksum.adjust_partial give."""
-    d = egress._delta(old, new)
+    d = delta(old, new)
     assert ~checksum.add(~check & 0xFFFF, d) & 0xFFFF == checksum.adjust(check, old, new)
     assert checksum.add(check, d) == checksum.adjust_partial(check, old, new)
 
@@ -629,7 +578,7 @@ def test_port_exhaustion_with_a_tiny_range() -> None:
 
 
 def test_port_pool_is_bounded_and_prefers_the_pods_port() -> None:
-    pool = egress._PortPool(100, 109)
+    pool = PortPool(100, 109)
     for _ in range(1000):  # a pod that always uses the same port, flow after flow
         assert pool.take(105) == 105
         pool.release(105)
@@ -644,7 +593,7 @@ def test_port_pool_is_bounded_and_prefers_the_pods_port() -> None:
         pool.release(b)
     assert len(pool.free) <= 10 and len(pool.queued) <= 10 and len(pool) == 0
     # Freed ports come back least recently used first.
-    pool2 = egress._PortPool(1, 3)
+    pool2 = PortPool(1, 3)
     a, b, _ = pool2.take(0), pool2.take(0), pool2.take(0)
     pool2.release(b)
     pool2.release(a)
@@ -830,7 +779,7 @@ def test_fragment_table_is_bounded() -> None:
         dgram = udp(POD_A, REMOTE, 1000 + i, 53, bytes(100), ident=i, flags_frag=0)
         first, _ = packets.fragment(dgram, 96)[:2]
         assert out(n, first)[0] == OK
-    assert len(n._frag_out) == 4
+    assert len(n.table.frag_orig) == 4
     later = packets.fragment(udp(POD_A, REMOTE, 1009, 53, bytes(100), ident=9, flags_frag=0),
                              96)[1]
     assert out(n, later)[0] == OK  # the newest are kept
@@ -839,7 +788,7 @@ def test_fragment_table_is_bounded() -> None:
     assert out(n, early)[0] == UNSUPPORTED
     assert n.next_timer() is not None
     n.expire(31.0)
-    assert not n._frag_out
+    assert not n.table.frag_orig
 
 
 # --- refusals and robustness ------------------------------------------------------------
@@ -872,9 +821,9 @@ def test_inbound_refusals() -> None:
     reply = bytearray(udp(REMOTE, EIP, 2, ports(t)[0]))
     bad = bytearray(reply)
     bad[8] ^= 1  # TTL changed, header checksum not: corrupted on the way
-    assert n.inbound(bad, 0, len(bad), 0.0, False) is None
-    assert n.inbound(reply, 0, len(reply) + 1, 0.0, False) is None
-    assert n.inbound(reply, 0, 19, 0.0, False) is None
+    assert n.inbound(bad, 0, len(bad), 0.0, False) == MALFORMED
+    assert n.inbound(reply, 0, len(reply) + 1, 0.0, False) == MALFORMED
+    assert n.inbound(reply, 0, 19, 0.0, False) == MALFORMED
     assert n.counters["malformed"] == 3
     assert inn(n, packets.ipv4_header(REMOTE, EIP, PROTO_ICMP, 4) + bytes(4))[0] is None
     assert n.counters["malformed"] == 4
@@ -894,7 +843,7 @@ def test_constructor_checks() -> None:
 
 # --- fuzz -------------------------------------------------------------------------------
 
-VERDICTS = {OK, DENIED, FULL, UNSUPPORTED, MALFORMED}
+VERDICTS = {OK, DENIED, FULL, UNSUPPORTED, MALFORMED, NO_FLOW}
 
 
 def _seeded() -> tuple[EgressNat, list[bytes], list[bytes]]:
@@ -946,8 +895,7 @@ def _run_both(n: EgressNat, data: bytes, off: int, partial: bool, now: float) ->
         if direction == "out":
             assert n.outbound(buf, off, length, now, partial) in VERDICTS
         else:
-            r = n.inbound(buf, off, length, now, partial)
-            assert r is None or isinstance(r, IPv4Address)
+            assert n.inbound(buf, off, length, now, partial) in VERDICTS
         assert len(buf) == off + len(data) + 1 and buf[-1] == 0x99 and buf[:off] == bytes(off)
     n.expire(now)
     n.next_timer()
@@ -999,11 +947,11 @@ def test_fuzz_flow_churn_keeps_tables_consistent(steps: list[tuple[int, int, flo
         else:
             out(n, packets.tcp_packet(pod, REMOTE, sport, 80, 0, 0, TCP_SYN), now)
         n.expire(now)
-        fwd = {p: t for p, t in n._fwd.items() if t}
-        assert sum(map(len, n._fwd.values())) == sum(map(len, n._rev.values())) == n.flows <= 5
-        for proto, table in n._fwd.items():
-            exts = [f.ext for f in table.values()]
+        fwd, rev = n.table.fwd, n.table.rev
+        assert sum(map(len, fwd.values())) == sum(map(len, rev.values())) == n.flows <= 5
+        for proto, table in fwd.items():
+            exts = [f.tag for f in table.values()]
             assert len(exts) == len(set(exts)) == n.ports_in_use(proto)
-        for f in (f for t in fwd.values() for f in t.values()):
-            assert n._rev[f.proto][f.rkey] is f and not f.dead
-            assert f.bucket in n._buckets and f in n._buckets[f.bucket]
+        for f in n.table:
+            assert rev[f.proto][f.rkey] is f and not f.dead
+            assert n.table.wheel.holds(f)

@@ -9,72 +9,23 @@ import struct
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scapy.layers.inet import ICMP, IP, TCP, UDP, defragment
+from scapy.layers.inet import IP, TCP, UDP, defragment
 from scapy.layers.l2 import Ether
 
 from fabric.net import checksum, gso, packets, vnet
 from fabric.net.packets import Malformed
 from fabric.net.vnet import F_NEEDS_CSUM, GSO_ECN, GSO_NONE, GSO_TCPV4, GSO_UDP, GSO_UDP_L4, VnetHdr
-
-SRC = bytes([10, 0, 0, 2])
-DST = bytes([10, 0, 0, 3])
-MAC_SRC = bytes.fromhex("0200000000aa")
-MAC_DST = bytes.fromhex("0200000000bb")
-TS_OPT = b"\x01\x01\x08\x0a" + struct.pack("!II", 1000, 2000)
-
-
-def partial_l4(frame: bytearray, l4: int, field: int, proto: int) -> None:
-    """Put the pseudo-header sum (not complemented) in the L4 checksum field, like Linux
-    does for CHECKSUM_PARTIAL (tcp_v4_send_check / udp4_hwcsum)."""
-    ip = 14
-    length = len(frame) - l4
-    psum = checksum.pseudo_header_sum(bytes(frame[ip + 12:ip + 16]),
-                                      bytes(frame[ip + 16:ip + 20]), proto, length)
-    frame[field:field + 2] = psum.to_bytes(2, "big")
-
-
-def tcp_super_frame(payload: bytes, mss: int, *, flags: int = packets.TCP_ACK | packets.TCP_PSH,
-                    seq: int = 1000, ident: int = 0x4000, options: bytes = TS_OPT,
-                    ecn: bool = False, src: bytes = SRC, dst: bytes = DST,
-                    mac_dst: bytes = MAC_DST, mac_src: bytes = MAC_SRC,
-                    ttl: int = 64) -> tuple[VnetHdr, bytes]:
-    """A TCPv4 GSO super-frame (Ethernet onwards) and its virtio-net header."""
-    thl = 20 + len(options)
-    tcp = bytearray(struct.pack("!HHIIBBHHH", 40000, 5201, seq, 77, (thl // 4) << 4, flags,
-                                502, 0, 0) + options + payload)
-    ip = packets.ipv4_header(src, dst, packets.PROTO_TCP, len(tcp), ident=ident,
-                             flags_frag=packets.IP_DF, ttl=ttl)
-    frame = bytearray(packets.eth_header(mac_dst, mac_src, packets.ETH_P_IP) + ip + tcp)
-    l4 = 14 + len(ip)
-    partial_l4(frame, l4, l4 + 16, packets.PROTO_TCP)
-    gso_type = GSO_TCPV4 | (GSO_ECN if ecn else 0)
-    hdr = VnetHdr(F_NEEDS_CSUM, gso_type if len(payload) > mss else GSO_NONE, l4 + thl, mss,
-                  l4, 16)
-    return hdr, bytes(frame)
-
-
-def udp_super_frame(payload: bytes, size: int, *, gso_type: int = GSO_UDP_L4,
-                    ident: int = 0x1234, df: bool = True, src: bytes = SRC,
-                    dst: bytes = DST) -> tuple[VnetHdr, bytes]:
-    udp = bytearray(struct.pack("!HHHH", 5353, 53, 8 + len(payload), 0) + payload)
-    ip = packets.ipv4_header(src, dst, packets.PROTO_UDP, len(udp), ident=ident,
-                             flags_frag=packets.IP_DF if df else 0)
-    frame = bytearray(packets.eth_header(MAC_DST, MAC_SRC, packets.ETH_P_IP) + ip + udp)
-    l4 = 14 + len(ip)
-    partial_l4(frame, l4, l4 + 6, packets.PROTO_UDP)
-    return VnetHdr(F_NEEDS_CSUM, gso_type, l4 + 8, size, l4, 6), bytes(frame)
-
-
-def scapy_valid(frame: bytes) -> Ether:
-    """Parse with scapy and assert every checksum is what scapy computes itself."""
-    pkt = Ether(frame)
-    again = pkt.copy()
-    for layer in (IP, TCP, UDP, ICMP):
-        if layer in again:
-            del again[layer].chksum
-    assert bytes(again) == frame, "scapy computes different checksums"
-    return pkt
-
+from tests.support.packets import (
+    DST,
+    MAC_DST,
+    MAC_SRC,
+    SRC,
+    TS_OPT,
+    partial_l4,
+    scapy_valid,
+    tcp_super_frame,
+    udp_super_frame,
+)
 
 # --- TCP --------------------------------------------------------------------------------
 

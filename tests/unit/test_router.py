@@ -37,7 +37,7 @@ from fabric.net.packets import (
 )
 from fabric.net.vnet import F_NEEDS_CSUM, GSO_NONE, GSO_UDP_L4, ZERO_HDR, VnetHdr
 from fabric.router.router import HOLD_PACKETS, HOLD_TIMEOUT, Port, Router
-from tests.unit.test_gso import tcp_super_frame, udp_super_frame
+from tests.support.packets import tcp_super_frame, udp_super_frame
 
 CIDR = "10.0.0.0/24"
 GW_MAC = packets.mac_bytes(GATEWAY_MAC)

@@ -20,7 +20,7 @@ from fabric.net import checksum, packets
 from fabric.net.packets import ARP_REPLY, ARP_REQUEST, BROADCAST_MAC, ETH_P_ARP, ETH_P_IP
 from fabric.net.vnet import F_NEEDS_CSUM, GSO_NONE, GSO_UDP, VnetHdr
 from fabric.router.router import Port, Router
-from tests.unit.test_gso import tcp_super_frame, udp_super_frame
+from tests.support.packets import tcp_super_frame, udp_super_frame
 
 GW_MAC = packets.mac_bytes("02:fb:00:00:00:01")
 GW = bytes([10, 0, 0, 1])

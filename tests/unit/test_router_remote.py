@@ -8,7 +8,7 @@ from scapy.layers.l2 import Ether
 
 from fabric.net import packets
 from fabric.router.router import Port, Router
-from tests.unit.test_gso import tcp_super_frame
+from tests.support.packets import tcp_super_frame
 
 GW = packets.mac_bytes("02:fb:00:00:00:01")
 A_MAC = "02:00:0a:00:00:02"

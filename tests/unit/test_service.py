@@ -1,4 +1,4 @@
-"""fabric.services.core and fabric.services.conntrack: the service core (DNAT to backends,
+"""fabric.services.core on the shared flow table: the service core (DNAT to backends,
 reverse NAT, hairpin, holding while no backend is ready, release order, demand signals).
 
 Packets are built with fabric.net.packets and handed over inside a bigger buffer (framing in
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+from dataclasses import replace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -18,11 +19,10 @@ from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 
 from fabric.config.specs import HoldSpec, PortSpec, ServiceSpec
-from fabric.net import checksum, gso, packets
+from fabric.net import checksum, packets
 from fabric.net.packets import (
     ICMP_UNREACH,
     IP_MF,
-    PROTO_ICMP,
     PROTO_TCP,
     PROTO_UDP,
     TCP_ACK,
@@ -32,7 +32,6 @@ from fabric.net.packets import (
     TCP_SYN,
     UNREACH_PORT,
 )
-from fabric.services.conntrack import Conntrack
 from fabric.services.core import (
     FORWARD,
     HELD,
@@ -42,6 +41,7 @@ from fabric.services.core import (
     NOT_OURS,
     NOT_SERVICE,
     QUEUED,
+    SERVICE_FLOWS,
     TABLE_FULL,
     FlowId,
     HoldTimeout,
@@ -50,6 +50,7 @@ from fabric.services.core import (
     Signal,
     reject_response,
 )
+from tests.support.packets import completed, make_partial, valid
 
 VIP = bytes([10, 0, 0, 100])
 CLIENT = bytes([10, 0, 0, 2])
@@ -85,45 +86,9 @@ def run(fn, pkt: bytes, now: float = 0.0, partial: bool = False) -> tuple[int, b
     return verdict, out
 
 
-def valid(pkt: bytes) -> IP:
-    """Parse with scapy and assert that every checksum is the one scapy computes."""
-    p = IP(pkt)
-    again = p.copy()
-    del again[IP].chksum
-    if p.flags.MF or p.frag:
-        assert bytes(again) == pkt, "bad IP header checksum"
-        return p
-    if TCP in again:
-        del again[TCP].chksum
-    if UDP in again and again[UDP].chksum != 0:
-        del again[UDP].chksum
-    if ICMP in again:
-        del again[ICMP].chksum
-    assert bytes(again) == pkt, "scapy computes different checksums"
-    return p
-
-
-def l4_field(pkt: bytes) -> int:
-    ihl = (pkt[0] & 15) * 4
-    return ihl + {PROTO_TCP: 16, PROTO_UDP: 6, PROTO_ICMP: 2}[pkt[9]]
-
-
-def make_partial(pkt: bytes) -> bytes:
-    b = bytearray(pkt)
-    ihl = (b[0] & 15) * 4
-    f = l4_field(pkt)
-    psum = checksum.pseudo_header_sum(bytes(b[12:16]), bytes(b[16:20]), b[9], len(b) - ihl)
-    b[f:f + 2] = psum.to_bytes(2, "big")
-    return bytes(b)
-
-
 def finished(pkt: bytes, partial: bool) -> IP:
-    if partial:
-        frame = bytearray(packets.eth_header(b"\2" * 6, b"\4" * 6, packets.ETH_P_IP) + pkt)
-        ihl = (pkt[0] & 15) * 4
-        gso.complete_checksum(frame, 14 + ihl, l4_field(pkt) - ihl)
-        pkt = bytes(frame[14:])
-    return valid(pkt)
+    """The packet with its partial checksum completed, every checksum checked by scapy."""
+    return valid(completed(pkt, partial))
 
 
 def tcp(src: bytes, dst: bytes, sport: int, dport: int, flags: int, payload: bytes = b"",
@@ -183,7 +148,7 @@ def test_tcp_connection_dnat_and_reverse_nat(partial: bool) -> None:
             assert addrs(p) == ("10.0.0.100", 80, "10.0.0.2", 40000)
         assert bytes(p[TCP].payload) == payload
         assert p[TCP].flags == flags
-        assert s.ct.open == (1 if i < 6 else 0)
+        assert s.table.open == (1 if i < 6 else 0)
     assert s.counters["dnat_flows"] == 1
     assert s.counters["dnat_packets"] == 5 and s.counters["reverse_nat"] == 3
     assert s.backends["web-1"].flows == 1
@@ -271,7 +236,7 @@ def test_removed_backend_loses_its_flows() -> None:
     s = service(B1)
     out(s, syn())
     s.remove_backend("web-1")
-    assert len(s.ct) == 0 and s.ct.open == 0
+    assert len(s.table) == 0 and s.table.open == 0
     assert back(s, tcp(B1, CLIENT, 8080, 40000, TCP_SYN | TCP_ACK))[0] == NOT_OURS
     assert out(s, tcp(CLIENT, VIP, 40000, 80, TCP_ACK))[0] == HELD  # no backend: held
 
@@ -604,7 +569,7 @@ def test_idle_after_tcp_close(close: str) -> None:
         out(s, tcp(CLIENT, VIP, 40000, 80, TCP_RST), 600.2)
     else:
         back(s, tcp(B1, CLIENT, 8080, 40000, TCP_RST), 600.2)
-    assert s.ct.open == 0
+    assert s.table.open == 0
     assert s.next_timer() is not None
     assert s.handle_timer(660.1) == [] and s.need()
     assert s.handle_timer(660.2) == [Signal("idle", "idle_timeout", None)]
@@ -613,24 +578,24 @@ def test_idle_after_tcp_close(close: str) -> None:
 
 
 def test_idle_after_udp_idle() -> None:
-    ct = Conntrack(udp_timeout=30.0, udp_stream_timeout=120.0)
-    s = service(B1, idle_timeout=10.0, conntrack=ct)
+    s = service(B1, idle_timeout=10.0,
+                flow_policy=replace(SERVICE_FLOWS, udp_unreplied=30.0, udp_replied=120.0))
     out(s, udp(), 0.0)
     back(s, packets.udp_packet(B1, CLIENT, 5353, 50000, b"a"), 1.0)  # stream: 120 s
     s.take_signals()
-    assert s.handle_timer(50.0) == [] and s.ct.open == 1
+    assert s.handle_timer(50.0) == [] and s.table.open == 1
     t = s.next_timer()
     assert t is not None and t <= 122.0
     acts = s.handle_timer(122.0)
     assert acts == [Signal("idle", "idle_timeout", None)]  # idle 10 s after traffic: now
-    assert len(s.ct) == 0 and s.counters["flows_expired"] == 1
+    assert len(s.table) == 0 and s.counters["flows_expired"] == 1
 
 
 def test_unanswered_udp_flow_expires_sooner() -> None:
-    s = service(B1, idle_timeout=10.0, conntrack=Conntrack(udp_timeout=30.0))
+    s = service(B1, idle_timeout=10.0, flow_policy=replace(SERVICE_FLOWS, udp_unreplied=30.0))
     out(s, udp(), 0.0)
     s.handle_timer(29.0)
-    assert s.ct.open == 1
+    assert s.table.open == 1
     assert s.handle_timer(31.0) == [Signal("idle", "idle_timeout", None)]
 
 
@@ -642,25 +607,25 @@ def test_status_row() -> None:
                                     "dnat_flows", "reverse_nat", "no_backend", "hairpin"}
 
 
-# --- conntrack -------------------------------------------------------------------------------
+# --- the flow table -------------------------------------------------------------------------------
 
 
 def test_conntrack_bound_evicts_closed_flows_first() -> None:
-    s = service(B1, conntrack=Conntrack(max_entries=2))
+    s = service(B1, flow_policy=replace(SERVICE_FLOWS, max_flows=2))
     assert out(s, syn(sport=1), 0.0)[0] == FORWARD
     assert out(s, syn(sport=2), 0.0)[0] == FORWARD
     assert out(s, syn(sport=3), 0.0)[0] == TABLE_FULL
     assert s.counters["table_full"] == 1
     out(s, tcp(CLIENT, VIP, 1, 80, TCP_RST), 1.0)  # closed: may be evicted
     assert out(s, syn(sport=3), 1.0)[0] == FORWARD
-    assert s.ct.counters["evicted"] == 1 and len(s.ct) == 2
-    assert s.ct.get(PROTO_TCP, (int.from_bytes(CLIENT + VIP, "big"), 1 << 16 | 80)) is None
+    assert s.table.counters["evicted"] == 1 and len(s.table) == 2
+    assert s.table.get(PROTO_TCP, (int.from_bytes(CLIENT + VIP, "big"), 1 << 16 | 80)) is None
 
 
 def test_conntrack_expiry_on_the_wheel() -> None:
-    ct = Conntrack(tcp_syn_timeout=20.0, tcp_established_timeout=100.0,
-                   tcp_closed_timeout=5.0)
-    s = service(B1, conntrack=ct)
+    s = service(B1, flow_policy=replace(SERVICE_FLOWS, tcp_syn=20.0, tcp_established=100.0,
+                                        tcp_closed=5.0))
+    ct = s.table
     out(s, syn(sport=1), 0.0)  # never answered
     out(s, syn(sport=2), 0.0)
     back(s, tcp(B1, CLIENT, 8080, 2, TCP_SYN | TCP_ACK), 0.5)
