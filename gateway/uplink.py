@@ -12,18 +12,23 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-import struct
+from typing import Protocol
 
 from fabric.errors import FabricError, PortError
 from fabric.ports import netlink
 from fabric.ports.tap import open_tun
-from fabric.router.router import L3_OFF, Port, Router
+from fabric.router.model import DROP_MALFORMED, DROP_NO_NAMESPACE, L3_OFF, Port
 
 log = logging.getLogger("fabricd.egress")
 
 UPLINK_MTU = 1500
-DROP_NO_NAMESPACE = "no_namespace"
-_DST = struct.Struct("!4s")
+
+
+class EgressReceiver(Protocol):
+    """A namespace's router, as far as packets from the uplink go."""
+
+    def receive_egress(self, port: Port, buf: bytearray, n: int,
+                       now: float) -> Port | None: ...
 
 
 class Uplink:
@@ -36,10 +41,8 @@ class Uplink:
         self.pool = pool
         self.fd = -1
         self.port: Port | None = None
-        self.routers: dict[bytes, Router] = {}
+        self.routers: dict[bytes, EgressReceiver] = {}
         self.addresses: dict[str, ipaddress.IPv4Address] = {}  # namespace -> address
-        self._empty: list[tuple[Port, bytes]] = []
-        self._last: Router | None = None
 
     def open(self) -> Port:
         """Create the TUN in this (the worker's) namespace and route the pool into it."""
@@ -61,13 +64,6 @@ class Uplink:
         if self.fd >= 0:
             os.close(self.fd)  # the device and its route go with it
             self.fd = -1
-
-    @property
-    def outputs(self) -> list[tuple[Port, bytes]]:
-        """What the last namespace that handled a packet wants sent (the data plane
-        flushes it after each frame)."""
-        r = self._last
-        return r.outputs if r is not None else self._empty
 
     # --- addresses -----------------------------------------------------------------------
 
@@ -93,29 +89,26 @@ class Uplink:
         self.addresses[namespace] = addr
         return addr
 
-    def add(self, namespace: str, addr: ipaddress.IPv4Address, router: Router) -> None:
+    def add(self, namespace: str, addr: ipaddress.IPv4Address, router: EgressReceiver) -> None:
         self.routers[addr.packed] = router
 
     def remove(self, namespace: str) -> None:
         addr = self.addresses.pop(namespace, None)
         if addr is not None:
-            r = self.routers.pop(addr.packed, None)
-            if r is self._last:
-                self._last = None
+            self.routers.pop(addr.packed, None)
 
     # --- the packet path -----------------------------------------------------------------
 
-    def receive(self, port: Port, buf: bytearray, n: int, now: float) -> Port | None:
-        """A packet from the TUN in buf[L3_OFF:n]: hand it to its namespace's router."""
+    def route(self, port: Port, buf: bytearray, n: int) -> EgressReceiver | None:
+        """The router a packet from the TUN (in buf[L3_OFF:n]) is for, by its destination
+        (the namespace's egress address); counts it on the uplink's port."""
         port.rx_packets += 1
         port.rx_bytes += n - L3_OFF
         ip = L3_OFF + port.hlen
         if n < ip + 20:
-            port.drop("malformed")
+            port.drop(DROP_MALFORMED)
             return None
         r = self.routers.get(bytes(buf[ip + 16:ip + 20]))
         if r is None:
             port.drop(DROP_NO_NAMESPACE)
-            return None
-        self._last = r
-        return r.receive_egress(port, buf, n, now)
+        return r

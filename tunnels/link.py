@@ -1,8 +1,10 @@
 """The tunnel's UDP link: the I/O shell around the sans-IO `TunnelCore`.
 
-It runs on the data-plane thread (its socket is one more fd in the data plane's epoll),
-so decrypted packets go straight to the routers that own their namespaces, and the
-routers' tunnel sends go straight out, with no thread hop on the packet path.
+It runs on the data-plane thread (its socket is one more fd in the data plane's epoll;
+the data plane calls ``readable()`` when it has datagrams and hands the decrypted
+packets to the routers of their namespaces, and sends routers' tunnel outputs with
+``send_many()``), so there is no thread hop on the packet path. Its timers are the
+core's (handshake retries, keepalives, rekeying): ``next_timer()``/``handle_timer()``.
 """
 
 from __future__ import annotations
@@ -11,8 +13,7 @@ import errno
 import logging
 import socket
 import struct
-import time
-from collections.abc import Callable
+from collections.abc import Iterator
 
 from fabric.net.coalesce import coalesce
 from tunnels.core import TunnelCore
@@ -29,19 +30,18 @@ GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
 GSO_MAX_SEGMENTS = 64
 GSO_MAX_BYTES = 65000
 
-Deliver = Callable[[str, int, bytes, float, bytes | None], None]
+# (peer id, namespace id, IPv4 packet, virtio-net header of a coalesced super-frame)
+Delivered = tuple[str, int, bytes, bytes | None]
 
 
 class TunnelLink:
     name = "tunnel"
 
-    def __init__(self, core: TunnelCore, listen: tuple[str, int], deliver: Deliver) -> None:
+    def __init__(self, core: TunnelCore, listen: tuple[str, int]) -> None:
         self.core = core
         self.listen = listen
-        self.deliver = deliver  # (peer_id, namespace_id, packet, now) -> None
         self.sock: socket.socket | None = None
         self.buf = bytearray(MAX_DATAGRAM)
-        self.outputs: list[object] = []  # the data plane's owner protocol; always empty
         self.counters: dict[str, int] = {
             "send_errors": 0,
             "recv_errors": 0,
@@ -84,16 +84,22 @@ class TunnelLink:
             self.sock.close()
             self.sock = None
 
+    def fileno(self) -> int:
+        return self.sock.fileno() if self.sock is not None else -1
+
     # --- on the data-plane thread --------------------------------------------------------
 
-    def readable(self) -> None:
+    def readable(self, now: float) -> Iterator[list[Delivered]]:
+        """Read what the socket has (up to BATCH reads), answer handshakes, and yield the
+        decrypted packets of each read in order, runs of one flow's TCP segments merged
+        into super-frames (one TAP write each). One read at a time, so what waits in
+        memory is one GRO batch at most."""
         sock = self.sock
         if sock is None:
             return
         buf = self.buf
         mv = memoryview(buf)
         receive = self.core.receive
-        now = time.monotonic()
         c = self.counters
         gro = self.gro
         recvmsg = sock.recvmsg_into
@@ -120,21 +126,23 @@ class TunnelLink:
                         c["gro_batches"] += 1
             src = (addr[0], addr[1])
             got: list[tuple[str, int, bytes]] = []
+            delivered: list[Delivered] = []
             for off in range(0, n, size):
                 c["datagrams_in"] += 1
                 out, packets = receive(bytes(mv[off:min(off + size, n)]), src, now)
                 if out:
                     self._sendall(out)
                 got += packets
-            self._deliver_all(got, now)
+            self._merge(got, delivered)
+            if delivered:
+                yield delivered
 
-    def _deliver_all(self, got: list[tuple[str, int, bytes]], now: float) -> None:
-        """Hand decrypted packets on, runs of one flow's TCP segments merged into
-        super-frames (one TAP write each) where the batch allows."""
-        deliver = self.deliver
+    def _merge(self, got: list[tuple[str, int, bytes]], delivered: list[Delivered]) -> None:
+        """Append decrypted packets to `delivered`, runs of one peer and namespace
+        through fabric.net.coalesce."""
         if len(got) < 2:
             for peer, ns_id, pkt in got:
-                deliver(peer, ns_id, pkt, now, None)
+                delivered.append((peer, ns_id, pkt, None))
             return
         i = 0
         while i < len(got):
@@ -145,7 +153,7 @@ class TunnelLink:
             merged = coalesce([p for _, _, p in got[i:j]])
             self.counters["coalesced"] += (j - i) - len(merged)
             for pkt, hdr in merged:
-                deliver(peer, ns_id, pkt, now, hdr)
+                delivered.append((peer, ns_id, pkt, hdr))
             i = j
 
     def send(self, peer_id: str, ns_id: int, packet: bytes, now: float) -> None:

@@ -321,12 +321,21 @@ class LocalStack:
         """
         if threading.get_ident() == self._thread_ident:
             return fn(*args, **kwargs)
+        return self.submit(fn, *args, **kwargs).result()
+
+    def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
+        """Queue `fn` for the stack's thread without waiting: its future."""
         fut: Future[T] = Future()
         with self._lock:
             if self._closed:
                 raise PortError(f"local stack {self.name!r} is closed")
             self._queue.put((fn, args, kwargs, fut))
-        return fut.result()
+        return fut
+
+    def tcp_sockets_later(self, src_ip: ipaddress.IPv4Address | str,
+                          count: int) -> Future[list[socket.socket]]:
+        """``tcp_sockets`` without waiting (for the probe pool on the data-plane thread)."""
+        return self.submit(lambda: [_client_tcp(str(src_ip)) for _ in range(count)])
 
     def _do(self, what: str, fn: Callable[..., T], *args: Any) -> T:
         """`run` with OSError/NetlinkError turned into a PortError naming `what` failed."""

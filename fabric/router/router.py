@@ -1,22 +1,30 @@
 """The per-namespace router: a static IP -> port table with proxy ARP, anti-spoofing,
-TTL and MTU handling, and a bounded hold for pods whose port is not attached yet.
+TTL and MTU handling, and the hand-off of everything that is not pod to pod.
 
 Sans-IO: `receive()` takes a frame in a buffer and the time; the fast path rewrites the
-frame in place and returns the port to write it to, everything else (ARP and ICMP
-replies, converted or released frames) is appended to `outputs` in the framing of the
-port it goes to. The shell must flush `outputs` after each call that filled it, which
-keeps frames in order. Timers: `next_timer()` and `handle_timer(now)`.
+frame in place and returns the port to write it to. Everything else is appended to
+`outputs`, each entry a frame in the framing of the attachment it goes to: ARP and ICMP
+replies, converted, released or held frames, and bare IPv4 packets for a peer worker
+(an attachment of kind ``tunnel``, which the data plane sends through the tunnel link,
+as aioquic's shell sends ``datagrams_to_send``). `receive()` performs no I/O and calls
+nothing outside the router and its collaborators. The shell must flush `outputs` after
+each call that filled it, which keeps frames in order. Timers: `next_timer()` and
+`handle_timer(now)`.
+
+Collaborators, each in its own module: the pod hold (fabric.router.hold), the ICMP
+limits (fabric.router.icmp), TUN framing and TTL (fabric.router.l3), the tunnel hand-off
+(fabric.router.remote). What a namespace adds is wired with explicit ``attach_*``
+methods: its local stack, DNS fast path, egress NAT and uplink, tunnel, and services
+(fabric.services.dispatch).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import struct
-from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
-from fabric.activator import abi as act_mod
 from fabric.config.specs import DEFAULT_GATEWAY_MAC, TUNNEL_MTU
 from fabric.flows import verdicts
 from fabric.net import checksum, gso, packets
@@ -46,56 +54,48 @@ from fabric.net.vnet import (
     GSO_NONE,
     GSO_TCPV4,
     GSO_UDP_L4,
-    VNET_HDR_LEN,
     ZERO_HDR,
     VnetHdr,
 )
-from fabric.services import core as svc_mod
-
-HOLD_PACKETS = 64
-HOLD_TIMEOUT = 30.0
-ARP_RETRY = 1.0
-ICMP_RATE = 1000.0  # ICMP errors per second per namespace
-ICMP_BURST = 100.0
+from fabric.router.hold import HOLD_PACKETS, HOLD_TIMEOUT, PodHold
+from fabric.router.icmp import IcmpLimiter, must_stay_quiet
+from fabric.router.l3 import decrement_ttl, shift_vnet, strip_l2
+from fabric.router.model import (
+    DROP_BAD_CHECKSUM,
+    DROP_BAD_OFFLOAD,
+    DROP_BROADCAST,
+    DROP_EGRESS_DENIED,
+    DROP_EGRESS_FULL,
+    DROP_EGRESS_UNSUPPORTED,
+    DROP_ETHERTYPE,
+    DROP_GATEWAY_PORT,
+    DROP_HOLD_OVERFLOW,
+    DROP_HOLD_TIMEOUT,
+    DROP_ICMP_RATELIMIT,
+    DROP_IPV6,
+    DROP_MALFORMED,
+    DROP_MULTICAST,
+    DROP_NO_FLOW,
+    DROP_NO_ROUTE,
+    DROP_NO_TUNNEL,
+    DROP_POD_REMOVED,
+    DROP_SPOOFED,
+    DROP_TOO_BIG,
+    DROP_TTL,
+    L3_OFF,
+    Pod,
+    Port,
+    tunnel_port,
+)
+from fabric.router.remote import tunnel_packets
 
 _ADDRS = struct.Struct("!4s4s")
-L3_OFF = 14  # where an L3 port's frame starts in the shell's buffer
 _from_bytes = int.from_bytes
-
-# Drop reasons, named once so counters, metrics and docs agree.
-DROP_MALFORMED = "malformed"
-DROP_BAD_CHECKSUM = "bad_checksum"
-DROP_SPOOFED = "spoofed_source"
-DROP_IPV6 = "ipv6"
-DROP_ETHERTYPE = "ethertype"
-DROP_TTL = "ttl_expired"
-DROP_NO_ROUTE = "no_route"
-DROP_BROADCAST = "broadcast"
-DROP_MULTICAST = "multicast"
-DROP_TOO_BIG = "too_big"
-DROP_HOLD_OVERFLOW = "hold_overflow"
-DROP_HOLD_TIMEOUT = "hold_timeout"
-DROP_NO_TUNNEL = "no_tunnel"
-DROP_GATEWAY_PORT = "gateway_port_closed"
-DROP_BAD_OFFLOAD = "bad_offload"
-DROP_ICMP_RATELIMIT = "icmp_ratelimited"
-DROP_TX_FULL = "tx_full"
-DROP_TX_ERROR = "tx_error"
-DROP_POD_REMOVED = "pod_removed"
-DROP_EGRESS_DENIED = "egress_denied"
-DROP_EGRESS_FULL = "egress_table_full"
-DROP_EGRESS_UNSUPPORTED = "egress_unsupported"
-DROP_NO_FLOW = "no_flow"
-DROP_SERVICE_HOLD_FULL = "service_hold_full"
-DROP_SERVICE_NO_BACKEND = "service_no_backend"
-DROP_SERVICE_PORT = "service_port_closed"
-DROP_SERVICE_TABLE_FULL = "service_table_full"
-DROP_ACTIVATOR = "activator_drop"
-
 
 
 class EgressCore(Protocol):
-    """The namespace's egress NAT (gateway/egress.py), as the router drives it."""
+    """The namespace's egress NAT (gateway/egress.py), as the router drives it: verdicts
+    are fabric.flows.verdicts."""
 
     def outbound(self, pkt: bytearray, off: int, length: int, now: float,
                  partial: bool) -> int: ...
@@ -108,70 +108,21 @@ class EgressCore(Protocol):
     def handle_timer(self, now: float) -> None: ...
 
 
-class Port:
-    """The router's view of an attached pod port. `fd` is an opaque handle for the shell."""
+class ServiceGlue(Protocol):
+    """The namespace's services as the router consults them (fabric.services.dispatch)."""
 
-    __slots__ = ("pod", "hlen", "l3", "mtu", "fd", "kind", "rx_packets", "rx_bytes",
-                 "tx_packets", "tx_bytes", "drops", "capture")
+    vips: dict[bytes, object]
+    backend_ips: dict[bytes, object]
 
-    def __init__(self, *, vnet: bool, mtu: int, fd: int = -1, kind: str = "test",
-                 l3: bool = False) -> None:
-        self.pod: Pod | None = None
-        self.hlen = VNET_HDR_LEN if vnet else 0
-        # An L3 port (a TUN: the local stack, the egress uplink) carries IPv4 packets with
-        # no Ethernet header. The fast path leaves its frames at buf[L3_OFF:n], and the
-        # shell reads L3 ports into buf[L3_OFF:] so the router can put an Ethernet header
-        # in front in place.
-        self.l3 = l3
-        self.mtu = mtu
-        self.fd = fd
-        self.kind = kind
-        self.rx_packets = 0
-        self.rx_bytes = 0
-        self.tx_packets = 0
-        self.tx_bytes = 0
-        self.drops: dict[str, int] = {}
-        # Called as capture(now, ethernet_frame, outgoing) when someone captures this port.
-        self.capture: Callable[[float, bytes, bool], None] | None = None
+    def to_service(self, svc: object, port: Port, buf: bytearray, h: int, n: int, ip: int,
+                   now: float) -> Port | None: ...
 
-    @property
-    def vnet(self) -> bool:
-        return self.hlen != 0
+    def from_backend(self, src: bytes, buf: bytearray, h: int, ip: int, total: int,
+                     now: float) -> bytes: ...
 
-    def drop(self, reason: str) -> None:
-        self.drops[reason] = self.drops.get(reason, 0) + 1
+    def next_timer(self) -> float | None: ...
 
-
-class Pod:
-    """A table entry: a pod's address, its MAC once known, and its port once attached."""
-
-    __slots__ = ("name", "ip", "_mac", "l2", "gw_mac", "mac_fixed", "port", "remote",
-                 "pending", "arp_due")
-
-    def __init__(self, name: str, ip: bytes, mac: bytes | None, remote: str | None,
-                 gw_mac: bytes) -> None:
-        self.name = name
-        self.ip = ip
-        self.gw_mac = gw_mac
-        # The 12 bytes of Ethernet addresses a frame toward this pod starts with (one slice
-        # assignment on the fast path), None while the pod's MAC is unknown.
-        self.l2: bytes | None = None
-        self.mac = mac
-        self.mac_fixed = mac is not None
-        self.port: Port | None = None
-        self.remote = remote
-        # (arrival time, header length, frame with its virtio-net header if any)
-        self.pending: deque[tuple[float, int, bytes]] = deque()
-        self.arp_due = 0.0
-
-    @property
-    def mac(self) -> bytes | None:
-        return self._mac
-
-    @mac.setter
-    def mac(self, mac: bytes | None) -> None:
-        self._mac = mac
-        self.l2 = None if mac is None else mac + self.gw_mac
+    def handle_timer(self, now: float) -> None: ...
 
 
 class Router:
@@ -193,38 +144,61 @@ class Router:
         self.net = _from_bytes(self.cidr.network_address.packed, "big")
         self.mask = _from_bytes(self.cidr.netmask.packed, "big")
         self.bcast = self.cidr.broadcast_address.packed
-        self.hold_packets = hold_packets
-        self.hold_timeout = hold_timeout
         self.pods: dict[str, Pod] = {}
         self.by_ip: dict[bytes, Pod] = {}
         self.outputs: list[tuple[Port, bytes]] = []
         self.drops: dict[str, int] = {}  # drops not attributable to an ingress port
-        # Pods with held frames; a dict so timers visit them in a reproducible order.
-        self._held: dict[Pod, None] = {}
-        self._icmp_tokens = ICMP_BURST
-        self._icmp_last = 0.0
-        # The local stack (gateway address, later L4-terminated VIPs) and egress, when the
-        # namespace has them; without a local stack the router answers ping itself.
+        self.hold = PodHold(hold_packets, hold_timeout)
+        self.icmp = IcmpLimiter()
+        # What the namespace attaches (see the attach_* methods); without a local stack
+        # the router answers ping at the gateway itself.
         self.local: Port | None = None
         self.local_ips: set[bytes] = {self.gw_ip}
+        self.dns_local: Callable[[bytes, float], bytes | None] | None = None
         self.egress: EgressCore | None = None
         self.uplink: Port | None = None
-        # Answers DNS queries for local names right here (see gateway.dns.answer_local):
-        # returns the reply, b"" to drop, or None to pass the query to the local stack.
-        self.dns_local: Callable[[bytes, float], bytes | None] | None = None
-        # Sends IPv4 packets to a pod on another worker: tunnel_send(worker, packets, now)
-        # (a list, so the segments of one super-frame leave in one batch).
-        self.tunnel_send: Callable[[str, list[bytes], float], None] | None = None
+        self.tunnel_id: int | None = None
         self.tunnel_mtu = TUNNEL_MTU
-        # Services: VIP -> Service, and backend pod address -> the services it serves
-        # (replies from backends are un-NATed before routing). Signals (activate, idle)
-        # go to on_signal(service name, signal) as they happen.
-        self.services: dict[bytes, svc_mod.Service] = {}
-        self.backend_ips: dict[bytes, list[svc_mod.Service]] = {}
-        self.on_signal: Callable[[str, svc_mod.Signal], None] | None = None
-        self._packet_id = 0
+        self._tunnels: dict[str, Port] = {}
+        self.services: ServiceGlue | None = None
+        # The service glue's tables, shared: VIP -> service, backend address -> services.
+        self.vips: dict[bytes, object] = {}
+        self.backend_ips: dict[bytes, object] = {}
         # Drops of released packets are counted here (their sender's port is unknown).
         self._released_port = Port(vnet=False, mtu=65535, kind="released")
+
+    # --- what a namespace attaches ---------------------------------------------------------
+
+    def attach_local(self, port: Port | None) -> None:
+        """The local stack's TUN: the gateway address (and L4-terminated VIPs) live there."""
+        self.local = port
+
+    def attach_dns(self, answer: Callable[[bytes, float], bytes | None] | None) -> None:
+        """Answers DNS queries to the gateway right here (gateway.dns.DnsCore.answer_local):
+        answer(query, now) returns the reply, b"" to drop, or None to pass the query on
+        to the local stack."""
+        self.dns_local = answer
+
+    def attach_egress(self, nat: EgressCore | None, uplink: Port | None) -> None:
+        """The namespace's egress NAT and the worker's uplink TUN it writes into."""
+        self.egress = nat
+        self.uplink = uplink
+
+    def attach_tunnel(self, ns_id: int | None, mtu: int = TUNNEL_MTU) -> None:
+        """Pods on other workers are reached through the tunnel with this namespace id;
+        their packets become outputs of tunnel attachments (one per peer worker)."""
+        self.tunnel_id = ns_id
+        self.tunnel_mtu = mtu
+        self._tunnels.clear()
+
+    def attach_services(self, glue: ServiceGlue | None) -> None:
+        self.services = glue
+        self.vips = glue.vips if glue is not None else {}
+        self.backend_ips = glue.backend_ips if glue is not None else {}
+
+    def tunnel_ports(self) -> list[Port]:
+        """The tunnel attachments made so far (one per peer worker), for counters."""
+        return list(self._tunnels.values())
 
     # --- table ---------------------------------------------------------------------------
 
@@ -244,10 +218,9 @@ class Router:
     def remove_pod(self, name: str) -> Port | None:
         pod = self.pods.pop(name)
         del self.by_ip[pod.ip]
-        if pod.pending:
-            self._count(DROP_POD_REMOVED, len(pod.pending))
-            pod.pending.clear()
-        self._held.pop(pod, None)
+        k = self.hold.forget(pod)
+        if k:
+            self.count(DROP_POD_REMOVED, k)
         port = pod.port
         if port is not None:
             port.pod = None
@@ -312,23 +285,26 @@ class Router:
         if pod.mac is None:
             self._learn(pod, buf, h, now)
         if src in self.backend_ips:
-            dst = self._from_backend(src, buf, h, ip, total, now)
+            assert self.services is not None
+            dst = self.services.from_backend(src, buf, h, ip, total, now)
         dpod = self.by_ip.get(dst)
         if dpod is None:
             return self._not_pod(port, buf, h, n, ip, ihl, dst, now)
+        # The TTL decrement of fabric.router.l3.decrement_ttl, inline: it runs per packet.
         ttl = buf[ip + 8]
         if ttl <= 1:
-            self._icmp_error(port, buf, ip, ICMP_TIME_EXCEEDED, 0, now, DROP_TTL)
+            self.icmp_error(port, buf, ip, ICMP_TIME_EXCEEDED, 0, now, DROP_TTL)
             return None
         buf[ip + 8] = ttl - 1
         c = (buf[ip + 10] << 8 | buf[ip + 11]) + 0x100
         c = (c + (c >= 0xFFFF)) & 0xFFFF
         buf[ip + 10] = c >> 8
         buf[ip + 11] = c & 0xFF
+        # The tail of deliver(), inline for the same reason.
         out = dpod.port
         l2 = dpod.l2
-        if out is None or l2 is None:
-            self._hold(dpod, port, buf, h, n, ip, now)
+        if out is None or l2 is None:  # (a pod on another worker has no port)
+            self._not_deliverable(dpod, port, buf, h, n, ip, now)
             return None
         if total > out.mtu and not self._fits(out, port, buf, h, n, ip, ihl, total, now):
             return None
@@ -341,6 +317,43 @@ class Router:
         if out.capture is not None:
             out.capture(now, bytes(buf[h:n]), True)
         return out
+
+    def deliver(self, dpod: Pod, port: Port, buf: bytearray, h: int, n: int, ip: int,
+                total: int, now: float) -> Port | None:
+        """The tail of the fast path for a frame whose TTL is already done: the port to
+        write buf[:n] to, or None when it was queued, held or dropped. (receive() has
+        these lines inline: a test holds both to the same bytes.)"""
+        out = dpod.port
+        if out is None or dpod.l2 is None or dpod.remote is not None:
+            self._not_deliverable(dpod, port, buf, h, n, ip, now)
+            return None
+        if total > out.mtu:
+            ihl = (buf[ip] & 15) << 2
+            if not self._fits(out, port, buf, h, n, ip, ihl, total, now):
+                return None
+        buf[h:h + 12] = dpod.l2
+        if out.hlen != h:
+            self._emit(out, bytes(buf[:n]), h, now)
+            return None
+        out.tx_packets += 1
+        out.tx_bytes += n
+        if out.capture is not None:
+            out.capture(now, bytes(buf[h:n]), True)
+        return out
+
+    def forward_released(self, b: bytearray, off: int, now: float) -> None:
+        """A frame a service released (its IPv4 packet at `off`, already DNATed, TTL done):
+        to its pod, or to the pod's hold, ARP or the tunnel like any frame."""
+        h = off - packets.ETH_HLEN
+        dpod = self.by_ip.get(bytes(b[off + 16:off + 20]))
+        if dpod is None or h < 0:
+            self.count(DROP_NO_ROUTE, 1)
+            return
+        if dpod.remote is not None or dpod.port is None or dpod.l2 is None:
+            self._not_deliverable(dpod, self._released_port, b, h, len(b), off, now)
+            return
+        b[h:h + 12] = dpod.l2
+        self._emit(dpod.port, b, h, now)
 
     # --- slow paths ----------------------------------------------------------------------
 
@@ -361,19 +374,19 @@ class Router:
             if seg <= out.mtu:
                 return True
         if (buf[ip + 6] << 8 | buf[ip + 7]) & IP_DF:
-            self._icmp_error(port, buf, ip, ICMP_UNREACH, UNREACH_FRAG_NEEDED, now, DROP_TOO_BIG,
-                             mtu=out.mtu)
+            self.icmp_error(port, buf, ip, ICMP_UNREACH, UNREACH_FRAG_NEEDED, now, DROP_TOO_BIG,
+                            mtu=out.mtu)
             return False
         dpod = out.pod
         assert dpod is not None and dpod.mac is not None
         try:
             if h:
                 frames = gso.segment(memoryview(buf)[h:n], VnetHdr.parse(buf))
-                packets_ = [f[14:] for f in frames]
+                ip_packets = [f[14:] for f in frames]
             else:
-                packets_ = [bytes(buf[ip:ip + total])]
+                ip_packets = [bytes(buf[ip:ip + total])]
             eth = packets.eth_header(dpod.mac, self.gw_mac, ETH_P_IP)
-            for p in packets_:
+            for p in ip_packets:
                 for frag in packets.fragment(p, out.mtu):
                     self._emit(out, eth + frag, 0, now)
         except (Malformed, ValueError):
@@ -438,20 +451,21 @@ class Router:
             if dst == self.gw_ip:
                 self._to_gateway(port, buf, h, n, ip, ihl, now)
                 return None
-        svc = self.services.get(dst)
+        svc = self.vips.get(dst)
         if svc is not None:
-            return self._to_service(svc, port, buf, h, n, ip, now)
+            assert self.services is not None
+            return self.services.to_service(svc, port, buf, h, n, ip, now)
         d = _from_bytes(dst, "big")
         if d >> 28 == 0xE:
             port.drop(DROP_MULTICAST)
         elif dst == self.bcast or d == 0xFFFFFFFF:
             port.drop(DROP_BROADCAST)
         elif d & self.mask == self.net:
-            self._icmp_error(port, buf, ip, ICMP_UNREACH, UNREACH_HOST, now, DROP_NO_ROUTE)
+            self.icmp_error(port, buf, ip, ICMP_UNREACH, UNREACH_HOST, now, DROP_NO_ROUTE)
         elif self.egress is not None and self.uplink is not None:
             return self._to_egress(port, buf, h, n, ip, now)
         else:
-            self._icmp_error(port, buf, ip, ICMP_UNREACH, UNREACH_NET, now, DROP_NO_ROUTE)
+            self.icmp_error(port, buf, ip, ICMP_UNREACH, UNREACH_NET, now, DROP_NO_ROUTE)
         return None
 
     def _dns(self, port: Port, buf: bytearray, h: int, n: int, ip: int, ihl: int,
@@ -475,234 +489,105 @@ class Router:
             return False
         if reply:
             sport = buf[l4] << 8 | buf[l4 + 1]
-            self._emit_ip(port, packets.udp_packet(self.gw_ip, bytes(buf[ip + 12:ip + 16]), 53,
-                                                   sport, reply, flags_frag=0), now)
+            self.send_ip(port, packets.udp_packet(self.gw_ip, bytes(buf[ip + 12:ip + 16]), 53,
+                                                  sport, reply, flags_frag=0), now)
         return True
 
-    # --- services ------------------------------------------------------------------------
-
-    def add_service(self, svc: svc_mod.Service) -> None:
-        self.services[svc.vip.packed] = svc
-
-    def remove_service(self, svc: svc_mod.Service) -> None:
-        self.services.pop(svc.vip.packed, None)
-        for ip, lst in list(self.backend_ips.items()):
-            if svc in lst:
-                lst.remove(svc)
-                if not lst:
-                    del self.backend_ips[ip]
-
-    def set_backend(self, svc: svc_mod.Service, name: str, ip: str, ready: bool,
+    def _to_gateway(self, port: Port, buf: bytearray, h: int, n: int, ip: int, ihl: int,
                     now: float) -> None:
-        """A backend's readiness changed (or it appeared): update the service and send what
-        its hold can release now."""
-        svc.set_backend(name, ip, ready, now)
-        packed = ipaddress.IPv4Address(ip).packed
-        lst = self.backend_ips.setdefault(packed, [])
-        if svc not in lst:
-            lst.append(svc)
-        self.release_service(svc, now)
-
-    def probe_result(self, svc: svc_mod.Service, name: str, ok: bool, now: float) -> None:
-        svc.probe_result(name, ok, now)
-        self.release_service(svc, now)
-
-    def release_service(self, svc: svc_mod.Service, now: float) -> None:
-        self._tell_activators(svc)
-        if svc.releasable:
-            self._service_actions(svc, list(svc.release(now)), now)
-        self._service_signals(svc)
-
-    def _tell_activators(self, svc: svc_mod.Service) -> None:
-        """Activators learn when the service gains or loses its last ready backend (the
-        core replays held packets itself; they forget theirs, and filter again once the
-        service is dormant)."""
-        if not svc.activators:
-            return
-        ready = svc.has_ready
-        if ready == svc.activators_told:
-            return
-        svc.activators_told = ready
-        ev = act_mod.BackendAvailable() if ready else act_mod.BackendUnavailable()
-        for (port, _proto), host in svc.activators.items():
-            host.process(port, [ev])
-
-    def _from_backend(self, src: bytes, buf: bytearray, h: int, ip: int, total: int,
-                      now: float) -> bytes:
-        """A packet from a backend pod: un-NAT replies of service flows (the source
-        becomes the VIP); returns the destination to route by."""
-        partial = bool(h and buf[0] & F_NEEDS_CSUM)
-        for svc in self.backend_ips[src]:
-            if svc.reply(buf, ip, total, now, partial) == svc_mod.FORWARD:
-                break
-        return bytes(buf[ip + 16:ip + 20])
-
-    def _to_service(self, svc: svc_mod.Service, port: Port, buf: bytearray, h: int, n: int,
-                    ip: int, now: float) -> Port | None:
-        if not _decrement_ttl(buf, ip):
-            self._icmp_error(port, buf, ip, ICMP_TIME_EXCEEDED, 0, now, DROP_TTL)
-            return None
-        total = buf[ip + 2] << 8 | buf[ip + 3]
-        partial = bool(h and buf[0] & F_NEEDS_CSUM)
-        if svc.activators and not svc.has_ready and self._activator_drops(svc, buf, ip,
-                                                                            total, now):
-            port.drop(DROP_ACTIVATOR)
-            return None
-        v = svc.outbound(buf, ip, total, now, partial)
-        out: Port | None = None
-        if v == svc_mod.FORWARD:
-            dpod = self.by_ip.get(bytes(buf[ip + 16:ip + 20]))
-            if dpod is None:
-                port.drop(DROP_NO_ROUTE)
-            else:
-                out = self._deliver(dpod, port, buf, h, n, ip, total, now)
-        elif v == svc_mod.QUEUED:
-            self.release_service(svc, now)
-        elif v == svc_mod.HOLD_FULL:
-            port.drop(DROP_SERVICE_HOLD_FULL)
-        elif v == svc_mod.NO_BACKEND:
-            port.drop(DROP_SERVICE_NO_BACKEND)
-            resp = svc_mod.reject_response(bytes(buf[ip:ip + total]), partial)
-            if resp is not None:
-                self._emit_ip(port, resp, now)
-        elif v == svc_mod.NOT_SERVICE:
-            self._icmp_error(port, buf, ip, ICMP_UNREACH, UNREACH_PORT, now, DROP_SERVICE_PORT)
-        elif v == svc_mod.TABLE_FULL:
-            port.drop(DROP_SERVICE_TABLE_FULL)
-        elif v != svc_mod.HELD:
-            port.drop(DROP_MALFORMED)
-        if svc.signals_pending:
-            self._service_signals(svc)
-        return out
-
-    def _activator_drops(self, svc: svc_mod.Service, buf: bytearray, ip: int, total: int,
-                         now: float) -> bool:
-        """Ask the port's activator about a packet for a service with no ready backend:
-        True when it says drop (an RST, a stray segment that must not wake anything).
-        A failed activator (None) means plain hold-and-activate."""
-        ihl = (buf[ip] & 15) << 2
-        if buf[ip + 9] not in (PROTO_TCP, PROTO_UDP) or total < ihl + 4:
-            return False
         proto = buf[ip + 9]
-        dport = buf[ip + ihl + 2] << 8 | buf[ip + ihl + 3]
-        host = svc.activators.get((dport, proto))
-        if host is None:
-            return False
-        self._packet_id = (self._packet_id + 1) & 0xFFFFFFFF
-        pid = self._packet_id
-        flow = (_from_bytes(buf[ip + 12:ip + 20], "big") ^
-                _from_bytes(buf[ip + ihl:ip + ihl + 4], "big")) & 0xFFFFFFFF
-        actions = host.process(dport, [act_mod.Packet(pid, flow, bytes(buf[ip:ip + total]))])
-        if actions is None:
-            return False
-        verdict = act_mod.HOLD
-        wants = False
-        for a in actions:
-            if isinstance(a, act_mod.PacketDecision) and a.packet_id == pid:
-                verdict = a.verdict
-            elif isinstance(a, act_mod.SetBackendNeed) and a.need == act_mod.NEED_ACTIVE:
-                wants = True
-        # A held packet activates the service itself (with its flow); the activator's
-        # own request matters when it asks for a backend without holding this packet.
-        if wants and verdict != act_mod.HOLD:
-            self._service_actions(svc, svc.activate(host.label, now), now)
-        return verdict == act_mod.DROP
+        total = buf[ip + 2] << 8 | buf[ip + 3]
+        frag = (buf[ip + 6] << 8 | buf[ip + 7]) & 0x3FFF
+        if proto == PROTO_ICMP and not frag and total >= ihl + 8:
+            icmp = ip + ihl
+            if buf[icmp] == ICMP_ECHO_REQUEST:
+                msg = bytes(buf[icmp:ip + total])
+                if checksum.ones_sum(msg) != 0xFFFF:
+                    port.drop(DROP_BAD_CHECKSUM)
+                    return
+                ident, seq = struct.unpack_from("!HH", msg, 4)
+                reply = packets.icmp_echo(self.gw_ip, bytes(buf[ip + 12:ip + 16]), ident, seq,
+                                          msg[8:], reply=True)
+                self.send_ip(port, reply, now)
+                return
+        if proto in (PROTO_TCP, PROTO_UDP):
+            self.icmp_error(port, buf, ip, ICMP_UNREACH, UNREACH_PORT, now, DROP_GATEWAY_PORT)
+        else:
+            port.drop(DROP_GATEWAY_PORT)
 
-    def _deliver(self, dpod: Pod, port: Port, buf: bytearray, h: int, n: int, ip: int,
-                 total: int, now: float) -> Port | None:
-        """The tail of the fast path for a frame whose TTL is already done (the main path
-        in receive() has these lines inline: it runs per packet)."""
-        if dpod.remote is not None or dpod.port is None or dpod.l2 is None:
-            self._hold(dpod, port, buf, h, n, ip, now)
-            return None
-        out = dpod.port
-        if total > out.mtu:
-            ihl = (buf[ip] & 15) << 2
-            if not self._fits(out, port, buf, h, n, ip, ihl, total, now):
-                return None
-        buf[h:h + 12] = dpod.l2
-        if out.hlen != h:
-            self._emit(out, bytes(buf[:n]), h, now)
-            return None
-        out.tx_packets += 1
-        out.tx_bytes += n
-        if out.capture is not None:
-            out.capture(now, bytes(buf[h:n]), True)
-        return out
+    # --- pods that cannot take the frame now: hold, ARP, or another worker ---------------
 
-    def _service_actions(self, svc: svc_mod.Service, actions: list[svc_mod.Action],
-                         now: float) -> None:
-        for a in actions:
-            if isinstance(a, svc_mod.Released):
-                self._send_released(a, now)
-            elif isinstance(a, svc_mod.HoldTimeout):
-                if a.response is not None:
-                    client = self.by_ip.get(a.response[16:20])
-                    if client is not None and client.port is not None:
-                        self._emit_ip(client.port, a.response, now)
-                self._count(DROP_HOLD_TIMEOUT, 1)
-            elif isinstance(a, svc_mod.Signal) and self.on_signal is not None:
-                self.on_signal(svc.name, a)
-        self._service_signals(svc)
-
-    def _send_released(self, r: svc_mod.Released, now: float) -> None:
-        h = r.off - packets.ETH_HLEN
-        b = bytearray(r.frame)
-        dpod = self.by_ip.get(bytes(b[r.off + 16:r.off + 20]))
-        if dpod is None or h < 0:
-            self._count(DROP_NO_ROUTE, 1)
+    def _not_deliverable(self, dpod: Pod, port: Port, buf: bytearray, h: int, n: int,
+                         ip: int, now: float) -> None:
+        if dpod.remote is not None:
+            if self.tunnel_id is None:
+                self.icmp_error(port, buf, ip, ICMP_UNREACH, UNREACH_HOST, now, DROP_NO_TUNNEL)
+            else:
+                self._to_remote(dpod.remote, port, buf, h, n, ip, now)
             return
-        if dpod.remote is not None or dpod.port is None or dpod.l2 is None:
-            # Not deliverable yet (a pod on another worker, a port not attached, a MAC
-            # not learned): the pod's own hold and ARP take over, as for any frame.
-            self._hold(dpod, self._released_port, b, h, len(b), r.off, now)
+        hold = self.hold
+        if not hold.add(dpod, h, bytes(buf[:n]), now):
+            port.drop(DROP_HOLD_OVERFLOW)
             return
-        b[h:h + 12] = dpod.l2
-        self._emit(dpod.port, b, h, now)
+        if hold.wants_arp(dpod, now):
+            self._arp_for(dpod, now)
 
-    def _service_signals(self, svc: svc_mod.Service) -> None:
-        if svc.signals_pending:
-            sigs = svc.take_signals()
-            if self.on_signal is not None:
-                for sig in sigs:
-                    self.on_signal(svc.name, sig)
+    def _release(self, pod: Pod, now: float) -> None:
+        out = pod.port
+        if out is None or pod.mac is None or not pod.pending:
+            return
+        for _, h, frame in self.hold.take(pod):
+            b = bytearray(frame)
+            b[h:h + 12] = pod.l2
+            ip = h + 14
+            total = b[ip + 2] << 8 | b[ip + 3]
+            if total > out.mtu:
+                # The egress MTU was unknown when the frame was held: apply it now, with
+                # drops and ICMP going to the sender (counted here if it left meanwhile).
+                sender = self.by_ip.get(bytes(b[ip + 12:ip + 16]))
+                sport = sender.port if sender is not None else None
+                tmp = sport or Port(vnet=False, mtu=0)
+                ok = self._fits(out, tmp, b, h, len(b), ip, (b[ip] & 15) << 2, total, now)
+                if sport is None:
+                    for reason, k in tmp.drops.items():
+                        self.count(reason, k)
+                if not ok:
+                    continue
+            self._emit(out, b, h, now)
 
-    # --- pods on other workers -----------------------------------------------------------
+    def _arp_for(self, pod: Pod, now: float) -> None:
+        port = pod.port
+        if port is None:
+            return
+        req = packets.arp_frame(ARP_REQUEST, self.gw_mac, self.gw_ip, b"\0" * 6, pod.ip,
+                                BROADCAST_MAC)
+        self.hold.arped(pod, now)
+        self._emit(port, req, 0, now)
 
     def _to_remote(self, worker: str, port: Port, buf: bytearray, h: int, n: int, ip: int,
                    now: float) -> None:
-        """Hand a packet for a pod on another worker to the tunnel: super-frames are
-        segmented and partial checksums completed first (the far side gets plain packets),
-        TCP SYNs get their MSS clamped to the tunnel, and packets too big for the tunnel
-        get fragmentation-needed (DF) or are fragmented."""
-        send = self.tunnel_send
-        assert send is not None
+        """A packet for a pod on another worker: plain, clamped, fitting packets become
+        outputs of the worker's tunnel attachment (fabric.router.remote)."""
+        mtu = self.tunnel_mtu
         try:
-            if h and (buf[1] != GSO_NONE or buf[0] & F_NEEDS_CSUM):
-                segs = [f[packets.ETH_HLEN:]
-                        for f in gso.segment(memoryview(buf)[h:n], VnetHdr.parse(buf))]
-            else:
-                total = buf[ip + 2] << 8 | buf[ip + 3]
-                segs = [bytes(buf[ip:ip + total])]
+            pkts, too_big = tunnel_packets(buf, h, n, ip, mtu)
         except Malformed:
             port.drop(DROP_BAD_OFFLOAD)
             return
-        mtu = self.tunnel_mtu
-        out: list[bytes] = []
-        for seg in segs:
-            pkt = bytearray(seg)
-            packets.clamp_mss(pkt, mtu - 40)
-            if len(pkt) <= mtu:
-                out.append(bytes(pkt))
-            elif (pkt[6] << 8 | pkt[7]) & IP_DF:
-                b = bytearray(h + packets.ETH_HLEN) + pkt
-                self._icmp_error(port, b, h + packets.ETH_HLEN, ICMP_UNREACH,
-                                 UNREACH_FRAG_NEEDED, now, DROP_TOO_BIG, mtu=mtu)
-                break
-            else:
-                out.extend(packets.fragment(pkt, mtu))
-        if out:
-            send(worker, out, now)
+        if pkts:
+            tp = self._tunnels.get(worker)
+            if tp is None:
+                assert self.tunnel_id is not None
+                tp = self._tunnels[worker] = tunnel_port(worker, self.tunnel_id, mtu)
+            outputs = self.outputs
+            for p in pkts:
+                tp.tx_packets += 1
+                tp.tx_bytes += len(p)
+                outputs.append((tp, p))
+        if too_big is not None:
+            b = bytearray(h + packets.ETH_HLEN) + too_big
+            self.icmp_error(port, b, h + packets.ETH_HLEN, ICMP_UNREACH, UNREACH_FRAG_NEEDED,
+                            now, DROP_TOO_BIG, mtu=mtu)
 
     def receive_remote(self, worker: str, packet: bytes, now: float,
                        vnet_hdr: bytes | None = None) -> None:
@@ -730,15 +615,16 @@ class Router:
             drops[DROP_NO_ROUTE] = drops.get(DROP_NO_ROUTE, 0) + 1
             return
         # A coalesced super-frame from the tunnel keeps its virtio-net header (GSO).
-        h = VNET_HDR_LEN if vnet_hdr is not None else 0
+        h = len(vnet_hdr) if vnet_hdr is not None else 0
         b = bytearray(vnet_hdr or b"") + bytearray(packets.ETH_HLEN) + packet[:total]
         ip = h + packets.ETH_HLEN
         if spod.ip in self.backend_ips:  # a remote backend answering a service flow
-            dpod = self.by_ip.get(self._from_backend(spod.ip, b, h, ip, total, now))
+            assert self.services is not None
+            dpod = self.by_ip.get(self.services.from_backend(spod.ip, b, h, ip, total, now))
             if dpod is None or dpod.remote is not None:
                 drops[DROP_NO_ROUTE] = drops.get(DROP_NO_ROUTE, 0) + 1
                 return
-        if not _decrement_ttl(b, ip):
+        if not decrement_ttl(b, ip):
             drops[DROP_TTL] = drops.get(DROP_TTL, 0) + 1
             return
         b[h + 12] = 8
@@ -746,7 +632,7 @@ class Router:
         out = dpod.port
         if out is None or dpod.l2 is None:
             b[h + 6:h + 12] = self.gw_mac
-            self._hold(dpod, self._released_port, b, h, len(b), ip, now)
+            self._not_deliverable(dpod, self._released_port, b, h, len(b), ip, now)
             return
         b[h:h + 12] = dpod.l2
         if total > out.mtu and not self._fits(out, self._released_port, b, h, len(b), ip,
@@ -764,7 +650,7 @@ class Router:
             self._emit(out, bytes(buf[:n]), h, now)
             return None
         if h:
-            _shift_vnet(buf, 0, L3_OFF, -L3_OFF)
+            shift_vnet(buf, 0, L3_OFF, -L3_OFF)
         out.tx_packets += 1
         out.tx_bytes += n - L3_OFF
         return out
@@ -774,15 +660,15 @@ class Router:
         nat = self.egress
         out = self.uplink
         assert nat is not None and out is not None
-        if not _decrement_ttl(buf, ip):
-            self._icmp_error(port, buf, ip, ICMP_TIME_EXCEEDED, 0, now, DROP_TTL)
+        if not decrement_ttl(buf, ip):
+            self.icmp_error(port, buf, ip, ICMP_TIME_EXCEEDED, 0, now, DROP_TTL)
             return None
         total = buf[ip + 2] << 8 | buf[ip + 3]
         verdict = nat.outbound(buf, ip, total, now, bool(h and buf[0] & F_NEEDS_CSUM))
         if verdict != verdicts.OK:
             if verdict == verdicts.DENIED:
-                self._icmp_error(port, buf, ip, ICMP_UNREACH, UNREACH_ADMIN, now,
-                                 DROP_EGRESS_DENIED)
+                self.icmp_error(port, buf, ip, ICMP_UNREACH, UNREACH_ADMIN, now,
+                                DROP_EGRESS_DENIED)
             elif verdict == verdicts.FULL:
                 port.drop(DROP_EGRESS_FULL)
             elif verdict == verdicts.UNSUPPORTED:
@@ -853,114 +739,36 @@ class Router:
         if dpod is None:
             port.drop(DROP_NO_ROUTE)
             return None
-        if routed and not _decrement_ttl(buf, ip):
+        if routed and not decrement_ttl(buf, ip):
             port.drop(DROP_TTL)
             return None
         if h:
-            _shift_vnet(buf, L3_OFF, 0, L3_OFF)
+            shift_vnet(buf, L3_OFF, 0, L3_OFF)
         buf[h + 6:h + 14] = self.gw_mac + b"\x08\x00"
         # The IP header now sits at h + 14, which is `ip` (L3_OFF == 14).
-        return self._deliver(dpod, port, buf, h, n, ip, total, now)
+        return self.deliver(dpod, port, buf, h, n, ip, total, now)
 
-    def _to_gateway(self, port: Port, buf: bytearray, h: int, n: int, ip: int, ihl: int,
-                    now: float) -> None:
-        proto = buf[ip + 9]
-        total = buf[ip + 2] << 8 | buf[ip + 3]
-        frag = (buf[ip + 6] << 8 | buf[ip + 7]) & 0x3FFF
-        if proto == PROTO_ICMP and not frag and total >= ihl + 8:
-            icmp = ip + ihl
-            if buf[icmp] == ICMP_ECHO_REQUEST:
-                msg = bytes(buf[icmp:ip + total])
-                if checksum.ones_sum(msg) != 0xFFFF:
-                    port.drop(DROP_BAD_CHECKSUM)
-                    return
-                ident, seq = struct.unpack_from("!HH", msg, 4)
-                reply = packets.icmp_echo(self.gw_ip, bytes(buf[ip + 12:ip + 16]), ident, seq,
-                                          msg[8:], reply=True)
-                self._emit_ip(port, reply, now)
-                return
-        if proto in (PROTO_TCP, PROTO_UDP):
-            self._icmp_error(port, buf, ip, ICMP_UNREACH, UNREACH_PORT, now, DROP_GATEWAY_PORT)
-        else:
-            port.drop(DROP_GATEWAY_PORT)
+    # --- what the router sends itself ---------------------------------------------------------
 
-    def _hold(self, dpod: Pod, port: Port, buf: bytearray, h: int, n: int, ip: int,
-              now: float) -> None:
-        if dpod.remote is not None:
-            if self.tunnel_send is None:
-                self._icmp_error(port, buf, ip, ICMP_UNREACH, UNREACH_HOST, now,
-                                 DROP_NO_TUNNEL)
-            else:
-                self._to_remote(dpod.remote, port, buf, h, n, ip, now)
-            return
-        if len(dpod.pending) >= self.hold_packets:
-            port.drop(DROP_HOLD_OVERFLOW)
-            return
-        dpod.pending.append((now, h, bytes(buf[:n])))
-        self._held[dpod] = None
-        if dpod.port is not None and dpod.mac is None and now >= dpod.arp_due:
-            self._arp_for(dpod, now)
-
-    def _release(self, pod: Pod, now: float) -> None:
-        out = pod.port
-        if out is None or pod.mac is None or not pod.pending:
-            return
-        for _, h, frame in pod.pending:
-            b = bytearray(frame)
-            b[h:h + 12] = pod.l2
-            ip = h + 14
-            total = b[ip + 2] << 8 | b[ip + 3]
-            if total > out.mtu:
-                # The egress MTU was unknown when the frame was held: apply it now, with
-                # drops and ICMP going to the sender (counted here if it left meanwhile).
-                sender = self.by_ip.get(bytes(b[ip + 12:ip + 16]))
-                sport = sender.port if sender is not None else None
-                tmp = sport or Port(vnet=False, mtu=0)
-                ok = self._fits(out, tmp, b, h, len(b), ip, (b[ip] & 15) << 2, total, now)
-                if sport is None:
-                    for reason, k in tmp.drops.items():
-                        self._count(reason, k)
-                if not ok:
-                    continue
-            self._emit(out, b, h, now)
-        pod.pending.clear()
-        self._held.pop(pod, None)
-
-    def _arp_for(self, pod: Pod, now: float) -> None:
-        port = pod.port
-        if port is None:
-            return
-        req = packets.arp_frame(ARP_REQUEST, self.gw_mac, self.gw_ip, b"\0" * 6, pod.ip,
-                                BROADCAST_MAC)
-        pod.arp_due = now + ARP_RETRY
-        self._emit(port, req, 0, now)
-
-    def _icmp_error(self, port: Port, buf: bytearray, ip: int, icmp_type: int, code: int,
-                    now: float, reason: str, mtu: int = 0) -> None:
-        """Drop the packet with `reason` and tell its sender, unless ICMP must stay quiet."""
+    def icmp_error(self, port: Port, buf: bytearray, ip: int, icmp_type: int, code: int,
+                   now: float, reason: str, mtu: int = 0) -> None:
+        """Drop the packet with `reason` and tell its sender, unless ICMP must stay quiet
+        (fabric.router.icmp)."""
         port.drop(reason)
-        ihl = (buf[ip] & 15) << 2
-        frag = (buf[ip + 6] << 8 | buf[ip + 7]) & 0x1FFF
-        if frag or packets.is_icmp_error(memoryview(buf)[ip:], ihl):
+        if must_stay_quiet(buf, ip):
             return
-        src = _from_bytes(buf[ip + 12:ip + 16], "big")
-        if src == 0 or src >> 28 == 0xE:
-            return
-        elapsed = now - self._icmp_last
-        self._icmp_last = now
-        self._icmp_tokens = min(ICMP_BURST, self._icmp_tokens + max(elapsed, 0.0) * ICMP_RATE)
-        if self._icmp_tokens < 1.0:
+        if not self.icmp.allow(now):
             port.drop(DROP_ICMP_RATELIMIT)
             return
-        self._icmp_tokens -= 1.0
         total = buf[ip + 2] << 8 | buf[ip + 3]
         msg = packets.icmp_error(self.gw_ip, memoryview(buf)[ip:ip + total], icmp_type, code,
                                  mtu=mtu)
         sender = self.by_ip.get(bytes(buf[ip + 12:ip + 16]))
         if sender is not None and sender.port is not None:
-            self._emit_ip(sender.port, msg, now)
+            self.send_ip(sender.port, msg, now)
 
-    def _emit_ip(self, port: Port, packet: bytes, now: float) -> None:
+    def send_ip(self, port: Port, packet: bytes, now: float) -> None:
+        """An IPv4 packet from the gateway to the pod behind `port`."""
         pod = port.pod
         if pod is None or pod.mac is None:
             return
@@ -981,7 +789,7 @@ class Router:
                 return
         oh = out.hlen
         if out.l3:
-            frames = [_strip_l2(f, oh) for f in frames]
+            frames = [strip_l2(f, oh) for f in frames]
         for f in frames:
             out.tx_packets += 1
             out.tx_bytes += len(f)
@@ -992,89 +800,39 @@ class Router:
     # --- timers --------------------------------------------------------------------------
 
     def next_timer(self) -> float | None:
-        t: float | None = self.egress.next_timer() if self.egress is not None else None
-        for svc in self.services.values():
-            st = svc.next_timer()
-            if st is not None and (t is None or st < t):
-                t = st
-        for pod in self._held:
-            if pod.pending:
-                d = pod.pending[0][0] + self.hold_timeout
-                t = d if t is None or d < t else t
-            if pod.pending and pod.port is not None and pod.mac is None:
-                t = pod.arp_due if t is None or pod.arp_due < t else t
+        t = self.hold.next_timer()
+        if self.egress is not None:
+            e = self.egress.next_timer()
+            if e is not None and (t is None or e < t):
+                t = e
+        if self.services is not None:
+            s = self.services.next_timer()
+            if s is not None and (t is None or s < t):
+                t = s
         return t
 
     def handle_timer(self, now: float) -> None:
         """Expire held frames (their senders get ICMP host unreachable), retry ARP, and
-        let egress NAT expire its flows."""
+        let egress NAT and services do what is due."""
         if self.egress is not None:
             self.egress.handle_timer(now)
-        for svc in list(self.services.values()):
-            self._service_actions(svc, svc.handle_timer(now), now)
-            self._tell_activators(svc)
-        for pod in list(self._held):
-            q = pod.pending
-            # The same sum next_timer() computes, so handling a timer at its due time
-            # always expires what made it due (now - timeout can round below it).
-            while q and q[0][0] + self.hold_timeout <= now:
-                _, h, frame = q.popleft()
-                b = bytearray(frame)
-                sender = self.by_ip.get(bytes(b[h + 26:h + 30]))
-                if sender is not None and sender.port is not None:
-                    self._icmp_error(sender.port, b, h + 14, ICMP_UNREACH, UNREACH_HOST, now,
-                                     DROP_HOLD_TIMEOUT)
-                else:
-                    self._count(DROP_HOLD_TIMEOUT, 1)
-            if not q:
-                self._held.pop(pod, None)
-            elif pod.port is not None and pod.mac is None and now >= pod.arp_due:
-                self._arp_for(pod, now)
+        if self.services is not None:
+            self.services.handle_timer(now)
+        for h, frame in self.hold.expired(now):
+            b = bytearray(frame)
+            sender = self.by_ip.get(bytes(b[h + 26:h + 30]))
+            if sender is not None and sender.port is not None:
+                self.icmp_error(sender.port, b, h + 14, ICMP_UNREACH, UNREACH_HOST, now,
+                                DROP_HOLD_TIMEOUT)
+            else:
+                self.count(DROP_HOLD_TIMEOUT, 1)
+        for pod in self.hold.arp_due(now):
+            self._arp_for(pod, now)
 
     # --- counters ------------------------------------------------------------------------
 
-    def _count(self, reason: str, k: int) -> None:
+    def count(self, reason: str, k: int) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + k
 
     def held(self) -> int:
-        return sum(len(p.pending) for p in self.pods.values())
-
-
-def _shift_vnet(buf: bytearray, src: int, dst: int, delta: int) -> None:
-    """Move a virtio-net header from buf[src:] to buf[dst:], moving its offsets (which
-    count from the start of the frame) by `delta` bytes, as when an Ethernet header is
-    removed (-14) or added (+14) between the header and the IP packet."""
-    hdr = bytes(buf[src:src + VNET_HDR_LEN])
-    buf[dst:dst + VNET_HDR_LEN] = hdr
-    hdr_len = hdr[2] | hdr[3] << 8
-    if hdr_len:
-        hdr_len = max(hdr_len + delta, 0)
-        buf[dst + 2] = hdr_len & 0xFF
-        buf[dst + 3] = hdr_len >> 8
-    if hdr[0] & F_NEEDS_CSUM:
-        start = max((hdr[6] | hdr[7] << 8) + delta, 0)
-        buf[dst + 6] = start & 0xFF
-        buf[dst + 7] = start >> 8
-
-
-def _strip_l2(frame: bytes, h: int) -> bytes:
-    """An L2 frame (with an h-byte virtio-net header) as an L3 port takes it."""
-    if not h:
-        return frame[packets.ETH_HLEN:]
-    b = bytearray(frame)
-    _shift_vnet(b, 0, L3_OFF, -L3_OFF)
-    return bytes(b[L3_OFF:])
-
-
-def _decrement_ttl(buf: bytearray, ip: int) -> bool:
-    """TTL - 1 with the header checksum updated as Linux does (the router's main path
-    has the same lines inline); False when the packet's time is up."""
-    ttl = buf[ip + 8]
-    if ttl <= 1:
-        return False
-    buf[ip + 8] = ttl - 1
-    c = (buf[ip + 10] << 8 | buf[ip + 11]) + 0x100
-    c = (c + (c >= 0xFFFF)) & 0xFFFF
-    buf[ip + 10] = c >> 8
-    buf[ip + 11] = c & 0xFF
-    return True
+        return self.hold.held()

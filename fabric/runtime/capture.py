@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
-from fabric.router.router import Port
+from fabric.router.model import Port
 
 QUEUE_LIMIT = 8192
 

@@ -1,47 +1,102 @@
-"""The I/O shell of the packet path: a dedicated thread that reads frames from port
-fds, hands them to their namespace's router and writes what it returns.
+"""The I/O shell of the packet path: a dedicated thread that reads frames from port fds,
+hands them to their namespace's router, writes what comes back, and keeps every core's
+timers.
 
 Why a thread of its own: an asyncio callback per readiness event costs more than the
 router itself, and keeping the loop off the control plane's event loop lets the
-control API stay responsive under load. Everything that touches routers or port fds
-runs on this thread: the control side submits changes with `call()`, which runs them
-between frames and waits for the result, so a port is never closed under a read.
+control API stay responsive under load. Everything that touches routers, service
+dispatch, probes, the tunnel link or port fds runs on this thread: the control side
+submits changes with `call()`, which runs them between frames and waits for the
+result, so a port is never closed under a read.
 
 One preallocated buffer serves every read (a frame is routed to completion before the
 next read), each wakeup drains a port until EAGAIN or a batch limit (fairness), and
 router outputs are flushed right after the frame that made them, so order is kept.
+Outputs for a tunnel attachment (a peer worker) go through the tunnel link, runs of one
+peer's packets in one batch (one GSO send). Packets the tunnel link decrypts go to the
+router of their namespace id; packets from the egress uplink to the router whose egress
+address they are for.
+
+Timers, one discipline (aioquic's ``transmit()``/``get_timer()``): every owner of
+timers is ``Timed`` (``next_timer()``/``handle_timer(now)``); right after any call into
+an owner (a batch of its frames, a handler, its timer, a control-side call) the data
+plane re-reads the deadlines of the owner and of its group (a namespace's router and
+its probe runner are one group: what one does moves the other's deadline) and keeps
+them in one heap. The earliest deadline arms a timerfd at its absolute time, so timers
+fire to the microsecond, not on a polling tick; lateness is only what the thread is
+busy with when a deadline comes.
 """
 
 from __future__ import annotations
 
 import errno
+import heapq
+import itertools
 import logging
 import os
 import select
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from typing import Any, Protocol, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol, TypeVar, cast
 
-from fabric.router.router import DROP_TX_ERROR, DROP_TX_FULL, L3_OFF, Port, Router
+from fabric.router.model import DROP_TX_ERROR, DROP_TX_FULL, KIND_TUNNEL, L3_OFF, Port
+from fabric.runtime.timerfd import TimerFd
 
 log = logging.getLogger("fabricd.dataplane")
 
 BATCH = 256
 BUF_SIZE = 256 * 1024
-TICK = 0.1
-FAST_TICK = 0.0005
+MAX_WAIT = 1.0  # poll at least this often (a safety net; timers do not rely on it)
+CALL_TIMEOUT = 30.0
 T = TypeVar("T")
 
 Receive = Callable[[Port, bytearray, int, float], "Port | None"]
 
 
-class Owner(Protocol):
-    """What reads a port: a namespace's router, or the uplink's demultiplexer."""
+class Timed(Protocol):
+    """What has timers: cores and shells the data plane drives."""
 
     name: str
+
+    def next_timer(self) -> float | None: ...
+
+    def handle_timer(self, now: float) -> None: ...
+
+
+class Owner(Timed, Protocol):
+    """What reads ports and queues frames: a namespace's router."""
+
     outputs: list[tuple[Port, bytes]]
+
+    def receive(self, port: Port, buf: bytearray, n: int, now: float) -> Port | None: ...
+
+    def receive_l3(self, port: Port, buf: bytearray, n: int, now: float) -> Port | None: ...
+
+    def receive_remote(self, worker: str, packet: bytes, now: float,
+                       vnet_hdr: bytes | None = None) -> None: ...
+
+    def receive_egress(self, port: Port, buf: bytearray, n: int,
+                       now: float) -> Port | None: ...
+
+
+class TunnelLink(Timed, Protocol):
+    """The tunnel's UDP link (tunnels.link.TunnelLink) as the data plane drives it."""
+
+    def fileno(self) -> int: ...
+
+    def readable(self, now: float) -> Iterator[list[tuple[str, int, bytes, bytes | None]]]: ...
+
+    def send_many(self, peer: str, ns_id: int, packets: list[bytes], now: float) -> None: ...
+
+
+class Uplink(Protocol):
+    """The worker's egress TUN (gateway.uplink.Uplink) as the data plane drives it."""
+
+    name: str
+
+    def route(self, port: Port, buf: bytearray, n: int) -> Owner | None: ...
 
 
 class _Call:
@@ -55,23 +110,48 @@ class _Call:
         self.error: BaseException | None = None
 
 
+class _NoOutputs:
+    """The owner of readers whose frames go to other owners (the uplink)."""
+
+    name = "uplink"
+    outputs: list[tuple[Port, bytes]] = []
+
+
 class DataPlane:
     def __init__(self) -> None:
         self.buf = bytearray(BUF_SIZE)
         self.mv = memoryview(self.buf)
-        self.routers: dict[Router, None] = {}
+        # Timed owner -> its group (itself first); routers are also in `routers`.
+        self._groups: dict[Timed, tuple[Timed, ...]] = {}
+        self.routers: dict[Any, None] = {}
         # fd -> (owner, port, receive function, read offset)
-        self.ports: dict[int, tuple[Owner, Port, Receive, int]] = {}
-        self.handlers: dict[int, tuple[Callable[[], None], str]] = {}
-        # Called every loop turn with `now`; any returning True makes the loop turn at
-        # least every FAST_TICK (service probes while clients wait).
-        self.fast_tickers: list[Callable[[float], bool]] = []
+        self.ports: dict[int, tuple[Any, Port, Receive, int]] = {}
+        # fd -> (callback, name, owner whose group it touches)
+        self.handlers: dict[int, tuple[Callable[[], None], str, Timed | None]] = {}
+        self.tunnel: TunnelLink | None = None
+        self.by_ns_id: dict[int, Owner] = {}
+        self.uplink: Uplink | None = None
         self.rx_errors = 0
         self.wakeups = 0
         self.frames = 0
+        self.timer_fires = 0
+        self.tunnel_unknown_namespace = 0
+        # The deadline heap: (when, seq, owner); an entry is current while it equals the
+        # owner's armed deadline, else it is skipped when it comes up.
+        self._heap: list[tuple[float, int, Timed]] = []
+        self._armed: dict[Timed, float | None] = {}
+        self._seq = itertools.count()
+        self._dirty: dict[Timed, None] = {}
         self._ep = select.epoll()
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._ep.register(self._wake_fd, select.EPOLLIN)
+        self._timer: TimerFd | None
+        try:
+            self._timer = TimerFd()
+            self._ep.register(self._timer.fd, select.EPOLLIN)
+        except OSError as e:
+            log.warning("no timerfd (%s): timers fall back to epoll timeouts (1 ms)", e)
+            self._timer = None
         self._calls: deque[_Call] = deque()
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -92,64 +172,115 @@ class DataPlane:
             self._thread = None
         self._ep.close()
         os.close(self._wake_fd)
+        if self._timer is not None:
+            self._timer.close()
+
+    @property
+    def on_thread(self) -> bool:
+        """Whether the caller runs as the data plane (its thread, or inline before start)."""
+        return self._thread is None or threading.current_thread() is self._thread
 
     # --- control side --------------------------------------------------------------------
 
     def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run fn(*args) on the data-plane thread between frames and return its result
-        (or raise its exception). Runs inline before start() or on the thread itself."""
-        if self._thread is None or threading.current_thread() is self._thread:
-            return fn(*args)
+        (or raise its exception). Runs inline before start() or on the thread itself.
+        Afterwards every owner's outputs are flushed and every deadline re-read."""
+        if self.on_thread:
+            try:
+                return fn(*args)
+            finally:
+                if self._thread is None:
+                    self._after_calls()
         c = _Call(fn, args)
         self._calls.append(c)
         os.eventfd_write(self._wake_fd, 1)
-        if not c.done.wait(30):
-            raise RuntimeError("the data plane did not answer within 30 s")
+        if not c.done.wait(CALL_TIMEOUT):
+            raise RuntimeError(f"the data plane did not answer within {CALL_TIMEOUT:.0f} s")
         if c.error is not None:
             raise c.error
-        return c.result  # type: ignore[no-any-return]
+        return cast(T, c.result)
 
-    def add_router(self, router: Router) -> None:
-        self.call(self.routers.__setitem__, router, None)
+    def add_owner(self, owner: Timed, group: Timed | None = None) -> None:
+        """Keep `owner`'s timers; with `group`, it joins that owner's group (both are
+        re-read after a call into either). Routers are owners of their ports."""
+        self.call(self._add_owner, owner, group)
 
-    def remove_router(self, router: Router) -> None:
-        self.call(self.routers.pop, router, None)
+    def remove_owner(self, owner: Timed) -> None:
+        self.call(self._remove_owner, owner)
 
-    def add_port(self, router: Router, port: Port) -> None:
-        """Start reading `port` (call from the control side, or inside `call`)."""
-        if port.l3:
-            self.call(self._add_port, router, port, router.receive_l3, L3_OFF)
-        else:
-            self.call(self._add_port, router, port, router.receive, 0)
-
-    def add_reader(self, owner: Owner, port: Port, receive: Receive, offset: int) -> None:
-        """Read `port` with a receive function of another owner (the uplink)."""
-        self.call(self._add_port, owner, port, receive, offset)
+    def add_port(self, router: Owner, port: Port, receive: Receive | None = None) -> None:
+        """Start reading `port` for `router` (its receive, or receive_l3 for L3 ports)."""
+        if receive is None:
+            receive = router.receive_l3 if port.l3 else router.receive
+        self.call(self._add_port, router, port, receive, L3_OFF if port.l3 else 0)
 
     def remove_port(self, port: Port) -> None:
         """Stop reading `port`; once this returns the fd may be closed."""
         self.call(self._remove_port, port)
 
-    def add_handler(self, fd: int, fn: Callable[[], None], name: str) -> None:
-        """Call fn() on the data-plane thread whenever `fd` is readable (it reads itself:
-        for sockets that need the sender's address, like the tunnel's UDP socket)."""
-        self.call(self._add_handler, fd, fn, name)
+    def add_handler(self, fd: int, fn: Callable[[], None], name: str,
+                    owner: Timed | None = None) -> None:
+        """Call fn() on the data-plane thread whenever `fd` is readable (it reads itself);
+        `owner`'s group is flushed and re-read afterwards."""
+        self.call(self._add_handler, fd, fn, name, owner, select.EPOLLIN)
 
     def remove_handler(self, fd: int) -> None:
         self.call(self._remove_fd, fd)
 
-    def _add_handler(self, fd: int, fn: Callable[[], None], name: str,
-                     mask: int = select.EPOLLIN) -> None:
-        self.handlers[fd] = (fn, name)
-        self._ep.register(fd, mask)
+    def attach_tunnel(self, link: TunnelLink | None) -> None:
+        """Send tunnel attachments' packets through `link`, route what it decrypts."""
+        self.call(self._attach_tunnel, link)
 
-    def add_writer_here(self, fd: int, fn: Callable[[], None], name: str) -> None:
+    def route_tunnel(self, ns_id: int, router: Owner | None) -> None:
+        """Packets from the tunnel with this namespace id go to `router` (None: nowhere)."""
+        self.call(self._route_tunnel, ns_id, router)
+
+    def attach_uplink(self, uplink: Uplink | None, port: Port | None) -> None:
+        """Read the worker's egress TUN; its packets go to the router uplink.route names."""
+        self.call(self._attach_uplink, uplink, port)
+
+    # --- on the data-plane thread ----------------------------------------------------------
+
+    def watch_writable(self, fd: int, fn: Callable[[], None], name: str,
+                       owner: Timed | None = None) -> None:
         """On the data-plane thread: call fn() once `fd` is writable (a connect done);
-        the caller removes it with remove_fd_here()."""
-        self._add_handler(fd, fn, name, select.EPOLLOUT)
+        the caller stops it with unwatch()."""
+        self._add_handler(fd, fn, name, owner, select.EPOLLOUT)
 
-    def remove_fd_here(self, fd: int) -> None:
+    def unwatch(self, fd: int) -> None:
+        """On the data-plane thread: forget a handler (see watch_writable)."""
         self._remove_fd(fd)
+
+    def _add_owner(self, owner: Timed, group: Timed | None) -> None:
+        if group is None:
+            self._groups[owner] = (owner,)
+        else:
+            members = tuple(m for m in self._groups.get(group, (group,)) if m is not owner)
+            members += (owner,)
+            for m in members:
+                self._groups[m] = (m,) + tuple(x for x in members if x is not m)
+        if hasattr(owner, "outputs"):
+            self.routers[owner] = None
+        self._dirty[owner] = None
+
+    def _remove_owner(self, owner: Timed) -> None:
+        group = self._groups.pop(owner, ())
+        for m in group[1:]:
+            rest = self._groups.get(m)
+            if rest is not None:
+                self._groups[m] = tuple(x for x in rest if x is not owner)
+        self.routers.pop(owner, None)
+        self._armed.pop(owner, None)
+        self._dirty.pop(owner, None)
+        for k, r in list(self.by_ns_id.items()):
+            if r is owner:
+                del self.by_ns_id[k]
+
+    def _add_handler(self, fd: int, fn: Callable[[], None], name: str, owner: Timed | None,
+                     mask: int) -> None:
+        self.handlers[fd] = (fn, name, owner)
+        self._ep.register(fd, mask)
 
     def _remove_fd(self, fd: int) -> None:
         if self.handlers.pop(fd, None) is not None:
@@ -158,11 +289,9 @@ class DataPlane:
             except (OSError, ValueError):
                 pass
 
-    def _add_port(self, owner: Owner, port: Port, receive: Receive, offset: int) -> None:
+    def _add_port(self, owner: Any, port: Port, receive: Receive, offset: int) -> None:
         self.ports[port.fd] = (owner, port, receive, offset)
         self._ep.register(port.fd, select.EPOLLIN)
-        if owner.outputs:
-            self.flush(owner)
 
     def _remove_port(self, port: Port) -> None:
         entry = self.ports.get(port.fd)
@@ -173,6 +302,32 @@ class DataPlane:
             except (OSError, ValueError):
                 pass
 
+    def _attach_tunnel(self, link: TunnelLink | None) -> None:
+        old = self.tunnel
+        if old is not None:
+            self._remove_fd(old.fileno())
+            self._remove_owner(old)
+        self.tunnel = link
+        if link is not None:
+            self._add_handler(link.fileno(), self._tunnel_readable, "tunnel", link,
+                              select.EPOLLIN)
+            self._add_owner(link, None)
+
+    def _route_tunnel(self, ns_id: int, router: Owner | None) -> None:
+        if router is None:
+            self.by_ns_id.pop(ns_id, None)
+        else:
+            self.by_ns_id[ns_id] = router
+
+    def _attach_uplink(self, uplink: Uplink | None, port: Port | None) -> None:
+        if self.uplink is not None:
+            for entry in list(self.ports.values()):
+                if entry[0] is _NO_OUTPUTS:
+                    self._remove_port(entry[1])
+        self.uplink = uplink
+        if uplink is not None and port is not None:
+            self._add_port(_NO_OUTPUTS, port, self._from_uplink, L3_OFF)
+
     # --- the thread ----------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -180,13 +335,12 @@ class DataPlane:
         ports = self.ports
         handlers = self.handlers
         wake = self._wake_fd
+        timer = self._timer
+        timer_fd = timer.fd if timer is not None else -1
         readable = self._readable
-        next_tick = time.monotonic() + TICK
-        next_fast = 0.0
-        fast = False
         while not self._stop:
             try:
-                events = poll(FAST_TICK if fast else TICK)
+                events = poll(self._wait())
             except InterruptedError:
                 continue
             for fd, _ in events:
@@ -194,11 +348,10 @@ class DataPlane:
                 if entry is not None:
                     readable(*entry)
                 elif fd in handlers:
-                    fn, name = handlers[fd]
-                    try:
-                        fn()
-                    except Exception:
-                        log.exception("%s: handler failed", name)
+                    self._handler(fd)
+                elif fd == timer_fd:
+                    assert timer is not None
+                    timer.clear()
                 elif fd == wake:
                     try:
                         os.eventfd_read(wake)
@@ -206,22 +359,83 @@ class DataPlane:
                         pass
             if self._calls:
                 self._run_calls()
-            now = time.monotonic()
-            if now >= next_tick:
-                next_tick = now + TICK
-                self._timers(now)
-            if now >= next_fast and self.fast_tickers:
-                # At most every FAST_TICK, however busy the ports: the packet path pays
-                # nothing per frame for probes.
-                next_fast = now + FAST_TICK
-                fast = False
-                for tick in self.fast_tickers:
-                    try:
-                        fast = tick(now) or fast
-                    except Exception:
-                        log.exception("a fast ticker failed")
+            self._due(time.monotonic())
+            if self._dirty:
+                self._rearm()
         while self._calls:
             self._run_calls()
+
+    def _wait(self) -> float:
+        """Arm the timerfd at the earliest deadline; the poll timeout to use."""
+        when = self._earliest()
+        timer = self._timer
+        if timer is not None:
+            timer.arm(when)
+            return MAX_WAIT
+        if when is None:
+            return MAX_WAIT
+        return min(MAX_WAIT, max(0.0, when - time.monotonic()))
+
+    def _earliest(self) -> float | None:
+        heap = self._heap
+        armed = self._armed
+        while heap:
+            when, _, owner = heap[0]
+            if armed.get(owner) == when:
+                return when
+            heapq.heappop(heap)  # stale: the owner's deadline moved since
+        return None
+
+    def _due(self, now: float) -> None:
+        """Handle every deadline that has come, in order."""
+        heap = self._heap
+        armed = self._armed
+        while heap and heap[0][0] <= now:
+            when, _, owner = heapq.heappop(heap)
+            if armed.get(owner) != when:
+                continue
+            armed[owner] = None
+            self.timer_fires += 1
+            try:
+                owner.handle_timer(now)
+            except Exception:
+                log.exception("%s: timer failed", owner.name)
+            self._after(owner)
+
+    def _rearm(self) -> None:
+        armed = self._armed
+        heap = self._heap
+        dirty = self._dirty
+        self._dirty = {}
+        for owner in dirty:
+            if owner not in self._groups:
+                continue
+            try:
+                t = owner.next_timer()
+            except Exception:
+                log.exception("%s: next_timer failed", owner.name)
+                t = None
+            if t != armed.get(owner):
+                armed[owner] = t
+                if t is not None:
+                    heapq.heappush(heap, (t, next(self._seq), owner))
+
+    def _after(self, owner: Timed | None) -> None:
+        """After a call into `owner`: flush its group's outputs, re-read their deadlines."""
+        if owner is None:
+            return
+        for m in self._groups.get(owner, (owner,)):
+            if getattr(m, "outputs", None):
+                self.flush(cast(Owner, m))
+            self._dirty[m] = None
+
+    def _after_calls(self) -> None:
+        for owner in list(self._groups):
+            if getattr(owner, "outputs", None):
+                self.flush(cast(Owner, owner))
+            self._dirty[owner] = None
+        if self._thread is None:
+            self._rearm()
 
     def _run_calls(self) -> None:
         while self._calls:
@@ -231,8 +445,17 @@ class DataPlane:
             except BaseException as e:  # handed back to the caller
                 c.error = e
             c.done.set()
+        self._after_calls()
 
-    def _readable(self, owner: Owner, port: Port, receive: Receive, offset: int) -> None:
+    def _handler(self, fd: int) -> None:
+        fn, name, owner = self.handlers[fd]
+        try:
+            fn()
+        except Exception:
+            log.exception("%s: handler failed", name)
+        self._after(owner)
+
+    def _readable(self, owner: Any, port: Port, receive: Receive, offset: int) -> None:
         buf = self.buf
         mv = self.mv
         bufs = [mv[offset:]] if offset else [buf]
@@ -273,29 +496,79 @@ class DataPlane:
             log.exception("%s: dropping a frame that raised", owner.name)
             owner.outputs.clear()
         self.frames += k
+        if owner is not _NO_OUTPUTS:
+            self._after(owner)
+
+    def _from_uplink(self, port: Port, buf: bytearray, n: int, now: float) -> Port | None:
+        """A packet from the egress TUN: to the router of the namespace it is for."""
+        uplink = self.uplink
+        router = uplink.route(port, buf, n) if uplink is not None else None
+        if router is None:
+            return None
+        out = router.receive_egress(port, buf, n, now)
+        if router.outputs:
+            self.flush(router)
+        self._dirty[router] = None
+        return out
+
+    def _tunnel_readable(self) -> None:
+        """Datagrams on the tunnel socket: decrypted packets to their namespaces."""
+        link = self.tunnel
+        if link is None:
+            return
+        now = time.monotonic()
+        by_id = self.by_ns_id
+        for batch in link.readable(now):
+            for peer, ns_id, packet, hdr in batch:
+                router = by_id.get(ns_id)
+                if router is None:
+                    self.tunnel_unknown_namespace += 1
+                    continue
+                try:
+                    router.receive_remote(peer, packet, now, hdr)
+                except Exception:
+                    log.exception("%s: dropping a tunnel packet that raised", router.name)
+                    router.outputs.clear()
+                if router.outputs:
+                    self.flush(router)
+                self._dirty[router] = None
 
     def flush(self, owner: Owner) -> None:
+        """Write an owner's queued frames in order; a run of packets for one tunnel
+        attachment leaves as one batch through the tunnel link."""
         outputs = owner.outputs
         write = os.write
-        for out, frame in outputs:
-            if out.fd < 0:
-                continue
-            try:
-                write(out.fd, frame)
-            except BlockingIOError:
-                out.drop(DROP_TX_FULL)
-            except OSError as e:
-                out.drop(DROP_TX_FULL if e.errno == errno.ENOBUFS else DROP_TX_ERROR)
+        i = 0
+        n = len(outputs)
+        while i < n:
+            out, frame = outputs[i]
+            i += 1
+            if out.fd >= 0:
+                try:
+                    write(out.fd, frame)
+                except BlockingIOError:
+                    out.drop(DROP_TX_FULL)
+                except OSError as e:
+                    out.drop(DROP_TX_FULL if e.errno == errno.ENOBUFS else DROP_TX_ERROR)
+            elif out.kind == KIND_TUNNEL:
+                batch = [frame]
+                while i < n and outputs[i][0] is out:
+                    batch.append(outputs[i][1])
+                    i += 1
+                self._send_tunnel(out, batch)
         outputs.clear()
 
-    def _timers(self, now: float) -> None:
-        for r in self.routers:
-            try:
-                t = r.next_timer()
-                if t is not None and t <= now:
-                    r.handle_timer(now)
-                    if r.outputs:
-                        self.flush(r)
-            except Exception:
-                log.exception("namespace %s: router timer failed", r.name)
-                r.outputs.clear()
+    def _send_tunnel(self, out: Port, batch: list[bytes]) -> None:
+        link = self.tunnel
+        if link is None or out.peer is None:
+            out.drop(DROP_TX_ERROR)
+            return
+        try:
+            link.send_many(out.peer, out.ns_id, batch, time.monotonic())
+        except Exception:
+            log.exception("tunnel: sending to %s failed", out.peer)
+            out.drop(DROP_TX_ERROR)
+        self._dirty[link] = None
+
+
+_NO_OUTPUTS = _NoOutputs()

@@ -1,7 +1,10 @@
-"""A namespace at run time: its router, its pods' ports and their readiness.
+"""A namespace at run time: its router and services, its pods' ports and readiness, its
+gateway (local stack, DNS server), egress and tunnel wiring.
 
-Port creation talks netlink and may block, so it runs in a worker thread; the router
-and the data plane are only touched from the event loop.
+Threads: this object lives on the event loop. The router, the service dispatch and the
+probe runner live on the data-plane thread and are only touched through
+``DataPlane.call`` (including every read for a view); port creation talks netlink and may
+block, so it runs in a worker thread.
 """
 
 from __future__ import annotations
@@ -10,30 +13,30 @@ import asyncio
 import ipaddress
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from fabric.config.specs import NamespaceSpec, PodSpec
+from fabric.config.specs import NamespaceSpec, PodSpec, ServiceSpec
 from fabric.errors import FabricError, NotFound, PortError
 from fabric.net import packets
 from fabric.ports.afpacket import PacketPort
 from fabric.ports.localstack import LocalStack
 from fabric.ports.tap import TapPort
-from fabric.router.router import Port, Router
+from fabric.router.model import Port
+from fabric.router.router import Router
 from fabric.runtime.capture import CaptureHub, CaptureSubscription
 from fabric.runtime.dataplane import DataPlane
 from fabric.runtime.events import EventBus
-from fabric.services.manager import Services
+from fabric.runtime.reconcile import SpecPlan
+from fabric.services.dispatch import ServiceDispatch, SignalQueue
+from fabric.services.manager import BackendState, ServiceManager
+from fabric.services.probes import ProbeRunner, SocketPool
 from gateway import resolvconf
 from gateway.dns import DnsCore
 from gateway.dns_server import DnsServer
 from gateway.egress import EgressNat
 from gateway.records import Records
 from gateway.uplink import Uplink
-
-if TYPE_CHECKING:
-    from tunnels.link import TunnelLink
 
 log = logging.getLogger("fabricd.namespace")
 
@@ -66,6 +69,10 @@ class Namespace:
         self.dataplane = dataplane
         self.bus = bus
         self.router = Router(spec.name, spec.cidr, gateway_mac=spec.gateway_mac)
+        self.signals = SignalQueue()
+        self.dispatch = ServiceDispatch(self.router, self.signals)
+        self.router.attach_services(self.dispatch)
+        self.probes: ProbeRunner | None = None
         self.pods: dict[str, PodState] = {}
         self.created = time.time()
         self.local: LocalStack | None = None
@@ -74,10 +81,10 @@ class Namespace:
         self.egress: EgressNat | None = None
         self.uplink: Uplink | None = None
         self.dns_fast: DnsCore | None = None
-        self.services: Services | None = None
+        self.services: ServiceManager | None = None
         self.records = Records(spec.name, spec.dns.domain, spec.cidr)
         self.sync_records()
-        dataplane.add_router(self.router)
+        dataplane.add_owner(self.router)
 
     async def start_local_stack(self) -> None:
         """Give the namespace its local stack: the gateway address then lives in a private
@@ -88,7 +95,8 @@ class Namespace:
         port = Port(vnet=True, mtu=spec.mtu, fd=stack.fd, kind="local", l3=True)
         self.local = stack
         self.local_port = port
-        self.dataplane.call(self._attach_local, port)
+        self.dataplane.call(self.router.attach_local, port)
+        self.dataplane.add_port(self.router, port)
         gw = str(spec.gateway)
         udp = await asyncio.to_thread(stack.listen_udp, gw, 53)
         tcp = await asyncio.to_thread(stack.listen_tcp, gw, 53)
@@ -98,12 +106,37 @@ class Namespace:
         # Local names are answered by the data plane itself (one core per thread);
         # forwarded names and TCP go on to the server above.
         self.dns_fast = DnsCore(self.records, [])
-        self.dataplane.call(setattr, self.router, "dns_local", self.dns_fast.answer_local)
+        self.dataplane.call(self.router.attach_dns, self.dns_fast.answer_local)
 
     def start_services(self) -> None:
-        """Services of the spec, held and released by the router, probed from here."""
-        self.services = Services(self)
-        self.services.apply(self.spec.services)
+        """Services of the spec: cores and probes on the data plane, the manager here."""
+        stack = self.local
+        gw = str(self.spec.gateway)
+        pool = (SocketPool(lambda n: stack.tcp_sockets_later(gw, n))
+                if stack is not None else None)
+        self.probes = ProbeRunner(self.dispatch, self.dataplane, pool)
+        self.dataplane.add_owner(self.probes, group=self.router)
+        self.services = ServiceManager(self.name, self.dataplane.call, self.dispatch,
+                                       self.probes, self.signals, self.bus.emit,
+                                       self._backend_state)
+        self.apply_services(SpecPlan(add=self.spec.services))
+
+    def apply_services(self, plan: SpecPlan) -> None:
+        assert self.services is not None
+        for name in plan.remove:
+            self.services.remove(name)
+        for spec in plan.add:
+            assert isinstance(spec, ServiceSpec)
+            self.services.add(spec)
+
+    def _backend_state(self, pod_name: str) -> BackendState | None:
+        state = self.pods.get(pod_name)
+        if state is None:
+            return None
+        spec = state.spec
+        remote = spec.kind == "remote"
+        return BackendState(str(spec.ip), state.ready and (state.port is not None or remote),
+                            remote)
 
     def start_egress(self, uplink: Uplink) -> None:
         """Give the namespace its own egress address and NAT on the worker's uplink."""
@@ -117,22 +150,14 @@ class Namespace:
 
     def _attach_egress(self, uplink: Uplink, addr: ipaddress.IPv4Address,
                        nat: EgressNat) -> None:
-        self.router.egress = nat
-        self.router.uplink = uplink.port
+        self.router.attach_egress(nat, uplink.port)
         uplink.add(self.name, addr, self.router)
 
-    def start_tunnel(self, link: TunnelLink, ns_id: int) -> None:
-        """Pods of this namespace on other workers are reached through the tunnel."""
-        send = link.send_many
-
-        def tunnel_send(worker: str, pkts: list[bytes], now: float) -> None:
-            send(worker, ns_id, pkts, now)
-
-        self.dataplane.call(self._attach_tunnel, tunnel_send)
-
-    def _attach_tunnel(self, fn: Callable[[str, list[bytes], float], None]) -> None:
-        self.router.tunnel_send = fn
-        self.router.tunnel_mtu = self.spec.mtu
+    def start_tunnel(self, ns_id: int) -> None:
+        """Pods of this namespace on other workers are reached through the tunnel (the
+        data plane sends the router's tunnel outputs and routes what comes back)."""
+        self.dataplane.call(self.router.attach_tunnel, ns_id, self.spec.mtu)
+        self.dataplane.route_tunnel(ns_id, self.router)
 
     def update_egress(self) -> None:
         if self.egress is not None:
@@ -143,10 +168,6 @@ class Namespace:
         names = {p.name: p.ip for p in self.spec.pods}
         names.update({s.name: s.ip for s in self.spec.services})
         self.records.replace_all(names)
-
-    def _attach_local(self, port: Port) -> None:
-        self.router.local = port
-        self.dataplane.add_port(self.router, port)
 
     # --- pods ----------------------------------------------------------------------------
 
@@ -160,6 +181,7 @@ class Namespace:
         state = PodState(spec, spec.ready)
         self.pods[spec.name] = state
         if spec.kind == "remote":
+            self._sync_backend(spec.name)
             return state
         try:
             await self._attach(state)
@@ -194,8 +216,13 @@ class Namespace:
             return
         self._connect(state, io, kind)
 
-    def attach_fd(self, state: PodState, io: TapPort) -> None:
+    def add_pod_fd(self, spec: PodSpec, io: TapPort) -> PodState:
+        """A pod whose port the caller opened (a TAP fd handed in)."""
+        self.dataplane.call(self.router.add_pod, spec.name, spec.ip, spec.mac)
+        state = PodState(spec, spec.ready)
+        self.pods[spec.name] = state
         self._connect(state, io, "fd")
+        return state
 
     def _connect(self, state: PodState, io: TapPort | PacketPort, kind: str) -> None:
         mtu = min(io.mtu, self.spec.mtu) if io.mtu else self.spec.mtu
@@ -217,11 +244,11 @@ class Namespace:
                             state.spec.name, e)
         self.bus.emit("pod_attached", self.name, state.spec.name, port=kind,
                       ip=str(state.spec.ip))
-        if self.services is not None:
-            self.services.sync_backend(state.spec.name)
+        self._sync_backend(state.spec.name)
 
     def _attach_port(self, name: str, port: Port, mac: str | None) -> None:
-        """On the data-plane thread: connect the port, flush what that released."""
+        """On the data-plane thread: connect the port (what it releases is flushed right
+        after the call) and start reading it."""
         self.router.attach(name, port, time.monotonic(), mac)
         self.dataplane.add_port(self.router, port)
 
@@ -250,16 +277,18 @@ class Namespace:
         if state.extra.get("resolv_conf") and state.spec.netns:
             resolvconf.remove(state.spec.netns)
         self.bus.emit("pod_detached", self.name, name)
-        if self.services is not None:
-            self.services.sync_backend(name)
+        self._sync_backend(name)
 
     def set_ready(self, name: str, ready: bool) -> None:
         state = self.get(name)
         if state.ready != ready:
             state.ready = ready
             self.bus.emit("pod_ready" if ready else "pod_unready", self.name, name)
-            if self.services is not None:
-                self.services.sync_backend(name)
+            self._sync_backend(name)
+
+    def _sync_backend(self, name: str) -> None:
+        if self.services is not None:
+            self.services.sync_backend(name)
 
     def get(self, name: str) -> PodState:
         state = self.pods.get(name)
@@ -276,31 +305,51 @@ class Namespace:
         return state.hub.add(max_frames)
 
     def close(self) -> None:
+        dp = self.dataplane
         if self.services is not None:
             self.services.close()
             self.services = None
         for name in list(self.pods):
             self.remove_pod(name)
+        if self.probes is not None:
+            dp.call(self.probes.close)
+            dp.remove_owner(self.probes)
+            self.probes = None
         if self.dns is not None:
-            self.dataplane.call(setattr, self.router, "dns_local", None)
+            dp.call(self.router.attach_dns, None)
             self.dns.close()
             self.dns = None
         if self.local_port is not None:
-            self.dataplane.remove_port(self.local_port)
-            self.dataplane.call(setattr, self.router, "local", None)
+            dp.remove_port(self.local_port)
+            dp.call(self.router.attach_local, None)
             self.local_port = None
         if self.local is not None:
             self.local.close()
             self.local = None
         if self.uplink is not None:
-            self.dataplane.call(self.uplink.remove, self.name)
-            self.dataplane.call(setattr, self.router, "egress", None)
+            dp.call(self.uplink.remove, self.name)
+            dp.call(self.router.attach_egress, None, None)
             self.uplink = None
-        self.dataplane.remove_router(self.router)
+        if self.spec.id is not None and dp.by_ns_id.get(self.spec.id) is self.router:
+            dp.route_tunnel(self.spec.id, None)
+        dp.remove_owner(self.router)
+        self.signals.close()
 
-    # --- views ---------------------------------------------------------------------------
+    # --- views (read on the data-plane thread) ---------------------------------------------
+
+    def pod_views(self, names: list[str] | None = None) -> list[dict[str, Any]]:
+        states = [self.pods[n] for n in names] if names is not None else list(
+            self.pods.values())
+        return list(self.dataplane.call(self._pod_views_here, states))
 
     def pod_view(self, state: PodState) -> dict[str, Any]:
+        return self.pod_views([state.spec.name])[0]
+
+    def _pod_views_here(self, states: list[PodState]) -> list[dict[str, Any]]:
+        dns = self.dns_settings()
+        return [self._pod_view_here(s, dns) for s in states]
+
+    def _pod_view_here(self, state: PodState, dns: dict[str, Any]) -> dict[str, Any]:
         spec = state.spec
         rpod = self.router.pods.get(spec.name)
         port = state.port
@@ -324,7 +373,7 @@ class Namespace:
             "tx_bytes": port.tx_bytes if port else 0,
             "drops": sum(drops.values()),
             "drop_reasons": drops,
-            "dns": self.dns_settings(),
+            "dns": dns,
         }
 
     def dns_settings(self) -> dict[str, Any]:
@@ -333,6 +382,9 @@ class Namespace:
         return {"nameservers": [str(self.spec.gateway)], "search": [zone, d.domain]}
 
     def summary(self) -> dict[str, Any]:
+        return dict(self.dataplane.call(self._summary_here))
+
+    def _summary_here(self) -> dict[str, Any]:
         s = self.spec
         return {
             "name": s.name,
@@ -346,6 +398,6 @@ class Namespace:
             "held": self.router.held(),
             "egress": str(self.egress.egress_ip) if self.egress is not None else None,
             "egress_flows": self.egress.flows if self.egress is not None else 0,
-            "drops": sum(dict(self.router.drops).values()) + sum(
-                sum(dict(p.port.drops).values()) for p in self.pods.values() if p.port),
+            "drops": sum(self.router.drops.values()) + sum(
+                sum(p.port.drops.values()) for p in self.pods.values() if p.port),
         }

@@ -20,12 +20,13 @@ from fabric.config.render import namespace_to_dict
 from fabric.config.specs import EgressSpec, NamespaceSpec, PodSpec, TunnelPeerSpec, TunnelSpec
 from fabric.errors import ConfigError, FabricError, NotFound
 from fabric.ports.tap import TapPort
-from fabric.router.router import L3_OFF
 from fabric.runtime.capture import CaptureSubscription
 from fabric.runtime.dataplane import DataPlane
 from fabric.runtime.events import EventBus, Subscription
-from fabric.runtime.namespace import RETRY_INTERVAL, Namespace, PodState
+from fabric.runtime.metrics import collect
+from fabric.runtime.namespace import RETRY_INTERVAL, Namespace
 from fabric.runtime.prometheus import Metric
+from fabric.runtime.reconcile import plan_namespace, plan_peers
 from gateway.uplink import Uplink
 
 if TYPE_CHECKING:
@@ -48,8 +49,6 @@ class Fabric:
         self.tunnel = tunnel
         self.link: TunnelLink | None = None
         self.peer_specs: dict[str, TunnelPeerSpec] = {}
-        self._by_id: dict[int, Namespace] = {}
-        self.tunnel_unknown_namespace = 0
         # The worker's egress TUN (and its address pool), if pods may reach the outside.
         self.egress = egress
         self.uplink: Uplink | None = None
@@ -83,7 +82,7 @@ class Fabric:
                     self._dataplane = None
                     raise
                 self.uplink = uplink
-                self._dataplane.add_reader(uplink, port, uplink.receive, L3_OFF)
+                self._dataplane.attach_uplink(uplink, port)
                 log.info("egress through %s, pool %s", self.egress.tun, self.egress.pool)
             if self.tunnel is not None:
                 await self._start_tunnel(self.tunnel)
@@ -97,11 +96,10 @@ class Fabric:
             for name in list(self.namespaces):
                 self._remove(name)
         if self._dataplane is not None:
-            if self.link is not None and self.link.sock is not None:
-                self._dataplane.remove_handler(self.link.sock.fileno())
-                self._dataplane.remove_router(self.link)  # type: ignore[arg-type]
-            if self.uplink is not None and self.uplink.port is not None:
-                self._dataplane.remove_port(self.uplink.port)
+            if self.link is not None:
+                self._dataplane.attach_tunnel(None)
+            if self.uplink is not None:
+                self._dataplane.attach_uplink(None, None)
             self._dataplane.close()
             self._dataplane = None
         if self.uplink is not None:
@@ -122,25 +120,12 @@ class Fabric:
         for peer in spec.peers:
             core.add_peer(peer.id, peer.public_key, peer.endpoint, spec.keepalive)
             self.peer_specs[peer.id] = peer
-        link = TunnelLink(core, spec.listen, self._deliver)
-        fd = await asyncio.to_thread(link.open)
+        link = TunnelLink(core, spec.listen)
+        await asyncio.to_thread(link.open)
         self.link = link
-        self.dataplane.add_handler(fd, link.readable, "tunnel")
-        self.dataplane.add_router(link)  # type: ignore[arg-type]  # for its timers
+        self.dataplane.attach_tunnel(link)
         log.info("tunnel listening on %s:%d, %d peers", spec.listen[0], spec.listen[1],
                  len(spec.peers))
-
-    def _deliver(self, peer: str, ns_id: int, packet: bytes, now: float,
-                 vnet_hdr: bytes | None = None) -> None:
-        """On the data-plane thread: a packet from another worker, to its namespace."""
-        ns = self._by_id.get(ns_id)
-        if ns is None:
-            self.tunnel_unknown_namespace += 1
-            return
-        router = ns.router
-        router.receive_remote(peer, packet, now, vnet_hdr)
-        if router.outputs:
-            self.dataplane.flush(router)
 
     def _link(self) -> TunnelLink:
         if self.link is None:
@@ -183,11 +168,10 @@ class Fabric:
         """Make the peer set equal to `peers` (a config reload)."""
         if self.link is None:
             return
-        wanted = {p.id: p for p in peers}
-        for pid in list(self.peer_specs):
-            if pid not in wanted:
-                self.remove_peer(pid)
-        for p in peers:
+        plan = plan_peers(self.peer_specs, peers)
+        for pid in plan.remove:
+            self.remove_peer(pid)
+        for p in plan.set:
             self.set_peer(p)
 
     @property
@@ -211,7 +195,8 @@ class Fabric:
         validate_namespace_set(others + [spec], source)
         async with self._lock:
             ns = self.namespaces.get(spec.name)
-            if ns is not None and _needs_rebuild(ns.spec, spec):
+            plan = plan_namespace(ns.spec if ns is not None else None, spec)
+            if plan.rebuild:
                 self._remove(spec.name)
                 ns = None
             _warn_unimplemented(spec)
@@ -223,8 +208,7 @@ class Fabric:
                     if self.uplink is not None:
                         ns.start_egress(self.uplink)
                     if self.link is not None and spec.id is not None:
-                        ns.start_tunnel(self.link, spec.id)
-                        self._by_id[spec.id] = ns
+                        ns.start_tunnel(spec.id)
                     ns.start_services()
                 except BaseException:
                     ns.close()
@@ -236,26 +220,21 @@ class Fabric:
                 log.info("namespace %s: created (%s, %d pods)", spec.name, spec.cidr,
                          len(spec.pods))
                 return ns.summary()
-            old = ns.spec
             ns.spec = spec
-            wanted = {p.name: p for p in spec.pods}
-            changed = 0
-            for name in list(ns.pods):
-                if name not in wanted or ns.pods[name].spec != wanted[name]:
-                    ns.remove_pod(name)
-                    changed += 1
+            for name in plan.pods.remove:
+                ns.remove_pod(name)
+            for pod in plan.pods.add:
+                assert isinstance(pod, PodSpec)
+                await ns.add_pod(pod, strict=False)
             for pod in spec.pods:
-                if pod.name not in ns.pods:
-                    await ns.add_pod(pod, strict=False)
-                    changed += 1
-                else:
-                    ns.pods[pod.name].spec = pod
+                ns.pods[pod.name].spec = pod
             ns.sync_records()
-            if ns.services is not None and old.services != spec.services:
-                ns.services.apply(spec.services)
-            if old.egress_allow != spec.egress_allow:
+            if ns.services is not None and not plan.services.empty:
+                ns.apply_services(plan.services)
+            if plan.egress_changed:
                 ns.update_egress()
-            if old != spec:
+            if plan.changed:
+                changed = len(set(plan.pods.remove) | {p.name for p in plan.pods.add})
                 self.bus.emit("namespace_applied", spec.name, created=False, pods_changed=changed)
                 log.info("namespace %s: reconciled, %d pods changed", spec.name, changed)
             return ns.summary()
@@ -268,8 +247,6 @@ class Fabric:
         ns = self.namespaces.pop(name, None)
         if ns is None:
             raise NotFound(f"namespace {name} not found")
-        if ns.spec.id is not None and self._by_id.get(ns.spec.id) is ns:
-            self.dataplane.call(self._by_id.pop, ns.spec.id, None)
         ns.close()
         self.bus.emit("namespace_removed", name)
         log.info("namespace %s: removed", name)
@@ -304,10 +281,7 @@ class Fabric:
             if fd is not None:
                 io = TapPort.from_fd(fd, vnet, mtu=ns.spec.mtu)
                 os.set_blocking(fd, False)
-                self.dataplane.call(ns.router.add_pod, spec.name, spec.ip, spec.mac)
-                state = PodState(spec, spec.ready)
-                ns.pods[spec.name] = state
-                ns.attach_fd(state, io)
+                state = ns.add_pod_fd(spec, io)
             else:
                 state = await ns.add_pod(spec, strict=True)
             self._record_pod(ns, spec)
@@ -342,7 +316,7 @@ class Fabric:
 
     def get_pods(self, namespace: str | None = None) -> list[dict[str, Any]]:
         spaces = [self._ns(namespace)] if namespace else list(self.namespaces.values())
-        return [ns.pod_view(p) for ns in spaces for p in ns.pods.values()]
+        return [row for ns in spaces for row in ns.pod_views()]
 
     def get_services(self, namespace: str | None = None) -> list[dict[str, Any]]:
         spaces = [self._ns(namespace)] if namespace else list(self.namespaces.values())
@@ -376,110 +350,15 @@ class Fabric:
         out: dict[str, Any] = {}
         for ns in self.namespaces.values():
             out[ns.name] = {
-                "drops": dict(ns.router.drops),
-                "held": ns.router.held(),
-                "pods": {name: ns.pod_view(p) for name, p in ns.pods.items()},
+                "drops": dict(self.dataplane.call(lambda ns=ns: dict(ns.router.drops))),
+                "held": self.dataplane.call(ns.router.held),
+                "pods": {row["name"]: row for row in ns.pod_views()},
             }
         return out
 
     def metrics(self) -> list[Metric]:
-        rx_p = Metric("fabric_port_rx_packets_total", "counter",
-                      "Frames received from a pod's port (a GSO super-frame counts once)")
-        rx_b = Metric("fabric_port_rx_bytes_total", "counter", "Bytes received from a pod's port")
-        tx_p = Metric("fabric_port_tx_packets_total", "counter", "Frames sent to a pod's port")
-        tx_b = Metric("fabric_port_tx_bytes_total", "counter", "Bytes sent to a pod's port")
-        drops = Metric("fabric_drops_total", "counter",
-                       "Frames dropped, by namespace, ingress pod (empty if none) and reason")
-        pods = Metric("fabric_pods", "gauge", "Pods in the namespace's table")
-        attached = Metric("fabric_pods_attached", "gauge", "Pods whose port is attached")
-        held = Metric("fabric_held_packets", "gauge", "Frames held for pods not attached yet")
-        for ns in self.namespaces.values():
-            n = ns.name
-            for reason, v in dict(ns.router.drops).items():
-                drops.samples.append(({"namespace": n, "pod": "", "reason": reason}, v))
-            for name, st in ns.pods.items():
-                port = st.port
-                if port is None:
-                    continue
-                lab = {"namespace": n, "pod": name}
-                rx_p.samples.append((lab, port.rx_packets))
-                rx_b.samples.append((lab, port.rx_bytes))
-                tx_p.samples.append((lab, port.tx_packets))
-                tx_b.samples.append((lab, port.tx_bytes))
-                for reason, v in dict(port.drops).items():
-                    drops.samples.append(({**lab, "reason": reason}, v))
-            pods.samples.append(({"namespace": n}, len(ns.pods)))
-            attached.samples.append(
-                ({"namespace": n}, sum(1 for p in ns.pods.values() if p.port is not None)))
-            held.samples.append(({"namespace": n}, ns.router.held()))
-        dns = Metric("fabric_dns_total", "counter",
-                     "DNS server events per namespace (queries, local answers, forwards, "
-                     "drops...), by counter name")
-        egress = Metric("fabric_egress_total", "counter",
-                        "Egress NAT events per namespace, by counter name")
-        flows = Metric("fabric_egress_flows", "gauge", "Egress NAT flows in the table")
-        for ns in self.namespaces.values():
-            n = ns.name
-            if ns.dns is not None:
-                total: dict[str, int] = dict(ns.dns.core.counters)
-                for extra in (ns.dns_fast.counters if ns.dns_fast else {}, ns.dns.counters):
-                    for k, v in dict(extra).items():
-                        total[k] = total.get(k, 0) + v
-                for k, v in total.items():
-                    dns.samples.append(({"namespace": n, "counter": k}, v))
-            if ns.egress is not None:
-                for k, v in dict(ns.egress.counters).items():
-                    egress.samples.append(({"namespace": n, "counter": k}, v))
-                flows.samples.append(({"namespace": n}, ns.egress.flows))
-            lp = ns.local_port
-            if lp is not None:
-                lab = {"namespace": n, "pod": "(gateway)"}
-                rx_p.samples.append((lab, lp.rx_packets))
-                rx_b.samples.append((lab, lp.rx_bytes))
-                tx_p.samples.append((lab, lp.tx_packets))
-                tx_b.samples.append((lab, lp.tx_bytes))
-                for reason, v in dict(lp.drops).items():
-                    drops.samples.append(({**lab, "reason": reason}, v))
-        up = self.uplink.port if self.uplink is not None else None
-        if up is not None:
-            lab = {"namespace": "", "pod": "(uplink)"}
-            rx_p.samples.append((lab, up.rx_packets))
-            rx_b.samples.append((lab, up.rx_bytes))
-            tx_p.samples.append((lab, up.tx_packets))
-            tx_b.samples.append((lab, up.tx_bytes))
-            for reason, v in dict(up.drops).items():
-                drops.samples.append(({**lab, "reason": reason}, v))
-        tun_metrics: list[Metric] = []
-        if self.link is not None:
-            core_c = self.dataplane.call(lambda: self.link.core.counters)  # type: ignore[union-attr]
-            tun = Metric("fabric_tunnel_total", "counter",
-                         "Tunnel events (handshakes, drops by reason, rx/tx), by counter name",
-                         [({"counter": k}, v) for k, v in core_c.items()])
-            tun.samples += [({"counter": k}, v) for k, v in self.link.counters.items()]
-            tun.samples.append(({"counter": "unknown_namespace"}, self.tunnel_unknown_namespace))
-            peer_rx = Metric("fabric_peer_rx_bytes_total", "counter", "Bytes from a peer")
-            peer_tx = Metric("fabric_peer_tx_bytes_total", "counter", "Bytes to a peer")
-            peer_drops = Metric("fabric_peer_drops_total", "counter",
-                                "Datagrams of a peer dropped, by reason")
-            peer_hs = Metric("fabric_peer_last_handshake_seconds", "gauge",
-                             "Unix time of the peer's last completed handshake")
-            for r in self.get_peers():
-                lab = {"peer": r["id"]}
-                peer_rx.samples.append((lab, r["rx_bytes"]))
-                peer_tx.samples.append((lab, r["tx_bytes"]))
-                for reason, v in r.get("drops", {}).items():
-                    peer_drops.samples.append(({**lab, "reason": reason}, v))
-                if r["last_handshake"] is not None:
-                    peer_hs.samples.append((lab, r["last_handshake"]))
-            tun_metrics = [tun, peer_rx, peer_tx, peer_drops, peer_hs]
-        nss = Metric("fabric_namespaces", "gauge", "Namespaces on this worker",
-                     [({}, len(self.namespaces))])
-        ev = Metric("fabric_events_total", "counter", "Events published",
-                    [({}, self.bus.published)])
-        evl = Metric("fabric_events_lost_total", "counter",
-                     "Events a slow subscriber lost (its queue was full)", [({}, self.bus.lost())])
-        return [nss, pods, attached, held, rx_p, rx_b, tx_p, tx_b, drops, dns, egress, flows,
-                *tun_metrics, ev, evl]
+        """Every metric family of this worker (fabric.runtime.metrics)."""
+        return collect(self)
 
     async def _retry_loop(self) -> None:
         while True:
@@ -491,12 +370,6 @@ class Fabric:
                             await ns.retry_unattached()
                 except Exception:
                     log.exception("namespace %s: retrying attachments failed", ns.name)
-
-
-def _needs_rebuild(old: NamespaceSpec, new: NamespaceSpec) -> bool:
-    """Changes that alter every pod's addressing or link: rebuild the namespace."""
-    return (old.cidr != new.cidr or old.gateway_mac != new.gateway_mac or old.mtu != new.mtu
-            or old.id != new.id)
 
 
 def _warn_unimplemented(spec: NamespaceSpec) -> None:

@@ -78,7 +78,7 @@ import ipaddress
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 from fabric.config.specs import DEFAULT_IDLE_TIMEOUT, HoldSpec, PortSpec, ServiceSpec
 from fabric.flows import tcpstate
@@ -101,6 +101,7 @@ from fabric.net.packets import (
     TCP_SYN,
     UNREACH_PORT,
 )
+from fabric.services.demand import ACTIVATE_DEBOUNCE, FELL, Demand, FlowId, Signal
 
 # Verdicts of outbound() and reply().
 FORWARD = 0  # rewritten in place: route by the new destination
@@ -119,7 +120,6 @@ VERDICTS = ("forward", "held", "queued", "hold_full", "no_backend", "table_full"
 
 PROBE_INTERVAL = 0.2
 ACTIVE_PROBE_INTERVAL = 0.001
-ACTIVATE_DEBOUNCE = 1.0
 
 COUNTERS = (
     "held",
@@ -157,26 +157,6 @@ SERVICE_FLOWS = FlowPolicy(
 
 
 # --- actions --------------------------------------------------------------------------------
-
-
-class FlowId(NamedTuple):
-    """A flow as the client sent it, for signals and status."""
-
-    proto: str
-    src: str
-    sport: int
-    dst: str
-    dport: int
-
-    def __str__(self) -> str:
-        return f"{self.proto} {self.src}:{self.sport} -> {self.dst}:{self.dport}"
-
-
-@dataclass(frozen=True, slots=True)
-class Signal:
-    kind: str  # "activate" or "idle"
-    reason: str
-    flow: FlowId | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,17 +261,8 @@ class Service:
         self._hold: deque[tuple[float, bytes, int, int, bool]] = deque()
         self.held_bytes = 0
         self._release_at: float | None = None  # a release is pending since then
-        self._need = False
-        # Activators by service port (set by the shell): consulted while no backend is
-        # ready, to drop what must not wake or be held (RSTs, strays).
-        self.activators: dict[tuple[int, int], Any] = {}  # (port, IP protocol) -> host
-        self.activators_told = False
-        self._last_traffic = now
-        self._last_activate: float | None = None
-        self._deferred: tuple[float, str, FlowId | None] | None = None
-        self._pending: list[Signal] = []
-        self._pending_at = 0.0
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
+        self.demand = Demand(idle_timeout, activate_debounce, now, self.counters)
 
     @classmethod
     def from_spec(cls, spec: ServiceSpec, **kw: Any) -> Service:
@@ -441,7 +412,7 @@ class Service:
             if flow is None:
                 counters["table_full"] += 1
                 return TABLE_FULL
-        self._last_traffic = now
+        self.demand.last_traffic = now
         table.forward(flow, pkt, off, l4, h.cf, h.ff, now, partial)
         if h.ff & IP_MF:
             counters["fragments_translated"] += 1
@@ -450,7 +421,7 @@ class Service:
 
     def _translate_reply(self, flow: Flow, pkt: bytearray, h: Headers, now: float,
                          partial: bool) -> int:
-        self._last_traffic = now
+        self.demand.last_traffic = now
         self.table.reverse(flow, pkt, h.ip, h.l4, h.cf, h.ff, now, partial)
         self.counters["reverse_nat"] += 1
         if h.ff & IP_MF:
@@ -481,7 +452,7 @@ class Service:
         self.counters["dnat_flows"] += 1
         if hairpin:
             self.counters["hairpin"] += 1
-        if not self._need:
+        if not self.demand.need:
             self._raise_need("traffic", _flow_id(proto, orig_addrs, orig_ports), now)
         return flow
 
@@ -515,7 +486,7 @@ class Service:
         else:
             self.counters["no_flow"] += 1
             return NO_FLOW
-        self._last_traffic = now
+        self.demand.last_traffic = now
         self.counters["fragments_translated"] += 1
         return FORWARD
 
@@ -538,7 +509,7 @@ class Service:
         if kind == FRAGMENT:
             if table.readdress_fragment(table.frag_reply, pkt, off, now) is None:
                 return NOT_OURS
-            self._last_traffic = now
+            self.demand.last_traffic = now
             self.counters["reverse_nat"] += 1
             self.counters["fragments_translated"] += 1
             return FORWARD
@@ -583,13 +554,13 @@ class Service:
                      proto: int, l4: int) -> int:
         counters = self.counters
         spec = self.hold_spec
-        if not self._need:
+        if not self.demand.need:
             flow = None
             if l4 >= 0:
                 flow = _flow_id(proto, bytes(pkt[off + 12:off + 20]), bytes(pkt[l4:l4 + 4]))
             self._raise_need("held" if spec.packets > 0 and spec.timeout > 0 else "traffic",
                              flow, now)
-        self._last_traffic = now
+        self.demand.last_traffic = now
         if spec.packets <= 0 or spec.bytes <= 0 or spec.timeout <= 0:
             counters["no_backend"] += 1
             return NO_BACKEND
@@ -633,106 +604,80 @@ class Service:
     # --- demand -----------------------------------------------------------------------------------
 
     def need(self) -> bool:
-        """Whether the service is wanted now (a level; see module docstring)."""
-        return self._need
+        """Whether the service is wanted now (a level; see fabric.services.demand)."""
+        return self.demand.need
 
     def activate(self, reason: str, now: float, flow: FlowId | None = None) -> list[Signal]:
         """An activator asks for the service: counts as traffic now. Returns the pending
         signals (an activate if this raised the need)."""
-        self._last_traffic = max(self._last_traffic, now)
-        if not self._need:
+        d = self.demand
+        d.last_traffic = max(d.last_traffic, now)
+        if not d.need:
             self._raise_need(f"activator:{reason}", flow, now)
-        return self.take_signals()
+        return d.take_signals()
 
     @property
     def signals_pending(self) -> bool:
-        return bool(self._pending)
+        return self.demand.signals_pending
 
     def take_signals(self) -> list[Signal]:
-        out = self._pending
-        self._pending = []
-        return out
+        return self.demand.take_signals()
 
     def _raise_need(self, reason: str, flow: FlowId | None, now: float) -> None:
-        self._need = True
         for b in self.backends.values():
             if b.parked:
                 b.parked = False
                 b.probe_due = now
-        last = self._last_activate
-        if last is not None and now < last + self.activate_debounce:
-            if self._deferred is None:
-                self._deferred = (last + self.activate_debounce, reason, flow)
-            return
-        self._emit_activate(reason, flow, now)
+        self.demand.rise(reason, flow, now)
 
-    def _emit_activate(self, reason: str, flow: FlowId | None, now: float) -> None:
-        self._last_activate = now
-        self.counters["activations"] += 1
-        self._signal(Signal("activate", reason, flow), now)
+    @property
+    def _busy(self) -> bool:
+        """Something still holds the service up: held packets or open flows."""
+        return bool(self._hold) or self.table.open > 0
 
-    def _signal(self, sig: Signal, now: float) -> None:
-        """Queue a signal, coalescing: never more than two, alternating kinds."""
-        p = self._pending
-        if not p:
-            self._pending_at = now
-        if p and p[-1].kind == sig.kind:
-            return
-        if len(p) == 2:  # [x, y] + x: y was undone, the level is x again
-            p.pop()
-            return
-        p.append(sig)
-
-    def _idle_due(self) -> float | None:
-        if not self._need or self._hold or self.table.open:
-            return None
-        return self._last_traffic + self.idle_timeout
-
-    def _check_idle(self, now: float) -> None:
-        due = self._idle_due()
-        if due is None or now < due:
-            return
-        self._need = False
-        if self._deferred is not None:
-            # The rise was never told: the fall is not news either.
-            self._deferred = None
-            return
-        self.counters["idles"] += 1
-        self._signal(Signal("idle", "idle_timeout", None), now)
-        if self._probe:
-            for b in self.backends.values():
-                b.probed = False
-                b.parked = True
-            self._update_ready(now)
+    def _fell(self, result: int, now: float) -> None:
+        if result == FELL:
+            if self._probe:
+                # The controller scales the backends down now: not trusted (nor probed)
+                # again until demand returns, then only after a fresh probe.
+                for b in self.backends.values():
+                    b.probed = False
+                    b.parked = True
+                self._update_ready(now)
 
     # --- timers -----------------------------------------------------------------------------------
 
     def next_timer(self) -> float | None:
-        ts: list[float] = []
+        """The earliest of flow expiry, a pending release, the oldest held packet's timeout
+        and the demand's timers (signals waiting, a deferred activate, idleness). Probes
+        have their own deadline: ``next_probe()``."""
         t = self.table.next_timer()
-        if t is not None:
-            ts.append(t)
-        if self._pending:
-            ts.append(self._pending_at)
-        if self._release_at is not None:
-            ts.append(self._release_at)
+        r = self._release_at
+        if r is not None and (t is None or r < t):
+            t = r
         if self._hold:
-            ts.append(self._hold[0][0] + self.hold_spec.timeout)
-        if self._deferred is not None:
-            ts.append(self._deferred[0])
-        d = self._idle_due()
-        if d is not None:
-            ts.append(d)
-        if self._probe:
-            for b in self.backends.values():
-                if b.marked and not b.probed:
-                    ts.append(b.probe_due)
-        return min(ts) if ts else None
+            h = self._hold[0][0] + self.hold_spec.timeout
+            if t is None or h < t:
+                t = h
+        d = self.demand.next_timer(self._busy)
+        if d is not None and (t is None or d < t):
+            t = d
+        return t
+
+    def next_probe(self) -> float | None:
+        """When ``probes_due()`` next has a backend to probe."""
+        if not self._probe:
+            return None
+        t: float | None = None
+        for b in self.backends.values():
+            if b.marked and not b.probed and not b.parked and (t is None or b.probe_due < t):
+                t = b.probe_due
+        return t
 
     def handle_timer(self, now: float) -> list[Action]:
         """Expire flows, release held packets if a backend is ready, time out held packets,
-        deliver deferred activations and idleness. Probes are the shell's: call
-        `probes_due(now)` too."""
+        deliver deferred activations and idleness. Probes are the shell's: it calls
+        ``probes_due(now)`` at ``next_probe()``."""
         out: list[Action] = []
         self.counters["flows_expired"] += self.table.expire(now)
         if self._ready and self._hold:
@@ -745,13 +690,8 @@ class Service:
             self.counters["hold_timeout"] += 1
             resp = reject_response(frame[off:off + length], partial)
             out.append(HoldTimeout(frame, off, length, partial, resp))
-        if self._deferred is not None and self._deferred[0] <= now:
-            _, reason, flow = self._deferred
-            self._deferred = None
-            if self._need:
-                self._emit_activate(reason, flow, now)
-        self._check_idle(now)
-        out.extend(self.take_signals())
+        self._fell(self.demand.handle_timer(now, self._busy), now)
+        out.extend(self.demand.take_signals())
         return out
 
     # --- status -----------------------------------------------------------------------------------
@@ -759,8 +699,8 @@ class Service:
     @property
     def state(self) -> str:
         if self._ready:
-            return "ready" if self._need else "idle"
-        return "activating" if self._need else "dormant"
+            return "ready" if self.demand.need else "idle"
+        return "activating" if self.demand.need else "dormant"
 
     def status(self) -> dict[str, Any]:
         """A row for `fabricd get services`."""
@@ -770,7 +710,7 @@ class Service:
             "ports": [{"port": p.port, "target_port": p.target_port, "protocol": p.protocol}
                       for p in self.ports],
             "state": self.state,
-            "need": self._need,
+            "need": self.demand.need,
             "held_packets": len(self._hold),
             "held_bytes": self.held_bytes,
             "flows": len(self.table),

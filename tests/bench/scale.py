@@ -49,7 +49,8 @@ def _child(iterations: int, runs: int) -> dict[str, Any]:
     from fabric.config.specs import DEFAULT_GATEWAY_MAC as GATEWAY_MAC
     from fabric.net import packets
     from fabric.net.vnet import ZERO_HDR
-    from fabric.router.router import Port, Router
+    from fabric.router.model import Port
+    from fabric.router.router import Router
 
     def pod_mac(j: int) -> bytes:
         return b"\x02\x00\x0a\x3c\x00" + bytes([j + 2])

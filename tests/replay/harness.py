@@ -53,8 +53,11 @@ from typing import Any
 from fabric.activator.host import ActivatorHost
 from fabric.config.specs import DEFAULT_IDLE_TIMEOUT, HoldSpec, PortSpec
 from fabric.net.vnet import ZERO_HDR
-from fabric.router.router import Port, Router
+from fabric.router.model import Port
+from fabric.router.router import Router
 from fabric.services.core import Service
+from fabric.services.demand import Signal
+from fabric.services.dispatch import ServiceDispatch
 
 try:
     from fabric.net.pcap import read_pcap
@@ -134,10 +137,26 @@ def write_frames(path: Path, frames: Frames) -> None:
     wrpcap(str(path), pkts, linktype=1)
 
 
+class SignalLog(list[tuple[str, Signal]]):
+    """The signals a replay's services raised, in order: (service, signal)."""
+
+    def put(self, service: str, sig: Signal) -> None:
+        self.append((service, sig))
+
+
+def _dispatch(router: Router) -> ServiceDispatch:
+    glue = router.services
+    assert isinstance(glue, ServiceDispatch)
+    return glue
+
+
 def setup_services(router: Router, case: Case) -> list[ActivatorHost]:
     """Add the case's "services" to the router (with their activators and backends, not
-    ready, at t=0); returns the activator hosts, for closing."""
+    ready, at t=0) through a ServiceDispatch whose signals go to a SignalLog; returns the
+    activator hosts, for closing."""
     hosts: list[ActivatorHost] = []
+    dispatch = ServiceDispatch(router, SignalLog())
+    router.attach_services(dispatch)
     pod_ips = {p.name: p.ip for p in case.pods}
     for s in case.raw.get("services", []):
         readiness = s.get("readiness", "external")
@@ -150,22 +169,23 @@ def setup_services(router: Router, case: Case) -> list[ActivatorHost]:
         svc = Service(s["name"], s["ip"], ports, hold=HoldSpec(**s.get("hold", {})),
                       idle_timeout=float(s.get("idle_timeout", DEFAULT_IDLE_TIMEOUT)),
                       readiness=readiness, now=0.0)
+        activators = {}
         for p, raw in zip(ports, s["ports"], strict=True):
             if p.activator != "none":
                 host = ActivatorHost(ACTIVATORS / p.activator / f"{p.activator}.wasm",
                                      raw.get("activator_config", {}),
                                      label=f"{case.name}/{svc.name}:{p.port}")
                 hosts.append(host)
-                svc.activators[(p.port, 6 if p.protocol == "tcp" else 17)] = host
-        router.add_service(svc)
+                activators[(p.port, 6 if p.protocol == "tcp" else 17)] = host
+        dispatch.add(svc, activators)
         for b in s.get("backends", []):
-            router.set_backend(svc, b, pod_ips[b], False, 0.0)
+            dispatch.set_backend(svc, b, pod_ips[b], False, 0.0)
     return hosts
 
 
 def case_hooks(router: Router, case: Case) -> list[tuple[float, Hook]]:
     """The case's "events" as timed hooks: backends becoming ready or not."""
-    by_name = {svc.name: svc for svc in router.services.values()}
+    by_name = {svc.name: svc for svc in _dispatch(router)}
     hooks: list[tuple[float, Hook]] = []
     for ev in case.raw.get("events", []):
         backend, ready, only = ev["backend"], bool(ev["ready"]), ev.get("service")
@@ -177,7 +197,8 @@ def case_hooks(router: Router, case: Case) -> list[tuple[float, Hook]]:
         def apply(r: Router, now: float, svcs: list[Service] = svcs, backend: str = backend,
                   ready: bool = ready) -> None:
             for svc in svcs:
-                r.set_backend(svc, backend, str(svc.backends[backend].addr), ready, now)
+                _dispatch(r).set_backend(svc, backend, str(svc.backends[backend].addr), ready,
+                                         now)
 
         hooks.append((float(ev["t"]), apply))
     return hooks

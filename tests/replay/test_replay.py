@@ -12,7 +12,8 @@ import pytest
 
 from fabric.net import packets
 from fabric.net.pcap import write_pcap
-from fabric.router.router import DROP_ACTIVATOR, Router
+from fabric.router.model import DROP_ACTIVATOR
+from fabric.router.router import Router
 from fabric.services.core import Signal
 from tests.replay import harness
 
@@ -53,25 +54,25 @@ def _replay_svc(name: str, hooks: list | None = None
                 ) -> tuple[Router, dict[str, harness.Frames], list[tuple[str, Signal]]]:
     """Replay a service case, keeping the router and the signals it raised."""
     seen: list[Router] = []
-    signals: list[tuple[str, Signal]] = []
 
     def setup(router: Router, case: harness.Case) -> None:
         seen.append(router)
-        router.on_signal = lambda svc, sig: signals.append((svc, sig))
 
     got = harness.replay(harness.PCAPS / name, setup, hooks or [])
-    return seen[0], got, signals
+    glue = seen[0].services
+    assert glue is not None and isinstance(glue.signals, harness.SignalLog)
+    return seen[0], got, list(glue.signals)
 
 
 def test_svc_syn_storm_wakes_once_and_releases_nothing_early() -> None:
     before: dict[str, int] = {}
 
     def just_before_ready(router: Router, now: float) -> None:
-        svc = router.services[VIP]
+        svc = router.vips[VIP]
         before.update(held=svc.held_packets, sent=router.pods["web"].port.tx_packets)
 
     router, got, signals = _replay_svc("svc_syn_storm", [(0.999, just_before_ready)])
-    c = router.services[VIP].counters
+    c = router.vips[VIP].counters
     assert before == {"held": 50, "sent": 0}
     assert (c["held"], c["released"], c["dnat_flows"], c["activations"]) == (50, 50, 50, 1)
     assert [t for t, _ in got["web"]] == [1.0] * 50
@@ -81,7 +82,7 @@ def test_svc_syn_storm_wakes_once_and_releases_nothing_early() -> None:
 
 def test_svc_retransmits_wake_once_and_are_all_released() -> None:
     router, got, signals = _replay_svc("svc_retransmits")
-    c = router.services[VIP].counters
+    c = router.vips[VIP].counters
     assert c["activations"] == 1 and len(signals) == 1
     # Not deduped: three held, three released on one pinned flow.
     assert (c["held"], c["released"], c["dnat_flows"], c["dnat_packets"]) == (3, 3, 1, 3)
@@ -92,13 +93,13 @@ def test_svc_rst_and_strays_are_dropped_without_a_wake() -> None:
     at: dict[str, int] = {}
 
     def before_syn(router: Router, now: float) -> None:
-        svc = router.services[VIP]
+        svc = router.vips[VIP]
         at.update(activations=svc.counters["activations"], held=svc.held_packets,
                   drops=router.pods["c1"].port.drops.get(DROP_ACTIVATOR, 0))
 
     router, got, signals = _replay_svc("svc_rst_and_strays", [(1.0, before_syn)])
     assert at == {"activations": 0, "held": 0, "drops": 3}
-    c = router.services[VIP].counters
+    c = router.vips[VIP].counters
     assert (c["activations"], c["held"], c["released"]) == (1, 1, 1)
     assert router.pods["c1"].port.drops == {DROP_ACTIVATOR: 3}
     assert [(s.kind, str(s.flow)) for _, s in signals] == [
@@ -108,10 +109,10 @@ def test_svc_rst_and_strays_are_dropped_without_a_wake() -> None:
 
 def test_svc_hold_timeout_counts() -> None:
     router, got, _ = _replay_svc("svc_hold_timeout")
-    c = router.services[VIP].counters
+    c = router.vips[VIP].counters
     assert (c["held"], c["hold_timeout"], c["released"], c["activations"]) == (2, 2, 0, 1)
     assert router.drops.get("hold_timeout") == 2
-    assert router.services[VIP].held_packets == 0
+    assert router.vips[VIP].held_packets == 0
 
 
 # --- the harness itself -------------------------------------------------------------------

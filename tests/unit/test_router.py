@@ -36,7 +36,9 @@ from fabric.net.packets import (
     udp_packet,
 )
 from fabric.net.vnet import F_NEEDS_CSUM, GSO_NONE, GSO_UDP_L4, ZERO_HDR, VnetHdr
-from fabric.router.router import HOLD_PACKETS, HOLD_TIMEOUT, Port, Router
+from fabric.router.hold import HOLD_PACKETS, HOLD_TIMEOUT
+from fabric.router.model import Port
+from fabric.router.router import Router
 from tests.support.packets import tcp_super_frame, udp_super_frame
 
 CIDR = "10.0.0.0/24"

@@ -9,7 +9,8 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
 from fabric.net import packets
-from fabric.router.router import L3_OFF, Port, Router
+from fabric.router.model import L3_OFF, Port
+from fabric.router.router import Router
 from gateway.dns import DnsCore
 from gateway.records import Records
 
@@ -22,11 +23,11 @@ def setup() -> tuple[Router, Port, Port, DnsCore]:
     pa = Port(vnet=False, mtu=1500)
     r.attach("a", pa, 0.0)
     local = Port(vnet=False, mtu=1500, l3=True)
-    r.local = local
+    r.attach_local(local)
     records = Records("shop", "fabric.internal", "10.0.0.0/24")
     records.set("a", IPv4Address("10.0.0.2"))
     core = DnsCore(records, [])
-    r.dns_local = core.answer_local
+    r.attach_dns(core.answer_local)
     r.outputs.clear()
     return r, pa, local, core
 

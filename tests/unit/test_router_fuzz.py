@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 from fabric.net import checksum, packets
 from fabric.net.packets import ARP_REPLY, ARP_REQUEST, BROADCAST_MAC, ETH_P_ARP, ETH_P_IP
 from fabric.net.vnet import F_NEEDS_CSUM, GSO_NONE, GSO_UDP, VnetHdr
-from fabric.router.router import Port, Router
+from fabric.router.model import Port
+from fabric.router.router import Router
 from tests.support.packets import tcp_super_frame, udp_super_frame
 
 GW_MAC = packets.mac_bytes("02:fb:00:00:00:01")
@@ -104,7 +105,7 @@ class Env:
             assert self.captured == [(id(p), f[p.hlen:], True) for p, f in outs]
             self.captured.clear()
         for pod in self.r.pods.values():
-            assert len(pod.pending) <= self.r.hold_packets
+            assert len(pod.pending) <= self.r.hold.limit
 
 
 def check_outputs(env: Env, outs: list[tuple[Port, bytes]], tx_before: dict[int, int]) -> None:

@@ -50,6 +50,7 @@ from fabric.services.core import (
     Signal,
     reject_response,
 )
+from fabric.services.demand import FELL
 from tests.support.packets import completed, make_partial, valid
 
 VIP = bytes([10, 0, 0, 100])
@@ -245,10 +246,10 @@ def test_readiness_probe() -> None:
     s = Service("web", ip_s(VIP), PORTS, probe_interval=0.5)
     s.set_backend("web-1", ip_s(B1), True, 10.0)
     assert s.state == "dormant" and not s.releasable
-    assert s.next_timer() == 10.0
+    assert s.next_probe() == 10.0 and s.next_timer() is None  # probes are the shell's
     assert s.probes_due(10.0) == [("web-1", "10.0.0.11", 8080)]
     assert s.probes_due(10.2) == []  # in flight
-    assert s.next_timer() == 10.5
+    assert s.next_probe() == 10.5
     s.probe_result("web-1", False, 10.3)
     assert s.probes_due(10.5) == []
     assert s.probes_due(10.8) == [("web-1", "10.0.0.11", 8080)]
@@ -535,8 +536,9 @@ def test_signals_coalesce_without_loss_of_the_level() -> None:
     for i in range(10):  # rise and fall ten times without anyone taking signals
         out(s, syn(sport=40000 + i), float(3 * i))
         out(s, tcp(CLIENT, VIP, 40000 + i, 80, TCP_RST), float(3 * i))
-        s._check_idle(float(3 * i + 2))  # the fall, as handle_timer finds it (not drained)
-        assert len(s._pending) <= 2
+        # The fall, as handle_timer finds it (signals not drained).
+        assert s.demand.check_idle(float(3 * i + 2), busy=False) == FELL
+        assert s.demand.queued <= 2
     assert not s.need()
     sigs = s.take_signals()
     assert [x.kind for x in sigs] == ["activate", "idle"]

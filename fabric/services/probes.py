@@ -1,0 +1,232 @@
+"""Readiness probes of service backends: non-blocking TCP connects from the gateway
+address, on the data-plane thread only.
+
+A backend the controller marked ready takes new flows only once the fabric's own
+connect to its target port succeeded (``readiness: probe``): that closes the "first
+request fails right after ready" gap. The service cores say which backend is due when
+(``Service.next_probe()``/``probes_due()``: every `probe_interval`, every millisecond
+while clients wait); this runner is a ``Timed`` owner of the data plane, in the group of
+its namespace's router, so those deadlines are exact and re-read after every frame that
+could move them. A probe's SYN, the backend's SYN-ACK and the release of held packets
+happen on this one thread, often in the same loop turn: a wake costs about a millisecond
+beyond the backend's own start.
+
+Sockets are made ahead of time in the namespace's local stack (they must be created in
+its network namespace, on its thread) and kept in a small pool that refills itself in
+the background (``SocketPool``); without a local stack a probe succeeds at once (nothing
+could reach the backend from the gateway address anyway).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Protocol
+
+from fabric.services.core import Service
+from fabric.services.dispatch import ServiceDispatch
+
+log = logging.getLogger("fabricd.services")
+
+MAX_PROBES_IN_FLIGHT = 4  # per backend
+POOL_SIZE = 32
+PROBE_TIMEOUT = 1.0
+
+
+class Watcher(Protocol):
+    """The data plane's fd watching, used on its own thread."""
+
+    def watch_writable(self, fd: int, fn: Callable[[], None], name: str,
+                       owner: object = None) -> None: ...
+
+    def unwatch(self, fd: int) -> None: ...
+
+
+class SocketPool:
+    """Unconnected TCP sockets bound to the gateway address in the local stack.
+
+    `make(count)` returns a future of `count` new sockets, made off this thread (the
+    local stack's own thread); the pool asks for more when it runs below half, one
+    request at a time. The future's callback only appends to a deque, so no state of
+    the data-plane thread is touched from another."""
+
+    def __init__(self, make: Callable[[int], Future[list[socket.socket]]],
+                 size: int = POOL_SIZE) -> None:
+        self._make = make
+        self.size = size
+        self._ready: deque[socket.socket] = deque()
+        self._asked = False
+        self.failures = 0
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._ready)
+
+    def take(self) -> socket.socket | None:
+        if len(self._ready) < self.size // 2:
+            self.refill()
+        try:
+            return self._ready.popleft()
+        except IndexError:
+            return None
+
+    def refill(self) -> None:
+        if self._asked or self._closed:
+            return
+        self._asked = True
+        try:
+            fut = self._make(self.size - len(self._ready))
+        except Exception as e:
+            self._asked = False
+            self.failures += 1
+            log.warning("no sockets for probes: %s", e)
+            return
+        fut.add_done_callback(self._arrived)
+
+    def _arrived(self, fut: Future[list[socket.socket]]) -> None:
+        try:
+            socks = fut.result()
+        except Exception as e:  # the local stack could not make them: try again later
+            self.failures += 1
+            log.warning("no sockets for probes: %s", e)
+            socks = []
+        if self._closed:
+            for s in socks:
+                s.close()
+        else:
+            for s in socks:
+                s.setblocking(False)
+            self._ready.extend(socks)
+        self._asked = False
+
+    def close(self) -> None:
+        self._closed = True
+        while self._ready:
+            self._ready.popleft().close()
+
+
+class ProbeRunner:
+    """The probes of one namespace's services (see module docstring)."""
+
+    name = "probes"
+
+    def __init__(self, dispatch: ServiceDispatch, watcher: Watcher,
+                 pool: SocketPool | None, timeout: float = PROBE_TIMEOUT) -> None:
+        self.dispatch = dispatch
+        self.watcher = watcher
+        self.pool = pool
+        self.timeout = timeout
+        # fd -> (socket, service, backend, started); insertion order is start order.
+        self._inflight: dict[int, tuple[socket.socket, Service, str, float]] = {}
+        self._per_backend: dict[tuple[Service, str], int] = {}
+        self._last_ok: dict[tuple[Service, str], float] = {}
+        self.counters = {"started": 0, "succeeded": 0, "failed": 0, "timed_out": 0,
+                         "no_socket": 0}
+
+    # --- Timed -------------------------------------------------------------------------------
+
+    def next_timer(self) -> float | None:
+        t: float | None = None
+        for svc in self.dispatch:
+            p = svc.next_probe()
+            if p is not None and (t is None or p < t):
+                t = p
+        if self._inflight:
+            first = next(iter(self._inflight.values()))
+            d = first[3] + self.timeout
+            if t is None or d < t:
+                t = d
+        return t
+
+    def handle_timer(self, now: float) -> None:
+        """Expire stuck probes, start the due ones."""
+        inflight = self._inflight
+        while inflight:
+            fd, p = next(iter(inflight.items()))
+            if now - p[3] < self.timeout:
+                break
+            self.counters["timed_out"] += 1
+            self._done(fd, False, now)
+        for svc in self.dispatch:
+            for backend, ip, port in svc.probes_due(now):
+                self._start(svc, backend, ip, port, now)
+
+    # --- probes -------------------------------------------------------------------------------
+
+    def _start(self, svc: Service, backend: str, ip: str, port: int, now: float) -> None:
+        key = (svc, backend)
+        if self._per_backend.get(key, 0) >= MAX_PROBES_IN_FLIGHT:
+            return
+        if self.pool is None:
+            self.dispatch.probe_result(svc, backend, True, now)
+            return
+        sock = self.pool.take()
+        if sock is None:
+            self.counters["no_socket"] += 1  # the pool refills; the core retries soon
+            return
+        self.counters["started"] += 1
+        err = sock.connect_ex((ip, port))
+        if err not in (0, errno.EINPROGRESS):
+            sock.close()
+            self._record(svc, backend, False, now, now)
+            return
+        self._per_backend[key] = self._per_backend.get(key, 0) + 1
+        fd = sock.fileno()
+        self._inflight[fd] = (sock, svc, backend, now)
+        self.watcher.watch_writable(fd, lambda fd=fd: self._writable(fd), "probe", self)
+
+    def _writable(self, fd: int) -> None:
+        p = self._inflight.get(fd)
+        if p is None:
+            return
+        err = p[0].getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        self._done(fd, err == 0, time.monotonic())
+
+    def _done(self, fd: int, ok: bool, now: float) -> None:
+        sock, svc, backend, started = self._inflight.pop(fd)
+        self.watcher.unwatch(fd)
+        sock.close()
+        key = (svc, backend)
+        left = self._per_backend.get(key, 1) - 1
+        if left > 0:
+            self._per_backend[key] = left
+        else:
+            self._per_backend.pop(key, None)
+        self._record(svc, backend, ok, started, now)
+
+    def _record(self, svc: Service, backend: str, ok: bool, started: float,
+                now: float) -> None:
+        key = (svc, backend)
+        self.counters["succeeded" if ok else "failed"] += 1
+        if ok:
+            self._last_ok[key] = max(self._last_ok.get(key, 0.0), started)
+        elif started <= self._last_ok.get(key, -1.0):
+            return  # an older probe failing after a newer one succeeded says nothing
+        if svc.vip.packed in self.dispatch.vips and self.dispatch.vips[svc.vip.packed] is svc:
+            self.dispatch.probe_result(svc, backend, ok, now)
+
+    def forget(self, svc: Service) -> None:
+        """A service went away: its probes in flight are closed."""
+        for fd, p in list(self._inflight.items()):
+            if p[1] is svc:
+                self._inflight.pop(fd)
+                self.watcher.unwatch(fd)
+                p[0].close()
+        for key in [k for k in self._per_backend if k[0] is svc]:
+            del self._per_backend[key]
+        for key in [k for k in self._last_ok if k[0] is svc]:
+            del self._last_ok[key]
+
+    def close(self) -> None:
+        for fd, p in list(self._inflight.items()):
+            self.watcher.unwatch(fd)
+            p[0].close()
+        self._inflight.clear()
+        self._per_backend.clear()
+        if self.pool is not None:
+            self.pool.close()
