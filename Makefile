@@ -23,13 +23,15 @@ demo: debs $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# The unit, shell and replay suites run as an ordinary user (scripts/unprivileged);
+# the end-to-end suite needs root for its network namespaces.
 test: debs $(STAMP) lint
 	$(BIN)/python activators/build.py --check
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit tests/replay
+	sh scripts/unprivileged $(BIN)/python -m pytest -q -p no:cacheprovider tests/unit tests/shell tests/replay
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/e2e
 
 test-unit: $(STAMP)
-	$(BIN)/python -m pytest -q tests/unit tests/replay
+	sh scripts/unprivileged $(BIN)/python -m pytest -q -p no:cacheprovider tests/unit tests/shell tests/replay
 
 test-e2e: debs $(STAMP)
 	$(BIN)/python -m pytest -q tests/e2e

@@ -1,5 +1,5 @@
 import sys
 
-from fabric.control.cli import main
+from fabric.cli.main import main
 
 sys.exit(main())

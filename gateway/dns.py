@@ -254,7 +254,7 @@ class DnsCore:
             self._needs_forward = False
             self.counters["queries"] -= 1  # the full server counts it
             return None
-        return actions[0].data if actions else b""  # type: ignore[union-attr]
+        return actions[0].data if actions else b""
 
     def _query(self, data: bytes, client: Hashable, now: float, tcp: bool) -> list[Action]:
         c = self.counters

@@ -330,7 +330,7 @@ ACTION_TYPES: dict[int, type[Record]] = {c.KIND: c for c in (
 
 for _cls in (*EVENT_TYPES.values(), *ACTION_TYPES.values()):
     # dataclass(slots=True) builds a new class, so check the annotations agree with FIXED.
-    assert len(fields(_cls)) == _cls._nfixed + (_cls.TAIL is not None), _cls  # type: ignore
+    assert len(fields(_cls)) == _cls._nfixed + (_cls.TAIL is not None), _cls
 
 
 def encode_batch(records: Iterable[Record]) -> bytes:

@@ -56,7 +56,7 @@ def _json_lines(lines: Iterator[bytes]) -> Iterator[dict[str, Any]]:
             if line.strip():
                 yield json.loads(line)
     finally:
-        lines.close()  # type: ignore[attr-defined]
+        lines.close()
 
 
 def _pod_path(ns: str, pod: str) -> str:

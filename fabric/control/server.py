@@ -103,7 +103,7 @@ class FabricAPI(Protocol):
 
 
 async def _call(fn: Callable[..., Any], *args: Any) -> Any:
-    """Tolerate sync or async Fabric methods so the API does not pin the lead's choice."""
+    """Call a Fabric method that may be sync or async (the embedding API has both kinds)."""
     result = fn(*args)
     if inspect.isawaitable(result):
         result = await result
@@ -498,7 +498,7 @@ class ControlServer:
                     with contextlib.suppress(BaseException):
                         await task
             with contextlib.suppress(Exception):
-                await resp.stream.aclose()  # type: ignore[attr-defined]
+                await resp.stream.aclose()
             await _close_subscription(resp.subscription)
 
     @staticmethod

@@ -290,6 +290,7 @@ class DataPlane:
                 pass
 
     def _add_port(self, owner: Any, port: Port, receive: Receive, offset: int) -> None:
+        os.set_blocking(port.fd, False)  # a blocking read would stall every namespace
         self.ports[port.fd] = (owner, port, receive, offset)
         self._ep.register(port.fd, select.EPOLLIN)
 

@@ -15,9 +15,22 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from fabric.config.parse import parse_namespace, parse_peer, parse_pod, validate_namespace_set
+from fabric.config.parse import (
+    parse_namespace,
+    parse_peer,
+    parse_pod,
+    parse_service,
+    validate_namespace_set,
+)
 from fabric.config.render import namespace_to_dict
-from fabric.config.specs import EgressSpec, NamespaceSpec, PodSpec, TunnelPeerSpec, TunnelSpec
+from fabric.config.specs import (
+    EgressSpec,
+    NamespaceSpec,
+    PodSpec,
+    ServiceSpec,
+    TunnelPeerSpec,
+    TunnelSpec,
+)
 from fabric.errors import ConfigError, FabricError, NotFound
 from fabric.ports.tap import TapPort
 from fabric.runtime.capture import CaptureSubscription
@@ -26,7 +39,7 @@ from fabric.runtime.events import EventBus, Subscription
 from fabric.runtime.metrics import collect
 from fabric.runtime.namespace import RETRY_INTERVAL, Namespace
 from fabric.runtime.prometheus import Metric
-from fabric.runtime.reconcile import plan_namespace, plan_peers
+from fabric.runtime.reconcile import NamespacePlan, plan_namespace, plan_peers
 from gateway.uplink import Uplink
 
 if TYPE_CHECKING:
@@ -220,24 +233,32 @@ class Fabric:
                 log.info("namespace %s: created (%s, %d pods)", spec.name, spec.cidr,
                          len(spec.pods))
                 return ns.summary()
-            ns.spec = spec
-            for name in plan.pods.remove:
-                ns.remove_pod(name)
-            for pod in plan.pods.add:
-                assert isinstance(pod, PodSpec)
-                await ns.add_pod(pod, strict=False)
-            for pod in spec.pods:
-                ns.pods[pod.name].spec = pod
-            ns.sync_records()
-            if ns.services is not None and not plan.services.empty:
-                ns.apply_services(plan.services)
-            if plan.egress_changed:
-                ns.update_egress()
-            if plan.changed:
-                changed = len(set(plan.pods.remove) | {p.name for p in plan.pods.add})
-                self.bus.emit("namespace_applied", spec.name, created=False, pods_changed=changed)
-                log.info("namespace %s: reconciled, %d pods changed", spec.name, changed)
+            await self._reconcile(ns, spec, plan)
             return ns.summary()
+
+    async def _reconcile(self, ns: Namespace, spec: NamespaceSpec,
+                         plan: NamespacePlan | None = None) -> None:
+        """Bring a namespace to `spec` in place (a plan that does not rebuild it)."""
+        if plan is None:
+            plan = plan_namespace(ns.spec, spec)
+        assert not plan.rebuild and not plan.create
+        ns.spec = spec
+        for name in plan.pods.remove:
+            ns.remove_pod(name)
+        for pod in plan.pods.add:
+            assert isinstance(pod, PodSpec)
+            await ns.add_pod(pod, strict=False)
+        for pod in spec.pods:
+            ns.pods[pod.name].spec = pod
+        ns.sync_records()
+        if ns.services is not None and not plan.services.empty:
+            ns.apply_services(plan.services)
+        if plan.egress_changed:
+            ns.update_egress()
+        if plan.changed:
+            changed = len(set(plan.pods.remove) | {p.name for p in plan.pods.add})
+            self.bus.emit("namespace_applied", spec.name, created=False, pods_changed=changed)
+            log.info("namespace %s: reconciled, %d pods changed", spec.name, changed)
 
     async def remove_namespace(self, name: str) -> None:
         async with self._lock:
@@ -302,6 +323,29 @@ class Fabric:
 
     def set_ready(self, namespace: str, pod: str, ready: bool) -> None:
         self._ns(namespace).set_ready(pod, ready)
+
+    # --- services ------------------------------------------------------------------------
+
+    async def apply_service(self, namespace: str,
+                            spec: Mapping[str, Any] | ServiceSpec) -> dict[str, Any]:
+        """Add a service or replace the one with its name (same validation as the config
+        file); an unchanged spec leaves the service, its flows and held packets alone."""
+        ns = self._ns(namespace)
+        if not isinstance(spec, ServiceSpec):
+            spec = parse_service(dict(spec), f"apply_service {namespace}", ns.spec)
+        async with self._lock:
+            services = tuple(s for s in ns.spec.services if s.name != spec.name) + (spec,)
+            await self._reconcile(ns, dataclasses.replace(ns.spec, services=services))
+            return next(r for r in ns.services.views() if r["name"] == spec.name) \
+                if ns.services is not None else {}
+
+    async def remove_service(self, namespace: str, name: str) -> None:
+        ns = self._ns(namespace)
+        async with self._lock:
+            if ns.spec.service(name) is None:
+                raise NotFound(f"service {name} not found in namespace {namespace}")
+            services = tuple(s for s in ns.spec.services if s.name != name)
+            await self._reconcile(ns, dataclasses.replace(ns.spec, services=services))
 
     # --- views ---------------------------------------------------------------------------
 

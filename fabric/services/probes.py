@@ -125,6 +125,8 @@ class ProbeRunner:
         self._inflight: dict[int, tuple[socket.socket, Service, str, float]] = {}
         self._per_backend: dict[tuple[Service, str], int] = {}
         self._last_ok: dict[tuple[Service, str], float] = {}
+        # failed counts every unsuccessful probe, timed_out those of them that got no
+        # answer at all; no_socket the probes that could not start (the pool was empty).
         self.counters = {"started": 0, "succeeded": 0, "failed": 0, "timed_out": 0,
                          "no_socket": 0}
 

@@ -151,7 +151,7 @@ def format_event(event: dict[str, Any]) -> str:
     """Time, kind, where, then the remaining fields as key=value (JSON for nested values)."""
     ts = event.get("ts")
     try:
-        when = datetime.fromtimestamp(float(ts)).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]  # type: ignore[arg-type]
+        when = datetime.fromtimestamp(float(ts)).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
     except (TypeError, ValueError, OverflowError, OSError):
         when = "-"
     ns, pod = event.get("namespace"), event.get("pod")
@@ -253,7 +253,7 @@ def cmd_events(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass  # the normal way to stop following events
     finally:
-        events.close()  # type: ignore[attr-defined]
+        events.close()
     return 0
 
 
@@ -271,7 +271,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
     try:
         out = sys.stdout.buffer if to_stdout else open(args.write, "wb")  # noqa: SIM115
     except OSError as e:
-        chunks.close()  # type: ignore[attr-defined]
+        chunks.close()
         raise FabricError(f"cannot write {args.write}: {e.strerror or e}") from None
     splitter = StreamSplitter()
     try:
@@ -283,17 +283,12 @@ def cmd_capture(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass  # only whole records were written, so the file is valid as it stands
     finally:
-        chunks.close()  # type: ignore[attr-defined]
+        chunks.close()
         if not to_stdout:
             out.close()
     if not to_stdout:
         print(f"{splitter.frames} frames written to {args.write}", file=sys.stderr)
     return 0
-
-
-def cmd_activator(args: argparse.Namespace) -> int:
-    print(f"{PROG}: 'activator test' is not available yet in this build", file=sys.stderr)
-    return 2
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -379,12 +374,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pod", metavar="NS/POD")
     p.add_argument("-w", "--write", metavar="FILE", help="pcap file (default: stdout)")
     p.add_argument("-c", "--count", type=_positive_int, metavar="N", help="stop after N frames")
-
-    p = add("activator", cmd_activator, "activator tools")
-    asub = p.add_subparsers(dest="activator_command", metavar="COMMAND", required=True)
-    t = asub.add_parser("test", help="run a WASM activator against sample traffic")
-    t.add_argument("wasm", metavar="WASM")
-    t.add_argument("rest", nargs=argparse.REMAINDER)
 
     add("keygen", cmd_keygen, "generate a Curve25519 key pair for peers")
     return parser

@@ -1,0 +1,230 @@
+"""The data-plane thread driven without root: routers with socketpair ports, the deadline
+heap on its timerfd, control-side calls, the tunnel link between two data planes on
+127.0.0.1, and the egress uplink demultiplexer."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+from scapy.layers.inet import ICMP, IP, UDP
+
+from fabric.net import packets
+from fabric.router.model import Port
+from fabric.router.router import Router
+from fabric.runtime.dataplane import DataPlane
+from gateway.egress import EgressNat
+from gateway.uplink import Uplink
+from tests.support.pods import SocketPod
+from tunnels.core import TunnelCore
+from tunnels.keys import generate_keypair
+from tunnels.link import TunnelLink
+
+CIDR = "10.10.0.0/24"
+
+
+@pytest.fixture
+def dp() -> Iterator[DataPlane]:
+    d = DataPlane()
+    d.start()
+    yield d
+    d.close()
+
+
+def attach(dp: DataPlane, router: Router, pod: SocketPod) -> Port:
+    port = Port(vnet=pod.vnet, mtu=1500, fd=pod.take_fd(), kind="fd")
+
+    def here() -> None:
+        router.attach(pod.name, port, time.monotonic(), pod.mac)
+        dp.add_port(router, port)
+
+    dp.call(here)
+    return port
+
+
+def test_held_frames_leave_right_after_the_call_that_attaches(dp: DataPlane) -> None:
+    r = Router("shop", CIDR)
+    a = SocketPod("a", "10.10.0.2", "02:00:0a:0a:00:02")
+    b = SocketPod("b", "10.10.0.3", "02:00:0a:0a:00:03")
+    try:
+        dp.add_owner(r)
+        dp.call(r.add_pod, "a", a.ip, a.mac)
+        dp.call(r.add_pod, "b", b.ip, b.mac)
+        attach(dp, r, a)
+        for i in range(5):
+            a.udp(b.ip, 5000, 6000, b"held%d" % i)
+        deadline = time.monotonic() + 2
+        while dp.call(r.held) < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert dp.call(r.held) == 5
+        t0 = time.monotonic()
+        attach(dp, r, b)  # nothing else happens: no frame, no timer
+        got = [b.recv_ip(0.5) for _ in range(5)]
+        assert time.monotonic() - t0 < 0.5
+        assert [bytes(IP(p)[UDP].payload) for p in got if p] == [b"held%d" % i
+                                                               for i in range(5)]
+        a.udp(b.ip, 5000, 6000, b"later")
+        assert bytes(IP(b.recv_ip()).payload[UDP].payload) == b"later"
+    finally:
+        a.close()
+        b.close()
+
+
+def test_timer_deadlines_are_met_exactly(dp: DataPlane) -> None:
+    """A pod's hold times out at its deadline: its sender gets host unreachable then."""
+    r = Router("shop", CIDR, hold_timeout=0.1)
+    a = SocketPod("a", "10.10.0.2", "02:00:0a:0a:00:02")
+    try:
+        dp.add_owner(r)
+        dp.call(r.add_pod, "a", a.ip, a.mac)
+        dp.call(r.add_pod, "gone", "10.10.0.9")
+        attach(dp, r, a)
+        late = []
+        for i in range(7):
+            t0 = time.monotonic()
+            a.udp("10.10.0.9", 5000 + i, 6000, b"x")
+            err = a.recv_ip(2.0)
+            took = time.monotonic() - t0
+            assert err is not None and IP(err)[ICMP].type == 3 and IP(err)[ICMP].code == 1
+            assert took >= 0.1
+            late.append(took - 0.1)
+        assert sorted(late)[3] < 0.02, late  # median lateness: milliseconds, not a tick
+        assert dp.timer_fires >= 7
+    finally:
+        a.close()
+
+
+def test_call_returns_raises_and_runs_between_frames(dp: DataPlane) -> None:
+    assert dp.call(lambda x: x * 2, 21) == 42
+    with pytest.raises(ZeroDivisionError):
+        dp.call(lambda: 1 // 0)
+    assert dp.call(lambda: dp.on_thread)
+
+
+def test_a_router_that_raises_costs_one_frame(dp: DataPlane) -> None:
+    r = Router("shop", CIDR)
+    a = SocketPod("a", "10.10.0.2", "02:00:0a:0a:00:02")
+    b = SocketPod("b", "10.10.0.3", "02:00:0a:0a:00:03")
+    try:
+        dp.add_owner(r)
+        dp.call(r.add_pod, "a", a.ip, a.mac)
+        dp.call(r.add_pod, "b", b.ip, b.mac)
+        pa = attach(dp, r, a)
+        attach(dp, r, b)
+        real = r.receive
+        calls = {"n": 0}
+
+        def flaky(port: Port, buf: bytearray, n: int, now: float) -> Port | None:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("a router bug")
+            return real(port, buf, n, now)
+
+        dp.call(dp.remove_port, pa)
+        dp.call(dp.add_port, r, pa, flaky)
+        a.udp(b.ip, 1, 2, b"lost")
+        time.sleep(0.1)
+        a.udp(b.ip, 1, 2, b"kept")
+        got = b.recv_ip(2.0)
+        assert got is not None and bytes(IP(got)[UDP].payload) == b"kept"
+    finally:
+        a.close()
+        b.close()
+
+
+def _link(port_peer: int | None, key: bytes, peer_pub: bytes, peer: str) -> TunnelLink:
+    core = TunnelCore(key, None)
+    link = TunnelLink(core, ("127.0.0.1", 0))
+    link.open()
+    return link
+
+
+def test_two_data_planes_joined_by_the_tunnel_link() -> None:
+    k1, p1 = generate_keypair()
+    k2, p2 = generate_keypair()
+    dp1, dp2 = DataPlane(), DataPlane()
+    l1 = TunnelLink(TunnelCore(k1, None), ("127.0.0.1", 0))
+    l2 = TunnelLink(TunnelCore(k2, None), ("127.0.0.1", 0))
+    l1.open()
+    l2.open()
+    assert l1.sock is not None and l2.sock is not None
+    ep1 = l1.sock.getsockname()
+    ep2 = l2.sock.getsockname()
+    l1.core.add_peer("w2", p2, (ep2[0], ep2[1]), None)
+    l2.core.add_peer("w1", p1, (ep1[0], ep1[1]), None)
+    a = SocketPod("a", "10.10.0.2", "02:00:0a:0a:00:02")
+    b = SocketPod("b", "10.10.0.3", "02:00:0a:0a:00:03", vnet=True)
+    r1, r2 = Router("shop", CIDR), Router("shop", CIDR)
+    try:
+        for dp, r, link, local, other, worker in ((dp1, r1, l1, a, b, "w2"),
+                                                  (dp2, r2, l2, b, a, "w1")):
+            dp.start()
+            dp.add_owner(r)
+            dp.attach_tunnel(link)
+            dp.call(r.attach_tunnel, 7, 1420)
+            dp.route_tunnel(7, r)
+            dp.call(r.add_pod, local.name, local.ip, local.mac)
+            dp.call(r.add_pod, other.name, other.ip, None, worker)
+            attach(dp, r, local)
+        # A burst: queued while the handshake runs, then sent in order.
+        for i in range(30):
+            a.udp(b.ip, 5000, 6000, b"t%02d" % i)
+        got = [b.recv_ip(5.0) for _ in range(30)]
+        assert [bytes(IP(p)[UDP].payload) for p in got if p] == [b"t%02d" % i
+                                                               for i in range(30)]
+        b.udp(a.ip, 6000, 5000, b"back")
+        back = a.recv_ip(5.0)
+        assert back is not None and bytes(IP(back)[UDP].payload) == b"back"
+        tp = dp1.call(r1.tunnel_ports)
+        assert [p.peer for p in tp] == ["w2"] and tp[0].tx_packets == 30
+        assert l1.counters["datagrams_out"] >= 31  # the handshake, then the data
+        # The tunnel core's timers are the data plane's too (a rekey is armed).
+        assert dp1.call(lambda: dp1._armed.get(l1)) is not None
+    finally:
+        for dp in (dp1, dp2):
+            dp.close()
+        l1.close()
+        l2.close()
+        a.close()
+        b.close()
+
+
+def test_egress_uplink_demultiplexes_to_the_namespace(dp: DataPlane) -> None:
+    """The uplink's packets go to the router whose egress address they are for; a pod's
+    packets to the outside leave SNATed on the uplink (a socketpair plays the TUN)."""
+    import ipaddress
+
+    r = Router("shop", CIDR)
+    a = SocketPod("a", "10.10.0.2", "02:00:0a:0a:00:02")
+    tun_test, tun_fabric = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    tun_test.settimeout(2.0)
+    uplink = Uplink("fabtest0", ipaddress.IPv4Network("100.64.0.0/16"))
+    port = Port(vnet=False, mtu=1500, fd=tun_fabric.detach(), kind="uplink", l3=True)
+    uplink.port = port
+    eip = uplink.allocate("shop", 7)
+    nat = EgressNat(eip, ["0.0.0.0/0"])
+    try:
+        dp.add_owner(r)
+        dp.attach_uplink(uplink, port)
+        dp.call(r.attach_egress, nat, port)
+        dp.call(uplink.add, "shop", eip, r)
+        dp.call(r.add_pod, "a", a.ip, a.mac)
+        attach(dp, r, a)
+        a.udp("198.51.100.7", 5353, 53, b"query")
+        out = IP(tun_test.recv(65536))
+        assert out.src == str(eip) and out.dst == "198.51.100.7" and out.ttl == 63
+        reply = packets.udp_packet(packets.ip_bytes("198.51.100.7"), eip.packed, 53,
+                                   out[UDP].sport, b"answer")
+        tun_test.send(reply)
+        got = a.recv_ip(2.0)
+        assert got is not None and IP(got).dst == a.ip and bytes(IP(got)[UDP].payload) == \
+            b"answer"
+        tun_test.send(packets.udp_packet(packets.ip_bytes("198.51.100.7"),
+                                         packets.ip_bytes("100.64.9.9"), 53, 1, b"nobody"))
+        time.sleep(0.1)
+        assert dp.call(lambda: dict(port.drops)) == {"no_namespace": 1}
+    finally:
+        a.close()
+        tun_test.close()

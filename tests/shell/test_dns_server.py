@@ -1,0 +1,110 @@
+"""The DNS server's asyncio shell on 127.0.0.1 (no local stack, no root): local names
+over UDP and TCP, forwarding to an upstream resolver played by the test, and the
+retry/SERVFAIL timer armed exactly."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import time
+from ipaddress import IPv4Address
+from typing import cast
+
+import dnslib
+
+from gateway.dns import DnsCore
+from gateway.dns_server import DnsServer
+from gateway.records import Records
+
+
+def sockets() -> tuple[socket.socket, socket.socket]:
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    udp.setblocking(False)
+    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    tcp.bind(("127.0.0.1", 0))
+    tcp.listen(16)
+    tcp.setblocking(False)
+    return udp, tcp
+
+
+async def ask_udp(addr: tuple[str, int], q: dnslib.DNSRecord,
+                  timeout: float = 3.0) -> dnslib.DNSRecord:
+    loop = asyncio.get_running_loop()
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setblocking(False)
+    try:
+        await loop.sock_sendto(s, q.pack(), addr)
+        data = await asyncio.wait_for(loop.sock_recv(s, 65535), timeout)
+        return dnslib.DNSRecord.parse(data)
+    finally:
+        s.close()
+
+
+async def ask_tcp(addr: tuple[str, int], q: dnslib.DNSRecord) -> dnslib.DNSRecord:
+    reader, writer = await asyncio.open_connection(*addr)
+    try:
+        data = q.pack()
+        writer.write(struct.pack("!H", len(data)) + data)
+        (size,) = struct.unpack("!H", await reader.readexactly(2))
+        return dnslib.DNSRecord.parse(await reader.readexactly(size))
+    finally:
+        writer.close()
+
+
+class Upstream(asyncio.DatagramProtocol):
+    """A resolver on 127.0.0.1 that answers every A question with 192.0.2.7, or stays
+    silent when `mute`."""
+
+    def __init__(self) -> None:
+        self.mute = False
+        self.seen = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.seen += 1
+        if self.mute:
+            return
+        q = dnslib.DNSRecord.parse(data)
+        a = q.reply()
+        a.add_answer(dnslib.RR(q.q.qname, rdata=dnslib.A("192.0.2.7"), ttl=300))
+        self.transport.sendto(a.pack(), addr)
+
+
+def test_local_names_forwarding_and_servfail_on_loopback() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        transport, upstream = await loop.create_datagram_endpoint(
+            Upstream, local_addr=("127.0.0.1", 0))
+        up_addr = transport.get_extra_info("sockname")
+        records = Records("shop", "fabric.internal", "10.10.0.0/24")
+        records.set("web", IPv4Address("10.10.0.5"))
+        udp, tcp = sockets()
+        server = DnsServer(DnsCore(records, [(up_addr[0], up_addr[1])]), udp, tcp, "shop")
+        await server.start()
+        addr = udp.getsockname()
+        taddr = tcp.getsockname()
+        try:
+            r = await ask_udp(addr, dnslib.DNSRecord.question("web.shop.fabric.internal"))
+            assert str(r.a.rdata) == "10.10.0.5" and r.header.rcode == 0
+            r = await ask_tcp(taddr, dnslib.DNSRecord.question("web.shop.fabric.internal"))
+            assert str(r.a.rdata) == "10.10.0.5"
+            r = await ask_udp(addr, dnslib.DNSRecord.question("nope.shop.fabric.internal"))
+            assert r.header.rcode == dnslib.RCODE.NXDOMAIN
+            r = await ask_udp(addr, dnslib.DNSRecord.question("example.org"))
+            assert str(r.a.rdata) == "192.0.2.7" and upstream.seen == 1
+            # A silent upstream: retried, then SERVFAIL, from the server's own timer.
+            upstream.mute = True
+            t0 = time.monotonic()
+            r = await ask_udp(addr, dnslib.DNSRecord.question("slow.example.org"), 15.0)
+            took = time.monotonic() - t0
+            assert r.header.rcode == dnslib.RCODE.SERVFAIL and upstream.seen >= 2, took
+        finally:
+            server.close()
+            transport.close()
+
+    asyncio.run(asyncio.wait_for(main(), 30))

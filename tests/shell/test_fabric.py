@@ -1,0 +1,222 @@
+"""The embedding API and its shells, driven without root: the real `Fabric`, namespaces,
+data-plane thread, service manager, probes and tunnel link, with pods on socketpairs
+and the tunnel on 127.0.0.1. No network namespace, TAP or TUN is needed."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+
+from fabric.config.specs import TunnelPeerSpec, TunnelSpec
+from fabric.net import packets
+from fabric.net.packets import TCP_SYN
+from fabric.runtime.events import Event, Subscription
+from fabric.runtime.worker import Fabric
+from tests.support.packets import valid
+from tests.support.pods import SocketPod
+from tunnels.keys import generate_keypair
+
+CIDR = "10.10.0.0/24"
+
+
+def run(coro: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(coro(), 60))
+
+
+@asynccontextmanager
+async def fabric(**kw: Any) -> AsyncIterator[Fabric]:
+    async with Fabric(worker_id=kw.pop("worker_id", "w1"), local_stack=False, **kw) as fab:
+        yield fab
+
+
+async def attach(fab: Fabric, ns: str, pod: SocketPod) -> dict[str, Any]:
+    return await fab.attach_pod(ns, pod.spec(), fd=pod.take_fd(), vnet=pod.vnet)
+
+
+async def next_event(sub: Subscription, kind: str, timeout: float = 5.0) -> Event:
+    async def wait() -> Event:
+        async for ev in sub:
+            if ev.kind == kind:
+                return ev
+        raise AssertionError("subscription closed")
+    return await asyncio.wait_for(wait(), timeout)
+
+
+def test_two_pods_talk_through_the_data_plane() -> None:
+    a = SocketPod("a", "10.10.0.2", "02:00:0a:0a:00:02")
+    b = SocketPod("b", "10.10.0.3", "02:00:0a:0a:00:03", vnet=True)
+
+    async def main() -> None:
+        async with fabric() as fab:
+            await fab.apply_namespace({"name": "shop", "id": 7, "cidr": CIDR})
+            await attach(fab, "shop", a)
+            view = await attach(fab, "shop", b)
+            assert view["attached"] and view["kind"] == "fd"
+            for i in range(20):
+                a.udp("10.10.0.3", 5000, 6000, b"n%d" % i)
+            got = [await asyncio.to_thread(b.recv_ip) for _ in range(20)]
+            assert [bytes(IP(p)[UDP].payload) for p in got if p] == [
+                b"n%d" % i for i in range(20)]  # all of them, in order
+            p = valid(got[0])
+            assert p.ttl == 63 and p.src == "10.10.0.2"
+            # Ping the gateway: without a local stack the router answers itself.
+            a.send_ip(packets.icmp_echo(a.ipb, packets.ip_bytes("10.10.0.1"), 9, 1, b"hi"))
+            reply = await asyncio.to_thread(a.recv_ip)
+            assert reply is not None and IP(reply)[ICMP].type == 0
+            rows = fab.get_pods("shop")
+            assert {r["name"]: r["rx_packets"] for r in rows}["a"] == 21
+    try:
+        run(main)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_dormant_service_wakes_runs_its_hook_and_releases_in_order(tmp_path: Path) -> None:
+    client = SocketPod("client", "10.10.0.2", "02:00:0a:0a:00:02")
+    web = SocketPod("web", "10.10.0.3", "02:00:0a:0a:00:03")
+    marker = tmp_path / "hook"
+    hook = (f"{sys.executable} -c \"import os; open({str(marker)!r}, 'w').write("
+            f"os.environ['FABRIC_SERVICE'] + ' ' + os.environ['FABRIC_EVENT'])\"")
+
+    async def main() -> None:
+        async with fabric() as fab:
+            sub = fab.events()
+            await fab.apply_namespace({"name": "shop", "id": 7, "cidr": CIDR})
+            await attach(fab, "shop", client)
+            await fab.attach_pod("shop", {**web.spec(), "ready": False}, fd=web.take_fd(),
+                                 vnet=False)
+            row = await fab.apply_service("shop", {
+                "name": "site", "ip": "10.10.0.100", "backends": ["web"],
+                "ports": [{"port": 80, "target_port": 8080}], "on_activate": hook,
+                "idle_timeout": "1s"})
+            assert row["state"] == "dormant"
+            for sport in (40000, 40001, 40002):
+                client.send_ip(packets.tcp_packet(client.ipb, packets.ip_bytes("10.10.0.100"),
+                                                  sport, 80, 1, 0, TCP_SYN))
+            ev = await next_event(sub, "activate")
+            assert ev.fields["service"] == "site" and ev.fields["reason"] == "held"
+            for _ in range(50):
+                if marker.exists():
+                    break
+                await asyncio.sleep(0.05)
+            assert marker.read_text() == "site activate"
+            (row,) = fab.get_services("shop")
+            assert row["state"] == "activating" and row["held_packets"] == 3
+            fab.set_ready("shop", "web", True)  # no probe without a local stack
+            got = [await asyncio.to_thread(web.recv_ip) for _ in range(3)]
+            assert [IP(p)[TCP].sport for p in got if p] == [40000, 40001, 40002]
+            assert all(IP(p).dst == "10.10.0.3" and IP(p)[TCP].dport == 8080 for p in got if p)
+            # The backend resets them: no open flow is left, so the service goes idle.
+            for p in got:
+                assert p is not None
+                ip = IP(p)
+                web.send_ip(packets.tcp_packet(web.ipb, client.ipb, 8080, ip[TCP].sport, 0,
+                                               ip[TCP].seq + 1, 0x14))
+            rsts = [await asyncio.to_thread(client.recv_ip) for _ in range(3)]
+            assert all(p is not None and IP(p).src == "10.10.0.100" for p in rsts)
+            ev = await next_event(sub, "idle", timeout=5.0)
+            assert ev.fields["service"] == "site"
+            sub.close()
+    try:
+        run(main)
+    finally:
+        client.close()
+        web.close()
+
+
+def test_hold_timeout_is_exact() -> None:
+    """A held frame's timeout fires at its deadline (a timerfd, not a polling tick)."""
+    client = SocketPod("client", "10.10.0.2", "02:00:0a:0a:00:02")
+    web = SocketPod("web", "10.10.0.3", "02:00:0a:0a:00:03")
+
+    async def main() -> None:
+        async with fabric() as fab:
+            await fab.apply_namespace({"name": "shop", "id": 7, "cidr": CIDR})
+            await attach(fab, "shop", client)
+            await fab.attach_pod("shop", {**web.spec(), "ready": False}, fd=web.take_fd(),
+                                 vnet=False)
+            await fab.apply_service("shop", {
+                "name": "site", "ip": "10.10.0.100", "backends": ["web"],
+                "ports": [{"port": 80, "target_port": 8080}], "hold": {"timeout": "150ms"}})
+            lateness = []
+            for sport in range(41000, 41005):
+                t0 = time.monotonic()
+                client.send_ip(packets.tcp_packet(client.ipb, packets.ip_bytes("10.10.0.100"),
+                                                  sport, 80, 1, 0, TCP_SYN))
+                rst = await asyncio.to_thread(client.recv_ip, 3.0)
+                took = time.monotonic() - t0
+                assert rst is not None and IP(rst)[TCP].flags & 0x04, "an RST answers it"
+                assert took >= 0.15
+                lateness.append(took - 0.15)
+            assert sorted(lateness)[2] < 0.05, lateness  # median: well under the old 100 ms
+    try:
+        run(main)
+    finally:
+        client.close()
+        web.close()
+
+
+def test_pods_on_two_workers_through_the_tunnel_on_loopback() -> None:
+    k1, p1 = generate_keypair()
+    k2, p2 = generate_keypair()
+    port1, port2 = _free_udp_port(), _free_udp_port()
+    a = SocketPod("a", "10.10.0.2", "02:00:0a:0a:00:02")
+    b = SocketPod("b", "10.10.0.3", "02:00:0a:0a:00:03")
+
+    def spec(me: int, key: bytes, peer: str, peer_pub: bytes, peer_port: int) -> TunnelSpec:
+        return TunnelSpec(listen=("127.0.0.1", me), private_key=key,
+                          peers=(TunnelPeerSpec(peer, peer_pub, ("127.0.0.1", peer_port)),))
+
+    async def main() -> None:
+        async with fabric(worker_id="w1", tunnel=spec(port1, k1, "w2", p2, port2)) as w1, \
+                fabric(worker_id="w2", tunnel=spec(port2, k2, "w1", p1, port1)) as w2:
+            for fab, local, other, worker in ((w1, a, b, "w2"), (w2, b, a, "w1")):
+                await fab.apply_namespace({
+                    "name": "shop", "id": 7, "cidr": CIDR,
+                    "pods": [{"name": other.name, "ip": other.ip, "worker": worker}]})
+                await attach(fab, "shop", local)
+            for i in range(10):
+                a.udp("10.10.0.3", 5000, 6000, b"x%d" % i)
+            got = [await asyncio.to_thread(b.recv_ip, 5.0) for _ in range(10)]
+            assert [bytes(IP(p)[UDP].payload) for p in got if p] == [
+                b"x%d" % i for i in range(10)]
+            b.udp("10.10.0.2", 6000, 5000, b"back")
+            back = await asyncio.to_thread(a.recv_ip, 5.0)
+            assert back is not None and bytes(IP(back)[UDP].payload) == b"back"
+            (peer,) = w1.get_peers()
+            assert peer["id"] == "w2" and peer["last_handshake"] is not None
+            names = {m.name for m in w1.metrics()}
+            assert "fabric_tunnel_total" in names and "fabric_peer_rx_bytes_total" in names
+    try:
+        run(main)
+    finally:
+        a.close()
+        b.close()
+
+
+def _free_udp_port() -> int:
+    import socket
+
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return int(port)
+
+
+def test_the_shell_suite_needs_no_privileges() -> None:
+    """When make test runs this suite as an ordinary user, it really is one."""
+    if os.environ.get("FABRICD_UNPRIVILEGED") == "1":
+        assert os.geteuid() != 0
+        with open("/proc/self/status") as f:
+            caps = {k: v.strip() for k, v in (line.split(":", 1) for line in f if ":" in line)}
+        assert int(caps["CapEff"], 16) == 0
