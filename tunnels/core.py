@@ -218,12 +218,7 @@ class TunnelCore:
         if peer is None:
             return False
         del self._by_key[peer.public_key]
-        self._drop_handshake(peer)
-        for attr in ("current", "previous", "next"):
-            session = getattr(peer, attr)
-            if session is not None:
-                self._free_session(session)
-                setattr(peer, attr, None)
+        self._forget_keys(peer)
         peer.queue.clear()
         peer.timers.clear()
         return True
@@ -799,13 +794,17 @@ class TunnelCore:
 
     def _zero_keys(self, peer: Peer) -> None:
         """3 x REJECT_AFTER_TIME without a new handshake: forget every key of the peer."""
+        self._forget_keys(peer)
+        self._c["keys_zeroed"] += 1
+
+    def _forget_keys(self, peer: Peer) -> None:
+        """The pending handshake and all three sessions of the peer, freed."""
         self._drop_handshake(peer)
         for attr in ("current", "previous", "next"):
             session = getattr(peer, attr)
             if session is not None:
                 self._free_session(session)
                 setattr(peer, attr, None)
-        self._c["keys_zeroed"] += 1
 
     # -- introspection -------------------------------------------------------------------
 

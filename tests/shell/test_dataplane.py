@@ -90,7 +90,9 @@ def test_timer_deadlines_are_met_exactly(dp: DataPlane) -> None:
             assert err is not None and IP(err)[ICMP].type == 3 and IP(err)[ICMP].code == 1
             assert took >= 0.1
             late.append(took - 0.1)
-        assert sorted(late)[3] < 0.02, late  # median lateness: milliseconds, not a tick
+        median = sorted(late)[3]
+        print(f"\nhold timeout to ICMP at the sender: median {median * 1e3:.2f} ms late")
+        assert median < 0.02, late  # milliseconds at most, not a polling tick
         assert dp.timer_fires >= 7
     finally:
         a.close()

@@ -4,6 +4,7 @@ checks of every checksum against scapy's own computation (an independent oracle)
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.l2 import Ether
@@ -148,3 +149,27 @@ def finished(pkt: bytes, partial: bool) -> bytes:
     pkt = completed(pkt, partial)
     valid(pkt)
     return pkt
+
+
+# --- NAT calls on a packet inside a bigger buffer -----------------------------------------
+
+PREFIX = bytes(range(24))  # virtio-net header + Ethernet header in front of the packet
+SUFFIX = b"\xee\xee\xee"  # bytes past the packet's length (must never be touched)
+Translate = Callable[[bytearray, int, int, float, bool], int]
+
+
+def at_offset(fn: Translate, pkt: bytes, now: float = 0.0, partial: bool = False,
+              ok: int = 0) -> tuple[int, bytes]:
+    """Call a NAT's `fn(buf, off, length, now, partial)` on `pkt` embedded between PREFIX
+    and SUFFIX, as the router hands packets over: its verdict and the packet afterwards.
+    Asserts that nothing outside the packet changed, and that a packet whose verdict is
+    not `ok` was not changed either."""
+    buf = bytearray(PREFIX + pkt + SUFFIX)
+    verdict = fn(buf, len(PREFIX), len(pkt), now, partial)
+    assert len(buf) == len(PREFIX) + len(pkt) + len(SUFFIX)
+    assert buf[:len(PREFIX)] == PREFIX and buf[len(buf) - len(SUFFIX):] == SUFFIX
+    out = bytes(buf[len(PREFIX):len(PREFIX) + len(pkt)])
+    if verdict != ok:
+        assert out == pkt, "a packet that was not translated was changed"
+    return verdict, out
+

@@ -48,7 +48,7 @@ from gateway.egress import (
     EgressNat,
     PortPool,
 )
-from tests.support.packets import complete, finished, make_partial, valid
+from tests.support.packets import at_offset, complete, finished, make_partial, valid
 
 POD_A = bytes([10, 0, 0, 2])
 POD_B = bytes([10, 0, 0, 3])
@@ -59,10 +59,6 @@ REMOTE2 = bytes([198, 51, 100, 8])
 HOP = bytes([203, 0, 113, 1])  # a router on the path, sending ICMP errors
 ALL = (IPv4Network("0.0.0.0/0"),)
 
-PREFIX = bytes(range(24))  # virtio-net header + Ethernet header in front of the packet
-SUFFIX = b"\xee\xee\xee"  # bytes past the packet's length (must never be touched)
-
-
 def nat(eip: bytes = EIP, allow: tuple[IPv4Network, ...] = ALL,
         port_range: tuple[int, int] = (20000, 59999), **policy: Any) -> EgressNat:
     """A NAT with the egress flow policy, `policy` overriding some of it."""
@@ -72,25 +68,14 @@ def nat(eip: bytes = EIP, allow: tuple[IPv4Network, ...] = ALL,
 
 def out(n: EgressNat, pkt: bytes, now: float = 0.0, partial: bool = False) -> tuple[int, bytes]:
     """Run `pkt` through outbound at an offset; the verdict and the (maybe) rewritten pkt."""
-    buf = bytearray(PREFIX + pkt + SUFFIX)
-    verdict = n.outbound(buf, len(PREFIX), len(pkt), now, partial)
-    assert len(buf) == len(PREFIX) + len(pkt) + len(SUFFIX)
-    assert buf[:len(PREFIX)] == PREFIX and buf[len(buf) - len(SUFFIX):] == SUFFIX
-    if verdict != OK:
-        assert buf[len(PREFIX):len(PREFIX) + len(pkt)] == pkt, "refused packet was changed"
-    return verdict, bytes(buf[len(PREFIX):len(PREFIX) + len(pkt)])
+    return at_offset(n.outbound, pkt, now, partial, OK)
 
 
 def inn(n: EgressNat, pkt: bytes, now: float = 0.0,
         partial: bool = False) -> tuple[IPv4Address | None, bytes]:
-    buf = bytearray(PREFIX + pkt + SUFFIX)
-    verdict = n.inbound(buf, len(PREFIX), len(pkt), now, partial)
-    pod = IPv4Address(bytes(buf[len(PREFIX) + 16:len(PREFIX) + 20])) if verdict == OK else None
-    assert len(buf) == len(PREFIX) + len(pkt) + len(SUFFIX)
-    assert buf[:len(PREFIX)] == PREFIX and buf[len(buf) - len(SUFFIX):] == SUFFIX
-    if pod is None:
-        assert buf[len(PREFIX):len(PREFIX) + len(pkt)] == pkt, "refused packet was changed"
-    return pod, bytes(buf[len(PREFIX):len(PREFIX) + len(pkt)])
+    """Run `pkt` through inbound at an offset: the pod it is for now, and the packet."""
+    verdict, got = at_offset(n.inbound, pkt, now, partial, OK)
+    return (IPv4Address(got[16:20]) if verdict == OK else None), got
 
 
 def ports(pkt: bytes) -> tuple[int, int]:

@@ -51,7 +51,7 @@ from fabric.services.core import (
     reject_response,
 )
 from fabric.services.demand import FELL
-from tests.support.packets import completed, make_partial, valid
+from tests.support.packets import PREFIX, at_offset, completed, make_partial, valid
 
 VIP = bytes([10, 0, 0, 100])
 CLIENT = bytes([10, 0, 0, 2])
@@ -60,10 +60,6 @@ B1 = bytes([10, 0, 0, 11])
 B2 = bytes([10, 0, 0, 12])
 VIP_ADDR = ipaddress.IPv4Address("10.0.0.100")
 PORTS = (PortSpec(80, 8080, "tcp"), PortSpec(53, 5353, "udp"))
-
-PREFIX = bytes(range(24))  # virtio-net header + Ethernet header in front of the packet
-SUFFIX = b"\xee\xee\xee"
-
 
 def ip_s(b: bytes) -> str:
     return packets.ip_str(b)
@@ -74,17 +70,6 @@ def service(*backends: bytes, readiness: str = "external", **kw: object) -> Serv
     for i, b in enumerate(backends):
         s.set_backend(f"web-{i + 1}", ip_s(b), True, 0.0)
     return s
-
-
-def run(fn, pkt: bytes, now: float = 0.0, partial: bool = False) -> tuple[int, bytes]:  # noqa: ANN001
-    buf = bytearray(PREFIX + pkt + SUFFIX)
-    verdict = fn(buf, len(PREFIX), len(pkt), now, partial)
-    assert len(buf) == len(PREFIX) + len(pkt) + len(SUFFIX)
-    assert buf[:len(PREFIX)] == PREFIX and buf[len(buf) - len(SUFFIX):] == SUFFIX
-    out = bytes(buf[len(PREFIX):len(PREFIX) + len(pkt)])
-    if verdict != FORWARD:
-        assert out == pkt, "a packet that was not forwarded was changed"
-    return verdict, out
 
 
 def finished(pkt: bytes, partial: bool) -> IP:
@@ -109,13 +94,13 @@ def udp(src: bytes = CLIENT, sport: int = 50000, dst: bytes = VIP, dport: int = 
 def out(s: Service, pkt: bytes, now: float = 0.0, partial: bool = False) -> tuple[int, bytes]:
     if partial:
         pkt = make_partial(pkt)
-    return run(s.outbound, pkt, now, partial)
+    return at_offset(s.outbound, pkt, now, partial, FORWARD)
 
 
 def back(s: Service, pkt: bytes, now: float = 0.0, partial: bool = False) -> tuple[int, bytes]:
     if partial:
         pkt = make_partial(pkt)
-    return run(s.reply, pkt, now, partial)
+    return at_offset(s.reply, pkt, now, partial, FORWARD)
 
 
 def addrs(p: IP) -> tuple[str, int, str, int]:
