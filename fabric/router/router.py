@@ -147,6 +147,10 @@ class Router:
         self.pods: dict[str, Pod] = {}
         self.by_ip: dict[bytes, Pod] = {}
         self.outputs: list[tuple[Port, bytes]] = []
+        # Set by every path but the pod-to-pod fast path: the call may have moved a
+        # deadline (a held frame, a new flow, a service's state), so the shell re-reads
+        # next_timer() and clears it. A frame forwarded by the fast path moves none.
+        self.touched = False
         self.drops: dict[str, int] = {}  # drops not attributable to an ingress port
         self.hold = PodHold(hold_packets, hold_timeout)
         self.icmp = IcmpLimiter()
@@ -286,6 +290,7 @@ class Router:
             self._learn(pod, buf, h, now)
         if src in self.backend_ips:
             assert self.services is not None
+            self.touched = True
             dst = self.services.from_backend(src, buf, h, ip, total, now)
         dpod = self.by_ip.get(dst)
         if dpod is None:
@@ -395,6 +400,7 @@ class Router:
 
     def _not_ipv4(self, port: Port, pod: Pod, buf: bytearray, h: int, n: int,
                   now: float) -> None:
+        self.touched = True
         if n < h + 14:
             port.drop(DROP_MALFORMED)
             return
@@ -435,6 +441,7 @@ class Router:
         self._emit(port, reply, 0, now)
 
     def _learn(self, pod: Pod, buf: bytearray, h: int, now: float) -> None:
+        self.touched = True
         mac = bytes(buf[h + 6:h + 12])
         if mac[0] & 1 == 0:
             pod.mac = mac
@@ -442,6 +449,7 @@ class Router:
 
     def _not_pod(self, port: Port, buf: bytearray, h: int, n: int, ip: int, ihl: int,
                  dst: bytes, now: float) -> Port | None:
+        self.touched = True
         if dst in self.local_ips:
             if (dst == self.gw_ip and buf[ip + 9] == PROTO_UDP and self.dns_local is not None
                     and self._dns(port, buf, h, n, ip, ihl, now)):
@@ -519,6 +527,7 @@ class Router:
 
     def _not_deliverable(self, dpod: Pod, port: Port, buf: bytearray, h: int, n: int,
                          ip: int, now: float) -> None:
+        self.touched = True
         if dpod.remote is not None:
             if self.tunnel_id is None:
                 self.icmp_error(port, buf, ip, ICMP_UNREACH, UNREACH_HOST, now, DROP_NO_TUNNEL)
@@ -593,6 +602,7 @@ class Router:
                        vnet_hdr: bytes | None = None) -> None:
         """A packet from a pod on another worker (already authenticated by the tunnel):
         deliver it to its local pod. Its source must be a pod that lives on that worker."""
+        self.touched = True
         drops = self.drops
         n = len(packet)
         if n < 20 or packet[0] >> 4 != 4:
@@ -685,6 +695,7 @@ class Router:
     def receive_l3(self, port: Port, buf: bytearray, n: int, now: float) -> Port | None:
         """A packet from the local stack: buf[L3_OFF:n] holds it (virtio-net header and
         IPv4, no Ethernet). Returns the pod port to write buf[:n] to, or None."""
+        self.touched = True
         port.rx_packets += 1
         port.rx_bytes += n - L3_OFF
         h = port.hlen
@@ -701,6 +712,7 @@ class Router:
     def receive_egress(self, port: Port, buf: bytearray, n: int, now: float) -> Port | None:
         """A packet from the uplink addressed to this namespace's egress address (the
         shell demultiplexes by address): translate it back and deliver it to its pod."""
+        self.touched = True
         h = port.hlen
         ip = L3_OFF + h
         total = self._l3_header(port, buf, ip, n)

@@ -69,6 +69,8 @@ class Owner(Timed, Protocol):
     """What reads ports and queues frames: a namespace's router."""
 
     outputs: list[tuple[Port, bytes]]
+    # Set by the router when a call may have moved its deadline (see Router.touched).
+    touched: bool
 
     def receive(self, port: Port, buf: bytearray, n: int, now: float) -> Port | None: ...
 
@@ -115,6 +117,7 @@ class _NoOutputs:
 
     name = "uplink"
     outputs: list[tuple[Port, bytes]] = []
+    touched = False
 
 
 class DataPlane:
@@ -411,6 +414,8 @@ class DataPlane:
         for owner in dirty:
             if owner not in self._groups:
                 continue
+            if getattr(owner, "touched", False):
+                cast(Owner, owner).touched = False  # a router: its deadline is read now
             try:
                 t = owner.next_timer()
             except Exception:
@@ -497,7 +502,8 @@ class DataPlane:
             log.exception("%s: dropping a frame that raised", owner.name)
             owner.outputs.clear()
         self.frames += k
-        if owner is not _NO_OUTPUTS:
+        if owner.touched:  # only what left the fast path can have moved a deadline
+            owner.touched = False
             self._after(owner)
 
     def _from_uplink(self, port: Port, buf: bytearray, n: int, now: float) -> Port | None:

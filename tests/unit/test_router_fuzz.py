@@ -81,7 +81,12 @@ class Env:
         rx_before = port.rx_packets
         buf = bytearray(data) + bytearray(64)
         n = len(data)
+        deadline = self.r.next_timer()
+        self.r.touched = False
         out = self.r.receive(port, buf, n, self.now)
+        # The shell re-reads the deadline only after a frame that left the fast path.
+        if not self.r.touched:
+            assert self.r.next_timer() == deadline, "the fast path moved a deadline"
         assert buf[n:] == bytearray(64)
         assert port.rx_packets == rx_before + 1
         outs = [(out, bytes(buf[:n]))] if out is not None else []
