@@ -124,9 +124,8 @@ class DataPlane:
     def __init__(self) -> None:
         self.buf = bytearray(BUF_SIZE)
         self.mv = memoryview(self.buf)
-        # Timed owner -> its group (itself first); routers are also in `routers`.
+        # Timed owner -> its group (itself first).
         self._groups: dict[Timed, tuple[Timed, ...]] = {}
-        self.routers: dict[Any, None] = {}
         # fd -> (owner, port, receive function, read offset)
         self.ports: dict[int, tuple[Any, Port, Receive, int]] = {}
         # fd -> (callback, name, owner whose group it touches)
@@ -263,8 +262,6 @@ class DataPlane:
             members += (owner,)
             for m in members:
                 self._groups[m] = (m,) + tuple(x for x in members if x is not m)
-        if hasattr(owner, "outputs"):
-            self.routers[owner] = None
         self._dirty[owner] = None
 
     def _remove_owner(self, owner: Timed) -> None:
@@ -273,7 +270,6 @@ class DataPlane:
             rest = self._groups.get(m)
             if rest is not None:
                 self._groups[m] = tuple(x for x in rest if x is not owner)
-        self.routers.pop(owner, None)
         self._armed.pop(owner, None)
         self._dirty.pop(owner, None)
         for k, r in list(self.by_ns_id.items()):

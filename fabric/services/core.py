@@ -7,14 +7,14 @@ core rewrites them in place at fixed offsets and answers with a verdict; everyth
 
 Forwarding
     `outbound()` takes a packet addressed to the VIP. A packet of a known flow is
-    DNATed to the backend pinned in conntrack (fabric/conntrack.py). A new flow to one
-    of the service's ports picks a ready backend by a hash of its 5-tuple and is pinned;
+    DNATed to the backend pinned in the service's flow table (fabric.flows, the engine
+    egress NAT uses too, with this module's SERVICE_FLOWS policy). A new flow to one of
+    the service's ports picks a ready backend by a hash of its 5-tuple and is pinned;
     `reply()` takes a packet from a backend and rewrites its source back to VIP:port
     (NOT_OURS when it belongs to no flow: the router routes it as usual). Checksums are
-    updated incrementally with deltas precomputed per flow (RFC 1624, as egress does):
-    with `partial` (virtio-net NEEDS_CSUM) the TCP/UDP field holds the pseudo-header sum,
-    which covers the addresses but not the ports. ICMP errors about a flow (either way)
-    are translated too, quote included, and later fragments follow their first one.
+    updated incrementally with deltas precomputed per flow (fabric.flows.rewrite). ICMP
+    errors about a flow (either way) are translated too, quote included, and later
+    fragments follow their first one.
 
 Hairpin
     A backend calling its own service would get a packet from itself to itself: its
@@ -32,8 +32,9 @@ Readiness
     A backend is ready when the controller marked it ready and, with readiness "probe",
     the fabric's own TCP connect to it succeeded. The core only keeps the state:
     `probes_due(now)` says which backends to connect to (retried every
-    `probe_interval`), `probe_result()` reports back; `next_timer()` includes the probe
-    times, so the shell calls `probes_due(now)` when its timer fires. Only ready backends
+    `probe_interval`, every millisecond while packets are held), `probe_result()` reports
+    back, and `next_probe()` says when the next is due (the probe runner's deadline,
+    fabric.services.probes; `next_timer()` leaves probes out). Only ready backends
     get new flows; a backend going unready keeps its existing flows until they end; a
     removed backend loses its flows.
 
@@ -59,17 +60,14 @@ Holding and release order
     RSTs, later fragments and ICMP errors.
 
 Signals
-    `need()` is a level: the service is needed while it holds packets, has open flows
-    (TCP until FIN both ways or RST, UDP until its idle timeout), or saw traffic or an
-    activation within `idle_timeout`. Its edges become `Signal("activate", reason, flow)`
-    (reason "held", "traffic" or "activator:<name>", flow the first flow) and
-    `Signal("idle", "idle_timeout", None)`. An activate within `activate_debounce` of the
-    previous one is deferred to the end of that interval. Signals are never dropped:
-    pending ones coalesce (at most two, alternating kinds, the last one always giving
-    the current level; a repeated kind keeps the first reason). `outbound()` and
-    `reply()` return verdicts, so signals they raise wait in `signals_pending` until
-    `take_signals()`, `activate()` or `handle_timer()` returns them (`next_timer()` is due
-    at once while any are pending).
+    `need()` is a level (fabric.services.demand keeps it): the service is needed while
+    it holds packets, has open flows (TCP until FIN both ways or RST, UDP until its idle
+    timeout), or saw traffic or an activation within `idle_timeout`. Its edges become
+    `Signal("activate", reason, flow)` (reason "held", "traffic" or "activator:<name>",
+    flow the first flow) and `Signal("idle", "idle_timeout", None)`, debounced and
+    coalesced, never dropped. `outbound()` and `reply()` return verdicts, so signals
+    they raise wait in `signals_pending` until `take_signals()`, `activate()` or
+    `handle_timer()` returns them (`next_timer()` is due at once while any are pending).
 """
 
 from __future__ import annotations
