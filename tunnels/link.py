@@ -50,6 +50,8 @@ class TunnelLink:
             "gso_sends": 0,
             "gro_batches": 0,
             "coalesced": 0,
+            "empty": 0,
+            "truncated": 0,
         }
         self.gso = True
         self.gro = False
@@ -109,22 +111,29 @@ class TunnelLink:
                 if gro:
                     # With UDP GRO the kernel hands over several datagrams of one sender
                     # at once, cut at gso_size (told in a control message).
-                    n, anc, _flags, addr = recvmsg(bufs, GRO_CMSG_SPACE)
+                    n, anc, flags, addr = recvmsg(bufs, GRO_CMSG_SPACE)
                 else:
                     n, addr = sock.recvfrom_into(buf)
-                    anc = ()
+                    anc, flags = (), 0
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
                 c["recv_errors"] += 1
                 break
+            src = (addr[0], addr[1])
+            if n == 0 or flags & socket.MSG_TRUNC:
+                # Nothing to cut GRO batches at, or more than the buffer: malformed for
+                # the core to count (never an exception out of the loop).
+                c["datagrams_in"] += 1
+                c["truncated" if n else "empty"] += 1
+                receive(b"", src, now)
+                continue
             size = n
             for level, kind, data in anc:
                 if level == SOL_UDP and kind == UDP_GRO and len(data) >= 2:
                     size = int.from_bytes(data[:2], "little") or n
                     if size < n:
                         c["gro_batches"] += 1
-            src = (addr[0], addr[1])
             got: list[tuple[str, int, bytes]] = []
             delivered: list[Delivered] = []
             for off in range(0, n, size):

@@ -101,6 +101,30 @@ class Uplink(Protocol):
     def route(self, port: Port, buf: bytearray, n: int) -> Owner | None: ...
 
 
+class ErrorLog:
+    """Exceptions the data plane survives, counted by where they happened and logged
+    with their traceback once, then at most once per `every` seconds with the count:
+    a flood of bad input must never turn into a flood of log lines."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        self.every = every
+        self.counts: dict[str, int] = {}
+        self._logged: dict[str, tuple[float, int]] = {}  # key -> (when, count then)
+
+    def exception(self, key: str, msg: str, *args: Any) -> None:
+        n = self.counts[key] = self.counts.get(key, 0) + 1
+        now = time.monotonic()
+        last = self._logged.get(key)
+        if last is None:
+            log.exception(msg, *args)
+        elif now - last[0] >= self.every:
+            log.error(msg + " (%d more since the last report; traceback above)", *args,
+                      n - last[1])
+        else:
+            return
+        self._logged[key] = (now, n)
+
+
 class _Call:
     __slots__ = ("fn", "args", "done", "result", "error")
 
@@ -133,6 +157,7 @@ class DataPlane:
         self.tunnel: TunnelLink | None = None
         self.by_ns_id: dict[int, Owner] = {}
         self.uplink: Uplink | None = None
+        self.errors = ErrorLog()
         self.rx_errors = 0
         self.wakeups = 0
         self.frames = 0
@@ -399,7 +424,7 @@ class DataPlane:
             try:
                 owner.handle_timer(now)
             except Exception:
-                log.exception("%s: timer failed", owner.name)
+                self.errors.exception(f"timer:{owner.name}", "%s: timer failed", owner.name)
             self._after(owner)
 
     def _rearm(self) -> None:
@@ -415,7 +440,8 @@ class DataPlane:
             try:
                 t = owner.next_timer()
             except Exception:
-                log.exception("%s: next_timer failed", owner.name)
+                self.errors.exception(f"next_timer:{owner.name}", "%s: next_timer failed",
+                                      owner.name)
                 t = None
             if t != armed.get(owner):
                 armed[owner] = t
@@ -454,7 +480,7 @@ class DataPlane:
         try:
             fn()
         except Exception:
-            log.exception("%s: handler failed", name)
+            self.errors.exception(f"handler:{name}", "%s: handler failed", name)
         self._after(owner)
 
     def _readable(self, owner: Any, port: Port, receive: Receive, offset: int) -> None:
@@ -495,7 +521,8 @@ class DataPlane:
                     self.flush(owner)
         except Exception:
             # A router bug must cost one frame, never the data plane.
-            log.exception("%s: dropping a frame that raised", owner.name)
+            self.errors.exception(f"frame:{owner.name}", "%s: dropping a frame that raised",
+                                  owner.name)
             owner.outputs.clear()
         self.frames += k
         if owner.touched:  # only what left the fast path can have moved a deadline
@@ -530,7 +557,9 @@ class DataPlane:
                 try:
                     router.receive_remote(peer, packet, now, hdr)
                 except Exception:
-                    log.exception("%s: dropping a tunnel packet that raised", router.name)
+                    self.errors.exception(f"tunnel:{router.name}",
+                                          "%s: dropping a tunnel packet that raised",
+                                          router.name)
                     router.outputs.clear()
                 if router.outputs:
                     self.flush(router)
@@ -569,7 +598,7 @@ class DataPlane:
         try:
             link.send_many(out.peer, out.ns_id, batch, time.monotonic())
         except Exception:
-            log.exception("tunnel: sending to %s failed", out.peer)
+            self.errors.exception("tunnel:send", "tunnel: sending to %s failed", out.peer)
             out.drop(DROP_TX_ERROR)
         self._dirty[link] = None
 

@@ -1,0 +1,126 @@
+"""The tunnel's UDP link on 127.0.0.1, against hostile datagrams from the underlay: empty,
+truncated and junk datagrams are counted, never raise, and never stop the datagrams
+behind them; and a data plane survives a handler that raises without flooding its log."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+
+import pytest
+
+from fabric.runtime.dataplane import DataPlane
+from tests.support.tunnel_net import ipv4_packet
+from tunnels.core import TunnelCore
+from tunnels.keys import generate_keypair
+from tunnels.link import TunnelLink
+
+
+def pair() -> tuple[TunnelLink, TunnelLink]:
+    k1, p1 = generate_keypair()
+    k2, p2 = generate_keypair()
+    a = TunnelLink(TunnelCore(k1, None), ("127.0.0.1", 0))
+    b = TunnelLink(TunnelCore(k2, None), ("127.0.0.1", 0))
+    a.open()
+    b.open()
+    assert a.sock is not None and b.sock is not None
+    a.core.add_peer("b", p2, b.sock.getsockname(), None)
+    b.core.add_peer("a", p1, a.sock.getsockname(), None)
+    return a, b
+
+
+def drain(link: TunnelLink, now: float) -> list[tuple[str, int, bytes, bytes | None]]:
+    out = []
+    for batch in link.readable(now):
+        out += batch
+    return out
+
+
+def test_empty_and_junk_datagrams_are_counted_and_the_next_one_still_goes(
+        caplog: pytest.LogCaptureFixture) -> None:
+    a, b = pair()
+    try:
+        assert b.sock is not None and a.sock is not None
+        # A handshake, so that data can flow a -> b.
+        a.send("b", 7, ipv4_packet(60, 1), 1.0)
+        time.sleep(0.05)
+        drain(b, 1.0)
+        time.sleep(0.05)
+        drain(a, 1.0)
+        time.sleep(0.05)
+        got = drain(b, 1.0)
+        raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        target = b.sock.getsockname()
+        caplog.set_level(logging.DEBUG)
+        for junk in (b"", b"", b"\x01" + bytes(10), b"\x04" + bytes(40), bytes(1)):
+            raw.sendto(junk, target)
+        a.send("b", 7, ipv4_packet(60, 2), 2.0)
+        time.sleep(0.05)
+        got += drain(b, 2.0)
+        assert [p[2] for p in got] == [ipv4_packet(60, 1), ipv4_packet(60, 2)]
+        assert b.counters["empty"] == 2
+        assert b.core.counters["malformed"] >= 3  # empty twice, short; 0x04: no such session
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+        raw.close()
+    finally:
+        a.close()
+        b.close()
+
+
+def test_an_empty_datagram_flood_costs_the_data_plane_little(
+        caplog: pytest.LogCaptureFixture) -> None:
+    _, b = pair()
+    dp = DataPlane()
+    dp.start()
+    try:
+        dp.attach_tunnel(b)
+        assert b.sock is not None
+        raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        target = b.sock.getsockname()
+        caplog.set_level(logging.WARNING)
+        t0 = time.monotonic()
+        for _ in range(5000):
+            raw.sendto(b"", target)
+        deadline = time.monotonic() + 10
+        while dp.call(lambda: b.counters["empty"]) < 5000 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        took = time.monotonic() - t0
+        assert dp.call(lambda: b.counters["empty"]) == 5000
+        assert took < 5.0, took
+        assert dp.errors.counts == {}
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+        raw.close()
+    finally:
+        dp.close()
+        b.close()
+
+
+def test_a_raising_handler_is_counted_and_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    dp = DataPlane()
+    dp.start()
+    r, w = socket.socketpair()
+    r.setblocking(False)
+
+    def bad() -> None:
+        r.recv(1)
+        raise ValueError("a bug")
+
+    try:
+        caplog.set_level(logging.ERROR)
+        dp.add_handler(r.fileno(), bad, "bad")
+        for _ in range(100):
+            w.send(b"x")
+            time.sleep(0.001)
+        deadline = time.monotonic() + 5
+        while dp.call(lambda: dp.errors.counts.get("handler:bad", 0)) < 100 and \
+                time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert dp.errors.counts["handler:bad"] == 100
+        assert len([rec for rec in caplog.records if "handler failed" in rec.getMessage()]) == 1
+        assert dp.call(lambda x: x + 1, 1) == 2  # still running
+    finally:
+        dp.remove_handler(r.fileno())
+        dp.close()
+        r.close()
+        w.close()
