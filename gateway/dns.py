@@ -51,6 +51,8 @@ MIN_UDP = 512  # RFC 1035 / RFC 6891: smaller advertised sizes count as 512
 MAX_TCP = 65535
 MAX_CACHE = 4096  # cached local answers (FIFO); a random-name flood only churns it
 ID_DRAWS = 64  # tries for a free upstream id before treating the table as full
+MAX_POINTERS = 16  # compression pointers followed per name (real names need one or two)
+MAX_QUERY_ADDITIONAL = 2  # a query carries its OPT and at most one more (a COOKIE's TSIG)
 SOA_REFRESH, SOA_RETRY, SOA_EXPIRE = 3600, 600, 86400
 
 _HDR = struct.Struct("!HHHHHH")
@@ -97,13 +99,16 @@ def read_name(data: bytes, pos: int) -> tuple[list[bytes], int, bool]:
     """Labels (case as sent), the offset after the name, and whether a pointer was used.
 
     Every compression pointer must point strictly before the previous one (a suffix is
-    always written earlier), which rules out loops without a hop counter.
+    always written earlier), which rules out loops; and a name may follow at most
+    MAX_POINTERS of them, which rules out chains (record k pointing at record k-1 ...)
+    that would make a message of R records cost R * R hops.
     """
     labels: list[bytes] = []
     n = len(data)
     total = 1
     end = -1
     bound = pos
+    hops = 0
     while True:
         if pos >= n:
             raise _Malformed("name runs past the end")
@@ -125,6 +130,9 @@ def read_name(data: bytes, pos: int) -> tuple[list[bytes], int, bool]:
                 end = pos + 2
             if target >= bound:
                 raise _Malformed("compression pointer does not point backwards")
+            hops += 1
+            if hops > MAX_POINTERS:
+                raise _Malformed("too many compression pointers")
             bound = pos = target
         else:
             raise _Malformed("extended label type")
@@ -270,7 +278,9 @@ class DnsCore:
             c["notimp"] += 1
             return [Reply(client, _HDR.pack(qid, QR | RA | (flags & (OPCODE_MASK | RD)) | NOTIMP,
                                             0, 0, 0, 0))]
-        if qd != 1:
+        if qd != 1 or an or ns or ar > MAX_QUERY_ADDITIONAL:
+            # A query has one question, no answers or authority, and its OPT: anything
+            # else is not a query we answer (and would cost a walk over its records).
             return self._formerr(client, qid, flags)
         # The question: the common uncompressed name is scanned inline.
         pos = 12

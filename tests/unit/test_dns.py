@@ -504,11 +504,13 @@ def test_short_messages_and_responses_are_dropped_other_opcodes_notimp():
     assert c.counters["notimp"] == 4 and c.counters["formerr"] == 0
 
 
-def test_answer_and_authority_records_in_a_query_are_skipped():
+def test_answer_and_authority_records_in_a_query_are_refused():
+    """A query carries no answers or authority (and walking them is work an attacker
+    chooses): FORMERR with the id, as for any other malformed query."""
     c = core()
     body = QNAME + A_IN + b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x05\x00\x04\x0a\x00\x00\x01"
-    r = DNSRecord.parse(ask(c, raw(3, 0x0100, (1, 1, 0, 0), body)))
-    assert str(r.rr[0].rdata) == "10.10.0.2"
+    qid, flags = struct.unpack_from("!HH", ask(c, raw(3, 0x0100, (1, 1, 0, 0), body)))
+    assert qid == 3 and flags & 0xF == RCODE.FORMERR and c.counters["formerr"] == 1
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
@@ -825,3 +827,68 @@ def test_dnsquestion_helper_sanity():
     # guards the harness: dnslib keeps 0x20 case in what it packs
     q = DNSRecord(q=DNSQuestion("AbC.example."))
     assert b"\x03AbC" in bytes(q.pack())
+
+
+# --- hostile queries: bounded work ---------------------------------------------------------
+
+
+def _chained(size_limit: int) -> bytes:
+    """A query whose additional records each point at the previous one's name, so that a
+    naive parse follows k pointers for record k (the chain of reviews/repro/dns_chain2)."""
+    q = (b"".join(bytes((len(lab),)) + lab for lab in [b"web", b"shop", b"fabric", b"internal"])
+         + b"\0" + struct.pack("!HH", 1, 1))
+    body = bytearray(q)
+    prev = deepest = 12
+    recs = 0
+    while 12 + len(body) + 12 <= size_limit:
+        here = 12 + len(body)
+        target = prev if prev < 0x4000 else deepest
+        body += struct.pack("!H", 0xC000 | target) + struct.pack("!HHIH", 1, 1, 0, 0)
+        if here < 0x4000:
+            deepest = here
+        prev = here
+        recs += 1
+    return struct.pack("!HHHHHH", 0x1234, 0x0100, 1, 0, 0, recs) + bytes(body)
+
+
+@pytest.mark.parametrize("size,tcp", [(1472, False), (8972, False), (65535, True)])
+def test_pointer_chains_are_refused_in_bounded_time(size: int, tcp: bool) -> None:
+    core = DnsCore(records(), [("192.0.2.53", 53)])
+    msg = _chained(size)
+    t = time.process_time()
+    for _ in range(20):
+        out = core.handle_query(msg, ("10.10.0.5", 5353), 0.0, tcp)
+        assert len(out) == 1 and isinstance(out[0], Reply)
+        assert out[0].data[3] & 0x0F == 1  # FORMERR, with the id
+        assert out[0].data[:2] == b"\x12\x34"
+    assert (time.process_time() - t) / 20 < 0.005
+    t = time.process_time()
+    assert core.answer_local(msg[:1472], 0.0) is not None
+    assert time.process_time() - t < 0.005
+
+
+def test_a_name_may_follow_only_a_few_pointers() -> None:
+    """A pointer chain inside one name (each label a pointer back) is malformed beyond
+    MAX_POINTERS hops, whatever the records."""
+    from gateway.dns import MAX_POINTERS, read_name
+
+    msg = bytearray(12) + b"\x01a\x00"  # "a." at 12
+    starts = [12]
+    for _ in range(MAX_POINTERS + 2):
+        starts.append(len(msg))
+        msg += b"\x01b" + struct.pack("!H", 0xC000 | starts[-2])
+    labels, _, _ = read_name(bytes(msg), starts[MAX_POINTERS])
+    assert len(labels) == MAX_POINTERS + 1
+    with pytest.raises(Exception, match="too many"):
+        read_name(bytes(msg), starts[-1])
+
+
+def test_queries_with_answers_or_many_additionals_get_formerr() -> None:
+    core = DnsCore(records(), [])
+    name = b"\x03web\x04shop\x06fabric\x08internal\x00"
+    q = name + struct.pack("!HH", 1, 1)
+    rr = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 0, 4) + bytes(4)
+    for an, ns, ar in ((1, 0, 0), (0, 1, 0), (0, 0, 3)):
+        msg = struct.pack("!HHHHHH", 7, 0x0100, 1, an, ns, ar) + q + rr * (an + ns + ar)
+        (reply,) = core.handle_query(msg, ("10.10.0.5", 1), 0.0, False)
+        assert isinstance(reply, Reply) and reply.data[3] & 0x0F == 1
