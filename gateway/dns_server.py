@@ -21,6 +21,11 @@ log = logging.getLogger("fabricd.dns")
 
 MAX_TCP_CLIENTS = 256
 TCP_IDLE = 10.0
+# A client's replies waiting to be sent: above TCP_WRITE_HIGH its next queries are not
+# read until it reads (back-pressure); one that lets TCP_WRITE_MAX pile up, or stays above
+# the mark for TCP_IDLE, is dropped. Memory per connection stays bounded either way.
+TCP_WRITE_HIGH = 64 * 1024
+TCP_WRITE_MAX = 512 * 1024
 UDP_BATCH = 256
 MAX_MESSAGE = 65535
 
@@ -49,9 +54,10 @@ class DnsServer:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._tcp_clients = 0
+        self._clients: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.counters: dict[str, int] = {"tcp_rejected": 0, "send_errors": 0,
-                                         "upstream_tcp_errors": 0}
+                                         "upstream_tcp_errors": 0, "tcp_slow_closed": 0}
 
     async def start(self) -> None:
         self._loop.add_reader(self.udp.fileno(), self._on_udp)
@@ -69,6 +75,8 @@ class DnsServer:
             self._timer.cancel()
         if self._server is not None:
             self._server.close()
+        for w in list(self._clients):
+            w.transport.abort()
         for t in list(self._tasks):
             t.cancel()
         self.udp.close()
@@ -98,7 +106,9 @@ class DnsServer:
             writer.close()
             return
         self._tcp_clients += 1
+        self._clients.add(writer)
         client = _TcpClient(writer)
+        writer.transport.set_write_buffer_limits(high=TCP_WRITE_HIGH)
         try:
             while True:
                 head = await asyncio.wait_for(reader.readexactly(2), TCP_IDLE)
@@ -106,10 +116,21 @@ class DnsServer:
                 data = await asyncio.wait_for(reader.readexactly(size), TCP_IDLE)
                 self._do(self.core.handle_query(data, client, time.monotonic(), True))
                 self._arm()
+                if writer.is_closing():
+                    break
+                try:  # returns at once unless the client's replies pile up
+                    await asyncio.wait_for(writer.drain(), TCP_IDLE)
+                except TimeoutError:
+                    self.counters["tcp_slow_closed"] += 1
+                    writer.transport.abort()
+                    break
         except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
+            pass
+        except asyncio.CancelledError:  # the server is closing: end the connection quietly
             pass
         finally:
             self._tcp_clients -= 1
+            self._clients.discard(writer)
             writer.close()
 
     # --- upstream ------------------------------------------------------------------------
@@ -153,8 +174,14 @@ class DnsServer:
                 c = a.client
                 try:
                     if isinstance(c, _TcpClient):
-                        if not c.writer.is_closing():
-                            c.writer.write(struct.pack("!H", len(a.data)) + a.data)
+                        w = c.writer
+                        if w.is_closing():
+                            continue
+                        if w.transport.get_write_buffer_size() + len(a.data) > TCP_WRITE_MAX:
+                            self.counters["tcp_slow_closed"] += 1  # it does not read
+                            w.transport.abort()
+                            continue
+                        w.write(struct.pack("!H", len(a.data)) + a.data)
                     else:
                         self.udp.sendto(a.data, c)
                 except OSError:

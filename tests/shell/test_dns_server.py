@@ -108,3 +108,49 @@ def test_local_names_forwarding_and_servfail_on_loopback() -> None:
             transport.close()
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_a_client_that_does_not_read_its_answers_is_held_then_dropped() -> None:
+    """Pipelined queries from a client that never reads: the server stops reading it
+    once its replies pile up, its buffer stays bounded, and it is dropped; another
+    client is still answered at once meanwhile."""
+    from gateway.dns_server import TCP_WRITE_MAX, _TcpClient
+
+    async def main() -> None:
+        records = Records("shop", "fabric.internal", "10.10.0.0/24")
+        records.set("web", IPv4Address("10.10.0.5"))
+        udp, tcp = sockets()
+        server = DnsServer(DnsCore(records, []), udp, tcp, "shop")
+        await server.start()
+        taddr = tcp.getsockname()
+        q = dnslib.DNSRecord.question("web.shop.fabric.internal", "ANY").pack()
+        burst = (struct.pack("!H", len(q)) + q) * 2000
+        c = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        c.connect(taddr)
+        c.setblocking(False)
+        try:
+            biggest = 0
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 4:
+                try:
+                    c.send(burst)
+                except (BlockingIOError, BrokenPipeError, ConnectionResetError):
+                    pass
+                import gc
+
+                for o in gc.get_objects():
+                    if isinstance(o, _TcpClient) and not o.writer.is_closing():
+                        biggest = max(biggest, o.writer.transport.get_write_buffer_size())
+                r = await ask_udp(udp.getsockname(),
+                                  dnslib.DNSRecord.question("web.shop.fabric.internal"), 1.0)
+                assert str(r.a.rdata) == "10.10.0.5"
+                await asyncio.sleep(0.05)
+            assert biggest <= TCP_WRITE_MAX
+            r = await ask_tcp(taddr, dnslib.DNSRecord.question("web.shop.fabric.internal"))
+            assert str(r.a.rdata) == "10.10.0.5"
+        finally:
+            c.close()
+            server.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
