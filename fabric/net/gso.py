@@ -29,6 +29,34 @@ from fabric.net.vnet import F_NEEDS_CSUM, GSO_ECN, GSO_NONE, GSO_TCPV4, GSO_UDP,
 _H = struct.Struct("!H")
 _I = struct.Struct("!I")
 
+# What the fabric takes as a super-frame from a pod (the router checks with gso_sane). A
+# tiny gso_size turns one frame into tens of thousands of packets (half a second of
+# segmenting in Python, and an amplifier toward wherever the packets go): TCP segments
+# must carry at least the classic default MSS (RFC 879, 1122), a UDP GSO frame at most
+# the 64 segments Linux itself allows (UDP_MAX_SEGMENTS), and no super-frame more than
+# MAX_SEGMENTS segments. `segment()` itself refuses more than SEGMENT_LIMIT (a guard
+# for any caller).
+MIN_TCP_GSO = 536
+MIN_UDP_GSO = 8
+MAX_SEGMENTS = 128
+MAX_UDP_SEGMENTS = 64
+SEGMENT_LIMIT = 8192
+
+
+def gso_sane(gso_type: int, gso_size: int, payload: int) -> bool:
+    """Whether a super-frame of this GSO type, segment size and L4 payload length is one
+    the fabric forwards (see MIN_TCP_GSO and friends); GSO_NONE always is."""
+    gso = gso_type & ~GSO_ECN
+    if gso == GSO_NONE:
+        return True
+    if gso == GSO_TCPV4:
+        return gso_size >= MIN_TCP_GSO and payload <= gso_size * MAX_SEGMENTS
+    if gso == GSO_UDP_L4:
+        return gso_size >= MIN_UDP_GSO and payload <= gso_size * MAX_UDP_SEGMENTS
+    if gso == GSO_UDP:  # legacy UFO: one datagram in IP fragments of gso_size
+        return gso_size >= MIN_UDP_GSO and payload <= gso_size * MAX_SEGMENTS
+    return False
+
 
 def complete_checksum(frame: bytearray, csum_start: int, csum_offset: int) -> None:
     """Finish a NEEDS_CSUM frame in place: the field holds the pseudo-header sum, so the
@@ -63,6 +91,8 @@ def segment(frame: bytes | bytearray | memoryview, hdr: VnetHdr) -> list[bytes]:
         raise Malformed("GSO frame is not IPv4")
     if hdr.gso_size == 0:
         raise Malformed("GSO frame with gso_size 0")
+    if len(frame) > hdr.gso_size * SEGMENT_LIMIT:
+        raise Malformed(f"GSO frame of {len(frame)} bytes in segments of {hdr.gso_size}")
     if gso == GSO_TCPV4:
         return _segment_tcp(frame, hdr.gso_size)
     if gso == GSO_UDP_L4:

@@ -28,6 +28,7 @@ from typing import Protocol
 from fabric.config.specs import DEFAULT_GATEWAY_MAC, TUNNEL_MTU
 from fabric.flows import verdicts
 from fabric.net import checksum, gso, packets
+from fabric.net.gso import gso_sane
 from fabric.net.packets import (
     ARP_REPLY,
     ARP_REQUEST,
@@ -286,6 +287,9 @@ class Router:
         if _from_bytes(buf[ip:ip + ihl], "big") % 0xFFFF:
             port.drop(DROP_BAD_CHECKSUM)
             return None
+        if h and buf[1] and not self._gso_sane(buf, ip, ihl, total):
+            port.drop(DROP_BAD_OFFLOAD)
+            return None
         if pod.mac is None:
             self._learn(pod, buf, h, now)
         if src in self.backend_ips:
@@ -361,6 +365,17 @@ class Router:
         self._emit(dpod.port, b, h, now)
 
     # --- slow paths ----------------------------------------------------------------------
+
+    @staticmethod
+    def _gso_sane(buf: bytearray, ip: int, ihl: int, total: int) -> bool:
+        """A pod's super-frame must be one the fabric forwards on every path (fabric.net.gso
+        MIN_TCP_GSO and friends): a tiny gso_size is an amplifier, whatever the next hop."""
+        l4 = ip + ihl
+        if buf[ip + 9] == PROTO_TCP:
+            head = ihl + ((buf[l4 + 12] >> 4) << 2) if total >= ihl + 13 else total
+        else:
+            head = ihl + 8
+        return gso_sane(buf[1], buf[4] | buf[5] << 8, total - head)
 
     def _fits(self, out: Port, port: Port, buf: bytearray, h: int, n: int, ip: int, ihl: int,
               total: int, now: float) -> bool:
