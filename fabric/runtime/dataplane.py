@@ -125,6 +125,55 @@ class ErrorLog:
         self._logged[key] = (now, n)
 
 
+# Errors that mean a port's device is gone (its netns deleted, a VMM's TAP recreated):
+# the control side is told (PortTrouble) and decides. ENETDOWN is one only for AF_PACKET
+# ports (their interface may have been replaced); the control side checks.
+GONE_ERRNOS = frozenset((errno.EBADF, errno.EBADFD, errno.ENODEV, errno.ENXIO))
+TROUBLE_ERRNOS = GONE_ERRNOS | {errno.ENETDOWN}
+
+
+class PortTrouble:
+    """Ports the data plane found broken, on their way to the event loop: each reported
+    once until the control side took it (`take()`), waking it through an eventfd."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ports: dict[Port, int] = {}  # port -> errno, in the order they broke
+        self._told: set[Port] = set()
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+    def report(self, port: Port, err: int) -> None:
+        with self._lock:
+            if port in self._told:
+                return
+            self._told.add(port)
+            wake = not self._ports
+            self._ports[port] = err
+        if wake:
+            os.eventfd_write(self.fd, 1)
+
+    def take(self) -> list[tuple[Port, int]]:
+        try:
+            os.eventfd_read(self.fd)
+        except (BlockingIOError, OSError):
+            pass
+        with self._lock:
+            out = list(self._ports.items())
+            self._ports.clear()
+        return out
+
+    def forget(self, port: Port) -> None:
+        """The port was dealt with (replaced or found healthy): report it again if it
+        breaks again."""
+        with self._lock:
+            self._told.discard(port)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 class _Call:
     __slots__ = ("fn", "args", "done", "result", "error")
 
@@ -158,6 +207,7 @@ class DataPlane:
         self.by_ns_id: dict[int, Owner] = {}
         self.uplink: Uplink | None = None
         self.errors = ErrorLog()
+        self.trouble = PortTrouble()
         self.rx_errors = 0
         self.wakeups = 0
         self.frames = 0
@@ -201,6 +251,7 @@ class DataPlane:
         os.close(self._wake_fd)
         if self._timer is not None:
             self._timer.close()
+        self.trouble.close()
 
     @property
     def on_thread(self) -> bool:
@@ -500,11 +551,13 @@ class DataPlane:
                 except BlockingIOError:
                     break
                 except OSError as e:
-                    # ENETDOWN and friends are transient on a port whose link flapped;
-                    # a vanished device stops being read.
+                    # A vanished device stops being read and the control side is told;
+                    # other errors (a link that flapped) are counted and passed over.
                     self.rx_errors += 1
-                    if e.errno in (errno.EBADF, errno.EBADFD, errno.ENODEV):
+                    if e.errno in GONE_ERRNOS:
                         self._remove_port(port)
+                    if e.errno in TROUBLE_ERRNOS:
+                        self.trouble.report(port, e.errno or 0)
                     break
                 if n <= 0:
                     break
@@ -516,7 +569,7 @@ class DataPlane:
                     except BlockingIOError:
                         out.drop(DROP_TX_FULL)
                     except OSError as e:
-                        out.drop(DROP_TX_FULL if e.errno == errno.ENOBUFS else DROP_TX_ERROR)
+                        self._tx_error(out, e)
                 if owner.outputs:
                     self.flush(owner)
         except Exception:
@@ -581,7 +634,7 @@ class DataPlane:
                 except BlockingIOError:
                     out.drop(DROP_TX_FULL)
                 except OSError as e:
-                    out.drop(DROP_TX_FULL if e.errno == errno.ENOBUFS else DROP_TX_ERROR)
+                    self._tx_error(out, e)
             elif out.kind == KIND_TUNNEL:
                 batch = [frame]
                 while i < n and outputs[i][0] is out:
@@ -589,6 +642,11 @@ class DataPlane:
                     i += 1
                 self._send_tunnel(out, batch)
         outputs.clear()
+
+    def _tx_error(self, out: Port, e: OSError) -> None:
+        out.drop(DROP_TX_FULL if e.errno == errno.ENOBUFS else DROP_TX_ERROR)
+        if e.errno in TROUBLE_ERRNOS:
+            self.trouble.report(out, e.errno or 0)
 
     def _send_tunnel(self, out: Port, batch: list[bytes]) -> None:
         link = self.tunnel

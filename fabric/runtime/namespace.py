@@ -10,8 +10,11 @@ block, so it runs in a worker thread.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
+import os
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +44,14 @@ from gateway.uplink import Uplink
 log = logging.getLogger("fabricd.namespace")
 
 RETRY_INTERVAL = 2.0
+
+
+def _same_interface(io: PacketPort) -> bool:
+    """Whether the interface an AF_PACKET port is bound to is still the one of its name."""
+    try:
+        return socket.if_nametoindex(io.name) == io.ifindex
+    except OSError:
+        return False
 
 
 def pod_mac(pod: PodSpec) -> str:
@@ -251,6 +262,46 @@ class Namespace:
         after the call) and start reading it."""
         self.router.attach(name, port, time.monotonic(), mac)
         self.dataplane.add_port(self.router, port)
+
+    def owns(self, port: Port) -> bool:
+        return any(st.port is port for st in self.pods.values())
+
+    async def port_trouble(self, port: Port, err: int) -> None:
+        """The data plane found `port` broken (errno `err`): when its device is gone,
+        detach the pod, say so, and let the retries attach it again (a TAP made anew in
+        the recreated netns, an AF_PACKET socket on the recreated interface)."""
+        state = next((st for st in self.pods.values() if st.port is port), None)
+        if state is None:
+            self.dataplane.trouble.forget(port)
+            return
+        if err == errno.ENETDOWN:
+            io = state.io
+            if not isinstance(io, PacketPort) or await asyncio.to_thread(_same_interface, io):
+                self.dataplane.trouble.forget(port)  # a link that went down, not gone
+                return
+        self.lose_port(state, os.strerror(err) if err else "gone")
+
+    def lose_port(self, state: PodState, reason: str) -> None:
+        port, io = state.port, state.io
+        name = state.spec.name
+        if port is not None:
+            self.dataplane.remove_port(port)
+            self.dataplane.call(self.router.detach, name)
+            self.dataplane.trouble.forget(port)
+        if io is not None:
+            io.close()
+        state.port = None
+        state.io = None
+        state.error = f"port lost ({reason}); re-attaching"
+        log.warning("namespace %s: pod %s: its port is gone (%s); its traffic is held and "
+                    "it is attached again as soon as it can be", self.name, name, reason)
+        self.bus.emit("pod_port_lost", self.name, name, error=reason)
+        self._sync_backend(name)
+
+    async def reattach(self, state: PodState) -> None:
+        """Attach a pod whose port is missing now (a PUT of its unchanged spec)."""
+        if state.port is None and state.spec.kind in ("netns", "interface"):
+            await self._attach(state)
 
     async def retry_unattached(self) -> None:
         for state in list(self.pods.values()):

@@ -74,6 +74,7 @@ class Fabric:
         self._dataplane: DataPlane | None = None
         self._lock = asyncio.Lock()
         self._retry_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     async def __aenter__(self) -> Fabric:
         await self.start()
@@ -100,11 +101,15 @@ class Fabric:
             if self.tunnel is not None:
                 await self._start_tunnel(self.tunnel)
             self._retry_task = asyncio.create_task(self._retry_loop())
+            asyncio.get_running_loop().add_reader(self._dataplane.trouble.fd,
+                                                  self._on_port_trouble)
 
     async def close(self) -> None:
         if self._retry_task is not None:
             self._retry_task.cancel()
             self._retry_task = None
+        if self._dataplane is not None:
+            asyncio.get_running_loop().remove_reader(self._dataplane.trouble.fd)
         async with self._lock:
             for name in list(self.namespaces):
                 self._remove(name)
@@ -296,8 +301,10 @@ class Fabric:
             spec = parse_pod(data, source, ns.spec, self.worker_id)
         async with self._lock:
             if spec.name in ns.pods:
-                if ns.pods[spec.name].spec == spec and fd is None:
-                    return ns.pod_view(ns.pods[spec.name])
+                state = ns.pods[spec.name]
+                if state.spec == spec and fd is None:
+                    await ns.reattach(state)  # a lost port comes back on the same PUT
+                    return ns.pod_view(state)
                 ns.remove_pod(spec.name)
             if fd is not None:
                 io = TapPort.from_fd(fd, vnet, mtu=ns.spec.mtu)
@@ -403,6 +410,24 @@ class Fabric:
     def metrics(self) -> list[Metric]:
         """Every metric family of this worker (fabric.runtime.metrics)."""
         return collect(self)
+
+    def _on_port_trouble(self) -> None:
+        t = asyncio.get_running_loop().create_task(self._port_trouble())
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    async def _port_trouble(self) -> None:
+        for port, err in self.dataplane.trouble.take():
+            try:
+                async with self._lock:
+                    owner = next((ns for ns in self.namespaces.values() if ns.owns(port)),
+                                 None)
+                    if owner is None:
+                        self.dataplane.trouble.forget(port)  # already detached or replaced
+                    else:
+                        await owner.port_trouble(port, err)
+            except Exception:
+                log.exception("handling a broken port failed")
 
     async def _retry_loop(self) -> None:
         while True:

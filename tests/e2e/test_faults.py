@@ -1,0 +1,109 @@
+"""Faults the fabric heals by itself, with the daemon running and real pods: a pod's
+network namespace deleted and made again (a pod restart), a VMM's TAP (here a veth end)
+removed and recreated, and the daemon killed with SIGKILL and started again."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+
+from fabric.tools.sandbox import Daemon, Sandbox, delete_netns
+
+CIDR = "10.45.0.0/24"
+
+
+def pings(sb: Sandbox, ns: str, ip: str, count: int = 2) -> bool:
+    p = sb.run(ns, "ping", "-c", str(count), "-i", "0.2", "-W", "1", ip, check=False,
+               timeout=20)
+    return f"{count} received" in p.stdout
+
+
+def wait_for(cond, timeout: float) -> float:  # noqa: ANN001
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if cond():
+            return time.monotonic() - t0
+        time.sleep(0.1)
+    raise AssertionError(f"not within {timeout} s")
+
+
+def test_a_pod_whose_netns_is_deleted_and_made_again_comes_back(sandbox: Sandbox) -> None:
+    worker = sandbox.netns("worker")
+    a, b = sandbox.netns("a"), sandbox.netns("b")
+    ns = {"name": "shop", "id": 7, "cidr": CIDR,
+          "pods": [{"name": "a", "ip": "10.45.0.2", "netns": a},
+                   {"name": "b", "ip": "10.45.0.3", "netns": b}]}
+    d = Daemon(sandbox, worker, {"namespaces": [ns]}).start()
+    d.wait_attached(2)
+    events = subprocess.Popen(d.cli_argv("events", "-o", "json"), stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert pings(sandbox, a, "10.45.0.3")
+        # The pod restarts: its namespace goes away (and its TAP with it), then comes back.
+        delete_netns(b)
+        subprocess.run(["ip", "netns", "add", b], check=True)
+        sandbox.run(b, "ip", "link", "set", "lo", "up")
+        took = wait_for(lambda: {p["name"]: p["attached"] for p in d.get("/v1/pods")}["b"]
+                        and pings(sandbox, a, "10.45.0.3", 1), 10.0)
+        assert took < 6.0, took  # the 2 s retry, plus the TAP made anew
+        events.terminate()
+        out, _ = events.communicate(timeout=10)
+        kinds = [e["kind"] for e in map(json.loads, out.splitlines()) if e.get("pod") == "b"]
+        assert "pod_port_lost" in kinds, kinds
+        assert "pod_attached" in kinds[kinds.index("pod_port_lost"):], kinds
+    finally:
+        if events.poll() is None:
+            events.kill()
+            events.wait()
+
+
+def test_an_interface_pod_survives_its_interface_being_recreated(sandbox: Sandbox) -> None:
+    """A VMM recreates its TAP when the VM restarts: the AF_PACKET port follows the name."""
+    worker = sandbox.netns("worker")
+    a, vm = sandbox.netns("a"), sandbox.netns("vm")
+
+    def plug() -> None:
+        sandbox.veth(worker, "fabvm0", vm, "eth0")
+        sandbox.run(worker, "ip", "link", "set", "fabvm0", "up")
+        sandbox.run(vm, "ip", "link", "set", "eth0", "address", "02:00:0a:2d:00:09")
+        sandbox.run(vm, "ip", "addr", "add", "10.45.0.9/24", "dev", "eth0")
+        sandbox.run(vm, "ip", "link", "set", "eth0", "up")
+        sandbox.run(vm, "ip", "route", "add", "default", "via", "10.45.0.1")
+
+    plug()
+    ns = {"name": "shop", "id": 7, "cidr": CIDR,
+          "pods": [{"name": "a", "ip": "10.45.0.2", "netns": a},
+                   {"name": "vm", "ip": "10.45.0.9", "interface": "fabvm0",
+                    "mac": "02:00:0a:2d:00:09"}]}
+    d = Daemon(sandbox, worker, {"namespaces": [ns]}).start()
+    d.wait_attached(2)
+    assert pings(sandbox, a, "10.45.0.9")
+    sandbox.run(worker, "ip", "link", "del", "fabvm0")
+    time.sleep(0.3)
+    plug()
+    took = wait_for(lambda: pings(sandbox, a, "10.45.0.9", 1), 10.0)
+    assert took < 6.0, took
+    vm_row = next(p for p in d.get("/v1/pods") if p["name"] == "vm")
+    assert vm_row["attached"], vm_row
+
+
+def test_the_daemon_killed_and_started_again_serves_at_once(sandbox: Sandbox) -> None:
+    worker = sandbox.netns("worker")
+    a, b = sandbox.netns("a"), sandbox.netns("b")
+    ns = {"name": "shop", "id": 7, "cidr": CIDR,
+          "pods": [{"name": "a", "ip": "10.45.0.2", "netns": a},
+                   {"name": "b", "ip": "10.45.0.3", "netns": b}]}
+    d = Daemon(sandbox, worker, {"namespaces": [ns]}).start()
+    d.wait_attached(2)
+    assert pings(sandbox, a, "10.45.0.3")
+    d.signal(signal.SIGKILL)
+    assert d.proc is not None
+    d.proc.wait(10)
+    # Nothing is left behind: the TAPs went with the process.
+    links = sandbox.run(b, "ip", "-o", "link").stdout
+    assert "eth0" not in links, links
+    d2 = Daemon(sandbox, worker, {"namespaces": [ns]}, name="fabricd2").start()
+    d2.wait_attached(2)
+    assert pings(sandbox, a, "10.45.0.3")
