@@ -48,8 +48,10 @@ class PacketPort(PortFd):
     mtu: int
     ifindex: int
 
-    def __init__(self, sock: socket.socket, name: str, ifindex: int, mtu: int) -> None:
+    def __init__(self, sock: socket.socket, name: str, ifindex: int, mtu: int,
+                 ipv6_before: str | None = None) -> None:
         self._sock = sock
+        self._ipv6_before = ipv6_before
         self.fd = sock.fileno()
         self.vnet = True
         self.gso = True
@@ -59,18 +61,26 @@ class PacketPort(PortFd):
         self._closed = False
 
     @classmethod
-    def open(cls, ifname: str) -> PacketPort:
+    def open(cls, ifname: str, refuse: frozenset[str] = frozenset()) -> PacketPort:
         """Bind to an existing `ifname` in the current namespace and bring it up.
 
-        IPv6 is disabled on it first (best effort) so the host stack does not chatter (RS,
-        MLD, DAD) or answer on a port that belongs to the fabric.
+        Refused: the interfaces in `refuse` (the fabric's own, such as the egress TUN) and
+        any interface that carries this host's addresses or routes (its uplink, a bridge):
+        a typo must never hand a tenant the host's traffic. IPv6 is disabled on it (best
+        effort) so the host stack does not chatter (RS, MLD, DAD) or answer on a port that
+        belongs to the fabric; close() gives back what was there.
         """
         netlink.check_ifname(ifname)
+        if ifname in refuse:
+            raise PortError(f"interface {ifname!r} belongs to the fabric itself")
         try:
             ifindex = socket.if_nametoindex(ifname)
         except OSError:
             raise PortError(f"interface {ifname!r} does not exist") from None
-        netlink.disable_ipv6(ifname)
+        role = netlink.host_role(ifname)
+        if role is not None:
+            raise PortError(f"interface {ifname!r} cannot be a pod's port: {role}")
+        ipv6_before = netlink.disable_ipv6(ifname)
         mtu = netlink.set_link(ifname, up=True)
         # Protocol 0 until bind: a socket created with ETH_P_ALL would queue frames from
         # every interface in the namespace until it is bound.
@@ -93,15 +103,24 @@ class PacketPort(PortFd):
             sock.setblocking(False)
         except OSError as exc:
             sock.close()
+            if ipv6_before is not None:
+                netlink.disable_ipv6(ifname, ipv6_before)
             raise PortError(f"AF_PACKET on {ifname!r}: {step}: {exc.strerror}") from None
-        return cls(sock, ifname, ifindex, mtu)
+        return cls(sock, ifname, ifindex, mtu, ipv6_before)
 
     def close(self) -> None:
-        """Close the socket (drops promiscuous membership). The interface is left alone."""
+        """Close the socket (drops promiscuous membership) and give the interface back its
+        IPv6 setting if it is still the one we took."""
         if self._closed:
             return
         self._closed = True
         self._sock.close()
+        if self._ipv6_before is not None:
+            try:
+                if socket.if_nametoindex(self.name) == self.ifindex:
+                    netlink.disable_ipv6(self.name, self._ipv6_before)
+            except OSError:
+                pass  # gone with its VMM
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"fd={self.fd}"

@@ -19,6 +19,7 @@ import ctypes
 import fcntl
 import ipaddress
 import os
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -290,19 +291,53 @@ def set_link(name: str, up: bool = True, mtu: int | None = None) -> int:
         raise PortError(f"setting interface {name!r}: {_nl_error(exc)}") from None
 
 
-def disable_ipv6(name: str) -> bool:
-    """Best effort: stop the host stack from speaking IPv6 (RS, MLD, DAD) on a fabric port.
+def disable_ipv6(name: str, value: str = "1") -> str | None:
+    """Best effort: stop the host stack from speaking IPv6 (RS, MLD, DAD) on a fabric port
+    (`value` "0" gives it back). The value it had before, or None if it could not be done
+    (IPv6 compiled out, interface gone); callers ignore that on purpose.
 
-    /proc/sys/net follows the calling thread's namespace. Returns False if it could not be
-    done (IPv6 compiled out, interface gone); callers ignore that on purpose.
+    /proc/sys/net follows the calling thread's namespace.
     """
     check_ifname(name)
+    path = f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6"
     try:
-        with open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "w") as f:
-            f.write("1")
-        return True
+        with open(path) as f:
+            before = f.read().strip()
+        if before != value:
+            with open(path, "w") as f:
+                f.write(value)
+        return before
     except OSError:
-        return False
+        return None
+
+
+def host_role(name: str) -> str | None:
+    """Why an interface of this namespace must not become a pod port, or None: it carries
+    addresses of its own or a route (the host's uplink, a bridge, the egress TUN), or it is
+    the loopback."""
+    try:
+        with _ipr() as ipr:
+            index = _lookup(ipr, name)
+            if index is None:
+                return None
+            link = ipr.get_links(index)[0]
+            if link.get("flags", 0) & 0x8:  # IFF_LOOPBACK
+                return "it is the loopback interface"
+            addrs = [str(m.get_attr("IFA_ADDRESS")) for m in ipr.get_addr(index=index)
+                     if m.get("scope", 0) == 0]  # global scope: link-local IPv6 is harmless
+            if addrs:
+                return f"it has addresses of this host ({', '.join(addrs[:3])})"
+            for fam in (socket.AF_INET, socket.AF_INET6):
+                for r in ipr.get_routes(family=fam, oif=index):
+                    dst = r.get_attr("RTA_DST")
+                    if r.get("table", 254) != 254 or r.get("type", 1) != 1:
+                        continue  # local/broadcast entries and policy tables are not uses
+                    if dst is not None and ipaddress.ip_address(dst).is_link_local:
+                        continue  # IPv6's fe80::/64 comes with every interface that is up
+                    return f"this host routes {dst or 'its default route'} through it"
+    except Exception as exc:
+        return f"it cannot be checked ({_nl_error(exc)})"
+    return None
 
 
 def replace_route(dst: str, ifname: str) -> None:

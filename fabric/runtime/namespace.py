@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from fabric.config.specs import NamespaceSpec, PodSpec, ServiceSpec
+from fabric.config.specs import DEFAULT_EGRESS_TUN, NamespaceSpec, PodSpec, ServiceSpec
 from fabric.errors import FabricError, NotFound, PortError
 from fabric.net import packets
 from fabric.ports.afpacket import PacketPort
@@ -218,7 +218,8 @@ class Namespace:
             kind = "netns"
         elif spec.kind == "interface":
             assert spec.interface is not None
-            io = await asyncio.to_thread(PacketPort.open, spec.interface)
+            own = {DEFAULT_EGRESS_TUN} | ({self.uplink.tun} if self.uplink is not None else set())
+            io = await asyncio.to_thread(PacketPort.open, spec.interface, frozenset(own))
             kind = "interface"
         else:
             raise PortError(f"pod {spec.name} has no local port")

@@ -209,9 +209,10 @@ class Fabric:
         if spec.id is None and any(p.kind == "remote" for p in spec.pods):
             raise ConfigError(source, "id", f"namespace {spec.name} has pods on other workers:"
                               " it needs an id (the same on every worker)")
-        others = [ns.spec for name, ns in self.namespaces.items() if name != spec.name]
-        validate_namespace_set(others + [spec], source)
         async with self._lock:
+            # Under the lock: two concurrent applies must not both pass against the old set.
+            others = [ns.spec for name, ns in self.namespaces.items() if name != spec.name]
+            validate_namespace_set(others + [spec], source)
             ns = self.namespaces.get(spec.name)
             plan = plan_namespace(ns.spec if ns is not None else None, spec)
             if plan.rebuild:
@@ -300,6 +301,10 @@ class Fabric:
                 data["interface"] = f"fd{fd}"
             spec = parse_pod(data, source, ns.spec, self.worker_id)
         async with self._lock:
+            if self.namespaces.get(namespace) is not ns:
+                raise NotFound(f"namespace {namespace} not found")
+            if fd is None:
+                self._check_pod_set(ns, spec, source)
             if spec.name in ns.pods:
                 state = ns.pods[spec.name]
                 if state.spec == spec and fd is None:
@@ -322,6 +327,20 @@ class Fabric:
             ns.spec = dataclasses.replace(
                 ns.spec, pods=tuple(p for p in ns.spec.pods if p.name != name))
             ns.sync_records()
+
+    def _check_pod_set(self, ns: Namespace, spec: PodSpec, source: str) -> None:
+        """The cross-namespace rules (an interface or a netns slot used once on this worker)
+        for the set as it would be with `spec` in `ns`; called under the lock."""
+        if spec.kind == "remote":
+            return
+        pods = tuple(p for p in ns.spec.pods if p.name != spec.name) + (spec,)
+        specs = [n.spec if n is not ns else dataclasses.replace(ns.spec, pods=pods)
+                 for n in self.namespaces.values()]
+        try:
+            validate_namespace_set(specs, source)
+        except ConfigError as e:
+            raise ConfigError(source, "interface" if spec.interface else "netns",
+                              e.problem) from None
 
     def _record_pod(self, ns: Namespace, spec: PodSpec) -> None:
         pods = tuple(p for p in ns.spec.pods if p.name != spec.name) + (spec,)

@@ -359,6 +359,32 @@ def pod_rx_packets(ns: str) -> int:
     return int(out[0]["stats64"]["rx"]["packets"])
 
 
+def test_packet_port_refuses_host_interfaces(worker: str, pod_b: str) -> None:
+    """An `interface:` typo must not hand a tenant the host's uplink, loopback or the
+    fabric's own devices; a refused open changes nothing, a closed port gives IPv6 back."""
+    ifname = make_veth(worker, pod_b, "10.98.0.2")
+    sysctl = f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6"
+    assert run_in(worker, "cat", sysctl).stdout.strip() == "0"
+    with pytest.raises(PortError, match="loopback"):
+        call_in(worker, PacketPort.open, "lo")
+    with pytest.raises(PortError, match="belongs to the fabric"):
+        call_in(worker, PacketPort.open, ifname, frozenset({ifname}))
+    run_in(worker, "ip", "link", "set", ifname, "up")
+    run_in(worker, "ip", "route", "add", "10.96.0.0/24", "dev", ifname)
+    with pytest.raises(PortError, match="routes 10.96.0.0 through it"):
+        call_in(worker, PacketPort.open, ifname)
+    run_in(worker, "ip", "route", "del", "10.96.0.0/24", "dev", ifname)
+    run_in(worker, "ip", "addr", "add", "10.97.0.1/24", "dev", ifname)
+    with pytest.raises(PortError, match=r"addresses of this host \(10.97.0.1\)"):
+        call_in(worker, PacketPort.open, ifname)
+    assert run_in(worker, "cat", sysctl).stdout.strip() == "0", "a refused open changed it"
+    run_in(worker, "ip", "addr", "flush", "dev", ifname)
+    port = call_in(worker, PacketPort.open, ifname)
+    assert run_in(worker, "cat", sysctl).stdout.strip() == "1"
+    call_in(worker, port.close)
+    assert run_in(worker, "cat", sysctl).stdout.strip() == "0", "close should give IPv6 back"
+
+
 def test_packet_port_missing_interface(worker: str) -> None:
     with pytest.raises(PortError, match="does not exist"):
         call_in(worker, PacketPort.open, "fbv-nope")

@@ -13,9 +13,11 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 
 from fabric.config.specs import TunnelPeerSpec, TunnelSpec
+from fabric.errors import ConfigError
 from fabric.net import packets
 from fabric.net.packets import TCP_SYN
 from fabric.runtime.events import Event, Subscription
@@ -211,6 +213,32 @@ def _free_udp_port() -> int:
     port = s.getsockname()[1]
     s.close()
     return int(port)
+
+
+def test_cross_namespace_rules_hold_for_runtime_attaches() -> None:
+    """An interface used by one namespace cannot be attached in another, neither by a pod
+    PUT nor by two namespace applies racing each other: the check runs under the lock."""
+    def ns(name: str, cidr: str, iface: str) -> dict[str, Any]:
+        return {"name": name, "cidr": cidr,
+                "pods": [{"name": "p", "ip": cidr.replace("0/24", "2"), "interface": iface}]}
+
+    async def main() -> None:
+        async with fabric() as fab:
+            # The interface does not exist here: the pod is retried, its claim stands.
+            await fab.apply_namespace(ns("a", "10.20.0.0/24", "fbx-shared"))
+            await fab.apply_namespace({"name": "b", "cidr": "10.21.0.0/24"})
+            with pytest.raises(ConfigError, match="fbx-shared is already used by pod p in "
+                               "namespace a"):
+                await fab.attach_pod("b", {"name": "q", "ip": "10.21.0.2",
+                                           "interface": "fbx-shared"})
+            assert "q" not in fab.namespaces["b"].pods
+            got = await asyncio.gather(
+                fab.apply_namespace(ns("c", "10.22.0.0/24", "fbx-race")),
+                fab.apply_namespace(ns("d", "10.23.0.0/24", "fbx-race")),
+                return_exceptions=True)
+            assert sum(isinstance(g, ConfigError) for g in got) == 1, got
+            assert len({"c", "d"} & set(fab.namespaces)) == 1
+    run(main)
 
 
 def test_the_shell_suite_needs_no_privileges() -> None:
