@@ -15,6 +15,12 @@ transitory timeouts as RFC 5382 asks of a NAT, no eviction of closed flows). Tim
 Mapping is address-and-port dependent (RFC 4787): a flow is the pod's 5-tuple; its
 external port is unique per protocol, the pod's own source port when that is free.
 Replies are accepted only from the flow's remote address and port.
+
+Protected destinations: the worker itself (its addresses, loopback), link-local (cloud
+metadata at 169.254.169.254), the egress pool and the ranges no host routes (0/8,
+multicast, 240/4) are refused to a new flow even under `egress: true`; a namespace
+reaches one only through an allow entry inside that range (`169.254.169.254/32`), never
+through a wider one that happens to cover it.
 """
 
 from __future__ import annotations
@@ -37,8 +43,14 @@ from fabric.net.packets import (
     PROTO_UDP,
 )
 
-__all__ = ["DENIED", "EGRESS_FLOWS", "FULL", "MALFORMED", "NO_FLOW", "OK", "UNSUPPORTED",
-           "EgressNat"]
+__all__ = ["ALWAYS_PROTECTED", "DENIED", "EGRESS_FLOWS", "FULL", "MALFORMED", "NO_FLOW", "OK",
+           "UNSUPPORTED", "EgressNat"]
+
+# What no namespace reaches through a wide allow entry: "this network", loopback,
+# link-local (the cloud metadata service), multicast and the reserved 240/4 (with the
+# limited broadcast). The worker's own addresses and the egress pool join these at run time.
+ALWAYS_PROTECTED: tuple[IPv4Network, ...] = tuple(IPv4Network(n) for n in (
+    "0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "240.0.0.0/4"))
 
 # The flow policy of egress: established TCP for 2 h 4 min and transitory TCP (opening,
 # closed) for 4 min, as RFC 5382 asks of a NAT; UDP 30 s until answered, 60 s after;
@@ -53,6 +65,7 @@ COUNTERS = (
     "translations_out",
     "translations_in",
     "denied",
+    "denied_protected",
     "table_full",
     "no_flow",
     "unsupported",
@@ -122,6 +135,7 @@ class EgressNat:
         egress_ip: IPv4Address | str,
         allow: Iterable[IPv4Network | str],
         *,
+        protected: Iterable[IPv4Network | str] = ALWAYS_PROTECTED,
         port_range: tuple[int, int] = (20000, 59999),
         policy: FlowPolicy = EGRESS_FLOWS,
     ) -> None:
@@ -130,6 +144,7 @@ class EgressNat:
             raise ValueError(f"bad port range {port_range}")
         self.egress_ip = IPv4Address(egress_ip)
         self._eip = self.egress_ip.packed
+        self.protected: tuple[IPv4Network, ...] = tuple(IPv4Network(n) for n in protected)
         self.set_allow(allow)
         self.port_range = (lo, hi)
         self.policy = policy
@@ -157,12 +172,46 @@ class EgressNat:
         self.allow = tuple(IPv4Network(n) for n in allow)
         self._allow = tuple((int(n.network_address), int(n.netmask)) for n in self.allow)
         self._allow_all = any(mask == 0 for _, mask in self._allow)
+        self._guard()
+
+    def set_protected(self, protected: Iterable[IPv4Network | str]) -> None:
+        """Change the protected ranges (the worker's addresses moved); flows keep going."""
+        self.protected = tuple(IPv4Network(n) for n in protected)
+        self._guard()
+
+    def _guard(self) -> None:
+        # Per protected range, the allow entries that name (part of) it explicitly.
+        self._protected = tuple(
+            (int(p.network_address), int(p.netmask),
+             tuple((int(a.network_address), int(a.netmask)) for a in self.allow
+                   if a.subnet_of(p)))
+            for p in self.protected)
+
+    def is_protected(self, dst: bytes) -> bool:
+        """True when `dst` is in a protected range that no allow entry names explicitly."""
+        d = _from_bytes(dst, "big")
+        for net, mask, exempt in self._protected:
+            if d & mask == net:
+                for anet, amask in exempt:
+                    if d & amask == anet:
+                        return False
+                return True
+        return False
 
     def allowed(self, dst: bytes) -> bool:
-        """True when the 4 address bytes `dst` are inside the allow list."""
+        """True when a new flow may go to the 4 address bytes `dst`."""
+        if self.is_protected(dst):
+            return False
         if self._allow_all:
             return True
         d = _from_bytes(dst, "big")
+        for net, mask in self._allow:
+            if d & mask == net:
+                return True
+        return False
+
+    def _listed(self, pkt: bytearray, off: int) -> bool:
+        d = _from_bytes(pkt[off + 16:off + 20], "big")
         for net, mask in self._allow:
             if d & mask == net:
                 return True
@@ -185,7 +234,7 @@ class EgressNat:
         if kind == MALFORMED_PACKET or kind == SHORT:
             counts["malformed"] += 1
             return MALFORMED
-        if not self._allow_all and not self.allowed(pkt[off + 16:off + 20]):
+        if not self._allow_all and not self._listed(pkt, off):
             counts["denied"] += 1
             return DENIED
         if kind == TRANSPORT:
@@ -206,6 +255,9 @@ class EgressNat:
             return UNSUPPORTED
         flow = self._fwd[h.proto].get(key)
         if flow is None:
+            if self.is_protected(pkt[off + 16:off + 20]):
+                counts["denied_protected"] += 1
+                return DENIED
             flow = self._create(pkt, h, now)
             if flow is None:
                 return FULL

@@ -18,6 +18,7 @@ from fabric.errors import FabricError, PortError
 from fabric.ports import netlink
 from fabric.ports.tap import open_tun
 from fabric.router.model import DROP_MALFORMED, DROP_NO_NAMESPACE, L3_OFF, Port
+from gateway.egress import ALWAYS_PROTECTED
 
 log = logging.getLogger("fabricd.egress")
 
@@ -43,6 +44,7 @@ class Uplink:
         self.port: Port | None = None
         self.routers: dict[bytes, EgressReceiver] = {}
         self.addresses: dict[str, ipaddress.IPv4Address] = {}  # namespace -> address
+        self.host: tuple[ipaddress.IPv4Address, ...] = ()  # this worker's own addresses
 
     def open(self) -> Port:
         """Create the TUN in this (the worker's) namespace and route the pool into it."""
@@ -58,7 +60,24 @@ class Uplink:
             raise
         self.fd = fd
         self.port = Port(vnet=True, mtu=mtu, fd=fd, kind="uplink", l3=True)
+        self.refresh_host()
         return self.port
+
+    def refresh_host(self) -> bool:
+        """Read this worker's addresses again (DHCP, an operator); True if they changed.
+        Blocking netlink: call it off the event loop."""
+        host = netlink.local_ipv4()
+        if host == self.host:
+            return False
+        self.host = host
+        return True
+
+    @property
+    def protected(self) -> tuple[ipaddress.IPv4Network, ...]:
+        """What egress refuses unless a namespace names it: the fixed ranges, the pool
+        (other namespaces' egress addresses) and this worker's own addresses."""
+        return ALWAYS_PROTECTED + (self.pool,) + tuple(
+            ipaddress.IPv4Network(a) for a in self.host)
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -340,6 +340,17 @@ def host_role(name: str) -> str | None:
     return None
 
 
+def local_ipv4() -> tuple[ipaddress.IPv4Address, ...]:
+    """Every IPv4 address of this namespace, sorted: what the host stack answers for."""
+    try:
+        with _ipr() as ipr:
+            found = {ipaddress.IPv4Address(m.get_attr("IFA_LOCAL") or m.get_attr("IFA_ADDRESS"))
+                     for m in ipr.get_addr(family=socket.AF_INET)}
+    except Exception as exc:
+        raise PortError(f"reading this host's addresses: {_nl_error(exc)}") from None
+    return tuple(sorted(found))
+
+
 def replace_route(dst: str, ifname: str) -> None:
     """Route `dst` (a prefix) out of `ifname` in the current namespace (create or replace)."""
     try:

@@ -152,7 +152,7 @@ class Namespace:
     def start_egress(self, uplink: Uplink) -> None:
         """Give the namespace its own egress address and NAT on the worker's uplink."""
         addr = uplink.allocate(self.name, self.spec.id)
-        nat = EgressNat(addr, self.spec.egress_allow)
+        nat = EgressNat(addr, self.spec.egress_allow, protected=uplink.protected)
         self.egress = nat
         self.uplink = uplink
         self.dataplane.call(self._attach_egress, uplink, addr, nat)
@@ -173,6 +173,10 @@ class Namespace:
     def update_egress(self) -> None:
         if self.egress is not None:
             self.dataplane.call(self.egress.set_allow, self.spec.egress_allow)
+
+    def update_protected(self) -> None:
+        if self.egress is not None and self.uplink is not None:
+            self.dataplane.call(self.egress.set_protected, self.uplink.protected)
 
     def sync_records(self) -> None:
         """DNS names follow the table at once: pods (attached or not) and services."""

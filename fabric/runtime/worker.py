@@ -31,7 +31,7 @@ from fabric.config.specs import (
     TunnelPeerSpec,
     TunnelSpec,
 )
-from fabric.errors import ConfigError, FabricError, NotFound
+from fabric.errors import ConfigError, FabricError, NotFound, PortError
 from fabric.ports.tap import TapPort
 from fabric.runtime.capture import CaptureSubscription
 from fabric.runtime.dataplane import DataPlane
@@ -451,6 +451,7 @@ class Fabric:
     async def _retry_loop(self) -> None:
         while True:
             await asyncio.sleep(RETRY_INTERVAL)
+            await self._refresh_host()
             for ns in list(self.namespaces.values()):
                 try:
                     async with self._lock:
@@ -458,6 +459,24 @@ class Fabric:
                             await ns.retry_unattached()
                 except Exception:
                     log.exception("namespace %s: retrying attachments failed", ns.name)
+
+
+    async def _refresh_host(self) -> None:
+        """Egress keeps refusing this worker's own addresses when they change."""
+        uplink = self.uplink
+        if uplink is None:
+            return
+        try:
+            if not await asyncio.to_thread(uplink.refresh_host):
+                return
+        except PortError as e:
+            log.warning("egress: cannot re-read this worker's addresses: %s", e.message)
+            return
+        log.info("egress: this worker's addresses are now %s; pods cannot reach them",
+                 ", ".join(map(str, uplink.host)) or "none")
+        async with self._lock:
+            for ns in self.namespaces.values():
+                ns.update_protected()
 
 
 def _warn_unimplemented(spec: NamespaceSpec) -> None:

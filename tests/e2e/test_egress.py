@@ -7,6 +7,8 @@ namespace; the server addresses (TEST-NET-2/3) exist only there.
 
 from __future__ import annotations
 
+import re
+import subprocess
 import threading
 import time
 from typing import Any
@@ -86,3 +88,55 @@ def test_allowlist_denial_fails_fast(sandbox: Sandbox) -> None:
 
     metrics = ControlClient(d.control).get_text("/metrics")
     assert 'reason="egress_denied"' in metrics
+
+
+def test_default_egress_cannot_reach_the_worker_or_cloud_metadata(sandbox: Sandbox) -> None:
+    """`egress: true` reaches the internet, not the worker's own services (its address on
+    the uplink, one it gains later) nor 169.254.169.254; a namespace that names them
+    explicitly does."""
+    worker_addr, metadata = "198.51.100.1", "169.254.169.254"
+    open_ns = ns(sandbox, "open", 7)
+    named = ns(sandbox, "named", 8, {"allow": ["0.0.0.0/0", f"{metadata}/32",
+                                               f"{worker_addr}/32"]})
+    named["cidr"], named["pods"][0]["ip"] = "10.41.0.0/24", "10.41.0.2"
+    d, net = topology(sandbox, [open_ns, named])
+    worker = d.ns
+    sandbox.http_server(worker, 8081)  # the worker's own service, on every address
+    sandbox.run(net, "ip", "addr", "add", f"{metadata}/32", "dev", "lo")
+    pod_open, pod_named = open_ns["pods"][0]["netns"], named["pods"][0]["netns"]
+
+    def get(pod: str, url: str) -> subprocess.CompletedProcess[str]:
+        return sandbox.run(pod, "curl", "-sS", "--max-time", "5", url, check=False,
+                           timeout=15)
+
+    assert curl(sandbox, pod_open, "/whoami").strip() == "100.64.0.7"
+    for url in (f"http://{worker_addr}:8081/whoami", f"http://{metadata}:8080/whoami",
+                "http://100.64.0.8:8081/whoami"):
+        t0 = time.monotonic()
+        p = get(pod_open, url)
+        assert p.returncode != 0, (url, p.stdout)
+        assert time.monotonic() - t0 < 3, f"{url}: refused egress must fail fast"
+    assert get(pod_named, f"http://{worker_addr}:8081/whoami").stdout.strip() == "100.64.0.8"
+    assert get(pod_named, f"http://{metadata}:8080/whoami").stdout.strip() == "100.64.0.8"
+    # An address the worker gains later is protected within the refresh interval.
+    assert get(pod_open, "http://192.0.2.77:8081/").returncode != 0
+    sandbox.run(worker, "ip", "addr", "add", "192.0.2.77/32", "dev", "lo")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        before = protected_denials(d, "open")
+        get(pod_open, "http://192.0.2.77:8081/")
+        if protected_denials(d, "open") > before:
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError("a new worker address was never protected")
+
+
+def protected_denials(d: Daemon, namespace: str) -> int:
+    from fabric.control.client import ControlClient
+
+    text = ControlClient(d.control).get_text("/metrics")
+    label = f'namespace="{namespace}",counter="denied_protected"'
+    m = re.search(r"fabric_egress_total\{" + re.escape(label) + r"\} (\d+)", text)
+    assert m is not None, "no denied_protected counter in /metrics"
+    return int(m.group(1))

@@ -38,6 +38,7 @@ from fabric.net.packets import (
     UNREACH_PORT,
 )
 from gateway.egress import (
+    ALWAYS_PROTECTED,
     DENIED,
     EGRESS_FLOWS,
     FULL,
@@ -363,6 +364,9 @@ def test_udp_translation_property(payload: bytes, sport: int, dport: int, dst: b
     n = nat()
     pkt = udp(POD_B, dst, sport, dport, payload)
     verdict, t = out(n, make_partial(pkt) if partial else pkt, 0.0, partial)
+    if n.is_protected(dst):
+        assert verdict == DENIED and n.counters["denied_protected"] == 1
+        return
     assert verdict == OK
     p = IP(finished(t, partial))
     ext = p[UDP].sport
@@ -526,8 +530,51 @@ def test_allowlist() -> None:
     assert out(n, udp(POD_A, REMOTE, 1, 53))[0] == OK
     assert n.counters["denied"] == 3 and n.flows == 1
     assert nat(allow=()).allowed(REMOTE) is False
-    assert nat(allow=ALL).allowed(bytes(4)) is True
+    assert nat(allow=ALL).allowed(bytes([8, 8, 8, 8])) is True
     assert nat(allow=("192.168.0.0/16",)).allowed(bytes([192, 168, 3, 4]))  # type: ignore
+
+
+METADATA = bytes([169, 254, 169, 254])
+HOST = bytes([192, 0, 2, 10])  # the worker's own address
+POOL = IPv4Network("100.64.0.0/16")
+
+
+def guarded(allow: tuple[IPv4Network, ...] = ALL) -> EgressNat:
+    return EgressNat(IPv4Address(EIP), allow, protected=ALWAYS_PROTECTED + (
+        POOL, IPv4Network("192.0.2.10/32")))
+
+
+def test_default_egress_refuses_the_worker_metadata_loopback_and_the_pool() -> None:
+    """`egress: true` is not a way into the host: its addresses, loopback, link-local
+    (cloud metadata), the pool (other namespaces) and unroutable ranges are refused."""
+    n = guarded()
+    for dst in (METADATA, HOST, bytes([127, 0, 0, 1]), bytes([100, 64, 0, 7]),
+                bytes([0, 0, 0, 0]), bytes([224, 0, 0, 251]), bytes([255] * 4)):
+        assert not n.allowed(dst), dst
+        assert out(n, udp(POD_A, dst, 4000, 80))[0] == DENIED
+    assert out(n, packets.icmp_echo(POD_A, METADATA, 1, 1, b""))[0] == DENIED
+    assert n.counters["denied_protected"] == 8 and n.flows == 0
+    assert n.counters["denied"] == 0  # the allow list said yes; protection said no
+    # Next door to a protected address is fine.
+    assert out(n, udp(POD_A, bytes([192, 0, 2, 11]), 4000, 80))[0] == OK
+    assert out(n, udp(POD_A, bytes([169, 255, 0, 1]), 4000, 80))[0] == OK
+
+
+def test_a_protected_range_is_reached_only_by_naming_it() -> None:
+    n = guarded(allow=(IPv4Network("0.0.0.0/0"), IPv4Network("169.254.169.254/32"),
+                       IPv4Network("192.0.2.10/32")))
+    assert n.allowed(METADATA) and n.allowed(HOST)
+    assert not n.allowed(bytes([169, 254, 0, 1]))  # the rest of link-local stays closed
+    assert out(n, udp(POD_A, METADATA, 4000, 80))[0] == OK
+    # A wide entry covering a protected range is not a way in.
+    wide = guarded(allow=(IPv4Network("192.0.0.0/8"), IPv4Network("169.0.0.0/8")))
+    assert not wide.allowed(HOST) and not wide.allowed(METADATA)
+    # Existing flows keep going when the worker gains the address they talk to.
+    n = guarded()
+    assert out(n, udp(POD_A, bytes([192, 0, 2, 11]), 4000, 80))[0] == OK
+    n.set_protected(n.protected + (IPv4Network("192.0.2.11/32"),))
+    assert out(n, udp(POD_A, bytes([192, 0, 2, 11]), 4000, 80))[0] == OK
+    assert out(n, udp(POD_A, bytes([192, 0, 2, 11]), 4001, 80))[0] == DENIED
 
 
 def test_flow_table_full() -> None:
