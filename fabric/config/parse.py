@@ -38,6 +38,7 @@ from fabric.config.fields import (
     read_network,
     read_str,
     read_worker_id,
+    split_command,
     type_error,
 )
 from fabric.config.specs import (
@@ -407,7 +408,14 @@ def _parse_service(
             raise ConfigError(src, obj.key("readiness"), f"{readiness!r} is not probe or external")
     hooks: dict[str, str | None] = {}
     for hook in ("on_activate", "on_idle"):
-        hooks[hook] = read_str(obj.get(hook), src, obj.key(hook)) if obj.has(hook) else None
+        cmd = read_str(obj.get(hook), src, obj.key(hook)) if obj.has(hook) else None
+        if cmd is not None:
+            try:
+                split_command(cmd)
+            except ValueError as e:
+                raise ConfigError(src, obj.key(hook), f"{cmd!r} is not a command: {e} (it "
+                                  "is split like a shell would, but no shell runs it)") from None
+        hooks[hook] = cmd
     return ServiceSpec(
         name=name,
         ip=ip,
@@ -571,6 +579,12 @@ def _control_mode(value: Any, src: str, key: str) -> int:
         raise ConfigError(
             src, key, f'{value} is not a valid mode (give an octal string like "0600")'
         )
+    if mode & 0o002:
+        raise ConfigError(src, key, f"{mode:04o} lets every local user drive the fabric (the"
+                          " API runs hooks and opens devices as root); give a group instead,"
+                          ' e.g. "0660"')
+    if not mode & 0o200:
+        raise ConfigError(src, key, f"{mode:04o} leaves the owner unable to connect")
     return mode
 
 

@@ -61,6 +61,11 @@ class Daemon:
         await self.fabric.start()
         try:
             await control.start()
+            if self.config.worker.control_mode & 0o020:
+                log.warning("control socket %s is group-writable (mode %04o): members of "
+                            "its group can set hooks that run as this daemon's user and "
+                            "attach host interfaces", self.config.worker.control,
+                            self.config.worker.control_mode)
             for ns in self.config.namespaces:
                 await self.fabric.apply_namespace(ns, self.config.source)
             for sig in (signal.SIGTERM, signal.SIGINT):

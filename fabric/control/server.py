@@ -19,6 +19,7 @@ import os
 import re
 import socket
 import stat
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -221,6 +222,27 @@ class _Http:
         return self.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE)
 
 
+def check_socket_dir(parent: str) -> None:
+    """The control socket's directory: made 0755 if missing; refused if someone else
+    owns it or can write to it (they could replace the socket under its clients)."""
+    try:
+        os.makedirs(parent, mode=0o755, exist_ok=True)
+        st = os.stat(parent)
+    except OSError as e:
+        raise FabricError(f"cannot create {parent} for the control socket: "
+                          f"{e.strerror or e}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise FabricError(f"{parent} is not a directory; the control socket cannot go there")
+    if st.st_uid not in (0, os.geteuid()):
+        raise FabricError(f"{parent} belongs to uid {st.st_uid}, not to this daemon: put "
+                          "the control socket in a directory of its own (e.g. /run/fabricd)")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise FabricError(f"{parent} is writable by group or others (mode "
+                          f"{stat.S_IMODE(st.st_mode):04o}): anyone who can write there can "
+                          "replace the control socket; use a directory of its own "
+                          "(e.g. /run/fabricd)")
+
+
 class ControlServer:
     """Serves the Fabric over HTTP/1.1 on a unix socket; start() then close()."""
 
@@ -253,23 +275,32 @@ class ControlServer:
         if self._server is not None:
             raise FabricError(f"control server on {self.path} is already started")
         parent = os.path.dirname(os.path.abspath(self.path))
-        try:
-            os.makedirs(parent, mode=0o755, exist_ok=True)
-        except OSError as e:
-            raise FabricError(f"cannot create {parent} for the control socket: {e}") from None
+        check_socket_dir(parent)
         await self._remove_stale()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        private = None
         try:
-            sock.bind(self.path)
-            # chmod before listen(): nobody can connect while the mode is still the umask's.
-            os.chmod(self.path, self.mode)
-            st = os.stat(self.path)
+            # Bound and chmod-ed in a directory only we can enter, then renamed into place:
+            # nobody can connect while the mode is still the umask's, and nobody can swap
+            # the path for a symlink between bind() and chmod().
+            private = tempfile.mkdtemp(prefix=".fabricd-", dir=parent)
+            staged = os.path.join(private, "control.sock")
+            sock.bind(staged)
+            os.chmod(staged, self.mode)
+            st = os.stat(staged)
+            os.rename(staged, self.path)
             self._inode = (st.st_dev, st.st_ino)
             self._server = await asyncio.start_unix_server(self._on_connect, sock=sock)
         except OSError as e:
             sock.close()
             raise FabricError(f"cannot listen on {self.path}: {e.strerror or e}") from None
-        log.info("control API listening on %s", self.path)
+        finally:
+            if private is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(private, "control.sock"))
+                with contextlib.suppress(OSError):
+                    os.rmdir(private)
+        log.info("control API listening on %s (mode %04o)", self.path, self.mode)
 
     async def _remove_stale(self) -> None:
         """A crashed daemon leaves its socket behind; only a socket nobody answers is stale."""

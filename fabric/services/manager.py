@@ -4,8 +4,7 @@ The service cores, their dispatch and their probes live on the data-plane thread
 side only talks to them through ``call`` (DataPlane.call). It turns specs into cores
 (with their activators), keeps backends in step with the pods (``sync_backend``), turns
 the signals the data plane queued into events and runs the ``on_activate`` / ``on_idle``
-hooks (without a shell, with a timeout, output logged), and builds the views of
-``fabricd get services``.
+hooks (fabric.services.hooks), and builds the views of ``fabricd get services``.
 
 Narrow collaborators instead of the whole namespace: the data-plane call, the dispatch
 and probe runner it adds services to, the signal queue it drains, an event emitter, and
@@ -17,8 +16,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
-import shlex
 import time
 from collections.abc import Callable
 from importlib import resources
@@ -30,6 +27,7 @@ from fabric.config.specs import ServiceSpec
 from fabric.services.core import Service
 from fabric.services.demand import Signal
 from fabric.services.dispatch import Activator, ServiceDispatch, SignalQueue
+from fabric.services.hooks import HookRunner
 from fabric.services.probes import ProbeRunner
 
 log = logging.getLogger("fabricd.services")
@@ -37,9 +35,6 @@ log = logging.getLogger("fabricd.services")
 T = TypeVar("T")
 Call = Callable[..., Any]
 Emit = Callable[..., None]
-
-HOOK_TIMEOUT = 60.0
-HOOK_OUTPUT_LINES = 20
 
 
 class BackendState(NamedTuple):
@@ -72,7 +67,7 @@ class ServiceManager:
         self.specs: dict[str, ServiceSpec] = {}
         self.hosts: dict[str, dict[tuple[int, int], ActivatorHost]] = {}
         self._loop = asyncio.get_running_loop()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self.hooks = HookRunner(namespace, emit)
         self._loop.add_reader(signals.fd, self._on_signals)
 
     # --- specs ---------------------------------------------------------------------------
@@ -99,6 +94,7 @@ class ServiceManager:
         """Forget a service (its held packets are dropped and counted by its core)."""
         svc = self.by_name.pop(name)
         self.specs.pop(name)
+        self.hooks.forget(name)
         self._call(self._remove_here, svc)
         for host in self.hosts.pop(name, {}).values():
             host.close()
@@ -130,8 +126,7 @@ class ServiceManager:
         for name in list(self.by_name):
             self.remove(name)
         self._loop.remove_reader(self.signals.fd)
-        for t in list(self._tasks):
-            t.cancel()
+        self.hooks.close()
 
     # --- backends ------------------------------------------------------------------------
 
@@ -170,47 +165,18 @@ class ServiceManager:
             return
         cmd = spec.on_activate if sig.kind == "activate" else spec.on_idle
         if cmd:
-            t = self._loop.create_task(self._hook(service, sig.kind, cmd))
-            self._tasks.add(t)
-            t.add_done_callback(self._tasks.discard)
-
-    async def _hook(self, service: str, kind: str, cmd: str) -> None:
-        env = {**os.environ, "FABRIC_NAMESPACE": self.namespace, "FABRIC_SERVICE": service,
-               "FABRIC_EVENT": kind}
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *shlex.split(cmd), env=env, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT, start_new_session=True)
-        except OSError as e:
-            log.error("namespace %s: service %s: %s hook %r failed to start: %s",
-                      self.namespace, service, kind, cmd, e)
-            self._emit("hook_failed", self.namespace, None, service=service, hook=kind,
-                       error=str(e))
-            return
-        try:
-            out, _ = await asyncio.wait_for(proc.communicate(), HOOK_TIMEOUT)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            log.error("namespace %s: service %s: %s hook %r killed after %.0fs",
-                      self.namespace, service, kind, cmd, HOOK_TIMEOUT)
-            self._emit("hook_failed", self.namespace, None, service=service, hook=kind,
-                       error="timeout")
-            return
-        for line in out.decode(errors="replace").splitlines()[-HOOK_OUTPUT_LINES:]:
-            log.info("namespace %s: service %s: %s hook: %s", self.namespace, service, kind,
-                     line)
-        if proc.returncode:
-            log.warning("namespace %s: service %s: %s hook %r exited with %d",
-                        self.namespace, service, kind, cmd, proc.returncode)
-            self._emit("hook_failed", self.namespace, None, service=service, hook=kind,
-                       error=f"exit {proc.returncode}")
+            self.hooks.submit(service, sig.kind, cmd)
 
     # --- views ---------------------------------------------------------------------------
 
     def views(self) -> list[dict[str, Any]]:
-        """A row per service for `fabricd get services`, read on the data-plane thread."""
-        return list(self._call(self._views_here))
+        """A row per service for `fabricd get services`, read on the data-plane thread;
+        the hooks' counts are this side's."""
+        rows = list(self._call(self._views_here))
+        for row in rows:
+            row["hooks"] = dataclasses.asdict(self.hooks.stats(row["name"]))
+            row["hooks"]["running"] = self.hooks.busy(row["name"])
+        return rows
 
     def _views_here(self) -> list[dict[str, Any]]:
         rows = []

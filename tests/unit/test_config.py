@@ -340,6 +340,15 @@ def test_control_mode(mode: Any, expected: int) -> None:
     assert cfg.worker.control_mode == expected
 
 
+@pytest.mark.parametrize(("mode", "problem"), [
+    ("0666", "every local user"), ("0777", "every local user"), ("0602", "every local user"),
+    ("0400", "owner unable to connect")])
+def test_control_mode_refuses_what_widens_the_api(mode: str, problem: str) -> None:
+    with pytest.raises(ConfigError, match=problem) as e:
+        parse_config({"worker": {"id": "w1", "control_mode": mode}}, SRC)
+    assert e.value.key == "worker.control_mode"
+
+
 def test_yaml_octal_control_mode(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, "worker: {id: w1, control_mode: 0600}\n"))
     assert cfg.worker.control_mode == 0o600
@@ -1446,3 +1455,14 @@ def test_config_equality_detects_change(tmp_path: Path) -> None:
     assert a.namespaces[1] == b.namespaces[1]
     assert a.namespaces[0] != b.namespaces[0]
     assert isinstance(a, Config)
+
+
+@pytest.mark.parametrize(("cmd", "problem"), [
+    ("echo 'x", "No closing quotation"), ("   ", "must not be empty"), ('"', "No closing"),
+    ("''", "it is empty")])
+def test_hook_commands_are_split_at_load_time(cmd: str, problem: str) -> None:
+    data = base()
+    ns0(data)["services"][0]["on_idle"] = cmd
+    with pytest.raises(ConfigError, match=problem) as e:
+        parse_config(data, SRC)
+    assert e.value.key == "namespaces[0].services[0].on_idle"

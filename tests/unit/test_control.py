@@ -305,6 +305,56 @@ def test_socket_created_with_mode_and_removed_on_close(fabric: FakeFabric, sockd
     assert not os.path.exists(path)
 
 
+def test_socket_dir_others_can_write_is_refused(fabric: FakeFabric, sockdir: str) -> None:
+    for mode in (0o777, 0o1777, 0o770):
+        os.chmod(sockdir, mode)
+        h = Harness(fabric, os.path.join(sockdir, "ctl.sock"))
+        try:
+            with pytest.raises(FabricError, match="writable by group or others"):
+                h.start()
+        finally:
+            h.stop()
+        assert os.listdir(sockdir) == []
+    os.chmod(sockdir, 0o700)
+    path = os.path.join(sockdir, "file")
+    Path(path).write_text("")
+    h = Harness(fabric, os.path.join(path, "ctl.sock"))
+    try:
+        with pytest.raises(FabricError, match="cannot create"):
+            h.start()
+    finally:
+        h.stop()
+
+
+def test_symlink_swapped_in_before_chmod_changes_nothing(
+        fabric: FakeFabric, sockdir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The old race: bind(path), someone replaces path with a symlink, chmod(path) follows
+    it. Now the socket is bound and chmod-ed where nobody else can reach and renamed in."""
+    path = os.path.join(sockdir, "ctl.sock")
+    target = os.path.join(sockdir, "shadow")
+    Path(target).write_text("secret")
+    os.chmod(target, 0o600)
+    real_chmod = os.chmod
+
+    def racing_chmod(p: Any, mode: int, **kw: Any) -> None:
+        if not os.path.lexists(path):
+            os.symlink(target, path)  # the attacker wins the race to the final name
+        real_chmod(p, mode, **kw)
+
+    monkeypatch.setattr(os, "chmod", racing_chmod)
+    h = Harness(fabric, path, mode=0o660).start()
+    try:
+        monkeypatch.setattr(os, "chmod", real_chmod)
+        assert stat.S_IMODE(os.stat(target).st_mode) == 0o600
+        assert stat.S_ISSOCK(os.lstat(path).st_mode)  # the symlink was replaced, not followed
+        assert stat.S_IMODE(os.lstat(path).st_mode) == 0o660
+        with ControlClient(path) as c:
+            assert c.get("/v1/health")["ok"] is True
+        assert sorted(os.listdir(sockdir)) == ["ctl.sock", "shadow"]  # no staging left
+    finally:
+        h.stop()
+
+
 def test_stale_socket_is_replaced(fabric: FakeFabric, sockdir: str) -> None:
     path = os.path.join(sockdir, "ctl.sock")
     dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
