@@ -8,7 +8,6 @@ import base64
 import binascii
 import math
 import re
-import shlex
 from collections.abc import Mapping
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
@@ -349,12 +348,3 @@ def read_json(value: Any, src: str, key: str) -> Any:
     )
 
 
-
-
-def split_command(cmd: str) -> list[str]:
-    """A hook's argv: split with shell quoting, run without a shell. ValueError if the
-    quoting is broken or nothing is left."""
-    argv = shlex.split(cmd)
-    if not argv or not argv[0]:
-        raise ValueError("it is empty")
-    return argv

@@ -38,7 +38,6 @@ from fabric.config.fields import (
     read_network,
     read_str,
     read_worker_id,
-    split_command,
     type_error,
 )
 from fabric.config.specs import (
@@ -70,6 +69,7 @@ from fabric.config.specs import (
     TunnelPeerSpec,
     TunnelSpec,
     WorkerSpec,
+    split_command,
 )
 from fabric.errors import ConfigError
 

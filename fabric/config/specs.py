@@ -7,6 +7,7 @@ project and no YAML: the sans-IO cores take their specs from here.
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
@@ -254,3 +255,12 @@ class Config:
                 return ns
         return None
 
+
+
+def split_command(cmd: str) -> list[str]:
+    """A hook's argv (`on_activate`, `on_idle`): split with shell quoting, run without a
+    shell. ValueError if the quoting is broken or nothing is left."""
+    argv = shlex.split(cmd)
+    if not argv or not argv[0]:
+        raise ValueError("it is empty")
+    return argv

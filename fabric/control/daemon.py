@@ -101,7 +101,7 @@ class Daemon:
         old_w, new_w = self.config.worker, new.worker
         if old_w.tunnel is not None and new_w.tunnel is not None:
             try:
-                self.fabric.sync_peers(new_w.tunnel.peers)
+                await self.fabric.sync_peers(new_w.tunnel.peers)
             except FabricError as e:
                 log.error("reload: tunnel peers not applied: %s", e.message)
             old_w = dataclasses.replace(old_w, tunnel=dataclasses.replace(

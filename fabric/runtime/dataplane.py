@@ -6,8 +6,10 @@ Why a thread of its own: an asyncio callback per readiness event costs more than
 router itself, and keeping the loop off the control plane's event loop lets the
 control API stay responsive under load. Everything that touches routers, service
 dispatch, probes, the tunnel link or port fds runs on this thread: the control side
-submits changes with `call()`, which runs them between frames and waits for the
-result, so a port is never closed under a read.
+submits changes with `acall()` (awaited, so the event loop never blocks on it),
+`call()` (other threads) or `post()` (fire and forget); they run between frames, in
+order, so a port is never closed under a read. A call its caller gave up on (timeout,
+cancellation) before it started never runs.
 
 One preallocated buffer serves every read (a frame is routed to completion before the
 next read), each wakeup drains a port until EAGAIN or a batch limit (fairness), and
@@ -29,6 +31,7 @@ busy with when a deadline comes.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import heapq
 import itertools
@@ -41,6 +44,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol, TypeVar, cast
 
+from fabric.errors import FabricError
 from fabric.router.model import DROP_TX_ERROR, DROP_TX_FULL, KIND_TUNNEL, L3_OFF, Port
 from fabric.runtime.timerfd import TimerFd
 
@@ -174,15 +178,46 @@ class PortTrouble:
             self.fd = -1
 
 
+class DataPlaneBusy(FabricError):
+    """The data plane did not take a call in time; the call will never run."""
+
+    status = 503
+    code = "busy"
+
+
+# The life of a call: queued, then run by the data plane or abandoned by its caller (it
+# timed out or was cancelled first); an abandoned call is skipped, never run late.
+_QUEUED, _RUNNING, _DONE, _ABANDONED = range(4)
+
+
 class _Call:
-    __slots__ = ("fn", "args", "done", "result", "error")
+    __slots__ = ("fn", "args", "state", "done", "result", "error", "loop", "future")
 
     def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
         self.fn = fn
         self.args = args
-        self.done = threading.Event()
+        self.state = _QUEUED
+        self.done: threading.Event | None = None  # a blocking caller waits on it
         self.result: Any = None
         self.error: BaseException | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None  # an awaiting caller's
+        self.future: asyncio.Future[Any] | None = None
+
+
+def _log_orphan(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.error("a data-plane call whose caller was cancelled failed: %s", fut.exception())
+
+
+def _settle(c: _Call) -> None:
+    """On the caller's loop: hand the outcome to its future (unless it gave up)."""
+    fut = c.future
+    if fut is None or fut.done():
+        return
+    if c.error is not None:
+        fut.set_exception(c.error)
+    else:
+        fut.set_result(c.result)
 
 
 class _NoOutputs:
@@ -230,6 +265,9 @@ class DataPlane:
             log.warning("no timerfd (%s): timers fall back to epoll timeouts (1 ms)", e)
             self._timer = None
         self._calls: deque[_Call] = deque()
+        self._call_lock = threading.Lock()
+        self.calls = 0
+        self.calls_abandoned = 0
         self._stop = False
         self._thread: threading.Thread | None = None
 
@@ -260,24 +298,76 @@ class DataPlane:
 
     # --- control side --------------------------------------------------------------------
 
-    def call(self, fn: Callable[..., T], *args: Any) -> T:
+    def call(self, fn: Callable[..., T], *args: Any, timeout: float = CALL_TIMEOUT) -> T:
         """Run fn(*args) on the data-plane thread between frames and return its result
-        (or raise its exception). Runs inline before start() or on the thread itself.
-        Afterwards every owner's outputs are flushed and every deadline re-read."""
+        (or raise its exception), blocking the caller: for threads other than an event
+        loop's (the event loop uses `acall`). Runs inline before start() or on the
+        thread itself. Afterwards every owner's outputs are flushed and every deadline
+        re-read. Not taken within `timeout`: DataPlaneBusy, and the call never runs."""
         if self.on_thread:
-            try:
-                return fn(*args)
-            finally:
-                if self._thread is None:
-                    self._after_calls()
+            return self._inline(fn, args)
         c = _Call(fn, args)
-        self._calls.append(c)
-        os.eventfd_write(self._wake_fd, 1)
-        if not c.done.wait(CALL_TIMEOUT):
-            raise RuntimeError(f"the data plane did not answer within {CALL_TIMEOUT:.0f} s")
+        c.done = threading.Event()
+        self._submit(c)
+        if not c.done.wait(timeout) and self._abandon(c):
+            raise DataPlaneBusy(f"the data plane did not take a call within {timeout:g} s")
+        c.done.wait()  # it started: it finishes
         if c.error is not None:
             raise c.error
         return cast(T, c.result)
+
+    async def acall(self, fn: Callable[..., T], *args: Any,
+                    timeout: float = CALL_TIMEOUT) -> T:
+        """`call` for the event loop: awaits the data plane instead of blocking the loop.
+        A call not taken within `timeout`, or whose caller is cancelled first, never
+        runs (DataPlaneBusy, or the cancellation)."""
+        if self.on_thread:
+            return self._inline(fn, args)
+        c = _Call(fn, args)
+        c.loop = asyncio.get_running_loop()
+        c.future = fut = c.loop.create_future()
+        self._submit(c)
+        try:
+            return cast(T, await asyncio.wait_for(asyncio.shield(fut), timeout))
+        except TimeoutError:
+            if self._abandon(c):
+                raise DataPlaneBusy(
+                    f"the data plane did not take a call within {timeout:g} s") from None
+            return cast(T, await fut)  # it started: it finishes
+        except asyncio.CancelledError:
+            if not self._abandon(c):
+                # Started already: the caller is gone but the outcome must not be lost.
+                fut.add_done_callback(_log_orphan)
+            raise
+
+    def post(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Queue fn(*args) for the data plane and return at once: for changes whose result
+        nobody waits for (readiness). Calls run in the order they were queued; an error
+        is logged (once, then counted) by the data plane."""
+        if self.on_thread:
+            self._inline(fn, args)
+            return
+        self._submit(_Call(fn, args))
+
+    def _inline(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        try:
+            return fn(*args)
+        finally:
+            if self._thread is None:
+                self._after_calls()
+
+    def _submit(self, c: _Call) -> None:
+        with self._call_lock:
+            self._calls.append(c)
+        os.eventfd_write(self._wake_fd, 1)
+
+    def _abandon(self, c: _Call) -> bool:
+        """Give up on a queued call: True if it will never run, False if it has started."""
+        with self._call_lock:
+            if c.state == _QUEUED:
+                c.state = _ABANDONED
+                return True
+            return False
 
     def add_owner(self, owner: Timed, group: Timed | None = None) -> None:
         """Keep `owner`'s timers; with `group`, it joins that owner's group (both are
@@ -517,13 +607,30 @@ class DataPlane:
             self._rearm()
 
     def _run_calls(self) -> None:
+        lock = self._call_lock
         while self._calls:
-            c = self._calls.popleft()
+            with lock:
+                c = self._calls.popleft()
+                if c.state == _ABANDONED:
+                    self.calls_abandoned += 1
+                    continue
+                c.state = _RUNNING
             try:
                 c.result = c.fn(*c.args)
             except BaseException as e:  # handed back to the caller
                 c.error = e
-            c.done.set()
+                if c.done is None and c.loop is None:  # posted: nobody to hand it to
+                    self.errors.exception("call", "data plane: posted call %s failed",
+                                          getattr(c.fn, "__qualname__", c.fn))
+            c.state = _DONE
+            if c.done is not None:
+                c.done.set()
+            elif c.loop is not None:
+                try:
+                    c.loop.call_soon_threadsafe(_settle, c)
+                except RuntimeError:  # the caller's loop is closed: nobody is waiting
+                    pass
+            self.calls += 1
         self._after_calls()
 
     def _handler(self, fd: int) -> None:

@@ -68,8 +68,8 @@ def _snapshot(fab: Fabric) -> dict[str, Any]:
     }
 
 
-def collect(fab: Fabric) -> list[Metric]:
-    snap = fab.dataplane.call(_snapshot, fab)
+async def collect(fab: Fabric) -> list[Metric]:
+    snap = await fab.dataplane.acall(_snapshot, fab)
     rx_p = Metric("fabric_port_rx_packets_total", "counter",
                   "Frames received from a pod's port (a GSO super-frame counts once)")
     rx_b = Metric("fabric_port_rx_bytes_total", "counter", "Bytes received from a pod's port")
@@ -134,7 +134,7 @@ def collect(fab: Fabric) -> list[Metric]:
                             "Datagrams of a peer dropped, by reason")
         peer_hs = Metric("fabric_peer_last_handshake_seconds", "gauge",
                          "Unix time of the peer's last completed handshake")
-        for r in fab.get_peers():
+        for r in await fab.get_peers():
             lab = {"peer": r["id"]}
             peer_rx.samples.append((lab, r["rx_bytes"]))
             peer_tx.samples.append((lab, r["tx_bytes"]))

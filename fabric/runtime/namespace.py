@@ -2,9 +2,12 @@
 gateway (local stack, DNS server), egress and tunnel wiring.
 
 Threads: this object lives on the event loop. The router, the service dispatch and the
-probe runner live on the data-plane thread and are only touched through
-``DataPlane.call`` (including every read for a view); port creation talks netlink and may
-block, so it runs in a worker thread.
+probe runner live on the data-plane thread and are only touched through the data plane:
+awaited (``acall``) where a result or an error matters (adding a pod, every read for a
+view), posted (``post``) where nothing waits (readiness, teardown: a port is unregistered
+and its fd closed by the data plane itself, in order). Nothing here blocks the event loop
+on the data plane. Port creation talks netlink and may block, so it runs in a worker
+thread.
 """
 
 from __future__ import annotations
@@ -44,6 +47,10 @@ from gateway.uplink import Uplink
 log = logging.getLogger("fabricd.namespace")
 
 RETRY_INTERVAL = 2.0
+
+
+def _barrier() -> None:
+    """A call that does nothing: once it has run, so has everything posted before it."""
 
 
 def _same_interface(io: PacketPort) -> bool:
@@ -95,7 +102,7 @@ class Namespace:
         self.services: ServiceManager | None = None
         self.records = Records(spec.name, spec.dns.domain, spec.cidr)
         self.sync_records()
-        dataplane.add_owner(self.router)
+        dataplane.post(dataplane.add_owner, self.router)
 
     async def start_local_stack(self) -> None:
         """Give the namespace its local stack: the gateway address then lives in a private
@@ -106,8 +113,7 @@ class Namespace:
         port = Port(vnet=True, mtu=spec.mtu, fd=stack.fd, kind="local", l3=True)
         self.local = stack
         self.local_port = port
-        self.dataplane.call(self.router.attach_local, port)
-        self.dataplane.add_port(self.router, port)
+        await self.dataplane.acall(self._attach_local_here, port)
         gw = str(spec.gateway)
         udp = await asyncio.to_thread(stack.listen_udp, gw, 53)
         tcp = await asyncio.to_thread(stack.listen_tcp, gw, 53)
@@ -117,28 +123,32 @@ class Namespace:
         # Local names are answered by the data plane itself (one core per thread);
         # forwarded names and TCP go on to the server above.
         self.dns_fast = DnsCore(self.records, [])
-        self.dataplane.call(self.router.attach_dns, self.dns_fast.answer_local)
+        self.dataplane.post(self.router.attach_dns, self.dns_fast.answer_local)
 
-    def start_services(self) -> None:
+    def _attach_local_here(self, port: Port) -> None:
+        self.router.attach_local(port)
+        self.dataplane.add_port(self.router, port)
+
+    async def start_services(self) -> None:
         """Services of the spec: cores and probes on the data plane, the manager here."""
         stack = self.local
         gw = str(self.spec.gateway)
         pool = (SocketPool(lambda n: stack.tcp_sockets_later(gw, n))
                 if stack is not None else None)
         self.probes = ProbeRunner(self.dispatch, self.dataplane, pool)
-        self.dataplane.add_owner(self.probes, group=self.router)
-        self.services = ServiceManager(self.name, self.dataplane.call, self.dispatch,
+        self.dataplane.post(self.dataplane.add_owner, self.probes, self.router)
+        self.services = ServiceManager(self.name, self.dataplane, self.dispatch,
                                        self.probes, self.signals, self.bus.emit,
                                        self._backend_state)
-        self.apply_services(SpecPlan(add=self.spec.services))
+        await self.apply_services(SpecPlan(add=self.spec.services))
 
-    def apply_services(self, plan: SpecPlan) -> None:
+    async def apply_services(self, plan: SpecPlan) -> None:
         assert self.services is not None
         for name in plan.remove:
             self.services.remove(name)
         for spec in plan.add:
             assert isinstance(spec, ServiceSpec)
-            self.services.add(spec)
+            await self.services.add(spec)
 
     def _backend_state(self, pod_name: str) -> BackendState | None:
         state = self.pods.get(pod_name)
@@ -155,7 +165,7 @@ class Namespace:
         nat = EgressNat(addr, self.spec.egress_allow, protected=uplink.protected)
         self.egress = nat
         self.uplink = uplink
-        self.dataplane.call(self._attach_egress, uplink, addr, nat)
+        self.dataplane.post(self._attach_egress, uplink, addr, nat)
         log.info("namespace %s: egress as %s (allow %s)", self.name, addr,
                  ", ".join(map(str, self.spec.egress_allow)) or "nothing")
 
@@ -167,16 +177,16 @@ class Namespace:
     def start_tunnel(self, ns_id: int) -> None:
         """Pods of this namespace on other workers are reached through the tunnel (the
         data plane sends the router's tunnel outputs and routes what comes back)."""
-        self.dataplane.call(self.router.attach_tunnel, ns_id, self.spec.mtu)
-        self.dataplane.route_tunnel(ns_id, self.router)
+        self.dataplane.post(self.router.attach_tunnel, ns_id, self.spec.mtu)
+        self.dataplane.post(self.dataplane.route_tunnel, ns_id, self.router)
 
     def update_egress(self) -> None:
         if self.egress is not None:
-            self.dataplane.call(self.egress.set_allow, self.spec.egress_allow)
+            self.dataplane.post(self.egress.set_allow, self.spec.egress_allow)
 
     def update_protected(self) -> None:
         if self.egress is not None and self.uplink is not None:
-            self.dataplane.call(self.egress.set_protected, self.uplink.protected)
+            self.dataplane.post(self.egress.set_protected, self.uplink.protected)
 
     def sync_records(self) -> None:
         """DNS names follow the table at once: pods (attached or not) and services."""
@@ -191,8 +201,8 @@ class Namespace:
         made is an error and the pod is not added; otherwise the pod stays in the table
         unattached (its traffic held) and attaching is retried."""
         mac = spec.mac if spec.kind == "interface" else pod_mac(spec)
-        self.dataplane.call(self.router.add_pod, spec.name, spec.ip, mac,
-                            spec.worker if spec.kind == "remote" else None)
+        await self.dataplane.acall(self.router.add_pod, spec.name, spec.ip, mac,
+                                   spec.worker if spec.kind == "remote" else None)
         state = PodState(spec, spec.ready)
         self.pods[spec.name] = state
         if spec.kind == "remote":
@@ -202,7 +212,7 @@ class Namespace:
             await self._attach(state)
         except FabricError as e:
             if strict:
-                self.dataplane.call(self.router.remove_pod, spec.name)
+                self.dataplane.post(self.router.remove_pod, spec.name)
                 del self.pods[spec.name]
                 raise
             state.error = e.message
@@ -230,25 +240,29 @@ class Namespace:
         if self.pods.get(spec.name) is not state:  # removed while we were creating it
             io.close()
             return
-        self._connect(state, io, kind)
+        await self._connect(state, io, kind)
 
-    def add_pod_fd(self, spec: PodSpec, io: TapPort) -> PodState:
+    async def add_pod_fd(self, spec: PodSpec, io: TapPort) -> PodState:
         """A pod whose port the caller opened (a TAP fd handed in)."""
-        self.dataplane.call(self.router.add_pod, spec.name, spec.ip, spec.mac)
+        await self.dataplane.acall(self.router.add_pod, spec.name, spec.ip, spec.mac)
         state = PodState(spec, spec.ready)
         self.pods[spec.name] = state
-        self._connect(state, io, "fd")
+        await self._connect(state, io, "fd")
         return state
 
-    def _connect(self, state: PodState, io: TapPort | PacketPort, kind: str) -> None:
+    async def _connect(self, state: PodState, io: TapPort | PacketPort, kind: str) -> None:
         mtu = min(io.mtu, self.spec.mtu) if io.mtu else self.spec.mtu
         port = Port(vnet=io.vnet, mtu=mtu, fd=io.fd, kind=kind)
+        mac = state.spec.mac if kind == "interface" else None
+        try:
+            await self.dataplane.acall(self._attach_port, state.spec.name, port, mac)
+        except BaseException:
+            io.close()
+            raise
         state.io = io
         state.port = port
         state.error = None
         state.attached_at = time.time()
-        mac = state.spec.mac if kind == "interface" else None
-        self.dataplane.call(self._attach_port, state.spec.name, port, mac)
         if kind == "netns" and self.spec.dns.resolv_conf and state.spec.netns:
             settings = self.dns_settings()
             try:
@@ -290,10 +304,9 @@ class Namespace:
         port, io = state.port, state.io
         name = state.spec.name
         if port is not None:
-            self.dataplane.remove_port(port)
-            self.dataplane.call(self.router.detach, name)
+            self.dataplane.post(self._detach_here, name, port, io, False)
             self.dataplane.trouble.forget(port)
-        if io is not None:
+        elif io is not None:
             io.close()
         state.port = None
         state.io = None
@@ -320,20 +333,33 @@ class Namespace:
                                     state.spec.name, e.message)
 
     def remove_pod(self, name: str) -> None:
+        """Forget a pod at once; the data plane stops reading its port, drops it from the
+        router and closes the fd, in that order, when it gets to it."""
         state = self.pods.pop(name, None)
         if state is None:
             raise NotFound(f"pod {name} not found in namespace {self.name}")
         if state.hub is not None:
             state.hub.close()
-        if state.port is not None:
-            self.dataplane.remove_port(state.port)
-        self.dataplane.call(self.router.remove_pod, name)
-        if state.io is not None:
-            state.io.close()
+        self.dataplane.post(self._detach_here, name, state.port, state.io, True)
         if state.extra.get("resolv_conf") and state.spec.netns:
             resolvconf.remove(state.spec.netns)
         self.bus.emit("pod_detached", self.name, name)
         self._sync_backend(name)
+
+    def _detach_here(self, name: str, port: Port | None, io: TapPort | PacketPort | None,
+                     remove: bool) -> None:
+        """On the data-plane thread: unregister the port, then close its fd (nothing can
+        read it any more), then detach (or remove) the pod in the router."""
+        try:
+            if port is not None:
+                self.dataplane.remove_port(port)
+            if io is not None:
+                io.close()
+        finally:
+            if remove:
+                self.router.remove_pod(name)
+            elif port is not None:
+                self.router.detach(name)
 
     def set_ready(self, name: str, ready: bool) -> None:
         state = self.get(name)
@@ -360,46 +386,60 @@ class Namespace:
             state.hub = CaptureHub(state.port, time.time() - time.monotonic())
         return state.hub.add(max_frames)
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        """Take the namespace off the data plane (posted, in order), then close what the
+        data plane may have been reading once it has got there."""
         dp = self.dataplane
         if self.services is not None:
             self.services.close()
             self.services = None
         for name in list(self.pods):
             self.remove_pod(name)
-        if self.probes is not None:
-            dp.call(self.probes.close)
-            dp.remove_owner(self.probes)
-            self.probes = None
         if self.dns is not None:
-            dp.call(self.router.attach_dns, None)
             self.dns.close()
             self.dns = None
-        if self.local_port is not None:
-            dp.remove_port(self.local_port)
-            dp.call(self.router.attach_local, None)
-            self.local_port = None
-        if self.local is not None:
-            self.local.close()
-            self.local = None
-        if self.uplink is not None:
-            dp.call(self.uplink.remove, self.name)
-            dp.call(self.router.attach_egress, None, None)
-            self.uplink = None
+        dp.post(self._close_here, self.probes, self.local_port, self.uplink)
+        self.probes = None
+        self.local_port = None
+        self.uplink = None
+        local, self.local = self.local, None
+        try:
+            await dp.acall(_barrier)
+        except FabricError as e:
+            # Better an fd left open than one closed under a reader that may reuse it.
+            log.error("namespace %s: the data plane did not finish removing it (%s); its "
+                      "local stack is left open", self.name, e.message)
+            return
+        if local is not None:
+            await asyncio.to_thread(local.close)
+        self.signals.close()
+
+    def _close_here(self, probes: ProbeRunner | None, local_port: Port | None,
+                    uplink: Uplink | None) -> None:
+        dp = self.dataplane
+        if probes is not None:
+            probes.close()
+            dp.remove_owner(probes)
+        self.router.attach_dns(None)
+        if local_port is not None:
+            dp.remove_port(local_port)
+            self.router.attach_local(None)
+        if uplink is not None:
+            uplink.remove(self.name)
+            self.router.attach_egress(None, None)
         if self.spec.id is not None and dp.by_ns_id.get(self.spec.id) is self.router:
             dp.route_tunnel(self.spec.id, None)
         dp.remove_owner(self.router)
-        self.signals.close()
 
     # --- views (read on the data-plane thread) ---------------------------------------------
 
-    def pod_views(self, names: list[str] | None = None) -> list[dict[str, Any]]:
+    async def pod_views(self, names: list[str] | None = None) -> list[dict[str, Any]]:
         states = [self.pods[n] for n in names] if names is not None else list(
             self.pods.values())
-        return list(self.dataplane.call(self._pod_views_here, states))
+        return list(await self.dataplane.acall(self._pod_views_here, states))
 
-    def pod_view(self, state: PodState) -> dict[str, Any]:
-        return self.pod_views([state.spec.name])[0]
+    async def pod_view(self, state: PodState) -> dict[str, Any]:
+        return (await self.dataplane.acall(self._pod_views_here, [state]))[0]
 
     def _pod_views_here(self, states: list[PodState]) -> list[dict[str, Any]]:
         dns = self.dns_settings()
@@ -437,8 +477,8 @@ class Namespace:
         zone = f"{self.name}.{d.domain}"
         return {"nameservers": [str(self.spec.gateway)], "search": [zone, d.domain]}
 
-    def summary(self) -> dict[str, Any]:
-        return dict(self.dataplane.call(self._summary_here))
+    async def summary(self) -> dict[str, Any]:
+        return dict(await self.dataplane.acall(self._summary_here))
 
     def _summary_here(self) -> dict[str, Any]:
         s = self.spec

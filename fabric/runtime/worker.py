@@ -96,7 +96,7 @@ class Fabric:
                     self._dataplane = None
                     raise
                 self.uplink = uplink
-                self._dataplane.attach_uplink(uplink, port)
+                await self._dataplane.acall(self._dataplane.attach_uplink, uplink, port)
                 log.info("egress through %s, pool %s", self.egress.tun, self.egress.pool)
             if self.tunnel is not None:
                 await self._start_tunnel(self.tunnel)
@@ -112,13 +112,14 @@ class Fabric:
             asyncio.get_running_loop().remove_reader(self._dataplane.trouble.fd)
         async with self._lock:
             for name in list(self.namespaces):
-                self._remove(name)
+                await self._remove(name)
         if self._dataplane is not None:
+            dp = self._dataplane
             if self.link is not None:
-                self._dataplane.attach_tunnel(None)
+                dp.post(dp.attach_tunnel, None)
             if self.uplink is not None:
-                self._dataplane.attach_uplink(None, None)
-            self._dataplane.close()
+                dp.post(dp.attach_uplink, None, None)
+            await asyncio.to_thread(dp.close)  # runs what is still queued, then stops
             self._dataplane = None
         if self.uplink is not None:
             self.uplink.close()
@@ -141,7 +142,7 @@ class Fabric:
         link = TunnelLink(core, spec.listen)
         await asyncio.to_thread(link.open)
         self.link = link
-        self.dataplane.attach_tunnel(link)
+        await self.dataplane.acall(self.dataplane.attach_tunnel, link)
         log.info("tunnel listening on %s:%d, %d peers", spec.listen[0], spec.listen[1],
                  len(spec.peers))
 
@@ -150,8 +151,8 @@ class Fabric:
             raise FabricError("no tunnel: this worker has no `worker.tunnel` configured")
         return self.link
 
-    def set_peer(self, spec: Mapping[str, Any] | TunnelPeerSpec,
-                 source: str = "set_peer") -> dict[str, Any]:
+    async def set_peer(self, spec: Mapping[str, Any] | TunnelPeerSpec,
+                       source: str = "set_peer") -> dict[str, Any]:
         """Add a peer or change its key/endpoint, without a restart."""
         link = self._link()
         if not isinstance(spec, TunnelPeerSpec):
@@ -160,37 +161,37 @@ class Fabric:
         keepalive = self.tunnel.keepalive if self.tunnel else None
         old = self.peer_specs.get(spec.id)
         if old is not None and old != spec:
-            self.dataplane.call(link.core.remove_peer, spec.id)
+            await self.dataplane.acall(link.core.remove_peer, spec.id)
         if old != spec:
-            self.dataplane.call(link.core.add_peer, spec.id, spec.public_key, spec.endpoint,
-                                keepalive)
+            await self.dataplane.acall(link.core.add_peer, spec.id, spec.public_key,
+                                       spec.endpoint, keepalive)
             self.peer_specs[spec.id] = spec
             self.bus.emit("peer_added" if old is None else "peer_changed", peer=spec.id)
-        return next(p for p in self.get_peers() if p.get("id") == spec.id)
+        return next(p for p in await self.get_peers() if p.get("id") == spec.id)
 
-    def remove_peer(self, peer_id: str) -> None:
+    async def remove_peer(self, peer_id: str) -> None:
         link = self._link()
         if peer_id not in self.peer_specs:
             raise NotFound(f"peer {peer_id} not found")
-        self.dataplane.call(link.core.remove_peer, peer_id)
+        await self.dataplane.acall(link.core.remove_peer, peer_id)
         del self.peer_specs[peer_id]
         self.bus.emit("peer_removed", peer=peer_id)
 
-    def rekey_peer(self, peer_id: str) -> None:
+    async def rekey_peer(self, peer_id: str) -> None:
         link = self._link()
         if peer_id not in self.peer_specs:
             raise NotFound(f"peer {peer_id} not found")
-        self.dataplane.call(link.rekey, peer_id, time.monotonic())
+        await self.dataplane.acall(link.rekey, peer_id, time.monotonic())
 
-    def sync_peers(self, peers: tuple[TunnelPeerSpec, ...]) -> None:
+    async def sync_peers(self, peers: tuple[TunnelPeerSpec, ...]) -> None:
         """Make the peer set equal to `peers` (a config reload)."""
         if self.link is None:
             return
         plan = plan_peers(self.peer_specs, peers)
         for pid in plan.remove:
-            self.remove_peer(pid)
+            await self.remove_peer(pid)
         for p in plan.set:
-            self.set_peer(p)
+            await self.set_peer(p)
 
     @property
     def dataplane(self) -> DataPlane:
@@ -216,7 +217,7 @@ class Fabric:
             ns = self.namespaces.get(spec.name)
             plan = plan_namespace(ns.spec if ns is not None else None, spec)
             if plan.rebuild:
-                self._remove(spec.name)
+                await self._remove(spec.name)
                 ns = None
             _warn_unimplemented(spec)
             if ns is None:
@@ -228,9 +229,9 @@ class Fabric:
                         ns.start_egress(self.uplink)
                     if self.link is not None and spec.id is not None:
                         ns.start_tunnel(spec.id)
-                    ns.start_services()
+                    await ns.start_services()
                 except BaseException:
-                    ns.close()
+                    await ns.close()
                     raise
                 self.namespaces[spec.name] = ns
                 for pod in spec.pods:
@@ -238,9 +239,9 @@ class Fabric:
                 self.bus.emit("namespace_applied", spec.name, created=True)
                 log.info("namespace %s: created (%s, %d pods)", spec.name, spec.cidr,
                          len(spec.pods))
-                return ns.summary()
+                return await ns.summary()
             await self._reconcile(ns, spec, plan)
-            return ns.summary()
+            return await ns.summary()
 
     async def _reconcile(self, ns: Namespace, spec: NamespaceSpec,
                          plan: NamespacePlan | None = None) -> None:
@@ -258,7 +259,7 @@ class Fabric:
             ns.pods[pod.name].spec = pod
         ns.sync_records()
         if ns.services is not None and not plan.services.empty:
-            ns.apply_services(plan.services)
+            await ns.apply_services(plan.services)
         if plan.egress_changed:
             ns.update_egress()
         if plan.changed:
@@ -268,13 +269,13 @@ class Fabric:
 
     async def remove_namespace(self, name: str) -> None:
         async with self._lock:
-            self._remove(name)
+            await self._remove(name)
 
-    def _remove(self, name: str) -> None:
+    async def _remove(self, name: str) -> None:
         ns = self.namespaces.pop(name, None)
         if ns is None:
             raise NotFound(f"namespace {name} not found")
-        ns.close()
+        await ns.close()
         self.bus.emit("namespace_removed", name)
         log.info("namespace %s: removed", name)
 
@@ -309,16 +310,16 @@ class Fabric:
                 state = ns.pods[spec.name]
                 if state.spec == spec and fd is None:
                     await ns.reattach(state)  # a lost port comes back on the same PUT
-                    return ns.pod_view(state)
+                    return await ns.pod_view(state)
                 ns.remove_pod(spec.name)
             if fd is not None:
                 io = TapPort.from_fd(fd, vnet, mtu=ns.spec.mtu)
                 os.set_blocking(fd, False)
-                state = ns.add_pod_fd(spec, io)
+                state = await ns.add_pod_fd(spec, io)
             else:
                 state = await ns.add_pod(spec, strict=True)
             self._record_pod(ns, spec)
-            return ns.pod_view(state)
+            return await ns.pod_view(state)
 
     async def detach_pod(self, namespace: str, name: str) -> None:
         async with self._lock:
@@ -362,7 +363,7 @@ class Fabric:
         async with self._lock:
             services = tuple(s for s in ns.spec.services if s.name != spec.name) + (spec,)
             await self._reconcile(ns, dataclasses.replace(ns.spec, services=services))
-            return next(r for r in ns.services.views() if r["name"] == spec.name) \
+            return next(r for r in await ns.services.views() if r["name"] == spec.name) \
                 if ns.services is not None else {}
 
     async def remove_service(self, namespace: str, name: str) -> None:
@@ -375,29 +376,29 @@ class Fabric:
 
     # --- views ---------------------------------------------------------------------------
 
-    def get_namespaces(self) -> list[dict[str, Any]]:
-        return [ns.summary() for ns in self.namespaces.values()]
+    async def get_namespaces(self) -> list[dict[str, Any]]:
+        return [await ns.summary() for ns in list(self.namespaces.values())]
 
-    def get_namespace(self, name: str) -> dict[str, Any]:
+    async def get_namespace(self, name: str) -> dict[str, Any]:
         ns = self._ns(name)
         d = namespace_to_dict(ns.spec)
-        d["status"] = ns.summary()
+        d["status"] = await ns.summary()
         return d
 
-    def get_pods(self, namespace: str | None = None) -> list[dict[str, Any]]:
+    async def get_pods(self, namespace: str | None = None) -> list[dict[str, Any]]:
         spaces = [self._ns(namespace)] if namespace else list(self.namespaces.values())
-        return [row for ns in spaces for row in ns.pod_views()]
+        return [row for ns in spaces for row in await ns.pod_views()]
 
-    def get_services(self, namespace: str | None = None) -> list[dict[str, Any]]:
+    async def get_services(self, namespace: str | None = None) -> list[dict[str, Any]]:
         spaces = [self._ns(namespace)] if namespace else list(self.namespaces.values())
         return [row for ns in spaces if ns.services is not None
-                for row in ns.services.views()]
+                for row in await ns.services.views()]
 
-    def get_peers(self) -> list[dict[str, Any]]:
+    async def get_peers(self) -> list[dict[str, Any]]:
         if self.link is None:
             return []
         mono = time.monotonic()
-        rows = self.dataplane.call(self.link.core.peers, mono)
+        rows = await self.dataplane.acall(self.link.core.peers, mono)
         wall = time.time()
         for r in rows:
             ep = r.get("endpoint")
@@ -415,20 +416,19 @@ class Fabric:
                 max_frames: int | None = None) -> CaptureSubscription:
         return self._ns(namespace).capture(pod, max_frames)
 
-    def counters(self) -> dict[str, Any]:
+    async def counters(self) -> dict[str, Any]:
         """All counters as plain data, for embedding workers that keep their own metrics."""
         out: dict[str, Any] = {}
-        for ns in self.namespaces.values():
-            out[ns.name] = {
-                "drops": dict(self.dataplane.call(lambda ns=ns: dict(ns.router.drops))),
-                "held": self.dataplane.call(ns.router.held),
-                "pods": {row["name"]: row for row in ns.pod_views()},
-            }
+        for ns in list(self.namespaces.values()):
+            drops, held = await self.dataplane.acall(
+                lambda ns=ns: (dict(ns.router.drops), ns.router.held()))
+            out[ns.name] = {"drops": drops, "held": held,
+                            "pods": {row["name"]: row for row in await ns.pod_views()}}
         return out
 
-    def metrics(self) -> list[Metric]:
+    async def metrics(self) -> list[Metric]:
         """Every metric family of this worker (fabric.runtime.metrics)."""
-        return collect(self)
+        return await collect(self)
 
     def _on_port_trouble(self) -> None:
         t = asyncio.get_running_loop().create_task(self._port_trouble())

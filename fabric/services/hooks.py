@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fabric.config.fields import split_command
+from fabric.config.specs import split_command
 
 log = logging.getLogger("fabricd.services")
 

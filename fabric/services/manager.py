@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from fabric.activator.host import ActivatorHost
 from fabric.config.specs import ServiceSpec
@@ -33,7 +33,15 @@ from fabric.services.probes import ProbeRunner
 log = logging.getLogger("fabricd.services")
 
 T = TypeVar("T")
-Call = Callable[..., Any]
+
+
+class DataPlaneCalls(Protocol):
+    """How this side reaches the data plane (fabric.runtime.dataplane.DataPlane)."""
+
+    def post(self, fn: Callable[..., Any], *args: Any) -> None: ...
+
+    async def acall(self, fn: Callable[..., T], *args: Any, timeout: float = ...) -> T: ...
+
 Emit = Callable[..., None]
 
 
@@ -53,11 +61,12 @@ def shipped_activator(name: str) -> Path:
 class ServiceManager:
     """The event-loop side of one namespace's services (see module docstring)."""
 
-    def __init__(self, namespace: str, call: Call, dispatch: ServiceDispatch,
+    def __init__(self, namespace: str, dataplane: DataPlaneCalls, dispatch: ServiceDispatch,
                  probes: ProbeRunner, signals: SignalQueue, emit: Emit,
                  backend: Callable[[str], BackendState | None]) -> None:
         self.namespace = namespace
-        self._call = call
+        self.dataplane = dataplane
+        self._post = dataplane.post
         self.dispatch = dispatch
         self.probes = probes
         self.signals = signals
@@ -72,16 +81,16 @@ class ServiceManager:
 
     # --- specs ---------------------------------------------------------------------------
 
-    def add(self, spec: ServiceSpec) -> None:
-        svc = Service.from_spec(spec, now=time.monotonic())
+    async def add(self, spec: ServiceSpec) -> None:
         hosts: dict[tuple[int, int], ActivatorHost] = {}
         for p in spec.ports:
             if p.activator != "none":
-                host = self._activator(spec, p.port, p.activator, p.activator_config)
+                host = await self._activator(spec, p.port, p.activator, p.activator_config)
                 if host is not None:
                     hosts[(p.port, 6 if p.protocol == "tcp" else 17)] = host
         activators: dict[tuple[int, int], Activator] = dict(hosts)
-        self._call(self.dispatch.add, svc, activators)
+        svc = Service.from_spec(spec, now=time.monotonic())
+        self._post(self.dispatch.add, svc, activators)
         self.by_name[spec.name] = svc
         self.specs[spec.name] = spec
         self.hosts[spec.name] = hosts
@@ -95,22 +104,25 @@ class ServiceManager:
         svc = self.by_name.pop(name)
         self.specs.pop(name)
         self.hooks.forget(name)
-        self._call(self._remove_here, svc)
-        for host in self.hosts.pop(name, {}).values():
-            host.close()
+        self._post(self._remove_here, svc, list(self.hosts.pop(name, {}).values()))
 
-    def _remove_here(self, svc: Service) -> None:
+    def _remove_here(self, svc: Service, hosts: list[ActivatorHost]) -> None:
+        """On the data-plane thread, which may be inside an activator until then."""
         self.dispatch.remove(svc)
         self.probes.forget(svc)
+        for host in hosts:
+            host.close()
 
-    def _activator(self, spec: ServiceSpec, port: int, name: str,
-                   config: Any) -> ActivatorHost | None:
-        """The activator host of a service port: a shipped one by name, or a .wasm path.
-        One that cannot be loaded is logged and the port holds and activates without."""
+    async def _activator(self, spec: ServiceSpec, port: int, name: str,
+                         config: Any) -> ActivatorHost | None:
+        """The activator host of a service port: a shipped one by name, or a .wasm path,
+        compiled in a worker thread (never on the event loop). One that cannot be loaded
+        is logged and the port holds and activates without."""
         try:
             path = Path(name) if name.endswith(".wasm") else shipped_activator(name)
             cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
-            host = ActivatorHost(path, cfg, label=f"{self.namespace}/{spec.name}:{port}")
+            host = await asyncio.to_thread(ActivatorHost, path, cfg,
+                                           label=f"{self.namespace}/{spec.name}:{port}")
         except Exception as e:  # a bad module must never take the namespace down
             log.error("namespace %s: service %s port %d: activator %s unusable (%s); "
                       "holding and activating without it", self.namespace, spec.name, port,
@@ -139,14 +151,14 @@ class ServiceManager:
             svc = self.by_name[name]
             now = time.monotonic()
             if state is None:
-                self._call(self.dispatch.remove_backend, svc, pod_name, now)
+                self._post(self.dispatch.remove_backend, svc, pod_name, now)
                 continue
-            self._call(self.dispatch.set_backend, svc, pod_name, state.ip, state.ready, now)
+            self._post(self.dispatch.set_backend, svc, pod_name, state.ip, state.ready, now)
             if state.ready and state.remote:
                 # Our gateway address is also the other worker's: a probe's answer would
                 # stay there. A backend on another worker is ready on the controller's
                 # word alone (its own worker is where it could be probed).
-                self._call(self.dispatch.probe_result, svc, pod_name, True, now)
+                self._post(self.dispatch.probe_result, svc, pod_name, True, now)
 
     # --- signals and hooks -----------------------------------------------------------------
 
@@ -169,10 +181,10 @@ class ServiceManager:
 
     # --- views ---------------------------------------------------------------------------
 
-    def views(self) -> list[dict[str, Any]]:
+    async def views(self) -> list[dict[str, Any]]:
         """A row per service for `fabricd get services`, read on the data-plane thread;
         the hooks' counts are this side's."""
-        rows = list(self._call(self._views_here))
+        rows = list(await self.dataplane.acall(self._views_here))
         for row in rows:
             row["hooks"] = dataclasses.asdict(self.hooks.stats(row["name"]))
             row["hooks"]["running"] = self.hooks.busy(row["name"])

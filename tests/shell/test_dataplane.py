@@ -4,6 +4,7 @@ heap on its timerfd, control-side calls, the tunnel link between two data planes
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ from scapy.layers.inet import ICMP, IP, UDP
 from fabric.net import packets
 from fabric.router.model import Port
 from fabric.router.router import Router
-from fabric.runtime.dataplane import DataPlane
+from fabric.runtime.dataplane import DataPlane, DataPlaneBusy
 from gateway.egress import EgressNat
 from gateway.uplink import Uplink
 from tests.support.pods import SocketPod
@@ -103,6 +104,57 @@ def test_call_returns_raises_and_runs_between_frames(dp: DataPlane) -> None:
     with pytest.raises(ZeroDivisionError):
         dp.call(lambda: 1 // 0)
     assert dp.call(lambda: dp.on_thread)
+
+
+def test_a_call_not_taken_in_time_never_runs_and_the_loop_never_waits(dp: DataPlane) -> None:
+    """A stalled data plane costs a caller a clear error, not a frozen event loop, and a
+    call given up on (timeout, cancellation) is skipped, never run late."""
+    ran: list[str] = []
+
+    async def main() -> None:
+        dp.post(time.sleep, 0.6)  # the data plane is busy for 0.6 s
+        gaps: list[float] = []
+
+        async def ticker() -> None:
+            last = time.monotonic()
+            while True:
+                await asyncio.sleep(0.01)
+                now = time.monotonic()
+                gaps.append(now - last)
+                last = now
+
+        tick = asyncio.create_task(ticker())
+        with pytest.raises(DataPlaneBusy, match="did not take a call within 0.2 s"):
+            await dp.acall(ran.append, "timed out", timeout=0.2)
+        cancelled = asyncio.create_task(dp.acall(ran.append, "cancelled"))
+        await asyncio.sleep(0.05)
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        assert await dp.acall(lambda: ran.append("waited") or 7) == 7
+        tick.cancel()
+        assert max(gaps) < 0.1, f"the event loop stalled for {max(gaps):.3f} s"
+
+    asyncio.run(main())
+    with pytest.raises(DataPlaneBusy):  # the blocking form, for other threads, alike
+        dp.post(time.sleep, 0.4)
+        dp.call(ran.append, "blocking", timeout=0.1)
+    dp.call(lambda: None)
+    assert ran == ["waited"]
+    assert dp.calls_abandoned == 3
+
+
+def test_a_posted_call_that_raises_is_logged_and_counted(
+        dp: DataPlane, caplog: pytest.LogCaptureFixture) -> None:
+    def boom() -> None:
+        raise ValueError("bad")
+
+    with caplog.at_level("ERROR", logger="fabricd.dataplane"):
+        for _ in range(3):
+            dp.post(boom)
+        dp.call(lambda: None)
+    assert dp.errors.counts["call"] == 3
+    assert sum("posted call" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_a_router_that_raises_costs_one_frame(dp: DataPlane) -> None:

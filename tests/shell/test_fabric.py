@@ -73,7 +73,7 @@ def test_two_pods_talk_through_the_data_plane() -> None:
             a.send_ip(packets.icmp_echo(a.ipb, packets.ip_bytes("10.10.0.1"), 9, 1, b"hi"))
             reply = await asyncio.to_thread(a.recv_ip)
             assert reply is not None and IP(reply)[ICMP].type == 0
-            rows = fab.get_pods("shop")
+            rows = await fab.get_pods("shop")
             assert {r["name"]: r["rx_packets"] for r in rows}["a"] == 21
     try:
         run(main)
@@ -111,7 +111,7 @@ def test_a_dormant_service_wakes_runs_its_hook_and_releases_in_order(tmp_path: P
                     break
                 await asyncio.sleep(0.05)
             assert marker.read_text() == "site activate"
-            (row,) = fab.get_services("shop")
+            (row,) = await fab.get_services("shop")
             assert row["state"] == "activating" and row["held_packets"] == 3
             fab.set_ready("shop", "web", True)  # no probe without a local stack
             got = [await asyncio.to_thread(web.recv_ip) for _ in range(3)]
@@ -194,9 +194,9 @@ def test_pods_on_two_workers_through_the_tunnel_on_loopback() -> None:
             b.udp("10.10.0.2", 6000, 5000, b"back")
             back = await asyncio.to_thread(a.recv_ip, 5.0)
             assert back is not None and bytes(IP(back)[UDP].payload) == b"back"
-            (peer,) = w1.get_peers()
+            (peer,) = await w1.get_peers()
             assert peer["id"] == "w2" and peer["last_handshake"] is not None
-            names = {m.name for m in w1.metrics()}
+            names = {m.name for m in await w1.metrics()}
             assert "fabric_tunnel_total" in names and "fabric_peer_rx_bytes_total" in names
     try:
         run(main)
