@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import heapq
+import ipaddress
 import itertools
 import os
 import random
@@ -185,6 +186,8 @@ class TunnelCore:
         public_key = bytes(public_key)
         if len(public_key) != 32:
             raise ValueError("a peer public key is 32 bytes")
+        if endpoint is not None:
+            _check_numeric(endpoint)
         if public_key == self.public_key:
             raise ValueError("a peer cannot have this worker's own public key")
         existing = self._peers.get(peer_id)
@@ -852,3 +855,13 @@ class TunnelCore:
     def peer_drop_names(self) -> tuple[str, ...]:
         """The keys of every peer's ``drops`` dict."""
         return PEER_DROPS
+
+
+def _check_numeric(endpoint: Addr) -> None:
+    """Sends go to the endpoint as is: a host name would be looked up (blocking) at
+    every send on the packet thread. Names are resolved by the caller."""
+    try:
+        ipaddress.ip_address(endpoint[0])
+    except ValueError:
+        raise ValueError(f"peer endpoint {endpoint[0]!r} is not a numeric address "
+                         "(resolve names before adding the peer)") from None

@@ -35,6 +35,7 @@ from fabric.errors import ConfigError, FabricError, NotFound, PortError
 from fabric.ports.tap import TapPort
 from fabric.runtime.capture import CaptureSubscription
 from fabric.runtime.dataplane import DataPlane
+from fabric.runtime.endpoints import REFRESH_INTERVAL, EndpointResolver
 from fabric.runtime.events import EventBus, Subscription
 from fabric.runtime.metrics import collect
 from fabric.runtime.namespace import RETRY_INTERVAL, Namespace
@@ -62,6 +63,7 @@ class Fabric:
         self.tunnel = tunnel
         self.link: TunnelLink | None = None
         self.peer_specs: dict[str, TunnelPeerSpec] = {}
+        self.resolver = EndpointResolver()
         # The worker's egress TUN (and its address pool), if pods may reach the outside.
         self.egress = egress
         self.uplink: Uplink | None = None
@@ -137,7 +139,8 @@ class Fabric:
         core = TunnelCore(spec.private_key, spec.psk,
                           wall_offset=time.time() - time.monotonic())
         for peer in spec.peers:
-            core.add_peer(peer.id, peer.public_key, peer.endpoint, spec.keepalive)
+            endpoint = await self.resolver.resolve(peer.id, peer.endpoint)
+            core.add_peer(peer.id, peer.public_key, endpoint, spec.keepalive)
             self.peer_specs[peer.id] = peer
         link = TunnelLink(core, spec.listen)
         await asyncio.to_thread(link.open)
@@ -163,8 +166,9 @@ class Fabric:
         if old is not None and old != spec:
             await self.dataplane.acall(link.core.remove_peer, spec.id)
         if old != spec:
+            endpoint = await self.resolver.resolve(spec.id, spec.endpoint)
             await self.dataplane.acall(link.core.add_peer, spec.id, spec.public_key,
-                                       spec.endpoint, keepalive)
+                                       endpoint, keepalive)
             self.peer_specs[spec.id] = spec
             self.bus.emit("peer_added" if old is None else "peer_changed", peer=spec.id)
         return next(p for p in await self.get_peers() if p.get("id") == spec.id)
@@ -175,6 +179,7 @@ class Fabric:
             raise NotFound(f"peer {peer_id} not found")
         await self.dataplane.acall(link.core.remove_peer, peer_id)
         del self.peer_specs[peer_id]
+        self.resolver.forget(peer_id)
         self.bus.emit("peer_removed", peer=peer_id)
 
     async def rekey_peer(self, peer_id: str) -> None:
@@ -449,9 +454,13 @@ class Fabric:
                 log.exception("handling a broken port failed")
 
     async def _retry_loop(self) -> None:
+        next_lookup = time.monotonic() + REFRESH_INTERVAL
         while True:
             await asyncio.sleep(RETRY_INTERVAL)
             await self._refresh_host()
+            if time.monotonic() >= next_lookup:
+                next_lookup = time.monotonic() + REFRESH_INTERVAL
+                await self._refresh_endpoints()
             for ns in list(self.namespaces.values()):
                 try:
                     async with self._lock:
@@ -460,6 +469,25 @@ class Fabric:
                 except Exception:
                     log.exception("namespace %s: retrying attachments failed", ns.name)
 
+
+    async def _refresh_endpoints(self) -> None:
+        """Peers named by host name follow their name's answer."""
+        link = self.link
+        if link is None:
+            return
+        keepalive = self.tunnel.keepalive if self.tunnel else None
+        for pid in self.resolver.named():
+            spec = self.peer_specs.get(pid)
+            if spec is None:
+                continue
+            before = self.resolver.answers.get(pid)
+            after = await self.resolver.resolve(pid, spec.endpoint)
+            if after is not None and after != before and self.peer_specs.get(pid) is spec:
+                try:
+                    await self.dataplane.acall(link.core.add_peer, pid, spec.public_key,
+                                               after, keepalive)
+                except (FabricError, ValueError) as e:
+                    log.warning("peer %s: new endpoint not applied: %s", pid, e)
 
     async def _refresh_host(self) -> None:
         """Egress keeps refusing this worker's own addresses when they change."""

@@ -5,8 +5,11 @@ and the tunnel on 127.0.0.1. No network namespace, TAP or TUN is needed."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
+import socket
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -239,6 +242,58 @@ def test_cross_namespace_rules_hold_for_runtime_attaches() -> None:
             assert sum(isinstance(g, ConfigError) for g in got) == 1, got
             assert len({"c", "d"} & set(fab.namespaces)) == 1
     run(main)
+
+
+def test_named_peer_endpoints_are_never_resolved_on_the_data_plane(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A peer given as `localhost:port` works, and no lookup ever runs on the packet
+    thread (a blocking getaddrinfo there would freeze every namespace)."""
+    lookups: list[str] = []
+    real = socket.getaddrinfo
+
+    def spy(*args: Any, **kw: Any) -> Any:
+        lookups.append(threading.current_thread().name)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(socket, "getaddrinfo", spy)
+    k1, p1 = generate_keypair()
+    k2, p2 = generate_keypair()
+    port1, port2 = _free_udp_port(), _free_udp_port()
+    a = SocketPod("a", "10.10.0.2", "02:00:0a:0a:00:02")
+    b = SocketPod("b", "10.10.0.3", "02:00:0a:0a:00:03")
+
+    def spec(me: int, key: bytes, peer: str, pub: bytes, host: str, port: int) -> TunnelSpec:
+        return TunnelSpec(listen=("127.0.0.1", me), private_key=key,
+                          peers=(TunnelPeerSpec(peer, pub, (host, port)),))
+
+    async def main() -> None:
+        async with fabric(worker_id="w1", tunnel=spec(port1, k1, "w2", p2, "localhost",
+                                                      port2)) as w1, \
+                fabric(worker_id="w2", tunnel=spec(port2, k2, "w1", p1, "127.0.0.1",
+                                                   port1)) as w2:
+            for fab, local, other, worker in ((w1, a, b, "w2"), (w2, b, a, "w1")):
+                await fab.apply_namespace({
+                    "name": "shop", "id": 7, "cidr": CIDR,
+                    "pods": [{"name": other.name, "ip": other.ip, "worker": worker}]})
+                await attach(fab, "shop", local)
+            a.udp("10.10.0.3", 5000, 6000, b"named")
+            got = await asyncio.to_thread(b.recv_ip, 5.0)
+            assert got is not None and bytes(IP(got)[UDP].payload) == b"named"
+            (peer,) = await w1.get_peers()
+            assert peer["endpoint"] == f"127.0.0.1:{port2}"
+            await w1._refresh_endpoints()  # the periodic lookup, also off the thread
+            # An unresolvable name: the peer keeps its last good address.
+            await w1.set_peer({"id": "w2", "public_key": base64.b64encode(p2).decode(),
+                               "endpoint": "fbx-no-such-host.invalid:51820"})
+            (peer,) = await w1.get_peers()
+            assert peer["endpoint"] == f"127.0.0.1:{port2}"
+    try:
+        run(main)
+    finally:
+        a.close()
+        b.close()
+    assert lookups, "the name was never looked up"
+    assert "fabric-dataplane" not in lookups, lookups
 
 
 def test_the_shell_suite_needs_no_privileges() -> None:
