@@ -227,6 +227,18 @@ class DnsCore:
     def inflight(self) -> int:
         return len(self._pending)
 
+    def reconfigure(self, records: Records, upstreams: list[tuple[str, int]]) -> None:
+        """A new zone or new upstreams (a config change), without losing the counters.
+
+        Queries in flight finish (or are retried on the new upstreams); cached answers
+        go with the old zone.
+        """
+        self.records = records
+        self.upstreams = tuple((str(h), int(p)) for h, p in upstreams)
+        self._preferred = 0
+        self._cache.clear()
+        self._cache_version = records.version
+
     # --- queries from clients ----------------------------------------------------------
 
     def handle_query(self, data: bytes, client: Hashable, now: float,
@@ -565,7 +577,8 @@ class DnsCore:
             if p.use_tcp:
                 c["ignored_truncated"] += 1
                 return []
-            index = self.upstreams.index(upstream)
+            ups = self.upstreams
+            index = ups.index(upstream) if upstream in ups else 0
             forward = self._send(p, index, now, True)
             if forward is None:
                 self._finish(p)
@@ -620,6 +633,11 @@ class DnsCore:
             _, key, gen = heapq.heappop(heap)
             p = self._pending.get(key)
             if p is None or p.gen != gen:
+                continue
+            if not self.upstreams:  # all removed by a config change
+                self._finish(p)
+                c["timeouts_servfail"] += 1
+                out.append(Reply(p.client, self._servfail(p)))
                 continue
             if p.up_index == self._preferred:
                 self._preferred = (p.up_index + 1) % len(self.upstreams)

@@ -28,6 +28,12 @@ TCP_WRITE_HIGH = 64 * 1024
 TCP_WRITE_MAX = 512 * 1024
 UDP_BATCH = 256
 MAX_MESSAGE = 65535
+# Forwarded queries leave from a socket of their own, connected to the upstream, on a port
+# the kernel picks at random: an off-path forger must guess the port as well as the id,
+# and the kernel drops datagrams from anyone but the upstream. A socket lives until its
+# answer arrives or the core would have given up on it.
+UPSTREAM_LIFETIME = 8.0
+MAX_UPSTREAM_SOCKETS = 256
 
 
 class _TcpClient:
@@ -46,9 +52,8 @@ class DnsServer:
         self.name = name
         self.udp = udp
         self.tcp = tcp
-        self.upstream = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.upstream.setblocking(False)
-        self.upstream.bind(("0.0.0.0", 0))
+        # forwarded UDP queries in flight: fd -> (socket, upstream, deadline), oldest first
+        self._upstream: dict[int, tuple[socket.socket, tuple[str, int], float]] = {}
         self._loop = asyncio.get_running_loop()
         self._server: asyncio.base_events.Server | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -57,20 +62,21 @@ class DnsServer:
         self._clients: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.counters: dict[str, int] = {"tcp_rejected": 0, "send_errors": 0,
-                                         "upstream_tcp_errors": 0, "tcp_slow_closed": 0}
+                                         "upstream_tcp_errors": 0, "tcp_slow_closed": 0,
+                                         "upstream_sockets_full": 0}
 
     async def start(self) -> None:
         self._loop.add_reader(self.udp.fileno(), self._on_udp)
-        self._loop.add_reader(self.upstream.fileno(), self._on_upstream)
         self._server = await asyncio.start_server(self._on_tcp, sock=self.tcp,
                                                   limit=MAX_MESSAGE + 2)
 
     def close(self) -> None:
-        for s in (self.udp, self.upstream):
-            try:
-                self._loop.remove_reader(s.fileno())
-            except (ValueError, OSError):
-                pass
+        try:
+            self._loop.remove_reader(self.udp.fileno())
+        except (ValueError, OSError):
+            pass
+        for fd in list(self._upstream):
+            self._drop_upstream(fd)
         if self._timer is not None:
             self._timer.cancel()
         if self._server is not None:
@@ -80,7 +86,6 @@ class DnsServer:
         for t in list(self._tasks):
             t.cancel()
         self.udp.close()
-        self.upstream.close()
         self.tcp.close()
 
     # --- queries -------------------------------------------------------------------------
@@ -135,16 +140,51 @@ class DnsServer:
 
     # --- upstream ------------------------------------------------------------------------
 
-    def _on_upstream(self) -> None:
+    def _send_upstream(self, data: bytes, upstream: tuple[str, int]) -> None:
         now = time.monotonic()
-        for _ in range(UDP_BATCH):
-            try:
-                data, addr = self.upstream.recvfrom(MAX_MESSAGE)
-            except (BlockingIOError, InterruptedError):
+        self._expire(now)
+        if len(self._upstream) >= MAX_UPSTREAM_SOCKETS:
+            self._drop_upstream(next(iter(self._upstream)))  # the oldest: long given up
+            self.counters["upstream_sockets_full"] += 1
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.connect(upstream)  # binds a random ephemeral port; only upstream may answer
+            sock.send(data)
+        except OSError:
+            sock.close()
+            self.counters["send_errors"] += 1
+            return
+        fd = sock.fileno()
+        self._upstream[fd] = (sock, upstream, now + UPSTREAM_LIFETIME)
+        self._loop.add_reader(fd, self._on_upstream, fd)
+
+    def _drop_upstream(self, fd: int) -> None:
+        entry = self._upstream.pop(fd, None)
+        if entry is not None:
+            self._loop.remove_reader(fd)
+            entry[0].close()
+
+    def _expire(self, now: float) -> None:
+        for fd, (_, _, deadline) in list(self._upstream.items()):
+            if deadline > now:
                 break
-            except OSError:
-                break
-            self._do(self.core.handle_upstream(data, (addr[0], addr[1]), now, False))
+            self._drop_upstream(fd)
+
+    def _on_upstream(self, fd: int) -> None:
+        entry = self._upstream.get(fd)
+        if entry is None:
+            return
+        sock, upstream, _ = entry
+        try:
+            data = sock.recv(MAX_MESSAGE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:  # ICMP unreachable from the upstream: the core's timer retries
+            self._drop_upstream(fd)
+            return
+        self._drop_upstream(fd)  # one answer per query: a second one is not read
+        self._do(self.core.handle_upstream(data, upstream, time.monotonic(), False))
         self._arm()
 
     async def _forward_tcp(self, fwd: Forward) -> None:
@@ -192,10 +232,7 @@ class DnsServer:
                     self._tasks.add(t)
                     t.add_done_callback(self._tasks.discard)
                 else:
-                    try:
-                        self.upstream.sendto(a.data, a.upstream)
-                    except OSError:
-                        self.counters["send_errors"] += 1
+                    self._send_upstream(a.data, a.upstream)
 
     def _arm(self) -> None:
         t = self.core.next_timer()
@@ -210,5 +247,6 @@ class DnsServer:
     def _fire(self) -> None:
         self._timer = None
         self._timer_at = None
+        self._expire(time.monotonic())
         self._do(self.core.handle_timer(time.monotonic()))
         self._arm()

@@ -19,13 +19,15 @@ from fabric.errors import ConfigError
 
 SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
 
-DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-WORKER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
-MAC_RE = re.compile(r"^[0-9A-Fa-f]{2}([:-][0-9A-Fa-f]{2}){5}$")
-ACTIVATOR_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*$")
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*$")
+DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
+WORKER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
+IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}\Z")
+MAC_RE = re.compile(r"^[0-9A-Fa-f]{2}([:-][0-9A-Fa-f]{2}){5}\Z")
+ACTIVATOR_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*\Z")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*\Z")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*\Z")
+MAX_DURATION = 366 * 86400.0  # a year: longer is a typo, and timers must stay finite
+MAX_SIZE = 1 << 40  # 1 TiB: larger is a typo (and float rounding starts to show)
 _DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _SIZE_UNITS = {
     "": 1,
@@ -60,6 +62,13 @@ def index_path(prefix: str, i: int) -> str:
     return f"{prefix}[{i}]"
 
 
+def show_int(value: int) -> str:
+    """An int as text, or its size when printing it would be absurd (or raise)."""
+    if abs(value) < 10**30:
+        return str(value)
+    return f"of about {int(value.bit_length() * 0.30103)} digits"
+
+
 def describe(value: Any) -> str:
     """Say what a wrong value was, so the error shows what the user actually wrote."""
     if value is None:
@@ -67,7 +76,7 @@ def describe(value: Any) -> str:
     if isinstance(value, bool):
         return f"boolean {str(value).lower()}"
     if isinstance(value, int):
-        return f"integer {value}"
+        return f"integer {show_int(value)}"
     if isinstance(value, float):
         return f"number {value}"
     if isinstance(value, str):
@@ -134,7 +143,7 @@ def read_int(value: Any, src: str, key: str, lo: int, hi: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise type_error(value, src, key, "an integer")
     if not lo <= value <= hi:
-        raise ConfigError(src, key, f"{value} is out of range ({lo}..{hi})")
+        raise ConfigError(src, key, f"{show_int(value)} is out of range ({lo}..{hi})")
     return value
 
 
@@ -244,6 +253,8 @@ def parse_duration(value: Any, src: str, key: str) -> float:
     hint = "use seconds or a string like 250ms, 30s, 5m, 1h"
     if isinstance(value, bool):
         raise type_error(value, src, key, f"a duration ({hint})")
+    if isinstance(value, int) and abs(value) > MAX_DURATION:
+        raise ConfigError(src, key, f"{describe(value)} is longer than a year")
     if isinstance(value, (int, float)):
         seconds = float(value)
     elif isinstance(value, str):
@@ -257,6 +268,8 @@ def parse_duration(value: Any, src: str, key: str) -> float:
         raise ConfigError(src, key, f"{value} is not a finite duration")
     if seconds < 0:
         raise ConfigError(src, key, f"{value} is negative (durations must be >= 0)")
+    if seconds > MAX_DURATION:
+        raise ConfigError(src, key, f"{describe(value)} is longer than a year")
     return seconds
 
 
@@ -271,16 +284,19 @@ def parse_size(value: Any, src: str, key: str) -> int:
         raise type_error(value, src, key, f"a size ({hint})")
     if isinstance(value, int):
         size = value
+        if size < 0:
+            raise ConfigError(src, key, f"{show_int(value)} is negative (sizes must be >= 0)")
     elif isinstance(value, str):
         m = _SIZE.match(value)
         unit = m.group(2).lower() if m else ""
         if not m or unit not in _SIZE_UNITS:
             raise ConfigError(src, key, f"{value!r} is not a size ({hint})")
-        size = int(float(m.group(1)) * _SIZE_UNITS[unit])
+        number = float(m.group(1)) * _SIZE_UNITS[unit]
+        size = int(number) if math.isfinite(number) and number <= MAX_SIZE else MAX_SIZE + 1
     else:
         raise type_error(value, src, key, f"a size ({hint})")
-    if size < 0:
-        raise ConfigError(src, key, f"{value} is negative (sizes must be >= 0)")
+    if size > MAX_SIZE:
+        raise ConfigError(src, key, f"{describe(value)} is more than 1TiB")
     return size
 
 
@@ -308,7 +324,7 @@ def read_host_port(
             not hostname_ok
             or not host
             or not all(
-                re.match(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$", lb) for lb in labels
+                re.match(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z", lb) for lb in labels
             )
         ):
             what = "an IPv4 address or host name" if hostname_ok else "an IPv4 address"

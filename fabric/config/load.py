@@ -66,6 +66,10 @@ def load_config(path: str) -> Config:
         raise ConfigError(path, "", f"{where}invalid YAML: {e.problem or e.context}") from None
     except yaml.YAMLError as e:
         raise ConfigError(path, "", f"invalid YAML: {e}") from None
+    except ValueError as e:  # an integer of more than 4,300 digits
+        raise ConfigError(path, "", f"invalid value: {e}") from None
+    except RecursionError:
+        raise ConfigError(path, "", "invalid YAML: nested too deeply") from None
     if data is None:
         raise ConfigError(path, "", "file is empty (expected a mapping with worker and namespaces)")
     return parse_config(data, path, base_dir=os.path.dirname(os.path.abspath(path)))

@@ -1,7 +1,8 @@
 """`fabricd run`: the daemon shell over `Fabric` — config, control socket, signals.
 
 SIGTERM/SIGINT: clean shutdown, everything created is removed. SIGHUP: reload the file
-and apply only the difference; a bad file is reported and the running state kept.
+and apply only what changed in it since the last load (so what the API created stays);
+a bad file is reported and the running state kept.
 """
 
 from __future__ import annotations
@@ -9,13 +10,18 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
+import resource
 import signal
 import sys
 
 from fabric.config.load import default_config, load_config
-from fabric.config.specs import Config
+from fabric.config.parse import parse_namespace
+from fabric.config.render import namespace_to_dict
+from fabric.config.specs import Config, NamespaceSpec
 from fabric.control.server import ControlServer
 from fabric.errors import FabricError
+from fabric.runtime.reconcile import plan_peer_reload, plan_reload
 from fabric.runtime.worker import Fabric
 
 log = logging.getLogger("fabricd")
@@ -30,9 +36,20 @@ def load(path: str | None) -> Config:
     return load_config(path) if path else default_config()
 
 
+def raise_fd_limit() -> None:
+    """Every pod port, probe and forwarded DNS query is a descriptor: take all we may."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+
+
 def run(config_path: str | None) -> int:
     """Run until SIGTERM/SIGINT. Returns the process exit code."""
     setup_logging()
+    raise_fd_limit()
     try:
         config = load(config_path)
     except FabricError as e:
@@ -42,6 +59,13 @@ def run(config_path: str | None) -> int:
         return asyncio.run(Daemon(config, config_path).main())
     except FabricError as e:
         print(f"fabricd: {e.message}", file=sys.stderr)
+        return 1
+    except Exception as e:  # a bug: still one line for the operator, the trace for us
+        log.debug("fatal", exc_info=True)
+        print(f"fabricd: internal error: {type(e).__name__}: {e} (run with "
+              "FABRICD_DEBUG=1 for the traceback)", file=sys.stderr)
+        if os.environ.get("FABRICD_DEBUG"):
+            raise
         return 1
 
 
@@ -91,17 +115,33 @@ class Daemon:
         self._reloading = asyncio.create_task(self.reload())
 
     async def reload(self) -> None:
-        """Apply the difference between the running config and the file."""
+        """Apply the difference between the file as last applied and the file now.
+
+        What the API created or changed is kept unless the file changes that same
+        object; every removal is logged. Any failure is one log line and an event.
+        """
         try:
-            new = load(self.path)
+            await self._reload()
         except FabricError as e:
             log.error("reload failed, keeping the running config: %s", e.message)
             self.fabric.bus.emit("config_reload_failed", error=e.message)
-            return
+        except Exception as e:  # a bug: the running state stays, and someone hears of it
+            log.exception("reload failed with an internal error")
+            self.fabric.bus.emit("config_reload_failed", error=f"internal error: {e}")
+
+    async def _reload(self) -> None:
+        new = load(self.path)
         old_w, new_w = self.config.worker, new.worker
         if old_w.tunnel is not None and new_w.tunnel is not None:
+            plan = plan_peer_reload(old_w.tunnel.peers, new_w.tunnel.peers,
+                                    self.fabric.peer_specs)
             try:
-                await self.fabric.sync_peers(new_w.tunnel.peers)
+                for pid in plan.remove:
+                    log.warning("reload: peer %s removed: it is no longer in %s", pid,
+                                new.source)
+                    await self.fabric.remove_peer(pid)
+                for peer in plan.set:
+                    await self.fabric.set_peer(peer)
             except FabricError as e:
                 log.error("reload: tunnel peers not applied: %s", e.message)
             old_w = dataclasses.replace(old_w, tunnel=dataclasses.replace(
@@ -109,12 +149,19 @@ class Daemon:
         if new_w != old_w:
             log.warning("reload: changes to `worker` other than tunnel peers need a restart; "
                         "they are not applied")
-        wanted = {ns.name for ns in new.namespaces}
+        running = {name: ns.spec for name, ns in self.fabric.namespaces.items()}
+        wid = self.fabric.worker_id
+
+        def check(spec: NamespaceSpec) -> NamespaceSpec:
+            return parse_namespace(namespace_to_dict(spec), new.source, wid)
+
+        plan = plan_reload(self.config.namespaces, new.namespaces, running, new.source, check)
+        for note in plan.notes:
+            log.warning("reload: %s", note)
         try:
-            for name in list(self.fabric.namespaces):
-                if name not in wanted:
-                    await self.fabric.remove_namespace(name)
-            for ns in new.namespaces:
+            for name in plan.remove:
+                await self.fabric.remove_namespace(name)
+            for ns in plan.apply:
                 await self.fabric.apply_namespace(ns, new.source)
         except FabricError as e:
             log.error("reload partly applied: %s", e.message)

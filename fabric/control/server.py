@@ -155,6 +155,10 @@ class Request:
             value = json.loads(self.body)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise BadRequest(f"request body is not valid JSON: {e}") from None
+        except ValueError as e:  # an integer of more than 4,300 digits
+            raise BadRequest(f"request body has an invalid value: {e}") from None
+        except RecursionError:
+            raise BadRequest("request body is nested too deeply") from None
         if not isinstance(value, dict):
             raise BadRequest("request body must be a JSON object")
         return value

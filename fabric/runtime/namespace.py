@@ -22,7 +22,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from fabric.config.specs import DEFAULT_EGRESS_TUN, NamespaceSpec, PodSpec, ServiceSpec
+from fabric.config.specs import (
+    DEFAULT_EGRESS_TUN,
+    DnsSpec,
+    NamespaceSpec,
+    PodSpec,
+    ServiceSpec,
+)
 from fabric.errors import FabricError, NotFound, PortError
 from fabric.net import packets
 from fabric.ports.afpacket import PacketPort
@@ -187,6 +193,36 @@ class Namespace:
     def update_protected(self) -> None:
         if self.egress is not None and self.uplink is not None:
             self.dataplane.post(self.egress.set_protected, self.uplink.protected)
+
+    def update_dns(self, old: DnsSpec) -> None:
+        """Apply a changed `dns` section in place: a new domain gets a new zone (both the
+        data plane's core and the server's answer from it at once), new upstreams take the
+        next forwarded query, and attached pods get a resolv.conf with the new search."""
+        new = self.spec.dns
+        if new.domain != old.domain:
+            self.records = Records(self.name, new.domain, self.spec.cidr)
+            self.sync_records()
+        if self.dns is not None:
+            self.dns.core.reconfigure(self.records, list(new.upstream))
+        if self.dns_fast is not None:
+            self.dataplane.post(self.dns_fast.reconfigure, self.records, [])
+        log.info("namespace %s: dns applied (domain %s, upstream %s)", self.name, new.domain,
+                 ", ".join(f"{h}:{p}" for h, p in new.upstream) or "none")
+        for state in self.pods.values():
+            spec = state.spec
+            if state.port is None or spec.kind != "netns" or not spec.netns:
+                continue
+            if not new.resolv_conf:
+                if state.extra.pop("resolv_conf", None):
+                    resolvconf.remove(spec.netns)
+                continue
+            settings = self.dns_settings()
+            try:
+                state.extra["resolv_conf"] = resolvconf.write(
+                    spec.netns, spec.name, settings["nameservers"][0], settings["search"])
+            except OSError as e:
+                log.warning("namespace %s: pod %s: cannot write resolv.conf: %s", self.name,
+                            spec.name, e)
 
     def sync_records(self) -> None:
         """DNS names follow the table at once: pods (attached or not) and services."""

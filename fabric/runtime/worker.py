@@ -215,38 +215,56 @@ class Fabric:
         if spec.id is None and any(p.kind == "remote" for p in spec.pods):
             raise ConfigError(source, "id", f"namespace {spec.name} has pods on other workers:"
                               " it needs an id (the same on every worker)")
+        if self.egress is not None and spec.cidr.overlaps(self.egress.pool):
+            raise ConfigError(source, "cidr", f"{spec.cidr} overlaps the egress pool "
+                              f"{self.egress.pool} (worker.egress.pool)")
         async with self._lock:
             # Under the lock: two concurrent applies must not both pass against the old set.
             others = [ns.spec for name, ns in self.namespaces.items() if name != spec.name]
             validate_namespace_set(others + [spec], source)
             ns = self.namespaces.get(spec.name)
             plan = plan_namespace(ns.spec if ns is not None else None, spec)
-            if plan.rebuild:
-                await self._remove(spec.name)
-                ns = None
             _warn_unimplemented(spec)
-            if ns is None:
-                ns = Namespace(spec, self.dataplane, self.bus)
-                try:
-                    if self.local_stack:
-                        await ns.start_local_stack()
-                    if self.uplink is not None:
-                        ns.start_egress(self.uplink)
-                    if self.link is not None and spec.id is not None:
-                        ns.start_tunnel(spec.id)
-                    await ns.start_services()
-                except BaseException:
-                    await ns.close()
-                    raise
-                self.namespaces[spec.name] = ns
-                for pod in spec.pods:
-                    await ns.add_pod(pod, strict=False)
-                self.bus.emit("namespace_applied", spec.name, created=True)
-                log.info("namespace %s: created (%s, %d pods)", spec.name, spec.cidr,
-                         len(spec.pods))
+            if ns is not None and not plan.rebuild:
+                await self._reconcile(ns, spec, plan)
                 return await ns.summary()
-            await self._reconcile(ns, spec, plan)
+            previous = ns.spec if ns is not None else None
+            if ns is not None:
+                await self._remove(spec.name)
+            try:
+                ns = await self._create(spec)
+            except BaseException:
+                if previous is not None:  # a failed rebuild must not lose every pod
+                    log.error("namespace %s: rebuild failed; restoring the previous spec",
+                              spec.name)
+                    try:
+                        await self._create(previous)
+                    except Exception:
+                        log.exception("namespace %s: restoring the previous spec failed",
+                                      spec.name)
+                raise
+            self.bus.emit("namespace_applied", spec.name, created=True)
+            log.info("namespace %s: created (%s, %d pods)", spec.name, spec.cidr,
+                     len(spec.pods))
             return await ns.summary()
+
+    async def _create(self, spec: NamespaceSpec) -> Namespace:
+        ns = Namespace(spec, self.dataplane, self.bus)
+        try:
+            if self.local_stack:
+                await ns.start_local_stack()
+            if self.uplink is not None:
+                ns.start_egress(self.uplink)
+            if self.link is not None and spec.id is not None:
+                ns.start_tunnel(spec.id)
+            await ns.start_services()
+        except BaseException:
+            await ns.close()
+            raise
+        self.namespaces[spec.name] = ns
+        for pod in spec.pods:
+            await ns.add_pod(pod, strict=False)
+        return ns
 
     async def _reconcile(self, ns: Namespace, spec: NamespaceSpec,
                          plan: NamespacePlan | None = None) -> None:
@@ -254,6 +272,7 @@ class Fabric:
         if plan is None:
             plan = plan_namespace(ns.spec, spec)
         assert not plan.rebuild and not plan.create
+        old_dns = ns.spec.dns
         ns.spec = spec
         for name in plan.pods.remove:
             ns.remove_pod(name)
@@ -263,6 +282,8 @@ class Fabric:
         for pod in spec.pods:
             ns.pods[pod.name].spec = pod
         ns.sync_records()
+        if spec.dns != old_dns:
+            ns.update_dns(old_dns)
         if ns.services is not None and not plan.services.empty:
             await ns.apply_services(plan.services)
         if plan.egress_changed:
@@ -299,30 +320,44 @@ class Fabric:
         Returns the pod, including the DNS settings a VMM or runtime should give it."""
         ns = self._ns(namespace)
         source = f"attach_pod {namespace}"
+        data: dict[str, Any] | None = None
         if not isinstance(spec, PodSpec):
             data = dict(spec)
             if fd is not None:
                 if "netns" in data or "interface" in data or "worker" in data:
                     raise ConfigError(source, "fd", "give either fd or netns/interface/worker")
                 data["interface"] = f"fd{fd}"
-            spec = parse_pod(data, source, ns.spec, self.worker_id)
         async with self._lock:
             if self.namespaces.get(namespace) is not ns:
                 raise NotFound(f"namespace {namespace} not found")
+            if data is not None:  # under the lock: against the spec as it is now
+                spec = parse_pod(data, source, ns.spec, self.worker_id)
+            assert isinstance(spec, PodSpec)
             if fd is None:
                 self._check_pod_set(ns, spec, source)
+            old: PodSpec | None = None
             if spec.name in ns.pods:
                 state = ns.pods[spec.name]
                 if state.spec == spec and fd is None:
                     await ns.reattach(state)  # a lost port comes back on the same PUT
                     return await ns.pod_view(state)
+                # a pod on a TAP fd the caller handed in cannot come back: its fd is closed
+                handed_in = state.port is not None and state.port.kind == "fd"
+                old = None if handed_in else state.spec
                 ns.remove_pod(spec.name)
-            if fd is not None:
-                io = TapPort.from_fd(fd, vnet, mtu=ns.spec.mtu)
-                os.set_blocking(fd, False)
-                state = await ns.add_pod_fd(spec, io)
-            else:
-                state = await ns.add_pod(spec, strict=True)
+                if handed_in:
+                    self._forget_pod(ns, spec.name)
+            try:
+                if fd is not None:
+                    io = TapPort.from_fd(fd, vnet, mtu=ns.spec.mtu)
+                    os.set_blocking(fd, False)
+                    state = await ns.add_pod_fd(spec, io)
+                else:
+                    state = await ns.add_pod(spec, strict=True)
+            except BaseException:
+                if old is not None:  # the replace failed: the pod as it was comes back
+                    await ns.add_pod(old, strict=False)
+                raise
             self._record_pod(ns, spec)
             return await ns.pod_view(state)
 
@@ -330,9 +365,7 @@ class Fabric:
         async with self._lock:
             ns = self._ns(namespace)
             ns.remove_pod(name)
-            ns.spec = dataclasses.replace(
-                ns.spec, pods=tuple(p for p in ns.spec.pods if p.name != name))
-            ns.sync_records()
+            self._forget_pod(ns, name)
 
     def _check_pod_set(self, ns: Namespace, spec: PodSpec, source: str) -> None:
         """The cross-namespace rules (an interface or a netns slot used once on this worker)
@@ -347,6 +380,11 @@ class Fabric:
         except ConfigError as e:
             raise ConfigError(source, "interface" if spec.interface else "netns",
                               e.problem) from None
+
+    def _forget_pod(self, ns: Namespace, name: str) -> None:
+        ns.spec = dataclasses.replace(
+            ns.spec, pods=tuple(p for p in ns.spec.pods if p.name != name))
+        ns.sync_records()
 
     def _record_pod(self, ns: Namespace, spec: PodSpec) -> None:
         pods = tuple(p for p in ns.spec.pods if p.name != spec.name) + (spec,)

@@ -297,3 +297,56 @@ def test_pod_attached_late_gets_held_traffic(sandbox: Sandbox) -> None:
     out, _ = ping.communicate(timeout=20)
     assert "1 received" in out, out
     assert next(p for p in d.get("/v1/pods") if p["name"] == "late")["attached"]
+
+
+def test_sighup_keeps_what_the_api_created_and_applies_dns_changes(sandbox: Sandbox) -> None:
+    """A controller's pods and namespaces survive a reload of an unchanged file; a file
+    that changes the DNS domain is answered under the new zone at once (and the pod's
+    resolv.conf searches it), with no restart."""
+    from fabric.control.client import ControlClient
+
+    worker = sandbox.netns("worker")
+    a, b, ns = two_pods(sandbox)
+    d = Daemon(sandbox, worker, {"namespaces": [ns]}).start()
+    d.wait_attached(2)
+    api = ControlClient(d.control)
+    c = sandbox.netns("c")
+    api.put("/v1/namespaces/shop/pods/c", {"name": "c", "ip": "10.40.0.4", "netns": c})
+    other = sandbox.netns("other")
+    api.put("/v1/namespaces/ctl", {"name": "ctl", "cidr": "10.41.0.0/24", "pods": [
+        {"name": "x", "ip": "10.41.0.2", "netns": other}]})
+    d.wait_attached(4)
+    d.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "reloaded" not in d.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "reloaded" in d.log(), d.log()
+    pods = {(p["namespace"], p["name"]): p for p in d.get("/v1/pods")}
+    assert pods[("shop", "c")]["attached"] and pods[("ctl", "x")]["attached"], pods
+    assert "1 received" in sandbox.run(c, "ping", "-c", "1", "-W", "3", "10.40.0.2").stdout
+    # The file changes the domain: applied in place, the controller's pod still there.
+    ns["dns"] = {"domain": "corp.example"}
+    d.write_config({"namespaces": [ns]})
+    d.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    out = ""
+    while time.monotonic() < deadline:
+        out = sandbox.run(a, "dig", "@10.40.0.1", "+short", "+time=1", "+tries=1",
+                          "c.shop.corp.example", check=False).stdout
+        if "10.40.0.4" in out:
+            break
+        time.sleep(0.2)
+    assert "10.40.0.4" in out, d.log()
+    with open(f"/etc/netns/{a}/resolv.conf") as f:
+        assert "shop.corp.example" in f.read()
+    assert {(p["namespace"], p["name"]) for p in d.get("/v1/pods")} >= {("shop", "c"),
+                                                                          ("ctl", "x")}
+    # Dropping a namespace from the file is the one removal, and it is logged.
+    d.write_config({"namespaces": []})
+    d.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "no longer in" not in d.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "namespace shop removed: it is no longer in" in d.log()
+    time.sleep(0.5)
+    assert [n["name"] for n in d.get("/v1/namespaces")] == ["ctl"]

@@ -154,3 +154,64 @@ def test_a_client_that_does_not_read_its_answers_is_held_then_dropped() -> None:
             server.close()
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+class Recording(Upstream):
+    """An upstream that notes the source port of every query."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ports: list[int] = []
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.ports.append(addr[1])
+        super().datagram_received(data, addr)
+
+
+def test_forwarded_queries_leave_from_random_ports_and_only_the_upstream_may_answer() -> None:
+    """Each forwarded query has a socket of its own, connected to the upstream: its
+    port changes per query, and a forged answer from elsewhere to that port is not even
+    delivered; no socket outlives its answer."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        transport, upstream = await loop.create_datagram_endpoint(
+            Recording, local_addr=("127.0.0.1", 0))
+        up_addr = transport.get_extra_info("sockname")
+        records = Records("shop", "fabric.internal", "10.10.0.0/24")
+        udp, tcp = sockets()
+        core = DnsCore(records, [(up_addr[0], up_addr[1])])
+        server = DnsServer(core, udp, tcp, "shop")
+        await server.start()
+        addr = udp.getsockname()
+        try:
+            for i in range(20):
+                r = await ask_udp(addr, dnslib.DNSRecord.question(f"n{i}.example.org"))
+                assert str(r.a.rdata) == "192.0.2.7"
+            assert len(set(upstream.ports)) >= 15, upstream.ports  # random, not one port
+            assert not server._upstream  # answered: closed
+            # A forger who knows the port of the query in flight still cannot answer it.
+            upstream.mute = True
+            forger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            forger.bind(("127.0.0.1", 0))
+            ask = asyncio.ensure_future(
+                ask_udp(addr, dnslib.DNSRecord.question("victim.example.org"), 15.0))
+            while len(upstream.ports) < 21:
+                await asyncio.sleep(0.01)
+            port = upstream.ports[-1]
+            q = dnslib.DNSRecord.question("victim.example.org")
+            for wid in range(0, 65536, 7):  # a spray of ids: none may be accepted
+                q.header.id = wid
+                fake = q.reply()
+                fake.add_answer(dnslib.RR("victim.example.org", rdata=dnslib.A("6.6.6.6")))
+                forger.sendto(fake.pack(), ("127.0.0.1", port))
+            r = await ask
+            assert r.header.rcode == dnslib.RCODE.SERVFAIL and not r.rr
+            assert core.counters["unmatched_answers"] == 0  # not even delivered
+            forger.close()
+        finally:
+            server.close()
+            transport.close()
+        assert not server._upstream
+
+    asyncio.run(asyncio.wait_for(main(), 40))

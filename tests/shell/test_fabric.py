@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 
 from fabric.config.specs import TunnelPeerSpec, TunnelSpec
-from fabric.errors import ConfigError
+from fabric.errors import ConfigError, FabricError
 from fabric.net import packets
 from fabric.net.packets import TCP_SYN
 from fabric.runtime.events import Event, Subscription
@@ -241,6 +242,42 @@ def test_cross_namespace_rules_hold_for_runtime_attaches() -> None:
                 return_exceptions=True)
             assert sum(isinstance(g, ConfigError) for g in got) == 1, got
             assert len({"c", "d"} & set(fab.namespaces)) == 1
+    run(main)
+
+
+def test_a_failed_replace_keeps_the_pod_as_it_was_and_the_api_checks_the_pool() -> None:
+    """A PUT that would replace a pod with one whose port cannot be made leaves the old
+    pod in the table, in DNS and in the spec; concurrent PUTs cannot both take an
+    address; a namespace overlapping the egress pool is refused on the API path too."""
+    from fabric.config.specs import EgressSpec
+
+    async def main() -> None:
+        async with fabric() as fab:
+            await fab.apply_namespace({"name": "a", "cidr": "10.20.0.0/24", "pods": [
+                {"name": "p", "ip": "10.20.0.2", "interface": "fbx-not-yet"}]})
+            with pytest.raises(FabricError):  # no such netns: the strict attach fails
+                await fab.attach_pod("a", {"name": "p", "ip": "10.20.0.9",
+                                           "netns": "fbx-missing-netns"})
+            ns = fab.namespaces["a"]
+            assert [(p.name, str(p.ip)) for p in ns.spec.pods] == [("p", "10.20.0.2")]
+            assert ns.pods["p"].spec.interface == "fbx-not-yet"
+            assert ns.records.names()["p"].exploded == "10.20.0.2"
+            # A pod on a handed-in fd cannot come back: it goes from the spec and DNS too.
+            await attach(fab, "a", SocketPod("h", "10.20.0.3", "02:00:0a:14:00:03"))
+            with pytest.raises(FabricError):
+                await fab.attach_pod("a", {"name": "h", "ip": "10.20.0.3",
+                                           "netns": "fbx-missing-netns"})
+            assert "h" not in ns.pods and "h" not in ns.records.names()
+            assert [p.name for p in ns.spec.pods] == ["p"]
+            got = await asyncio.gather(*(
+                attach(fab, "a", SocketPod(f"q{i}", "10.20.0.7", f"02:00:0a:14:00:1{i}"))
+                for i in range(2)), return_exceptions=True)
+            assert sum(isinstance(g, ConfigError) for g in got) == 1, got
+            assert sum(1 for p in ns.spec.pods if str(p.ip) == "10.20.0.7") <= 1
+            # (no TUN without root: the spec alone is what the check reads)
+            fab.egress = EgressSpec(tun="fbx-egress", pool=IPv4Network("100.64.0.0/16"))
+            with pytest.raises(ConfigError, match="overlaps the egress pool"):
+                await fab.apply_namespace({"name": "x", "cidr": "100.64.3.0/24"})
     run(main)
 
 

@@ -951,7 +951,7 @@ SERVICE_CASES = [
     (["backends"], ["web-9"], "backends[0]", "no pod named web-9 in namespace shop"),
     (["backends"], ["web-1", "web-1"], "backends[1]", "web-1 is listed twice"),
     (["backends"], [3], "backends[0]", "expected a string, got integer 3"),
-    (["hold"], {"packets": 0}, "hold.packets", "0 is out of range (1..2147483647)"),
+    (["hold"], {"packets": 0}, "hold.packets", "0 is out of range (1..65536)"),
     (["hold"], {"bytes": "lots"}, "hold.bytes", "'lots' is not a size"),
     (["hold"], {"bytes": 0}, "hold.bytes", "must be at least 1 byte"),
     (["hold"], {"timeout": "soon"}, "hold.timeout", "'soon' is not a duration"),
@@ -1466,3 +1466,96 @@ def test_hook_commands_are_split_at_load_time(cmd: str, problem: str) -> None:
     with pytest.raises(ConfigError, match=problem) as e:
         parse_config(data, SRC)
     assert e.value.key == "namespaces[0].services[0].on_idle"
+
+
+# --- validation holes: every one used to escape as something other than ConfigError ------
+
+
+@pytest.mark.parametrize("kind", ["pods", "services"])
+def test_names_the_gateway_answers_to_are_reserved(kind: str) -> None:
+    data = base()
+    ns0(data)[kind][0]["name"] = "gateway"
+    if kind == "pods":
+        ns0(data)["services"][0]["backends"] = []
+    e = err(lambda: parse_config(data, SRC))
+    assert e.key == f"namespaces[0].{kind}[0].name" and "reserved" in e.problem
+    ns = parse_config(base(), SRC).namespaces[0]
+    runtime = err(lambda: parse_pod({"name": "gateway", "ip": "10.10.0.9", "netns": "g"},
+                                    "api", ns, "w1"))
+    assert "reserved" in runtime.problem
+
+
+@pytest.mark.parametrize("value", ["shop\n", "web-1\n", "a\nb"])
+def test_names_with_a_newline_are_refused(value: str) -> None:
+    e = cfg_err(_set(["namespaces", 0, "name"], value))
+    assert "not a valid name" in e.problem
+    e = cfg_err(_set(["worker", "id"], "w1\n"))
+    assert "not a valid worker id" in e.problem
+    e = cfg_err(_set(["namespaces", 0, "pods", 0, "netns"], "web1\nx"))
+    assert e.key == "namespaces[0].pods[0].netns"
+
+
+def test_zone_and_names_must_fit_in_a_dns_name() -> None:
+    long_domain = ".".join(["a" * 63] * 3) + "." + "b" * 61  # 253 characters: valid alone
+    data = base()
+    ns0(data)["name"] = "x" * 63
+    ns0(data)["dns"] = {"domain": long_domain}
+    e = err(lambda: parse_config(data, SRC))
+    assert e.key == "namespaces[0].dns" and "zone" in e.problem
+    data = base()
+    ns0(data)["dns"] = {"domain": ".".join(["a" * 63] * 3) + ".b" * 20}  # zone fits, pods not
+    ns0(data)["pods"][0]["name"] = "p" * 63
+    e = err(lambda: parse_config(data, SRC))
+    assert e.key == "namespaces[0].pods[0].name" and "253" in e.problem
+
+
+@pytest.mark.parametrize(("value", "problem"), [
+    ("9" * 400, "more than 1TiB"), ("1e3", "not a size"), (10**50, "more than 1TiB"),
+    ("2048GiB", "more than 1TiB")])
+def test_huge_sizes_are_a_clear_error(value: Any, problem: str) -> None:
+    e = err(lambda: parse_size(value, "x", "k"))
+    assert problem in e.problem and len(e.problem) < 200
+
+
+@pytest.mark.parametrize("value", [1e308, 10**50, "99999999999h"])
+def test_huge_durations_are_a_clear_error(value: Any) -> None:
+    e = err(lambda: parse_duration(value, "x", "k"))
+    assert "longer than a year" in e.problem and len(e.problem) < 200
+
+
+def test_huge_integers_are_a_clear_error(tmp_path: Path) -> None:
+    e = cfg_err(_set(["namespaces", 0, "id"], 10**5000))
+    assert "out of range" in e.problem and len(e.problem) < 200
+    e = err(lambda: load_config(write(tmp_path, "worker: {id: w1}\nx: " + "9" * 5000)))
+    assert "invalid value" in e.problem
+    e = err(lambda: load_config(write(tmp_path, "a: " + "[" * 100000, "deep.yaml")))
+    assert "nested too deeply" in e.problem
+
+
+@pytest.mark.parametrize(("hold", "problem"), [
+    ({"packets": 1 << 20}, "out of range"), ({"bytes": "1000GiB"}, "more than 256MiB"),
+    ({"bytes": "300MiB"}, "more than 256MiB"), ({"timeout": "1000h"}, "longer than 600s")])
+def test_hold_has_upper_bounds(hold: dict[str, Any], problem: str) -> None:
+    e = cfg_err(_set(["namespaces", 0, "services", 0, "hold"], hold))
+    assert problem in e.problem, e.problem
+
+
+def test_a_large_namespace_validates_in_linear_time() -> None:
+    import time
+
+    def doc(n: int) -> dict[str, Any]:
+        pods = [{"name": f"p{i}", "ip": str(IPv4Address("10.0.0.2") + i), "netns": f"n{i}",
+                 "mac": f"02:00:00:{i >> 16 & 255:02x}:{i >> 8 & 255:02x}:{i & 255:02x}"}
+                for i in range(n)]
+        return {"name": "big", "cidr": "10.0.0.0/16", "pods": pods,
+                "services": [{"name": "s", "ip": "10.0.255.200", "ports": [80],
+                              "backends": [f"p{i}" for i in range(0, n, 10)]}]}
+
+    def took(n: int) -> float:
+        d = doc(n)
+        t = time.perf_counter()
+        parse_namespace(d, "api", "w1")
+        return time.perf_counter() - t
+
+    small, large = min(took(2000) for _ in range(3)), min(took(16000) for _ in range(3))
+    assert large < 1.0 and large / small < 8 * 2.5, (small, large)  # quadratic would be 64x

@@ -892,3 +892,25 @@ def test_queries_with_answers_or_many_additionals_get_formerr() -> None:
         msg = struct.pack("!HHHHHH", 7, 0x0100, 1, an, ns, ar) + q + rr * (an + ns + ar)
         (reply,) = core.handle_query(msg, ("10.10.0.5", 1), 0.0, False)
         assert isinstance(reply, Reply) and reply.data[3] & 0x0F == 1
+
+
+def test_reconfigure_moves_zone_and_upstreams_in_place():
+    c = core([U1])
+    pending = forward_of(c, query("slow.example."), now=0.0)
+    assert DNSRecord.parse(ask(c, query("web-1.shop.fabric.internal."))).a.rdata
+    new = Records("shop", "corp.example", IPv4Network(CIDR))
+    new.replace_all({"web-1": IPv4Address("10.10.0.2")})
+    before = c.counters["queries"]
+    c.reconfigure(new, [U2])
+    # the old zone is no longer ours (forwarded, to the new upstream), the new one answers
+    assert forward_of(c, query("web-1.shop.fabric.internal."), now=0.1).upstream == U2
+    r = DNSRecord.parse(ask(c, query("web-1.shop.corp.example.")))
+    assert str(r.a.rdata) == "10.10.0.2" and c.counters["queries"] > before
+    assert forward_of(c, query("next.example."), now=0.5).upstream == U2
+    # the query in flight is retried on the new upstreams, not lost or crashed
+    [retry] = c.handle_timer(2.0)
+    assert isinstance(retry, Forward) and retry.upstream == U2 and retry.key == pending.key
+    c.reconfigure(new, [])
+    outs = c.handle_timer(10.0)
+    assert outs and all(isinstance(o, Reply) for o in outs)
+    assert c.counters["internal_errors"] == 0

@@ -87,3 +87,84 @@ def test_peers() -> None:
     assert plan.remove == ("w3",)
     assert [p.id for p in plan.set] == ["w2", "w4"]
     assert plan_peers(cur, tuple(cur.values())).set == ()
+
+
+# --- reloads: the difference between two files, applied over what runs -------------------
+
+from fabric.config.render import namespace_to_dict  # noqa: E402
+from fabric.errors import ConfigError  # noqa: E402
+from fabric.runtime.reconcile import plan_peer_reload, plan_reload  # noqa: E402
+
+
+def check(spec: NamespaceSpec) -> NamespaceSpec:
+    return parse_namespace(namespace_to_dict(spec), SRC, "w1")
+
+
+API_POD = {"name": "api", "ip": "10.10.0.50", "netns": "api"}
+
+
+def with_api_pod(spec: NamespaceSpec) -> NamespaceSpec:
+    return parse_namespace({**namespace_to_dict(spec),
+                            "pods": [*namespace_to_dict(spec)["pods"], API_POD]}, SRC, "w1")
+
+
+def test_an_unchanged_file_keeps_everything_the_api_did() -> None:
+    file = ns()
+    api_ns = parse_namespace({"name": "other", "cidr": "10.20.0.0/24"}, SRC, "w1")
+    running = {"shop": with_api_pod(file), "other": api_ns}
+    plan = plan_reload([file], [file], running, SRC, check)
+    assert plan.remove == () and plan.apply == () and plan.notes == ()
+
+
+def test_a_changed_file_applies_its_change_and_keeps_api_objects() -> None:
+    old = ns()
+    new = ns(pods=[{"name": "a", "ip": "10.10.0.2", "netns": "a"},
+                   {"name": "c", "ip": "10.10.0.4", "netns": "c"}])  # b removed, c added
+    plan = plan_reload([old], [new], {"shop": with_api_pod(old)}, SRC, check)
+    [applied] = plan.apply
+    assert [p.name for p in applied.pods] == ["a", "api", "c"]
+    assert plan.remove == ()
+
+
+def test_a_namespace_dropped_from_the_file_goes_with_a_note() -> None:
+    other = parse_namespace({"name": "other", "cidr": "10.20.0.0/24"}, SRC, "w1")
+    plan = plan_reload([ns(), other], [ns()], {"shop": ns(), "other": other}, SRC, check)
+    assert plan.remove == ("other",) and "no longer in" in plan.notes[0]
+
+
+def test_a_file_that_takes_an_api_namespace_over_says_so() -> None:
+    api_ns = parse_namespace({"name": "other", "cidr": "10.20.0.0/24"}, SRC, "w1")
+    file_ns = parse_namespace({"name": "other", "cidr": "10.30.0.0/24"}, SRC, "w1")
+    plan = plan_reload([], [file_ns], {"other": api_ns}, SRC, check)
+    assert plan.apply == (file_ns,) and "created through the API" in plan.notes[0]
+
+
+def test_an_api_pod_that_conflicts_with_the_new_file_is_dropped_loudly() -> None:
+    old = ns()
+    new = ns(pods=[{"name": "a", "ip": "10.10.0.2", "netns": "a"},
+                   {"name": "z", "ip": "10.10.0.50", "netns": "z"}])  # takes api's address
+    plan = plan_reload([old], [new], {"shop": with_api_pod(old)}, SRC, check)
+    assert plan.apply == (new,)
+    assert "api" in plan.notes[0] and "10.10.0.50" in plan.notes[0]
+
+
+def test_check_errors_are_config_errors() -> None:
+    def refuse(spec: NamespaceSpec) -> NamespaceSpec:
+        raise ConfigError(SRC, "x", "no")
+
+    old, new = ns(), ns(egress=False)
+    plan = plan_reload([old], [new], {"shop": old}, SRC, refuse)
+    assert plan.apply == (new,)
+
+
+def test_peer_reload_keeps_api_peers() -> None:
+    key = b"\x01" * 32
+    a = TunnelPeerSpec(id="a", public_key=key, endpoint=("192.0.2.1", 51820))
+    b = TunnelPeerSpec(id="b", public_key=key, endpoint=("192.0.2.2", 51820))
+    api = TunnelPeerSpec(id="api", public_key=key, endpoint=("192.0.2.3", 51820))
+    b2 = TunnelPeerSpec(id="b", public_key=key, endpoint=("192.0.2.9", 51820))
+    current = {"a": a, "b": b, "api": api}
+    plan = plan_peer_reload([a, b], [a, b], current)
+    assert plan.remove == () and plan.set == ()
+    plan = plan_peer_reload([a, b], [b2], current)
+    assert plan.remove == ("a",) and plan.set == (b2,)
