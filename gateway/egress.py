@@ -58,6 +58,9 @@ ALWAYS_PROTECTED: tuple[IPv4Network, ...] = tuple(IPv4Network(n) for n in (
 EGRESS_FLOWS = FlowPolicy(
     max_flows=65536, tcp_syn=240.0, tcp_established=7440.0, tcp_closed=240.0,
     udp_unreplied=30.0, udp_replied=60.0, icmp=30.0, evict_closed=False, max_fragments=4096)
+# One pod may hold at most this share of its namespace's flows (or of a protocol's ports),
+# so a pod that opens flows without end cannot lock its neighbours out of egress.
+POD_FLOW_SHARE = 0.25
 
 # translations_* count every packet translated (fragments and ICMP errors included),
 # fragments_translated and icmp_errors_translated those kinds again on their own.
@@ -67,6 +70,7 @@ COUNTERS = (
     "denied",
     "denied_protected",
     "table_full",
+    "pod_quota",
     "no_flow",
     "unsupported",
     "malformed",
@@ -138,6 +142,7 @@ class EgressNat:
         protected: Iterable[IPv4Network | str] = ALWAYS_PROTECTED,
         port_range: tuple[int, int] = (20000, 59999),
         policy: FlowPolicy = EGRESS_FLOWS,
+        pod_flows: int | None = None,
     ) -> None:
         lo, hi = port_range
         if not 1 <= lo <= hi <= 0xFFFF:
@@ -150,6 +155,10 @@ class EgressNat:
         self.policy = policy
         self._pools = {p: PortPool(lo, hi) for p in (PROTO_TCP, PROTO_UDP, PROTO_ICMP)}
         self.table = FlowTable(policy, on_remove=self._removed)
+        # flows per (protocol, pod address): each protocol has its own port pool
+        self.pod_flows = pod_flows if pod_flows is not None else max(
+            1, int(min(policy.max_flows, hi - lo + 1) * POD_FLOW_SHARE))
+        self._per_pod: dict[tuple[int, bytes], int] = {}
         self._fwd = self.table.fwd
         self._rev = self.table.rev
         self._counts: dict[str, int] = dict.fromkeys(COUNTERS, 0)
@@ -287,10 +296,18 @@ class EgressNat:
 
     def _create(self, pkt: bytearray, h: Headers, now: float) -> Flow | None:
         table = self.table
+        proto = h.proto
+        who = (proto, bytes(pkt[h.ip + 12:h.ip + 16]))
+        mine = self._per_pod.get(who, 0)
+        if mine >= self.pod_flows:
+            table.expire(now)
+            mine = self._per_pod.get(who, 0)
+            if mine >= self.pod_flows:
+                self._counts["pod_quota"] += 1
+                return None
         if not table.make_room(now):
             self._counts["table_full"] += 1
             return None
-        proto = h.proto
         l4 = h.l4
         pool = self._pools[proto]
         pf = l4 + 4 if proto == PROTO_ICMP else l4
@@ -312,10 +329,17 @@ class EgressNat:
             fwd_ports = eb + orig_ports[2:]
         flow = Flow(proto, addrs, orig_ports, self._eip + addrs[4:], fwd_ports, tag=ext)
         table.add(flow, now)
+        self._per_pod[who] = mine + 1
         return flow
 
     def _removed(self, flow: Flow) -> None:
         self._pools[flow.proto].release(flow.tag)
+        who = (flow.proto, flow.orig_addrs[:4])
+        left = self._per_pod.get(who, 0) - 1
+        if left > 0:
+            self._per_pod[who] = left
+        else:
+            self._per_pod.pop(who, None)
 
     # --- outside -> pod --------------------------------------------------------------------
 

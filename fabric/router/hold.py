@@ -1,7 +1,9 @@
 """Frames for pods that cannot take them yet: the pod's port is not attached (a VM still
 booting, a netns not there yet) or its MAC is not known (ARP pending).
 
-Per pod, bounded (`limit` frames, tail drop) and in arrival order, so a pod that comes
+Per pod, bounded (`limit` frames and `pod_bytes` bytes, tail drop), and all pods of the
+router together by `total_bytes` (one sender cannot fill the hold of every unattached
+pod in its namespace with super-frames); in arrival order, so a pod that comes
 up gets what was sent to it as it was sent. Frames wait at most `timeout`; then their
 senders are told (ICMP host unreachable, by the router). While a pod with held frames
 has a port but no MAC, ARP is retried every `arp_retry` seconds. Sans-IO: the router
@@ -13,6 +15,8 @@ from __future__ import annotations
 from fabric.router.model import Pod
 
 HOLD_PACKETS = 64
+HOLD_POD_BYTES = 512 * 1024
+HOLD_TOTAL_BYTES = 16 * 1024 * 1024
 HOLD_TIMEOUT = 30.0
 ARP_RETRY = 1.0
 
@@ -21,19 +25,28 @@ class PodHold:
     """Which pods hold frames, and when their timeouts and ARP retries are due."""
 
     def __init__(self, limit: int = HOLD_PACKETS, timeout: float = HOLD_TIMEOUT,
-                 arp_retry: float = ARP_RETRY) -> None:
+                 arp_retry: float = ARP_RETRY, pod_bytes: int = HOLD_POD_BYTES,
+                 total_bytes: int = HOLD_TOTAL_BYTES) -> None:
         self.limit = limit
         self.timeout = timeout
         self.arp_retry = arp_retry
-        # Pods with held frames; a dict so timers visit them in a reproducible order.
-        self._held: dict[Pod, None] = {}
+        self.pod_bytes = pod_bytes
+        self.total_bytes = total_bytes
+        # Pods with held frames and the bytes each holds; a dict so timers visit them in
+        # a reproducible order.
+        self._held: dict[Pod, int] = {}
+        self.bytes = 0
 
     def add(self, pod: Pod, h: int, frame: bytes, now: float) -> bool:
         """Hold a frame (with an h-byte virtio-net header) for `pod`; False when full."""
-        if len(pod.pending) >= self.limit:
+        n = len(frame)
+        held = self._held.get(pod, 0)
+        if (len(pod.pending) >= self.limit or held + n > self.pod_bytes
+                or self.bytes + n > self.total_bytes):
             return False
         pod.pending.append((now, h, frame))
-        self._held[pod] = None
+        self._held[pod] = held + n
+        self.bytes += n
         return True
 
     def wants_arp(self, pod: Pod, now: float) -> bool:
@@ -47,14 +60,14 @@ class PodHold:
         """Everything held for `pod`, in arrival order, no longer held."""
         frames = list(pod.pending)
         pod.pending.clear()
-        self._held.pop(pod, None)
+        self.bytes -= self._held.pop(pod, 0)
         return frames
 
     def forget(self, pod: Pod) -> int:
         """Drop what is held for a pod that goes away; how many frames."""
         k = len(pod.pending)
         pod.pending.clear()
-        self._held.pop(pod, None)
+        self.bytes -= self._held.pop(pod, 0)
         return k
 
     def expired(self, now: float) -> list[tuple[int, bytes]]:
@@ -65,10 +78,15 @@ class PodHold:
             q = pod.pending
             # The same sum next_timer() computes, so handling a timer at its due time
             # always expires what made it due (now - timeout can round below it).
+            gone = 0
             while q and q[0][0] + timeout <= now:
                 _, h, frame = q.popleft()
+                gone += len(frame)
                 out.append((h, frame))
-            if not q:
+            self.bytes -= gone
+            if q:
+                self._held[pod] -= gone
+            else:
                 del self._held[pod]
         return out
 

@@ -13,6 +13,8 @@ from collections import deque
 from fabric.router.model import Port
 
 QUEUE_LIMIT = 8192
+# Bytes too: 8192 TSO super-frames would be 512 MiB for one slow `fabricd capture`.
+QUEUE_BYTES = 16 * 1024 * 1024
 
 
 class CaptureSubscription:
@@ -24,6 +26,9 @@ class CaptureSubscription:
         self._wake = asyncio.Event()
         self._signalled = False
         self.remaining = max_frames
+        # Written by one thread each (the data plane pushes, the loop pops): no lock needed.
+        self._pushed_bytes = 0
+        self._popped_bytes = 0
         self.dropped = 0
         self.closed = False
 
@@ -32,9 +37,10 @@ class CaptureSubscription:
             if self.remaining <= 0:
                 return
             self.remaining -= 1
-        if len(self._queue) >= QUEUE_LIMIT:
+        if len(self._queue) >= QUEUE_LIMIT or self.queued_bytes + len(frame) > QUEUE_BYTES:
             self.dropped += 1
             return
+        self._pushed_bytes += len(frame)
         self._queue.append((ts, frame))
         if not self._signalled:
             self._signalled = True
@@ -42,6 +48,10 @@ class CaptureSubscription:
                 self._loop.call_soon_threadsafe(self._signal)
             except RuntimeError:  # the loop is closed: nobody is reading any more
                 pass
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._pushed_bytes - self._popped_bytes
 
     def _signal(self) -> None:
         self._signalled = False
@@ -56,7 +66,9 @@ class CaptureSubscription:
                 raise StopAsyncIteration
             self._wake.clear()
             await self._wake.wait()
-        return self._queue.popleft()
+        item = self._queue.popleft()
+        self._popped_bytes += len(item[1])
+        return item
 
     def close(self) -> None:
         if not self.closed:

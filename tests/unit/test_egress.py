@@ -61,9 +61,11 @@ HOP = bytes([203, 0, 113, 1])  # a router on the path, sending ICMP errors
 ALL = (IPv4Network("0.0.0.0/0"),)
 
 def nat(eip: bytes = EIP, allow: tuple[IPv4Network, ...] = ALL,
-        port_range: tuple[int, int] = (20000, 59999), **policy: Any) -> EgressNat:
-    """A NAT with the egress flow policy, `policy` overriding some of it."""
-    return EgressNat(IPv4Address(eip), allow, port_range=port_range,
+        port_range: tuple[int, int] = (20000, 59999), pod_flows: int | None = 1 << 20,
+        **policy: Any) -> EgressNat:
+    """A NAT with the egress flow policy, `policy` overriding some of it (and no pod
+    quota unless `pod_flows` says so: most tests are about one pod)."""
+    return EgressNat(IPv4Address(eip), allow, port_range=port_range, pod_flows=pod_flows,
                      policy=dataclasses.replace(EGRESS_FLOWS, **policy))
 
 
@@ -587,6 +589,20 @@ def test_flow_table_full() -> None:
     # The second flow idles out at 40 s; a new flow takes its slot without a timer call.
     assert out(n, udp(POD_A, REMOTE, 3, 53), 41.0)[0] == OK
     assert n.flows == 2 and n.counters["flows_expired"] == 1
+
+
+def test_one_pod_cannot_take_its_neighbours_egress() -> None:
+    """A pod that opens flows without end hits its quota (a quarter of the table by
+    default); its neighbour still gets out, and the quota comes back as flows end."""
+    n = nat(max_flows=16, pod_flows=None)
+    assert n.pod_flows == 4
+    for sport in range(1, 10):
+        out(n, udp(POD_A, REMOTE, sport, 53), 0.0)
+    assert n.flows == 4 and n.counters["pod_quota"] == 5
+    assert out(n, udp(POD_B, REMOTE, 1, 53), 0.0)[0] == OK
+    assert out(n, packets.tcp_packet(POD_A, REMOTE, 7, 53, 0, 0, TCP_SYN), 0.0)[0] == OK
+    assert out(n, udp(POD_A, REMOTE, 50, 53), 31.0)[0] == OK  # the first four idled out
+    assert n._per_pod[(PROTO_UDP, bytes(IPv4Address(POD_A).packed))] == 1
 
 
 def test_port_exhaustion_with_a_tiny_range() -> None:

@@ -37,7 +37,7 @@ from fabric.net.packets import (
     udp_packet,
 )
 from fabric.net.vnet import F_NEEDS_CSUM, GSO_NONE, GSO_UDP_L4, ZERO_HDR, VnetHdr
-from fabric.router.hold import HOLD_PACKETS, HOLD_TIMEOUT
+from fabric.router.hold import HOLD_PACKETS, HOLD_POD_BYTES, HOLD_TIMEOUT, HOLD_TOTAL_BYTES
 from fabric.router.model import Port
 from fabric.router.router import EgressCore, Router
 from tests.support.packets import tcp_super_frame, udp_super_frame
@@ -916,6 +916,31 @@ def test_hold_overflow(net: Net) -> None:
     net.r.attach("c", c, 2.0)
     idents = [Ether(f)[IP].id for _, f in net.take()]
     assert idents == list(range(HOLD_PACKETS))
+
+
+def test_hold_is_bounded_in_bytes_per_pod_and_per_router() -> None:
+    """Big frames fill a pod's hold by bytes long before its frame count, and many
+    unattached pods together cannot hold more than the router's total; releases and
+    timeouts give the bytes back."""
+    net = Net()
+    for i in range(5, 70):
+        net.r.add_pod(f"u{i}", f"10.0.0.{i}", f"02:00:00:00:00:{i:02x}")
+    big = b"x" * 8500  # 64 of these are more than a pod may hold
+    for i in range(HOLD_PACKETS):
+        net.ip(net.a, udp_packet(IP_A, IP_C, 1, 2, big, ident=i), 1.0)
+    assert net.r.hold.bytes <= HOLD_POD_BYTES and net.a.drops["hold_overflow"] > 0
+    for i in range(5, 70):  # the rest of the namespace's unattached pods
+        for j in range(HOLD_PACKETS):
+            net.ip(net.a, udp_packet(IP_A, bytes([10, 0, 0, i]), 1, 2, big, ident=j), 1.0)
+    assert net.r.hold.bytes <= HOLD_TOTAL_BYTES
+    assert net.r.hold.bytes > HOLD_TOTAL_BYTES - 20000
+    before = net.r.hold.bytes
+    net.r.attach("c", Port(vnet=False, mtu=9000), 2.0)
+    assert net.take() and not net.r.pods["c"].pending and net.r.hold.bytes < before
+    left = net.r.hold.bytes
+    assert left == sum(sum(len(f) for _, _, f in p.pending) for p in net.r.pods.values())
+    net.timer(1.0 + HOLD_TIMEOUT + 1)
+    assert net.r.hold.bytes == 0 and net.r.held() == 0
 
 
 def test_hold_timeout_sends_host_unreachable(net: Net) -> None:
