@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-unit test-e2e bench lint debs clean sweep
+.PHONY: demo test test-unit test-e2e bench lint debs clean sweep wheel
 
 debs:
 	@sh scripts/install-debs
@@ -40,8 +40,15 @@ bench: debs $(STAMP)
 	@sh scripts/install-debs bench
 	$(BIN)/python -m tests.bench
 
+# build/ goes first and after: setuptools never cleans it, so files deleted from the
+# tree would still ship.
+wheel: $(STAMP)
+	rm -rf build dist *.egg-info
+	$(BIN)/pip wheel -q --disable-pip-version-check --no-deps --no-build-isolation -w dist .
+	rm -rf build *.egg-info
+
 sweep: $(STAMP)
 	$(BIN)/python -m fabric.tools.sandbox --sweep
 
 clean:
-	rm -rf $(VENV) *.egg-info
+	rm -rf $(VENV) *.egg-info build dist

@@ -16,10 +16,12 @@ big data-plane heap is slow and risky, and pyroute2's default flags (O_CREAT) wo
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import ipaddress
 import os
 import socket
+import stat
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -53,34 +55,170 @@ def check_ifname(ifname: str) -> None:
         raise PortError(f"invalid interface name {ifname!r} (1-15 chars, no '/', ':' or spaces)")
 
 
-def resolve_netns(netns: str) -> str:
-    """Turn a pod's `netns` (a name under /run/netns or an absolute path) into a path.
+NETNS_TIMEOUT = 10.0  # seconds a call inside a pod's namespace may take (netlink: ms)
 
-    Checks that the path exists and really is a network namespace, so a typo fails here
-    with a clear message instead of deep inside pyroute2 (or, worse, creating a namespace).
-    """
+_PROC_NS = "/proc/self/ns/net"  # on nsfs; this process's (main thread's) network namespace
+# The initial network namespace's inode on recent kernels (PROC_NET_INIT_INO; older ones
+# number it like the rest); others are numbered from 0xF0000000 up, so none can have it.
+INIT_NET_INO = 0xEFFFFFF9
+
+
+class NetnsCounters:
+    """What went wrong with pods' namespaces, for /metrics (called from worker threads)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = {}
+
+    def add(self, key: str) -> None:
+        with self._lock:
+            self._counts[key] = self._counts.get(key, 0) + 1
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+
+#: refused_<why> per refusal reason, timeouts for calls given up on (fabric_netns_total)
+counters = NetnsCounters()
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symbolic link")):
+        if test(mode):
+            return name
+    return "a regular file"
+
+
+def _refuse(why: str, netns: str, message: str) -> PortError:
+    counters.add(f"refused_{why}")
+    return PortError(f"netns {netns!r}: {message}")
+
+
+def _netns_path(netns: str) -> str:
     if not netns:
-        raise PortError("netns is empty")
+        raise _refuse("invalid", netns, "empty")
+    if "\0" in netns:
+        raise _refuse("invalid", netns, "contains a NUL byte")
     if netns.startswith("/"):
-        path = netns
-    elif "/" in netns or netns in (".", ".."):
-        raise PortError(f"netns {netns!r}: must be a name under {NETNS_DIR} or an absolute path")
-    else:
-        path = os.path.join(NETNS_DIR, netns)
+        return netns
+    if "/" in netns or netns in (".", ".."):
+        raise _refuse("invalid", netns,
+                      f"must be a name under {NETNS_DIR} or an absolute path")
+    return os.path.join(NETNS_DIR, netns)
+
+
+def _own_namespace(st: os.stat_result) -> str | None:
+    """Why no pod may be plumbed into the namespace `st` is, or None: it is the daemon's own
+    (its main thread's, or the calling thread's, where the fabric makes its TAPs) or the
+    host's (the initial namespace, which recent kernels number INIT_NET_INO, or pid 1's
+    where that can be read)."""
+    if st.st_ino == INIT_NET_INO:
+        return "the host's initial network namespace"
+    for path, what in (("/proc/thread-self/ns/net", "the fabric's own network namespace"),
+                       (_PROC_NS, "the fabric's own network namespace"),
+                       ("/proc/1/ns/net", "the host's network namespace (pid 1's)")):
+        try:
+            own = os.stat(path)
+        except OSError:
+            continue  # pid 1's needs privileges to read; then it cannot be opened either
+        if (own.st_dev, own.st_ino) == (st.st_dev, st.st_ino):
+            return what
+    return None
+
+
+def _is_netns(fd: int) -> bool:
+    """NS_GET_NSTYPE (Linux 4.11); before it, the name nsfs gives the file (net:[ino])."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise PortError(f"netns {netns!r} does not exist ({path} not found)") from None
+        return bool(fcntl.ioctl(fd, NS_GET_NSTYPE) == CLONE_NEWNET)
     except OSError as exc:
-        raise PortError(f"netns {netns!r}: cannot open {path}: {exc.strerror}") from None
+        if exc.errno not in (errno.ENOTTY, errno.EINVAL):
+            raise
+    return os.readlink(f"/proc/self/fd/{fd}").startswith("net:[")
+
+
+def _path_fd(path: str) -> int:
+    """An O_PATH fd of `path` itself: no driver's open() runs and nothing blocks (a FIFO
+    does not wait for a writer). A symbolic link is followed only if procfs made it
+    (/proc/PID/ns/net); anyone can plant any other kind."""
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        nstype = fcntl.ioctl(fd, NS_GET_NSTYPE)
-    except OSError:
-        raise PortError(f"netns {netns!r}: {path} is not a namespace file") from None
-    finally:
+        st = os.fstat(fd)
+        if not stat.S_ISLNK(st.st_mode) or st.st_dev != os.lstat(_PROC_NS).st_dev:
+            return fd
+    except BaseException:
         os.close(fd)
-    if nstype != CLONE_NEWNET:
-        raise PortError(f"netns {netns!r}: {path} is not a network namespace")
+        raise
+    os.close(fd)
+    return os.open(path, os.O_PATH | os.O_CLOEXEC)
+
+
+def open_netns(netns: str) -> tuple[int, str]:
+    """Open a pod's network namespace (a name under /run/netns or an absolute path):
+    a read-only fd (the caller closes it) and the path.
+
+    Whatever the path is, this has no side effect and cannot block: the path is opened
+    with O_PATH, checked to be a regular file on nsfs, and only then is that same inode
+    opened for real, through /proc/self/fd (the path cannot be swapped in between), with
+    O_NONBLOCK, and checked again. nsfs is recognised by its device: the kernel has one
+    internal nsfs, so every namespace file (/proc/PID/ns/*, a bind mount under /run/netns)
+    has the st_dev of /proc/self/ns/net; that needs no struct statfs, whose layout differs
+    between architectures (os.statvfs has no f_type). Then it must be a network namespace
+    (NS_GET_NSTYPE) and neither the daemon's own nor the host's. A symbolic link is
+    refused unless procfs made it. Every refusal is a one-line PortError, counted.
+    """
+    path = _netns_path(netns)
+    try:
+        nsfs = os.stat(_PROC_NS).st_dev
+    except OSError as exc:
+        raise _refuse("no_proc", netns, f"cannot check {path}: {_PROC_NS}: "
+                                        f"{exc.strerror} (is /proc mounted?)") from None
+    try:
+        pfd = _path_fd(path)
+    except FileNotFoundError:
+        raise _refuse("missing", netns, f"does not exist ({path} not found)") from None
+    except OSError as exc:
+        raise _refuse("open", netns, f"cannot open {path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(pfd)
+        if stat.S_ISLNK(st.st_mode):
+            raise _refuse("symlink", netns, f"{path} is a symbolic link; give the "
+                                            "namespace file itself")
+        if not stat.S_ISREG(st.st_mode) or st.st_dev != nsfs:
+            raise _refuse("not_namespace", netns, f"{path} is {_kind(st.st_mode)}, not a "
+                                                  "namespace file")
+        fd = os.open(f"/proc/self/fd/{pfd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise _refuse("open", netns, f"cannot open {path}: {exc.strerror}") from None
+    finally:
+        os.close(pfd)
+    try:
+        again = os.fstat(fd)
+        if (again.st_dev, again.st_ino) != (st.st_dev, st.st_ino):
+            raise _refuse("changed", netns, f"{path} changed while it was opened")
+        if not _is_netns(fd):
+            raise _refuse("not_network", netns, f"{path} is a namespace, but not a "
+                                                "network namespace")
+        own = _own_namespace(st)
+        if own is not None:
+            raise _refuse("own", netns, f"{path} is {own}; a pod needs a namespace of "
+                                        "its own")
+    except OSError as exc:
+        os.close(fd)
+        raise _refuse("open", netns, f"checking {path}: {exc.strerror}") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, path
+
+
+def resolve_netns(netns: str) -> str:
+    """Turn a pod's `netns` into a path, checked as `open_netns` does, so a typo or a
+    dangerous path fails here with a clear message instead of deep inside netlink."""
+    fd, path = open_netns(netns)
+    os.close(fd)
     return path
 
 
@@ -92,17 +230,16 @@ def _setns(fd: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-def run_in_netns(netns: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+def run_in_netns(netns: str, fn: Callable[..., T], *args: Any,
+                 timeout: float = NETNS_TIMEOUT, **kwargs: Any) -> T:
     """Call `fn` in a throwaway thread that joined `netns`; returns or raises what it did.
 
     Only that thread changes namespace, so the caller (and the data plane) never does, and
     sockets opened by `fn` stay bound to `netns` (ifindex lookups, /proc/sys/net too).
+    A call still running after `timeout` seconds is given up on (PortError, counted as
+    `timeouts`): the caller, who may hold the fabric's lock, is never stuck behind it.
     """
-    path = resolve_netns(netns)
-    try:
-        nsfd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise PortError(f"netns {netns!r}: cannot open {path}: {exc.strerror}") from None
+    nsfd, _ = open_netns(netns)
     result: list[T] = []
     error: list[BaseException] = []
 
@@ -112,17 +249,25 @@ def run_in_netns(netns: str, fn: Callable[..., T], *args: Any, **kwargs: Any) ->
         except OSError as exc:
             error.append(PortError(f"netns {netns!r}: setns failed: {exc.strerror}"))
             return
+        finally:
+            os.close(nsfd)  # this thread's: the caller may have stopped waiting
         try:
             result.append(fn(*args, **kwargs))
         except BaseException as exc:  # handed to the caller's thread
             error.append(exc)
 
+    thread = threading.Thread(target=body, name="fabric-netns", daemon=True)
     try:
-        thread = threading.Thread(target=body, name="fabric-netns", daemon=True)
         thread.start()
-        thread.join()
-    finally:
+    except BaseException:
         os.close(nsfd)
+        raise
+    thread.join(timeout)
+    if thread.is_alive():
+        counters.add("timeouts")
+        what = getattr(fn, "__name__", "a call")
+        raise PortError(f"netns {netns!r}: {what} did not finish within {timeout:g}s "
+                        "(given up on; is the system overloaded or netlink stuck?)")
     if error:
         raise error[0]
     return result[0]
@@ -179,10 +324,9 @@ def move_link(index: int, netns: str) -> None:
     """Move interface `index` from the current namespace into `netns`.
 
     We pass our own fd rather than the name so the namespace cannot change between the
-    check in resolve_netns and the move, and the fd is closed right away.
+    check in open_netns and the move, and the fd is closed right away.
     """
-    path = resolve_netns(netns)
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd, _ = open_netns(netns)
     try:
         with _ipr() as ipr:
             ipr.link("set", index=index, net_ns_fd=fd)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+from fabric.ports import netlink
 from fabric.router.model import Port
 from fabric.runtime.dataplane import DataPlane
 from fabric.runtime.events import EventBus
@@ -149,5 +150,9 @@ async def collect(fab: Fabric) -> list[Metric]:
                 [({}, fab.bus.published)])
     evl = Metric("fabric_events_lost_total", "counter",
                  "Events a slow subscriber lost (its queue was full)", [({}, fab.bus.lost())])
+    netns = Metric("fabric_netns_total", "counter",
+                   "Pods' netns paths refused (refused_<why>) and calls inside a pod's "
+                   "namespace given up on (timeouts), by counter name",
+                   [({"counter": k}, v) for k, v in sorted(netlink.counters.snapshot().items())])
     return [nss, pods, attached, held, rx_p, rx_b, tx_p, tx_b, drops, dns, egress, flows,
-            *tun_metrics, ev, evl]
+            *tun_metrics, ev, evl, netns]

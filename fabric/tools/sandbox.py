@@ -157,11 +157,17 @@ class Daemon:
     """A `fabricd run` inside a namespace, with its control socket in the sandbox."""
 
     def __init__(self, sandbox: Sandbox, ns: str, config: dict[str, Any],
-                 name: str = "fabricd") -> None:
+                 name: str = "fabricd", *, command: Sequence[str] | None = None,
+                 env: dict[str, str] | None = None, cwd: str | None = None) -> None:
+        """`command` is the fabricd to run (default: this interpreter's), with `env` and
+        `cwd` (default: inherited), e.g. an installed wheel away from the source tree."""
         import yaml
 
         self.sandbox = sandbox
         self.ns = ns
+        self.command = list(command) if command is not None else None
+        self.env = env
+        self.cwd = cwd
         self.dir = os.path.join(sandbox.tmp, name)
         os.makedirs(self.dir, exist_ok=True)
         self.control = os.path.join(self.dir, "control.sock")
@@ -184,10 +190,10 @@ class Daemon:
 
     def start(self, timeout: float = 20.0) -> Daemon:
         log = open(self.log_path, "ab")
-        exe = os.path.join(os.path.dirname(sys.executable), "fabricd")
-        cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "fabric"]
+        cmd = self.command or self._own_command()
         self.proc = self.sandbox.popen(self.ns, *cmd, "run", "-c", self.config_path,
-                                       stdout=log, stderr=subprocess.STDOUT)
+                                       stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                       cwd=self.cwd)
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -205,10 +211,14 @@ class Daemon:
 
         return ControlClient(self.control).get(path)
 
+    @staticmethod
+    def _own_command() -> list[str]:
+        exe = os.path.join(os.path.dirname(sys.executable), "fabricd")
+        return [exe] if os.path.exists(exe) else [sys.executable, "-m", "fabric"]
+
     def cli_argv(self, *args: str) -> list[str]:
         """The command line of `fabricd --control SOCKET ARGS...` (for Popen)."""
-        exe = os.path.join(os.path.dirname(sys.executable), "fabricd")
-        cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "fabric"]
+        cmd = self.command or self._own_command()
         return [*cmd, "--control", self.control, *args]
 
     def cli(self, *args: str, check: bool = True, timeout: float = 30.0) -> str:
