@@ -269,7 +269,10 @@ def cmd_capture(args: argparse.Namespace) -> int:
     chunks = client.stream(path)
     out: IO[bytes]
     try:
-        out = sys.stdout.buffer if to_stdout else open(args.write, "wb")  # noqa: SIM115
+        # O_NOFOLLOW: a symlink planted in /tmp must not make root overwrite its target
+        out = sys.stdout.buffer if to_stdout else os.fdopen(os.open(
+            args.write, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600), "wb")
     except OSError as e:
         chunks.close()
         raise FabricError(f"cannot write {args.write}: {e.strerror or e}") from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network
@@ -673,9 +674,20 @@ def _parse_egress(value: Any, src: str, key: str) -> EgressSpec | None:
 
 
 def _read_key_file(path: str, src: str, key: str) -> bytes:
+    """The key, from a file only its owner's group may read at most (as ``wg`` asks)."""
     try:
-        with open(path, encoding="ascii") as f:
-            text = f.read().strip()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, encoding="ascii", closefd=True) as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise ConfigError(src, key, f"{path} is not a regular file")
+            if st.st_mode & 0o007:
+                raise ConfigError(src, key, f"{path} is readable by every user (mode "
+                                  f"{st.st_mode & 0o777:04o}): chmod 600 it, and make a new "
+                                  "key if others may have read it")
+            if st.st_size > 4096:
+                raise ConfigError(src, key, f"{path} does not hold a base64 32-byte key")
+            text = f.read(4096).strip()
     except OSError as e:
         raise ConfigError(src, key, f"cannot read {path}: {e.strerror or e}") from None
     except UnicodeDecodeError:

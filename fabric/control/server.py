@@ -596,7 +596,12 @@ class ControlServer:
     # ---- handlers --------------------------------------------------------------------------
 
     async def _health(self, req: Request) -> Response:
-        return json_response({"ok": True, "worker": getattr(self.fabric, "worker_id", None)})
+        """503 when the data plane is dead or stuck, so a supervisor can restart it."""
+        check = getattr(self.fabric, "health", None)
+        if check is None:
+            return json_response({"ok": True, "worker": getattr(self.fabric, "worker_id", None)})
+        state = await check()
+        return json_response(state, 200 if state.get("ok") else 503)
 
     async def _list_namespaces(self, req: Request) -> Response:
         return json_response(await _call(self.fabric.get_namespaces))

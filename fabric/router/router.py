@@ -496,7 +496,8 @@ class Router:
         """Answer a DNS query to the gateway in the data plane; False to pass it on."""
         l4 = ip + ihl
         total = buf[ip + 2] << 8 | buf[ip + 3]
-        if (buf[l4 + 2] << 8 | buf[l4 + 3]) != 53 or total < ihl + 20:
+        # the length first: the buffer may end with the frame (replay, embedders)
+        if total < ihl + 20 or ip + total > n or (buf[l4 + 2] << 8 | buf[l4 + 3]) != 53:
             return False
         if (buf[ip + 6] << 8 | buf[ip + 7]) & 0x3FFF:  # fragments: let the kernel reassemble
             return False

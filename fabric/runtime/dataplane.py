@@ -284,12 +284,20 @@ class DataPlane:
             self._stop = True
             os.eventfd_write(self._wake_fd, 1)
             self._thread.join(10)
+            if self._thread.is_alive():  # stuck: leave it its fds rather than pull them
+                log.error("the data-plane thread did not stop within 10 s")
+                return
             self._thread = None
         self._ep.close()
         os.close(self._wake_fd)
         if self._timer is not None:
             self._timer.close()
         self.trouble.close()
+
+    @property
+    def alive(self) -> bool:
+        """Whether the data-plane thread runs (False before start and after a crash)."""
+        return self._thread is not None and self._thread.is_alive()
 
     @property
     def on_thread(self) -> bool:

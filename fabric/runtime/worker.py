@@ -34,7 +34,7 @@ from fabric.config.specs import (
 from fabric.errors import ConfigError, FabricError, NotFound, PortError
 from fabric.ports.tap import TapPort
 from fabric.runtime.capture import CaptureSubscription
-from fabric.runtime.dataplane import DataPlane
+from fabric.runtime.dataplane import DataPlane, DataPlaneBusy
 from fabric.runtime.endpoints import REFRESH_INTERVAL, EndpointResolver
 from fabric.runtime.events import EventBus, Subscription
 from fabric.runtime.metrics import collect
@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from tunnels.link import TunnelLink
 
 log = logging.getLogger("fabricd")
+HEALTH_TIMEOUT = 2.0  # a data plane that takes no call for this long is stuck
 
 
 class Fabric:
@@ -418,6 +419,20 @@ class Fabric:
             await self._reconcile(ns, dataclasses.replace(ns.spec, services=services))
 
     # --- views ---------------------------------------------------------------------------
+
+    async def health(self) -> dict[str, Any]:
+        """ok only when the data plane runs and takes a call within HEALTH_TIMEOUT."""
+        out: dict[str, Any] = {"ok": False, "worker": self.worker_id}
+        dp = self._dataplane
+        if dp is None:
+            return out | {"error": "the fabric is not started"}
+        if not dp.alive:
+            return out | {"error": "the data-plane thread has died (see the log)"}
+        try:
+            await dp.acall(int, timeout=HEALTH_TIMEOUT)
+        except DataPlaneBusy:
+            return out | {"error": f"the data plane did not answer within {HEALTH_TIMEOUT}s"}
+        return out | {"ok": True}
 
     async def get_namespaces(self) -> list[dict[str, Any]]:
         return [await ns.summary() for ns in list(self.namespaces.values())]

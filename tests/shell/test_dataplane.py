@@ -282,3 +282,32 @@ def test_egress_uplink_demultiplexes_to_the_namespace(dp: DataPlane) -> None:
     finally:
         a.close()
         tun_test.close()
+
+
+def test_health_says_when_the_data_plane_is_stuck_or_dead() -> None:
+    """/v1/health is what a supervisor polls: ok only while the data plane takes calls."""
+    from fabric.runtime import worker
+    from fabric.runtime.worker import Fabric
+
+    async def main() -> None:
+        async with Fabric(worker_id="w1", local_stack=False) as fab:
+            assert (await fab.health())["ok"] is True
+            old = worker.HEALTH_TIMEOUT
+            worker.HEALTH_TIMEOUT = 0.2
+            try:
+                fab.dataplane.post(time.sleep, 0.6)  # a stuck data plane
+                state = await fab.health()
+                assert state["ok"] is False and "did not answer" in state["error"]
+                await asyncio.sleep(0.6)
+                assert (await fab.health())["ok"] is True
+            finally:
+                worker.HEALTH_TIMEOUT = old
+
+            fab.dataplane._stop = True  # the thread ends, as it would on an escaped bug
+            fab.dataplane.post(int)
+            fab.dataplane._thread.join(5)  # type: ignore[union-attr]
+            state = await fab.health()
+            assert state["ok"] is False and "died" in state["error"]
+            fab.dataplane._stop = False
+
+    asyncio.run(asyncio.wait_for(main(), 30))

@@ -392,6 +392,7 @@ def test_tunnel_peer_hostname_endpoint() -> None:
 
 def test_private_key_file_relative_to_config(tmp_path: Path) -> None:
     (tmp_path / "wg.key").write_text(KEY_A + "\n")
+    (tmp_path / "wg.key").chmod(0o600)
     path = write(tmp_path, "worker:\n  id: w1\n  tunnel: {private_key_file: wg.key}\n")
     t = load_config(path).worker.tunnel
     assert t is not None
@@ -1177,8 +1178,16 @@ def test_private_key_file_errors(tmp_path: Path) -> None:
     )
     bad = tmp_path / "bad.key"
     bad.write_text("garbage\n")
+    bad.chmod(0o640)
     e = worker_err({"id": "w1", "tunnel": {"private_key_file": str(bad)}})
     assert e.problem == f"{bad} does not hold a base64 32-byte key"
+    open_key = tmp_path / "open.key"
+    open_key.write_text(KEY_A + "\n")
+    open_key.chmod(0o644)
+    e = worker_err({"id": "w1", "tunnel": {"private_key_file": str(open_key)}})
+    assert "readable by every user (mode 0644)" in e.problem
+    e = worker_err({"id": "w1", "tunnel": {"private_key_file": str(tmp_path)}})
+    assert "not a regular file" in e.problem or "Is a directory" in e.problem
 
 
 # ---------------------------------------------------------------------------

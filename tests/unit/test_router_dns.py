@@ -74,3 +74,16 @@ def test_bad_udp_checksum_is_dropped() -> None:
     f[14 + 20 + 6] ^= 0xFF
     assert r.receive(pa, f, len(f), 1.0) is None
     assert not r.outputs and pa.drops == {"bad_checksum": 1}
+
+
+def test_truncated_udp_to_the_gateway_in_an_exact_size_buffer() -> None:
+    """A frame cut inside its UDP header, in a buffer that ends with it (as the replay
+    harness and embedders pass them): dropped or passed on, never an IndexError."""
+    r, pa, local, core = setup()
+    for size in range(0, 8):  # an IP length that says the UDP header is cut short
+        ip = IP(src="10.0.0.2", dst="10.0.0.1", proto=17, len=20 + size) / (b"\x9c\x40" * 4)
+        pkt = bytes(ip)[:20 + size]
+        f = bytearray(packets.eth_header(packets.mac_bytes("02:fb:00:00:00:01"),
+                                         packets.mac_bytes(POD_MAC), packets.ETH_P_IP) + pkt)
+        r.receive(pa, f, len(f), 1.0)
+    assert core.counters["queries"] == 0
