@@ -39,6 +39,8 @@ IDLE_TIMEOUT = 60.0
 BUSY_TIMEOUT = 5.0
 MAX_HEAD = 64 * 1024
 READ_SIZE = 65536
+REQUEST_TIMEOUT = 10.0  # from a request's first byte to its last: no slow-loris
+SEND_TIMEOUT = 30.0  # a client that reads nothing for this long is dropped
 LINGER_SECONDS = 1.0
 LINGER_BYTES = 4 << 20
 JSON_TYPE = "application/json"
@@ -206,12 +208,23 @@ class _Http:
         self.reader = reader
         self.writer = writer
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        # When the request being read must be complete: set at its first byte, so a
+        # client that trickles a byte at a time cannot keep a connection for ever.
+        self.deadline: float | None = None
 
     async def next_event(self, timeout: float) -> Any:
+        loop = asyncio.get_running_loop()
         while True:
             event = self.h11.next_event()
             if event is h11.NEED_DATA:
-                data = await asyncio.wait_for(self.reader.read(READ_SIZE), timeout)
+                wait = timeout
+                if self.deadline is not None:
+                    wait = min(wait, self.deadline - loop.time())
+                    if wait <= 0:
+                        raise TimeoutError
+                data = await asyncio.wait_for(self.reader.read(READ_SIZE), wait)
+                if self.deadline is None and data:
+                    self.deadline = loop.time() + REQUEST_TIMEOUT
                 self.h11.receive_data(data)
                 continue
             return event
@@ -220,7 +233,7 @@ class _Http:
         data = self.h11.send(event)
         if data:
             self.writer.write(data)
-            await self.writer.drain()
+            await asyncio.wait_for(self.writer.drain(), SEND_TIMEOUT)
 
     def can_respond(self) -> bool:
         return self.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE)
@@ -431,6 +444,7 @@ class ControlServer:
             await self._send_response(conn, resp)
             if conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE:
                 conn.h11.start_next_cycle()
+                conn.deadline = None
             else:
                 return
 
@@ -524,7 +538,10 @@ class ControlServer:
                 await conn.send(h11.EndOfMessage())
             elif pump in done:
                 exc = pump.exception()
-                if not isinstance(exc, ConnectionError):
+                if isinstance(exc, TimeoutError):
+                    log.warning("control stream: the client read nothing for %.0fs; dropped",
+                                SEND_TIMEOUT)
+                elif not isinstance(exc, ConnectionError):
                     log.error("control stream failed: %r", exc)
         finally:
             for task in (pump, watch):

@@ -825,3 +825,38 @@ def test_openapi_documents_every_route(fabric: FakeFabric) -> None:
         assert template in doc["paths"], template
         documented = {m.upper() for m in doc["paths"][template] if m != "parameters"}
         assert documented == set(methods), template
+
+
+def test_a_request_trickled_byte_by_byte_is_cut_off(
+        fabric: FakeFabric, sockdir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Slow-loris: every byte arrives before the idle timeout, but the request as a
+    whole must be complete within REQUEST_TIMEOUT; others are served meanwhile."""
+    import time
+
+    from fabric.control import server
+
+    monkeypatch.setattr(server, "REQUEST_TIMEOUT", 1.0)
+    h = Harness(fabric, os.path.join(sockdir, "s.sock")).start()
+    try:
+        with raw_connect(h.path) as s:
+            t0 = time.monotonic()
+            closed = False
+            for b in b"GET /v1/health HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 100:
+                try:
+                    s.sendall(bytes([b]))
+                except (BrokenPipeError, ConnectionResetError):
+                    closed = True
+                    break
+                s.settimeout(0.2)
+                try:
+                    if s.recv(1) == b"":
+                        closed = True
+                        break
+                except TimeoutError:
+                    pass
+                if time.monotonic() - t0 > 5:
+                    break
+            assert closed and time.monotonic() - t0 < 3.0
+            assert ControlClient(h.path).get("/v1/health")["ok"] is True
+    finally:
+        h.stop()
