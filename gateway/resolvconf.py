@@ -3,7 +3,9 @@
 `ip netns exec` (and anything using the same convention) bind-mounts
 /etc/netns/<name>/resolv.conf over /etc/resolv.conf, so writing that file points the
 pod's resolver at its namespace's gateway. Only files the fabric wrote are replaced or
-removed: an operator's own file is left alone (and said so in the log).
+removed: an operator's own file is left alone (and said so in the log). A file names the
+pod it was written for (``namespace/pod``), so when two pods share a netns name the one
+that detaches does not take the other's file with it.
 """
 
 from __future__ import annotations
@@ -42,15 +44,22 @@ def write(netns: str, pod: str, nameserver: str, search: list[str]) -> str | Non
         return None
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".fabricd-tmp"
-    with open(tmp, "w") as f:
+    try:
+        os.unlink(tmp)  # a leftover (or a planted symlink): never written through
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o644)
+    with os.fdopen(fd, "w") as f:
         f.write(render(pod, nameserver, search))
     os.replace(tmp, path)
     return path
 
 
-def remove(netns: str) -> None:
+def remove(netns: str, pod: str | None = None) -> None:
+    """Remove the file if the fabric wrote it (for `pod`, when given)."""
     path = path_for(netns)
-    if path is None or not os.path.exists(path) or not _ours(path):
+    if path is None or not os.path.exists(path) or not _ours(path, pod):
         return
     os.unlink(path)
     try:
@@ -59,9 +68,10 @@ def remove(netns: str) -> None:
         pass  # not empty: other files belong to someone else
 
 
-def _ours(path: str) -> bool:
+def _ours(path: str, pod: str | None = None) -> bool:
+    want = MARKER if pod is None else f"{MARKER}{pod};"
     try:
         with open(path) as f:
-            return f.readline().startswith(MARKER)
+            return f.readline().startswith(want)
     except OSError:
         return False

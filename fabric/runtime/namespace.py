@@ -214,12 +214,13 @@ class Namespace:
                 continue
             if not new.resolv_conf:
                 if state.extra.pop("resolv_conf", None):
-                    resolvconf.remove(spec.netns)
+                    resolvconf.remove(spec.netns, f"{self.name}/{spec.name}")
                 continue
             settings = self.dns_settings()
             try:
                 state.extra["resolv_conf"] = resolvconf.write(
-                    spec.netns, spec.name, settings["nameservers"][0], settings["search"])
+                    spec.netns, f"{self.name}/{spec.name}", settings["nameservers"][0],
+                    settings["search"])
             except OSError as e:
                 log.warning("namespace %s: pod %s: cannot write resolv.conf: %s", self.name,
                             spec.name, e)
@@ -303,8 +304,8 @@ class Namespace:
             settings = self.dns_settings()
             try:
                 state.extra["resolv_conf"] = resolvconf.write(
-                    state.spec.netns, state.spec.name, settings["nameservers"][0],
-                    settings["search"])
+                    state.spec.netns, f"{self.name}/{state.spec.name}",
+                    settings["nameservers"][0], settings["search"])
             except OSError as e:
                 log.warning("namespace %s: pod %s: cannot write resolv.conf: %s", self.name,
                             state.spec.name, e)
@@ -378,7 +379,7 @@ class Namespace:
             state.hub.close()
         self.dataplane.post(self._detach_here, name, state.port, state.io, True)
         if state.extra.get("resolv_conf") and state.spec.netns:
-            resolvconf.remove(state.spec.netns)
+            resolvconf.remove(state.spec.netns, f"{self.name}/{state.spec.name}")
         self.bus.emit("pod_detached", self.name, name)
         self._sync_backend(name)
 
