@@ -3,7 +3,10 @@
 RFC 1122 3.2.2 and RFC 1812 4.3.2.7: never about an ICMP error, a later fragment, or a
 packet whose source is not a single host (0.0.0.0, multicast, broadcast), so errors
 cannot storm. And a namespace sends at most `rate` per second with bursts of `burst`
-(a token bucket), so a pod cannot use the gateway to flood another pod with errors.
+(a token bucket), so a pod cannot use the gateway to flood another pod with errors;
+each sender has a bucket of its own too (`PER_SENDER_RATE`), so one pod sending TTL=1
+cannot use up its neighbours' errors, and fragmentation-needed (what path-MTU discovery
+needs) is only held to the sender's own bucket: no neighbour can black-hole it.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from fabric.net import packets
 
 ICMP_RATE = 1000.0  # ICMP errors per second per namespace
 ICMP_BURST = 100.0
+PER_SENDER_RATE = 200.0  # ... and per sender (a port)
+PER_SENDER_BURST = 50.0
 
 
 def must_stay_quiet(buf: bytearray, ip: int) -> bool:

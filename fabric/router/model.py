@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 from fabric.net.vnet import VNET_HDR_LEN
 
@@ -54,7 +54,7 @@ class Port:
     `ns_id` the namespace id its packets carry on the tunnel wire."""
 
     __slots__ = ("pod", "hlen", "l3", "mtu", "fd", "kind", "rx_packets", "rx_bytes",
-                 "tx_packets", "tx_bytes", "drops", "capture", "peer", "ns_id")
+                 "tx_packets", "tx_bytes", "drops", "capture", "peer", "ns_id", "icmp")
 
     def __init__(self, *, vnet: bool, mtu: int, fd: int = -1, kind: str = "test",
                  l3: bool = False) -> None:
@@ -77,6 +77,8 @@ class Port:
         self.capture: Callable[[float, bytes, bool], None] | None = None
         self.peer: str | None = None
         self.ns_id = 0
+        # This port's own ICMP error budget (fabric.router.icmp), made on first use.
+        self.icmp: Any = None
 
     @property
     def vnet(self) -> bool:

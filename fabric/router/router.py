@@ -59,7 +59,12 @@ from fabric.net.vnet import (
     VnetHdr,
 )
 from fabric.router.hold import HOLD_PACKETS, HOLD_TIMEOUT, PodHold
-from fabric.router.icmp import IcmpLimiter, must_stay_quiet
+from fabric.router.icmp import (
+    PER_SENDER_BURST,
+    PER_SENDER_RATE,
+    IcmpLimiter,
+    must_stay_quiet,
+)
 from fabric.router.l3 import decrement_ttl, shift_vnet, strip_l2
 from fabric.router.model import (
     DROP_BAD_CHECKSUM,
@@ -785,7 +790,11 @@ class Router:
         port.drop(reason)
         if must_stay_quiet(buf, ip):
             return
-        if not self.icmp.allow(now):
+        own = port.icmp
+        if own is None:
+            own = port.icmp = IcmpLimiter(PER_SENDER_RATE, PER_SENDER_BURST)
+        if not own.allow(now) or (not (icmp_type == 3 and code == 4)
+                                  and not self.icmp.allow(now)):
             port.drop(DROP_ICMP_RATELIMIT)
             return
         total = buf[ip + 2] << 8 | buf[ip + 3]

@@ -829,16 +829,36 @@ def test_no_icmp_error_about_non_first_fragments(net: Net) -> None:
 def test_icmp_errors_rate_limited(net: Net) -> None:
     pkt = udp_packet(IP_A, NOBODY, 1, 2, b"x")
     sent = sum(len(net.ip(net.a, pkt, 10.0)) for _ in range(150))
-    assert sent == 100
-    assert net.a.drops == {"no_route": 150, "icmp_ratelimited": 50}
-    # 1000 per second: 15.625 ms refill 15.625 tokens.
+    assert sent == 50  # the sender's own burst
+    assert net.a.drops == {"no_route": 150, "icmp_ratelimited": 100}
+    # 200 per second per sender: 15.625 ms refill 3.125 tokens.
     sent = sum(len(net.ip(net.a, pkt, 10.015625)) for _ in range(20))
-    assert sent == 15
+    assert sent == 3
     # A long pause refills the burst, not more.
     sent = sum(len(net.ip(net.a, pkt, 100.0)) for _ in range(150))
-    assert sent == 100
+    assert sent == 50
     # Echo replies are not rate limited.
     assert all(len(net.ip(net.a, ping(IP_A, GW), 100.0)) == 1 for _ in range(10))
+
+
+def test_one_pods_icmp_flood_leaves_its_neighbours_their_errors() -> None:
+    """Pod a sends TTL=1 without end; pod b still gets its errors, and path-MTU errors
+    (fragmentation needed) for b are never held to the namespace's budget."""
+    net = Net(mtu_b=1400)
+    flood = udp_packet(IP_A, IP_B, 1, 2, b"x", ttl=1)
+    b_gets = 0
+    for step in range(200):  # 2 s of a flood at 1,000 errors a second
+        now = 10.0 + step * 0.01
+        for _ in range(10):
+            net.ip(net.a, flood, now)
+        b_gets += len(net.ip(net.b, udp_packet(IP_B, NOBODY, 1, 2, b"y"), now))
+    assert b_gets == 200  # every one of b's errors went out
+    big = udp_packet(IP_A, IP_B, 1, 2, b"z" * 1450, flags_frag=packets.IP_DF)
+    net2 = Net(mtu_b=1400)
+    net2.r.icmp._tokens = 0.0  # the namespace's budget spent by others
+    net2.r.icmp._last = 50.0
+    out = net2.ip(net2.a, big, 50.0)
+    assert len(out) == 1 and Ether(out[0][1])[ICMP].type == 3 and Ether(out[0][1])[ICMP].code == 4
 
 
 def test_no_icmp_to_sender_zero_or_multicast() -> None:
