@@ -233,7 +233,12 @@ class _Http:
         data = self.h11.send(event)
         if data:
             self.writer.write(data)
-            await asyncio.wait_for(self.writer.drain(), SEND_TIMEOUT)
+            transport = self.writer.transport
+            if transport.get_write_buffer_size() > transport.get_write_buffer_limits()[1]:
+                async with asyncio.timeout(SEND_TIMEOUT):  # the client is not reading
+                    await self.writer.drain()
+            else:
+                await self.writer.drain()
 
     def can_respond(self) -> bool:
         return self.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE)

@@ -1566,5 +1566,7 @@ def test_a_large_namespace_validates_in_linear_time() -> None:
         parse_namespace(d, "api", "w1")
         return time.perf_counter() - t
 
+    # 8x the pods: linear is ~8x the time, quadratic 64x; the bound leaves room for a
+    # noisy machine and still fails the old checks (which took 60x).
     small, large = min(took(2000) for _ in range(3)), min(took(16000) for _ in range(3))
-    assert large < 1.0 and large / small < 8 * 2.5, (small, large)  # quadratic would be 64x
+    assert large / small < 32, (small, large)
