@@ -57,7 +57,8 @@ def wakes(actions: list[A.Action]) -> int:
 
 @pytest.fixture
 def tcp_host():
-    with ActivatorHost(TCP, {"hold_timeout_ms": 30000}) as host:
+    # max_held: a service hold as large as the TCP activator's own (8192 packets)
+    with ActivatorHost(TCP, {"hold_timeout_ms": 30000}, max_held=8192) as host:
         yield host
 
 
