@@ -67,15 +67,12 @@ from fabric.activator.runtime import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ActivatorError", "ActivatorHost", "ActivatorInstance", "ActivatorStats"]
-
-#: Actions read per call: this many per event (a decision, a need, a log, one more) ...
+#: How many actions of one answer the host reads: ACTIONS_PER_EVENT per event (a decision,
+#: a need, a log, one more), plus ACTION_SLACK, plus one per packet the instance was given
+#: and may still name again (a replay, a late decision): a credit of at most ``max_held``,
+#: by default the service hold's own default (config.specs.DEFAULT_HOLD_PACKETS).
 ACTIONS_PER_EVENT = 4
-#: ... plus these ...
 ACTION_SLACK = 16
-#: ... plus one per packet the instance was given and may still name (a replay, a late
-#: decision), as a credit of at most ``max_held``.
-#: By default the service hold's own default bound (config.specs.DEFAULT_HOLD_PACKETS).
 DEFAULT_MAX_HELD = 1024
 
 

@@ -1,4 +1,4 @@
-"""The activator host (fabric/activator.py), the TCP activator and the hostile activators."""
+"""The activator host (fabric/activator/), the TCP activator and the hostile activators."""
 
 from __future__ import annotations
 
