@@ -3,8 +3,9 @@
 ;; and touches every page of it, so an engine that allowed it would give one instance
 ;; 24 x 16 MiB while the host watches only `memory` (and its 16 MiB cap). The host must
 ;; refuse it at load. Otherwise it behaves like the C ones (hostile.h): a log "alive".
+;; No data or element segments: with several memories, wasmtime initialises those with
+;; guest code, which fuel would stop before any call (hiding the bomb on a lax host).
 (module
-  (type $v (func))
   (memory $m0 (export "memory") 2)
   (memory $m1 1)
   (memory $m2 1)
@@ -29,25 +30,46 @@
   (memory $m21 1)
   (memory $m22 1)
   (memory $m23 1)
-  (table 24 24 funcref)
   (global $k (mut i32) (i32.const 1))
-  ;; the answer: one log action (kind 2), level debug, "alive"
-  (data (memory $m0) (i32.const 1024) "\01\00\02\00\00\00\06\00\00\00\00alive")
   (func (export "fab_abi_version") (result i32) (i32.const 1))
   ;; the host's event buffer: the second page of memory 0
   (func (export "fab_alloc") (param $n i32) (result i32)
     (select (i32.const 65536) (i32.const 0) (i32.le_u (local.get $n) (i32.const 65536))))
-  (func (export "fab_init") (param i32 i32) (result i32) (i32.const 0))
+  ;; the answer at 1024: one log action (kind 2, 6 bytes), level debug, "alive"
+  (func (export "fab_init") (param i32 i32) (result i32)
+    (i64.store $m0 (i32.const 1024) (i64.const 0x0006000000020001))
+    (i64.store $m0 (i32.const 1032) (i64.const 0x6576696c61000000))
+    (i32.const 0))
   (func (export "fab_process") (param $p i32) (param $n i32) (result i64)
     ;; a packet event first in the batch: grow and touch the next memory
     (if (i32.and (i32.ge_u (local.get $n) (i32.const 10))
                  (i32.eq (i32.load8_u (i32.add (local.get $p) (i32.const 2))) (i32.const 4)))
       (then
-        (if (i32.lt_u (global.get $k) (i32.const 24))
-          (then (call_indirect (type $v) (global.get $k))))
+        (if (i32.eq (global.get $k) (i32.const 1)) (then (call $g1)))
+        (if (i32.eq (global.get $k) (i32.const 2)) (then (call $g2)))
+        (if (i32.eq (global.get $k) (i32.const 3)) (then (call $g3)))
+        (if (i32.eq (global.get $k) (i32.const 4)) (then (call $g4)))
+        (if (i32.eq (global.get $k) (i32.const 5)) (then (call $g5)))
+        (if (i32.eq (global.get $k) (i32.const 6)) (then (call $g6)))
+        (if (i32.eq (global.get $k) (i32.const 7)) (then (call $g7)))
+        (if (i32.eq (global.get $k) (i32.const 8)) (then (call $g8)))
+        (if (i32.eq (global.get $k) (i32.const 9)) (then (call $g9)))
+        (if (i32.eq (global.get $k) (i32.const 10)) (then (call $g10)))
+        (if (i32.eq (global.get $k) (i32.const 11)) (then (call $g11)))
+        (if (i32.eq (global.get $k) (i32.const 12)) (then (call $g12)))
+        (if (i32.eq (global.get $k) (i32.const 13)) (then (call $g13)))
+        (if (i32.eq (global.get $k) (i32.const 14)) (then (call $g14)))
+        (if (i32.eq (global.get $k) (i32.const 15)) (then (call $g15)))
+        (if (i32.eq (global.get $k) (i32.const 16)) (then (call $g16)))
+        (if (i32.eq (global.get $k) (i32.const 17)) (then (call $g17)))
+        (if (i32.eq (global.get $k) (i32.const 18)) (then (call $g18)))
+        (if (i32.eq (global.get $k) (i32.const 19)) (then (call $g19)))
+        (if (i32.eq (global.get $k) (i32.const 20)) (then (call $g20)))
+        (if (i32.eq (global.get $k) (i32.const 21)) (then (call $g21)))
+        (if (i32.eq (global.get $k) (i32.const 22)) (then (call $g22)))
+        (if (i32.eq (global.get $k) (i32.const 23)) (then (call $g23)))
         (global.set $k (i32.add (global.get $k) (i32.const 1)))))
     (i64.const 0x0000040000000010))
-  (elem (i32.const 1) func $g1 $g2 $g3 $g4 $g5 $g6 $g7 $g8 $g9 $g10 $g11 $g12 $g13 $g14 $g15 $g16 $g17 $g18 $g19 $g20 $g21 $g22 $g23)
   (func $g1 (local $a i32)
     (if (i32.ne (memory.grow $m1 (i32.const 255)) (i32.const -1))
       (then (loop $l

@@ -28,6 +28,7 @@ import ctypes
 import hashlib
 import json
 import logging
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -419,6 +420,10 @@ class ActivatorHost:
         self.close()
 
     def __del__(self) -> None:
+        # At interpreter exit the epoch thread may have been frozen holding the ticker's
+        # lock: taking it here would hang the exit. Nothing needs releasing then.
+        if sys.is_finalizing():
+            return
         try:
             self.close()
         except Exception:  # noqa: BLE001 - interpreter shutdown
