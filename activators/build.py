@@ -4,7 +4,9 @@ Why a script rather than a Makefile rule: CI runs ``python activators/build.py -
 which rebuilds everything into a temporary directory and compares bytes with the committed
 .wasm files, so a source change without a rebuild (or a toolchain drift) fails loudly.
 The flags are fixed and the output stripped (no debug info, no producers section), so the
-bytes depend only on the sources and the pinned ``ziglang`` version.
+bytes depend only on the sources and the pinned ``ziglang`` version. A hostile test module
+that C cannot express (more than one memory) is written in the text format and assembled
+with the pinned ``wasmtime``'s ``wat2wasm``, equally deterministic.
 
 Usage: ``python activators/build.py`` (write) or ``python activators/build.py --check``.
 """
@@ -28,6 +30,14 @@ TARGETS: dict[str, str] = {
     "testing/trap.c": "testing/trap.wasm",
     "testing/garbage.c": "testing/garbage.wasm",
     "testing/noexport.c": "testing/noexport.wasm",
+    "testing/flood.c": "testing/flood.wasm",
+    "testing/tablebomb.c": "testing/tablebomb.wasm",
+    "testing/multimem.wat": "testing/multimem.wasm",
+}
+
+#: source -> flags added to CFLAGS for it alone
+EXTRA_CFLAGS: dict[str, tuple[str, ...]] = {
+    "testing/tablebomb.c": ("-mreference-types",),  # a C table of externrefs needs them
 }
 
 CFLAGS: tuple[str, ...] = (
@@ -50,11 +60,17 @@ CFLAGS: tuple[str, ...] = (
 
 def compile_one(src: Path, out: Path, cache: Path) -> None:
     """Compile one activator; the zig caches live in ``cache`` so builds are hermetic."""
+    rel = str(src.relative_to(ROOT))
+    if src.suffix == ".wat":
+        import wasmtime  # only here: the C builds need nothing but ziglang
+
+        out.write_bytes(wasmtime.wat2wasm(src.read_text()))
+        return
     env = dict(os.environ, ZIG_GLOBAL_CACHE_DIR=str(cache / "global"),
                ZIG_LOCAL_CACHE_DIR=str(cache / "local"))
     # Run from ROOT with relative paths, so no absolute path can leak into the output.
-    cmd = [sys.executable, "-m", "ziglang", "cc", *CFLAGS, "-o", str(out),
-           str(src.relative_to(ROOT))]
+    cmd = [sys.executable, "-m", "ziglang", "cc", *CFLAGS, *EXTRA_CFLAGS.get(rel, ()),
+           "-o", str(out), rel]
     subprocess.run(cmd, cwd=ROOT, env=env, check=True)
 
 

@@ -6,7 +6,10 @@ with actions: hold/drop/pass, wake a backend, replay held packets. The activator
 untrusted code, so every call runs with a fuel budget, an epoch deadline and a memory cap,
 and any misbehaviour (trap, exhaustion, malformed answer, missing export) makes
 ``process`` return ``None``: the caller then falls back to plain hold-and-activate for
-those events, and the instance is thrown away and recreated.
+those events, and the instance is thrown away and recreated. What the host does outside
+fuel is bounded too: the module file is size-checked and its declarations refused before
+compiling (loader.py), a store has one memory, one table and one instance, and only so
+many actions of an answer are decoded (the rest are dropped and counted).
 
 Why a core module and not the component model: wasmtime-py lowers ``list<u8>`` byte by
 byte (~1 ms per 1.4 KB packet). Here the host writes event batches straight into guest
@@ -25,6 +28,7 @@ import ctypes
 import hashlib
 import json
 import logging
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -40,19 +44,37 @@ from fabric.activator.abi import (
     Action,
     Event,
     MalformedBatch,
+    Packet,
+    batch_count,
     decode_actions,
     encode_batch,
     payload_len,
+)
+from fabric.activator.loader import (
+    MAX_MODULE_BYTES,
+    MAX_TABLE_ELEMENTS,
+    ActivatorError,
+    check_module,
+    read_module,
 )
 from fabric.activator.runtime import (
     EXPORTS,
     compile_module,
     epoch_ticker,
     guest_access,
+    new_store,
     shared_engine,
 )
 
 log = logging.getLogger(__name__)
+
+#: How many actions of one answer the host reads: ACTIONS_PER_EVENT per event (a decision,
+#: a need, a log, one more), plus ACTION_SLACK, plus one per packet the instance was given
+#: and may still name again (a replay, a late decision): a credit of at most ``max_held``,
+#: by default the service hold's own default (config.specs.DEFAULT_HOLD_PACKETS).
+ACTIONS_PER_EVENT = 4
+ACTION_SLACK = 16
+DEFAULT_MAX_HELD = 1024
 
 
 class _Failure(Exception):
@@ -75,6 +97,7 @@ class ActivatorStats:
     deadline: int = 0
     malformed: int = 0
     memory_cap: int = 0
+    actions_over_limit: int = 0
     bad_module: int = 0
     failed_init: int = 0
     recreated: int = 0
@@ -96,6 +119,8 @@ class ActivatorInstance:
         self.raw_path = False
         self._store: wasmtime.Store | None = None
         self._failures = 0
+        self._overs = 0
+        self._credit = 0  # actions beyond the per-call allowance it may still use
         self._instantiate()
 
     # -- lifecycle --
@@ -104,9 +129,9 @@ class ActivatorInstance:
         """Create store + instance, check exports, run fab_init; False on failure."""
         h = self.host
         try:
-            store = wasmtime.Store(h.engine)
-            store.set_limits(memory_size=h.memory_limit)
+            store = new_store(h.engine, h.memory_limit, h.table_elements)
             self._store = store
+            self._credit = 0  # a fresh guest holds nothing
             inst = wasmtime.Instance(store, h.module, [])
             exports = inst.exports(store)
             mem = exports.get("memory")
@@ -198,8 +223,16 @@ class ActivatorInstance:
     def _write(self, data: bytes) -> None:
         ctypes.memmove(self._base + self._buf_ptr, data, len(data))
 
-    def _run(self, batch: bytes) -> list[Action]:
-        """One fab_process call: the hot path, so _guest and friends are inlined here."""
+    def _run(self, batch: bytes, nevents: int, npackets: int) -> list[Action]:
+        """One fab_process call: the hot path, so _guest and friends are inlined here.
+
+        Decoding is outside fuel, so at most ``ACTIONS_PER_EVENT * nevents + ACTION_SLACK``
+        actions are decoded, plus one per packet given (in this call or earlier ones) that
+        the guest may still name again: a replay or a late decision. That credit is at
+        most ``max_held`` and spent by what is decoded past the per-call allowance, so over
+        time a guest gets about one extra action per packet. The rest of an answer is not
+        read: counted as ``actions_over_limit``.
+        """
         n = len(batch)
         if n > self._buf_cap:
             self._ensure_buffer(n)
@@ -214,9 +247,33 @@ class ActivatorInstance:
         ptr, length = res >> 32, res & 0xFFFFFFFF
         if length < 2 or length > h.max_action_bytes or ptr + length > self._size:
             raise _Failure("malformed", f"action batch at {ptr:#x}+{length}")
+        base = ACTIONS_PER_EVENT * nevents + ACTION_SLACK
+        credit = min(self._credit + npackets, h.max_held)
         if length == 2 and ctypes.string_at(self._base + ptr, 2) == b"\0\0":
-            return []
-        return decode_actions(ctypes.string_at(self._base + ptr, length))
+            actions: list[Action] = []
+        else:
+            data = ctypes.string_at(self._base + ptr, length)
+            count, allowed = batch_count(data), base + credit
+            if count > allowed:
+                actions = decode_actions(data, allowed)
+                self._over_limit(count, allowed)
+            else:
+                actions = decode_actions(data)
+            if len(actions) > base:
+                credit -= len(actions) - base
+        self._credit = credit
+        return actions
+
+    def _over_limit(self, count: int, allowed: int) -> None:
+        """An answer with more actions than may be read: the first ``allowed`` are carried
+        out, the rest dropped and counted (not a failure: what was read was well-formed)."""
+        self.stats.actions_over_limit += count - allowed
+        self._overs += 1
+        level = logging.WARNING if self._overs <= 3 else logging.DEBUG
+        log.log(level, "activator %s (%s): answered %d actions, read the first %d (%d per "
+                "event + %d + packets it may hold); %d dropped (actions_over_limit)",
+                self.name, self.host.label, count, allowed, ACTIONS_PER_EVENT, ACTION_SLACK,
+                count - allowed)
 
     # -- the API --
 
@@ -234,11 +291,11 @@ class ActivatorInstance:
         try:
             batch = encode_batch(events) if len(events) <= h.max_batch_events else b""
             if batch and len(batch) <= h.max_batch_bytes:
-                actions = self._run(batch)
+                actions = self._run(batch, len(events), _packets(events))
             else:
                 actions = []
                 for chunk in h._chunks(events):
-                    actions += self._run(encode_batch(chunk))
+                    actions += self._run(encode_batch(chunk), len(chunk), _packets(chunk))
         except MalformedBatch as e:
             self._fail(_Failure("malformed", str(e)), "process")
         except Exception as e:  # noqa: BLE001 - traps, exhaustion, host-side surprises
@@ -252,20 +309,51 @@ class ActivatorInstance:
         return None
 
 
+def _packets(events: Sequence[Event]) -> int:
+    n = 0
+    for e in events:
+        if type(e) is Packet:
+            n += 1
+    return n
+
+
+def _one_line(e: BaseException) -> str:
+    """wasmtime's multi-line errors as one line."""
+    lines = [ln.strip() for ln in str(e).splitlines()]
+    return "; ".join(ln for ln in lines if ln and ln != "Caused by:")[:300] or type(e).__name__
+
+
 class ActivatorHost:
-    """Runs one activator module for many service ports, one sandboxed instance each."""
+    """Runs one activator module for many service ports, one sandboxed instance each.
+
+    Construction reads (a path: a regular file of at most ``max_module_bytes``), checks
+    and compiles the module, which may take seconds: call it off the event loop. A module
+    that cannot be used raises ActivatorError naming it and the problem.
+    """
 
     def __init__(self, wasm: bytes | str | Path, config: dict[str, Any] | None = None, *,
                  fuel_per_call: int = 20_000_000, memory_limit: int = 16 << 20,
                  deadline_ms: int = 50, max_batch_events: int = 1024,
                  max_batch_bytes: int = 256 << 10, max_action_bytes: int = 1 << 20,
-                 label: str | None = None) -> None:
+                 max_held: int = DEFAULT_MAX_HELD, table_elements: int = MAX_TABLE_ELEMENTS,
+                 max_module_bytes: int = MAX_MODULE_BYTES, label: str | None = None) -> None:
+        self._closed = True  # until the epoch ticker is acquired
         if isinstance(wasm, str | Path):
+            name = str(wasm)
             label = label or Path(wasm).name
-            wasm = Path(wasm).read_bytes()
+            wasm = read_module(wasm, max_module_bytes)
+        else:
+            name = label or f"module {hashlib.sha256(wasm).hexdigest()[:12]}"
+            if len(wasm) > max_module_bytes:
+                raise ActivatorError(name, f"{len(wasm)} bytes, over the "
+                                           f"{max_module_bytes} byte module limit")
+        check_module(wasm, name, memory_limit=memory_limit, table_elements=table_elements)
         self.label = label or hashlib.sha256(wasm).hexdigest()[:12]
         self.engine = shared_engine()
-        self.module = compile_module(wasm)
+        try:
+            self.module = compile_module(wasm)
+        except wasmtime.WasmtimeError as e:
+            raise ActivatorError(name, f"does not compile: {_one_line(e)}") from None
         self.config_bytes = json.dumps(config or {}, sort_keys=True).encode()
         self.fuel_per_call = fuel_per_call
         self.memory_limit = memory_limit
@@ -273,6 +361,8 @@ class ActivatorHost:
         self.max_batch_events = min(max_batch_events, MAX_RECORDS)
         self.max_batch_bytes = max_batch_bytes
         self.max_action_bytes = max_action_bytes
+        self.max_held = max(0, min(max_held, MAX_RECORDS))
+        self.table_elements = table_elements
         self.initial_buffer = min(64 << 10, max_batch_bytes)
         self.instances: dict[int, ActivatorInstance] = {}
         self._closed = False
@@ -330,6 +420,10 @@ class ActivatorHost:
         self.close()
 
     def __del__(self) -> None:
+        # At interpreter exit the epoch thread may have been frozen holding the ticker's
+        # lock: taking it here would hang the exit. Nothing needs releasing then.
+        if sys.is_finalizing():
+            return
         try:
             self.close()
         except Exception:  # noqa: BLE001 - interpreter shutdown

@@ -1,6 +1,6 @@
-"""The wasmtime side of activators: one shared engine, a module cache, the epoch ticker
-and the two ways of calling into a guest (wasmtime's raw C entry point, with the public
-API as fallback).
+"""The wasmtime side of activators: one shared engine, limited stores, a bounded module
+cache, the epoch ticker and the two ways of calling into a guest (wasmtime's raw C entry
+point, with the public API as fallback).
 
 Why the raw path: ``Func.__call__`` re-reads the function type on every call (~27 us);
 the C entry point with a preallocated value array costs ~1.7 us. It is private API, so
@@ -15,6 +15,7 @@ import hashlib
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -23,16 +24,20 @@ import wasmtime
 log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------
-# Engine, module cache, epoch ticker
+# Engine, stores, module cache, epoch ticker
 # ---------------------------------------------------------------------------------------
 
 _lock = threading.Lock()
 _engine: wasmtime.Engine | None = None
-_modules: dict[str, wasmtime.Module] = {}
+
+#: Compiled modules kept for reuse (distinct modules; least recently used evicted).
+MODULE_CACHE_SIZE = 32
 
 
 def shared_engine() -> wasmtime.Engine:
-    """One engine for all activators: fuel metering and epoch interruption on."""
+    """One engine for all activators: fuel metering and epoch interruption on, and the
+    proposals the ABI has no use for off: more memories, 64-bit memories and the GC heap
+    would each be memory outside the one the host watches (``memory``)."""
     global _engine
     with _lock:
         if _engine is None:
@@ -40,21 +45,69 @@ def shared_engine() -> wasmtime.Engine:
             cfg.consume_fuel = True
             cfg.epoch_interruption = True
             cfg.cranelift_opt_level = "speed"
+            cfg.wasm_multi_memory = False
+            cfg.wasm_memory64 = False
+            cfg.wasm_gc = False
             _engine = wasmtime.Engine(cfg)
         return _engine
 
 
-def compile_module(wasm: bytes) -> wasmtime.Module:
-    """Compile once per distinct module (keyed by sha256); compiling costs milliseconds."""
-    key = hashlib.sha256(wasm).hexdigest()
-    engine = shared_engine()
-    with _lock:
-        mod = _modules.get(key)
-    if mod is None:
+def new_store(engine: wasmtime.Engine, memory_size: int, table_elements: int) -> wasmtime.Store:
+    """A store for one instance: one memory of at most ``memory_size`` bytes, one table of
+    at most ``table_elements`` elements, one instance. ``memory.grow`` and ``table.grow``
+    past them return -1 in the guest; a module declaring more fails to instantiate (the
+    loader refuses such modules first; this is the backstop)."""
+    store = wasmtime.Store(engine)
+    store.set_limits(memory_size=memory_size, table_elements=table_elements, instances=1,
+                     tables=1, memories=1)
+    return store
+
+
+class ModuleCache:
+    """Compiled modules by the sha256 of their bytes, at most ``capacity``, least recently
+    used evicted. A host keeps its own reference, so eviction never unloads a live one."""
+
+    def __init__(self, capacity: int = MODULE_CACHE_SIZE) -> None:
+        self.capacity = capacity
+        self.evictions = 0
+        self._lock = threading.Lock()
+        self._modules: OrderedDict[str, wasmtime.Module] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __contains__(self, wasm: object) -> bool:
+        return isinstance(wasm, bytes | bytearray) and self.key(wasm) in self._modules
+
+    @staticmethod
+    def key(wasm: bytes | bytearray) -> str:
+        return hashlib.sha256(wasm).hexdigest()
+
+    def compile(self, engine: wasmtime.Engine, wasm: bytes) -> wasmtime.Module:
+        """The compiled module, compiled now (outside the lock) unless cached."""
+        key = self.key(wasm)
+        with self._lock:
+            mod = self._modules.get(key)
+            if mod is not None:
+                self._modules.move_to_end(key)
+                return mod
         mod = wasmtime.Module(engine, wasm)
-        with _lock:
-            mod = _modules.setdefault(key, mod)
-    return mod
+        with self._lock:
+            mod = self._modules.setdefault(key, mod)
+            self._modules.move_to_end(key)
+            while len(self._modules) > self.capacity:
+                self._modules.popitem(last=False)
+                self.evictions += 1
+        return mod
+
+
+module_cache = ModuleCache()
+
+
+def compile_module(wasm: bytes) -> wasmtime.Module:
+    """Compile once per distinct module (see ModuleCache); compiling costs milliseconds
+    to seconds, so callers run this off the event loop."""
+    return module_cache.compile(shared_engine(), wasm)
 
 
 class EpochTicker:

@@ -116,12 +116,15 @@ class ServiceManager:
     async def _activator(self, spec: ServiceSpec, port: int, name: str,
                          config: Any) -> ActivatorHost | None:
         """The activator host of a service port: a shipped one by name, or a .wasm path,
-        compiled in a worker thread (never on the event loop). One that cannot be loaded
-        is logged and the port holds and activates without."""
+        read, checked and compiled in a worker thread (never on the event loop: compiling
+        takes up to seconds). One that cannot be loaded is logged and the port holds and
+        activates without. The guest may name again as many packets as the service holds
+        (``max_held``: how many actions of an answer are read beyond its per-call share)."""
+        path = Path(name) if name.endswith(".wasm") else shipped_activator(name)
         try:
-            path = Path(name) if name.endswith(".wasm") else shipped_activator(name)
             cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
             host = await asyncio.to_thread(ActivatorHost, path, cfg,
+                                           max_held=spec.hold.packets,
                                            label=f"{self.namespace}/{spec.name}:{port}")
         except Exception as e:  # a bad module must never take the namespace down
             log.error("namespace %s: service %s port %d: activator %s unusable (%s); "
@@ -131,7 +134,7 @@ class ServiceManager:
                        port=port, error=str(e))
             return None
         log.info("namespace %s: service %s port %d: activator %s", self.namespace,
-                 spec.name, port, host.label if path is None else path)
+                 spec.name, port, path)
         return host
 
     def close(self) -> None:

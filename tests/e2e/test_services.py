@@ -117,8 +117,11 @@ def test_activators_tcp_and_hostile_side_by_side(sandbox: Sandbox) -> None:
                     check=False, timeout=30)
     assert r.returncode == 0 and "hello from" in r.stdout, r.stderr
     # The other hostile modules, each on its own dormant service (its own target port,
-    # woken by its hook): served through the fallback, each misbehaviour counted.
-    mods = ("membomb", "trap", "garbage", "noexport")
+    # woken by its hook): served through the fallback, each misbehaviour counted; the
+    # action flood served with its answers cut and counted; the memory and table bombs
+    # refused at load, their services holding and activating without an activator.
+    refused = ("multimem", "tablebomb")
+    mods = ("membomb", "trap", "garbage", "noexport", "flood", *refused)
     for i, mod in enumerate(mods):
         port = 8081 + i
         ns["services"].append({
@@ -136,10 +139,16 @@ def test_activators_tcp_and_hostile_side_by_side(sandbox: Sandbox) -> None:
         r = sandbox.run(client, "curl", "-sS", "--max-time", "20",
                         f"http://10.40.0.{110 + i}/", check=False, timeout=30)
         assert r.returncode == 0 and "hello from" in r.stdout, (mod, r.stderr)
-    hostile = {s["name"]: s["activators"]["80"] for s in d.get("/v1/services")
-               if s["name"].startswith("hostile-")}
+    hostile = {s["name"].removeprefix("hostile-"): s["activators"].get("80")
+               for s in d.get("/v1/services") if s["name"].startswith("hostile-")}
+    assert sorted(hostile) == sorted(mods)
     for mod, st in hostile.items():
-        assert st["recreated"] + st["bad_module"] + st["fallbacks"] >= 1, (mod, st)
+        if mod in refused:
+            assert st is None, (mod, st)
+        elif mod == "flood":
+            assert st["actions_over_limit"] >= 65535 - 64 and st["fallbacks"] == 0, st
+        else:
+            assert st["recreated"] + st["bad_module"] + st["fallbacks"] >= 1, (mod, st)
     r = curl(sandbox, client)
     assert r.returncode == 0 and "hello from" in r.stdout, r.stderr
     svcs = {s["name"]: s for s in d.get("/v1/services")}

@@ -174,6 +174,7 @@ def setup_services(router: Router, case: Case) -> list[ActivatorHost]:
             if p.activator != "none":
                 host = ActivatorHost(ACTIVATORS / p.activator / f"{p.activator}.wasm",
                                      raw.get("activator_config", {}),
+                                     max_held=svc.hold_spec.packets,  # as ServiceManager does
                                      label=f"{case.name}/{svc.name}:{p.port}")
                 hosts.append(host)
                 activators[(p.port, 6 if p.protocol == "tcp" else 17)] = host

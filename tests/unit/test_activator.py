@@ -1,4 +1,4 @@
-"""The activator host (fabric/activator.py), the TCP activator and the hostile activators."""
+"""The activator host (fabric/activator/), the TCP activator and the hostile activators."""
 
 from __future__ import annotations
 
@@ -57,7 +57,8 @@ def wakes(actions: list[A.Action]) -> int:
 
 @pytest.fixture
 def tcp_host():
-    with ActivatorHost(TCP, {"hold_timeout_ms": 30000}) as host:
+    # max_held: a service hold as large as the TCP activator's own (8192 packets)
+    with ActivatorHost(TCP, {"hold_timeout_ms": 30000}, max_held=8192) as host:
         yield host
 
 
@@ -324,3 +325,25 @@ def test_call_cost_is_printed(tcp_host, capsys) -> None:
         print(f"\nactivator call cost (raw={inst.raw_path}): empty batch {empty:.1f} us, "
               f"1.4 KB packet {packet:.1f} us")
     assert packet < 1000
+
+
+def test_an_unclosed_host_does_not_hang_the_interpreter_exit() -> None:
+    """Collected at exit, a host must not wait for the epoch thread's lock (that thread
+    may have been stopped holding it)."""
+    script = '''if True:
+        import wasmtime
+        from fabric.activator import abi as A
+        from fabric.activator.host import ActivatorHost
+        wasm = wasmtime.wat2wasm("""(module (memory (export "memory") 2) (table 3 3 funcref)
+          (func $a) (func $b) (elem (i32.const 1) func $a $b)
+          (func (export "fab_abi_version") (result i32) i32.const 1)
+          (func (export "fab_alloc") (param i32) (result i32) i32.const 4096)
+          (func (export "fab_init") (param i32 i32) (result i32) i32.const 0)
+          (func (export "fab_process") (param i32 i32) (result i64)
+            i64.const 0x0000040000000002))""")
+        host = ActivatorHost(wasm, {})
+        assert host.process(1, [A.Tick(1)]) == []
+    '''
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=60, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
