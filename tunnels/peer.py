@@ -49,6 +49,7 @@ class Peer:
         "public_key",
         "remote",
         "endpoint",
+        "configured",
         "keepalive",
         "cookies",
         "current",
@@ -61,6 +62,7 @@ class Peer:
         "last_timestamp",
         "last_initiation_sent",
         "last_handshake",
+        "last_authentic",
         "rx_bytes",
         "tx_bytes",
         "rx_packets",
@@ -79,6 +81,8 @@ class Peer:
         self.public_key = public_key
         self.remote = KeyPair25519.from_public_bytes(public_key)
         self.endpoint = endpoint
+        # The address the configuration gave (roaming moves `endpoint`, not this one).
+        self.configured = endpoint
         self.keepalive = keepalive if keepalive and keepalive > 0 else None
         self.cookies = CookieGenerator(public_key)
         self.current: Session | None = None
@@ -93,6 +97,8 @@ class Peer:
         self.last_timestamp = b""
         self.last_initiation_sent = float("-inf")
         self.last_handshake: float | None = None
+        # When anything authentic last came from the peer (data, initiation, response).
+        self.last_authentic = float("-inf")
         self.rx_bytes = 0
         self.tx_bytes = 0
         self.rx_packets = 0
