@@ -84,6 +84,10 @@ DEFAULT_MAX_PEERS = 4096
 DEFAULT_HANDSHAKE_BUDGET = 1000.0
 DEFAULT_HANDSHAKE_BUDGET_PEERS = 1000.0
 BUDGET_BURST_SECONDS = 0.25
+# Within the peers' budget, each peer's endpoints get at most this many a second (as many
+# at once), so a flood spoofing one peer's address leaves the others their share. A
+# peer's real handshakes need a few per REKEY_TIMEOUT.
+PEER_BUDGET = 10.0
 # Data for a session we do not know (we restarted), from a peer's endpoint, starts a
 # handshake toward that peer: at most once per peer per this interval, and at most
 # UNKNOWN_SESSION_RATE per second (burst as many) over all peers.
@@ -240,7 +244,7 @@ class TunnelCore:
             self.remove_peer(peer_id)
         if len(self._peers) >= self.max_peers:
             raise ValueError(f"too many peers (max {self.max_peers})")
-        peer = Peer(peer_id, public_key, endpoint, keepalive)
+        peer = Peer(peer_id, public_key, endpoint, keepalive, PEER_BUDGET)
         self._peers[peer_id] = peer
         self._by_key[public_key] = peer
         if endpoint is not None:
@@ -480,13 +484,18 @@ class TunnelCore:
             return out, []
         # The work budget, before any crypto (mac1 included): what a flood of handshake
         # messages can take from forwarding is bounded by the budget, not by its rate.
-        if src in self._by_endpoint:
-            bucket, over = self._budget_peers, "handshake_over_budget_peer"
+        # A peer's endpoint draws on its own share, then on the peers' budget.
+        peer = self._by_endpoint.get(src)
+        if peer is None:
+            other = self._budget_other
+            if other is not None and not other.take(now):
+                self._c["handshake_over_budget"] += 1
+                return out, []
         else:
-            bucket, over = self._budget_other, "handshake_over_budget"
-        if bucket is not None and not bucket.take(now):
-            self._c[over] += 1
-            return out, []
+            peers = self._budget_peers
+            if peers is not None and not (peer.budget.take(now) and peers.take(now)):
+                self._c["handshake_over_budget_peer"] += 1
+                return out, []
         if kind == TYPE_INITIATION:
             self._receive_initiation(datagram, src, now, out)
         elif kind == TYPE_RESPONSE:

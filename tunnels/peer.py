@@ -8,6 +8,7 @@ from noise.backends.default.keypairs import KeyPair25519
 from noise.connection import NoiseConnection
 
 from tunnels.cookie import CookieGenerator
+from tunnels.ratelimiter import TokenBucket
 from tunnels.timers import PeerTimers
 from tunnels.transport import Session
 
@@ -63,6 +64,7 @@ class Peer:
         "last_initiation_sent",
         "last_handshake",
         "last_authentic",
+        "budget",
         "rx_bytes",
         "tx_bytes",
         "rx_packets",
@@ -76,6 +78,7 @@ class Peer:
         public_key: bytes,
         endpoint: tuple[str, int] | None,
         keepalive: float | None,
+        peer_budget: float = 10.0,
     ) -> None:
         self.id = peer_id
         self.public_key = public_key
@@ -99,6 +102,8 @@ class Peer:
         self.last_handshake: float | None = None
         # When anything authentic last came from the peer (data, initiation, response).
         self.last_authentic = float("-inf")
+        # Handshake messages from the peer's endpoints that may get crypto (core.py).
+        self.budget = TokenBucket(peer_budget, peer_budget)
         self.rx_bytes = 0
         self.tx_bytes = 0
         self.rx_packets = 0

@@ -235,3 +235,29 @@ def test_a_peer_handshakes_through_a_flood_from_elsewhere():
     assert c["handshake_over_budget_peer"] == 0
     assert c["cookie_sent"] <= DEFAULT_HANDSHAKE_BUDGET * (8.0 + 0.25) + 10
     assert a.core.counters["cookie_received"] >= 1
+
+
+def test_a_flood_spoofing_one_peer_leaves_the_other_peers_their_share():
+    """The flood comes from a's endpoint (the attacker knows it): it gets a's share of
+    the peers' budget, and c still handshakes with b."""
+    net = Net()
+    net.add("a", A_ADDR, seed=1)
+    b = net.add("b", B_ADDR, seed=2)
+    c = net.add("c", ("192.0.2.3", 51820), seed=3)
+    net.link("a", "b")
+    net.link("c", "b", b_knows_a=False)  # only c initiates
+    flood = [_initiation(b.core) for _ in range(200)]
+    start = net.now
+    net.send("c", "b", 1, ipv4_packet(60, 1))
+    sent = 0
+    while net.now - start < 7.0:
+        for _ in range(100):  # 10,000 a second
+            b.core.receive(flood[sent % len(flood)], A_ADDR, net.now)
+            sent += 1
+        net.advance(net.now + 0.01)
+        net.flush()
+    counters = b.core.counters
+    assert ("c", 1, ipv4_packet(60, 1)) in b.delivered
+    assert counters["handshake_over_budget_peer"] >= sent - (10 + 10 * 7.0) - 1
+    assert counters["cookie_sent"] <= 10 + 10 * 7.0 + 5
+    assert c.core.counters["handshake_complete"] == 1
