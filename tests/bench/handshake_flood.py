@@ -134,6 +134,15 @@ def _rcvbuf_errors(sb: Any, ns: str) -> int:
     return int(dict(zip(lines[0], lines[1], strict=True))["RcvbufErrors"])
 
 
+def _ping(sb: Any, c: Any) -> str:
+    """40 pings a -> b through the tunnel, 50 ms apart: loss and round-trip times."""
+    out = sb.run(c.a, "ping", "-q", "-c", "40", "-i", "0.05", "-W", "2", "10.40.0.3",
+                 check=False, timeout=60).stdout
+    loss = next((w for w in out.split(",") if "loss" in w), "?").strip().split()[0]
+    rtt = next((x.split("=")[1].split()[0] for x in out.splitlines() if "rtt" in x), "-")
+    return f"loss {loss}, rtt min/avg/max/mdev {rtt} ms"
+
+
 def _iperf(sb: Any, c: Any, seconds: float, reverse: bool) -> float:
     args = ["iperf3", "-c", "10.40.0.3", "-t", str(seconds), "-J"] + (["-R"] if reverse else [])
     p = sb.run(c.a, *args, check=False, timeout=seconds + 40)
@@ -195,6 +204,7 @@ def bench_e2e(rates: list[int], seconds: float, kind: str) -> list[dict[str, Any
                                    kind, cwd=root, text=True, stderr=subprocess.DEVNULL)
                 time.sleep(1.0)
             row["idle"] = _phase(sb, c, lambda: time.sleep(seconds))
+            row["ping"] = _phase(sb, c, lambda: _ping(sb, c))
             row["a_to_b"] = _phase(sb, c, lambda: round(_iperf(sb, c, seconds, False)))
             row["b_to_a"] = _phase(sb, c, lambda: round(_iperf(sb, c, seconds, True)))
             row["sent_per_s"] = 0
@@ -236,13 +246,15 @@ def main(argv: list[str] | None = None) -> int:
         result["e2e"] = bench_e2e(rates, args.seconds, args.kind)
         for r in result["e2e"]:
             cells = []
-            for phase in ("idle", "a_to_b", "b_to_a"):
+            for phase in ("idle", "ping", "a_to_b", "b_to_a"):
                 p = r[phase]
                 cells.append(f"{phase}: read {p['read_per_s']}/s, dropped "
                              f"{p['rcvbuf_drops_per_s']}/s, cookies {p['cookies_per_s']}/s, "
                              f"data plane {p['dataplane_cpu']} %, machine "
                              f"{p['machine_busy']} %"
-                             + (f", {p['result']} Mbit/s" if phase != "idle" else ""))
+                             + ("" if phase == "idle" else f", {p['result']}")
+                             + (" Mbit/s" if phase.endswith("_b") or phase.endswith("_a")
+                                else ""))
             print(f"e2e {r['kind']} {r['rate']:>6}/s (sent {r['sent_per_s']}/s)\n    "
                   + "\n    ".join(cells))
     print(json.dumps(result))
