@@ -10,10 +10,13 @@ costs a BLAKE2s, an XChaCha20-Poly1305 and a send on the data-plane thread.
   sources handed to ``TunnelCore.receive`` with timestamps ``i / rate``; the CPU this
   takes per simulated second is the share of one core the flood would take.
 * ``e2e`` (root): the two workers of tests/e2e/test_tunnel.py, each running fabricd. A
-  flooder in worker 2's namespace sends initiations to worker 1's tunnel port from 64
-  source ports at the rate. Measured: worker 1's data-plane thread CPU with only the
-  flood, and iperf3 TCP between the pods both ways (a -> b, and b -> a with ``-R``)
-  without and with the flood.
+  flooder (tests/support/flood.py) in worker 2's namespace sends initiations to worker
+  1's tunnel port from 64 source ports at the rate. Measured on worker 1, without and
+  with the flood, in four phases (the flood alone; 40 pings a -> b; iperf3 TCP a -> b;
+  b -> a with ``-R``): datagrams read, datagrams the kernel dropped for a full socket
+  buffer, cookie replies and budget drops per second, the data-plane thread's CPU and
+  the machine's. ``--kind junk`` floods with datagrams of no known type instead: the
+  control, which costs no crypto in any version.
 
 Prints a table and one JSON object. Nothing here touches the machine's own network
 namespace.
@@ -22,32 +25,15 @@ namespace.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import time
 from typing import Any
 
-from tunnels import messages
-from tunnels.cookie import hash32, mac16
-
-SOURCES = 64  # the flooder's source ports
-
-
-def initiations(public_key: bytes, n: int = 4096) -> list[bytes]:
-    """`n` initiations with a valid mac1 for `public_key` and garbage Noise inside."""
-    key = hash32(messages.LABEL_MAC1 + public_key)
-    out = []
-    for i in range(n):
-        body = messages.INDEX_HEADER.pack(messages.TYPE_INITIATION, i + 1)
-        body += os.urandom(messages.NOISE_MSG1_LEN)
-        out.append(body + mac16(key, body) + bytes(messages.MAC_LEN))
-    return out
-
+from tests.support.flood import initiations
 
 # -- core --------------------------------------------------------------------------------
 
@@ -72,40 +58,6 @@ def bench_core(rate: int, seconds: float) -> dict[str, Any]:
     return {"rate": rate, "seconds": seconds, "cpu_percent": round(cpu / seconds * 100, 1),
             "us_per_message": round(cpu / n * 1e6, 2), "cookie_sent": c["cookie_sent"],
             "handshake_over_budget": c.get("handshake_over_budget")}
-
-
-# -- the flooder (runs inside a namespace) --------------------------------------------------
-
-
-def flood(target: tuple[str, int], public_key: bytes, rate: int, seconds: float,
-          kind: str = "init") -> int:
-    """Send initiations (or, `junk`, 148-byte datagrams of no known type, which cost no
-    crypto anywhere) to `target` at `rate` for `seconds`; returns how many went."""
-    if kind == "junk":
-        msgs = [b"\x09\0\0\0" + os.urandom(144) for _ in range(4096)]
-    else:
-        msgs = initiations(public_key)
-    socks = []
-    for _ in range(SOURCES):
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.setblocking(False)
-        s.bind(("0.0.0.0", 0))
-        socks.append(s)
-    sent = 0
-    t0 = time.monotonic()
-    while True:
-        elapsed = time.monotonic() - t0
-        if elapsed >= seconds:
-            break
-        due = int(elapsed * rate)
-        while sent < due:
-            try:
-                socks[sent % SOURCES].sendto(msgs[sent & 4095], target)
-            except (BlockingIOError, ConnectionRefusedError):
-                pass
-            sent += 1
-        time.sleep(0.0005)
-    return sent
 
 
 # -- e2e ---------------------------------------------------------------------------------
@@ -199,8 +151,8 @@ def bench_e2e(rates: list[int], seconds: float, kind: str) -> list[dict[str, Any
             row: dict[str, Any] = {"rate": rate, "kind": kind}
             flooder = None
             if rate:
-                flooder = sb.popen(c.w2, sys.executable, "-m", "tests.bench.handshake_flood",
-                                   "flood", f"{W1}:51820", c.k1[1], str(rate), str(length),
+                flooder = sb.popen(c.w2, sys.executable, "-m", "tests.support.flood",
+                                   f"{W1}:51820", c.k1[1], str(rate), str(length),
                                    kind, cwd=root, text=True, stderr=subprocess.DEVNULL)
                 time.sleep(1.0)
             row["idle"] = _phase(sb, c, lambda: time.sleep(seconds))
@@ -220,13 +172,6 @@ def bench_e2e(rates: list[int], seconds: float, kind: str) -> list[dict[str, Any
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["flood"]:
-        host, port = argv[1].rsplit(":", 1)
-        sent = flood((host, int(port)), base64.b64decode(argv[2]), int(argv[3]),
-                     float(argv[4]), argv[5] if len(argv) > 5 else "init")
-        print(sent)
-        return 0
     ap = argparse.ArgumentParser(prog="python -m tests.bench.handshake_flood")
     ap.add_argument("what", nargs="*", default=["core"], choices=["core", "e2e"])
     ap.add_argument("--rates", default="20000,50000")

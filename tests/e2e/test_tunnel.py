@@ -244,6 +244,34 @@ def test_restarted_worker_answers_stale_data_with_a_handshake(sandbox: Sandbox) 
     assert float(line.split()[-1]) >= 1, line
 
 
+def test_a_flood_of_handshake_initiations_does_not_stall_the_tunnel(cluster: Cluster) -> None:
+    """20,000 initiations a second with a valid mac1 (anyone with w1's public key can
+    send them) at w1's tunnel port: pods keep talking through the tunnel without loss
+    or queueing, because only the handshake budget's worth gets any crypto."""
+    sb = cluster.sb
+    assert first_ping(sb, cluster.a, "10.40.0.3", 10) < 10
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    flooder = sb.popen(cluster.w2, sys.executable, "-m", "tests.support.flood",
+                       f"{W1}:51820", cluster.k1[1], "20000", "8", cwd=root, text=True)
+    time.sleep(1.5)
+    out = sb.run(cluster.a, "ping", "-q", "-c", "40", "-i", "0.05", "-W", "2", "10.40.0.3",
+                 check=False, timeout=60).stdout
+    sent = int(flooder.communicate(timeout=30)[0].split()[-1])
+    rtt = next(x for x in out.splitlines() if "rtt" in x).split("=")[1].split("/")
+    print(f"\nunder a flood of {sent / 8:.0f} initiations/s: {out.splitlines()[-2]}; "
+          f"rtt avg {rtt[1]} ms")
+    assert " 0% packet loss" in out, out
+    assert float(rtt[1]) < 100, out
+    from fabric.control.client import ControlClient
+
+    counters = {}
+    for line in ControlClient(cluster.d1.control).get_text("/metrics").splitlines():
+        if line.startswith("fabric_tunnel_total{"):
+            counters[line.split('"')[1]] = float(line.split()[-1])
+    assert counters["handshake_over_budget"] > 0.5 * sent, counters
+    assert counters["cookie_sent"] < 0.2 * sent, counters
+
+
 def test_wrong_key_gets_nothing_through(sandbox: Sandbox) -> None:
     c = Cluster(sandbox, wrong_key=True).start()
     p = sandbox.run(c.a, "ping", "-c", "3", "-i", "0.3", "-W", "1", "10.40.0.3", check=False)
