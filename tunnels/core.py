@@ -54,7 +54,7 @@ from tunnels.messages import (
     TYPE_RESPONSE,
 )
 from tunnels.peer import PEER_DROPS, Peer, PendingHandshake
-from tunnels.ratelimiter import LoadMeter, RateLimiter
+from tunnels.ratelimiter import LoadMeter, RateLimiter, TokenBucket
 from tunnels.replay import COUNTER_LIMIT, WINDOW, WINDOW_MASK
 from tunnels.timers import (
     KEEPALIVE_TIMEOUT,
@@ -78,17 +78,35 @@ Delivered = tuple[str, int, bytes]
 
 DEFAULT_LOAD_THRESHOLD = 100.0
 DEFAULT_MAX_PEERS = 4096
+# Handshake messages (types 1-3) per second we spend any crypto on, checked before mac1:
+# one bucket for datagrams from a peer's endpoint, one for every other source, so a flood
+# from elsewhere cannot crowd out the peers. Each holds a quarter second's worth.
+DEFAULT_HANDSHAKE_BUDGET = 1000.0
+DEFAULT_HANDSHAKE_BUDGET_PEERS = 1000.0
+BUDGET_BURST_SECONDS = 0.25
+# Within the peers' budget, each peer's endpoints get at most this many a second (as many
+# at once), so a flood spoofing one peer's address leaves the others their share. A
+# peer's real handshakes need a few per REKEY_TIMEOUT.
+PEER_BUDGET = 10.0
+# Data for a session we do not know (we restarted), from a peer's endpoint, starts a
+# handshake toward that peer: at most once per peer per this interval, and at most
+# UNKNOWN_SESSION_RATE per second (burst as many) over all peers.
+UNKNOWN_SESSION_INTERVAL = 1.0
+UNKNOWN_SESSION_RATE = 20.0
 
 # Global counters: every drop reason, then events. All exist from the start (at zero) so a
 # metrics scrape or `fabricd get` table always has the same columns.
 DROPS = (
     "malformed",
     "unknown_index",
+    "unknown_session",
     "replay",
     "decrypt_failure",
     "expired",
     "mac1_invalid",
     "rate_limited",
+    "handshake_over_budget",
+    "handshake_over_budget_peer",
     "handshake_failed",
     "handshake_replay",
     "unknown_peer",
@@ -118,6 +136,8 @@ EVENTS = (
     "simultaneous_yielded",
     "under_load",
     "keys_zeroed",
+    "handshake_on_unknown_session",
+    "unknown_session_limited",
 )
 
 _unpack_data = DATA_HEADER.unpack_from
@@ -142,11 +162,16 @@ class TunnelCore:
         max_peers: int = DEFAULT_MAX_PEERS,
         rate_limit: float = 20.0,
         rate_burst: float = 5.0,
+        handshake_budget: float | None = DEFAULT_HANDSHAKE_BUDGET,
+        handshake_budget_peers: float | None = DEFAULT_HANDSHAKE_BUDGET_PEERS,
     ) -> None:
         """``handshake_load_threshold``: handshake messages per second above which we are
         "under load" (cookies required, per-source rate limit applied); 0 means always.
         ``wall_offset``: added to ``now`` to get Unix time for initiation timestamps, e.g.
-        ``time.time() - time.monotonic()`` when ``now`` is ``time.monotonic()``."""
+        ``time.time() - time.monotonic()`` when ``now`` is ``time.monotonic()``.
+        ``handshake_budget`` / ``handshake_budget_peers``: handshake messages per second
+        from other sources / from peers' endpoints that get any crypto at all (the rest
+        are dropped first); None means no bound."""
         self._noise = NoiseContext(private_key, psk)
         self.public_key: bytes = self._noise.public
         self._rng = rng
@@ -157,8 +182,13 @@ class TunnelCore:
         self._checker = CookieChecker(self.public_key, rng)
         self._load = LoadMeter(handshake_load_threshold)
         self._limiter = RateLimiter(rate_limit, rate_burst)
+        self._budget_other = _bucket(handshake_budget)
+        self._budget_peers = _bucket(handshake_budget_peers)
+        self._unknown_session = TokenBucket(UNKNOWN_SESSION_RATE, UNKNOWN_SESSION_RATE)
         self._peers: dict[str, Peer] = {}
         self._by_key: dict[bytes, Peer] = {}
+        # Every peer's configured and current endpoint: which sources are a peer's.
+        self._by_endpoint: dict[Addr, Peer] = {}
         # At most 4 indices per peer (pending handshake, current, previous, next).
         self._index = IndexTable(rng, 4 * max_peers + 16)
         self._entries = self._index.entries
@@ -193,7 +223,15 @@ class TunnelCore:
         existing = self._peers.get(peer_id)
         if existing is not None and existing.public_key == public_key:
             if endpoint is not None:
-                existing.endpoint = endpoint
+                if endpoint != existing.configured:
+                    old, existing.configured = existing.configured, endpoint
+                    if old != existing.endpoint:
+                        self._unmap(existing, old)
+                if endpoint != existing.endpoint:
+                    self._set_endpoint(existing, endpoint)
+                    if existing.current is None:
+                        # No session to keep: reach the peer at its new address at once.
+                        self._arm(existing, existing.timers.initiate_now())
             existing.keepalive = keepalive if keepalive and keepalive > 0 else None
             if existing.keepalive and existing.timers.persistent is None:
                 existing.timers.persistent = 0.0
@@ -206,14 +244,18 @@ class TunnelCore:
             self.remove_peer(peer_id)
         if len(self._peers) >= self.max_peers:
             raise ValueError(f"too many peers (max {self.max_peers})")
-        peer = Peer(peer_id, public_key, endpoint, keepalive)
+        peer = Peer(peer_id, public_key, endpoint, keepalive, PEER_BUDGET)
         self._peers[peer_id] = peer
         self._by_key[public_key] = peer
-        if peer.keepalive and endpoint is not None:
-            # As WireGuard: a persistent keepalive peer is contacted right away; 0.0 is
-            # "already due", so the next handle_timer() sends the first handshake.
-            peer.timers.persistent = 0.0
-            self._arm(peer, 0.0)
+        if endpoint is not None:
+            self._by_endpoint[endpoint] = peer
+            # Every peer with an address is contacted right away (a worker starting, a
+            # peer added or given a new key), not at the first packet: a peer that
+            # still holds a session from before we (re)started switches to the new one
+            # at once. The next handle_timer() sends it; retries as usual.
+            self._arm(peer, peer.timers.initiate_now())
+            if peer.keepalive:
+                peer.timers.persistent = 0.0
 
     def remove_peer(self, peer_id: str) -> bool:
         """Forget a peer and every key and queued packet it had; False if unknown."""
@@ -221,6 +263,8 @@ class TunnelCore:
         if peer is None:
             return False
         del self._by_key[peer.public_key]
+        self._unmap(peer, peer.endpoint)
+        self._unmap(peer, peer.configured)
         self._forget_keys(peer)
         peer.queue.clear()
         peer.timers.clear()
@@ -351,8 +395,7 @@ class TunnelCore:
                 return [], []
             session = self._entries.get(index)
             if type(session) is not Session:
-                c["unknown_index"] += 1
-                return [], []
+                return self._unknown_session_data(src, now), []
             peer = session.peer
             if now >= session.reject_at:
                 peer.drops["expired"] += 1
@@ -387,6 +430,7 @@ class TunnelCore:
     ) -> tuple[list[Datagram], list[Delivered]]:
         """Bookkeeping for an authenticated data message, then unwrap its packet."""
         out: list[Datagram] = []
+        peer.last_authentic = now
         if session is not peer.current and session is peer.next:
             self._confirm_next(peer, now, out)
         if src != peer.endpoint:
@@ -430,16 +474,34 @@ class TunnelCore:
     ) -> tuple[list[Datagram], list[Delivered]]:
         n = len(datagram)
         out: list[Datagram] = []
-        if n < 4 or datagram[1] | datagram[2] | datagram[3]:
+        kind = datagram[0] if n >= 4 and not datagram[1] | datagram[2] | datagram[3] else -1
+        if not (
+            (kind == TYPE_INITIATION and n == INITIATION_LEN)
+            or (kind == TYPE_RESPONSE and n == RESPONSE_LEN)
+            or (kind == TYPE_COOKIE_REPLY and n == COOKIE_REPLY_LEN)
+        ):
             self._c["malformed"] += 1
-        elif datagram[0] == TYPE_INITIATION and n == INITIATION_LEN:
-            self._receive_initiation(datagram, src, now, out)
-        elif datagram[0] == TYPE_RESPONSE and n == RESPONSE_LEN:
-            self._receive_response(datagram, src, now, out)
-        elif datagram[0] == TYPE_COOKIE_REPLY and n == COOKIE_REPLY_LEN:
-            self._receive_cookie(datagram, now)
+            return out, []
+        # The work budget, before any crypto (mac1 included): what a flood of handshake
+        # messages can take from forwarding is bounded by the budget, not by its rate.
+        # A peer's endpoint draws on its own share, then on the peers' budget.
+        peer = self._by_endpoint.get(src)
+        if peer is None:
+            other = self._budget_other
+            if other is not None and not other.take(now):
+                self._c["handshake_over_budget"] += 1
+                return out, []
         else:
-            self._c["malformed"] += 1
+            peers = self._budget_peers
+            if peers is not None and not (peer.budget.take(now) and peers.take(now)):
+                self._c["handshake_over_budget_peer"] += 1
+                return out, []
+        if kind == TYPE_INITIATION:
+            self._receive_initiation(datagram, src, now, out)
+        elif kind == TYPE_RESPONSE:
+            self._receive_response(datagram, src, now, out)
+        else:
+            self._receive_cookie(datagram, now)
         return out, []
 
     def _admit(
@@ -488,6 +550,7 @@ class TunnelCore:
             c["handshake_replay"] += 1
             return
         peer.last_timestamp = timestamp
+        peer.last_authentic = now
         c["initiation_received"] += 1
         peer.rx_bytes += len(msg)
         self._rx_bytes += len(msg)
@@ -561,6 +624,7 @@ class TunnelCore:
             c["handshake_failed"] += 1
             return
         c["response_received"] += 1
+        peer.last_authentic = now
         peer.rx_bytes += len(msg)
         self._rx_bytes += len(msg)
         session = Session(peer, pending.local_index, sender, keys[0], keys[1], now, initiator=True)
@@ -637,9 +701,45 @@ class TunnelCore:
         if src != peer.endpoint:
             if peer.endpoint is not None:
                 self._c["roamed"] += 1
-            peer.endpoint = src
+            self._set_endpoint(peer, src)
             return True
         return False
+
+    def _set_endpoint(self, peer: Peer, addr: Addr) -> None:
+        """Move the peer's endpoint; the configured one stays known as the peer's."""
+        old = peer.endpoint
+        peer.endpoint = addr
+        if old is not None and old != peer.configured:
+            self._unmap(peer, old)
+        self._by_endpoint[addr] = peer
+
+    def _unmap(self, peer: Peer, addr: Addr | None) -> None:
+        if addr is not None and self._by_endpoint.get(addr) is peer:
+            del self._by_endpoint[addr]
+
+    def _unknown_session_data(self, src: Addr, now: float) -> list[Datagram]:
+        """A data message for a session we do not hold. From a peer's endpoint it most
+        likely means we restarted and the peer still sends on the session we lost:
+        start a handshake toward it now instead of waiting for the peer's timers
+        (15 s). Unauthenticated, so bounded: not while the peer is talking to us on a
+        session we do hold, once per peer per UNKNOWN_SESSION_INTERVAL, and
+        UNKNOWN_SESSION_RATE per second in all."""
+        c = self._c
+        peer = self._by_endpoint.get(src)
+        if peer is None:
+            c["unknown_index"] += 1
+            return []
+        c["unknown_session"] += 1
+        if (
+            now - peer.last_authentic < UNKNOWN_SESSION_INTERVAL
+            or now - peer.last_initiation_sent < UNKNOWN_SESSION_INTERVAL
+        ):
+            return []
+        if not self._unknown_session.take(now):
+            c["unknown_session_limited"] += 1
+            return []
+        c["handshake_on_unknown_session"] += 1
+        return self._initiate(peer, now, force=True)
 
     def _initiate(self, peer: Peer, now: float, force: bool = False) -> list[Datagram]:
         """Send a handshake initiation, at most one per REKEY_TIMEOUT unless forced."""
@@ -855,6 +955,14 @@ class TunnelCore:
     def peer_drop_names(self) -> tuple[str, ...]:
         """The keys of every peer's ``drops`` dict."""
         return PEER_DROPS
+
+
+def _bucket(rate: float | None) -> TokenBucket | None:
+    if rate is None:
+        return None
+    if not rate > 0:
+        raise ValueError("a handshake budget is a positive rate (or None: unbounded)")
+    return TokenBucket(rate, max(1.0, rate * BUDGET_BURST_SECONDS))
 
 
 def _check_numeric(endpoint: Addr) -> None:

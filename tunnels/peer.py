@@ -8,6 +8,7 @@ from noise.backends.default.keypairs import KeyPair25519
 from noise.connection import NoiseConnection
 
 from tunnels.cookie import CookieGenerator
+from tunnels.ratelimiter import TokenBucket
 from tunnels.timers import PeerTimers
 from tunnels.transport import Session
 
@@ -49,6 +50,7 @@ class Peer:
         "public_key",
         "remote",
         "endpoint",
+        "configured",
         "keepalive",
         "cookies",
         "current",
@@ -61,6 +63,8 @@ class Peer:
         "last_timestamp",
         "last_initiation_sent",
         "last_handshake",
+        "last_authentic",
+        "budget",
         "rx_bytes",
         "tx_bytes",
         "rx_packets",
@@ -74,11 +78,14 @@ class Peer:
         public_key: bytes,
         endpoint: tuple[str, int] | None,
         keepalive: float | None,
+        peer_budget: float = 10.0,
     ) -> None:
         self.id = peer_id
         self.public_key = public_key
         self.remote = KeyPair25519.from_public_bytes(public_key)
         self.endpoint = endpoint
+        # The address the configuration gave (roaming moves `endpoint`, not this one).
+        self.configured = endpoint
         self.keepalive = keepalive if keepalive and keepalive > 0 else None
         self.cookies = CookieGenerator(public_key)
         self.current: Session | None = None
@@ -93,6 +100,10 @@ class Peer:
         self.last_timestamp = b""
         self.last_initiation_sent = float("-inf")
         self.last_handshake: float | None = None
+        # When anything authentic last came from the peer (data, initiation, response).
+        self.last_authentic = float("-inf")
+        # Handshake messages from the peer's endpoints that may get crypto (core.py).
+        self.budget = TokenBucket(peer_budget, peer_budget)
         self.rx_bytes = 0
         self.tx_bytes = 0
         self.rx_packets = 0

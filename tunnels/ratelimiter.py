@@ -88,3 +88,31 @@ class RateLimiter:
         ]
         for k in full:
             del self._buckets[k]
+
+
+class TokenBucket:
+    """One token bucket (``rate``/s, ``burst`` deep): a bound on work per second that a
+    flood cannot raise, checked before the work is done."""
+
+    __slots__ = ("rate", "burst", "_tokens", "_last")
+
+    def __init__(self, rate: float, burst: float) -> None:
+        if not rate > 0 or not burst >= 1:
+            raise ValueError("a token bucket needs rate > 0 and burst >= 1")
+        self.rate = rate
+        self.burst = burst
+        self._tokens = burst
+        self._last = float("-inf")
+
+    def take(self, now: float) -> bool:
+        """Take one token at ``now``; False if there is none (a clock going backwards
+        refills nothing)."""
+        elapsed = now - self._last
+        if elapsed > 0:
+            tokens = self._tokens + elapsed * self.rate
+            self._tokens = tokens if tokens < self.burst else self.burst
+            self._last = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False

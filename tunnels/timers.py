@@ -106,6 +106,13 @@ class PeerTimers:
         self.retransmit = now + REKEY_TIMEOUT + jitter
         return self.retransmit
 
+    def initiate_now(self) -> float:
+        """Start a handshake at the next timer run (a peer just added or given an
+        address), then retry on the normal schedule; 0.0 is "already due"."""
+        if self.retransmit is None or self.retransmit > 0.0:
+            self.retransmit = 0.0
+        return 0.0
+
     def handshake_complete(self) -> None:
         """A session is confirmed: stop retrying."""
         self.retransmit = None

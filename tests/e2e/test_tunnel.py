@@ -36,8 +36,10 @@ class Cluster:
     """Two workers. The underlay is a veth between them, or with `impaired` a relay
     namespace in between that drops, delays and reorders (see impair.py)."""
 
-    def __init__(self, sb: Sandbox, *, wrong_key: bool = False, impaired: bool = False) -> None:
+    def __init__(self, sb: Sandbox, *, wrong_key: bool = False, impaired: bool = False,
+                 keepalive: str | None = "2s") -> None:
         self.sb = sb
+        self.keepalive = keepalive
         self.w1 = sb.netns("w1")
         self.w2 = sb.netns("w2")
         if impaired:
@@ -71,19 +73,25 @@ class Cluster:
         pub2 = keypair()[1] if wrong_key else self.k2[1]
         self.d1 = Daemon(sb, self.w1, self.config("w1", self.k1[0], "w2", pub2, ep_for_w1,
                                                   local=("a", "10.40.0.2", self.a),
-                                                  remote=("b", "10.40.0.3")), name="w1")
+                                                  remote=("b", "10.40.0.3"),
+                                                  keepalive=keepalive), name="w1")
         self.d2 = Daemon(sb, self.w2, self.config("w2", self.k2[0], "w1", self.k1[1],
                                                   ep_for_w2,
                                                   local=("b", "10.40.0.3", self.b),
-                                                  remote=("a", "10.40.0.2")), name="w2")
+                                                  remote=("a", "10.40.0.2"),
+                                                  keepalive=keepalive), name="w2")
 
     @staticmethod
     def config(me: str, priv: str, peer: str, peer_pub: str, endpoint: str,
-               local: tuple[str, str, str], remote: tuple[str, str]) -> dict[str, Any]:
+               local: tuple[str, str, str], remote: tuple[str, str],
+               keepalive: str | None = "2s") -> dict[str, Any]:
+        tunnel: dict[str, Any] = {
+            "listen": "0.0.0.0:51820", "private_key": priv,
+            "peers": [{"id": peer, "public_key": peer_pub, "endpoint": endpoint}]}
+        if keepalive is not None:
+            tunnel["keepalive"] = keepalive
         return {
-            "worker": {"id": me, "tunnel": {
-                "listen": "0.0.0.0:51820", "private_key": priv, "keepalive": "2s",
-                "peers": [{"id": peer, "public_key": peer_pub, "endpoint": endpoint}]}},
+            "worker": {"id": me, "tunnel": tunnel},
             "namespaces": [{"name": "shop", "id": 7, "cidr": "10.40.0.0/24", "pods": [
                 {"name": local[0], "ip": local[1], "netns": local[2]},
                 {"name": remote[0], "ip": remote[1], "worker": peer}]}],
@@ -165,6 +173,103 @@ def test_worker_restart_traffic_resumes(cluster: Cluster) -> None:
     else:
         pytest.fail("traffic did not resume within 10 s of the restart")
     sb.stop(ping, signal.SIGINT)
+
+
+def first_ping(sb: Sandbox, ns: str, ip: str, budget: float) -> float:
+    """Seconds until one short ping (200 ms wait) from `ns` to `ip` is answered."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < budget:
+        p = sb.run(ns, "ping", "-c", "1", "-W", "0.2", ip, check=False)
+        if p.returncode == 0:
+            return time.monotonic() - t0
+    return float("inf")
+
+
+def kill_and_restart(d: Daemon) -> None:
+    """kill -9, then start again; returns once the daemon serves and its pod is attached."""
+    d.signal(signal.SIGKILL)
+    assert d.proc is not None
+    d.proc.wait(10)
+    d.start()
+    d.wait_attached(1)
+
+
+@pytest.mark.parametrize("keepalive", [None, "2s"], ids=["no-keepalive", "keepalive"])
+def test_kill_9_restarted_worker_recovers_both_ways_within_1s(sandbox: Sandbox,
+                                                              keepalive: str | None) -> None:
+    """Traffic toward a worker restarted after kill -9 resumes within 1 s of it being
+    ready, from the surviving side (which still holds the lost session) and from the
+    restarted side. Each direction is measured after its own restart, with nothing sent
+    the other way first."""
+    c = Cluster(sandbox, keepalive=keepalive).start()
+    sb = c.sb
+    assert first_ping(sb, c.a, "10.40.0.3", 10) < 10
+    assert first_ping(sb, c.b, "10.40.0.2", 10) < 10
+    kill_and_restart(c.d2)
+    toward_restarted = first_ping(sb, c.a, "10.40.0.3", 30)  # a on w1 (survivor) -> b
+    kill_and_restart(c.d2)
+    from_restarted = first_ping(sb, c.b, "10.40.0.2", 30)  # b on w2 (restarted) -> a
+    print(f"\nrecovery after kill -9 (keepalive={keepalive}): survivor->restarted "
+          f"{toward_restarted:.3f} s, restarted->survivor {from_restarted:.3f} s")
+    assert toward_restarted < 1.0 and from_restarted < 1.0, (toward_restarted,
+                                                             from_restarted)
+    peers = c.d1.get("/v1/peers")
+    assert peers[0]["id"] == "w2" and peers[0]["last_handshake"] is not None
+
+
+def test_restarted_worker_answers_stale_data_with_a_handshake(sandbox: Sandbox) -> None:
+    """The restarted worker's first handshake is lost (its underlay is down while it
+    starts): the data the survivor keeps sending on the lost session makes it
+    initiate, instead of both waiting for the survivor's 15 s timer."""
+    c = Cluster(sandbox, keepalive=None).start()
+    sb = c.sb
+    assert first_ping(sb, c.a, "10.40.0.3", 10) < 10
+    c.d2.signal(signal.SIGKILL)
+    assert c.d2.proc is not None
+    c.d2.proc.wait(10)
+    sb.run(c.w2, "ip", "link", "set", "under0", "down")
+    c.d2.start()
+    c.d2.wait_attached(1)
+    time.sleep(1.0)  # its start-up initiation went nowhere, its retry is seconds away
+    sb.run(c.w2, "ip", "link", "set", "under0", "up")
+    took = first_ping(sb, c.a, "10.40.0.3", 30)
+    from fabric.control.client import ControlClient
+
+    metrics = ControlClient(c.d2.control).get_text("/metrics")
+    print(f"\nstale data answered with a handshake: survivor->restarted {took:.3f} s "
+          "after the underlay came up")
+    assert took < 1.5, took
+    line = next(x for x in metrics.splitlines()
+                if 'counter="handshake_on_unknown_session"' in x)
+    assert float(line.split()[-1]) >= 1, line
+
+
+def test_a_flood_of_handshake_initiations_does_not_stall_the_tunnel(cluster: Cluster) -> None:
+    """20,000 initiations a second with a valid mac1 (anyone with w1's public key can
+    send them) at w1's tunnel port: pods keep talking through the tunnel without loss
+    or queueing, because only the handshake budget's worth gets any crypto."""
+    sb = cluster.sb
+    assert first_ping(sb, cluster.a, "10.40.0.3", 10) < 10
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    flooder = sb.popen(cluster.w2, sys.executable, "-m", "tests.support.flood",
+                       f"{W1}:51820", cluster.k1[1], "20000", "8", cwd=root, text=True)
+    time.sleep(1.5)
+    out = sb.run(cluster.a, "ping", "-q", "-c", "40", "-i", "0.05", "-W", "2", "10.40.0.3",
+                 check=False, timeout=60).stdout
+    sent = int(flooder.communicate(timeout=30)[0].split()[-1])
+    rtt = next(x for x in out.splitlines() if "rtt" in x).split("=")[1].split("/")
+    print(f"\nunder a flood of {sent / 8:.0f} initiations/s: {out.splitlines()[-2]}; "
+          f"rtt avg {rtt[1]} ms")
+    assert " 0% packet loss" in out, out
+    assert float(rtt[1]) < 100, out
+    from fabric.control.client import ControlClient
+
+    counters = {}
+    for line in ControlClient(cluster.d1.control).get_text("/metrics").splitlines():
+        if line.startswith("fabric_tunnel_total{"):
+            counters[line.split('"')[1]] = float(line.split()[-1])
+    assert counters["handshake_over_budget"] > 0.5 * sent, counters
+    assert counters["cookie_sent"] < 0.2 * sent, counters
 
 
 def test_wrong_key_gets_nothing_through(sandbox: Sandbox) -> None:

@@ -137,9 +137,13 @@ def test_forged_truncated_and_unknown_index_are_dropped_and_counted():
     for raw in (bytes(flipped), data.data[:31], bytes(bad_index), bytes(reserved), b"", b"\x04"):
         out, packets = b.core.receive(raw, A_ADDR, net.now)
         assert out == [] and packets == []
+    b.core.receive(bytes(bad_index), NOWHERE, net.now)
     c = b.core.counters
     assert c["decrypt_failure"] == 1
-    assert c["unknown_index"] == 1
+    # From the peer's endpoint an unknown index is an unknown session; a peer that just
+    # spoke on a session we hold gets no new handshake for it.
+    assert c["unknown_session"] == 1 and c["handshake_on_unknown_session"] == 0
+    assert c["unknown_index"] == 1  # from elsewhere
     assert c["malformed"] == 4
     assert b.core.peers()[0]["drops"]["decrypt_failure"] == 1
     # The genuine one still goes through afterwards: a forgery never moves the window.
@@ -516,7 +520,7 @@ def test_cookie_reply_under_load_then_retry_with_mac2_succeeds():
     net = Net()
     a = net.add("a", A_ADDR, seed=1)
     b = net.add("b", B_ADDR, seed=2, handshake_load_threshold=0)  # always under load
-    net.link("a", "b")
+    net.link("a", "b", b_knows_a=False)  # only a initiates
     net.send("a", "b", 1, ipv4_packet(60, 1))
     init = net.take()[0]
     assert init.data[messages.INITIATION_MAC2_AT :] == bytes(16)
@@ -582,7 +586,7 @@ def test_per_source_rate_limit_under_load():
     net = Net()
     a = net.add("a", A_ADDR, seed=1)
     b = net.add("b", B_ADDR, seed=2, handshake_load_threshold=0)
-    net.link("a", "b")
+    net.link("a", "b", b_knows_a=False)  # only a initiates
     # First get a cookie so the initiations carry a valid mac2.
     net.send("a", "b", 1, ipv4_packet(60, 1))
     net.flush()

@@ -199,13 +199,22 @@ def test_fuzz_receive(seed, ops):
     w = world()
     core = w.b.core
     r = random.Random(seed)
+    initiations = 0
     for i in range(BATCH):
         d = make(r, ops, w)
         src = r.choice([A_ADDR, C_ADDR, ("203.0.113.7", r.randint(1, 65535))])
         out, packets = core.receive(d, src, w.net.now + i * 0.01)
         assert packets == [], (d.hex(), src)
-        for _dst, msg in out:  # only handshake replies, never data, to anyone
-            assert msg[0] in (messages.TYPE_RESPONSE, messages.TYPE_COOKIE_REPLY)
+        for dst, msg in out:
+            # Handshake replies, or (data for a session b does not hold, from a peer's
+            # endpoint) an initiation to that peer; never data, never to anyone else.
+            if msg[0] == messages.TYPE_INITIATION:
+                assert dst in (A_ADDR, C_ADDR)
+                initiations += 1
+            else:
+                assert msg[0] in (messages.TYPE_RESPONSE, messages.TYPE_COOKIE_REPLY)
+    # At most one per peer per second of the batch's (simulated) 10 s.
+    assert initiations <= 2 * (BATCH * 0.01 + 1)
     w.net.now += BATCH * 0.01
     c = core.counters
     assert c["internal_error"] == 0
