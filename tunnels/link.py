@@ -55,6 +55,7 @@ class TunnelLink:
             "coalesced": 0,
             "empty": 0,
             "truncated": 0,
+            "send_too_big": 0,
         }
         self.gso = True
         self.gro = False
@@ -210,10 +211,13 @@ class TunnelLink:
                     self.counters["datagrams_out"] += j - i
                     self.counters["gso_sends"] += 1
                 except OSError as e:
+                    # EINVAL is also what an oversized datagram gets: GSO is only blamed
+                    # (and given up for good) when the same datagram goes out without it.
                     if e.errno in (errno.EINVAL, errno.EIO, errno.ENOPROTOOPT,
-                                   errno.EOPNOTSUPP):
+                                   errno.EOPNOTSUPP) and self._plain(addr, data):
                         self.gso = False  # no UDP GSO here: plain sends from now on
                         log.info("tunnel: UDP GSO not available (%s); sending one by one", e)
+                        i += 1
                         continue
                     self._send_error(addr, e, j - i)
             else:
@@ -224,12 +228,27 @@ class TunnelLink:
                     self._send_error(addr, e, 1)
             i = j
 
+    def _plain(self, addr: tuple[str, int], data: bytes) -> bool:
+        """Send one datagram without GSO; whether it went."""
+        try:
+            self.sock.sendto(data, addr)  # type: ignore[union-attr]
+        except OSError:
+            return False
+        self.counters["datagrams_out"] += 1
+        return True
+
     def _send_error(self, addr: tuple[str, int], e: OSError, count: int) -> None:
         # A full socket buffer or an unreachable endpoint costs these datagrams; the
         # protocol's own retries and keepalives recover.
         self.counters["send_errors"] += count
-        if e.errno not in (errno.EAGAIN, errno.ENOBUFS, errno.EHOSTUNREACH, errno.ENETUNREACH,
-                           errno.ECONNREFUSED, errno.EPERM):
+        if e.errno in (errno.EMSGSIZE, errno.EINVAL):
+            self.counters["send_too_big"] += count
+            if self.counters["send_too_big"] == count:  # the first time: say what to fix
+                log.warning("tunnel send to %s: %s: datagrams too big for the underlay's "
+                            "path; lower the namespace mtu (1420 leaves room for the "
+                            "tunnel's 60 bytes on a 1500 underlay)", addr, e)
+        elif e.errno not in (errno.EAGAIN, errno.ENOBUFS, errno.EHOSTUNREACH,
+                             errno.ENETUNREACH, errno.ECONNREFUSED, errno.EPERM):
             log.warning("tunnel send to %s: %s", addr, e)
 
     def rekey(self, peer_id: str, now: float) -> None:

@@ -124,3 +124,45 @@ def test_a_raising_handler_is_counted_and_logged_once(caplog: pytest.LogCaptureF
         dp.close()
         r.close()
         w.close()
+
+
+class _Sock:
+    """The link's socket at the edge of the unit: what the kernel answers is scripted."""
+
+    def __init__(self, gso_error: int, plain_error: int | None) -> None:
+        self.gso_error = gso_error
+        self.plain_error = plain_error
+        self.sent: list[bytes] = []
+
+    def sendmsg(self, buffers: list[bytes], anc: object, flags: int, addr: object) -> int:
+        raise OSError(self.gso_error, "scripted")
+
+    def sendto(self, data: bytes, addr: object) -> int:
+        if self.plain_error is not None:
+            raise OSError(self.plain_error, "scripted")
+        self.sent.append(data)
+        return len(data)
+
+
+def test_gso_is_given_up_only_when_plain_sends_work(caplog: pytest.LogCaptureFixture) -> None:
+    """EINVAL from a GSO send is also what an oversized datagram gets: the link turns
+    GSO off only if the same datagram goes out without it; otherwise it keeps GSO, counts
+    the datagrams as too big and says once what to fix."""
+    import errno
+
+    k, _ = generate_keypair()
+    addr = ("127.0.0.1", 9)
+    batch = [(addr, bytes(1000)) for _ in range(4)]
+    link = TunnelLink(TunnelCore(k, None), ("127.0.0.1", 0))
+    link.sock = _Sock(errno.EINVAL, None)  # type: ignore[assignment]
+    link._sendall(batch)
+    assert link.gso is False and len(link.sock.sent) == 4  # type: ignore[union-attr]
+    assert link.counters["datagrams_out"] == 4 and link.counters["send_errors"] == 0
+    link = TunnelLink(TunnelCore(k, None), ("127.0.0.1", 0))
+    link.sock = _Sock(errno.EINVAL, errno.EMSGSIZE)  # type: ignore[assignment]
+    with caplog.at_level(logging.WARNING):
+        link._sendall(batch)
+        link._sendall(batch)
+    assert link.gso is True
+    assert link.counters["send_too_big"] == 8 and link.counters["send_errors"] == 8
+    assert sum("too big" in r.getMessage() for r in caplog.records) == 1
