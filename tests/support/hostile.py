@@ -537,21 +537,93 @@ def flood_payloads(kind: str, rng: random.Random, pub: bytes | None) -> list[byt
     raise SystemExit(f"unknown flood kind {kind}")
 
 
+class MultiSender:
+    """sendmmsg(2) through ctypes: a batch of prebuilt datagrams to one address in one
+    system call, so that Python's own cost per datagram is nearly nothing and 20k/s
+    take a few per cent of a CPU (what the kernel's UDP path costs stays)."""
+
+    def __init__(self, sock: socket.socket, dst: tuple[str, int], payloads: list[bytes],
+                 batch: int) -> None:
+        import ctypes
+
+        class Iovec(ctypes.Structure):
+            _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+        class Msghdr(ctypes.Structure):
+            _fields_ = [("name", ctypes.c_void_p), ("namelen", ctypes.c_uint32),
+                        ("iov", ctypes.POINTER(Iovec)), ("iovlen", ctypes.c_size_t),
+                        ("control", ctypes.c_void_p), ("controllen", ctypes.c_size_t),
+                        ("flags", ctypes.c_int)]
+
+        class Mmsghdr(ctypes.Structure):
+            _fields_ = [("hdr", Msghdr), ("len", ctypes.c_uint)]
+
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self._fd = sock.fileno()
+        addr = struct.pack("=H", socket.AF_INET) + struct.pack("!H", dst[1]) + \
+            socket.inet_aton(dst[0]) + bytes(8)
+        self._addr = ctypes.create_string_buffer(addr, len(addr))
+        self._bufs = [ctypes.create_string_buffer(p, max(1, len(p))) for p in payloads]
+        self.batch = batch
+        self._vecs = []
+        n = len(payloads)
+        for start in range(0, n, batch):  # batches cycling through the payloads
+            iovs = (Iovec * batch)()
+            msgs = (Mmsghdr * batch)()
+            for j in range(batch):
+                k = (start + j) % n
+                iovs[j].base = ctypes.cast(self._bufs[k], ctypes.c_void_p)
+                iovs[j].len = len(payloads[k])
+                msgs[j].hdr.name = ctypes.cast(self._addr, ctypes.c_void_p)
+                msgs[j].hdr.namelen = len(addr)
+                msgs[j].hdr.iov = ctypes.pointer(iovs[j])
+                msgs[j].hdr.iovlen = 1
+            self._vecs.append((iovs, msgs))
+        self._i = 0
+
+    def send(self) -> int:
+        """One batch; how many the kernel took (a full socket buffer takes fewer)."""
+        _, msgs = self._vecs[self._i]
+        self._i = (self._i + 1) % len(self._vecs)
+        r = self._libc.sendmmsg(self._fd, msgs, self.batch, 0)
+        return max(0, r)
+
+
+_stop = threading.Event()
+
+
 def run_flood(a: argparse.Namespace) -> None:
+    """`a.rate` datagrams a second (in batches of a millisecond's worth) until `seconds`,
+    `count` or SIGTERM; then the rate achieved."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: _stop.set())
     rng = random.Random(a.seed)
     host, _, port = a.target.rpartition(":")
     pub = base64.b64decode(a.pubkey) if a.pubkey else None
     payloads = flood_payloads(a.kind, rng, pub)
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-    dst = (host, int(port))
-    n = len(payloads)
-    sendto = s.sendto
-    say({"ready": True, "seed": a.seed, "kind": a.kind})
+    batch = max(1, min(64, int(a.rate / 1000))) if a.rate else 64
+    sender = MultiSender(s, (host, int(port)), payloads, batch)
+    say({"ready": True, "seed": a.seed, "kind": a.kind, "batch": batch})
     cpu0 = time.process_time()
-    res = paced(lambda i: sendto(payloads[i % n], dst), a.rate, a.seconds, a.count)
-    res["cpu_seconds"] = round(time.process_time() - cpu0, 2)
-    say({"done": True, "kind": a.kind, **res})
+    t0 = time.monotonic()
+    sent = tried = 0
+    while tried < a.count and not _stop.is_set():
+        now = time.monotonic()
+        if now - t0 >= a.seconds:
+            break
+        if a.rate:
+            due = t0 + tried / a.rate
+            if now < due:
+                time.sleep(due - now)
+        sent += sender.send()
+        tried += batch
+    took = time.monotonic() - t0
+    say({"done": True, "kind": a.kind, "sent": sent, "refused": tried - sent,
+         "seconds": round(took, 3), "rate": round(sent / took) if took > 0 else 0,
+         "cpu_seconds": round(time.process_time() - cpu0, 2)})
 
 
 # --- the tunnel's underlay -----------------------------------------------------------------
