@@ -16,7 +16,7 @@ the daemon counted):
   hs-garbage 148-byte type-1 handshake messages of random bytes (mac1 wrong), 20k/s
   hs-mac1    type-1 initiations with a valid mac1 (made with the worker's public key,
              as anyone who has the config can) and random Noise bytes, 20k/s: past the
-             load threshold each gets a cookie reply
+             load threshold each gets a cookie reply; hs-mac1-2k the same at 2k/s
 
 Each round measures, for each condition in turn (the order turns around every round):
 ping a -> b (`ping -c 200 -i 0.002`, the median of the per-packet times) and iperf3 TCP
@@ -53,6 +53,7 @@ FLOODS: dict[str, tuple[str, int, str, str]] = {
     "dns-chain": ("dns-chain", 2000, "c", "10.50.0.1:53"),
     "hs-garbage": ("garbage-init", 20000, "evil", f"192.0.2.1:{TUNNEL_PORT}"),
     "hs-mac1": ("mac1-init", 20000, "evil", f"192.0.2.1:{TUNNEL_PORT}"),
+    "hs-mac1-2k": ("mac1-init", 2000, "evil", f"192.0.2.1:{TUNNEL_PORT}"),
 }
 CONDITIONS = (UNLOADED, *FLOODS)
 
