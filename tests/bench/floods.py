@@ -21,7 +21,8 @@ the daemon counted):
 Each round measures, for each condition in turn (the order turns around every round):
 ping a -> b (`ping -c 200 -i 0.002`, the median of the per-packet times) and iperf3 TCP
 a -> b for `--seconds`. The flooder runs from just before the ping to just after the
-iperf3. Ratios are of the medians over the rounds: throughput loaded/unloaded, ping
+iperf3; then what it left in the socket buffers is let drain before the next condition.
+Ratios are of the medians over the rounds: throughput loaded/unloaded, ping
 unloaded/loaded (so that both read "fraction kept"). The flooder's own CPU is reported:
 on a two-CPU machine it competes with iperf3 and the daemon for the same cores.
 """
@@ -100,6 +101,19 @@ class FloodTopology(Topology):
         return {"tunnel": m.get("fabric_tunnel_total", counter="datagrams_in"),
                 "dns": m.get("fabric_dns_total", namespace="bench", counter="queries")}
 
+    def settle(self, timeout: float = 30.0) -> float:
+        """Wait until what a flood left in the socket buffers is read (the counters stop
+        moving), so it does not weigh on the next measurement; the seconds it took."""
+        t0 = time.monotonic()
+        last = self.counted()
+        while time.monotonic() - t0 < timeout:
+            time.sleep(0.3)
+            now = self.counted()
+            if now == last:
+                break
+            last = now
+        return time.monotonic() - t0
+
     def flood(self, name: str, seconds: float) -> subprocess.Popen[str]:
         kind, rate, where, target = FLOODS[name]
         args = ["--target", target, "--kind", kind, "--rate", str(rate), "--seconds",
@@ -148,10 +162,11 @@ def run(s: Settings) -> Report:
                 fl = _stop_flood(topo, flood) if flood is not None else {}
             took = time.monotonic() - t0
             after = topo.counted()
+            drained = topo.settle() if flood is not None else 0.0
             got = {"ping_us": median(rtts), "ping_lost": COUNT - len(rtts),
                    "gbps": res["end"]["sum_received"]["bits_per_second"] / 1e9,
                    "offered_rate": fl.get("rate"), "flooder_cpu": fl.get("cpu_seconds"),
-                   "flood_seconds": fl.get("seconds"),
+                   "flood_seconds": fl.get("seconds"), "drained_seconds": drained,
                    "counted_rate": None}
             if flood is not None:
                 what = "dns" if FLOODS[cond][0] == "dns-chain" else "tunnel"

@@ -717,6 +717,7 @@ def test_fault_hook_that_hangs(sandbox: Sandbox) -> None:
           f"stuck: {stuck['counters']}")
     assert_healthy(d)
     assert not hung(), "the hung hook outlived its service"
+    assert stuck["counters"]["hold_timeout"] >= 1 and stuck["counters"]["activations"] == 1
     assert api_ms < 500
     assert 1.5 < refused_after < 6
 
