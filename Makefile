@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-unit test-e2e bench lint debs clean sweep wheel
+.PHONY: demo test test-unit test-e2e bench soak lint debs clean sweep wheel
 
 debs:
 	@sh scripts/install-debs
@@ -39,6 +39,12 @@ test-e2e: debs $(STAMP)
 bench: debs $(STAMP)
 	@sh scripts/install-debs bench
 	$(BIN)/python -m tests.bench
+
+# Ten minutes of mixed traffic on two workers with both daemons' memory and fds sampled
+# (FABRICD_SOAK_SECONDS=120 make soak for a shorter one). Needs root.
+FABRICD_SOAK_SECONDS ?= 600
+soak: debs $(STAMP)
+	FABRICD_SOAK_SECONDS=$(FABRICD_SOAK_SECONDS) $(BIN)/python -m pytest -q -s -p no:cacheprovider tests/soak
 
 # build/ goes first and after: setuptools never cleans it, so files deleted from the
 # tree would still ship.

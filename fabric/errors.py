@@ -6,6 +6,17 @@ map it without a table, and the CLI can print one clear line.
 
 from __future__ import annotations
 
+import re
+
+# Control characters (a newline above all) would break the one-line promise of every
+# error, and let a caller's input forge lines in the daemon's log.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def one_line(text: str) -> str:
+    """`text` with control characters escaped as repr() would (\\n, \\t, \\x1b)."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
 
 class FabricError(Exception):
     """Base class: a message a person can act on, plus a machine-readable code."""
@@ -14,6 +25,7 @@ class FabricError(Exception):
     code = "internal"
 
     def __init__(self, message: str) -> None:
+        message = one_line(str(message))
         super().__init__(message)
         self.message = message
 

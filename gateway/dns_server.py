@@ -20,6 +20,9 @@ from gateway.dns import DnsCore, Forward, Reply
 log = logging.getLogger("fabricd.dns")
 
 MAX_TCP_CLIENTS = 256
+# One pod (one source address) may hold this many of them: a slowloris in a namespace
+# must not take TCP DNS away from its neighbours.
+MAX_TCP_PER_CLIENT = 32
 TCP_IDLE = 10.0
 # A client's replies waiting to be sent: above TCP_WRITE_HIGH its next queries are not
 # read until it reads (back-pressure); one that lets TCP_WRITE_MAX pile up, or stays above
@@ -59,9 +62,11 @@ class DnsServer:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._tcp_clients = 0
+        self._per_client: dict[str, int] = {}
         self._clients: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self.counters: dict[str, int] = {"tcp_rejected": 0, "send_errors": 0,
+        self.counters: dict[str, int] = {"tcp_rejected": 0, "tcp_client_limit": 0,
+                                         "send_errors": 0,
                                          "upstream_tcp_errors": 0, "tcp_slow_closed": 0,
                                          "upstream_sockets_full": 0}
 
@@ -110,6 +115,13 @@ class DnsServer:
             self.counters["tcp_rejected"] += 1
             writer.close()
             return
+        peer = writer.get_extra_info("peername")
+        who = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        if self._per_client.get(who, 0) >= MAX_TCP_PER_CLIENT:
+            self.counters["tcp_client_limit"] += 1
+            writer.close()
+            return
+        self._per_client[who] = self._per_client.get(who, 0) + 1
         self._tcp_clients += 1
         self._clients.add(writer)
         client = _TcpClient(writer)
@@ -121,8 +133,8 @@ class DnsServer:
                 data = await asyncio.wait_for(reader.readexactly(size), TCP_IDLE)
                 self._do(self.core.handle_query(data, client, time.monotonic(), True))
                 self._arm()
-                if writer.is_closing():
-                    break
+                if writer.is_closing() or size < 12:
+                    break  # less than a header (counted malformed): not a DNS client
                 try:  # returns at once unless the client's replies pile up
                     await asyncio.wait_for(writer.drain(), TCP_IDLE)
                 except TimeoutError:
@@ -135,6 +147,9 @@ class DnsServer:
             pass
         finally:
             self._tcp_clients -= 1
+            left = self._per_client.pop(who) - 1
+            if left:
+                self._per_client[who] = left
             self._clients.discard(writer)
             writer.close()
 
@@ -235,7 +250,12 @@ class DnsServer:
                     self._send_upstream(a.data, a.upstream)
 
     def _arm(self) -> None:
+        """One timer for the core's next deadline and the oldest forwarding socket's end
+        of life (so an unanswered query's socket closes even if nothing else comes)."""
         t = self.core.next_timer()
+        if self._upstream:
+            oldest = next(iter(self._upstream.values()))[2]
+            t = oldest if t is None else min(t, oldest)
         if t is None or t == self._timer_at:
             return
         if self._timer is not None:

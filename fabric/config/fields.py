@@ -52,9 +52,21 @@ _SIZE_UNITS = {
 # ---------------------------------------------------------------------------
 
 
+_PLAIN_KEY = re.compile(r"^[A-Za-z0-9_-]+\Z")
+
+
 def key_path(prefix: str, name: str) -> str:
     """Join a key path: ``namespaces[0]`` + ``pods`` -> ``namespaces[0].pods``."""
     return f"{prefix}.{name}" if prefix else name
+
+
+def data_key_path(prefix: str, name: str) -> str:
+    """`key_path` for a key that came with the data: one that is not a plain word (a
+    newline, a dot, nothing) is quoted, ``pods[0]['a\\nb']``, so it cannot break the
+    error's line or pass for a path."""
+    if not _PLAIN_KEY.match(name):
+        return f"{prefix}[{name!r}]"
+    return key_path(prefix, name)
 
 
 def index_path(prefix: str, i: int) -> str:
@@ -108,7 +120,7 @@ class Obj:
             if k not in allowed:
                 raise ConfigError(
                     src,
-                    key_path(path, k),
+                    data_key_path(path, k),
                     f"unknown key {k!r} (expected one of: {', '.join(allowed)})",
                 )
         self.data = data
@@ -353,7 +365,7 @@ def read_json(value: Any, src: str, key: str) -> Any:
         for k, v in value.items():
             if not isinstance(k, str):
                 raise ConfigError(src, key, f"keys must be strings, got {describe(k)}")
-            out[k] = read_json(v, src, key_path(key, k))
+            out[k] = read_json(v, src, data_key_path(key, k))
         return FrozenMap(out)
     if isinstance(value, (list, tuple)):
         return tuple(read_json(v, src, index_path(key, i)) for i, v in enumerate(value))

@@ -51,6 +51,10 @@ from fabric.runtime.timerfd import TimerFd
 log = logging.getLogger("fabricd.dataplane")
 
 BATCH = 256
+# CPU the tunnel socket may take per loop turn while it stays readable: a flood of
+# handshakes (each a MAC check, a cookie) must leave the pods their turn; the surplus
+# waits in the socket's buffer and, when that is full, the kernel drops it.
+TUNNEL_BUDGET = 0.0005
 BUF_SIZE = 256 * 1024
 MAX_WAIT = 1.0  # poll at least this often (a safety net; timers do not rely on it)
 CALL_TIMEOUT = 30.0
@@ -248,6 +252,7 @@ class DataPlane:
         self.frames = 0
         self.timer_fires = 0
         self.tunnel_unknown_namespace = 0
+        self.tunnel_yields = 0  # reads of the tunnel socket cut short by TUNNEL_BUDGET
         # The deadline heap: (when, seq, owner); an entry is current while it equals the
         # owner's armed deadline, else it is skipped when it comes up.
         self._heap: list[tuple[float, int, Timed]] = []
@@ -716,7 +721,9 @@ class DataPlane:
             return
         now = time.monotonic()
         by_id = self.by_ns_id
-        for batch in link.readable(now):
+        until = now + TUNNEL_BUDGET
+        reads = link.readable(now)
+        for batch in reads:
             for peer, ns_id, packet, hdr in batch:
                 router = by_id.get(ns_id)
                 if router is None:
@@ -732,6 +739,12 @@ class DataPlane:
                 if router.outputs:
                     self.flush(router)
                 self._dirty[router] = None
+            if time.monotonic() > until:
+                # The socket stays readable (level-triggered): the rest waits for the
+                # next turn, after every other ready port had its share.
+                reads.close()
+                self.tunnel_yields += 1
+                break
 
     def flush(self, owner: Owner) -> None:
         """Write an owner's queued frames in order; a run of packets for one tunnel

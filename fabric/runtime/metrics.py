@@ -65,7 +65,8 @@ def _snapshot(fab: Fabric) -> dict[str, Any]:
         "uplink": _port(up) if up is not None else None,
         "tunnel": None if link is None else {
             "core": dict(link.core.counters), "link": dict(link.counters),
-            "unknown_namespace": fab.dataplane.tunnel_unknown_namespace},
+            "unknown_namespace": fab.dataplane.tunnel_unknown_namespace,
+            "yielded": fab.dataplane.tunnel_yields},
     }
 
 
@@ -129,6 +130,7 @@ async def collect(fab: Fabric) -> list[Metric]:
                      [({"counter": k}, v) for k, v in t["core"].items()])
         tun.samples += [({"counter": k}, v) for k, v in t["link"].items()]
         tun.samples.append(({"counter": "unknown_namespace"}, t["unknown_namespace"]))
+        tun.samples.append(({"counter": "budget_yields"}, t["yielded"]))
         peer_rx = Metric("fabric_peer_rx_bytes_total", "counter", "Bytes from a peer")
         peer_tx = Metric("fabric_peer_tx_bytes_total", "counter", "Bytes to a peer")
         peer_drops = Metric("fabric_peer_drops_total", "counter",

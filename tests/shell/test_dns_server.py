@@ -215,3 +215,77 @@ def test_forwarded_queries_leave_from_random_ports_and_only_the_upstream_may_ans
         assert not server._upstream
 
     asyncio.run(asyncio.wait_for(main(), 40))
+
+
+def test_sockets_of_unanswered_queries_close_without_further_traffic(monkeypatch) -> None:  # noqa: ANN001
+    """A silent upstream: the sockets of the attempts go at their lifetime by the
+    server's own timer, not at the next forwarded query (which may never come)."""
+    import gateway.dns_server as dns_server
+
+    monkeypatch.setattr(dns_server, "UPSTREAM_LIFETIME", 1.0)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        transport, upstream = await loop.create_datagram_endpoint(
+            Upstream, local_addr=("127.0.0.1", 0))
+        upstream.mute = True
+        up_addr = transport.get_extra_info("sockname")
+        records = Records("shop", "fabric.internal", "10.10.0.0/24")
+        udp, tcp = sockets()
+        core = DnsCore(records, [(up_addr[0], up_addr[1])], timeout=0.3, attempts=2)
+        server = DnsServer(core, udp, tcp, "shop")
+        await server.start()
+        try:
+            r = await ask_udp(udp.getsockname(), dnslib.DNSRecord.question("x.example.org"))
+            assert r.header.rcode == dnslib.RCODE.SERVFAIL and upstream.seen == 2
+            assert server._upstream  # the attempts' sockets, until their lifetime
+            t0 = time.monotonic()
+            while server._upstream and time.monotonic() - t0 < 3:
+                await asyncio.sleep(0.05)
+            assert not server._upstream, "sockets of unanswered queries stay open"
+            assert time.monotonic() - t0 < 1.5
+        finally:
+            server.close()
+            transport.close()
+
+    asyncio.run(asyncio.wait_for(main(), 20))
+
+
+def test_one_client_holds_at_most_32_tcp_connections_and_a_short_message_ends_one() -> None:
+    """A slowloris from one address takes 32 of the namespace's 256 TCP slots, not all of
+    them; a message shorter than a DNS header closes its connection."""
+    from gateway.dns_server import MAX_TCP_PER_CLIENT
+
+    async def main() -> None:
+        records = Records("shop", "fabric.internal", "10.10.0.0/24")
+        records.set("web", IPv4Address("10.10.0.5"))
+        udp, tcp = sockets()
+        server = DnsServer(DnsCore(records, []), udp, tcp, "shop")
+        await server.start()
+        taddr = tcp.getsockname()
+        held = []
+        try:
+            for _ in range(MAX_TCP_PER_CLIENT + 8):
+                held.append(await asyncio.open_connection(*taddr))
+            closed = 0
+            for reader, _ in held:
+                try:
+                    if await asyncio.wait_for(reader.read(1), 0.2) == b"":
+                        closed += 1
+                except TimeoutError:
+                    pass
+            assert closed == 8 and server.counters["tcp_client_limit"] == 8, closed
+            for _, writer in held:
+                writer.close()
+            await asyncio.sleep(0.1)
+            # The slots are free again; an empty message ends its connection.
+            reader, writer = await asyncio.open_connection(*taddr)
+            writer.write(b"\x00\x00")
+            assert await asyncio.wait_for(reader.read(1), 2) == b""
+            writer.close()
+            r = await ask_tcp(taddr, dnslib.DNSRecord.question("web.shop.fabric.internal"))
+            assert str(r.a.rdata) == "10.10.0.5"
+        finally:
+            server.close()
+
+    asyncio.run(asyncio.wait_for(main(), 20))

@@ -1570,3 +1570,22 @@ def test_a_large_namespace_validates_in_linear_time() -> None:
     # noisy machine and still fails the old checks (which took 60x).
     small, large = min(took(2000) for _ in range(3)), min(took(16000) for _ in range(3))
     assert large / small < 32, (small, large)
+
+
+@pytest.mark.parametrize("key", ["\n", "a\nb", "x\r\ny", "tab\there", "\x1b[31mred", ""])
+def test_an_odd_unknown_key_is_named_on_one_line(key: str) -> None:
+    """A key with a newline or control character must not break the one-line promise
+    (nor forge a log line): it is quoted in the key path."""
+    e = cfg_err(_set([*POD0, key], 1))
+    assert "\n" not in e.message and "\r" not in e.message and "\x1b" not in e.message
+    assert e.key == f"namespaces[0].pods[0][{key!r}]", e.key
+    assert e.problem.startswith("unknown key ")
+
+
+def test_errors_are_one_line_whatever_their_message() -> None:
+    from fabric.errors import FabricError, PortError
+
+    for exc in (FabricError("a\nb"), PortError("interface x\r\ny: gone"),
+                ConfigError("file\n.yaml", "k\n", "bad\nvalue")):
+        assert "\n" not in exc.message and "\r" not in exc.message, exc.message
+        assert "\n" not in str(exc) and "\\n" in exc.message
