@@ -29,8 +29,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import pytest
-
 from fabric.control.client import ControlClient
 from fabric.errors import FabricError
 from fabric.tools.sandbox import Daemon, Sandbox
@@ -240,16 +238,6 @@ def test_campaign_tunnel_underlay(sandbox: Sandbox) -> None:
     assert ping_result(out)[1] == 3, out
 
 
-HANDSHAKE_FLOOD_BUG = (
-    "tunnels/: a flood of mac1-valid initiations (20k/s from one address) takes the whole "
-    "data-plane thread: past the load threshold each one gets a cookie reply made on that "
-    "thread (pure-Python HChaCha20 in tunnels/xchacha20poly1305.py, one sendto per reply "
-    "in TunnelLink._sendall), and TunnelLink.readable yields only after a read that "
-    "delivered packets, so the data plane's per-turn budget for the tunnel socket never "
-    "gets a say; pods on the worker wait ~50 ms per packet (review M9)")
-
-
-@pytest.mark.xfail(reason=HANDSHAKE_FLOOD_BUG, raises=AssertionError, strict=False)
 def test_campaign_handshake_flood_leaves_pods_their_share(sandbox: Sandbox) -> None:
     """mac1-valid initiations at 20k/s to the tunnel port: pod-to-pod ping on the same
     worker stays within a few times its unloaded RTT."""
