@@ -118,9 +118,11 @@ def test_the_daemon_killed_and_started_again_serves_at_once(sandbox: Sandbox) ->
     # Nothing is left behind: the TAPs went with the process.
     links = sandbox.run(b, "ip", "-o", "link").stdout
     assert "eth0" not in links, links
+    # The same daemon again, on the same control socket, which the dead one left behind.
     t0 = time.monotonic()
-    d2 = Daemon(sandbox, worker, {"namespaces": [ns]}, name="fabricd2").start()
+    d2 = d.start()
     d2.wait_attached(2)
+    assert "removed stale control socket" in d2.log()
     took = wait_for(lambda: pings(sandbox, a, "10.45.0.3", 1), 10.0)
     print(f"\n[faults] kill -9 and restart: serving {time.monotonic() - t0:.2f} s after the "
           f"start (first ping {took:.2f} s after the pods attached)")
