@@ -97,9 +97,9 @@ class TunnelLink:
 
     def readable(self, now: float) -> Iterator[list[Delivered]]:
         """Read what the socket has (up to BATCH reads), answer handshakes, and yield the
-        decrypted packets of each read in order, runs of one flow's TCP segments merged
-        into super-frames (one TAP write each). One read at a time, so what waits in
-        memory is one GRO batch at most."""
+        decrypted packets of each read in order (an empty list for a read that had none),
+        runs of one flow's TCP segments merged into super-frames (one TAP write each). One
+        read at a time, so what waits in memory is one GRO batch at most."""
         sock = self.sock
         if sock is None:
             return
@@ -131,6 +131,7 @@ class TunnelLink:
                 c["datagrams_in"] += 1
                 c["truncated" if n else "empty"] += 1
                 receive(b"", src, now)
+                yield []  # every read ends in a yield: the caller's time budget applies
                 continue
             size = n
             for level, kind, data in anc:
@@ -147,8 +148,9 @@ class TunnelLink:
                     self._sendall(out)
                 got += packets
             self._merge(got, delivered)
-            if delivered:
-                yield delivered
+            # Yielded even when empty (a handshake, a drop), so a flood that delivers
+            # nothing still gives the data plane its say after every read.
+            yield delivered
 
     def _merge(self, got: list[tuple[str, int, bytes]], delivered: list[Delivered]) -> None:
         """Append decrypted packets to `delivered`, runs of one peer and namespace
