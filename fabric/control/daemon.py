@@ -90,8 +90,10 @@ class Daemon:
                             "its group can set hooks that run as this daemon's user and "
                             "attach host interfaces", self.config.worker.control,
                             self.config.worker.control_mode)
+            self.fabric.starting = True  # /v1/health says so until the file is applied
             for ns in self.config.namespaces:
                 await self.fabric.apply_namespace(ns, self.config.source)
+            self.fabric.starting = False
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop.set)
             loop.add_signal_handler(signal.SIGHUP, self._on_hup)

@@ -74,6 +74,8 @@ class Fabric:
         self.bus = EventBus()
         self.namespaces: dict[str, Namespace] = {}
         self.started = time.time()
+        # True while a daemon applies its config file: not healthy (ready) until done
+        self.starting = False
         self._dataplane: DataPlane | None = None
         self._lock = asyncio.Lock()
         self._retry_task: asyncio.Task[None] | None = None
@@ -428,6 +430,8 @@ class Fabric:
             return out | {"error": "the fabric is not started"}
         if not dp.alive:
             return out | {"error": "the data-plane thread has died (see the log)"}
+        if self.starting:
+            return out | {"error": "starting: the config file's namespaces are being applied"}
         try:
             await dp.acall(int, timeout=HEALTH_TIMEOUT)
         except DataPlaneBusy:

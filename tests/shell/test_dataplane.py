@@ -292,6 +292,9 @@ def test_health_says_when_the_data_plane_is_stuck_or_dead() -> None:
     async def main() -> None:
         async with Fabric(worker_id="w1", local_stack=False) as fab:
             assert (await fab.health())["ok"] is True
+            fab.starting = True  # a daemon still applying its file
+            assert "starting" in (await fab.health())["error"]
+            fab.starting = False
             old = worker.HEALTH_TIMEOUT
             worker.HEALTH_TIMEOUT = 0.2
             try:
