@@ -1,12 +1,11 @@
-"""Shared fixtures for end-to-end tests: a sandbox of namespaces removed after each test."""
+"""End-to-end tests are marked and skipped where namespaces cannot be made (the sandbox
+fixture, shared with the soak, is in tests/conftest.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
-from fabric.tools.sandbox import Sandbox, prerequisites
+from fabric.tools.sandbox import prerequisites
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -16,12 +15,3 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.e2e)
             if why:
                 item.add_marker(pytest.mark.skip(reason=why))
-
-
-@pytest.fixture
-def sandbox() -> Iterator[Sandbox]:
-    sb = Sandbox("fbt")
-    try:
-        yield sb
-    finally:
-        sb.close()

@@ -4,11 +4,10 @@ takes ten minutes and the whole machine."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 
 import pytest
 
-from fabric.tools.sandbox import Sandbox, prerequisites
+from fabric.tools.sandbox import prerequisites
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -20,12 +19,3 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                 item.add_marker(pytest.mark.skip(reason="the soak runs with `make soak`"))
             elif why:
                 item.add_marker(pytest.mark.skip(reason=why))
-
-
-@pytest.fixture
-def sandbox() -> Iterator[Sandbox]:
-    sb = Sandbox("fbt")
-    try:
-        yield sb
-    finally:
-        sb.close()

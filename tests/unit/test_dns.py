@@ -33,6 +33,7 @@ from hypothesis import strategies as st
 
 from gateway.dns import MAX_CACHE, DnsCore, Forward, Reply
 from gateway.records import Records
+from tests.support.hostile import chain_query
 
 ZONE = "shop.fabric.internal."
 CIDR = IPv4Network("10.10.0.0/24")
@@ -832,29 +833,10 @@ def test_dnsquestion_helper_sanity():
 # --- hostile queries: bounded work ---------------------------------------------------------
 
 
-def _chained(size_limit: int) -> bytes:
-    """A query whose additional records each point at the previous one's name, so that a
-    naive parse follows k pointers for record k (the chain of reviews/repro/dns_chain2)."""
-    q = (b"".join(bytes((len(lab),)) + lab for lab in [b"web", b"shop", b"fabric", b"internal"])
-         + b"\0" + struct.pack("!HH", 1, 1))
-    body = bytearray(q)
-    prev = deepest = 12
-    recs = 0
-    while 12 + len(body) + 12 <= size_limit:
-        here = 12 + len(body)
-        target = prev if prev < 0x4000 else deepest
-        body += struct.pack("!H", 0xC000 | target) + struct.pack("!HHIH", 1, 1, 0, 0)
-        if here < 0x4000:
-            deepest = here
-        prev = here
-        recs += 1
-    return struct.pack("!HHHHHH", 0x1234, 0x0100, 1, 0, 0, recs) + bytes(body)
-
-
 @pytest.mark.parametrize("size,tcp", [(1472, False), (8972, False), (65535, True)])
 def test_pointer_chains_are_refused_in_bounded_time(size: int, tcp: bool) -> None:
     core = DnsCore(records(), [("192.0.2.53", 53)])
-    msg = _chained(size)
+    msg = chain_query(size, "web.shop.fabric.internal")
     t = time.process_time()
     for _ in range(20):
         out = core.handle_query(msg, ("10.10.0.5", 5353), 0.0, tcp)
