@@ -4,6 +4,7 @@ releases what was held, a stuck one times out, and a stale failure changes nothi
 
 from __future__ import annotations
 
+import random
 import socket
 import time
 from collections.abc import Callable
@@ -34,11 +35,20 @@ def loopback_sockets(n: int) -> Future[list[socket.socket]]:
 
 
 def free_port() -> int:
-    s = socket.socket()
-    s.bind((LOCAL, 0))
-    port = int(s.getsockname()[1])
-    s.close()
-    return port
+    """A free port below the ephemeral range: with probe and backend on one address, a
+    probe from an ephemeral port equal to the target would connect to itself (a TCP
+    self-connect) and look like a listening backend."""
+    lo = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    for port in random.sample(range(10000, lo), 200):
+        s = socket.socket()
+        try:
+            s.bind((LOCAL, port))
+        except OSError:
+            continue
+        finally:
+            s.close()
+        return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def wait(cond: Callable[[], bool], timeout: float = 3.0) -> bool:
