@@ -911,6 +911,15 @@ class TunnelCore:
 
     # -- introspection -------------------------------------------------------------------
 
+    def over_budget(self) -> int:
+        """Handshake messages from unknown sources dropped over the budget so far (cheap:
+        the link asks before every read batch, to tell a flood)."""
+        return self._c["handshake_over_budget"]
+
+    def peer_addresses(self) -> set[str]:
+        """The IPv4 addresses of every peer's configured and current endpoint."""
+        return {addr[0] for addr in self._by_endpoint}
+
     @property
     def counters(self) -> dict[str, int]:
         """Global drop and event counters plus data totals (a fresh dict each call)."""

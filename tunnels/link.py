@@ -16,6 +16,7 @@ import struct
 from collections.abc import Iterator
 
 from fabric.net.coalesce import coalesce
+from tunnels import prefilter
 from tunnels.core import TunnelCore
 
 log = logging.getLogger("fabricd.tunnel")
@@ -40,8 +41,12 @@ Delivered = tuple[str, int, bytes, bytes | None]
 class TunnelLink:
     name = "tunnel"
 
-    def __init__(self, core: TunnelCore, listen: tuple[str, int]) -> None:
+    def __init__(self, core: TunnelCore, listen: tuple[str, int], *,
+                 kernel_filter: bool = True) -> None:
+        """``kernel_filter``: attach the kernel pre-filter (tunnels.prefilter); off only to
+        test what the daemon itself does with what the filter would drop."""
         self.core = core
+        self.use_prefilter = kernel_filter
         self.listen = listen
         self.sock: socket.socket | None = None
         self.buf = bytearray(MAX_DATAGRAM)
@@ -56,9 +61,16 @@ class TunnelLink:
             "empty": 0,
             "truncated": 0,
             "send_too_big": 0,
+            "kernel_drops": 0,
+            "shed_episodes": 0,
+            "shed_windows": 0,
+            "shed_filter_errors": 0,
         }
         self.gso = True
         self.gro = False
+        self.shedding = prefilter.Shedding()
+        self.filtered = False  # the shape filter is attached
+        self._drops0 = 0  # the socket's drop count when it was opened
 
     def open(self) -> int:
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -83,7 +95,31 @@ class TunnelLink:
         except OSError:
             self.gro = False  # an older kernel: one datagram per read
         self.sock = s
+        self.filtered = self.use_prefilter and self._filter(prefilter.program())
+        self._drops0 = prefilter.kernel_drops(s) or 0
         return s.fileno()
+
+    def _filter(self, insns: list[prefilter.Insn]) -> bool:
+        """Attach a pre-filter program; False (counted, logged once) if the kernel
+        refuses it: the core still drops everything a filter would, only dearer."""
+        try:
+            prefilter.attach(self.sock, insns)  # type: ignore[arg-type]
+        except (OSError, ValueError) as e:
+            self.counters["shed_filter_errors"] += 1
+            if self.counters["shed_filter_errors"] == 1:
+                log.warning("tunnel: kernel pre-filter not attached (%s): malformed and "
+                            "flooding datagrams reach the daemon and cost it CPU", e)
+            return False
+        return True
+
+    def snapshot(self) -> dict[str, int]:
+        """The counters, with what the kernel dropped for the socket brought up to date."""
+        sock = self.sock
+        if sock is not None:
+            drops = prefilter.kernel_drops(sock)
+            if drops is not None:
+                self.counters["kernel_drops"] = drops - self._drops0
+        return dict(self.counters)
 
     def close(self) -> None:
         if self.sock is not None:
@@ -103,6 +139,8 @@ class TunnelLink:
         sock = self.sock
         if sock is None:
             return
+        if self.filtered and self.shedding.observe(self.core.over_budget(), now):
+            self._shed(now)
         buf = self.buf
         mv = memoryview(buf)
         receive = self.core.receive
@@ -261,9 +299,42 @@ class TunnelLink:
     # --- timers (the data plane calls these like a router's) ----------------------------
 
     def next_timer(self) -> float | None:
-        return self.core.next_timer()
+        t = self.core.next_timer()
+        s = self.shedding.next_timer()
+        if s is None:
+            return t
+        return s if t is None or s < t else t
 
     def handle_timer(self, now: float) -> None:
         out = self.core.handle_timer(now)
         if out:
             self._sendall(out)
+        shedding = self.shedding
+        if shedding.expired(now):
+            # Lift the shed filter to look again: the next flood batch re-sheds.
+            if self.sock is not None:
+                self.filtered = self._filter(prefilter.program())
+        elif shedding.over(now):
+            log.warning("tunnel: the handshake flood is over; %d datagrams dropped by the "
+                        "kernel so far (kernel_drops)", self.snapshot()["kernel_drops"])
+
+    def _shed(self, now: float) -> None:
+        """A handshake flood: drop handshake messages from non-peer addresses in the
+        kernel for the shedding window."""
+        sh = self.shedding
+        self.counters["shed_windows"] += 1
+        first = sh.episodes != self.counters["shed_episodes"]
+        self.counters["shed_episodes"] = sh.episodes
+        peers = self.core.peer_addresses()
+        try:
+            insns = prefilter.program(peers)
+        except ValueError as e:  # too many peers for one program: keep reading them all
+            sh.until = None
+            if first:
+                log.warning("tunnel: handshake flood, not shed in the kernel: %s", e)
+            return
+        if self._filter(insns) and first:
+            log.warning("tunnel: handshake flood (over %d messages/s beyond the budget from "
+                        "non-peer addresses): handshake messages from anyone but the %d peer "
+                        "addresses are dropped in the kernel, %.0f s at a time, until it "
+                        "stops; forwarding is unaffected", sh.trigger, len(peers), sh.window)

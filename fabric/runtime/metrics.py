@@ -64,7 +64,7 @@ def _snapshot(fab: Fabric) -> dict[str, Any]:
         "namespaces": namespaces,
         "uplink": _port(up) if up is not None else None,
         "tunnel": None if link is None else {
-            "core": dict(link.core.counters), "link": dict(link.counters),
+            "core": dict(link.core.counters), "link": link.snapshot(),
             "unknown_namespace": fab.dataplane.tunnel_unknown_namespace,
             "yielded": fab.dataplane.tunnel_yields},
     }

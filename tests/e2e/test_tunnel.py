@@ -268,7 +268,9 @@ def test_a_flood_of_handshake_initiations_does_not_stall_the_tunnel(cluster: Clu
     for line in ControlClient(cluster.d1.control).get_text("/metrics").splitlines():
         if line.startswith("fabric_tunnel_total{"):
             counters[line.split('"')[1]] = float(line.split()[-1])
-    assert counters["handshake_over_budget"] > 0.5 * sent, counters
+    # Over the budget in the daemon, or shed by the kernel filter once the flood was seen.
+    assert counters["handshake_over_budget"] + counters["kernel_drops"] > 0.5 * sent, counters
+    assert counters["shed_episodes"] >= 1, counters
     assert counters["cookie_sent"] < 0.2 * sent, counters
 
 
