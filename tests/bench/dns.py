@@ -111,7 +111,8 @@ class DnsTopology(Topology):
                                       for i in range(PODS)]
         pods.append({"name": "client", "ip": "10.50.0.2", "netns": client})
         cfg = {"worker": {"id": "bench"}, "namespaces": [{
-            "name": "bench", "cidr": "10.50.0.0/24", "dns": {"upstream": []}, "pods": pods}]}
+            "name": "bench", "id": 50, "cidr": "10.50.0.0/24", "dns": {"upstream": []},
+            "pods": pods}]}
         self.daemon = Daemon(sb, worker, cfg).start()
         self.daemon.wait_attached(1)
 
