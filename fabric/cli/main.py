@@ -16,6 +16,8 @@ from datetime import datetime
 from typing import IO, Any, NoReturn
 from urllib.parse import quote, urlencode
 
+from fabric.cli import views
+from fabric.cli.views import format_table
 from fabric.control.client import ControlClient, resolve_control_path
 from fabric.errors import FabricError, NotFound
 
@@ -34,29 +36,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 # ---- output helpers ----------------------------------------------------------------------
-
-
-def _cell(value: Any) -> str:
-    if value is None or value == "":
-        return "-"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    if isinstance(value, (list, tuple, set)):
-        return ",".join(_cell(v) for v in value) or "-"
-    if isinstance(value, dict):
-        return ",".join(f"{k}={_cell(v)}" for k, v in value.items()) or "-"
-    return str(value)
-
-
-def format_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
-    """kubectl-style: upper-case headers, columns padded to the widest cell, 3 spaces apart."""
-    cells = [[h for h, _ in columns]] + [[_cell(r.get(k)) for _, k in columns] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    return "\n".join(
-        "   ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
-    )
 
 
 def _generic_columns(rows: list[dict[str, Any]], skip: set[str]) -> list[tuple[str, str]]:
@@ -139,7 +118,30 @@ KIND_ALIASES = {
     "svc": "services",
     "peers": "peers",
     "peer": "peers",
+    "drops": "drops",
+    "drop": "drops",
 }
+
+OUTPUTS = ("table", "json", "yaml")
+
+PEER_COLUMNS = [
+    ("PEER", "id"),
+    ("ENDPOINT", "endpoint"),
+    ("PUBLIC-KEY", "public_key"),
+    ("HANDSHAKE", "handshake"),
+    ("RX", "rx"),
+    ("TX", "tx"),
+    ("KEEPALIVE", "keepalive"),
+    ("DROPS", "drops_total"),
+]
+
+
+def _peer_row(p: dict[str, Any]) -> dict[str, Any]:
+    row = dict(p)
+    row["handshake"] = views.human_age(p.get("last_handshake_age"))
+    row["rx"] = views.human_bytes(p.get("rx_bytes"))
+    row["tx"] = views.human_bytes(p.get("tx_bytes"))
+    return row
 
 
 def _out(text: str) -> None:
@@ -201,11 +203,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_get(args: argparse.Namespace) -> int:
     kind = KIND_ALIASES[args.kind]
     ns: str | None = args.namespace
+    structured = args.output in ("json", "yaml")
     with _client(args) as client:
         data: Any
         columns: list[tuple[str, str]]
         if kind == "namespaces":
-            if ns and args.output == "json":
+            if ns and structured:
                 data = client.get(f"/v1/namespaces/{quote(ns, safe='')}")
             else:
                 data = client.get("/v1/namespaces")
@@ -220,13 +223,26 @@ def cmd_get(args: argparse.Namespace) -> int:
         elif kind == "services":
             data = client.get("/v1/services" + (f"?{urlencode({'namespace': ns})}" if ns else ""))
             columns = SERVICE_COLUMNS
-            if args.output != "json":
+            if not structured:
                 data = [_service_row(r) for r in data]
+        elif kind == "drops":
+            data = client.get("/v1/drops" + (f"?{urlencode({'namespace': ns})}" if ns else ""))
+            columns = views.DROP_COLUMNS
+            if not structured:
+                data = views.drop_rows(data)
         else:
             data = client.get("/v1/peers")
-            columns = _generic_columns(data, set())
-    if args.output == "json":
-        _out(json.dumps(data, indent=2))
+            columns = PEER_COLUMNS
+            if args.output == "wg":
+                if data:
+                    _out(views.peers_text(data))
+                else:
+                    print("No peers configured.", file=sys.stderr)
+                return 0
+            if not structured:
+                data = [_peer_row(r) for r in data]
+    if structured:
+        _out(views.render(data, args.output))
     elif not data:
         where = f" in namespace {ns}" if ns and kind != "peers" else ""
         print(f"No {kind} found{where}.", file=sys.stderr)
@@ -294,6 +310,132 @@ def cmd_capture(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_monitor(args: argparse.Namespace) -> int:
+    if args.pod and not args.namespace:
+        raise UsageError("--pod needs -n NS (pod names are per namespace)")
+    query = {k: v for k, v in (("namespace", args.namespace), ("pod", args.pod),
+                               ("reason", args.reason)) if v}
+    client = _client(args)
+    lines = client.lines("/v1/monitor" + (f"?{urlencode(query)}" if query else ""))
+    try:
+        for line in lines:
+            line = line.strip()
+            if not line:
+                continue
+            if args.output == "json":
+                _out(line.decode("utf-8", "replace"))
+            else:
+                try:
+                    _out(views.drop_line(json.loads(line)))
+                except ValueError:
+                    continue
+    except KeyboardInterrupt:
+        pass
+    finally:
+        lines.close()  # type: ignore[attr-defined]
+    return 0
+
+
+def _peer_path(peer: str) -> str:
+    return f"/v1/peers/{quote(peer, safe='')}"
+
+
+def cmd_peer(args: argparse.Namespace) -> int:
+    action = args.peer_action
+    with _client(args) as client:
+        if action in ("add", "set"):
+            current = next((p for p in client.get("/v1/peers") if p.get("id") == args.id),
+                           None)
+            if action == "add" and current is not None:
+                raise UsageError(f"peer {args.id} already exists; use 'fabricd peer set'")
+            if action == "set" and current is None:
+                raise NotFound(f"peer {args.id} not found; use 'fabricd peer add'")
+            spec: dict[str, Any] = {"id": args.id}
+            key = args.public_key or (current or {}).get("public_key")
+            if not key:
+                raise UsageError("peer add needs --public-key KEY")
+            spec["public_key"] = key
+            endpoint = args.endpoint if args.endpoint is not None else (
+                (current or {}).get("endpoint"))
+            if endpoint and endpoint != "none":
+                spec["endpoint"] = endpoint
+            if action == "set" and args.endpoint is None and args.public_key is None:
+                raise UsageError("peer set needs --endpoint or --public-key")
+            row = client.put(_peer_path(args.id), spec)
+            _out(f"peer {args.id} {'added' if action == 'add' else 'changed'}"
+                 + (f": endpoint {row.get('endpoint')}" if row.get("endpoint") else ""))
+        elif action == "remove":
+            client.delete(_peer_path(args.id))
+            _out(f"peer {args.id} removed")
+        else:
+            client.post(_peer_path(args.id) + "/rekey")
+            _out(f"peer {args.id}: handshake started")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        try:
+            health = client.get("/v1/health")
+        except FabricError as e:
+            if "unreachable" in e.message or "cannot connect" in e.message:
+                raise
+            health = {"ok": False, "error": e.message}
+        namespaces = client.get("/v1/namespaces")
+        services = client.get("/v1/services")
+        peers = client.get("/v1/peers")
+    if args.output in ("json", "yaml"):
+        doc = {"health": health, "namespaces": namespaces, "services": services,
+               "peers": peers}
+        _out(views.render(doc, args.output))
+    else:
+        _out(views.status_text(health, namespaces, services, peers))
+    return 0 if health.get("ok", True) else 1
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    kind = KIND_ALIASES.get(args.kind, args.kind)
+    ns: str | None = args.namespace
+    name: str = args.name
+    if "/" in name and kind in ("pods", "services"):
+        ns, name = _split_pod(name)
+    with _client(args) as client:
+        if kind == "namespaces":
+            obj = client.get(f"/v1/namespaces/{quote(name, safe='')}")
+            query = {"namespace": name}
+        elif kind == "pods":
+            if not ns:
+                raise UsageError("describe pod needs -n NS or NS/POD")
+            obj = client.get(_pod_path(ns, name))
+            query = {"namespace": ns, "pod": name}
+        else:
+            rows = client.get("/v1/services" + (f"?{urlencode({'namespace': ns})}" if ns else ""))
+            matches = [r for r in rows if r.get("name") == name]
+            if not matches:
+                raise NotFound(f"service {name!r} not found" + (f" in namespace {ns}" if ns
+                                                                  else ""))
+            if len(matches) > 1:
+                raise UsageError(f"service {name!r} is in several namespaces "
+                                 f"({', '.join(str(m.get('namespace')) for m in matches)}); "
+                                 "give -n NS")
+            obj = matches[0]
+            query = {"namespace": str(obj.get("namespace")), "service": name}
+        events = client.get("/v1/events/recent?" + urlencode(query))
+    if args.output in ("json", "yaml"):
+        _out(views.render({"object": obj, "events": events}, args.output))
+    else:
+        _out(views.describe_text(kind.rstrip("s"), obj, events))
+    return 0
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    from fabric.cli import completion
+
+    parser = build_parser()
+    _out(completion.bash(parser) if args.shell == "bash" else completion.zsh(parser))
+    return 0
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -325,8 +467,39 @@ def _positive_int(text: str) -> int:
     return value
 
 
+EXIT_CODES = """exit codes:
+  0  success
+  1  the daemon refused or failed the request, or is unreachable (one line on stderr)
+  2  bad usage (unknown command or option, malformed argument)
+  130  interrupted (Ctrl-C)"""
+
+EXAMPLES: dict[str, str] = {
+    "run": "fabricd run -c /etc/fabricd/fabricd.yaml",
+    "demo": "fabricd demo",
+    "get": ("fabricd get pods -n blue\n  fabricd get services -o json\n"
+            "  fabricd get peers -o wg\n  fabricd get drops -n blue"),
+    "describe": ("fabricd describe pod blue/a\n  fabricd describe service web -n blue\n"
+                 "  fabricd describe namespace blue"),
+    "status": "fabricd status",
+    "ready": "fabricd ready blue/backend-1\n  fabricd ready blue/backend-1 --unready",
+    "events": "fabricd events\n  fabricd events -o json | jq 'select(.kind==\"pod_ready\")'",
+    "monitor": ("fabricd monitor\n  fabricd monitor -n blue --pod a\n"
+                "  fabricd monitor --reason egress_denied -o json"),
+    "capture": ("fabricd capture blue/a -w a.pcap -c 100\n"
+                "  fabricd capture blue/a | tcpdump -nr -"),
+    "peer": ("fabricd peer add w2 --public-key KEY --endpoint 192.0.2.2:51820\n"
+             "  fabricd peer set w2 --endpoint 192.0.2.7:51820\n"
+             "  fabricd peer rekey w2\n  fabricd peer remove w2"),
+    "completion": ("fabricd completion bash > /etc/bash_completion.d/fabricd\n"
+                   "  fabricd completion zsh > \"${fpath[1]}/_fabricd\""),
+    "keygen": "fabricd keygen > w1.key",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Userspace L3 network fabric.")
+    parser = _Parser(prog=PROG, description="Userspace L3 network fabric.",
+                     epilog="start with `fabricd status`.\n\n" + EXIT_CODES,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--control",
         metavar="PATH",
@@ -347,8 +520,13 @@ def build_parser() -> argparse.ArgumentParser:
         handler: Callable[[argparse.Namespace], int],
         help: str,
         parents: Sequence[argparse.ArgumentParser] = (),
+        where: Any = None,
     ) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help, parents=list(parents))
+        example = EXAMPLES.get(name if where is None else "peer")
+        epilog = f"examples:\n  {example}" if example and where is None else None
+        p = (where or sub).add_parser(
+            name, help=help, description=help, parents=list(parents), epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.set_defaults(handler=handler)
         return p
 
@@ -356,15 +534,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", metavar="FILE", help="config file (YAML)")
     add("demo", cmd_demo, "run a self-contained demo")
 
-    p = add("get", cmd_get, "list namespaces, pods, services or peers", [control])
+    p = add("status", cmd_status, "one-screen overview: health, pods, services, peers, drops",
+            [control])
+    p.add_argument("-o", "--output", choices=OUTPUTS, default="table")
+
+    p = add("get", cmd_get, "list namespaces, pods, services, peers or recent drops", [control])
     p.add_argument(
         "kind",
         choices=sorted(KIND_ALIASES),
         metavar="KIND",
-        help="namespaces | pods | services | peers",
+        help="namespaces | pods | services | peers | drops",
     )
     p.add_argument("-n", "--namespace", metavar="NS", help="only this namespace")
-    p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    p.add_argument("-o", "--output", choices=(*OUTPUTS, "wg"), default="table",
+                   help="table (default), json, yaml; wg: peers as `wg show` shows them")
+
+    p = add("describe", cmd_describe, "show one pod, service or namespace with its recent "
+            "events", [control])
+    p.add_argument("kind", choices=("pod", "service", "namespace", "po", "svc", "ns"),
+                   metavar="KIND", help="pod | service | namespace")
+    p.add_argument("name", metavar="NAME", help="NAME, or NS/NAME for pods and services")
+    p.add_argument("-n", "--namespace", metavar="NS", help="the namespace of a pod or service")
+    p.add_argument("-o", "--output", choices=OUTPUTS, default="table")
 
     p = add("ready", cmd_ready, "mark a pod ready (or unready) for service traffic", [control])
     p.add_argument("pod", metavar="NS/POD")
@@ -373,10 +564,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("events", cmd_events, "follow fabric events", [control])
     p.add_argument("-o", "--output", choices=("text", "json"), default="text")
 
+    p = add("monitor", cmd_monitor, "follow dropped frames live, with reason and headers "
+            "(sampled)", [control])
+    p.add_argument("-n", "--namespace", metavar="NS", help="only this namespace")
+    p.add_argument("--pod", metavar="POD", help="only frames from this pod (needs -n)")
+    p.add_argument("--reason", metavar="R", help="only this drop reason, e.g. spoofed_source")
+    p.add_argument("-o", "--output", choices=("text", "json"), default="text")
+
     p = add("capture", cmd_capture, "capture a pod's frames as pcap", [control])
     p.add_argument("pod", metavar="NS/POD")
     p.add_argument("-w", "--write", metavar="FILE", help="pcap file (default: stdout)")
     p.add_argument("-c", "--count", type=_positive_int, metavar="N", help="stop after N frames")
+
+    p = add("peer", cmd_peer, "add, change, remove or rekey a tunnel peer (like `wg set`)")
+    peers = p.add_subparsers(dest="peer_action", metavar="ACTION", required=True)
+    for action, text in (("add", "add a peer"), ("set", "change a peer's endpoint or key"),
+                         ("remove", "remove a peer"), ("rekey", "start a new handshake now")):
+        q = add(action, cmd_peer, text, [control], where=peers)
+        q.add_argument("id", metavar="ID", help="the peer worker's id")
+        if action in ("add", "set"):
+            q.add_argument("--endpoint", metavar="HOST:PORT",
+                           help="where the peer listens ('none': wait for it to call)")
+            q.add_argument("--public-key", metavar="KEY", help="its base64 public key")
+
+    p = add("completion", cmd_completion, "print a shell completion script")
+    p.add_argument("shell", choices=("bash", "zsh"))
 
     add("keygen", cmd_keygen, "generate a Curve25519 key pair for peers")
     return parser

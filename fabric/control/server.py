@@ -103,6 +103,10 @@ class FabricAPI(Protocol):
     def events(self) -> Subscription: ...
     def metrics(self) -> list[metrics_mod.Metric]: ...
     def capture(self, ns: str, pod: str, max_frames: int | None) -> Subscription: ...
+    def recent_events(self, ns: str | None, pod: str | None,
+                      service: str | None) -> list[dict[str, Any]]: ...
+    async def get_drops(self, ns: str | None = None) -> list[dict[str, Any]]: ...
+    def monitor(self, ns: str | None, pod: str | None, reason: str | None) -> Subscription: ...
 
 
 async def _call(fn: Callable[..., Any], *args: Any) -> Any:
@@ -590,6 +594,9 @@ class ControlServer:
             Route("/v1/peers/{peer}", {"PUT": self._put_peer, "DELETE": self._delete_peer}),
             Route("/v1/peers/{peer}/rekey", {"POST": self._rekey_peer}),
             Route("/v1/events", {"GET": self._events}),
+            Route("/v1/events/recent", {"GET": self._recent_events}),
+            Route("/v1/drops", {"GET": self._drops}),
+            Route("/v1/monitor", {"GET": self._monitor}),
             Route("/metrics", {"GET": self._metrics}),
         ]
 
@@ -708,7 +715,12 @@ class ControlServer:
         return Response(body=text.encode(), content_type=metrics_mod.CONTENT_TYPE)
 
     def _own_metrics(self) -> list[metrics_mod.Metric]:
-        return [
+        sinks = getattr(self.fabric, "monitor_sinks", None)
+        extra = [] if sinks is None else [metrics_mod.Metric(
+            "fabricd_monitor_sinks", "gauge",
+            "Live `fabricd monitor` feeds attached to namespaces' drop logs (0: the drop "
+            "path does nothing for monitors).", [({}, float(sinks()))])]
+        return extra + [
             metrics_mod.Metric(
                 "fabricd_control_connections",
                 "gauge",
@@ -725,6 +737,24 @@ class ControlServer:
 
     async def _events(self, req: Request) -> Response:
         sub = await _call(self.fabric.events)
+        return Response(content_type=NDJSON_TYPE, stream=_event_lines(sub), subscription=sub)
+
+    async def _recent_events(self, req: Request) -> Response:
+        q = req.query
+        return json_response(await _call(self.fabric.recent_events, q.get("namespace") or None,
+                                         q.get("pod") or None, q.get("service") or None))
+
+    async def _drops(self, req: Request) -> Response:
+        ns = req.query.get("namespace") or None
+        return json_response(await _call(self.fabric.get_drops, ns))
+
+    async def _monitor(self, req: Request) -> Response:
+        q = req.query
+        pod = q.get("pod") or None
+        ns = q.get("namespace") or None
+        if pod is not None and ns is None:
+            raise BadRequest("pod needs namespace (pod names are per namespace)")
+        sub = await _call(self.fabric.monitor, ns, pod, q.get("reason") or None)
         return Response(content_type=NDJSON_TYPE, stream=_event_lines(sub), subscription=sub)
 
     async def _capture(self, req: Request, ns: str, pod: str) -> Response:

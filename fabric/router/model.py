@@ -54,7 +54,8 @@ class Port:
     `ns_id` the namespace id its packets carry on the tunnel wire."""
 
     __slots__ = ("pod", "hlen", "l3", "mtu", "fd", "kind", "rx_packets", "rx_bytes",
-                 "tx_packets", "tx_bytes", "drops", "capture", "peer", "ns_id", "icmp")
+                 "tx_packets", "tx_bytes", "drops", "ndrops", "last_drop", "capture", "peer",
+                 "ns_id", "icmp")
 
     def __init__(self, *, vnet: bool, mtu: int, fd: int = -1, kind: str = "test",
                  l3: bool = False) -> None:
@@ -73,6 +74,10 @@ class Port:
         self.tx_packets = 0
         self.tx_bytes = 0
         self.drops: dict[str, int] = {}
+        # The shell compares ndrops around each frame: a change means that frame was
+        # dropped, for last_drop, and goes to the namespace's drop log with its headers.
+        self.ndrops = 0
+        self.last_drop = ""
         # Called as capture(now, ethernet_frame, outgoing) when someone captures this port.
         self.capture: Callable[[float, bytes, bool], None] | None = None
         self.peer: str | None = None
@@ -86,6 +91,8 @@ class Port:
 
     def drop(self, reason: str) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + 1
+        self.ndrops += 1
+        self.last_drop = reason
 
 
 def tunnel_port(peer: str, ns_id: int, mtu: int) -> Port:

@@ -58,6 +58,7 @@ from fabric.net.vnet import (
     ZERO_HDR,
     VnetHdr,
 )
+from fabric.router.droplog import DropLog
 from fabric.router.hold import HOLD_PACKETS, HOLD_TIMEOUT, PodHold
 from fabric.router.icmp import (
     PER_SENDER_BURST,
@@ -158,6 +159,7 @@ class Router:
         # next_timer() and clears it. A frame forwarded by the fast path moves none.
         self.touched = False
         self.drops: dict[str, int] = {}  # drops not attributable to an ingress port
+        self.droplog = DropLog(name)
         self.hold = PodHold(hold_packets, hold_timeout)
         self.icmp = IcmpLimiter()
         # What the namespace attaches (see the attach_* methods); without a local stack

@@ -45,6 +45,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, Protocol, TypeVar, cast
 
 from fabric.errors import FabricError
+from fabric.router.droplog import HEAD_BYTES
 from fabric.router.model import DROP_TX_ERROR, DROP_TX_FULL, KIND_TUNNEL, L3_OFF, Port
 from fabric.runtime.timerfd import TimerFd
 
@@ -682,12 +683,16 @@ class DataPlane:
                 if n <= 0:
                     break
                 n += offset
+                d0 = port.ndrops
                 out = receive(port, buf, n, now)
+                if port.ndrops != d0:
+                    self._dropped(owner, port, buf, n, now)
                 if out is not None:
                     try:
                         write(out.fd, mv[L3_OFF:n] if out.l3 else mv[:n])
                     except BlockingIOError:
                         out.drop(DROP_TX_FULL)
+                        self._dropped(owner, out, buf, n, now)
                     except OSError as e:
                         self._tx_error(out, e)
                 if owner.outputs:
@@ -701,6 +706,17 @@ class DataPlane:
         if owner.touched:  # only what left the fast path can have moved a deadline
             owner.touched = False
             self._after(owner)
+
+    @staticmethod
+    def _dropped(owner: Any, port: Port, buf: bytearray, n: int, now: float) -> None:
+        """The frame in buf[:n] was just dropped on `port`: its headers to the drop log."""
+        log = getattr(owner, "droplog", None)
+        if log is None:
+            return
+        start = L3_OFF if port.l3 else port.hlen
+        pod = port.pod
+        log.record(pod.name if pod is not None else port.kind, port.last_drop,
+                   bytes(buf[start:min(n, start + HEAD_BYTES)]), port.l3, now)
 
     def _from_uplink(self, port: Port, buf: bytearray, n: int, now: float) -> Port | None:
         """A packet from the egress TUN: to the router of the namespace it is for."""

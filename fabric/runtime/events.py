@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 QUEUE_LIMIT = 4096
+HISTORY = 512  # recent events kept for `fabricd describe` (and /v1/events/recent)
 
 
 @dataclass(frozen=True)
@@ -78,18 +79,34 @@ class Subscription:
 
 
 class EventBus:
-    def __init__(self) -> None:
+    def __init__(self, history: int = HISTORY) -> None:
         self._subs: set[Subscription] = set()
         self.published = 0
+        self.history: deque[Event] = deque(maxlen=history)
 
     def publish(self, event: Event) -> None:
         self.published += 1
+        self.history.append(event)
         for s in list(self._subs):
             s.push(event)
 
     def emit(self, kind: str, namespace: str | None = None, pod: str | None = None,
              **fields: Any) -> None:
         self.publish(Event(kind, namespace, pod, fields))
+
+    def recent(self, namespace: str | None = None, pod: str | None = None,
+               service: str | None = None, limit: int = HISTORY) -> list[dict[str, Any]]:
+        """The last events (oldest first) about a namespace, a pod or a service."""
+        out = []
+        for e in self.history:
+            if namespace is not None and e.namespace != namespace:
+                continue
+            if pod is not None and e.pod != pod:
+                continue
+            if service is not None and e.fields.get("service") != service:
+                continue
+            out.append(e.to_dict())
+        return out[-limit:]
 
     def subscribe(self, limit: int = QUEUE_LIMIT) -> Subscription:
         s = Subscription(self, limit)

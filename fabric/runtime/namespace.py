@@ -528,9 +528,11 @@ class Namespace:
             "mtu": s.mtu,
             "pods": len(self.pods),
             "attached": sum(1 for p in self.pods.values() if p.port is not None),
+            "ready": sum(1 for p in self.pods.values() if p.ready),
             "held": self.router.held(),
             "egress": str(self.egress.egress_ip) if self.egress is not None else None,
             "egress_flows": self.egress.flows if self.egress is not None else 0,
             "drops": sum(self.router.drops.values()) + sum(
                 sum(p.port.drops.values()) for p in self.pods.values() if p.port),
+            "drops_last_minute": self.router.droplog.last_minute(time.monotonic()),
         }

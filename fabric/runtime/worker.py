@@ -38,6 +38,7 @@ from fabric.runtime.dataplane import DataPlane, DataPlaneBusy
 from fabric.runtime.endpoints import REFRESH_INTERVAL, EndpointResolver
 from fabric.runtime.events import EventBus, Subscription
 from fabric.runtime.metrics import collect
+from fabric.runtime.monitor import MonitorSubscription
 from fabric.runtime.namespace import RETRY_INTERVAL, Namespace
 from fabric.runtime.prometheus import Metric
 from fabric.runtime.reconcile import NamespacePlan, plan_namespace, plan_peers
@@ -470,6 +471,34 @@ class Fabric:
             r["last_handshake_age"] = round(mono - lh, 3) if lh is not None else None
             r["drops_total"] = sum(r.get("drops", {}).values())
         return rows
+
+    async def get_drops(self, namespace: str | None = None) -> list[dict[str, Any]]:
+        """The last drops of each namespace (newest first), with the frames' headers."""
+        spaces = [self._ns(namespace)] if namespace else list(self.namespaces.values())
+        offset = time.time() - time.monotonic()
+        rows: list[dict[str, Any]] = []
+        for ns in spaces:
+            for r in await self.dataplane.acall(ns.router.droplog.entries):
+                r["ts"] = round(r["ts"] + offset, 6)
+                r["first"] = round(r["first"] + offset, 6)
+                rows.append(r)
+        return rows
+
+    def monitor(self, namespace: str | None = None, pod: str | None = None,
+                reason: str | None = None) -> MonitorSubscription:
+        """Follow drops live (sampled, bounded); filters apply before anything is queued."""
+        spaces = [self._ns(namespace)] if namespace else list(self.namespaces.values())
+        if pod is not None and namespace is not None:
+            self._ns(namespace).get(pod)  # an unknown pod is a 404, not a silent feed
+        return MonitorSubscription([ns.router.droplog for ns in spaces], pod, reason,
+                                   asyncio.get_running_loop())
+
+    def monitor_sinks(self) -> int:
+        return sum(len(ns.router.droplog.sinks) for ns in list(self.namespaces.values()))
+
+    def recent_events(self, namespace: str | None = None, pod: str | None = None,
+                      service: str | None = None) -> list[dict[str, Any]]:
+        return self.bus.recent(namespace, pod, service)
 
     def events(self) -> Subscription:
         return self.bus.subscribe()

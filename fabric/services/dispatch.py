@@ -25,6 +25,7 @@ from typing import Protocol
 from fabric.activator import abi
 from fabric.net.packets import ICMP_TIME_EXCEEDED, ICMP_UNREACH, PROTO_TCP, PROTO_UDP, UNREACH_PORT
 from fabric.net.vnet import F_NEEDS_CSUM
+from fabric.router.droplog import HEAD_BYTES
 from fabric.router.l3 import decrement_ttl
 from fabric.router.model import (
     DROP_ACTIVATOR,
@@ -271,6 +272,10 @@ class ServiceDispatch:
                     if client is not None and client.port is not None:
                         router.send_ip(client.port, a.response, now)
                 router.count(DROP_HOLD_TIMEOUT, 1)
+                sender = router.by_ip.get(a.frame[a.off + 12:a.off + 16])
+                router.droplog.record(sender.name if sender is not None else None,
+                                      DROP_HOLD_TIMEOUT,
+                                      a.frame[a.off:a.off + HEAD_BYTES], True, now)
             elif isinstance(a, Signal) and self.signals is not None:
                 self.signals.put(svc.name, a)
         self._take_signals(svc)

@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import stat
+import subprocess
 import tempfile
 import threading
 import time
@@ -118,6 +119,10 @@ class FakeFabric:
         self.subs: list[FakeSubscription] = []
         self.capture_args: list[tuple[str, str, int | None]] = []
         self.fail_with: BaseException | None = None
+        self.peer_rows: list[dict[str, Any]] = []
+        self.peer_calls: list[tuple[str, Any]] = []
+        self.drop_items: list[dict[str, Any]] = []
+        self.monitor_args: list[tuple[str | None, str | None, str | None]] = []
 
     def _maybe_fail(self) -> None:
         if self.fail_with is not None:
@@ -165,7 +170,36 @@ class FakeFabric:
         return [s for s in svcs if ns is None or s["namespace"] == ns]
 
     def get_peers(self) -> list[dict[str, Any]]:
-        return []
+        return self.peer_rows
+
+    def set_peer(self, spec: dict[str, Any]) -> dict[str, Any]:
+        self.peer_calls.append(("set", spec))
+        row = {"id": spec["id"], "public_key": spec["public_key"],
+               "endpoint": spec.get("endpoint")}
+        self.peer_rows = [p for p in self.peer_rows if p["id"] != spec["id"]] + [row]
+        return row
+
+    def remove_peer(self, peer: str) -> None:
+        if not any(p["id"] == peer for p in self.peer_rows):
+            raise NotFound(f"peer {peer} not found")
+        self.peer_calls.append(("remove", peer))
+        self.peer_rows = [p for p in self.peer_rows if p["id"] != peer]
+
+    def rekey_peer(self, peer: str) -> None:
+        self.peer_calls.append(("rekey", peer))
+
+    def get_drops(self, ns: str | None = None) -> list[dict[str, Any]]:
+        return [d for d in self.drop_items if ns is None or d["namespace"] == ns]
+
+    def monitor(self, ns: str | None, pod: str | None, reason: str | None) -> FakeSubscription:
+        self.monitor_args.append((ns, pod, reason))
+        sub = FakeSubscription(self.drop_items, True)
+        self.subs.append(sub)
+        return sub
+
+    def recent_events(self, ns: str | None, pod: str | None,
+                      service: str | None) -> list[dict[str, Any]]:
+        return [{"ts": 1.0, "kind": "pod_attached", "namespace": ns, "pod": pod or "web"}]
 
     def events(self) -> FakeSubscription:
         sub = FakeSubscription(self.event_items, self.events_end)
@@ -860,3 +894,102 @@ def test_a_request_trickled_byte_by_byte_is_cut_off(
             assert ControlClient(h.path).get("/v1/health")["ok"] is True
     finally:
         h.stop()
+
+
+# ---- operator commands: drops, monitor, peers, status, describe, completion --------------
+
+DROP = {"ts": 1700000000.5, "namespace": "blue", "pod": "web", "reason": "spoofed_source",
+        "count": 3, "src": "10.9.9.9", "dst": "10.1.0.3", "proto": "tcp", "sport": 4000,
+        "dport": 80, "flags": "S", "length": 60}
+
+
+def test_cli_get_drops_and_monitor(
+    harness: Harness, fabric: FakeFabric, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fabric.drop_items = [DROP]
+    assert cli.main(["get", "drops", "-n", "blue", "--control", harness.path]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:4] == ["TIME", "NAMESPACE", "POD", "REASON"]
+    assert "spoofed_source" in lines[1] and "10.9.9.9:4000" in lines[1]
+    assert cli.main(["get", "drops", "-o", "yaml", "--control", harness.path]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)[0]["reason"] == "spoofed_source"
+    assert cli.main(["monitor", "-n", "blue", "--pod", "web", "--reason", "spoofed_source",
+                     "--control", harness.path]) == 0
+    line = capsys.readouterr().out.strip()
+    assert "blue/web spoofed_source tcp 10.9.9.9:4000 -> 10.1.0.3:80 [S] len 60 x3" in line
+    assert fabric.monitor_args == [("blue", "web", "spoofed_source")]
+    assert cli.main(["monitor", "--pod", "web", "--control", harness.path]) == 2
+    assert "--pod needs -n" in capsys.readouterr().err
+
+
+def test_cli_peer_commands(
+    harness: Harness, fabric: FakeFabric, capsys: pytest.CaptureFixture[str]
+) -> None:
+    c = ["--control", harness.path]
+    assert cli.main(["peer", "add", "w2", "--public-key", "K2", "--endpoint",
+                     "192.0.2.2:51820", *c]) == 0
+    assert fabric.peer_calls[-1] == ("set", {"id": "w2", "public_key": "K2",
+                                             "endpoint": "192.0.2.2:51820"})
+    assert cli.main(["peer", "add", "w2", "--public-key", "K2", *c]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert cli.main(["peer", "set", "w2", "--endpoint", "192.0.2.7:51820", *c]) == 0
+    assert fabric.peer_calls[-1][1] == {"id": "w2", "public_key": "K2",
+                                        "endpoint": "192.0.2.7:51820"}
+    assert cli.main(["peer", "set", "w3", "--endpoint", "192.0.2.7:1", *c]) == 1
+    assert cli.main(["peer", "rekey", "w2", *c]) == 0
+    assert cli.main(["peer", "remove", "w2", *c]) == 0
+    assert fabric.peer_calls[-2:] == [("rekey", "w2"), ("remove", "w2")]
+    assert cli.main(["peer", "remove", "w2", *c]) == 1
+    assert cli.main(["peer", *c]) == 2
+
+
+def test_cli_peers_like_wg(
+    harness: Harness, fabric: FakeFabric, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fabric.peer_rows = [{"id": "w2", "public_key": "K2", "endpoint": "192.0.2.2:51820",
+                         "keepalive": 25, "last_handshake_age": 65.2, "rx_bytes": 1536,
+                         "tx_bytes": 3 * 1024 * 1024, "drops_total": 0}]
+    assert cli.main(["get", "peers", "-o", "wg", "--control", harness.path]) == 0
+    out = capsys.readouterr().out
+    assert "peer: w2" in out and "endpoint: 192.0.2.2:51820" in out
+    assert "latest handshake: 1 minute, 5 seconds ago" in out
+    assert "transfer: 1.50 KiB received, 3.00 MiB sent" in out
+    assert "persistent keepalive: every 25 seconds" in out
+    assert cli.main(["get", "peers", "--control", harness.path]) == 0
+    assert "1 minute, 5 seconds ago" in capsys.readouterr().out
+
+
+def test_cli_status_and_describe(
+    harness: Harness, fabric: FakeFabric, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fabric.peer_rows = [{"id": "w2", "last_handshake_age": None}]
+    assert cli.main(["status", "--control", harness.path]) == 0
+    out = capsys.readouterr().out
+    assert "healthy" in out and "services: 1 (dormant 1)" in out
+    assert "peers: 1 (0 up, 1 down): down w2" in out
+    assert cli.main(["describe", "pod", "blue/web", "--control", harness.path]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Pod: web") and "pod_attached" in out
+    assert cli.main(["describe", "svc", "api", "-n", "blue", "--control", harness.path]) == 0
+    assert capsys.readouterr().out.startswith("Service: api")
+    assert cli.main(["describe", "service", "nope", "--control", harness.path]) == 1
+    assert cli.main(["describe", "pod", "web", "--control", harness.path]) == 2
+
+
+def test_cli_completion_scripts(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert cli.main(["completion", "bash"]) == 0
+    script = tmp_path / "c.bash"
+    script.write_text(capsys.readouterr().out)
+    probe = (f"source {script}; COMP_WORDS=(fabricd peer add w2 --); COMP_CWORD=4; _fabricd;"
+             " echo \"${COMPREPLY[*]}\"; COMP_WORDS=(fabricd get pods -o ''); COMP_CWORD=4;"
+             " _fabricd; echo \"${COMPREPLY[*]}\"")
+    out = subprocess.run(["bash", "-c", probe], capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert "--endpoint" in out[0].split() and "--public-key" in out[0].split()
+    assert out[1].split() == ["table", "json", "yaml", "wg"]
+    assert cli.main(["completion", "zsh"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("#compdef fabricd") and "'peer add')" in text
+    if shutil.which("zsh"):
+        (tmp_path / "_fabricd").write_text(text)
+        subprocess.run(["zsh", "-n", str(tmp_path / "_fabricd")], check=True)
