@@ -6,10 +6,15 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-unit test-e2e bench soak lint debs clean sweep wheel
+.PHONY: demo test test-unit test-e2e bench soak lint debs debs-bench clean sweep wheel
 
 debs:
 	@sh scripts/install-debs
+
+# The benchmarks' peers (wireguard-go, nebula, dnsperf): `make test` runs every benchmark
+# once in smoke mode, so it needs them too.
+debs-bench:
+	@sh scripts/install-debs bench
 
 $(STAMP): requirements.lock pyproject.toml | debs
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +30,7 @@ lint: $(STAMP)
 
 # The unit, shell and replay suites run as an ordinary user (scripts/unprivileged);
 # the end-to-end suite needs root for its network namespaces.
-test: debs $(STAMP) lint
+test: debs debs-bench $(STAMP) lint
 	$(BIN)/python activators/build.py --check
 	sh scripts/unprivileged $(BIN)/python -m pytest -q -p no:cacheprovider tests/unit tests/shell tests/replay
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/e2e
@@ -33,11 +38,10 @@ test: debs $(STAMP) lint
 test-unit: $(STAMP)
 	sh scripts/unprivileged $(BIN)/python -m pytest -q -p no:cacheprovider tests/unit tests/shell tests/replay
 
-test-e2e: debs $(STAMP)
+test-e2e: debs debs-bench $(STAMP)
 	$(BIN)/python -m pytest -q tests/e2e
 
-bench: debs $(STAMP)
-	@sh scripts/install-debs bench
+bench: debs debs-bench $(STAMP)
 	$(BIN)/python -m tests.bench
 
 # Ten minutes of mixed traffic on two workers with both daemons' memory and fds sampled
