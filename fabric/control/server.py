@@ -29,6 +29,7 @@ import h11
 
 from fabric.errors import ConfigError, FabricError, NotFound
 from fabric.net import pcap
+from fabric.runtime import families
 from fabric.runtime import prometheus as metrics_mod
 
 log = logging.getLogger(__name__)
@@ -708,20 +709,11 @@ class ControlServer:
         return Response(body=text.encode(), content_type=metrics_mod.CONTENT_TYPE)
 
     def _own_metrics(self) -> list[metrics_mod.Metric]:
-        return [
-            metrics_mod.Metric(
-                "fabricd_control_connections",
-                "gauge",
-                "Open control API connections.",
-                [({}, float(len(self._active)))],
-            ),
-            metrics_mod.Metric(
-                "fabricd_control_requests_total",
-                "counter",
-                "Control API requests answered, by HTTP status.",
-                [({"code": str(code)}, float(n)) for code, n in sorted(self._requests.items())],
-            ),
-        ]
+        conns = families.new("fabricd_control_connections")
+        conns.samples.append(({}, len(self._active)))
+        reqs = families.new("fabricd_control_requests_total")
+        reqs.samples += [({"code": str(code)}, n) for code, n in sorted(self._requests.items())]
+        return [conns, reqs]
 
     async def _events(self, req: Request) -> Response:
         sub = await _call(self.fabric.events)
