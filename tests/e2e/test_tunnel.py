@@ -240,7 +240,7 @@ def test_restarted_worker_answers_stale_data_with_a_handshake(sandbox: Sandbox) 
           "after the underlay came up")
     assert took < 1.5, took
     line = next(x for x in metrics.splitlines()
-                if 'counter="handshake_on_unknown_session"' in x)
+                if 'fabric_tunnel_events_total{event="handshake_on_unknown_session"}' in x)
     assert float(line.split()[-1]) >= 1, line
 
 
