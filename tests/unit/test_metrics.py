@@ -144,3 +144,21 @@ def test_histogram_merge() -> None:
     assert m == HistogramSnapshot((1.0,), (1, 1), 2.5) and m.count == 2
     with pytest.raises(ValueError):
         a.snapshot().merged(Histogram((2.0,)).snapshot())
+
+
+def test_histogram_observe_keeps_no_memory() -> None:
+    """The packet path observes: nothing may pile up per observation."""
+    import tracemalloc
+
+    h = Histogram((0.001, 0.01, 0.1))
+    h.observe(0.005)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(20000):
+            h.observe(i * 1e-5)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert h.count == 20001
+    assert grown < 1024, grown  # a few boxed numbers at most, not one object per call
