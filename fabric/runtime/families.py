@@ -80,9 +80,10 @@ FAMILIES: tuple[Family, ...] = (
            "A wake, from the demand that found no ready backend to the held packets "
            "released (or to readiness when nothing was held)"),
     Family("fabric_service_wake_phase_seconds", "histogram", ("namespace", "service", "phase"),
-           "A wake's phases: hook (to the on_activate hook started), ready (to the "
-           "backend's port accepting the probe, or marked ready), release (to the held "
-           "packets released)"),
+           "A wake's phases: hook (to the on_activate hook started), ready (from the hook, "
+           "or the wake's start without one, to the backend's port accepting the probe or "
+           "its being marked ready), release (to the held packets released; on the "
+           "data-plane thread right after readiness, so near 0 unless it lags)"),
     # --- tunnels ---
     Family("fabric_tunnel_drops_total", "counter", ("reason",),
            "Tunnel datagrams dropped, by reason (the core's, the socket's, the kernel "
