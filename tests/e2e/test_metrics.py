@@ -108,6 +108,8 @@ def test_live_scrapes_pass_promtool_and_histograms_fill(sandbox: Sandbox) -> Non
     for name in ("b.shop.fabric.internal", "web.example.test"):
         got = sb.run(a, "dig", "@10.40.0.1", "+time=5", "+tries=2", "+short", name).stdout
         assert got.strip(), (name, got)
+    resolver = sb.popen(a, "sh", "-c", "for i in $(seq 300); do dig @10.40.0.1 +short +time=2 "
+                        "+tries=1 a.shop.fabric.internal www.example.test >/dev/null; done")
     assert d1.get("/v1/services")[0]["state"] == "dormant"
     client = sb.popen(a, "curl", "-sS", "--max-time", "30", f"http://{VIP}/", text=True,
                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -125,6 +127,7 @@ def test_live_scrapes_pass_promtool_and_histograms_fill(sandbox: Sandbox) -> Non
     assert during.get("fabric_tunnel_rx_bytes_total") > 0
     assert during.get("fabric_port_rx_bytes_total", namespace="shop", pod="a") > 0
     _checked(d2.control, "w2 under traffic")
+    assert resolver.poll() is None, "the DNS queries went on through the scrapes"
 
     body, err = client.communicate(timeout=40)
     assert "hello from" in body, (body, err, d1.log()[-2000:])
