@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from dnslib import EDNS0, NS, PTR, RR, SOA, DNSHeader, DNSLabel, DNSQuestion, DNSRecord
 from dnslib import A as A_RD
 
+from fabric.histogram import DNS_BUCKETS, Histogram
 from gateway.records import Labels, Records
 
 # Header flag bits and codes.
@@ -169,7 +170,7 @@ class _Pending:
 
     __slots__ = ("key", "client", "client_tcp", "query", "qmatch", "question", "flags",
                  "estate", "limit", "attempt", "up_index", "gen", "deadline", "use_tcp",
-                 "wire_keys", "ckey")
+                 "wire_keys", "ckey", "arrived")
 
     def __init__(self, key: int, client: object, client_tcp: bool, query: bytes,
                  qmatch: tuple[bytes, int, int], question: bytes, flags: int, estate: int,
@@ -190,6 +191,7 @@ class _Pending:
         self.use_tcp = False
         self.wire_keys: list[tuple[tuple[str, int], int]] = []
         self.ckey = ckey
+        self.arrived = 0.0  # when the client's query came
 
 
 class DnsCore:
@@ -211,6 +213,8 @@ class DnsCore:
         self.max_inflight = max_inflight
         self._randbits = randbits
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
+        # Forwarded queries, from the client's query to its answer (or SERVFAIL).
+        self.upstream_seconds = Histogram(DNS_BUCKETS)
         self._cache: dict[tuple, tuple[bytes, str | None]] = {}
         self._cache_version = records.version
         self._pending: dict[int, _Pending] = {}
@@ -497,6 +501,7 @@ class DnsCore:
             return [Reply(client, _minimal(qid, servfail, question, estate))]
         p = _Pending(self._next_key, client, tcp, data, qmatch, question, flags, estate, limit,
                      ckey)
+        p.arrived = now
         forward = self._send(p, self._preferred, now, False)
         if forward is None:
             c["inflight_full"] += 1
@@ -530,7 +535,9 @@ class DnsCore:
             heapq.heapify(self._heap)
         return Forward(upstream, wid.to_bytes(2, "big") + p.query[2:], tcp, p.key)
 
-    def _finish(self, p: _Pending) -> None:
+    def _finish(self, p: _Pending, now: float) -> None:
+        """`p` is answered (or given up on) now."""
+        self.upstream_seconds.observe(now - p.arrived)
         self._pending.pop(p.key, None)
         for wk in p.wire_keys:
             if self._wire.get(wk) is p:
@@ -581,13 +588,13 @@ class DnsCore:
             index = ups.index(upstream) if upstream in ups else 0
             forward = self._send(p, index, now, True)
             if forward is None:
-                self._finish(p)
+                self._finish(p, now)
                 c["inflight_full"] += 1
                 return [Reply(p.client, self._servfail(p))]
             p.use_tcp = True
             c["truncated_retries_tcp"] += 1
             return [forward]
-        self._finish(p)
+        self._finish(p, now)
         c["upstream_answers"] += 1
         reply = p.query[:2] + data[2:]
         if len(reply) > p.limit:
@@ -635,7 +642,7 @@ class DnsCore:
             if p is None or p.gen != gen:
                 continue
             if not self.upstreams:  # all removed by a config change
-                self._finish(p)
+                self._finish(p, now)
                 c["timeouts_servfail"] += 1
                 out.append(Reply(p.client, self._servfail(p)))
                 continue
@@ -648,7 +655,7 @@ class DnsCore:
                     c["retries"] += 1
                     out.append(forward)
                     continue
-            self._finish(p)
+            self._finish(p, now)
             c["timeouts_servfail"] += 1
             out.append(Reply(p.client, self._servfail(p)))
         return out

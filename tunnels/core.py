@@ -27,6 +27,7 @@ from typing import Any
 
 from cryptography.exceptions import InvalidTag
 
+from fabric.histogram import HANDSHAKE_BUCKETS, Histogram
 from tunnels import tai64n
 from tunnels.cookie import CookieChecker
 from tunnels.handshake import NoiseContext
@@ -195,6 +196,8 @@ class TunnelCore:
         self._heap: list[tuple[float, int, Peer]] = []
         self._seq = itertools.count()
         self._c = dict.fromkeys(DROPS + EVENTS, 0)
+        # Handshakes we initiated: from the initiation sent to the response consumed.
+        self.handshake_seconds = Histogram(HANDSHAKE_BUCKETS)
         self._last_timestamp = b""
         self._now = 0.0
         self._rx_bytes = 0
@@ -624,6 +627,7 @@ class TunnelCore:
             c["handshake_failed"] += 1
             return
         c["response_received"] += 1
+        self.handshake_seconds.observe(now - pending.created)
         peer.last_authentic = now
         peer.rx_bytes += len(msg)
         self._rx_bytes += len(msg)

@@ -29,6 +29,7 @@ import h11
 
 from fabric.errors import ConfigError, FabricError, NotFound
 from fabric.net import pcap
+from fabric.runtime import families
 from fabric.runtime import prometheus as metrics_mod
 
 log = logging.getLogger(__name__)
@@ -715,25 +716,17 @@ class ControlServer:
         return Response(body=text.encode(), content_type=metrics_mod.CONTENT_TYPE)
 
     def _own_metrics(self) -> list[metrics_mod.Metric]:
+        conns = families.new("fabricd_control_connections")
+        conns.samples.append(({}, len(self._active)))
+        reqs = families.new("fabricd_control_requests_total")
+        reqs.samples += [({"code": str(code)}, n) for code, n in sorted(self._requests.items())]
+        out = [conns, reqs]
         sinks = getattr(self.fabric, "monitor_sinks", None)
-        extra = [] if sinks is None else [metrics_mod.Metric(
-            "fabricd_monitor_sinks", "gauge",
-            "Live `fabricd monitor` feeds attached to namespaces' drop logs (0: the drop "
-            "path does nothing for monitors).", [({}, float(sinks()))])]
-        return extra + [
-            metrics_mod.Metric(
-                "fabricd_control_connections",
-                "gauge",
-                "Open control API connections.",
-                [({}, float(len(self._active)))],
-            ),
-            metrics_mod.Metric(
-                "fabricd_control_requests_total",
-                "counter",
-                "Control API requests answered, by HTTP status.",
-                [({"code": str(code)}, float(n)) for code, n in sorted(self._requests.items())],
-            ),
-        ]
+        if sinks is not None:
+            mon = families.new("fabricd_monitor_sinks")
+            mon.samples.append(({}, sinks()))
+            out.append(mon)
+        return out
 
     async def _events(self, req: Request) -> Response:
         sub = await _call(self.fabric.events)

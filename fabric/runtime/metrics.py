@@ -1,9 +1,10 @@
-"""The Prometheus view of a worker: every metric family the daemon exports.
+"""The Prometheus view of a worker: the samples of the families fabric.runtime.families
+declares.
 
-Counters of the packet path live on the data-plane thread, so they are copied there in
-one ``DataPlane.call`` (one consistent snapshot, no reads across threads); the DNS
-server's own counters live on the event loop and are read here. The exposition format is
-fabric.runtime.prometheus.
+Counters and histograms of the packet path live on the data-plane thread, so they are
+copied there in one ``DataPlane.call`` (one consistent snapshot, no reads across
+threads); the DNS server's and the hooks' live on the event loop and are read here. The
+exposition format is fabric.runtime.prometheus.
 """
 
 from __future__ import annotations
@@ -11,14 +12,32 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+from fabric.histogram import HistogramSnapshot
 from fabric.ports import netlink
 from fabric.router.model import Port
 from fabric.runtime.dataplane import DataPlane
 from fabric.runtime.events import EventBus
+from fabric.runtime.families import new
 from fabric.runtime.namespace import Namespace
 from fabric.runtime.prometheus import Metric
+from fabric.services.core import WAKE_PHASES, Service
 from gateway.uplink import Uplink
+from tunnels.core import DROPS as TUNNEL_DROPS
+from tunnels.core import EVENTS as TUNNEL_EVENTS
 from tunnels.link import TunnelLink
+
+SERVICE_STATES = ("dormant", "activating", "ready", "idle")
+HOOK_RESULTS = ("run", "failed", "timed_out", "skipped", "replaced")
+# The link's counters that are datagrams lost; the others are events.
+LINK_DROPS = ("empty", "truncated", "send_too_big", "send_errors", "kernel_drops")
+# The tunnel core's totals and sizes, each its own family (not drops nor events).
+TUNNEL_TOTALS = {"rx_bytes": "fabric_tunnel_rx_bytes_total",
+                 "tx_bytes": "fabric_tunnel_tx_bytes_total",
+                 "rx_packets": "fabric_tunnel_rx_packets_total",
+                 "tx_packets": "fabric_tunnel_tx_packets_total",
+                 "peers": "fabric_tunnel_peers",
+                 "indices": "fabric_tunnel_session_indices",
+                 "rate_limiter_entries": "fabric_tunnel_rate_limiter_entries"}
 
 
 class Fabric(Protocol):
@@ -41,6 +60,14 @@ def _port(port: Port) -> dict[str, Any]:
             "drops": dict(port.drops)}
 
 
+def _service(svc: Service) -> dict[str, Any]:
+    return {"name": svc.name, "state": svc.state, "held_packets": svc.held_packets,
+            "held_bytes": svc.held_bytes, "flows": len(svc.table),
+            "ready": sum(1 for b in svc.backends.values() if svc.is_ready(b)),
+            "counters": dict(svc.counters), "wake": svc.wake_seconds.snapshot(),
+            "phases": {p: svc.wake_phase_seconds[p].snapshot() for p in WAKE_PHASES}}
+
+
 def _snapshot(fab: Fabric) -> dict[str, Any]:
     """On the data-plane thread: plain copies of what the packet path counts."""
     namespaces = []
@@ -55,8 +82,10 @@ def _snapshot(fab: Fabric) -> dict[str, Any]:
                       if st.port is not None},
             "gateway": _port(ns.local_port) if ns.local_port is not None else None,
             "dns_fast": dict(ns.dns_fast.counters) if ns.dns_fast is not None else {},
+            "dns_fast_seconds": ns.dns_fast_seconds.snapshot(),
             "egress": dict(ns.egress.counters) if ns.egress is not None else None,
             "egress_flows": ns.egress.flows if ns.egress is not None else 0,
+            "services": [_service(svc) for svc in ns.dispatch],
         })
     up = fab.uplink.port if fab.uplink is not None else None
     link = fab.link
@@ -65,47 +94,56 @@ def _snapshot(fab: Fabric) -> dict[str, Any]:
         "uplink": _port(up) if up is not None else None,
         "tunnel": None if link is None else {
             "core": dict(link.core.counters), "link": link.snapshot(),
+            "handshake_seconds": link.core.handshake_seconds.snapshot(),
             "unknown_namespace": fab.dataplane.tunnel_unknown_namespace,
             "yielded": fab.dataplane.tunnel_yields},
     }
 
 
+class _Families:
+    """The families of one scrape, made from the registry on first use, in that order."""
+
+    def __init__(self) -> None:
+        self.made: dict[str, Metric] = {}
+
+    def __call__(self, name: str) -> Metric:
+        m = self.made.get(name)
+        if m is None:
+            m = self.made[name] = new(name)
+        return m
+
+    def add(self, name: str, labels: dict[str, str], value: float | HistogramSnapshot
+            ) -> None:
+        self(name).samples.append((labels, value))
+
+
 async def collect(fab: Fabric) -> list[Metric]:
     snap = await fab.dataplane.acall(_snapshot, fab)
-    rx_p = Metric("fabric_port_rx_packets_total", "counter",
-                  "Frames received from a pod's port (a GSO super-frame counts once)")
-    rx_b = Metric("fabric_port_rx_bytes_total", "counter", "Bytes received from a pod's port")
-    tx_p = Metric("fabric_port_tx_packets_total", "counter", "Frames sent to a pod's port")
-    tx_b = Metric("fabric_port_tx_bytes_total", "counter", "Bytes sent to a pod's port")
-    drops = Metric("fabric_drops_total", "counter",
-                   "Frames dropped, by namespace, ingress pod (empty if none) and reason")
-    pods = Metric("fabric_pods", "gauge", "Pods in the namespace's table")
-    attached = Metric("fabric_pods_attached", "gauge", "Pods whose port is attached")
-    held = Metric("fabric_held_packets", "gauge", "Frames held for pods not attached yet")
-    dns = Metric("fabric_dns_total", "counter",
-                 "DNS server events per namespace (queries, local answers, forwards, "
-                 "drops...), by counter name")
-    egress = Metric("fabric_egress_total", "counter",
-                    "Egress NAT events per namespace, by counter name")
-    flows = Metric("fabric_egress_flows", "gauge", "Egress NAT flows in the table")
+    f = _Families()
+    f.add("fabric_namespaces", {}, len(fab.namespaces))
+    for name in ("fabric_pods", "fabric_pods_attached", "fabric_held_packets",
+                 "fabric_port_rx_packets_total", "fabric_port_rx_bytes_total",
+                 "fabric_port_tx_packets_total", "fabric_port_tx_bytes_total",
+                 "fabric_drops_total", "fabric_dns_total", "fabric_dns_answer_seconds",
+                 "fabric_egress_total", "fabric_egress_flows"):
+        f(name)  # declared even while empty: a dashboard's query finds its family
 
     def port_samples(lab: dict[str, str], c: dict[str, Any]) -> None:
-        rx_p.samples.append((lab, c["rx_packets"]))
-        rx_b.samples.append((lab, c["rx_bytes"]))
-        tx_p.samples.append((lab, c["tx_packets"]))
-        tx_b.samples.append((lab, c["tx_bytes"]))
+        for key in ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes"):
+            f.add(f"fabric_port_{key}_total", lab, c[key])
         for reason, v in c["drops"].items():
-            drops.samples.append(({**lab, "reason": reason}, v))
+            f.add("fabric_drops_total", {**lab, "reason": reason}, v)
 
     for s in snap["namespaces"]:
         n = s["name"]
+        nl = {"namespace": n}
         for reason, v in s["drops"].items():
-            drops.samples.append(({"namespace": n, "pod": "", "reason": reason}, v))
+            f.add("fabric_drops_total", {"namespace": n, "pod": "", "reason": reason}, v)
         for name, c in s["ports"].items():
             port_samples({"namespace": n, "pod": name}, c)
-        pods.samples.append(({"namespace": n}, s["pods"]))
-        attached.samples.append(({"namespace": n}, s["attached"]))
-        held.samples.append(({"namespace": n}, s["held"]))
+        f.add("fabric_pods", nl, s["pods"])
+        f.add("fabric_pods_attached", nl, s["attached"])
+        f.add("fabric_held_packets", nl, s["held"])
         ns = fab.namespaces.get(n)
         if ns is not None and ns.dns is not None:
             total: dict[str, int] = dict(ns.dns.core.counters)
@@ -113,48 +151,79 @@ async def collect(fab: Fabric) -> list[Metric]:
                 for k, v in extra.items():
                     total[k] = total.get(k, 0) + v
             for k, v in total.items():
-                dns.samples.append(({"namespace": n, "counter": k}, v))
+                f.add("fabric_dns_total", {"namespace": n, "counter": k}, v)
+            f.add("fabric_dns_answer_seconds", {"namespace": n, "source": "local"},
+                  s["dns_fast_seconds"].merged(ns.dns.local_seconds.snapshot()))
+            f.add("fabric_dns_answer_seconds", {"namespace": n, "source": "upstream"},
+                  ns.dns.core.upstream_seconds.snapshot())
         if s["egress"] is not None:
             for k, v in s["egress"].items():
-                egress.samples.append(({"namespace": n, "counter": k}, v))
-            flows.samples.append(({"namespace": n}, s["egress_flows"]))
+                f.add("fabric_egress_total", {"namespace": n, "counter": k}, v)
+            f.add("fabric_egress_flows", nl, s["egress_flows"])
         if s["gateway"] is not None:
             port_samples({"namespace": n, "pod": "(gateway)"}, s["gateway"])
+        hooks = ns.services.hooks if ns is not None and ns.services is not None else None
+        for sv in s["services"]:
+            _service_samples(f, n, sv, hooks)
     if snap["uplink"] is not None:
         port_samples({"namespace": "", "pod": "(uplink)"}, snap["uplink"])
-    tun_metrics: list[Metric] = []
     t = snap["tunnel"]
     if t is not None:
-        tun = Metric("fabric_tunnel_total", "counter",
-                     "Tunnel events (handshakes, drops by reason, rx/tx), by counter name",
-                     [({"counter": k}, v) for k, v in t["core"].items()])
-        tun.samples += [({"counter": k}, v) for k, v in t["link"].items()]
-        tun.samples.append(({"counter": "unknown_namespace"}, t["unknown_namespace"]))
-        tun.samples.append(({"counter": "budget_yields"}, t["yielded"]))
-        peer_rx = Metric("fabric_peer_rx_bytes_total", "counter", "Bytes from a peer")
-        peer_tx = Metric("fabric_peer_tx_bytes_total", "counter", "Bytes to a peer")
-        peer_drops = Metric("fabric_peer_drops_total", "counter",
-                            "Datagrams of a peer dropped, by reason")
-        peer_hs = Metric("fabric_peer_last_handshake_seconds", "gauge",
-                         "Unix time of the peer's last completed handshake")
-        for r in await fab.get_peers():
-            lab = {"peer": r["id"]}
-            peer_rx.samples.append((lab, r["rx_bytes"]))
-            peer_tx.samples.append((lab, r["tx_bytes"]))
-            for reason, v in r.get("drops", {}).items():
-                peer_drops.samples.append(({**lab, "reason": reason}, v))
-            if r["last_handshake"] is not None:
-                peer_hs.samples.append((lab, r["last_handshake"]))
-        tun_metrics = [tun, peer_rx, peer_tx, peer_drops, peer_hs]
-    nss = Metric("fabric_namespaces", "gauge", "Namespaces on this worker",
-                 [({}, len(fab.namespaces))])
-    ev = Metric("fabric_events_total", "counter", "Events published",
-                [({}, fab.bus.published)])
-    evl = Metric("fabric_events_lost_total", "counter",
-                 "Events a slow subscriber lost (its queue was full)", [({}, fab.bus.lost())])
-    netns = Metric("fabric_netns_total", "counter",
-                   "Pods' netns paths refused (refused_<why>) and calls inside a pod's "
-                   "namespace given up on (timeouts), by counter name",
-                   [({"counter": k}, v) for k, v in sorted(netlink.counters.snapshot().items())])
-    return [nss, pods, attached, held, rx_p, rx_b, tx_p, tx_b, drops, dns, egress, flows,
-            *tun_metrics, ev, evl, netns]
+        await _tunnel_samples(f, fab, t)
+    f.add("fabric_events_total", {}, fab.bus.published)
+    f.add("fabric_events_lost_total", {}, fab.bus.lost())
+    for k, v in sorted(netlink.counters.snapshot().items()):
+        f.add("fabric_netns_total", {"counter": k}, v)
+    f("fabric_netns_total")
+    return list(f.made.values())
+
+
+def _service_samples(f: _Families, n: str, sv: dict[str, Any], hooks: Any) -> None:
+    lab = {"namespace": n, "service": sv["name"]}
+    for state in SERVICE_STATES:
+        f.add("fabric_service_state", {**lab, "state": state}, int(sv["state"] == state))
+    f.add("fabric_service_held_packets", lab, sv["held_packets"])
+    f.add("fabric_service_held_bytes", lab, sv["held_bytes"])
+    f.add("fabric_service_flows", lab, sv["flows"])
+    f.add("fabric_service_ready_backends", lab, sv["ready"])
+    f.add("fabric_service_wakes_total", lab, sv["counters"].get("activations", 0))
+    for k, v in sv["counters"].items():
+        f.add("fabric_service_total", {**lab, "counter": k}, v)
+    if hooks is not None:
+        stats = hooks.stats(sv["name"])
+        for r in HOOK_RESULTS:
+            f.add("fabric_service_hooks_total", {**lab, "result": r}, getattr(stats, r))
+    f.add("fabric_service_wake_seconds", lab, sv["wake"])
+    for phase, h in sv["phases"].items():
+        f.add("fabric_service_wake_phase_seconds", {**lab, "phase": phase}, h)
+
+
+async def _tunnel_samples(f: _Families, fab: Fabric, t: dict[str, Any]) -> None:
+    core: dict[str, int] = t["core"]
+    for k in TUNNEL_DROPS:
+        f.add("fabric_tunnel_drops_total", {"reason": k}, core.get(k, 0))
+    for k in LINK_DROPS:
+        f.add("fabric_tunnel_drops_total", {"reason": k}, t["link"].get(k, 0))
+    f.add("fabric_tunnel_drops_total", {"reason": "unknown_namespace"}, t["unknown_namespace"])
+    for k in TUNNEL_EVENTS:
+        f.add("fabric_tunnel_events_total", {"event": k}, core.get(k, 0))
+    f.add("fabric_tunnel_events_total", {"event": "rate_limiter_table_full"},
+          core.get("rate_limiter_table_full", 0))
+    for k, v in t["link"].items():
+        if k not in LINK_DROPS:
+            f.add("fabric_tunnel_events_total", {"event": k}, v)
+    f.add("fabric_tunnel_events_total", {"event": "budget_yields"}, t["yielded"])
+    for key, name in TUNNEL_TOTALS.items():
+        f.add(name, {}, core.get(key, 0))
+    f.add("fabric_tunnel_handshake_seconds", {}, t["handshake_seconds"])
+    for name in ("fabric_peer_rx_bytes_total", "fabric_peer_tx_bytes_total",
+                 "fabric_peer_drops_total", "fabric_peer_last_handshake_timestamp_seconds"):
+        f(name)
+    for r in await fab.get_peers():
+        lab = {"peer": r["id"]}
+        f.add("fabric_peer_rx_bytes_total", lab, r["rx_bytes"])
+        f.add("fabric_peer_tx_bytes_total", lab, r["tx_bytes"])
+        for reason, v in r.get("drops", {}).items():
+            f.add("fabric_peer_drops_total", {**lab, "reason": reason}, v)
+        if r["last_handshake"] is not None:
+            f.add("fabric_peer_last_handshake_timestamp_seconds", lab, r["last_handshake"])

@@ -1,7 +1,8 @@
 """Prometheus text exposition (format 0.0.4) without a client library.
 
-The fabric keeps its own counters; this module only turns a snapshot of them into text,
-so scraping never touches the data path and there is no global registry to manage.
+The fabric keeps its own counters and histograms; this module only turns a snapshot of
+them into text, so scraping never touches the data path. Which families exist, with which
+labels, is fabric.runtime.families (the one registry).
 """
 
 from __future__ import annotations
@@ -11,23 +12,27 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-MetricKind = Literal["counter", "gauge"]
+from fabric.histogram import HistogramSnapshot
+
+MetricKind = Literal["counter", "gauge", "histogram"]
+Value = float | HistogramSnapshot
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 _NAME_RE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 _LABEL_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
-_KINDS = ("counter", "gauge")
+_KINDS = ("counter", "gauge", "histogram")
 
 
 @dataclass
 class Metric:
-    """One metric family: a name, its type and help, and labelled samples."""
+    """One metric family: a name, its type and help, and labelled samples (a histogram's
+    samples are HistogramSnapshots)."""
 
     name: str
     kind: MetricKind
     help: str
-    samples: list[tuple[dict[str, str], float]] = field(default_factory=list)
+    samples: list[tuple[dict[str, str], Value]] = field(default_factory=list)
 
 
 def _escape_help(text: str) -> str:
@@ -65,15 +70,36 @@ def _labels(labels: dict[str, str], metric: str) -> str:
     return "{" + ",".join(parts) + "}"
 
 
+def _histogram(name: str, labels: dict[str, str], h: Value) -> list[str]:
+    """Cumulative `_bucket` lines up to le="+Inf", then `_sum` and `_count`."""
+    if not isinstance(h, HistogramSnapshot):
+        raise ValueError(f"metric {name}: a histogram sample must be a HistogramSnapshot")
+    if "le" in labels:
+        raise ValueError(f"metric {name}: 'le' is the histogram's own label")
+    lab = _labels(labels, name)
+    head = lab[:-1] + "," if lab else "{"
+    out = []
+    total = 0
+    for bound, n in zip(h.bounds, h.counts, strict=False):
+        total += n
+        out.append(f'{name}_bucket{head}le="{format_value(bound)}"}} {total}')
+    total += h.counts[-1]
+    out.append(f'{name}_bucket{head}le="+Inf"}} {total}')
+    out.append(f"{name}_sum{lab} {format_value(h.sum)}")
+    out.append(f"{name}_count{lab} {total}")
+    return out
+
+
 def render(metrics: list[Metric]) -> str:
     """Render families; repeated names are merged because Prometheus rejects split families."""
     families: dict[str, Metric] = {}
-    merged: dict[str, list[tuple[dict[str, str], float]]] = {}
+    merged: dict[str, list[tuple[dict[str, str], Value]]] = {}
     for m in metrics:
         if not _NAME_RE.match(m.name):
             raise ValueError(f"invalid metric name {m.name!r}")
         if m.kind not in _KINDS:
-            raise ValueError(f"metric {m.name}: kind must be counter or gauge, not {m.kind!r}")
+            raise ValueError(f"metric {m.name}: kind must be counter, gauge or histogram, "
+                             f"not {m.kind!r}")
         first = families.get(m.name)
         if first is None:
             families[m.name] = m
@@ -87,5 +113,10 @@ def render(metrics: list[Metric]) -> str:
         lines.append(f"# HELP {name} {_escape_help(m.help)}")
         lines.append(f"# TYPE {name} {m.kind}")
         for labels, value in merged[name]:
+            if m.kind == "histogram":
+                lines.extend(_histogram(name, labels, value))
+                continue
+            if isinstance(value, HistogramSnapshot):
+                raise ValueError(f"metric {name}: a {m.kind} sample must be a number")
             lines.append(f"{name}{_labels(labels, name)} {format_value(value)}")
     return "\n".join(lines) + "\n" if lines else ""

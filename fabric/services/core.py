@@ -84,6 +84,7 @@ from fabric.flows.headers import FRAGMENT, ICMP_ERROR, TRANSPORT, Headers
 from fabric.flows.headers import MALFORMED as MALFORMED_PACKET
 from fabric.flows.rewrite import quote, quoted_key
 from fabric.flows.table import Flow, FlowPolicy, FlowTable, error_to_origin, error_to_peer
+from fabric.histogram import WAKE_BUCKETS, Histogram
 from fabric.net import checksum, packets
 from fabric.net.packets import (
     ICMP_ECHO_REPLY,
@@ -99,7 +100,7 @@ from fabric.net.packets import (
     TCP_SYN,
     UNREACH_PORT,
 )
-from fabric.services.demand import ACTIVATE_DEBOUNCE, FELL, Demand, FlowId, Signal
+from fabric.services.demand import ACTIVATE_DEBOUNCE, FELL, STAYED, Demand, FlowId, Signal
 
 # Verdicts of outbound() and reply().
 FORWARD = 0  # rewritten in place: route by the new destination
@@ -118,6 +119,10 @@ VERDICTS = ("forward", "held", "queued", "hold_full", "no_backend", "table_full"
 
 PROBE_INTERVAL = 0.2
 ACTIVE_PROBE_INTERVAL = 0.001
+
+# The phases of a wake (see Service.hook_started): to the on_activate hook started, to a
+# backend ready (its port accepted the probe, or the controller's word), to the release.
+WAKE_PHASES = ("hook", "ready", "release")
 
 COUNTERS = (
     "held",
@@ -261,6 +266,12 @@ class Service:
         self._release_at: float | None = None  # a release is pending since then
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self.demand = Demand(idle_timeout, activate_debounce, now, self.counters)
+        # A wake: from the demand that found no ready backend to the held packets released.
+        self.wake_seconds = Histogram(WAKE_BUCKETS)
+        self.wake_phase_seconds = {p: Histogram(WAKE_BUCKETS) for p in WAKE_PHASES}
+        self._wake_start: float | None = None  # a wake is in progress since then
+        self._wake_mark = 0.0  # the end of its last phase
+        self._wake_phase = 0  # 0: waiting for the hook or a backend, 1: hook started, 2: ready
 
     @classmethod
     def from_spec(cls, spec: ServiceSpec, **kw: Any) -> Service:
@@ -344,6 +355,28 @@ class Service:
                 self._release_at = now
         else:
             self._release_at = None
+        if self._ready and self._wake_start is not None and self._wake_phase < 2:
+            self._wake_step("ready", now)
+            self._wake_phase = 2
+            if not self._hold:
+                self._wake_done(now)  # nothing was held (an activator asked): woken now
+
+    # --- wakes ------------------------------------------------------------------------------
+
+    def hook_started(self, now: float) -> None:
+        """The on_activate hook of the wake in progress started (the shell says when)."""
+        if self._wake_start is not None and self._wake_phase == 0:
+            self._wake_step("hook", now)
+            self._wake_phase = 1
+
+    def _wake_step(self, phase: str, now: float) -> None:
+        self.wake_phase_seconds[phase].observe(max(0.0, now - self._wake_mark))
+        self._wake_mark = now
+
+    def _wake_done(self, now: float) -> None:
+        assert self._wake_start is not None
+        self.wake_seconds.observe(max(0.0, now - self._wake_start))
+        self._wake_start = None
 
     @property
     def has_ready(self) -> bool:
@@ -593,6 +626,9 @@ class Service:
             else:
                 self.counters["release_dropped"] += 1
         self._release_at = None
+        if self._wake_start is not None and self._wake_phase == 2:
+            self._wake_step("release", now)
+            self._wake_done(now)
         return out
 
     @property
@@ -626,6 +662,9 @@ class Service:
             if b.parked:
                 b.parked = False
                 b.probe_due = now
+        if not self._ready and self._wake_start is None:
+            self._wake_start = self._wake_mark = now
+            self._wake_phase = 0
         self.demand.rise(reason, flow, now)
 
     @property
@@ -634,6 +673,8 @@ class Service:
         return bool(self._hold) or self.table.open > 0
 
     def _fell(self, result: int, now: float) -> None:
+        if result != STAYED:
+            self._wake_start = None  # no longer needed: a wake still in progress is abandoned
         if result == FELL:
             if self._probe:
                 # The controller scales the backends down now: not trusted (nor probed)

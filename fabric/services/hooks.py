@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import signal
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ from fabric.config.specs import split_command
 log = logging.getLogger("fabricd.services")
 
 Emit = Callable[..., None]
+# (service, kind, monotonic time): a hook's process started (the wake's first phase ends).
+Started = Callable[[str, str, float], None]
 
 HOOK_TIMEOUT = 60.0
 HOOK_OUTPUT_LINES = 20  # kept and logged when the hook ends
@@ -69,9 +72,10 @@ class HookRunner:
     """Runs one namespace's hooks (see module docstring)."""
 
     def __init__(self, namespace: str, emit: Emit, *, timeout: float = HOOK_TIMEOUT,
-                 concurrency: int = HOOK_CONCURRENCY) -> None:
+                 concurrency: int = HOOK_CONCURRENCY, started: Started | None = None) -> None:
         self.namespace = namespace
         self._emit = emit
+        self._started = started
         self.timeout = timeout
         self._lanes: dict[str, _Lane] = {}
         self._slots = asyncio.Semaphore(concurrency)
@@ -147,6 +151,8 @@ class HookRunner:
                 log.error("%s %r failed to start: %s", where, cmd, e.strerror or e)
                 failed(str(e))
                 return
+            if self._started is not None:
+                self._started(service, kind, time.monotonic())
             tail: deque[str] = deque(maxlen=HOOK_OUTPUT_LINES)
             try:
                 await asyncio.wait_for(self._read(proc, tail, stats), self.timeout)

@@ -76,7 +76,7 @@ class ServiceManager:
         self.specs: dict[str, ServiceSpec] = {}
         self.hosts: dict[str, dict[tuple[int, int], ActivatorHost]] = {}
         self._loop = asyncio.get_running_loop()
-        self.hooks = HookRunner(namespace, emit)
+        self.hooks = HookRunner(namespace, emit, started=self._hook_started)
         self._loop.add_reader(signals.fd, self._on_signals)
 
     # --- specs ---------------------------------------------------------------------------
@@ -181,6 +181,11 @@ class ServiceManager:
         cmd = spec.on_activate if sig.kind == "activate" else spec.on_idle
         if cmd:
             self.hooks.submit(service, sig.kind, cmd)
+
+    def _hook_started(self, service: str, kind: str, t: float) -> None:
+        svc = self.by_name.get(service)
+        if kind == "activate" and svc is not None:
+            self._post(svc.hook_started, t)
 
     # --- views ---------------------------------------------------------------------------
 

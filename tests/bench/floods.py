@@ -99,8 +99,8 @@ class FloodTopology(Topology):
 
         assert self.daemon is not None
         m = scrape(self.daemon.control)
-        return {"tunnel": m.get("fabric_tunnel_total", counter="datagrams_in")
-                + (m.get("fabric_tunnel_total", counter="kernel_drops") or 0),
+        return {"tunnel": m.get("fabric_tunnel_events_total", event="datagrams_in")
+                + (m.get("fabric_tunnel_drops_total", reason="kernel_drops") or 0),
                 "dns": m.get("fabric_dns_total", namespace="bench", counter="queries")}
 
     def settle(self, timeout: float = 30.0) -> float:

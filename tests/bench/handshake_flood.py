@@ -64,19 +64,13 @@ def bench_core(rate: int, seconds: float) -> dict[str, Any]:
 
 
 def _tunnel_counters(daemon: Any) -> dict[str, float]:
-    from fabric.control.client import ControlClient
+    from tests.support.procstat import scrape
 
-    out: dict[str, float] = {}
     try:
-        text = ControlClient(daemon.control).get_text("/metrics")
+        return scrape(daemon.control).tunnel()
     except Exception as e:  # a data plane too busy to answer is a result too
         print(f"metrics: {e}", file=sys.stderr)
-        return out
-    for line in text.splitlines():
-        if line.startswith("fabric_tunnel_total{"):
-            name = line.split('counter="', 1)[1].split('"', 1)[0]
-            out[name] = float(line.split()[-1])
-    return out
+        return {}
 
 
 def _rcvbuf_errors(sb: Any, ns: str) -> int:

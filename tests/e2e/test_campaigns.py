@@ -187,7 +187,7 @@ def test_campaign_tunnel_underlay(sandbox: Sandbox) -> None:
     sb = cl.sb
     assert ping_result(sb.run(cl.a, "ping", "-c", "2", "-i", "0.2", "-W", "3",
                               "10.40.0.3").stdout)[1] == 2
-    before = scrape(cl.d1.control).by("fabric_tunnel_total", "counter")
+    before = scrape(cl.d1.control).tunnel()
     peer_before = cl.d1.get("/v1/peers")[0]
     w = Watch(cl.d1)
     pinger = background_ping(sb, cl.a, "10.40.0.3", 16)
@@ -205,7 +205,7 @@ def test_campaign_tunnel_underlay(sandbox: Sandbox) -> None:
     sent, got, rtt = ping_result(pinger.communicate(timeout=30)[0])
     ip = json.loads(iperf.communicate(timeout=40)[0])
     w.stop()
-    after = scrape(cl.d1.control).by("fabric_tunnel_total", "counter")
+    after = scrape(cl.d1.control).tunnel()
     grew = diff(after, before)
     peer = cl.d1.get("/v1/peers")[0]
     mbps = ip["end"]["sum_received"]["bits_per_second"] / 1e6 if "end" in ip else 0.0

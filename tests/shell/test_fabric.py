@@ -25,9 +25,12 @@ from fabric.errors import ConfigError, FabricError
 from fabric.net import packets
 from fabric.net.packets import TCP_SYN
 from fabric.runtime.events import Event, Subscription
+from fabric.runtime.prometheus import render
 from fabric.runtime.worker import Fabric
 from tests.support.packets import valid
 from tests.support.pods import SocketPod
+from tests.support.procstat import Metrics
+from tests.support.promcheck import problems, promtool
 from tunnels.keys import generate_keypair
 
 CIDR = "10.10.0.0/24"
@@ -132,6 +135,19 @@ def test_a_dormant_service_wakes_runs_its_hook_and_releases_in_order(tmp_path: P
             ev = await next_event(sub, "idle", timeout=5.0)
             assert ev.fields["service"] == "site"
             sub.close()
+            # The wake in the metrics: one wake, through its hook, readiness and release.
+            text = render(await fab.metrics())
+            assert problems(text) == []
+            m = Metrics(text)
+            lab = {"namespace": "shop", "service": "site"}
+            assert m.get("fabric_service_wakes_total", **lab) == 1
+            assert m.get("fabric_service_wake_seconds_count", **lab) == 1
+            for phase in ("hook", "ready", "release"):
+                assert m.get("fabric_service_wake_phase_seconds_count", **lab,
+                             phase=phase) == 1, phase
+            assert m.get("fabric_service_hooks_total", **lab, result="run") == 1
+            assert m.by("fabric_service_state", "state", **lab) == {
+                "dormant": 1, "activating": 0, "ready": 0, "idle": 0}  # parked after idle
     try:
         run(main)
     finally:
@@ -201,7 +217,15 @@ def test_pods_on_two_workers_through_the_tunnel_on_loopback() -> None:
             (peer,) = await w1.get_peers()
             assert peer["id"] == "w2" and peer["last_handshake"] is not None
             names = {m.name for m in await w1.metrics()}
-            assert "fabric_tunnel_total" in names and "fabric_peer_rx_bytes_total" in names
+            assert {"fabric_tunnel_events_total", "fabric_tunnel_drops_total",
+                    "fabric_tunnel_handshake_seconds", "fabric_peer_rx_bytes_total"} <= names
+            texts = [render(await w.metrics()) for w in (w1, w2)]
+            for text in texts:
+                assert problems(text) == []
+                assert promtool(text) in ("", None)
+            # Both started a handshake; at least one of them completed its own.
+            assert sum(Metrics(t).get("fabric_tunnel_handshake_seconds_count")
+                       for t in texts) >= 1
     try:
         run(main)
     finally:

@@ -75,6 +75,12 @@ class Metrics:
         return sum(v for n, lab, v in self.samples
                    if n == name and all(lab.get(k) == want for k, want in labels.items()))
 
+    def tunnel(self) -> dict[str, float]:
+        """The tunnel's drops by reason and its events by event, as one dict (no name is
+        both a reason and an event)."""
+        return {**self.by("fabric_tunnel_drops_total", "reason"),
+                **self.by("fabric_tunnel_events_total", "event")}
+
     def by(self, name: str, label: str, **labels: str) -> dict[str, float]:
         """Samples of `name` summed by the value of `label`."""
         out: dict[str, float] = {}

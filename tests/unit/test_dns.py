@@ -578,6 +578,9 @@ def test_forward_rewrites_the_id_and_restores_it_on_the_answer():
     assert [x.rtype for x in r.rr] == [QTYPE.CNAME, QTYPE.A] and r.rr[0].ttl == 300
     assert c.inflight == 0 and c.next_timer() is None
     assert c.counters["forwarded"] == 1 and c.counters["upstream_answers"] == 1
+    h = c.upstream_seconds  # from the query (t=0) to the answer relayed (t=0.05)
+    assert h.count == 1 and h.sum == pytest.approx(0.05)
+    assert h.bounds[h.counts.index(1)] == 0.05
     assert c.handle_upstream(up, U1, 0.06) == []  # a duplicate answer: nobody waits for it
     assert c.counters["unmatched_answers"] == 1
 
@@ -635,6 +638,9 @@ def test_timeouts_rotate_upstreams_then_servfail():
     assert qsection(fail.data) == qsection(q) and [x.rtype for x in r.ar] == [QTYPE.OPT]
     assert c.counters["timeouts_servfail"] == 1 and c.inflight == 0
     assert c.next_timer() is None and c._wire == {} and c._coalesce == {}
+    # A SERVFAIL is an answer too: 6.5 s after the query, in the 10 s bucket.
+    h = c.upstream_seconds
+    assert h.count == 1 and h.sum == pytest.approx(6.5) and h.counts[-2] == 1
 
 
 def test_late_answer_from_an_earlier_attempt_is_accepted():

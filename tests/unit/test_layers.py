@@ -17,21 +17,23 @@ PACKAGES = ("fabric", "gateway", "tunnels", "activators")
 ALLOWED: dict[str, set[str]] = {
     "fabric.errors": set(),
     "fabric.config.specs": set(),
+    "fabric.histogram": set(),
     "fabric.net": set(),
     "fabric.flows": {"fabric.net"},
     "fabric.config": {"fabric.config.specs", "fabric.errors"},
     "fabric.router": {"fabric.net", "fabric.flows", "fabric.config.specs"},
     "fabric.activator": set(),
     "fabric.services": {"fabric.net", "fabric.flows", "fabric.config.specs", "fabric.router",
-                        "fabric.activator"},
+                        "fabric.activator", "fabric.histogram"},
     "fabric.ports": {"fabric.errors", "fabric.config.specs", "fabric.net"},
     # gateway/ and tunnels/ use the bottom layers of fabric/ only.
     "gateway": {"fabric.net", "fabric.flows", "fabric.errors", "fabric.config.specs",
-                "fabric.ports", "fabric.router.model"},
-    "tunnels": {"fabric.net", "fabric.errors"},
+                "fabric.ports", "fabric.router.model", "fabric.histogram"},
+    "tunnels": {"fabric.net", "fabric.errors", "fabric.histogram"},
     # The runtime wires everything below (the only part of fabric/ that imports gateway/
     # and tunnels/).
-    "fabric.runtime": {"fabric.errors", "fabric.config.specs", "fabric.config", "fabric.net",
+    "fabric.runtime": {"fabric.errors", "fabric.config.specs", "fabric.histogram",
+                       "fabric.config", "fabric.net",
                        "fabric.flows", "fabric.router", "fabric.activator", "fabric.services",
                        "fabric.ports", "gateway", "tunnels"},
     "fabric.control": {"fabric.errors", "fabric.config.specs", "fabric.config", "fabric.net",

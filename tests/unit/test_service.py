@@ -723,3 +723,57 @@ def test_after_idle_a_probed_backend_is_trusted_again_only_after_a_new_probe() -
     assert s.probes_due(102.0) == [("web-1", "10.0.0.11", 8080)]
     s.probe_result("web-1", True, 102.2)
     assert s.releasable
+
+
+# --- wake latency -------------------------------------------------------------------------
+
+
+def _observed(s: Service) -> dict[str, list[int]]:
+    return {"wake": s.wake_seconds.counts,
+            **{p: h.counts for p, h in s.wake_phase_seconds.items()}}
+
+
+def test_wake_phases_hook_ready_release() -> None:
+    """A wake from the held SYN: the hook starts 0.02 s later, the port accepts the probe
+    1.5 s after that, the release follows 0.003 s later; each phase lands in its bucket
+    and the whole wake in its own."""
+    s = Service("web", ip_s(VIP), PORTS, probe_interval=0.5)
+    s.set_backend("web-1", ip_s(B1), True, 0.0)
+    s.probe_result("web-1", False, 0.0)  # the backend is down: nothing ready
+    assert out(s, syn(), 10.0)[0] == HELD
+    s.hook_started(10.02)
+    s.hook_started(10.5)  # a second report of the same wake changes nothing
+    assert s.probes_due(11.52)
+    s.probe_result("web-1", True, 11.52)
+    assert s.wake_seconds.count == 0  # not woken until the held packets are out
+    assert len(s.release(11.523)) == 1
+    b = s.wake_seconds.bounds
+    for name, h, want in (("hook", s.wake_phase_seconds["hook"], 0.02),
+                          ("ready", s.wake_phase_seconds["ready"], 1.5),
+                          ("release", s.wake_phase_seconds["release"], 0.003),
+                          ("wake", s.wake_seconds, 1.523)):
+        assert h.count == 1, name
+        assert h.sum == pytest.approx(want), name
+        assert b[h.counts.index(1)] >= want > ([0.0, *b])[h.counts.index(1)], name
+    # A packet to the ready service is no wake.
+    before = _observed(s)
+    assert out(s, syn(sport=41000), 12.0)[0] == FORWARD
+    assert _observed(s) == before
+
+
+def test_wake_without_hook_or_hold_and_abandoned_wakes() -> None:
+    # Without a hook the ready phase runs from the start; external readiness, no hold.
+    s = service(hold=HoldSpec(packets=0))
+    s.set_backend("web-1", ip_s(B1), False, 0.0)
+    assert out(s, syn(), 5.0)[0] == NO_BACKEND
+    s.set_backend("web-1", ip_s(B1), True, 5.25)
+    assert s.wake_phase_seconds["hook"].count == 0
+    assert s.wake_phase_seconds["ready"].sum == pytest.approx(0.25)
+    assert s.wake_seconds.sum == pytest.approx(0.25)  # nothing held: woken when ready
+    assert s.wake_phase_seconds["release"].count == 0
+    # A wake that never finds a backend ends with the demand: never observed.
+    s2 = service(idle_timeout=5.0)
+    assert out(s2, syn(), 0.0)[0] == HELD
+    s2.handle_timer(100.0)  # the hold timed out, then the service went idle
+    s2.set_backend("web-1", ip_s(B1), True, 101.0)
+    assert s2.wake_seconds.count == 0 and s2.wake_phase_seconds["ready"].count == 0

@@ -720,3 +720,22 @@ def test_peer_without_endpoint_queues_until_it_calls_us():
     net.flush()
     assert tags(b) == [2] and tags(a) == [1]
     assert b.core.peers()[0]["endpoint"] == A_ADDR
+
+
+def test_handshake_time_is_observed_by_the_initiator():
+    """Initiation sent at t, response consumed 0.04 s later: one observation of 0.04 s
+    on the initiator's side, none on the responder's (it did not wait for anything)."""
+    net = two()
+    a, b = net.nodes["a"], net.nodes["b"]
+    net.send("a", "b", 1, ipv4_packet(60, 1))
+    [init] = net.take()
+    net.now += 0.01
+    net.deliver(init)
+    response = net.take()
+    net.now += 0.03
+    for d in response:
+        net.deliver(d)
+    h = a.core.handshake_seconds
+    assert h.count == 1 and h.sum == pytest.approx(0.04)
+    assert h.bounds[h.counts.index(1)] == 0.05
+    assert b.core.handshake_seconds.count == 0
