@@ -111,6 +111,7 @@ class DropLog:
             last.count += count
             last.last = now
             last.head = head
+            last.l3 = l3
         else:
             entry = Drop(now, pod, reason, head, l3)
             entry.count = count
