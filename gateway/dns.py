@@ -33,6 +33,7 @@ from dnslib import EDNS0, NS, PTR, RR, SOA, DNSHeader, DNSLabel, DNSQuestion, DN
 from dnslib import A as A_RD
 
 from fabric.histogram import DNS_BUCKETS, Histogram
+from gateway.dns_cache import MAX_ENTRIES, AnswerCache
 from gateway.records import Labels, Records
 
 # Header flag bits and codes.
@@ -67,7 +68,8 @@ COUNTERS = (
     "forwarded", "coalesced", "no_upstream", "inflight_full", "upstream_packets",
     "upstream_answers", "upstream_malformed", "unmatched_answers", "spoofed_answers",
     "ignored_truncated", "retries", "timeouts_servfail", "truncated_retries_tcp",
-    "internal_errors",
+    "forward_cache_hits", "forward_cache_stored", "forward_cache_expired",
+    "forward_cache_evicted", "forward_cache_unparsable", "internal_errors",
 )
 
 
@@ -199,6 +201,7 @@ class DnsCore:
 
     def __init__(self, records: Records, upstreams: list[tuple[str, int]], *, ttl: int = 5,
                  timeout: float = 2.0, attempts: int = 3, max_inflight: int = 1024,
+                 cache: int = MAX_ENTRIES,
                  randbits: Callable[[int], int] = secrets.randbits) -> None:
         if attempts < 1 or max_inflight < 1 or timeout <= 0 or ttl < 0:
             raise ValueError("attempts and max_inflight >= 1, timeout > 0, ttl >= 0")
@@ -213,6 +216,8 @@ class DnsCore:
         self.max_inflight = max_inflight
         self._randbits = randbits
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
+        # Forwarded answers within their TTL (gateway.dns_cache); 0 entries: none kept.
+        self.answers = AnswerCache(max_entries=cache, count=self._bump)
         # Forwarded queries, from the client's query to its answer (or SERVFAIL).
         self.upstream_seconds = Histogram(DNS_BUCKETS)
         self._cache: dict[tuple, tuple[bytes, str | None]] = {}
@@ -226,6 +231,9 @@ class DnsCore:
         self._preferred = 0  # the upstream new queries try first; moves on when one times out
         self._local_only = False
         self._needs_forward = False
+
+    def _bump(self, name: str) -> None:
+        self.counters[name] += 1
 
     @property
     def inflight(self) -> int:
@@ -242,6 +250,7 @@ class DnsCore:
         self._preferred = 0
         self._cache.clear()
         self._cache_version = records.version
+        self.answers.clear()  # what the old upstreams said
 
     # --- queries from clients ----------------------------------------------------------
 
@@ -343,6 +352,13 @@ class DnsCore:
                 if self._local_only:
                     self._needs_forward = True
                     return []
+                if self.answers.max_entries:
+                    cached = self.answers.get(key, now)
+                    if cached is not None:
+                        reply = data[:2] + cached[2:12] + question + cached[12 + len(question):]
+                        if len(reply) <= limit:
+                            c["forward_cache_hits"] += 1
+                            return [Reply(client, reply)]
                 return self._forward(data, client, now, tcp, qid, flags, (qlower, qtype, qclass),
                                      question, estate, limit)
             if len(self._cache) >= MAX_CACHE:
@@ -596,6 +612,8 @@ class DnsCore:
             return [forward]
         self._finish(p, now)
         c["upstream_answers"] += 1
+        if self.answers.max_entries and pos + 4 - 12 == len(p.question):
+            self.answers.store((*p.qmatch, p.estate, p.flags & (RD | CD)), data, now)
         reply = p.query[:2] + data[2:]
         if len(reply) > p.limit:
             c["truncated_replies"] += 1

@@ -104,7 +104,8 @@ _SERVICE_KEYS = (
 )
 _PORT_KEYS = ("port", "target_port", "protocol", "activator", "activator_config")
 _HOLD_KEYS = ("packets", "bytes", "timeout")
-_DNS_KEYS = ("domain", "upstream", "resolv_conf")
+_DNS_KEYS = ("domain", "upstream", "resolv_conf", "cache")
+MAX_DNS_CACHE = 1 << 20
 MAX_HOLD_PACKETS = 65536
 MAX_HOLD_BYTES = 256 << 20
 MAX_HOLD_TIMEOUT = 600.0
@@ -202,7 +203,11 @@ def _parse_dns(value: Any, src: str, key: str) -> DnsSpec:
     resolv_conf = True
     if obj.has("resolv_conf"):
         resolv_conf = read_bool(obj.get("resolv_conf"), src, obj.key("resolv_conf"))
-    return DnsSpec(domain=domain, upstream=tuple(upstream), resolv_conf=resolv_conf)
+    cache = DnsSpec.cache
+    if obj.has("cache"):
+        cache = read_int(obj.get("cache"), src, obj.key("cache"), 0, MAX_DNS_CACHE)
+    return DnsSpec(domain=domain, upstream=tuple(upstream), resolv_conf=resolv_conf,
+                   cache=cache)
 
 
 def _parse_egress_allow(value: Any, src: str, key: str) -> tuple[IPv4Network, ...]:

@@ -82,6 +82,7 @@ def namespace_to_dict(ns: NamespaceSpec) -> dict[str, Any]:
                 "domain": ns.dns.domain,
                 "upstream": [f"{host}:{port}" for host, port in ns.dns.upstream],
                 "resolv_conf": ns.dns.resolv_conf,
+                "cache": ns.dns.cache,
             },
             "egress": egress,
             "pods": [pod_to_dict(p) for p in ns.pods],

@@ -161,6 +161,7 @@ class DnsSpec:
     domain: str = DEFAULT_DOMAIN
     upstream: tuple[tuple[str, int], ...] = ()
     resolv_conf: bool = True
+    cache: int = 4096  # forwarded answers kept within their TTL; 0: none
 
 
 @dataclass(frozen=True)

@@ -127,7 +127,7 @@ class Namespace:
         gw = str(spec.gateway)
         udp = await asyncio.to_thread(stack.listen_udp, gw, 53)
         tcp = await asyncio.to_thread(stack.listen_tcp, gw, 53)
-        core = DnsCore(self.records, list(spec.dns.upstream))
+        core = DnsCore(self.records, list(spec.dns.upstream), cache=spec.dns.cache)
         self.dns = DnsServer(core, udp, tcp, spec.name)
         await self.dns.start()
         # Local names are answered by the data plane itself (one core per thread);
@@ -208,6 +208,7 @@ class Namespace:
             self.records = Records(self.name, new.domain, self.spec.cidr)
             self.sync_records()
         if self.dns is not None:
+            self.dns.core.answers.max_entries = new.cache
             self.dns.core.reconfigure(self.records, list(new.upstream))
         if self.dns_fast is not None:
             self.dataplane.post(self.dns_fast.reconfigure, self.records, [])

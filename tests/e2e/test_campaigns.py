@@ -637,6 +637,7 @@ def test_fault_upstream_resolver_gone(sandbox: Sandbox) -> None:
     before = scrape(d.control).by("fabric_dns_total", "counter", namespace="shop")
     sandbox.stop(resolver)
     gone = [dig(f"n{i}.example.com") for i in range(1, 4)]
+    cached = dig("n0.example.com")  # answered before it went, TTL 30 s: from the cache
     local = [dig("a.shop.fabric.internal") for _ in range(5)]
     resolver = tool(sandbox, worker, "resolver", "--listen", "127.0.0.1:5300")
     assert first_line(resolver)["ready"]
@@ -652,6 +653,8 @@ def test_fault_upstream_resolver_gone(sandbox: Sandbox) -> None:
     # SERVFAIL once the retries are spent (3 x 2 s), never a hang.
     assert all(s == "SERVFAIL" and t < 7 for s, t in gone), gone
     assert all(s == "NOERROR" and t < 0.5 for s, t in local), local
+    assert cached[0] == "NOERROR" and cached[1] < 0.5, cached
+    assert grew.get("forward_cache_hits", 0) >= 1, grew
     assert grew.get("timeouts_servfail", 0) >= 3, grew
     assert healed < 3
     assert_bounded(w)

@@ -1013,11 +1013,21 @@ def test_duplicate_service_name_and_ip() -> None:
             "resolv_conf",
             "expected a boolean (true or false), got string 'no'",
         ),
+        ({"cache": -1}, "cache", ""),
+        ({"cache": 10**30}, "cache", ""),
+        ({"cache": "big"}, "cache", ""),
     ],
 )
 def test_dns_errors(dns: dict[str, Any], key: str, problem: str) -> None:
     e = cfg_err(_set([*NS, "dns"], dns))
     assert e.key == f"namespaces[0].dns.{key}" and e.problem.startswith(problem)
+
+
+def test_dns_cache_size() -> None:
+    data = base()
+    assert parse_config(data, SRC).namespaces[0].dns.cache == 4096
+    ns0(data)["dns"] = {"cache": 0}
+    assert parse_config(data, SRC).namespaces[0].dns.cache == 0
 
 
 def test_dns_domain_normalised() -> None:

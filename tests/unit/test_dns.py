@@ -22,6 +22,7 @@ from dnslib import (
     QTYPE,
     RCODE,
     RR,
+    SOA,
     A,
     DNSLabel,
     DNSQuestion,
@@ -724,7 +725,7 @@ def test_inflight_is_bounded():
 
 
 def test_retransmitted_duplicates_are_coalesced():
-    c = core()
+    c = core(cache=0)  # no answer cache: the next query goes upstream again
     q = query("dup.example.", qid=0x7777)
     fwd = forward_of(c, q)
     assert c.handle_query(q, CLIENT, 0.5) == []
@@ -902,3 +903,105 @@ def test_reconfigure_moves_zone_and_upstreams_in_place():
     outs = c.handle_timer(10.0)
     assert outs and all(isinstance(o, Reply) for o in outs)
     assert c.counters["internal_errors"] == 0
+
+
+# ---- forwarded answers kept within their TTL (gateway.dns_cache) -------------------------
+
+
+def nxdomain_reply(fwd: Forward, soa_ttl: int = 600, minimum: int = 60) -> bytes:
+    r = DNSRecord.parse(fwd.data).reply()
+    r.header.rcode = 3
+    r.add_auth(RR("example.", QTYPE.SOA, ttl=soa_ttl, rdata=SOA(
+        "ns.example.", "hostmaster.example.", (1, 3600, 600, 86400, minimum))))
+    return bytes(r.pack())
+
+
+def test_a_forwarded_answer_is_served_from_the_cache_with_ttls_aged():
+    c = core()
+    fwd = forward_of(c, query("www.example.com.", qid=1), now=10.0)
+    c.handle_upstream(upstream_reply(fwd, ttl=300), U1, 10.05)
+    q2 = query("WWW.example.COM.", qid=0xBEEF)
+    out = ask(c, q2, now=110.4)  # 100 s later: no Forward, straight from the cache
+    assert out[:2] == b"\xbe\xef" and qsection(out) == qsection(q2)  # its id and 0x20 case
+    r = DNSRecord.parse(out)
+    assert [x.ttl for x in r.rr] == [200, 199] and str(r.rr[1].rdata) == "203.0.113.7"
+    assert c.counters["forward_cache_hits"] == 1 and c.counters["forwarded"] == 1
+    # The lowest TTL (299) ends it: at 10.05 + 299 the next query goes upstream again.
+    assert isinstance(forward_of(c, query("www.example.com."), now=309.1), Forward)
+    assert c.counters["forward_cache_expired"] == 1
+
+
+def test_negative_answers_are_kept_for_the_soa_minimum():
+    c = core()
+    fwd = forward_of(c, query("nope.example.", qid=1), now=0.0)
+    c.handle_upstream(nxdomain_reply(fwd, soa_ttl=600, minimum=60), U1, 0.0)
+    r = DNSRecord.parse(ask(c, query("nope.example.", qid=2), now=59.0))
+    assert r.header.rcode == 3 and r.auth[0].ttl == 1  # min(600, 60) aged by 59 s
+    assert isinstance(forward_of(c, query("nope.example.", qid=3), now=60.5), Forward)
+
+
+def test_errors_truncated_answers_and_ttl_zero_are_not_kept():
+    c = core()
+    for name, make in (("sf.example.", lambda f: bytes(_rcode(f, 2))),
+                       ("tc.example.", lambda f: upstream_reply(f, tc=True)),
+                       ("zero.example.", lambda f: upstream_reply(f, ttl=1))):
+        fwd = forward_of(c, query(name, qid=1), tcp=name == "tc.example.")
+        c.handle_upstream(make(fwd), U1, 0.0, tcp=name == "tc.example.")
+        assert isinstance(forward_of(c, query(name, qid=2), now=0.5), Forward), name
+    assert c.counters["forward_cache_hits"] == 0
+
+
+def _rcode(fwd: Forward, rcode: int) -> bytes:
+    r = DNSRecord.parse(fwd.data).reply()
+    r.header.rcode = rcode
+    return bytes(r.pack())
+
+
+def test_cache_keys_keep_edns_do_and_rd_apart():
+    c = core()
+    fwd = forward_of(c, query("e.example.", edns=1232))
+    c.handle_upstream(upstream_reply(fwd), U1, 0.0)
+    # Without EDNS (an OPT it never asked for), with DO, without RD: each its own question.
+    for q in (query("e.example.", qid=2), query("e.example.", qid=3, edns=1232, do=True),
+              query("e.example.", qid=4, edns=1232, rd=False)):
+        assert isinstance(forward_of(c, q, now=1.0), Forward)
+    assert DNSRecord.parse(ask(c, query("e.example.", edns=4096), now=1.0)).rr
+
+
+def test_cache_is_bounded_capped_and_can_be_turned_off():
+    c = core(cache=8)
+    for i in range(50):
+        fwd = forward_of(c, query(f"n{i}.example."), now=0.0)
+        c.handle_upstream(upstream_reply(fwd, ttl=86400 * 7), U1, 0.0)
+    assert len(c.answers) == 8 and c.counters["forward_cache_evicted"] == 42
+    r = DNSRecord.parse(ask(c, query("n49.example."), now=10.0))
+    assert r.rr[0].ttl == 3590  # a week's TTL is kept for an hour at most
+    assert isinstance(forward_of(c, query("n49.example."), now=3601.0), Forward)
+    off = core(cache=0)
+    fwd = forward_of(off, query("x.example."))
+    off.handle_upstream(upstream_reply(fwd), U1, 0.0)
+    assert isinstance(forward_of(off, query("x.example."), now=1.0), Forward)
+    assert len(off.answers) == 0
+
+
+def test_a_new_upstream_list_drops_what_the_old_one_said():
+    c = core()
+    fwd = forward_of(c, query("www.example."))
+    c.handle_upstream(upstream_reply(fwd), U1, 0.0)
+    c.reconfigure(records(), [U2])
+    assert isinstance(forward_of(c, query("www.example."), now=1.0), Forward)
+
+
+def test_storing_hostile_answers_never_raises():
+    from gateway.dns_cache import AnswerCache
+
+    rnd = random.Random(99)
+    cache = AnswerCache()
+    base = upstream_reply(forward_of(core(), query("www.example.")))
+    for _ in range(5000):
+        data = bytearray(base)
+        for _ in range(rnd.randrange(1, 6)):
+            data[rnd.randrange(len(data))] = rnd.randrange(256)
+        data = data[:rnd.randrange(len(data) + 1)]
+        cache.store((b"k", 1, 1, 0, 0), bytes(data), 0.0)
+        cache.get((b"k", 1, 1, 0, 0), 1.0)
