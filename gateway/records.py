@@ -81,6 +81,8 @@ class Records:
         self._plen = self.cidr.prefixlen
         # relative labels -> address; the gateway is a name like any other, but fixed
         self._a: dict[Labels, IPv4Address] = {_GATEWAY_REL: self.gateway}
+        # The names as the caller gave them, so `sync` compares without re-validating.
+        self._given: dict[str, tuple[Labels, IPv4Address]] = {}
         self._ents: Counter[Labels] = Counter()  # proper suffixes of names: empty non-terminals
         self._ptr: dict[int, set[Labels]] = {int(self.gateway): {_GATEWAY_REL}}
         self._ptr_nets: Counter[tuple[int, int]] = Counter()  # (octets, prefix) with a PTR below
@@ -106,24 +108,60 @@ class Records:
         """Add or move a pod/service name (relative, or absolute inside the zone)."""
         rel = self._rel_name(name)
         ip = IPv4Address(ip)
+        self._forget_given(rel)
         self._unset(rel)
         self._put(rel, ip)
+        self._given[name] = (rel, ip)
         self.version += 1
 
     def remove(self, name: str) -> None:
         """Forget a name; unknown names are fine (removal is idempotent)."""
         rel = self._rel_name(name)
+        self._forget_given(rel)
         if self._unset(rel):
             self.version += 1
 
+    def _forget_given(self, rel: Labels) -> None:
+        for text in [t for t, (r, _) in self._given.items() if r == rel]:
+            del self._given[text]
+
     def replace_all(self, names: dict[str, IPv4Address | str]) -> None:
         """Swap in a whole new set; validated first so a bad entry changes nothing."""
-        new = {self._rel_name(n): IPv4Address(ip) for n, ip in names.items()}
+        new = {n: (self._rel_name(n), IPv4Address(ip)) for n, ip in names.items()}
         for rel in [r for r in self._a if r != _GATEWAY_REL]:
             self._unset(rel)
-        for rel, ip in new.items():
+        for rel, ip in new.values():
             self._put(rel, ip)
+        self._given = new
         self.version += 1
+
+    def sync(self, names: dict[str, IPv4Address | str]) -> bool:
+        """Make the set equal to `names`, touching only what differs: a 10,000-name
+        namespace that gains one pod costs one name, not 10,000 (replace_all's price).
+        Validated first, like replace_all; returns whether anything changed."""
+        given = self._given
+        changed: list[tuple[str, Labels, IPv4Address]] = []
+        for name, ip in names.items():
+            if not isinstance(ip, IPv4Address):
+                ip = IPv4Address(ip)
+            cur = given.get(name)
+            if cur is None or cur[1] != ip:
+                changed.append((name, self._rel_name(name), ip))
+        gone = [name for name in given if name not in names]
+        if not changed and not gone:
+            return False
+        if gone:
+            rels = [given.pop(name)[0] for name in gone]
+            held = {r for r, _ in given.values()}  # the same name given twice, in two forms
+            for rel in rels:
+                if rel not in held:
+                    self._unset(rel)
+        for name, rel, ip in changed:
+            self._unset(rel)
+            self._put(rel, ip)
+            given[name] = (rel, ip)
+        self.version += 1
+        return True
 
     def names(self) -> dict[str, IPv4Address]:
         """Pod and service names (relative, without the gateway)."""

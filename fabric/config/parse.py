@@ -166,6 +166,9 @@ class _Taken:
         return None if owner is None or owner == skip else owner
 
 
+Taken = _Taken
+
+
 def _record_name(value: Any, ns: NamespaceSpec, src: str, key: str) -> str:
     """A pod or service name: a DNS label that is not reserved and fits in the zone."""
     name = read_dns_label(value, src, key)
@@ -563,14 +566,17 @@ def parse_namespace(
 
 
 def parse_pod(
-    data: object, source: str, namespace: NamespaceSpec, worker_id: str, key_prefix: str = ""
+    data: object, source: str, namespace: NamespaceSpec, worker_id: str, key_prefix: str = "",
+    taken: Taken | None = None,
 ) -> PodSpec:
     """Validate one pod for attaching at runtime to ``namespace``.
 
     A pod with the same name already in ``namespace`` is treated as being replaced: its
-    IP, MAC and interface do not count as taken.
+    IP, MAC and interface do not count as taken. ``taken`` is ``Taken(namespace)`` kept by
+    the caller (attaching pods one by one must not re-index the namespace each time).
     """
-    taken = _Taken(namespace)
+    if taken is None:
+        taken = _Taken(namespace)
     return _parse_pod(data, source, namespace, taken, worker_id, key_prefix, replacing=True)
 
 

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from fabric.config.parse import Taken
 from fabric.config.specs import (
     DEFAULT_EGRESS_TUN,
     DnsSpec,
@@ -91,6 +92,8 @@ class PodState:
 class Namespace:
     def __init__(self, spec: NamespaceSpec, dataplane: DataPlane, bus: EventBus) -> None:
         self.spec = spec
+        # (spec, Taken(spec)) for the worker's one-by-one attaches (Fabric._taken).
+        self.taken: tuple[NamespaceSpec, Taken] | None = None
         self.name = spec.name
         self.dataplane = dataplane
         self.bus = bus
@@ -235,7 +238,7 @@ class Namespace:
         """DNS names follow the table at once: pods (attached or not) and services."""
         names = {p.name: p.ip for p in self.spec.pods}
         names.update({s.name: s.ip for s in self.spec.services})
-        self.records.replace_all(names)
+        self.records.sync(names)
 
     # --- pods ----------------------------------------------------------------------------
 

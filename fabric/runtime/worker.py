@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from fabric.config.parse import (
+    Taken,
     parse_namespace,
     parse_peer,
     parse_pod,
@@ -335,7 +336,8 @@ class Fabric:
             if self.namespaces.get(namespace) is not ns:
                 raise NotFound(f"namespace {namespace} not found")
             if data is not None:  # under the lock: against the spec as it is now
-                spec = parse_pod(data, source, ns.spec, self.worker_id)
+                spec = parse_pod(data, source, ns.spec, self.worker_id,
+                                 taken=self._taken(ns))
             assert isinstance(spec, PodSpec)
             if fd is None:
                 self._check_pod_set(ns, spec, source)
@@ -371,19 +373,35 @@ class Fabric:
             ns.remove_pod(name)
             self._forget_pod(ns, name)
 
+    @staticmethod
+    def _taken(ns: Namespace) -> Taken:
+        """What `ns.spec` holds (names, addresses, interfaces, netns slots), indexed once
+        per spec and grown in place by `_record_pod`: attaching pods one by one stays
+        O(1) each instead of re-indexing the namespace every time."""
+        cached = ns.taken
+        if cached is None or cached[0] is not ns.spec:
+            cached = ns.taken = (ns.spec, Taken(ns.spec))
+        return cached[1]
+
     def _check_pod_set(self, ns: Namespace, spec: PodSpec, source: str) -> None:
         """The cross-namespace rules (an interface or a netns slot used once on this worker)
-        for the set as it would be with `spec` in `ns`; called under the lock."""
+        for `spec` joining `ns`; within `ns` parse_pod has checked them. Under the lock."""
         if spec.kind == "remote":
             return
-        pods = tuple(p for p in ns.spec.pods if p.name != spec.name) + (spec,)
-        specs = [n.spec if n is not ns else dataclasses.replace(ns.spec, pods=pods)
-                 for n in self.namespaces.values()]
-        try:
-            validate_namespace_set(specs, source)
-        except ConfigError as e:
-            raise ConfigError(source, "interface" if spec.interface else "netns",
-                              e.problem) from None
+        for other in self.namespaces.values():
+            if other is ns:
+                continue
+            taken = self._taken(other)
+            if spec.interface is not None:
+                holder = taken.interfaces.get(spec.interface)
+                if holder is not None:
+                    raise ConfigError(source, "interface", f"interface {spec.interface} is "
+                                      f"already used by pod {holder} in namespace {other.name}")
+            if spec.netns_path is not None:
+                holder = taken.netns.get((spec.netns_path, spec.ifname))
+                if holder is not None:
+                    raise ConfigError(source, "netns", f"netns {spec.netns} already has "
+                                      f"{spec.ifname} (pod {holder} in namespace {other.name})")
 
     def _forget_pod(self, ns: Namespace, name: str) -> None:
         ns.spec = dataclasses.replace(
@@ -391,8 +409,14 @@ class Fabric:
         ns.sync_records()
 
     def _record_pod(self, ns: Namespace, spec: PodSpec) -> None:
-        pods = tuple(p for p in ns.spec.pods if p.name != spec.name) + (spec,)
-        ns.spec = dataclasses.replace(ns.spec, pods=pods)
+        old = ns.spec
+        pods = tuple(p for p in old.pods if p.name != spec.name)
+        replaced = len(pods) != len(old.pods)
+        ns.spec = dataclasses.replace(old, pods=pods + (spec,))
+        cached = ns.taken
+        if cached is not None and cached[0] is old and not replaced:
+            cached[1].add_pod(spec)  # a new pod only adds; a replaced one re-indexes later
+            ns.taken = (ns.spec, cached[1])
         ns.sync_records()
 
     def set_ready(self, namespace: str, pod: str, ready: bool) -> None:

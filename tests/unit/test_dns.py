@@ -1005,3 +1005,24 @@ def test_storing_hostile_answers_never_raises():
         data = data[:rnd.randrange(len(data) + 1)]
         cache.store((b"k", 1, 1, 0, 0), bytes(data), 0.0)
         cache.get((b"k", 1, 1, 0, 0), 1.0)
+
+
+def test_records_sync_touches_only_what_differs():
+    r = records()
+    v = r.version
+    assert r.sync({"web-1": "10.10.0.2", "db": "10.10.0.3"})
+    assert r.lookup_a("web-1.shop.fabric.internal.") == IPv4Address("10.10.0.2")
+    v = r.version
+    assert not r.sync({"web-1": "10.10.0.2", "db": "10.10.0.3"}) and r.version == v
+    assert r.sync({"web-1": "10.10.0.9", "new": "10.10.0.4"})  # moved, added, db gone
+    assert r.lookup_a("web-1.shop.fabric.internal.") == IPv4Address("10.10.0.9")
+    assert r.lookup_a("db.shop.fabric.internal.") is None
+    assert r.lookup_ptr("3.0.10.10.in-addr.arpa.") is None
+    assert r.lookup_ptr("4.0.10.10.in-addr.arpa.") == "new.shop.fabric.internal."
+    assert r.version > v
+    with pytest.raises(ValueError):
+        r.sync({"web-1": "10.10.0.9", "Bad_Name!": "10.10.0.5"})
+    assert r.names() == {"web-1": IPv4Address("10.10.0.9"), "new": IPv4Address("10.10.0.4")}
+    fresh = records()
+    fresh.replace_all({"web-1": "10.10.0.9", "new": "10.10.0.4"})
+    assert fresh.names() == r.names()
