@@ -129,6 +129,11 @@ class TapPort(PortFd):
 
         The netns and ifname are validated before anything is created. On any later failure
         the fd is closed, which deletes the TAP wherever it has got to.
+
+        Made here and moved, not made inside the pod's namespace (which would save the
+        move, the slowest step of an attach): a TAP's file keeps a reference to the
+        namespace /dev/net/tun was opened in, so one opened in there would keep a deleted
+        pod namespace alive, answering for the pod, instead of letting its port be lost.
         """
         where = f"pod {pod_name!r}"
         try:
