@@ -189,7 +189,30 @@ def _client(args: argparse.Namespace) -> ControlClient:
 def cmd_run(args: argparse.Namespace) -> int:
     from fabric.control import daemon  # heavy: only the daemon needs it
 
-    return int(daemon.run(args.config) or 0)
+    return int(daemon.run(args.config, args.log_format) or 0)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from fabric.control.check import check
+
+    return check(args.config)
+
+
+def version() -> str:
+    """The installed package's version; from a source tree, pyproject.toml's."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(PROG)
+    except metadata.PackageNotFoundError:
+        import tomllib
+        from pathlib import Path
+
+        try:
+            with open(Path(__file__).resolve().parents[2] / "pyproject.toml", "rb") as f:
+                return str(tomllib.load(f)["project"]["version"])
+        except (OSError, KeyError, tomllib.TOMLDecodeError):
+            return "unknown"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -327,6 +350,7 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Userspace L3 network fabric.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {version()}")
     parser.add_argument(
         "--control",
         metavar="PATH",
@@ -354,6 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("run", cmd_run, "run the daemon")
     p.add_argument("-c", "--config", metavar="FILE", help="config file (YAML)")
+    p.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="text (default) or json: one JSON object per line, for log shippers")
+    p = add("check", cmd_check, "validate a config file without running anything")
+    p.add_argument("-c", "--config", metavar="FILE", required=True, help="config file (YAML)")
     add("demo", cmd_demo, "run a self-contained demo")
 
     p = add("get", cmd_get, "list namespaces, pods, services or peers", [control])

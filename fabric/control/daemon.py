@@ -3,6 +3,11 @@
 SIGTERM/SIGINT: clean shutdown, everything created is removed. SIGHUP: reload the file
 and apply only what changed in it since the last load (so what the API created stays);
 a bad file is reported and the running state kept.
+
+Under systemd (``Type=notify``, packaging/systemd/fabricd.service) it says ``READY=1``
+once every namespace of the file is applied and the control socket listens,
+``RELOADING=1``/``READY=1`` around a reload, ``STOPPING=1`` on shutdown, a ``STATUS=``
+line a person can read, and watchdog pings from the data-plane thread (sdnotify.py).
 """
 
 from __future__ import annotations
@@ -14,11 +19,14 @@ import os
 import resource
 import signal
 import sys
+import time
 
 from fabric.config.load import default_config, load_config
 from fabric.config.parse import parse_namespace
 from fabric.config.render import namespace_to_dict
 from fabric.config.specs import Config, NamespaceSpec
+from fabric.control import logs
+from fabric.control.sdnotify import Notifier, NotifyEnv, Watchdog, monotonic_usec
 from fabric.control.server import ControlServer
 from fabric.errors import FabricError
 from fabric.runtime.reconcile import plan_peer_reload, plan_reload
@@ -27,9 +35,10 @@ from fabric.runtime.worker import Fabric
 log = logging.getLogger("fabricd")
 
 
-def setup_logging(level: int = logging.INFO) -> None:
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s fabricd %(levelname)s %(name)s: %(message)s")
+# A test-only hook, off unless the daemon starts with this variable: SIGUSR2 then makes
+# the data-plane thread sleep that many seconds, as a stuck data plane would, so the
+# watchdog tests can see the pings stop. Nothing else can trigger it.
+STALL_ENV = "FABRICD_TEST_STALL_SECONDS"
 
 
 def load(path: str | None) -> Config:
@@ -46,9 +55,9 @@ def raise_fd_limit() -> None:
             pass
 
 
-def run(config_path: str | None) -> int:
+def run(config_path: str | None, log_format: str = "text") -> int:
     """Run until SIGTERM/SIGINT. Returns the process exit code."""
-    setup_logging()
+    logs.setup(log_format)
     raise_fd_limit()
     try:
         config = load(config_path)
@@ -70,20 +79,30 @@ def run(config_path: str | None) -> int:
 
 
 class Daemon:
-    def __init__(self, config: Config, path: str | None) -> None:
+    def __init__(self, config: Config, path: str | None,
+                 notify_env: NotifyEnv | None = None) -> None:
         self.config = config
         self.path = path
         self.fabric = Fabric(worker_id=config.worker.id, egress=config.worker.egress,
                              tunnel=config.worker.tunnel)
         self.stop = asyncio.Event()
         self._reloading: asyncio.Task[None] | None = None
+        env = notify_env if notify_env is not None else NotifyEnv.take(os.environ, os.getpid())
+        self.notify_env = env
+        self.notifier = Notifier(env.address)
+        self.watchdog: Watchdog | None = None
+        self._beat: asyncio.Task[None] | None = None
+        self._status = ""
+        self._note = ""  # what the status line adds about the last reload
 
     async def main(self) -> int:
         loop = asyncio.get_running_loop()
         control = ControlServer(self.fabric, self.config.worker.control,
                                 self.config.worker.control_mode)
+        self.status(f"starting: {len(self.config.namespaces)} namespaces to apply")
         await self.fabric.start()
         try:
+            await self._start_watchdog()
             await control.start()
             if self.config.worker.control_mode & 0o020:
                 log.warning("control socket %s is group-writable (mode %04o): members of "
@@ -91,24 +110,106 @@ class Daemon:
                             "attach host interfaces", self.config.worker.control,
                             self.config.worker.control_mode)
             self.fabric.starting = True  # /v1/health says so until the file is applied
-            for ns in self.config.namespaces:
+            for i, ns in enumerate(self.config.namespaces):
+                self.status(f"starting: applying namespace {ns.name} "
+                            f"({i + 1}/{len(self.config.namespaces)})")
                 await self.fabric.apply_namespace(ns, self.config.source)
             self.fabric.starting = False
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop.set)
             loop.add_signal_handler(signal.SIGHUP, self._on_hup)
+            self._debug_stall_hook(loop)
             log.info("worker %s ready: %d namespaces, control socket %s",
                      self.fabric.worker_id, len(self.fabric.namespaces),
                      self.config.worker.control)
+            self.notifier.notify(READY=1, STATUS=self.summary())
             self.fabric.bus.emit("daemon_ready", worker=self.fabric.worker_id)
+            repeats = asyncio.create_task(self._flush_repeats())
             await self.stop.wait()
+            repeats.cancel()
             log.info("shutting down")
+            self.notifier.notify(STOPPING=1, STATUS="shutting down: removing every "
+                                 "interface the fabric made")
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
                 loop.remove_signal_handler(sig)
             await control.close()
             await self.fabric.close()
+            if self._beat is not None:
+                self._beat.cancel()
+            self.notifier.close()
         return 0
+
+    # --- systemd ---------------------------------------------------------------------------
+
+    def status(self, text: str) -> None:
+        """A STATUS= line for `systemctl status` (sent only when it changed)."""
+        if text != self._status:
+            self._status = text
+            self.notifier.notify(STATUS=text)
+
+    def summary(self) -> str:
+        """What `systemctl status` shows while running: namespaces, pods attached."""
+        nss = list(self.fabric.namespaces.values())
+        pods = sum(len(ns.pods) for ns in nss)
+        attached = sum(1 for ns in nss for p in ns.pods.values() if p.port is not None)
+        return (f"ready: {len(nss)} namespaces, {attached}/{pods} pods attached, "
+                f"control socket {self.config.worker.control}{self._note}")
+
+    async def _start_watchdog(self) -> None:
+        """Pings from the data-plane thread's timer, while the event loop beats too."""
+        timeout = self.notify_env.watchdog
+        if timeout is None or not self.notifier.enabled:
+            return
+        notifier = self.notifier
+        self.watchdog = wd = Watchdog(timeout, lambda: notifier.notify(WATCHDOG=1),
+                                      time.monotonic())
+        dp = self.fabric.dataplane
+        await dp.acall(dp.add_owner, wd)
+        self._beat = asyncio.create_task(self._loop_beat(wd))
+        log.info("systemd watchdog: pinged every %.3g s from the data-plane thread",
+                 wd.period)
+
+    async def _loop_beat(self, wd: Watchdog) -> None:
+        """The event loop's half of the watchdog; also refreshes the status line."""
+        while True:
+            wd.loop_beat(time.monotonic())
+            if not self.fabric.starting and self._status.startswith("ready"):
+                self.status(self.summary())
+            await asyncio.sleep(wd.period / 2)
+
+    @staticmethod
+    async def _flush_repeats() -> None:
+        """Say how often a suppressed line repeated soon after its window ends, not only
+        when it comes again."""
+        while True:
+            await asyncio.sleep(5)
+            logs.flush_repeats()
+
+    def _debug_stall_hook(self, loop: asyncio.AbstractEventLoop) -> None:
+        raw = os.environ.get(STALL_ENV)
+        if not raw:
+            return
+        try:
+            seconds = float(raw)
+        except ValueError:
+            log.error("%s=%r is not a number of seconds; the stall hook is off", STALL_ENV, raw)
+            return
+        log.warning("%s is set: SIGUSR2 stalls the data plane for %g s (a test hook)",
+                    STALL_ENV, seconds)
+        dp = self.fabric.dataplane
+        loop.add_signal_handler(signal.SIGUSR2, lambda: dp.post(self._stall, seconds))
+
+    def _stall(self, seconds: float) -> None:
+        """On the data-plane thread: block it, as a stuck frame would. The markers go
+        through the same socket and thread as the pings, so their order is exact."""
+        log.warning("test hook: stalling the data-plane thread for %g s", seconds)
+        self.notifier.notify(X_FABRICD_STALL="begin")
+        time.sleep(seconds)
+        self.notifier.notify(X_FABRICD_STALL="end")
+        log.warning("test hook: the data-plane thread runs again")
+
+    # --- reload ----------------------------------------------------------------------------
 
     def _on_hup(self) -> None:
         if self._reloading is not None and not self._reloading.done():
@@ -121,15 +222,25 @@ class Daemon:
 
         What the API created or changed is kept unless the file changes that same
         object; every removal is logged. Any failure is one log line and an event.
+        systemd hears RELOADING=1 before and READY=1 after, whatever the outcome.
         """
+        self.notifier.notify(RELOADING=1, MONOTONIC_USEC=monotonic_usec(),
+                             STATUS=f"reloading {self.path or 'the default config'}")
+        self._status = "reloading"
+        self._note = ""
         try:
             await self._reload()
         except FabricError as e:
             log.error("reload failed, keeping the running config: %s", e.message)
             self.fabric.bus.emit("config_reload_failed", error=e.message)
+            self._note = f" (last reload failed: {e.message})"
         except Exception as e:  # a bug: the running state stays, and someone hears of it
             log.exception("reload failed with an internal error")
             self.fabric.bus.emit("config_reload_failed", error=f"internal error: {e}")
+            self._note = " (last reload failed: internal error, see the log)"
+        finally:
+            self._status = self.summary()
+            self.notifier.notify(READY=1, STATUS=self._status)
 
     async def _reload(self) -> None:
         new = load(self.path)
@@ -168,6 +279,7 @@ class Daemon:
         except FabricError as e:
             log.error("reload partly applied: %s", e.message)
             self.fabric.bus.emit("config_reload_failed", error=e.message)
+            self._note = f" (last reload partly applied: {e.message})"
             return
         self.config = new
         log.info("reloaded %s", new.source)
