@@ -99,7 +99,8 @@ class Daemon:
         loop = asyncio.get_running_loop()
         control = ControlServer(self.fabric, self.config.worker.control,
                                 self.config.worker.control_mode)
-        self.status(f"starting: {len(self.config.namespaces)} namespaces to apply")
+        n = len(self.config.namespaces)
+        self.status(f"starting: {n} namespace{'' if n == 1 else 's'} to apply")
         await self.fabric.start()
         try:
             await self._start_watchdog()
@@ -153,7 +154,8 @@ class Daemon:
         nss = list(self.fabric.namespaces.values())
         pods = sum(len(ns.pods) for ns in nss)
         attached = sum(1 for ns in nss for p in ns.pods.values() if p.port is not None)
-        return (f"ready: {len(nss)} namespaces, {attached}/{pods} pods attached, "
+        return (f"ready: {len(nss)} namespace{'' if len(nss) == 1 else 's'}, "
+                f"{attached}/{pods} pods attached, "
                 f"control socket {self.config.worker.control}{self._note}")
 
     async def _start_watchdog(self) -> None:

@@ -1,0 +1,125 @@
+"""The daemon under a stand-in for systemd: the test binds the `$NOTIFY_SOCKET` datagram
+socket itself (systemd is not PID 1 here) and reads what the real daemon says: READY=1
+once the namespaces are applied and the control socket listens, RELOADING=1/READY=1
+around SIGHUP, STOPPING=1 on SIGTERM, and WATCHDOG=1 pings that stop while the
+data-plane thread is stalled. (`systemd-analyze verify` of the shipped unit is in
+tests/unit/test_systemd_unit.py.)"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+
+from fabric.control.client import ControlClient
+from fabric.tools.sandbox import Daemon, Sandbox
+
+STALL = 2.0  # seconds the test hook blocks the data-plane thread
+WATCHDOG_USEC = 400_000  # a ping every 0.2 s
+
+
+class Listener:
+    """systemd's end of $NOTIFY_SOCKET: every datagram, parsed, kept in order."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(path)
+        self.messages: list[dict[str, str]] = []
+
+    def next(self, timeout: float = 20.0) -> dict[str, str]:
+        self.sock.settimeout(timeout)
+        data = self.sock.recv(4096)
+        msg = dict(line.split("=", 1) for line in data.decode().splitlines() if line)
+        self.messages.append(msg)
+        return msg
+
+    def until(self, key: str, value: str | None = None,
+              timeout: float = 20.0) -> list[dict[str, str]]:
+        """Messages up to and including the first with `key` (= `value`)."""
+        seen = []
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = self.next(max(0.01, deadline - time.monotonic()))
+            seen.append(msg)
+            if key in msg and (value is None or msg[key] == value):
+                return seen
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def start(sandbox: Sandbox, listener: Listener, **env: str) -> tuple[Daemon, str, str]:
+    worker = sandbox.netns("worker")
+    a, b = sandbox.netns("a"), sandbox.netns("b")
+    ns = {"name": "shop", "id": 7, "cidr": "10.40.0.0/24",
+          "pods": [{"name": "a", "ip": "10.40.0.2", "netns": a},
+                   {"name": "b", "ip": "10.40.0.3", "netns": b}]}
+    full = {k: v for k, v in os.environ.items() if k not in ("WATCHDOG_USEC", "WATCHDOG_PID")}
+    full |= {"NOTIFY_SOCKET": listener.path, **env}
+    d = Daemon(sandbox, worker, {"namespaces": [ns]}, env=full)
+    d.start()
+    return d, a, b
+
+
+def test_notify_ready_reload_stopping_and_watchdog_through_a_stall(sandbox: Sandbox) -> None:
+    listener = Listener(os.path.join(sandbox.tmp, "notify.sock"))
+    try:
+        d, a, _ = start(sandbox, listener, WATCHDOG_USEC=str(WATCHDOG_USEC),
+                        FABRICD_TEST_STALL_SECONDS=str(STALL))
+        before = listener.until("READY", "1")
+        assert before[0]["STATUS"].startswith("starting"), before
+        # READY=1 means ready: the namespace is applied, its pods attached, the API up.
+        api = ControlClient(d.control)
+        pods = api.get("/v1/pods")
+        assert [p["attached"] for p in pods] == [True, True], pods
+        assert "1 received" in sandbox.run(a, "ping", "-c", "1", "-W", "2",
+                                           "10.40.0.3").stdout
+        assert before[-1]["STATUS"].startswith("ready: 1 namespace, 2/2 pods attached")
+        listener.until("WATCHDOG", "1")
+        listener.until("WATCHDOG", "1")
+
+        d.signal(signal.SIGHUP)
+        reload = listener.until("RELOADING", "1")[-1]
+        assert int(reload["MONOTONIC_USEC"]) <= time.monotonic_ns() // 1000
+        assert "reloading" in reload["STATUS"]
+        after = listener.until("READY", "1")
+        assert not any("STOPPING" in m for m in after)
+        assert after[-1]["STATUS"].startswith("ready:")
+
+        # A stalled data plane sends no ping: the stall's markers travel on the same
+        # thread and socket as the pings, so nothing can slip between them.
+        d.signal(signal.SIGUSR2)
+        listener.until("X_FABRICD_STALL", "begin")
+        stalled = listener.until("X_FABRICD_STALL", "end", timeout=STALL + 20)
+        assert not any("WATCHDOG" in m for m in stalled), stalled
+        resumed = listener.until("WATCHDOG", "1")  # and the pings come back
+        assert len(resumed) >= 1
+
+        d.signal(signal.SIGTERM)
+        stopping = listener.until("STOPPING", "1")[-1]
+        assert stopping["STATUS"].startswith("shutting down")
+        assert d.proc is not None and d.proc.wait(20) == 0
+        assert "test hook: stalling the data-plane thread" in d.log()
+    finally:
+        listener.close()
+
+
+def test_no_pings_for_another_pid_and_no_hook_without_its_variable(sandbox: Sandbox) -> None:
+    """$WATCHDOG_PID naming another process: that process pings, not this one. Without
+    FABRICD_TEST_STALL_SECONDS the stall hook does not exist."""
+    listener = Listener(os.path.join(sandbox.tmp, "notify.sock"))
+    try:
+        d, _, _ = start(sandbox, listener, WATCHDOG_USEC=str(WATCHDOG_USEC),
+                        WATCHDOG_PID="1")
+        listener.until("READY", "1")
+        time.sleep(1.0)  # five pings' worth
+        d.signal(signal.SIGTERM)
+        rest = listener.until("STOPPING", "1")
+        assert not any("WATCHDOG" in m for m in listener.messages), listener.messages
+        assert rest[-1]["STOPPING"] == "1"
+        assert d.proc is not None and d.proc.wait(20) == 0
+        assert "FABRICD_TEST_STALL_SECONDS" not in d.log()
+    finally:
+        listener.close()
