@@ -195,8 +195,9 @@ class RepeatLimiter(logging.Handler):
             return
         span = max(0.0, min(now, seen.start + self.window) - seen.start)
         summary = logging.makeLogRecord(vars(last))
-        summary.msg = "%s (repeated %d more times in %.0f s)"
-        summary.args = (key[2], seen.suppressed, span)
+        summary.msg = "%s (repeated %d more %s in %.0f s)"
+        summary.args = (key[2], seen.suppressed, "time" if seen.suppressed == 1 else "times",
+                        span)
         summary.repeated = seen.suppressed
         summary.exc_info = None
         summary.exc_text = None
