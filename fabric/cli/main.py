@@ -187,6 +187,8 @@ def _client(args: argparse.Namespace) -> ControlClient:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.log_format not in ("text", "json"):  # from $FABRICD_LOG_FORMAT
+        raise UsageError(f"log format {args.log_format!r} is not text or json")
     from fabric.control import daemon  # heavy: only the daemon needs it
 
     return int(daemon.run(args.config, args.log_format) or 0)
@@ -378,8 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("run", cmd_run, "run the daemon")
     p.add_argument("-c", "--config", metavar="FILE", help="config file (YAML)")
-    p.add_argument("--log-format", choices=("text", "json"), default="text",
-                   help="text (default) or json: one JSON object per line, for log shippers")
+    p.add_argument("--log-format", choices=("text", "json"),
+                   default=os.environ.get("FABRICD_LOG_FORMAT") or "text",
+                   help="text, or json: one object per line for log shippers (default: "
+                   "$FABRICD_LOG_FORMAT or text)")
     p = add("check", cmd_check, "validate a config file without running anything")
     p.add_argument("-c", "--config", metavar="FILE", required=True, help="config file (YAML)")
     add("demo", cmd_demo, "run a self-contained demo")

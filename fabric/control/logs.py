@@ -25,6 +25,7 @@ from typing import IO, Any
 from fabric.errors import one_line
 
 FORMATS = ("text", "json")
+FORMAT_ENV = "FABRICD_LOG_FORMAT"  # the default of `fabricd run --log-format`
 BURST = 5  # copies of one line let through per window
 WINDOW = 30.0  # seconds
 MAX_KEYS = 1024  # distinct lines tracked at once; beyond, the oldest are settled early
@@ -63,30 +64,21 @@ def exception_text(exc_info: Any) -> str:
 
 
 class TextFormatter(logging.Formatter):
-    """``2026-12-03 08:00:00,123 fabricd WARNING fabricd.x: message key=value``; under
-    journald ``<4>WARNING fabricd.x: message`` (the journal has the time)."""
+    """``2026-12-03 08:00:00,123 fabricd WARNING fabricd.x: message``; under journald
+    ``<4>WARNING fabricd.x: message`` (the journal has the time)."""
 
     def __init__(self, journal: bool = False) -> None:
         super().__init__()
         self.journal = journal
 
     def format(self, record: logging.LogRecord) -> str:
-        msg = one_line(record.getMessage())
-        extra = fields(record)
-        if extra:
-            msg += " " + " ".join(f"{k}={one_line(_text(v))}" for k, v in extra.items())
+        msg = one_line(record.getMessage())  # the fields are for machines: the text says it
         if record.exc_info:
             msg += f" ({one_line(exception_text(record.exc_info))})"
         head = f"{record.levelname} {record.name}: {msg}"
         if self.journal:
             return f"<{_PRIORITY.get(record.levelno, 6)}>{head}"
         return f"{self.formatTime(record)} fabricd {head}"
-
-
-def _text(value: Any) -> str:
-    if isinstance(value, str) and value and " " not in value:
-        return value
-    return json.dumps(value, default=str, separators=(",", ":"))
 
 
 class JsonFormatter(logging.Formatter):
