@@ -59,20 +59,27 @@ def run(config_path: str | None, log_format: str = "text") -> int:
     """Run until SIGTERM/SIGINT. Returns the process exit code."""
     logs.setup(log_format)
     raise_fd_limit()
+
+    def fatal(text: str) -> int:
+        """The one line that ends the daemon: plain text, or a log object for shippers."""
+        if log_format == "json":
+            log.critical("%s", text)
+        else:
+            print(f"fabricd: {text}", file=sys.stderr)
+        return 1
+
     try:
         config = load(config_path)
     except FabricError as e:
-        print(f"fabricd: {e.message}", file=sys.stderr)
-        return 1
+        return fatal(e.message)
     try:
         return asyncio.run(Daemon(config, config_path).main())
     except FabricError as e:
-        print(f"fabricd: {e.message}", file=sys.stderr)
-        return 1
+        return fatal(e.message)
     except Exception as e:  # a bug: still one line for the operator, the trace for us
         log.debug("fatal", exc_info=True)
-        print(f"fabricd: internal error: {type(e).__name__}: {e} (run with "
-              "FABRICD_DEBUG=1 for the traceback)", file=sys.stderr)
+        fatal(f"internal error: {type(e).__name__}: {e} (run with FABRICD_DEBUG=1 for the "
+              "traceback)")
         if os.environ.get("FABRICD_DEBUG"):
             raise
         return 1

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -228,7 +229,17 @@ def setup(fmt: str = "text", level: int = logging.INFO,
         root.removeHandler(h)
     root.addHandler(limiter)
     root.setLevel(level)
+    threading.excepthook = _thread_died
     return limiter
+
+
+def _thread_died(args: threading.ExceptHookArgs) -> None:
+    """A thread's uncaught exception as one log line, not a traceback on stderr."""
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    logging.getLogger("fabricd").critical(
+        "thread %s died", name, exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
 
 
 def flush_repeats() -> None:

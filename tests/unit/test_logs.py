@@ -194,8 +194,10 @@ def test_json_is_one_object_per_line() -> None:
 
 
 def test_setup_puts_a_limiter_on_the_root_logger() -> None:
+    import threading
+
     root = logging.getLogger()
-    saved, level = list(root.handlers), root.level
+    saved, level, hook = list(root.handlers), root.level, threading.excepthook
     try:
         out = io.StringIO()
         limiter = logs.setup("json", stream=out)
@@ -206,6 +208,21 @@ def test_setup_puts_a_limiter_on_the_root_logger() -> None:
         assert len(lines) == logs.BURST and json.loads(lines[0])["msg"] == "again"
         with pytest.raises(ValueError):
             logs.setup("xml")
+        # A thread that dies is one line too, not a traceback on stderr.
+        out.truncate(0)
+        out.seek(0)
+
+        def boom() -> None:
+            raise RuntimeError("the data plane broke")
+
+        t = threading.Thread(target=boom, name="fabric-dataplane")
+        t.start()
+        t.join()
+        (line,) = out.getvalue().splitlines()
+        obj = json.loads(line)
+        assert obj["msg"] == "thread fabric-dataplane died" and obj["level"] == "critical"
+        assert "RuntimeError: the data plane broke" in obj["exc"]
     finally:
         root.handlers[:] = saved
         root.setLevel(level)
+        threading.excepthook = hook
