@@ -39,6 +39,7 @@ log = logging.getLogger("fabricd")
 # the data-plane thread sleep that many seconds, as a stuck data plane would, so the
 # watchdog tests can see the pings stop. Nothing else can trigger it.
 STALL_ENV = "FABRICD_TEST_STALL_SECONDS"
+FLUSH_EVERY = 5.0  # seconds between the status refresh and repeat reports, at most
 
 
 def load(path: str | None) -> Config:
@@ -111,6 +112,7 @@ class Daemon:
         await self.fabric.start()
         try:
             await self._start_watchdog()
+            self._beat = asyncio.create_task(self._housekeeping())
             await control.start()
             if self.config.worker.control_mode & 0o020:
                 log.warning("control socket %s is group-writable (mode %04o): members of "
@@ -132,9 +134,7 @@ class Daemon:
                      self.config.worker.control)
             self.notifier.notify(READY=1, STATUS=self.summary())
             self.fabric.bus.emit("daemon_ready", worker=self.fabric.worker_id)
-            repeats = asyncio.create_task(self._flush_repeats())
             await self.stop.wait()
-            repeats.cancel()
             log.info("shutting down")
             self.notifier.notify(STOPPING=1, STATUS="shutting down: removing every "
                                  "interface the fabric made")
@@ -175,25 +175,27 @@ class Daemon:
                                       time.monotonic())
         dp = self.fabric.dataplane
         await dp.acall(dp.add_owner, wd)
-        self._beat = asyncio.create_task(self._loop_beat(wd))
         log.info("systemd watchdog: pinged every %.3g s from the data-plane thread",
                  wd.period)
 
-    async def _loop_beat(self, wd: Watchdog) -> None:
-        """The event loop's half of the watchdog; also refreshes the status line."""
+    async def _housekeeping(self) -> None:
+        """The event loop's half of the watchdog (it beats every WatchdogSec/4), the
+        status line kept current, and repeat counts reported soon after their window
+        ends rather than only when the line comes again (every 5 s)."""
+        wd = self.watchdog
+        every = min(FLUSH_EVERY, wd.period / 2) if wd is not None else FLUSH_EVERY
+        flushed = time.monotonic()
         while True:
-            wd.loop_beat(time.monotonic())
-            if not self.fabric.starting and self._status.startswith("ready"):
+            now = time.monotonic()
+            if wd is not None:
+                wd.loop_beat(now)
+            if (self.notifier.enabled and not self.fabric.starting
+                    and self._status.startswith("ready")):
                 self.status(self.summary())
-            await asyncio.sleep(wd.period / 2)
-
-    @staticmethod
-    async def _flush_repeats() -> None:
-        """Say how often a suppressed line repeated soon after its window ends, not only
-        when it comes again."""
-        while True:
-            await asyncio.sleep(5)
-            logs.flush_repeats()
+            if now - flushed >= FLUSH_EVERY:
+                flushed = now
+                logs.flush_repeats()
+            await asyncio.sleep(every)
 
     def _debug_stall_hook(self, loop: asyncio.AbstractEventLoop) -> None:
         raw = os.environ.get(STALL_ENV)
