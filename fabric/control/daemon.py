@@ -129,8 +129,9 @@ class Daemon:
                 loop.add_signal_handler(sig, self.stop.set)
             loop.add_signal_handler(signal.SIGHUP, self._on_hup)
             self._debug_stall_hook(loop)
-            log.info("worker %s ready: %d namespaces, control socket %s",
-                     self.fabric.worker_id, len(self.fabric.namespaces),
+            n = len(self.fabric.namespaces)
+            log.info("worker %s ready: %d namespace%s, control socket %s",
+                     self.fabric.worker_id, n, "" if n == 1 else "s",
                      self.config.worker.control)
             self.notifier.notify(READY=1, STATUS=self.summary())
             self.fabric.bus.emit("daemon_ready", worker=self.fabric.worker_id)

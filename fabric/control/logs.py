@@ -28,6 +28,7 @@ from fabric.errors import one_line
 FORMATS = ("text", "json")
 FORMAT_ENV = "FABRICD_LOG_FORMAT"  # the default of `fabricd run --log-format`
 BURST = 5  # copies of one line let through per window
+KIND_BURST = 50  # lines of one format string (differing in their arguments) per window
 WINDOW = 30.0  # seconds
 MAX_KEYS = 1024  # distinct lines tracked at once; beyond, the oldest are settled early
 
@@ -104,15 +105,22 @@ class JsonFormatter(logging.Formatter):
 @dataclass
 class _Seen:
     start: float
-    count: int = 1
+    count: int = 0
     suppressed: int = 0
     last: logging.LogRecord | None = field(default=None, repr=False)
+
+
+_Key = tuple[str, int, str]  # logger, level, the line's text (or its format string)
 
 
 class RepeatLimiter(logging.Handler):
     """In front of `target`: the same line (logger, level and text) is let through
     `burst` times per `window` seconds; the rest are counted, and when the window is
     over one line says "... (repeated N more times in W s)" with ``repeated=N``.
+
+    Lines that differ only in their arguments (the same format string: a flood from many
+    addresses) are let through `kind_burst` times per window, then counted the same way:
+    "... (and N more like it in W s)".
 
     Windows are settled when the same line comes again, on any later record once due,
     on `flush()` (the daemon calls it every few seconds) and on close. `clock` is
@@ -121,41 +129,40 @@ class RepeatLimiter(logging.Handler):
 
     def __init__(self, target: logging.Handler, burst: int = BURST, window: float = WINDOW,
                  clock: Callable[[], float] = time.monotonic,
-                 max_keys: int = MAX_KEYS) -> None:
+                 max_keys: int = MAX_KEYS, kind_burst: int = KIND_BURST) -> None:
         super().__init__()
         self.target = target
         self.burst = burst
+        self.kind_burst = kind_burst
         self.window = window
         self.clock = clock
         self.max_keys = max_keys
         self.suppressed = 0  # in all, for tests and curiosity
-        self._seen: dict[tuple[str, int, str], _Seen] = {}
+        self._lines: dict[_Key, _Seen] = {}
+        self._kinds: dict[_Key, _Seen] = {}
         self._next_sweep = 0.0
 
     def emit(self, record: logging.LogRecord) -> None:
         now = self.clock()
         try:
-            key = (record.name, record.levelno, record.getMessage())
+            text = record.getMessage()
         except Exception:
             self.target.handle(record)  # a bad format string: let the target say so
             return
-        if now >= self._next_sweep or len(self._seen) >= self.max_keys:
+        if (now >= self._next_sweep or len(self._lines) >= self.max_keys
+                or len(self._kinds) >= self.max_keys):
             self._sweep(now)
-        seen = self._seen.get(key)
-        if seen is not None and now - seen.start >= self.window:
-            self._settle(key, seen, now)
-            seen = None
-        if seen is None:
-            self._seen[key] = _Seen(start=now)
-            self.target.handle(record)
+        line = self._current(self._lines, (record.name, record.levelno, text), now)
+        line.count += 1
+        if line.count > self.burst:
+            self._hold(line, record)
             return
-        seen.count += 1
-        if seen.count <= self.burst:
-            self.target.handle(record)
+        kind = self._current(self._kinds, (record.name, record.levelno, str(record.msg)), now)
+        kind.count += 1
+        if kind.count > self.kind_burst:
+            self._hold(kind, record)
             return
-        seen.suppressed += 1
-        seen.last = record
-        self.suppressed += 1
+        self.target.handle(record)
 
     def flush(self) -> None:
         """Report the windows that are over (and flush the target)."""
@@ -167,31 +174,51 @@ class RepeatLimiter(logging.Handler):
         """Nothing counted is lost: every open window with suppressed lines is reported."""
         with self.lock:  # type: ignore[union-attr]
             now = self.clock()
-            for key, seen in list(self._seen.items()):
-                self._settle(key, seen, now)
+            for table in (self._lines, self._kinds):
+                for key in list(table):
+                    self._settle(table, key, now)
         self.target.flush()
         super().close()
 
+    def _current(self, table: dict[_Key, _Seen], key: _Key, now: float) -> _Seen:
+        """The key's window, a new one if it had none or its window is over."""
+        seen = table.get(key)
+        if seen is not None and now - seen.start >= self.window:
+            self._settle(table, key, now)
+            seen = None
+        if seen is None:
+            seen = table[key] = _Seen(start=now)
+        return seen
+
+    def _hold(self, seen: _Seen, record: logging.LogRecord) -> None:
+        seen.suppressed += 1
+        seen.last = record
+        self.suppressed += 1
+
     def _sweep(self, now: float) -> None:
-        for key, seen in list(self._seen.items()):
-            if now - seen.start >= self.window:
-                self._settle(key, seen, now)
-        while len(self._seen) >= self.max_keys:  # too many distinct lines: oldest first
-            key = next(iter(self._seen))
-            self._settle(key, self._seen[key], now)
+        for table in (self._lines, self._kinds):
+            for key, seen in list(table.items()):
+                if now - seen.start >= self.window:
+                    self._settle(table, key, now)
+            while len(table) >= self.max_keys:  # too many distinct lines: oldest first
+                self._settle(table, next(iter(table)), now)
         self._next_sweep = now + min(1.0, self.window)
 
-    def _settle(self, key: tuple[str, int, str], seen: _Seen, now: float) -> None:
-        del self._seen[key]
+    def _settle(self, table: dict[_Key, _Seen], key: _Key, now: float) -> None:
+        seen = table.pop(key)
         last = seen.last
         if not seen.suppressed or last is None:
             return
+        n = seen.suppressed
         span = max(0.0, min(now, seen.start + self.window) - seen.start)
         summary = logging.makeLogRecord(vars(last))
-        summary.msg = "%s (repeated %d more %s in %.0f s)"
-        summary.args = (key[2], seen.suppressed, "time" if seen.suppressed == 1 else "times",
-                        span)
-        summary.repeated = seen.suppressed
+        if table is self._lines:
+            summary.msg = "%s (repeated %d more %s in %.0f s)"
+            summary.args = (key[2], n, "time" if n == 1 else "times", span)
+        else:
+            summary.msg = "%s (and %d more like it in %.0f s)"
+            summary.args = (last.getMessage(), n, span)
+        summary.repeated = n
         summary.exc_info = None
         summary.exc_text = None
         self.target.handle(summary)

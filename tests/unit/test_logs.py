@@ -126,13 +126,43 @@ def test_a_summary_carries_the_count_as_a_field() -> None:
 def test_distinct_lines_are_bounded() -> None:
     clock = Clock()
     sink = Sink()
-    limiter = logs.RepeatLimiter(sink, burst=1, window=60.0, clock=clock, max_keys=4)
+    limiter = logs.RepeatLimiter(sink, burst=1, window=60.0, clock=clock, max_keys=4,
+                                 kind_burst=1000)
     for i in range(100):
         limiter.handle(record("line %d", i))
         limiter.handle(record("line %d", i))  # suppressed
-    assert len(limiter._seen) <= 4
+    assert len(limiter._lines) <= 4
     # Every suppressed copy was reported, early, as its line was let go.
     assert sum("repeated 1 more time in" in line for line in sink.lines) >= 96
+
+
+def test_a_flood_of_lines_differing_in_their_arguments_is_limited_too() -> None:
+    """A thousand senders each logged once still make a flood: the format string has a
+    window of its own (kind_burst), and the count follows with the last line's text."""
+    clock = Clock()
+    sink = Sink()
+    limiter = logs.RepeatLimiter(sink, burst=3, window=10.0, clock=clock, kind_burst=20)
+    for i in range(1000):
+        limiter.handle(record("tunnel: handshake from 198.51.%d.%d refused", i // 256, i % 256))
+    limiter.handle(record("pod %s not attached yet", "a"))  # another kind: not held back
+    assert len(sink.lines) == 21 and limiter.suppressed == 980
+    assert sink.lines[-1] == "pod a not attached yet"
+    clock.now += 10
+    limiter.flush()
+    assert sink.lines[-1] == ("tunnel: handshake from 198.51.3.231 refused "
+                              "(and 980 more like it in 10 s)")
+
+
+def test_one_line_repeating_does_not_use_up_its_kind() -> None:
+    """Copies held back as repeats do not count against the format string, so one pod's
+    flood does not hide another pod's first warning."""
+    clock = Clock()
+    sink = Sink()
+    limiter = logs.RepeatLimiter(sink, burst=2, window=10.0, clock=clock, kind_burst=5)
+    for _ in range(100):
+        limiter.handle(record("pod %s not attached yet", "a"))
+    limiter.handle(record("pod %s not attached yet", "b"))
+    assert sink.lines == ["pod a not attached yet"] * 2 + ["pod b not attached yet"]
 
 
 def test_text_is_one_line_with_its_exception() -> None:
