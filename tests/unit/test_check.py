@@ -166,3 +166,46 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["--version"]) == 0
     assert capsys.readouterr().out == f"fabricd {expected}\n"
     assert cli.version() == expected
+
+
+def test_activators_the_daemon_would_run_without_are_warnings(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Accepted, but not acted on as written: the check still passes, and says so."""
+    module = tmp_path / "mine.wasm"
+    module.write_bytes(b"\0asm\1\0\0\0")
+    (tmp_path / "dir.wasm").mkdir()
+    path = write(tmp_path, f"""\
+namespaces:
+  - name: shop
+    cidr: 10.1.0.0/24
+    pods: [{{name: a, ip: 10.1.0.2, netns: a}}]
+    services:
+      - name: web
+        ip: 10.1.0.100
+        backends: [a]
+        ports:
+          - {{port: 80, activator: tcp}}
+          - {{port: 81, activator: tpc}}
+          - {{port: 82, activator: {module}}}
+          - {{port: 83, activator: {tmp_path / "nope.wasm"}}}
+          - {{port: 84, activator: {tmp_path / "dir.wasm"}}}
+          - {{port: 85, activator: relative.wasm}}
+          - {{port: 86}}
+""")
+    assert cli.main(["check", "-c", path]) == 0
+    out, err = capsys.readouterr()
+    assert out.endswith("1 service, 0 peers; 5 warnings)\n"), out
+    lines = err.splitlines()
+    at = f"fabricd: {path}: namespaces[0].services[0].ports"
+    assert lines == [
+        f"{at}[1].activator: warning: 'tpc' is not shipped in this version (shipped: tcp); "
+        "the service would hold and activate without it",
+        f"{at}[3].activator: warning: cannot read {tmp_path / 'nope.wasm'}: No such file or "
+        "directory; the service would hold and activate without it",
+        f"{at}[4].activator: warning: {tmp_path / 'dir.wasm'} is not a regular file; the "
+        "service would hold and activate without it",
+        f"{at}[5].activator: warning: relative.wasm is relative: the daemon reads it from its "
+        "working directory (/ under systemd), not this file's",
+        f"{at}[5].activator: warning: cannot read relative.wasm: No such file or directory; "
+        "the service would hold and activate without it",
+    ]
