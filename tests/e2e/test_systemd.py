@@ -50,12 +50,14 @@ class Listener:
         self.sock.close()
 
 
-def start(sandbox: Sandbox, listener: Listener, **env: str) -> tuple[Daemon, str, str]:
+def start(sandbox: Sandbox, listener: Listener, services: list[dict[str, object]] | None = None,
+          **env: str) -> tuple[Daemon, str, str]:
     worker = sandbox.netns("worker")
     a, b = sandbox.netns("a"), sandbox.netns("b")
     ns = {"name": "shop", "id": 7, "cidr": "10.40.0.0/24",
           "pods": [{"name": "a", "ip": "10.40.0.2", "netns": a},
-                   {"name": "b", "ip": "10.40.0.3", "netns": b}]}
+                   {"name": "b", "ip": "10.40.0.3", "netns": b}],
+          "services": services or []}
     full = {k: v for k, v in os.environ.items() if k not in ("WATCHDOG_USEC", "WATCHDOG_PID")}
     full |= {"NOTIFY_SOCKET": listener.path, **env}
     d = Daemon(sandbox, worker, {"namespaces": [ns]}, env=full)
@@ -117,13 +119,28 @@ def test_notify_ready_reload_stopping_and_watchdog_through_a_stall(sandbox: Sand
 
 
 def test_no_pings_for_another_pid_and_no_hook_without_its_variable(sandbox: Sandbox) -> None:
-    """$WATCHDOG_PID naming another process: that process pings, not this one. Without
+    """$WATCHDOG_PID naming another process: that process pings, not this one. A hook
+    never sees systemd's variables (hooks get a minimal environment, and the daemon
+    unsets them once read), so it cannot speak for the daemon. Without
     FABRICD_TEST_STALL_SECONDS the stall hook does not exist."""
     listener = Listener(os.path.join(sandbox.tmp, "notify.sock"))
+    env_file = os.path.join(sandbox.tmp, "hook-env")
     try:
-        d, _, _ = start(sandbox, listener, WATCHDOG_USEC=str(WATCHDOG_USEC),
+        web = {"name": "web", "ip": "10.40.0.100", "ports": [{"port": 80}],
+               "backends": ["b"], "readiness": "external", "hold": {"timeout": "1s"},
+               "on_activate": f"sh -c 'env > {env_file}.tmp && mv {env_file}.tmp {env_file}'"}
+        d, a, _ = start(sandbox, listener, [web], WATCHDOG_USEC=str(WATCHDOG_USEC),
                         WATCHDOG_PID="1")
         listener.until("READY", "1")
+        d.cli("ready", "shop/b", "--unready")
+        sandbox.run(a, "curl", "-sS", "--max-time", "3", "http://10.40.0.100/", check=False)
+        deadline = time.monotonic() + 10
+        while not os.path.exists(env_file) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with open(env_file) as f:
+            hook_env = dict(line.split("=", 1) for line in f.read().splitlines() if "=" in line)
+        assert hook_env["FABRIC_SERVICE"] == "web"
+        assert not {"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"} & hook_env.keys()
         time.sleep(1.0)  # five pings' worth
         d.signal(signal.SIGTERM)
         rest = listener.until("STOPPING", "1")
