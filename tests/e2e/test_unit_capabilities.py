@@ -1,0 +1,96 @@
+"""The capabilities the shipped unit keeps are the ones the daemon needs: run as root under
+`setpriv` with exactly the unit's CapabilityBoundingSet and no-new-privs (what systemd
+would do with those directives), it attaches a TAP pod and an AF_PACKET pod, routes
+between them, and its gateway answers ping and DNS; with any one of them taken away, the
+part that needs it fails. (systemd is not PID 1 here, so the rest of the sandbox cannot be
+run; `systemd-analyze verify` checks its syntax in tests/unit/test_systemd_unit.py.)"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fabric.tools.sandbox import Daemon, Sandbox
+
+UNIT = Path(__file__).resolve().parents[2] / "packaging" / "systemd" / "fabricd.service"
+
+
+def unit_caps() -> list[str]:
+    (line,) = re.findall(r"^CapabilityBoundingSet=(.*)$", UNIT.read_text(), re.M)
+    return line.split()
+
+
+def fabricd_under(caps: list[str]) -> list[str]:
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    fabricd = str(Path(sys.executable).with_name("fabricd"))
+    keep = ",".join("+" + c.removeprefix("CAP_").lower() for c in caps)
+    return [setpriv, f"--bounding-set=-all,{keep}", "--inh-caps=-all", "--no-new-privs",
+            fabricd]
+
+
+def network(sandbox: Sandbox) -> tuple[str, str, str, dict[str, Any]]:
+    worker = sandbox.netns("worker")
+    a, vm = sandbox.netns("a"), sandbox.netns("vm")
+    sandbox.veth(worker, "tap-vm1", vm, "eth0")
+    for cmd in (("ip", "addr", "add", "10.41.0.5/24", "dev", "eth0"),
+                ("ip", "link", "set", "eth0", "up"),
+                ("ip", "route", "add", "default", "via", "10.41.0.1")):
+        sandbox.run(vm, *cmd)
+    ns = {"name": "vms", "cidr": "10.41.0.0/24",
+          "pods": [{"name": "a", "ip": "10.41.0.2", "netns": a},
+                   {"name": "vm-1", "ip": "10.41.0.5", "interface": "tap-vm1"}]}
+    return worker, a, vm, ns
+
+
+def dig(sandbox: Sandbox, ns: str) -> str:
+    return sandbox.run(ns, "dig", "@10.41.0.1", "+short", "+time=2", "+tries=1",
+                       "vm-1.vms.fabric.internal", check=False, timeout=30).stdout
+
+
+def test_the_units_capabilities_are_enough(sandbox: Sandbox) -> None:
+    caps = unit_caps()
+    assert set(caps) == {"CAP_NET_ADMIN", "CAP_SYS_ADMIN", "CAP_NET_RAW",
+                         "CAP_NET_BIND_SERVICE"}, caps
+    worker, a, vm, ns = network(sandbox)
+    d = Daemon(sandbox, worker, {"namespaces": [ns]}, command=fabricd_under(caps)).start()
+    d.wait_attached(2)
+    assert d.proc is not None
+    with open(f"/proc/{d.proc.pid}/status") as f:
+        status = f.read()
+    bounding = int(re.search(r"^CapBnd:\s+([0-9a-f]+)$", status, re.M).group(1), 16)
+    assert bin(bounding).count("1") == 4, status  # really confined to the four
+    assert "1 received" in sandbox.run(a, "ping", "-c", "1", "-W", "3", "10.41.0.5").stdout
+    assert "1 received" in sandbox.run(vm, "ping", "-c", "1", "-W", "3", "10.41.0.1").stdout
+    assert dig(sandbox, a).strip() == "10.41.0.5"
+    assert d.stop() == 0
+
+
+@pytest.mark.parametrize("drop, fails", [
+    ("CAP_NET_RAW", "AF_PACKET"),  # the interface pod only
+    ("CAP_NET_BIND_SERVICE", "UDP listen on 10.41.0.1:53: Permission denied"),
+    ("CAP_SYS_ADMIN", "unshare(CLONE_NEWNET): Operation not permitted"),
+    ("CAP_NET_ADMIN", "creating TUN fab0: Operation not permitted"),
+])
+def test_each_capability_is_needed(sandbox: Sandbox, drop: str, fails: str) -> None:
+    caps = [c for c in unit_caps() if c != drop]
+    worker, a, vm, ns = network(sandbox)
+    d = Daemon(sandbox, worker, {"namespaces": [ns]}, command=fabricd_under(caps))
+    if fails != "AF_PACKET":
+        with pytest.raises(RuntimeError) as e:
+            d.start()
+        assert fails in str(e.value)
+        assert d.proc is not None and d.proc.returncode == 1
+        return
+    d.start()
+    d.wait_attached(1)
+    pods = {p["name"]: p for p in d.get("/v1/pods")}
+    assert pods["a"]["attached"] and not pods["vm-1"]["attached"]
+    assert "AF_PACKET" in pods["vm-1"]["error"], pods["vm-1"]
+    assert "Operation not permitted" in pods["vm-1"]["error"]
