@@ -1,7 +1,8 @@
 """The capabilities the shipped unit keeps are the ones the daemon needs: run as root under
 `setpriv` with exactly the unit's CapabilityBoundingSet and no-new-privs (what systemd
 would do with those directives), it attaches a TAP pod and an AF_PACKET pod, routes
-between them, and its gateway answers ping and DNS; with any one of them taken away, the
+between them, its gateway answers ping and DNS, and a pod reaches the test's "internet"
+namespace through egress; with any one of them taken away, the
 part that needs it fails. (systemd is not PID 1 here, so the rest of the sandbox cannot be
 run; `systemd-analyze verify` checks its syntax in tests/unit/test_systemd_unit.py.)"""
 
@@ -18,6 +19,8 @@ import pytest
 from fabric.tools.sandbox import Daemon, Sandbox
 
 UNIT = Path(__file__).resolve().parents[2] / "packaging" / "systemd" / "fabricd.service"
+SERVER = "203.0.113.10"  # TEST-NET-3, only inside the test's "internet" namespace
+POOL = "100.64.0.0/16"
 
 
 def unit_caps() -> list[str]:
@@ -59,7 +62,11 @@ def test_the_units_capabilities_are_enough(sandbox: Sandbox) -> None:
     assert set(caps) == {"CAP_NET_ADMIN", "CAP_SYS_ADMIN", "CAP_NET_RAW",
                          "CAP_NET_BIND_SERVICE"}, caps
     worker, a, vm, ns = network(sandbox)
-    d = Daemon(sandbox, worker, {"namespaces": [ns]}, command=fabricd_under(caps)).start()
+    net = sandbox.internet(worker, SERVER, POOL)  # the test's own; nothing leaves the host
+    sandbox.http_server(net, 8080)
+    ns = {**ns, "id": 7}
+    d = Daemon(sandbox, worker, {"worker": {"egress": {"tun": "fabeg0", "pool": POOL}},
+                                 "namespaces": [ns]}, command=fabricd_under(caps)).start()
     d.wait_attached(2)
     assert d.proc is not None
     with open(f"/proc/{d.proc.pid}/status") as f:
@@ -69,6 +76,9 @@ def test_the_units_capabilities_are_enough(sandbox: Sandbox) -> None:
     assert "1 received" in sandbox.run(a, "ping", "-c", "1", "-W", "3", "10.41.0.5").stdout
     assert "1 received" in sandbox.run(vm, "ping", "-c", "1", "-W", "3", "10.41.0.1").stdout
     assert dig(sandbox, a).strip() == "10.41.0.5"
+    whoami = sandbox.run(a, "curl", "-sS", "--max-time", "10",
+                         f"http://{SERVER}:8080/whoami", timeout=20).stdout
+    assert whoami.strip() == "100.64.0.7"  # egress: the uplink TUN and its route
     assert d.stop() == 0
 
 
