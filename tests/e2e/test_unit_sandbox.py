@@ -1,13 +1,21 @@
-"""The capabilities the shipped unit keeps are the ones the daemon needs: run as root under
+"""The sandbox of the shipped unit, emulated without systemd (it is not PID 1 here).
+
+The capabilities the shipped unit keeps are the ones the daemon needs: run as root under
 `setpriv` with exactly the unit's CapabilityBoundingSet and no-new-privs (what systemd
 would do with those directives), it attaches a TAP pod and an AF_PACKET pod, routes
 between them, its gateway answers ping and DNS, and a pod reaches the test's "internet"
 namespace through egress; with any one of them taken away, the
-part that needs it fails. (systemd is not PID 1 here, so the rest of the sandbox cannot be
-run; `systemd-analyze verify` checks its syntax in tests/unit/test_systemd_unit.py.)"""
+part that needs it fails.
+
+The file system as `ProtectSystem=strict` leaves it: every mount read-only (in a mount
+namespace of the daemon's own) but /proc, /sys, /dev, the control socket's directory
+(`RuntimeDirectory=`) and /etc/netns (`ConfigurationDirectory=netns`): the daemon runs,
+and pods get their resolv.conf; without /etc/netns writable they do not, with a warning.
+(`systemd-analyze verify` checks the unit's syntax in tests/unit/test_systemd_unit.py.)"""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import sys
@@ -104,3 +112,57 @@ def test_each_capability_is_needed(sandbox: Sandbox, drop: str, fails: str) -> N
     assert pods["a"]["attached"] and not pods["vm-1"]["attached"]
     assert "AF_PACKET" in pods["vm-1"]["error"], pods["vm-1"]
     assert "Operation not permitted" in pods["vm-1"]["error"]
+
+
+# Run as `unshare --mount sh RO_ROOT RW_DIR... -- CMD...`: in the new mount namespace
+# (private: nothing propagates back to the host), the writable directories become mounts
+# of their own, then every other mount but /proc, /sys and /dev is remounted read-only
+# (per mount, `bind`: the file systems themselves are not touched).
+RO_ROOT = """set -eu
+rw=""
+while [ "$1" != "--" ]; do rw="$rw $1"; mount --bind "$1" "$1"; shift; done
+shift
+for m in $(awk '{print $2}' /proc/self/mounts | sort -u); do
+    case "$m" in /proc|/proc/*|/sys|/sys/*|/dev|/dev/*) continue ;; esac
+    case " $rw " in *" $m "*) continue ;; esac
+    mount -o remount,bind,ro "$m"
+done
+exec "$@"
+"""
+
+
+def read_only_but(sandbox: Sandbox, *rw: str) -> list[str]:
+    script = os.path.join(sandbox.tmp, "ro-root.sh")
+    with open(script, "w") as f:
+        f.write(RO_ROOT)
+    return [shutil.which("unshare") or "unshare", "--mount", "--propagation", "private",
+            "sh", script, *rw, "--"]
+
+
+@pytest.mark.parametrize("etc_netns_writable", [True, False])
+def test_a_read_only_file_system_but_the_units_directories(
+        sandbox: Sandbox, etc_netns_writable: bool) -> None:
+    worker = sandbox.netns("worker")
+    a, b = sandbox.netns("a"), sandbox.netns("b")
+    ns = {"name": "shop", "cidr": "10.42.0.0/24",
+          "pods": [{"name": "a", "ip": "10.42.0.2", "netns": a},
+                   {"name": "b", "ip": "10.42.0.3", "netns": b}]}
+    os.makedirs("/etc/netns", exist_ok=True)  # what ConfigurationDirectory= makes sure of
+    d = Daemon(sandbox, worker, {"namespaces": [ns]})
+    rw = [d.dir] + (["/etc/netns"] if etc_netns_writable else [])
+    d.command = [*read_only_but(sandbox, *rw), *fabricd_under(unit_caps())]
+    d.start()
+    d.wait_attached(2)
+    assert "1 received" in sandbox.run(a, "ping", "-c", "1", "-W", "3", "10.42.0.3").stdout
+    out = sandbox.run(a, "dig", "@10.42.0.1", "+short", "+time=2", "+tries=1",
+                      "b.shop.fabric.internal", timeout=30).stdout
+    assert out.strip() == "10.42.0.3"
+    resolv = f"/etc/netns/{a}/resolv.conf"
+    if etc_netns_writable:
+        with open(resolv) as f:
+            assert "nameserver 10.42.0.1" in f.read()
+        assert "Read-only file system" not in d.log(), d.log()
+    else:
+        assert not os.path.exists(resolv)
+        assert "cannot write resolv.conf" in d.log() and "Read-only file system" in d.log()
+    assert d.stop() == 0
