@@ -1,17 +1,20 @@
-"""The sandbox of the shipped unit, emulated without systemd (it is not PID 1 here).
+"""The sandbox of the shipped unit, emulated without systemd (it is not PID 1 here), each
+part read from the unit file itself:
 
-The capabilities the shipped unit keeps are the ones the daemon needs: run as root under
-`setpriv` with exactly the unit's CapabilityBoundingSet and no-new-privs (what systemd
-would do with those directives), it attaches a TAP pod and an AF_PACKET pod, routes
-between them, its gateway answers ping and DNS, and a pod reaches the test's "internet"
-namespace through egress; with any one of them taken away, the
-part that needs it fails.
+- `CapabilityBoundingSet=`: the daemon runs as root under `setpriv` with exactly those
+  capabilities and no-new-privs, as systemd would start it;
+- `RestrictAddressFamilies=`: a seccomp filter on socket()/socketpair() that fails
+  other families with EAFNOSUPPORT, as systemd builds it on x86-64;
+- `ProtectSystem=strict` with `RuntimeDirectory=`/`ConfigurationDirectory=netns`: every
+  mount read-only (in a mount namespace of the daemon's own) but /proc, /sys, /dev, the
+  control socket's directory and /etc/netns.
 
-The file system as `ProtectSystem=strict` leaves it: every mount read-only (in a mount
-namespace of the daemon's own) but /proc, /sys, /dev, the control socket's directory
-(`RuntimeDirectory=`) and /etc/netns (`ConfigurationDirectory=netns`): the daemon runs,
-and pods get their resolv.conf; without /etc/netns writable they do not, with a warning.
-(`systemd-analyze verify` checks the unit's syntax in tests/unit/test_systemd_unit.py.)"""
+All at once, the daemon attaches a TAP pod and an AF_PACKET pod, routes between them,
+its gateway answers ping and DNS, and a pod reaches the test's "internet" namespace
+through egress. With any one capability or address family taken away, the part that
+needs it fails; /etc/netns read-only costs pods their resolv.conf; /proc/sys read-only
+(ProtectKernelTunables=) stops the daemon. (`systemd-analyze verify` checks the unit's
+syntax in tests/unit/test_systemd_unit.py.)"""
 
 from __future__ import annotations
 
@@ -46,6 +49,44 @@ def fabricd_under(caps: list[str]) -> list[str]:
             fabricd]
 
 
+def unit_families() -> list[str]:
+    """The unit's RestrictAddressFamilies=."""
+    (line,) = re.findall(r"^RestrictAddressFamilies=(.*)$", UNIT.read_text(), re.M)
+    return line.split()
+
+
+# RestrictAddressFamilies= as systemd builds it on x86-64: a seccomp filter that fails
+# socket() and socketpair() with EAFNOSUPPORT for any other family. Classic BPF over
+# struct seccomp_data {int nr; u32 arch; u64 ip; u64 args[6]}; then exec the daemon.
+FAMILIES_LAUNCHER = """import ctypes, os, socket, struct, sys
+families = [getattr(socket, name) for name in sys.argv[1].split(",")]
+LD, JEQ, RET = 0x20, 0x15, 0x06
+ALLOW, EAFNOSUPPORT = 0x7FFF0000, 0x00050000 | 97
+n = len(families)
+prog = [(LD, 0, 0, 4), (JEQ, 0, n + 5, 0xC000003E),         # not x86-64: allow
+        (LD, 0, 0, 0), (JEQ, 1, 0, 41), (JEQ, 0, n + 2, 53),  # socket, socketpair
+        (LD, 0, 0, 16)]                                       # args[0], the family
+prog += [(JEQ, n - i, 0, f) for i, f in enumerate(families)]
+prog += [(RET, 0, 0, EAFNOSUPPORT), (RET, 0, 0, ALLOW)]
+buf = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *i) for i in prog))
+fprog = struct.pack("HxxxxxxQ", len(prog), ctypes.addressof(buf))
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.prctl(38, 1, 0, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS
+if libc.prctl(22, 2, ctypes.c_char_p(fprog), 0, 0) != 0:  # PR_SET_SECCOMP, FILTER
+    sys.exit("seccomp: " + os.strerror(ctypes.get_errno()))
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+def families_only(sandbox: Sandbox, families: list[str]) -> list[str]:
+    if os.uname().machine != "x86_64":
+        pytest.skip("the address-family filter is written for x86-64")
+    script = os.path.join(sandbox.tmp, "families.py")
+    with open(script, "w") as f:
+        f.write(FAMILIES_LAUNCHER)
+    return [sys.executable, script, ",".join(families)]
+
+
 def network(sandbox: Sandbox) -> tuple[str, str, str, dict[str, Any]]:
     worker = sandbox.netns("worker")
     a, vm = sandbox.netns("a"), sandbox.netns("vm")
@@ -65,8 +106,10 @@ def dig(sandbox: Sandbox, ns: str) -> str:
                        "vm-1.vms.fabric.internal", check=False, timeout=30).stdout
 
 
-def test_the_units_capabilities_are_enough(sandbox: Sandbox) -> None:
+def test_the_units_sandbox_is_enough(sandbox: Sandbox) -> None:
     caps = unit_caps()
+    families = unit_families()
+    assert families == ["AF_UNIX", "AF_INET", "AF_NETLINK", "AF_PACKET"], families
     assert set(caps) == {"CAP_NET_ADMIN", "CAP_SYS_ADMIN", "CAP_NET_RAW",
                          "CAP_NET_BIND_SERVICE"}, caps
     worker, a, vm, ns = network(sandbox)
@@ -74,7 +117,12 @@ def test_the_units_capabilities_are_enough(sandbox: Sandbox) -> None:
     sandbox.http_server(net, 8080)
     ns = {**ns, "id": 7}
     d = Daemon(sandbox, worker, {"worker": {"egress": {"tun": "fabeg0", "pool": POOL}},
-                                 "namespaces": [ns]}, command=fabricd_under(caps)).start()
+                                 "namespaces": [ns]})
+    # The whole sandbox at once: read-only file system, address families, capabilities.
+    os.makedirs("/etc/netns", exist_ok=True)
+    d.command = [*read_only_but(sandbox, d.dir, "/etc/netns"),
+                 *families_only(sandbox, families), *fabricd_under(caps)]
+    d.start()
     d.wait_attached(2)
     assert d.proc is not None
     with open(f"/proc/{d.proc.pid}/status") as f:
@@ -88,6 +136,29 @@ def test_the_units_capabilities_are_enough(sandbox: Sandbox) -> None:
                          f"http://{SERVER}:8080/whoami", timeout=20).stdout
     assert whoami.strip() == "100.64.0.7"  # egress: the uplink TUN and its route
     assert d.stop() == 0
+
+
+@pytest.mark.parametrize("drop, fails", [
+    ("AF_PACKET", "AF_PACKET"),  # the interface pod only
+    ("AF_INET", "UDP listen on 10.41.0.1:53: Address family not supported"),
+    ("AF_NETLINK", "Address family not supported"),
+    ("AF_UNIX", "Address family not supported"),
+])
+def test_each_address_family_is_needed(sandbox: Sandbox, drop: str, fails: str) -> None:
+    families = [f for f in unit_families() if f != drop]
+    worker, a, vm, ns = network(sandbox)
+    d = Daemon(sandbox, worker, {"namespaces": [ns]})
+    d.command = [*families_only(sandbox, families), *fabricd_under(unit_caps())]
+    if fails != "AF_PACKET":
+        with pytest.raises(RuntimeError) as e:
+            d.start()
+        assert fails in str(e.value)
+        return
+    d.start()
+    d.wait_attached(1)
+    pods = {p["name"]: p for p in d.get("/v1/pods")}
+    assert pods["a"]["attached"] and not pods["vm-1"]["attached"]
+    assert "Address family not supported" in pods["vm-1"]["error"], pods["vm-1"]
 
 
 @pytest.mark.parametrize("drop, fails", [
