@@ -3,8 +3,9 @@ part read from the unit file itself:
 
 - `CapabilityBoundingSet=`: the daemon runs as root under `setpriv` with exactly those
   capabilities and no-new-privs, as systemd would start it;
-- `RestrictAddressFamilies=`: a seccomp filter on socket()/socketpair() that fails
-  other families with EAFNOSUPPORT, as systemd builds it on x86-64;
+- `RestrictAddressFamilies=` and `RestrictNamespaces=net`: a seccomp filter, as systemd
+  builds one on x86-64, failing socket()/socketpair() of other families, and unshare(),
+  clone() and setns() of other kinds of namespace;
 - `ProtectSystem=strict` with `RuntimeDirectory=`/`ConfigurationDirectory=netns`: every
   mount read-only (in a mount namespace of the daemon's own) but /proc, /sys, /dev, the
   control socket's directory and /etc/netns.
@@ -55,19 +56,46 @@ def unit_families() -> list[str]:
     return line.split()
 
 
-# RestrictAddressFamilies= as systemd builds it on x86-64: a seccomp filter that fails
-# socket() and socketpair() with EAFNOSUPPORT for any other family. Classic BPF over
-# struct seccomp_data {int nr; u32 arch; u64 ip; u64 args[6]}; then exec the daemon.
-FAMILIES_LAUNCHER = """import ctypes, os, socket, struct, sys
+# RestrictAddressFamilies= and RestrictNamespaces= as systemd builds them on x86-64: a
+# seccomp filter (classic BPF over struct seccomp_data {int nr; u32 arch; u64 ip;
+# u64 args[6]}) that fails socket()/socketpair() of other families with EAFNOSUPPORT,
+# unshare()/clone() asking for other kinds of namespace with EPERM, setns() into other
+# kinds (or any kind, nstype 0) with EPERM, and clone3() with ENOSYS (its flags are out
+# of a filter's reach: libc falls back to clone()). Then it execs the rest of argv.
+SECCOMP_LAUNCHER = """import ctypes, os, socket, struct, sys
 families = [getattr(socket, name) for name in sys.argv[1].split(",")]
-LD, JEQ, RET = 0x20, 0x15, 0x06
-ALLOW, EAFNOSUPPORT = 0x7FFF0000, 0x00050000 | 97
-n = len(families)
-prog = [(LD, 0, 0, 4), (JEQ, 0, n + 5, 0xC000003E),         # not x86-64: allow
-        (LD, 0, 0, 0), (JEQ, 1, 0, 41), (JEQ, 0, n + 2, 53),  # socket, socketpair
-        (LD, 0, 0, 16)]                                       # args[0], the family
-prog += [(JEQ, n - i, 0, f) for i, f in enumerate(families)]
-prog += [(RET, 0, 0, EAFNOSUPPORT), (RET, 0, 0, ALLOW)]
+NEWNET = 0x40000000
+OTHER_NS = 0x20000 | 0x80 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000 | 0x20000000
+LD, JEQ, JSET, RET = 0x20, 0x15, 0x45, 0x06
+ALLOW, ERRNO = 0x7FFF0000, 0x00050000
+code = [("ld", 4), ("jeq", 0xC000003E, None, "allow"), ("ld", 0),
+        ("jeq", 41, "family", None), ("jeq", 53, "family", None),
+        ("jeq", 272, "flags", None), ("jeq", 56, "flags", None),
+        ("jeq", 308, "nstype", None), ("jeq", 435, "enosys", "allow"),
+        "family", ("ld", 16)]
+code += [("jeq", f, "allow", None) for f in families]
+code += [("ret", ERRNO | 97),
+         "flags", ("ld", 16), ("jset", OTHER_NS, "eperm", "allow"),
+         "nstype", ("ld", 24), ("jeq", NEWNET, "allow", "eperm"),
+         "eperm", ("ret", ERRNO | 1), "enosys", ("ret", ERRNO | 38), "allow", ("ret", ALLOW)]
+labels, pos = {}, 0
+for c in code:
+    if isinstance(c, str):
+        labels[c] = pos
+    else:
+        pos += 1
+prog, pos = [], 0
+for c in code:
+    if isinstance(c, str):
+        continue
+    pos += 1
+    rel = lambda t: 0 if t is None else labels[t] - pos
+    if c[0] == "ld":
+        prog.append((LD, 0, 0, c[1]))
+    elif c[0] == "ret":
+        prog.append((RET, 0, 0, c[1]))
+    else:
+        prog.append((JEQ if c[0] == "jeq" else JSET, rel(c[2]), rel(c[3]), c[1]))
 buf = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *i) for i in prog))
 fprog = struct.pack("HxxxxxxQ", len(prog), ctypes.addressof(buf))
 libc = ctypes.CDLL(None, use_errno=True)
@@ -78,12 +106,19 @@ os.execv(sys.argv[2], sys.argv[2:])
 """
 
 
+def unit_namespaces() -> list[str]:
+    (line,) = re.findall(r"^RestrictNamespaces=(.*)$", UNIT.read_text(), re.M)
+    return line.split()
+
+
 def families_only(sandbox: Sandbox, families: list[str]) -> list[str]:
+    """The address-family filter, with the unit's RestrictNamespaces=net."""
     if os.uname().machine != "x86_64":
-        pytest.skip("the address-family filter is written for x86-64")
-    script = os.path.join(sandbox.tmp, "families.py")
+        pytest.skip("the seccomp filter is written for x86-64")
+    assert unit_namespaces() == ["net"]
+    script = os.path.join(sandbox.tmp, "seccomp.py")
     with open(script, "w") as f:
-        f.write(FAMILIES_LAUNCHER)
+        f.write(SECCOMP_LAUNCHER)
     return [sys.executable, script, ",".join(families)]
 
 
