@@ -11,9 +11,10 @@ part read from the unit file itself:
   control socket's directory and /etc/netns.
 
 All at once, the daemon attaches a TAP pod and an AF_PACKET pod, routes between them,
-its gateway answers ping and DNS, and a pod reaches the test's "internet" namespace
-through egress. With any one capability or address family taken away, the part that
-needs it fails; /etc/netns read-only costs pods their resolv.conf; /proc/sys read-only
+its gateway answers ping and DNS, a pod reaches the test's "internet" namespace through
+egress, and a service with the TCP activator (compiled by wasmtime) and probes answers.
+With any one capability or address family taken away, the part that needs it fails;
+/etc/netns read-only costs pods their resolv.conf; /proc/sys read-only
 (ProtectKernelTunables=) stops the daemon. (`systemd-analyze verify` checks the unit's
 syntax in tests/unit/test_systemd_unit.py.)"""
 
@@ -150,7 +151,10 @@ def test_the_units_sandbox_is_enough(sandbox: Sandbox) -> None:
     worker, a, vm, ns = network(sandbox)
     net = sandbox.internet(worker, SERVER, POOL)  # the test's own; nothing leaves the host
     sandbox.http_server(net, 8080)
-    ns = {**ns, "id": 7}
+    ns = {**ns, "id": 7, "services": [
+        {"name": "web", "ip": "10.41.0.100", "backends": ["vm-1"],
+         "ports": [{"port": 80, "target_port": 8080, "activator": "tcp"}]}]}
+    sandbox.http_server(vm, 8080)
     d = Daemon(sandbox, worker, {"worker": {"egress": {"tun": "fabeg0", "pool": POOL}},
                                  "namespaces": [ns]})
     # The whole sandbox at once: read-only file system, address families, capabilities.
@@ -170,6 +174,11 @@ def test_the_units_sandbox_is_enough(sandbox: Sandbox) -> None:
     whoami = sandbox.run(a, "curl", "-sS", "--max-time", "10",
                          f"http://{SERVER}:8080/whoami", timeout=20).stdout
     assert whoami.strip() == "100.64.0.7"  # egress: the uplink TUN and its route
+    # A service with the TCP activator (wasmtime compiles it) and probes from the gateway.
+    body = sandbox.run(a, "curl", "-sS", "--max-time", "10", "http://10.41.0.100/",
+                       timeout=20).stdout
+    assert body.startswith("hello from"), body
+    assert "unusable" not in d.log() and "activator" in d.log(), d.log()
     assert d.stop() == 0
 
 
