@@ -217,6 +217,18 @@ def version() -> str:
             return "unknown"
 
 
+class _Version(argparse.Action):
+    """`--version`, looked up only when asked (metadata reads cost every other command)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kw: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kw)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        _out(f"{PROG} {version()}")
+        parser.exit(0)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from fabric.tools import demo
 
@@ -352,7 +364,7 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Userspace L3 network fabric.")
-    parser.add_argument("--version", action="version", version=f"{PROG} {version()}")
+    parser.add_argument("--version", action=_Version, help="print the version and exit")
     parser.add_argument(
         "--control",
         metavar="PATH",
