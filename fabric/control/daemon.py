@@ -40,6 +40,7 @@ log = logging.getLogger("fabricd")
 # watchdog tests can see the pings stop. Nothing else can trigger it.
 STALL_ENV = "FABRICD_TEST_STALL_SECONDS"
 FLUSH_EVERY = 5.0  # seconds between the status refresh and repeat reports, at most
+START_PROGRESS_USEC = 60_000_000  # each namespace applied may take this long
 
 
 def load(path: str | None) -> Config:
@@ -121,8 +122,12 @@ class Daemon:
                             self.config.worker.control_mode)
             self.fabric.starting = True  # /v1/health says so until the file is applied
             for i, ns in enumerate(self.config.namespaces):
-                self.status(f"starting: applying namespace {ns.name} "
-                            f"({i + 1}/{len(self.config.namespaces)})")
+                # Progress extends systemd's start timeout (a minute from each namespace
+                # begun): a file of a thousand namespaces may outlast TimeoutStartSec.
+                self._status = (f"starting: applying namespace {ns.name} "
+                                f"({i + 1}/{len(self.config.namespaces)})")
+                self.notifier.notify(STATUS=self._status,
+                                     EXTEND_TIMEOUT_USEC=START_PROGRESS_USEC)
                 await self.fabric.apply_namespace(ns, self.config.source)
             self.fabric.starting = False
             for sig in (signal.SIGTERM, signal.SIGINT):

@@ -72,6 +72,8 @@ def test_notify_ready_reload_stopping_and_watchdog_through_a_stall(sandbox: Sand
                         FABRICD_TEST_STALL_SECONDS=str(STALL))
         before = listener.until("READY", "1")
         assert before[0]["STATUS"].startswith("starting"), before
+        applying = [m for m in before if "applying namespace shop" in m.get("STATUS", "")]
+        assert applying and applying[0]["EXTEND_TIMEOUT_USEC"] == "60000000", before
         # READY=1 means ready: the namespace is applied, its pods attached, the API up.
         api = ControlClient(d.control)
         pods = api.get("/v1/pods")
