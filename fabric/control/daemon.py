@@ -138,7 +138,8 @@ class Daemon:
             log.info("worker %s ready: %d namespace%s, control socket %s",
                      self.fabric.worker_id, n, "" if n == 1 else "s",
                      self.config.worker.control)
-            self.notifier.notify(READY=1, STATUS=self.summary())
+            self._status = self.summary()
+            self.notifier.notify(READY=1, STATUS=self._status)
             self.fabric.bus.emit("daemon_ready", worker=self.fabric.worker_id)
             await self.stop.wait()
             log.info("shutting down")

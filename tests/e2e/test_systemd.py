@@ -51,12 +51,15 @@ class Listener:
 
 
 def start(sandbox: Sandbox, listener: Listener, services: list[dict[str, object]] | None = None,
-          **env: str) -> tuple[Daemon, str, str]:
+          late: str | None = None, **env: str) -> tuple[Daemon, str, str]:
+    """The daemon with pods a and b (and `late`, whose namespace does not exist yet)."""
     worker = sandbox.netns("worker")
     a, b = sandbox.netns("a"), sandbox.netns("b")
-    ns = {"name": "shop", "id": 7, "cidr": "10.40.0.0/24",
-          "pods": [{"name": "a", "ip": "10.40.0.2", "netns": a},
-                   {"name": "b", "ip": "10.40.0.3", "netns": b}],
+    pods = [{"name": "a", "ip": "10.40.0.2", "netns": a},
+            {"name": "b", "ip": "10.40.0.3", "netns": b}]
+    if late is not None:
+        pods.append({"name": "late", "ip": "10.40.0.9", "netns": late})
+    ns = {"name": "shop", "id": 7, "cidr": "10.40.0.0/24", "pods": pods,
           "services": services or []}
     full = {k: v for k, v in os.environ.items() if k not in ("WATCHDOG_USEC", "WATCHDOG_PID")}
     full |= {"NOTIFY_SOCKET": listener.path, **env}
@@ -68,21 +71,29 @@ def start(sandbox: Sandbox, listener: Listener, services: list[dict[str, object]
 def test_notify_ready_reload_stopping_and_watchdog_through_a_stall(sandbox: Sandbox) -> None:
     listener = Listener(os.path.join(sandbox.tmp, "notify.sock"))
     try:
-        d, a, _ = start(sandbox, listener, WATCHDOG_USEC=str(WATCHDOG_USEC),
+        late = sandbox.name("late")
+        d, a, _ = start(sandbox, listener, late=late, WATCHDOG_USEC=str(WATCHDOG_USEC),
                         FABRICD_TEST_STALL_SECONDS=str(STALL))
         before = listener.until("READY", "1")
         assert before[0]["STATUS"].startswith("starting"), before
         applying = [m for m in before if "applying namespace shop" in m.get("STATUS", "")]
         assert applying and applying[0]["EXTEND_TIMEOUT_USEC"] == "60000000", before
-        # READY=1 means ready: the namespace is applied, its pods attached, the API up.
+        # READY=1 means ready: the namespace is applied, the pods that can be attached
+        # are, the API answers.
         api = ControlClient(d.control)
         pods = api.get("/v1/pods")
-        assert [p["attached"] for p in pods] == [True, True], pods
+        assert [p["attached"] for p in pods] == [True, True, False], pods
         assert "1 received" in sandbox.run(a, "ping", "-c", "1", "-W", "2",
                                            "10.40.0.3").stdout
-        assert before[-1]["STATUS"].startswith("ready: 1 namespace, 2/2 pods attached")
+        assert before[-1]["STATUS"].startswith("ready: 1 namespace, 2/3 pods attached")
         listener.until("WATCHDOG", "1")
         listener.until("WATCHDOG", "1")
+        # The late pod's namespace appears: it is attached, and the status line says so.
+        assert sandbox.netns("late") == late
+        attached = listener.until("STATUS", None, timeout=20)
+        while "3/3 pods attached" not in attached[-1]["STATUS"]:
+            attached = listener.until("STATUS", None, timeout=20)
+        assert not any("READY" in m for m in attached)
 
         d.signal(signal.SIGHUP)
         reload = listener.until("RELOADING", "1")[-1]
