@@ -36,8 +36,8 @@ log = logging.getLogger("fabricd")
 
 
 # A test-only hook, off unless the daemon starts with this variable: SIGUSR2 then makes
-# the data-plane thread sleep that many seconds, as a stuck data plane would, so the
-# watchdog tests can see the pings stop. Nothing else can trigger it.
+# the data-plane thread sleep that many seconds, as a stuck data plane would, SIGUSR1 the
+# event loop, so the watchdog tests can see the pings stop. Nothing else triggers it.
 STALL_ENV = "FABRICD_TEST_STALL_SECONDS"
 FLUSH_EVERY = 5.0  # seconds between the status refresh and repeat reports, at most
 START_PROGRESS_USEC = 60_000_000  # each namespace applied may take this long
@@ -146,7 +146,8 @@ class Daemon:
             self.notifier.notify(STOPPING=1, STATUS="shutting down: removing every "
                                  "interface the fabric made")
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1,
+                        signal.SIGUSR2):
                 loop.remove_signal_handler(sig)
             await control.close()
             await self.fabric.close()
@@ -213,19 +214,22 @@ class Daemon:
         except ValueError:
             log.error("%s=%r is not a number of seconds; the stall hook is off", STALL_ENV, raw)
             return
-        log.warning("%s is set: SIGUSR2 stalls the data plane for %g s (a test hook)",
-                    STALL_ENV, seconds)
+        log.warning("%s is set: SIGUSR2 stalls the data plane, SIGUSR1 the event loop, "
+                    "for %g s (a test hook)", STALL_ENV, seconds)
         dp = self.fabric.dataplane
-        loop.add_signal_handler(signal.SIGUSR2, lambda: dp.post(self._stall, seconds))
+        loop.add_signal_handler(signal.SIGUSR2, lambda: dp.post(self._stall, "data plane",
+                                                                seconds))
+        loop.add_signal_handler(signal.SIGUSR1, self._stall, "event loop", seconds)
 
-    def _stall(self, seconds: float) -> None:
-        """On the data-plane thread: block it, as a stuck frame would. The markers go
-        through the same socket and thread as the pings, so their order is exact."""
-        log.warning("test hook: stalling the data-plane thread for %g s", seconds)
-        self.notifier.notify(X_FABRICD_STALL="begin")
+    def _stall(self, what: str, seconds: float) -> None:
+        """Block the thread it runs on (the data plane's, or the event loop's), as a stuck
+        frame or callback would. The markers go through the same socket as the pings;
+        from the data-plane thread, their order with the pings is exact."""
+        log.warning("test hook: stalling the %s for %g s", what, seconds)
+        self.notifier.notify(X_FABRICD_STALL=f"begin {what}")
         time.sleep(seconds)
-        self.notifier.notify(X_FABRICD_STALL="end")
-        log.warning("test hook: the data-plane thread runs again")
+        self.notifier.notify(X_FABRICD_STALL=f"end {what}")
+        log.warning("test hook: the %s runs again", what)
 
     # --- reload ----------------------------------------------------------------------------
 

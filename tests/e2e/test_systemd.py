@@ -115,18 +115,29 @@ def test_notify_ready_reload_stopping_and_watchdog_through_a_stall(sandbox: Sand
         # A stalled data plane sends no ping: the stall's markers travel on the same
         # thread and socket as the pings, so nothing can slip between them.
         d.signal(signal.SIGUSR2)
-        listener.until("X_FABRICD_STALL", "begin")
-        stalled = listener.until("X_FABRICD_STALL", "end", timeout=STALL + 20)
+        listener.until("X_FABRICD_STALL", "begin data plane")
+        stalled = listener.until("X_FABRICD_STALL", "end data plane", timeout=STALL + 20)
         assert not any("WATCHDOG" in m for m in stalled), stalled
         listener.until("WATCHDOG", "1")  # the pings come back, and so does traffic
         assert "1 received" in sandbox.run(a, "ping", "-c", "1", "-W", "2",
                                            "10.40.0.3").stdout
 
+        # A stalled event loop: the data plane pings only while the loop's last beat is
+        # at most WATCHDOG_USEC old, so at most three pings (0.2 s apart, within 0.4 s of
+        # the stall's start) of the ten the stall would have held.
+        d.signal(signal.SIGUSR1)
+        listener.until("X_FABRICD_STALL", "begin event loop")
+        stalled = listener.until("X_FABRICD_STALL", "end event loop", timeout=STALL + 20)
+        pings = sum(1 for m in stalled if "WATCHDOG" in m)
+        assert pings <= 3, stalled
+        listener.until("WATCHDOG", "1")
+
         d.signal(signal.SIGTERM)
         stopping = listener.until("STOPPING", "1")[-1]
         assert stopping["STATUS"].startswith("shutting down")
         assert d.proc is not None and d.proc.wait(20) == 0
-        assert "test hook: stalling the data-plane thread" in d.log()
+        assert "test hook: stalling the data plane for" in d.log()
+        assert "watchdog: the event loop has not run for" in d.log()
     finally:
         listener.close()
 
