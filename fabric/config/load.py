@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from fabric.config.parse import (
-    config_problems,
+    check_config_data,
     parse_config,
     parse_namespace,
 )
@@ -55,14 +55,14 @@ def load_config(path: str) -> Config:
     return parse_config(_read(path), path, base_dir=os.path.dirname(os.path.abspath(path)))
 
 
-def check_config(path: str) -> list[ConfigError]:
+def check_config(path: str) -> tuple[Config | None, list[ConfigError]]:
     """Every problem of a YAML config file (`fabricd check`), nothing run or opened but
-    the file and the key files it names; an empty list means the daemon would take it."""
+    the file and the key files it names; with none, the Config the daemon would run."""
     try:
         data = _read(path)
     except ConfigError as e:
-        return [e]
-    return config_problems(data, path, base_dir=os.path.dirname(os.path.abspath(path)))
+        return None, [e]
+    return check_config_data(data, path, base_dir=os.path.dirname(os.path.abspath(path)))
 
 
 def _read(path: str) -> Any:

@@ -861,8 +861,15 @@ def parse_config(data: object, source: str, base_dir: str | None = None) -> Conf
 
 
 def config_problems(data: object, source: str, base_dir: str | None = None) -> list[ConfigError]:
+    """Every problem of a whole config (see `check_config_data`)."""
+    return check_config_data(data, source, base_dir)[1]
+
+
+def check_config_data(data: object, source: str,
+                      base_dir: str | None = None) -> tuple[Config | None, list[ConfigError]]:
     """Every problem of a whole config, for `fabricd check`: what `parse_config` would
-    refuse, collected instead of stopping at the first.
+    refuse, collected instead of stopping at the first; with none, the Config itself
+    (what `parse_config` returns), so a good file is read once.
 
     The units are the top-level keys, the worker, each namespace's own keys, each pod
     and each service, and the rules across namespaces: a unit with a problem is reported
@@ -872,10 +879,9 @@ def config_problems(data: object, source: str, base_dir: str | None = None) -> l
     problems: list[ConfigError] = []
     if data is None or not isinstance(data, Mapping):
         try:
-            parse_config(data, source, base_dir)
+            return parse_config(data, source, base_dir), []
         except ConfigError as e:
-            problems.append(e)
-        return problems
+            return None, [e]
     known = ("worker", "namespaces")
     for k in data:
         try:
@@ -925,4 +931,6 @@ def config_problems(data: object, source: str, base_dir: str | None = None) -> l
                 problems.append(ConfigError(
                     source, "worker.egress.pool",
                     f"{worker.egress.pool} overlaps cidr {ns.cidr} of namespace {ns.name}"))
-    return problems
+    if problems:
+        return None, problems
+    return Config(worker=worker, namespaces=tuple(good), source=source), []

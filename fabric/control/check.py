@@ -13,7 +13,7 @@ import stat
 import sys
 from typing import TextIO
 
-from fabric.config.load import check_config, load_config
+from fabric.config.load import check_config
 from fabric.config.specs import SHIPPED_ACTIVATORS, Config
 
 
@@ -22,13 +22,12 @@ def check(path: str, out: TextIO | None = None, err: TextIO | None = None) -> in
     warnings (stderr) do not fail the check."""
     out = out or sys.stdout
     err = err or sys.stderr
-    problems = check_config(path)
-    if problems:
+    config, problems = check_config(path)
+    if config is None or problems:
         for p in problems:
             print(f"fabricd: {p.message}", file=err)
         print(f"fabricd: {path}: {_count(len(problems), 'problem')}", file=err)
         return 1
-    config = load_config(path)  # what the daemon would load; cannot fail after the check
     notes = warnings(config)
     for key, text in notes:
         print(f"fabricd: {path}: {key}: warning: {text}", file=err)

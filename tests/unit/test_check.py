@@ -91,10 +91,15 @@ def test_the_first_problem_is_the_one_the_daemon_reports(tmp_path: Path) -> None
     """check and the loader agree: the loader stops at the first of check's problems."""
     path = write(tmp_path, BAD.replace("bogus: 1\n", "").replace('control_mode: "0666"',
                                                                   'control_mode: "0600"'))
-    problems = check_config(path)
+    config, problems = check_config(path)
     with pytest.raises(ConfigError) as e:
         load_config(path)
-    assert problems[0].message == e.value.message
+    assert config is None and problems[0].message == e.value.message
+
+
+def test_a_good_file_checks_to_the_config_the_daemon_loads(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD)
+    assert check_config(path) == (load_config(path), [])
 
 
 def test_pod_indices_stay_those_of_the_file_after_a_skipped_pod(tmp_path: Path) -> None:
@@ -112,7 +117,7 @@ namespaces:
       - {name: bad, ip: 10.9.0.2, interface: tap9}
       - {name: q, ip: 10.2.0.3, interface: tap0}
 """)
-    msgs = [p.message for p in check_config(path)]
+    msgs = [p.message for p in check_config(path)[1]]
     assert msgs == [
         f"{path}: namespaces[1].pods[0].ip: 10.9.0.2 is not inside cidr 10.2.0.0/24",
         f"{path}: namespaces[1].pods[1].interface: interface tap0 is already used by pod p "
