@@ -12,7 +12,8 @@ part read from the unit file itself:
 
 All at once, the daemon attaches a TAP pod and an AF_PACKET pod, routes between them,
 its gateway answers ping and DNS, a pod reaches the test's "internet" namespace through
-egress, and a service with the TCP activator (compiled by wasmtime) and probes answers.
+egress, a service with the TCP activator (compiled by wasmtime) and probes answers, and
+two such daemons carry traffic through the Noise tunnel.
 With any one capability or address family taken away, the part that needs it fails;
 /etc/netns read-only costs pods their resolv.conf; /proc/sys read-only
 (ProtectKernelTunables=) stops the daemon. (`systemd-analyze verify` checks the unit's
@@ -296,3 +297,27 @@ def test_a_read_only_file_system_but_the_units_directories(sandbox: Sandbox,
         assert not os.path.exists(resolv)
         assert "cannot write resolv.conf" in d.log() and "Read-only file system" in d.log()
     assert d.stop() == 0
+
+
+def test_tunnels_under_the_units_sandbox(sandbox: Sandbox) -> None:
+    """Two workers, each daemon in the whole sandbox: the Noise tunnel (UDP, its kernel
+    pre-filter, GSO/GRO) carries traffic between pods on both."""
+    from tests.e2e.test_tunnel import Cluster
+
+    os.makedirs("/etc/netns", exist_ok=True)
+    c = Cluster(sandbox)
+    for d in (c.d1, c.d2):
+        d.command = [*read_only_but(sandbox, d.dir, "/etc/netns"),
+                     *families_only(sandbox, unit_families()), *fabricd_under(unit_caps())]
+    c.start()
+    out = sandbox.run(c.a, "ping", "-c", "3", "-i", "0.2", "-W", "3", "10.40.0.3").stdout
+    assert "3 received" in out, out
+    sandbox.http_server(c.b, 8080)
+    body = sandbox.run(c.a, "curl", "-sS", "--max-time", "10",
+                       "http://10.40.0.3:8080/bytes/5000000", "-o", "/dev/null", "-w",
+                       "%{size_download}", timeout=30).stdout
+    assert body == "5000000"
+    assert c.d1.get("/v1/peers")[0]["last_handshake"] is not None
+    for d in (c.d1, c.d2):
+        assert "pre-filter not attached" not in d.log(), d.log()
+        assert d.stop() == 0
