@@ -189,9 +189,46 @@ def _client(args: argparse.Namespace) -> ControlClient:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.log_format not in ("text", "json"):  # from $FABRICD_LOG_FORMAT
+        raise UsageError(f"log format {args.log_format!r} is not text or json")
     from fabric.control import daemon  # heavy: only the daemon needs it
 
-    return int(daemon.run(args.config) or 0)
+    return int(daemon.run(args.config, args.log_format) or 0)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from fabric.control.check import check
+
+    return check(args.config)
+
+
+def version() -> str:
+    """The installed package's version; from a source tree, pyproject.toml's."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(PROG)
+    except metadata.PackageNotFoundError:
+        import tomllib
+        from pathlib import Path
+
+        try:
+            with open(Path(__file__).resolve().parents[2] / "pyproject.toml", "rb") as f:
+                return str(tomllib.load(f)["project"]["version"])
+        except (OSError, KeyError, tomllib.TOMLDecodeError):
+            return "unknown"
+
+
+class _Version(argparse.Action):
+    """`--version`, looked up only when asked (metadata reads cost every other command)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kw: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kw)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        _out(f"{PROG} {version()}")
+        parser.exit(0)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -474,7 +511,9 @@ EXIT_CODES = """exit codes:
   130  interrupted (Ctrl-C)"""
 
 EXAMPLES: dict[str, str] = {
-    "run": "fabricd run -c /etc/fabricd/fabricd.yaml",
+    "run": ("fabricd run -c /etc/fabricd/fabricd.yaml\n"
+            "  fabricd run -c /etc/fabricd/fabricd.yaml --log-format json"),
+    "check": "fabricd check -c /etc/fabricd/fabricd.yaml && systemctl reload fabricd",
     "demo": "fabricd demo",
     "get": ("fabricd get pods -n blue\n  fabricd get services -o json\n"
             "  fabricd get peers -o wg\n  fabricd get drops -n blue"),
@@ -500,6 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Userspace L3 network fabric.",
                      epilog="start with `fabricd status`.\n\n" + EXIT_CODES,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action=_Version, help="print the version and exit")
     parser.add_argument(
         "--control",
         metavar="PATH",
@@ -532,6 +572,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("run", cmd_run, "run the daemon")
     p.add_argument("-c", "--config", metavar="FILE", help="config file (YAML)")
+    p.add_argument("--log-format", choices=("text", "json"),
+                   default=os.environ.get("FABRICD_LOG_FORMAT") or "text",
+                   help="text, or json: one object per line for log shippers (default: "
+                   "$FABRICD_LOG_FORMAT or text)")
+    p = add("check", cmd_check, "validate a config file without running anything")
+    p.add_argument("-c", "--config", metavar="FILE", required=True, help="config file (YAML)")
     add("demo", cmd_demo, "run a self-contained demo")
 
     p = add("status", cmd_status, "one-screen overview: health, pods, services, peers, drops",

@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from fabric.config.parse import (
+    check_config_data,
     parse_config,
     parse_namespace,
 )
@@ -51,6 +52,21 @@ _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _constru
 
 def load_config(path: str) -> Config:
     """Read and validate a YAML config file; every failure is one ConfigError line."""
+    return parse_config(_read(path), path, base_dir=os.path.dirname(os.path.abspath(path)))
+
+
+def check_config(path: str) -> tuple[Config | None, list[ConfigError]]:
+    """Every problem of a YAML config file (`fabricd check`), nothing run or opened but
+    the file and the key files it names; with none, the Config the daemon would run."""
+    try:
+        data = _read(path)
+    except ConfigError as e:
+        return None, [e]
+    return check_config_data(data, path, base_dir=os.path.dirname(os.path.abspath(path)))
+
+
+def _read(path: str) -> Any:
+    """The file's YAML document (not None), or the one ConfigError that stops reading."""
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -72,7 +88,7 @@ def load_config(path: str) -> Config:
         raise ConfigError(path, "", "invalid YAML: nested too deeply") from None
     if data is None:
         raise ConfigError(path, "", "file is empty (expected a mapping with worker and namespaces)")
-    return parse_config(data, path, base_dir=os.path.dirname(os.path.abspath(path)))
+    return data
 
 
 def default_config(worker_id: str | None = None) -> Config:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
@@ -492,12 +492,16 @@ def _parse_service(
 
 
 def parse_namespace(
-    data: object, source: str, worker_id: str, key_prefix: str = ""
+    data: object, source: str, worker_id: str, key_prefix: str = "",
+    problems: list[ConfigError] | None = None,
 ) -> NamespaceSpec:
     """Validate one namespace mapping (with its pods and services) into a NamespaceSpec.
 
     ``worker_id`` is this worker's id: pods naming it as their ``worker`` are an error.
     ``key_prefix`` is prepended to key paths (``namespaces[0]`` in a file, ``""`` for API).
+    With ``problems`` (`fabricd check`), a bad pod or service is appended there and
+    skipped, so one pass reports them all; its name stays taken, so services naming it
+    as a backend are not reported as well.
     """
     obj = Obj(data, source, key_prefix, _NS_KEYS)
     name = read_dns_label(obj.required("name"), source, obj.key("name"))
@@ -546,23 +550,47 @@ def parse_namespace(
     pod_items = read_list(obj.get("pods"), source, pods_key) if obj.has("pods") else []
     pods: list[PodSpec] = []
     for i, item in enumerate(pod_items):
-        pod = _parse_pod(
-            item, source, ns, taken, worker_id, index_path(pods_key, i), replacing=False
-        )
+        try:
+            pod = _parse_pod(
+                item, source, ns, taken, worker_id, index_path(pods_key, i), replacing=False
+            )
+        except ConfigError as e:
+            if problems is None:
+                raise
+            problems.append(e)
+            _reserve_name(taken.pods, item, i)
+            continue
         taken.add_pod(pod)
+        taken.pods[pod.name] = i  # its index in the file, also when others were skipped
         pods.append(pod)
     ns = replace(ns, pods=tuple(pods))
     svc_key = obj.key("services")
     svc_items = read_list(obj.get("services"), source, svc_key) if obj.has("services") else []
     services: list[ServiceSpec] = []
     for i, item in enumerate(svc_items):
-        svc = _parse_service(item, source, ns, taken, index_path(svc_key, i), replacing=False)
+        try:
+            svc = _parse_service(item, source, ns, taken, index_path(svc_key, i),
+                                 replacing=False)
+        except ConfigError as e:
+            if problems is None:
+                raise
+            problems.append(e)
+            _reserve_name(taken.services, item, i)
+            continue
         taken.add_service(svc)
+        taken.services[svc.name] = i
         services.append(svc)
     ns = replace(ns, services=tuple(services))
     if mtu is None and any(p.kind == "remote" for p in ns.pods):
         ns = replace(ns, mtu=TUNNEL_MTU)  # the namespace spans tunnels: leave room
     return ns
+
+
+def _reserve_name(names: dict[str, int], item: Any, index: int) -> None:
+    """A skipped item's name (when it has a usable one) still counts as taken."""
+    name = item.get("name") if isinstance(item, Mapping) else None
+    if isinstance(name, str) and name not in names:
+        names[name] = index
 
 
 def parse_pod(
@@ -588,52 +616,58 @@ def parse_service(
 
 
 def validate_namespace_set(
-    namespaces: Sequence[NamespaceSpec], source: str, key_prefix: str = "namespaces"
+    namespaces: Sequence[NamespaceSpec], source: str, key_prefix: str = "namespaces",
+    problems: list[ConfigError] | None = None,
+    indices: Sequence[int] | None = None,
+    pod_index: Callable[[int, int, PodSpec], int] | None = None,
 ) -> None:
     """Rules across namespaces on one worker: unique names and ids, no shared host ports.
 
-    Key paths are ``{key_prefix}[i]....`` where i indexes ``namespaces``.
+    Key paths are ``{key_prefix}[i]....`` where i indexes ``namespaces``. For
+    `fabricd check`, which skips what it reported: ``indices`` and ``pod_index`` give the
+    index in the file of a namespace and of a pod, and ``problems`` collects every
+    violation instead of raising the first.
     """
+
+    def bad(key: str, problem: str) -> None:
+        err = ConfigError(source, key, problem)
+        if problems is None:
+            raise err
+        problems.append(err)
+
     names: dict[str, int] = {}
     ids: dict[int, str] = {}
     interfaces: dict[str, str] = {}
     netns_ifs: dict[tuple[str, str], str] = {}
-    for i, ns in enumerate(namespaces):
+    for i, ns in zip(indices if indices is not None else range(len(namespaces)), namespaces,
+                     strict=True):
         at = index_path(key_prefix, i)
         if ns.name in names:
-            raise ConfigError(
-                source,
-                key_path(at, "name"),
-                f"duplicate namespace name {ns.name} "
-                f"(also {index_path(key_prefix, names[ns.name])})",
-            )
+            bad(key_path(at, "name"), f"duplicate namespace name {ns.name} "
+                f"(also {index_path(key_prefix, names[ns.name])})")
+            continue
         names[ns.name] = i
         if ns.id is not None:
             if ns.id in ids:
-                raise ConfigError(source, key_path(at, "id"),
-                                  f"id {ns.id} is already used by namespace {ids[ns.id]}")
-            ids[ns.id] = ns.name
+                bad(key_path(at, "id"), f"id {ns.id} is already used by namespace {ids[ns.id]}")
+            else:
+                ids[ns.id] = ns.name
         for j, pod in enumerate(ns.pods):
-            pat = index_path(key_path(at, "pods"), j)
+            pat = index_path(key_path(at, "pods"), pod_index(i, j, pod) if pod_index else j)
             who = f"pod {pod.name} in namespace {ns.name}"
             if pod.interface is not None:
                 if pod.interface in interfaces:
-                    raise ConfigError(
-                        source,
-                        key_path(pat, "interface"),
-                        f"interface {pod.interface} is already used by {interfaces[pod.interface]}",
-                    )
-                interfaces[pod.interface] = who
+                    bad(key_path(pat, "interface"), f"interface {pod.interface} is already "
+                        f"used by {interfaces[pod.interface]}")
+                else:
+                    interfaces[pod.interface] = who
             if pod.netns_path is not None:
                 slot = (pod.netns_path, pod.ifname)
                 if slot in netns_ifs:
-                    raise ConfigError(
-                        source,
-                        key_path(pat, "netns"),
-                        f"netns {pod.netns} already has {pod.ifname} ({netns_ifs[slot]})",
-                    )
-                netns_ifs[slot] = who
-
+                    bad(key_path(pat, "netns"),
+                        f"netns {pod.netns} already has {pod.ifname} ({netns_ifs[slot]})")
+                else:
+                    netns_ifs[slot] = who
 
 
 # ---------------------------------------------------------------------------
@@ -835,3 +869,79 @@ def parse_config(data: object, source: str, base_dir: str | None = None) -> Conf
                 )
     return Config(worker=worker, namespaces=namespaces, source=source)
 
+
+
+def config_problems(data: object, source: str, base_dir: str | None = None) -> list[ConfigError]:
+    """Every problem of a whole config (see `check_config_data`)."""
+    return check_config_data(data, source, base_dir)[1]
+
+
+def check_config_data(data: object, source: str,
+                      base_dir: str | None = None) -> tuple[Config | None, list[ConfigError]]:
+    """Every problem of a whole config, for `fabricd check`: what `parse_config` would
+    refuse, collected instead of stopping at the first; with none, the Config itself
+    (what `parse_config` returns), so a good file is read once.
+
+    The units are the top-level keys, the worker, each namespace's own keys, each pod
+    and each service, and the rules across namespaces: a unit with a problem is reported
+    once (its first problem) and left out of the checks that depend on it, so one
+    mistake does not show up as several.
+    """
+    problems: list[ConfigError] = []
+    if data is None or not isinstance(data, Mapping):
+        try:
+            return parse_config(data, source, base_dir), []
+        except ConfigError as e:
+            return None, [e]
+    known = ("worker", "namespaces")
+    for k in data:
+        try:
+            Obj({k: None}, source, "", known)
+        except ConfigError as e:
+            problems.append(e)
+    top = {k: v for k, v in data.items() if k in known}
+    try:
+        worker = _parse_worker(top.get("worker"), source, "worker", base_dir)
+    except ConfigError as e:
+        problems.append(e)
+        raw = top.get("worker")
+        raw_id = raw.get("id") if isinstance(raw, Mapping) else None
+        try:
+            wid = read_worker_id(raw_id, source, "worker.id")
+        except ConfigError:
+            wid = socket.gethostname()
+        worker = WorkerSpec(id=wid)
+    items: list[Any] = []
+    if top.get("namespaces") is not None:
+        try:
+            items = read_list(top["namespaces"], source, "namespaces")
+        except ConfigError as e:
+            problems.append(e)
+    good: list[NamespaceSpec] = []
+    indices: list[int] = []
+    pod_names: dict[int, dict[str, int]] = {}  # namespace index -> pod name -> its index
+    for i, item in enumerate(items):
+        try:
+            ns = parse_namespace(item, source, worker.id, index_path("namespaces", i),
+                                 problems)
+        except ConfigError as e:
+            problems.append(e)
+            continue
+        good.append(ns)
+        indices.append(i)
+        raw_pods = item.get("pods") if isinstance(item, Mapping) else None
+        names: dict[str, int] = {}
+        for j, p in enumerate(raw_pods if isinstance(raw_pods, list) else []):
+            _reserve_name(names, p, j)
+        pod_names[i] = names
+    validate_namespace_set(good, source, problems=problems, indices=indices,
+                           pod_index=lambda i, j, pod: pod_names[i].get(pod.name, j))
+    if worker.egress is not None:
+        for ns in good:
+            if ns.cidr.overlaps(worker.egress.pool):
+                problems.append(ConfigError(
+                    source, "worker.egress.pool",
+                    f"{worker.egress.pool} overlaps cidr {ns.cidr} of namespace {ns.name}"))
+    if problems:
+        return None, problems
+    return Config(worker=worker, namespaces=tuple(good), source=source), []

@@ -26,6 +26,8 @@ DEFAULT_EGRESS_POOL = IPv4Network("100.64.0.0/16")
 DEFAULT_HOLD_PACKETS = 1024
 DEFAULT_HOLD_BYTES = 8 * 1024 * 1024
 DEFAULT_HOLD_TIMEOUT = 30.0
+# The activators this version ships (activators/<name>/<name>.wasm), by name.
+SHIPPED_ACTIVATORS = ("tcp",)
 DEFAULT_IDLE_TIMEOUT = 300.0
 DEFAULT_CONFIG_SOURCE = "<default>"
 NETNS_DIR = "/run/netns"

@@ -3,6 +3,11 @@
 SIGTERM/SIGINT: clean shutdown, everything created is removed. SIGHUP: reload the file
 and apply only what changed in it since the last load (so what the API created stays);
 a bad file is reported and the running state kept.
+
+Under systemd (``Type=notify``, packaging/systemd/fabricd.service) it says ``READY=1``
+once every namespace of the file is applied and the control socket listens,
+``RELOADING=1``/``READY=1`` around a reload, ``STOPPING=1`` on shutdown, a ``STATUS=``
+line a person can read, and watchdog pings from the data-plane thread (sdnotify.py).
 """
 
 from __future__ import annotations
@@ -14,11 +19,14 @@ import os
 import resource
 import signal
 import sys
+import time
 
 from fabric.config.load import default_config, load_config
 from fabric.config.parse import parse_namespace
 from fabric.config.render import namespace_to_dict
 from fabric.config.specs import Config, NamespaceSpec
+from fabric.control import logs
+from fabric.control.sdnotify import Notifier, NotifyEnv, Watchdog, monotonic_usec
 from fabric.control.server import ControlServer
 from fabric.errors import FabricError
 from fabric.runtime.reconcile import plan_peer_reload, plan_reload
@@ -27,9 +35,12 @@ from fabric.runtime.worker import Fabric
 log = logging.getLogger("fabricd")
 
 
-def setup_logging(level: int = logging.INFO) -> None:
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s fabricd %(levelname)s %(name)s: %(message)s")
+# A test-only hook, off unless the daemon starts with this variable: SIGUSR2 then makes
+# the data-plane thread sleep that many seconds, as a stuck data plane would, SIGUSR1 the
+# event loop, so the watchdog tests can see the pings stop. Nothing else triggers it.
+STALL_ENV = "FABRICD_TEST_STALL_SECONDS"
+FLUSH_EVERY = 5.0  # seconds between the status refresh and repeat reports, at most
+START_PROGRESS_USEC = 60_000_000  # each namespace applied may take this long
 
 
 def load(path: str | None) -> Config:
@@ -46,44 +57,63 @@ def raise_fd_limit() -> None:
             pass
 
 
-def run(config_path: str | None) -> int:
+def run(config_path: str | None, log_format: str = "text") -> int:
     """Run until SIGTERM/SIGINT. Returns the process exit code."""
-    setup_logging()
+    logs.setup(log_format)
     raise_fd_limit()
+
+    def fatal(text: str) -> int:
+        """The one line that ends the daemon: plain text, or a log object for shippers."""
+        if log_format == "json":
+            log.critical("%s", text)
+        else:
+            print(f"fabricd: {text}", file=sys.stderr)
+        return 1
+
     try:
         config = load(config_path)
     except FabricError as e:
-        print(f"fabricd: {e.message}", file=sys.stderr)
-        return 1
+        return fatal(e.message)
     try:
         return asyncio.run(Daemon(config, config_path).main())
     except FabricError as e:
-        print(f"fabricd: {e.message}", file=sys.stderr)
-        return 1
+        return fatal(e.message)
     except Exception as e:  # a bug: still one line for the operator, the trace for us
         log.debug("fatal", exc_info=True)
-        print(f"fabricd: internal error: {type(e).__name__}: {e} (run with "
-              "FABRICD_DEBUG=1 for the traceback)", file=sys.stderr)
+        fatal(f"internal error: {type(e).__name__}: {e} (run with FABRICD_DEBUG=1 for the "
+              "traceback)")
         if os.environ.get("FABRICD_DEBUG"):
             raise
         return 1
 
 
 class Daemon:
-    def __init__(self, config: Config, path: str | None) -> None:
+    def __init__(self, config: Config, path: str | None,
+                 notify_env: NotifyEnv | None = None) -> None:
         self.config = config
         self.path = path
         self.fabric = Fabric(worker_id=config.worker.id, egress=config.worker.egress,
                              tunnel=config.worker.tunnel)
         self.stop = asyncio.Event()
         self._reloading: asyncio.Task[None] | None = None
+        env = notify_env if notify_env is not None else NotifyEnv.take(os.environ, os.getpid())
+        self.notify_env = env
+        self.notifier = Notifier(env.address)
+        self.watchdog: Watchdog | None = None
+        self._beat: asyncio.Task[None] | None = None
+        self._status = ""
+        self._note = ""  # what the status line adds about the last reload
 
     async def main(self) -> int:
         loop = asyncio.get_running_loop()
         control = ControlServer(self.fabric, self.config.worker.control,
                                 self.config.worker.control_mode)
+        n = len(self.config.namespaces)
+        self.status(f"starting: {n} namespace{'' if n == 1 else 's'} to apply")
         await self.fabric.start()
         try:
+            await self._start_watchdog()
+            self._beat = asyncio.create_task(self._housekeeping())
             await control.start()
             if self.config.worker.control_mode & 0o020:
                 log.warning("control socket %s is group-writable (mode %04o): members of "
@@ -91,24 +121,117 @@ class Daemon:
                             "attach host interfaces", self.config.worker.control,
                             self.config.worker.control_mode)
             self.fabric.starting = True  # /v1/health says so until the file is applied
-            for ns in self.config.namespaces:
+            for i, ns in enumerate(self.config.namespaces):
+                # Progress extends systemd's start timeout (a minute from each namespace
+                # begun): a file of a thousand namespaces may outlast TimeoutStartSec.
+                self._status = (f"starting: applying namespace {ns.name} "
+                                f"({i + 1}/{len(self.config.namespaces)})")
+                self.notifier.notify(STATUS=self._status,
+                                     EXTEND_TIMEOUT_USEC=START_PROGRESS_USEC)
                 await self.fabric.apply_namespace(ns, self.config.source)
             self.fabric.starting = False
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop.set)
             loop.add_signal_handler(signal.SIGHUP, self._on_hup)
-            log.info("worker %s ready: %d namespaces, control socket %s",
-                     self.fabric.worker_id, len(self.fabric.namespaces),
+            self._debug_stall_hook(loop)
+            n = len(self.fabric.namespaces)
+            log.info("worker %s ready: %d namespace%s, control socket %s",
+                     self.fabric.worker_id, n, "" if n == 1 else "s",
                      self.config.worker.control)
+            self._status = self.summary()
+            self.notifier.notify(READY=1, STATUS=self._status)
             self.fabric.bus.emit("daemon_ready", worker=self.fabric.worker_id)
             await self.stop.wait()
             log.info("shutting down")
+            self.notifier.notify(STOPPING=1, STATUS="shutting down: removing every "
+                                 "interface the fabric made")
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1,
+                        signal.SIGUSR2):
                 loop.remove_signal_handler(sig)
             await control.close()
             await self.fabric.close()
+            if self._beat is not None:
+                self._beat.cancel()
+            self.notifier.close()
         return 0
+
+    # --- systemd ---------------------------------------------------------------------------
+
+    def status(self, text: str) -> None:
+        """A STATUS= line for `systemctl status` (sent only when it changed)."""
+        if text != self._status:
+            self._status = text
+            self.notifier.notify(STATUS=text)
+
+    def summary(self) -> str:
+        """What `systemctl status` shows while running: namespaces, pods attached."""
+        nss = list(self.fabric.namespaces.values())
+        pods = sum(len(ns.pods) for ns in nss)
+        attached = sum(1 for ns in nss for p in ns.pods.values() if p.port is not None)
+        return (f"ready: {len(nss)} namespace{'' if len(nss) == 1 else 's'}, "
+                f"{attached}/{pods} pods attached, "
+                f"control socket {self.config.worker.control}{self._note}")
+
+    async def _start_watchdog(self) -> None:
+        """Pings from the data-plane thread's timer, while the event loop beats too."""
+        timeout = self.notify_env.watchdog
+        if timeout is None or not self.notifier.enabled:
+            return
+        notifier = self.notifier
+        self.watchdog = wd = Watchdog(timeout, lambda: notifier.notify(WATCHDOG=1),
+                                      time.monotonic())
+        dp = self.fabric.dataplane
+        await dp.acall(dp.add_owner, wd)
+        log.info("systemd watchdog: pinged every %.3g s from the data-plane thread",
+                 wd.period)
+
+    async def _housekeeping(self) -> None:
+        """The event loop's half of the watchdog (it beats every WatchdogSec/4), the
+        status line kept current, and repeat counts reported soon after their window
+        ends rather than only when the line comes again (every 5 s)."""
+        wd = self.watchdog
+        every = min(FLUSH_EVERY, wd.period / 2) if wd is not None else FLUSH_EVERY
+        flushed = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if wd is not None:
+                wd.loop_beat(now)
+            if (self.notifier.enabled and not self.fabric.starting
+                    and self._status.startswith("ready")):
+                self.status(self.summary())
+            if now - flushed >= FLUSH_EVERY:
+                flushed = now
+                logs.flush_repeats()
+            await asyncio.sleep(every)
+
+    def _debug_stall_hook(self, loop: asyncio.AbstractEventLoop) -> None:
+        raw = os.environ.get(STALL_ENV)
+        if not raw:
+            return
+        try:
+            seconds = float(raw)
+        except ValueError:
+            log.error("%s=%r is not a number of seconds; the stall hook is off", STALL_ENV, raw)
+            return
+        log.warning("%s is set: SIGUSR2 stalls the data plane, SIGUSR1 the event loop, "
+                    "for %g s (a test hook)", STALL_ENV, seconds)
+        dp = self.fabric.dataplane
+        loop.add_signal_handler(signal.SIGUSR2, lambda: dp.post(self._stall, "data plane",
+                                                                seconds))
+        loop.add_signal_handler(signal.SIGUSR1, self._stall, "event loop", seconds)
+
+    def _stall(self, what: str, seconds: float) -> None:
+        """Block the thread it runs on (the data plane's, or the event loop's), as a stuck
+        frame or callback would. The markers go through the same socket as the pings;
+        from the data-plane thread, their order with the pings is exact."""
+        log.warning("test hook: stalling the %s for %g s", what, seconds)
+        self.notifier.notify(X_FABRICD_STALL=f"begin {what}")
+        time.sleep(seconds)
+        self.notifier.notify(X_FABRICD_STALL=f"end {what}")
+        log.warning("test hook: the %s runs again", what)
+
+    # --- reload ----------------------------------------------------------------------------
 
     def _on_hup(self) -> None:
         if self._reloading is not None and not self._reloading.done():
@@ -121,15 +244,25 @@ class Daemon:
 
         What the API created or changed is kept unless the file changes that same
         object; every removal is logged. Any failure is one log line and an event.
+        systemd hears RELOADING=1 before and READY=1 after, whatever the outcome.
         """
+        self.notifier.notify(RELOADING=1, MONOTONIC_USEC=monotonic_usec(),
+                             STATUS=f"reloading {self.path or 'the default config'}")
+        self._status = "reloading"
+        self._note = ""
         try:
             await self._reload()
         except FabricError as e:
             log.error("reload failed, keeping the running config: %s", e.message)
             self.fabric.bus.emit("config_reload_failed", error=e.message)
+            self._note = f" (last reload failed: {e.message})"
         except Exception as e:  # a bug: the running state stays, and someone hears of it
             log.exception("reload failed with an internal error")
             self.fabric.bus.emit("config_reload_failed", error=f"internal error: {e}")
+            self._note = " (last reload failed: internal error, see the log)"
+        finally:
+            self._status = self.summary()
+            self.notifier.notify(READY=1, STATUS=self._status)
 
     async def _reload(self) -> None:
         new = load(self.path)
@@ -168,6 +301,7 @@ class Daemon:
         except FabricError as e:
             log.error("reload partly applied: %s", e.message)
             self.fabric.bus.emit("config_reload_failed", error=e.message)
+            self._note = f" (last reload partly applied: {e.message})"
             return
         self.config = new
         log.info("reloaded %s", new.source)

@@ -263,7 +263,8 @@ class Namespace:
                 raise
             state.error = e.message
             log.warning("namespace %s: pod %s not attached yet: %s (retrying every %.0fs)",
-                        self.name, spec.name, e.message, RETRY_INTERVAL)
+                        self.name, spec.name, e.message, RETRY_INTERVAL,
+                        extra={"namespace": self.name, "pod": spec.name})
             self.bus.emit("pod_attach_failed", self.name, spec.name, error=e.message)
         return state
 
@@ -358,7 +359,8 @@ class Namespace:
         state.io = None
         state.error = f"port lost ({reason}); re-attaching"
         log.warning("namespace %s: pod %s: its port is gone (%s); its traffic is held and "
-                    "it is attached again as soon as it can be", self.name, name, reason)
+                    "it is attached again as soon as it can be", self.name, name, reason,
+                    extra={"namespace": self.name, "pod": name})
         self.bus.emit("pod_port_lost", self.name, name, error=reason)
         self._sync_backend(name)
 
@@ -376,7 +378,8 @@ class Namespace:
                     if e.message != state.error:
                         state.error = e.message
                         log.warning("namespace %s: pod %s still not attached: %s", self.name,
-                                    state.spec.name, e.message)
+                                    state.spec.name, e.message,
+                                    extra={"namespace": self.name, "pod": state.spec.name})
 
     def remove_pod(self, name: str) -> None:
         """Forget a pod at once; the data plane stops reading its port, drops it from the

@@ -833,7 +833,7 @@ def test_cli_run_and_demo_are_lazy(monkeypatch: pytest.MonkeyPatch) -> None:
 
     calls: list[Any] = []
     daemon = types.ModuleType("fabric.control.daemon")
-    daemon.run = lambda path: calls.append(("run", path))  # type: ignore[attr-defined]
+    daemon.run = lambda path, fmt: calls.append(("run", path, fmt))  # type: ignore[attr-defined]
     demo = types.ModuleType("fabric.tools.demo")
     demo.main = lambda: calls.append(("demo",)) or 3  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "fabric.control.daemon", daemon)
@@ -844,8 +844,9 @@ def test_cli_run_and_demo_are_lazy(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fabric.control, "daemon", daemon, raising=False)
     monkeypatch.setattr(fabric.tools, "demo", demo, raising=False)
     assert cli.main(["run", "-c", "/etc/fabricd.yaml"]) == 0
+    assert cli.main(["run", "--log-format", "json"]) == 0
     assert cli.main(["demo"]) == 3
-    assert calls == [("run", "/etc/fabricd.yaml"), ("demo",)]
+    assert calls == [("run", "/etc/fabricd.yaml", "text"), ("run", None, "json"), ("demo",)]
 
 
 # ---- docs agree with the server --------------------------------------------------------
