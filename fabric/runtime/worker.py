@@ -25,6 +25,7 @@ from fabric.config.parse import (
 )
 from fabric.config.render import namespace_to_dict
 from fabric.config.specs import (
+    SHIPPED_ACTIVATORS,
     EgressSpec,
     NamespaceSpec,
     PodSpec,
@@ -621,7 +622,8 @@ def _warn_unimplemented(spec: NamespaceSpec) -> None:
     """Say plainly which accepted parts of a spec this version does not act on yet."""
     for svc in spec.services:
         for p in svc.ports:
-            if p.activator not in ("none", "tcp") and not p.activator.endswith(".wasm"):
+            if (p.activator not in ("none", *SHIPPED_ACTIVATORS)
+                    and not p.activator.endswith(".wasm")):
                 log.warning("namespace %s: service %s port %d: activator %r is not shipped "
                             "in this version (shipped: tcp); the service holds and "
                             "activates without it", spec.name, svc.name, p.port, p.activator)
