@@ -415,8 +415,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         try:
             health = client.get("/v1/health")
         except FabricError as e:
-            if "unreachable" in e.message or "cannot connect" in e.message:
-                raise
+            if getattr(e, "code", None) == "unreachable":
+                raise  # no daemon at all: say so, not "unhealthy"
             health = {"ok": False, "error": e.message}
         namespaces = client.get("/v1/namespaces")
         services = client.get("/v1/services")
