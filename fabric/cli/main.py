@@ -240,6 +240,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_get(args: argparse.Namespace) -> int:
     kind = KIND_ALIASES[args.kind]
     ns: str | None = args.namespace
+    if args.output == "wg" and kind != "peers":
+        raise UsageError("-o wg is for peers")
     structured = args.output in ("json", "yaml")
     with _client(args) as client:
         data: Any
