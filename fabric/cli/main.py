@@ -19,7 +19,7 @@ from urllib.parse import quote, urlencode
 from fabric.cli import views
 from fabric.cli.views import format_table
 from fabric.control.client import ControlClient, resolve_control_path
-from fabric.errors import FabricError, NotFound
+from fabric.errors import Conflict, FabricError, NotFound
 
 PROG = "fabricd"
 
@@ -386,7 +386,7 @@ def cmd_peer(args: argparse.Namespace) -> int:
             current = next((p for p in client.get("/v1/peers") if p.get("id") == args.id),
                            None)
             if action == "add" and current is not None:
-                raise UsageError(f"peer {args.id} already exists; use 'fabricd peer set'")
+                raise Conflict(f"peer {args.id} already exists; use 'fabricd peer set'")
             if action == "set" and current is None:
                 raise NotFound(f"peer {args.id} not found; use 'fabricd peer add'")
             spec: dict[str, Any] = {"id": args.id}

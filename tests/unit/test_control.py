@@ -931,7 +931,7 @@ def test_cli_peer_commands(
                      "192.0.2.2:51820", *c]) == 0
     assert fabric.peer_calls[-1] == ("set", {"id": "w2", "public_key": "K2",
                                              "endpoint": "192.0.2.2:51820"})
-    assert cli.main(["peer", "add", "w2", "--public-key", "K2", *c]) == 2
+    assert cli.main(["peer", "add", "w2", "--public-key", "K2", *c]) == 1
     assert "already exists" in capsys.readouterr().err
     assert cli.main(["peer", "set", "w2", "--endpoint", "192.0.2.7:51820", *c]) == 0
     assert fabric.peer_calls[-1][1] == {"id": "w2", "public_key": "K2",
