@@ -12,6 +12,7 @@ from typing import Any
 # A peer counts as up when its last handshake is this recent: WireGuard rejects a session
 # after 180 s without a new handshake, so an older one cannot carry traffic.
 PEER_UP_SECONDS = 180.0
+LIST_ITEMS = 20  # `describe` shows this many entries of a list (a namespace's pods)
 
 
 def cell(value: Any) -> str:
@@ -218,7 +219,7 @@ def describe_text(kind: str, obj: dict[str, Any], events: list[dict[str, Any]],
                 else:
                     lines.append(f"{pad}{k}: {cell(v)}")
         elif isinstance(d, list):
-            for item in d:
+            for item in d[:LIST_ITEMS]:
                 if isinstance(item, dict):
                     first = True
                     for k, v in item.items():
@@ -227,6 +228,8 @@ def describe_text(kind: str, obj: dict[str, Any], events: list[dict[str, Any]],
                         lines.append(f"{pad}{lead}{k}: {cell(v)}")
                 else:
                     lines.append(f"{pad}- {cell(item)}")
+            if len(d) > LIST_ITEMS:
+                lines.append(f"{pad}... and {len(d) - LIST_ITEMS} more (-o json shows all)")
 
     walk(obj, 0)
     now = time.time() if now is None else now
