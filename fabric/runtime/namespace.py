@@ -46,6 +46,7 @@ from fabric.services.dispatch import ServiceDispatch, SignalQueue
 from fabric.services.manager import BackendState, ServiceManager
 from fabric.services.probes import ProbeRunner, SocketPool
 from gateway import resolvconf
+from gateway.dhcp import DhcpCore, DhcpSettings
 from gateway.dns import DnsCore
 from gateway.dns_server import DnsServer
 from gateway.egress import EgressNat
@@ -112,6 +113,8 @@ class Namespace:
         self.services: ServiceManager | None = None
         self.records = Records(spec.name, spec.dns.domain, spec.cidr)
         self.sync_records()
+        self.dhcp: DhcpCore | None = None
+        self.update_dhcp()
         dataplane.post(dataplane.add_owner, self.router)
 
     async def start_local_stack(self) -> None:
@@ -229,6 +232,27 @@ class Namespace:
             except OSError as e:
                 log.warning("namespace %s: pod %s: cannot write resolv.conf: %s", self.name,
                             spec.name, e)
+
+    def dhcp_settings(self) -> DhcpSettings:
+        """What DHCP tells pods: the same gateway, DNS server and search list as the
+        resolv.conf the fabric writes (dns_settings)."""
+        s = self.spec
+        search = tuple(self.dns_settings()["search"])
+        return DhcpSettings.for_network(s.cidr, s.mtu, search[0], search, int(s.dhcp.lease))
+
+    def update_dhcp(self) -> None:
+        """Start, stop or reconfigure the DHCP core to follow the spec (dhcp, dns)."""
+        if not self.spec.dhcp.enabled:
+            if self.dhcp is not None:
+                self.dhcp = None
+                self.dataplane.post(self.router.attach_dhcp, None)
+            return
+        settings = self.dhcp_settings()
+        if self.dhcp is None:
+            self.dhcp = DhcpCore(settings)
+            self.dataplane.post(self.router.attach_dhcp, self.dhcp)
+        elif self.dhcp.settings != settings:
+            self.dataplane.post(self.dhcp.reconfigure, settings)
 
     def sync_records(self) -> None:
         """DNS names follow the table at once: pods (attached or not) and services."""
