@@ -114,6 +114,7 @@ class Namespace:
         self.records = Records(spec.name, spec.dns.domain, spec.cidr)
         self.sync_records()
         self.dhcp: DhcpCore | None = None
+        self.dhcp_on = False
         self.update_dhcp()
         dataplane.post(dataplane.add_owner, self.router)
 
@@ -241,18 +242,23 @@ class Namespace:
         return DhcpSettings.for_network(s.cidr, s.mtu, search[0], search, int(s.dhcp.lease))
 
     def update_dhcp(self) -> None:
-        """Start, stop or reconfigure the DHCP core to follow the spec (dhcp, dns)."""
-        if not self.spec.dhcp.enabled:
-            if self.dhcp is not None:
-                self.dhcp = None
-                self.dataplane.post(self.router.attach_dhcp, None)
+        """Start, stop or reconfigure DHCP to follow the spec (dhcp, dns). A core once
+        made stays (detached while off), so its counters never go back."""
+        on = self.spec.dhcp.enabled
+        if not on and not self.dhcp_on:
+            return
+        if not on:
+            self.dhcp_on = False
+            self.dataplane.post(self.router.attach_dhcp, None)
             return
         settings = self.dhcp_settings()
         if self.dhcp is None:
             self.dhcp = DhcpCore(settings)
-            self.dataplane.post(self.router.attach_dhcp, self.dhcp)
         elif self.dhcp.settings != settings:
             self.dataplane.post(self.dhcp.reconfigure, settings)
+        if not self.dhcp_on:
+            self.dhcp_on = True
+            self.dataplane.post(self.router.attach_dhcp, self.dhcp)
 
     def sync_records(self) -> None:
         """DNS names follow the table at once: pods (attached or not) and services."""
