@@ -227,7 +227,7 @@ def _parse_dhcp(value: Any, src: str, key: str) -> DhcpSpec:
         lease = parse_duration(obj.get("lease"), src, obj.key("lease"))
         if not MIN_DHCP_LEASE <= lease <= MAX_DHCP_LEASE:
             raise ConfigError(src, obj.key("lease"),
-                              f"{obj.get('lease')!r} is outside 60s..365d")
+                              f"{obj.get('lease')!r} is outside 60s .. 8760h (a year)")
     return DhcpSpec(enabled=enabled, lease=lease)
 
 

@@ -454,7 +454,7 @@ def test_config_dhcp_on_by_default_and_switchable() -> None:
 @pytest.mark.parametrize(("value", "key", "problem"), [
     ("no", "namespaces[0].dhcp", "expected a boolean or a mapping"),
     ({"enabled": "yes"}, "namespaces[0].dhcp.enabled", "expected a boolean"),
-    ({"lease": "5s"}, "namespaces[0].dhcp.lease", "'5s' is outside 60s..365d"),
+    ({"lease": "5s"}, "namespaces[0].dhcp.lease", "'5s' is outside 60s .. 8760h (a year)"),
     ({"lease": "soon"}, "namespaces[0].dhcp.lease", "soon"),
     ({"leases": "1h"}, "namespaces[0].dhcp.leases", "unknown key 'leases'"),
 ])
