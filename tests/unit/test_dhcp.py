@@ -375,6 +375,25 @@ def test_router_unknown_pod_mac_is_refused() -> None:
     assert r.pods["vm-1"].mac is None  # a 0.0.0.0 frame teaches the router nothing
 
 
+def test_router_answers_a_learned_mac() -> None:
+    r = Router("shop", CIDR)
+    r.add_pod("vm-1", "10.0.0.2")  # an interface pod without `mac`
+    p = Port(vnet=False, mtu=1500)
+    r.attach("vm-1", p, 0.0)
+    c = core()
+    r.attach_dhcp(c)
+    # one frame from its own address teaches the router its MAC (Router._learn)
+    ping = packets.eth_header(GW_MAC, POD_MAC, packets.ETH_P_IP) + packets.icmp_echo(
+        POD_IP, GW, 1, 1, b"x")
+    f = bytearray(ping)
+    r.receive(p, f, len(f), 1.0)
+    assert r.pods["vm-1"].mac == POD_MAC
+    r.outputs.clear()
+    f = frame(request("request", ciaddr="10.0.0.2"), src="10.0.0.2", dst="10.0.0.1")
+    r.receive(p, f, len(f), 2.0)
+    assert c.counters["ack"] == 1 and Ether(r.outputs[-1][1]).dst == packets.mac_str(POD_MAC)
+
+
 def test_zero_source_is_spoofed_unless_dhcp() -> None:
     r, p, c = router()
     # 0.0.0.0 to another pod, or to port 53: spoofed as before
