@@ -45,6 +45,7 @@ from fabric.config.specs import (
     ALLOW_ALL,
     DEFAULT_CONTROL,
     DEFAULT_CONTROL_MODE,
+    DEFAULT_DHCP_LEASE,
     DEFAULT_DOMAIN,
     DEFAULT_EGRESS_POOL,
     DEFAULT_EGRESS_TUN,
@@ -59,6 +60,7 @@ from fabric.config.specs import (
     NETNS_DIR,
     TUNNEL_MTU,
     Config,
+    DhcpSpec,
     DnsSpec,
     EgressSpec,
     FrozenMap,
@@ -86,6 +88,7 @@ _NS_KEYS = (
     "gateway_mac",
     "mtu",
     "dns",
+    "dhcp",
     "egress",
     "pods",
     "services",
@@ -106,6 +109,9 @@ _PORT_KEYS = ("port", "target_port", "protocol", "activator", "activator_config"
 _HOLD_KEYS = ("packets", "bytes", "timeout")
 _DNS_KEYS = ("domain", "upstream", "resolv_conf", "cache")
 MAX_DNS_CACHE = 1 << 20
+_DHCP_KEYS = ("enabled", "lease")
+MIN_DHCP_LEASE = 60.0
+MAX_DHCP_LEASE = 365 * 86400.0
 MAX_HOLD_PACKETS = 65536
 MAX_HOLD_BYTES = 256 << 20
 MAX_HOLD_TIMEOUT = 600.0
@@ -211,6 +217,26 @@ def _parse_dns(value: Any, src: str, key: str) -> DnsSpec:
         cache = read_int(obj.get("cache"), src, obj.key("cache"), 0, MAX_DNS_CACHE)
     return DnsSpec(domain=domain, upstream=tuple(upstream), resolv_conf=resolv_conf,
                    cache=cache)
+
+
+def _parse_dhcp(value: Any, src: str, key: str) -> DhcpSpec:
+    """``true``/``false``, or ``{enabled: BOOL, lease: DURATION}``."""
+    if value is None:
+        return DhcpSpec()
+    if isinstance(value, bool):
+        return DhcpSpec(enabled=value)
+    if not isinstance(value, Mapping):
+        raise type_error(value, src, key, "a boolean or a mapping {enabled: BOOL, lease: DURATION}")
+    obj = Obj(value, src, key, _DHCP_KEYS)
+    enabled = read_bool(obj.get("enabled"), src, obj.key("enabled")) if obj.has("enabled") \
+        else True
+    lease = DEFAULT_DHCP_LEASE
+    if obj.has("lease"):
+        lease = parse_duration(obj.get("lease"), src, obj.key("lease"))
+        if not MIN_DHCP_LEASE <= lease <= MAX_DHCP_LEASE:
+            raise ConfigError(src, obj.key("lease"),
+                              f"{obj.get('lease')!r} is outside 60s .. 8760h (a year)")
+    return DhcpSpec(enabled=enabled, lease=lease)
 
 
 def _parse_egress_allow(value: Any, src: str, key: str) -> tuple[IPv4Network, ...]:
@@ -525,6 +551,7 @@ def parse_namespace(
     if obj.has("mtu"):
         mtu = read_int(obj.get("mtu"), source, obj.key("mtu"), 576, 65535)
     dns = _parse_dns(obj.get("dns"), source, obj.key("dns"))
+    dhcp = _parse_dhcp(obj.get("dhcp"), source, obj.key("dhcp"))
     egress = _parse_egress_allow(obj.get("egress"), source, obj.key("egress"))
 
     ns = NamespaceSpec(
@@ -535,6 +562,7 @@ def parse_namespace(
         gateway_mac=gateway_mac,
         mtu=mtu or DEFAULT_MTU,
         dns=dns,
+        dhcp=dhcp,
         egress_allow=egress,
     )
     zone = f"{name}.{dns.domain}"

@@ -84,6 +84,7 @@ def namespace_to_dict(ns: NamespaceSpec) -> dict[str, Any]:
                 "resolv_conf": ns.dns.resolv_conf,
                 "cache": ns.dns.cache,
             },
+            "dhcp": {"enabled": ns.dhcp.enabled, "lease": ns.dhcp.lease},
             "egress": egress,
             "pods": [pod_to_dict(p) for p in ns.pods],
             "services": [service_to_dict(s) for s in ns.services],

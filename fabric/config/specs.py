@@ -29,6 +29,7 @@ DEFAULT_HOLD_TIMEOUT = 30.0
 # The activators this version ships (activators/<name>/<name>.wasm), by name.
 SHIPPED_ACTIVATORS = ("tcp",)
 DEFAULT_IDLE_TIMEOUT = 300.0
+DEFAULT_DHCP_LEASE = 86400.0  # static bindings: a long lease, renewals answered
 DEFAULT_CONFIG_SOURCE = "<default>"
 NETNS_DIR = "/run/netns"
 ALLOW_ALL: tuple[IPv4Network, ...] = (IPv4Network("0.0.0.0/0"),)
@@ -167,6 +168,14 @@ class DnsSpec:
 
 
 @dataclass(frozen=True)
+class DhcpSpec:
+    """DHCPv4 on the gateway for the namespace's pods (their configured addresses)."""
+
+    enabled: bool = True
+    lease: float = DEFAULT_DHCP_LEASE
+
+
+@dataclass(frozen=True)
 class NamespaceSpec:
     """An isolated L3 network: one CIDR, its gateway, pods and services."""
 
@@ -177,6 +186,7 @@ class NamespaceSpec:
     gateway_mac: str = DEFAULT_GATEWAY_MAC
     mtu: int = DEFAULT_MTU
     dns: DnsSpec = DnsSpec()
+    dhcp: DhcpSpec = DhcpSpec()
     egress_allow: tuple[IPv4Network, ...] = ALLOW_ALL
     pods: tuple[PodSpec, ...] = ()
     services: tuple[ServiceSpec, ...] = ()

@@ -97,6 +97,8 @@ from fabric.router.model import (
 from fabric.router.remote import tunnel_packets
 
 _ADDRS = struct.Struct("!4s4s")
+ZERO_IP = b"\0\0\0\0"
+BROADCAST_IP = b"\xff\xff\xff\xff"
 _from_bytes = int.from_bytes
 
 
@@ -113,6 +115,15 @@ class EgressCore(Protocol):
     def next_timer(self) -> float | None: ...
 
     def handle_timer(self, now: float) -> None: ...
+
+
+class DhcpServer(Protocol):
+    """The namespace's DHCP core (gateway/dhcp.py): answer(payload, lookup) with
+    lookup(chaddr) -> (address, pod name) or None; the reply is (payload, IPv4
+    destination, Ethernet broadcast?) or None."""
+
+    def answer(self, data: bytes, lookup: Callable[[bytes], tuple[bytes, str] | None]
+               ) -> tuple[bytes, bytes, bool] | None: ...
 
 
 class ServiceGlue(Protocol):
@@ -167,6 +178,7 @@ class Router:
         self.local: Port | None = None
         self.local_ips: set[bytes] = {self.gw_ip}
         self.dns_local: Callable[[bytes, float], bytes | None] | None = None
+        self.dhcp: DhcpServer | None = None
         self.egress: EgressCore | None = None
         self.uplink: Port | None = None
         self.tunnel_id: int | None = None
@@ -190,6 +202,11 @@ class Router:
         answer(query, now) returns the reply, b"" to drop, or None to pass the query on
         to the local stack."""
         self.dns_local = answer
+
+    def attach_dhcp(self, server: DhcpServer | None) -> None:
+        """Answers DHCP from the namespace's pods (None: DHCP is off, and a request from
+        0.0.0.0 is a spoofed source like any other)."""
+        self.dhcp = server
 
     def attach_egress(self, nat: EgressCore | None, uplink: Port | None) -> None:
         """The namespace's egress NAT and the worker's uplink TUN it writes into."""
@@ -289,7 +306,10 @@ class Router:
             return None
         src, dst = _ADDRS.unpack_from(buf, ip + 12)
         if src != pod.ip:
-            port.drop(DROP_SPOOFED)
+            # The one source other than its own a pod may use: 0.0.0.0, for DHCP.
+            if not (src == ZERO_IP and self.dhcp is not None
+                    and self._dhcp(port, pod, buf, h, n, ip, ihl, dst, now)):
+                port.drop(DROP_SPOOFED)
             return None
         if _from_bytes(buf[ip:ip + ihl], "big") % 0xFFFF:
             port.drop(DROP_BAD_CHECKSUM)
@@ -476,6 +496,9 @@ class Router:
             if (dst == self.gw_ip and buf[ip + 9] == PROTO_UDP and self.dns_local is not None
                     and self._dns(port, buf, h, n, ip, ihl, now)):
                 return None
+            if (dst == self.gw_ip and self.dhcp is not None and port.pod is not None
+                    and self._dhcp(port, port.pod, buf, h, n, ip, ihl, dst, now)):
+                return None  # a renewal, unicast to the server
             if self.local is not None:
                 return self._to_l3(self.local, port, buf, h, n, now)
             if dst == self.gw_ip:
@@ -489,7 +512,9 @@ class Router:
         if d >> 28 == 0xE:
             port.drop(DROP_MULTICAST)
         elif dst == self.bcast or d == 0xFFFFFFFF:
-            port.drop(DROP_BROADCAST)
+            if not (self.dhcp is not None and port.pod is not None
+                    and self._dhcp(port, port.pod, buf, h, n, ip, ihl, dst, now)):
+                port.drop(DROP_BROADCAST)
         elif d & self.mask == self.net:
             self.icmp_error(port, buf, ip, ICMP_UNREACH, UNREACH_HOST, now, DROP_NO_ROUTE)
         elif self.egress is not None and self.uplink is not None:
@@ -522,6 +547,49 @@ class Router:
             sport = buf[l4] << 8 | buf[l4 + 1]
             self.send_ip(port, packets.udp_packet(self.gw_ip, bytes(buf[ip + 12:ip + 16]), 53,
                                                   sport, reply, flags_frag=0), now)
+        return True
+
+    def _dhcp(self, port: Port, pod: Pod, buf: bytearray, h: int, n: int, ip: int, ihl: int,
+              dst: bytes, now: float) -> bool:
+        """A DHCP request from `pod` (UDP to port 67 of the gateway or a broadcast
+        address): answered by the DHCP core for the pod's own MAC only, or dropped. False
+        when it is not one, for the caller's own handling. The IPv4 header was checked up
+        to its lengths; its checksum is checked here (the 0.0.0.0 path comes before the
+        fast path's check)."""
+        total = buf[ip + 2] << 8 | buf[ip + 3]
+        l4 = ip + ihl
+        if (buf[ip + 9] != PROTO_UDP or total < ihl + 8 or ip + total > n
+                or (buf[l4 + 2] << 8 | buf[l4 + 3]) != 67):
+            return False
+        if dst != self.gw_ip and dst != self.bcast and dst != BROADCAST_IP:
+            return False
+        self.touched = True
+        if _from_bytes(buf[ip:ip + ihl], "big") % 0xFFFF:
+            port.drop(DROP_BAD_CHECKSUM)
+            return True
+        if (buf[ip + 6] << 8 | buf[ip + 7]) & 0x3FFF or (h and buf[1] & ~GSO_ECN != GSO_NONE):
+            port.drop(DROP_MALFORMED)  # fragmented or a super-frame: no client sends one
+            return True
+        ulen = buf[l4 + 4] << 8 | buf[l4 + 5]
+        if ulen < 8 or ulen > total - ihl:
+            port.drop(DROP_MALFORMED)
+            return True
+        if not (h and buf[0] & F_NEEDS_CSUM) and (buf[l4 + 6] or buf[l4 + 7]):
+            psum = checksum.pseudo_header_sum(bytes(buf[ip + 12:ip + 16]), dst, PROTO_UDP,
+                                              ulen)
+            if checksum.add(checksum.ones_sum(memoryview(buf)[l4:l4 + ulen]), psum) != 0xFFFF:
+                port.drop(DROP_BAD_CHECKSUM)
+                return True
+        assert self.dhcp is not None
+        mac = pod.mac
+        binding = (pod.ip, pod.name)
+        reply = self.dhcp.answer(bytes(buf[l4 + 8:l4 + ulen]),
+                                 lambda chaddr: binding if chaddr == mac else None)
+        if reply is not None and mac is not None:
+            payload, to, bcast = reply
+            pkt = packets.udp_packet(self.gw_ip, to, 67, 68, payload, flags_frag=0)
+            eth = packets.eth_header(BROADCAST_MAC if bcast else mac, self.gw_mac, ETH_P_IP)
+            self._emit(port, eth + pkt, 0, now)
         return True
 
     def _to_gateway(self, port: Port, buf: bytearray, h: int, n: int, ip: int, ihl: int,

@@ -60,6 +60,11 @@ FAMILIES: tuple[Family, ...] = (
            "Egress NAT events per namespace (translations, refusals by reason, flows "
            "created and expired), by counter name"),
     Family("fabric_egress_flows", "gauge", _NS, "Egress NAT flows in the table"),
+    Family("fabric_dhcp_total", "counter", ("namespace", "counter"),
+           "DHCP server events per namespace: requests by type (discover, request, "
+           "decline, release, inform), replies by type (offer, ack, nak), refusals "
+           "(refused_unknown_mac, refused_wrong_address, not_for_us, relayed, bootp), "
+           "malformed and unexpected_type messages, options_trimmed, by counter name"),
     # --- services ---
     Family("fabric_service_state", "gauge", ("namespace", "service", "state"),
            "1 for the service's state (dormant, activating, ready, idle), 0 for the others"),

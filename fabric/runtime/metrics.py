@@ -85,6 +85,7 @@ def _snapshot(fab: Fabric) -> dict[str, Any]:
             "dns_fast_seconds": ns.dns_fast_seconds.snapshot(),
             "egress": dict(ns.egress.counters) if ns.egress is not None else None,
             "egress_flows": ns.egress.flows if ns.egress is not None else 0,
+            "dhcp": dict(ns.dhcp.counters) if ns.dhcp is not None else None,
             "services": [_service(svc) for svc in ns.dispatch],
         })
     up = fab.uplink.port if fab.uplink is not None else None
@@ -125,7 +126,7 @@ async def collect(fab: Fabric) -> list[Metric]:
                  "fabric_port_rx_packets_total", "fabric_port_rx_bytes_total",
                  "fabric_port_tx_packets_total", "fabric_port_tx_bytes_total",
                  "fabric_drops_total", "fabric_dns_total", "fabric_dns_answer_seconds",
-                 "fabric_egress_total", "fabric_egress_flows"):
+                 "fabric_egress_total", "fabric_egress_flows", "fabric_dhcp_total"):
         f(name)  # declared even while empty: a dashboard's query finds its family
 
     def port_samples(lab: dict[str, str], c: dict[str, Any]) -> None:
@@ -160,6 +161,9 @@ async def collect(fab: Fabric) -> list[Metric]:
             for k, v in s["egress"].items():
                 f.add("fabric_egress_total", {"namespace": n, "counter": k}, v)
             f.add("fabric_egress_flows", nl, s["egress_flows"])
+        if s["dhcp"] is not None:
+            for k, v in s["dhcp"].items():
+                f.add("fabric_dhcp_total", {"namespace": n, "counter": k}, v)
         if s["gateway"] is not None:
             port_samples({"namespace": n, "pod": "(gateway)"}, s["gateway"])
         hooks = ns.services.hooks if ns is not None and ns.services is not None else None

@@ -47,6 +47,7 @@ from fabric.services.dispatch import ServiceDispatch, SignalQueue
 from fabric.services.manager import BackendState, ServiceManager
 from fabric.services.probes import ProbeRunner, SocketPool
 from gateway import resolvconf
+from gateway.dhcp import DhcpCore, DhcpSettings
 from gateway.dns import DnsCore
 from gateway.dns_server import DnsServer
 from gateway.egress import EgressNat
@@ -115,6 +116,9 @@ class Namespace:
         self.services: ServiceManager | None = None
         self.records = Records(spec.name, spec.dns.domain, spec.cidr)
         self.sync_records()
+        self.dhcp: DhcpCore | None = None
+        self.dhcp_on = False
+        self.update_dhcp()
         dataplane.post(dataplane.add_owner, self.router)
 
     async def start_local_stack(self) -> None:
@@ -233,6 +237,32 @@ class Namespace:
             except OSError as e:
                 log.warning("namespace %s: pod %s: cannot write resolv.conf: %s", self.name,
                             spec.name, e)
+
+    def dhcp_settings(self) -> DhcpSettings:
+        """What DHCP tells pods: the same gateway, DNS server and search list as the
+        resolv.conf the fabric writes (dns_settings)."""
+        s = self.spec
+        search = tuple(self.dns_settings()["search"])
+        return DhcpSettings.for_network(s.cidr, s.mtu, search[0], search, int(s.dhcp.lease))
+
+    def update_dhcp(self) -> None:
+        """Start, stop or reconfigure DHCP to follow the spec (dhcp, dns). A core once
+        made stays (detached while off), so its counters never go back."""
+        on = self.spec.dhcp.enabled
+        if not on and not self.dhcp_on:
+            return
+        if not on:
+            self.dhcp_on = False
+            self.dataplane.post(self.router.attach_dhcp, None)
+            return
+        settings = self.dhcp_settings()
+        if self.dhcp is None:
+            self.dhcp = DhcpCore(settings)
+        elif self.dhcp.settings != settings:
+            self.dataplane.post(self.dhcp.reconfigure, settings)
+        if not self.dhcp_on:
+            self.dhcp_on = True
+            self.dataplane.post(self.router.attach_dhcp, self.dhcp)
 
     def sync_records(self) -> None:
         """DNS names follow the table at once: pods (attached or not) and services."""

@@ -290,6 +290,7 @@ class Fabric:
         ns.sync_records()
         if spec.dns != old_dns:
             ns.update_dns(old_dns)
+        ns.update_dhcp()
         if ns.services is not None and not plan.services.empty:
             await ns.apply_services(plan.services)
         if plan.egress_changed:

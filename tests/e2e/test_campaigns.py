@@ -88,6 +88,9 @@ def test_campaign_frames_from_a_pod(sandbox: Sandbox) -> None:
     assert sum(grew.values()) > 1000, grew
     for reason in ("malformed", "spoofed_source", "bad_offload"):
         assert grew.get(reason, 0) > 0, (reason, grew)
+    dhcp = scrape(d.control).by("fabric_dhcp_total", "counter", namespace="shop")
+    for counter in ("offer", "refused_unknown_mac", "malformed"):  # the DHCP core saw them
+        assert dhcp.get(counter, 0) > 0, (counter, dhcp)
     assert_bounded(w)
     assert settle_fds(w.pid, w.start.fds + FD_GROWTH) <= w.start.fds + FD_GROWTH
     # Nothing a sent broke its own port or its neighbours' view of it.

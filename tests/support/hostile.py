@@ -86,6 +86,7 @@ def mutate(rng: random.Random, data: bytes) -> bytes:
 
 def frame_corpus(me: bytes, my_ip: str, gw: str, peers: Sequence[str]) -> list[tuple[bytes, bytes]]:
     """(virtio-net header or b"", frame) pairs, valid or nearly so, built with scapy."""
+    from scapy.layers.dhcp import BOOTP, DHCP
     from scapy.layers.dns import DNS, DNSQR
     from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_RR
     from scapy.layers.inet6 import IPv6
@@ -95,6 +96,7 @@ def frame_corpus(me: bytes, my_ip: str, gw: str, peers: Sequence[str]) -> list[t
 
     src = ":".join(f"{x:02x}" for x in me)
     eth = Ether(src=src, dst=GATEWAY_MAC)
+    bcast = Ether(src=src, dst="ff:ff:ff:ff:ff:ff")
     other = peers[0]
     frames = [
         Ether(src=src, dst="ff:ff:ff:ff:ff:ff") / ARP(op=1, hwsrc=src, psrc=my_ip, pdst=gw),
@@ -106,6 +108,14 @@ def frame_corpus(me: bytes, my_ip: str, gw: str, peers: Sequence[str]) -> list[t
         eth / IP(src=my_ip, dst=gw) / ICMP(),
         eth / IP(src=my_ip, dst="198.51.100.7") / ICMP(),
         eth / IP(src=my_ip, dst="255.255.255.255") / UDP(dport=67),
+        # DHCP: its own MAC (answered), another's (refused), truncated (malformed)
+        bcast / IP(src="0.0.0.0", dst="255.255.255.255") / UDP(sport=68, dport=67)
+        / BOOTP(chaddr=me + bytes(10)) / DHCP(options=[("message-type", "discover"), "end"]),
+        bcast / IP(src="0.0.0.0", dst="255.255.255.255") / UDP(sport=68, dport=67)
+        / BOOTP(chaddr=b"\x02\x00\x00\x00\x00\x99" + bytes(10))
+        / DHCP(options=[("message-type", "request"), ("requested_addr", other), "end"]),
+        bcast / IP(src="0.0.0.0", dst="255.255.255.255") / UDP(sport=68, dport=67)
+        / (b"\x01\x01\x06" + b"\xff" * 40),
         eth / IP(src=my_ip, dst="224.0.0.251") / UDP(dport=5353),
         eth / IP(src=my_ip, dst=other) / UDP(sport=1234, dport=9) / (b"x" * 100),
         eth / IP(src=my_ip, dst=gw) / UDP(sport=3333, dport=53) / DNS(rd=1, qd=DNSQR(

@@ -537,7 +537,7 @@ UNKNOWN_CASES = [
         [*NS, "podz"],
         "namespaces[0].podz",
         "unknown key 'podz' (expected one of: name, id, cidr, gateway, gateway_mac, mtu, dns, "
-        "egress, pods, services)",
+        "dhcp, egress, pods, services)",
     ),
     ([*POD0, "nets"], "namespaces[0].pods[0].nets", "unknown key 'nets'"),
     ([*SVC0, "port"], "namespaces[0].services[0].port", "unknown key 'port'"),
