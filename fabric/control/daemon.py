@@ -74,7 +74,7 @@ class Daemon:
         self.config = config
         self.path = path
         self.fabric = Fabric(worker_id=config.worker.id, egress=config.worker.egress,
-                             tunnel=config.worker.tunnel)
+                             tunnel=config.worker.tunnel, state_dir=config.worker.state_path)
         self.stop = asyncio.Event()
         self._reloading: asyncio.Task[None] | None = None
 
