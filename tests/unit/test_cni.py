@@ -299,3 +299,22 @@ def test_ipam_outside_cidr_and_missing_plugin(daemon: Daemon, tmp: Path) -> None
     rc, err = cni("ADD", conf(tmp, ipam={"type": "nothere"}), netns=str(tmp / "n"), path=path)
     assert rc == 1 and err["code"] == 7 and "not found in CNI_PATH" in err["msg"]
     assert not daemon.fabric.pods
+
+
+def _call(args: str = "", cid: str = CID) -> Any:
+    from fabric.cni.spec import parse_call
+
+    return parse_call({"CNI_COMMAND": "DEL", "CNI_CONTAINERID": cid, "CNI_IFNAME": "eth0",
+                       "CNI_ARGS": args})
+
+
+def test_pod_names_are_dns_labels() -> None:
+    from fabric.cni.spec import pod_name
+
+    assert pod_name(_call("K8S_POD_NAME=My_Web.1")) == "my-web-1"
+    assert pod_name(_call()) == CID[:12]
+    assert pod_name(_call(cid="Test_Container")) == "test-container"
+    long_a = pod_name(_call("K8S_POD_NAME=" + "a" * 70))
+    long_b = pod_name(_call("K8S_POD_NAME=" + "a" * 71))
+    assert len(long_a) <= 63 and long_a != long_b
+    assert pod_name(_call("K8S_POD_NAME=___")) == CID[:12]  # nothing usable: the id
