@@ -1,22 +1,12 @@
-"""Addresses the fabric picks for pods without one: the lowest free, the same again for
-the same pod, kept across a restart (a new Fabric on the same state directory), freed
-on detach — on a real Fabric (pods on another worker need no privileges)."""
+"""The address rule (lowest free host) and the book that keeps the fabric's choices in a
+file; the same on a real Fabric is tests/shell/test_fabric_addresses.py."""
 
 from __future__ import annotations
 
-import asyncio
-import json
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
-import pytest
-
-from fabric import Fabric
-from fabric.errors import Conflict, NotFound
 from fabric.runtime.addresses import AddressBook, lowest_free
-
-NS = {"name": "shop", "id": 7, "cidr": "10.9.0.0/29",
-      "services": [{"name": "web", "ip": "10.9.0.3", "ports": [{"port": 80}]}]}
 
 
 def test_lowest_free_skips_gateway_network_broadcast_and_used() -> None:
@@ -36,48 +26,3 @@ def test_book_survives_reopen_and_a_damaged_file_is_set_aside(tmp_path: Path) ->
     Path(path).write_text("{not json")
     assert AddressBook(path).booked("shop") == {}
     assert (tmp_path / "addresses.json.bad").read_text() == "{not json"
-
-
-async def _run(state: Path, steps: object) -> None:
-    async with Fabric("w1", local_stack=False, state_dir=str(state)) as fab:
-        await fab.apply_namespace(NS)
-        await steps(fab)  # type: ignore[operator]
-
-
-def test_allocation_kept_across_restart_and_freed_on_detach(tmp_path: Path) -> None:
-    async def first(fab: Fabric) -> None:
-        a = await fab.attach_pod("shop", {"name": "a", "worker": "w2"})
-        b = await fab.attach_pod("shop", {"name": "b", "worker": "w2"})
-        # .1 gateway, .3 the service: a and b get .2 and .4
-        assert (a["ip"], b["ip"]) == ("10.9.0.2", "10.9.0.4")
-        again = await fab.attach_pod("shop", {"name": "a", "worker": "w2"})
-        assert again["ip"] == "10.9.0.2"
-        assert again["gateway"] == "10.9.0.1" and again["cidr"] == "10.9.0.0/29"
-
-    async def after_restart(fab: Fabric) -> None:
-        # the daemon forgot both pods (API-made), not their addresses: c must not get .2
-        c = await fab.attach_pod("shop", {"name": "c", "worker": "w2"})
-        assert c["ip"] == "10.9.0.5"
-        b = await fab.attach_pod("shop", {"name": "b", "worker": "w2"})
-        assert b["ip"] == "10.9.0.4"
-        await fab.detach_pod("shop", "a")  # not attached any more: only frees .2
-        with pytest.raises(NotFound):
-            await fab.detach_pod("shop", "a")  # twice: nothing left to free
-        d = await fab.attach_pod("shop", {"name": "d", "worker": "w2"})
-        assert d["ip"] == "10.9.0.2"
-        await fab.detach_pod("shop", "d")
-        e = await fab.attach_pod("shop", {"name": "e", "worker": "w2"})
-        assert e["ip"] == "10.9.0.2"
-        f = await fab.attach_pod("shop", {"name": "f", "worker": "w2"})
-        assert f["ip"] == "10.9.0.6"
-        with pytest.raises(Conflict, match="no free address left in 10.9.0.0/29"):
-            await fab.attach_pod("shop", {"name": "g", "worker": "w2"})
-        await fab.detach_pod("shop", "f")
-        # an address the caller gives is the caller's: not booked
-        await fab.detach_pod("shop", "e")
-        await fab.attach_pod("shop", {"name": "e", "ip": "10.9.0.2", "worker": "w2"})
-
-    asyncio.run(_run(tmp_path, first))
-    asyncio.run(_run(tmp_path, after_restart))
-    book = json.loads((tmp_path / "addresses.json").read_text())
-    assert book["namespaces"] == {"shop": {"b": "10.9.0.4", "c": "10.9.0.5"}}
