@@ -93,6 +93,7 @@ class Daemon:
             self.fabric.starting = True  # /v1/health says so until the file is applied
             for ns in self.config.namespaces:
                 await self.fabric.apply_namespace(ns, self.config.source)
+            await self.fabric.restore_pods()  # a CNI runtime's containers, from state_dir
             self.fabric.starting = False
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop.set)

@@ -34,12 +34,14 @@ def lowest_free(cidr: IPv4Network, gateway: IPv4Address,
 
 
 class AddressBook:
-    """namespace → pod → the address the fabric chose for it. `path` None keeps it in
-    memory only (an embedded `Fabric` without a state directory)."""
+    """namespace → pod → the address the fabric chose for it, and where the pod lives
+    (its netns and ifname), so a restarted daemon can attach it again. `path` None
+    keeps it in memory only (an embedded `Fabric` without a state directory)."""
 
     def __init__(self, path: str | None) -> None:
         self.path = path
         self._book: dict[str, dict[str, IPv4Address]] = {}
+        self._where: dict[str, dict[str, dict[str, str]]] = {}
         if path is not None:
             self._load(path)
 
@@ -50,12 +52,16 @@ class AddressBook:
             spaces = data["namespaces"]
             for ns, pods in spaces.items():
                 self._book[str(ns)] = {str(p): IPv4Address(ip) for p, ip in pods.items()}
+            for ns, pods in data.get("where", {}).items():
+                self._where[str(ns)] = {str(p): {str(k): str(v) for k, v in w.items()}
+                                        for p, w in pods.items() if p in self._book.get(ns, {})}
         except FileNotFoundError:
             return
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             # A damaged file must not keep the daemon from starting: say so, start empty,
             # keep the old file for a person to look at.
             self._book = {}
+            self._where = {}
             bad = f"{path}.bad"
             log.warning("address book %s is unreadable (%s); starting empty, old file kept "
                         "as %s", path, e, bad)
@@ -71,10 +77,20 @@ class AddressBook:
         """The pods of `namespace` with an address from the fabric (a copy)."""
         return dict(self._book.get(namespace, {}))
 
-    def assign(self, namespace: str, pod: str, ip: IPv4Address) -> None:
-        if self.get(namespace, pod) == ip:
+    def where(self, namespace: str, pod: str) -> dict[str, str]:
+        """Where the pod lived when it was booked (`netns`, `ifname`), or {}."""
+        return dict(self._where.get(namespace, {}).get(pod, {}))
+
+    def assign(self, namespace: str, pod: str, ip: IPv4Address,
+               where: dict[str, str] | None = None) -> None:
+        where = where or {}
+        if self.get(namespace, pod) == ip and self.where(namespace, pod) == where:
             return
         self._book.setdefault(namespace, {})[pod] = ip
+        if where:
+            self._where.setdefault(namespace, {})[pod] = dict(where)
+        else:
+            self._where.get(namespace, {}).pop(pod, None)
         self._save()
 
     def release(self, namespace: str, pod: str) -> bool:
@@ -85,6 +101,7 @@ class AddressBook:
         del pods[pod]
         if not pods:
             del self._book[namespace]
+        self._where.get(namespace, {}).pop(pod, None)
         self._save()
         return True
 
@@ -93,7 +110,9 @@ class AddressBook:
             return
         data = {"format": FORMAT, "namespaces": {
             ns: {p: str(ip) for p, ip in sorted(pods.items())}
-            for ns, pods in sorted(self._book.items())}}
+            for ns, pods in sorted(self._book.items())},
+            "where": {ns: dict(sorted(pods.items()))
+                      for ns, pods in sorted(self._where.items()) if pods}}
         tmp = f"{self.path}.tmp"
         try:
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)

@@ -24,6 +24,7 @@ from fabric.config.parse import (
 )
 from fabric.config.render import namespace_to_dict
 from fabric.config.specs import (
+    NETNS_DIR,
     EgressSpec,
     NamespaceSpec,
     PodSpec,
@@ -375,7 +376,9 @@ class Fabric:
                 raise
             self._record_pod(ns, spec)
             if chosen:
-                self.addresses.assign(namespace, spec.name, spec.ip)
+                where = ({"netns": spec.netns, "ifname": spec.ifname}
+                         if spec.netns is not None and fd is None else None)
+                self.addresses.assign(namespace, spec.name, spec.ip, where)
             else:  # an address given by the caller is the caller's to manage
                 self.addresses.release(namespace, spec.name)
             return await ns.pod_view(state)
@@ -399,6 +402,31 @@ class Fabric:
             raise Conflict(f"namespace {ns.name}: no free address left in {cidr} "
                            f"({len(used)} in use); detach a pod or give this one an ip")
         return ip
+
+    async def restore_pods(self) -> int:
+        """After a restart: attach again the netns pods the fabric gave an address to
+        (a CNI runtime's containers) whose netns still exists; free the addresses of
+        those whose netns is gone. Returns how many came back."""
+        restored = 0
+        for ns in list(self.namespaces.values()):
+            for pod in self.addresses.booked(ns.name):
+                where = self.addresses.where(ns.name, pod)
+                if pod in ns.pods or not where.get("netns"):
+                    continue
+                netns = where["netns"]
+                if not os.path.exists(netns if netns.startswith("/") else
+                                      os.path.join(NETNS_DIR, netns)):
+                    log.info("namespace %s: pod %s: netns %s is gone; its address is free",
+                             ns.name, pod, where["netns"])
+                    self.addresses.release(ns.name, pod)
+                    continue
+                try:
+                    await self.attach_pod(ns.name, {"name": pod, **where})
+                    restored += 1
+                except FabricError as e:
+                    log.warning("namespace %s: pod %s not restored: %s", ns.name, pod,
+                                e.message)
+        return restored
 
     async def detach_pod(self, namespace: str, name: str) -> None:
         """Detach the pod and free the address the fabric gave it. A pod the daemon

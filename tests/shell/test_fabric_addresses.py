@@ -60,3 +60,23 @@ def test_allocation_kept_across_restart_and_freed_on_detach(tmp_path: Path) -> N
     asyncio.run(_run(tmp_path, after_restart))
     book = json.loads((tmp_path / "addresses.json").read_text())
     assert book["namespaces"] == {"shop": {"b": "10.9.0.4", "c": "10.9.0.5"}}
+
+
+def test_restore_frees_the_address_of_a_pod_whose_netns_is_gone(tmp_path: Path) -> None:
+    """A booked netns pod comes back only if its netns still exists (the e2e test shows
+    one that does); here it does not, so the restart frees its address."""
+    state = tmp_path / "state"
+    state.mkdir()
+    book = {"format": 1, "namespaces": {"shop": {"gone": "10.9.0.2"}},
+            "where": {"shop": {"gone": {"netns": "/run/netns/fbt-surely-not-here",
+                                        "ifname": "eth0"}}}}
+    (state / "addresses.json").write_text(json.dumps(book))
+
+    async def steps(fab: Fabric) -> None:
+        assert fab.addresses.where("shop", "gone")["netns"].endswith("not-here")
+        assert await fab.restore_pods() == 0
+        assert fab.addresses.get("shop", "gone") is None
+        a = await fab.attach_pod("shop", {"name": "a", "worker": "w2"})
+        assert a["ip"] == "10.9.0.2"
+
+    asyncio.run(_run(state, steps))
