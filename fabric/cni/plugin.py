@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Mapping
 from ipaddress import IPv4Network
@@ -201,6 +200,8 @@ def check(call: Call, conf: NetConf, client: ControlClient) -> None:
 def exec_plugin(plugin: str, command: str, call: Call, conf: NetConf) -> dict[str, Any] | None:
     """Run a delegated plugin from CNI_PATH as the spec says: the same environment but
     CNI_COMMAND, the same config on stdin. Its error JSON is passed on, prefixed."""
+    import subprocess  # only with a delegated ipam: not paid by every run
+
     exe = next((os.path.join(d, plugin) for d in call.path
                 if os.access(os.path.join(d, plugin), os.X_OK)), None)
     if exe is None:
