@@ -23,6 +23,7 @@ from fabric.cni.spec import (
     DAEMON_REFUSED,
     DECODE_FAILURE,
     INCOMPATIBLE_VERSION,
+    INTERNAL,
     INVALID_CONFIG,
     IO_FAILURE,
     IPAM_FAILED,
@@ -75,6 +76,9 @@ def run(env: Mapping[str, str], stdin: BinaryIO, log: TextIO) -> tuple[int, str]
         return 1, json.dumps(e.to_json(version))
     except OSError as e:
         return 1, json.dumps(CniError(IO_FAILURE, f"I/O error: {e}").to_json(version))
+    except Exception as e:  # a bug, or a daemon answer of an unexpected shape
+        err = CniError(INTERNAL, f"fabricd-cni internal error: {type(e).__name__}: {e}")
+        return 1, json.dumps(err.to_json(version))
 
 
 def _requested_version(raw: bytes) -> str:

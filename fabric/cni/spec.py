@@ -36,6 +36,7 @@ TRY_AGAIN_LATER = 11
 DAEMON_REFUSED = 100  # fabricd said no; msg is its one line
 CHECK_FAILED = 101  # CHECK found the pod not as the result said
 IPAM_FAILED = 102  # the delegated ipam plugin failed or answered nonsense
+INTERNAL = 199  # a bug in fabricd-cni: still JSON, never a traceback
 
 _LABEL_BAD = re.compile(r"[^a-z0-9-]+")
 _HEX64 = re.compile(r"^[0-9a-f]{64}\Z")
