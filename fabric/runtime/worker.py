@@ -13,6 +13,7 @@ import os
 import socket
 import time
 from collections.abc import Mapping
+from ipaddress import IPv4Address
 from typing import TYPE_CHECKING, Any
 
 from fabric.config.parse import (
@@ -383,7 +384,7 @@ class Fabric:
                 self.addresses.release(namespace, spec.name)
             return await ns.pod_view(state)
 
-    def _choose_address(self, ns: Namespace, name: object) -> Any:
+    def _choose_address(self, ns: Namespace, name: object) -> IPv4Address:
         """The address for a pod that came without one: the one it has or was given
         before, if still free, else the lowest free host. Called under the lock."""
         cidr, gateway = ns.spec.cidr, ns.spec.gateway
