@@ -702,7 +702,7 @@ def validate_namespace_set(
 # Worker
 # ---------------------------------------------------------------------------
 
-_WORKER_KEYS = ("id", "control", "control_mode", "egress", "tunnel")
+_WORKER_KEYS = ("id", "control", "control_mode", "state_dir", "egress", "tunnel")
 _EGRESS_KEYS = ("tun", "pool")
 _TUNNEL_KEYS = ("listen", "private_key", "private_key_file", "psk", "keepalive", "peers")
 _PEER_KEYS = ("id", "endpoint", "public_key")
@@ -853,10 +853,16 @@ def _parse_worker(value: Any, src: str, key: str, base_dir: str | None) -> Worke
     mode = DEFAULT_CONTROL_MODE
     if obj.has("control_mode"):
         mode = _control_mode(obj.get("control_mode"), src, obj.key("control_mode"))
+    state_dir = None
+    if obj.has("state_dir"):
+        state_dir = read_str(obj.get("state_dir"), src, obj.key("state_dir"))
+        if not state_dir.startswith("/") or not state_dir.isprintable():
+            raise ConfigError(src, obj.key("state_dir"), f"{state_dir!r} is not an absolute path")
     egress = _parse_egress(obj.get("egress"), src, obj.key("egress"))
     tunnel = _parse_tunnel(obj.get("tunnel"), src, obj.key("tunnel"), worker_id, base_dir)
     return WorkerSpec(
-        id=worker_id, control=control, control_mode=mode, egress=egress, tunnel=tunnel
+        id=worker_id, control=control, control_mode=mode, egress=egress, tunnel=tunnel,
+        state_dir=state_dir,
     )
 
 

@@ -7,6 +7,7 @@ project and no YAML: the sans-IO cores take their specs from here.
 
 from __future__ import annotations
 
+import os
 import shlex
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -251,6 +252,14 @@ class WorkerSpec:
     control_mode: int = DEFAULT_CONTROL_MODE
     egress: EgressSpec | None = None
     tunnel: TunnelSpec | None = None
+    # Where the daemon keeps what must outlive it (the addresses it handed out);
+    # None: the control socket's directory.
+    state_dir: str | None = None
+
+    @property
+    def state_path(self) -> str:
+        """The state directory in force: `state_dir`, else the control socket's directory."""
+        return self.state_dir or os.path.dirname(self.control) or "."
 
 
 @dataclass(frozen=True)

@@ -93,7 +93,7 @@ class Daemon:
         self.config = config
         self.path = path
         self.fabric = Fabric(worker_id=config.worker.id, egress=config.worker.egress,
-                             tunnel=config.worker.tunnel)
+                             tunnel=config.worker.tunnel, state_dir=config.worker.state_path)
         self.stop = asyncio.Event()
         self._reloading: asyncio.Task[None] | None = None
         env = notify_env if notify_env is not None else NotifyEnv.take(os.environ, os.getpid())
@@ -129,6 +129,7 @@ class Daemon:
                 self.notifier.notify(STATUS=self._status,
                                      EXTEND_TIMEOUT_USEC=START_PROGRESS_USEC)
                 await self.fabric.apply_namespace(ns, self.config.source)
+            await self.fabric.restore_pods()  # a CNI runtime's containers, from state_dir
             self.fabric.starting = False
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop.set)

@@ -538,6 +538,11 @@ class Namespace:
             "netns": spec.netns,
             "interface": spec.interface,
             "worker": spec.worker,
+            # what a runtime needs to describe the pod's interface (a CNI result)
+            "ifname": spec.ifname if spec.kind == "netns" else None,
+            "cidr": str(self.spec.cidr),
+            "gateway": str(self.spec.gateway),
+            "mtu": port.mtu if port else self.spec.mtu,
             "attached": port is not None,
             "ready": state.ready,
             "error": state.error,

@@ -13,6 +13,7 @@ import os
 import socket
 import time
 from collections.abc import Mapping
+from ipaddress import IPv4Address
 from typing import TYPE_CHECKING, Any
 
 from fabric.config.parse import (
@@ -25,6 +26,7 @@ from fabric.config.parse import (
 )
 from fabric.config.render import namespace_to_dict
 from fabric.config.specs import (
+    NETNS_DIR,
     SHIPPED_ACTIVATORS,
     EgressSpec,
     NamespaceSpec,
@@ -33,8 +35,10 @@ from fabric.config.specs import (
     TunnelPeerSpec,
     TunnelSpec,
 )
-from fabric.errors import ConfigError, FabricError, NotFound, PortError
+from fabric.errors import ConfigError, Conflict, FabricError, NotFound, PortError
 from fabric.ports.tap import TapPort
+from fabric.runtime.addresses import FILE_NAME as ADDRESS_FILE
+from fabric.runtime.addresses import AddressBook, lowest_free
 from fabric.runtime.capture import CaptureSubscription
 from fabric.runtime.dataplane import DataPlane, DataPlaneBusy
 from fabric.runtime.endpoints import REFRESH_INTERVAL, EndpointResolver
@@ -61,8 +65,12 @@ class Fabric:
     """
 
     def __init__(self, worker_id: str | None = None, *, local_stack: bool = True,
-                 egress: EgressSpec | None = None, tunnel: TunnelSpec | None = None) -> None:
+                 egress: EgressSpec | None = None, tunnel: TunnelSpec | None = None,
+                 state_dir: str | None = None) -> None:
         self.worker_id = worker_id or socket.gethostname()
+        # Addresses handed to pods that came without one; in `state_dir` they outlive us.
+        self.addresses = AddressBook(
+            os.path.join(state_dir, ADDRESS_FILE) if state_dir is not None else None)
         # Noise-encrypted UDP tunnels to other workers, for pods that live there.
         self.tunnel = tunnel
         self.link: TunnelLink | None = None
@@ -324,6 +332,8 @@ class Fabric:
                          fd: int | None = None, vnet: bool = True) -> dict[str, Any]:
         """Add a pod and attach its port: a TAP the fabric makes in `netns`, an existing
         `interface`, or (with `fd`) a TAP file descriptor the caller already opened.
+        Without `ip` the fabric picks the lowest free address of the CIDR (the one it
+        gave this pod before, if any), keeps it across restarts and frees it on detach.
         Returns the pod, including the DNS settings a VMM or runtime should give it."""
         ns = self._ns(namespace)
         source = f"attach_pod {namespace}"
@@ -337,7 +347,10 @@ class Fabric:
         async with self._lock:
             if self.namespaces.get(namespace) is not ns:
                 raise NotFound(f"namespace {namespace} not found")
+            chosen = data is not None and data.get("ip") is None
             if data is not None:  # under the lock: against the spec as it is now
+                if chosen:
+                    data["ip"] = str(self._choose_address(ns, data.get("name")))
                 spec = parse_pod(data, source, ns.spec, self.worker_id,
                                  taken=self._taken(ns))
             assert isinstance(spec, PodSpec)
@@ -367,12 +380,71 @@ class Fabric:
                     await ns.add_pod(old, strict=False)
                 raise
             self._record_pod(ns, spec)
+            if chosen:
+                where = ({"netns": spec.netns, "ifname": spec.ifname}
+                         if spec.netns is not None and fd is None else None)
+                self.addresses.assign(namespace, spec.name, spec.ip, where)
+            else:  # an address given by the caller is the caller's to manage
+                self.addresses.release(namespace, spec.name)
             return await ns.pod_view(state)
 
+    def _choose_address(self, ns: Namespace, name: object) -> IPv4Address:
+        """The address for a pod that came without one: the one it has or was given
+        before, if still free, else the lowest free host. Called under the lock."""
+        cidr, gateway = ns.spec.cidr, ns.spec.gateway
+        pod = str(name) if isinstance(name, str) else ""
+        current = ns.spec.pod(pod)
+        if current is not None:
+            return current.ip
+        used = {p.ip for p in ns.spec.pods} | {s.ip for s in ns.spec.services}
+        used |= {ip for p, ip in self.addresses.booked(ns.name).items() if p != pod}
+        before = self.addresses.get(ns.name, pod)
+        if (before is not None and before in cidr and before not in used
+                and before not in (gateway, cidr.network_address, cidr.broadcast_address)):
+            return before
+        ip = lowest_free(cidr, gateway, used)
+        if ip is None:
+            raise Conflict(f"namespace {ns.name}: no free address left in {cidr} "
+                           f"({len(used)} in use); detach a pod or give this one an ip")
+        return ip
+
+    async def restore_pods(self) -> int:
+        """After a restart: attach again the netns pods the fabric gave an address to
+        (a CNI runtime's containers) whose netns still exists; free the addresses of
+        those whose netns is gone. Returns how many came back."""
+        restored = 0
+        for ns in list(self.namespaces.values()):
+            for pod in self.addresses.booked(ns.name):
+                where = self.addresses.where(ns.name, pod)
+                if pod in ns.pods or not where.get("netns"):
+                    continue
+                netns = where["netns"]
+                if not os.path.exists(netns if netns.startswith("/") else
+                                      os.path.join(NETNS_DIR, netns)):
+                    log.info("namespace %s: pod %s: netns %s is gone; its address is free",
+                             ns.name, pod, where["netns"])
+                    self.addresses.release(ns.name, pod)
+                    continue
+                try:
+                    await self.attach_pod(ns.name, {"name": pod, **where})
+                    restored += 1
+                except FabricError as e:
+                    log.warning("namespace %s: pod %s not restored: %s", ns.name, pod,
+                                e.message)
+        return restored
+
     async def detach_pod(self, namespace: str, name: str) -> None:
+        """Detach the pod and free the address the fabric gave it. A pod the daemon
+        forgot (it restarted) but whose address is still booked only frees that."""
         async with self._lock:
-            ns = self._ns(namespace)
-            ns.remove_pod(name)
+            released = self.addresses.release(namespace, name)
+            try:
+                ns = self._ns(namespace)
+                ns.remove_pod(name)
+            except NotFound:
+                if released:
+                    return
+                raise
             self._forget_pod(ns, name)
 
     @staticmethod

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any
 
-from tests.bench import dns, egress, floods, ping, scale, services, tcp, tunnel, udp
+from tests.bench import cni, dns, egress, floods, ping, scale, services, tcp, tunnel, udp
 from tests.bench.common import Report, Settings, fmt, render, table
 from tests.bench.topo import leftovers
 
@@ -35,6 +35,7 @@ BENCHMARKS: dict[str, Callable[[Settings], Report]] = {
     tunnel.NAME: tunnel.run,
     services.NAME: services.run,
     floods.NAME: floods.run,
+    cni.NAME: cni.run,
 }
 
 

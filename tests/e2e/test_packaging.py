@@ -5,6 +5,7 @@ tree with no PYTHONPATH, serves a dormant service woken by the shipped `tcp` act
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -66,6 +67,7 @@ def test_the_wheel_carries_what_runs_and_nothing_else(wheel: Path) -> None:
     dist = wheel.name.split("-py3")[0] + ".dist-info"
     entry = zipfile.ZipFile(wheel).read(f"{dist}/entry_points.txt").decode()
     assert "fabricd = fabric.cli.main:main" in entry
+    assert "fabricd-cni = fabric.cni.plugin:main" in entry
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +85,16 @@ def venv(wheel: Path) -> Iterator[Path]:
     print(f"\nvenv with the wheel installed in {time.monotonic() - t0:.1f}s")
     yield home
     shutil.rmtree(home, ignore_errors=True)
+
+
+def test_installed_wheel_has_the_cni_plugin(venv: Path, tmp_path: Path) -> None:
+    """What docs/cni.md links into /opt/cni/bin: the console script, run through a link
+    from elsewhere, as a runtime runs it."""
+    link = tmp_path / "fabricd-cni"
+    link.symlink_to(venv / "bin" / "fabricd-cni")
+    env = {**clean_env(), "CNI_COMMAND": "VERSION"}
+    out = _run([str(link)], cwd=str(tmp_path), env=env, input='{"cniVersion": "1.0.0"}')
+    assert "1.0.0" in json.loads(out.stdout)["supportedVersions"]
 
 
 def clean_env() -> dict[str, str]:

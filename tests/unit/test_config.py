@@ -545,7 +545,8 @@ UNKNOWN_CASES = [
     (
         ["worker", "ident"],
         "worker.ident",
-        "unknown key 'ident' (expected one of: id, control, control_mode, egress, tunnel)",
+        "unknown key 'ident' (expected one of: id, control, control_mode, state_dir, egress, "
+        "tunnel)",
     ),
 ]
 

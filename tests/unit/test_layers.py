@@ -41,6 +41,8 @@ ALLOWED: dict[str, set[str]] = {
     "fabric.tools": {"fabric.config.specs", "fabric.control"},
     "fabric.cli": {"fabric.errors", "fabric.net", "fabric.control", "fabric.tools",
                    "fabric.runtime"},
+    # the CNI plugin: a client of the daemon, like the CLI
+    "fabric.cni": {"fabric.errors", "fabric.control"},
     "fabric": {"fabric.runtime", "fabric.cli"},  # fabric/__init__ (Fabric) and __main__
     "activators": set(),
 }
