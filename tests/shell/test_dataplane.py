@@ -45,6 +45,24 @@ def attach(dp: DataPlane, router: Router, pod: SocketPod) -> Port:
     return port
 
 
+@pytest.fixture
+def shop(dp: DataPlane) -> Iterator[tuple[Router, SocketPod, SocketPod]]:
+    """A router with pods a and b, both attached."""
+    r = Router("shop", CIDR)
+    a = SocketPod("a", "10.10.0.2", "02:00:0a:0a:00:02")
+    b = SocketPod("b", "10.10.0.3", "02:00:0a:0a:00:03")
+    try:
+        dp.add_owner(r)
+        dp.call(r.add_pod, "a", a.ip, a.mac)
+        dp.call(r.add_pod, "b", b.ip, b.mac)
+        attach(dp, r, a)
+        attach(dp, r, b)
+        yield r, a, b
+    finally:
+        a.close()
+        b.close()
+
+
 def test_held_frames_leave_right_after_the_call_that_attaches(dp: DataPlane) -> None:
     r = Router("shop", CIDR)
     a = SocketPod("a", "10.10.0.2", "02:00:0a:0a:00:02")
@@ -352,17 +370,11 @@ class EndlessLink:
         self.w.close()
 
 
-def test_a_tunnel_socket_that_never_runs_dry_leaves_the_pods_their_turn(dp: DataPlane) -> None:
+def test_a_tunnel_socket_that_never_runs_dry_leaves_the_pods_their_turn(
+        dp: DataPlane, shop: tuple[Router, SocketPod, SocketPod]) -> None:
     link = EndlessLink()
-    r = Router("shop", CIDR)
-    a = SocketPod("a", "10.10.0.2", "02:00:0a:0a:00:02")
-    b = SocketPod("b", "10.10.0.3", "02:00:0a:0a:00:03")
+    r, a, b = shop
     try:
-        dp.add_owner(r)
-        dp.call(r.add_pod, "a", a.ip, a.mac)
-        dp.call(r.add_pod, "b", b.ip, b.mac)
-        attach(dp, r, a)
-        attach(dp, r, b)
         dp.attach_tunnel(link)  # type: ignore[arg-type]
         late = []
         for i in range(20):
@@ -380,32 +392,20 @@ def test_a_tunnel_socket_that_never_runs_dry_leaves_the_pods_their_turn(dp: Data
     finally:
         dp.attach_tunnel(None)
         link.close()
-        a.close()
-        b.close()
 
 
-def test_a_dropped_frame_reaches_the_drop_log_with_its_headers(dp: DataPlane) -> None:
+def test_a_dropped_frame_reaches_the_drop_log_with_its_headers(
+        dp: DataPlane, shop: tuple[Router, SocketPod, SocketPod]) -> None:
     """The shell hands the drop log the frame it just dropped (not the next or a stale
     one), with the pod it came from; frames forwarded around it are not logged."""
-    r = Router("shop", CIDR)
-    a = SocketPod("a", "10.10.0.2", "02:00:0a:0a:00:02")
-    b = SocketPod("b", "10.10.0.3", "02:00:0a:0a:00:03")
-    try:
-        dp.add_owner(r)
-        dp.call(r.add_pod, "a", a.ip, a.mac)
-        dp.call(r.add_pod, "b", b.ip, b.mac)
-        attach(dp, r, a)
-        attach(dp, r, b)
-        a.udp(b.ip, 5000, 6000, b"before")
-        assert b.recv_ip() is not None
-        a.send_ip(bytes(IP(src="10.10.0.99", dst=b.ip) / UDP(sport=4444, dport=53)))
-        a.udp(b.ip, 5000, 6000, b"after")
-        assert b.recv_ip() is not None
-        entries = dp.call(r.droplog.entries)
-        assert len(entries) == 1, entries
-        e = entries[0]
-        assert (e["pod"], e["reason"], e["src"], e["dst"], e["proto"], e["sport"],
-                e["dport"]) == ("a", "spoofed_source", "10.10.0.99", b.ip, "udp", 4444, 53)
-    finally:
-        a.close()
-        b.close()
+    r, a, b = shop
+    a.udp(b.ip, 5000, 6000, b"before")
+    assert b.recv_ip() is not None
+    a.send_ip(bytes(IP(src="10.10.0.99", dst=b.ip) / UDP(sport=4444, dport=53)))
+    a.udp(b.ip, 5000, 6000, b"after")
+    assert b.recv_ip() is not None
+    entries = dp.call(r.droplog.entries)
+    assert len(entries) == 1, entries
+    e = entries[0]
+    assert (e["pod"], e["reason"], e["src"], e["dst"], e["proto"], e["sport"],
+            e["dport"]) == ("a", "spoofed_source", "10.10.0.99", b.ip, "udp", 4444, 53)
