@@ -11,6 +11,7 @@ import asyncio
 from collections import deque
 
 from fabric.router.model import Port
+from fabric.runtime.wakeup import Wakeup
 
 QUEUE_LIMIT = 8192
 # Bytes too: 8192 TSO super-frames would be 512 MiB for one slow `fabricd capture`.
@@ -21,10 +22,8 @@ class CaptureSubscription:
     def __init__(self, hub: CaptureHub, max_frames: int | None,
                  loop: asyncio.AbstractEventLoop) -> None:
         self._hub = hub
-        self._loop = loop
         self._queue: deque[tuple[float, bytes]] = deque()
-        self._wake = asyncio.Event()
-        self._signalled = False
+        self._wake = Wakeup(loop)
         self.remaining = max_frames
         # Written by one thread each (the data plane pushes, the loop pops): no lock needed.
         self._pushed_bytes = 0
@@ -42,20 +41,11 @@ class CaptureSubscription:
             return
         self._pushed_bytes += len(frame)
         self._queue.append((ts, frame))
-        if not self._signalled:
-            self._signalled = True
-            try:
-                self._loop.call_soon_threadsafe(self._signal)
-            except RuntimeError:  # the loop is closed: nobody is reading any more
-                pass
+        self._wake.notify()
 
     @property
     def queued_bytes(self) -> int:
         return self._pushed_bytes - self._popped_bytes
-
-    def _signal(self) -> None:
-        self._signalled = False
-        self._wake.set()
 
     def __aiter__(self) -> CaptureSubscription:
         return self
@@ -64,7 +54,6 @@ class CaptureSubscription:
         while not self._queue:
             if self.closed or self.remaining == 0:
                 raise StopAsyncIteration
-            self._wake.clear()
             await self._wake.wait()
         item = self._queue.popleft()
         self._popped_bytes += len(item[1])

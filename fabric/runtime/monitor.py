@@ -15,6 +15,7 @@ from collections import deque
 from typing import Any
 
 from fabric.router.droplog import DropLog, Sink
+from fabric.runtime.wakeup import Wakeup
 
 QUEUE_LIMIT = 4096
 
@@ -22,10 +23,8 @@ QUEUE_LIMIT = 4096
 class MonitorSubscription:
     def __init__(self, logs: list[DropLog], pod: str | None, reason: str | None,
                  loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
         self._queue: deque[dict[str, Any]] = deque()
-        self._wake = asyncio.Event()
-        self._signalled = False
+        self._wake = Wakeup(loop)
         self.offset = time.time() - time.monotonic()
         self.lost = 0
         self._lost_reported = 0
@@ -44,16 +43,7 @@ class MonitorSubscription:
             self.lost += 1
             return
         self._queue.append(event)
-        if not self._signalled:
-            self._signalled = True
-            try:
-                self._loop.call_soon_threadsafe(self._signal)
-            except RuntimeError:  # the loop is closed: nobody reads any more
-                pass
-
-    def _signal(self) -> None:
-        self._signalled = False
-        self._wake.set()
+        self._wake.notify()
 
     def __aiter__(self) -> MonitorSubscription:
         return self
@@ -62,7 +52,6 @@ class MonitorSubscription:
         while not self._queue:
             if self.closed:
                 raise StopAsyncIteration
-            self._wake.clear()
             await self._wake.wait()
         event = dict(self._queue.popleft())
         event["ts"] = round(event["ts"] + self.offset, 6)
