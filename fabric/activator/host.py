@@ -354,6 +354,8 @@ class ActivatorHost:
             self.module = compile_module(wasm)
         except wasmtime.WasmtimeError as e:
             raise ActivatorError(name, f"does not compile: {_one_line(e)}") from None
+        # A stream activator (ABI.md, "Streams") says so with an export of its own.
+        self.streams = any(e.name == "fab_streams" for e in self.module.exports)
         self.config_bytes = json.dumps(config or {}, sort_keys=True).encode()
         self.fuel_per_call = fuel_per_call
         self.memory_limit = memory_limit
