@@ -118,6 +118,7 @@ class StreamCore:
         self._next_tick: float | None = None
         self._told_ready: bool | None = None
         self._waiting = 0  # streams in WAITING
+        self._hello = False  # a recreated instance is yet to hear of the backends
 
     # --- what the shell reports --------------------------------------------------------
 
@@ -170,6 +171,7 @@ class StreamCore:
             self._guest(now, abi.StreamClose(sid))
         elif s.mode == WAITING:
             self._end(s)
+            self._update_need()
 
     def upstream_result(self, sid: int, ok: bool, now: float) -> None:
         s = self.streams.get(sid)
@@ -183,8 +185,9 @@ class StreamCore:
         elif s.mode == WAITING:
             if ok:
                 self._proxy(s)
-            elif not self._connect(s, self.target_port):
-                pass  # no backend left: wait for one, until the hold timeout
+            # else: tried again on the next tick (a refusing backend is not hammered),
+            # until the hold timeout
+            self._update_need()
 
     def upstream_data(self, sid: int, data: bytes, now: float) -> None:
         s = self.streams.get(sid)
@@ -208,6 +211,7 @@ class StreamCore:
             self._guest(now, abi.UpstreamClosed(sid))
         elif s.mode == WAITING:
             self._end(s, close=True)
+            self._update_need()
 
     def splice_ended(self, sid: int, now: float) -> None:
         """A spliced pair has ended on both sides (the shell closed it)."""
@@ -246,9 +250,12 @@ class StreamCore:
             return
         self._next_tick = now + TICK_INTERVAL
         for s in list(self.streams.values()):
-            if s.mode == WAITING and now - s.opened >= self.hold_timeout:
-                self.counters["fallback_timeouts"] += 1
-                self._end(s, close=True)
+            if s.mode == WAITING:
+                if now - s.opened >= self.hold_timeout:
+                    self.counters["fallback_timeouts"] += 1
+                    self._end(s, close=True)
+                elif s.up == UP_NONE and self.ready:
+                    self._connect(s, self.target_port)
         if any(s.mode == GUEST for s in self.streams.values()):
             self.counters["ticks"] += 1
             self._guest(now, abi.Tick(int(now * 1000)))
@@ -268,6 +275,11 @@ class StreamCore:
         self._flush(now)
 
     def _flush(self, now: float) -> None:
+        if self._hello and self._events:
+            self._hello = False
+            if self.ready:
+                self._told_ready = True
+                self._events.insert(0, abi.BackendAvailable())
         while self._events:
             events = self._events
             self._events = []
@@ -397,7 +409,6 @@ class StreamCore:
         it as proxies when it only relayed their bytes, and close otherwise."""
         self.counters["guest_failures"] += 1
         self.guest_need = abi.NEED_NONE
-        self._told_ready = None  # the new instance must hear where the backends stand
         for s in list(self.streams.values()):
             if s.mode != GUEST:
                 continue
@@ -416,9 +427,9 @@ class StreamCore:
                     self._end(s, close=True)
                 else:
                     self._connect(s, self.target_port)
-        if self.ready:
-            self._told_ready = True
-            self._events.append(abi.BackendAvailable())
+        # The new instance hears where the backends stand with the next call (not in
+        # this one: a guest failing on every call must not keep this loop going).
+        self._hello = True
 
     def _proxy(self, s: Stream) -> None:
         """A waiting transparent stream has its upstream: what the guest had not passed on
