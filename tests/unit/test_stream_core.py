@@ -210,3 +210,17 @@ def test_backend_choice_is_per_client_and_stable() -> None:
         assert cmd[0] == sc.CONNECT and cmd[1] == sid
         chosen.add(cmd[2][0])  # type: ignore[index]
     assert chosen == {"10.0.0.3", "10.0.0.4"}
+
+
+def test_a_half_closed_request_still_reaches_the_backend(plain: StreamCore) -> None:
+    """A client that sends its request and shuts its side (shutdown(SHUT_WR)) while the
+    service sleeps: the request is held, then sent, and the pair spliced (the splice
+    carries the end on)."""
+    sid = plain.accepted(PEER, 1.0)
+    plain.client_data(sid, b"QUERY", 1.1)
+    plain.client_closed(sid, 1.2)
+    assert plain.commands() == [] and sid in plain.streams
+    plain.backends(["10.0.0.3"], 1.5)
+    assert plain.commands() == [(sc.CONNECT, sid, ("10.0.0.3", 8080))]
+    plain.upstream_result(sid, True, 1.6)
+    assert plain.commands() == [(sc.SEND_UPSTREAM, sid, b"QUERY"), (sc.SPLICE, sid, None)]
