@@ -89,6 +89,11 @@ FAMILIES: tuple[Family, ...] = (
            "or the wake's start without one, to the backend's port accepting the probe or "
            "its being marked ready), release (to the held packets released; on the "
            "data-plane thread right after readiness, so near 0 unless it lags)"),
+    Family("fabric_activator_total", "counter", ("namespace", "service", "counter"),
+           "The activator host's counters of a service, summed over its ports (calls, "
+           "events, actions, traps, out_of_fuel, deadline, malformed, memory_cap, "
+           "actions_over_limit, bad_module, failed_init, recreated, fallbacks, fuel_used); "
+           "per port in fabricd get services -o json"),
     Family("fabric_service_streams", "gauge", _SVC,
            "Client connections open on the service's stream ports (terminated in the "
            "local stack, fabric.streams)"),

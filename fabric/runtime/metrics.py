@@ -9,6 +9,7 @@ exposition format is fabric.runtime.prometheus.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -171,6 +172,16 @@ async def collect(fab: Fabric) -> list[Metric]:
         hooks = ns.services.hooks if ns is not None and ns.services is not None else None
         for sv in s["services"]:
             _service_samples(f, n, sv, hooks)
+            hosts = ns.services.hosts.get(sv["name"]) if ns is not None and \
+                ns.services is not None else None
+            if hosts:
+                summed: dict[str, int] = {}
+                for host in hosts.values():
+                    for k, v in dataclasses.asdict(host.stats).items():
+                        summed[k] = summed.get(k, 0) + v
+                for k, v in summed.items():
+                    f.add("fabric_activator_total", {"namespace": n, "service": sv["name"],
+                                                     "counter": k}, v)
             fronts = ns.services.fronts.get(sv["name"]) if ns is not None and \
                 ns.services is not None else None
             if fronts:

@@ -321,7 +321,8 @@ class ServiceManager:
             row = svc.status()
             row["activators"] = {
                 str(port) + ("" if proto == 6 else "/udp"):
-                    {"module": host.label, **dataclasses.asdict(host.stats)}
+                    {"module": host.label, **dataclasses.asdict(host.stats),
+                     "last_failure": host.last_failure}
                 for (port, proto), host in self.hosts.get(name, {}).items()}
             rows.append({"namespace": self.namespace, **row})
         return rows
