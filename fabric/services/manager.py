@@ -37,6 +37,10 @@ from fabric.streams.front import StreamFront
 
 log = logging.getLogger("fabricd.services")
 
+# Upstream sockets of a stream port made at once when its pool ran dry (each batch is one
+# call onto the local stack's thread).
+UPSTREAM_BATCH = 128
+
 T = TypeVar("T")
 
 
@@ -222,12 +226,14 @@ class ServiceManager:
 
         def upstream_socket() -> Any:
             sock = pool.take()
-            if sock is None:
+            if sock is None:  # a burst (a wake storm): one cross-thread call for a batch
                 try:
-                    sock = stack.tcp_sockets(vip, 1)[0]
+                    socks = stack.tcp_sockets(vip, UPSTREAM_BATCH)
                 except Exception as e:  # the stack is closing
                     log.warning("%s: no socket for an upstream connection: %s", where, e)
                     return None
+                sock = socks.pop()
+                pool.add(socks)
             return sock
 
         core = StreamCore(host, p.port, p.target_port, hold_timeout=spec.hold.timeout,

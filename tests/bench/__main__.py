@@ -29,6 +29,7 @@ from tests.bench import (
     ping,
     scale,
     services,
+    storms,
     streams,
     tcp,
     tunnel,
@@ -49,6 +50,7 @@ BENCHMARKS: dict[str, Callable[[Settings], Report]] = {
     floods.NAME: floods.run,
     cni.NAME: cni.run,
     streams.NAME: streams.run,
+    storms.NAME: storms.run,
 }
 
 
