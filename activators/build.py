@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent
 #: source -> output, both relative to activators/
 TARGETS: dict[str, str] = {
     "tcp/tcp.c": "tcp/tcp.wasm",
+    "postgres/postgres.c": "postgres/postgres.wasm",
     "testing/loop.c": "testing/loop.wasm",
     "testing/membomb.c": "testing/membomb.wasm",
     "testing/trap.c": "testing/trap.wasm",
