@@ -731,6 +731,8 @@ static int spill(struct stream *s) {
         if (t == 'P') {
             i32 l = cstr(b, end);
             if (l < 0) s->nstmt = 0; else drop_stmt(s, b, (u32)l);
+            if (contains_ci(b, (u32)(end - b), "deallocate") || contains_ci(b, (u32)(end - b), "discard"))
+                s->nstmt = 0;
         } else if (t == 'C' && end > b && b[0] == 'S') {
             i32 l = cstr(b + 1, end);
             if (l < 0) s->nstmt = 0; else drop_stmt(s, b + 1, (u32)l);
