@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent
 TARGETS: dict[str, str] = {
     "tcp/tcp.c": "tcp/tcp.wasm",
     "postgres/postgres.c": "postgres/postgres.wasm",
+    "stream/stream.c": "stream/stream.wasm",
     "testing/loop.c": "testing/loop.wasm",
     "testing/membomb.c": "testing/membomb.wasm",
     "testing/trap.c": "testing/trap.wasm",
@@ -34,6 +35,7 @@ TARGETS: dict[str, str] = {
     "testing/flood.c": "testing/flood.wasm",
     "testing/tablebomb.c": "testing/tablebomb.wasm",
     "testing/multimem.wat": "testing/multimem.wasm",
+    "testing/streamtrap.c": "testing/streamtrap.wasm",
 }
 
 #: source -> flags added to CFLAGS for it alone
