@@ -101,6 +101,14 @@ static u32 nbusy, nwork, nholding;
 static u32 last_need = 0xff;
 static u32 budget; /* actions this call may still write (ABI: 4 per event + 16) */
 
+/* Counters of the port (ABI "count" actions), summed over a call and sent at its end. */
+enum { C_KEEPALIVES, C_WAKE_STARTUP, C_WAKE_QUERY, C_WAKE_TLS, C_HOLD_TIMEOUTS,
+       C_PROTOCOL_ERRORS, C_CANCELS_FORWARDED, C_CANCELS_CLOSED, C_STATEMENTS_RECREATED, NCOUNT };
+static const char *const count_names[NCOUNT] = {
+    "keepalives_answered", "wake_startup", "wake_query", "wake_tls", "hold_timeouts",
+    "protocol_errors", "cancels_forwarded", "cancels_closed", "statements_recreated"};
+static u32 counts[NCOUNT];
+
 static u8 scratch[CAND_MAX + 16];
 static u8 resp[8192];
 static u32 resp_len;
@@ -384,6 +392,7 @@ static void close_stream(struct stream *s) {
 
 static void fatal(struct stream *s, const char *code, const char *text) {
     u8 m[256];
+    if (code[0] == '0' && code[1] == '8') counts[C_PROTOCOL_ERRORS]++;
     send_down(s, m, msg_error(m, "FATAL", code, text));
     logf2(LOG_WARNING, "postgres activator: closing a client connection: ", text);
     close_stream(s);
@@ -409,6 +418,7 @@ static void pause_if_full(struct stream *s) {
 }
 
 static int hold_bytes_in(struct stream *s, const u8 *p, u32 n) {
+    if (!s->hold.len && s->phase == PH_SESSION && !backend_up) counts[C_WAKE_QUERY]++;
     if (buf_append(&s->hold, p, n) < 0) {
         fatal(s, "53200", "out of memory holding the connection's bytes");
         return -1;
@@ -659,6 +669,7 @@ static void emit_prefix(struct stream *s, u32 mask, u32 unnamed) {
     if (unnamed) send_up(s, m, msg_parse(m, (const u8 *)"", 0, unnamed));
     send_up(s, m, msg_empty(m, 'S'));
     s->swallow++;
+    counts[C_STATEMENTS_RECREATED]++;
 }
 
 static int backend_ready(const struct stream *s) { return backend_up && s->connected; }
@@ -746,6 +757,7 @@ static int spill(struct stream *s) {
 
 static void answer_locally(struct stream *s) {
     send_down(s, resp, resp_len);
+    counts[C_KEEPALIVES]++;
     buf_consume(&s->cand, s->cand.len);
     s->cand_msgs = 0;
 }
@@ -843,6 +855,7 @@ static int client_feed(struct stream *s, const u8 *p, u32 n) {
 /* ---------------------------------------------------------------- startup */
 
 static void start_wait(struct stream *s, u32 phase) {
+    if (!backend_up) counts[phase == PH_PASSTHRU ? C_WAKE_TLS : C_WAKE_STARTUP]++;
     s->phase = (u8)phase;
     update(s);
     try_connect(s);
@@ -913,6 +926,7 @@ static void on_connected(struct stream *s) {
     if (s->phase == PH_CANCEL) {
         buf_copy(&s->hold, 0, h, 4);
         send_hold(s, be32(h));
+        counts[C_CANCELS_FORWARDED]++;
         close_stream(s);
         return;
     }
@@ -1069,6 +1083,7 @@ static void session_timeout(struct stream *s) {
     s->unsynced = 0;
     s->discard_sync = (u8)in_group;
     if (s->paused) { act_sid(ACT_RESUME, s->id); s->paused = 0; }
+    counts[C_HOLD_TIMEOUTS]++;
     logf2(LOG_INFO, "postgres activator: hold timed out; answered 57P03", 0);
     update(s);
 }
@@ -1088,11 +1103,12 @@ static void check_timeouts(void) {
                 send_down(s, m, msg_error(m, "FATAL", "57P03",
                                           "the database system is not available (hold timeout)"));
                 logf2(LOG_INFO, "postgres activator: hold timed out before the session; answered 57P03", 0);
+                counts[C_HOLD_TIMEOUTS]++;
                 close_stream(s);
             }
         } else if (s->phase == PH_SESSION) {
             if (s->hold_quiescent) session_timeout(s);
-            else fatal(s, "57P03", "the database system is not available (hold timeout)");
+            else { counts[C_HOLD_TIMEOUTS]++; fatal(s, "57P03", "the database system is not available (hold timeout)"); }
         }
     }
 }
@@ -1160,7 +1176,9 @@ static void on_data(const u8 *p, u32 len) {
 static void on_client_close(const u8 *p, u32 len) {
     if (len < 4) return;
     struct stream *s = find(rd32(p));
-    if (s) close_stream(s);
+    if (!s) return;
+    if (s->phase == PH_SPLICED) stream_free(s); /* the host has ended the pair */
+    else close_stream(s);
 }
 
 static void on_connect_result(const u8 *p, u32 len) {
@@ -1174,7 +1192,7 @@ static void on_connect_result(const u8 *p, u32 len) {
         on_connected(s);
         return;
     }
-    if (s->phase == PH_CANCEL) { close_stream(s); return; }
+    if (s->phase == PH_CANCEL) { counts[C_CANCELS_CLOSED]++; close_stream(s); return; }
     backend_up = 0;
 }
 
@@ -1247,7 +1265,9 @@ FAB_EXPORT(fab_process) i64 fab_process(const u8 *ev, u32 len) {
     last_rec = NIL;
     if (len < 2) return out_end();
     u32 count = rd16(ev);
-    budget = 4 * count + 16 - 1; /* one kept for set_backend_need */
+    /* ABI: 4 per event + 16 + 8 per live stream are read; one kept for the need, and
+     * the live-stream share taken at 6 (the host may already have ended some). */
+    budget = 4 * count + 16 + 6 * (MAX_STREAMS - nfree_streams) - 1 - NCOUNT;
     u32 off = 2;
     for (u32 i = 0; i < count; i++) {
         if (len - off < REC_HDR) break;
@@ -1274,6 +1294,16 @@ FAB_EXPORT(fab_process) i64 fab_process(const u8 *ev, u32 len) {
         }
     }
     if (nwork) do_work();
+    budget += NCOUNT;
+    for (u32 i = 0; i < NCOUNT; i++) {
+        if (!counts[i]) continue;
+        u32 nl = slen(count_names[i]);
+        u8 *p = act(ACT_COUNT, 4 + nl);
+        if (!p) break;
+        wr32(p, counts[i]);
+        memcpy(p + 4, count_names[i], nl);
+        counts[i] = 0;
+    }
     u32 need = nbusy ? NEED_ACTIVE : NEED_NONE;
     if (need != last_need) {
         budget++;

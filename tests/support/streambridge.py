@@ -103,7 +103,7 @@ class StreamBridge:
 
     def _send(self, events: list[abi.Event]) -> None:
         while events:
-            out = self.host.process(self.port, events)
+            out = self.host.process(self.port, events, len(self.conns))
             events = []
             if out is None:
                 self.counters.failed_calls += 1

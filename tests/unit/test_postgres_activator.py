@@ -445,6 +445,25 @@ def test_terminate_on_a_sleeping_database_closes_without_waking(guest) -> None:
     assert g.streams[1].downstream_closed and g.need == NONE and g.to_backend(1) == b""
 
 
+def test_counters_say_what_was_answered_and_why_it_woke(guest) -> None:
+    g = guest()
+    g.open(1)
+    g.client(1, W.startup())
+    g.connected(1, ok=False)
+    g.available()
+    g.connected(1)
+    g.backend(1, GREETING)
+    for _ in range(3):
+        g.client(1, W.query("SELECT 1"))
+    g.unavailable()
+    g.client(1, W.query("SELECT 2"))
+    counts: dict[str, int] = {}
+    for a in g.actions:
+        if isinstance(a, abi.Count):
+            counts[a.name] = counts.get(a.name, 0) + a.n
+    assert counts == {"wake_startup": 1, "keepalives_answered": 3, "wake_query": 1}
+
+
 # ---- fuzz --------------------------------------------------------------------------
 
 
