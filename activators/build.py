@@ -41,6 +41,7 @@ TARGETS: dict[str, str] = {
 #: source -> flags added to CFLAGS for it alone
 EXTRA_CFLAGS: dict[str, tuple[str, ...]] = {
     "testing/tablebomb.c": ("-mreference-types",),  # a C table of externrefs needs them
+    "postgres/postgres.c": ("-mbulk-memory",),  # memory.copy for relayed bytes
 }
 
 CFLAGS: tuple[str, ...] = (

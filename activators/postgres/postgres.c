@@ -29,6 +29,11 @@
 #define FAB_OUT_CAP (1000u * 1024u)
 #include "../common/fab.h"
 
+/* Built with -mbulk-memory (activators/build.py): copies are one memory.copy, not
+ * fab.h's byte loop; bulk memory is standard WebAssembly and on in the host's engine. */
+#define memcpy(d, s, n) __builtin_memcpy((d), (s), (n))
+#define memset(d, c, n) __builtin_memset((d), (c), (n))
+
 #define MAX_STREAMS 4096
 #define NSLOTS 8192 /* power of two, > MAX_STREAMS */
 #define CHUNK 4096
@@ -47,7 +52,7 @@
 
 enum { PH_FREE, PH_INIT, PH_WAIT_STARTUP, PH_STARTUP, PH_SESSION, PH_PASSTHRU, PH_CANCEL,
        PH_SPLICED };
-enum { R_FORWARD = 1, R_HOLD, R_CAND, R_DISCARD };
+enum { R_FORWARD = 1, R_HOLD, R_CAND, R_DISCARD, R_LOCAL };
 enum { K_NONE = 0, K_SELECT1 = 1, K_EMPTY = 2 };
 
 struct buf {
@@ -723,6 +728,22 @@ static int route_bytes(struct stream *s, u32 route, const u8 *p, u32 n) {
     return 0;
 }
 
+/* A relayed Query or Parse (body b, n bytes) may replace or drop tracked statements. */
+static void forget_stmts(struct stream *s, u8 t, const u8 *b, u32 n) {
+    const u8 *end = b + n;
+    if (t == 'P') {
+        i32 l = cstr(b, end);
+        if (l < 0) { s->nstmt = 0; return; }
+        drop_stmt(s, b, (u32)l);
+    } else if (t == 'C') {
+        i32 l = n ? cstr(b + 1, end) : -1;
+        if (l < 0) { s->nstmt = 0; return; }
+        if (b[0] == 'S') drop_stmt(s, b + 1, (u32)l);
+        return;
+    }
+    if (contains_ci(b, n, "deallocate") || contains_ci(b, n, "discard")) s->nstmt = 0;
+}
+
 /* The buffered group will not be answered locally: relay it, in order. */
 static int spill(struct stream *s) {
     u32 n = s->cand.len;
@@ -739,18 +760,7 @@ static int spill(struct stream *s) {
         if (off + 1 + len > n) break;
         off += 1 + len;
         count_msg(s, t);
-        if (t == 'P') {
-            i32 l = cstr(b, end);
-            if (l < 0) s->nstmt = 0; else drop_stmt(s, b, (u32)l);
-            if (contains_ci(b, (u32)(end - b), "deallocate") || contains_ci(b, (u32)(end - b), "discard"))
-                s->nstmt = 0;
-        } else if (t == 'C' && end > b && b[0] == 'S') {
-            i32 l = cstr(b + 1, end);
-            if (l < 0) s->nstmt = 0; else drop_stmt(s, b + 1, (u32)l);
-        } else if (t == 'Q' && (contains_ci(b, (u32)(end - b), "deallocate")
-                                || contains_ci(b, (u32)(end - b), "discard"))) {
-            s->nstmt = 0;
-        }
+        if (s->nstmt && (t == 'P' || t == 'C' || t == 'Q')) forget_stmts(s, t, b, (u32)(end - b));
     }
     return route_bytes(s, route, scratch, n);
 }
@@ -768,9 +778,42 @@ static int frontend_type(u8 t) {
     return 0;
 }
 
-/* A client message header is complete: check it and choose where its bytes go.
- * Returns 0 when the stream was closed. */
-static int msg_begin(struct stream *s) {
+/* Fast path for the first message of a would-be group when its whole body is in this
+ * read (the common case): a Query or Parse that is no keep-alive is relayed without
+ * being buffered, a keep-alive Query is answered at once. 0: no decision. */
+static int peek_decide(struct stream *s, const u8 *b, u32 n) {
+    u8 t = s->type;
+    u32 len = s->body_left;
+    if (s->cand.len || n < len || !len || b[len - 1]) return 0;
+    if (t == 'Q') {
+        u32 k = classify(b, len - 1);
+        if (k == K_NONE) return 1;
+        resp_len = 0;
+        if (k == K_SELECT1) {
+            resp_add(msg_rowdesc(resp, 0));
+            resp_add(msg_datarow(resp + resp_len, 0));
+            resp_add(msg_select1_done(resp + resp_len));
+        } else {
+            resp_add(msg_empty(resp, 'I'));
+        }
+        resp_add(msg_rfq(resp + resp_len, 'I'));
+        send_down(s, resp, resp_len);
+        counts[C_KEEPALIVES]++;
+        return 2;
+    }
+    if (t == 'P') {
+        i32 nl = cstr(b, b + len);
+        if (nl < 0) return 0;
+        i32 ql = cstr(b + nl + 1, b + len);
+        if (ql < 0) return 0;
+        return classify(b + nl + 1, (u32)ql) == K_NONE ? 1 : 0;
+    }
+    return 0;
+}
+
+/* A client message header is complete: check it and choose where its bytes go; p/n
+ * are the rest of this read. Returns 0 when the stream was closed. */
+static int msg_begin(struct stream *s, const u8 *p, u32 n) {
     u8 t = s->hdr[0];
     u32 len = be32(s->hdr + 1);
     if (!frontend_type(t)) { fatal(s, "08P01", "invalid frontend message type"); return 0; }
@@ -786,7 +829,12 @@ static int msg_begin(struct stream *s) {
                    && s->cand.len + 1 + len <= CAND_MAX
                    && (t == 'P' || t == 'B' || t == 'D' || t == 'E' || t == 'C' || t == 'S'
                        || t == 'H' || (t == 'Q' && !s->cand.len));
-        if (cand) {
+        int peek = cand && (t == 'Q' || t == 'P') ? peek_decide(s, p, n) : 0;
+        if (peek == 2) {
+            s->route = R_LOCAL;
+            return 1;
+        }
+        if (cand && !peek) {
             s->route = R_CAND;
             s->cand_msgs++;
         } else {
@@ -798,7 +846,10 @@ static int msg_begin(struct stream *s) {
             s->route = backend_ready(s) && !s->hold.len ? R_FORWARD : R_HOLD;
             begin_backend(s, s->route, t == 'Q');
             count_msg(s, t);
-            if (s->nstmt && (t == 'P' || t == 'C' || t == 'Q')) s->nstmt = 0;
+            if (s->nstmt && (t == 'P' || t == 'C' || t == 'Q')) {
+                if (peek) forget_stmts(s, t, p, s->body_left); /* the body is at hand */
+                else s->nstmt = 0;
+            }
         }
     }
     return route_bytes(s, s->route, s->hdr, 5) == 0;
@@ -806,6 +857,7 @@ static int msg_begin(struct stream *s) {
 
 static int msg_end(struct stream *s) {
     s->hdr_have = 0;
+    if (s->route == R_LOCAL) return 1;
     if (s->route == R_DISCARD) {
         if (s->type == 'S' && s->discard_sync) {
             u8 m[8];
@@ -838,7 +890,7 @@ static int client_feed(struct stream *s, const u8 *p, u32 n) {
             p += k;
             n -= k;
             if (s->hdr_have < 5) return 1;
-            if (!msg_begin(s)) return 0;
+            if (!msg_begin(s, p, n)) return 0;
             if (!s->body_left && !msg_end(s)) return 0;
             continue;
         }

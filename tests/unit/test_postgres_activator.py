@@ -275,6 +275,15 @@ def test_keepalives_split_across_reads_are_still_answered_locally(guest) -> None
     for i in range(len(SELECT1)):
         g.client(1, SELECT1[i:i + 1])
     assert g.to_client(1).hex() == CAPTURED["x_select1"] and g.to_backend(1) == b""
+    q = W.query("SELECT 1")
+    g.client(1, q[:7])
+    g.client(1, q[7:])
+    assert g.to_client(1).hex() == CAPTURED["q_select1"] and g.to_backend(1) == b""
+    # a real query split the same way is relayed whole, in order
+    q = W.query("SELECT 2")
+    g.client(1, q[:7])
+    g.client(1, q[7:])
+    assert g.to_backend(1) == q and g.to_client(1) == b""
 
 
 @pytest.mark.parametrize("sql", ["SELECT 2", "SELECT 1; SELECT 1", "SELECT 10", "select1",

@@ -1,0 +1,106 @@
+"""`postgres`: pgbench through the PostgreSQL activator against the same server directly.
+
+One fabric namespace: client pod `a` (10.50.0.2), a real PostgreSQL 15 in pod `d`
+(10.50.0.5:5432, started by tests/support/pgwire.PgServer, trust auth, fsync off) and a
+service `pg` (VIP 10.50.0.110:5432 -> d:5432) whose port runs
+activators/postgres/postgres.wasm: every connection is terminated in the namespace's
+local stack and every message passes through the activator (framed both ways,
+keep-alives answered locally). `pgbench -i -s 1` once, then `pgbench -n -S -c 20 -j 2
+-T <seconds>` (select-only, simple protocol) through the VIP and to d's address
+directly (pod to pod through the fabric, no activator), interleaved, `--runs` times.
+The TPS is pgbench's "without initial connection time". Target: VIP >= 60 % of direct
+(medians).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from fabric.tools.sandbox import Daemon
+from tests.bench.common import Report, Settings, interleaved, median, progress
+from tests.bench.topo import Topology
+from tests.support import pgwire
+
+NAME = "postgres"
+VIP = "10.50.0.110"
+DB_IP = "10.50.0.5"
+CLIENTS = 20
+TARGET = 0.60
+WASM = Path(__file__).resolve().parents[2] / "activators" / "postgres" / "postgres.wasm"
+_TPS = re.compile(r"tps = ([0-9.]+) \(without initial connection time\)")
+
+
+class PgTopology(Topology):
+    """Client pod a, database pod d, the service pg with the PostgreSQL activator."""
+
+    def _build(self) -> None:
+        if not pgwire.available():
+            raise RuntimeError("PostgreSQL 15 is not installed (scripts/install-debs)")
+        sb = self.sb
+        worker, a, d = sb.netns("worker"), sb.netns("a"), sb.netns("d")
+        cfg = {"worker": {"id": "bench"}, "namespaces": [{
+            "name": "bench", "cidr": "10.50.0.0/24",
+            "pods": [{"name": "a", "ip": "10.50.0.2", "netns": a},
+                     {"name": "d", "ip": DB_IP, "netns": d}],
+            "services": [{"name": "pg", "ip": VIP, "backends": ["d"],
+                          "ports": [{"port": 5432, "target_port": 5432,
+                                     "activator": str(WASM)}]}],
+        }]}
+        self.daemon = Daemon(sb, worker, cfg).start()
+        self.daemon.wait_attached(2)
+        self.client_ns = a
+        self.pgroot = Path(tempfile.mkdtemp(prefix="fbb-pg-"))
+        self.pg = pgwire.PgServer(self.pgroot, listen="*", netns=d, max_connections=50).start()
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if getattr(self, "pg", None) is not None:
+                self.pg.stop()
+            if getattr(self, "pgroot", None) is not None:
+                shutil.rmtree(self.pgroot, ignore_errors=True)
+        finally:
+            super().__exit__(*exc)
+
+    def pgbench(self, host: str, *args: str, timeout: float) -> str:
+        return self.run(self.client_ns, "pgbench", "-h", host, "-p", "5432", "-U", "postgres",
+                        *args, "postgres", timeout=timeout)
+
+
+def run(s: Settings) -> Report:
+    r = Report(NAME, f"pgbench -n -S -c {CLIENTS} -j 2 -T {s.seconds} x {s.runs} runs through "
+                     "the PostgreSQL activator (VIP) vs the same server directly (pod IP), "
+                     "interleaved")
+    with PgTopology() as topo:
+        topo.pgbench(VIP, "-i", "-q", "-s", "1", timeout=180)
+
+        def bench(host: str, side: str, i: int) -> float:
+            out = topo.pgbench(host, "-n", "-S", "-c", str(CLIENTS), "-j", "2", "-T",
+                               str(s.seconds), timeout=s.seconds + 120)
+            m = _TPS.search(out)
+            if not m:
+                raise RuntimeError(f"no tps in pgbench output: {out[-500:]}")
+            failed = re.search(r"number of failed transactions: (\d+)", out)
+            if failed and failed.group(1) != "0":
+                raise RuntimeError(f"pgbench through {side}: {failed.group(0)}")
+            tps = float(m.group(1))
+            progress(NAME, f"run {i + 1}/{s.runs} {side}: {tps:,.0f} tps")
+            return tps
+
+        got = interleaved(s.runs, {"vip": lambda i: bench(VIP, "vip", i),
+                                   "direct": lambda i: bench(DB_IP, "direct", i)})
+        topo.check_daemon()
+        assert topo.daemon is not None
+        svc = [x for x in topo.daemon.get("/v1/services") if x["name"] == "pg"][0]
+        st = svc["streams"]["5432"]
+    r.add("through the activator", "tps", got["vip"])
+    r.add("direct", "tps", got["direct"])
+    v, d = median(got["vip"]), median(got["direct"])
+    ratio = v / d * 100 if v is not None and d else None
+    r.check("activator / direct (medians)", ratio, "%", f">= {TARGET * 100:.0f} %",
+            ratio is not None and ratio >= TARGET * 100)
+    r.check("guest failures", float(st["counters"].get("guest_failures", 0)), "", "== 0",
+            st["counters"].get("guest_failures", 0) == 0)
+    return r
