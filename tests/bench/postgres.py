@@ -10,6 +10,13 @@ keep-alives answered locally). `pgbench -i -s 1` once, then `pgbench -n -S -c 20
 directly (pod to pod through the fabric, no activator), interleaved, `--runs` times.
 The TPS is pgbench's "without initial connection time". Target: VIP >= 60 % of direct
 (medians).
+
+A third side, for reading the result (no target): port 5433 of the same service runs
+the plain `stream` activator, which splices every connection once its backend is up, so
+it measures the stream host's path (client -> router -> local stack -> router -> pod and
+back) with no guest call per message. And the activator alone, in this process through
+`ActivatorHost.process()`: microseconds per relayed query (one simple Query event and
+its four-message answer, two calls), the guest's share of a transaction.
 """
 
 from __future__ import annotations
@@ -47,7 +54,9 @@ class PgTopology(Topology):
                      {"name": "d", "ip": DB_IP, "netns": d}],
             "services": [{"name": "pg", "ip": VIP, "backends": ["d"],
                           "ports": [{"port": 5432, "target_port": 5432,
-                                     "activator": str(WASM)}]}],
+                                     "activator": str(WASM)},
+                                    {"port": 5433, "target_port": 5432,
+                                     "activator": "stream"}]}],
         }]}
         self.daemon = Daemon(sb, worker, cfg).start()
         self.daemon.wait_attached(2)
@@ -64,9 +73,44 @@ class PgTopology(Topology):
         finally:
             super().__exit__(*exc)
 
-    def pgbench(self, host: str, *args: str, timeout: float) -> str:
-        return self.run(self.client_ns, "pgbench", "-h", host, "-p", "5432", "-U", "postgres",
-                        *args, "postgres", timeout=timeout)
+    def pgbench(self, host: str, *args: str, timeout: float, port: int = 5432) -> str:
+        return self.run(self.client_ns, "pgbench", "-h", host, "-p", str(port), "-U",
+                        "postgres", *args, "postgres", timeout=timeout)
+
+
+def guest_cost(seconds: float) -> float:
+    """µs per relayed query of the PostgreSQL activator alone (20 sessions, in turn)."""
+    import time
+
+    from fabric.activator import abi as A
+    from fabric.activator.host import ActivatorHost
+    from tests.support import pgwire as W
+
+    greeting = W.msg(b"R", b"\0\0\0\0") + W.msg(b"Z", b"I")
+    q = W.query("SELECT abalance FROM pgbench_accounts WHERE aid = 12345;")
+    answer = (W.msg(b"T", b"\0\1abalance\0" + bytes(18)) + W.msg(b"D", b"\0\1\0\0\0\x041234")
+              + W.msg(b"C", b"SELECT 1\0") + W.msg(b"Z", b"I"))
+    with ActivatorHost(WASM, {}) as host:
+        inst = host.instance(5432)
+        for sid in range(1, CLIENTS + 1):
+            for ev in (A.StreamOpen(sid, 5432), A.StreamData(sid, W.startup()),
+                       A.UpstreamConnectResult(sid, 1), A.UpstreamData(sid, greeting)):
+                inst.process([ev], CLIENTS)
+        n = 0
+        t0 = time.perf_counter()
+        end = t0 + seconds
+        while True:
+            for _ in range(100):
+                sid = n % CLIENTS + 1
+                a = inst.process([A.StreamData(sid, q)], CLIENTS)
+                b = inst.process([A.UpstreamData(sid, answer)], CLIENTS)
+                n += 1
+            if not a or not b:
+                raise RuntimeError(f"the activator failed: {host.stats}")
+            t = time.perf_counter()
+            if t >= end:
+                break
+    return (t - t0) / n * 1e6
 
 
 def run(s: Settings) -> Report:
@@ -76,9 +120,9 @@ def run(s: Settings) -> Report:
     with PgTopology() as topo:
         topo.pgbench(VIP, "-i", "-q", "-s", "1", timeout=180)
 
-        def bench(host: str, side: str, i: int) -> float:
+        def bench(host: str, side: str, i: int, port: int = 5432) -> float:
             out = topo.pgbench(host, "-n", "-S", "-c", str(CLIENTS), "-j", "2", "-T",
-                               str(s.seconds), timeout=s.seconds + 120)
+                               str(s.seconds), timeout=s.seconds + 120, port=port)
             m = _TPS.search(out)
             if not m:
                 raise RuntimeError(f"no tps in pgbench output: {out[-500:]}")
@@ -90,17 +134,25 @@ def run(s: Settings) -> Report:
             return tps
 
         got = interleaved(s.runs, {"vip": lambda i: bench(VIP, "vip", i),
-                                   "direct": lambda i: bench(DB_IP, "direct", i)})
+                                   "direct": lambda i: bench(DB_IP, "direct", i),
+                                   "stream": lambda i: bench(VIP, "stream", i, 5433)})
         topo.check_daemon()
         assert topo.daemon is not None
         svc = [x for x in topo.daemon.get("/v1/services") if x["name"] == "pg"][0]
         st = svc["streams"]["5432"]
     r.add("through the activator", "tps", got["vip"])
     r.add("direct", "tps", got["direct"])
+    r.add("stream host, spliced (info)", "tps", got["stream"])
+    costs = [guest_cost(max(0.5, s.seconds / 5)) for _ in range(s.runs)]
+    r.add("activator alone per query (info)", "µs", costs)
     v, d = median(got["vip"]), median(got["direct"])
     ratio = v / d * 100 if v is not None and d else None
     r.check("activator / direct (medians)", ratio, "%", f">= {TARGET * 100:.0f} %",
             ratio is not None and ratio >= TARGET * 100)
+    st_ratio = median(got["stream"])
+    r.check("spliced stream host / direct (info)",
+            st_ratio / d * 100 if st_ratio is not None and d else None, "%", "", None)
+    r.check("activator alone per query (median)", median(costs), "µs", "", None)
     r.check("guest failures", float(st["counters"].get("guest_failures", 0)), "", "== 0",
             st["counters"].get("guest_failures", 0) == 0)
     return r
