@@ -715,7 +715,11 @@ static int route_bytes(struct stream *s, u32 route, const u8 *p, u32 n) {
     if (route == R_FORWARD && s->phase == PH_STARTUP && s->connected) {
         send_up(s, p, n);
     } else if (route == R_FORWARD) {
-        if (s->hold.len || !backend_ready(s)) return hold_bytes_in(s, p, n);
+        if (s->hold.len || !backend_ready(s)) {
+            /* A message already partly relayed: a timeout cannot answer it cleanly. */
+            if (!s->hold.len && p != s->hdr) s->hold_quiescent = 0;
+            return hold_bytes_in(s, p, n);
+        }
         send_up(s, p, n);
     } else if (route == R_HOLD) {
         return hold_bytes_in(s, p, n);

@@ -526,6 +526,51 @@ def test_fuzz_never_traps(pre: bytes, client: bytes, backend: bytes, cuts: list[
         g.close()
 
 
+_PIECES = [W.startup(), W.startup(proto=W.PROTO_32), W.SSL_REQUEST, W.GSSENC_REQUEST,
+           struct.pack("!iiii", 16, 80877102, 1, 2), b"\x16\x03\x01\x00\x02hi",
+           *FORMS.values(), W.query("SELECT 2"), W.query("BEGIN"), W.FLUSH, W.TERMINATE,
+           W.parse("SELECT 1", "a") + W.SYNC, W.bind("", "a") + W.execute() + W.SYNC]
+_ANSWERS = [GREETING, rfq(), rfq(b"T"), rfq(b"E"), W.msg(b"1") + rfq(),
+            bytes.fromhex(CAPTURED["q_select1"]), W.msg(b"E", b"SERROR\0\0"), b"Z\0\0"]
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(0, 9), st.integers(1, 3),
+                          st.one_of(st.sampled_from(_PIECES), st.sampled_from(_ANSWERS),
+                                    st.binary(max_size=40))), max_size=40),
+       st.sampled_from(["", "passthrough"]))
+def test_fuzz_random_event_orders_never_trap(ops: list[tuple[int, int, bytes]], ssl: str) -> None:
+    """Any order of the host's events over three streams, including events for streams
+    that are gone and answers nobody asked for: no trap, no failed call."""
+    g = StreamGuest(WASM, {"ssl": ssl, "hold_timeout_ms": 200, "stream_hold_bytes": 1024},
+                    port=5432)
+    now = 0
+    try:
+        for op, sid, data in ops:
+            if op == 0:
+                g.open(sid)
+            elif op in (1, 2):
+                g.client(sid, data)
+            elif op == 3:
+                g.backend(sid, data)
+            elif op == 4:
+                g.connected(sid, ok=bool(len(data) % 2))
+            elif op == 5:
+                now += 150
+                g.tick(now)
+            elif op == 6:
+                g.available()
+            elif op == 7:
+                g.unavailable()
+            elif op == 8:
+                g.client_close(sid)
+            else:
+                g.backend_close(sid)
+        assert g.failed == 0
+    finally:
+        g.close()
+
+
 # ---- real peers on both sides -----------------------------------------------------------
 
 
