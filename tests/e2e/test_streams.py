@@ -59,6 +59,16 @@ def test_stream_port_holds_then_splices(sandbox: Sandbox) -> None:
     c = st["counters"]
     assert c["streams_opened"] >= 50 and c["spliced"] >= 50, st
     assert c["upstream_connects"] >= 50 and c["guest_failures"] == 0, st
+    # The wake as the stream port saw it, in its phases, in the status and the metrics.
+    assert st["wake"]["count"] == 1, st["wake"]
+    assert all(st["phases"][p]["count"] == 1 for p in ("activate", "connect", "first_byte"))
+    from fabric.control.client import ControlClient
+
+    text = ControlClient(d.control).get_text("/metrics")
+    assert 'fabric_service_stream_total{namespace="shop",service="web",counter="spliced"}' \
+        in text, text[-2000:]
+    assert 'fabric_service_stream_wake_phase_seconds_count{namespace="shop",service="web",' \
+        'phase="first_byte"} 1' in text
     # No open connection and need none: the service idles and its hook stops the server.
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
