@@ -446,6 +446,56 @@ def test_need_follows_queries_and_transactions_over_many_sessions(guest) -> None
     assert g.streams[3].downstream_closed and g.streams[3].upstream_closed
 
 
+def test_passthrough_hold_timeout_answers_the_ssl_request_with_57p03(guest) -> None:
+    g = guest(ssl="passthrough", hold_timeout_ms=500)
+    g.open(1)
+    g.client(1, W.SSL_REQUEST)
+    g.connected(1, ok=False)
+    g.open(2)
+    g.client(2, b"\x16\x03\x01\x00\x02hi")  # direct TLS: no plaintext answer possible
+    g.connected(2, ok=False)
+    g.tick(1)
+    g.tick(600)
+    e = errors(g.to_client(1))
+    assert e[0]["S"] == "FATAL" and e[0]["C"] == "57P03" and g.streams[1].downstream_closed
+    assert g.to_client(2) == b"" and g.streams[2].downstream_closed
+    assert g.need == NONE
+
+
+def test_many_held_sessions_are_all_relayed_when_the_backend_returns(guest) -> None:
+    g = guest()
+    for sid in range(1, 41):
+        session(g, sid)
+    g.unavailable()
+    for sid in range(1, 41):
+        g.client(sid, W.query(f"SELECT {sid} + 1"))
+    assert g.need == ACTIVE and all(g.to_backend(sid) == b"" for sid in range(1, 41))
+    g.available()
+    g.tick(100)
+    for sid in range(1, 41):
+        assert g.to_backend(sid) == W.query(f"SELECT {sid} + 1"), sid
+        g.backend(sid, rfq())
+    assert g.need == NONE
+
+
+def test_the_backend_going_away_closes_the_client(guest) -> None:
+    g = guest()
+    session(g)
+    fatal = W.msg(b"E", b"SFATAL\0C57P01\0Mterminating\0\0")
+    g.backend(1, fatal)
+    g.backend_close(1)
+    assert g.to_client(1) == fatal and g.streams[1].downstream_closed
+
+
+def test_a_backend_stream_that_does_not_parse_is_spliced(guest) -> None:
+    g = guest()
+    session(g)
+    g.client(1, W.query("SELECT 2"))
+    g.backend(1, b"Z\0\0\0\x09Ixxxx")  # ReadyForQuery of the wrong length
+    assert g.streams[1].spliced and g.to_client(1) == b"Z\0\0\0\x09Ixxxx"
+    assert any("does not parse" in m for _, m in g.logs)
+
+
 def test_terminate_on_a_sleeping_database_closes_without_waking(guest) -> None:
     g = guest()
     session(g)
