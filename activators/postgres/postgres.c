@@ -24,7 +24,8 @@
  * hold_timeout_ms (30000), hold_bytes (all held bytes of the port, <= 6 MiB),
  * stream_hold_bytes (one stream's held bytes before it is paused, 65536),
  * max_message_bytes (largest client message, 1 GiB - 1 like PostgreSQL),
- * local_keepalive (1 answers keep-alives locally, 0 relays them; default 1).
+ * local_keepalive (1 answers keep-alives locally, 0 relays them; default 1),
+ * need_debounce (1: "none" is reported at the next tick, not at once; default 1).
  */
 #define FAB_OUT_CAP (1000u * 1024u)
 #include "../common/fab.h"
@@ -104,6 +105,8 @@ static u64 now_ms;
 static int ticked;
 static u32 nbusy, nwork, nholding;
 static u32 last_need = 0xff;
+static int need_debounce = 1; /* report "none" at a tick, not after every query */
+static int ticked_now;
 static u32 budget; /* actions this call may still write (ABI: 4 per event + 16) */
 
 /* Counters of the port (ABI "count" actions), summed over a call and sent at its end. */
@@ -1295,6 +1298,7 @@ FAB_EXPORT(fab_streams) i32 fab_streams(void) { return 1; }
 FAB_EXPORT(fab_init) i32 fab_init(const u8 *cfg, u32 len) {
     ssl_passthrough = cfg_str_is(cfg, len, "ssl", "passthrough");
     local_keepalive = cfg_u32(cfg, len, "local_keepalive", 1) != 0;
+    need_debounce = cfg_u32(cfg, len, "need_debounce", 1) != 0;
     hold_timeout_ms = cfg_u32(cfg, len, "hold_timeout_ms", 30000);
     stream_hold_bytes = cfg_u32(cfg, len, "stream_hold_bytes", 65536);
     if (stream_hold_bytes < 1024) stream_hold_bytes = 1024;
@@ -1319,6 +1323,7 @@ FAB_EXPORT(fab_init) i32 fab_init(const u8 *cfg, u32 len) {
 FAB_EXPORT(fab_process) i64 fab_process(const u8 *ev, u32 len) {
     out_begin();
     last_rec = NIL;
+    ticked_now = 0;
     if (len < 2) return out_end();
     u32 count = rd16(ev);
     /* ABI: 4 per event + 16 + 8 per live stream are read; one kept for the need, and
@@ -1338,6 +1343,7 @@ FAB_EXPORT(fab_process) i64 fab_process(const u8 *ev, u32 len) {
         case EV_BACKEND_UNAVAILABLE: backend_up = 0; break;
         case EV_TICK:
             if (plen >= 8) { now_ms = rd64(pl); ticked = 1; }
+            ticked_now = 1;
             if (nholding) check_timeouts();
             break;
         case EV_STREAM_OPEN: on_open(pl, plen); break;
@@ -1361,6 +1367,10 @@ FAB_EXPORT(fab_process) i64 fab_process(const u8 *ev, u32 len) {
         counts[i] = 0;
     }
     u32 need = nbusy ? NEED_ACTIVE : NEED_NONE;
+    /* active at once; none only at a tick (within 100 ms), so that 20 clients taking
+     * turns do not flip the port's level (a cross-thread post in the host) per query */
+    if (need == NEED_NONE && last_need == NEED_ACTIVE && need_debounce && !ticked_now)
+        need = NEED_ACTIVE;
     if (need != last_need) {
         budget++;
         u8 *p = act(ACT_SET_BACKEND_NEED, 1);

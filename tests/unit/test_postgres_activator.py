@@ -115,7 +115,8 @@ def guest() -> Iterator[Callable[..., StreamGuest]]:
     made: list[StreamGuest] = []
 
     def make(**config: object) -> StreamGuest:
-        g = StreamGuest(WASM, dict(config), port=5432)
+        # need_debounce 0: "none" at once, so each step's level can be checked
+        g = StreamGuest(WASM, {"need_debounce": 0, **config}, port=5432)
         made.append(g)
         return g
 
@@ -523,6 +524,25 @@ def test_counters_say_what_was_answered_and_why_it_woke(guest) -> None:
     assert counts == {"wake_startup": 1, "keepalives_answered": 3, "wake_query": 1}
 
 
+def test_need_none_is_reported_at_the_next_tick_by_default(guest) -> None:
+    g = guest(need_debounce=1)
+    g.open(1)
+    g.client(1, W.startup())
+    g.connected(1)
+    g.backend(1, GREETING)
+    assert g.need == ACTIVE
+    g.tick(1)
+    assert g.need == NONE
+    g.client(1, W.query("SELECT 2"))
+    assert g.need == ACTIVE
+    g.backend(1, rfq())
+    assert g.need == ACTIVE  # not flipped back per query
+    g.client(1, W.query("SELECT 3"))
+    g.backend(1, rfq())
+    g.tick(101)
+    assert g.need == NONE
+
+
 # ---- fuzz --------------------------------------------------------------------------
 
 
@@ -649,6 +669,13 @@ def bridge(pg: W.PgServer, tmp_path: Path) -> Iterator[Callable[..., StreamBridg
         assert b.counters.failed_calls == 0
 
 
+def wait_for(cond: Callable[[], bool], what: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
 def test_captured_answers_are_still_what_the_server_sends(pg: W.PgServer) -> None:
     assert capture(pg.socket_path) == CAPTURED
 
@@ -677,7 +704,8 @@ def test_psycopg_extended_protocol_through_the_guest(bridge) -> None:
             assert conn.execute("SELECT 1").fetchone() == (1,)
         assert conn.cursor(binary=True).execute("SELECT 1").fetchone() == (1,)
         assert conn.execute("select 1", prepare=True).fetchone() == (1,)
-        assert b.counters.upstream_bytes == up and b.need == NONE
+        assert b.counters.upstream_bytes == up
+        wait_for(lambda: b.need == NONE, "need none on idle sessions")
         conn.execute("CREATE TEMP TABLE t (a int)")
         conn.execute("INSERT INTO t VALUES (%s), (%s)", (1, 2))
         assert conn.execute("SELECT sum(a) FROM t").fetchone() == (3,)
@@ -689,7 +717,7 @@ def test_psycopg_extended_protocol_through_the_guest(bridge) -> None:
             assert b.need == ACTIVE
         conn.execute("DEALLOCATE ALL")
         assert conn.execute("SELECT 1").fetchone() == (1,)
-    assert b.need == NONE
+        wait_for(lambda: b.need == NONE, "need none on idle sessions")
 
 
 def test_psql_and_a_sleeping_backend_through_the_guest(bridge) -> None:
