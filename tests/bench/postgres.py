@@ -133,9 +133,21 @@ def run(s: Settings) -> Report:
             progress(NAME, f"run {i + 1}/{s.runs} {side}: {tps:,.0f} tps")
             return tps
 
-        got = interleaved(s.runs, {"vip": lambda i: bench(VIP, "vip", i),
-                                   "direct": lambda i: bench(DB_IP, "direct", i),
-                                   "stream": lambda i: bench(VIP, "stream", i, 5433)})
+        stream_errors: list[str] = []
+
+        def reference(i: int) -> float | None:
+            """The spliced reference is information only: its failure is noted, not fatal."""
+            try:
+                return bench(VIP, "stream", i, 5433)
+            except RuntimeError as e:
+                stream_errors.append(str(e).splitlines()[0][-300:])
+                progress(NAME, f"run {i + 1}/{s.runs} stream: failed ({stream_errors[-1]})")
+                return None
+
+        got: dict[str, list[float | None]] = interleaved(s.runs, {
+            "vip": lambda i: bench(VIP, "vip", i),
+            "direct": lambda i: bench(DB_IP, "direct", i),
+            "stream": reference})
         topo.check_daemon()
         assert topo.daemon is not None
         svc = [x for x in topo.daemon.get("/v1/services") if x["name"] == "pg"][0]
@@ -153,6 +165,8 @@ def run(s: Settings) -> Report:
     r.check("spliced stream host / direct (info)",
             st_ratio / d * 100 if st_ratio is not None and d else None, "%", "", None)
     r.check("activator alone per query (median)", median(costs), "µs", "", None)
+    for e in stream_errors:
+        r.notes.append(f"spliced reference run failed: {e}")
     r.check("guest failures", float(st["counters"].get("guest_failures", 0)), "", "== 0",
             st["counters"].get("guest_failures", 0) == 0)
     return r
