@@ -694,6 +694,21 @@ def test_keepalives_through_the_guest_match_the_live_server(bridge, pg: W.PgServ
     direct.close()
 
 
+def test_protocol_32_startup_is_negotiated_by_the_real_server_through_the_guest(
+        bridge, pg: W.PgServer) -> None:
+    """A PG 18 client asks for 3.2; PostgreSQL 15 answers NegotiateProtocolVersion (3.0)
+    and goes on: relayed untouched both ways, and the session then works as any."""
+    b = bridge()
+    direct = W.RawPg.unix(pg.socket_path, proto=W.PROTO_32)
+    via = W.RawPg.unix(b.listen_path, proto=W.PROTO_32)
+    types = [t for t, _ in W.split(via.greeting)]
+    assert types[:1] == [b"v"] and types == [t for t, _ in W.split(direct.greeting)]
+    assert W.split(via.greeting)[0] == W.split(direct.greeting)[0]
+    assert via.exchange(SELECT1, 1).hex() == CAPTURED["x_select1"]
+    via.close()
+    direct.close()
+
+
 def test_psycopg_extended_protocol_through_the_guest(bridge) -> None:
     psycopg = pytest.importorskip("psycopg")
     b = bridge()
