@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent
 #: source -> output, both relative to activators/
 TARGETS: dict[str, str] = {
     "tcp/tcp.c": "tcp/tcp.wasm",
+    "postgres/postgres.c": "postgres/postgres.wasm",
     "stream/stream.c": "stream/stream.wasm",
     "testing/loop.c": "testing/loop.wasm",
     "testing/membomb.c": "testing/membomb.wasm",
@@ -40,6 +41,7 @@ TARGETS: dict[str, str] = {
 #: source -> flags added to CFLAGS for it alone
 EXTRA_CFLAGS: dict[str, tuple[str, ...]] = {
     "testing/tablebomb.c": ("-mreference-types",),  # a C table of externrefs needs them
+    "postgres/postgres.c": ("-mbulk-memory",),  # memory.copy for relayed bytes
 }
 
 CFLAGS: tuple[str, ...] = (

@@ -27,6 +27,7 @@ from tests.bench import (
     egress,
     floods,
     ping,
+    postgres,
     scale,
     services,
     storms,
@@ -51,6 +52,7 @@ BENCHMARKS: dict[str, Callable[[Settings], Report]] = {
     cni.NAME: cni.run,
     streams.NAME: streams.run,
     storms.NAME: storms.run,
+    postgres.NAME: postgres.run,
 }
 
 
