@@ -102,8 +102,9 @@ def boot(vm: VM, timeout: float = BOOT_TIMEOUT) -> float:
 GET = r"""
 import json, socket, sys, time
 host, port, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-t0 = time.monotonic()
-s = socket.create_connection((host, port), 60)
+addr = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)[0][4]
+t0 = time.monotonic()  # the name resolved first: from here on it is the wake
+s = socket.create_connection(addr, 60)
 t1 = time.monotonic()
 s.sendall(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
 first = s.recv(65536)
