@@ -7,16 +7,21 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from fabric.microvm import qemu
 from fabric.microvm.initramfs import build, find_kernel
 from fabric.tools.sandbox import Sandbox
 
+WORKER = Path(__file__).resolve().parents[2] / "examples" / "worker.py"
 BOOT_TIMEOUT = 120.0  # TCG on a busy 2-core machine: ~8 s alone, several times that loaded
 
 
@@ -163,3 +168,41 @@ def stamps(path: str) -> list[dict[str, float]]:
             return [json.loads(line) for line in f if line.strip()]
     except FileNotFoundError:
         return []
+
+
+class Lines:
+    """The worker's JSON lines, read as they come."""
+
+    def __init__(self, p: subprocess.Popen[str], log: str) -> None:
+        self.p = p
+        self.log = log
+        self.seen: list[dict[str, Any]] = []
+
+    def wait(self, event: str, timeout: float = 120.0) -> dict[str, Any]:
+        assert self.p.stdout is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            r, _, _ = select.select([self.p.stdout], [], [], 0.5)
+            if r:
+                line = self.p.stdout.readline()
+                if not line:
+                    break
+                self.seen.append(json.loads(line))
+                if self.seen[-1]["event"] == event:
+                    return self.seen[-1]
+            elif self.p.poll() is not None:
+                break
+        with open(self.log) as f:
+            err = f.read()
+        raise AssertionError(f"no {event!r} from the worker: {self.seen} {err[-2000:]}")
+
+
+def start_worker(sb: Sandbox, worker: str, client: str, ns: str, cidr: str, vm_dir: str,
+                 idle: str) -> Lines:
+    """examples/worker.py in `worker`'s namespace with one VM and `client` as a pod."""
+    log_path = os.path.join(sb.tmp, "worker.log")
+    with open(log_path, "w") as log:  # a file: a pipe nobody reads would block its logging
+        p = sb.popen(worker, sys.executable, str(WORKER), "--namespace", ns, "--cidr", cidr,
+                     "--vms", "1", "--idle", idle, "--netns-pod", f"client={client}",
+                     "--dir", vm_dir, text=True, stderr=log)
+    return Lines(p, log_path)
