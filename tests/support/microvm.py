@@ -171,26 +171,39 @@ def stamps(path: str) -> list[dict[str, float]]:
 
 
 class Lines:
-    """The worker's JSON lines, read as they come."""
+    """The worker's JSON lines, read from its stdout's fd as they come (no buffered file
+    object: select() would not see lines already buffered)."""
 
-    def __init__(self, p: subprocess.Popen[str], log: str) -> None:
+    def __init__(self, p: subprocess.Popen[bytes], log: str) -> None:
         self.p = p
         self.log = log
         self.seen: list[dict[str, Any]] = []
+        self.used = 0  # seen[:used] were returned or passed over by wait()
+        self._buf = b""
+
+    def _read(self, timeout: float) -> bool:
+        assert self.p.stdout is not None
+        fd = self.p.stdout.fileno()
+        r, _, _ = select.select([fd], [], [], timeout)
+        if not r:
+            return self.p.poll() is None
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return False
+        self._buf += chunk
+        *lines, self._buf = self._buf.split(b"\n")
+        self.seen.extend(json.loads(line) for line in lines if line.strip())
+        return True
 
     def wait(self, event: str, timeout: float = 120.0) -> dict[str, Any]:
-        assert self.p.stdout is not None
+        """The next `event` line after the last one returned (earlier others are skipped)."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            r, _, _ = select.select([self.p.stdout], [], [], 0.5)
-            if r:
-                line = self.p.stdout.readline()
-                if not line:
-                    break
-                self.seen.append(json.loads(line))
-                if self.seen[-1]["event"] == event:
-                    return self.seen[-1]
-            elif self.p.poll() is not None:
+        while True:
+            for i in range(self.used, len(self.seen)):
+                if self.seen[i]["event"] == event:
+                    self.used = i + 1
+                    return self.seen[i]
+            if time.monotonic() > deadline or not self._read(0.2):
                 break
         with open(self.log) as f:
             err = f.read()
@@ -198,11 +211,11 @@ class Lines:
 
 
 def start_worker(sb: Sandbox, worker: str, client: str, ns: str, cidr: str, vm_dir: str,
-                 idle: str) -> Lines:
+                 idle: str, *extra: str) -> Lines:
     """examples/worker.py in `worker`'s namespace with one VM and `client` as a pod."""
     log_path = os.path.join(sb.tmp, "worker.log")
     with open(log_path, "w") as log:  # a file: a pipe nobody reads would block its logging
         p = sb.popen(worker, sys.executable, str(WORKER), "--namespace", ns, "--cidr", cidr,
                      "--vms", "1", "--idle", idle, "--netns-pod", f"client={client}",
-                     "--dir", vm_dir, text=True, stderr=log)
+                     "--dir", vm_dir, *extra, stderr=log)
     return Lines(p, log_path)
