@@ -65,6 +65,7 @@ class Worker:
         self.taps: list[str] = []
         # per service: the wakes the fabric counted and its phase sums, as last seen
         self._wakes: dict[str, tuple[int, dict[str, float]]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         a = self.args
@@ -119,10 +120,20 @@ class Worker:
             t_event = time.monotonic()
             if ev.kind == "activate":
                 await self._each(wake)
+                if self.args.snapshot:  # back in the pod table's eyes once it runs
+                    for name in self.vms:
+                        self.fab.set_ready(self.ns, name, True)
                 say(event="activate", service=ev.fields.get("service"), t_event=t_event,
                     t_running=time.monotonic(), reason=ev.fields.get("reason"))
-                asyncio.create_task(self._report_wake(str(ev.fields.get("service"))))
+                task = asyncio.create_task(self._report_wake(str(ev.fields.get("service"))))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
             else:
+                if self.args.snapshot:
+                    # Not ready while QEMU is gone: the fabric's probes would be lost on a
+                    # TAP nobody reads, and wait out their timeout after the restore.
+                    for name in self.vms:
+                        self.fab.set_ready(self.ns, name, False)
                 await self._each(snapshot if self.args.snapshot else qemu.pause)
                 say(event="idle", service=ev.fields.get("service"), t_event=t_event,
                     t_asleep=time.monotonic())
