@@ -199,3 +199,33 @@ def test_ctl_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert err.count("\n") == 1 and "qmp.sock" in err
     assert ctl.main([str(tmp_path), "status"]) == 0
     assert capsys.readouterr().out == "not running\n"
+
+
+def test_ctl_control_and_pod_go_together(tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    for args in (["--control", "/x"], ["--pod", "ns/vm"],
+                 ["--control", "/x", "--pod", "vm"]):
+        with pytest.raises(SystemExit) as e:
+            ctl.main([str(tmp_path), "snapshot", *args])
+        assert e.value.code == 2
+        assert "--control and --pod NS/POD go together" in capsys.readouterr().err
+
+
+def test_ctl_says_when_the_daemon_refuses(tmp_path: Path) -> None:
+    path = str(tmp_path / "c.sock")
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(path)
+    srv.listen(1)
+
+    def serve() -> None:
+        c, _ = srv.accept()
+        with c:
+            c.recv(65536)
+            body = b'{"error": "pod vm not found"}'
+            c.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: %d\r\n\r\n%s"
+                      % (len(body), body))
+        srv.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    with pytest.raises(RuntimeError, match="marking ns/vm not ready: 404"):
+        ctl.set_ready(path, "ns/vm", False)
