@@ -60,15 +60,15 @@ def main(argv: list[str] | None = None) -> int:
         elif a.action == "restore":
             if qemu.pid(spec) is None:
                 qemu.restore(spec)
-                if a.pod:
-                    set_ready(a.control, a.pod, True)
             else:  # paused, never snapshotted (the mode changed): just continue
                 qemu.resume(spec)
                 extra["resumed"] = True
+            if a.pod:
+                set_ready(a.control, a.pod, True)
         else:
             print("not running" if qemu.pid(spec) is None else _status(spec))
             return 0
-    except (OSError, ValueError, RuntimeError, QMPError) as e:
+    except (OSError, ValueError, TypeError, RuntimeError, QMPError) as e:
         print(f"microvm {a.action}: {e}", file=sys.stderr)
         return 1
     done = time.monotonic()

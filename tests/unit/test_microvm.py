@@ -220,7 +220,13 @@ def test_ctl_says_when_the_daemon_refuses(tmp_path: Path) -> None:
     def serve() -> None:
         c, _ = srv.accept()
         with c:
-            c.recv(65536)
+            got = b""
+            while not got.endswith(b"}"):  # the headers, then the JSON body
+                chunk = c.recv(65536)
+                if not chunk:
+                    break
+                got += chunk
+            assert got.endswith(b'{"ready": false}')
             body = b'{"error": "pod vm not found"}'
             c.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: %d\r\n\r\n%s"
                       % (len(body), body))
