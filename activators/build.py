@@ -25,6 +25,8 @@ ROOT = Path(__file__).resolve().parent
 #: source -> output, both relative to activators/
 TARGETS: dict[str, str] = {
     "tcp/tcp.c": "tcp/tcp.wasm",
+    "postgres/postgres.c": "postgres/postgres.wasm",
+    "stream/stream.c": "stream/stream.wasm",
     "testing/loop.c": "testing/loop.wasm",
     "testing/membomb.c": "testing/membomb.wasm",
     "testing/trap.c": "testing/trap.wasm",
@@ -33,11 +35,13 @@ TARGETS: dict[str, str] = {
     "testing/flood.c": "testing/flood.wasm",
     "testing/tablebomb.c": "testing/tablebomb.wasm",
     "testing/multimem.wat": "testing/multimem.wasm",
+    "testing/streamtrap.c": "testing/streamtrap.wasm",
 }
 
 #: source -> flags added to CFLAGS for it alone
 EXTRA_CFLAGS: dict[str, tuple[str, ...]] = {
     "testing/tablebomb.c": ("-mreference-types",),  # a C table of externrefs needs them
+    "postgres/postgres.c": ("-mbulk-memory",),  # memory.copy for relayed bytes
 }
 
 CFLAGS: tuple[str, ...] = (

@@ -177,6 +177,12 @@ class Router:
         # the router answers ping at the gateway itself.
         self.local: Port | None = None
         self.local_ips: set[bytes] = {self.gw_ip}
+        # VIPs with ports terminated in the local stack (fabric.streams): the stack may
+        # send from them (connections to backends), the services glue routes to it.
+        self.stream_vips: set[bytes] = set()
+        # Told of every SYN-ACK a pod sends to the gateway address (src, sport, dport,
+        # now): the readiness probes' answers, seen before the local stack takes them.
+        self.synack: Callable[[bytes, int, int, float], None] | None = None
         self.dns_local: Callable[[bytes, float], bytes | None] | None = None
         self.dhcp: DhcpServer | None = None
         self.egress: EgressCore | None = None
@@ -493,6 +499,11 @@ class Router:
                  dst: bytes, now: float) -> Port | None:
         self.touched = True
         if dst in self.local_ips:
+            if (self.synack is not None and dst == self.gw_ip and buf[ip + 9] == PROTO_TCP
+                    and ip + ihl + 14 <= n and buf[ip + ihl + 13] & 0x12 == 0x12):
+                l4 = ip + ihl
+                self.synack(bytes(buf[ip + 12:ip + 16]), buf[l4] << 8 | buf[l4 + 1],
+                            buf[l4 + 2] << 8 | buf[l4 + 3], now)
             if (dst == self.gw_ip and buf[ip + 9] == PROTO_UDP and self.dns_local is not None
                     and self._dns(port, buf, h, n, ip, ihl, now)):
                 return None
@@ -743,6 +754,15 @@ class Router:
 
     # --- L3 ports: the local stack and the egress uplink --------------------------------
 
+    def to_local(self, port: Port, buf: bytearray, h: int, n: int, now: float) -> Port | None:
+        """Hand a pod's frame to the local stack (a VIP's port terminated there)."""
+        local = self.local
+        if local is None:
+            port.drop(DROP_NO_ROUTE)
+            return None
+        self.touched = True
+        return self._to_l3(local, port, buf, h, n, now)
+
     def _to_l3(self, out: Port, port: Port, buf: bytearray, h: int, n: int,
                now: float) -> Port | None:
         """Hand a pod's frame to an L3 port: drop the Ethernet header in place (the
@@ -795,7 +815,7 @@ class Router:
         if not total:
             return None
         src, dst = _ADDRS.unpack_from(buf, ip + 12)
-        if src not in self.local_ips:
+        if src not in self.local_ips and src not in self.stream_vips:
             port.drop(DROP_SPOOFED)
             return None
         return self._l3_to_pod(port, buf, h, n, ip, total, dst, now, False)

@@ -21,7 +21,22 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any
 
-from tests.bench import cni, dns, egress, floods, microvm, ping, scale, services, tcp, tunnel, udp
+from tests.bench import (
+    cni,
+    dns,
+    egress,
+    floods,
+    microvm,
+    ping,
+    postgres,
+    scale,
+    services,
+    storms,
+    streams,
+    tcp,
+    tunnel,
+    udp,
+)
 from tests.bench.common import Report, Settings, fmt, render, table
 from tests.bench.topo import leftovers
 
@@ -36,6 +51,9 @@ BENCHMARKS: dict[str, Callable[[Settings], Report]] = {
     services.NAME: services.run,
     floods.NAME: floods.run,
     cni.NAME: cni.run,
+    streams.NAME: streams.run,
+    storms.NAME: storms.run,
+    postgres.NAME: postgres.run,
     microvm.NAME: microvm.run,
 }
 

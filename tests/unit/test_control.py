@@ -720,9 +720,9 @@ def test_cli_get_tables(harness: Harness, capsys: pytest.CaptureFixture[str]) ->
     assert cli.main(["get", "svc", "--control", harness.path]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["NAMESPACE", "NAME", "IP", "PORTS", "STATE", "NEED", "HELD",
-                                "FLOWS", "BACKENDS", "WAKES"]
+                                "FLOWS", "BACKENDS", "WAKES", "STREAMS", "STREAM-WAKE(ms)"]
     assert lines[1].split() == ["blue", "api", "10.1.0.100", "80->8080/tcp", "dormant",
-                                "false", "3/180B", "0", "api-1(not-ready)", "1"]
+                                "false", "3/180B", "0", "api-1(not-ready)", "1", "-", "-"]
     assert cli.main(["get", "peers", "--control", harness.path]) == 0
     assert "No peers found" in capsys.readouterr().err
 
@@ -813,7 +813,7 @@ def test_cli_usage_errors_and_misc(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["--help"]) == 0
     # No stub for commands that are not built yet: `activator` is not a command.
     assert cli.main(["activator", "test", "x.wasm"]) == 2
-    assert "invalid choice: 'activator'" in capsys.readouterr().err
+    assert "invalid choice: 'test'" in capsys.readouterr().err
 
 
 def test_cli_keygen(capsys: pytest.CaptureFixture[str]) -> None:
