@@ -26,6 +26,7 @@ from tests.bench import (
     dns,
     egress,
     floods,
+    microvm,
     ping,
     postgres,
     scale,
@@ -53,6 +54,7 @@ BENCHMARKS: dict[str, Callable[[Settings], Report]] = {
     streams.NAME: streams.run,
     storms.NAME: storms.run,
     postgres.NAME: postgres.run,
+    microvm.NAME: microvm.run,
 }
 
 
