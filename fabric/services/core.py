@@ -692,6 +692,11 @@ class Service:
         self.demand.rise(reason, flow, now)
 
     @property
+    def clients_waiting(self) -> bool:
+        """Clients wait for a backend now (probes are then fast and short)."""
+        return self._waiting
+
+    @property
     def _waiting(self) -> bool:
         """Clients wait for a backend: held packets, or a stream port that needs one."""
         return bool(self._hold) or any(self._stream_active.values())

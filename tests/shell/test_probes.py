@@ -10,6 +10,8 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 
+import pytest
+
 from fabric.config.specs import PortSpec
 from fabric.net import packets
 from fabric.net.packets import TCP_SYN
@@ -193,3 +195,28 @@ def test_a_probe_ends_on_the_backends_syn_ack_seen_by_the_router() -> None:
     finally:
         runner.close()
 
+
+
+def test_while_clients_wait_a_silent_probe_gives_up_soon() -> None:
+    """A backend that drops SYNs (nobody reads its TAP) must not hold the probes in
+    flight for a second each while clients wait: they give up after 0.1 s."""
+    port = free_port()
+    r = Router("shop", "10.10.0.0/24")
+    dispatch = ServiceDispatch(r)
+    w = FakeWatcher()
+    runner = ProbeRunner(dispatch, w, SocketPool(loopback_sockets, size=8), timeout=1.0)
+    svc = Service("site", "10.10.0.100", (PortSpec(80, port, "tcp"),))
+    try:
+        dispatch.add(svc)
+        dispatch.set_backend(svc, "web", LOCAL, True, 10.0)
+        runner.handle_timer(10.0)  # nobody waits: the full second
+        assert runner.next_timer() == pytest.approx(10.2)  # (the next probe comes first)
+        assert max(p[4] for p in runner._inflight.values()) == pytest.approx(11.0)
+        svc.stream_need(80, 2, 10.05)  # a stream port needs the backend now
+        runner.handle_timer(10.2)
+        assert min(p[4] for p in runner._inflight.values()
+                   if p[3] == 10.2) == pytest.approx(10.3)
+        runner.handle_timer(10.3)
+        assert runner.counters["timed_out"] == 1
+    finally:
+        runner.close()
