@@ -1,12 +1,17 @@
 /* The plain stream activator: hold a connection while the service sleeps, then hand it
  * to the kernel (activators/ABI.md, "Streams").
  *
- * It knows no protocol. A new connection (or its first byte, with "wake_on_data": 1)
- * wakes the service; the client's bytes are held, up to "hold_bytes" per stream (then
- * the client is paused: TCP's own window holds the rest; at most 1 KiB here); once a backend is ready the
- * stream connects upstream, sends what it held, and is spliced. Held streams older than
- * "hold_timeout_ms" are closed. need is `active` while any stream is open (an open
- * connection to an unknown protocol may be busy), `none` when there is none.
+ * It knows no protocol. A new connection wakes the service and is paused at once: the
+ * guest reads none of its bytes, the client's kernel and TCP window hold them. Once a
+ * backend is ready the stream connects upstream, is resumed and spliced, so every byte
+ * goes from the client's socket to the backend's in the kernel. With "wake_on_data": 1
+ * a connection wakes the service only when its first bytes arrive (a port scanner's
+ * connect wakes nothing): that first read (one chunk, at most 64 KiB) is held in one of
+ * HELD_SLOTS buffers, the client is paused, and the bytes go upstream before the
+ * splice; with no buffer free the connection is closed (logged). Streams held longer
+ * than "hold_timeout_ms" are closed. need is `active` while any stream is open (an open
+ * connection to an unknown protocol may be busy) or, with wake_on_data, any has sent
+ * bytes; `none` otherwise.
  *
  * It is the reference for the stream host's tests and the "stream" scaffold of the
  * authoring kit; the HTTP/2 and PostgreSQL activators are the protocol-aware ones.
@@ -14,42 +19,61 @@
 #include "../common/fab.h"
 
 #define MAX_STREAMS 4096
-#define HELD_CAP 1024 /* per stream; past it the client is paused (TCP holds the rest) */
+#define HELD_SLOTS 64
+#define HELD_CAP (64 * 1024) /* one host read */
 
 FAB_EXPORT(fab_streams) i32 fab_streams(void) { return 1; }
 
 enum { FREE = 0, HOLDING, CONNECTING, SPLICED };
+#define NO_SLOT 0xffff
 
 struct stream {
     u32 id;
     u8 state;
     u8 paused;
     u8 client_done;
+    u8 woke; /* counts toward need (wake_on_data: it sent bytes) */
+    u16 slot; /* its held bytes, or NO_SLOT */
     u32 held_len;
     u64 opened_ms;
-    u8 held[HELD_CAP];
 };
 
 static struct stream streams[MAX_STREAMS];
-static u32 nstreams;
+static u8 held[HELD_SLOTS][HELD_CAP];
+static u8 slot_used[HELD_SLOTS];
+static u32 nstreams, nwoke;
 static u32 backend_ready;
 static u32 wake_on_data;
 static u32 hold_timeout_ms = 30000;
-static u32 hold_bytes = HELD_CAP;
 static u64 now_ms;
 static u32 need_told = 0xff;
+static u32 full_logged;
 
 FAB_EXPORT(fab_init) i32 fab_init(const u8 *cfg, u32 len) {
     wake_on_data = cfg_u32(cfg, len, "wake_on_data", 0);
     hold_timeout_ms = cfg_u32(cfg, len, "hold_timeout_ms", 30000);
-    hold_bytes = cfg_u32(cfg, len, "hold_bytes", HELD_CAP);
-    if (hold_bytes == 0 || hold_bytes > HELD_CAP) hold_bytes = HELD_CAP;
     return 0;
 }
 
+/* Streams by id: open addressing over the slots (ids are the host's, unique while live). */
+static u32 home(u32 id) { return (id * 2654435761u) & (MAX_STREAMS - 1); }
+
 static struct stream *find(u32 id) {
-    for (u32 i = 0; i < MAX_STREAMS; i++)
-        if (streams[i].state != FREE && streams[i].id == id) return &streams[i];
+    u32 h = home(id);
+    for (u32 k = 0; k < MAX_STREAMS; k++) {
+        struct stream *s = &streams[(h + k) & (MAX_STREAMS - 1)];
+        if (s->state != FREE && s->id == id) return s;
+        if (s->state == FREE && s->id == 0) return 0; /* never used: the chain ends */
+    }
+    return 0;
+}
+
+static struct stream *slot_for(u32 id) {
+    u32 h = home(id);
+    for (u32 k = 0; k < MAX_STREAMS; k++) {
+        struct stream *s = &streams[(h + k) & (MAX_STREAMS - 1)];
+        if (s->state == FREE) return s;
+    }
     return 0;
 }
 
@@ -65,73 +89,91 @@ static void act_connect(u32 id) {
     wr16(p + 4, 0); /* 0: the port's target_port */
 }
 
-static void act_send(u32 kind, u32 id, const u8 *data, u32 n) {
-    u8 *p = out_action(kind, 4 + n);
+static void act_send(u32 id, const u8 *data, u32 n) {
+    u8 *p = out_action(ACT_UPSTREAM_SEND, 4 + n);
     if (!p) return;
     wr32(p, id);
     memcpy(p + 4, data, n);
 }
 
-static void forget(struct stream *s) {
-    s->state = FREE;
+static void release_slot(struct stream *s) {
+    if (s->slot != NO_SLOT) slot_used[s->slot] = 0;
+    s->slot = NO_SLOT;
     s->held_len = 0;
+}
+
+static void forget(struct stream *s) {
+    release_slot(s);
+    if (s->woke) nwoke--;
+    s->state = FREE; /* the id stays: a tombstone keeps later chains findable */
     nstreams--;
+}
+
+static void close_stream(struct stream *s) {
+    act_sid(ACT_DOWNSTREAM_CLOSE, s->id);
+    forget(s);
+}
+
+static void connect(struct stream *s) {
+    s->state = CONNECTING;
+    act_connect(s->id);
 }
 
 static void on_open(const u8 *p, u32 len) {
     if (len < 6) return;
     u32 id = rd32(p);
-    struct stream *s = 0;
-    for (u32 i = 0; i < MAX_STREAMS; i++)
-        if (streams[i].state == FREE) { s = &streams[i]; break; }
+    struct stream *s = slot_for(id);
     if (!s) { act_sid(ACT_DOWNSTREAM_CLOSE, id); return; }
     s->id = id;
     s->state = HOLDING;
-    s->paused = 0;
     s->client_done = 0;
+    s->slot = NO_SLOT;
     s->held_len = 0;
     s->opened_ms = now_ms;
+    s->woke = !wake_on_data;
+    s->paused = !wake_on_data;
     nstreams++;
-    if (backend_ready) {
-        s->state = CONNECTING;
-        act_connect(id);
-    }
+    if (s->woke) nwoke++;
+    if (s->paused) act_sid(ACT_PAUSE, id); /* its bytes wait in the kernel */
+    if (backend_ready && s->woke) connect(s);
 }
 
 static void on_data(const u8 *p, u32 len) {
     if (len < 4) return;
     struct stream *s = find(rd32(p));
-    if (!s) return;
+    if (!s || s->state == SPLICED) return;
     const u8 *d = p + 4;
     u32 n = len - 4;
-    if (s->state == SPLICED) return;
-    if (n > HELD_CAP - s->held_len) {
-        /* The host pauses us at hold_bytes, so only a burst past a pause lands here. */
-        act_log(LOG_WARNING, "stream activator: held bytes over the cap; closing");
-        act_sid(ACT_DOWNSTREAM_CLOSE, s->id);
-        forget(s);
+    if (s->slot == NO_SLOT) {
+        for (u32 i = 0; i < HELD_SLOTS; i++)
+            if (!slot_used[i]) { slot_used[i] = 1; s->slot = (u16)i; break; }
+        if (s->slot == NO_SLOT) {
+            if (!full_logged++) act_log(LOG_WARNING, "stream activator: all hold buffers "
+                                        "in use; closing a connection that sent bytes");
+            close_stream(s);
+            return;
+        }
+    }
+    if (n > HELD_CAP - s->held_len) { /* a read past the pause: not expected of the host */
+        act_log(LOG_WARNING, "stream activator: more bytes than one read; closing");
+        close_stream(s);
         return;
     }
-    memcpy(s->held + s->held_len, d, n);
+    memcpy(held[s->slot] + s->held_len, d, n);
     s->held_len += n;
-    if (s->held_len >= hold_bytes && !s->paused) {
-        s->paused = 1;
-        act_sid(ACT_PAUSE, s->id);
-    }
+    if (!s->paused) { s->paused = 1; act_sid(ACT_PAUSE, s->id); }
+    if (!s->woke) { s->woke = 1; nwoke++; }
+    if (backend_ready && s->state == HOLDING) connect(s);
 }
 
 static void on_close(const u8 *p, u32 len) {
     if (len < 4) return;
     struct stream *s = find(rd32(p));
     if (!s) return;
-    if (s->state == SPLICED || (s->state == HOLDING && !s->held_len)) {
-        /* spliced: the pair ended; holding nothing: the client gave up before a backend */
-        if (s->state == HOLDING) act_sid(ACT_DOWNSTREAM_CLOSE, s->id);
-        forget(s);
-        return;
-    }
-    /* A half-close after a request (nc -N, shutdown(SHUT_WR)): what it sent still goes
-     * upstream, and the answer back; the splice carries the end on. */
+    if (s->state == SPLICED) { forget(s); return; } /* the pair ended */
+    if (s->state == HOLDING && !s->held_len && wake_on_data) { close_stream(s); return; }
+    /* Paused, a half-close is not seen before the splice; a reset is: what it sent is
+     * moot then, but closing is the host's. Otherwise the splice carries the end on. */
     s->client_done = 1;
 }
 
@@ -143,8 +185,8 @@ static void on_result(const u8 *p, u32 len) {
         s->state = HOLDING; /* retried on the next backend_available or tick */
         return;
     }
-    if (s->held_len) act_send(ACT_UPSTREAM_SEND, s->id, s->held, s->held_len);
-    s->held_len = 0;
+    if (s->held_len) act_send(s->id, held[s->slot], s->held_len);
+    release_slot(s);
     if (s->paused) { act_sid(ACT_RESUME, s->id); s->paused = 0; }
     act_sid(ACT_SPLICE, s->id);
     s->state = SPLICED;
@@ -153,10 +195,7 @@ static void on_result(const u8 *p, u32 len) {
 static void connect_held(void) {
     for (u32 i = 0; i < MAX_STREAMS; i++) {
         struct stream *s = &streams[i];
-        if (s->state != HOLDING) continue;
-        if (wake_on_data && !s->held_len && !s->client_done) continue;
-        s->state = CONNECTING;
-        act_connect(s->id);
+        if (s->state == HOLDING && s->woke) connect(s);
     }
 }
 
@@ -164,8 +203,7 @@ static void on_upstream_close(const u8 *p, u32 len) {
     if (len < 4) return;
     struct stream *s = find(rd32(p));
     if (!s || s->state == SPLICED) return;
-    act_sid(ACT_DOWNSTREAM_CLOSE, s->id);
-    forget(s);
+    close_stream(s);
 }
 
 static void on_tick(const u8 *p, u32 len) {
@@ -177,26 +215,10 @@ static void on_tick(const u8 *p, u32 len) {
         if (s->opened_ms == 0) s->opened_ms = now_ms; /* opened before the first tick */
         if (now_ms - s->opened_ms >= hold_timeout_ms) {
             act_log(LOG_INFO, "stream activator: held connection timed out");
-            act_sid(ACT_DOWNSTREAM_CLOSE, s->id);
-            forget(s);
+            close_stream(s);
         }
     }
     if (backend_ready) connect_held();
-}
-
-static void tell_need(void) {
-    u32 need = nstreams ? NEED_ACTIVE : NEED_NONE;
-    if (wake_on_data) need = NEED_NONE;
-    for (u32 i = 0; wake_on_data && i < MAX_STREAMS && need == NEED_NONE; i++) {
-        struct stream *s = &streams[i];
-        if (s->state == FREE) continue;
-        if (!wake_on_data || s->held_len || s->state != HOLDING || s->client_done)
-            need = NEED_ACTIVE;
-    }
-    if (need != need_told) {
-        need_told = need;
-        act_need(need);
-    }
 }
 
 FAB_EXPORT(fab_process) i64 fab_process(const u8 *ev, u32 len) {
@@ -224,6 +246,10 @@ FAB_EXPORT(fab_process) i64 fab_process(const u8 *ev, u32 len) {
         default: break;
         }
     }
-    tell_need();
+    u32 need = nwoke ? NEED_ACTIVE : NEED_NONE;
+    if (need != need_told) {
+        need_told = need;
+        act_need(need);
+    }
     return out_end();
 }

@@ -57,9 +57,14 @@ def test_the_wheel_carries_what_runs_and_nothing_else(wheel: Path) -> None:
     for top in ("fabric", "gateway", "tunnels"):
         for py in (ROOT / top).rglob("*.py"):
             assert str(py.relative_to(ROOT)) in names, py
+    # Every shipped activator's module, and none of the hostile test modules.
+    shipped = {str(w.relative_to(ROOT)) for w in (ROOT / "activators").glob("*/*.wasm")
+               if w.parent.name != "testing"}
+    assert {"activators/stream/stream.wasm", "activators/postgres/postgres.wasm"} <= shipped
+    assert shipped <= names, sorted(shipped - names)
     stray = sorted(n for n in names
                    if not n.startswith("fabricd-0") and not n.endswith(".py")
-                   and n not in {"activators/tcp/tcp.wasm"})
+                   and n not in shipped)
     assert not stray, stray
     tops = {n.split("/", 1)[0] for n in names}
     assert tops == {"fabric", "gateway", "tunnels", "activators",

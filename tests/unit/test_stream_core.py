@@ -30,15 +30,15 @@ def plain() -> StreamCore:
 
 
 def test_plain_activator_holds_until_a_backend_then_splices(plain: StreamCore) -> None:
+    """The connection is paused at once (its bytes wait in the kernel), connected once
+    a backend is ready, then resumed and spliced: the guest never copies a byte."""
     sid = plain.accepted(PEER, 1.0)
     assert sid is not None and plain.need == abi.NEED_ACTIVE
-    plain.client_data(sid, b"GET / HTTP/1.1\r\n\r\n", 1.1)
-    assert plain.commands() == []  # held: no backend yet
+    assert plain.commands() == [(sc.READ_CLIENT, sid, False)]
     plain.backends(["10.0.0.3"], 1.5)
     assert plain.commands() == [(sc.CONNECT, sid, ("10.0.0.3", 8080))]
     plain.upstream_result(sid, True, 1.6)
-    assert plain.commands() == [(sc.SEND_UPSTREAM, sid, b"GET / HTTP/1.1\r\n\r\n"),
-                                (sc.SPLICE, sid, None)]
+    assert plain.commands() == [(sc.READ_CLIENT, sid, True), (sc.SPLICE, sid, None)]
     assert plain.streams[sid].mode == sc.SPLICED
     plain.splice_ended(sid, 9.0)
     assert sid not in plain.streams and plain.need == abi.NEED_NONE
@@ -49,7 +49,7 @@ def test_plain_activator_closes_a_stream_held_past_the_timeout(plain: StreamCore
     sid = plain.accepted(PEER, 1.0)
     assert sid is not None
     plain.handle_timer(1.2)
-    assert plain.commands() == []
+    assert plain.commands() == [(sc.READ_CLIENT, sid, False)]
     plain.handle_timer(3.5)
     assert kinds(plain.commands()) == [sc.CLOSE_CLIENT, sc.FORGET]
     assert not plain.streams and plain.next_timer() is None and plain.need == abi.NEED_NONE
@@ -59,7 +59,7 @@ def test_ticks_only_while_streams_live(plain: StreamCore) -> None:
     assert plain.next_timer() is None
     sid = plain.accepted(PEER, 5.0)
     assert plain.next_timer() == pytest.approx(5.0 + sc.TICK_INTERVAL)
-    plain.client_closed(sid, 5.05)  # holding: the plain activator closes at once
+    plain.client_closed(sid, 5.05, reset=True)
     plain.commands()
     plain.handle_timer(5.2)
     assert plain.next_timer() is None
@@ -212,18 +212,39 @@ def test_backend_choice_is_per_client_and_stable() -> None:
     assert chosen == {"10.0.0.3", "10.0.0.4"}
 
 
-def test_a_half_closed_request_still_reaches_the_backend(plain: StreamCore) -> None:
-    """A client that sends its request and shuts its side (shutdown(SHUT_WR)) while the
-    service sleeps: the request is held, then sent, and the pair spliced (the splice
-    carries the end on)."""
-    sid = plain.accepted(PEER, 1.0)
-    plain.client_data(sid, b"QUERY", 1.1)
-    plain.client_closed(sid, 1.2)
-    assert plain.commands() == [] and sid in plain.streams
-    plain.backends(["10.0.0.3"], 1.5)
-    assert plain.commands() == [(sc.CONNECT, sid, ("10.0.0.3", 8080))]
-    plain.upstream_result(sid, True, 1.6)
-    assert plain.commands() == [(sc.SEND_UPSTREAM, sid, b"QUERY"), (sc.SPLICE, sid, None)]
+def test_wake_on_data_holds_the_first_read_and_a_half_close_keeps_it() -> None:
+    """With wake_on_data a connect alone wakes nothing; the first bytes do, are held
+    (the client paused), and go upstream before the splice, also when the client shut
+    its side after them (the splice carries the end on)."""
+    host = ActivatorHost(ROOT / "stream" / "stream.wasm", {"wake_on_data": 1})
+    core = StreamCore(host, 80, 8080)
+    sid = core.accepted(PEER, 1.0)
+    assert core.commands() == [] and core.need == abi.NEED_NONE
+    core.client_data(sid, b"QUERY", 1.1)
+    assert core.commands() == [(sc.READ_CLIENT, sid, False)]
+    assert core.need == abi.NEED_ACTIVE
+    core.client_closed(sid, 1.2)
+    assert core.commands() == [] and sid in core.streams
+    core.backends(["10.0.0.3"], 1.5)
+    assert core.commands() == [(sc.CONNECT, sid, ("10.0.0.3", 8080))]
+    core.upstream_result(sid, True, 1.6)
+    assert core.commands() == [(sc.SEND_UPSTREAM, sid, b"QUERY"), (sc.READ_CLIENT, sid, True),
+                               (sc.SPLICE, sid, None)]
+
+
+def test_a_first_read_of_64_kib_is_held_whole() -> None:
+    """The host reads up to 64 KiB at once before a pause takes effect: all of it is
+    held and sent (a bigger first chunk than a small buffer once closed the stream)."""
+    host = ActivatorHost(ROOT / "stream" / "stream.wasm", {"wake_on_data": 1})
+    core = StreamCore(host, 80, 8080)
+    core.backends(["10.0.0.3"], 0.0)
+    sid = core.accepted(PEER, 1.0)
+    blob = bytes(range(256)) * 256
+    core.client_data(sid, blob, 1.1)
+    assert core.commands() == [(sc.READ_CLIENT, sid, False), (sc.CONNECT, sid, ("10.0.0.3",
+                                                                                8080))]
+    core.upstream_result(sid, True, 1.2)
+    assert core.commands()[0] == (sc.SEND_UPSTREAM, sid, blob)
 
 
 def test_a_reload_sends_new_streams_to_the_new_module_and_keeps_live_ones() -> None:
