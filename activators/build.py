@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent
 #: source -> output, both relative to activators/
 TARGETS: dict[str, str] = {
     "tcp/tcp.c": "tcp/tcp.wasm",
+    "stream/stream.c": "stream/stream.wasm",
     "http2/http2.c": "http2/http2.wasm",
     "testing/loop.c": "testing/loop.wasm",
     "testing/membomb.c": "testing/membomb.wasm",
@@ -34,6 +35,7 @@ TARGETS: dict[str, str] = {
     "testing/flood.c": "testing/flood.wasm",
     "testing/tablebomb.c": "testing/tablebomb.wasm",
     "testing/multimem.wat": "testing/multimem.wasm",
+    "testing/streamtrap.c": "testing/streamtrap.wasm",
 }
 
 #: source -> flags added to CFLAGS for it alone

@@ -35,6 +35,7 @@ typedef long long i64;
 #define ACT_LOG 2
 #define ACT_PACKET_DECISION 3
 #define ACT_REPLAY_PACKET 4
+#define ACT_COUNT 5
 #define ACT_DOWNSTREAM_SEND 16
 #define ACT_DOWNSTREAM_CLOSE 17
 #define ACT_UPSTREAM_CONNECT 32

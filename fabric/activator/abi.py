@@ -34,6 +34,7 @@ ACT_SET_BACKEND_NEED = 1
 ACT_LOG = 2
 ACT_PACKET_DECISION = 3
 ACT_REPLAY_PACKET = 4
+ACT_COUNT = 5
 ACT_DOWNSTREAM_SEND = 16
 ACT_DOWNSTREAM_CLOSE = 17
 ACT_UPSTREAM_CONNECT = 32
@@ -298,6 +299,17 @@ class Resume(Record):
 
 
 @dataclass(frozen=True, slots=True)
+class Count(Record):
+    """Add `n` to the guest's own counter `name` (shown per port in metrics and status)."""
+
+    KIND: ClassVar[int] = ACT_COUNT
+    FIXED: ClassVar[struct.Struct] = struct.Struct("<I")
+    TAIL: ClassVar[str | None] = "name"
+    n: int
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
 class Splice(Record):
     """Hand the stream to the fabric: bytes flow client<->upstream without the activator."""
 
@@ -308,14 +320,14 @@ class Splice(Record):
 
 Action = (SetBackendNeed | Log | PacketDecision | ReplayPacket | DownstreamSend
           | DownstreamClose | UpstreamConnect | UpstreamSend | UpstreamClose | Pause | Resume
-          | Splice)
+          | Splice | Count)
 
 EVENT_TYPES: dict[int, type[Record]] = {c.KIND: c for c in (
     BackendAvailable, BackendUnavailable, Tick, Packet, StreamOpen, StreamData, StreamClose,
     UpstreamConnectResult, UpstreamData, UpstreamClosed)}
 ACTION_TYPES: dict[int, type[Record]] = {c.KIND: c for c in (
     SetBackendNeed, Log, PacketDecision, ReplayPacket, DownstreamSend, DownstreamClose,
-    UpstreamConnect, UpstreamSend, UpstreamClose, Pause, Resume, Splice)}
+    UpstreamConnect, UpstreamSend, UpstreamClose, Pause, Resume, Splice, Count)}
 
 def _decoder(cls: type[Record]) -> Callable[[bytes, int, int], Record]:
     """The payload decoder of one record class, specialised once: decoding runs on the
@@ -334,7 +346,7 @@ def _decoder(cls: type[Record]) -> Callable[[bytes, int, int], Record]:
                     raise MalformedBatch(f"{name}: value {vals[i]} out of range")
             return cls(*vals)
         return fixed
-    text = cls is Log
+    text = cls is Log or cls is Count
 
     def tailed(buf: bytes, off: int, length: int) -> Record:
         if length < size:

@@ -74,6 +74,9 @@ log = logging.getLogger(__name__)
 #: by default the service hold's own default (config.specs.DEFAULT_HOLD_PACKETS).
 ACTIONS_PER_EVENT = 4
 ACTION_SLACK = 16
+#: ...and, for a stream activator, this many per live stream (a backend_available may
+#: connect, send to, resume and splice every stream held).
+ACTIONS_PER_STREAM = 8
 DEFAULT_MAX_HELD = 1024
 
 
@@ -117,6 +120,7 @@ class ActivatorInstance:
         self.name = name
         self.stats = ActivatorStats()
         self.raw_path = False
+        self.live_streams = 0
         self._store: wasmtime.Store | None = None
         self._failures = 0
         self._overs = 0
@@ -247,7 +251,8 @@ class ActivatorInstance:
         ptr, length = res >> 32, res & 0xFFFFFFFF
         if length < 2 or length > h.max_action_bytes or ptr + length > self._size:
             raise _Failure("malformed", f"action batch at {ptr:#x}+{length}")
-        base = ACTIONS_PER_EVENT * nevents + ACTION_SLACK
+        base = (ACTIONS_PER_EVENT * nevents + ACTION_SLACK
+                + ACTIONS_PER_STREAM * self.live_streams)
         credit = min(self._credit + npackets, h.max_held)
         if length == 2 and ctypes.string_at(self._base + ptr, 2) == b"\0\0":
             actions: list[Action] = []
@@ -277,8 +282,10 @@ class ActivatorInstance:
 
     # -- the API --
 
-    def process(self, events: Sequence[Event]) -> list[Action] | None:
-        """Feed events, return the actions; None means "fall back, keep these events"."""
+    def process(self, events: Sequence[Event], streams: int = 0) -> list[Action] | None:
+        """Feed events, return the actions; None means "fall back, keep these events".
+        `streams`: how many live streams the guest may act on (stream activators)."""
+        self.live_streams = streams
         st = self.stats
         st.calls += 1
         st.events += len(events)
@@ -377,8 +384,9 @@ class ActivatorHost:
             inst = self.instances[port] = ActivatorInstance(self, f"{self.label}:{port}")
         return inst
 
-    def process(self, port: int, events: Sequence[Event]) -> list[Action] | None:
-        return self.instance(port).process(events)
+    def process(self, port: int, events: Sequence[Event], streams: int = 0
+                ) -> list[Action] | None:
+        return self.instance(port).process(events, streams)
 
     @property
     def stats(self) -> ActivatorStats:

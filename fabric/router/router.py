@@ -177,6 +177,9 @@ class Router:
         # the router answers ping at the gateway itself.
         self.local: Port | None = None
         self.local_ips: set[bytes] = {self.gw_ip}
+        # VIPs with ports terminated in the local stack (fabric.streams): the stack may
+        # send from them (connections to backends), the services glue routes to it.
+        self.stream_vips: set[bytes] = set()
         self.dns_local: Callable[[bytes, float], bytes | None] | None = None
         self.dhcp: DhcpServer | None = None
         self.egress: EgressCore | None = None
@@ -743,6 +746,15 @@ class Router:
 
     # --- L3 ports: the local stack and the egress uplink --------------------------------
 
+    def to_local(self, port: Port, buf: bytearray, h: int, n: int, now: float) -> Port | None:
+        """Hand a pod's frame to the local stack (a VIP's port terminated there)."""
+        local = self.local
+        if local is None:
+            port.drop(DROP_NO_ROUTE)
+            return None
+        self.touched = True
+        return self._to_l3(local, port, buf, h, n, now)
+
     def _to_l3(self, out: Port, port: Port, buf: bytearray, h: int, n: int,
                now: float) -> Port | None:
         """Hand a pod's frame to an L3 port: drop the Ethernet header in place (the
@@ -795,7 +807,7 @@ class Router:
         if not total:
             return None
         src, dst = _ADDRS.unpack_from(buf, ip + 12)
-        if src not in self.local_ips:
+        if src not in self.local_ips and src not in self.stream_vips:
             port.drop(DROP_SPOOFED)
             return None
         return self._l3_to_pod(port, buf, h, n, ip, total, dst, now, False)

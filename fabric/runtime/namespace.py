@@ -157,7 +157,7 @@ class Namespace:
         self.dataplane.post(self.dataplane.add_owner, self.probes, self.router)
         self.services = ServiceManager(self.name, self.dataplane, self.dispatch,
                                        self.probes, self.signals, self.bus.emit,
-                                       self._backend_state)
+                                       self._backend_state, stack)
         await self.apply_services(SpecPlan(add=self.spec.services))
 
     async def apply_services(self, plan: SpecPlan) -> None:

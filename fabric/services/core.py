@@ -145,6 +145,7 @@ COUNTERS = (
     "activations",
     "idles",
     "probes",
+    "stream_need_changes",
 )
 
 _PROTO_NAMES = {PROTO_TCP: "tcp", PROTO_UDP: "udp"}
@@ -272,6 +273,8 @@ class Service:
         self._wake_start: float | None = None  # a wake is in progress since then
         self._wake_mark = 0.0  # the end of its last phase
         self._wake_phase = 0  # 0: waiting for the hook or a backend, 1: hook started, 2: ready
+        # Stream ports whose level is `active` (True) or `traffic` (False).
+        self._stream_active: dict[int, bool] = {}
 
     @classmethod
     def from_spec(cls, spec: ServiceSpec, **kw: Any) -> Service:
@@ -377,6 +380,12 @@ class Service:
         assert self._wake_start is not None
         self.wake_seconds.observe(max(0.0, now - self._wake_start))
         self._wake_start = None
+
+    def is_backend_ip(self, ip: bytes) -> bool:
+        return ip in self._by_ip
+
+    def ready_addresses(self) -> list[str]:
+        return [str(b.addr) for b in self._ready]
 
     @property
     def has_ready(self) -> bool:
@@ -650,6 +659,21 @@ class Service:
             self._raise_need(f"activator:{reason}", flow, now)
         return d.take_signals()
 
+    def stream_need(self, port: int, need: int, now: float) -> list[Signal]:
+        """A stream port's level (activators/ABI.md, "Streams"): `active` (2) wakes the
+        service and keeps it from idling, `traffic` (1) counts as traffic now, `none` (0)
+        lets it idle after idle_timeout even with connections open. The signals due."""
+        d = self.demand
+        if need:
+            self._stream_active[port] = need == 2
+        else:
+            self._stream_active.pop(port, None)
+        d.last_traffic = max(d.last_traffic, now)
+        if need == 2 and not d.need:
+            self._raise_need(f"stream:{port}", None, now)
+        self.counters["stream_need_changes"] += 1
+        return d.take_signals()
+
     @property
     def signals_pending(self) -> bool:
         return self.demand.signals_pending
@@ -670,7 +694,8 @@ class Service:
     @property
     def _busy(self) -> bool:
         """Something still holds the service up: held packets or open flows."""
-        return bool(self._hold) or self.table.open > 0
+        return (bool(self._hold) or self.table.open > 0
+                or any(self._stream_active.values()))
 
     def _fell(self, result: int, now: float) -> None:
         if result != STAYED:

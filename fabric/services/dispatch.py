@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
-from typing import Protocol
+from collections.abc import Callable, Iterator
+from typing import NamedTuple, Protocol
 
 from fabric.activator import abi
 from fabric.net.packets import ICMP_TIME_EXCEEDED, ICMP_UNREACH, PROTO_TCP, PROTO_UDP, UNREACH_PORT
@@ -94,6 +94,15 @@ class SignalQueue:
             self.fd = -1
 
 
+class StreamWatch(NamedTuple):
+    """A service's ports terminated in the local stack (fabric.streams) as the data plane
+    sees them: which packets go to the stack, and whom to tell about ready backends."""
+
+    ports: frozenset[int]  # TCP service ports
+    targets: frozenset[int]  # their target ports (backends' replies to the VIP)
+    backends: Callable[[list[str]], None]  # the ready backends' addresses; thread safe
+
+
 class ServiceDispatch:
     """One namespace's services as its router sees them (see module docstring)."""
 
@@ -106,6 +115,8 @@ class ServiceDispatch:
         # Activators by service: (port, IP protocol) -> host.
         self.activators: dict[Service, dict[tuple[int, int], Activator]] = {}
         self._told: dict[Service, bool] = {}  # what activators last heard: backend or not
+        self.streams: dict[Service, StreamWatch] = {}
+        self._told_streams: dict[Service, list[str]] = {}
         self._packet_id = 0
 
     def __iter__(self) -> Iterator[Service]:
@@ -113,16 +124,23 @@ class ServiceDispatch:
 
     # --- the control side (through DataPlane.call) ----------------------------------------
 
-    def add(self, svc: Service, activators: dict[tuple[int, int], Activator] | None = None
-            ) -> None:
+    def add(self, svc: Service, activators: dict[tuple[int, int], Activator] | None = None,
+            streams: StreamWatch | None = None) -> None:
         self.vips[svc.vip.packed] = svc
         self.activators[svc] = dict(activators or {})
         self._told[svc] = False
+        if streams is not None and streams.ports:
+            self.streams[svc] = streams
+            self.router.stream_vips.add(svc.vip.packed)
+            self._tell_streams(svc)
 
     def remove(self, svc: Service) -> None:
         self.vips.pop(svc.vip.packed, None)
         self.activators.pop(svc, None)
         self._told.pop(svc, None)
+        if self.streams.pop(svc, None) is not None:
+            self.router.stream_vips.discard(svc.vip.packed)
+            self._told_streams.pop(svc, None)
         for ip, lst in list(self.backend_ips.items()):
             if svc in lst:
                 lst.remove(svc)
@@ -158,6 +176,8 @@ class ServiceDispatch:
     def release(self, svc: Service, now: float) -> None:
         """Send what the service's hold can release now, before anything else of it."""
         self._tell_activators(svc)
+        if svc in self.streams:
+            self._tell_streams(svc)
         if svc.releasable:
             self._actions(svc, list(svc.release(now)), now)
         self._take_signals(svc)
@@ -179,6 +199,8 @@ class ServiceDispatch:
         """A frame from `port` to the VIP of `svc`: the port to write it to (DNATed to a
         backend pod), or None (held, answered, dropped)."""
         router = self.router
+        if self.streams and buf[ip + 9] == PROTO_TCP and self._to_stack(svc, buf, ip):
+            return router.to_local(port, buf, h, n, now)
         if not decrement_ttl(buf, ip):
             router.icmp_error(port, buf, ip, ICMP_TIME_EXCEEDED, 0, now, DROP_TTL)
             return None
@@ -214,6 +236,34 @@ class ServiceDispatch:
         if svc.signals_pending:
             self._take_signals(svc)
         return out
+
+    def _to_stack(self, svc: Service, buf: bytearray, ip: int) -> bool:
+        """Whether a TCP packet to the VIP belongs to the local stack: to a port a stream
+        activator terminates there, or a backend's reply to a connection from the VIP."""
+        w = self.streams.get(svc)
+        if w is None:
+            return False
+        l4 = ip + ((buf[ip] & 15) << 2)
+        if buf[l4 + 2] << 8 | buf[l4 + 3] in w.ports:
+            return True
+        return (buf[l4] << 8 | buf[l4 + 1] in w.targets
+                and svc.is_backend_ip(bytes(buf[ip + 12:ip + 16])))
+
+    def _tell_streams(self, svc: Service) -> None:
+        """Stream ports learn the ready backends whenever that set changes."""
+        w = self.streams.get(svc)
+        if w is None:
+            return
+        ready = svc.ready_addresses()
+        if ready != self._told_streams.get(svc):
+            self._told_streams[svc] = ready
+            w.backends(ready)
+
+    def stream_need(self, svc: Service, port: int, need: int, now: float) -> None:
+        """A stream port's need level changed (the shell posts it here)."""
+        if svc not in self.streams:
+            return
+        self._actions(svc, svc.stream_need(port, need, now), now)
 
     def _activator_drops(self, svc: Service, buf: bytearray, ip: int, total: int,
                          now: float) -> bool:
@@ -301,3 +351,5 @@ class ServiceDispatch:
         for svc in list(self.vips.values()):
             self._actions(svc, svc.handle_timer(now), now)
             self._tell_activators(svc)
+            if svc in self.streams:
+                self._tell_streams(svc)

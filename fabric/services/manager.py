@@ -16,19 +16,23 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import socket
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from importlib import resources
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, TypeVar
 
 from fabric.activator.host import ActivatorHost
-from fabric.config.specs import ServiceSpec
+from fabric.config.specs import PortSpec, ServiceSpec
 from fabric.services.core import Service
 from fabric.services.demand import Signal
-from fabric.services.dispatch import Activator, ServiceDispatch, SignalQueue
+from fabric.services.dispatch import Activator, ServiceDispatch, SignalQueue, StreamWatch
 from fabric.services.hooks import HookRunner
-from fabric.services.probes import ProbeRunner
+from fabric.services.probes import ProbeRunner, SocketPool
+from fabric.streams.core import StreamCore
+from fabric.streams.front import StreamFront
 
 log = logging.getLogger("fabricd.services")
 
@@ -43,6 +47,20 @@ class DataPlaneCalls(Protocol):
     async def acall(self, fn: Callable[..., T], *args: Any, timeout: float = ...) -> T: ...
 
 Emit = Callable[..., None]
+
+
+class Stack(Protocol):
+    """The local stack, as stream ports use it (fabric.ports.localstack.LocalStack)."""
+
+    def add_address(self, ip: str, prefixlen: int = 32) -> None: ...
+
+    def remove_address(self, ip: str, prefixlen: int = 32) -> None: ...
+
+    def listen_tcp(self, ip: str, port: int, backlog: int = 1024) -> socket.socket: ...
+
+    def tcp_sockets(self, src_ip: str, count: int) -> list[socket.socket]: ...
+
+    def tcp_sockets_later(self, src_ip: str, count: int) -> Future[list[socket.socket]]: ...
 
 
 class BackendState(NamedTuple):
@@ -63,8 +81,10 @@ class ServiceManager:
 
     def __init__(self, namespace: str, dataplane: DataPlaneCalls, dispatch: ServiceDispatch,
                  probes: ProbeRunner, signals: SignalQueue, emit: Emit,
-                 backend: Callable[[str], BackendState | None]) -> None:
+                 backend: Callable[[str], BackendState | None],
+                 stack: Stack | None = None) -> None:
         self.namespace = namespace
+        self.stack = stack  # where stream ports are terminated (none: they cannot be)
         self.dataplane = dataplane
         self._post = dataplane.post
         self.dispatch = dispatch
@@ -75,6 +95,7 @@ class ServiceManager:
         self.by_name: dict[str, Service] = {}
         self.specs: dict[str, ServiceSpec] = {}
         self.hosts: dict[str, dict[tuple[int, int], ActivatorHost]] = {}
+        self.fronts: dict[str, dict[int, StreamFront]] = {}
         self._loop = asyncio.get_running_loop()
         self.hooks = HookRunner(namespace, emit, started=self._hook_started)
         self._loop.add_reader(signals.fd, self._on_signals)
@@ -83,27 +104,55 @@ class ServiceManager:
 
     async def add(self, spec: ServiceSpec) -> None:
         hosts: dict[tuple[int, int], ActivatorHost] = {}
+        fronts: dict[int, StreamFront] = {}
         for p in spec.ports:
-            if p.activator != "none":
-                host = await self._activator(spec, p.port, p.activator, p.activator_config)
-                if host is not None:
-                    hosts[(p.port, 6 if p.protocol == "tcp" else 17)] = host
-        activators: dict[tuple[int, int], Activator] = dict(hosts)
+            if p.activator == "none":
+                continue
+            host = await self._activator(spec, p)
+            if host is None:
+                continue
+            if host.streams:
+                front = await self._stream_front(spec, p, host)
+                if front is not None:
+                    fronts[p.port] = front
+                    hosts[(p.port, 6)] = host
+                else:
+                    host.close()
+                continue
+            hosts[(p.port, 6 if p.protocol == "tcp" else 17)] = host
+        activators: dict[tuple[int, int], Activator] = {
+            k: h for k, h in hosts.items() if k[0] not in fronts or k[1] != 6}
         svc = Service.from_spec(spec, now=time.monotonic())
-        self._post(self.dispatch.add, svc, activators)
+        watch = None
+        if fronts:
+            loop = self._loop
+            name = spec.name
+            watch = StreamWatch(
+                frozenset(fronts),
+                frozenset(p.target_port for p in spec.ports if p.port in fronts),
+                lambda ready: loop.call_soon_threadsafe(self._stream_backends, name, ready))
+        self._post(self.dispatch.add, svc, activators, watch)
         self.by_name[spec.name] = svc
         self.specs[spec.name] = spec
         self.hosts[spec.name] = hosts
+        self.fronts[spec.name] = fronts
         for b in spec.backends:
             self.sync_backend(b)
         log.info("namespace %s: service %s at %s (%s)", self.namespace, spec.name, spec.ip,
                  ", ".join(f"{p.port}->{p.target_port}/{p.protocol}" for p in spec.ports))
 
     def remove(self, name: str) -> None:
-        """Forget a service (its held packets are dropped and counted by its core)."""
+        """Forget a service (its held packets are dropped and counted by its core, its
+        streams closed)."""
         svc = self.by_name.pop(name)
-        self.specs.pop(name)
+        spec = self.specs.pop(name)
         self.hooks.forget(name)
+        fronts = self.fronts.pop(name, {})
+        for front in fronts.values():
+            front.close()
+        if fronts and self.stack is not None:
+            stack = self.stack
+            self._loop.run_in_executor(None, _quietly, stack.remove_address, str(spec.ip))
         self._post(self._remove_here, svc, list(self.hosts.pop(name, {}).values()))
 
     def _remove_here(self, svc: Service, hosts: list[ActivatorHost]) -> None:
@@ -113,16 +162,21 @@ class ServiceManager:
         for host in hosts:
             host.close()
 
-    async def _activator(self, spec: ServiceSpec, port: int, name: str,
-                         config: Any) -> ActivatorHost | None:
+    async def _activator(self, spec: ServiceSpec, p: PortSpec) -> ActivatorHost | None:
         """The activator host of a service port: a shipped one by name, or a .wasm path,
         read, checked and compiled in a worker thread (never on the event loop: compiling
         takes up to seconds). One that cannot be loaded is logged and the port holds and
         activates without. The guest may name again as many packets as the service holds
-        (``max_held``: how many actions of an answer are read beyond its per-call share)."""
+        (``max_held``: how many actions of an answer are read beyond its per-call share).
+        The config gets the port's facts unless it sets them (ABI.md, "Streams")."""
+        name, config, port = p.activator, p.activator_config, p.port
         path = Path(name) if name.endswith(".wasm") else shipped_activator(name)
         try:
             cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
+            cfg.setdefault("port", p.port)
+            cfg.setdefault("target_port", p.target_port)
+            cfg.setdefault("hold_timeout_ms", int(spec.hold.timeout * 1000))
+            cfg.setdefault("hold_bytes", spec.hold.bytes)
             host = await asyncio.to_thread(ActivatorHost, path, cfg,
                                            max_held=spec.hold.packets,
                                            label=f"{self.namespace}/{spec.name}:{port}")
@@ -136,6 +190,60 @@ class ServiceManager:
         log.info("namespace %s: service %s port %d: activator %s", self.namespace,
                  spec.name, port, path)
         return host
+
+    async def _stream_front(self, spec: ServiceSpec, p: PortSpec,
+                            host: ActivatorHost) -> StreamFront | None:
+        """Terminate a stream activator's port in the local stack: the VIP is added there
+        and VIP:port listened on; upstream connections leave from the VIP."""
+        stack = self.stack
+        where = f"namespace {self.namespace}: service {spec.name} port {p.port}"
+        if stack is None or p.protocol != "tcp":
+            why = "it is not TCP" if p.protocol != "tcp" else "the namespace has no local stack"
+            log.error("%s: activator %s works on streams, but %s; holding and activating "
+                      "without it", where, p.activator, why)
+            self._emit("activator_failed", self.namespace, None, service=spec.name,
+                       port=p.port, error=f"stream activator: {why}")
+            return None
+        vip = str(spec.ip)
+        try:
+            await asyncio.to_thread(stack.add_address, vip)
+            listener = await asyncio.to_thread(stack.listen_tcp, vip, p.port)
+        except Exception as e:
+            log.error("%s: cannot listen on %s:%d in the local stack (%s); holding and "
+                      "activating without the activator", where, vip, p.port, e)
+            self._emit("activator_failed", self.namespace, None, service=spec.name,
+                       port=p.port, error=str(e))
+            return None
+        pool = SocketPool(lambda n: stack.tcp_sockets_later(vip, n))
+        pool.refill()
+
+        def upstream_socket() -> Any:
+            sock = pool.take()
+            if sock is None:
+                try:
+                    sock = stack.tcp_sockets(vip, 1)[0]
+                except Exception as e:  # the stack is closing
+                    log.warning("%s: no socket for an upstream connection: %s", where, e)
+                    return None
+            return sock
+
+        core = StreamCore(host, p.port, p.target_port, hold_timeout=spec.hold.timeout,
+                          label=host.label)
+        name, port = spec.name, p.port
+        front = StreamFront(core, listener, upstream_socket,
+                            lambda need: self._stream_need(name, port, need),
+                            f"namespace {self.namespace}: service {spec.name}:{p.port}")
+        log.info("%s: streams terminated at %s:%d by %s", where, vip, p.port, p.activator)
+        return front
+
+    def _stream_backends(self, service: str, ready: list[str]) -> None:
+        for front in self.fronts.get(service, {}).values():
+            front.backends(ready)
+
+    def _stream_need(self, service: str, port: int, need: int) -> None:
+        svc = self.by_name.get(service)
+        if svc is not None:
+            self._post(self.dispatch.stream_need, svc, port, need, time.monotonic())
 
     def close(self) -> None:
         for name in list(self.by_name):
@@ -196,6 +304,9 @@ class ServiceManager:
         for row in rows:
             row["hooks"] = dataclasses.asdict(self.hooks.stats(row["name"]))
             row["hooks"]["running"] = self.hooks.busy(row["name"])
+            fronts = self.fronts.get(row["name"])
+            if fronts:
+                row["streams"] = {str(port): f.status() for port, f in fronts.items()}
         return rows
 
     def _views_here(self) -> list[dict[str, Any]]:
@@ -208,3 +319,10 @@ class ServiceManager:
                 for (port, proto), host in self.hosts.get(name, {}).items()}
             rows.append({"namespace": self.namespace, **row})
         return rows
+
+
+def _quietly(fn: Callable[..., Any], *args: Any) -> None:
+    try:
+        fn(*args)
+    except Exception as e:  # the stack may be closing with the namespace
+        log.debug("%s%s: %s", getattr(fn, "__name__", fn), args, e)

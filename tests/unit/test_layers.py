@@ -23,8 +23,9 @@ ALLOWED: dict[str, set[str]] = {
     "fabric.config": {"fabric.config.specs", "fabric.errors"},
     "fabric.router": {"fabric.net", "fabric.flows", "fabric.config.specs"},
     "fabric.activator": set(),
+    "fabric.streams": {"fabric.activator"},
     "fabric.services": {"fabric.net", "fabric.flows", "fabric.config.specs", "fabric.router",
-                        "fabric.activator", "fabric.histogram"},
+                        "fabric.activator", "fabric.histogram", "fabric.streams"},
     "fabric.ports": {"fabric.errors", "fabric.config.specs", "fabric.net"},
     # gateway/ and tunnels/ use the bottom layers of fabric/ only.
     "gateway": {"fabric.net", "fabric.flows", "fabric.errors", "fabric.config.specs",
@@ -35,6 +36,7 @@ ALLOWED: dict[str, set[str]] = {
     "fabric.runtime": {"fabric.errors", "fabric.config.specs", "fabric.histogram",
                        "fabric.config", "fabric.net",
                        "fabric.flows", "fabric.router", "fabric.activator", "fabric.services",
+                       "fabric.streams",
                        "fabric.ports", "gateway", "tunnels"},
     "fabric.control": {"fabric.errors", "fabric.config.specs", "fabric.config", "fabric.net",
                        "fabric.runtime"},

@@ -1,0 +1,450 @@
+"""The stream host of one service port, sans-IO: client connections in, a stream
+activator's actions out (activators/ABI.md, "Streams").
+
+The shell (fabric.streams.front) owns the sockets. It tells the core what happened on
+them (a connection accepted, bytes, an end, an upstream connected) with the time, and
+carries out the commands the core returns: send, close, connect, read or not, splice.
+Everything that is decided lives here, so the unit tests and the pcap harness drive it
+with bytes and a clock of their own:
+
+- stream ids, the streams' life (client side, upstream side, spliced or not);
+- the guest calls, and what its actions mean for each stream (wrong ids, sends on a
+  closed side and the like are dropped and counted, never an exception);
+- which backend an upstream connection goes to (a hash of the client's address over
+  the ready backends, as the L3 path picks);
+- the port's need, from the guest's ``set_backend_need`` and the host's own fallback;
+- the fallback when the guest fails (ABI.md): streams whose bytes it only relayed go on
+  as plain byte proxies, the others are closed after their output is flushed.
+
+Byte limits on the queues toward the client and the backend are the shell's (it knows
+what the kernel took); the core bounds what it keeps itself (the unforwarded client
+bytes of a transparent stream) and the number of streams.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from fabric.activator import abi
+
+# --- commands for the shell: (kind, stream id, argument) -----------------------------------
+SEND_CLIENT = 1  # arg: bytes
+SEND_UPSTREAM = 2  # arg: bytes
+CLOSE_CLIENT = 3  # arg: None; after flushing what is queued
+CLOSE_UPSTREAM = 4  # arg: None; after flushing
+CONNECT = 5  # arg: (backend ip, port)
+READ_CLIENT = 6  # arg: bool (the guest's pause/resume)
+SPLICE = 7  # arg: None; relay client <-> upstream in the kernel from now on
+FORGET = 8  # arg: None; the core is done with the stream (the shell closes what is left)
+
+Command = tuple[int, int, object]
+
+# stream modes
+GUEST = 0  # the guest sees its bytes
+WAITING = 1  # fallback: a transparent stream waits for a backend to become a proxy
+SPLICED = 2  # the shell relays it (the guest asked, or the fallback)
+
+# upstream states
+UP_NONE, UP_CONNECTING, UP_OPEN, UP_CLOSED = 0, 1, 2, 3
+
+TICK_INTERVAL = 0.1
+MAX_STREAMS = 4096
+STREAM_BUFFER = 256 << 10
+MAX_CHUNK = 64 << 10  # bytes per stream_data event
+MAX_GUEST_COUNTERS = 32
+_COUNTER_NAME = re.compile(r"[a-z0-9_]{1,32}\Z")
+
+COUNTERS = (
+    "streams_opened", "streams_refused", "streams_closed", "bytes_from_clients",
+    "bytes_to_clients", "bytes_from_backends", "bytes_to_backends", "upstream_connects",
+    "upstream_failed", "upstream_no_backend", "spliced", "splice_refused",
+    "fallback_proxied", "fallback_closed", "fallback_timeouts", "guest_failures",
+    "bad_actions", "sends_dropped", "count_refused", "ticks",
+)
+
+
+class Guest(Protocol):
+    """What the core needs of an activator host (fabric.activator.host.ActivatorHost)."""
+
+    def process(self, port: int, events: Sequence[abi.Event], streams: int = 0
+                ) -> list[abi.Action] | None: ...
+
+
+@dataclass(slots=True)
+class Stream:
+    sid: int
+    peer: tuple[str, int]
+    opened: float
+    mode: int = GUEST
+    client_open: bool = True  # the client may still send
+    client_reset: bool = False  # sends to the client are pointless
+    up: int = UP_NONE
+    backend: str | None = None
+    # Transparency (ABI.md, fallback): client bytes the guest has not yet sent upstream
+    # and backend bytes it has not yet sent to the client, while it relayed them as is.
+    guest_splice: bool = False  # the guest spliced it: it hears of the end
+    transparent: bool = True
+    pending_up: bytearray = field(default_factory=bytearray)
+    pending_down: bytearray = field(default_factory=bytearray)
+
+
+class StreamCore:
+    """One service port's streams and its guest (see module docstring)."""
+
+    def __init__(self, guest: Guest, port: int, target_port: int, *,
+                 hold_timeout: float = 30.0, max_streams: int = MAX_STREAMS,
+                 stream_buffer: int = STREAM_BUFFER, label: str = "") -> None:
+        self.guest = guest
+        self.port = port
+        self.target_port = target_port
+        self.hold_timeout = hold_timeout
+        self.max_streams = max_streams
+        self.stream_buffer = stream_buffer
+        self.label = label or str(port)
+        self.streams: dict[int, Stream] = {}
+        self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
+        self.guest_counters: dict[str, int] = {}
+        self.logs: list[tuple[int, str]] = []  # (level, text) for the shell to log
+        self.ready: list[str] = []  # ready backends' addresses
+        self.guest_need = abi.NEED_NONE
+        self.need = abi.NEED_NONE
+        self._next_sid = 1
+        self._out: list[Command] = []
+        self._events: list[abi.Event] = []
+        self._next_tick: float | None = None
+        self._told_ready: bool | None = None
+        self._waiting = 0  # streams in WAITING
+
+    # --- what the shell reports --------------------------------------------------------
+
+    def accepted(self, peer: tuple[str, int], now: float) -> int | None:
+        """A client connection arrived: its stream id, or None to close it at once."""
+        live = self.streams
+        if len(live) >= self.max_streams:
+            self.counters["streams_refused"] += 1
+            return None
+        sid = self._next_sid
+        while sid in live or sid == 0:
+            sid = (sid + 1) & 0xFFFFFFFF
+        self._next_sid = (sid + 1) & 0xFFFFFFFF
+        live[sid] = Stream(sid, peer, now)
+        self.counters["streams_opened"] += 1
+        if self._next_tick is None:
+            self._next_tick = now + TICK_INTERVAL
+        self._guest(now, abi.StreamOpen(sid, self.port))
+        return sid
+
+    def client_data(self, sid: int, data: bytes, now: float) -> None:
+        s = self.streams.get(sid)
+        if s is None or s.mode == SPLICED:
+            return
+        self.counters["bytes_from_clients"] += len(data)
+        if s.transparent:
+            s.pending_up += data
+            if len(s.pending_up) > self.stream_buffer:
+                if s.mode == WAITING:
+                    self._out.append((READ_CLIENT, sid, False))
+                else:  # the guest holds more than the host keeps a copy of
+                    s.transparent = False
+                    s.pending_up.clear()
+                    s.pending_down.clear()
+        if s.mode == GUEST:
+            ev = abi.StreamData
+            for i in range(0, len(data), MAX_CHUNK):
+                self._events.append(ev(sid, data[i:i + MAX_CHUNK]))
+            self._flush(now)
+
+    def client_closed(self, sid: int, now: float, reset: bool = False) -> None:
+        s = self.streams.get(sid)
+        if s is None:
+            return
+        s.client_open = False
+        s.client_reset = s.client_reset or reset
+        if s.mode == GUEST:
+            if reset:
+                self._end(s)
+            self._guest(now, abi.StreamClose(sid))
+        elif s.mode == WAITING:
+            self._end(s)
+
+    def upstream_result(self, sid: int, ok: bool, now: float) -> None:
+        s = self.streams.get(sid)
+        if s is None or s.up != UP_CONNECTING:
+            return
+        s.up = UP_OPEN if ok else UP_NONE
+        if not ok:
+            self.counters["upstream_failed"] += 1
+        if s.mode == GUEST:
+            self._guest(now, abi.UpstreamConnectResult(sid, 1 if ok else 0))
+        elif s.mode == WAITING:
+            if ok:
+                self._proxy(s)
+            elif not self._connect(s, self.target_port):
+                pass  # no backend left: wait for one, until the hold timeout
+
+    def upstream_data(self, sid: int, data: bytes, now: float) -> None:
+        s = self.streams.get(sid)
+        if s is None or s.mode == SPLICED:
+            return
+        self.counters["bytes_from_backends"] += len(data)
+        if s.transparent:
+            s.pending_down += data
+        if s.mode == GUEST:
+            ev = abi.UpstreamData
+            for i in range(0, len(data), MAX_CHUNK):
+                self._events.append(ev(sid, data[i:i + MAX_CHUNK]))
+            self._flush(now)
+
+    def upstream_closed(self, sid: int, now: float) -> None:
+        s = self.streams.get(sid)
+        if s is None or s.up in (UP_NONE, UP_CLOSED):
+            return
+        s.up = UP_CLOSED
+        if s.mode == GUEST:
+            self._guest(now, abi.UpstreamClosed(sid))
+        elif s.mode == WAITING:
+            self._end(s, close=True)
+
+    def splice_ended(self, sid: int, now: float) -> None:
+        """A spliced pair has ended on both sides (the shell closed it)."""
+        s = self.streams.get(sid)
+        if s is None or s.mode != SPLICED:
+            return
+        del self.streams[sid]
+        self.counters["streams_closed"] += 1
+        if s.guest_splice:
+            self._guest(now, abi.StreamClose(sid))
+
+    def backends(self, ready: list[str], now: float) -> None:
+        """The service's ready backends (addresses) changed."""
+        self.ready = list(ready)
+        has = bool(self.ready)
+        if has != self._told_ready:
+            self._told_ready = has
+            self._guest(now, abi.BackendAvailable() if has else abi.BackendUnavailable())
+        if has:
+            for s in list(self.streams.values()):
+                if s.mode == WAITING and s.up == UP_NONE:
+                    self._connect(s, self.target_port)
+        self._update_need()
+
+    # --- timers -------------------------------------------------------------------------
+
+    def next_timer(self) -> float | None:
+        return self._next_tick if self.streams else None
+
+    def handle_timer(self, now: float) -> None:
+        if not self.streams:
+            self._next_tick = None
+            return
+        t = self._next_tick
+        if t is not None and now < t:
+            return
+        self._next_tick = now + TICK_INTERVAL
+        for s in list(self.streams.values()):
+            if s.mode == WAITING and now - s.opened >= self.hold_timeout:
+                self.counters["fallback_timeouts"] += 1
+                self._end(s, close=True)
+        if any(s.mode == GUEST for s in self.streams.values()):
+            self.counters["ticks"] += 1
+            self._guest(now, abi.Tick(int(now * 1000)))
+        self._update_need()
+
+    # --- output -------------------------------------------------------------------------
+
+    def commands(self) -> list[Command]:
+        out = self._out
+        self._out = []
+        return out
+
+    # --- the guest ----------------------------------------------------------------------
+
+    def _guest(self, now: float, ev: abi.Event) -> None:
+        self._events.append(ev)
+        self._flush(now)
+
+    def _flush(self, now: float) -> None:
+        while self._events:
+            events = self._events
+            self._events = []
+            actions = self.guest.process(self.port, events, len(self.streams))
+            if actions is None:
+                self._fallback()
+                continue
+            for a in actions:
+                self._apply(a)
+        self._update_need()
+
+    def _apply(self, a: abi.Action) -> None:
+        counters = self.counters
+        k = a.KIND
+        if k == abi.ACT_SET_BACKEND_NEED:
+            self.guest_need = a.need  # type: ignore[union-attr]
+            return
+        if k == abi.ACT_LOG:
+            self.logs.append((a.level, a.message))  # type: ignore[union-attr]
+            return
+        if k == abi.ACT_COUNT:
+            name, n = a.name, a.n  # type: ignore[union-attr]
+            gc = self.guest_counters
+            if name in gc:
+                gc[name] += n
+            elif len(gc) < MAX_GUEST_COUNTERS and _COUNTER_NAME.match(name):
+                gc[name] = n
+            else:
+                counters["count_refused"] += 1
+            return
+        sid = getattr(a, "stream_id", None)
+        s = self.streams.get(sid) if sid is not None else None
+        if s is None or s.mode != GUEST:
+            counters["bad_actions"] += 1
+            return
+        if k == abi.ACT_DOWNSTREAM_SEND:
+            data = a.data  # type: ignore[union-attr]
+            if s.client_reset:
+                counters["sends_dropped"] += 1
+                return
+            if s.transparent:
+                self._match(s, s.pending_down, data)
+            counters["bytes_to_clients"] += len(data)
+            self._out.append((SEND_CLIENT, s.sid, data))
+        elif k == abi.ACT_UPSTREAM_SEND:
+            data = a.data  # type: ignore[union-attr]
+            if s.up not in (UP_CONNECTING, UP_OPEN):
+                counters["sends_dropped"] += 1
+                return
+            if s.transparent:
+                self._match(s, s.pending_up, data)
+            counters["bytes_to_backends"] += len(data)
+            self._out.append((SEND_UPSTREAM, s.sid, data))
+        elif k == abi.ACT_UPSTREAM_CONNECT:
+            port = a.port or self.target_port  # type: ignore[union-attr]
+            if s.up in (UP_CONNECTING, UP_OPEN) or not self._connect(s, port):
+                self._events.append(abi.UpstreamConnectResult(s.sid, 0))
+        elif k == abi.ACT_DOWNSTREAM_CLOSE:
+            self._end(s, close=True)
+        elif k == abi.ACT_UPSTREAM_CLOSE:
+            if s.up in (UP_CONNECTING, UP_OPEN):
+                s.up = UP_CLOSED
+                self._out.append((CLOSE_UPSTREAM, s.sid, None))
+        elif k == abi.ACT_PAUSE:
+            self._out.append((READ_CLIENT, s.sid, False))
+        elif k == abi.ACT_RESUME:
+            self._out.append((READ_CLIENT, s.sid, True))
+        elif k == abi.ACT_SPLICE:
+            if s.up != UP_OPEN:
+                counters["splice_refused"] += 1
+                return
+            s.mode = SPLICED
+            s.guest_splice = True
+            s.pending_up.clear()
+            s.pending_down.clear()
+            counters["spliced"] += 1
+            self._out.append((SPLICE, s.sid, None))
+        else:
+            counters["bad_actions"] += 1  # a packet action on a stream port
+
+    @staticmethod
+    def _match(s: Stream, pending: bytearray, data: bytes) -> None:
+        """Keep `s` transparent only while `data` is exactly the next pending bytes."""
+        n = len(data)
+        if pending[:n] == data:
+            del pending[:n]
+        else:
+            s.transparent = False
+            s.pending_up.clear()
+            s.pending_down.clear()
+
+    def _connect(self, s: Stream, port: int) -> bool:
+        ready = self.ready
+        if not ready:
+            self.counters["upstream_no_backend"] += 1
+            return False
+        ip, cport = s.peer
+        try:
+            key = int(ipaddress.IPv4Address(ip)) * 65537 + cport
+        except ValueError:
+            key = s.sid
+        backend = ready[(key * 0x9E3779B1 >> 7) % len(ready)]
+        s.up = UP_CONNECTING
+        s.backend = backend
+        self.counters["upstream_connects"] += 1
+        self._out.append((CONNECT, s.sid, (backend, port)))
+        return True
+
+    def _end(self, s: Stream, close: bool = False) -> None:
+        """The core is done with `s`: close what is open (after flushing) and forget it."""
+        if self.streams.pop(s.sid, None) is None:
+            return
+        if s.mode == WAITING:
+            self._waiting -= 1
+        self.counters["streams_closed"] += 1
+        out = self._out
+        if close and not s.client_reset:
+            out.append((CLOSE_CLIENT, s.sid, None))
+        if s.up in (UP_CONNECTING, UP_OPEN):
+            out.append((CLOSE_UPSTREAM, s.sid, None))
+        out.append((FORGET, s.sid, None))
+
+    # --- the fallback -------------------------------------------------------------------
+
+    def _fallback(self) -> None:
+        """The guest failed (ABI.md): its events are not lost; its streams go on without
+        it as proxies when it only relayed their bytes, and close otherwise."""
+        self.counters["guest_failures"] += 1
+        self.guest_need = abi.NEED_NONE
+        self._told_ready = None  # the new instance must hear where the backends stand
+        for s in list(self.streams.values()):
+            if s.mode != GUEST:
+                continue
+            if not s.transparent or s.client_reset:
+                self.counters["fallback_closed"] += 1
+                self._end(s, close=True)
+                continue
+            self.counters["fallback_proxied"] += 1
+            s.mode = WAITING
+            self._waiting += 1
+            if s.up == UP_OPEN:
+                self._proxy(s)
+            elif s.up == UP_NONE or s.up == UP_CLOSED:
+                if s.up == UP_CLOSED:
+                    self.counters["fallback_closed"] += 1
+                    self._end(s, close=True)
+                else:
+                    self._connect(s, self.target_port)
+        if self.ready:
+            self._told_ready = True
+            self._events.append(abi.BackendAvailable())
+
+    def _proxy(self, s: Stream) -> None:
+        """A waiting transparent stream has its upstream: what the guest had not passed on
+        goes first, then the shell relays the pair."""
+        out = self._out
+        if s.pending_up:
+            out.append((SEND_UPSTREAM, s.sid, bytes(s.pending_up)))
+        if s.pending_down and not s.client_reset:
+            out.append((SEND_CLIENT, s.sid, bytes(s.pending_down)))
+        s.pending_up.clear()
+        s.pending_down.clear()
+        s.mode = SPLICED  # the host's own: the guest is not told when it ends
+        self._waiting -= 1
+        self.counters["spliced"] += 1
+        out.append((SPLICE, s.sid, None))
+
+    def _update_need(self) -> None:
+        self.need = abi.NEED_ACTIVE if self._waiting else self.guest_need
+
+    # --- status -------------------------------------------------------------------------
+
+    def status(self) -> dict[str, object]:
+        modes = [0, 0, 0]
+        for s in self.streams.values():
+            modes[s.mode] += 1
+        return {"streams": len(self.streams), "relayed_by_guest": modes[GUEST],
+                "waiting": modes[WAITING], "spliced": modes[SPLICED],
+                "need": ("none", "traffic", "active")[self.need],
+                "counters": dict(self.counters), "guest_counters": dict(self.guest_counters)}

@@ -1,0 +1,505 @@
+"""The I/O shell of a stream port: the VIP:port listener in the local stack, the client
+and upstream sockets, byte queues, back-pressure and splicing, on the asyncio loop.
+
+Every decision is the sans-IO ``StreamCore``'s (fabric.streams.core); this module reads
+and writes sockets, carries out the core's commands and keeps the byte limits:
+
+- per stream, at most ``stream_buffer`` bytes queued toward each side; above it the
+  side that feeds the full queue is not read (the client for the upstream queue, both
+  sides for the client queue), so a stalled peer stops the flow instead of growing
+  memory; a guest that queues past four times the bound with nothing read has the
+  stream closed (``buffer_overflow``);
+- upstream connections leave from the VIP (sockets made on the local stack's thread,
+  a pool of them kept ready) with a connect timeout;
+- spliced pairs move through the kernel (fabric.streams.relay).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from fabric.streams import core as sc
+from fabric.streams.core import StreamCore
+from fabric.streams.relay import Pipe
+
+log = logging.getLogger("fabricd.streams")
+
+ACCEPTS_PER_WAKEUP = 64
+READ_SIZE = 64 << 10
+CONNECT_TIMEOUT = 5.0
+_LOG_LEVELS = (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR)
+
+SHELL_COUNTERS = ("buffer_overflow", "bytes_spliced", "accept_errors", "socket_errors",
+                  "connect_timeouts")
+
+
+class _Conn:
+    """One socket of a stream and its queue toward it."""
+
+    __slots__ = ("sock", "fd", "out", "eof", "closing", "closed", "reading", "writing",
+                 "connected")
+
+    def __init__(self, sock: socket.socket, connected: bool) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.out = bytearray()
+        self.eof = False  # the peer finished sending
+        self.closing = False  # close once `out` is flushed
+        self.closed = False
+        self.reading = False
+        self.writing = False
+        self.connected = connected
+
+
+class _Pair:
+    __slots__ = ("sid", "client", "up", "guest_paused", "forgotten", "pipes",
+                 "connect_timer")
+
+    def __init__(self, sid: int, client: _Conn) -> None:
+        self.sid = sid
+        self.client = client
+        self.up: _Conn | None = None
+        self.guest_paused = False
+        self.forgotten = False
+        self.pipes: tuple[Pipe, Pipe] | None = None
+        self.connect_timer: asyncio.TimerHandle | None = None
+
+
+class StreamFront:
+    """One service port's listener and connections (see module docstring)."""
+
+    def __init__(self, core: StreamCore, listener: socket.socket,
+                 upstream_socket: Callable[[], socket.socket | None],
+                 on_need: Callable[[int], None], label: str) -> None:
+        self.core = core
+        self.listener = listener
+        self._upstream_socket = upstream_socket
+        self._on_need = on_need
+        self.label = label
+        self.loop = asyncio.get_running_loop()
+        self.pairs: dict[int, _Pair] = {}
+        self.counters = dict.fromkeys(SHELL_COUNTERS, 0)
+        self.limit = core.stream_buffer
+        self._told_need = core.need
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._closed = False
+        listener.setblocking(False)
+        self.loop.add_reader(listener.fileno(), self._accept)
+
+    # --- from outside ---------------------------------------------------------------------
+
+    def backends(self, ready: list[str]) -> None:
+        """The service's ready backends changed (called on the loop)."""
+        if self._closed:
+            return
+        self.core.backends(ready, self.loop.time())
+        self._run()
+
+    def close(self) -> None:
+        """Stop listening and drop every stream (the service went away)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.loop.remove_reader(self.listener.fileno())
+        except (ValueError, OSError):
+            pass
+        self.listener.close()
+        for pair in list(self.pairs.values()):
+            self._drop(pair)
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def status(self) -> dict[str, Any]:
+        row = self.core.status()
+        row["counters"] = {**row["counters"], **self.counters}  # type: ignore[dict-item]
+        row["queued_bytes"] = sum(len(p.client.out) + (len(p.up.out) if p.up else 0)
+                                  for p in self.pairs.values())
+        return row
+
+    # --- accepting ------------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        core = self.core
+        for _ in range(ACCEPTS_PER_WAKEUP):
+            try:
+                sock, addr = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                self.counters["accept_errors"] += 1
+                log.warning("%s: accept failed: %s", self.label, e)
+                break
+            sid = core.accepted((addr[0], addr[1]), self.loop.time())
+            if sid is None:
+                sock.close()
+                continue
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            pair = _Pair(sid, _Conn(sock, True))
+            self.pairs[sid] = pair
+            self._update(pair)
+        self._run()
+
+    # --- commands -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        """Carry out what the core asked for, then its log lines, need and timer."""
+        core = self.core
+        while True:
+            cmds = core.commands()
+            if not cmds:
+                break
+            for kind, sid, arg in cmds:
+                pair = self.pairs.get(sid)
+                if pair is None:
+                    continue
+                if kind == sc.SEND_CLIENT:
+                    self._queue(pair, pair.client, arg)  # type: ignore[arg-type]
+                elif kind == sc.SEND_UPSTREAM:
+                    if pair.up is not None:
+                        self._queue(pair, pair.up, arg)  # type: ignore[arg-type]
+                elif kind == sc.CLOSE_CLIENT:
+                    self._close_after_flush(pair, pair.client)
+                elif kind == sc.CLOSE_UPSTREAM:
+                    if pair.up is not None:
+                        self._close_after_flush(pair, pair.up)
+                elif kind == sc.CONNECT:
+                    ip, port = arg  # type: ignore[misc]
+                    self._connect(pair, ip, port)
+                elif kind == sc.READ_CLIENT:
+                    pair.guest_paused = not arg
+                    self._update(pair)
+                elif kind == sc.SPLICE:
+                    self._splice(pair)
+                elif kind == sc.FORGET:
+                    pair.forgotten = True
+                    for c in (pair.client, pair.up):
+                        if c is not None and not c.closing:
+                            self._close_now(pair, c)
+                    self._maybe_done(pair)
+        if core.logs:
+            for level, text in core.logs:
+                log.log(_LOG_LEVELS[min(level, 3)], "%s: %s", self.label, text)
+            core.logs.clear()
+        if core.need != self._told_need:
+            self._told_need = core.need
+            self._on_need(core.need)
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        t = self.core.next_timer()
+        if t is None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = self._timer_at = None
+            return
+        if self._timer_at is not None and self._timer_at <= t:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = t
+        self._timer = self.loop.call_at(t, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = self._timer_at = None
+        if self._closed:
+            return
+        self.core.handle_timer(self.loop.time())
+        self._run()
+
+    # --- queues and back-pressure ---------------------------------------------------------
+
+    def _queue(self, pair: _Pair, c: _Conn, data: bytes) -> None:
+        if c.closed or c.closing:
+            return
+        if not c.out and c.connected:
+            try:
+                n = c.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError:
+                self._failed(pair, c)
+                return
+            if n == len(data):
+                return
+            data = data[n:]
+        c.out += data
+        if len(c.out) > 4 * self.limit:
+            self.counters["buffer_overflow"] += 1
+            log.warning("%s: stream %d: %d bytes queued toward a peer that does not read; "
+                        "closing it", self.label, pair.sid, len(c.out))
+            self._abort(pair)
+            return
+        self._update(pair)
+
+    def _update(self, pair: _Pair) -> None:
+        """Watch what should be watched: reading stops when a queue it feeds is full."""
+        if pair.pipes is not None:
+            return
+        client, up, limit = pair.client, pair.up, self.limit
+        down_full = len(client.out) > limit
+        up_full = up is not None and len(up.out) > limit
+        self._watch(pair, client, not (pair.guest_paused or client.eof or client.closing
+                                      or down_full or up_full),
+                    bool(client.out))
+        if up is not None and up.connected:
+            self._watch(pair, up, not (up.eof or up.closing or down_full), bool(up.out))
+
+    def _watch(self, pair: _Pair, c: _Conn, read: bool, write: bool) -> None:
+        if c.closed:
+            return
+        loop = self.loop
+        if read != c.reading:
+            c.reading = read
+            if read:
+                loop.add_reader(c.fd, self._readable, pair, c)
+            else:
+                loop.remove_reader(c.fd)
+        if write != c.writing:
+            c.writing = write
+            if write:
+                loop.add_writer(c.fd, self._writable, pair, c)
+            else:
+                loop.remove_writer(c.fd)
+
+    def _readable(self, pair: _Pair, c: _Conn) -> None:
+        core = self.core
+        now = self.loop.time()
+        is_client = c is pair.client
+        try:
+            data = c.sock.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            c.eof = True
+            self._update(pair)
+            if is_client:
+                core.client_closed(pair.sid, now, reset=True)
+            else:
+                core.upstream_closed(pair.sid, now)
+            self._run()
+            return
+        if not data:
+            c.eof = True
+            self._update(pair)
+            if is_client:
+                core.client_closed(pair.sid, now)
+            else:
+                core.upstream_closed(pair.sid, now)
+        elif is_client:
+            core.client_data(pair.sid, data, now)
+        else:
+            core.upstream_data(pair.sid, data, now)
+        self._run()
+
+    def _writable(self, pair: _Pair, c: _Conn) -> None:
+        if not c.connected:
+            self._connected(pair, c)
+            return
+        try:
+            n = c.sock.send(c.out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._failed(pair, c)
+            self._run()
+            return
+        del c.out[:n]
+        if not c.out and c.closing:
+            self._close_now(pair, c)
+            self._maybe_done(pair)
+            return
+        self._update(pair)
+
+    # --- upstream connections -------------------------------------------------------------
+
+    def _connect(self, pair: _Pair, ip: str, port: int) -> None:
+        sock = self._upstream_socket()
+        if sock is None:
+            self.counters["socket_errors"] += 1
+            self.core.upstream_result(pair.sid, False, self.loop.time())
+            return
+        sock.setblocking(False)
+        err = sock.connect_ex((ip, port))
+        if err not in (0, errno.EINPROGRESS, errno.EALREADY):
+            sock.close()
+            self.core.upstream_result(pair.sid, False, self.loop.time())
+            return
+        c = _Conn(sock, False)
+        pair.up = c
+        c.writing = True
+        self.loop.add_writer(c.fd, self._writable, pair, c)
+        pair.connect_timer = self.loop.call_later(CONNECT_TIMEOUT, self._connect_timeout,
+                                                  pair, c)
+
+    def _connected(self, pair: _Pair, c: _Conn) -> None:
+        err = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if pair.connect_timer is not None:
+            pair.connect_timer.cancel()
+            pair.connect_timer = None
+        self.loop.remove_writer(c.fd)
+        c.writing = False
+        now = self.loop.time()
+        if err:
+            self._close_now(pair, c)
+            pair.up = None
+            self.core.upstream_result(pair.sid, False, now)
+        else:
+            c.connected = True
+            c.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.core.upstream_result(pair.sid, True, now)
+            self._update(pair)
+        self._run()
+
+    def _connect_timeout(self, pair: _Pair, c: _Conn) -> None:
+        pair.connect_timer = None
+        if c.connected or c.closed or pair.up is not c:
+            return
+        self.counters["connect_timeouts"] += 1
+        self._close_now(pair, c)
+        pair.up = None
+        self.core.upstream_result(pair.sid, False, self.loop.time())
+        self._run()
+
+    # --- splicing -------------------------------------------------------------------------
+
+    def _splice(self, pair: _Pair) -> None:
+        up = pair.up
+        if up is None or not up.connected:
+            return
+        for c in (pair.client, up):
+            self._watch(pair, c, False, False)
+        try:
+            pair.pipes = (Pipe(pair.client.sock, up.sock), Pipe(up.sock, pair.client.sock))
+        except OSError as e:
+            log.warning("%s: stream %d: cannot splice (%s); closing it", self.label,
+                        pair.sid, e)
+            self._abort(pair)
+            return
+        self._spliced_step(pair)
+
+    def _spliced_step(self, pair: _Pair) -> None:
+        """Flush what was queued before the splice, then let the pipes move the rest."""
+        pipes = pair.pipes
+        if pipes is None:
+            return
+        loop = self.loop
+        client, up = pair.client, pair.up
+        assert up is not None
+        for c in (client, up):
+            if c.out:
+                try:
+                    n = c.sock.send(c.out)
+                    del c.out[:n]
+                except (BlockingIOError, InterruptedError):
+                    pass
+                except OSError:
+                    self._splice_done(pair)
+                    return
+        read_c = read_u = write_c = write_u = False
+        try:
+            if not up.out:
+                read_c, write_u = pipes[0].pump()
+            else:
+                write_u = True
+            if not client.out:
+                read_u, write_c = pipes[1].pump()
+            else:
+                write_c = True
+        except OSError:
+            self._splice_done(pair)
+            return
+        if pipes[0].eof and pipes[1].eof:
+            self._splice_done(pair)
+            return
+        for c, r, w in ((client, read_c, write_c), (up, read_u, write_u)):
+            if r != c.reading:
+                c.reading = r
+                if r:
+                    loop.add_reader(c.fd, self._spliced_step, pair)
+                else:
+                    loop.remove_reader(c.fd)
+            if w != c.writing:
+                c.writing = w
+                if w:
+                    loop.add_writer(c.fd, self._spliced_step, pair)
+                else:
+                    loop.remove_writer(c.fd)
+
+    def _splice_done(self, pair: _Pair) -> None:
+        pipes = pair.pipes
+        if pipes is not None:
+            self.counters["bytes_spliced"] += pipes[0].moved + pipes[1].moved
+            for p in pipes:
+                p.close()
+            pair.pipes = None
+        self._drop(pair)
+        self.core.splice_ended(pair.sid, self.loop.time())
+        self._run()
+
+    # --- endings --------------------------------------------------------------------------
+
+    def _failed(self, pair: _Pair, c: _Conn) -> None:
+        """A send failed: the peer is gone."""
+        now = self.loop.time()
+        self._close_now(pair, c)
+        if c is pair.client:
+            self.core.client_closed(pair.sid, now, reset=True)
+        else:
+            self.core.upstream_closed(pair.sid, now)
+
+    def _close_after_flush(self, pair: _Pair, c: _Conn) -> None:
+        if c.closed:
+            return
+        c.closing = True
+        if not c.out or not c.connected:
+            self._close_now(pair, c)
+            self._maybe_done(pair)
+        else:
+            self._update(pair)
+
+    def _close_now(self, pair: _Pair, c: _Conn) -> None:
+        if c.closed:
+            return
+        c.closed = True
+        loop = self.loop
+        if c.reading:
+            loop.remove_reader(c.fd)
+        if c.writing:
+            loop.remove_writer(c.fd)
+        c.reading = c.writing = False
+        c.out.clear()
+        try:
+            c.sock.close()
+        except OSError:
+            pass
+
+    def _abort(self, pair: _Pair) -> None:
+        """Close both sides at once and tell the core the client is gone."""
+        sid = pair.sid
+        self._drop(pair)
+        self.core.client_closed(sid, self.loop.time(), reset=True)
+
+    def _drop(self, pair: _Pair) -> None:
+        if pair.connect_timer is not None:
+            pair.connect_timer.cancel()
+            pair.connect_timer = None
+        if pair.pipes is not None:
+            for p in pair.pipes:
+                p.close()
+            pair.pipes = None
+        for c in (pair.client, pair.up):
+            if c is not None:
+                self._close_now(pair, c)
+        self.pairs.pop(pair.sid, None)
+
+    def _maybe_done(self, pair: _Pair) -> None:
+        if pair.forgotten and pair.client.closed and (pair.up is None or pair.up.closed):
+            self.pairs.pop(pair.sid, None)

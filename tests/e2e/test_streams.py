@@ -1,0 +1,144 @@
+"""Stream ports end to end with the daemon: connections to a dormant service's VIP are
+terminated in the namespace's local stack, held by the plain stream activator while the
+backend starts, then relayed by the kernel (splice); a large download passes intact; a
+guest that fails mid-stream hands its transparent connections to the host's proxy."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import os
+import subprocess
+import sys
+import time
+
+from fabric.tools.sandbox import Daemon, Sandbox
+
+VIP = "10.41.0.100"
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def setup(sb: Sandbox, services: list[dict]) -> tuple[Daemon, str, str]:
+    worker = sb.netns("worker")
+    client, web = sb.netns("client"), sb.netns("web")
+    ns = {"name": "shop", "id": 8, "cidr": "10.41.0.0/24",
+          "pods": [{"name": "client", "ip": "10.41.0.2", "netns": client},
+                   {"name": "web-1", "ip": "10.41.0.3", "netns": web}],
+          "services": services}
+    d = Daemon(sb, worker, {"namespaces": [ns]}).start()
+    d.wait_attached(2)
+    return d, client, web
+
+
+def start_cmd(web: str, delay: float, port: int = 8080) -> str:
+    return (f"sh -c '(sleep {delay}; exec ip netns exec {web} {sys.executable} -m "
+            f"fabric.tools.sandbox http {port}) >/dev/null 2>&1 &'")
+
+
+def curl(sb: Sandbox, ns: str, url: str, timeout: float = 40
+         ) -> subprocess.CompletedProcess[str]:
+    return sb.run(ns, "curl", "-sS", "--max-time", str(timeout), url, check=False,
+                  timeout=timeout + 10)
+
+
+def test_stream_port_holds_then_splices(sandbox: Sandbox) -> None:
+    web_ns = sandbox.name("web")
+    d, client, web = setup(sandbox, [{
+        "name": "web", "ip": VIP, "backends": ["web-1"], "idle_timeout": "3s",
+        "ports": [{"port": 80, "target_port": 8080, "activator": "stream"}],
+        "on_activate": start_cmd(web_ns, 2.0),
+        "on_idle": f"sh -c 'ip netns pids {web_ns} | xargs -r kill'"}])
+    svc = d.get("/v1/services")[0]
+    assert svc["state"] == "dormant" and "80" in svc["streams"], (svc, d.log()[-3000:])
+    with concurrent.futures.ThreadPoolExecutor(50) as pool:
+        results = list(pool.map(lambda _: curl(sandbox, client, f"http://{VIP}/"),
+                                range(50)))
+    failed = [r for r in results if r.returncode != 0 or "hello from" not in r.stdout]
+    assert not failed, (len(failed), failed[0].stderr if failed else "", d.log()[-3000:])
+    st = d.get("/v1/services")[0]["streams"]["80"]
+    c = st["counters"]
+    assert c["streams_opened"] >= 50 and c["spliced"] >= 50, st
+    assert c["upstream_connects"] >= 50 and c["guest_failures"] == 0, st
+    # No open connection and need none: the service idles and its hook stops the server.
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        s = d.get("/v1/services")[0]
+        if s["state"] in ("idle", "dormant") and not sandbox.run(
+                None, "ip", "netns", "pids", web).stdout.strip():
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError(f"not idle: {d.get('/v1/services')[0]}")
+    r = curl(sandbox, client, f"http://{VIP}/")
+    assert r.returncode == 0 and "hello from" in r.stdout, (r.stderr, d.log()[-3000:])
+
+
+def test_bulk_download_through_a_spliced_stream_is_intact(sandbox: Sandbox) -> None:
+    d, client, web = setup(sandbox, [{
+        "name": "bulk", "ip": VIP, "backends": ["web-1"],
+        "ports": [{"port": 9000, "target_port": 9000, "activator": "stream"}]}])
+    blob = os.urandom(1 << 20) * 32  # 32 MiB
+    digest = hashlib.sha256(blob).hexdigest()
+    path = os.path.join(sandbox.tmp, "blob")
+    with open(path, "wb") as f:
+        f.write(blob)
+    server = sandbox.popen(web, sys.executable, "-c",
+                           "import socket,threading\n"
+                           "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET,"
+                           " socket.SO_REUSEADDR,1); s.bind(('0.0.0.0',9000)); s.listen()\n"
+                           "def serve(c):\n"
+                           "    try:\n"
+                           "        if c.recv(1): c.sendfile(open(" + repr(path) + ",'rb'))\n"
+                           "    except OSError: pass\n"
+                           "    c.close()\n"
+                           "while True:\n"
+                           "    threading.Thread(target=serve,args=(s.accept()[0],)).start()\n")
+    sandbox.wait_port(web, 9000)
+    out = sandbox.run(client, sys.executable, "-c",
+                      "import socket,hashlib\n"
+                      f"c=socket.create_connection(({VIP!r},9000),timeout=30); c.send(b'x')\n"
+                      "h=hashlib.sha256(); n=0\n"
+                      "while True:\n"
+                      "    b=c.recv(1<<16)\n"
+                      "    if not b: break\n"
+                      "    h.update(b); n+=len(b)\n"
+                      "print(n, h.hexdigest())\n", timeout=60)
+    n, got = out.stdout.split()
+    assert int(n) == len(blob) and got == digest, (out.stdout, d.log()[-3000:])
+    st = d.get("/v1/services")[0]["streams"]["9000"]
+    assert st["counters"]["bytes_spliced"] >= len(blob), st
+    server.kill()
+
+
+def test_guest_failing_mid_stream_hands_streams_to_the_proxy(sandbox: Sandbox) -> None:
+    """streamtrap relays bytes itself (no splice), then traps on a marker: the
+    connection is transparent, so the host goes on as a byte proxy with nothing lost."""
+    wasm = os.path.join(ROOT, "activators", "testing", "streamtrap.wasm")
+    d, client, web = setup(sandbox, [{
+        "name": "echo", "ip": VIP, "backends": ["web-1"],
+        "ports": [{"port": 7000, "target_port": 7000, "activator": wasm}]}])
+    sandbox.popen(web, sys.executable, "-c",
+                  "import socket,threading\n"
+                  "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
+                  "s.bind(('0.0.0.0',7000)); s.listen()\n"
+                  "def echo(c):\n"
+                  "    while (b:=c.recv(65536)): c.sendall(b)\n"
+                  "    c.close()\n"
+                  "while True:\n"
+                  "    threading.Thread(target=echo,args=(s.accept()[0],)).start()\n")
+    sandbox.wait_port(web, 7000)
+    out = sandbox.run(client, sys.executable, "-c",
+                      "import socket\n"
+                      f"c=socket.create_connection(({VIP!r},7000),timeout=20)\n"
+                      "got=b''\n"
+                      "for msg in (b'one ', b'two ', b'TRAP ', b'three ', b'four'):\n"
+                      "    c.sendall(msg)\n"
+                      "    want=len(msg)\n"
+                      "    part=b''\n"
+                      "    while len(part)<want: part+=c.recv(100)\n"
+                      "    got+=part\n"
+                      "print(got.decode())\n", check=False, timeout=40)
+    assert out.returncode == 0 and out.stdout.strip() == "one two TRAP three four", (
+        out.stdout, out.stderr, d.log()[-3000:])
+    st = d.get("/v1/services")[0]["streams"]["7000"]["counters"]
+    assert st["guest_failures"] >= 1 and st["fallback_proxied"] >= 1, st
