@@ -148,6 +148,13 @@ static i32 last_need = -1;
 static u32 epoch;
 static u32 budget;
 
+/* counters reported with `count` actions at the end of each call */
+enum { C_PINGS, C_HOLD_TIMEOUTS, C_REFUSED, C_PROTO_ERRORS, C_BACKEND_GOAWAYS, C_STREAMS, NCOUNT };
+static const char *const COUNT_NAME[NCOUNT] = {
+    "pings_answered", "hold_timeouts", "streams_refused_h2", "protocol_errors",
+    "backend_goaways", "requests"};
+static u32 counts[NCOUNT];
+
 static u8 D[SCR_CAP], U[SCR_CAP];
 static u32 dlen, ulen;
 static u8 NAMEB[STR_CAP], VALB[STR_CAP];
@@ -469,7 +476,7 @@ static u32 open_count(conn *c) {
 }
 
 static void conn_error(conn *c, u32 code) {
-    if (!c->dead) c->dead = code + 1;
+    if (!c->dead) { c->dead = code + 1; counts[C_PROTO_ERRORS]++; }
     c->dirty = 1;
 }
 
@@ -486,6 +493,7 @@ static int push2b(conn *c, strm *s, u32 type, u32 flags, u32 sid, const u8 *p, u
 
 static void rst2c(conn *c, strm *s, u32 sid, u32 code) {
     u8 b[4];
+    if (code == E_REFUSED) counts[C_REFUSED]++;
     wbe32(b, code);
     push2c(c, s, T_RST, 0, sid, b, 4);
 }
@@ -654,6 +662,7 @@ static void cli_header_block(conn *c, u32 sid, u32 flags) {
     }
     s = new_stream(c, sid);
     if (!s) { rst2c(c, 0, sid, E_REFUSED); return; }
+    counts[C_STREAMS]++;
     if (end) s->flags |= F_CLI_END;
     if (r.grpc) { s->flags |= F_GRPC; s->gto = r.gto; }
     if (r.too_big) { local_reply(c, s, 431, 0); return; }
@@ -784,6 +793,7 @@ static void cli_frame(conn *c, u32 type, u32 flags, u32 sid, const u8 *p, u32 n)
             return;
         }
         push2c(c, 0, T_PING, FL_ACK, 0, p, 8);
+        counts[C_PINGS]++;
         return;
     case T_GOAWAY:
         if (sid) { conn_error(c, E_PROTOCOL); return; }
@@ -991,6 +1001,7 @@ static void b_frame(conn *c, u32 type, u32 flags, u32 sid, const u8 *p, u32 n) {
         if (n < 8) { up_error(c, E_FRAME_SIZE); return; }
         u32 last = be32(p) & 0x7fffffff;
         if (!c->b_goaway || last < c->b_last) c->b_last = last;
+        if (!c->b_goaway) counts[C_BACKEND_GOAWAYS]++;
         c->b_goaway = 1;
         for (u32 i = 0; i < NSTREAMS; i++) {
             strm *s = &c->st[i];
@@ -1374,7 +1385,7 @@ static void on_tick(u64 t) {
                 if (s->flags & F_GRPC) local_reply(c, s, 0, grpc_expired ? 4 : 14);
                 else local_reply(c, s, 503, 0);
                 c->dirty = 1;
-                logmsg(LOG_INFO, "http2: hold timed out, answered locally");
+                counts[C_HOLD_TIMEOUTS]++;
             }
         }
         if (c->q2c.len || c->q2b.len || c->c_credit || c->b_credit) c->dirty = 1;
@@ -1392,6 +1403,15 @@ static void need_update(void) {
         act_need((u32)need);
         last_need = need;
     }
+    for (u32 i = 0; i < NCOUNT; i++) {
+        if (!counts[i] || fab_out_count >= budget) continue;
+        u32 n = slen(COUNT_NAME[i]);
+        u8 *a = out_action(ACT_COUNT, 4 + n);
+        if (!a) break;
+        wr32(a, counts[i]);
+        CPY(a + 4, COUNT_NAME[i], n);
+        counts[i] = 0;
+    }
 }
 
 FAB_EXPORT(fab_streams) i32 fab_streams(void) { return 1; }
@@ -1407,8 +1427,9 @@ FAB_EXPORT(fab_init) i32 fab_init(const u8 *cfg, u32 len) {
 FAB_EXPORT(fab_process) i64 fab_process(const u8 *ev, u32 len) {
     out_begin();
     if (len < 2) return out_end();
-    u32 count = rd16(ev), pos = 2;
-    budget = 4 * count + 16;
+    u32 count = rd16(ev), pos = 2, live = 0;
+    for (u32 i = 0; i < nconns_alloc; i++) live += conns[i]->used;
+    budget = 4 * count + 16 + 8 * live;  /* what the host reads of one answer (ABI.md) */
     for (u32 e = 0; e < count; e++) {
         if (len - pos < REC_HDR) break;
         u32 kind = ev[pos], n = rd32(ev + pos + 4);

@@ -117,8 +117,11 @@ def test_h2load_through_a_dormant_service(sandbox: Sandbox) -> None:
     res, out = h2load(sandbox, client, f"http://{VIP}/", 5000)
     assert res["succeeded"] == 5000 and res["failed"] == res["errored"] == 0, (
         out, d.log()[-3000:])
-    st = d.get("/v1/services")[0]["streams"]["80"]["counters"]
-    assert st["guest_failures"] == 0, st
+    st = d.get("/v1/services")[0]["streams"]["80"]
+    c = st["counters"]
+    # one upstream connection per client connection, every request relayed by the guest
+    assert c["guest_failures"] == 0 and c["upstream_connects"] == 10, st
+    assert st["guest_counters"]["requests"] == 5000, st
     r = sandbox.run(client, "nghttp", "-v", f"http://{VIP}/", check=False, timeout=30)
     assert "hello over h2" in r.stdout, (r.stdout, r.stderr)
 
@@ -132,6 +135,9 @@ def test_ping_while_the_backend_sleeps_gets_its_ack_and_no_wake(sandbox: Sandbox
     time.sleep(0.5)  # give a wrong wake time to show (not a timed assertion of success)
     svc = d.get("/v1/services")[0]
     assert not os.path.exists(marker) and svc["state"] == "dormant", svc
+    st = svc["streams"]["80"]
+    assert st["guest_counters"]["pings_answered"] == 3, st
+    assert st["counters"].get("upstream_connects", 0) == 0, st
 
 
 def test_grpc_unary_and_server_streaming_through_a_dormant_service(sandbox: Sandbox) -> None:

@@ -20,6 +20,7 @@ from hyperframe.frame import Frame, PingFrame
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fabric.activator import abi
 from tests.support.streamguest import StreamGuest
 
 WASM = Path(__file__).resolve().parents[2] / "activators" / "http2" / "http2.wasm"
@@ -119,6 +120,8 @@ def test_settings_at_once_and_ping_answered_without_a_wake() -> None:
         r.pump()
         acks = r.of(r.cev, h2.events.PingAckReceived)
         assert [a.ping_data for a in acks] == [b"12345678"]
+        counted = [a for a in r.g.actions if isinstance(a, abi.Count)]
+        assert [(a.name, a.n) for a in counted] == [("pings_answered", 1)]
         assert r.g.need in (None, NONE)
         assert r.g.streams[SID].connects == []
         assert not r.g.streams[SID].upstream
