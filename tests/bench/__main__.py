@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any
 
-from tests.bench import cni, dns, egress, floods, ping, scale, services, tcp, tunnel, udp
+from tests.bench import cni, dns, egress, floods, http2, ping, scale, services, tcp, tunnel, udp
 from tests.bench.common import Report, Settings, fmt, render, table
 from tests.bench.topo import leftovers
 
@@ -36,6 +36,7 @@ BENCHMARKS: dict[str, Callable[[Settings], Report]] = {
     services.NAME: services.run,
     floods.NAME: floods.run,
     cni.NAME: cni.run,
+    http2.NAME: http2.run,
 }
 
 
