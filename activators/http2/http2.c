@@ -111,6 +111,7 @@ typedef struct {
 
 typedef struct conn {
     u32 sid, used, dirty;
+    u32 nused;             /* stream slots in use (an upper bound of the open ones) */
     u32 dead;              /* client connection error: code + 1 */
     u32 pre_len, cin_len, bin_len, chb_len, bhb_len;
     u32 c_cont, c_cont_flags, b_cont, b_cont_flags;
@@ -165,6 +166,12 @@ static const u8 MAGIC[24] = {'P','R','I',' ','*',' ','H','T','T','P','/','2','.'
 
 /* ---- small helpers ---- */
 static u32 slen(const char *s) { u32 n = 0; while (s[n]) n++; return n; }
+static u32 ST_NLEN[62], ST_VLEN[62];
+static u8 ST_HASH[128];  /* open addressing: name hash -> first static index with that name */
+
+static u32 name_hash(const u8 *n, u32 len) {
+    return (len * 31u + n[0] * 7u + n[len - 1]) & 127u;
+}
 static u32 be24(const u8 *p) { return ((u32)p[0] << 16) | ((u32)p[1] << 8) | p[2]; }
 static u32 be32(const u8 *p) {
     return ((u32)p[0] << 24) | ((u32)p[1] << 16) | ((u32)p[2] << 8) | p[3];
@@ -287,10 +294,10 @@ static void tbl_insert(hptable *t, const u8 *name, u32 nl, const u8 *val, u32 vl
 static int tbl_get(hptable *t, u32 idx, u32 *nl, u32 *vl, int want_value) {
     if (idx == 0) return -1;
     if (idx <= 61) {
-        *nl = slen(ST_NAME[idx]);
+        *nl = ST_NLEN[idx];
         CPY(NAMEB, ST_NAME[idx], *nl);
         *vl = 0;
-        if (want_value) { *vl = slen(ST_VALUE[idx]); CPY(VALB, ST_VALUE[idx], *vl); }
+        if (want_value) { *vl = ST_VLEN[idx]; CPY(VALB, ST_VALUE[idx], *vl); }
         return 0;
     }
     u32 d = idx - 62;
@@ -329,12 +336,12 @@ static int re_str(reenc *r, const u8 *s, u32 n) {
     return 0;
 }
 
-static int eq(const u8 *a, u32 an, const char *b) {
-    u32 bn = slen(b);
+static int eqn(const u8 *a, u32 an, const char *b, u32 bn) {
     if (an != bn) return 0;
     for (u32 i = 0; i < an; i++) if (a[i] != (u8)b[i]) return 0;
     return 1;
 }
+
 
 static u32 parse_gto(const u8 *v, u32 n) {
     if (n < 2 || n > 9) return 0;
@@ -360,15 +367,23 @@ static u32 parse_gto(const u8 *v, u32 n) {
 
 /* One decoded header field: re-encode it without touching the backend's table. */
 static void re_field(reenc *r, u32 nl, u32 vl, int never) {
-    if (eq(NAMEB, nl, "content-type") && vl >= 16 && eq(VALB, 16, "application/grpc"))
+    if (nl == 12 && eqn(NAMEB, nl, "content-type", 12) && vl >= 16 &&
+        eqn(VALB, 16, "application/grpc", 16))
         r->grpc = 1;
-    if (eq(NAMEB, nl, "grpc-timeout")) r->gto = parse_gto(VALB, vl);
+    if (nl == 12 && eqn(NAMEB, nl, "grpc-timeout", 12)) r->gto = parse_gto(VALB, vl);
     if (r->too_big) return;
     u32 save = r->len, name_idx = 0;
-    for (u32 i = 1; i <= 61; i++) {
-        if (!eq(NAMEB, nl, ST_NAME[i])) continue;
-        if (!name_idx) name_idx = i;
-        if (!never && eq(VALB, vl, ST_VALUE[i])) {
+    if (nl) {
+        for (u32 h = name_hash(NAMEB, nl); ST_HASH[h]; h = (h + 1) & 127u) {
+            u32 i = ST_HASH[h];
+            if (!eqn(NAMEB, nl, ST_NAME[i], ST_NLEN[i])) continue;
+            name_idx = i;
+            break;
+        }
+    }
+    for (u32 i = name_idx; !never && i && i <= 61 && eqn(NAMEB, nl, ST_NAME[i], ST_NLEN[i]);
+         i++) {
+        if (eqn(VALB, vl, ST_VALUE[i], ST_VLEN[i])) {
             if (re_int(r, 0x80, 7, i)) goto big;
             return;
         }
@@ -458,7 +473,9 @@ static u32 q_purge(queue *q, u32 sid, int data_only, u32 *removed) {
 }
 
 static strm *find(conn *c, u32 id) {
-    if (!id) return 0;
+    if (!id || id > c->max_cid) return 0;
+    strm *h = &c->st[(id >> 1) % NSTREAMS];  /* new_stream prefers this slot */
+    if ((h->flags & F_USED) && h->id == id) return h;
     for (u32 i = 0; i < NSTREAMS; i++)
         if ((c->st[i].flags & F_USED) && c->st[i].id == id) return &c->st[i];
     return 0;
@@ -615,8 +632,8 @@ static void apply_cli_settings(conn *c, const u8 *p, u32 n) {
 }
 
 static strm *new_stream(conn *c, u32 id) {
-    for (u32 i = 0; i < NSTREAMS; i++) {
-        strm *s = &c->st[i];
+    for (u32 k = 0; k < NSTREAMS; k++) {
+        strm *s = &c->st[((id >> 1) + k) % NSTREAMS];
         if (s->flags & F_USED) continue;
         memset(s, 0, sizeof *s);
         s->id = id;
@@ -626,6 +643,7 @@ static strm *new_stream(conn *c, u32 id) {
         s->c_recv = WIN0;
         s->b_recv = WIN0;
         if (have_now) { s->t0 = now_ms; s->flags |= F_TSET; }
+        c->nused++;
         return s;
     }
     return 0;
@@ -656,7 +674,7 @@ static void cli_header_block(conn *c, u32 sid, u32 flags) {
     }
     c->max_cid = sid;
     if (c->up == UP_GONE || c->b_goaway || c->cli_goaway || c->ga == 2 ||
-        open_count(c) >= MAX_OPEN) {
+        (c->nused >= MAX_OPEN && open_count(c) >= MAX_OPEN)) {
         rst2c(c, 0, sid, E_REFUSED);
         return;
     }
@@ -1312,7 +1330,10 @@ static int flush_conn(conn *c) {
     /* forget finished streams */
     for (u32 i = 0; i < NSTREAMS; i++) {
         strm *s = &c->st[i];
-        if ((s->flags & F_USED) && !is_open(s) && !s->qc && !s->qb) s->flags = 0;
+        if ((s->flags & F_USED) && !is_open(s) && !s->qc && !s->qb) {
+            s->flags = 0;
+            c->nused--;
+        }
     }
     if ((c->ga == 2 || c->cli_goaway) && !open_count(c) && !c->q2c.len) {
         emit_sid(ACT_DOWNSTREAM_CLOSE, c->sid);
@@ -1421,6 +1442,16 @@ FAB_EXPORT(fab_init) i32 fab_init(const u8 *cfg, u32 len) {
     max_conns = cfg_u32(cfg, len, "max_connections", 32);
     if (max_conns == 0 || max_conns > MAX_CONNS) max_conns = MAX_CONNS;
     hf_init();
+    for (u32 i = 1; i <= 61; i++) { ST_NLEN[i] = slen(ST_NAME[i]); ST_VLEN[i] = slen(ST_VALUE[i]); }
+    for (u32 i = 0; i < 128; i++) ST_HASH[i] = 0;
+    for (u32 i = 1; i <= 61; i++) {
+        if (i > 1 && ST_NLEN[i] == ST_NLEN[i - 1] &&
+            eqn((const u8 *)ST_NAME[i], ST_NLEN[i], ST_NAME[i - 1], ST_NLEN[i]))
+            continue;  /* same name as the entry before: found through that one */
+        u32 h = name_hash((const u8 *)ST_NAME[i], ST_NLEN[i]);
+        while (ST_HASH[h]) h = (h + 1) & 127u;
+        ST_HASH[h] = (u8)i;
+    }
     return 0;
 }
 
