@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import sys
 import time
 
@@ -62,6 +63,59 @@ for i in range(3):
             acks += 1
             break
 print("acks", acks)
+"""
+
+
+ECHO_SERVER = """
+import socket, sys, threading, h2.connection, h2.config, h2.events
+def serve(sock):
+    c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    c.initiate_connection()
+    sock.sendall(c.data_to_send())
+    while (data := sock.recv(65536)):
+        for e in c.receive_data(data):
+            if isinstance(e, h2.events.RequestReceived):
+                h = dict(e.headers)
+                body = h.get(b"x-custom", b"-") + b" " + h.get(b":path", b"-")
+                c.send_headers(e.stream_id, [(":status", "200"), ("x-seen", "yes")])
+                c.send_data(e.stream_id, body, end_stream=True)
+        sock.sendall(c.data_to_send())
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.listen()
+while True:
+    threading.Thread(target=serve, args=(s.accept()[0],), daemon=True).start()
+"""
+
+TABLE_CLIENT = """
+import socket, sys, time, h2.connection, h2.config, h2.events
+s = socket.create_connection((sys.argv[1], 80), timeout=30)
+c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+c.initiate_connection()
+s.sendall(c.data_to_send())
+big = "v" * 200
+def get(sid, path):
+    c.send_headers(sid, [(":method", "GET"), (":scheme", "http"), (":authority", "svc"),
+                         (":path", path), ("x-custom", big)], end_stream=True)
+    s.sendall(c.data_to_send())
+    status, body = None, b""
+    while True:
+        for e in c.receive_data(s.recv(65536)):
+            if isinstance(e, h2.events.ResponseReceived) and e.stream_id == sid:
+                status = dict(e.headers)[b":status"].decode()
+            if isinstance(e, h2.events.DataReceived) and e.stream_id == sid:
+                body += e.data
+                c.acknowledge_received_data(e.flow_controlled_length, sid)
+            if isinstance(e, h2.events.StreamEnded) and e.stream_id == sid:
+                s.sendall(c.data_to_send())
+                return status, body
+        s.sendall(c.data_to_send())
+print("first", *get(1, "/first"))  # answered 503 by the activator (no backend)
+open(sys.argv[2], "w").close()    # the test starts the backend now
+time.sleep(float(sys.argv[3]))
+print("second", *get(3, "/second"))  # x-custom is a dynamic-table index now
+print("third", *get(5, "/third"))
 """
 
 
@@ -165,3 +219,24 @@ def test_grpc_call_times_out_unavailable_when_the_backend_never_comes(
     assert r.stdout.startswith("status UNAVAILABLE"), (r.stdout, r.stderr, d.log()[-3000:])
     assert "backend unavailable" in r.stdout
 
+
+
+def test_dynamic_table_across_a_locally_answered_stream(sandbox: Sandbox) -> None:
+    """The client's header blocks index entries inserted by a block whose stream the
+    activator answered itself (503: no backend within the hold); the backend still
+    decodes them."""
+    d, client, web = setup(sandbox, [service("web", hold={"timeout": "1s"})])
+    server = script(sandbox, "echo_server.py", ECHO_SERVER)
+    cli = script(sandbox, "table_client.py", TABLE_CLIENT)
+    go = os.path.join(sandbox.tmp, "go")
+    p = sandbox.popen(client, sys.executable, cli, VIP, go, "0", stdout=subprocess.PIPE,
+                      text=True)
+    deadline = time.monotonic() + 20
+    while not os.path.exists(go) and time.monotonic() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    sandbox.popen(web, sys.executable, server, "8080")
+    out, _ = p.communicate(timeout=60)
+    lines = out.splitlines()
+    assert lines[0] == "first 503 b''", (out, d.log()[-3000:])
+    assert lines[1] == f"second 200 b'{'v' * 200} /second'", (out, d.log()[-3000:])
+    assert lines[2] == f"third 200 b'{'v' * 200} /third'", out
