@@ -1204,7 +1204,10 @@ static void flush_q(conn *c, int toclient, u8 *out, u32 cap, u32 *ol) {
             if (s) { if (toclient) s->qc--; else s->qb--; }
         } else {
             if (s) s->blk = epoch;
-            if (type == T_HEADERS) hblk = 1;
+            /* toward the client, header blocks are the backend's, relayed raw: they must
+             * keep their order for the client's decoder. Toward the backend they are
+             * stateless re-encodings, so one stream's blocked trailers hold back no other. */
+            if (type == T_HEADERS && toclient) hblk = 1;
             u32 left = n - sent;
             if (w != r || sent) {
                 MOVE(q->buf + w, rec, 10);

@@ -476,6 +476,40 @@ def test_idle_connections_do_not_pin_a_backend() -> None:
         r.close()
 
 
+def test_connection_limit_and_memory() -> None:
+    g = StreamGuest(WASM, {"max_connections": 4})
+    try:
+        for sid in range(1, 5):
+            g.open(sid)
+            c = client_conn()
+            c.send_headers(1, req("/"), end_stream=True)
+            g.client(sid, c.data_to_send())
+            assert g.to_client(sid)[3] == 4  # SETTINGS first
+        g.open(5)
+        assert g.streams[5].downstream_closed and not g.streams[5].client
+        assert any("connection limit" in m for _, m in g.logs)
+        g.client_close(2)
+        g.open(6)  # a freed connection is reused
+        assert not g.streams[6].downstream_closed
+        assert g.failed == 0
+    finally:
+        g.close()
+
+
+def test_default_connection_limit_fits_the_memory_limit() -> None:
+    g = StreamGuest(WASM, {})
+    try:
+        for sid in range(1, 34):
+            g.open(sid)
+            c = client_conn()
+            c.send_headers(1, req("/"), end_stream=True)
+            g.client(sid, c.data_to_send())
+        assert [sid for sid in range(1, 34) if g.streams[sid].downstream_closed] == [33]
+        assert g.failed == 0 and g.host.stats.memory_cap == 0
+    finally:
+        g.close()
+
+
 FRAME_TYPES = st.integers(0, 12) | st.integers(0, 255)
 
 
