@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
+from typing import IO
 
 from fabric.tools.sandbox import Daemon, Sandbox
 
@@ -116,6 +118,51 @@ open(sys.argv[2], "w").close()    # the test starts the backend now
 time.sleep(float(sys.argv[3]))
 print("second", *get(3, "/second"))  # x-custom is a dynamic-table index now
 print("third", *get(5, "/third"))
+"""
+
+
+FREEZE_CLIENT = """
+import os, socket, sys, time, h2.connection, h2.config, h2.events
+s = socket.create_connection((sys.argv[1], 80), timeout=60)
+c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+c.initiate_connection()
+s.sendall(c.data_to_send())
+backlog = []
+def wait(pred):
+    while True:
+        while backlog:
+            e = backlog.pop(0)
+            if pred(e):
+                return e
+        evs = c.receive_data(s.recv(65536))
+        for e in evs:
+            if isinstance(e, h2.events.DataReceived):
+                c.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
+        s.sendall(c.data_to_send())
+        backlog.extend(evs)
+def get(sid):
+    c.send_headers(sid, [(":method", "GET"), (":scheme", "http"), (":authority", "svc"),
+                         (":path", "/")], end_stream=True)
+    s.sendall(c.data_to_send())
+    e = wait(lambda e: isinstance(e, h2.events.ResponseReceived) and e.stream_id == sid)
+    wait(lambda e: isinstance(e, h2.events.StreamEnded) and e.stream_id == sid)
+    return dict(e.headers)[b":status"].decode()
+def flag(name):
+    open(os.path.join(sys.argv[2], name), "w").close()
+def until(name):
+    while not os.path.exists(os.path.join(sys.argv[2], name)):
+        time.sleep(0.05)
+print("first", get(1), flush=True)
+flag("asked")
+until("frozen")
+for i in range(3):
+    c.ping(b"idle%04d" % i)
+    s.sendall(c.data_to_send())
+    wait(lambda e: isinstance(e, h2.events.PingAckReceived))
+print("pings answered", flush=True)
+flag("pinged")
+until("go")
+print("second", get(3), flush=True)
 """
 
 
@@ -240,3 +287,72 @@ def test_dynamic_table_across_a_locally_answered_stream(sandbox: Sandbox) -> Non
     assert lines[0] == "first 503 b''", (out, d.log()[-3000:])
     assert lines[1] == f"second 200 b'{'v' * 200} /second'", (out, d.log()[-3000:])
     assert lines[2] == f"third 200 b'{'v' * 200} /third'", out
+
+
+def _nghttpd_pid(top: int) -> int:
+    """The nghttpd process under the sandbox's `ip netns exec` (it may exec in place)."""
+    with open(f"/proc/{top}/comm") as f:
+        if f.read().strip() == "nghttpd":
+            return top
+    out = subprocess.run(["pgrep", "-P", str(top), "-x", "nghttpd"], capture_output=True,
+                         text=True, check=True).stdout
+    return int(out.split()[0])
+
+
+def _tail(f: IO[str]) -> str:
+    """What the client wrote to its stderr file so far (for assertion messages)."""
+    f.seek(0)
+    return f.read()[-2000:]
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/status") as f:
+        return next(line.split()[1] for line in f if line.startswith("State:"))
+
+
+def test_backend_frozen_under_an_open_connection_and_thawed_by_a_request(
+        sandbox: Sandbox) -> None:
+    """on_idle stops nghttpd (SIGSTOP) under the client's open connection; PINGs are
+    answered meanwhile and wake nothing; the next request wakes it (SIGCONT)."""
+    root = os.path.join(sandbox.tmp, "docroot")
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, "index.html"), "w") as f:
+        f.write("hi\n")
+    pidfile = os.path.join(sandbox.tmp, "nghttpd.pid")
+    d, client, web = setup(sandbox, [service(
+        "web", idle_timeout="2s", on_idle=f"sh -c 'kill -STOP $(cat {pidfile})'",
+        on_activate=f"sh -c 'kill -CONT $(cat {pidfile})'")])
+    server = sandbox.popen(web, "nghttpd", "--no-tls", "-d", root, "8080",
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sandbox.wait_port(web, 8080)
+    pid = _nghttpd_pid(server.pid)
+    with open(pidfile, "w") as f:
+        f.write(str(pid))
+    flags = os.path.join(sandbox.tmp, "flags")
+    os.makedirs(flags)
+    cli = script(sandbox, "freeze_client.py", FREEZE_CLIENT)
+    err = open(os.path.join(sandbox.tmp, "client.err"), "w+")
+    p = sandbox.popen(client, sys.executable, cli, VIP, flags, stdout=subprocess.PIPE,
+                      stderr=err, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(os.path.join(flags, "asked")) and p.poll() is None:
+            assert time.monotonic() < deadline, (_tail(err), d.log()[-3000:])
+            time.sleep(0.05)
+        while _state(pid) != "T":  # the service went idle under the open connection
+            assert time.monotonic() < deadline, (d.get("/v1/services"), d.log()[-3000:])
+            time.sleep(0.1)
+        open(os.path.join(flags, "frozen"), "w").close()
+        while not os.path.exists(os.path.join(flags, "pinged")) and p.poll() is None:
+            assert time.monotonic() < deadline, d.log()[-3000:]
+            time.sleep(0.05)
+        assert _state(pid) == "T", "a PING woke the backend"
+        open(os.path.join(flags, "go"), "w").close()
+        out, _ = p.communicate(timeout=30)
+    finally:
+        os.kill(pid, signal.SIGCONT)  # the sandbox's cleanup stops it
+    assert out.splitlines() == ["first 200", "pings answered", "second 200"], (
+        out, _tail(err), d.log()[-3000:])
+    st = d.get("/v1/services")[0]["streams"]["80"]
+    assert st["guest_counters"]["pings_answered"] == 3, st
+    assert st["counters"]["upstream_connects"] == 1, st
