@@ -38,6 +38,7 @@
 #define SCR_CAP (160 * 1024)       /* bytes to one side in one flush */
 #define MAX_CONNS 64
 #define WIN0 65535
+#define LOW(win) ((win) < WIN0 / 2)  /* a peer may send less than half a window more */
 
 /* frame types and flags */
 #define T_DATA 0
@@ -1292,8 +1293,10 @@ static int flush_conn(conn *c) {
     }
     flush_q(c, 1, D, cap, &dlen);
     if (c->up == UP_OPEN) flush_q(c, 0, U, cap, &ulen);
-    /* credit each peer for what was handed on or consumed, once */
-    if (c->c_credit && cap - dlen >= 13) {
+    /* Credit each peer for what was handed on or consumed, once, and only when the peer
+     * is down to half its window: one WINDOW_UPDATE per half window, not one per call.
+     * No stall: a peer below half a window always gets what it is owed. */
+    if (c->c_credit && LOW(c->c_recv) && cap - dlen >= 13) {
         put_wu(D, cap, &dlen, 0, c->c_credit);
         c->c_recv += c->c_credit;
         c->c_credit = 0;
@@ -1301,19 +1304,20 @@ static int flush_conn(conn *c) {
     for (u32 i = 0; i < NSTREAMS; i++) {
         strm *s = &c->st[i];
         if (!(s->flags & F_USED)) continue;
-        if (s->c_credit && !(s->flags & (F_CLI_END | F_RESET)) && cap - dlen >= 13) {
+        if (s->c_credit && LOW(s->c_recv) && !(s->flags & (F_CLI_END | F_RESET)) &&
+            cap - dlen >= 13) {
             put_wu(D, cap, &dlen, s->id, s->c_credit);
             s->c_recv += s->c_credit;
             s->c_credit = 0;
         }
-        if (c->up == UP_OPEN && s->b_credit && (s->flags & F_SENT_UP) &&
+        if (c->up == UP_OPEN && s->b_credit && LOW(s->b_recv) && (s->flags & F_SENT_UP) &&
             !(s->flags & (F_SRV_END | F_RESET)) && cap - ulen >= 13) {
             put_wu(U, cap, &ulen, s->id, s->b_credit);
             s->b_recv += s->b_credit;
             s->b_credit = 0;
         }
     }
-    if (c->up == UP_OPEN && c->b_credit && cap - ulen >= 13) {
+    if (c->up == UP_OPEN && c->b_credit && LOW(c->b_recv) && cap - ulen >= 13) {
         put_wu(U, cap, &ulen, 0, c->b_credit);
         c->b_recv += c->b_credit;
         c->b_credit = 0;
