@@ -7,12 +7,11 @@
  * independent HTTP/2 connections are kept (client<->activator, activator<->backend), each
  * with its own SETTINGS, PING and flow-control windows.
  *
- * HPACK: every client header block is decoded (dynamic table, Huffman) and re-encoded
- * toward the backend without dynamic-table insertions (static index + literals without
- * indexing), so the backend's decoder never depends on a block it did not see and a
- * request answered locally costs nothing. The backend's header blocks are relayed raw to
- * the client, in order; the backend is told the client's table size, and the activator's
- * own answers to the client never touch the dynamic table. See README.md.
+ * HPACK: every header block, the client's and the backend's, is decoded against its
+ * sender's table (dynamic table, Huffman) and re-encoded for the other peer without
+ * dynamic-table insertions (static index + literals without indexing), so no decoder
+ * depends on a block it did not see: a request answered locally costs nothing, and
+ * blocks need no order between streams. See README.md.
  *
  * Config (JSON, all optional): hold_timeout_ms (default 30000, the host sets it from the
  * service's hold.timeout), max_connections (default 32, at most 64).
@@ -121,7 +120,7 @@ typedef struct conn {
     i64 c_init, b_init;
     u32 c_credit, b_credit;
     u32 c_maxf, b_maxf;
-    u32 cli_hts, up_hts;
+    u32 c_tsu;             /* next block to the client starts with a table size update */
     u32 max_cid, max_upid;
     u32 up, up_preface, b_tsu;
     u32 up_close;          /* upstream to close: GOAWAY code + 1 */
@@ -133,7 +132,8 @@ typedef struct conn {
     u8 bin[IN_CAP];
     u8 chb[HB_CAP];
     u8 bhb[HB_CAP];
-    hptable dec;
+    hptable dec;           /* the client's encoder, as seen by our decoder */
+    hptable bdec;          /* the backend's encoder, as seen by our decoder */
     strm st[NSTREAMS];
     queue q2c, q2b;
 } conn;
@@ -610,13 +610,7 @@ static void apply_cli_settings(conn *c, const u8 *p, u32 n) {
     for (u32 i = 0; i + 6 <= n; i += 6) {
         u32 id = ((u32)p[i] << 8) | p[i + 1], v = be32(p + i + 2);
         if (id == 1) {
-            c->cli_hts = v;
-            if (c->up == UP_OPEN && v < c->up_hts) {
-                u8 b[6];
-                wbe16(b, 1); wbe32(b + 2, v);
-                c->up_hts = v;
-                push2b(c, 0, T_SETTINGS, 0, 0, b, 6);
-            }
+            c->c_tsu = 1;  /* our encoder uses no table: say so (size 0) in the next block */
         } else if (id == 2) {
             if (v > 1) { conn_error(c, E_PROTOCOL); return; }
         } else if (id == 4) {
@@ -830,7 +824,8 @@ static void cli_frame(conn *c, u32 type, u32 flags, u32 sid, const u8 *p, u32 n)
         }
         if (sid > c->max_cid) { conn_error(c, E_PROTOCOL); return; }
         strm *s = find(c, sid);
-        if (!s || !is_open(s)) return;
+        /* closed both ways may still have frames queued toward the client */
+        if (!s || (s->flags & F_RESET)) return;
         if (!inc) { rst2c(c, s, sid, E_PROTOCOL); s->flags |= F_RESET; return; }
         s->c_send += inc;
         if (s->c_send > 0x7fffffff) { rst2c(c, s, sid, E_FLOW); s->flags |= F_RESET; }
@@ -892,19 +887,31 @@ static void cli_input(conn *c, const u8 *p, u32 n) {
 }
 
 /* ---- frames from the backend ---- */
+/* A backend header block: decoded against the backend's table (so that table stays in
+ * step whatever becomes of the stream) and re-encoded for the client without the dynamic
+ * table, like requests the other way: blocks then need no order between streams. */
 static void b_header_block(conn *c, u32 sid, u32 flags) {
+    reenc r;
+    if (hp_decode(&c->bdec, c->bhb, c->bhb_len, &r)) { up_error(c, E_COMPRESSION); return; }
     strm *s = find(c, sid);
     int end = (flags & FL_END_STREAM) != 0;
-    /* Relayed raw and in order even for a stream the client reset: its decoder must see
-     * every block the backend's encoder produced. */
-    if (!q_push(&c->q2c, T_HEADERS, end ? FL_END_STREAM : 0, sid, c->bhb, c->bhb_len)) {
+    if (!s || (s->flags & F_RESET)) return;  /* the client reset it: decoded, dropped */
+    if (r.too_big) {
+        u8 b[4];
+        wbe32(b, E_CANCEL);
+        purge_to_client(c, s);
+        rst2c(c, s, sid, E_INTERNAL);
+        purge_to_backend(c, s);
+        push2b(c, 0, T_RST, 0, sid, b, 4);
+        s->flags |= F_RESET;
+        return;
+    }
+    if (!q_push(&c->q2c, T_HEADERS, end ? FL_END_STREAM : 0, sid, RE, r.len)) {
         conn_error(c, E_INTERNAL);
         return;
     }
-    if (s) {
-        s->qc++;
-        if (end) s->flags |= F_SRV_END;
-    }
+    s->qc++;
+    if (end) s->flags |= F_SRV_END;
 }
 
 static void b_frame(conn *c, u32 type, u32 flags, u32 sid, const u8 *p, u32 n) {
@@ -1135,7 +1142,7 @@ static int put_block(u8 *out, u32 cap, u32 *ol, u32 flags, u32 sid, i32 prefix,
 static void flush_q(conn *c, int toclient, u8 *out, u32 cap, u32 *ol) {
     queue *q = toclient ? &c->q2c : &c->q2b;
     u32 maxf = toclient ? (c->c_maxf < MAXF ? c->c_maxf : MAXF) : c->b_maxf;
-    u32 r = 0, w = 0, full = 0, hblk = 0;
+    u32 r = 0, w = 0, full = 0;
     epoch++;
     while (r < q->len) {
         u8 *rec = q->buf + r;
@@ -1143,7 +1150,7 @@ static void flush_q(conn *c, int toclient, u8 *out, u32 cap, u32 *ol) {
         u32 rl = 10 + n;
         strm *s = find(c, sid);
         u32 sent = 0, done = 0;
-        if (!full && !(s && s->blk == epoch) && !(type == T_HEADERS && hblk)) {
+        if (!full && !(s && s->blk == epoch)) {
             if (type == T_DATA) {
                 i64 *cw = toclient ? &c->c_send : &c->b_send;
                 i64 *sw = s ? (toclient ? &s->c_send : &s->b_send) : 0;
@@ -1182,9 +1189,10 @@ static void flush_q(conn *c, int toclient, u8 *out, u32 cap, u32 *ol) {
                 }
             } else if (type == T_HEADERS) {
                 i32 prefix = -1;
-                if (!toclient && c->b_tsu) prefix = 0x20;
+                if (toclient ? c->c_tsu : c->b_tsu) prefix = 0x20;
                 if (put_block(out, cap, ol, fl, sid, prefix, rec + 10, n, maxf)) {
                     done = 1;
+                    if (toclient) c->c_tsu = 0;
                     if (!toclient) {
                         c->b_tsu = 0;
                         if (s && !(s->flags & F_SENT_UP)) {
@@ -1204,11 +1212,7 @@ static void flush_q(conn *c, int toclient, u8 *out, u32 cap, u32 *ol) {
         if (done) {
             if (s) { if (toclient) s->qc--; else s->qb--; }
         } else {
-            if (s) s->blk = epoch;
-            /* toward the client, header blocks are the backend's, relayed raw: they must
-             * keep their order for the client's decoder. Toward the backend they are
-             * stateless re-encodings, so one stream's blocked trailers hold back no other. */
-            if (type == T_HEADERS && toclient) hblk = 1;
+            if (s) s->blk = epoch;  /* its later frames wait too; other streams go on */
             u32 left = n - sent;
             if (w != r || sent) {
                 MOVE(q->buf + w, rec, 10);
@@ -1281,13 +1285,12 @@ static int flush_conn(conn *c) {
         if (a) { wr32(a, c->sid); wr16(a + 4, 0); c->up = UP_CONNECTING; }
     }
     if (c->up == UP_OPEN && c->up_preface) {
-        u8 s[18];
+        u8 s[12];
         CPY(U, MAGIC, 24);
         ulen = 24;
         wbe16(s, 2); wbe32(s + 2, 0);               /* ENABLE_PUSH 0 */
-        wbe16(s + 6, 1); wbe32(s + 8, c->up_hts);   /* HEADER_TABLE_SIZE: the client's */
-        wbe16(s + 12, 3); wbe32(s + 14, 100);       /* MAX_CONCURRENT_STREAMS */
-        put_frame(U, cap, &ulen, T_SETTINGS, 0, 0, s, 18);
+        wbe16(s + 6, 3); wbe32(s + 8, 100);         /* MAX_CONCURRENT_STREAMS */
+        put_frame(U, cap, &ulen, T_SETTINGS, 0, 0, s, 12);
         c->up_preface = 0;
         c->b_tsu = 1;
     }
@@ -1375,12 +1378,14 @@ static conn *open_conn(u32 sid) {
     c->q2c.len = c->q2b.len = 0;
     c->dec.head = c->dec.n = c->dec.size = c->dec.wpos = 0;
     c->dec.max = TBL_CAP;
+    c->bdec.head = c->bdec.n = c->bdec.size = c->bdec.wpos = 0;
+    c->bdec.max = TBL_CAP;
     c->sid = sid;
     c->used = 1;
     c->c_send = c->b_send = c->c_recv = c->b_recv = WIN0;
     c->c_init = c->b_init = WIN0;
     c->c_maxf = c->b_maxf = MAXF;
-    c->cli_hts = TBL_CAP;
+    c->c_tsu = 1;
     c->b_last = 0x7fffffff;
     u8 s[6];
     wbe16(s, 3);
@@ -1516,7 +1521,6 @@ FAB_EXPORT(fab_process) i64 fab_process(const u8 *ev, u32 len) {
             if (p[4]) {
                 c->up = UP_OPEN;
                 c->up_preface = 1;
-                c->up_hts = c->cli_hts < TBL_CAP ? c->cli_hts : TBL_CAP;
                 backend_state = 1;
             } else {
                 c->up = UP_NONE;

@@ -394,13 +394,46 @@ def test_client_reset_is_relayed_and_need_falls() -> None:
         assert [(f.stream_id, f.error_code) for f in frames_of(up)] == [(1, 8)]  # CANCEL
         r.sev += r.s.receive_data(up)
         assert r.g.need == NONE
-        # its header block still reaches the client's decoder, so the next one decodes
+        # decoded for the backend's table and dropped: the next block still decodes
         r.g.backend(SID, late)
         r.pump()
         r.c.send_headers(3, req("/next"), end_stream=True)
         r.pump()
         r.respond(3, extra=[("x-late", "l" * 100)])
         assert r.responses()[3]["x-late"] == "l" * 100
+    finally:
+        r.close()
+
+
+def test_blocked_trailers_hold_back_no_other_stream() -> None:
+    """Stream 1's body waits for the client's window, its trailers behind it; stream 3's
+    response (headers indexing the backend's table) still goes through."""
+    r = Rig()
+    try:
+        r.c.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1000})
+        r.c.send_headers(1, req("/slow"), end_stream=True)
+        r.c.send_headers(3, req("/fast"), end_stream=True)
+        r.pump()
+        r.connect_backend()
+        assert r.s is not None
+        r.s.send_headers(1, [(":status", "200"), ("x-t", "t" * 50)])
+        r.s.send_data(1, b"a" * 5000)
+        r.s.send_headers(1, [("grpc-status", "0"), ("x-t", "t" * 50)], end_stream=True)
+        r.pump()
+        r.respond(3, body=b"b" * 500, extra=[("x-t", "t" * 50)])
+        ended = {e.stream_id for e in r.of(r.cev, h2.events.StreamEnded)}
+        assert ended == {3}
+        got1 = sum(len(e.data) for e in r.of(r.cev, h2.events.DataReceived) if e.stream_id == 1)
+        assert got1 == 1000
+        for _ in range(10):  # the client reads stream 1 now
+            for e in r.of(r.cev, h2.events.DataReceived):
+                if e.stream_id == 1 and not getattr(e, "acked", False):
+                    r.c.acknowledge_received_data(e.flow_controlled_length, 1)
+                    e.acked = True
+            r.pump()
+        trailers = r.of(r.cev, h2.events.TrailersReceived)
+        assert [dict(t.headers)["grpc-status"] for t in trailers] == ["0"]
+        assert {e.stream_id for e in r.of(r.cev, h2.events.StreamEnded)} == {1, 3}
     finally:
         r.close()
 
