@@ -124,13 +124,15 @@ static void on_close(const u8 *p, u32 len) {
     if (len < 4) return;
     struct stream *s = find(rd32(p));
     if (!s) return;
-    if (s->state == SPLICED || s->state == HOLDING) {
-        /* spliced: the pair ended; holding: the client gave up before any backend */
+    if (s->state == SPLICED || (s->state == HOLDING && !s->held_len)) {
+        /* spliced: the pair ended; holding nothing: the client gave up before a backend */
         if (s->state == HOLDING) act_sid(ACT_DOWNSTREAM_CLOSE, s->id);
         forget(s);
         return;
     }
-    s->client_done = 1; /* connecting: what it sent still goes upstream */
+    /* A half-close after a request (nc -N, shutdown(SHUT_WR)): what it sent still goes
+     * upstream, and the answer back; the splice carries the end on. */
+    s->client_done = 1;
 }
 
 static void on_result(const u8 *p, u32 len) {

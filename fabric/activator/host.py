@@ -121,6 +121,9 @@ class ActivatorInstance:
         self.stats = ActivatorStats()
         self.raw_path = False
         self.live_streams = 0
+        self.last_fuel = 0
+        # The last failure, for people: reason, message, wasm frames, fuel, events.
+        self.last_failure: dict[str, Any] | None = None
         self._store: wasmtime.Store | None = None
         self._failures = 0
         self._overs = 0
@@ -173,8 +176,9 @@ class ActivatorInstance:
     def _teardown(self) -> None:
         self._store = None  # dropping the Store frees the instance and its memory
 
-    def _fail(self, e: BaseException, where: str) -> None:
-        """Classify a failure, count it, log it, drop the instance."""
+    def _fail(self, e: BaseException, where: str, events: Sequence[Event] = ()) -> None:
+        """Classify a failure, count it, log it (what trapped where, the fuel the call
+        used, the events that caused it), drop the instance."""
         reason = "traps"
         if isinstance(e, _Failure):
             reason = e.reason
@@ -191,10 +195,18 @@ class ActivatorInstance:
             self.stats.traps += 1
         self._failures += 1
         level = logging.WARNING if self._failures <= 3 else logging.DEBUG
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        log.log(level, "activator %s (%s): %s during %s; instance dropped",
-                self.name, self.host.label, reason, where)
-        log.debug("activator %s: %s", self.name, msg)
+        msg = _trap_message(e)
+        frames = trap_frames(e)
+        fuel = (self.host.fuel_per_call if reason == "out_of_fuel" else
+                self.last_fuel if where == "process" else 0)
+        batch = describe_events(events)
+        self.last_failure = {"reason": reason, "during": where, "message": msg,
+                             "frames": frames, "fuel_used": fuel, "events": batch}
+        self.host.last_failure = {"instance": self.name, **self.last_failure}
+        log.log(level, "activator %s (%s): %s during %s (%s%s; fuel used %d of %d; "
+                "events: %s); instance dropped", self.name, self.host.label, reason, where,
+                msg, f" at {' <- '.join(frames)}" if frames else "", fuel,
+                self.host.fuel_per_call, batch or "none")
         self._teardown()
 
     # -- guest calls --
@@ -206,7 +218,8 @@ class ActivatorInstance:
         try:
             return fn(*args)
         finally:
-            self.stats.fuel_used += h.fuel_per_call - acc.fuel_left()
+            self.last_fuel = used = h.fuel_per_call - acc.fuel_left()
+            self.stats.fuel_used += used
             self._refresh_memory()
 
     def _refresh_memory(self) -> None:
@@ -304,9 +317,9 @@ class ActivatorInstance:
                 for chunk in h._chunks(events):
                     actions += self._run(encode_batch(chunk), len(chunk), _packets(chunk))
         except MalformedBatch as e:
-            self._fail(_Failure("malformed", str(e)), "process")
+            self._fail(_Failure("malformed", str(e)), "process", events)
         except Exception as e:  # noqa: BLE001 - traps, exhaustion, host-side surprises
-            self._fail(e, "process")
+            self._fail(e, "process", events)
         else:
             st.actions += len(actions)
             return actions
@@ -314,6 +327,61 @@ class ActivatorInstance:
         if self._instantiate():  # eagerly, so the next packet finds a fresh instance
             st.recreated += 1
         return None
+
+
+def _trap_message(e: BaseException) -> str:
+    """What went wrong in one line: a trap's cause (wasmtime puts it after the
+    backtrace), else the error's first line."""
+    text = str(e)
+    if not text:
+        return type(e).__name__
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if isinstance(e, wasmtime.Trap) and "Caused by:" in lines:
+        rest = lines[lines.index("Caused by:") + 1:]
+        if rest:
+            return rest[0]
+    return lines[0]
+
+
+def trap_frames(e: BaseException, limit: int = 8) -> list[str]:
+    """The wasm frames of a trap, innermost first: the function's name where the
+    module has a name section (debug builds), else its index, with the code offset."""
+    if not isinstance(e, wasmtime.Trap):
+        return []
+    out = []
+    try:
+        for f in (e.frames or [])[:limit]:
+            name = f.func_name or f"func[{f.func_index}]"
+            out.append(f"{name}+{f.func_offset:#x}")
+    except Exception:  # noqa: BLE001 - a diagnostic must never fail the host
+        return out
+    return out
+
+
+def describe_events(events: Sequence[Event], limit: int = 6) -> str:
+    """A one-line summary of an event batch: kinds with counts, the first few in
+    order with their ids and sizes."""
+    if not events:
+        return ""
+    parts = []
+    for e in events[:limit]:
+        name = _EVENT_NAMES.get(type(e).__name__, type(e).__name__)
+        ident = getattr(e, "stream_id", getattr(e, "packet_id", None))
+        data = getattr(e, "data", None)
+        extra = [f"#{ident}"] if ident is not None else []
+        if data is not None:
+            extra.append(f"{len(data)} B")
+        parts.append(name + (f"({', '.join(extra)})" if extra else ""))
+    more = f", +{len(events) - limit} more" if len(events) > limit else ""
+    return f"{len(events)}: " + ", ".join(parts) + more
+
+
+_EVENT_NAMES = {"BackendAvailable": "backend_available",
+                "BackendUnavailable": "backend_unavailable", "Tick": "tick",
+                "Packet": "packet", "StreamOpen": "stream_open", "StreamData": "stream_data",
+                "StreamClose": "stream_close",
+                "UpstreamConnectResult": "upstream_connect_result",
+                "UpstreamData": "upstream_data", "UpstreamClosed": "upstream_close"}
 
 
 def _packets(events: Sequence[Event]) -> int:
@@ -374,6 +442,7 @@ class ActivatorHost:
         self.table_elements = table_elements
         self.initial_buffer = min(64 << 10, max_batch_bytes)
         self.instances: dict[int, ActivatorInstance] = {}
+        self.last_failure: dict[str, Any] | None = None  # of any instance, the latest
         self._closed = False
         epoch_ticker.acquire(self.engine)
 

@@ -75,6 +75,8 @@ SERVICE_COLUMNS = [
     ("FLOWS", "flows"),
     ("BACKENDS", "backends_text"),
     ("WAKES", "wakes"),
+    ("STREAMS", "streams_text"),
+    ("STREAM-WAKE(ms)", "stream_wake_text"),
 ]
 
 
@@ -88,6 +90,14 @@ def _service_row(r: dict[str, Any]) -> dict[str, Any]:
         f"{b['name']}({'ready' if b.get('ready') else 'not-ready'})"
         for b in r.get("backends", []))
     row["wakes"] = r.get("counters", {}).get("activations", 0)
+    ports = list((r.get("streams") or {}).values())
+    row["streams_text"] = str(sum(p.get("streams", 0) for p in ports)) if ports else "-"
+    # The mean of each phase of a stream port's wakes: held -> need raised -> upstream
+    # accepted -> first byte relayed (docs/config.md, "Stream ports").
+    phases = [p.get("phases", {}) for p in ports if p.get("wake", {}).get("count")]
+    row["stream_wake_text"] = "/".join(
+        f"{phases[0][k]['mean_ms']:.1f}" for k in ("activate", "connect", "first_byte")
+        if k in phases[0]) if phases else "-"
     return row
 
 

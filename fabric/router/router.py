@@ -180,6 +180,9 @@ class Router:
         # VIPs with ports terminated in the local stack (fabric.streams): the stack may
         # send from them (connections to backends), the services glue routes to it.
         self.stream_vips: set[bytes] = set()
+        # Told of every SYN-ACK a pod sends to the gateway address (src, sport, dport,
+        # now): the readiness probes' answers, seen before the local stack takes them.
+        self.synack: Callable[[bytes, int, int, float], None] | None = None
         self.dns_local: Callable[[bytes, float], bytes | None] | None = None
         self.dhcp: DhcpServer | None = None
         self.egress: EgressCore | None = None
@@ -496,6 +499,11 @@ class Router:
                  dst: bytes, now: float) -> Port | None:
         self.touched = True
         if dst in self.local_ips:
+            if (self.synack is not None and dst == self.gw_ip and buf[ip + 9] == PROTO_TCP
+                    and ip + ihl + 14 <= n and buf[ip + ihl + 13] & 0x12 == 0x12):
+                l4 = ip + ihl
+                self.synack(bytes(buf[ip + 12:ip + 16]), buf[l4] << 8 | buf[l4 + 1],
+                            buf[l4 + 2] << 8 | buf[l4 + 3], now)
             if (dst == self.gw_ip and buf[ip + 9] == PROTO_UDP and self.dns_local is not None
                     and self._dns(port, buf, h, n, ip, ihl, now)):
                 return None

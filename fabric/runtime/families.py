@@ -89,6 +89,29 @@ FAMILIES: tuple[Family, ...] = (
            "or the wake's start without one, to the backend's port accepting the probe or "
            "its being marked ready), release (to the held packets released; on the "
            "data-plane thread right after readiness, so near 0 unless it lags)"),
+    Family("fabric_activator_total", "counter", ("namespace", "service", "counter"),
+           "The activator host's counters of a service, summed over its ports (calls, "
+           "events, actions, traps, out_of_fuel, deadline, malformed, memory_cap, "
+           "actions_over_limit, bad_module, failed_init, recreated, fallbacks, fuel_used); "
+           "per port in fabricd get services -o json"),
+    Family("fabric_service_streams", "gauge", _SVC,
+           "Client connections open on the service's stream ports (terminated in the "
+           "local stack, fabric.streams)"),
+    Family("fabric_service_stream_total", "counter", ("namespace", "service", "counter"),
+           "Stream host events of the service's stream ports (streams opened and refused, "
+           "bytes each way, upstream connects, splices and bytes spliced, fallbacks, "
+           "dropped actions...), by counter name"),
+    Family("fabric_service_activator_total", "counter", ("namespace", "service", "counter"),
+           "Counters a stream activator keeps itself (its count actions: keep-alives "
+           "answered locally, wakes by reason...), by the activator's counter name"),
+    Family("fabric_service_stream_wake_seconds", "histogram", _SVC,
+           "A wake as the stream ports see it: from a connection held with no ready "
+           "backend to the backend's first byte relayed to a client"),
+    Family("fabric_service_stream_wake_phase_seconds", "histogram",
+           ("namespace", "service", "phase"),
+           "The phases of a stream port's wake: activate (held until the need was "
+           "raised), connect (until an upstream connection was accepted), first_byte "
+           "(until the backend's first byte reached a client)"),
     # --- tunnels ---
     Family("fabric_tunnel_drops_total", "counter", ("reason",),
            "Tunnel datagrams dropped, by reason (the core's, the socket's, the kernel "

@@ -9,6 +9,7 @@ exposition format is fabric.runtime.prometheus.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -21,6 +22,8 @@ from fabric.runtime.families import new
 from fabric.runtime.namespace import Namespace
 from fabric.runtime.prometheus import Metric
 from fabric.services.core import WAKE_PHASES, Service
+from fabric.streams.core import WAKE_PHASES as STREAM_WAKE_PHASES
+from fabric.streams.front import StreamFront
 from gateway.uplink import Uplink
 from tunnels.core import DROPS as TUNNEL_DROPS
 from tunnels.core import EVENTS as TUNNEL_EVENTS
@@ -169,6 +172,20 @@ async def collect(fab: Fabric) -> list[Metric]:
         hooks = ns.services.hooks if ns is not None and ns.services is not None else None
         for sv in s["services"]:
             _service_samples(f, n, sv, hooks)
+            hosts = ns.services.hosts.get(sv["name"]) if ns is not None and \
+                ns.services is not None else None
+            if hosts:
+                summed: dict[str, int] = {}
+                for host in hosts.values():
+                    for k, v in dataclasses.asdict(host.stats).items():
+                        summed[k] = summed.get(k, 0) + v
+                for k, v in summed.items():
+                    f.add("fabric_activator_total", {"namespace": n, "service": sv["name"],
+                                                     "counter": k}, v)
+            fronts = ns.services.fronts.get(sv["name"]) if ns is not None and \
+                ns.services is not None else None
+            if fronts:
+                _stream_samples(f, n, sv["name"], list(fronts.values()))
     if snap["uplink"] is not None:
         port_samples({"namespace": "", "pod": "(uplink)"}, snap["uplink"])
     t = snap["tunnel"]
@@ -200,6 +217,35 @@ def _service_samples(f: _Families, n: str, sv: dict[str, Any], hooks: Any) -> No
     f.add("fabric_service_wake_seconds", lab, sv["wake"])
     for phase, h in sv["phases"].items():
         f.add("fabric_service_wake_phase_seconds", {**lab, "phase": phase}, h)
+
+
+def _stream_samples(f: _Families, n: str, service: str, fronts: list[StreamFront]
+                    ) -> None:
+    """A service's stream ports (fabric.streams), summed over its ports."""
+    lab = {"namespace": n, "service": service}
+    ports = [fr.status() for fr in fronts]
+    f.add("fabric_service_streams", lab, sum(p["streams"] for p in ports))
+    totals: dict[str, int] = {}
+    guest: dict[str, int] = {}
+    for p in ports:
+        for k, v in p["counters"].items():
+            totals[k] = totals.get(k, 0) + v
+        for k, v in p["guest_counters"].items():
+            guest[k] = guest.get(k, 0) + v
+    for k, v in totals.items():
+        f.add("fabric_service_stream_total", {**lab, "counter": k}, v)
+    for k, v in guest.items():
+        f.add("fabric_service_activator_total", {**lab, "counter": k}, v)
+    cores = [fr.core for fr in fronts]
+    wake = cores[0].wake_seconds.snapshot()
+    for c in cores[1:]:
+        wake = wake.merged(c.wake_seconds.snapshot())
+    f.add("fabric_service_stream_wake_seconds", lab, wake)
+    for phase in STREAM_WAKE_PHASES:
+        h = cores[0].wake_phase_seconds[phase].snapshot()
+        for c in cores[1:]:
+            h = h.merged(c.wake_phase_seconds[phase].snapshot())
+        f.add("fabric_service_stream_wake_phase_seconds", {**lab, "phase": phase}, h)
 
 
 async def _tunnel_samples(f: _Families, fab: Fabric, t: dict[str, Any]) -> None:

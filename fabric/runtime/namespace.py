@@ -155,6 +155,8 @@ class Namespace:
                 if stack is not None else None)
         self.probes = ProbeRunner(self.dispatch, self.dataplane, pool)
         self.dataplane.post(self.dataplane.add_owner, self.probes, self.router)
+        if pool is not None:  # probes' SYN-ACKs end them as the router sees them
+            self.dataplane.post(setattr, self.router, "synack", self.probes.synack)
         self.services = ServiceManager(self.name, self.dataplane, self.dispatch,
                                        self.probes, self.signals, self.bus.emit,
                                        self._backend_state, stack)

@@ -330,7 +330,7 @@ class Service:
             if b.marked and not b.probed and not b.parked and b.probe_due <= now:
                 # While clients wait, probe fast: the wake is only as quick as the probe
                 # that sees the backend's port accept.
-                b.probe_due = now + (ACTIVE_PROBE_INTERVAL if self._hold else
+                b.probe_due = now + (ACTIVE_PROBE_INTERVAL if self._waiting else
                                      self.probe_interval)
                 out.append((b.name, str(b.addr), port))
                 self.counters["probes"] += 1
@@ -344,7 +344,7 @@ class Service:
             return
         b.probed = ok
         if not ok:
-            b.probe_due = now + (ACTIVE_PROBE_INTERVAL if self._hold else self.probe_interval)
+            b.probe_due = now + (ACTIVE_PROBE_INTERVAL if self._waiting else self.probe_interval)
         self._update_ready(now)
 
     def is_ready(self, b: Backend) -> bool:
@@ -690,6 +690,11 @@ class Service:
             self._wake_start = self._wake_mark = now
             self._wake_phase = 0
         self.demand.rise(reason, flow, now)
+
+    @property
+    def _waiting(self) -> bool:
+        """Clients wait for a backend: held packets, or a stream port that needs one."""
+        return bool(self._hold) or any(self._stream_active.values())
 
     @property
     def _busy(self) -> bool:

@@ -96,6 +96,7 @@ class ServiceManager:
         self.specs: dict[str, ServiceSpec] = {}
         self.hosts: dict[str, dict[tuple[int, int], ActivatorHost]] = {}
         self.fronts: dict[str, dict[int, StreamFront]] = {}
+        self._removing: dict[str, asyncio.Future[None]] = {}  # VIPs leaving the stack
         self._loop = asyncio.get_running_loop()
         self.hooks = HookRunner(namespace, emit, started=self._hook_started)
         self._loop.add_reader(signals.fd, self._on_signals)
@@ -152,7 +153,9 @@ class ServiceManager:
             front.close()
         if fronts and self.stack is not None:
             stack = self.stack
-            self._loop.run_in_executor(None, _quietly, stack.remove_address, str(spec.ip))
+            vip = str(spec.ip)
+            self._removing[vip] = self._loop.run_in_executor(None, _quietly,
+                                                             stack.remove_address, vip)
         self._post(self._remove_here, svc, list(self.hosts.pop(name, {}).values()))
 
     def _remove_here(self, svc: Service, hosts: list[ActivatorHost]) -> None:
@@ -205,6 +208,9 @@ class ServiceManager:
                        port=p.port, error=f"stream activator: {why}")
             return None
         vip = str(spec.ip)
+        removing = self._removing.pop(vip, None)
+        if removing is not None:  # the same VIP of a service just removed (a re-apply)
+            await removing
         try:
             await asyncio.to_thread(stack.add_address, vip)
             listener = await asyncio.to_thread(stack.listen_tcp, vip, p.port)
@@ -315,7 +321,8 @@ class ServiceManager:
             row = svc.status()
             row["activators"] = {
                 str(port) + ("" if proto == 6 else "/udp"):
-                    {"module": host.label, **dataclasses.asdict(host.stats)}
+                    {"module": host.label, **dataclasses.asdict(host.stats),
+                     "last_failure": host.last_failure}
                 for (port, proto), host in self.hosts.get(name, {}).items()}
             rows.append({"namespace": self.namespace, **row})
         return rows

@@ -125,10 +125,14 @@ class ProbeRunner:
         self._inflight: dict[int, tuple[socket.socket, Service, str, float]] = {}
         self._per_backend: dict[tuple[Service, str], int] = {}
         self._last_ok: dict[tuple[Service, str], float] = {}
+        # (backend address, port, our port) -> fd of the probe in flight: its SYN-ACK,
+        # seen by the router, ends it (event-driven) before the local stack takes it.
+        self._by_tuple: dict[tuple[bytes, int, int], int] = {}
+        self._tuple_of: dict[int, tuple[bytes, int, int]] = {}
         # failed counts every unsuccessful probe, timed_out those of them that got no
         # answer at all; no_socket the probes that could not start (the pool was empty).
         self.counters = {"started": 0, "succeeded": 0, "failed": 0, "timed_out": 0,
-                         "no_socket": 0}
+                         "no_socket": 0, "synack_seen": 0}
 
     # --- Timed -------------------------------------------------------------------------------
 
@@ -180,6 +184,13 @@ class ProbeRunner:
         self._per_backend[key] = self._per_backend.get(key, 0) + 1
         fd = sock.fileno()
         self._inflight[fd] = (sock, svc, backend, now)
+        try:
+            t = (socket.inet_aton(ip), port, sock.getsockname()[1])
+        except OSError:
+            t = None
+        if t is not None:
+            self._by_tuple[t] = fd
+            self._tuple_of[fd] = t
         self.watcher.watch_writable(fd, lambda fd=fd: self._writable(fd), "probe", self)
 
     def _writable(self, fd: int) -> None:
@@ -189,8 +200,21 @@ class ProbeRunner:
         err = p[0].getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         self._done(fd, err == 0, time.monotonic())
 
+    def synack(self, src: bytes, sport: int, dport: int, now: float) -> None:
+        """A pod's SYN-ACK to the gateway (the router, on this thread): if it answers a
+        probe in flight, the backend's port accepts now. The probe's socket is closed,
+        so the local stack answers the SYN-ACK with a reset and the backend never sees
+        an accepted connection it must read."""
+        fd = self._by_tuple.get((src, sport, dport))
+        if fd is not None and fd in self._inflight:
+            self.counters["synack_seen"] += 1
+            self._done(fd, True, now)
+
     def _done(self, fd: int, ok: bool, now: float) -> None:
         sock, svc, backend, started = self._inflight.pop(fd)
+        t = self._tuple_of.pop(fd, None)
+        if t is not None:
+            self._by_tuple.pop(t, None)
         self.watcher.unwatch(fd)
         sock.close()
         key = (svc, backend)
@@ -217,6 +241,9 @@ class ProbeRunner:
         for fd, p in list(self._inflight.items()):
             if p[1] is svc:
                 self._inflight.pop(fd)
+                t = self._tuple_of.pop(fd, None)
+                if t is not None:
+                    self._by_tuple.pop(t, None)
                 self.watcher.unwatch(fd)
                 p[0].close()
         for key in [k for k in self._per_backend if k[0] is svc]:
@@ -229,6 +256,8 @@ class ProbeRunner:
             self.watcher.unwatch(fd)
             p[0].close()
         self._inflight.clear()
+        self._by_tuple.clear()
+        self._tuple_of.clear()
         self._per_backend.clear()
         if self.pool is not None:
             self.pool.close()

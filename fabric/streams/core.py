@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from fabric.activator import abi
+from fabric.histogram import WAKE_BUCKETS, Histogram
 
 # --- commands for the shell: (kind, stream id, argument) -----------------------------------
 SEND_CLIENT = 1  # arg: bytes
@@ -56,6 +57,10 @@ MAX_STREAMS = 4096
 STREAM_BUFFER = 256 << 10
 MAX_CHUNK = 64 << 10  # bytes per stream_data event
 MAX_GUEST_COUNTERS = 32
+# A wake as a stream port sees it: a connection held with no ready backend -> the need
+# raised (activate sent) -> the first upstream connection accepted -> the first byte
+# from the backend relayed to a client.
+WAKE_PHASES = ("activate", "connect", "first_byte")
 _COUNTER_NAME = re.compile(r"[a-z0-9_]{1,32}\Z")
 
 COUNTERS = (
@@ -118,6 +123,13 @@ class StreamCore:
         self._next_tick: float | None = None
         self._told_ready: bool | None = None
         self._waiting = 0  # streams in WAITING
+        self._hello = False  # a recreated instance is yet to hear of the backends
+        self.wake_seconds = Histogram(WAKE_BUCKETS)
+        self.wake_phase_seconds = {p: Histogram(WAKE_BUCKETS) for p in WAKE_PHASES}
+        self._wake_t0: float | None = None
+        self._wake_mark = 0.0
+        self._wake_stage = 0  # phases done
+        self._now = 0.0
 
     # --- what the shell reports --------------------------------------------------------
 
@@ -132,6 +144,9 @@ class StreamCore:
             sid = (sid + 1) & 0xFFFFFFFF
         self._next_sid = (sid + 1) & 0xFFFFFFFF
         live[sid] = Stream(sid, peer, now)
+        if not self.ready and self._wake_t0 is None:
+            self._wake_t0 = self._wake_mark = now
+            self._wake_stage = 0
         self.counters["streams_opened"] += 1
         if self._next_tick is None:
             self._next_tick = now + TICK_INTERVAL
@@ -159,6 +174,7 @@ class StreamCore:
             self._flush(now)
 
     def client_closed(self, sid: int, now: float, reset: bool = False) -> None:
+        self._now = now
         s = self.streams.get(sid)
         if s is None:
             return
@@ -170,27 +186,34 @@ class StreamCore:
             self._guest(now, abi.StreamClose(sid))
         elif s.mode == WAITING:
             self._end(s)
+            self._update_need()
 
     def upstream_result(self, sid: int, ok: bool, now: float) -> None:
+        self._now = now
         s = self.streams.get(sid)
         if s is None or s.up != UP_CONNECTING:
             return
         s.up = UP_OPEN if ok else UP_NONE
         if not ok:
             self.counters["upstream_failed"] += 1
+        elif self._wake_t0 is not None and self._wake_stage == 1:
+            self._wake_step(now)
         if s.mode == GUEST:
             self._guest(now, abi.UpstreamConnectResult(sid, 1 if ok else 0))
         elif s.mode == WAITING:
             if ok:
                 self._proxy(s)
-            elif not self._connect(s, self.target_port):
-                pass  # no backend left: wait for one, until the hold timeout
+            # else: tried again on the next tick (a refusing backend is not hammered),
+            # until the hold timeout
+            self._update_need()
 
     def upstream_data(self, sid: int, data: bytes, now: float) -> None:
         s = self.streams.get(sid)
         if s is None or s.mode == SPLICED:
             return
         self.counters["bytes_from_backends"] += len(data)
+        if self._wake_stage == 2:
+            self.first_byte(now)
         if s.transparent:
             s.pending_down += data
         if s.mode == GUEST:
@@ -200,6 +223,7 @@ class StreamCore:
             self._flush(now)
 
     def upstream_closed(self, sid: int, now: float) -> None:
+        self._now = now
         s = self.streams.get(sid)
         if s is None or s.up in (UP_NONE, UP_CLOSED):
             return
@@ -208,6 +232,26 @@ class StreamCore:
             self._guest(now, abi.UpstreamClosed(sid))
         elif s.mode == WAITING:
             self._end(s, close=True)
+            self._update_need()
+
+    def first_byte(self, now: float) -> None:
+        """A backend's byte reached a client (the shell reports it for spliced pairs):
+        the end of a wake in progress."""
+        if self._wake_t0 is not None and self._wake_stage == 2:
+            self._wake_step(now)
+            self.wake_seconds.observe(max(0.0, now - self._wake_t0))
+            self._wake_t0 = None
+
+    @property
+    def waking(self) -> bool:
+        """A wake waits for its first byte (the shell reports it for spliced pairs)."""
+        return self._wake_t0 is not None and self._wake_stage == 2
+
+    def _wake_step(self, now: float) -> None:
+        phase = WAKE_PHASES[self._wake_stage]
+        self.wake_phase_seconds[phase].observe(max(0.0, now - self._wake_mark))
+        self._wake_mark = now
+        self._wake_stage += 1
 
     def splice_ended(self, sid: int, now: float) -> None:
         """A spliced pair has ended on both sides (the shell closed it)."""
@@ -221,6 +265,8 @@ class StreamCore:
 
     def backends(self, ready: list[str], now: float) -> None:
         """The service's ready backends (addresses) changed."""
+        self._now = now
+
         self.ready = list(ready)
         has = bool(self.ready)
         if has != self._told_ready:
@@ -245,10 +291,14 @@ class StreamCore:
         if t is not None and now < t:
             return
         self._next_tick = now + TICK_INTERVAL
+        self._now = now
         for s in list(self.streams.values()):
-            if s.mode == WAITING and now - s.opened >= self.hold_timeout:
-                self.counters["fallback_timeouts"] += 1
-                self._end(s, close=True)
+            if s.mode == WAITING:
+                if now - s.opened >= self.hold_timeout:
+                    self.counters["fallback_timeouts"] += 1
+                    self._end(s, close=True)
+                elif s.up == UP_NONE and self.ready:
+                    self._connect(s, self.target_port)
         if any(s.mode == GUEST for s in self.streams.values()):
             self.counters["ticks"] += 1
             self._guest(now, abi.Tick(int(now * 1000)))
@@ -268,6 +318,12 @@ class StreamCore:
         self._flush(now)
 
     def _flush(self, now: float) -> None:
+        self._now = now
+        if self._hello and self._events:
+            self._hello = False
+            if self.ready:
+                self._told_ready = True
+                self._events.insert(0, abi.BackendAvailable())
         while self._events:
             events = self._events
             self._events = []
@@ -397,7 +453,6 @@ class StreamCore:
         it as proxies when it only relayed their bytes, and close otherwise."""
         self.counters["guest_failures"] += 1
         self.guest_need = abi.NEED_NONE
-        self._told_ready = None  # the new instance must hear where the backends stand
         for s in list(self.streams.values()):
             if s.mode != GUEST:
                 continue
@@ -416,9 +471,9 @@ class StreamCore:
                     self._end(s, close=True)
                 else:
                     self._connect(s, self.target_port)
-        if self.ready:
-            self._told_ready = True
-            self._events.append(abi.BackendAvailable())
+        # The new instance hears where the backends stand with the next call (not in
+        # this one: a guest failing on every call must not keep this loop going).
+        self._hello = True
 
     def _proxy(self, s: Stream) -> None:
         """A waiting transparent stream has its upstream: what the guest had not passed on
@@ -436,7 +491,9 @@ class StreamCore:
         out.append((SPLICE, s.sid, None))
 
     def _update_need(self) -> None:
-        self.need = abi.NEED_ACTIVE if self._waiting else self.guest_need
+        self.need = need = abi.NEED_ACTIVE if self._waiting else self.guest_need
+        if need == abi.NEED_ACTIVE and self._wake_t0 is not None and self._wake_stage == 0:
+            self._wake_step(self._now)
 
     # --- status -------------------------------------------------------------------------
 
@@ -447,4 +504,13 @@ class StreamCore:
         return {"streams": len(self.streams), "relayed_by_guest": modes[GUEST],
                 "waiting": modes[WAITING], "spliced": modes[SPLICED],
                 "need": ("none", "traffic", "active")[self.need],
-                "counters": dict(self.counters), "guest_counters": dict(self.guest_counters)}
+                "counters": dict(self.counters), "guest_counters": dict(self.guest_counters),
+                "wake": _summary(self.wake_seconds),
+                "phases": {p: _summary(h) for p, h in self.wake_phase_seconds.items()}}
+
+
+def _summary(h: Histogram) -> dict[str, float]:
+    """A histogram for people (the metrics export the buckets)."""
+    snap = h.snapshot()
+    n = snap.count
+    return {"count": n, "mean_ms": round(snap.sum / n * 1000, 3) if n else 0.0}

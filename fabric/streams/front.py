@@ -416,6 +416,8 @@ class StreamFront:
         except OSError:
             self._splice_done(pair)
             return
+        if pipes[1].moved and self.core.waking:
+            self.core.first_byte(self.loop.time())
         if pipes[0].eof and pipes[1].eof:
             self._splice_done(pair)
             return

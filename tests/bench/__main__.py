@@ -21,7 +21,20 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any
 
-from tests.bench import cni, dns, egress, floods, http2, ping, scale, services, tcp, tunnel, udp
+from tests.bench import (
+    cni,
+    dns,
+    egress,
+    floods,
+    http2,
+    ping,
+    scale,
+    services,
+    streams,
+    tcp,
+    tunnel,
+    udp,
+)
 from tests.bench.common import Report, Settings, fmt, render, table
 from tests.bench.topo import leftovers
 
@@ -36,6 +49,7 @@ BENCHMARKS: dict[str, Callable[[Settings], Report]] = {
     services.NAME: services.run,
     floods.NAME: floods.run,
     cni.NAME: cni.run,
+    streams.NAME: streams.run,
     http2.NAME: http2.run,
 }
 

@@ -59,6 +59,16 @@ def test_stream_port_holds_then_splices(sandbox: Sandbox) -> None:
     c = st["counters"]
     assert c["streams_opened"] >= 50 and c["spliced"] >= 50, st
     assert c["upstream_connects"] >= 50 and c["guest_failures"] == 0, st
+    # The wake as the stream port saw it, in its phases, in the status and the metrics.
+    assert st["wake"]["count"] == 1, st["wake"]
+    assert all(st["phases"][p]["count"] == 1 for p in ("activate", "connect", "first_byte"))
+    from fabric.control.client import ControlClient
+
+    text = ControlClient(d.control).get_text("/metrics")
+    assert 'fabric_service_stream_total{namespace="shop",service="web",counter="spliced"}' \
+        in text, text[-2000:]
+    assert 'fabric_service_stream_wake_phase_seconds_count{namespace="shop",service="web",' \
+        'phase="first_byte"} 1' in text
     # No open connection and need none: the service idles and its hook stops the server.
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -142,3 +152,36 @@ def test_guest_failing_mid_stream_hands_streams_to_the_proxy(sandbox: Sandbox) -
         out.stdout, out.stderr, d.log()[-3000:])
     st = d.get("/v1/services")[0]["streams"]["7000"]["counters"]
     assert st["guest_failures"] >= 1 and st["fallback_proxied"] >= 1, st
+
+
+def test_a_backend_that_does_not_read_cannot_grow_the_daemons_memory(
+        sandbox: Sandbox) -> None:
+    """streamtrap relays through the host's queues (no splice): a client pushing 64 MiB
+    at a backend that never reads is stopped by back-pressure (its send times out), and
+    what the daemon queues stays within the per-stream bound."""
+    wasm = os.path.join(ROOT, "activators", "testing", "streamtrap.wasm")
+    d, client, web = setup(sandbox, [{
+        "name": "sink", "ip": VIP, "backends": ["web-1"],
+        "ports": [{"port": 7000, "target_port": 7000, "activator": wasm}]}])
+    sandbox.popen(web, sys.executable, "-c",
+                  "import socket,time\n"
+                  "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
+                  "s.bind(('0.0.0.0',7000)); s.listen(); conns=[]\n"
+                  "while True: conns.append(s.accept()[0])\n")
+    sandbox.wait_port(web, 7000)
+    out = sandbox.run(client, sys.executable, "-c",
+                      "import socket\n"
+                      f"c=socket.create_connection(({VIP!r},7000),timeout=5)\n"
+                      "sent=0\n"
+                      "try:\n"
+                      "    while sent < 64<<20:\n"
+                      "        sent += c.send(b'x'*65536)\n"
+                      "except TimeoutError:\n"
+                      "    pass\n"
+                      "print(sent)\n", check=False, timeout=60)
+    assert out.returncode == 0, (out.stderr, d.log()[-3000:])
+    sent = int(out.stdout)
+    assert sent < 48 << 20, sent  # stopped well before the end
+    st = d.get("/v1/services")[0]["streams"]["7000"]
+    assert st["streams"] == 1 and st["queued_bytes"] <= 4 * 256 * 1024 + 65536, st
+    assert st["counters"]["buffer_overflow"] == 0, st

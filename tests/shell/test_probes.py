@@ -163,3 +163,32 @@ def test_without_a_local_stack_a_probe_succeeds_at_once() -> None:
     dispatch.set_backend(svc, "web", "10.10.0.3", True, 1.0)
     runner.handle_timer(1.0)
     assert svc.has_ready
+
+
+def test_a_probe_ends_on_the_backends_syn_ack_seen_by_the_router() -> None:
+    """The router hands the probes the SYN-ACKs pods send to the gateway: one that
+    answers a probe in flight (backend address, port, the probe's own port) admits the
+    backend at once, without waiting for the socket; any other is ignored."""
+    port = free_port()
+    r = Router("shop", "10.10.0.0/24")
+    dispatch = ServiceDispatch(r)
+    w = FakeWatcher()
+    runner = ProbeRunner(dispatch, w, SocketPool(loopback_sockets, size=8))
+    svc = Service("site", "10.10.0.100", (PortSpec(80, port, "tcp"),))
+    try:
+        dispatch.add(svc)
+        dispatch.set_backend(svc, "web", LOCAL, True, 10.0)
+        runner.handle_timer(10.0)  # nothing listens: the probe's SYN gets no SYN-ACK
+        ((fd, _),) = w.watched.items()
+        ours = runner._tuple_of[fd][2]  # the probe socket's own port
+        backend = socket.inet_aton(LOCAL)
+        runner.synack(backend, port + 1, ours, 10.001)  # another port: not our probe
+        runner.synack(socket.inet_aton("10.10.0.9"), port, ours, 10.001)  # another pod
+        assert not svc.has_ready and runner.counters["synack_seen"] == 0
+        runner.synack(backend, port, ours, 10.002)
+        assert svc.has_ready and runner.counters["synack_seen"] == 1
+        assert not w.watched and runner.counters["succeeded"] == 1
+        runner.synack(backend, port, ours, 10.003)  # a retransmitted SYN-ACK: nothing more
+        assert runner.counters["synack_seen"] == 1
+    finally:
+        runner.close()

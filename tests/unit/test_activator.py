@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -347,3 +349,22 @@ def test_an_unclosed_host_does_not_hang_the_interpreter_exit() -> None:
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                        timeout=60, cwd=ROOT)
     assert r.returncode == 0, r.stderr
+
+
+def test_a_trap_is_reported_with_its_cause_frames_fuel_and_events(caplog: Any) -> None:
+    """What a person needs to act on a trap: the cause, where in the module, the fuel
+    the call used and the batch that caused it; in the log line and in the host's
+    last_failure (shown by fabricd get services -o json)."""
+    with ActivatorHost(HOSTILE / "trap.wasm") as host, \
+            caplog.at_level(logging.WARNING, logger="fabric.activator.host"):
+        assert host.process(80, [A.Tick(1), A.Packet(7, 0, b"E" + bytes(39))]) is None
+        f = host.last_failure
+        assert f is not None and f["reason"] == "traps" and f["during"] == "process"
+        assert "unreachable" in f["message"] and f["frames"], f
+        assert f["events"] == "2: tick, packet(#7, 40 B)", f
+        line = caplog.records[-1].getMessage()
+        assert "unreachable" in line and "packet(#7, 40 B)" in line and "fuel used" in line
+    with ActivatorHost(HOSTILE / "loop.wasm", fuel_per_call=100_000) as host:
+        assert host.process(80, [A.Packet(1, 0, b"E" + bytes(39))]) is None
+        f = host.last_failure
+        assert f is not None and f["reason"] == "out_of_fuel" and f["fuel_used"] == 100_000

@@ -720,9 +720,9 @@ def test_cli_get_tables(harness: Harness, capsys: pytest.CaptureFixture[str]) ->
     assert cli.main(["get", "svc", "--control", harness.path]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["NAMESPACE", "NAME", "IP", "PORTS", "STATE", "NEED", "HELD",
-                                "FLOWS", "BACKENDS", "WAKES"]
+                                "FLOWS", "BACKENDS", "WAKES", "STREAMS", "STREAM-WAKE(ms)"]
     assert lines[1].split() == ["blue", "api", "10.1.0.100", "80->8080/tcp", "dormant",
-                                "false", "3/180B", "0", "api-1(not-ready)", "1"]
+                                "false", "3/180B", "0", "api-1(not-ready)", "1", "-", "-"]
     assert cli.main(["get", "peers", "--control", harness.path]) == 0
     assert "No peers found" in capsys.readouterr().err
 

@@ -23,7 +23,7 @@ ALLOWED: dict[str, set[str]] = {
     "fabric.config": {"fabric.config.specs", "fabric.errors"},
     "fabric.router": {"fabric.net", "fabric.flows", "fabric.config.specs"},
     "fabric.activator": set(),
-    "fabric.streams": {"fabric.activator"},
+    "fabric.streams": {"fabric.activator", "fabric.histogram"},
     "fabric.services": {"fabric.net", "fabric.flows", "fabric.config.specs", "fabric.router",
                         "fabric.activator", "fabric.histogram", "fabric.streams"},
     "fabric.ports": {"fabric.errors", "fabric.config.specs", "fabric.net"},

@@ -1192,3 +1192,23 @@ def test_capture_sees_both_directions_with_times() -> None:
     net.r.attach("c", c, 7.0)
     assert seen[-1] == ("c", 7.0, to_pod(MAC_C, udp_packet(IP_A, IP_C, 1, 2, b"held", ttl=63)),
                         True)
+
+
+def test_syn_acks_to_the_gateway_are_told_to_the_probes() -> None:
+    """A pod's SYN-ACK to the gateway address (a probe's answer) is handed to the hook
+    with its ports before the local stack gets it; other segments and other
+    destinations are not."""
+    net = Net()
+    local = Port(vnet=False, mtu=1500, l3=True)
+    net.r.attach_local(local)
+    seen: list[tuple[bytes, int, int]] = []
+    net.r.synack = lambda src, sport, dport, now: seen.append((src, sport, dport))
+    a_ip = bytes([10, 0, 0, 2])
+    synack = packets.tcp_packet(a_ip, GW, 8080, 40001, 1, 2, packets.TCP_SYN | packets.TCP_ACK, b"")
+    outs = net.ip(net.a, synack, 1.0)
+    assert seen == [(a_ip, 8080, 40001)]
+    assert outs and outs[0][0] is local  # and the local stack still gets it
+    net.ip(net.a, packets.tcp_packet(a_ip, GW, 8080, 40001, 1, 2, packets.TCP_ACK, b""), 1.1)
+    net.ip(net.a, packets.tcp_packet(a_ip, bytes([10, 0, 0, 3]), 8080, 40001, 1, 2,
+                                     packets.TCP_SYN | packets.TCP_ACK, b""), 1.2)
+    assert len(seen) == 1

@@ -1,0 +1,226 @@
+"""The stream host's sans-IO core (fabric.streams.core), driven with bytes and explicit
+time: with the shipped plain stream activator and a hostile one through the real wasm
+host, and with a scripted guest where a test needs a guest to do one odd thing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+
+from fabric.activator import abi
+from fabric.activator.host import ActivatorHost
+from fabric.streams import core as sc
+from fabric.streams.core import StreamCore
+
+ROOT = Path(__file__).resolve().parents[2] / "activators"
+PEER = ("10.0.0.2", 40000)
+
+
+def kinds(cmds: list[sc.Command]) -> list[int]:
+    return [c[0] for c in cmds]
+
+
+@pytest.fixture
+def plain() -> StreamCore:
+    host = ActivatorHost(ROOT / "stream" / "stream.wasm", {"hold_timeout_ms": 2000})
+    assert host.streams
+    return StreamCore(host, 80, 8080, hold_timeout=2.0)
+
+
+def test_plain_activator_holds_until_a_backend_then_splices(plain: StreamCore) -> None:
+    sid = plain.accepted(PEER, 1.0)
+    assert sid is not None and plain.need == abi.NEED_ACTIVE
+    plain.client_data(sid, b"GET / HTTP/1.1\r\n\r\n", 1.1)
+    assert plain.commands() == []  # held: no backend yet
+    plain.backends(["10.0.0.3"], 1.5)
+    assert plain.commands() == [(sc.CONNECT, sid, ("10.0.0.3", 8080))]
+    plain.upstream_result(sid, True, 1.6)
+    assert plain.commands() == [(sc.SEND_UPSTREAM, sid, b"GET / HTTP/1.1\r\n\r\n"),
+                                (sc.SPLICE, sid, None)]
+    assert plain.streams[sid].mode == sc.SPLICED
+    plain.splice_ended(sid, 9.0)
+    assert sid not in plain.streams and plain.need == abi.NEED_NONE
+    assert plain.counters["spliced"] == 1 and plain.counters["streams_closed"] == 1
+
+
+def test_plain_activator_closes_a_stream_held_past_the_timeout(plain: StreamCore) -> None:
+    sid = plain.accepted(PEER, 1.0)
+    assert sid is not None
+    plain.handle_timer(1.2)
+    assert plain.commands() == []
+    plain.handle_timer(3.5)
+    assert kinds(plain.commands()) == [sc.CLOSE_CLIENT, sc.FORGET]
+    assert not plain.streams and plain.next_timer() is None and plain.need == abi.NEED_NONE
+
+
+def test_ticks_only_while_streams_live(plain: StreamCore) -> None:
+    assert plain.next_timer() is None
+    sid = plain.accepted(PEER, 5.0)
+    assert plain.next_timer() == pytest.approx(5.0 + sc.TICK_INTERVAL)
+    plain.client_closed(sid, 5.05)  # holding: the plain activator closes at once
+    plain.commands()
+    plain.handle_timer(5.2)
+    assert plain.next_timer() is None
+
+
+def test_connections_past_max_streams_are_refused() -> None:
+    host = ActivatorHost(ROOT / "stream" / "stream.wasm", {})
+    core = StreamCore(host, 80, 8080, max_streams=3)
+    sids = [core.accepted(("10.0.0.2", 1000 + i), 0.0) for i in range(4)]
+    assert sids[:3] == [1, 2, 3] and sids[3] is None
+    assert core.counters["streams_refused"] == 1
+
+
+def test_guest_failing_on_a_transparent_stream_becomes_a_proxy() -> None:
+    """streamtrap relays bytes itself and traps on TRAP: the chunk of the failed call and
+    nothing else goes upstream, then the host splices the pair."""
+    host = ActivatorHost(ROOT / "testing" / "streamtrap.wasm", {})
+    core = StreamCore(host, 7000, 7000)
+    core.backends(["10.0.0.3"], 0.0)
+    sid = core.accepted(PEER, 0.0)
+    assert sid is not None
+    assert core.commands() == [(sc.CONNECT, sid, ("10.0.0.3", 7000))]
+    core.upstream_result(sid, True, 0.1)
+    core.client_data(sid, b"one ", 0.2)
+    assert core.commands() == [(sc.SEND_UPSTREAM, sid, b"one ")]
+    core.upstream_data(sid, b"one ", 0.3)
+    assert core.commands() == [(sc.SEND_CLIENT, sid, b"one ")]
+    assert core.streams[sid].transparent
+    core.client_data(sid, b"TRAP two", 0.4)
+    assert core.commands() == [(sc.SEND_UPSTREAM, sid, b"TRAP two"), (sc.SPLICE, sid, None)]
+    c = core.counters
+    assert c["guest_failures"] == 1 and c["fallback_proxied"] == 1 and c["spliced"] == 1
+    # A new connection goes to a fresh instance.
+    sid2 = core.accepted(("10.0.0.2", 40001), 0.5)
+    assert core.commands() == [(sc.CONNECT, sid2, ("10.0.0.3", 7000))]
+    # The host's own proxy ending is not told to the guest (no event for a dead instance).
+    core.splice_ended(sid, 1.0)
+    assert sid not in core.streams
+
+
+class Scripted:
+    """A guest whose answers a test writes: `answer(events) -> actions | None`."""
+
+    def __init__(self, answer: Callable[[Sequence[abi.Event]], list[abi.Action] | None]
+                 ) -> None:
+        self.answer = answer
+        self.seen: list[abi.Event] = []
+
+    def process(self, port: int, events: Sequence[abi.Event], streams: int = 0
+                ) -> list[abi.Action] | None:
+        self.seen.extend(events)
+        return self.answer(events)
+
+
+def test_guest_failing_on_a_stream_it_answered_closes_it() -> None:
+    state = {"fail": False}
+
+    def answer(events: Sequence[abi.Event]) -> list[abi.Action] | None:
+        if state["fail"]:
+            return None
+        out: list[abi.Action] = []
+        for e in events:
+            if isinstance(e, abi.StreamData):
+                out.append(abi.DownstreamSend(e.stream_id, b"pong"))  # answered itself
+        return out
+
+    core = StreamCore(Scripted(answer), 5432, 5432)
+    sid = core.accepted(PEER, 0.0)
+    core.client_data(sid, b"ping", 0.1)
+    assert core.commands() == [(sc.SEND_CLIENT, sid, b"pong")]
+    assert not core.streams[sid].transparent
+    state["fail"] = True
+    core.client_data(sid, b"ping", 0.2)
+    assert kinds(core.commands()) == [sc.CLOSE_CLIENT, sc.FORGET]
+    assert core.counters["fallback_closed"] == 1 and not core.streams
+
+
+def test_transparent_stream_without_backend_waits_then_proxies() -> None:
+    state = {"fail": False}
+
+    def answer(events: Sequence[abi.Event]) -> list[abi.Action] | None:
+        if state["fail"]:
+            return None
+        return [abi.SetBackendNeed(abi.NEED_ACTIVE)]
+
+    core = StreamCore(Scripted(answer), 80, 8080, hold_timeout=5.0)
+    sid = core.accepted(PEER, 0.0)
+    core.client_data(sid, b"hello", 0.1)
+    state["fail"] = True
+    core.client_data(sid, b" world", 0.2)
+    assert core.commands() == [] and core.need == abi.NEED_ACTIVE
+    assert core.streams[sid].mode == sc.WAITING
+    core.backends(["10.0.0.9"], 1.0)
+    assert core.commands() == [(sc.CONNECT, sid, ("10.0.0.9", 8080))]
+    core.upstream_result(sid, True, 1.1)
+    assert core.commands() == [(sc.SEND_UPSTREAM, sid, b"hello world"), (sc.SPLICE, sid, None)]
+    assert core.need == abi.NEED_NONE
+
+
+def test_waiting_stream_closes_at_the_hold_timeout() -> None:
+    core = StreamCore(Scripted(lambda ev: None), 80, 8080, hold_timeout=1.0)
+    sid = core.accepted(PEER, 0.0)
+    assert core.streams[sid].mode == sc.WAITING
+    core.handle_timer(1.2)
+    assert kinds(core.commands()) == [sc.CLOSE_CLIENT, sc.FORGET]
+    assert core.counters["fallback_timeouts"] == 1
+
+
+def test_odd_actions_are_dropped_and_counted() -> None:
+    queue: list[list[abi.Action]] = []
+
+    def answer(events: Sequence[abi.Event]) -> list[abi.Action] | None:
+        return queue.pop(0) if queue else []
+
+    core = StreamCore(Scripted(answer), 80, 8080)
+    sid = core.accepted(PEER, 0.0)
+    queue.append([abi.DownstreamSend(999, b"x"), abi.UpstreamSend(sid, b"x"),
+                  abi.Splice(sid), abi.PacketDecision(1, 0), abi.UpstreamConnect(sid, 0),
+                  abi.Count(2, "keepalives_answered"), abi.Count(1, "Bad Name"),
+                  abi.Log(abi.LOG_INFO, "hi")])
+    core.client_data(sid, b"x", 0.1)
+    c = core.counters
+    assert c["bad_actions"] == 2 and c["sends_dropped"] == 1 and c["splice_refused"] == 1
+    assert c["upstream_no_backend"] == 1 and c["count_refused"] == 1
+    assert core.guest_counters == {"keepalives_answered": 2}
+    assert core.logs == [(abi.LOG_INFO, "hi")]
+    # the refused connect is answered at once
+    assert abi.UpstreamConnectResult(sid, 0) in core.guest.seen  # type: ignore[attr-defined]
+
+
+def test_client_reset_ends_the_stream_and_drops_later_sends() -> None:
+    core = StreamCore(Scripted(lambda ev: [abi.DownstreamSend(1, b"late")]), 80, 8080)
+    sid = core.accepted(PEER, 0.0)
+    core.commands()
+    core.client_closed(sid, 0.1, reset=True)
+    assert sid not in core.streams
+    assert kinds(core.commands()) == [sc.FORGET]
+
+
+def test_backend_choice_is_per_client_and_stable() -> None:
+    core = StreamCore(Scripted(lambda ev: [abi.UpstreamConnect(e.stream_id, 0) for e in ev
+                                           if isinstance(e, abi.StreamOpen)]), 80, 8080)
+    core.backends(["10.0.0.3", "10.0.0.4"], 0.0)
+    chosen = set()
+    for i in range(64):
+        sid = core.accepted(("10.0.0.2", 30000 + i), 0.0)
+        (cmd,) = core.commands()
+        assert cmd[0] == sc.CONNECT and cmd[1] == sid
+        chosen.add(cmd[2][0])  # type: ignore[index]
+    assert chosen == {"10.0.0.3", "10.0.0.4"}
+
+
+def test_a_half_closed_request_still_reaches_the_backend(plain: StreamCore) -> None:
+    """A client that sends its request and shuts its side (shutdown(SHUT_WR)) while the
+    service sleeps: the request is held, then sent, and the pair spliced (the splice
+    carries the end on)."""
+    sid = plain.accepted(PEER, 1.0)
+    plain.client_data(sid, b"QUERY", 1.1)
+    plain.client_closed(sid, 1.2)
+    assert plain.commands() == [] and sid in plain.streams
+    plain.backends(["10.0.0.3"], 1.5)
+    assert plain.commands() == [(sc.CONNECT, sid, ("10.0.0.3", 8080))]
+    plain.upstream_result(sid, True, 1.6)
+    assert plain.commands() == [(sc.SEND_UPSTREAM, sid, b"QUERY"), (sc.SPLICE, sid, None)]
