@@ -106,6 +106,7 @@ typedef struct {
 typedef struct {
     u8 data[TBL_CAP];
     u32 off[TBL_ENT], nl[TBL_ENT], vl[TBL_ENT];
+    u8 sidx[TBL_ENT];      /* the static index of the entry's name, 0: none */
     u32 head, n, size, max, wpos;
 } hptable;
 
@@ -168,7 +169,9 @@ static const u8 MAGIC[24] = {'P','R','I',' ','*',' ','H','T','T','P','/','2','.'
 /* ---- small helpers ---- */
 static u32 slen(const char *s) { u32 n = 0; while (s[n]) n++; return n; }
 static u32 ST_NLEN[62], ST_VLEN[62];
-static u8 ST_HASH[128];  /* open addressing: name hash -> first static index with that name */
+static u8 ST_HASH[128];
+static u8 ST_FIRST[62];  /* the first static index with the same name */
+#define SI_UNKNOWN 0xffu  /* open addressing: name hash -> first static index with that name */
 
 static u32 name_hash(const u8 *n, u32 len) {
     return (len * 31u + n[0] * 7u + n[len - 1]) & 127u;
@@ -274,7 +277,22 @@ static void tbl_fit(hptable *t, u32 need) {
     while (t->n && t->size + need > t->max) tbl_evict(t);
 }
 
-static void tbl_insert(hptable *t, const u8 *name, u32 nl, const u8 *val, u32 vl) {
+/* Copy n bytes in / out of the ring at off, in at most two pieces (no byte loops). */
+static u32 ring_put(hptable *t, u32 off, const u8 *src, u32 n) {
+    u32 first = TBL_CAP - off < n ? TBL_CAP - off : n;
+    if (first) CPY(t->data + off, src, first);
+    if (n > first) CPY(t->data, src + first, n - first);
+    return (off + n) % TBL_CAP;
+}
+
+static u32 ring_get(const hptable *t, u32 off, u8 *dst, u32 n) {
+    u32 first = TBL_CAP - off < n ? TBL_CAP - off : n;
+    if (first) CPY(dst, t->data + off, first);
+    if (n > first) CPY(dst + first, t->data, n - first);
+    return (off + n) % TBL_CAP;
+}
+
+static void tbl_insert(hptable *t, const u8 *name, u32 nl, const u8 *val, u32 vl, u32 si) {
     u32 sz = nl + vl + 32;
     if (sz > t->max) {
         while (t->n) tbl_evict(t);
@@ -285,16 +303,18 @@ static void tbl_insert(hptable *t, const u8 *name, u32 nl, const u8 *val, u32 vl
     t->off[t->head] = t->wpos;
     t->nl[t->head] = nl;
     t->vl[t->head] = vl;
-    for (u32 i = 0; i < nl; i++) { t->data[t->wpos] = name[i]; t->wpos = (t->wpos + 1) % TBL_CAP; }
-    for (u32 i = 0; i < vl; i++) { t->data[t->wpos] = val[i]; t->wpos = (t->wpos + 1) % TBL_CAP; }
+    t->sidx[t->head] = (u8)si;
+    t->wpos = ring_put(t, t->wpos, name, nl);
+    t->wpos = ring_put(t, t->wpos, val, vl);
     t->n++;
     t->size += sz;
 }
 
 /* Copy entry idx (1-based HPACK index) into NAMEB/VALB; -1 if out of range. */
-static int tbl_get(hptable *t, u32 idx, u32 *nl, u32 *vl, int want_value) {
+static int tbl_get(hptable *t, u32 idx, u32 *nl, u32 *vl, int want_value, u32 *si) {
     if (idx == 0) return -1;
     if (idx <= 61) {
+        *si = ST_FIRST[idx];
         *nl = ST_NLEN[idx];
         CPY(NAMEB, ST_NAME[idx], *nl);
         *vl = 0;
@@ -304,13 +324,13 @@ static int tbl_get(hptable *t, u32 idx, u32 *nl, u32 *vl, int want_value) {
     u32 d = idx - 62;
     if (d >= t->n) return -1;
     u32 slot = (t->head + TBL_ENT - d) % TBL_ENT;
-    u32 o = t->off[slot];
     *nl = t->nl[slot];
-    for (u32 i = 0; i < *nl; i++) { NAMEB[i] = t->data[o]; o = (o + 1) % TBL_CAP; }
+    *si = t->sidx[slot];
+    u32 o = ring_get(t, t->off[slot], NAMEB, *nl);
     *vl = 0;
     if (want_value) {
         *vl = t->vl[slot];
-        for (u32 i = 0; i < *vl; i++) { VALB[i] = t->data[o]; o = (o + 1) % TBL_CAP; }
+        ring_get(t, o, VALB, *vl);
     }
     return 0;
 }
@@ -366,15 +386,15 @@ static u32 parse_gto(const u8 *v, u32 n) {
     return (u32)ms;
 }
 
-/* One decoded header field: re-encode it without touching the backend's table. */
-static void re_field(reenc *r, u32 nl, u32 vl, int never) {
+/* One decoded header field: re-encode it without touching the other peer's table. si is
+ * the static index of its name if known (SI_UNKNOWN: look it up); returns it. */
+static u32 re_field(reenc *r, u32 nl, u32 vl, int never, u32 si) {
     if (nl == 12 && eqn(NAMEB, nl, "content-type", 12) && vl >= 16 &&
         eqn(VALB, 16, "application/grpc", 16))
         r->grpc = 1;
     if (nl == 12 && eqn(NAMEB, nl, "grpc-timeout", 12)) r->gto = parse_gto(VALB, vl);
-    if (r->too_big) return;
-    u32 save = r->len, name_idx = 0;
-    if (nl) {
+    u32 save = r->len, name_idx = si == SI_UNKNOWN ? 0 : si;
+    if (si == SI_UNKNOWN && nl) {
         for (u32 h = name_hash(NAMEB, nl); ST_HASH[h]; h = (h + 1) & 127u) {
             u32 i = ST_HASH[h];
             if (!eqn(NAMEB, nl, ST_NAME[i], ST_NLEN[i])) continue;
@@ -382,11 +402,12 @@ static void re_field(reenc *r, u32 nl, u32 vl, int never) {
             break;
         }
     }
+    if (r->too_big) return name_idx;
     for (u32 i = name_idx; !never && i && i <= 61 && eqn(NAMEB, nl, ST_NAME[i], ST_NLEN[i]);
          i++) {
         if (eqn(VALB, vl, ST_VALUE[i], ST_VLEN[i])) {
             if (re_int(r, 0x80, 7, i)) goto big;
-            return;
+            return name_idx;
         }
     }
     if (name_idx) {
@@ -397,10 +418,11 @@ static void re_field(reenc *r, u32 nl, u32 vl, int never) {
         if (re_str(r, NAMEB, nl)) goto big;
     }
     if (re_str(r, VALB, vl)) goto big;
-    return;
+    return name_idx;
 big:
     r->len = save;
     r->too_big = 1;
+    return name_idx;
 }
 
 /* Decode a whole block against the client's table; 0 ok, -1 COMPRESSION_ERROR. */
@@ -409,10 +431,10 @@ static int hp_decode(hptable *t, const u8 *p, u32 len, reenc *r) {
     r->len = r->too_big = r->grpc = r->gto = 0;
     while (pos < len) {
         u8 b = p[pos];
-        u32 idx, nl, vl;
+        u32 idx, nl, vl, si = SI_UNKNOWN;
         if (b & 0x80) {
-            if (hp_int(p, len, &pos, 7, &idx) || tbl_get(t, idx, &nl, &vl, 1)) return -1;
-            re_field(r, nl, vl, 0);
+            if (hp_int(p, len, &pos, 7, &idx) || tbl_get(t, idx, &nl, &vl, 1, &si)) return -1;
+            re_field(r, nl, vl, 0, si);
             seen = 1;
         } else if ((b & 0xe0) == 0x20) {
             if (seen || hp_int(p, len, &pos, 5, &idx) || idx > TBL_CAP) return -1;
@@ -423,7 +445,7 @@ static int hp_decode(hptable *t, const u8 *p, u32 len, reenc *r) {
             int incr = (b & 0x40) != 0, never = (b & 0xf0) == 0x10;
             if (hp_int(p, len, &pos, bits, &idx)) return -1;
             if (idx) {
-                if (tbl_get(t, idx, &nl, &vl, 0)) return -1;
+                if (tbl_get(t, idx, &nl, &vl, 0, &si)) return -1;
             } else {
                 i32 n = hp_str(p, len, &pos, NAMEB);
                 if (n < 0) return -1;
@@ -432,8 +454,8 @@ static int hp_decode(hptable *t, const u8 *p, u32 len, reenc *r) {
             i32 v = hp_str(p, len, &pos, VALB);
             if (v < 0) return -1;
             vl = (u32)v;
-            re_field(r, nl, vl, never);
-            if (incr) tbl_insert(t, NAMEB, nl, VALB, vl);
+            si = re_field(r, nl, vl, never, si);
+            if (incr) tbl_insert(t, NAMEB, nl, VALB, vl, si);
             seen = 1;
         }
     }
@@ -630,7 +652,7 @@ static strm *new_stream(conn *c, u32 id) {
     for (u32 k = 0; k < NSTREAMS; k++) {
         strm *s = &c->st[((id >> 1) + k) % NSTREAMS];
         if (s->flags & F_USED) continue;
-        memset(s, 0, sizeof *s);
+        __builtin_memset(s, 0, sizeof *s);
         s->id = id;
         s->flags = F_USED;
         s->c_send = c->c_init;
@@ -1457,9 +1479,12 @@ FAB_EXPORT(fab_init) i32 fab_init(const u8 *cfg, u32 len) {
     for (u32 i = 1; i <= 61; i++) { ST_NLEN[i] = slen(ST_NAME[i]); ST_VLEN[i] = slen(ST_VALUE[i]); }
     for (u32 i = 0; i < 128; i++) ST_HASH[i] = 0;
     for (u32 i = 1; i <= 61; i++) {
+        ST_FIRST[i] = (u8)i;
         if (i > 1 && ST_NLEN[i] == ST_NLEN[i - 1] &&
-            eqn((const u8 *)ST_NAME[i], ST_NLEN[i], ST_NAME[i - 1], ST_NLEN[i]))
+            eqn((const u8 *)ST_NAME[i], ST_NLEN[i], ST_NAME[i - 1], ST_NLEN[i])) {
+            ST_FIRST[i] = ST_FIRST[i - 1];
             continue;  /* same name as the entry before: found through that one */
+        }
         u32 h = name_hash((const u8 *)ST_NAME[i], ST_NLEN[i]);
         while (ST_HASH[h]) h = (h + 1) & 127u;
         ST_HASH[h] = (u8)i;
