@@ -389,6 +389,32 @@ def _peer_path(peer: str) -> str:
     return f"/v1/peers/{quote(peer, safe='')}"
 
 
+def cmd_activator(args: argparse.Namespace) -> int:
+    target = args.target
+    port: int | None = None
+    if ":" in target:
+        target, _, ptext = target.rpartition(":")
+        if not ptext.isdigit() or not 0 < int(ptext) < 65536:
+            raise UsageError(f"{args.target}: the port after ':' must be a port number")
+        port = int(ptext)
+    ns, _, service = target.partition("/")
+    if not ns or not service:
+        raise UsageError(f"{args.target}: expected NS/SERVICE or NS/SERVICE:PORT")
+    body: dict[str, Any] = {}
+    if port is not None:
+        body["port"] = port
+    if args.module:  # a file (made absolute: the daemon's cwd is not ours), or a name
+        m = args.module
+        body["module"] = os.path.abspath(m) if m.endswith(".wasm") or os.sep in m else m
+    with _client(args) as client:
+        rows = client.post(f"/v1/namespaces/{quote(ns, safe='')}/services/"
+                           f"{quote(service, safe='')}/activator/reload", body)
+    for r in rows:
+        gen = f", generation {r['generation']}" if r.get("generation") else ""
+        _out(f"{ns}/{r['service']}:{r['port']}: activator reloaded ({r['module']}{gen})")
+    return 0
+
+
 def cmd_peer(args: argparse.Namespace) -> int:
     action = args.peer_action
     with _client(args) as client:
@@ -644,6 +670,15 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("--endpoint", metavar="HOST:PORT",
                            help="where the peer listens ('none': wait for it to call)")
             q.add_argument("--public-key", metavar="KEY", help="its base64 public key")
+
+    p = add("activator", cmd_activator, "work with a running daemon's activators")
+    acts = p.add_subparsers(dest="activator_action", metavar="ACTION", required=True)
+    q = add("reload", cmd_activator, "swap a service port's activator for a fresh load "
+            "(new flows and streams go to it; live streams stay with the old one)",
+            [control], where=acts)
+    q.add_argument("target", metavar="NS/SERVICE[:PORT]")
+    q.add_argument("module", nargs="?", metavar="FILE",
+                   help="the new .wasm (default: the configured module, read again)")
 
     p = add("completion", cmd_completion, "print a shell completion script")
     p.add_argument("shell", choices=("bash", "zsh"))

@@ -107,6 +107,8 @@ class FabricAPI(Protocol):
     def recent_events(self, ns: str | None, pod: str | None,
                       service: str | None) -> list[dict[str, Any]]: ...
     async def get_drops(self, ns: str | None = None) -> list[dict[str, Any]]: ...
+    async def reload_activator(self, ns: str, service: str, port: int | None,
+                               module: str | None) -> list[dict[str, Any]]: ...
     def monitor(self, ns: str | None, pod: str | None, reason: str | None) -> Subscription: ...
 
 
@@ -591,6 +593,8 @@ class ControlServer:
             Route("/v1/namespaces/{ns}/pods/{pod}/capture", {"GET": self._capture}),
             Route("/v1/pods", {"GET": self._list_pods}),
             Route("/v1/services", {"GET": self._list_services}),
+            Route("/v1/namespaces/{ns}/services/{svc}/activator/reload",
+                  {"POST": self._reload_activator}),
             Route("/v1/peers", {"GET": self._list_peers}),
             Route("/v1/peers/{peer}", {"PUT": self._put_peer, "DELETE": self._delete_peer}),
             Route("/v1/peers/{peer}/rekey", {"POST": self._rekey_peer}),
@@ -709,6 +713,19 @@ class ControlServer:
     async def _rekey_peer(self, req: Request, peer: str) -> Response:
         await _call(self.fabric.rekey_peer, peer)
         return json_response({"ok": True, "peer": peer})
+
+    async def _reload_activator(self, req: Request, ns: str, svc: str) -> Response:
+        body = req.json_object() if req.body.strip() else {}
+        if set(body) - {"port", "module"}:
+            raise BadRequest('body must be {"port": N, "module": "PATH.wasm"} (both optional)')
+        port, module = body.get("port"), body.get("module")
+        if port is not None and (not isinstance(port, int) or isinstance(port, bool)
+                                 or not 0 < port < 65536):
+            raise BadRequest(f"port must be a port number, not {port!r}")
+        if module is not None and (not isinstance(module, str) or not module):
+            raise BadRequest("module must be a .wasm path or a shipped activator's name")
+        rows = await _call(self.fabric.reload_activator, ns, svc, port, module)
+        return json_response(rows)
 
     async def _metrics(self, req: Request) -> Response:
         families = list(await _call(self.fabric.metrics)) + self._own_metrics()

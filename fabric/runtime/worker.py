@@ -498,6 +498,18 @@ class Fabric:
 
     # --- services ------------------------------------------------------------------------
 
+    async def reload_activator(self, namespace: str, service: str, port: int | None = None,
+                               module: str | None = None) -> list[dict[str, Any]]:
+        """Swap a service port's activator (all its activator ports without `port`) for
+        a fresh load of `module` (a .wasm path or a shipped name; default: the configured
+        one). New flows and streams go to the new module, live streams stay with the old
+        until they end; a module that cannot load, instantiate or init is refused
+        (ActivatorRefused, 422) and the old one keeps serving."""
+        ns = self._ns(namespace)
+        if ns.services is None:
+            raise NotFound(f"namespace {namespace} has no services")
+        return await ns.services.reload_activator(service, port, module)
+
     async def apply_service(self, namespace: str,
                             spec: Mapping[str, Any] | ServiceSpec) -> dict[str, Any]:
         """Add a service or replace the one with its name (same validation as the config

@@ -237,6 +237,20 @@ class ServiceDispatch:
             self._take_signals(svc)
         return out
 
+    def replace_activator(self, svc: Service, key: tuple[int, int], host: Activator) -> None:
+        """A reload on a packet port: the next packet goes to `host` (the service's core
+        holds the packets, so nothing held moves); it hears where the backends stand."""
+        hosts = self.activators.get(svc)
+        if hosts is None:
+            return
+        old = hosts.get(key)
+        hosts[key] = host
+        if svc.has_ready:
+            host.process(key[0], [abi.BackendAvailable()])
+        close = getattr(old, "close", None)
+        if close is not None and old is not host:
+            close()
+
     def _to_stack(self, svc: Service, buf: bytearray, ip: int) -> bool:
         """Whether a TCP packet to the VIP belongs to the local stack: to a port a stream
         activator terminates there, or a backend's reply to a connection from the VIP."""

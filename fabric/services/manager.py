@@ -26,6 +26,7 @@ from typing import Any, NamedTuple, Protocol, TypeVar
 
 from fabric.activator.host import ActivatorHost
 from fabric.config.specs import PortSpec, ServiceSpec
+from fabric.errors import FabricError, NotFound
 from fabric.services.core import Service
 from fabric.services.demand import Signal
 from fabric.services.dispatch import Activator, ServiceDispatch, SignalQueue, StreamWatch
@@ -35,6 +36,10 @@ from fabric.streams.core import StreamCore
 from fabric.streams.front import StreamFront
 
 log = logging.getLogger("fabricd.services")
+
+# Upstream sockets of a stream port made at once when its pool ran dry (each batch is one
+# call onto the local stack's thread).
+UPSTREAM_BATCH = 128
 
 T = TypeVar("T")
 
@@ -172,14 +177,10 @@ class ServiceManager:
         activates without. The guest may name again as many packets as the service holds
         (``max_held``: how many actions of an answer are read beyond its per-call share).
         The config gets the port's facts unless it sets them (ABI.md, "Streams")."""
-        name, config, port = p.activator, p.activator_config, p.port
+        name, port = p.activator, p.port
         path = Path(name) if name.endswith(".wasm") else shipped_activator(name)
         try:
-            cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
-            cfg.setdefault("port", p.port)
-            cfg.setdefault("target_port", p.target_port)
-            cfg.setdefault("hold_timeout_ms", int(spec.hold.timeout * 1000))
-            cfg.setdefault("hold_bytes", spec.hold.bytes)
+            cfg = _config(spec, p)
             host = await asyncio.to_thread(ActivatorHost, path, cfg,
                                            max_held=spec.hold.packets,
                                            label=f"{self.namespace}/{spec.name}:{port}")
@@ -225,12 +226,14 @@ class ServiceManager:
 
         def upstream_socket() -> Any:
             sock = pool.take()
-            if sock is None:
+            if sock is None:  # a burst (a wake storm): one cross-thread call for a batch
                 try:
-                    sock = stack.tcp_sockets(vip, 1)[0]
+                    socks = stack.tcp_sockets(vip, UPSTREAM_BATCH)
                 except Exception as e:  # the stack is closing
                     log.warning("%s: no socket for an upstream connection: %s", where, e)
                     return None
+                sock = socks.pop()
+                pool.add(socks)
             return sock
 
         core = StreamCore(host, p.port, p.target_port, hold_timeout=spec.hold.timeout,
@@ -241,6 +244,75 @@ class ServiceManager:
                             f"namespace {self.namespace}: service {spec.name}:{p.port}")
         log.info("%s: streams terminated at %s:%d by %s", where, vip, p.port, p.activator)
         return front
+
+    async def reload_activator(self, service: str, port: int | None = None,
+                               module: str | None = None) -> list[dict[str, Any]]:
+        """Swap the activator of a service's port(s) for a fresh load of `module` (by
+        default the configured one): new flows and streams go to it, live streams stay
+        with the old module until they end. A module that cannot load, instantiate or
+        init is refused with its reason and the old one keeps serving."""
+        spec = self.specs.get(service)
+        if spec is None:
+            raise NotFound(f"service {self.namespace}/{service} not found")
+        ports = [p for p in spec.ports if p.activator != "none"
+                 and (port is None or p.port == port)]
+        if not ports:
+            what = f"port {port}" if port is not None else "any port"
+            raise NotFound(f"service {self.namespace}/{service} has no activator on {what}")
+        out = []
+        for p in ports:
+            new = dataclasses.replace(p, activator=module) if module else p
+            host = await self._load_checked(spec, new)
+            key = (p.port, 6 if p.protocol == "tcp" else 17)
+            front = self.fronts.get(service, {}).get(p.port)
+            if front is not None and not host.streams:
+                host.close()
+                raise ActivatorRefused(f"{host.label}: works on packets, but port {p.port} "
+                                       "is a stream port; the old module keeps serving")
+            if front is None and host.streams:
+                host.close()
+                raise ActivatorRefused(f"{host.label}: works on streams, but port {p.port} "
+                                       "is a packet port (re-apply the service to change "
+                                       "that); the old module keeps serving")
+            if front is not None:
+                generation = front.reload(host)
+            else:
+                self._post(self.dispatch.replace_activator, self.by_name[service], key, host)
+                generation = None
+            self.hosts.setdefault(service, {})[key] = host
+            row = {"service": service, "port": p.port, "module": host.label,
+                   "streams": host.streams, "generation": generation}
+            out.append(row)
+            self._emit("activator_reloaded", self.namespace, None, **row)
+            log.info("namespace %s: service %s port %d: activator reloaded from %s%s",
+                     self.namespace, service, p.port, new.activator,
+                     f" (generation {generation})" if generation else "")
+        return out
+
+    async def _load_checked(self, spec: ServiceSpec, p: PortSpec) -> ActivatorHost:
+        """Load, check, compile and instantiate (ABI version, exports, init) a module
+        off the event loop; ActivatorRefused with the reason when any step fails."""
+        path = Path(p.activator) if p.activator.endswith(".wasm") else shipped_activator(
+            p.activator)
+
+        def load() -> ActivatorHost:
+            host = ActivatorHost(path, _config(spec, p), max_held=spec.hold.packets,
+                                 label=f"{self.namespace}/{spec.name}:{p.port}")
+            inst = host.instance(p.port)
+            if inst._store is None:
+                f = host.last_failure or {}
+                host.close()
+                raise ActivatorRefused(f"{path}: {f.get('reason', 'unusable')}: "
+                                       f"{f.get('message', '')}; the old module keeps "
+                                       "serving")
+            return host
+
+        try:
+            return await asyncio.to_thread(load)
+        except ActivatorRefused:
+            raise
+        except Exception as e:
+            raise ActivatorRefused(f"{e}; the old module keeps serving") from None
 
     def _stream_backends(self, service: str, ready: list[str]) -> None:
         for front in self.fronts.get(service, {}).values():
@@ -333,3 +405,22 @@ def _quietly(fn: Callable[..., Any], *args: Any) -> None:
         fn(*args)
     except Exception as e:  # the stack may be closing with the namespace
         log.debug("%s%s: %s", getattr(fn, "__name__", fn), args, e)
+
+
+def _config(spec: ServiceSpec, p: PortSpec) -> dict[str, Any]:
+    """The JSON config a port's module gets: its activator_config, plus the port's facts
+    unless it sets them (activators/ABI.md, "Streams")."""
+    config = p.activator_config
+    cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
+    cfg.setdefault("port", p.port)
+    cfg.setdefault("target_port", p.target_port)
+    cfg.setdefault("hold_timeout_ms", int(spec.hold.timeout * 1000))
+    cfg.setdefault("hold_bytes", spec.hold.bytes)
+    return cfg
+
+
+class ActivatorRefused(FabricError):
+    """A reload's module cannot be used (the old one keeps serving)."""
+
+    status = 422
+    code = "activator_refused"

@@ -75,6 +75,12 @@ class SocketPool:
         except IndexError:
             return None
 
+    def add(self, socks: list[socket.socket]) -> None:
+        """Sockets made elsewhere (a burst that emptied the pool made a batch)."""
+        for s in socks:
+            s.setblocking(False)
+        self._ready.extend(socks)
+
     def refill(self) -> None:
         if self._asked or self._closed:
             return

@@ -79,11 +79,28 @@ class Guest(Protocol):
                 ) -> list[abi.Action] | None: ...
 
 
+class Generation:
+    """One module of the port (a reload adds one): new streams go to the newest, a
+    stream stays with the one it opened on until it ends."""
+
+    __slots__ = ("guest", "number", "events", "need", "told_ready", "hello", "nstreams")
+
+    def __init__(self, guest: Guest, number: int) -> None:
+        self.guest = guest
+        self.number = number
+        self.events: list[abi.Event] = []
+        self.need = abi.NEED_NONE
+        self.told_ready: bool | None = None
+        self.hello = False  # a recreated instance is yet to hear of the backends
+        self.nstreams = 0
+
+
 @dataclass(slots=True)
 class Stream:
     sid: int
     peer: tuple[str, int]
     opened: float
+    gen: Generation | None = None
     mode: int = GUEST
     client_open: bool = True  # the client may still send
     client_reset: bool = False  # sends to the client are pointless
@@ -103,7 +120,9 @@ class StreamCore:
     def __init__(self, guest: Guest, port: int, target_port: int, *,
                  hold_timeout: float = 30.0, max_streams: int = MAX_STREAMS,
                  stream_buffer: int = STREAM_BUFFER, label: str = "") -> None:
-        self.guest = guest
+        self.gen = Generation(guest, 1)
+        self.gens = [self.gen]
+        self.retired: list[Guest] = []  # generations done with: the shell closes them
         self.port = port
         self.target_port = target_port
         self.hold_timeout = hold_timeout
@@ -115,21 +134,43 @@ class StreamCore:
         self.guest_counters: dict[str, int] = {}
         self.logs: list[tuple[int, str]] = []  # (level, text) for the shell to log
         self.ready: list[str] = []  # ready backends' addresses
-        self.guest_need = abi.NEED_NONE
         self.need = abi.NEED_NONE
         self._next_sid = 1
         self._out: list[Command] = []
-        self._events: list[abi.Event] = []
         self._next_tick: float | None = None
-        self._told_ready: bool | None = None
         self._waiting = 0  # streams in WAITING
-        self._hello = False  # a recreated instance is yet to hear of the backends
         self.wake_seconds = Histogram(WAKE_BUCKETS)
         self.wake_phase_seconds = {p: Histogram(WAKE_BUCKETS) for p in WAKE_PHASES}
         self._wake_t0: float | None = None
         self._wake_mark = 0.0
         self._wake_stage = 0  # phases done
         self._now = 0.0
+
+    @property
+    def guest(self) -> Guest:
+        """The module new streams go to."""
+        return self.gen.guest
+
+    @property
+    def guest_need(self) -> int:
+        return max(g.need for g in self.gens)
+
+    def replace_guest(self, guest: Guest, now: float) -> int:
+        """A reload: new streams go to `guest`; live ones stay with their module until
+        they end (then it is retired). Returns the new generation's number."""
+        old = self.gen
+        self.gen = Generation(guest, old.number + 1)
+        self.gen.hello = True  # it hears where the backends stand with its first call
+        self.gens.append(self.gen)
+        if old.nstreams == 0:
+            self._retire(old)
+        self._update_need()
+        return self.gen.number
+
+    def _retire(self, g: Generation) -> None:
+        if g is not self.gen and g in self.gens:
+            self.gens.remove(g)
+            self.retired.append(g.guest)
 
     # --- what the shell reports --------------------------------------------------------
 
@@ -143,14 +184,16 @@ class StreamCore:
         while sid in live or sid == 0:
             sid = (sid + 1) & 0xFFFFFFFF
         self._next_sid = (sid + 1) & 0xFFFFFFFF
-        live[sid] = Stream(sid, peer, now)
+        gen = self.gen
+        live[sid] = Stream(sid, peer, now, gen)
+        gen.nstreams += 1
         if not self.ready and self._wake_t0 is None:
             self._wake_t0 = self._wake_mark = now
             self._wake_stage = 0
         self.counters["streams_opened"] += 1
         if self._next_tick is None:
             self._next_tick = now + TICK_INTERVAL
-        self._guest(now, abi.StreamOpen(sid, self.port))
+        self._guest(gen, now, abi.StreamOpen(sid, self.port))
         return sid
 
     def client_data(self, sid: int, data: bytes, now: float) -> None:
@@ -169,8 +212,9 @@ class StreamCore:
                     s.pending_down.clear()
         if s.mode == GUEST:
             ev = abi.StreamData
+            q = s.gen.events  # type: ignore[union-attr]
             for i in range(0, len(data), MAX_CHUNK):
-                self._events.append(ev(sid, data[i:i + MAX_CHUNK]))
+                q.append(ev(sid, data[i:i + MAX_CHUNK]))
             self._flush(now)
 
     def client_closed(self, sid: int, now: float, reset: bool = False) -> None:
@@ -183,7 +227,7 @@ class StreamCore:
         if s.mode == GUEST:
             if reset:
                 self._end(s)
-            self._guest(now, abi.StreamClose(sid))
+            self._guest(s.gen, now, abi.StreamClose(sid))
         elif s.mode == WAITING:
             self._end(s)
             self._update_need()
@@ -199,7 +243,7 @@ class StreamCore:
         elif self._wake_t0 is not None and self._wake_stage == 1:
             self._wake_step(now)
         if s.mode == GUEST:
-            self._guest(now, abi.UpstreamConnectResult(sid, 1 if ok else 0))
+            self._guest(s.gen, now, abi.UpstreamConnectResult(sid, 1 if ok else 0))
         elif s.mode == WAITING:
             if ok:
                 self._proxy(s)
@@ -218,8 +262,9 @@ class StreamCore:
             s.pending_down += data
         if s.mode == GUEST:
             ev = abi.UpstreamData
+            q = s.gen.events  # type: ignore[union-attr]
             for i in range(0, len(data), MAX_CHUNK):
-                self._events.append(ev(sid, data[i:i + MAX_CHUNK]))
+                q.append(ev(sid, data[i:i + MAX_CHUNK]))
             self._flush(now)
 
     def upstream_closed(self, sid: int, now: float) -> None:
@@ -229,7 +274,7 @@ class StreamCore:
             return
         s.up = UP_CLOSED
         if s.mode == GUEST:
-            self._guest(now, abi.UpstreamClosed(sid))
+            self._guest(s.gen, now, abi.UpstreamClosed(sid))
         elif s.mode == WAITING:
             self._end(s, close=True)
             self._update_need()
@@ -258,10 +303,10 @@ class StreamCore:
         s = self.streams.get(sid)
         if s is None or s.mode != SPLICED:
             return
-        del self.streams[sid]
+        self._remove(s)
         self.counters["streams_closed"] += 1
         if s.guest_splice:
-            self._guest(now, abi.StreamClose(sid))
+            self._guest(s.gen, now, abi.StreamClose(sid))
 
     def backends(self, ready: list[str], now: float) -> None:
         """The service's ready backends (addresses) changed."""
@@ -269,9 +314,11 @@ class StreamCore:
 
         self.ready = list(ready)
         has = bool(self.ready)
-        if has != self._told_ready:
-            self._told_ready = has
-            self._guest(now, abi.BackendAvailable() if has else abi.BackendUnavailable())
+        for g in self.gens:
+            if has != g.told_ready:
+                g.told_ready = has
+                g.events.append(abi.BackendAvailable() if has else abi.BackendUnavailable())
+        self._flush(now)
         if has:
             for s in list(self.streams.values()):
                 if s.mode == WAITING and s.up == UP_NONE:
@@ -299,10 +346,12 @@ class StreamCore:
                     self._end(s, close=True)
                 elif s.up == UP_NONE and self.ready:
                     self._connect(s, self.target_port)
-        if any(s.mode == GUEST for s in self.streams.values()):
-            self.counters["ticks"] += 1
-            self._guest(now, abi.Tick(int(now * 1000)))
-        self._update_need()
+        tick = abi.Tick(int(now * 1000))
+        for g in self.gens:
+            if g.nstreams:
+                self.counters["ticks"] += 1
+                g.events.append(tick)
+        self._flush(now)
 
     # --- output -------------------------------------------------------------------------
 
@@ -313,33 +362,41 @@ class StreamCore:
 
     # --- the guest ----------------------------------------------------------------------
 
-    def _guest(self, now: float, ev: abi.Event) -> None:
-        self._events.append(ev)
+    def _guest(self, g: Generation | None, now: float, ev: abi.Event) -> None:
+        if g is not None:
+            g.events.append(ev)
         self._flush(now)
 
     def _flush(self, now: float) -> None:
         self._now = now
-        if self._hello and self._events:
-            self._hello = False
-            if self.ready:
-                self._told_ready = True
-                self._events.insert(0, abi.BackendAvailable())
-        while self._events:
-            events = self._events
-            self._events = []
-            actions = self.guest.process(self.port, events, len(self.streams))
-            if actions is None:
-                self._fallback()
-                continue
-            for a in actions:
-                self._apply(a)
+        busy = True
+        while busy:
+            busy = False
+            for g in list(self.gens):
+                if not g.events:
+                    continue
+                busy = True
+                if g.hello:
+                    g.hello = False
+                    has = bool(self.ready)
+                    g.told_ready = has
+                    if has:
+                        g.events.insert(0, abi.BackendAvailable())
+                events = g.events
+                g.events = []
+                actions = g.guest.process(self.port, events, g.nstreams)
+                if actions is None:
+                    self._fallback(g)
+                    continue
+                for a in actions:
+                    self._apply(a, g)
         self._update_need()
 
-    def _apply(self, a: abi.Action) -> None:
+    def _apply(self, a: abi.Action, g: Generation) -> None:
         counters = self.counters
         k = a.KIND
         if k == abi.ACT_SET_BACKEND_NEED:
-            self.guest_need = a.need  # type: ignore[union-attr]
+            g.need = a.need  # type: ignore[union-attr]
             return
         if k == abi.ACT_LOG:
             self.logs.append((a.level, a.message))  # type: ignore[union-attr]
@@ -356,7 +413,7 @@ class StreamCore:
             return
         sid = getattr(a, "stream_id", None)
         s = self.streams.get(sid) if sid is not None else None
-        if s is None or s.mode != GUEST:
+        if s is None or s.mode != GUEST or s.gen is not g:
             counters["bad_actions"] += 1
             return
         if k == abi.ACT_DOWNSTREAM_SEND:
@@ -380,7 +437,7 @@ class StreamCore:
         elif k == abi.ACT_UPSTREAM_CONNECT:
             port = a.port or self.target_port  # type: ignore[union-attr]
             if s.up in (UP_CONNECTING, UP_OPEN) or not self._connect(s, port):
-                self._events.append(abi.UpstreamConnectResult(s.sid, 0))
+                g.events.append(abi.UpstreamConnectResult(s.sid, 0))
         elif k == abi.ACT_DOWNSTREAM_CLOSE:
             self._end(s, close=True)
         elif k == abi.ACT_UPSTREAM_CLOSE:
@@ -434,10 +491,8 @@ class StreamCore:
 
     def _end(self, s: Stream, close: bool = False) -> None:
         """The core is done with `s`: close what is open (after flushing) and forget it."""
-        if self.streams.pop(s.sid, None) is None:
+        if not self._remove(s):
             return
-        if s.mode == WAITING:
-            self._waiting -= 1
         self.counters["streams_closed"] += 1
         out = self._out
         if close and not s.client_reset:
@@ -446,15 +501,28 @@ class StreamCore:
             out.append((CLOSE_UPSTREAM, s.sid, None))
         out.append((FORGET, s.sid, None))
 
+    def _remove(self, s: Stream) -> bool:
+        """Forget `s`; a generation left with no stream (and replaced) is retired."""
+        if self.streams.pop(s.sid, None) is None:
+            return False
+        if s.mode == WAITING:
+            self._waiting -= 1
+        g = s.gen
+        if g is not None:
+            g.nstreams -= 1
+            if g.nstreams == 0 and g is not self.gen:
+                self._retire(g)
+        return True
+
     # --- the fallback -------------------------------------------------------------------
 
-    def _fallback(self) -> None:
+    def _fallback(self, g: Generation) -> None:
         """The guest failed (ABI.md): its events are not lost; its streams go on without
         it as proxies when it only relayed their bytes, and close otherwise."""
         self.counters["guest_failures"] += 1
-        self.guest_need = abi.NEED_NONE
+        g.need = abi.NEED_NONE
         for s in list(self.streams.values()):
-            if s.mode != GUEST:
+            if s.mode != GUEST or s.gen is not g:
                 continue
             if not s.transparent or s.client_reset:
                 self.counters["fallback_closed"] += 1
@@ -473,7 +541,7 @@ class StreamCore:
                     self._connect(s, self.target_port)
         # The new instance hears where the backends stand with the next call (not in
         # this one: a guest failing on every call must not keep this loop going).
-        self._hello = True
+        g.hello = True
 
     def _proxy(self, s: Stream) -> None:
         """A waiting transparent stream has its upstream: what the guest had not passed on
@@ -501,7 +569,8 @@ class StreamCore:
         modes = [0, 0, 0]
         for s in self.streams.values():
             modes[s.mode] += 1
-        return {"streams": len(self.streams), "relayed_by_guest": modes[GUEST],
+        return {"streams": len(self.streams), "generation": self.gen.number,
+                "generations_live": len(self.gens), "relayed_by_guest": modes[GUEST],
                 "waiting": modes[WAITING], "spliced": modes[SPLICED],
                 "need": ("none", "traffic", "active")[self.need],
                 "counters": dict(self.counters), "guest_counters": dict(self.guest_counters),

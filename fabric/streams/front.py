@@ -101,6 +101,13 @@ class StreamFront:
         self.core.backends(ready, self.loop.time())
         self._run()
 
+    def reload(self, guest: Any) -> int:
+        """New streams go to `guest` from now on (live ones stay with their module):
+        the new generation's number."""
+        n = self.core.replace_guest(guest, self.loop.time())
+        self._run()
+        return n
+
     def close(self) -> None:
         """Stop listening and drop every stream (the service went away)."""
         if self._closed:
@@ -184,6 +191,12 @@ class StreamFront:
                         if c is not None and not c.closing:
                             self._close_now(pair, c)
                     self._maybe_done(pair)
+        if core.retired:
+            for guest in core.retired:  # a reloaded module whose last stream ended
+                close = getattr(guest, "close", None)
+                if close is not None:
+                    close()
+            core.retired.clear()
         if core.logs:
             for level, text in core.logs:
                 log.log(_LOG_LEVELS[min(level, 3)], "%s: %s", self.label, text)

@@ -28,8 +28,10 @@ from tests.bench import (
     floods,
     http2,
     ping,
+    postgres,
     scale,
     services,
+    storms,
     streams,
     tcp,
     tunnel,
@@ -50,6 +52,8 @@ BENCHMARKS: dict[str, Callable[[Settings], Report]] = {
     floods.NAME: floods.run,
     cni.NAME: cni.run,
     streams.NAME: streams.run,
+    storms.NAME: storms.run,
+    postgres.NAME: postgres.run,
     http2.NAME: http2.run,
 }
 

@@ -185,3 +185,64 @@ def test_a_backend_that_does_not_read_cannot_grow_the_daemons_memory(
     st = d.get("/v1/services")[0]["streams"]["7000"]
     assert st["streams"] == 1 and st["queued_bytes"] <= 4 * 256 * 1024 + 65536, st
     assert st["counters"]["buffer_overflow"] == 0, st
+
+
+def test_reload_swaps_the_module_by_generation(sandbox: Sandbox) -> None:
+    """`fabricd activator reload`: a live connection stays with the old module, new
+    ones go to the new; modules that cannot serve the port are refused with their
+    reason and the old one keeps serving."""
+    d, client, web = setup(sandbox, [{
+        "name": "echo", "ip": VIP, "backends": ["web-1"],
+        "ports": [{"port": 7000, "target_port": 7000, "activator": "stream"}]}])
+    sandbox.popen(web, sys.executable, "-c",
+                  "import socket,threading\n"
+                  "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
+                  "s.bind(('0.0.0.0',7000)); s.listen()\n"
+                  "def echo(c):\n"
+                  "    while (b:=c.recv(65536)): c.sendall(b)\n"
+                  "    c.close()\n"
+                  "while True:\n"
+                  "    threading.Thread(target=echo,args=(s.accept()[0],)).start()\n")
+    sandbox.wait_port(web, 7000)
+    # A long-lived connection on generation 1: it sends, waits for a file, sends again.
+    gate = os.path.join(sandbox.tmp, "gate")
+    live = sandbox.popen(client, sys.executable, "-c",
+                         "import os,socket,time\n"
+                         f"c=socket.create_connection(({VIP!r},7000),timeout=20)\n"
+                         "c.sendall(b'one'); assert c.recv(10)==b'one'\n"
+                         f"while not os.path.exists({gate!r}): time.sleep(0.05)\n"
+                         "c.sendall(b'two'); assert c.recv(10)==b'two'\n"
+                         "print('ok')\n", stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 10
+    while d.get("/v1/services")[0]["streams"]["7000"]["streams"] < 1:
+        assert time.monotonic() < deadline, d.get("/v1/services")
+        time.sleep(0.05)
+    trap = os.path.join(ROOT, "activators", "testing", "streamtrap.wasm")
+    out = d.cli("activator", "reload", "shop/echo:7000", trap)
+    assert "generation 2" in out, out
+    st = d.get("/v1/services")[0]["streams"]["7000"]
+    assert st["generation"] == 2 and st["generations_live"] == 2, st
+    # A new connection is served by the new module (it relays through the host).
+    r = sandbox.run(client, sys.executable, "-c",
+                    "import socket\n"
+                    f"c=socket.create_connection(({VIP!r},7000),timeout=10)\n"
+                    "c.sendall(b'new'); print(c.recv(10).decode())\n", timeout=30)
+    assert r.stdout.strip() == "new"
+    with open(gate, "w"):
+        pass
+    assert live.communicate(timeout=20)[0].strip() == "ok"
+    # Refused: a packet activator on a stream port, a module without fab_process.
+    for bad, why in (("tcp", "works on packets"),
+                     (os.path.join(ROOT, "activators", "testing", "noexport.wasm"),
+                      "no exported function")):
+        p = subprocess.run(d.cli_argv("activator", "reload", "shop/echo:7000", bad),
+                           capture_output=True, text=True, timeout=30)
+        assert p.returncode != 0 and why in p.stderr and "keeps serving" in p.stderr, p.stderr
+    assert d.get("/v1/services")[0]["streams"]["7000"]["generation"] == 2
+    r = sandbox.run(client, sys.executable, "-c",
+                    "import socket\n"
+                    f"c=socket.create_connection(({VIP!r},7000),timeout=10)\n"
+                    "c.sendall(b'still'); print(c.recv(10).decode())\n", timeout=30)
+    assert r.stdout.strip() == "still"
+    events = [e for e in d.get("/v1/events/recent") if e.get("kind") == "activator_reloaded"]
+    assert events and events[-1]["port"] == 7000, events

@@ -192,3 +192,4 @@ def test_a_probe_ends_on_the_backends_syn_ack_seen_by_the_router() -> None:
         assert runner.counters["synack_seen"] == 1
     finally:
         runner.close()
+

@@ -49,7 +49,8 @@ class StreamGuest:
     # --- events ----------------------------------------------------------------------
 
     def send(self, *events: abi.Event) -> list[abi.Action]:
-        out = self.host.process(self.port, list(events))
+        live = sum(1 for v in self.streams.values() if not v.downstream_closed)
+        out = self.host.process(self.port, list(events), live)
         if out is None:
             self.failed += 1
             return []

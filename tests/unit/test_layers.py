@@ -25,7 +25,8 @@ ALLOWED: dict[str, set[str]] = {
     "fabric.activator": set(),
     "fabric.streams": {"fabric.activator", "fabric.histogram"},
     "fabric.services": {"fabric.net", "fabric.flows", "fabric.config.specs", "fabric.router",
-                        "fabric.activator", "fabric.histogram", "fabric.streams"},
+                        "fabric.activator", "fabric.histogram", "fabric.streams",
+                        "fabric.errors"},
     "fabric.ports": {"fabric.errors", "fabric.config.specs", "fabric.net"},
     # gateway/ and tunnels/ use the bottom layers of fabric/ only.
     "gateway": {"fabric.net", "fabric.flows", "fabric.errors", "fabric.config.specs",

@@ -224,3 +224,37 @@ def test_a_half_closed_request_still_reaches_the_backend(plain: StreamCore) -> N
     assert plain.commands() == [(sc.CONNECT, sid, ("10.0.0.3", 8080))]
     plain.upstream_result(sid, True, 1.6)
     assert plain.commands() == [(sc.SEND_UPSTREAM, sid, b"QUERY"), (sc.SPLICE, sid, None)]
+
+
+def test_a_reload_sends_new_streams_to_the_new_module_and_keeps_live_ones() -> None:
+    """Generations: after replace_guest, a new connection opens on the new module; the
+    live one stays with the old (its actions are still carried out, the new module
+    cannot act on it), and the old module is retired once its last stream ends."""
+    def echo(tag: bytes) -> Callable[[Sequence[abi.Event]], list[abi.Action]]:
+        def answer(events: Sequence[abi.Event]) -> list[abi.Action]:
+            out: list[abi.Action] = []
+            for e in events:
+                if isinstance(e, abi.StreamData):
+                    out.append(abi.DownstreamSend(e.stream_id, tag + e.data))
+                    out.append(abi.DownstreamSend(1, b"meddling"))  # stream 1 is not new's
+            return out
+        return answer
+
+    old, new = Scripted(echo(b"old:")), Scripted(echo(b"new:"))
+    core = StreamCore(old, 80, 8080)
+    s1 = core.accepted(PEER, 0.0)
+    assert core.replace_guest(new, 1.0) == 2
+    s2 = core.accepted(("10.0.0.2", 40001), 1.0)
+    core.commands()
+    core.client_data(s1, b"a", 1.1)
+    assert (sc.SEND_CLIENT, s1, b"old:a") in core.commands()
+    core.client_data(s2, b"b", 1.2)
+    cmds = core.commands()
+    assert (sc.SEND_CLIENT, s2, b"new:b") in cmds and (sc.SEND_CLIENT, 1, b"meddling") \
+        not in cmds
+    assert core.counters["bad_actions"] >= 1
+    assert core.status()["generations_live"] == 2 and not core.retired
+    core.client_closed(s1, 2.0, reset=True)
+    assert core.retired == [old] and core.status()["generations_live"] == 1
+    assert any(isinstance(e, abi.StreamOpen) for e in new.seen)
+    assert not any(isinstance(e, abi.StreamOpen) and e.stream_id == s1 for e in new.seen)

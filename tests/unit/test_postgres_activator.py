@@ -1,0 +1,788 @@
+"""The PostgreSQL stream activator (activators/postgres/) through the real wasm host.
+
+Two kinds of peers: ``StreamGuest`` for exact, step-by-step checks of what the guest
+does with bytes (both sides played by the test, with requests built by
+tests/support/pgwire.py and answers checked against what a real PostgreSQL 15 sent,
+captured below), and ``StreamBridge`` with real peers on both sides (psycopg, psql and
+a raw client on one, a real PostgreSQL on a unix socket on the other).
+
+The captured answers: a PostgreSQL 15.18 (Debian 15.18-0+deb12u1) started by
+``PgServer`` (initdb -A trust, unix socket), one raw session sending each request of
+``FORMS`` in order and recording every byte up to its ReadyForQuery. Recapture with
+``sh scripts/unprivileged .venv/bin/python -m tests.unit.test_postgres_activator``,
+which prints the table below; ``test_captured_answers_are_still_what_the_server_sends``
+re-checks it against the installed server on every run.
+"""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fabric.activator import abi
+from tests.support import pgwire as W
+from tests.support.streambridge import StreamBridge
+from tests.support.streamguest import StreamGuest
+
+ROOT = Path(__file__).resolve().parents[2]
+WASM = ROOT / "activators" / "postgres" / "postgres.wasm"
+NONE, ACTIVE = abi.NEED_NONE, abi.NEED_ACTIVE
+
+SELECT1 = W.parse("SELECT 1") + W.bind() + W.describe(b"P") + W.execute() + W.SYNC
+
+#: request -> what the server answers; in this order on one session (named statements)
+FORMS: dict[str, bytes] = {
+    "q_select1": W.query("SELECT 1"),
+    "q_select1_semi": W.query("  select 1 ;  "),
+    "q_semi": W.query(";"),
+    "q_empty": W.query(""),
+    "x_select1": SELECT1,
+    "x_select1_bin": W.parse("SELECT 1") + W.bind(result_formats=(1,)) + W.describe(b"P")
+    + W.execute() + W.SYNC,
+    "x_select1_nofmt": W.parse("SELECT 1") + W.bind(result_formats=()) + W.describe(b"P")
+    + W.execute() + W.SYNC,
+    "x_semi": W.parse(";") + W.bind() + W.describe(b"P") + W.execute() + W.SYNC,
+    "x_empty": W.parse("") + W.bind() + W.describe(b"P") + W.execute() + W.SYNC,
+    "x_prepare": W.parse("SELECT 1", "s1") + W.SYNC,
+    "x_exec_named": W.bind("", "s1") + W.describe(b"P") + W.execute() + W.SYNC,
+    "x_desc_named": W.describe(b"S", "s1") + W.SYNC,
+    "x_close_named": W.close(b"S", "s1") + W.SYNC,
+    "x_desc_unnamed": W.parse("SELECT 1") + W.describe(b"S") + W.SYNC,
+    "x_desc_empty_stmt": W.parse("") + W.describe(b"S") + W.SYNC,
+    "x_named_portal": W.parse("SELECT 1") + W.bind("p1") + W.describe(b"P", "p1")
+    + W.execute("p1") + W.close(b"P", "p1") + W.SYNC,
+    "x_sync": W.SYNC,
+    "x_maxrows2": W.parse("SELECT 1") + W.bind() + W.execute(max_rows=2) + W.SYNC,
+}
+
+_T = "540000002100013f636f6c756d6e3f00000000000000000000170004ffffffff0000"  # RowDescription
+_D = "440000000b0001000000013143"[:-2]  # DataRow "1"
+_C = "430000000d53454c4543542031005a0000000549"  # CommandComplete SELECT 1, ReadyForQuery I
+CAPTURED: dict[str, str] = {
+    "q_select1": _T + _D + _C,
+    "q_select1_semi": _T + _D + _C,
+    "q_semi": "49000000045a0000000549",
+    "q_empty": "49000000045a0000000549",
+    "x_select1": "3100000004" "3200000004" + _T + _D + _C,
+    "x_select1_bin": "3100000004" "3200000004" + _T[:-4] + "0001"
+    + "440000000e00010000000400000001" + _C,
+    "x_select1_nofmt": "3100000004" "3200000004" + _T + _D + _C,
+    "x_semi": "310000000432000000046e0000000449000000045a0000000549",
+    "x_empty": "310000000432000000046e0000000449000000045a0000000549",
+    "x_prepare": "31000000045a0000000549",
+    "x_exec_named": "3200000004" + _T + _D + _C,
+    "x_desc_named": "7400000006" "0000" + _T + "5a0000000549",
+    "x_close_named": "33000000045a0000000549",
+    "x_desc_unnamed": "3100000004" "7400000006" "0000" + _T + "5a0000000549",
+    "x_desc_empty_stmt": "3100000004740000000600006e000000045a0000000549",
+    "x_named_portal": "3100000004" "3200000004" + _T + _D + _C[:-12] + "3300000004"
+    + "5a0000000549",
+    "x_sync": "5a0000000549",
+    "x_maxrows2": "3100000004" "3200000004" + _D + _C,
+}
+
+GREETING = W.msg(b"R", struct.pack("!i", 0)) + W.msg(b"S", b"server_version\x0015.18\x00") \
+    + W.msg(b"K", struct.pack("!ii", 4242, 77)) + W.msg(b"Z", b"I")
+
+
+def rfq(status: bytes = b"I") -> bytes:
+    return W.msg(b"Z", status)
+
+
+def errors(data: bytes) -> list[dict[str, str]]:
+    """The fields of each ErrorResponse among whole messages."""
+    out = []
+    for t, body in W.split(data):
+        if t == b"E":
+            fields = {}
+            for part in body.rstrip(b"\0").split(b"\0"):
+                fields[part[:1].decode()] = part[1:].decode()
+            out.append(fields)
+    return out
+
+
+@pytest.fixture
+def guest() -> Iterator[Callable[..., StreamGuest]]:
+    made: list[StreamGuest] = []
+
+    def make(**config: object) -> StreamGuest:
+        # need_debounce 0: "none" at once, so each step's level can be checked
+        g = StreamGuest(WASM, {"need_debounce": 0, **config}, port=5432)
+        made.append(g)
+        return g
+
+    yield make
+    for g in made:
+        assert g.failed == 0, "a guest call failed (trap, fuel or malformed answer)"
+        g.close()
+
+
+def session(g: StreamGuest, sid: int = 1, startup: bytes | None = None) -> None:
+    """Open an established, idle session on stream sid (backend played by the test)."""
+    g.open(sid)
+    g.client(sid, startup or W.startup())
+    assert g.streams[sid].connects[-1:] == [0]
+    g.connected(sid)
+    assert g.to_backend(sid) == (startup or W.startup())
+    g.backend(sid, GREETING)
+    assert g.to_client(sid) == GREETING
+    assert g.need == NONE
+
+
+# ---- the handshake -----------------------------------------------------------------
+
+
+def test_ssl_and_gssenc_requests_are_answered_n_without_waking(guest) -> None:
+    g = guest()
+    g.open(1)
+    g.client(1, W.GSSENC_REQUEST)
+    assert g.to_client(1) == b"N"
+    g.client(1, W.SSL_REQUEST)
+    assert g.to_client(1) == b"N"
+    assert g.streams[1].connects == [] and g.need in (None, NONE)
+    g.client(1, W.startup())
+    assert g.streams[1].connects == [0] and g.need == ACTIVE
+
+
+def test_a_second_ssl_request_is_a_protocol_violation(guest) -> None:
+    g = guest()
+    g.open(1)
+    g.client(1, W.SSL_REQUEST + W.SSL_REQUEST)
+    out = g.to_client(1)
+    assert out[:1] == b"N"
+    assert errors(out[1:])[0]["C"] == "08P01" and g.streams[1].downstream_closed
+
+
+def test_ssl_passthrough_wakes_forwards_the_request_and_splices(guest) -> None:
+    g = guest(ssl="passthrough")
+    g.open(1)
+    g.client(1, W.SSL_REQUEST)
+    assert g.to_client(1) == b"" and g.need == ACTIVE and g.streams[1].connects == [0]
+    g.client(1, b"early")  # bytes before the answer are relayed, not parsed
+    g.connected(1)
+    assert g.to_backend(1) == W.SSL_REQUEST + b"early"
+    assert g.streams[1].spliced and g.need == NONE
+
+
+def test_direct_tls_is_passed_through_without_config(guest) -> None:
+    g = guest()
+    g.open(1)
+    hello = bytes.fromhex("160301") + b"\x00\x05hello"
+    g.client(1, hello)
+    assert g.need == ACTIVE and g.streams[1].connects == [0]
+    g.connected(1, ok=False)  # no backend yet: wait for one
+    g.available()
+    assert g.streams[1].connects == [0, 0]
+    g.connected(1)
+    assert g.to_backend(1) == hello and g.streams[1].spliced
+
+
+def test_startup_is_held_until_a_backend_is_up_then_relayed(guest) -> None:
+    g = guest()
+    g.open(1)
+    g.client(1, W.startup(application_name="held"))
+    g.connected(1, ok=False)
+    assert g.need == ACTIVE and g.to_backend(1) == b""
+    g.available()
+    g.connected(1)
+    assert g.to_backend(1) == W.startup(application_name="held")
+    # The authentication exchange is relayed both ways while the session is set up.
+    g.backend(1, W.msg(b"R", struct.pack("!i", 10) + b"SCRAM-SHA-256\0\0"))
+    assert g.to_client(1)[:1] == b"R"
+    g.client(1, W.msg(b"p", b"SCRAM-SHA-256\0" + struct.pack("!i", 3) + b"n,,"))
+    assert g.to_backend(1)[:1] == b"p" and g.need == ACTIVE
+    g.backend(1, GREETING)
+    assert g.to_client(1) == GREETING and g.need == NONE
+
+
+def test_protocol_32_startup_and_long_cancel_keys_are_relayed_untouched(guest) -> None:
+    g = guest()
+    st32 = W.startup(proto=W.PROTO_32, _pq_x="1")
+    session(g, 1, st32)
+    key = bytes(range(32))
+    g.backend(1, W.msg(b"K", struct.pack("!i", 99) + key))
+    assert g.to_client(1) == W.msg(b"K", struct.pack("!i", 99) + key)
+    for klen in (4, 32, 256):
+        cancel = struct.pack("!iii", 12 + klen, 80877102, 99) + bytes(klen)
+        g.open(2)
+        g.client(2, cancel)
+        assert g.streams[2].connects == [0]
+        g.connected(2)
+        assert g.to_backend(2) == cancel
+        assert g.streams[2].upstream_closed and g.streams[2].downstream_closed
+        g.streams.pop(2)
+    assert g.need == NONE  # a cancel does not wake
+
+
+def test_cancel_request_with_no_backend_closes(guest) -> None:
+    g = guest()
+    g.open(1)
+    g.client(1, struct.pack("!iiii", 16, 80877102, 1, 2))
+    g.connected(1, ok=False)
+    assert g.streams[1].downstream_closed and g.to_backend(1) == b""
+    assert g.need in (None, NONE)
+
+
+@pytest.mark.parametrize("data,code", [
+    (struct.pack("!ii", 20000, 3 << 16), "08P01"),       # startup packet too long
+    (struct.pack("!ii", 4, 3 << 16), "08P01"),           # too short
+    (struct.pack("!ii", 8, 2 << 16), "0A000"),           # protocol 2.0
+    (struct.pack("!ii", 12, 80877103) + b"xxxx", "08P01"),  # SSLRequest of 12 bytes
+])
+def test_malformed_startup_gets_a_fatal_error_and_a_close(guest, data: bytes, code: str) -> None:
+    g = guest()
+    g.open(1)
+    g.client(1, data)
+    e = errors(g.to_client(1))
+    assert e[0]["S"] == "FATAL" and e[0]["C"] == code
+    assert g.streams[1].downstream_closed
+
+
+@pytest.mark.parametrize("data", [b"\x01\0\0\0\x05x", b"Q\0\0\0\x02", b"Q\x7f\0\0\0"])
+def test_malformed_messages_in_a_session_get_08p01_and_a_close(guest, data: bytes) -> None:
+    g = guest(max_message_bytes=1 << 20)
+    session(g)
+    g.client(1, data)
+    e = errors(g.to_client(1))
+    assert e and e[0]["S"] == "FATAL" and e[0]["C"] == "08P01"
+    assert g.streams[1].downstream_closed and g.streams[1].upstream_closed
+
+
+# ---- keep-alives answered locally ----------------------------------------------------
+
+
+def test_keepalives_are_answered_locally_with_the_servers_exact_bytes(guest) -> None:
+    g = guest()
+    session(g)
+    for name, request in FORMS.items():
+        g.client(1, request)
+        assert g.to_client(1).hex() == CAPTURED[name], name
+        assert g.to_backend(1) == b"", name
+        assert g.need == NONE, name
+
+
+def test_keepalives_split_across_reads_are_still_answered_locally(guest) -> None:
+    g = guest()
+    session(g)
+    for i in range(len(SELECT1)):
+        g.client(1, SELECT1[i:i + 1])
+    assert g.to_client(1).hex() == CAPTURED["x_select1"] and g.to_backend(1) == b""
+    q = W.query("SELECT 1")
+    g.client(1, q[:7])
+    g.client(1, q[7:])
+    assert g.to_client(1).hex() == CAPTURED["q_select1"] and g.to_backend(1) == b""
+    # a real query split the same way is relayed whole, in order
+    q = W.query("SELECT 2")
+    g.client(1, q[:7])
+    g.client(1, q[7:])
+    assert g.to_backend(1) == q and g.to_client(1) == b""
+
+
+@pytest.mark.parametrize("sql", ["SELECT 2", "SELECT 1; SELECT 1", "SELECT 10", "select1",
+                                 "SELECT 1 -- c", "SELECT 1;;", "BEGIN"])
+def test_other_queries_are_relayed(guest, sql: str) -> None:
+    g = guest()
+    session(g)
+    g.client(1, W.query(sql))
+    assert g.to_backend(1) == W.query(sql) and g.to_client(1) == b"" and g.need == ACTIVE
+    g.backend(1, W.msg(b"C", b"X\0") + rfq())
+    assert g.need == NONE
+
+
+def test_keepalives_inside_a_transaction_or_behind_a_query_are_relayed(guest) -> None:
+    g = guest()
+    session(g)
+    g.client(1, W.query("BEGIN"))
+    g.backend(1, W.msg(b"C", b"BEGIN\0") + rfq(b"T"))
+    assert g.need == ACTIVE
+    g.to_backend(1)
+    g.client(1, W.query("SELECT 1"))
+    assert g.to_backend(1) == W.query("SELECT 1")  # status T: the backend answers
+    g.backend(1, bytes.fromhex(CAPTURED["q_select1"])[:-1] + b"T")
+    g.client(1, W.query("COMMIT"))
+    g.backend(1, W.msg(b"C", b"COMMIT\0") + rfq())
+    assert g.need == NONE
+    g.to_backend(1)
+    g.to_client(1)
+    # pipelined behind a real query: relayed in order
+    g.client(1, W.query("SELECT pg_sleep(1)") + W.query("SELECT 1"))
+    assert g.to_backend(1) == W.query("SELECT pg_sleep(1)") + W.query("SELECT 1")
+    assert g.to_client(1) == b""
+    g.backend(1, rfq())
+    assert g.need == ACTIVE  # one ReadyForQuery still to come
+    g.backend(1, rfq())
+    assert g.need == NONE
+
+
+def test_a_group_that_is_not_all_keepalive_is_relayed_whole(guest) -> None:
+    g = guest()
+    session(g)
+    req = W.parse("SELECT 1") + W.bind() + W.execute() + W.parse("SELECT 2") + W.SYNC
+    g.client(1, req)
+    assert g.to_backend(1) == req and g.to_client(1) == b""
+    assert g.need == ACTIVE
+    # Flush in a group waits for answers without a Sync: relayed at once.
+    g.backend(1, rfq())
+    g.client(1, W.parse("SELECT 1") + W.FLUSH)
+    assert g.to_backend(1) == W.parse("SELECT 1") + W.FLUSH and g.need == ACTIVE
+    # max_rows = 1 answers PortalSuspended: not a keep-alive form we answer
+    g.client(1, W.bind() + W.execute(max_rows=1) + W.SYNC)
+    g.backend(1, rfq())
+    g.to_backend(1)
+    g.client(1, W.parse("SELECT 1") + W.bind() + W.execute(max_rows=1) + W.SYNC)
+    assert g.to_backend(1) != b""
+
+
+def test_local_named_statements_are_created_upstream_before_anything_is_relayed(guest) -> None:
+    g = guest()
+    session(g)
+    g.client(1, W.parse("SELECT 1", "ka") + W.SYNC)
+    assert g.to_client(1).hex() == CAPTURED["x_prepare"] and g.to_backend(1) == b""
+    g.client(1, W.query("SELECT now()"))
+    # The backend first learns "ka", then sees the real query.
+    assert g.to_backend(1) == W.parse("SELECT 1", "ka") + W.SYNC + W.query("SELECT now()")
+    assert g.need == ACTIVE
+    # Its answer to the injected Parse/Sync is swallowed; the query's answer is relayed.
+    answer = W.msg(b"C", b"SELECT 1\0") + rfq()
+    g.backend(1, W.msg(b"1") + rfq()[:3])
+    g.backend(1, rfq()[3:] + answer)
+    assert g.to_client(1) == answer and g.need == NONE
+    # "ka" is still answered locally, and a Close of a backend statement is relayed.
+    g.client(1, FORMS["x_exec_named"].replace(b"s1", b"ka"))
+    assert g.to_client(1).hex() == CAPTURED["x_exec_named"] and g.to_backend(1) == b""
+    g.client(1, W.close(b"S", "ka") + W.SYNC)
+    assert g.to_backend(1) == W.close(b"S", "ka") + W.SYNC
+
+
+# ---- need, holding, timeouts -----------------------------------------------------------
+
+
+def test_a_query_on_a_sleeping_database_is_held_then_relayed_in_order(guest) -> None:
+    g = guest()
+    session(g)
+    g.unavailable()
+    g.client(1, W.query("SELECT 1"))  # keep-alive: answered, no wake
+    assert g.to_client(1).hex() == CAPTURED["q_select1"] and g.need == NONE
+    g.client(1, W.query("INSERT 1") + W.query("SELECT 1"))
+    assert g.to_backend(1) == b"" and g.need == ACTIVE
+    g.available()
+    assert g.to_backend(1) == W.query("INSERT 1") + W.query("SELECT 1")
+    g.backend(1, rfq() + rfq())
+    assert g.need == NONE
+
+
+def test_the_hold_bound_pauses_the_client_and_resumes_it(guest) -> None:
+    g = guest(stream_hold_bytes=4096)
+    session(g)
+    g.unavailable()
+    big = W.query("SELECT '" + "x" * 5000 + "'")
+    g.client(1, big)
+    assert g.streams[1].paused and g.to_backend(1) == b""
+    g.available()
+    assert g.to_backend(1) == big and not g.streams[1].paused
+
+
+def test_hold_timeout_in_a_session_is_error_57p03_then_ready(guest) -> None:
+    g = guest(hold_timeout_ms=1000)
+    session(g)
+    g.unavailable()
+    g.client(1, W.query("SELECT now()") + W.parse("SELECT now()") + W.bind() + W.execute()
+             + W.SYNC + W.parse("x"))
+    g.tick(10)
+    g.tick(500)
+    assert g.to_client(1) == b""
+    g.tick(1020)
+    out = g.to_client(1)
+    types = [t for t, _ in W.split(out)]
+    assert types == [b"E", b"Z", b"E", b"Z", b"E"]
+    assert errors(out)[0] == {"S": "ERROR", "V": "ERROR", "C": "57P03",
+                              "M": errors(out)[0]["M"]}
+    assert g.need == NONE and not g.streams[1].downstream_closed
+    # The unfinished group is skipped up to its Sync, which gets a ReadyForQuery.
+    g.client(1, W.bind() + W.execute() + W.SYNC)
+    assert g.to_client(1) == rfq() and g.to_backend(1) == b""
+    # And the session goes on: keep-alives answered, a query held again.
+    g.client(1, W.query("select 1"))
+    assert g.to_client(1).hex() == CAPTURED["q_select1"]
+
+
+def test_hold_timeout_before_the_session_is_fatal_57p03(guest) -> None:
+    g = guest(hold_timeout_ms=1000)
+    g.open(1)
+    g.client(1, W.startup())
+    g.connected(1, ok=False)
+    g.tick(5)
+    g.tick(1010)
+    e = errors(g.to_client(1))
+    assert e[0]["S"] == "FATAL" and e[0]["C"] == "57P03" and g.streams[1].downstream_closed
+    assert g.need == NONE
+
+
+def test_need_follows_queries_and_transactions_over_many_sessions(guest) -> None:
+    g = guest()
+    for sid in range(1, 21):
+        session(g, sid)
+    assert g.need == NONE
+    g.client(7, W.query("BEGIN"))
+    assert g.need == ACTIVE
+    g.backend(7, rfq(b"T"))
+    assert g.need == ACTIVE
+    for sid in range(1, 21):
+        if sid != 7:
+            g.client(sid, W.query("SELECT 1"))
+            assert g.to_backend(sid) == b""
+    g.client(7, W.query("ROLLBACK"))
+    g.backend(7, rfq(b"I"))
+    assert g.need == NONE
+    g.client_close(3)
+    assert g.streams[3].downstream_closed and g.streams[3].upstream_closed
+
+
+def test_passthrough_hold_timeout_answers_the_ssl_request_with_57p03(guest) -> None:
+    g = guest(ssl="passthrough", hold_timeout_ms=500)
+    g.open(1)
+    g.client(1, W.SSL_REQUEST)
+    g.connected(1, ok=False)
+    g.open(2)
+    g.client(2, b"\x16\x03\x01\x00\x02hi")  # direct TLS: no plaintext answer possible
+    g.connected(2, ok=False)
+    g.tick(1)
+    g.tick(600)
+    e = errors(g.to_client(1))
+    assert e[0]["S"] == "FATAL" and e[0]["C"] == "57P03" and g.streams[1].downstream_closed
+    assert g.to_client(2) == b"" and g.streams[2].downstream_closed
+    assert g.need == NONE
+
+
+def test_many_held_sessions_are_all_relayed_when_the_backend_returns(guest) -> None:
+    g = guest()
+    for sid in range(1, 41):
+        session(g, sid)
+    g.unavailable()
+    for sid in range(1, 41):
+        g.client(sid, W.query(f"SELECT {sid} + 1"))
+    assert g.need == ACTIVE and all(g.to_backend(sid) == b"" for sid in range(1, 41))
+    g.available()
+    g.tick(100)
+    for sid in range(1, 41):
+        assert g.to_backend(sid) == W.query(f"SELECT {sid} + 1"), sid
+        g.backend(sid, rfq())
+    assert g.need == NONE
+
+
+def test_the_backend_going_away_closes_the_client(guest) -> None:
+    g = guest()
+    session(g)
+    fatal = W.msg(b"E", b"SFATAL\0C57P01\0Mterminating\0\0")
+    g.backend(1, fatal)
+    g.backend_close(1)
+    assert g.to_client(1) == fatal and g.streams[1].downstream_closed
+
+
+def test_a_backend_stream_that_does_not_parse_is_spliced(guest) -> None:
+    g = guest()
+    session(g)
+    g.client(1, W.query("SELECT 2"))
+    g.backend(1, b"Z\0\0\0\x09Ixxxx")  # ReadyForQuery of the wrong length
+    assert g.streams[1].spliced and g.to_client(1) == b"Z\0\0\0\x09Ixxxx"
+    assert any("does not parse" in m for _, m in g.logs)
+
+
+def test_terminate_on_a_sleeping_database_closes_without_waking(guest) -> None:
+    g = guest()
+    session(g)
+    g.unavailable()
+    g.client(1, W.TERMINATE)
+    assert g.streams[1].downstream_closed and g.need == NONE and g.to_backend(1) == b""
+
+
+def test_counters_say_what_was_answered_and_why_it_woke(guest) -> None:
+    g = guest()
+    g.open(1)
+    g.client(1, W.startup())
+    g.connected(1, ok=False)
+    g.available()
+    g.connected(1)
+    g.backend(1, GREETING)
+    for _ in range(3):
+        g.client(1, W.query("SELECT 1"))
+    g.unavailable()
+    g.client(1, W.query("SELECT 2"))
+    counts: dict[str, int] = {}
+    for a in g.actions:
+        if isinstance(a, abi.Count):
+            counts[a.name] = counts.get(a.name, 0) + a.n
+    assert counts == {"wake_startup": 1, "keepalives_answered": 3, "wake_query": 1}
+
+
+def test_need_none_is_reported_at_the_next_tick_by_default(guest) -> None:
+    g = guest(need_debounce=1)
+    g.open(1)
+    g.client(1, W.startup())
+    g.connected(1)
+    g.backend(1, GREETING)
+    assert g.need == ACTIVE
+    g.tick(1)
+    assert g.need == NONE
+    g.client(1, W.query("SELECT 2"))
+    assert g.need == ACTIVE
+    g.backend(1, rfq())
+    assert g.need == ACTIVE  # not flipped back per query
+    g.client(1, W.query("SELECT 3"))
+    g.backend(1, rfq())
+    g.tick(101)
+    assert g.need == NONE
+
+
+# ---- fuzz --------------------------------------------------------------------------
+
+
+def _mutations() -> st.SearchStrategy[bytes]:
+    base = b"".join(FORMS.values()) + W.query("SELECT 2") + W.parse("SELECT 1", "a") + W.SYNC
+    return st.one_of(
+        st.binary(max_size=600),
+        st.builds(lambda i, b: base[:i] + b + base[i + len(b):], st.integers(0, len(base)),
+                  st.binary(min_size=1, max_size=8)),
+        st.lists(st.sampled_from(list(FORMS.values()) + [W.query("x"), W.FLUSH, W.TERMINATE,
+                                                         W.close(b"S", "s1"), W.bind("", "zz")]),
+                 max_size=12).map(b"".join),
+    )
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                   HealthCheck.too_slow])
+@given(pre=st.binary(max_size=40), client=_mutations(), backend=st.binary(max_size=300),
+       cuts=st.lists(st.integers(1, 64), max_size=8), down=st.booleans(),
+       ssl=st.sampled_from(["", "passthrough"]))
+def test_fuzz_never_traps(pre: bytes, client: bytes, backend: bytes, cuts: list[int],
+                          down: bool, ssl: str) -> None:
+    g = StreamGuest(WASM, {"ssl": ssl, "hold_timeout_ms": 300, "stream_hold_bytes": 2048},
+                    port=5432)
+    try:
+        g.open(1)
+        g.client(1, pre)
+        g.open(2)
+        g.client(2, W.startup())
+        g.connected(2)
+        g.backend(2, GREETING)
+        if down:
+            g.unavailable()
+        data = client
+        for c in cuts:
+            g.client(2, data[:c])
+            data = data[c:]
+        g.client(2, data)
+        g.backend(2, backend)
+        g.connected(1)
+        g.tick(1)
+        g.tick(400)
+        g.available()
+        g.backend(2, rfq() * 3)
+        g.client_close(1)
+        g.client_close(2)
+        assert g.failed == 0
+        for a in g.actions:
+            assert not isinstance(a, abi.Log) or a.level < abi.LOG_ERROR
+    finally:
+        g.close()
+
+
+_PIECES = [W.startup(), W.startup(proto=W.PROTO_32), W.SSL_REQUEST, W.GSSENC_REQUEST,
+           struct.pack("!iiii", 16, 80877102, 1, 2), b"\x16\x03\x01\x00\x02hi",
+           *FORMS.values(), W.query("SELECT 2"), W.query("BEGIN"), W.FLUSH, W.TERMINATE,
+           W.parse("SELECT 1", "a") + W.SYNC, W.bind("", "a") + W.execute() + W.SYNC]
+_ANSWERS = [GREETING, rfq(), rfq(b"T"), rfq(b"E"), W.msg(b"1") + rfq(),
+            bytes.fromhex(CAPTURED["q_select1"]), W.msg(b"E", b"SERROR\0\0"), b"Z\0\0"]
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(0, 9), st.integers(1, 3),
+                          st.one_of(st.sampled_from(_PIECES), st.sampled_from(_ANSWERS),
+                                    st.binary(max_size=40))), max_size=40),
+       st.sampled_from(["", "passthrough"]))
+def test_fuzz_random_event_orders_never_trap(ops: list[tuple[int, int, bytes]], ssl: str) -> None:
+    """Any order of the host's events over three streams, including events for streams
+    that are gone and answers nobody asked for: no trap, no failed call."""
+    g = StreamGuest(WASM, {"ssl": ssl, "hold_timeout_ms": 200, "stream_hold_bytes": 1024},
+                    port=5432)
+    now = 0
+    try:
+        for op, sid, data in ops:
+            if op == 0:
+                g.open(sid)
+            elif op in (1, 2):
+                g.client(sid, data)
+            elif op == 3:
+                g.backend(sid, data)
+            elif op == 4:
+                g.connected(sid, ok=bool(len(data) % 2))
+            elif op == 5:
+                now += 150
+                g.tick(now)
+            elif op == 6:
+                g.available()
+            elif op == 7:
+                g.unavailable()
+            elif op == 8:
+                g.client_close(sid)
+            else:
+                g.backend_close(sid)
+        assert g.failed == 0
+    finally:
+        g.close()
+
+
+# ---- real peers on both sides -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[W.PgServer]:
+    if not W.available():
+        pytest.skip("PostgreSQL 15 is not installed (scripts/install-debs)")
+    with W.PgServer(tmp_path_factory.mktemp("pg")) as srv:
+        yield srv
+
+
+@pytest.fixture
+def bridge(pg: W.PgServer, tmp_path: Path) -> Iterator[Callable[..., StreamBridge]]:
+    made: list[StreamBridge] = []
+
+    def make(**config: object) -> StreamBridge:
+        sockdir = Path(tempfile.mkdtemp(prefix="pgb-", dir=tmp_path))
+        b = StreamBridge(WASM, dict(config), str(sockdir / ".s.PGSQL.5433"), pg.socket_path)
+        b.sockdir = sockdir  # type: ignore[attr-defined]
+        made.append(b)
+        return b
+
+    yield make
+    for b in made:
+        b.close()
+        assert b.counters.failed_calls == 0
+
+
+def wait_for(cond: Callable[[], bool], what: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_captured_answers_are_still_what_the_server_sends(pg: W.PgServer) -> None:
+    assert capture(pg.socket_path) == CAPTURED
+
+
+def test_keepalives_through_the_guest_match_the_live_server(bridge, pg: W.PgServer) -> None:
+    b = bridge()
+    direct = W.RawPg.unix(pg.socket_path)
+    via = W.RawPg.unix(b.listen_path)
+    sent = b.counters.upstream_bytes
+    for name, request in FORMS.items():
+        assert via.exchange(request, 1) == direct.exchange(request, 1), name
+    assert b.counters.upstream_bytes == sent  # nothing reached the backend
+    assert via.exchange(W.query("SELECT 41 + 1"), 1) == direct.exchange(
+        W.query("SELECT 41 + 1"), 1)
+    via.close()
+    direct.close()
+
+
+def test_protocol_32_startup_is_negotiated_by_the_real_server_through_the_guest(
+        bridge, pg: W.PgServer) -> None:
+    """A PG 18 client asks for 3.2; PostgreSQL 15 answers NegotiateProtocolVersion (3.0)
+    and goes on: relayed untouched both ways, and the session then works as any."""
+    b = bridge()
+    direct = W.RawPg.unix(pg.socket_path, proto=W.PROTO_32)
+    via = W.RawPg.unix(b.listen_path, proto=W.PROTO_32)
+    types = [t for t, _ in W.split(via.greeting)]
+    assert types[:1] == [b"v"] and types == [t for t, _ in W.split(direct.greeting)]
+    assert W.split(via.greeting)[0] == W.split(direct.greeting)[0]
+    assert via.exchange(SELECT1, 1).hex() == CAPTURED["x_select1"]
+    via.close()
+    direct.close()
+
+
+def test_psycopg_extended_protocol_through_the_guest(bridge) -> None:
+    psycopg = pytest.importorskip("psycopg")
+    b = bridge()
+    with psycopg.connect(host=str(b.sockdir), port=5433, user="postgres", dbname="postgres",
+                         autocommit=True) as conn:
+        up = b.counters.upstream_bytes
+        for _ in range(8):  # past psycopg's prepare threshold (5): named statements
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert conn.cursor(binary=True).execute("SELECT 1").fetchone() == (1,)
+        assert conn.execute("select 1", prepare=True).fetchone() == (1,)
+        assert b.counters.upstream_bytes == up
+        wait_for(lambda: b.need == NONE, "need none on idle sessions")
+        conn.execute("CREATE TEMP TABLE t (a int)")
+        conn.execute("INSERT INTO t VALUES (%s), (%s)", (1, 2))
+        assert conn.execute("SELECT sum(a) FROM t").fetchone() == (3,)
+        for _ in range(3):  # prepared keep-alives the backend now knows too
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+            assert conn.execute("select 1", prepare=True).fetchone() == (1,)
+        with conn.transaction():
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+            assert b.need == ACTIVE
+        conn.execute("DEALLOCATE ALL")
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        wait_for(lambda: b.need == NONE, "need none on idle sessions")
+
+
+def test_psql_and_a_sleeping_backend_through_the_guest(bridge) -> None:
+    b = bridge(hold_timeout_ms=30000)
+    env = {"PGHOST": str(b.sockdir), "PGPORT": "5433", "PGUSER": "postgres",
+           "PGCONNECT_TIMEOUT": "20", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run(["psql", "-X", "-At", "-c", "select 40 + 2", "-c", "select 1"],
+                         env=env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["42", "1"]
+    b.set_backend(False)
+    proc = subprocess.Popen(["psql", "-X", "-At", "-c", "select 7"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 10
+    while b.need != ACTIVE and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert b.need == ACTIVE and proc.poll() is None  # held, not refused
+    b.set_backend(True)
+    stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and stdout.split() == ["7"], stderr
+
+
+def test_the_hold_timeout_reaches_psql_as_57p03(bridge) -> None:
+    b = bridge(hold_timeout_ms=300)
+    b.set_backend(False)
+    env = {"PGHOST": str(b.sockdir), "PGPORT": "5433", "PGUSER": "postgres",
+           "PATH": "/usr/bin:/bin"}
+    out = subprocess.run(["psql", "-X", "-At", "-c", "select 1"], env=env,
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0 and "not available (hold timeout)" in out.stderr
+
+
+# ---- capturing -------------------------------------------------------------------------
+
+
+def capture(path: str) -> dict[str, str]:
+    """What a real server answers to each of FORMS, in order, on one session."""
+    c = W.RawPg.unix(path)
+    try:
+        return {name: c.exchange(req, 1).hex() for name, req in FORMS.items()}
+    finally:
+        c.close()
+
+
+def main() -> int:
+    with tempfile.TemporaryDirectory(prefix="pgcap-") as tmp, W.PgServer(Path(tmp)) as srv:
+        for name, hexed in capture(srv.socket_path).items():
+            print(f"    {name!r}: {hexed!r},")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
