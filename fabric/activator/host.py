@@ -214,12 +214,13 @@ class ActivatorInstance:
     def _guest(self, fn: Callable[..., int], *args: int) -> int:
         """Call a guest export with a fresh fuel budget and epoch deadline."""
         h, acc = self.host, self._acc
+        epoch_ticker.enter()
         acc.begin(h.fuel_per_call, h.deadline_ticks)
         try:
             return fn(*args)
         finally:
-            self.last_fuel = used = h.fuel_per_call - acc.fuel_left()
-            self.stats.fuel_used += used
+            epoch_ticker.leave()
+            self.stats.fuel_used += h.fuel_per_call - acc.fuel_left()
             self._refresh_memory()
 
     def _refresh_memory(self) -> None:
@@ -255,11 +256,14 @@ class ActivatorInstance:
             self._ensure_buffer(n)
         ctypes.memmove(self._base + self._buf_ptr, batch, n)
         h, acc = self.host, self._acc
+        epoch_ticker.enter()
         acc.begin(h.fuel_per_call, h.deadline_ticks)
         try:
             res = self._process(self._buf_ptr, n) & 0xFFFFFFFFFFFFFFFF
         finally:
-            self.stats.fuel_used += h.fuel_per_call - acc.fuel_left()
+            epoch_ticker.leave()
+            self.last_fuel = used = h.fuel_per_call - acc.fuel_left()
+            self.stats.fuel_used += used
             self._refresh_memory()
         ptr, length = res >> 32, res & 0xFFFFFFFF
         if length < 2 or length > h.max_action_bytes or ptr + length > self._size:

@@ -111,16 +111,27 @@ def compile_module(wasm: bytes) -> wasmtime.Module:
 
 
 class EpochTicker:
-    """Advances the shared engine's epoch about once a millisecond while any host lives.
+    """Advances the shared engine's epoch about once a millisecond while guest code runs.
 
     Deadlines are counted in ticks, so ``deadline_ms`` is a lower bound: sleep(0.001)
-    oversleeps, never undersleeps. The thread parks when no host is open.
+    oversleeps, never undersleeps. Every guest call is bracketed by ``enter()`` and
+    ``leave()``; the thread parks when no host is open, or when no call has run for
+    ``IDLE_AFTER`` seconds, and the next ``enter()`` wakes it before the guest runs. So
+    services with activators cost no CPU while nothing calls them (a ticker that ticked
+    for ever cost a few per cent of a core). Both decisions are taken under one lock, so
+    a call can never start while the thread parks: a guest that loops is always stopped.
     """
+
+    IDLE_AFTER = 0.05
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._users = 0
         self._thread: threading.Thread | None = None
+        self._active = 0  # guest calls running now
+        self._last = 0.0  # when the last one ended
+        self.parked = True
+        self.wakeups = 0  # times enter() woke the thread (for tests and the curious)
 
     def acquire(self, engine: wasmtime.Engine) -> None:
         with self._cond:
@@ -135,13 +146,30 @@ class EpochTicker:
         with self._cond:
             self._users = max(0, self._users - 1)
 
+    def enter(self) -> None:
+        with self._cond:
+            self._active += 1
+            if self.parked:
+                self.parked = False
+                self.wakeups += 1
+                self._cond.notify()
+
+    def leave(self) -> None:
+        with self._cond:
+            self._active -= 1
+            self._last = time.monotonic()
+
     def _run(self, engine: wasmtime.Engine) -> None:
+        cond = self._cond
         while True:
-            with self._cond:
-                while self._users == 0:
-                    self._cond.wait()
+            with cond:
+                while self._users == 0 or self.parked:
+                    cond.wait()
+            time.sleep(0.001)  # first, so a call that woke the thread gets its full ticks
             engine.increment_epoch()
-            time.sleep(0.001)
+            with cond:
+                if self._active == 0 and time.monotonic() - self._last > self.IDLE_AFTER:
+                    self.parked = True
 
 
 epoch_ticker = EpochTicker()

@@ -2,7 +2,9 @@
 
 It runs the real daemon in a worker namespace, gives three pod namespaces a port each,
 shows them talking and resolving each other by name, and wakes a service scaled to
-zero with a real request, with timings. Everything is removed at the end, also on failure.
+zero with a real request, with timings; where KVM runs guests, a microVM sleeps and wakes
+behind a service too (fabric/tools/demo_microvm.py). Everything is removed at the end,
+also on failure.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import re
 import sys
 import time
 
+from fabric.tools import demo_microvm
 from fabric.tools.sandbox import Daemon, Sandbox, prerequisites, sweep
 
 
@@ -37,6 +40,7 @@ def main() -> int:
         web = sb.netns("web")
         client = sb.netns("client")
         _done(t, f"{worker}, {web}, {client} (and the api pod's, below)")
+        vm = demo_microvm.plan(sb, worker)  # None: said why it is skipped
 
         api = sb.netns("api")
         ready_file = os.path.join(sb.tmp, "api-ready")
@@ -62,6 +66,9 @@ def main() -> int:
                 }],
             }],
         }
+        if vm is not None:
+            cfg["namespaces"][0]["pods"].append(vm.pod())
+            cfg["namespaces"][0]["services"].append(vm.service())
         t = _step("starting fabricd in the worker namespace")
         d = Daemon(sb, worker, cfg).start()
         d.wait_attached(3)
@@ -122,6 +129,12 @@ def main() -> int:
                  f"500 ms resume); the fabric had the connection established "
                  f"{(t1 - t_listen) * 1000:.1f} ms after that")
         print(d.cli("get", "services"))
+
+        if vm is not None:
+            try:
+                vm.run(sb, d, client, _step, _done)
+            finally:
+                vm.close()
 
         t = _step("stopping fabricd (SIGTERM): it removes every interface it made")
         rc = d.stop()

@@ -27,6 +27,7 @@ from tests.bench import (
     egress,
     floods,
     http2,
+    microvm,
     ping,
     postgres,
     scale,
@@ -55,6 +56,7 @@ BENCHMARKS: dict[str, Callable[[Settings], Report]] = {
     storms.NAME: storms.run,
     postgres.NAME: postgres.run,
     http2.NAME: http2.run,
+    microvm.NAME: microvm.run,
 }
 
 

@@ -368,3 +368,21 @@ def test_a_trap_is_reported_with_its_cause_frames_fuel_and_events(caplog: Any) -
         assert host.process(80, [A.Packet(1, 0, b"E" + bytes(39))]) is None
         f = host.last_failure
         assert f is not None and f["reason"] == "out_of_fuel" and f["fuel_used"] == 100_000
+
+
+def test_the_epoch_ticker_parks_when_idle_and_still_stops_a_loop() -> None:
+    """No guest call for a while: the ticker thread parks (no CPU for dormant services);
+    the next call wakes it before the guest runs, so a looping guest is still stopped by
+    its deadline."""
+    from fabric.activator.runtime import epoch_ticker
+
+    with ActivatorHost(HOSTILE / "loop.wasm", fuel_per_call=10**12, deadline_ms=20) as host:
+        assert host.process(80, [A.Tick(1)]) is not None
+        deadline = time.monotonic() + 5
+        while not epoch_ticker.parked and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert epoch_ticker.parked
+        woke = epoch_ticker.wakeups
+        assert host.process(80, [A.Packet(1, 0, b"E" + bytes(39))]) is None
+        assert epoch_ticker.wakeups == woke + 1
+        assert host.stats.deadline == 1
