@@ -27,6 +27,7 @@ TARGETS: dict[str, str] = {
     "tcp/tcp.c": "tcp/tcp.wasm",
     "postgres/postgres.c": "postgres/postgres.wasm",
     "stream/stream.c": "stream/stream.wasm",
+    "http2/http2.c": "http2/http2.wasm",
     "testing/loop.c": "testing/loop.wasm",
     "testing/membomb.c": "testing/membomb.wasm",
     "testing/trap.c": "testing/trap.wasm",
@@ -42,6 +43,7 @@ TARGETS: dict[str, str] = {
 EXTRA_CFLAGS: dict[str, tuple[str, ...]] = {
     "testing/tablebomb.c": ("-mreference-types",),  # a C table of externrefs needs them
     "postgres/postgres.c": ("-mbulk-memory",),  # memory.copy for relayed bytes
+    "http2/http2.c": ("-mbulk-memory",),  # memory.copy: one instruction per copy, not a loop
 }
 
 CFLAGS: tuple[str, ...] = (

@@ -11,6 +11,7 @@ import os
 import shlex
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
@@ -27,8 +28,11 @@ DEFAULT_EGRESS_POOL = IPv4Network("100.64.0.0/16")
 DEFAULT_HOLD_PACKETS = 1024
 DEFAULT_HOLD_BYTES = 8 * 1024 * 1024
 DEFAULT_HOLD_TIMEOUT = 30.0
-# The activators this version ships (activators/<name>/<name>.wasm), by name.
-SHIPPED_ACTIVATORS = ("tcp",)
+# The activators this version ships (activators/<name>/<name>.wasm), by name: read from
+# the package, so adding one needs no edit here.
+SHIPPED_ACTIVATORS = tuple(sorted(
+    d.name for d in resources.files("activators").iterdir()
+    if d.is_dir() and (d / f"{d.name}.wasm").is_file()))
 DEFAULT_IDLE_TIMEOUT = 300.0
 DEFAULT_DHCP_LEASE = 86400.0  # static bindings: a long lease, renewals answered
 DEFAULT_CONFIG_SOURCE = "<default>"

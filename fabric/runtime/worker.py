@@ -710,5 +710,6 @@ def _warn_unimplemented(spec: NamespaceSpec) -> None:
             if (p.activator not in ("none", *SHIPPED_ACTIVATORS)
                     and not p.activator.endswith(".wasm")):
                 log.warning("namespace %s: service %s port %d: activator %r is not shipped "
-                            "in this version (shipped: tcp); the service holds and "
-                            "activates without it", spec.name, svc.name, p.port, p.activator)
+                            "in this version (shipped: %s); the service holds and "
+                            "activates without it", spec.name, svc.name, p.port, p.activator,
+                            ", ".join(SHIPPED_ACTIVATORS))

@@ -26,6 +26,7 @@ from tests.bench import (
     dns,
     egress,
     floods,
+    http2,
     microvm,
     ping,
     postgres,
@@ -54,6 +55,7 @@ BENCHMARKS: dict[str, Callable[[Settings], Report]] = {
     streams.NAME: streams.run,
     storms.NAME: storms.run,
     postgres.NAME: postgres.run,
+    http2.NAME: http2.run,
     microvm.NAME: microvm.run,
 }
 

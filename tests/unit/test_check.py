@@ -11,6 +11,7 @@ import pytest
 
 from fabric.cli import main as cli
 from fabric.config.load import check_config, load_config
+from fabric.config.specs import SHIPPED_ACTIVATORS
 from fabric.errors import ConfigError
 
 GOOD = """\
@@ -203,7 +204,8 @@ namespaces:
     lines = err.splitlines()
     at = f"fabricd: {path}: namespaces[0].services[0].ports"
     assert lines == [
-        f"{at}[1].activator: warning: 'tpc' is not shipped in this version (shipped: tcp); "
+        f"{at}[1].activator: warning: 'tpc' is not shipped in this version (shipped: "
+        f"{', '.join(SHIPPED_ACTIVATORS)}); "
         "the service would hold and activate without it",
         f"{at}[3].activator: warning: cannot read {tmp_path / 'nope.wasm'}: No such file or "
         "directory; the service would hold and activate without it",

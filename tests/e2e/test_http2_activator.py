@@ -1,0 +1,358 @@
+"""The HTTP/2 activator end to end with the daemon: real h2 clients (h2load, nghttp,
+grpcio, python h2 on a socket) in one pod, real servers (nghttpd, grpcio) in another,
+behind a dormant service whose port is terminated in the local stack."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from typing import IO
+
+from fabric.tools.sandbox import Daemon, Sandbox
+
+VIP = "10.42.0.100"
+
+GRPC_SERVER = """
+import sys, grpc
+from concurrent import futures
+def unary(req, ctx):
+    return b"echo:" + req
+def stream(req, ctx):
+    for i in range(int(req)):
+        yield b"item%d" % i
+h = grpc.method_handlers_generic_handler("fab.Echo", {
+    "Unary": grpc.unary_unary_rpc_method_handler(unary),
+    "Stream": grpc.unary_stream_rpc_method_handler(stream)})
+s = grpc.server(futures.ThreadPoolExecutor(8))
+s.add_generic_rpc_handlers((h,))
+s.add_insecure_port("0.0.0.0:" + sys.argv[1])
+s.start()
+s.wait_for_termination()
+"""
+
+GRPC_CLIENT = """
+import sys, grpc
+ch = grpc.insecure_channel(sys.argv[1], options=[("grpc.enable_http_proxy", 0)])
+timeout = float(sys.argv[3])
+try:
+    if sys.argv[2] == "unary":
+        print(ch.unary_unary("/fab.Echo/Unary")(b"hi", timeout=timeout).decode())
+    else:
+        got = ch.unary_stream("/fab.Echo/Stream")(b"5", timeout=timeout)
+        print(",".join(x.decode() for x in got))
+except grpc.RpcError as e:
+    print("status", e.code().name, e.details())
+"""
+
+PING_CLIENT = """
+import socket, sys, h2.connection, h2.config, h2.events
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=20)
+c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+c.initiate_connection()
+s.sendall(c.data_to_send())
+acks = 0
+for i in range(3):
+    c.ping(b"keep%04d" % i)
+    s.sendall(c.data_to_send())
+    while True:
+        evs = c.receive_data(s.recv(65536))
+        s.sendall(c.data_to_send())
+        if any(isinstance(e, h2.events.PingAckReceived) for e in evs):
+            acks += 1
+            break
+print("acks", acks)
+"""
+
+
+ECHO_SERVER = """
+import socket, sys, threading, h2.connection, h2.config, h2.events
+def serve(sock):
+    c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    c.initiate_connection()
+    sock.sendall(c.data_to_send())
+    while (data := sock.recv(65536)):
+        for e in c.receive_data(data):
+            if isinstance(e, h2.events.RequestReceived):
+                h = dict(e.headers)
+                body = h.get(b"x-custom", b"-") + b" " + h.get(b":path", b"-")
+                c.send_headers(e.stream_id, [(":status", "200"), ("x-seen", "yes")])
+                c.send_data(e.stream_id, body, end_stream=True)
+        sock.sendall(c.data_to_send())
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.listen()
+while True:
+    threading.Thread(target=serve, args=(s.accept()[0],), daemon=True).start()
+"""
+
+TABLE_CLIENT = """
+import socket, sys, time, h2.connection, h2.config, h2.events
+s = socket.create_connection((sys.argv[1], 80), timeout=30)
+c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+c.initiate_connection()
+s.sendall(c.data_to_send())
+big = "v" * 200
+def get(sid, path):
+    c.send_headers(sid, [(":method", "GET"), (":scheme", "http"), (":authority", "svc"),
+                         (":path", path), ("x-custom", big)], end_stream=True)
+    s.sendall(c.data_to_send())
+    status, body = None, b""
+    while True:
+        for e in c.receive_data(s.recv(65536)):
+            if isinstance(e, h2.events.ResponseReceived) and e.stream_id == sid:
+                status = dict(e.headers)[b":status"].decode()
+            if isinstance(e, h2.events.DataReceived) and e.stream_id == sid:
+                body += e.data
+                c.acknowledge_received_data(e.flow_controlled_length, sid)
+            if isinstance(e, h2.events.StreamEnded) and e.stream_id == sid:
+                s.sendall(c.data_to_send())
+                return status, body
+        s.sendall(c.data_to_send())
+print("first", *get(1, "/first"))  # answered 503 by the activator (no backend)
+open(sys.argv[2], "w").close()    # the test starts the backend now
+time.sleep(float(sys.argv[3]))
+print("second", *get(3, "/second"))  # x-custom is a dynamic-table index now
+print("third", *get(5, "/third"))
+"""
+
+
+FREEZE_CLIENT = """
+import os, socket, sys, time, h2.connection, h2.config, h2.events
+s = socket.create_connection((sys.argv[1], 80), timeout=60)
+c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+c.initiate_connection()
+s.sendall(c.data_to_send())
+backlog = []
+def wait(pred):
+    while True:
+        while backlog:
+            e = backlog.pop(0)
+            if pred(e):
+                return e
+        evs = c.receive_data(s.recv(65536))
+        for e in evs:
+            if isinstance(e, h2.events.DataReceived):
+                c.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
+        s.sendall(c.data_to_send())
+        backlog.extend(evs)
+def get(sid):
+    c.send_headers(sid, [(":method", "GET"), (":scheme", "http"), (":authority", "svc"),
+                         (":path", "/")], end_stream=True)
+    s.sendall(c.data_to_send())
+    e = wait(lambda e: isinstance(e, h2.events.ResponseReceived) and e.stream_id == sid)
+    wait(lambda e: isinstance(e, h2.events.StreamEnded) and e.stream_id == sid)
+    return dict(e.headers)[b":status"].decode()
+def flag(name):
+    open(os.path.join(sys.argv[2], name), "w").close()
+def until(name):
+    while not os.path.exists(os.path.join(sys.argv[2], name)):
+        time.sleep(0.05)
+print("first", get(1), flush=True)
+flag("asked")
+until("frozen")
+for i in range(3):
+    c.ping(b"idle%04d" % i)
+    s.sendall(c.data_to_send())
+    wait(lambda e: isinstance(e, h2.events.PingAckReceived))
+print("pings answered", flush=True)
+flag("pinged")
+until("go")
+print("second", get(3), flush=True)
+"""
+
+
+def setup(sb: Sandbox, services: list[dict]) -> tuple[Daemon, str, str]:
+    worker = sb.netns("worker")
+    client, web = sb.netns("client"), sb.netns("web")
+    ns = {"name": "h2", "id": 9, "cidr": "10.42.0.0/24",
+          "pods": [{"name": "client", "ip": "10.42.0.2", "netns": client},
+                   {"name": "web-1", "ip": "10.42.0.3", "netns": web}],
+          "services": services}
+    d = Daemon(sb, worker, {"namespaces": [ns]}).start()
+    d.wait_attached(2)
+    return d, client, web
+
+
+def script(sb: Sandbox, name: str, text: str) -> str:
+    path = os.path.join(sb.tmp, name)
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def nghttpd_cmd(sb: Sandbox, web_ns: str, delay: float, port: int = 8080) -> str:
+    root = os.path.join(sb.tmp, "docroot")
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, "index.html"), "w") as f:
+        f.write("hello over h2\n")
+    return (f"sh -c '(sleep {delay}; exec ip netns exec {web_ns} nghttpd --no-tls -d {root} "
+            f"{port}) >/dev/null 2>&1 &'")
+
+
+def service(name: str, **kw: object) -> dict:
+    return {"name": name, "ip": VIP, "backends": ["web-1"],
+            "ports": [{"port": 80, "target_port": kw.pop("target_port", 8080),
+                       "activator": "http2"}], **kw}
+
+
+def h2load(sb: Sandbox, ns: str, url: str, n: int) -> tuple[dict[str, int], str]:
+    r = sb.run(ns, "h2load", "-c", "10", "-m", "50", "-n", str(n), url, check=False,
+               timeout=120)
+    m = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
+                  r"(\d+) failed, (\d+) errored, (\d+) timeout", r.stdout)
+    assert m, (r.stdout, r.stderr)
+    keys = ("total", "started", "done", "succeeded", "failed", "errored", "timeout")
+    return dict(zip(keys, map(int, m.groups()), strict=True)), r.stdout
+
+
+def test_h2load_through_a_dormant_service(sandbox: Sandbox) -> None:
+    web_ns = sandbox.name("web")
+    d, client, _ = setup(sandbox, [service(
+        "web", on_activate=nghttpd_cmd(sandbox, web_ns, 1.0))])
+    assert d.get("/v1/services")[0]["state"] == "dormant"
+    res, out = h2load(sandbox, client, f"http://{VIP}/", 5000)
+    assert res["succeeded"] == 5000 and res["failed"] == res["errored"] == 0, (
+        out, d.log()[-3000:])
+    st = d.get("/v1/services")[0]["streams"]["80"]
+    c = st["counters"]
+    # one upstream connection per client connection, every request relayed by the guest
+    assert c["guest_failures"] == 0 and c["upstream_connects"] == 10, st
+    assert st["guest_counters"]["requests"] == 5000, st
+    r = sandbox.run(client, "nghttp", "-v", f"http://{VIP}/", check=False, timeout=30)
+    assert "hello over h2" in r.stdout, (r.stdout, r.stderr)
+
+
+def test_ping_while_the_backend_sleeps_gets_its_ack_and_no_wake(sandbox: Sandbox) -> None:
+    marker = os.path.join(sandbox.tmp, "woken")
+    d, client, _ = setup(sandbox, [service("web", on_activate=f"touch {marker}")])
+    ping = script(sandbox, "ping.py", PING_CLIENT)
+    r = sandbox.run(client, sys.executable, ping, VIP, "80", check=False, timeout=40)
+    assert r.stdout.strip() == "acks 3", (r.stdout, r.stderr, d.log()[-3000:])
+    time.sleep(0.5)  # give a wrong wake time to show (not a timed assertion of success)
+    svc = d.get("/v1/services")[0]
+    assert not os.path.exists(marker) and svc["state"] == "dormant", svc
+    st = svc["streams"]["80"]
+    assert st["guest_counters"]["pings_answered"] == 3, st
+    assert st["counters"].get("upstream_connects", 0) == 0, st
+
+
+def test_grpc_unary_and_server_streaming_through_a_dormant_service(sandbox: Sandbox) -> None:
+    web_ns = sandbox.name("web")
+    server = script(sandbox, "grpc_server.py", GRPC_SERVER)
+    start = (f"sh -c '(sleep 1; exec ip netns exec {web_ns} {sys.executable} {server} 50051)"
+             " >/dev/null 2>&1 &'")
+    d, client, _ = setup(sandbox, [service("rpc", target_port=50051, on_activate=start)])
+    cli = script(sandbox, "grpc_client.py", GRPC_CLIENT)
+    r = sandbox.run(client, sys.executable, cli, f"{VIP}:80", "unary", "30", check=False,
+                    timeout=60)
+    assert r.stdout.strip() == "echo:hi", (r.stdout, r.stderr, d.log()[-3000:])
+    r = sandbox.run(client, sys.executable, cli, f"{VIP}:80", "stream", "30", check=False,
+                    timeout=60)
+    assert r.stdout.strip() == "item0,item1,item2,item3,item4", (r.stdout, r.stderr)
+
+
+def test_grpc_call_times_out_unavailable_when_the_backend_never_comes(
+        sandbox: Sandbox) -> None:
+    d, client, _ = setup(sandbox, [service("rpc", target_port=50051,
+                                           hold={"timeout": "2s"})])
+    cli = script(sandbox, "grpc_client.py", GRPC_CLIENT)
+    r = sandbox.run(client, sys.executable, cli, f"{VIP}:80", "unary", "20", check=False,
+                    timeout=60)
+    assert r.stdout.startswith("status UNAVAILABLE"), (r.stdout, r.stderr, d.log()[-3000:])
+    assert "backend unavailable" in r.stdout
+
+
+
+def test_dynamic_table_across_a_locally_answered_stream(sandbox: Sandbox) -> None:
+    """The client's header blocks index entries inserted by a block whose stream the
+    activator answered itself (503: no backend within the hold); the backend still
+    decodes them."""
+    d, client, web = setup(sandbox, [service("web", hold={"timeout": "1s"})])
+    server = script(sandbox, "echo_server.py", ECHO_SERVER)
+    cli = script(sandbox, "table_client.py", TABLE_CLIENT)
+    go = os.path.join(sandbox.tmp, "go")
+    p = sandbox.popen(client, sys.executable, cli, VIP, go, "0", stdout=subprocess.PIPE,
+                      text=True)
+    deadline = time.monotonic() + 20
+    while not os.path.exists(go) and time.monotonic() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    sandbox.popen(web, sys.executable, server, "8080")
+    out, _ = p.communicate(timeout=60)
+    lines = out.splitlines()
+    assert lines[0] == "first 503 b''", (out, d.log()[-3000:])
+    assert lines[1] == f"second 200 b'{'v' * 200} /second'", (out, d.log()[-3000:])
+    assert lines[2] == f"third 200 b'{'v' * 200} /third'", out
+
+
+def _nghttpd_pid(top: int) -> int:
+    """The nghttpd process under the sandbox's `ip netns exec` (it may exec in place)."""
+    with open(f"/proc/{top}/comm") as f:
+        if f.read().strip() == "nghttpd":
+            return top
+    out = subprocess.run(["pgrep", "-P", str(top), "-x", "nghttpd"], capture_output=True,
+                         text=True, check=True).stdout
+    return int(out.split()[0])
+
+
+def _tail(f: IO[str]) -> str:
+    """What the client wrote to its stderr file so far (for assertion messages)."""
+    f.seek(0)
+    return f.read()[-2000:]
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/status") as f:
+        return next(line.split()[1] for line in f if line.startswith("State:"))
+
+
+def test_backend_frozen_under_an_open_connection_and_thawed_by_a_request(
+        sandbox: Sandbox) -> None:
+    """on_idle stops nghttpd (SIGSTOP) under the client's open connection; PINGs are
+    answered meanwhile and wake nothing; the next request wakes it (SIGCONT)."""
+    root = os.path.join(sandbox.tmp, "docroot")
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, "index.html"), "w") as f:
+        f.write("hi\n")
+    pidfile = os.path.join(sandbox.tmp, "nghttpd.pid")
+    d, client, web = setup(sandbox, [service(
+        "web", idle_timeout="2s", on_idle=f"sh -c 'kill -STOP $(cat {pidfile})'",
+        on_activate=f"sh -c 'kill -CONT $(cat {pidfile})'")])
+    server = sandbox.popen(web, "nghttpd", "--no-tls", "-d", root, "8080",
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sandbox.wait_port(web, 8080)
+    pid = _nghttpd_pid(server.pid)
+    with open(pidfile, "w") as f:
+        f.write(str(pid))
+    flags = os.path.join(sandbox.tmp, "flags")
+    os.makedirs(flags)
+    cli = script(sandbox, "freeze_client.py", FREEZE_CLIENT)
+    err = open(os.path.join(sandbox.tmp, "client.err"), "w+")
+    p = sandbox.popen(client, sys.executable, cli, VIP, flags, stdout=subprocess.PIPE,
+                      stderr=err, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(os.path.join(flags, "asked")) and p.poll() is None:
+            assert time.monotonic() < deadline, (_tail(err), d.log()[-3000:])
+            time.sleep(0.05)
+        while _state(pid) != "T":  # the service went idle under the open connection
+            assert time.monotonic() < deadline, (d.get("/v1/services"), d.log()[-3000:])
+            time.sleep(0.1)
+        open(os.path.join(flags, "frozen"), "w").close()
+        while not os.path.exists(os.path.join(flags, "pinged")) and p.poll() is None:
+            assert time.monotonic() < deadline, d.log()[-3000:]
+            time.sleep(0.05)
+        assert _state(pid) == "T", "a PING woke the backend"
+        open(os.path.join(flags, "go"), "w").close()
+        out, _ = p.communicate(timeout=30)
+    finally:
+        os.kill(pid, signal.SIGCONT)  # the sandbox's cleanup stops it
+    assert out.splitlines() == ["first 200", "pings answered", "second 200"], (
+        out, _tail(err), d.log()[-3000:])
+    st = d.get("/v1/services")[0]["streams"]["80"]
+    assert st["guest_counters"]["pings_answered"] == 3, st
+    assert st["counters"]["upstream_connects"] == 1, st
