@@ -18,6 +18,7 @@ import lzma
 import os
 import re
 import shutil
+import subprocess
 import sys
 from dataclasses import dataclass
 
@@ -27,6 +28,8 @@ MODULES = ("virtio_pci", "virtio_net")
 BUSYBOX = "/bin/busybox"
 HTTP_PORT = 80
 SINK_PORT = 5001
+IPERF_PORT = 5201
+IPERF3 = "/usr/bin/iperf3"
 
 INIT = r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -48,6 +51,7 @@ n=0
 while [ ! -e /run/bound ] && [ $n -lt 600 ]; do sleep 0.1; n=$((n+1)); done
 httpd -p {http} -h /www
 (while true; do nc -l -p {sink} >/dev/null 2>&1; done) &
+if [ -x /bin/iperf3 ]; then iperf3 -s -D -p {iperf} >/dev/null 2>&1; fi
 echo "fabricd-guest: up $(cat /run/bound 2>/dev/null || echo no-lease)"
 exec sh -c 'while true; do sleep 3600; done'
 """
@@ -215,7 +219,8 @@ def build(out: str, kernel: Kernel, busybox: str = BUSYBOX) -> list[str]:
         cpio.file(f"lib/modules/{name}.ko", _module_bytes(os.path.join(kernel.modules, rel)))
     cpio.file("etc/modules", ("\n".join(names) + "\n").encode())
     cpio.file("init", INIT.replace("{http}", str(HTTP_PORT)).replace(
-        "{sink}", str(SINK_PORT)).encode(), 0o755)
+        "{sink}", str(SINK_PORT)).replace("{iperf}", str(IPERF_PORT)).encode(), 0o755)
+    _add_dynamic(cpio, IPERF3, "bin/iperf3")
     cpio.file("etc/udhcpc.script", LEASE.encode(), 0o755)
     cpio.file("etc/resolv.conf", b"")
     cpio.file("www/index.html", INDEX.encode())
@@ -226,6 +231,35 @@ def build(out: str, kernel: Kernel, busybox: str = BUSYBOX) -> list[str]:
         f.write(gzip.compress(cpio.finish(), compresslevel=6, mtime=0))
     os.replace(tmp, out)
     return names
+
+
+def _add_dynamic(cpio: Cpio, exe: str, dest: str) -> bool:
+    """Copy a dynamically linked program and the libraries ldd names (at their own
+    paths) into the archive: iperf3 for the throughput figure. False if it is absent."""
+    if not os.path.exists(exe):
+        return False
+    out = subprocess.run(["ldd", exe], capture_output=True, text=True, timeout=30).stdout
+    libs = []
+    for line in out.splitlines():
+        parts = line.split()
+        path = parts[2] if "=>" in parts and len(parts) > 2 else parts[0] if parts else ""
+        if path.startswith("/"):
+            libs.append(path)
+    made: set[str] = set()
+    for lib in libs:
+        real = os.path.realpath(lib)
+        rel = lib.lstrip("/")
+        parent = os.path.dirname(rel)
+        for i in range(1, len(parent.split("/")) + 1):
+            d = "/".join(parent.split("/")[:i])
+            if d not in made and d not in ("lib",):
+                cpio.dir(d)
+                made.add(d)
+        with open(real, "rb") as f:
+            cpio.file(rel, f.read(), 0o755)
+    with open(exe, "rb") as f:
+        cpio.file(dest, f.read(), 0o755)
+    return True
 
 
 def missing() -> str | None:

@@ -92,10 +92,10 @@ for line in sys.stdin:
 class Agent:
     """A long-lived Python process in a namespace that listens/connects on command."""
 
-    def __init__(self, topo: Topology, ns: str) -> None:
+    def __init__(self, topo: Topology, ns: str, script: str = AGENT) -> None:
         self.topo = topo
         self.ns = ns
-        self.proc = topo.sb.popen(ns, sys.executable, "-u", "-c", AGENT, stdin=subprocess.PIPE,
+        self.proc = topo.sb.popen(ns, sys.executable, "-u", "-c", script, stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                   text=True, bufsize=1)
 

@@ -17,16 +17,13 @@ wake:  a dormant stream port (VIP 10.52.0.100:80 -> pod w:8080, readiness probe)
 
 from __future__ import annotations
 
-import json
 import random
-import select
-import subprocess
-import sys
 import time
 from typing import Any
 
 from fabric.tools.sandbox import Daemon
 from tests.bench.common import Report, Settings, fmt, interleaved, median, percentile, progress
+from tests.bench.services import Agent
 from tests.bench.topo import Side, Topology
 
 NAME = "streams"
@@ -92,36 +89,6 @@ for line in sys.stdin:
 """
 
 
-class Agent:
-    def __init__(self, topo: Topology, ns: str) -> None:
-        self.topo = topo
-        self.ns = ns
-        self.proc = topo.sb.popen(ns, sys.executable, "-u", "-c", AGENT, stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                  text=True, bufsize=1)
-
-    def send(self, line: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-
-    def reply(self, timeout: float = 10.0) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        line = self.proc.stdout.readline() if ready else ""
-        if not line:
-            raise RuntimeError(f"agent in {self.ns} did not answer within {timeout}s"
-                               f"{self.topo.daemon_state()}")
-        out: dict[str, Any] = json.loads(line)
-        if "error" in out:
-            raise RuntimeError(f"agent in {self.ns}: {out['error']}{self.topo.daemon_state()}")
-        return out
-
-    def call(self, line: str, timeout: float = 10.0) -> dict[str, Any]:
-        self.send(line)
-        return self.reply(timeout)
-
-
 class StreamsTopology(Topology):
     def _build(self) -> None:
         sb = self.sb
@@ -163,8 +130,8 @@ class StreamsTopology(Topology):
 class Waker:
     def __init__(self, topo: StreamsTopology) -> None:
         self.topo = topo
-        self.client = Agent(topo, topo.a)
-        self.server = Agent(topo, topo.w)
+        self.client = Agent(topo, topo.a, AGENT)
+        self.server = Agent(topo, topo.w, AGENT)
         self.overheads_ms: list[float] = []
         self.direct_ms: list[float] = []
         self.rng = random.Random(1)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ import pytest
 
 from fabric.control.client import ControlClient
 from fabric.microvm import qemu
-from fabric.microvm.initramfs import SINK_PORT
+from fabric.microvm.initramfs import IPERF_PORT, SINK_PORT
 from fabric.tools.sandbox import Daemon, Sandbox
 from tests.support import microvm as mv
 
@@ -196,6 +197,29 @@ def test_throughput_to_the_vm_as_a_fraction_of_netns_to_netns(s: Setup) -> None:
           f"client -> netns pod {ns_bps / 1e6:.0f} Mbit/s: {vm_bps / ns_bps:.3f} of it "
           "(TCP, 3 s each, busybox nc into /dev/null as the receiver)")
     assert vm_bps > 0 and ns_bps > 0
+
+
+def test_iperf3_to_the_vm_as_a_fraction_of_netns_to_netns(s: Setup) -> None:
+    """iperf3 (the guest runs Debian's, with its libraries) from a netns pod to the
+    microVM, and to a netns pod, in turn: the fraction is printed, not asserted."""
+    idle_then(s, "pause")
+    qemu.resume(s.vm.spec)
+    got = {}
+    try:
+        server = s.sb.popen(s.peer, "iperf3", "-s", "-p", str(IPERF_PORT),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        s.sb.wait_port(s.peer, IPERF_PORT)
+        for name, ip in (("microVM", VM_IP), ("netns pod", PEER_IP)):
+            out = s.sb.run(s.client, "iperf3", "-c", ip, "-p", str(IPERF_PORT), "-t", "3",
+                           "-J", "--connect-timeout", "20000", timeout=90).stdout
+            got[name] = json.loads(out)["end"]["sum_received"]["bits_per_second"]
+        server.kill()
+    finally:
+        qemu.pause(s.vm.spec)
+    print(f"\niperf3 client -> microVM ({s.vm.spec.accel}) {got['microVM'] / 1e6:.0f} Mbit/s, "
+          f"client -> netns pod {got['netns pod'] / 1e6:.0f} Mbit/s: "
+          f"{got['microVM'] / got['netns pod']:.3f} of it")
+    assert got["microVM"] > 0 and got["netns pod"] > 0
 
 
 def test_snapshot_and_restore_behind_the_service(s: Setup) -> None:

@@ -35,6 +35,22 @@ def start_cmd(web: str, delay: float, port: int = 8080) -> str:
             f"fabric.tools.sandbox http {port}) >/dev/null 2>&1 &'")
 
 
+ECHO = ("import socket,sys,threading\n"
+        "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
+        "s.bind(('0.0.0.0',int(sys.argv[1]))); s.listen()\n"
+        "def echo(c):\n"
+        "    while (b:=c.recv(65536)): c.sendall(b)\n"
+        "    c.close()\n"
+        "while True:\n"
+        "    threading.Thread(target=echo,args=(s.accept()[0],)).start()\n")
+
+
+def echo_server(sb: Sandbox, ns: str, port: int) -> None:
+    """A TCP echo server in `ns`, one thread per connection."""
+    sb.popen(ns, sys.executable, "-c", ECHO, str(port))
+    sb.wait_port(ns, port)
+
+
 def curl(sb: Sandbox, ns: str, url: str, timeout: float = 40
          ) -> subprocess.CompletedProcess[str]:
     return sb.run(ns, "curl", "-sS", "--max-time", str(timeout), url, check=False,
@@ -127,16 +143,7 @@ def test_guest_failing_mid_stream_hands_streams_to_the_proxy(sandbox: Sandbox) -
     d, client, web = setup(sandbox, [{
         "name": "echo", "ip": VIP, "backends": ["web-1"],
         "ports": [{"port": 7000, "target_port": 7000, "activator": wasm}]}])
-    sandbox.popen(web, sys.executable, "-c",
-                  "import socket,threading\n"
-                  "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
-                  "s.bind(('0.0.0.0',7000)); s.listen()\n"
-                  "def echo(c):\n"
-                  "    while (b:=c.recv(65536)): c.sendall(b)\n"
-                  "    c.close()\n"
-                  "while True:\n"
-                  "    threading.Thread(target=echo,args=(s.accept()[0],)).start()\n")
-    sandbox.wait_port(web, 7000)
+    echo_server(sandbox, web, 7000)
     out = sandbox.run(client, sys.executable, "-c",
                       "import socket\n"
                       f"c=socket.create_connection(({VIP!r},7000),timeout=20)\n"
@@ -194,16 +201,7 @@ def test_reload_swaps_the_module_by_generation(sandbox: Sandbox) -> None:
     d, client, web = setup(sandbox, [{
         "name": "echo", "ip": VIP, "backends": ["web-1"],
         "ports": [{"port": 7000, "target_port": 7000, "activator": "stream"}]}])
-    sandbox.popen(web, sys.executable, "-c",
-                  "import socket,threading\n"
-                  "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
-                  "s.bind(('0.0.0.0',7000)); s.listen()\n"
-                  "def echo(c):\n"
-                  "    while (b:=c.recv(65536)): c.sendall(b)\n"
-                  "    c.close()\n"
-                  "while True:\n"
-                  "    threading.Thread(target=echo,args=(s.accept()[0],)).start()\n")
-    sandbox.wait_port(web, 7000)
+    echo_server(sandbox, web, 7000)
     # A long-lived connection on generation 1: it sends, waits for a file, sends again.
     gate = os.path.join(sandbox.tmp, "gate")
     live = sandbox.popen(client, sys.executable, "-c",
