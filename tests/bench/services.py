@@ -146,19 +146,6 @@ class ServicesTopology(Topology):
         for ip in ("10.50.0.3", "10.50.0.4"):  # resolve neighbours, prove the paths work
             self.run(a, "ping", "-c", "3", "-i", "0.05", "-W", "2", ip)
 
-    def service(self, name: str) -> dict[str, Any]:
-        assert self.daemon is not None
-        for svc in self.daemon.get("/v1/services"):
-            if svc["name"] == name:
-                return dict(svc)
-        raise RuntimeError(f"service {name} is gone")
-
-    def set_ready(self, pod: str, ready: bool) -> None:
-        from fabric.control.client import ControlClient
-
-        assert self.daemon is not None
-        ControlClient(self.daemon.control).set_ready(NS, pod, ready)
-
 
 class Waker:
     """Wakes the dormant service again and again; keeps every sample."""

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Any
 
 from fabric.tools.sandbox import Daemon
 from tests.bench.common import Report, Settings, fmt, interleaved, median, percentile, progress
@@ -112,19 +111,6 @@ class StreamsTopology(Topology):
         self.sides = {VIP: Side(VIP, a, b, BULK_VIP), DIRECT: Side(DIRECT, a, b, "10.52.0.3")}
         for ip in ("10.52.0.3", "10.52.0.4"):
             self.run(a, "ping", "-c", "3", "-i", "0.05", "-W", "2", ip)
-
-    def service(self, name: str) -> dict[str, Any]:
-        assert self.daemon is not None
-        for svc in self.daemon.get("/v1/services"):
-            if svc["name"] == name:
-                return dict(svc)
-        raise RuntimeError(f"service {name} is gone")
-
-    def set_ready(self, pod: str, ready: bool) -> None:
-        from fabric.control.client import ControlClient
-
-        assert self.daemon is not None
-        ControlClient(self.daemon.control).set_ready(NS, pod, ready)
 
 
 class Waker:

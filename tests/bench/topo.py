@@ -101,6 +101,20 @@ class Topology:
             return ""
         return f"\nfabricd exited with {d.proc.returncode}; log tail:\n{d.log()[-2000:]}"
 
+    def service(self, name: str) -> dict[str, Any]:
+        """A service's row from the daemon (the benchmarks' namespace is "bench")."""
+        assert self.daemon is not None
+        for svc in self.daemon.get("/v1/services"):
+            if svc["name"] == name:
+                return dict(svc)
+        raise RuntimeError(f"service {name} is gone")
+
+    def set_ready(self, pod: str, ready: bool, ns: str = "bench") -> None:
+        from fabric.control.client import ControlClient
+
+        assert self.daemon is not None
+        ControlClient(self.daemon.control).set_ready(ns, pod, ready)
+
     def check_daemon(self) -> None:
         state = self.daemon_state()
         if state:
