@@ -219,7 +219,6 @@ class ActivatorInstance:
         try:
             return fn(*args)
         finally:
-            epoch_ticker.leave()
             self.stats.fuel_used += h.fuel_per_call - acc.fuel_left()
             self._refresh_memory()
 
@@ -261,7 +260,6 @@ class ActivatorInstance:
         try:
             res = self._process(self._buf_ptr, n) & 0xFFFFFFFFFFFFFFFF
         finally:
-            epoch_ticker.leave()
             self.last_fuel = used = h.fuel_per_call - acc.fuel_left()
             self.stats.fuel_used += used
             self._refresh_memory()
@@ -448,7 +446,7 @@ class ActivatorHost:
         self.instances: dict[int, ActivatorInstance] = {}
         self.last_failure: dict[str, Any] | None = None  # of any instance, the latest
         self._closed = False
-        epoch_ticker.acquire(self.engine)
+        epoch_ticker.acquire(self.engine, self.deadline_ticks)
 
     def instance(self, port: int) -> ActivatorInstance:
         """The instance for a service port, created on first use."""

@@ -114,28 +114,31 @@ class EpochTicker:
     """Advances the shared engine's epoch about once a millisecond while guest code runs.
 
     Deadlines are counted in ticks, so ``deadline_ms`` is a lower bound: sleep(0.001)
-    oversleeps, never undersleeps. Every guest call is bracketed by ``enter()`` and
-    ``leave()``; the thread parks when no host is open, or when no call has run for
-    ``IDLE_AFTER`` seconds, and the next ``enter()`` wakes it before the guest runs. So
-    services with activators cost no CPU while nothing calls them (a ticker that ticked
-    for ever cost a few per cent of a core). Both decisions are taken under one lock, so
-    a call can never start while the thread parks: a guest that loops is always stopped.
+    oversleeps, never undersleeps. Every guest call first calls ``enter()``, which only
+    counts (two attribute operations: it runs per packet). The thread parks when no host
+    is open, or when the count has not moved for ``idle_after`` seconds (at least twice
+    the longest deadline of any host, so no call can still be running), and the next
+    ``enter()`` wakes it. So services with activators cost no CPU while nothing calls
+    them (a ticker that ticked for ever cost a few per cent of a core). Parking sets the
+    flag, then reads the count once more, while ``enter()`` bumps the count, then reads
+    the flag: one of the two always sees the other, so a call never runs untimed.
     """
 
-    IDLE_AFTER = 0.05
+    IDLE_AFTER = 1.0
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._users = 0
         self._thread: threading.Thread | None = None
-        self._active = 0  # guest calls running now
-        self._last = 0.0  # when the last one ended
+        self.calls = 0  # guest calls so far (its changes are what the thread watches)
+        self.idle_after = self.IDLE_AFTER
         self.parked = True
         self.wakeups = 0  # times enter() woke the thread (for tests and the curious)
 
-    def acquire(self, engine: wasmtime.Engine) -> None:
+    def acquire(self, engine: wasmtime.Engine, deadline_ms: int = 50) -> None:
         with self._cond:
             self._users += 1
+            self.idle_after = max(self.idle_after, 2 * deadline_ms / 1000)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, args=(engine,),
                                                 name="activator-epoch", daemon=True)
@@ -147,29 +150,36 @@ class EpochTicker:
             self._users = max(0, self._users - 1)
 
     def enter(self) -> None:
+        self.calls += 1
+        if self.parked:
+            self._wake()
+
+    def _wake(self) -> None:
         with self._cond:
-            self._active += 1
             if self.parked:
                 self.parked = False
                 self.wakeups += 1
                 self._cond.notify()
 
-    def leave(self) -> None:
-        with self._cond:
-            self._active -= 1
-            self._last = time.monotonic()
-
     def _run(self, engine: wasmtime.Engine) -> None:
         cond = self._cond
+        seen, moved = -1, time.monotonic()
         while True:
             with cond:
                 while self._users == 0 or self.parked:
                     cond.wait()
             time.sleep(0.001)  # first, so a call that woke the thread gets its full ticks
             engine.increment_epoch()
-            with cond:
-                if self._active == 0 and time.monotonic() - self._last > self.IDLE_AFTER:
+            now = time.monotonic()
+            n = self.calls
+            if n != seen:
+                seen, moved = n, now
+            elif now - moved > self.idle_after:
+                with cond:
                     self.parked = True
+                    if self.calls != n:  # a call began meanwhile: keep ticking
+                        self.parked = False
+                moved = now
 
 
 epoch_ticker = EpochTicker()
