@@ -8,42 +8,31 @@
  * host keeps the bytes.
  *
  * Config (JSON, all optional): max_flows (<= 4096), hold_timeout_ms (default 30000).
+ * Written with the C SDK (activators/sdk/c); testing/tcp_raw.c is the same logic against
+ * the raw ABI, kept to measure what the SDK costs.
  */
-#include "../common/fab.h"
+#include "../sdk/c/fabricd.h"
+#include "../sdk/c/fab_tcp.h"
 
 #define MAX_FLOWS 4096
 #define MAX_HELD 8192
-#define NBUCKETS 8192 /* power of two */
-#define NIL 0xffffffffu
-
-#define TCP_FIN 0x01
-#define TCP_SYN 0x02
-#define TCP_RST 0x04
-#define TCP_ACK 0x10
 
 struct flow {
-    u32 src, dst;       /* raw address bytes as read little-endian; only compared */
-    u32 ports;          /* sport << 16 | dport */
-    u32 hash;
-    u32 next;           /* bucket chain */
-    u32 older, newer;   /* age list, oldest first */
-    u32 held_first;     /* index into held[] of this flow's first held packet */
+    u32 src, dst, ports; /* the tuple; the table's key is the host's flow hash */
+    u32 older, newer;    /* age list (table positions), oldest first */
+    u32 held_first;      /* index into held[] of this flow's first held packet */
     u32 held_last;
     u64 created_ms;
-    u8 used;
 };
 
 struct held {
     u32 packet_id;
-    u32 flow;           /* NIL once dropped */
+    u32 flow;            /* table position, FAB_NIL once dropped */
     u32 next_in_flow;
 };
 
-static struct flow flows[MAX_FLOWS];
-static u32 buckets[NBUCKETS];
-static u32 free_head;
-static u32 age_oldest, age_newest;
-static u32 nflows;
+FAB_TABLE(flows, struct flow, MAX_FLOWS);
+static u32 age_oldest = FAB_NIL, age_newest = FAB_NIL;
 
 static struct held held[MAX_HELD];
 static u32 held_head, held_count;
@@ -51,189 +40,135 @@ static int held_full_logged;
 
 static u32 max_flows = MAX_FLOWS;
 static u32 hold_timeout_ms = 30000;
-static int backend_ready;
-static u64 now_ms;
-static u32 evicted_total;
+
+static struct flow *at(u32 pos) { return (struct flow *)(void *)(flows.items + pos * sizeof(struct flow)); }
 
 static void reset_tables(void) {
-    for (u32 i = 0; i < NBUCKETS; i++) buckets[i] = NIL;
-    for (u32 i = 0; i < MAX_FLOWS; i++) {
-        flows[i].used = 0;
-        flows[i].next = i + 1 < MAX_FLOWS ? i + 1 : NIL;
-    }
-    free_head = 0;
-    age_oldest = age_newest = NIL;
-    nflows = 0;
+    fab_table_clear(&flows);
+    age_oldest = age_newest = FAB_NIL;
     held_head = held_count = 0;
     held_full_logged = 0;
 }
 
-FAB_EXPORT(fab_init) i32 fab_init(const u8 *cfg, u32 len) {
-    max_flows = cfg_u32(cfg, len, "max_flows", MAX_FLOWS);
+static int init(struct fab_json cfg) {
+    max_flows = fab_cfg_u32(cfg, "max_flows", MAX_FLOWS);
     if (max_flows == 0 || max_flows > MAX_FLOWS) max_flows = MAX_FLOWS;
-    hold_timeout_ms = cfg_u32(cfg, len, "hold_timeout_ms", 30000);
-    backend_ready = 0;
-    now_ms = 0;
-    evicted_total = 0;
+    hold_timeout_ms = fab_cfg_u32(cfg, "hold_timeout_ms", 30000);
     reset_tables();
     return 0;
 }
 
-static u32 lookup(u32 hash, u32 src, u32 dst, u32 ports) {
-    for (u32 i = buckets[hash & (NBUCKETS - 1)]; i != NIL; i = flows[i].next) {
-        struct flow *f = &flows[i];
-        if (f->hash == hash && f->src == src && f->dst == dst && f->ports == ports) return i;
-    }
-    return NIL;
+static int same_tuple(const void *item, const void *arg) {
+    const struct flow *f = item;
+    const struct fab_tcp *t = arg;
+    return f->src == t->src && f->dst == t->dst && f->ports == fab_tcp_ports(t);
 }
 
 /* Forget a flow; its still-held packets are dropped (the host releases them). */
-static void flow_free(u32 i) {
-    struct flow *f = &flows[i];
-    u32 *pp = &buckets[f->hash & (NBUCKETS - 1)];
-    while (*pp != i) pp = &flows[*pp].next;
-    *pp = f->next;
-    if (f->older != NIL) flows[f->older].newer = f->newer; else age_oldest = f->newer;
-    if (f->newer != NIL) flows[f->newer].older = f->older; else age_newest = f->older;
-    for (u32 h = f->held_first; h != NIL; h = held[h].next_in_flow) {
-        held[h].flow = NIL;
-        act_decision(held[h].packet_id, VERDICT_DROP);
+static void flow_free(struct flow *f) {
+    if (f->older != FAB_NIL) at(f->older)->newer = f->newer; else age_oldest = f->newer;
+    if (f->newer != FAB_NIL) at(f->newer)->older = f->older; else age_newest = f->older;
+    for (u32 h = f->held_first; h != FAB_NIL; h = held[h].next_in_flow) {
+        held[h].flow = FAB_NIL;
+        fab_drop(held[h].packet_id);
     }
     /* reclaim dead entries at the head of the ring */
-    while (held_count && held[held_head].flow == NIL) {
+    while (held_count && held[held_head].flow == FAB_NIL) {
         held_head = (held_head + 1) % MAX_HELD;
         held_count--;
     }
-    f->used = 0;
-    f->next = free_head;
-    free_head = i;
-    nflows--;
+    fab_table_del(&flows, f);
 }
 
-static u32 flow_new(u32 hash, u32 src, u32 dst, u32 ports) {
-    if (nflows >= max_flows) {
-        flow_free(age_oldest);
-        evicted_total++;
-        act_log(LOG_WARNING, "tcp activator: flow table full, evicted the oldest held flow");
+static struct flow *flow_new(u32 hash, const struct fab_tcp *t) {
+    if (fab_table_count(&flows) >= max_flows) {
+        flow_free(at(age_oldest));
+        fab_log(FAB_WARNING, "tcp activator: flow table full, evicted the oldest held flow");
     }
-    u32 i = free_head;
-    struct flow *f = &flows[i];
-    free_head = f->next;
-    f->src = src;
-    f->dst = dst;
-    f->ports = ports;
-    f->hash = hash;
-    f->created_ms = now_ms;
-    f->held_first = f->held_last = NIL;
-    f->used = 1;
-    u32 b = hash & (NBUCKETS - 1);
-    f->next = buckets[b];
-    buckets[b] = i;
-    f->newer = NIL;
+    struct flow *f = fab_table_insert(&flows, hash);
+    u32 pos = fab_table_pos(&flows, f);
+    f->src = t->src;
+    f->dst = t->dst;
+    f->ports = fab_tcp_ports(t);
+    f->created_ms = fab_now();
+    f->held_first = f->held_last = FAB_NIL;
+    f->newer = FAB_NIL;
     f->older = age_newest;
-    if (age_newest != NIL) flows[age_newest].newer = i; else age_oldest = i;
-    age_newest = i;
-    nflows++;
-    return i;
+    if (age_newest != FAB_NIL) at(age_newest)->newer = pos; else age_oldest = pos;
+    age_newest = pos;
+    return f;
 }
 
-static void hold(u32 fi, u32 packet_id) {
+static void hold(struct flow *f, u32 packet_id) {
     if (held_count >= MAX_HELD) {
         if (!held_full_logged) {
-            act_log(LOG_WARNING, "tcp activator: hold queue full, dropping");
+            fab_log(FAB_WARNING, "tcp activator: hold queue full, dropping");
             held_full_logged = 1;
         }
-        act_decision(packet_id, VERDICT_DROP);
+        fab_drop(packet_id);
         return;
     }
     u32 h = (held_head + held_count) % MAX_HELD;
     held_count++;
     held[h].packet_id = packet_id;
-    held[h].flow = fi;
-    held[h].next_in_flow = NIL;
-    struct flow *f = &flows[fi];
-    if (f->held_last != NIL) held[f->held_last].next_in_flow = h; else f->held_first = h;
+    held[h].flow = fab_table_pos(&flows, f);
+    held[h].next_in_flow = FAB_NIL;
+    if (f->held_last != FAB_NIL) held[f->held_last].next_in_flow = h; else f->held_first = h;
     f->held_last = h;
-    act_decision(packet_id, VERDICT_HOLD);
+    fab_hold(packet_id);
 }
 
-static void on_packet(const u8 *p, u32 len) {
-    if (len < 8) return;
-    u32 packet_id = rd32(p);
-    u32 hash = rd32(p + 4);
-    const u8 *ip = p + 8;
-    u32 n = len - 8;
-    if (backend_ready) {
-        act_decision(packet_id, VERDICT_PASS);
+static void on_packet(const struct fab_packet *p) {
+    if (fab_backend_ready()) {
+        fab_pass(p->id);
         return;
     }
-    /* Only well-formed, unfragmented-or-first-fragment IPv4 TCP can be judged. */
-    if (n < 20 || (ip[0] >> 4) != 4) goto drop;
-    u32 ihl = (u32)(ip[0] & 0x0f) * 4;
-    if (ihl < 20 || n < ihl + 20 || ip[9] != 6 || (be16(ip + 6) & 0x1fff) != 0) goto drop;
-    const u8 *tcp = ip + ihl;
-    u32 flags = tcp[13];
-    u32 src = rd32(ip + 12), dst = rd32(ip + 16);
-    u32 ports = (be16(tcp) << 16) | be16(tcp + 2);
-    u32 fi = lookup(hash, src, dst, ports);
-    if (flags & TCP_RST) {
-        if (fi != NIL) flow_free(fi); /* the client gave up: replaying would be wrong */
-        goto drop;
-    }
-    if (fi != NIL) {
-        hold(fi, packet_id); /* SYN retransmit or data of a held flow: no second wake */
+    struct fab_tcp t;
+    if (fab_tcp_parse(p->ip, p->len, &t) < 0) {
+        fab_drop(p->id); /* non-TCP, fragments, garbage: nothing to wake for */
         return;
     }
-    if ((flags & (TCP_SYN | TCP_ACK)) == TCP_SYN) {
-        fi = flow_new(hash, src, dst, ports);
-        act_need(NEED_ACTIVE);
-        hold(fi, packet_id);
+    struct flow *f = fab_table_find(&flows, p->flow_hash, same_tuple, &t);
+    if (t.flags & FAB_TCP_RST) {
+        if (f) flow_free(f); /* the client gave up: replaying would be wrong */
+        fab_drop(p->id);
         return;
     }
-drop:
-    act_decision(packet_id, VERDICT_DROP);
+    if (f) {
+        hold(f, p->id); /* SYN retransmit or data of a held flow: no second wake */
+        return;
+    }
+    if (fab_tcp_is_syn(&t)) {
+        f = flow_new(p->flow_hash, &t);
+        fab_set_need(FAB_NEED_ACTIVE);
+        hold(f, p->id);
+        return;
+    }
+    fab_drop(p->id);
 }
 
 static void on_backend_available(void) {
     for (u32 k = 0; k < held_count; k++) {
         struct held *h = &held[(held_head + k) % MAX_HELD];
-        if (h->flow != NIL) act_replay(h->packet_id);
+        if (h->flow != FAB_NIL) fab_replay(h->packet_id);
     }
     reset_tables();
-    backend_ready = 1;
 }
 
-static void on_tick(const u8 *p, u32 len) {
-    if (len < 8) return;
-    now_ms = rd64(p);
-    while (age_oldest != NIL && now_ms >= flows[age_oldest].created_ms
-           && now_ms - flows[age_oldest].created_ms >= hold_timeout_ms) {
-        act_log(LOG_INFO, "tcp activator: held flow timed out");
-        flow_free(age_oldest);
+static void on_tick(u64 now) {
+    while (age_oldest != FAB_NIL) {
+        struct flow *f = at(age_oldest);
+        if (now < f->created_ms || now - f->created_ms < hold_timeout_ms) break;
+        fab_log(FAB_INFO, "tcp activator: held flow timed out");
+        flow_free(f);
     }
 }
 
-FAB_EXPORT(fab_process) i64 fab_process(const u8 *ev, u32 len) {
-    out_begin();
-    if (len < 2) return out_end();
-    u32 count = rd16(ev);
-    u32 off = 2;
-    for (u32 i = 0; i < count; i++) {
-        if (len - off < REC_HDR) break;
-        u32 kind = ev[off];
-        u32 plen = rd32(ev + off + 4);
-        off += REC_HDR;
-        if (plen > len - off) break;
-        const u8 *pl = ev + off;
-        off += plen;
-        switch (kind) {
-        case EV_PACKET: on_packet(pl, plen); break;
-        case EV_BACKEND_AVAILABLE: on_backend_available(); break;
-        case EV_BACKEND_UNAVAILABLE: backend_ready = 0; break;
-        case EV_TICK: on_tick(pl, plen); break;
-        default: break; /* stream events are for L7 activators */
-        }
-    }
-    /* When the batch overflowed, undecided packets stay held by the host (ABI.md). */
-    return out_end();
-}
+/* When the answer overflowed, undecided packets stay held by the host (ABI.md). */
+static const struct fab_handlers H = {
+    .init = init,
+    .packet = on_packet,
+    .backend_available = on_backend_available,
+    .tick = on_tick,
+};
+FAB_ACTIVATOR(H)
