@@ -38,11 +38,13 @@ TARGETS: dict[str, str] = {
     "testing/multimem.wat": "testing/multimem.wasm",
     "testing/streamtrap.c": "testing/streamtrap.wasm",
     "testing/tcp_raw.c": "testing/tcp_raw.wasm",
+    "testing/sdkcheck.c": "testing/sdkcheck.wasm",
 }
 
 #: source -> flags added to CFLAGS for it alone
 EXTRA_CFLAGS: dict[str, tuple[str, ...]] = {
     "tcp/tcp.c": ("-mbulk-memory",),  # the SDK's fab_copy: memory.copy
+    "stream/stream.c": ("-mbulk-memory",),
     "testing/tablebomb.c": ("-mreference-types",),  # a C table of externrefs needs them
     "postgres/postgres.c": ("-mbulk-memory",),  # memory.copy for relayed bytes
     "http2/http2.c": ("-mbulk-memory",),  # memory.copy: one instruction per copy, not a loop
