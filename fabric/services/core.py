@@ -654,7 +654,7 @@ class Service:
                     continue
                 budget -= 1
                 started.add(fk)
-            _, frame, off, length, partial, _ = entry
+            _, frame, off, length, partial, _ = entry[:6]
             self.held_bytes -= length
             b = bytearray(frame)
             v = self._outbound(b, off, length, now, partial, True)
@@ -664,8 +664,12 @@ class Service:
             else:
                 counters["release_dropped"] += 1
         if kept:
+            # counted once per packet: a 7th field marks those counted already
+            for i, entry in enumerate(kept):
+                if len(entry) == 6:
+                    kept[i] = (*entry, True)  # type: ignore[assignment]
+                    counters["release_paced"] += 1
             self._hold = kept
-            counters["release_paced"] += len(kept)
             self._release_at = now + spec.release_interval
             return out
         self._release_at = None
@@ -793,7 +797,7 @@ class Service:
         hold = self._hold
         timeout = self.hold_spec.timeout
         while hold and hold[0][0] + timeout <= now:
-            _, frame, off, length, partial, _ = hold.popleft()
+            _, frame, off, length, partial, _ = hold.popleft()[:6]
             self.held_bytes -= length
             self.counters["hold_timeout"] += 1
             resp = reject_response(frame[off:off + length], partial)

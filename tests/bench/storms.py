@@ -183,7 +183,7 @@ def run(s: Settings) -> Report:
                                 "1st accept ms", "last accept ms", "accepts in 1st ms"], rows))
     held = svcs["l3"]["counters"]
     r.notes.append(f"L3 service: held {held['held']}, released {held['released']} "
-                   f"({held['release_paced']} waited for a later step of the paced release: "
+                   f"({held['release_paced']} of them waited for a later paced step: "
                    f"hold.release_burst {DEFAULT_RELEASE_BURST} new flows per ready backend "
                    f"every {DEFAULT_RELEASE_INTERVAL * 1e3:g} ms), hold overflow "
                    f"{held['hold_overflow']}, hold timeouts {held['hold_timeout']}")

@@ -373,11 +373,13 @@ def test_release_is_paced_and_keeps_every_flows_order() -> None:
     # nothing before the step is due, also when a new packet queues behind
     assert out(s, syn(sport=40009), 1.001)[0] == QUEUED
     assert s.release(1.002) == []
+    assert s.counters["release_paced"] == 4  # counted once per packet, not per step
     # a started flow goes straight through; it has nothing left in the queue
     assert out(s, tcp(CLIENT, VIP, 40001, 80, TCP_ACK, b"two"), 1.003)[0] == FORWARD
     assert sports(s.release(1.005)) == [(40002, b""), (40003, b"")]
     assert sports(s.handle_timer(1.010)) == [(40004, b""), (40004, b"five"), (40009, b"")]
     assert s.held_packets == 0 and s.counters["released"] == 8
+    assert s.counters["release_paced"] == 5  # and the SYN that queued behind
     assert s.next_timer() is None or s.next_timer() > 2.0
 
 
