@@ -32,6 +32,7 @@ from tests.bench import (
     postgres,
     scale,
     services,
+    shards,
     storms,
     streams,
     tcp,
@@ -57,6 +58,7 @@ BENCHMARKS: dict[str, Callable[[Settings], Report]] = {
     postgres.NAME: postgres.run,
     http2.NAME: http2.run,
     microvm.NAME: microvm.run,
+    shards.NAME: shards.run,
 }
 
 
