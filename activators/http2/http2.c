@@ -117,7 +117,7 @@ enum { C_PINGS, C_HOLD_TIMEOUTS, C_REFUSED, C_PROTO_ERRORS, C_BACKEND_GOAWAYS, C
 static const char *const COUNT_NAME[NCOUNT] = {
     "pings_answered", "hold_timeouts", "streams_refused_h2", "protocol_errors",
     "backend_goaways", "requests"};
-static u32 counts[NCOUNT];
+static u32 counts[NCOUNT], count_len[NCOUNT];
 
 static u8 D[SCR_CAP], U[SCR_CAP];
 static u32 dlen, ulen;
@@ -285,25 +285,36 @@ static void purge_to_backend(conn *c, strm *s) {
 }
 
 /* ---- local answers to the client (never touch its dynamic table) ---- */
-static void local_reply(conn *c, strm *s, u32 status, u32 grpc_status) {
-    u8 hb[128];
-    struct fab_hpack_out o = {hb, 0, sizeof hb};
-    if (!(s->flags & F_SENT_UP)) purge_to_backend(c, s);
+/* Their header blocks, encoded once at init: 503, 431, gRPC UNAVAILABLE (14) and
+ * DEADLINE_EXCEEDED (4) as Trailers-Only. */
+enum { LR_503, LR_431, LR_GRPC_UNAVAILABLE, LR_GRPC_DEADLINE, NLR };
+static u8 lr_block[NLR][112];
+static u32 lr_len[NLR];
+
+static void build_reply(u32 k, const char *status, const char *grpc_status, const char *msg) {
+    struct fab_hpack_out o = {lr_block[k], 0, sizeof lr_block[k]};
+    fab_hpack_encode_header(&o, ":status", status);
     if (grpc_status) {
-        char gs[3] = {(char)('0' + grpc_status / 10), (char)('0' + grpc_status % 10), 0};
-        fab_hpack_encode_header(&o, ":status", "200");
         fab_hpack_encode_header(&o, "content-type", "application/grpc");
-        fab_hpack_encode_header(&o, "grpc-status", grpc_status >= 10 ? gs : gs + 1);
-        fab_hpack_encode_header(&o, "grpc-message",
-                                grpc_status == 4 ? "deadline exceeded while the backend woke"
-                                                 : "backend unavailable");
+        fab_hpack_encode_header(&o, "grpc-status", grpc_status);
+        fab_hpack_encode_header(&o, "grpc-message", msg);
     } else {
-        char st[4] = {(char)('0' + status / 100), (char)('0' + status / 10 % 10),
-                      (char)('0' + status % 10), 0};
-        fab_hpack_encode_header(&o, ":status", st);
         fab_hpack_encode_header(&o, "content-length", "0");
     }
-    push2c(c, s, FAB_H2_HEADERS, FAB_H2_END_STREAM | FAB_H2_END_HEADERS, s->id, hb, o.len);
+    lr_len[k] = o.len;
+}
+
+static void build_replies(void) {
+    build_reply(LR_503, "503", 0, 0);
+    build_reply(LR_431, "431", 0, 0);
+    build_reply(LR_GRPC_UNAVAILABLE, "200", "14", "backend unavailable");
+    build_reply(LR_GRPC_DEADLINE, "200", "4", "deadline exceeded while the backend woke");
+}
+
+static void local_reply(conn *c, strm *s, u32 kind) {
+    if (!(s->flags & F_SENT_UP)) purge_to_backend(c, s);
+    push2c(c, s, FAB_H2_HEADERS, FAB_H2_END_STREAM | FAB_H2_END_HEADERS, s->id, lr_block[kind],
+           lr_len[kind]);
     s->flags |= F_LOCAL | F_SRV_END;
     if (!(s->flags & F_CLI_END)) {
         rst2c(c, s, s->id, FAB_H2_NO_ERROR);  /* RFC 9113 8.1: complete response, stop sending */
@@ -413,7 +424,7 @@ static void cli_header_block(conn *c, u32 sid, u32 flags) {
     counts[C_STREAMS]++;
     if (end) s->flags |= F_CLI_END;
     if (r.grpc) { s->flags |= F_GRPC; s->gto = r.gto; }
-    if (r.too_big) { local_reply(c, s, 431, 0); return; }
+    if (r.too_big) { local_reply(c, s, LR_431); return; }
     if (!push2b(c, s, FAB_H2_HEADERS, end ? FAB_H2_END_STREAM : 0, sid, RE, r.o.len)) {
         s->flags |= F_RESET;
         rst2c(c, s, sid, FAB_H2_REFUSED_STREAM);
@@ -993,7 +1004,8 @@ static int on_init(struct fab_json cfg) {
     hold_timeout_ms = fab_cfg_u32(cfg, "hold_timeout_ms", 30000);
     max_conns = fab_cfg_u32(cfg, "max_connections", 32);
     if (max_conns == 0 || max_conns > MAX_CONNS) max_conns = MAX_CONNS;
-    fab_hpack_init();
+    build_replies();
+    for (u32 i = 0; i < NCOUNT; i++) count_len[i] = fab_strlen(COUNT_NAME[i]);
     return 0;
 }
 
@@ -1022,8 +1034,8 @@ static void on_tick(u64 t) {
             u32 grpc_expired = (s->flags & F_GRPC) && s->gto && s->gto < hold_timeout_ms &&
                                age >= s->gto;
             if (age >= hold_timeout_ms || grpc_expired) {
-                if (s->flags & F_GRPC) local_reply(c, s, 0, grpc_expired ? 4 : 14);
-                else local_reply(c, s, 503, 0);
+                local_reply(c, s, !(s->flags & F_GRPC) ? LR_503
+                                  : grpc_expired ? LR_GRPC_DEADLINE : LR_GRPC_UNAVAILABLE);
                 c->dirty = 1;
                 counts[C_HOLD_TIMEOUTS]++;
             }
@@ -1112,7 +1124,7 @@ static void on_batch_end(void) {
     if (fab_action_count() < budget) fab_need(need);
     for (u32 i = 0; i < NCOUNT; i++) {
         if (!counts[i] || fab_action_count() >= budget) continue;
-        if (fab_room() < 4 + fab_strlen(COUNT_NAME[i])) break;
+        if (fab_room() < 4 + count_len[i]) break;
         fab_count(COUNT_NAME[i], counts[i]);
         counts[i] = 0;
     }

@@ -280,8 +280,8 @@ static FAB_UNUSED int fab__hp_lookup(struct fab_hpack_table *t, u32 idx, u32 *nl
 /* Decode a whole header block (HEADERS + CONTINUATION payloads, reassembled) against the
  * sender's table, calling cb for every field in order; 0, or -1 for a malformed block
  * (the connection error COMPRESSION_ERROR: the table is out of step from then on). */
-static FAB_UNUSED int fab_hpack_decode(struct fab_hpack_table *t, const u8 *p, u32 len,
-                                       fab_hpack_cb cb, void *ctx) {
+FAB_INLINE int fab_hpack_decode(struct fab_hpack_table *t, const u8 *p, u32 len,
+                                 fab_hpack_cb cb, void *ctx) {
     u32 pos = 0, seen = 0;
     struct fab_hpack_field f;
     f.name = fab__hp_name;

@@ -148,8 +148,8 @@ FAB_INLINE void fab_h2_reader_init(struct fab_h2_reader *r, int expect_preface) 
  *     while ((r = fab_h2_next(&rd, &p, &n, &f)) > 0) handle(&f);
  *     if (r < 0) GOAWAY(-r), close
  */
-static FAB_UNUSED i32 fab_h2_next(struct fab_h2_reader *r, const u8 **pp, u32 *pn,
-                                  struct fab_h2_frame *f) {
+FAB_INLINE i32 fab_h2_next(struct fab_h2_reader *r, const u8 **pp, u32 *pn,
+                            struct fab_h2_frame *f) {
     const u8 *p = *pp;
     u32 n = *pn;
     i32 res = 0;
