@@ -95,6 +95,9 @@ static FAB_UNUSED void fab_hpack_init(void) {
     fab__hp_ready = 1;
 }
 
+/* The check every entry point makes; the work once. */
+#define fab__hp_init() do { if (!fab__hp_ready) fab_hpack_init(); } while (0)
+
 FAB_INLINE int fab__hp_eq(const u8 *a, u32 an, const char *b, u32 bn) {
     return an == bn && fab_memeq(a, b, an);
 }
@@ -102,7 +105,7 @@ FAB_INLINE int fab__hp_eq(const u8 *a, u32 an, const char *b, u32 bn) {
 /* The first static-table index (1..61) whose name is `name`, or 0. */
 static FAB_UNUSED u32 fab_hpack_static_name(const u8 *name, u32 len) {
     if (!len) return 0;
-    fab_hpack_init();
+    fab__hp_init();
     for (u32 h = fab__hp_name_hash(name, len); fab__hp_hash[h]; h = (h + 1) & 127u) {
         u32 i = fab__hp_hash[h];
         if (fab__hp_eq(name, len, FAB_HPACK_STATIC_NAME[i], fab__hp_nlen[i])) return i;
@@ -114,7 +117,7 @@ static FAB_UNUSED u32 fab_hpack_static_name(const u8 *name, u32 len) {
 
 /* Decode n Huffman-coded bytes into out; the length, or -1 (EOS, bad padding, > cap). */
 static FAB_UNUSED i32 fab_hpack_huffman_decode(const u8 *p, u32 n, u8 *out, u32 cap) {
-    fab_hpack_init();
+    fab__hp_init();
     u32 code = 0, l = 0, o = 0;
     for (u32 i = 0; i < n; i++) {
         for (i32 b = 7; b >= 0; b--) {
@@ -183,7 +186,7 @@ struct fab_hpack_table {
 
 /* Empty, at the default size (4096): a new connection's table. */
 FAB_INLINE void fab_hpack_decoder_init(struct fab_hpack_table *t) {
-    fab_hpack_init();
+    fab__hp_init();
     t->head = t->n = t->size = t->wpos = 0;
     t->max = FAB_HPACK_TABLE_SIZE;
 }
@@ -366,7 +369,7 @@ static FAB_UNUSED int fab_hpack_encode_field(struct fab_hpack_out *o, const u8 *
     u32 save = o->len, si = static_name;
     if (si == FAB_HPACK_UNKNOWN) si = fab_hpack_static_name(name, nl);
     else if (si > 61) si = 0;
-    else fab_hpack_init();
+    else fab__hp_init();
     for (u32 i = si; !never_indexed && i && i <= 61 &&
                      fab__hp_eq(name, nl, FAB_HPACK_STATIC_NAME[i], fab__hp_nlen[i]); i++) {
         if (fab__hp_eq(value, vl, FAB_HPACK_STATIC_VALUE[i], fab__hp_vlen[i]))
