@@ -41,6 +41,7 @@
 #ifndef FAB_HPACK_STR_CAP
 #define FAB_HPACK_STR_CAP 65536
 #endif
+_Static_assert(FAB_HPACK_STR_CAP >= 64, "FAB_HPACK_STR_CAP: room for any static entry");
 #define FAB_HPACK_TABLE_SIZE 4096
 #define FAB_HPACK_ENTRIES 128
 #define FAB_HPACK_STATIC_COUNT 61

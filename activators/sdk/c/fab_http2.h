@@ -11,6 +11,7 @@
  *     #include "fab_http2.h"
  *     static struct fab_h2_reader rd;                      one per connection
  *     static void on_open(u32 sid, u32 port) {
+ *         (void)port;
  *         u8 s[9]; fab_send(sid, s, fab_h2_settings(s, 0, 0));   the server preface
  *         fab_h2_reader_init(&rd, 1);
  *     }
@@ -278,11 +279,12 @@ FAB_INLINE int fab_h2_put_frame(u8 *out, u32 cap, u32 *ol, u32 type, u32 flags, 
 }
 
 /* A header block as HEADERS + CONTINUATION frames of at most maxf bytes, whole or not at
- * all (nothing may come between them): 1, or 0 when it does not fit. flags: END_STREAM
+ * all (nothing may come between them): 1, or 0 when it does not fit (or maxf is 0). flags: END_STREAM
  * or 0 (END_HEADERS is set on the last frame). prefix >= 0 is one byte put before the
  * block (fab_hpack_size_update0), -1 none. */
 static FAB_UNUSED int fab_h2_put_block(u8 *out, u32 cap, u32 *ol, u32 flags, u32 sid,
                                        i32 prefix, const u8 *p, u32 n, u32 maxf) {
+    if (!maxf) return 0;
     u32 total = n + (prefix >= 0), frames = total ? (total + maxf - 1) / maxf : 1;
     if (cap - *ol < total + FAB_H2_HDR * frames) return 0;
     u32 done = 0, first = 1;
