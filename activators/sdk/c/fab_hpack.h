@@ -340,7 +340,7 @@ struct fab_hpack_out {
     u32 cap;
 };
 
-static FAB_UNUSED int fab_hpack_put_int(struct fab_hpack_out *o, u32 first, u32 bits, u32 v) {
+FAB_INLINE int fab_hpack_put_int(struct fab_hpack_out *o, u32 first, u32 bits, u32 v) {
     u32 mask = (1u << bits) - 1;
     if (o->len + 6 > o->cap) return -1;
     if (v < mask) { o->buf[o->len++] = (u8)(first | v); return 0; }
@@ -364,9 +364,9 @@ static FAB_UNUSED int fab_hpack_put_str(struct fab_hpack_out *o, const u8 *s, u3
  * naming the static entry's name if there is one. static_name: the name's first static
  * index as the decoder gives it, 0 for none, or FAB_HPACK_UNKNOWN to look it up. 0, or -1
  * when it does not fit (nothing written). */
-static FAB_UNUSED int fab_hpack_encode_field(struct fab_hpack_out *o, const u8 *name, u32 nl,
-                                             const u8 *value, u32 vl, int never_indexed,
-                                             u32 static_name) {
+FAB_INLINE int fab_hpack_encode_field(struct fab_hpack_out *o, const u8 *name, u32 nl,
+                                      const u8 *value, u32 vl, int never_indexed,
+                                      u32 static_name) {
     u32 save = o->len, si = static_name;
     if (si == FAB_HPACK_UNKNOWN) si = fab_hpack_static_name(name, nl);
     else if (si > 61) si = 0;
