@@ -39,6 +39,8 @@ TARGETS: dict[str, str] = {
     "testing/streamtrap.c": "testing/streamtrap.wasm",
     "testing/tcp_raw.c": "testing/tcp_raw.wasm",
     "testing/sdkcheck.c": "testing/sdkcheck.wasm",
+    "testing/http2_raw.c": "testing/http2_raw.wasm",
+    "sdk/c/examples/h2ping.c": "sdk/c/examples/h2ping.wasm",
 }
 
 #: source -> flags added to CFLAGS for it alone
@@ -48,6 +50,8 @@ EXTRA_CFLAGS: dict[str, tuple[str, ...]] = {
     "testing/tablebomb.c": ("-mreference-types",),  # a C table of externrefs needs them
     "postgres/postgres.c": ("-mbulk-memory",),  # memory.copy for relayed bytes
     "http2/http2.c": ("-mbulk-memory",),  # memory.copy: one instruction per copy, not a loop
+    "testing/http2_raw.c": ("-mbulk-memory",),
+    "sdk/c/examples/h2ping.c": ("-mbulk-memory",),
 }
 
 CFLAGS: tuple[str, ...] = (
