@@ -37,7 +37,8 @@ function, frames, fuel and events; fuel used; need history; counters)."""
 EPILOG = """\
 expectations (--expect, repeatable):
   need=none|traffic|active   the need level at the end of the replay
-  wake, no-wake              the need went / never went active (L3: a held packet wakes)
+  wake, no-wake              a backend was / was never woken: the need went active
+                             while none was ready (L3: or a packet was held)
   local-answers=N            sum of the guest's counters named *_answered
                              (http2: pings_answered, postgres: keepalives_answered)
   count:NAME=N               one of the guest's count counters
@@ -71,8 +72,12 @@ def add_test_command(where: Any) -> argparse.ArgumentParser:
                    help="the service port (default: the port the capture's SYNs go to)")
     p.add_argument("--backend-ready-at", default="never", metavar="SECONDS",
                    help="when the simulated backend becomes ready: seconds since the "
-                        "first packet, wake+SECONDS (after the first wake), or never "
-                        "(default)")
+                        "first packet, wake+SECONDS (that long after each wake: the need "
+                        "going active, or a held packet, while no backend is ready), or "
+                        "never (default)")
+    p.add_argument("--backend-gone-at", type=float, metavar="SECONDS",
+                   help="the backend goes away then (the service scaled to zero): "
+                        "backend_unavailable; a later wake+SECONDS brings it back")
     p.add_argument("--config", metavar="JSON", default="{}",
                    help="the activator config, a JSON object (stream activators also get "
                         "port, target_port, hold_timeout_ms, hold_bytes unless set)")
@@ -119,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         expectations = [Expectation.parse(e) for e in args.expect]
         result = replay(args.wasm, args.pcap, service_port=args.service_port,
-                        backend_ready_at=args.backend_ready_at, config=config,
+                        backend_ready_at=args.backend_ready_at,
+                        backend_gone_at=args.backend_gone_at, config=config,
                         until=args.until, fuel_per_call=args.fuel,
                         deadline_ms=args.deadline_ms)
     except HarnessError as e:

@@ -1,8 +1,9 @@
 """``--expect`` checks on a replay's Result: each one a line when it is not met.
 
     need=none|traffic|active   the port's need level at the end
-    wake / no-wake             the need went (never went) active; for a packet activator
-                               a held packet wakes too, as in the daemon
+    wake / no-wake             a backend was (never) woken: the need went active while
+                               none was ready; for a packet activator a held packet
+                               wakes too, as in the daemon
     local-answers=N            sum of the guest's counters named *_answered (the shipped
                                activators count pings_answered, keepalives_answered)
     count:NAME=N               one guest counter (absent counts as 0)

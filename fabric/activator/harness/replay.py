@@ -63,6 +63,7 @@ class Ready:
 
     at: float | None = None
     after_wake: float | None = None
+    gone_at: float | None = None  # the backend goes away (scaled to zero) then
 
     @classmethod
     def parse(cls, text: str | float | None) -> Ready:
@@ -104,6 +105,7 @@ class Result:
     woke: bool
     wake_at: float | None
     backend_ready_at: float | None
+    backend_gone_at: float | None
     to_clients: dict[int, bytes]  # per stream: every byte the client received
     host_stats: dict[str, int]
     core_counters: dict[str, int]
@@ -154,6 +156,8 @@ class Result:
                 "wake_at_ms": None if self.wake_at is None else round(self.wake_at * 1000, 3),
                 "backend_ready_at_ms": (None if self.backend_ready_at is None
                                         else round(self.backend_ready_at * 1000, 3)),
+                "backend_gone_at_ms": (None if self.backend_gone_at is None
+                                       else round(self.backend_gone_at * 1000, 3)),
                 "counters": dict(sorted(self.counters.items())),
                 "local_answers": self.local_answers,
                 "bytes_to_clients": sum(len(b) for b in self.to_clients.values()),
@@ -246,7 +250,8 @@ def guess_port(packets: list[IPPacket]) -> int:
 
 
 def replay(wasm: str | Path, pcap: str | Path, *, service_port: int | None = None,
-           backend_ready_at: str | float | None = None, config: dict[str, Any] | None = None,
+           backend_ready_at: str | float | Ready | None = None,
+           backend_gone_at: float | None = None, config: dict[str, Any] | None = None,
            until: float | None = None, fuel_per_call: int | None = None,
            deadline_ms: int | None = None) -> Result:
     """Replay `pcap` through the activator `wasm` (see the module docstring).
@@ -255,6 +260,10 @@ def replay(wasm: str | Path, pcap: str | Path, *, service_port: int | None = Non
         raise HarnessError("--config must be a JSON object")
     ready = backend_ready_at if isinstance(backend_ready_at, Ready) else Ready.parse(
         backend_ready_at)
+    if backend_gone_at is not None:
+        if not math.isfinite(backend_gone_at) or backend_gone_at < 0:
+            raise HarnessError(f"--backend-gone-at {backend_gone_at}: want SECONDS >= 0")
+        ready.gone_at = float(backend_gone_at)
     try:
         cap = read_capture(pcap)
     except CaptureError as e:
@@ -297,7 +306,7 @@ def replay(wasm: str | Path, pcap: str | Path, *, service_port: int | None = Non
         stats = {k: v for k, v in vars(host.stats).items()}
         return Result(str(wasm), str(pcap), port, "stream" if stream else "packet",
                       run.records, run.need_history, rec.counters, rec.failures,
-                      run.wake_at is not None, run.wake_at, run.ready_time,
+                      run.wake_at is not None, run.wake_at, run.ready_time, run.gone_time,
                       dict(run.to_clients), stats, run.core_counters(), len(packets),
                       run.connections, rec.max_fuel)
     finally:
@@ -322,8 +331,15 @@ class _Run:
         self.to_clients: dict[int, bytearray] = {}
         self.connections = 0
         self.last_input = 0.0
+        self.backend_up = False
+        self.ready_pending = False
+        self.need = abi.NEED_NONE
+        self.gone_time: float | None = None
         if ready.at is not None:
+            self.ready_pending = True
             self.clock.at(ready.at, self._backend_ready)
+        if ready.gone_at is not None:
+            self.clock.at(ready.gone_at, self._backend_gone)
 
     def sim(self, t: float, name: str, stream: int | None = None, detail: str = "",
             data: bytes | None = None) -> None:
@@ -336,16 +352,45 @@ class _Run:
             if self.need_history or name != "none":
                 self.need_history.append((t, name))
                 self.records.append(tl.Record(t, tl.NEED, "need", detail=name))
+        self.need = need
         if need == abi.NEED_ACTIVE:
             self.woke(t)
 
     def woke(self, t: float) -> None:
+        """A backend is wanted now: a wake if none is ready (as the daemon activates)."""
+        if self.backend_up:
+            return
         if self.wake_at is None:
             self.wake_at = t
-            if self.ready.after_wake is not None and self.ready_time is None:
-                self.clock.at(t + self.ready.after_wake, self._backend_ready)
+            self.sim(t, "wake", detail="a backend is needed and none is ready")
+        if self.ready.after_wake is not None and not self.ready_pending:
+            self.ready_pending = True
+            self.clock.at(t + self.ready.after_wake, self._backend_ready)
 
     def _backend_ready(self) -> None:
+        self.ready_pending = False
+        if self.backend_up:
+            return
+        t = self.rec.now
+        if self.ready_time is None:
+            self.ready_time = t
+        self.backend_up = True
+        self.on_ready(t)
+
+    def _backend_gone(self) -> None:
+        if not self.backend_up:
+            return
+        t = self.rec.now
+        self.gone_time = t
+        self.backend_up = False
+        self.on_gone(t)
+        if self.need == abi.NEED_ACTIVE:
+            self.woke(t)
+
+    def on_ready(self, t: float) -> None:
+        raise NotImplementedError
+
+    def on_gone(self, t: float) -> None:
         raise NotImplementedError
 
     def timers(self, until: float) -> None:
@@ -361,7 +406,8 @@ class _Run:
             t, fn = clock.pop()
             self.rec.now = t
             fn()
-        end = max(self.last_input, self.ready_time or 0.0) + DEFAULT_TAIL
+        end = max(self.last_input, self.ready.at or 0.0, self.ready.gone_at or 0.0,
+                  self.ready_time or 0.0) + DEFAULT_TAIL
         if until is not None:
             end = until
         self.timers(end)
@@ -428,16 +474,19 @@ class _PacketRun(_Run):
     def _hold(self, t: float, pid: int, what: str) -> None:
         self.counts["held"] += 1
         self.held.append(pid)
-        if self.wake_at is None:
-            self.sim(t, "activate", detail=f"a packet is {what}: the service "
-                     "wakes a backend")
+        if not self.backend_up and self.wake_at is None:
+            self.sim(t, "activate", detail=f"a packet {what} activates the service")
         self.woke(t)
 
-    def _backend_ready(self) -> None:
-        if self.ready_time is not None:
-            return
-        t = self.rec.now
-        self.ready_time = t
+    def on_gone(self, t: float) -> None:
+        self.is_ready = False
+        self.sim(t, "backend_gone")
+        actions = self.rec.process(self.port, [abi.BackendUnavailable()])
+        for a in actions or []:
+            if type(a) is abi.SetBackendNeed:
+                self.set_need(t, a.need)
+
+    def on_ready(self, t: float) -> None:
         self.is_ready = True
         self.sim(t, "backend_ready")
         actions = self.rec.process(self.port, [abi.BackendAvailable()])
@@ -638,13 +687,14 @@ class _StreamRun(_Run):
         self.core.splice_ended(c.sid, self.rec.now)
         self.after()
 
-    def _backend_ready(self) -> None:
-        if self.ready_time is not None:
-            return
-        t = self.rec.now
-        self.ready_time = t
+    def on_ready(self, t: float) -> None:
         self.sim(t, "backend_ready", detail=self.server_ip)
         self.core.backends([self.server_ip], t)
+        self.after()
+
+    def on_gone(self, t: float) -> None:
+        self.sim(t, "backend_gone", detail="the service scaled to zero")
+        self.core.backends([], t)
         self.after()
 
     def timers(self, until: float) -> None:
