@@ -11,9 +11,10 @@ the backend is the capture's server side paced by what the guest sends it:
 - What the guest sends upstream is located in the client's byte stream: bytes that are
   the client's next bytes, or the client's bytes further on (the ones in between were
   answered locally and never reached the backend), advance a *verbatim* position;
-  anything else (a rewritten protocol such as re-encoded HTTP/2) advances the position
-  by its length, as if it stood for as many client bytes, but never past the client
-  bytes the guest has been given (it cannot have forwarded what it has not received).
+  anything else (a rewritten protocol such as re-encoded HTTP/2) counts as a *turn*: the
+  position moves to the client bytes the guest has been given so far (it may stand for
+  any of them, and it cannot have forwarded what it has not received), at most once per
+  reply released, so a rewriting guest gets one reply per message it sends.
 - Replies go in the order the server sent them: one never overtakes an earlier one.
 - A server reply caused only by client bytes the guest never forwarded is dropped: the
   server would never have sent it (a keep-alive answered locally has no backend answer).
@@ -58,6 +59,7 @@ class SimBackend:
         self._prev_released = True
         self.dropped = 0  # replies dropped: their cause never reached the backend
         self._last = 0.0  # when the latest released chunk goes
+        self._turn = True  # a rewritten send may stand for the client's bytes so far
 
     def receive(self, data: bytes, given: int) -> None:
         """The guest sent `data` upstream, having been given `given` client bytes."""
@@ -75,7 +77,9 @@ class SimBackend:
                 self.verbatim = idx + n
             else:
                 self.rewritten += n
-                self.progress = max(self.progress, min(self.progress + n, given))
+                if self._turn:
+                    self._turn = False
+                    self.progress = max(self.progress, given)
         self.progress = max(self.progress, self.verbatim)
 
     def due(self, now: float) -> list[tuple[float, ServerChunk]]:
@@ -94,6 +98,7 @@ class SimBackend:
             at = max(self._last, now + max(0.0, ch.ts - self._reached(before)))
             self._last = at
             out.append((at, ch))
+            self._turn = True
         return out
 
     def _unasked(self, a: int, b: int) -> bool:

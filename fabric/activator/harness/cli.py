@@ -85,6 +85,14 @@ def add_test_command(where: Any) -> argparse.ArgumentParser:
                    help="a check on the outcome (repeatable; below)")
     p.add_argument("--update-golden", action="store_true",
                    help="write the timeline to the golden=FILE expectations' files")
+    p.add_argument("--client-pacing", choices=("replies", "capture"), default="replies",
+                   help="replies (default): a client sends its next bytes after the think "
+                        "time it had in the capture, once it has received as many bytes as "
+                        "it had then (at most --client-wait later); capture: at its "
+                        "captured times, whatever it received")
+    p.add_argument("--client-wait", type=float, default=5.0, metavar="SECONDS",
+                   help="how long a paced client waits for bytes that do not come "
+                        "(default 5)")
     p.add_argument("--until", type=float, metavar="SECONDS",
                    help="replay up to this time (default: 1 s after the last input)")
     p.add_argument("--fuel", type=int, metavar="N",
@@ -127,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
                         backend_ready_at=args.backend_ready_at,
                         backend_gone_at=args.backend_gone_at, config=config,
                         until=args.until, fuel_per_call=args.fuel,
+                        client_pacing=args.client_pacing, client_wait=args.client_wait,
                         deadline_ms=args.deadline_ms)
     except HarnessError as e:
         return _bad(str(e))

@@ -51,6 +51,8 @@ LOCAL_ANSWER_SUFFIX = "_answered"
 DEFAULT_TAIL = 1.0  # seconds replayed after the last input, for ticks and late answers
 HOLD_TIMEOUT = 30.0  # the service's hold.timeout default (config.specs.HoldSpec)
 HOLD_BYTES = 8 << 20
+CLIENT_WAIT = 5.0  # seconds a replayed client waits for the reply it had in the capture
+PACINGS = ("replies", "capture")
 
 
 class HarnessError(ValueError):
@@ -253,9 +255,14 @@ def replay(wasm: str | Path, pcap: str | Path, *, service_port: int | None = Non
            backend_ready_at: str | float | Ready | None = None,
            backend_gone_at: float | None = None, config: dict[str, Any] | None = None,
            until: float | None = None, fuel_per_call: int | None = None,
-           deadline_ms: int | None = None) -> Result:
+           deadline_ms: int | None = None, client_pacing: str = "replies",
+           client_wait: float = CLIENT_WAIT) -> Result:
     """Replay `pcap` through the activator `wasm` (see the module docstring).
     Raises HarnessError on bad input; guest failures are in the Result."""
+    if client_pacing not in PACINGS:
+        raise HarnessError(f"client pacing {client_pacing!r}: want one of {', '.join(PACINGS)}")
+    if not math.isfinite(client_wait) or client_wait < 0:
+        raise HarnessError(f"--client-wait {client_wait}: want SECONDS >= 0")
     if config is not None and not isinstance(config, dict):
         raise HarnessError("--config must be a JSON object")
     ready = backend_ready_at if isinstance(backend_ready_at, Ready) else Ready.parse(
@@ -298,7 +305,8 @@ def replay(wasm: str | Path, pcap: str | Path, *, service_port: int | None = Non
     t0 = packets[0].ts
     try:
         if stream:
-            run: _Run = _StreamRun(host, port, packets, t0, ready, names)
+            run: _Run = _StreamRun(host, port, packets, t0, ready, names, client_pacing,
+                                   client_wait)
         else:
             run = _PacketRun(host, port, packets, t0, ready, names)
         run.go(until)
@@ -400,14 +408,14 @@ class _Run:
         clock = self.clock
         while True:
             t = clock.next_time()
-            if t is None:
+            if t is None or (until is not None and t > until):
                 break
             self.timers(t)
             t, fn = clock.pop()
             self.rec.now = t
             fn()
-        end = max(self.last_input, self.ready.at or 0.0, self.ready.gone_at or 0.0,
-                  self.ready_time or 0.0) + DEFAULT_TAIL
+        end = max(self.rec.now, self.last_input, self.ready.at or 0.0,
+                  self.ready.gone_at or 0.0, self.ready_time or 0.0) + DEFAULT_TAIL
         if until is not None:
             end = until
         self.timers(end)
@@ -510,6 +518,14 @@ class _Conn:
     sid: int | None = None
     paused: bool = False
     queued: list[Callable[[], None]] = field(default_factory=list)
+    # the client's pacing: the next of conv.client_events, when the last one went
+    next_event: int = 0
+    fed_at: float = 0.0
+    prev_ts: float = 0.0
+    received: int = 0  # bytes the client received from the fabric
+    marks: list[tuple[int, float]] = field(default_factory=list)  # (received, when)
+    waiting: bool = False
+    token: int = 0
     client_gone: bool = False  # the guest closed the client connection
     client_ended: bool = False  # the client sent its FIN/RST
     backend: SimBackend | None = None
@@ -523,7 +539,8 @@ class _StreamRun(_Run):
     """A stream activator under the real StreamCore, with this class as its front."""
 
     def __init__(self, host: ActivatorHost, port: int, packets: list[IPPacket], t0: float,
-                 ready: Ready, names: dict[int, str]) -> None:
+                 ready: Ready, names: dict[int, str], pacing: str = "replies",
+                 client_wait: float = CLIENT_WAIT) -> None:
         super().__init__(host, port, t0, ready, names)
         self.core = sc.StreamCore(self.rec, port, port, hold_timeout=HOLD_TIMEOUT,
                                   label=f"replay:{port}")
@@ -531,14 +548,66 @@ class _StreamRun(_Run):
         convs = conversations(packets, port)
         self.connections = len(convs)
         self.server_ip = convs[0].server[0] if convs else "10.0.0.1"
+        self.pacing = pacing
+        self.client_wait = client_wait
         for conv in convs:
             c = _Conn(conv)
             self.clock.at(conv.opened - t0, lambda c=c: self._open(c))
             for ev in conv.client_events:
-                t = ev.ts - t0
-                self.last_input = max(self.last_input, t)
-                self.clock.at(t, lambda c=c, ev=ev: self._client(c, ev.kind, ev.data))
+                self.last_input = max(self.last_input, ev.ts - t0)
             self.last_input = max(self.last_input, conv.opened - t0)
+
+    # --- the clients' pacing -------------------------------------------------------------
+
+    def _next(self, c: _Conn) -> None:
+        """Schedule the client's next event: after the think time it had in the capture,
+        once it has received as many bytes as it had then (pacing "replies"), or at
+        its captured time (pacing "capture")."""
+        events = c.conv.client_events
+        if c.next_event >= len(events):
+            return
+        ev = events[c.next_event]
+        base = c.fed_at + max(0.0, ev.ts - c.prev_ts)
+        c.waiting = False
+        if self.pacing == "capture":
+            at = max(self.rec.now, ev.ts - self.t0)
+        elif ev.server_before <= c.received:
+            think = max(0.0, ev.ts - c.conv.server_reached(ev.server_before))
+            at = max(base, self._reached(c, ev.server_before) + think)
+        else:
+            c.waiting = True  # until enough arrives, or at most client_wait
+            at = base + self.client_wait
+        c.token += 1
+        tok = c.token
+        self.clock.at(at, lambda: self._fire(c, tok))
+
+    @staticmethod
+    def _reached(c: _Conn, count: int) -> float:
+        for n, t in c.marks:
+            if n >= count:
+                return t
+        return c.fed_at
+
+    def _fire(self, c: _Conn, tok: int) -> None:
+        if tok != c.token:
+            return  # rescheduled since
+        ev = c.conv.client_events[c.next_event]
+        c.next_event += 1
+        c.fed_at = self.rec.now
+        c.prev_ts = ev.ts
+        if c.waiting:
+            self.sim(self.rec.now, "client_gave_up_waiting", c.sid,
+                     f"sends on after {self.client_wait:g} s without the reply it had "
+                     "in the capture")
+        self._client(c, ev.kind, ev.data)
+        self._next(c)
+
+    def _to_client(self, c: _Conn, sid: int, data: bytes) -> None:
+        self.to_clients.setdefault(sid, bytearray()).extend(data)
+        c.received += len(data)
+        c.marks.append((c.received, self.rec.now))
+        if c.waiting:
+            self._next(c)
 
     # --- the front's side of the core ----------------------------------------------------
 
@@ -560,7 +629,7 @@ class _StreamRun(_Run):
     def _command(self, t: float, c: _Conn, kind: int, sid: int, arg: object) -> None:
         if kind == sc.SEND_CLIENT:
             if not c.client_gone:
-                self.to_clients.setdefault(sid, bytearray()).extend(arg)  # type: ignore[arg-type]
+                self._to_client(c, sid, arg)  # type: ignore[arg-type]
         elif kind == sc.SEND_UPSTREAM:
             if c.backend is not None and not c.upstream_ended:
                 c.backend.receive(arg, c.given)  # type: ignore[arg-type]
@@ -608,7 +677,11 @@ class _StreamRun(_Run):
         else:
             c.sid = sid
             self.by_sid[sid] = c
+            c.fed_at = t
+            c.prev_ts = c.conv.opened
         self.after()
+        if sid is not None:
+            self._next(c)
 
     def _client(self, c: _Conn, kind: str, data: bytes) -> None:
         t = self.rec.now
@@ -665,7 +738,7 @@ class _StreamRun(_Run):
             if data:
                 self.sim(t, "relay_to_client", sid, data=data)
                 if not c.client_gone:
-                    self.to_clients.setdefault(sid, bytearray()).extend(data)
+                    self._to_client(c, sid, data)
                     self.core.first_byte(t)
             else:
                 c.upstream_ended = True

@@ -28,6 +28,7 @@ class ClientEvent:
     ts: float
     kind: str  # "data", "close" (FIN), "reset"
     data: bytes = b""
+    server_before: int = 0  # server bytes the client had received when it sent this
 
 
 @dataclass(slots=True)
@@ -53,6 +54,15 @@ class Conversation:
     accepted: bool = False  # the server sent a SYN-ACK (or any data)
     retransmitted: int = 0  # segments (or parts) already delivered, trimmed
     out_of_order: int = 0  # segments that waited for a gap to be filled
+
+    def server_reached(self, count: int) -> float:
+        """When (capture time) the client had received `count` server bytes."""
+        n = 0
+        for ch in self.server_chunks:
+            n += len(ch.data)
+            if n >= count:
+                return ch.ts
+        return self.opened
 
     @property
     def client_bytes(self) -> int:
@@ -172,13 +182,13 @@ def conversations(packets: list[IPPacket], port: int) -> list[Conversation]:
             if p.flags & RST:
                 if not chalf.ended:
                     chalf.ended = True
-                    conv.client_events.append(ClientEvent(p.ts, "reset"))
+                    conv.client_events.append(ClientEvent(p.ts, "reset", b"", shalf.nxt))
                 continue
             data, fin = chalf.segment(conv, p)
             if data:
-                conv.client_events.append(ClientEvent(p.ts, "data", data))
+                conv.client_events.append(ClientEvent(p.ts, "data", data, shalf.nxt))
             if fin:
-                conv.client_events.append(ClientEvent(p.ts, "close"))
+                conv.client_events.append(ClientEvent(p.ts, "close", b"", shalf.nxt))
         else:
             if p.flags & RST:
                 if not conv.accepted and not shalf.ended:
