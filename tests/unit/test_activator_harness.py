@@ -277,7 +277,8 @@ def test_json_output_has_records_and_a_summary(tmp_path: Path,
             "detail": SERVER} in doc["records"]
     s = doc["summary"]
     assert s["mode"] == "stream" and s["failures"] == [] and s["fuel_used"] > 0
-    assert s["woke"] is False and s["bytes_to_clients"] == len(REPLY)
+    assert s["woke"] is True and s["wake_at_ms"] == 0.0  # the open came before readiness
+    assert s["bytes_to_clients"] == len(REPLY)
     assert {"need_history", "counters", "max_fuel_per_call", "traps"} <= set(s)
 
 
