@@ -10,6 +10,7 @@ IPv6) are skipped and counted; the harness speaks IPv4 like the fabric.
 
 from __future__ import annotations
 
+import socket
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,8 +83,7 @@ def parse_ip(index: int, ts: float, pkt: bytes) -> IPPacket | None:
         return None
     pkt = pkt[:total]  # Ethernet padding off
     proto = pkt[9]
-    src = ".".join(str(b) for b in pkt[12:16])
-    dst = ".".join(str(b) for b in pkt[16:20])
+    src, dst = socket.inet_ntoa(pkt[12:16]), socket.inet_ntoa(pkt[16:20])
     frag = int.from_bytes(pkt[6:8], "big") & 0x1FFF
     p = IPPacket(index, ts, pkt, proto, src, dst, 0, 0)
     l4 = pkt[ihl:]

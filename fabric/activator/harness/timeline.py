@@ -7,6 +7,7 @@ so a timeline can be checked in as a golden file and compared byte for byte.
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,12 @@ class Record:
     data: bytes | None = None
     detail: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    ip: bytes | None = None  # a packet event's packet: summarized when shown
+
+    def _detail(self) -> str:
+        if self.ip is not None and not self.detail:
+            self.detail = f"{packet_summary(self.ip)} ({len(self.ip)} B)"
+        return self.detail
 
     def text(self) -> str:
         ident = ""
@@ -42,7 +49,7 @@ class Record:
             ident = f"#{self.stream}"
         elif self.packet is not None:
             ident = f"pkt {self.packet}"
-        parts = [p for p in (ident, self.detail) if p]
+        parts = [p for p in (ident, self._detail()) if p]
         if self.data is not None:
             parts.append(f"{len(self.data)} B {preview(self.data)}")
         return f"{self.t * 1000:12.3f} ms  {self.kind} {self.name:<24} {' '.join(parts)}".rstrip()
@@ -57,7 +64,7 @@ class Record:
         if self.data is not None:
             out["bytes"] = len(self.data)
             out["preview"] = preview(self.data)
-        if self.detail:
+        if self._detail():
             out["detail"] = self.detail
         out.update(self.extra)
         return out
@@ -91,8 +98,7 @@ def preview(data: bytes, limit: int = PREVIEW_BYTES) -> str:
 def event_record(t: float, e: abi.Event) -> Record:
     """An event as the guest receives it."""
     if isinstance(e, abi.Packet):
-        return Record(t, EVENT, "packet", packet=e.packet_id,
-                      detail=f"{packet_summary(e.data)} ({len(e.data)} B)")
+        return Record(t, EVENT, "packet", packet=e.packet_id, ip=e.data)
     if isinstance(e, abi.Tick):
         return Record(t, EVENT, "tick", detail=f"now_ms={e.now_ms}")
     if isinstance(e, abi.StreamOpen):
@@ -151,8 +157,7 @@ def packet_summary(pkt: bytes) -> str:
         return "short packet"
     ihl = (pkt[0] & 15) * 4
     proto = pkt[9]
-    src = ".".join(str(b) for b in pkt[12:16])
-    dst = ".".join(str(b) for b in pkt[16:20])
+    src, dst = socket.inet_ntoa(pkt[12:16]), socket.inet_ntoa(pkt[16:20])
     l4 = pkt[ihl:]
     if proto in (6, 17) and len(l4) >= 4:
         sport, dport = int.from_bytes(l4[0:2], "big"), int.from_bytes(l4[2:4], "big")
