@@ -317,3 +317,13 @@ def test_the_command_runs_as_a_subprocess_without_a_daemon(tmp_path: Path) -> No
     for word in ("--backend-ready-at", "--expect", "local-answers=N", "golden=FILE",
                  "no-wake", "--update-golden", "-o", "exit codes"):
         assert word in helptext
+
+
+@pytest.mark.parametrize("module, reason", [("loop", "out_of_fuel"), ("garbage", "malformed")])
+def test_fuel_exhaustion_and_malformed_answers_exit_1(tmp_path: Path, module: str, reason: str,
+                                                      capsys: pytest.CaptureFixture[str]
+                                                      ) -> None:
+    rc = main(["activator", "test", str(ACT / "testing" / f"{module}.wasm"), "--pcap",
+               str(http_session(tmp_path)), "--fuel", "200000", "-q"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.startswith(f"fabricd: activator test: {reason} at 0.000 ms")
