@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
+from fabric.activator.harness.pytest_plugin import activator_replay  # noqa: F401 - the fixture
 from fabric.activator.harness.replay import Result
-from fabric.activator.pytest_plugin import activator_replay  # noqa: F401 - the fixture
 
 ROOT = Path(__file__).resolve().parents[2]
 CAPTURES = Path(__file__).resolve().parent / "captures"

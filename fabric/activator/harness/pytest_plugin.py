@@ -1,7 +1,7 @@
 """pytest support for activator authors: replay a capture, assert what the guest did.
 
-Load it with ``-p fabric.activator.pytest_plugin`` or ``pytest_plugins =
-["fabric.activator.pytest_plugin"]`` in your top-level conftest.py, then::
+Load it with ``-p fabric.activator.harness.pytest_plugin`` or ``pytest_plugins =
+["fabric.activator.harness.pytest_plugin"]`` in your top-level conftest.py, then::
 
     def test_ping_answered_locally(activator_replay):
         r = activator_replay("http2.wasm", "captures/h2_ping.pcap",
