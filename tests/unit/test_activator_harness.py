@@ -145,6 +145,15 @@ def test_raw_ip_and_cooked_captures_are_read_and_pcapng_is_refused(tmp_path: Pat
         read_capture(ng)
 
 
+def test_guest_log_text_stays_on_one_timeline_line() -> None:
+    from fabric.activator import abi
+    from fabric.activator.harness.timeline import action_record
+
+    line = action_record(0.0012, abi.Log(2, "two\nlines\x1b[31m")).text()
+    assert line.endswith("<- log                      warning: two\\nlines\\x1b[31m")
+    assert "\n" not in line and line.lstrip().startswith("1.200 ms")
+
+
 # --- the simulated backend ---------------------------------------------------------------
 
 

@@ -126,7 +126,8 @@ def action_record(t: float, a: abi.Action) -> Record:
     if isinstance(a, abi.SetBackendNeed):
         return Record(t, ACTION, "set_backend_need", detail=_name(NEED_NAMES, a.need))
     if isinstance(a, abi.Log):
-        return Record(t, ACTION, "log", detail=f"{_name(LOG_LEVELS, a.level)}: {a.message}")
+        return Record(t, ACTION, "log", detail=f"{_name(LOG_LEVELS, a.level)}: "
+                                               f"{one_line(a.message)}")
     if isinstance(a, abi.Count):
         return Record(t, ACTION, "count", detail=f"{a.name} +{a.n}")
     if isinstance(a, abi.PacketDecision):
@@ -145,6 +146,13 @@ def action_record(t: float, a: abi.Action) -> Record:
 _ACTION_NAMES = {"DownstreamSend": "downstream_send", "DownstreamClose": "downstream_close",
                  "UpstreamSend": "upstream_send", "UpstreamClose": "upstream_close",
                  "Pause": "pause", "Resume": "resume", "Splice": "splice"}
+
+
+def one_line(text: str) -> str:
+    """Guest text on one timeline line: control characters escaped."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _name(names: tuple[str, ...], value: int) -> str:
