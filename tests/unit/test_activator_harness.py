@@ -336,3 +336,14 @@ def test_fuel_exhaustion_and_malformed_answers_exit_1(tmp_path: Path, module: st
                str(http_session(tmp_path)), "--fuel", "200000", "-q"])
     err = capsys.readouterr().err
     assert rc == 1 and err.startswith(f"fabricd: activator test: {reason} at 0.000 ms")
+
+
+def test_a_spinning_guest_hits_the_deadline_and_exits_1(tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]
+                                                        ) -> None:
+    rc = main(["activator", "test", str(ACT / "testing" / "loop.wasm"), "--pcap",
+               str(http_session(tmp_path)), "--fuel", str(10**12), "--deadline-ms", "5",
+               "-q"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.startswith("fabricd: activator test: deadline at 0.000 ms")
+    assert "interrupt at fab_process" in err
