@@ -22,11 +22,13 @@ A packet (L3) activator gets every packet to the service port as a packet event 
 no backend is ready (as the daemon's dispatch gives them; no ticks). A stream activator
 (it exports fab_streams) runs under the daemon's own stream core: the capture's TCP
 connections to the port are reassembled (retransmissions, reordering, FIN, RST) and
-their clients replayed at their captured times; ticks come every 100 ms while streams
-live; upstream connections reach a simulated backend, ready at --backend-ready-at, that
-answers with the captured server's bytes, each reply once the guest has forwarded the
-client bytes that preceded it in the capture (replies to requests the guest answered
-itself are dropped). See fabric/activator/HARNESS.md for the model and its limits.
+their clients replayed with their captured think times, each waiting for as many bytes
+as it had received before its next move (--client-pacing); ticks come every 100 ms
+while streams live; upstream connections reach a simulated backend, ready at
+--backend-ready-at, that answers with the captured server's bytes, each reply once the
+guest has forwarded the client bytes that preceded it in the capture (replies to
+requests the guest answered itself are dropped). See fabric/activator/HARNESS.md for
+the model and its limits.
 
 The timeline has one line per event (->), action (<-), need change (==), failure (!!)
 and simulated fact (**: backend ready, connects, closes, spliced relays), with the time
