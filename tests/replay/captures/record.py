@@ -96,6 +96,19 @@ def http_curl(s: Session) -> None:
     s.record("http_curl", 8080, clients)
 
 
+def http_healthz(s: Session) -> None:
+    """An uptime monitor's checks, then a real request (for an HTTP/1.1 activator)."""
+    s.sb.http_server(s.server, 8080)
+
+    def clients(s: Session) -> None:
+        for _ in range(3):
+            s.run("curl", "-sS", "-o", "/dev/null", f"http://{SERVER}:8080/healthz")
+            time.sleep(0.2)
+        s.run("curl", "-sS", "-o", "/dev/null", f"http://{SERVER}:8080/bytes/100")
+
+    s.record("http_healthz", 8080, clients)
+
+
 def _nghttpd(s: Session) -> None:
     docs = Path(s.sb.tmp) / "htdocs"
     docs.mkdir(exist_ok=True)
@@ -162,8 +175,8 @@ def pg_pgbench(s: Session) -> None:
 
 
 SESSIONS: dict[str, Callable[[Session], None]] = {
-    "http_curl": http_curl, "h2_h2load": h2_h2load, "h2_nghttp": h2_nghttp,
-    "h2_ping": h2_ping, "pg_psql": pg_psql, "pg_pgbench": pg_pgbench}
+    "http_curl": http_curl, "http_healthz": http_healthz, "h2_h2load": h2_h2load,
+    "h2_nghttp": h2_nghttp, "h2_ping": h2_ping, "pg_psql": pg_psql, "pg_pgbench": pg_pgbench}
 
 
 def main(argv: list[str]) -> int:
