@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fabric.activator.harness import timeline as tl
-from fabric.activator.harness.replay import HarnessError, Result
+from fabric.activator.harness.result import HarnessError, Result
 
 _COUNT = re.compile(r"count:([a-z0-9_]{1,32})=(\d+)\Z")
 NEEDS = ("none", "traffic", "active")
