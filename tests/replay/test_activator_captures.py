@@ -20,7 +20,11 @@ from typing import Any
 
 import pytest
 
-from fabric.activator.harness.pytest_plugin import activator_replay  # noqa: F401 - the fixture
+from fabric.activator.harness.pytest_plugin import (
+    activator_replay,  # noqa: F401 - the fixture
+    assert_ok,
+    replay,
+)
 from fabric.activator.harness.replay import Result
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -97,3 +101,25 @@ def test_the_need_falls_back_to_none_after_a_short_session(activator_replay: Rep
     r = activator_replay(ACT / "postgres" / "postgres.wasm", CAPTURES / "pg_pgbench.pcap",
                          backend_ready_at=0, check=False)
     assert r.final_need == "none"
+
+
+def test_clients_wait_for_their_replies_unless_told_to_keep_captured_times() -> None:
+    """nghttp got its response in 2 ms in the capture; with the backend waking in 50 ms,
+    a paced client waits for it, while one on the captured clock hangs up first."""
+    wasm, pcap = ACT / "http2" / "http2.wasm", CAPTURES / "h2_nghttp.pcap"
+    paced = replay(wasm, pcap, backend_ready_at="wake+0.05")
+    fixed = replay(wasm, pcap, backend_ready_at="wake+0.05", client_pacing="capture")
+    assert b"hello from nghttpd" in b"".join(paced.to_clients.values())
+    assert b"hello from nghttpd" not in b"".join(fixed.to_clients.values())
+    assert paced.ok and fixed.ok
+
+
+def test_the_fixture_fails_a_test_with_the_harness_line_and_the_timeline() -> None:
+    r = replay(ACT / "http2" / "http2.wasm", CAPTURES / "h2_ping.pcap",
+               expect=["local-answers=2"])
+    with pytest.raises(pytest.fail.Exception) as e:
+        assert_ok(r)
+    text = str(e.value)
+    assert text.startswith("expectation not met: local-answers=2: 3 answered locally "
+                           "(pings_answered=3)")
+    assert "--- timeline (last" in text and "<- count                    pings_answered +1" in text
