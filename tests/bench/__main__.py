@@ -30,6 +30,7 @@ from tests.bench import (
     microvm,
     ping,
     postgres,
+    replay,
     scale,
     services,
     shards,
@@ -57,6 +58,7 @@ BENCHMARKS: dict[str, Callable[[Settings], Report]] = {
     storms.NAME: storms.run,
     postgres.NAME: postgres.run,
     http2.NAME: http2.run,
+    replay.NAME: replay.run,
     microvm.NAME: microvm.run,
     shards.NAME: shards.run,
 }
