@@ -96,10 +96,6 @@ def test_h2_pings_answered_while_a_request_wakes(activator_replay: Replay) -> No
     assert b"hello from nghttpd" in body  # the DATA frame of nghttpd's index.html
 
 
-@pytest.mark.xfail(strict=True, reason="found by the harness: the postgres activator reports "
-                   "need none at its next tick (need_debounce), but a port has no ticks once "
-                   "its last stream is gone, so a session shorter than 100 ms leaves the "
-                   "port's need at active (the service kept awake) until the next connection")
 def test_the_need_falls_back_to_none_after_a_short_session(activator_replay: Replay) -> None:  # noqa: F811
     r = activator_replay(ACT / "postgres" / "postgres.wasm", CAPTURES / "pg_pgbench.pcap",
                          backend_ready_at=0, check=False)
