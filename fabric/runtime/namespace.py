@@ -37,12 +37,14 @@ from fabric.histogram import DNS_BUCKETS, Histogram
 from fabric.net import packets
 from fabric.ports.afpacket import PacketPort
 from fabric.ports.localstack import LocalStack
-from fabric.ports.tap import TapPort
+from fabric.ports.tap import NetnsId, TapPort
 from fabric.router.model import Port
 from fabric.router.router import Router
 from fabric.runtime.capture import CaptureHub, CaptureSubscription
+from fabric.runtime.closer import Closer
 from fabric.runtime.dataplane import DataPlane
 from fabric.runtime.events import EventBus
+from fabric.runtime.netnswatch import NetnsWatch
 from fabric.runtime.reconcile import SpecPlan
 from fabric.services.dispatch import ServiceDispatch, SignalQueue
 from fabric.services.manager import BackendState, ServiceManager
@@ -92,7 +94,8 @@ class PodState:
 
 
 class Namespace:
-    def __init__(self, spec: NamespaceSpec, dataplane: DataPlane, bus: EventBus) -> None:
+    def __init__(self, spec: NamespaceSpec, dataplane: DataPlane, bus: EventBus, *,
+                 netns_watch: NetnsWatch | None = None, closer: Closer | None = None) -> None:
         # The pods of the spec live in a dict (attach and detach are O(1)); the tuple of
         # `spec.pods` is made again only when someone reads `spec` (see the property).
         self._spec = spec
@@ -108,6 +111,13 @@ class Namespace:
         self.router.attach_services(self.dispatch)
         self.probes: ProbeRunner | None = None
         self.pods: dict[str, PodState] = {}
+        # The pods without a port that retries should attach: the retry loop visits
+        # these, not every pod (10,000 attached pods cost it nothing).
+        self.unattached: dict[str, PodState] = {}
+        # Pods whose TAP is made inside their netns are watched for its deletion; their
+        # ports are closed off the data-plane thread (fabric.runtime.closer).
+        self.netns_watch = netns_watch
+        self.closer = closer
         self.created = time.time()
         self.local: LocalStack | None = None
         self.local_port: Port | None = None
@@ -353,6 +363,7 @@ class Namespace:
                 del self.pods[spec.name]
                 raise
             state.error = e.message
+            self.unattached[spec.name] = state
             log.warning("namespace %s: pod %s not attached yet: %s (retrying every %.0fs)",
                         self.name, spec.name, e.message, RETRY_INTERVAL,
                         extra={"namespace": self.name, "pod": spec.name})
@@ -362,11 +373,23 @@ class Namespace:
     async def _attach(self, state: PodState) -> None:
         spec = state.spec
         prefix = self.settings.cidr.prefixlen
+        watched: tuple[str, NetnsId] | None = None
         if spec.kind == "netns":
             assert spec.netns is not None
-            io: TapPort | PacketPort = await asyncio.to_thread(
-                TapPort.create, spec.name, spec.netns, spec.ip, prefix, self.settings.gateway,
-                pod_mac(spec), self.settings.mtu, spec.ifname)
+            path = spec.netns_path
+            watch = self.netns_watch
+            io: TapPort | PacketPort
+            if self.closer is not None:
+                await self.closer.wait(path)  # the TAP of the pod before, if any
+            if path is not None and watch is not None and watch.can_watch(path):
+                io, ident = await asyncio.to_thread(
+                    TapPort.create_inside, spec.name, spec.netns, spec.ip, prefix,
+                    self.settings.gateway, pod_mac(spec), self.settings.mtu, spec.ifname)
+                watched = (path, ident)
+            else:
+                io = await asyncio.to_thread(
+                    TapPort.create, spec.name, spec.netns, spec.ip, prefix,
+                    self.settings.gateway, pod_mac(spec), self.settings.mtu, spec.ifname)
             kind = "netns"
         elif spec.kind == "interface":
             assert spec.interface is not None
@@ -379,6 +402,22 @@ class Namespace:
             io.close()
             return
         await self._connect(state, io, kind)
+        if watched is not None and self.netns_watch is not None and state.io is io:
+            path, ident = watched
+            state.extra["watch"] = (path, self.netns_watch.add(
+                path, ident, lambda: self._netns_gone(state, io)))
+
+    def _netns_gone(self, state: PodState, io: TapPort | PacketPort) -> None:
+        """The pod's netns was deleted (its TAP, inside, kept it alive): lose the port,
+        as when a moved TAP dies with its namespace."""
+        if self.pods.get(state.spec.name) is state and state.io is io:
+            state.extra.pop("watch", None)
+            self.lose_port(state, "its network namespace was deleted")
+
+    def _unwatch(self, state: PodState) -> None:
+        w = state.extra.pop("watch", None)
+        if w is not None and self.netns_watch is not None:
+            self.netns_watch.remove(*w)
 
     async def add_pod_fd(self, spec: PodSpec, io: TapPort) -> PodState:
         """A pod whose port the caller opened (a TAP fd handed in)."""
@@ -400,6 +439,7 @@ class Namespace:
         state.io = io
         state.port = port
         state.error = None
+        self.unattached.pop(state.spec.name, None)
         state.attached_at = time.time()
         if kind == "netns" and self.settings.dns.resolv_conf and state.spec.netns:
             settings = self.dns_settings()
@@ -441,13 +481,15 @@ class Namespace:
     def lose_port(self, state: PodState, reason: str) -> None:
         port, io = state.port, state.io
         name = state.spec.name
+        self._unwatch(state)
         if port is not None:
-            self.dataplane.post(self._detach_here, name, port, io, False)
+            self.dataplane.post(self._detach_here, name, port, io, False, self._key(state))
             self.dataplane.trouble.forget(port)
         elif io is not None:
             io.close()
         state.port = None
         state.io = None
+        self.unattached[name] = state
         state.error = f"port lost ({reason}); re-attaching"
         log.warning("namespace %s: pod %s: its port is gone (%s); its traffic is held and "
                     "it is attached again as soon as it can be", self.name, name, reason,
@@ -461,7 +503,10 @@ class Namespace:
             await self._attach(state)
 
     async def retry_unattached(self) -> None:
-        for state in list(self.pods.values()):
+        for state in list(self.unattached.values()):
+            if self.pods.get(state.spec.name) is not state:
+                self.unattached.pop(state.spec.name, None)
+                continue
             if state.port is None and state.spec.kind in ("netns", "interface"):
                 try:
                     await self._attach(state)
@@ -478,23 +523,35 @@ class Namespace:
         state = self.pods.pop(name, None)
         if state is None:
             raise NotFound(f"pod {name} not found in namespace {self.name}")
+        self.unattached.pop(name, None)
+        self._unwatch(state)
         if state.hub is not None:
             state.hub.close()
-        self.dataplane.post(self._detach_here, name, state.port, state.io, True)
+        self.dataplane.post(self._detach_here, name, state.port, state.io, True,
+                            self._key(state))
         if state.extra.get("resolv_conf") and state.spec.netns:
             resolvconf.remove(state.spec.netns, f"{self.name}/{state.spec.name}")
         self.bus.emit("pod_detached", self.name, name)
         self._sync_backend(name)
 
+    @staticmethod
+    def _key(state: PodState) -> str | None:
+        """What a pod's next port must wait for the closing of its last one by."""
+        return state.spec.netns_path if state.spec.kind == "netns" else None
+
     def _detach_here(self, name: str, port: Port | None, io: TapPort | PacketPort | None,
-                     remove: bool) -> None:
+                     remove: bool, key: str | None = None) -> None:
         """On the data-plane thread: unregister the port, then close its fd (nothing can
-        read it any more), then detach (or remove) the pod in the router."""
+        read it any more; the closer does it, a close waits for RCU), then detach (or
+        remove) the pod in the router."""
         try:
             if port is not None:
                 self.dataplane.remove_port(port)
             if io is not None:
-                io.close()
+                if self.closer is not None:
+                    self.closer.close(io, key)
+                else:
+                    io.close()
         finally:
             if remove:
                 self.router.remove_pod(name)

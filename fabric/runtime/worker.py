@@ -39,12 +39,14 @@ from fabric.ports.tap import TapPort
 from fabric.runtime.addresses import FILE_NAME as ADDRESS_FILE
 from fabric.runtime.addresses import AddressBook, lowest_free
 from fabric.runtime.capture import CaptureSubscription
+from fabric.runtime.closer import Closer
 from fabric.runtime.dataplane import DataPlane, DataPlaneBusy
 from fabric.runtime.endpoints import REFRESH_INTERVAL, EndpointResolver
 from fabric.runtime.events import EventBus, Subscription
 from fabric.runtime.metrics import collect
 from fabric.runtime.monitor import MonitorSubscription
 from fabric.runtime.namespace import RETRY_INTERVAL, Namespace
+from fabric.runtime.netnswatch import NetnsWatch
 from fabric.runtime.prometheus import Metric
 from fabric.runtime.reconcile import NamespacePlan, plan_namespace, plan_peers
 from gateway.uplink import Uplink
@@ -87,6 +89,10 @@ class Fabric:
         # True while a daemon applies its config file: not healthy (ready) until done
         self.starting = False
         self._dataplane: DataPlane | None = None
+        # TAPs made inside their pod's netns, and their closing (fabric.runtime.netnswatch,
+        # fabric.runtime.closer): what lets attaching and detaching run at 100s a second.
+        self.netns_watch: NetnsWatch | None = None
+        self.closer: Closer | None = None
         self._lock = asyncio.Lock()
         self._retry_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -116,8 +122,13 @@ class Fabric:
             if self.tunnel is not None:
                 await self._start_tunnel(self.tunnel)
             self._retry_task = asyncio.create_task(self._retry_loop())
-            asyncio.get_running_loop().add_reader(self._dataplane.trouble.fd,
-                                                  self._on_port_trouble)
+            loop = asyncio.get_running_loop()
+            loop.add_reader(self._dataplane.trouble.fd, self._on_port_trouble)
+            self.closer = Closer()
+            watch = NetnsWatch()
+            if watch.available:
+                self.netns_watch = watch
+                loop.add_reader(watch.fd, watch.readable)
 
     async def close(self) -> None:
         if self._retry_task is not None:
@@ -125,6 +136,8 @@ class Fabric:
             self._retry_task = None
         if self._dataplane is not None:
             asyncio.get_running_loop().remove_reader(self._dataplane.trouble.fd)
+        if self.netns_watch is not None:
+            asyncio.get_running_loop().remove_reader(self.netns_watch.fd)
         async with self._lock:
             for name in list(self.namespaces):
                 await self._remove(name)
@@ -136,6 +149,12 @@ class Fabric:
                 dp.post(dp.attach_uplink, None, None)
             await asyncio.to_thread(dp.close)  # runs what is still queued, then stops
             self._dataplane = None
+        if self.closer is not None:
+            await asyncio.to_thread(self.closer.shutdown)  # every TAP gone before we return
+            self.closer = None
+        if self.netns_watch is not None:
+            self.netns_watch.close()
+            self.netns_watch = None
         if self.uplink is not None:
             self.uplink.close()
             self.uplink = None
@@ -262,7 +281,8 @@ class Fabric:
             return await ns.summary()
 
     async def _create(self, spec: NamespaceSpec) -> Namespace:
-        ns = Namespace(spec, self.dataplane, self.bus)
+        ns = Namespace(spec, self.dataplane, self.bus, netns_watch=self.netns_watch,
+                       closer=self.closer)
         try:
             if self.local_stack:
                 await ns.start_local_stack()
