@@ -15,6 +15,7 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
+from collections.abc import Callable
 from typing import Protocol
 
 log = logging.getLogger("fabricd.closer")
@@ -35,12 +36,14 @@ class Closer:
         self._lock = threading.Lock()
         self._pending: dict[str, concurrent.futures.Future[None]] = {}
 
-    def close(self, io: Closable, key: str | None = None) -> None:
-        """Close `io` soon, in a pool thread (from any thread; inline once shut down)."""
+    def close(self, io: Closable | None, key: str | None = None,
+              after: Callable[[], None] | None = None) -> None:
+        """Close `io` soon, then call `after` (a file to remove), in a pool thread (from
+        any thread; inline once shut down)."""
         try:
-            fut = self._pool.submit(_close, io)
+            fut = self._pool.submit(_close, io, after)
         except RuntimeError:  # shut down: the fabric is closing
-            _close(io)
+            _close(io, after)
             return
         if key is not None:
             with self._lock:
@@ -66,8 +69,14 @@ class Closer:
         self._pool.shutdown(wait=True)
 
 
-def _close(io: Closable) -> None:
+def _close(io: Closable | None, after: Callable[[], None] | None) -> None:
     try:
-        io.close()
+        if io is not None:
+            io.close()
     except Exception:
         log.exception("closing a port failed")
+    try:
+        if after is not None:
+            after()
+    except Exception:
+        log.exception("cleaning up after a port failed")

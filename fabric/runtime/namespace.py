@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
+import functools
 import ipaddress
 import logging
 import os
@@ -527,10 +528,17 @@ class Namespace:
         self._unwatch(state)
         if state.hub is not None:
             state.hub.close()
-        self.dataplane.post(self._detach_here, name, state.port, state.io, True,
-                            self._key(state))
+        after = None
         if state.extra.get("resolv_conf") and state.spec.netns:
-            resolvconf.remove(state.spec.netns, f"{self.name}/{state.spec.name}")
+            after = functools.partial(resolvconf.remove, state.spec.netns,
+                                      f"{self.name}/{state.spec.name}")
+            if self.closer is None:
+                after()
+                after = None
+        # the file goes after the TAP, both off the event loop (a new pod in the netns
+        # waits for both: its resolv.conf is written after)
+        self.dataplane.post(self._detach_here, name, state.port, state.io, True,
+                            self._key(state), after)
         self.bus.emit("pod_detached", self.name, name)
         self._sync_backend(name)
 
@@ -540,18 +548,19 @@ class Namespace:
         return state.spec.netns_path if state.spec.kind == "netns" else None
 
     def _detach_here(self, name: str, port: Port | None, io: TapPort | PacketPort | None,
-                     remove: bool, key: str | None = None) -> None:
+                     remove: bool, key: str | None = None,
+                     after: Callable[[], None] | None = None) -> None:
         """On the data-plane thread: unregister the port, then close its fd (nothing can
         read it any more; the closer does it, a close waits for RCU), then detach (or
         remove) the pod in the router."""
         try:
             if port is not None:
                 self.dataplane.remove_port(port)
-            if io is not None:
-                if self.closer is not None:
-                    self.closer.close(io, key)
-                else:
-                    io.close()
+            if self.closer is not None:
+                if io is not None or after is not None:
+                    self.closer.close(io, key, after)
+            elif io is not None:
+                io.close()
         finally:
             if remove:
                 self.router.remove_pod(name)
