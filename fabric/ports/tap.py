@@ -1,8 +1,12 @@
 """A pod's port as a TAP device whose fd stays in the worker and whose netdev lives in the pod.
 
-The TAP is created in the worker's namespace (where the fd and its socket are accounted)
-and then moved into the pod's namespace: the fd keeps working across the move, and closing
-it deletes the netdev wherever it is, so the fd is the single owner of the port's lifetime.
+Two ways to make one. `create_inside` (the fabric's default for netns names it can watch)
+makes it inside the pod's namespace, by a thread that joined it: fast, but the TAP's file
+then holds that namespace, so the caller watches for its deletion. `create` makes it in the
+worker's namespace and moves it into the pod's: the fd keeps working across the move and
+the TAP dies with the namespace, but the move waits for RCU (~20 ms under the rtnl lock).
+Either way closing the fd deletes the netdev wherever it is, so the fd is the single
+owner of the port's lifetime.
 
 The fd carries a 10-byte `struct virtio_net_hdr` before every frame and offloads are on, so
 TCP moves as GSO super-frames of up to 64 KiB instead of MTU-sized packets.
