@@ -83,6 +83,8 @@ class Records:
         self._a: dict[Labels, IPv4Address] = {_GATEWAY_REL: self.gateway}
         # The names as the caller gave them, so `sync` compares without re-validating.
         self._given: dict[str, tuple[Labels, IPv4Address]] = {}
+        # labels -> the given names that spell them, so forgetting one costs O(1)
+        self._texts: dict[Labels, set[str]] = {}
         self._ents: Counter[Labels] = Counter()  # proper suffixes of names: empty non-terminals
         self._ptr: dict[int, set[Labels]] = {int(self.gateway): {_GATEWAY_REL}}
         self._ptr_nets: Counter[tuple[int, int]] = Counter()  # (octets, prefix) with a PTR below
@@ -111,7 +113,7 @@ class Records:
         self._forget_given(rel)
         self._unset(rel)
         self._put(rel, ip)
-        self._given[name] = (rel, ip)
+        self._give(name, rel, ip)
         self.version += 1
 
     def remove(self, name: str) -> None:
@@ -122,8 +124,24 @@ class Records:
             self.version += 1
 
     def _forget_given(self, rel: Labels) -> None:
-        for text in [t for t, (r, _) in self._given.items() if r == rel]:
+        for text in self._texts.pop(rel, ()):
             del self._given[text]
+
+    def _give(self, name: str, rel: Labels, ip: IPv4Address) -> None:
+        old = self._given.get(name)
+        if old is not None and old[0] != rel:
+            self._ungive(name)
+        self._given[name] = (rel, ip)
+        self._texts.setdefault(rel, set()).add(name)
+
+    def _ungive(self, name: str) -> Labels:
+        rel = self._given.pop(name)[0]
+        texts = self._texts.get(rel)
+        if texts is not None:
+            texts.discard(name)
+            if not texts:
+                del self._texts[rel]
+        return rel
 
     def replace_all(self, names: dict[str, IPv4Address | str]) -> None:
         """Swap in a whole new set; validated first so a bad entry changes nothing."""
@@ -133,6 +151,9 @@ class Records:
         for rel, ip in new.values():
             self._put(rel, ip)
         self._given = new
+        self._texts = {}
+        for name, (rel, _) in new.items():
+            self._texts.setdefault(rel, set()).add(name)
         self.version += 1
 
     def sync(self, names: dict[str, IPv4Address | str]) -> bool:
@@ -151,15 +172,14 @@ class Records:
         if not changed and not gone:
             return False
         if gone:
-            rels = [given.pop(name)[0] for name in gone]
-            held = {r for r, _ in given.values()}  # the same name given twice, in two forms
+            rels = [self._ungive(name) for name in gone]
             for rel in rels:
-                if rel not in held:
+                if rel not in self._texts:  # not also given in another form
                     self._unset(rel)
         for name, rel, ip in changed:
             self._unset(rel)
             self._put(rel, ip)
-            given[name] = (rel, ip)
+            self._give(name, rel, ip)
         self.version += 1
         return True
 

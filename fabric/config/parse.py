@@ -165,6 +165,20 @@ class _Taken:
         if pod.netns_path is not None:
             self.netns[(pod.netns_path, pod.ifname)] = pod.name
 
+    def remove_pod(self, pod: PodSpec) -> None:
+        """Forget what ``pod`` held (a runtime detach or replace), in O(1)."""
+        if self.pods.pop(pod.name, None) is None:
+            return
+        if self.ips.get(pod.ip) == f"pod {pod.name}":
+            del self.ips[pod.ip]
+        if pod.mac is not None and self.macs.get(pod.mac) == pod.name:
+            del self.macs[pod.mac]
+        if pod.interface is not None and self.interfaces.get(pod.interface) == pod.name:
+            del self.interfaces[pod.interface]
+        path = pod.netns_path
+        if path is not None and self.netns.get((path, pod.ifname)) == pod.name:
+            del self.netns[(path, pod.ifname)]
+
     def add_service(self, svc: ServiceSpec) -> None:
         self.services[svc.name] = len(self.services)
         self.ips[svc.ip] = f"service {svc.name}"

@@ -13,7 +13,9 @@ thread.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
+import functools
 import ipaddress
 import logging
 import os
@@ -36,12 +38,14 @@ from fabric.histogram import DNS_BUCKETS, Histogram
 from fabric.net import packets
 from fabric.ports.afpacket import PacketPort
 from fabric.ports.localstack import LocalStack
-from fabric.ports.tap import TapPort
+from fabric.ports.tap import NetnsId, TapPort
 from fabric.router.model import Port
 from fabric.router.router import Router
 from fabric.runtime.capture import CaptureHub, CaptureSubscription
+from fabric.runtime.closer import Closer
 from fabric.runtime.dataplane import DataPlane
 from fabric.runtime.events import EventBus
+from fabric.runtime.netnswatch import NetnsWatch
 from fabric.runtime.reconcile import SpecPlan
 from fabric.services.dispatch import ServiceDispatch, SignalQueue
 from fabric.services.manager import BackendState, ServiceManager
@@ -91,10 +95,14 @@ class PodState:
 
 
 class Namespace:
-    def __init__(self, spec: NamespaceSpec, dataplane: DataPlane, bus: EventBus) -> None:
-        self.spec = spec
-        # (spec, Taken(spec)) for the worker's one-by-one attaches (Fabric._taken).
-        self.taken: tuple[NamespaceSpec, Taken] | None = None
+    def __init__(self, spec: NamespaceSpec, dataplane: DataPlane, bus: EventBus, *,
+                 netns_watch: NetnsWatch | None = None, closer: Closer | None = None) -> None:
+        # The pods of the spec live in a dict (attach and detach are O(1)); the tuple of
+        # `spec.pods` is made again only when someone reads `spec` (see the property).
+        self._spec = spec
+        self._pod_specs: dict[str, PodSpec] = {p.name: p for p in spec.pods}
+        self._spec_stale = False
+        self._taken: Taken | None = None
         self.name = spec.name
         self.dataplane = dataplane
         self.bus = bus
@@ -104,6 +112,13 @@ class Namespace:
         self.router.attach_services(self.dispatch)
         self.probes: ProbeRunner | None = None
         self.pods: dict[str, PodState] = {}
+        # The pods without a port that retries should attach: the retry loop visits
+        # these, not every pod (10,000 attached pods cost it nothing).
+        self.unattached: dict[str, PodState] = {}
+        # Pods whose TAP is made inside their netns are watched for its deletion; their
+        # ports are closed off the data-plane thread (fabric.runtime.closer).
+        self.netns_watch = netns_watch
+        self.closer = closer
         self.created = time.time()
         self.local: LocalStack | None = None
         self.local_port: Port | None = None
@@ -121,10 +136,65 @@ class Namespace:
         self.update_dhcp()
         dataplane.post(dataplane.add_owner, self.router)
 
+    @property
+    def spec(self) -> NamespaceSpec:
+        """The namespace as a spec, its pods included: a whole-namespace read (views,
+        reconcile) pays for the tuple of pods once after a change, an attach never."""
+        if self._spec_stale:
+            self._spec = dataclasses.replace(self._spec, pods=tuple(self._pod_specs.values()))
+            self._spec_stale = False
+        return self._spec
+
+    @spec.setter
+    def spec(self, spec: NamespaceSpec) -> None:
+        self._spec = spec
+        self._pod_specs = {p.name: p for p in spec.pods}
+        self._spec_stale = False
+        self._taken = None
+
+    @property
+    def settings(self) -> NamespaceSpec:
+        """The spec for its settings (cidr, gateway, mtu, dns...): never copies the pods,
+        which may be out of date here (use `spec`, `pod_spec` or `taken` for them)."""
+        return self._spec
+
+    @property
+    def taken(self) -> Taken:
+        """What the pods and services hold (names, addresses, MACs, interfaces, netns
+        slots), indexed once and kept up to date by record_pod and forget_pod."""
+        if self._taken is None:
+            self._taken = Taken(self.spec)
+        return self._taken
+
+    def pod_spec(self, name: str) -> PodSpec | None:
+        return self._pod_specs.get(name)
+
+    def record_pod(self, spec: PodSpec) -> None:
+        """`spec` joins the spec (or replaces the pod of its name), with its DNS name."""
+        old = self._pod_specs.pop(spec.name, None)
+        taken = self.taken
+        if old is not None:
+            taken.remove_pod(old)
+        self._pod_specs[spec.name] = spec  # a replaced pod goes last, as it always did
+        taken.add_pod(spec)
+        self._spec_stale = True
+        if old is not None and old.name != spec.name:
+            self.records.remove(old.name)
+        self.records.set(spec.name, spec.ip)
+
+    def forget_pod(self, name: str) -> None:
+        """The pod leaves the spec and DNS (a detach)."""
+        old = self._pod_specs.pop(name, None)
+        if old is None:
+            return
+        self.taken.remove_pod(old)
+        self._spec_stale = True
+        self.records.remove(name)
+
     async def start_local_stack(self) -> None:
         """Give the namespace its local stack: the gateway address then lives in a private
         kernel namespace (the kernel answers ping; the DNS server listens there)."""
-        spec = self.spec
+        spec = self.settings
         stack = await asyncio.to_thread(LocalStack.create, spec.name, spec.cidr, spec.gateway,
                                         spec.mtu)
         port = Port(vnet=True, mtu=spec.mtu, fd=stack.fd, kind="local", l3=True)
@@ -150,7 +220,7 @@ class Namespace:
     async def start_services(self) -> None:
         """Services of the spec: cores and probes on the data plane, the manager here."""
         stack = self.local
-        gw = str(self.spec.gateway)
+        gw = str(self.settings.gateway)
         pool = (SocketPool(lambda n: stack.tcp_sockets_later(gw, n))
                 if stack is not None else None)
         self.probes = ProbeRunner(self.dispatch, self.dataplane, pool)
@@ -160,7 +230,7 @@ class Namespace:
         self.services = ServiceManager(self.name, self.dataplane, self.dispatch,
                                        self.probes, self.signals, self.bus.emit,
                                        self._backend_state, stack)
-        await self.apply_services(SpecPlan(add=self.spec.services))
+        await self.apply_services(SpecPlan(add=self.settings.services))
 
     async def apply_services(self, plan: SpecPlan) -> None:
         assert self.services is not None
@@ -181,13 +251,13 @@ class Namespace:
 
     def start_egress(self, uplink: Uplink) -> None:
         """Give the namespace its own egress address and NAT on the worker's uplink."""
-        addr = uplink.allocate(self.name, self.spec.id)
-        nat = EgressNat(addr, self.spec.egress_allow, protected=uplink.protected)
+        addr = uplink.allocate(self.name, self.settings.id)
+        nat = EgressNat(addr, self.settings.egress_allow, protected=uplink.protected)
         self.egress = nat
         self.uplink = uplink
         self.dataplane.post(self._attach_egress, uplink, addr, nat)
         log.info("namespace %s: egress as %s (allow %s)", self.name, addr,
-                 ", ".join(map(str, self.spec.egress_allow)) or "nothing")
+                 ", ".join(map(str, self.settings.egress_allow)) or "nothing")
 
     def _attach_egress(self, uplink: Uplink, addr: ipaddress.IPv4Address,
                        nat: EgressNat) -> None:
@@ -197,12 +267,12 @@ class Namespace:
     def start_tunnel(self, ns_id: int) -> None:
         """Pods of this namespace on other workers are reached through the tunnel (the
         data plane sends the router's tunnel outputs and routes what comes back)."""
-        self.dataplane.post(self.router.attach_tunnel, ns_id, self.spec.mtu)
+        self.dataplane.post(self.router.attach_tunnel, ns_id, self.settings.mtu)
         self.dataplane.post(self.dataplane.route_tunnel, ns_id, self.router)
 
     def update_egress(self) -> None:
         if self.egress is not None:
-            self.dataplane.post(self.egress.set_allow, self.spec.egress_allow)
+            self.dataplane.post(self.egress.set_allow, self.settings.egress_allow)
 
     def update_protected(self) -> None:
         if self.egress is not None and self.uplink is not None:
@@ -212,9 +282,9 @@ class Namespace:
         """Apply a changed `dns` section in place: a new domain gets a new zone (both the
         data plane's core and the server's answer from it at once), new upstreams take the
         next forwarded query, and attached pods get a resolv.conf with the new search."""
-        new = self.spec.dns
+        new = self.settings.dns
         if new.domain != old.domain:
-            self.records = Records(self.name, new.domain, self.spec.cidr)
+            self.records = Records(self.name, new.domain, self.settings.cidr)
             self.sync_records()
         if self.dns is not None:
             self.dns.core.answers.max_entries = new.cache
@@ -243,14 +313,14 @@ class Namespace:
     def dhcp_settings(self) -> DhcpSettings:
         """What DHCP tells pods: the same gateway, DNS server and search list as the
         resolv.conf the fabric writes (dns_settings)."""
-        s = self.spec
+        s = self.settings
         search = tuple(self.dns_settings()["search"])
         return DhcpSettings.for_network(s.cidr, s.mtu, search[0], search, int(s.dhcp.lease))
 
     def update_dhcp(self) -> None:
         """Start, stop or reconfigure DHCP to follow the spec (dhcp, dns). A core once
         made stays (detached while off), so its counters never go back."""
-        on = self.spec.dhcp.enabled
+        on = self.settings.dhcp.enabled
         if not on and not self.dhcp_on:
             return
         if not on:
@@ -268,8 +338,8 @@ class Namespace:
 
     def sync_records(self) -> None:
         """DNS names follow the table at once: pods (attached or not) and services."""
-        names = {p.name: p.ip for p in self.spec.pods}
-        names.update({s.name: s.ip for s in self.spec.services})
+        names = {p.name: p.ip for p in self._pod_specs.values()}
+        names.update({s.name: s.ip for s in self.settings.services})
         self.records.sync(names)
 
     # --- pods ----------------------------------------------------------------------------
@@ -294,6 +364,7 @@ class Namespace:
                 del self.pods[spec.name]
                 raise
             state.error = e.message
+            self.unattached[spec.name] = state
             log.warning("namespace %s: pod %s not attached yet: %s (retrying every %.0fs)",
                         self.name, spec.name, e.message, RETRY_INTERVAL,
                         extra={"namespace": self.name, "pod": spec.name})
@@ -302,12 +373,24 @@ class Namespace:
 
     async def _attach(self, state: PodState) -> None:
         spec = state.spec
-        prefix = self.spec.cidr.prefixlen
+        prefix = self.settings.cidr.prefixlen
+        watched: tuple[str, NetnsId] | None = None
         if spec.kind == "netns":
             assert spec.netns is not None
-            io: TapPort | PacketPort = await asyncio.to_thread(
-                TapPort.create, spec.name, spec.netns, spec.ip, prefix, self.spec.gateway,
-                pod_mac(spec), self.spec.mtu, spec.ifname)
+            path = spec.netns_path
+            watch = self.netns_watch
+            io: TapPort | PacketPort
+            if self.closer is not None:
+                await self.closer.wait(path)  # the TAP of the pod before, if any
+            if path is not None and watch is not None and watch.can_watch(path):
+                io, ident = await asyncio.to_thread(
+                    TapPort.create_inside, spec.name, spec.netns, spec.ip, prefix,
+                    self.settings.gateway, pod_mac(spec), self.settings.mtu, spec.ifname)
+                watched = (path, ident)
+            else:
+                io = await asyncio.to_thread(
+                    TapPort.create, spec.name, spec.netns, spec.ip, prefix,
+                    self.settings.gateway, pod_mac(spec), self.settings.mtu, spec.ifname)
             kind = "netns"
         elif spec.kind == "interface":
             assert spec.interface is not None
@@ -320,6 +403,22 @@ class Namespace:
             io.close()
             return
         await self._connect(state, io, kind)
+        if watched is not None and self.netns_watch is not None and state.io is io:
+            path, ident = watched
+            state.extra["watch"] = (path, self.netns_watch.add(
+                path, ident, lambda: self._netns_gone(state, io)))
+
+    def _netns_gone(self, state: PodState, io: TapPort | PacketPort) -> None:
+        """The pod's netns was deleted (its TAP, inside, kept it alive): lose the port,
+        as when a moved TAP dies with its namespace."""
+        if self.pods.get(state.spec.name) is state and state.io is io:
+            state.extra.pop("watch", None)
+            self.lose_port(state, "its network namespace was deleted")
+
+    def _unwatch(self, state: PodState) -> None:
+        w = state.extra.pop("watch", None)
+        if w is not None and self.netns_watch is not None:
+            self.netns_watch.remove(*w)
 
     async def add_pod_fd(self, spec: PodSpec, io: TapPort) -> PodState:
         """A pod whose port the caller opened (a TAP fd handed in)."""
@@ -330,7 +429,7 @@ class Namespace:
         return state
 
     async def _connect(self, state: PodState, io: TapPort | PacketPort, kind: str) -> None:
-        mtu = min(io.mtu, self.spec.mtu) if io.mtu else self.spec.mtu
+        mtu = min(io.mtu, self.settings.mtu) if io.mtu else self.settings.mtu
         port = Port(vnet=io.vnet, mtu=mtu, fd=io.fd, kind=kind)
         mac = state.spec.mac if kind == "interface" else None
         try:
@@ -341,8 +440,9 @@ class Namespace:
         state.io = io
         state.port = port
         state.error = None
+        self.unattached.pop(state.spec.name, None)
         state.attached_at = time.time()
-        if kind == "netns" and self.spec.dns.resolv_conf and state.spec.netns:
+        if kind == "netns" and self.settings.dns.resolv_conf and state.spec.netns:
             settings = self.dns_settings()
             try:
                 state.extra["resolv_conf"] = resolvconf.write(
@@ -382,13 +482,15 @@ class Namespace:
     def lose_port(self, state: PodState, reason: str) -> None:
         port, io = state.port, state.io
         name = state.spec.name
+        self._unwatch(state)
         if port is not None:
-            self.dataplane.post(self._detach_here, name, port, io, False)
+            self.dataplane.post(self._detach_here, name, port, io, False, self._key(state))
             self.dataplane.trouble.forget(port)
         elif io is not None:
             io.close()
         state.port = None
         state.io = None
+        self.unattached[name] = state
         state.error = f"port lost ({reason}); re-attaching"
         log.warning("namespace %s: pod %s: its port is gone (%s); its traffic is held and "
                     "it is attached again as soon as it can be", self.name, name, reason,
@@ -402,7 +504,10 @@ class Namespace:
             await self._attach(state)
 
     async def retry_unattached(self) -> None:
-        for state in list(self.pods.values()):
+        for state in list(self.unattached.values()):
+            if self.pods.get(state.spec.name) is not state:
+                self.unattached.pop(state.spec.name, None)
+                continue
             if state.port is None and state.spec.kind in ("netns", "interface"):
                 try:
                     await self._attach(state)
@@ -419,22 +524,42 @@ class Namespace:
         state = self.pods.pop(name, None)
         if state is None:
             raise NotFound(f"pod {name} not found in namespace {self.name}")
+        self.unattached.pop(name, None)
+        self._unwatch(state)
         if state.hub is not None:
             state.hub.close()
-        self.dataplane.post(self._detach_here, name, state.port, state.io, True)
+        after = None
         if state.extra.get("resolv_conf") and state.spec.netns:
-            resolvconf.remove(state.spec.netns, f"{self.name}/{state.spec.name}")
+            after = functools.partial(resolvconf.remove, state.spec.netns,
+                                      f"{self.name}/{state.spec.name}")
+            if self.closer is None:
+                after()
+                after = None
+        # the file goes after the TAP, both off the event loop (a new pod in the netns
+        # waits for both: its resolv.conf is written after)
+        self.dataplane.post(self._detach_here, name, state.port, state.io, True,
+                            self._key(state), after)
         self.bus.emit("pod_detached", self.name, name)
         self._sync_backend(name)
 
+    @staticmethod
+    def _key(state: PodState) -> str | None:
+        """What a pod's next port must wait for the closing of its last one by."""
+        return state.spec.netns_path if state.spec.kind == "netns" else None
+
     def _detach_here(self, name: str, port: Port | None, io: TapPort | PacketPort | None,
-                     remove: bool) -> None:
+                     remove: bool, key: str | None = None,
+                     after: Callable[[], None] | None = None) -> None:
         """On the data-plane thread: unregister the port, then close its fd (nothing can
-        read it any more), then detach (or remove) the pod in the router."""
+        read it any more; the closer does it, a close waits for RCU), then detach (or
+        remove) the pod in the router."""
         try:
             if port is not None:
                 self.dataplane.remove_port(port)
-            if io is not None:
+            if self.closer is not None:
+                if io is not None or after is not None:
+                    self.closer.close(io, key, after)
+            elif io is not None:
                 io.close()
         finally:
             if remove:
@@ -508,8 +633,8 @@ class Namespace:
         if uplink is not None:
             uplink.remove(self.name)
             self.router.attach_egress(None, None)
-        if self.spec.id is not None and dp.by_ns_id.get(self.spec.id) is self.router:
-            dp.route_tunnel(self.spec.id, None)
+        if self.settings.id is not None and dp.by_ns_id.get(self.settings.id) is self.router:
+            dp.route_tunnel(self.settings.id, None)
         dp.remove_owner(self.router)
 
     # --- views (read on the data-plane thread) ---------------------------------------------
@@ -542,9 +667,9 @@ class Namespace:
             "worker": spec.worker,
             # what a runtime needs to describe the pod's interface (a CNI result)
             "ifname": spec.ifname if spec.kind == "netns" else None,
-            "cidr": str(self.spec.cidr),
-            "gateway": str(self.spec.gateway),
-            "mtu": port.mtu if port else self.spec.mtu,
+            "cidr": str(self.settings.cidr),
+            "gateway": str(self.settings.gateway),
+            "mtu": port.mtu if port else self.settings.mtu,
             "attached": port is not None,
             "ready": state.ready,
             "error": state.error,
@@ -559,15 +684,15 @@ class Namespace:
         }
 
     def dns_settings(self) -> dict[str, Any]:
-        d = self.spec.dns
+        d = self.settings.dns
         zone = f"{self.name}.{d.domain}"
-        return {"nameservers": [str(self.spec.gateway)], "search": [zone, d.domain]}
+        return {"nameservers": [str(self.settings.gateway)], "search": [zone, d.domain]}
 
     async def summary(self) -> dict[str, Any]:
         return dict(await self.dataplane.acall(self._summary_here))
 
     def _summary_here(self) -> dict[str, Any]:
-        s = self.spec
+        s = self.settings
         return {
             "name": s.name,
             "id": s.id,

@@ -17,7 +17,6 @@ from ipaddress import IPv4Address
 from typing import TYPE_CHECKING, Any
 
 from fabric.config.parse import (
-    Taken,
     parse_namespace,
     parse_peer,
     parse_pod,
@@ -40,12 +39,14 @@ from fabric.ports.tap import TapPort
 from fabric.runtime.addresses import FILE_NAME as ADDRESS_FILE
 from fabric.runtime.addresses import AddressBook, lowest_free
 from fabric.runtime.capture import CaptureSubscription
+from fabric.runtime.closer import Closer
 from fabric.runtime.dataplane import DataPlane, DataPlaneBusy
 from fabric.runtime.endpoints import REFRESH_INTERVAL, EndpointResolver
 from fabric.runtime.events import EventBus, Subscription
 from fabric.runtime.metrics import collect
 from fabric.runtime.monitor import MonitorSubscription
 from fabric.runtime.namespace import RETRY_INTERVAL, Namespace
+from fabric.runtime.netnswatch import NetnsWatch
 from fabric.runtime.prometheus import Metric
 from fabric.runtime.reconcile import NamespacePlan, plan_namespace, plan_peers
 from gateway.uplink import Uplink
@@ -88,6 +89,10 @@ class Fabric:
         # True while a daemon applies its config file: not healthy (ready) until done
         self.starting = False
         self._dataplane: DataPlane | None = None
+        # TAPs made inside their pod's netns, and their closing (fabric.runtime.netnswatch,
+        # fabric.runtime.closer): what lets attaching and detaching run at 100s a second.
+        self.netns_watch: NetnsWatch | None = None
+        self.closer: Closer | None = None
         self._lock = asyncio.Lock()
         self._retry_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -117,8 +122,13 @@ class Fabric:
             if self.tunnel is not None:
                 await self._start_tunnel(self.tunnel)
             self._retry_task = asyncio.create_task(self._retry_loop())
-            asyncio.get_running_loop().add_reader(self._dataplane.trouble.fd,
-                                                  self._on_port_trouble)
+            loop = asyncio.get_running_loop()
+            loop.add_reader(self._dataplane.trouble.fd, self._on_port_trouble)
+            self.closer = Closer()
+            watch = NetnsWatch()
+            if watch.available:
+                self.netns_watch = watch
+                loop.add_reader(watch.fd, watch.readable)
 
     async def close(self) -> None:
         if self._retry_task is not None:
@@ -126,6 +136,8 @@ class Fabric:
             self._retry_task = None
         if self._dataplane is not None:
             asyncio.get_running_loop().remove_reader(self._dataplane.trouble.fd)
+        if self.netns_watch is not None:
+            asyncio.get_running_loop().remove_reader(self.netns_watch.fd)
         async with self._lock:
             for name in list(self.namespaces):
                 await self._remove(name)
@@ -137,6 +149,12 @@ class Fabric:
                 dp.post(dp.attach_uplink, None, None)
             await asyncio.to_thread(dp.close)  # runs what is still queued, then stops
             self._dataplane = None
+        if self.closer is not None:
+            await asyncio.to_thread(self.closer.shutdown)  # every TAP gone before we return
+            self.closer = None
+        if self.netns_watch is not None:
+            self.netns_watch.close()
+            self.netns_watch = None
         if self.uplink is not None:
             self.uplink.close()
             self.uplink = None
@@ -263,7 +281,8 @@ class Fabric:
             return await ns.summary()
 
     async def _create(self, spec: NamespaceSpec) -> Namespace:
-        ns = Namespace(spec, self.dataplane, self.bus)
+        ns = Namespace(spec, self.dataplane, self.bus, netns_watch=self.netns_watch,
+                       closer=self.closer)
         try:
             if self.local_stack:
                 await ns.start_local_stack()
@@ -351,8 +370,8 @@ class Fabric:
             if data is not None:  # under the lock: against the spec as it is now
                 if chosen:
                     data["ip"] = str(self._choose_address(ns, data.get("name")))
-                spec = parse_pod(data, source, ns.spec, self.worker_id,
-                                 taken=self._taken(ns))
+                spec = parse_pod(data, source, ns.settings, self.worker_id,
+                                 taken=ns.taken)
             assert isinstance(spec, PodSpec)
             if fd is None:
                 self._check_pod_set(ns, spec, source)
@@ -370,7 +389,7 @@ class Fabric:
                     self._forget_pod(ns, spec.name)
             try:
                 if fd is not None:
-                    io = TapPort.from_fd(fd, vnet, mtu=ns.spec.mtu)
+                    io = TapPort.from_fd(fd, vnet, mtu=ns.settings.mtu)
                     os.set_blocking(fd, False)
                     state = await ns.add_pod_fd(spec, io)
                 else:
@@ -391,12 +410,12 @@ class Fabric:
     def _choose_address(self, ns: Namespace, name: object) -> IPv4Address:
         """The address for a pod that came without one: the one it has or was given
         before, if still free, else the lowest free host. Called under the lock."""
-        cidr, gateway = ns.spec.cidr, ns.spec.gateway
+        cidr, gateway = ns.settings.cidr, ns.settings.gateway
         pod = str(name) if isinstance(name, str) else ""
-        current = ns.spec.pod(pod)
+        current = ns.pod_spec(pod)
         if current is not None:
             return current.ip
-        used = {p.ip for p in ns.spec.pods} | {s.ip for s in ns.spec.services}
+        used = set(ns.taken.ips)  # the pods' and the services'
         used |= {ip for p, ip in self.addresses.booked(ns.name).items() if p != pod}
         before = self.addresses.get(ns.name, pod)
         if (before is not None and before in cidr and before not in used
@@ -447,16 +466,6 @@ class Fabric:
                 raise
             self._forget_pod(ns, name)
 
-    @staticmethod
-    def _taken(ns: Namespace) -> Taken:
-        """What `ns.spec` holds (names, addresses, interfaces, netns slots), indexed once
-        per spec and grown in place by `_record_pod`: attaching pods one by one stays
-        O(1) each instead of re-indexing the namespace every time."""
-        cached = ns.taken
-        if cached is None or cached[0] is not ns.spec:
-            cached = ns.taken = (ns.spec, Taken(ns.spec))
-        return cached[1]
-
     def _check_pod_set(self, ns: Namespace, spec: PodSpec, source: str) -> None:
         """The cross-namespace rules (an interface or a netns slot used once on this worker)
         for `spec` joining `ns`; within `ns` parse_pod has checked them. Under the lock."""
@@ -465,7 +474,7 @@ class Fabric:
         for other in self.namespaces.values():
             if other is ns:
                 continue
-            taken = self._taken(other)
+            taken = other.taken
             if spec.interface is not None:
                 holder = taken.interfaces.get(spec.interface)
                 if holder is not None:
@@ -477,21 +486,13 @@ class Fabric:
                     raise ConfigError(source, "netns", f"netns {spec.netns} already has "
                                       f"{spec.ifname} (pod {holder} in namespace {other.name})")
 
-    def _forget_pod(self, ns: Namespace, name: str) -> None:
-        ns.spec = dataclasses.replace(
-            ns.spec, pods=tuple(p for p in ns.spec.pods if p.name != name))
-        ns.sync_records()
+    @staticmethod
+    def _forget_pod(ns: Namespace, name: str) -> None:
+        ns.forget_pod(name)
 
-    def _record_pod(self, ns: Namespace, spec: PodSpec) -> None:
-        old = ns.spec
-        pods = tuple(p for p in old.pods if p.name != spec.name)
-        replaced = len(pods) != len(old.pods)
-        ns.spec = dataclasses.replace(old, pods=pods + (spec,))
-        cached = ns.taken
-        if cached is not None and cached[0] is old and not replaced:
-            cached[1].add_pod(spec)  # a new pod only adds; a replaced one re-indexes later
-            ns.taken = (ns.spec, cached[1])
-        ns.sync_records()
+    @staticmethod
+    def _record_pod(ns: Namespace, spec: PodSpec) -> None:
+        ns.record_pod(spec)
 
     def set_ready(self, namespace: str, pod: str, ready: bool) -> None:
         self._ns(namespace).set_ready(pod, ready)

@@ -23,6 +23,7 @@ from typing import Any
 
 from tests.bench import (
     cni,
+    density,
     dns,
     egress,
     floods,
@@ -48,6 +49,7 @@ BENCHMARKS: dict[str, Callable[[Settings], Report]] = {
     udp.NAME: udp.run,
     ping.NAME: ping.run,
     scale.NAME: scale.run,
+    density.NAME: density.run,
     dns.NAME: dns.run,
     egress.NAME: egress.run,
     tunnel.NAME: tunnel.run,
@@ -79,6 +81,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     help=f"benchmarks to run (default: all): {', '.join(BENCHMARKS)}")
     ap.add_argument("--runs", type=_positive, help="repetitions per measurement (5)")
     ap.add_argument("--seconds", type=_positive, help="length of each measurement (5)")
+    ap.add_argument("--pods", type=_positive,
+                    help="pods the density benchmark attaches (1000; --quick: 50)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke check: --runs 1 --seconds 2 unless given")
     ap.add_argument("--out", default="bench-results.json",
@@ -90,7 +94,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.names = list(dict.fromkeys(args.names)) or list(BENCHMARKS)
     default = Settings(runs=1, seconds=2) if args.quick else Settings()
     args.settings = Settings(runs=args.runs or default.runs,
-                             seconds=args.seconds or default.seconds)
+                             seconds=args.seconds or default.seconds,
+                             pods=args.pods or (50 if args.quick else None))
     return args
 
 

@@ -79,12 +79,48 @@ def in_process(n: int = 5000, rounds: int = 20) -> None:
           f"{timed(one_more):.2f} ms synced by difference", flush=True)
 
 
+def fabric_bookkeeping(n: int = 10000, k: int = 200) -> None:
+    """Fabric.attach_pod and detach_pod with no port to make (pods on another worker):
+    what the bookkeeping costs with few pods and with n, unprivileged."""
+    import asyncio
+
+    from fabric.runtime.worker import Fabric
+
+    def spec(i: int) -> dict[str, str]:
+        return {"name": f"p{i}", "ip": pod_ip(i), "worker": "w2"}
+
+    async def go() -> None:
+        async with Fabric(worker_id="w1", local_stack=False) as fab:
+            await fab.apply_namespace({"name": "big", "id": 4, "cidr": "10.64.0.0/16"})
+            t0 = time.perf_counter()
+            for i in range(k):
+                await fab.attach_pod("big", spec(i))
+            first = (time.perf_counter() - t0) / k * 1e3
+            for i in range(k, n):
+                await fab.attach_pod("big", spec(i))
+            t0 = time.perf_counter()
+            for i in range(n - k, n):
+                await fab.detach_pod("big", f"p{i}")
+            await fab.dataplane.acall(int)  # the data plane has done the detaches too
+            t1 = time.perf_counter()
+            for i in range(n - k, n):
+                await fab.attach_pod("big", spec(i))
+            await fab.dataplane.acall(int)
+            t2 = time.perf_counter()
+            print(f"Fabric bookkeeping: attach {first:.2f} ms each with < {k} pods, "
+                  f"{(t2 - t1) / k * 1e3:.2f} ms at {n - k} (after detaching {k}: "
+                  f"{(t1 - t0) / k * 1e3:.2f} ms each)", flush=True)
+
+    asyncio.run(go())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m tests.bench.attach")
     ap.add_argument("--pods", type=int, default=2000)
     ap.add_argument("--in-process-only", action="store_true")
     a = ap.parse_args()
     in_process()
+    fabric_bookkeeping()
     if not a.in_process_only:
         through_the_api(a.pods)
 

@@ -18,6 +18,7 @@ class Settings:
 
     runs: int = 5
     seconds: int = 5
+    pods: int | None = None  # the density benchmark's pod count (None: its default)
 
 
 @dataclass
