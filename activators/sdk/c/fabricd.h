@@ -193,11 +193,15 @@ static u64 fab__now_ms;
 static int fab__backend_ready;
 static u32 fab__need_told = FAB_NIL;
 static u32 fab__bad_events;
+static u32 fab__events; /* events in the current call */
 
 /* The time of the last tick (ms, monotonic; 0 before the first). */
 FAB_INLINE u64 fab_now(void) { return fab__now_ms; }
 /* Whether the host said a backend is ready (backend_available, not yet _unavailable). */
 FAB_INLINE int fab_backend_ready(void) { return fab__backend_ready; }
+/* The number of events in the current call (known from batch_begin on): the host
+ * reads at most 4 actions per event + 16 (ABI.md), a budget to plan against. */
+FAB_INLINE u32 fab_batch_events(void) { return fab__events; }
 /* Whether an action of this call did not fit: the rest of the answer is lost. Packets
  * without a decision stay held by the host; stream bytes not sent are the guest's to
  * retry (keep them until a later call). */
@@ -293,6 +297,20 @@ static FAB_UNUSED int fab__bytes(u32 kind, u32 sid, const void *data, u32 n) {
     if (!p) return -1;
     fab_put_le32(p, sid);
     fab_copy(p + 4, data, n);
+    return 0;
+}
+
+/* Append n bytes to the last action of this call when it is a send of `kind`
+ * (FAB_ACT_DOWNSTREAM_SEND or FAB_ACT_UPSTREAM_SEND) to stream `sid`: 0 when appended,
+ * -1 when not (send them as a new action). An answer built from pieces stays one record
+ * per stream and side, and costs no further action of the call's budget. */
+static FAB_UNUSED int fab_append(u32 kind, u32 sid, const void *data, u32 n) {
+    if (!fab__out_count || FAB_OUT_CAP - fab__out_len < n) return -1;
+    u8 *r = fab__out + fab__out_last;
+    if (r[0] != kind || fab_le32(r + FAB_REC_HDR) != sid) return -1;
+    fab_copy(fab__out + fab__out_len, data, n);
+    fab__out_len += n;
+    fab_put_le32(r + 4, fab_le32(r + 4) + n);
     return 0;
 }
 
@@ -600,8 +618,9 @@ FAB_INLINE i64 fab__process(const struct fab_handlers *h, const u8 *ev, u32 len)
     fab__out_len = 2;
     fab__out_count = 0;
     fab__out_full = 0;
-    if (h->batch_begin) h->batch_begin();
     u32 count = len >= 2 ? fab_le16(ev) : 0;
+    fab__events = count;
+    if (h->batch_begin) h->batch_begin();
     u32 off = 2;
     for (u32 i = 0; i < count; i++) {
         if (len - off < FAB_REC_HDR) break;
