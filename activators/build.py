@@ -38,6 +38,8 @@ TARGETS: dict[str, str] = {
     "testing/multimem.wat": "testing/multimem.wasm",
     "testing/streamtrap.c": "testing/streamtrap.wasm",
     "testing/tcp_raw.c": "testing/tcp_raw.wasm",
+    "testing/postgres_raw.c": "testing/postgres_raw.wasm",
+    "sdk/c/examples/pgping.c": "sdk/c/examples/pgping.wasm",
 }
 
 #: source -> flags added to CFLAGS for it alone
@@ -46,6 +48,8 @@ EXTRA_CFLAGS: dict[str, tuple[str, ...]] = {
     "testing/tablebomb.c": ("-mreference-types",),  # a C table of externrefs needs them
     "postgres/postgres.c": ("-mbulk-memory",),  # memory.copy for relayed bytes
     "http2/http2.c": ("-mbulk-memory",),  # memory.copy: one instruction per copy, not a loop
+    "testing/postgres_raw.c": ("-mbulk-memory",),  # as postgres.c was built
+    "sdk/c/examples/pgping.c": ("-mbulk-memory",),  # the SDK's fab_copy
 }
 
 CFLAGS: tuple[str, ...] = (

@@ -176,15 +176,20 @@ struct fab_pg_framer {
     u32 len;           /* the length field (body + 4) */
     u32 left;          /* body bytes still to come */
     u32 max;           /* the largest accepted length field */
-    const char *types; /* accepted type bytes, 0 for any */
+    u64 types[2];      /* accepted type bytes (0-127), a bit each */
 };
 
 /* `max`: the largest length field accepted (FAB_PG_LEN_MAX like PostgreSQL); `types`:
  * the accepted type bytes (FAB_PG_FRONTEND_TYPES for a client), or 0 for any. */
-FAB_INLINE void fab_pg_framer_init(struct fab_pg_framer *f, u32 max, const char *types) {
+static FAB_UNUSED void fab_pg_framer_init(struct fab_pg_framer *f, u32 max, const char *types) {
     fab_zero(f, sizeof *f);
     f->max = max;
-    f->types = types;
+    if (!types) {
+        f->types[0] = f->types[1] = ~0ull;
+        return;
+    }
+    for (u32 i = 0; types[i]; i++)
+        if ((u8)types[i] < 128) f->types[(u8)types[i] >> 6] |= 1ull << ((u8)types[i] & 63);
 }
 
 /* Whether the framer is inside a message's body (its header seen, bytes to come). */
@@ -194,10 +199,9 @@ FAB_INLINE int fab_pg_in_body(const struct fab_pg_framer *f) {
 /* Whether the framer is between messages (nothing of a next one seen yet). */
 FAB_INLINE int fab_pg_between(const struct fab_pg_framer *f) { return f->have == 0; }
 
-static FAB_UNUSED int fab__pg_type_ok(const char *types, u8 t) {
-    if (!types) return 1;
-    for (u32 i = 0; types[i]; i++) if ((u8)types[i] == t) return 1;
-    return 0;
+FAB_INLINE int fab__pg_type_ok(const struct fab_pg_framer *f, u8 t) {
+    if (t >= 128) return f->types[0] == ~0ull && f->types[1] == ~0ull;
+    return (int)((f->types[t >> 6] >> (t & 63)) & 1);
 }
 
 /* Step through input *p / *n: consumes what it reports and returns it (see the enum).
@@ -222,7 +226,7 @@ FAB_INLINE i32 fab_pg_next(struct fab_pg_framer *f, const u8 **p, u32 *n, const 
         f->carried = (u8)prev;
         f->type = f->hdr[0];
         f->len = fab_be32(f->hdr + 1);
-        if (!fab__pg_type_ok(f->types, f->type)) { f->bad = 1; return FAB_PG_BAD_TYPE; }
+        if (!fab__pg_type_ok(f, f->type)) { f->bad = 1; return FAB_PG_BAD_TYPE; }
         if (f->len < 4 || f->len > f->max) { f->bad = 2; return FAB_PG_BAD_LEN; }
         f->left = f->len - 4;
         return FAB_PG_HEADER;
@@ -561,32 +565,40 @@ FAB_INLINE u32 fab_pg_backend_key(u8 *p, u32 pid, u32 key) {
 
 /* What PostgreSQL 15 answers to `SELECT 1`, piece by piece: the RowDescription
  * ("?column?", int4, in `format`: 0 text, 1 binary; 34 bytes), the DataRow (12 or 15),
- * CommandComplete "SELECT 1" (14). */
-static FAB_UNUSED u32 fab_pg_select1_row_description(u8 *p, u32 format) {
-    struct fab_pg_col c = {"?column?", 0, 0, FAB_PG_INT4, 4, -1, format};
-    return fab_pg_row_description(p, 1, &c);
+ * CommandComplete "SELECT 1" (14). Constant bytes (what fab_pg_row_description,
+ * fab_pg_data_row and fab_pg_command_complete would build), copied: keep-alives are the
+ * hot path of an activator that answers them. */
+static FAB_UNUSED const u8 fab__pg_select1[] = {
+    'T', 0, 0, 0, 33, 0, 1, '?', 'c', 'o', 'l', 'u', 'm', 'n', '?', 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 23, 0, 4, 0xff, 0xff, 0xff, 0xff, 0, 0,
+    'D', 0, 0, 0, 11, 0, 1, 0, 0, 0, 1, '1',
+    'C', 0, 0, 0, 13, 'S', 'E', 'L', 'E', 'C', 'T', ' ', '1', 0,
+    'Z', 0, 0, 0, 5, 'I'};
+static FAB_UNUSED const u8 fab__pg_select1_bin_row[] = {'D', 0, 0, 0, 14, 0, 1, 0, 0, 0, 4, 0, 0, 0, 1};
+static FAB_UNUSED const u8 fab__pg_empty_answer[] = {'I', 0, 0, 0, 4, 'Z', 0, 0, 0, 5, 'I'};
+
+FAB_INLINE u32 fab_pg_select1_row_description(u8 *p, u32 format) {
+    fab_copy(p, fab__pg_select1, 34);
+    p[33] = (u8)format;
+    return 34;
 }
-static FAB_UNUSED u32 fab_pg_select1_row(u8 *p, u32 format) {
-    static const u8 text[1] = {'1'}, bin[4] = {0, 0, 0, 1};
-    const u8 *v = format ? bin : text;
-    u32 l = format ? 4 : 1;
-    return fab_pg_data_row(p, 1, &v, &l);
+FAB_INLINE u32 fab_pg_select1_row(u8 *p, u32 format) {
+    if (format) { fab_copy(p, fab__pg_select1_bin_row, 15); return 15; }
+    fab_copy(p, fab__pg_select1 + 34, 12);
+    return 12;
 }
-FAB_INLINE u32 fab_pg_select1_done(u8 *p) { return fab_pg_command_complete(p, "SELECT 1"); }
+FAB_INLINE u32 fab_pg_select1_done(u8 *p) { fab_copy(p, fab__pg_select1 + 46, 14); return 14; }
 
 /* The whole answer to a keep-alive simple Query of `kind` (FAB_PG_KA_SELECT1: T, D, C,
  * Z 'I'; FAB_PG_KA_EMPTY: I, Z 'I'): at most FAB_PG_ANSWER_MAX bytes. */
 #define FAB_PG_ANSWER_MAX 66u
-static FAB_UNUSED u32 fab_pg_answer_query(u8 *p, u32 kind) {
-    u32 n = 0;
+FAB_INLINE u32 fab_pg_answer_query(u8 *p, u32 kind) {
     if (kind == FAB_PG_KA_SELECT1) {
-        n += fab_pg_select1_row_description(p, 0);
-        n += fab_pg_select1_row(p + n, 0);
-        n += fab_pg_select1_done(p + n);
-    } else {
-        n += fab_pg_empty_query(p);
+        fab_copy(p, fab__pg_select1, sizeof fab__pg_select1);
+        return sizeof fab__pg_select1;
     }
-    return n + fab_pg_ready(p + n, 'I');
+    fab_copy(p, fab__pg_empty_answer, sizeof fab__pg_empty_answer);
+    return sizeof fab__pg_empty_answer;
 }
 
 #endif
