@@ -74,7 +74,7 @@ class _Side:
     """One activator with its sessions set up, driven through one workload."""
 
     def __init__(self, wasm: Path, rnd: Round) -> None:
-        self.host = ActivatorHost(wasm, {"need_debounce": 1})
+        self.host = ActivatorHost(wasm, {"need_debounce": 1}, deadline_ms=5000)
         self.inst = self.host.instance(5432)
         self.rnd = rnd
         self.n = 0

@@ -51,7 +51,7 @@ def errors(data: bytes) -> list[str]:
 
 @pytest.fixture
 def ping() -> Iterator[StreamGuest]:
-    g = StreamGuest(PGPING, {}, port=5432)
+    g = StreamGuest(PGPING, {}, port=5432, deadline_ms=5000)
     yield g
     assert g.failed == 0
     g.close()
@@ -225,7 +225,8 @@ def test_the_sdk_rewrite_answers_every_batch_as_the_hand_written_one(
         debounce: int) -> None:
     cfg = {"ssl": ssl, "hold_timeout_ms": 200, "stream_hold_bytes": 1024, "hold_bytes": 65536,
            "local_keepalive": keepalive, "need_debounce": debounce}
-    old, new = StreamGuest(RAW, cfg, port=5432), StreamGuest(SDK, cfg, port=5432)
+    old, new = StreamGuest(RAW, cfg, port=5432, deadline_ms=5000), \
+        StreamGuest(SDK, cfg, port=5432, deadline_ms=5000)
     try:
         for batch in _events(ops):
             assert new.send(*batch) == old.send(*batch), batch
@@ -266,7 +267,8 @@ def _well_formed(actions: list[abi.Action], opened: set[int]) -> None:
 def test_fuzz_message_streams_never_trap_nor_answer_a_malformed_batch(
         wasm: Path, pre: bytes, client: bytes, backend: bytes, cuts: list[int],
         down: bool) -> None:
-    g = StreamGuest(wasm, {"hold_timeout_ms": 300, "stream_hold_bytes": 2048}, port=5432)
+    g = StreamGuest(wasm, {"hold_timeout_ms": 300, "stream_hold_bytes": 2048}, port=5432,
+                    deadline_ms=5000)
     try:
         g.open(1)
         g.client(1, pre + client)
