@@ -121,10 +121,46 @@ def test_pgping_answers_malformed_input_with_fatal_and_a_close(ping: StreamGuest
 
 def test_pgping_closes_a_cancel_request_and_direct_tls(ping: StreamGuest) -> None:
     g = ping
-    for sid, data in ((1, struct.pack("!iiii", 16, 80877102, 7, 9)), (2, b"\x16\x03\x01\x00\x05")):
+    cancel = struct.pack("!iii", 268, 80877102, 7) + b"k" * 256  # a 3.2 cancel key
+    for sid, data in ((1, cancel), (2, b"\x16\x03\x01\x00\x05")):
         g.open(sid)
         g.client(sid, data)
         assert g.to_client(sid) == b"" and g.streams[sid].downstream_closed
+    assert [a.name for a in g.actions if isinstance(a, abi.Count)] == ["cancels"]
+
+
+def test_pgping_wants_a_user_name_like_postgresql(ping: StreamGuest) -> None:
+    g = ping
+    g.open(1)
+    params = b"database\0d\0\0"
+    g.client(1, struct.pack("!ii", 8 + len(params), 3 << 16) + params)
+    assert errors(g.to_client(1)) == ["28000"] and g.streams[1].downstream_closed
+
+
+@pytest.fixture(scope="module")
+def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[W.PgServer]:
+    if not W.available():
+        pytest.skip("PostgreSQL 15 is not installed (scripts/install-debs)")
+    with W.PgServer(tmp_path_factory.mktemp("pg")) as srv:
+        yield srv
+
+
+def test_pgping_row_builders_write_what_the_live_server_sends(ping: StreamGuest,
+                                                              pg: W.PgServer) -> None:
+    """``SHOW server_version`` is built with fab_pg_row_description / fab_pg_data_row /
+    fab_pg_command_complete: every message as the server's, but for the version text."""
+    g = ping
+    g.open(1)
+    g.client(1, W.startup())
+    g.to_client(1)
+    g.client(1, W.query("SHOW server_version"))
+    ours = W.split(g.to_client(1))
+    direct = W.RawPg.unix(pg.socket_path)
+    theirs = W.split(direct.exchange(W.query("SHOW server_version"), 1))
+    direct.close()
+    assert [t for t, _ in ours] == [t for t, _ in theirs] == [b"T", b"D", b"C", b"Z"]
+    assert ours[0] == theirs[0] and ours[2:] == theirs[2:]
+    assert ours[1] == (b"D", b"\0\1" + struct.pack("!i", 4) + b"15.0")
 
 
 @pytest.fixture

@@ -4,7 +4,8 @@
  * connection, no database behind it: SSLRequest/GSSENCRequest 'N'; a StartupMessage with
  * AuthenticationOk (trust), a few ParameterStatus, BackendKeyData and ReadyForQuery;
  * keep-alive queries (`SELECT 1` in any case, `;`, the empty query) with the bytes
- * PostgreSQL 15 sends; Terminate with a close; any other query with ERROR 0A000 and
+ * PostgreSQL 15 sends; `SHOW server_version` (built with the generic row builders);
+ * Terminate with a close; a CancelRequest with a close; any other query with ERROR 0A000 and
  * ReadyForQuery (an extended-protocol group gets its error at its Sync). So health
  * checks (`psql -c 'SELECT 1'`, pg_isready, a pool's validation query) succeed and the
  * need level stays "none". activators/postgres/postgres.c does the real thing: it relays
@@ -56,9 +57,20 @@ static int startup(u32 sid, struct sess *s, const u8 **d, u32 *n) {
             fab_send(sid, "N", 1);
             fab_buf_take(&s->in, 8);
         } else if (kind == FAB_PG_STARTUP) {
+            const u8 *user;
+            if (fab_pg_startup_param(s->in.data, s->in.len, "user", &user) <= 0) {
+                bye(sid, s, "28000", "no PostgreSQL user name specified in startup packet");
+                return 0;
+            }
             greet(sid);
             fab_buf_take(&s->in, s->in.len);
             return s->started = 1;
+        } else if (kind == FAB_PG_CANCEL) {
+            u32 pid;
+            const u8 *key;
+            if (fab_pg_cancel_key(s->in.data, s->in.len, &pid, &key) >= 0) fab_count("cancels", 1);
+            bye(sid, s, 0, 0); /* nothing runs here to cancel */
+            return 0;
         } else {
             bye(sid, s, kind == FAB_PG_BAD_PROTOCOL ? "0A000" : kind == FAB_PG_BAD_LENGTH ? "08P01" : 0,
                 "unsupported startup packet");
@@ -87,6 +99,14 @@ static void on_data(u32 sid, const u8 *d, u32 n) {
         if (k) {
             len = fab_pg_answer_query(out, k);
             fab_count("keepalives_answered", 1);
+        } else if (m.type == 'Q' && m.len == 20 && fab_memeq_ci(m.body, "show server_version", 20)) {
+            struct fab_pg_col col = {"server_version", 0, 0, FAB_PG_TEXT, -1, -1, 0};
+            const u8 *v = (const u8 *)"15.0";
+            u32 vl = 4;
+            len = fab_pg_row_description(out, 1, &col);
+            len += fab_pg_data_row(out + len, 1, &v, &vl);
+            len += fab_pg_command_complete(out + len, "SHOW");
+            len += fab_pg_ready(out + len, 'I');
         } else if (m.type == 'Q' || (m.type == 'S' && s->failed)) {
             len = fab_pg_error(out, "ERROR", "0A000", "pgping answers only SELECT 1");
             len += fab_pg_ready(out + len, 'I');
