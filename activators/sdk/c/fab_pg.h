@@ -8,12 +8,15 @@
  * the activator. activators/postgres/postgres.c is built on it; a minimal responder is
  * activators/sdk/c/examples/pgping.c.
  *
- * How ("answer SELECT 1" on a session whose startup is done):
+ * How ("answer SELECT 1" on a session whose startup is done; the startup itself, with
+ * fab_pg_startup_peek, is startup() in examples/pgping.c):
  *
  *     #include "fabricd.h"
  *     #include "fab_pg.h"
  *     struct sess { struct fab_pg_framer fr; struct fab_buf msg; u8 store[1024]; };
- *     ...   fab_pg_framer_init(&s->fr, 1024, FAB_PG_FRONTEND_TYPES);
+ *     FAB_TABLE(sessions, struct sess, 256);
+ *     ... in stream_open:
+ *           fab_pg_framer_init(&s->fr, 4 + sizeof s->store, FAB_PG_FRONTEND_TYPES);
  *           fab_buf_init(&s->msg, s->store, sizeof s->store);
  *     static void on_data(u32 sid, const u8 *d, u32 n) {
  *         struct sess *s = fab_table_get(&sessions, sid);
@@ -25,7 +28,9 @@
  *             if (k) fab_send(sid, out, fab_pg_answer_query(out, k));
  *             fab_buf_take(&s->msg, s->msg.len);
  *         }
- *         if (r < 0) { ... fab_pg_error(out, "FATAL", "08P01", "...") ...; fab_close(sid); }
+ *         if (r < 0) { u8 e[FAB_PG_ERROR_MAX];      a framing error: answer, close
+ *             fab_send(sid, e, fab_pg_error(e, "FATAL", "08P01", "invalid message"));
+ *             fab_close(sid); }
  *     }
  *
  * Pieces:
