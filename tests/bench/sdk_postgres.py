@@ -27,6 +27,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from fabric.activator import abi as A
 from fabric.activator.host import ActivatorHost, ActivatorInstance
@@ -115,12 +116,12 @@ class _Side:
             raise RuntimeError(f"the activator failed: {st}")
 
 
-def measure(seconds: float = 1.0, rounds: int = 5) -> dict[str, object]:
+def measure(seconds: float = 1.0, rounds: int = 5) -> dict[str, Any]:
     """Fuel and µs per call of each workload, hand-written vs SDK, and their ratios.
 
     Time: both activators in turn, `rounds` slices of seconds / rounds each (so load from
     elsewhere on the machine hits both alike)."""
-    out: dict[str, object] = {}
+    out: dict[str, Any] = {}
     ok = True
     for name, rnd in WORKLOADS.items():
         raw, sdk = _Side(RAW, rnd), _Side(SDK, rnd)

@@ -328,3 +328,17 @@ def test_fuzz_message_streams_never_trap_nor_answer_a_malformed_batch(
         _well_formed(g.actions, {1, 2})
     finally:
         g.close()
+
+
+# ---- cost ---------------------------------------------------------------------------
+
+
+def test_the_sdk_costs_at_most_20_percent_more_guest_fuel_than_hand_written_code() -> None:
+    """Fuel is what the guest executed, the same on every machine: the issue's bound on
+    what the SDK may cost, checked on each workload of tests/bench/sdk_postgres.py."""
+    from tests.bench.sdk_postgres import WORKLOADS, measure
+
+    res = measure(0.02, rounds=1)
+    for name in WORKLOADS:
+        assert res[name]["fuel_sdk"] <= 1.2 * res[name]["fuel_raw"], (name, res[name])
+    assert res["within_target"]
