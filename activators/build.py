@@ -38,6 +38,9 @@ TARGETS: dict[str, str] = {
     "testing/multimem.wat": "testing/multimem.wasm",
     "testing/streamtrap.c": "testing/streamtrap.wasm",
     "testing/tcp_raw.c": "testing/tcp_raw.wasm",
+    "testing/sdkcheck.c": "testing/sdkcheck.wasm",
+    "testing/http2_raw.c": "testing/http2_raw.wasm",
+    "sdk/c/examples/h2ping.c": "sdk/c/examples/h2ping.wasm",
     "testing/postgres_raw.c": "testing/postgres_raw.wasm",
     "sdk/c/examples/pgping.c": "sdk/c/examples/pgping.wasm",
 }
@@ -45,9 +48,12 @@ TARGETS: dict[str, str] = {
 #: source -> flags added to CFLAGS for it alone
 EXTRA_CFLAGS: dict[str, tuple[str, ...]] = {
     "tcp/tcp.c": ("-mbulk-memory",),  # the SDK's fab_copy: memory.copy
+    "stream/stream.c": ("-mbulk-memory",),
     "testing/tablebomb.c": ("-mreference-types",),  # a C table of externrefs needs them
     "postgres/postgres.c": ("-mbulk-memory",),  # memory.copy for relayed bytes
     "http2/http2.c": ("-mbulk-memory",),  # memory.copy: one instruction per copy, not a loop
+    "testing/http2_raw.c": ("-mbulk-memory",),
+    "sdk/c/examples/h2ping.c": ("-mbulk-memory",),
     "testing/postgres_raw.c": ("-mbulk-memory",),  # as postgres.c was built
     "sdk/c/examples/pgping.c": ("-mbulk-memory",),  # the SDK's fab_copy
 }

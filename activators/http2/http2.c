@@ -8,65 +8,33 @@
  * with its own SETTINGS, PING and flow-control windows.
  *
  * HPACK: every header block, the client's and the backend's, is decoded against its
- * sender's table (dynamic table, Huffman) and re-encoded for the other peer without
- * dynamic-table insertions (static index + literals without indexing), so no decoder
- * depends on a block it did not see: a request answered locally costs nothing, and
- * blocks need no order between streams. See README.md.
+ * sender's table and re-encoded for the other peer without dynamic-table insertions, so
+ * no decoder depends on a block it did not see: a request answered locally costs
+ * nothing, and blocks need no order between streams. See README.md.
+ *
+ * Written with the C SDK: fabricd.h (events, actions, fab_table), fab_http2.h (frames),
+ * fab_hpack.h (header blocks). What is left here is the relay: streams, queues toward
+ * each peer, flow control, holds and local answers.
  *
  * Config (JSON, all optional): hold_timeout_ms (default 30000, the host sets it from the
  * service's hold.timeout), max_connections (default 32, at most 64).
  */
 #define FAB_OUT_CAP (1024 * 1024 - 4096)
-#include "../common/fab.h"
-#include "hpack_tables.h"
-
-#define CPY(d, s, n) __builtin_memcpy((d), (s), (n))
-#define MOVE(d, s, n) __builtin_memmove((d), (s), (n))
+#include "../sdk/c/fabricd.h"
+#include "../sdk/c/fab_http2.h"
+#include "../sdk/c/fab_hpack.h"
 
 /* ---- sizes (bytes) ---- */
-#define MAXF 16384                 /* SETTINGS_MAX_FRAME_SIZE we announce (the default) */
-#define IN_CAP (9 + MAXF)
+#define MAXF FAB_H2_MAX_FRAME      /* SETTINGS_MAX_FRAME_SIZE we announce (the default) */
 #define HB_CAP 32768               /* one assembled header block */
 #define Q_CAP (96 * 1024)          /* frames queued toward one peer */
 #define NSTREAMS 128
 #define MAX_OPEN 100               /* SETTINGS_MAX_CONCURRENT_STREAMS toward the client */
-#define TBL_CAP 4096
-#define TBL_ENT 128
-#define STR_CAP 65536              /* one decoded HPACK string */
 #define RE_CAP 32768               /* one re-encoded header block */
 #define SCR_CAP (160 * 1024)       /* bytes to one side in one flush */
 #define MAX_CONNS 64
-#define WIN0 65535
+#define WIN0 FAB_H2_DEFAULT_WINDOW
 #define LOW(win) ((win) < WIN0 / 2)  /* a peer may send less than half a window more */
-
-/* frame types and flags */
-#define T_DATA 0
-#define T_HEADERS 1
-#define T_PRIORITY 2
-#define T_RST 3
-#define T_SETTINGS 4
-#define T_PUSH 5
-#define T_PING 6
-#define T_GOAWAY 7
-#define T_WU 8
-#define T_CONT 9
-#define FL_END_STREAM 1
-#define FL_ACK 1
-#define FL_END_HEADERS 4
-#define FL_PADDED 8
-#define FL_PRIORITY 0x20
-
-/* error codes */
-#define E_NO 0
-#define E_PROTOCOL 1
-#define E_INTERNAL 2
-#define E_FLOW 3
-#define E_CLOSED 5
-#define E_FRAME_SIZE 6
-#define E_REFUSED 7
-#define E_CANCEL 8
-#define E_COMPRESSION 9
-#define E_CALM 11
 
 /* stream flags */
 #define F_USED 1
@@ -103,18 +71,11 @@ typedef struct {
     u8 buf[Q_CAP];
 } queue;
 
-typedef struct {
-    u8 data[TBL_CAP];
-    u32 off[TBL_ENT], nl[TBL_ENT], vl[TBL_ENT];
-    u8 sidx[TBL_ENT];      /* the static index of the entry's name, 0: none */
-    u32 head, n, size, max, wpos;
-} hptable;
-
 typedef struct conn {
     u32 sid, used, dirty;
     u32 nused;             /* stream slots in use (an upper bound of the open ones) */
     u32 dead;              /* client connection error: code + 1 */
-    u32 pre_len, cin_len, bin_len, chb_len, bhb_len;
+    u32 chb_len, bhb_len;
     u32 c_cont, c_cont_flags, b_cont, b_cont_flags;
     u32 cli_settings, b_settings;
     i64 c_send, b_send, c_recv, b_recv;
@@ -128,26 +89,26 @@ typedef struct conn {
     u32 b_goaway, b_last;
     u32 ga;                /* 0, 1 (2^31-1 + PING sent), 2 (real last id sent) */
     u32 cli_goaway;
-    u8 pre[24];
-    u8 cin[IN_CAP];
-    u8 bin[IN_CAP];
+    /* from here on: reset by their own init, not zeroed */
+    struct fab_h2_reader cin, bin;
     u8 chb[HB_CAP];
     u8 bhb[HB_CAP];
-    hptable dec;           /* the client's encoder, as seen by our decoder */
-    hptable bdec;          /* the backend's encoder, as seen by our decoder */
+    struct fab_hpack_table dec;   /* the client's encoder, as seen by our decoder */
+    struct fab_hpack_table bdec;  /* the backend's encoder, as seen by our decoder */
     strm st[NSTREAMS];
     queue q2c, q2b;
 } conn;
 
+/* Connections are allocated on first use (about 300 KiB each) and reused in allocation
+ * order; conn_by_sid finds them by the host's stream id. */
 static conn *conns[MAX_CONNS];
 static u32 nconns_alloc;
+FAB_TABLE(conn_by_sid, conn *, MAX_CONNS);
 static u32 max_conns = 32;
 static u32 hold_timeout_ms = 30000;
-static u64 now_ms;
 static u32 have_now;
 static u32 backend_state;  /* 0 unknown (try), 1 up, 2 down */
 static u64 last_retry;
-static i32 last_need = -1;
 static u32 epoch;
 static u32 budget;
 
@@ -156,213 +117,23 @@ enum { C_PINGS, C_HOLD_TIMEOUTS, C_REFUSED, C_PROTO_ERRORS, C_BACKEND_GOAWAYS, C
 static const char *const COUNT_NAME[NCOUNT] = {
     "pings_answered", "hold_timeouts", "streams_refused_h2", "protocol_errors",
     "backend_goaways", "requests"};
-static u32 counts[NCOUNT];
+static u32 counts[NCOUNT], count_len[NCOUNT];
 
 static u8 D[SCR_CAP], U[SCR_CAP];
 static u32 dlen, ulen;
-static u8 NAMEB[STR_CAP], VALB[STR_CAP];
 static u8 RE[RE_CAP];
 
-static const u8 MAGIC[24] = {'P','R','I',' ','*',' ','H','T','T','P','/','2','.','0','\r','\n',
-                             '\r','\n','S','M','\r','\n','\r','\n'};
-
-/* ---- small helpers ---- */
-static u32 slen(const char *s) { u32 n = 0; while (s[n]) n++; return n; }
-static u32 ST_NLEN[62], ST_VLEN[62];
-static u8 ST_HASH[128];
-static u8 ST_FIRST[62];  /* the first static index with the same name */
-#define SI_UNKNOWN 0xffu  /* open addressing: name hash -> first static index with that name */
-
-static u32 name_hash(const u8 *n, u32 len) {
-    return (len * 31u + n[0] * 7u + n[len - 1]) & 127u;
-}
-static u32 be24(const u8 *p) { return ((u32)p[0] << 16) | ((u32)p[1] << 8) | p[2]; }
-static u32 be32(const u8 *p) {
-    return ((u32)p[0] << 24) | ((u32)p[1] << 16) | ((u32)p[2] << 8) | p[3];
-}
-static void wbe16(u8 *p, u32 v) { p[0] = (u8)(v >> 8); p[1] = (u8)v; }
-static void wbe32(u8 *p, u32 v) {
-    p[0] = (u8)(v >> 24); p[1] = (u8)(v >> 16); p[2] = (u8)(v >> 8); p[3] = (u8)v;
-}
-static int room(u32 n) { return fab_out_count + n + 1 <= budget; }
+static int room(u32 n) { return fab_action_count() + n + 1 <= budget; }
 
 static void logmsg(u32 level, const char *msg) {
-    if (room(2)) act_log(level, msg);
+    if (room(2)) fab_log(level, msg);
 }
 
-/* ---- Huffman decoder (canonical code, RFC 7541 appendix B) ---- */
-static u16 hf_sym[257];
-static u32 hf_first[31], hf_cnt[31], hf_off[31];
-
-static void hf_init(void) {
-    for (u32 l = 0; l < 31; l++) hf_cnt[l] = 0;
-    for (u32 s = 0; s < 257; s++) hf_cnt[HF_LEN[s]]++;
-    u32 off = 0, code = 0;
-    for (u32 l = 1; l <= 30; l++) {
-        hf_off[l] = off;
-        hf_first[l] = code;
-        off += hf_cnt[l];
-        code = (code + hf_cnt[l]) << 1;
-    }
-    u32 k = 0;
-    for (u32 l = 1; l <= 30; l++)
-        for (u32 s = 0; s < 257; s++)
-            if (HF_LEN[s] == l) hf_sym[k++] = (u16)s;
-}
-
-/* Decode n Huffman bytes; returns the length or -1 (EOS, bad padding, too long). */
-static i32 hf_decode(const u8 *p, u32 n, u8 *out, u32 cap) {
-    u32 code = 0, l = 0, o = 0;
-    for (u32 i = 0; i < n; i++) {
-        for (i32 b = 7; b >= 0; b--) {
-            code = (code << 1) | ((p[i] >> b) & 1);
-            l++;
-            if (l > 30) return -1;
-            if (code >= hf_first[l] && code - hf_first[l] < hf_cnt[l]) {
-                u32 sym = hf_sym[hf_off[l] + code - hf_first[l]];
-                if (sym == 256 || o >= cap) return -1;
-                out[o++] = (u8)sym;
-                code = 0;
-                l = 0;
-            }
-        }
-    }
-    if (l > 7 || code != (1u << l) - 1) return -1;
-    return (i32)o;
-}
-
-/* ---- HPACK decoding (client blocks) and stateless re-encoding ---- */
-static int hp_int(const u8 *p, u32 len, u32 *pos, u32 bits, u32 *out) {
-    if (*pos >= len) return -1;
-    u32 mask = (1u << bits) - 1;
-    u32 v = p[(*pos)++] & mask;
-    if (v == mask) {
-        u32 m = 0;
-        for (;;) {
-            if (*pos >= len || m > 21) return -1;
-            u8 b = p[(*pos)++];
-            v += (u32)(b & 0x7f) << m;
-            m += 7;
-            if (!(b & 0x80)) break;
-        }
-        if (v > 0xffffff) return -1;
-    }
-    *out = v;
-    return 0;
-}
-
-static i32 hp_str(const u8 *p, u32 len, u32 *pos, u8 *out) {
-    if (*pos >= len) return -1;
-    u32 h = p[*pos] & 0x80, n;
-    if (hp_int(p, len, pos, 7, &n) || n > len - *pos) return -1;
-    i32 r;
-    if (h) {
-        r = hf_decode(p + *pos, n, out, STR_CAP);
-    } else {
-        if (n > STR_CAP) return -1;
-        CPY(out, p + *pos, n);
-        r = (i32)n;
-    }
-    *pos += n;
-    return r;
-}
-
-static void tbl_evict(hptable *t) {
-    u32 slot = (t->head + TBL_ENT - (t->n - 1)) % TBL_ENT;
-    t->size -= t->nl[slot] + t->vl[slot] + 32;
-    t->n--;
-}
-
-static void tbl_fit(hptable *t, u32 need) {
-    while (t->n && t->size + need > t->max) tbl_evict(t);
-}
-
-/* Copy n bytes in / out of the ring at off, in at most two pieces (no byte loops). */
-static u32 ring_put(hptable *t, u32 off, const u8 *src, u32 n) {
-    u32 first = TBL_CAP - off < n ? TBL_CAP - off : n;
-    if (first) CPY(t->data + off, src, first);
-    if (n > first) CPY(t->data, src + first, n - first);
-    return (off + n) % TBL_CAP;
-}
-
-static u32 ring_get(const hptable *t, u32 off, u8 *dst, u32 n) {
-    u32 first = TBL_CAP - off < n ? TBL_CAP - off : n;
-    if (first) CPY(dst, t->data + off, first);
-    if (n > first) CPY(dst + first, t->data, n - first);
-    return (off + n) % TBL_CAP;
-}
-
-static void tbl_insert(hptable *t, const u8 *name, u32 nl, const u8 *val, u32 vl, u32 si) {
-    u32 sz = nl + vl + 32;
-    if (sz > t->max) {
-        while (t->n) tbl_evict(t);
-        return;
-    }
-    tbl_fit(t, sz);
-    t->head = (t->head + 1) % TBL_ENT;
-    t->off[t->head] = t->wpos;
-    t->nl[t->head] = nl;
-    t->vl[t->head] = vl;
-    t->sidx[t->head] = (u8)si;
-    t->wpos = ring_put(t, t->wpos, name, nl);
-    t->wpos = ring_put(t, t->wpos, val, vl);
-    t->n++;
-    t->size += sz;
-}
-
-/* Copy entry idx (1-based HPACK index) into NAMEB/VALB; -1 if out of range. */
-static int tbl_get(hptable *t, u32 idx, u32 *nl, u32 *vl, int want_value, u32 *si) {
-    if (idx == 0) return -1;
-    if (idx <= 61) {
-        *si = ST_FIRST[idx];
-        *nl = ST_NLEN[idx];
-        CPY(NAMEB, ST_NAME[idx], *nl);
-        *vl = 0;
-        if (want_value) { *vl = ST_VLEN[idx]; CPY(VALB, ST_VALUE[idx], *vl); }
-        return 0;
-    }
-    u32 d = idx - 62;
-    if (d >= t->n) return -1;
-    u32 slot = (t->head + TBL_ENT - d) % TBL_ENT;
-    *nl = t->nl[slot];
-    *si = t->sidx[slot];
-    u32 o = ring_get(t, t->off[slot], NAMEB, *nl);
-    *vl = 0;
-    if (want_value) {
-        *vl = t->vl[slot];
-        ring_get(t, o, VALB, *vl);
-    }
-    return 0;
-}
-
+/* ---- header blocks: decoded against the sender's table, re-encoded statelessly ---- */
 typedef struct {
-    u32 len, too_big, grpc, gto;
+    struct fab_hpack_out o;
+    u32 too_big, grpc, gto;
 } reenc;
-
-static int re_int(reenc *r, u32 first, u32 bits, u32 v) {
-    u32 mask = (1u << bits) - 1;
-    if (r->len + 6 > RE_CAP) return -1;
-    if (v < mask) { RE[r->len++] = (u8)(first | v); return 0; }
-    RE[r->len++] = (u8)(first | mask);
-    v -= mask;
-    while (v >= 128) { RE[r->len++] = (u8)(0x80 | (v & 0x7f)); v >>= 7; }
-    RE[r->len++] = (u8)v;
-    return 0;
-}
-
-static int re_str(reenc *r, const u8 *s, u32 n) {
-    if (re_int(r, 0, 7, n) || n > RE_CAP - r->len) return -1;
-    CPY(RE + r->len, s, n);
-    r->len += n;
-    return 0;
-}
-
-static int eqn(const u8 *a, u32 an, const char *b, u32 bn) {
-    if (an != bn) return 0;
-    for (u32 i = 0; i < an; i++) if (a[i] != (u8)b[i]) return 0;
-    return 1;
-}
-
 
 static u32 parse_gto(const u8 *v, u32 n) {
     if (n < 2 || n > 9) return 0;
@@ -386,91 +157,38 @@ static u32 parse_gto(const u8 *v, u32 n) {
     return (u32)ms;
 }
 
-/* One decoded header field: re-encode it without touching the other peer's table. si is
- * the static index of its name if known (SI_UNKNOWN: look it up); returns it. */
-static u32 re_field(reenc *r, u32 nl, u32 vl, int never, u32 si) {
-    if (nl == 12 && eqn(NAMEB, nl, "content-type", 12) && vl >= 16 &&
-        eqn(VALB, 16, "application/grpc", 16))
+/* One decoded field: noted (gRPC) and re-encoded, unless the block outgrew RE. */
+static void re_field(void *ctx, const struct fab_hpack_field *f) {
+    reenc *r = ctx;
+    if (f->name_len == 12 && fab_memeq(f->name, "content-type", 12) && f->value_len >= 16 &&
+        fab_memeq(f->value, "application/grpc", 16))
         r->grpc = 1;
-    if (nl == 12 && eqn(NAMEB, nl, "grpc-timeout", 12)) r->gto = parse_gto(VALB, vl);
-    u32 save = r->len, name_idx = si == SI_UNKNOWN ? 0 : si;
-    if (si == SI_UNKNOWN && nl) {
-        for (u32 h = name_hash(NAMEB, nl); ST_HASH[h]; h = (h + 1) & 127u) {
-            u32 i = ST_HASH[h];
-            if (!eqn(NAMEB, nl, ST_NAME[i], ST_NLEN[i])) continue;
-            name_idx = i;
-            break;
-        }
-    }
-    if (r->too_big) return name_idx;
-    for (u32 i = name_idx; !never && i && i <= 61 && eqn(NAMEB, nl, ST_NAME[i], ST_NLEN[i]);
-         i++) {
-        if (eqn(VALB, vl, ST_VALUE[i], ST_VLEN[i])) {
-            if (re_int(r, 0x80, 7, i)) goto big;
-            return name_idx;
-        }
-    }
-    if (name_idx) {
-        if (re_int(r, never ? 0x10 : 0, 4, name_idx)) goto big;
-    } else {
-        if (r->len + 1 > RE_CAP) goto big;
-        RE[r->len++] = never ? 0x10 : 0;
-        if (re_str(r, NAMEB, nl)) goto big;
-    }
-    if (re_str(r, VALB, vl)) goto big;
-    return name_idx;
-big:
-    r->len = save;
-    r->too_big = 1;
-    return name_idx;
+    if (f->name_len == 12 && fab_memeq(f->name, "grpc-timeout", 12))
+        r->gto = parse_gto(f->value, f->value_len);
+    if (r->too_big) return;
+    if (fab_hpack_encode_field(&r->o, f->name, f->name_len, f->value, f->value_len,
+                               f->never_indexed, f->static_name))
+        r->too_big = 1;
 }
 
-/* Decode a whole block against the client's table; 0 ok, -1 COMPRESSION_ERROR. */
-static int hp_decode(hptable *t, const u8 *p, u32 len, reenc *r) {
-    u32 pos = 0, seen = 0;
-    r->len = r->too_big = r->grpc = r->gto = 0;
-    while (pos < len) {
-        u8 b = p[pos];
-        u32 idx, nl, vl, si = SI_UNKNOWN;
-        if (b & 0x80) {
-            if (hp_int(p, len, &pos, 7, &idx) || tbl_get(t, idx, &nl, &vl, 1, &si)) return -1;
-            re_field(r, nl, vl, 0, si);
-            seen = 1;
-        } else if ((b & 0xe0) == 0x20) {
-            if (seen || hp_int(p, len, &pos, 5, &idx) || idx > TBL_CAP) return -1;
-            t->max = idx;
-            tbl_fit(t, 0);
-        } else {
-            u32 bits = (b & 0x40) ? 6 : 4;
-            int incr = (b & 0x40) != 0, never = (b & 0xf0) == 0x10;
-            if (hp_int(p, len, &pos, bits, &idx)) return -1;
-            if (idx) {
-                if (tbl_get(t, idx, &nl, &vl, 0, &si)) return -1;
-            } else {
-                i32 n = hp_str(p, len, &pos, NAMEB);
-                if (n < 0) return -1;
-                nl = (u32)n;
-            }
-            i32 v = hp_str(p, len, &pos, VALB);
-            if (v < 0) return -1;
-            vl = (u32)v;
-            si = re_field(r, nl, vl, never, si);
-            if (incr) tbl_insert(t, NAMEB, nl, VALB, vl, si);
-            seen = 1;
-        }
-    }
-    return 0;
+/* Decode a whole block into RE; 0 ok, -1 COMPRESSION_ERROR. */
+static int hp_decode(struct fab_hpack_table *t, const u8 *p, u32 len, reenc *r) {
+    r->o.buf = RE;
+    r->o.len = 0;
+    r->o.cap = RE_CAP;
+    r->too_big = r->grpc = r->gto = 0;
+    return fab_hpack_decode(t, p, len, re_field, r);
 }
 
-/* ---- queues of frames toward one peer ---- */
+/* ---- queues of frames toward one peer: records of type, flags, sid, length, payload ---- */
 static int q_push(queue *q, u32 type, u32 flags, u32 sid, const u8 *p, u32 n) {
     if (Q_CAP - q->len < 10 + n) return 0;
     u8 *r = q->buf + q->len;
     r[0] = (u8)type;
     r[1] = (u8)flags;
-    wr32(r + 2, sid);
-    wr32(r + 6, n);
-    if (n) CPY(r + 10, p, n);
+    fab_put_le32(r + 2, sid);
+    fab_put_le32(r + 6, n);
+    if (n) fab_copy(r + 10, p, n);
     q->len += 10 + n;
     return 1;
 }
@@ -481,12 +199,12 @@ static u32 q_purge(queue *q, u32 sid, int data_only, u32 *removed) {
     *removed = 0;
     while (r < q->len) {
         u8 *rec = q->buf + r;
-        u32 n = rd32(rec + 6), rl = 10 + n;
-        if (rd32(rec + 2) == sid && (!data_only || rec[0] == T_DATA)) {
-            if (rec[0] == T_DATA) bytes += n;
+        u32 n = fab_le32(rec + 6), rl = 10 + n;
+        if (fab_le32(rec + 2) == sid && (!data_only || rec[0] == FAB_H2_DATA)) {
+            if (rec[0] == FAB_H2_DATA) bytes += n;
             (*removed)++;
         } else {
-            if (w != r) MOVE(q->buf + w, rec, rl);
+            if (w != r) fab_move(q->buf + w, rec, rl);
             w += rl;
         }
         r += rl;
@@ -521,7 +239,7 @@ static void conn_error(conn *c, u32 code) {
 }
 
 static void push2c(conn *c, strm *s, u32 type, u32 flags, u32 sid, const u8 *p, u32 n) {
-    if (!q_push(&c->q2c, type, flags, sid, p, n)) { conn_error(c, E_CALM); return; }
+    if (!q_push(&c->q2c, type, flags, sid, p, n)) { conn_error(c, FAB_H2_ENHANCE_YOUR_CALM); return; }
     if (s) s->qc++;
 }
 
@@ -533,16 +251,22 @@ static int push2b(conn *c, strm *s, u32 type, u32 flags, u32 sid, const u8 *p, u
 
 static void rst2c(conn *c, strm *s, u32 sid, u32 code) {
     u8 b[4];
-    if (code == E_REFUSED) counts[C_REFUSED]++;
-    wbe32(b, code);
-    push2c(c, s, T_RST, 0, sid, b, 4);
+    if (code == FAB_H2_REFUSED_STREAM) counts[C_REFUSED]++;
+    fab_put_be32(b, code);
+    push2c(c, s, FAB_H2_RST_STREAM, 0, sid, b, 4);
+}
+
+static void rst2b(conn *c, u32 sid, u32 code) {
+    u8 b[4];
+    fab_put_be32(b, code);
+    push2b(c, 0, FAB_H2_RST_STREAM, 0, sid, b, 4);
 }
 
 static void goaway2c(conn *c, u32 last, u32 code) {
     u8 b[8];
-    wbe32(b, last);
-    wbe32(b + 4, code);
-    push2c(c, 0, T_GOAWAY, 0, 0, b, 8);
+    fab_put_be32(b, last);
+    fab_put_be32(b + 4, code);
+    push2c(c, 0, FAB_H2_GOAWAY, 0, 0, b, 8);
 }
 
 /* Forget what is queued toward the client for s (DATA from the backend): credit the
@@ -561,34 +285,39 @@ static void purge_to_backend(conn *c, strm *s) {
 }
 
 /* ---- local answers to the client (never touch its dynamic table) ---- */
-static void local_reply(conn *c, strm *s, u32 status, u32 grpc_status) {
-    u8 hb[128];
-    u32 n = 0;
-    if (!(s->flags & F_SENT_UP)) purge_to_backend(c, s);
+/* Their header blocks, encoded once at init: 503, 431, gRPC UNAVAILABLE (14) and
+ * DEADLINE_EXCEEDED (4) as Trailers-Only. */
+enum { LR_503, LR_431, LR_GRPC_UNAVAILABLE, LR_GRPC_DEADLINE, NLR };
+static u8 lr_block[NLR][112];
+static u32 lr_len[NLR];
+
+static void build_reply(u32 k, const char *status, const char *grpc_status, const char *msg) {
+    struct fab_hpack_out o = {lr_block[k], 0, sizeof lr_block[k]};
+    fab_hpack_encode_header(&o, ":status", status);
     if (grpc_status) {
-        const char *msg = grpc_status == 4 ? "deadline exceeded while the backend woke"
-                                           : "backend unavailable";
-        u32 ml = slen(msg);
-        hb[n++] = 0x88;                                   /* :status 200 */
-        hb[n++] = 0x0f; hb[n++] = 0x10; hb[n++] = 16;      /* content-type (31) */
-        CPY(hb + n, "application/grpc", 16); n += 16;
-        hb[n++] = 0; hb[n++] = 11; CPY(hb + n, "grpc-status", 11); n += 11;
-        hb[n++] = grpc_status >= 10 ? 2 : 1;
-        if (grpc_status >= 10) hb[n++] = (u8)('0' + grpc_status / 10);
-        hb[n++] = (u8)('0' + grpc_status % 10);
-        hb[n++] = 0; hb[n++] = 12; CPY(hb + n, "grpc-message", 12); n += 12;
-        hb[n++] = (u8)ml; CPY(hb + n, msg, ml); n += ml;
+        fab_hpack_encode_header(&o, "content-type", "application/grpc");
+        fab_hpack_encode_header(&o, "grpc-status", grpc_status);
+        fab_hpack_encode_header(&o, "grpc-message", msg);
     } else {
-        hb[n++] = 0x08; hb[n++] = 3;                       /* :status (8), literal */
-        hb[n++] = (u8)('0' + status / 100);
-        hb[n++] = (u8)('0' + status / 10 % 10);
-        hb[n++] = (u8)('0' + status % 10);
-        hb[n++] = 0x0f; hb[n++] = 0x0d; hb[n++] = 1; hb[n++] = '0';   /* content-length (28) */
+        fab_hpack_encode_header(&o, "content-length", "0");
     }
-    push2c(c, s, T_HEADERS, FL_END_STREAM | FL_END_HEADERS, s->id, hb, n);
+    lr_len[k] = o.len;
+}
+
+static void build_replies(void) {
+    build_reply(LR_503, "503", 0, 0);
+    build_reply(LR_431, "431", 0, 0);
+    build_reply(LR_GRPC_UNAVAILABLE, "200", "14", "backend unavailable");
+    build_reply(LR_GRPC_DEADLINE, "200", "4", "deadline exceeded while the backend woke");
+}
+
+static void local_reply(conn *c, strm *s, u32 kind) {
+    if (!(s->flags & F_SENT_UP)) purge_to_backend(c, s);
+    push2c(c, s, FAB_H2_HEADERS, FAB_H2_END_STREAM | FAB_H2_END_HEADERS, s->id, lr_block[kind],
+           lr_len[kind]);
     s->flags |= F_LOCAL | F_SRV_END;
     if (!(s->flags & F_CLI_END)) {
-        rst2c(c, s, s->id, E_NO);  /* RFC 9113 8.1: complete response, stop sending */
+        rst2c(c, s, s->id, FAB_H2_NO_ERROR);  /* RFC 9113 8.1: complete response, stop sending */
         s->flags |= F_RESET;
     }
 }
@@ -596,8 +325,8 @@ static void local_reply(conn *c, strm *s, u32 status, u32 grpc_status) {
 /* ---- the backend connection went away: refuse what it never processed ---- */
 static void start_goaway(conn *c) {
     if (c->ga) return;
-    goaway2c(c, 0x7fffffff, E_NO);
-    push2c(c, 0, T_PING, 0, 0, (const u8 *)GOAWAY_PING, 8);
+    goaway2c(c, 0x7fffffff, FAB_H2_NO_ERROR);
+    push2c(c, 0, FAB_H2_PING, 0, 0, (const u8 *)GOAWAY_PING, 8);
     c->ga = 1;
 }
 
@@ -611,9 +340,9 @@ static void backend_gone(conn *c) {
         purge_to_backend(c, s);
         if (!is_open(s)) continue;
         if (!(s->flags & F_SENT_UP) || s->id > c->b_last) {
-            rst2c(c, s, s->id, E_REFUSED);
+            rst2c(c, s, s->id, FAB_H2_REFUSED_STREAM);
         } else {
-            rst2c(c, s, s->id, E_INTERNAL);
+            rst2c(c, s, s->id, FAB_H2_INTERNAL_ERROR);
         }
         s->flags |= F_RESET;
     }
@@ -628,21 +357,18 @@ static void up_error(conn *c, u32 code) {
 }
 
 /* ---- frames from the client ---- */
-static void apply_cli_settings(conn *c, const u8 *p, u32 n) {
-    for (u32 i = 0; i + 6 <= n; i += 6) {
-        u32 id = ((u32)p[i] << 8) | p[i + 1], v = be32(p + i + 2);
-        if (id == 1) {
+static void apply_cli_settings(conn *c, const struct fab_h2_frame *f) {
+    for (u32 i = 0, id, v; fab_h2_setting(f, &i, &id, &v);) {
+        u32 err = fab_h2_setting_error(id, v);
+        if (err) { conn_error(c, err); return; }
+        if (id == FAB_H2_SETTINGS_HEADER_TABLE_SIZE) {
             c->c_tsu = 1;  /* our encoder uses no table: say so (size 0) in the next block */
-        } else if (id == 2) {
-            if (v > 1) { conn_error(c, E_PROTOCOL); return; }
-        } else if (id == 4) {
-            if (v > 0x7fffffff) { conn_error(c, E_FLOW); return; }
+        } else if (id == FAB_H2_SETTINGS_INITIAL_WINDOW_SIZE) {
             i64 d = (i64)v - c->c_init;
             c->c_init = v;
             for (u32 k = 0; k < NSTREAMS; k++)
                 if (c->st[k].flags & F_USED) c->st[k].c_send += d;
-        } else if (id == 5) {
-            if (v < 16384 || v > 16777215) { conn_error(c, E_PROTOCOL); return; }
+        } else if (id == FAB_H2_SETTINGS_MAX_FRAME_SIZE) {
             c->c_maxf = v;
         }
     }
@@ -652,14 +378,14 @@ static strm *new_stream(conn *c, u32 id) {
     for (u32 k = 0; k < NSTREAMS; k++) {
         strm *s = &c->st[((id >> 1) + k) % NSTREAMS];
         if (s->flags & F_USED) continue;
-        __builtin_memset(s, 0, sizeof *s);
+        fab_zero(s, sizeof *s);
         s->id = id;
         s->flags = F_USED;
         s->c_send = c->c_init;
         s->b_send = c->b_init;
         s->c_recv = WIN0;
         s->b_recv = WIN0;
-        if (have_now) { s->t0 = now_ms; s->flags |= F_TSET; }
+        if (have_now) { s->t0 = fab_now(); s->flags |= F_TSET; }
         c->nused++;
         return s;
     }
@@ -668,23 +394,21 @@ static strm *new_stream(conn *c, u32 id) {
 
 static void cli_header_block(conn *c, u32 sid, u32 flags) {
     reenc r;
-    if (hp_decode(&c->dec, c->chb, c->chb_len, &r)) { conn_error(c, E_COMPRESSION); return; }
-    int end = (flags & FL_END_STREAM) != 0;
+    if (hp_decode(&c->dec, c->chb, c->chb_len, &r)) { conn_error(c, FAB_H2_COMPRESSION_ERROR); return; }
+    int end = (flags & FAB_H2_END_STREAM) != 0;
     strm *s = find(c, sid);
     if (sid <= c->max_cid) {
         if (!s || !is_open(s)) return;  /* a closed stream: decoded for the table, ignored */
-        if (s->flags & F_CLI_END) { rst2c(c, s, sid, E_CLOSED); s->flags |= F_RESET; return; }
-        if (!end) { rst2c(c, s, sid, E_PROTOCOL); s->flags |= F_RESET; return; }
+        if (s->flags & F_CLI_END) { rst2c(c, s, sid, FAB_H2_STREAM_CLOSED); s->flags |= F_RESET; return; }
+        if (!end) { rst2c(c, s, sid, FAB_H2_PROTOCOL_ERROR); s->flags |= F_RESET; return; }
         s->flags |= F_CLI_END;
         if (s->flags & (F_LOCAL | F_RESET)) return;
-        if (r.too_big || !push2b(c, s, T_HEADERS, FL_END_STREAM, sid, RE, r.len)) {
-            rst2c(c, s, sid, E_CALM);
+        if (r.too_big || !push2b(c, s, FAB_H2_HEADERS, FAB_H2_END_STREAM, sid, RE, r.o.len)) {
+            rst2c(c, s, sid, FAB_H2_ENHANCE_YOUR_CALM);
             s->flags |= F_RESET;
             if (s->flags & F_SENT_UP) {
-                u8 b[4];
-                wbe32(b, E_CANCEL);
                 purge_to_backend(c, s);
-                push2b(c, 0, T_RST, 0, sid, b, 4);
+                rst2b(c, sid, FAB_H2_CANCEL);
             }
         }
         return;
@@ -692,169 +416,154 @@ static void cli_header_block(conn *c, u32 sid, u32 flags) {
     c->max_cid = sid;
     if (c->up == UP_GONE || c->b_goaway || c->cli_goaway || c->ga == 2 ||
         (c->nused >= MAX_OPEN && open_count(c) >= MAX_OPEN)) {
-        rst2c(c, 0, sid, E_REFUSED);
+        rst2c(c, 0, sid, FAB_H2_REFUSED_STREAM);
         return;
     }
     s = new_stream(c, sid);
-    if (!s) { rst2c(c, 0, sid, E_REFUSED); return; }
+    if (!s) { rst2c(c, 0, sid, FAB_H2_REFUSED_STREAM); return; }
     counts[C_STREAMS]++;
     if (end) s->flags |= F_CLI_END;
     if (r.grpc) { s->flags |= F_GRPC; s->gto = r.gto; }
-    if (r.too_big) { local_reply(c, s, 431, 0); return; }
-    if (!push2b(c, s, T_HEADERS, end ? FL_END_STREAM : 0, sid, RE, r.len)) {
+    if (r.too_big) { local_reply(c, s, LR_431); return; }
+    if (!push2b(c, s, FAB_H2_HEADERS, end ? FAB_H2_END_STREAM : 0, sid, RE, r.o.len)) {
         s->flags |= F_RESET;
-        rst2c(c, s, sid, E_REFUSED);
+        rst2c(c, s, sid, FAB_H2_REFUSED_STREAM);
         return;
     }
     s->flags |= F_QUEUED_UP;
 }
 
-static void cli_frame(conn *c, u32 type, u32 flags, u32 sid, const u8 *p, u32 n) {
+static void cli_frame(conn *c, const struct fab_h2_frame *f) {
+    u32 type = f->type, flags = f->flags, sid = f->sid, n = f->len;
+    const u8 *p = f->payload, *d;
+    u32 dl;
     if (!c->cli_settings) {
-        if (type != T_SETTINGS || (flags & FL_ACK)) { conn_error(c, E_PROTOCOL); return; }
+        if (type != FAB_H2_SETTINGS || (flags & FAB_H2_ACK)) { conn_error(c, FAB_H2_PROTOCOL_ERROR); return; }
         c->cli_settings = 1;
     }
     if (c->c_cont) {
-        if (type != T_CONT || sid != c->c_cont) { conn_error(c, E_PROTOCOL); return; }
-        if (n > HB_CAP - c->chb_len) { conn_error(c, E_CALM); return; }
-        CPY(c->chb + c->chb_len, p, n);
+        if (type != FAB_H2_CONTINUATION || sid != c->c_cont) { conn_error(c, FAB_H2_PROTOCOL_ERROR); return; }
+        if (n > HB_CAP - c->chb_len) { conn_error(c, FAB_H2_ENHANCE_YOUR_CALM); return; }
+        fab_copy(c->chb + c->chb_len, p, n);
         c->chb_len += n;
-        if (flags & FL_END_HEADERS) {
+        if (flags & FAB_H2_END_HEADERS) {
             c->c_cont = 0;
             cli_header_block(c, sid, c->c_cont_flags);
         }
         return;
     }
     switch (type) {
-    case T_DATA: {
-        if (!sid) { conn_error(c, E_PROTOCOL); return; }
-        if (sid > c->max_cid) { conn_error(c, E_PROTOCOL); return; }
-        u32 pad = 0, off = 0;
-        if (flags & FL_PADDED) {
-            if (n < 1 || p[0] >= n) { conn_error(c, E_PROTOCOL); return; }
-            pad = p[0] + 1u;
-            off = 1;
-        }
-        if ((i64)n > c->c_recv) { conn_error(c, E_FLOW); return; }
+    case FAB_H2_DATA: {
+        if (!sid || sid > c->max_cid) { conn_error(c, FAB_H2_PROTOCOL_ERROR); return; }
+        if (fab_h2_strip(f, &d, &dl)) { conn_error(c, FAB_H2_PROTOCOL_ERROR); return; }
+        if ((i64)n > c->c_recv) { conn_error(c, FAB_H2_FLOW_CONTROL_ERROR); return; }
         c->c_recv -= n;
         strm *s = find(c, sid);
         if (!s || !is_open(s) || (s->flags & F_CLI_END) || (s->flags & F_LOCAL)) {
             c->c_credit += n;  /* consumed here: nobody else will see it */
             if (s && is_open(s) && (s->flags & F_CLI_END)) {
-                rst2c(c, s, sid, E_CLOSED);
+                rst2c(c, s, sid, FAB_H2_STREAM_CLOSED);
                 s->flags |= F_RESET;
             }
             return;
         }
         if ((i64)n > s->c_recv) {
             c->c_credit += n;
-            rst2c(c, s, sid, E_FLOW);
+            rst2c(c, s, sid, FAB_H2_FLOW_CONTROL_ERROR);
             s->flags |= F_RESET;
             return;
         }
         s->c_recv -= n;
-        u32 dl = n - pad;
-        c->c_credit += pad;
-        s->c_credit += pad;
-        int end = (flags & FL_END_STREAM) != 0;
+        c->c_credit += n - dl;  /* padding: consumed here */
+        s->c_credit += n - dl;
+        int end = (flags & FAB_H2_END_STREAM) != 0;
         if (end) s->flags |= F_CLI_END;
         if (dl || end) {
-            if (!push2b(c, s, T_DATA, end ? FL_END_STREAM : 0, sid, p + off, dl))
-                conn_error(c, E_CALM);
+            if (!push2b(c, s, FAB_H2_DATA, end ? FAB_H2_END_STREAM : 0, sid, d, dl))
+                conn_error(c, FAB_H2_ENHANCE_YOUR_CALM);
         }
         return;
     }
-    case T_HEADERS: {
-        if (!sid || !(sid & 1)) { conn_error(c, E_PROTOCOL); return; }
-        u32 off = 0, pad = 0;
-        if (flags & FL_PADDED) {
-            if (n < 1) { conn_error(c, E_PROTOCOL); return; }
-            pad = p[0];
-            off = 1;
-        }
-        if (flags & FL_PRIORITY) off += 5;
-        if (off + pad > n) { conn_error(c, E_PROTOCOL); return; }
-        u32 fl = n - off - pad;
-        if (fl > HB_CAP) { conn_error(c, E_CALM); return; }
-        CPY(c->chb, p + off, fl);
-        c->chb_len = fl;
-        if (flags & FL_END_HEADERS) {
+    case FAB_H2_HEADERS:
+        if (!sid || !(sid & 1)) { conn_error(c, FAB_H2_PROTOCOL_ERROR); return; }
+        if (fab_h2_strip(f, &d, &dl)) { conn_error(c, FAB_H2_PROTOCOL_ERROR); return; }
+        if (dl > HB_CAP) { conn_error(c, FAB_H2_ENHANCE_YOUR_CALM); return; }
+        fab_copy(c->chb, d, dl);
+        c->chb_len = dl;
+        if (flags & FAB_H2_END_HEADERS) {
             cli_header_block(c, sid, flags);
         } else {
             c->c_cont = sid;
             c->c_cont_flags = flags;
         }
         return;
-    }
-    case T_PRIORITY:
-        if (!sid) { conn_error(c, E_PROTOCOL); return; }
-        if (n != 5) conn_error(c, E_FRAME_SIZE);
+    case FAB_H2_PRIORITY:
+        if (!sid) { conn_error(c, FAB_H2_PROTOCOL_ERROR); return; }
+        if (fab_h2_bad_size(f)) conn_error(c, FAB_H2_FRAME_SIZE_ERROR);
         return;
-    case T_RST: {
-        if (!sid || sid > c->max_cid) { conn_error(c, E_PROTOCOL); return; }
-        if (n != 4) { conn_error(c, E_FRAME_SIZE); return; }
+    case FAB_H2_RST_STREAM: {
+        if (!sid || sid > c->max_cid) { conn_error(c, FAB_H2_PROTOCOL_ERROR); return; }
+        if (fab_h2_bad_size(f)) { conn_error(c, FAB_H2_FRAME_SIZE_ERROR); return; }
         strm *s = find(c, sid);
         if (!s || (s->flags & F_RESET)) return;
         s->flags |= F_RESET;
         purge_to_client(c, s);
-        if (s->flags & F_SENT_UP) {
-            purge_to_backend(c, s);
-            if (c->up == UP_OPEN) push2b(c, 0, T_RST, 0, sid, p, 4);
-        } else {
-            purge_to_backend(c, s);
-        }
+        purge_to_backend(c, s);
+        if ((s->flags & F_SENT_UP) && c->up == UP_OPEN)
+            push2b(c, 0, FAB_H2_RST_STREAM, 0, sid, p, 4);
         return;
     }
-    case T_SETTINGS:
-        if (sid) { conn_error(c, E_PROTOCOL); return; }
-        if (flags & FL_ACK) { if (n) conn_error(c, E_FRAME_SIZE); return; }
-        if (n % 6) { conn_error(c, E_FRAME_SIZE); return; }
-        apply_cli_settings(c, p, n);
-        push2c(c, 0, T_SETTINGS, FL_ACK, 0, 0, 0);
+    case FAB_H2_SETTINGS:
+        if (sid) { conn_error(c, FAB_H2_PROTOCOL_ERROR); return; }
+        if (fab_h2_bad_size(f)) { conn_error(c, FAB_H2_FRAME_SIZE_ERROR); return; }
+        if (flags & FAB_H2_ACK) return;
+        apply_cli_settings(c, f);
+        push2c(c, 0, FAB_H2_SETTINGS, FAB_H2_ACK, 0, 0, 0);
         return;
-    case T_PUSH:
-        conn_error(c, E_PROTOCOL);
+    case FAB_H2_PUSH_PROMISE:
+        conn_error(c, FAB_H2_PROTOCOL_ERROR);
         return;
-    case T_PING:
-        if (sid) { conn_error(c, E_PROTOCOL); return; }
-        if (n != 8) { conn_error(c, E_FRAME_SIZE); return; }
-        if (flags & FL_ACK) {
-            int mine = 1;
-            for (u32 i = 0; i < 8; i++) if (p[i] != (u8)GOAWAY_PING[i]) mine = 0;
-            if (mine && c->ga == 1) {
-                goaway2c(c, c->max_cid, E_NO);
+    case FAB_H2_PING:
+        if (sid) { conn_error(c, FAB_H2_PROTOCOL_ERROR); return; }
+        if (fab_h2_bad_size(f)) { conn_error(c, FAB_H2_FRAME_SIZE_ERROR); return; }
+        if (flags & FAB_H2_ACK) {
+            if (c->ga == 1 && fab_memeq(p, GOAWAY_PING, 8)) {
+                goaway2c(c, c->max_cid, FAB_H2_NO_ERROR);
                 c->ga = 2;
             }
             return;
         }
-        push2c(c, 0, T_PING, FL_ACK, 0, p, 8);
+        push2c(c, 0, FAB_H2_PING, FAB_H2_ACK, 0, p, 8);
         counts[C_PINGS]++;
         return;
-    case T_GOAWAY:
-        if (sid) { conn_error(c, E_PROTOCOL); return; }
-        if (n < 8) { conn_error(c, E_FRAME_SIZE); return; }
+    case FAB_H2_GOAWAY:
+        if (sid) { conn_error(c, FAB_H2_PROTOCOL_ERROR); return; }
+        if (fab_h2_bad_size(f)) { conn_error(c, FAB_H2_FRAME_SIZE_ERROR); return; }
         c->cli_goaway = 1;
         return;
-    case T_WU: {
-        if (n != 4) { conn_error(c, E_FRAME_SIZE); return; }
-        u32 inc = be32(p) & 0x7fffffff;
+    case FAB_H2_WINDOW_UPDATE: {
+        if (fab_h2_bad_size(f)) { conn_error(c, FAB_H2_FRAME_SIZE_ERROR); return; }
+        u32 inc = fab_be32(p) & 0x7fffffff;
         if (!sid) {
-            if (!inc) { conn_error(c, E_PROTOCOL); return; }
+            if (!inc) { conn_error(c, FAB_H2_PROTOCOL_ERROR); return; }
             c->c_send += inc;
-            if (c->c_send > 0x7fffffff) conn_error(c, E_FLOW);
+            if (c->c_send > FAB_H2_MAX_WINDOW) conn_error(c, FAB_H2_FLOW_CONTROL_ERROR);
             return;
         }
-        if (sid > c->max_cid) { conn_error(c, E_PROTOCOL); return; }
+        if (sid > c->max_cid) { conn_error(c, FAB_H2_PROTOCOL_ERROR); return; }
         strm *s = find(c, sid);
         /* closed both ways may still have frames queued toward the client */
         if (!s || (s->flags & F_RESET)) return;
-        if (!inc) { rst2c(c, s, sid, E_PROTOCOL); s->flags |= F_RESET; return; }
+        if (!inc) { rst2c(c, s, sid, FAB_H2_PROTOCOL_ERROR); s->flags |= F_RESET; return; }
         s->c_send += inc;
-        if (s->c_send > 0x7fffffff) { rst2c(c, s, sid, E_FLOW); s->flags |= F_RESET; }
+        if (s->c_send > FAB_H2_MAX_WINDOW) {
+            rst2c(c, s, sid, FAB_H2_FLOW_CONTROL_ERROR);
+            s->flags |= F_RESET;
+        }
         return;
     }
-    case T_CONT:
-        conn_error(c, E_PROTOCOL);
+    case FAB_H2_CONTINUATION:
+        conn_error(c, FAB_H2_PROTOCOL_ERROR);
         return;
     default:
         return;  /* unknown types (PRIORITY_UPDATE, extensions) are ignored (RFC 9113 5.5) */
@@ -862,50 +571,10 @@ static void cli_frame(conn *c, u32 type, u32 flags, u32 sid, const u8 *p, u32 n)
 }
 
 static void cli_input(conn *c, const u8 *p, u32 n) {
-    while (n && !c->dead) {
-        if (c->pre_len < 24) {
-            u32 take = 24 - c->pre_len;
-            if (take > n) take = n;
-            CPY(c->pre + c->pre_len, p, take);
-            c->pre_len += take;
-            p += take;
-            n -= take;
-            for (u32 i = 0; i < c->pre_len; i++)
-                if (c->pre[i] != MAGIC[i]) { conn_error(c, E_PROTOCOL); return; }
-            continue;
-        }
-        if (!c->cin_len && n >= 9) {
-            u32 fl = be24(p);
-            if (fl > MAXF) { conn_error(c, E_FRAME_SIZE); return; }
-            if (n >= 9 + fl) {
-                cli_frame(c, p[3], p[4], be32(p + 5) & 0x7fffffff, p + 9, fl);
-                p += 9 + fl;
-                n -= 9 + fl;
-                continue;
-            }
-        }
-        if (c->cin_len < 9) {
-            u32 take = 9 - c->cin_len;
-            if (take > n) take = n;
-            CPY(c->cin + c->cin_len, p, take);
-            c->cin_len += take;
-            p += take;
-            n -= take;
-            if (c->cin_len < 9) return;
-            if (be24(c->cin) > MAXF) { conn_error(c, E_FRAME_SIZE); return; }
-        }
-        u32 total = 9 + be24(c->cin), take = total - c->cin_len;
-        if (take > n) take = n;
-        CPY(c->cin + c->cin_len, p, take);
-        c->cin_len += take;
-        p += take;
-        n -= take;
-        if (c->cin_len == total) {
-            c->cin_len = 0;
-            cli_frame(c, c->cin[3], c->cin[4], be32(c->cin + 5) & 0x7fffffff, c->cin + 9,
-                      total - 9);
-        }
-    }
+    struct fab_h2_frame f;
+    i32 r = 0;
+    while (!c->dead && (r = fab_h2_next(&c->cin, &p, &n, &f)) > 0) cli_frame(c, &f);
+    if (!c->dead && r < 0) conn_error(c, (u32)-r);
 }
 
 /* ---- frames from the backend ---- */
@@ -914,140 +583,135 @@ static void cli_input(conn *c, const u8 *p, u32 n) {
  * table, like requests the other way: blocks then need no order between streams. */
 static void b_header_block(conn *c, u32 sid, u32 flags) {
     reenc r;
-    if (hp_decode(&c->bdec, c->bhb, c->bhb_len, &r)) { up_error(c, E_COMPRESSION); return; }
+    if (hp_decode(&c->bdec, c->bhb, c->bhb_len, &r)) { up_error(c, FAB_H2_COMPRESSION_ERROR); return; }
     strm *s = find(c, sid);
-    int end = (flags & FL_END_STREAM) != 0;
+    int end = (flags & FAB_H2_END_STREAM) != 0;
     if (!s || (s->flags & F_RESET)) return;  /* the client reset it: decoded, dropped */
     if (r.too_big) {
-        u8 b[4];
-        wbe32(b, E_CANCEL);
         purge_to_client(c, s);
-        rst2c(c, s, sid, E_INTERNAL);
+        rst2c(c, s, sid, FAB_H2_INTERNAL_ERROR);
         purge_to_backend(c, s);
-        push2b(c, 0, T_RST, 0, sid, b, 4);
+        rst2b(c, sid, FAB_H2_CANCEL);
         s->flags |= F_RESET;
         return;
     }
-    if (!q_push(&c->q2c, T_HEADERS, end ? FL_END_STREAM : 0, sid, RE, r.len)) {
-        conn_error(c, E_INTERNAL);
+    if (!q_push(&c->q2c, FAB_H2_HEADERS, end ? FAB_H2_END_STREAM : 0, sid, RE, r.o.len)) {
+        conn_error(c, FAB_H2_INTERNAL_ERROR);
         return;
     }
     s->qc++;
     if (end) s->flags |= F_SRV_END;
 }
 
-static void b_frame(conn *c, u32 type, u32 flags, u32 sid, const u8 *p, u32 n) {
+static void b_frame(conn *c, const struct fab_h2_frame *f) {
+    u32 type = f->type, flags = f->flags, sid = f->sid, n = f->len;
+    const u8 *p = f->payload, *d;
+    u32 dl;
     if (!c->b_settings) {
-        if (type != T_SETTINGS || (flags & FL_ACK)) { up_error(c, E_PROTOCOL); return; }
+        if (type != FAB_H2_SETTINGS || (flags & FAB_H2_ACK)) { up_error(c, FAB_H2_PROTOCOL_ERROR); return; }
         c->b_settings = 1;
     }
     if (c->b_cont) {
-        if (type != T_CONT || sid != c->b_cont) { up_error(c, E_PROTOCOL); return; }
-        if (n > HB_CAP - c->bhb_len) { up_error(c, E_CALM); conn_error(c, E_INTERNAL); return; }
-        CPY(c->bhb + c->bhb_len, p, n);
+        if (type != FAB_H2_CONTINUATION || sid != c->b_cont) { up_error(c, FAB_H2_PROTOCOL_ERROR); return; }
+        if (n > HB_CAP - c->bhb_len) {
+            up_error(c, FAB_H2_ENHANCE_YOUR_CALM);
+            conn_error(c, FAB_H2_INTERNAL_ERROR);
+            return;
+        }
+        fab_copy(c->bhb + c->bhb_len, p, n);
         c->bhb_len += n;
-        if (flags & FL_END_HEADERS) {
+        if (flags & FAB_H2_END_HEADERS) {
             c->b_cont = 0;
             b_header_block(c, sid, c->b_cont_flags);
         }
         return;
     }
     switch (type) {
-    case T_DATA: {
-        if (!sid || sid > c->max_upid) { up_error(c, E_PROTOCOL); return; }
-        u32 pad = 0, off = 0;
-        if (flags & FL_PADDED) {
-            if (n < 1 || p[0] >= n) { up_error(c, E_PROTOCOL); return; }
-            pad = p[0] + 1u;
-            off = 1;
-        }
-        if ((i64)n > c->b_recv) { up_error(c, E_FLOW); return; }
+    case FAB_H2_DATA: {
+        if (!sid || sid > c->max_upid) { up_error(c, FAB_H2_PROTOCOL_ERROR); return; }
+        if (fab_h2_strip(f, &d, &dl)) { up_error(c, FAB_H2_PROTOCOL_ERROR); return; }
+        if ((i64)n > c->b_recv) { up_error(c, FAB_H2_FLOW_CONTROL_ERROR); return; }
         c->b_recv -= n;
         strm *s = find(c, sid);
         if (!s || (s->flags & (F_RESET | F_SRV_END)) || !(s->flags & F_SENT_UP)) {
             c->b_credit += n;
             return;
         }
-        if ((i64)n > s->b_recv) { up_error(c, E_FLOW); return; }
+        if ((i64)n > s->b_recv) { up_error(c, FAB_H2_FLOW_CONTROL_ERROR); return; }
         s->b_recv -= n;
-        c->b_credit += pad;
-        s->b_credit += pad;
-        int end = (flags & FL_END_STREAM) != 0;
+        c->b_credit += n - dl;
+        s->b_credit += n - dl;
+        int end = (flags & FAB_H2_END_STREAM) != 0;
         if (end) s->flags |= F_SRV_END;
-        if (n - pad || end) {
-            if (!q_push(&c->q2c, T_DATA, end ? FL_END_STREAM : 0, sid, p + off, n - pad)) {
-                conn_error(c, E_INTERNAL);
+        if (dl || end) {
+            if (!q_push(&c->q2c, FAB_H2_DATA, end ? FAB_H2_END_STREAM : 0, sid, d, dl)) {
+                conn_error(c, FAB_H2_INTERNAL_ERROR);
                 return;
             }
             s->qc++;
         }
         return;
     }
-    case T_HEADERS: {
-        if (!sid || sid > c->max_upid) { up_error(c, E_PROTOCOL); return; }
-        u32 off = 0, pad = 0;
-        if (flags & FL_PADDED) {
-            if (n < 1) { up_error(c, E_PROTOCOL); return; }
-            pad = p[0];
-            off = 1;
+    case FAB_H2_HEADERS:
+        if (!sid || sid > c->max_upid) { up_error(c, FAB_H2_PROTOCOL_ERROR); return; }
+        if (fab_h2_strip(f, &d, &dl)) { up_error(c, FAB_H2_PROTOCOL_ERROR); return; }
+        if (dl > HB_CAP) {
+            up_error(c, FAB_H2_ENHANCE_YOUR_CALM);
+            conn_error(c, FAB_H2_INTERNAL_ERROR);
+            return;
         }
-        if (flags & FL_PRIORITY) off += 5;
-        if (off + pad > n) { up_error(c, E_PROTOCOL); return; }
-        u32 fl = n - off - pad;
-        if (fl > HB_CAP) { up_error(c, E_CALM); conn_error(c, E_INTERNAL); return; }
-        CPY(c->bhb, p + off, fl);
-        c->bhb_len = fl;
-        if (flags & FL_END_HEADERS) {
+        fab_copy(c->bhb, d, dl);
+        c->bhb_len = dl;
+        if (flags & FAB_H2_END_HEADERS) {
             b_header_block(c, sid, flags);
         } else {
             c->b_cont = sid;
             c->b_cont_flags = flags;
         }
         return;
-    }
-    case T_RST: {
-        if (n != 4) { up_error(c, E_FRAME_SIZE); return; }
-        if (!sid || sid > c->max_upid) { up_error(c, E_PROTOCOL); return; }
+    case FAB_H2_RST_STREAM: {
+        if (fab_h2_bad_size(f)) { up_error(c, FAB_H2_FRAME_SIZE_ERROR); return; }
+        if (!sid || sid > c->max_upid) { up_error(c, FAB_H2_PROTOCOL_ERROR); return; }
         strm *s = find(c, sid);
         if (!s || (s->flags & F_RESET)) return;
         if (!(s->flags & F_SRV_END)) purge_to_client(c, s);
         purge_to_backend(c, s);
-        push2c(c, s, T_RST, 0, sid, p, 4);
+        push2c(c, s, FAB_H2_RST_STREAM, 0, sid, p, 4);
         s->flags |= F_RESET;
         return;
     }
-    case T_SETTINGS:
-        if (sid) { up_error(c, E_PROTOCOL); return; }
-        if (flags & FL_ACK) return;
-        if (n % 6) { up_error(c, E_FRAME_SIZE); return; }
-        for (u32 i = 0; i + 6 <= n; i += 6) {
-            u32 id = ((u32)p[i] << 8) | p[i + 1], v = be32(p + i + 2);
-            if (id == 1) c->b_tsu = 1;
-            else if (id == 4) {
-                if (v > 0x7fffffff) { up_error(c, E_FLOW); return; }
-                i64 d = (i64)v - c->b_init;
+    case FAB_H2_SETTINGS:
+        if (sid) { up_error(c, FAB_H2_PROTOCOL_ERROR); return; }
+        if (flags & FAB_H2_ACK) return;
+        if (fab_h2_bad_size(f)) { up_error(c, FAB_H2_FRAME_SIZE_ERROR); return; }
+        for (u32 i = 0, id, v; fab_h2_setting(f, &i, &id, &v);) {
+            u32 err = id == FAB_H2_SETTINGS_ENABLE_PUSH ? 0 : fab_h2_setting_error(id, v);
+            if (err) { up_error(c, err); return; }
+            if (id == FAB_H2_SETTINGS_HEADER_TABLE_SIZE) {
+                c->b_tsu = 1;
+            } else if (id == FAB_H2_SETTINGS_INITIAL_WINDOW_SIZE) {
+                i64 dw = (i64)v - c->b_init;
                 c->b_init = v;
                 for (u32 k = 0; k < NSTREAMS; k++)
-                    if (c->st[k].flags & F_USED) c->st[k].b_send += d;
-            } else if (id == 5) {
-                if (v < 16384 || v > 16777215) { up_error(c, E_PROTOCOL); return; }
+                    if (c->st[k].flags & F_USED) c->st[k].b_send += dw;
+            } else if (id == FAB_H2_SETTINGS_MAX_FRAME_SIZE) {
                 c->b_maxf = v;
             }
         }
-        push2b(c, 0, T_SETTINGS, FL_ACK, 0, 0, 0);
+        push2b(c, 0, FAB_H2_SETTINGS, FAB_H2_ACK, 0, 0, 0);
         return;
-    case T_PUSH:
-        up_error(c, E_PROTOCOL);
+    case FAB_H2_PUSH_PROMISE:
+        up_error(c, FAB_H2_PROTOCOL_ERROR);
         return;
-    case T_PING:
-        if (sid) { up_error(c, E_PROTOCOL); return; }
-        if (n != 8) { up_error(c, E_FRAME_SIZE); return; }
-        if (!(flags & FL_ACK)) push2b(c, 0, T_PING, FL_ACK, 0, p, 8);
+    case FAB_H2_PING:
+        if (sid) { up_error(c, FAB_H2_PROTOCOL_ERROR); return; }
+        if (fab_h2_bad_size(f)) { up_error(c, FAB_H2_FRAME_SIZE_ERROR); return; }
+        if (!(flags & FAB_H2_ACK)) push2b(c, 0, FAB_H2_PING, FAB_H2_ACK, 0, p, 8);
         return;
-    case T_GOAWAY: {
-        if (sid) { up_error(c, E_PROTOCOL); return; }
-        if (n < 8) { up_error(c, E_FRAME_SIZE); return; }
-        u32 last = be32(p) & 0x7fffffff;
+    case FAB_H2_GOAWAY: {
+        if (sid) { up_error(c, FAB_H2_PROTOCOL_ERROR); return; }
+        if (fab_h2_bad_size(f)) { up_error(c, FAB_H2_FRAME_SIZE_ERROR); return; }
+        u32 last = fab_be32(p) & 0x7fffffff;
         if (!c->b_goaway || last < c->b_last) c->b_last = last;
         if (!c->b_goaway) counts[C_BACKEND_GOAWAYS]++;
         c->b_goaway = 1;
@@ -1056,20 +720,20 @@ static void b_frame(conn *c, u32 type, u32 flags, u32 sid, const u8 *p, u32 n) {
             if (!is_open(s)) continue;
             if (!(s->flags & F_SENT_UP) || s->id > c->b_last) {
                 purge_to_backend(c, s);
-                rst2c(c, s, s->id, E_REFUSED);
+                rst2c(c, s, s->id, FAB_H2_REFUSED_STREAM);
                 s->flags |= F_RESET;
             }
         }
         start_goaway(c);
         return;
     }
-    case T_WU: {
-        if (n != 4) { up_error(c, E_FRAME_SIZE); return; }
-        u32 inc = be32(p) & 0x7fffffff;
+    case FAB_H2_WINDOW_UPDATE: {
+        if (fab_h2_bad_size(f)) { up_error(c, FAB_H2_FRAME_SIZE_ERROR); return; }
+        u32 inc = fab_be32(p) & 0x7fffffff;
         if (!sid) {
-            if (!inc) { up_error(c, E_PROTOCOL); return; }
+            if (!inc) { up_error(c, FAB_H2_PROTOCOL_ERROR); return; }
             c->b_send += inc;
-            if (c->b_send > 0x7fffffff) up_error(c, E_FLOW);
+            if (c->b_send > FAB_H2_MAX_WINDOW) up_error(c, FAB_H2_FLOW_CONTROL_ERROR);
             return;
         }
         strm *s = find(c, sid);
@@ -1077,8 +741,8 @@ static void b_frame(conn *c, u32 type, u32 flags, u32 sid, const u8 *p, u32 n) {
         s->b_send += inc;
         return;
     }
-    case T_CONT:
-        up_error(c, E_PROTOCOL);
+    case FAB_H2_CONTINUATION:
+        up_error(c, FAB_H2_PROTOCOL_ERROR);
         return;
     default:
         return;
@@ -1086,81 +750,13 @@ static void b_frame(conn *c, u32 type, u32 flags, u32 sid, const u8 *p, u32 n) {
 }
 
 static void b_input(conn *c, const u8 *p, u32 n) {
-    while (n && c->up == UP_OPEN) {
-        if (!c->bin_len && n >= 9) {
-            u32 fl = be24(p);
-            if (fl > MAXF) { up_error(c, E_FRAME_SIZE); return; }
-            if (n >= 9 + fl) {
-                b_frame(c, p[3], p[4], be32(p + 5) & 0x7fffffff, p + 9, fl);
-                p += 9 + fl;
-                n -= 9 + fl;
-                continue;
-            }
-        }
-        if (c->bin_len < 9) {
-            u32 take = 9 - c->bin_len;
-            if (take > n) take = n;
-            CPY(c->bin + c->bin_len, p, take);
-            c->bin_len += take;
-            p += take;
-            n -= take;
-            if (c->bin_len < 9) return;
-            if (be24(c->bin) > MAXF) { up_error(c, E_FRAME_SIZE); return; }
-        }
-        u32 total = 9 + be24(c->bin), take = total - c->bin_len;
-        if (take > n) take = n;
-        CPY(c->bin + c->bin_len, p, take);
-        c->bin_len += take;
-        p += take;
-        n -= take;
-        if (c->bin_len == total) {
-            c->bin_len = 0;
-            b_frame(c, c->bin[3], c->bin[4], be32(c->bin + 5) & 0x7fffffff, c->bin + 9,
-                    total - 9);
-        }
-    }
+    struct fab_h2_frame f;
+    i32 r = 0;
+    while (c->up == UP_OPEN && (r = fab_h2_next(&c->bin, &p, &n, &f)) > 0) b_frame(c, &f);
+    if (c->up == UP_OPEN && r < 0) up_error(c, (u32)-r);
 }
 
 /* ---- serialising queued frames within the peers' windows ---- */
-static int put_frame(u8 *out, u32 cap, u32 *ol, u32 type, u32 flags, u32 sid,
-                     const u8 *p, u32 n) {
-    if (cap - *ol < 9 + n) return 0;
-    u8 *f = out + *ol;
-    f[0] = (u8)(n >> 16); f[1] = (u8)(n >> 8); f[2] = (u8)n;
-    f[3] = (u8)type; f[4] = (u8)flags;
-    wbe32(f + 5, sid);
-    if (n) CPY(f + 9, p, n);
-    *ol += 9 + n;
-    return 1;
-}
-
-/* A header block as HEADERS + CONTINUATION frames of at most maxf, written whole or not at
- * all (nothing may come between them); prefix >= 0 is a byte put first (a table size
- * update). */
-static int put_block(u8 *out, u32 cap, u32 *ol, u32 flags, u32 sid, i32 prefix,
-                     const u8 *p, u32 n, u32 maxf) {
-    u32 total = n + (prefix >= 0), frames = total ? (total + maxf - 1) / maxf : 1;
-    if (cap - *ol < total + 9 * frames) return 0;
-    u32 done = 0, first = 1;
-    do {
-        u32 chunk = total - done > maxf ? maxf : total - done;
-        u8 *f = out + *ol;
-        f[0] = (u8)(chunk >> 16); f[1] = (u8)(chunk >> 8); f[2] = (u8)chunk;
-        f[3] = first ? T_HEADERS : T_CONT;
-        f[4] = (u8)((first ? flags : 0) | (done + chunk == total ? FL_END_HEADERS : 0));
-        wbe32(f + 5, sid);
-        u8 *d = f + 9;
-        u32 k = chunk;
-        if (first && prefix >= 0) { *d++ = (u8)prefix; k--; }
-        u32 src = done - (prefix >= 0 && !first ? 1 : 0);
-        if (k) CPY(d, p + src, k);
-        *ol += 9 + chunk;
-        done += chunk;
-        first = 0;
-    } while (done < total);
-    return 1;
-}
-
 static void flush_q(conn *c, int toclient, u8 *out, u32 cap, u32 *ol) {
     queue *q = toclient ? &c->q2c : &c->q2b;
     u32 maxf = toclient ? (c->c_maxf < MAXF ? c->c_maxf : MAXF) : c->b_maxf;
@@ -1168,12 +764,12 @@ static void flush_q(conn *c, int toclient, u8 *out, u32 cap, u32 *ol) {
     epoch++;
     while (r < q->len) {
         u8 *rec = q->buf + r;
-        u32 type = rec[0], fl = rec[1], sid = rd32(rec + 2), n = rd32(rec + 6);
+        u32 type = rec[0], fl = rec[1], sid = fab_le32(rec + 2), n = fab_le32(rec + 6);
         u32 rl = 10 + n;
         strm *s = find(c, sid);
         u32 sent = 0, done = 0;
         if (!full && !(s && s->blk == epoch)) {
-            if (type == T_DATA) {
+            if (type == FAB_H2_DATA) {
                 i64 *cw = toclient ? &c->c_send : &c->b_send;
                 i64 *sw = s ? (toclient ? &s->c_send : &s->b_send) : 0;
                 while (sent < n) {
@@ -1184,13 +780,14 @@ static void flush_q(conn *c, int toclient, u8 *out, u32 cap, u32 *ol) {
                     u32 chunk = n - sent;
                     if (chunk > maxf) chunk = maxf;
                     if ((i64)chunk > win) chunk = (u32)win;
-                    if (cap - *ol < 9 + chunk) {
+                    if (cap - *ol < FAB_H2_HDR + chunk) {
                         full = 1;
-                        if (cap - *ol <= 9) break;
-                        chunk = cap - *ol - 9;
+                        if (cap - *ol <= FAB_H2_HDR) break;
+                        chunk = cap - *ol - FAB_H2_HDR;
                     }
                     int last = sent + chunk == n;
-                    put_frame(out, cap, ol, T_DATA, last ? fl : 0, sid, rec + 10 + sent, chunk);
+                    fab_h2_put_frame(out, cap, ol, FAB_H2_DATA, last ? fl : 0, sid, rec + 10 + sent,
+                                     chunk);
                     *cw -= chunk;
                     *sw -= chunk;
                     sent += chunk;
@@ -1204,15 +801,15 @@ static void flush_q(conn *c, int toclient, u8 *out, u32 cap, u32 *ol) {
                     if (full) break;
                 }
                 if (n == 0) {
-                    if (put_frame(out, cap, ol, T_DATA, fl, sid, 0, 0)) done = 1;
+                    if (fab_h2_put_frame(out, cap, ol, FAB_H2_DATA, fl, sid, 0, 0)) done = 1;
                     else full = 1;
                 } else if (sent == n) {
                     done = 1;
                 }
-            } else if (type == T_HEADERS) {
+            } else if (type == FAB_H2_HEADERS) {
                 i32 prefix = -1;
-                if (toclient ? c->c_tsu : c->b_tsu) prefix = 0x20;
-                if (put_block(out, cap, ol, fl, sid, prefix, rec + 10, n, maxf)) {
+                if (toclient ? c->c_tsu : c->b_tsu) prefix = fab_hpack_size_update0;
+                if (fab_h2_put_block(out, cap, ol, fl, sid, prefix, rec + 10, n, maxf)) {
                     done = 1;
                     if (toclient) c->c_tsu = 0;
                     if (!toclient) {
@@ -1227,7 +824,7 @@ static void flush_q(conn *c, int toclient, u8 *out, u32 cap, u32 *ol) {
                     full = 1;
                 }
             } else {
-                if (put_frame(out, cap, ol, type, fl, sid, rec + 10, n)) done = 1;
+                if (fab_h2_put_frame(out, cap, ol, type, fl, sid, rec + 10, n)) done = 1;
                 else full = 1;
             }
         }
@@ -1237,9 +834,9 @@ static void flush_q(conn *c, int toclient, u8 *out, u32 cap, u32 *ol) {
             if (s) s->blk = epoch;  /* its later frames wait too; other streams go on */
             u32 left = n - sent;
             if (w != r || sent) {
-                MOVE(q->buf + w, rec, 10);
-                wr32(q->buf + w + 6, left);
-                if (left) MOVE(q->buf + w + 10, rec + 10 + sent, left);
+                fab_move(q->buf + w, rec, 10);
+                fab_put_le32(q->buf + w + 6, left);
+                if (left) fab_move(q->buf + w + 10, rec + 10 + sent, left);
             }
             w += 10 + left;
         }
@@ -1249,25 +846,12 @@ static void flush_q(conn *c, int toclient, u8 *out, u32 cap, u32 *ol) {
 }
 
 static void put_wu(u8 *out, u32 cap, u32 *ol, u32 sid, u32 inc) {
-    u8 b[4];
-    wbe32(b, inc);
-    put_frame(out, cap, ol, T_WU, 0, sid, b, 4);
-}
-
-static void emit_bytes(u32 kind, u32 sid, const u8 *p, u32 n) {
-    if (!n) return;
-    u8 *a = out_action(kind, 4 + n);
-    if (!a) return;
-    wr32(a, sid);
-    CPY(a + 4, p, n);
-}
-
-static void emit_sid(u32 kind, u32 sid) {
-    u8 *a = out_action(kind, 4);
-    if (a) wr32(a, sid);
+    if (cap - *ol >= FAB_H2_HDR + 4) *ol += fab_h2_window_update(out + *ol, sid, inc);
 }
 
 static void free_conn(conn *c) {
+    conn **slot = fab_table_get(&conn_by_sid, c->sid);
+    if (slot) fab_table_del(&conn_by_sid, slot);
     c->used = 0;
     c->dirty = 0;
 }
@@ -1280,39 +864,41 @@ static int wants_up(conn *c) {
     return 0;
 }
 
+/* The client connection and its upstream are done: close both. */
+static void close_conn(conn *c) {
+    fab_close(c->sid);
+    if (c->up == UP_OPEN || c->up == UP_CONNECTING) fab_upstream_close(c->sid);
+    free_conn(c);
+}
+
 /* Write what this connection may send to each side; 0 when deferred for lack of room. */
 static int flush_conn(conn *c) {
     if (!room(6)) return 0;
-    u32 avail = FAB_OUT_CAP - fab_out_len;
+    u32 avail = fab_room() + FAB_REC_HDR;
     if (avail < 4096) return 0;
     u32 cap = (avail - 1024) / 2;
     if (cap > SCR_CAP) cap = SCR_CAP;
     dlen = ulen = 0;
     c->dirty = 0;
     if (c->dead) {
-        u8 b[8];
-        wbe32(b, c->max_cid);
-        wbe32(b + 4, c->dead - 1);
-        put_frame(D, cap, &dlen, T_GOAWAY, 0, 0, b, 8);
-        emit_bytes(ACT_DOWNSTREAM_SEND, c->sid, D, dlen);
-        emit_sid(ACT_DOWNSTREAM_CLOSE, c->sid);
+        dlen = fab_h2_goaway(D, c->max_cid, c->dead - 1);
+        fab_send(c->sid, D, dlen);
+        fab_close(c->sid);
         if (c->up == UP_OPEN || c->up == UP_CONNECTING || c->up_close)
-            emit_sid(ACT_UPSTREAM_CLOSE, c->sid);
-        logmsg(LOG_INFO, "http2: client connection error, GOAWAY sent");
+            fab_upstream_close(c->sid);
+        logmsg(FAB_INFO, "http2: client connection error, GOAWAY sent");
         free_conn(c);
         return 1;
     }
-    if (c->up == UP_NONE && backend_state != 2 && wants_up(c)) {
-        u8 *a = out_action(ACT_UPSTREAM_CONNECT, 6);  /* port 0: the target port */
-        if (a) { wr32(a, c->sid); wr16(a + 4, 0); c->up = UP_CONNECTING; }
+    if (c->up == UP_NONE && backend_state != 2 && wants_up(c) && fab_room() >= 6) {
+        fab_connect(c->sid, 0);  /* port 0: the target port */
+        c->up = UP_CONNECTING;
     }
     if (c->up == UP_OPEN && c->up_preface) {
-        u8 s[12];
-        CPY(U, MAGIC, 24);
-        ulen = 24;
-        wbe16(s, 2); wbe32(s + 2, 0);               /* ENABLE_PUSH 0 */
-        wbe16(s + 6, 3); wbe32(s + 8, 100);         /* MAX_CONCURRENT_STREAMS */
-        put_frame(U, cap, &ulen, T_SETTINGS, 0, 0, s, 12);
+        static const u32 settings[] = {FAB_H2_SETTINGS_ENABLE_PUSH, 0,
+                                       FAB_H2_SETTINGS_MAX_CONCURRENT_STREAMS, 100};
+        fab_copy(U, FAB_H2_PREFACE, 24);
+        ulen = 24 + fab_h2_settings(U + 24, settings, 2);
         c->up_preface = 0;
         c->b_tsu = 1;
     }
@@ -1347,16 +933,11 @@ static int flush_conn(conn *c) {
         c->b_recv += c->b_credit;
         c->b_credit = 0;
     }
-    if (c->up_close && cap - ulen >= 17) {
-        u8 b[8];
-        wbe32(b, 0);
-        wbe32(b + 4, c->up_close - 1);
-        put_frame(U, cap, &ulen, T_GOAWAY, 0, 0, b, 8);
-    }
-    emit_bytes(ACT_DOWNSTREAM_SEND, c->sid, D, dlen);
-    emit_bytes(ACT_UPSTREAM_SEND, c->sid, U, ulen);
+    if (c->up_close && cap - ulen >= 17) ulen += fab_h2_goaway(U + ulen, 0, c->up_close - 1);
+    if (dlen) fab_send(c->sid, D, dlen);
+    if (ulen) fab_upstream_send(c->sid, U, ulen);
     if (c->up_close) {
-        emit_sid(ACT_UPSTREAM_CLOSE, c->sid);
+        fab_upstream_close(c->sid);
         c->up_close = 0;
     }
     /* forget finished streams */
@@ -1367,19 +948,14 @@ static int flush_conn(conn *c) {
             c->nused--;
         }
     }
-    if ((c->ga == 2 || c->cli_goaway) && !open_count(c) && !c->q2c.len) {
-        emit_sid(ACT_DOWNSTREAM_CLOSE, c->sid);
-        if (c->up == UP_OPEN || c->up == UP_CONNECTING) emit_sid(ACT_UPSTREAM_CLOSE, c->sid);
-        free_conn(c);
-    }
+    if ((c->ga == 2 || c->cli_goaway) && !open_count(c) && !c->q2c.len) close_conn(c);
     return 1;
 }
 
 /* ---- connections ---- */
 static conn *find_conn(u32 sid) {
-    for (u32 i = 0; i < nconns_alloc; i++)
-        if (conns[i]->used && conns[i]->sid == sid) return conns[i];
-    return 0;
+    conn **slot = fab_table_get(&conn_by_sid, sid);
+    return slot ? *slot : 0;
 }
 
 static conn *open_conn(u32 sid) {
@@ -1393,15 +969,17 @@ static conn *open_conn(u32 sid) {
         c = (conn *)p;
         conns[nconns_alloc++] = c;
     }
-    /* reset only the bookkeeping, not the big buffers */
-    u32 head = (u32)((u8 *)&c->pre - (u8 *)c);
-    memset(c, 0, head);
+    conn **slot = fab_table_add(&conn_by_sid, sid);
+    if (!slot) return 0;
+    *slot = c;
+    /* reset the bookkeeping, not the big buffers */
+    fab_zero(c, (u32)((u8 *)&c->cin - (u8 *)c));
+    fab_h2_reader_init(&c->cin, 1);
+    fab_h2_reader_init(&c->bin, 0);
     for (u32 i = 0; i < NSTREAMS; i++) c->st[i].flags = 0;
     c->q2c.len = c->q2b.len = 0;
-    c->dec.head = c->dec.n = c->dec.size = c->dec.wpos = 0;
-    c->dec.max = TBL_CAP;
-    c->bdec.head = c->bdec.n = c->bdec.size = c->bdec.wpos = 0;
-    c->bdec.max = TBL_CAP;
+    fab_hpack_decoder_init(&c->dec);
+    fab_hpack_decoder_init(&c->bdec);
     c->sid = sid;
     c->used = 1;
     c->c_send = c->b_send = c->c_recv = c->b_recv = WIN0;
@@ -1410,15 +988,34 @@ static conn *open_conn(u32 sid) {
     c->c_tsu = 1;
     c->b_last = 0x7fffffff;
     u8 s[6];
-    wbe16(s, 3);
-    wbe32(s + 2, MAX_OPEN);
-    push2c(c, 0, T_SETTINGS, 0, 0, s, 6);
+    fab_h2_put_setting(s, FAB_H2_SETTINGS_MAX_CONCURRENT_STREAMS, MAX_OPEN);
+    push2c(c, 0, FAB_H2_SETTINGS, 0, 0, s, 6);
     c->dirty = 1;
     return c;
 }
 
+/* A queue past half its size is written out at once, not at the end of the call. */
+static void event_done(conn *c) {
+    if (c->used && (c->q2c.len > Q_CAP / 2 || c->q2b.len > Q_CAP / 2 || c->dead)) flush_conn(c);
+}
+
+/* ---- the handlers (fabricd.h's event loop) ---- */
+static int on_init(struct fab_json cfg) {
+    hold_timeout_ms = fab_cfg_u32(cfg, "hold_timeout_ms", 30000);
+    max_conns = fab_cfg_u32(cfg, "max_connections", 32);
+    if (max_conns == 0 || max_conns > MAX_CONNS) max_conns = MAX_CONNS;
+    build_replies();
+    for (u32 i = 0; i < NCOUNT; i++) count_len[i] = fab_strlen(COUNT_NAME[i]);
+    return 0;
+}
+
+static void on_batch_begin(void) {
+    u32 live = 0;
+    for (u32 i = 0; i < nconns_alloc; i++) live += conns[i]->used;
+    budget = fab_action_budget(live);
+}
+
 static void on_tick(u64 t) {
-    now_ms = t;
     have_now = 1;
     if (backend_state == 2 && t - last_retry >= 1000) {
         backend_state = 0;  /* retry once a second in case an availability event was missed */
@@ -1437,8 +1034,8 @@ static void on_tick(u64 t) {
             u32 grpc_expired = (s->flags & F_GRPC) && s->gto && s->gto < hold_timeout_ms &&
                                age >= s->gto;
             if (age >= hold_timeout_ms || grpc_expired) {
-                if (s->flags & F_GRPC) local_reply(c, s, 0, grpc_expired ? 4 : 14);
-                else local_reply(c, s, 503, 0);
+                local_reply(c, s, !(s->flags & F_GRPC) ? LR_503
+                                  : grpc_expired ? LR_GRPC_DEADLINE : LR_GRPC_UNAVAILABLE);
                 c->dirty = 1;
                 counts[C_HOLD_TIMEOUTS]++;
             }
@@ -1448,128 +1045,104 @@ static void on_tick(u64 t) {
     }
 }
 
-static void need_update(void) {
-    i32 need = NEED_NONE;
-    for (u32 i = 0; i < nconns_alloc && need == NEED_NONE; i++) {
-        conn *c = conns[i];
-        if (c->used && open_count(c)) need = NEED_ACTIVE;
+static void on_backend_available(void) {
+    backend_state = 1;
+    for (u32 i = 0; i < nconns_alloc; i++)
+        if (conns[i]->used && conns[i]->up == UP_NONE) conns[i]->dirty = 1;
+}
+
+static void on_backend_unavailable(void) {
+    backend_state = 2;
+    last_retry = fab_now();
+}
+
+static void on_open(u32 sid, u32 port) {
+    (void)port;
+    if (find_conn(sid)) return;
+    if (!open_conn(sid)) {
+        fab_close(sid);
+        logmsg(FAB_WARNING, "http2: connection limit reached, connection closed");
     }
-    if (need != last_need && fab_out_count < budget) {
-        act_need((u32)need);
-        last_need = need;
+}
+
+static void on_data(u32 sid, const u8 *p, u32 n) {
+    conn *c = find_conn(sid);
+    if (!c) return;
+    c->dirty = 1;
+    cli_input(c, p, n);
+    event_done(c);
+}
+
+static void on_close(u32 sid) {
+    conn *c = find_conn(sid);
+    if (c) close_conn(c);
+}
+
+static void on_upstream_result(u32 sid, int ok) {
+    conn *c = find_conn(sid);
+    if (!c) return;
+    c->dirty = 1;
+    if (c->up == UP_CONNECTING) {
+        if (ok) {
+            c->up = UP_OPEN;
+            c->up_preface = 1;
+            backend_state = 1;
+        } else {
+            c->up = UP_NONE;
+            backend_state = 2;
+            last_retry = fab_now();
+        }
     }
+    event_done(c);
+}
+
+static void on_upstream_data(u32 sid, const u8 *p, u32 n) {
+    conn *c = find_conn(sid);
+    if (!c) return;
+    c->dirty = 1;
+    if (c->up == UP_OPEN) b_input(c, p, n);
+    event_done(c);
+}
+
+static void on_upstream_close(u32 sid) {
+    conn *c = find_conn(sid);
+    if (!c) return;
+    c->dirty = 1;
+    if (c->up == UP_OPEN || c->up == UP_CONNECTING) {
+        backend_gone(c);
+        fab_upstream_close(sid);
+    }
+    event_done(c);
+}
+
+static void on_batch_end(void) {
+    for (u32 i = 0; i < nconns_alloc; i++)
+        if (conns[i]->used && conns[i]->dirty) flush_conn(conns[i]);
+    u32 need = FAB_NEED_NONE;
+    for (u32 i = 0; i < nconns_alloc && need == FAB_NEED_NONE; i++)
+        if (conns[i]->used && open_count(conns[i])) need = FAB_NEED_ACTIVE;
+    if (fab_action_count() < budget) fab_need(need);
     for (u32 i = 0; i < NCOUNT; i++) {
-        if (!counts[i] || fab_out_count >= budget) continue;
-        u32 n = slen(COUNT_NAME[i]);
-        u8 *a = out_action(ACT_COUNT, 4 + n);
-        if (!a) break;
-        wr32(a, counts[i]);
-        CPY(a + 4, COUNT_NAME[i], n);
+        if (!counts[i] || fab_action_count() >= budget) continue;
+        if (fab_room() < 4 + count_len[i]) break;
+        fab_count(COUNT_NAME[i], counts[i]);
         counts[i] = 0;
     }
 }
 
-FAB_EXPORT(fab_streams) i32 fab_streams(void) { return 1; }
+static const struct fab_handlers H = {
+    .init = on_init,
+    .batch_begin = on_batch_begin,
+    .backend_available = on_backend_available,
+    .backend_unavailable = on_backend_unavailable,
+    .tick = on_tick,
+    .stream_open = on_open,
+    .stream_data = on_data,
+    .stream_close = on_close,
+    .upstream_result = on_upstream_result,
+    .upstream_data = on_upstream_data,
+    .upstream_close = on_upstream_close,
+    .batch_end = on_batch_end,
+};
 
-FAB_EXPORT(fab_init) i32 fab_init(const u8 *cfg, u32 len) {
-    hold_timeout_ms = cfg_u32(cfg, len, "hold_timeout_ms", 30000);
-    max_conns = cfg_u32(cfg, len, "max_connections", 32);
-    if (max_conns == 0 || max_conns > MAX_CONNS) max_conns = MAX_CONNS;
-    hf_init();
-    for (u32 i = 1; i <= 61; i++) { ST_NLEN[i] = slen(ST_NAME[i]); ST_VLEN[i] = slen(ST_VALUE[i]); }
-    for (u32 i = 0; i < 128; i++) ST_HASH[i] = 0;
-    for (u32 i = 1; i <= 61; i++) {
-        ST_FIRST[i] = (u8)i;
-        if (i > 1 && ST_NLEN[i] == ST_NLEN[i - 1] &&
-            eqn((const u8 *)ST_NAME[i], ST_NLEN[i], ST_NAME[i - 1], ST_NLEN[i])) {
-            ST_FIRST[i] = ST_FIRST[i - 1];
-            continue;  /* same name as the entry before: found through that one */
-        }
-        u32 h = name_hash((const u8 *)ST_NAME[i], ST_NLEN[i]);
-        while (ST_HASH[h]) h = (h + 1) & 127u;
-        ST_HASH[h] = (u8)i;
-    }
-    return 0;
-}
-
-FAB_EXPORT(fab_process) i64 fab_process(const u8 *ev, u32 len) {
-    out_begin();
-    if (len < 2) return out_end();
-    u32 count = rd16(ev), pos = 2, live = 0;
-    for (u32 i = 0; i < nconns_alloc; i++) live += conns[i]->used;
-    budget = 4 * count + 16 + 8 * live;  /* what the host reads of one answer (ABI.md) */
-    for (u32 e = 0; e < count; e++) {
-        if (len - pos < REC_HDR) break;
-        u32 kind = ev[pos], n = rd32(ev + pos + 4);
-        if (n > len - pos - REC_HDR) break;
-        const u8 *p = ev + pos + REC_HDR;
-        pos += REC_HDR + n;
-        if (kind == EV_TICK) {
-            if (n == 8) on_tick(rd64(p));
-            continue;
-        }
-        if (kind == EV_BACKEND_AVAILABLE) {
-            backend_state = 1;
-            for (u32 i = 0; i < nconns_alloc; i++)
-                if (conns[i]->used && conns[i]->up == UP_NONE) conns[i]->dirty = 1;
-            continue;
-        }
-        if (kind == EV_BACKEND_UNAVAILABLE) {
-            backend_state = 2;
-            last_retry = now_ms;
-            continue;
-        }
-        if (n < 4) continue;
-        u32 sid = rd32(p);
-        if (kind == EV_STREAM_OPEN) {
-            if (find_conn(sid)) continue;
-            if (!open_conn(sid)) {
-                emit_sid(ACT_DOWNSTREAM_CLOSE, sid);
-                logmsg(LOG_WARNING, "http2: connection limit reached, connection closed");
-            }
-            continue;
-        }
-        conn *c = find_conn(sid);
-        if (!c) continue;
-        c->dirty = 1;
-        switch (kind) {
-        case EV_STREAM_DATA:
-            cli_input(c, p + 4, n - 4);
-            break;
-        case EV_STREAM_CLOSE:
-            emit_sid(ACT_DOWNSTREAM_CLOSE, sid);
-            if (c->up == UP_OPEN || c->up == UP_CONNECTING) emit_sid(ACT_UPSTREAM_CLOSE, sid);
-            free_conn(c);
-            continue;
-        case EV_UPSTREAM_CONNECT_RESULT:
-            if (n < 5 || c->up != UP_CONNECTING) break;
-            if (p[4]) {
-                c->up = UP_OPEN;
-                c->up_preface = 1;
-                backend_state = 1;
-            } else {
-                c->up = UP_NONE;
-                backend_state = 2;
-                last_retry = now_ms;
-            }
-            break;
-        case EV_UPSTREAM_DATA:
-            if (c->up == UP_OPEN) b_input(c, p + 4, n - 4);
-            break;
-        case EV_UPSTREAM_CLOSE:
-            if (c->up == UP_OPEN || c->up == UP_CONNECTING) {
-                backend_gone(c);
-                emit_sid(ACT_UPSTREAM_CLOSE, sid);
-            }
-            break;
-        default:
-            break;
-        }
-        if (c->used && (c->q2c.len > Q_CAP / 2 || c->q2b.len > Q_CAP / 2 || c->dead))
-            flush_conn(c);
-    }
-    for (u32 i = 0; i < nconns_alloc; i++)
-        if (conns[i]->used && conns[i]->dirty) flush_conn(conns[i]);
-    need_update();
-    return out_end();
-}
+FAB_STREAM_ACTIVATOR(H)

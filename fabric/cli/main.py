@@ -679,6 +679,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("target", metavar="NS/SERVICE[:PORT]")
     q.add_argument("module", nargs="?", metavar="FILE",
                    help="the new .wasm (default: the configured module, read again)")
+    from fabric.activator.harness.cli import add_test_command  # no wasmtime until it runs
+
+    add_test_command(acts)
 
     p = add("completion", cmd_completion, "print a shell completion script")
     p.add_argument("shell", choices=("bash", "zsh"))

@@ -57,6 +57,8 @@ from fabric.config.specs import (
     DEFAULT_IFNAME,
     DEFAULT_LISTEN,
     DEFAULT_MTU,
+    DEFAULT_RELEASE_BURST,
+    DEFAULT_RELEASE_INTERVAL,
     NETNS_DIR,
     TUNNEL_MTU,
     Config,
@@ -106,7 +108,7 @@ _SERVICE_KEYS = (
     "on_idle",
 )
 _PORT_KEYS = ("port", "target_port", "protocol", "activator", "activator_config")
-_HOLD_KEYS = ("packets", "bytes", "timeout")
+_HOLD_KEYS = ("packets", "bytes", "timeout", "release_burst", "release_interval")
 _DNS_KEYS = ("domain", "upstream", "resolv_conf", "cache")
 MAX_DNS_CACHE = 1 << 20
 _DHCP_KEYS = ("enabled", "lease")
@@ -115,6 +117,7 @@ MAX_DHCP_LEASE = 365 * 86400.0
 MAX_HOLD_PACKETS = 65536
 MAX_HOLD_BYTES = 256 << 20
 MAX_HOLD_TIMEOUT = 600.0
+MAX_RELEASE_INTERVAL = 1.0
 RESERVED_NAMES = frozenset({"gateway"})  # names the gateway itself answers in each zone
 MAX_ZONE = 242  # the zone's SOA names hostmaster.<zone>, which must fit in 255 wire bytes
 
@@ -434,7 +437,18 @@ def _parse_hold(value: Any, src: str, key: str) -> HoldSpec:
         if timeout > MAX_HOLD_TIMEOUT:
             raise ConfigError(src, obj.key("timeout"), f"{timeout:g}s is longer than "
                               f"{MAX_HOLD_TIMEOUT:g}s (clients give up long before)")
-    return HoldSpec(packets=packets, bytes=size, timeout=timeout)
+    burst = DEFAULT_RELEASE_BURST
+    if obj.has("release_burst"):
+        burst = read_int(obj.get("release_burst"), src, obj.key("release_burst"), 1,
+                         MAX_HOLD_PACKETS)
+    interval = DEFAULT_RELEASE_INTERVAL
+    if obj.has("release_interval"):
+        interval = parse_duration(obj.get("release_interval"), src, obj.key("release_interval"))
+        if interval > MAX_RELEASE_INTERVAL:
+            raise ConfigError(src, obj.key("release_interval"), f"{interval:g}s is longer "
+                              f"than {MAX_RELEASE_INTERVAL:g}s (held clients wait for it)")
+    return HoldSpec(packets=packets, bytes=size, timeout=timeout, release_burst=burst,
+                    release_interval=interval)
 
 
 def _parse_service(

@@ -8,6 +8,9 @@ from typing import Any
 
 from fabric.config.specs import (
     ALLOW_ALL,
+    DEFAULT_RELEASE_BURST,
+    DEFAULT_RELEASE_INTERVAL,
+    HoldSpec,
     NamespaceSpec,
     PodSpec,
     ServiceSpec,
@@ -34,6 +37,16 @@ def pod_to_dict(pod: PodSpec) -> dict[str, Any]:
     return out
 
 
+def _hold(h: HoldSpec) -> dict[str, Any]:
+    """The hold limits; the release pacing only where it is not the default."""
+    out: dict[str, Any] = {"packets": h.packets, "bytes": h.bytes, "timeout": h.timeout}
+    if h.release_burst != DEFAULT_RELEASE_BURST:
+        out["release_burst"] = h.release_burst
+    if h.release_interval != DEFAULT_RELEASE_INTERVAL:
+        out["release_interval"] = h.release_interval
+    return out
+
+
 def service_to_dict(svc: ServiceSpec) -> dict[str, Any]:
     """JSON-able service; durations are float seconds, sizes int bytes."""
     out: dict[str, Any] = {
@@ -50,7 +63,7 @@ def service_to_dict(svc: ServiceSpec) -> dict[str, Any]:
             for p in svc.ports
         ],
         "backends": list(svc.backends),
-        "hold": {"packets": svc.hold.packets, "bytes": svc.hold.bytes, "timeout": svc.hold.timeout},
+        "hold": _hold(svc.hold),
         "idle_timeout": svc.idle_timeout,
         "readiness": svc.readiness,
     }

@@ -28,6 +28,11 @@ DEFAULT_EGRESS_POOL = IPv4Network("100.64.0.0/16")
 DEFAULT_HOLD_PACKETS = 1024
 DEFAULT_HOLD_BYTES = 8 * 1024 * 1024
 DEFAULT_HOLD_TIMEOUT = 30.0
+# Release pacing: new flows handed to the ready backends per step, per backend, and the
+# time between steps (a burst of 1,000 SYNs into a backlog of 128 loses SYNs to a
+# full accept queue, and each lost one costs its client a 1 s retransmit).
+DEFAULT_RELEASE_BURST = 128
+DEFAULT_RELEASE_INTERVAL = 0.001
 # The activators this version ships (activators/<name>/<name>.wasm), by name: read from
 # the package, so adding one needs no edit here.
 SHIPPED_ACTIVATORS = tuple(sorted(
@@ -145,6 +150,8 @@ class HoldSpec:
     packets: int = DEFAULT_HOLD_PACKETS
     bytes: int = DEFAULT_HOLD_BYTES
     timeout: float = DEFAULT_HOLD_TIMEOUT
+    release_burst: int = DEFAULT_RELEASE_BURST
+    release_interval: float = DEFAULT_RELEASE_INTERVAL
 
 
 @dataclass(frozen=True)

@@ -128,6 +128,7 @@ COUNTERS = (
     "held",
     "released",
     "release_dropped",
+    "release_paced",
     "hold_overflow",
     "hold_timeout",
     "dnat_flows",
@@ -262,7 +263,8 @@ class Service:
         self._by_ip: dict[bytes, Backend] = {}
         self._ready: list[Backend] = []  # sorted by name: the hash picks from this
         # (arrival, frame, off, length, partial)
-        self._hold: deque[tuple[float, bytes, int, int, bool]] = deque()
+        # (arrival, frame, off, length, partial, (proto, flow key) or None for a fragment)
+        self._hold: deque[tuple[float, bytes, int, int, bool, tuple[int, Any] | None]] = deque()
         self.held_bytes = 0
         self._release_at: float | None = None  # a release is pending since then
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
@@ -607,7 +609,8 @@ class Service:
         if len(self._hold) >= spec.packets or self.held_bytes + length > spec.bytes:
             counters["hold_overflow"] += 1
             return HOLD_FULL
-        self._hold.append((now, bytes(pkt[:off + length]), off, length, partial))
+        fk = (proto, self._h.key(pkt)) if l4 >= 0 else None
+        self._hold.append((now, bytes(pkt[:off + length]), off, length, partial, fk))
         self.held_bytes += length
         counters["held"] += 1
         if self._ready:
@@ -619,21 +622,56 @@ class Service:
     def release(self, now: float) -> list[Released]:
         """The held packets, DNATed to ready backends (their flows pinned), in arrival
         order; nothing while no backend is ready. Send them before anything that arrives
-        later (see module docstring)."""
+        later (see module docstring).
+
+        Paced: one call starts at most ``hold.release_burst`` new flows per ready backend;
+        the packets of flows it did not start stay queued, in order (so nothing of theirs
+        is overtaken), and the next step is due ``hold.release_interval`` later. Packets
+        of flows already started go on at once, so no started flow waits behind a paced
+        one. Later fragments wait too once the budget is spent (they may be of a flow
+        still queued)."""
         out: list[Released] = []
-        if not self._ready:
+        ready = self._ready
+        if not ready or (self._release_at is not None and now < self._release_at):
             return out
         hold = self._hold
+        spec = self.hold_spec
+        budget = spec.release_burst * len(ready)
+        fwd = self.table.fwd
+        started: set[tuple[int, Any]] = set()
+        kept: deque[tuple[float, bytes, int, int, bool, tuple[int, Any] | None]] = deque()
+        counters = self.counters
         while hold:
-            _, frame, off, length, partial = hold.popleft()
+            entry = hold.popleft()
+            fk = entry[5]
+            if fk is None:
+                if kept:
+                    kept.append(entry)
+                    continue
+            elif fk not in started and fk[1] not in fwd[fk[0]]:
+                if budget <= 0:
+                    kept.append(entry)
+                    continue
+                budget -= 1
+                started.add(fk)
+            _, frame, off, length, partial, _ = entry[:6]
             self.held_bytes -= length
             b = bytearray(frame)
             v = self._outbound(b, off, length, now, partial, True)
             if v == FORWARD:
                 out.append(Released(bytes(b), off, length, partial))
-                self.counters["released"] += 1
+                counters["released"] += 1
             else:
-                self.counters["release_dropped"] += 1
+                counters["release_dropped"] += 1
+        if kept:
+            # counted once per packet: a 7th field marks those counted already
+            for i, entry in enumerate(kept):
+                if len(entry) == 6:
+                    kept[i] = (*entry, True)  # type: ignore[assignment]
+                    counters["release_paced"] += 1
+            self._hold = kept
+            self._release_at = now + spec.release_interval
+            return out
         self._release_at = None
         if self._wake_start is not None and self._wake_phase == 2:
             self._wake_step("release", now)
@@ -759,7 +797,7 @@ class Service:
         hold = self._hold
         timeout = self.hold_spec.timeout
         while hold and hold[0][0] + timeout <= now:
-            _, frame, off, length, partial = hold.popleft()
+            _, frame, off, length, partial, _ = hold.popleft()[:6]
             self.held_bytes -= length
             self.counters["hold_timeout"] += 1
             resp = reject_response(frame[off:off + length], partial)

@@ -83,7 +83,8 @@ class Generation:
     """One module of the port (a reload adds one): new streams go to the newest, a
     stream stays with the one it opened on until it ends."""
 
-    __slots__ = ("guest", "number", "events", "need", "told_ready", "hello", "nstreams")
+    __slots__ = ("guest", "number", "events", "need", "told_ready", "hello", "nstreams",
+                 "tail_tick")
 
     def __init__(self, guest: Guest, number: int) -> None:
         self.guest = guest
@@ -93,6 +94,9 @@ class Generation:
         self.told_ready: bool | None = None
         self.hello = False  # a recreated instance is yet to hear of the backends
         self.nstreams = 0
+        # One tick is still owed after its last stream ended: a guest that reports
+        # `none` only at a tick (a debounce) would otherwise pin the backend for ever.
+        self.tail_tick = False
 
 
 @dataclass(slots=True)
@@ -328,10 +332,10 @@ class StreamCore:
     # --- timers -------------------------------------------------------------------------
 
     def next_timer(self) -> float | None:
-        return self._next_tick if self.streams else None
+        return self._next_tick if self.streams or self.gen.tail_tick else None
 
     def handle_timer(self, now: float) -> None:
-        if not self.streams:
+        if not self.streams and not self.gen.tail_tick:
             self._next_tick = None
             return
         t = self._next_tick
@@ -348,7 +352,8 @@ class StreamCore:
                     self._connect(s, self.target_port)
         tick = abi.Tick(int(now * 1000))
         for g in self.gens:
-            if g.nstreams:
+            if g.nstreams or g.tail_tick:
+                g.tail_tick = False
                 self.counters["ticks"] += 1
                 g.events.append(tick)
         self._flush(now)
@@ -510,8 +515,11 @@ class StreamCore:
         g = s.gen
         if g is not None:
             g.nstreams -= 1
-            if g.nstreams == 0 and g is not self.gen:
-                self._retire(g)
+            if g.nstreams == 0:
+                if g is not self.gen:
+                    self._retire(g)
+                else:
+                    g.tail_tick = True
         return True
 
     # --- the fallback -------------------------------------------------------------------

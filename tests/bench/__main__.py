@@ -30,8 +30,10 @@ from tests.bench import (
     microvm,
     ping,
     postgres,
+    replay,
     scale,
     services,
+    shards,
     storms,
     streams,
     tcp,
@@ -56,7 +58,9 @@ BENCHMARKS: dict[str, Callable[[Settings], Report]] = {
     storms.NAME: storms.run,
     postgres.NAME: postgres.run,
     http2.NAME: http2.run,
+    replay.NAME: replay.run,
     microvm.NAME: microvm.run,
+    shards.NAME: shards.run,
 }
 
 

@@ -10,8 +10,10 @@ one:      CLIENTS clients connect at once to one dormant service (VIP 10.53.0.10
 many:     SERVICES dormant services (VIPs 10.53.0.1xx-2xx -> the same pod, one target
           port each), PER_SERVICE clients each, all at once; the backend listens on every
           port WAKE_DELAY later.
-Pacing: the service's `released` counter and the backend's accept times give how many
-held connections reached the backend in its first millisecond.
+Pacing: the release starts at most hold.release_burst new flows per ready backend every
+hold.release_interval (128 per 1 ms by default); the service's `released` and
+`release_paced` counters and the backend's accept times give how many held connections
+reached the backend in its first millisecond.
 Targets: 0 failed connections.
 """
 
@@ -23,6 +25,7 @@ import sys
 import time
 from typing import Any
 
+from fabric.config.specs import DEFAULT_RELEASE_BURST, DEFAULT_RELEASE_INTERVAL
 from fabric.tools.sandbox import Daemon
 from tests.bench.common import Report, Settings, fmt, median, percentile, progress
 from tests.bench.topo import Topology
@@ -179,9 +182,11 @@ def run(s: Settings) -> Report:
     r.tables.append(("storms", ["storm", "clients", "failed", "p50 ms", "max ms",
                                 "1st accept ms", "last accept ms", "accepts in 1st ms"], rows))
     held = svcs["l3"]["counters"]
-    r.notes.append(f"L3 service: held {held['held']}, released {held['released']}, "
-                   f"hold overflow {held['hold_overflow']}, hold timeouts "
-                   f"{held['hold_timeout']}")
+    r.notes.append(f"L3 service: held {held['held']}, released {held['released']} "
+                   f"({held['release_paced']} of them waited for a later paced step: "
+                   f"hold.release_burst {DEFAULT_RELEASE_BURST} new flows per ready backend "
+                   f"every {DEFAULT_RELEASE_INTERVAL * 1e3:g} ms), hold overflow "
+                   f"{held['hold_overflow']}, hold timeouts {held['hold_timeout']}")
     p99 = percentile([res["max_s"] for res in results.values()], 99)
     r.check("slowest client of all storms", p99 * 1e3 if p99 else None, "ms", "", None)
     errors = {label: res["errors"] for label, res in results.items() if res["errors"]}

@@ -24,6 +24,8 @@ ALLOWED: dict[str, set[str]] = {
     "fabric.router": {"fabric.net", "fabric.flows", "fabric.config.specs"},
     "fabric.activator": set(),
     "fabric.streams": {"fabric.activator", "fabric.histogram"},
+    # the capture replay harness (`fabricd activator test`): the host and the stream core
+    "fabric.activator.harness": {"fabric.activator", "fabric.streams"},
     "fabric.services": {"fabric.net", "fabric.flows", "fabric.config.specs", "fabric.router",
                         "fabric.activator", "fabric.histogram", "fabric.streams",
                         "fabric.errors"},
@@ -45,7 +47,7 @@ ALLOWED: dict[str, set[str]] = {
     "fabric.microvm": set(),
     "fabric.tools": {"fabric.config.specs", "fabric.control", "fabric.microvm"},
     "fabric.cli": {"fabric.errors", "fabric.net", "fabric.control", "fabric.tools",
-                   "fabric.runtime"},
+                   "fabric.runtime", "fabric.activator.harness"},
     # the CNI plugin: a client of the daemon, like the CLI
     "fabric.cni": {"fabric.errors", "fabric.control"},
     "fabric": {"fabric.runtime", "fabric.cli"},  # fabric/__init__ (Fabric) and __main__

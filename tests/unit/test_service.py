@@ -351,6 +351,50 @@ def test_release_in_arrival_order_and_later_packets_queue_behind(partial: bool) 
     assert s.state == "ready"
 
 
+def test_release_is_paced_and_keeps_every_flows_order() -> None:
+    s = service(hold=HoldSpec(packets=100, bytes=1 << 20, timeout=30.0, release_burst=2,
+                              release_interval=0.005))
+    # five connections; the first one's data arrives after the others' SYNs
+    for i in range(5):
+        assert out(s, syn(sport=40000 + i), 0.1 * i)[0] == HELD
+    assert out(s, tcp(CLIENT, VIP, 40000, 80, TCP_ACK, b"one"), 0.6)[0] == HELD
+    assert out(s, tcp(CLIENT, VIP, 40004, 80, TCP_ACK, b"five"), 0.7)[0] == HELD
+    s.take_signals()
+    s.set_backend("web-1", ip_s(B1), True, 1.0)
+
+    def sports(rel: list[object]) -> list[tuple[int, bytes]]:
+        return [(IP(r.packet)[TCP].sport, bytes(IP(r.packet)[TCP].payload))  # type: ignore[attr-defined]
+                for r in rel]
+
+    # step 1: two new flows; the first flow's data goes with it (it is started)
+    assert sports(s.release(1.0)) == [(40000, b""), (40001, b""), (40000, b"one")]
+    assert s.held_packets == 4 and s.counters["release_paced"] == 4
+    assert s.next_timer() == pytest.approx(1.005)
+    # nothing before the step is due, also when a new packet queues behind
+    assert out(s, syn(sport=40009), 1.001)[0] == QUEUED
+    assert s.release(1.002) == []
+    assert s.counters["release_paced"] == 4  # counted once per packet, not per step
+    # a started flow goes straight through; it has nothing left in the queue
+    assert out(s, tcp(CLIENT, VIP, 40001, 80, TCP_ACK, b"two"), 1.003)[0] == FORWARD
+    assert sports(s.release(1.005)) == [(40002, b""), (40003, b"")]
+    assert sports(s.handle_timer(1.010)) == [(40004, b""), (40004, b"five"), (40009, b"")]
+    assert s.held_packets == 0 and s.counters["released"] == 8
+    assert s.counters["release_paced"] == 5  # and the SYN that queued behind
+    assert s.next_timer() is None or s.next_timer() > 2.0
+
+
+def test_release_budget_is_per_ready_backend() -> None:
+    s = service(hold=HoldSpec(packets=100, bytes=1 << 20, timeout=30.0, release_burst=1,
+                              release_interval=0.001))
+    for i in range(5):
+        out(s, syn(sport=40000 + i), 0.0)
+    s.set_backend("web-1", ip_s(B1), True, 1.0)
+    s.set_backend("web-2", ip_s(B2), True, 1.0)
+    assert len(s.release(1.0)) == 2
+    assert len(s.release(1.001)) == 2
+    assert len(s.release(1.002)) == 1
+
+
 def test_release_from_the_timer() -> None:
     s = service()
     out(s, syn(), 0.0)

@@ -52,7 +52,9 @@ def test_plain_activator_closes_a_stream_held_past_the_timeout(plain: StreamCore
     assert plain.commands() == [(sc.READ_CLIENT, sid, False)]
     plain.handle_timer(3.5)
     assert kinds(plain.commands()) == [sc.CLOSE_CLIENT, sc.FORGET]
-    assert not plain.streams and plain.next_timer() is None and plain.need == abi.NEED_NONE
+    assert not plain.streams and plain.need == abi.NEED_NONE
+    plain.handle_timer(plain.next_timer() or 0.0)  # the one tick owed after the last stream
+    assert plain.next_timer() is None and not plain.commands()
 
 
 def test_ticks_only_while_streams_live(plain: StreamCore) -> None:
@@ -63,6 +65,27 @@ def test_ticks_only_while_streams_live(plain: StreamCore) -> None:
     plain.commands()
     plain.handle_timer(5.2)
     assert plain.next_timer() is None
+
+
+def test_one_tick_after_the_last_stream_lets_a_debounced_guest_lower_its_need() -> None:
+    """The PostgreSQL activator reports `none` only at a tick (need_debounce): without the
+    tick owed after the last stream, a direct-TLS connection that came and went would
+    leave the port `active`, pinning the backend for ever."""
+    host = ActivatorHost(ROOT / "postgres" / "postgres.wasm", {})
+    core = StreamCore(host, 5432, 5432)
+    sid = core.accepted(PEER, 1.0)
+    assert sid is not None
+    core.client_data(sid, b"\x16\x03\x01\x00\x05hello", 1.01)  # a TLS ClientHello's start
+    assert core.need == abi.NEED_ACTIVE
+    core.backends(["10.0.0.3"], 1.02)
+    core.upstream_result(sid, True, 1.03)
+    assert core.streams[sid].mode == sc.SPLICED
+    core.splice_ended(sid, 2.0)
+    assert not core.streams and core.need == abi.NEED_ACTIVE  # debounced: not yet
+    t = core.next_timer()
+    assert t is not None
+    core.handle_timer(t)
+    assert core.need == abi.NEED_NONE and core.next_timer() is None
 
 
 def test_connections_past_max_streams_are_refused() -> None:

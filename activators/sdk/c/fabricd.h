@@ -193,15 +193,11 @@ static u64 fab__now_ms;
 static int fab__backend_ready;
 static u32 fab__need_told = FAB_NIL;
 static u32 fab__bad_events;
-static u32 fab__events; /* events in the current call */
 
 /* The time of the last tick (ms, monotonic; 0 before the first). */
 FAB_INLINE u64 fab_now(void) { return fab__now_ms; }
 /* Whether the host said a backend is ready (backend_available, not yet _unavailable). */
 FAB_INLINE int fab_backend_ready(void) { return fab__backend_ready; }
-/* The number of events in the current call (known from batch_begin on): the host
- * reads at most 4 actions per event + 16 (ABI.md), a budget to plan against. */
-FAB_INLINE u32 fab_batch_events(void) { return fab__events; }
 /* Whether an action of this call did not fit: the rest of the answer is lost. Packets
  * without a decision stay held by the host; stream bytes not sent are the guest's to
  * retry (keep them until a later call). */
@@ -614,12 +610,22 @@ FAB_INLINE i32 fab__init(const struct fab_handlers *h, const u8 *cfg, u32 len) {
 /* Events whose payload is shorter than their kind needs (a host bug or a newer host). */
 FAB_INLINE u32 fab_bad_events(void) { return fab__bad_events; }
 
+/* Events in this call's batch, and actions queued so far in its answer: the host reads at
+ * most fab_action_budget(live streams) actions of one answer (ABI.md, "Actions read per
+ * call"); a guest that may queue many keeps within it and leaves the rest for later. */
+static u32 fab__ev_count;
+FAB_INLINE u32 fab_batch_events(void) { return fab__ev_count; }
+FAB_INLINE u32 fab_action_count(void) { return fab__out_count; }
+FAB_INLINE u32 fab_action_budget(u32 live_streams) {
+    return 4 * fab__ev_count + 16 + 8 * live_streams;
+}
+
 FAB_INLINE i64 fab__process(const struct fab_handlers *h, const u8 *ev, u32 len) {
     fab__out_len = 2;
     fab__out_count = 0;
     fab__out_full = 0;
     u32 count = len >= 2 ? fab_le16(ev) : 0;
-    fab__events = count;
+    fab__ev_count = count;
     if (h->batch_begin) h->batch_begin();
     u32 off = 2;
     for (u32 i = 0; i < count; i++) {

@@ -1,5 +1,6 @@
-/* generated from RFC 7541 appendices A and B (via the pinned hpack package) */
-static const u8 HF_LEN[257] = {
+/* hpack_tables.h - RFC 7541 appendices A (static table) and B (Huffman code lengths), for
+ * fab_hpack.h; generated from the RFCs via the pinned hpack package. */
+static const u8 FAB_HPACK_HUFF_LEN[257] = {
     13, 23, 28, 28, 28, 28, 28, 28, 28, 24, 30, 28, 28, 30, 28, 28, 28, 28, 28, 28, 28, 28, 30, 28, 28, 28, 28, 28, 28, 28, 28, 28,
     6, 10, 10, 12, 13, 6, 8, 11, 10, 10, 8, 11, 8, 6, 6, 6, 5, 5, 5, 6, 6, 6, 6, 6, 6, 6, 7, 8, 15, 6, 12, 10,
     13, 6, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 8, 7, 8, 13, 19, 13, 14, 6,
@@ -10,7 +11,7 @@ static const u8 HF_LEN[257] = {
     20, 24, 20, 21, 22, 21, 21, 23, 22, 22, 25, 25, 24, 24, 26, 23, 26, 27, 26, 26, 27, 27, 27, 27, 27, 28, 27, 27, 27, 27, 27, 26,
     30,
 };
-static const char *const ST_NAME[62] = {0,
+static const char *const FAB_HPACK_STATIC_NAME[62] = {0,
     ":authority",
     ":method",
     ":method",
@@ -73,7 +74,7 @@ static const char *const ST_NAME[62] = {0,
     "via",
     "www-authenticate",
 };
-static const char *const ST_VALUE[62] = {0,
+static const char *const FAB_HPACK_STATIC_VALUE[62] = {0,
     "",
     "GET",
     "POST",
