@@ -41,6 +41,8 @@ TARGETS: dict[str, str] = {
     "testing/sdkcheck.c": "testing/sdkcheck.wasm",
     "testing/http2_raw.c": "testing/http2_raw.wasm",
     "sdk/c/examples/h2ping.c": "sdk/c/examples/h2ping.wasm",
+    "testing/postgres_raw.c": "testing/postgres_raw.wasm",
+    "sdk/c/examples/pgping.c": "sdk/c/examples/pgping.wasm",
 }
 
 #: source -> flags added to CFLAGS for it alone
@@ -52,6 +54,8 @@ EXTRA_CFLAGS: dict[str, tuple[str, ...]] = {
     "http2/http2.c": ("-mbulk-memory",),  # memory.copy: one instruction per copy, not a loop
     "testing/http2_raw.c": ("-mbulk-memory",),
     "sdk/c/examples/h2ping.c": ("-mbulk-memory",),
+    "testing/postgres_raw.c": ("-mbulk-memory",),  # as postgres.c was built
+    "sdk/c/examples/pgping.c": ("-mbulk-memory",),  # the SDK's fab_copy
 }
 
 CFLAGS: tuple[str, ...] = (

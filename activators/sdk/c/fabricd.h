@@ -296,6 +296,20 @@ static FAB_UNUSED int fab__bytes(u32 kind, u32 sid, const void *data, u32 n) {
     return 0;
 }
 
+/* Append n bytes to the last action of this call when it is a send of `kind`
+ * (FAB_ACT_DOWNSTREAM_SEND or FAB_ACT_UPSTREAM_SEND) to stream `sid`: 0 when appended,
+ * -1 when not (send them as a new action). An answer built from pieces stays one record
+ * per stream and side, and costs no further action of the call's budget. */
+static FAB_UNUSED int fab_append(u32 kind, u32 sid, const void *data, u32 n) {
+    if (!fab__out_count || FAB_OUT_CAP - fab__out_len < n) return -1;
+    u8 *r = fab__out + fab__out_last;
+    if (r[0] != kind || fab_le32(r + FAB_REC_HDR) != sid) return -1;
+    fab_copy(fab__out + fab__out_len, data, n);
+    fab__out_len += n;
+    fab_put_le32(r + 4, fab_le32(r + 4) + n);
+    return 0;
+}
+
 /* Bytes to the client; 0, or -1 when the answer is full (nothing was queued). */
 FAB_INLINE int fab_send(u32 sid, const void *data, u32 n) {
     return fab__bytes(FAB_ACT_DOWNSTREAM_SEND, sid, data, n);
