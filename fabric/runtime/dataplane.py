@@ -47,6 +47,7 @@ from typing import Any, Protocol, TypeVar, cast
 from fabric.errors import FabricError
 from fabric.net import gso
 from fabric.net.coalesce import UdpRun
+from fabric.net.packets import Malformed
 from fabric.net.vnet import VNET_HDR_LEN, ZERO_HDR, VnetHdr
 from fabric.router.droplog import HEAD_BYTES
 from fabric.router.model import DROP_TX_ERROR, DROP_TX_FULL, KIND_TUNNEL, L3_OFF, Port
@@ -729,8 +730,13 @@ class DataPlane:
             self.errors.exception(f"frame:{owner.name}", "%s: dropping a frame that raised",
                                   owner.name)
             owner.outputs.clear()
-        if run.count:
-            self._write_run()
+        if run.count:  # the frames gathered before were forwarded: they leave
+            try:
+                self._write_run()
+            except Exception:
+                self.errors.exception(f"udp-run:{owner.name}", "%s: a UDP run failed",
+                                      owner.name)
+                run.take()
         self.frames += k
         if owner.touched:  # only what left the fast path can have moved a deadline
             owner.touched = False
@@ -851,7 +857,12 @@ class DataPlane:
 
     def _write_segments(self, out: Port, frame: bytearray) -> None:
         mv = memoryview(frame)
-        for seg in gso.segment(mv[VNET_HDR_LEN:], VnetHdr.parse(mv)):
+        try:
+            segments = gso.segment(mv[VNET_HDR_LEN:], VnetHdr.parse(mv))
+        except (Malformed, ValueError):  # cannot happen for a frame UdpRun built
+            out.drop(DROP_TX_ERROR)
+            return
+        for seg in segments:
             try:
                 os.write(out.fd, ZERO_HDR + seg)
             except BlockingIOError:
