@@ -235,6 +235,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--rate", type=int, default=0,
                     help="udp: packets/s offered (0: as fast as iperf3 goes)")
     ap.add_argument("--hz", type=int, default=500, help="py-spy samples per second")
+    ap.add_argument("--txqueuelen", type=int,
+                    help="udp, tcp, ping: set the sending pod's eth0 (its TAP) queue length "
+                         "first (the kernel's default is 500 frames)")
     ap.add_argument("--keep", help="save py-spy's raw stacks here")
     ap.add_argument("--perf", action="store_true",
                     help="also count the data-plane thread's syscalls and context switches "
@@ -250,6 +253,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with topo:
         assert topo.daemon is not None and topo.daemon.proc is not None
         pid = topo.daemon.proc.pid
+        if a.txqueuelen and FABRIC in topo.sides:
+            topo.run(topo.sides[FABRIC].client, "ip", "link", "set", "eth0", "txqueuelen",
+                     str(a.txqueuelen))
         raw = a.keep or tempfile.mktemp(suffix=".txt")
         t0 = time.monotonic()
         with ThreadCpu(pid) as cpu:
