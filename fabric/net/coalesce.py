@@ -155,7 +155,7 @@ class UdpRun:
         """Begin a run with buf[:n] for `port`; False if the frame cannot be gathered."""
         if not self._eligible(buf, n):
             return False
-        self.frame[:] = memoryview(buf)[:n]
+        self.frame = buf[:n]
         self.count = 1
         self.size = n - _UDP_HEAD
         self.port = port
@@ -174,7 +174,7 @@ class UdpRun:
                 and _from_bytes(buf[:_UDP_HEAD], "big") & _SAME == self._same
                 and (buf[28] << 8 | buf[29]) == self._next_id
                 and len(self.frame) + n - _UDP_HEAD <= 65535):
-            self.frame += memoryview(buf)[_UDP_HEAD:n]
+            self.frame += buf[_UDP_HEAD:n]  # (a slice: faster here than a memoryview)
             self.count += 1
             self._next_id = (self._next_id + 1) & 0xFFFF
             return True
@@ -189,7 +189,7 @@ class UdpRun:
                 or buf[30:34] != self.frame[30:34] or buf[36:48] != self.frame[36:48]
                 or len(self.frame) + size > 65535):
             return False
-        self.frame += memoryview(buf)[_UDP_HEAD:n]
+        self.frame += buf[_UDP_HEAD:n]
         self.count += 1
         self._short = True
         return True
