@@ -14,7 +14,7 @@ import struct
 
 from fabric.net import checksum
 from fabric.net.packets import PROTO_TCP, TCP_ACK, TCP_PSH
-from fabric.net.vnet import F_NEEDS_CSUM, GSO_TCPV4
+from fabric.net.vnet import F_NEEDS_CSUM, GSO_TCPV4, GSO_UDP_L4
 from fabric.net.vnet import pack as vnet_pack
 
 MAX_SUPER = 65535 - 14  # IPv4 total length bound
@@ -103,3 +103,117 @@ def _flush(run: list[bytes], size: int) -> tuple[bytes, bytes | None]:
     buf[37] = ps & 0xFF
     hdr = vnet_pack(F_NEEDS_CSUM, GSO_TCPV4, 14 + hl, size, 14 + 20, 16)
     return bytes(buf), hdr
+
+
+# --- small UDP datagrams on their way to a TAP ------------------------------------------
+
+UDP_RUN_MAX = 64  # datagrams per super-frame (the kernel takes up to 128 on its own sends)
+_UDP_HEAD = 10 + 14 + 28  # virtio-net header, Ethernet, IPv4 without options, UDP
+# All bits of those 52 bytes but the IP id (bytes 28-29) and header checksum (34-35).
+_SAME = ((1 << (8 * _UDP_HEAD)) - 1) & ~(0xFFFF << (8 * (_UDP_HEAD - 30))) \
+    & ~(0xFFFF << (8 * (_UDP_HEAD - 36)))
+_from_bytes = int.from_bytes
+
+
+class UdpRun:
+    """Consecutive datagrams of one UDP flow that the data plane forwards to one TAP in
+    one wakeup, gathered into one `GSO_UDP_L4` super-frame: one write instead of one per
+    datagram, and the pod's kernel cuts it back into the same datagrams (a TAP write of
+    64-byte datagrams costs 3.3 µs each alone, 0.9 µs each eight at a time:
+    tests/bench/tap_write_cost.py).
+
+    Only what the kernel gives back unchanged is gathered: frames with a virtio-net
+    header asking for the UDP checksum (NEEDS_CSUM at the UDP checksum, as a pod's stack
+    sends over a TAP with checksum offload), IPv4 without options or fragmentation, the
+    same addresses, ports, TOS, DF and TTL, IP ids one apart (the kernel numbers the
+    segments so), equal payload sizes (the last may be shorter), and no padding. The
+    first frame is kept as it came; a run of one is written byte for byte as it came.
+    """
+
+    __slots__ = ("frame", "count", "size", "port", "_n", "_same", "_next_id", "_short")
+
+    def __init__(self) -> None:
+        self.frame = bytearray()
+        self.count = 0
+        self.size = 0
+        self.port: object = None
+        self._n = 0  # the first frame's length
+        self._same = 0  # its headers as a number, IP id and checksum masked out
+        self._next_id = 0
+        self._short = False
+
+    @staticmethod
+    def _eligible(buf: bytearray, n: int) -> bool:
+        # vnet: NEEDS_CSUM only, no GSO, csum_start 34 and csum_offset 6 (little-endian)
+        return (n > _UDP_HEAD and buf[0] == 1 and buf[1] == 0 and buf[6] == 34
+                and buf[7] == 0 and buf[8] == 6 and buf[9] == 0 and buf[24] == 0x45
+                and buf[33] == 17 and buf[30] & 0xBF == 0 and buf[31] == 0
+                and (buf[26] << 8 | buf[27]) == n - 24
+                and (buf[48] << 8 | buf[49]) == n - 44)
+
+    def start(self, port: object, buf: bytearray, n: int) -> bool:
+        """Begin a run with buf[:n] for `port`; False if the frame cannot be gathered."""
+        if not self._eligible(buf, n):
+            return False
+        self.frame = buf[:n]
+        self.count = 1
+        self.size = n - _UDP_HEAD
+        self.port = port
+        self._n = n
+        self._same = _from_bytes(buf[:_UDP_HEAD], "big") & _SAME
+        self._next_id = ((buf[28] << 8 | buf[29]) + 1) & 0xFFFF
+        self._short = False
+        return True
+
+    def extend(self, buf: bytearray, n: int) -> bool:
+        """Append buf[:n] to the run if it continues it (else the caller writes the run
+        first and starts a new one)."""
+        # A datagram of the first one's size continues the run when its 52 header bytes
+        # equal the first one's but for the IP id (the next one) and the IP checksum.
+        if (n == self._n and not self._short and self.count < UDP_RUN_MAX
+                and _from_bytes(buf[:_UDP_HEAD], "big") & _SAME == self._same
+                and (buf[28] << 8 | buf[29]) == self._next_id
+                and len(self.frame) + n - _UDP_HEAD <= 65535):
+            self.frame += buf[_UDP_HEAD:n]  # (a slice: faster here than a memoryview)
+            self.count += 1
+            self._next_id = (self._next_id + 1) & 0xFFFF
+            return True
+        return n < self._n and self._extend_short(buf, n)
+
+    def _extend_short(self, buf: bytearray, n: int) -> bool:
+        """A shorter datagram ends the run (its lengths and partial checksum differ)."""
+        size = n - _UDP_HEAD
+        if (self._short or self.count >= UDP_RUN_MAX or not self._eligible(buf, n)
+                or (buf[28] << 8 | buf[29]) != self._next_id
+                or buf[:10] != self.frame[:10] or buf[10:26] != self.frame[10:26]
+                or buf[30:34] != self.frame[30:34] or buf[36:48] != self.frame[36:48]
+                or len(self.frame) + size > 65535):
+            return False
+        self.frame += buf[_UDP_HEAD:n]
+        self.count += 1
+        self._short = True
+        return True
+
+    def take(self) -> bytearray:
+        """The run as one frame (a super-frame when it holds more than one datagram);
+        the run is empty afterwards."""
+        f = self.frame
+        if self.count > 1:
+            ulen = len(f) - 44
+            old = bytes(f[48:50])
+            new = ulen.to_bytes(2, "big")
+            f[48:50] = new
+            # The UDP checksum field holds the pseudo-header sum (NEEDS_CSUM), which
+            # includes the UDP length; the IPv4 header checksum covers its total length.
+            psum = checksum.adjust_partial(f[50] << 8 | f[51], old, new)
+            f[50:52] = psum.to_bytes(2, "big")
+            old_total = bytes(f[26:28])
+            new_total = (ulen + 20).to_bytes(2, "big")
+            f[26:28] = new_total
+            c = checksum.adjust(f[34] << 8 | f[35], old_total, new_total)
+            f[34:36] = c.to_bytes(2, "big")
+            f[0:10] = vnet_pack(F_NEEDS_CSUM, GSO_UDP_L4, 14 + 28, self.size, 34, 6)
+        self.frame = bytearray()
+        self.count = 0
+        self.port = None
+        return f

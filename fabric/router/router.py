@@ -323,7 +323,7 @@ class Router:
         if h and buf[1] and not self._gso_sane(buf, ip, ihl, total):
             port.drop(DROP_BAD_OFFLOAD)
             return None
-        if pod.mac is None:
+        if pod.l2 is None:  # its MAC is unknown (l2 is set with it; no property call)
             self._learn(pod, buf, h, now)
         if src in self.backend_ips:
             assert self.services is not None

@@ -45,6 +45,10 @@ from collections.abc import Callable, Iterator
 from typing import Any, Protocol, TypeVar, cast
 
 from fabric.errors import FabricError
+from fabric.net import gso
+from fabric.net.coalesce import UdpRun
+from fabric.net.packets import Malformed
+from fabric.net.vnet import VNET_HDR_LEN, ZERO_HDR, VnetHdr
 from fabric.router.droplog import HEAD_BYTES
 from fabric.router.model import DROP_TX_ERROR, DROP_TX_FULL, KIND_TUNNEL, L3_OFF, Port
 from fabric.runtime.timerfd import TimerFd
@@ -52,6 +56,10 @@ from fabric.runtime.timerfd import TimerFd
 log = logging.getLogger("fabricd.dataplane")
 
 BATCH = 256
+# Ports whose frames may leave as UDP GSO super-frames (fabric.net.coalesce.UdpRun): the
+# fabric's own TAPs, whose reader is the pod's kernel. (An interface port's far end may
+# be a VMM that did not negotiate UDP segmentation; socketpair ports have no kernel.)
+UDP_RUN_KINDS = frozenset(("netns",))
 # CPU the tunnel socket may take per loop turn while it stays readable: a flood of
 # handshakes (each a MAC check, a cookie) must leave the pods their turn; the surplus
 # waits in the socket's buffer and, when that is full, the kernel drops it.
@@ -254,6 +262,13 @@ class DataPlane:
         self.timer_fires = 0
         self.tunnel_unknown_namespace = 0
         self.tunnel_yields = 0  # reads of the tunnel socket cut short by TUNNEL_BUDGET
+        # Forwarded small UDP datagrams of one flow to one TAP, gathered in a wakeup and
+        # written as one super-frame (see _readable); ports whose kernel refused one.
+        self._udp = UdpRun()
+        self._udp_owner: Any = None
+        self._udp_refused: set[Port] = set()
+        self.udp_runs = 0  # super-frames written
+        self.udp_run_datagrams = 0  # datagrams they carried
         # The deadline heap: (when, seq, owner); an entry is current while it equals the
         # owner's armed deadline, else it is skipped when it comes up.
         self._heap: list[tuple[float, int, Timed]] = []
@@ -664,6 +679,9 @@ class DataPlane:
         fd = port.fd
         now = time.monotonic()
         k = 0
+        run = self._udp
+        runs_kinds = UDP_RUN_KINDS
+        refused = self._udp_refused
         self.wakeups += 1
         try:
             for k in range(BATCH):  # noqa: B007 (k counts frames)
@@ -688,13 +706,23 @@ class DataPlane:
                 if port.ndrops != d0:
                     self._dropped(owner, port, buf, n, now)
                 if out is not None:
-                    try:
-                        write(out.fd, mv[L3_OFF:n] if out.l3 else mv[:n])
-                    except BlockingIOError:
-                        out.drop(DROP_TX_FULL)
-                        self._dropped(owner, out, buf, n, now)
-                    except OSError as e:
-                        self._tx_error(out, e)
+                    # A TAP's datagram joins the run of its flow (written as one frame
+                    # when the run ends), or starts one; anything else is written now.
+                    if out.kind in runs_kinds and out not in refused:
+                        if run.count and not (run.port is out and run.extend(buf, n)):
+                            self._write_run()
+                        if run.count or run.start(out, buf, n):
+                            if self._udp_owner is not owner:
+                                self._udp_owner = owner
+                            out = None
+                    if out is not None:
+                        try:
+                            write(out.fd, mv[L3_OFF:n] if out.l3 else mv[:n])
+                        except BlockingIOError:
+                            out.drop(DROP_TX_FULL)
+                            self._dropped(owner, out, buf, n, now)
+                        except OSError as e:
+                            self._tx_error(out, e)
                 if owner.outputs:
                     self.flush(owner)
         except Exception:
@@ -702,6 +730,13 @@ class DataPlane:
             self.errors.exception(f"frame:{owner.name}", "%s: dropping a frame that raised",
                                   owner.name)
             owner.outputs.clear()
+        if run.count:  # the frames gathered before were forwarded: they leave
+            try:
+                self._write_run()
+            except Exception:
+                self.errors.exception(f"udp-run:{owner.name}", "%s: a UDP run failed",
+                                      owner.name)
+                run.take()
         self.frames += k
         if owner.touched:  # only what left the fast path can have moved a deadline
             owner.touched = False
@@ -765,6 +800,8 @@ class DataPlane:
     def flush(self, owner: Owner) -> None:
         """Write an owner's queued frames in order; a run of packets for one tunnel
         attachment leaves as one batch through the tunnel link."""
+        if self._udp.count:  # forwarded before these outputs were made: they go first
+            self._write_run()
         outputs = owner.outputs
         write = os.write
         i = 0
@@ -786,6 +823,52 @@ class DataPlane:
                     i += 1
                 self._send_tunnel(out, batch)
         outputs.clear()
+
+    def _write_run(self) -> None:
+        """Write the gathered run of UDP datagrams (one frame, or one super-frame that
+        the pod's kernel cuts back into them). A kernel that refuses the super-frame
+        (EINVAL: no UDP segmentation on TAP writes) gets them one by one, now and for
+        that port from then on."""
+        run = self._udp
+        out = cast(Port, run.port)
+        count = run.count
+        frame = run.take()
+        try:
+            os.write(out.fd, frame)
+        except BlockingIOError:
+            for _ in range(count):
+                out.drop(DROP_TX_FULL)
+            self._dropped(self._udp_owner, out, frame, len(frame), time.monotonic())
+            return
+        except OSError as e:
+            if e.errno == errno.EINVAL and count > 1:
+                log.warning("port %d: the kernel refused a UDP GSO frame; writing its "
+                            "datagrams one by one from now on", out.fd)
+                self._udp_refused.add(out)
+                self._write_segments(out, frame)
+                return
+            for _ in range(count - 1):
+                out.drop(DROP_TX_ERROR)
+            self._tx_error(out, e)
+            return
+        if count > 1:
+            self.udp_runs += 1
+            self.udp_run_datagrams += count
+
+    def _write_segments(self, out: Port, frame: bytearray) -> None:
+        mv = memoryview(frame)
+        try:
+            segments = gso.segment(mv[VNET_HDR_LEN:], VnetHdr.parse(mv))
+        except (Malformed, ValueError):  # cannot happen for a frame UdpRun built
+            out.drop(DROP_TX_ERROR)
+            return
+        for seg in segments:
+            try:
+                os.write(out.fd, ZERO_HDR + seg)
+            except BlockingIOError:
+                out.drop(DROP_TX_FULL)
+            except OSError as e:
+                self._tx_error(out, e)
 
     def _tx_error(self, out: Port, e: OSError) -> None:
         out.drop(DROP_TX_FULL if e.errno == errno.ENOBUFS else DROP_TX_ERROR)

@@ -11,7 +11,8 @@ two shards: two fabricd processes, one namespace each (each in its own worker ne
             so their control sockets and local stacks never meet).
 
 Both sets of pods exist at once and the runs are interleaved. Each run drives both pairs
-with iperf3 (one TCP stream each) at the same time and sums what they received. The
+at the same time with iperf3, one TCP stream each and then 64-byte UDP as fast as it
+goes, and sums what they received. The
 ratio two shards / one shard is the scaling a worker gets from a second core; on this
 2-core machine the iperf3 processes and the kernel's TAP work share those same cores,
 so it is a floor, not the ceiling of a many-core worker.
@@ -69,8 +70,8 @@ class ShardTopology(Topology):
             if d.proc is not None and d.proc.poll() is not None:
                 raise RuntimeError(f"a shard's fabricd exited with {d.proc.returncode}")
 
-    def both(self, layout: str, seconds: int) -> float:
-        """Both pairs at once; the sum of what they received, Gbit/s."""
+    def both(self, layout: str, seconds: int, *args: str) -> list[dict[str, Any]]:
+        """iperf3 on both pairs of a layout at once; their JSON results."""
         self.check_all()
         pairs = self.pairs[layout]
         for (_, b, _), port in zip(pairs, PORTS, strict=True):
@@ -78,36 +79,54 @@ class ShardTopology(Topology):
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             self.sb.wait_port(b, port)
         clients = [self.sb.popen(a, "iperf3", "-c", ip, "-p", str(port), "-J", "-t",
-                                 str(seconds), "--connect-timeout", "3000",
+                                 str(seconds), "--connect-timeout", "3000", *args,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                    for (a, _, ip), port in zip(pairs, PORTS, strict=True)]
-        total = 0.0
+        out = []
         for c in clients:
-            out, err = c.communicate(timeout=seconds + 30)
-            res = json.loads(out or "{}")
+            text, err = c.communicate(timeout=seconds + 30)
+            res = json.loads(text or "{}")
             if c.returncode != 0 or "error" in res:
                 raise RuntimeError(f"iperf3 ({layout}): {res.get('error') or err.strip()}"
                                    f"{self.daemon_state()}")
-            total += res["end"]["sum_received"]["bits_per_second"] / 1e9
-        return total
+            out.append(res)
+        return out
+
+    def tcp(self, layout: str, seconds: int) -> float:
+        """Both pairs' TCP (one stream each), summed, Gbit/s."""
+        return sum(r["end"]["sum_received"]["bits_per_second"]
+                   for r in self.both(layout, seconds)) / 1e9
+
+    def udp(self, layout: str, seconds: int) -> float:
+        """Both pairs' 64-byte UDP as fast as iperf3 sends, received, summed, kpps."""
+        res = self.both(layout, seconds, "-u", "-l", "64", "-b", "0", "-w", "4M")
+        return sum((r["end"]["sum"]["packets"] - r["end"]["sum"]["lost_packets"])
+                   / r["end"]["sum"]["seconds"] for r in res) / 1e3
 
 
 def run(s: Settings) -> Report:
-    r = Report(NAME, f"two pod pairs in two namespaces at once, iperf3 TCP 1 stream each, "
-                     f"{s.seconds} s x {s.runs} runs: one fabricd for both namespaces vs "
-                     f"one fabricd per namespace (interleaved)")
+    r = Report(NAME, f"two pod pairs in two namespaces at once (iperf3 TCP 1 stream each, "
+                     f"then 64-byte UDP), {s.seconds} s x {s.runs} runs: one fabricd for "
+                     f"both namespaces vs one fabricd per namespace (interleaved)")
+    got: dict[str, dict[str, list[float]]] = {k: {"tcp": [], "udp": []} for k in ("one", "two")}
     with ShardTopology() as topo:
-        def measure(layout: str, i: int) -> float:
-            g = topo.both(layout, s.seconds)
-            progress(NAME, f"run {i + 1}/{s.runs} {layout} shard(s): {g:.2f} Gbit/s")
-            return g
+        def measure(layout: str, i: int) -> None:
+            g, k = topo.tcp(layout, s.seconds), topo.udp(layout, s.seconds)
+            got[layout]["tcp"].append(g)
+            got[layout]["udp"].append(k)
+            progress(NAME, f"run {i + 1}/{s.runs} {layout} shard(s): TCP {g:.2f} Gbit/s, "
+                           f"UDP 64 B {k:.0f} kpps")
 
-        got = interleaved(s.runs, {k: (lambda i, k=k: measure(k, i)) for k in ("one", "two")})
+        interleaved(s.runs, {k: (lambda i, k=k: measure(k, i)) for k in ("one", "two")})
         topo.check_all()
-    r.add("one shard (both namespaces)", "Gbit/s", got["one"])
-    r.add("two shards (one namespace each)", "Gbit/s", got["two"])
-    one, two = median(got["one"]), median(got["two"])
-    ratio = two / one if one and two is not None else None
-    r.check("two shards / one shard (medians)", ratio, "x", "> 1 on 2 cores", None)
-    r.extra = {"one_gbps": got["one"], "two_gbps": got["two"]}
+    for layout, label in (("one", "one shard (both namespaces)"),
+                          ("two", "two shards (one namespace each)")):
+        r.add(f"{label}, TCP", "Gbit/s", got[layout]["tcp"])
+        r.add(f"{label}, UDP 64 B received", "kpps", got[layout]["udp"])
+    for key, unit in (("tcp", "TCP"), ("udp", "UDP 64 B")):
+        one, two = median(got["one"][key]), median(got["two"][key])
+        ratio = two / one * 100 if one and two is not None else None
+        r.check(f"two shards / one shard, {unit} (medians)", ratio, "%", "> 100 % on 2 cores",
+                None)
+    r.extra = got
     return r

@@ -5,6 +5,7 @@ heap on its timerfd, control-side calls, the tunnel link between two data planes
 from __future__ import annotations
 
 import asyncio
+import select
 import socket
 import time
 from collections.abc import Iterator
@@ -12,13 +13,13 @@ from collections.abc import Iterator
 import pytest
 from scapy.layers.inet import ICMP, IP, UDP
 
-from fabric.net import packets
+from fabric.net import checksum, packets
 from fabric.router.model import Port
 from fabric.router.router import Router
 from fabric.runtime.dataplane import DataPlane, DataPlaneBusy
 from gateway.egress import EgressNat
 from gateway.uplink import Uplink
-from tests.support.pods import SocketPod
+from tests.support.pods import GW_MAC, SocketPod
 from tunnels.core import TunnelCore
 from tunnels.keys import generate_keypair
 from tunnels.link import TunnelLink
@@ -409,3 +410,71 @@ def test_a_dropped_frame_reaches_the_drop_log_with_its_headers(
     e = entries[0]
     assert (e["pod"], e["reason"], e["src"], e["dst"], e["proto"], e["sport"],
             e["dport"]) == ("a", "spoofed_source", "10.10.0.99", b.ip, "udp", 4444, 53)
+
+
+def test_one_flows_small_datagrams_to_a_tap_leave_as_one_udp_gso_frame_in_order() -> None:
+    """A wakeup's run of one flow's datagrams to a TAP leaves as one super-frame that
+    segments back into them; a frame of another kind in between ends the run first, so
+    the pod sees everything in the order it was sent."""
+    from fabric.net import gso
+    from fabric.net.vnet import GSO_UDP_L4, VnetHdr
+    from tests.unit.test_udp_run import pod_frame
+
+    dp = DataPlane()  # not started: calls run inline and the test drives the reads
+    r = Router("shop", CIDR)
+    a = SocketPod("a", "10.10.0.2", "02:00:0a:0a:00:02", vnet=True)
+    b = SocketPod("b", "10.10.0.3", "02:00:0a:0a:00:03", vnet=True)
+    try:
+        dp.add_owner(r)
+        ports = {}
+        for pod in (a, b):
+            dp.call(r.add_pod, pod.name, pod.ip, pod.mac)
+            ports[pod.name] = port = Port(vnet=True, mtu=1500, fd=pod.take_fd(), kind="netns")
+            r.attach(pod.name, port, time.monotonic(), pod.mac)
+            dp.add_port(r, port)
+
+        def datagram(i: int) -> bytes:
+            f = pod_frame(bytes([i]) * 64, 1000 + i)
+            f[16:22] = a.macb  # pod_frame's addresses are another pod's: make them a's
+            f[36:40] = a.ipb
+            f[40:44] = b.ipb
+            f[34:36] = b"\0\0"
+            f[34:36] = checksum.checksum(f[24:44]).to_bytes(2, "big")
+            f[50:52] = checksum.pseudo_header_sum(a.ipb, b.ipb, 17, 72).to_bytes(2, "big")
+            return bytes(f)
+
+        sent = [datagram(i) for i in range(5)]
+        ping = bytes(10) + packets.eth_header(GW_MAC, a.macb, packets.ETH_P_IP) + \
+            packets.icmp_echo(a.ipb, b.ipb, 1, 1, b"between")
+        sent += [ping] + [datagram(i) for i in range(5, 8)]
+        for f in sent:
+            a.sock.send(f)
+        dp._readable(*dp.ports[ports["a"].fd])
+        got = []
+        while select.select([b.sock], [], [], 0.5)[0]:
+            got.append(b.sock.recv(65536))  # with the virtio-net header
+        assert [f[1] for f in got] == [GSO_UDP_L4, 0, GSO_UDP_L4]
+        segs = []
+        for f in got:
+            if f[1] == GSO_UDP_L4:
+                segs += [bytes(10) + s for s in gso.segment(memoryview(f)[10:], VnetHdr.parse(f))]
+            else:
+                segs.append(f)
+        want = []
+        for f in sent:
+            fwd = bytearray(f)
+            fwd[10:22] = b.macb + GW_MAC
+            fwd[32] -= 1  # TTL
+            fwd[34:36] = b"\0\0"
+            fwd[34:36] = checksum.checksum(fwd[24:44]).to_bytes(2, "big")
+            if fwd[0]:  # NEEDS_CSUM: the segment carries the finished checksum
+                eth = bytearray(fwd[10:])
+                gso.complete_checksum(eth, 34, 6)
+                fwd = bytearray(10) + eth
+            want.append(bytes(fwd))
+        assert segs == want
+        assert dp.udp_runs == 2 and dp.udp_run_datagrams == 8
+    finally:
+        a.close()
+        b.close()
+        dp.close()
