@@ -100,8 +100,9 @@ class ShardTopology(Topology):
     def udp(self, layout: str, seconds: int) -> float:
         """Both pairs' 64-byte UDP as fast as iperf3 sends, received, summed, kpps."""
         res = self.both(layout, seconds, "-u", "-l", "64", "-b", "0", "-w", "4M")
-        return sum((r["end"]["sum"]["packets"] - r["end"]["sum"]["lost_packets"])
-                   / r["end"]["sum"]["seconds"] for r in res) / 1e3
+        return sum((r["end"]["sum_received"]["packets"]
+                    - r["end"]["sum_received"]["lost_packets"])
+                   / r["end"]["sum_received"]["seconds"] for r in res) / 1e3
 
 
 def run(s: Settings) -> Report:
