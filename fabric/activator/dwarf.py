@@ -179,6 +179,8 @@ def parse(wasm: bytes) -> SourceMap:
             problem = _line_rows(wasm, custom, rows, files)
         except RecursionError:
             problem = "debug info nested too deeply"
+        except ImportError:
+            problem = "pyelftools is not installed: no file:line in traps"
         except Exception as e:  # noqa: BLE001 - malformed DWARF: report without file:line
             problem = f"unreadable debug info ({type(e).__name__}: {str(e)[:120]})"
         rows.sort()
