@@ -33,9 +33,11 @@ log = logging.getLogger(__name__)
 
 #: Parsed modules kept (least recently used evicted).
 CACHE_SIZE = 8
-#: Largest line program (one compile unit's, bytes) decoded: pyelftools keeps a state per
-#: row while decoding, ~1 KB per row at worst; a debug build of the http2 activator has 30 KB.
-MAX_LINE_PROGRAM = 512 << 10
+#: Largest line program (one compile unit's, bytes) decoded. pyelftools decodes a whole
+#: program at once, keeping a state per row: a debug build of the http2 activator has 30 KB
+#: of line program, decoded in ~0.14 s, ~5 MB at peak; the bound keeps a first trap's
+#: parse (on the thread that called the guest) near a second at worst.
+MAX_LINE_PROGRAM = 256 << 10
 #: Rows kept per module, compile units, files per line program: bounds on what is stored.
 MAX_ROWS = 500_000
 MAX_UNITS = 4096
