@@ -9,6 +9,8 @@ that C cannot express (more than one memory) is written in the text format and a
 with the pinned ``wasmtime``'s ``wat2wasm``, equally deterministic.
 
 Usage: ``python activators/build.py`` (write) or ``python activators/build.py --check``.
+``python activators/build.py --debug SRC -o OUT`` builds one module with debug info, so
+its traps name the file:line (see ``debug_cflags``); never committed, never checked.
 """
 
 from __future__ import annotations
@@ -76,9 +78,32 @@ CFLAGS: tuple[str, ...] = (
 )
 
 
-def compile_one(src: Path, out: Path, cache: Path) -> None:
-    """Compile one activator; the zig caches live in ``cache`` so builds are hermetic."""
-    rel = str(src.relative_to(ROOT))
+#: What a release build has and a debug build drops: no debug info, stripped output.
+RELEASE_ONLY: frozenset[str] = frozenset(("-g0", "-s", "-Wl,--strip-all", "-fstrip"))
+
+
+def debug_cflags(flags: tuple[str, ...] = CFLAGS) -> tuple[str, ...]:
+    """The flags of a debug build: the release ``flags`` (C, or Zig's with ``-fstrip``)
+    with DWARF (``-g``, for C) and nothing stripped, so a trap names the file:line of the
+    instruction (fabric/activator/dwarf.py reads it) and frames have the functions' own
+    names (the name section). The code is the same as the release build's (same -O2);
+    the module is ~4x bigger (a debug http2.wasm is ~140 KB), far under the daemon's
+    8 MiB module limit (fabric/activator/loader.py MAX_MODULE_BYTES), and the daemon
+    accepts it as any other module. Zig: ``-O ReleaseFast`` without ``-fstrip`` keeps
+    DWARF."""
+    out = [f for f in flags if f not in RELEASE_ONLY]
+    if "-g0" in flags:
+        out.insert(flags.index("-g0"), "-g")
+    return tuple(out)
+
+
+def compile_one(src: Path, out: Path, cache: Path, *, debug: bool = False) -> None:
+    """Compile one activator; the zig caches live in ``cache`` so builds are hermetic.
+    ``debug``: with DWARF and unstripped (``debug_cflags``); a source outside this tree
+    is compiled from its own directory (its DWARF then names files relative to it)."""
+    inside = src.resolve().is_relative_to(ROOT)
+    cwd = ROOT if inside else src.resolve().parent
+    rel = str(src.resolve().relative_to(cwd))
     if src.suffix == ".wat":
         import wasmtime  # only here: the C builds need nothing but ziglang
 
@@ -87,9 +112,10 @@ def compile_one(src: Path, out: Path, cache: Path) -> None:
     env = dict(os.environ, ZIG_GLOBAL_CACHE_DIR=str(cache / "global"),
                ZIG_LOCAL_CACHE_DIR=str(cache / "local"))
     # Run from ROOT with relative paths, so no absolute path can leak into the output.
-    cmd = [sys.executable, "-m", "ziglang", "cc", *CFLAGS, *EXTRA_CFLAGS.get(rel, ()),
-           "-o", str(out), rel]
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True)
+    flags = debug_cflags() if debug else CFLAGS
+    cmd = [sys.executable, "-m", "ziglang", "cc", *flags, *EXTRA_CFLAGS.get(rel, ()),
+           "-o", str(out.resolve()), rel]
+    subprocess.run(cmd, cwd=cwd, env=env, check=True)
 
 
 def build_all(outdir: Path) -> dict[str, Path]:
@@ -116,7 +142,24 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true",
                     help="rebuild into a temp dir and compare with the committed .wasm")
+    ap.add_argument("--debug", metavar="SRC", type=Path,
+                    help="build one C source with debug info (file:line in traps)")
+    ap.add_argument("-o", "--output", metavar="OUT", type=Path,
+                    help="with --debug: the module to write (default: SRC.debug.wasm)")
     args = ap.parse_args(argv)
+    if args.debug is not None:
+        out = args.output or args.debug.with_suffix(".debug.wasm")
+        if not args.debug.is_file():
+            print(f"{args.debug}: no such file", file=sys.stderr)
+            return 2
+        try:
+            with tempfile.TemporaryDirectory(prefix="fab-zig-cache-") as cache:
+                compile_one(args.debug, out, Path(cache), debug=True)
+        except subprocess.CalledProcessError as e:
+            print(f"build failed: {e}", file=sys.stderr)
+            return 2
+        print(f"{out}: {out.stat().st_size} bytes, with debug info")
+        return 0
     if args.check:
         try:
             bad = check()

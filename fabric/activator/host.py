@@ -50,6 +50,7 @@ from fabric.activator.abi import (
     encode_batch,
     payload_len,
 )
+from fabric.activator.dwarf import SourceIndex
 from fabric.activator.loader import (
     MAX_MODULE_BYTES,
     MAX_TABLE_ELEMENTS,
@@ -196,7 +197,7 @@ class ActivatorInstance:
         self._failures += 1
         level = logging.WARNING if self._failures <= 3 else logging.DEBUG
         msg = _trap_message(e)
-        frames = trap_frames(e)
+        frames = trap_frames(e, self.host.source)
         fuel = (self.host.fuel_per_call if reason == "out_of_fuel" else
                 self.last_fuel if where == "process" else 0)
         batch = describe_events(events)
@@ -345,16 +346,23 @@ def _trap_message(e: BaseException) -> str:
     return lines[0]
 
 
-def trap_frames(e: BaseException, limit: int = 8) -> list[str]:
+def trap_frames(e: BaseException, source: SourceIndex | None = None,
+                limit: int = 8) -> list[str]:
     """The wasm frames of a trap, innermost first: the function's name where the
-    module has a name section (debug builds), else its index, with the code offset."""
+    module has a name section (debug builds), else its index, with the code offset,
+    and where the module has DWARF line info (``source``), the file:line:column
+    (``fab_process+0xca (testing/trap.c:6:5)``). The first trap of a module parses its
+    debug info (dwarf.py), once: never on the hot path."""
     if not isinstance(e, wasmtime.Trap):
         return []
     out = []
     try:
         for f in (e.frames or [])[:limit]:
-            name = f.func_name or f"func[{f.func_index}]"
-            out.append(f"{name}+{f.func_offset:#x}")
+            name = f.func_name or (source.function(f.func_index) if source else None)
+            name = name or f"func[{f.func_index}]"
+            frame = f"{name}+{f.func_offset:#x}"
+            loc = source.locate(f.module_offset) if source is not None else None
+            out.append(f"{frame} ({loc})" if loc is not None else frame)
     except Exception:  # noqa: BLE001 - a diagnostic must never fail the host
         return out
     return out
@@ -425,6 +433,8 @@ class ActivatorHost:
                 raise ActivatorError(name, f"{len(wasm)} bytes, over the "
                                            f"{max_module_bytes} byte module limit")
         check_module(wasm, name, memory_limit=memory_limit, table_elements=table_elements)
+        # Debug builds: their DWARF names the file:line of a trap (parsed on the first).
+        self.source = SourceIndex.probe(wasm)
         self.label = label or hashlib.sha256(wasm).hexdigest()[:12]
         self.engine = shared_engine()
         try:
