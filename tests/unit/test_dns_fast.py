@@ -181,3 +181,21 @@ def test_answers_over_the_client_size_are_truncated_by_the_slow_path(monkeypatch
     assert len(DNSRecord.parse(same(fast, slow, big, times=3)).rr) == 60
     assert fast._fast(small) is None and fast._fast(big) is not None
     assert fast.counters["truncated_replies"] == 3
+
+
+def test_repeated_queries_and_any_bytes_type():
+    """The same bytes again (another id) are one lookup; a bytearray or memoryview from
+    an embedder is answered the same."""
+    fast, slow = pair()
+    q = bare_opt(query(f"Web-1.{ZONE}", qid=1), 1232)
+    same(fast, slow, q, times=3)
+    assert q[2:] in fast._exact
+    again = b"\x99\x98" + q[2:]
+    out = same(fast, slow, again)
+    assert out is not None and out[:2] == b"\x99\x98" and out[2:] == fast._exact[q[2:]][0]
+    for kind in (bytearray, memoryview):
+        assert fast.answer_local(kind(again), 0.0) == out  # type: ignore[arg-type]
+        slow.answer_local(again, 0.0)
+    nx = query(f"nope.{ZONE}")
+    same(fast, slow, nx, times=3)
+    assert fast.counters["nxdomain"] == slow.counters["nxdomain"] == 3
