@@ -263,6 +263,13 @@ class DnsCore:
     def handle_query(self, data: bytes, client: Hashable, now: float,
                      tcp: bool = False) -> list[Action]:
         """One whole DNS message from a client (`client` must be hashable)."""
+        if not tcp and type(data) is bytes:
+            reply = self._plain(data)
+            if reply is not None:
+                return [Reply(client, reply)]
+        return self._handle(data, client, now, tcp)
+
+    def _handle(self, data: bytes, client: Hashable, now: float, tcp: bool) -> list[Action]:
         self.counters["queries"] += 1
         try:
             if type(data) is not bytes:  # bytearray/memoryview from the shell: hashable copy
@@ -286,6 +293,22 @@ class DnsCore:
         takes that trip to the full server."""
         if type(data) is not bytes:
             data = bytes(data)
+        reply = self._plain(data)
+        if reply is not None:
+            return reply
+        self._local_only = True
+        try:
+            actions = self._handle(data, None, now, False)
+        finally:
+            self._local_only = False
+        if self._needs_forward:
+            self._needs_forward = False
+            self.counters["queries"] -= 1  # the full server counts it
+            return None
+        return actions[0].data if actions else b""
+
+    def _plain(self, data: bytes) -> bytes | None:
+        """The reply to a plain UDP query with a prebuilt answer (counted), or None."""
         if self.records.version == self._cache_version:
             seen = self._exact.get(data[2:])
             if seen is not None:  # these very bytes were answered: only the id differs
@@ -296,19 +319,7 @@ class DnsCore:
                 if seen[1] is not None:
                     c[seen[1]] += 1
                 return data[:2] + seen[0]
-        fast = self._fast(data)
-        if fast is not None:
-            return fast
-        self._local_only = True
-        try:
-            actions = self.handle_query(data, None, now)
-        finally:
-            self._local_only = False
-        if self._needs_forward:
-            self._needs_forward = False
-            self.counters["queries"] -= 1  # the full server counts it
-            return None
-        return actions[0].data if actions else b""
+        return self._fast(data)
 
     def _fast(self, data: bytes) -> bytes | None:
         """The reply to a plain UDP query whose answer is already built, or None.

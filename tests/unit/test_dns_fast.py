@@ -1,9 +1,10 @@
-"""The local answers' fast path (DnsCore._fast): byte for byte the slow path's replies.
+"""The local answers' fast path (DnsCore._plain, _fast): byte for byte the parser's.
 
 Every query goes to two cores over the same records: one as shipped, one whose fast path
 is switched off, so each reply and each counter of the fast path is checked against what
-`_query` (the full parser) gives for the same bytes: many names, types, classes, cases,
-RD/CD, with and without EDNS, and random and mutated queries.
+`_query` (the full parser) gives for the same bytes, through both entry points (the data
+plane's answer_local, the server's handle_query over UDP and TCP): many names, types,
+classes, cases, RD/CD, with and without EDNS, and random and mutated queries.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 
 from gateway.dns import DnsCore
 from gateway.records import Records
-from tests.unit.test_dns import PODS, ZONE, query, records
+from tests.unit.test_dns import CLIENT, PODS, ZONE, query, records
 
 NAMES = [*(f"{p}.{ZONE}" for p in PODS), ZONE, f"nope.{ZONE}", f"a.b.web-1.{ZONE}",
          f"v1.{ZONE}", "2.0.10.10.in-addr.arpa.", "99.0.10.10.in-addr.arpa.",
@@ -42,6 +43,10 @@ def same(fast: DnsCore, slow: DnsCore, data: bytes, times: int = 2) -> bytes | N
         out = fast.answer_local(data, 0.0)
         assert out == slow.answer_local(data, 0.0)
         assert fast.counters == slow.counters
+        for tcp in (False, True):  # the full server's entry point, over UDP and TCP
+            assert fast.handle_query(data, CLIENT, 0.0, tcp) == \
+                slow.handle_query(data, CLIENT, 0.0, tcp)
+            assert fast.counters == slow.counters
     assert fast.counters["internal_errors"] == 0, fast.last_error
     return out
 
@@ -180,7 +185,7 @@ def test_answers_over_the_client_size_are_truncated_by_the_slow_path(monkeypatch
     assert DNSRecord.parse(same(fast, slow, small, times=3)).header.tc == 1
     assert len(DNSRecord.parse(same(fast, slow, big, times=3)).rr) == 60
     assert fast._fast(small) is None and fast._fast(big) is not None
-    assert fast.counters["truncated_replies"] == 3
+    assert fast.counters["truncated_replies"] == 6  # 3 rounds of answer_local + UDP
 
 
 def test_repeated_queries_and_any_bytes_type():
@@ -196,6 +201,8 @@ def test_repeated_queries_and_any_bytes_type():
     for kind in (bytearray, memoryview):
         assert fast.answer_local(kind(again), 0.0) == out  # type: ignore[arg-type]
         slow.answer_local(again, 0.0)
+        assert fast.handle_query(kind(again), CLIENT, 0.0)[0].data == out  # type: ignore
+        slow.handle_query(again, CLIENT, 0.0)
     nx = query(f"nope.{ZONE}")
     same(fast, slow, nx, times=3)
-    assert fast.counters["nxdomain"] == slow.counters["nxdomain"] == 3
+    assert fast.counters["nxdomain"] == slow.counters["nxdomain"] == 9
