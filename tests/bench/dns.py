@@ -4,7 +4,7 @@ serving the same names on the same machine, both measured with dnsperf.
 fabric:  namespace `bench` (10.50.0.0/24) with 50 pods p00..p49 that live on another
          worker (`worker: other`: in the table, so resolvable, but nothing to attach) and
          one attached pod `client` whose namespace runs dnsperf against the gateway
-         10.50.0.1 (pod -> TAP -> fabricd -> local stack -> fabricd's DNS server).
+         10.50.0.1 (pod -> TAP -> fabricd's data plane, which answers local names itself).
 dnsmasq: the same 50 names (`--host-record`, `--local-ttl=5`, `--no-resolv`,
          `--local=/bench.fabric.internal/`) on 10.52.0.1 in one namespace, dnsperf in
          another joined to it by a veth.
