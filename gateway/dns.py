@@ -9,7 +9,9 @@ Local answers are built with dnslib once per (lower-cased name, type, class, EDN
 and cached as wire bytes; a hit only splices in the query's id and its question bytes, so
 the client gets its own 0x20 case back (the answer's owner names are compression pointers
 into that question). The cache is dropped whenever `Records.version` moves, so record
-changes are visible to the next query.
+changes are visible to the next query. A plain query (one uncompressed question, at most
+a bare OPT) finds its answer through `_fast`, which reads only the header and the
+question with byte ops; everything else, and every miss, goes through the full parser.
 
 Forwarded queries go upstream as the client's raw bytes under a fresh random id (no
 cache-poisoning by id guessing, no collisions between clients); the answer is matched on
@@ -221,6 +223,9 @@ class DnsCore:
         # Forwarded queries, from the client's query to its answer (or SERVFAIL).
         self.upstream_seconds = Histogram(DNS_BUCKETS)
         self._cache: dict[tuple, tuple[bytes, str | None]] = {}
+        # Plain queries' bytes after the id -> the reply's bytes after the id (and its
+        # counter): a client that asks the same way again costs one lookup.
+        self._exact: dict[bytes, tuple[bytes, str | None]] = {}
         self._cache_version = records.version
         self._pending: dict[int, _Pending] = {}
         self._wire: dict[tuple[tuple[str, int], int], _Pending] = {}
@@ -249,6 +254,7 @@ class DnsCore:
         self.upstreams = tuple((str(h), int(p)) for h, p in upstreams)
         self._preferred = 0
         self._cache.clear()
+        self._exact.clear()
         self._cache_version = records.version
         self.answers.clear()  # what the old upstreams said
 
@@ -257,6 +263,13 @@ class DnsCore:
     def handle_query(self, data: bytes, client: Hashable, now: float,
                      tcp: bool = False) -> list[Action]:
         """One whole DNS message from a client (`client` must be hashable)."""
+        if not tcp and type(data) is bytes:
+            reply = self._plain(data)
+            if reply is not None:
+                return [Reply(client, reply)]
+        return self._handle(data, client, now, tcp)
+
+    def _handle(self, data: bytes, client: Hashable, now: float, tcp: bool) -> list[Action]:
         self.counters["queries"] += 1
         try:
             if type(data) is not bytes:  # bytearray/memoryview from the shell: hashable copy
@@ -278,9 +291,14 @@ class DnsCore:
         This is what lets the data plane answer local names straight from the router,
         without the trip through the local stack's kernel sockets; everything else
         takes that trip to the full server."""
+        if type(data) is not bytes:
+            data = bytes(data)
+        reply = self._plain(data)
+        if reply is not None:
+            return reply
         self._local_only = True
         try:
-            actions = self.handle_query(data, None, now)
+            actions = self._handle(data, None, now, False)
         finally:
             self._local_only = False
         if self._needs_forward:
@@ -288,6 +306,85 @@ class DnsCore:
             self.counters["queries"] -= 1  # the full server counts it
             return None
         return actions[0].data if actions else b""
+
+    def _plain(self, data: bytes) -> bytes | None:
+        """The reply to a plain UDP query with a prebuilt answer (counted), or None."""
+        if self.records.version == self._cache_version:
+            seen = self._exact.get(data[2:])
+            if seen is not None:  # these very bytes were answered: only the id differs
+                c = self.counters
+                c["queries"] += 1
+                c["cache_hits"] += 1
+                c["local_answers"] += 1
+                if seen[1] is not None:
+                    c[seen[1]] += 1
+                return data[:2] + seen[0]
+        return self._fast(data)
+
+    def _fast(self, data: bytes) -> bytes | None:
+        """The reply to a plain UDP query whose answer is already built, or None.
+
+        Plain: one uncompressed question, nothing else but at most one bare OPT (version
+        0, no options), opcode QUERY. Only header and question are read, with byte ops;
+        the lookup is the slow path's own key into the same cache, so the reply (the
+        template with the query's id and question spliced in) and every counter are
+        exactly what `_query` would give. Anything else is left to `_query` (None)."""
+        n = len(data)
+        if (n < 17 or data[2] & 0xF8 or data[4] or data[5] != 1 or data[6] or data[7]
+                or data[8] or data[9] or data[10]):
+            return None
+        pos = 12
+        while pos < n:
+            length = data[pos]
+            if length == 0 or length > 63:
+                break
+            pos += length + 1
+        else:
+            return None
+        if length or pos > 266:  # a pointer or a bad label; a name over 255 bytes
+            return None
+        pos += 1
+        q = pos + 4
+        ar = data[11]
+        if ar == 0:
+            if q != n:
+                return None
+            estate = 0
+            limit = MIN_UDP
+        elif ar == 1:
+            # OPT: root owner, type 41, class = UDP size, ext-rcode, version 0, flags,
+            # RDLENGTH 0.
+            if (q + 11 != n or data[q] or data[q + 1] or data[q + 2] != T_OPT
+                    or data[q + 6] or data[q + 9] or data[q + 10]):
+                return None
+            estate = 2 if data[q + 7] & 0x80 else 1
+            limit = data[q + 3] << 8 | data[q + 4]
+            if limit < MIN_UDP:
+                limit = MIN_UDP
+        else:
+            return None
+        if self.records.version != self._cache_version:
+            return None
+        hit = self._cache.get((data[12:pos].lower(), data[pos] << 8 | data[pos + 1],
+                               data[pos + 2] << 8 | data[pos + 3], estate,
+                               (data[2] & 1) << 8 | (data[3] & 0x10)))
+        if hit is None:
+            return None
+        template, kind = hit
+        if len(template) > limit:
+            return None
+        c = self.counters
+        c["queries"] += 1
+        c["cache_hits"] += 1
+        c["local_answers"] += 1
+        if kind is not None:
+            c[kind] += 1
+        reply = data[:2] + template[2:12] + data[12:q] + template[q:]
+        exact = self._exact
+        if len(exact) >= MAX_CACHE:
+            del exact[next(iter(exact))]
+        exact[data[2:]] = (reply[2:], kind)
+        return reply
 
     def _query(self, data: bytes, client: Hashable, now: float, tcp: bool) -> list[Action]:
         c = self.counters
@@ -343,6 +440,7 @@ class DnsCore:
         qlower = qname.lower()
         if self.records.version != self._cache_version:
             self._cache.clear()
+            self._exact.clear()
             self._cache_version = self.records.version
         key = (qlower, qtype, qclass, estate, flags & (RD | CD))
         hit = self._cache.get(key)

@@ -100,6 +100,10 @@ _ADDRS = struct.Struct("!4s4s")
 ZERO_IP = b"\0\0\0\0"
 BROADCAST_IP = b"\xff\xff\xff\xff"
 _from_bytes = int.from_bytes
+# A DNS reply from the gateway, headers in one pack: Ethernet (pod.l2, type), IPv4 (no
+# options, id 0, no DF, TTL 64, UDP), UDP from port 53.
+_DNS_REPLY = struct.Struct("!12sHBBHHHBBH4s4sHHHH")
+_DNS_IP_WORDS = 0x4500 + 0x4011  # the IPv4 header's constant words, for its checksum
 
 
 class EgressCore(Protocol):
@@ -554,10 +558,22 @@ class Router:
         reply = self.dns_local(bytes(buf[l4 + 8:ip + total]), now)
         if reply is None:
             return False
-        if reply:
+        pod = port.pod
+        if reply and pod is not None and pod.l2 is not None:
+            # What send_ip(udp_packet(...)) would queue, built in one pack: both checksums
+            # are sums of big-endian integers modulo 0xFFFF (fabric.net.checksum).
+            dst = bytes(buf[ip + 12:ip + 16])
             sport = buf[l4] << 8 | buf[l4 + 1]
-            self.send_ip(port, packets.udp_packet(self.gw_ip, bytes(buf[ip + 12:ip + 16]), 53,
-                                                  sport, reply, flags_frag=0), now)
+            ulen = 8 + len(reply)
+            addrs = _from_bytes(self.gw_ip, "big") + _from_bytes(dst, "big")
+            s = (_DNS_IP_WORDS + addrs + 20 + ulen) % 0xFFFF
+            ipsum = 0xFFFF - s if s else 0
+            data = _from_bytes(reply, "big") << 8 if ulen & 1 else _from_bytes(reply, "big")
+            s = (addrs + PROTO_UDP + 53 + sport + 2 * ulen + data) % 0xFFFF
+            frame = _DNS_REPLY.pack(pod.l2, ETH_P_IP, 0x45, 0, 20 + ulen, 0, 0, 64, PROTO_UDP,
+                                    ipsum, self.gw_ip, dst, 53, sport, ulen,
+                                    0xFFFF - s if s else 0xFFFF) + reply
+            self._emit(port, ZERO_HDR + frame if port.hlen else frame, port.hlen, now)
         return True
 
     def _dhcp(self, port: Port, pod: Pod, buf: bytearray, h: int, n: int, ip: int, ihl: int,

@@ -91,6 +91,16 @@ def test_dns_local_names(gateway: tuple[Sandbox, Daemon, str, str, str]) -> None
     assert answers(out)[0][4] == "10.40.0.2"
     out = dig(sb, a, "B.ShOp.FaBrIc.InTeRnAl", "A")  # 0x20: the question's case echoed
     assert answers(out)[0][0] == "B.ShOp.FaBrIc.InTeRnAl."
+    # Plain queries (a bare OPT, or none) take the prebuilt answers' fast path: the same
+    # answers, asked twice so the second is a hit on the very same bytes.
+    for opts in (("+nocookie",), ("+noedns",), ("+nocookie", "+dnssec")):
+        for _ in range(2):
+            out = dig(sb, a, *opts, "b.Shop.fabric.internal", "A")
+            assert status(out) == "NOERROR", out
+            assert answers(out) == [["b.Shop.fabric.internal.", "5", "IN", "A", "10.40.0.3"]]
+            assert ("udp: 1232" in out) == ("+noedns" not in opts), out
+        out = dig(sb, a, *opts, "nosuch.shop.fabric.internal")
+        assert status(out) == "NXDOMAIN" and "AUTHORITY: 1" in out, out
     from fabric.control.client import ControlClient
 
     metrics = ControlClient(d.control).get_text("/metrics")
@@ -133,8 +143,11 @@ def test_resolv_conf_and_runtime_pod(gateway: tuple[Sandbox, Daemon, str, str, s
     assert pod["dns"] == {"nameservers": ["10.40.0.1"],
                           "search": ["shop.fabric.internal", "fabric.internal"]}
     assert answers(dig(sb, a, "c.shop.fabric.internal"))[0][4] == "10.40.0.4"
+    for _ in range(2):  # the prebuilt answer, hit on the very same bytes
+        assert answers(dig(sb, a, "+nocookie", "c.shop.fabric.internal"))[0][4] == "10.40.0.4"
     ControlClient(d.control).delete("/v1/namespaces/shop/pods/c")
     assert status(dig(sb, a, "c.shop.fabric.internal")) == "NXDOMAIN"
+    assert status(dig(sb, a, "+nocookie", "c.shop.fabric.internal")) == "NXDOMAIN"
     assert not os.path.exists(f"/etc/netns/{c}/resolv.conf")
     assert d.stop() == 0
     assert not os.path.exists(path)

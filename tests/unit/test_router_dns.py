@@ -5,10 +5,13 @@ from __future__ import annotations
 from ipaddress import IPv4Address
 
 import dnslib
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
 from fabric.net import packets
+from fabric.net.vnet import ZERO_HDR
 from fabric.router.model import L3_OFF, Port
 from fabric.router.router import Router
 from gateway.dns import DnsCore
@@ -87,3 +90,28 @@ def test_truncated_udp_to_the_gateway_in_an_exact_size_buffer() -> None:
                                          packets.mac_bytes(POD_MAC), packets.ETH_P_IP) + pkt)
         r.receive(pa, f, len(f), 1.0)
     assert core.counters["queries"] == 0
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.binary(min_size=12, max_size=600), st.integers(1, 0xFFFF), st.integers(2, 254),
+       st.booleans())
+def test_reply_frames_are_what_udp_packet_builds(reply, sport, host, vnet):
+    """The data plane's DNS reply, packed in one go, is byte for byte the frame
+    send_ip(udp_packet(...)) queues: both checksums, odd and even lengths, either framing."""
+    r = Router("shop", "10.0.0.0/24")
+    ip = f"10.0.0.{host}" if host != 1 else "10.0.0.2"
+    r.add_pod("a", ip, POD_MAC)
+    pa = Port(vnet=vnet, mtu=1500)
+    r.attach("a", pa, 0.0)
+    r.attach_dns(lambda query, now: reply)
+    r.outputs.clear()
+    q = dnslib.DNSRecord.question("a.shop.fabric.internal").pack()
+    pkt = packets.udp_packet(packets.ip_bytes(ip), packets.ip_bytes("10.0.0.1"), sport, 53, q)
+    f = bytearray((ZERO_HDR if vnet else b"") + packets.eth_header(
+        packets.mac_bytes("02:fb:00:00:00:01"), packets.mac_bytes(POD_MAC),
+        packets.ETH_P_IP) + pkt)
+    assert r.receive(pa, f, len(f), 1.0) is None
+    expect = packets.eth_header(packets.mac_bytes(POD_MAC), r.gw_mac, packets.ETH_P_IP) + \
+        packets.udp_packet(r.gw_ip, packets.ip_bytes(ip), 53, sport, reply, flags_frag=0)
+    assert r.outputs == [(pa, (ZERO_HDR if vnet else b"") + expect)]
+    assert pa.tx_packets == 1 and not pa.drops
