@@ -46,6 +46,7 @@
 #define F_RESET 64
 #define F_GRPC 128
 #define F_TSET 256       /* t0 is a real time */
+#define F_RESP 512       /* the backend's response headers arrived */
 
 /* upstream states */
 #define UP_NONE 0
@@ -89,6 +90,9 @@ typedef struct conn {
     u32 b_goaway, b_last;
     u32 ga;                /* 0, 1 (2^31-1 + PING sent), 2 (real last id sent) */
     u32 cli_goaway;
+    u32 cli_fin;           /* the client's FIN came: finish the streams in flight, then close */
+    u32 b_maxcs;           /* the backend's SETTINGS_MAX_CONCURRENT_STREAMS */
+    u64 fin_t;             /* after cli_fin: the FIN, or the last bytes sent since */
     /* from here on: reset by their own init, not zeroed */
     struct fab_h2_reader cin, bin;
     u8 chb[HB_CAP];
@@ -113,10 +117,11 @@ static u32 epoch;
 static u32 budget;
 
 /* counters reported with `count` actions at the end of each call */
-enum { C_PINGS, C_HOLD_TIMEOUTS, C_REFUSED, C_PROTO_ERRORS, C_BACKEND_GOAWAYS, C_STREAMS, NCOUNT };
+enum { C_PINGS, C_HOLD_TIMEOUTS, C_REFUSED, C_PROTO_ERRORS, C_BACKEND_GOAWAYS, C_STREAMS,
+       C_UP_TIMEOUTS, C_CONN_REFUSED, NCOUNT };
 static const char *const COUNT_NAME[NCOUNT] = {
     "pings_answered", "hold_timeouts", "streams_refused_h2", "protocol_errors",
-    "backend_goaways", "requests"};
+    "backend_goaways", "requests", "upstream_timeouts", "connections_refused"};
 static u32 counts[NCOUNT], count_len[NCOUNT];
 
 static u8 D[SCR_CAP], U[SCR_CAP];
@@ -256,10 +261,12 @@ static void rst2c(conn *c, strm *s, u32 sid, u32 code) {
     push2c(c, s, FAB_H2_RST_STREAM, 0, sid, b, 4);
 }
 
-static void rst2b(conn *c, u32 sid, u32 code) {
+/* s (or 0) counts the record, so the stream stays open toward the backend's limit
+ * (SETTINGS_MAX_CONCURRENT_STREAMS) until the RST_STREAM is written. */
+static void rst2b(conn *c, strm *s, u32 sid, u32 code) {
     u8 b[4];
     fab_put_be32(b, code);
-    push2b(c, 0, FAB_H2_RST_STREAM, 0, sid, b, 4);
+    push2b(c, s, FAB_H2_RST_STREAM, 0, sid, b, 4);
 }
 
 static void goaway2c(conn *c, u32 last, u32 code) {
@@ -408,7 +415,7 @@ static void cli_header_block(conn *c, u32 sid, u32 flags) {
             s->flags |= F_RESET;
             if (s->flags & F_SENT_UP) {
                 purge_to_backend(c, s);
-                rst2b(c, sid, FAB_H2_CANCEL);
+                rst2b(c, s, sid, FAB_H2_CANCEL);
             }
         }
         return;
@@ -510,7 +517,7 @@ static void cli_frame(conn *c, const struct fab_h2_frame *f) {
         purge_to_client(c, s);
         purge_to_backend(c, s);
         if ((s->flags & F_SENT_UP) && c->up == UP_OPEN)
-            push2b(c, 0, FAB_H2_RST_STREAM, 0, sid, p, 4);
+            push2b(c, s, FAB_H2_RST_STREAM, 0, sid, p, 4);
         return;
     }
     case FAB_H2_SETTINGS:
@@ -591,7 +598,7 @@ static void b_header_block(conn *c, u32 sid, u32 flags) {
         purge_to_client(c, s);
         rst2c(c, s, sid, FAB_H2_INTERNAL_ERROR);
         purge_to_backend(c, s);
-        rst2b(c, sid, FAB_H2_CANCEL);
+        rst2b(c, s, sid, FAB_H2_CANCEL);
         s->flags |= F_RESET;
         return;
     }
@@ -600,6 +607,7 @@ static void b_header_block(conn *c, u32 sid, u32 flags) {
         return;
     }
     s->qc++;
+    s->flags |= F_RESP;
     if (end) s->flags |= F_SRV_END;
 }
 
@@ -696,6 +704,8 @@ static void b_frame(conn *c, const struct fab_h2_frame *f) {
                     if (c->st[k].flags & F_USED) c->st[k].b_send += dw;
             } else if (id == FAB_H2_SETTINGS_MAX_FRAME_SIZE) {
                 c->b_maxf = v;
+            } else if (id == FAB_H2_SETTINGS_MAX_CONCURRENT_STREAMS) {
+                c->b_maxcs = v;
             }
         }
         push2b(c, 0, FAB_H2_SETTINGS, FAB_H2_ACK, 0, 0, 0);
@@ -757,10 +767,24 @@ static void b_input(conn *c, const u8 *p, u32 n) {
 }
 
 /* ---- serialising queued frames within the peers' windows ---- */
+/* Streams the backend counts toward its SETTINGS_MAX_CONCURRENT_STREAMS: sent to it and
+ * not closed both ways, or with frames (END_STREAM, RST_STREAM) still queued toward it. */
+static u32 up_active(conn *c) {
+    u32 n = 0;
+    for (u32 i = 0; i < NSTREAMS; i++) {
+        strm *s = &c->st[i];
+        n += (s->flags & F_SENT_UP) && (is_open(s) || s->qb);
+    }
+    return n;
+}
+
 static void flush_q(conn *c, int toclient, u8 *out, u32 cap, u32 *ol) {
     queue *q = toclient ? &c->q2c : &c->q2b;
     u32 maxf = toclient ? (c->c_maxf < MAXF ? c->c_maxf : MAXF) : c->b_maxf;
     u32 r = 0, w = 0, full = 0;
+    /* new streams toward the backend: none before its SETTINGS (its limit), then within
+     * it; the excess waits in the queue, in order (held, so the hold timeout applies) */
+    u32 upn = toclient ? 0 : up_active(c);
     epoch++;
     while (r < q->len) {
         u8 *rec = q->buf + r;
@@ -806,6 +830,9 @@ static void flush_q(conn *c, int toclient, u8 *out, u32 cap, u32 *ol) {
                 } else if (sent == n) {
                     done = 1;
                 }
+            } else if (type == FAB_H2_HEADERS && !toclient && s && !(s->flags & F_SENT_UP) &&
+                       (!c->b_settings || upn >= c->b_maxcs)) {
+                /* waits for a backend stream slot */
             } else if (type == FAB_H2_HEADERS) {
                 i32 prefix = -1;
                 if (toclient ? c->c_tsu : c->b_tsu) prefix = fab_hpack_size_update0;
@@ -817,6 +844,7 @@ static void flush_q(conn *c, int toclient, u8 *out, u32 cap, u32 *ol) {
                         if (s && !(s->flags & F_SENT_UP)) {
                             s->flags |= F_SENT_UP;
                             s->flags &= ~F_QUEUED_UP;
+                            upn++;
                         }
                         if (sid > c->max_upid) c->max_upid = sid;
                     }
@@ -934,7 +962,10 @@ static int flush_conn(conn *c) {
         c->b_credit = 0;
     }
     if (c->up_close && cap - ulen >= 17) ulen += fab_h2_goaway(U + ulen, 0, c->up_close - 1);
-    if (dlen) fab_send(c->sid, D, dlen);
+    if (dlen) {
+        fab_send(c->sid, D, dlen);
+        if (c->cli_fin) c->fin_t = fab_now();
+    }
     if (ulen) fab_upstream_send(c->sid, U, ulen);
     if (c->up_close) {
         fab_upstream_close(c->sid);
@@ -948,7 +979,8 @@ static int flush_conn(conn *c) {
             c->nused--;
         }
     }
-    if ((c->ga == 2 || c->cli_goaway) && !open_count(c) && !c->q2c.len) close_conn(c);
+    if ((c->ga == 2 || c->cli_goaway || c->cli_fin) && !open_count(c) && !c->q2c.len)
+        close_conn(c);
     return 1;
 }
 
@@ -987,6 +1019,7 @@ static conn *open_conn(u32 sid) {
     c->c_maxf = c->b_maxf = MAXF;
     c->c_tsu = 1;
     c->b_last = 0x7fffffff;
+    c->b_maxcs = 0xffffffff;  /* until the backend's SETTINGS say (none is sent before) */
     u8 s[6];
     fab_h2_put_setting(s, FAB_H2_SETTINGS_MAX_CONCURRENT_STREAMS, MAX_OPEN);
     push2c(c, 0, FAB_H2_SETTINGS, 0, 0, s, 6);
@@ -1028,20 +1061,33 @@ static void on_tick(u64 t) {
             strm *s = &c->st[k];
             if (!(s->flags & F_USED)) continue;
             if (!(s->flags & F_TSET)) { s->t0 = t; s->flags |= F_TSET; continue; }
-            if (!is_open(s) || !(s->flags & F_QUEUED_UP) || (s->flags & (F_SENT_UP | F_LOCAL)))
-                continue;
+            if (!is_open(s) || (s->flags & (F_LOCAL | F_RESP))) continue;
+            /* held (queued, not sent), or sent to a backend that never answered (frozen
+             * and never thawed): the same deadline, from the request's arrival */
+            u32 sent = (s->flags & F_SENT_UP) != 0;
+            if (!sent && !(s->flags & F_QUEUED_UP)) continue;
             u64 age = t - s->t0;
             u32 grpc_expired = (s->flags & F_GRPC) && s->gto && s->gto < hold_timeout_ms &&
                                age >= s->gto;
             if (age >= hold_timeout_ms || grpc_expired) {
+                if (sent) {
+                    purge_to_backend(c, s);
+                    if (c->up == UP_OPEN) rst2b(c, s, s->id, FAB_H2_CANCEL);
+                    counts[C_UP_TIMEOUTS]++;
+                }
                 local_reply(c, s, !(s->flags & F_GRPC) ? LR_503
                                   : grpc_expired ? LR_GRPC_DEADLINE : LR_GRPC_UNAVAILABLE);
+                if (sent) s->flags |= F_RESET;  /* late backend frames: decoded, dropped */
                 c->dirty = 1;
                 counts[C_HOLD_TIMEOUTS]++;
             }
         }
         if (c->q2c.len || c->q2b.len || c->c_credit || c->b_credit) c->dirty = 1;
         if (c->up == UP_NONE && backend_state != 2) c->dirty = 1;
+        /* half-closed, and nothing could be sent for twice the hold: the client is gone
+         * (a reset, or it never reads); drop the connection rather than keep it forever */
+        if (c->cli_fin && !c->fin_t) c->fin_t = t;
+        if (c->cli_fin && t - c->fin_t >= 2ull * hold_timeout_ms) close_conn(c);
     }
 }
 
@@ -1067,15 +1113,32 @@ static void on_open(u32 sid, u32 port) {
 
 static void on_data(u32 sid, const u8 *p, u32 n) {
     conn *c = find_conn(sid);
-    if (!c) return;
+    if (!c || c->cli_fin) return;
     c->dirty = 1;
     cli_input(c, p, n);
     event_done(c);
 }
 
+/* The client will send no more (FIN, reset or error). A FIN after the last request is
+ * a half-close: streams whose request is complete still get their responses, then the
+ * connection is closed (flush_conn); a request the client had not finished never will
+ * be, so it is cancelled toward the backend. After a reset the host drops what is sent,
+ * and the same path only costs the backend work already asked for. */
 static void on_close(u32 sid) {
     conn *c = find_conn(sid);
-    if (c) close_conn(c);
+    if (!c) return;
+    c->cli_fin = 1;
+    c->fin_t = fab_now();
+    c->dirty = 1;
+    for (u32 i = 0; i < NSTREAMS; i++) {
+        strm *s = &c->st[i];
+        if (!is_open(s) || (s->flags & F_CLI_END)) continue;
+        purge_to_backend(c, s);
+        if ((s->flags & F_SENT_UP) && c->up == UP_OPEN) rst2b(c, s, s->id, FAB_H2_CANCEL);
+        purge_to_client(c, s);
+        s->flags |= F_RESET;
+    }
+    if (!open_count(c)) close_conn(c);
 }
 
 static void on_upstream_result(u32 sid, int ok) {

@@ -93,7 +93,9 @@ def _connected(r: Recorder) -> tuple[h2.connection.H2Connection, h2.connection.H
     c.send_headers(1, _request("/warm"), end_stream=True)
     r.send(abi.StreamData(SID, c.data_to_send()))
     s = _peer(False)
-    r.send(abi.UpstreamConnectResult(SID, 1))
+    # a backend sends its SETTINGS on accept: they come with the connect's result (the
+    # SDK build sends no request before them, to learn the backend's stream limit)
+    r.send(abi.UpstreamConnectResult(SID, 1), abi.UpstreamData(SID, s.data_to_send()))
     s.receive_data(r.take_up())
     s.send_headers(1, [(":status", "200")], end_stream=True)
     r.send(abi.UpstreamData(SID, s.data_to_send()))

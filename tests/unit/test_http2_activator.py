@@ -14,6 +14,7 @@ from typing import Any
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h2.settings
 from hyperframe.frame import Frame, PingFrame
@@ -254,6 +255,121 @@ def test_grpc_trailers_only_on_hold_timeout_honouring_grpc_timeout() -> None:
         assert resp[5][":status"] == "503"
         assert r.g.need == NONE
         assert r.g.failed == 0
+    finally:
+        r.close()
+
+
+
+def test_request_sent_to_a_backend_that_never_answers_times_out() -> None:
+    """A backend that took the request and froze for good: the hold timeout still ends it,
+    natively (503; gRPC UNAVAILABLE, or DEADLINE_EXCEEDED for a shorter grpc-timeout),
+    and the backend gets RST_STREAM(CANCEL)."""
+    r = Rig({"hold_timeout_ms": 2000})
+    try:
+        grpc = {"content_type": "application/grpc", "te": "trailers"}
+        r.g.tick(1000)
+        r.c.send_headers(1, req("/plain"), end_stream=True)
+        r.c.send_headers(3, req("/svc/Call", "POST", **grpc))
+        r.c.send_data(3, b"\x00\x00\x00\x00\x00", end_stream=True)
+        r.c.send_headers(5, req("/svc/Fast", "POST", grpc_timeout="500m", **grpc),
+                         end_stream=True)
+        r.pump()
+        r.connect_backend()
+        assert {e.stream_id for e in r.of(r.sev, h2.events.RequestReceived)} == {1, 3, 5}
+        r.g.tick(1400)
+        r.pump()
+        assert not r.responses()
+        r.g.tick(1600)  # 600 ms: past stream 5's grpc-timeout only
+        r.pump()
+        assert list(r.responses()) == [5]
+        assert r.responses()[5]["grpc-status"] == "4"
+        r.g.tick(3100)  # the hold (2 s from arrival) runs out for 1 and 3
+        r.pump()
+        resp = r.responses()
+        assert resp[1][":status"] == "503"
+        assert resp[3]["grpc-status"] == "14" and resp[3][":status"] == "200"
+        resets = {e.stream_id: e.error_code for e in r.of(r.sev, h2.events.StreamReset)}
+        assert resets == {1: h2.errors.ErrorCodes.CANCEL, 3: h2.errors.ErrorCodes.CANCEL,
+                          5: h2.errors.ErrorCodes.CANCEL}
+        assert r.g.need == NONE
+        # the backend thaws: the connection still serves
+        r.c.send_headers(7, req("/after"), end_stream=True)
+        r.pump()
+        r.respond(7, extra=[("x-late", "yes")])
+        assert r.responses()[7][":status"] == "200"
+        assert r.g.failed == 0
+    finally:
+        r.close()
+
+
+def test_backend_max_concurrent_streams_kept_and_excess_queued_in_order() -> None:
+    """A backend that allows 2 streams and a client with 10 at once: the backend never
+    sees more than 2 open (h2 would raise), gets them in order, and all 10 succeed."""
+    r = Rig()
+    try:
+        for i in range(1, 21, 2):
+            r.c.send_headers(i, req(f"/{i}"), end_stream=True)
+        r.pump()
+        s = h2.connection.H2Connection(h2.config.H2Configuration(
+            client_side=False, header_encoding="utf-8"))
+        s.local_settings = h2.settings.Settings(client=False, initial_values={
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 2})
+        s.initiate_connection()
+        r.s = s
+        r.g.connected(SID)
+        r.pump()
+        answered: list[int] = []
+        peak = 0
+        for _ in range(30):
+            peak = max(peak, s.open_inbound_streams)
+            todo = [e.stream_id for e in r.of(r.sev, h2.events.RequestReceived)
+                    if e.stream_id not in answered]
+            if not todo:
+                break
+            for i in todo:
+                answered.append(i)
+                r.respond(i, body=b"ok")
+        assert peak == 2
+        assert answered == list(range(1, 21, 2))
+        assert sorted(r.responses()) == list(range(1, 21, 2))
+        assert all(h[":status"] == "200" for h in r.responses().values())
+        assert not r.of(r.cev, h2.events.StreamReset)
+        assert r.g.need == NONE
+    finally:
+        r.close()
+
+
+def test_client_half_close_finishes_the_streams_in_flight() -> None:
+    """The client's FIN after its last request (stream_close): responses still in flight,
+    held or at the backend, are delivered; an unfinished request is cancelled; then the
+    connection closes."""
+    r = Rig()
+    try:
+        r.c.send_headers(1, req("/a"), end_stream=True)
+        r.pump()
+        r.connect_backend()
+        r.c.send_headers(3, req("/b"), end_stream=True)
+        r.c.send_headers(5, req("/upload", "POST"))  # body never finished
+        r.pump()
+        r.c.send_headers(7, req("/held"), end_stream=True)
+        r.g.client(SID, r.c.data_to_send())
+        r.g.client_close(SID)  # FIN
+        assert not r.g.streams[SID].downstream_closed
+        r.pump()
+        resets = {e.stream_id: e.error_code for e in r.of(r.sev, h2.events.StreamReset)}
+        assert resets == {5: h2.errors.ErrorCodes.CANCEL}
+        r.respond(3, body=b"bee")
+        r.respond(1, body=b"a" * 16000)
+        assert not r.g.streams[SID].downstream_closed
+        r.respond(7, body=b"seven")
+        resp = r.responses()
+        assert sorted(resp) == [1, 3, 7] and all(h[":status"] == "200" for h in resp.values())
+        got = {e.stream_id: 0 for e in r.of(r.cev, h2.events.DataReceived)}
+        for e in r.of(r.cev, h2.events.DataReceived):
+            got[e.stream_id] += len(e.data)
+        assert got == {1: 16000, 3: 3, 7: 5}
+        assert r.g.streams[SID].downstream_closed and r.g.streams[SID].upstream_closed
+        assert r.g.need == NONE
     finally:
         r.close()
 
@@ -515,7 +631,9 @@ def test_connection_limit_and_memory() -> None:
         for sid in range(1, 5):
             g.open(sid)
             c = client_conn()
-            c.send_headers(1, req("/"), end_stream=True)
+            # connection 2's request stays unfinished: its FIN below ends it (a finished
+            # request would keep the half-closed connection until its response)
+            c.send_headers(1, req("/"), end_stream=sid != 2)
             g.client(sid, c.data_to_send())
             assert g.to_client(sid)[3] == 4  # SETTINGS first
         g.open(5)
