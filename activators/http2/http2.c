@@ -1048,8 +1048,46 @@ static void on_batch_begin(void) {
     budget = fab_action_budget(live);
 }
 
+/* Past max_connections a connection is refused the RFC 9113 way: the server preface
+ * (SETTINGS, MAX_CONCURRENT_STREAMS 0) and GOAWAY(last stream 0, NO_ERROR): nothing was
+ * processed, every request is safe to retry elsewhere (8.7), and NO_ERROR is not taken
+ * for abuse (grpc reads ENHANCE_YOUR_CALM as "too many pings"). The connection then stays
+ * open, its bytes read and dropped, until the client closes it or a second passes: a
+ * close with unread bytes would be a TCP reset, which can destroy the GOAWAY before the
+ * client reads it. */
+#define NREFUSED 256
+FAB_TABLE(refused, u64, NREFUSED);  /* sid -> the time it was refused (0: before a tick) */
+
+static void refuse(u32 sid) {
+    u8 b[32];
+    static const u32 settings[] = {FAB_H2_SETTINGS_MAX_CONCURRENT_STREAMS, 0};
+    u32 n = fab_h2_settings(b, settings, 1);
+    n += fab_h2_goaway(b + n, 0, FAB_H2_NO_ERROR);
+    fab_send(sid, b, n);
+    counts[C_CONN_REFUSED]++;
+    u64 *t = fab_table_add(&refused, sid);
+    if (t) *t = fab_now();
+    else fab_close(sid);
+    logmsg(FAB_WARNING, "http2: connection limit reached, connection refused (GOAWAY)");
+}
+
+static int refused_event(u32 sid, int closing) {
+    u64 *t = fab_table_get(&refused, sid);
+    if (!t) return 0;
+    if (closing) {
+        fab_close(sid);
+        fab_table_del(&refused, t);
+    }
+    return 1;
+}
+
 static void on_tick(u64 t) {
     have_now = 1;
+    u64 *rt;
+    for (u32 it = 0; (rt = fab_table_next(&refused, &it));) {
+        if (!*rt) *rt = t;
+        else if (t - *rt >= 1000) refused_event(fab_table_key(&refused, rt), 1);
+    }
     if (backend_state == 2 && t - last_retry >= 1000) {
         backend_state = 0;  /* retry once a second in case an availability event was missed */
         last_retry = t;
@@ -1104,16 +1142,13 @@ static void on_backend_unavailable(void) {
 
 static void on_open(u32 sid, u32 port) {
     (void)port;
-    if (find_conn(sid)) return;
-    if (!open_conn(sid)) {
-        fab_close(sid);
-        logmsg(FAB_WARNING, "http2: connection limit reached, connection closed");
-    }
+    if (find_conn(sid) || refused_event(sid, 0)) return;
+    if (!open_conn(sid)) refuse(sid);
 }
 
 static void on_data(u32 sid, const u8 *p, u32 n) {
     conn *c = find_conn(sid);
-    if (!c || c->cli_fin) return;
+    if (!c || c->cli_fin) { refused_event(sid, 0); return; }
     c->dirty = 1;
     cli_input(c, p, n);
     event_done(c);
@@ -1126,7 +1161,7 @@ static void on_data(u32 sid, const u8 *p, u32 n) {
  * and the same path only costs the backend work already asked for. */
 static void on_close(u32 sid) {
     conn *c = find_conn(sid);
-    if (!c) return;
+    if (!c) { refused_event(sid, 1); return; }
     c->cli_fin = 1;
     c->fin_t = fab_now();
     c->dirty = 1;

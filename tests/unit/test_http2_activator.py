@@ -625,6 +625,16 @@ def test_idle_connections_do_not_pin_a_backend() -> None:
         r.close()
 
 
+def refused_by_goaway(g: StreamGuest, sid: int) -> None:
+    """The connection was refused the RFC 9113 way: server preface, GOAWAY(0, NO_ERROR)."""
+    c = client_conn()
+    g.client(sid, c.data_to_send())
+    ev = c.receive_data(g.to_client(sid))
+    gone = [e for e in ev if isinstance(e, h2.events.ConnectionTerminated)]
+    assert gone and gone[0].error_code == 0 and gone[0].last_stream_id == 0
+    assert not g.streams[sid].downstream_closed
+
+
 def test_connection_limit_and_memory() -> None:
     g = StreamGuest(WASM, {"max_connections": 4})
     try:
@@ -637,8 +647,16 @@ def test_connection_limit_and_memory() -> None:
             g.client(sid, c.data_to_send())
             assert g.to_client(sid)[3] == 4  # SETTINGS first
         g.open(5)
-        assert g.streams[5].downstream_closed and not g.streams[5].client
+        refused_by_goaway(g, 5)
         assert any("connection limit" in m for _, m in g.logs)
+        g.client_close(5)  # the refused client closes: so does the activator
+        assert g.streams[5].downstream_closed
+        g.open(7)
+        g.tick(100)
+        g.tick(1000)
+        assert not g.streams[7].downstream_closed
+        g.tick(1100)  # or a second after the GOAWAY
+        assert g.streams[7].downstream_closed
         g.client_close(2)
         g.open(6)  # a freed connection is reused
         assert not g.streams[6].downstream_closed
@@ -655,7 +673,13 @@ def test_default_connection_limit_fits_the_memory_limit() -> None:
             c = client_conn()
             c.send_headers(1, req("/"), end_stream=True)
             g.client(sid, c.data_to_send())
-        assert [sid for sid in range(1, 34) if g.streams[sid].downstream_closed] == [33]
+        assert not any(g.streams[sid].downstream_closed for sid in range(1, 34))
+        refused_by_goaway(g, 33)
+        counters: dict[str, int] = {}
+        for a in g.actions:
+            if isinstance(a, abi.Count):
+                counters[a.name] = counters.get(a.name, 0) + a.n
+        assert counters.get("connections_refused") == 1
         assert g.failed == 0 and g.host.stats.memory_cap == 0
     finally:
         g.close()
