@@ -784,7 +784,8 @@ static void flush_q(conn *c, int toclient, u8 *out, u32 cap, u32 *ol) {
     u32 r = 0, w = 0, full = 0;
     /* new streams toward the backend: none before its SETTINGS (its limit), then within
      * it; the excess waits in the queue, in order (held, so the hold timeout applies) */
-    u32 upn = toclient ? 0 : up_active(c);
+    u32 limit = !toclient && c->nused > c->b_maxcs;  /* else the limit cannot be reached */
+    u32 upn = limit ? up_active(c) : 0;
     epoch++;
     while (r < q->len) {
         u8 *rec = q->buf + r;
@@ -831,7 +832,7 @@ static void flush_q(conn *c, int toclient, u8 *out, u32 cap, u32 *ol) {
                     done = 1;
                 }
             } else if (type == FAB_H2_HEADERS && !toclient && s && !(s->flags & F_SENT_UP) &&
-                       (!c->b_settings || upn >= c->b_maxcs)) {
+                       (!c->b_settings || (limit && upn >= c->b_maxcs))) {
                 /* waits for a backend stream slot */
             } else if (type == FAB_H2_HEADERS) {
                 i32 prefix = -1;
