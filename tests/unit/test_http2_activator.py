@@ -665,22 +665,89 @@ def test_connection_limit_and_memory() -> None:
         g.close()
 
 
-def test_default_connection_limit_fits_the_memory_limit() -> None:
+def test_1024_idle_connections_fit_the_memory_limit_and_the_next_is_refused() -> None:
+    """An idle connection keeps only its bookkeeping and the client's HPACK table (the
+    rest comes from a pool while busy): 1,024 of them, every one answering a PING, plus
+    every work block in use, stay under the 16 MiB limit; the 1,025th is refused."""
     g = StreamGuest(WASM, {})
     try:
-        for sid in range(1, 34):
+        g.tick(1)
+        cs = {}
+        for sid in range(1, 1025):
             g.open(sid)
-            c = client_conn()
-            c.send_headers(1, req("/"), end_stream=True)
+            c = cs[sid] = client_conn()
+            c.ping(b"idle%04d" % sid)
             g.client(sid, c.data_to_send())
-        assert not any(g.streams[sid].downstream_closed for sid in range(1, 34))
-        refused_by_goaway(g, 33)
+            ev = c.receive_data(g.to_client(sid))
+            assert any(isinstance(e, h2.events.PingAckReceived) for e in ev), sid
+        for sid in range(1, 41):  # busy (held requests): 18 blocks, the rest wait paused
+            cs[sid].send_headers(1, req("/"), end_stream=True)
+            g.client(sid, cs[sid].data_to_send())
+        assert sum(g.streams[sid].paused for sid in range(1, 41)) == 40 - 18
+        g.open(1025)
+        refused_by_goaway(g, 1025)
         counters: dict[str, int] = {}
         for a in g.actions:
             if isinstance(a, abi.Count):
                 counters[a.name] = counters.get(a.name, 0) + a.n
         assert counters.get("connections_refused") == 1
         assert g.failed == 0 and g.host.stats.memory_cap == 0
+        assert g.host.instance(80)._size < 15 * 2**20
+    finally:
+        g.close()
+
+
+def test_500_concurrent_connections_all_served() -> None:
+    """500 client connections with a request each, at once, each with its own backend:
+    at most 18 are busy at a time (the others paused, their first bytes kept) and every
+    request gets its response."""
+    g = StreamGuest(WASM, {"hold_timeout_ms": 60000})
+    n = 500
+    try:
+        g.tick(1)
+        cs: dict[int, h2.connection.H2Connection] = {}
+        ss: dict[int, h2.connection.H2Connection] = {}
+        got: dict[int, str] = {}
+        for sid in range(1, n + 1):
+            g.open(sid)
+            c = cs[sid] = client_conn()
+            c.send_headers(1, req(f"/{sid}"), end_stream=True)
+            g.client(sid, c.data_to_send())
+        for _ in range(200):
+            moved = False
+            for sid in range(1, n + 1):
+                v = g.streams[sid]
+                if v.connects and sid not in ss:
+                    ss[sid] = server_conn()
+                    g.connected(sid)
+                    moved = True
+                down = g.to_client(sid)
+                if down:
+                    for e in cs[sid].receive_data(down):
+                        if isinstance(e, h2.events.ResponseReceived):
+                            got[sid] = dict(e.headers)[":status"]
+                    moved = True
+                out = cs[sid].data_to_send()
+                if out and not v.paused:
+                    g.client(sid, out)
+                    moved = True
+                if sid in ss:
+                    up = g.to_backend(sid)
+                    if up:
+                        for e in ss[sid].receive_data(up):
+                            if isinstance(e, h2.events.RequestReceived):
+                                ss[sid].send_headers(e.stream_id, [(":status", "200")],
+                                                     end_stream=True)
+                        moved = True
+                    out = ss[sid].data_to_send()
+                    if out:
+                        g.backend(sid, out)
+                        moved = True
+            if not moved:
+                break
+        assert len(got) == n and set(got.values()) == {"200"}
+        assert not any(g.streams[sid].downstream_closed for sid in range(1, n + 1))
+        assert g.failed == 0 and g.need == NONE
     finally:
         g.close()
 
