@@ -245,9 +245,10 @@ def service(name: str, **kw: object) -> dict:
                        "activator": "http2"}], **kw}
 
 
-def h2load(sb: Sandbox, ns: str, url: str, n: int) -> tuple[dict[str, int], str]:
-    r = sb.run(ns, "h2load", "-c", "10", "-m", "50", "-n", str(n), url, check=False,
-               timeout=120)
+def h2load(sb: Sandbox, ns: str, url: str, n: int, clients: int = 10,
+           streams: int = 50) -> tuple[dict[str, int], str]:
+    r = sb.run(ns, "h2load", "-c", str(clients), "-m", str(streams), "-n", str(n), url,
+               check=False, timeout=180)
     m = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
                   r"(\d+) failed, (\d+) errored, (\d+) timeout", r.stdout)
     assert m, (r.stdout, r.stderr)
@@ -270,6 +271,22 @@ def test_h2load_through_a_dormant_service(sandbox: Sandbox) -> None:
     assert st["guest_counters"]["requests"] == 5000, st
     r = sandbox.run(client, "nghttp", "-v", f"http://{VIP}/", check=False, timeout=30)
     assert "hello over h2" in r.stdout, (r.stdout, r.stderr)
+
+
+def test_500_client_connections_through_a_dormant_service(sandbox: Sandbox) -> None:
+    """h2load -c 500: five hundred client connections at once on one port (the activator
+    serves 1,024; at most 18 busy at a time, the others paused until a block frees), two
+    requests each, through the wake: every request succeeds, none is refused."""
+    web_ns = sandbox.name("web")
+    d, client, _ = setup(sandbox, [service(
+        "web", on_activate=nghttpd_cmd(sandbox, web_ns, 1.0))])
+    res, out = h2load(sandbox, client, f"http://{VIP}/", 1000, clients=500, streams=1)
+    assert res["succeeded"] == 1000 and res["failed"] == res["errored"] == 0, (
+        out, d.log()[-3000:])
+    st = d.get("/v1/services")[0]["streams"]["80"]
+    assert st["guest_counters"]["requests"] == 1000, st
+    assert "connections_refused" not in st["guest_counters"], st
+    assert st["counters"]["guest_failures"] == 0, st
 
 
 def test_ping_while_the_backend_sleeps_gets_its_ack_and_no_wake(sandbox: Sandbox) -> None:
