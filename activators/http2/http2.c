@@ -982,7 +982,11 @@ static void maybe_idle(conn *c) {
 static void free_conn(conn *c) {
     conn **slot = fab_table_get(&conn_by_sid, c->sid);
     if (slot) fab_table_del(&conn_by_sid, slot);
-    put_work(c);
+    if (c->w) {  /* closed while busy: empty the block for its next user */
+        for (u32 i = 0; i < NSTREAMS; i++) c->w->st[i].flags = 0;
+        c->w->q2c.len = c->w->q2b.len = 0;
+        put_work(c);
+    }
     c->used = 0;
     c->dirty = 0;
     if (c->waiting) n_waiting--;

@@ -374,6 +374,37 @@ def test_client_half_close_finishes_the_streams_in_flight() -> None:
         r.close()
 
 
+
+def test_a_work_block_left_busy_is_clean_for_its_next_connection() -> None:
+    """A connection closed in the middle of a stream gives its work block back with that
+    stream still in it: the next connection on the block must not see it."""
+    r = Rig({"hold_timeout_ms": 1000})
+    try:
+        r.c.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 10})
+        r.c.send_headers(1, req("/slow"), end_stream=True)
+        r.pump()
+        r.connect_backend()
+        r.respond(1, body=b"x" * 1000)  # 10 bytes go, the rest waits for the window
+        r.g.client_close(SID)  # FIN, and the client never reads again
+        r.g.tick(100)
+        r.g.tick(2200)  # twice the hold without progress: closed with bytes queued
+        assert r.g.streams[SID].downstream_closed
+        r2 = Rig.__new__(Rig)  # a second client on the same activator instance
+        r2.g, r2.sid, r2.c, r2.s, r2.cev, r2.sev = r.g, 2, client_conn(), None, [], []
+        r2.g.open(2)
+        r2.pump()
+        r2.c.send_headers(1, req("/next"), end_stream=True)
+        r2.pump()
+        r2.connect_backend()
+        assert [dict(e.headers)[":path"] for e in r2.of(r2.sev, h2.events.RequestReceived)
+                ] == ["/next"]
+        r2.respond(1, body=b"fine")
+        assert r2.responses()[1][":status"] == "200"
+        assert b"".join(e.data for e in r2.of(r2.cev, h2.events.DataReceived)) == b"fine"
+        assert r.g.need == NONE and r.g.failed == 0
+    finally:
+        r.close()
+
 def frames_of(data: bytes) -> list[Any]:
     """Split raw bytes into hyperframe frames (for what h2 refuses to read after GOAWAY)."""
     out = []
