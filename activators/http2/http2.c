@@ -17,7 +17,7 @@
  * each peer, flow control, holds and local answers.
  *
  * Config (JSON, all optional): hold_timeout_ms (default 30000, the host sets it from the
- * service's hold.timeout), max_connections (default 32, at most 64).
+ * service's hold.timeout), max_connections (default and at most 1024).
  */
 #define FAB_OUT_CAP (1024 * 1024 - 4096)
 #include "../sdk/c/fabricd.h"
@@ -32,7 +32,11 @@
 #define MAX_OPEN 100               /* SETTINGS_MAX_CONCURRENT_STREAMS toward the client */
 #define RE_CAP 32768               /* one re-encoded header block */
 #define SCR_CAP (160 * 1024)       /* bytes to one side in one flush */
-#define MAX_CONNS 64
+#define MAX_CONNS 1024
+#define MAX_WORK 18                /* work blocks (288 KiB each), at most */
+#define INBOX_CAP 512              /* bytes kept for a connection waiting for a block */
+#define BTABLE 512                 /* HEADER_TABLE_SIZE we ask of the backend */
+#define BSNAP_CAP BTABLE           /* its table's entries, kept while idle (they fit) */
 #define WIN0 FAB_H2_DEFAULT_WINDOW
 #define LOW(win) ((win) < WIN0 / 2)  /* a peer may send less than half a window more */
 
@@ -46,6 +50,7 @@
 #define F_RESET 64
 #define F_GRPC 128
 #define F_TSET 256       /* t0 is a real time */
+#define F_RESP 512       /* the backend's response headers arrived */
 
 /* upstream states */
 #define UP_NONE 0
@@ -71,6 +76,19 @@ typedef struct {
     u8 buf[Q_CAP];
 } queue;
 
+/* What a connection needs only while busy (streams, queued or partial bytes): taken from
+ * a pool of blocks allocated on first use, given back when the connection goes idle, so
+ * an idle connection costs only its bookkeeping and the client's HPACK table. */
+struct work {
+    struct fab_h2_reader cin, bin;
+    u8 chb[HB_CAP];
+    u8 bhb[HB_CAP];
+    struct fab_hpack_table bdec;  /* the backend's encoder, as seen by our decoder */
+    strm st[NSTREAMS];
+    queue q2c, q2b;
+    struct work *next_free;
+};
+
 typedef struct conn {
     u32 sid, used, dirty;
     u32 nused;             /* stream slots in use (an upper bound of the open ones) */
@@ -89,14 +107,19 @@ typedef struct conn {
     u32 b_goaway, b_last;
     u32 ga;                /* 0, 1 (2^31-1 + PING sent), 2 (real last id sent) */
     u32 cli_goaway;
+    u32 cli_fin;           /* the client's FIN came: finish the streams in flight, then close */
+    u32 b_maxcs;           /* the backend's SETTINGS_MAX_CONCURRENT_STREAMS */
+    u64 fin_t;             /* after cli_fin: the FIN, or the last bytes sent since */
+    u32 cin_pre;           /* while w is 0: the client's preface bytes seen (0 or 24) */
+    u32 bdec_max;          /* while w is 0: the backend table's size, and its entries: */
+    u32 bsnap_len;         /* bytes in bsnap (oldest first: nl, vl u16, sidx, name, value) */
+    u32 waiting;           /* no work block: paused, bytes in inbox; FIFO order */
+    u32 inbox_len;
+    struct work *w;        /* the busy state, from the pool; 0 while idle */
     /* from here on: reset by their own init, not zeroed */
-    struct fab_h2_reader cin, bin;
-    u8 chb[HB_CAP];
-    u8 bhb[HB_CAP];
     struct fab_hpack_table dec;   /* the client's encoder, as seen by our decoder */
-    struct fab_hpack_table bdec;  /* the backend's encoder, as seen by our decoder */
-    strm st[NSTREAMS];
-    queue q2c, q2b;
+    u8 inbox[INBOX_CAP];
+    u8 bsnap[BSNAP_CAP];
 } conn;
 
 /* Connections are allocated on first use (about 300 KiB each) and reused in allocation
@@ -104,7 +127,7 @@ typedef struct conn {
 static conn *conns[MAX_CONNS];
 static u32 nconns_alloc;
 FAB_TABLE(conn_by_sid, conn *, MAX_CONNS);
-static u32 max_conns = 32;
+static u32 max_conns = MAX_CONNS;
 static u32 hold_timeout_ms = 30000;
 static u32 have_now;
 static u32 backend_state;  /* 0 unknown (try), 1 up, 2 down */
@@ -113,10 +136,11 @@ static u32 epoch;
 static u32 budget;
 
 /* counters reported with `count` actions at the end of each call */
-enum { C_PINGS, C_HOLD_TIMEOUTS, C_REFUSED, C_PROTO_ERRORS, C_BACKEND_GOAWAYS, C_STREAMS, NCOUNT };
+enum { C_PINGS, C_HOLD_TIMEOUTS, C_REFUSED, C_PROTO_ERRORS, C_BACKEND_GOAWAYS, C_STREAMS,
+       C_UP_TIMEOUTS, C_CONN_REFUSED, NCOUNT };
 static const char *const COUNT_NAME[NCOUNT] = {
     "pings_answered", "hold_timeouts", "streams_refused_h2", "protocol_errors",
-    "backend_goaways", "requests"};
+    "backend_goaways", "requests", "upstream_timeouts", "connections_refused"};
 static u32 counts[NCOUNT], count_len[NCOUNT];
 
 static u8 D[SCR_CAP], U[SCR_CAP];
@@ -214,11 +238,12 @@ static u32 q_purge(queue *q, u32 sid, int data_only, u32 *removed) {
 }
 
 static strm *find(conn *c, u32 id) {
-    if (!id || id > c->max_cid) return 0;
-    strm *h = &c->st[(id >> 1) % NSTREAMS];  /* new_stream prefers this slot */
+    struct work *w = c->w;
+    if (!id || id > c->max_cid || !w) return 0;
+    strm *h = &w->st[(id >> 1) % NSTREAMS];  /* new_stream prefers this slot */
     if ((h->flags & F_USED) && h->id == id) return h;
     for (u32 i = 0; i < NSTREAMS; i++)
-        if ((c->st[i].flags & F_USED) && c->st[i].id == id) return &c->st[i];
+        if ((w->st[i].flags & F_USED) && w->st[i].id == id) return &w->st[i];
     return 0;
 }
 
@@ -229,7 +254,9 @@ static int is_open(const strm *s) {
 
 static u32 open_count(conn *c) {
     u32 n = 0;
-    for (u32 i = 0; i < NSTREAMS; i++) n += is_open(&c->st[i]);
+    const struct work *w = c->w;
+    if (!w) return 0;
+    for (u32 i = 0; i < NSTREAMS; i++) n += is_open(&w->st[i]);
     return n;
 }
 
@@ -239,12 +266,12 @@ static void conn_error(conn *c, u32 code) {
 }
 
 static void push2c(conn *c, strm *s, u32 type, u32 flags, u32 sid, const u8 *p, u32 n) {
-    if (!q_push(&c->q2c, type, flags, sid, p, n)) { conn_error(c, FAB_H2_ENHANCE_YOUR_CALM); return; }
+    if (!q_push(&c->w->q2c, type, flags, sid, p, n)) { conn_error(c, FAB_H2_ENHANCE_YOUR_CALM); return; }
     if (s) s->qc++;
 }
 
 static int push2b(conn *c, strm *s, u32 type, u32 flags, u32 sid, const u8 *p, u32 n) {
-    if (!q_push(&c->q2b, type, flags, sid, p, n)) return 0;
+    if (!q_push(&c->w->q2b, type, flags, sid, p, n)) return 0;
     if (s) s->qb++;
     return 1;
 }
@@ -256,10 +283,12 @@ static void rst2c(conn *c, strm *s, u32 sid, u32 code) {
     push2c(c, s, FAB_H2_RST_STREAM, 0, sid, b, 4);
 }
 
-static void rst2b(conn *c, u32 sid, u32 code) {
+/* s (or 0) counts the record, so the stream stays open toward the backend's limit
+ * (SETTINGS_MAX_CONCURRENT_STREAMS) until the RST_STREAM is written. */
+static void rst2b(conn *c, strm *s, u32 sid, u32 code) {
     u8 b[4];
     fab_put_be32(b, code);
-    push2b(c, 0, FAB_H2_RST_STREAM, 0, sid, b, 4);
+    push2b(c, s, FAB_H2_RST_STREAM, 0, sid, b, 4);
 }
 
 static void goaway2c(conn *c, u32 last, u32 code) {
@@ -273,13 +302,13 @@ static void goaway2c(conn *c, u32 last, u32 code) {
  * backend's connection window for it, since those bytes will never be handed on. */
 static void purge_to_client(conn *c, strm *s) {
     u32 removed;
-    c->b_credit += q_purge(&c->q2c, s->id, 1, &removed);
+    c->b_credit += q_purge(&c->w->q2c, s->id, 1, &removed);
     s->qc -= removed;
 }
 
 static void purge_to_backend(conn *c, strm *s) {
     u32 removed;
-    c->c_credit += q_purge(&c->q2b, s->id, 0, &removed);
+    c->c_credit += q_purge(&c->w->q2b, s->id, 0, &removed);
     s->qb -= removed;
     s->flags &= ~F_QUEUED_UP;
 }
@@ -335,7 +364,7 @@ static void backend_gone(conn *c) {
     c->up = UP_GONE;
     c->dirty = 1;
     for (u32 i = 0; i < NSTREAMS; i++) {
-        strm *s = &c->st[i];
+        strm *s = &c->w->st[i];
         if (!(s->flags & F_USED)) continue;
         purge_to_backend(c, s);
         if (!is_open(s)) continue;
@@ -346,7 +375,7 @@ static void backend_gone(conn *c) {
         }
         s->flags |= F_RESET;
     }
-    c->q2b.len = 0;
+    c->w->q2b.len = 0;
     start_goaway(c);
 }
 
@@ -367,7 +396,7 @@ static void apply_cli_settings(conn *c, const struct fab_h2_frame *f) {
             i64 d = (i64)v - c->c_init;
             c->c_init = v;
             for (u32 k = 0; k < NSTREAMS; k++)
-                if (c->st[k].flags & F_USED) c->st[k].c_send += d;
+                if (c->w->st[k].flags & F_USED) c->w->st[k].c_send += d;
         } else if (id == FAB_H2_SETTINGS_MAX_FRAME_SIZE) {
             c->c_maxf = v;
         }
@@ -376,7 +405,7 @@ static void apply_cli_settings(conn *c, const struct fab_h2_frame *f) {
 
 static strm *new_stream(conn *c, u32 id) {
     for (u32 k = 0; k < NSTREAMS; k++) {
-        strm *s = &c->st[((id >> 1) + k) % NSTREAMS];
+        strm *s = &c->w->st[((id >> 1) + k) % NSTREAMS];
         if (s->flags & F_USED) continue;
         fab_zero(s, sizeof *s);
         s->id = id;
@@ -394,7 +423,7 @@ static strm *new_stream(conn *c, u32 id) {
 
 static void cli_header_block(conn *c, u32 sid, u32 flags) {
     reenc r;
-    if (hp_decode(&c->dec, c->chb, c->chb_len, &r)) { conn_error(c, FAB_H2_COMPRESSION_ERROR); return; }
+    if (hp_decode(&c->dec, c->w->chb, c->chb_len, &r)) { conn_error(c, FAB_H2_COMPRESSION_ERROR); return; }
     int end = (flags & FAB_H2_END_STREAM) != 0;
     strm *s = find(c, sid);
     if (sid <= c->max_cid) {
@@ -408,7 +437,7 @@ static void cli_header_block(conn *c, u32 sid, u32 flags) {
             s->flags |= F_RESET;
             if (s->flags & F_SENT_UP) {
                 purge_to_backend(c, s);
-                rst2b(c, sid, FAB_H2_CANCEL);
+                rst2b(c, s, sid, FAB_H2_CANCEL);
             }
         }
         return;
@@ -444,7 +473,7 @@ static void cli_frame(conn *c, const struct fab_h2_frame *f) {
     if (c->c_cont) {
         if (type != FAB_H2_CONTINUATION || sid != c->c_cont) { conn_error(c, FAB_H2_PROTOCOL_ERROR); return; }
         if (n > HB_CAP - c->chb_len) { conn_error(c, FAB_H2_ENHANCE_YOUR_CALM); return; }
-        fab_copy(c->chb + c->chb_len, p, n);
+        fab_copy(c->w->chb + c->chb_len, p, n);
         c->chb_len += n;
         if (flags & FAB_H2_END_HEADERS) {
             c->c_cont = 0;
@@ -488,7 +517,7 @@ static void cli_frame(conn *c, const struct fab_h2_frame *f) {
         if (!sid || !(sid & 1)) { conn_error(c, FAB_H2_PROTOCOL_ERROR); return; }
         if (fab_h2_strip(f, &d, &dl)) { conn_error(c, FAB_H2_PROTOCOL_ERROR); return; }
         if (dl > HB_CAP) { conn_error(c, FAB_H2_ENHANCE_YOUR_CALM); return; }
-        fab_copy(c->chb, d, dl);
+        fab_copy(c->w->chb, d, dl);
         c->chb_len = dl;
         if (flags & FAB_H2_END_HEADERS) {
             cli_header_block(c, sid, flags);
@@ -510,7 +539,7 @@ static void cli_frame(conn *c, const struct fab_h2_frame *f) {
         purge_to_client(c, s);
         purge_to_backend(c, s);
         if ((s->flags & F_SENT_UP) && c->up == UP_OPEN)
-            push2b(c, 0, FAB_H2_RST_STREAM, 0, sid, p, 4);
+            push2b(c, s, FAB_H2_RST_STREAM, 0, sid, p, 4);
         return;
     }
     case FAB_H2_SETTINGS:
@@ -573,7 +602,7 @@ static void cli_frame(conn *c, const struct fab_h2_frame *f) {
 static void cli_input(conn *c, const u8 *p, u32 n) {
     struct fab_h2_frame f;
     i32 r = 0;
-    while (!c->dead && (r = fab_h2_next(&c->cin, &p, &n, &f)) > 0) cli_frame(c, &f);
+    while (!c->dead && (r = fab_h2_next(&c->w->cin, &p, &n, &f)) > 0) cli_frame(c, &f);
     if (!c->dead && r < 0) conn_error(c, (u32)-r);
 }
 
@@ -583,7 +612,7 @@ static void cli_input(conn *c, const u8 *p, u32 n) {
  * table, like requests the other way: blocks then need no order between streams. */
 static void b_header_block(conn *c, u32 sid, u32 flags) {
     reenc r;
-    if (hp_decode(&c->bdec, c->bhb, c->bhb_len, &r)) { up_error(c, FAB_H2_COMPRESSION_ERROR); return; }
+    if (hp_decode(&c->w->bdec, c->w->bhb, c->bhb_len, &r)) { up_error(c, FAB_H2_COMPRESSION_ERROR); return; }
     strm *s = find(c, sid);
     int end = (flags & FAB_H2_END_STREAM) != 0;
     if (!s || (s->flags & F_RESET)) return;  /* the client reset it: decoded, dropped */
@@ -591,15 +620,16 @@ static void b_header_block(conn *c, u32 sid, u32 flags) {
         purge_to_client(c, s);
         rst2c(c, s, sid, FAB_H2_INTERNAL_ERROR);
         purge_to_backend(c, s);
-        rst2b(c, sid, FAB_H2_CANCEL);
+        rst2b(c, s, sid, FAB_H2_CANCEL);
         s->flags |= F_RESET;
         return;
     }
-    if (!q_push(&c->q2c, FAB_H2_HEADERS, end ? FAB_H2_END_STREAM : 0, sid, RE, r.o.len)) {
+    if (!q_push(&c->w->q2c, FAB_H2_HEADERS, end ? FAB_H2_END_STREAM : 0, sid, RE, r.o.len)) {
         conn_error(c, FAB_H2_INTERNAL_ERROR);
         return;
     }
     s->qc++;
+    s->flags |= F_RESP;
     if (end) s->flags |= F_SRV_END;
 }
 
@@ -618,7 +648,7 @@ static void b_frame(conn *c, const struct fab_h2_frame *f) {
             conn_error(c, FAB_H2_INTERNAL_ERROR);
             return;
         }
-        fab_copy(c->bhb + c->bhb_len, p, n);
+        fab_copy(c->w->bhb + c->bhb_len, p, n);
         c->bhb_len += n;
         if (flags & FAB_H2_END_HEADERS) {
             c->b_cont = 0;
@@ -644,7 +674,7 @@ static void b_frame(conn *c, const struct fab_h2_frame *f) {
         int end = (flags & FAB_H2_END_STREAM) != 0;
         if (end) s->flags |= F_SRV_END;
         if (dl || end) {
-            if (!q_push(&c->q2c, FAB_H2_DATA, end ? FAB_H2_END_STREAM : 0, sid, d, dl)) {
+            if (!q_push(&c->w->q2c, FAB_H2_DATA, end ? FAB_H2_END_STREAM : 0, sid, d, dl)) {
                 conn_error(c, FAB_H2_INTERNAL_ERROR);
                 return;
             }
@@ -660,7 +690,7 @@ static void b_frame(conn *c, const struct fab_h2_frame *f) {
             conn_error(c, FAB_H2_INTERNAL_ERROR);
             return;
         }
-        fab_copy(c->bhb, d, dl);
+        fab_copy(c->w->bhb, d, dl);
         c->bhb_len = dl;
         if (flags & FAB_H2_END_HEADERS) {
             b_header_block(c, sid, flags);
@@ -693,9 +723,11 @@ static void b_frame(conn *c, const struct fab_h2_frame *f) {
                 i64 dw = (i64)v - c->b_init;
                 c->b_init = v;
                 for (u32 k = 0; k < NSTREAMS; k++)
-                    if (c->st[k].flags & F_USED) c->st[k].b_send += dw;
+                    if (c->w->st[k].flags & F_USED) c->w->st[k].b_send += dw;
             } else if (id == FAB_H2_SETTINGS_MAX_FRAME_SIZE) {
                 c->b_maxf = v;
+            } else if (id == FAB_H2_SETTINGS_MAX_CONCURRENT_STREAMS) {
+                c->b_maxcs = v;
             }
         }
         push2b(c, 0, FAB_H2_SETTINGS, FAB_H2_ACK, 0, 0, 0);
@@ -716,7 +748,7 @@ static void b_frame(conn *c, const struct fab_h2_frame *f) {
         if (!c->b_goaway) counts[C_BACKEND_GOAWAYS]++;
         c->b_goaway = 1;
         for (u32 i = 0; i < NSTREAMS; i++) {
-            strm *s = &c->st[i];
+            strm *s = &c->w->st[i];
             if (!is_open(s)) continue;
             if (!(s->flags & F_SENT_UP) || s->id > c->b_last) {
                 purge_to_backend(c, s);
@@ -752,15 +784,31 @@ static void b_frame(conn *c, const struct fab_h2_frame *f) {
 static void b_input(conn *c, const u8 *p, u32 n) {
     struct fab_h2_frame f;
     i32 r = 0;
-    while (c->up == UP_OPEN && (r = fab_h2_next(&c->bin, &p, &n, &f)) > 0) b_frame(c, &f);
+    while (c->up == UP_OPEN && (r = fab_h2_next(&c->w->bin, &p, &n, &f)) > 0) b_frame(c, &f);
     if (c->up == UP_OPEN && r < 0) up_error(c, (u32)-r);
 }
 
 /* ---- serialising queued frames within the peers' windows ---- */
+/* Streams the backend counts toward its SETTINGS_MAX_CONCURRENT_STREAMS: sent to it and
+ * not closed both ways, or with frames (END_STREAM, RST_STREAM) still queued toward it. */
+static u32 up_active(conn *c) {
+    u32 n = 0;
+    struct work *w = c->w;
+    for (u32 i = 0; i < NSTREAMS; i++) {
+        strm *s = &w->st[i];
+        n += (s->flags & F_SENT_UP) && (is_open(s) || s->qb);
+    }
+    return n;
+}
+
 static void flush_q(conn *c, int toclient, u8 *out, u32 cap, u32 *ol) {
-    queue *q = toclient ? &c->q2c : &c->q2b;
+    queue *q = toclient ? &c->w->q2c : &c->w->q2b;
     u32 maxf = toclient ? (c->c_maxf < MAXF ? c->c_maxf : MAXF) : c->b_maxf;
     u32 r = 0, w = 0, full = 0;
+    /* new streams toward the backend: none before its SETTINGS (its limit), then within
+     * it; the excess waits in the queue, in order (held, so the hold timeout applies) */
+    u32 limit = !toclient && c->nused > c->b_maxcs;  /* else the limit cannot be reached */
+    u32 upn = limit ? up_active(c) : 0;
     epoch++;
     while (r < q->len) {
         u8 *rec = q->buf + r;
@@ -806,6 +854,9 @@ static void flush_q(conn *c, int toclient, u8 *out, u32 cap, u32 *ol) {
                 } else if (sent == n) {
                     done = 1;
                 }
+            } else if (type == FAB_H2_HEADERS && !toclient && s && !(s->flags & F_SENT_UP) &&
+                       (!c->b_settings || (limit && upn >= c->b_maxcs))) {
+                /* waits for a backend stream slot */
             } else if (type == FAB_H2_HEADERS) {
                 i32 prefix = -1;
                 if (toclient ? c->c_tsu : c->b_tsu) prefix = fab_hpack_size_update0;
@@ -817,6 +868,7 @@ static void flush_q(conn *c, int toclient, u8 *out, u32 cap, u32 *ol) {
                         if (s && !(s->flags & F_SENT_UP)) {
                             s->flags |= F_SENT_UP;
                             s->flags &= ~F_QUEUED_UP;
+                            upn++;
                         }
                         if (sid > c->max_upid) c->max_upid = sid;
                     }
@@ -849,16 +901,103 @@ static void put_wu(u8 *out, u32 cap, u32 *ol, u32 sid, u32 inc) {
     if (cap - *ol >= FAB_H2_HDR + 4) *ol += fab_h2_window_update(out + *ol, sid, inc);
 }
 
+/* ---- work blocks: the busy state, pooled ---- */
+static struct work *work_free;
+static u32 nwork, nwork_used, wait_seq, n_waiting;
+
+/* Give c a work block (its idle state restored into it); 0 when none is left. */
+static int get_work(conn *c) {
+    if (c->w) return 1;
+    struct work *w = work_free;
+    if (w) {
+        work_free = w->next_free;
+    } else {
+        if (nwork >= MAX_WORK) return 0;
+        u32 p = fab_alloc(sizeof(struct work));
+        if (!p) return 0;
+        w = (struct work *)p;
+        nwork++;
+    }
+    nwork_used++;
+    c->w = w;
+    fab_h2_reader_init(&w->cin, c->cin_pre == 0);
+    fab_h2_reader_init(&w->bin, 0);
+    /* stream slots and queues: empty already (a block is given back only so, and a new
+     * one is fresh zeroed memory) */
+    fab_hpack_decoder_init(&w->bdec);
+    w->bdec.max = c->bdec_max;
+    for (u32 i = 0; i + 5 <= c->bsnap_len;) {
+        const u8 *e = c->bsnap + i;
+        u32 nl = fab_le16(e), vl = fab_le16(e + 2);
+        fab__hp_insert(&w->bdec, e + 5, nl, e + 5 + nl, vl, e[4]);
+        i += 5 + nl + vl;
+    }
+    c->bsnap_len = 0;
+    return 1;
+}
+
+/* The backend's table in bsnap, oldest entry first; 0 when it does not fit (the block
+ * is then kept: a backend that ignores the HEADER_TABLE_SIZE asked of it). */
+static int save_btable(conn *c) {
+    struct fab_hpack_table *t = &c->w->bdec;
+    u32 len = 0;
+    for (u32 d = t->n; d-- > 0;) {
+        u32 slot = (t->head + FAB_HPACK_ENTRIES - d) % FAB_HPACK_ENTRIES;
+        u32 nl = t->nl[slot], vl = t->vl[slot];
+        if (5 + nl + vl > BSNAP_CAP - len) return 0;
+        u8 *e = c->bsnap + len;
+        fab_put_le16(e, nl);
+        fab_put_le16(e + 2, vl);
+        e[4] = t->sidx[slot];
+        fab__hp_get(t, t->off[slot], e + 5, nl + vl);
+        len += 5 + nl + vl;
+    }
+    c->bsnap_len = len;
+    return 1;
+}
+
+static void put_work(conn *c) {
+    struct work *w = c->w;
+    if (!w) return;
+    c->cin_pre = w->cin.pre_have;
+    c->bdec_max = w->bdec.max;
+    w->next_free = work_free;
+    work_free = w;
+    nwork_used--;
+    c->w = 0;
+}
+
+/* Give the block back if nothing in it is needed any more: no stream, nothing queued,
+ * no partial frame or header block; the backend's table (at most BTABLE, as asked) is
+ * kept in the connection. */
+static void maybe_idle(conn *c) {
+    struct work *w = c->w;
+    if (!w || c->nused || w->q2c.len || w->q2b.len || c->c_cont || c->b_cont ||
+        w->cin.have || (w->cin.pre_have != 0 && w->cin.pre_have != 24) || w->bin.have ||
+        c->up == UP_CONNECTING || !save_btable(c))
+        return;
+    put_work(c);
+}
+
 static void free_conn(conn *c) {
     conn **slot = fab_table_get(&conn_by_sid, c->sid);
     if (slot) fab_table_del(&conn_by_sid, slot);
+    if (c->w) {  /* closed while busy: empty the block for its next user */
+        for (u32 i = 0; i < NSTREAMS; i++) c->w->st[i].flags = 0;
+        c->w->q2c.len = c->w->q2b.len = 0;
+        put_work(c);
+    }
     c->used = 0;
     c->dirty = 0;
+    if (c->waiting) n_waiting--;
+    c->waiting = 0;
 }
 
 static int wants_up(conn *c) {
+    struct work *w = c->w;
+    if (!w) return 0;
     for (u32 i = 0; i < NSTREAMS; i++) {
-        strm *s = &c->st[i];
+        strm *s = &w->st[i];
         if (is_open(s) && (s->flags & F_QUEUED_UP) && !(s->flags & F_SENT_UP)) return 1;
     }
     return 0;
@@ -895,15 +1034,19 @@ static int flush_conn(conn *c) {
         c->up = UP_CONNECTING;
     }
     if (c->up == UP_OPEN && c->up_preface) {
-        static const u32 settings[] = {FAB_H2_SETTINGS_ENABLE_PUSH, 0,
+        /* HEADER_TABLE_SIZE 512: the backend's table toward us stays small enough to
+         * keep in the connection while idle (the work block goes back to the pool),
+         * big enough for the fields every response repeats */
+        static const u32 settings[] = {FAB_H2_SETTINGS_HEADER_TABLE_SIZE, BTABLE,
+                                       FAB_H2_SETTINGS_ENABLE_PUSH, 0,
                                        FAB_H2_SETTINGS_MAX_CONCURRENT_STREAMS, 100};
         fab_copy(U, FAB_H2_PREFACE, 24);
-        ulen = 24 + fab_h2_settings(U + 24, settings, 2);
+        ulen = 24 + fab_h2_settings(U + 24, settings, 3);
         c->up_preface = 0;
         c->b_tsu = 1;
     }
-    flush_q(c, 1, D, cap, &dlen);
-    if (c->up == UP_OPEN) flush_q(c, 0, U, cap, &ulen);
+    if (c->w) flush_q(c, 1, D, cap, &dlen);
+    if (c->w && c->up == UP_OPEN) flush_q(c, 0, U, cap, &ulen);
     /* Credit each peer for what was handed on or consumed, once, and only when the peer
      * is down to half its window: one WINDOW_UPDATE per half window, not one per call.
      * No stall: a peer below half a window always gets what it is owed. */
@@ -912,8 +1055,9 @@ static int flush_conn(conn *c) {
         c->c_recv += c->c_credit;
         c->c_credit = 0;
     }
-    for (u32 i = 0; i < NSTREAMS; i++) {
-        strm *s = &c->st[i];
+    struct work *w = c->w;
+    for (u32 i = 0; w && i < NSTREAMS; i++) {
+        strm *s = &w->st[i];
         if (!(s->flags & F_USED)) continue;
         if (s->c_credit && LOW(s->c_recv) && !(s->flags & (F_CLI_END | F_RESET)) &&
             cap - dlen >= 13) {
@@ -934,21 +1078,28 @@ static int flush_conn(conn *c) {
         c->b_credit = 0;
     }
     if (c->up_close && cap - ulen >= 17) ulen += fab_h2_goaway(U + ulen, 0, c->up_close - 1);
-    if (dlen) fab_send(c->sid, D, dlen);
+    if (dlen) {
+        fab_send(c->sid, D, dlen);
+        if (c->cli_fin) c->fin_t = fab_now();
+    }
     if (ulen) fab_upstream_send(c->sid, U, ulen);
     if (c->up_close) {
         fab_upstream_close(c->sid);
         c->up_close = 0;
     }
     /* forget finished streams */
-    for (u32 i = 0; i < NSTREAMS; i++) {
-        strm *s = &c->st[i];
+    for (u32 i = 0; w && i < NSTREAMS; i++) {
+        strm *s = &w->st[i];
         if ((s->flags & F_USED) && !is_open(s) && !s->qc && !s->qb) {
             s->flags = 0;
             c->nused--;
         }
     }
-    if ((c->ga == 2 || c->cli_goaway) && !open_count(c) && !c->q2c.len) close_conn(c);
+    if ((c->ga == 2 || c->cli_goaway || c->cli_fin) && !open_count(c) &&
+        !(c->w && c->w->q2c.len))
+        close_conn(c);
+    else
+        maybe_idle(c);
     return 1;
 }
 
@@ -956,6 +1107,15 @@ static int flush_conn(conn *c) {
 static conn *find_conn(u32 sid) {
     conn **slot = fab_table_get(&conn_by_sid, sid);
     return slot ? *slot : 0;
+}
+
+/* No work block for c: stop reading from the client until one frees (serve_waiters);
+ * what was read already waits in the inbox. */
+static void start_wait(conn *c) {
+    if (c->waiting) return;
+    c->waiting = ++wait_seq;
+    n_waiting++;
+    fab_pause(c->sid);
 }
 
 static conn *open_conn(u32 sid) {
@@ -972,14 +1132,10 @@ static conn *open_conn(u32 sid) {
     conn **slot = fab_table_add(&conn_by_sid, sid);
     if (!slot) return 0;
     *slot = c;
-    /* reset the bookkeeping, not the big buffers */
-    fab_zero(c, (u32)((u8 *)&c->cin - (u8 *)c));
-    fab_h2_reader_init(&c->cin, 1);
-    fab_h2_reader_init(&c->bin, 0);
-    for (u32 i = 0; i < NSTREAMS; i++) c->st[i].flags = 0;
-    c->q2c.len = c->q2b.len = 0;
+    /* reset the bookkeeping, not the table */
+    fab_zero(c, (u32)((u8 *)&c->dec - (u8 *)c));
     fab_hpack_decoder_init(&c->dec);
-    fab_hpack_decoder_init(&c->bdec);
+    c->bdec_max = FAB_HPACK_TABLE_SIZE;
     c->sid = sid;
     c->used = 1;
     c->c_send = c->b_send = c->c_recv = c->b_recv = WIN0;
@@ -987,22 +1143,32 @@ static conn *open_conn(u32 sid) {
     c->c_maxf = c->b_maxf = MAXF;
     c->c_tsu = 1;
     c->b_last = 0x7fffffff;
+    c->b_maxcs = 0xffffffff;  /* until the backend's SETTINGS say (none is sent before) */
     u8 s[6];
     fab_h2_put_setting(s, FAB_H2_SETTINGS_MAX_CONCURRENT_STREAMS, MAX_OPEN);
-    push2c(c, 0, FAB_H2_SETTINGS, 0, 0, s, 6);
+    if (get_work(c)) {
+        push2c(c, 0, FAB_H2_SETTINGS, 0, 0, s, 6);
+    } else {
+        u8 f[FAB_H2_HDR + 6];  /* the server preface at once; the rest waits for a block */
+        u32 fl = 0;
+        fab_h2_put_frame(f, sizeof f, &fl, FAB_H2_SETTINGS, 0, 0, s, 6);
+        fab_send(sid, f, fl);
+        start_wait(c);
+    }
     c->dirty = 1;
     return c;
 }
 
 /* A queue past half its size is written out at once, not at the end of the call. */
 static void event_done(conn *c) {
-    if (c->used && (c->q2c.len > Q_CAP / 2 || c->q2b.len > Q_CAP / 2 || c->dead)) flush_conn(c);
+    if (c->used && (c->dead || (c->w && (c->w->q2c.len > Q_CAP / 2 || c->w->q2b.len > Q_CAP / 2))))
+        flush_conn(c);
 }
 
 /* ---- the handlers (fabricd.h's event loop) ---- */
 static int on_init(struct fab_json cfg) {
     hold_timeout_ms = fab_cfg_u32(cfg, "hold_timeout_ms", 30000);
-    max_conns = fab_cfg_u32(cfg, "max_connections", 32);
+    max_conns = fab_cfg_u32(cfg, "max_connections", MAX_CONNS);
     if (max_conns == 0 || max_conns > MAX_CONNS) max_conns = MAX_CONNS;
     build_replies();
     for (u32 i = 0; i < NCOUNT; i++) count_len[i] = fab_strlen(COUNT_NAME[i]);
@@ -1015,8 +1181,46 @@ static void on_batch_begin(void) {
     budget = fab_action_budget(live);
 }
 
+/* Past max_connections a connection is refused the RFC 9113 way: the server preface
+ * (SETTINGS, MAX_CONCURRENT_STREAMS 0) and GOAWAY(last stream 0, NO_ERROR): nothing was
+ * processed, every request is safe to retry elsewhere (8.7), and NO_ERROR is not taken
+ * for abuse (grpc reads ENHANCE_YOUR_CALM as "too many pings"). The connection then stays
+ * open, its bytes read and dropped, until the client closes it or a second passes: a
+ * close with unread bytes would be a TCP reset, which can destroy the GOAWAY before the
+ * client reads it. */
+#define NREFUSED 256
+FAB_TABLE(refused, u64, NREFUSED);  /* sid -> the time it was refused (0: before a tick) */
+
+static void refuse(u32 sid) {
+    u8 b[32];
+    static const u32 settings[] = {FAB_H2_SETTINGS_MAX_CONCURRENT_STREAMS, 0};
+    u32 n = fab_h2_settings(b, settings, 1);
+    n += fab_h2_goaway(b + n, 0, FAB_H2_NO_ERROR);
+    fab_send(sid, b, n);
+    counts[C_CONN_REFUSED]++;
+    u64 *t = fab_table_add(&refused, sid);
+    if (t) *t = fab_now();
+    else fab_close(sid);
+    logmsg(FAB_WARNING, "http2: connection limit reached, connection refused (GOAWAY)");
+}
+
+static int refused_event(u32 sid, int closing) {
+    u64 *t = fab_table_get(&refused, sid);
+    if (!t) return 0;
+    if (closing) {
+        fab_close(sid);
+        fab_table_del(&refused, t);
+    }
+    return 1;
+}
+
 static void on_tick(u64 t) {
     have_now = 1;
+    u64 *rt;
+    for (u32 it = 0; fab_table_count(&refused) && (rt = fab_table_next(&refused, &it));) {
+        if (!*rt) *rt = t;
+        else if (t - *rt >= 1000) refused_event(fab_table_key(&refused, rt), 1);
+    }
     if (backend_state == 2 && t - last_retry >= 1000) {
         backend_state = 0;  /* retry once a second in case an availability event was missed */
         last_retry = t;
@@ -1024,24 +1228,39 @@ static void on_tick(u64 t) {
     for (u32 i = 0; i < nconns_alloc; i++) {
         conn *c = conns[i];
         if (!c->used) continue;
-        for (u32 k = 0; k < NSTREAMS; k++) {
-            strm *s = &c->st[k];
+        struct work *w = c->w;
+        for (u32 k = 0; w && k < NSTREAMS; k++) {
+            strm *s = &w->st[k];
             if (!(s->flags & F_USED)) continue;
             if (!(s->flags & F_TSET)) { s->t0 = t; s->flags |= F_TSET; continue; }
-            if (!is_open(s) || !(s->flags & F_QUEUED_UP) || (s->flags & (F_SENT_UP | F_LOCAL)))
-                continue;
+            if (!is_open(s) || (s->flags & (F_LOCAL | F_RESP))) continue;
+            /* held (queued, not sent), or sent to a backend that never answered (frozen
+             * and never thawed): the same deadline, from the request's arrival */
+            u32 sent = (s->flags & F_SENT_UP) != 0;
+            if (!sent && !(s->flags & F_QUEUED_UP)) continue;
             u64 age = t - s->t0;
             u32 grpc_expired = (s->flags & F_GRPC) && s->gto && s->gto < hold_timeout_ms &&
                                age >= s->gto;
             if (age >= hold_timeout_ms || grpc_expired) {
+                if (sent) {
+                    purge_to_backend(c, s);
+                    if (c->up == UP_OPEN) rst2b(c, s, s->id, FAB_H2_CANCEL);
+                    counts[C_UP_TIMEOUTS]++;
+                }
                 local_reply(c, s, !(s->flags & F_GRPC) ? LR_503
                                   : grpc_expired ? LR_GRPC_DEADLINE : LR_GRPC_UNAVAILABLE);
+                if (sent) s->flags |= F_RESET;  /* late backend frames: decoded, dropped */
                 c->dirty = 1;
                 counts[C_HOLD_TIMEOUTS]++;
             }
         }
-        if (c->q2c.len || c->q2b.len || c->c_credit || c->b_credit) c->dirty = 1;
-        if (c->up == UP_NONE && backend_state != 2) c->dirty = 1;
+        if ((c->w && (c->w->q2c.len || c->w->q2b.len)) || c->c_credit || c->b_credit)
+            c->dirty = 1;
+        if (c->up == UP_NONE && backend_state != 2 && c->w) c->dirty = 1;
+        /* half-closed, and nothing could be sent for twice the hold: the client is gone
+         * (a reset, or it never reads); drop the connection rather than keep it forever */
+        if (c->cli_fin && !c->fin_t) c->fin_t = t;
+        if (c->cli_fin && t - c->fin_t >= 2ull * hold_timeout_ms) close_conn(c);
     }
 }
 
@@ -1058,24 +1277,76 @@ static void on_backend_unavailable(void) {
 
 static void on_open(u32 sid, u32 port) {
     (void)port;
-    if (find_conn(sid)) return;
-    if (!open_conn(sid)) {
-        fab_close(sid);
-        logmsg(FAB_WARNING, "http2: connection limit reached, connection closed");
-    }
+    if (find_conn(sid) || refused_event(sid, 0)) return;
+    if (!open_conn(sid)) refuse(sid);
 }
 
 static void on_data(u32 sid, const u8 *p, u32 n) {
     conn *c = find_conn(sid);
-    if (!c) return;
+    if (!c || c->cli_fin) { refused_event(sid, 0); return; }
     c->dirty = 1;
+    if (!c->w && !c->waiting && !get_work(c)) start_wait(c);
+    if (!c->w) {
+        /* paused, waiting for a block: keep what was read already (the host reads once
+         * more at most); past the inbox, give up on the connection gracefully */
+        if (n > INBOX_CAP - c->inbox_len) {
+            if (!c->dead) { c->dead = FAB_H2_NO_ERROR + 1; counts[C_CONN_REFUSED]++; }
+            return;
+        }
+        fab_copy(c->inbox + c->inbox_len, p, n);
+        c->inbox_len += n;
+        return;
+    }
     cli_input(c, p, n);
     event_done(c);
 }
 
+/* The client will send no more (FIN, reset or error). A FIN after the last request is
+ * a half-close: streams whose request is complete still get their responses, then the
+ * connection is closed (flush_conn); a request the client had not finished never will
+ * be, so it is cancelled toward the backend. After a reset the host drops what is sent,
+ * and the same path only costs the backend work already asked for. */
+static void apply_fin(conn *c) {
+    for (u32 i = 0; c->w && i < NSTREAMS; i++) {
+        strm *s = &c->w->st[i];
+        if (!is_open(s) || (s->flags & F_CLI_END)) continue;
+        purge_to_backend(c, s);
+        if ((s->flags & F_SENT_UP) && c->up == UP_OPEN) rst2b(c, s, s->id, FAB_H2_CANCEL);
+        purge_to_client(c, s);
+        s->flags |= F_RESET;
+    }
+    if (!open_count(c)) close_conn(c);
+}
+
 static void on_close(u32 sid) {
     conn *c = find_conn(sid);
-    if (c) close_conn(c);
+    if (!c) { refused_event(sid, 1); return; }
+    c->cli_fin = 1;
+    c->fin_t = fab_now();
+    c->dirty = 1;
+    if (!c->waiting) apply_fin(c);  /* a waiting one: once its inbox has been read */
+}
+
+/* Blocks freed (or still to allocate): to the connections waiting, oldest first. */
+static void serve_waiters(void) {
+    for (;;) {
+        conn *c = 0;
+        for (u32 i = 0; i < nconns_alloc; i++) {
+            conn *x = conns[i];
+            if (x->used && x->waiting && !x->dead && (!c || x->waiting < c->waiting)) c = x;
+        }
+        if (!c || !get_work(c)) return;
+        c->waiting = 0;
+        n_waiting--;
+        fab_resume(c->sid);
+        if (c->inbox_len) {
+            u32 n = c->inbox_len;
+            c->inbox_len = 0;
+            cli_input(c, c->inbox, n);
+        }
+        if (c->cli_fin) apply_fin(c);
+        if (c->used) flush_conn(c);
+    }
 }
 
 static void on_upstream_result(u32 sid, int ok) {
@@ -1100,6 +1371,11 @@ static void on_upstream_data(u32 sid, const u8 *p, u32 n) {
     conn *c = find_conn(sid);
     if (!c) return;
     c->dirty = 1;
+    if (c->up == UP_OPEN && !get_work(c)) {
+        /* an idle connection whose backend speaks, and no block: close it gracefully */
+        if (!c->dead) { c->dead = FAB_H2_NO_ERROR + 1; counts[C_CONN_REFUSED]++; }
+        return;
+    }
     if (c->up == UP_OPEN) b_input(c, p, n);
     event_done(c);
 }
@@ -1109,6 +1385,10 @@ static void on_upstream_close(u32 sid) {
     if (!c) return;
     c->dirty = 1;
     if (c->up == UP_OPEN || c->up == UP_CONNECTING) {
+        if (!get_work(c)) {
+            if (!c->dead) { c->dead = FAB_H2_NO_ERROR + 1; counts[C_CONN_REFUSED]++; }
+            return;
+        }
         backend_gone(c);
         fab_upstream_close(sid);
     }
@@ -1118,6 +1398,7 @@ static void on_upstream_close(u32 sid) {
 static void on_batch_end(void) {
     for (u32 i = 0; i < nconns_alloc; i++)
         if (conns[i]->used && conns[i]->dirty) flush_conn(conns[i]);
+    if (n_waiting) serve_waiters();
     u32 need = FAB_NEED_NONE;
     for (u32 i = 0; i < nconns_alloc && need == FAB_NEED_NONE; i++)
         if (conns[i]->used && open_count(conns[i])) need = FAB_NEED_ACTIVE;

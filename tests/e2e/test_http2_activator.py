@@ -166,6 +166,51 @@ print("second", get(3), flush=True)
 """
 
 
+HALFCLOSE_CLIENT = """
+import socket, sys, h2.connection, h2.config, h2.events
+s = socket.create_connection((sys.argv[1], 80), timeout=30)
+c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+c.initiate_connection()
+for sid in range(1, 11, 2):
+    c.send_headers(sid, [(":method", "GET"), (":scheme", "http"), (":authority", "svc"),
+                         (":path", "/")], end_stream=True)
+s.sendall(c.data_to_send())
+s.shutdown(socket.SHUT_WR)  # FIN after the last request, like h2load at its end
+ok = body = 0
+while (data := s.recv(65536)):
+    for e in c.receive_data(data):
+        if isinstance(e, h2.events.ResponseReceived) and dict(e.headers)[b":status"] == b"200":
+            ok += 1
+        if isinstance(e, h2.events.DataReceived):
+            body += len(e.data)
+print("responses", ok, "bytes", body)
+"""
+
+NEVER_THAWED_CLIENT = """
+import os, socket, sys, time, h2.connection, h2.config, h2.events
+s = socket.create_connection((sys.argv[1], 80), timeout=60)
+c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+c.initiate_connection()
+s.sendall(c.data_to_send())
+def get(sid):
+    c.send_headers(sid, [(":method", "GET"), (":scheme", "http"), (":authority", "svc"),
+                         (":path", "/")], end_stream=True)
+    s.sendall(c.data_to_send())
+    status = None
+    while True:
+        for e in c.receive_data(s.recv(65536)):
+            if isinstance(e, h2.events.ResponseReceived) and e.stream_id == sid:
+                status = dict(e.headers)[b":status"].decode()
+            if isinstance(e, h2.events.StreamEnded) and e.stream_id == sid:
+                return status
+        s.sendall(c.data_to_send())
+print("first", get(1), flush=True)
+open(os.path.join(sys.argv[2], "asked"), "w").close()
+while not os.path.exists(os.path.join(sys.argv[2], "frozen")):
+    time.sleep(0.05)
+print("second", get(3), flush=True)
+"""
+
 def setup(sb: Sandbox, services: list[dict]) -> tuple[Daemon, str, str]:
     worker = sb.netns("worker")
     client, web = sb.netns("client"), sb.netns("web")
@@ -200,9 +245,10 @@ def service(name: str, **kw: object) -> dict:
                        "activator": "http2"}], **kw}
 
 
-def h2load(sb: Sandbox, ns: str, url: str, n: int) -> tuple[dict[str, int], str]:
-    r = sb.run(ns, "h2load", "-c", "10", "-m", "50", "-n", str(n), url, check=False,
-               timeout=120)
+def h2load(sb: Sandbox, ns: str, url: str, n: int, clients: int = 10,
+           streams: int = 50) -> tuple[dict[str, int], str]:
+    r = sb.run(ns, "h2load", "-c", str(clients), "-m", str(streams), "-n", str(n), url,
+               check=False, timeout=180)
     m = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
                   r"(\d+) failed, (\d+) errored, (\d+) timeout", r.stdout)
     assert m, (r.stdout, r.stderr)
@@ -225,6 +271,22 @@ def test_h2load_through_a_dormant_service(sandbox: Sandbox) -> None:
     assert st["guest_counters"]["requests"] == 5000, st
     r = sandbox.run(client, "nghttp", "-v", f"http://{VIP}/", check=False, timeout=30)
     assert "hello over h2" in r.stdout, (r.stdout, r.stderr)
+
+
+def test_500_client_connections_through_a_dormant_service(sandbox: Sandbox) -> None:
+    """h2load -c 500: five hundred client connections at once on one port (the activator
+    serves 1,024; at most 18 busy at a time, the others paused until a block frees), two
+    requests each, through the wake: every request succeeds, none is refused."""
+    web_ns = sandbox.name("web")
+    d, client, _ = setup(sandbox, [service(
+        "web", on_activate=nghttpd_cmd(sandbox, web_ns, 1.0))])
+    res, out = h2load(sandbox, client, f"http://{VIP}/", 1000, clients=500, streams=1)
+    assert res["succeeded"] == 1000 and res["failed"] == res["errored"] == 0, (
+        out, d.log()[-3000:])
+    st = d.get("/v1/services")[0]["streams"]["80"]
+    assert st["guest_counters"]["requests"] == 1000, st
+    assert "connections_refused" not in st["guest_counters"], st
+    assert st["counters"]["guest_failures"] == 0, st
 
 
 def test_ping_while_the_backend_sleeps_gets_its_ack_and_no_wake(sandbox: Sandbox) -> None:
@@ -356,3 +418,56 @@ def test_backend_frozen_under_an_open_connection_and_thawed_by_a_request(
     st = d.get("/v1/services")[0]["streams"]["80"]
     assert st["guest_counters"]["pings_answered"] == 3, st
     assert st["counters"]["upstream_connects"] == 1, st
+
+
+def test_client_half_close_still_gets_every_response(sandbox: Sandbox) -> None:
+    """The client sends its requests and then its FIN (shutdown(SHUT_WR)) while the
+    service is dormant: the held requests wake it and every response still arrives."""
+    web_ns = sandbox.name("web")
+    d, client, _ = setup(sandbox, [service(
+        "web", on_activate=nghttpd_cmd(sandbox, web_ns, 1.0))])
+    cli = script(sandbox, "halfclose_client.py", HALFCLOSE_CLIENT)
+    r = sandbox.run(client, sys.executable, cli, VIP, check=False, timeout=60)
+    assert r.stdout.strip() == "responses 5 bytes 70", (r.stdout, r.stderr, d.log()[-3000:])
+
+
+def test_request_to_a_backend_frozen_for_good_gets_503_at_the_hold_timeout(
+        sandbox: Sandbox) -> None:
+    """nghttpd is stopped (SIGSTOP from on_idle) and never continued: a request the
+    activator sends it on the open upstream connection is answered 503 when the hold
+    runs out, not left waiting for ever."""
+    root = os.path.join(sandbox.tmp, "docroot")
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, "index.html"), "w") as f:
+        f.write("hi\n")
+    pidfile = os.path.join(sandbox.tmp, "nghttpd.pid")
+    d, client, web = setup(sandbox, [service(
+        "web", idle_timeout="2s", hold={"timeout": "2s"},
+        on_idle=f"sh -c 'kill -STOP $(cat {pidfile})'", on_activate="true")])
+    server = sandbox.popen(web, "nghttpd", "--no-tls", "-d", root, "8080",
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sandbox.wait_port(web, 8080)
+    pid = _nghttpd_pid(server.pid)
+    with open(pidfile, "w") as f:
+        f.write(str(pid))
+    flags = os.path.join(sandbox.tmp, "flags")
+    os.makedirs(flags)
+    cli = script(sandbox, "never_thawed_client.py", NEVER_THAWED_CLIENT)
+    err = open(os.path.join(sandbox.tmp, "client.err"), "w+")
+    p = sandbox.popen(client, sys.executable, cli, VIP, flags, stdout=subprocess.PIPE,
+                      stderr=err, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(os.path.join(flags, "asked")) and p.poll() is None:
+            assert time.monotonic() < deadline, (_tail(err), d.log()[-3000:])
+            time.sleep(0.05)
+        while _state(pid) != "T":
+            assert time.monotonic() < deadline, (d.get("/v1/services"), d.log()[-3000:])
+            time.sleep(0.1)
+        open(os.path.join(flags, "frozen"), "w").close()
+        out, _ = p.communicate(timeout=30)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert out.splitlines() == ["first 200", "second 503"], (out, _tail(err), d.log()[-3000:])
+    st = d.get("/v1/services")[0]["streams"]["80"]
+    assert st["guest_counters"]["upstream_timeouts"] == 1, st

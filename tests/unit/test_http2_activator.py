@@ -14,6 +14,7 @@ from typing import Any
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h2.settings
 from hyperframe.frame import Frame, PingFrame
@@ -257,6 +258,152 @@ def test_grpc_trailers_only_on_hold_timeout_honouring_grpc_timeout() -> None:
     finally:
         r.close()
 
+
+
+def test_request_sent_to_a_backend_that_never_answers_times_out() -> None:
+    """A backend that took the request and froze for good: the hold timeout still ends it,
+    natively (503; gRPC UNAVAILABLE, or DEADLINE_EXCEEDED for a shorter grpc-timeout),
+    and the backend gets RST_STREAM(CANCEL)."""
+    r = Rig({"hold_timeout_ms": 2000})
+    try:
+        grpc = {"content_type": "application/grpc", "te": "trailers"}
+        r.g.tick(1000)
+        r.c.send_headers(1, req("/plain"), end_stream=True)
+        r.c.send_headers(3, req("/svc/Call", "POST", **grpc))
+        r.c.send_data(3, b"\x00\x00\x00\x00\x00", end_stream=True)
+        r.c.send_headers(5, req("/svc/Fast", "POST", grpc_timeout="500m", **grpc),
+                         end_stream=True)
+        r.pump()
+        r.connect_backend()
+        assert {e.stream_id for e in r.of(r.sev, h2.events.RequestReceived)} == {1, 3, 5}
+        r.g.tick(1400)
+        r.pump()
+        assert not r.responses()
+        r.g.tick(1600)  # 600 ms: past stream 5's grpc-timeout only
+        r.pump()
+        assert list(r.responses()) == [5]
+        assert r.responses()[5]["grpc-status"] == "4"
+        r.g.tick(3100)  # the hold (2 s from arrival) runs out for 1 and 3
+        r.pump()
+        resp = r.responses()
+        assert resp[1][":status"] == "503"
+        assert resp[3]["grpc-status"] == "14" and resp[3][":status"] == "200"
+        resets = {e.stream_id: e.error_code for e in r.of(r.sev, h2.events.StreamReset)}
+        assert resets == {1: h2.errors.ErrorCodes.CANCEL, 3: h2.errors.ErrorCodes.CANCEL,
+                          5: h2.errors.ErrorCodes.CANCEL}
+        assert r.g.need == NONE
+        # the backend thaws: the connection still serves
+        r.c.send_headers(7, req("/after"), end_stream=True)
+        r.pump()
+        r.respond(7, extra=[("x-late", "yes")])
+        assert r.responses()[7][":status"] == "200"
+        assert r.g.failed == 0
+    finally:
+        r.close()
+
+
+def test_backend_max_concurrent_streams_kept_and_excess_queued_in_order() -> None:
+    """A backend that allows 2 streams and a client with 10 at once: the backend never
+    sees more than 2 open (h2 would raise), gets them in order, and all 10 succeed."""
+    r = Rig()
+    try:
+        for i in range(1, 21, 2):
+            r.c.send_headers(i, req(f"/{i}"), end_stream=True)
+        r.pump()
+        s = h2.connection.H2Connection(h2.config.H2Configuration(
+            client_side=False, header_encoding="utf-8"))
+        s.local_settings = h2.settings.Settings(client=False, initial_values={
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 2})
+        s.initiate_connection()
+        r.s = s
+        r.g.connected(SID)
+        r.pump()
+        answered: list[int] = []
+        peak = 0
+        for _ in range(30):
+            peak = max(peak, s.open_inbound_streams)
+            todo = [e.stream_id for e in r.of(r.sev, h2.events.RequestReceived)
+                    if e.stream_id not in answered]
+            if not todo:
+                break
+            for i in todo:
+                answered.append(i)
+                r.respond(i, body=b"ok")
+        assert peak == 2
+        assert answered == list(range(1, 21, 2))
+        assert sorted(r.responses()) == list(range(1, 21, 2))
+        assert all(h[":status"] == "200" for h in r.responses().values())
+        assert not r.of(r.cev, h2.events.StreamReset)
+        assert r.g.need == NONE
+    finally:
+        r.close()
+
+
+def test_client_half_close_finishes_the_streams_in_flight() -> None:
+    """The client's FIN after its last request (stream_close): responses still in flight,
+    held or at the backend, are delivered; an unfinished request is cancelled; then the
+    connection closes."""
+    r = Rig()
+    try:
+        r.c.send_headers(1, req("/a"), end_stream=True)
+        r.pump()
+        r.connect_backend()
+        r.c.send_headers(3, req("/b"), end_stream=True)
+        r.c.send_headers(5, req("/upload", "POST"))  # body never finished
+        r.pump()
+        r.c.send_headers(7, req("/held"), end_stream=True)
+        r.g.client(SID, r.c.data_to_send())
+        r.g.client_close(SID)  # FIN
+        assert not r.g.streams[SID].downstream_closed
+        r.pump()
+        resets = {e.stream_id: e.error_code for e in r.of(r.sev, h2.events.StreamReset)}
+        assert resets == {5: h2.errors.ErrorCodes.CANCEL}
+        r.respond(3, body=b"bee")
+        r.respond(1, body=b"a" * 16000)
+        assert not r.g.streams[SID].downstream_closed
+        r.respond(7, body=b"seven")
+        resp = r.responses()
+        assert sorted(resp) == [1, 3, 7] and all(h[":status"] == "200" for h in resp.values())
+        got = {e.stream_id: 0 for e in r.of(r.cev, h2.events.DataReceived)}
+        for e in r.of(r.cev, h2.events.DataReceived):
+            got[e.stream_id] += len(e.data)
+        assert got == {1: 16000, 3: 3, 7: 5}
+        assert r.g.streams[SID].downstream_closed and r.g.streams[SID].upstream_closed
+        assert r.g.need == NONE
+    finally:
+        r.close()
+
+
+
+def test_a_work_block_left_busy_is_clean_for_its_next_connection() -> None:
+    """A connection closed in the middle of a stream gives its work block back with that
+    stream still in it: the next connection on the block must not see it."""
+    r = Rig({"hold_timeout_ms": 1000})
+    try:
+        r.c.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 10})
+        r.c.send_headers(1, req("/slow"), end_stream=True)
+        r.pump()
+        r.connect_backend()
+        r.respond(1, body=b"x" * 1000)  # 10 bytes go, the rest waits for the window
+        r.g.client_close(SID)  # FIN, and the client never reads again
+        r.g.tick(100)
+        r.g.tick(2200)  # twice the hold without progress: closed with bytes queued
+        assert r.g.streams[SID].downstream_closed
+        r2 = Rig.__new__(Rig)  # a second client on the same activator instance
+        r2.g, r2.sid, r2.c, r2.s, r2.cev, r2.sev = r.g, 2, client_conn(), None, [], []
+        r2.g.open(2)
+        r2.pump()
+        r2.c.send_headers(1, req("/next"), end_stream=True)
+        r2.pump()
+        r2.connect_backend()
+        assert [dict(e.headers)[":path"] for e in r2.of(r2.sev, h2.events.RequestReceived)
+                ] == ["/next"]
+        r2.respond(1, body=b"fine")
+        assert r2.responses()[1][":status"] == "200"
+        assert b"".join(e.data for e in r2.of(r2.cev, h2.events.DataReceived)) == b"fine"
+        assert r.g.need == NONE and r.g.failed == 0
+    finally:
+        r.close()
 
 def frames_of(data: bytes) -> list[Any]:
     """Split raw bytes into hyperframe frames (for what h2 refuses to read after GOAWAY)."""
@@ -509,18 +656,38 @@ def test_idle_connections_do_not_pin_a_backend() -> None:
         r.close()
 
 
+def refused_by_goaway(g: StreamGuest, sid: int) -> None:
+    """The connection was refused the RFC 9113 way: server preface, GOAWAY(0, NO_ERROR)."""
+    c = client_conn()
+    g.client(sid, c.data_to_send())
+    ev = c.receive_data(g.to_client(sid))
+    gone = [e for e in ev if isinstance(e, h2.events.ConnectionTerminated)]
+    assert gone and gone[0].error_code == 0 and gone[0].last_stream_id == 0
+    assert not g.streams[sid].downstream_closed
+
+
 def test_connection_limit_and_memory() -> None:
     g = StreamGuest(WASM, {"max_connections": 4})
     try:
         for sid in range(1, 5):
             g.open(sid)
             c = client_conn()
-            c.send_headers(1, req("/"), end_stream=True)
+            # connection 2's request stays unfinished: its FIN below ends it (a finished
+            # request would keep the half-closed connection until its response)
+            c.send_headers(1, req("/"), end_stream=sid != 2)
             g.client(sid, c.data_to_send())
             assert g.to_client(sid)[3] == 4  # SETTINGS first
         g.open(5)
-        assert g.streams[5].downstream_closed and not g.streams[5].client
+        refused_by_goaway(g, 5)
         assert any("connection limit" in m for _, m in g.logs)
+        g.client_close(5)  # the refused client closes: so does the activator
+        assert g.streams[5].downstream_closed
+        g.open(7)
+        g.tick(100)
+        g.tick(1000)
+        assert not g.streams[7].downstream_closed
+        g.tick(1100)  # or a second after the GOAWAY
+        assert g.streams[7].downstream_closed
         g.client_close(2)
         g.open(6)  # a freed connection is reused
         assert not g.streams[6].downstream_closed
@@ -529,16 +696,89 @@ def test_connection_limit_and_memory() -> None:
         g.close()
 
 
-def test_default_connection_limit_fits_the_memory_limit() -> None:
+def test_1024_idle_connections_fit_the_memory_limit_and_the_next_is_refused() -> None:
+    """An idle connection keeps only its bookkeeping and the client's HPACK table (the
+    rest comes from a pool while busy): 1,024 of them, every one answering a PING, plus
+    every work block in use, stay under the 16 MiB limit; the 1,025th is refused."""
     g = StreamGuest(WASM, {})
     try:
-        for sid in range(1, 34):
+        g.tick(1)
+        cs = {}
+        for sid in range(1, 1025):
             g.open(sid)
-            c = client_conn()
-            c.send_headers(1, req("/"), end_stream=True)
+            c = cs[sid] = client_conn()
+            c.ping(b"idle%04d" % sid)
             g.client(sid, c.data_to_send())
-        assert [sid for sid in range(1, 34) if g.streams[sid].downstream_closed] == [33]
+            ev = c.receive_data(g.to_client(sid))
+            assert any(isinstance(e, h2.events.PingAckReceived) for e in ev), sid
+        for sid in range(1, 41):  # busy (held requests): 18 blocks, the rest wait paused
+            cs[sid].send_headers(1, req("/"), end_stream=True)
+            g.client(sid, cs[sid].data_to_send())
+        assert sum(g.streams[sid].paused for sid in range(1, 41)) == 40 - 18
+        g.open(1025)
+        refused_by_goaway(g, 1025)
+        counters: dict[str, int] = {}
+        for a in g.actions:
+            if isinstance(a, abi.Count):
+                counters[a.name] = counters.get(a.name, 0) + a.n
+        assert counters.get("connections_refused") == 1
         assert g.failed == 0 and g.host.stats.memory_cap == 0
+        assert g.host.instance(80)._size < 15 * 2**20
+    finally:
+        g.close()
+
+
+def test_500_concurrent_connections_all_served() -> None:
+    """500 client connections with a request each, at once, each with its own backend:
+    at most 18 are busy at a time (the others paused, their first bytes kept) and every
+    request gets its response."""
+    g = StreamGuest(WASM, {"hold_timeout_ms": 60000})
+    n = 500
+    try:
+        g.tick(1)
+        cs: dict[int, h2.connection.H2Connection] = {}
+        ss: dict[int, h2.connection.H2Connection] = {}
+        got: dict[int, str] = {}
+        for sid in range(1, n + 1):
+            g.open(sid)
+            c = cs[sid] = client_conn()
+            c.send_headers(1, req(f"/{sid}"), end_stream=True)
+            g.client(sid, c.data_to_send())
+        for _ in range(200):
+            moved = False
+            for sid in range(1, n + 1):
+                v = g.streams[sid]
+                if v.connects and sid not in ss:
+                    ss[sid] = server_conn()
+                    g.connected(sid)
+                    moved = True
+                down = g.to_client(sid)
+                if down:
+                    for e in cs[sid].receive_data(down):
+                        if isinstance(e, h2.events.ResponseReceived):
+                            got[sid] = dict(e.headers)[":status"]
+                    moved = True
+                out = cs[sid].data_to_send()
+                if out and not v.paused:
+                    g.client(sid, out)
+                    moved = True
+                if sid in ss:
+                    up = g.to_backend(sid)
+                    if up:
+                        for e in ss[sid].receive_data(up):
+                            if isinstance(e, h2.events.RequestReceived):
+                                ss[sid].send_headers(e.stream_id, [(":status", "200")],
+                                                     end_stream=True)
+                        moved = True
+                    out = ss[sid].data_to_send()
+                    if out:
+                        g.backend(sid, out)
+                        moved = True
+            if not moved:
+                break
+        assert len(got) == n and set(got.values()) == {"200"}
+        assert not any(g.streams[sid].downstream_closed for sid in range(1, n + 1))
+        assert g.failed == 0 and g.need == NONE
     finally:
         g.close()
 
