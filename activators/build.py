@@ -1,12 +1,14 @@
-"""Build the activators' .wasm files from C, reproducibly, with the zig toolchain from PyPI.
+"""Build the activators' .wasm files from C and Zig, reproducibly, with ziglang from PyPI.
 
 Why a script rather than a Makefile rule: CI runs ``python activators/build.py --check``,
 which rebuilds everything into a temporary directory and compares bytes with the committed
 .wasm files, so a source change without a rebuild (or a toolchain drift) fails loudly.
-The flags are fixed and the output stripped (no debug info, no producers section), so the
-bytes depend only on the sources and the pinned ``ziglang`` version. A hostile test module
-that C cannot express (more than one memory) is written in the text format and assembled
-with the pinned ``wasmtime``'s ``wat2wasm``, equally deterministic.
+The flags are fixed (fabric/activator/toolchain.py, shared with ``fabricd activator
+build``) and the output stripped (no debug info, no producers section), so the bytes
+depend only on the sources and the pinned ``ziglang`` version. A ``.zig`` target is a root
+file importing the Zig SDK (``sdk/zig/fabricd.zig``) as the module ``fabricd``. A hostile
+test module that C cannot express (more than one memory) is written in the text format
+and assembled with the pinned ``wasmtime``'s ``wat2wasm``, equally deterministic.
 
 Usage: ``python activators/build.py`` (write) or ``python activators/build.py --check``.
 """
@@ -21,6 +23,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent))  # fabric.activator.toolchain, also from a bare checkout
+from fabric.activator import toolchain  # noqa: E402
 
 #: source -> output, both relative to activators/
 TARGETS: dict[str, str] = {
@@ -38,6 +42,7 @@ TARGETS: dict[str, str] = {
     "testing/multimem.wat": "testing/multimem.wasm",
     "testing/streamtrap.c": "testing/streamtrap.wasm",
     "testing/tcp_raw.c": "testing/tcp_raw.wasm",
+    "sdk/zig/examples/stream_hold.zig": "sdk/zig/examples/stream_hold.wasm",
 }
 
 #: source -> flags added to CFLAGS for it alone
@@ -48,22 +53,7 @@ EXTRA_CFLAGS: dict[str, tuple[str, ...]] = {
     "http2/http2.c": ("-mbulk-memory",),  # memory.copy: one instruction per copy, not a loop
 }
 
-CFLAGS: tuple[str, ...] = (
-    "--target=wasm32-freestanding",
-    "-O2",
-    "-std=c11",
-    "-nostdlib",
-    "-g0",
-    "-s",
-    "-Wall",
-    "-Wextra",
-    "-Werror",
-    "-fno-builtin",
-    "-Wl,--no-entry",
-    "-Wl,--export-memory",
-    "-Wl,--strip-all",
-    "-Wl,-z,stack-size=65536",
-)
+CFLAGS: tuple[str, ...] = toolchain.CFLAGS
 
 
 def compile_one(src: Path, out: Path, cache: Path) -> None:
@@ -77,8 +67,11 @@ def compile_one(src: Path, out: Path, cache: Path) -> None:
     env = dict(os.environ, ZIG_GLOBAL_CACHE_DIR=str(cache / "global"),
                ZIG_LOCAL_CACHE_DIR=str(cache / "local"))
     # Run from ROOT with relative paths, so no absolute path can leak into the output.
-    cmd = [sys.executable, "-m", "ziglang", "cc", *CFLAGS, *EXTRA_CFLAGS.get(rel, ()),
-           "-o", str(out), rel]
+    if src.suffix == ".zig":
+        cmd = toolchain.zig_command(rel, str(out), "sdk/zig/fabricd.zig")
+    else:
+        cmd = [sys.executable, "-m", "ziglang", "cc", *CFLAGS, *EXTRA_CFLAGS.get(rel, ()),
+               "-o", str(out), rel]
     subprocess.run(cmd, cwd=ROOT, env=env, check=True)
 
 
