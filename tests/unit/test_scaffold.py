@@ -1,0 +1,99 @@
+"""`fabricd activator new` + `build` + the project's own tests, for every language and
+protocol, as an author runs them: the commands in a fresh temp dir, the project's pytest
+in a subprocess from its own directory (nothing of the fabricd source tree on its path).
+One zig cache per session keeps the builds to about a second each."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fabric.activator import project as proj
+from fabric.cli import main as cli
+
+
+@pytest.fixture(scope="session")
+def zig_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    pytest.importorskip("ziglang")
+    d = tmp_path_factory.mktemp("zig-cache")
+    old = os.environ.get("FABRICD_ZIG_CACHE")
+    os.environ["FABRICD_ZIG_CACHE"] = str(d)
+    yield d
+    if old is None:
+        os.environ.pop("FABRICD_ZIG_CACHE", None)
+    else:
+        os.environ["FABRICD_ZIG_CACHE"] = old
+
+
+@pytest.mark.parametrize("proto", proj.PROTOS)
+@pytest.mark.parametrize("lang", list(proj.LANGS))
+def test_scaffold_builds_and_passes_its_own_tests(lang: str, proto: str, tmp_path: Path,
+                                                  zig_cache: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    name = f"my_{proto}"
+    assert cli.main(["activator", "new", name, "--lang", lang, "--proto", proto,
+                     "--dir", str(tmp_path)]) == 0
+    root = tmp_path / name
+    assert cli.main(["activator", "build", str(root)]) == 0
+    out = capsys.readouterr().out
+    wasm = root / f"{name}.wasm"
+    digest = hashlib.sha256(wasm.read_bytes()).hexdigest()
+    assert f"{wasm}: {wasm.stat().st_size} bytes, sha256 {digest}" in out
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+                       cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert "2 passed" in r.stdout
+
+
+def test_a_build_is_reproducible_wherever_the_project_is(tmp_path: Path,
+                                                        zig_cache: Path) -> None:
+    """(A fresh cache gives the same bytes too: activators/build.py --check builds the
+    shipped C and Zig activators with one.)"""
+    for lang in proj.LANGS:
+        digests = set()
+        for where in ("a", "b/c"):
+            (tmp_path / lang / where).mkdir(parents=True)
+            root = proj.scaffold("same", lang, "stream", tmp_path / lang / where)
+            digests.add(proj.build_project(root).sha256)
+        assert len(digests) == 1, (lang, digests)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["new", "Bad-Name"], "a name is 1-32 of [a-z0-9_]"),
+    (["new", "x", "--dir", "/nonexistent/where"], "no such directory"),
+    (["build", "/nonexistent/project"], "not a directory"),
+    (["build", "."], "no src/ directory"),
+    (["build", "--reload", "nonsense", "."], "expected NS/SERVICE or NS/SERVICE:PORT"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv: list[str], message: str, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["activator", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
+def test_new_refuses_an_existing_directory(tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "taken").mkdir()
+    assert cli.main(["activator", "new", "taken", "--dir", str(tmp_path)]) == 2
+    assert "exists already" in capsys.readouterr().err
+
+
+def test_a_compile_error_is_shown_and_exits_1(tmp_path: Path, zig_cache: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    root = proj.scaffold("broken", "c", "stream", tmp_path)
+    src = root / "src" / "broken.c"
+    src.write_text(src.read_text() + "\nthis is not C;\n")
+    assert cli.main(["activator", "build", str(root)]) == 1
+    err = capsys.readouterr().err
+    assert "build failed" in err and "broken.c" in err
+    assert not (root / "broken.wasm").exists()
