@@ -31,6 +31,7 @@ from tests.bench import (
     ping,
     postgres,
     scale,
+    sdk,
     services,
     storms,
     streams,
@@ -57,6 +58,7 @@ BENCHMARKS: dict[str, Callable[[Settings], Report]] = {
     postgres.NAME: postgres.run,
     http2.NAME: http2.run,
     microvm.NAME: microvm.run,
+    sdk.NAME: sdk.run,
 }
 
 

@@ -617,6 +617,7 @@ pub fn Table(comptime T: type, comptime cap: u32) type {
         items: [cap]T = undefined,
         keys: [cap]u32 = undefined,
         index: [2 * cap]u32 = @splat(0), // item + 1; 0 = empty
+        slot: [cap]u32 = undefined, // where in index each live item is (del: no probe)
         next_free: [cap]u32 = undefined, // item + 1; 0 = end
         live: [cap]bool = @splat(false),
         free_head: u32 = 0,
@@ -660,6 +661,12 @@ pub fn Table(comptime T: type, comptime cap: u32) type {
         /// A new zeroed item under `key`, even if the key is present (see find); null
         /// when full.
         pub fn insert(t: *Self, key: u32) ?*T {
+            var s = home(key);
+            while (t.index[s] != 0) s = (s + 1) & mask;
+            return t.place(key, s);
+        }
+
+        fn place(t: *Self, key: u32, s: u32) ?*T {
             var i: u32 = undefined;
             if (t.free_head != 0) {
                 i = t.free_head - 1;
@@ -671,17 +678,20 @@ pub fn Table(comptime T: type, comptime cap: u32) type {
             t.live[i] = true;
             t.keys[i] = key;
             t.len += 1;
-            var s = home(key);
-            while (t.index[s] != 0) s = (s + 1) & mask;
             t.index[s] = i + 1;
+            t.slot[i] = s;
             t.items[i] = std.mem.zeroes(T);
             return &t.items[i];
         }
 
-        /// A new zeroed item under a key not present yet; null when full or present.
+        /// A new zeroed item under a key not present yet; null when full or present
+        /// (one probe: the run ends where the new item goes).
         pub fn add(t: *Self, key: u32) ?*T {
-            if (t.get(key) != null) return null;
-            return t.insert(key);
+            var s = home(key);
+            while (t.index[s] != 0) : (s = (s + 1) & mask) {
+                if (t.keys[t.index[s] - 1] == key) return null;
+            }
+            return t.place(key, s);
         }
 
         /// The item's position (0 .. cap-1), e.g. to index arrays kept beside the table.
@@ -698,8 +708,7 @@ pub fn Table(comptime T: type, comptime cap: u32) type {
         pub fn del(t: *Self, item: *T) void {
             const i = t.pos(item);
             if (i >= cap or !t.live[i]) return;
-            var s = home(t.keys[i]);
-            while (t.index[s] != i + 1) s = (s + 1) & mask;
+            var s = t.slot[i];
             // backward-shift deletion: later entries of the run move into the hole
             var j = (s + 1) & mask;
             while (true) : (j = (j + 1) & mask) {
@@ -708,6 +717,7 @@ pub fn Table(comptime T: type, comptime cap: u32) type {
                 const h = home(t.keys[e - 1]);
                 if ((j > s and (h <= s or h > j)) or (j < s and h <= s and h > j)) {
                     t.index[s] = e;
+                    t.slot[e - 1] = s;
                     s = j;
                 }
             }
