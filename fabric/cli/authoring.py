@@ -90,12 +90,12 @@ def cmd_build(args: argparse.Namespace) -> int:
             raise proj.ProjectError(f"{out.parent}: no such directory for the output")
     except proj.ProjectError as e:
         raise _usage(str(e)) from None
+    seen = _mtimes(project)  # before building: a change during the build is seen too
     built = _build_once(project, out)
     ok = built is not None and (not args.reload or _reload(args, built))
     if not args.watch:
         return 0 if ok else 1
     print(f"watching {project.resolve()}/src (Ctrl-C stops)", flush=True)
-    seen = _mtimes(project)
     try:
         while True:
             time.sleep(POLL_S)

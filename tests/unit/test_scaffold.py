@@ -9,6 +9,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -97,3 +98,32 @@ def test_a_compile_error_is_shown_and_exits_1(tmp_path: Path, zig_cache: Path,
     err = capsys.readouterr().err
     assert "build failed" in err and "broken.c" in err
     assert not (root / "broken.wasm").exists()
+
+
+def test_watch_rebuilds_on_change_and_survives_a_compile_error(tmp_path: Path,
+                                                               zig_cache: Path) -> None:
+    root = proj.scaffold("watched", "zig", "stream", tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    p = subprocess.Popen([sys.executable, "-m", "fabric.cli.main", "activator", "build",
+                          "--watch", str(root)], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(240, p.kill)  # a missed rebuild fails the reads, never hangs
+    watchdog.start()
+    try:
+        assert p.stdout is not None and p.stderr is not None
+        first = p.stdout.readline()
+        assert "watched.wasm:" in first and "sha256" in first, first
+        assert "watching" in p.stdout.readline()
+        src = root / "src" / "watched.zig"
+        good = src.read_text()
+        src.write_text(good + "\nthis is not zig\n")
+        assert "build failed" in p.stderr.readline()
+        src.write_text(good.replace("held connection timed out", "held too long"))
+        line = p.stdout.readline()
+        assert "watched.wasm:" in line and line.split("sha256 ")[1][:64] != \
+            first.split("sha256 ")[1][:64], (first, line)
+        assert b"held too long" in (root / "watched.wasm").read_bytes()
+    finally:
+        watchdog.cancel()
+        p.terminate()
+        p.wait(timeout=10)
