@@ -46,6 +46,12 @@ def test_scaffold_builds_and_passes_its_own_tests(lang: str, proto: str, tmp_pat
     wasm = root / f"{name}.wasm"
     digest = hashlib.sha256(wasm.read_bytes()).hexdigest()
     assert f"{wasm}: {wasm.stat().st_size} bytes, sha256 {digest}" in out
+    # its config example is a valid fabricd config once it names the module
+    example = (root / "config.example.yaml").read_text()
+    (tmp_path / "fabricd.yaml").write_text(example.replace(f"/path/to/{name}.wasm", str(wasm)))
+    assert cli.main(["check", "-c", str(tmp_path / "fabricd.yaml")]) == 0
+    said = "".join(capsys.readouterr())
+    assert ": ok (" in said and "warning" not in said, said
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
                        cwd=root, env=env, capture_output=True, text=True, timeout=300)

@@ -666,7 +666,24 @@ pub fn Table(comptime T: type, comptime cap: u32) type {
             return t.place(key, s);
         }
 
+        /// add, with the item set to `value` (rather than zeroed, then set).
+        pub fn addValue(t: *Self, key: u32, value: T) ?*T {
+            var s = home(key);
+            while (t.index[s] != 0) : (s = (s + 1) & mask) {
+                if (t.keys[t.index[s] - 1] == key) return null;
+            }
+            const item = t.claim(key, s) orelse return null;
+            item.* = value;
+            return item;
+        }
+
         fn place(t: *Self, key: u32, s: u32) ?*T {
+            const item = t.claim(key, s) orelse return null;
+            item.* = std.mem.zeroes(T);
+            return item;
+        }
+
+        fn claim(t: *Self, key: u32, s: u32) ?*T {
             var i: u32 = undefined;
             if (t.free_head != 0) {
                 i = t.free_head - 1;
@@ -680,7 +697,6 @@ pub fn Table(comptime T: type, comptime cap: u32) type {
             t.len += 1;
             t.index[s] = i + 1;
             t.slot[i] = s;
-            t.items[i] = std.mem.zeroes(T);
             return &t.items[i];
         }
 

@@ -62,8 +62,7 @@ fn connect(sid: u32, s: *Stream) void {
 
 pub fn streamOpen(sid: u32, port: u16) void {
     _ = port;
-    const s = table.add(sid) orelse return fab.close(sid);
-    s.* = .{ .state = .holding, .paused = !wake_on_data, .woke = !wake_on_data, .block = null, .held_len = 0, .opened_ms = fab.now() };
+    const s = table.addValue(sid, .{ .state = .holding, .paused = !wake_on_data, .woke = !wake_on_data, .block = null, .held_len = 0, .opened_ms = fab.now() }) orelse return fab.close(sid);
     if (s.woke) nwoke += 1;
     if (s.paused) fab.pause(sid);
     if (fab.backendReady() and s.woke) connect(sid, s);
