@@ -12,6 +12,7 @@ the sources and the ``ziglang`` version pinned in requirements.lock.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -79,6 +80,9 @@ def zig_command(src: str, out: str, sdk: str) -> list[str]:
 def run(cmd: list[str], cwd: Path, cache: Path) -> None:
     """Run one compile with its zig caches under ``cache`` (hermetic; reusable across
     builds of one session); BuildError with the compiler's output on failure."""
+    if importlib.util.find_spec("ziglang") is None:
+        raise BuildError("the zig toolchain is not installed here: pip install -c "
+                         "requirements.lock 'fabricd[sdk]' (the pinned ziglang)")
     env = dict(os.environ, ZIG_GLOBAL_CACHE_DIR=str(cache / "global"),
                ZIG_LOCAL_CACHE_DIR=str(cache / "local"))
     try:
