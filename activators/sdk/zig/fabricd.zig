@@ -490,11 +490,18 @@ fn initFrom(comptime H: type, cfg: []const u8) i32 {
     };
 }
 
+// A handler is a call of its own, not inlined into the event loop: the loop stays small
+// enough for LLVM to keep its state in few locals (inlined, every handler's paths cost
+// copies between them on every event: ~25 % more fuel per event, measured).
+inline fn call(comptime f: anytype, args: anytype) void {
+    @call(.never_inline, f, args);
+}
+
 fn processBatch(comptime H: type, e: []const u8) i64 {
     out_len = 2;
     out_count = 0;
     out_full = false;
-    if (@hasDecl(H, "batchBegin")) H.batchBegin();
+    if (@hasDecl(H, "batchBegin")) call(H.batchBegin, .{});
     const n_ev: u32 = if (e.len >= 2) le16(e) else 0;
     var off: usize = 2;
     var k: u32 = 0;
@@ -511,7 +518,7 @@ fn processBatch(comptime H: type, e: []const u8) i64 {
                 if (n < 8) {
                     bad_events += 1;
                 } else if (@hasDecl(H, "packet")) {
-                    H.packet(.{ .id = le32(p), .flow_hash = le32(p[4..]), .ip = p[8..] });
+                    call(H.packet, .{.{ .id = le32(p), .flow_hash = le32(p[4..]), .ip = p[8..] }});
                 }
             },
             ev.tick => {
@@ -519,51 +526,51 @@ fn processBatch(comptime H: type, e: []const u8) i64 {
                     bad_events += 1;
                 } else {
                     now_ms = le64(p);
-                    if (@hasDecl(H, "tick")) H.tick(now_ms);
+                    if (@hasDecl(H, "tick")) call(H.tick, .{now_ms});
                 }
             },
             ev.backend_available => {
                 backend_ready = true;
-                if (@hasDecl(H, "backendAvailable")) H.backendAvailable();
+                if (@hasDecl(H, "backendAvailable")) call(H.backendAvailable, .{});
             },
             ev.backend_unavailable => {
                 backend_ready = false;
-                if (@hasDecl(H, "backendUnavailable")) H.backendUnavailable();
+                if (@hasDecl(H, "backendUnavailable")) call(H.backendUnavailable, .{});
             },
             ev.stream_open => {
                 if (n < 6) {
                     bad_events += 1;
-                } else if (@hasDecl(H, "streamOpen")) H.streamOpen(le32(p), le16(p[4..]));
+                } else if (@hasDecl(H, "streamOpen")) call(H.streamOpen, .{le32(p), le16(p[4..])});
             },
             ev.stream_data => {
                 if (n < 4) {
                     bad_events += 1;
-                } else if (@hasDecl(H, "streamData")) H.streamData(le32(p), p[4..]);
+                } else if (@hasDecl(H, "streamData")) call(H.streamData, .{le32(p), p[4..]});
             },
             ev.stream_close => {
                 if (n < 4) {
                     bad_events += 1;
-                } else if (@hasDecl(H, "streamClose")) H.streamClose(le32(p));
+                } else if (@hasDecl(H, "streamClose")) call(H.streamClose, .{le32(p)});
             },
             ev.upstream_connect_result => {
                 if (n < 5) {
                     bad_events += 1;
-                } else if (@hasDecl(H, "upstreamResult")) H.upstreamResult(le32(p), p[4] != 0);
+                } else if (@hasDecl(H, "upstreamResult")) call(H.upstreamResult, .{le32(p), p[4] != 0});
             },
             ev.upstream_data => {
                 if (n < 4) {
                     bad_events += 1;
-                } else if (@hasDecl(H, "upstreamData")) H.upstreamData(le32(p), p[4..]);
+                } else if (@hasDecl(H, "upstreamData")) call(H.upstreamData, .{le32(p), p[4..]});
             },
             ev.upstream_close => {
                 if (n < 4) {
                     bad_events += 1;
-                } else if (@hasDecl(H, "upstreamClose")) H.upstreamClose(le32(p));
+                } else if (@hasDecl(H, "upstreamClose")) call(H.upstreamClose, .{le32(p)});
             },
             else => {}, // newer hosts may send more kinds
         }
     }
-    if (@hasDecl(H, "batchEnd")) H.batchEnd();
+    if (@hasDecl(H, "batchEnd")) call(H.batchEnd, .{});
     putLe16(&out, @intCast(out_count));
     const ptr: u64 = @intFromPtr(&out);
     return @bitCast((ptr << 32) | out_len);
