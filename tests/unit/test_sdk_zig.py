@@ -5,7 +5,10 @@ actions, config reader, Table and Pool)."""
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -98,3 +101,17 @@ def test_same_answers_as_the_c_activator(seed: int, config: dict[str, Any]) -> N
     finally:
         for g in guests:
             g.close()
+
+
+def test_the_sdks_own_zig_tests(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """JSON reader, Table (against a reference map), Buf, Pool, Tcp.parse: compiled
+    natively in Debug mode, so every bounds or overflow slip panics."""
+    pytest.importorskip("ziglang")
+    cache = tmp_path_factory.getbasetemp() / "zig-cache"
+    env = dict(os.environ, ZIG_GLOBAL_CACHE_DIR=str(cache / "global"),
+               ZIG_LOCAL_CACHE_DIR=str(cache / "local"))
+    r = subprocess.run([sys.executable, "-m", "ziglang", "test", "sdk/zig/fabricd.zig"],
+                       cwd=ROOT / "activators", env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "All 4 tests passed" in r.stdout + r.stderr

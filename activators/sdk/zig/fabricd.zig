@@ -891,3 +891,87 @@ pub const Tcp = struct {
         return (@as(u32, t.sport) << 16) | t.dport;
     }
 };
+
+// ------------------------------------------------------------------ tests
+// `python -m ziglang test activators/sdk/zig/fabricd.zig` (natively: the parts that do
+// not need a wasm host; tests/unit/test_sdk_zig.py runs it).
+
+test "Json: keys, numbers, booleans, strings, arrays, malformed" {
+    const cfg = Json{ .s = " { \"a\" : 12, \"s\": \"x\\\"y\\u0041\", \"b\": true, \"n\": {\"a\": 1}, \"l\": [1, \"two\", [3]] } " };
+    try std.testing.expectEqual(@as(u32, 12), cfg.getU32("a", 0));
+    try std.testing.expectEqual(@as(u32, 7), cfg.getU32("missing", 7));
+    try std.testing.expect(cfg.getBool("b", false));
+    var buf: [16]u8 = undefined;
+    try std.testing.expectEqualStrings("x\"yA", cfg.getStr("s", &buf).?);
+    try std.testing.expect(cfg.getStr("s", buf[0..2]) == null); // too long for buf
+    try std.testing.expectEqual(@as(u32, 5), cfg.getU32("n", 5)); // an object is no number
+    var it = cfg.get("l").?.items();
+    try std.testing.expectEqualStrings("1", it.next().?.s);
+    try std.testing.expectEqualStrings("\"two\"", it.next().?.s);
+    try std.testing.expectEqualStrings("[3]", it.next().?.s);
+    try std.testing.expect(it.next() == null);
+    for ([_][]const u8{ "", "{", "{\"a\"", "{\"a\":", "[", "{\"a\":\"1}", "nonsense" }) |bad| {
+        try std.testing.expect((Json{ .s = bad }).get("a") == null);
+    }
+    try std.testing.expectEqual(@as(?u32, null), (Json{ .s = "4294967296" }).asU32());
+}
+
+test "Table: matches a reference map through random adds and deletes" {
+    const T = Table(u64, 64);
+    const t = try std.testing.allocator.create(T);
+    defer std.testing.allocator.destroy(t);
+    t.* = .{};
+    var ref = std.AutoHashMap(u32, u64).init(std.testing.allocator);
+    defer ref.deinit();
+    var rng = std.Random.DefaultPrng.init(1);
+    const r = rng.random();
+    for (0..20000) |step| {
+        const key = r.intRangeLessThan(u32, 0, 100) * 64; // colliding homes
+        if (r.boolean()) {
+            if (t.add(key)) |item| {
+                try std.testing.expect(!ref.contains(key));
+                item.* = step;
+                try ref.put(key, step);
+            } else try std.testing.expect(ref.contains(key) or ref.count() == 64);
+        } else if (t.get(key)) |item| {
+            try std.testing.expectEqual(ref.get(key).?, item.*);
+            t.del(item);
+            _ = ref.remove(key);
+        } else try std.testing.expect(!ref.contains(key));
+        try std.testing.expectEqual(ref.count(), t.count());
+    }
+    var seen: u32 = 0;
+    var it: u32 = 0;
+    while (t.next(&it)) |item| : (seen += 1) try std.testing.expectEqual(ref.get(t.keyOf(item)).?, item.*);
+    try std.testing.expectEqual(t.count(), seen);
+}
+
+test "Buf and Pool are bounded" {
+    var b: Buf(8) = .{};
+    try std.testing.expect(b.put("hello"));
+    try std.testing.expect(!b.put("world")); // all or nothing
+    b.take(2);
+    try std.testing.expectEqualStrings("llo", b.slice());
+    var p: Pool(4, 2) = .{};
+    const x = p.get().?;
+    _ = p.get().?;
+    try std.testing.expect(p.get() == null);
+    p.put(x);
+    try std.testing.expect(p.get() == x);
+}
+
+test "Tcp.parse: a SYN, and garbage refused" {
+    var pkt: [40]u8 = @splat(0);
+    pkt[0] = 0x45;
+    putBe16(pkt[2..], 40);
+    pkt[9] = 6;
+    putBe16(pkt[20..], 40000);
+    putBe16(pkt[22..], 80);
+    pkt[32] = 0x50;
+    pkt[33] = Tcp.syn;
+    const t = Tcp.parse(&pkt).?;
+    try std.testing.expect(t.isSyn() and t.sport == 40000 and t.dport == 80 and t.payload.len == 0);
+    try std.testing.expect(Tcp.parse(pkt[0..30]) == null);
+    pkt[9] = 17;
+    try std.testing.expect(Tcp.parse(&pkt) == null);
+}
