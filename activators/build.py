@@ -43,6 +43,7 @@ TARGETS: dict[str, str] = {
     "testing/streamtrap.c": "testing/streamtrap.wasm",
     "testing/tcp_raw.c": "testing/tcp_raw.wasm",
     "sdk/zig/examples/stream_hold.zig": "sdk/zig/examples/stream_hold.wasm",
+    "sdk/zig/examples/tcp_hold.zig": "sdk/zig/examples/tcp_hold.wasm",
 }
 
 #: source -> flags added to CFLAGS for it alone

@@ -1,10 +1,10 @@
 """`sdk`: what the activator SDKs cost per event, against the same logic without them.
 
 Through the real host (ActivatorHost, the wasmtime sandbox the daemon runs), no network:
-- the TCP activator on the C SDK (activators/tcp/tcp.wasm) vs the same activator written
-  against the raw ABI (activators/testing/tcp_raw.wasm), for a batch of SYNs to distinct
-  flows with no backend (each held, a wake each) and for packets with a ready backend
-  (each passed);
+- the TCP activator on the C SDK (activators/tcp/tcp.wasm) and on the Zig SDK
+  (activators/sdk/zig/examples/tcp_hold.wasm) vs the same activator written against the
+  raw ABI (activators/testing/tcp_raw.wasm), for a batch of SYNs to distinct flows with
+  no backend (each held, a wake each) and for packets with a ready backend (each passed);
 - the Zig SDK's stream_hold.wasm vs the C stream activator (activators/stream), for a
   batch of connections through their life with a ready backend (open, connect result,
   close: pause, connect, resume, splice).
@@ -29,6 +29,7 @@ ACT = Path(__file__).resolve().parents[2] / "activators"
 TCP_SDK, TCP_RAW = ACT / "tcp" / "tcp.wasm", ACT / "testing" / "tcp_raw.wasm"
 STREAM_C = ACT / "stream" / "stream.wasm"
 STREAM_ZIG = ACT / "sdk" / "zig" / "examples" / "stream_hold.wasm"
+TCP_ZIG = ACT / "sdk" / "zig" / "examples" / "tcp_hold.wasm"
 TARGET = 1.20
 BATCH = 256
 CLIENT, VIP = P.ip_bytes("10.0.0.7"), P.ip_bytes("10.96.0.10")
@@ -124,6 +125,10 @@ def run(s: Settings) -> Report:
     compare(r, s, "TCP SYNs, no backend", ("C SDK", TCP_SDK), ("raw ABI", TCP_RAW),
             syn_no_backend, tcp)
     compare(r, s, "TCP data, ready backend", ("C SDK", TCP_SDK), ("raw ABI", TCP_RAW),
+            ready_backend, tcp)
+    compare(r, s, "TCP SYNs, no backend", ("Zig SDK", TCP_ZIG), ("raw ABI", TCP_RAW),
+            syn_no_backend, tcp)
+    compare(r, s, "TCP data, ready backend", ("Zig SDK", TCP_ZIG), ("raw ABI", TCP_RAW),
             ready_backend, tcp)
     compare(r, s, "streams open/connect/close", ("Zig SDK", STREAM_ZIG),
             ("C (stream.c)", STREAM_C), streams_through, {})

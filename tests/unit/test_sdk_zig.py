@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from fabric.activator import abi as A
+from fabric.activator.host import ActivatorHost
 from tests.support.streamguest import StreamGuest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -115,3 +116,47 @@ def test_the_sdks_own_zig_tests(tmp_path_factory: pytest.TempPathFactory) -> Non
                        timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "All 4 tests passed" in r.stdout + r.stderr
+
+
+TCP_C = ROOT / "activators" / "tcp" / "tcp.wasm"
+TCP_ZIG = ROOT / "activators" / "sdk" / "zig" / "examples" / "tcp_hold.wasm"
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_tcp_hold_answers_as_the_c_sdk_tcp_activator(seed: int) -> None:
+    """tcp_hold.zig is tcp.c on the Zig SDK: the same actions, in the same order, for
+    random SYNs, retransmits, data, RSTs, strays, ticks and backend changes."""
+    from fabric.net import packets as P
+
+    rng = random.Random(seed)
+    client, vip = P.ip_bytes("10.0.0.7"), P.ip_bytes("10.96.0.10")
+    config = {"max_flows": 16, "hold_timeout_ms": 2000}
+    hosts = [ActivatorHost(TCP_C, config, max_held=8192),
+             ActivatorHost(TCP_ZIG, config, max_held=8192)]
+    try:
+        now, pid = 0, 0
+        for _ in range(600):
+            op = rng.random()
+            if op < 0.04:
+                batch: list[A.Event] = [rng.choice([A.BackendAvailable(),
+                                                    A.BackendUnavailable()])]
+            elif op < 0.1:
+                now += rng.randrange(1, 1500)
+                batch = [A.Tick(now)]
+            else:
+                batch = []
+                for _ in range(rng.randrange(1, 6)):
+                    pid += 1
+                    sport = 30000 + rng.randrange(24)
+                    flags = rng.choice([P.TCP_SYN, P.TCP_SYN, P.TCP_ACK, P.TCP_RST,
+                                        P.TCP_SYN | P.TCP_ACK, P.TCP_FIN | P.TCP_ACK])
+                    data = P.tcp_packet(client, vip, sport, 80, 1, 0, flags, b"")
+                    if rng.random() < 0.05:
+                        data = data[:rng.randrange(len(data))]  # garbage
+                    batch.append(A.Packet(pid, sport % 7, data))  # colliding flow hashes
+            got = [h.process(80, batch) for h in hosts]
+            assert got[0] == got[1], (batch, got)
+        assert [h.stats.traps for h in hosts] == [0, 0]
+    finally:
+        for h in hosts:
+            h.close()

@@ -518,7 +518,7 @@ fn processBatch(comptime H: type, e: []const u8) i64 {
                 if (n < 8) {
                     bad_events += 1;
                 } else if (@hasDecl(H, "packet")) {
-                    call(H.packet, .{.{ .id = le32(p), .flow_hash = le32(p[4..]), .ip = p[8..] }});
+                    call(H.packet, .{Packet{ .id = le32(p), .flow_hash = le32(p[4..]), .ip = p[8..] }});
                 }
             },
             ev.tick => {
