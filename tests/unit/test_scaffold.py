@@ -7,16 +7,21 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from fabric.activator import project as proj
 from fabric.cli import main as cli
+from fabric.services.manager import ActivatorRefused
+from tests.unit.test_control import FakeFabric, Harness
 
 
 @pytest.fixture(scope="session")
@@ -133,3 +138,46 @@ def test_watch_rebuilds_on_change_and_survives_a_compile_error(tmp_path: Path,
         watchdog.cancel()
         p.terminate()
         p.wait(timeout=10)
+
+
+class ReloadingFabric(FakeFabric):
+    """The control API's reload call, recorded (refused while `refuse` is set)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reloads: list[tuple[str, str, int | None, str | None]] = []
+        self.refuse: str | None = None
+
+    async def reload_activator(self, ns: str, service: str, port: int | None,
+                               module: str | None) -> list[dict[str, Any]]:
+        if self.refuse:
+            raise ActivatorRefused(self.refuse)
+        self.reloads.append((ns, service, port, module))
+        return [{"service": service, "port": port, "module": module,
+                 "generation": len(self.reloads) + 1}]
+
+
+def test_build_reload_swaps_the_build_into_the_daemon(tmp_path: Path, zig_cache: Path,
+                                                      capsys: pytest.CaptureFixture[str]
+                                                      ) -> None:
+    """`build --reload` goes through the control API's reload call with the fresh
+    module (the daemon side: tests/e2e/test_tutorial.py); a refusal is one line, exit 1."""
+    root = proj.scaffold("live", "c", "stream", tmp_path)
+    fabric = ReloadingFabric()
+    sockdir = tempfile.mkdtemp(prefix="fctl", dir="/tmp")  # AF_UNIX paths are short
+    h = Harness(fabric, os.path.join(sockdir, "control.sock")).start()
+    try:
+        argv = ["activator", "build", str(root), "--reload", "demo/web:80",
+                "--control", h.path]
+        assert cli.main(argv) == 0
+        out = capsys.readouterr().out
+        wasm = str(root / "live.wasm")
+        assert fabric.reloads == [("demo", "web", 80, wasm)]
+        assert f"demo/web:80: activator reloaded ({wasm}, generation 2)" in out, out
+        fabric.refuse = "live.wasm: no exported function fab_process; the old module keeps serving"
+        assert cli.main(argv) == 1
+        err = capsys.readouterr().err
+        assert "keeps serving" in err and err.count("\n") == 1, err
+    finally:
+        h.stop()
+        shutil.rmtree(sockdir, ignore_errors=True)
