@@ -1,12 +1,14 @@
-"""Build the activators' .wasm files from C, reproducibly, with the zig toolchain from PyPI.
+"""Build the activators' .wasm files from C and Zig, reproducibly, with ziglang from PyPI.
 
 Why a script rather than a Makefile rule: CI runs ``python activators/build.py --check``,
 which rebuilds everything into a temporary directory and compares bytes with the committed
 .wasm files, so a source change without a rebuild (or a toolchain drift) fails loudly.
-The flags are fixed and the output stripped (no debug info, no producers section), so the
-bytes depend only on the sources and the pinned ``ziglang`` version. A hostile test module
-that C cannot express (more than one memory) is written in the text format and assembled
-with the pinned ``wasmtime``'s ``wat2wasm``, equally deterministic.
+The flags are fixed (fabric/activator/toolchain.py, shared with ``fabricd activator
+build``) and the output stripped (no debug info, no producers section), so the bytes
+depend only on the sources and the pinned ``ziglang`` version. A ``.zig`` target is a root
+file importing the Zig SDK (``sdk/zig/fabricd.zig``) as the module ``fabricd``. A hostile
+test module that C cannot express (more than one memory) is written in the text format
+and assembled with the pinned ``wasmtime``'s ``wat2wasm``, equally deterministic.
 
 Usage: ``python activators/build.py`` (write) or ``python activators/build.py --check``.
 ``python activators/build.py --debug SRC -o OUT`` builds one module with debug info, so
@@ -23,6 +25,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent))  # fabric.activator.toolchain, also from a bare checkout
+from fabric.activator import toolchain  # noqa: E402
 
 #: source -> output, both relative to activators/
 TARGETS: dict[str, str] = {
@@ -45,6 +49,8 @@ TARGETS: dict[str, str] = {
     "sdk/c/examples/h2ping.c": "sdk/c/examples/h2ping.wasm",
     "testing/postgres_raw.c": "testing/postgres_raw.wasm",
     "sdk/c/examples/pgping.c": "sdk/c/examples/pgping.wasm",
+    "sdk/zig/examples/stream_hold.zig": "sdk/zig/examples/stream_hold.wasm",
+    "sdk/zig/examples/tcp_hold.zig": "sdk/zig/examples/tcp_hold.wasm",
 }
 
 #: source -> flags added to CFLAGS for it alone
@@ -60,22 +66,7 @@ EXTRA_CFLAGS: dict[str, tuple[str, ...]] = {
     "sdk/c/examples/pgping.c": ("-mbulk-memory",),  # the SDK's fab_copy
 }
 
-CFLAGS: tuple[str, ...] = (
-    "--target=wasm32-freestanding",
-    "-O2",
-    "-std=c11",
-    "-nostdlib",
-    "-g0",
-    "-s",
-    "-Wall",
-    "-Wextra",
-    "-Werror",
-    "-fno-builtin",
-    "-Wl,--no-entry",
-    "-Wl,--export-memory",
-    "-Wl,--strip-all",
-    "-Wl,-z,stack-size=65536",
-)
+CFLAGS: tuple[str, ...] = toolchain.CFLAGS
 
 
 #: What a release build has and a debug build drops: no debug info, stripped output.
@@ -112,9 +103,14 @@ def compile_one(src: Path, out: Path, cache: Path, *, debug: bool = False) -> No
     env = dict(os.environ, ZIG_GLOBAL_CACHE_DIR=str(cache / "global"),
                ZIG_LOCAL_CACHE_DIR=str(cache / "local"))
     # Run from ROOT with relative paths, so no absolute path can leak into the output.
-    flags = debug_cflags() if debug else CFLAGS
-    cmd = [sys.executable, "-m", "ziglang", "cc", *flags, *EXTRA_CFLAGS.get(rel, ()),
-           "-o", str(out.resolve()), rel]
+    if src.suffix == ".zig":
+        cmd = toolchain.zig_command(rel, str(out.resolve()), "sdk/zig/fabricd.zig")
+        if debug:
+            cmd = [f for f in cmd if f not in RELEASE_ONLY]
+    else:
+        flags = debug_cflags() if debug else CFLAGS
+        cmd = [sys.executable, "-m", "ziglang", "cc", *flags, *EXTRA_CFLAGS.get(rel, ()),
+               "-o", str(out.resolve()), rel]
     subprocess.run(cmd, cwd=cwd, env=env, check=True)
 
 

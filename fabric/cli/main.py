@@ -389,17 +389,23 @@ def _peer_path(peer: str) -> str:
     return f"/v1/peers/{quote(peer, safe='')}"
 
 
-def cmd_activator(args: argparse.Namespace) -> int:
-    target = args.target
+def parse_reload_target(text: str) -> tuple[str, str, int | None]:
+    """NS/SERVICE[:PORT] -> (ns, service, port or None); UsageError when malformed."""
+    target = text
     port: int | None = None
     if ":" in target:
         target, _, ptext = target.rpartition(":")
         if not ptext.isdigit() or not 0 < int(ptext) < 65536:
-            raise UsageError(f"{args.target}: the port after ':' must be a port number")
+            raise UsageError(f"{text}: the port after ':' must be a port number")
         port = int(ptext)
     ns, _, service = target.partition("/")
     if not ns or not service:
-        raise UsageError(f"{args.target}: expected NS/SERVICE or NS/SERVICE:PORT")
+        raise UsageError(f"{text}: expected NS/SERVICE or NS/SERVICE:PORT")
+    return ns, service, port
+
+
+def cmd_activator(args: argparse.Namespace) -> int:
+    ns, service, port = parse_reload_target(args.target)
     body: dict[str, Any] = {}
     if port is not None:
         body["port"] = port
@@ -413,6 +419,15 @@ def cmd_activator(args: argparse.Namespace) -> int:
         gen = f", generation {r['generation']}" if r.get("generation") else ""
         _out(f"{ns}/{r['service']}:{r['port']}: activator reloaded ({r['module']}{gen})")
     return 0
+
+
+def _authoring(name: str) -> Callable[[argparse.Namespace], int]:
+    """A handler of fabric.cli.authoring, imported when run (client commands start fast)."""
+    def handler(args: argparse.Namespace) -> int:
+        from fabric.cli import authoring
+
+        return int(getattr(authoring, name)(args))
+    return handler
 
 
 def cmd_peer(args: argparse.Namespace) -> int:
@@ -671,7 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="where the peer listens ('none': wait for it to call)")
             q.add_argument("--public-key", metavar="KEY", help="its base64 public key")
 
-    p = add("activator", cmd_activator, "work with a running daemon's activators")
+    p = add("activator", cmd_activator, "make, build and reload activators")
     acts = p.add_subparsers(dest="activator_action", metavar="ACTION", required=True)
     q = add("reload", cmd_activator, "swap a service port's activator for a fresh load "
             "(new flows and streams go to it; live streams stay with the old one)",
@@ -679,6 +694,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("target", metavar="NS/SERVICE[:PORT]")
     q.add_argument("module", nargs="?", metavar="FILE",
                    help="the new .wasm (default: the configured module, read again)")
+    q = add("new", _authoring("cmd_new"), "make an activator project that builds and passes "
+            "its own tests (docs/activators.md)", where=acts)
+    q.add_argument("name", metavar="NAME", help="1-32 of [a-z0-9_]: the directory and module")
+    q.add_argument("--lang", choices=("c", "zig"), default="c", help="c (default) or zig")
+    q.add_argument("--proto", choices=("tcp", "stream", "http2", "postgres"),
+                   default="stream", help="what it starts from (default: stream)")
+    q.add_argument("--dir", default=".", metavar="DIR", help="where to make it (default: .)")
+    q = add("build", _authoring("cmd_build"), "build an activator project with the pinned "
+            "zig, print its size and sha256", [control], where=acts)
+    q.add_argument("dir", nargs="?", default=".", metavar="DIR", help="the project (default: .)")
+    q.add_argument("-o", "--output", metavar="OUT", help="the .wasm (default: DIR/NAME.wasm)")
+    q.add_argument("--watch", action="store_true", help="rebuild whenever a source changes")
+    q.add_argument("--reload", metavar="NS/SERVICE[:PORT]",
+                   help="swap each good build into the running daemon")
     from fabric.activator.harness.cli import add_test_command  # no wasmtime until it runs
 
     add_test_command(acts)

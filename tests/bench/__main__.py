@@ -33,6 +33,7 @@ from tests.bench import (
     postgres,
     replay,
     scale,
+    sdk,
     services,
     shards,
     storms,
@@ -63,6 +64,7 @@ BENCHMARKS: dict[str, Callable[[Settings], Report]] = {
     replay.NAME: replay.run,
     microvm.NAME: microvm.run,
     shards.NAME: shards.run,
+    sdk.NAME: sdk.run,
 }
 
 

@@ -62,9 +62,15 @@ def test_the_wheel_carries_what_runs_and_nothing_else(wheel: Path) -> None:
                if w.parent.name != "testing"}
     assert {"activators/stream/stream.wasm", "activators/postgres/postgres.wasm"} <= shipped
     assert shipped <= names, sorted(shipped - names)
+    # The SDKs and project templates are what `fabricd activator new/build` need.
+    kit = {str(f.relative_to(ROOT)) for pattern in ("activators/sdk/c/*.h",
+                                                      "activators/sdk/zig/*.zig",
+                                                      "fabric/activator/templates/**/*")
+           for f in ROOT.glob(pattern) if f.is_file() and "__pycache__" not in f.parts}
+    assert "activators/sdk/c/fabricd.h" in kit and kit <= names, sorted(kit - names)
     stray = sorted(n for n in names
                    if not n.startswith("fabricd-0") and not n.endswith(".py")
-                   and n not in shipped)
+                   and n not in shipped and n not in kit)
     assert not stray, stray
     tops = {n.split("/", 1)[0] for n in names}
     assert tops == {"fabric", "gateway", "tunnels", "activators",
