@@ -28,6 +28,7 @@ TARGETS: dict[str, str] = {
     "postgres/postgres.c": "postgres/postgres.wasm",
     "stream/stream.c": "stream/stream.wasm",
     "http2/http2.c": "http2/http2.wasm",
+    "http1/http1.c": "http1/http1.wasm",
     "testing/loop.c": "testing/loop.wasm",
     "testing/membomb.c": "testing/membomb.wasm",
     "testing/trap.c": "testing/trap.wasm",
@@ -46,6 +47,7 @@ EXTRA_CFLAGS: dict[str, tuple[str, ...]] = {
     "testing/tablebomb.c": ("-mreference-types",),  # a C table of externrefs needs them
     "postgres/postgres.c": ("-mbulk-memory",),  # memory.copy for relayed bytes
     "http2/http2.c": ("-mbulk-memory",),  # memory.copy: one instruction per copy, not a loop
+    "http1/http1.c": ("-mbulk-memory",),  # the SDK's fab_copy: memory.copy
 }
 
 CFLAGS: tuple[str, ...] = (
