@@ -432,8 +432,10 @@ static void forget(struct conn *c) {
 
 static void close_conn(struct conn *c) {
     flush_all();
-    fab_close(c->sid);
+    /* the upstream first: the host ends the stream at a downstream_close once its
+     * upstream is closed, and would not know the id any more */
     if (c->up != UP_NONE) fab_upstream_close(c->sid);
+    fab_close(c->sid);
     forget(c);
 }
 
