@@ -13,11 +13,13 @@
 
 #define MAX_CONNS 1024
 #define SMALL 2048                 /* client bytes kept inline per connection */
-#define BIG (96 * 1024)            /* a pool block: the pause threshold plus one host read */
-#define BIG_BLOCKS 48
+#define BIG (136 * 1024)           /* a pool block: the pause threshold plus two host reads */
+#define BIG_BLOCKS 40
 #define MAXQ 32                    /* pipelined requests per connection awaiting answers */
 #define MAX_HEALTH 8
 #define STAGE (64 * 1024)
+#define MAX_LOCAL_PER_CALL 512 /* local answers per call: bounds the fuel a call takes */
+#define ANSWER_ROOM (STAGE + 64 * 1024) /* kept free in a call's answer for relayed bytes */
 
 /* FIFO entries: what answers each request, in request order */
 #define Q_RELAY 0x80u  /* the backend answers it */
@@ -47,6 +49,7 @@ struct conn {
     u8 resp_started; /* bytes of the current response went to the client */
     u8 busy;         /* counted in nbusy (the need) */
     u8 spliced;
+    u8 backlog;      /* local answers were cut short by a full answer: go on at a tick */
     u8 upgrading;    /* an Upgrade request went upstream: read nothing until its answer */
     u8 nq, qhead, nreal;
     u16 q[MAXQ];
@@ -82,6 +85,7 @@ static u32 hold_soft = 16 * 1024;
 static u32 local_when_ready;
 static u32 nbusy, busy_since_tick, level;
 static u32 warned_bufs;
+static u32 local_this_call;
 
 /* Counters, summed over a call and sent at its end (one action per name, not per request:
  * the host reads a bounded number of actions per call). */
@@ -153,7 +157,7 @@ static int init(struct fab_json cfg) {
     retry_after_s = fab_cfg_u32(cfg, "retry_after_s", 5);
     hold_soft = fab_cfg_u32(cfg, "stream_hold_bytes", 16 * 1024);
     if (hold_soft < FAB_H1_MAX_HEAD) hold_soft = FAB_H1_MAX_HEAD;
-    if (hold_soft > BIG - 64 * 1024) hold_soft = BIG - 64 * 1024;
+    if (hold_soft > BIG - 128 * 1024) hold_soft = BIG - 128 * 1024;
     local_when_ready = (u32)fab_cfg_bool(cfg, "health_local_when_ready", 0);
     nbusy = busy_since_tick = level = warned_bufs = 0;
     cst.sid = ust.sid = FAB_NIL;
@@ -375,6 +379,10 @@ static u32 pump(struct conn *c, const u8 *p, u32 n) {
         int hhead = 0, h = health_match(&m, &hhead);
         int local = h >= 0 && (!fab_backend_ready() || local_when_ready);
         u32 close = (m.flags & FAB_H1_CLOSE) ? Q_CLOSE : 0;
+        if (local && (fab_room() < ANSWER_ROOM || local_this_call >= MAX_LOCAL_PER_CALL)) {
+            c->backlog = 1; /* this call's answer is nearly full: go on at the next tick */
+            break;
+        }
         if (local) {
             /* a local answer to a request with a body the client may still be waiting
              * to send (Expect: 100-continue): close after it, the framing is moot */
@@ -383,6 +391,7 @@ static u32 pump(struct conn *c, const u8 *p, u32 n) {
             u32 ka = m.minor == 0 && (m.flags & FAB_H1_KEEPALIVE) ? Q_KA : 0;
             push(c, (u32)h + close + ka + (hhead ? Q_HEAD : 0));
             COUNT(C_HEALTH);
+            local_this_call++;
             c->body_relay = 0;
         } else {
             u32 real = h >= 0 ? 0 : Q_REAL;
@@ -643,9 +652,16 @@ static void on_available(void) {
         if (c->waiting) connect(c);
 }
 
+static void on_unavailable(void) {
+    struct conn *c; /* a held health check may be answered locally again */
+    for (u32 it = 0; (c = fab_table_next(&conns, &it));)
+        if (c->waiting == 1 && c->up == UP_NONE) service(c);
+}
+
 static void on_tick(u64 now) {
     struct conn *c;
     for (u32 it = 0; (c = fab_table_next(&conns, &it));) {
+        if (c->backlog && local_this_call < MAX_LOCAL_PER_CALL) { c->backlog = 0; service(c); continue; }
         if (!c->waiting) continue;
         if (c->held_since == 0) c->held_since = now; /* opened before the first tick */
         if (now - c->held_since >= hold_timeout_ms) {
@@ -662,6 +678,8 @@ static void on_tick(u64 now) {
     busy_since_tick = nbusy != 0;
 }
 
+static void batch_begin(void) { local_this_call = 0; }
+
 static void batch_end(void) {
     flush_all();
     for (u32 k = 0; k < C_N; k++)
@@ -673,6 +691,7 @@ static void batch_end(void) {
 
 static const struct fab_handlers H = {
     .init = init,
+    .batch_begin = batch_begin,
     .stream_open = on_open,
     .stream_data = on_data,
     .stream_close = on_close,
@@ -680,6 +699,7 @@ static const struct fab_handlers H = {
     .upstream_data = on_upstream_data,
     .upstream_close = on_upstream_close,
     .backend_available = on_available,
+    .backend_unavailable = on_unavailable,
     .tick = on_tick,
     .batch_end = batch_end,
 };

@@ -487,3 +487,24 @@ def test_http_client_over_a_socketpair_gets_the_local_answer(g: StreamGuest) -> 
     finally:
         a.close()
         b.close()
+
+
+def test_a_flood_of_pipelined_health_checks_is_answered_in_full(g: StreamGuest) -> None:
+    """Each 36-byte request earns a ~100-byte answer: at most 512 local answers per call
+    (bounded fuel and answer size), the rest waits in the connection's hold (the client
+    paused) and is answered at the next ticks."""
+    g.open(SID)
+    one = b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n"
+    n = 60000 // len(one)
+    g.client(SID, one * n)
+    assert g.streams[SID].paused
+    g.client(SID, one * n)  # a read the pause came too late for
+    sent, got = 2 * n, g.to_client(SID)
+    for t in range(1, 80):
+        if not g.streams[SID].paused and sent < 4 * n:  # the host reads again
+            g.client(SID, one * n)
+            sent += n
+        g.tick(100 * t)
+        got += g.to_client(SID)
+    assert len(responses(got, 4 * n)) == 4 * n
+    assert g.need in (None, NONE) and not g.logs and not g.streams[SID].paused
