@@ -249,3 +249,59 @@ def test_hot_reload_three_times_under_wrk(sandbox: Sandbox) -> None:
     assert st["counters"]["bad_actions"] == 0, st
     r = curl(sandbox, client, "-i", f"http://{VIP}/healthz")  # still served (by gen 4)
     assert r.stdout.startswith("HTTP/1.1 200"), r.stdout
+
+
+KEEPALIVE_CLIENT = """
+import os, socket, sys, time
+c = socket.create_connection((sys.argv[1], 80), timeout=60)
+f = c.makefile("rb")
+def get():
+    c.sendall(b"GET / HTTP/1.1\\r\\nHost: a\\r\\n\\r\\n")
+    status = f.readline()
+    n = 0
+    while (line := f.readline()) != b"\\r\\n":
+        if line.lower().startswith(b"content-length:"):
+            n = int(line.split(b":")[1])
+    return status.split()[1].decode(), f.read(n).decode().strip()
+print(*get(), flush=True)
+open(sys.argv[2] + ".first", "w").close()
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.05)
+print(*get(), flush=True)
+"""
+
+
+def test_an_idle_keepalive_connection_does_not_pin_the_backend(sandbox: Sandbox) -> None:
+    """After its answer a keep-alive connection is idle: need drops to none, the service
+    idles and its hook stops the server under the open connection; the next request on
+    the same connection wakes it again."""
+    web_ns = sandbox.name("web")
+    marker = os.path.join(sandbox.tmp, "woken")
+    d, client, web = setup(sandbox, [service(
+        "web", idle_timeout="2s", on_activate=start_cmd(sandbox, web_ns, marker, 0.3),
+        on_idle=f"sh -c 'ip netns pids {web_ns} | xargs -r kill'")])
+    gate = os.path.join(sandbox.tmp, "gate")
+    script = os.path.join(sandbox.tmp, "keepalive.py")
+    with open(script, "w") as f:
+        f.write(KEEPALIVE_CLIENT)
+    cl = sandbox.popen(client, sys.executable, script, VIP, gate, text=True)
+    deadline = time.monotonic() + 30
+    while not os.path.exists(gate + ".first"):
+        assert time.monotonic() < deadline and cl.poll() is None, (cl.stderr.read()
+                                                                   if cl.stderr else "")
+        time.sleep(0.05)
+    while True:  # the service idles with the connection still open
+        svc = d.get("/v1/services")[0]
+        if svc["state"] in ("idle", "dormant") and not sandbox.run(
+                None, "ip", "netns", "pids", web).stdout.strip():
+            break
+        assert time.monotonic() < deadline, (svc, d.log()[-3000:])
+        time.sleep(0.2)
+    assert svc["streams"]["80"]["streams"] == 1, svc["streams"]["80"]
+    with open(gate, "w"):
+        pass
+    out, err = cl.communicate(timeout=60)
+    lines = out.splitlines()
+    assert len(lines) == 2 and all(ln.startswith("200 hello from") for ln in lines), (
+        out, err, d.log()[-3000:])
+    assert d.get("/v1/services")[0]["streams"]["80"]["counters"]["upstream_connects"] == 2
