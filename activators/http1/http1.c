@@ -13,8 +13,8 @@
 
 #define MAX_CONNS 1024
 #define SMALL 2048                 /* client bytes kept inline per connection */
-#define BIG (136 * 1024)           /* a pool block: the pause threshold plus two host reads */
-#define BIG_BLOCKS 40
+#define BIG (160 * 1024)           /* a pool block: the pause threshold plus two host reads */
+#define BIG_BLOCKS 36
 #define MAXQ 32                    /* pipelined requests per connection awaiting answers */
 #define MAX_HEALTH 8
 #define STAGE (64 * 1024)
