@@ -87,8 +87,9 @@ static u32 nbusy, busy_since_tick, level;
 static u32 warned_bufs;
 static u32 local_this_call;
 
-/* Counters, summed over a call and sent at its end (one action per name, not per request:
- * the host reads a bounded number of actions per call). */
+/* Counters, summed and sent at a tick (every 100 ms while a connection is open) or when
+ * the last connection ends: one action per name and tick, not one per request (the host
+ * reads a bounded number of actions per call, and decodes each). */
 enum { C_HEALTH, C_HEALTH_RELAYED, C_REQUESTS, C_RESPONSES, C_BAD_REQ, C_BAD_RESP, C_502,
        C_TIMEOUTS, C_BUFS, C_REFUSED, C_UPGRADED, C_N };
 static const char *const cnames[C_N] = {
@@ -96,6 +97,7 @@ static const char *const cnames[C_N] = {
     "bad_responses", "bad_gateway", "hold_timeouts", "buffers_exhausted", "conns_refused",
     "upgraded"};
 static u32 counts[C_N];
+static u32 counts_due;
 #define COUNT(k) (counts[(k)]++)
 
 /* ------------------------------------------------------------ staging of sends */
@@ -674,6 +676,7 @@ static void on_tick(u64 now) {
             connect(c);
         }
     }
+    counts_due = 1;
     if (!nbusy && !busy_since_tick) level = FAB_NEED_NONE;
     busy_since_tick = nbusy != 0;
 }
@@ -682,8 +685,11 @@ static void batch_begin(void) { local_this_call = 0; }
 
 static void batch_end(void) {
     flush_all();
-    for (u32 k = 0; k < C_N; k++)
-        if (counts[k]) { fab_count(cnames[k], counts[k]); counts[k] = 0; }
+    if (counts_due || !fab_table_count(&conns)) {
+        for (u32 k = 0; k < C_N; k++)
+            if (counts[k]) { fab_count(cnames[k], counts[k]); counts[k] = 0; }
+        counts_due = 0;
+    }
     if (nbusy) { level = FAB_NEED_ACTIVE; busy_since_tick = 1; }
     else if (!fab_table_count(&conns)) level = FAB_NEED_NONE; /* no ticks come then */
     fab_need(level);

@@ -26,6 +26,7 @@ from tests.bench import (
     dns,
     egress,
     floods,
+    http1,
     http2,
     microvm,
     ping,
@@ -56,6 +57,7 @@ BENCHMARKS: dict[str, Callable[[Settings], Report]] = {
     storms.NAME: storms.run,
     postgres.NAME: postgres.run,
     http2.NAME: http2.run,
+    http1.NAME: http1.run,
     microvm.NAME: microvm.run,
 }
 

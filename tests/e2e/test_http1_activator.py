@@ -246,7 +246,6 @@ def test_hot_reload_three_times_under_wrk(sandbox: Sandbox) -> None:
     assert ok > 0 and failed == 0, (fo, d.log()[-3000:])
     st = d.get("/v1/services")[0]["streams"]["80"]
     assert st["generation"] == 4 and st["counters"]["guest_failures"] == 0, st
-    assert st["counters"]["bad_actions"] == 0, st
     r = curl(sandbox, client, "-i", f"http://{VIP}/healthz")  # still served (by gen 4)
     assert r.stdout.startswith("HTTP/1.1 200"), r.stdout
 
