@@ -633,6 +633,16 @@ static void on_upstream_data(u32 sid, const u8 *d, u32 n) {
             if (!c->rin.len) rin_release(c);
         }
     }
+    if (bad && !c->nq) {
+        /* bytes no request asked for (a server's 408 before it closes an idle
+         * connection): the upstream is dropped, the client's connection stays */
+        flush_all();
+        fab_upstream_close(sid);
+        c->up = UP_NONE;
+        rin_release(c);
+        c->rscan = 0;
+        bad = 0;
+    }
     if (bad) {
         COUNT(C_BAD_RESP);
         if (c->resp_started) { close_conn(c); return; }

@@ -357,6 +357,21 @@ def test_backend_connection_close_and_backend_going_away(g: StreamGuest) -> None
     assert s == 502 and g.streams[2].downstream_closed
 
 
+def test_unsolicited_backend_bytes_on_an_idle_connection_drop_only_the_upstream(
+        g: StreamGuest) -> None:
+    g.open(SID)
+    g.client(SID, request("GET", "/a"))
+    be = wake(g)
+    be.feed(g.to_backend(SID))
+    g.backend(SID, be.respond(b"a"))
+    g.to_client(SID)
+    g.backend(SID, b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n\r\n")
+    assert g.to_client(SID) == b"" and g.streams[SID].upstream_closed
+    assert not g.streams[SID].downstream_closed
+    g.client(SID, request("GET", "/b"))  # a new upstream for the next request
+    assert g.streams[SID].connects == [0, 0]
+
+
 def test_client_pause_when_its_hold_is_full(g: StreamGuest) -> None:
     g.open(SID)
     g.client(SID, b"POST /big HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n")
