@@ -408,7 +408,9 @@ static u32 pump(struct conn *c, const u8 *p, u32 n) {
             push(c, Q_RELAY + real + close + (is_head ? Q_HEAD : 0));
             if (real) COUNT(C_REQUESTS);
             else COUNT(C_HEALTH_RELAYED);
-            uout(c, p + i, hl);
+            u32 lead = 0; /* empty lines before the request line (RFC 9112 §2.2): dropped */
+            while (lead + 1 < hl && p[i + lead] == '\r' && p[i + lead + 1] == '\n') lead += 2;
+            uout(c, p + i + lead, hl - lead);
             c->body_relay = 1;
             c->body_real = real != 0;
             if (m.flags & FAB_H1_UPGRADE) c->upgrading = 1;

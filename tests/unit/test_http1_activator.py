@@ -525,3 +525,64 @@ def test_a_flood_of_pipelined_health_checks_is_answered_in_full(g: StreamGuest) 
         got += g.to_client(SID)
     assert len(responses(got, 4 * n)) == 4 * n
     assert g.need in (None, NONE) and not g.logs and not g.streams[SID].paused
+
+
+SMUGGLE = SAMPLES[:3] + [
+    b"POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n"
+    b"\r\n0\r\n\r\n",
+    b"POST /b HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"3\r\nabc\r\n0\r\nTrailer: x\r\n\r\n",
+    b"POST /c HTTP/1.1\r\nHost: a\r\nContent-Length: 26\r\n\r\n"
+    b"GET /hidden HTTP/1.1\r\nH: \r\n",
+    b"GET /d HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+    b"\r\nGET /e HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n"]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(0, len(SMUGGLE) - 1), st.integers(0, 400),
+                          st.integers(0, 511)), min_size=1, max_size=6),
+       st.integers(1, 300))
+def test_fuzz_what_reaches_the_backend_is_framed_as_the_activator_framed_it(
+        reqs: list[tuple[int, int, int]], cut: int) -> None:
+    """Request smuggling, differentially: mutated pipelines go through the activator with
+    a backend up; whatever it relays, an independent parser (h11) must read as exactly
+    the requests the activator counted, none more (no request hidden in another's body),
+    with nothing left over but an unfinished last one."""
+    g = StreamGuest(WASM, {})
+    try:
+        g.available()
+        g.open(SID)
+        pipe = b"".join(SMUGGLE[w] if byte > 255 else _mutate(SMUGGLE[w], pos, byte)
+                        for w, pos, byte in reqs)
+        g.client(SID, pipe[:cut])
+        if g.streams[SID].connects:
+            g.connected(SID)
+        g.client(SID, pipe[cut:])
+        assert g.failed == 0
+        sent = g.to_backend(SID)
+        c = counters(g)
+        relayed = c.get("requests", 0) + c.get("health_relayed", 0)
+        h = h11.Connection(h11.SERVER)
+        h.receive_data(sent)
+        seen = 0
+        while True:
+            ev = h.next_event()
+            if ev is h11.NEED_DATA:
+                break
+            if isinstance(ev, h11.EndOfMessage) and h.their_state is h11.MUST_CLOSE:
+                rest = bytes(h.trailing_data[0])  # h11 has no HTTP/1.0 keep-alive:
+                h = h11.Connection(h11.SERVER)    # read on with a fresh parser
+                h.receive_data(rest)
+                continue
+            if ev is h11.PAUSED:
+                h.send(h11.Response(status_code=200, headers=[("Content-Length", "0")]))
+                h.send(h11.EndOfMessage())
+                h.start_next_cycle()
+                continue
+            if isinstance(ev, h11.Request):
+                seen += 1
+            if isinstance(ev, h11.InformationalResponse | h11.ConnectionClosed):
+                break
+        assert seen == relayed, (sent, relayed, seen)
+    finally:
+        g.close()

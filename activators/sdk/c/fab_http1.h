@@ -27,7 +27,7 @@
  *     u32 used = fab_h1_body(&b, data, len);           (b.err: 400 and close; b.done: next)
  *
  * Strictness (requests): CRLF line ends only; no whitespace before a header's colon; no
- * obsolete line folding; field names are tokens, values have no control bytes but HTAB;
+ * obsolete line folding (in trailers too); field names are tokens, values have no control bytes but HTAB;
  * Content-Length is digits only, at most once; Transfer-Encoding is exactly `chunked`
  * (other codings: 501), never together with Content-Length; HTTP/1.1 needs exactly one
  * Host. A violation is a 400, and the connection must be closed (the rest of its bytes
@@ -317,11 +317,12 @@ FAB_INLINE int fab__h1_hex(u8 c) {
 }
 
 /* How many of p[0..n) belong to the current message's body (stops at its end; sets
- * b->done there, or b->err on malformed chunk framing, with the bytes before the error
- * counted). */
+ * b->done there, or b->err on malformed chunk framing: then the bytes before the one
+ * that broke it are counted, so a relay can forward exactly those). */
 static FAB_UNUSED u32 fab_h1_body(struct fab_h1_body *b, const u8 *p, u32 n) {
-    u32 i = 0;
+    u32 i = 0, at = 0;
     while (i < n && !b->done && !b->err) {
+        at = i;
         switch (b->state) {
         case FAB_H1B_LENGTH:
         case FAB_H1B_DATA: {
@@ -377,11 +378,22 @@ static FAB_UNUSED u32 fab_h1_body(struct fab_h1_body *b, const u8 *p, u32 n) {
             if (p[i++] != '\n') b->err = 1;
             else b->state = FAB_H1B_SIZE;
             break;
-        case FAB_H1B_TRAILER: { /* b->left: bytes of this trailer line; line: of all */
+        case FAB_H1B_TRAILER: {
+            /* a field line, checked as a header's: b->left counts this line's bytes,
+             * b->digits is 0 in the name, 1 in the value; b->line counts all of them */
             u8 c = p[i++];
             if (++b->line > FAB_H1_MAX_TRAILERS) { b->err = 1; break; }
-            if (c == '\r') { b->state = FAB_H1B_TRAILER_LF; break; }
-            if ((c < 32 && c != '\t') || c == 127) { b->err = 1; break; }
+            if (c == '\r') {
+                if (b->left && !b->digits) b->err = 1; /* a name without a colon */
+                else b->state = FAB_H1B_TRAILER_LF;
+                break;
+            }
+            if (!b->digits) {
+                if (c == ':' && b->left) b->digits = 1;
+                else if (!fab_h1_tchar(c)) b->err = 1; /* folding, space before ':' */
+            } else if ((c < 32 && c != '\t') || c == 127) {
+                b->err = 1;
+            }
             b->left++;
             break;
         }
@@ -389,6 +401,7 @@ static FAB_UNUSED u32 fab_h1_body(struct fab_h1_body *b, const u8 *p, u32 n) {
             if (p[i++] != '\n') { b->err = 1; break; }
             if (!b->left) b->done = 1; /* the empty line ends the trailers */
             b->left = 0;
+            b->digits = 0;
             b->state = FAB_H1B_TRAILER;
             break;
         default:
@@ -396,6 +409,7 @@ static FAB_UNUSED u32 fab_h1_body(struct fab_h1_body *b, const u8 *p, u32 n) {
             break;
         }
     }
+    if (b->err) i = at; /* the byte that broke the framing is not the message's */
     if (b->done) b->state = FAB_H1B_DONE;
     return i;
 }
