@@ -304,3 +304,26 @@ def test_an_idle_keepalive_connection_does_not_pin_the_backend(sandbox: Sandbox)
     assert len(lines) == 2 and all(ln.startswith("200 hello from") for ln in lines), (
         out, err, d.log()[-3000:])
     assert d.get("/v1/services")[0]["streams"]["80"]["counters"]["upstream_connects"] == 2
+
+
+def test_curl_uploads_through_a_dormant_service(sandbox: Sandbox) -> None:
+    """curl PUT with Expect: 100-continue (the activator sends no 100 while it holds:
+    curl sends its body after its own wait, and the backend's 100 is relayed) and a
+    chunked POST, each waking the backend; the backend counts the bytes it got."""
+    web_ns = sandbox.name("web")
+    server = os.path.join(ROOT, "tests", "support", "h1server.py")
+    start = (f"sh -c '(sleep 0.5; exec ip netns exec {web_ns} {sys.executable} {server} "
+             "8080) >/dev/null 2>&1 &'")
+    d, client, _ = setup(sandbox, [service("web", on_activate=start)])
+    blob = os.path.join(sandbox.tmp, "blob")
+    with open(blob, "wb") as f:
+        f.write(os.urandom(300_000))
+    r = curl(sandbox, client, "-T", blob, "-H", "Expect: 100-continue",
+             f"http://{VIP}/upload")
+    assert r.returncode == 0 and r.stdout == "got 300000 bytes\n", (r.stdout, r.stderr,
+                                                                     d.log()[-3000:])
+    r = curl(sandbox, client, "-H", "Transfer-Encoding: chunked", "--data-binary",
+             f"@{blob}", f"http://{VIP}/post")
+    assert r.returncode == 0 and r.stdout == "got 300000 bytes\n", (r.stdout, r.stderr)
+    c = d.get("/v1/services")[0]["streams"]["80"]
+    assert c["counters"]["guest_failures"] == 0 and c["guest_counters"]["requests"] == 2, c
