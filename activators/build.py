@@ -34,6 +34,7 @@ TARGETS: dict[str, str] = {
     "postgres/postgres.c": "postgres/postgres.wasm",
     "stream/stream.c": "stream/stream.wasm",
     "http2/http2.c": "http2/http2.wasm",
+    "http1/http1.c": "http1/http1.wasm",
     "testing/loop.c": "testing/loop.wasm",
     "testing/membomb.c": "testing/membomb.wasm",
     "testing/trap.c": "testing/trap.wasm",
@@ -64,6 +65,7 @@ EXTRA_CFLAGS: dict[str, tuple[str, ...]] = {
     "sdk/c/examples/h2ping.c": ("-mbulk-memory",),
     "testing/postgres_raw.c": ("-mbulk-memory",),  # as postgres.c was built
     "sdk/c/examples/pgping.c": ("-mbulk-memory",),  # the SDK's fab_copy
+    "http1/http1.c": ("-mbulk-memory",),  # the SDK's fab_copy: memory.copy
 }
 
 CFLAGS: tuple[str, ...] = toolchain.CFLAGS
