@@ -7,5 +7,5 @@ daemon's dispatch does for L3 activators) or streamrun.py (the daemon's front ar
 real stream core); result.py is what it returns, timeline.py records and renders what
 happened, expect.py checks it, funcnames.py names trap frames, cli.py is the command,
 pytest_plugin.py the fixture. The model and
-its limits: fabric/activator/HARNESS.md.
+its limits: docs/activators.md ("Testing with a capture").
 """

@@ -27,8 +27,8 @@ as it had received before its next move (--client-pacing); ticks come every 100 
 while streams live; upstream connections reach a simulated backend, ready at
 --backend-ready-at, that answers with the captured server's bytes, each reply once the
 guest has forwarded the client bytes that preceded it in the capture (replies to
-requests the guest answered itself are dropped). See fabric/activator/HARNESS.md for
-the model and its limits.
+requests the guest answered itself are dropped). See docs/activators.md, "Testing with a
+capture", for the model and its limits.
 
 The timeline has one line per event (->), action (<-), need change (==), failure (!!)
 and simulated fact (**: backend ready, connects, closes, spliced relays), with the time

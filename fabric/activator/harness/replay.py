@@ -18,7 +18,8 @@ accepted connections, bytes and ends, each after the think time it had in the ca
 once it has received as many bytes as it had by then (or at its captured time with
 ``client_pacing="capture"``); the core's ticks run every 100 ms while streams live, as in
 the daemon; upstream connections go to a simulated backend (backend.py) that becomes
-ready at ``backend_ready_at``. The model and its limits: fabric/activator/HARNESS.md.
+ready at ``backend_ready_at``. The model and its limits: docs/activators.md, "Testing
+with a capture".
 """
 
 from __future__ import annotations
