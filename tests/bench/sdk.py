@@ -132,7 +132,27 @@ def run(s: Settings) -> Report:
             ready_backend, tcp)
     compare(r, s, "streams open/connect/close", ("Zig SDK", STREAM_ZIG),
             ("C (stream.c)", STREAM_C), streams_through, {})
+    protocols(r, s)
     r.notes.append("fuel is wasmtime's instruction count: the same on every machine; "
                    "wall time includes the host's encoding and decoding")
     return r
+
+
+def protocols(r: Report, s: Settings) -> None:
+    """The HTTP/2 and PostgreSQL activators on the SDK against their hand-written builds
+    (testing/http2_raw, testing/postgres_raw) on recorded workloads, answers compared."""
+    from tests.bench import sdk_http2, sdk_postgres
+
+    h2 = sdk_http2.measure(max(1, s.runs))
+    for name, w in h2["workloads"].items():
+        r.check(f"HTTP/2 {name}: fuel per event, SDK / hand-written", w["fuel_ratio"], "x",
+                "<= 1.2", w["fuel_ratio"] <= 1.2 and w["identical"])
+    r.check("HTTP/2 all workloads: us per call, SDK / hand-written", h2["time_ratio"], "x",
+            "", None)
+    pg = sdk_postgres.measure(seconds=max(0.5, s.seconds / 2))
+    for name, w in pg.items():
+        if isinstance(w, dict):
+            r.check(f"PostgreSQL {name}: fuel per call, SDK / hand-written", w["fuel_ratio"],
+                    "x", "<= 1.2", w["fuel_ratio"] <= 1.2)
+    r.extra = {**(r.extra or {}), "http2": h2, "postgres": pg}
 
