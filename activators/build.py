@@ -71,23 +71,12 @@ EXTRA_CFLAGS: dict[str, tuple[str, ...]] = {
 CFLAGS: tuple[str, ...] = toolchain.CFLAGS
 
 
-#: What a release build has and a debug build drops: no debug info, stripped output.
-RELEASE_ONLY: frozenset[str] = frozenset(("-g0", "-s", "-Wl,--strip-all", "-fstrip"))
+RELEASE_ONLY = toolchain.RELEASE_ONLY
 
 
 def debug_cflags(flags: tuple[str, ...] = CFLAGS) -> tuple[str, ...]:
-    """The flags of a debug build: the release ``flags`` (C, or Zig's with ``-fstrip``)
-    with DWARF (``-g``, for C) and nothing stripped, so a trap names the file:line of the
-    instruction (fabric/activator/dwarf.py reads it) and frames have the functions' own
-    names (the name section). The code is the same as the release build's (same -O2);
-    the module is ~4x bigger (a debug http2.wasm is ~140 KB), far under the daemon's
-    8 MiB module limit (fabric/activator/loader.py MAX_MODULE_BYTES), and the daemon
-    accepts it as any other module. Zig: ``-O ReleaseFast`` without ``-fstrip`` keeps
-    DWARF."""
-    out = [f for f in flags if f not in RELEASE_ONLY]
-    if "-g0" in flags:
-        out.insert(flags.index("-g0"), "-g")
-    return tuple(out)
+    """The flags of a debug build (fabric.activator.toolchain.debug_flags)."""
+    return toolchain.debug_flags(flags)
 
 
 def compile_one(src: Path, out: Path, cache: Path, *, debug: bool = False) -> None:
@@ -106,9 +95,8 @@ def compile_one(src: Path, out: Path, cache: Path, *, debug: bool = False) -> No
                ZIG_LOCAL_CACHE_DIR=str(cache / "local"))
     # Run from ROOT with relative paths, so no absolute path can leak into the output.
     if src.suffix == ".zig":
-        cmd = toolchain.zig_command(rel, str(out.resolve()), "sdk/zig/fabricd.zig")
-        if debug:
-            cmd = [f for f in cmd if f not in RELEASE_ONLY]
+        cmd = toolchain.zig_command(rel, str(out.resolve()), "sdk/zig/fabricd.zig",
+                                    debug=debug)
     else:
         flags = debug_cflags() if debug else CFLAGS
         cmd = [sys.executable, "-m", "ziglang", "cc", *flags, *EXTRA_CFLAGS.get(rel, ()),

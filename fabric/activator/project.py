@@ -100,9 +100,11 @@ def cache_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="fabricd-zig-"))
 
 
-def build_project(project: Path, out: Path | None = None, cache: Path | None = None) -> Built:
+def build_project(project: Path, out: Path | None = None, cache: Path | None = None, *,
+                  debug: bool = False) -> Built:
     """Compile the project; the output is replaced atomically (a daemon reloading it never
-    reads half a file). BuildError carries the compiler's messages."""
+    reads half a file). BuildError carries the compiler's messages. ``debug``: with DWARF
+    and unstripped, so a trap's report names file:line (toolchain.debug_flags)."""
     project = project.resolve()
     source = find_source(project)
     lang = lang_of(source)
@@ -115,9 +117,10 @@ def build_project(project: Path, out: Path | None = None, cache: Path | None = N
     os.close(fd)
     try:
         if lang == "zig":
-            cmd = toolchain.zig_command(rel, tmp, str(sdk / "zig" / "fabricd.zig"))
+            cmd = toolchain.zig_command(rel, tmp, str(sdk / "zig" / "fabricd.zig"), debug=debug)
         else:
-            cmd = toolchain.c_command(rel, tmp, toolchain.SDK_CFLAGS, (str(sdk / "c"),))
+            cmd = toolchain.c_command(rel, tmp, toolchain.SDK_CFLAGS, (str(sdk / "c"),),
+                                      debug=debug)
         toolchain.run(cmd, project, cache or cache_dir())
         data = Path(tmp).read_bytes()
         os.replace(tmp, out)

@@ -52,6 +52,24 @@ ZIGFLAGS: tuple[str, ...] = (
 )
 
 
+#: What a release build has and a debug build drops: no debug info, stripped output.
+RELEASE_ONLY: frozenset[str] = frozenset(("-g0", "-s", "-Wl,--strip-all", "-fstrip"))
+
+
+def debug_flags(flags: tuple[str, ...]) -> tuple[str, ...]:
+    """The flags of a debug build: the release ``flags`` (C, or Zig's with ``-fstrip``)
+    with DWARF (``-g``, for C) and nothing stripped, so a trap names the file:line of the
+    instruction (fabric/activator/dwarf.py reads it) and frames have the functions' own
+    names (the name section). The code is the same as the release build's (same -O2);
+    the module is ~4x bigger (a debug http2.wasm is ~140 KB), far under the daemon's
+    8 MiB module limit, and the daemon accepts it as any other module. Zig:
+    ``-O ReleaseFast`` without ``-fstrip`` keeps DWARF."""
+    out = [f for f in flags if f not in RELEASE_ONLY]
+    if "-g0" in flags:
+        out.insert(flags.index("-g0"), "-g")
+    return tuple(out)
+
+
 class BuildError(Exception):
     """The compiler refused the sources; the message is its output."""
 
@@ -62,17 +80,19 @@ def sdk_dir() -> Path:
 
 
 def c_command(src: str, out: str, extra: tuple[str, ...] = (),
-              include: tuple[str, ...] = ()) -> list[str]:
+              include: tuple[str, ...] = (), *, debug: bool = False) -> list[str]:
     """The compiler command for one C translation unit (paths as given: keep them
-    relative to the working directory)."""
+    relative to the working directory); ``debug``: see ``debug_flags``."""
     inc = [f"-I{d}" for d in include]
-    return [sys.executable, "-m", "ziglang", "cc", *CFLAGS, *extra, *inc, "-o", out, src]
+    flags = debug_flags(CFLAGS) if debug else CFLAGS
+    return [sys.executable, "-m", "ziglang", "cc", *flags, *extra, *inc, "-o", out, src]
 
 
-def zig_command(src: str, out: str, sdk: str) -> list[str]:
+def zig_command(src: str, out: str, sdk: str, *, debug: bool = False) -> list[str]:
     """The compiler command for a Zig root file importing ``fabricd`` (the SDK module
-    at ``sdk``)."""
-    return [sys.executable, "-m", "ziglang", "build-exe", *ZIGFLAGS,
+    at ``sdk``); ``debug``: see ``debug_flags``."""
+    flags = debug_flags(ZIGFLAGS) if debug else ZIGFLAGS
+    return [sys.executable, "-m", "ziglang", "build-exe", *flags,
             "--dep", "fabricd", f"-Mroot={src}", f"-Mfabricd={sdk}",
             f"-femit-bin={out}", "--name", Path(out).stem]
 

@@ -36,11 +36,11 @@ def cmd_new(args: argparse.Namespace) -> int:
     return 0
 
 
-def _build_once(project: Path, out: Path | None) -> proj.Built | None:
+def _build_once(project: Path, out: Path | None, debug: bool = False) -> proj.Built | None:
     """One build, reported; None (after printing the compiler's output) when it failed."""
     t = time.monotonic()
     try:
-        b = proj.build_project(project, out)
+        b = proj.build_project(project, out, debug=debug)
     except BuildError as e:
         print(f"fabricd: build failed:\n{e}", file=sys.stderr)
         return None
@@ -91,7 +91,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     except proj.ProjectError as e:
         raise _usage(str(e)) from None
     seen = _mtimes(project)  # before building: a change during the build is seen too
-    built = _build_once(project, out)
+    built = _build_once(project, out, args.debug)
     ok = built is not None and (not args.reload or _reload(args, built))
     if not args.watch:
         return 0 if ok else 1
@@ -104,7 +104,7 @@ def cmd_build(args: argparse.Namespace) -> int:
                 continue
             seen = now
             try:
-                built = _build_once(project, out)
+                built = _build_once(project, out, args.debug)
             except proj.ProjectError as e:  # the source was renamed away meanwhile
                 print(f"fabricd: {e}", file=sys.stderr, flush=True)
                 continue

@@ -706,6 +706,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("dir", nargs="?", default=".", metavar="DIR", help="the project (default: .)")
     q.add_argument("-o", "--output", metavar="OUT", help="the .wasm (default: DIR/NAME.wasm)")
     q.add_argument("--watch", action="store_true", help="rebuild whenever a source changes")
+    q.add_argument("--debug", action="store_true",
+                   help="keep DWARF and names (about 4x bigger): traps report file:line")
     q.add_argument("--reload", metavar="NS/SERVICE[:PORT]",
                    help="swap each good build into the running daemon")
     from fabric.activator.harness.cli import add_test_command  # no wasmtime until it runs

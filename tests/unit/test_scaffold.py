@@ -77,6 +77,23 @@ def test_a_build_is_reproducible_wherever_the_project_is(tmp_path: Path,
         assert len(digests) == 1, (lang, digests)
 
 
+@pytest.mark.parametrize("lang", list(proj.LANGS))
+def test_a_debug_build_keeps_file_and_line(lang: str, tmp_path: Path, zig_cache: Path) -> None:
+    """`fabricd activator build --debug`: the module keeps DWARF, so a trap's report can
+    name file:line; the release build has none."""
+    from fabric.activator import dwarf
+
+    root = proj.scaffold("dbg", lang, "stream", tmp_path)
+    release = proj.build_project(root, tmp_path / "release.wasm")
+    assert cli.main(["activator", "build", str(root), "--debug", "-o",
+                     str(tmp_path / "debug.wasm")]) == 0
+    debug = (tmp_path / "debug.wasm").read_bytes()
+    assert len(debug) > release.size
+    m = dwarf.parse(debug)
+    assert m.rows > 0 and not m.problem, m.problem
+    assert dwarf.parse(release.path.read_bytes()).rows == 0
+
+
 @pytest.mark.parametrize("argv, message", [
     (["new", "Bad-Name"], "a name is 1-32 of [a-z0-9_]"),
     (["new", "x", "--dir", "/nonexistent/where"], "no such directory"),
