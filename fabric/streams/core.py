@@ -68,7 +68,7 @@ COUNTERS = (
     "bytes_to_clients", "bytes_from_backends", "bytes_to_backends", "upstream_connects",
     "upstream_failed", "upstream_no_backend", "spliced", "splice_refused",
     "fallback_proxied", "fallback_closed", "fallback_timeouts", "guest_failures",
-    "bad_actions", "sends_dropped", "count_refused", "ticks",
+    "bad_actions", "late_actions", "sends_dropped", "count_refused", "ticks",
 )
 
 
@@ -142,6 +142,9 @@ class StreamCore:
         self._next_sid = 1
         self._out: list[Command] = []
         self._next_tick: float | None = None
+        # Streams ended at a client's reset while the guest still had them: its answers
+        # to their stream_close are expected, not bad (bounded; oldest forgotten first).
+        self._reset_ended: dict[int, None] = {}
         self._waiting = 0  # streams in WAITING
         self.wake_seconds = Histogram(WAKE_BUCKETS)
         self.wake_phase_seconds = {p: Histogram(WAKE_BUCKETS) for p in WAKE_PHASES}
@@ -189,6 +192,7 @@ class StreamCore:
             sid = (sid + 1) & 0xFFFFFFFF
         self._next_sid = (sid + 1) & 0xFFFFFFFF
         gen = self.gen
+        self._reset_ended.pop(sid, None)
         live[sid] = Stream(sid, peer, now, gen)
         gen.nstreams += 1
         if not self.ready and self._wake_t0 is None:
@@ -231,6 +235,10 @@ class StreamCore:
         if s.mode == GUEST:
             if reset:
                 self._end(s)
+                ended = self._reset_ended
+                ended[sid] = None
+                if len(ended) > self.max_streams:
+                    del ended[next(iter(ended))]
             self._guest(s.gen, now, abi.StreamClose(sid))
         elif s.mode == WAITING:
             self._end(s)
@@ -418,6 +426,11 @@ class StreamCore:
             return
         sid = getattr(a, "stream_id", None)
         s = self.streams.get(sid) if sid is not None else None
+        if s is None and sid in self._reset_ended:
+            counters["late_actions"] += 1  # for a stream the client reset: moot
+            if k == abi.ACT_DOWNSTREAM_CLOSE:
+                del self._reset_ended[sid]
+            return
         if s is None or s.mode != GUEST or s.gen is not g:
             counters["bad_actions"] += 1
             return

@@ -220,6 +220,14 @@ def test_client_reset_ends_the_stream_and_drops_later_sends() -> None:
     core.client_closed(sid, 0.1, reset=True)
     assert sid not in core.streams
     assert kinds(core.commands()) == [sc.FORGET]
+    # the guest's answer to the stream_close of a reset stream is moot, not bad
+    assert core.counters["late_actions"] == 1 and core.counters["bad_actions"] == 0
+
+
+def test_actions_for_a_stream_that_never_was_are_bad() -> None:
+    core = StreamCore(Scripted(lambda ev: [abi.DownstreamClose(99)]), 80, 8080)
+    core.accepted(PEER, 0.0)
+    assert core.counters["bad_actions"] == 1 and core.counters["late_actions"] == 0
 
 
 def test_backend_choice_is_per_client_and_stable() -> None:
