@@ -84,7 +84,7 @@ class Generation:
     stream stays with the one it opened on until it ends."""
 
     __slots__ = ("guest", "number", "events", "need", "told_ready", "hello", "nstreams",
-                 "tail_tick")
+                 "tail_tick", "ticked_at")
 
     def __init__(self, guest: Guest, number: int) -> None:
         self.guest = guest
@@ -97,6 +97,7 @@ class Generation:
         # One tick is still owed after its last stream ended: a guest that reports
         # `none` only at a tick (a debounce) would otherwise pin the backend for ever.
         self.tail_tick = False
+        self.ticked_at: float | None = None  # when its guest was last told the time
 
 
 @dataclass(slots=True)
@@ -201,6 +202,14 @@ class StreamCore:
         self.counters["streams_opened"] += 1
         if self._next_tick is None:
             self._next_tick = now + TICK_INTERVAL
+        t = gen.ticked_at
+        if t is None or now - t >= TICK_INTERVAL:
+            # The guest's clock is stale or was never set (no ticks while the port had
+            # no stream; a fresh generation after a reload or a recreated instance): it
+            # is told the time before the open it will stamp.
+            gen.ticked_at = now
+            self.counters["ticks"] += 1
+            gen.events.append(abi.Tick(int(now * 1000)))
         self._guest(gen, now, abi.StreamOpen(sid, self.port))
         return sid
 
@@ -362,6 +371,7 @@ class StreamCore:
         for g in self.gens:
             if g.nstreams or g.tail_tick:
                 g.tail_tick = False
+                g.ticked_at = now
                 self.counters["ticks"] += 1
                 g.events.append(tick)
         self._flush(now)
@@ -563,6 +573,7 @@ class StreamCore:
         # The new instance hears where the backends stand with the next call (not in
         # this one: a guest failing on every call must not keep this loop going).
         g.hello = True
+        g.ticked_at = None  # the recreated instance has no clock yet
 
     def _proxy(self, s: Stream) -> None:
         """A waiting transparent stream has its upstream: what the guest had not passed on

@@ -88,6 +88,21 @@ def test_one_tick_after_the_last_stream_lets_a_debounced_guest_lower_its_need() 
     assert core.need == abi.NEED_NONE and core.next_timer() is None
 
 
+def test_a_ports_first_stream_is_told_the_time_before_it_opens() -> None:
+    """Without it a guest stamping the open with fab_now() saw 0 and timed the
+    connection out at its first tick (the tutorial's scaffold did)."""
+    core = StreamCore(Scripted(lambda ev: []), 80, 8080)
+    sid = core.accepted(PEER, 12.5)
+    seen = core.guest.seen  # type: ignore[attr-defined]
+    assert seen[:2] == [abi.Tick(12500), abi.StreamOpen(sid, 80)]
+    core.accepted(("10.0.0.9", 4000), 12.55)  # ticks are running now: no extra one
+    assert seen[2:] == [abi.StreamOpen(2, 80)]
+    fresh = Scripted(lambda ev: [])
+    core.replace_guest(fresh, 12.6)  # a new generation has no clock yet, though ticks run
+    core.accepted(("10.0.0.9", 4001), 12.6)
+    assert fresh.seen[:2] == [abi.Tick(12600), abi.StreamOpen(3, 80)]  # type: ignore[attr-defined]
+
+
 def test_connections_past_max_streams_are_refused() -> None:
     host = ActivatorHost(ROOT / "stream" / "stream.wasm", {})
     core = StreamCore(host, 80, 8080, max_streams=3)

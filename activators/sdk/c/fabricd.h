@@ -194,7 +194,9 @@ static int fab__backend_ready;
 static u32 fab__need_told = FAB_NIL;
 static u32 fab__bad_events;
 
-/* The time of the last tick (ms, monotonic; 0 before the first). */
+/* The time of the last tick (ms, monotonic; 0 before the first). A stream activator gets
+ * a tick before a stream_open whenever its clock is stale, so stamping an open with it
+ * is safe; a packet activator gets no ticks before its first packet. */
 FAB_INLINE u64 fab_now(void) { return fab__now_ms; }
 /* Whether the host said a backend is ready (backend_available, not yet _unavailable). */
 FAB_INLINE int fab_backend_ready(void) { return fab__backend_ready; }
