@@ -18,12 +18,10 @@ import re
 import subprocess
 import sys
 
-from fabric.tools.sandbox import Daemon
 from tests.bench.common import Report, Settings, interleaved, median, progress
 from tests.bench.topo import Topology
 
 NAME = "http1"
-NS = "bench"
 VIP = "10.50.0.112"
 SPLICE_VIP = "10.50.0.113"
 POD = "10.50.0.4"
@@ -57,21 +55,8 @@ class H1Topology(Topology):
         self.server = sb.popen(w, sys.executable, SERVER, "8080",
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         sb.wait_port(w, 8080)
-        cfg = {"worker": {"id": "bench"}, "namespaces": [{
-            "name": NS, "cidr": "10.50.0.0/24",
-            "pods": [{"name": "a", "ip": "10.50.0.2", "netns": a},
-                     {"name": "w", "ip": POD, "netns": w}],
-            "services": [{"name": "h1", "ip": VIP, "backends": ["w"],
-                          "ports": [{"port": 80, "target_port": 8080,
-                                     "activator": "http1"}]},
-                         {"name": "plain", "ip": SPLICE_VIP, "backends": ["w"],
-                          "ports": [{"port": 80, "target_port": 8080,
-                                     "activator": "stream"}]}],
-        }]}
-        self.daemon = Daemon(sb, worker, cfg).start()
-        self.daemon.wait_attached(2)
+        self.start_behind_activator(worker, a, w, POD, "h1", "http1", VIP, SPLICE_VIP)
         self.client_ns = a
-        self.run(a, "ping", "-c", "3", "-i", "0.05", "-W", "2", POD)
         for vip in (VIP, SPLICE_VIP):  # wakes the services; first-time costs unmeasured
             self.wrk(f"http://{vip}/", 1)
 

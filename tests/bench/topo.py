@@ -86,6 +86,26 @@ class Topology:
         for side in self.sides.values():  # resolve neighbours, prove both paths work
             self.run(side.client, "ping", "-c", "3", "-i", "0.05", "-W", "2", side.server_ip)
 
+    def start_behind_activator(self, worker: str, client: str, backend: str, pod_ip: str,
+                               name: str, activator: str, vip: str, splice_vip: str) -> None:
+        """The stream-activator benches' daemon: pods `a` (client) and `w` (backend,
+        listening on 8080) in namespace "bench", service `name` at `vip` through
+        `activator` and service "plain" at `splice_vip` through the plain `stream`
+        activator (the spliced reference), both port 80 -> 8080."""
+        def svc(svc_name: str, ip: str, act: str) -> dict[str, Any]:
+            return {"name": svc_name, "ip": ip, "backends": ["w"],
+                    "ports": [{"port": 80, "target_port": 8080, "activator": act}]}
+
+        cfg = {"worker": {"id": "bench"}, "namespaces": [{
+            "name": "bench", "cidr": "10.50.0.0/24",
+            "pods": [{"name": "a", "ip": "10.50.0.2", "netns": client},
+                     {"name": "w", "ip": pod_ip, "netns": backend}],
+            "services": [svc(name, vip, activator), svc("plain", splice_vip, "stream")],
+        }]}
+        self.daemon = Daemon(self.sb, worker, cfg).start()
+        self.daemon.wait_attached(2)
+        self.run(client, "ping", "-c", "3", "-i", "0.05", "-W", "2", pod_ip)
+
     def run(self, ns: str, *cmd: str, timeout: float = 30.0) -> str:
         """Run a command in a namespace; on failure say whether the daemon is still up."""
         p = self.sb.run(ns, *cmd, check=False, timeout=timeout)
