@@ -889,9 +889,11 @@ def test_a_request_trickled_byte_by_byte_is_cut_off(
                         break
                 except TimeoutError:
                     pass
-                if time.monotonic() - t0 > 5:
+                if time.monotonic() - t0 > 30:  # a guard only: the bytes run out first
                     break
-            assert closed and time.monotonic() - t0 < 3.0
+            # cut off before the last byte (about 1 s in), not after the whole request:
+            # no wall-clock bound, which a loaded machine would break
+            assert closed
             assert ControlClient(h.path).get("/v1/health")["ok"] is True
     finally:
         h.stop()
