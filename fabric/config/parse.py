@@ -150,6 +150,7 @@ class _Taken:
         self.macs: dict[str, str] = {}
         self.interfaces: dict[str, str] = {}
         self.netns: dict[tuple[str, str], str] = {}
+        self._freed: int | None = None  # the lowest address freed since take_freed()
         for pod in ns.pods:
             self.add_pod(pod)
         for svc in ns.services:
@@ -171,6 +172,9 @@ class _Taken:
             return
         if self.ips.get(pod.ip) == f"pod {pod.name}":
             del self.ips[pod.ip]
+            n = int(pod.ip)
+            if self._freed is None or n < self._freed:
+                self._freed = n
         if pod.mac is not None and self.macs.get(pod.mac) == pod.name:
             del self.macs[pod.mac]
         if pod.interface is not None and self.interfaces.get(pod.interface) == pod.name:
@@ -178,6 +182,12 @@ class _Taken:
         path = pod.netns_path
         if path is not None and self.netns.get((path, pod.ifname)) == pod.name:
             del self.netns[(path, pod.ifname)]
+
+    def take_freed(self) -> int | None:
+        """The lowest address (an int) a removal freed since the last call, for a
+        caller's scan hint."""
+        freed, self._freed = self._freed, None
+        return freed
 
     def add_service(self, svc: ServiceSpec) -> None:
         self.services[svc.name] = len(self.services)

@@ -17,6 +17,7 @@ from ipaddress import IPv4Address
 from typing import TYPE_CHECKING, Any
 
 from fabric.config.parse import (
+    Taken,
     parse_namespace,
     parse_peer,
     parse_pod,
@@ -37,7 +38,7 @@ from fabric.config.specs import (
 from fabric.errors import ConfigError, Conflict, FabricError, NotFound, PortError
 from fabric.ports.tap import TapPort
 from fabric.runtime.addresses import FILE_NAME as ADDRESS_FILE
-from fabric.runtime.addresses import AddressBook, lowest_free
+from fabric.runtime.addresses import AddressBook, first_free
 from fabric.runtime.capture import CaptureSubscription
 from fabric.runtime.closer import Closer
 from fabric.runtime.dataplane import DataPlane, DataPlaneBusy
@@ -72,6 +73,8 @@ class Fabric:
         # Addresses handed to pods that came without one; in `state_dir` they outlive us.
         self.addresses = AddressBook(
             os.path.join(state_dir, ADDRESS_FILE) if state_dir is not None else None)
+        # namespace -> (its Taken, a host every address below which was in use)
+        self._scan_hints: dict[str, tuple[Taken, int]] = {}
         # Noise-encrypted UDP tunnels to other workers, for pods that live there.
         self.tunnel = tunnel
         self.link: TunnelLink | None = None
@@ -161,6 +164,7 @@ class Fabric:
         if self.link is not None:
             self.link.close()
             self.link = None
+        self.addresses.close()
         self.bus.close()
 
     async def _start_tunnel(self, spec: TunnelSpec) -> None:
@@ -415,16 +419,35 @@ class Fabric:
         current = ns.pod_spec(pod)
         if current is not None:
             return current.ip
-        used = set(ns.taken.ips)  # the pods' and the services'
-        used |= {ip for p, ip in self.addresses.booked(ns.name).items() if p != pod}
-        before = self.addresses.get(ns.name, pod)
-        if (before is not None and before in cidr and before not in used
+        taken = ns.taken
+        book = self.addresses
+        space = ns.name
+
+        def used(ip: IPv4Address) -> bool:  # the pods', the services', the booked ones
+            return ip in taken.ips or book.holder(space, ip) not in (None, pod)
+
+        before = book.get(space, pod)
+        if (before is not None and before in cidr and not used(before)
                 and before not in (gateway, cidr.network_address, cidr.broadcast_address)):
             return before
-        ip = lowest_free(cidr, gateway, used)
-        if ip is None:
+        # Every host below the hint was in use at the last choice; what was freed since
+        # (a detach, a release) lowers it, so a choice costs O(1) amortised, not O(pods).
+        hint = self._scan_hints.get(space)
+        start = hint[1] if hint is not None and hint[0] is taken else None
+        for low in (taken.take_freed(), book.take_released(space)):
+            if start is not None and low is not None and low < start:
+                start = low
+        gw = int(gateway)
+        first = int(cidr.network_address) + 1
+        n = first_free(first if start is None else max(first, start),
+                       int(cidr.broadcast_address) - 1,
+                       lambda n: n == gw or used(IPv4Address(n)))
+        if n is None:
+            self._scan_hints.pop(space, None)
             raise Conflict(f"namespace {ns.name}: no free address left in {cidr} "
-                           f"({len(used)} in use); detach a pod or give this one an ip")
+                           f"({len(taken.ips)} in use); detach a pod or give this one an ip")
+        self._scan_hints[space] = (taken, n)
+        ip = IPv4Address(n)
         return ip
 
     async def restore_pods(self) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,44 @@ def test_restore_frees_the_address_of_a_pod_whose_netns_is_gone(tmp_path: Path) 
         assert a["ip"] == "10.9.0.2"
 
     asyncio.run(_run(state, steps))
+
+
+def test_a_choice_scans_from_a_hint_and_finds_what_was_freed_below_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """300 pods one by one: each choice starts where the last one ended (O(1)), yet a
+    detach, a release and a namespace change below the hint are all seen."""
+    import fabric.runtime.worker as worker
+
+    starts: list[int] = []
+    real = worker.first_free
+
+    def counting(first: int, last: int, used: object) -> int | None:
+        starts.append(first)
+        return real(first, last, used)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(worker, "first_free", counting)
+    big = {"name": "big", "id": 8, "cidr": "10.20.0.0/22"}
+
+    async def run(fab: Fabric) -> None:
+        await fab.apply_namespace(big)
+        ips = [(await fab.attach_pod("big", {"name": f"p{i}", "worker": "w2"}))["ip"]
+               for i in range(300)]
+        assert ips[:3] == ["10.20.0.2", "10.20.0.3", "10.20.0.4"]
+        assert len(set(ips)) == 300
+        # each scan began at the previous choice, not at the CIDR's first host
+        assert starts[-1] == int(IPv4Address(ips[-2]))
+        await fab.detach_pod("big", "p100")  # frees ips[100], far below the hint
+        q = await fab.attach_pod("big", {"name": "q", "worker": "w2"})
+        assert q["ip"] == ips[100]
+        # a namespace change (a service takes the next free host) is seen too
+        nxt = IPv4Address(ips[-1]) + 1
+        await fab.apply_namespace(dict(big, services=[
+            {"name": "s", "ip": str(nxt), "ports": [{"port": 80}]}]))
+        r = await fab.attach_pod("big", {"name": "r", "worker": "w2"})
+        assert r["ip"] == str(nxt + 1)
+
+    async def main() -> None:
+        async with Fabric("w1", local_stack=False, state_dir=str(tmp_path)) as fab:
+            await run(fab)
+
+    asyncio.run(main())
