@@ -33,9 +33,17 @@ class Series:
     def median(self) -> float | None:
         return median(self.values)
 
+    @property
+    def spread(self) -> tuple[float, float] | None:
+        """(lowest, highest) of the measured runs; None with fewer than two."""
+        vs = [v for v in self.values if v is not None]
+        return (min(vs), max(vs)) if len(vs) >= 2 else None
+
     def to_json(self) -> dict[str, Any]:
+        sp = self.spread
         return {"label": self.label, "unit": self.unit, "values": self.values,
-                "median": self.median}
+                "median": self.median, "min": sp[0] if sp else None,
+                "max": sp[1] if sp else None}
 
 
 @dataclass
@@ -153,14 +161,28 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]], left: int = 2) 
     return "\n".join([line(headers), sep, *(line(r) for r in rows)])
 
 
+def spread(s: Series) -> str:
+    """The runs' range and its width as a share of the median: how far one run may be
+    from the next on this machine ("-" with one run)."""
+    sp = s.spread
+    if sp is None:
+        return "-"
+    lo, hi = sp
+    m = s.median
+    rel = f" ({(hi - lo) / abs(m) * 100:.0f} %)" if m else ""
+    return f"{fmt(lo)}-{fmt(hi)}{rel}"
+
+
 def render(report: Report) -> str:
     """The report as text: a header, the raw runs with medians, then the checks."""
     out = [f"== {report.name}: {report.title}  ({report.elapsed:.0f} s)"]
     if report.series:
         n = max(len(s.values) for s in report.series)
-        headers = ["measurement", "unit", *(f"run {i + 1}" for i in range(n)), "median"]
+        headers = ["measurement", "unit", *(f"run {i + 1}" for i in range(n)), "median",
+                   "spread"]
         rows = [[s.label, s.unit, *(fmt(v) for v in s.values),
-                 *([""] * (n - len(s.values))), fmt(s.median)] for s in report.series]
+                 *([""] * (n - len(s.values))), fmt(s.median), spread(s)]
+                for s in report.series]
         out.append(table(headers, rows))
     for caption, headers, rows in report.tables:
         out.append(f"\n  {caption}")
