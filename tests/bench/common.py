@@ -19,6 +19,7 @@ class Settings:
     runs: int = 5
     seconds: int = 5
     pods: int | None = None  # the density benchmark's pod count (None: its default)
+    quick: bool = False  # `--quick`: a benchmark may leave out its slowest extras
 
 
 @dataclass
