@@ -43,7 +43,7 @@
 #define CHUNK 4096
 #define MAX_CHUNKS 1536 /* 6 MiB of held bytes at most */
 #define CAND_MAX 8192   /* a keep-alive candidate group is at most this many bytes */
-#define CAND_MSGS 16    /* ... and this many messages */
+#define CAND_MSGS 64    /* ... and this many messages (a pipeline of 15 P/B/D/E + S) */
 #define MAX_STMTS 4     /* locally known prepared statements per session */
 #define NAME_CAP 64     /* statement names up to 63 bytes are tracked */
 #define BACKEND_LEN_MAX 0x40000000u
@@ -75,6 +75,12 @@ struct stream {
     u8 mat_mask, hold_quiescent, t0_set, unnamed_kind, nstmt, cand_msgs;
     u8 route;             /* where the current client message goes (R_*) */
     u8 bdrop, bz;         /* backend: the current message is swallowed; its RFQ status */
+    u8 bunnamed;          /* the backend may hold an unnamed statement (a relayed Parse) */
+    u8 kill_unnamed;      /* a local Query/Parse/Close dropped it: Close it upstream first */
+    u8 mat_kill;          /* ... pending with the held prefix (mat_pending) */
+    u8 bcopy;             /* the backend sent CopyInResponse: it ignores Syncs until c/f */
+    u8 copy_syncs;        /* Syncs relayed since the last Query/Execute */
+    u32 bnames[8];        /* hashes of statement names the backend may have (a Bloom bit set) */
     u32 pending;
     u64 t0, connect_at;
     struct buf hold, cand;
@@ -245,9 +251,11 @@ static void stream_free(struct stream *s) {
     fab_table_del(&streams, s);
 }
 
+/* Idle with nothing in flight either way: a local answer cannot be out of order (nor
+ * land inside a backend message still arriving, e.g. a NotificationResponse). */
 static int quiescent(const struct stream *s) {
     return s->phase == PH_SESSION && !s->pending && !s->unsynced && s->status == 'I'
-           && !s->swallow && !s->hold.len && !s->discard_sync;
+           && !s->swallow && !s->hold.len && !s->discard_sync && fab_pg_between(&s->bfr);
 }
 
 /* Recompute the stream's flags and the port-wide counters they feed. */
@@ -338,6 +346,31 @@ static int name_eq(const struct stmt *t, const u8 *name, u32 n) {
     return t->nlen == n && fab_memeq(t->name, name, n);
 }
 
+/* Named statements the backend may have, as bits of a 256-bit set: a keep-alive Parse of
+ * such a name is relayed (the server answers 42P05, and a Bind runs its statement). A
+ * false positive only relays a keep-alive; bits are never cleared. */
+static u32 name_bit(const u8 *name, u32 n) {
+    u32 h = 2166136261u;
+    for (u32 i = 0; i < n; i++) h = (h ^ name[i]) * 16777619u;
+    return (h ^ (h >> 16)) & 255;
+}
+static void bname_add(struct stream *s, const u8 *name, u32 n) {
+    u32 b = name_bit(name, n);
+    s->bnames[b >> 5] |= 1u << (b & 31);
+}
+static int bname_has(const struct stream *s, const u8 *name, u32 n) {
+    u32 b = name_bit(name, n);
+    return (int)((s->bnames[b >> 5] >> (b & 31)) & 1);
+}
+static void bname_all(struct stream *s) { __builtin_memset(s->bnames, 0xff, sizeof s->bnames); }
+
+/* Forget the tracked statements; those the backend was given stay in bnames. */
+static void forget_all(struct stream *s) {
+    for (u32 i = 0; i < s->nstmt; i++)
+        if (s->stmts[i].mat) bname_add(s, s->stmts[i].name, s->stmts[i].nlen);
+    s->nstmt = 0;
+}
+
 /* ---------------------------------------------------------------- candidate groups */
 
 struct portal { const u8 *name; u32 nlen; u8 kind, fmt, done; };
@@ -345,6 +378,7 @@ struct portal { const u8 *name; u32 nlen; u8 kind, fmt, done; };
 static struct stmt gstmts[MAX_STMTS];
 static u32 gnstmt;
 static u8 gunnamed;
+static u8 gtouch; /* the group replaced or dropped the unnamed statement */
 
 static i32 gfind(const u8 *name, u32 n) {
     for (u32 i = 0; i < gnstmt; i++) if (name_eq(&gstmts[i], name, n)) return (i32)i;
@@ -368,6 +402,7 @@ static int group_eval(struct stream *s, int final) {
     fab_copy(gstmts, s->stmts, sizeof gstmts);
     gnstmt = s->nstmt;
     gunnamed = s->unnamed_kind;
+    gtouch = 0;
     struct portal portals[CAND_MSGS];
     u32 nportals = 0;
     resp_len = 0;
@@ -383,6 +418,8 @@ static int group_eval(struct stream *s, int final) {
             u32 k = fab_pg_keepalive_query(b, blen);
             if (k == K_NONE) return 0;
             resp_len += fab_pg_answer_query(r, k);
+            gunnamed = K_NONE; /* a simple Query drops the unnamed statement */
+            gtouch = 1;
         } else if (t == 'P') {
             struct fab_pg_parse m;
             if (fab_pg_parse_msg(b, blen, &m) < 0 || m.name_len >= NAME_CAP || m.nparams)
@@ -391,8 +428,10 @@ static int group_eval(struct stream *s, int final) {
             if (k == K_NONE) return 0;
             if (!m.name_len) {
                 gunnamed = (u8)k;
+                gtouch = 1;
             } else {
-                if (gfind(m.name, m.name_len) >= 0 || gnstmt >= MAX_STMTS) return 0;
+                if (gfind(m.name, m.name_len) >= 0 || gnstmt >= MAX_STMTS
+                    || bname_has(s, m.name, m.name_len)) return 0;
                 struct stmt *e = &gstmts[gnstmt++];
                 e->kind = (u8)k; e->mat = 0; e->nlen = (u8)m.name_len;
                 fab_copy(e->name, m.name, m.name_len);
@@ -431,7 +470,7 @@ static int group_eval(struct stream *s, int final) {
                     resp_len += kind == K_SELECT1 ? fab_pg_select1_row_description(r, 0)
                                                   : fab_pg_no_data(r);
                 } else { /* Close of a statement only this session has seen */
-                    if (!m.name_len) gunnamed = K_NONE;
+                    if (!m.name_len) { gunnamed = K_NONE; gtouch = 1; }
                     else {
                         if (gstmts[gi].mat) return 0; /* the backend has it too */
                         gstmts[gi] = gstmts[--gnstmt];
@@ -472,6 +511,7 @@ static int group_eval(struct stream *s, int final) {
         fab_copy(s->stmts, gstmts, sizeof gstmts);
         s->nstmt = (u8)gnstmt;
         s->unnamed_kind = gunnamed;
+        if (gtouch && s->bunnamed) s->kill_unnamed = 1;
     }
     return 1;
 }
@@ -492,8 +532,14 @@ static u32 msg_parse(u8 *p, const u8 *name, u32 nlen, u32 kind) {
 
 /* The backend must learn the statements this session answered for itself before it
  * sees anything that may use them: Parse each, then Sync; the answers are swallowed. */
-static void emit_prefix(struct stream *s, u32 mask, u32 unnamed) {
+static void emit_prefix(struct stream *s, u32 mask, u32 unnamed, u32 kill) {
     u8 m[NAME_CAP + 32];
+    if (kill && !unnamed) { /* a Parse of the unnamed statement replaces it anyway */
+        m[0] = 'C'; fab_put_be32(m + 1, 6); m[5] = 'S'; m[6] = 0; /* Close 'S' "" */
+        send_up(s, m, 7);
+        s->bunnamed = 0;
+    }
+    if (unnamed) s->bunnamed = 1;
     for (u32 i = 0; i < s->nstmt; i++)
         if (mask & (1u << i)) send_up(s, m, msg_parse(m, s->stmts[i].name, s->stmts[i].nlen, s->stmts[i].kind));
     if (unnamed) send_up(s, m, msg_parse(m, (const u8 *)"", 0, unnamed));
@@ -512,14 +558,17 @@ static void begin_backend(struct stream *s, u32 route, int replaces_unnamed) {
     for (u32 i = 0; i < s->nstmt; i++) if (!s->stmts[i].mat) mask |= 1u << i;
     if (s->holding == 0 && !s->hold.len) s->hold_quiescent = (u8)quiescent(s);
     u32 unnamed = replaces_unnamed ? K_NONE : s->unnamed_kind;
+    u32 kill = replaces_unnamed ? 0 : s->kill_unnamed;
     s->unnamed_kind = K_NONE;
-    if (!mask && !unnamed) return;
+    s->kill_unnamed = 0;
+    if (!mask && !unnamed && !kill) return;
     if (route == R_FORWARD) {
-        emit_prefix(s, mask, unnamed);
+        emit_prefix(s, mask, unnamed, kill);
     } else {
         s->mat_pending = 1;
         s->mat_mask = (u8)mask;
         s->mat_unnamed = (u8)unnamed;
+        s->mat_kill = (u8)kill;
     }
     for (u32 i = 0; i < s->nstmt; i++) s->stmts[i].mat = 1;
 }
@@ -529,11 +578,41 @@ static void drop_stmt(struct stream *s, const u8 *name, u32 n) {
         if (name_eq(&s->stmts[i], name, n)) { s->stmts[i] = s->stmts[--s->nstmt]; return; }
 }
 
-/* Account a client message relayed (or held for relaying) to the backend. */
+/* Account a client message relayed (or held for relaying) to the backend. In copy-in
+ * mode the server ignores Syncs (and answers no ReadyForQuery to them): those relayed
+ * since the COPY's Query/Execute are taken back at CopyDone/CopyFail, and a COPY started
+ * by an Execute then waits for its Sync (libpq sends one after CopyDone). */
 static void count_msg(struct stream *s, u8 t) {
     if (t == 'Q' || t == 'S' || t == 'F') s->pending++;
-    if (t == 'S') s->unsynced = 0;
-    else if (t == 'P' || t == 'B' || t == 'D' || t == 'E' || t == 'C' || t == 'H') s->unsynced = 1;
+    if (t == 'S') {
+        s->unsynced = 0;
+        if (s->copy_syncs < 255) s->copy_syncs++;
+    } else if (t == 'P' || t == 'B' || t == 'D' || t == 'E' || t == 'C' || t == 'H') {
+        s->unsynced = 1;
+    }
+    if (t == 'Q' || t == 'E') s->copy_syncs = 0;
+    if ((t == 'c' || t == 'f') && s->bcopy) {
+        u32 k = fab_min(s->copy_syncs, s->pending);
+        s->pending -= k;
+        if (k) s->unsynced = 1;
+        s->bcopy = 0;
+        s->copy_syncs = 0;
+    }
+}
+
+/* What a relayed message tells about the backend's statements; `b` holds the first
+ * `n` bytes of its body (maybe not all of it). */
+static void note_relayed(struct stream *s, u8 t, const u8 *b, u32 n) {
+    if (t == 'Q') {
+        s->bunnamed = 0;
+    } else if (t == 'P') {
+        i32 l = fab_pg_cstr(b, b + n);
+        if (l < 0) { s->bunnamed = 1; bname_all(s); }
+        else if (!l) s->bunnamed = 1;
+        else bname_add(s, b, (u32)l);
+    } else if (t == 'C' && n >= 2 && b[0] == 'S' && !b[1]) {
+        s->bunnamed = 0;
+    }
 }
 
 static int route_bytes(struct stream *s, u32 route, const u8 *p, u32 n) {
@@ -562,15 +641,15 @@ static void forget_stmts(struct stream *s, u8 t, const u8 *b, u32 n) {
     const u8 *end = b + n;
     if (t == 'P') {
         i32 l = fab_pg_cstr(b, end);
-        if (l < 0) { s->nstmt = 0; return; }
+        if (l < 0) { forget_all(s); return; }
         drop_stmt(s, b, (u32)l);
     } else if (t == 'C') {
         i32 l = n ? fab_pg_cstr(b + 1, end) : -1;
-        if (l < 0) { s->nstmt = 0; return; }
+        if (l < 0) { forget_all(s); return; }
         if (b[0] == 'S') drop_stmt(s, b + 1, (u32)l);
         return;
     }
-    if (contains_ci(b, n, "deallocate") || contains_ci(b, n, "discard")) s->nstmt = 0;
+    if (contains_ci(b, n, "deallocate") || contains_ci(b, n, "discard")) forget_all(s);
 }
 
 /* The buffered group will not be answered locally: relay it, in order. */
@@ -589,6 +668,7 @@ static int spill(struct stream *s) {
         const u8 *b = scratch + off + 5;
         off += 1 + len;
         count_msg(s, t);
+        note_relayed(s, t, b, len - 4);
         if (s->nstmt && (t == 'P' || t == 'C' || t == 'Q')) forget_stmts(s, t, b, len - 4);
     }
     return route_bytes(s, route, scratch, n);
@@ -614,6 +694,8 @@ static int peek_decide(struct stream *s, const u8 *b, u32 n) {
         resp_len = fab_pg_answer_query(resp, k);
         send_down(s, resp, resp_len);
         counts[C_KEEPALIVES]++;
+        s->unnamed_kind = K_NONE; /* a simple Query drops the unnamed statement */
+        if (s->bunnamed) s->kill_unnamed = 1;
         return 2;
     }
     if (t == 'P') {
@@ -657,9 +739,10 @@ static int msg_begin(struct stream *s, const u8 *p, u32 n) {
             s->route = backend_ready(s) && !s->hold.len ? R_FORWARD : R_HOLD;
             begin_backend(s, s->route, t == 'Q');
             count_msg(s, t);
+            note_relayed(s, t, p, fab_min(n, s->fr.left));
             if (s->nstmt && (t == 'P' || t == 'C' || t == 'Q')) {
                 if (peek) forget_stmts(s, t, p, s->fr.left); /* the body is at hand */
-                else s->nstmt = 0;
+                else forget_all(s);
             }
         }
     }
@@ -779,7 +862,7 @@ static void flush_hold(struct stream *s) {
     if (!s->hold.len || !backend_ready(s) || budget < 4) return;
     if (s->mat_pending) {
         s->mat_pending = 0;
-        emit_prefix(s, s->mat_mask, s->mat_unnamed);
+        emit_prefix(s, s->mat_mask, s->mat_unnamed, s->mat_kill);
     }
     u32 room = fab_room() + FAB_REC_HDR;
     if (room > 128 * 1024) send_hold(s, fab_min(room - 128 * 1024, 256 * 1024));
@@ -835,6 +918,7 @@ static void bmsg_end(struct stream *s) {
         } else {
             if (s->pending) s->pending--;
             s->status = s->bz;
+            s->bcopy = 0;
             if (s->phase == PH_STARTUP) s->phase = PH_SESSION;
         }
     }
@@ -881,6 +965,7 @@ static void backend_feed(struct stream *s, const u8 *p, u32 n) {
         }
         u8 t = f->type;
         s->bdrop = s->swallow && t != 'N' && t != 'S' && t != 'A';
+        if (t == 'G' && !s->bdrop) s->bcopy = 1;
         if (s->bdrop) {
             send_down(s, seg, (u32)(start - seg));
             seg = p;
@@ -906,6 +991,7 @@ static void session_timeout(struct stream *s) {
     if (s->mat_pending) {
         for (u32 i = 0; i < s->nstmt; i++) if (s->mat_mask & (1u << i)) s->stmts[i].mat = 0;
         s->unnamed_kind = s->mat_unnamed;
+        s->kill_unnamed = s->mat_kill;
         s->mat_pending = 0;
     }
     u32 off = 0, in_group = 0, total = s->hold.len;

@@ -543,6 +543,127 @@ def test_need_none_is_reported_at_the_next_tick_by_default(guest) -> None:
     assert g.need == NONE
 
 
+# ---- review: protocol corners (each failed before its fix) -------------------------------
+
+
+def test_a_keepalive_never_lands_inside_a_backend_message_still_arriving(guest) -> None:
+    """A NotificationResponse split over backend reads: whatever answers the keep-alive
+    comes after the whole notification, never inside it."""
+    g = guest()
+    session(g)
+    note = W.msg(b"A", struct.pack("!i", 77) + b"chan\0payload\0")
+    g.backend(1, note[:9])
+    g.client(1, W.query("SELECT 1"))
+    g.backend(1, note[9:])
+    if g.to_backend(1) == W.query("SELECT 1"):  # relayed: the backend answers it
+        g.backend(1, bytes.fromhex(CAPTURED["q_select1"]))
+    out = g.to_client(1)
+    assert [t for t, _ in W.split(out)] == [b"A", b"T", b"D", b"C", b"Z"]
+    assert out.startswith(note)
+    assert g.need == NONE
+
+
+def test_copy_in_through_the_extended_protocol_leaves_the_session_idle(guest) -> None:
+    """libpq's PQexecParams("COPY ... FROM STDIN") sends a Sync before the data and one
+    after CopyDone; the server ignores the first (copy-in mode) and answers only one
+    ReadyForQuery (checked against PostgreSQL 15). The session must end up idle."""
+    g = guest()
+    session(g)
+    req = W.parse("COPY t FROM STDIN") + W.bind() + W.describe(b"P") + W.execute() + W.SYNC
+    g.client(1, req)
+    assert g.to_backend(1) == req
+    g.backend(1, W.msg(b"1") + W.msg(b"2") + W.msg(b"n") + W.msg(b"G", b"\0\0\1\0\0"))
+    data = W.msg(b"d", b"1\n") + W.msg(b"c") + W.SYNC
+    g.client(1, data)
+    assert g.to_backend(1) == data and g.need == ACTIVE
+    g.backend(1, W.msg(b"C", b"COPY 1\0") + rfq())
+    assert g.need == NONE
+    g.to_client(1)
+    g.client(1, W.query("SELECT 1"))
+    assert g.to_backend(1) == b"" and g.to_client(1).hex() == CAPTURED["q_select1"]
+
+
+def test_copy_in_with_a_copy_fail_and_simple_copy_keep_the_count(guest) -> None:
+    g = guest()
+    session(g)
+    g.client(1, W.parse("COPY t FROM STDIN") + W.bind() + W.execute() + W.SYNC)
+    g.backend(1, W.msg(b"1") + W.msg(b"2") + W.msg(b"G", b"\0\0\1\0\0"))
+    g.client(1, W.msg(b"f", b"no\0") + W.SYNC)
+    g.backend(1, W.msg(b"E", b"SERROR\0C57014\0Mno\0\0") + rfq())
+    assert g.need == NONE
+    # simple-protocol COPY: no Sync involved, the count stays right too
+    g.client(1, W.query("COPY t FROM STDIN"))
+    g.backend(1, W.msg(b"G", b"\0\0\1\0\0"))
+    g.client(1, W.msg(b"d", b"2\n") + W.msg(b"c"))
+    g.backend(1, W.msg(b"C", b"COPY 1\0") + rfq())
+    assert g.need == NONE
+    g.to_backend(1)
+    g.client(1, W.query("select 1"))
+    assert g.to_backend(1) == b""
+
+
+def test_a_simple_query_answered_locally_destroys_the_unnamed_statement(guest) -> None:
+    """PostgreSQL: a simple Query drops the unnamed statement, so a later Bind of it
+    fails with 26000; answering it locally must not keep it alive."""
+    g = guest()
+    session(g)
+    g.client(1, W.parse("SELECT 1") + W.SYNC)
+    assert g.to_client(1).hex() == CAPTURED["x_prepare"]
+    g.client(1, W.query("SELECT 1"))
+    assert g.to_client(1).hex() == CAPTURED["q_select1"]
+    req = W.bind() + W.execute() + W.SYNC
+    g.client(1, req)
+    assert g.to_backend(1) == req  # the backend answers 26000; no Parse recreated
+
+
+def test_a_locally_answered_query_also_drops_the_backends_unnamed_statement(guest) -> None:
+    g = guest()
+    session(g)
+    g.client(1, W.parse("SELECT 2") + W.SYNC)  # the backend holds the unnamed statement
+    g.backend(1, W.msg(b"1") + rfq())
+    g.to_backend(1)
+    g.to_client(1)
+    g.client(1, W.query("SELECT 1"))
+    assert g.to_backend(1) == b"" and g.to_client(1).hex() == CAPTURED["q_select1"]
+    req = W.bind() + W.execute() + W.SYNC
+    g.client(1, req)
+    # the backend first forgets its unnamed statement, as the real query would have made it
+    assert g.to_backend(1) == W.close(b"S") + W.SYNC + req
+    g.backend(1, W.msg(b"3") + rfq())
+    assert g.to_client(1) == b""  # swallowed
+    err = W.msg(b"E", b"SERROR\0C26000\0Mnope\0\0") + rfq()
+    g.backend(1, err)
+    assert g.to_client(1) == err and g.need == NONE
+
+
+def test_a_parse_of_a_name_the_backend_already_has_is_relayed(guest) -> None:
+    """The real server answers 42P05 to a Parse of an existing name: a keep-alive Parse
+    of a name the backend was given must reach the backend, not be answered locally."""
+    g = guest()
+    session(g)
+    g.client(1, W.parse("SELECT 2", "s2") + W.SYNC)
+    g.backend(1, W.msg(b"1") + rfq())
+    g.to_backend(1)
+    g.to_client(1)
+    req = W.parse("SELECT 1", "s2") + W.SYNC
+    g.client(1, req)
+    assert g.to_backend(1) == req
+    g.backend(1, W.msg(b"E", b"SERROR\0C42P05\0Mexists\0\0") + rfq())
+    # and a Bind of it runs the backend's statement
+    g.client(1, FORMS["x_exec_named"].replace(b"s1", b"s2"))
+    assert g.to_backend(1) == FORMS["x_exec_named"].replace(b"s1", b"s2")
+
+
+def test_a_pipeline_of_several_keepalives_before_one_sync_is_answered_locally(guest) -> None:
+    g = guest()
+    session(g)
+    one = W.parse("SELECT 1") + W.bind() + W.describe(b"P") + W.execute()
+    g.client(1, one * 8 + W.SYNC)
+    assert g.to_backend(1) == b""
+    body = "3100000004" "3200000004" + _T + _D + _C[:-12]
+    assert g.to_client(1).hex() == body * 8 + "5a0000000549"
+
+
 # ---- fuzz --------------------------------------------------------------------------
 
 
