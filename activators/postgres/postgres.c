@@ -267,6 +267,7 @@ static void update(struct stream *s) {
         busy = 1; work = 1; holding = 1;
         break;
     case PH_STARTUP:
+    case PH_SPLICED: /* TLS end to end: a query may be in flight, unseen; never freeze it */
         busy = 1;
         break;
     case PH_SESSION:
