@@ -80,6 +80,9 @@ struct stream {
     u8 mat_kill;          /* ... pending with the held prefix (mat_pending) */
     u8 bcopy;             /* the backend sent CopyInResponse: it ignores Syncs until c/f */
     u8 copy_syncs;        /* Syncs relayed since the last Query/Execute */
+    u16 cand_sent;        /* bytes of the group's local answer sent at a Flush ... */
+    u16 cand_sent_msgs;   /* ... and how many messages they were */
+    u16 bskip;            /* backend answers to drop: those the client had from us */
     u32 bnames[8];        /* hashes of statement names the backend may have (a Bloom bit set) */
     u32 pending;
     u64 t0, connect_at;
@@ -255,7 +258,8 @@ static void stream_free(struct stream *s) {
  * land inside a backend message still arriving, e.g. a NotificationResponse). */
 static int quiescent(const struct stream *s) {
     return s->phase == PH_SESSION && !s->pending && !s->unsynced && s->status == 'I'
-           && !s->swallow && !s->hold.len && !s->discard_sync && fab_pg_between(&s->bfr);
+           && !s->swallow && !s->hold.len && !s->discard_sync && !s->bskip
+           && fab_pg_between(&s->bfr);
 }
 
 /* Recompute the stream's flags and the port-wide counters they feed. */
@@ -485,11 +489,13 @@ static int group_eval(struct stream *s, int final) {
                     resp_len += pt->kind == K_SELECT1 ? fab_pg_select1_row_description(r, pt->fmt)
                                                       : fab_pg_no_data(r);
                 } else if (t == 'E') {
-                    if (pt->done || (pt->kind == K_SELECT1 && m.max_rows == 1)) return 0;
+                    if (pt->done) return 0;
                     pt->done = 1;
                     if (pt->kind == K_SELECT1) {
                         resp_len += fab_pg_select1_row(r, pt->fmt);
-                        resp_len += fab_pg_select1_done(resp + resp_len);
+                        /* max_rows 1 (asyncpg's fetchval): the row fills it, PortalSuspended */
+                        resp_len += m.max_rows == 1 ? fab_pg_bare(resp + resp_len, 's')
+                                                    : fab_pg_select1_done(resp + resp_len);
                     } else {
                         resp_len += fab_pg_empty_query(r);
                     }
@@ -504,6 +510,8 @@ static int group_eval(struct stream *s, int final) {
             if (blen) return 0;
             resp_len += fab_pg_ready(r, 'I');
             nportals = 0;
+        } else if (t == 'H') {
+            if (blen) return 0; /* answered at its place by msg_end */
         } else {
             return 0;
         }
@@ -662,6 +670,8 @@ static int spill(struct stream *s) {
     begin_backend(s, route, scratch[0] == 'Q' || (scratch[0] == 'P' && n > 5 && !scratch[5]));
     buf_consume(&s->cand, n);
     s->cand_msgs = 0;
+    s->bskip = (u16)(s->bskip + s->cand_sent_msgs);
+    s->cand_sent = s->cand_sent_msgs = 0;
     for (u32 off = 0; off + 5 <= n;) {
         u8 t = scratch[off];
         u32 len = fab_be32(scratch + off + 1);
@@ -676,10 +686,23 @@ static int spill(struct stream *s) {
 }
 
 static void answer_locally(struct stream *s) {
-    send_down(s, resp, resp_len);
+    send_down(s, resp + s->cand_sent, resp_len - s->cand_sent);
     counts[C_KEEPALIVES]++;
     buf_consume(&s->cand, s->cand.len);
     s->cand_msgs = 0;
+    s->cand_sent = s->cand_sent_msgs = 0;
+}
+
+/* A Flush inside an answerable group (asyncpg prepares with Parse/Describe/Flush and
+ * waits): send what the server would have sent by now; the group stays buffered, so
+ * that if it turns out not to be all keep-alives, spill relays all of it and the
+ * backend's answers to this part are dropped (bskip). */
+static void flush_answers(struct stream *s) {
+    send_down(s, resp + s->cand_sent, resp_len - s->cand_sent);
+    u32 k = 0;
+    for (u32 off = 0; off + 5 <= resp_len; off += 1 + fab_be32(resp + off + 1)) k++;
+    s->cand_sent = (u16)resp_len;
+    s->cand_sent_msgs = (u16)k;
 }
 
 /* Fast path for the first message of a would-be group when its whole body is in this
@@ -768,9 +791,9 @@ static int msg_end(struct stream *s) {
         return 1;
     }
     int final = t == 'Q' || t == 'S';
-    int local = t != 'H' && group_eval(s, final);
-    if (!local) return spill(s) == 0;
+    if (!group_eval(s, final)) return spill(s) == 0;
     if (final) answer_locally(s);
+    else if (t == 'H') flush_answers(s);
     return 1;
 }
 
@@ -966,6 +989,10 @@ static void backend_feed(struct stream *s, const u8 *p, u32 n) {
         }
         u8 t = f->type;
         s->bdrop = s->swallow && t != 'N' && t != 'S' && t != 'A';
+        if (!s->swallow && s->bskip && t != 'N' && t != 'S' && t != 'A') {
+            if (t == 'E' || t == 'Z') s->bskip = 0; /* it did not go as answered: relay */
+            else { s->bdrop = 1; s->bskip--; }
+        }
         if (t == 'G' && !s->bdrop) s->bcopy = 1;
         if (s->bdrop) {
             send_down(s, seg, (u32)(start - seg));
@@ -989,6 +1016,7 @@ static void session_timeout(struct stream *s) {
     u8 err[FAB_PG_ERROR_MAX], m[8];
     u32 elen = fab_pg_error(err, "ERROR", "57P03", "the database system is not available (hold timeout)");
     u8 st = s->status == 'I' ? 'I' : 'E';
+    s->bskip = 0; /* a group answered up to a Flush is held: it never reaches a backend */
     if (s->mat_pending) {
         for (u32 i = 0; i < s->nstmt; i++) if (s->mat_mask & (1u << i)) s->stmts[i].mat = 0;
         s->unnamed_kind = s->mat_unnamed;

@@ -39,6 +39,11 @@ NONE, ACTIVE = abi.NEED_NONE, abi.NEED_ACTIVE
 
 SELECT1 = W.parse("SELECT 1") + W.bind() + W.describe(b"P") + W.execute() + W.SYNC
 
+ASYNCPG_STMT = "__asyncpg_stmt_1__"
+ASYNCPG_PREPARE = W.parse("SELECT 1", ASYNCPG_STMT) + W.describe(b"S", ASYNCPG_STMT) + W.FLUSH
+ASYNCPG_FETCHVAL = W.msg(b"B", b"\0" + ASYNCPG_STMT.encode() + b"\0" + bytes.fromhex(
+    "0001" "0001" "0000" "0001" "0001")) + W.execute(max_rows=1) + W.SYNC
+
 #: request -> what the server answers; in this order on one session (named statements)
 FORMS: dict[str, bytes] = {
     "q_select1": W.query("SELECT 1"),
@@ -62,6 +67,11 @@ FORMS: dict[str, bytes] = {
     + W.execute("p1") + W.close(b"P", "p1") + W.SYNC,
     "x_sync": W.SYNC,
     "x_maxrows2": W.parse("SELECT 1") + W.bind() + W.execute(max_rows=2) + W.SYNC,
+    "x_maxrows1": W.parse("SELECT 1") + W.bind() + W.execute(max_rows=1) + W.SYNC,
+    # asyncpg's fetchval: Parse + Describe statement + Flush, then (on the answers) a
+    # binary Bind of that statement, Execute with max_rows 1, Sync
+    "x_asyncpg": ASYNCPG_PREPARE + ASYNCPG_FETCHVAL,
+    "x_asyncpg_again": ASYNCPG_FETCHVAL,
 }
 
 _T = "540000002100013f636f6c756d6e3f00000000000000000000170004ffffffff0000"  # RowDescription
@@ -88,6 +98,10 @@ CAPTURED: dict[str, str] = {
     + "5a0000000549",
     "x_sync": "5a0000000549",
     "x_maxrows2": "3100000004" "3200000004" + _D + _C,
+    "x_maxrows1": "3100000004" "3200000004" + _D + "7300000004" "5a0000000549",
+    "x_asyncpg": "3100000004" "7400000006" "0000" + _T + "3200000004"
+    + "440000000e00010000000400000001" "7300000004" "5a0000000549",
+    "x_asyncpg_again": "3200000004" "440000000e00010000000400000001" "7300000004" "5a0000000549",
 }
 
 GREETING = W.msg(b"R", struct.pack("!i", 0)) + W.msg(b"S", b"server_version\x0015.18\x00") \
@@ -337,16 +351,18 @@ def test_a_group_that_is_not_all_keepalive_is_relayed_whole(guest) -> None:
     g.client(1, req)
     assert g.to_backend(1) == req and g.to_client(1) == b""
     assert g.need == ACTIVE
-    # Flush in a group waits for answers without a Sync: relayed at once.
+    # A Flush in a keep-alive group is answered at once (what the server sends by then).
     g.backend(1, rfq())
+    g.to_client(1)
     g.client(1, W.parse("SELECT 1") + W.FLUSH)
-    assert g.to_backend(1) == W.parse("SELECT 1") + W.FLUSH and g.need == ACTIVE
-    # max_rows = 1 answers PortalSuspended: not a keep-alive form we answer
+    assert g.to_client(1) == W.msg(b"1") and g.to_backend(1) == b"" and g.need == NONE
+    # max_rows = 1: the row, then PortalSuspended
     g.client(1, W.bind() + W.execute(max_rows=1) + W.SYNC)
-    g.backend(1, rfq())
-    g.to_backend(1)
-    g.client(1, W.parse("SELECT 1") + W.bind() + W.execute(max_rows=1) + W.SYNC)
-    assert g.to_backend(1) != b""
+    assert g.to_client(1) == W.msg(b"2") + bytes.fromhex(_D) + W.msg(b"s") + rfq()
+    # a second Execute of a suspended portal is the backend's to answer
+    req = W.parse("SELECT 1") + W.bind() + W.execute(max_rows=1) + W.execute() + W.SYNC
+    g.client(1, req)
+    assert g.to_backend(1) == req
 
 
 def test_local_named_statements_are_created_upstream_before_anything_is_relayed(guest) -> None:
@@ -669,6 +685,47 @@ def test_a_pipeline_of_several_keepalives_before_one_sync_is_answered_locally(gu
     assert g.to_backend(1) == b""
     body = "3100000004" "3200000004" + _T + _D + _C[:-12]
     assert g.to_client(1).hex() == body * 8 + "5a0000000549"
+
+
+def test_asyncpg_prepare_with_flush_is_answered_at_the_flush(guest) -> None:
+    """asyncpg prepares with Parse + Describe + Flush and waits for the answers before
+    it sends Bind/Execute/Sync: the Flush must be answered locally, at once."""
+    g = guest()
+    session(g)
+    g.client(1, ASYNCPG_PREPARE)
+    assert g.to_client(1).hex() == "3100000004" "7400000006" "0000" + _T
+    assert g.to_backend(1) == b"" and g.need == NONE
+    g.client(1, ASYNCPG_FETCHVAL)
+    assert g.to_client(1).hex() == CAPTURED["x_asyncpg_again"] and g.to_backend(1) == b""
+    for _ in range(3):  # the statement cache: Bind/Execute/Sync only
+        g.client(1, ASYNCPG_FETCHVAL)
+        assert g.to_client(1).hex() == CAPTURED["x_asyncpg_again"]
+    assert g.to_backend(1) == b"" and g.need == NONE
+    # a real query: the backend first learns the statement, then runs the query
+    g.client(1, W.query("SELECT 2"))
+    assert g.to_backend(1) == W.parse("SELECT 1", ASYNCPG_STMT) + W.SYNC + W.query("SELECT 2")
+
+
+def test_a_group_answered_up_to_a_flush_then_not_a_keepalive_is_relayed_exactly(guest) -> None:
+    """Answered at the Flush, then the group goes on with a real query: the backend gets
+    the whole group, and its answers to what was answered already are dropped, so the
+    client sees each answer once, in order."""
+    g = guest()
+    session(g)
+    g.client(1, W.parse("SELECT 1", "k") + W.describe(b"S", "k") + W.FLUSH)
+    first = g.to_client(1)
+    assert first.hex() == "3100000004" "7400000006" "0000" + _T
+    rest = W.parse("SELECT now()") + W.bind() + W.execute() + W.SYNC
+    g.client(1, rest)
+    assert g.to_backend(1) == W.parse("SELECT 1", "k") + W.describe(b"S", "k") + W.FLUSH + rest
+    assert g.need == ACTIVE
+    real = W.msg(b"1") + W.msg(b"2") + W.msg(b"D", b"\0\1\0\0\0\1x") + W.msg(b"C", b"SELECT 1\0")
+    g.backend(1, W.msg(b"1") + W.msg(b"t", b"\0\0") + bytes.fromhex(_T) + W.msg(b"N", b"\0")
+              + real + rfq())
+    assert g.to_client(1) == W.msg(b"N", b"\0") + real + rfq() and g.need == NONE
+    # "k" lives on the backend now: a Bind of it is relayed
+    g.client(1, W.bind("", "k") + W.execute() + W.SYNC)
+    assert g.to_backend(1) == W.bind("", "k") + W.execute() + W.SYNC
 
 
 # ---- fuzz --------------------------------------------------------------------------
