@@ -765,7 +765,7 @@ static int msg_begin(struct stream *s, const u8 *p, u32 n) {
             count_msg(s, t);
             note_relayed(s, t, p, fab_min(n, s->fr.left));
             if (s->nstmt && (t == 'P' || t == 'C' || t == 'Q')) {
-                if (peek) forget_stmts(s, t, p, s->fr.left); /* the body is at hand */
+                if (n >= s->fr.left) forget_stmts(s, t, p, s->fr.left); /* body at hand */
                 else forget_all(s);
             }
         }

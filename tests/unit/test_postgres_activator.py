@@ -728,6 +728,29 @@ def test_a_group_answered_up_to_a_flush_then_not_a_keepalive_is_relayed_exactly(
     assert g.to_backend(1) == W.bind("", "k") + W.execute() + W.SYNC
 
 
+def test_statements_known_locally_survive_real_queries_in_a_transaction(guest) -> None:
+    """asyncpg's cached keep-alive statement stays answerable after the application's own
+    queries (relayed while the session was busy), so the pool's next keep-alive does not
+    wake a suspended database."""
+    g = guest()
+    session(g)
+    g.client(1, ASYNCPG_PREPARE + ASYNCPG_FETCHVAL)
+    assert g.to_client(1).hex() == CAPTURED["x_asyncpg"]
+    g.client(1, W.query("BEGIN"))
+    assert g.to_backend(1) == W.parse("SELECT 1", ASYNCPG_STMT) + W.SYNC + W.query("BEGIN")
+    g.backend(1, W.msg(b"1") + rfq() + W.msg(b"C", b"BEGIN\0") + rfq(b"T"))
+    for req in (W.query("SELECT 2"), W.parse("SELECT 3", "other") + W.SYNC,
+                W.close(b"S", "other") + W.SYNC):
+        g.client(1, req)
+        g.backend(1, rfq(b"T"))
+    g.client(1, W.query("COMMIT"))
+    g.backend(1, W.msg(b"C", b"COMMIT\0") + rfq())
+    g.to_backend(1)
+    g.to_client(1)
+    g.client(1, ASYNCPG_FETCHVAL)
+    assert g.to_backend(1) == b"" and g.to_client(1).hex() == CAPTURED["x_asyncpg_again"]
+
+
 # ---- fuzz --------------------------------------------------------------------------
 
 
