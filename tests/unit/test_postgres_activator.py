@@ -943,6 +943,47 @@ def test_psycopg_extended_protocol_through_the_guest(bridge) -> None:
         wait_for(lambda: b.need == NONE, "need none on idle sessions")
 
 
+def test_asyncpg_through_the_guest(bridge) -> None:
+    """asyncpg (named statements prepared with Flush, binary results, max_rows 1): its
+    keep-alives never reach the backend, also while the backend is down and after real
+    work; COPY both ways and transactions are relayed."""
+    asyncpg = pytest.importorskip("asyncpg")
+    import asyncio
+
+    b = bridge()
+
+    async def run() -> None:
+        conn = await asyncpg.connect(host=str(b.sockdir), port=5433, user="postgres",
+                                     database="postgres")
+        up = b.counters.upstream_bytes
+        for q in ("SELECT 1", "select 1 ;", "SELECT 1"):
+            assert await conn.fetchval(q) == 1
+        assert await conn.fetch("SELECT 1") == [(1,)]
+        assert await (await conn.prepare("SELECT 1")).fetchval() == 1
+        assert await conn.execute("SELECT 1") == "SELECT 1"
+        assert b.counters.upstream_bytes == up
+        assert await conn.fetchval("SELECT $1::int + 1", 41) == 42
+        async with conn.transaction():
+            assert await conn.fetchval("SELECT 1") == 1
+            assert b.need == ACTIVE
+        await conn.execute("CREATE TEMP TABLE t (a int)")
+        await conn.copy_records_to_table("t", records=[(1,), (2,)])
+        assert await conn.fetchval("SELECT sum(a) FROM t") == 3
+        assert await conn.copy_from_query("SELECT a FROM t", output=lambda d: asyncio.sleep(0)) \
+            == "COPY 2"
+        wait_for(lambda: b.need == NONE, "need none on the idle session")
+        b.set_backend(False)
+        up = b.counters.upstream_bytes
+        for _ in range(3):
+            assert await conn.fetchval("SELECT 1") == 1
+        assert b.counters.upstream_bytes == up and b.need == NONE
+        b.set_backend(True)
+        assert await conn.fetchval("SELECT 7") == 7
+        await conn.close()
+
+    asyncio.run(run())
+
+
 def test_psql_and_a_sleeping_backend_through_the_guest(bridge) -> None:
     b = bridge(hold_timeout_ms=30000)
     env = {"PGHOST": str(b.sockdir), "PGPORT": "5433", "PGUSER": "postgres",
