@@ -301,7 +301,8 @@ static void close_stream(struct stream *s) {
 static void fatal(struct stream *s, const char *code, const char *text) {
     u8 m[FAB_PG_ERROR_MAX];
     if (code[0] == '0' && code[1] == '8') counts[C_PROTOCOL_ERRORS]++;
-    send_down(s, m, fab_pg_error(m, "FATAL", code, text));
+    /* not inside a backend message still arriving: then the close says it */
+    if (fab_pg_between(&s->bfr)) send_down(s, m, fab_pg_error(m, "FATAL", code, text));
     logmsg(FAB_WARNING, "postgres activator: closing a client connection: ", text);
     close_stream(s);
 }
@@ -791,7 +792,10 @@ static int msg_end(struct stream *s) {
         return 1;
     }
     int final = t == 'Q' || t == 'S';
-    if (!group_eval(s, final)) return spill(s) == 0;
+    /* a backend message arriving meanwhile (a NotificationResponse) must not be cut by
+     * our answer: then the backend, which is up, answers the group instead */
+    if (((final || t == 'H') && !fab_pg_between(&s->bfr)) || !group_eval(s, final))
+        return spill(s) == 0;
     if (final) answer_locally(s);
     else if (t == 'H') flush_answers(s);
     return 1;
@@ -1087,7 +1091,8 @@ static void check_timeouts(void) {
                 close_stream(s);
             }
         } else if (s->phase == PH_SESSION) {
-            if (s->hold_quiescent) session_timeout(s);
+            if (!fab_pg_between(&s->bfr)) close_stream(s); /* no answer fits in there */
+            else if (s->hold_quiescent) session_timeout(s);
             else { counts[C_HOLD_TIMEOUTS]++; fatal(s, "57P03", "the database system is not available (hold timeout)"); }
         }
     }

@@ -586,6 +586,31 @@ def test_a_keepalive_never_lands_inside_a_backend_message_still_arriving(guest) 
     assert g.need == NONE
 
 
+def test_a_keepalive_group_never_lands_inside_a_backend_message_either(guest) -> None:
+    g = guest()
+    session(g)
+    note = W.msg(b"A", struct.pack("!i", 77) + b"chan\0payload\0")
+    g.client(1, W.parse("SELECT 1") + W.bind())  # buffered: quiescent so far
+    g.backend(1, note[:9])
+    g.client(1, W.describe(b"P") + W.execute() + W.SYNC)
+    g.backend(1, note[9:])
+    if g.to_backend(1):  # relayed: the backend answers it
+        g.backend(1, bytes.fromhex(CAPTURED["x_select1"]))
+    out = g.to_client(1)
+    assert out.startswith(note)
+    assert out[len(note):].hex() == CAPTURED["x_select1"] and g.need == NONE
+    # a simple Query whose body comes in two reads, the notification between them
+    q = W.query("SELECT 1")
+    g.client(1, q[:7])
+    g.backend(1, note[:9])
+    g.client(1, q[7:])
+    g.backend(1, note[9:])
+    if g.to_backend(1):
+        g.backend(1, bytes.fromhex(CAPTURED["q_select1"]))
+    out = g.to_client(1)
+    assert out.startswith(note) and out[len(note):].hex() == CAPTURED["q_select1"]
+
+
 def test_copy_in_through_the_extended_protocol_leaves_the_session_idle(guest) -> None:
     """libpq's PQexecParams("COPY ... FROM STDIN") sends a Sync before the data and one
     after CopyDone; the server ignores the first (copy-in mode) and answers only one
