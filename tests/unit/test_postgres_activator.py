@@ -927,6 +927,80 @@ def test_keepalives_through_the_guest_match_the_live_server(bridge, pg: W.PgServ
     direct.close()
 
 
+def _msgs() -> st.SearchStrategy[bytes]:
+    sql = st.sampled_from(["SELECT 1", "select 1 ;", ";", "", "SELECT 2", "SELECT 'x'"])
+    name = st.sampled_from(["", "a", "b"])
+    portal = st.sampled_from(["", "p"])
+    return st.one_of(
+        st.builds(lambda q, n: W.parse(q, n), sql, name),
+        st.builds(lambda pt, n, f: W.bind(pt, n, result_formats=f), portal, name,
+                  st.sampled_from([(0,), (1,), ()])),
+        st.builds(lambda n: W.describe(b"S", n), name),
+        st.builds(lambda pt: W.describe(b"P", pt), portal),
+        st.builds(lambda pt, m: W.execute(pt, m), portal, st.sampled_from([0, 1, 2])),
+        st.builds(lambda n: W.close(b"S", n), name),
+        st.builds(lambda pt: W.close(b"P", pt), portal),
+        st.just(W.FLUSH), st.just(W.SYNC), st.just(W.SYNC),
+        st.builds(W.query, st.sampled_from(["SELECT 1", ";", "SELECT 3", "BEGIN", "COMMIT"])),
+    )
+
+
+def _answer(c: W.RawPg, data: bytes) -> bytes:
+    """Everything the server says to data: up to its ReadyForQuery count, or (after a
+    Flush, or an error waiting for a Sync) what comes within a short while."""
+    c.sock.sendall(data)
+    want = sum(1 for t, _ in W.split(data) if t in (b"S", b"Q"))
+    got = b""
+    # a Query inside a group that failed is discarded by the server up to the Sync: then
+    # fewer ReadyForQuery come than counted, and the wait ends after a quiet second
+    c.sock.settimeout(0.2 if not want else 1)
+    try:
+        while not want or W.count_rfq(got) < want:
+            chunk = c.sock.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+    except TimeoutError:
+        pass
+    finally:
+        c.sock.settimeout(10)
+    return got
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[
+    HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(st.lists(_msgs(), min_size=1, max_size=14))
+def test_random_extended_sequences_get_what_the_live_server_sends(
+        pg: W.PgServer, tmp_path: Path, msgs: list[bytes]) -> None:
+    """Any sequence of keep-alive and other extended/simple messages, sent in pieces
+    ending at each Sync, Flush or Query: the client through the guest receives exactly
+    the bytes a direct client of the same server receives."""
+    sockdir = Path(tempfile.mkdtemp(prefix="pgr-", dir=tmp_path))
+    b = StreamBridge(WASM, {}, str(sockdir / ".s.PGSQL.5433"), pg.socket_path)
+    direct = W.RawPg.unix(b.backend_path)
+    via = W.RawPg.unix(b.listen_path)
+    try:
+        unit = b""
+        for m in msgs + [W.SYNC]:
+            unit += m
+            if m[:1] in (b"S", b"H", b"Q"):
+                want = _answer(direct, unit)
+                via.sock.sendall(unit)
+                got = b""
+                via.sock.settimeout(10)
+                while len(got) < len(want):
+                    chunk = via.sock.recv(65536)
+                    assert chunk, "the guest closed the connection"
+                    got += chunk
+                assert got == want, (unit, msgs)
+                unit = b""
+    finally:
+        direct.close()
+        via.close()
+        b.close()
+    assert b.counters.failed_calls == 0
+
+
 def test_protocol_32_startup_is_negotiated_by_the_real_server_through_the_guest(
         bridge, pg: W.PgServer) -> None:
     """A PG 18 client asks for 3.2; PostgreSQL 15 answers NegotiateProtocolVersion (3.0)
