@@ -102,6 +102,7 @@ static u32 nchunks_made, nchunks_used, max_chunks = MAX_CHUNKS;
 static int ssl_passthrough;
 static int local_keepalive = 1;
 static u32 hold_timeout_ms = 30000;
+static u32 startup_timeout_ms = 60000;
 static u32 stream_hold_bytes = 65536;
 static u32 max_message_bytes = FAB_PG_LEN_MAX;
 static int backend_up;
@@ -266,6 +267,9 @@ static int quiescent(const struct stream *s) {
 static void update(struct stream *s) {
     u8 busy = 0, work = 0, holding = 0;
     switch (s->phase) {
+    case PH_INIT: /* timed: a client that never completes its startup packet is closed */
+        holding = 1;
+        break;
     case PH_WAIT_STARTUP:
     case PH_PASSTHRU:
         busy = 1; work = 1; holding = 1;
@@ -827,6 +831,7 @@ static int client_feed(struct stream *s, const u8 *p, u32 n) {
 static void start_wait(struct stream *s, u32 phase) {
     if (!backend_up) counts[phase == PH_PASSTHRU ? C_WAKE_TLS : C_WAKE_STARTUP]++;
     s->phase = (u8)phase;
+    s->t0_set = 0; /* the hold starts now, not when the connection opened */
     update(s);
     try_connect(s);
 }
@@ -1077,6 +1082,11 @@ static void check_timeouts(void) {
     for (u32 it = 0; nholding && (s = fab_table_next(&streams, &it));) {
         if (!s->holding) continue;
         if (!s->t0_set) { s->t0 = now_ms; s->t0_set = 1; continue; }
+        if (s->phase == PH_INIT) {
+            /* PostgreSQL's authentication_timeout: it closes without a word too */
+            if (now_ms - s->t0 >= startup_timeout_ms && budget >= 6) close_stream(s);
+            continue;
+        }
         if (now_ms - s->t0 < hold_timeout_ms) continue;
         if (budget < 6) return;
         if (s->phase == PH_WAIT_STARTUP || s->phase == PH_PASSTHRU) {
@@ -1208,6 +1218,7 @@ static int init(struct fab_json cfg) {
     local_keepalive = fab_cfg_u32(cfg, "local_keepalive", 1) != 0;
     need_debounce = fab_cfg_u32(cfg, "need_debounce", 1) != 0;
     hold_timeout_ms = fab_cfg_u32(cfg, "hold_timeout_ms", 30000);
+    startup_timeout_ms = fab_cfg_u32(cfg, "startup_timeout_ms", 60000);
     stream_hold_bytes = fab_cfg_u32(cfg, "stream_hold_bytes", 65536);
     if (stream_hold_bytes < 1024) stream_hold_bytes = 1024;
     u32 hb = fab_cfg_u32(cfg, "hold_bytes", MAX_CHUNKS * CHUNK);

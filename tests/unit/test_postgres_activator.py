@@ -611,6 +611,33 @@ def test_a_keepalive_group_never_lands_inside_a_backend_message_either(guest) ->
     assert out.startswith(note) and out[len(note):].hex() == CAPTURED["q_select1"]
 
 
+def test_a_client_that_never_completes_its_startup_is_closed(guest) -> None:
+    """A connection that sends part of a startup packet (or nothing after an 'N') and
+    waits would hold one of the port's streams forever; PostgreSQL closes it after
+    authentication_timeout (60 s), silently."""
+    g = guest()
+    for sid, data in ((1, W.startup()[:5]), (2, W.SSL_REQUEST), (3, b"")):
+        g.open(sid)
+        g.client(sid, data)
+    g.tick(10)
+    g.tick(59_000)
+    assert not any(g.streams[sid].downstream_closed for sid in (1, 2, 3))
+    g.tick(60_100)
+    assert all(g.streams[sid].downstream_closed for sid in (1, 2, 3))
+    assert g.to_client(1) == b"" and g.to_client(2) == b"N" and g.need in (None, NONE)
+    # an established session is not touched, nor is a startup held for a backend
+    session(g, 4)
+    g.unavailable()
+    g.open(5)
+    g.client(5, W.startup())
+    g.connected(5, ok=False)
+    g.tick(200_000)
+    g.tick(231_000)
+    assert not g.streams[4].downstream_closed
+    e = errors(g.to_client(5))
+    assert e and e[0]["C"] == "57P03"  # the hold timeout (30 s by default), not this
+
+
 def test_copy_in_through_the_extended_protocol_leaves_the_session_idle(guest) -> None:
     """libpq's PQexecParams("COPY ... FROM STDIN") sends a Sync before the data and one
     after CopyDone; the server ignores the first (copy-in mode) and answers only one
