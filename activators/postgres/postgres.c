@@ -614,11 +614,50 @@ static void count_msg(struct stream *s, u8 t) {
     }
 }
 
+/* Whether a Query's text (NUL-terminated, n bytes with it) is exactly DEALLOCATE [PREPARE]
+ * ALL or DISCARD ALL (any case, whitespace, an optional ';'): every prepared statement
+ * gone (neither is transactional; DISCARD ALL fails inside a transaction block). */
+static int drops_all_statements(const u8 *q, u32 n, u8 status) {
+    if (!n || q[n - 1] || status == 'E') return 0;
+    n--;
+    u32 i = 0, w;
+    while (i < n && fab_pg_space(q[i])) i++;
+    if (i + 10 <= n && fab_memeq_ci(q + i, "deallocate", 10)) {
+        i += 10;
+        w = i;
+        while (i < n && fab_pg_space(q[i])) i++;
+        if (i == w) return 0;
+        if (i + 7 <= n && fab_memeq_ci(q + i, "prepare", 7)) {
+            i += 7;
+            w = i;
+            while (i < n && fab_pg_space(q[i])) i++;
+            if (i == w) return 0;
+        }
+    } else if (i + 7 <= n && fab_memeq_ci(q + i, "discard", 7)) {
+        i += 7;
+        w = i;
+        while (i < n && fab_pg_space(q[i])) i++;
+        if (i == w || status == 'T') return 0;
+    } else {
+        return 0;
+    }
+    if (i + 3 > n || !fab_memeq_ci(q + i, "all", 3)) return 0;
+    i += 3;
+    while (i < n && fab_pg_space(q[i])) i++;
+    if (i < n && q[i] == ';') i++;
+    while (i < n && fab_pg_space(q[i])) i++;
+    return i == n;
+}
+
 /* What a relayed message tells about the backend's statements; `b` holds the first
  * `n` bytes of its body (maybe not all of it). */
 static void note_relayed(struct stream *s, u8 t, const u8 *b, u32 n) {
     if (t == 'Q') {
         s->bunnamed = 0;
+        if (drops_all_statements(b, n, s->status)) { /* psycopg then reuses its names */
+            fab_zero(s->bnames, sizeof s->bnames);
+            s->nstmt = 0;
+        }
     } else if (t == 'P') {
         i32 l = fab_pg_cstr(b, b + n);
         if (l < 0) { s->bunnamed = 1; bname_all(s); }

@@ -729,6 +729,31 @@ def test_a_parse_of_a_name_the_backend_already_has_is_relayed(guest) -> None:
     assert g.to_backend(1) == FORMS["x_exec_named"].replace(b"s1", b"s2")
 
 
+@pytest.mark.parametrize("sql", ["DEALLOCATE ALL", "deallocate prepare all ;", "DISCARD ALL"])
+def test_deallocate_all_lets_the_backends_names_be_parsed_locally_again(guest, sql: str) -> None:
+    """psycopg clears its prepared cache on DEALLOCATE ALL / DISCARD ALL and reuses its
+    names (_pg3_0, ...): once the backend has none, a keep-alive Parse of such a name is
+    answered locally again."""
+    g = guest()
+    session(g)
+    g.client(1, W.parse("SELECT 2", "_pg3_0") + W.SYNC)
+    g.backend(1, W.msg(b"1") + rfq())
+    g.client(1, W.query(sql))
+    g.backend(1, W.msg(b"C", b"DEALLOCATE ALL\0") + rfq())
+    g.to_backend(1)
+    g.to_client(1)
+    g.client(1, W.parse("SELECT 1", "_pg3_0") + W.SYNC)
+    assert g.to_backend(1) == b"" and g.to_client(1).hex() == CAPTURED["x_prepare"]
+    # but not after a mere DEALLOCATE of one name
+    g.client(1, W.parse("SELECT 2", "_pg3_1") + W.SYNC)
+    g.backend(1, W.msg(b"1") + W.msg(b"1") + rfq() + rfq())
+    g.client(1, W.query("DEALLOCATE _pg3_9"))
+    g.backend(1, rfq())
+    g.to_backend(1)
+    g.client(1, W.parse("SELECT 1", "_pg3_1") + W.SYNC)
+    assert g.to_backend(1) == W.parse("SELECT 1", "_pg3_1") + W.SYNC
+
+
 def test_a_pipeline_of_several_keepalives_before_one_sync_is_answered_locally(guest) -> None:
     g = guest()
     session(g)
