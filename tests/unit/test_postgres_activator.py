@@ -1135,6 +1135,43 @@ def test_asyncpg_through_the_guest(bridge) -> None:
     asyncio.run(run())
 
 
+def test_copy_both_ways_through_the_guest_and_the_live_server(bridge) -> None:
+    """COPY FROM STDIN sent as libpq's PQexecParams does (a Sync before the data and one
+    after CopyDone, the first ignored by the server), COPY TO STDOUT, and psycopg's COPY:
+    relayed byte for byte, and the session is idle (need none, keep-alives local) after."""
+    b = bridge()
+    via = W.RawPg.unix(b.listen_path)
+    via.exchange(W.query("CREATE TEMP TABLE c (a int)"), 1)
+    via.sock.sendall(W.parse("COPY c FROM STDIN") + W.bind() + W.describe(b"P") + W.execute()
+                     + W.SYNC)
+    got = b""
+    while not got.endswith(W.msg(b"G", b"\0\0\1\0\0")):
+        got += via.sock.recv(65536)
+    out = via.exchange(W.msg(b"d", b"1\n") + W.msg(b"d", b"2\n") + W.msg(b"c") + W.SYNC, 1)
+    assert [t for t, _ in W.split(out)] == [b"C", b"Z"]
+    out = via.exchange(W.query("COPY c TO STDOUT"), 1)
+    assert [t for t, _ in W.split(out)] == [b"H", b"d", b"d", b"c", b"C", b"Z"]
+    wait_for(lambda: b.need == NONE, "need none after the COPYs")
+    up = b.counters.upstream_bytes
+    assert via.exchange(W.query("SELECT 1"), 1).hex() == CAPTURED["q_select1"]
+    assert via.exchange(SELECT1, 1).hex() == CAPTURED["x_select1"]
+    assert b.counters.upstream_bytes == up
+    via.close()
+    psycopg = pytest.importorskip("psycopg")
+    with psycopg.connect(host=str(b.sockdir), port=5433, user="postgres", dbname="postgres",
+                         autocommit=True) as conn:
+        with conn.cursor() as cur:
+            cur.execute("CREATE TEMP TABLE c (a int)")
+            with cur.copy("COPY c FROM STDIN") as cp:
+                cp.write_row((5,))
+            with cur.copy("COPY (SELECT a FROM c WHERE a > %s) TO STDOUT", (1,)) as cp:
+                assert [bytes(r) for r in cp] == [b"5\n"]
+        wait_for(lambda: b.need == NONE, "need none after psycopg's COPYs")
+        up = b.counters.upstream_bytes
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert b.counters.upstream_bytes == up
+
+
 def test_psql_and_a_sleeping_backend_through_the_guest(bridge) -> None:
     b = bridge(hold_timeout_ms=30000)
     env = {"PGHOST": str(b.sockdir), "PGPORT": "5433", "PGUSER": "postgres",
