@@ -63,8 +63,10 @@ struct buf {
     u32 len;
 };
 
+#define MAXP 4 /* declared parameter types of a keep-alive statement */
 struct stmt {
-    u8 kind, mat, nlen;
+    u8 kind, mat, nlen, np;
+    u32 oids[MAXP]; /* its declared parameter types (a Bind must supply np values) */
     u8 name[NAME_CAP];
 };
 
@@ -75,6 +77,8 @@ struct stream {
     u8 mat_mask, hold_quiescent, t0_set, unnamed_kind, nstmt, cand_msgs;
     u8 route;             /* where the current client message goes (R_*) */
     u8 bdrop, bz;         /* backend: the current message is swallowed; its RFQ status */
+    u8 unp;               /* the unnamed keep-alive statement's declared types ... */
+    u32 uoids[MAXP];      /* ... (its kind is unnamed_kind) */
     u8 bunnamed;          /* the backend may hold an unnamed statement (a relayed Parse) */
     u8 kill_unnamed;      /* a local Query/Parse/Close dropped it: Close it upstream first */
     u8 mat_kill;          /* ... pending with the held prefix (mat_pending) */
@@ -381,6 +385,63 @@ static void forget_all(struct stream *s) {
     s->nstmt = 0;
 }
 
+/* ---------------------------------------------------------------- declared parameters */
+
+/* Types a keep-alive may declare for its (unused) parameters: those whose input we can
+ * check exactly as PostgreSQL 15 does (any other, or 0 = infer, is the server's to answer). */
+#define OID_INT8 20u
+#define OID_INT2 21u
+#define OID_INT4 23u
+#define OID_TEXT 25u
+#define OID_VARCHAR 1043u
+static int param_type_ok(u32 oid) {
+    return oid == OID_INT8 || oid == OID_INT2 || oid == OID_INT4 || oid == OID_TEXT
+           || oid == OID_VARCHAR;
+}
+
+/* Whether the server accepts value v (n bytes) for a parameter of type oid in format
+ * fmt; when unsure, no (then the backend answers, with its error if any). Text: an
+ * optional sign and 1..19 decimal digits within the type's range (no spaces, no PG 16
+ * underscores or prefixes); printable ASCII for text/varchar (valid in every encoding).
+ * Binary: the type's width, or printable ASCII. */
+static int param_ok(u32 oid, u32 fmt, const u8 *v, u32 n) {
+    if (oid == OID_TEXT || oid == OID_VARCHAR) {
+        for (u32 i = 0; i < n; i++) if (v[i] < 0x20 || v[i] > 0x7e) return 0;
+        return 1;
+    }
+    u32 width = oid == OID_INT2 ? 2 : oid == OID_INT4 ? 4 : 8;
+    if (fmt) return n == width;
+    u32 i = 0, neg = 0;
+    if (i < n && (v[i] == '-' || v[i] == '+')) neg = v[i++] == '-';
+    if (i == n || n - i > 19) return 0;
+    u64 x = 0;
+    for (; i < n; i++) {
+        if (v[i] < '0' || v[i] > '9') return 0;
+        x = x * 10 + (v[i] - '0');
+    }
+    u64 max = width == 2 ? 32767u : width == 4 ? 2147483647u : 9223372036854775807ull;
+    return x <= max + neg;
+}
+
+/* A Bind's parameters for a statement declaring np types: as many values as types, each
+ * one the server accepts (NULL always is), format codes 0 or 1 (none, one for all, or
+ * one each). */
+static int params_ok(const struct fab_pg_bind *m, u32 np, const u32 *oids) {
+    u32 nf = m->nparam_formats;
+    if (m->nparams != np || (nf > 1 && nf != np)) return 0;
+    for (u32 i = 0; i < nf; i++) if (fab_be16(m->param_formats + 2 * i) > 1) return 0;
+    const u8 *x = m->params; /* checked against the message's end by fab_pg_bind_msg */
+    for (u32 i = 0; i < np; i++) {
+        u32 l = fab_be32(x);
+        x += 4;
+        if (l == 0xffffffffu) continue;
+        u32 fmt = nf == 0 ? 0 : fab_be16(m->param_formats + 2 * (nf == 1 ? 0 : i));
+        if (!param_ok(oids[i], fmt, x, l)) return 0;
+        x += l;
+    }
+    return 1;
+}
+
 /* ---------------------------------------------------------------- candidate groups */
 
 struct portal { const u8 *name; u32 nlen; u8 kind, fmt, done; };
@@ -388,6 +449,8 @@ struct portal { const u8 *name; u32 nlen; u8 kind, fmt, done; };
 static struct stmt gstmts[MAX_STMTS];
 static u32 gnstmt;
 static u8 gunnamed;
+static u8 gunp;
+static u32 guoids[MAXP];
 static u8 gtouch; /* the group replaced or dropped the unnamed statement */
 
 static i32 gfind(const u8 *name, u32 n) {
@@ -412,6 +475,8 @@ static int group_eval(struct stream *s, int final) {
     fab_copy(gstmts, s->stmts, sizeof gstmts);
     gnstmt = s->nstmt;
     gunnamed = s->unnamed_kind;
+    gunp = s->unp;
+    fab_copy(guoids, s->uoids, sizeof guoids);
     gtouch = 0;
     struct portal portals[CAND_MSGS];
     u32 nportals = 0;
@@ -432,32 +497,44 @@ static int group_eval(struct stream *s, int final) {
             gtouch = 1;
         } else if (t == 'P') {
             struct fab_pg_parse m;
-            if (fab_pg_parse_msg(b, blen, &m) < 0 || m.name_len >= NAME_CAP || m.nparams)
-                return 0; /* or parameter types declared */
+            if (fab_pg_parse_msg(b, blen, &m) < 0 || m.name_len >= NAME_CAP
+                || m.nparams > MAXP) return 0;
             u32 k = fab_pg_keepalive(m.query, m.query_len);
             if (k == K_NONE) return 0;
+            u32 oids[MAXP];
+            for (u32 i = 0; i < m.nparams; i++) {
+                oids[i] = fab_be32(m.param_oids + 4 * i);
+                if (!param_type_ok(oids[i])) return 0; /* 0: the server cannot infer it */
+            }
             if (!m.name_len) {
                 gunnamed = (u8)k;
+                gunp = (u8)m.nparams;
+                fab_copy(guoids, oids, sizeof oids);
                 gtouch = 1;
             } else {
                 if (gfind(m.name, m.name_len) >= 0 || gnstmt >= MAX_STMTS
                     || bname_has(s, m.name, m.name_len)) return 0;
                 struct stmt *e = &gstmts[gnstmt++];
                 e->kind = (u8)k; e->mat = 0; e->nlen = (u8)m.name_len;
+                e->np = (u8)m.nparams;
+                fab_copy(e->oids, oids, sizeof oids);
                 fab_copy(e->name, m.name, m.name_len);
             }
             resp_len += fab_pg_parse_complete(r);
         } else if (t == 'B') {
             struct fab_pg_bind m;
-            if (fab_pg_bind_msg(b, blen, &m) < 0 || m.nparam_formats > 1 || m.nparams
-                || m.nresult_formats > 1) return 0;
-            if (m.nparam_formats && fab_be16(m.param_formats) > 1) return 0;
+            if (fab_pg_bind_msg(b, blen, &m) < 0 || m.nresult_formats > 1) return 0;
             u32 fmt = m.nresult_formats ? fab_be16(m.result_formats) : 0;
             if (fmt > 1) return 0;
-            u32 kind;
-            if (!m.stmt_len) kind = gunnamed;
-            else { i32 gi = gfind(m.stmt, m.stmt_len); kind = gi < 0 ? K_NONE : gstmts[gi].kind; }
-            if (kind == K_NONE) return 0;
+            u32 kind, np;
+            const u32 *oids;
+            if (!m.stmt_len) { kind = gunnamed; np = gunp; oids = guoids; }
+            else {
+                i32 gi = gfind(m.stmt, m.stmt_len);
+                if (gi < 0) return 0;
+                kind = gstmts[gi].kind; np = gstmts[gi].np; oids = gstmts[gi].oids;
+            }
+            if (kind == K_NONE || !params_ok(&m, np, oids)) return 0;
             struct portal *pt = portal_find(portals, nportals, m.portal, m.portal_len);
             if (pt && m.portal_len) return 0; /* named portal exists */
             if (!pt) {
@@ -475,7 +552,13 @@ static int group_eval(struct stream *s, int final) {
                 u32 kind = m.name_len ? (gi < 0 ? K_NONE : gstmts[gi].kind) : gunnamed;
                 if (kind == K_NONE) return 0;
                 if (t == 'D') {
-                    resp_len += fab_pg_param_description(r, 0, 0);
+                    u32 np = m.name_len ? gstmts[gi].np : gunp;
+                    const u32 *oids = m.name_len ? gstmts[gi].oids : guoids;
+                    r[0] = 't';
+                    fab_put_be32(r + 1, 6 + 4 * np);
+                    fab_put_be16(r + 5, np);
+                    for (u32 i = 0; i < np; i++) fab_put_be32(r + 7 + 4 * i, oids[i]);
+                    resp_len += 7 + 4 * np;
                     r = resp + resp_len;
                     resp_len += kind == K_SELECT1 ? fab_pg_select1_row_description(r, 0)
                                                   : fab_pg_no_data(r);
@@ -525,6 +608,8 @@ static int group_eval(struct stream *s, int final) {
         fab_copy(s->stmts, gstmts, sizeof gstmts);
         s->nstmt = (u8)gnstmt;
         s->unnamed_kind = gunnamed;
+        s->unp = gunp;
+        fab_copy(s->uoids, guoids, sizeof guoids);
         if (gtouch && s->bunnamed) s->kill_unnamed = 1;
     }
     return 1;
@@ -532,14 +617,15 @@ static int group_eval(struct stream *s, int final) {
 
 /* ---------------------------------------------------------------- relaying client bytes */
 
-/* A Parse of the statement `name` for a keep-alive of `kind`, without parameter types. */
-static u32 msg_parse(u8 *p, const u8 *name, u32 nlen, u32 kind) {
+/* A Parse of the statement `name` for a keep-alive of `kind` with its declared types. */
+static u32 msg_parse(u8 *p, const u8 *name, u32 nlen, u32 kind, u32 np, const u32 *oids) {
     const char *q = kind == K_SELECT1 ? "SELECT 1" : "";
     u32 ql = fab_strlen(q), n = 5;
     p[0] = 'P';
     fab_copy(p + n, name, nlen); n += nlen; p[n++] = 0;
     fab_copy(p + n, q, ql); n += ql; p[n++] = 0;
-    p[n++] = 0; p[n++] = 0;
+    fab_put_be16(p + n, np); n += 2;
+    for (u32 i = 0; i < np; i++) { fab_put_be32(p + n, oids[i]); n += 4; }
     fab_put_be32(p + 1, n - 1);
     return n;
 }
@@ -547,7 +633,7 @@ static u32 msg_parse(u8 *p, const u8 *name, u32 nlen, u32 kind) {
 /* The backend must learn the statements this session answered for itself before it
  * sees anything that may use them: Parse each, then Sync; the answers are swallowed. */
 static void emit_prefix(struct stream *s, u32 mask, u32 unnamed, u32 kill) {
-    u8 m[NAME_CAP + 32];
+    u8 m[NAME_CAP + 32 + 4 * MAXP];
     if (kill && !unnamed) { /* a Parse of the unnamed statement replaces it anyway */
         m[0] = 'C'; fab_put_be32(m + 1, 6); m[5] = 'S'; m[6] = 0; /* Close 'S' "" */
         send_up(s, m, 7);
@@ -555,8 +641,11 @@ static void emit_prefix(struct stream *s, u32 mask, u32 unnamed, u32 kill) {
     }
     if (unnamed) s->bunnamed = 1;
     for (u32 i = 0; i < s->nstmt; i++)
-        if (mask & (1u << i)) send_up(s, m, msg_parse(m, s->stmts[i].name, s->stmts[i].nlen, s->stmts[i].kind));
-    if (unnamed) send_up(s, m, msg_parse(m, (const u8 *)"", 0, unnamed));
+        if (mask & (1u << i)) {
+            const struct stmt *t = &s->stmts[i];
+            send_up(s, m, msg_parse(m, t->name, t->nlen, t->kind, t->np, t->oids));
+        }
+    if (unnamed) send_up(s, m, msg_parse(m, (const u8 *)"", 0, unnamed, s->unp, s->uoids));
     send_up(s, m, fab_pg_bare(m, 'S'));
     s->swallow++;
     counts[C_STATEMENTS_RECREATED]++;

@@ -219,11 +219,13 @@ def _cut(data: bytes, cuts: list[int]) -> list[bytes]:
 
 #: What the hand-written reference still answers as postgres.c does. postgres.c has since
 #: been fixed where the reference was wrong (the protocol review of issue 10: a Flush in a
-#: keep-alive group and Execute max_rows 1 answered locally, spliced TLS sessions keep
+#: keep-alive group, Execute max_rows 1 and declared parameter types answered locally,
+#: spliced TLS sessions keep
 #: need active, COPY FROM STDIN by Execute, the unnamed statement after a local Query,
 #: backend statement names, no answer inside a backend message), so those inputs are
 #: left out of the comparison; tests/unit/test_postgres_activator.py checks them.
 _CHANGED = {FORMS["x_asyncpg"], FORMS["x_asyncpg_again"], FORMS["x_maxrows1"], W.FLUSH,
+            *(FORMS[k] for k in FORMS if k.startswith("x_types")),
             b"\x16\x03\x01\x00\x02hi",
             W.parse("SELECT 1") + W.bind() + W.execute(max_rows=1) + W.SYNC}
 _EQ_PIECES = [p for p in _PIECES if p not in _CHANGED]

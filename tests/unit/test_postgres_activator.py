@@ -72,6 +72,18 @@ FORMS: dict[str, bytes] = {
     # binary Bind of that statement, Execute with max_rows 1, Sync
     "x_asyncpg": ASYNCPG_PREPARE + ASYNCPG_FETCHVAL,
     "x_asyncpg_again": ASYNCPG_FETCHVAL,
+    # Parse with declared parameter types (unused by the query): the Bind supplies them
+    "x_types": W.parse("SELECT 1", "", (23,)) + W.describe(b"S") + W.bind(params=(b"5",))
+    + W.describe(b"P") + W.execute() + W.SYNC,
+    "x_types_named": W.parse("select 1;", "st", (23, 25, 20, 1043)) + W.describe(b"S", "st")
+    + W.SYNC,
+    "x_types_bind": W.bind("", "st", params=(b"-2147483648", b"hi there", None, b""))
+    + W.execute() + W.SYNC,
+    "x_types_bin": W.parse("SELECT 1", "", (21, 20)) + W.msg(b"B", b"\0\0" + bytes.fromhex(
+        "0001" "0001" "0002" "00000002" "7fff" "00000008" "8000000000000000" "0001" "0001"))
+    + W.execute() + W.SYNC,
+    "x_types_empty": W.parse(";", "", (21,)) + W.describe(b"S") + W.bind(params=(b"+7",))
+    + W.execute() + W.SYNC,
 }
 
 _T = "540000002100013f636f6c756d6e3f00000000000000000000170004ffffffff0000"  # RowDescription
@@ -102,6 +114,13 @@ CAPTURED: dict[str, str] = {
     "x_asyncpg": "3100000004" "7400000006" "0000" + _T + "3200000004"
     + "440000000e00010000000400000001" "7300000004" "5a0000000549",
     "x_asyncpg_again": "3200000004" "440000000e00010000000400000001" "7300000004" "5a0000000549",
+    "x_types": "3100000004" "740000000a000100000017" + _T + "3200000004" + _T + _D + _C,
+    "x_types_named": "3100000004" "7400000016" "0004" "00000017" "00000019" "00000014" "00000413"
+    + _T + "5a0000000549",
+    "x_types_bind": "3200000004" + _D + _C,
+    "x_types_bin": "3100000004" "3200000004" "440000000e00010000000400000001" + _C,
+    "x_types_empty": "3100000004" "740000000a000100000015" "6e00000004" "3200000004"
+    "49000000045a0000000549",
 }
 
 GREETING = W.msg(b"R", struct.pack("!i", 0)) + W.msg(b"S", b"server_version\x0015.18\x00") \
@@ -752,6 +771,32 @@ def test_deallocate_all_lets_the_backends_names_be_parsed_locally_again(guest, s
     g.to_backend(1)
     g.client(1, W.parse("SELECT 1", "_pg3_1") + W.SYNC)
     assert g.to_backend(1) == W.parse("SELECT 1", "_pg3_1") + W.SYNC
+
+
+@pytest.mark.parametrize("bind", [
+    W.bind(params=()),                       # fewer values than declared types
+    W.bind(params=(b"5", b"6")),             # more
+    W.bind(params=(b"abc",)),                # not an int4
+    W.bind(params=(b"2147483648",)),         # out of range
+    W.bind(params=(b" 5",)),                 # accepted by the server, not checked here
+    W.msg(b"B", b"\0\0" + bytes.fromhex("0001" "0001" "0001" "00000002" "0005" "0000")),
+])
+def test_declared_parameters_the_server_may_refuse_are_relayed(guest, bind: bytes) -> None:
+    g = guest()
+    session(g)
+    req = W.parse("SELECT 1", "", (23,)) + bind + W.execute() + W.SYNC
+    g.client(1, req)
+    assert g.to_backend(1) == req and g.to_client(1) == b""
+
+
+def test_a_statement_with_declared_types_is_recreated_upstream_with_them(guest) -> None:
+    g = guest()
+    session(g)
+    g.client(1, FORMS["x_types_named"])
+    assert g.to_client(1).hex() == CAPTURED["x_types_named"] and g.to_backend(1) == b""
+    g.client(1, W.query("SELECT now()"))
+    assert g.to_backend(1) == W.parse("SELECT 1", "st", (23, 25, 20, 1043)) + W.SYNC \
+        + W.query("SELECT now()")
 
 
 def test_a_pipeline_of_several_keepalives_before_one_sync_is_answered_locally(guest) -> None:
