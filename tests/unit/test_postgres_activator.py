@@ -1028,10 +1028,12 @@ def _msgs() -> st.SearchStrategy[bytes]:
     sql = st.sampled_from(["SELECT 1", "select 1 ;", ";", "", "SELECT 2", "SELECT 'x'"])
     name = st.sampled_from(["", "a", "b"])
     portal = st.sampled_from(["", "p"])
+    types = st.sampled_from([(), (), (23,), (25, 20), (0,)])
+    values = st.sampled_from([(), (), (b"5",), (b"x",), (None,), (b"7", None)])
     return st.one_of(
-        st.builds(lambda q, n: W.parse(q, n), sql, name),
-        st.builds(lambda pt, n, f: W.bind(pt, n, result_formats=f), portal, name,
-                  st.sampled_from([(0,), (1,), ()])),
+        st.builds(lambda q, n, t: W.parse(q, n, t), sql, name, types),
+        st.builds(lambda pt, n, f, v: W.bind(pt, n, result_formats=f, params=v), portal, name,
+                  st.sampled_from([(0,), (1,), ()]), values),
         st.builds(lambda n: W.describe(b"S", n), name),
         st.builds(lambda pt: W.describe(b"P", pt), portal),
         st.builds(lambda pt, m: W.execute(pt, m), portal, st.sampled_from([0, 1, 2])),
