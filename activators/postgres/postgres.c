@@ -12,7 +12,7 @@
  *     flight, keep-alive queries (SELECT 1, ';', the empty query; simple and extended
  *     protocol) are answered locally with the bytes a real PostgreSQL 15 sends;
  *   - need is "active" while any session has a query in flight, is inside a
- *     transaction, or waits for a backend, and "none" otherwise;
+ *     transaction, waits for a backend or is spliced (TLS: unseen), and "none" otherwise;
  *   - a real query while no backend is up is held (bounded; the client is paused at the
  *     bound) and relayed in order once one is; when the hold runs out the client gets
  *     ErrorResponse 57P03 (FATAL before the session is established, ERROR plus
@@ -21,7 +21,8 @@
  * 08P01 and a close, a backend stream that does not parse is spliced (a plain relay).
  *
  * Config (JSON, all optional): ssl ("passthrough" or anything else = answer 'N'),
- * hold_timeout_ms (30000), hold_bytes (all held bytes of the port, <= 6 MiB),
+ * hold_timeout_ms (30000), startup_timeout_ms (60000: a connection that has not sent its
+ * startup packet by then is closed), hold_bytes (all held bytes of the port, <= 6 MiB),
  * stream_hold_bytes (one stream's held bytes before it is paused, 65536),
  * max_message_bytes (largest client message, 1 GiB - 1 like PostgreSQL),
  * local_keepalive (1 answers keep-alives locally, 0 relays them; default 1),
