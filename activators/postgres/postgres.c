@@ -12,7 +12,7 @@
  *     flight, keep-alive queries (SELECT 1, ';', the empty query; simple and extended
  *     protocol) are answered locally with the bytes a real PostgreSQL 15 sends;
  *   - need is "active" while any session has a query in flight, is inside a
- *     transaction, or waits for a backend, and "none" otherwise;
+ *     transaction, waits for a backend or is spliced (TLS: unseen), and "none" otherwise;
  *   - a real query while no backend is up is held (bounded; the client is paused at the
  *     bound) and relayed in order once one is; when the hold runs out the client gets
  *     ErrorResponse 57P03 (FATAL before the session is established, ERROR plus
@@ -21,7 +21,8 @@
  * 08P01 and a close, a backend stream that does not parse is spliced (a plain relay).
  *
  * Config (JSON, all optional): ssl ("passthrough" or anything else = answer 'N'),
- * hold_timeout_ms (30000), hold_bytes (all held bytes of the port, <= 6 MiB),
+ * hold_timeout_ms (30000), startup_timeout_ms (60000: a connection that has not sent its
+ * startup packet by then is closed), hold_bytes (all held bytes of the port, <= 6 MiB),
  * stream_hold_bytes (one stream's held bytes before it is paused, 65536),
  * max_message_bytes (largest client message, 1 GiB - 1 like PostgreSQL),
  * local_keepalive (1 answers keep-alives locally, 0 relays them; default 1),
@@ -43,7 +44,7 @@
 #define CHUNK 4096
 #define MAX_CHUNKS 1536 /* 6 MiB of held bytes at most */
 #define CAND_MAX 8192   /* a keep-alive candidate group is at most this many bytes */
-#define CAND_MSGS 16    /* ... and this many messages */
+#define CAND_MSGS 64    /* ... and this many messages (a pipeline of 15 P/B/D/E + S) */
 #define MAX_STMTS 4     /* locally known prepared statements per session */
 #define NAME_CAP 64     /* statement names up to 63 bytes are tracked */
 #define BACKEND_LEN_MAX 0x40000000u
@@ -63,8 +64,10 @@ struct buf {
     u32 len;
 };
 
+#define MAXP 4 /* declared parameter types of a keep-alive statement */
 struct stmt {
-    u8 kind, mat, nlen;
+    u8 kind, mat, nlen, np;
+    u32 oids[MAXP]; /* its declared parameter types (a Bind must supply np values) */
     u8 name[NAME_CAP];
 };
 
@@ -75,6 +78,17 @@ struct stream {
     u8 mat_mask, hold_quiescent, t0_set, unnamed_kind, nstmt, cand_msgs;
     u8 route;             /* where the current client message goes (R_*) */
     u8 bdrop, bz;         /* backend: the current message is swallowed; its RFQ status */
+    u8 unp;               /* the unnamed keep-alive statement's declared types ... */
+    u32 uoids[MAXP];      /* ... (its kind is unnamed_kind) */
+    u8 bunnamed;          /* the backend may hold an unnamed statement (a relayed Parse) */
+    u8 kill_unnamed;      /* a local Query/Parse/Close dropped it: Close it upstream first */
+    u8 mat_kill;          /* ... pending with the held prefix (mat_pending) */
+    u8 bcopy;             /* the backend sent CopyInResponse: it ignores Syncs until c/f */
+    u8 copy_syncs;        /* Syncs relayed since the last Query/Execute */
+    u16 cand_sent;        /* bytes of the group's local answer sent at a Flush ... */
+    u16 cand_sent_msgs;   /* ... and how many messages they were */
+    u16 bskip;            /* backend answers to drop: those the client had from us */
+    u32 bnames[8];        /* hashes of statement names the backend may have (a Bloom bit set) */
     u32 pending;
     u64 t0, connect_at;
     struct buf hold, cand;
@@ -93,6 +107,7 @@ static u32 nchunks_made, nchunks_used, max_chunks = MAX_CHUNKS;
 static int ssl_passthrough;
 static int local_keepalive = 1;
 static u32 hold_timeout_ms = 30000;
+static u32 startup_timeout_ms = 60000;
 static u32 stream_hold_bytes = 65536;
 static u32 max_message_bytes = FAB_PG_LEN_MAX;
 static int backend_up;
@@ -245,20 +260,27 @@ static void stream_free(struct stream *s) {
     fab_table_del(&streams, s);
 }
 
+/* Idle with nothing in flight either way: a local answer cannot be out of order (nor
+ * land inside a backend message still arriving, e.g. a NotificationResponse). */
 static int quiescent(const struct stream *s) {
     return s->phase == PH_SESSION && !s->pending && !s->unsynced && s->status == 'I'
-           && !s->swallow && !s->hold.len && !s->discard_sync;
+           && !s->swallow && !s->hold.len && !s->discard_sync && !s->bskip
+           && fab_pg_between(&s->bfr);
 }
 
 /* Recompute the stream's flags and the port-wide counters they feed. */
 static void update(struct stream *s) {
     u8 busy = 0, work = 0, holding = 0;
     switch (s->phase) {
+    case PH_INIT: /* timed: a client that never completes its startup packet is closed */
+        holding = 1;
+        break;
     case PH_WAIT_STARTUP:
     case PH_PASSTHRU:
         busy = 1; work = 1; holding = 1;
         break;
     case PH_STARTUP:
+    case PH_SPLICED: /* TLS end to end: a query may be in flight, unseen; never freeze it */
         busy = 1;
         break;
     case PH_SESSION:
@@ -288,7 +310,8 @@ static void close_stream(struct stream *s) {
 static void fatal(struct stream *s, const char *code, const char *text) {
     u8 m[FAB_PG_ERROR_MAX];
     if (code[0] == '0' && code[1] == '8') counts[C_PROTOCOL_ERRORS]++;
-    send_down(s, m, fab_pg_error(m, "FATAL", code, text));
+    /* not inside a backend message still arriving: then the close says it */
+    if (fab_pg_between(&s->bfr)) send_down(s, m, fab_pg_error(m, "FATAL", code, text));
     logmsg(FAB_WARNING, "postgres activator: closing a client connection: ", text);
     close_stream(s);
 }
@@ -338,6 +361,88 @@ static int name_eq(const struct stmt *t, const u8 *name, u32 n) {
     return t->nlen == n && fab_memeq(t->name, name, n);
 }
 
+/* Named statements the backend may have, as bits of a 256-bit set: a keep-alive Parse of
+ * such a name is relayed (the server answers 42P05, and a Bind runs its statement). A
+ * false positive only relays a keep-alive; bits are never cleared. */
+static u32 name_bit(const u8 *name, u32 n) {
+    u32 h = 2166136261u;
+    for (u32 i = 0; i < n; i++) h = (h ^ name[i]) * 16777619u;
+    return (h ^ (h >> 16)) & 255;
+}
+static void bname_add(struct stream *s, const u8 *name, u32 n) {
+    u32 b = name_bit(name, n);
+    s->bnames[b >> 5] |= 1u << (b & 31);
+}
+static int bname_has(const struct stream *s, const u8 *name, u32 n) {
+    u32 b = name_bit(name, n);
+    return (int)((s->bnames[b >> 5] >> (b & 31)) & 1);
+}
+static void bname_all(struct stream *s) { __builtin_memset(s->bnames, 0xff, sizeof s->bnames); }
+
+/* Forget the tracked statements; those the backend was given stay in bnames. */
+static void forget_all(struct stream *s) {
+    for (u32 i = 0; i < s->nstmt; i++)
+        if (s->stmts[i].mat) bname_add(s, s->stmts[i].name, s->stmts[i].nlen);
+    s->nstmt = 0;
+}
+
+/* ---------------------------------------------------------------- declared parameters */
+
+/* Types a keep-alive may declare for its (unused) parameters: those whose input we can
+ * check exactly as PostgreSQL 15 does (any other, or 0 = infer, is the server's to answer). */
+#define OID_INT8 20u
+#define OID_INT2 21u
+#define OID_INT4 23u
+#define OID_TEXT 25u
+#define OID_VARCHAR 1043u
+static int param_type_ok(u32 oid) {
+    return oid == OID_INT8 || oid == OID_INT2 || oid == OID_INT4 || oid == OID_TEXT
+           || oid == OID_VARCHAR;
+}
+
+/* Whether the server accepts value v (n bytes) for a parameter of type oid in format
+ * fmt; when unsure, no (then the backend answers, with its error if any). Text: an
+ * optional sign and 1..19 decimal digits within the type's range (no spaces, no PG 16
+ * underscores or prefixes); printable ASCII for text/varchar (valid in every encoding).
+ * Binary: the type's width, or printable ASCII. */
+static int param_ok(u32 oid, u32 fmt, const u8 *v, u32 n) {
+    if (oid == OID_TEXT || oid == OID_VARCHAR) {
+        for (u32 i = 0; i < n; i++) if (v[i] < 0x20 || v[i] > 0x7e) return 0;
+        return 1;
+    }
+    u32 width = oid == OID_INT2 ? 2 : oid == OID_INT4 ? 4 : 8;
+    if (fmt) return n == width;
+    u32 i = 0, neg = 0;
+    if (i < n && (v[i] == '-' || v[i] == '+')) neg = v[i++] == '-';
+    if (i == n || n - i > 19) return 0;
+    u64 x = 0;
+    for (; i < n; i++) {
+        if (v[i] < '0' || v[i] > '9') return 0;
+        x = x * 10 + (v[i] - '0');
+    }
+    u64 max = width == 2 ? 32767u : width == 4 ? 2147483647u : 9223372036854775807ull;
+    return x <= max + neg;
+}
+
+/* A Bind's parameters for a statement declaring np types: as many values as types, each
+ * one the server accepts (NULL always is), format codes 0 or 1 (none, one for all, or
+ * one each). */
+static int params_ok(const struct fab_pg_bind *m, u32 np, const u32 *oids) {
+    u32 nf = m->nparam_formats;
+    if (m->nparams != np || (nf > 1 && nf != np)) return 0;
+    for (u32 i = 0; i < nf; i++) if (fab_be16(m->param_formats + 2 * i) > 1) return 0;
+    const u8 *x = m->params; /* checked against the message's end by fab_pg_bind_msg */
+    for (u32 i = 0; i < np; i++) {
+        u32 l = fab_be32(x);
+        x += 4;
+        if (l == 0xffffffffu) continue;
+        u32 fmt = nf == 0 ? 0 : fab_be16(m->param_formats + 2 * (nf == 1 ? 0 : i));
+        if (!param_ok(oids[i], fmt, x, l)) return 0;
+        x += l;
+    }
+    return 1;
+}
+
 /* ---------------------------------------------------------------- candidate groups */
 
 struct portal { const u8 *name; u32 nlen; u8 kind, fmt, done; };
@@ -345,6 +450,9 @@ struct portal { const u8 *name; u32 nlen; u8 kind, fmt, done; };
 static struct stmt gstmts[MAX_STMTS];
 static u32 gnstmt;
 static u8 gunnamed;
+static u8 gunp;
+static u32 guoids[MAXP];
+static u8 gtouch; /* the group replaced or dropped the unnamed statement */
 
 static i32 gfind(const u8 *name, u32 n) {
     for (u32 i = 0; i < gnstmt; i++) if (name_eq(&gstmts[i], name, n)) return (i32)i;
@@ -368,6 +476,9 @@ static int group_eval(struct stream *s, int final) {
     fab_copy(gstmts, s->stmts, sizeof gstmts);
     gnstmt = s->nstmt;
     gunnamed = s->unnamed_kind;
+    gunp = s->unp;
+    fab_copy(guoids, s->uoids, sizeof guoids);
+    gtouch = 0;
     struct portal portals[CAND_MSGS];
     u32 nportals = 0;
     resp_len = 0;
@@ -383,32 +494,48 @@ static int group_eval(struct stream *s, int final) {
             u32 k = fab_pg_keepalive_query(b, blen);
             if (k == K_NONE) return 0;
             resp_len += fab_pg_answer_query(r, k);
+            gunnamed = K_NONE; /* a simple Query drops the unnamed statement */
+            gtouch = 1;
         } else if (t == 'P') {
             struct fab_pg_parse m;
-            if (fab_pg_parse_msg(b, blen, &m) < 0 || m.name_len >= NAME_CAP || m.nparams)
-                return 0; /* or parameter types declared */
+            if (fab_pg_parse_msg(b, blen, &m) < 0 || m.name_len >= NAME_CAP
+                || m.nparams > MAXP) return 0;
             u32 k = fab_pg_keepalive(m.query, m.query_len);
             if (k == K_NONE) return 0;
+            u32 oids[MAXP];
+            for (u32 i = 0; i < m.nparams; i++) {
+                oids[i] = fab_be32(m.param_oids + 4 * i);
+                if (!param_type_ok(oids[i])) return 0; /* 0: the server cannot infer it */
+            }
             if (!m.name_len) {
                 gunnamed = (u8)k;
+                gunp = (u8)m.nparams;
+                fab_copy(guoids, oids, sizeof oids);
+                gtouch = 1;
             } else {
-                if (gfind(m.name, m.name_len) >= 0 || gnstmt >= MAX_STMTS) return 0;
+                if (gfind(m.name, m.name_len) >= 0 || gnstmt >= MAX_STMTS
+                    || bname_has(s, m.name, m.name_len)) return 0;
                 struct stmt *e = &gstmts[gnstmt++];
                 e->kind = (u8)k; e->mat = 0; e->nlen = (u8)m.name_len;
+                e->np = (u8)m.nparams;
+                fab_copy(e->oids, oids, sizeof oids);
                 fab_copy(e->name, m.name, m.name_len);
             }
             resp_len += fab_pg_parse_complete(r);
         } else if (t == 'B') {
             struct fab_pg_bind m;
-            if (fab_pg_bind_msg(b, blen, &m) < 0 || m.nparam_formats > 1 || m.nparams
-                || m.nresult_formats > 1) return 0;
-            if (m.nparam_formats && fab_be16(m.param_formats) > 1) return 0;
+            if (fab_pg_bind_msg(b, blen, &m) < 0 || m.nresult_formats > 1) return 0;
             u32 fmt = m.nresult_formats ? fab_be16(m.result_formats) : 0;
             if (fmt > 1) return 0;
-            u32 kind;
-            if (!m.stmt_len) kind = gunnamed;
-            else { i32 gi = gfind(m.stmt, m.stmt_len); kind = gi < 0 ? K_NONE : gstmts[gi].kind; }
-            if (kind == K_NONE) return 0;
+            u32 kind, np;
+            const u32 *oids;
+            if (!m.stmt_len) { kind = gunnamed; np = gunp; oids = guoids; }
+            else {
+                i32 gi = gfind(m.stmt, m.stmt_len);
+                if (gi < 0) return 0;
+                kind = gstmts[gi].kind; np = gstmts[gi].np; oids = gstmts[gi].oids;
+            }
+            if (kind == K_NONE || !params_ok(&m, np, oids)) return 0;
             struct portal *pt = portal_find(portals, nportals, m.portal, m.portal_len);
             if (pt && m.portal_len) return 0; /* named portal exists */
             if (!pt) {
@@ -426,12 +553,18 @@ static int group_eval(struct stream *s, int final) {
                 u32 kind = m.name_len ? (gi < 0 ? K_NONE : gstmts[gi].kind) : gunnamed;
                 if (kind == K_NONE) return 0;
                 if (t == 'D') {
-                    resp_len += fab_pg_param_description(r, 0, 0);
+                    u32 np = m.name_len ? gstmts[gi].np : gunp;
+                    const u32 *oids = m.name_len ? gstmts[gi].oids : guoids;
+                    r[0] = 't';
+                    fab_put_be32(r + 1, 6 + 4 * np);
+                    fab_put_be16(r + 5, np);
+                    for (u32 i = 0; i < np; i++) fab_put_be32(r + 7 + 4 * i, oids[i]);
+                    resp_len += 7 + 4 * np;
                     r = resp + resp_len;
                     resp_len += kind == K_SELECT1 ? fab_pg_select1_row_description(r, 0)
                                                   : fab_pg_no_data(r);
                 } else { /* Close of a statement only this session has seen */
-                    if (!m.name_len) gunnamed = K_NONE;
+                    if (!m.name_len) { gunnamed = K_NONE; gtouch = 1; }
                     else {
                         if (gstmts[gi].mat) return 0; /* the backend has it too */
                         gstmts[gi] = gstmts[--gnstmt];
@@ -445,11 +578,13 @@ static int group_eval(struct stream *s, int final) {
                     resp_len += pt->kind == K_SELECT1 ? fab_pg_select1_row_description(r, pt->fmt)
                                                       : fab_pg_no_data(r);
                 } else if (t == 'E') {
-                    if (pt->done || (pt->kind == K_SELECT1 && m.max_rows == 1)) return 0;
+                    if (pt->done) return 0;
                     pt->done = 1;
                     if (pt->kind == K_SELECT1) {
                         resp_len += fab_pg_select1_row(r, pt->fmt);
-                        resp_len += fab_pg_select1_done(resp + resp_len);
+                        /* max_rows 1 (asyncpg's fetchval): the row fills it, PortalSuspended */
+                        resp_len += m.max_rows == 1 ? fab_pg_bare(resp + resp_len, 's')
+                                                    : fab_pg_select1_done(resp + resp_len);
                     } else {
                         resp_len += fab_pg_empty_query(r);
                     }
@@ -464,6 +599,8 @@ static int group_eval(struct stream *s, int final) {
             if (blen) return 0;
             resp_len += fab_pg_ready(r, 'I');
             nportals = 0;
+        } else if (t == 'H') {
+            if (blen) return 0; /* answered at its place by msg_end */
         } else {
             return 0;
         }
@@ -472,31 +609,44 @@ static int group_eval(struct stream *s, int final) {
         fab_copy(s->stmts, gstmts, sizeof gstmts);
         s->nstmt = (u8)gnstmt;
         s->unnamed_kind = gunnamed;
+        s->unp = gunp;
+        fab_copy(s->uoids, guoids, sizeof guoids);
+        if (gtouch && s->bunnamed) s->kill_unnamed = 1;
     }
     return 1;
 }
 
 /* ---------------------------------------------------------------- relaying client bytes */
 
-/* A Parse of the statement `name` for a keep-alive of `kind`, without parameter types. */
-static u32 msg_parse(u8 *p, const u8 *name, u32 nlen, u32 kind) {
+/* A Parse of the statement `name` for a keep-alive of `kind` with its declared types. */
+static u32 msg_parse(u8 *p, const u8 *name, u32 nlen, u32 kind, u32 np, const u32 *oids) {
     const char *q = kind == K_SELECT1 ? "SELECT 1" : "";
     u32 ql = fab_strlen(q), n = 5;
     p[0] = 'P';
     fab_copy(p + n, name, nlen); n += nlen; p[n++] = 0;
     fab_copy(p + n, q, ql); n += ql; p[n++] = 0;
-    p[n++] = 0; p[n++] = 0;
+    fab_put_be16(p + n, np); n += 2;
+    for (u32 i = 0; i < np; i++) { fab_put_be32(p + n, oids[i]); n += 4; }
     fab_put_be32(p + 1, n - 1);
     return n;
 }
 
 /* The backend must learn the statements this session answered for itself before it
  * sees anything that may use them: Parse each, then Sync; the answers are swallowed. */
-static void emit_prefix(struct stream *s, u32 mask, u32 unnamed) {
-    u8 m[NAME_CAP + 32];
+static void emit_prefix(struct stream *s, u32 mask, u32 unnamed, u32 kill) {
+    u8 m[NAME_CAP + 32 + 4 * MAXP];
+    if (kill && !unnamed) { /* a Parse of the unnamed statement replaces it anyway */
+        m[0] = 'C'; fab_put_be32(m + 1, 6); m[5] = 'S'; m[6] = 0; /* Close 'S' "" */
+        send_up(s, m, 7);
+        s->bunnamed = 0;
+    }
+    if (unnamed) s->bunnamed = 1;
     for (u32 i = 0; i < s->nstmt; i++)
-        if (mask & (1u << i)) send_up(s, m, msg_parse(m, s->stmts[i].name, s->stmts[i].nlen, s->stmts[i].kind));
-    if (unnamed) send_up(s, m, msg_parse(m, (const u8 *)"", 0, unnamed));
+        if (mask & (1u << i)) {
+            const struct stmt *t = &s->stmts[i];
+            send_up(s, m, msg_parse(m, t->name, t->nlen, t->kind, t->np, t->oids));
+        }
+    if (unnamed) send_up(s, m, msg_parse(m, (const u8 *)"", 0, unnamed, s->unp, s->uoids));
     send_up(s, m, fab_pg_bare(m, 'S'));
     s->swallow++;
     counts[C_STATEMENTS_RECREATED]++;
@@ -512,14 +662,17 @@ static void begin_backend(struct stream *s, u32 route, int replaces_unnamed) {
     for (u32 i = 0; i < s->nstmt; i++) if (!s->stmts[i].mat) mask |= 1u << i;
     if (s->holding == 0 && !s->hold.len) s->hold_quiescent = (u8)quiescent(s);
     u32 unnamed = replaces_unnamed ? K_NONE : s->unnamed_kind;
+    u32 kill = replaces_unnamed ? 0 : s->kill_unnamed;
     s->unnamed_kind = K_NONE;
-    if (!mask && !unnamed) return;
+    s->kill_unnamed = 0;
+    if (!mask && !unnamed && !kill) return;
     if (route == R_FORWARD) {
-        emit_prefix(s, mask, unnamed);
+        emit_prefix(s, mask, unnamed, kill);
     } else {
         s->mat_pending = 1;
         s->mat_mask = (u8)mask;
         s->mat_unnamed = (u8)unnamed;
+        s->mat_kill = (u8)kill;
     }
     for (u32 i = 0; i < s->nstmt; i++) s->stmts[i].mat = 1;
 }
@@ -529,11 +682,80 @@ static void drop_stmt(struct stream *s, const u8 *name, u32 n) {
         if (name_eq(&s->stmts[i], name, n)) { s->stmts[i] = s->stmts[--s->nstmt]; return; }
 }
 
-/* Account a client message relayed (or held for relaying) to the backend. */
+/* Account a client message relayed (or held for relaying) to the backend. In copy-in
+ * mode the server ignores Syncs (and answers no ReadyForQuery to them): those relayed
+ * since the COPY's Query/Execute are taken back at CopyDone/CopyFail, and a COPY started
+ * by an Execute then waits for its Sync (libpq sends one after CopyDone). */
 static void count_msg(struct stream *s, u8 t) {
     if (t == 'Q' || t == 'S' || t == 'F') s->pending++;
-    if (t == 'S') s->unsynced = 0;
-    else if (t == 'P' || t == 'B' || t == 'D' || t == 'E' || t == 'C' || t == 'H') s->unsynced = 1;
+    if (t == 'S') {
+        s->unsynced = 0;
+        if (s->copy_syncs < 255) s->copy_syncs++;
+    } else if (t == 'P' || t == 'B' || t == 'D' || t == 'E' || t == 'C' || t == 'H') {
+        s->unsynced = 1;
+    }
+    if (t == 'Q' || t == 'E') s->copy_syncs = 0;
+    if ((t == 'c' || t == 'f') && s->bcopy) {
+        u32 k = fab_min(s->copy_syncs, s->pending);
+        s->pending -= k;
+        if (k) s->unsynced = 1;
+        s->bcopy = 0;
+        s->copy_syncs = 0;
+    }
+}
+
+/* Whether a Query's text (NUL-terminated, n bytes with it) is exactly DEALLOCATE [PREPARE]
+ * ALL or DISCARD ALL (any case, whitespace, an optional ';'): every prepared statement
+ * gone (neither is transactional; DISCARD ALL fails inside a transaction block). */
+static int drops_all_statements(const u8 *q, u32 n, u8 status) {
+    if (!n || q[n - 1] || status == 'E') return 0;
+    n--;
+    u32 i = 0, w;
+    while (i < n && fab_pg_space(q[i])) i++;
+    if (i + 10 <= n && fab_memeq_ci(q + i, "deallocate", 10)) {
+        i += 10;
+        w = i;
+        while (i < n && fab_pg_space(q[i])) i++;
+        if (i == w) return 0;
+        if (i + 7 <= n && fab_memeq_ci(q + i, "prepare", 7)) {
+            i += 7;
+            w = i;
+            while (i < n && fab_pg_space(q[i])) i++;
+            if (i == w) return 0;
+        }
+    } else if (i + 7 <= n && fab_memeq_ci(q + i, "discard", 7)) {
+        i += 7;
+        w = i;
+        while (i < n && fab_pg_space(q[i])) i++;
+        if (i == w || status == 'T') return 0;
+    } else {
+        return 0;
+    }
+    if (i + 3 > n || !fab_memeq_ci(q + i, "all", 3)) return 0;
+    i += 3;
+    while (i < n && fab_pg_space(q[i])) i++;
+    if (i < n && q[i] == ';') i++;
+    while (i < n && fab_pg_space(q[i])) i++;
+    return i == n;
+}
+
+/* What a relayed message tells about the backend's statements; `b` holds the first
+ * `n` bytes of its body (maybe not all of it). */
+static void note_relayed(struct stream *s, u8 t, const u8 *b, u32 n) {
+    if (t == 'Q') {
+        s->bunnamed = 0;
+        if (drops_all_statements(b, n, s->status)) { /* psycopg then reuses its names */
+            fab_zero(s->bnames, sizeof s->bnames);
+            s->nstmt = 0;
+        }
+    } else if (t == 'P') {
+        i32 l = fab_pg_cstr(b, b + n);
+        if (l < 0) { s->bunnamed = 1; bname_all(s); }
+        else if (!l) s->bunnamed = 1;
+        else bname_add(s, b, (u32)l);
+    } else if (t == 'C' && n >= 2 && b[0] == 'S' && !b[1]) {
+        s->bunnamed = 0;
+    }
 }
 
 static int route_bytes(struct stream *s, u32 route, const u8 *p, u32 n) {
@@ -562,15 +784,15 @@ static void forget_stmts(struct stream *s, u8 t, const u8 *b, u32 n) {
     const u8 *end = b + n;
     if (t == 'P') {
         i32 l = fab_pg_cstr(b, end);
-        if (l < 0) { s->nstmt = 0; return; }
+        if (l < 0) { forget_all(s); return; }
         drop_stmt(s, b, (u32)l);
     } else if (t == 'C') {
         i32 l = n ? fab_pg_cstr(b + 1, end) : -1;
-        if (l < 0) { s->nstmt = 0; return; }
+        if (l < 0) { forget_all(s); return; }
         if (b[0] == 'S') drop_stmt(s, b + 1, (u32)l);
         return;
     }
-    if (contains_ci(b, n, "deallocate") || contains_ci(b, n, "discard")) s->nstmt = 0;
+    if (contains_ci(b, n, "deallocate") || contains_ci(b, n, "discard")) forget_all(s);
 }
 
 /* The buffered group will not be answered locally: relay it, in order. */
@@ -582,6 +804,8 @@ static int spill(struct stream *s) {
     begin_backend(s, route, scratch[0] == 'Q' || (scratch[0] == 'P' && n > 5 && !scratch[5]));
     buf_consume(&s->cand, n);
     s->cand_msgs = 0;
+    s->bskip = (u16)(s->bskip + s->cand_sent_msgs);
+    s->cand_sent = s->cand_sent_msgs = 0;
     for (u32 off = 0; off + 5 <= n;) {
         u8 t = scratch[off];
         u32 len = fab_be32(scratch + off + 1);
@@ -589,16 +813,30 @@ static int spill(struct stream *s) {
         const u8 *b = scratch + off + 5;
         off += 1 + len;
         count_msg(s, t);
+        note_relayed(s, t, b, len - 4);
         if (s->nstmt && (t == 'P' || t == 'C' || t == 'Q')) forget_stmts(s, t, b, len - 4);
     }
     return route_bytes(s, route, scratch, n);
 }
 
 static void answer_locally(struct stream *s) {
-    send_down(s, resp, resp_len);
+    send_down(s, resp + s->cand_sent, resp_len - s->cand_sent);
     counts[C_KEEPALIVES]++;
     buf_consume(&s->cand, s->cand.len);
     s->cand_msgs = 0;
+    s->cand_sent = s->cand_sent_msgs = 0;
+}
+
+/* A Flush inside an answerable group (asyncpg prepares with Parse/Describe/Flush and
+ * waits): send what the server would have sent by now; the group stays buffered, so
+ * that if it turns out not to be all keep-alives, spill relays all of it and the
+ * backend's answers to this part are dropped (bskip). */
+static void flush_answers(struct stream *s) {
+    send_down(s, resp + s->cand_sent, resp_len - s->cand_sent);
+    u32 k = 0;
+    for (u32 off = 0; off + 5 <= resp_len; off += 1 + fab_be32(resp + off + 1)) k++;
+    s->cand_sent = (u16)resp_len;
+    s->cand_sent_msgs = (u16)k;
 }
 
 /* Fast path for the first message of a would-be group when its whole body is in this
@@ -614,6 +852,8 @@ static int peek_decide(struct stream *s, const u8 *b, u32 n) {
         resp_len = fab_pg_answer_query(resp, k);
         send_down(s, resp, resp_len);
         counts[C_KEEPALIVES]++;
+        s->unnamed_kind = K_NONE; /* a simple Query drops the unnamed statement */
+        if (s->bunnamed) s->kill_unnamed = 1;
         return 2;
     }
     if (t == 'P') {
@@ -657,9 +897,10 @@ static int msg_begin(struct stream *s, const u8 *p, u32 n) {
             s->route = backend_ready(s) && !s->hold.len ? R_FORWARD : R_HOLD;
             begin_backend(s, s->route, t == 'Q');
             count_msg(s, t);
+            note_relayed(s, t, p, fab_min(n, s->fr.left));
             if (s->nstmt && (t == 'P' || t == 'C' || t == 'Q')) {
-                if (peek) forget_stmts(s, t, p, s->fr.left); /* the body is at hand */
-                else s->nstmt = 0;
+                if (n >= s->fr.left) forget_stmts(s, t, p, s->fr.left); /* body at hand */
+                else forget_all(s);
             }
         }
     }
@@ -684,9 +925,12 @@ static int msg_end(struct stream *s) {
         return 1;
     }
     int final = t == 'Q' || t == 'S';
-    int local = t != 'H' && group_eval(s, final);
-    if (!local) return spill(s) == 0;
+    /* a backend message arriving meanwhile (a NotificationResponse) must not be cut by
+     * our answer: then the backend, which is up, answers the group instead */
+    if (((final || t == 'H') && !fab_pg_between(&s->bfr)) || !group_eval(s, final))
+        return spill(s) == 0;
     if (final) answer_locally(s);
+    else if (t == 'H') flush_answers(s);
     return 1;
 }
 
@@ -716,6 +960,7 @@ static int client_feed(struct stream *s, const u8 *p, u32 n) {
 static void start_wait(struct stream *s, u32 phase) {
     if (!backend_up) counts[phase == PH_PASSTHRU ? C_WAKE_TLS : C_WAKE_STARTUP]++;
     s->phase = (u8)phase;
+    s->t0_set = 0; /* the hold starts now, not when the connection opened */
     update(s);
     try_connect(s);
 }
@@ -779,7 +1024,7 @@ static void flush_hold(struct stream *s) {
     if (!s->hold.len || !backend_ready(s) || budget < 4) return;
     if (s->mat_pending) {
         s->mat_pending = 0;
-        emit_prefix(s, s->mat_mask, s->mat_unnamed);
+        emit_prefix(s, s->mat_mask, s->mat_unnamed, s->mat_kill);
     }
     u32 room = fab_room() + FAB_REC_HDR;
     if (room > 128 * 1024) send_hold(s, fab_min(room - 128 * 1024, 256 * 1024));
@@ -835,6 +1080,7 @@ static void bmsg_end(struct stream *s) {
         } else {
             if (s->pending) s->pending--;
             s->status = s->bz;
+            s->bcopy = 0;
             if (s->phase == PH_STARTUP) s->phase = PH_SESSION;
         }
     }
@@ -881,6 +1127,11 @@ static void backend_feed(struct stream *s, const u8 *p, u32 n) {
         }
         u8 t = f->type;
         s->bdrop = s->swallow && t != 'N' && t != 'S' && t != 'A';
+        if (!s->swallow && s->bskip && t != 'N' && t != 'S' && t != 'A') {
+            if (t == 'E' || t == 'Z') s->bskip = 0; /* it did not go as answered: relay */
+            else { s->bdrop = 1; s->bskip--; }
+        }
+        if (t == 'G' && !s->bdrop) s->bcopy = 1;
         if (s->bdrop) {
             send_down(s, seg, (u32)(start - seg));
             seg = p;
@@ -903,9 +1154,11 @@ static void session_timeout(struct stream *s) {
     u8 err[FAB_PG_ERROR_MAX], m[8];
     u32 elen = fab_pg_error(err, "ERROR", "57P03", "the database system is not available (hold timeout)");
     u8 st = s->status == 'I' ? 'I' : 'E';
+    s->bskip = 0; /* a group answered up to a Flush is held: it never reaches a backend */
     if (s->mat_pending) {
         for (u32 i = 0; i < s->nstmt; i++) if (s->mat_mask & (1u << i)) s->stmts[i].mat = 0;
         s->unnamed_kind = s->mat_unnamed;
+        s->kill_unnamed = s->mat_kill;
         s->mat_pending = 0;
     }
     u32 off = 0, in_group = 0, total = s->hold.len;
@@ -958,6 +1211,11 @@ static void check_timeouts(void) {
     for (u32 it = 0; nholding && (s = fab_table_next(&streams, &it));) {
         if (!s->holding) continue;
         if (!s->t0_set) { s->t0 = now_ms; s->t0_set = 1; continue; }
+        if (s->phase == PH_INIT) {
+            /* PostgreSQL's authentication_timeout: it closes without a word too */
+            if (now_ms - s->t0 >= startup_timeout_ms && budget >= 6) close_stream(s);
+            continue;
+        }
         if (now_ms - s->t0 < hold_timeout_ms) continue;
         if (budget < 6) return;
         if (s->phase == PH_WAIT_STARTUP || s->phase == PH_PASSTHRU) {
@@ -972,7 +1230,8 @@ static void check_timeouts(void) {
                 close_stream(s);
             }
         } else if (s->phase == PH_SESSION) {
-            if (s->hold_quiescent) session_timeout(s);
+            if (!fab_pg_between(&s->bfr)) close_stream(s); /* no answer fits in there */
+            else if (s->hold_quiescent) session_timeout(s);
             else { counts[C_HOLD_TIMEOUTS]++; fatal(s, "57P03", "the database system is not available (hold timeout)"); }
         }
     }
@@ -1088,6 +1347,7 @@ static int init(struct fab_json cfg) {
     local_keepalive = fab_cfg_u32(cfg, "local_keepalive", 1) != 0;
     need_debounce = fab_cfg_u32(cfg, "need_debounce", 1) != 0;
     hold_timeout_ms = fab_cfg_u32(cfg, "hold_timeout_ms", 30000);
+    startup_timeout_ms = fab_cfg_u32(cfg, "startup_timeout_ms", 60000);
     stream_hold_bytes = fab_cfg_u32(cfg, "stream_hold_bytes", 65536);
     if (stream_hold_bytes < 1024) stream_hold_bytes = 1024;
     u32 hb = fab_cfg_u32(cfg, "hold_bytes", MAX_CHUNKS * CHUNK);

@@ -217,8 +217,21 @@ def _cut(data: bytes, cuts: list[int]) -> list[bytes]:
     return [*out, data] if data else out
 
 
+#: What the hand-written reference still answers as postgres.c does. postgres.c has since
+#: been fixed where the reference was wrong (the protocol review of issue 10: a Flush in a
+#: keep-alive group, Execute max_rows 1 and declared parameter types answered locally,
+#: spliced TLS sessions keep
+#: need active, COPY FROM STDIN by Execute, the unnamed statement after a local Query,
+#: backend statement names, no answer inside a backend message), so those inputs are
+#: left out of the comparison; tests/unit/test_postgres_activator.py checks them.
+_CHANGED = {FORMS["x_asyncpg"], FORMS["x_asyncpg_again"], FORMS["x_maxrows1"], W.FLUSH,
+            *(FORMS[k] for k in FORMS if k.startswith("x_types")),
+            b"\x16\x03\x01\x00\x02hi",
+            W.parse("SELECT 1") + W.bind() + W.execute(max_rows=1) + W.SYNC}
+_EQ_PIECES = [p for p in _PIECES if p not in _CHANGED]
+
 _EVENT = st.tuples(st.integers(0, 10), st.integers(1, 3),
-                   st.one_of(st.sampled_from(_PIECES), st.sampled_from(_ANSWERS),
+                   st.one_of(st.sampled_from(_EQ_PIECES), st.sampled_from(_ANSWERS),
                              st.binary(max_size=40)),
                    st.lists(st.integers(1, 30), max_size=3))
 
@@ -254,7 +267,7 @@ def _events(ops: list[tuple[int, int, bytes, list[int]]]) -> Iterator[list[abi.E
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(ops=st.lists(_EVENT, max_size=50), ssl=st.sampled_from(["", "passthrough"]),
+@given(ops=st.lists(_EVENT, max_size=50), ssl=st.just(""),
        keepalive=st.sampled_from([0, 1]), debounce=st.sampled_from([0, 1]))
 def test_the_sdk_rewrite_answers_every_batch_as_the_hand_written_one(
         ops: list[tuple[int, int, bytes, list[int]]], ssl: str, keepalive: int,

@@ -39,6 +39,11 @@ NONE, ACTIVE = abi.NEED_NONE, abi.NEED_ACTIVE
 
 SELECT1 = W.parse("SELECT 1") + W.bind() + W.describe(b"P") + W.execute() + W.SYNC
 
+ASYNCPG_STMT = "__asyncpg_stmt_1__"
+ASYNCPG_PREPARE = W.parse("SELECT 1", ASYNCPG_STMT) + W.describe(b"S", ASYNCPG_STMT) + W.FLUSH
+ASYNCPG_FETCHVAL = W.msg(b"B", b"\0" + ASYNCPG_STMT.encode() + b"\0" + bytes.fromhex(
+    "0001" "0001" "0000" "0001" "0001")) + W.execute(max_rows=1) + W.SYNC
+
 #: request -> what the server answers; in this order on one session (named statements)
 FORMS: dict[str, bytes] = {
     "q_select1": W.query("SELECT 1"),
@@ -62,6 +67,23 @@ FORMS: dict[str, bytes] = {
     + W.execute("p1") + W.close(b"P", "p1") + W.SYNC,
     "x_sync": W.SYNC,
     "x_maxrows2": W.parse("SELECT 1") + W.bind() + W.execute(max_rows=2) + W.SYNC,
+    "x_maxrows1": W.parse("SELECT 1") + W.bind() + W.execute(max_rows=1) + W.SYNC,
+    # asyncpg's fetchval: Parse + Describe statement + Flush, then (on the answers) a
+    # binary Bind of that statement, Execute with max_rows 1, Sync
+    "x_asyncpg": ASYNCPG_PREPARE + ASYNCPG_FETCHVAL,
+    "x_asyncpg_again": ASYNCPG_FETCHVAL,
+    # Parse with declared parameter types (unused by the query): the Bind supplies them
+    "x_types": W.parse("SELECT 1", "", (23,)) + W.describe(b"S") + W.bind(params=(b"5",))
+    + W.describe(b"P") + W.execute() + W.SYNC,
+    "x_types_named": W.parse("select 1;", "st", (23, 25, 20, 1043)) + W.describe(b"S", "st")
+    + W.SYNC,
+    "x_types_bind": W.bind("", "st", params=(b"-2147483648", b"hi there", None, b""))
+    + W.execute() + W.SYNC,
+    "x_types_bin": W.parse("SELECT 1", "", (21, 20)) + W.msg(b"B", b"\0\0" + bytes.fromhex(
+        "0001" "0001" "0002" "00000002" "7fff" "00000008" "8000000000000000" "0001" "0001"))
+    + W.execute() + W.SYNC,
+    "x_types_empty": W.parse(";", "", (21,)) + W.describe(b"S") + W.bind(params=(b"+7",))
+    + W.execute() + W.SYNC,
 }
 
 _T = "540000002100013f636f6c756d6e3f00000000000000000000170004ffffffff0000"  # RowDescription
@@ -88,6 +110,17 @@ CAPTURED: dict[str, str] = {
     + "5a0000000549",
     "x_sync": "5a0000000549",
     "x_maxrows2": "3100000004" "3200000004" + _D + _C,
+    "x_maxrows1": "3100000004" "3200000004" + _D + "7300000004" "5a0000000549",
+    "x_asyncpg": "3100000004" "7400000006" "0000" + _T + "3200000004"
+    + "440000000e00010000000400000001" "7300000004" "5a0000000549",
+    "x_asyncpg_again": "3200000004" "440000000e00010000000400000001" "7300000004" "5a0000000549",
+    "x_types": "3100000004" "740000000a000100000017" + _T + "3200000004" + _T + _D + _C,
+    "x_types_named": "3100000004" "7400000016" "0004" "00000017" "00000019" "00000014" "00000413"
+    + _T + "5a0000000549",
+    "x_types_bind": "3200000004" + _D + _C,
+    "x_types_bin": "3100000004" "3200000004" "440000000e00010000000400000001" + _C,
+    "x_types_empty": "3100000004" "740000000a000100000015" "6e00000004" "3200000004"
+    "49000000045a0000000549",
 }
 
 GREETING = W.msg(b"R", struct.pack("!i", 0)) + W.msg(b"S", b"server_version\x0015.18\x00") \
@@ -170,7 +203,14 @@ def test_ssl_passthrough_wakes_forwards_the_request_and_splices(guest) -> None:
     g.client(1, b"early")  # bytes before the answer are relayed, not parsed
     g.connected(1)
     assert g.to_backend(1) == W.SSL_REQUEST + b"early"
-    assert g.streams[1].spliced and g.need == NONE
+    # The session inside TLS is invisible: a query may be running in it at any time, and
+    # a database suspended under it would never be woken (spliced bytes bypass the
+    # guest). So it keeps the database up until it ends.
+    assert g.streams[1].spliced and g.need == ACTIVE
+    g.tick(100)
+    assert g.need == ACTIVE
+    g.client_close(1)
+    assert g.need == NONE
 
 
 def test_direct_tls_is_passed_through_without_config(guest) -> None:
@@ -330,16 +370,18 @@ def test_a_group_that_is_not_all_keepalive_is_relayed_whole(guest) -> None:
     g.client(1, req)
     assert g.to_backend(1) == req and g.to_client(1) == b""
     assert g.need == ACTIVE
-    # Flush in a group waits for answers without a Sync: relayed at once.
+    # A Flush in a keep-alive group is answered at once (what the server sends by then).
     g.backend(1, rfq())
+    g.to_client(1)
     g.client(1, W.parse("SELECT 1") + W.FLUSH)
-    assert g.to_backend(1) == W.parse("SELECT 1") + W.FLUSH and g.need == ACTIVE
-    # max_rows = 1 answers PortalSuspended: not a keep-alive form we answer
+    assert g.to_client(1) == W.msg(b"1") and g.to_backend(1) == b"" and g.need == NONE
+    # max_rows = 1: the row, then PortalSuspended
     g.client(1, W.bind() + W.execute(max_rows=1) + W.SYNC)
-    g.backend(1, rfq())
-    g.to_backend(1)
-    g.client(1, W.parse("SELECT 1") + W.bind() + W.execute(max_rows=1) + W.SYNC)
-    assert g.to_backend(1) != b""
+    assert g.to_client(1) == W.msg(b"2") + bytes.fromhex(_D) + W.msg(b"s") + rfq()
+    # a second Execute of a suspended portal is the backend's to answer
+    req = W.parse("SELECT 1") + W.bind() + W.execute(max_rows=1) + W.execute() + W.SYNC
+    g.client(1, req)
+    assert g.to_backend(1) == req
 
 
 def test_local_named_statements_are_created_upstream_before_anything_is_relayed(guest) -> None:
@@ -543,6 +585,294 @@ def test_need_none_is_reported_at_the_next_tick_by_default(guest) -> None:
     assert g.need == NONE
 
 
+# ---- review: protocol corners (each failed before its fix) -------------------------------
+
+
+def test_a_keepalive_never_lands_inside_a_backend_message_still_arriving(guest) -> None:
+    """A NotificationResponse split over backend reads: whatever answers the keep-alive
+    comes after the whole notification, never inside it."""
+    g = guest()
+    session(g)
+    note = W.msg(b"A", struct.pack("!i", 77) + b"chan\0payload\0")
+    g.backend(1, note[:9])
+    g.client(1, W.query("SELECT 1"))
+    g.backend(1, note[9:])
+    if g.to_backend(1) == W.query("SELECT 1"):  # relayed: the backend answers it
+        g.backend(1, bytes.fromhex(CAPTURED["q_select1"]))
+    out = g.to_client(1)
+    assert [t for t, _ in W.split(out)] == [b"A", b"T", b"D", b"C", b"Z"]
+    assert out.startswith(note)
+    assert g.need == NONE
+
+
+def test_a_keepalive_group_never_lands_inside_a_backend_message_either(guest) -> None:
+    g = guest()
+    session(g)
+    note = W.msg(b"A", struct.pack("!i", 77) + b"chan\0payload\0")
+    g.client(1, W.parse("SELECT 1") + W.bind())  # buffered: quiescent so far
+    g.backend(1, note[:9])
+    g.client(1, W.describe(b"P") + W.execute() + W.SYNC)
+    g.backend(1, note[9:])
+    if g.to_backend(1):  # relayed: the backend answers it
+        g.backend(1, bytes.fromhex(CAPTURED["x_select1"]))
+    out = g.to_client(1)
+    assert out.startswith(note)
+    assert out[len(note):].hex() == CAPTURED["x_select1"] and g.need == NONE
+    # a simple Query whose body comes in two reads, the notification between them
+    q = W.query("SELECT 1")
+    g.client(1, q[:7])
+    g.backend(1, note[:9])
+    g.client(1, q[7:])
+    g.backend(1, note[9:])
+    if g.to_backend(1):
+        g.backend(1, bytes.fromhex(CAPTURED["q_select1"]))
+    out = g.to_client(1)
+    assert out.startswith(note) and out[len(note):].hex() == CAPTURED["q_select1"]
+
+
+def test_a_client_that_never_completes_its_startup_is_closed(guest) -> None:
+    """A connection that sends part of a startup packet (or nothing after an 'N') and
+    waits would hold one of the port's streams forever; PostgreSQL closes it after
+    authentication_timeout (60 s), silently."""
+    g = guest()
+    for sid, data in ((1, W.startup()[:5]), (2, W.SSL_REQUEST), (3, b"")):
+        g.open(sid)
+        g.client(sid, data)
+    g.tick(10)
+    g.tick(59_000)
+    assert not any(g.streams[sid].downstream_closed for sid in (1, 2, 3))
+    g.tick(60_100)
+    assert all(g.streams[sid].downstream_closed for sid in (1, 2, 3))
+    assert g.to_client(1) == b"" and g.to_client(2) == b"N" and g.need in (None, NONE)
+    # an established session is not touched, nor is a startup held for a backend
+    session(g, 4)
+    g.unavailable()
+    g.open(5)
+    g.client(5, W.startup())
+    g.connected(5, ok=False)
+    g.tick(200_000)
+    g.tick(231_000)
+    assert not g.streams[4].downstream_closed
+    e = errors(g.to_client(5))
+    assert e and e[0]["C"] == "57P03"  # the hold timeout (30 s by default), not this
+
+
+def test_copy_in_through_the_extended_protocol_leaves_the_session_idle(guest) -> None:
+    """libpq's PQexecParams("COPY ... FROM STDIN") sends a Sync before the data and one
+    after CopyDone; the server ignores the first (copy-in mode) and answers only one
+    ReadyForQuery (checked against PostgreSQL 15). The session must end up idle."""
+    g = guest()
+    session(g)
+    req = W.parse("COPY t FROM STDIN") + W.bind() + W.describe(b"P") + W.execute() + W.SYNC
+    g.client(1, req)
+    assert g.to_backend(1) == req
+    g.backend(1, W.msg(b"1") + W.msg(b"2") + W.msg(b"n") + W.msg(b"G", b"\0\0\1\0\0"))
+    data = W.msg(b"d", b"1\n") + W.msg(b"c") + W.SYNC
+    g.client(1, data)
+    assert g.to_backend(1) == data and g.need == ACTIVE
+    g.backend(1, W.msg(b"C", b"COPY 1\0") + rfq())
+    assert g.need == NONE
+    g.to_client(1)
+    g.client(1, W.query("SELECT 1"))
+    assert g.to_backend(1) == b"" and g.to_client(1).hex() == CAPTURED["q_select1"]
+
+
+def test_copy_in_with_a_copy_fail_and_simple_copy_keep_the_count(guest) -> None:
+    g = guest()
+    session(g)
+    g.client(1, W.parse("COPY t FROM STDIN") + W.bind() + W.execute() + W.SYNC)
+    g.backend(1, W.msg(b"1") + W.msg(b"2") + W.msg(b"G", b"\0\0\1\0\0"))
+    g.client(1, W.msg(b"f", b"no\0") + W.SYNC)
+    g.backend(1, W.msg(b"E", b"SERROR\0C57014\0Mno\0\0") + rfq())
+    assert g.need == NONE
+    # simple-protocol COPY: no Sync involved, the count stays right too
+    g.client(1, W.query("COPY t FROM STDIN"))
+    g.backend(1, W.msg(b"G", b"\0\0\1\0\0"))
+    g.client(1, W.msg(b"d", b"2\n") + W.msg(b"c"))
+    g.backend(1, W.msg(b"C", b"COPY 1\0") + rfq())
+    assert g.need == NONE
+    g.to_backend(1)
+    g.client(1, W.query("select 1"))
+    assert g.to_backend(1) == b""
+
+
+def test_a_simple_query_answered_locally_destroys_the_unnamed_statement(guest) -> None:
+    """PostgreSQL: a simple Query drops the unnamed statement, so a later Bind of it
+    fails with 26000; answering it locally must not keep it alive."""
+    g = guest()
+    session(g)
+    g.client(1, W.parse("SELECT 1") + W.SYNC)
+    assert g.to_client(1).hex() == CAPTURED["x_prepare"]
+    g.client(1, W.query("SELECT 1"))
+    assert g.to_client(1).hex() == CAPTURED["q_select1"]
+    req = W.bind() + W.execute() + W.SYNC
+    g.client(1, req)
+    assert g.to_backend(1) == req  # the backend answers 26000; no Parse recreated
+
+
+def test_a_locally_answered_query_also_drops_the_backends_unnamed_statement(guest) -> None:
+    g = guest()
+    session(g)
+    g.client(1, W.parse("SELECT 2") + W.SYNC)  # the backend holds the unnamed statement
+    g.backend(1, W.msg(b"1") + rfq())
+    g.to_backend(1)
+    g.to_client(1)
+    g.client(1, W.query("SELECT 1"))
+    assert g.to_backend(1) == b"" and g.to_client(1).hex() == CAPTURED["q_select1"]
+    req = W.bind() + W.execute() + W.SYNC
+    g.client(1, req)
+    # the backend first forgets its unnamed statement, as the real query would have made it
+    assert g.to_backend(1) == W.close(b"S") + W.SYNC + req
+    g.backend(1, W.msg(b"3") + rfq())
+    assert g.to_client(1) == b""  # swallowed
+    err = W.msg(b"E", b"SERROR\0C26000\0Mnope\0\0") + rfq()
+    g.backend(1, err)
+    assert g.to_client(1) == err and g.need == NONE
+
+
+def test_a_parse_of_a_name_the_backend_already_has_is_relayed(guest) -> None:
+    """The real server answers 42P05 to a Parse of an existing name: a keep-alive Parse
+    of a name the backend was given must reach the backend, not be answered locally."""
+    g = guest()
+    session(g)
+    g.client(1, W.parse("SELECT 2", "s2") + W.SYNC)
+    g.backend(1, W.msg(b"1") + rfq())
+    g.to_backend(1)
+    g.to_client(1)
+    req = W.parse("SELECT 1", "s2") + W.SYNC
+    g.client(1, req)
+    assert g.to_backend(1) == req
+    g.backend(1, W.msg(b"E", b"SERROR\0C42P05\0Mexists\0\0") + rfq())
+    # and a Bind of it runs the backend's statement
+    g.client(1, FORMS["x_exec_named"].replace(b"s1", b"s2"))
+    assert g.to_backend(1) == FORMS["x_exec_named"].replace(b"s1", b"s2")
+
+
+@pytest.mark.parametrize("sql", ["DEALLOCATE ALL", "deallocate prepare all ;", "DISCARD ALL"])
+def test_deallocate_all_lets_the_backends_names_be_parsed_locally_again(guest, sql: str) -> None:
+    """psycopg clears its prepared cache on DEALLOCATE ALL / DISCARD ALL and reuses its
+    names (_pg3_0, ...): once the backend has none, a keep-alive Parse of such a name is
+    answered locally again."""
+    g = guest()
+    session(g)
+    g.client(1, W.parse("SELECT 2", "_pg3_0") + W.SYNC)
+    g.backend(1, W.msg(b"1") + rfq())
+    g.client(1, W.query(sql))
+    g.backend(1, W.msg(b"C", b"DEALLOCATE ALL\0") + rfq())
+    g.to_backend(1)
+    g.to_client(1)
+    g.client(1, W.parse("SELECT 1", "_pg3_0") + W.SYNC)
+    assert g.to_backend(1) == b"" and g.to_client(1).hex() == CAPTURED["x_prepare"]
+    # but not after a mere DEALLOCATE of one name
+    g.client(1, W.parse("SELECT 2", "_pg3_1") + W.SYNC)
+    g.backend(1, W.msg(b"1") + W.msg(b"1") + rfq() + rfq())
+    g.client(1, W.query("DEALLOCATE _pg3_9"))
+    g.backend(1, rfq())
+    g.to_backend(1)
+    g.client(1, W.parse("SELECT 1", "_pg3_1") + W.SYNC)
+    assert g.to_backend(1) == W.parse("SELECT 1", "_pg3_1") + W.SYNC
+
+
+@pytest.mark.parametrize("bind", [
+    W.bind(params=()),                       # fewer values than declared types
+    W.bind(params=(b"5", b"6")),             # more
+    W.bind(params=(b"abc",)),                # not an int4
+    W.bind(params=(b"2147483648",)),         # out of range
+    W.bind(params=(b" 5",)),                 # accepted by the server, not checked here
+    W.msg(b"B", b"\0\0" + bytes.fromhex("0001" "0001" "0001" "00000002" "0005" "0000")),
+])
+def test_declared_parameters_the_server_may_refuse_are_relayed(guest, bind: bytes) -> None:
+    g = guest()
+    session(g)
+    req = W.parse("SELECT 1", "", (23,)) + bind + W.execute() + W.SYNC
+    g.client(1, req)
+    assert g.to_backend(1) == req and g.to_client(1) == b""
+
+
+def test_a_statement_with_declared_types_is_recreated_upstream_with_them(guest) -> None:
+    g = guest()
+    session(g)
+    g.client(1, FORMS["x_types_named"])
+    assert g.to_client(1).hex() == CAPTURED["x_types_named"] and g.to_backend(1) == b""
+    g.client(1, W.query("SELECT now()"))
+    assert g.to_backend(1) == W.parse("SELECT 1", "st", (23, 25, 20, 1043)) + W.SYNC \
+        + W.query("SELECT now()")
+
+
+def test_a_pipeline_of_several_keepalives_before_one_sync_is_answered_locally(guest) -> None:
+    g = guest()
+    session(g)
+    one = W.parse("SELECT 1") + W.bind() + W.describe(b"P") + W.execute()
+    g.client(1, one * 8 + W.SYNC)
+    assert g.to_backend(1) == b""
+    body = "3100000004" "3200000004" + _T + _D + _C[:-12]
+    assert g.to_client(1).hex() == body * 8 + "5a0000000549"
+
+
+def test_asyncpg_prepare_with_flush_is_answered_at_the_flush(guest) -> None:
+    """asyncpg prepares with Parse + Describe + Flush and waits for the answers before
+    it sends Bind/Execute/Sync: the Flush must be answered locally, at once."""
+    g = guest()
+    session(g)
+    g.client(1, ASYNCPG_PREPARE)
+    assert g.to_client(1).hex() == "3100000004" "7400000006" "0000" + _T
+    assert g.to_backend(1) == b"" and g.need == NONE
+    g.client(1, ASYNCPG_FETCHVAL)
+    assert g.to_client(1).hex() == CAPTURED["x_asyncpg_again"] and g.to_backend(1) == b""
+    for _ in range(3):  # the statement cache: Bind/Execute/Sync only
+        g.client(1, ASYNCPG_FETCHVAL)
+        assert g.to_client(1).hex() == CAPTURED["x_asyncpg_again"]
+    assert g.to_backend(1) == b"" and g.need == NONE
+    # a real query: the backend first learns the statement, then runs the query
+    g.client(1, W.query("SELECT 2"))
+    assert g.to_backend(1) == W.parse("SELECT 1", ASYNCPG_STMT) + W.SYNC + W.query("SELECT 2")
+
+
+def test_a_group_answered_up_to_a_flush_then_not_a_keepalive_is_relayed_exactly(guest) -> None:
+    """Answered at the Flush, then the group goes on with a real query: the backend gets
+    the whole group, and its answers to what was answered already are dropped, so the
+    client sees each answer once, in order."""
+    g = guest()
+    session(g)
+    g.client(1, W.parse("SELECT 1", "k") + W.describe(b"S", "k") + W.FLUSH)
+    first = g.to_client(1)
+    assert first.hex() == "3100000004" "7400000006" "0000" + _T
+    rest = W.parse("SELECT now()") + W.bind() + W.execute() + W.SYNC
+    g.client(1, rest)
+    assert g.to_backend(1) == W.parse("SELECT 1", "k") + W.describe(b"S", "k") + W.FLUSH + rest
+    assert g.need == ACTIVE
+    real = W.msg(b"1") + W.msg(b"2") + W.msg(b"D", b"\0\1\0\0\0\1x") + W.msg(b"C", b"SELECT 1\0")
+    g.backend(1, W.msg(b"1") + W.msg(b"t", b"\0\0") + bytes.fromhex(_T) + W.msg(b"N", b"\0")
+              + real + rfq())
+    assert g.to_client(1) == W.msg(b"N", b"\0") + real + rfq() and g.need == NONE
+    # "k" lives on the backend now: a Bind of it is relayed
+    g.client(1, W.bind("", "k") + W.execute() + W.SYNC)
+    assert g.to_backend(1) == W.bind("", "k") + W.execute() + W.SYNC
+
+
+def test_statements_known_locally_survive_real_queries_in_a_transaction(guest) -> None:
+    """asyncpg's cached keep-alive statement stays answerable after the application's own
+    queries (relayed while the session was busy), so the pool's next keep-alive does not
+    wake a suspended database."""
+    g = guest()
+    session(g)
+    g.client(1, ASYNCPG_PREPARE + ASYNCPG_FETCHVAL)
+    assert g.to_client(1).hex() == CAPTURED["x_asyncpg"]
+    g.client(1, W.query("BEGIN"))
+    assert g.to_backend(1) == W.parse("SELECT 1", ASYNCPG_STMT) + W.SYNC + W.query("BEGIN")
+    g.backend(1, W.msg(b"1") + rfq() + W.msg(b"C", b"BEGIN\0") + rfq(b"T"))
+    for req in (W.query("SELECT 2"), W.parse("SELECT 3", "other") + W.SYNC,
+                W.close(b"S", "other") + W.SYNC):
+        g.client(1, req)
+        g.backend(1, rfq(b"T"))
+    g.client(1, W.query("COMMIT"))
+    g.backend(1, W.msg(b"C", b"COMMIT\0") + rfq())
+    g.to_backend(1)
+    g.to_client(1)
+    g.client(1, ASYNCPG_FETCHVAL)
+    assert g.to_backend(1) == b"" and g.to_client(1).hex() == CAPTURED["x_asyncpg_again"]
+
+
 # ---- fuzz --------------------------------------------------------------------------
 
 
@@ -694,6 +1024,82 @@ def test_keepalives_through_the_guest_match_the_live_server(bridge, pg: W.PgServ
     direct.close()
 
 
+def _msgs() -> st.SearchStrategy[bytes]:
+    sql = st.sampled_from(["SELECT 1", "select 1 ;", ";", "", "SELECT 2", "SELECT 'x'"])
+    name = st.sampled_from(["", "a", "b"])
+    portal = st.sampled_from(["", "p"])
+    types = st.sampled_from([(), (), (23,), (25, 20), (0,)])
+    values = st.sampled_from([(), (), (b"5",), (b"x",), (None,), (b"7", None)])
+    return st.one_of(
+        st.builds(lambda q, n, t: W.parse(q, n, t), sql, name, types),
+        st.builds(lambda pt, n, f, v: W.bind(pt, n, result_formats=f, params=v), portal, name,
+                  st.sampled_from([(0,), (1,), ()]), values),
+        st.builds(lambda n: W.describe(b"S", n), name),
+        st.builds(lambda pt: W.describe(b"P", pt), portal),
+        st.builds(lambda pt, m: W.execute(pt, m), portal, st.sampled_from([0, 1, 2])),
+        st.builds(lambda n: W.close(b"S", n), name),
+        st.builds(lambda pt: W.close(b"P", pt), portal),
+        st.just(W.FLUSH), st.just(W.SYNC), st.just(W.SYNC),
+        st.builds(W.query, st.sampled_from(["SELECT 1", ";", "SELECT 3", "BEGIN", "COMMIT"])),
+    )
+
+
+def _answer(c: W.RawPg, data: bytes) -> bytes:
+    """Everything the server says to data: up to its ReadyForQuery count, or (after a
+    Flush, or an error waiting for a Sync) what comes within a short while."""
+    c.sock.sendall(data)
+    want = sum(1 for t, _ in W.split(data) if t in (b"S", b"Q"))
+    got = b""
+    # a Query inside a group that failed is discarded by the server up to the Sync: then
+    # fewer ReadyForQuery come than counted, and the wait ends after a quiet second
+    c.sock.settimeout(0.2 if not want else 1)
+    try:
+        while not want or W.count_rfq(got) < want:
+            chunk = c.sock.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+    except TimeoutError:
+        pass
+    finally:
+        c.sock.settimeout(10)
+    return got
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[
+    HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(st.lists(_msgs(), min_size=1, max_size=14))
+def test_random_extended_sequences_get_what_the_live_server_sends(
+        pg: W.PgServer, tmp_path: Path, msgs: list[bytes]) -> None:
+    """Any sequence of keep-alive and other extended/simple messages, sent in pieces
+    ending at each Sync, Flush or Query: the client through the guest receives exactly
+    the bytes a direct client of the same server receives."""
+    sockdir = Path(tempfile.mkdtemp(prefix="pgr-", dir=tmp_path))
+    b = StreamBridge(WASM, {}, str(sockdir / ".s.PGSQL.5433"), pg.socket_path)
+    direct = W.RawPg.unix(b.backend_path)
+    via = W.RawPg.unix(b.listen_path)
+    try:
+        unit = b""
+        for m in msgs + [W.SYNC]:
+            unit += m
+            if m[:1] in (b"S", b"H", b"Q"):
+                want = _answer(direct, unit)
+                via.sock.sendall(unit)
+                got = b""
+                via.sock.settimeout(10)
+                while len(got) < len(want):
+                    chunk = via.sock.recv(65536)
+                    assert chunk, "the guest closed the connection"
+                    got += chunk
+                assert got == want, (unit, msgs)
+                unit = b""
+    finally:
+        direct.close()
+        via.close()
+        b.close()
+    assert b.counters.failed_calls == 0
+
+
 def test_protocol_32_startup_is_negotiated_by_the_real_server_through_the_guest(
         bridge, pg: W.PgServer) -> None:
     """A PG 18 client asks for 3.2; PostgreSQL 15 answers NegotiateProtocolVersion (3.0)
@@ -733,6 +1139,84 @@ def test_psycopg_extended_protocol_through_the_guest(bridge) -> None:
         conn.execute("DEALLOCATE ALL")
         assert conn.execute("SELECT 1").fetchone() == (1,)
         wait_for(lambda: b.need == NONE, "need none on idle sessions")
+
+
+def test_asyncpg_through_the_guest(bridge) -> None:
+    """asyncpg (named statements prepared with Flush, binary results, max_rows 1): its
+    keep-alives never reach the backend, also while the backend is down and after real
+    work; COPY both ways and transactions are relayed."""
+    asyncpg = pytest.importorskip("asyncpg")
+    import asyncio
+
+    b = bridge()
+
+    async def run() -> None:
+        conn = await asyncpg.connect(host=str(b.sockdir), port=5433, user="postgres",
+                                     database="postgres")
+        up = b.counters.upstream_bytes
+        for q in ("SELECT 1", "select 1 ;", "SELECT 1"):
+            assert await conn.fetchval(q) == 1
+        assert await conn.fetch("SELECT 1") == [(1,)]
+        assert await (await conn.prepare("SELECT 1")).fetchval() == 1
+        assert await conn.execute("SELECT 1") == "SELECT 1"
+        assert b.counters.upstream_bytes == up
+        assert await conn.fetchval("SELECT $1::int + 1", 41) == 42
+        async with conn.transaction():
+            assert await conn.fetchval("SELECT 1") == 1
+            assert b.need == ACTIVE
+        await conn.execute("CREATE TEMP TABLE t (a int)")
+        await conn.copy_records_to_table("t", records=[(1,), (2,)])
+        assert await conn.fetchval("SELECT sum(a) FROM t") == 3
+        assert await conn.copy_from_query("SELECT a FROM t", output=lambda d: asyncio.sleep(0)) \
+            == "COPY 2"
+        wait_for(lambda: b.need == NONE, "need none on the idle session")
+        b.set_backend(False)
+        up = b.counters.upstream_bytes
+        for _ in range(3):
+            assert await conn.fetchval("SELECT 1") == 1
+        assert b.counters.upstream_bytes == up and b.need == NONE
+        b.set_backend(True)
+        assert await conn.fetchval("SELECT 7") == 7
+        await conn.close()
+
+    asyncio.run(run())
+
+
+def test_copy_both_ways_through_the_guest_and_the_live_server(bridge) -> None:
+    """COPY FROM STDIN sent as libpq's PQexecParams does (a Sync before the data and one
+    after CopyDone, the first ignored by the server), COPY TO STDOUT, and psycopg's COPY:
+    relayed byte for byte, and the session is idle (need none, keep-alives local) after."""
+    b = bridge()
+    via = W.RawPg.unix(b.listen_path)
+    via.exchange(W.query("CREATE TEMP TABLE c (a int)"), 1)
+    via.sock.sendall(W.parse("COPY c FROM STDIN") + W.bind() + W.describe(b"P") + W.execute()
+                     + W.SYNC)
+    got = b""
+    while not got.endswith(W.msg(b"G", b"\0\0\1\0\0")):
+        got += via.sock.recv(65536)
+    out = via.exchange(W.msg(b"d", b"1\n") + W.msg(b"d", b"2\n") + W.msg(b"c") + W.SYNC, 1)
+    assert [t for t, _ in W.split(out)] == [b"C", b"Z"]
+    out = via.exchange(W.query("COPY c TO STDOUT"), 1)
+    assert [t for t, _ in W.split(out)] == [b"H", b"d", b"d", b"c", b"C", b"Z"]
+    wait_for(lambda: b.need == NONE, "need none after the COPYs")
+    up = b.counters.upstream_bytes
+    assert via.exchange(W.query("SELECT 1"), 1).hex() == CAPTURED["q_select1"]
+    assert via.exchange(SELECT1, 1).hex() == CAPTURED["x_select1"]
+    assert b.counters.upstream_bytes == up
+    via.close()
+    psycopg = pytest.importorskip("psycopg")
+    with psycopg.connect(host=str(b.sockdir), port=5433, user="postgres", dbname="postgres",
+                         autocommit=True) as conn:
+        with conn.cursor() as cur:
+            cur.execute("CREATE TEMP TABLE c (a int)")
+            with cur.copy("COPY c FROM STDIN") as cp:
+                cp.write_row((5,))
+            with cur.copy("COPY (SELECT a FROM c WHERE a > %s) TO STDOUT", (1,)) as cp:
+                assert [bytes(r) for r in cp] == [b"5\n"]
+        wait_for(lambda: b.need == NONE, "need none after psycopg's COPYs")
+        up = b.counters.upstream_bytes
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert b.counters.upstream_bytes == up
 
 
 def test_psql_and_a_sleeping_backend_through_the_guest(bridge) -> None:
