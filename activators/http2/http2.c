@@ -37,6 +37,11 @@
 #define INBOX_CAP 512              /* bytes kept for a connection waiting for a block */
 #define BTABLE 512                 /* HEADER_TABLE_SIZE we ask of the backend */
 #define BSNAP_CAP BTABLE           /* its table's entries, kept while idle (they fit) */
+#define HLIST_MAX (64 * 1024)      /* one decoded header list (RFC 7541 4.1 sizes), at most */
+#define HIST 512                   /* recent client stream ids remembered (opened, reset by us) */
+#define RST_BURST 1000             /* client resets of open streams: a burst, then */
+#define RST_RATE 100               /* this many a second (rapid reset, CVE-2023-44487) */
+#define FLAG_SELFDEP 0x100         /* with a HEADERS' flags: it depends on itself */
 #define WIN0 FAB_H2_DEFAULT_WINDOW
 #define LOW(win) ((win) < WIN0 / 2)  /* a peer may send less than half a window more */
 
@@ -108,6 +113,13 @@ typedef struct conn {
     u32 ga;                /* 0, 1 (2^31-1 + PING sent), 2 (real last id sent) */
     u32 cli_goaway;
     u32 cli_fin;           /* the client's FIN came: finish the streams in flight, then close */
+    u32 c_cont_cost;       /* the header block's frames so far, 9 octets each plus payload */
+    u32 rst_tokens;        /* client resets still allowed (RST_BURST, RST_RATE a second) */
+    u64 rst_t;             /* when rst_tokens was last refilled */
+    /* The last HIST client stream ids (odd, up to max_cid), one bit each: opened, and reset
+     * by us (RST_STREAM sent). Frames the client sent before it read our RST_STREAM are
+     * ignored (RFC 9113 5.1); other frames on a closed stream are errors. */
+    u64 hist_open[HIST / 64], hist_ours[HIST / 64];
     u32 b_maxcs;           /* the backend's SETTINGS_MAX_CONCURRENT_STREAMS */
     u64 fin_t;             /* after cli_fin: the FIN, or the last bytes sent since */
     u32 cin_pre;           /* while w is 0: the client's preface bytes seen (0 or 24) */
@@ -195,13 +207,15 @@ static void re_field(void *ctx, const struct fab_hpack_field *f) {
         r->too_big = 1;
 }
 
-/* Decode a whole block into RE; 0 ok, -1 COMPRESSION_ERROR. */
-static int hp_decode(struct fab_hpack_table *t, const u8 *p, u32 len, reenc *r) {
+/* Decode a whole block into RE; 0 ok, or the connection error: COMPRESSION_ERROR for a
+ * malformed block, ENHANCE_YOUR_CALM for a header list past HLIST_MAX decoded (a bomb). */
+static u32 hp_decode(struct fab_hpack_table *t, const u8 *p, u32 len, reenc *r) {
     r->o.buf = RE;
     r->o.len = 0;
     r->o.cap = RE_CAP;
     r->too_big = r->grpc = r->gto = 0;
-    return fab_hpack_decode(t, p, len, re_field, r);
+    int e = fab_hpack_decode_max(t, p, len, HLIST_MAX, re_field, r);
+    return !e ? 0 : e == -2 ? FAB_H2_ENHANCE_YOUR_CALM : FAB_H2_COMPRESSION_ERROR;
 }
 
 /* ---- queues of frames toward one peer: records of type, flags, sid, length, payload ---- */
@@ -260,6 +274,45 @@ static u32 open_count(conn *c) {
     return n;
 }
 
+/* ---- recent stream ids: a ring of bits over the last HIST odd ids ---- */
+static int hist_in(const conn *c, u32 id) {
+    return id && id <= c->max_cid && ((c->max_cid - id) >> 1) < HIST;
+}
+
+static int hist_get(const u64 *h, u32 id) {
+    u32 k = (id >> 1) % HIST;
+    return (int)((h[k >> 6] >> (k & 63)) & 1);
+}
+
+static void hist_set(u64 *h, u32 id) {
+    u32 k = (id >> 1) % HIST;
+    h[k >> 6] |= 1ull << (k & 63);
+}
+
+/* A new highest client stream id: the ids it skips were never opened (RFC 9113 5.1.1:
+ * closed now), and the ring forgets what it held in their places. */
+static void new_max_cid(conn *c, u32 id) {
+    u32 from = c->max_cid ? (c->max_cid >> 1) + 1 : 0, to = id >> 1;
+    if (to - from + 1 >= HIST) {
+        for (u32 i = 0; i < HIST / 64; i++) c->hist_open[i] = c->hist_ours[i] = 0;
+    } else {
+        for (u32 k = from; k <= to; k++) {
+            u32 b = k % HIST;
+            c->hist_open[b >> 6] &= ~(1ull << (b & 63));
+            c->hist_ours[b >> 6] &= ~(1ull << (b & 63));
+        }
+    }
+    c->max_cid = id;
+    hist_set(c->hist_open, id);
+}
+
+/* A frame on a client stream that is not open (closed, or never opened below max_cid):
+ * 1 when it is to be ignored (we reset the stream: the client may have sent it before it
+ * read our RST_STREAM; or it is older than the ring remembers), 0 when it is an error. */
+static int late_frame(const conn *c, u32 id) {
+    return !hist_in(c, id) || hist_get(c->hist_ours, id);
+}
+
 static void conn_error(conn *c, u32 code) {
     if (!c->dead) { c->dead = code + 1; counts[C_PROTO_ERRORS]++; }
     c->dirty = 1;
@@ -279,6 +332,7 @@ static int push2b(conn *c, strm *s, u32 type, u32 flags, u32 sid, const u8 *p, u
 static void rst2c(conn *c, strm *s, u32 sid, u32 code) {
     u8 b[4];
     if (code == FAB_H2_REFUSED_STREAM) counts[C_REFUSED]++;
+    if (hist_in(c, sid)) hist_set(c->hist_ours, sid);
     fab_put_be32(b, code);
     push2c(c, s, FAB_H2_RST_STREAM, 0, sid, b, 4);
 }
@@ -311,6 +365,20 @@ static void purge_to_backend(conn *c, strm *s) {
     c->c_credit += q_purge(&c->w->q2b, s->id, 0, &removed);
     s->qb -= removed;
     s->flags &= ~F_QUEUED_UP;
+}
+
+/* A stream error toward the client (RST_STREAM with code): the stream ends both ways,
+ * what was queued for it is dropped (and credited), and a backend that had the request
+ * gets RST_STREAM(CANCEL). s may be 0 (a stream with no slot). */
+static void stream_error(conn *c, strm *s, u32 sid, u32 code) {
+    if (s && is_open(s)) {
+        u32 sent = (s->flags & F_SENT_UP) != 0;
+        purge_to_client(c, s);
+        purge_to_backend(c, s);
+        if (sent && c->up == UP_OPEN) rst2b(c, s, sid, FAB_H2_CANCEL);
+        s->flags |= F_RESET;
+    }
+    rst2c(c, s, sid, code);
 }
 
 /* ---- local answers to the client (never touch its dynamic table) ---- */
@@ -395,8 +463,13 @@ static void apply_cli_settings(conn *c, const struct fab_h2_frame *f) {
         } else if (id == FAB_H2_SETTINGS_INITIAL_WINDOW_SIZE) {
             i64 d = (i64)v - c->c_init;
             c->c_init = v;
-            for (u32 k = 0; k < NSTREAMS; k++)
-                if (c->w->st[k].flags & F_USED) c->w->st[k].c_send += d;
+            for (u32 k = 0; k < NSTREAMS; k++) {
+                strm *s = &c->w->st[k];
+                if (!(s->flags & F_USED)) continue;
+                s->c_send += d;
+                /* RFC 9113 6.9.2: a window pushed past 2^31-1 is a connection error */
+                if (s->c_send > FAB_H2_MAX_WINDOW) { conn_error(c, FAB_H2_FLOW_CONTROL_ERROR); return; }
+            }
         } else if (id == FAB_H2_SETTINGS_MAX_FRAME_SIZE) {
             c->c_maxf = v;
         }
@@ -423,13 +496,20 @@ static strm *new_stream(conn *c, u32 id) {
 
 static void cli_header_block(conn *c, u32 sid, u32 flags) {
     reenc r;
-    if (hp_decode(&c->dec, c->w->chb, c->chb_len, &r)) { conn_error(c, FAB_H2_COMPRESSION_ERROR); return; }
+    u32 err = hp_decode(&c->dec, c->w->chb, c->chb_len, &r);
+    if (err) { conn_error(c, err); return; }
     int end = (flags & FAB_H2_END_STREAM) != 0;
     strm *s = find(c, sid);
     if (sid <= c->max_cid) {
-        if (!s || !is_open(s)) return;  /* a closed stream: decoded for the table, ignored */
-        if (s->flags & F_CLI_END) { rst2c(c, s, sid, FAB_H2_STREAM_CLOSED); s->flags |= F_RESET; return; }
-        if (!end) { rst2c(c, s, sid, FAB_H2_PROTOCOL_ERROR); s->flags |= F_RESET; return; }
+        if (!s || !is_open(s)) {
+            /* decoded for the table either way; in flight before our RST_STREAM: ignored;
+             * else a closed stream (STREAM_CLOSED) or an id going backwards (5.1.1) */
+            if (late_frame(c, sid)) return;
+            conn_error(c, hist_get(c->hist_open, sid) ? FAB_H2_STREAM_CLOSED : FAB_H2_PROTOCOL_ERROR);
+            return;
+        }
+        if (s->flags & F_CLI_END) { stream_error(c, s, sid, FAB_H2_STREAM_CLOSED); return; }
+        if (!end || (flags & FLAG_SELFDEP)) { stream_error(c, s, sid, FAB_H2_PROTOCOL_ERROR); return; }
         s->flags |= F_CLI_END;
         if (s->flags & (F_LOCAL | F_RESET)) return;
         if (r.too_big || !push2b(c, s, FAB_H2_HEADERS, FAB_H2_END_STREAM, sid, RE, r.o.len)) {
@@ -442,7 +522,8 @@ static void cli_header_block(conn *c, u32 sid, u32 flags) {
         }
         return;
     }
-    c->max_cid = sid;
+    new_max_cid(c, sid);
+    if (flags & FLAG_SELFDEP) { rst2c(c, 0, sid, FAB_H2_PROTOCOL_ERROR); return; }
     if (c->up == UP_GONE || c->b_goaway || c->cli_goaway || c->ga == 2 ||
         (c->nused >= MAX_OPEN && open_count(c) >= MAX_OPEN)) {
         rst2c(c, 0, sid, FAB_H2_REFUSED_STREAM);
@@ -462,6 +543,31 @@ static void cli_header_block(conn *c, u32 sid, u32 flags) {
     s->flags |= F_QUEUED_UP;
 }
 
+/* A client stream id that names no stream the client may have opened: 0, an even id
+ * (we push nothing), or one above the highest it opened (idle): PROTOCOL_ERROR. */
+static int idle_id(const conn *c, u32 sid) {
+    return !sid || !(sid & 1) || sid > c->max_cid;
+}
+
+/* Rapid reset (CVE-2023-44487): each client RST_STREAM of an open stream takes a token;
+ * RST_BURST of them, RST_RATE more a second. A client past that is abusing us. */
+static int reset_allowed(conn *c) {
+    u64 now = fab_now();
+    if (now > c->rst_t) {
+        u64 add = (now - c->rst_t) * RST_RATE / 1000;
+        if (add) {
+            u64 t = c->rst_tokens + add;
+            c->rst_tokens = t > RST_BURST ? RST_BURST : (u32)t;
+            c->rst_t = now;
+        }
+    } else if (now < c->rst_t) {
+        c->rst_t = now;
+    }
+    if (!c->rst_tokens) return 0;
+    c->rst_tokens--;
+    return 1;
+}
+
 static void cli_frame(conn *c, const struct fab_h2_frame *f) {
     u32 type = f->type, flags = f->flags, sid = f->sid, n = f->len;
     const u8 *p = f->payload, *d;
@@ -472,7 +578,13 @@ static void cli_frame(conn *c, const struct fab_h2_frame *f) {
     }
     if (c->c_cont) {
         if (type != FAB_H2_CONTINUATION || sid != c->c_cont) { conn_error(c, FAB_H2_PROTOCOL_ERROR); return; }
-        if (n > HB_CAP - c->chb_len) { conn_error(c, FAB_H2_ENHANCE_YOUR_CALM); return; }
+        /* each frame costs its header too, so a flood of empty CONTINUATIONs is bounded
+         * like a big block (CVE-2024-27316 and kin) */
+        c->c_cont_cost += FAB_H2_HDR + n;
+        if (n > HB_CAP - c->chb_len || c->c_cont_cost > HB_CAP) {
+            conn_error(c, FAB_H2_ENHANCE_YOUR_CALM);
+            return;
+        }
         fab_copy(c->w->chb + c->chb_len, p, n);
         c->chb_len += n;
         if (flags & FAB_H2_END_HEADERS) {
@@ -483,7 +595,7 @@ static void cli_frame(conn *c, const struct fab_h2_frame *f) {
     }
     switch (type) {
     case FAB_H2_DATA: {
-        if (!sid || sid > c->max_cid) { conn_error(c, FAB_H2_PROTOCOL_ERROR); return; }
+        if (idle_id(c, sid)) { conn_error(c, FAB_H2_PROTOCOL_ERROR); return; }
         if (fab_h2_strip(f, &d, &dl)) { conn_error(c, FAB_H2_PROTOCOL_ERROR); return; }
         if ((i64)n > c->c_recv) { conn_error(c, FAB_H2_FLOW_CONTROL_ERROR); return; }
         c->c_recv -= n;
@@ -491,15 +603,15 @@ static void cli_frame(conn *c, const struct fab_h2_frame *f) {
         if (!s || !is_open(s) || (s->flags & F_CLI_END) || (s->flags & F_LOCAL)) {
             c->c_credit += n;  /* consumed here: nobody else will see it */
             if (s && is_open(s) && (s->flags & F_CLI_END)) {
-                rst2c(c, s, sid, FAB_H2_STREAM_CLOSED);
-                s->flags |= F_RESET;
+                stream_error(c, s, sid, FAB_H2_STREAM_CLOSED);  /* half-closed (remote) */
+            } else if ((!s || !is_open(s)) && !late_frame(c, sid)) {
+                rst2c(c, 0, sid, FAB_H2_STREAM_CLOSED);  /* closed (RFC 9113 6.1) */
             }
             return;
         }
         if ((i64)n > s->c_recv) {
             c->c_credit += n;
-            rst2c(c, s, sid, FAB_H2_FLOW_CONTROL_ERROR);
-            s->flags |= F_RESET;
+            stream_error(c, s, sid, FAB_H2_FLOW_CONTROL_ERROR);
             return;
         }
         s->c_recv -= n;
@@ -517,6 +629,10 @@ static void cli_frame(conn *c, const struct fab_h2_frame *f) {
         if (!sid || !(sid & 1)) { conn_error(c, FAB_H2_PROTOCOL_ERROR); return; }
         if (fab_h2_strip(f, &d, &dl)) { conn_error(c, FAB_H2_PROTOCOL_ERROR); return; }
         if (dl > HB_CAP) { conn_error(c, FAB_H2_ENHANCE_YOUR_CALM); return; }
+        if (flags & FAB_H2_PRIORITY_FLAG) {
+            u32 dep = fab_be32(p + ((flags & FAB_H2_PADDED) ? 1 : 0)) & 0x7fffffff;
+            if (dep == sid) flags |= FLAG_SELFDEP;  /* a stream error, once decoded (5.3.1) */
+        }
         fab_copy(c->w->chb, d, dl);
         c->chb_len = dl;
         if (flags & FAB_H2_END_HEADERS) {
@@ -524,17 +640,26 @@ static void cli_frame(conn *c, const struct fab_h2_frame *f) {
         } else {
             c->c_cont = sid;
             c->c_cont_flags = flags;
+            c->c_cont_cost = FAB_H2_HDR + n;
         }
         return;
-    case FAB_H2_PRIORITY:
+    case FAB_H2_PRIORITY: {
         if (!sid) { conn_error(c, FAB_H2_PROTOCOL_ERROR); return; }
-        if (fab_h2_bad_size(f)) conn_error(c, FAB_H2_FRAME_SIZE_ERROR);
+        if (fab_h2_bad_size(f)) { conn_error(c, FAB_H2_FRAME_SIZE_ERROR); return; }
+        if ((fab_be32(p) & 0x7fffffff) != sid) return;  /* tolerated, dropped (RFC 9113 5.3.2) */
+        strm *s = find(c, sid);
+        /* a stream cannot depend on itself (5.3.1): a stream error on an open stream; one
+         * that is idle or closed cannot be reset, so the connection */
+        if (s && is_open(s)) stream_error(c, s, sid, FAB_H2_PROTOCOL_ERROR);
+        else conn_error(c, FAB_H2_PROTOCOL_ERROR);
         return;
+    }
     case FAB_H2_RST_STREAM: {
-        if (!sid || sid > c->max_cid) { conn_error(c, FAB_H2_PROTOCOL_ERROR); return; }
+        if (idle_id(c, sid)) { conn_error(c, FAB_H2_PROTOCOL_ERROR); return; }
         if (fab_h2_bad_size(f)) { conn_error(c, FAB_H2_FRAME_SIZE_ERROR); return; }
         strm *s = find(c, sid);
         if (!s || (s->flags & F_RESET)) return;
+        if (is_open(s) && !reset_allowed(c)) { conn_error(c, FAB_H2_ENHANCE_YOUR_CALM); return; }
         s->flags |= F_RESET;
         purge_to_client(c, s);
         purge_to_backend(c, s);
@@ -579,16 +704,13 @@ static void cli_frame(conn *c, const struct fab_h2_frame *f) {
             if (c->c_send > FAB_H2_MAX_WINDOW) conn_error(c, FAB_H2_FLOW_CONTROL_ERROR);
             return;
         }
-        if (sid > c->max_cid) { conn_error(c, FAB_H2_PROTOCOL_ERROR); return; }
+        if (idle_id(c, sid)) { conn_error(c, FAB_H2_PROTOCOL_ERROR); return; }
         strm *s = find(c, sid);
         /* closed both ways may still have frames queued toward the client */
         if (!s || (s->flags & F_RESET)) return;
-        if (!inc) { rst2c(c, s, sid, FAB_H2_PROTOCOL_ERROR); s->flags |= F_RESET; return; }
+        if (!inc) { stream_error(c, s, sid, FAB_H2_PROTOCOL_ERROR); return; }
         s->c_send += inc;
-        if (s->c_send > FAB_H2_MAX_WINDOW) {
-            rst2c(c, s, sid, FAB_H2_FLOW_CONTROL_ERROR);
-            s->flags |= F_RESET;
-        }
+        if (s->c_send > FAB_H2_MAX_WINDOW) stream_error(c, s, sid, FAB_H2_FLOW_CONTROL_ERROR);
         return;
     }
     case FAB_H2_CONTINUATION:
@@ -612,7 +734,8 @@ static void cli_input(conn *c, const u8 *p, u32 n) {
  * table, like requests the other way: blocks then need no order between streams. */
 static void b_header_block(conn *c, u32 sid, u32 flags) {
     reenc r;
-    if (hp_decode(&c->w->bdec, c->w->bhb, c->bhb_len, &r)) { up_error(c, FAB_H2_COMPRESSION_ERROR); return; }
+    u32 err = hp_decode(&c->w->bdec, c->w->bhb, c->bhb_len, &r);
+    if (err) { up_error(c, err); return; }
     strm *s = find(c, sid);
     int end = (flags & FAB_H2_END_STREAM) != 0;
     if (!s || (s->flags & F_RESET)) return;  /* the client reset it: decoded, dropped */
@@ -707,6 +830,7 @@ static void b_frame(conn *c, const struct fab_h2_frame *f) {
         if (!(s->flags & F_SRV_END)) purge_to_client(c, s);
         purge_to_backend(c, s);
         push2c(c, s, FAB_H2_RST_STREAM, 0, sid, p, 4);
+        if (hist_in(c, sid)) hist_set(c->hist_ours, sid);  /* reset by us, to the client */
         s->flags |= F_RESET;
         return;
     }
@@ -722,8 +846,12 @@ static void b_frame(conn *c, const struct fab_h2_frame *f) {
             } else if (id == FAB_H2_SETTINGS_INITIAL_WINDOW_SIZE) {
                 i64 dw = (i64)v - c->b_init;
                 c->b_init = v;
-                for (u32 k = 0; k < NSTREAMS; k++)
-                    if (c->w->st[k].flags & F_USED) c->w->st[k].b_send += dw;
+                for (u32 k = 0; k < NSTREAMS; k++) {
+                    strm *s = &c->w->st[k];
+                    if (!(s->flags & F_USED)) continue;
+                    s->b_send += dw;
+                    if (s->b_send > FAB_H2_MAX_WINDOW) { up_error(c, FAB_H2_FLOW_CONTROL_ERROR); return; }
+                }
             } else if (id == FAB_H2_SETTINGS_MAX_FRAME_SIZE) {
                 c->b_maxf = v;
             } else if (id == FAB_H2_SETTINGS_MAX_CONCURRENT_STREAMS) {
@@ -771,6 +899,7 @@ static void b_frame(conn *c, const struct fab_h2_frame *f) {
         strm *s = find(c, sid);
         if (!s || !inc) return;
         s->b_send += inc;
+        if (s->b_send > FAB_H2_MAX_WINDOW) up_error(c, FAB_H2_FLOW_CONTROL_ERROR);
         return;
     }
     case FAB_H2_CONTINUATION:
@@ -1144,6 +1273,8 @@ static conn *open_conn(u32 sid) {
     c->c_tsu = 1;
     c->b_last = 0x7fffffff;
     c->b_maxcs = 0xffffffff;  /* until the backend's SETTINGS say (none is sent before) */
+    c->rst_tokens = RST_BURST;
+    c->rst_t = fab_now();
     u8 s[6];
     fab_h2_put_setting(s, FAB_H2_SETTINGS_MAX_CONCURRENT_STREAMS, MAX_OPEN);
     if (get_work(c)) {

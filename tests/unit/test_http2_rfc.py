@@ -1,0 +1,646 @@
+"""The HTTP/2 activator against RFC 9113 / RFC 7541, frame by frame, with hostile input.
+
+Each case writes raw frames (what a conformance tester such as h2spec sends) to the guest
+through the real wasm host and checks the RFC's answer: a connection error is a GOAWAY
+with the code and the connection closed; a stream error is RST_STREAM (or GOAWAY) with
+the code. ``h2``'s own state machine would refuse to send most of these, so frames are
+built by hand here; the HPACK blocks come from the ``hpack`` package (h2's encoder) or
+are written byte by byte when they must be malformed.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+import hpack
+import pytest
+
+from tests.support.streamguest import StreamGuest
+
+WASM = Path(__file__).resolve().parents[2] / "activators" / "http2" / "http2.wasm"
+SID = 1
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+DATA, HEADERS, PRIORITY, RST, SETTINGS, PUSH, PING, GOAWAY, WU, CONT = range(10)
+END_STREAM = ACK = 0x1
+END_HEADERS, PADDED, PRIO = 0x4, 0x8, 0x20
+NO_ERROR, PROTOCOL, INTERNAL, FLOW, _, CLOSED, FRAME_SIZE, REFUSED, CANCEL, COMPRESSION = \
+    range(10)
+CALM = 0xB
+NONE, ACTIVE = 0, 2
+
+
+def fr(ftype: int, flags: int, sid: int, payload: bytes = b"") -> bytes:
+    return struct.pack(">I", len(payload))[1:] + bytes([ftype, flags]) + \
+        struct.pack(">I", sid) + payload
+
+
+def setting(ident: int, value: int) -> bytes:
+    return struct.pack(">HI", ident, value)
+
+
+def req_headers(path: str = "/", method: str = "GET", **extra: str) -> list[tuple[str, str]]:
+    h = [(":method", method), (":scheme", "http"), (":authority", "svc"), (":path", path)]
+    return h + [(k.replace("_", "-"), v) for k, v in extra.items()]
+
+
+def parse(data: bytes) -> list[tuple[int, int, int, bytes]]:
+    out = []
+    while len(data) >= 9:
+        n = int.from_bytes(data[:3], "big")
+        out.append((data[3], data[4], int.from_bytes(data[5:9], "big") & 0x7FFFFFFF,
+                    data[9:9 + n]))
+        data = data[9 + n:]
+    assert not data, "a partial frame toward the client"
+    return out
+
+
+class Raw:
+    """One guest, one client connection written frame by frame."""
+
+    def __init__(self, config: dict[str, Any] | None = None, handshake: bool = True) -> None:
+        self.g = StreamGuest(WASM, config or {"hold_timeout_ms": 1000})
+        self.enc = hpack.Encoder()
+        self.dec = hpack.Decoder()
+        self.got: list[tuple[int, int, int, bytes]] = []
+        self.g.open(SID)
+        self.read()
+        if handshake:
+            self.send(PREFACE + fr(SETTINGS, 0, 0))
+
+    def close(self) -> None:
+        self.g.close()
+
+    def send(self, data: bytes) -> list[tuple[int, int, int, bytes]]:
+        self.g.client(SID, data)
+        return self.read()
+
+    def read(self) -> list[tuple[int, int, int, bytes]]:
+        new = parse(self.g.to_client(SID))
+        self.got += new
+        return new
+
+    def block(self, headers: list[tuple[str, str]] | None = None) -> bytes:
+        return self.enc.encode(headers if headers is not None else req_headers())
+
+    def headers(self, sid: int, flags: int = END_STREAM | END_HEADERS,
+                headers: list[tuple[str, str]] | None = None) -> list[Any]:
+        return self.send(fr(HEADERS, flags, sid, self.block(headers)))
+
+    def expire(self, t: int = 5000) -> None:
+        """Let the hold run out: held streams get their 503 (a normal end)."""
+        self.g.tick(0)
+        self.g.tick(t)
+        self.read()
+
+    # --- what the RFC asks ------------------------------------------------------------
+
+    def goaway(self) -> int | None:
+        for t, _f, _s, p in self.got:
+            if t == GOAWAY:
+                return int.from_bytes(p[4:8], "big")
+        return None
+
+    def assert_conn_error(self, *codes: int) -> None:
+        code = self.goaway()
+        assert code in codes, f"GOAWAY {code}, frames {self.kinds()}"
+        assert self.g.streams[SID].downstream_closed, "connection left open"
+        assert self.g.failed == 0
+
+    def assert_stream_error(self, sid: int, *codes: int) -> None:
+        rsts = [int.from_bytes(p[:4], "big") for t, _f, s, p in self.got if t == RST and s == sid]
+        if any(c in codes for c in rsts):
+            assert self.g.failed == 0
+            return
+        self.assert_conn_error(*codes)
+
+    def assert_alive(self) -> None:
+        """No error at all: a PING still gets its ACK."""
+        self.read()
+        assert self.goaway() is None, self.kinds()
+        assert not [f for f in self.got if f[0] == RST], self.kinds()
+        new = self.send(fr(PING, 0, 0, b"stillok!"))
+        assert (PING, ACK, 0, b"stillok!") in new, new
+        assert self.g.failed == 0
+
+    def kinds(self) -> list[tuple[int, int, int]]:
+        return [(t, f, s) for t, f, s, _p in self.got]
+
+    def responses(self) -> dict[int, dict[str, str]]:
+        out = {}
+        for t, f, s, p in self.got:
+            if t == HEADERS:
+                body = p
+                if f & PADDED:
+                    body = body[1:len(body) - body[0]]
+                out[s] = {k.decode(): v.decode() for k, v in self.dec.decode(body, raw=True)}
+        return out
+
+
+@pytest.fixture
+def raw() -> Any:
+    r = Raw()
+    yield r
+    r.close()
+
+
+# --- 3.4: the preface -----------------------------------------------------------------
+
+def test_server_preface_at_once_and_client_settings_acked() -> None:
+    r = Raw(handshake=False)
+    try:
+        assert r.got and r.got[0][:3] == (SETTINGS, 0, 0), "server SETTINGS not first, at once"
+        r.send(PREFACE + fr(SETTINGS, 0, 0, setting(3, 50)))
+        assert (SETTINGS, ACK, 0) in r.kinds()
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("junk", [
+    b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n",
+    PREFACE + fr(PING, 0, 0, b"12345678"),  # first frame not SETTINGS
+    PREFACE + fr(SETTINGS, ACK, 0),
+])
+def test_bad_client_preface_is_goaway_protocol_error(junk: bytes) -> None:
+    r = Raw(handshake=False)
+    try:
+        r.send(junk)
+        r.assert_conn_error(PROTOCOL)
+    finally:
+        r.close()
+
+
+# --- 4.x: frames ----------------------------------------------------------------------
+
+def test_unknown_type_undefined_flags_reserved_bit_ignored(raw: Raw) -> None:
+    raw.send(fr(0x20, 0xFF, 0, b"whatever"))
+    raw.send(fr(0x21, 0, 7, b"on an idle stream"))
+    raw.send(fr(PING, 0x16, 0, b"flagsxxx"))
+    raw.send(struct.pack(">I", 8)[1:] + bytes([PING, 0]) + struct.pack(">I", 1 << 31) + b"reserved")
+    assert [p for t, f, _s, p in raw.got if t == PING] == [b"flagsxxx", b"reserved"]
+    raw.assert_alive()
+
+
+def test_max_size_data_frame_accepted(raw: Raw) -> None:
+    raw.headers(1, END_HEADERS, req_headers(method="POST"))
+    raw.send(fr(DATA, END_STREAM, 1, b"x" * 16384))
+    raw.expire()
+    assert raw.responses()[1][":status"] == "503"
+
+
+def test_frames_over_max_frame_size_are_frame_size_error(raw: Raw) -> None:
+    raw.headers(1, END_HEADERS, req_headers(method="POST"))
+    raw.send(fr(DATA, END_STREAM, 1, b"x" * 16385))
+    raw.assert_stream_error(1, FRAME_SIZE)
+    r = Raw()
+    try:
+        r.send(fr(HEADERS, END_HEADERS, 3, r.block() + b"\x00\x00" * 8200))
+        r.assert_conn_error(FRAME_SIZE)
+    finally:
+        r.close()
+
+
+def test_invalid_header_block_is_compression_error(raw: Raw) -> None:
+    raw.send(fr(HEADERS, END_STREAM | END_HEADERS, 1, b"\x40"))
+    raw.assert_conn_error(COMPRESSION)
+
+
+# --- 5.1: stream states and identifiers -------------------------------------------------
+
+@pytest.mark.parametrize("frame", [
+    fr(DATA, 0, 1, b"x"), fr(RST, 0, 1, struct.pack(">I", CANCEL)),
+    fr(WU, 0, 1, struct.pack(">I", 100)), fr(CONT, END_HEADERS, 1, b"\x82"),
+])
+def test_frames_on_idle_streams_are_protocol_errors(raw: Raw, frame: bytes) -> None:
+    raw.send(frame)
+    raw.assert_stream_error(1, PROTOCOL, CLOSED)
+    if frame[3] != DATA:
+        raw.assert_conn_error(PROTOCOL)
+
+
+def test_even_stream_id_is_protocol_error(raw: Raw) -> None:
+    raw.headers(2)
+    raw.assert_conn_error(PROTOCOL)
+
+
+@pytest.mark.parametrize("frame", [
+    fr(DATA, 0, 2, b"x"), fr(WU, 0, 2, struct.pack(">I", 100)),
+    fr(RST, 0, 2, struct.pack(">I", CANCEL)),
+])
+def test_frames_on_even_idle_streams_below_the_highest_are_protocol_errors(
+        raw: Raw, frame: bytes) -> None:
+    raw.headers(5)
+    raw.send(frame)
+    raw.assert_stream_error(2, PROTOCOL, CLOSED)
+
+
+def test_stream_id_going_backwards_is_protocol_error(raw: Raw) -> None:
+    raw.headers(5)
+    raw.headers(3)
+    raw.assert_conn_error(PROTOCOL)
+
+
+def test_half_closed_remote_data_and_headers_are_stream_closed(raw: Raw) -> None:
+    raw.headers(1)
+    raw.send(fr(DATA, 0, 1, b"late"))
+    raw.assert_stream_error(1, CLOSED)
+    r = Raw()
+    try:
+        r.headers(1)
+        r.headers(1)
+        r.assert_stream_error(1, CLOSED)
+    finally:
+        r.close()
+
+
+def test_closed_by_client_reset_then_data_or_headers_is_stream_closed() -> None:
+    for late in ("data", "headers"):
+        r = Raw()
+        try:
+            r.headers(1, END_HEADERS)
+            r.send(fr(RST, 0, 1, struct.pack(">I", CANCEL)))
+            if late == "data":
+                r.send(fr(DATA, 0, 1, b"late"))
+            else:
+                r.headers(1)
+            r.assert_stream_error(1, CLOSED)
+        finally:
+            r.close()
+
+
+def test_closed_normally_then_data_or_headers_is_stream_closed() -> None:
+    for late in ("data", "headers"):
+        r = Raw()
+        try:
+            r.headers(1)
+            r.expire()
+            assert r.responses()[1][":status"] == "503"
+            if late == "data":
+                r.send(fr(DATA, 0, 1, b"late"))
+                r.assert_stream_error(1, CLOSED)
+            else:
+                r.headers(1)
+                r.assert_conn_error(CLOSED, PROTOCOL)
+        finally:
+            r.close()
+
+
+def test_frames_after_our_own_reset_are_ignored() -> None:
+    """The client may have sent frames before it read our RST_STREAM (RFC 9113 5.1)."""
+    r = Raw()
+    try:
+        r.headers(1, END_HEADERS, req_headers(method="POST"))
+        r.send(fr(DATA, 0, 1, b"partial body"))
+        r.expire()  # 503 + RST_STREAM(NO_ERROR): the body was not finished
+        assert r.responses()[1][":status"] == "503"
+        r.send(fr(DATA, 0, 1, b"more in flight"))
+        r.send(fr(HEADERS, END_STREAM | END_HEADERS, 1, r.block([("x-trailer", "t")])))
+        r.send(fr(WU, 0, 1, struct.pack(">I", 10)))
+        r.send(fr(RST, 0, 1, struct.pack(">I", CANCEL)))
+        assert [int.from_bytes(p, "big") for t, _f, s, p in r.got if t == RST] == [NO_ERROR]
+        r.headers(3)  # the client's table stayed in step: the trailer block was decoded
+        r.expire(10000)
+        assert r.responses()[3][":status"] == "503"
+        assert r.goaway() is None
+    finally:
+        r.close()
+
+
+def test_refused_streams_tolerate_frames_in_flight() -> None:
+    r = Raw({"hold_timeout_ms": 1000})
+    try:
+        for i in range(101):
+            r.headers(1 + 2 * i, END_HEADERS, req_headers(method="POST"))
+        refused = [s for t, _f, s, p in r.got if t == RST and p == struct.pack(">I", REFUSED)]
+        assert refused == [201]
+        r.send(fr(DATA, END_STREAM, 201, b"in flight"))
+        assert r.goaway() is None and len([f for f in r.got if f[0] == RST]) == 1
+    finally:
+        r.close()
+
+
+def test_concurrency_limit_exceeded_is_refused(raw: Raw) -> None:
+    raw.send(fr(SETTINGS, 0, 0, setting(4, 0)))
+    for i in range(101):
+        raw.headers(1 + 2 * i)
+    raw.assert_stream_error(201, REFUSED, PROTOCOL)
+
+
+# --- 5.3: priority ----------------------------------------------------------------------
+
+def test_stream_depending_on_itself_is_protocol_error(raw: Raw) -> None:
+    raw.send(fr(HEADERS, END_STREAM | END_HEADERS | PRIO, 1,
+                struct.pack(">IB", 1, 15) + raw.block()))
+    raw.assert_stream_error(1, PROTOCOL)
+    r = Raw()
+    try:
+        r.send(fr(PRIORITY, 0, 3, struct.pack(">IB", 3, 15)))
+        r.assert_stream_error(3, PROTOCOL)
+    finally:
+        r.close()
+
+
+def test_priority_frames_tolerated_anywhere(raw: Raw) -> None:
+    raw.send(fr(PRIORITY, 0, 9, struct.pack(">IB", 0, 1)))  # idle, higher than what follows
+    raw.headers(1)
+    raw.send(fr(PRIORITY, 0, 1, struct.pack(">IB", 0x80000000 | 3, 255)))
+    raw.expire()
+    raw.send(fr(PRIORITY, 0, 1, struct.pack(">IB", 0, 1)))  # closed
+    assert raw.responses()[1][":status"] == "503"
+    raw.assert_alive()
+
+
+def test_priority_bad_size(raw: Raw) -> None:
+    raw.send(fr(PRIORITY, 0, 1, b"\x00" * 4))
+    raw.assert_stream_error(1, FRAME_SIZE)
+
+
+# --- 6.x ------------------------------------------------------------------------------
+
+def test_continuation_rules() -> None:
+    eh = END_STREAM | END_HEADERS
+
+    def open_block(r: Raw) -> bytes:
+        return fr(HEADERS, END_STREAM, 1, r.block())
+
+    cases = [
+        lambda r: r.send(open_block(r) + fr(PRIORITY, 0, 1, b"\0" * 5)),
+        lambda r: r.send(open_block(r) + fr(HEADERS, eh, 3, r.block())),
+        lambda r: r.send(open_block(r) + fr(0x30, 0, 0, b"ext")),
+        lambda r: r.send(fr(HEADERS, END_STREAM, 1, r.block()[:2]) +
+                         fr(CONT, 0, 1, r.block()[2:]) + fr(DATA, 0, 1, b"x")),
+        lambda r: r.send(open_block(r) + fr(CONT, END_HEADERS, 0, b"")),
+        lambda r: r.send(fr(HEADERS, eh, 1, r.block()) + fr(CONT, END_HEADERS, 1, b"")),
+        lambda r: r.send(fr(HEADERS, END_HEADERS, 1, r.block()) + fr(DATA, 0, 1, b"x") +
+                         fr(CONT, END_HEADERS, 1, b"")),
+    ]
+    for case in cases:
+        r = Raw()
+        try:
+            case(r)
+            r.assert_conn_error(PROTOCOL)
+        finally:
+            r.close()
+
+
+def test_header_block_split_in_many_continuations() -> None:
+    r = Raw()
+    try:
+        b = r.block(req_headers(x_a="a" * 50, x_b="b" * 50))
+        r.send(fr(HEADERS, END_STREAM, 1, b[:1]) + b"".join(
+            fr(CONT, 0, 1, b[i:i + 1]) for i in range(1, len(b) - 1)) +
+            fr(CONT, END_HEADERS, 1, b[-1:]))
+        r.expire()
+        assert r.responses()[1][":status"] == "503"
+    finally:
+        r.close()
+
+
+def test_continuation_flood_is_bounded() -> None:
+    """Empty CONTINUATIONs that never end the block (CVE-2024-27316 and kin): refused."""
+    r = Raw()
+    try:
+        r.send(fr(HEADERS, END_STREAM, 1, r.block()))
+        for _ in range(20):
+            r.send(fr(CONT, 0, 1, b"") * 500)
+            if r.goaway() is not None:
+                break
+        r.assert_conn_error(CALM, PROTOCOL)
+    finally:
+        r.close()
+
+
+def test_oversized_header_block_is_refused() -> None:
+    r = Raw()
+    try:
+        r.send(fr(HEADERS, END_STREAM, 1, r.block()))
+        for _ in range(10):
+            r.send(fr(CONT, 0, 1, r.block([("x-big", "v" * 16000)])))
+            if r.goaway() is not None:
+                break
+        r.assert_conn_error(CALM)
+    finally:
+        r.close()
+
+
+def test_hpack_bomb_is_bounded() -> None:
+    """One 4 KiB entry, then 30 K one-byte references to it: 120 MB of header list. The
+    guest must refuse it (431 or a connection error) without running out of fuel."""
+    r = Raw()
+    try:
+        big = b"\x40\x05x-big\x7f\xa1\x1e" + b"v" * 4000
+        first = r.enc.encode(req_headers())  # keep the encoder's table as the guest sees it
+        blk = first + big + b"\xbe" * 16000
+        r.send(fr(HEADERS, END_STREAM, 1, blk[:16000]) + fr(CONT, END_HEADERS, 1, blk[16000:]))
+        assert r.g.failed == 0, "the guest trapped"
+        assert r.responses().get(1, {}).get(":status") == "431" or r.goaway() in (CALM, PROTOCOL)
+    finally:
+        r.close()
+
+
+def test_padding(raw: Raw) -> None:
+    raw.headers(1, END_HEADERS, req_headers(method="POST"))
+    raw.send(fr(DATA, PADDED, 1, bytes([10]) + b"body" + b"\0" * 10))
+    raw.assert_alive()
+    raw.send(fr(DATA, PADDED | END_STREAM, 1, bytes([5]) + b"abcd"))  # pad length >= length
+    raw.assert_conn_error(PROTOCOL)
+    r = Raw()
+    try:
+        blk = r.block()
+        r.send(fr(HEADERS, END_STREAM | END_HEADERS | PADDED, 1, bytes([len(blk) + 1]) + blk))
+        r.assert_stream_error(1, PROTOCOL)
+    finally:
+        r.close()
+
+
+def test_padded_headers_with_priority_accepted(raw: Raw) -> None:
+    blk = raw.block()
+    raw.send(fr(HEADERS, END_STREAM | END_HEADERS | PADDED | PRIO, 1,
+                bytes([3]) + struct.pack(">IB", 0, 20) + blk + b"\0\0\0"))
+    raw.expire()
+    assert raw.responses()[1][":status"] == "503"
+
+
+def test_rst_stream_rules() -> None:
+    for frame, code in [(fr(RST, 0, 0, struct.pack(">I", 8)), PROTOCOL),
+                        (fr(RST, 0, 1, struct.pack(">I", 8)), PROTOCOL)]:
+        r = Raw()
+        try:
+            r.send(frame)
+            r.assert_conn_error(code)
+        finally:
+            r.close()
+    r = Raw()
+    try:
+        r.headers(1)
+        r.send(fr(RST, 0, 1, b"\0\0\0\0\0"))
+        r.assert_stream_error(1, FRAME_SIZE)
+    finally:
+        r.close()
+    r = Raw()
+    try:
+        r.headers(1)
+        r.send(fr(RST, 0, 1, struct.pack(">I", 0xDEAD)))  # unknown code: nothing special
+        r.assert_alive()
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("payload,code", [
+    (setting(2, 2), PROTOCOL), (setting(4, 2**31), FLOW),
+    (setting(5, 16383), PROTOCOL), (setting(5, 2**24), PROTOCOL),
+])
+def test_settings_bad_values(raw: Raw, payload: bytes, code: int) -> None:
+    raw.send(fr(SETTINGS, 0, 0, payload))
+    raw.assert_conn_error(code)
+
+
+@pytest.mark.parametrize("frame,code", [
+    (fr(SETTINGS, ACK, 0, setting(3, 1)), FRAME_SIZE),
+    (fr(SETTINGS, 0, 1, setting(3, 1)), PROTOCOL),
+    (fr(SETTINGS, 0, 0, b"\0\3\0"), FRAME_SIZE),
+    (fr(PING, 0, 1, b"12345678"), PROTOCOL),
+    (fr(PING, 0, 0, b"1234567"), FRAME_SIZE),
+    (fr(PING, ACK, 0, b"123456789"), FRAME_SIZE),
+    (fr(GOAWAY, 0, 1, b"\0" * 8), PROTOCOL),
+    (fr(WU, 0, 0, b"\0\0\0\1\0"), FRAME_SIZE),
+    (fr(WU, 0, 0, struct.pack(">I", 0)), PROTOCOL),
+    (fr(PUSH, END_HEADERS, 1, b"\0\0\0\2\x82"), PROTOCOL),
+])
+def test_control_frame_errors(raw: Raw, frame: bytes, code: int) -> None:
+    raw.send(frame)
+    raw.assert_conn_error(code)
+
+
+def test_settings_unknown_id_and_multiple_values(raw: Raw) -> None:
+    new = raw.send(fr(SETTINGS, 0, 0, setting(0xFF, 7) + setting(4, 100) + setting(4, 1)))
+    assert (SETTINGS, ACK, 0, b"") in new
+    raw.assert_alive()
+
+
+def test_ping_answered_and_ack_ignored(raw: Raw) -> None:
+    new = raw.send(fr(PING, ACK, 0, b"ignoreme") + fr(PING, 0, 0, b"answerme"))
+    assert [p for t, f, _s, p in new if t == PING] == [b"answerme"]
+    assert [f for t, f, _s, _p in new if t == PING] == [ACK]
+    assert not raw.g.streams[SID].connects and raw.g.need in (None, NONE)
+
+
+def test_window_update_rules() -> None:
+    r = Raw()
+    try:
+        r.send(fr(WU, 0, 0, struct.pack(">I", 2**31 - 1)) * 2)
+        r.assert_conn_error(FLOW)
+    finally:
+        r.close()
+    r = Raw()
+    try:
+        r.headers(1)
+        r.send(fr(WU, 0, 1, struct.pack(">I", 2**31 - 1)) * 2)
+        r.assert_stream_error(1, FLOW)
+    finally:
+        r.close()
+    r = Raw()
+    try:
+        r.headers(1)
+        r.send(fr(WU, 0, 1, struct.pack(">I", 0)))
+        r.assert_stream_error(1, PROTOCOL)
+    finally:
+        r.close()
+
+
+def test_initial_window_change_overflowing_a_stream_window_is_flow_control_error(
+        raw: Raw) -> None:
+    raw.headers(1)
+    raw.send(fr(WU, 0, 1, struct.pack(">I", 2**31 - 1 - 65535)))
+    raw.send(fr(SETTINGS, 0, 0, setting(4, 65536)))
+    raw.assert_conn_error(FLOW)
+
+
+def test_goaway_unknown_code_nothing_special(raw: Raw) -> None:
+    new = raw.send(fr(GOAWAY, 0, 0, struct.pack(">II", 0, 0xBEEF)) + fr(PING, 0, 0, b"pingpong"))
+    assert (PING, ACK, 0, b"pingpong") in new or raw.g.streams[SID].downstream_closed
+
+
+# --- hpack ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("block", [
+    b"\x82\x86\x84\x41\x03svc\xbf",          # index past the dynamic table
+    b"\x82\x86\x84\x7f\x00\x01v",             # literal naming an index past it
+    b"\x82\x86\x84\x41\x03svc\x21",           # size update at the end
+    b"\x82\x86\x84\x41\x03svc\x80",           # index 0
+    b"\x3f\xe2\x1f\x82\x86\x84\x41\x03svc",   # size update above 4096
+    # h2spec's Huffman cases: padding longer than 7 bits, padded with zeros, EOS inside
+    b"\x82\x86\x84\x41\x03svc" + b"\x00\x85\xf2\xb2\x4a\x84\xff\x84\x49\x50\x9f\xff",
+    b"\x82\x86\x84\x41\x03svc" + b"\x00\x85\xf2\xb2\x4a\x84\xff\x83\x49\x50\x90",
+    b"\x82\x86\x84\x41\x03svc" + b"\x00\x85\xf2\xb2\x4a\x84\xff\x87\x49\x51\xff\xff\xff\xfa\x7f",
+])
+def test_hpack_errors_are_compression_error(raw: Raw, block: bytes) -> None:
+    raw.send(fr(HEADERS, END_STREAM | END_HEADERS, 1, block))
+    raw.assert_conn_error(COMPRESSION)
+
+
+def test_hpack_representations_accepted(raw: Raw) -> None:
+    blocks = [
+        b"\x20\x3f\xe1\x1f\x82\x86\x84\x41\x03svc",           # size updates 0 then 4096
+        b"\x82\x86\x84\x41\x03svc\x40\x03x-a\x01a",          # incremental, new name
+        b"\x82\x86\x84\x41\x03svc\x10\x03x-b\x01b",          # never indexed, new name
+        b"\x82\x86\x84\x41\x03svc\x1f\x10\x01c",             # never indexed, static name
+        b"\x82\x86\x84\x41\x03svc\xbe",                      # index 62: x-a: a from above
+    ]
+    for i, b in enumerate(blocks):
+        raw.send(fr(HEADERS, END_STREAM | END_HEADERS, 1 + 2 * i, b))
+    raw.expire()
+    assert sorted(raw.responses()) == [1 + 2 * i for i in range(len(blocks))], raw.kinds()
+
+
+# --- floods -----------------------------------------------------------------------------
+
+def test_rapid_reset_is_bounded() -> None:
+    """HEADERS + RST_STREAM again and again (CVE-2023-44487): the backend does not see
+    an unbounded number of streams; the guest calls it abuse (GOAWAY ENHANCE_YOUR_CALM)."""
+    r = Raw()
+    try:
+        r.headers(1)
+        r.g.connected(SID)
+        s = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        s.initiate_connection()
+        backend_streams = 0
+
+        def backend() -> None:
+            nonlocal backend_streams
+            up = r.g.to_backend(SID)
+            if up:
+                ev = s.receive_data(up)
+                backend_streams += sum(isinstance(e, h2.events.RequestReceived) for e in ev)
+            out = s.data_to_send()
+            if out:
+                r.g.backend(SID, out)
+        backend()
+        backend()
+        sid = 3
+        for _ in range(3000):
+            r.send(fr(HEADERS, END_HEADERS, sid, r.block(req_headers(method="POST"))))
+            backend()
+            r.send(fr(RST, 0, sid, struct.pack(">I", CANCEL)))
+            backend()
+            sid += 2
+            if r.goaway() is not None:
+                break
+        assert r.goaway() == CALM, r.goaway()
+        assert backend_streams < 1500
+        assert r.g.failed == 0
+    finally:
+        r.close()
+
+
+def test_ping_and_settings_floods_are_bounded(raw: Raw) -> None:
+    """A client that never reads: the answers toward it stay bounded."""
+    for _ in range(200):
+        raw.g.client(SID, fr(PING, 0, 0, b"floodfld") * 200)
+        if raw.g.streams[SID].downstream_closed:
+            break
+    assert raw.g.failed == 0
