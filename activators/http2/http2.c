@@ -74,6 +74,8 @@ typedef struct {
     u32 blk;
     u64 t0;
     u32 gto;               /* grpc-timeout in ms, 0: none */
+    i64 clen;              /* the request's content-length, -1: none */
+    u64 body;              /* request body bytes so far (checked against clen) */
 } strm;
 
 typedef struct {
@@ -169,7 +171,84 @@ static void logmsg(u32 level, const char *msg) {
 typedef struct {
     struct fab_hpack_out o;
     u32 too_big, grpc, gto;
+    u32 check;             /* CHECK_REQUEST, CHECK_TRAILERS, or 0: not checked */
+    u32 bad;               /* malformed (RFC 9113 8.1.1): a stream error PROTOCOL_ERROR */
+    u32 regular, pseudo;   /* a regular field seen; the request pseudo-fields seen */
+    u32 connect;           /* :method CONNECT */
+    i64 clen;              /* content-length, -1: none */
 } reenc;
+
+#define CHECK_REQUEST 1
+#define CHECK_TRAILERS 2
+#define PS_METHOD 1
+#define PS_SCHEME 2
+#define PS_AUTHORITY 4
+#define PS_PATH 8
+/* static table indices (RFC 7541 A) of the names checked */
+#define SI_AUTHORITY 1
+#define SI_METHOD 2
+#define SI_PATH 4
+#define SI_SCHEME 6
+#define SI_CONTENT_LENGTH 28
+#define SI_TRANSFER_ENCODING 57
+
+/* A request's field against RFC 9113 8.2 and 8.3.1, so a malformed request is answered
+ * here (RST_STREAM PROTOCOL_ERROR) and never wakes a backend: pseudo-fields known, once
+ * each, before the regular ones and never in trailers; names lowercase and of token
+ * characters; no connection-specific fields; te only "trailers"; one content-length.
+ * Static-table names (most fields) skip the character scan. */
+static void check_field(reenc *r, const struct fab_hpack_field *f) {
+    u32 si = f->static_name, nl = f->name_len, vl = f->value_len;
+    const u8 *nm = f->name, *v = f->value;
+    if (nl && nm[0] == ':') {
+        u32 bit = si == SI_METHOD ? PS_METHOD : si == SI_SCHEME ? PS_SCHEME
+                : si == SI_AUTHORITY ? PS_AUTHORITY : si == SI_PATH ? PS_PATH : 0;
+        if (!bit || r->regular || r->check == CHECK_TRAILERS || (r->pseudo & bit)) {
+            r->bad = 1;
+            return;
+        }
+        r->pseudo |= bit;
+        if (bit == PS_METHOD) r->connect = vl == 7 && fab_memeq(v, "CONNECT", 7);
+        if (bit == PS_PATH && !vl) r->bad = 1;
+        return;
+    }
+    r->regular = 1;
+    if (si) {
+        if (si == SI_TRANSFER_ENCODING) {
+            r->bad = 1;
+        } else if (si == SI_CONTENT_LENGTH && r->check == CHECK_REQUEST) {
+            i64 x = 0;
+            if (!vl || vl > 15) { r->bad = 1; return; }
+            for (u32 i = 0; i < vl; i++) {
+                if (v[i] < '0' || v[i] > '9') { r->bad = 1; return; }
+                x = x * 10 + (v[i] - '0');
+            }
+            if (r->clen >= 0 && r->clen != x) r->bad = 1;
+            r->clen = x;
+        }
+        return;
+    }
+    if (!nl) { r->bad = 1; return; }
+    for (u32 i = 0; i < nl; i++) {
+        u8 b = nm[i];
+        if (b <= 0x20 || (b >= 'A' && b <= 'Z') || b >= 0x7f || b == ':') { r->bad = 1; return; }
+    }
+    if (nl == 2 && nm[0] == 't' && nm[1] == 'e') {
+        if (!(vl == 8 && fab_memeq(v, "trailers", 8))) r->bad = 1;
+    } else if ((nl == 10 && (fab_memeq(nm, "connection", 10) || fab_memeq(nm, "keep-alive", 10))) ||
+               (nl == 7 && fab_memeq(nm, "upgrade", 7)) ||
+               (nl == 16 && fab_memeq(nm, "proxy-connection", 16))) {
+        r->bad = 1;
+    }
+}
+
+/* The pseudo-fields a request must have (8.3.1; CONNECT: 8.5). */
+static void check_request_end(reenc *r) {
+    if (r->check != CHECK_REQUEST || r->bad) return;
+    if (!(r->pseudo & PS_METHOD)) r->bad = 1;
+    else if (r->connect) r->bad = (r->pseudo & (PS_SCHEME | PS_PATH)) || !(r->pseudo & PS_AUTHORITY);
+    else r->bad = (r->pseudo & (PS_SCHEME | PS_PATH)) != (PS_SCHEME | PS_PATH);
+}
 
 static u32 parse_gto(const u8 *v, u32 n) {
     if (n < 2 || n > 9) return 0;
@@ -201,6 +280,7 @@ static void re_field(void *ctx, const struct fab_hpack_field *f) {
         r->grpc = 1;
     if (f->name_len == 12 && fab_memeq(f->name, "grpc-timeout", 12))
         r->gto = parse_gto(f->value, f->value_len);
+    if (r->check && !r->bad) check_field(r, f);
     if (r->too_big) return;
     if (fab_hpack_encode_field(&r->o, f->name, f->name_len, f->value, f->value_len,
                                f->never_indexed, f->static_name))
@@ -209,13 +289,18 @@ static void re_field(void *ctx, const struct fab_hpack_field *f) {
 
 /* Decode a whole block into RE; 0 ok, or the connection error: COMPRESSION_ERROR for a
  * malformed block, ENHANCE_YOUR_CALM for a header list past HLIST_MAX decoded (a bomb). */
-static u32 hp_decode(struct fab_hpack_table *t, const u8 *p, u32 len, reenc *r) {
+static u32 hp_decode(struct fab_hpack_table *t, const u8 *p, u32 len, reenc *r, u32 check) {
     r->o.buf = RE;
     r->o.len = 0;
     r->o.cap = RE_CAP;
     r->too_big = r->grpc = r->gto = 0;
+    r->check = check;
+    r->bad = r->regular = r->pseudo = r->connect = 0;
+    r->clen = -1;
     int e = fab_hpack_decode_max(t, p, len, HLIST_MAX, re_field, r);
-    return !e ? 0 : e == -2 ? FAB_H2_ENHANCE_YOUR_CALM : FAB_H2_COMPRESSION_ERROR;
+    if (e) return e == -2 ? FAB_H2_ENHANCE_YOUR_CALM : FAB_H2_COMPRESSION_ERROR;
+    check_request_end(r);
+    return 0;
 }
 
 /* ---- queues of frames toward one peer: records of type, flags, sid, length, payload ---- */
@@ -483,6 +568,7 @@ static strm *new_stream(conn *c, u32 id) {
         fab_zero(s, sizeof *s);
         s->id = id;
         s->flags = F_USED;
+        s->clen = -1;
         s->c_send = c->c_init;
         s->b_send = c->b_init;
         s->c_recv = WIN0;
@@ -496,10 +582,12 @@ static strm *new_stream(conn *c, u32 id) {
 
 static void cli_header_block(conn *c, u32 sid, u32 flags) {
     reenc r;
-    u32 err = hp_decode(&c->dec, c->w->chb, c->chb_len, &r);
+    strm *s = find(c, sid);
+    u32 check = sid > c->max_cid ? CHECK_REQUEST
+              : s && is_open(s) && !(s->flags & F_CLI_END) ? CHECK_TRAILERS : 0;
+    u32 err = hp_decode(&c->dec, c->w->chb, c->chb_len, &r, check);
     if (err) { conn_error(c, err); return; }
     int end = (flags & FAB_H2_END_STREAM) != 0;
-    strm *s = find(c, sid);
     if (sid <= c->max_cid) {
         if (!s || !is_open(s)) {
             /* decoded for the table either way; in flight before our RST_STREAM: ignored;
@@ -509,7 +597,11 @@ static void cli_header_block(conn *c, u32 sid, u32 flags) {
             return;
         }
         if (s->flags & F_CLI_END) { stream_error(c, s, sid, FAB_H2_STREAM_CLOSED); return; }
-        if (!end || (flags & FLAG_SELFDEP)) { stream_error(c, s, sid, FAB_H2_PROTOCOL_ERROR); return; }
+        if (!end || (flags & FLAG_SELFDEP) || r.bad ||
+            (s->clen >= 0 && s->body != (u64)s->clen)) {
+            stream_error(c, s, sid, FAB_H2_PROTOCOL_ERROR);
+            return;
+        }
         s->flags |= F_CLI_END;
         if (s->flags & (F_LOCAL | F_RESET)) return;
         if (r.too_big || !push2b(c, s, FAB_H2_HEADERS, FAB_H2_END_STREAM, sid, RE, r.o.len)) {
@@ -523,7 +615,10 @@ static void cli_header_block(conn *c, u32 sid, u32 flags) {
         return;
     }
     new_max_cid(c, sid);
-    if (flags & FLAG_SELFDEP) { rst2c(c, 0, sid, FAB_H2_PROTOCOL_ERROR); return; }
+    if ((flags & FLAG_SELFDEP) || r.bad || (end && r.clen > 0)) {
+        rst2c(c, 0, sid, FAB_H2_PROTOCOL_ERROR);  /* malformed: answered here, no backend */
+        return;
+    }
     if (c->up == UP_GONE || c->b_goaway || c->cli_goaway || c->ga == 2 ||
         (c->nused >= MAX_OPEN && open_count(c) >= MAX_OPEN)) {
         rst2c(c, 0, sid, FAB_H2_REFUSED_STREAM);
@@ -533,6 +628,7 @@ static void cli_header_block(conn *c, u32 sid, u32 flags) {
     if (!s) { rst2c(c, 0, sid, FAB_H2_REFUSED_STREAM); return; }
     counts[C_STREAMS]++;
     if (end) s->flags |= F_CLI_END;
+    s->clen = r.clen;
     if (r.grpc) { s->flags |= F_GRPC; s->gto = r.gto; }
     if (r.too_big) { local_reply(c, s, LR_431); return; }
     if (!push2b(c, s, FAB_H2_HEADERS, end ? FAB_H2_END_STREAM : 0, sid, RE, r.o.len)) {
@@ -614,10 +710,19 @@ static void cli_frame(conn *c, const struct fab_h2_frame *f) {
             stream_error(c, s, sid, FAB_H2_FLOW_CONTROL_ERROR);
             return;
         }
+        int end = (flags & FAB_H2_END_STREAM) != 0;
+        if (s->clen >= 0) {  /* RFC 9113 8.1.1: the body must match its content-length */
+            u64 b = s->body + dl;
+            if (b > (u64)s->clen || (end && b != (u64)s->clen)) {
+                c->c_credit += n;
+                stream_error(c, s, sid, FAB_H2_PROTOCOL_ERROR);
+                return;
+            }
+            s->body = b;
+        }
         s->c_recv -= n;
         c->c_credit += n - dl;  /* padding: consumed here */
         s->c_credit += n - dl;
-        int end = (flags & FAB_H2_END_STREAM) != 0;
         if (end) s->flags |= F_CLI_END;
         if (dl || end) {
             if (!push2b(c, s, FAB_H2_DATA, end ? FAB_H2_END_STREAM : 0, sid, d, dl))
@@ -734,7 +839,7 @@ static void cli_input(conn *c, const u8 *p, u32 n) {
  * table, like requests the other way: blocks then need no order between streams. */
 static void b_header_block(conn *c, u32 sid, u32 flags) {
     reenc r;
-    u32 err = hp_decode(&c->w->bdec, c->w->bhb, c->bhb_len, &r);
+    u32 err = hp_decode(&c->w->bdec, c->w->bhb, c->bhb_len, &r, 0);
     if (err) { up_error(c, err); return; }
     strm *s = find(c, sid);
     int end = (flags & FAB_H2_END_STREAM) != 0;

@@ -589,7 +589,7 @@ def test_hpack_representations_accepted(raw: Raw) -> None:
         b"\x82\x86\x84\x41\x03svc\x40\x03x-a\x01a",          # incremental, new name
         b"\x82\x86\x84\x41\x03svc\x10\x03x-b\x01b",          # never indexed, new name
         b"\x82\x86\x84\x41\x03svc\x1f\x10\x01c",             # never indexed, static name
-        b"\x82\x86\x84\x41\x03svc\xbe",                      # index 62: x-a: a from above
+        b"\x82\x86\x84\x41\x03svc\xc1",                      # index 65: x-a: a from above
     ]
     for i, b in enumerate(blocks):
         raw.send(fr(HEADERS, END_STREAM | END_HEADERS, 1 + 2 * i, b))
@@ -644,3 +644,78 @@ def test_ping_and_settings_floods_are_bounded(raw: Raw) -> None:
         if raw.g.streams[SID].downstream_closed:
             break
     assert raw.g.failed == 0
+
+
+# --- 8.1, 8.2, 8.3: malformed requests, answered here without waking a backend -----------
+
+GET = [(":method", "GET"), (":scheme", "http"), (":path", "/"), (":authority", "svc")]
+
+
+@pytest.mark.parametrize("headers", [
+    GET + [(":foo", "bar")],                                   # unknown pseudo-field
+    GET + [(":status", "200")],                                # a response's pseudo-field
+    [(":method", "GET"), ("x-a", "1"), (":scheme", "http"), (":path", "/")],  # after regular
+    GET + [("connection", "keep-alive")], GET + [("keep-alive", "5")],
+    GET + [("upgrade", "h2c")], GET + [("proxy-connection", "x")],
+    GET + [("transfer-encoding", "chunked")],
+    GET + [("te", "gzip")],
+    [(":method", "GET"), (":scheme", "http"), (":path", ""), (":authority", "svc")],
+    [(":scheme", "http"), (":path", "/"), (":authority", "svc")],   # no :method
+    [(":method", "GET"), (":path", "/"), (":authority", "svc")],    # no :scheme
+    [(":method", "GET"), (":scheme", "http"), (":authority", "svc")],  # no :path
+    GET + [(":method", "GET")], GET + [(":scheme", "http")], GET + [(":path", "/")],
+    GET + [("X-Upper", "1")], GET + [("bad name", "1")],
+    [(":method", "CONNECT"), (":authority", "svc:443"), (":path", "/")],
+    [(":method", "CONNECT")],
+    GET + [("content-length", "1")],                           # END_STREAM, no body
+    GET + [("content-length", "x1")],
+])
+def test_malformed_request_is_stream_error_without_a_wake(
+        raw: Raw, headers: list[tuple[str, str]]) -> None:
+    raw.send(fr(HEADERS, END_STREAM | END_HEADERS, 1, raw.block(headers)))
+    raw.assert_stream_error(1, PROTOCOL)
+    assert raw.goaway() is None
+    assert not raw.g.streams[SID].connects, "a malformed request woke the backend"
+    assert raw.g.need in (None, NONE)
+    raw.headers(3)  # the connection, and the client's table, still serve
+    assert raw.g.streams[SID].connects == [0]
+
+
+def test_well_formed_requests_accepted(raw: Raw) -> None:
+    ok = [
+        GET + [("te", "trailers"), ("content-type", "application/grpc")],
+        [(":method", "CONNECT"), (":authority", "svc:443")],
+        [(":method", "POST"), (":scheme", "https"), (":path", "/p"), ("content-length", "0")],
+        [(":method", "OPTIONS"), (":scheme", "http"), (":path", "*")],
+        GET + [("x-0!#$%&'*+-.^_`|~", "tokens"), ("cookie", "a=1"), ("cookie", "b=2")],
+    ]
+    for i, h in enumerate(ok):
+        raw.send(fr(HEADERS, END_STREAM | END_HEADERS, 1 + 2 * i, raw.block(h)))
+    raw.expire()
+    assert sorted(raw.responses()) == [1 + 2 * i for i in range(len(ok))], raw.kinds()
+
+
+def test_pseudo_field_in_trailers_is_stream_error(raw: Raw) -> None:
+    raw.headers(1, END_HEADERS, req_headers(method="POST"))
+    raw.send(fr(DATA, 0, 1, b"body"))
+    raw.send(fr(HEADERS, END_STREAM | END_HEADERS, 1, raw.block([(":path", "/x")])))
+    raw.assert_stream_error(1, PROTOCOL)
+
+
+@pytest.mark.parametrize("clen,bodies", [("1", [b"test"]), ("8", [b"test"]),
+                                         ("1", [b"te", b"st"])])
+def test_content_length_mismatch_is_stream_error(raw: Raw, clen: str,
+                                                 bodies: list[bytes]) -> None:
+    raw.headers(1, END_HEADERS, req_headers(method="POST", content_length=clen))
+    for i, b in enumerate(bodies):
+        raw.send(fr(DATA, END_STREAM if i == len(bodies) - 1 else 0, 1, b))
+    raw.assert_stream_error(1, PROTOCOL)
+    assert raw.goaway() is None
+
+
+def test_content_length_matching_body_relayed(raw: Raw) -> None:
+    raw.headers(1, END_HEADERS, req_headers(method="POST", content_length="8"))
+    raw.send(fr(DATA, 0, 1, b"test") + fr(DATA, END_STREAM, 1, b"test"))
+    raw.expire()
+    assert raw.responses()[1][":status"] == "503"
+    assert not [f for f in raw.got if f[0] == RST]
