@@ -719,3 +719,90 @@ def test_content_length_matching_body_relayed(raw: Raw) -> None:
     raw.expire()
     assert raw.responses()[1][":status"] == "503"
     assert not [f for f in raw.got if f[0] == RST]
+
+
+# --- flow control across local answers and the relay; held bodies; grpc-timeout -----------
+
+def conn_credit(r: Raw) -> int:
+    return sum(int.from_bytes(p, "big") & 0x7FFFFFFF for t, _f, s, p in r.got
+               if t == WU and s == 0)
+
+
+def test_connection_credit_given_once_across_local_answers_resets_and_relay() -> None:
+    r = Raw({"hold_timeout_ms": 1000})
+    try:
+        sent = 0
+        post = req_headers(method="POST")
+        r.headers(1, END_HEADERS, post)   # held, then answered locally (503 + RST)
+        r.headers(3, END_HEADERS, post)   # reset by the client
+        r.headers(5, END_HEADERS, post)   # relayed to the backend
+        for sid, n in ((1, 16000), (3, 16000), (5, 16000), (1, 9000)):
+            r.send(fr(DATA, PADDED, sid, bytes([100]) + b"x" * n + b"\0" * 100))
+            sent += n + 101
+        r.send(fr(RST, 0, 3, struct.pack(">I", CANCEL)))
+        r.g.tick(0)
+        r.g.tick(1500)  # stream 1's hold runs out; 5's too (no backend yet)
+        r.read()
+        assert conn_credit(r) <= sent, "credited more than was sent"
+        assert sent - conn_credit(r) < 32768, "bytes consumed here never credited"
+        # the window the client sees is back: another full window is accepted
+        r.headers(7, END_HEADERS, post)
+        for _ in range(4):
+            r.send(fr(DATA, 0, 7, b"y" * 16000))
+        sent += 64000
+        assert r.goaway() is None, r.kinds()
+        assert conn_credit(r) <= sent
+    finally:
+        r.close()
+
+
+def test_held_body_is_bounded_by_the_window_and_not_credited_until_relayed() -> None:
+    r = Raw({"hold_timeout_ms": 60000})
+    try:
+        r.headers(1, END_HEADERS, req_headers(method="POST"))
+        for _ in range(4):
+            r.send(fr(DATA, 0, 1, b"b" * 16383))
+        r.send(fr(DATA, 0, 1, b"b" * 3))  # 65,535: the whole initial window
+        assert not [f for f in r.got if f[0] == WU], "credit for bytes still held"
+        r.send(fr(DATA, 0, 1, b"!"))  # past the window: the connection's flow control
+        r.assert_conn_error(FLOW)
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("value,ms", [("1S", 1000), ("1500m", 1500), ("1200000u", 1200),
+                                      ("90000000n", 90), ("1M", 60000), ("1H", 3600000),
+                                      ("99999999u", 100000)])
+def test_grpc_timeout_units_bound_the_hold(value: str, ms: int) -> None:
+    r = Raw({"hold_timeout_ms": 2 * 3600 * 1000})
+    try:
+        grpc = req_headers("/svc/M", "POST", content_type="application/grpc", te="trailers",
+                           grpc_timeout=value)
+        r.g.tick(1000)
+        r.headers(1, END_STREAM | END_HEADERS, grpc)
+        r.g.tick(1000 + ms - min(100, ms - 1))
+        r.read()
+        assert 1 not in r.responses(), "answered before the deadline"
+        r.g.tick(1000 + ms)
+        r.read()
+        assert r.responses()[1]["grpc-status"] == "4"
+    finally:
+        r.close()
+
+
+def test_grpc_hold_shorter_than_grpc_timeout_is_unavailable() -> None:
+    r = Raw({"hold_timeout_ms": 1000})
+    try:
+        grpc = req_headers("/svc/M", "POST", content_type="application/grpc", te="trailers",
+                           grpc_timeout="5S")
+        r.g.tick(0)
+        r.headers(1, END_STREAM | END_HEADERS, grpc)
+        r.g.tick(1000)
+        r.read()
+        h = r.responses()[1]
+        assert (h[":status"], h["grpc-status"], h["content-type"]) == \
+            ("200", "14", "application/grpc")
+        assert [f for t, f, s, _p in r.got if t == HEADERS and s == 1] == \
+            [END_STREAM | END_HEADERS], "Trailers-Only is one HEADERS with END_STREAM"
+    finally:
+        r.close()
