@@ -64,6 +64,7 @@
 #define UP_GONE 3
 
 #define GOAWAY_PING "fabgoawy"
+#define GOAWAY_WAIT_MS 1000        /* at most this long for its ACK */
 
 typedef struct {
     u32 id, flags;
@@ -113,6 +114,7 @@ typedef struct conn {
     u32 up_close;          /* upstream to close: GOAWAY code + 1 */
     u32 b_goaway, b_last;
     u32 ga;                /* 0, 1 (2^31-1 + PING sent), 2 (real last id sent) */
+    u64 ga_t;              /* when ga became 1 (0: before a tick) */
     u32 cli_goaway;
     u32 cli_fin;           /* the client's FIN came: finish the streams in flight, then close */
     u32 c_cont_cost;       /* the header block's frames so far, 9 octets each plus payload */
@@ -510,6 +512,7 @@ static void start_goaway(conn *c) {
     goaway2c(c, 0x7fffffff, FAB_H2_NO_ERROR);
     push2c(c, 0, FAB_H2_PING, 0, 0, (const u8 *)GOAWAY_PING, 8);
     c->ga = 1;
+    c->ga_t = fab_now();
 }
 
 static void backend_gone(conn *c) {
@@ -1493,6 +1496,15 @@ static void on_tick(u64 t) {
         if ((c->w && (c->w->q2c.len || c->w->q2b.len)) || c->c_credit || c->b_credit)
             c->dirty = 1;
         if (c->up == UP_NONE && backend_state != 2 && c->w) c->dirty = 1;
+        /* the two-step GOAWAY's PING unanswered for GOAWAY_WAIT_MS: the final GOAWAY
+         * anyway (the PING only measures a round trip; a client that never answers it
+         * must not keep the connection forever) */
+        if (c->ga == 1 && !c->ga_t) c->ga_t = t;
+        if (c->ga == 1 && t - c->ga_t >= GOAWAY_WAIT_MS && get_work(c)) {
+            goaway2c(c, c->max_cid, FAB_H2_NO_ERROR);
+            c->ga = 2;
+            c->dirty = 1;
+        }
         /* half-closed, and nothing could be sent for twice the hold: the client is gone
          * (a reset, or it never reads); drop the connection rather than keep it forever */
         if (c->cli_fin && !c->fin_t) c->fin_t = t;

@@ -806,3 +806,32 @@ def test_grpc_hold_shorter_than_grpc_timeout_is_unavailable() -> None:
             [END_STREAM | END_HEADERS], "Trailers-Only is one HEADERS with END_STREAM"
     finally:
         r.close()
+
+
+def test_two_step_goaway_completes_when_the_client_never_acks_the_ping() -> None:
+    """The PING after GOAWAY(2^31-1) is only there to learn an RTT; a client that never
+    answers it must still get the final GOAWAY (and the connection closed), or it would
+    keep a dead connection forever."""
+    r = Raw()
+    try:
+        r.g.tick(0)
+        r.headers(1)
+        r.g.connected(SID)
+        s = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        s.initiate_connection()
+        r.g.backend(SID, s.data_to_send())
+        s.receive_data(r.g.to_backend(SID))
+        s.send_headers(1, [(":status", "200")], end_stream=True)
+        r.g.backend(SID, s.data_to_send())
+        r.g.backend_close(SID)
+        r.read()
+        goaways = [int.from_bytes(p[:4], "big") for t, _f, _s, p in r.got if t == GOAWAY]
+        assert goaways == [2**31 - 1]
+        for t in range(100, 3100, 100):
+            r.g.tick(t)
+        r.read()
+        goaways = [int.from_bytes(p[:4], "big") for t, _f, _s, p in r.got if t == GOAWAY]
+        assert goaways == [2**31 - 1, 1], r.kinds()
+        assert r.g.streams[SID].downstream_closed
+    finally:
+        r.close()
