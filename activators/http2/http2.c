@@ -457,8 +457,13 @@ static void purge_to_backend(conn *c, strm *s) {
 /* A stream error toward the client (RST_STREAM with code): the stream ends both ways,
  * what was queued for it is dropped (and credited), and a backend that had the request
  * gets RST_STREAM(CANCEL). s may be 0 (a stream with no slot). */
+static int reset_allowed(conn *c);
+
 static void stream_error(conn *c, strm *s, u32 sid, u32 code) {
     if (s && is_open(s)) {
+        /* resets the client provokes cost the backend what its own resets do ("MadeYouReset",
+         * CVE-2025-8671): they take from the same tokens */
+        if (!reset_allowed(c)) { conn_error(c, FAB_H2_ENHANCE_YOUR_CALM); return; }
         u32 sent = (s->flags & F_SENT_UP) != 0;
         purge_to_client(c, s);
         purge_to_backend(c, s);

@@ -599,9 +599,15 @@ def test_hpack_representations_accepted(raw: Raw) -> None:
 
 # --- floods -----------------------------------------------------------------------------
 
-def test_rapid_reset_is_bounded() -> None:
-    """HEADERS + RST_STREAM again and again (CVE-2023-44487): the backend does not see
-    an unbounded number of streams; the guest calls it abuse (GOAWAY ENHANCE_YOUR_CALM)."""
+@pytest.mark.parametrize("provoke", [
+    lambda sid: fr(RST, 0, sid, struct.pack(">I", CANCEL)),   # rapid reset, CVE-2023-44487
+    lambda sid: fr(WU, 0, sid, struct.pack(">I", 0)),         # made-you-reset, CVE-2025-8671
+    lambda sid: fr(HEADERS, END_HEADERS, sid, b"\x88"),       # trailers without END_STREAM
+])
+def test_rapid_reset_is_bounded(provoke: Any) -> None:
+    """HEADERS then a reset, the client's own or one it provokes, again and again: the
+    backend does not see an unbounded number of streams; the guest calls it abuse (GOAWAY
+    ENHANCE_YOUR_CALM)."""
     r = Raw()
     try:
         r.headers(1)
@@ -625,7 +631,7 @@ def test_rapid_reset_is_bounded() -> None:
         for _ in range(3000):
             r.send(fr(HEADERS, END_HEADERS, sid, r.block(req_headers(method="POST"))))
             backend()
-            r.send(fr(RST, 0, sid, struct.pack(">I", CANCEL)))
+            r.send(provoke(sid))
             backend()
             sid += 2
             if r.goaway() is not None:
