@@ -31,7 +31,10 @@
  * name or value is at most FAB_HPACK_STR_CAP bytes (64 KiB; define it before the
  * include to change it); integers above 2^24 are errors. A field's name and value are
  * valid during the callback only (shared scratch buffers). Nothing here traps or reads
- * outside its input, whatever the bytes: a malformed block is -1.
+ * outside its input, whatever the bytes: a malformed block is -1. The work a block costs
+ * is bounded by what it decodes to, not by its size (one byte can name a 4 KiB entry):
+ * for a peer you do not trust use fab_hpack_decode_max, which stops past a decoded
+ * header-list size you choose (-2).
  */
 #ifndef FAB_HPACK_H
 #define FAB_HPACK_H
