@@ -841,3 +841,51 @@ def test_two_step_goaway_completes_when_the_client_never_acks_the_ping() -> None
         assert r.g.streams[SID].downstream_closed
     finally:
         r.close()
+
+
+def backend_rig(r: Raw) -> h2.connection.H2Connection:
+    """Connect the guest's upstream to an h2 server; returns it (SETTINGS exchanged)."""
+    r.g.connected(SID)
+    s = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    s.initiate_connection()
+    r.g.backend(SID, s.data_to_send())
+    s.receive_data(r.g.to_backend(SID))
+    r.g.backend(SID, s.data_to_send())
+    return s
+
+
+def pump_backend(r: Raw, s: h2.connection.H2Connection) -> list[Any]:
+    ev = []
+    for _ in range(50):
+        up = r.g.to_backend(SID)
+        if up:
+            ev += s.receive_data(up)
+        out = s.data_to_send()
+        if out:
+            r.g.backend(SID, out)
+        if not up and not out:
+            break
+    r.read()
+    return ev
+
+
+def test_initial_window_size_from_settings_applies_to_open_streams(raw: Raw) -> None:
+    """h2spec 6.9.1/6.9.2: INITIAL_WINDOW_SIZE 1, then raised while the stream is open:
+    the guest sends 1 byte, then the rest once the new size (a delta on the open stream)
+    allows, never more than the window."""
+    raw.send(fr(SETTINGS, 0, 0, setting(4, 1)))
+    raw.headers(1)
+    s = backend_rig(raw)
+    pump_backend(raw, s)
+    s.send_headers(1, [(":status", "200")])
+    s.send_data(1, b"0123456789", end_stream=True)
+    pump_backend(raw, s)
+    data = [p for t, _f, sid, p in raw.got if t == DATA and sid == 1]
+    assert data == [b"0"], data
+    raw.send(fr(SETTINGS, 0, 0, setting(4, 5)))  # +4 on the open stream: 4 more bytes
+    data = [p for t, _f, sid, p in raw.got if t == DATA and sid == 1]
+    assert b"".join(data) == b"01234", data
+    raw.send(fr(WU, 0, 1, struct.pack(">I", 100)))
+    data = [p for t, _f, sid, p in raw.got if t == DATA and sid == 1]
+    assert b"".join(data) == b"0123456789"
+    assert [f for t, f, sid, _p in raw.got if t == DATA and sid == 1][-1] & END_STREAM
