@@ -1252,6 +1252,20 @@ static void close_conn(conn *c) {
     free_conn(c);
 }
 
+/* Connections refused past max_connections, and those closed for a protocol error after
+ * their GOAWAY, linger (their bytes read and dropped) until the client closes or a second
+ * has passed: closing a socket with unread bytes is a TCP reset, which can destroy the
+ * GOAWAY before the client reads it (a client still writing when it erred always has
+ * unread bytes). */
+#define NREFUSED 256
+FAB_TABLE(refused, u64, NREFUSED);  /* sid -> the time it was refused (0: before a tick) */
+
+static void linger(u32 sid) {
+    u64 *t = fab_table_add(&refused, sid);
+    if (t) *t = have_now ? fab_now() + 1 : 0;  /* 0: before a tick (on_tick stamps it) */
+    else fab_close(sid);
+}
+
 /* Write what this connection may send to each side; 0 when deferred for lack of room. */
 static int flush_conn(conn *c) {
     if (!room(6)) return 0;
@@ -1262,13 +1276,15 @@ static int flush_conn(conn *c) {
     dlen = ulen = 0;
     c->dirty = 0;
     if (c->dead) {
+        u32 sid = c->sid;
         dlen = fab_h2_goaway(D, c->max_cid, c->dead - 1);
-        fab_send(c->sid, D, dlen);
-        fab_close(c->sid);
+        fab_send(sid, D, dlen);
         if (c->up == UP_OPEN || c->up == UP_CONNECTING || c->up_close)
-            fab_upstream_close(c->sid);
+            fab_upstream_close(sid);
+        if (c->waiting) fab_resume(sid);  /* read (and drop) what it still sends */
         logmsg(FAB_INFO, "http2: client connection error, GOAWAY sent");
         free_conn(c);
+        linger(sid);
         return 1;
     }
     if (c->up == UP_NONE && backend_state != 2 && wants_up(c) && fab_room() >= 6) {
@@ -1432,8 +1448,6 @@ static void on_batch_begin(void) {
  * open, its bytes read and dropped, until the client closes it or a second passes: a
  * close with unread bytes would be a TCP reset, which can destroy the GOAWAY before the
  * client reads it. */
-#define NREFUSED 256
-FAB_TABLE(refused, u64, NREFUSED);  /* sid -> the time it was refused (0: before a tick) */
 
 static void refuse(u32 sid) {
     u8 b[32];
@@ -1442,9 +1456,7 @@ static void refuse(u32 sid) {
     n += fab_h2_goaway(b + n, 0, FAB_H2_NO_ERROR);
     fab_send(sid, b, n);
     counts[C_CONN_REFUSED]++;
-    u64 *t = fab_table_add(&refused, sid);
-    if (t) *t = fab_now();
-    else fab_close(sid);
+    linger(sid);
     logmsg(FAB_WARNING, "http2: connection limit reached, connection refused (GOAWAY)");
 }
 

@@ -106,10 +106,14 @@ class Raw:
         return None
 
     def assert_conn_error(self, *codes: int) -> None:
+        """GOAWAY with one of the codes, then the connection closed once the client
+        closes (it lingers, dropping what it reads, so no reset destroys the GOAWAY)."""
         code = self.goaway()
         assert code in codes, f"GOAWAY {code}, frames {self.kinds()}"
-        assert self.g.streams[SID].downstream_closed, "connection left open"
         assert self.g.failed == 0
+        if not self.g.streams[SID].downstream_closed:
+            self.g.client_close(SID)
+        assert self.g.streams[SID].downstream_closed, "connection left open"
 
     def assert_stream_error(self, sid: int, *codes: int) -> None:
         rsts = [int.from_bytes(p[:4], "big") for t, _f, s, p in self.got if t == RST and s == sid]
@@ -158,6 +162,30 @@ def test_server_preface_at_once_and_client_settings_acked() -> None:
         assert (SETTINGS, ACK, 0) in r.kinds()
     finally:
         r.close()
+
+
+def test_connection_error_lingers_then_closes() -> None:
+    """After a connection error's GOAWAY the guest reads and drops what the client still
+    sends (closing with unread bytes would be a TCP reset that can destroy the GOAWAY),
+    and closes when the client does, or after a second."""
+    for closing in ("client", "timer"):
+        r = Raw()
+        try:
+            r.g.tick(0)
+            r.send(fr(PING, 0, 1, b"12345678"))
+            assert r.goaway() == PROTOCOL
+            assert not r.g.streams[SID].downstream_closed
+            assert not r.send(fr(PING, 0, 0, b"ignored!") * 100), "answered after GOAWAY"
+            if closing == "client":
+                r.g.client_close(SID)
+            else:
+                r.g.tick(500)
+                assert not r.g.streams[SID].downstream_closed
+                r.g.tick(1100)
+            assert r.g.streams[SID].downstream_closed
+            assert r.g.failed == 0
+        finally:
+            r.close()
 
 
 @pytest.mark.parametrize("junk", [
