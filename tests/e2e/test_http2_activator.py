@@ -535,3 +535,43 @@ def test_malformed_request_refused_without_a_wake(sandbox: Sandbox) -> None:
     time.sleep(0.5)  # give a wrong wake time to show (not a timed assertion of success)
     svc = d.get("/v1/services")[0]
     assert not os.path.exists(marker) and svc["state"] == "dormant", svc
+
+
+ERRING_CLIENT = """
+import socket, struct, sys, time
+def fr(t, fl, sid, p=b""):
+    return struct.pack(">I", len(p))[1:] + bytes([t, fl]) + struct.pack(">I", sid) + p
+s = socket.create_connection((sys.argv[1], 80), timeout=20)
+# a PING on stream 1 is a connection error, and the client keeps writing after it
+s.sendall(b"PRI * HTTP/2.0\\r\\n\\r\\nSM\\r\\n\\r\\n" + fr(4, 0, 0) + fr(6, 0, 1, b"12345678"))
+junk = fr(0x20, 0, 0, b"x" * 16000) * 16
+try:
+    for _ in range(8):
+        s.sendall(junk)
+except OSError:
+    pass
+time.sleep(0.5)  # a reset, if one came, has arrived before we read
+buf = b""
+try:
+    while (d := s.recv(65536)):
+        buf += d
+except OSError as e:
+    print("error", type(e).__name__)
+codes = []
+while len(buf) >= 9:
+    n = int.from_bytes(buf[:3], "big")
+    if buf[3] == 7:
+        codes.append(int.from_bytes(buf[13:17], "big"))
+    buf = buf[9 + n:]
+print("goaway", codes)
+"""
+
+
+def test_goaway_reaches_a_client_that_keeps_writing_after_its_error(sandbox: Sandbox) -> None:
+    """A connection error while the client is still writing: the GOAWAY with its code
+    reaches the client (no TCP reset destroys it), then the connection closes."""
+    d, client, _ = setup(sandbox, [service("web", on_activate="true")])
+    cli = script(sandbox, "erring.py", ERRING_CLIENT)
+    r = sandbox.run(client, sys.executable, cli, VIP, check=False, timeout=40)
+    assert r.stdout.strip().splitlines()[-1] == "goaway [1]", (r.stdout, r.stderr,
+                                                               d.log()[-3000:])
