@@ -117,7 +117,7 @@ typedef struct conn {
     u64 ga_t;              /* when ga became 1 (0: before a tick) */
     u32 cli_goaway;
     u32 cli_fin;           /* the client's FIN came: finish the streams in flight, then close */
-    u32 c_cont_cost;       /* the header block's frames so far, 9 octets each plus payload */
+    u32 c_cont_cost, b_cont_cost;  /* a header block's frames so far, 9 octets each + payload */
     u32 rst_tokens;        /* client resets still allowed (RST_BURST, RST_RATE a second) */
     u64 rst_t;             /* when rst_tokens was last refilled */
     /* The last HIST client stream ids (odd, up to max_cid), one bit each: opened, and reset
@@ -879,7 +879,8 @@ static void b_frame(conn *c, const struct fab_h2_frame *f) {
     }
     if (c->b_cont) {
         if (type != FAB_H2_CONTINUATION || sid != c->b_cont) { up_error(c, FAB_H2_PROTOCOL_ERROR); return; }
-        if (n > HB_CAP - c->bhb_len) {
+        c->b_cont_cost += FAB_H2_HDR + n;  /* empty CONTINUATIONs are bounded too */
+        if (n > HB_CAP - c->bhb_len || c->b_cont_cost > HB_CAP) {
             up_error(c, FAB_H2_ENHANCE_YOUR_CALM);
             conn_error(c, FAB_H2_INTERNAL_ERROR);
             return;
@@ -933,6 +934,7 @@ static void b_frame(conn *c, const struct fab_h2_frame *f) {
         } else {
             c->b_cont = sid;
             c->b_cont_flags = flags;
+            c->b_cont_cost = FAB_H2_HDR + n;
         }
         return;
     case FAB_H2_RST_STREAM: {

@@ -917,3 +917,18 @@ def test_initial_window_size_from_settings_applies_to_open_streams(raw: Raw) -> 
     data = [p for t, _f, sid, p in raw.got if t == DATA and sid == 1]
     assert b"".join(data) == b"0123456789"
     assert [f for t, f, sid, _p in raw.got if t == DATA and sid == 1][-1] & END_STREAM
+
+
+def test_backend_continuation_flood_is_bounded(raw: Raw) -> None:
+    """A backend sending empty CONTINUATIONs forever: its connection is ended (GOAWAY to
+    it) and the client's stream is not left hanging."""
+    raw.headers(1)
+    s = backend_rig(raw)
+    pump_backend(raw, s)
+    raw.g.backend(SID, fr(HEADERS, 0, 1, b"\x88"))
+    for _ in range(10):
+        raw.g.backend(SID, fr(CONT, 0, 1, b"") * 1000)
+    raw.read()
+    assert raw.g.streams[SID].upstream_closed, "the flooding backend kept its connection"
+    assert [s for t, _f, s, _p in raw.got if t == RST or t == GOAWAY], raw.kinds()
+    assert raw.g.failed == 0
