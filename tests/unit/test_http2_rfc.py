@@ -538,6 +538,10 @@ def test_settings_bad_values(raw: Raw, payload: bytes, code: int) -> None:
     (fr(WU, 0, 0, b"\0\0\0\1\0"), FRAME_SIZE),
     (fr(WU, 0, 0, struct.pack(">I", 0)), PROTOCOL),
     (fr(PUSH, END_HEADERS, 1, b"\0\0\0\2\x82"), PROTOCOL),
+    (fr(DATA, 0, 0, b"x"), PROTOCOL),
+    (fr(HEADERS, END_STREAM | END_HEADERS, 0, b"\x82\x86\x84"), PROTOCOL),
+    (fr(PRIORITY, 0, 0, b"\0\0\0\0\x10"), PROTOCOL),
+    (fr(RST, 0, 0, b"\0\0\0\x08"), PROTOCOL),
 ])
 def test_control_frame_errors(raw: Raw, frame: bytes, code: int) -> None:
     raw.send(frame)
