@@ -37,6 +37,11 @@
 #define INBOX_CAP 512              /* bytes kept for a connection waiting for a block */
 #define BTABLE 512                 /* HEADER_TABLE_SIZE we ask of the backend */
 #define BSNAP_CAP BTABLE           /* its table's entries, kept while idle (they fit) */
+#define HLIST_MAX (64 * 1024)      /* one decoded header list (RFC 7541 4.1 sizes), at most */
+#define HIST 512                   /* recent client stream ids remembered (opened, reset by us) */
+#define RST_BURST 1000             /* client resets of open streams: a burst, then */
+#define RST_RATE 100               /* this many a second (rapid reset, CVE-2023-44487) */
+#define FLAG_SELFDEP 0x100         /* with a HEADERS' flags: it depends on itself */
 #define WIN0 FAB_H2_DEFAULT_WINDOW
 #define LOW(win) ((win) < WIN0 / 2)  /* a peer may send less than half a window more */
 
@@ -59,6 +64,7 @@
 #define UP_GONE 3
 
 #define GOAWAY_PING "fabgoawy"
+#define GOAWAY_WAIT_MS 1000        /* at most this long for its ACK */
 
 typedef struct {
     u32 id, flags;
@@ -69,6 +75,8 @@ typedef struct {
     u32 blk;
     u64 t0;
     u32 gto;               /* grpc-timeout in ms, 0: none */
+    i64 clen;              /* the request's content-length, -1: none */
+    u64 body;              /* request body bytes so far (checked against clen) */
 } strm;
 
 typedef struct {
@@ -106,8 +114,16 @@ typedef struct conn {
     u32 up_close;          /* upstream to close: GOAWAY code + 1 */
     u32 b_goaway, b_last;
     u32 ga;                /* 0, 1 (2^31-1 + PING sent), 2 (real last id sent) */
+    u64 ga_t;              /* when ga became 1 (0: before a tick) */
     u32 cli_goaway;
     u32 cli_fin;           /* the client's FIN came: finish the streams in flight, then close */
+    u32 c_cont_cost, b_cont_cost;  /* a header block's frames so far, 9 octets each + payload */
+    u32 rst_tokens;        /* client resets still allowed (RST_BURST, RST_RATE a second) */
+    u64 rst_t;             /* when rst_tokens was last refilled */
+    /* The last HIST client stream ids (odd, up to max_cid), one bit each: opened, and reset
+     * by us (RST_STREAM sent). Frames the client sent before it read our RST_STREAM are
+     * ignored (RFC 9113 5.1); other frames on a closed stream are errors. */
+    u64 hist_open[HIST / 64], hist_ours[HIST / 64];
     u32 b_maxcs;           /* the backend's SETTINGS_MAX_CONCURRENT_STREAMS */
     u64 fin_t;             /* after cli_fin: the FIN, or the last bytes sent since */
     u32 cin_pre;           /* while w is 0: the client's preface bytes seen (0 or 24) */
@@ -157,7 +173,84 @@ static void logmsg(u32 level, const char *msg) {
 typedef struct {
     struct fab_hpack_out o;
     u32 too_big, grpc, gto;
+    u32 check;             /* CHECK_REQUEST, CHECK_TRAILERS, or 0: not checked */
+    u32 bad;               /* malformed (RFC 9113 8.1.1): a stream error PROTOCOL_ERROR */
+    u32 regular, pseudo;   /* a regular field seen; the request pseudo-fields seen */
+    u32 connect;           /* :method CONNECT */
+    i64 clen;              /* content-length, -1: none */
 } reenc;
+
+#define CHECK_REQUEST 1
+#define CHECK_TRAILERS 2
+#define PS_METHOD 1
+#define PS_SCHEME 2
+#define PS_AUTHORITY 4
+#define PS_PATH 8
+/* static table indices (RFC 7541 A) of the names checked */
+#define SI_AUTHORITY 1
+#define SI_METHOD 2
+#define SI_PATH 4
+#define SI_SCHEME 6
+#define SI_CONTENT_LENGTH 28
+#define SI_TRANSFER_ENCODING 57
+
+/* A request's field against RFC 9113 8.2 and 8.3.1, so a malformed request is answered
+ * here (RST_STREAM PROTOCOL_ERROR) and never wakes a backend: pseudo-fields known, once
+ * each, before the regular ones and never in trailers; names lowercase and of token
+ * characters; no connection-specific fields; te only "trailers"; one content-length.
+ * Static-table names (most fields) skip the character scan. */
+static void check_field(reenc *r, const struct fab_hpack_field *f) {
+    u32 si = f->static_name, nl = f->name_len, vl = f->value_len;
+    const u8 *nm = f->name, *v = f->value;
+    if (nl && nm[0] == ':') {
+        u32 bit = si == SI_METHOD ? PS_METHOD : si == SI_SCHEME ? PS_SCHEME
+                : si == SI_AUTHORITY ? PS_AUTHORITY : si == SI_PATH ? PS_PATH : 0;
+        if (!bit || r->regular || r->check == CHECK_TRAILERS || (r->pseudo & bit)) {
+            r->bad = 1;
+            return;
+        }
+        r->pseudo |= bit;
+        if (bit == PS_METHOD) r->connect = vl == 7 && fab_memeq(v, "CONNECT", 7);
+        if (bit == PS_PATH && !vl) r->bad = 1;
+        return;
+    }
+    r->regular = 1;
+    if (si) {
+        if (si == SI_TRANSFER_ENCODING) {
+            r->bad = 1;
+        } else if (si == SI_CONTENT_LENGTH && r->check == CHECK_REQUEST) {
+            i64 x = 0;
+            if (!vl || vl > 15) { r->bad = 1; return; }
+            for (u32 i = 0; i < vl; i++) {
+                if (v[i] < '0' || v[i] > '9') { r->bad = 1; return; }
+                x = x * 10 + (v[i] - '0');
+            }
+            if (r->clen >= 0 && r->clen != x) r->bad = 1;
+            r->clen = x;
+        }
+        return;
+    }
+    if (!nl) { r->bad = 1; return; }
+    for (u32 i = 0; i < nl; i++) {
+        u8 b = nm[i];
+        if (b <= 0x20 || (b >= 'A' && b <= 'Z') || b >= 0x7f || b == ':') { r->bad = 1; return; }
+    }
+    if (nl == 2 && nm[0] == 't' && nm[1] == 'e') {
+        if (!(vl == 8 && fab_memeq(v, "trailers", 8))) r->bad = 1;
+    } else if ((nl == 10 && (fab_memeq(nm, "connection", 10) || fab_memeq(nm, "keep-alive", 10))) ||
+               (nl == 7 && fab_memeq(nm, "upgrade", 7)) ||
+               (nl == 16 && fab_memeq(nm, "proxy-connection", 16))) {
+        r->bad = 1;
+    }
+}
+
+/* The pseudo-fields a request must have (8.3.1; CONNECT: 8.5). */
+static void check_request_end(reenc *r) {
+    if (r->check != CHECK_REQUEST || r->bad) return;
+    if (!(r->pseudo & PS_METHOD)) r->bad = 1;
+    else if (r->connect) r->bad = (r->pseudo & (PS_SCHEME | PS_PATH)) || !(r->pseudo & PS_AUTHORITY);
+    else r->bad = (r->pseudo & (PS_SCHEME | PS_PATH)) != (PS_SCHEME | PS_PATH);
+}
 
 static u32 parse_gto(const u8 *v, u32 n) {
     if (n < 2 || n > 9) return 0;
@@ -189,19 +282,27 @@ static void re_field(void *ctx, const struct fab_hpack_field *f) {
         r->grpc = 1;
     if (f->name_len == 12 && fab_memeq(f->name, "grpc-timeout", 12))
         r->gto = parse_gto(f->value, f->value_len);
+    if (r->check && !r->bad) check_field(r, f);
     if (r->too_big) return;
     if (fab_hpack_encode_field(&r->o, f->name, f->name_len, f->value, f->value_len,
                                f->never_indexed, f->static_name))
         r->too_big = 1;
 }
 
-/* Decode a whole block into RE; 0 ok, -1 COMPRESSION_ERROR. */
-static int hp_decode(struct fab_hpack_table *t, const u8 *p, u32 len, reenc *r) {
+/* Decode a whole block into RE; 0 ok, or the connection error: COMPRESSION_ERROR for a
+ * malformed block, ENHANCE_YOUR_CALM for a header list past HLIST_MAX decoded (a bomb). */
+static u32 hp_decode(struct fab_hpack_table *t, const u8 *p, u32 len, reenc *r, u32 check) {
     r->o.buf = RE;
     r->o.len = 0;
     r->o.cap = RE_CAP;
     r->too_big = r->grpc = r->gto = 0;
-    return fab_hpack_decode(t, p, len, re_field, r);
+    r->check = check;
+    r->bad = r->regular = r->pseudo = r->connect = 0;
+    r->clen = -1;
+    int e = fab_hpack_decode_max(t, p, len, HLIST_MAX, re_field, r);
+    if (e) return e == -2 ? FAB_H2_ENHANCE_YOUR_CALM : FAB_H2_COMPRESSION_ERROR;
+    check_request_end(r);
+    return 0;
 }
 
 /* ---- queues of frames toward one peer: records of type, flags, sid, length, payload ---- */
@@ -260,6 +361,45 @@ static u32 open_count(conn *c) {
     return n;
 }
 
+/* ---- recent stream ids: a ring of bits over the last HIST odd ids ---- */
+static int hist_in(const conn *c, u32 id) {
+    return id && id <= c->max_cid && ((c->max_cid - id) >> 1) < HIST;
+}
+
+static int hist_get(const u64 *h, u32 id) {
+    u32 k = (id >> 1) % HIST;
+    return (int)((h[k >> 6] >> (k & 63)) & 1);
+}
+
+static void hist_set(u64 *h, u32 id) {
+    u32 k = (id >> 1) % HIST;
+    h[k >> 6] |= 1ull << (k & 63);
+}
+
+/* A new highest client stream id: the ids it skips were never opened (RFC 9113 5.1.1:
+ * closed now), and the ring forgets what it held in their places. */
+static void new_max_cid(conn *c, u32 id) {
+    u32 from = c->max_cid ? (c->max_cid >> 1) + 1 : 0, to = id >> 1;
+    if (to - from + 1 >= HIST) {
+        for (u32 i = 0; i < HIST / 64; i++) c->hist_open[i] = c->hist_ours[i] = 0;
+    } else {
+        for (u32 k = from; k <= to; k++) {
+            u32 b = k % HIST;
+            c->hist_open[b >> 6] &= ~(1ull << (b & 63));
+            c->hist_ours[b >> 6] &= ~(1ull << (b & 63));
+        }
+    }
+    c->max_cid = id;
+    hist_set(c->hist_open, id);
+}
+
+/* A frame on a client stream that is not open (closed, or never opened below max_cid):
+ * 1 when it is to be ignored (we reset the stream: the client may have sent it before it
+ * read our RST_STREAM; or it is older than the ring remembers), 0 when it is an error. */
+static int late_frame(const conn *c, u32 id) {
+    return !hist_in(c, id) || hist_get(c->hist_ours, id);
+}
+
 static void conn_error(conn *c, u32 code) {
     if (!c->dead) { c->dead = code + 1; counts[C_PROTO_ERRORS]++; }
     c->dirty = 1;
@@ -279,6 +419,7 @@ static int push2b(conn *c, strm *s, u32 type, u32 flags, u32 sid, const u8 *p, u
 static void rst2c(conn *c, strm *s, u32 sid, u32 code) {
     u8 b[4];
     if (code == FAB_H2_REFUSED_STREAM) counts[C_REFUSED]++;
+    if (hist_in(c, sid)) hist_set(c->hist_ours, sid);
     fab_put_be32(b, code);
     push2c(c, s, FAB_H2_RST_STREAM, 0, sid, b, 4);
 }
@@ -311,6 +452,25 @@ static void purge_to_backend(conn *c, strm *s) {
     c->c_credit += q_purge(&c->w->q2b, s->id, 0, &removed);
     s->qb -= removed;
     s->flags &= ~F_QUEUED_UP;
+}
+
+/* A stream error toward the client (RST_STREAM with code): the stream ends both ways,
+ * what was queued for it is dropped (and credited), and a backend that had the request
+ * gets RST_STREAM(CANCEL). s may be 0 (a stream with no slot). */
+static int reset_allowed(conn *c);
+
+static void stream_error(conn *c, strm *s, u32 sid, u32 code) {
+    if (s && is_open(s)) {
+        /* resets the client provokes cost the backend what its own resets do ("MadeYouReset",
+         * CVE-2025-8671): they take from the same tokens */
+        if (!reset_allowed(c)) { conn_error(c, FAB_H2_ENHANCE_YOUR_CALM); return; }
+        u32 sent = (s->flags & F_SENT_UP) != 0;
+        purge_to_client(c, s);
+        purge_to_backend(c, s);
+        if (sent && c->up == UP_OPEN) rst2b(c, s, sid, FAB_H2_CANCEL);
+        s->flags |= F_RESET;
+    }
+    rst2c(c, s, sid, code);
 }
 
 /* ---- local answers to the client (never touch its dynamic table) ---- */
@@ -357,6 +517,7 @@ static void start_goaway(conn *c) {
     goaway2c(c, 0x7fffffff, FAB_H2_NO_ERROR);
     push2c(c, 0, FAB_H2_PING, 0, 0, (const u8 *)GOAWAY_PING, 8);
     c->ga = 1;
+    c->ga_t = fab_now();
 }
 
 static void backend_gone(conn *c) {
@@ -395,8 +556,13 @@ static void apply_cli_settings(conn *c, const struct fab_h2_frame *f) {
         } else if (id == FAB_H2_SETTINGS_INITIAL_WINDOW_SIZE) {
             i64 d = (i64)v - c->c_init;
             c->c_init = v;
-            for (u32 k = 0; k < NSTREAMS; k++)
-                if (c->w->st[k].flags & F_USED) c->w->st[k].c_send += d;
+            for (u32 k = 0; k < NSTREAMS; k++) {
+                strm *s = &c->w->st[k];
+                if (!(s->flags & F_USED)) continue;
+                s->c_send += d;
+                /* RFC 9113 6.9.2: a window pushed past 2^31-1 is a connection error */
+                if (s->c_send > FAB_H2_MAX_WINDOW) { conn_error(c, FAB_H2_FLOW_CONTROL_ERROR); return; }
+            }
         } else if (id == FAB_H2_SETTINGS_MAX_FRAME_SIZE) {
             c->c_maxf = v;
         }
@@ -410,6 +576,7 @@ static strm *new_stream(conn *c, u32 id) {
         fab_zero(s, sizeof *s);
         s->id = id;
         s->flags = F_USED;
+        s->clen = -1;
         s->c_send = c->c_init;
         s->b_send = c->b_init;
         s->c_recv = WIN0;
@@ -423,13 +590,26 @@ static strm *new_stream(conn *c, u32 id) {
 
 static void cli_header_block(conn *c, u32 sid, u32 flags) {
     reenc r;
-    if (hp_decode(&c->dec, c->w->chb, c->chb_len, &r)) { conn_error(c, FAB_H2_COMPRESSION_ERROR); return; }
-    int end = (flags & FAB_H2_END_STREAM) != 0;
     strm *s = find(c, sid);
+    u32 check = sid > c->max_cid ? CHECK_REQUEST
+              : s && is_open(s) && !(s->flags & F_CLI_END) ? CHECK_TRAILERS : 0;
+    u32 err = hp_decode(&c->dec, c->w->chb, c->chb_len, &r, check);
+    if (err) { conn_error(c, err); return; }
+    int end = (flags & FAB_H2_END_STREAM) != 0;
     if (sid <= c->max_cid) {
-        if (!s || !is_open(s)) return;  /* a closed stream: decoded for the table, ignored */
-        if (s->flags & F_CLI_END) { rst2c(c, s, sid, FAB_H2_STREAM_CLOSED); s->flags |= F_RESET; return; }
-        if (!end) { rst2c(c, s, sid, FAB_H2_PROTOCOL_ERROR); s->flags |= F_RESET; return; }
+        if (!s || !is_open(s)) {
+            /* decoded for the table either way; in flight before our RST_STREAM: ignored;
+             * else a closed stream (STREAM_CLOSED) or an id going backwards (5.1.1) */
+            if (late_frame(c, sid)) return;
+            conn_error(c, hist_get(c->hist_open, sid) ? FAB_H2_STREAM_CLOSED : FAB_H2_PROTOCOL_ERROR);
+            return;
+        }
+        if (s->flags & F_CLI_END) { stream_error(c, s, sid, FAB_H2_STREAM_CLOSED); return; }
+        if (!end || (flags & FLAG_SELFDEP) || r.bad ||
+            (s->clen >= 0 && s->body != (u64)s->clen)) {
+            stream_error(c, s, sid, FAB_H2_PROTOCOL_ERROR);
+            return;
+        }
         s->flags |= F_CLI_END;
         if (s->flags & (F_LOCAL | F_RESET)) return;
         if (r.too_big || !push2b(c, s, FAB_H2_HEADERS, FAB_H2_END_STREAM, sid, RE, r.o.len)) {
@@ -442,7 +622,11 @@ static void cli_header_block(conn *c, u32 sid, u32 flags) {
         }
         return;
     }
-    c->max_cid = sid;
+    new_max_cid(c, sid);
+    if ((flags & FLAG_SELFDEP) || r.bad || (end && r.clen > 0)) {
+        rst2c(c, 0, sid, FAB_H2_PROTOCOL_ERROR);  /* malformed: answered here, no backend */
+        return;
+    }
     if (c->up == UP_GONE || c->b_goaway || c->cli_goaway || c->ga == 2 ||
         (c->nused >= MAX_OPEN && open_count(c) >= MAX_OPEN)) {
         rst2c(c, 0, sid, FAB_H2_REFUSED_STREAM);
@@ -452,6 +636,7 @@ static void cli_header_block(conn *c, u32 sid, u32 flags) {
     if (!s) { rst2c(c, 0, sid, FAB_H2_REFUSED_STREAM); return; }
     counts[C_STREAMS]++;
     if (end) s->flags |= F_CLI_END;
+    s->clen = r.clen;
     if (r.grpc) { s->flags |= F_GRPC; s->gto = r.gto; }
     if (r.too_big) { local_reply(c, s, LR_431); return; }
     if (!push2b(c, s, FAB_H2_HEADERS, end ? FAB_H2_END_STREAM : 0, sid, RE, r.o.len)) {
@@ -460,6 +645,31 @@ static void cli_header_block(conn *c, u32 sid, u32 flags) {
         return;
     }
     s->flags |= F_QUEUED_UP;
+}
+
+/* A client stream id that names no stream the client may have opened: 0, an even id
+ * (we push nothing), or one above the highest it opened (idle): PROTOCOL_ERROR. */
+static int idle_id(const conn *c, u32 sid) {
+    return !sid || !(sid & 1) || sid > c->max_cid;
+}
+
+/* Rapid reset (CVE-2023-44487): each client RST_STREAM of an open stream takes a token;
+ * RST_BURST of them, RST_RATE more a second. A client past that is abusing us. */
+static int reset_allowed(conn *c) {
+    u64 now = fab_now();
+    if (now > c->rst_t) {
+        u64 add = (now - c->rst_t) * RST_RATE / 1000;
+        if (add) {
+            u64 t = c->rst_tokens + add;
+            c->rst_tokens = t > RST_BURST ? RST_BURST : (u32)t;
+            c->rst_t = now;
+        }
+    } else if (now < c->rst_t) {
+        c->rst_t = now;
+    }
+    if (!c->rst_tokens) return 0;
+    c->rst_tokens--;
+    return 1;
 }
 
 static void cli_frame(conn *c, const struct fab_h2_frame *f) {
@@ -472,7 +682,13 @@ static void cli_frame(conn *c, const struct fab_h2_frame *f) {
     }
     if (c->c_cont) {
         if (type != FAB_H2_CONTINUATION || sid != c->c_cont) { conn_error(c, FAB_H2_PROTOCOL_ERROR); return; }
-        if (n > HB_CAP - c->chb_len) { conn_error(c, FAB_H2_ENHANCE_YOUR_CALM); return; }
+        /* each frame costs its header too, so a flood of empty CONTINUATIONs is bounded
+         * like a big block (CVE-2024-27316 and kin) */
+        c->c_cont_cost += FAB_H2_HDR + n;
+        if (n > HB_CAP - c->chb_len || c->c_cont_cost > HB_CAP) {
+            conn_error(c, FAB_H2_ENHANCE_YOUR_CALM);
+            return;
+        }
         fab_copy(c->w->chb + c->chb_len, p, n);
         c->chb_len += n;
         if (flags & FAB_H2_END_HEADERS) {
@@ -483,7 +699,7 @@ static void cli_frame(conn *c, const struct fab_h2_frame *f) {
     }
     switch (type) {
     case FAB_H2_DATA: {
-        if (!sid || sid > c->max_cid) { conn_error(c, FAB_H2_PROTOCOL_ERROR); return; }
+        if (idle_id(c, sid)) { conn_error(c, FAB_H2_PROTOCOL_ERROR); return; }
         if (fab_h2_strip(f, &d, &dl)) { conn_error(c, FAB_H2_PROTOCOL_ERROR); return; }
         if ((i64)n > c->c_recv) { conn_error(c, FAB_H2_FLOW_CONTROL_ERROR); return; }
         c->c_recv -= n;
@@ -491,21 +707,30 @@ static void cli_frame(conn *c, const struct fab_h2_frame *f) {
         if (!s || !is_open(s) || (s->flags & F_CLI_END) || (s->flags & F_LOCAL)) {
             c->c_credit += n;  /* consumed here: nobody else will see it */
             if (s && is_open(s) && (s->flags & F_CLI_END)) {
-                rst2c(c, s, sid, FAB_H2_STREAM_CLOSED);
-                s->flags |= F_RESET;
+                stream_error(c, s, sid, FAB_H2_STREAM_CLOSED);  /* half-closed (remote) */
+            } else if ((!s || !is_open(s)) && !late_frame(c, sid)) {
+                rst2c(c, 0, sid, FAB_H2_STREAM_CLOSED);  /* closed (RFC 9113 6.1) */
             }
             return;
         }
         if ((i64)n > s->c_recv) {
             c->c_credit += n;
-            rst2c(c, s, sid, FAB_H2_FLOW_CONTROL_ERROR);
-            s->flags |= F_RESET;
+            stream_error(c, s, sid, FAB_H2_FLOW_CONTROL_ERROR);
             return;
+        }
+        int end = (flags & FAB_H2_END_STREAM) != 0;
+        if (s->clen >= 0) {  /* RFC 9113 8.1.1: the body must match its content-length */
+            u64 b = s->body + dl;
+            if (b > (u64)s->clen || (end && b != (u64)s->clen)) {
+                c->c_credit += n;
+                stream_error(c, s, sid, FAB_H2_PROTOCOL_ERROR);
+                return;
+            }
+            s->body = b;
         }
         s->c_recv -= n;
         c->c_credit += n - dl;  /* padding: consumed here */
         s->c_credit += n - dl;
-        int end = (flags & FAB_H2_END_STREAM) != 0;
         if (end) s->flags |= F_CLI_END;
         if (dl || end) {
             if (!push2b(c, s, FAB_H2_DATA, end ? FAB_H2_END_STREAM : 0, sid, d, dl))
@@ -517,6 +742,10 @@ static void cli_frame(conn *c, const struct fab_h2_frame *f) {
         if (!sid || !(sid & 1)) { conn_error(c, FAB_H2_PROTOCOL_ERROR); return; }
         if (fab_h2_strip(f, &d, &dl)) { conn_error(c, FAB_H2_PROTOCOL_ERROR); return; }
         if (dl > HB_CAP) { conn_error(c, FAB_H2_ENHANCE_YOUR_CALM); return; }
+        if (flags & FAB_H2_PRIORITY_FLAG) {
+            u32 dep = fab_be32(p + ((flags & FAB_H2_PADDED) ? 1 : 0)) & 0x7fffffff;
+            if (dep == sid) flags |= FLAG_SELFDEP;  /* a stream error, once decoded (5.3.1) */
+        }
         fab_copy(c->w->chb, d, dl);
         c->chb_len = dl;
         if (flags & FAB_H2_END_HEADERS) {
@@ -524,17 +753,26 @@ static void cli_frame(conn *c, const struct fab_h2_frame *f) {
         } else {
             c->c_cont = sid;
             c->c_cont_flags = flags;
+            c->c_cont_cost = FAB_H2_HDR + n;
         }
         return;
-    case FAB_H2_PRIORITY:
+    case FAB_H2_PRIORITY: {
         if (!sid) { conn_error(c, FAB_H2_PROTOCOL_ERROR); return; }
-        if (fab_h2_bad_size(f)) conn_error(c, FAB_H2_FRAME_SIZE_ERROR);
+        if (fab_h2_bad_size(f)) { conn_error(c, FAB_H2_FRAME_SIZE_ERROR); return; }
+        if ((fab_be32(p) & 0x7fffffff) != sid) return;  /* tolerated, dropped (RFC 9113 5.3.2) */
+        strm *s = find(c, sid);
+        /* a stream cannot depend on itself (5.3.1): a stream error on an open stream; one
+         * that is idle or closed cannot be reset, so the connection */
+        if (s && is_open(s)) stream_error(c, s, sid, FAB_H2_PROTOCOL_ERROR);
+        else conn_error(c, FAB_H2_PROTOCOL_ERROR);
         return;
+    }
     case FAB_H2_RST_STREAM: {
-        if (!sid || sid > c->max_cid) { conn_error(c, FAB_H2_PROTOCOL_ERROR); return; }
+        if (idle_id(c, sid)) { conn_error(c, FAB_H2_PROTOCOL_ERROR); return; }
         if (fab_h2_bad_size(f)) { conn_error(c, FAB_H2_FRAME_SIZE_ERROR); return; }
         strm *s = find(c, sid);
         if (!s || (s->flags & F_RESET)) return;
+        if (is_open(s) && !reset_allowed(c)) { conn_error(c, FAB_H2_ENHANCE_YOUR_CALM); return; }
         s->flags |= F_RESET;
         purge_to_client(c, s);
         purge_to_backend(c, s);
@@ -579,16 +817,13 @@ static void cli_frame(conn *c, const struct fab_h2_frame *f) {
             if (c->c_send > FAB_H2_MAX_WINDOW) conn_error(c, FAB_H2_FLOW_CONTROL_ERROR);
             return;
         }
-        if (sid > c->max_cid) { conn_error(c, FAB_H2_PROTOCOL_ERROR); return; }
+        if (idle_id(c, sid)) { conn_error(c, FAB_H2_PROTOCOL_ERROR); return; }
         strm *s = find(c, sid);
         /* closed both ways may still have frames queued toward the client */
         if (!s || (s->flags & F_RESET)) return;
-        if (!inc) { rst2c(c, s, sid, FAB_H2_PROTOCOL_ERROR); s->flags |= F_RESET; return; }
+        if (!inc) { stream_error(c, s, sid, FAB_H2_PROTOCOL_ERROR); return; }
         s->c_send += inc;
-        if (s->c_send > FAB_H2_MAX_WINDOW) {
-            rst2c(c, s, sid, FAB_H2_FLOW_CONTROL_ERROR);
-            s->flags |= F_RESET;
-        }
+        if (s->c_send > FAB_H2_MAX_WINDOW) stream_error(c, s, sid, FAB_H2_FLOW_CONTROL_ERROR);
         return;
     }
     case FAB_H2_CONTINUATION:
@@ -612,7 +847,8 @@ static void cli_input(conn *c, const u8 *p, u32 n) {
  * table, like requests the other way: blocks then need no order between streams. */
 static void b_header_block(conn *c, u32 sid, u32 flags) {
     reenc r;
-    if (hp_decode(&c->w->bdec, c->w->bhb, c->bhb_len, &r)) { up_error(c, FAB_H2_COMPRESSION_ERROR); return; }
+    u32 err = hp_decode(&c->w->bdec, c->w->bhb, c->bhb_len, &r, 0);
+    if (err) { up_error(c, err); return; }
     strm *s = find(c, sid);
     int end = (flags & FAB_H2_END_STREAM) != 0;
     if (!s || (s->flags & F_RESET)) return;  /* the client reset it: decoded, dropped */
@@ -643,7 +879,8 @@ static void b_frame(conn *c, const struct fab_h2_frame *f) {
     }
     if (c->b_cont) {
         if (type != FAB_H2_CONTINUATION || sid != c->b_cont) { up_error(c, FAB_H2_PROTOCOL_ERROR); return; }
-        if (n > HB_CAP - c->bhb_len) {
+        c->b_cont_cost += FAB_H2_HDR + n;  /* empty CONTINUATIONs are bounded too */
+        if (n > HB_CAP - c->bhb_len || c->b_cont_cost > HB_CAP) {
             up_error(c, FAB_H2_ENHANCE_YOUR_CALM);
             conn_error(c, FAB_H2_INTERNAL_ERROR);
             return;
@@ -697,6 +934,7 @@ static void b_frame(conn *c, const struct fab_h2_frame *f) {
         } else {
             c->b_cont = sid;
             c->b_cont_flags = flags;
+            c->b_cont_cost = FAB_H2_HDR + n;
         }
         return;
     case FAB_H2_RST_STREAM: {
@@ -707,6 +945,7 @@ static void b_frame(conn *c, const struct fab_h2_frame *f) {
         if (!(s->flags & F_SRV_END)) purge_to_client(c, s);
         purge_to_backend(c, s);
         push2c(c, s, FAB_H2_RST_STREAM, 0, sid, p, 4);
+        if (hist_in(c, sid)) hist_set(c->hist_ours, sid);  /* reset by us, to the client */
         s->flags |= F_RESET;
         return;
     }
@@ -722,8 +961,12 @@ static void b_frame(conn *c, const struct fab_h2_frame *f) {
             } else if (id == FAB_H2_SETTINGS_INITIAL_WINDOW_SIZE) {
                 i64 dw = (i64)v - c->b_init;
                 c->b_init = v;
-                for (u32 k = 0; k < NSTREAMS; k++)
-                    if (c->w->st[k].flags & F_USED) c->w->st[k].b_send += dw;
+                for (u32 k = 0; k < NSTREAMS; k++) {
+                    strm *s = &c->w->st[k];
+                    if (!(s->flags & F_USED)) continue;
+                    s->b_send += dw;
+                    if (s->b_send > FAB_H2_MAX_WINDOW) { up_error(c, FAB_H2_FLOW_CONTROL_ERROR); return; }
+                }
             } else if (id == FAB_H2_SETTINGS_MAX_FRAME_SIZE) {
                 c->b_maxf = v;
             } else if (id == FAB_H2_SETTINGS_MAX_CONCURRENT_STREAMS) {
@@ -771,6 +1014,7 @@ static void b_frame(conn *c, const struct fab_h2_frame *f) {
         strm *s = find(c, sid);
         if (!s || !inc) return;
         s->b_send += inc;
+        if (s->b_send > FAB_H2_MAX_WINDOW) up_error(c, FAB_H2_FLOW_CONTROL_ERROR);
         return;
     }
     case FAB_H2_CONTINUATION:
@@ -1010,6 +1254,20 @@ static void close_conn(conn *c) {
     free_conn(c);
 }
 
+/* Connections refused past max_connections, and those closed for a protocol error after
+ * their GOAWAY, linger (their bytes read and dropped) until the client closes or a second
+ * has passed: closing a socket with unread bytes is a TCP reset, which can destroy the
+ * GOAWAY before the client reads it (a client still writing when it erred always has
+ * unread bytes). */
+#define NREFUSED 256
+FAB_TABLE(refused, u64, NREFUSED);  /* sid -> the time it was refused (0: before a tick) */
+
+static void linger(u32 sid) {
+    u64 *t = fab_table_add(&refused, sid);
+    if (t) *t = have_now ? fab_now() + 1 : 0;  /* 0: before a tick (on_tick stamps it) */
+    else fab_close(sid);
+}
+
 /* Write what this connection may send to each side; 0 when deferred for lack of room. */
 static int flush_conn(conn *c) {
     if (!room(6)) return 0;
@@ -1020,13 +1278,15 @@ static int flush_conn(conn *c) {
     dlen = ulen = 0;
     c->dirty = 0;
     if (c->dead) {
+        u32 sid = c->sid;
         dlen = fab_h2_goaway(D, c->max_cid, c->dead - 1);
-        fab_send(c->sid, D, dlen);
-        fab_close(c->sid);
+        fab_send(sid, D, dlen);
         if (c->up == UP_OPEN || c->up == UP_CONNECTING || c->up_close)
-            fab_upstream_close(c->sid);
+            fab_upstream_close(sid);
+        if (c->waiting) fab_resume(sid);  /* read (and drop) what it still sends */
         logmsg(FAB_INFO, "http2: client connection error, GOAWAY sent");
         free_conn(c);
+        linger(sid);
         return 1;
     }
     if (c->up == UP_NONE && backend_state != 2 && wants_up(c) && fab_room() >= 6) {
@@ -1144,6 +1404,8 @@ static conn *open_conn(u32 sid) {
     c->c_tsu = 1;
     c->b_last = 0x7fffffff;
     c->b_maxcs = 0xffffffff;  /* until the backend's SETTINGS say (none is sent before) */
+    c->rst_tokens = RST_BURST;
+    c->rst_t = fab_now();
     u8 s[6];
     fab_h2_put_setting(s, FAB_H2_SETTINGS_MAX_CONCURRENT_STREAMS, MAX_OPEN);
     if (get_work(c)) {
@@ -1188,8 +1450,6 @@ static void on_batch_begin(void) {
  * open, its bytes read and dropped, until the client closes it or a second passes: a
  * close with unread bytes would be a TCP reset, which can destroy the GOAWAY before the
  * client reads it. */
-#define NREFUSED 256
-FAB_TABLE(refused, u64, NREFUSED);  /* sid -> the time it was refused (0: before a tick) */
 
 static void refuse(u32 sid) {
     u8 b[32];
@@ -1198,9 +1458,7 @@ static void refuse(u32 sid) {
     n += fab_h2_goaway(b + n, 0, FAB_H2_NO_ERROR);
     fab_send(sid, b, n);
     counts[C_CONN_REFUSED]++;
-    u64 *t = fab_table_add(&refused, sid);
-    if (t) *t = fab_now();
-    else fab_close(sid);
+    linger(sid);
     logmsg(FAB_WARNING, "http2: connection limit reached, connection refused (GOAWAY)");
 }
 
@@ -1257,6 +1515,15 @@ static void on_tick(u64 t) {
         if ((c->w && (c->w->q2c.len || c->w->q2b.len)) || c->c_credit || c->b_credit)
             c->dirty = 1;
         if (c->up == UP_NONE && backend_state != 2 && c->w) c->dirty = 1;
+        /* the two-step GOAWAY's PING unanswered for GOAWAY_WAIT_MS: the final GOAWAY
+         * anyway (the PING only measures a round trip; a client that never answers it
+         * must not keep the connection forever) */
+        if (c->ga == 1 && !c->ga_t) c->ga_t = t;
+        if (c->ga == 1 && t - c->ga_t >= GOAWAY_WAIT_MS && get_work(c)) {
+            goaway2c(c, c->max_cid, FAB_H2_NO_ERROR);
+            c->ga = 2;
+            c->dirty = 1;
+        }
         /* half-closed, and nothing could be sent for twice the hold: the client is gone
          * (a reset, or it never reads); drop the connection rather than keep it forever */
         if (c->cli_fin && !c->fin_t) c->fin_t = t;

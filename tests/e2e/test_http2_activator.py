@@ -471,3 +471,107 @@ def test_request_to_a_backend_frozen_for_good_gets_503_at_the_hold_timeout(
     assert out.splitlines() == ["first 200", "second 503"], (out, _tail(err), d.log()[-3000:])
     st = d.get("/v1/services")[0]["streams"]["80"]
     assert st["guest_counters"]["upstream_timeouts"] == 1, st
+
+
+MALFORMED_CLIENT = """
+import socket, struct, sys, hpack
+def fr(t, fl, sid, p=b""):
+    return struct.pack(">I", len(p))[1:] + bytes([t, fl]) + struct.pack(">I", sid) + p
+s = socket.create_connection((sys.argv[1], 80), timeout=20)
+enc = hpack.Encoder()
+bad = enc.encode([(":method", "GET"), (":scheme", "http"), (":path", "/"),
+                  (":authority", "svc"), ("connection", "close")])
+s.sendall(b"PRI * HTTP/2.0\\r\\n\\r\\nSM\\r\\n\\r\\n" + fr(4, 0, 0) + fr(1, 5, 1, bad) +
+          fr(6, 0, 0, b"afterbad"))
+buf, seen = b"", []
+while not (("rst", 1) in seen and ("pingack", 0) in seen):
+    d = s.recv(65536)
+    if not d:
+        break
+    buf += d
+    while len(buf) >= 9 and len(buf) >= 9 + int.from_bytes(buf[:3], "big"):
+        n = int.from_bytes(buf[:3], "big")
+        t, fl, p = buf[3], buf[4], buf[9:9 + n]
+        buf = buf[9 + n:]
+        if t == 3:
+            seen.append(("rst", int.from_bytes(p, "big")))
+        elif t == 6 and fl & 1:
+            seen.append(("pingack", 0))
+        elif t == 7:
+            seen.append(("goaway", int.from_bytes(p[4:8], "big")))
+print(" ".join(f"{k}:{v}" for k, v in seen))
+"""
+
+
+def test_curl_prior_knowledge_get_and_post_through_a_dormant_service(
+        sandbox: Sandbox) -> None:
+    """curl --http2-prior-knowledge: a GET and a POST with a body (held while the backend
+    wakes, its content-length checked by the guest) both succeed."""
+    web_ns = sandbox.name("web")
+    server = script(sandbox, "echo_server.py", ECHO_SERVER)
+    start = (f"sh -c '(sleep 1; exec ip netns exec {web_ns} {sys.executable} {server} 8080)"
+             " >/dev/null 2>&1 &'")
+    d, client, _ = setup(sandbox, [service("web", on_activate=start)])
+    r = sandbox.run(client, "curl", "-sS", "--http2-prior-knowledge", "-H", "x-custom: got",
+                    f"http://{VIP}/get", check=False, timeout=60)
+    assert r.stdout == "got /get", (r.stdout, r.stderr, d.log()[-3000:])
+    r = sandbox.run(client, "curl", "-sS", "--http2-prior-knowledge", "-H", "x-custom: posted",
+                    "--data-binary", "x" * 100000, f"http://{VIP}/post", check=False,
+                    timeout=60)
+    assert r.stdout == "posted /post", (r.stdout, r.stderr, d.log()[-3000:])
+    st = d.get("/v1/services")[0]["streams"]["80"]
+    assert st["counters"]["guest_failures"] == 0, st
+
+
+def test_malformed_request_refused_without_a_wake(sandbox: Sandbox) -> None:
+    """A request with a connection-specific field (RFC 9113 8.2.2) is a stream error the
+    guest answers itself: RST_STREAM(PROTOCOL_ERROR), the connection still serves (its
+    PING answered), and the dormant backend is not woken."""
+    marker = os.path.join(sandbox.tmp, "woken")
+    d, client, _ = setup(sandbox, [service("web", on_activate=f"touch {marker}")])
+    cli = script(sandbox, "malformed.py", MALFORMED_CLIENT)
+    r = sandbox.run(client, sys.executable, cli, VIP, check=False, timeout=40)
+    assert r.stdout.split() == ["rst:1", "pingack:0"], (r.stdout, r.stderr, d.log()[-3000:])
+    time.sleep(0.5)  # give a wrong wake time to show (not a timed assertion of success)
+    svc = d.get("/v1/services")[0]
+    assert not os.path.exists(marker) and svc["state"] == "dormant", svc
+
+
+ERRING_CLIENT = """
+import socket, struct, sys, time
+def fr(t, fl, sid, p=b""):
+    return struct.pack(">I", len(p))[1:] + bytes([t, fl]) + struct.pack(">I", sid) + p
+s = socket.create_connection((sys.argv[1], 80), timeout=20)
+# a PING on stream 1 is a connection error, and the client keeps writing after it
+s.sendall(b"PRI * HTTP/2.0\\r\\n\\r\\nSM\\r\\n\\r\\n" + fr(4, 0, 0) + fr(6, 0, 1, b"12345678"))
+junk = fr(0x20, 0, 0, b"x" * 16000) * 16
+try:
+    for _ in range(8):
+        s.sendall(junk)
+except OSError:
+    pass
+time.sleep(0.5)  # a reset, if one came, has arrived before we read
+buf = b""
+try:
+    while (d := s.recv(65536)):
+        buf += d
+except OSError as e:
+    print("error", type(e).__name__)
+codes = []
+while len(buf) >= 9:
+    n = int.from_bytes(buf[:3], "big")
+    if buf[3] == 7:
+        codes.append(int.from_bytes(buf[13:17], "big"))
+    buf = buf[9 + n:]
+print("goaway", codes)
+"""
+
+
+def test_goaway_reaches_a_client_that_keeps_writing_after_its_error(sandbox: Sandbox) -> None:
+    """A connection error while the client is still writing: the GOAWAY with its code
+    reaches the client (no TCP reset destroys it), then the connection closes."""
+    d, client, _ = setup(sandbox, [service("web", on_activate="true")])
+    cli = script(sandbox, "erring.py", ERRING_CLIENT)
+    r = sandbox.run(client, sys.executable, cli, VIP, check=False, timeout=40)
+    assert r.stdout.strip().splitlines()[-1] == "goaway [1]", (r.stdout, r.stderr,
+                                                               d.log()[-3000:])

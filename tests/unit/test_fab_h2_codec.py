@@ -35,10 +35,13 @@ SID = 1
 MAXF = 16384
 
 names = st.text("abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=24).filter(
-    lambda s: s not in ("te", "connection", "keep-alive", "upgrade", "transfer-encoding"))
+    lambda s: s not in ("te", "connection", "keep-alive", "upgrade", "transfer-encoding",
+                        "content-length"))
 values = st.text("".join(chr(c) for c in range(0x20, 0x7f)), max_size=80).map(str.strip)
+# (no content-length: a request whose body does not match it is malformed, RFC 9113 8.1.1,
+# and answered by the guest; test_http2_rfc.py covers that)
 STATIC_NAMES = ["accept", "accept-encoding", "cookie", "user-agent", "content-type",
-                "cache-control", "x-forwarded-for", "content-length", "etag"]
+                "cache-control", "x-forwarded-for", "content-encoding", "etag"]
 fields = st.lists(st.tuples(names | st.sampled_from(STATIC_NAMES), values,
                             st.booleans()), max_size=12)
 

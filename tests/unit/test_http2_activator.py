@@ -592,6 +592,7 @@ def test_protocol_errors_answered_with_goaway() -> None:
         g.client(1, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         out = g.to_client(1)
         assert out[9 + 6 + 3] == 7 or b"\x00\x00\x08\x07" in out  # a GOAWAY frame
+        g.client_close(1)  # it lingers (no reset to destroy the GOAWAY) until the client goes
         assert g.streams[1].downstream_closed
         # an oversized frame: FRAME_SIZE_ERROR
         g.open(3)
@@ -848,3 +849,36 @@ def test_fuzz_mutated_client_bytes(junk: bytes, at: int) -> None:
         assert g.host.stats.traps == 0 and g.host.stats.malformed == 0
     finally:
         g.close()
+
+
+def test_header_table_size_changes_from_either_side_keep_hpack_in_step() -> None:
+    """Both peers shrink and grow SETTINGS_HEADER_TABLE_SIZE (their decoders) and their
+    encoders' own tables (size updates) between requests: every block still decodes on
+    both sides, and what the guest sends never exceeds what a peer allows."""
+    r = Rig({"hold_timeout_ms": 60000})
+    try:
+        size = h2.settings.SettingCodes.HEADER_TABLE_SIZE
+        r.c.send_headers(1, req("/0", x_k="v" * 100), end_stream=True)
+        r.pump()
+        r.connect_backend()
+        assert r.s is not None
+        r.respond(1, extra=[("x-r", "w" * 100)])
+        for i, (csize, ssize) in enumerate([(0, 0), (256, 4096), (4096, 100), (0, 4096)]):
+            r.c.update_settings({size: csize})
+            r.s.update_settings({size: ssize})
+            r.c.encoder.header_table_size = [4096, 0, 200, 4096][i]
+            r.s.encoder.header_table_size = [0, 4096, 50, 300][i]
+            r.pump()
+            sid = 3 + 2 * i
+            r.c.send_headers(sid, req(f"/{sid}", x_k="v" * 100), end_stream=True)
+            r.pump()
+            r.respond(sid, body=b"ok", extra=[("x-r", "w" * 100)])
+        got = {e.stream_id: dict(e.headers) for e in r.of(r.sev, h2.events.RequestReceived)}
+        assert sorted(got) == [1, 3, 5, 7, 9]
+        assert all(h["x-k"] == "v" * 100 for h in got.values())
+        resp = r.responses()
+        assert sorted(resp) == [1, 3, 5, 7, 9]
+        assert all(h["x-r"] == "w" * 100 for h in resp.values())
+        assert r.g.failed == 0
+    finally:
+        r.close()

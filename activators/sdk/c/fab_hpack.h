@@ -31,7 +31,10 @@
  * name or value is at most FAB_HPACK_STR_CAP bytes (64 KiB; define it before the
  * include to change it); integers above 2^24 are errors. A field's name and value are
  * valid during the callback only (shared scratch buffers). Nothing here traps or reads
- * outside its input, whatever the bytes: a malformed block is -1.
+ * outside its input, whatever the bytes: a malformed block is -1. The work a block costs
+ * is bounded by what it decodes to, not by its size (one byte can name a 4 KiB entry):
+ * for a peer you do not trust use fab_hpack_decode_max, which stops past a decoded
+ * header-list size you choose (-2).
  */
 #ifndef FAB_HPACK_H
 #define FAB_HPACK_H
@@ -283,10 +286,15 @@ static FAB_UNUSED int fab__hp_lookup(struct fab_hpack_table *t, u32 idx, u32 *nl
 
 /* Decode a whole header block (HEADERS + CONTINUATION payloads, reassembled) against the
  * sender's table, calling cb for every field in order; 0, or -1 for a malformed block
- * (the connection error COMPRESSION_ERROR: the table is out of step from then on). */
-FAB_INLINE int fab_hpack_decode(struct fab_hpack_table *t, const u8 *p, u32 len,
-                                 fab_hpack_cb cb, void *ctx) {
-    u32 pos = 0, seen = 0;
+ * (the connection error COMPRESSION_ERROR: the table is out of step from then on), or -2
+ * when the decoded header list grows past max_list octets (RFC 7541 4.1 sizes: name +
+ * value + 32 per field; 0: no limit). Why the limit: a block of one-byte references to a
+ * 4 KiB entry decodes to 4 KiB per byte (an "HPACK bomb"), so a 32 KiB block is 128 MB of
+ * work; past the limit the decoder stops at once and the table is out of step, so -2 is a
+ * connection error too (ENHANCE_YOUR_CALM). */
+FAB_INLINE int fab_hpack_decode_max(struct fab_hpack_table *t, const u8 *p, u32 len,
+                                     u32 max_list, fab_hpack_cb cb, void *ctx) {
+    u32 pos = 0, seen = 0, list = 0;
     struct fab_hpack_field f;
     f.name = fab__hp_name;
     f.value = fab__hp_value;
@@ -322,6 +330,8 @@ FAB_INLINE int fab_hpack_decode(struct fab_hpack_table *t, const u8 *p, u32 len,
             if (incr) fab__hp_insert(t, fab__hp_name, nl, fab__hp_value, vl, si);
         }
         if (si == FAB_HPACK_UNKNOWN) si = fab_hpack_static_name(fab__hp_name, nl);
+        list += nl + vl + 32;
+        if (max_list && list > max_list) return -2;
         f.name_len = nl;
         f.value_len = vl;
         f.static_name = si;
@@ -329,6 +339,13 @@ FAB_INLINE int fab_hpack_decode(struct fab_hpack_table *t, const u8 *p, u32 len,
         seen = 1;
     }
     return 0;
+}
+
+/* The same without a limit on the decoded list (a peer you trust, or a caller that bounds
+ * the work otherwise). */
+FAB_INLINE int fab_hpack_decode(struct fab_hpack_table *t, const u8 *p, u32 len,
+                                 fab_hpack_cb cb, void *ctx) {
+    return fab_hpack_decode_max(t, p, len, 0, cb, ctx);
 }
 
 /* ------------------------------------------------------------------ the encoder */

@@ -1,0 +1,938 @@
+"""The HTTP/2 activator against RFC 9113 / RFC 7541, frame by frame, with hostile input.
+
+Each case writes raw frames (what a conformance tester such as h2spec sends) to the guest
+through the real wasm host and checks the RFC's answer: a connection error is a GOAWAY
+with the code and the connection closed; a stream error is RST_STREAM (or GOAWAY) with
+the code. ``h2``'s own state machine would refuse to send most of these, so frames are
+built by hand here; the HPACK blocks come from the ``hpack`` package (h2's encoder) or
+are written byte by byte when they must be malformed.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+import hpack
+import pytest
+
+from tests.support.streamguest import StreamGuest
+
+WASM = Path(__file__).resolve().parents[2] / "activators" / "http2" / "http2.wasm"
+SID = 1
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+DATA, HEADERS, PRIORITY, RST, SETTINGS, PUSH, PING, GOAWAY, WU, CONT = range(10)
+END_STREAM = ACK = 0x1
+END_HEADERS, PADDED, PRIO = 0x4, 0x8, 0x20
+NO_ERROR, PROTOCOL, INTERNAL, FLOW, _, CLOSED, FRAME_SIZE, REFUSED, CANCEL, COMPRESSION = \
+    range(10)
+CALM = 0xB
+NONE, ACTIVE = 0, 2
+
+
+def fr(ftype: int, flags: int, sid: int, payload: bytes = b"") -> bytes:
+    return struct.pack(">I", len(payload))[1:] + bytes([ftype, flags]) + \
+        struct.pack(">I", sid) + payload
+
+
+def setting(ident: int, value: int) -> bytes:
+    return struct.pack(">HI", ident, value)
+
+
+def req_headers(path: str = "/", method: str = "GET", **extra: str) -> list[tuple[str, str]]:
+    h = [(":method", method), (":scheme", "http"), (":authority", "svc"), (":path", path)]
+    return h + [(k.replace("_", "-"), v) for k, v in extra.items()]
+
+
+def parse(data: bytes) -> list[tuple[int, int, int, bytes]]:
+    out = []
+    while len(data) >= 9:
+        n = int.from_bytes(data[:3], "big")
+        out.append((data[3], data[4], int.from_bytes(data[5:9], "big") & 0x7FFFFFFF,
+                    data[9:9 + n]))
+        data = data[9 + n:]
+    assert not data, "a partial frame toward the client"
+    return out
+
+
+class Raw:
+    """One guest, one client connection written frame by frame."""
+
+    def __init__(self, config: dict[str, Any] | None = None, handshake: bool = True) -> None:
+        self.g = StreamGuest(WASM, config or {"hold_timeout_ms": 1000})
+        self.enc = hpack.Encoder()
+        self.dec = hpack.Decoder()
+        self.got: list[tuple[int, int, int, bytes]] = []
+        self.g.open(SID)
+        self.read()
+        if handshake:
+            self.send(PREFACE + fr(SETTINGS, 0, 0))
+
+    def close(self) -> None:
+        self.g.close()
+
+    def send(self, data: bytes) -> list[tuple[int, int, int, bytes]]:
+        self.g.client(SID, data)
+        return self.read()
+
+    def read(self) -> list[tuple[int, int, int, bytes]]:
+        new = parse(self.g.to_client(SID))
+        self.got += new
+        return new
+
+    def block(self, headers: list[tuple[str, str]] | None = None) -> bytes:
+        return self.enc.encode(headers if headers is not None else req_headers())
+
+    def headers(self, sid: int, flags: int = END_STREAM | END_HEADERS,
+                headers: list[tuple[str, str]] | None = None) -> list[Any]:
+        return self.send(fr(HEADERS, flags, sid, self.block(headers)))
+
+    def expire(self, t: int = 5000) -> None:
+        """Let the hold run out: held streams get their 503 (a normal end)."""
+        self.g.tick(0)
+        self.g.tick(t)
+        self.read()
+
+    # --- what the RFC asks ------------------------------------------------------------
+
+    def goaway(self) -> int | None:
+        for t, _f, _s, p in self.got:
+            if t == GOAWAY:
+                return int.from_bytes(p[4:8], "big")
+        return None
+
+    def assert_conn_error(self, *codes: int) -> None:
+        """GOAWAY with one of the codes, then the connection closed once the client
+        closes (it lingers, dropping what it reads, so no reset destroys the GOAWAY)."""
+        code = self.goaway()
+        assert code in codes, f"GOAWAY {code}, frames {self.kinds()}"
+        assert self.g.failed == 0
+        if not self.g.streams[SID].downstream_closed:
+            self.g.client_close(SID)
+        assert self.g.streams[SID].downstream_closed, "connection left open"
+
+    def assert_stream_error(self, sid: int, *codes: int) -> None:
+        rsts = [int.from_bytes(p[:4], "big") for t, _f, s, p in self.got if t == RST and s == sid]
+        if any(c in codes for c in rsts):
+            assert self.g.failed == 0
+            return
+        self.assert_conn_error(*codes)
+
+    def assert_alive(self) -> None:
+        """No error at all: a PING still gets its ACK."""
+        self.read()
+        assert self.goaway() is None, self.kinds()
+        assert not [f for f in self.got if f[0] == RST], self.kinds()
+        new = self.send(fr(PING, 0, 0, b"stillok!"))
+        assert (PING, ACK, 0, b"stillok!") in new, new
+        assert self.g.failed == 0
+
+    def kinds(self) -> list[tuple[int, int, int]]:
+        return [(t, f, s) for t, f, s, _p in self.got]
+
+    def responses(self) -> dict[int, dict[str, str]]:
+        out = {}
+        for t, f, s, p in self.got:
+            if t == HEADERS:
+                body = p
+                if f & PADDED:
+                    body = body[1:len(body) - body[0]]
+                out[s] = {k.decode(): v.decode() for k, v in self.dec.decode(body, raw=True)}
+        return out
+
+
+@pytest.fixture
+def raw() -> Any:
+    r = Raw()
+    yield r
+    r.close()
+
+
+# --- 3.4: the preface -----------------------------------------------------------------
+
+def test_server_preface_at_once_and_client_settings_acked() -> None:
+    r = Raw(handshake=False)
+    try:
+        assert r.got and r.got[0][:3] == (SETTINGS, 0, 0), "server SETTINGS not first, at once"
+        r.send(PREFACE + fr(SETTINGS, 0, 0, setting(3, 50)))
+        assert (SETTINGS, ACK, 0) in r.kinds()
+    finally:
+        r.close()
+
+
+def test_connection_error_lingers_then_closes() -> None:
+    """After a connection error's GOAWAY the guest reads and drops what the client still
+    sends (closing with unread bytes would be a TCP reset that can destroy the GOAWAY),
+    and closes when the client does, or after a second."""
+    for closing in ("client", "timer"):
+        r = Raw()
+        try:
+            r.g.tick(0)
+            r.send(fr(PING, 0, 1, b"12345678"))
+            assert r.goaway() == PROTOCOL
+            assert not r.g.streams[SID].downstream_closed
+            assert not r.send(fr(PING, 0, 0, b"ignored!") * 100), "answered after GOAWAY"
+            if closing == "client":
+                r.g.client_close(SID)
+            else:
+                r.g.tick(500)
+                assert not r.g.streams[SID].downstream_closed
+                r.g.tick(1100)
+            assert r.g.streams[SID].downstream_closed
+            assert r.g.failed == 0
+        finally:
+            r.close()
+
+
+@pytest.mark.parametrize("junk", [
+    b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n",
+    PREFACE + fr(PING, 0, 0, b"12345678"),  # first frame not SETTINGS
+    PREFACE + fr(SETTINGS, ACK, 0),
+])
+def test_bad_client_preface_is_goaway_protocol_error(junk: bytes) -> None:
+    r = Raw(handshake=False)
+    try:
+        r.send(junk)
+        r.assert_conn_error(PROTOCOL)
+    finally:
+        r.close()
+
+
+# --- 4.x: frames ----------------------------------------------------------------------
+
+def test_unknown_type_undefined_flags_reserved_bit_ignored(raw: Raw) -> None:
+    raw.send(fr(0x20, 0xFF, 0, b"whatever"))
+    raw.send(fr(0x21, 0, 7, b"on an idle stream"))
+    raw.send(fr(PING, 0x16, 0, b"flagsxxx"))
+    raw.send(struct.pack(">I", 8)[1:] + bytes([PING, 0]) + struct.pack(">I", 1 << 31) + b"reserved")
+    assert [p for t, f, _s, p in raw.got if t == PING] == [b"flagsxxx", b"reserved"]
+    raw.assert_alive()
+
+
+def test_max_size_data_frame_accepted(raw: Raw) -> None:
+    raw.headers(1, END_HEADERS, req_headers(method="POST"))
+    raw.send(fr(DATA, END_STREAM, 1, b"x" * 16384))
+    raw.expire()
+    assert raw.responses()[1][":status"] == "503"
+
+
+def test_frames_over_max_frame_size_are_frame_size_error(raw: Raw) -> None:
+    raw.headers(1, END_HEADERS, req_headers(method="POST"))
+    raw.send(fr(DATA, END_STREAM, 1, b"x" * 16385))
+    raw.assert_stream_error(1, FRAME_SIZE)
+    r = Raw()
+    try:
+        r.send(fr(HEADERS, END_HEADERS, 3, r.block() + b"\x00\x00" * 8200))
+        r.assert_conn_error(FRAME_SIZE)
+    finally:
+        r.close()
+
+
+def test_invalid_header_block_is_compression_error(raw: Raw) -> None:
+    raw.send(fr(HEADERS, END_STREAM | END_HEADERS, 1, b"\x40"))
+    raw.assert_conn_error(COMPRESSION)
+
+
+# --- 5.1: stream states and identifiers -------------------------------------------------
+
+@pytest.mark.parametrize("frame", [
+    fr(DATA, 0, 1, b"x"), fr(RST, 0, 1, struct.pack(">I", CANCEL)),
+    fr(WU, 0, 1, struct.pack(">I", 100)), fr(CONT, END_HEADERS, 1, b"\x82"),
+])
+def test_frames_on_idle_streams_are_protocol_errors(raw: Raw, frame: bytes) -> None:
+    raw.send(frame)
+    raw.assert_stream_error(1, PROTOCOL, CLOSED)
+    if frame[3] != DATA:
+        raw.assert_conn_error(PROTOCOL)
+
+
+def test_even_stream_id_is_protocol_error(raw: Raw) -> None:
+    raw.headers(2)
+    raw.assert_conn_error(PROTOCOL)
+
+
+@pytest.mark.parametrize("frame", [
+    fr(DATA, 0, 2, b"x"), fr(WU, 0, 2, struct.pack(">I", 100)),
+    fr(RST, 0, 2, struct.pack(">I", CANCEL)),
+])
+def test_frames_on_even_idle_streams_below_the_highest_are_protocol_errors(
+        raw: Raw, frame: bytes) -> None:
+    raw.headers(5)
+    raw.send(frame)
+    raw.assert_stream_error(2, PROTOCOL, CLOSED)
+
+
+def test_stream_id_going_backwards_is_protocol_error(raw: Raw) -> None:
+    raw.headers(5)
+    raw.headers(3)
+    raw.assert_conn_error(PROTOCOL)
+
+
+def test_half_closed_remote_data_and_headers_are_stream_closed(raw: Raw) -> None:
+    raw.headers(1)
+    raw.send(fr(DATA, 0, 1, b"late"))
+    raw.assert_stream_error(1, CLOSED)
+    r = Raw()
+    try:
+        r.headers(1)
+        r.headers(1)
+        r.assert_stream_error(1, CLOSED)
+    finally:
+        r.close()
+
+
+def test_closed_by_client_reset_then_data_or_headers_is_stream_closed() -> None:
+    for late in ("data", "headers"):
+        r = Raw()
+        try:
+            r.headers(1, END_HEADERS)
+            r.send(fr(RST, 0, 1, struct.pack(">I", CANCEL)))
+            if late == "data":
+                r.send(fr(DATA, 0, 1, b"late"))
+            else:
+                r.headers(1)
+            r.assert_stream_error(1, CLOSED)
+        finally:
+            r.close()
+
+
+def test_closed_normally_then_data_or_headers_is_stream_closed() -> None:
+    for late in ("data", "headers"):
+        r = Raw()
+        try:
+            r.headers(1)
+            r.expire()
+            assert r.responses()[1][":status"] == "503"
+            if late == "data":
+                r.send(fr(DATA, 0, 1, b"late"))
+                r.assert_stream_error(1, CLOSED)
+            else:
+                r.headers(1)
+                r.assert_conn_error(CLOSED, PROTOCOL)
+        finally:
+            r.close()
+
+
+def test_frames_after_our_own_reset_are_ignored() -> None:
+    """The client may have sent frames before it read our RST_STREAM (RFC 9113 5.1)."""
+    r = Raw()
+    try:
+        r.headers(1, END_HEADERS, req_headers(method="POST"))
+        r.send(fr(DATA, 0, 1, b"partial body"))
+        r.expire()  # 503 + RST_STREAM(NO_ERROR): the body was not finished
+        assert r.responses()[1][":status"] == "503"
+        r.send(fr(DATA, 0, 1, b"more in flight"))
+        r.send(fr(HEADERS, END_STREAM | END_HEADERS, 1, r.block([("x-trailer", "t")])))
+        r.send(fr(WU, 0, 1, struct.pack(">I", 10)))
+        r.send(fr(RST, 0, 1, struct.pack(">I", CANCEL)))
+        assert [int.from_bytes(p, "big") for t, _f, s, p in r.got if t == RST] == [NO_ERROR]
+        r.headers(3)  # the client's table stayed in step: the trailer block was decoded
+        r.expire(10000)
+        assert r.responses()[3][":status"] == "503"
+        assert r.goaway() is None
+    finally:
+        r.close()
+
+
+def test_refused_streams_tolerate_frames_in_flight() -> None:
+    r = Raw({"hold_timeout_ms": 1000})
+    try:
+        for i in range(101):
+            r.headers(1 + 2 * i, END_HEADERS, req_headers(method="POST"))
+        refused = [s for t, _f, s, p in r.got if t == RST and p == struct.pack(">I", REFUSED)]
+        assert refused == [201]
+        r.send(fr(DATA, END_STREAM, 201, b"in flight"))
+        assert r.goaway() is None and len([f for f in r.got if f[0] == RST]) == 1
+    finally:
+        r.close()
+
+
+def test_concurrency_limit_exceeded_is_refused(raw: Raw) -> None:
+    raw.send(fr(SETTINGS, 0, 0, setting(4, 0)))
+    for i in range(101):
+        raw.headers(1 + 2 * i)
+    raw.assert_stream_error(201, REFUSED, PROTOCOL)
+
+
+# --- 5.3: priority ----------------------------------------------------------------------
+
+def test_stream_depending_on_itself_is_protocol_error(raw: Raw) -> None:
+    raw.send(fr(HEADERS, END_STREAM | END_HEADERS | PRIO, 1,
+                struct.pack(">IB", 1, 15) + raw.block()))
+    raw.assert_stream_error(1, PROTOCOL)
+    r = Raw()
+    try:
+        r.send(fr(PRIORITY, 0, 3, struct.pack(">IB", 3, 15)))
+        r.assert_stream_error(3, PROTOCOL)
+    finally:
+        r.close()
+
+
+def test_priority_frames_tolerated_anywhere(raw: Raw) -> None:
+    raw.send(fr(PRIORITY, 0, 9, struct.pack(">IB", 0, 1)))  # idle, higher than what follows
+    raw.headers(1)
+    raw.send(fr(PRIORITY, 0, 1, struct.pack(">IB", 0x80000000 | 3, 255)))
+    raw.expire()
+    raw.send(fr(PRIORITY, 0, 1, struct.pack(">IB", 0, 1)))  # closed
+    assert raw.responses()[1][":status"] == "503"
+    raw.assert_alive()
+
+
+def test_priority_bad_size(raw: Raw) -> None:
+    raw.send(fr(PRIORITY, 0, 1, b"\x00" * 4))
+    raw.assert_stream_error(1, FRAME_SIZE)
+
+
+# --- 6.x ------------------------------------------------------------------------------
+
+def test_continuation_rules() -> None:
+    eh = END_STREAM | END_HEADERS
+
+    def open_block(r: Raw) -> bytes:
+        return fr(HEADERS, END_STREAM, 1, r.block())
+
+    cases = [
+        lambda r: r.send(open_block(r) + fr(PRIORITY, 0, 1, b"\0" * 5)),
+        lambda r: r.send(open_block(r) + fr(HEADERS, eh, 3, r.block())),
+        lambda r: r.send(open_block(r) + fr(0x30, 0, 0, b"ext")),
+        lambda r: r.send(fr(HEADERS, END_STREAM, 1, r.block()[:2]) +
+                         fr(CONT, 0, 1, r.block()[2:]) + fr(DATA, 0, 1, b"x")),
+        lambda r: r.send(open_block(r) + fr(CONT, END_HEADERS, 0, b"")),
+        lambda r: r.send(fr(HEADERS, eh, 1, r.block()) + fr(CONT, END_HEADERS, 1, b"")),
+        lambda r: r.send(fr(HEADERS, END_HEADERS, 1, r.block()) + fr(DATA, 0, 1, b"x") +
+                         fr(CONT, END_HEADERS, 1, b"")),
+    ]
+    for case in cases:
+        r = Raw()
+        try:
+            case(r)
+            r.assert_conn_error(PROTOCOL)
+        finally:
+            r.close()
+
+
+def test_header_block_split_in_many_continuations() -> None:
+    r = Raw()
+    try:
+        b = r.block(req_headers(x_a="a" * 50, x_b="b" * 50))
+        r.send(fr(HEADERS, END_STREAM, 1, b[:1]) + b"".join(
+            fr(CONT, 0, 1, b[i:i + 1]) for i in range(1, len(b) - 1)) +
+            fr(CONT, END_HEADERS, 1, b[-1:]))
+        r.expire()
+        assert r.responses()[1][":status"] == "503"
+    finally:
+        r.close()
+
+
+def test_continuation_flood_is_bounded() -> None:
+    """Empty CONTINUATIONs that never end the block (CVE-2024-27316 and kin): refused."""
+    r = Raw()
+    try:
+        r.send(fr(HEADERS, END_STREAM, 1, r.block()))
+        for _ in range(20):
+            r.send(fr(CONT, 0, 1, b"") * 500)
+            if r.goaway() is not None:
+                break
+        r.assert_conn_error(CALM, PROTOCOL)
+    finally:
+        r.close()
+
+
+def test_oversized_header_block_is_refused() -> None:
+    r = Raw()
+    try:
+        r.send(fr(HEADERS, END_STREAM, 1, r.block()))
+        for _ in range(10):
+            r.send(fr(CONT, 0, 1, r.block([("x-big", "v" * 16000)])))
+            if r.goaway() is not None:
+                break
+        r.assert_conn_error(CALM)
+    finally:
+        r.close()
+
+
+def test_hpack_bomb_is_bounded() -> None:
+    """One 4 KiB entry, then 30 K one-byte references to it: 120 MB of header list. The
+    guest must refuse it (431 or a connection error) without running out of fuel."""
+    r = Raw()
+    try:
+        big = b"\x40\x05x-big\x7f\xa1\x1e" + b"v" * 4000
+        first = r.enc.encode(req_headers())  # keep the encoder's table as the guest sees it
+        blk = first + big + b"\xbe" * 16000
+        r.send(fr(HEADERS, END_STREAM, 1, blk[:16000]) + fr(CONT, END_HEADERS, 1, blk[16000:]))
+        assert r.g.failed == 0, "the guest trapped"
+        assert r.responses().get(1, {}).get(":status") == "431" or r.goaway() in (CALM, PROTOCOL)
+    finally:
+        r.close()
+
+
+def test_padding(raw: Raw) -> None:
+    raw.headers(1, END_HEADERS, req_headers(method="POST"))
+    raw.send(fr(DATA, PADDED, 1, bytes([10]) + b"body" + b"\0" * 10))
+    raw.assert_alive()
+    raw.send(fr(DATA, PADDED | END_STREAM, 1, bytes([5]) + b"abcd"))  # pad length >= length
+    raw.assert_conn_error(PROTOCOL)
+    r = Raw()
+    try:
+        blk = r.block()
+        r.send(fr(HEADERS, END_STREAM | END_HEADERS | PADDED, 1, bytes([len(blk) + 1]) + blk))
+        r.assert_stream_error(1, PROTOCOL)
+    finally:
+        r.close()
+
+
+def test_padded_headers_with_priority_accepted(raw: Raw) -> None:
+    blk = raw.block()
+    raw.send(fr(HEADERS, END_STREAM | END_HEADERS | PADDED | PRIO, 1,
+                bytes([3]) + struct.pack(">IB", 0, 20) + blk + b"\0\0\0"))
+    raw.expire()
+    assert raw.responses()[1][":status"] == "503"
+
+
+def test_rst_stream_rules() -> None:
+    for frame, code in [(fr(RST, 0, 0, struct.pack(">I", 8)), PROTOCOL),
+                        (fr(RST, 0, 1, struct.pack(">I", 8)), PROTOCOL)]:
+        r = Raw()
+        try:
+            r.send(frame)
+            r.assert_conn_error(code)
+        finally:
+            r.close()
+    r = Raw()
+    try:
+        r.headers(1)
+        r.send(fr(RST, 0, 1, b"\0\0\0\0\0"))
+        r.assert_stream_error(1, FRAME_SIZE)
+    finally:
+        r.close()
+    r = Raw()
+    try:
+        r.headers(1)
+        r.send(fr(RST, 0, 1, struct.pack(">I", 0xDEAD)))  # unknown code: nothing special
+        r.assert_alive()
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("payload,code", [
+    (setting(2, 2), PROTOCOL), (setting(4, 2**31), FLOW),
+    (setting(5, 16383), PROTOCOL), (setting(5, 2**24), PROTOCOL),
+])
+def test_settings_bad_values(raw: Raw, payload: bytes, code: int) -> None:
+    raw.send(fr(SETTINGS, 0, 0, payload))
+    raw.assert_conn_error(code)
+
+
+@pytest.mark.parametrize("frame,code", [
+    (fr(SETTINGS, ACK, 0, setting(3, 1)), FRAME_SIZE),
+    (fr(SETTINGS, 0, 1, setting(3, 1)), PROTOCOL),
+    (fr(SETTINGS, 0, 0, b"\0\3\0"), FRAME_SIZE),
+    (fr(PING, 0, 1, b"12345678"), PROTOCOL),
+    (fr(PING, 0, 0, b"1234567"), FRAME_SIZE),
+    (fr(PING, ACK, 0, b"123456789"), FRAME_SIZE),
+    (fr(GOAWAY, 0, 1, b"\0" * 8), PROTOCOL),
+    (fr(WU, 0, 0, b"\0\0\0\1\0"), FRAME_SIZE),
+    (fr(WU, 0, 0, struct.pack(">I", 0)), PROTOCOL),
+    (fr(PUSH, END_HEADERS, 1, b"\0\0\0\2\x82"), PROTOCOL),
+    (fr(DATA, 0, 0, b"x"), PROTOCOL),
+    (fr(HEADERS, END_STREAM | END_HEADERS, 0, b"\x82\x86\x84"), PROTOCOL),
+    (fr(PRIORITY, 0, 0, b"\0\0\0\0\x10"), PROTOCOL),
+    (fr(RST, 0, 0, b"\0\0\0\x08"), PROTOCOL),
+])
+def test_control_frame_errors(raw: Raw, frame: bytes, code: int) -> None:
+    raw.send(frame)
+    raw.assert_conn_error(code)
+
+
+def test_settings_unknown_id_and_multiple_values(raw: Raw) -> None:
+    new = raw.send(fr(SETTINGS, 0, 0, setting(0xFF, 7) + setting(4, 100) + setting(4, 1)))
+    assert (SETTINGS, ACK, 0, b"") in new
+    raw.assert_alive()
+
+
+def test_ping_answered_and_ack_ignored(raw: Raw) -> None:
+    new = raw.send(fr(PING, ACK, 0, b"ignoreme") + fr(PING, 0, 0, b"answerme"))
+    assert [p for t, f, _s, p in new if t == PING] == [b"answerme"]
+    assert [f for t, f, _s, _p in new if t == PING] == [ACK]
+    assert not raw.g.streams[SID].connects and raw.g.need in (None, NONE)
+
+
+def test_window_update_rules() -> None:
+    r = Raw()
+    try:
+        r.send(fr(WU, 0, 0, struct.pack(">I", 2**31 - 1)) * 2)
+        r.assert_conn_error(FLOW)
+    finally:
+        r.close()
+    r = Raw()
+    try:
+        r.headers(1)
+        r.send(fr(WU, 0, 1, struct.pack(">I", 2**31 - 1)) * 2)
+        r.assert_stream_error(1, FLOW)
+    finally:
+        r.close()
+    r = Raw()
+    try:
+        r.headers(1)
+        r.send(fr(WU, 0, 1, struct.pack(">I", 0)))
+        r.assert_stream_error(1, PROTOCOL)
+    finally:
+        r.close()
+
+
+def test_initial_window_change_overflowing_a_stream_window_is_flow_control_error(
+        raw: Raw) -> None:
+    raw.headers(1)
+    raw.send(fr(WU, 0, 1, struct.pack(">I", 2**31 - 1 - 65535)))
+    raw.send(fr(SETTINGS, 0, 0, setting(4, 65536)))
+    raw.assert_conn_error(FLOW)
+
+
+def test_goaway_unknown_code_nothing_special(raw: Raw) -> None:
+    new = raw.send(fr(GOAWAY, 0, 0, struct.pack(">II", 0, 0xBEEF)) + fr(PING, 0, 0, b"pingpong"))
+    assert (PING, ACK, 0, b"pingpong") in new or raw.g.streams[SID].downstream_closed
+
+
+# --- hpack ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("block", [
+    b"\x82\x86\x84\x41\x03svc\xbf",          # index past the dynamic table
+    b"\x82\x86\x84\x7f\x00\x01v",             # literal naming an index past it
+    b"\x82\x86\x84\x41\x03svc\x21",           # size update at the end
+    b"\x82\x86\x84\x41\x03svc\x80",           # index 0
+    b"\x3f\xe2\x1f\x82\x86\x84\x41\x03svc",   # size update above 4096
+    # h2spec's Huffman cases: padding longer than 7 bits, padded with zeros, EOS inside
+    b"\x82\x86\x84\x41\x03svc" + b"\x00\x85\xf2\xb2\x4a\x84\xff\x84\x49\x50\x9f\xff",
+    b"\x82\x86\x84\x41\x03svc" + b"\x00\x85\xf2\xb2\x4a\x84\xff\x83\x49\x50\x90",
+    b"\x82\x86\x84\x41\x03svc" + b"\x00\x85\xf2\xb2\x4a\x84\xff\x87\x49\x51\xff\xff\xff\xfa\x7f",
+])
+def test_hpack_errors_are_compression_error(raw: Raw, block: bytes) -> None:
+    raw.send(fr(HEADERS, END_STREAM | END_HEADERS, 1, block))
+    raw.assert_conn_error(COMPRESSION)
+
+
+def test_hpack_representations_accepted(raw: Raw) -> None:
+    blocks = [
+        b"\x20\x3f\xe1\x1f\x82\x86\x84\x41\x03svc",           # size updates 0 then 4096
+        b"\x82\x86\x84\x41\x03svc\x40\x03x-a\x01a",          # incremental, new name
+        b"\x82\x86\x84\x41\x03svc\x10\x03x-b\x01b",          # never indexed, new name
+        b"\x82\x86\x84\x41\x03svc\x1f\x10\x01c",             # never indexed, static name
+        b"\x82\x86\x84\x41\x03svc\xc1",                      # index 65: x-a: a from above
+    ]
+    for i, b in enumerate(blocks):
+        raw.send(fr(HEADERS, END_STREAM | END_HEADERS, 1 + 2 * i, b))
+    raw.expire()
+    assert sorted(raw.responses()) == [1 + 2 * i for i in range(len(blocks))], raw.kinds()
+
+
+# --- floods -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("provoke", [
+    lambda sid: fr(RST, 0, sid, struct.pack(">I", CANCEL)),   # rapid reset, CVE-2023-44487
+    lambda sid: fr(WU, 0, sid, struct.pack(">I", 0)),         # made-you-reset, CVE-2025-8671
+    lambda sid: fr(HEADERS, END_HEADERS, sid, b"\x88"),       # trailers without END_STREAM
+])
+def test_rapid_reset_is_bounded(provoke: Any) -> None:
+    """HEADERS then a reset, the client's own or one it provokes, again and again: the
+    backend does not see an unbounded number of streams; the guest calls it abuse (GOAWAY
+    ENHANCE_YOUR_CALM)."""
+    r = Raw()
+    try:
+        r.headers(1)
+        r.g.connected(SID)
+        s = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        s.initiate_connection()
+        backend_streams = 0
+
+        def backend() -> None:
+            nonlocal backend_streams
+            up = r.g.to_backend(SID)
+            if up:
+                ev = s.receive_data(up)
+                backend_streams += sum(isinstance(e, h2.events.RequestReceived) for e in ev)
+            out = s.data_to_send()
+            if out:
+                r.g.backend(SID, out)
+        backend()
+        backend()
+        sid = 3
+        for _ in range(3000):
+            r.send(fr(HEADERS, END_HEADERS, sid, r.block(req_headers(method="POST"))))
+            backend()
+            r.send(provoke(sid))
+            backend()
+            sid += 2
+            if r.goaway() is not None:
+                break
+        assert r.goaway() == CALM, r.goaway()
+        assert backend_streams < 1500
+        assert r.g.failed == 0
+    finally:
+        r.close()
+
+
+def test_ping_and_settings_floods_are_bounded(raw: Raw) -> None:
+    """A client that never reads: the answers toward it stay bounded."""
+    for _ in range(200):
+        raw.g.client(SID, fr(PING, 0, 0, b"floodfld") * 200)
+        if raw.g.streams[SID].downstream_closed:
+            break
+    assert raw.g.failed == 0
+
+
+# --- 8.1, 8.2, 8.3: malformed requests, answered here without waking a backend -----------
+
+GET = [(":method", "GET"), (":scheme", "http"), (":path", "/"), (":authority", "svc")]
+
+
+@pytest.mark.parametrize("headers", [
+    GET + [(":foo", "bar")],                                   # unknown pseudo-field
+    GET + [(":status", "200")],                                # a response's pseudo-field
+    [(":method", "GET"), ("x-a", "1"), (":scheme", "http"), (":path", "/")],  # after regular
+    GET + [("connection", "keep-alive")], GET + [("keep-alive", "5")],
+    GET + [("upgrade", "h2c")], GET + [("proxy-connection", "x")],
+    GET + [("transfer-encoding", "chunked")],
+    GET + [("te", "gzip")],
+    [(":method", "GET"), (":scheme", "http"), (":path", ""), (":authority", "svc")],
+    [(":scheme", "http"), (":path", "/"), (":authority", "svc")],   # no :method
+    [(":method", "GET"), (":path", "/"), (":authority", "svc")],    # no :scheme
+    [(":method", "GET"), (":scheme", "http"), (":authority", "svc")],  # no :path
+    GET + [(":method", "GET")], GET + [(":scheme", "http")], GET + [(":path", "/")],
+    GET + [("X-Upper", "1")], GET + [("bad name", "1")],
+    [(":method", "CONNECT"), (":authority", "svc:443"), (":path", "/")],
+    [(":method", "CONNECT")],
+    GET + [("content-length", "1")],                           # END_STREAM, no body
+    GET + [("content-length", "x1")],
+])
+def test_malformed_request_is_stream_error_without_a_wake(
+        raw: Raw, headers: list[tuple[str, str]]) -> None:
+    raw.send(fr(HEADERS, END_STREAM | END_HEADERS, 1, raw.block(headers)))
+    raw.assert_stream_error(1, PROTOCOL)
+    assert raw.goaway() is None
+    assert not raw.g.streams[SID].connects, "a malformed request woke the backend"
+    assert raw.g.need in (None, NONE)
+    raw.headers(3)  # the connection, and the client's table, still serve
+    assert raw.g.streams[SID].connects == [0]
+
+
+def test_well_formed_requests_accepted(raw: Raw) -> None:
+    ok = [
+        GET + [("te", "trailers"), ("content-type", "application/grpc")],
+        [(":method", "CONNECT"), (":authority", "svc:443")],
+        [(":method", "POST"), (":scheme", "https"), (":path", "/p"), ("content-length", "0")],
+        [(":method", "OPTIONS"), (":scheme", "http"), (":path", "*")],
+        GET + [("x-0!#$%&'*+-.^_`|~", "tokens"), ("cookie", "a=1"), ("cookie", "b=2")],
+    ]
+    for i, h in enumerate(ok):
+        raw.send(fr(HEADERS, END_STREAM | END_HEADERS, 1 + 2 * i, raw.block(h)))
+    raw.expire()
+    assert sorted(raw.responses()) == [1 + 2 * i for i in range(len(ok))], raw.kinds()
+
+
+def test_pseudo_field_in_trailers_is_stream_error(raw: Raw) -> None:
+    raw.headers(1, END_HEADERS, req_headers(method="POST"))
+    raw.send(fr(DATA, 0, 1, b"body"))
+    raw.send(fr(HEADERS, END_STREAM | END_HEADERS, 1, raw.block([(":path", "/x")])))
+    raw.assert_stream_error(1, PROTOCOL)
+
+
+@pytest.mark.parametrize("clen,bodies", [("1", [b"test"]), ("8", [b"test"]),
+                                         ("1", [b"te", b"st"])])
+def test_content_length_mismatch_is_stream_error(raw: Raw, clen: str,
+                                                 bodies: list[bytes]) -> None:
+    raw.headers(1, END_HEADERS, req_headers(method="POST", content_length=clen))
+    for i, b in enumerate(bodies):
+        raw.send(fr(DATA, END_STREAM if i == len(bodies) - 1 else 0, 1, b))
+    raw.assert_stream_error(1, PROTOCOL)
+    assert raw.goaway() is None
+
+
+def test_content_length_matching_body_relayed(raw: Raw) -> None:
+    raw.headers(1, END_HEADERS, req_headers(method="POST", content_length="8"))
+    raw.send(fr(DATA, 0, 1, b"test") + fr(DATA, END_STREAM, 1, b"test"))
+    raw.expire()
+    assert raw.responses()[1][":status"] == "503"
+    assert not [f for f in raw.got if f[0] == RST]
+
+
+# --- flow control across local answers and the relay; held bodies; grpc-timeout -----------
+
+def conn_credit(r: Raw) -> int:
+    return sum(int.from_bytes(p, "big") & 0x7FFFFFFF for t, _f, s, p in r.got
+               if t == WU and s == 0)
+
+
+def test_connection_credit_given_once_across_local_answers_resets_and_relay() -> None:
+    r = Raw({"hold_timeout_ms": 1000})
+    try:
+        sent = 0
+        post = req_headers(method="POST")
+        r.headers(1, END_HEADERS, post)   # held, then answered locally (503 + RST)
+        r.headers(3, END_HEADERS, post)   # reset by the client
+        r.headers(5, END_HEADERS, post)   # relayed to the backend
+        for sid, n in ((1, 16000), (3, 16000), (5, 16000), (1, 9000)):
+            r.send(fr(DATA, PADDED, sid, bytes([100]) + b"x" * n + b"\0" * 100))
+            sent += n + 101
+        r.send(fr(RST, 0, 3, struct.pack(">I", CANCEL)))
+        r.g.tick(0)
+        r.g.tick(1500)  # stream 1's hold runs out; 5's too (no backend yet)
+        r.read()
+        assert conn_credit(r) <= sent, "credited more than was sent"
+        assert sent - conn_credit(r) < 32768, "bytes consumed here never credited"
+        # the window the client sees is back: another full window is accepted
+        r.headers(7, END_HEADERS, post)
+        for _ in range(4):
+            r.send(fr(DATA, 0, 7, b"y" * 16000))
+        sent += 64000
+        assert r.goaway() is None, r.kinds()
+        assert conn_credit(r) <= sent
+    finally:
+        r.close()
+
+
+def test_held_body_is_bounded_by_the_window_and_not_credited_until_relayed() -> None:
+    r = Raw({"hold_timeout_ms": 60000})
+    try:
+        r.headers(1, END_HEADERS, req_headers(method="POST"))
+        for _ in range(4):
+            r.send(fr(DATA, 0, 1, b"b" * 16383))
+        r.send(fr(DATA, 0, 1, b"b" * 3))  # 65,535: the whole initial window
+        assert not [f for f in r.got if f[0] == WU], "credit for bytes still held"
+        r.send(fr(DATA, 0, 1, b"!"))  # past the window: the connection's flow control
+        r.assert_conn_error(FLOW)
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("value,ms", [("1S", 1000), ("1500m", 1500), ("1200000u", 1200),
+                                      ("90000000n", 90), ("1M", 60000), ("1H", 3600000),
+                                      ("99999999u", 100000)])
+def test_grpc_timeout_units_bound_the_hold(value: str, ms: int) -> None:
+    r = Raw({"hold_timeout_ms": 2 * 3600 * 1000})
+    try:
+        grpc = req_headers("/svc/M", "POST", content_type="application/grpc", te="trailers",
+                           grpc_timeout=value)
+        r.g.tick(1000)
+        r.headers(1, END_STREAM | END_HEADERS, grpc)
+        r.g.tick(1000 + ms - min(100, ms - 1))
+        r.read()
+        assert 1 not in r.responses(), "answered before the deadline"
+        r.g.tick(1000 + ms)
+        r.read()
+        assert r.responses()[1]["grpc-status"] == "4"
+    finally:
+        r.close()
+
+
+def test_grpc_hold_shorter_than_grpc_timeout_is_unavailable() -> None:
+    r = Raw({"hold_timeout_ms": 1000})
+    try:
+        grpc = req_headers("/svc/M", "POST", content_type="application/grpc", te="trailers",
+                           grpc_timeout="5S")
+        r.g.tick(0)
+        r.headers(1, END_STREAM | END_HEADERS, grpc)
+        r.g.tick(1000)
+        r.read()
+        h = r.responses()[1]
+        assert (h[":status"], h["grpc-status"], h["content-type"]) == \
+            ("200", "14", "application/grpc")
+        assert [f for t, f, s, _p in r.got if t == HEADERS and s == 1] == \
+            [END_STREAM | END_HEADERS], "Trailers-Only is one HEADERS with END_STREAM"
+    finally:
+        r.close()
+
+
+def test_two_step_goaway_completes_when_the_client_never_acks_the_ping() -> None:
+    """The PING after GOAWAY(2^31-1) is only there to learn an RTT; a client that never
+    answers it must still get the final GOAWAY (and the connection closed), or it would
+    keep a dead connection forever."""
+    r = Raw()
+    try:
+        r.g.tick(0)
+        r.headers(1)
+        r.g.connected(SID)
+        s = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        s.initiate_connection()
+        r.g.backend(SID, s.data_to_send())
+        s.receive_data(r.g.to_backend(SID))
+        s.send_headers(1, [(":status", "200")], end_stream=True)
+        r.g.backend(SID, s.data_to_send())
+        r.g.backend_close(SID)
+        r.read()
+        goaways = [int.from_bytes(p[:4], "big") for t, _f, _s, p in r.got if t == GOAWAY]
+        assert goaways == [2**31 - 1]
+        for t in range(100, 3100, 100):
+            r.g.tick(t)
+        r.read()
+        goaways = [int.from_bytes(p[:4], "big") for t, _f, _s, p in r.got if t == GOAWAY]
+        assert goaways == [2**31 - 1, 1], r.kinds()
+        assert r.g.streams[SID].downstream_closed
+    finally:
+        r.close()
+
+
+def backend_rig(r: Raw) -> h2.connection.H2Connection:
+    """Connect the guest's upstream to an h2 server; returns it (SETTINGS exchanged)."""
+    r.g.connected(SID)
+    s = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    s.initiate_connection()
+    r.g.backend(SID, s.data_to_send())
+    s.receive_data(r.g.to_backend(SID))
+    r.g.backend(SID, s.data_to_send())
+    return s
+
+
+def pump_backend(r: Raw, s: h2.connection.H2Connection) -> list[Any]:
+    ev = []
+    for _ in range(50):
+        up = r.g.to_backend(SID)
+        if up:
+            ev += s.receive_data(up)
+        out = s.data_to_send()
+        if out:
+            r.g.backend(SID, out)
+        if not up and not out:
+            break
+    r.read()
+    return ev
+
+
+def test_initial_window_size_from_settings_applies_to_open_streams(raw: Raw) -> None:
+    """h2spec 6.9.1/6.9.2: INITIAL_WINDOW_SIZE 1, then raised while the stream is open:
+    the guest sends 1 byte, then the rest once the new size (a delta on the open stream)
+    allows, never more than the window."""
+    raw.send(fr(SETTINGS, 0, 0, setting(4, 1)))
+    raw.headers(1)
+    s = backend_rig(raw)
+    pump_backend(raw, s)
+    s.send_headers(1, [(":status", "200")])
+    s.send_data(1, b"0123456789", end_stream=True)
+    pump_backend(raw, s)
+    data = [p for t, _f, sid, p in raw.got if t == DATA and sid == 1]
+    assert data == [b"0"], data
+    raw.send(fr(SETTINGS, 0, 0, setting(4, 5)))  # +4 on the open stream: 4 more bytes
+    data = [p for t, _f, sid, p in raw.got if t == DATA and sid == 1]
+    assert b"".join(data) == b"01234", data
+    raw.send(fr(WU, 0, 1, struct.pack(">I", 100)))
+    data = [p for t, _f, sid, p in raw.got if t == DATA and sid == 1]
+    assert b"".join(data) == b"0123456789"
+    assert [f for t, f, sid, _p in raw.got if t == DATA and sid == 1][-1] & END_STREAM
+
+
+def test_backend_continuation_flood_is_bounded(raw: Raw) -> None:
+    """A backend sending empty CONTINUATIONs forever: its connection is ended (GOAWAY to
+    it) and the client's stream is not left hanging."""
+    raw.headers(1)
+    s = backend_rig(raw)
+    pump_backend(raw, s)
+    raw.g.backend(SID, fr(HEADERS, 0, 1, b"\x88"))
+    for _ in range(10):
+        raw.g.backend(SID, fr(CONT, 0, 1, b"") * 1000)
+    raw.read()
+    assert raw.g.streams[SID].upstream_closed, "the flooding backend kept its connection"
+    assert [s for t, _f, s, _p in raw.got if t == RST or t == GOAWAY], raw.kinds()
+    assert raw.g.failed == 0
