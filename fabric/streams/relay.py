@@ -5,13 +5,15 @@ Python nor the guest needs to see its bytes; ``os.splice`` moves them between th
 sockets through a pipe per direction without copying them into the process (the pipe
 holds references to the socket buffers' pages). One direction is a ``Pipe``.
 
-Why the pipe is enlarged (``PIPE_SIZE``, F_SETPIPE_SZ) and each call asks for all of
-it: a default pipe has 16 slots (64 KiB), so every 64 KiB cost a wakeup of the shell
-and two system calls under the GIL, which the data-plane thread then waited for
-(measured: 0.4 CPU-seconds of the loop per GB spliced). With a larger pipe one wakeup
-moves whatever the socket holds. The bound stays: a direction reads from its source
-only while its pipe has room and the destination is not known to be full, so a stalled
-side holds at most one pipe's worth (``capacity`` bytes) and then stops the other.
+Each call asks for all the room the pipe has, and a pipe that a read filled grows
+(F_SETPIPE_SZ, doubling up to ``PIPE_SIZE``): a default pipe has 16 slots (64 KiB), so
+a bulk transfer cost two system calls under the GIL per 64 KiB; grown, one pass of the
+shell moves what the socket holds. Only streams that fill their pipe grow it, so a pool
+of mostly idle connections keeps default pipes (pipe capacity counts against the
+user's pipe-user-pages quota even when empty; a refused growth just keeps the size it
+has). The bound stays: a direction reads from its source only while its pipe has room,
+so a stalled side holds at most one pipe's worth (``capacity`` bytes) and then stops
+the other.
 """
 
 from __future__ import annotations
@@ -26,15 +28,13 @@ _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
-def _grow(fd: int, size: int) -> int:
-    """Ask for a pipe of `size` bytes; what it got (the default when refused: the user's
-    pipe page quota or fs.pipe-max-size may say no, and a small pipe still works)."""
-    while size > DEFAULT_PIPE:
-        try:
-            return fcntl.fcntl(fd, _SETPIPE_SZ, size)
-        except OSError:
-            size >>= 1
-    return DEFAULT_PIPE
+def _resize(fd: int, size: int) -> int | None:
+    """Ask for a pipe of `size` bytes: what it got, or None when refused (the user's
+    pipe page quota or fs.pipe-max-size may say no; a smaller pipe still works)."""
+    try:
+        return int(fcntl.fcntl(fd, _SETPIPE_SZ, size))
+    except OSError:
+        return None
 
 
 class Pipe:
@@ -42,14 +42,18 @@ class Pipe:
     ``pump()`` when the source is readable or the destination writable; it returns what
     the shell should watch next."""
 
-    __slots__ = ("src", "dst", "r", "w", "held", "ended", "eof", "moved", "capacity")
+    __slots__ = ("src", "dst", "r", "w", "held", "ended", "eof", "moved", "capacity",
+                 "limit")
 
     def __init__(self, src: socket.socket, dst: socket.socket,
-                 size: int = PIPE_SIZE) -> None:
+                 limit: int = PIPE_SIZE) -> None:
         self.src = src
         self.dst = dst
         self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.capacity = _grow(self.w, size)
+        self.capacity = DEFAULT_PIPE
+        if limit < DEFAULT_PIPE:  # (tests) a smaller bound than the default
+            self.capacity = _resize(self.w, limit) or DEFAULT_PIPE
+        self.limit = max(limit, self.capacity)  # how far the pipe may grow
         self.held = 0  # bytes in the pipe, not yet in dst
         self.ended = False  # src sent its FIN
         self.eof = False  # ... and everything it sent is in dst, which was shut for writing
@@ -86,6 +90,12 @@ class Pipe:
                             pass
                     return False, False
                 if held >= cap:
+                    if cap < self.limit:  # a bulk stream: room for more per call
+                        got = _resize(w, min(cap * 2, self.limit))
+                        if got is not None and got > cap:
+                            cap = self.capacity = got
+                            continue
+                        self.limit = cap  # refused: do not ask again
                     return False, True
                 try:
                     n = splice(src, w, cap - held, flags=_FLAGS)

@@ -80,10 +80,23 @@ def test_bytes_arrive_in_order_and_the_end_becomes_a_fin(chain) -> None:
     assert p.eof and p.moved == len(data) and p.held == 0
 
 
+def test_a_bulk_stream_grows_its_pipe_up_to_the_limit_and_no_further(chain) -> None:
+    writer, src, dst, reader = chain
+    limit = 256 << 10
+    p = Pipe(src, dst, limit=limit)
+    assert p.capacity == DEFAULT_PIPE  # an idle stream keeps a default pipe
+    try:
+        _run(p, writer, reader, os.urandom(64 << 20), read=False)
+        assert p.pump() == (False, True)
+        assert p.capacity == limit and p.held == limit
+    finally:
+        p.close()
+
+
 def test_a_destination_that_does_not_read_bounds_the_pipe(chain) -> None:
     writer, src, dst, reader = chain
     small = 64 << 10
-    p = Pipe(src, dst, size=small)
+    p = Pipe(src, dst, limit=small)
     for s in (dst, reader):  # small socket buffers so that dst fills up soon
         s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
@@ -98,7 +111,7 @@ def test_a_destination_that_does_not_read_bounds_the_pipe(chain) -> None:
 
 def test_a_tiny_pipe_still_moves_everything(chain) -> None:
     writer, src, dst, reader = chain
-    p = Pipe(src, dst, size=4096)  # refused or below the default: the default is kept
+    p = Pipe(src, dst, limit=4096)  # a pipe of one page
     data = os.urandom(1 << 20)
     try:
         assert _run(p, writer, reader, data) == data
