@@ -4,6 +4,11 @@ bulk:  iperf3 -R (the server sends: a download) from pod a through a stream port
        (VIP 10.52.0.101:5201, activator `stream`: held, connected upstream from the VIP,
        then spliced in the kernel; readiness "external" so no probe touches the one-shot
        iperf3 server) against a -> b directly, interleaved. Target: >= 80 % of direct.
+       Each run also reads fabricd's per-thread CPU (/proc): the data-plane thread's
+       CPU-seconds per GB moved and how busy it was. A spliced stream crosses the router
+       twice (b -> local stack, local stack -> a), so its data-plane cost per GB is about
+       twice direct's; with the thread near saturation in both, that ratio, not the
+       splice, bounds the throughput ratio (docs/performance.md, "Spliced streams").
 wake:  a dormant stream port (VIP 10.52.0.100:80 -> pod w:8080, readiness probe). A
        client agent in pod a connects to the VIP and sends one byte; WAKE_DELAY later
        the server agent in w listens (t_listen) and answers each connection's byte with
@@ -22,6 +27,7 @@ import time
 
 from fabric.tools.sandbox import Daemon
 from tests.bench.common import Report, Settings, fmt, interleaved, median, percentile, progress
+from tests.bench.cpu import ThreadCpu
 from tests.bench.services import Agent
 from tests.bench.topo import Side, Topology
 
@@ -37,6 +43,7 @@ DIRECT_SAMPLES = 20
 WAKE_TARGET_MS = 3.0
 BULK_TARGET = 0.80
 VIP, DIRECT, WAKE = "stream port", "direct", "wake"
+DATAPLANE, LOOP = "fabric-dataplane", "MainThread"
 
 AGENT = r"""
 import json, socket, sys, threading, time
@@ -176,10 +183,30 @@ def run(s: Settings) -> Report:
         waker.wake(base)  # first-time costs are not measured
         waker.overheads_ms.clear()
 
+        assert topo.daemon is not None and topo.daemon.proc is not None
+        pid = topo.daemon.proc.pid
+        cost: dict[str, dict[str, list[float]]] = {
+            side: {"dp": [], "busy": [], "loop": []} for side in (VIP, DIRECT)}
+
         def bulk(side: str, i: int) -> float:
-            res = topo.iperf3(topo.sides[side], "-R", seconds=s.seconds)
-            gbps = res["end"]["sum_received"]["bits_per_second"] / 1e9
-            progress(NAME, f"run {i + 1}/{s.runs} {side}: {gbps:.2f} Gbit/s")
+            t0 = time.monotonic()
+            with ThreadCpu(pid) as cpu:
+                res = topo.iperf3(topo.sides[side], "-R", seconds=s.seconds)
+            wall = time.monotonic() - t0
+            end = res["end"]["sum_received"]
+            gbps = end["bits_per_second"] / 1e9
+            gb = end["bytes"] / 1e9
+            # CPU over the whole iperf3 call (its setup included, so "busy" reads a
+            # little low) per GB moved; the same for both sides.
+            busy = cpu.percent.get(DATAPLANE, 0.0)
+            per_gb = busy / 100 * wall / gb if gb > 0 else 0.0
+            c = cost[side]
+            if gb > 0:
+                c["dp"].append(per_gb)
+                c["loop"].append(cpu.percent.get(LOOP, 0.0) / 100 * wall / gb)
+            c["busy"].append(busy)
+            progress(NAME, f"run {i + 1}/{s.runs} {side}: {gbps:.2f} Gbit/s, data plane "
+                           f"{busy:.0f} % busy, {per_gb:.2f} CPU-s/GB")
             return float(gbps)
 
         got = interleaved(s.runs, {
@@ -201,10 +228,19 @@ def run(s: Settings) -> Report:
     m = median(ov)
     r.check(f"wake to first response byte, overhead, median of {len(ov)}", m, "ms",
             f"<= {fmt(WAKE_TARGET_MS)} ms", m is not None and m <= WAKE_TARGET_MS)
+    dv, dd = median(cost[VIP]["dp"]), median(cost[DIRECT]["dp"])
+    r.check("data-plane CPU per GB, stream port", dv, "s/GB", "", None)
+    r.check("data-plane CPU per GB, direct", dd, "s/GB", "", None)
+    r.check("data-plane CPU per GB, stream port / direct", dv / dd if dv and dd else None,
+            "x", "", None)
+    r.check("data-plane thread busy, stream port", median(cost[VIP]["busy"]), "%", "", None)
+    r.check("data-plane thread busy, direct", median(cost[DIRECT]["busy"]), "%", "", None)
+    r.check("event loop CPU per GB, stream port (splicing)", median(cost[VIP]["loop"]),
+            "s/GB", "", None)
     r.check("wake overhead p99", percentile(ov, 99), "ms", "", None)
     r.check("direct connect + 1 byte each way (median)", base, "ms", "", None)
     c = streams.get("counters", {})
     r.notes.append(f"bulk port: {c.get('spliced', 0)} streams spliced, "
                    f"{c.get('bytes_spliced', 0) / 1e9:.2f} GB through splice(2)")
-    r.extra = {"wake_overheads_ms": ov, "direct_ms": waker.direct_ms}
+    r.extra = {"wake_overheads_ms": ov, "direct_ms": waker.direct_ms, "cpu_per_gb": cost}
     return r
