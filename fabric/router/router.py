@@ -114,6 +114,7 @@ _VNET_LE = struct.Struct("<BBHHHH")
 # the rest are read (dnsperf -q 50 -c 4: 8 beat 16, 64 and no gathering, docs/performance.md).
 DNS_RUN_MAX = 8
 _MAX_UDP_DATA = 65535 - 28  # an IPv4 packet's UDP payload bound
+_GATHER_MAX = _MAX_UDP_DATA // DNS_RUN_MAX  # a reply size a full run can carry
 REPLY_HEADS = 4096  # cached reply headers, all dropped when full
 _clock = time.perf_counter
 
@@ -182,11 +183,11 @@ class Router:
         self.by_ip: dict[bytes, Pod] = {}
         self.outputs: list[tuple[Port, bytes]] = []
         # DNS replies held to the end of the data plane's read batch, per (port, client
-        # UDP port): [size, reply, reply, ...] of equal sizes, one super-frame each. Only
+        # UDP port): replies of equal sizes, one super-frame each. Only
         # for the ports the data plane put in gso_ports (TAPs whose kernel takes UDP GSO
         # writes; it calls end_batch() after each batch); empty, replies go out at once.
         self.gso_ports: set[Port] = set()
-        self.replies: dict[tuple[Port, int], list] = {}
+        self.replies: dict[tuple[Port, int], list[bytes]] = {}
         # (port, client port, MACs, reply size, count) -> the headers of that frame.
         self._reply_heads: dict[tuple[Port, int, bytes, int, int], bytes] = {}
         # Set by every path but the pod-to-pod fast path: the call may have moved a
@@ -364,7 +365,7 @@ class Router:
             # A DNS query to the gateway is answered here, before the slow paths' checks
             # (DNS is the request/response path pods use most).
             if (dst == self.gw_ip and buf[ip + 9] == PROTO_UDP and self.dns_local is not None
-                    and self._dns(port, buf, h, n, ip, ihl, now)):
+                    and self._dns(port, buf, h, ip, ihl, total, now)):
                 return None
             return self._not_pod(port, buf, h, n, ip, ihl, dst, now)
         # The TTL decrement of fabric.router.l3.decrement_ttl, inline: it runs per packet.
@@ -566,15 +567,15 @@ class Router:
             self.icmp_error(port, buf, ip, ICMP_UNREACH, UNREACH_NET, now, DROP_NO_ROUTE)
         return None
 
-    def _dns(self, port: Port, buf: bytearray, h: int, n: int, ip: int, ihl: int,
+    def _dns(self, port: Port, buf: bytearray, h: int, ip: int, ihl: int, total: int,
              now: float) -> bool:
-        """Answer a DNS query to the gateway in the data plane; False to pass it on."""
+        """Answer a DNS query to the gateway in the data plane; False to pass it on.
+        (receive() checked the IPv4 header and that the packet lies within the frame.)"""
         l4 = ip + ihl
-        total = buf[ip + 2] << 8 | buf[ip + 3]
         # the length first: the buffer may end with the frame (replay, embedders)
-        if total < ihl + 20 or ip + total > n or (buf[l4 + 2] << 8 | buf[l4 + 3]) != 53:
+        if total < ihl + 20 or buf[l4 + 2] or buf[l4 + 3] != 53:
             return False
-        if (buf[ip + 6] << 8 | buf[ip + 7]) & 0x3FFF:  # fragments: let the kernel reassemble
+        if buf[ip + 6] & 0x3F or buf[ip + 7]:  # fragments: let the kernel reassemble
             return False
         if not (h and buf[0] & F_NEEDS_CSUM) and (buf[l4 + 6] or buf[l4 + 7]):
             psum = checksum.pseudo_header_sum(bytes(buf[ip + 12:ip + 16]), self.gw_ip,
@@ -594,23 +595,23 @@ class Router:
         if reply is None:
             return False
         pod = port.pod
-        if (reply and port in self.gso_ports and port.capture is None
-                and len(reply) + 28 <= port.mtu):
+        size = len(reply)
+        if (size and port in self.gso_ports and port.capture is None
+                and size + 28 <= port.mtu and size <= _GATHER_MAX):
             # Gathered: a client that keeps several queries in flight gets their replies
             # in one write (one wake-up of the client), not one each.
             key = (port, buf[l4] << 8 | buf[l4 + 1])
             run = self.replies.get(key)
             if run is None:
-                self.replies[key] = [len(reply), reply]
-            elif run[0] == len(reply) and len(run) <= DNS_RUN_MAX and \
-                    len(run) * run[0] <= _MAX_UDP_DATA:
+                self.replies[key] = [reply]
+            elif len(run[0]) == size:
                 run.append(reply)
-                if len(run) > DNS_RUN_MAX:
-                    self._emit_replies(key, run)
+                if len(run) == DNS_RUN_MAX:
                     del self.replies[key]
+                    self._emit_replies(port, key[1], run)
             else:  # another size: what came before leaves first, in order
-                self._emit_replies(key, run)
-                self.replies[key] = [len(reply), reply]
+                self._emit_replies(port, key[1], run)
+                self.replies[key] = [reply]
             return True
         if reply and pod is not None and pod.l2 is not None:
             # What send_ip(udp_packet(...)) would queue, built in one pack: both checksums
@@ -632,21 +633,20 @@ class Router:
     def end_batch(self) -> None:
         """The data plane's read batch is over: the gathered DNS replies to the outputs."""
         replies = self.replies
-        for key, run in replies.items():
-            self._emit_replies(key, run)
+        for (port, sport), run in replies.items():
+            self._emit_replies(port, sport, run)
         replies.clear()
 
-    def _emit_replies(self, key: tuple[Port, int], run: list) -> None:
+    def _emit_replies(self, port: Port, sport: int, run: list[bytes]) -> None:
         """One frame for a run of equal-sized replies to one client socket: a UDP GSO
         super-frame the pod's kernel cuts back into the datagrams (one of them: a plain
         frame). The UDP checksum is left to the kernel (NEEDS_CSUM, the pseudo-header
         sum in the field) as for every frame a pod's own stack sends over its TAP."""
-        port, sport = key
         pod = port.pod
         if pod is None or pod.l2 is None:  # (cannot happen within one read batch)
             return
-        size = run[0]
-        k = len(run) - 1
+        k = len(run)
+        size = len(run[0])
         hkey = (port, sport, pod.l2, size, k)
         head = self._reply_heads.get(hkey)
         if head is None:
@@ -656,7 +656,7 @@ class Router:
             self._reply_heads[hkey] = head
         port.tx_packets += k
         port.tx_bytes += k * (52 + size)
-        self.outputs.append((port, head + (run[1] if k == 1 else b"".join(run[1:]))))
+        self.outputs.append((port, head + (run[0] if k == 1 else b"".join(run))))
 
     def _reply_head(self, pod: Pod, sport: int, size: int, k: int) -> bytes:
         """virtio-net, Ethernet, IPv4 and UDP headers of k replies of `size` bytes."""
