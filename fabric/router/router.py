@@ -111,7 +111,7 @@ _DNS_IP_WORDS = 0x4500 + 0x4011  # the IPv4 header's constant words, for its che
 _VNET_LE = struct.Struct("<BBHHHH")
 # Replies per super-frame: a run this long leaves at once, without waiting for the end of
 # the read batch, so a client with many queries in flight gets its first answers while
-# the rest are read (dnsperf -q 50 -c 4: 8 beat 16, 64 and no gathering, docs/performance.md).
+# the rest are read (dnsperf -q 50 -c 4: 8 did better than 16 or 64, docs/performance.md).
 DNS_RUN_MAX = 8
 _MAX_UDP_DATA = 65535 - 28  # an IPv4 packet's UDP payload bound
 _GATHER_MAX = _MAX_UDP_DATA // DNS_RUN_MAX  # a reply size a full run can carry
@@ -182,12 +182,12 @@ class Router:
         self.pods: dict[str, Pod] = {}
         self.by_ip: dict[bytes, Pod] = {}
         self.outputs: list[tuple[Port, bytes]] = []
-        # DNS replies held to the end of the data plane's read batch, per (port, client
-        # UDP port): replies of equal sizes, one super-frame each. Only
+        # DNS replies held to the end of the data plane's read batch (at most BATCH),
+        # per (port, client UDP port, reply size): one super-frame each. Only
         # for the ports the data plane put in gso_ports (TAPs whose kernel takes UDP GSO
         # writes; it calls end_batch() after each batch); empty, replies go out at once.
         self.gso_ports: set[Port] = set()
-        self.replies: dict[tuple[Port, int], list[bytes]] = {}
+        self.replies: dict[tuple[Port, int, int], list[bytes]] = {}
         # (port, client port, MACs, reply size, count) -> the headers of that frame.
         self._reply_heads: dict[tuple[Port, int, bytes, int, int], bytes] = {}
         # Set by every path but the pod-to-pod fast path: the call may have moved a
@@ -599,19 +599,21 @@ class Router:
         if (size and port in self.gso_ports and port.capture is None
                 and size + 28 <= port.mtu and size <= _GATHER_MAX):
             # Gathered: a client that keeps several queries in flight gets their replies
-            # in one write (one wake-up of the client), not one each.
-            key = (port, buf[l4] << 8 | buf[l4 + 1])
+            # in one write (one wake-up of the client), not one each. A super-frame
+            # carries datagrams of one size, so a socket's replies of different sizes
+            # (an A and an AAAA, say) leave in separate frames, and the order between
+            # those frames is not the queries' order: UDP promises none, and clients
+            # match replies to queries by id and question (glibc's stub sends A and
+            # AAAA on one socket and takes the answers in either order).
+            key = (port, buf[l4] << 8 | buf[l4 + 1], size)
             run = self.replies.get(key)
             if run is None:
                 self.replies[key] = [reply]
-            elif len(run[0]) == size:
+            else:
                 run.append(reply)
                 if len(run) == DNS_RUN_MAX:
                     del self.replies[key]
                     self._emit_replies(port, key[1], run)
-            else:  # another size: what came before leaves first, in order
-                self._emit_replies(port, key[1], run)
-                self.replies[key] = [reply]
             return True
         if reply and pod is not None and pod.l2 is not None:
             # What send_ip(udp_packet(...)) would queue, built in one pack: both checksums
@@ -633,7 +635,7 @@ class Router:
     def end_batch(self) -> None:
         """The data plane's read batch is over: the gathered DNS replies to the outputs."""
         replies = self.replies
-        for (port, sport), run in replies.items():
+        for (port, sport, _), run in replies.items():
             self._emit_replies(port, sport, run)
         replies.clear()
 

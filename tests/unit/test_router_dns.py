@@ -137,29 +137,32 @@ def _vnet_query(sport: int, qid: int) -> bytearray:
     return f
 
 
-def test_gathered_replies_wait_for_the_end_of_the_batch_in_order() -> None:
-    """On a gathering port a reply waits for end_batch(); equal sizes to one client socket
-    share a frame (GSO_UDP_L4 when more than one), another size ends the frame first."""
+def test_gathered_replies_wait_for_the_end_of_the_batch_one_frame_per_size() -> None:
+    """On a gathering port a reply waits for end_batch(); replies of one size to one
+    client socket share a frame (GSO_UDP_L4 when more than one) in query order; another
+    size or another socket is another frame."""
     from fabric.net import gso
     from fabric.net.vnet import GSO_UDP_L4, VnetHdr
 
-    sizes = {1: 40, 2: 40, 3: 41, 4: 40}
+    sizes = {1: 40, 2: 40, 3: 41, 4: 40, 5: 40}
     r, pa = _gathering(lambda q: bytes([q[1]]) * sizes[q[1]])
-    for qid in (1, 2, 3, 4):
-        f = _vnet_query(40000, qid)
+    for qid, sport in ((1, 40000), (2, 40000), (3, 40000), (4, 40000), (5, 40001)):
+        f = _vnet_query(sport, qid)
         assert r.receive(pa, f, len(f), 1.0) is None
-    # ids 1-2 left when 3 (another size) came, 3 when 4 came; 4 waits
-    assert [len(o[1]) for o in r.outputs] == [52 + 80, 52 + 41]
+    assert not r.outputs
     r.end_batch()
-    assert len(r.outputs) == 3 and not r.replies and pa.tx_packets == 4
-    payloads = []
+    assert not r.replies and pa.tx_packets == 5
+    frames = []
     for _, frame in r.outputs:
-        assert frame[1] == (GSO_UDP_L4 if len(frame) == 52 + 80 else 0)
-        for seg in gso.segment(memoryview(frame)[10:], VnetHdr.parse(frame)):
+        segs = gso.segment(memoryview(frame)[10:], VnetHdr.parse(frame))
+        assert frame[1] == (GSO_UDP_L4 if len(segs) > 1 else 0)
+        for seg in segs:
             assert seg[:12] == packets.mac_bytes(POD_MAC) + r.gw_mac
-            assert seg[34:38] == (53).to_bytes(2, "big") + (40000).to_bytes(2, "big")
-            payloads.append(bytes(seg[42:]))
-    assert payloads == [bytes([i]) * sizes[i] for i in (1, 2, 3, 4)]
+            assert seg[34:36] == (53).to_bytes(2, "big")
+        frames.append([(seg[36] << 8 | seg[37], bytes(seg[42:])) for seg in segs])
+    assert sorted(frames) == sorted([
+        [(40000, bytes([i]) * 40) for i in (1, 2, 4)], [(40000, bytes([3]) * 41)],
+        [(40001, bytes([5]) * 40)]])
 
 
 def test_a_full_run_leaves_at_once_and_a_captured_port_is_not_gathered() -> None:
@@ -169,7 +172,7 @@ def test_a_full_run_leaves_at_once_and_a_captured_port_is_not_gathered() -> None
     for qid in range(DNS_RUN_MAX + 1):
         f = _vnet_query(40000, qid)
         r.receive(pa, f, len(f), 1.0)
-    assert len(r.outputs) == 1 and len(r.replies[(pa, 40000)]) == 1
+    assert len(r.outputs) == 1 and len(r.replies[(pa, 40000, 30)]) == 1
     r.end_batch()
     r.outputs.clear()
     seen: list[bool] = []
