@@ -28,7 +28,6 @@ from typing import Protocol
 
 from fabric.config.specs import DEFAULT_GATEWAY_MAC, TUNNEL_MTU
 from fabric.flows import verdicts
-from fabric.histogram import Histogram
 from fabric.net import checksum, gso, packets
 from fabric.net.gso import gso_sane
 from fabric.net.packets import (
@@ -117,6 +116,12 @@ _MAX_UDP_DATA = 65535 - 28  # an IPv4 packet's UDP payload bound
 _GATHER_MAX = _MAX_UDP_DATA // DNS_RUN_MAX  # a reply size a full run can carry
 REPLY_HEADS = 4096  # cached reply headers, all dropped when full
 _clock = time.perf_counter
+
+
+class Observer(Protocol):
+    """What times the local DNS answers (a fabric.histogram.Histogram)."""
+
+    def observe(self, value: float) -> None: ...
 
 
 class EgressCore(Protocol):
@@ -209,7 +214,7 @@ class Router:
         # now): the readiness probes' answers, seen before the local stack takes them.
         self.synack: Callable[[bytes, int, int, float], None] | None = None
         self.dns_local: Callable[[bytes, float], bytes | None] | None = None
-        self.dns_seconds: Histogram | None = None
+        self.dns_seconds: Observer | None = None
         self.dhcp: DhcpServer | None = None
         self.egress: EgressCore | None = None
         self.uplink: Port | None = None
@@ -230,7 +235,7 @@ class Router:
         self.local = port
 
     def attach_dns(self, answer: Callable[[bytes, float], bytes | None] | None,
-                   seconds: Histogram | None = None) -> None:
+                   seconds: Observer | None = None) -> None:
         """Answers DNS queries to the gateway right here (gateway.dns.DnsCore.answer_local):
         answer(query, now) returns the reply, b"" to drop, or None to pass the query on
         to the local stack. `seconds` observes the time of each answer given (not of a
