@@ -48,7 +48,7 @@ from fabric.errors import FabricError
 from fabric.net import gso
 from fabric.net.coalesce import UdpRun
 from fabric.net.packets import Malformed
-from fabric.net.vnet import VNET_HDR_LEN, ZERO_HDR, VnetHdr
+from fabric.net.vnet import GSO_UDP_L4, VNET_HDR_LEN, ZERO_HDR, VnetHdr
 from fabric.router.droplog import HEAD_BYTES
 from fabric.router.model import DROP_TX_ERROR, DROP_TX_FULL, KIND_TUNNEL, L3_OFF, Port
 from fabric.runtime.timerfd import TimerFd
@@ -487,11 +487,18 @@ class DataPlane:
         os.set_blocking(port.fd, False)  # a blocking read would stall every namespace
         self.ports[port.fd] = (owner, port, receive, offset)
         self._ep.register(port.fd, select.EPOLLIN)
+        gso_ports = getattr(owner, "gso_ports", None)
+        if gso_ports is not None and port.kind in UDP_RUN_KINDS and port.hlen \
+                and port not in self._udp_refused:
+            gso_ports.add(port)  # its DNS replies are gathered per read batch
 
     def _remove_port(self, port: Port) -> None:
         entry = self.ports.get(port.fd)
         if entry is not None and entry[1] is port:
             del self.ports[port.fd]
+            gso_ports = getattr(entry[0], "gso_ports", None)
+            if gso_ports is not None:
+                gso_ports.discard(port)
             try:
                 self._ep.unregister(port.fd)
             except (OSError, ValueError):
@@ -730,6 +737,15 @@ class DataPlane:
             self.errors.exception(f"frame:{owner.name}", "%s: dropping a frame that raised",
                                   owner.name)
             owner.outputs.clear()
+        if getattr(owner, "replies", None):  # gathered DNS replies: one write per client
+            try:
+                owner.end_batch()
+                self.flush(owner)
+            except Exception:
+                self.errors.exception(f"replies:{owner.name}", "%s: gathered replies failed",
+                                      owner.name)
+                owner.replies.clear()
+                owner.outputs.clear()
         if run.count:  # the frames gathered before were forwarded: they leave
             try:
                 self._write_run()
@@ -815,7 +831,11 @@ class DataPlane:
                 except BlockingIOError:
                     out.drop(DROP_TX_FULL)
                 except OSError as e:
-                    self._tx_error(out, e)
+                    if (e.errno == errno.EINVAL and out.hlen and frame[1] == GSO_UDP_L4
+                            and out.kind in UDP_RUN_KINDS):
+                        self._refuse_udp_gso(out, frame)
+                    else:
+                        self._tx_error(out, e)
             elif out.kind == KIND_TUNNEL:
                 batch = [frame]
                 while i < n and outputs[i][0] is out:
@@ -842,10 +862,7 @@ class DataPlane:
             return
         except OSError as e:
             if e.errno == errno.EINVAL and count > 1:
-                log.warning("port %d: the kernel refused a UDP GSO frame; writing its "
-                            "datagrams one by one from now on", out.fd)
-                self._udp_refused.add(out)
-                self._write_segments(out, frame)
+                self._refuse_udp_gso(out, frame)
                 return
             for _ in range(count - 1):
                 out.drop(DROP_TX_ERROR)
@@ -855,7 +872,19 @@ class DataPlane:
             self.udp_runs += 1
             self.udp_run_datagrams += count
 
-    def _write_segments(self, out: Port, frame: bytearray) -> None:
+    def _refuse_udp_gso(self, out: Port, frame: bytes | bytearray) -> None:
+        """The kernel refused a UDP GSO super-frame on `out`: its datagrams one by one,
+        now and for that port from then on (forwarded runs and gathered DNS replies)."""
+        log.warning("port %d: the kernel refused a UDP GSO frame; writing its "
+                    "datagrams one by one from now on", out.fd)
+        self._udp_refused.add(out)
+        entry = self.ports.get(out.fd)
+        gso_ports = getattr(entry[0], "gso_ports", None) if entry is not None else None
+        if gso_ports is not None:
+            gso_ports.discard(out)
+        self._write_segments(out, frame)
+
+    def _write_segments(self, out: Port, frame: bytes | bytearray) -> None:
         mv = memoryview(frame)
         try:
             segments = gso.segment(mv[VNET_HDR_LEN:], VnetHdr.parse(mv))

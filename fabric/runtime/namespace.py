@@ -210,8 +210,8 @@ class Namespace:
         # Local names are answered by the data plane itself (one core per thread);
         # forwarded names and TCP go on to the server above.
         self.dns_fast = DnsCore(self.records, [])
-        self.dataplane.post(self.router.attach_dns,
-                            _timed_answers(self.dns_fast.answer_local, self.dns_fast_seconds))
+        self.dataplane.post(self.router.attach_dns, self.dns_fast.answer_local,
+                            self.dns_fast_seconds)
 
     def _attach_local_here(self, port: Port) -> None:
         self.router.attach_local(port)
@@ -710,20 +710,3 @@ class Namespace:
                 sum(p.port.drops.values()) for p in self.pods.values() if p.port),
             "drops_last_minute": self.router.droplog.last_minute(time.monotonic()),
         }
-
-
-def _timed_answers(answer: Callable[[bytes, float], bytes | None],
-                   hist: Histogram) -> Callable[[bytes, float], bytes | None]:
-    """`answer` with the time of each answer it gives observed (not of a drop, b"", nor
-    of a query it leaves to the full server, None)."""
-    clock = time.perf_counter
-    observe = hist.observe
-
-    def timed(data: bytes, now: float) -> bytes | None:
-        t = clock()
-        out = answer(data, now)
-        if out:
-            observe(clock() - t)
-        return out
-
-    return timed

@@ -478,3 +478,155 @@ def test_one_flows_small_datagrams_to_a_tap_leave_as_one_udp_gso_frame_in_order(
         a.close()
         b.close()
         dp.close()
+
+
+def _dns_router(dp: DataPlane, pod: SocketPod, kind: str = "netns") -> tuple[Router, Port]:
+    """A router answering its zone in the data plane, pod attached on a vnet port."""
+    from ipaddress import IPv4Address
+
+    from gateway.dns import DnsCore
+    from gateway.records import Records
+
+    r = Router("shop", CIDR)
+    records = Records("shop", "fabric.internal", CIDR)
+    records.set("a", IPv4Address("10.10.0.2"))
+    records.set("b", IPv4Address("10.10.0.30"))
+    r.attach_dns(DnsCore(records, []).answer_local)
+    dp.add_owner(r)
+    dp.call(r.add_pod, pod.name, pod.ip, pod.mac)
+    port = Port(vnet=True, mtu=1500, fd=pod.take_fd(), kind=kind)
+    r.attach(pod.name, port, time.monotonic(), pod.mac)
+    dp.add_port(r, port)
+    return r, port
+
+
+def _dns_query(pod: SocketPod, name: str, qtype: str, qid: int, sport: int) -> bytes:
+    """A query as the pod's stack sends it over a TAP with checksum offload."""
+    import dnslib
+
+    from fabric.net.vnet import F_NEEDS_CSUM
+    from fabric.net.vnet import pack as vnet_pack
+
+    q = dnslib.DNSRecord.question(name, qtype)
+    q.header.id = qid
+    pkt = bytearray(packets.udp_packet(pod.ipb, packets.ip_bytes("10.10.0.1"), sport, 53,
+                                       q.pack()))
+    pkt[26:28] = checksum.pseudo_header_sum(pod.ipb, packets.ip_bytes("10.10.0.1"), 17,
+                                            len(pkt) - 20).to_bytes(2, "big")
+    return (vnet_pack(F_NEEDS_CSUM, 0, 0, 0, 34, 6)
+            + packets.eth_header(GW_MAC, pod.macb, packets.ETH_P_IP) + bytes(pkt))
+
+
+def _datagrams(frames: list[bytes]) -> list[bytes]:
+    """The IPv4 packets a pod's kernel delivers: super-frames cut, checksums finished."""
+    from fabric.net import gso
+    from fabric.net.vnet import VnetHdr
+
+    out = []
+    for f in frames:
+        for seg in gso.segment(memoryview(f)[10:], VnetHdr.parse(f)):
+            out.append(bytes(seg[14:]))
+    return out
+
+
+# (name, type, client socket): on socket 1 three A replies of one size, a NODATA (another
+# size), an A; on socket 2 an A, an NXDOMAIN, two As.
+QUERIES = [("a", "A", 1), ("b", "A", 2), ("b", "A", 1), ("c", "A", 2), ("a", "A", 1),
+           ("b", "AAAA", 1), ("a", "A", 2), ("a", "A", 1), ("b", "A", 2)]
+
+
+def test_dns_replies_of_one_read_batch_leave_as_one_gso_frame_per_socket_and_size() -> None:
+    """Equal-sized replies to one client socket become one UDP GSO frame (one write, one
+    wake-up of the client); another size or another socket is another frame; replies of
+    one size keep their order, and every datagram is byte for byte the reply the
+    ungathered path sends (a plain port), checksums included."""
+    from fabric.net.vnet import GSO_UDP_L4
+
+    replies: dict[str, list[bytes]] = {}
+    for kind in ("netns", "fd"):  # gathered, and the reference
+        dp = DataPlane()  # not started: calls run inline and the test drives the reads
+        a = SocketPod("a", "10.10.0.2", "02:00:0a:0a:00:02", vnet=True)
+        try:
+            r, port = _dns_router(dp, a, kind)
+            assert (port in r.gso_ports) == (kind == "netns")
+            for i, (name, qtype, sock) in enumerate(QUERIES):
+                a.sock.send(_dns_query(a, f"{name}.shop.fabric.internal", qtype, 100 + i,
+                                       40000 + sock))
+            dp._readable(*dp.ports[port.fd])
+            got = []
+            while select.select([a.sock], [], [], 0.5)[0]:
+                got.append(a.sock.recv(65536))
+            if kind == "netns":
+                # socket 1: four As and a NODATA; socket 2: three As and an NXDOMAIN
+                sizes = sorted(len(_datagrams([f])) for f in got)
+                assert sizes == [1, 1, 3, 4]
+                assert all(f[1] == (GSO_UDP_L4 if len(_datagrams([f])) > 1 else 0)
+                           for f in got)
+            else:
+                assert len(got) == len(QUERIES) and not any(f[1] for f in got)
+            replies[kind] = _datagrams(got)
+            assert port.tx_packets == len(QUERIES)
+        finally:
+            a.close()
+            dp.close()
+
+    def by_socket(packets_: list[bytes]) -> dict[int, list[bytes]]:
+        out: dict[int, list[bytes]] = {}
+        for p in packets_:
+            out.setdefault(p[22] << 8 | p[23], []).append(p)
+        return out
+
+    def by_size(packets_: list[bytes]) -> dict[int, list[bytes]]:
+        # the IP ids the kernel gives segments after the first, and so the IPv4
+        # checksum, may differ: compared without them
+        out: dict[int, list[bytes]] = {}
+        for p in packets_:
+            out.setdefault(len(p), []).append(p[:4] + p[6:10] + p[12:])
+        return out
+
+    gathered, reference = by_socket(replies["netns"]), by_socket(replies["fd"])
+    assert gathered.keys() == {40001, 40002}
+    for sport, ref in reference.items():
+        # per socket, the same datagrams, in query order among those of one size
+        assert by_size(gathered[sport]) == by_size(ref)
+        for p in gathered[sport]:
+            assert checksum.checksum(p[:20]) == 0
+            assert checksum.add(checksum.ones_sum(p[20:]), checksum.pseudo_header_sum(
+                p[12:16], p[16:20], 17, len(p) - 20)) == 0xFFFF
+
+
+def test_a_kernel_that_refuses_gso_gets_the_dns_replies_one_by_one(monkeypatch) -> None:
+    """EINVAL on a UDP GSO write (a kernel without UDP segmentation on TAP writes): the
+    replies of that frame go one by one, and the port's replies are no longer gathered."""
+    import errno
+    import os
+
+    from fabric.net.vnet import GSO_UDP_L4
+    from fabric.runtime import dataplane as dpmod
+
+    real = os.write
+    refused = []
+
+    def write(fd: int, data) -> int:
+        if len(data) > 10 and data[1] == GSO_UDP_L4:
+            refused.append(len(data))
+            raise OSError(errno.EINVAL, "no USO")
+        return real(fd, data)
+
+    monkeypatch.setattr(dpmod.os, "write", write)
+    dp = DataPlane()
+    a = SocketPod("a", "10.10.0.2", "02:00:0a:0a:00:02", vnet=True)
+    try:
+        r, port = _dns_router(dp, a)
+        for i in range(4):
+            a.sock.send(_dns_query(a, "a.shop.fabric.internal", "A", 7 + i, 40001))
+        dp._readable(*dp.ports[port.fd])
+        got = []
+        while select.select([a.sock], [], [], 0.5)[0]:
+            got.append(a.sock.recv(65536))
+        assert len(refused) == 1 and len(got) == 4 and not any(f[1] for f in got)
+        assert [f[52] << 8 | f[53] for f in got] == [7, 8, 9, 10]  # DNS ids, in order
+        assert port not in r.gso_ports and not port.drops
+    finally:
+        a.close()
+        dp.close()

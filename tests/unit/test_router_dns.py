@@ -115,3 +115,86 @@ def test_reply_frames_are_what_udp_packet_builds(reply, sport, host, vnet):
         packets.udp_packet(r.gw_ip, packets.ip_bytes(ip), 53, sport, reply, flags_frag=0)
     assert r.outputs == [(pa, (ZERO_HDR if vnet else b"") + expect)]
     assert pa.tx_packets == 1 and not pa.drops
+
+
+def _gathering(reply_for) -> tuple[Router, Port]:
+    """A router whose pod's port gathers DNS replies (a TAP, as the data plane marks it)."""
+    r = Router("shop", "10.0.0.0/24")
+    r.add_pod("a", "10.0.0.2", POD_MAC)
+    pa = Port(vnet=True, mtu=1500, kind="netns")
+    r.attach("a", pa, 0.0)
+    r.attach_dns(lambda query, now: reply_for(query))
+    r.gso_ports.add(pa)
+    r.outputs.clear()
+    return r, pa
+
+
+def _vnet_query(sport: int, qid: int) -> bytearray:
+    q = dnslib.DNSRecord.question("a.shop.fabric.internal")
+    q.header.id = qid
+    f = bytearray(ZERO_HDR) + query("a.shop.fabric.internal", sport=sport)[:42] + q.pack()
+    f[50:52] = b"\0\0"  # no UDP checksum (the id changed)
+    return f
+
+
+def test_gathered_replies_wait_for_the_end_of_the_batch_one_frame_per_size() -> None:
+    """On a gathering port a reply waits for end_batch(); replies of one size to one
+    client socket share a frame (GSO_UDP_L4 when more than one) in query order; another
+    size or another socket is another frame."""
+    from fabric.net import gso
+    from fabric.net.vnet import GSO_UDP_L4, VnetHdr
+
+    sizes = {1: 40, 2: 40, 3: 41, 4: 40, 5: 40}
+    r, pa = _gathering(lambda q: bytes([q[1]]) * sizes[q[1]])
+    for qid, sport in ((1, 40000), (2, 40000), (3, 40000), (4, 40000), (5, 40001)):
+        f = _vnet_query(sport, qid)
+        assert r.receive(pa, f, len(f), 1.0) is None
+    assert not r.outputs
+    r.end_batch()
+    assert not r.replies and pa.tx_packets == 5
+    frames = []
+    for _, frame in r.outputs:
+        segs = gso.segment(memoryview(frame)[10:], VnetHdr.parse(frame))
+        assert frame[1] == (GSO_UDP_L4 if len(segs) > 1 else 0)
+        for seg in segs:
+            assert seg[:12] == packets.mac_bytes(POD_MAC) + r.gw_mac
+            assert seg[34:36] == (53).to_bytes(2, "big")
+        frames.append([(seg[36] << 8 | seg[37], bytes(seg[42:])) for seg in segs])
+    assert sorted(frames) == sorted([
+        [(40000, bytes([i]) * 40) for i in (1, 2, 4)], [(40000, bytes([3]) * 41)],
+        [(40001, bytes([5]) * 40)]])
+
+
+def test_a_full_run_leaves_at_once_and_a_captured_port_is_not_gathered() -> None:
+    from fabric.router.router import DNS_RUN_MAX
+
+    r, pa = _gathering(lambda q: b"x" * 30)
+    for qid in range(DNS_RUN_MAX + 1):
+        f = _vnet_query(40000, qid)
+        r.receive(pa, f, len(f), 1.0)
+    assert len(r.outputs) == 1 and len(r.replies[(pa, 40000, 30)]) == 1
+    r.end_batch()
+    r.outputs.clear()
+    seen: list[bool] = []
+    pa.capture = lambda now, frame, out: seen.append(out)
+    f = _vnet_query(40000, 99)
+    r.receive(pa, f, len(f), 1.0)
+    assert len(r.outputs) == 1 and not r.replies and seen == [False, True]
+
+
+def test_answer_times_are_observed_for_answers_only() -> None:
+    from fabric.histogram import DNS_BUCKETS, Histogram
+
+    answers = iter([b"\0" * 20, b"", None])
+    r = Router("shop", "10.0.0.0/24")
+    r.add_pod("a", "10.0.0.2", POD_MAC)
+    pa = Port(vnet=False, mtu=1500)
+    r.attach("a", pa, 0.0)
+    local = Port(vnet=False, mtu=1500, l3=True)
+    r.attach_local(local)
+    hist = Histogram(DNS_BUCKETS)
+    r.attach_dns(lambda query, now: next(answers), hist)
+    for _ in range(3):
+        f = query("a.shop.fabric.internal")
+        r.receive(pa, f, len(f), 1.0)
+    assert hist.count == 1 and local.tx_packets == 1
