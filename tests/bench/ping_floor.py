@@ -17,6 +17,7 @@ code. Needs root; everything lives in throwaway `fbb-<runid>-*` namespaces.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -188,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--count", type=int, default=COUNT)
     ap.add_argument("--fifo", action="store_true",
                     help="also fabricd and the C hub with their forwarding thread SCHED_FIFO 1")
+    ap.add_argument("--busy-poll", metavar="DURATION",
+                    help="also a second fabricd with worker.busy_poll set to this (\"3ms\")")
     ap.add_argument("--spin", type=float, default=0.0,
                     help="also hubs that poll this many µs after the last frame (0: none)")
     args = ap.parse_args(argv)
@@ -199,7 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     cpu_us: dict[str, list[float]] = {}
     try:
         exe = build_c(tmp)
-        with Topology() as topo:
+        with contextlib.ExitStack() as stack:
+            topo = stack.enter_context(Topology())
+            polling = (stack.enter_context(Topology({"busy_poll": args.busy_poll}))
+                       if args.busy_poll else None)
             sb = topo.sb
             hubs = Hubs(sb)
             variants: dict[str, list[str] | None] = {
@@ -218,6 +224,13 @@ def main(argv: list[str] | None = None) -> int:
             names = python_thread_names(topo.daemon.proc.pid)
             dp_tid = [t for t, n in names.items() if n == "fabric-dataplane"]
             fifo_tid: list[int] = []
+            busy = f"fabricd, busy_poll {args.busy_poll}"
+            busy_tid: list[int] = []
+            if polling is not None:
+                assert polling.daemon is not None and polling.daemon.proc is not None
+                variants[busy] = None
+                busy_tid = [t for t, n in python_thread_names(polling.daemon.proc.pid).items()
+                            if n == "fabric-dataplane"]
             if args.fifo:
                 variants["fabricd, data plane SCHED_FIFO"] = None
                 if exe is not None:
@@ -228,7 +241,10 @@ def main(argv: list[str] | None = None) -> int:
                 for name in names:
                     hub = variants[name]
                     fifo = "SCHED_FIFO" in name
-                    if hub is None:
+                    if hub is None and name == busy and polling is not None:
+                        side = polling.sides[FABRIC]
+                        ns, ip = side.client, side.server_ip
+                    elif hub is None:
                         side = topo.sides[VETH if name == "veth" else FABRIC]
                         ns, ip = side.client, side.server_ip
                         for tid in fifo_tid:
@@ -243,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                             os.sched_setscheduler(hubs.proc.pid, os.SCHED_FIFO,
                                                   os.sched_param(1))
                     tid = (None if name == "veth" else
+                           busy_tid[0] if name == busy and busy_tid else
                            dp_tid[0] if hub is None and dp_tid else
                            hubs.proc.pid if hub is not None and hubs.proc is not None else None)
                     stat = Counting(tid)
