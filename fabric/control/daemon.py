@@ -285,11 +285,11 @@ class Daemon:
                 old_w.tunnel, peers=new_w.tunnel.peers))
         if new_w.busy_poll != old_w.busy_poll:
             self.fabric.set_busy_poll(new_w.busy_poll)
+            log.info("reload: the data plane's busy_poll is now %g ms", new_w.busy_poll * 1000)
             old_w = dataclasses.replace(old_w, busy_poll=new_w.busy_poll)
         if new_w != old_w:
             log.warning("reload: changes to `worker` other than tunnel peers and busy_poll "
-                        "need a restart; "
-                        "they are not applied")
+                        "need a restart; they are not applied")
         running = {name: ns.spec for name, ns in self.fabric.namespaces.items()}
         wid = self.fabric.worker_id
 
