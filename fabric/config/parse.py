@@ -740,7 +740,8 @@ def validate_namespace_set(
 # Worker
 # ---------------------------------------------------------------------------
 
-_WORKER_KEYS = ("id", "control", "control_mode", "state_dir", "egress", "tunnel")
+_WORKER_KEYS = ("id", "control", "control_mode", "state_dir", "egress", "tunnel", "busy_poll")
+MAX_BUSY_POLL = 0.1  # longer is a typo: the data plane would spin for most of a second
 _EGRESS_KEYS = ("tun", "pool")
 _TUNNEL_KEYS = ("listen", "private_key", "private_key_file", "psk", "keepalive", "peers")
 _PEER_KEYS = ("id", "endpoint", "public_key")
@@ -896,11 +897,17 @@ def _parse_worker(value: Any, src: str, key: str, base_dir: str | None) -> Worke
         state_dir = read_str(obj.get("state_dir"), src, obj.key("state_dir"))
         if not state_dir.startswith("/") or not state_dir.isprintable():
             raise ConfigError(src, obj.key("state_dir"), f"{state_dir!r} is not an absolute path")
+    busy_poll = 0.0
+    if obj.has("busy_poll"):
+        busy_poll = parse_duration(obj.get("busy_poll"), src, obj.key("busy_poll"))
+        if busy_poll > MAX_BUSY_POLL:
+            raise ConfigError(src, obj.key("busy_poll"),
+                              f"{busy_poll * 1000:g} ms is more than {MAX_BUSY_POLL * 1000:g} ms")
     egress = _parse_egress(obj.get("egress"), src, obj.key("egress"))
     tunnel = _parse_tunnel(obj.get("tunnel"), src, obj.key("tunnel"), worker_id, base_dir)
     return WorkerSpec(
         id=worker_id, control=control, control_mode=mode, egress=egress, tunnel=tunnel,
-        state_dir=state_dir,
+        state_dir=state_dir, busy_poll=busy_poll,
     )
 
 

@@ -266,6 +266,9 @@ class WorkerSpec:
     # Where the daemon keeps what must outlive it (the addresses it handed out);
     # None: the control socket's directory.
     state_dir: str | None = None
+    # Seconds the data plane keeps polling after frames before it sleeps (0: never polls;
+    # see DataPlane.busy_poll).
+    busy_poll: float = 0.0
 
     @property
     def state_path(self) -> str:

@@ -242,7 +242,14 @@ class _NoOutputs:
 
 
 class DataPlane:
-    def __init__(self) -> None:
+    def __init__(self, busy_poll: float = 0.0) -> None:
+        # After a loop turn that read frames, keep polling (epoll_wait with no timeout)
+        # for this many seconds before sleeping again: a frame that comes meanwhile is
+        # taken without waking the thread, which on a VM costs tens of µs when the sender
+        # runs on another vCPU (docs/performance.md, "ping"). 0: always sleep. It costs
+        # CPU only while traffic comes at shorter intervals than this; idle, nothing.
+        self.busy_poll = busy_poll
+        self.busy_polls = 0  # polls made without sleeping because of busy_poll
         self.buf = bytearray(BUF_SIZE)
         self.mv = memoryview(self.buf)
         # Timed owner -> its group (itself first).
@@ -540,9 +547,22 @@ class DataPlane:
         timer = self._timer
         timer_fd = timer.fd if timer is not None else -1
         readable = self._readable
+        mono = time.monotonic
+        seen = self.frames
+        spin_until = 0.0
         while not self._stop:
+            timeout = self._wait()
+            if self.busy_poll:
+                if self.frames != seen:
+                    seen = self.frames
+                    spin_until = mono() + self.busy_poll
+                if spin_until and mono() < spin_until:
+                    timeout = 0
+                    self.busy_polls += 1
+                else:
+                    spin_until = 0.0
             try:
-                events = poll(self._wait())
+                events = poll(timeout)
             except InterruptedError:
                 continue
             for fd, _ in events:

@@ -68,8 +68,9 @@ class Fabric:
 
     def __init__(self, worker_id: str | None = None, *, local_stack: bool = True,
                  egress: EgressSpec | None = None, tunnel: TunnelSpec | None = None,
-                 state_dir: str | None = None) -> None:
+                 state_dir: str | None = None, busy_poll: float = 0.0) -> None:
         self.worker_id = worker_id or socket.gethostname()
+        self.busy_poll = busy_poll  # the data plane's (DataPlane.busy_poll)
         # Addresses handed to pods that came without one; in `state_dir` they outlive us.
         self.addresses = AddressBook(
             os.path.join(state_dir, ADDRESS_FILE) if state_dir is not None else None)
@@ -109,7 +110,7 @@ class Fabric:
 
     async def start(self) -> None:
         if self._dataplane is None:
-            self._dataplane = DataPlane()
+            self._dataplane = DataPlane(busy_poll=self.busy_poll)
             self._dataplane.start()
             if self.egress is not None:
                 uplink = Uplink(self.egress.tun, self.egress.pool)
@@ -233,6 +234,13 @@ class Fabric:
             await self.remove_peer(pid)
         for p in plan.set:
             await self.set_peer(p)
+
+    def set_busy_poll(self, seconds: float) -> None:
+        """How long the data plane polls after frames before it sleeps (a config reload);
+        the thread reads it every loop turn."""
+        self.busy_poll = seconds
+        if self._dataplane is not None:
+            self._dataplane.busy_poll = seconds
 
     @property
     def dataplane(self) -> DataPlane:

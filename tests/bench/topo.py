@@ -47,10 +47,11 @@ class Side:
 class Topology:
     """Both paths, built on enter and removed on exit (also on failure)."""
 
-    def __init__(self) -> None:
+    def __init__(self, worker: dict[str, Any] | None = None) -> None:
         why = prerequisites()
         if why:
             raise RuntimeError(f"cannot create namespaces: {why}")
+        self.worker = worker or {}  # more `worker` keys for the daemon (busy_poll)
         self.sb = Sandbox(PREFIX)
         self.daemon: Daemon | None = None
         self.sides: dict[str, Side] = {}
@@ -74,7 +75,7 @@ class Topology:
         for ns, ip in ((ka, "10.51.0.2"), (kb, "10.51.0.3")):
             sb.run(ns, "ip", "addr", "add", f"{ip}/24", "dev", "eth0")
             sb.run(ns, "ip", "link", "set", "eth0", "up")
-        cfg = {"worker": {"id": "bench"}, "namespaces": [{
+        cfg = {"worker": {"id": "bench", **self.worker}, "namespaces": [{
             "name": "bench", "cidr": "10.50.0.0/24",
             "pods": [{"name": "a", "ip": "10.50.0.2", "netns": a},
                      {"name": "b", "ip": "10.50.0.3", "netns": b}],

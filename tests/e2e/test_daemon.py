@@ -224,6 +224,24 @@ def test_sighup_reload_keeps_flows(sandbox: Sandbox) -> None:
         pytest.fail("pod c's eth0 still present after reload removed it")
 
 
+def test_busy_poll_forwards_and_changes_on_reload(sandbox: Sandbox) -> None:
+    worker = sandbox.netns("worker")
+    a, b, ns = two_pods(sandbox)
+    d = Daemon(sandbox, worker, {"worker": {"busy_poll": "3ms"}, "namespaces": [ns]}).start()
+    d.wait_attached(2)
+    out = sandbox.run(a, "ping", "-c", "20", "-i", "0.002", "-W", "2", "10.40.0.3").stdout
+    assert "20 received" in out, out
+    d.write_config({"worker": {"id": "fabricd", "busy_poll": 0}, "namespaces": [ns]})
+    d.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "busy_poll is now 0 ms" not in d.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "busy_poll is now 0 ms" in d.log(), d.log()[-3000:]
+    assert "need a restart" not in d.log(), d.log()[-3000:]
+    out = sandbox.run(a, "ping", "-c", "5", "-i", "0.01", "-W", "2", "10.40.0.3").stdout
+    assert "5 received" in out, out
+
+
 def test_bad_config_names_file_key_problem(sandbox: Sandbox) -> None:
     worker = sandbox.netns("worker")
     d = Daemon(sandbox, worker, {"namespaces": [

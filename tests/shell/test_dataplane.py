@@ -629,4 +629,49 @@ def test_a_kernel_that_refuses_gso_gets_the_dns_replies_one_by_one(monkeypatch) 
         assert port not in r.gso_ports and not port.drops
     finally:
         a.close()
+
+def _settled(dp: DataPlane, timeout: float = 5.0) -> int:
+    """dp.busy_polls once it stops moving (the thread went back to sleeping)."""
+    deadline = time.monotonic() + timeout
+    last = -1
+    while time.monotonic() < deadline:
+        now = dp.busy_polls
+        if now == last:
+            return now
+        last = now
+        time.sleep(0.1)
+    raise AssertionError(f"the data plane kept polling: {dp.busy_polls} polls")
+
+
+@pytest.mark.parametrize("busy_poll", [0.0, 0.02])
+def test_busy_poll_polls_only_after_frames_and_then_sleeps(busy_poll: float) -> None:
+    dp = DataPlane(busy_poll=busy_poll)
+    dp.start()
+    r = Router("shop", CIDR)
+    a = SocketPod("a", "10.10.0.2", "02:00:0a:0a:00:02")
+    b = SocketPod("b", "10.10.0.3", "02:00:0a:0a:00:03")
+    try:
+        dp.add_owner(r)
+        dp.call(r.add_pod, "a", a.ip, a.mac)
+        dp.call(r.add_pod, "b", b.ip, b.mac)
+        attach(dp, r, a)
+        attach(dp, r, b)
+        idle = _settled(dp)  # nothing was forwarded yet: no polling at all
+        assert idle == 0
+        a.udp(b.ip, 1, 2, b"one")
+        got = b.recv_ip(2.0)
+        assert got is not None and bytes(IP(got)[UDP].payload) == b"one"
+        after = _settled(dp)
+        if busy_poll:
+            assert after > 0  # it polled after the frame, then slept again
+        else:
+            assert after == 0
+        dp.busy_poll = 0.0  # a reload may turn it off: the thread reads it every turn
+        a.udp(b.ip, 1, 2, b"two")
+        got = b.recv_ip(2.0)
+        assert got is not None and bytes(IP(got)[UDP].payload) == b"two"
+        assert _settled(dp) == after
+    finally:
+        a.close()
+        b.close()
         dp.close()

@@ -546,7 +546,7 @@ UNKNOWN_CASES = [
         ["worker", "ident"],
         "worker.ident",
         "unknown key 'ident' (expected one of: id, control, control_mode, state_dir, egress, "
-        "tunnel)",
+        "tunnel, busy_poll)",
     ),
 ]
 
@@ -1600,3 +1600,14 @@ def test_errors_are_one_line_whatever_their_message() -> None:
                 ConfigError("file\n.yaml", "k\n", "bad\nvalue")):
         assert "\n" not in exc.message and "\r" not in exc.message, exc.message
         assert "\n" not in str(exc) and "\\n" in exc.message
+
+
+def test_worker_busy_poll_is_a_short_duration_and_off_by_default() -> None:
+    assert parse_config(base(), SRC).worker.busy_poll == 0.0
+    data = base()
+    data["worker"]["busy_poll"] = "2.5ms"
+    assert parse_config(data, SRC).worker.busy_poll == pytest.approx(0.0025)
+    e = cfg_err(_set(["worker", "busy_poll"], "1s"))
+    assert e.key == "worker.busy_poll" and "more than 100 ms" in e.problem
+    e = cfg_err(_set(["worker", "busy_poll"], -1))
+    assert e.key == "worker.busy_poll"
