@@ -630,6 +630,7 @@ def test_a_kernel_that_refuses_gso_gets_the_dns_replies_one_by_one(monkeypatch) 
     finally:
         a.close()
 
+
 def _settled(dp: DataPlane, timeout: float = 5.0) -> int:
     """dp.busy_polls once it stops moving (the thread went back to sleeping)."""
     deadline = time.monotonic() + timeout
