@@ -328,7 +328,13 @@ class RawAccess(PublicAccess):
         return self._fuel.value
 
     def memory(self) -> tuple[int, int]:
-        return self._mem_data(self.ctx, self.memref) or 0, self._mem_size(self.ctx, self.memref)
+        """Base and size; the base is re-read only when the size moved (a linear memory
+        never shrinks, and wasmtime moves one only to grow it)."""
+        size = self._mem_size(self.ctx, self.memref)
+        if size != self.size or not self.base:
+            self.base = self._mem_data(self.ctx, self.memref) or 0
+            self.size = size
+        return self.base, size
 
 
 def _pyfunc(lib: ctypes.PyDLL, name: str, restype: Any, *argtypes: Any) -> Any:

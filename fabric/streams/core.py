@@ -161,7 +161,10 @@ class StreamCore:
 
     @property
     def guest_need(self) -> int:
-        return max(g.need for g in self.gens)
+        gens = self.gens
+        if len(gens) == 1:  # no reload in progress: the common case, per guest call
+            return gens[0].need
+        return max(g.need for g in gens)
 
     def replace_guest(self, guest: Guest, now: float) -> int:
         """A reload: new streams go to `guest`; live ones stay with their module until
@@ -395,7 +398,8 @@ class StreamCore:
         busy = True
         while busy:
             busy = False
-            for g in list(self.gens):
+            gens = self.gens
+            for g in (gens if len(gens) == 1 else list(gens)):
                 if not g.events:
                     continue
                 busy = True
