@@ -16,9 +16,9 @@ and writes sockets, carries out the core's commands and keeps the byte limits:
 The relayed sockets are not registered with asyncio one by one: the front keeps an
 epoll set of its own, registered with the loop as one reader, and dispatches its events
 itself. asyncio's per-event machinery (a handle run in a context per ready fd, a
-selector key rebuilt per add/remove) was a fifth of the loop's time per PostgreSQL
-transaction (docs/performance.md, "Stream ports"); one poll per wakeup serves every
-ready stream. Spliced pairs (fabric.streams.relay) still use the loop's readers.
+selector key rebuilt per add/remove) was ~6 % of the loop's GIL-held samples per
+PostgreSQL transaction (docs/performance.md, "Stream ports"); one poll per wakeup
+serves every ready stream. Spliced pairs (fabric.streams.relay) still use the loop's readers.
 """
 
 from __future__ import annotations
