@@ -322,18 +322,25 @@ class StreamFront:
             return
         fds = self._fds
         ready = [(fds.get(fd), ev) for fd, ev in events]
-        for ent, ev in ready:
-            if ent is None:
-                continue
-            pair, c = ent
-            try:
-                if ev & _READ_EVENTS and c.reading and not c.closed:
-                    self._readable(pair, c)
-                if ev & _WRITE_EVENTS and c.writing and not c.closed:
-                    self._writable(pair, c)
-            except Exception:  # noqa: BLE001 - one stream's bug must not stall the rest
-                log.exception("%s: stream %d: error handling its socket", self.label,
-                              pair.sid)
+        core = self.core
+        core.defer = len(ready) > 1  # one guest call for the wakeup's reads
+        try:
+            for ent, ev in ready:
+                if ent is None:
+                    continue
+                pair, c = ent
+                try:
+                    if ev & _READ_EVENTS and c.reading and not c.closed:
+                        self._readable(pair, c)
+                    if ev & _WRITE_EVENTS and c.writing and not c.closed:
+                        self._writable(pair, c)
+                except Exception:  # noqa: BLE001 - one stream's bug must not stall the rest
+                    log.exception("%s: stream %d: error handling its socket", self.label,
+                                  pair.sid)
+        finally:
+            if core.defer:
+                core.flush(self.loop.time())
+                self._run()
 
     def _readable(self, pair: _Pair, c: _Conn) -> None:
         core = self.core
@@ -363,7 +370,8 @@ class StreamFront:
             core.client_data(pair.sid, data, now)
         else:
             core.upstream_data(pair.sid, data, now)
-        self._run()
+        if not core.defer:  # else once, after the batch (_events)
+            self._run()
 
     def _writable(self, pair: _Pair, c: _Conn) -> None:
         if not c.connected:
