@@ -61,6 +61,7 @@ from fabric.activator.loader import (
 from fabric.activator.runtime import (
     EXPORTS,
     compile_module,
+    deadline_ticks,
     epoch_ticker,
     guest_access,
     new_store,
@@ -126,6 +127,8 @@ class ActivatorInstance:
         # The last failure, for people: reason, message, wasm frames, fuel, events.
         self.last_failure: dict[str, Any] | None = None
         self._store: wasmtime.Store | None = None
+        self._view: memoryview | None = None
+        self._base = self._size = 0
         self._failures = 0
         self._overs = 0
         self._credit = 0  # actions beyond the per-call allowance it may still use
@@ -176,6 +179,8 @@ class ActivatorInstance:
 
     def _teardown(self) -> None:
         self._store = None  # dropping the Store frees the instance and its memory
+        self._view = None  # never touch the freed memory
+        self._base = self._size = 0
 
     def _fail(self, e: BaseException, where: str, events: Sequence[Event] = ()) -> None:
         """Classify a failure, count it, log it (what trapped where, the fuel the call
@@ -224,10 +229,16 @@ class ActivatorInstance:
             self._refresh_memory()
 
     def _refresh_memory(self) -> None:
-        """Memory may move or grow during any guest call: re-read base and size."""
-        self._base, self._size = self._acc.memory()
-        if self._size + PAGE > self.host.memory_limit:
-            raise _Failure("memory_cap", f"guest memory reached {self._size} bytes")
+        """Memory may move or grow during any guest call: re-read base and size, and
+        remake the view of it (a memoryview over the guest's bytes: slicing it copies
+        without a ctypes call, and so without dropping the GIL) when either changed."""
+        base, size = self._acc.memory()
+        if base != self._base or size != self._size or self._view is None:
+            self._base, self._size = base, size
+            self._view = (memoryview((ctypes.c_char * size).from_address(base)).cast("B")
+                          if base and size else memoryview(bytearray(0)))
+        if size + PAGE > self.host.memory_limit:
+            raise _Failure("memory_cap", f"guest memory reached {size} bytes")
 
     def _ensure_buffer(self, need: int) -> None:
         if need <= self._buf_cap:
@@ -239,7 +250,8 @@ class ActivatorInstance:
         self._buf_ptr, self._buf_cap = ptr, cap
 
     def _write(self, data: bytes) -> None:
-        ctypes.memmove(self._base + self._buf_ptr, data, len(data))
+        p = self._buf_ptr
+        self._view[p:p + len(data)] = data
 
     def _run(self, batch: bytes, nevents: int, npackets: int) -> list[Action]:
         """One fab_process call: the hot path, so _guest and friends are inlined here.
@@ -254,7 +266,8 @@ class ActivatorInstance:
         n = len(batch)
         if n > self._buf_cap:
             self._ensure_buffer(n)
-        ctypes.memmove(self._base + self._buf_ptr, batch, n)
+        p = self._buf_ptr
+        self._view[p:p + n] = batch
         h, acc = self.host, self._acc
         epoch_ticker.enter()
         acc.begin(h.fuel_per_call, h.deadline_ticks)
@@ -270,10 +283,11 @@ class ActivatorInstance:
         base = (ACTIONS_PER_EVENT * nevents + ACTION_SLACK
                 + ACTIONS_PER_STREAM * self.live_streams)
         credit = min(self._credit + npackets, h.max_held)
-        if length == 2 and ctypes.string_at(self._base + ptr, 2) == b"\0\0":
+        view = self._view
+        if length == 2 and view[ptr] == 0 and view[ptr + 1] == 0:
             actions: list[Action] = []
         else:
-            data = ctypes.string_at(self._base + ptr, length)
+            data = view[ptr:ptr + length].tobytes()
             count, allowed = batch_count(data), base + credit
             if count > allowed:
                 actions = decode_actions(data, allowed)
@@ -446,7 +460,8 @@ class ActivatorHost:
         self.config_bytes = json.dumps(config or {}, sort_keys=True).encode()
         self.fuel_per_call = fuel_per_call
         self.memory_limit = memory_limit
-        self.deadline_ticks = max(1, deadline_ms)
+        self.deadline_ms = max(1, deadline_ms)
+        self.deadline_ticks = deadline_ticks(deadline_ms)
         self.max_batch_events = min(max_batch_events, MAX_RECORDS)
         self.max_batch_bytes = max_batch_bytes
         self.max_action_bytes = max_action_bytes
@@ -456,7 +471,7 @@ class ActivatorHost:
         self.instances: dict[int, ActivatorInstance] = {}
         self.last_failure: dict[str, Any] | None = None  # of any instance, the latest
         self._closed = False
-        epoch_ticker.acquire(self.engine, self.deadline_ticks)
+        epoch_ticker.acquire(self.engine, self.deadline_ms)
 
     def instance(self, port: int) -> ActivatorInstance:
         """The instance for a service port, created on first use."""

@@ -110,11 +110,26 @@ def compile_module(wasm: bytes) -> wasmtime.Module:
     return module_cache.compile(shared_engine(), wasm)
 
 
-class EpochTicker:
-    """Advances the shared engine's epoch about once a millisecond while guest code runs.
+#: The epoch ticker's period. Every tick takes the GIL from whichever thread holds it
+#: (the data plane's or the event loop's), so it is a cost on every busy port: at 1 ms
+#: it was 4 % of a core and a third of a context switch per PostgreSQL transaction
+#: (docs/performance.md, "Stream ports"). A deadline is a wall-clock backstop behind
+#: fuel, so 5 ms of resolution is plenty.
+TICK_SECONDS = 0.005
 
-    Deadlines are counted in ticks, so ``deadline_ms`` is a lower bound: sleep(0.001)
-    oversleeps, never undersleeps. Every guest call first calls ``enter()``, which only
+
+def deadline_ticks(deadline_ms: int) -> int:
+    """Epoch ticks for a deadline of ``deadline_ms``: a lower bound (a call may begin
+    just before a tick, hence the one added; sleeps oversleep, never undersleep)."""
+    per = TICK_SECONDS * 1000
+    return max(1, -(-max(1, deadline_ms) // int(per))) + 1
+
+
+class EpochTicker:
+    """Advances the shared engine's epoch every ``TICK_SECONDS`` while guest code runs.
+
+    Deadlines are counted in ticks (``deadline_ticks``), so ``deadline_ms`` is a lower
+    bound. Every guest call first calls ``enter()``, which only
     counts (two attribute operations: it runs per packet). The thread parks when no host
     is open, or when the count has not moved for ``idle_after`` seconds (at least twice
     the longest deadline of any host, so no call can still be running), and the next
@@ -136,6 +151,7 @@ class EpochTicker:
         self.wakeups = 0  # times enter() woke the thread (for tests and the curious)
 
     def acquire(self, engine: wasmtime.Engine, deadline_ms: int = 50) -> None:
+        """A host starts using the ticker (``deadline_ms``: its longest deadline)."""
         with self._cond:
             self._users += 1
             self.idle_after = max(self.idle_after, 2 * deadline_ms / 1000)
@@ -168,7 +184,7 @@ class EpochTicker:
             with cond:
                 while self._users == 0 or self.parked:
                     cond.wait()
-            time.sleep(0.001)  # first, so a call that woke the thread gets its full ticks
+            time.sleep(TICK_SECONDS)  # first: a call that woke the thread gets full ticks
             engine.increment_epoch()
             now = time.monotonic()
             n = self.calls
@@ -236,14 +252,26 @@ class RawAccess(PublicAccess):
         self.ffi = ffi
         self.ctx = store._context()
         self.memref = ctypes.byref(mem._memory)
-        # Own function objects (dll[...] is not cached), so changing restype is private.
-        self._mem_data = ffi.dll["wasmtime_memory_data"]
-        self._mem_data.restype = ctypes.c_void_p
-        self._mem_data.argtypes = ffi._wasmtime_memory_data.argtypes
-        self._mem_size = ffi._wasmtime_memory_data_size
-        self._set_fuel = ffi._wasmtime_context_set_fuel
-        self._get_fuel = ffi._wasmtime_context_get_fuel
-        self._set_deadline = ffi._wasmtime_context_set_epoch_deadline
+        # The bookkeeping calls (fuel, deadline, memory) go through a PyDLL view of the
+        # same library: they keep the GIL. Through wasmtime-py's CDLL each would drop and
+        # retake it, and under load (the data-plane thread waiting for it) every retake
+        # is a futex wait and a context switch: five per guest call for sub-microsecond
+        # work. Only the guest call itself (which may run for its whole deadline) still
+        # releases the GIL, so the data plane and the epoch ticker run meanwhile.
+        lib = ctypes.PyDLL(ffi.dll._name, handle=ffi.dll._handle)
+        ctx_t, mem_t = ctypes.POINTER(ffi.wasmtime_context_t), ctypes.POINTER(
+            ffi.wasmtime_memory_t)
+        err_t = ctypes.POINTER(ffi.wasmtime_error_t)
+        self._mem_data = _pyfunc(lib, "wasmtime_memory_data", ctypes.c_void_p,
+                                 ctx_t, mem_t)
+        self._mem_size = _pyfunc(lib, "wasmtime_memory_data_size", ctypes.c_size_t,
+                                 ctx_t, mem_t)
+        self._set_fuel = _pyfunc(lib, "wasmtime_context_set_fuel", err_t, ctx_t,
+                                 ctypes.c_uint64)
+        self._get_fuel = _pyfunc(lib, "wasmtime_context_get_fuel", err_t, ctx_t,
+                                 ctypes.POINTER(ctypes.c_uint64))
+        self._set_deadline = _pyfunc(lib, "wasmtime_context_set_epoch_deadline", None,
+                                     ctx_t, ctypes.c_uint64)
         self._fuel = ctypes.c_uint64(0)
         self._fuelref = ctypes.byref(self._fuel)
         self._call = ffi._wasmtime_func_call_unchecked
@@ -300,7 +328,21 @@ class RawAccess(PublicAccess):
         return self._fuel.value
 
     def memory(self) -> tuple[int, int]:
-        return self._mem_data(self.ctx, self.memref) or 0, self._mem_size(self.ctx, self.memref)
+        """Base and size; the base is re-read only when the size moved (a linear memory
+        never shrinks, and wasmtime moves one only to grow it)."""
+        size = self._mem_size(self.ctx, self.memref)
+        if size != self.size or not self.base:
+            self.base = self._mem_data(self.ctx, self.memref) or 0
+            self.size = size
+        return self.base, size
+
+
+def _pyfunc(lib: ctypes.PyDLL, name: str, restype: Any, *argtypes: Any) -> Any:
+    """`name` from `lib` as a function that keeps the GIL (see RawAccess)."""
+    f = getattr(lib, name)
+    f.restype = restype
+    f.argtypes = list(argtypes)
+    return f
 
 
 #: Tests set this to exercise the public fallback path.

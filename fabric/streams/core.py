@@ -147,6 +147,11 @@ class StreamCore:
         # to their stream_close are expected, not bad (bounded; oldest forgotten first).
         self._reset_ended: dict[int, None] = {}
         self._waiting = 0  # streams in WAITING
+        # While the shell reads every ready socket of a wakeup it sets `defer`: stream
+        # bytes wait in the generations' event lists (at most a stream buffer's worth)
+        # and `flush` hands them over in one guest call, not one call per read.
+        self.defer = False
+        self._deferred = 0
         self.wake_seconds = Histogram(WAKE_BUCKETS)
         self.wake_phase_seconds = {p: Histogram(WAKE_BUCKETS) for p in WAKE_PHASES}
         self._wake_t0: float | None = None
@@ -161,7 +166,10 @@ class StreamCore:
 
     @property
     def guest_need(self) -> int:
-        return max(g.need for g in self.gens)
+        gens = self.gens
+        if len(gens) == 1:  # no reload in progress: the common case, per guest call
+            return gens[0].need
+        return max(g.need for g in gens)
 
     def replace_guest(self, guest: Guest, now: float) -> int:
         """A reload: new streams go to `guest`; live ones stay with their module until
@@ -232,6 +240,22 @@ class StreamCore:
             q = s.gen.events  # type: ignore[union-attr]
             for i in range(0, len(data), MAX_CHUNK):
                 q.append(ev(sid, data[i:i + MAX_CHUNK]))
+            self._data_in(len(data), now)
+
+    def _data_in(self, n: int, now: float) -> None:
+        """Bytes for a guest: handed over now, or with the shell's batch (``defer``)
+        unless that batch already holds a stream buffer's worth."""
+        if self.defer:
+            self._deferred += n
+            if self._deferred <= self.stream_buffer:
+                self._now = now
+                return
+        self._flush(now)
+
+    def flush(self, now: float) -> None:
+        """The shell's batch of reads is over: one guest call for all it deferred."""
+        self.defer = False
+        if self._deferred:
             self._flush(now)
 
     def client_closed(self, sid: int, now: float, reset: bool = False) -> None:
@@ -286,7 +310,7 @@ class StreamCore:
             q = s.gen.events  # type: ignore[union-attr]
             for i in range(0, len(data), MAX_CHUNK):
                 q.append(ev(sid, data[i:i + MAX_CHUNK]))
-            self._flush(now)
+            self._data_in(len(data), now)
 
     def upstream_closed(self, sid: int, now: float) -> None:
         self._now = now
@@ -392,10 +416,12 @@ class StreamCore:
 
     def _flush(self, now: float) -> None:
         self._now = now
+        self._deferred = 0
         busy = True
         while busy:
             busy = False
-            for g in list(self.gens):
+            gens = self.gens
+            for g in (gens if len(gens) == 1 else list(gens)):
                 if not g.events:
                     continue
                 busy = True
