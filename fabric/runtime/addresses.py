@@ -2,10 +2,11 @@
 files that keep them, so a restarted daemon neither forgets nor reuses them.
 
 `lowest_free` is the sans-IO rule; `AddressBook` is the thin persistent shell. Its
-state is a snapshot (a JSON file replaced atomically) plus a journal beside it (one
-JSON line per change, appended): rewriting the whole snapshot on every change cost
-45 ms per CNI ADD with 10,000 pods booked, so the snapshot is rewritten only when the
-journal has grown past the book's own size, which keeps a change O(1) amortised. A
+state is a snapshot (a JSON file replaced atomically). Up to SNAPSHOT_EVERY_CHANGE pods it
+is rewritten on every change and is the whole book; past that, rewriting it cost 45 ms
+per CNI ADD with 10,000 pods booked, so a change is one JSON line appended to a journal
+beside it and the snapshot is rewritten only when the journal has grown past the book's
+own size, which keeps a change O(1) amortised. A
 torn last line (a crash mid-append) is ignored. The default place is the control
 socket's directory, a tmpfs under /run: it outlives the daemon, not a reboot — and
 neither do the containers.
@@ -24,7 +25,9 @@ log = logging.getLogger("fabricd")
 FILE_NAME = "addresses.json"
 JOURNAL_SUFFIX = ".journal"
 FORMAT = 1
-COMPACT_MIN = 256  # journal lines before a snapshot is worth rewriting
+# Up to this many booked pods the snapshot is rewritten on every change (a few ms), so
+# the file alone is the book; past it changes go to the journal.
+SNAPSHOT_EVERY_CHANGE = 512
 
 
 def first_free(first: int, last: int, used: Callable[[int], bool]) -> int | None:
@@ -224,7 +227,7 @@ class AddressBook:
         if self.path is None:
             return
         size = sum(len(p) for p in self._book.values())
-        if self._journal_lines >= max(COMPACT_MIN, size):
+        if size <= SNAPSHOT_EVERY_CHANGE or self._journal_lines >= size:
             self._compact()
             return
         try:

@@ -7,6 +7,9 @@ import json
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
+import pytest
+
+from fabric.runtime import addresses
 from fabric.runtime.addresses import AddressBook, lowest_free
 
 
@@ -29,12 +32,14 @@ def test_book_survives_reopen_and_a_damaged_file_is_set_aside(tmp_path: Path) ->
     assert (tmp_path / "addresses.json.bad").read_text() == "{not json"
 
 
-def test_journal_keeps_every_change_without_a_clean_close(tmp_path: Path) -> None:
+def test_journal_keeps_every_change_without_a_clean_close(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A daemon killed mid-run: the snapshot plus the journal still hold every change,
     across several compactions."""
+    monkeypatch.setattr(addresses, "SNAPSHOT_EVERY_CHANGE", 50)
     path = str(tmp_path / "addresses.json")
     book = AddressBook(path)
-    for i in range(700):  # past COMPACT_MIN and the book's size: compacts on the way
+    for i in range(700):  # past the snapshot-always size and the book's: compacts too
         book.assign("shop", f"p{i}", IPv4Address(0x0A090002 + i), {"netns": f"/n/{i}"})
     for i in range(0, 700, 7):
         assert book.release("shop", f"p{i}")
@@ -50,7 +55,9 @@ def test_journal_keeps_every_change_without_a_clean_close(tmp_path: Path) -> Non
     assert lines <= 700
 
 
-def test_a_torn_journal_line_is_ignored_and_later_changes_survive(tmp_path: Path) -> None:
+def test_a_torn_journal_line_is_ignored_and_later_changes_survive(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(addresses, "SNAPSHOT_EVERY_CHANGE", 0)  # every change journaled
     path = str(tmp_path / "addresses.json")
     book = AddressBook(path)
     book.assign("shop", "a", IPv4Address("10.9.0.2"))
@@ -66,7 +73,19 @@ def test_a_torn_journal_line_is_ignored_and_later_changes_survive(tmp_path: Path
     assert third.get("shop", "c") is None
 
 
-def test_close_leaves_the_whole_book_in_the_snapshot(tmp_path: Path) -> None:
+def test_small_books_keep_the_snapshot_whole_at_every_change(tmp_path: Path) -> None:
+    """Up to SNAPSHOT_EVERY_CHANGE pods the file alone is the book, while running."""
+    path = tmp_path / "addresses.json"
+    book = AddressBook(str(path))
+    book.assign("shop", "a", IPv4Address("10.9.0.2"))
+    book.assign("shop", "b", IPv4Address("10.9.0.4"))
+    book.release("shop", "a")
+    assert json.loads(path.read_text())["namespaces"] == {"shop": {"b": "10.9.0.4"}}
+
+
+def test_close_leaves_the_whole_book_in_the_snapshot(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(addresses, "SNAPSHOT_EVERY_CHANGE", 0)
     path = tmp_path / "addresses.json"
     book = AddressBook(str(path))
     book.assign("shop", "a", IPv4Address("10.9.0.2"), {"netns": "/run/netns/x"})
