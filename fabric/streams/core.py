@@ -56,6 +56,11 @@ TICK_INTERVAL = 0.1
 MAX_STREAMS = 4096
 STREAM_BUFFER = 256 << 10
 MAX_CHUNK = 64 << 10  # bytes per stream_data event
+# Stream bytes one deferred batch hands a guest in one call: what a single read gave it
+# before reads were batched. A relaying guest answers with about as many bytes as it
+# got, and its answer is bounded (the SDK's 256 KiB by default): a batch of a stream
+# buffer's worth made guests that relay bulk run out of room in one call.
+DEFER_MAX = MAX_CHUNK
 MAX_GUEST_COUNTERS = 32
 # A wake as a stream port sees it: a connection held with no ready backend -> the need
 # raised (activate sent) -> the first upstream connection accepted -> the first byte
@@ -148,7 +153,7 @@ class StreamCore:
         self._reset_ended: dict[int, None] = {}
         self._waiting = 0  # streams in WAITING
         # While the shell reads every ready socket of a wakeup it sets `defer`: stream
-        # bytes wait in the generations' event lists (at most a stream buffer's worth)
+        # bytes wait in the generations' event lists (at most DEFER_MAX)
         # and `flush` hands them over in one guest call, not one call per read.
         self.defer = False
         self._deferred = 0
@@ -236,18 +241,25 @@ class StreamCore:
                     s.pending_up.clear()
                     s.pending_down.clear()
         if s.mode == GUEST:
+            self._make_room(len(data), now)
             ev = abi.StreamData
             q = s.gen.events  # type: ignore[union-attr]
             for i in range(0, len(data), MAX_CHUNK):
                 q.append(ev(sid, data[i:i + MAX_CHUNK]))
             self._data_in(len(data), now)
 
+    def _make_room(self, n: int, now: float) -> None:
+        """Before `n` more bytes join a deferred batch: hand over what it holds if they
+        would take it past ``DEFER_MAX``."""
+        if self.defer and self._deferred and self._deferred + n > DEFER_MAX:
+            self._flush(now)
+
     def _data_in(self, n: int, now: float) -> None:
         """Bytes for a guest: handed over now, or with the shell's batch (``defer``)
-        unless that batch already holds a stream buffer's worth."""
+        while that batch holds at most ``DEFER_MAX``."""
         if self.defer:
             self._deferred += n
-            if self._deferred <= self.stream_buffer:
+            if self._deferred <= DEFER_MAX:
                 self._now = now
                 return
         self._flush(now)
@@ -306,6 +318,7 @@ class StreamCore:
         if s.transparent:
             s.pending_down += data
         if s.mode == GUEST:
+            self._make_room(len(data), now)
             ev = abi.UpstreamData
             q = s.gen.events  # type: ignore[union-attr]
             for i in range(0, len(data), MAX_CHUNK):

@@ -65,10 +65,21 @@ def test_a_close_delivers_what_was_deferred_first() -> None:
     assert len(guest.calls) == 1  # nothing left to hand over
 
 
-def test_deferring_holds_at_most_a_stream_buffer() -> None:
-    core, guest, (a, b) = _core(2, buffer=1000)
+def test_a_deferred_batch_hands_a_guest_at_most_one_reads_worth_per_call() -> None:
+    """A relaying guest answers with as many bytes as it got, into a bounded answer:
+    the batch never gives it more than DEFER_MAX in one call (a read's worth, what it
+    got before reads were batched), whatever the stream buffer."""
+    core, guest, (a, b, c) = _core(3)
     core.defer = True
-    core.client_data(a, bytes(600), 1.0)
+    half = sc.DEFER_MAX // 2
+    core.client_data(a, bytes(half), 1.0)
+    core.client_data(b, bytes(half), 1.0)  # exactly DEFER_MAX: still deferred
     assert guest.calls == []
-    core.client_data(b, bytes(600), 1.0)  # 1,200 bytes deferred: over the bound
-    assert len(guest.calls) == 1 and len(guest.calls[0]) == 2
+    core.client_data(c, bytes(10), 1.0)  # would go past: the batch goes first, alone
+    assert len(guest.calls) == 1
+    assert [e.stream_id for e in guest.calls[0]] == [a, b]
+    core.client_data(a, bytes(sc.DEFER_MAX), 1.0)  # c's 10 bytes go, then a's on its own
+    core.flush(1.0)
+    sizes = [sum(len(e.data) for e in call) for call in guest.calls]
+    assert sizes == [sc.DEFER_MAX, 10, sc.DEFER_MAX] and max(sizes) <= sc.DEFER_MAX
+    assert [cmd[1] for cmd in core.commands()] == [a, b, c, a]  # every byte, in order
