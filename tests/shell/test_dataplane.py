@@ -5,6 +5,7 @@ heap on its timerfd, control-side calls, the tunnel link between two data planes
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import select
 import socket
 import time
@@ -46,9 +47,9 @@ def attach(dp: DataPlane, router: Router, pod: SocketPod) -> Port:
     return port
 
 
-@pytest.fixture
-def shop(dp: DataPlane) -> Iterator[tuple[Router, SocketPod, SocketPod]]:
-    """A router with pods a and b, both attached."""
+@contextlib.contextmanager
+def _shop(dp: DataPlane) -> Iterator[tuple[Router, SocketPod, SocketPod]]:
+    """A router on `dp` with pods a and b, both attached; the pods closed after."""
     r = Router("shop", CIDR)
     a = SocketPod("a", "10.10.0.2", "02:00:0a:0a:00:02")
     b = SocketPod("b", "10.10.0.3", "02:00:0a:0a:00:03")
@@ -62,6 +63,13 @@ def shop(dp: DataPlane) -> Iterator[tuple[Router, SocketPod, SocketPod]]:
     finally:
         a.close()
         b.close()
+
+
+@pytest.fixture
+def shop(dp: DataPlane) -> Iterator[tuple[Router, SocketPod, SocketPod]]:
+    """A router with pods a and b, both attached."""
+    with _shop(dp) as pods:
+        yield pods
 
 
 def test_held_frames_leave_right_after_the_call_that_attaches(dp: DataPlane) -> None:
@@ -648,31 +656,26 @@ def _settled(dp: DataPlane, timeout: float = 5.0) -> int:
 def test_busy_poll_polls_only_after_frames_and_then_sleeps(busy_poll: float) -> None:
     dp = DataPlane(busy_poll=busy_poll)
     dp.start()
-    r = Router("shop", CIDR)
-    a = SocketPod("a", "10.10.0.2", "02:00:0a:0a:00:02")
-    b = SocketPod("b", "10.10.0.3", "02:00:0a:0a:00:03")
     try:
-        dp.add_owner(r)
-        dp.call(r.add_pod, "a", a.ip, a.mac)
-        dp.call(r.add_pod, "b", b.ip, b.mac)
-        attach(dp, r, a)
-        attach(dp, r, b)
-        idle = _settled(dp)  # nothing was forwarded yet: no polling at all
-        assert idle == 0
-        a.udp(b.ip, 1, 2, b"one")
-        got = b.recv_ip(2.0)
-        assert got is not None and bytes(IP(got)[UDP].payload) == b"one"
-        after = _settled(dp)
-        if busy_poll:
-            assert after > 0  # it polled after the frame, then slept again
-        else:
-            assert after == 0
-        dp.busy_poll = 0.0  # a reload may turn it off: the thread reads it every turn
-        a.udp(b.ip, 1, 2, b"two")
-        got = b.recv_ip(2.0)
-        assert got is not None and bytes(IP(got)[UDP].payload) == b"two"
-        assert _settled(dp) == after
+        with _shop(dp) as (_, a, b):
+            _check_busy_poll(dp, a, b, busy_poll)
     finally:
-        a.close()
-        b.close()
         dp.close()
+
+
+def _check_busy_poll(dp: DataPlane, a: SocketPod, b: SocketPod, busy_poll: float) -> None:
+    idle = _settled(dp)  # nothing was forwarded yet: no polling at all
+    assert idle == 0
+    a.udp(b.ip, 1, 2, b"one")
+    got = b.recv_ip(2.0)
+    assert got is not None and bytes(IP(got)[UDP].payload) == b"one"
+    after = _settled(dp)
+    if busy_poll:
+        assert after > 0  # it polled after the frame, then slept again
+    else:
+        assert after == 0
+    dp.busy_poll = 0.0  # a reload may turn it off: the thread reads it every turn
+    a.udp(b.ip, 1, 2, b"two")
+    got = b.recv_ip(2.0)
+    assert got is not None and bytes(IP(got)[UDP].payload) == b"two"
+    assert _settled(dp) == after
