@@ -185,7 +185,8 @@ async def collect(fab: Fabric) -> list[Metric]:
             fronts = ns.services.fronts.get(sv["name"]) if ns is not None and \
                 ns.services is not None else None
             if fronts:
-                _stream_samples(f, n, sv["name"], list(fronts.values()))
+                ports = [await fr.astatus() for fr in fronts.values()]
+                _stream_samples(f, n, sv["name"], list(fronts.values()), ports)
     if snap["uplink"] is not None:
         port_samples({"namespace": "", "pod": "(uplink)"}, snap["uplink"])
     t = snap["tunnel"]
@@ -219,11 +220,11 @@ def _service_samples(f: _Families, n: str, sv: dict[str, Any], hooks: Any) -> No
         f.add("fabric_service_wake_phase_seconds", {**lab, "phase": phase}, h)
 
 
-def _stream_samples(f: _Families, n: str, service: str, fronts: list[StreamFront]
-                    ) -> None:
-    """A service's stream ports (fabric.streams), summed over its ports."""
+def _stream_samples(f: _Families, n: str, service: str, fronts: list[StreamFront],
+                    ports: list[dict[str, Any]]) -> None:
+    """A service's stream ports (fabric.streams), summed over its ports (`ports`: their
+    status, read on the fronts' thread)."""
     lab = {"namespace": n, "service": service}
-    ports = [fr.status() for fr in fronts]
     f.add("fabric_service_streams", lab, sum(p["streams"] for p in ports))
     totals: dict[str, int] = {}
     guest: dict[str, int] = {}

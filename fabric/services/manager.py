@@ -33,7 +33,7 @@ from fabric.services.dispatch import Activator, ServiceDispatch, SignalQueue, St
 from fabric.services.hooks import HookRunner
 from fabric.services.probes import ProbeRunner, SocketPool
 from fabric.streams.core import StreamCore
-from fabric.streams.front import StreamFront
+from fabric.streams.front import DataPlaneHost, StreamFront, default_thread
 
 log = logging.getLogger("fabricd.services")
 
@@ -101,6 +101,8 @@ class ServiceManager:
         self.specs: dict[str, ServiceSpec] = {}
         self.hosts: dict[str, dict[tuple[int, int], ActivatorHost]] = {}
         self.fronts: dict[str, dict[int, StreamFront]] = {}
+        # Where stream fronts run (fabric.streams.front): the data plane or this loop.
+        self.stream_thread = default_thread()
         self._removing: dict[str, asyncio.Future[None]] = {}  # VIPs leaving the stack
         self._loop = asyncio.get_running_loop()
         self.hooks = HookRunner(namespace, emit, started=self._hook_started)
@@ -239,9 +241,13 @@ class ServiceManager:
         core = StreamCore(host, p.port, p.target_port, hold_timeout=spec.hold.timeout,
                           label=host.label)
         name, port = spec.name, p.port
+        dp: DataPlaneHost | None = None
+        if self.stream_thread == "dataplane":
+            dp = self.dataplane  # type: ignore[assignment]
         front = StreamFront(core, listener, upstream_socket,
                             lambda need: self._stream_need(name, port, need),
-                            f"namespace {self.namespace}: service {spec.name}:{p.port}")
+                            f"namespace {self.namespace}: service {spec.name}:{p.port}", dp)
+        await front.start()
         log.info("%s: streams terminated at %s:%d by %s", where, vip, p.port, p.activator)
         return front
 
@@ -275,7 +281,7 @@ class ServiceManager:
                                        "is a packet port (re-apply the service to change "
                                        "that); the old module keeps serving")
             if front is not None:
-                generation = front.reload(host)
+                generation = await front.reload(host)
             else:
                 self._post(self.dispatch.replace_activator, self.by_name[service], key, host)
                 generation = None
@@ -384,7 +390,7 @@ class ServiceManager:
             row["hooks"]["running"] = self.hooks.busy(row["name"])
             fronts = self.fronts.get(row["name"])
             if fronts:
-                row["streams"] = {str(port): f.status() for port, f in fronts.items()}
+                row["streams"] = {str(port): await f.astatus() for port, f in fronts.items()}
         return rows
 
     def _views_here(self) -> list[dict[str, Any]]:

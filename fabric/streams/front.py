@@ -1,5 +1,6 @@
 """The I/O shell of a stream port: the VIP:port listener in the local stack, the client
-and upstream sockets, byte queues, back-pressure and splicing, on the asyncio loop.
+and upstream sockets, byte queues, back-pressure and splicing, on the data-plane thread
+(or the asyncio loop, see below).
 
 Every decision is the sans-IO ``StreamCore``'s (fabric.streams.core); this module reads
 and writes sockets, carries out the core's commands and keeps the byte limits:
@@ -18,18 +19,36 @@ epoll set of its own, registered with the loop as one reader, and dispatches its
 itself. asyncio's per-event machinery (a handle run in a context per ready fd, a
 selector key rebuilt per add/remove) was ~6 % of the loop's GIL-held samples per
 PostgreSQL transaction (docs/performance.md, "Stream ports"); one poll per wakeup
-serves every ready stream. Spliced pairs (fabric.streams.relay) still use the loop's readers.
+serves every ready stream, spliced pairs' sockets included.
+
+Where the front runs (``thread``): on the data-plane thread (the default), or on the
+asyncio loop. On the data plane the front's epoll set and listener are handlers of the
+data plane's epoll and the front is one of its timed owners (its own timer heap: the
+core's tick, connect timeouts, spliced passes), so a send into the local stack and the
+router's read of the TUN frame it made happen in the same wakeup of one thread, with
+no GIL handover and no wakeup of a second thread per frame (docs/performance.md,
+"Stream ports"). Guest calls then run on the thread that routes every pod: each is
+bounded by its fuel and epoch deadline (ActivatorHost, 50 ms by default), and a wakeup
+of the front stops dispatching after ``TURN_BUDGET`` seconds, leaving the rest of its
+ready sockets (level-triggered) to the next turn, after the other ports had theirs; a
+slow guest therefore delays routing by at most one guest deadline plus the budget per
+turn. Calls from the event loop (backends, reload, close, status) are posted to the
+data plane; on the loop they run inline.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import heapq
+import itertools
 import logging
+import os
 import select
 import socket
+import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from fabric.streams import core as sc
 from fabric.streams.core import StreamCore
@@ -47,6 +66,53 @@ CONNECT_TIMEOUT = 5.0
 SPLICE_BULK = 64 << 10  # bytes one spliced pass moved that make the next one wait...
 SPLICE_BATCH = 0.001  # ... this long, instead of a wakeup per super-frame
 _LOG_LEVELS = (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR)
+# Seconds of work (socket handling and guest calls) one wakeup of the front may take
+# before the rest of its ready sockets wait for the next turn (on the data plane: the
+# other ports' turn comes first). One guest call may overrun it by its deadline.
+TURN_BUDGET = 0.002
+# Where stream fronts run: "dataplane" (default) or "loop" (the asyncio event loop).
+THREADS = ("dataplane", "loop")
+THREAD_ENV = "FABRICD_STREAM_THREAD"
+T = TypeVar("T")
+
+
+def default_thread() -> str:
+    """The thread stream fronts run on: $FABRICD_STREAM_THREAD (an A/B switch for
+    benchmarks), else the data plane."""
+    v = os.environ.get(THREAD_ENV, "").strip().lower()
+    return v if v in THREADS else "dataplane"
+
+
+class DataPlaneHost(Protocol):
+    """What the front needs of the data plane (fabric.runtime.dataplane.DataPlane)."""
+
+    def post(self, fn: Callable[..., Any], *args: Any) -> None: ...
+
+    async def acall(self, fn: Callable[..., T], *args: Any, timeout: float = ...) -> T: ...
+
+    def add_owner(self, owner: Any, group: Any = None) -> None: ...
+
+    def remove_owner(self, owner: Any) -> None: ...
+
+    def add_handler(self, fd: int, fn: Callable[[], None], name: str,
+                    owner: Any = None) -> None: ...
+
+    def remove_handler(self, fd: int) -> None: ...
+
+
+class _Timer:
+    """A timer of the front's own heap; `cancel()` makes it a no-op."""
+
+    __slots__ = ("when", "fn", "args", "cancelled")
+
+    def __init__(self, when: float, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
+        self.when = when
+        self.fn = fn
+        self.args = args
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
 
 SHELL_COUNTERS = ("buffer_overflow", "bytes_spliced", "accept_errors", "socket_errors",
                   "connect_timeouts")
@@ -82,8 +148,8 @@ class _Pair:
         self.guest_paused = False
         self.forgotten = False
         self.pipes: tuple[Pipe, Pipe] | None = None
-        self.connect_timer: asyncio.TimerHandle | None = None
-        self.splice_timer: asyncio.TimerHandle | None = None
+        self.connect_timer: _Timer | None = None
+        self.splice_timer: _Timer | None = None
 
 
 class StreamFront:
@@ -91,64 +157,121 @@ class StreamFront:
 
     def __init__(self, core: StreamCore, listener: socket.socket,
                  upstream_socket: Callable[[], socket.socket | None],
-                 on_need: Callable[[int], None], label: str) -> None:
+                 on_need: Callable[[int], None], label: str,
+                 dataplane: DataPlaneHost | None = None) -> None:
+        """Made on the event loop; with `dataplane` it runs there once `start()` was
+        awaited, else on this loop at once."""
         self.core = core
         self.listener = listener
         self._upstream_socket = upstream_socket
         self._on_need = on_need
         self.label = label
+        self.name = label  # as a timed owner of the data plane
+        self.dataplane = dataplane
         self.loop = asyncio.get_running_loop()
         self.pairs: dict[int, _Pair] = {}
         self.counters = dict.fromkeys(SHELL_COUNTERS, 0)
         self.limit = core.stream_buffer
         self._told_need = core.need
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
+        # The front's timers (connect timeouts, spliced passes); the core's tick is
+        # read from the core. On the loop one asyncio handle is armed at the earliest.
+        self._timers: list[tuple[float, int, _Timer]] = []
+        self._seq = itertools.count()
+        self._handle: asyncio.TimerHandle | None = None
+        self._handle_at: float | None = None
         self._closed = False
+        self._started = False
         self._ep = select.epoll()
         self._fds: dict[int, tuple[_Pair, _Conn]] = {}
         listener.setblocking(False)
-        self.loop.add_reader(listener.fileno(), self._accept)
-        self.loop.add_reader(self._ep.fileno(), self._events)
+        if dataplane is None:
+            self._started = True
+            self.loop.add_reader(listener.fileno(), self._accept)
+            self.loop.add_reader(self._ep.fileno(), self._events)
+
+    async def start(self) -> None:
+        """On the data plane: register the listener and the epoll set there."""
+        if self.dataplane is not None and not self._started:
+            await self.dataplane.acall(self._start_here)
+
+    def _start_here(self) -> None:
+        dp = self.dataplane
+        assert dp is not None
+        if self._closed or self._started:
+            return
+        self._started = True
+        dp.add_owner(self)
+        dp.add_handler(self.listener.fileno(), self._accept, f"{self.label}: accept", self)
+        dp.add_handler(self._ep.fileno(), self._events, f"{self.label}: streams", self)
 
     # --- from outside ---------------------------------------------------------------------
 
+    def _enter(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run fn on the front's thread: inline on the loop, posted to the data plane."""
+        if self.dataplane is None:
+            fn(*args)
+        else:
+            self.dataplane.post(fn, *args)
+
     def backends(self, ready: list[str]) -> None:
         """The service's ready backends changed (called on the loop)."""
+        self._enter(self._backends, ready)
+
+    def _backends(self, ready: list[str]) -> None:
         if self._closed:
             return
-        self.core.backends(ready, self.loop.time())
+        self.core.backends(ready, time.monotonic())
         self._run()
 
-    def reload(self, guest: Any) -> int:
+    async def reload(self, guest: Any) -> int:
         """New streams go to `guest` from now on (live ones stay with their module):
         the new generation's number."""
-        n = self.core.replace_guest(guest, self.loop.time())
+        if self.dataplane is None:
+            return self._reload(guest)
+        return await self.dataplane.acall(self._reload, guest)
+
+    def _reload(self, guest: Any) -> int:
+        n = self.core.replace_guest(guest, time.monotonic())
         self._run()
         return n
 
     def close(self) -> None:
         """Stop listening and drop every stream (the service went away)."""
+        self._enter(self._close)
+
+    def _close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        try:
-            self.loop.remove_reader(self.listener.fileno())
-        except (ValueError, OSError):
-            pass
+        dp = self.dataplane
+        for fd in (self.listener.fileno(), self._ep.fileno()):
+            try:
+                if dp is None:
+                    self.loop.remove_reader(fd)
+                elif self._started:
+                    dp.remove_handler(fd)
+            except (ValueError, OSError):
+                pass
+        if dp is not None and self._started:
+            dp.remove_owner(self)
         self.listener.close()
         for pair in list(self.pairs.values()):
             self._drop(pair)
-        if self._timer is not None:
-            self._timer.cancel()
-        try:
-            self.loop.remove_reader(self._ep.fileno())
-        except (ValueError, OSError):
-            pass
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = self._handle_at = None
+        self._timers.clear()
         self._ep.close()
         self._fds.clear()
 
+    async def astatus(self) -> dict[str, Any]:
+        """`status()` read on the front's thread (from the event loop)."""
+        if self.dataplane is None or not self._started or self._closed:
+            return self.status()
+        return await self.dataplane.acall(self.status)
+
     def status(self) -> dict[str, Any]:
+        """On the front's thread (see astatus)."""
         row = self.core.status()
         row["counters"] = {**row["counters"], **self.counters}  # type: ignore[dict-item]
         row["queued_bytes"] = sum(len(p.client.out) + (len(p.up.out) if p.up else 0)
@@ -159,7 +282,12 @@ class StreamFront:
 
     def _accept(self) -> None:
         core = self.core
+        if self._closed:
+            return
+        until = time.monotonic() + TURN_BUDGET
         for _ in range(ACCEPTS_PER_WAKEUP):
+            if time.monotonic() > until:  # the rest wait in the backlog for a turn
+                break
             try:
                 sock, addr = self.listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -168,7 +296,7 @@ class StreamFront:
                 self.counters["accept_errors"] += 1
                 log.warning("%s: accept failed: %s", self.label, e)
                 break
-            sid = core.accepted((addr[0], addr[1]), self.loop.time())
+            sid = core.accepted((addr[0], addr[1]), time.monotonic())
             if sid is None:
                 sock.close()
                 continue
@@ -231,26 +359,66 @@ class StreamFront:
             self._on_need(core.need)
         self._arm_timer()
 
-    def _arm_timer(self) -> None:
-        t = self.core.next_timer()
-        if t is None:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = self._timer_at = None
-            return
-        if self._timer_at is not None and self._timer_at <= t:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer_at = t
-        self._timer = self.loop.call_at(t, self._on_timer)
+    # --- timers -----------------------------------------------------------------------
 
-    def _on_timer(self) -> None:
-        self._timer = self._timer_at = None
+    def _call_later(self, delay: float, fn: Callable[..., None], *args: Any) -> _Timer:
+        t = _Timer(time.monotonic() + delay, fn, args)
+        heapq.heappush(self._timers, (t.when, next(self._seq), t))
+        self._arm_timer()
+        return t
+
+    def next_timer(self) -> float | None:
+        """The earliest of the front's timers and the core's (a timed owner's)."""
+        heap = self._timers
+        while heap and heap[0][2].cancelled:
+            heapq.heappop(heap)
+        t = heap[0][0] if heap else None
+        c = self.core.next_timer()
+        if c is not None and (t is None or c < t):
+            return c
+        return t
+
+    def handle_timer(self, now: float) -> None:
+        """Run what is due: the front's timers, then the core's."""
         if self._closed:
             return
-        self.core.handle_timer(self.loop.time())
-        self._run()
+        heap = self._timers
+        while heap and heap[0][0] <= now:
+            _, _, t = heapq.heappop(heap)
+            if t.cancelled:
+                continue
+            t.cancelled = True
+            try:
+                t.fn(*t.args)
+            except Exception:  # noqa: BLE001 - one stream's bug must not stop the rest
+                log.exception("%s: a stream timer failed", self.label)
+        c = self.core.next_timer()
+        if c is not None and c <= now:
+            self.core.handle_timer(now)
+            self._run()
+
+    def _arm_timer(self) -> None:
+        """On the loop: one asyncio handle at the earliest deadline (the data plane
+        reads next_timer() itself after every call into the front)."""
+        if self.dataplane is not None or self._closed:
+            return
+        t = self.next_timer()
+        if t is None:
+            if self._handle is not None:
+                self._handle.cancel()
+                self._handle = self._handle_at = None
+            return
+        if self._handle_at is not None and self._handle_at <= t:
+            return
+        if self._handle is not None:
+            self._handle.cancel()
+        self._handle_at = t
+        self._handle = self.loop.call_at(t, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._handle = self._handle_at = None
+        self.handle_timer(time.monotonic())
+        self._arm_timer()
 
     # --- queues and back-pressure ---------------------------------------------------------
 
@@ -327,12 +495,24 @@ class StreamFront:
         ready = [(fds.get(fd), ev) for fd, ev in events]
         core = self.core
         core.defer = len(ready) > 1  # one guest call for the wakeup's reads
+        mono = time.monotonic
+        until = mono() + TURN_BUDGET
+        stepped: set[int] | None = None  # spliced pairs already passed this wakeup
         try:
             for ent, ev in ready:
                 if ent is None:
                     continue
                 pair, c = ent
                 try:
+                    if pair.pipes is not None:
+                        if stepped is None:
+                            stepped = set()
+                        elif pair.sid in stepped:
+                            continue
+                        stepped.add(pair.sid)
+                        if c.reading or c.writing:
+                            self._spliced_step(pair)
+                        continue
                     if ev & _READ_EVENTS and c.reading and not c.closed:
                         self._readable(pair, c)
                     if ev & _WRITE_EVENTS and c.writing and not c.closed:
@@ -340,14 +520,17 @@ class StreamFront:
                 except Exception:  # noqa: BLE001 - one stream's bug must not stall the rest
                     log.exception("%s: stream %d: error handling its socket", self.label,
                                   pair.sid)
+                if mono() > until:
+                    # The rest stay ready (level-triggered) and come back next turn.
+                    break
         finally:
             if core.defer:
-                core.flush(self.loop.time())
+                core.flush(mono())
                 self._run()
 
     def _readable(self, pair: _Pair, c: _Conn) -> None:
         core = self.core
-        now = self.loop.time()
+        now = time.monotonic()
         is_client = c is pair.client
         try:
             data = c.sock.recv(READ_SIZE)
@@ -401,19 +584,18 @@ class StreamFront:
         sock = self._upstream_socket()
         if sock is None:
             self.counters["socket_errors"] += 1
-            self.core.upstream_result(pair.sid, False, self.loop.time())
+            self.core.upstream_result(pair.sid, False, time.monotonic())
             return
         sock.setblocking(False)
         err = sock.connect_ex((ip, port))
         if err not in (0, errno.EINPROGRESS, errno.EALREADY):
             sock.close()
-            self.core.upstream_result(pair.sid, False, self.loop.time())
+            self.core.upstream_result(pair.sid, False, time.monotonic())
             return
         c = _Conn(sock, False)
         pair.up = c
         self._watch(pair, c, False, True)
-        pair.connect_timer = self.loop.call_later(CONNECT_TIMEOUT, self._connect_timeout,
-                                                  pair, c)
+        pair.connect_timer = self._call_later(CONNECT_TIMEOUT, self._connect_timeout, pair, c)
 
     def _connected(self, pair: _Pair, c: _Conn) -> None:
         err = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -421,7 +603,7 @@ class StreamFront:
             pair.connect_timer.cancel()
             pair.connect_timer = None
         self._watch(pair, c, False, False)
-        now = self.loop.time()
+        now = time.monotonic()
         if err:
             self._close_now(pair, c)
             pair.up = None
@@ -440,7 +622,7 @@ class StreamFront:
         self.counters["connect_timeouts"] += 1
         self._close_now(pair, c)
         pair.up = None
-        self.core.upstream_result(pair.sid, False, self.loop.time())
+        self.core.upstream_result(pair.sid, False, time.monotonic())
         self._run()
 
     # --- splicing -------------------------------------------------------------------------
@@ -473,7 +655,6 @@ class StreamFront:
         if pipes is None:
             return
         pair.splice_timer = None
-        loop = self.loop
         client, up = pair.client, pair.up
         assert up is not None
         for c in (client, up):
@@ -502,26 +683,15 @@ class StreamFront:
             self._splice_done(pair)
             return
         if p1.moved and self.core.waking:
-            self.core.first_byte(self.loop.time())
+            self.core.first_byte(time.monotonic())
         if p0.eof and p1.eof:
             self._splice_done(pair)
             return
         if p0.moved + p1.moved - before >= SPLICE_BULK:
             read_c = read_u = write_c = write_u = False
-            pair.splice_timer = loop.call_later(SPLICE_BATCH, self._spliced_step, pair)
-        for c, r, w in ((client, read_c, write_c), (up, read_u, write_u)):
-            if r != c.reading:
-                c.reading = r
-                if r:
-                    loop.add_reader(c.fd, self._spliced_step, pair)
-                else:
-                    loop.remove_reader(c.fd)
-            if w != c.writing:
-                c.writing = w
-                if w:
-                    loop.add_writer(c.fd, self._spliced_step, pair)
-                else:
-                    loop.remove_writer(c.fd)
+            pair.splice_timer = self._call_later(SPLICE_BATCH, self._spliced_step, pair)
+        self._watch(pair, client, read_c, write_c)
+        self._watch(pair, up, read_u, write_u)
 
     def _splice_done(self, pair: _Pair) -> None:
         pipes = pair.pipes
@@ -531,14 +701,14 @@ class StreamFront:
                 p.close()
             pair.pipes = None
         self._drop(pair)
-        self.core.splice_ended(pair.sid, self.loop.time())
+        self.core.splice_ended(pair.sid, time.monotonic())
         self._run()
 
     # --- endings --------------------------------------------------------------------------
 
     def _failed(self, pair: _Pair, c: _Conn) -> None:
         """A send failed: the peer is gone."""
-        now = self.loop.time()
+        now = time.monotonic()
         self._close_now(pair, c)
         if c is pair.client:
             self.core.client_closed(pair.sid, now, reset=True)
@@ -560,12 +730,6 @@ class StreamFront:
             return
         if c.mask >= 0:
             self._forget_fd(c)
-        else:  # a spliced pair's sockets are the loop's (_spliced_step)
-            loop = self.loop
-            if c.reading:
-                loop.remove_reader(c.fd)
-            if c.writing:
-                loop.remove_writer(c.fd)
         c.closed = True
         c.reading = c.writing = False
         c.out.clear()
@@ -578,7 +742,7 @@ class StreamFront:
         """Close both sides at once and tell the core the client is gone."""
         sid = pair.sid
         self._drop(pair)
-        self.core.client_closed(sid, self.loop.time(), reset=True)
+        self.core.client_closed(sid, time.monotonic(), reset=True)
 
     def _drop(self, pair: _Pair) -> None:
         if pair.connect_timer is not None:
