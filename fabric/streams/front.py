@@ -286,8 +286,6 @@ class StreamFront:
             return
         until = time.monotonic() + TURN_BUDGET
         for _ in range(ACCEPTS_PER_WAKEUP):
-            if time.monotonic() > until:  # the rest wait in the backlog for a turn
-                break
             try:
                 sock, addr = self.listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -305,6 +303,8 @@ class StreamFront:
             pair = _Pair(sid, _Conn(sock, True))
             self.pairs[sid] = pair
             self._update(pair)
+            if time.monotonic() > until:  # the rest wait in the backlog for a turn
+                break
         self._run()
 
     # --- commands -------------------------------------------------------------------------
