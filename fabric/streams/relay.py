@@ -24,6 +24,10 @@ import socket
 
 PIPE_SIZE = 1 << 20  # bytes a direction may hold in its pipe (kernel rounds to pages)
 DEFAULT_PIPE = 64 << 10
+# A read shorter than this (and than asked) drained its source: the pass ends without
+# another read to see EAGAIN. Bulk reads are larger and keep looping (a pipe short of
+# slots also cuts a read short).
+SMALL_READ = 16 << 10
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
@@ -70,6 +74,7 @@ class Pipe:
         src, dst = self.src.fileno(), self.dst.fileno()
         held = self.held
         splice = os.splice
+        drained = False  # a small read came back short: the source had no more then
         try:
             while True:
                 while held:
@@ -89,6 +94,11 @@ class Pipe:
                         except OSError:
                             pass
                     return False, False
+                if drained:
+                    # No read to see EAGAIN: readiness is level-triggered, so bytes
+                    # that came meanwhile are reported again (a query and its answer
+                    # are one splice each way, not two).
+                    return True, held > 0
                 if held >= cap:
                     if cap < self.limit:  # a bulk stream: room for more per call
                         got = _resize(w, min(cap * 2, self.limit))
@@ -97,14 +107,16 @@ class Pipe:
                             continue
                         self.limit = cap  # refused: do not ask again
                     return False, True
+                want = cap - held
                 try:
-                    n = splice(src, w, cap - held, flags=_FLAGS)
+                    n = splice(src, w, want, flags=_FLAGS)
                 except BlockingIOError:
                     return True, held > 0
                 if n == 0:
                     self.ended = True
                 else:
                     held += n
+                    drained = n < want and n < SMALL_READ
         finally:
             self.held = held
 
