@@ -59,6 +59,23 @@ def _short(frame: str) -> str:
     return f"{func} ({path}:{line})" if line else f"{func} ({path})"
 
 
+def _machine() -> tuple[float, float, int]:
+    """/proc/stat now: (busy CPU seconds, idle CPU seconds, context switches), all CPUs."""
+    tick = os.sysconf("SC_CLK_TCK")
+    busy = idle = 0.0
+    ctxt = 0
+    with open("/proc/stat") as f:
+        for ln in f:
+            parts = ln.split()
+            if parts[0] == "cpu":
+                v = [int(x) for x in parts[1:9]]  # user nice system idle iowait irq softirq steal
+                idle = (v[3] + v[4]) / tick
+                busy = (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / tick
+            elif parts[0] == "ctxt":
+                ctxt = int(parts[1])
+    return busy, idle, ctxt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tests.bench.stream_profile")
     ap.add_argument("bench", choices=("postgres", "http2"))
@@ -113,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     ["perf", "stat", "-x", ",", "-e", ",".join(PERF_EVENTS), "-t", str(tid),
                      "--", "sleep", str(window)], stdout=subprocess.DEVNULL,
                     stderr=subprocess.PIPE, text=True)))
+        m0 = _machine()
+        t0 = time.monotonic()
         with ThreadCpu(pid) as cpu:
             if a.no_spy or spy is None:
                 time.sleep(window)
@@ -122,11 +141,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                        "--nonblocking", "-o", raw]
                 subprocess.run(cmd + (["--gil"] if a.gil else []), check=True,
                                capture_output=True)
+        m1 = _machine()
+        elapsed = time.monotonic() - t0
         counted = [(n, p.communicate()[1]) for n, p in perfs]
         t.join()
         topo.check_daemon()
     rate = result.get("rate", 0.0)
     print(f"{a.bench} {a.side}: {rate:,.0f} requests/s over {a.seconds} s")
+    if rate:  # the whole machine: the load, the servers and the fabric together
+        busy, idle = m1[0] - m0[0], m1[1] - m0[1]
+        print(f"  machine: {busy / elapsed / rate * 1e6:6.1f} µs busy CPU/request, "
+              f"{idle / max(busy + idle, 1e-9) * 100:4.1f} % idle, "
+              f"{(m1[2] - m0[2]) / elapsed / rate:5.2f} context switches/request")
     for n, pct, syspct in cpu.busiest(8):
         per = pct / 100 / rate * 1e6 if rate else 0.0
         print(f"  {n:28s} {pct:5.1f} % CPU (kernel {syspct:4.1f} %)  {per:6.1f} µs/request")
