@@ -21,19 +21,20 @@ selector key rebuilt per add/remove) was ~6 % of the loop's GIL-held samples per
 PostgreSQL transaction (docs/performance.md, "Stream ports"); one poll per wakeup
 serves every ready stream, spliced pairs' sockets included.
 
-Where the front runs (``thread``): on the data-plane thread (the default), or on the
-asyncio loop. On the data plane the front's epoll set and listener are handlers of the
-data plane's epoll and the front is one of its timed owners (its own timer heap: the
-core's tick, connect timeouts, spliced passes), so a send into the local stack and the
-router's read of the TUN frame it made happen in the same wakeup of one thread, with
-no GIL handover and no wakeup of a second thread per frame (docs/performance.md,
-"Stream ports"). Guest calls then run on the thread that routes every pod: each is
-bounded by its fuel and epoch deadline (ActivatorHost, 50 ms by default), and a wakeup
-of the front stops dispatching after ``TURN_BUDGET`` seconds, leaving the rest of its
-ready sockets (level-triggered) to the next turn, after the other ports had theirs; a
-slow guest therefore delays routing by at most one guest deadline plus the budget per
-turn. Calls from the event loop (backends, reload, close, status) are posted to the
-data plane; on the loop they run inline.
+Where the front runs: on the data-plane thread (the default), or on the asyncio loop
+(``$FABRICD_STREAM_THREAD=loop``, kept for A/B measurements). On the data plane the
+front's epoll set and listener are handlers of the data plane's epoll and the front is
+one of its timed owners (its own timer heap: the core's tick, connect timeouts, spliced
+passes), so a send into the local stack and the router's read of the TUN frame it made
+happen in the same wakeup of one thread, with no GIL handover and no wakeup of a second
+thread per frame (docs/performance.md, "Stream ports"). Guest calls then run on the
+thread that routes every pod: each is bounded by its fuel and epoch deadline
+(ActivatorHost, 50 ms by default), and a wakeup of the front stops dispatching after
+``TURN_BUDGET`` seconds, leaving the rest of its ready sockets (level-triggered) to the
+next turn, after the other ports had theirs; a slow guest therefore delays routing per
+turn by at most the budget, the call that overran it and the wakeup's closing call (the
+deferred reads): two deadlines. Calls from the event loop (backends, reload, close,
+status) are posted to the data plane; on the loop they run inline.
 """
 
 from __future__ import annotations
