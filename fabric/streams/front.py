@@ -14,8 +14,8 @@ and writes sockets, carries out the core's commands and keeps the byte limits:
   a pool of them kept ready) with a connect timeout;
 - spliced pairs move through the kernel (fabric.streams.relay).
 
-The relayed sockets are not registered with asyncio one by one: the front keeps an
-epoll set of its own, registered with the loop as one reader, and dispatches its events
+The relayed sockets are not registered one by one: the front keeps an epoll set of
+its own, registered with its thread's poller as one reader, and dispatches its events
 itself. asyncio's per-event machinery (a handle run in a context per ready fd, a
 selector key rebuilt per add/remove) was ~6 % of the loop's GIL-held samples per
 PostgreSQL transaction (docs/performance.md, "Stream ports"); one poll per wakeup
