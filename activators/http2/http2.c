@@ -38,6 +38,8 @@
 #define BTABLE 512                 /* HEADER_TABLE_SIZE we ask of the backend */
 #define BSNAP_CAP BTABLE           /* its table's entries, kept while idle (they fit) */
 #define HLIST_MAX (64 * 1024)      /* one decoded header list (RFC 7541 4.1 sizes), at most */
+#define HLIST_ANNOUNCED 32768      /* SETTINGS_MAX_HEADER_LIST_SIZE toward the client: a list
+                                    * this size always fits a block (HB_CAP) and RE */
 #define HIST 512                   /* recent client stream ids remembered (opened, reset by us) */
 #define RST_BURST 1000             /* client resets of open streams: a burst, then */
 #define RST_RATE 100               /* this many a second (rapid reset, CVE-2023-44487) */
@@ -153,10 +155,11 @@ static u32 budget;
 
 /* counters reported with `count` actions at the end of each call */
 enum { C_PINGS, C_HOLD_TIMEOUTS, C_REFUSED, C_PROTO_ERRORS, C_BACKEND_GOAWAYS, C_STREAMS,
-       C_UP_TIMEOUTS, C_CONN_REFUSED, NCOUNT };
+       C_UP_TIMEOUTS, C_CONN_REFUSED, C_MALFORMED, C_TOO_LARGE, NCOUNT };
 static const char *const COUNT_NAME[NCOUNT] = {
     "pings_answered", "hold_timeouts", "streams_refused_h2", "protocol_errors",
-    "backend_goaways", "requests", "upstream_timeouts", "connections_refused"};
+    "backend_goaways", "requests", "upstream_timeouts", "connections_refused",
+    "malformed_requests", "headers_too_large"};
 static u32 counts[NCOUNT], count_len[NCOUNT];
 
 static u8 D[SCR_CAP], U[SCR_CAP];
@@ -178,6 +181,7 @@ typedef struct {
     u32 regular, pseudo;   /* a regular field seen; the request pseudo-fields seen */
     u32 connect;           /* :method CONNECT */
     i64 clen;              /* content-length, -1: none */
+    u32 list;              /* the decoded header list's size (RFC 7541 4.1: name + value + 32) */
 } reenc;
 
 #define CHECK_REQUEST 1
@@ -194,14 +198,42 @@ typedef struct {
 #define SI_CONTENT_LENGTH 28
 #define SI_TRANSFER_ENCODING 57
 
+/* RFC 9113 8.2.1: a value holds no NUL, CR or LF, and neither starts nor ends with SP or
+ * HTAB. A CR or LF relayed to a backend that speaks HTTP/1 on would split the field in
+ * two (header injection), whatever this hop's framing says. */
+#define ONES 0x0101010101010101ull
+static int bad_bytes(const u8 *v, u32 n) {
+    for (u32 i = 0; i < n; i++)
+        if (v[i] == 0 || v[i] == '\n' || v[i] == '\r') return 1;
+    return 0;
+}
+
+static int bad_value(const u8 *v, u32 n) {
+    if (!n) return 0;
+    if (v[0] == ' ' || v[0] == '\t' || v[n - 1] == ' ' || v[n - 1] == '\t') return 1;
+    if (n < 8) return bad_bytes(v, n);
+    /* 8 bytes a step (the last step overlapping the one before): is any byte below 0x0e?
+     * Rarely (an HTAB inside): then look at those 8 one by one. */
+    for (u32 i = 0;; i += 8) {
+        if (i + 8 > n) i = n - 8;
+        u64 w;
+        __builtin_memcpy(&w, v + i, 8);  /* one unaligned i64.load */
+        if (((w - ONES * 0x0e) & ~w & ONES * 0x80) && bad_bytes(v + i, 8)) return 1;
+        if (i + 8 == n) return 0;
+    }
+}
+
 /* A request's field against RFC 9113 8.2 and 8.3.1, so a malformed request is answered
  * here (RST_STREAM PROTOCOL_ERROR) and never wakes a backend: pseudo-fields known, once
  * each, before the regular ones and never in trailers; names lowercase and of token
- * characters; no connection-specific fields; te only "trailers"; one content-length.
- * Static-table names (most fields) skip the character scan. */
+ * characters; values without NUL, CR, LF or surrounding whitespace; no
+ * connection-specific fields; te only "trailers"; one content-length. Static-table names
+ * (most fields) skip the name's character scan; every value is scanned (a dynamic-table
+ * entry may come from a request that was refused). */
 static void check_field(reenc *r, const struct fab_hpack_field *f) {
     u32 si = f->static_name, nl = f->name_len, vl = f->value_len;
     const u8 *nm = f->name, *v = f->value;
+    if (bad_value(v, vl)) { r->bad = 1; return; }
     if (nl && nm[0] == ':') {
         u32 bit = si == SI_METHOD ? PS_METHOD : si == SI_SCHEME ? PS_SCHEME
                 : si == SI_AUTHORITY ? PS_AUTHORITY : si == SI_PATH ? PS_PATH : 0;
@@ -283,6 +315,8 @@ static void re_field(void *ctx, const struct fab_hpack_field *f) {
     if (f->name_len == 12 && fab_memeq(f->name, "grpc-timeout", 12))
         r->gto = parse_gto(f->value, f->value_len);
     if (r->check && !r->bad) check_field(r, f);
+    r->list += f->name_len + f->value_len + 32;
+    if (r->check && r->list > HLIST_ANNOUNCED) r->too_big = 1;  /* 431 (RFC 9113 10.5.1) */
     if (r->too_big) return;
     if (fab_hpack_encode_field(&r->o, f->name, f->name_len, f->value, f->value_len,
                                f->never_indexed, f->static_name))
@@ -299,6 +333,7 @@ static u32 hp_decode(struct fab_hpack_table *t, const u8 *p, u32 len, reenc *r, 
     r->check = check;
     r->bad = r->regular = r->pseudo = r->connect = 0;
     r->clen = -1;
+    r->list = 0;
     int e = fab_hpack_decode_max(t, p, len, HLIST_MAX, re_field, r);
     if (e) return e == -2 ? FAB_H2_ENHANCE_YOUR_CALM : FAB_H2_COMPRESSION_ERROR;
     check_request_end(r);
@@ -607,11 +642,13 @@ static void cli_header_block(conn *c, u32 sid, u32 flags) {
         if (s->flags & F_CLI_END) { stream_error(c, s, sid, FAB_H2_STREAM_CLOSED); return; }
         if (!end || (flags & FLAG_SELFDEP) || r.bad ||
             (s->clen >= 0 && s->body != (u64)s->clen)) {
+            counts[C_MALFORMED]++;
             stream_error(c, s, sid, FAB_H2_PROTOCOL_ERROR);
             return;
         }
         s->flags |= F_CLI_END;
         if (s->flags & (F_LOCAL | F_RESET)) return;
+        if (r.too_big) counts[C_TOO_LARGE]++;
         if (r.too_big || !push2b(c, s, FAB_H2_HEADERS, FAB_H2_END_STREAM, sid, RE, r.o.len)) {
             rst2c(c, s, sid, FAB_H2_ENHANCE_YOUR_CALM);
             s->flags |= F_RESET;
@@ -624,6 +661,7 @@ static void cli_header_block(conn *c, u32 sid, u32 flags) {
     }
     new_max_cid(c, sid);
     if ((flags & FLAG_SELFDEP) || r.bad || (end && r.clen > 0)) {
+        counts[C_MALFORMED]++;
         rst2c(c, 0, sid, FAB_H2_PROTOCOL_ERROR);  /* malformed: answered here, no backend */
         return;
     }
@@ -638,7 +676,7 @@ static void cli_header_block(conn *c, u32 sid, u32 flags) {
     if (end) s->flags |= F_CLI_END;
     s->clen = r.clen;
     if (r.grpc) { s->flags |= F_GRPC; s->gto = r.gto; }
-    if (r.too_big) { local_reply(c, s, LR_431); return; }
+    if (r.too_big) { counts[C_TOO_LARGE]++; local_reply(c, s, LR_431); return; }
     if (!push2b(c, s, FAB_H2_HEADERS, end ? FAB_H2_END_STREAM : 0, sid, RE, r.o.len)) {
         s->flags |= F_RESET;
         rst2c(c, s, sid, FAB_H2_REFUSED_STREAM);
@@ -723,6 +761,7 @@ static void cli_frame(conn *c, const struct fab_h2_frame *f) {
             u64 b = s->body + dl;
             if (b > (u64)s->clen || (end && b != (u64)s->clen)) {
                 c->c_credit += n;
+                counts[C_MALFORMED]++;
                 stream_error(c, s, sid, FAB_H2_PROTOCOL_ERROR);
                 return;
             }
@@ -1406,14 +1445,16 @@ static conn *open_conn(u32 sid) {
     c->b_maxcs = 0xffffffff;  /* until the backend's SETTINGS say (none is sent before) */
     c->rst_tokens = RST_BURST;
     c->rst_t = fab_now();
-    u8 s[6];
+    /* the server preface: MAX_HEADER_LIST_SIZE says where 431 starts (RFC 9113 6.5.2) */
+    u8 s[12];
     fab_h2_put_setting(s, FAB_H2_SETTINGS_MAX_CONCURRENT_STREAMS, MAX_OPEN);
+    fab_h2_put_setting(s + 6, FAB_H2_SETTINGS_MAX_HEADER_LIST_SIZE, HLIST_ANNOUNCED);
     if (get_work(c)) {
-        push2c(c, 0, FAB_H2_SETTINGS, 0, 0, s, 6);
+        push2c(c, 0, FAB_H2_SETTINGS, 0, 0, s, 12);
     } else {
-        u8 f[FAB_H2_HDR + 6];  /* the server preface at once; the rest waits for a block */
+        u8 f[FAB_H2_HDR + 12];  /* the server preface at once; the rest waits for a block */
         u32 fl = 0;
-        fab_h2_put_frame(f, sizeof f, &fl, FAB_H2_SETTINGS, 0, 0, s, 6);
+        fab_h2_put_frame(f, sizeof f, &fl, FAB_H2_SETTINGS, 0, 0, s, 12);
         fab_send(sid, f, fl);
         start_wait(c);
     }

@@ -20,6 +20,7 @@ import h2.events
 import hpack
 import pytest
 
+from fabric.activator import abi
 from tests.support.streamguest import StreamGuest
 
 WASM = Path(__file__).resolve().parents[2] / "activators" / "http2" / "http2.wasm"
@@ -130,6 +131,10 @@ class Raw:
         new = self.send(fr(PING, 0, 0, b"stillok!"))
         assert (PING, ACK, 0, b"stillok!") in new, new
         assert self.g.failed == 0
+
+    def counted(self, name: str) -> int:
+        """The guest's `count` actions for name so far, summed."""
+        return sum(a.n for a in self.g.actions if isinstance(a, abi.Count) and a.name == name)
 
     def kinds(self) -> list[tuple[int, int, int]]:
         return [(t, f, s) for t, f, s, _p in self.got]
@@ -470,6 +475,70 @@ def test_hpack_bomb_is_bounded() -> None:
         r.close()
 
 
+MAX_HEADER_LIST = 32768  # SETTINGS_MAX_HEADER_LIST_SIZE the guest announces
+
+
+def settings_of(payload: bytes) -> dict[int, int]:
+    return {int.from_bytes(payload[i:i + 2], "big"): int.from_bytes(payload[i + 2:i + 6], "big")
+            for i in range(0, len(payload), 6)}
+
+
+def test_max_header_list_size_is_announced() -> None:
+    """RFC 9113 6.5.2: the limit a client must keep to is said in the server preface."""
+    r = Raw(handshake=False)
+    try:
+        t, f, s, p = r.got[0]
+        assert (t, f, s) == (SETTINGS, 0, 0)
+        assert settings_of(p) == {3: 100, 6: MAX_HEADER_LIST}
+    finally:
+        r.close()
+
+
+def many_fields(list_size: int) -> list[tuple[str, str]]:
+    """A request whose header list (RFC 7541 4.1 sizes) is at least list_size, of small
+    fields, so the block and its re-encoded form stay far below 32 KiB."""
+    h = req_headers()
+    size = sum(len(k) + len(v) + 32 for k, v in h)
+    i = 0
+    while size < list_size:
+        k, v = f"x-{i % 50:02d}", "v"
+        h.append((k, v))
+        size += len(k) + len(v) + 32
+        i += 1
+    return h
+
+
+def test_header_list_past_the_announced_size_is_431_without_a_wake(raw: Raw) -> None:
+    """RFC 9113 10.5.1: past SETTINGS_MAX_HEADER_LIST_SIZE the request is answered 431 here
+    (no backend woken); the block is decoded all the same, so the client's table stays in
+    step and the connection serves on. Counted."""
+    big = many_fields(MAX_HEADER_LIST + 1)
+    blk = raw.block(big)
+    assert len(blk) < 16384
+    raw.send(fr(HEADERS, END_STREAM | END_HEADERS, 1, blk))
+    assert raw.responses()[1][":status"] == "431"
+    assert raw.goaway() is None
+    assert not raw.g.streams[SID].connects, "an oversized request woke the backend"
+    assert raw.counted("headers_too_large") == 1
+    raw.headers(3, headers=req_headers("/after"))  # uses the table the big block filled
+    assert raw.g.streams[SID].connects == [0]
+
+
+def test_header_list_at_the_announced_size_is_relayed(raw: Raw) -> None:
+    h = many_fields(MAX_HEADER_LIST - 40)
+    assert sum(len(k) + len(v) + 32 for k, v in h) <= MAX_HEADER_LIST
+    raw.send(fr(HEADERS, END_STREAM | END_HEADERS, 1, raw.block(h)))
+    assert raw.g.streams[SID].connects == [0]
+    raw.g.connected(SID)
+    b = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    b.initiate_connection()
+    raw.g.backend(SID, b.data_to_send())
+    ev = b.receive_data(raw.g.to_backend(SID))
+    got = [e.headers for e in ev if isinstance(e, h2.events.RequestReceived)]
+    assert len(got) == 1 and len(got[0]) == len(h)
+    assert raw.counted("headers_too_large") == 0
+
+
 def test_padding(raw: Raw) -> None:
     raw.headers(1, END_HEADERS, req_headers(method="POST"))
     raw.send(fr(DATA, PADDED, 1, bytes([10]) + b"body" + b"\0" * 10))
@@ -707,16 +776,47 @@ GET = [(":method", "GET"), (":scheme", "http"), (":path", "/"), (":authority", "
     [(":method", "CONNECT")],
     GET + [("content-length", "1")],                           # END_STREAM, no body
     GET + [("content-length", "x1")],
+    # 8.2.1: values never hold NUL, CR or LF, nor start or end with SP or HTAB
+    GET + [("x-a", "a\x00b")], GET + [("x-a", "a\rb")], GET + [("x-a", "a\nb")],
+    GET + [("x-a", "a\r\nx-injected: 1")],
+    GET + [("x-a", " lead")], GET + [("x-a", "trail ")], GET + [("x-a", "\ttab")],
+    GET + [("x-a", "tab\t")], GET + [("user-agent", "ua\n")],   # a static-table name too
+    [(":method", "GET"), (":scheme", "http"), (":path", "/a\r\n"), (":authority", "svc")],
+    [(":method", "GET "), (":scheme", "http"), (":path", "/"), (":authority", "svc")],
+    [(":method", "GET"), (":scheme", "http"), (":path", "/"), (":authority", "svc\x00")],
 ])
 def test_malformed_request_is_stream_error_without_a_wake(
         raw: Raw, headers: list[tuple[str, str]]) -> None:
     raw.send(fr(HEADERS, END_STREAM | END_HEADERS, 1, raw.block(headers)))
     raw.assert_stream_error(1, PROTOCOL)
     assert raw.goaway() is None
+    assert raw.counted("malformed_requests") == 1
     assert not raw.g.streams[SID].connects, "a malformed request woke the backend"
     assert raw.g.need in (None, NONE)
     raw.headers(3)  # the connection, and the client's table, still serve
     assert raw.g.streams[SID].connects == [0]
+
+
+def test_every_position_of_a_bad_byte_in_a_value_is_caught(raw: Raw) -> None:
+    """The value scan goes 8 bytes a step (the last step overlapping): a NUL, CR or LF at
+    any position of values of every length around those steps is found, and an HTAB
+    inside (a byte the fast step must look closer at) is not mistaken for one."""
+    sid, bad = 1, []
+    for n in (2, 3, 7, 8, 9, 15, 16, 17, 24, 25):
+        for pos in range(n):
+            for b in ("\x00", "\n", "\r"):
+                v = "a" * pos + b + "a" * (n - pos - 1)
+                raw.send(fr(HEADERS, END_STREAM | END_HEADERS, sid, raw.block(GET + [("x-v", v)])))
+                bad.append(sid)
+                sid += 2
+        raw.send(fr(HEADERS, END_STREAM | END_HEADERS, sid, raw.block(
+            GET + [("x-v", "a" * (n // 2) + "\t" + "a" * (n - n // 2))])))
+        sid += 2
+    rst = {s for t, _f, s, p in raw.got if t == RST and int.from_bytes(p, "big") == PROTOCOL}
+    assert rst == set(bad)
+    assert raw.counted("malformed_requests") == len(bad)
+    raw.expire()
+    assert len(raw.responses()) == 10, "a value with an inner HTAB was refused"
 
 
 def test_well_formed_requests_accepted(raw: Raw) -> None:
@@ -726,6 +826,7 @@ def test_well_formed_requests_accepted(raw: Raw) -> None:
         [(":method", "POST"), (":scheme", "https"), (":path", "/p"), ("content-length", "0")],
         [(":method", "OPTIONS"), (":scheme", "http"), (":path", "*")],
         GET + [("x-0!#$%&'*+-.^_`|~", "tokens"), ("cookie", "a=1"), ("cookie", "b=2")],
+        GET + [("x-a", ""), ("x-b", "in side\tand\x7f\x01"), ("x-c", "é")],  # 8.2.1 allows
     ]
     for i, h in enumerate(ok):
         raw.send(fr(HEADERS, END_STREAM | END_HEADERS, 1 + 2 * i, raw.block(h)))
@@ -738,6 +839,17 @@ def test_pseudo_field_in_trailers_is_stream_error(raw: Raw) -> None:
     raw.send(fr(DATA, 0, 1, b"body"))
     raw.send(fr(HEADERS, END_STREAM | END_HEADERS, 1, raw.block([(":path", "/x")])))
     raw.assert_stream_error(1, PROTOCOL)
+    assert raw.counted("malformed_requests") == 1
+
+
+@pytest.mark.parametrize("trailers", [[("x-t", "bad\r\n")], [("connection", "close")],
+                                      [("X-Upper", "1")]])
+def test_malformed_trailers_are_stream_error(raw: Raw, trailers: list[tuple[str, str]]) -> None:
+    raw.headers(1, END_HEADERS, req_headers(method="POST"))
+    raw.send(fr(DATA, 0, 1, b"body"))
+    raw.send(fr(HEADERS, END_STREAM | END_HEADERS, 1, raw.block(trailers)))
+    raw.assert_stream_error(1, PROTOCOL)
+    assert raw.counted("malformed_requests") == 1
 
 
 @pytest.mark.parametrize("clen,bodies", [("1", [b"test"]), ("8", [b"test"]),
@@ -749,6 +861,7 @@ def test_content_length_mismatch_is_stream_error(raw: Raw, clen: str,
         raw.send(fr(DATA, END_STREAM if i == len(bodies) - 1 else 0, 1, b))
     raw.assert_stream_error(1, PROTOCOL)
     assert raw.goaway() is None
+    assert raw.counted("malformed_requests") == 1
 
 
 def test_content_length_matching_body_relayed(raw: Raw) -> None:
