@@ -1049,3 +1049,319 @@ def test_backend_continuation_flood_is_bounded(raw: Raw) -> None:
     assert raw.g.streams[SID].upstream_closed, "the flooding backend kept its connection"
     assert [s for t, _f, s, _p in raw.got if t == RST or t == GOAWAY], raw.kinds()
     assert raw.g.failed == 0
+
+
+# --- h2spec's cases (github.com/summerwind/h2spec, 147 of them), every one mapped -----------
+#
+# h2spec is a Go program: not in Debian, no Python equivalent on PyPI. Its cases are
+# written here instead, the ones not covered above as tests of their own below, and the
+# whole list mapped to the test that covers each case (`H2SPEC`), so a case never drops out
+# silently. Its section numbers are RFC 7540's (8.1.2.x is RFC 9113 8.2 and 8.3).
+
+def huff(s: bytes) -> bytes:
+    """A Huffman-coded string literal (RFC 7541 5.2), length prefix included."""
+    from hpack.huffman import HuffmanEncoder
+    from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
+    e = HuffmanEncoder(REQUEST_CODES, REQUEST_CODES_LENGTH).encode(s)
+    assert len(e) < 127
+    return bytes([0x80 | len(e)]) + e
+
+
+def plain(s: bytes) -> bytes:
+    assert len(s) < 127
+    return bytes([len(s)]) + s
+
+
+BASE = b"\x82\x86\x84\x41\x03svc"  # GET, http, /, :authority svc (literal, indexed name)
+
+
+@pytest.mark.parametrize("field", [
+    b"\x90",                                           # indexed (16: accept-encoding)
+    b"\x40" + plain(b"x-inc") + plain(b"a"),           # incremental indexing, new name
+    b"\x40" + huff(b"x-inc") + huff(b"a"),             # ... Huffman
+    b"\x7a" + plain(b"ua"),                            # incremental, indexed name (58)
+    b"\x7a" + huff(b"ua"),
+    b"\x0f\x2b" + plain(b"ua"),                        # without indexing, indexed name
+    b"\x0f\x2b" + huff(b"ua"),
+    b"\x00" + plain(b"x-not") + plain(b"b"),           # without indexing, new name
+    b"\x00" + huff(b"x-not") + huff(b"b"),
+    b"\x1f\x2b" + plain(b"ua"),                        # never indexed, indexed name
+    b"\x1f\x2b" + huff(b"ua"),
+    b"\x10" + plain(b"x-never") + plain(b"c"),         # never indexed, new name
+    b"\x10" + huff(b"x-never") + huff(b"c"),
+])
+def test_h2spec_generic_5_hpack_representations(raw: Raw, field: bytes) -> None:
+    """generic/5: each representation of RFC 7541 6 is accepted (the request answered)."""
+    raw.send(fr(HEADERS, END_STREAM | END_HEADERS, 1, BASE + field))
+    raw.expire()
+    assert raw.responses()[1][":status"] == "503", raw.kinds()
+
+
+def test_h2spec_generic_5_table_size_updates(raw: Raw) -> None:
+    """generic/5/14-15: one dynamic table size update, and several at a block's start."""
+    raw.send(fr(HEADERS, END_STREAM | END_HEADERS, 1, b"\x3f\xe1\x1f" + BASE))
+    raw.send(fr(HEADERS, END_STREAM | END_HEADERS, 3, b"\x20\x3f\x61\x3f\xe1\x1f" + BASE))
+    raw.expire()
+    assert sorted(raw.responses()) == [1, 3], raw.kinds()
+
+
+def test_h2spec_generic_2_frames_on_half_closed_remote_accepted(raw: Raw) -> None:
+    """generic/2/2-4: WINDOW_UPDATE, PRIORITY and RST_STREAM on a half-closed (remote)
+    stream are accepted (no connection error); the reset ends the stream."""
+    raw.headers(1)
+    raw.send(fr(WU, 0, 1, struct.pack(">I", 100)))
+    raw.send(fr(PRIORITY, 0, 1, struct.pack(">IB", 0, 10)))
+    raw.assert_alive()
+    raw.send(fr(RST, 0, 1, struct.pack(">I", CANCEL)))
+    raw.expire()
+    assert 1 not in raw.responses(), "a reset stream was answered"
+    raw.assert_alive()
+
+
+def test_h2spec_generic_4_requests_answered_by_the_backend(raw: Raw) -> None:
+    """generic/3.1, generic/4: GET, HEAD, POST (one and several DATA frames, padded) and
+    POST with trailers all reach the backend whole and get its response."""
+    post = req_headers(method="POST")
+    raw.headers(1)
+    raw.headers(3, headers=req_headers(method="HEAD"))
+    raw.headers(5, END_HEADERS, post)
+    raw.send(fr(DATA, END_STREAM, 5, b"one frame"))
+    raw.headers(7, END_HEADERS, post)
+    raw.send(fr(DATA, 0, 7, b"two ") + fr(DATA, PADDED | END_STREAM, 7, b"\x03frames\0\0\0"))
+    raw.headers(9, END_HEADERS, post)
+    raw.send(fr(DATA, 0, 9, b"with trailers"))
+    raw.send(fr(HEADERS, END_STREAM | END_HEADERS, 9, raw.block([("x-trailer", "t")])))
+    raw.g.connected(SID)
+    s = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    s.initiate_connection()
+    raw.g.backend(SID, s.data_to_send())
+    ev = s.receive_data(raw.g.to_backend(SID))
+    ev += pump_backend(raw, s)
+    reqs = {e.stream_id: dict(e.headers) for e in ev if isinstance(e, h2.events.RequestReceived)}
+    assert sorted(reqs) == [1, 3, 5, 7, 9]
+    assert reqs[3][b":method"] == b"HEAD"
+    bodies: dict[int, bytes] = {}
+    for e in ev:
+        if isinstance(e, h2.events.DataReceived):
+            bodies[e.stream_id] = bodies.get(e.stream_id, b"") + e.data
+            s.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
+    assert bodies == {5: b"one frame", 7: b"two frames", 9: b"with trailers"}
+    trailers = [dict(e.headers) for e in ev if isinstance(e, h2.events.TrailersReceived)]
+    assert trailers == [{b"x-trailer": b"t"}]
+    for sid in reqs:
+        s.send_headers(sid, [(":status", "200")], end_stream=True)
+    pump_backend(raw, s)
+    assert {k: v[":status"] for k, v in raw.responses().items()} == {
+        sid: "200" for sid in reqs}
+
+
+def test_h2spec_5_1_continuation_on_closed_streams() -> None:
+    """http2/5.1/7, 10, 13: a CONTINUATION on a half-closed (remote) stream, after the
+    client's RST_STREAM, or on a stream closed normally, follows no open header block:
+    a connection error (PROTOCOL_ERROR; h2spec takes it, or STREAM_CLOSED)."""
+    def half_closed(r: Raw) -> None:
+        r.headers(1)
+
+    def after_reset(r: Raw) -> None:
+        r.headers(1, END_HEADERS)
+        r.send(fr(RST, 0, 1, struct.pack(">I", CANCEL)))
+
+    def closed(r: Raw) -> None:
+        r.headers(1)
+        r.expire()
+        assert r.responses()[1][":status"] == "503"
+
+    for setup in (half_closed, after_reset, closed):
+        r = Raw()
+        try:
+            setup(r)
+            r.send(fr(CONT, END_HEADERS, 1, r.block([("x-dummy", "1")])))
+            r.assert_stream_error(1, CLOSED, PROTOCOL)
+        finally:
+            r.close()
+
+
+def test_h2spec_8_1_second_headers_without_end_stream(raw: Raw) -> None:
+    """http2/8.1/1: trailers (a second HEADERS) must end the stream: PROTOCOL_ERROR."""
+    raw.headers(1, END_HEADERS, req_headers(method="POST"))
+    raw.send(fr(HEADERS, END_HEADERS, 1, raw.block([("x-trailer", "t")])))
+    raw.assert_stream_error(1, PROTOCOL)
+    assert raw.goaway() is None
+    assert raw.counted("malformed_requests") == 1
+
+
+def test_h2spec_6_9_2_negative_window_is_tracked(raw: Raw) -> None:
+    """http2/6.9.2/2: INITIAL_WINDOW_SIZE 3, 3 bytes sent, then 2: the stream's window is
+    -1; a WINDOW_UPDATE of 2 lets exactly one more byte go."""
+    raw.send(fr(SETTINGS, 0, 0, setting(4, 3)))
+    raw.headers(1)
+    s = backend_rig(raw)
+    pump_backend(raw, s)
+    s.send_headers(1, [(":status", "200")])
+    s.send_data(1, b"0123456789", end_stream=True)
+    pump_backend(raw, s)
+    assert [p for t, _f, sid, p in raw.got if t == DATA and sid == 1] == [b"012"]
+    new = raw.send(fr(SETTINGS, 0, 0, setting(4, 2)))
+    assert (SETTINGS, ACK, 0, b"") in new
+    assert not [f for f in new if f[0] == DATA], "sent past a negative window"
+    new = raw.send(fr(WU, 0, 1, struct.pack(">I", 2)))
+    assert [p for t, _f, sid, p in new if t == DATA and sid == 1] == [b"3"]
+
+
+def test_h2spec_3_5_invalid_preface_closes_the_connection() -> None:
+    """http2/3.5/2: after the GOAWAY the connection is closed (h2spec waits for the
+    close): here once the client closes, or a second later."""
+    r = Raw(handshake=False)
+    try:
+        r.g.tick(0)
+        r.send(b"INVALID CONNECTION PREFACE\r\n\r\n")
+        assert r.goaway() == PROTOCOL
+        r.g.tick(1100)
+        assert r.g.streams[SID].downstream_closed
+    finally:
+        r.close()
+
+
+_RFC = "test_malformed_request_is_stream_error_without_a_wake"
+#: h2spec case (its group, its number in the group) -> the test here that covers it
+H2SPEC: dict[str, str] = {
+    "generic/1/1": "test_server_preface_at_once_and_client_settings_acked",
+    "generic/2/1": "test_priority_frames_tolerated_anywhere",
+    "generic/2/2": "test_h2spec_generic_2_frames_on_half_closed_remote_accepted",
+    "generic/2/3": "test_h2spec_generic_2_frames_on_half_closed_remote_accepted",
+    "generic/2/4": "test_h2spec_generic_2_frames_on_half_closed_remote_accepted",
+    "generic/2/5": "test_priority_frames_tolerated_anywhere",
+    "generic/3.1/1": "test_h2spec_generic_4_requests_answered_by_the_backend",
+    "generic/3.1/2": "test_h2spec_generic_4_requests_answered_by_the_backend",
+    "generic/3.1/3": "test_padding",
+    "generic/3.2/1": "test_well_formed_requests_accepted",
+    "generic/3.2/2": "test_padded_headers_with_priority_accepted",
+    "generic/3.2/3": "test_padded_headers_with_priority_accepted",
+    "generic/3.3/1": "test_priority_frames_tolerated_anywhere",
+    "generic/3.3/2": "test_priority_frames_tolerated_anywhere",
+    "generic/3.3/3": "test_priority_frames_tolerated_anywhere",
+    "generic/3.3/4": "test_priority_frames_tolerated_anywhere",
+    "generic/3.3/5": "test_priority_frames_tolerated_anywhere",
+    "generic/3.4/1": "test_closed_by_client_reset_then_data_or_headers_is_stream_closed",
+    "generic/3.5/1": "test_settings_unknown_id_and_multiple_values",
+    "generic/3.7/1": "test_ping_answered_and_ack_ignored",
+    "generic/3.8/1": "test_goaway_unknown_code_nothing_special",
+    "generic/3.9/1": "test_window_update_rules",
+    "generic/3.9/2": "test_h2spec_generic_2_frames_on_half_closed_remote_accepted",
+    "generic/3.10/1": "test_header_block_split_in_many_continuations",
+    "generic/3.10/2": "test_header_block_split_in_many_continuations",
+    "generic/4/1": "test_h2spec_generic_4_requests_answered_by_the_backend",
+    "generic/4/2": "test_h2spec_generic_4_requests_answered_by_the_backend",
+    "generic/4/3": "test_h2spec_generic_4_requests_answered_by_the_backend",
+    "generic/4/4": "test_h2spec_generic_4_requests_answered_by_the_backend",
+    **{f"generic/5/{i}": "test_h2spec_generic_5_hpack_representations" for i in range(1, 14)},
+    "generic/5/14": "test_h2spec_generic_5_table_size_updates",
+    "generic/5/15": "test_h2spec_generic_5_table_size_updates",
+    "hpack/2.3.3/1": "test_hpack_errors_are_compression_error",
+    "hpack/2.3.3/2": "test_hpack_errors_are_compression_error",
+    "hpack/4.2/1": "test_hpack_errors_are_compression_error",
+    "hpack/5.2/1": "test_hpack_errors_are_compression_error",
+    "hpack/5.2/2": "test_hpack_errors_are_compression_error",
+    "hpack/5.2/3": "test_hpack_errors_are_compression_error",
+    "hpack/6.1/1": "test_hpack_errors_are_compression_error",
+    "hpack/6.3/1": "test_hpack_errors_are_compression_error",
+    "http2/3.5/1": "test_server_preface_at_once_and_client_settings_acked",
+    "http2/3.5/2": "test_h2spec_3_5_invalid_preface_closes_the_connection",
+    "http2/4.1/1": "test_unknown_type_undefined_flags_reserved_bit_ignored",
+    "http2/4.1/2": "test_unknown_type_undefined_flags_reserved_bit_ignored",
+    "http2/4.1/3": "test_unknown_type_undefined_flags_reserved_bit_ignored",
+    "http2/4.2/1": "test_max_size_data_frame_accepted",
+    "http2/4.2/2": "test_frames_over_max_frame_size_are_frame_size_error",
+    "http2/4.2/3": "test_frames_over_max_frame_size_are_frame_size_error",
+    "http2/4.3/1": "test_invalid_header_block_is_compression_error",
+    "http2/4.3/2": "test_continuation_rules",
+    "http2/4.3/3": "test_continuation_rules",
+    "http2/5.1.1/1": "test_even_stream_id_is_protocol_error",
+    "http2/5.1.1/2": "test_stream_id_going_backwards_is_protocol_error",
+    "http2/5.1.2/1": "test_concurrency_limit_exceeded_is_refused",
+    "http2/5.1/1": "test_frames_on_idle_streams_are_protocol_errors",
+    "http2/5.1/2": "test_frames_on_idle_streams_are_protocol_errors",
+    "http2/5.1/3": "test_frames_on_idle_streams_are_protocol_errors",
+    "http2/5.1/4": "test_frames_on_idle_streams_are_protocol_errors",
+    "http2/5.1/5": "test_half_closed_remote_data_and_headers_are_stream_closed",
+    "http2/5.1/6": "test_half_closed_remote_data_and_headers_are_stream_closed",
+    "http2/5.1/7": "test_h2spec_5_1_continuation_on_closed_streams",
+    "http2/5.1/8": "test_closed_by_client_reset_then_data_or_headers_is_stream_closed",
+    "http2/5.1/9": "test_closed_by_client_reset_then_data_or_headers_is_stream_closed",
+    "http2/5.1/10": "test_h2spec_5_1_continuation_on_closed_streams",
+    "http2/5.1/11": "test_closed_normally_then_data_or_headers_is_stream_closed",
+    "http2/5.1/12": "test_closed_normally_then_data_or_headers_is_stream_closed",
+    "http2/5.1/13": "test_h2spec_5_1_continuation_on_closed_streams",
+    "http2/5.3.1/1": "test_stream_depending_on_itself_is_protocol_error",
+    "http2/5.3.1/2": "test_stream_depending_on_itself_is_protocol_error",
+    "http2/5.4.1/1": "test_connection_error_lingers_then_closes",
+    "http2/5.4.1/2": "test_connection_error_lingers_then_closes",
+    "http2/5.5/1": "test_unknown_type_undefined_flags_reserved_bit_ignored",
+    "http2/5.5/2": "test_continuation_rules",
+    "http2/6.1/1": "test_control_frame_errors",
+    "http2/6.1/2": "test_half_closed_remote_data_and_headers_are_stream_closed",
+    "http2/6.1/3": "test_padding",
+    "http2/6.2/1": "test_continuation_rules",
+    "http2/6.2/2": "test_continuation_rules",
+    "http2/6.2/3": "test_control_frame_errors",
+    "http2/6.2/4": "test_padding",
+    "http2/6.3/1": "test_control_frame_errors",
+    "http2/6.3/2": "test_priority_bad_size",
+    "http2/6.4/1": "test_rst_stream_rules",
+    "http2/6.4/2": "test_rst_stream_rules",
+    "http2/6.4/3": "test_rst_stream_rules",
+    "http2/6.5/1": "test_control_frame_errors",
+    "http2/6.5/2": "test_control_frame_errors",
+    "http2/6.5/3": "test_control_frame_errors",
+    "http2/6.5.2/1": "test_settings_bad_values",
+    "http2/6.5.2/2": "test_settings_bad_values",
+    "http2/6.5.2/3": "test_settings_bad_values",
+    "http2/6.5.2/4": "test_settings_bad_values",
+    "http2/6.5.2/5": "test_settings_unknown_id_and_multiple_values",
+    "http2/6.5.3/1": "test_settings_unknown_id_and_multiple_values",
+    "http2/6.5.3/2": "test_server_preface_at_once_and_client_settings_acked",
+    "http2/6.7/1": "test_ping_answered_and_ack_ignored",
+    "http2/6.7/2": "test_ping_answered_and_ack_ignored",
+    "http2/6.7/3": "test_control_frame_errors",
+    "http2/6.7/4": "test_control_frame_errors",
+    "http2/6.8/1": "test_control_frame_errors",
+    "http2/6.9.1/1": "test_initial_window_size_from_settings_applies_to_open_streams",
+    "http2/6.9.1/2": "test_window_update_rules",
+    "http2/6.9.1/3": "test_window_update_rules",
+    "http2/6.9.2/1": "test_initial_window_size_from_settings_applies_to_open_streams",
+    "http2/6.9.2/2": "test_h2spec_6_9_2_negative_window_is_tracked",
+    "http2/6.9.2/3": "test_settings_bad_values",
+    "http2/6.9/1": "test_control_frame_errors",
+    "http2/6.9/2": "test_window_update_rules",
+    "http2/6.9/3": "test_control_frame_errors",
+    "http2/6.10/1": "test_header_block_split_in_many_continuations",
+    "http2/6.10/2": "test_continuation_rules",
+    "http2/6.10/3": "test_continuation_rules",
+    "http2/6.10/4": "test_continuation_rules",
+    "http2/6.10/5": "test_continuation_rules",
+    "http2/6.10/6": "test_continuation_rules",
+    "http2/7/1": "test_goaway_unknown_code_nothing_special",
+    "http2/7/2": "test_rst_stream_rules",
+    "http2/8.1/1": "test_h2spec_8_1_second_headers_without_end_stream",
+    "http2/8.1.2/1": _RFC,
+    "http2/8.1.2.1/1": _RFC,
+    "http2/8.1.2.1/2": _RFC,
+    "http2/8.1.2.1/3": "test_pseudo_field_in_trailers_is_stream_error",
+    "http2/8.1.2.1/4": _RFC,
+    "http2/8.1.2.2/1": _RFC,
+    "http2/8.1.2.2/2": _RFC,
+    **{f"http2/8.1.2.3/{i}": _RFC for i in range(1, 8)},
+    "http2/8.1.2.6/1": "test_content_length_mismatch_is_stream_error",
+    "http2/8.1.2.6/2": "test_content_length_mismatch_is_stream_error",
+    "http2/8.2/1": "test_control_frame_errors",
+}
+
+
+def test_every_h2spec_case_is_mapped_to_a_test_here() -> None:
+    """147 cases in h2spec (generic 44, hpack 8, http2 95); each names a test of this
+    module, so renaming or dropping one is caught here."""
+    assert len(H2SPEC) == 147
+    groups = {g: sum(k.startswith(g + "/") for k in H2SPEC) for g in ("generic", "hpack", "http2")}
+    assert groups == {"generic": 44, "hpack": 8, "http2": 95}
+    missing = {k: v for k, v in H2SPEC.items() if not callable(globals().get(v))}
+    assert not missing
