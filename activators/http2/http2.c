@@ -111,6 +111,7 @@ typedef struct conn {
     u32 c_credit, b_credit;
     u32 c_maxf, b_maxf;
     u32 c_tsu;             /* next block to the client starts with a table size update */
+    u32 dec_taint;         /* the client's table may hold an entry not checked (check_field) */
     u32 max_cid, max_upid;
     u32 up, up_preface, b_tsu;
     u32 up_close;          /* upstream to close: GOAWAY code + 1 */
@@ -180,8 +181,12 @@ typedef struct {
     u32 bad;               /* malformed (RFC 9113 8.1.1): a stream error PROTOCOL_ERROR */
     u32 regular, pseudo;   /* a regular field seen; the request pseudo-fields seen */
     u32 connect;           /* :method CONNECT */
+    u32 options;           /* :method OPTIONS */
+    u32 http;              /* :scheme http or https (any case) */
+    u32 path;              /* :path's form: PATH_ORIGIN ("/..."), PATH_STAR ("*"), other */
     i64 clen;              /* content-length, -1: none */
     u32 list;              /* the decoded header list's size (RFC 7541 4.1: name + value + 32) */
+    u32 table_ok;          /* every dynamic-table entry was checked when it went in */
 } reenc;
 
 #define CHECK_REQUEST 1
@@ -190,6 +195,9 @@ typedef struct {
 #define PS_SCHEME 2
 #define PS_AUTHORITY 4
 #define PS_PATH 8
+#define PATH_ORIGIN 1
+#define PATH_STAR 2
+#define PATH_OTHER 3
 /* static table indices (RFC 7541 A) of the names checked */
 #define SI_AUTHORITY 1
 #define SI_METHOD 2
@@ -198,28 +206,75 @@ typedef struct {
 #define SI_CONTENT_LENGTH 28
 #define SI_TRANSFER_ENCODING 57
 
+/* Byte tests over 8 bytes at once: does v hold a byte below lo (at most 128), or equal
+ * to x, y or z? The last step overlaps the one before; a value under 8 bytes is padded
+ * with 0x80, a byte no test looks for. v is always the HPACK decoder's scratch buffer
+ * (FAB_HPACK_STR_CAP bytes), so 8 bytes are there to read. Exact: no closer look. */
+#define ONES 0x0101010101010101ull
+#define HAS_ZERO(w) (((w) - ONES) & ~(w) & ONES * 0x80)
+
+static int any_of(const u8 *v, u32 n, u32 lo, u32 x, u32 y, u32 z) {
+    if (!n) return 0;
+    for (u32 i = 0;; i += 8) {
+        u64 w;
+        if (n < 8) {
+            __builtin_memcpy(&w, v, 8);
+            u64 keep = (1ull << (8 * n)) - 1;
+            w = (w & keep) | (~keep & ONES * 0x80);
+        } else {
+            if (i + 8 > n) i = n - 8;
+            __builtin_memcpy(&w, v + i, 8);  /* one unaligned i64.load */
+        }
+        if (((w - ONES * lo) & ~w & ONES * 0x80) | HAS_ZERO(w ^ (ONES * x)) |
+            HAS_ZERO(w ^ (ONES * y)) | HAS_ZERO(w ^ (ONES * z)))
+            return 1;
+        if (i + 8 >= n) return 0;
+    }
+}
+
 /* RFC 9113 8.2.1: a value holds no NUL, CR or LF, and neither starts nor ends with SP or
  * HTAB. A CR or LF relayed to a backend that speaks HTTP/1 on would split the field in
  * two (header injection), whatever this hop's framing says. */
-#define ONES 0x0101010101010101ull
-static int bad_bytes(const u8 *v, u32 n) {
-    for (u32 i = 0; i < n; i++)
-        if (v[i] == 0 || v[i] == '\n' || v[i] == '\r') return 1;
-    return 0;
-}
-
 static int bad_value(const u8 *v, u32 n) {
     if (!n) return 0;
     if (v[0] == ' ' || v[0] == '\t' || v[n - 1] == ' ' || v[n - 1] == '\t') return 1;
-    if (n < 8) return bad_bytes(v, n);
-    /* 8 bytes a step (the last step overlapping the one before): is any byte below 0x0e?
-     * Rarely (an HTAB inside): then look at those 8 one by one. */
-    for (u32 i = 0;; i += 8) {
-        if (i + 8 > n) i = n - 8;
-        u64 w;
-        __builtin_memcpy(&w, v + i, 8);  /* one unaligned i64.load */
-        if (((w - ONES * 0x0e) & ~w & ONES * 0x80) && bad_bytes(v + i, 8)) return 1;
-        if (i + 8 == n) return 0;
+    return any_of(v, n, 0, 0, '\n', '\r');
+}
+
+/* Byte classes of RFC 9110 5.6.2 (tchar: a method) and RFC 3986 3.1 (a scheme), as
+ * 128-bit masks over ASCII; both values are short, and the common ones skip the scan. */
+static const u64 TCHAR[2] = {0x3ff6cfa00000000ull, 0x57ffffffc7fffffeull};
+static const u64 SCHEME[2] = {0x3ff680000000000ull, 0x7fffffe07fffffeull};
+
+static int all_in(const u64 *set, const u8 *v, u32 n) {
+    for (u32 i = 0; i < n; i++) {
+        u8 b = v[i];
+        if (b >= 128 || !((set[b >> 6] >> (b & 63)) & 1)) return 0;
+    }
+    return 1;
+}
+
+/* A pseudo-field's own syntax (RFC 9113 8.3.1): a method is a token, a scheme starts with
+ * a letter, an authority has no userinfo ('@'), no path and no space, a path is visible
+ * characters; noted for the checks at the block's end (CONNECT, OPTIONS *, an http(s)
+ * path's form). */
+static void check_pseudo(reenc *r, u32 bit, const u8 *v, u32 vl, int scan) {
+    if (bit == PS_METHOD) {
+        r->connect = vl == 7 && fab_memeq(v, "CONNECT", 7);
+        r->options = vl == 7 && fab_memeq(v, "OPTIONS", 7);
+        if (scan && (!vl || !all_in(TCHAR, v, vl))) r->bad = 1;
+    } else if (bit == PS_SCHEME) {
+        u32 l4 = vl >= 4 ? fab_le32(v) | 0x20202020u : 0;  /* lowercase, for "http" */
+        r->http = l4 == 0x70747468u && (vl == 4 || (vl == 5 && (v[4] | 0x20) == 's'));
+        if (scan && !r->http && (!vl || (v[0] | 0x20) < 'a' || (v[0] | 0x20) > 'z' ||
+                                 !all_in(SCHEME, v, vl)))
+            r->bad = 1;
+    } else if (bit == PS_AUTHORITY) {
+        if (scan && any_of(v, vl, 0x21, '@', '/', 0x7f)) r->bad = 1;
+    } else {
+        if (!vl) { r->bad = 1; return; }
+        r->path = v[0] == '/' ? PATH_ORIGIN : vl == 1 && v[0] == '*' ? PATH_STAR : PATH_OTHER;
+        if (scan && any_of(v, vl, 0x21, 0x7f, 0x7f, 0x7f)) r->bad = 1;
     }
 }
 
@@ -228,13 +283,15 @@ static int bad_value(const u8 *v, u32 n) {
  * each, before the regular ones and never in trailers; names lowercase and of token
  * characters; values without NUL, CR, LF or surrounding whitespace; no
  * connection-specific fields; te only "trailers"; one content-length. Static-table names
- * (most fields) skip the name's character scan; every value is scanned (a dynamic-table
- * entry may come from a request that was refused). */
+ * (most fields) skip the name's character scan. A value is scanned when it is a literal:
+ * an indexed field's value is a static entry's, or a dynamic entry's that was scanned when
+ * it went in as a literal (unless the table is tainted: a block not checked, or one found
+ * malformed, may have put in an entry that would fail; then every value is scanned). */
 static void check_field(reenc *r, const struct fab_hpack_field *f) {
     u32 si = f->static_name, nl = f->name_len, vl = f->value_len;
     const u8 *nm = f->name, *v = f->value;
-    if (bad_value(v, vl)) { r->bad = 1; return; }
-    if (nl && nm[0] == ':') {
+    int scan = !f->indexed || (f->indexed > 61 && !r->table_ok);
+    if (nl && nm[0] == ':') {  /* its own scan (check_pseudo) is stricter than bad_value's */
         u32 bit = si == SI_METHOD ? PS_METHOD : si == SI_SCHEME ? PS_SCHEME
                 : si == SI_AUTHORITY ? PS_AUTHORITY : si == SI_PATH ? PS_PATH : 0;
         if (!bit || r->regular || r->check == CHECK_TRAILERS || (r->pseudo & bit)) {
@@ -242,10 +299,10 @@ static void check_field(reenc *r, const struct fab_hpack_field *f) {
             return;
         }
         r->pseudo |= bit;
-        if (bit == PS_METHOD) r->connect = vl == 7 && fab_memeq(v, "CONNECT", 7);
-        if (bit == PS_PATH && !vl) r->bad = 1;
+        check_pseudo(r, bit, v, vl, scan);
         return;
     }
+    if (scan && bad_value(v, vl)) { r->bad = 1; return; }
     r->regular = 1;
     if (si) {
         if (si == SI_TRANSFER_ENCODING) {
@@ -281,7 +338,9 @@ static void check_request_end(reenc *r) {
     if (r->check != CHECK_REQUEST || r->bad) return;
     if (!(r->pseudo & PS_METHOD)) r->bad = 1;
     else if (r->connect) r->bad = (r->pseudo & (PS_SCHEME | PS_PATH)) || !(r->pseudo & PS_AUTHORITY);
-    else r->bad = (r->pseudo & (PS_SCHEME | PS_PATH)) != (PS_SCHEME | PS_PATH);
+    else if ((r->pseudo & (PS_SCHEME | PS_PATH)) != (PS_SCHEME | PS_PATH)) r->bad = 1;
+    /* http(s): origin form, or asterisk form for OPTIONS (RFC 9112 3.2) */
+    else if (r->http) r->bad = !(r->path == PATH_ORIGIN || (r->path == PATH_STAR && r->options));
 }
 
 static u32 parse_gto(const u8 *v, u32 n) {
@@ -325,15 +384,17 @@ static void re_field(void *ctx, const struct fab_hpack_field *f) {
 
 /* Decode a whole block into RE; 0 ok, or the connection error: COMPRESSION_ERROR for a
  * malformed block, ENHANCE_YOUR_CALM for a header list past HLIST_MAX decoded (a bomb). */
-static u32 hp_decode(struct fab_hpack_table *t, const u8 *p, u32 len, reenc *r, u32 check) {
+static u32 hp_decode(struct fab_hpack_table *t, const u8 *p, u32 len, reenc *r, u32 check,
+                     u32 table_ok) {
     r->o.buf = RE;
     r->o.len = 0;
     r->o.cap = RE_CAP;
     r->too_big = r->grpc = r->gto = 0;
     r->check = check;
-    r->bad = r->regular = r->pseudo = r->connect = 0;
+    r->bad = r->regular = r->pseudo = r->connect = r->options = r->http = r->path = 0;
     r->clen = -1;
     r->list = 0;
+    r->table_ok = table_ok;
     int e = fab_hpack_decode_max(t, p, len, HLIST_MAX, re_field, r);
     if (e) return e == -2 ? FAB_H2_ENHANCE_YOUR_CALM : FAB_H2_COMPRESSION_ERROR;
     check_request_end(r);
@@ -628,8 +689,9 @@ static void cli_header_block(conn *c, u32 sid, u32 flags) {
     strm *s = find(c, sid);
     u32 check = sid > c->max_cid ? CHECK_REQUEST
               : s && is_open(s) && !(s->flags & F_CLI_END) ? CHECK_TRAILERS : 0;
-    u32 err = hp_decode(&c->dec, c->w->chb, c->chb_len, &r, check);
+    u32 err = hp_decode(&c->dec, c->w->chb, c->chb_len, &r, check, !c->dec_taint);
     if (err) { conn_error(c, err); return; }
+    if (!check || r.bad) c->dec_taint = 1;  /* what it put in the table was not all checked */
     int end = (flags & FAB_H2_END_STREAM) != 0;
     if (sid <= c->max_cid) {
         if (!s || !is_open(s)) {
@@ -886,7 +948,7 @@ static void cli_input(conn *c, const u8 *p, u32 n) {
  * table, like requests the other way: blocks then need no order between streams. */
 static void b_header_block(conn *c, u32 sid, u32 flags) {
     reenc r;
-    u32 err = hp_decode(&c->w->bdec, c->w->bhb, c->bhb_len, &r, 0);
+    u32 err = hp_decode(&c->w->bdec, c->w->bhb, c->bhb_len, &r, 0, 0);
     if (err) { up_error(c, err); return; }
     strm *s = find(c, sid);
     int end = (flags & FAB_H2_END_STREAM) != 0;

@@ -784,6 +784,16 @@ GET = [(":method", "GET"), (":scheme", "http"), (":path", "/"), (":authority", "
     [(":method", "GET"), (":scheme", "http"), (":path", "/a\r\n"), (":authority", "svc")],
     [(":method", "GET "), (":scheme", "http"), (":path", "/"), (":authority", "svc")],
     [(":method", "GET"), (":scheme", "http"), (":path", "/"), (":authority", "svc\x00")],
+    # 8.3.1: the pseudo-fields' own syntax
+    [(":method", "GE T"), (":scheme", "http"), (":path", "/"), (":authority", "svc")],
+    [(":method", "GET"), (":scheme", "h_ttp"), (":path", "/"), (":authority", "svc")],
+    [(":method", "GET"), (":scheme", "1http"), (":path", "/"), (":authority", "svc")],
+    [(":method", "GET"), (":scheme", "http"), (":path", "/"), (":authority", "user@svc")],
+    [(":method", "GET"), (":scheme", "http"), (":path", "/"), (":authority", "svc/x")],
+    [(":method", "GET"), (":scheme", "http"), (":path", "noslash"), (":authority", "svc")],
+    [(":method", "GET"), (":scheme", "https"), (":path", "*"), (":authority", "svc")],
+    [(":method", "GET"), (":scheme", "http"), (":path", "/a b"), (":authority", "svc")],
+    [(":method", "GET"), (":scheme", "http"), (":path", "/\x7f"), (":authority", "svc")],
 ])
 def test_malformed_request_is_stream_error_without_a_wake(
         raw: Raw, headers: list[tuple[str, str]]) -> None:
@@ -819,6 +829,43 @@ def test_every_position_of_a_bad_byte_in_a_value_is_caught(raw: Raw) -> None:
     assert len(raw.responses()) == 10, "a value with an inner HTAB was refused"
 
 
+@pytest.mark.parametrize("field", [("x-a", "a\r\nx-injected: 1"), (":path", "/a b"),
+                                   (":authority", "u@svc")])
+def test_a_bad_value_in_the_dynamic_table_is_caught_when_indexed(
+        raw: Raw, field: tuple[str, str]) -> None:
+    """An indexed field's value is not scanned again when its entry was checked as it went
+    in; an entry put in by a malformed request, or by a block not checked (a stream we had
+    reset), is: referenced later by index, it is still refused."""
+    h = [f for f in GET if f[0] != field[0]] + [field]
+    b1 = raw.block(h)  # inserts the bad entry: a literal, caught
+    raw.send(fr(HEADERS, END_STREAM | END_HEADERS, 1, b1))
+    b2 = raw.block(h)  # the same fields again: the bad one now by its index
+    assert len(b2) < len(b1) - len(field[1])
+    raw.send(fr(HEADERS, END_STREAM | END_HEADERS, 3, b2))
+    assert [s for t, _f, s, p in raw.got if t == RST] == [1, 3]
+    assert raw.counted("malformed_requests") == 2
+    r = Raw()
+    try:  # the entry goes in with a block on a stream we reset (decoded, not checked)
+        r.headers(1, END_HEADERS, req_headers(method="POST"))
+        r.send(fr(DATA, 0, 1, b"x"))
+        r.expire()  # 503 + RST_STREAM(NO_ERROR) on stream 1
+        r.send(fr(HEADERS, END_STREAM | END_HEADERS, 1, r.block([("x-t", "1"), field])))
+        r.send(fr(HEADERS, END_STREAM | END_HEADERS, 3, r.block(h)))
+        assert [int.from_bytes(p, "big") for t, _f, s, p in r.got if t == RST and s == 3] == \
+            [PROTOCOL]
+    finally:
+        r.close()
+
+
+def test_indexed_values_checked_once_still_serve(raw: Raw) -> None:
+    """The same well-formed fields by index, request after request: all relayed."""
+    h = GET + [("user-agent", "ua/1.0"), ("x-a", "b c")]
+    for i in range(5):
+        raw.send(fr(HEADERS, END_STREAM | END_HEADERS, 1 + 2 * i, raw.block(h)))
+    raw.expire()
+    assert sorted(raw.responses()) == [1, 3, 5, 7, 9]
+
+
 def test_well_formed_requests_accepted(raw: Raw) -> None:
     ok = [
         GET + [("te", "trailers"), ("content-type", "application/grpc")],
@@ -827,6 +874,12 @@ def test_well_formed_requests_accepted(raw: Raw) -> None:
         [(":method", "OPTIONS"), (":scheme", "http"), (":path", "*")],
         GET + [("x-0!#$%&'*+-.^_`|~", "tokens"), ("cookie", "a=1"), ("cookie", "b=2")],
         GET + [("x-a", ""), ("x-b", "in side\tand\x7f\x01"), ("x-c", "é")],  # 8.2.1 allows
+        [(":method", "OPTIONS"), (":scheme", "HTTP"), (":path", "*"), (":authority", "svc")],
+        [(":method", "PURGE"), (":scheme", "https"), (":path", "/a?b=%20&c=~"),
+         (":authority", "[::1]:8443")],
+        [(":method", "GET"), (":scheme", "svn+ssh"), (":path", "x"),    # not http(s): any path
+         (":authority", "h.example-1.org:22")],
+        [(":method", "GET"), (":scheme", "http"), (":path", "/"), ("host", "svc")],
     ]
     for i, h in enumerate(ok):
         raw.send(fr(HEADERS, END_STREAM | END_HEADERS, 1 + 2 * i, raw.block(h)))
