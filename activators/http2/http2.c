@@ -111,7 +111,6 @@ typedef struct conn {
     u32 c_credit, b_credit;
     u32 c_maxf, b_maxf;
     u32 c_tsu;             /* next block to the client starts with a table size update */
-    u32 dec_taint;         /* the client's table may hold an entry not checked (check_field) */
     u32 max_cid, max_upid;
     u32 up, up_preface, b_tsu;
     u32 up_close;          /* upstream to close: GOAWAY code + 1 */
@@ -119,6 +118,7 @@ typedef struct conn {
     u32 ga;                /* 0, 1 (2^31-1 + PING sent), 2 (real last id sent) */
     u64 ga_t;              /* when ga became 1 (0: before a tick) */
     u32 cli_goaway;
+    u32 dec_taint;         /* the client's table may hold an entry not checked (check_field) */
     u32 cli_fin;           /* the client's FIN came: finish the streams in flight, then close */
     u32 c_cont_cost, b_cont_cost;  /* a header block's frames so far, 9 octets each + payload */
     u32 rst_tokens;        /* client resets still allowed (RST_BURST, RST_RATE a second) */
