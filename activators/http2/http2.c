@@ -204,6 +204,7 @@ typedef struct {
 #define SI_PATH 4
 #define SI_SCHEME 6
 #define SI_CONTENT_LENGTH 28
+#define SI_HOST 38
 #define SI_TRANSFER_ENCODING 57
 
 /* Byte tests over 8 bytes at once: does v hold a byte below lo (at most 128), or equal
@@ -316,6 +317,9 @@ static void check_field(reenc *r, const struct fab_hpack_field *f) {
             }
             if (r->clen >= 0 && r->clen != x) r->bad = 1;
             r->clen = x;
+        } else if (si == SI_HOST && r->check == CHECK_REQUEST && scan &&
+                   any_of(v, vl, 0x21, '@', '/', 0x7f)) {
+            r->bad = 1;  /* held to :authority's rules (RFC 9110 7.2: uri-host [":" port]) */
         }
         return;
     }

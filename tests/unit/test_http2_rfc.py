@@ -19,6 +19,8 @@ import h2.connection
 import h2.events
 import hpack
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fabric.activator import abi
 from tests.support.streamguest import StreamGuest
@@ -794,6 +796,7 @@ GET = [(":method", "GET"), (":scheme", "http"), (":path", "/"), (":authority", "
     [(":method", "GET"), (":scheme", "https"), (":path", "*"), (":authority", "svc")],
     [(":method", "GET"), (":scheme", "http"), (":path", "/a b"), (":authority", "svc")],
     [(":method", "GET"), (":scheme", "http"), (":path", "/\x7f"), (":authority", "svc")],
+    GET + [("host", "u@svc")], GET + [("host", "svc/x")],          # host: :authority's rules
 ])
 def test_malformed_request_is_stream_error_without_a_wake(
         raw: Raw, headers: list[tuple[str, str]]) -> None:
@@ -864,6 +867,199 @@ def test_indexed_values_checked_once_still_serve(raw: Raw) -> None:
         raw.send(fr(HEADERS, END_STREAM | END_HEADERS, 1 + 2 * i, raw.block(h)))
     raw.expire()
     assert sorted(raw.responses()) == [1, 3, 5, 7, 9]
+
+
+# A reference of the request checks (RFC 9113 8.1.1, 8.2, 8.3), written from the RFC in
+# Python, against which random header lists are held: the guest must refuse exactly the
+# lists this refuses, whatever the representation (literal, then indexed), the order, the
+# bytes at the edges of its 8-byte scan.
+_ALNUM = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+_TCHAR = set(_ALNUM + b"!#$%&'*+-.^_`|~")
+_SCHEME = set(_ALNUM + b"+-.")
+_CONN = {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
+_PSEUDO = {b":method", b":scheme", b":authority", b":path"}
+
+
+def ref_malformed(fields: list[tuple[bytes, bytes]], end_stream: bool,
+                  trailers: bool = False) -> bool:
+    seen: set[bytes] = set()
+    regular, clen, http, path = False, None, False, b""
+    for n, v in fields:
+        if n[:1] == b":":
+            if trailers or n not in _PSEUDO or regular or n in seen:
+                return True
+            seen.add(n)
+            if n == b":method":
+                if not v or any(b not in _TCHAR for b in v):
+                    return True
+                method = v
+            elif n == b":scheme":
+                http = v.lower() in (b"http", b"https")
+                if not http and (not v or not chr(v[0]).isascii() or not chr(v[0]).isalpha()
+                                 or any(b not in _SCHEME for b in v)):
+                    return True
+            elif n == b":authority":
+                if any(b < 0x21 or b in b"@/\x7f" for b in v):
+                    return True
+            else:
+                if not v or any(b < 0x21 or b == 0x7F for b in v):
+                    return True
+                path = v
+            continue
+        if v[:1] in (b" ", b"\t") or v[-1:] in (b" ", b"\t") or any(b in b"\0\r\n" for b in v):
+            return True
+        regular = True
+        if not n or any(b <= 0x20 or 0x41 <= b <= 0x5A or b >= 0x7F or b == 0x3A for b in n):
+            return True
+        if n in _CONN or (n == b"te" and v != b"trailers"):
+            return True
+        if n == b"host" and not trailers and any(b < 0x21 or b in b"@/\x7f" for b in v):
+            return True
+        if n == b"content-length" and not trailers:
+            if not v or len(v) > 15 or any(b not in b"0123456789" for b in v):
+                return True
+            if clen is not None and clen != int(v):
+                return True
+            clen = int(v)
+    if trailers:
+        return False
+    if b":method" not in seen:
+        return True
+    if method == b"CONNECT":
+        return bool(seen & {b":scheme", b":path"}) or b":authority" not in seen
+    if not {b":scheme", b":path"} <= seen:
+        return True
+    if http and not (path[:1] == b"/" or (path == b"*" and method == b"OPTIONS")):
+        return True
+    return end_stream and clen is not None and clen > 0
+
+
+_EDGY = b"\x00\t\n\r \x7f@/:*A\xe9"
+_POOL = {
+    b":method": [b"GET", b"POST", b"CONNECT", b"OPTIONS", b"PURGE", b""],
+    b":scheme": [b"http", b"https", b"HTTP", b"svn+ssh", b"h-t.t+p", b""],
+    b":authority": [b"svc", b"svc:80", b"[::1]:8080", b"a.example-1.org:443", b""],
+    b":path": [b"/", b"/p?q=1&r=%20", b"*", b"x", b"/" + b"y" * 20, b""],
+    b"te": [b"trailers", b"gzip"],
+    b"host": [b"svc", b"svc:8080", b"[::1]"],
+    b"content-length": [b"0", b"12", b"123456789012345", b"1234567890123456", b""],
+}
+_OTHER = [b"", b"v", b"a b", b"a\tb", b"x" * 40, b"gzip, deflate", b"\xe9t\xe9"]
+
+
+@st.composite
+def _value(draw: st.DrawFn, name: bytes) -> bytes:
+    """A value for name: a good one of its kind, with up to two bytes an edge case
+    (a control, a space, DEL, '@', '/', ...) put in or over at any position."""
+    v = bytearray(draw(st.sampled_from(_POOL.get(name, _OTHER) if draw(st.integers(0, 4))
+                                       else _OTHER)))
+    for _ in range(draw(st.sampled_from([0, 0, 1, 1, 2]))):
+        i = draw(st.integers(0, len(v)))
+        b = draw(st.sampled_from(_EDGY))
+        if i < len(v) and draw(st.booleans()):
+            v[i] = b
+        else:
+            v.insert(i, b)
+    return bytes(v)
+
+
+_NAMES = st.sampled_from([b":method", b":scheme", b":authority", b":path", b":status", b":x",
+                          b"x-a", b"user-agent", b"te", b"content-length", b"connection",
+                          b"upgrade", b"transfer-encoding", b"host", b"X-Up", b"a b", b"",
+                          b"x:y", b"cookie", b"x-\xe9"])
+_FIELDS = _NAMES.flatmap(lambda n: _value(n).map(lambda v: (n, v)))
+
+
+@st.composite
+def requests(draw: st.DrawFn) -> list[tuple[bytes, bytes]]:
+    h = [(n, v if draw(st.integers(0, 3)) else draw(_value(n))) for n, v in
+         [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"svc"), (b":path", b"/")]]
+    for _ in range(draw(st.integers(0, 3))):
+        op = draw(st.sampled_from(["add", "add", "value", "drop", "swap"]))
+        i = draw(st.integers(0, max(0, len(h) - 1)))
+        if op == "add":
+            h.insert(draw(st.integers(0, len(h))), draw(_FIELDS))
+        elif op == "value" and h:
+            h[i] = (h[i][0], draw(_value(h[i][0])))
+        elif op == "drop" and h:
+            del h[i]
+        elif op == "swap" and len(h) > 1:
+            j = draw(st.integers(0, len(h) - 1))
+            h[i], h[j] = h[j], h[i]
+    return h
+
+
+@pytest.mark.parametrize("name", [b":method", b":scheme", b":authority", b":path", b"x-a",
+                                  b"host"])
+def test_pseudo_field_scans_agree_with_the_reference_at_every_position(name: bytes) -> None:
+    """Every edge-case byte at every position of values of the lengths around the 8-byte
+    scan's steps, in each pseudo-field (and a regular one): refused exactly when the
+    reference refuses."""
+    base = {b":method": b"GET", b":scheme": b"svn+ssh", b":authority": b"svc", b":path": b"/"}
+    fill = {b":method": b"G", b":scheme": b"s", b":authority": b"a", b":path": b"a",
+            b"x-a": b"a", b"host": b"h"}[name]
+    wrong = []
+    for n in (1, 2, 7, 8, 9, 16, 17):
+        for b in _EDGY + b"\x01\x1f\x20\x21\x80":
+            r = Raw()
+            try:
+                for pos in range(n):
+                    v = bytearray(fill * n)
+                    if name == b":path":
+                        v[0] = ord("/")
+                        if pos == 0:
+                            continue
+                    v[pos] = b
+                    h = [(k, bytes(v) if k == name else x) for k, x in base.items()]
+                    if name not in base:
+                        h.append((name, bytes(v)))
+                    sid = 1 + 2 * pos
+                    r.send(fr(HEADERS, END_STREAM | END_HEADERS, sid, r.enc.encode(h)))
+                    got = any(t == RST and s == sid for t, _f, s, _p in r.got)
+                    if got != ref_malformed(h, True):
+                        wrong.append((bytes(v), got))
+                assert r.goaway() is None
+            finally:
+                r.close()
+    assert not wrong
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(requests(), st.booleans(), st.booleans())
+def test_request_checks_agree_with_a_reference_of_the_rfc(
+        h: list[tuple[bytes, bytes]], end: bool, huffman: bool) -> None:
+    """Random header lists, each sent twice (literals, then by index from the client's
+    table): refused (RST_STREAM PROTOCOL_ERROR) exactly when the reference says malformed,
+    the second time as the first; never a connection error."""
+    r = Raw()
+    try:
+        want = ref_malformed(h, end)
+        flags = END_HEADERS | (END_STREAM if end else 0)
+        for sid in (1, 3):
+            r.send(fr(HEADERS, flags, sid, r.enc.encode(h, huffman=huffman)))
+            got = any(t == RST and s == sid and p == struct.pack(">I", PROTOCOL)
+                      for t, _f, s, p in r.got)
+            assert got == want, (sid, h, end)
+        assert r.goaway() is None and r.g.failed == 0
+        assert r.counted("malformed_requests") == (2 if want else 0)
+    finally:
+        r.close()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_FIELDS, max_size=4))
+def test_trailer_checks_agree_with_a_reference_of_the_rfc(
+        t: list[tuple[bytes, bytes]]) -> None:
+    r = Raw()
+    try:
+        r.headers(1, END_HEADERS, req_headers(method="POST"))
+        r.send(fr(DATA, 0, 1, b"body"))
+        r.send(fr(HEADERS, END_STREAM | END_HEADERS, 1, r.enc.encode(t)))
+        got = any(t == RST and p == struct.pack(">I", PROTOCOL) for t, _f, _s, p in r.got)
+        assert got == ref_malformed(t, True, trailers=True), t
+        assert r.goaway() is None and r.g.failed == 0
+    finally:
+        r.close()
 
 
 def test_well_formed_requests_accepted(raw: Raw) -> None:
