@@ -58,6 +58,7 @@
 #define F_GRPC 128
 #define F_TSET 256       /* t0 is a real time */
 #define F_RESP 512       /* the backend's response headers arrived */
+#define F_FINAL 1024     /* ... and a final (not 1xx) one among them */
 
 /* upstream states */
 #define UP_NONE 0
@@ -119,6 +120,7 @@ typedef struct conn {
     u64 ga_t;              /* when ga became 1 (0: before a tick) */
     u32 cli_goaway;
     u32 dec_taint;         /* the client's table may hold an entry not checked (check_field) */
+    u32 b_taint;           /* the same for the backend's table */
     u32 cli_fin;           /* the client's FIN came: finish the streams in flight, then close */
     u32 c_cont_cost, b_cont_cost;  /* a header block's frames so far, 9 octets each + payload */
     u32 rst_tokens;        /* client resets still allowed (RST_BURST, RST_RATE a second) */
@@ -156,11 +158,11 @@ static u32 budget;
 
 /* counters reported with `count` actions at the end of each call */
 enum { C_PINGS, C_HOLD_TIMEOUTS, C_REFUSED, C_PROTO_ERRORS, C_BACKEND_GOAWAYS, C_STREAMS,
-       C_UP_TIMEOUTS, C_CONN_REFUSED, C_MALFORMED, C_TOO_LARGE, NCOUNT };
+       C_UP_TIMEOUTS, C_CONN_REFUSED, C_MALFORMED, C_TOO_LARGE, C_MALFORMED_RESP, NCOUNT };
 static const char *const COUNT_NAME[NCOUNT] = {
     "pings_answered", "hold_timeouts", "streams_refused_h2", "protocol_errors",
     "backend_goaways", "requests", "upstream_timeouts", "connections_refused",
-    "malformed_requests", "headers_too_large"};
+    "malformed_requests", "headers_too_large", "malformed_responses"};
 static u32 counts[NCOUNT], count_len[NCOUNT];
 
 static u8 D[SCR_CAP], U[SCR_CAP];
@@ -177,7 +179,9 @@ static void logmsg(u32 level, const char *msg) {
 typedef struct {
     struct fab_hpack_out o;
     u32 too_big, grpc, gto;
-    u32 check;             /* CHECK_REQUEST, CHECK_TRAILERS, or 0: not checked */
+    u32 check;             /* CHECK_REQUEST, CHECK_TRAILERS, CHECK_RESPONSE, CHECK_RESP_TRAILERS,
+                            * or 0: not checked */
+    u32 status;            /* a response's :status, 0: none */
     u32 bad;               /* malformed (RFC 9113 8.1.1): a stream error PROTOCOL_ERROR */
     u32 regular, pseudo;   /* a regular field seen; the request pseudo-fields seen */
     u32 connect;           /* :method CONNECT */
@@ -191,6 +195,10 @@ typedef struct {
 
 #define CHECK_REQUEST 1
 #define CHECK_TRAILERS 2
+#define CHECK_RESPONSE 3
+#define CHECK_RESP_TRAILERS 4
+#define PS_STATUS 16
+#define SI_STATUS 8
 #define PS_METHOD 1
 #define PS_SCHEME 2
 #define PS_AUTHORITY 4
@@ -292,6 +300,20 @@ static void check_field(reenc *r, const struct fab_hpack_field *f) {
     u32 si = f->static_name, nl = f->name_len, vl = f->value_len;
     const u8 *nm = f->name, *v = f->value;
     int scan = !f->indexed || (f->indexed > 61 && !r->table_ok);
+    if (nl && nm[0] == ':' && r->check >= CHECK_RESPONSE) {
+        /* a response: :status once, first, three digits (RFC 9113 8.3.2); nothing else */
+        if (si != SI_STATUS || r->regular || r->check == CHECK_RESP_TRAILERS ||
+            (r->pseudo & PS_STATUS) || vl != 3) {
+            r->bad = 1;
+            return;
+        }
+        r->pseudo |= PS_STATUS;
+        for (u32 i = 0; i < 3; i++) {
+            if (v[i] < '0' || v[i] > '9') { r->bad = 1; return; }
+            r->status = r->status * 10 + (v[i] - '0');
+        }
+        return;
+    }
     if (nl && nm[0] == ':') {  /* its own scan (check_pseudo) is stricter than bad_value's */
         u32 bit = si == SI_METHOD ? PS_METHOD : si == SI_SCHEME ? PS_SCHEME
                 : si == SI_AUTHORITY ? PS_AUTHORITY : si == SI_PATH ? PS_PATH : 0;
@@ -324,7 +346,7 @@ static void check_field(reenc *r, const struct fab_hpack_field *f) {
         return;
     }
     if (!nl) { r->bad = 1; return; }
-    for (u32 i = 0; i < nl; i++) {
+    for (u32 i = 0; scan && i < nl; i++) {  /* an indexed name was scanned as it went in */
         u8 b = nm[i];
         if (b <= 0x20 || (b >= 'A' && b <= 'Z') || b >= 0x7f || b == ':') { r->bad = 1; return; }
     }
@@ -339,6 +361,7 @@ static void check_field(reenc *r, const struct fab_hpack_field *f) {
 
 /* The pseudo-fields a request must have (8.3.1; CONNECT: 8.5). */
 static void check_request_end(reenc *r) {
+    if (r->check == CHECK_RESPONSE && !r->bad) r->bad = !(r->pseudo & PS_STATUS);
     if (r->check != CHECK_REQUEST || r->bad) return;
     if (!(r->pseudo & PS_METHOD)) r->bad = 1;
     else if (r->connect) r->bad = (r->pseudo & (PS_SCHEME | PS_PATH)) || !(r->pseudo & PS_AUTHORITY);
@@ -396,6 +419,7 @@ static u32 hp_decode(struct fab_hpack_table *t, const u8 *p, u32 len, reenc *r, 
     r->too_big = r->grpc = r->gto = 0;
     r->check = check;
     r->bad = r->regular = r->pseudo = r->connect = r->options = r->http = r->path = 0;
+    r->status = 0;
     r->clen = -1;
     r->list = 0;
     r->table_ok = table_ok;
@@ -574,9 +598,9 @@ static void stream_error(conn *c, strm *s, u32 sid, u32 code) {
 }
 
 /* ---- local answers to the client (never touch its dynamic table) ---- */
-/* Their header blocks, encoded once at init: 503, 431, gRPC UNAVAILABLE (14) and
+/* Their header blocks, encoded once at init: 503, 431, 502, gRPC UNAVAILABLE (14) and
  * DEADLINE_EXCEEDED (4) as Trailers-Only. */
-enum { LR_503, LR_431, LR_GRPC_UNAVAILABLE, LR_GRPC_DEADLINE, NLR };
+enum { LR_503, LR_431, LR_502, LR_GRPC_UNAVAILABLE, LR_GRPC_DEADLINE, NLR };
 static u8 lr_block[NLR][112];
 static u32 lr_len[NLR];
 
@@ -596,6 +620,7 @@ static void build_reply(u32 k, const char *status, const char *grpc_status, cons
 static void build_replies(void) {
     build_reply(LR_503, "503", 0, 0);
     build_reply(LR_431, "431", 0, 0);
+    build_reply(LR_502, "502", 0, 0);
     build_reply(LR_GRPC_UNAVAILABLE, "200", "14", "backend unavailable");
     build_reply(LR_GRPC_DEADLINE, "200", "4", "deadline exceeded while the backend woke");
 }
@@ -947,16 +972,50 @@ static void cli_input(conn *c, const u8 *p, u32 n) {
 }
 
 /* ---- frames from the backend ---- */
+/* A malformed response (RFC 9113 8.1.1): an intermediary must not relay it. The backend's
+ * stream is reset (PROTOCOL_ERROR); the client gets a 502 if nothing final went to it
+ * yet, else (bad trailers) RST_STREAM(INTERNAL_ERROR). Late backend frames: dropped. */
+static void bad_response(conn *c, strm *s, u32 sid) {
+    counts[C_MALFORMED_RESP]++;
+    purge_to_backend(c, s);
+    rst2b(c, s, sid, FAB_H2_PROTOCOL_ERROR);
+    if (!(s->flags & F_FINAL)) {
+        local_reply(c, s, LR_502);
+    } else {
+        purge_to_client(c, s);
+        rst2c(c, s, sid, FAB_H2_INTERNAL_ERROR);
+    }
+    s->flags |= F_RESET;
+}
+
 /* A backend header block: decoded against the backend's table (so that table stays in
  * step whatever becomes of the stream) and re-encoded for the client without the dynamic
  * table, like requests the other way: blocks then need no order between streams. */
 static void b_header_block(conn *c, u32 sid, u32 flags) {
     reenc r;
-    u32 err = hp_decode(&c->w->bdec, c->w->bhb, c->bhb_len, &r, 0, 0);
-    if (err) { up_error(c, err); return; }
     strm *s = find(c, sid);
+    u32 check = !s || (s->flags & (F_RESET | F_SRV_END)) ? 0
+              : (s->flags & F_FINAL) ? CHECK_RESP_TRAILERS : CHECK_RESPONSE;
+    u32 err = hp_decode(&c->w->bdec, c->w->bhb, c->bhb_len, &r, check, !c->b_taint);
+    if (err) { up_error(c, err); return; }
+    if (!check || r.bad) c->b_taint = 1;
     int end = (flags & FAB_H2_END_STREAM) != 0;
     if (!s || (s->flags & F_RESET)) return;  /* the client reset it: decoded, dropped */
+    if (s->flags & F_SRV_END) {
+        /* HEADERS after the backend's END_STREAM (half-closed remote, 5.1): not relayed */
+        counts[C_MALFORMED_RESP]++;
+        purge_to_backend(c, s);
+        rst2b(c, s, sid, FAB_H2_STREAM_CLOSED);
+        if (!(s->flags & F_CLI_END)) rst2c(c, s, sid, FAB_H2_NO_ERROR);
+        s->flags |= F_RESET;
+        return;
+    }
+    /* 8.1: a 1xx never ends the stream, 101 does not exist in HTTP/2 (8.6), trailers do */
+    u32 info = check == CHECK_RESPONSE && r.status >= 100 && r.status < 200;
+    if (r.bad || (info && (end || r.status == 101)) || (check == CHECK_RESP_TRAILERS && !end)) {
+        bad_response(c, s, sid);
+        return;
+    }
     if (r.too_big) {
         purge_to_client(c, s);
         rst2c(c, s, sid, FAB_H2_INTERNAL_ERROR);
@@ -971,6 +1030,7 @@ static void b_header_block(conn *c, u32 sid, u32 flags) {
     }
     s->qc++;
     s->flags |= F_RESP;
+    if (check == CHECK_RESPONSE && !info) s->flags |= F_FINAL;
     if (end) s->flags |= F_SRV_END;
 }
 
@@ -1010,6 +1070,11 @@ static void b_frame(conn *c, const struct fab_h2_frame *f) {
             return;
         }
         if ((i64)n > s->b_recv) { up_error(c, FAB_H2_FLOW_CONTROL_ERROR); return; }
+        if (!(s->flags & F_FINAL)) {  /* DATA before the response's headers: malformed */
+            c->b_credit += n;
+            bad_response(c, s, sid);
+            return;
+        }
         s->b_recv -= n;
         c->b_credit += n - dl;
         s->b_credit += n - dl;

@@ -1614,3 +1614,130 @@ def test_every_h2spec_case_is_mapped_to_a_test_here() -> None:
     assert groups == {"generic": 44, "hpack": 8, "http2": 95}
     missing = {k: v for k, v in H2SPEC.items() if not callable(globals().get(v))}
     assert not missing
+
+
+# --- 8.1.1: malformed responses are not relayed -------------------------------------------
+
+class Backend:
+    """The guest's upstream played frame by frame (h2's server would refuse to send most
+    of what follows): its SETTINGS, then raw HEADERS and DATA."""
+
+    def __init__(self, r: Raw) -> None:
+        self.r = r
+        self.enc = hpack.Encoder()
+        self.enc.header_table_size = 512  # what the guest asked for
+        r.g.connected(SID)
+        r.g.backend(SID, fr(SETTINGS, 0, 0))
+        self.up: list[tuple[int, int, int, bytes]] = []
+        self.read()
+
+    def read(self) -> list[tuple[int, int, int, bytes]]:
+        data = self.r.g.to_backend(SID)
+        if data.startswith(PREFACE):
+            data = data[len(PREFACE):]
+        new = parse(data)
+        self.up += new
+        return new
+
+    def send(self, frame: bytes) -> None:
+        self.r.g.backend(SID, frame)
+        self.r.read()
+        self.read()
+
+    def headers(self, sid: int, h: list[tuple[str, str]], end: bool = True) -> None:
+        self.send(fr(HEADERS, END_HEADERS | (END_STREAM if end else 0), sid, self.enc.encode(h)))
+
+    def rst_codes(self, sid: int) -> list[int]:
+        return [int.from_bytes(p, "big") for t, _f, s, p in self.up if t == RST and s == sid]
+
+
+def client_rsts(r: Raw, sid: int) -> list[int]:
+    return [int.from_bytes(p, "big") for t, _f, s, p in r.got if t == RST and s == sid]
+
+
+@pytest.mark.parametrize("headers,end", [
+    ([("content-type", "text/plain")], True),                       # no :status
+    ([(":status", "20")], True), ([(":status", "2x0")], True),
+    ([(":status", "200"), (":status", "200")], True),
+    ([("x-a", "1"), (":status", "200")], True),                     # pseudo after regular
+    ([(":status", "200"), (":path", "/")], True),                   # a request's pseudo
+    ([(":status", "200"), ("connection", "close")], True),
+    ([(":status", "200"), ("transfer-encoding", "chunked")], True),
+    ([(":status", "200"), ("x-a", "a\r\nset-cookie: evil=1")], True),
+    ([(":status", "200"), ("x-a", " lead")], True),
+    ([(":status", "200"), ("X-Upper", "1")], True),
+    ([(":status", "101")], False),                                  # no 101 in HTTP/2 (8.6)
+    ([(":status", "103")], True),                                   # a 1xx ending the stream
+])
+def test_malformed_response_is_502_and_reset_toward_the_backend(
+        raw: Raw, headers: list[tuple[str, str]], end: bool) -> None:
+    """RFC 9113 8.1.1: an intermediary must not relay a malformed response. The backend's
+    stream is RST_STREAM(PROTOCOL_ERROR); the client, which got nothing final yet, gets a
+    502; the connection goes on; counted malformed_responses."""
+    raw.headers(1)
+    b = Backend(raw)
+    b.headers(1, headers, end)
+    assert raw.responses()[1] == {":status": "502", "content-length": "0"}
+    assert b.rst_codes(1) == [PROTOCOL]
+    assert raw.counted("malformed_responses") == 1
+    b.send(fr(DATA, END_STREAM, 1, b"late"))  # after our reset: dropped
+    assert not [f for f in raw.got if f[0] == DATA]
+    assert raw.goaway() is None
+    raw.assert_alive()
+
+
+def test_well_formed_responses_relayed(raw: Raw) -> None:
+    """1xx before the final response, trailers after the body: all relayed."""
+    raw.headers(1)
+    raw.headers(3)
+    b = Backend(raw)
+    b.headers(1, [(":status", "103"), ("link", "</s.css>; rel=preload")], end=False)
+    b.headers(1, [(":status", "200"), ("x-b", "in side\tok")], end=False)
+    b.send(fr(DATA, 0, 1, b"body"))
+    b.headers(1, [("grpc-status", "0")])
+    b.headers(3, [(":status", "204")])
+    heads = [raw.dec.decode(p) for t, _f, s, p in raw.got if t == HEADERS and s == 1]
+    assert [dict(h).get(":status") for h in heads] == ["103", "200", None]
+    assert [p for t, _f, s, p in raw.got if t == DATA and s == 1] == [b"body"]
+    assert raw.responses()[3] == {":status": "204"}
+    assert raw.counted("malformed_responses") == 0 and not b.rst_codes(1)
+
+
+@pytest.mark.parametrize("case", ["data_first", "data_after_1xx", "trailers_not_ending",
+                                  "pseudo_in_trailers", "headers_after_end"])
+def test_response_sequence_errors(raw: Raw, case: str) -> None:
+    """DATA before the final response is malformed (502); bad trailers after a relayed
+    response reset the client's stream (INTERNAL_ERROR); HEADERS after the backend's
+    END_STREAM are not relayed (its stream reset STREAM_CLOSED; the client, still sending
+    its body, gets RST_STREAM(NO_ERROR) after the complete response, 8.1)."""
+    if case == "headers_after_end":
+        raw.headers(1, END_HEADERS, req_headers(method="POST"))
+    else:
+        raw.headers(1)
+    b = Backend(raw)
+    if case == "data_first":
+        b.send(fr(DATA, END_STREAM, 1, b"no headers"))
+    elif case == "data_after_1xx":
+        b.headers(1, [(":status", "100")], end=False)
+        b.send(fr(DATA, END_STREAM, 1, b"still no final"))
+    else:
+        b.headers(1, [(":status", "200")], end=case == "headers_after_end")
+        if case == "trailers_not_ending":
+            b.headers(1, [("grpc-status", "0")], end=False)
+        elif case == "pseudo_in_trailers":
+            b.headers(1, [(":status", "200")])
+        else:
+            b.headers(1, [(":status", "200")])
+    if case.startswith("data"):
+        assert raw.responses()[1][":status"] == "502"
+        assert not [f for f in raw.got if f[0] == DATA]
+        assert b.rst_codes(1) == [PROTOCOL]
+    elif case == "headers_after_end":
+        assert [t for t, _f, s, _p in raw.got if s == 1 and t == HEADERS] == [HEADERS]
+        assert b.rst_codes(1) == [CLOSED]
+        assert client_rsts(raw, 1) == [NO_ERROR]
+    else:
+        assert client_rsts(raw, 1) == [INTERNAL]
+        assert b.rst_codes(1) == [PROTOCOL]
+    assert raw.counted("malformed_responses") == 1
+    assert raw.goaway() is None
