@@ -76,6 +76,7 @@ typedef struct {
     u32 c_credit, b_credit;
     u32 qc, qb;            /* records queued toward the client / backend */
     u32 blk;
+    u32 hlist;             /* the request's header list size (RFC 7541 4.1) */
     u64 t0;
     u32 gto;               /* grpc-timeout in ms, 0: none */
     i64 clen;              /* the request's content-length, -1: none */
@@ -130,6 +131,7 @@ typedef struct conn {
      * ignored (RFC 9113 5.1); other frames on a closed stream are errors. */
     u64 hist_open[HIST / 64], hist_ours[HIST / 64];
     u32 b_maxcs;           /* the backend's SETTINGS_MAX_CONCURRENT_STREAMS */
+    u32 b_maxhl;           /* the backend's SETTINGS_MAX_HEADER_LIST_SIZE (none: 2^32-1) */
     u64 fin_t;             /* after cli_fin: the FIN, or the last bytes sent since */
     u32 cin_pre;           /* while w is 0: the client's preface bytes seen (0 or 24) */
     u32 bdec_max;          /* while w is 0: the backend table's size, and its entries: */
@@ -766,8 +768,13 @@ static void cli_header_block(conn *c, u32 sid, u32 flags) {
     counts[C_STREAMS]++;
     if (end) s->flags |= F_CLI_END;
     s->clen = r.clen;
+    s->hlist = r.list;
     if (r.grpc) { s->flags |= F_GRPC; s->gto = r.gto; }
-    if (r.too_big) { counts[C_TOO_LARGE]++; local_reply(c, s, LR_431); return; }
+    if (r.too_big || r.list > c->b_maxhl) {  /* ours, or the backend's (6.5.2) */
+        counts[C_TOO_LARGE]++;
+        local_reply(c, s, LR_431);
+        return;
+    }
     if (!push2b(c, s, FAB_H2_HEADERS, end ? FAB_H2_END_STREAM : 0, sid, RE, r.o.len)) {
         s->flags |= F_RESET;
         rst2c(c, s, sid, FAB_H2_REFUSED_STREAM);
@@ -1123,6 +1130,7 @@ static void b_frame(conn *c, const struct fab_h2_frame *f) {
         if (sid) { up_error(c, FAB_H2_PROTOCOL_ERROR); return; }
         if (flags & FAB_H2_ACK) return;
         if (fab_h2_bad_size(f)) { up_error(c, FAB_H2_FRAME_SIZE_ERROR); return; }
+        u32 hl = 0;
         for (u32 i = 0, id, v; fab_h2_setting(f, &i, &id, &v);) {
             u32 err = id == FAB_H2_SETTINGS_ENABLE_PUSH ? 0 : fab_h2_setting_error(id, v);
             if (err) { up_error(c, err); return; }
@@ -1141,6 +1149,19 @@ static void b_frame(conn *c, const struct fab_h2_frame *f) {
                 c->b_maxf = v;
             } else if (id == FAB_H2_SETTINGS_MAX_CONCURRENT_STREAMS) {
                 c->b_maxcs = v;
+            } else if (id == FAB_H2_SETTINGS_MAX_HEADER_LIST_SIZE) {
+                c->b_maxhl = v;
+                hl = 1;
+            }
+        }
+        /* held requests (none is sent before these SETTINGS) past the backend's header
+         * list size: answered 431 here rather than sent to be refused (RFC 9113 6.5.2) */
+        for (u32 k = 0; hl && k < NSTREAMS; k++) {
+            strm *s = &c->w->st[k];
+            if (is_open(s) && (s->flags & F_QUEUED_UP) && !(s->flags & F_SENT_UP) &&
+                !(s->flags & F_LOCAL) && s->hlist > c->b_maxhl) {
+                counts[C_TOO_LARGE]++;
+                local_reply(c, s, LR_431);
             }
         }
         push2b(c, 0, FAB_H2_SETTINGS, FAB_H2_ACK, 0, 0, 0);
@@ -1574,6 +1595,7 @@ static conn *open_conn(u32 sid) {
     c->c_tsu = 1;
     c->b_last = 0x7fffffff;
     c->b_maxcs = 0xffffffff;  /* until the backend's SETTINGS say (none is sent before) */
+    c->b_maxhl = 0xffffffff;
     c->rst_tokens = RST_BURST;
     c->rst_t = fab_now();
     /* the server preface: MAX_HEADER_LIST_SIZE says where 431 starts (RFC 9113 6.5.2) */

@@ -1741,3 +1741,22 @@ def test_response_sequence_errors(raw: Raw, case: str) -> None:
         assert b.rst_codes(1) == [PROTOCOL]
     assert raw.counted("malformed_responses") == 1
     assert raw.goaway() is None
+
+
+def test_backend_max_header_list_size_answered_431_here(raw: Raw) -> None:
+    """RFC 9113 6.5.2: a request past the backend's SETTINGS_MAX_HEADER_LIST_SIZE is not
+    sent for it to refuse: answered 431 here, held ones when its SETTINGS come, later ones
+    at once; requests within it go on."""
+    big = req_headers("/big", x_pad="p" * 300)
+    raw.headers(1, headers=big)  # held: no backend yet
+    raw.headers(3, headers=req_headers("/small"))
+    raw.g.connected(SID)
+    raw.g.backend(SID, fr(SETTINGS, 0, 0, setting(6, 200)))
+    raw.read()
+    assert raw.responses()[1] == {":status": "431", "content-length": "0"}
+    up = parse(raw.g.to_backend(SID)[len(PREFACE):])
+    assert [s for t, _f, s, _p in up if t == HEADERS] == [3]
+    raw.headers(5, headers=big)
+    assert raw.responses()[5][":status"] == "431"
+    assert not [s for t, _f, s, _p in parse(raw.g.to_backend(SID)) if t == HEADERS]
+    assert raw.counted("headers_too_large") == 2
