@@ -250,3 +250,28 @@ def test_hostile_variants_of_a_repeated_query_never_come_from_the_repeat_table()
                 assert fast._fast(data) is None or out is not None
     assert fast.counters["dropped_malformed"] > 0 and fast.counters["formerr"] > 0
     assert fast.counters["dropped_responses"] > 0 and fast.counters["badvers"] > 0
+
+
+def test_repeats_are_counted_once_each_whenever_the_counters_are_read():
+    """A repeat costs one increment, folded into `counters` when they are read: every
+    repeat counts as a query, a cache hit, a local answer and its kind, once, whether
+    the counters are read after each query, after many, twice in a row, or across a
+    change of zone that empties the repeat table."""
+    fast, slow = pair()
+    a, nx = query(f"web-1.{ZONE}"), query(f"nope.{ZONE}")
+    same(fast, slow, a)
+    same(fast, slow, nx)
+    before = dict(fast.counters)
+    for i in range(50):
+        for q in (a, nx):
+            data = bytes((i, 7)) + q[2:]
+            assert fast.answer_local(data, 0.0) == slow.answer_local(data, 0.0)
+            assert fast.handle_query(data, CLIENT, 0.0) == slow.handle_query(data, CLIENT, 0.0)
+        if i % 7 == 0:
+            assert fast.counters == slow.counters
+    assert fast.counters == fast.counters == slow.counters
+    grew = {k: fast.counters[k] - before[k] for k in before if fast.counters[k] != before[k]}
+    assert grew == {"queries": 200, "cache_hits": 200, "local_answers": 200, "nxdomain": 100}
+    fast.answer_local(b"\x00\x01" + a[2:], 0.0)
+    fast.reconfigure(fast.records, [])  # the table goes, the count of what it answered stays
+    assert not fast._exact and fast.counters["queries"] == before["queries"] + 201
