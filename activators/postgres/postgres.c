@@ -91,6 +91,11 @@ struct stream {
     u8 doomed;            /* client input stopped parsing (BAD_TYPE/BAD_LEN, below): what it
                            * sent later is dropped; the backend was handed the bad header */
     u8 term;              /* a Terminate was relayed or held: later client bytes are dropped */
+    u8 kset;              /* the backend's BackendKeyData went by: kpid, khash are its */
+    u8 has_like;          /* a CancelRequest for the session on stream `like` */
+    u16 kpos;             /* bytes of BackendKeyData's body seen */
+    u32 kpid, khash;      /* its process id, a hash of its secret key (any length, 3.2) */
+    u32 like;
     u32 bnames[8];        /* hashes of statement names the backend may have (a Bloom bit set) */
     u32 pending;
     u64 t0, connect_at;
@@ -124,10 +129,12 @@ static u32 budget; /* actions this call may still write (ABI: 4 per event + 16) 
 
 /* Counters of the port (ABI "count" actions), summed over a call and sent at its end. */
 enum { C_KEEPALIVES, C_WAKE_STARTUP, C_WAKE_QUERY, C_WAKE_TLS, C_HOLD_TIMEOUTS,
-       C_PROTOCOL_ERRORS, C_CANCELS_FORWARDED, C_CANCELS_CLOSED, C_STATEMENTS_RECREATED, NCOUNT };
+       C_PROTOCOL_ERRORS, C_CANCELS_FORWARDED, C_CANCELS_CLOSED, C_STATEMENTS_RECREATED,
+       C_CANCELS_MATCHED, NCOUNT };
 static const char *const count_names[NCOUNT] = {
     "keepalives_answered", "wake_startup", "wake_query", "wake_tls", "hold_timeouts",
-    "protocol_errors", "cancels_forwarded", "cancels_closed", "statements_recreated"};
+    "protocol_errors", "cancels_forwarded", "cancels_closed", "statements_recreated",
+    "cancels_matched"};
 static u32 counts[NCOUNT];
 
 static u8 scratch[CAND_MAX + 16];
@@ -368,7 +375,8 @@ static void drop_silently(struct stream *s, const char *why) {
 
 static void try_connect(struct stream *s) {
     if (s->inflight || s->connected) return;
-    ACT(fab_connect(s->id, 0));
+    if (s->phase == PH_CANCEL && s->has_like) ACT(fab_connect_like(s->id, 0, s->like));
+    else ACT(fab_connect(s->id, 0));
     if (!acted) return;
     s->inflight = 1;
     s->connect_at = now_ms;
@@ -1102,6 +1110,42 @@ static void start_wait(struct stream *s, u32 phase) {
     try_connect(s);
 }
 
+/* ---------------------------------------------------------------- cancel routing */
+
+static u32 key_hash(u32 h, const u8 *p, u32 n) {
+    for (u32 i = 0; i < n; i++) h = (h ^ p[i]) * 16777619u;
+    return h;
+}
+
+/* BackendKeyData body bytes (in pieces, as they are relayed): the pid, then the key. */
+static void key_feed(struct stream *s, const u8 *p, u32 n) {
+    for (; n && s->kpos < 4; p++, n--, s->kpos++) s->kpid = s->kpid << 8 | *p;
+    s->khash = key_hash(s->khash, p, n);
+    s->kpos = (u16)fab_min(s->kpos + n, 0xffffu);
+}
+
+/* A CancelRequest (a new connection, whose backend the host would choose by the
+ * client's address) goes to the backend of the session whose BackendKeyData it carries:
+ * with several replicas, any other has never heard of that process and drops it. */
+static void match_cancel(struct stream *s, u32 len) {
+    u8 pkt[FAB_PG_CANCEL_MAX];
+    u32 pid;
+    const u8 *key;
+    buf_copy(&s->hold, 0, pkt, len);
+    i32 kl = fab_pg_cancel_key(pkt, len, &pid, &key);
+    if (kl < 0) return;
+    u32 h = key_hash(2166136261u, key, (u32)kl);
+    struct stream *o;
+    for (u32 it = 0; (o = fab_table_next(&streams, &it));) {
+        if (o != s && o->kset && o->connected && o->kpid == pid && o->khash == h) {
+            s->like = o->id;
+            s->has_like = 1;
+            counts[C_CANCELS_MATCHED]++;
+            return;
+        }
+    }
+}
+
 /* Bytes before the session: SSLRequest, GSSENCRequest, CancelRequest, StartupMessage or
  * a TLS ClientHello (direct TLS). They accumulate in hold until one is complete. */
 static void init_feed(struct stream *s) {
@@ -1150,6 +1194,7 @@ static void init_feed(struct stream *s) {
         }
         case FAB_PG_CANCEL:
             s->phase = PH_CANCEL; /* the host answers at once when no backend is ready */
+            match_cancel(s, st.len);
             try_connect(s);
             return;
         case FAB_PG_BAD_CANCEL: /* the server closes without a word too */
@@ -1248,6 +1293,7 @@ static void on_connected(struct stream *s) {
 /* ---------------------------------------------------------------- backend bytes */
 
 static void bmsg_end(struct stream *s) {
+    if (s->bfr.type == 'K') s->kset = s->kpos >= 8; /* a pid and a key of 4 bytes or more */
     if (s->bfr.type == 'Z') {
         if (s->bdrop) {
             if (s->swallow) s->swallow--;
@@ -1285,6 +1331,7 @@ static void backend_feed(struct stream *s, const u8 *p, u32 n) {
     while ((r = fab_pg_next(f, &p, &n, &piece, &k)) != FAB_PG_MORE) {
         if (r == FAB_PG_BODY) {
             if (f->type == 'Z' && f->left + k == 1) s->bz = piece[0];
+            if (f->type == 'K') key_feed(s, piece, k);
             if (s->bdrop) {
                 send_down(s, seg, (u32)(piece - seg));
                 seg = piece + k;
@@ -1305,6 +1352,7 @@ static void backend_feed(struct stream *s, const u8 *p, u32 n) {
             return;
         }
         u8 t = f->type;
+        if (t == 'K') { s->kset = 0; s->kpos = 0; s->kpid = 0; s->khash = 2166136261u; }
         s->bdrop = s->swallow && t != 'N' && t != 'S' && t != 'A';
         if (!s->swallow && s->bskip && t != 'N' && t != 'S' && t != 'A') {
             if (t == 'E' || t == 'Z') s->bskip = 0; /* it did not go as answered: relay */
