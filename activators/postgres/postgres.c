@@ -17,8 +17,14 @@
  *     bound) and relayed in order once one is; when the hold runs out the client gets
  *     ErrorResponse 57P03 (FATAL before the session is established, ERROR plus
  *     ReadyForQuery inside one).
- * Framing is checked in both directions; malformed client input gets ErrorResponse
- * 08P01 and a close, a backend stream that does not parse is spliced (a plain relay).
+ *   - a CancelRequest goes to the replica running the session it names (the session's
+ *     BackendKeyData is noted as it goes by; upstream_connect_like, ABI.md);
+ *   - malformed client input is answered as PostgreSQL 15 answers the same bytes (its
+ *     FATAL, or a close without a word where it only logs), without waking anything for
+ *     itself; what came before it is answered first, by the backend when it has a stake
+ *     (then it gets the bad header behind the rest and ends the session itself).
+ * Framing is checked in both directions; a backend stream that does not parse is
+ * spliced (a plain relay).
  *
  * Config (JSON, all optional): ssl ("passthrough" or anything else = answer 'N'),
  * hold_timeout_ms (30000), startup_timeout_ms (60000: a connection that has not sent its
@@ -1153,6 +1159,12 @@ static void init_feed(struct stream *s) {
         u8 h[8];
         struct fab_pg_startup st;
         buf_copy(&s->hold, 0, h, fab_min(8, s->hold.len));
+        if (s->hold.len >= 4 && h[0] != 0x16
+            && (fab_be32(h) < 8 || fab_be32(h) - 4 > FAB_PG_STARTUP_MAX)) {
+            /* the server judges the length word alone, before it reads on */
+            drop_silently(s, "invalid length of startup packet");
+            return;
+        }
         u32 kind = fab_pg_startup_peek(h, s->hold.len, &st);
         if (kind == FAB_PG_BAD_LENGTH && (st.code == FAB_PG_CODE_SSL || st.code == FAB_PG_CODE_GSSENC)
             && st.len >= 8 && st.len - 4 <= FAB_PG_STARTUP_MAX) {

@@ -20,6 +20,8 @@ import struct
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fabric.activator import abi
 from tests.support import pgwire as W
@@ -32,6 +34,7 @@ from tests.unit.test_postgres_activator import (
     CAPTURED,
     NONE,
     SELECT1,
+    WASM,
     errors,
     rfq,
     session,
@@ -119,6 +122,15 @@ def test_startup_lengths_the_server_refuses_close_without_a_word_or_a_wake(guest
     assert guest_answer(g, 1) == EOF  # the server only logs it (COMMERROR)
     assert g.streams[1].connects == [] and g.need in (None, NONE)
     assert counts(g).get("protocol_errors") == 1
+
+
+@pytest.mark.parametrize("word", [b"\0\0\0\x04", b"\0\0\0\x07", b"\0\0\x27\x15"])
+def test_a_bad_length_word_alone_is_judged_at_once(guest, word: bytes) -> None:
+    """The server reads the length word and closes; it does not wait for more."""
+    g = guest()
+    g.open(1)
+    g.client(1, word)
+    assert guest_answer(g, 1) == EOF and g.streams[1].connects == []
 
 
 def test_the_longest_startup_the_server_takes_is_relayed(guest) -> None:
@@ -502,3 +514,57 @@ def test_a_backend_message_over_1_gib_is_relayed_raw(guest) -> None:
     g.backend(1, data[3:])
     assert g.to_client(1) == data and g.streams[1].spliced
     assert any("does not parse" in m for _, m in g.logs)
+
+
+# ---- fuzz: the hostile pieces in any order ----------------------------------------------
+
+_HOSTILE = [W.startup(), W.SSL_REQUEST, W.GSSENC_REQUEST, struct.pack("!ii", 12, 80877103) + b"zz",
+            struct.pack("!iiii", 16, 80877102, 4242, 77), struct.pack("!ii", 7, 0),
+            W.startup(proto=2 << 16), startup_raw(b"user\0"), startup_raw(b"\0"),
+            W.query("SELECT 1"), W.query("SELECT 2"), SELECT1, W.TERMINATE, W.FLUSH,
+            W.parse("SELECT 1") + W.bind() + W.execute(), *BAD_HEADERS.values(),
+            W.msg(b"p", b"pw\0"), b"Q\x7f\xff\xff\xff" + b"x" * 300]
+_BACKEND = [pa.GREETING, rfq(), rfq(b"T"), W.msg(b"1") + rfq(), W.msg(b"K", bytes(40)),
+            W.msg(b"E", b"SFATAL\0C08P01\0\0"), b"D\x7f\xff\xff\xff", W.msg(b"G", bytes(3))]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(0, 9), st.integers(1, 3),
+                          st.sampled_from(_HOSTILE + _BACKEND), st.integers(1, 40)),
+                max_size=40))
+def test_fuzz_hostile_pieces_in_any_order_never_fail_a_call(
+        ops: list[tuple[int, int, bytes, int]]) -> None:
+    g = StreamGuest(WASM, {"hold_timeout_ms": 200, "stream_hold_bytes": 1024,
+                           "max_message_bytes": 4096}, port=5432)
+    now = 0
+    opened: set[int] = set()
+    try:
+        for op, sid, data, cut in ops:
+            if op == 0:
+                g.open(sid)
+                opened.add(sid)
+            elif op in (1, 2):
+                g.client(sid, data[:cut])
+                g.client(sid, data[cut:])
+            elif op == 3:
+                g.backend(sid, data[:cut])
+                g.backend(sid, data[cut:])
+            elif op == 4:
+                g.connected(sid, ok=cut % 2 == 1)
+            elif op == 5:
+                now += 150
+                g.tick(now)
+            elif op == 6:
+                g.available()
+            elif op == 7:
+                g.unavailable()
+            elif op == 8:
+                g.client_close(sid)
+            else:
+                g.backend_close(sid)
+        assert g.failed == 0
+        for a in g.actions:
+            assert getattr(a, "stream_id", None) in (None, *opened), a
+            assert not isinstance(a, abi.Log) or a.level < abi.LOG_ERROR, a
+    finally:
+        g.close()
