@@ -142,6 +142,8 @@ static const char *const count_names[NCOUNT] = {
     "protocol_errors", "cancels_forwarded", "cancels_closed", "statements_recreated",
     "cancels_matched"};
 static u32 counts[NCOUNT];
+static u32 counted; /* a bit per counter with something to send (batch_end) */
+#define COUNT(c) (counts[c]++, counted |= 1u << (c))
 
 static u8 scratch[CAND_MAX + 16];
 static u8 startup_pkt[FAB_PG_STARTUP_MAX + 8]; /* a StartupMessage being checked, NUL after it */
@@ -327,7 +329,7 @@ static void close_stream(struct stream *s) {
 
 static void fatal(struct stream *s, const char *code, const char *text) {
     u8 m[FAB_PG_ERROR_MAX];
-    if (code[0] == '0' && code[1] == '8') counts[C_PROTOCOL_ERRORS]++;
+    if (code[0] == '0' && code[1] == '8') COUNT(C_PROTOCOL_ERRORS);
     /* not inside a backend message still arriving: then the close says it */
     if (fab_pg_between(&s->bfr)) send_down(s, m, fab_pg_error(m, "FATAL", code, text));
     logmsg(FAB_WARNING, "postgres activator: closing a client connection: ", text);
@@ -352,7 +354,7 @@ static const char *version_text(char *o, const char *head, u32 code, const char 
  * the old protocol's format ('E', then the text), which such a client reads. */
 static void refuse_version(struct stream *s, u32 code) {
     char t[128];
-    counts[C_PROTOCOL_ERRORS]++;
+    COUNT(C_PROTOCOL_ERRORS);
     version_text(t, "unsupported frontend protocol ", code, ": server supports 3.0 to 3.0");
     if ((code >> 16) < 3) {
         u8 m[160];
@@ -374,7 +376,7 @@ static void refuse_version(struct stream *s, u32 code) {
 /* A protocol violation the server answers by closing without a word (COMMERROR: logged
  * on its side only): counted and logged here, and the connection closed. */
 static void drop_silently(struct stream *s, const char *why) {
-    counts[C_PROTOCOL_ERRORS]++;
+    COUNT(C_PROTOCOL_ERRORS);
     logmsg(FAB_WARNING, "postgres activator: closing a client connection: ", why);
     close_stream(s);
 }
@@ -403,7 +405,7 @@ static void resume(struct stream *s) {
 }
 
 static int hold_bytes_in(struct stream *s, const u8 *p, u32 n) {
-    if (!s->hold.len && s->phase == PH_SESSION && !backend_up) counts[C_WAKE_QUERY]++;
+    if (!s->hold.len && s->phase == PH_SESSION && !backend_up) COUNT(C_WAKE_QUERY);
     if (buf_append(&s->hold, p, n) < 0) {
         fatal(s, "53200", "out of memory holding the connection's bytes");
         return -1;
@@ -713,7 +715,7 @@ static void emit_prefix(struct stream *s, u32 mask, u32 unnamed, u32 kill) {
     if (unnamed) send_up(s, m, msg_parse(m, (const u8 *)"", 0, unnamed, s->unp, s->uoids));
     send_up(s, m, fab_pg_bare(m, 'S'));
     s->swallow++;
-    counts[C_STATEMENTS_RECREATED]++;
+    COUNT(C_STATEMENTS_RECREATED);
 }
 
 static int backend_ready(const struct stream *s) { return backend_up && s->connected; }
@@ -885,7 +887,7 @@ static int spill(struct stream *s) {
 
 static void answer_locally(struct stream *s) {
     send_down(s, resp + s->cand_sent, resp_len - s->cand_sent);
-    counts[C_KEEPALIVES]++;
+    COUNT(C_KEEPALIVES);
     buf_consume(&s->cand, s->cand.len);
     s->cand_msgs = 0;
     s->cand_sent = s->cand_sent_msgs = 0;
@@ -915,7 +917,7 @@ static int peek_decide(struct stream *s, const u8 *b, u32 n) {
         if (k == K_NONE) return 1;
         resp_len = fab_pg_answer_query(resp, k);
         send_down(s, resp, resp_len);
-        counts[C_KEEPALIVES]++;
+        COUNT(C_KEEPALIVES);
         s->unnamed_kind = K_NONE; /* a simple Query drops the unnamed statement */
         if (s->bunnamed) s->kill_unnamed = 1;
         return 2;
@@ -1056,7 +1058,7 @@ static void bad_local(struct stream *s, u32 why, u8 type) {
 static int client_bad(struct stream *s, u32 why) {
     u8 h[5];
     fab_copy(h, s->fr.hdr, 5);
-    counts[C_PROTOCOL_ERRORS]++;
+    COUNT(C_PROTOCOL_ERRORS);
     ACT(fab_logf(FAB_WARNING, "postgres activator: a client sent %s (type %u, length %u); ending its session",
                  why == BAD_TYPE ? "an invalid message type" : "an invalid message length",
                  (u32)h[0], fab_be32(h + 1)));
@@ -1087,7 +1089,7 @@ static int client_feed(struct stream *s, const u8 *p, u32 n) {
     if (s->doomed || s->term) return 1; /* nothing after it is read */
     while ((r = fab_pg_next(&s->fr, &p, &n, &piece, &k)) != FAB_PG_MORE) {
         if (r == FAB_PG_HEADER) {
-            if (s->phase == PH_SESSION && small_type(s->fr.type) && s->fr.len > SMALL_MSG_MAX) {
+            if (s->fr.len > SMALL_MSG_MAX && s->phase == PH_SESSION && small_type(s->fr.type)) {
                 s->fr.bad = 2;
                 return client_bad(s, BAD_LEN);
             }
@@ -1109,7 +1111,7 @@ static int client_feed(struct stream *s, const u8 *p, u32 n) {
 /* ---------------------------------------------------------------- startup */
 
 static void start_wait(struct stream *s, u32 phase) {
-    if (!backend_up) counts[phase == PH_PASSTHRU ? C_WAKE_TLS : C_WAKE_STARTUP]++;
+    if (!backend_up) COUNT(phase == PH_PASSTHRU ? C_WAKE_TLS : C_WAKE_STARTUP);
     s->phase = (u8)phase;
     s->t0_set = 0; /* the hold starts now, not when the connection opened */
     update(s);
@@ -1146,7 +1148,7 @@ static void match_cancel(struct stream *s, u32 len) {
         if (o != s && o->kset && o->connected && o->kpid == pid && o->khash == h) {
             s->like = o->id;
             s->has_like = 1;
-            counts[C_CANCELS_MATCHED]++;
+            COUNT(C_CANCELS_MATCHED);
             return;
         }
     }
@@ -1193,7 +1195,7 @@ static void init_feed(struct stream *s) {
                 /* sent before our answer: the server refuses it (it may have been injected
                  * by a man in the middle, in clear text ahead of the TLS it asked for) */
                 u8 m[FAB_PG_ERROR_MAX];
-                counts[C_PROTOCOL_ERRORS]++;
+                COUNT(C_PROTOCOL_ERRORS);
                 send_down(s, m, fab_pg_error(m, "FATAL", "08P01", ssl
                     ? "received unencrypted data after SSL request"
                     : "received unencrypted data after GSSAPI encryption request"));
@@ -1225,7 +1227,7 @@ static void init_feed(struct stream *s) {
                 return;
             }
             if (bad == FAB_PG_NO_USER) {
-                counts[C_PROTOCOL_ERRORS]++;
+                COUNT(C_PROTOCOL_ERRORS);
                 fatal(s, "28000", "no PostgreSQL user name specified in startup packet");
                 return;
             }
@@ -1269,7 +1271,7 @@ static void on_connected(struct stream *s) {
     if (s->phase == PH_CANCEL) {
         buf_copy(&s->hold, 0, h, 4);
         send_hold(s, fab_be32(h));
-        counts[C_CANCELS_FORWARDED]++;
+        COUNT(C_CANCELS_FORWARDED);
         close_stream(s);
         return;
     }
@@ -1441,7 +1443,7 @@ static void session_timeout(struct stream *s) {
     s->unsynced = 0;
     s->discard_sync = (u8)in_group;
     if (s->paused) resume(s);
-    counts[C_HOLD_TIMEOUTS]++;
+    COUNT(C_HOLD_TIMEOUTS);
     logmsg(FAB_INFO, "postgres activator: hold timed out; answered 57P03", 0);
     if (s->doomed) { bad_local(s, s->doomed, s->fr.hdr[0]); return; } /* ... then the bad header */
     update(s);
@@ -1467,13 +1469,13 @@ static void check_timeouts(void) {
                 send_down(s, m, fab_pg_error(m, "FATAL", "57P03",
                                              "the database system is not available (hold timeout)"));
                 logmsg(FAB_INFO, "postgres activator: hold timed out before the session; answered 57P03", 0);
-                counts[C_HOLD_TIMEOUTS]++;
+                COUNT(C_HOLD_TIMEOUTS);
                 close_stream(s);
             }
         } else if (s->phase == PH_SESSION) {
             if (!fab_pg_between(&s->bfr)) close_stream(s); /* no answer fits in there */
             else if (s->hold_quiescent) session_timeout(s);
-            else { counts[C_HOLD_TIMEOUTS]++; fatal(s, "57P03", "the database system is not available (hold timeout)"); }
+            else { COUNT(C_HOLD_TIMEOUTS); fatal(s, "57P03", "the database system is not available (hold timeout)"); }
         }
     }
 }
@@ -1550,7 +1552,7 @@ static void on_connect_result(u32 id, int ok) {
         on_connected(s);
         return;
     }
-    if (s->phase == PH_CANCEL) { counts[C_CANCELS_CLOSED]++; close_stream(s); return; }
+    if (s->phase == PH_CANCEL) { COUNT(C_CANCELS_CLOSED); close_stream(s); return; }
     backend_up = 0;
 }
 
@@ -1614,11 +1616,12 @@ static void batch_begin(void) {
 static void batch_end(void) {
     if (nwork) do_work();
     budget += NCOUNT;
-    for (u32 i = 0; i < NCOUNT; i++) {
-        if (!counts[i]) continue;
+    while (counted) { /* in counter order; most calls have none */
+        u32 i = (u32)__builtin_ctz(counted);
         ACT(fab_count(count_names[i], counts[i]));
         if (!acted) break;
         counts[i] = 0;
+        counted &= counted - 1;
     }
     u32 need = nbusy ? FAB_NEED_ACTIVE : FAB_NEED_NONE;
     /* active at once; none only at a tick (within 100 ms), so that 20 clients taking

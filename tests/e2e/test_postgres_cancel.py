@@ -26,22 +26,26 @@ DB_IPS = ["10.42.0.3", "10.42.0.4"]
 
 pytestmark = pytest.mark.skipif(not W.available(), reason="PostgreSQL 15 is not installed")
 
-# Sessions are opened until both replicas have some (each reports inet_server_addr());
-# on each a pg_sleep(60) runs in a thread while the main thread cancels it every 0.5 s
-# (a cancel that comes before the query starts is ignored by the server) until it ends.
-# A cancel that reaches the wrong replica is lost: then the query runs its 60 s out and
-# is reported "completed", not "cancelled".
+# Sessions are opened until both replicas have some (each reports inet_server_addr()
+# and its pid); on each a pg_sleep(60) runs in a thread, the main thread watches that
+# session on its replica directly (pod to pod, not through the service) until the query
+# is running, then cancels it once (libpq's PQcancel: a new connection to the VIP). A
+# cancel that reaches the other replica is lost: the query runs its 60 s out and is
+# reported "completed", not "cancelled".
 CLIENT = r"""
 import json, sys, threading, time, psycopg
 host = sys.argv[1]
+kw = dict(port=5432, user="postgres", dbname="postgres", sslmode="disable",
+          autocommit=True, connect_timeout=60)
 conns, seen = [], set()
 while len(conns) < 40 and not (len(conns) >= 6 and len(seen) == 2):
-    c = psycopg.connect(host=host, port=5432, user="postgres", dbname="postgres",
-                        sslmode="disable", autocommit=True, connect_timeout=60)
-    seen.add(c.execute("SELECT host(inet_server_addr())").fetchone()[0])
-    conns.append(c)
+    c = psycopg.connect(host=host, **kw)
+    addr, pid = c.execute("SELECT host(inet_server_addr()), pg_backend_pid()").fetchone()
+    seen.add(addr)
+    conns.append((c, addr, pid))
+watch = {a: psycopg.connect(host=a, **kw) for a in seen}
 out = {"replicas": sorted(seen), "sessions": len(conns), "results": []}
-for c in conns:
+for c, addr, pid in conns:
     res = {}
     def run(c=c, res=res):
         try:
@@ -53,9 +57,13 @@ for c in conns:
             res["r"] = repr(e)
     t = threading.Thread(target=run)
     t.start()
-    while t.is_alive():
-        time.sleep(0.5)
-        c.cancel()
+    for _ in range(2000):  # until the server runs it: a cancel before that is ignored
+        st = watch[addr].execute("SELECT state, query FROM pg_stat_activity WHERE pid = %s",
+                                 (pid,)).fetchone()
+        if st and st[0] == "active" and "pg_sleep" in st[1]:
+            break
+        time.sleep(0.01)
+    c.cancel()
     t.join()
     out["results"].append(res["r"])
 print(json.dumps(out), flush=True)
