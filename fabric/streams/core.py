@@ -523,9 +523,11 @@ class StreamCore:
                 self._match(s, s.pending_up, data)
             counters["bytes_to_backends"] += len(data)
             self._out.append((SEND_UPSTREAM, s.sid, data))
-        elif k == abi.ACT_UPSTREAM_CONNECT:
+        elif k == abi.ACT_UPSTREAM_CONNECT or k == abi.ACT_UPSTREAM_CONNECT_LIKE:
             port = a.port or self.target_port  # type: ignore[union-attr]
-            if s.up in (UP_CONNECTING, UP_OPEN) or not self._connect(s, port):
+            like = self.streams.get(a.like) if k == abi.ACT_UPSTREAM_CONNECT_LIKE else None  # type: ignore[union-attr]
+            if s.up in (UP_CONNECTING, UP_OPEN) or not self._connect(
+                    s, port, like.backend if like is not None else None):
                 g.events.append(abi.UpstreamConnectResult(s.sid, 0))
         elif k == abi.ACT_DOWNSTREAM_CLOSE:
             self._end(s, close=True)
@@ -561,17 +563,22 @@ class StreamCore:
             s.pending_up.clear()
             s.pending_down.clear()
 
-    def _connect(self, s: Stream, port: int) -> bool:
+    def _connect(self, s: Stream, port: int, prefer: str | None = None) -> bool:
+        """Connect `s` to a ready backend: `prefer` while it is one (upstream_connect_like:
+        another stream's backend), else the hash of the client's address and port."""
         ready = self.ready
         if not ready:
             self.counters["upstream_no_backend"] += 1
             return False
-        ip, cport = s.peer
-        try:
-            key = int(ipaddress.IPv4Address(ip)) * 65537 + cport
-        except ValueError:
-            key = s.sid
-        backend = ready[(key * 0x9E3779B1 >> 7) % len(ready)]
+        if prefer is not None and prefer in ready:
+            backend = prefer
+        else:
+            ip, cport = s.peer
+            try:
+                key = int(ipaddress.IPv4Address(ip)) * 65537 + cport
+            except ValueError:
+                key = s.sid
+            backend = ready[(key * 0x9E3779B1 >> 7) % len(ready)]
         s.up = UP_CONNECTING
         s.backend = backend
         self.counters["upstream_connects"] += 1
