@@ -267,8 +267,9 @@ class WorkerSpec:
     # None: the control socket's directory.
     state_dir: str | None = None
     # Seconds the data plane keeps polling after frames before it sleeps (0: never polls;
-    # see DataPlane.busy_poll).
+    # see fabric.runtime.spin); adaptive: the most it polls, the window follows the gaps.
     busy_poll: float = 0.0
+    busy_poll_adaptive: bool = False
 
     @property
     def state_path(self) -> str:

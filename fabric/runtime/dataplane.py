@@ -51,6 +51,7 @@ from fabric.net.packets import Malformed
 from fabric.net.vnet import GSO_UDP_L4, VNET_HDR_LEN, ZERO_HDR, VnetHdr
 from fabric.router.droplog import HEAD_BYTES
 from fabric.router.model import DROP_TX_ERROR, DROP_TX_FULL, KIND_TUNNEL, L3_OFF, Port
+from fabric.runtime.spin import SpinWindow
 from fabric.runtime.timerfd import TimerFd
 
 log = logging.getLogger("fabricd.dataplane")
@@ -242,14 +243,17 @@ class _NoOutputs:
 
 
 class DataPlane:
-    def __init__(self, busy_poll: float = 0.0) -> None:
+    def __init__(self, busy_poll: float = 0.0, adaptive: bool = False) -> None:
         # After a loop turn that read frames, keep polling (epoll_wait with no timeout)
-        # for this many seconds before sleeping again: a frame that comes meanwhile is
-        # taken without waking the thread, which on a VM costs tens of µs when the sender
-        # runs on another vCPU (docs/performance.md, "ping"). 0: always sleep. It costs
-        # CPU only while traffic comes at shorter intervals than this; idle, nothing.
-        self.busy_poll = busy_poll
+        # for a while before sleeping again: a frame that comes meanwhile is taken
+        # without waking the thread, which on a VM costs tens of µs when the sender runs
+        # on another vCPU (docs/performance.md, "ping"). How long: fabric.runtime.spin
+        # (fixed, or adaptive up to busy_poll). Replaced whole on a reload
+        # (set_busy_poll); the thread reads it every turn.
+        self.spin = SpinWindow(busy_poll, adaptive)
         self.busy_polls = 0  # polls made without sleeping because of busy_poll
+        self.spins_found = 0  # spins that ended with frames
+        self.spins_empty = 0  # spins whose window passed with none
         self.buf = bytearray(BUF_SIZE)
         self.mv = memoryview(self.buf)
         # Timed owner -> its group (itself first).
@@ -321,6 +325,12 @@ class DataPlane:
         if self._timer is not None:
             self._timer.close()
         self.trouble.close()
+
+    def set_busy_poll(self, seconds: float, adaptive: bool = False) -> None:
+        """A new busy-poll window (a reload): fixed `seconds`, or adaptive up to them;
+        0 turns polling off. Safe from any thread: the data-plane thread picks the new
+        window up on its next turn (an adaptive one starts from nothing again)."""
+        self.spin = SpinWindow(seconds, adaptive)
 
     @property
     def alive(self) -> bool:
@@ -549,22 +559,27 @@ class DataPlane:
         readable = self._readable
         mono = time.monotonic
         seen = self.frames
+        spin = self.spin
         spin_until = 0.0
+        start = 0.0
         while not self._stop:
             timeout = self._wait()
-            if self.busy_poll:
-                if self.frames != seen:
-                    seen = self.frames
-                    spin_until = mono() + self.busy_poll
-                if spin_until and mono() < spin_until:
-                    timeout = 0
-                    self.busy_polls += 1
-                else:
-                    spin_until = 0.0
+            if self.spin is not spin:  # a reload: the new window starts afresh
+                spin = self.spin
+                spin_until = 0.0
             try:
-                events = poll(timeout)
+                if spin_until:
+                    events = self._spin(spin_until if timer is not None
+                                        else min(spin_until, mono() + timeout))
+                    if not events and mono() >= spin_until:
+                        self.spins_empty += spin.ended_empty()
+                        spin_until = 0.0
+                else:
+                    events = poll(timeout)
             except InterruptedError:
                 continue
+            if spin.on:
+                start = mono()
             for fd, _ in events:
                 entry = ports.get(fd)
                 if entry is not None:
@@ -584,8 +599,32 @@ class DataPlane:
             self._due(time.monotonic())
             if self._dirty:
                 self._rearm()
+            if self.frames != seen:
+                seen = self.frames
+                if spin.on and self.spin is spin:
+                    self.spins_found += spin.frames(start, mono())
+                    spin_until = spin.until()
         while self._calls:
             self._run_calls()
+
+    def _spin(self, until: float) -> list[tuple[int, int]]:
+        """Poll without sleeping until something is ready or `until` passes (what is
+        ready, or []). Between polls the thread yields its CPU (`sched_yield`, with the
+        GIL let go): another thread of ours waiting for the GIL takes it as soon as it
+        would if the thread slept, and any other task runnable on this CPU runs first,
+        so a spin delays neither the event loop nor the pods (with polls alone, another
+        thread waited twice as long for the GIL: docs/performance.md, "ping")."""
+        poll = self._ep.poll
+        mono = time.monotonic
+        yield_cpu = os.sched_yield
+        events: list[tuple[int, int]] = []
+        while not self._stop:
+            events = poll(0)
+            self.busy_polls += 1
+            if events or mono() >= until:
+                break
+            yield_cpu()
+        return events
 
     def _wait(self) -> float:
         """Arm the timerfd at the earliest deadline; the poll timeout to use."""
