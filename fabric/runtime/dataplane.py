@@ -51,7 +51,7 @@ from fabric.net.packets import Malformed
 from fabric.net.vnet import GSO_UDP_L4, VNET_HDR_LEN, ZERO_HDR, VnetHdr
 from fabric.router.droplog import HEAD_BYTES
 from fabric.router.model import DROP_TX_ERROR, DROP_TX_FULL, KIND_TUNNEL, L3_OFF, Port
-from fabric.runtime.spin import SpinWindow
+from fabric.runtime.spin import EARLY, FOUND, SpinWindow
 from fabric.runtime.timerfd import TimerFd
 
 log = logging.getLogger("fabricd.dataplane")
@@ -254,6 +254,8 @@ class DataPlane:
         self.busy_polls = 0  # polls made without sleeping because of busy_poll
         self.spins_found = 0  # spins that ended with frames
         self.spins_empty = 0  # spins whose window passed with none
+        self.spins_ahead = 0  # spins started by a wake ahead of predicted frames
+        self.spins_early = 0  # frames that came while the thread slept towards one
         self.buf = bytearray(BUF_SIZE)
         self.mv = memoryview(self.buf)
         # Timed owner -> its group (itself first).
@@ -560,13 +562,14 @@ class DataPlane:
         mono = time.monotonic
         seen = self.frames
         spin = self.spin
-        spin_until = 0.0
+        spin_until = 0.0  # spinning until then (0: not spinning)
+        wake_at = 0.0  # sleeping towards a spin ahead that starts then (0: none)
         start = 0.0
         while not self._stop:
-            timeout = self._wait()
+            timeout = self._wait(wake_at)
             if self.spin is not spin:  # a reload: the new window starts afresh
                 spin = self.spin
-                spin_until = 0.0
+                spin_until = wake_at = 0.0
             try:
                 if spin_until:
                     events = self._spin(spin_until if timer is not None
@@ -574,6 +577,7 @@ class DataPlane:
                     if not events and mono() >= spin_until:
                         self.spins_empty += spin.ended_empty()
                         spin_until = 0.0
+                        wake_at = spin.wake_at()
                 else:
                     events = poll(timeout)
             except InterruptedError:
@@ -602,8 +606,18 @@ class DataPlane:
             if self.frames != seen:
                 seen = self.frames
                 if spin.on and self.spin is spin:
-                    self.spins_found += spin.frames(start, mono())
+                    said = spin.frames(start, mono())
+                    if said == FOUND:
+                        self.spins_found += 1
+                    elif said == EARLY:
+                        self.spins_early += 1
                     spin_until = spin.until()
+                    wake_at = 0.0 if spin_until else spin.wake_at()
+            elif wake_at and start >= wake_at:  # the timer's wake for the spin ahead
+                spin_until = spin.woke(start)
+                wake_at = 0.0
+                if spin_until:
+                    self.spins_ahead += 1
         while self._calls:
             self._run_calls()
 
@@ -626,9 +640,12 @@ class DataPlane:
             yield_cpu()
         return events
 
-    def _wait(self) -> float:
-        """Arm the timerfd at the earliest deadline; the poll timeout to use."""
+    def _wait(self, wake_at: float = 0.0) -> float:
+        """Arm the timerfd at the earliest deadline (or `wake_at`, a spin ahead, if
+        earlier); the poll timeout to use."""
         when = self._earliest()
+        if wake_at and (when is None or wake_at < when):
+            when = wake_at
         timer = self._timer
         if timer is not None:
             timer.arm(when)

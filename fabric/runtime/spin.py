@@ -6,66 +6,131 @@ that comes while the thread still polls costs none. Polling costs a CPU for as l
 lasts, so the window is where latency is traded for CPU.
 
 Sans-IO: the shell (`DataPlane._run`) tells it what happened, with explicit times, and
-asks it when the current spin ends.
+asks it when to spin.
 
 - fixed (`busy_poll: 3ms`): after every loop turn that read frames, poll for `cap`.
-- adaptive (`busy_poll: {max: 3ms}` or `adaptive`): the window follows the gaps between
-  turns with frames. A gap no longer than `cap` (frames a spin found, or frames that woke
-  the thread when a longer spin would have found them) makes the window at least twice
-  that gap, up to `cap`; a spin that ends with no frames halves it, and once it is below
-  FLOOR it is 0 (sleep at once). So request/response traffic spins about as long as its
-  gaps up to `cap`, traffic sparser than `cap` costs a few halving spins and then none,
-  bulk traffic (frames always waiting) spins only across its short gaps, idle costs
-  nothing (a spin starts only after a turn that read frames).
+- adaptive (`busy_poll: {max: 3ms}` or `adaptive`): the spin follows the gaps between
+  turns with frames (a gap: from the end of one such turn to the poll that returned the
+  next frames), two kinds of them:
+  - short gaps (at most SHORT, a reply coming back through the fabric): a gap makes the
+    spin right after a turn at least twice that long (up to `cap`); a spin that ends
+    with no frames halves it, and below FLOOR it is 0. So a request's spin lasts about
+    as long as its reply takes.
+  - longer gaps up to `cap` (a client's next request, ping's interval): the last HISTORY
+    of them predict the next. Once the turn's own spin is over, the thread sleeps until
+    `lead` before the shortest of them and spins until MARGIN past the longest: a wake
+    by its own timer, on its own vCPU, off the frame's path, instead of a wake by the
+    sender's vCPU when the frame comes. `lead` keeps such a spin's wait for its frame
+    near MARGIN (a quarter of the difference per spin) and more than doubles when a
+    frame beats the spin (a late timer, a shorter gap). A gap longer than `cap` among
+    them, or fewer than two: no such spin.
+  So periodic traffic spins about its jitter, traffic sparser than `cap` costs nothing
+  past a few halving spins, bulk traffic (frames always waiting) spins only across its
+  short gaps, idle costs nothing (every spin follows a turn that read frames).
 """
 
 from __future__ import annotations
 
+import math
+from collections import deque
+
 FLOOR = 10e-6  # an adaptive window below this is 0: shorter spins cannot catch a frame
+SHORT = 200e-6  # about twice what a cross-vCPU wakeup costs the thread here
+MARGIN = 50e-6  # what a spin ahead should wait for its frame
+HISTORY = 8  # longer gaps that predict the next
+
+NONE, FOUND, EARLY = 0, 1, 2  # what frames() says about the turn's frames
+_IDLE, _SHORT, _WAIT, _AHEAD = range(4)
 
 
 class SpinWindow:
-    """The busy-poll window and its counters (the data-plane thread owns it)."""
+    """The busy-poll windows of one data plane (its thread owns it)."""
 
     def __init__(self, cap: float = 0.0, adaptive: bool = False) -> None:
         self.cap = cap
         self.adaptive = adaptive and cap > 0
-        # The spin window now: fixed, the cap; adaptive, starts at 0 (nothing seen yet).
+        # The spin right after a turn with frames: fixed, the cap; adaptive, starts at 0.
         self.window = 0.0 if self.adaptive else cap
+        self.lead = MARGIN  # a spin ahead starts this long before the shortest gap
+        self._gaps: deque[float] = deque(maxlen=HISTORY)  # longer gaps (inf: over cap)
         self._last: float | None = None  # when the last turn with frames ended
-        self._spinning = False
+        self._phase = _IDLE
+        self._ahead_done = False  # one spin ahead per turn with frames
+        self._from = self._to = self._woke = 0.0
 
     @property
     def on(self) -> bool:
         return self.cap > 0
 
-    def frames(self, start: float, end: float) -> bool:
+    def frames(self, start: float, end: float) -> int:
         """A loop turn read frames: its poll returned at `start`, the turn ended at `end`.
-        Whether a spin found them (the shell counts spins: a reload replaces the window)."""
-        found = self._spinning
-        self._spinning = False
+        FOUND if a spin found them, EARLY if they came while the thread slept towards a
+        spin ahead, else NONE (the shell counts these: a reload replaces the window)."""
+        phase = self._phase
+        said = FOUND if phase in (_SHORT, _AHEAD) else NONE
+        self._phase = _IDLE
+        self._ahead_done = False
         last = self._last
-        if self.adaptive and last is not None:
-            gap = start - last
-            if gap <= self.cap:  # a spin this long would have found (or did find) them
-                self.window = max(self.window, min(self.cap, 2 * gap))
         self._last = end
-        return found
+        if not self.adaptive or last is None:
+            return said
+        gap = start - last
+        if gap <= min(SHORT, self.cap):  # a reply (or frames waiting): not the long gap
+            self.window = max(self.window, min(self.cap, 2 * gap))
+            return said
+        self._gaps.append(gap if gap <= self.cap else math.inf)
+        if phase == _WAIT:  # it beat the spin ahead: start earlier
+            self.lead = min(self.cap, 2 * self.lead + MARGIN)
+            return EARLY
+        if phase == _AHEAD:  # found: move towards waiting MARGIN for it
+            self.lead = max(0.0, self.lead - (start - self._woke - MARGIN) / 4)
+        return said
 
     def until(self) -> float:
-        """When the spin after the last turn with frames ends (0: do not spin)."""
+        """When the spin right after the last turn with frames ends (0: no such spin; ask
+        wake_at)."""
         if self._last is None or self.window <= 0:
             return 0.0
-        self._spinning = True
+        self._phase = _SHORT
         return self._last + self.window
 
     def ended_empty(self) -> bool:
-        """The spin's window passed with no frames: the thread sleeps now. False if no
-        spin was under way (nothing changes)."""
-        if not self._spinning:
+        """The spin's window passed with no frames (ask wake_at next). False if no spin
+        was under way (nothing changes)."""
+        phase = self._phase
+        if phase not in (_SHORT, _AHEAD):
             return False
-        self._spinning = False
-        if self.adaptive:
+        self._phase = _IDLE
+        if phase == _SHORT and self.adaptive:
             w = self.window / 2
             self.window = w if w >= FLOOR else 0.0
         return True
+
+    def wake_at(self) -> float:
+        """When to wake for a spin ahead of the predicted next frames (0: sleep until
+        something comes). Once per turn with frames, after its own spin (if any)."""
+        if not self.adaptive or self._last is None or self._phase != _IDLE \
+                or self._ahead_done or len(self._gaps) < 2:
+            return 0.0
+        self._ahead_done = True
+        hi = max(self._gaps)
+        if hi == math.inf:
+            return 0.0
+        self._phase = _WAIT
+        self._from = self._last + min(self._gaps) - self.lead
+        self._to = self._last + hi + MARGIN
+        return self._from
+
+    def woke(self, now: float) -> float:
+        """The thread woke at `now` for the spin ahead: spin until this (0: none due)."""
+        if self._phase != _WAIT or now < self._from:
+            return 0.0
+        self._woke = now
+        self._phase = _AHEAD
+        return max(self._to, now)
+
+    def predicted(self) -> tuple[float, float] | None:
+        """The predicted next gap's bounds (shortest, longest), for the curious."""
+        if len(self._gaps) < 2 or max(self._gaps) == math.inf:
+            return None
+        return min(self._gaps), max(self._gaps)

@@ -7,8 +7,9 @@ pings through two more fabricd, interleaved: one with `worker.busy_poll` = BUSY_
 echoes) and one with `busy_poll: {max: BUSY_POLL}` (adaptive: the window follows the
 gaps between frames, up to that; docs/performance.md, "ping").
 
-What each costs: the data-plane thread's CPU (from /proc/PID/task/*/stat, in % of one
-CPU = CPU seconds per second) of each fabricd during its 2 ms pings, during
+What each costs: the data-plane thread's CPU (from /proc/PID/task/TID/schedstat, in
+nanoseconds: /stat's 10 ms ticks are too coarse for a 0.4 s run; in % of one CPU = CPU
+seconds per second) of each fabricd during its 2 ms pings, during
 `ping -c SPARSE_COUNT -i 0.2` (sparse traffic: one daemon at a time, the others idle) and
 over IDLE_S seconds of no traffic (all at once). `--quick` leaves the sparse and idle
 measurements out."""
@@ -20,7 +21,7 @@ import time
 from typing import Any
 
 from tests.bench.common import Report, Settings, interleaved, median, percentile, progress
-from tests.bench.cpu import ThreadCpu
+from tests.bench.cpu import python_thread_names
 from tests.bench.topo import FABRIC, VETH, Topology
 from tests.support.procstat import scrape
 
@@ -57,6 +58,41 @@ def _polls(t: Topology) -> float:
     return scrape(t.daemon.control).get("fabric_dataplane_busy_polls_total")
 
 
+class DataPlaneCpu:
+    """The data-plane thread's CPU over a `with` block, in % of one CPU (0 for None)."""
+
+    _tids: dict[int, int | None] = {}
+
+    def __init__(self, pid: int | None) -> None:
+        self.pid = pid
+        self.percent: float | None = None
+        self._t0 = 0.0
+        self._ns0 = 0
+
+    def _ns(self) -> int:
+        pid = self.pid
+        if pid is None:
+            return 0
+        if pid not in self._tids:
+            self._tids[pid] = next((tid for tid, name in python_thread_names(pid).items()
+                                    if name == DATAPLANE), None)
+        tid = self._tids[pid]
+        if tid is None:
+            raise RuntimeError(f"no {DATAPLANE} thread in {pid} (py-spy dump)")
+        with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+            return int(f.read().split()[0])
+
+    def __enter__(self) -> DataPlaneCpu:
+        self._ns0 = self._ns()
+        self._t0 = time.monotonic()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall = time.monotonic() - self._t0
+        if self.pid is not None:
+            self.percent = (self._ns() - self._ns0) / 1e9 / wall * 100
+
+
 def run(s: Settings) -> Report:
     r = Report(NAME, f"ping RTT, {COUNT} echoes every {float(INTERVAL) * 1000:g} ms x "
                      f"{s.runs} runs, fabric pod a -> b vs veth ka -> kb (interleaved)")
@@ -66,6 +102,7 @@ def run(s: Settings) -> Report:
     sparse_cpu: dict[str, list[float | None]] = {side: [] for side in FABRICS}
     idle_cpu: dict[str, list[float | None]] = {side: [] for side in FABRICS}
     idle_polls: dict[str, list[float | None]] = {side: [] for side in FABRICS}
+    spun: dict[str, list[dict[str, float]]] = {side: [] for side in FABRICS}
     with Topology(WORKERS[FABRIC]) as topo, Topology(WORKERS[POLLING]) as polling, \
             Topology(WORKERS[ADAPTIVE]) as adaptive:
         topos = {FABRIC: topo, POLLING: polling, ADAPTIVE: adaptive}
@@ -74,21 +111,35 @@ def run(s: Settings) -> Report:
             t = topos.get(side, topo)
             sd = t.sides[VETH if side == VETH else FABRIC]
             t.check_daemon()
-            with ThreadCpu(_pid(t) if side != VETH else None) as c:
+            with DataPlaneCpu(_pid(t) if side != VETH else None) as c:
                 out = t.run(sd.client, "ping", "-n", "-c", str(count), "-i", interval,
                             "-W", "1", sd.server_ip,
                             timeout=count * (float(interval) + 0.05) + 30)
-            return parse_rtts(out), c.percent.get(DATAPLANE, 0.0) if side != VETH else None
+            return parse_rtts(out), c.percent
+
+        def spins(side: str) -> dict[str, float]:
+            d = topos[side].daemon
+            assert d is not None
+            m = scrape(d.control)
+            return {"woke": m.get("fabric_dataplane_busy_poll_ahead_total", event="woke"),
+                    "early": m.get("fabric_dataplane_busy_poll_ahead_total", event="early"),
+                    "found": m.get("fabric_dataplane_busy_poll_spins_total", outcome="found"),
+                    "empty": m.get("fabric_dataplane_busy_poll_spins_total", outcome="empty")}
 
         def measure(side: str, i: int) -> float | None:
+            before = spins(side) if side != VETH else {}
             rtts, busy = ping(side, COUNT, INTERVAL)
             samples[side].append(rtts)
+            said = ""
             if side != VETH:
                 cpu[side].append(busy)
+                after = spins(side)
+                spun[side].append({k: after[k] - before[k] for k in after})
+                said = f", data plane {busy or 0:.1f} % CPU, spins " + " ".join(
+                    f"{k} {v:g}" for k, v in spun[side][-1].items())
             med = median(rtts)
             progress(NAME, f"run {i + 1}/{s.runs} {side}: {len(rtts)}/{COUNT} replies, "
-                           f"median {med or 0:.1f} µs" +
-                           (f", data plane {busy:.1f} % CPU" if busy is not None else ""))
+                           f"median {med or 0:.1f} µs{said}")
             return med
 
         def extras(i: int) -> None:
@@ -98,19 +149,19 @@ def run(s: Settings) -> Report:
                 sparse_cpu[side].append(busy)
                 progress(NAME, f"run {i + 1}/{s.runs} {side}, -i {SPARSE_INTERVAL}: "
                                f"{len(rtts)}/{SPARSE_COUNT} replies, median "
-                               f"{median(rtts) or 0:.1f} µs, data plane {busy:.2f} % CPU")
+                               f"{median(rtts) or 0:.1f} µs, data plane {busy or 0:.3f} % CPU")
             time.sleep(0.5)  # past any spin the last echo left
             polls0 = {side: _polls(topos[side]) for side in FABRICS}
-            cpus = {side: ThreadCpu(_pid(topos[side])) for side in FABRICS}
+            cpus = {side: DataPlaneCpu(_pid(topos[side])) for side in FABRICS}
             for c in cpus.values():
                 c.__enter__()
             time.sleep(IDLE_S)
             for side, c in cpus.items():
                 c.__exit__(None, None, None)
-                idle_cpu[side].append(c.percent.get(DATAPLANE, 0.0))
+                idle_cpu[side].append(c.percent)
                 idle_polls[side].append(_polls(topos[side]) - polls0[side])
             progress(NAME, f"run {i + 1}/{s.runs} idle {IDLE_S:g} s: " + ", ".join(
-                f"{side} {idle_cpu[side][-1]:.2f} % ({idle_polls[side][-1]:g} polls)"
+                f"{side} {idle_cpu[side][-1] or 0:.4f} % ({idle_polls[side][-1]:g} polls)"
                 for side in FABRICS))
 
         def round_(side: str) -> Any:
@@ -159,5 +210,6 @@ def run(s: Settings) -> Report:
                              "max": max(x, default=None), "n": len(x)}
                       for side, x in pooled.items()},
         "dataplane_cpu_percent": {"ping": cpu, "sparse": sparse_cpu, "idle": idle_cpu},
+        "spins_per_run": spun,
     }
     return r
