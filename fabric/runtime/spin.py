@@ -16,14 +16,19 @@ asks it when to spin.
     spin right after a turn at least twice that long (up to `cap`); a spin that ends
     with no frames halves it, and below FLOOR it is 0. So a request's spin lasts about
     as long as its reply takes.
-  - longer gaps up to `cap` (a client's next request, ping's interval): the last HISTORY
-    of them predict the next. Once the turn's own spin is over, the thread sleeps until
-    `lead` before the shortest of them and spins until MARGIN past the longest: a wake
-    by its own timer, on its own vCPU, off the frame's path, instead of a wake by the
-    sender's vCPU when the frame comes. `lead` keeps such a spin's wait for its frame
-    near MARGIN (a quarter of the difference per spin) and more than doubles when a
-    frame beats the spin (a late timer, a shorter gap). A gap longer than `cap` among
-    them, or fewer than two: no such spin.
+  - longer gaps (a client's next request, ping's interval): the frames after them come
+    at a period, the time between two such frames (from one's poll to the next's), and
+    the last HISTORY periods up to `cap` predict the next (`predicted`; periods, not
+    gaps: a sender's clock does not move with how long the fabric took over the reply).
+    Once the turn's own spin is over, the thread sleeps until `lead` before the shortest
+    period is up and spins until `tail` past the longest: a wake by its own timer, on
+    its own vCPU, off the frame's path, instead of a wake by the sender's vCPU when the
+    frame comes. Both are MARGIN plus what misses taught:
+    `lead` also covers how late the timer wakes the thread (a moving average) and each
+    end grows (doubles, plus MARGIN) when a frame misses the spin on its side (a sender
+    that jitters more than the history shows), shrinking by an eighth per spin that
+    found its frame. More than OVER periods longer than `cap` among them, or fewer than
+    two: no such spin.
   So periodic traffic spins about its jitter, traffic sparser than `cap` costs nothing
   past a few halving spins, bulk traffic (frames always waiting) spins only across its
   short gaps, idle costs nothing (every spin follows a turn that read frames).
@@ -37,7 +42,8 @@ from collections import deque
 FLOOR = 10e-6  # an adaptive window below this is 0: shorter spins cannot catch a frame
 SHORT = 200e-6  # about twice what a cross-vCPU wakeup costs the thread here
 MARGIN = 50e-6  # what a spin ahead should wait for its frame
-HISTORY = 8  # longer gaps that predict the next
+HISTORY = 16  # periods that predict the next
+OVER = 4  # of them at most this many longer than the max (a stall) and still predict
 
 NONE, FOUND, EARLY = 0, 1, 2  # what frames() says about the turn's frames
 _IDLE, _SHORT, _WAIT, _AHEAD = range(4)
@@ -51,12 +57,15 @@ class SpinWindow:
         self.adaptive = adaptive and cap > 0
         # The spin right after a turn with frames: fixed, the cap; adaptive, starts at 0.
         self.window = 0.0 if self.adaptive else cap
-        self.lead = MARGIN  # a spin ahead starts this long before the shortest gap
-        self._gaps: deque[float] = deque(maxlen=HISTORY)  # longer gaps (inf: over cap)
+        self.late = 0.0  # how late the timer woke the thread for a spin ahead (average)
+        self._boost_lead = self._boost_tail = 0.0  # what frames missing a spin taught
+        self._periods: deque[float] = deque(maxlen=HISTORY)  # (inf: over cap)
         self._last: float | None = None  # when the last turn with frames ended
+        self._anchor: float | None = None  # when the last frames after a longer gap came
         self._phase = _IDLE
         self._ahead_done = False  # one spin ahead per turn with frames
         self._from = self._to = self._woke = 0.0
+        self._missed = False  # the last spin ahead ended before its frame came
 
     @property
     def on(self) -> bool:
@@ -70,6 +79,7 @@ class SpinWindow:
         said = FOUND if phase in (_SHORT, _AHEAD) else NONE
         self._phase = _IDLE
         self._ahead_done = False
+        missed, self._missed = self._missed, False
         last = self._last
         self._last = end
         if not self.adaptive or last is None:
@@ -78,13 +88,29 @@ class SpinWindow:
         if gap <= min(SHORT, self.cap):  # a reply (or frames waiting): not the long gap
             self.window = max(self.window, min(self.cap, 2 * gap))
             return said
-        self._gaps.append(gap if gap <= self.cap else math.inf)
+        anchor, self._anchor = self._anchor, start
+        if anchor is not None:
+            period = start - anchor
+            self._periods.append(period if period <= self.cap else math.inf)
         if phase == _WAIT:  # it beat the spin ahead: start earlier
-            self.lead = min(self.cap, 2 * self.lead + MARGIN)
+            self._boost_lead = min(self.cap, 2 * self._boost_lead + MARGIN)
             return EARLY
-        if phase == _AHEAD:  # found: move towards waiting MARGIN for it
-            self.lead = max(0.0, self.lead - (start - self._woke - MARGIN) / 4)
+        if phase == _AHEAD:  # found: what misses taught fades
+            self._boost_lead *= 7 / 8
+            self._boost_tail *= 7 / 8
+        elif missed and gap <= self.cap:  # it came after the spin ahead: end later
+            self._boost_tail = min(self.cap, 2 * self._boost_tail + MARGIN)
         return said
+
+    @property
+    def lead(self) -> float:
+        """How long before the shortest predicted gap a spin ahead starts."""
+        return MARGIN + self.late + self._boost_lead
+
+    @property
+    def tail(self) -> float:
+        """How long past the longest predicted gap a spin ahead lasts."""
+        return MARGIN + self._boost_tail
 
     def until(self) -> float:
         """When the spin right after the last turn with frames ends (0: no such spin; ask
@@ -104,21 +130,23 @@ class SpinWindow:
         if phase == _SHORT and self.adaptive:
             w = self.window / 2
             self.window = w if w >= FLOOR else 0.0
+        self._missed = phase == _AHEAD
         return True
 
     def wake_at(self) -> float:
         """When to wake for a spin ahead of the predicted next frames (0: sleep until
         something comes). Once per turn with frames, after its own spin (if any)."""
         if not self.adaptive or self._last is None or self._phase != _IDLE \
-                or self._ahead_done or len(self._gaps) < 2:
+                or self._ahead_done:
             return 0.0
         self._ahead_done = True
-        hi = max(self._gaps)
-        if hi == math.inf:
+        bounds = self.predicted()
+        if bounds is None:
             return 0.0
         self._phase = _WAIT
-        self._from = self._last + min(self._gaps) - self.lead
-        self._to = self._last + hi + MARGIN
+        assert self._anchor is not None
+        self._from = self._anchor + bounds[0] - self.lead
+        self._to = self._anchor + bounds[1] + self.tail
         return self._from
 
     def woke(self, now: float) -> float:
@@ -126,11 +154,15 @@ class SpinWindow:
         if self._phase != _WAIT or now < self._from:
             return 0.0
         self._woke = now
+        self.late += (now - self._from - self.late) / 8
         self._phase = _AHEAD
         return max(self._to, now)
 
     def predicted(self) -> tuple[float, float] | None:
-        """The predicted next gap's bounds (shortest, longest), for the curious."""
-        if len(self._gaps) < 2 or max(self._gaps) == math.inf:
+        """The next period's bounds (shortest, longest) among the last HISTORY that were
+        not longer than `cap`; None with fewer than two, or when more than OVER of them
+        were (the traffic is sparser than that, or its sender stalls)."""
+        periods = [p for p in self._periods if p != math.inf]
+        if len(self._periods) - len(periods) > OVER or len(periods) < 2:
             return None
-        return min(self._gaps), max(self._gaps)
+        return min(periods), max(periods)

@@ -7,7 +7,17 @@ from dataclasses import dataclass
 
 import pytest
 
-from fabric.runtime.spin import EARLY, FLOOR, FOUND, HISTORY, MARGIN, NONE, SHORT, SpinWindow
+from fabric.runtime.spin import (
+    EARLY,
+    FLOOR,
+    FOUND,
+    HISTORY,
+    MARGIN,
+    NONE,
+    OVER,
+    SHORT,
+    SpinWindow,
+)
 
 US = 1e-6
 MS = 1e-3
@@ -164,19 +174,49 @@ def test_periodic_gaps_are_met_by_a_spin_ahead_not_a_spin_across_them() -> None:
     assert th.w.predicted() == pytest.approx((2 * MS, 2 * MS), abs=15 * US)
 
 
-def test_a_gap_over_the_max_stops_the_spins_ahead_at_once() -> None:
+def test_a_sender_that_jitters_widens_the_spin_ahead_on_the_side_it_misses() -> None:
+    # requests every 2 ms give or take up to 80 µs (ping's own timer slack), a timer
+    # that wakes the thread 20 µs late, a wakeup by a frame that costs 60 µs
+    jitter = [((i * 37) % 17 - 8) * 10 * US for i in range(300)]
+    arrivals = []
+    for i, j in enumerate(jitter):
+        arrivals += [1.0 + i * 2 * MS + j, 1.0 + i * 2 * MS + j + 3 * US]
     w = SpinWindow(3 * MS, adaptive=True)
-    th = Thread(w).run(pings(10, 2 * MS) + pings(3, 1.0, t0=2.0))
+    th = Thread(w, timer_late=20 * US, wake_cost=60 * US).run(arrivals)
+    assert th.woken < 30 and th.caught > 270  # of 300 requests
+    assert th.spun / 300 < 300 * US  # the 160 µs of jitter and the margins, not 2 ms
+    assert w.late == pytest.approx(20 * US, rel=0.1)
+
+
+def test_spins_ahead_stop_once_the_traffic_is_sparser_than_the_max() -> None:
+    w = SpinWindow(3 * MS, adaptive=True)
+    Thread(w).run(pings(10, 2 * MS))
+    assert w.predicted() is not None
+    th = Thread(w).run(pings(OVER, 1.0, t0=2.0))  # a stall or two: still predicted
+    assert w.predicted() is not None
+    th = Thread(w).run(pings(2, 1.0, t0=10.0))
     assert w.predicted() is None and w.wake_at() == 0.0
-    assert th.aheads <= 9
+    assert th.aheads <= 1
 
 
-def test_frames_before_the_spin_ahead_are_early_and_teach_the_shorter_gap() -> None:
+def test_frames_before_the_spin_ahead_are_early_and_make_it_start_sooner() -> None:
     w = SpinWindow(3 * MS, adaptive=True)
-    th = Thread(w).run(pings(10, 2 * MS) + [1.0 + 10 * 2 * MS - 1 * MS])
-    assert th.early == 1
+    Thread(w).run(pings(10, 2 * MS))
+    lead = w.lead
+    th = Thread(w).run([1.0 + 10 * 2 * MS - 1 * MS])  # 1 ms early
+    assert th.early == 1 and w.lead == pytest.approx(lead + MARGIN)
     lo, hi = w.predicted() or (0, 0)
-    assert lo < 1.1 * MS and hi > 1.9 * MS  # the next spin ahead covers both
+    assert lo < 1.1 * MS and hi > 1.9 * MS  # the next spin covers both gaps
+
+
+def test_frames_after_the_spin_ahead_make_it_last_longer_then_it_fades() -> None:
+    w = SpinWindow(3 * MS, adaptive=True)
+    late = 1.0 + 10 * 2 * MS + 500 * US  # 0.5 ms late: after the spin ended
+    Thread(w).run(pings(10, 2 * MS) + [late])
+    assert w.tail == pytest.approx(2 * MARGIN)
+    w = SpinWindow(3 * MS, adaptive=True)
+    Thread(w).run(pings(10, 2 * MS) + [late] + pings(3, 2 * MS, t0=late + 2 * MS))
+    assert MARGIN < w.tail < 2 * MARGIN  # each spin that finds its frame: an eighth off
 
 
 def test_one_spin_ahead_per_turn_with_frames() -> None:
@@ -217,4 +257,4 @@ def test_adaptive_with_a_zero_max_is_off() -> None:
 
 
 def test_constants_agree() -> None:
-    assert FLOOR < MARGIN < SHORT and HISTORY >= 2
+    assert FLOOR < MARGIN < SHORT and HISTORY >= 4 and OVER < HISTORY // 2
