@@ -245,11 +245,12 @@ class _NoOutputs:
 class DataPlane:
     def __init__(self, busy_poll: float = 0.0, adaptive: bool = False) -> None:
         # After a loop turn that read frames, keep polling (epoll_wait with no timeout)
-        # for a while before sleeping again: a frame that comes meanwhile is taken
-        # without waking the thread, which on a VM costs tens of µs when the sender runs
-        # on another vCPU (docs/performance.md, "ping"). How long: fabric.runtime.spin
-        # (fixed, or adaptive up to busy_poll). Replaced whole on a reload
-        # (set_busy_poll); the thread reads it every turn.
+        # for a while before sleeping again, and (adaptive) wake by the timerfd to poll
+        # just before a periodic frame is due: a frame that comes while the thread polls
+        # is taken without waking it, which on a VM costs tens of µs when the sender runs
+        # on another vCPU (docs/performance.md, "ping"). When and how long:
+        # fabric.runtime.spin (fixed, or adaptive up to busy_poll). Replaced whole on a
+        # reload (set_busy_poll); the thread reads it every turn.
         self.spin = SpinWindow(busy_poll, adaptive)
         self.busy_polls = 0  # polls made without sleeping because of busy_poll
         self.spins_found = 0  # spins that ended with frames
