@@ -565,22 +565,33 @@ class DataPlane:
         spin = self.spin
         spin_until = 0.0  # spinning until then (0: not spinning)
         wake_at = 0.0  # sleeping towards a spin ahead that starts then (0: none)
+        ahead = False  # about to sleep: ask for a spin ahead first (adaptive)
         start = 0.0
         while not self._stop:
-            timeout = self._wait(wake_at)
             if self.spin is not spin:  # a reload: the new window starts afresh
                 spin = self.spin
                 spin_until = wake_at = 0.0
+                ahead = False
             try:
                 if spin_until:
+                    timeout = self._wait()
                     events = self._spin(spin_until if timer is not None
                                         else min(spin_until, mono() + timeout))
                     if not events and mono() >= spin_until:
                         self.spins_empty += spin.ended_empty()
                         spin_until = 0.0
+                        ahead = spin.adaptive
+                elif ahead:
+                    # Frames may be waiting already (a reply made inside our write): take
+                    # them before the prediction and the timerfd's re-arming, which would
+                    # only delay them; if none, plan the spin ahead and sleep.
+                    events = poll(0)
+                    if not events:
+                        ahead = False
                         wake_at = spin.wake_at()
+                        events = poll(self._wait(wake_at))
                 else:
-                    events = poll(timeout)
+                    events = poll(self._wait(wake_at))
             except InterruptedError:
                 continue
             if spin.on:
@@ -613,7 +624,8 @@ class DataPlane:
                     elif said == EARLY:
                         self.spins_early += 1
                     spin_until = spin.until()
-                    wake_at = 0.0 if spin_until else spin.wake_at()
+                    wake_at = 0.0
+                    ahead = spin.adaptive and not spin_until
             elif wake_at and start >= wake_at:  # the timer's wake for the spin ahead
                 spin_until = spin.woke(start)
                 wake_at = 0.0
