@@ -27,8 +27,10 @@ asks it when to spin.
     `lead` also covers how late the timer wakes the thread (a moving average) and each
     end grows (doubles, plus MARGIN) when a frame misses the spin on its side (a sender
     that jitters more than the history shows), shrinking by an eighth per spin that
-    found its frame. More than OVER periods longer than `cap` among them, or fewer than
-    two: no such spin.
+    found its frame. No such spin when more than OVER of the periods were longer than
+    `cap`, with fewer than two, or when the spin would last more than SHARP of the
+    shortest period (frames that come at random, not at a period: spinning for them
+    would cost most of a core).
   So periodic traffic spins about its jitter, traffic sparser than `cap` costs nothing
   past a few halving spins, bulk traffic (frames always waiting) spins only across its
   short gaps, idle costs nothing (every spin follows a turn that read frames).
@@ -44,6 +46,7 @@ SHORT = 200e-6  # about twice what a cross-vCPU wakeup costs the thread here
 MARGIN = 50e-6  # what a spin ahead should wait for its frame
 HISTORY = 16  # periods that predict the next
 OVER = 4  # of them at most this many longer than the max (a stall) and still predict
+SHARP = 0.25  # a spin ahead at most this share of the period: else it is no prediction
 
 NONE, FOUND, EARLY = 0, 1, 2  # what frames() says about the turn's frames
 _IDLE, _SHORT, _WAIT, _AHEAD = range(4)
@@ -143,10 +146,13 @@ class SpinWindow:
         bounds = self.predicted()
         if bounds is None:
             return 0.0
+        lo, hi = bounds
+        if hi + self.tail - (lo - self.lead) > SHARP * lo:
+            return 0.0
         self._phase = _WAIT
         assert self._anchor is not None
-        self._from = self._anchor + bounds[0] - self.lead
-        self._to = self._anchor + bounds[1] + self.tail
+        self._from = self._anchor + lo - self.lead
+        self._to = self._anchor + hi + self.tail
         return self._from
 
     def woke(self, now: float) -> float:
