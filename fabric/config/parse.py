@@ -42,6 +42,7 @@ from fabric.config.fields import (
     type_error,
 )
 from fabric.config.specs import (
+    ADAPTIVE_MAX,
     ALLOW_ALL,
     DEFAULT_CONTROL,
     DEFAULT_CONTROL_MODE,
@@ -247,10 +248,10 @@ def _parse_dns(value: Any, src: str, key: str) -> DnsSpec:
 
 
 def _parse_busy_poll(value: Any, src: str, key: str) -> tuple[float, bool]:
-    """(window or cap in seconds, adaptive) from a duration (fixed), ``adaptive`` (up to
-    ADAPTIVE_MAX) or ``{max: DURATION}`` (adaptive up to that)."""
+    """(window or cap in seconds, adaptive) from a duration (fixed; 0 is off), ``adaptive``
+    (up to ADAPTIVE_MAX, also the default) or ``{max: DURATION}`` (adaptive up to that)."""
     if value is None:
-        return 0.0, False
+        return ADAPTIVE_MAX, True
     if value == "adaptive":
         return ADAPTIVE_MAX, True
     if isinstance(value, Mapping):
@@ -769,9 +770,6 @@ def validate_namespace_set(
 
 _WORKER_KEYS = ("id", "control", "control_mode", "state_dir", "egress", "tunnel", "busy_poll")
 MAX_BUSY_POLL = 0.1  # longer is a typo: the data plane would spin for most of a second
-# `busy_poll: adaptive`'s cap: covers ping's 2 ms and request/response gaps shorter than
-# that (docs/performance.md, "ping")
-ADAPTIVE_MAX = 3e-3
 _EGRESS_KEYS = ("tun", "pool")
 _TUNNEL_KEYS = ("listen", "private_key", "private_key_file", "psk", "keepalive", "peers")
 _PEER_KEYS = ("id", "endpoint", "public_key")

@@ -1602,9 +1602,15 @@ def test_errors_are_one_line_whatever_their_message() -> None:
         assert "\n" not in str(exc) and "\\n" in exc.message
 
 
-def test_worker_busy_poll_is_a_short_duration_and_off_by_default() -> None:
-    assert parse_config(base(), SRC).worker.busy_poll == 0.0
+def test_worker_busy_poll_is_a_short_duration_and_adaptive_by_default() -> None:
+    from fabric.config.specs import ADAPTIVE_MAX
+
+    w = parse_config(base(), SRC).worker
+    assert w.busy_poll == ADAPTIVE_MAX and w.busy_poll_adaptive
     data = base()
+    data["worker"]["busy_poll"] = 0
+    w = parse_config(data, SRC).worker
+    assert w.busy_poll == 0.0 and not w.busy_poll_adaptive  # off
     data["worker"]["busy_poll"] = "2.5ms"
     assert parse_config(data, SRC).worker.busy_poll == pytest.approx(0.0025)
     e = cfg_err(_set(["worker", "busy_poll"], "1s"))
@@ -1614,10 +1620,8 @@ def test_worker_busy_poll_is_a_short_duration_and_off_by_default() -> None:
 
 
 def test_worker_busy_poll_adaptive_has_a_max_and_a_mapping_form() -> None:
-    from fabric.config.parse import ADAPTIVE_MAX
+    from fabric.config.specs import ADAPTIVE_MAX
 
-    w = parse_config(base(), SRC).worker
-    assert not w.busy_poll_adaptive
     data = base()
     data["worker"]["busy_poll"] = "2.5ms"
     assert not parse_config(data, SRC).worker.busy_poll_adaptive  # a duration is fixed
