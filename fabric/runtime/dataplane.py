@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import heapq
+import io
 import itertools
 import logging
 import os
@@ -263,6 +264,10 @@ class DataPlane:
         self._groups: dict[Timed, tuple[Timed, ...]] = {}
         # fd -> (owner, port, receive function, read offset)
         self.ports: dict[int, tuple[Any, Port, Receive, int]] = {}
+        # fd -> the readinto of an io.FileIO over it (not owning it): one read(2) per
+        # frame, like os.readv, but without building an iovec list per call, and None at
+        # EAGAIN instead of an exception (~150 ns less per frame, docs/performance.md).
+        self._readers: dict[int, Callable[[Any], int | None]] = {}
         # fd -> (callback, name, owner whose group it touches)
         self.handlers: dict[int, tuple[Callable[[], None], str, Timed | None]] = {}
         self.tunnel: TunnelLink | None = None
@@ -506,6 +511,7 @@ class DataPlane:
     def _add_port(self, owner: Any, port: Port, receive: Receive, offset: int) -> None:
         os.set_blocking(port.fd, False)  # a blocking read would stall every namespace
         self.ports[port.fd] = (owner, port, receive, offset)
+        self._readers[port.fd] = io.FileIO(port.fd, "rb", closefd=False).readinto
         self._ep.register(port.fd, select.EPOLLIN)
         gso_ports = getattr(owner, "gso_ports", None)
         if gso_ports is not None and port.kind in UDP_RUN_KINDS and port.hlen \
@@ -516,6 +522,7 @@ class DataPlane:
         entry = self.ports.get(port.fd)
         if entry is not None and entry[1] is port:
             del self.ports[port.fd]
+            self._readers.pop(port.fd, None)
             gso_ports = getattr(entry[0], "gso_ports", None)
             if gso_ports is not None:
                 gso_ports.discard(port)
@@ -769,10 +776,12 @@ class DataPlane:
     def _readable(self, owner: Any, port: Port, receive: Receive, offset: int) -> None:
         buf = self.buf
         mv = self.mv
-        bufs = [mv[offset:]] if offset else [buf]
-        readv = os.readv
+        into = mv[offset:] if offset else buf
         write = os.write
         fd = port.fd
+        readinto = self._readers.get(fd)
+        if readinto is None:  # (a port read without add_port: tests, embedders)
+            readinto = io.FileIO(fd, "rb", closefd=False).readinto
         now = time.monotonic()
         k = 0
         run = self._udp
@@ -782,8 +791,8 @@ class DataPlane:
         try:
             for k in range(BATCH):  # noqa: B007 (k counts frames)
                 try:
-                    n = readv(fd, bufs)
-                except BlockingIOError:
+                    n = readinto(into)
+                except BlockingIOError:  # (FileIO returns None instead; kept for safety)
                     break
                 except OSError as e:
                     # A vanished device stops being read and the control side is told;
@@ -794,7 +803,7 @@ class DataPlane:
                     if e.errno in TROUBLE_ERRNOS:
                         self.trouble.report(port, e.errno or 0)
                     break
-                if n <= 0:
+                if not n:  # None: EAGAIN, drained; 0: end of file
                     break
                 n += offset
                 d0 = port.ndrops
