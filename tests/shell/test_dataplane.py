@@ -649,33 +649,51 @@ def _settled(dp: DataPlane, timeout: float = 5.0) -> int:
     raise AssertionError(f"the data plane kept polling: {dp.busy_polls} polls")
 
 
-@pytest.mark.parametrize("busy_poll", [0.0, 0.02])
-def test_busy_poll_polls_only_after_frames_and_then_sleeps(busy_poll: float) -> None:
-    dp = DataPlane(busy_poll=busy_poll)
+@pytest.mark.parametrize(("busy_poll", "adaptive"), [(0.0, False), (0.02, False), (0.02, True)])
+def test_busy_poll_polls_only_after_frames_and_then_sleeps(busy_poll: float,
+                                                           adaptive: bool) -> None:
+    dp = DataPlane(busy_poll=busy_poll, adaptive=adaptive)
     dp.start()
     try:
         with _shop(dp) as (_, a, b):
-            _check_busy_poll(dp, a, b, busy_poll)
+            _check_busy_poll(dp, a, b, busy_poll, adaptive)
     finally:
         dp.close()
 
 
-def _check_busy_poll(dp: DataPlane, a: SocketPod, b: SocketPod, busy_poll: float) -> None:
+def _forward(a: SocketPod, b: SocketPod, payload: bytes) -> None:
+    a.udp(b.ip, 1, 2, payload)
+    got = b.recv_ip(2.0)
+    assert got is not None and bytes(IP(got)[UDP].payload) == payload
+
+
+def _check_busy_poll(dp: DataPlane, a: SocketPod, b: SocketPod, busy_poll: float,
+                     adaptive: bool) -> None:
     idle = _settled(dp)  # nothing was forwarded yet: no polling at all
     assert idle == 0
-    a.udp(b.ip, 1, 2, b"one")
-    got = b.recv_ip(2.0)
-    assert got is not None and bytes(IP(got)[UDP].payload) == b"one"
+    _forward(a, b, b"one")
     after = _settled(dp)
-    if busy_poll:
+    if busy_poll and not adaptive:
         assert after > 0  # it polled after the frame, then slept again
+        assert dp.spins_empty >= 1 and dp.spin.window == busy_poll
     else:
-        assert after == 0
-    dp.busy_poll = 0.0  # a reload may turn it off: the thread reads it every turn
-    a.udp(b.ip, 1, 2, b"two")
-    got = b.recv_ip(2.0)
-    assert got is not None and bytes(IP(got)[UDP].payload) == b"two"
+        assert after == 0  # adaptive: one frame is no gap, nothing to cover yet
+    if adaptive:
+        # Frames one after another, each sent once the one before has arrived: gaps
+        # within the max make the thread spin after a frame (right away for a short
+        # gap, ahead of the next one for longer ones) and, once they stop, the spins end
+        # empty and it sleeps. (Twenty tries: two gaps under 20 ms are all it takes.)
+        for _ in range(20):
+            _forward(a, b, b"next")
+            if dp.spin.window or dp.spin.predicted():
+                break
+        after = _settled(dp)
+        assert after > 0 and dp.spins_empty >= 1
+        assert dp.spin.window < busy_poll
+    dp.set_busy_poll(0.0)  # a reload may turn it off: the thread picks it up next turn
+    _forward(a, b, b"two")
     assert _settled(dp) == after
+    assert dp.spin.window == 0.0 and not dp.spin.on
 
 
 def test_a_port_is_read_through_its_own_reader_until_its_fd_goes_away() -> None:
