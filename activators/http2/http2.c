@@ -38,6 +38,8 @@
 #define BTABLE 512                 /* HEADER_TABLE_SIZE we ask of the backend */
 #define BSNAP_CAP BTABLE           /* its table's entries, kept while idle (they fit) */
 #define HLIST_MAX (64 * 1024)      /* one decoded header list (RFC 7541 4.1 sizes), at most */
+#define HLIST_ANNOUNCED 32768      /* SETTINGS_MAX_HEADER_LIST_SIZE toward the client: a list
+                                    * this size always fits a block (HB_CAP) and RE */
 #define HIST 512                   /* recent client stream ids remembered (opened, reset by us) */
 #define RST_BURST 1000             /* client resets of open streams: a burst, then */
 #define RST_RATE 100               /* this many a second (rapid reset, CVE-2023-44487) */
@@ -56,6 +58,7 @@
 #define F_GRPC 128
 #define F_TSET 256       /* t0 is a real time */
 #define F_RESP 512       /* the backend's response headers arrived */
+#define F_FINAL 1024     /* ... and a final (not 1xx) one among them */
 
 /* upstream states */
 #define UP_NONE 0
@@ -73,6 +76,7 @@ typedef struct {
     u32 c_credit, b_credit;
     u32 qc, qb;            /* records queued toward the client / backend */
     u32 blk;
+    u32 hlist;             /* the request's header list size (RFC 7541 4.1) */
     u64 t0;
     u32 gto;               /* grpc-timeout in ms, 0: none */
     i64 clen;              /* the request's content-length, -1: none */
@@ -116,6 +120,8 @@ typedef struct conn {
     u32 ga;                /* 0, 1 (2^31-1 + PING sent), 2 (real last id sent) */
     u64 ga_t;              /* when ga became 1 (0: before a tick) */
     u32 cli_goaway;
+    u32 dec_taint;         /* the client's table may hold an entry not checked (check_field) */
+    u32 b_taint;           /* the same for the backend's table */
     u32 cli_fin;           /* the client's FIN came: finish the streams in flight, then close */
     u32 c_cont_cost, b_cont_cost;  /* a header block's frames so far, 9 octets each + payload */
     u32 rst_tokens;        /* client resets still allowed (RST_BURST, RST_RATE a second) */
@@ -125,6 +131,7 @@ typedef struct conn {
      * ignored (RFC 9113 5.1); other frames on a closed stream are errors. */
     u64 hist_open[HIST / 64], hist_ours[HIST / 64];
     u32 b_maxcs;           /* the backend's SETTINGS_MAX_CONCURRENT_STREAMS */
+    u32 b_maxhl;           /* the backend's SETTINGS_MAX_HEADER_LIST_SIZE (none: 2^32-1) */
     u64 fin_t;             /* after cli_fin: the FIN, or the last bytes sent since */
     u32 cin_pre;           /* while w is 0: the client's preface bytes seen (0 or 24) */
     u32 bdec_max;          /* while w is 0: the backend table's size, and its entries: */
@@ -153,10 +160,11 @@ static u32 budget;
 
 /* counters reported with `count` actions at the end of each call */
 enum { C_PINGS, C_HOLD_TIMEOUTS, C_REFUSED, C_PROTO_ERRORS, C_BACKEND_GOAWAYS, C_STREAMS,
-       C_UP_TIMEOUTS, C_CONN_REFUSED, NCOUNT };
+       C_UP_TIMEOUTS, C_CONN_REFUSED, C_MALFORMED, C_TOO_LARGE, C_MALFORMED_RESP, NCOUNT };
 static const char *const COUNT_NAME[NCOUNT] = {
     "pings_answered", "hold_timeouts", "streams_refused_h2", "protocol_errors",
-    "backend_goaways", "requests", "upstream_timeouts", "connections_refused"};
+    "backend_goaways", "requests", "upstream_timeouts", "connections_refused",
+    "malformed_requests", "headers_too_large", "malformed_responses"};
 static u32 counts[NCOUNT], count_len[NCOUNT];
 
 static u8 D[SCR_CAP], U[SCR_CAP];
@@ -173,36 +181,142 @@ static void logmsg(u32 level, const char *msg) {
 typedef struct {
     struct fab_hpack_out o;
     u32 too_big, grpc, gto;
-    u32 check;             /* CHECK_REQUEST, CHECK_TRAILERS, or 0: not checked */
+    u32 check;             /* CHECK_REQUEST, CHECK_TRAILERS, CHECK_RESPONSE, CHECK_RESP_TRAILERS,
+                            * or 0: not checked */
+    u32 status;            /* a response's :status, 0: none */
     u32 bad;               /* malformed (RFC 9113 8.1.1): a stream error PROTOCOL_ERROR */
     u32 regular, pseudo;   /* a regular field seen; the request pseudo-fields seen */
     u32 connect;           /* :method CONNECT */
+    u32 options;           /* :method OPTIONS */
+    u32 http;              /* :scheme http or https (any case) */
+    u32 path;              /* :path's form: PATH_ORIGIN ("/..."), PATH_STAR ("*"), other */
     i64 clen;              /* content-length, -1: none */
+    u32 list;              /* the decoded header list's size (RFC 7541 4.1: name + value + 32) */
+    u32 table_ok;          /* every dynamic-table entry was checked when it went in */
 } reenc;
 
 #define CHECK_REQUEST 1
 #define CHECK_TRAILERS 2
+#define CHECK_RESPONSE 3
+#define CHECK_RESP_TRAILERS 4
+#define PS_STATUS 16
+#define SI_STATUS 8
 #define PS_METHOD 1
 #define PS_SCHEME 2
 #define PS_AUTHORITY 4
 #define PS_PATH 8
+#define PATH_ORIGIN 1
+#define PATH_STAR 2
+#define PATH_OTHER 3
 /* static table indices (RFC 7541 A) of the names checked */
 #define SI_AUTHORITY 1
 #define SI_METHOD 2
 #define SI_PATH 4
 #define SI_SCHEME 6
 #define SI_CONTENT_LENGTH 28
+#define SI_HOST 38
 #define SI_TRANSFER_ENCODING 57
+
+/* Byte tests over 8 bytes at once: does v hold a byte below lo (at most 128), or equal
+ * to x, y or z? The last step overlaps the one before; a value under 8 bytes is padded
+ * with 0x80, a byte no test looks for. v is always the HPACK decoder's scratch buffer
+ * (FAB_HPACK_STR_CAP bytes), so 8 bytes are there to read. Exact: no closer look. */
+#define ONES 0x0101010101010101ull
+#define HAS_ZERO(w) (((w) - ONES) & ~(w) & ONES * 0x80)
+
+static int any_of(const u8 *v, u32 n, u32 lo, u32 x, u32 y, u32 z) {
+    if (!n) return 0;
+    for (u32 i = 0;; i += 8) {
+        u64 w;
+        if (n < 8) {
+            __builtin_memcpy(&w, v, 8);
+            u64 keep = (1ull << (8 * n)) - 1;
+            w = (w & keep) | (~keep & ONES * 0x80);
+        } else {
+            if (i + 8 > n) i = n - 8;
+            __builtin_memcpy(&w, v + i, 8);  /* one unaligned i64.load */
+        }
+        if (((w - ONES * lo) & ~w & ONES * 0x80) | HAS_ZERO(w ^ (ONES * x)) |
+            HAS_ZERO(w ^ (ONES * y)) | HAS_ZERO(w ^ (ONES * z)))
+            return 1;
+        if (i + 8 >= n) return 0;
+    }
+}
+
+/* RFC 9113 8.2.1: a value holds no NUL, CR or LF, and neither starts nor ends with SP or
+ * HTAB. A CR or LF relayed to a backend that speaks HTTP/1 on would split the field in
+ * two (header injection), whatever this hop's framing says. */
+static int bad_value(const u8 *v, u32 n) {
+    if (!n) return 0;
+    if (v[0] == ' ' || v[0] == '\t' || v[n - 1] == ' ' || v[n - 1] == '\t') return 1;
+    return any_of(v, n, 0, 0, '\n', '\r');
+}
+
+/* Byte classes of RFC 9110 5.6.2 (tchar: a method) and RFC 3986 3.1 (a scheme), as
+ * 128-bit masks over ASCII; both values are short, and the common ones skip the scan. */
+static const u64 TCHAR[2] = {0x3ff6cfa00000000ull, 0x57ffffffc7fffffeull};
+static const u64 SCHEME[2] = {0x3ff680000000000ull, 0x7fffffe07fffffeull};
+
+static int all_in(const u64 *set, const u8 *v, u32 n) {
+    for (u32 i = 0; i < n; i++) {
+        u8 b = v[i];
+        if (b >= 128 || !((set[b >> 6] >> (b & 63)) & 1)) return 0;
+    }
+    return 1;
+}
+
+/* A pseudo-field's own syntax (RFC 9113 8.3.1): a method is a token, a scheme starts with
+ * a letter, an authority has no userinfo ('@'), no path and no space, a path is visible
+ * characters; noted for the checks at the block's end (CONNECT, OPTIONS *, an http(s)
+ * path's form). */
+static void check_pseudo(reenc *r, u32 bit, const u8 *v, u32 vl, int scan) {
+    if (bit == PS_METHOD) {
+        r->connect = vl == 7 && fab_memeq(v, "CONNECT", 7);
+        r->options = vl == 7 && fab_memeq(v, "OPTIONS", 7);
+        if (scan && (!vl || !all_in(TCHAR, v, vl))) r->bad = 1;
+    } else if (bit == PS_SCHEME) {
+        u32 l4 = vl >= 4 ? fab_le32(v) | 0x20202020u : 0;  /* lowercase, for "http" */
+        r->http = l4 == 0x70747468u && (vl == 4 || (vl == 5 && (v[4] | 0x20) == 's'));
+        if (scan && !r->http && (!vl || (v[0] | 0x20) < 'a' || (v[0] | 0x20) > 'z' ||
+                                 !all_in(SCHEME, v, vl)))
+            r->bad = 1;
+    } else if (bit == PS_AUTHORITY) {
+        if (scan && any_of(v, vl, 0x21, '@', '/', 0x7f)) r->bad = 1;
+    } else {
+        if (!vl) { r->bad = 1; return; }
+        r->path = v[0] == '/' ? PATH_ORIGIN : vl == 1 && v[0] == '*' ? PATH_STAR : PATH_OTHER;
+        if (scan && any_of(v, vl, 0x21, 0x7f, 0x7f, 0x7f)) r->bad = 1;
+    }
+}
 
 /* A request's field against RFC 9113 8.2 and 8.3.1, so a malformed request is answered
  * here (RST_STREAM PROTOCOL_ERROR) and never wakes a backend: pseudo-fields known, once
  * each, before the regular ones and never in trailers; names lowercase and of token
- * characters; no connection-specific fields; te only "trailers"; one content-length.
- * Static-table names (most fields) skip the character scan. */
+ * characters; values without NUL, CR, LF or surrounding whitespace; no
+ * connection-specific fields; te only "trailers"; one content-length. Static-table names
+ * (most fields) skip the name's character scan. A value is scanned when it is a literal:
+ * an indexed field's value is a static entry's, or a dynamic entry's that was scanned when
+ * it went in as a literal (unless the table is tainted: a block not checked, or one found
+ * malformed, may have put in an entry that would fail; then every value is scanned). */
 static void check_field(reenc *r, const struct fab_hpack_field *f) {
     u32 si = f->static_name, nl = f->name_len, vl = f->value_len;
     const u8 *nm = f->name, *v = f->value;
-    if (nl && nm[0] == ':') {
+    int scan = !f->indexed || (f->indexed > 61 && !r->table_ok);
+    if (nl && nm[0] == ':' && r->check >= CHECK_RESPONSE) {
+        /* a response: :status once, first, three digits (RFC 9113 8.3.2); nothing else */
+        if (si != SI_STATUS || r->regular || r->check == CHECK_RESP_TRAILERS ||
+            (r->pseudo & PS_STATUS) || vl != 3) {
+            r->bad = 1;
+            return;
+        }
+        r->pseudo |= PS_STATUS;
+        for (u32 i = 0; i < 3; i++) {
+            if (v[i] < '0' || v[i] > '9') { r->bad = 1; return; }
+            r->status = r->status * 10 + (v[i] - '0');
+        }
+        return;
+    }
+    if (nl && nm[0] == ':') {  /* its own scan (check_pseudo) is stricter than bad_value's */
         u32 bit = si == SI_METHOD ? PS_METHOD : si == SI_SCHEME ? PS_SCHEME
                 : si == SI_AUTHORITY ? PS_AUTHORITY : si == SI_PATH ? PS_PATH : 0;
         if (!bit || r->regular || r->check == CHECK_TRAILERS || (r->pseudo & bit)) {
@@ -210,10 +324,10 @@ static void check_field(reenc *r, const struct fab_hpack_field *f) {
             return;
         }
         r->pseudo |= bit;
-        if (bit == PS_METHOD) r->connect = vl == 7 && fab_memeq(v, "CONNECT", 7);
-        if (bit == PS_PATH && !vl) r->bad = 1;
+        check_pseudo(r, bit, v, vl, scan);
         return;
     }
+    if (scan && bad_value(v, vl)) { r->bad = 1; return; }
     r->regular = 1;
     if (si) {
         if (si == SI_TRANSFER_ENCODING) {
@@ -227,11 +341,14 @@ static void check_field(reenc *r, const struct fab_hpack_field *f) {
             }
             if (r->clen >= 0 && r->clen != x) r->bad = 1;
             r->clen = x;
+        } else if (si == SI_HOST && r->check == CHECK_REQUEST && scan &&
+                   any_of(v, vl, 0x21, '@', '/', 0x7f)) {
+            r->bad = 1;  /* held to :authority's rules (RFC 9110 7.2: uri-host [":" port]) */
         }
         return;
     }
     if (!nl) { r->bad = 1; return; }
-    for (u32 i = 0; i < nl; i++) {
+    for (u32 i = 0; scan && i < nl; i++) {  /* an indexed name was scanned as it went in */
         u8 b = nm[i];
         if (b <= 0x20 || (b >= 'A' && b <= 'Z') || b >= 0x7f || b == ':') { r->bad = 1; return; }
     }
@@ -246,10 +363,13 @@ static void check_field(reenc *r, const struct fab_hpack_field *f) {
 
 /* The pseudo-fields a request must have (8.3.1; CONNECT: 8.5). */
 static void check_request_end(reenc *r) {
+    if (r->check == CHECK_RESPONSE && !r->bad) r->bad = !(r->pseudo & PS_STATUS);
     if (r->check != CHECK_REQUEST || r->bad) return;
     if (!(r->pseudo & PS_METHOD)) r->bad = 1;
     else if (r->connect) r->bad = (r->pseudo & (PS_SCHEME | PS_PATH)) || !(r->pseudo & PS_AUTHORITY);
-    else r->bad = (r->pseudo & (PS_SCHEME | PS_PATH)) != (PS_SCHEME | PS_PATH);
+    else if ((r->pseudo & (PS_SCHEME | PS_PATH)) != (PS_SCHEME | PS_PATH)) r->bad = 1;
+    /* http(s): origin form, or asterisk form for OPTIONS (RFC 9112 3.2) */
+    else if (r->http) r->bad = !(r->path == PATH_ORIGIN || (r->path == PATH_STAR && r->options));
 }
 
 static u32 parse_gto(const u8 *v, u32 n) {
@@ -283,6 +403,8 @@ static void re_field(void *ctx, const struct fab_hpack_field *f) {
     if (f->name_len == 12 && fab_memeq(f->name, "grpc-timeout", 12))
         r->gto = parse_gto(f->value, f->value_len);
     if (r->check && !r->bad) check_field(r, f);
+    r->list += f->name_len + f->value_len + 32;
+    if (r->check && r->list > HLIST_ANNOUNCED) r->too_big = 1;  /* 431 (RFC 9113 10.5.1) */
     if (r->too_big) return;
     if (fab_hpack_encode_field(&r->o, f->name, f->name_len, f->value, f->value_len,
                                f->never_indexed, f->static_name))
@@ -291,14 +413,18 @@ static void re_field(void *ctx, const struct fab_hpack_field *f) {
 
 /* Decode a whole block into RE; 0 ok, or the connection error: COMPRESSION_ERROR for a
  * malformed block, ENHANCE_YOUR_CALM for a header list past HLIST_MAX decoded (a bomb). */
-static u32 hp_decode(struct fab_hpack_table *t, const u8 *p, u32 len, reenc *r, u32 check) {
+static u32 hp_decode(struct fab_hpack_table *t, const u8 *p, u32 len, reenc *r, u32 check,
+                     u32 table_ok) {
     r->o.buf = RE;
     r->o.len = 0;
     r->o.cap = RE_CAP;
     r->too_big = r->grpc = r->gto = 0;
     r->check = check;
-    r->bad = r->regular = r->pseudo = r->connect = 0;
+    r->bad = r->regular = r->pseudo = r->connect = r->options = r->http = r->path = 0;
+    r->status = 0;
     r->clen = -1;
+    r->list = 0;
+    r->table_ok = table_ok;
     int e = fab_hpack_decode_max(t, p, len, HLIST_MAX, re_field, r);
     if (e) return e == -2 ? FAB_H2_ENHANCE_YOUR_CALM : FAB_H2_COMPRESSION_ERROR;
     check_request_end(r);
@@ -474,9 +600,9 @@ static void stream_error(conn *c, strm *s, u32 sid, u32 code) {
 }
 
 /* ---- local answers to the client (never touch its dynamic table) ---- */
-/* Their header blocks, encoded once at init: 503, 431, gRPC UNAVAILABLE (14) and
+/* Their header blocks, encoded once at init: 503, 431, 502, gRPC UNAVAILABLE (14) and
  * DEADLINE_EXCEEDED (4) as Trailers-Only. */
-enum { LR_503, LR_431, LR_GRPC_UNAVAILABLE, LR_GRPC_DEADLINE, NLR };
+enum { LR_503, LR_431, LR_502, LR_GRPC_UNAVAILABLE, LR_GRPC_DEADLINE, NLR };
 static u8 lr_block[NLR][112];
 static u32 lr_len[NLR];
 
@@ -496,6 +622,7 @@ static void build_reply(u32 k, const char *status, const char *grpc_status, cons
 static void build_replies(void) {
     build_reply(LR_503, "503", 0, 0);
     build_reply(LR_431, "431", 0, 0);
+    build_reply(LR_502, "502", 0, 0);
     build_reply(LR_GRPC_UNAVAILABLE, "200", "14", "backend unavailable");
     build_reply(LR_GRPC_DEADLINE, "200", "4", "deadline exceeded while the backend woke");
 }
@@ -593,8 +720,9 @@ static void cli_header_block(conn *c, u32 sid, u32 flags) {
     strm *s = find(c, sid);
     u32 check = sid > c->max_cid ? CHECK_REQUEST
               : s && is_open(s) && !(s->flags & F_CLI_END) ? CHECK_TRAILERS : 0;
-    u32 err = hp_decode(&c->dec, c->w->chb, c->chb_len, &r, check);
+    u32 err = hp_decode(&c->dec, c->w->chb, c->chb_len, &r, check, !c->dec_taint);
     if (err) { conn_error(c, err); return; }
+    if (!check || r.bad) c->dec_taint = 1;  /* what it put in the table was not all checked */
     int end = (flags & FAB_H2_END_STREAM) != 0;
     if (sid <= c->max_cid) {
         if (!s || !is_open(s)) {
@@ -607,11 +735,13 @@ static void cli_header_block(conn *c, u32 sid, u32 flags) {
         if (s->flags & F_CLI_END) { stream_error(c, s, sid, FAB_H2_STREAM_CLOSED); return; }
         if (!end || (flags & FLAG_SELFDEP) || r.bad ||
             (s->clen >= 0 && s->body != (u64)s->clen)) {
+            counts[C_MALFORMED]++;
             stream_error(c, s, sid, FAB_H2_PROTOCOL_ERROR);
             return;
         }
         s->flags |= F_CLI_END;
         if (s->flags & (F_LOCAL | F_RESET)) return;
+        if (r.too_big) counts[C_TOO_LARGE]++;
         if (r.too_big || !push2b(c, s, FAB_H2_HEADERS, FAB_H2_END_STREAM, sid, RE, r.o.len)) {
             rst2c(c, s, sid, FAB_H2_ENHANCE_YOUR_CALM);
             s->flags |= F_RESET;
@@ -624,6 +754,7 @@ static void cli_header_block(conn *c, u32 sid, u32 flags) {
     }
     new_max_cid(c, sid);
     if ((flags & FLAG_SELFDEP) || r.bad || (end && r.clen > 0)) {
+        counts[C_MALFORMED]++;
         rst2c(c, 0, sid, FAB_H2_PROTOCOL_ERROR);  /* malformed: answered here, no backend */
         return;
     }
@@ -637,8 +768,13 @@ static void cli_header_block(conn *c, u32 sid, u32 flags) {
     counts[C_STREAMS]++;
     if (end) s->flags |= F_CLI_END;
     s->clen = r.clen;
+    s->hlist = r.list;
     if (r.grpc) { s->flags |= F_GRPC; s->gto = r.gto; }
-    if (r.too_big) { local_reply(c, s, LR_431); return; }
+    if (r.too_big || r.list > c->b_maxhl) {  /* ours, or the backend's (6.5.2) */
+        counts[C_TOO_LARGE]++;
+        local_reply(c, s, LR_431);
+        return;
+    }
     if (!push2b(c, s, FAB_H2_HEADERS, end ? FAB_H2_END_STREAM : 0, sid, RE, r.o.len)) {
         s->flags |= F_RESET;
         rst2c(c, s, sid, FAB_H2_REFUSED_STREAM);
@@ -723,6 +859,7 @@ static void cli_frame(conn *c, const struct fab_h2_frame *f) {
             u64 b = s->body + dl;
             if (b > (u64)s->clen || (end && b != (u64)s->clen)) {
                 c->c_credit += n;
+                counts[C_MALFORMED]++;
                 stream_error(c, s, sid, FAB_H2_PROTOCOL_ERROR);
                 return;
             }
@@ -842,16 +979,50 @@ static void cli_input(conn *c, const u8 *p, u32 n) {
 }
 
 /* ---- frames from the backend ---- */
+/* A malformed response (RFC 9113 8.1.1): an intermediary must not relay it. The backend's
+ * stream is reset (PROTOCOL_ERROR); the client gets a 502 if nothing final went to it
+ * yet, else (bad trailers) RST_STREAM(INTERNAL_ERROR). Late backend frames: dropped. */
+static void bad_response(conn *c, strm *s, u32 sid) {
+    counts[C_MALFORMED_RESP]++;
+    purge_to_backend(c, s);
+    rst2b(c, s, sid, FAB_H2_PROTOCOL_ERROR);
+    if (!(s->flags & F_FINAL)) {
+        local_reply(c, s, LR_502);
+    } else {
+        purge_to_client(c, s);
+        rst2c(c, s, sid, FAB_H2_INTERNAL_ERROR);
+    }
+    s->flags |= F_RESET;
+}
+
 /* A backend header block: decoded against the backend's table (so that table stays in
  * step whatever becomes of the stream) and re-encoded for the client without the dynamic
  * table, like requests the other way: blocks then need no order between streams. */
 static void b_header_block(conn *c, u32 sid, u32 flags) {
     reenc r;
-    u32 err = hp_decode(&c->w->bdec, c->w->bhb, c->bhb_len, &r, 0);
-    if (err) { up_error(c, err); return; }
     strm *s = find(c, sid);
+    u32 check = !s || (s->flags & (F_RESET | F_SRV_END)) ? 0
+              : (s->flags & F_FINAL) ? CHECK_RESP_TRAILERS : CHECK_RESPONSE;
+    u32 err = hp_decode(&c->w->bdec, c->w->bhb, c->bhb_len, &r, check, !c->b_taint);
+    if (err) { up_error(c, err); return; }
+    if (!check || r.bad) c->b_taint = 1;
     int end = (flags & FAB_H2_END_STREAM) != 0;
     if (!s || (s->flags & F_RESET)) return;  /* the client reset it: decoded, dropped */
+    if (s->flags & F_SRV_END) {
+        /* HEADERS after the backend's END_STREAM (half-closed remote, 5.1): not relayed */
+        counts[C_MALFORMED_RESP]++;
+        purge_to_backend(c, s);
+        rst2b(c, s, sid, FAB_H2_STREAM_CLOSED);
+        if (!(s->flags & F_CLI_END)) rst2c(c, s, sid, FAB_H2_NO_ERROR);
+        s->flags |= F_RESET;
+        return;
+    }
+    /* 8.1: a 1xx never ends the stream, 101 does not exist in HTTP/2 (8.6), trailers do */
+    u32 info = check == CHECK_RESPONSE && r.status >= 100 && r.status < 200;
+    if (r.bad || (info && (end || r.status == 101)) || (check == CHECK_RESP_TRAILERS && !end)) {
+        bad_response(c, s, sid);
+        return;
+    }
     if (r.too_big) {
         purge_to_client(c, s);
         rst2c(c, s, sid, FAB_H2_INTERNAL_ERROR);
@@ -866,6 +1037,7 @@ static void b_header_block(conn *c, u32 sid, u32 flags) {
     }
     s->qc++;
     s->flags |= F_RESP;
+    if (check == CHECK_RESPONSE && !info) s->flags |= F_FINAL;
     if (end) s->flags |= F_SRV_END;
 }
 
@@ -905,6 +1077,11 @@ static void b_frame(conn *c, const struct fab_h2_frame *f) {
             return;
         }
         if ((i64)n > s->b_recv) { up_error(c, FAB_H2_FLOW_CONTROL_ERROR); return; }
+        if (!(s->flags & F_FINAL)) {  /* DATA before the response's headers: malformed */
+            c->b_credit += n;
+            bad_response(c, s, sid);
+            return;
+        }
         s->b_recv -= n;
         c->b_credit += n - dl;
         s->b_credit += n - dl;
@@ -953,6 +1130,7 @@ static void b_frame(conn *c, const struct fab_h2_frame *f) {
         if (sid) { up_error(c, FAB_H2_PROTOCOL_ERROR); return; }
         if (flags & FAB_H2_ACK) return;
         if (fab_h2_bad_size(f)) { up_error(c, FAB_H2_FRAME_SIZE_ERROR); return; }
+        u32 hl = 0;
         for (u32 i = 0, id, v; fab_h2_setting(f, &i, &id, &v);) {
             u32 err = id == FAB_H2_SETTINGS_ENABLE_PUSH ? 0 : fab_h2_setting_error(id, v);
             if (err) { up_error(c, err); return; }
@@ -971,6 +1149,19 @@ static void b_frame(conn *c, const struct fab_h2_frame *f) {
                 c->b_maxf = v;
             } else if (id == FAB_H2_SETTINGS_MAX_CONCURRENT_STREAMS) {
                 c->b_maxcs = v;
+            } else if (id == FAB_H2_SETTINGS_MAX_HEADER_LIST_SIZE) {
+                c->b_maxhl = v;
+                hl = 1;
+            }
+        }
+        /* held requests (none is sent before these SETTINGS) past the backend's header
+         * list size: answered 431 here rather than sent to be refused (RFC 9113 6.5.2) */
+        for (u32 k = 0; hl && k < NSTREAMS; k++) {
+            strm *s = &c->w->st[k];
+            if (is_open(s) && (s->flags & F_QUEUED_UP) && !(s->flags & F_SENT_UP) &&
+                !(s->flags & F_LOCAL) && s->hlist > c->b_maxhl) {
+                counts[C_TOO_LARGE]++;
+                local_reply(c, s, LR_431);
             }
         }
         push2b(c, 0, FAB_H2_SETTINGS, FAB_H2_ACK, 0, 0, 0);
@@ -1404,16 +1595,19 @@ static conn *open_conn(u32 sid) {
     c->c_tsu = 1;
     c->b_last = 0x7fffffff;
     c->b_maxcs = 0xffffffff;  /* until the backend's SETTINGS say (none is sent before) */
+    c->b_maxhl = 0xffffffff;
     c->rst_tokens = RST_BURST;
     c->rst_t = fab_now();
-    u8 s[6];
+    /* the server preface: MAX_HEADER_LIST_SIZE says where 431 starts (RFC 9113 6.5.2) */
+    u8 s[12];
     fab_h2_put_setting(s, FAB_H2_SETTINGS_MAX_CONCURRENT_STREAMS, MAX_OPEN);
+    fab_h2_put_setting(s + 6, FAB_H2_SETTINGS_MAX_HEADER_LIST_SIZE, HLIST_ANNOUNCED);
     if (get_work(c)) {
-        push2c(c, 0, FAB_H2_SETTINGS, 0, 0, s, 6);
+        push2c(c, 0, FAB_H2_SETTINGS, 0, 0, s, 12);
     } else {
-        u8 f[FAB_H2_HDR + 6];  /* the server preface at once; the rest waits for a block */
+        u8 f[FAB_H2_HDR + 12];  /* the server preface at once; the rest waits for a block */
         u32 fl = 0;
-        fab_h2_put_frame(f, sizeof f, &fl, FAB_H2_SETTINGS, 0, 0, s, 6);
+        fab_h2_put_frame(f, sizeof f, &fl, FAB_H2_SETTINGS, 0, 0, s, 12);
         fab_send(sid, f, fl);
         start_wait(c);
     }

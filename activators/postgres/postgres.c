@@ -17,8 +17,14 @@
  *     bound) and relayed in order once one is; when the hold runs out the client gets
  *     ErrorResponse 57P03 (FATAL before the session is established, ERROR plus
  *     ReadyForQuery inside one).
- * Framing is checked in both directions; malformed client input gets ErrorResponse
- * 08P01 and a close, a backend stream that does not parse is spliced (a plain relay).
+ *   - a CancelRequest goes to the replica running the session it names (the session's
+ *     BackendKeyData is noted as it goes by; upstream_connect_like, ABI.md);
+ *   - malformed client input is answered as PostgreSQL 15 answers the same bytes (its
+ *     FATAL, or a close without a word where it only logs), without waking anything for
+ *     itself; what came before it is answered first, by the backend when it has a stake
+ *     (then it gets the bad header behind the rest and ends the session itself).
+ * Framing is checked in both directions; a backend stream that does not parse is
+ * spliced (a plain relay).
  *
  * Config (JSON, all optional): ssl ("passthrough" or anything else = answer 'N'),
  * hold_timeout_ms (30000), startup_timeout_ms (60000: a connection that has not sent its
@@ -88,6 +94,14 @@ struct stream {
     u16 cand_sent;        /* bytes of the group's local answer sent at a Flush ... */
     u16 cand_sent_msgs;   /* ... and how many messages they were */
     u16 bskip;            /* backend answers to drop: those the client had from us */
+    u8 doomed;            /* client input stopped parsing (BAD_TYPE/BAD_LEN, below): what it
+                           * sent later is dropped; the backend was handed the bad header */
+    u8 term;              /* a Terminate was relayed or held: later client bytes are dropped */
+    u8 kset;              /* the backend's BackendKeyData went by: kpid, khash are its */
+    u8 has_like;          /* a CancelRequest for the session on stream `like` */
+    u16 kpos;             /* bytes of BackendKeyData's body seen */
+    u32 kpid, khash;      /* its process id, a hash of its secret key (any length, 3.2) */
+    u32 like;
     u32 bnames[8];        /* hashes of statement names the backend may have (a Bloom bit set) */
     u32 pending;
     u64 t0, connect_at;
@@ -121,13 +135,18 @@ static u32 budget; /* actions this call may still write (ABI: 4 per event + 16) 
 
 /* Counters of the port (ABI "count" actions), summed over a call and sent at its end. */
 enum { C_KEEPALIVES, C_WAKE_STARTUP, C_WAKE_QUERY, C_WAKE_TLS, C_HOLD_TIMEOUTS,
-       C_PROTOCOL_ERRORS, C_CANCELS_FORWARDED, C_CANCELS_CLOSED, C_STATEMENTS_RECREATED, NCOUNT };
+       C_PROTOCOL_ERRORS, C_CANCELS_FORWARDED, C_CANCELS_CLOSED, C_STATEMENTS_RECREATED,
+       C_CANCELS_MATCHED, NCOUNT };
 static const char *const count_names[NCOUNT] = {
     "keepalives_answered", "wake_startup", "wake_query", "wake_tls", "hold_timeouts",
-    "protocol_errors", "cancels_forwarded", "cancels_closed", "statements_recreated"};
+    "protocol_errors", "cancels_forwarded", "cancels_closed", "statements_recreated",
+    "cancels_matched"};
 static u32 counts[NCOUNT];
+static u32 counted; /* a bit per counter with something to send (batch_end) */
+#define COUNT(c) (counts[c]++, counted |= 1u << (c))
 
 static u8 scratch[CAND_MAX + 16];
+static u8 startup_pkt[FAB_PG_STARTUP_MAX + 8]; /* a StartupMessage being checked, NUL after it */
 static u8 resp[8192];
 static u32 resp_len;
 
@@ -284,7 +303,8 @@ static void update(struct stream *s) {
         busy = 1;
         break;
     case PH_SESSION:
-        busy = s->pending || s->unsynced || s->status != 'I' || s->swallow || s->hold.len;
+        busy = s->pending || s->unsynced || s->status != 'I' || s->swallow || s->hold.len
+               || s->doomed;
         work = s->hold.len != 0;
         holding = work;
         break;
@@ -309,16 +329,62 @@ static void close_stream(struct stream *s) {
 
 static void fatal(struct stream *s, const char *code, const char *text) {
     u8 m[FAB_PG_ERROR_MAX];
-    if (code[0] == '0' && code[1] == '8') counts[C_PROTOCOL_ERRORS]++;
+    if (code[0] == '0' && code[1] == '8') COUNT(C_PROTOCOL_ERRORS);
     /* not inside a backend message still arriving: then the close says it */
     if (fab_pg_between(&s->bfr)) send_down(s, m, fab_pg_error(m, "FATAL", code, text));
     logmsg(FAB_WARNING, "postgres activator: closing a client connection: ", text);
     close_stream(s);
 }
 
+/* A message text with a protocol version in it ("... 1234.5679: ..."), as the server
+ * formats it; at most 127 bytes. */
+static const char *version_text(char *o, const char *head, u32 code, const char *tail) {
+    u32 at = 0;
+    for (const char *p = head; *p; p++) o[at++] = *p;
+    at = fab__fmt_u(o, at, 100, code >> 16, 10);
+    o[at++] = '.';
+    at = fab__fmt_u(o, at, 100, code & 0xffff, 10);
+    for (const char *p = tail; *p && at < 126; p++) o[at++] = *p;
+    o[at] = 0;
+    return o;
+}
+
+/* What PostgreSQL 15 answers to a startup packet of a protocol it does not speak (any
+ * major version but 3, a second SSLRequest): FATAL 0A000; to a major version below 3 in
+ * the old protocol's format ('E', then the text), which such a client reads. */
+static void refuse_version(struct stream *s, u32 code) {
+    char t[128];
+    COUNT(C_PROTOCOL_ERRORS);
+    version_text(t, "unsupported frontend protocol ", code, ": server supports 3.0 to 3.0");
+    if ((code >> 16) < 3) {
+        u8 m[160];
+        u32 n = 0;
+        m[n++] = 'E';
+        for (const char *p = "FATAL:  "; *p; p++) m[n++] = (u8)*p;
+        for (const char *p = t; *p; p++) m[n++] = (u8)*p;
+        m[n++] = '\n';
+        m[n++] = 0;
+        send_down(s, m, n);
+    } else {
+        u8 m[FAB_PG_ERROR_MAX];
+        send_down(s, m, fab_pg_error(m, "FATAL", "0A000", t));
+    }
+    logmsg(FAB_WARNING, "postgres activator: closing a client connection: ", t);
+    close_stream(s);
+}
+
+/* A protocol violation the server answers by closing without a word (COMMERROR: logged
+ * on its side only): counted and logged here, and the connection closed. */
+static void drop_silently(struct stream *s, const char *why) {
+    COUNT(C_PROTOCOL_ERRORS);
+    logmsg(FAB_WARNING, "postgres activator: closing a client connection: ", why);
+    close_stream(s);
+}
+
 static void try_connect(struct stream *s) {
     if (s->inflight || s->connected) return;
-    ACT(fab_connect(s->id, 0));
+    if (s->phase == PH_CANCEL && s->has_like) ACT(fab_connect_like(s->id, 0, s->like));
+    else ACT(fab_connect(s->id, 0));
     if (!acted) return;
     s->inflight = 1;
     s->connect_at = now_ms;
@@ -339,7 +405,7 @@ static void resume(struct stream *s) {
 }
 
 static int hold_bytes_in(struct stream *s, const u8 *p, u32 n) {
-    if (!s->hold.len && s->phase == PH_SESSION && !backend_up) counts[C_WAKE_QUERY]++;
+    if (!s->hold.len && s->phase == PH_SESSION && !backend_up) COUNT(C_WAKE_QUERY);
     if (buf_append(&s->hold, p, n) < 0) {
         fatal(s, "53200", "out of memory holding the connection's bytes");
         return -1;
@@ -649,7 +715,7 @@ static void emit_prefix(struct stream *s, u32 mask, u32 unnamed, u32 kill) {
     if (unnamed) send_up(s, m, msg_parse(m, (const u8 *)"", 0, unnamed, s->unp, s->uoids));
     send_up(s, m, fab_pg_bare(m, 'S'));
     s->swallow++;
-    counts[C_STATEMENTS_RECREATED]++;
+    COUNT(C_STATEMENTS_RECREATED);
 }
 
 static int backend_ready(const struct stream *s) { return backend_up && s->connected; }
@@ -821,7 +887,7 @@ static int spill(struct stream *s) {
 
 static void answer_locally(struct stream *s) {
     send_down(s, resp + s->cand_sent, resp_len - s->cand_sent);
-    counts[C_KEEPALIVES]++;
+    COUNT(C_KEEPALIVES);
     buf_consume(&s->cand, s->cand.len);
     s->cand_msgs = 0;
     s->cand_sent = s->cand_sent_msgs = 0;
@@ -851,7 +917,7 @@ static int peek_decide(struct stream *s, const u8 *b, u32 n) {
         if (k == K_NONE) return 1;
         resp_len = fab_pg_answer_query(resp, k);
         send_down(s, resp, resp_len);
-        counts[C_KEEPALIVES]++;
+        COUNT(C_KEEPALIVES);
         s->unnamed_kind = K_NONE; /* a simple Query drops the unnamed statement */
         if (s->bunnamed) s->kill_unnamed = 1;
         return 2;
@@ -866,6 +932,12 @@ static int peek_decide(struct stream *s, const u8 *b, u32 n) {
     return 0;
 }
 
+static void drop_cand(struct stream *s) {
+    buf_consume(&s->cand, s->cand.len);
+    s->cand_msgs = 0;
+    s->cand_sent = s->cand_sent_msgs = 0;
+}
+
 /* A client message header is complete (s->fr): choose where its bytes go; p/n are the
  * rest of this read. Returns 0 when the stream was closed. */
 static int msg_begin(struct stream *s, const u8 *p, u32 n) {
@@ -873,9 +945,15 @@ static int msg_begin(struct stream *s, const u8 *p, u32 n) {
     u32 len = s->fr.len;
     if (s->phase == PH_STARTUP) {
         s->route = R_FORWARD;
+    } else if (s->discard_sync && t == 'X') {
+        close_stream(s); /* the group being skipped never reached a backend */
+        return 0;
     } else if (s->discard_sync) {
         s->route = R_DISCARD;
     } else {
+        /* A Terminate ends the session where it stands: an unsynced group buffered for a
+         * local answer is never answered (the server sends nothing for it either) */
+        if (t == 'X' && s->cand.len) drop_cand(s);
         int cand = local_keepalive && quiescent(s) && s->cand_msgs < CAND_MSGS
                    && s->cand.len + 1 + len <= CAND_MAX
                    && (t == 'P' || t == 'B' || t == 'D' || t == 'E' || t == 'C' || t == 'S'
@@ -908,6 +986,7 @@ static int msg_begin(struct stream *s, const u8 *p, u32 n) {
 }
 
 static int msg_end(struct stream *s) {
+    if (s->fr.type == 'X') s->term = 1; /* the server reads nothing after it */
     if (s->route == R_LOCAL) return 1;
     if (s->route == R_DISCARD) {
         if (s->fr.type == 'S' && s->discard_sync) {
@@ -934,22 +1013,96 @@ static int msg_end(struct stream *s) {
     return 1;
 }
 
+/* ---------------------------------------------------------------- client framing errors */
+
+/* The message types PostgreSQL reads with its small limit (PQ_SMALL_MESSAGE_LIMIT): a
+ * longer one ends the session like a length below 4. */
+#define SMALL_MSG_MAX 10000u
+static int small_type(u8 t) {
+    return t == 'C' || t == 'D' || t == 'E' || t == 'H' || t == 'S' || t == 'X' || t == 'c'
+           || t == 'f';
+}
+
+enum { BAD_TYPE = 1, BAD_LEN, BAD_OWN_LIMIT };
+
+/* Whether the backend has a stake in the session's next bytes: answers still owed
+ * (to relayed messages, or to held ones it is to get), a message of it half relayed,
+ * the authentication under way. */
+static int owes(const struct stream *s) {
+    return s->phase == PH_STARTUP || s->pending || s->unsynced || s->swallow || s->bskip
+           || s->hold.len || s->bcopy || s->mat_pending || !fab_pg_between(&s->bfr);
+}
+
+/* What PostgreSQL 15 does at a header it cannot take, said by us when the backend has
+ * no stake: an unknown type is FATAL 08P01 "invalid frontend message type N"; a length
+ * below 4 or over its limit ends the session without a word (COMMERROR). */
+static void bad_local(struct stream *s, u32 why, u8 type) {
+    if (why == BAD_TYPE && fab_pg_between(&s->bfr)) {
+        char t[64];
+        u32 at = 0;
+        for (const char *q = "invalid frontend message type "; *q; q++) t[at++] = *q;
+        at = fab__fmt_u(t, at, 60, type, 10);
+        t[at] = 0;
+        u8 m[FAB_PG_ERROR_MAX];
+        send_down(s, m, fab_pg_error(m, "FATAL", "08P01", t));
+    }
+    close_stream(s);
+}
+
+/* The client's bytes stopped parsing (why: BAD_*). Everything before the bad header is
+ * answered first, as the server does, then the session ends the server's way. If the
+ * backend has a stake, it is handed the bad header after the rest (held with it while
+ * none is up) and answers it itself: its FATAL, or its close; a length only our
+ * max_message_bytes refuses goes as length 0, which the server refuses silently too.
+ * Later client bytes are dropped. Returns 0 when the stream was closed. */
+static int client_bad(struct stream *s, u32 why) {
+    u8 h[5];
+    fab_copy(h, s->fr.hdr, 5);
+    COUNT(C_PROTOCOL_ERRORS);
+    ACT(fab_logf(FAB_WARNING, "postgres activator: a client sent %s (type %u, length %u); ending its session",
+                 why == BAD_TYPE ? "an invalid message type" : "an invalid message length",
+                 (u32)h[0], fab_be32(h + 1)));
+    if (s->phase == PH_SESSION && s->cand.len) {
+        if (group_eval(s, 0)) {
+            /* the server flushes what it answered with its FATAL (a silent end flushes nothing) */
+            if (why == BAD_TYPE) send_down(s, resp + s->cand_sent, resp_len - s->cand_sent);
+            drop_cand(s);
+        } else if (spill(s) < 0) {
+            return 0;
+        }
+    }
+    if (!owes(s)) {
+        bad_local(s, why, h[0]);
+        return 0;
+    }
+    if (why == BAD_OWN_LIMIT) fab_put_be32(h + 1, 0);
+    s->doomed = (u8)why;
+    if (route_bytes(s, R_FORWARD, h, 5) < 0) return 0;
+    return 1;
+}
+
 /* Client bytes of an established (or establishing) session. Returns 0 if closed. */
 static int client_feed(struct stream *s, const u8 *p, u32 n) {
     const u8 *piece;
     u32 k;
     i32 r;
+    if (s->doomed || s->term) return 1; /* nothing after it is read */
     while ((r = fab_pg_next(&s->fr, &p, &n, &piece, &k)) != FAB_PG_MORE) {
         if (r == FAB_PG_HEADER) {
+            if (s->fr.len > SMALL_MSG_MAX && s->phase == PH_SESSION && small_type(s->fr.type)) {
+                s->fr.bad = 2;
+                return client_bad(s, BAD_LEN);
+            }
             if (!msg_begin(s, p, n)) return 0;
         } else if (r == FAB_PG_BODY) {
             if (route_bytes(s, s->route, piece, k) < 0) return 0;
         } else if (r == FAB_PG_END) {
             if (!msg_end(s)) return 0;
+            if (s->term) return 1;
         } else {
-            fatal(s, "08P01", r == FAB_PG_BAD_TYPE ? "invalid frontend message type"
-                                                   : "invalid message length");
-            return 0;
+            u32 why = r == FAB_PG_BAD_TYPE ? BAD_TYPE
+                      : s->fr.len >= 4 && s->fr.len <= FAB_PG_LEN_MAX ? BAD_OWN_LIMIT : BAD_LEN;
+            return client_bad(s, why);
         }
     }
     return 1;
@@ -958,11 +1111,47 @@ static int client_feed(struct stream *s, const u8 *p, u32 n) {
 /* ---------------------------------------------------------------- startup */
 
 static void start_wait(struct stream *s, u32 phase) {
-    if (!backend_up) counts[phase == PH_PASSTHRU ? C_WAKE_TLS : C_WAKE_STARTUP]++;
+    if (!backend_up) COUNT(phase == PH_PASSTHRU ? C_WAKE_TLS : C_WAKE_STARTUP);
     s->phase = (u8)phase;
     s->t0_set = 0; /* the hold starts now, not when the connection opened */
     update(s);
     try_connect(s);
+}
+
+/* ---------------------------------------------------------------- cancel routing */
+
+static u32 key_hash(u32 h, const u8 *p, u32 n) {
+    for (u32 i = 0; i < n; i++) h = (h ^ p[i]) * 16777619u;
+    return h;
+}
+
+/* BackendKeyData body bytes (in pieces, as they are relayed): the pid, then the key. */
+static void key_feed(struct stream *s, const u8 *p, u32 n) {
+    for (; n && s->kpos < 4; p++, n--, s->kpos++) s->kpid = s->kpid << 8 | *p;
+    s->khash = key_hash(s->khash, p, n);
+    s->kpos = (u16)fab_min(s->kpos + n, 0xffffu);
+}
+
+/* A CancelRequest (a new connection, whose backend the host would choose by the
+ * client's address) goes to the backend of the session whose BackendKeyData it carries:
+ * with several replicas, any other has never heard of that process and drops it. */
+static void match_cancel(struct stream *s, u32 len) {
+    u8 pkt[FAB_PG_CANCEL_MAX];
+    u32 pid;
+    const u8 *key;
+    buf_copy(&s->hold, 0, pkt, len);
+    i32 kl = fab_pg_cancel_key(pkt, len, &pid, &key);
+    if (kl < 0) return;
+    u32 h = key_hash(2166136261u, key, (u32)kl);
+    struct stream *o;
+    for (u32 it = 0; (o = fab_table_next(&streams, &it));) {
+        if (o != s && o->kset && o->connected && o->kpid == pid && o->khash == h) {
+            s->like = o->id;
+            s->has_like = 1;
+            COUNT(C_CANCELS_MATCHED);
+            return;
+        }
+    }
 }
 
 /* Bytes before the session: SSLRequest, GSSENCRequest, CancelRequest, StartupMessage or
@@ -972,7 +1161,21 @@ static void init_feed(struct stream *s) {
         u8 h[8];
         struct fab_pg_startup st;
         buf_copy(&s->hold, 0, h, fab_min(8, s->hold.len));
-        switch (fab_pg_startup_peek(h, s->hold.len, &st)) {
+        if (s->hold.len >= 4 && h[0] != 0x16
+            && (fab_be32(h) < 8 || fab_be32(h) - 4 > FAB_PG_STARTUP_MAX)) {
+            /* the server judges the length word alone, before it reads on */
+            drop_silently(s, "invalid length of startup packet");
+            return;
+        }
+        u32 kind = fab_pg_startup_peek(h, s->hold.len, &st);
+        if (kind == FAB_PG_BAD_LENGTH && (st.code == FAB_PG_CODE_SSL || st.code == FAB_PG_CODE_GSSENC)
+            && st.len >= 8 && st.len - 4 <= FAB_PG_STARTUP_MAX) {
+            /* the server takes the code, whatever the length: an SSLRequest of 12 bytes is
+             * answered 'N' like one of 8 */
+            if (s->hold.len < st.len) return;
+            kind = st.code == FAB_PG_CODE_SSL ? FAB_PG_SSL : FAB_PG_GSSENC;
+        }
+        switch (kind) {
         case FAB_PG_MORE:
             return;
         case FAB_PG_TLS:
@@ -980,29 +1183,59 @@ static void init_feed(struct stream *s) {
             return;
         case FAB_PG_SSL:
         case FAB_PG_GSSENC: {
-            u8 *seen = st.code == FAB_PG_CODE_SSL ? &s->ssl_seen : &s->gss_seen;
-            if (*seen) { fatal(s, "08P01", "duplicate SSL or GSSENC negotiation request"); return; }
+            int ssl = st.code == FAB_PG_CODE_SSL;
+            u8 *seen = ssl ? &s->ssl_seen : &s->gss_seen;
+            /* a second one is no request to the server but a protocol version 1234.5679 */
+            if (*seen) { refuse_version(s, st.code); return; }
             *seen = 1;
             if (ssl_passthrough) { start_wait(s, PH_PASSTHRU); return; }
-            buf_consume(&s->hold, 8);
+            buf_consume(&s->hold, st.len);
             send_down(s, (const u8 *)"N", 1);
+            if (s->hold.len) {
+                /* sent before our answer: the server refuses it (it may have been injected
+                 * by a man in the middle, in clear text ahead of the TLS it asked for) */
+                u8 m[FAB_PG_ERROR_MAX];
+                COUNT(C_PROTOCOL_ERRORS);
+                send_down(s, m, fab_pg_error(m, "FATAL", "08P01", ssl
+                    ? "received unencrypted data after SSL request"
+                    : "received unencrypted data after GSSAPI encryption request"));
+                logmsg(FAB_WARNING, "postgres activator: closing a client connection: ",
+                       "data after an SSL or GSSAPI encryption request, before the answer");
+                close_stream(s);
+                return;
+            }
             continue;
         }
         case FAB_PG_CANCEL:
             s->phase = PH_CANCEL; /* the host answers at once when no backend is ready */
+            match_cancel(s, st.len);
             try_connect(s);
             return;
-        case FAB_PG_BAD_CANCEL:
-            close_stream(s);
+        case FAB_PG_BAD_CANCEL: /* the server closes without a word too */
+            drop_silently(s, "invalid length of cancel request packet");
             return;
         case FAB_PG_BAD_PROTOCOL:
-            fatal(s, "0A000", "unsupported frontend protocol");
+            refuse_version(s, st.code);
             return;
-        case FAB_PG_STARTUP:
+        case FAB_PG_STARTUP: {
+            /* refused here as the server would, before anything wakes for it */
+            buf_copy(&s->hold, 0, startup_pkt, st.len);
+            startup_pkt[st.len] = 0;
+            u32 bad = fab_pg_startup_check(startup_pkt, st.len);
+            if (bad == FAB_PG_BAD_LAYOUT) {
+                fatal(s, "08P01", "invalid startup packet layout: expected terminator as last byte");
+                return;
+            }
+            if (bad == FAB_PG_NO_USER) {
+                COUNT(C_PROTOCOL_ERRORS);
+                fatal(s, "28000", "no PostgreSQL user name specified in startup packet");
+                return;
+            }
             start_wait(s, PH_WAIT_STARTUP);
             return;
-        default: /* FAB_PG_BAD_LENGTH */
-            fatal(s, "08P01", "invalid length of startup packet");
+        }
+        default: /* FAB_PG_BAD_LENGTH: the server closes without a word (COMMERROR) */
+            drop_silently(s, "invalid length of startup packet");
             return;
         }
     }
@@ -1038,7 +1271,7 @@ static void on_connected(struct stream *s) {
     if (s->phase == PH_CANCEL) {
         buf_copy(&s->hold, 0, h, 4);
         send_hold(s, fab_be32(h));
-        counts[C_CANCELS_FORWARDED]++;
+        COUNT(C_CANCELS_FORWARDED);
         close_stream(s);
         return;
     }
@@ -1074,6 +1307,7 @@ static void on_connected(struct stream *s) {
 /* ---------------------------------------------------------------- backend bytes */
 
 static void bmsg_end(struct stream *s) {
+    if (s->bfr.type == 'K') s->kset = s->kpos >= 8; /* a pid and a key of 4 bytes or more */
     if (s->bfr.type == 'Z') {
         if (s->bdrop) {
             if (s->swallow) s->swallow--;
@@ -1081,7 +1315,12 @@ static void bmsg_end(struct stream *s) {
             if (s->pending) s->pending--;
             s->status = s->bz;
             s->bcopy = 0;
-            if (s->phase == PH_STARTUP) s->phase = PH_SESSION;
+            if (s->phase == PH_STARTUP) {
+                s->phase = PH_SESSION;
+                /* a password message only in the authentication exchange: later the
+                 * server answers it FATAL 08P01 "invalid frontend message type 112" */
+                s->fr.types['p' >> 6] &= ~(1ull << ('p' & 63));
+            }
         }
     }
     s->bdrop = 0;
@@ -1106,6 +1345,7 @@ static void backend_feed(struct stream *s, const u8 *p, u32 n) {
     while ((r = fab_pg_next(f, &p, &n, &piece, &k)) != FAB_PG_MORE) {
         if (r == FAB_PG_BODY) {
             if (f->type == 'Z' && f->left + k == 1) s->bz = piece[0];
+            if (f->type == 'K') key_feed(s, piece, k);
             if (s->bdrop) {
                 send_down(s, seg, (u32)(piece - seg));
                 seg = piece + k;
@@ -1126,6 +1366,7 @@ static void backend_feed(struct stream *s, const u8 *p, u32 n) {
             return;
         }
         u8 t = f->type;
+        if (t == 'K') { s->kset = 0; s->kpos = 0; s->kpid = 0; s->khash = 2166136261u; }
         s->bdrop = s->swallow && t != 'N' && t != 'S' && t != 'A';
         if (!s->swallow && s->bskip && t != 'N' && t != 'S' && t != 'A') {
             if (t == 'E' || t == 'Z') s->bskip = 0; /* it did not go as answered: relay */
@@ -1161,7 +1402,8 @@ static void session_timeout(struct stream *s) {
         s->kill_unnamed = s->mat_kill;
         s->mat_pending = 0;
     }
-    u32 off = 0, in_group = 0, total = s->hold.len;
+    /* a doomed session's hold ends with the bad header it got (client_bad) */
+    u32 off = 0, in_group = 0, total = s->hold.len - (s->doomed && s->hold.len >= 5 ? 5 : 0);
     while (off + 5 <= total) {
         u8 h[5];
         buf_copy(&s->hold, off, h, 5);
@@ -1183,7 +1425,7 @@ static void session_timeout(struct stream *s) {
             in_group = 1;
         }
     }
-    int partial = fab_pg_in_body(&s->fr) && s->route != R_CAND;
+    int partial = !s->doomed && fab_pg_in_body(&s->fr) && s->route != R_CAND;
     if (partial) {
         u8 h[1];
         buf_copy(&s->hold, off, h, 1);
@@ -1201,8 +1443,9 @@ static void session_timeout(struct stream *s) {
     s->unsynced = 0;
     s->discard_sync = (u8)in_group;
     if (s->paused) resume(s);
-    counts[C_HOLD_TIMEOUTS]++;
+    COUNT(C_HOLD_TIMEOUTS);
     logmsg(FAB_INFO, "postgres activator: hold timed out; answered 57P03", 0);
+    if (s->doomed) { bad_local(s, s->doomed, s->fr.hdr[0]); return; } /* ... then the bad header */
     update(s);
 }
 
@@ -1226,13 +1469,13 @@ static void check_timeouts(void) {
                 send_down(s, m, fab_pg_error(m, "FATAL", "57P03",
                                              "the database system is not available (hold timeout)"));
                 logmsg(FAB_INFO, "postgres activator: hold timed out before the session; answered 57P03", 0);
-                counts[C_HOLD_TIMEOUTS]++;
+                COUNT(C_HOLD_TIMEOUTS);
                 close_stream(s);
             }
         } else if (s->phase == PH_SESSION) {
             if (!fab_pg_between(&s->bfr)) close_stream(s); /* no answer fits in there */
             else if (s->hold_quiescent) session_timeout(s);
-            else { counts[C_HOLD_TIMEOUTS]++; fatal(s, "57P03", "the database system is not available (hold timeout)"); }
+            else { COUNT(C_HOLD_TIMEOUTS); fatal(s, "57P03", "the database system is not available (hold timeout)"); }
         }
     }
 }
@@ -1285,7 +1528,7 @@ static void on_data(u32 id, const u8 *d, u32 n) {
         return;
     case PH_STARTUP:
     case PH_SESSION:
-        if (client_feed(s, d, n)) update(s);
+        if (client_feed(s, d, n)) update(s); /* doomed or terminated: dropped there */
         return;
     default:
         return;
@@ -1309,7 +1552,7 @@ static void on_connect_result(u32 id, int ok) {
         on_connected(s);
         return;
     }
-    if (s->phase == PH_CANCEL) { counts[C_CANCELS_CLOSED]++; close_stream(s); return; }
+    if (s->phase == PH_CANCEL) { COUNT(C_CANCELS_CLOSED); close_stream(s); return; }
     backend_up = 0;
 }
 
@@ -1373,11 +1616,12 @@ static void batch_begin(void) {
 static void batch_end(void) {
     if (nwork) do_work();
     budget += NCOUNT;
-    for (u32 i = 0; i < NCOUNT; i++) {
-        if (!counts[i]) continue;
+    while (counted) { /* in counter order; most calls have none */
+        u32 i = (u32)__builtin_ctz(counted);
         ACT(fab_count(count_names[i], counts[i]));
         if (!acted) break;
         counts[i] = 0;
+        counted &= counted - 1;
     }
     u32 need = nbusy ? FAB_NEED_ACTIVE : FAB_NEED_NONE;
     /* active at once; none only at a tick (within 100 ms), so that 20 clients taking

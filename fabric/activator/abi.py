@@ -40,6 +40,7 @@ ACT_DOWNSTREAM_CLOSE = 17
 ACT_UPSTREAM_CONNECT = 32
 ACT_UPSTREAM_SEND = 33
 ACT_UPSTREAM_CLOSE = 34
+ACT_UPSTREAM_CONNECT_LIKE = 35
 ACT_PAUSE = 48
 ACT_RESUME = 49
 ACT_SPLICE = 50
@@ -267,6 +268,18 @@ class UpstreamConnect(Record):
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamConnectLike(Record):
+    """upstream_connect to the backend stream `like` is connected to, while that one is
+    ready (a PostgreSQL CancelRequest must reach its session's replica); else as usual."""
+
+    KIND: ClassVar[int] = ACT_UPSTREAM_CONNECT_LIKE
+    FIXED: ClassVar[struct.Struct] = struct.Struct("<IHI")
+    stream_id: int
+    port: int
+    like: int
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamSend(Record):
     KIND: ClassVar[int] = ACT_UPSTREAM_SEND
     FIXED: ClassVar[struct.Struct] = struct.Struct("<I")
@@ -319,15 +332,16 @@ class Splice(Record):
 
 
 Action = (SetBackendNeed | Log | PacketDecision | ReplayPacket | DownstreamSend
-          | DownstreamClose | UpstreamConnect | UpstreamSend | UpstreamClose | Pause | Resume
-          | Splice | Count)
+          | DownstreamClose | UpstreamConnect | UpstreamConnectLike | UpstreamSend | UpstreamClose
+          | Pause | Resume | Splice | Count)
 
 EVENT_TYPES: dict[int, type[Record]] = {c.KIND: c for c in (
     BackendAvailable, BackendUnavailable, Tick, Packet, StreamOpen, StreamData, StreamClose,
     UpstreamConnectResult, UpstreamData, UpstreamClosed)}
 ACTION_TYPES: dict[int, type[Record]] = {c.KIND: c for c in (
     SetBackendNeed, Log, PacketDecision, ReplayPacket, DownstreamSend, DownstreamClose,
-    UpstreamConnect, UpstreamSend, UpstreamClose, Pause, Resume, Splice, Count)}
+    UpstreamConnect, UpstreamConnectLike, UpstreamSend, UpstreamClose, Pause, Resume, Splice,
+    Count)}
 
 def _decoder(cls: type[Record]) -> Callable[[bytes, int, int], Record]:
     """The payload decoder of one record class, specialised once: decoding runs on the

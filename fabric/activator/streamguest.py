@@ -26,6 +26,7 @@ class StreamView:
     client: bytearray = field(default_factory=bytearray)  # bytes sent to the client
     upstream: bytearray = field(default_factory=bytearray)  # bytes sent to the backend
     connects: list[int] = field(default_factory=list)  # upstream_connect ports
+    connects_like: list[int] = field(default_factory=list)  # upstream_connect_like: the stream
     downstream_closed: bool = False
     upstream_closed: bool = False
     paused: bool = False
@@ -115,6 +116,9 @@ class StreamGuest:
             self.streams[a.stream_id].downstream_closed = True
         elif isinstance(a, abi.UpstreamConnect):
             self.streams[a.stream_id].connects.append(a.port)
+        elif isinstance(a, abi.UpstreamConnectLike):
+            self.streams[a.stream_id].connects.append(a.port)
+            self.streams[a.stream_id].connects_like.append(a.like)
         elif isinstance(a, abi.UpstreamSend):
             self.streams[a.stream_id].upstream += a.data
         elif isinstance(a, abi.UpstreamClose):

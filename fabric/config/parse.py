@@ -42,6 +42,7 @@ from fabric.config.fields import (
     type_error,
 )
 from fabric.config.specs import (
+    ADAPTIVE_MAX,
     ALLOW_ALL,
     DEFAULT_CONTROL,
     DEFAULT_CONTROL_MODE,
@@ -244,6 +245,33 @@ def _parse_dns(value: Any, src: str, key: str) -> DnsSpec:
         cache = read_int(obj.get("cache"), src, obj.key("cache"), 0, MAX_DNS_CACHE)
     return DnsSpec(domain=domain, upstream=tuple(upstream), resolv_conf=resolv_conf,
                    cache=cache)
+
+
+def _parse_busy_poll(value: Any, src: str, key: str) -> tuple[float, bool]:
+    """(window or cap in seconds, adaptive) from a duration (fixed; 0 is off), ``adaptive``
+    (up to ADAPTIVE_MAX, also the default) or ``{max: DURATION}`` (adaptive up to that)."""
+    if value is None:
+        return ADAPTIVE_MAX, True
+    if value == "adaptive":
+        return ADAPTIVE_MAX, True
+    if isinstance(value, Mapping):
+        obj = Obj(value, src, key, ("max",))
+        cap = parse_duration(obj.required("max"), src, obj.key("max"))
+        if cap > MAX_BUSY_POLL:
+            raise ConfigError(src, obj.key("max"),
+                              f"{cap * 1000:g} ms is more than {MAX_BUSY_POLL * 1000:g} ms")
+        return cap, True
+    try:
+        seconds = parse_duration(value, src, key)
+    except ConfigError:
+        if isinstance(value, str):
+            raise ConfigError(src, key, f"{value!r} is neither a duration nor adaptive "
+                                        "(use 2.5ms, adaptive or {max: 3ms})") from None
+        raise
+    if seconds > MAX_BUSY_POLL:
+        raise ConfigError(src, key,
+                          f"{seconds * 1000:g} ms is more than {MAX_BUSY_POLL * 1000:g} ms")
+    return seconds, False
 
 
 def _parse_dhcp(value: Any, src: str, key: str) -> DhcpSpec:
@@ -897,17 +925,12 @@ def _parse_worker(value: Any, src: str, key: str, base_dir: str | None) -> Worke
         state_dir = read_str(obj.get("state_dir"), src, obj.key("state_dir"))
         if not state_dir.startswith("/") or not state_dir.isprintable():
             raise ConfigError(src, obj.key("state_dir"), f"{state_dir!r} is not an absolute path")
-    busy_poll = 0.0
-    if obj.has("busy_poll"):
-        busy_poll = parse_duration(obj.get("busy_poll"), src, obj.key("busy_poll"))
-        if busy_poll > MAX_BUSY_POLL:
-            raise ConfigError(src, obj.key("busy_poll"),
-                              f"{busy_poll * 1000:g} ms is more than {MAX_BUSY_POLL * 1000:g} ms")
+    busy_poll, adaptive = _parse_busy_poll(obj.get("busy_poll"), src, obj.key("busy_poll"))
     egress = _parse_egress(obj.get("egress"), src, obj.key("egress"))
     tunnel = _parse_tunnel(obj.get("tunnel"), src, obj.key("tunnel"), worker_id, base_dir)
     return WorkerSpec(
         id=worker_id, control=control, control_mode=mode, egress=egress, tunnel=tunnel,
-        state_dir=state_dir, busy_poll=busy_poll,
+        state_dir=state_dir, busy_poll=busy_poll, busy_poll_adaptive=adaptive,
     )
 
 

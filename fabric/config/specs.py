@@ -16,6 +16,9 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 DEFAULT_CONTROL = "/run/fabricd/control.sock"
+# `busy_poll: adaptive`'s cap, and the default: covers ping's 2 ms and request/response
+# periods shorter than that (docs/performance.md, "Adaptive busy-poll")
+ADAPTIVE_MAX = 3e-3
 DEFAULT_CONTROL_MODE = 0o600
 DEFAULT_GATEWAY_MAC = "02:fb:00:00:00:01"
 DEFAULT_MTU = 1500
@@ -267,8 +270,9 @@ class WorkerSpec:
     # None: the control socket's directory.
     state_dir: str | None = None
     # Seconds the data plane keeps polling after frames before it sleeps (0: never polls;
-    # see DataPlane.busy_poll).
-    busy_poll: float = 0.0
+    # see fabric.runtime.spin); adaptive: the most it polls, the window follows the gaps.
+    busy_poll: float = ADAPTIVE_MAX
+    busy_poll_adaptive: bool = True
 
     @property
     def state_path(self) -> str:

@@ -94,7 +94,8 @@ class Daemon:
         self.path = path
         self.fabric = Fabric(worker_id=config.worker.id, egress=config.worker.egress,
                              tunnel=config.worker.tunnel, state_dir=config.worker.state_path,
-                             busy_poll=config.worker.busy_poll)
+                             busy_poll=config.worker.busy_poll,
+                             busy_poll_adaptive=config.worker.busy_poll_adaptive)
         self.stop = asyncio.Event()
         self._reloading: asyncio.Task[None] | None = None
         env = notify_env if notify_env is not None else NotifyEnv.take(os.environ, os.getpid())
@@ -283,10 +284,14 @@ class Daemon:
                 log.error("reload: tunnel peers not applied: %s", e.message)
             old_w = dataclasses.replace(old_w, tunnel=dataclasses.replace(
                 old_w.tunnel, peers=new_w.tunnel.peers))
-        if new_w.busy_poll != old_w.busy_poll:
-            self.fabric.set_busy_poll(new_w.busy_poll)
-            log.info("reload: the data plane's busy_poll is now %g ms", new_w.busy_poll * 1000)
-            old_w = dataclasses.replace(old_w, busy_poll=new_w.busy_poll)
+        if (new_w.busy_poll, new_w.busy_poll_adaptive) != \
+                (old_w.busy_poll, old_w.busy_poll_adaptive):
+            self.fabric.set_busy_poll(new_w.busy_poll, new_w.busy_poll_adaptive)
+            log.info("reload: the data plane's busy_poll is now %s%g ms",
+                     "adaptive up to " if new_w.busy_poll_adaptive else "",
+                     new_w.busy_poll * 1000)
+            old_w = dataclasses.replace(old_w, busy_poll=new_w.busy_poll,
+                                        busy_poll_adaptive=new_w.busy_poll_adaptive)
         if new_w != old_w:
             log.warning("reload: changes to `worker` other than tunnel peers and busy_poll "
                         "need a restart; they are not applied")

@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import heapq
+import io
 import itertools
 import logging
 import os
@@ -51,6 +52,7 @@ from fabric.net.packets import Malformed
 from fabric.net.vnet import GSO_UDP_L4, VNET_HDR_LEN, ZERO_HDR, VnetHdr
 from fabric.router.droplog import HEAD_BYTES
 from fabric.router.model import DROP_TX_ERROR, DROP_TX_FULL, KIND_TUNNEL, L3_OFF, Port
+from fabric.runtime.spin import EARLY, FOUND, SpinWindow
 from fabric.runtime.timerfd import TimerFd
 
 log = logging.getLogger("fabricd.dataplane")
@@ -242,20 +244,30 @@ class _NoOutputs:
 
 
 class DataPlane:
-    def __init__(self, busy_poll: float = 0.0) -> None:
+    def __init__(self, busy_poll: float = 0.0, adaptive: bool = False) -> None:
         # After a loop turn that read frames, keep polling (epoll_wait with no timeout)
-        # for this many seconds before sleeping again: a frame that comes meanwhile is
-        # taken without waking the thread, which on a VM costs tens of µs when the sender
-        # runs on another vCPU (docs/performance.md, "ping"). 0: always sleep. It costs
-        # CPU only while traffic comes at shorter intervals than this; idle, nothing.
-        self.busy_poll = busy_poll
+        # for a while before sleeping again, and (adaptive) wake by the timerfd to poll
+        # just before a periodic frame is due: a frame that comes while the thread polls
+        # is taken without waking it, which on a VM costs tens of µs when the sender runs
+        # on another vCPU (docs/performance.md, "ping"). When and how long:
+        # fabric.runtime.spin (fixed, or adaptive up to busy_poll). Replaced whole on a
+        # reload (set_busy_poll); the thread reads it every turn.
+        self.spin = SpinWindow(busy_poll, adaptive)
         self.busy_polls = 0  # polls made without sleeping because of busy_poll
+        self.spins_found = 0  # spins that ended with frames
+        self.spins_empty = 0  # spins whose window passed with none
+        self.spins_ahead = 0  # spins started by a wake ahead of predicted frames
+        self.spins_early = 0  # frames that came while the thread slept towards one
         self.buf = bytearray(BUF_SIZE)
         self.mv = memoryview(self.buf)
         # Timed owner -> its group (itself first).
         self._groups: dict[Timed, tuple[Timed, ...]] = {}
         # fd -> (owner, port, receive function, read offset)
         self.ports: dict[int, tuple[Any, Port, Receive, int]] = {}
+        # fd -> the readinto of an io.FileIO over it (not owning it): one read(2) per
+        # frame, like os.readv, but without building an iovec list per call, and None at
+        # EAGAIN instead of an exception (~150 ns less per frame, docs/performance.md).
+        self._readers: dict[int, Callable[[Any], int | None]] = {}
         # fd -> (callback, name, owner whose group it touches)
         self.handlers: dict[int, tuple[Callable[[], None], str, Timed | None]] = {}
         self.tunnel: TunnelLink | None = None
@@ -321,6 +333,12 @@ class DataPlane:
         if self._timer is not None:
             self._timer.close()
         self.trouble.close()
+
+    def set_busy_poll(self, seconds: float, adaptive: bool = False) -> None:
+        """A new busy-poll window (a reload): fixed `seconds`, or adaptive up to them;
+        0 turns polling off. Safe from any thread: the data-plane thread picks the new
+        window up on its next turn (an adaptive one starts from nothing again)."""
+        self.spin = SpinWindow(seconds, adaptive)
 
     @property
     def alive(self) -> bool:
@@ -493,6 +511,7 @@ class DataPlane:
     def _add_port(self, owner: Any, port: Port, receive: Receive, offset: int) -> None:
         os.set_blocking(port.fd, False)  # a blocking read would stall every namespace
         self.ports[port.fd] = (owner, port, receive, offset)
+        self._readers[port.fd] = io.FileIO(port.fd, "rb", closefd=False).readinto
         self._ep.register(port.fd, select.EPOLLIN)
         gso_ports = getattr(owner, "gso_ports", None)
         if gso_ports is not None and port.kind in UDP_RUN_KINDS and port.hlen \
@@ -503,6 +522,7 @@ class DataPlane:
         entry = self.ports.get(port.fd)
         if entry is not None and entry[1] is port:
             del self.ports[port.fd]
+            self._readers.pop(port.fd, None)
             gso_ports = getattr(entry[0], "gso_ports", None)
             if gso_ports is not None:
                 gso_ports.discard(port)
@@ -549,22 +569,40 @@ class DataPlane:
         readable = self._readable
         mono = time.monotonic
         seen = self.frames
-        spin_until = 0.0
+        spin = self.spin
+        spin_until = 0.0  # spinning until then (0: not spinning)
+        wake_at = 0.0  # sleeping towards a spin ahead that starts then (0: none)
+        ahead = False  # about to sleep: ask for a spin ahead first (adaptive)
+        start = 0.0
         while not self._stop:
-            timeout = self._wait()
-            if self.busy_poll:
-                if self.frames != seen:
-                    seen = self.frames
-                    spin_until = mono() + self.busy_poll
-                if spin_until and mono() < spin_until:
-                    timeout = 0
-                    self.busy_polls += 1
-                else:
-                    spin_until = 0.0
+            if self.spin is not spin:  # a reload: the new window starts afresh
+                spin = self.spin
+                spin_until = wake_at = 0.0
+                ahead = False
             try:
-                events = poll(timeout)
+                if spin_until:
+                    timeout = self._wait()
+                    events = self._spin(spin_until if timer is not None
+                                        else min(spin_until, mono() + timeout))
+                    if not events and mono() >= spin_until:
+                        self.spins_empty += spin.ended_empty()
+                        spin_until = 0.0
+                        ahead = spin.adaptive
+                elif ahead:
+                    # Frames may be waiting already (a reply made inside our write): take
+                    # them before the prediction and the timerfd's re-arming, which would
+                    # only delay them; if none, plan the spin ahead and sleep.
+                    events = poll(0)
+                    if not events:
+                        ahead = False
+                        wake_at = spin.wake_at()
+                        events = poll(self._wait(wake_at))
+                else:
+                    events = poll(self._wait(wake_at))
             except InterruptedError:
                 continue
+            if spin.on:
+                start = mono()
             for fd, _ in events:
                 entry = ports.get(fd)
                 if entry is not None:
@@ -584,12 +622,50 @@ class DataPlane:
             self._due(time.monotonic())
             if self._dirty:
                 self._rearm()
+            if self.frames != seen:
+                seen = self.frames
+                if spin.on and self.spin is spin:
+                    said = spin.frames(start, mono())
+                    if said == FOUND:
+                        self.spins_found += 1
+                    elif said == EARLY:
+                        self.spins_early += 1
+                    spin_until = spin.until()
+                    wake_at = 0.0
+                    ahead = spin.adaptive and not spin_until
+            elif wake_at and start >= wake_at:  # the timer's wake for the spin ahead
+                spin_until = spin.woke(start)
+                wake_at = 0.0
+                if spin_until:
+                    self.spins_ahead += 1
         while self._calls:
             self._run_calls()
 
-    def _wait(self) -> float:
-        """Arm the timerfd at the earliest deadline; the poll timeout to use."""
+    def _spin(self, until: float) -> list[tuple[int, int]]:
+        """Poll without sleeping until something is ready or `until` passes (what is
+        ready, or []). Between polls the thread yields its CPU (`sched_yield`, with the
+        GIL let go): another thread of ours waiting for the GIL takes it as soon as it
+        would if the thread slept, and any other task runnable on this CPU runs first,
+        so a spin delays neither the event loop nor the pods (with polls alone, another
+        thread waited twice as long for the GIL: docs/performance.md, "ping")."""
+        poll = self._ep.poll
+        mono = time.monotonic
+        yield_cpu = os.sched_yield
+        events: list[tuple[int, int]] = []
+        while not self._stop:
+            events = poll(0)
+            self.busy_polls += 1
+            if events or mono() >= until:
+                break
+            yield_cpu()
+        return events
+
+    def _wait(self, wake_at: float = 0.0) -> float:
+        """Arm the timerfd at the earliest deadline (or `wake_at`, a spin ahead, if
+        earlier); the poll timeout to use."""
         when = self._earliest()
+        if wake_at and (when is None or wake_at < when):
+            when = wake_at
         timer = self._timer
         if timer is not None:
             timer.arm(when)
@@ -700,10 +776,12 @@ class DataPlane:
     def _readable(self, owner: Any, port: Port, receive: Receive, offset: int) -> None:
         buf = self.buf
         mv = self.mv
-        bufs = [mv[offset:]] if offset else [buf]
-        readv = os.readv
+        into = mv[offset:] if offset else buf
         write = os.write
         fd = port.fd
+        readinto = self._readers.get(fd)
+        if readinto is None:  # (a port read without add_port: tests, embedders)
+            readinto = io.FileIO(fd, "rb", closefd=False).readinto
         now = time.monotonic()
         k = 0
         run = self._udp
@@ -713,8 +791,8 @@ class DataPlane:
         try:
             for k in range(BATCH):  # noqa: B007 (k counts frames)
                 try:
-                    n = readv(fd, bufs)
-                except BlockingIOError:
+                    n = readinto(into)
+                except BlockingIOError:  # (FileIO returns None instead; kept for safety)
                     break
                 except OSError as e:
                     # A vanished device stops being read and the control side is told;
@@ -725,7 +803,7 @@ class DataPlane:
                     if e.errno in TROUBLE_ERRNOS:
                         self.trouble.report(port, e.errno or 0)
                     break
-                if n <= 0:
+                if not n:  # None: EAGAIN, drained; 0: end of file
                     break
                 n += offset
                 d0 = port.ndrops

@@ -140,6 +140,21 @@ FAMILIES: tuple[Family, ...] = (
            "Datagrams of a peer dropped, by reason"),
     Family("fabric_peer_last_handshake_timestamp_seconds", "gauge", ("peer",),
            "Unix time of the peer's last completed handshake (absent before the first)"),
+    # --- the data-plane thread ---
+    Family("fabric_dataplane_busy_polls_total", "counter", (),
+           "Polls the data-plane thread made instead of sleeping, after frames "
+           "(worker.busy_poll; 0 while it is off)"),
+    Family("fabric_dataplane_busy_poll_spins_total", "counter", ("outcome",),
+           "Busy-poll spins (the polling after a loop turn that read frames), by outcome: "
+           "found (frames came within the window), empty (the window passed, the thread "
+           "slept)"),
+    Family("fabric_dataplane_busy_poll_ahead_total", "counter", ("event",),
+           "Adaptive busy-poll spins ahead of predicted frames: woke (the thread's own "
+           "timer woke it to spin just before the next frame was due), early (the frame "
+           "came first and woke the thread, as with no busy-poll)"),
+    Family("fabric_dataplane_busy_poll_window_seconds", "gauge", (),
+           "The busy-poll spin right after a turn with frames: worker.busy_poll if "
+           "fixed; if adaptive, what the short gaps between frames made it (0 to its max)"),
     # --- the daemon ---
     Family("fabric_events_total", "counter", (), "Events published"),
     Family("fabric_events_lost_total", "counter", (),

@@ -93,9 +93,13 @@ def _snapshot(fab: Fabric) -> dict[str, Any]:
         })
     up = fab.uplink.port if fab.uplink is not None else None
     link = fab.link
+    spin = fab.dataplane.spin
     return {
         "namespaces": namespaces,
         "uplink": _port(up) if up is not None else None,
+        "busy_poll": {"polls": fab.dataplane.busy_polls, "found": fab.dataplane.spins_found,
+                      "empty": fab.dataplane.spins_empty, "window": spin.window,
+                      "woke": fab.dataplane.spins_ahead, "early": fab.dataplane.spins_early},
         "tunnel": None if link is None else {
             "core": dict(link.core.counters), "link": link.snapshot(),
             "handshake_seconds": link.core.handshake_seconds.snapshot(),
@@ -192,6 +196,13 @@ async def collect(fab: Fabric) -> list[Metric]:
     t = snap["tunnel"]
     if t is not None:
         await _tunnel_samples(f, fab, t)
+    bp = snap["busy_poll"]
+    f.add("fabric_dataplane_busy_polls_total", {}, bp["polls"])
+    for outcome in ("found", "empty"):
+        f.add("fabric_dataplane_busy_poll_spins_total", {"outcome": outcome}, bp[outcome])
+    for event in ("woke", "early"):
+        f.add("fabric_dataplane_busy_poll_ahead_total", {"event": event}, bp[event])
+    f.add("fabric_dataplane_busy_poll_window_seconds", {}, bp["window"])
     f.add("fabric_events_total", {}, fab.bus.published)
     f.add("fabric_events_lost_total", {}, fab.bus.lost())
     for k, v in sorted(netlink.counters.snapshot().items()):

@@ -68,9 +68,12 @@ class Fabric:
 
     def __init__(self, worker_id: str | None = None, *, local_stack: bool = True,
                  egress: EgressSpec | None = None, tunnel: TunnelSpec | None = None,
-                 state_dir: str | None = None, busy_poll: float = 0.0) -> None:
+                 state_dir: str | None = None, busy_poll: float = 0.0,
+                 busy_poll_adaptive: bool = False) -> None:
         self.worker_id = worker_id or socket.gethostname()
-        self.busy_poll = busy_poll  # the data plane's (DataPlane.busy_poll)
+        # the data plane's busy-poll window (fabric.runtime.spin)
+        self.busy_poll = busy_poll
+        self.busy_poll_adaptive = busy_poll_adaptive
         # Addresses handed to pods that came without one; in `state_dir` they outlive us.
         self.addresses = AddressBook(
             os.path.join(state_dir, ADDRESS_FILE) if state_dir is not None else None)
@@ -110,7 +113,8 @@ class Fabric:
 
     async def start(self) -> None:
         if self._dataplane is None:
-            self._dataplane = DataPlane(busy_poll=self.busy_poll)
+            self._dataplane = DataPlane(busy_poll=self.busy_poll,
+                                        adaptive=self.busy_poll_adaptive)
             self._dataplane.start()
             if self.egress is not None:
                 uplink = Uplink(self.egress.tun, self.egress.pool)
@@ -235,12 +239,13 @@ class Fabric:
         for p in plan.set:
             await self.set_peer(p)
 
-    def set_busy_poll(self, seconds: float) -> None:
-        """How long the data plane polls after frames before it sleeps (a config reload);
-        the thread reads it every loop turn."""
+    def set_busy_poll(self, seconds: float, adaptive: bool = False) -> None:
+        """How long the data plane polls after frames before it sleeps (a config reload):
+        fixed `seconds`, or adaptive up to them; the thread picks it up on its next turn."""
         self.busy_poll = seconds
+        self.busy_poll_adaptive = adaptive
         if self._dataplane is not None:
-            self._dataplane.busy_poll = seconds
+            self._dataplane.set_busy_poll(seconds, adaptive)
 
     @property
     def dataplane(self) -> DataPlane:

@@ -228,9 +228,12 @@ class StreamCore:
 
     def client_data(self, sid: int, data: bytes, now: float) -> None:
         s = self.streams.get(sid)
-        if s is None or s.mode == SPLICED:
+        if s is None:
             return
         self.counters["bytes_from_clients"] += len(data)
+        if s.mode == SPLICED:
+            self._before_splice(s, SEND_UPSTREAM, data)
+            return
         if s.transparent:
             s.pending_up += data
             if len(s.pending_up) > self.stream_buffer:
@@ -247,6 +250,22 @@ class StreamCore:
             for i in range(0, len(data), MAX_CHUNK):
                 q.append(ev(sid, data[i:i + MAX_CHUNK]))
             self._data_in(len(data), now)
+
+    def _before_splice(self, s: Stream, kind: int, data: bytes) -> None:
+        """Bytes the shell read from a stream spliced in a call made in the middle of its
+        batch of reads (it carries the splice out after the batch, and reads each socket
+        once per batch): they were taken from the peer, so they go on, ahead of the
+        splice command and so ahead of what the kernel relays after it."""
+        out = self._out
+        sid = s.sid
+        for i in range(len(out) - 1, -1, -1):
+            if out[i][0] == SPLICE and out[i][1] == sid:
+                out.insert(i, (kind, sid, data))
+                self.counters["bytes_to_backends" if kind == SEND_UPSTREAM
+                              else "bytes_to_clients"] += len(data)
+                return
+        # The splice was carried out: the shell reads none of its sockets any more.
+        self.counters["sends_dropped"] += 1
 
     def _make_room(self, n: int, now: float) -> None:
         """Before `n` more bytes join a deferred batch: hand over what it holds if they
@@ -310,9 +329,12 @@ class StreamCore:
 
     def upstream_data(self, sid: int, data: bytes, now: float) -> None:
         s = self.streams.get(sid)
-        if s is None or s.mode == SPLICED:
+        if s is None:
             return
         self.counters["bytes_from_backends"] += len(data)
+        if s.mode == SPLICED:
+            self._before_splice(s, SEND_CLIENT, data)
+            return
         if self._wake_stage == 2:
             self.first_byte(now)
         if s.transparent:
@@ -501,9 +523,11 @@ class StreamCore:
                 self._match(s, s.pending_up, data)
             counters["bytes_to_backends"] += len(data)
             self._out.append((SEND_UPSTREAM, s.sid, data))
-        elif k == abi.ACT_UPSTREAM_CONNECT:
+        elif k == abi.ACT_UPSTREAM_CONNECT or k == abi.ACT_UPSTREAM_CONNECT_LIKE:
             port = a.port or self.target_port  # type: ignore[union-attr]
-            if s.up in (UP_CONNECTING, UP_OPEN) or not self._connect(s, port):
+            like = self.streams.get(a.like) if k == abi.ACT_UPSTREAM_CONNECT_LIKE else None  # type: ignore[union-attr]
+            if s.up in (UP_CONNECTING, UP_OPEN) or not self._connect(
+                    s, port, like.backend if like is not None else None):
                 g.events.append(abi.UpstreamConnectResult(s.sid, 0))
         elif k == abi.ACT_DOWNSTREAM_CLOSE:
             self._end(s, close=True)
@@ -539,17 +563,22 @@ class StreamCore:
             s.pending_up.clear()
             s.pending_down.clear()
 
-    def _connect(self, s: Stream, port: int) -> bool:
+    def _connect(self, s: Stream, port: int, prefer: str | None = None) -> bool:
+        """Connect `s` to a ready backend: `prefer` while it is one (upstream_connect_like:
+        another stream's backend), else the hash of the client's address and port."""
         ready = self.ready
         if not ready:
             self.counters["upstream_no_backend"] += 1
             return False
-        ip, cport = s.peer
-        try:
-            key = int(ipaddress.IPv4Address(ip)) * 65537 + cport
-        except ValueError:
-            key = s.sid
-        backend = ready[(key * 0x9E3779B1 >> 7) % len(ready)]
+        if prefer is not None and prefer in ready:
+            backend = prefer
+        else:
+            ip, cport = s.peer
+            try:
+                key = int(ipaddress.IPv4Address(ip)) * 65537 + cport
+            except ValueError:
+                key = s.sid
+            backend = ready[(key * 0x9E3779B1 >> 7) % len(ready)]
         s.up = UP_CONNECTING
         s.backend = backend
         self.counters["upstream_connects"] += 1

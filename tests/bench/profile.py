@@ -32,7 +32,7 @@ from tests.bench.cpu import ThreadCpu, _py_spy, python_thread_names
 from tests.bench.topo import FABRIC, Topology
 
 THREAD = "fabric-dataplane"
-PERF_EVENTS = ("raw_syscalls:sys_enter", "syscalls:sys_enter_readv", "syscalls:sys_enter_write",
+PERF_EVENTS = ("raw_syscalls:sys_enter", "syscalls:sys_enter_read", "syscalls:sys_enter_write",
                "syscalls:sys_enter_epoll_wait", "syscalls:sys_enter_timerfd_settime",
                "context-switches", "task-clock")
 PAYLOAD = 64
@@ -41,7 +41,7 @@ PAYLOAD = 64
 # the stage it belongs to. A frame is matched on its function and file; lines matter
 # only for the loop bodies, where one function does several stages.
 _LINE_STAGES: dict[tuple[str, str], str] = {
-    ("_readable", "readv(fd, bufs)"): "read: os.readv (syscall)",
+    ("_readable", "readinto(into)"): "read: FileIO.readinto (syscall)",
     ("_readable", "write(out.fd"): "write: os.write (syscall)",
     ("flush", "write(out.fd, frame)"): "write: os.write (syscall)",
     ("_run", "poll("): "epoll_wait (idle or syscall)",

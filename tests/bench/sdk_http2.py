@@ -41,9 +41,13 @@ SID = 1
 CONFIG = {"hold_timeout_ms": 1000}
 TARGET = 1.20  # SDK / hand-written, at most
 
-# The one intended difference of the SDK build: its SETTINGS toward the backend also ask
+# The intended differences of the SDK build: its SETTINGS toward the backend also ask
 # for a small dynamic table (HEADER_TABLE_SIZE 512, kept in the connection while it is
-# idle); `comparable` puts the hand-written build's frame in its place.
+# idle), and its server preface announces MAX_HEADER_LIST_SIZE 32768 (where its 431
+# starts); `comparable` puts the hand-written build's frames in their places.
+RAW_DOWN_SETTINGS = b"\x00\x00\x06\x04\x00\x00\x00\x00\x00" b"\x00\x03\x00\x00\x00d"
+SDK_DOWN_SETTINGS = (b"\x00\x00\x0c\x04\x00\x00\x00\x00\x00" b"\x00\x03\x00\x00\x00d"
+                     b"\x00\x06\x00\x00\x80\x00")
 RAW_UP_SETTINGS = (b"\x00\x00\x0c\x04\x00\x00\x00\x00\x00" b"\x00\x02\x00\x00\x00\x00"
                    b"\x00\x03\x00\x00\x00d")
 SDK_UP_SETTINGS = (b"\x00\x00\x12\x04\x00\x00\x00\x00\x00" b"\x00\x01\x00\x00\x02\x00"
@@ -52,7 +56,7 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
 def comparable(answers: list[list[abi.Action]]) -> list[list[abi.Action]]:
-    """The SDK build's answers with its upstream preface SETTINGS as the raw build's."""
+    """The SDK build's answers with its preface SETTINGS, both ways, as the raw build's."""
     out = []
     for ans in answers:
         row: list[abi.Action] = []
@@ -60,6 +64,9 @@ def comparable(answers: list[list[abi.Action]]) -> list[list[abi.Action]]:
             if isinstance(a, abi.UpstreamSend) and a.data.startswith(PREFACE + SDK_UP_SETTINGS):
                 a = abi.UpstreamSend(a.stream_id, PREFACE + RAW_UP_SETTINGS
                                      + a.data[len(PREFACE + SDK_UP_SETTINGS):])
+            elif isinstance(a, abi.DownstreamSend) and a.data.startswith(SDK_DOWN_SETTINGS):
+                a = abi.DownstreamSend(a.stream_id, RAW_DOWN_SETTINGS
+                                       + a.data[len(SDK_DOWN_SETTINGS):])
             row.append(a)
         out.append(row)
     return out

@@ -224,6 +224,15 @@ def test_sighup_reload_keeps_flows(sandbox: Sandbox) -> None:
         pytest.fail("pod c's eth0 still present after reload removed it")
 
 
+def _reloaded(d: Daemon, line: str) -> None:
+    d.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while line not in d.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert line in d.log(), d.log()[-3000:]
+    assert "need a restart" not in d.log(), d.log()[-3000:]
+
+
 def test_busy_poll_forwards_and_changes_on_reload(sandbox: Sandbox) -> None:
     worker = sandbox.netns("worker")
     a, b, ns = two_pods(sandbox)
@@ -231,15 +240,27 @@ def test_busy_poll_forwards_and_changes_on_reload(sandbox: Sandbox) -> None:
     d.wait_attached(2)
     out = sandbox.run(a, "ping", "-c", "20", "-i", "0.002", "-W", "2", "10.40.0.3").stdout
     assert "20 received" in out, out
+    assert metric(d, "fabric_dataplane_busy_polls_total") > 0
+    assert metric(d, "fabric_dataplane_busy_poll_spins_total", outcome="found") > 0
+    assert metric(d, "fabric_dataplane_busy_poll_window_seconds") == 0.003
+    # Adaptive: the pings' 2 ms gaps are within the max, so the spins find the next echo.
+    d.write_config({"worker": {"id": "fabricd", "busy_poll": {"max": "3ms"}},
+                    "namespaces": [ns]})
+    _reloaded(d, "busy_poll is now adaptive up to 3 ms")
+    out = sandbox.run(a, "ping", "-c", "20", "-i", "0.002", "-W", "2", "10.40.0.3").stdout
+    assert "20 received" in out, out
+    assert metric(d, "fabric_dataplane_busy_poll_spins_total", outcome="found") > 0
+    # ping's replies come back inside the write of the request, so what the spins find
+    # is the next request, 2 ms on: spins ahead, woken by the thread's own timer
+    assert metric(d, "fabric_dataplane_busy_poll_ahead_total", event="woke") > 0
+    assert 0 <= metric(d, "fabric_dataplane_busy_poll_window_seconds") <= 0.003
     d.write_config({"worker": {"id": "fabricd", "busy_poll": 0}, "namespaces": [ns]})
-    d.signal(signal.SIGHUP)
-    deadline = time.monotonic() + 10
-    while "busy_poll is now 0 ms" not in d.log() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert "busy_poll is now 0 ms" in d.log(), d.log()[-3000:]
-    assert "need a restart" not in d.log(), d.log()[-3000:]
+    _reloaded(d, "busy_poll is now 0 ms")
+    polls = metric(d, "fabric_dataplane_busy_polls_total")
     out = sandbox.run(a, "ping", "-c", "5", "-i", "0.01", "-W", "2", "10.40.0.3").stdout
     assert "5 received" in out, out
+    assert metric(d, "fabric_dataplane_busy_polls_total") == polls  # off: no more polls
+    assert metric(d, "fabric_dataplane_busy_poll_window_seconds") == 0
 
 
 def test_bad_config_names_file_key_problem(sandbox: Sandbox) -> None:

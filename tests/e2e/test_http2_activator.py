@@ -479,10 +479,11 @@ def fr(t, fl, sid, p=b""):
     return struct.pack(">I", len(p))[1:] + bytes([t, fl]) + struct.pack(">I", sid) + p
 s = socket.create_connection((sys.argv[1], 80), timeout=20)
 enc = hpack.Encoder()
-bad = enc.encode([(":method", "GET"), (":scheme", "http"), (":path", "/"),
-                  (":authority", "svc"), ("connection", "close")])
+base = [(":method", "GET"), (":scheme", "http"), (":path", "/"), (":authority", "svc")]
+bad = enc.encode(base + [("connection", "close")])
+injected = enc.encode(base + [("x-a", "1\\r\\nx-injected: 1")])
 s.sendall(b"PRI * HTTP/2.0\\r\\n\\r\\nSM\\r\\n\\r\\n" + fr(4, 0, 0) + fr(1, 5, 1, bad) +
-          fr(6, 0, 0, b"afterbad"))
+          fr(1, 5, 3, injected) + fr(6, 0, 0, b"afterbad"))
 buf, seen = b"", []
 while not (("rst", 1) in seen and ("pingack", 0) in seen):
     d = s.recv(65536)
@@ -524,17 +525,20 @@ def test_curl_prior_knowledge_get_and_post_through_a_dormant_service(
 
 
 def test_malformed_request_refused_without_a_wake(sandbox: Sandbox) -> None:
-    """A request with a connection-specific field (RFC 9113 8.2.2) is a stream error the
-    guest answers itself: RST_STREAM(PROTOCOL_ERROR), the connection still serves (its
-    PING answered), and the dormant backend is not woken."""
+    """A request with a connection-specific field (RFC 9113 8.2.2), and one with CR LF in
+    a value (8.2.1: header injection toward an HTTP/1 hop), are stream errors the guest
+    answers itself: RST_STREAM(PROTOCOL_ERROR) each, counted, the connection still serves
+    (its PING answered), and the dormant backend is not woken."""
     marker = os.path.join(sandbox.tmp, "woken")
     d, client, _ = setup(sandbox, [service("web", on_activate=f"touch {marker}")])
     cli = script(sandbox, "malformed.py", MALFORMED_CLIENT)
     r = sandbox.run(client, sys.executable, cli, VIP, check=False, timeout=40)
-    assert r.stdout.split() == ["rst:1", "pingack:0"], (r.stdout, r.stderr, d.log()[-3000:])
+    assert r.stdout.split() == ["rst:1", "rst:1", "pingack:0"], (r.stdout, r.stderr,
+                                                                  d.log()[-3000:])
     time.sleep(0.5)  # give a wrong wake time to show (not a timed assertion of success)
     svc = d.get("/v1/services")[0]
     assert not os.path.exists(marker) and svc["state"] == "dormant", svc
+    assert svc["streams"]["80"]["guest_counters"]["malformed_requests"] == 2, svc
 
 
 ERRING_CLIENT = """

@@ -385,18 +385,15 @@ def test_a_tunnel_socket_that_never_runs_dry_leaves_the_pods_their_turn(
     r, a, b = shop
     try:
         dp.attach_tunnel(link)  # type: ignore[arg-type]
-        late = []
         for i in range(20):
-            t = time.monotonic()
             a.udp(b.ip, 5000, 6000, b"p%d" % i)
-            got = b.recv_ip(2.0)
+            got = b.recv_ip(10.0)
             assert got is not None and bytes(IP(got)[UDP].payload) == b"p%d" % i
-            late.append(time.monotonic() - t)
-        late.sort()
-        # Without a budget the loop never comes back to the pods. With it, a frame waits
-        # a turn or so; the test's own thread also waits for the GIL behind the busy data
-        # plane (5 ms switches), so only "it is delivered, soon" is asserted here.
-        assert late[10] < 0.5, late
+        # Without a budget the loop never comes back to the pods and nothing arrives.
+        # How soon a frame gets through depends on the machine's load (the test's own
+        # thread waits for the GIL behind the busy data plane), so no time is asserted:
+        # every frame is delivered while the link is still being read, and the budget
+        # is what let the loop go.
         assert dp.call(lambda: dp.tunnel_yields) > 0 and link.reads > 10
     finally:
         dp.attach_tunnel(None)
@@ -652,30 +649,89 @@ def _settled(dp: DataPlane, timeout: float = 5.0) -> int:
     raise AssertionError(f"the data plane kept polling: {dp.busy_polls} polls")
 
 
-@pytest.mark.parametrize("busy_poll", [0.0, 0.02])
-def test_busy_poll_polls_only_after_frames_and_then_sleeps(busy_poll: float) -> None:
-    dp = DataPlane(busy_poll=busy_poll)
+@pytest.mark.parametrize(("busy_poll", "adaptive"), [(0.0, False), (0.02, False), (0.02, True)])
+def test_busy_poll_polls_only_after_frames_and_then_sleeps(busy_poll: float,
+                                                           adaptive: bool) -> None:
+    dp = DataPlane(busy_poll=busy_poll, adaptive=adaptive)
     dp.start()
     try:
         with _shop(dp) as (_, a, b):
-            _check_busy_poll(dp, a, b, busy_poll)
+            _check_busy_poll(dp, a, b, busy_poll, adaptive)
     finally:
         dp.close()
 
 
-def _check_busy_poll(dp: DataPlane, a: SocketPod, b: SocketPod, busy_poll: float) -> None:
+def _forward(a: SocketPod, b: SocketPod, payload: bytes) -> None:
+    a.udp(b.ip, 1, 2, payload)
+    got = b.recv_ip(2.0)
+    assert got is not None and bytes(IP(got)[UDP].payload) == payload
+
+
+def _check_busy_poll(dp: DataPlane, a: SocketPod, b: SocketPod, busy_poll: float,
+                     adaptive: bool) -> None:
     idle = _settled(dp)  # nothing was forwarded yet: no polling at all
     assert idle == 0
-    a.udp(b.ip, 1, 2, b"one")
-    got = b.recv_ip(2.0)
-    assert got is not None and bytes(IP(got)[UDP].payload) == b"one"
+    _forward(a, b, b"one")
     after = _settled(dp)
-    if busy_poll:
+    if busy_poll and not adaptive:
         assert after > 0  # it polled after the frame, then slept again
+        assert dp.spins_empty >= 1 and dp.spin.window == busy_poll
     else:
-        assert after == 0
-    dp.busy_poll = 0.0  # a reload may turn it off: the thread reads it every turn
-    a.udp(b.ip, 1, 2, b"two")
-    got = b.recv_ip(2.0)
-    assert got is not None and bytes(IP(got)[UDP].payload) == b"two"
+        assert after == 0  # adaptive: one frame is no gap, nothing to cover yet
+    if adaptive:
+        # Frames one after another, each sent once the one before has arrived: gaps
+        # within the max make the thread spin after a frame (right away for a short
+        # gap, ahead of the next one for longer ones) and, once they stop, the spins end
+        # empty and it sleeps. (Twenty tries: two gaps under 20 ms are all it takes.)
+        for _ in range(20):
+            _forward(a, b, b"next")
+            if dp.spin.window or dp.spin.predicted():
+                break
+        after = _settled(dp)
+        assert after > 0 and dp.spins_empty >= 1
+        assert dp.spin.window < busy_poll
+    dp.set_busy_poll(0.0)  # a reload may turn it off: the thread picks it up next turn
+    _forward(a, b, b"two")
     assert _settled(dp) == after
+    assert dp.spin.window == 0.0 and not dp.spin.on
+
+
+def test_a_port_is_read_through_its_own_reader_until_its_fd_goes_away() -> None:
+    """Each port is read with a FileIO.readinto of its fd, made when the port is added
+    and dropped with it; an empty port ends the read batch (None, not an exception), and
+    a port whose fd vanished under the data plane is counted, no longer read, and
+    reported to the control side, as before."""
+    import errno
+    import os
+
+    dp = DataPlane()  # not started: calls run inline and the test drives the reads
+    r = Router("shop", CIDR)
+    a = SocketPod("a", "10.10.0.2", "02:00:0a:0a:00:02")
+    b = SocketPod("b", "10.10.0.3", "02:00:0a:0a:00:03")
+    try:
+        dp.add_owner(r)
+        ports = {}
+        for pod in (a, b):
+            dp.call(r.add_pod, pod.name, pod.ip, pod.mac)
+            ports[pod.name] = attach(dp, r, pod)
+        pa = ports["a"]
+        assert set(dp._readers) == {pa.fd, ports["b"].fd}
+        dp._readable(*dp.ports[pa.fd])  # nothing to read: no frame, no error
+        assert dp.frames == 0 and dp.rx_errors == 0
+        for i in range(3):
+            a.udp(b.ip, 1000 + i, 2000, b"x" * (10 + i))
+        dp._readable(*dp.ports[pa.fd])
+        assert dp.frames == 3 and pa.rx_packets == 3 and dp.rx_errors == 0
+        got = [b.recv_ip(0.5) for _ in range(3)]
+        assert [len(p) for p in got if p is not None] == [38, 39, 40]
+        entry = dp.ports[pa.fd]
+        os.close(pa.fd)  # the device vanished under the data plane
+        dp._readable(*entry)
+        assert dp.rx_errors == 1 and pa.fd not in dp.ports and pa.fd not in dp._readers
+        assert dp.trouble.take() == [(pa, errno.EBADF)]
+        dp.remove_port(ports["b"])
+        assert not dp._readers
+    finally:
+        a.close()
+        b.close()
+        dp.close()

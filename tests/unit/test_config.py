@@ -1602,12 +1602,42 @@ def test_errors_are_one_line_whatever_their_message() -> None:
         assert "\n" not in str(exc) and "\\n" in exc.message
 
 
-def test_worker_busy_poll_is_a_short_duration_and_off_by_default() -> None:
-    assert parse_config(base(), SRC).worker.busy_poll == 0.0
+def test_worker_busy_poll_is_a_short_duration_and_adaptive_by_default() -> None:
+    from fabric.config.specs import ADAPTIVE_MAX
+
+    w = parse_config(base(), SRC).worker
+    assert w.busy_poll == ADAPTIVE_MAX and w.busy_poll_adaptive
     data = base()
+    data["worker"]["busy_poll"] = 0
+    w = parse_config(data, SRC).worker
+    assert w.busy_poll == 0.0 and not w.busy_poll_adaptive  # off
     data["worker"]["busy_poll"] = "2.5ms"
     assert parse_config(data, SRC).worker.busy_poll == pytest.approx(0.0025)
     e = cfg_err(_set(["worker", "busy_poll"], "1s"))
     assert e.key == "worker.busy_poll" and "more than 100 ms" in e.problem
     e = cfg_err(_set(["worker", "busy_poll"], -1))
+    assert e.key == "worker.busy_poll"
+
+
+def test_worker_busy_poll_adaptive_has_a_max_and_a_mapping_form() -> None:
+    from fabric.config.specs import ADAPTIVE_MAX
+
+    data = base()
+    data["worker"]["busy_poll"] = "2.5ms"
+    assert not parse_config(data, SRC).worker.busy_poll_adaptive  # a duration is fixed
+    data["worker"]["busy_poll"] = "adaptive"
+    w = parse_config(data, SRC).worker
+    assert w.busy_poll_adaptive and w.busy_poll == ADAPTIVE_MAX
+    data["worker"]["busy_poll"] = {"max": "0.5ms"}
+    w = parse_config(data, SRC).worker
+    assert w.busy_poll_adaptive and w.busy_poll == pytest.approx(0.0005)
+    e = cfg_err(_set(["worker", "busy_poll"], {"max": "1s"}))
+    assert e.key == "worker.busy_poll.max" and "more than 100 ms" in e.problem
+    e = cfg_err(_set(["worker", "busy_poll"], {}))
+    assert e.key == "worker.busy_poll.max" and "required" in e.problem
+    e = cfg_err(_set(["worker", "busy_poll"], {"max": "1ms", "min": "1us"}))
+    assert e.key == "worker.busy_poll.min" and "unknown key" in e.problem
+    e = cfg_err(_set(["worker", "busy_poll"], "adaptve"))
+    assert e.key == "worker.busy_poll" and "neither a duration nor adaptive" in e.problem
+    e = cfg_err(_set(["worker", "busy_poll"], True))
     assert e.key == "worker.busy_poll"

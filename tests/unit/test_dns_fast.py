@@ -206,3 +206,72 @@ def test_repeated_queries_and_any_bytes_type():
     nx = query(f"nope.{ZONE}")
     same(fast, slow, nx, times=3)
     assert fast.counters["nxdomain"] == slow.counters["nxdomain"] == 9
+
+
+def test_hostile_variants_of_a_repeated_query_never_come_from_the_repeat_table():
+    """answer_local looks repeats up inline: with the plain query's answer in the table,
+    broken or odd variants of it (cut short, a bad label length, a compression loop,
+    QDCOUNT 0 or 2, an answer record, an OPT with a huge size, options or a long
+    rdata, trailing bytes, a response) get what the parser gives, byte for byte and
+    counter for counter, and a malformed one is dropped and counted, not answered."""
+    fast, slow = pair()
+    q = query(f"web-1.{ZONE}", qid=7)
+    opt = bare_opt(q, 1232)
+    for warm in (q, opt):
+        same(fast, slow, warm, times=3)
+        assert warm[2:] in fast._exact
+    name_end = 12 + len(f"web-1.{ZONE}") + 1
+    variants = [
+        *(q[:k] for k in (0, 1, 2, 3, 11, 12, 13, 20, name_end, len(q) - 1)),
+        q[:12] + b"\x3f" + q[13:],  # the first label says 63 bytes
+        q[:12] + b"\x40" + q[13:],  # an extended label type
+        q[:12] + b"\xc0\x0c" + q[name_end:],  # a pointer to itself
+        q[:12] + b"\x05web-1\xc0\x12\xc0\x0c" + q[name_end:],  # a loop of two pointers
+        q[:4] + b"\x00\x00" + q[6:],  # QDCOUNT 0
+        q[:4] + b"\x00\x02" + q[6:],  # QDCOUNT 2, one question
+        q[:4] + b"\x00\x02" + q[6:] + q[12:],  # QDCOUNT 2, two questions
+        q[:6] + b"\x00\x01" + q[8:],  # ANCOUNT 1, no record
+        q[:2] + bytes((q[2] | 0x80,)) + q[3:],  # a response
+        q + b"\x00",  # trailing byte
+        opt[:-11] + b"\x00" + struct.pack("!HHBBHH", 41, 65535, 0, 0, 0, 0),  # huge size
+        opt[:-2] + b"\xff\xff",  # rdata of 65535 bytes, absent
+        opt[:-2] + b"\x00\x0c" + b"\x00\x0a\x00\x08" + b"12345678",  # a cookie
+        opt[:-2] + b"\x00\x04" + b"\x00\x0a\x00\x08",  # an option past its rdata
+        opt[:-11] + b"\x00" + struct.pack("!HHBBHH", 41, 1232, 0, 1, 0, 0),  # version 1
+        opt[:10] + b"\x00\x02" + opt[12:] + opt[-11:],  # two OPTs
+    ]
+    for v in variants:
+        for qid in (b"\x00\x07", b"\xab\xcd"):
+            data = qid + v[2:] if len(v) >= 2 else v
+            out = same(fast, slow, data)
+            if data[2:] in fast._exact:  # only a plain query the parser answers the same
+                assert out == data[:2] + fast._exact[data[2:]][0]
+            else:
+                assert fast._fast(data) is None or out is not None
+    assert fast.counters["dropped_malformed"] > 0 and fast.counters["formerr"] > 0
+    assert fast.counters["dropped_responses"] > 0 and fast.counters["badvers"] > 0
+
+
+def test_repeats_are_counted_once_each_whenever_the_counters_are_read():
+    """A repeat costs one increment, folded into `counters` when they are read: every
+    repeat counts as a query, a cache hit, a local answer and its kind, once, whether
+    the counters are read after each query, after many, twice in a row, or across a
+    change of zone that empties the repeat table."""
+    fast, slow = pair()
+    a, nx = query(f"web-1.{ZONE}"), query(f"nope.{ZONE}")
+    same(fast, slow, a)
+    same(fast, slow, nx)
+    before = dict(fast.counters)
+    for i in range(50):
+        for q in (a, nx):
+            data = bytes((i, 7)) + q[2:]
+            assert fast.answer_local(data, 0.0) == slow.answer_local(data, 0.0)
+            assert fast.handle_query(data, CLIENT, 0.0) == slow.handle_query(data, CLIENT, 0.0)
+        if i % 7 == 0:
+            assert fast.counters == slow.counters
+    assert fast.counters == fast.counters == slow.counters
+    grew = {k: fast.counters[k] - before[k] for k in before if fast.counters[k] != before[k]}
+    assert grew == {"queries": 200, "cache_hits": 200, "local_answers": 200, "nxdomain": 100}
+    fast.answer_local(b"\x00\x01" + a[2:], 0.0)
+    fast.reconfigure(fast.records, [])  # the table goes, the count of what it answered stays
+    assert not fast._exact and fast.counters["queries"] == before["queries"] + 201

@@ -224,9 +224,13 @@ def _cut(data: bytes, cuts: list[int]) -> list[bytes]:
 #: need active, COPY FROM STDIN by Execute, the unnamed statement after a local Query,
 #: backend statement names, no answer inside a backend message), so those inputs are
 #: left out of the comparison; tests/unit/test_postgres_activator.py checks them.
+#: Since the hostile-input review (tests/unit/test_postgres_hostile.py), a Terminate ends
+#: the session where it stands (an unsynced keep-alive group before it is dropped, bytes
+#: after it are not read), and malformed input is answered as PostgreSQL answers it: a
+#: batch where postgres.c refuses a client (it logs why) ends the comparison.
 _CHANGED = {FORMS["x_asyncpg"], FORMS["x_asyncpg_again"], FORMS["x_maxrows1"], W.FLUSH,
             *(FORMS[k] for k in FORMS if k.startswith("x_types")),
-            b"\x16\x03\x01\x00\x02hi",
+            b"\x16\x03\x01\x00\x02hi", W.TERMINATE,
             W.parse("SELECT 1") + W.bind() + W.execute(max_rows=1) + W.SYNC}
 _EQ_PIECES = [p for p in _PIECES if p not in _CHANGED]
 
@@ -278,7 +282,12 @@ def test_the_sdk_rewrite_answers_every_batch_as_the_hand_written_one(
         StreamGuest(SDK, cfg, port=5432, deadline_ms=5000)
     try:
         for batch in _events(ops):
-            assert new.send(*batch) == old.send(*batch), batch
+            got = new.send(*batch)
+            if any(isinstance(a, abi.Log) and a.level == abi.LOG_WARNING
+                   and ("closing a client" in a.message or "a client sent" in a.message)
+                   for a in got):
+                break  # refused as the server refuses it; the reference did otherwise
+            assert got == old.send(*batch), batch
         assert old.failed == new.failed == 0
     finally:
         old.close()

@@ -198,3 +198,25 @@ def test_answer_times_are_observed_for_answers_only() -> None:
         f = query("a.shop.fabric.internal")
         r.receive(pa, f, len(f), 1.0)
     assert hist.count == 1 and local.tx_packets == 1
+
+
+def test_the_inline_observation_is_histogram_observe(monkeypatch) -> None:
+    """Router._dns updates the histogram itself (no method call per answer): every value,
+    on a bound (`le` is inclusive), between bounds or past the last, lands where
+    Histogram.observe puts it, and the sum is the same."""
+    from fabric.histogram import DNS_BUCKETS, Histogram
+    from fabric.router import router as router_mod
+
+    durations = [0.0, 1e-6, DNS_BUCKETS[0], DNS_BUCKETS[0] * 1.0001, 0.0003, DNS_BUCKETS[-1],
+                 DNS_BUCKETS[-1] + 1, 1e9]
+    clock = iter(t for d in durations for t in (1000.0, 1000.0 + d))
+    monkeypatch.setattr(router_mod, "_clock", lambda: next(clock))
+    r, pa, _, _ = setup()
+    hist, ref = Histogram(DNS_BUCKETS), Histogram(DNS_BUCKETS)
+    r.attach_dns(lambda query, now: b"\0" * 20, hist)
+    for _ in durations:
+        f = query("a.shop.fabric.internal")
+        r.receive(pa, f, len(f), 1.0)
+    for d in durations:
+        ref.observe((1000.0 + d) - 1000.0)
+    assert hist.counts == ref.counts and hist.sum == ref.sum and hist.count == len(durations)

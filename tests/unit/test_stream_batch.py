@@ -83,3 +83,46 @@ def test_a_deferred_batch_hands_a_guest_at_most_one_reads_worth_per_call() -> No
     sizes = [sum(len(e.data) for e in call) for call in guest.calls]
     assert sizes == [sc.DEFER_MAX, 10, sc.DEFER_MAX] and max(sizes) <= sc.DEFER_MAX
     assert [cmd[1] for cmd in core.commands()] == [a, b, c, a]  # every byte, in order
+
+
+class SpliceOnAnswer:
+    """Relays client bytes upstream and splices a stream at the first backend bytes."""
+
+    def process(self, port: int, events: Sequence[abi.Event], streams: int = 0
+                ) -> list[abi.Action] | None:
+        out: list[abi.Action] = []
+        for e in events:
+            if isinstance(e, abi.StreamOpen):
+                out.append(abi.UpstreamConnect(e.stream_id, 0))
+            elif isinstance(e, abi.StreamData):
+                out.append(abi.UpstreamSend(e.stream_id, e.data))
+            elif isinstance(e, abi.UpstreamData):
+                out += [abi.DownstreamSend(e.stream_id, e.data), abi.Splice(e.stream_id)]
+        return out
+
+
+def test_bytes_read_before_the_shell_carried_out_a_splice_go_on_before_it() -> None:
+    """The guest splices A in a call made in the middle of a wakeup (the batch had filled
+    up); the shell carries out the splice only after the wakeup's reads, and reads A's
+    client once more before it does. Those bytes were taken from the client: they go
+    upstream, ahead of the splice (so ahead of what the kernel relays later), not lost."""
+    core = StreamCore(SpliceOnAnswer(), 80, 8080)
+    core.backends(["10.0.0.3"], 0.0)
+    a, b = (core.accepted(("10.0.0.2", 1000 + i), 0.0) for i in range(2))
+    assert a is not None and b is not None
+    for sid in (a, b):
+        core.upstream_result(sid, True, 0.0)
+    core.commands()
+    core.defer = True
+    core.upstream_data(a, b"HTTP/1.1 101 Switching Protocols\r\n\r\n", 1.0)
+    core.client_data(b, bytes(sc.DEFER_MAX), 1.0)  # past the batch: A's answer comes now
+    assert core.streams[a].mode == sc.SPLICED
+    core.client_data(a, b"late", 1.0)  # read in the same wakeup, before the shell splices
+    core.upstream_data(a, b"tail", 1.0)
+    core.flush(1.0)
+    cmds = [(k, s, arg) for k, s, arg in core.commands() if s == a]
+    assert cmds == [(sc.SEND_CLIENT, a, b"HTTP/1.1 101 Switching Protocols\r\n\r\n"),
+                    (sc.SEND_UPSTREAM, a, b"late"), (sc.SEND_CLIENT, a, b"tail"),
+                    (sc.SPLICE, a, None)]
+    c = core.counters
+    assert c["bytes_from_clients"] == sc.DEFER_MAX + 4 and c["sends_dropped"] == 0

@@ -325,3 +325,112 @@ def test_a_reload_sends_new_streams_to_the_new_module_and_keeps_live_ones() -> N
     assert core.retired == [old] and core.status()["generations_live"] == 1
     assert any(isinstance(e, abi.StreamOpen) for e in new.seen)
     assert not any(isinstance(e, abi.StreamOpen) and e.stream_id == s1 for e in new.seen)
+
+
+class StalledBackend:
+    """The shell's side of one stream whose backend never reads (fabric.streams.front):
+    what the core sends upstream stays queued, and the client is read (one read of at
+    most 64 KiB at a time, as the front reads) only while the guest has not paused it
+    and the upstream queue is within the stream buffer."""
+
+    def __init__(self, core: StreamCore, sid: int) -> None:
+        self.core, self.sid = core, sid
+        self.paused = False
+        self.upstream = bytearray()  # every byte handed to the backend's queue, in order
+        self.closed = False
+
+    def run(self) -> None:
+        for kind, sid, arg in self.core.commands():
+            assert sid == self.sid
+            if kind == sc.SEND_UPSTREAM:
+                self.upstream += arg  # type: ignore[operator]
+            elif kind == sc.READ_CLIENT:
+                self.paused = not arg
+            elif kind in (sc.CLOSE_CLIENT, sc.FORGET):
+                self.closed = True
+
+    @property
+    def reading(self) -> bool:
+        return not (self.paused or self.closed
+                    or len(self.upstream) > self.core.stream_buffer)
+
+
+def _pattern(start: int, n: int) -> bytes:
+    """Bytes that say where in the upload they are (a lost or reordered read shows)."""
+    return bytes((start + i) * 7 % 251 for i in range(n))
+
+
+def test_a_relaying_guest_loses_no_byte_and_back_pressure_stops_the_client() -> None:
+    """streamtrap relays through the host's queues. The client starts pushing while the
+    service still sleeps, and the backend, once up, never reads: every byte the host took
+    from the client must reach the backend's queue, in order, and the client must be
+    stopped (by the guest's pause while it cannot relay, then by the host's bound on the
+    upstream queue), never read on while its bytes are dropped."""
+    host = ActivatorHost(ROOT / "testing" / "streamtrap.wasm", {})
+    core = StreamCore(host, 7000, 7000)
+    sid = core.accepted(PEER, 0.0)
+    assert sid is not None
+    shell = StalledBackend(core, sid)
+    shell.run()
+    taken = bytearray()
+    now = 0.0
+    limit = 8 << 20  # far past any bound: without back-pressure the loop ends here
+
+    def push(reads: int) -> None:
+        nonlocal now
+        for _ in range(reads):
+            if not shell.reading or len(taken) >= limit:
+                return
+            chunk = _pattern(len(taken), sc.MAX_CHUNK)
+            taken.extend(chunk)
+            now += 0.001
+            core.client_data(sid, chunk, now)
+            shell.run()
+            t = core.next_timer()
+            if t is not None and t <= now:
+                core.handle_timer(now)
+                shell.run()
+
+    push(400)  # the service is waking: nothing can go upstream yet
+    held = len(taken)
+    assert held <= 2 * sc.MAX_CHUNK, held  # paused, not read on and dropped
+    now += 0.05
+    core.backends(["10.0.0.3"], now)
+    shell.run()
+    core.upstream_result(sid, True, now + 0.01)
+    shell.run()
+    assert shell.upstream == taken  # what was held went up first, whole
+    push(limit // sc.MAX_CHUNK)
+    assert not shell.reading and not shell.closed
+    assert len(taken) <= core.stream_buffer + 2 * sc.MAX_CHUNK, len(taken)
+    for _ in range(3):  # ticks while the client is stopped: nothing more, nothing lost
+        now += sc.TICK_INTERVAL
+        core.handle_timer(now)
+        shell.run()
+    assert bytes(shell.upstream) == bytes(taken)
+    c = core.counters
+    assert c["bytes_from_clients"] == c["bytes_to_backends"] == len(taken), c
+    assert c["guest_failures"] == 0 and c["bad_actions"] == 0 and c["sends_dropped"] == 0
+
+
+def test_a_client_that_ends_while_its_bytes_are_held_has_them_relayed_first() -> None:
+    """A request and a FIN sent before the backend is up: streamtrap holds the bytes
+    (and pauses), and the close comes only after all of them went upstream."""
+    host = ActivatorHost(ROOT / "testing" / "streamtrap.wasm", {})
+    core = StreamCore(host, 7000, 7000)
+    sid = core.accepted(PEER, 0.0)
+    assert sid is not None
+    core.commands()
+    body = _pattern(0, 70_000)  # two reads' worth
+    core.client_data(sid, body[:sc.MAX_CHUNK], 0.01)
+    assert core.commands() == [(sc.READ_CLIENT, sid, False)]
+    core.client_data(sid, body[sc.MAX_CHUNK:], 0.02)  # the read past the pause
+    core.client_closed(sid, 0.03)
+    assert core.commands() == [] and sid in core.streams
+    core.backends(["10.0.0.3"], 0.5)
+    assert core.commands() == [(sc.CONNECT, sid, ("10.0.0.3", 7000))]
+    core.upstream_result(sid, True, 0.6)
+    cmds = core.commands()
+    assert cmds[0] == (sc.SEND_UPSTREAM, sid, body)
+    assert kinds(cmds[1:]) == [sc.CLOSE_CLIENT, sc.CLOSE_UPSTREAM, sc.FORGET]
+    assert core.counters["bytes_to_backends"] == len(body)

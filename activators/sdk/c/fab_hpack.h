@@ -249,6 +249,9 @@ struct fab_hpack_field {
     u32 value_len;
     u32 static_name;   /* the first static index with this name (1..61), 0: none */
     int never_indexed; /* the sender said: never index it (keep it so when re-encoding) */
+    u32 indexed;       /* an indexed field (RFC 7541 6.1): its index (1..61 static, 62..
+                        * dynamic, so seen before as a literal); 0: a literal. Lets a caller
+                        * that checked a value when it entered the table skip it now. */
 };
 
 typedef void (*fab_hpack_cb)(void *ctx, const struct fab_hpack_field *f);
@@ -305,6 +308,7 @@ FAB_INLINE int fab_hpack_decode_max(struct fab_hpack_table *t, const u8 *p, u32 
             if (fab_hpack_int(p, len, &pos, 7, &idx) || fab__hp_lookup(t, idx, &nl, &vl, 1, &si))
                 return -1;
             f.never_indexed = 0;
+            f.indexed = idx;
         } else if ((b & 0xe0) == 0x20) {
             if (seen || fab_hpack_int(p, len, &pos, 5, &idx) || idx > FAB_HPACK_TABLE_SIZE)
                 return -1;
@@ -315,6 +319,7 @@ FAB_INLINE int fab_hpack_decode_max(struct fab_hpack_table *t, const u8 *p, u32 
             u32 bits = (b & 0x40) ? 6 : 4;
             int incr = (b & 0x40) != 0;
             f.never_indexed = (b & 0xf0) == 0x10;
+            f.indexed = 0;
             if (fab_hpack_int(p, len, &pos, bits, &idx)) return -1;
             if (idx) {
                 if (fab__hp_lookup(t, idx, &nl, &vl, 0, &si)) return -1;

@@ -72,7 +72,7 @@
 #define FAB_PG_CODE_CANCEL 80877102u
 #define FAB_PG_CODE_SSL 80877103u
 #define FAB_PG_CODE_GSSENC 80877104u
-#define FAB_PG_STARTUP_MAX 10000u /* PostgreSQL's MAX_STARTUP_PACKET_LENGTH */
+#define FAB_PG_STARTUP_MAX 10000u /* PostgreSQL's MAX_STARTUP_PACKET_LENGTH (without the length word) */
 #define FAB_PG_CANCEL_MIN 16u     /* length, code, pid, a 4-byte key (3.0) */
 #define FAB_PG_CANCEL_MAX 268u    /* ... a 256-byte key (3.2) */
 
@@ -113,7 +113,8 @@ static FAB_UNUSED u32 fab_pg_startup_peek(const u8 *head, u32 have, struct fab_p
         if (len < FAB_PG_CANCEL_MIN || len > FAB_PG_CANCEL_MAX) return FAB_PG_BAD_CANCEL;
         return have < len ? FAB_PG_MORE : FAB_PG_CANCEL;
     }
-    if (len < 8 || len > FAB_PG_STARTUP_MAX) return FAB_PG_BAD_LENGTH;
+    /* the server's bound is on the length less its own 4 bytes (10004 in all) */
+    if (len < 8 || len - 4 > FAB_PG_STARTUP_MAX) return FAB_PG_BAD_LENGTH;
     if ((code >> 16) != 3) return FAB_PG_BAD_PROTOCOL;
     return have < len ? FAB_PG_MORE : FAB_PG_STARTUP;
 }
@@ -141,6 +142,32 @@ static FAB_UNUSED i32 fab_pg_startup_param(const u8 *pkt, u32 n, const char *nam
         p = v + vl + 1;
     }
     return -1;
+}
+
+/* Check a complete protocol-3 StartupMessage as PostgreSQL 15 does (ProcessStartupPacket):
+ * name/value pairs up to a terminating NUL that is the packet's last byte, then a
+ * non-empty "user". 0 when it is good, FAB_PG_BAD_LAYOUT (answer FATAL 08P01 "invalid
+ * startup packet layout: expected terminator as last byte") or FAB_PG_NO_USER (FATAL
+ * 28000 "no PostgreSQL user name specified in startup packet"). `pkt` must have one
+ * readable byte past its `n`, set to 0 (the server reads its strings that way too). */
+#define FAB_PG_BAD_LAYOUT 1
+#define FAB_PG_NO_USER 2
+static FAB_UNUSED u32 fab_pg_startup_check(const u8 *pkt, u32 n) {
+    const u8 *b = pkt + 4; /* the server's buffer: after the length word */
+    u32 len = n - 4, off = 4, user = 0;
+    while (off < len) {
+        if (!b[off]) break;
+        u32 kl = 0;
+        while (b[off + kl]) kl++;
+        u32 voff = off + kl + 1;
+        if (voff >= len) break;
+        u32 vl = 0;
+        while (b[voff + vl]) vl++;
+        if (kl == 4 && fab_memeq(b + off, "user", 4)) user = vl;
+        off = voff + vl + 1;
+    }
+    if (off != len - 1) return FAB_PG_BAD_LAYOUT;
+    return user ? 0 : FAB_PG_NO_USER;
 }
 
 /* The process id and secret key of a complete CancelRequest: the key's length (4..256),

@@ -61,6 +61,7 @@ typedef long long i64;
 #define FAB_ACT_UPSTREAM_CONNECT 32
 #define FAB_ACT_UPSTREAM_SEND 33
 #define FAB_ACT_UPSTREAM_CLOSE 34
+#define FAB_ACT_UPSTREAM_CONNECT_LIKE 35
 #define FAB_ACT_PAUSE 48
 #define FAB_ACT_RESUME 49
 #define FAB_ACT_SPLICE 50
@@ -347,6 +348,15 @@ static FAB_UNUSED void fab_connect(u32 sid, u32 port) {
     if (!p) return;
     fab_put_le32(p, sid);
     fab_put_le16(p + 4, port);
+}
+/* fab_connect, to the backend stream `like` is connected to while that one is ready
+ * (else chosen as for fab_connect): e.g. a CancelRequest to its session's replica. */
+static FAB_UNUSED void fab_connect_like(u32 sid, u32 port, u32 like) {
+    u8 *p = fab_action(FAB_ACT_UPSTREAM_CONNECT_LIKE, 10);
+    if (!p) return;
+    fab_put_le32(p, sid);
+    fab_put_le16(p + 4, port);
+    fab_put_le32(p + 6, like);
 }
 
 /* fab_logf: a log line with %s %u %d %x %c %% (and %.*s: length, then bytes); long lines

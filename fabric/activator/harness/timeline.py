@@ -138,6 +138,10 @@ def action_record(t: float, a: abi.Action) -> Record:
     if isinstance(a, abi.UpstreamConnect):
         return Record(t, ACTION, "upstream_connect", stream=a.stream_id,
                       detail=f"port {a.port}" if a.port else "target port")
+    if isinstance(a, abi.UpstreamConnectLike):
+        return Record(t, ACTION, "upstream_connect_like", stream=a.stream_id,
+                      detail=(f"port {a.port}" if a.port else "target port")
+                      + f", backend of stream {a.like}")
     data = getattr(a, "data", None)
     name = _ACTION_NAMES.get(type(a).__name__, type(a).__name__)
     return Record(t, ACTION, name, stream=getattr(a, "stream_id", None), data=data)
