@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from fabric.activator import abi
 from tests.support import pgwire as W
 from tests.support.streambridge import StreamBridge
-from tests.support.streamguest import StreamGuest
+from tests.support.streamguest import StreamGuest, fuzz_step
 
 ROOT = Path(__file__).resolve().parents[2]
 WASM = ROOT / "activators" / "postgres" / "postgres.wasm"
@@ -952,25 +952,7 @@ def test_fuzz_random_event_orders_never_trap(ops: list[tuple[int, int, bytes]], 
     now = 0
     try:
         for op, sid, data in ops:
-            if op == 0:
-                g.open(sid)
-            elif op in (1, 2):
-                g.client(sid, data)
-            elif op == 3:
-                g.backend(sid, data)
-            elif op == 4:
-                g.connected(sid, ok=bool(len(data) % 2))
-            elif op == 5:
-                now += 150
-                g.tick(now)
-            elif op == 6:
-                g.available()
-            elif op == 7:
-                g.unavailable()
-            elif op == 8:
-                g.client_close(sid)
-            else:
-                g.backend_close(sid)
+            now = fuzz_step(g, op, sid, [data], bool(len(data) % 2), now)
         assert g.failed == 0
     finally:
         g.close()

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from fabric.activator import abi
 from tests.support import pgwire as W
-from tests.support.streamguest import StreamGuest
+from tests.support.streamguest import StreamGuest, fuzz_step
 from tests.unit import test_postgres_activator as pa
 from tests.unit.test_postgres_activator import (
     ACTIVE,
@@ -541,27 +541,8 @@ def test_fuzz_hostile_pieces_in_any_order_never_fail_a_call(
     try:
         for op, sid, data, cut in ops:
             if op == 0:
-                g.open(sid)
                 opened.add(sid)
-            elif op in (1, 2):
-                g.client(sid, data[:cut])
-                g.client(sid, data[cut:])
-            elif op == 3:
-                g.backend(sid, data[:cut])
-                g.backend(sid, data[cut:])
-            elif op == 4:
-                g.connected(sid, ok=cut % 2 == 1)
-            elif op == 5:
-                now += 150
-                g.tick(now)
-            elif op == 6:
-                g.available()
-            elif op == 7:
-                g.unavailable()
-            elif op == 8:
-                g.client_close(sid)
-            else:
-                g.backend_close(sid)
+            now = fuzz_step(g, op, sid, [data[:cut], data[cut:]], cut % 2 == 1, now)
         assert g.failed == 0
         for a in g.actions:
             assert getattr(a, "stream_id", None) in (None, *opened), a
