@@ -51,9 +51,10 @@ def rst_close(s: socket.socket) -> None:
     s.close()
 
 
-def drain(s: socket.socket, seconds: float, limit: int = 1 << 20) -> tuple[bytes, bool]:
-    """What the server sends within `seconds` (at most `limit` bytes), and whether it
-    closed (EOF or reset)."""
+def drain(s: socket.socket, seconds: float, limit: int = 1 << 20,
+          stop: Callable[[bytes], bool] | None = None) -> tuple[bytes, bool]:
+    """What the server sends within `seconds` (at most `limit` bytes, or until `stop` says
+    enough), and whether it closed (EOF or reset)."""
     s.settimeout(0.2)
     got = bytearray()
     deadline = time.monotonic() + seconds
@@ -67,7 +68,13 @@ def drain(s: socket.socket, seconds: float, limit: int = 1 << 20) -> tuple[bytes
         if not b:
             return bytes(got), True
         got += b
+        if stop is not None and stop(bytes(got)):
+            break
     return bytes(got), False
+
+
+def goaway_seen(data: bytes) -> bool:
+    return bool(goaway_codes(data))
 
 
 def opener(proto: str) -> bytes:
@@ -147,7 +154,7 @@ def attack_h2(a: argparse.Namespace, rng: random.Random) -> dict[str, Any]:
                     sent = i + 65536
             except OSError:
                 pass
-            got, closed = drain(s, 1.5, 4 << 20)
+            got, closed = drain(s, 1.0, 4 << 20, stop=goaway_seen)
             kinds = frame_kinds(got)
             out[name] = {"sent": min(sent, len(data)), "got": len(got), "closed": closed,
                          "goaway": goaway_codes(got), "frames": kinds}
@@ -213,6 +220,8 @@ def pg_cases(rng: random.Random) -> list[tuple[str, bytes, bool]]:
 def attack_pg(a: argparse.Namespace, rng: random.Random) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, data, after_startup in pg_cases(rng):
+        if after_startup and a.no_session:
+            continue
         try:
             s = connect(a.host, a.port)
             if after_startup:
@@ -273,6 +282,43 @@ def drain_until(s: socket.socket, marker: bytes, seconds: float) -> tuple[bytes,
     return bytes(got), False
 
 
+# --- HTTP/1 -------------------------------------------------------------------------------
+
+HTTP1_BAD = [
+    ("cl_and_te", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n"
+     b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", b" 400 "),
+    ("no_host", b"GET / HTTP/1.1\r\n\r\n", b" 400 "),
+    ("two_hosts", b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", b" 400 "),
+    ("bad_version", b"GET / HTTP/9.9\r\nHost: a\r\n\r\n", b" 505 "),
+    ("space_before_colon", b"GET / HTTP/1.1\r\nHost : a\r\n\r\n", b" 400 "),
+    ("folding", b"GET / HTTP/1.1\r\nHost: a\r\nX: 1\r\n  2\r\n\r\n", b" 400 "),
+    ("bad_cl", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1x\r\n\r\n", b" 400 "),
+    ("bad_te", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", b" 501 "),
+    ("huge_head", b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"a" * 20000 + b"\r\n\r\n", b" 431 "),
+    ("connect", b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n", b" 501 "),
+    ("control_in_value", b"GET / HTTP/1.1\r\nHost: a\r\nX: a\x01b\r\n\r\n", b" 400 "),
+]
+
+
+def attack_http1(a: argparse.Namespace, rng: random.Random) -> dict[str, Any]:
+    """Each malformed request on its own connection: the status line answered."""
+    out: dict[str, Any] = {}
+    for name, data, want in HTTP1_BAD:
+        try:
+            s = connect(a.host, a.port)
+            try:
+                s.sendall(data)
+            except OSError:
+                pass
+            got, closed = drain_until(s, b"\r\n\r\n", a.wait)
+            line = got.split(b"\r\n", 1)[0]
+            out[name] = {"status": line.decode("latin1"), "ok": want in line + b" "}
+            s.close()
+        except OSError as e:
+            out[name] = {"error": str(e), "ok": False}
+    return out
+
+
 # --- any protocol --------------------------------------------------------------------------
 
 
@@ -301,7 +347,7 @@ def attack_garbage(a: argparse.Namespace, rng: random.Random) -> dict[str, Any]:
             stats["bytes"] += len(data)
         except OSError:
             pass
-        if i >= a.count - 5:
+        if i >= a.count - 2:
             _, closed = drain(s, 0.5)
             stats["closed_by_server"] += closed
         if i % 2:
@@ -471,7 +517,7 @@ def attack_noread(a: argparse.Namespace, rng: random.Random) -> dict[str, Any]:
 ATTACKS: dict[str, Callable[[argparse.Namespace, random.Random], dict[str, Any]]] = {
     "garbage": attack_garbage, "slowloris": attack_slowloris, "idle": attack_idle,
     "halfclose": attack_halfclose, "reset": attack_reset, "noread": attack_noread,
-    "h2": attack_h2, "pg": attack_pg,
+    "h2": attack_h2, "pg": attack_pg, "http1": attack_http1,
 }
 
 
@@ -487,6 +533,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--path", default="/bytes/50000000")
     ap.add_argument("--reset", action="store_true", help="end held connections with RST")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--no-session", action="store_true",
+                    help="pg: skip the attacks made inside a session (no backend)")
     a = ap.parse_args(argv)
     t0 = time.monotonic()
     res = ATTACKS[a.attack](a, random.Random(a.seed))
