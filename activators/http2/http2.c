@@ -758,13 +758,19 @@ static void cli_header_block(conn *c, u32 sid, u32 flags) {
         rst2c(c, 0, sid, FAB_H2_PROTOCOL_ERROR);  /* malformed: answered here, no backend */
         return;
     }
-    if (c->up == UP_GONE || c->b_goaway || c->cli_goaway || c->ga == 2 ||
-        (c->nused >= MAX_OPEN && open_count(c) >= MAX_OPEN)) {
+    if (c->up == UP_GONE || c->b_goaway || c->cli_goaway || c->ga == 2) {
         rst2c(c, 0, sid, FAB_H2_REFUSED_STREAM);
         return;
     }
-    s = new_stream(c, sid);
-    if (!s) { rst2c(c, 0, sid, FAB_H2_REFUSED_STREAM); return; }
+    /* Past the concurrency we announced (RFC 9113 5.1.2) the client provokes the reset:
+     * it takes a token like one of its own (the rapid-reset pattern whose resets leave
+     * the slots taken went on refused, stream after stream, and never met the bucket) */
+    s = c->nused >= MAX_OPEN && open_count(c) >= MAX_OPEN ? 0 : new_stream(c, sid);
+    if (!s) {
+        if (!reset_allowed(c)) { conn_error(c, FAB_H2_ENHANCE_YOUR_CALM); return; }
+        rst2c(c, 0, sid, FAB_H2_REFUSED_STREAM);
+        return;
+    }
     counts[C_STREAMS]++;
     if (end) s->flags |= F_CLI_END;
     s->clen = r.clen;

@@ -746,6 +746,30 @@ def test_rapid_reset_is_bounded(provoke: Any) -> None:
         r.close()
 
 
+def test_rapid_reset_past_the_concurrency_limit_meets_the_bucket() -> None:
+    """HEADERS and RST_STREAM pairs while no backend takes them (found by the hostile
+    stream campaign): the reset streams keep their slots, so past 100 every new one is
+    refused; each refusal takes a token as a reset does, and the client gets GOAWAY
+    ENHANCE_YOUR_CALM instead of thousands of REFUSED_STREAMs."""
+    r = Raw()
+    try:
+        sid = 1
+        block = r.block()
+        for _ in range(20):  # reads of 400 pairs (a host call's 16 KiB): 8,000 streams
+            r.send(b"".join(fr(HEADERS, END_STREAM | END_HEADERS, sid + 2 * i, block)
+                            + fr(RST, 0, sid + 2 * i, struct.pack(">I", CANCEL))
+                            for i in range(400)))
+            sid += 800
+            if r.goaway() is not None:
+                break
+        assert r.goaway() == CALM, r.kinds()[-5:]
+        refused = [f for f in r.got if f[0] == RST and f[3] == struct.pack(">I", REFUSED)]
+        assert len(refused) <= 1000, len(refused)  # the bucket's burst
+        assert r.g.failed == 0
+    finally:
+        r.close()
+
+
 def test_ping_and_settings_floods_are_bounded(raw: Raw) -> None:
     """A client that never reads: the answers toward it stay bounded."""
     for _ in range(200):
