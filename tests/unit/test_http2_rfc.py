@@ -770,6 +770,60 @@ def test_rapid_reset_past_the_concurrency_limit_meets_the_bucket() -> None:
         r.close()
 
 
+def _pong(g: StreamGuest, sid: int, data: bytes) -> bool:
+    g.client(sid, data)
+    return any(t == PING and f & ACK for t, f, _s, _p in parse(g.to_client(sid)))
+
+
+def test_slowloris_connections_hold_no_work_block() -> None:
+    """Partial prefaces and partial frames, trickled and left (found by the hostile
+    stream campaign: each kept one of the 18 work blocks, and a 19th client was paused
+    for good). Their bytes wait in the connection's inbox instead; a new client is
+    served at once, and the slow ones are served right when their bytes complete."""
+    g = StreamGuest(WASM, {"hold_timeout_ms": 1000})
+    try:
+        hello = PREFACE + fr(SETTINGS, 0, 0)
+        ping = fr(PING, 0, 0, b"12345678")
+        for sid in range(1, 31):
+            g.open(sid)
+            g.client(sid, PREFACE[:sid % 20 + 1])  # a partial preface
+        for sid in range(31, 61):
+            g.open(sid)
+            g.client(sid, hello + ping[:sid % 15 + 1])  # a partial frame
+        g.open(100)
+        assert _pong(g, 100, hello + ping) and not g.streams[100].paused
+        for sid in range(1, 31):
+            assert _pong(g, sid, PREFACE[sid % 20 + 1:] + fr(SETTINGS, 0, 0) + ping), sid
+        for sid in range(31, 61):
+            g.to_client(sid)  # the server preface and SETTINGS ACK
+            assert _pong(g, sid, ping[sid % 15 + 1:]), sid
+        assert g.failed == 0
+    finally:
+        g.close()
+
+
+def test_a_header_block_left_unfinished_is_closed_after_the_stall_limit() -> None:
+    """HEADERS without END_HEADERS and nothing more: the block (32 KiB of buffer) cannot
+    go to the inbox, so the connection keeps it only for the stall limit."""
+    g = StreamGuest(WASM, {"hold_timeout_ms": 60000})
+    try:
+        g.open(SID)
+        g.client(SID, PREFACE + fr(SETTINGS, 0, 0)
+                 + fr(HEADERS, 0, 1, hpack.Encoder().encode(req_headers())))
+        t = 1000
+        for _ in range(5):
+            t += 1000
+            g.tick(t)
+        assert not g.streams[SID].downstream_closed
+        g.tick(t + 10_000)
+        got = parse(g.to_client(SID))
+        assert any(t == GOAWAY and p[4:8] == CALM.to_bytes(4, "big") for t, _f, _s, p in got)
+        counts = {a.name: a.n for a in g.actions if isinstance(a, abi.Count)}
+        assert counts.get("stalled_closed") == 1, counts
+    finally:
+        g.close()
+
+
 def test_ping_and_settings_floods_are_bounded(raw: Raw) -> None:
     """A client that never reads: the answers toward it stay bounded."""
     for _ in range(200):
