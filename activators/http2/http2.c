@@ -140,6 +140,8 @@ typedef struct conn {
     u32 waiting;           /* no work block: paused, bytes in inbox; FIFO order */
     u32 inbox_len;
     u64 stall_t;           /* when a tick first saw it hold a block for partial input alone */
+    u64 stuck_t;           /* when a tick first saw frames queued toward the client since
+                            * the last bytes sent to it (0: none waiting) */
     struct work *w;        /* the busy state, from the pool; 0 while idle */
     /* from here on: reset by their own init, not zeroed */
     struct fab_hpack_table dec;   /* the client's encoder, as seen by our decoder */
@@ -163,11 +165,12 @@ static u32 budget;
 /* counters reported with `count` actions at the end of each call */
 enum { C_PINGS, C_HOLD_TIMEOUTS, C_REFUSED, C_PROTO_ERRORS, C_BACKEND_GOAWAYS, C_STREAMS,
        C_UP_TIMEOUTS, C_CONN_REFUSED, C_MALFORMED, C_TOO_LARGE, C_MALFORMED_RESP, C_STALLED,
-       NCOUNT };
+       C_SEND_TIMEOUTS, NCOUNT };
 static const char *const COUNT_NAME[NCOUNT] = {
     "pings_answered", "hold_timeouts", "streams_refused_h2", "protocol_errors",
     "backend_goaways", "requests", "upstream_timeouts", "connections_refused",
-    "malformed_requests", "headers_too_large", "malformed_responses", "stalled_closed"};
+    "malformed_requests", "headers_too_large", "malformed_responses", "stalled_closed",
+    "send_timeouts"};
 static u32 counts[NCOUNT], count_len[NCOUNT];
 
 static u8 D[SCR_CAP], U[SCR_CAP];
@@ -1565,6 +1568,7 @@ static int flush_conn(conn *c) {
     if (dlen) {
         fab_send(c->sid, D, dlen);
         if (c->cli_fin) c->fin_t = fab_now();
+        c->stuck_t = 0;
     }
     if (ulen) fab_upstream_send(c->sid, U, ulen);
     if (c->up_close) {
@@ -1758,6 +1762,19 @@ static void on_tick(u64 t) {
             c->dead = FAB_H2_ENHANCE_YOUR_CALM + 1;
             c->dirty = 1;
             continue;
+        }
+        /* frames queued toward a client that takes none of them (a zero window it never
+         * opens: a slow read) for twice the hold: closed, as the half-closed one below;
+         * such a connection keeps its work block, and 18 of them paused the port */
+        if (c->w && c->w->q2c.len && !c->cli_fin) {
+            if (!c->stuck_t) c->stuck_t = t;
+            else if (t - c->stuck_t >= 2ull * hold_timeout_ms) {
+                counts[C_SEND_TIMEOUTS]++;
+                close_conn(c);
+                continue;
+            }
+        } else {
+            c->stuck_t = 0;
         }
         if (c->cli_fin && !c->fin_t) c->fin_t = t;
         if (c->cli_fin && t - c->fin_t >= 2ull * hold_timeout_ms) close_conn(c);

@@ -824,6 +824,47 @@ def test_a_header_block_left_unfinished_is_closed_after_the_stall_limit() -> Non
         g.close()
 
 
+def test_clients_that_never_open_their_window_are_closed_at_twice_the_hold() -> None:
+    """A slow read (found by the hostile stream campaign): 20 clients announce a zero
+    window and ask for a response they never take. Each keeps its work block, so 18 of
+    them paused every other connection for good; now frames queued toward a client
+    that takes none of them for twice the hold close it (`send_timeouts`), and the
+    others are served."""
+    g = StreamGuest(WASM, {"hold_timeout_ms": 1000})
+    try:
+        g.available()
+        block = hpack.Encoder().encode(req_headers())
+        for sid in range(1, 21):
+            g.open(sid)
+            g.client(sid, PREFACE + fr(SETTINGS, 0, 0, struct.pack(">HI", 4, 0))
+                     + fr(HEADERS, END_STREAM | END_HEADERS, 1, block))
+            if g.streams[sid].connects:
+                g.connected(sid)
+                s = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+                s.initiate_connection()
+                g.backend(sid, s.data_to_send())
+                for e in s.receive_data(g.to_backend(sid)):
+                    if isinstance(e, h2.events.RequestReceived):
+                        s.send_headers(e.stream_id, [(":status", "200")])
+                        s.send_data(e.stream_id, b"x" * 16000)
+                g.backend(sid, s.data_to_send())
+        g.open(100)
+        ping = fr(PING, 0, 0, b"12345678")
+        assert not _pong(g, 100, PREFACE + fr(SETTINGS, 0, 0) + ping)  # paused: no block
+        for t in range(0, 2600, 100):
+            g.tick(10_000 + t)
+        assert all(g.streams[sid].downstream_closed for sid in range(1, 19))
+        assert any(t == PING and f & ACK for t, f, _s, _p in parse(g.to_client(100)))
+        counts: dict[str, int] = {}
+        for a in g.actions:
+            if isinstance(a, abi.Count):
+                counts[a.name] = counts.get(a.name, 0) + a.n
+        assert counts.get("send_timeouts", 0) >= 18, counts
+        assert g.failed == 0
+    finally:
+        g.close()
+
+
 def test_ping_and_settings_floods_are_bounded(raw: Raw) -> None:
     """A client that never reads: the answers toward it stay bounded."""
     for _ in range(200):
