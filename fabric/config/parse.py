@@ -108,7 +108,9 @@ _SERVICE_KEYS = (
     "on_activate",
     "on_idle",
 )
-_PORT_KEYS = ("port", "target_port", "protocol", "activator", "activator_config")
+_PORT_KEYS = ("port", "target_port", "protocol", "activator", "activator_config",
+              "upstream")
+_UPSTREAMS = ("vip", "pod-local")
 _HOLD_KEYS = ("packets", "bytes", "timeout", "release_burst", "release_interval")
 _DNS_KEYS = ("domain", "upstream", "resolv_conf", "cache")
 MAX_DNS_CACHE = 1 << 20
@@ -459,12 +461,22 @@ def _parse_port(data: Any, src: str, key: str) -> PortSpec:
         config = read_json(raw, src, ckey)
         if config and activator == "none":
             raise ConfigError(src, ckey, "activator_config given but activator is none")
+    upstream = "vip"
+    if obj.has("upstream"):
+        ukey = obj.key("upstream")
+        upstream = read_str(obj.get("upstream"), src, ukey).strip()
+        if upstream not in _UPSTREAMS:
+            raise ConfigError(src, ukey, f"{upstream!r} is not vip or pod-local")
+        if upstream != "vip" and (activator == "none" or protocol != "tcp"):
+            raise ConfigError(src, ukey, "upstream: pod-local needs a stream activator on "
+                                         "a tcp port")
     return PortSpec(
         port=port,
         target_port=target,
         protocol=protocol,
         activator=activator,
         activator_config=config,
+        upstream=upstream,
     )
 
 

@@ -59,6 +59,7 @@ def service_to_dict(svc: ServiceSpec) -> dict[str, Any]:
                 "protocol": p.protocol,
                 "activator": p.activator,
                 "activator_config": p.activator_config.to_dict(),
+                **({"upstream": p.upstream} if p.upstream != "vip" else {}),
             }
             for p in svc.ports
         ],

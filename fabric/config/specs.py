@@ -144,6 +144,9 @@ class PortSpec:
     protocol: str = "tcp"
     activator: str = "none"
     activator_config: FrozenMap = field(default_factory=FrozenMap)
+    # Where a stream port's upstream connections leave from: "vip" (the local stack) or
+    # "pod-local" (inside the backend pod's namespace, to its own IP; fabric.streams.podlocal)
+    upstream: str = "vip"
 
 
 @dataclass(frozen=True)

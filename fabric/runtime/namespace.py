@@ -46,10 +46,12 @@ from fabric.runtime.closer import Closer
 from fabric.runtime.dataplane import DataPlane
 from fabric.runtime.events import EventBus
 from fabric.runtime.netnswatch import NetnsWatch
+from fabric.runtime.netnswatch import identity as netns_identity
 from fabric.runtime.reconcile import SpecPlan
 from fabric.services.dispatch import ServiceDispatch, SignalQueue
 from fabric.services.manager import BackendState, ServiceManager
 from fabric.services.probes import ProbeRunner, SocketPool
+from fabric.streams.podlocal import PodLocal
 from gateway import resolvconf
 from gateway.dhcp import DhcpCore, DhcpSettings
 from gateway.dns import DnsCore
@@ -122,6 +124,9 @@ class Namespace:
         self.created = time.time()
         self.local: LocalStack | None = None
         self.local_port: Port | None = None
+        # Attached netns pods by IP, for stream ports with `upstream: pod-local`; used
+        # and changed on the data-plane thread only (fabric.streams.podlocal).
+        self.pod_local = PodLocal()
         self.dns: DnsServer | None = None
         self.egress: EgressNat | None = None
         self.uplink: Uplink | None = None
@@ -229,7 +234,7 @@ class Namespace:
             self.dataplane.post(setattr, self.router, "synack", self.probes.synack)
         self.services = ServiceManager(self.name, self.dataplane, self.dispatch,
                                        self.probes, self.signals, self.bus.emit,
-                                       self._backend_state, stack)
+                                       self._backend_state, stack, self.pod_local)
         await self.apply_services(SpecPlan(add=self.settings.services))
 
     async def apply_services(self, plan: SpecPlan) -> None:
@@ -387,10 +392,17 @@ class Namespace:
                     TapPort.create_inside, spec.name, spec.netns, spec.ip, prefix,
                     self.settings.gateway, pod_mac(spec), self.settings.mtu, spec.ifname)
                 watched = (path, ident)
+                state.extra["netns_id"] = (path, ident)
             else:
                 io = await asyncio.to_thread(
                     TapPort.create, spec.name, spec.netns, spec.ip, prefix,
                     self.settings.gateway, pod_mac(spec), self.settings.mtu, spec.ifname)
+                # The namespace the TAP was moved into (a path reused in between is
+                # refused when a pod-local upstream opens it: fabric.streams.podlocal)
+                got = netns_identity(path) if path is not None else None
+                state.extra.pop("netns_id", None)
+                if got is not None:
+                    state.extra["netns_id"] = (path, got)
             kind = "netns"
         elif spec.kind == "interface":
             assert spec.interface is not None
@@ -440,6 +452,10 @@ class Namespace:
         state.io = io
         state.port = port
         state.error = None
+        netns_id = state.extra.get("netns_id") if kind == "netns" else None
+        if netns_id is not None:  # before the backend can be ready (_sync_backend below)
+            self.dataplane.post(self.pod_local.attach, state.spec.name, str(state.spec.ip),
+                                *netns_id)
         self.unattached.pop(state.spec.name, None)
         state.attached_at = time.time()
         if kind == "netns" and self.settings.dns.resolv_conf and state.spec.netns:
@@ -483,6 +499,7 @@ class Namespace:
         port, io = state.port, state.io
         name = state.spec.name
         self._unwatch(state)
+        self.dataplane.post(self.pod_local.detach, name, str(state.spec.ip))
         if port is not None:
             self.dataplane.post(self._detach_here, name, port, io, False, self._key(state))
             self.dataplane.trouble.forget(port)
@@ -526,6 +543,7 @@ class Namespace:
             raise NotFound(f"pod {name} not found in namespace {self.name}")
         self.unattached.pop(name, None)
         self._unwatch(state)
+        self.dataplane.post(self.pod_local.detach, name, str(state.spec.ip))
         if state.hub is not None:
             state.hub.close()
         after = None
@@ -604,6 +622,7 @@ class Namespace:
         if self.dns is not None:
             self.dns.close()
             self.dns = None
+        dp.post(self.pod_local.close)
         dp.post(self._close_here, self.probes, self.local_port, self.uplink)
         self.probes = None
         self.local_port = None

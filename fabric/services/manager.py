@@ -34,6 +34,7 @@ from fabric.services.hooks import HookRunner
 from fabric.services.probes import ProbeRunner, SocketPool
 from fabric.streams.core import StreamCore
 from fabric.streams.front import DataPlaneHost, StreamFront, default_thread
+from fabric.streams.podlocal import PodLocal
 
 log = logging.getLogger("fabricd.services")
 
@@ -87,9 +88,11 @@ class ServiceManager:
     def __init__(self, namespace: str, dataplane: DataPlaneCalls, dispatch: ServiceDispatch,
                  probes: ProbeRunner, signals: SignalQueue, emit: Emit,
                  backend: Callable[[str], BackendState | None],
-                 stack: Stack | None = None) -> None:
+                 stack: Stack | None = None, pod_local: PodLocal | None = None) -> None:
         self.namespace = namespace
         self.stack = stack  # where stream ports are terminated (none: they cannot be)
+        # The netns pods stream ports with `upstream: pod-local` may connect from inside
+        self.pod_local = pod_local
         self.dataplane = dataplane
         self._post = dataplane.post
         self.dispatch = dispatch
@@ -200,7 +203,8 @@ class ServiceManager:
     async def _stream_front(self, spec: ServiceSpec, p: PortSpec,
                             host: ActivatorHost) -> StreamFront | None:
         """Terminate a stream activator's port in the local stack: the VIP is added there
-        and VIP:port listened on; upstream connections leave from the VIP."""
+        and VIP:port listened on; upstream connections leave from the VIP (with
+        `upstream: pod-local`, from inside the backend pod when it can be entered)."""
         stack = self.stack
         where = f"namespace {self.namespace}: service {spec.name} port {p.port}"
         if stack is None or p.protocol != "tcp":
@@ -244,11 +248,14 @@ class ServiceManager:
         dp: DataPlaneHost | None = None
         if self.stream_thread == "dataplane":
             dp = self.dataplane  # type: ignore[assignment]
+        pod_local = self.pod_local if p.upstream == "pod-local" else None
         front = StreamFront(core, listener, upstream_socket,
                             lambda need: self._stream_need(name, port, need),
-                            f"namespace {self.namespace}: service {spec.name}:{p.port}", dp)
+                            f"namespace {self.namespace}: service {spec.name}:{p.port}", dp,
+                            pod_local)
         await front.start()
-        log.info("%s: streams terminated at %s:%d by %s", where, vip, p.port, p.activator)
+        log.info("%s: streams terminated at %s:%d by %s (upstream: %s)", where, vip, p.port,
+                 p.activator, "pod-local" if pod_local is not None else "vip")
         return front
 
     async def reload_activator(self, service: str, port: int | None = None,

@@ -11,7 +11,10 @@ and writes sockets, carries out the core's commands and keeps the byte limits:
   memory; a guest that queues past four times the bound with nothing read has the
   stream closed (``buffer_overflow``);
 - upstream connections leave from the VIP (sockets made on the local stack's thread,
-  a pool of them kept ready) with a connect timeout;
+  a pool of them kept ready) with a connect timeout; on a port with
+  ``upstream: pod-local`` the socket is made in the backend pod's own namespace instead
+  and connects to the pod's IP there (fabric.streams.podlocal), falling back to the VIP
+  per connection when the backend is not a netns pod of this worker;
 - spliced pairs move through the kernel (fabric.streams.relay).
 
 The relayed sockets are not registered one by one: the front keeps an epoll set of
@@ -53,6 +56,8 @@ from typing import Any, Protocol, TypeVar
 
 from fabric.streams import core as sc
 from fabric.streams.core import StreamCore
+from fabric.streams.podlocal import COUNTERS as POD_LOCAL_COUNTERS
+from fabric.streams.podlocal import PodLocal
 from fabric.streams.relay import Pipe
 
 log = logging.getLogger("fabricd.streams")
@@ -174,9 +179,11 @@ class StreamFront:
     def __init__(self, core: StreamCore, listener: socket.socket,
                  upstream_socket: Callable[[], socket.socket | None],
                  on_need: Callable[[int], None], label: str,
-                 dataplane: DataPlaneHost | None = None) -> None:
+                 dataplane: DataPlaneHost | None = None,
+                 pod_local: PodLocal | None = None) -> None:
         """Made on the event loop; with `dataplane` it runs there once `start()` was
-        awaited, else on this loop at once."""
+        awaited, else on this loop at once. With `pod_local` upstream sockets are made
+        in the backend pod when it can be entered (`upstream: pod-local`)."""
         self.core = core
         self.listener = listener
         self._upstream_socket = upstream_socket
@@ -187,6 +194,9 @@ class StreamFront:
         self.loop = asyncio.get_running_loop()
         self.pairs: dict[int, _Pair] = {}
         self.counters = dict.fromkeys(SHELL_COUNTERS, 0)
+        self.pod_local = pod_local
+        if pod_local is not None:
+            self.counters.update(dict.fromkeys(POD_LOCAL_COUNTERS, 0))
         self.limit = core.stream_buffer
         self._told_need = core.need
         # The front's timers (connect timeouts, spliced passes); the core's tick is
@@ -656,7 +666,12 @@ class StreamFront:
     # --- upstream connections -------------------------------------------------------------
 
     def _connect(self, pair: _Pair, ip: str, port: int) -> None:
-        sock = self._upstream_socket()
+        sock = None
+        if self.pod_local is not None:  # else (or failing that) from the VIP
+            sock, counter = self.pod_local.socket(ip)
+            self.counters[counter] += 1
+        if sock is None:
+            sock = self._upstream_socket()
         if sock is None:
             self.counters["socket_errors"] += 1
             self.core.upstream_result(pair.sid, False, time.monotonic())

@@ -950,6 +950,24 @@ SERVICE_CASES = [
         "ports[0].activator_config.a",
         "expected plain data",
     ),
+    (
+        ["ports"],
+        [{"port": 80, "activator": "stream", "upstream": "pod"}],
+        "ports[0].upstream",
+        "'pod' is not vip or pod-local",
+    ),
+    (
+        ["ports"],
+        [{"port": 80, "upstream": "pod-local"}],
+        "ports[0].upstream",
+        "upstream: pod-local needs a stream activator on a tcp port",
+    ),
+    (
+        ["ports"],
+        [{"port": 53, "protocol": "udp", "activator": "stream", "upstream": "pod-local"}],
+        "ports[0].upstream",
+        "upstream: pod-local needs a stream activator on a tcp port",
+    ),
     (["backends"], ["web-9"], "backends[0]", "no pod named web-9 in namespace shop"),
     (["backends"], ["web-1", "web-1"], "backends[1]", "web-1 is listed twice"),
     (["backends"], [3], "backends[0]", "expected a string, got integer 3"),
@@ -1641,3 +1659,18 @@ def test_worker_busy_poll_adaptive_has_a_max_and_a_mapping_form() -> None:
     assert e.key == "worker.busy_poll" and "neither a duration nor adaptive" in e.problem
     e = cfg_err(_set(["worker", "busy_poll"], True))
     assert e.key == "worker.busy_poll"
+
+
+def test_stream_port_upstream_defaults_to_the_vip_and_round_trips() -> None:
+    pods = [{"name": "db", "ip": "10.1.0.5", "netns": "db"}]
+    ns = parse_namespace({"name": "a", "cidr": "10.1.0.0/24", "pods": pods, "services": [
+        {"name": "pg", "ip": "10.1.0.100", "backends": ["db"],
+         "ports": [{"port": 5432, "activator": "postgres", "upstream": "pod-local"},
+                   {"port": 5433, "target_port": 5432, "activator": "stream"}]}]},
+        "x", "w1")
+    local, vip = ns.services[0].ports
+    assert (local.upstream, vip.upstream) == ("pod-local", "vip")
+    d = namespace_to_dict(ns)
+    assert d["services"][0]["ports"][0]["upstream"] == "pod-local"
+    assert "upstream" not in d["services"][0]["ports"][1]  # the default is not spelled out
+    assert parse_namespace(json.loads(json.dumps(d)), "api", "w1") == ns
