@@ -11,6 +11,11 @@ directly (pod to pod through the fabric, no activator), interleaved, `--runs` ti
 The TPS is pgbench's "without initial connection time". Target: VIP >= 60 % of direct
 (medians).
 
+The same through port 5434 of the service, whose port has `upstream: pod-local` (same
+activator): every session's upstream connection is made inside d, to d's own IP over
+its loopback, so a message crosses the router once (client -> local stack) instead of
+twice. Same target.
+
 A third side, for reading the result (no target): port 5433 of the same service runs
 the plain `stream` activator, which splices every connection once its backend is up, so
 it measures the stream host's path (client -> router -> local stack -> router -> pod and
@@ -55,6 +60,8 @@ class PgTopology(Topology):
             "services": [{"name": "pg", "ip": VIP, "backends": ["d"],
                           "ports": [{"port": 5432, "target_port": 5432,
                                      "activator": str(WASM)},
+                                    {"port": 5434, "target_port": 5432,
+                                     "activator": str(WASM), "upstream": "pod-local"},
                                     {"port": 5433, "target_port": 5432,
                                      "activator": "stream"}]}],
         }]}
@@ -146,13 +153,16 @@ def run(s: Settings) -> Report:
 
         got: dict[str, list[float | None]] = interleaved(s.runs, {
             "vip": lambda i: bench(VIP, "vip", i),
+            "pod-local": lambda i: bench(VIP, "pod-local", i, 5434),
             "direct": lambda i: bench(DB_IP, "direct", i),
             "stream": reference})
         topo.check_daemon()
         assert topo.daemon is not None
         svc = [x for x in topo.daemon.get("/v1/services") if x["name"] == "pg"][0]
         st = svc["streams"]["5432"]
+        local = svc["streams"]["5434"]
     r.add("through the activator", "tps", got["vip"])
+    r.add("through the activator, upstream: pod-local", "tps", got["pod-local"])
     r.add("direct", "tps", got["direct"])
     r.add("stream host, spliced (info)", "tps", got["stream"])
     costs = [guest_cost(max(0.5, s.seconds / 5)) for _ in range(s.runs)]
@@ -161,12 +171,20 @@ def run(s: Settings) -> Report:
     ratio = v / d * 100 if v is not None and d else None
     r.check("activator / direct (medians)", ratio, "%", f">= {TARGET * 100:.0f} %",
             ratio is not None and ratio >= TARGET * 100)
+    lv = median(got["pod-local"])
+    lratio = lv / d * 100 if lv is not None and d else None
+    r.check("activator, upstream: pod-local / direct (medians)", lratio, "%",
+            f">= {TARGET * 100:.0f} %", lratio is not None and lratio >= TARGET * 100)
     st_ratio = median(got["stream"])
     r.check("spliced stream host / direct (info)",
             st_ratio / d * 100 if st_ratio is not None and d else None, "%", "", None)
     r.check("activator alone per query (median)", median(costs), "µs", "", None)
     for e in stream_errors:
         r.notes.append(f"spliced reference run failed: {e}")
-    r.check("guest failures", float(st["counters"].get("guest_failures", 0)), "", "== 0",
-            st["counters"].get("guest_failures", 0) == 0)
+    fails = st["counters"].get("guest_failures", 0) + local["counters"].get("guest_failures", 0)
+    r.check("guest failures", float(fails), "", "== 0", fails == 0)
+    lc = local["counters"]
+    r.notes.append(f"pod-local port: {lc.get('pod_local_connects', 0)} upstreams made in the "
+                   f"pod, {sum(v for k, v in lc.items() if k.startswith('pod_local_fallback'))}"
+                   " fell back to the VIP")
     return r

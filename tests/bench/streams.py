@@ -9,6 +9,9 @@ bulk:  iperf3 -R (the server sends: a download) from pod a through a stream port
        twice (b -> local stack, local stack -> a), so its data-plane cost per GB is about
        twice direct's; with the thread near saturation in both, that ratio, not the
        splice, bounds the throughput ratio (docs/performance.md, "Spliced streams").
+       A third side, the same through VIP 10.52.0.102 whose port has `upstream:
+       pod-local`: the upstream connection is made inside b (to b's own IP, over its
+       loopback), so the bytes cross the router once, as direct's do.
 wake:  a dormant stream port (VIP 10.52.0.100:80 -> pod w:8080, readiness probe). A
        client agent in pod a connects to the VIP and sends one byte; WAKE_DELAY later
        the server agent in w listens (t_listen) and answers each connection's byte with
@@ -33,7 +36,7 @@ from tests.bench.topo import Side, Topology
 
 NAME = "streams"
 NS = "bench"
-WAKE_VIP, BULK_VIP = "10.52.0.100", "10.52.0.101"
+WAKE_VIP, BULK_VIP, LOCAL_VIP = "10.52.0.100", "10.52.0.101", "10.52.0.102"
 WAKE_PORT, WAKE_TARGET, BULK_PORT = 80, 8080, 5201
 WAKE_DELAY = 0.2
 WAKE_JITTER = (0.0, 0.25)
@@ -43,6 +46,7 @@ DIRECT_SAMPLES = 20
 WAKE_TARGET_MS = 3.0
 BULK_TARGET = 0.80
 VIP, DIRECT, WAKE = "stream port", "direct", "wake"
+LOCAL = "stream port, upstream: pod-local"
 DATAPLANE, LOOP = "fabric-dataplane", "MainThread"
 
 AGENT = r"""
@@ -111,11 +115,16 @@ class StreamsTopology(Topology):
                 {"name": "bulk", "ip": BULK_VIP, "backends": ["b"], "readiness": "external",
                  "ports": [{"port": BULK_PORT, "target_port": BULK_PORT,
                             "activator": "stream"}]},
+                {"name": "bulklocal", "ip": LOCAL_VIP, "backends": ["b"],
+                 "readiness": "external",
+                 "ports": [{"port": BULK_PORT, "target_port": BULK_PORT,
+                            "activator": "stream", "upstream": "pod-local"}]},
             ]}]}
         self.daemon = Daemon(sb, worker, cfg).start()
         self.daemon.wait_attached(3)
         self.a, self.b, self.w = a, b, w
-        self.sides = {VIP: Side(VIP, a, b, BULK_VIP), DIRECT: Side(DIRECT, a, b, "10.52.0.3")}
+        self.sides = {VIP: Side(VIP, a, b, BULK_VIP), DIRECT: Side(DIRECT, a, b, "10.52.0.3"),
+                      LOCAL: Side(LOCAL, a, b, LOCAL_VIP)}
         for ip in ("10.52.0.3", "10.52.0.4"):
             self.run(a, "ping", "-c", "3", "-i", "0.05", "-W", "2", ip)
 
@@ -186,7 +195,7 @@ def run(s: Settings) -> Report:
         assert topo.daemon is not None and topo.daemon.proc is not None
         pid = topo.daemon.proc.pid
         cost: dict[str, dict[str, list[float]]] = {
-            side: {"dp": [], "busy": [], "loop": []} for side in (VIP, DIRECT)}
+            side: {"dp": [], "busy": [], "loop": []} for side in (VIP, DIRECT, LOCAL)}
 
         def bulk(side: str, i: int) -> float:
             t0 = time.monotonic()
@@ -212,19 +221,26 @@ def run(s: Settings) -> Report:
         got = interleaved(s.runs, {
             VIP: lambda i: bulk(VIP, i),
             DIRECT: lambda i: bulk(DIRECT, i),
+            LOCAL: lambda i: bulk(LOCAL, i),
             WAKE: lambda i: waker.batch(per_run[i], base, i, s.runs) if per_run[i] else None,
         })
         topo.check_daemon()
         streams = topo.service("bulk").get("streams", {}).get(str(BULK_PORT), {})
+        local = topo.service("bulklocal").get("streams", {}).get(str(BULK_PORT), {})
 
     ov = waker.overheads_ms
     r.add(VIP, "Gbit/s", got[VIP])
     r.add(DIRECT, "Gbit/s", got[DIRECT])
+    r.add(LOCAL, "Gbit/s", got[LOCAL])
     r.add("wake overhead (median of run)", "ms", got[WAKE])
     v, d = median(got[VIP]), median(got[DIRECT])
     ratio = v / d * 100 if v is not None and d else None
     r.check("stream port / direct (medians)", ratio, "%", f">= {BULK_TARGET * 100:.0f} %",
             ratio is not None and ratio >= BULK_TARGET * 100)
+    lv = median(got[LOCAL])
+    lratio = lv / d * 100 if lv is not None and d else None
+    r.check("stream port, upstream: pod-local / direct (medians)", lratio, "%",
+            f">= {BULK_TARGET * 100:.0f} %", lratio is not None and lratio >= BULK_TARGET * 100)
     m = median(ov)
     r.check(f"wake to first response byte, overhead, median of {len(ov)}", m, "ms",
             f"<= {fmt(WAKE_TARGET_MS)} ms", m is not None and m <= WAKE_TARGET_MS)
@@ -232,6 +248,9 @@ def run(s: Settings) -> Report:
     r.check("data-plane CPU per GB, stream port", dv, "s/GB", "", None)
     r.check("data-plane CPU per GB, direct", dd, "s/GB", "", None)
     r.check("data-plane CPU per GB, stream port / direct", dv / dd if dv and dd else None,
+            "x", "", None)
+    dl = median(cost[LOCAL]["dp"])
+    r.check("data-plane CPU per GB, pod-local / direct", dl / dd if dl and dd else None,
             "x", "", None)
     r.check("data-plane thread busy, stream port", median(cost[VIP]["busy"]), "%", "", None)
     r.check("data-plane thread busy, direct", median(cost[DIRECT]["busy"]), "%", "", None)
@@ -242,5 +261,9 @@ def run(s: Settings) -> Report:
     c = streams.get("counters", {})
     r.notes.append(f"bulk port: {c.get('spliced', 0)} streams spliced, "
                    f"{c.get('bytes_spliced', 0) / 1e9:.2f} GB through splice(2)")
+    lc = local.get("counters", {})
+    r.notes.append(f"pod-local port: {lc.get('pod_local_connects', 0)} upstreams made in the "
+                   f"pod, {sum(v for k, v in lc.items() if k.startswith('pod_local_fallback'))}"
+                   f" fell back to the VIP, {lc.get('bytes_spliced', 0) / 1e9:.2f} GB spliced")
     r.extra = {"wake_overheads_ms": ov, "direct_ms": waker.direct_ms, "cpu_per_gb": cost}
     return r
