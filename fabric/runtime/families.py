@@ -100,7 +100,8 @@ FAMILIES: tuple[Family, ...] = (
     Family("fabric_service_stream_total", "counter", ("namespace", "service", "counter"),
            "Stream host events of the service's stream ports (streams opened and refused, "
            "bytes each way, upstream connects, splices and bytes spliced, fallbacks, "
-           "dropped actions...), by counter name"),
+           "dropped actions, upstreams made inside the backend pod and the VIP "
+           "fallbacks of upstream: pod-local...), by counter name"),
     Family("fabric_service_activator_total", "counter", ("namespace", "service", "counter"),
            "Counters a stream activator keeps itself (its count actions: keep-alives "
            "answered locally, wakes by reason...), by the activator's counter name"),
