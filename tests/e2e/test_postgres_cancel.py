@@ -4,7 +4,9 @@ A CancelRequest comes on a new connection, which the host would send to a replic
 chosen by the hash of its client port: without the PostgreSQL activator routing it
 (``upstream_connect_like``, activators/ABI.md) about half of the cancels reach a
 replica that never had the session and the query runs on. Real clients (psycopg and
-its libpq ``PQcancel``) in a client pod, two real PostgreSQL 15 servers in two pods.
+its libpq ``PQcancel``) in a client pod, two real PostgreSQL 15 servers in two pods;
+with upstream connections from the VIP and made inside the replica's pod
+(``upstream: pod-local``), where the cancel must reach the same pod the same way.
 """
 
 from __future__ import annotations
@@ -80,15 +82,17 @@ def pgroots() -> Iterator[list[Path]]:
             shutil.rmtree(d, ignore_errors=True)
 
 
+@pytest.mark.parametrize("upstream", ["vip", "pod-local"])
 def test_a_pg_sleep_is_cancelled_through_the_fabric_with_two_replicas(
-        sandbox: Sandbox, pgroots: list[Path]) -> None:
+        sandbox: Sandbox, pgroots: list[Path], upstream: str) -> None:
     worker, client = sandbox.netns("worker"), sandbox.netns("client")
     dbs = [sandbox.netns(f"db{i + 1}") for i in range(len(DB_IPS))]
     ns = {"name": "data", "id": 9, "cidr": "10.42.0.0/24",
           "pods": [{"name": "client", "ip": "10.42.0.2", "netns": client}]
           + [{"name": f"db-{i + 1}", "ip": ip, "netns": dbs[i]} for i, ip in enumerate(DB_IPS)],
           "services": [{"name": "pg", "ip": VIP, "backends": ["db-1", "db-2"],
-                        "ports": [{"port": 5432, "target_port": 5432, "activator": WASM}]}]}
+                        "ports": [{"port": 5432, "target_port": 5432, "activator": WASM,
+                                   "upstream": upstream}]}]}
     d = Daemon(sandbox, worker, {"namespaces": [ns]}).start()
     d.wait_attached(3)
     servers = []
@@ -103,6 +107,9 @@ def test_a_pg_sleep_is_cancelled_through_the_fabric_with_two_replicas(
         st = stats(d, 5432)
         assert st["counters"]["guest_failures"] == 0, st
         assert st["guest_counters"].get("cancels_matched", 0) >= out["sessions"], st
+        if upstream == "pod-local":  # sessions and cancels alike were made in the pods
+            c = st["counters"]
+            assert c["pod_local_connects"] == c["upstream_connects"] >= 2 * out["sessions"], c
     finally:
         for s in servers:
             s.stop()
