@@ -80,7 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tests.bench.stream_profile")
     ap.add_argument("bench", choices=("postgres", "http2"))
     ap.add_argument("--seconds", type=int, default=10)
-    ap.add_argument("--side", choices=("vip", "direct", "stream"), default="vip")
+    ap.add_argument("--side", choices=("vip", "direct", "stream", "pod-local"), default="vip",
+                    help="pod-local: postgres only, the activator's port with upstream: "
+                         "pod-local")
     ap.add_argument("--hz", type=int, default=250)
     ap.add_argument("--top", type=int, default=18)
     ap.add_argument("--perf", action="store_true")
@@ -94,8 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tests.bench import postgres as P
 
         topo_cls = P.PgTopology
-        host = {"vip": P.VIP, "direct": P.DB_IP, "stream": P.VIP}[a.side]
-        port = 5433 if a.side == "stream" else 5432
+        host = {"vip": P.VIP, "direct": P.DB_IP, "stream": P.VIP, "pod-local": P.VIP}[a.side]
+        port = {"stream": 5433, "pod-local": 5434}.get(a.side, 5432)
 
         def load(topo: P.PgTopology) -> None:
             out = topo.pgbench(host, "-n", "-S", "-c", str(P.CLIENTS), "-j", "2", "-T",
@@ -106,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tests.bench import http2 as H
 
         topo_cls = H.H2Topology  # type: ignore[assignment]
+        if a.side == "pod-local":
+            ap.error("--side pod-local is for postgres")
         url = {"vip": f"http://{H.VIP}/", "direct": f"http://{H.POD}:8080/",
                "stream": f"http://{H.SPLICE_VIP}/"}[a.side]
 
