@@ -230,6 +230,12 @@ def _setns(fd: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+def join_netns(fd: int) -> None:
+    """Move the calling thread (only) into the network namespace `fd` refers to: for a
+    thread that only makes sockets there and exits (fabric.ports.podsockets)."""
+    _setns(fd)
+
+
 def run_in_netns(netns: str, fn: Callable[..., T], *args: Any,
                  timeout: float = NETNS_TIMEOUT, **kwargs: Any) -> T:
     """Call `fn` in a throwaway thread that joined `netns`; returns or raises what it did.

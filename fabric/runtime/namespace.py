@@ -36,6 +36,7 @@ from fabric.config.specs import (
 from fabric.errors import FabricError, NotFound, PortError
 from fabric.histogram import DNS_BUCKETS, Histogram
 from fabric.net import packets
+from fabric.ports import podsockets
 from fabric.ports.afpacket import PacketPort
 from fabric.ports.localstack import LocalStack
 from fabric.ports.tap import NetnsId, TapPort
@@ -126,7 +127,7 @@ class Namespace:
         self.local_port: Port | None = None
         # Attached netns pods by IP, for stream ports with `upstream: pod-local`; used
         # and changed on the data-plane thread only (fabric.streams.podlocal).
-        self.pod_local = PodLocal()
+        self.pod_local = PodLocal(podsockets.open_exact, podsockets.sockets_in)
         self.dns: DnsServer | None = None
         self.egress: EgressNat | None = None
         self.uplink: Uplink | None = None

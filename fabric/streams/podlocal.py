@@ -1,7 +1,7 @@
 """Pod-local upstreams of stream ports (`upstream: pod-local`): the upstream socket of a
 stream is made inside the backend pod's own network namespace and connects to the pod's
-own IP there, so its bytes go over the pod's loopback instead of crossing the router
-twice more (local stack -> router -> pod and back; docs/performance.md, "Spliced
+own IP there, so its bytes go over the pod's loopback instead of crossing the router a
+second time (local stack -> router -> pod, and back; docs/performance.md, "Spliced
 streams"). The backend then sees the pod's own IP as the peer.
 
 Only a pod attached here through a netns (a TAP the fabric made for it) has a namespace
@@ -14,9 +14,10 @@ the namespace posts `attach`/`detach` there as pods come and go. Nothing is open
 pod until a pod-local port first connects to it: then its namespace file is opened and
 checked to be the namespace it was attached in, the fd held, and a small pool of sockets
 made there by a short-lived thread that joins it (network namespaces are per thread; the
-data-plane thread never moves). A detach, or an attach of the same IP anew, closes the fd
-and the pooled sockets, so no later connection goes into the old namespace. Live streams
-keep their sockets (they die with that namespace anyway).
+data-plane thread never moves); those two edges are fabric.ports.podsockets, handed
+in. A detach, or an attach of the same IP anew, closes the fd and the pooled sockets, so
+no later connection goes into the old namespace. Live streams keep their sockets (they
+die with that namespace anyway).
 """
 
 from __future__ import annotations
@@ -25,11 +26,10 @@ import logging
 import os
 import socket
 import threading
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
-
-from fabric.services.probes import SocketPool
 
 log = logging.getLogger("fabricd.streams")
 
@@ -63,7 +63,7 @@ class PodNs:
         self.path = path
         self.ident = ident
         self.fd = -1
-        self.pool: SocketPool | None = None
+        self.pool: Pool | None = None
         self.broken = False  # its namespace could not be opened: VIP until re-attached
         # Held by a thread between reading `fd` and its setns, and by close(): the fd
         # is never closed (and its number reused) under a setns.
@@ -80,13 +80,75 @@ class PodNs:
             os.close(fd)
 
 
+class Pool:
+    """Sockets made ahead in one pod: `make(count)` is a future of new ones (made off
+    this thread); more are asked for below half, one request at a time. The future's
+    callback only appends to a deque, so nothing of the front's thread is touched from
+    the other; what arrives after close() is closed."""
+
+    def __init__(self, make: Callable[[int], Future[list[socket.socket]]],
+                 size: int) -> None:
+        self._make = make
+        self.size = size
+        self._ready: deque[socket.socket] = deque()
+        self._asked = False
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._ready)
+
+    def take(self) -> socket.socket | None:
+        if len(self._ready) < self.size // 2:
+            self.refill()
+        try:
+            return self._ready.popleft()
+        except IndexError:
+            return None
+
+    def add(self, socks: list[socket.socket]) -> None:
+        if self._closed:
+            for s in socks:
+                s.close()
+            return
+        for s in socks:
+            s.setblocking(False)
+        self._ready.extend(socks)
+
+    def refill(self) -> None:
+        if self._asked or self._closed:
+            return
+        self._asked = True
+        try:
+            fut = self._make(self.size - len(self._ready))
+        except Exception as e:  # noqa: BLE001 - asked again on the next take
+            self._asked = False
+            log.warning("no sockets for pod-local upstreams: %s", e)
+            return
+        fut.add_done_callback(self._arrived)
+
+    def _arrived(self, fut: Future[list[socket.socket]]) -> None:
+        try:
+            socks = fut.result()
+        except Exception as e:  # noqa: BLE001 - the pod is gone or out of fds: later
+            log.warning("no sockets for pod-local upstreams: %s", e)
+            socks = []
+        self.add(socks)
+        self._asked = False
+
+    def close(self) -> None:
+        self._closed = True
+        while self._ready:
+            self._ready.popleft().close()
+
+
 class PodLocal:
     """The netns pods of one fabric namespace by IP, and their upstream sockets."""
 
-    def __init__(self, open_netns: OpenNetns | None = None,
-                 make: MakeSockets | None = None) -> None:
-        self._open = open_netns or open_exact
-        self._make = make or sockets_in
+    def __init__(self, open_netns: OpenNetns, make: MakeSockets) -> None:
+        """The I/O edges (fabric.ports.podsockets in the daemon): `open_netns` opens
+        and checks a pod's namespace, `make` makes sockets in it off this thread."""
+        self._open = open_netns
+        self._make = make
         self.pods: dict[str, PodNs] = {}
 
     def attach(self, name: str, ip: str, path: str, ident: NetnsId) -> None:
@@ -125,7 +187,7 @@ class PodLocal:
                             "pod-local upstreams go through the VIP", pod.name, pod.path, e)
                 return None, NETNS
             pod.fd = fd
-            pod.pool = SocketPool(lambda n, p=pod: self._make(p, n), POOL_SIZE)
+            pod.pool = Pool(lambda n, p=pod: self._make(p, n), POOL_SIZE)
         sock = pod.pool.take()
         if sock is None:  # a burst: one batch, waited for
             fut: Future[list[socket.socket]] | None = None
@@ -157,58 +219,3 @@ def _close_result(fut: Future[list[socket.socket]]) -> None:
         return
     for s in socks:
         s.close()
-
-
-def open_exact(path: str, ident: NetnsId) -> int:
-    """Open the namespace file at `path` (checked as for attaching) and make sure it is
-    still the namespace the pod was attached in: a pod whose netns was deleted and made
-    anew under the same name must not get connections into either by mistake."""
-    from fabric.errors import PortError
-    from fabric.ports.netlink import open_netns
-
-    try:
-        fd, _ = open_netns(path)
-    except PortError as e:
-        raise OSError(str(e)) from None
-    st = os.fstat(fd)
-    if (st.st_dev, st.st_ino) != ident:
-        os.close(fd)
-        raise OSError(f"{path} is not the namespace the pod was attached in")
-    return fd
-
-
-def _make_here(pod: PodNs, count: int) -> list[socket.socket]:
-    """In a fresh thread: join the pod's namespace, make `count` TCP sockets there."""
-    from fabric.ports.netlink import _setns
-
-    with pod.lock:
-        if pod.fd < 0:
-            raise OSError(f"pod {pod.name}: detached")
-        _setns(pod.fd)
-    out = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            s.setblocking(False)
-            out.append(s)
-    except OSError:
-        for s in out:
-            s.close()
-        raise
-    return out
-
-
-def sockets_in(pod: PodNs, count: int) -> Future[list[socket.socket]]:
-    """`count` sockets made in the pod's namespace by a thread that joins it and then
-    exits (nothing of the process stays there)."""
-    fut: Future[list[socket.socket]] = Future()
-    fut.set_running_or_notify_cancel()
-
-    def body() -> None:
-        try:
-            fut.set_result(_make_here(pod, count))
-        except BaseException as e:  # handed to whoever waits
-            fut.set_exception(e)
-
-    threading.Thread(target=body, name="fabric-podlocal", daemon=True).start()
-    return fut

@@ -20,8 +20,9 @@ import sys
 import time
 from collections.abc import Sequence
 
-from fabric.ports.netlink import _setns
-from fabric.streams.podlocal import PodNs, sockets_in
+from fabric.ports.netlink import join_netns
+from fabric.ports.podsockets import sockets_in
+from fabric.streams.podlocal import PodNs
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -56,9 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         def inline() -> None:
             for _ in range(a.batch):
-                _setns(fd)
+                join_netns(fd)
                 s = socket.socket()
-                _setns(home)
+                join_netns(home)
                 s.close()
 
         for _ in range(a.repeat):

@@ -149,8 +149,10 @@ def test_sockets_made_for_a_pod_detached_meanwhile_are_closed() -> None:
 
 
 def test_the_sockets_thread_refuses_a_detached_pod() -> None:
+    from fabric.ports.podsockets import sockets_in
+
     pod = PodNs("db", "10.0.0.5", "/run/netns/db", (1, 2))
-    fut = pl.sockets_in(pod, 2)  # fd -1: detached before the thread ran
+    fut = sockets_in(pod, 2)  # fd -1: detached before the thread ran
     with pytest.raises(OSError, match="detached"):
         fut.result(5)
 
