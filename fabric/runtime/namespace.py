@@ -47,7 +47,6 @@ from fabric.runtime.closer import Closer
 from fabric.runtime.dataplane import DataPlane
 from fabric.runtime.events import EventBus
 from fabric.runtime.netnswatch import NetnsWatch
-from fabric.runtime.netnswatch import identity as netns_identity
 from fabric.runtime.reconcile import SpecPlan
 from fabric.services.dispatch import ServiceDispatch, SignalQueue
 from fabric.services.manager import BackendState, ServiceManager
@@ -398,12 +397,11 @@ class Namespace:
                 io = await asyncio.to_thread(
                     TapPort.create, spec.name, spec.netns, spec.ip, prefix,
                     self.settings.gateway, pod_mac(spec), self.settings.mtu, spec.ifname)
-                # The namespace the TAP was moved into (a path reused in between is
-                # refused when a pod-local upstream opens it: fabric.streams.podlocal)
-                got = netns_identity(path) if path is not None else None
-                state.extra.pop("netns_id", None)
-                if got is not None:
-                    state.extra["netns_id"] = (path, got)
+                # The TAP was moved in and nothing of ours holds this namespace: it
+                # goes (the TAP with it) when its process exits or its file is deleted,
+                # which is how the pod is seen gone. A pod-local upstream must not hold
+                # it either, so this pod's connections use the VIP.
+                state.extra["netns_id"] = (path, None)
             kind = "netns"
         elif spec.kind == "interface":
             assert spec.interface is not None

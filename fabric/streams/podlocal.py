@@ -57,14 +57,16 @@ class PodNs:
 
     __slots__ = ("name", "ip", "path", "ident", "fd", "pool", "broken", "lock")
 
-    def __init__(self, name: str, ip: str, path: str, ident: NetnsId) -> None:
+    def __init__(self, name: str, ip: str, path: str, ident: NetnsId | None) -> None:
         self.name = name
         self.ip = ip
         self.path = path
         self.ident = ident
         self.fd = -1
         self.pool: Pool | None = None
-        self.broken = False  # its namespace could not be opened: VIP until re-attached
+        # its namespace cannot be entered (see PodLocal.attach) or could not be opened:
+        # the VIP until it is attached again
+        self.broken = ident is None
         # Held by a thread between reading `fd` and its setns, and by close(): the fd
         # is never closed (and its number reused) under a setns.
         self.lock = threading.Lock()
@@ -93,6 +95,9 @@ class Pool:
         self._ready: deque[socket.socket] = deque()
         self._asked = False
         self._closed = False
+        # add() runs on the making thread too: it and close() never interleave, so
+        # nothing is added to a pool that was just emptied for good.
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._ready)
@@ -106,13 +111,14 @@ class Pool:
             return None
 
     def add(self, socks: list[socket.socket]) -> None:
-        if self._closed:
-            for s in socks:
-                s.close()
-            return
+        with self._lock:
+            if not self._closed:
+                for s in socks:
+                    s.setblocking(False)
+                self._ready.extend(socks)
+                return
         for s in socks:
-            s.setblocking(False)
-        self._ready.extend(socks)
+            s.close()
 
     def refill(self) -> None:
         if self._asked or self._closed:
@@ -136,9 +142,11 @@ class Pool:
         self._asked = False
 
     def close(self) -> None:
-        self._closed = True
-        while self._ready:
-            self._ready.popleft().close()
+        with self._lock:
+            self._closed = True
+            socks, self._ready = list(self._ready), deque()
+        for s in socks:
+            s.close()
 
 
 class PodLocal:
@@ -151,8 +159,13 @@ class PodLocal:
         self._make = make
         self.pods: dict[str, PodNs] = {}
 
-    def attach(self, name: str, ip: str, path: str, ident: NetnsId) -> None:
-        """A netns pod was attached (again): connections go into this namespace now."""
+    def attach(self, name: str, ip: str, path: str, ident: NetnsId | None) -> None:
+        """A netns pod was attached (again): connections go into this namespace now.
+        `ident` None: one the fabric must not hold (a TAP moved into a namespace that
+        is not watched, such as /proc/PID/ns/net: a held fd would keep it, and the TAP,
+        alive after its process exits or its file is deleted, and the pod would never
+        be seen gone), so its connections go through the VIP (counted as
+        `pod_local_fallback_netns`)."""
         old = self.pods.pop(ip, None)
         if old is not None:
             old.close()

@@ -120,3 +120,28 @@ def test_a_pod_in_a_new_netns_gets_connections_there_not_in_the_old_one(
     c = d.get("/v1/services")[0]["streams"]["9000"]["counters"]
     assert c["pod_local_connects"] == 2 and c["pod_local_fallback_netns"] == 0, c
     server.kill()
+
+
+def test_a_pod_given_by_its_process_namespace_is_not_held_and_uses_the_vip(
+        sandbox: Sandbox) -> None:
+    """/proc/PID/ns/net: the fabric moves a TAP in and sees the pod gone when the
+    namespace goes with its process; holding it for pod-local upstreams would keep it
+    alive, so such a backend's connections come from the VIP, counted."""
+    worker, client, web = sandbox.netns("worker"), sandbox.netns("client"), sandbox.netns("web")
+    holder = sandbox.popen(web, "sleep", "600")
+    ns = {"name": "shop", "id": 8, "cidr": "10.41.0.0/24",
+          "pods": [{"name": "client", "ip": "10.41.0.2", "netns": client},
+                   {"name": "web-1", "ip": WEB_IP, "netns": f"/proc/{holder.pid}/ns/net"}],
+          "services": [SERVICE]}
+    d = Daemon(sandbox, worker, {"namespaces": [ns]}).start()
+    d.wait_attached(2)
+    path, digest = _blob(sandbox)
+    peers = os.path.join(sandbox.tmp, "peers")
+    server = sandbox.popen(web, sys.executable, "-c", SERVER, path, peers)
+    sandbox.wait_port(web, 9000)
+    assert _download(sandbox, client) == (BLOB, digest), d.log()[-3000:]
+    c = d.get("/v1/services")[0]["streams"]["9000"]["counters"]
+    assert c["pod_local_connects"] == 0 and c["pod_local_fallback_netns"] == 1, c
+    with open(peers) as f:
+        assert f.read().split() == [VIP]  # the VIP path: the backend sees the VIP
+    server.kill()

@@ -88,6 +88,16 @@ def test_a_namespace_that_is_not_the_attached_one_is_never_entered() -> None:
     reg.close()
 
 
+def test_a_namespace_the_fabric_must_not_hold_is_never_opened() -> None:
+    """/proc/PID/ns/net with a moved TAP: holding it would keep it alive past its
+    process, so it is not entered at all."""
+    reg, f = _registry()
+    reg.attach("vm", "10.0.0.6", "/proc/4242/ns/net", None)
+    assert reg.socket("10.0.0.6") == (None, pl.NETNS)
+    assert not f.opened and not f.batches
+    reg.close()
+
+
 def test_no_socket_in_the_pod_falls_back() -> None:
     reg, f = _registry()
     reg.attach("db", "10.0.0.5", "/run/netns/db", (1, 2))
