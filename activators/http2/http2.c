@@ -1496,9 +1496,10 @@ static void linger(u32 sid) {
 
 /* RFC 9113 8.1: a server "MAY request that the client abort transmission of a request
  * without error by sending a RST_STREAM with an error code of NO_ERROR after sending a
- * complete response"; nghttpd, h2o, Go and grpc-go all do, and a client like curl 7.88
- * waits for ever without it when the backend reads no more of the body. So a response
- * that ended (F_EARLY) before its request did, and that the backend did not reset
+ * complete response"; Go's server, grpc-go, Apache httpd and nghttpd --early-response
+ * do, and curl 7.88 waits for ever without it when the backend reads no more of the
+ * body. So a response that ended (F_EARLY) before its request did, and that the backend
+ * did not reset
  * itself by now (then its RST_STREAM is relayed instead), gets RST_STREAM(NO_ERROR)
  * queued behind it toward the client, and the backend RST_STREAM(CANCEL): the rest of
  * the body will not come. Body bytes queued toward the backend are dropped and the

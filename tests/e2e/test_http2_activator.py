@@ -580,8 +580,8 @@ def test_curl_large_post_answered_before_its_body(sandbox: Sandbox, backend: str
     of the body. A backend that resets the stream itself (NO_ERROR, RFC 9113 8.1) has its
     reset relayed behind the response: curl ends as it does against that backend
     directly. One that does not gets RST_STREAM(CANCEL) from the guest, which resets the
-    client's stream with NO_ERROR behind the response, as nghttpd, h2o and Go's server
-    would. Before, curl uploaded into a window that never opened, for ever (the
+    client's stream with NO_ERROR behind the response, as Go's server or nghttpd
+    --early-response would. Before, curl uploaded into a window that never opened, for ever (the
     --max-time's exit 28). curl 7.88 reports an upload its server stopped as error 92
     (curl#986), also for a 2xx; later curls end 0 with the response."""
     web_ns = sandbox.name("web")

@@ -2,7 +2,7 @@
 
 A server "MAY request that the client abort transmission of a request without error by
 sending a RST_STREAM with an error code of NO_ERROR after sending a complete response";
-nghttpd, h2o and Go's server do, and curl 7.88 uploads for ever without it once the
+Go's server and nghttpd --early-response do, and curl 7.88 uploads for ever without it once the
 backend reads no more of the body. The activator relays a backend's own reset in order
 behind the response, and resets the client's stream itself when the backend did not,
 dropping what the client still sends on it but crediting the connection window for it
