@@ -29,8 +29,8 @@
 #define Q_INDEX 0x0fu  /* local: a health entry, or an error below */
 #define Q_KA 0x100u    /* an HTTP/1.0 keep-alive request: say keep-alive */
 #define Q_ERR 8u       /* local errors: Q_ERR + index into err_status */
-static const u32 err_status[] = {400, 431, 501, 505, 503, 502, 413};
-enum { E400, E431, E501, E505, E503, E502, E413 };
+static const u32 err_status[] = {400, 431, 501, 505, 503, 502, 413, 408};
+enum { E400, E431, E501, E505, E503, E502, E413, E408 };
 
 enum { UP_NONE, UP_CONNECTING, UP_READY };
 
@@ -56,6 +56,7 @@ struct conn {
     u16 q[MAXQ];
     u32 scan, rscan;
     u64 held_since;
+    u64 head_since;  /* a tick saw part of a request head, the rest still to come */
     struct fab_h1_body rb, sb;
     struct fab_buf in;  /* client bytes not yet consumed: SMALL inline or a BIG block */
     u8 *in_big;
@@ -81,6 +82,7 @@ FAB_POOL(bigs, BIG, BIG_BLOCKS);
 static struct health health[MAX_HEALTH];
 static u32 nhealth;
 static u32 hold_timeout_ms = 30000;
+static u32 head_timeout_ms = 30000;
 static u32 retry_after_s = 5;
 static u32 hold_soft = 16 * 1024;
 static u32 local_when_ready;
@@ -92,11 +94,11 @@ static u32 local_this_call;
  * the last connection ends: one action per name and tick, not one per request (the host
  * reads a bounded number of actions per call, and decodes each). */
 enum { C_HEALTH, C_HEALTH_RELAYED, C_REQUESTS, C_RESPONSES, C_BAD_REQ, C_BAD_RESP, C_502,
-       C_TIMEOUTS, C_BUFS, C_REFUSED, C_UPGRADED, C_OVERFLOW, C_N };
+       C_TIMEOUTS, C_BUFS, C_REFUSED, C_UPGRADED, C_HEAD_TIMEOUTS, C_OVERFLOW, C_N };
 static const char *const cnames[C_N] = {
     "health_answered", "health_relayed", "requests", "responses", "bad_requests",
     "bad_responses", "bad_gateway", "hold_timeouts", "buffers_exhausted", "conns_refused",
-    "upgraded", "answer_overflows"};
+    "upgraded", "head_timeouts", "answer_overflows"};
 static u32 counts[C_N];
 static u32 counts_due;
 #define COUNT(k) (counts[(k)]++)
@@ -174,6 +176,7 @@ static int copy_str(struct fab_json obj, const char *key, u8 *out, u32 cap, u32 
 
 static int init(struct fab_json cfg) {
     hold_timeout_ms = fab_cfg_u32(cfg, "hold_timeout_ms", 30000);
+    head_timeout_ms = fab_cfg_u32(cfg, "head_timeout_ms", 30000);
     retry_after_s = fab_cfg_u32(cfg, "retry_after_s", 5);
     hold_soft = fab_cfg_u32(cfg, "stream_hold_bytes", 16 * 1024);
     if (hold_soft < FAB_H1_MAX_HEAD) hold_soft = FAB_H1_MAX_HEAD;
@@ -711,6 +714,25 @@ static void on_unavailable(void) {
         if (c->waiting == 1 && c->up == UP_NONE) service(c);
 }
 
+/* Slowloris: part of a request head read and the rest not coming (a byte a second keeps
+ * a connection, and the connections are 1,024). Such a head is answered 408 and the
+ * connection closed once head_timeout_ms have passed since a tick first saw it. Only
+ * with nothing else in the connection's pipeline: a head behind requests still being
+ * answered, or held for a backend, or after an upgrade, is waiting, not slow. */
+static int head_timed_out(struct conn *c, u64 now) {
+    if (!c->in.len || c->waiting || c->in_body || c->stop || c->upgrading || c->nq
+        || c->client_eof) {
+        c->head_since = 0;
+        return 0;
+    }
+    if (!c->head_since) { c->head_since = now ? now : 1; return 0; }
+    if (now - c->head_since < head_timeout_ms) return 0;
+    COUNT(C_HEAD_TIMEOUTS);
+    fail(c, E408, 0);
+    service(c);
+    return 1;
+}
+
 static void on_tick(u64 now) {
     struct conn *c;
     for (u32 it = 0; (c = fab_table_next(&conns, &it));) {
@@ -719,6 +741,7 @@ static void on_tick(u64 now) {
             service(c);
             continue;
         }
+        if (head_timed_out(c, now)) continue;
         if (!c->waiting) continue;
         if (c->held_since == 0) c->held_since = now; /* opened before the first tick */
         if (now - c->held_since >= hold_timeout_ms) {

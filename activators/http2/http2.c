@@ -69,6 +69,7 @@
 
 #define GOAWAY_PING "fabgoawy"
 #define GOAWAY_WAIT_MS 1000        /* at most this long for its ACK */
+#define STALL_MS 10000             /* a block held for a partial frame alone, at most */
 
 typedef struct {
     u32 id, flags;
@@ -140,6 +141,9 @@ typedef struct conn {
     u32 bsnap_len;         /* bytes in bsnap (oldest first: nl, vl u16, sidx, name, value) */
     u32 waiting;           /* no work block: paused, bytes in inbox; FIFO order */
     u32 inbox_len;
+    u64 stall_t;           /* when a tick first saw it hold a block for partial input alone */
+    u64 stuck_t;           /* when a tick first saw frames queued toward the client since
+                            * the last bytes sent to it (0: none waiting) */
     struct work *w;        /* the busy state, from the pool; 0 while idle */
     /* from here on: reset by their own init, not zeroed */
     struct fab_hpack_table dec;   /* the client's encoder, as seen by our decoder */
@@ -162,12 +166,13 @@ static u32 budget;
 
 /* counters reported with `count` actions at the end of each call */
 enum { C_PINGS, C_HOLD_TIMEOUTS, C_REFUSED, C_PROTO_ERRORS, C_BACKEND_GOAWAYS, C_STREAMS,
-       C_UP_TIMEOUTS, C_CONN_REFUSED, C_MALFORMED, C_TOO_LARGE, C_MALFORMED_RESP, C_EARLY,
-       NCOUNT };
+       C_UP_TIMEOUTS, C_CONN_REFUSED, C_MALFORMED, C_TOO_LARGE, C_MALFORMED_RESP, C_STALLED,
+       C_SEND_TIMEOUTS, C_EARLY, NCOUNT };
 static const char *const COUNT_NAME[NCOUNT] = {
     "pings_answered", "hold_timeouts", "streams_refused_h2", "protocol_errors",
     "backend_goaways", "requests", "upstream_timeouts", "connections_refused",
-    "malformed_requests", "headers_too_large", "malformed_responses", "early_responses"};
+    "malformed_requests", "headers_too_large", "malformed_responses", "stalled_closed",
+    "send_timeouts", "early_responses"};
 static u32 counts[NCOUNT], count_len[NCOUNT];
 
 static u8 D[SCR_CAP], U[SCR_CAP];
@@ -761,13 +766,19 @@ static void cli_header_block(conn *c, u32 sid, u32 flags) {
         rst2c(c, 0, sid, FAB_H2_PROTOCOL_ERROR);  /* malformed: answered here, no backend */
         return;
     }
-    if (c->up == UP_GONE || c->b_goaway || c->cli_goaway || c->ga == 2 ||
-        (c->nused >= MAX_OPEN && open_count(c) >= MAX_OPEN)) {
+    if (c->up == UP_GONE || c->b_goaway || c->cli_goaway || c->ga == 2) {
         rst2c(c, 0, sid, FAB_H2_REFUSED_STREAM);
         return;
     }
-    s = new_stream(c, sid);
-    if (!s) { rst2c(c, 0, sid, FAB_H2_REFUSED_STREAM); return; }
+    /* Past the concurrency we announced (RFC 9113 5.1.2) the client provokes the reset:
+     * it takes a token like one of its own (the rapid-reset pattern whose resets leave
+     * the slots taken went on refused, stream after stream, and never met the bucket) */
+    s = c->nused >= MAX_OPEN && open_count(c) >= MAX_OPEN ? 0 : new_stream(c, sid);
+    if (!s) {
+        if (!reset_allowed(c)) { conn_error(c, FAB_H2_ENHANCE_YOUR_CALM); return; }
+        rst2c(c, 0, sid, FAB_H2_REFUSED_STREAM);
+        return;
+    }
     counts[C_STREAMS]++;
     if (end) s->flags |= F_CLI_END;
     s->clen = r.clen;
@@ -1438,15 +1449,39 @@ static void put_work(conn *c) {
 }
 
 /* Give the block back if nothing in it is needed any more: no stream, nothing queued,
- * no partial frame or header block; the backend's table (at most BTABLE, as asked) is
- * kept in the connection. */
+ * no header block under way; the backend's table (at most BTABLE, as asked) is kept in
+ * the connection, and so is a partial preface or frame from the client that fits the
+ * inbox (replayed before its next bytes). A slowloris that trickles its preface or a
+ * frame kept a block each, and 18 of them (the pool) paused every other connection. */
 static void maybe_idle(conn *c) {
     struct work *w = c->w;
     if (!w || c->nused || w->q2c.len || w->q2b.len || c->c_cont || c->b_cont ||
-        w->cin.have || (w->cin.pre_have != 0 && w->cin.pre_have != 24) || w->bin.have ||
-        c->up == UP_CONNECTING || !save_btable(c))
+        w->bin.have || c->up == UP_CONNECTING)
         return;
+    u32 pre = w->cin.pre_have, part_pre = pre != 0 && pre != 24;
+    u32 keep = part_pre ? pre : w->cin.have;
+    if (keep > INBOX_CAP - c->inbox_len || !save_btable(c)) return;
+    if (keep) {
+        fab_copy(c->inbox + c->inbox_len, part_pre ? (const u8 *)FAB_H2_PREFACE : w->cin.buf,
+                 keep);
+        c->inbox_len += keep;
+        if (part_pre) w->cin.pre_have = 0;  /* expected again, from the inbox */
+        w->cin.have = 0;
+    }
     put_work(c);
+}
+
+/* A block held for a client's partial input alone (a header block or a frame too big
+ * for the inbox, no stream, nothing queued) for STALL_MS: the client is stalling. */
+static int stalled(conn *c, u64 t) {
+    struct work *w = c->w;
+    if (!w || c->dead || c->nused || w->q2c.len || w->q2b.len || c->b_cont ||
+        w->bin.have || !(c->c_cont || w->cin.have || (w->cin.pre_have && w->cin.pre_have != 24))) {
+        c->stall_t = 0;
+        return 0;
+    }
+    if (!c->stall_t) { c->stall_t = t; return 0; }
+    return t - c->stall_t >= STALL_MS;
 }
 
 static void free_conn(conn *c) {
@@ -1595,6 +1630,7 @@ static int flush_conn(conn *c) {
     if (dlen) {
         fab_send(c->sid, D, dlen);
         if (c->cli_fin) c->fin_t = fab_now();
+        c->stuck_t = 0;
     }
     if (ulen) fab_upstream_send(c->sid, U, ulen);
     if (c->up_close) {
@@ -1783,6 +1819,25 @@ static void on_tick(u64 t) {
         }
         /* half-closed, and nothing could be sent for twice the hold: the client is gone
          * (a reset, or it never reads); drop the connection rather than keep it forever */
+        if (stalled(c, t)) {
+            counts[C_STALLED]++;
+            c->dead = FAB_H2_ENHANCE_YOUR_CALM + 1;
+            c->dirty = 1;
+            continue;
+        }
+        /* frames queued toward a client that takes none of them (a zero window it never
+         * opens: a slow read) for twice the hold: closed, as the half-closed one below;
+         * such a connection keeps its work block, and 18 of them paused the port */
+        if (c->w && c->w->q2c.len && !c->cli_fin) {
+            if (!c->stuck_t) c->stuck_t = t;
+            else if (t - c->stuck_t >= 2ull * hold_timeout_ms) {
+                counts[C_SEND_TIMEOUTS]++;
+                close_conn(c);
+                continue;
+            }
+        } else {
+            c->stuck_t = 0;
+        }
         if (c->cli_fin && !c->fin_t) c->fin_t = t;
         if (c->cli_fin && t - c->fin_t >= 2ull * hold_timeout_ms) close_conn(c);
     }
@@ -1820,6 +1875,11 @@ static void on_data(u32 sid, const u8 *p, u32 n) {
         fab_copy(c->inbox + c->inbox_len, p, n);
         c->inbox_len += n;
         return;
+    }
+    if (c->inbox_len) {  /* a partial preface or frame kept when the block went back */
+        u32 k = c->inbox_len;
+        c->inbox_len = 0;
+        cli_input(c, c->inbox, k);
     }
     cli_input(c, p, n);
     event_done(c);

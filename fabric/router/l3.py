@@ -4,26 +4,30 @@ Ethernet), and the TTL decrement with its incremental checksum update."""
 
 from __future__ import annotations
 
+import struct
+
 from fabric.net import packets
-from fabric.net.vnet import F_NEEDS_CSUM, VNET_HDR_LEN
+from fabric.net.vnet import F_NEEDS_CSUM
 from fabric.router.model import L3_OFF
+
+# struct virtio_net_hdr (little-endian): flags, gso_type, hdr_len, gso_size, csum_start,
+# csum_offset.
+_VNET = struct.Struct("<BBHHHH")
+_unpack_vnet = _VNET.unpack_from
+_pack_vnet = _VNET.pack_into
 
 
 def shift_vnet(buf: bytearray, src: int, dst: int, delta: int) -> None:
     """Move a virtio-net header from buf[src:] to buf[dst:], moving its offsets (which
     count from the start of the frame) by `delta` bytes, as when an Ethernet header is
-    removed (-14) or added (+14) between the header and the IP packet."""
-    hdr = bytes(buf[src:src + VNET_HDR_LEN])
-    buf[dst:dst + VNET_HDR_LEN] = hdr
-    hdr_len = hdr[2] | hdr[3] << 8
-    if hdr_len:
-        hdr_len = max(hdr_len + delta, 0)
-        buf[dst + 2] = hdr_len & 0xFF
-        buf[dst + 3] = hdr_len >> 8
-    if hdr[0] & F_NEEDS_CSUM:
-        start = max((hdr[6] | hdr[7] << 8) + delta, 0)
-        buf[dst + 6] = start & 0xFF
-        buf[dst + 7] = start >> 8
+    removed (-14) or added (+14) between the header and the IP packet. (One unpack and
+    one pack: it runs twice per egress round trip, for every super-frame and ACK.)"""
+    flags, gso_type, hdr_len, gso_size, start, offset = _unpack_vnet(buf, src)
+    if hdr_len:  # (0: not given) clamped: a header from a pod may hold any value
+        hdr_len = min(max(hdr_len + delta, 0), 0xFFFF)
+    if flags & F_NEEDS_CSUM:
+        start = min(max(start + delta, 0), 0xFFFF)
+    _pack_vnet(buf, dst, flags, gso_type, hdr_len, gso_size, start, offset)
 
 
 def strip_l2(frame: bytes, h: int) -> bytes:

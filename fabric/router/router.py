@@ -185,6 +185,7 @@ class Router:
         self.cidr = ipaddress.IPv4Network(cidr)
         self.gw_ip = self.cidr.network_address.__add__(1).packed
         self.gw_mac = packets.mac_bytes(gateway_mac)
+        self._gw_ethertype = self.gw_mac + b"\x08\x00"  # source MAC and type IPv4
         self.net = _from_bytes(self.cidr.network_address.packed, "big")
         self.mask = _from_bytes(self.cidr.netmask.packed, "big")
         self.bcast = self.cidr.broadcast_address.packed
@@ -996,7 +997,7 @@ class Router:
             return None
         if h:
             shift_vnet(buf, L3_OFF, 0, L3_OFF)
-        buf[h + 6:h + 14] = self.gw_mac + b"\x08\x00"
+        buf[h + 6:h + 14] = self._gw_ethertype
         # The IP header now sits at h + 14, which is `ip` (L3_OFF == 14).
         return self.deliver(dpod, port, buf, h, n, ip, total, now)
 

@@ -62,6 +62,9 @@ BATCH = 256
 # fabric's own TAPs, whose reader is the pod's kernel. (An interface port's far end may
 # be a VMM that did not negotiate UDP segmentation; socketpair ports have no kernel.)
 UDP_RUN_KINDS = frozenset(("netns",))
+# Where a gatherable frame's IP protocol byte is: virtio-net header (10), Ethernet (14),
+# byte 9 of the IPv4 header.
+UDP_PROTO_AT = VNET_HDR_LEN + 14 + 9
 # CPU the tunnel socket may take per loop turn while it stays readable: a flood of
 # handshakes (each a MAC check, a cookie) must leave the pods their turn; the surplus
 # waits in the socket's buffer and, when that is full, the kernel drops it.
@@ -811,15 +814,21 @@ class DataPlane:
                 if port.ndrops != d0:
                     self._dropped(owner, port, buf, n, now)
                 if out is not None:
-                    # A TAP's datagram joins the run of its flow (written as one frame
-                    # when the run ends), or starts one; anything else is written now.
-                    if out.kind in runs_kinds and out not in refused:
+                    # A TAP's UDP datagram joins the run of its flow (written as one frame
+                    # when the run ends), or starts one; anything else is written now,
+                    # after the run. buf[UDP_PROTO_AT] is the IP protocol of a gatherable
+                    # frame: a first filter that keeps TCP (super-frames, ACKs) off the
+                    # run's checks, which decide (they read the whole header).
+                    if buf[UDP_PROTO_AT] == 17 and out.kind in runs_kinds \
+                            and out not in refused:
                         if run.count and not (run.port is out and run.extend(buf, n)):
                             self._write_run()
                         if run.count or run.start(out, buf, n):
                             if self._udp_owner is not owner:
                                 self._udp_owner = owner
                             out = None
+                    elif run.count:
+                        self._write_run()
                     if out is not None:
                         try:
                             write(out.fd, mv[L3_OFF:n] if out.l3 else mv[:n])

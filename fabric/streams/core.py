@@ -61,6 +61,15 @@ MAX_CHUNK = 64 << 10  # bytes per stream_data event
 # got, and its answer is bounded (the SDK's 256 KiB by default): a batch of a stream
 # buffer's worth made guests that relay bulk run out of room in one call.
 DEFER_MAX = MAX_CHUNK
+# Client bytes one guest call is handed, all streams together (a read larger than this is
+# handed over in pieces, one call each). A call's fuel is fixed (ActivatorHost: 20 M by
+# default), and what a guest spends per byte depends on what the client chose to send:
+# the http2 guest spent up to 490 units a byte on 13-byte frames that each open a stream
+# past its limit, so 64 KiB of them ran it out of fuel in one call, and the fallback
+# closed every connection of the port for one client's read. At 16 KiB a call the worst
+# input measured takes under half the budget (tests/unit/test_stream_fuel.py). Backend
+# bytes keep DEFER_MAX: the backend is the service's own, and bulk answers come that way.
+CLIENT_CALL_MAX = 16 << 10
 MAX_GUEST_COUNTERS = 32
 # A wake as a stream port sees it: a connection held with no ready backend -> the need
 # raised (activate sent) -> the first upstream connection accepted -> the first byte
@@ -157,6 +166,7 @@ class StreamCore:
         # and `flush` hands them over in one guest call, not one call per read.
         self.defer = False
         self._deferred = 0
+        self._deferred_client = 0  # of which client bytes (at most CLIENT_CALL_MAX)
         self.wake_seconds = Histogram(WAKE_BUCKETS)
         self.wake_phase_seconds = {p: Histogram(WAKE_BUCKETS) for p in WAKE_PHASES}
         self._wake_t0: float | None = None
@@ -244,12 +254,33 @@ class StreamCore:
                     s.pending_up.clear()
                     s.pending_down.clear()
         if s.mode == GUEST:
-            self._make_room(len(data), now)
-            ev = abi.StreamData
-            q = s.gen.events  # type: ignore[union-attr]
-            for i in range(0, len(data), MAX_CHUNK):
-                q.append(ev(sid, data[i:i + MAX_CHUNK]))
-            self._data_in(len(data), now)
+            self._client_to_guest(s, data, now)
+
+    def _client_to_guest(self, s: Stream, data: bytes, now: float) -> None:
+        """Hand client bytes to the guest, at most CLIENT_CALL_MAX per call (see there).
+        A piece's call may end the stream or splice it: the rest then goes where the
+        stream went (upstream ahead of the splice, or nowhere once it ended; a stream
+        the fallback made a proxy has the rest in its copy already)."""
+        sid = s.sid
+        step = CLIENT_CALL_MAX
+        for i in range(0, len(data), step):
+            piece = data if len(data) <= step else data[i:i + step]
+            if i:
+                s = self.streams.get(sid)  # type: ignore[assignment]
+                if s is None:
+                    return
+                if s.mode == SPLICED:
+                    self._before_splice(s, SEND_UPSTREAM, data[i:])
+                    return
+                if s.mode != GUEST:
+                    return
+            n = len(piece)
+            if self._deferred and (self._deferred + n > DEFER_MAX
+                                   or self._deferred_client + n > step):
+                self._flush(now)
+            s.gen.events.append(abi.StreamData(sid, piece))  # type: ignore[union-attr]
+            self._deferred_client += n
+            self._data_in(n, now)
 
     def _before_splice(self, s: Stream, kind: int, data: bytes) -> None:
         """Bytes the shell read from a stream spliced in a call made in the middle of its
@@ -451,7 +482,7 @@ class StreamCore:
 
     def _flush(self, now: float) -> None:
         self._now = now
-        self._deferred = 0
+        self._deferred = self._deferred_client = 0
         busy = True
         while busy:
             busy = False

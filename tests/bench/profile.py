@@ -160,17 +160,29 @@ def _udp_load(topo: Topology, seconds: int, rate: int) -> Callable[[], float]:
     return done
 
 
+# Bytes the last TCP load moved (iperf3's receiver), for the CPU per GB lines.
+MOVED: dict[str, float] = {}
+
+
 def _tcp_load(topo: Topology, seconds: int, _rate: int) -> Callable[[], float]:
-    """iperf3 TCP a -> b; returns the frames the fabric read from a's port."""
-    sd = topo.sides[FABRIC]
+    """iperf3 TCP a -> b (or the reference side's pair); returns the frames the fabric
+    read from its ports (both directions: data and ACKs), 0 for a reference side."""
+    sd = topo.sides[SIDE[0]]
     res: dict[str, Any] = {}
-    before = _rx_frames(topo)
+    fabric = sd.name == FABRIC
+    before = _rx_frames(topo) if fabric else 0.0
     t = threading.Thread(target=lambda: res.update(topo.iperf3(sd, seconds=seconds)))
     t.start()
 
     def done() -> float:
         t.join()
-        gbps = res["end"]["sum_received"]["bits_per_second"] / 1e9
+        rx = res["end"]["sum_received"]
+        gbps = rx["bits_per_second"] / 1e9
+        MOVED["bytes"] = float(rx["bytes"])
+        MOVED["seconds"] = float(rx["seconds"])
+        if not fabric:
+            print(f"tcp ({sd.name}): {gbps:.2f} Gbit/s")
+            return 0.0
         frames = _rx_frames(topo) - before
         print(f"tcp: {gbps:.2f} Gbit/s, {frames:.0f} frames read "
               f"({gbps * 1e9 / 8 * seconds / max(frames, 1):.0f} bytes per frame)")
@@ -197,6 +209,31 @@ def _ping_load(topo: Topology, seconds: int, _rate: int) -> Callable[[], float]:
 def _rx_frames(topo: Topology) -> float:
     assert topo.daemon is not None
     return float(sum(p.get("rx_packets", 0) for p in topo.daemon.get("/v1/pods")))
+
+
+# The side the load runs on: FABRIC, or the benchmark's reference (tcp: veth, egress:
+# kernel), whose whole-machine CPU per GB and kernel profile are the comparison.
+SIDE = [FABRIC]
+
+
+def _machine() -> tuple[float, float]:
+    """/proc/stat now: (busy, idle) CPU seconds over all CPUs."""
+    tick = os.sysconf("SC_CLK_TCK")
+    with open("/proc/stat") as f:
+        # user nice system idle iowait irq softirq steal
+        v = [int(x) for x in f.readline().split()[1:9]]
+    return (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / tick, (v[3] + v[4]) / tick
+
+
+def _report_record(path: str, top: int = 30) -> None:
+    """The hottest symbols (self time, all CPUs) of a `perf record -a`, kernel and user."""
+    out = subprocess.run(["perf", "report", "-i", path, "--no-children", "--sort",
+                          "comm,dso,sym", "-g", "none", "--stdio", "--percent-limit", "0.4"],
+                         capture_output=True, text=True).stdout
+    rows = [ln for ln in out.splitlines() if ln.strip() and not ln.startswith("#")]
+    print(f"\nperf record -a, self time by comm/dso/symbol (top {top}):")
+    for ln in rows[:top]:
+        print("  " + ln.strip())
 
 
 def build(path: str) -> tuple[Topology, Callable[[Topology, int, int], Callable[[], float]]]:
@@ -244,7 +281,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "with `perf stat` (per packet)")
     ap.add_argument("--no-spy", action="store_true",
                     help="CPU per packet only, without py-spy (no sampling overhead)")
+    ap.add_argument("--side", choices=("fabric", "reference"), default="fabric",
+                    help="tcp, egress: load the benchmark's reference path instead (veth, "
+                         "kernel forwarding): for its CPU per GB and --record")
+    ap.add_argument("--record", metavar="FILE",
+                    help="also `perf record -a -g` the whole machine into FILE and print "
+                         "the hottest symbols (kernel work such as copies, checksums, "
+                         "segmentation shows up there)")
     a = ap.parse_args(argv)
+    if a.side == "reference":
+        if a.path not in ("tcp", "egress"):
+            raise SystemExit("--side reference: tcp or egress only")
+        SIDE[0] = "veth" if a.path == "tcp" else "kernel"
+        a.no_spy = True
     spy = _py_spy()
     if spy is None and not a.no_spy:
         print("py-spy is not installed (make .venv/.installed)", file=sys.stderr)
@@ -258,11 +307,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                      str(a.txqueuelen))
         raw = a.keep or tempfile.mktemp(suffix=".txt")
         t0 = time.monotonic()
+        window = max(a.seconds - 2, 1)
         with ThreadCpu(pid) as cpu:
             done = load(topo, a.seconds, a.rate)
             time.sleep(1.0)
+            m0 = _machine()
+            tm0 = time.monotonic()
+            recording = None
+            if a.record:
+                recording = subprocess.Popen(
+                    ["perf", "record", "-a", "-g", "-F", "499", "-o", a.record, "--",
+                     "sleep", str(window)], stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL)
             counting = None
-            if a.perf:
+            if a.perf and SIDE[0] == FABRIC:
                 tid = next((t for t, n in python_thread_names(pid).items() if n == THREAD),
                            None)
                 if tid is not None:
@@ -273,15 +331,33 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not a.no_spy:
                 assert spy is not None
                 subprocess.run([spy, "record", "--pid", str(pid), "--duration",
-                                str(max(a.seconds - 2, 1)), "--rate", str(a.hz), "--format",
+                                str(window), "--rate", str(a.hz), "--format",
                                 "raw", "--threads", "--idle", "--nonblocking", "-o", raw],
                                check=True, capture_output=True)
+            else:
+                time.sleep(window)
             counted = counting.communicate()[1] if counting is not None else ""
+            if recording is not None:
+                recording.wait()
+            m1 = _machine()
+            tm1 = time.monotonic()
             packets = done()
         wall = time.monotonic() - t0
         topo.check_daemon()
     dp = cpu.percent.get(THREAD)
     sys_pct = cpu.system_percent.get(THREAD, 0.0)
+    moved = MOVED.get("bytes", 0.0)
+    if moved:
+        # Bytes in the measured window, assuming the load's rate was steady through it.
+        gb = moved / MOVED["seconds"] * (tm1 - tm0) / 1e9
+        busy, idle = m1[0] - m0[0], m1[1] - m0[1]
+        print(f"machine: {busy / gb:.3f} CPU s per GB moved ({busy / (tm1 - tm0) * 100:.0f} % "
+              f"of one CPU busy, {idle / max(busy + idle, 1e-9) * 100:.1f} % idle) over "
+              f"{tm1 - tm0:.1f} s")
+        if dp is not None and SIDE[0] == FABRIC:
+            print(f"data-plane thread: {dp / 100 * wall / (moved / 1e9):.3f} CPU s per GB "
+                  f"(user {(dp - sys_pct) / 100 * wall / (moved / 1e9):.3f}, kernel "
+                  f"{sys_pct / 100 * wall / (moved / 1e9):.3f})")
     if dp is not None and packets:
         print(f"data-plane thread: {dp:.1f} % CPU (kernel {sys_pct:.1f} %) over {wall:.1f} s, "
               f"{dp / 100 * wall / packets * 1e6:.2f} µs CPU per packet "
@@ -295,6 +371,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"  {f[2]:40s} {float(f[0]):14.0f}  {float(f[0]) / max(per, 1):8.3f} "
                       "per packet")
     print("threads:", ", ".join(f"{n} {p:.0f}% (sys {s:.0f}%)" for n, p, s in cpu.busiest()))
+    if a.record:
+        _report_record(a.record)
     if a.no_spy:
         return 0
     with open(raw) as f:

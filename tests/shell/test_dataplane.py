@@ -418,10 +418,13 @@ def test_a_dropped_frame_reaches_the_drop_log_with_its_headers(
             e["dport"]) == ("a", "spoofed_source", "10.10.0.99", b.ip, "udp", 4444, 53)
 
 
-def test_one_flows_small_datagrams_to_a_tap_leave_as_one_udp_gso_frame_in_order() -> None:
+@pytest.mark.parametrize("between", ["icmp", "tcp"])
+def test_one_flows_small_datagrams_to_a_tap_leave_as_one_udp_gso_frame_in_order(
+        between: str) -> None:
     """A wakeup's run of one flow's datagrams to a TAP leaves as one super-frame that
-    segments back into them; a frame of another kind in between ends the run first, so
-    the pod sees everything in the order it was sent."""
+    segments back into them; a frame of another kind in between (an ICMP echo, a TCP
+    segment, which the loop does not even offer to the run) ends the run first, so the
+    pod sees everything in the order it was sent."""
     from fabric.net import gso
     from fabric.net.vnet import GSO_UDP_L4, VnetHdr
     from tests.unit.test_udp_run import pod_frame
@@ -450,8 +453,12 @@ def test_one_flows_small_datagrams_to_a_tap_leave_as_one_udp_gso_frame_in_order(
             return bytes(f)
 
         sent = [datagram(i) for i in range(5)]
-        ping = bytes(10) + packets.eth_header(GW_MAC, a.macb, packets.ETH_P_IP) + \
-            packets.icmp_echo(a.ipb, b.ipb, 1, 1, b"between")
+        if between == "icmp":
+            other = packets.icmp_echo(a.ipb, b.ipb, 1, 1, b"between")
+        else:
+            other = packets.tcp_packet(a.ipb, b.ipb, 40000, 5201, 1, 1, packets.TCP_ACK,
+                                       b"between")
+        ping = bytes(10) + packets.eth_header(GW_MAC, a.macb, packets.ETH_P_IP) + other
         sent += [ping] + [datagram(i) for i in range(5, 8)]
         for f in sent:
             a.sock.send(f)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.bench.common import Report, render
 
 
@@ -17,3 +19,14 @@ def test_the_table_shows_each_series_spread_and_json_keeps_it() -> None:
     js = r.to_json()["series"]
     assert (js[0]["min"], js[0]["max"], js[0]["median"]) == (7.9, 9.1, 8.2)
     assert js[1]["min"] is None
+
+
+def test_egress_cost_runs_the_router_path_without_drops(capsys: pytest.CaptureFixture[str]
+                                                        ) -> None:
+    """tests.bench.egress_cost opens its flow through a real NAT and checks that every
+    call was translated and forwarded (no outputs, no drops): exit 0 with its rows."""
+    from tests.bench import egress_cost
+
+    assert egress_cost.main(["--frames", "3", "--repeat", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "NAT outbound" in out and "pod to pod" in out

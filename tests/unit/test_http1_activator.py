@@ -588,6 +588,42 @@ def test_fuzz_what_reaches_the_backend_is_framed_as_the_activator_framed_it(
         g.close()
 
 
+# --- slowloris (found by tests/e2e/test_hostile_streams.py) ----------------------------------
+
+
+def test_a_head_that_never_completes_is_answered_408_and_closed() -> None:
+    """A byte a second of a head kept a connection (of the 1,024) for ever: past
+    head_timeout_ms from the tick that first saw it, 408 and a close, counted; the
+    timer starts again with each head, and a held request is left to the hold timeout."""
+    g = StreamGuest(WASM, {"hold_timeout_ms": 60000, "head_timeout_ms": 3000})
+    try:
+        g.available()
+        g.open(1)
+        g.open(2)
+        g.open(3)
+        t = 10_000
+        g.tick(t)
+        g.client(1, b"GET / HTTP/1.1\r\nHo")
+        g.client(2, b"GET /a HTTP/1.1\r\nHost: svc\r\n\r\nGET /b HT")  # one relayed first
+        g.unavailable()
+        g.client(3, request())  # held for a backend, not slow
+        for _ in range(29):
+            t += 100
+            g.tick(t)
+            g.client(1, b"s")  # a byte now and then changes nothing
+        assert not g.streams[1].downstream_closed and g.to_client(1) == b""
+        t += 3000
+        g.tick(t)
+        st = responses(g.to_client(1), 1)[0][0]
+        assert st == 408 and g.streams[1].downstream_closed
+        assert not g.streams[2].downstream_closed  # its head waits behind /a's answer
+        assert not g.streams[3].downstream_closed and g.to_client(3) == b""
+        assert counters(g, t + 100).get("head_timeouts") == 1
+        assert g.failed == 0
+    finally:
+        g.close()
+
+
 # ---------------------------------------------------------------- the host's promises broken
 
 

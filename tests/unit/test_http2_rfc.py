@@ -746,6 +746,125 @@ def test_rapid_reset_is_bounded(provoke: Any) -> None:
         r.close()
 
 
+def test_rapid_reset_past_the_concurrency_limit_meets_the_bucket() -> None:
+    """HEADERS and RST_STREAM pairs while no backend takes them (found by the hostile
+    stream campaign): the reset streams keep their slots, so past 100 every new one is
+    refused; each refusal takes a token as a reset does, and the client gets GOAWAY
+    ENHANCE_YOUR_CALM instead of thousands of REFUSED_STREAMs."""
+    r = Raw()
+    try:
+        sid = 1
+        block = r.block()
+        for _ in range(20):  # reads of 400 pairs (a host call's 16 KiB): 8,000 streams
+            r.send(b"".join(fr(HEADERS, END_STREAM | END_HEADERS, sid + 2 * i, block)
+                            + fr(RST, 0, sid + 2 * i, struct.pack(">I", CANCEL))
+                            for i in range(400)))
+            sid += 800
+            if r.goaway() is not None:
+                break
+        assert r.goaway() == CALM, r.kinds()[-5:]
+        refused = [f for f in r.got if f[0] == RST and f[3] == struct.pack(">I", REFUSED)]
+        assert len(refused) <= 1000, len(refused)  # the bucket's burst
+        assert r.g.failed == 0
+    finally:
+        r.close()
+
+
+def _pong(g: StreamGuest, sid: int, data: bytes) -> bool:
+    g.client(sid, data)
+    return any(t == PING and f & ACK for t, f, _s, _p in parse(g.to_client(sid)))
+
+
+def test_slowloris_connections_hold_no_work_block() -> None:
+    """Partial prefaces and partial frames, trickled and left (found by the hostile
+    stream campaign: each kept one of the 18 work blocks, and a 19th client was paused
+    for good). Their bytes wait in the connection's inbox instead; a new client is
+    served at once, and the slow ones are served right when their bytes complete."""
+    g = StreamGuest(WASM, {"hold_timeout_ms": 1000})
+    try:
+        hello = PREFACE + fr(SETTINGS, 0, 0)
+        ping = fr(PING, 0, 0, b"12345678")
+        for sid in range(1, 31):
+            g.open(sid)
+            g.client(sid, PREFACE[:sid % 20 + 1])  # a partial preface
+        for sid in range(31, 61):
+            g.open(sid)
+            g.client(sid, hello + ping[:sid % 15 + 1])  # a partial frame
+        g.open(100)
+        assert _pong(g, 100, hello + ping) and not g.streams[100].paused
+        for sid in range(1, 31):
+            assert _pong(g, sid, PREFACE[sid % 20 + 1:] + fr(SETTINGS, 0, 0) + ping), sid
+        for sid in range(31, 61):
+            g.to_client(sid)  # the server preface and SETTINGS ACK
+            assert _pong(g, sid, ping[sid % 15 + 1:]), sid
+        assert g.failed == 0
+    finally:
+        g.close()
+
+
+def test_a_header_block_left_unfinished_is_closed_after_the_stall_limit() -> None:
+    """HEADERS without END_HEADERS and nothing more: the block (32 KiB of buffer) cannot
+    go to the inbox, so the connection keeps it only for the stall limit."""
+    g = StreamGuest(WASM, {"hold_timeout_ms": 60000})
+    try:
+        g.open(SID)
+        g.client(SID, PREFACE + fr(SETTINGS, 0, 0)
+                 + fr(HEADERS, 0, 1, hpack.Encoder().encode(req_headers())))
+        t = 1000
+        for _ in range(5):
+            t += 1000
+            g.tick(t)
+        assert not g.streams[SID].downstream_closed
+        g.tick(t + 10_000)
+        got = parse(g.to_client(SID))
+        assert any(t == GOAWAY and p[4:8] == CALM.to_bytes(4, "big") for t, _f, _s, p in got)
+        counts = {a.name: a.n for a in g.actions if isinstance(a, abi.Count)}
+        assert counts.get("stalled_closed") == 1, counts
+    finally:
+        g.close()
+
+
+def test_clients_that_never_open_their_window_are_closed_at_twice_the_hold() -> None:
+    """A slow read (found by the hostile stream campaign): 20 clients announce a zero
+    window and ask for a response they never take. Each keeps its work block, so 18 of
+    them paused every other connection for good; now frames queued toward a client
+    that takes none of them for twice the hold close it (`send_timeouts`), and the
+    others are served."""
+    g = StreamGuest(WASM, {"hold_timeout_ms": 1000})
+    try:
+        g.available()
+        block = hpack.Encoder().encode(req_headers())
+        for sid in range(1, 21):
+            g.open(sid)
+            g.client(sid, PREFACE + fr(SETTINGS, 0, 0, struct.pack(">HI", 4, 0))
+                     + fr(HEADERS, END_STREAM | END_HEADERS, 1, block))
+            if g.streams[sid].connects:
+                g.connected(sid)
+                s = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+                s.initiate_connection()
+                g.backend(sid, s.data_to_send())
+                for e in s.receive_data(g.to_backend(sid)):
+                    if isinstance(e, h2.events.RequestReceived):
+                        s.send_headers(e.stream_id, [(":status", "200")])
+                        s.send_data(e.stream_id, b"x" * 16000)
+                g.backend(sid, s.data_to_send())
+        g.open(100)
+        ping = fr(PING, 0, 0, b"12345678")
+        assert not _pong(g, 100, PREFACE + fr(SETTINGS, 0, 0) + ping)  # paused: no block
+        for t in range(0, 2600, 100):
+            g.tick(10_000 + t)
+        assert all(g.streams[sid].downstream_closed for sid in range(1, 19))
+        assert any(t == PING and f & ACK for t, f, _s, _p in parse(g.to_client(100)))
+        counts: dict[str, int] = {}
+        for a in g.actions:
+            if isinstance(a, abi.Count):
+                counts[a.name] = counts.get(a.name, 0) + a.n
+        assert counts.get("send_timeouts", 0) >= 18, counts
+        assert g.failed == 0
+    finally:
+        g.close()
+
+
 def test_ping_and_settings_floods_are_bounded(raw: Raw) -> None:
     """A client that never reads: the answers toward it stay bounded."""
     for _ in range(200):

@@ -87,3 +87,32 @@ def test_the_inline_tail_of_receive_is_deliver(vnet_in: bool, vnet_out: bool, mt
                      [(p is pb, p is pa, f) for p, f in r.outputs], dict(pa.drops),
                      (pb.tx_packets, pb.tx_bytes)))
     assert runs[0] == runs[1]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 255), st.integers(0, 255), st.integers(0, 0xFFFF),
+       st.integers(0, 0xFFFF), st.integers(0, 0xFFFF), st.integers(0, 0xFFFF),
+       st.sampled_from([-14, 14]))
+def test_shift_vnet_moves_the_header_and_its_offsets(flags: int, gso_type: int, hdr_len: int,
+                                                     gso_size: int, start: int, offset: int,
+                                                     delta: int) -> None:
+    """shift_vnet (one struct unpack and pack) against the header's definition: the
+    bytes move, hdr_len and csum_start (the latter only with NEEDS_CSUM) shift by delta,
+    clamped to 0..0xFFFF (any value may come in), a hdr_len of 0 (unknown) stays 0, the
+    rest is kept."""
+    import struct
+
+    from fabric.net.vnet import F_NEEDS_CSUM
+    from fabric.router.l3 import shift_vnet
+    from fabric.router.model import L3_OFF
+
+    hdr = struct.pack("<BBHHHH", flags, gso_type, hdr_len, gso_size, start, offset)
+    src, dst = (0, L3_OFF) if delta < 0 else (L3_OFF, 0)
+    buf = bytearray(b"\xaa" * 64)
+    buf[src:src + 10] = hdr
+    shift_vnet(buf, src, dst, delta)
+    want_len = min(max(hdr_len + delta, 0), 0xFFFF) if hdr_len else 0
+    want_start = min(max(start + delta, 0), 0xFFFF) if flags & F_NEEDS_CSUM else start
+    assert struct.unpack_from("<BBHHHH", buf, dst) == (flags, gso_type, want_len, gso_size,
+                                                       want_start, offset)
+    assert buf[24:] == b"\xaa" * 40  # nothing past the two header slots is touched
