@@ -51,6 +51,7 @@ struct conn {
     u8 spliced;
     u8 backlog;      /* local answers were cut short by a full answer: go on at a tick */
     u8 upgrading;    /* an Upgrade request went upstream: read nothing until its answer */
+    u8 lost;         /* bytes of it did not fit a call's answer: LOST_DOWN / LOST_UP */
     u8 nq, qhead, nreal;
     u16 q[MAXQ];
     u32 scan, rscan;
@@ -93,11 +94,11 @@ static u32 local_this_call;
  * the last connection ends: one action per name and tick, not one per request (the host
  * reads a bounded number of actions per call, and decodes each). */
 enum { C_HEALTH, C_HEALTH_RELAYED, C_REQUESTS, C_RESPONSES, C_BAD_REQ, C_BAD_RESP, C_502,
-       C_TIMEOUTS, C_BUFS, C_REFUSED, C_UPGRADED, C_HEAD_TIMEOUTS, C_N };
+       C_TIMEOUTS, C_BUFS, C_REFUSED, C_UPGRADED, C_HEAD_TIMEOUTS, C_OVERFLOW, C_N };
 static const char *const cnames[C_N] = {
     "health_answered", "health_relayed", "requests", "responses", "bad_requests",
     "bad_responses", "bad_gateway", "hold_timeouts", "buffers_exhausted", "conns_refused",
-    "upgraded", "head_timeouts"};
+    "upgraded", "head_timeouts", "answer_overflows"};
 static u32 counts[C_N];
 static u32 counts_due;
 #define COUNT(k) (counts[(k)]++)
@@ -114,11 +115,28 @@ struct stage {
 };
 static struct stage cst, ust; /* zeroed (bss): init sets the rest */
 
+#define LOST_DOWN 1 /* toward the client: its response is cut */
+#define LOST_UP 2   /* toward the backend: its request is cut */
+static struct conn *get(u32 sid);
+
+/* A send that did not fit this call's answer. Unreachable while the host keeps its
+ * promises (ABI.md: at most 64 KiB of stream bytes a call, one read past a pause; the
+ * local answers are bounded by ANSWER_ROOM): if it is broken, the bytes are gone, so the
+ * stream they belonged to cannot go on as a byte stream. It is closed with HTTP's error
+ * (service(): 503 if no response was under way, else a close that cuts the response)
+ * rather than left to hand the peer a request or response with a hole in it. */
+static void send_lost(struct stage *s, u32 sid) {
+    struct conn *c = get(sid);
+    COUNT(C_OVERFLOW);
+    if (!warned_bufs++) fab_log(FAB_ERROR, "http1: answer buffer full; stream closed");
+    if (c) c->lost |= s->up ? LOST_UP : LOST_DOWN;
+}
+
 static void stage_flush(struct stage *s) {
     if (!s->len) return;
     int r = s->up ? fab_upstream_send(s->sid, s->buf, s->len) : fab_send(s->sid, s->buf, s->len);
-    if (r && !warned_bufs++) fab_log(FAB_ERROR, "http1: answer buffer full; bytes lost");
     s->len = 0;
+    if (r) send_lost(s, s->sid);
 }
 
 static void stage_put(struct stage *s, u32 sid, const u8 *p, u32 n) {
@@ -128,7 +146,7 @@ static void stage_put(struct stage *s, u32 sid, const u8 *p, u32 n) {
         stage_flush(s);
         if (n > STAGE / 4) {
             int r = s->up ? fab_upstream_send(sid, p, n) : fab_send(sid, p, n);
-            if (r && !warned_bufs++) fab_log(FAB_ERROR, "http1: answer buffer full; bytes lost");
+            if (r) send_lost(s, sid);
             return;
         }
     }
@@ -456,12 +474,33 @@ static void close_conn(struct conn *c) {
 }
 
 /* After every event of a connection: consume what is held, answer, pause or close. */
+/* A connection with bytes lost (send_lost): 1 when it is closed (or waits for a call with
+ * room to close in), 0 when it goes on to answer 503 and close. */
+static int lost_end(struct conn *c) {
+    flush_all();
+    /* the closes (and a 503) need room: in a later call (a tick) if this one is full */
+    if (fab_room() < 1024) { c->backlog = 1; return 1; }
+    if (c->up != UP_NONE) { fab_upstream_close(c->sid); c->up = UP_NONE; }
+    rin_release(c);
+    if ((c->lost & LOST_DOWN) || c->resp_started) { close_conn(c); return 1; }
+    /* the backend got a cut request: nothing it answers could be relayed */
+    c->lost = 0;
+    c->nq = 0;
+    c->nreal = 0;
+    c->resp_body = 0;
+    c->waiting = 0;
+    fail(c, E503, 0);
+    return 0;
+}
+
 static void service(struct conn *c) {
+    if (c->lost && !c->spliced && lost_end(c)) return;
     if (c->spliced) return;
     if (c->in.len && !c->stop) {
         u32 k = pump(c, c->in.data, c->in.len);
         if (!c->stop) in_take(c, k);
     }
+    if (c->lost && lost_end(c)) return;  /* what pump relayed did not fit */
     if (c->stop) c->in.len = 0;
     drain(c);
     int idle = !c->nq && !c->in_body && !c->waiting;
@@ -495,7 +534,7 @@ static void on_open(u32 sid, u32 port) {
 
 static void on_data(u32 sid, const u8 *d, u32 n) {
     struct conn *c = get(sid);
-    if (!c || c->stop || c->spliced) return; /* after an error: the rest is dropped */
+    if (!c || c->stop || c->spliced || c->lost) return; /* after an error: the rest is dropped */
     if (c->in.len == 0) { /* the common case: frame the read in place */
         u32 k = pump(c, d, n);
         if (!c->stop && in_put(c, d + k, n - k)) goto nobuf;
@@ -621,7 +660,7 @@ static u32 pump_backend(struct conn *c, const u8 *p, u32 n, int *bad) {
 
 static void on_upstream_data(u32 sid, const u8 *d, u32 n) {
     struct conn *c = get(sid);
-    if (!c || c->spliced || c->up != UP_READY) return;
+    if (!c || c->spliced || c->up != UP_READY || c->lost) return;
     int bad = 0;
     if (!c->rin.len) {
         u32 k = pump_backend(c, d, n, &bad);
@@ -697,7 +736,11 @@ static int head_timed_out(struct conn *c, u64 now) {
 static void on_tick(u64 now) {
     struct conn *c;
     for (u32 it = 0; (c = fab_table_next(&conns, &it));) {
-        if (c->backlog && local_this_call < MAX_LOCAL_PER_CALL) { c->backlog = 0; service(c); continue; }
+        if (c->lost || (c->backlog && local_this_call < MAX_LOCAL_PER_CALL)) {
+            c->backlog = 0;
+            service(c);
+            continue;
+        }
         if (head_timed_out(c, now)) continue;
         if (!c->waiting) continue;
         if (c->held_since == 0) c->held_since = now; /* opened before the first tick */

@@ -59,6 +59,7 @@
 #define F_TSET 256       /* t0 is a real time */
 #define F_RESP 512       /* the backend's response headers arrived */
 #define F_FINAL 1024     /* ... and a final (not 1xx) one among them */
+#define F_EARLY 2048     /* the backend's response ended before the client's request did */
 
 /* upstream states */
 #define UP_NONE 0
@@ -134,6 +135,7 @@ typedef struct conn {
     u32 b_maxcs;           /* the backend's SETTINGS_MAX_CONCURRENT_STREAMS */
     u32 b_maxhl;           /* the backend's SETTINGS_MAX_HEADER_LIST_SIZE (none: 2^32-1) */
     u64 fin_t;             /* after cli_fin: the FIN, or the last bytes sent since */
+    u32 early;             /* streams marked F_EARLY since the last flush */
     u32 cin_pre;           /* while w is 0: the client's preface bytes seen (0 or 24) */
     u32 bdec_max;          /* while w is 0: the backend table's size, and its entries: */
     u32 bsnap_len;         /* bytes in bsnap (oldest first: nl, vl u16, sidx, name, value) */
@@ -165,12 +167,12 @@ static u32 budget;
 /* counters reported with `count` actions at the end of each call */
 enum { C_PINGS, C_HOLD_TIMEOUTS, C_REFUSED, C_PROTO_ERRORS, C_BACKEND_GOAWAYS, C_STREAMS,
        C_UP_TIMEOUTS, C_CONN_REFUSED, C_MALFORMED, C_TOO_LARGE, C_MALFORMED_RESP, C_STALLED,
-       C_SEND_TIMEOUTS, NCOUNT };
+       C_SEND_TIMEOUTS, C_EARLY, NCOUNT };
 static const char *const COUNT_NAME[NCOUNT] = {
     "pings_answered", "hold_timeouts", "streams_refused_h2", "protocol_errors",
     "backend_goaways", "requests", "upstream_timeouts", "connections_refused",
     "malformed_requests", "headers_too_large", "malformed_responses", "stalled_closed",
-    "send_timeouts"};
+    "send_timeouts", "early_responses"};
 static u32 counts[NCOUNT], count_len[NCOUNT];
 
 static u8 D[SCR_CAP], U[SCR_CAP];
@@ -920,7 +922,17 @@ static void cli_frame(conn *c, const struct fab_h2_frame *f) {
         if (idle_id(c, sid)) { conn_error(c, FAB_H2_PROTOCOL_ERROR); return; }
         if (fab_h2_bad_size(f)) { conn_error(c, FAB_H2_FRAME_SIZE_ERROR); return; }
         strm *s = find(c, sid);
-        if (!s || (s->flags & F_RESET)) return;
+        if (!s) return;
+        if (s->flags & F_RESET) {
+            /* a complete response still queued ahead of our (or the backend's) RST_STREAM:
+             * the client wants none of it now; its window would never move it */
+            if (s->qc) {
+                u32 removed;
+                c->b_credit += q_purge(&c->w->q2c, sid, 0, &removed);
+                s->qc -= removed;
+            }
+            return;
+        }
         if (is_open(s) && !reset_allowed(c)) { conn_error(c, FAB_H2_ENHANCE_YOUR_CALM); return; }
         s->flags |= F_RESET;
         purge_to_client(c, s);
@@ -968,8 +980,16 @@ static void cli_frame(conn *c, const struct fab_h2_frame *f) {
         }
         if (idle_id(c, sid)) { conn_error(c, FAB_H2_PROTOCOL_ERROR); return; }
         strm *s = find(c, sid);
-        /* closed both ways may still have frames queued toward the client */
-        if (!s || (s->flags & F_RESET)) return;
+        /* closed both ways may still have frames queued toward the client: a complete
+         * response ahead of an RST_STREAM(NO_ERROR) still moves with the client's window */
+        if (!s) return;
+        if (s->flags & F_RESET) {
+            if (s->qc) {
+                s->c_send += inc;
+                if (s->c_send > FAB_H2_MAX_WINDOW) s->c_send = FAB_H2_MAX_WINDOW;
+            }
+            return;
+        }
         if (!inc) { stream_error(c, s, sid, FAB_H2_PROTOCOL_ERROR); return; }
         s->c_send += inc;
         if (s->c_send > FAB_H2_MAX_WINDOW) stream_error(c, s, sid, FAB_H2_FLOW_CONTROL_ERROR);
@@ -1005,6 +1025,17 @@ static void bad_response(conn *c, strm *s, u32 sid) {
         rst2c(c, s, sid, FAB_H2_INTERNAL_ERROR);
     }
     s->flags |= F_RESET;
+}
+
+/* The backend's END_STREAM, its response complete. If the client is still sending its
+ * request, the upload is stopped at the next flush (early_responses) unless the backend
+ * stops it itself first (its RST_STREAM, relayed in order behind the response). */
+static void srv_end(conn *c, strm *s) {
+    s->flags |= F_SRV_END;
+    if (!(s->flags & F_CLI_END)) {
+        s->flags |= F_EARLY;
+        c->early++;
+    }
 }
 
 /* A backend header block: decoded against the backend's table (so that table stays in
@@ -1050,7 +1081,7 @@ static void b_header_block(conn *c, u32 sid, u32 flags) {
     s->qc++;
     s->flags |= F_RESP;
     if (check == CHECK_RESPONSE && !info) s->flags |= F_FINAL;
-    if (end) s->flags |= F_SRV_END;
+    if (end) srv_end(c, s);
 }
 
 static void b_frame(conn *c, const struct fab_h2_frame *f) {
@@ -1098,7 +1129,7 @@ static void b_frame(conn *c, const struct fab_h2_frame *f) {
         c->b_credit += n - dl;
         s->b_credit += n - dl;
         int end = (flags & FAB_H2_END_STREAM) != 0;
-        if (end) s->flags |= F_SRV_END;
+        if (end) srv_end(c, s);
         if (dl || end) {
             if (!q_push(&c->w->q2c, FAB_H2_DATA, end ? FAB_H2_END_STREAM : 0, sid, d, dl)) {
                 conn_error(c, FAB_H2_INTERNAL_ERROR);
@@ -1132,6 +1163,9 @@ static void b_frame(conn *c, const struct fab_h2_frame *f) {
         strm *s = find(c, sid);
         if (!s || (s->flags & F_RESET)) return;
         if (!(s->flags & F_SRV_END)) purge_to_client(c, s);
+        else if (!(s->flags & F_CLI_END) && fab_be32(p) == FAB_H2_NO_ERROR) counts[C_EARLY]++;
+        /* after a complete response, the client's window still moves the response queued
+         * ahead of this RST_STREAM (its WINDOW_UPDATEs are applied while qc > 0) */
         purge_to_backend(c, s);
         push2c(c, s, FAB_H2_RST_STREAM, 0, sid, p, 4);
         if (hist_in(c, sid)) hist_set(c->hist_ours, sid);  /* reset by us, to the client */
@@ -1495,6 +1529,33 @@ static void linger(u32 sid) {
     else fab_close(sid);
 }
 
+/* RFC 9113 8.1: a server "MAY request that the client abort transmission of a request
+ * without error by sending a RST_STREAM with an error code of NO_ERROR after sending a
+ * complete response"; Go's server, grpc-go, Apache httpd and nghttpd --early-response
+ * do, and curl 7.88 waits for ever without it when the backend reads no more of the
+ * body. So a response that ended (F_EARLY) before its request did, and that the backend
+ * did not reset
+ * itself by now (then its RST_STREAM is relayed instead), gets RST_STREAM(NO_ERROR)
+ * queued behind it toward the client, and the backend RST_STREAM(CANCEL): the rest of
+ * the body will not come. Body bytes queued toward the backend are dropped and the
+ * client credited for them; DATA the client sent before it read the reset is dropped
+ * and credited on the connection (cli_frame: the stream is closed and reset by us). */
+static void stop_uploads(conn *c) {
+    struct work *w = c->w;
+    c->early = 0;
+    for (u32 i = 0; w && i < NSTREAMS; i++) {
+        strm *s = &w->st[i];
+        if (!(s->flags & F_EARLY)) continue;
+        s->flags &= ~F_EARLY;
+        if (!is_open(s) || (s->flags & (F_CLI_END | F_LOCAL))) continue;
+        purge_to_backend(c, s);
+        if ((s->flags & F_SENT_UP) && c->up == UP_OPEN) rst2b(c, s, s->id, FAB_H2_CANCEL);
+        rst2c(c, s, s->id, FAB_H2_NO_ERROR);
+        s->flags |= F_RESET;
+        counts[C_EARLY]++;
+    }
+}
+
 /* Write what this connection may send to each side; 0 when deferred for lack of room. */
 static int flush_conn(conn *c) {
     if (!room(6)) return 0;
@@ -1532,6 +1593,7 @@ static int flush_conn(conn *c) {
         c->up_preface = 0;
         c->b_tsu = 1;
     }
+    if (c->early) stop_uploads(c);
     if (c->w) flush_q(c, 1, D, cap, &dlen);
     if (c->w && c->up == UP_OPEN) flush_q(c, 0, U, cap, &ulen);
     /* Credit each peer for what was handed on or consumed, once, and only when the peer

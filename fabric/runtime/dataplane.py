@@ -839,6 +839,8 @@ class DataPlane:
                             self._tx_error(out, e)
                 if owner.outputs:
                     self.flush(owner)
+            else:  # the batch ran out, not the port: all BATCH frames were read
+                k = BATCH
         except Exception:
             # A router bug must cost one frame, never the data plane.
             self.errors.exception(f"frame:{owner.name}", "%s: dropping a frame that raised",

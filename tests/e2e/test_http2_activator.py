@@ -12,6 +12,8 @@ import sys
 import time
 from typing import IO
 
+import pytest
+
 from fabric.tools.sandbox import Daemon, Sandbox
 
 VIP = "10.42.0.100"
@@ -376,6 +378,14 @@ def _tail(f: IO[str]) -> str:
     return f.read()[-2000:]
 
 
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
 def _state(pid: int) -> str:
     with open(f"/proc/{pid}/status") as f:
         return next(line.split()[1] for line in f if line.startswith("State:"))
@@ -532,6 +542,79 @@ def test_curl_prior_knowledge_get_and_post_through_a_dormant_service(
     assert r.stdout == "posted /post 100000", (r.stdout, r.stderr, d.log()[-3000:])
     st = d.get("/v1/services")[0]["streams"]["80"]
     assert st["counters"]["guest_failures"] == 0, st
+
+
+EARLY_SERVER = """
+import socket, sys, threading, h2.connection, h2.config, h2.events
+# answers every request on its headers and reads none of the body (never acknowledged);
+# "reset": then resets the stream with NO_ERROR itself, as nghttpd and Go's server do
+own_reset = sys.argv[2] == "reset"
+log = open(sys.argv[3], "a", buffering=1)
+def serve(sock):
+    c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    c.initiate_connection()
+    sock.sendall(c.data_to_send())
+    while (data := sock.recv(65536)):
+        for e in c.receive_data(data):
+            if isinstance(e, h2.events.RequestReceived):
+                path = dict(e.headers)[b":path"]
+                c.send_headers(e.stream_id, [(":status", "200")])
+                c.send_data(e.stream_id, b"early " + path, end_stream=True)
+                if own_reset:
+                    c.reset_stream(e.stream_id, 0)
+            elif isinstance(e, h2.events.StreamReset):
+                log.write("reset %d %d\\n" % (e.stream_id, e.error_code))
+        sock.sendall(c.data_to_send())
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.listen()
+while True:
+    threading.Thread(target=serve, args=(s.accept()[0],), daemon=True).start()
+"""
+
+
+@pytest.mark.parametrize("backend", ["silent", "reset"])
+def test_curl_large_post_answered_before_its_body(sandbox: Sandbox, backend: str) -> None:
+    """curl 7.88 uploading 1 MB to a backend that answers on the headers and reads none
+    of the body. A backend that resets the stream itself (NO_ERROR, RFC 9113 8.1) has its
+    reset relayed behind the response: curl ends as it does against that backend
+    directly. One that does not gets RST_STREAM(CANCEL) from the guest, which resets the
+    client's stream with NO_ERROR behind the response, as Go's server or nghttpd
+    --early-response would. Before, curl uploaded into a window that never opened, for ever (the
+    --max-time's exit 28). curl 7.88 reports an upload its server stopped as error 92
+    (curl#986), also for a 2xx; later curls end 0 with the response."""
+    web_ns = sandbox.name("web")
+    server = script(sandbox, "early_server.py", EARLY_SERVER)
+    log = os.path.join(sandbox.tmp, "early.log")
+    start = (f"sh -c '(exec ip netns exec {web_ns} {sys.executable} {server} 8080 {backend} "
+             f"{log}) >/dev/null 2>&1 &'")
+    d, client, _ = setup(sandbox, [service("web", on_activate=start)])
+    body = os.path.join(sandbox.tmp, "body")
+    with open(body, "wb") as f:
+        f.write(b"x" * 1_000_000)
+
+    def post(url: str) -> subprocess.CompletedProcess[str]:
+        return sandbox.run(client, "curl", "-sS", "--http2-prior-knowledge", "--max-time",
+                           "20", "-H", "Expect:", "--data-binary", f"@{body}", url,
+                           check=False, timeout=40)
+
+    r = post(f"http://{VIP}/post")
+    assert r.returncode in (0, 92), (r.returncode, r.stdout, r.stderr, d.log()[-3000:])
+    if r.returncode == 0:
+        assert r.stdout == "early /post", r.stdout
+    st = d.get("/v1/services")[0]["streams"]["80"]
+    assert st["guest_counters"]["early_responses"] == 1, st
+    assert st["counters"]["guest_failures"] == 0, st
+    if backend == "silent":  # the guest told the backend the rest of the body is not coming
+        deadline = time.monotonic() + 10
+        while not _read(log):
+            assert time.monotonic() < deadline, d.log()[-3000:]
+            time.sleep(0.05)
+        assert _read(log) == "reset 1 8\n"  # CANCEL
+    else:  # the same backend without the activator: curl ends the same way
+        direct = post("http://10.42.0.3:8080/post")
+        assert direct.returncode == r.returncode, (direct.returncode, direct.stderr)
 
 
 def test_malformed_request_refused_without_a_wake(sandbox: Sandbox) -> None:

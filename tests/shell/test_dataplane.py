@@ -17,6 +17,7 @@ from scapy.layers.inet import ICMP, IP, UDP
 from fabric.net import checksum, packets
 from fabric.router.model import Port
 from fabric.router.router import Router
+from fabric.runtime import dataplane
 from fabric.runtime.dataplane import DataPlane, DataPlaneBusy
 from gateway.egress import EgressNat
 from gateway.uplink import Uplink
@@ -657,14 +658,45 @@ def _settled(dp: DataPlane, timeout: float = 5.0) -> int:
 
 
 @pytest.mark.parametrize(("busy_poll", "adaptive"), [(0.0, False), (0.02, False), (0.02, True)])
-def test_busy_poll_polls_only_after_frames_and_then_sleeps(busy_poll: float,
-                                                           adaptive: bool) -> None:
+def test_busy_poll_polls_only_after_frames_and_then_sleeps(
+        busy_poll: float, adaptive: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if adaptive:  # one frame a turn, so frames waiting make turns back to back (below)
+        monkeypatch.setattr(dataplane, "BATCH", 1)
     dp = DataPlane(busy_poll=busy_poll, adaptive=adaptive)
     dp.start()
     try:
         with _shop(dp) as (_, a, b):
             _check_busy_poll(dp, a, b, busy_poll, adaptive)
     finally:
+        dp.close()
+
+
+def test_a_read_that_fills_its_batch_counts_every_frame(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A port read that stops because the batch is full, not the port, counts all its
+    frames: it counted one less (the loop index), so a batch of one counted none and
+    the busy-poll spin never heard of the frame."""
+    monkeypatch.setattr(dataplane, "BATCH", 2)
+    dp = DataPlane()  # not started: calls run inline and the test drives the reads
+    r = Router("shop", CIDR)
+    a = SocketPod("a", "10.10.0.2", "02:00:0a:0a:00:02")
+    b = SocketPod("b", "10.10.0.3", "02:00:0a:0a:00:03")
+    try:
+        dp.add_owner(r)
+        dp.call(r.add_pod, "a", a.ip, a.mac)
+        dp.call(r.add_pod, "b", b.ip, b.mac)
+        port = attach(dp, r, a)
+        attach(dp, r, b)
+        for _ in range(3):
+            a.udp(b.ip, 1, 2, b"x")
+        dp._readable(*dp.ports[port.fd])
+        assert dp.frames == 2  # a full batch
+        dp._readable(*dp.ports[port.fd])
+        assert dp.frames == 3  # the rest, then the port was empty
+        assert [b.recv_ip(2.0) is not None for _ in range(3)] == [True] * 3
+    finally:
+        a.close()
+        b.close()
         dp.close()
 
 
@@ -686,13 +718,24 @@ def _check_busy_poll(dp: DataPlane, a: SocketPod, b: SocketPod, busy_poll: float
     else:
         assert after == 0  # adaptive: one frame is no gap, nothing to cover yet
     if adaptive:
-        # Frames one after another, each sent once the one before has arrived: gaps
-        # within the max make the thread spin after a frame (right away for a short
-        # gap, ahead of the next one for longer ones) and, once they stop, the spins end
-        # empty and it sleeps. (Twenty tries: two gaps under 20 ms are all it takes.)
+        # A short gap makes the thread spin after a frame, and once frames stop the spins
+        # end empty and it sleeps. The gap must not be this thread's: paced from here
+        # (each frame sent once the one before arrived) it is only short while the
+        # machine is idle, and under load no gap came within the max in twenty tries.
+        # So the frames are queued on the data-plane thread itself, which reads none of
+        # them meanwhile: read one a turn (BATCH 1), each turn ends with the next one
+        # waiting, and the gap is the thread's own few µs between two polls. (Tries:
+        # the thread can still be preempted inside that gap.)
+        def queue() -> None:
+            for _ in range(3):
+                a.udp(b.ip, 1, 2, b"next")
+
         for _ in range(20):
-            _forward(a, b, b"next")
-            if dp.spin.window or dp.spin.predicted():
+            dp.call(queue)
+            for _ in range(3):
+                got = b.recv_ip(2.0)
+                assert got is not None and bytes(IP(got)[UDP].payload) == b"next"
+            if dp.busy_polls:
                 break
         after = _settled(dp)
         assert after > 0 and dp.spins_empty >= 1

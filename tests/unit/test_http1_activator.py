@@ -622,3 +622,60 @@ def test_a_head_that_never_completes_is_answered_408_and_closed() -> None:
         assert g.failed == 0
     finally:
         g.close()
+
+
+# ---------------------------------------------------------------- the host's promises broken
+
+
+def test_more_than_an_answer_holds_closes_the_stream_with_an_error_not_a_hole() -> None:
+    """The host reads at most 64 KiB of stream bytes a call, so a relay's answer (640 KiB)
+    never fills. A host that breaks that (here: 700 KiB from the client in one event)
+    makes a send not fit: the bytes that did not fit cannot reach the backend, so its
+    request has a hole. The upstream is closed, the client gets 503 and a close, and it
+    is counted (answer_overflows); nothing more of the request goes on."""
+    guest = StreamGuest(WASM, {"hold_timeout_ms": 2000}, max_batch_bytes=4 << 20)
+    try:
+        guest.open(SID)
+        guest.client(SID, request("GET", "/first"))  # connects the upstream
+        be = wake(guest)
+        be.feed(guest.to_backend(SID))
+        guest.backend(SID, be.respond(b"first"))
+        assert responses(guest.to_client(SID), 1)[0][2] == b"first"
+        body = b"b" * 700_000
+        guest.client(SID, request("POST", "/big", body=body))
+        up = guest.to_backend(SID)
+        assert up.startswith(b"POST /big HTTP/1.1\r\n") and len(up) < len(body)
+        assert guest.streams[SID].upstream_closed
+        (st, h, _), = responses(guest.to_client(SID), 1, "POST")
+        assert st == 503 and h["connection"] == "close"
+        assert guest.streams[SID].downstream_closed
+        guest.client(SID, b"more")  # a late read is dropped
+        assert guest.to_backend(SID) == b""
+        assert counters(guest)["answer_overflows"] == 1
+        assert guest.failed == 0
+    finally:
+        guest.close()
+
+
+def test_a_response_larger_than_an_answer_is_cut_with_a_close() -> None:
+    """The same from the backend's side: 700 KiB of a response in one event. The part
+    that did not fit never reaches the client, so the response is cut the HTTP/1 way
+    (the connection closed before its Content-Length is complete), both sides closed,
+    counted; nothing after the hole is sent."""
+    guest = StreamGuest(WASM, {"hold_timeout_ms": 2000}, max_batch_bytes=4 << 20)
+    try:
+        guest.open(SID)
+        guest.client(SID, request("GET", "/big"))
+        be = wake(guest)
+        be.feed(guest.to_backend(SID))
+        body = b"r" * 700_000
+        guest.backend(SID, be.respond(body))
+        down = guest.to_client(SID)
+        head, _, got = down.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"Content-Length: 700000" in head
+        assert len(got) < len(body) and body.startswith(got)
+        assert guest.streams[SID].downstream_closed and guest.streams[SID].upstream_closed
+        assert counters(guest)["answer_overflows"] == 1
+        assert guest.failed == 0
+    finally:
+        guest.close()

@@ -8,6 +8,7 @@ import asyncio
 import select
 import socket
 import threading
+import time
 from collections.abc import Sequence
 
 import pytest
@@ -58,20 +59,34 @@ def _front(guest: Guest, dp: DataPlane | None, backend_port: int = 0
 
 def _exchange(port: int, data: bytes) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
-        c.sendall(data)
-        got = b""
-        while len(got) < len(data):
-            chunk = c.recv(65536)
-            if not chunk:
-                break
-            got += chunk
-        return got
+        return _send_recv(c, data)
+
+
+def _send_recv(c: socket.socket, data: bytes) -> bytes:
+    c.sendall(data)
+    got = b""
+    while len(got) < len(data):
+        chunk = c.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+async def _ready(front: StreamFront) -> int:
+    """Start the front with a ready backend; its port. On the data plane the backends are
+    posted: a call after them returns once they are in, so the client's connection is
+    never accepted first (its upstream_connect then finds none ready, answered ok=0, and
+    the test guest, which does not retry, never splices)."""
+    await front.start()
+    front.backends(["127.0.0.1"])
+    if front.dataplane is not None:
+        await front.dataplane.acall(lambda: None)
+    return front.listener.getsockname()[1]
 
 
 async def _serve(front: StreamFront, data: bytes) -> bytes:
-    await front.start()
-    front.backends(["127.0.0.1"])
-    port = front.listener.getsockname()[1]
+    port = await _ready(front)
     return await asyncio.to_thread(_exchange, port, data)
 
 
@@ -125,7 +140,18 @@ def test_a_spliced_pair_relays_through_the_fronts_epoll(on_dataplane: bool) -> N
     async def main() -> tuple[bytes, int]:
         front = _front(guest, dp if on_dataplane else None, backend.port)
         try:
-            got = await _serve(front, data)
+            port = await _ready(front)
+            c = await asyncio.to_thread(socket.create_connection, ("127.0.0.1", port), 10)
+            with c:
+                # The bytes go once the pair is spliced: sent at once, they race the
+                # upstream's connect, and the guest echoes what comes before its splice
+                # itself (a client that read all of it back and closed first would see
+                # no splice at all).
+                deadline = time.monotonic() + 10
+                while not (await front.astatus())["counters"]["spliced"]:
+                    assert time.monotonic() < deadline, "the pair was never spliced"
+                    await asyncio.sleep(0.01)
+                got = await asyncio.to_thread(_send_recv, c, data)
             return got, (await front.astatus())["counters"]["spliced"]
         finally:
             front.close()
