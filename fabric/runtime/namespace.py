@@ -36,6 +36,7 @@ from fabric.config.specs import (
 from fabric.errors import FabricError, NotFound, PortError
 from fabric.histogram import DNS_BUCKETS, Histogram
 from fabric.net import packets
+from fabric.net.sockpool import SocketPool
 from fabric.ports import podsockets
 from fabric.ports.afpacket import PacketPort
 from fabric.ports.localstack import LocalStack
@@ -50,7 +51,7 @@ from fabric.runtime.netnswatch import NetnsWatch
 from fabric.runtime.reconcile import SpecPlan
 from fabric.services.dispatch import ServiceDispatch, SignalQueue
 from fabric.services.manager import BackendState, ServiceManager
-from fabric.services.probes import ProbeRunner, SocketPool
+from fabric.services.probes import ProbeRunner
 from fabric.streams.podlocal import PodLocal
 from gateway import resolvconf
 from gateway.dhcp import DhcpCore, DhcpSettings

@@ -27,11 +27,12 @@ from typing import Any, NamedTuple, Protocol, TypeVar
 from fabric.activator.host import ActivatorHost
 from fabric.config.specs import PortSpec, ServiceSpec
 from fabric.errors import FabricError, NotFound
+from fabric.net.sockpool import SocketPool
 from fabric.services.core import Service
 from fabric.services.demand import Signal
 from fabric.services.dispatch import Activator, ServiceDispatch, SignalQueue, StreamWatch
 from fabric.services.hooks import HookRunner
-from fabric.services.probes import ProbeRunner, SocketPool
+from fabric.services.probes import ProbeRunner
 from fabric.streams.core import StreamCore
 from fabric.streams.front import DataPlaneHost, StreamFront, default_thread
 from fabric.streams.podlocal import PodLocal
@@ -227,7 +228,7 @@ class ServiceManager:
             self._emit("activator_failed", self.namespace, None, service=spec.name,
                        port=p.port, error=str(e))
             return None
-        pool = SocketPool(lambda n: stack.tcp_sockets_later(vip, n))
+        pool = SocketPool(lambda n: stack.tcp_sockets_later(vip, n), what="upstreams")
         pool.refill()
 
         def upstream_socket() -> Any:

@@ -23,18 +23,16 @@ import errno
 import logging
 import socket
 import time
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
 from typing import Protocol
 
+from fabric.net.sockpool import SocketPool
 from fabric.services.core import Service
 from fabric.services.dispatch import ServiceDispatch
 
 log = logging.getLogger("fabricd.services")
 
 MAX_PROBES_IN_FLIGHT = 4  # per backend
-POOL_SIZE = 32
 PROBE_TIMEOUT = 1.0
 # While clients wait (held packets, a stream port that needs a backend) a probe gives up
 # sooner: a backend that drops SYNs (a microVM between snapshot and restore has no one
@@ -49,75 +47,6 @@ class Watcher(Protocol):
                        owner: object = None) -> None: ...
 
     def unwatch(self, fd: int) -> None: ...
-
-
-class SocketPool:
-    """Unconnected TCP sockets bound to the gateway address in the local stack.
-
-    `make(count)` returns a future of `count` new sockets, made off this thread (the
-    local stack's own thread); the pool asks for more when it runs below half, one
-    request at a time. The future's callback only appends to a deque, so no state of
-    the data-plane thread is touched from another."""
-
-    def __init__(self, make: Callable[[int], Future[list[socket.socket]]],
-                 size: int = POOL_SIZE) -> None:
-        self._make = make
-        self.size = size
-        self._ready: deque[socket.socket] = deque()
-        self._asked = False
-        self.failures = 0
-        self._closed = False
-
-    def __len__(self) -> int:
-        return len(self._ready)
-
-    def take(self) -> socket.socket | None:
-        if len(self._ready) < self.size // 2:
-            self.refill()
-        try:
-            return self._ready.popleft()
-        except IndexError:
-            return None
-
-    def add(self, socks: list[socket.socket]) -> None:
-        """Sockets made elsewhere (a burst that emptied the pool made a batch)."""
-        for s in socks:
-            s.setblocking(False)
-        self._ready.extend(socks)
-
-    def refill(self) -> None:
-        if self._asked or self._closed:
-            return
-        self._asked = True
-        try:
-            fut = self._make(self.size - len(self._ready))
-        except Exception as e:
-            self._asked = False
-            self.failures += 1
-            log.warning("no sockets for probes: %s", e)
-            return
-        fut.add_done_callback(self._arrived)
-
-    def _arrived(self, fut: Future[list[socket.socket]]) -> None:
-        try:
-            socks = fut.result()
-        except Exception as e:  # the local stack could not make them: try again later
-            self.failures += 1
-            log.warning("no sockets for probes: %s", e)
-            socks = []
-        if self._closed:
-            for s in socks:
-                s.close()
-        else:
-            for s in socks:
-                s.setblocking(False)
-            self._ready.extend(socks)
-        self._asked = False
-
-    def close(self) -> None:
-        self._closed = True
-        while self._ready:
-            self._ready.popleft().close()
 
 
 class ProbeRunner:

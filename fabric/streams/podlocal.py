@@ -26,10 +26,11 @@ import logging
 import os
 import socket
 import threading
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
+
+from fabric.net.sockpool import SocketPool
 
 log = logging.getLogger("fabricd.streams")
 
@@ -63,7 +64,7 @@ class PodNs:
         self.path = path
         self.ident = ident
         self.fd = -1
-        self.pool: Pool | None = None
+        self.pool: SocketPool | None = None
         # its namespace cannot be entered (see PodLocal.attach) or could not be opened:
         # the VIP until it is attached again
         self.broken = ident is None
@@ -80,73 +81,6 @@ class PodNs:
             self.broken = True
         if fd >= 0:
             os.close(fd)
-
-
-class Pool:
-    """Sockets made ahead in one pod: `make(count)` is a future of new ones (made off
-    this thread); more are asked for below half, one request at a time. The future's
-    callback only appends to a deque, so nothing of the front's thread is touched from
-    the other; what arrives after close() is closed."""
-
-    def __init__(self, make: Callable[[int], Future[list[socket.socket]]],
-                 size: int) -> None:
-        self._make = make
-        self.size = size
-        self._ready: deque[socket.socket] = deque()
-        self._asked = False
-        self._closed = False
-        # add() runs on the making thread too: it and close() never interleave, so
-        # nothing is added to a pool that was just emptied for good.
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self._ready)
-
-    def take(self) -> socket.socket | None:
-        if len(self._ready) < self.size // 2:
-            self.refill()
-        try:
-            return self._ready.popleft()
-        except IndexError:
-            return None
-
-    def add(self, socks: list[socket.socket]) -> None:
-        with self._lock:
-            if not self._closed:
-                for s in socks:
-                    s.setblocking(False)
-                self._ready.extend(socks)
-                return
-        for s in socks:
-            s.close()
-
-    def refill(self) -> None:
-        if self._asked or self._closed:
-            return
-        self._asked = True
-        try:
-            fut = self._make(self.size - len(self._ready))
-        except Exception as e:  # noqa: BLE001 - asked again on the next take
-            self._asked = False
-            log.warning("no sockets for pod-local upstreams: %s", e)
-            return
-        fut.add_done_callback(self._arrived)
-
-    def _arrived(self, fut: Future[list[socket.socket]]) -> None:
-        try:
-            socks = fut.result()
-        except Exception as e:  # noqa: BLE001 - the pod is gone or out of fds: later
-            log.warning("no sockets for pod-local upstreams: %s", e)
-            socks = []
-        self.add(socks)
-        self._asked = False
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            socks, self._ready = list(self._ready), deque()
-        for s in socks:
-            s.close()
 
 
 class PodLocal:
@@ -200,7 +134,8 @@ class PodLocal:
                             "pod-local upstreams go through the VIP", pod.name, pod.path, e)
                 return None, NETNS
             pod.fd = fd
-            pod.pool = Pool(lambda n, p=pod: self._make(p, n), POOL_SIZE)
+            pod.pool = SocketPool(lambda n, p=pod: self._make(p, n), POOL_SIZE,
+                                  "pod-local upstreams")
         sock = pod.pool.take()
         if sock is None:  # a burst: one batch, waited for
             fut: Future[list[socket.socket]] | None = None

@@ -15,11 +15,12 @@ import pytest
 from fabric.config.specs import PortSpec
 from fabric.net import packets
 from fabric.net.packets import TCP_SYN
+from fabric.net.sockpool import SocketPool
 from fabric.router.router import Router
 from fabric.runtime.dataplane import DataPlane
 from fabric.services.core import Service
 from fabric.services.dispatch import ServiceDispatch
-from fabric.services.probes import ProbeRunner, SocketPool
+from fabric.services.probes import ProbeRunner
 
 LOCAL = "127.0.0.1"
 

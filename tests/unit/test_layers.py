@@ -25,7 +25,7 @@ ALLOWED: dict[str, set[str]] = {
     "fabric.activator": set(),
     # the scaffolds' templates (fabricd activator new): an author's project, a client
     "fabric.activator.templates": {"fabric.activator", "fabric.net"},
-    "fabric.streams": {"fabric.activator", "fabric.histogram"},
+    "fabric.streams": {"fabric.activator", "fabric.histogram", "fabric.net"},
     # the capture replay harness (`fabricd activator test`): the host and the stream core
     "fabric.activator.harness": {"fabric.activator", "fabric.streams"},
     "fabric.services": {"fabric.net", "fabric.flows", "fabric.config.specs", "fabric.router",
