@@ -1899,7 +1899,11 @@ static void apply_fin(conn *c) {
         purge_to_client(c, s);
         s->flags |= F_RESET;
     }
-    if (!open_count(c)) close_conn(c);
+    /* Nothing open and nothing queued: closed now. Frames still queued toward the client
+     * (a response completed in this call, or one its window just let go) are written
+     * first: flush_conn closes once the queue is empty (c->dirty is set). Closing here
+     * dropped them with the work block. */
+    if (!open_count(c) && !(c->w && c->w->q2c.len)) close_conn(c);
 }
 
 static void on_close(u32 sid) {

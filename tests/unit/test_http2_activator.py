@@ -882,3 +882,113 @@ def test_header_table_size_changes_from_either_side_keep_hpack_in_step() -> None
         assert r.g.failed == 0
     finally:
         r.close()
+
+
+def _data_by_stream(r: Rig) -> dict[int, int]:
+    got: dict[int, int] = {}
+    for e in r.of(r.cev, h2.events.DataReceived):
+        got[e.stream_id] = got.get(e.stream_id, 0) + len(e.data)
+    return got
+
+
+def test_half_close_then_the_response_arrives() -> None:
+    """Request, FIN, and only then the backend's response: all of it reaches the client,
+    then the connection closes."""
+    r = Rig()
+    try:
+        r.c.send_headers(1, req("/late"), end_stream=True)
+        r.pump()
+        r.connect_backend()
+        assert [dict(e.headers)[":path"] for e in r.of(r.sev, h2.events.RequestReceived)
+                ] == ["/late"]
+        r.g.client_close(SID)  # FIN before any response
+        assert not r.g.streams[SID].downstream_closed
+        r.respond(1, body=b"L" * 5000)
+        assert r.responses()[1][":status"] == "200"
+        assert _data_by_stream(r) == {1: 5000}
+        assert r.of(r.cev, h2.events.StreamEnded)
+        assert r.g.streams[SID].downstream_closed and r.g.streams[SID].upstream_closed
+        assert r.g.need == NONE and r.g.failed == 0
+    finally:
+        r.close()
+
+
+def test_half_close_in_the_call_that_completes_the_response() -> None:
+    """The backend's complete response and the client's FIN in one call: the response is
+    still queued in the guest when the FIN comes (no stream is open any more); it must be
+    written before the close, not dropped with the connection."""
+    r = Rig()
+    try:
+        r.c.send_headers(1, req("/both"), end_stream=True)
+        r.pump()
+        r.connect_backend()
+        assert r.s is not None
+        r.s.send_headers(1, [(":status", "200")])
+        r.s.send_data(1, b"B" * 3000, end_stream=True)
+        r.g.send(abi.UpstreamData(SID, r.s.data_to_send()), abi.StreamClose(SID))
+        r.pump()
+        assert r.responses()[1][":status"] == "200"
+        assert _data_by_stream(r) == {1: 3000}
+        assert [e.stream_id for e in r.of(r.cev, h2.events.StreamEnded)] == [1]
+        assert r.g.streams[SID].downstream_closed and r.g.streams[SID].upstream_closed
+        assert r.g.need == NONE and r.g.failed == 0
+    finally:
+        r.close()
+
+
+def test_half_close_with_the_response_queued_behind_a_zero_window() -> None:
+    """A response waiting for the client's window; the client opens it and sends its FIN
+    in the same read: what the window now allows (all of it) reaches the client before
+    the close."""
+    r = Rig()
+    try:
+        r.c.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+        r.c.send_headers(1, req("/slow"), end_stream=True)
+        r.c.send_headers(3, req("/slow2"), end_stream=True)
+        r.pump()
+        r.connect_backend()
+        r.respond(1, body=b"x" * 1000)  # headers go, the body waits for the window
+        r.respond(3, body=b"y" * 700)
+        assert r.responses()[1][":status"] == "200" and _data_by_stream(r) == {}
+        r.c.increment_flow_control_window(1000, stream_id=1)
+        r.c.increment_flow_control_window(700, stream_id=3)
+        r.g.send(abi.StreamData(SID, r.c.data_to_send()), abi.StreamClose(SID))
+        r.cev += r.c.receive_data(r.g.to_client(SID))
+        assert _data_by_stream(r) == {1: 1000, 3: 700}
+        assert sorted(e.stream_id for e in r.of(r.cev, h2.events.StreamEnded)) == [1, 3]
+        assert r.g.streams[SID].downstream_closed and r.g.streams[SID].upstream_closed
+        assert r.g.need == NONE and r.g.failed == 0
+    finally:
+        r.close()
+
+
+def test_half_close_with_no_stream_closes_at_once() -> None:
+    """A FIN on a connection with no request: closed in the same call, no backend woken,
+    need stays none."""
+    r = Rig()
+    try:
+        r.c.ping(b"12345678")
+        r.pump()
+        r.g.client_close(SID)
+        assert r.g.streams[SID].downstream_closed
+        assert not r.g.streams[SID].connects
+        assert r.g.need in (None, NONE) and r.g.failed == 0
+    finally:
+        r.close()
+
+
+def test_half_close_with_the_preface_in_the_same_read() -> None:
+    """Preface, a request and the FIN in one call (a client that writes everything and
+    shuts down): the server's SETTINGS are not lost, the request still gets its answer."""
+    g = StreamGuest(WASM, {"hold_timeout_ms": 1000})
+    try:
+        c = client_conn()
+        c.send_headers(1, req("/once"), end_stream=True)
+        g.send(abi.StreamOpen(SID, 80), abi.StreamData(SID, c.data_to_send()),
+               abi.StreamClose(SID))
+        ev = c.receive_data(g.to_client(SID))
+        assert any(isinstance(e, h2.events.RemoteSettingsChanged) for e in ev)
+        assert not g.streams[SID].downstream_closed and g.streams[SID].connects
+        assert g.need == ACTIVE
+    finally:
+        g.close()
