@@ -33,7 +33,8 @@
 #define RE_CAP 32768               /* one re-encoded header block */
 #define SCR_CAP (160 * 1024)       /* bytes to one side in one flush */
 #define MAX_CONNS 1024
-#define MAX_WORK 18                /* work blocks (288 KiB each), at most */
+#define MAX_WORK 18                /* work blocks (306 KiB each) in the default memory */
+#define DEFAULT_MEMORY (16u << 20) /* the host's default memory_limit */
 #define INBOX_CAP 512              /* bytes kept for a connection waiting for a block */
 #define BTABLE 512                 /* HEADER_TABLE_SIZE we ask of the backend */
 #define BSNAP_CAP BTABLE           /* its table's entries, kept while idle (they fit) */
@@ -167,12 +168,12 @@ static u32 budget;
 /* counters reported with `count` actions at the end of each call */
 enum { C_PINGS, C_HOLD_TIMEOUTS, C_REFUSED, C_PROTO_ERRORS, C_BACKEND_GOAWAYS, C_STREAMS,
        C_UP_TIMEOUTS, C_CONN_REFUSED, C_MALFORMED, C_TOO_LARGE, C_MALFORMED_RESP, C_STALLED,
-       C_SEND_TIMEOUTS, C_EARLY, NCOUNT };
+       C_SEND_TIMEOUTS, C_EARLY, C_WORK_WAITS, NCOUNT };
 static const char *const COUNT_NAME[NCOUNT] = {
     "pings_answered", "hold_timeouts", "streams_refused_h2", "protocol_errors",
     "backend_goaways", "requests", "upstream_timeouts", "connections_refused",
     "malformed_requests", "headers_too_large", "malformed_responses", "stalled_closed",
-    "send_timeouts", "early_responses"};
+    "send_timeouts", "early_responses", "work_block_waits"};
 static u32 counts[NCOUNT], count_len[NCOUNT];
 
 static u8 D[SCR_CAP], U[SCR_CAP];
@@ -1385,6 +1386,7 @@ static void put_wu(u8 *out, u32 cap, u32 *ol, u32 sid, u32 inc) {
 /* ---- work blocks: the busy state, pooled ---- */
 static struct work *work_free;
 static u32 nwork, nwork_used, wait_seq, n_waiting;
+static u32 max_work = MAX_WORK; /* on_init: what the instance's memory_limit leaves room for */
 
 /* Give c a work block (its idle state restored into it); 0 when none is left. */
 static int get_work(conn *c) {
@@ -1393,7 +1395,7 @@ static int get_work(conn *c) {
     if (w) {
         work_free = w->next_free;
     } else {
-        if (nwork >= MAX_WORK) return 0;
+        if (nwork >= max_work) return 0;
         u32 p = fab_alloc(sizeof(struct work));
         if (!p) return 0;
         w = (struct work *)p;
@@ -1665,6 +1667,7 @@ static void start_wait(conn *c) {
     if (c->waiting) return;
     c->waiting = ++wait_seq;
     n_waiting++;
+    counts[C_WORK_WAITS]++;
     fab_pause(c->sid);
 }
 
@@ -1725,6 +1728,23 @@ static int on_init(struct fab_json cfg) {
     hold_timeout_ms = fab_cfg_u32(cfg, "hold_timeout_ms", 30000);
     max_conns = fab_cfg_u32(cfg, "max_connections", MAX_CONNS);
     if (max_conns == 0 || max_conns > MAX_CONNS) max_conns = MAX_CONNS;
+    u32 mem = fab_cfg_u32(cfg, "memory_limit", DEFAULT_MEMORY);
+    if (mem < DEFAULT_MEMORY) {  /* idle connections scale down with a smaller cap */
+        u32 fitc = (u32)((u64)MAX_CONNS * mem / DEFAULT_MEMORY);
+        if (max_conns > fitc) max_conns = fitc ? fitc : 1;
+    }
+    /* Work blocks: MAX_WORK fit the default 16 MiB beside 1,024 idle connections; what a
+     * larger memory_limit (the port's activator_memory_mib) adds is all theirs. */
+    u32 fit = MAX_WORK;
+    if (mem > DEFAULT_MEMORY) {
+        fit += (mem - DEFAULT_MEMORY) / (u32)sizeof(struct work);
+    } else {
+        u32 less = (DEFAULT_MEMORY - mem + (u32)sizeof(struct work) - 1) / (u32)sizeof(struct work);
+        fit = less < MAX_WORK ? MAX_WORK - less : 1;
+    }
+    if (fit > max_conns) fit = max_conns;
+    max_work = fab_cfg_u32(cfg, "max_busy_connections", fit);
+    if (max_work == 0 || max_work > fit) max_work = fit;
     build_replies();
     for (u32 i = 0; i < NCOUNT; i++) count_len[i] = fab_strlen(COUNT_NAME[i]);
     return 0;

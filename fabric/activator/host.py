@@ -457,7 +457,11 @@ class ActivatorHost:
             raise ActivatorError(name, f"does not compile: {_one_line(e)}") from None
         # A stream activator (ABI.md, "Streams") says so with an export of its own.
         self.streams = any(e.name == "fab_streams" for e in self.module.exports)
-        self.config_bytes = json.dumps(config or {}, sort_keys=True).encode()
+        # The module is told its memory cap (ABI.md, "Config"): a guest that pools buffers
+        # can size the pool to it instead of growing into the cap and being recycled.
+        cfg = dict(config or {})
+        cfg.setdefault("memory_limit", memory_limit)
+        self.config_bytes = json.dumps(cfg, sort_keys=True).encode()
         self.fuel_per_call = fuel_per_call
         self.memory_limit = memory_limit
         self.deadline_ms = max(1, deadline_ms)

@@ -44,6 +44,7 @@ from fabric.config.fields import (
 from fabric.config.specs import (
     ADAPTIVE_MAX,
     ALLOW_ALL,
+    DEFAULT_ACTIVATOR_MEMORY,
     DEFAULT_CONTROL,
     DEFAULT_CONTROL_MODE,
     DEFAULT_DHCP_LEASE,
@@ -60,6 +61,7 @@ from fabric.config.specs import (
     DEFAULT_MTU,
     DEFAULT_RELEASE_BURST,
     DEFAULT_RELEASE_INTERVAL,
+    MAX_ACTIVATOR_MEMORY,
     NETNS_DIR,
     TUNNEL_MTU,
     Config,
@@ -109,7 +111,7 @@ _SERVICE_KEYS = (
     "on_idle",
 )
 _PORT_KEYS = ("port", "target_port", "protocol", "activator", "activator_config",
-              "upstream")
+              "upstream", "activator_memory_mib")
 _UPSTREAMS = ("vip", "pod-local")
 _HOLD_KEYS = ("packets", "bytes", "timeout", "release_burst", "release_interval")
 _DNS_KEYS = ("domain", "upstream", "resolv_conf", "cache")
@@ -470,6 +472,13 @@ def _parse_port(data: Any, src: str, key: str) -> PortSpec:
         if upstream != "vip" and (activator == "none" or protocol != "tcp"):
             raise ConfigError(src, ukey, "upstream: pod-local needs a stream activator on "
                                          "a tcp port")
+    memory = DEFAULT_ACTIVATOR_MEMORY
+    if obj.has("activator_memory_mib"):
+        mkey = obj.key("activator_memory_mib")
+        memory = read_int(obj.get("activator_memory_mib"), src, mkey, 1,
+                          MAX_ACTIVATOR_MEMORY >> 20) << 20
+        if activator == "none":
+            raise ConfigError(src, mkey, "activator_memory_mib given but activator is none")
     return PortSpec(
         port=port,
         target_port=target,
@@ -477,6 +486,7 @@ def _parse_port(data: Any, src: str, key: str) -> PortSpec:
         activator=activator,
         activator_config=config,
         upstream=upstream,
+        activator_memory=memory,
     )
 
 

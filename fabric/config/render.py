@@ -8,6 +8,7 @@ from typing import Any
 
 from fabric.config.specs import (
     ALLOW_ALL,
+    DEFAULT_ACTIVATOR_MEMORY,
     DEFAULT_RELEASE_BURST,
     DEFAULT_RELEASE_INTERVAL,
     HoldSpec,
@@ -60,6 +61,8 @@ def service_to_dict(svc: ServiceSpec) -> dict[str, Any]:
                 "activator": p.activator,
                 "activator_config": p.activator_config.to_dict(),
                 **({"upstream": p.upstream} if p.upstream != "vip" else {}),
+                **({"activator_memory_mib": p.activator_memory >> 20}
+                   if p.activator_memory != DEFAULT_ACTIVATOR_MEMORY else {}),
             }
             for p in svc.ports
         ],

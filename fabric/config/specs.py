@@ -42,6 +42,10 @@ SHIPPED_ACTIVATORS = tuple(sorted(
     d.name for d in resources.files("activators").iterdir()
     if d.is_dir() and (d / f"{d.name}.wasm").is_file()))
 DEFAULT_IDLE_TIMEOUT = 300.0
+# An activator instance's linear memory: the default cap, and the most a port may ask
+# (`activator_memory_mib`); the host recycles an instance that reaches its cap.
+DEFAULT_ACTIVATOR_MEMORY = 16 << 20
+MAX_ACTIVATOR_MEMORY = 1024 << 20
 DEFAULT_DHCP_LEASE = 86400.0  # static bindings: a long lease, renewals answered
 DEFAULT_CONFIG_SOURCE = "<default>"
 NETNS_DIR = "/run/netns"
@@ -147,6 +151,10 @@ class PortSpec:
     # Where a stream port's upstream connections leave from: "vip" (the local stack) or
     # "pod-local" (inside the backend pod's namespace, to its own IP; fabric.streams.podlocal)
     upstream: str = "vip"
+    # The linear memory its activator's instance may grow to, in bytes (a store limit):
+    # the shipped http2 and http1 activators turn what is past the default into more
+    # connections busy at once.
+    activator_memory: int = DEFAULT_ACTIVATOR_MEMORY
 
 
 @dataclass(frozen=True)

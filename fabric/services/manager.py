@@ -189,6 +189,7 @@ class ServiceManager:
             cfg = _config(spec, p)
             host = await asyncio.to_thread(ActivatorHost, path, cfg,
                                            max_held=spec.hold.packets,
+                                           memory_limit=p.activator_memory,
                                            label=f"{self.namespace}/{spec.name}:{port}")
         except Exception as e:  # a bad module must never take the namespace down
             log.error("namespace %s: service %s port %d: activator %s unusable (%s); "
@@ -311,6 +312,7 @@ class ServiceManager:
 
         def load() -> ActivatorHost:
             host = ActivatorHost(path, _config(spec, p), max_held=spec.hold.packets,
+                                 memory_limit=p.activator_memory,
                                  label=f"{self.namespace}/{spec.name}:{p.port}")
             inst = host.instance(p.port)
             if inst._store is None:

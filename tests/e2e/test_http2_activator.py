@@ -329,6 +329,84 @@ def test_grpc_unary_and_server_streaming_through_a_dormant_service(sandbox: Sand
     assert r.stdout.strip() == "item0,item1,item2,item3,item4", (r.stdout, r.stderr)
 
 
+WATCH_SERVER = """
+import os, sys, time, grpc
+from concurrent import futures
+def unary(req, ctx):
+    return b"echo:" + req
+def watch(req, ctx):
+    yield b"first"
+    while not os.path.exists(sys.argv[2]) and ctx.is_active():
+        time.sleep(0.05)
+    yield b"last"
+h = grpc.method_handlers_generic_handler("fab.Echo", {
+    "Unary": grpc.unary_unary_rpc_method_handler(unary),
+    "Watch": grpc.unary_stream_rpc_method_handler(watch)})
+s = grpc.server(futures.ThreadPoolExecutor(80))
+s.add_generic_rpc_handlers((h,))
+s.add_insecure_port("0.0.0.0:" + sys.argv[1])
+s.start()
+s.wait_for_termination()
+"""
+
+WATCH_CLIENT = """
+import sys, threading, grpc
+target, n, stop = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+# One connection per channel: a local subchannel pool, so the channels share none.
+opts = [("grpc.enable_http_proxy", 0), ("grpc.use_local_subchannel_pool", 1)]
+firsts, results = threading.Semaphore(0), []
+def watcher():
+    ch = grpc.insecure_channel(target, options=opts)
+    got = []
+    try:
+        for item in ch.unary_stream("/fab.Echo/Watch")(b"", timeout=120):
+            got.append(item.decode())
+            if len(got) == 1:
+                firsts.release()
+    except grpc.RpcError as e:
+        got.append("status " + e.code().name)
+        firsts.release()
+    results.append(",".join(got))
+threads = [threading.Thread(target=watcher) for _ in range(n)]
+for t in threads:
+    t.start()
+for _ in range(n):
+    assert firsts.acquire(timeout=60), "a watch got no first item"
+ch = grpc.insecure_channel(target, options=opts)
+try:
+    print("unary", ch.unary_unary("/fab.Echo/Unary")(b"hi", timeout=10).decode(), flush=True)
+except grpc.RpcError as e:
+    print("unary status", e.code().name, flush=True)
+open(stop, "w").close()
+for t in threads:
+    t.join(60)
+print("watches", sorted(set(results)), len(results), flush=True)
+"""
+
+
+def test_grpc_streams_held_open_on_many_connections_leave_room_for_new_calls(
+        sandbox: Sandbox) -> None:
+    """Long-lived server-streaming calls (watches) keep their connections busy for their
+    whole life; with `activator_memory_mib` a port has room for more of them than the
+    default 18 busy connections, and a new client's call is served at once."""
+    web_ns = sandbox.name("web")
+    stop = os.path.join(sandbox.tmp, "stop-watches")
+    server = script(sandbox, "watch_server.py", WATCH_SERVER)
+    start = (f"sh -c '(exec ip netns exec {web_ns} {sys.executable} {server} 50051 {stop})"
+             " >/dev/null 2>&1 &'")
+    svc = service("rpc", target_port=50051, on_activate=start)
+    svc["ports"][0]["activator_memory_mib"] = 32
+    d, client, _ = setup(sandbox, [svc])
+    cli = script(sandbox, "watch_client.py", WATCH_CLIENT)
+    r = sandbox.run(client, sys.executable, cli, f"{VIP}:80", "30", stop, check=False,
+                    timeout=180)
+    assert "unary echo:hi" in r.stdout, (r.stdout, r.stderr, d.log()[-3000:])
+    assert "watches ['first,last'] 30" in r.stdout, (r.stdout, r.stderr)
+    st = d.get("/v1/services")[0]["streams"]["80"]
+    assert "work_block_waits" not in st["guest_counters"], st
+    assert st["counters"]["guest_failures"] == 0, st
+
+
 def test_grpc_call_times_out_unavailable_when_the_backend_never_comes(
         sandbox: Sandbox) -> None:
     d, client, _ = setup(sandbox, [service("rpc", target_port=50051,

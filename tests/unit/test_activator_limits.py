@@ -377,3 +377,26 @@ def test_an_unusable_module_file_never_blocks_the_loop(tmp_path: Path) -> None:
     asyncio.run(main())
     assert events == [("activator_failed", {"service": "web", "port": 80,
                                             "error": f"{fifo}: not a regular file"})]
+
+
+def test_a_ports_activator_memory_is_the_instances_cap_and_told_to_the_module() -> None:
+    """activator_memory_mib reaches the store limit and the module's config (memory_limit),
+    which a config of its own may still override."""
+    from dataclasses import replace
+
+    async def main() -> None:
+        mgr = _manager([])
+        spec = _spec(str(TCP))
+        spec = replace(spec, ports=(replace(spec.ports[0], activator_memory=64 << 20),))
+        await mgr.add(spec)
+        host = mgr.hosts["web"][(80, 6)]
+        try:
+            assert host.memory_limit == 64 << 20
+            assert b'"memory_limit": 67108864' in host.config_bytes
+        finally:
+            host.close()
+            mgr.close()
+
+    asyncio.run(main())
+    with ActivatorHost(TCP, {"memory_limit": 5}) as h:
+        assert h.memory_limit == 16 << 20 and b'"memory_limit": 5' in h.config_bytes

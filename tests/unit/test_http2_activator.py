@@ -17,6 +17,7 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.settings
+import pytest
 from hyperframe.frame import Frame, PingFrame
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -725,6 +726,42 @@ def test_1024_idle_connections_fit_the_memory_limit_and_the_next_is_refused() ->
         assert counters.get("connections_refused") == 1
         assert g.failed == 0 and g.host.stats.memory_cap == 0
         assert g.host.instance(80)._size < 15 * 2**20
+    finally:
+        g.close()
+
+
+def _busy_at_once(memory_mib: int, config: dict) -> tuple[int, dict[str, int], StreamGuest]:
+    g = StreamGuest(WASM, {"hold_timeout_ms": 60000, **config}, memory_limit=memory_mib << 20)
+    g.tick(1)
+    for sid in range(1, 201):  # each with a held request: busy
+        g.open(sid)
+        c = client_conn()
+        c.send_headers(1, req("/"), end_stream=True)
+        g.client(sid, c.data_to_send())
+    counters: dict[str, int] = {}
+    for a in g.actions:
+        if isinstance(a, abi.Count):
+            counters[a.name] = counters.get(a.name, 0) + a.n
+    return 200 - sum(g.streams[sid].paused for sid in range(1, 201)), counters, g
+
+
+@pytest.mark.parametrize(("mib", "config", "busy"), [
+    (16, {}, 18),                               # the default: 18 work blocks
+    (64, {}, 178),                              # + one per 306 KiB past 16 MiB
+    (64, {"max_busy_connections": 50}, 50),     # fewer on request
+    (16, {"max_busy_connections": 500}, 18),    # never more than fit
+])
+def test_connections_busy_at_once_follow_the_memory_limit(mib: int, config: dict,
+                                                          busy: int) -> None:
+    """A port whose clients hold streams open (gRPC watches, long polls) keeps a work block
+    per connection; the memory the port is given (activator_memory_mib, told to the guest
+    as memory_limit) sets how many may be busy at once. The rest wait, counted."""
+    got, counters, g = _busy_at_once(mib, config)
+    try:
+        assert got == busy
+        assert counters.get("work_block_waits") == 200 - busy, counters
+        assert g.failed == 0 and g.host.stats.memory_cap == 0
+        assert g.host.instance(80)._size < (mib << 20) - (1 << 20)
     finally:
         g.close()
 
