@@ -14,8 +14,10 @@ namespace behind a dormant service, real clients (psql, pgbench, psycopg) in ano
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -168,6 +170,47 @@ for line in sys.stdin:
         out = {"error": repr(e)}
     print(json.dumps(out), flush=True)
 """
+
+
+def test_a_database_started_by_the_wake_serves_its_first_sessions(sandbox: Sandbox,
+                                                                   pgroot: Path) -> None:
+    """Scale to zero for real: no server runs until `on_activate` starts one. A postmaster
+    listens before it takes sessions (it answers FATAL 57P03 "the database system is
+    starting up" meanwhile), so a port that accepts is not yet a database that serves:
+    the clients held through the wake must still get their sessions."""
+    worker = sandbox.netns("worker")
+    client, db = sandbox.netns("client"), sandbox.netns("db")
+    srv = W.PgServer(pgroot, listen="*", netns=db, max_connections=60).init()
+    script = pgroot / "start.sh"
+    script.write_text("(exec " + " ".join(srv.argv) + f") >{pgroot}/hook.log 2>&1 &\n")
+    ns = {"name": "data", "id": 9, "cidr": "10.42.0.0/24",
+          "pods": [{"name": "client", "ip": "10.42.0.2", "netns": client},
+                   {"name": "db-1", "ip": DB_IP, "netns": db}],
+          "services": [service([{"port": 5432, "target_port": 5432, "activator": WASM}],
+                               on_activate=f"sh {script}")]}
+    d = Daemon(sandbox, worker, {"namespaces": [ns]}).start()
+    d.wait_attached(2)
+    try:
+        procs = [sandbox.popen(client, "psql", "-X", "-At", "-v", "ON_ERROR_STOP=1",
+                               f"host={VIP} user=postgres dbname=postgres sslmode=disable",
+                               "-c", f"select {i} + 1")
+                 for i in range(5)]
+        outs = [p.communicate(timeout=60) for p in procs]
+        assert [o[0].decode().strip() for o in outs] == [str(i + 1) for i in range(5)], (
+            outs, d.log()[-3000:], (pgroot / "hook.log").read_text()[-2000:])
+        st = stats(d, 5432)
+        assert st["counters"]["guest_failures"] == 0, st
+    finally:
+        pidfile = srv.data / "postmaster.pid"
+        if pidfile.exists():
+            pid = int(pidfile.read_text().split()[0])
+            try:
+                os.kill(pid, signal.SIGQUIT)
+            except ProcessLookupError:
+                pass
+            deadline = time.monotonic() + 10
+            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
 
 
 def frozen(srv: W.PgServer) -> bool:

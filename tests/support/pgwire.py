@@ -53,12 +53,14 @@ class PgServer:
         self.ssl_cert = ssl_cert
         self.max_connections = max_connections
         self.proc: subprocess.Popen[bytes] | None = None
+        self.argv: list[str] = []
 
     def _cmd(self, argv: list[str]) -> list[str]:
         pre = ["ip", "netns", "exec", self.netns] if self.netns else []
         return [*pre, *_as_user(), *argv]
 
-    def start(self) -> PgServer:
+    def init(self) -> PgServer:
+        """initdb and the server's files, without starting it (a hook may start it)."""
         self.root.mkdir(parents=True, exist_ok=True)
         self.sockdir.mkdir(exist_ok=True)
         if os.geteuid() == 0:
@@ -84,9 +86,13 @@ class PgServer:
         if self.listen:
             with open(self.data / "pg_hba.conf", "a") as f:
                 f.write("host all all 0.0.0.0/0 trust\nhostssl all all 0.0.0.0/0 trust\n")
+        self.argv = self._cmd([str(PGBIN / "postgres"), "-D", str(self.data), *opts])
+        return self
+
+    def start(self) -> PgServer:
+        self.init()
         self.log = open(self.root / "postgres.log", "wb")
-        self.proc = subprocess.Popen(self._cmd([str(PGBIN / "postgres"), "-D", str(self.data),
-                                                *opts]), stdout=self.log, stderr=self.log)
+        self.proc = subprocess.Popen(self.argv, stdout=self.log, stderr=self.log)
         deadline = time.monotonic() + 30
         while not (self.sockdir / f".s.PGSQL.{self.port}").exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
