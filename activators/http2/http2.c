@@ -71,6 +71,7 @@
 #define GOAWAY_PING "fabgoawy"
 #define GOAWAY_WAIT_MS 1000        /* at most this long for its ACK */
 #define STALL_MS 10000             /* a block held for a partial frame alone, at most */
+#define PREFACE_MS 10000           /* a connection without the client's preface, at most */
 
 typedef struct {
     u32 id, flags;
@@ -143,6 +144,7 @@ typedef struct conn {
     u32 waiting;           /* no work block: paused, bytes in inbox; FIFO order */
     u32 inbox_len;
     u64 stall_t;           /* when a tick first saw it hold a block for partial input alone */
+    u64 pre_t;             /* when a tick first saw it without the client's preface */
     u64 stuck_t;           /* when a tick first saw frames queued toward the client since
                             * the last bytes sent to it (0: none waiting) */
     struct work *w;        /* the busy state, from the pool; 0 while idle */
@@ -168,12 +170,12 @@ static u32 budget;
 /* counters reported with `count` actions at the end of each call */
 enum { C_PINGS, C_HOLD_TIMEOUTS, C_REFUSED, C_PROTO_ERRORS, C_BACKEND_GOAWAYS, C_STREAMS,
        C_UP_TIMEOUTS, C_CONN_REFUSED, C_MALFORMED, C_TOO_LARGE, C_MALFORMED_RESP, C_STALLED,
-       C_SEND_TIMEOUTS, C_EARLY, C_WORK_WAITS, NCOUNT };
+       C_SEND_TIMEOUTS, C_EARLY, C_WORK_WAITS, C_PREFACE_TIMEOUTS, NCOUNT };
 static const char *const COUNT_NAME[NCOUNT] = {
     "pings_answered", "hold_timeouts", "streams_refused_h2", "protocol_errors",
     "backend_goaways", "requests", "upstream_timeouts", "connections_refused",
     "malformed_requests", "headers_too_large", "malformed_responses", "stalled_closed",
-    "send_timeouts", "early_responses", "work_block_waits"};
+    "send_timeouts", "early_responses", "work_block_waits", "preface_timeouts"};
 static u32 counts[NCOUNT], count_len[NCOUNT];
 
 static u8 D[SCR_CAP], U[SCR_CAP];
@@ -1799,6 +1801,18 @@ static void on_tick(u64 t) {
     for (u32 i = 0; i < nconns_alloc; i++) {
         conn *c = conns[i];
         if (!c->used) continue;
+        /* no client preface (magic and SETTINGS) PREFACE_MS after it connected: a client
+         * that connects and sends nothing, or trickles its preface, takes a connection slot
+         * of the port's max_connections; one waiting for a work block is not counted */
+        if (!c->cli_settings && !c->waiting && !c->dead) {
+            if (!c->pre_t) {
+                c->pre_t = t;
+            } else if (t - c->pre_t >= PREFACE_MS) {
+                counts[C_PREFACE_TIMEOUTS]++;
+                close_conn(c);
+                continue;
+            }
+        }
         struct work *w = c->w;
         for (u32 k = 0; w && k < NSTREAMS; k++) {
             strm *s = &w->st[k];

@@ -824,6 +824,41 @@ def test_a_header_block_left_unfinished_is_closed_after_the_stall_limit() -> Non
         g.close()
 
 
+def test_connections_without_a_client_preface_are_closed_after_ten_seconds() -> None:
+    """A client that connects and sends nothing, or trickles part of its preface (magic,
+    then the SETTINGS frame), keeps a slot of the port's max_connections: 1,024 such
+    sockets locked every later client out. Each is closed 10 s after the first tick that
+    saw it, counted; a client that sent its preface stays, idle as long as it likes."""
+    g = StreamGuest(WASM, {"hold_timeout_ms": 60000})
+    try:
+        ping = fr(PING, 0, 0, b"12345678")
+        g.open(1)                                     # nothing at all
+        g.open(2)
+        g.client(2, PREFACE[:10])                     # part of the magic
+        g.open(3)
+        g.client(3, PREFACE + fr(SETTINGS, 0, 0)[:5])  # the magic, part of its SETTINGS
+        g.open(4)
+        assert _pong(g, 4, PREFACE + fr(SETTINGS, 0, 0) + ping)  # a real client, idle
+        t = 1000
+        g.tick(t)
+        g.tick(t + 9_000)
+        assert not any(g.streams[sid].downstream_closed for sid in (1, 2, 3, 4))
+        g.tick(t + 10_000)
+        assert all(g.streams[sid].downstream_closed for sid in (1, 2, 3))
+        assert not g.streams[4].downstream_closed
+        g.tick(t + 100_000)
+        assert not g.streams[4].downstream_closed
+        assert _pong(g, 4, ping)
+        counts: dict[str, int] = {}
+        for a in g.actions:
+            if isinstance(a, abi.Count):
+                counts[a.name] = counts.get(a.name, 0) + a.n
+        assert counts.get("preface_timeouts") == 3, counts
+        assert g.failed == 0
+    finally:
+        g.close()
+
+
 def test_clients_that_never_open_their_window_are_closed_at_twice_the_hold() -> None:
     """A slow read (found by the hostile stream campaign): 20 clients announce a zero
     window and ask for a response they never take. Each keeps its work block, so 18 of
