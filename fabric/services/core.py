@@ -16,6 +16,13 @@ Forwarding
     errors about a flow (either way) are translated too, quote included, and later
     fragments follow their first one.
 
+    Services that share a backend share its reply space: a client port used toward two
+    VIPs would give both flows one translated tuple, and the backend's replies could not
+    tell them apart. So the services of one router share `peers` (backend address ->
+    services, ``share_backends``) and a new flow keeps the client's port only when no
+    service with that backend has the tuple; otherwise the port is remapped, and each
+    reply matches exactly one service's table.
+
 Hairpin
     A backend calling its own service would get a packet from itself to itself: its
     kernel drops it (a "martian" with a local source) and, even if not, would answer
@@ -233,6 +240,7 @@ class Service:
         activate_debounce: float = ACTIVATE_DEBOUNCE,
         flow_policy: FlowPolicy = SERVICE_FLOWS,
         now: float = 0.0,
+        peers: dict[bytes, list[Service]] | None = None,
     ) -> None:
         if readiness not in ("probe", "external"):
             raise ValueError(f"readiness {readiness!r} is not probe or external")
@@ -261,6 +269,9 @@ class Service:
         self._h = Headers()
         self.backends: dict[str, Backend] = {}
         self._by_ip: dict[bytes, Backend] = {}
+        # Backend address -> every service with that backend, this one included (shared
+        # with them: share_backends). Their translated tuples share one reply space.
+        self.peers: dict[bytes, list[Service]] = peers if peers is not None else {}
         self._ready: list[Backend] = []  # sorted by name: the hash picks from this
         # (arrival, frame, off, length, partial)
         # (arrival, frame, off, length, partial, (proto, flow key) or None for a fragment)
@@ -301,6 +312,7 @@ class Service:
             b = Backend(name, addr)
             self.backends[name] = b
             self._by_ip[b.ip] = b
+            self._join(b.ip)
         if ready and not b.marked:
             b.probe_due = now
         if not ready:
@@ -314,11 +326,36 @@ class Service:
         if b is None:
             return
         del self._by_ip[b.ip]
+        self._leave(b.ip)
         b.marked = b.probed = False
         for flow in list(self.table):
             if flow.tag is b:
                 self.table.remove(flow)
         self._update_ready(now)
+
+    def share_backends(self, peers: dict[bytes, list[Service]]) -> None:
+        """Use `peers` (backend address -> services) with the other services of the same
+        router: a backend answers every service's flows alike, so a new flow's tuple must
+        be free in all of them (``_free_port``), and a reply then matches one only."""
+        if peers is self.peers:
+            return
+        for ip in self._by_ip:
+            self._leave(ip)
+        self.peers = peers
+        for ip in self._by_ip:
+            self._join(ip)
+
+    def _join(self, ip: bytes) -> None:
+        lst = self.peers.setdefault(ip, [])
+        if self not in lst:
+            lst.append(self)
+
+    def _leave(self, ip: bytes) -> None:
+        lst = self.peers.get(ip)
+        if lst is not None and self in lst:
+            lst.remove(self)
+            if not lst:
+                del self.peers[ip]
 
     def probes_due(self, now: float) -> list[tuple[str, str, int]]:
         """(name, ip, port) of the backends to probe with a TCP connect now; each is due
@@ -501,17 +538,25 @@ class Service:
     def _free_port(self, proto: int, src: bytes, dst: bytes, dport: int, sport: int,
                    hairpin: bool) -> int:
         """The source port a new flow's translated tuple can use: the client's own unless
-        the reply tuple is taken (two service ports with the same target, or a hairpin
-        clash) or, for hairpin, it is one of the service's ports; -1 if none is free."""
+        the reply tuple is taken (two service ports with the same target, a hairpin
+        clash, or another service with the same backend: the backend's replies to both
+        would look alike) or, for hairpin, it is one of the service's ports; -1 if none
+        is free."""
         base = _from_bytes(dst + src, "big")
-        table = self.table
+        tables = [s.table for s in self.peers.get(dst, ())]
+        if self.table not in tables:
+            tables.append(self.table)
         p = sport
         for i in range(64):
             if i:
                 p = 1024 + (sport * 2654435761 + i * 40503) % (65536 - 1024)
             if hairpin and (proto << 16 | p) in self._ports:
                 continue
-            if not table.reply_taken(proto, (base, dport << 16 | p)):
+            rkey = (base, dport << 16 | p)
+            for t in tables:
+                if t.reply_taken(proto, rkey):
+                    break
+            else:
                 return p
         return -1
 

@@ -111,6 +111,8 @@ class ServiceDispatch:
         self.signals = signals
         self.vips: dict[bytes, Service] = {}
         # Backend pod address -> the services it serves (a dict check on the hot path).
+        # The services keep it themselves (Service.share_backends): a new flow's tuple
+        # must be free in every service of its backend, so a reply matches one only.
         self.backend_ips: dict[bytes, list[Service]] = {}
         # Activators by service: (port, IP protocol) -> host.
         self.activators: dict[Service, dict[tuple[int, int], Activator]] = {}
@@ -127,6 +129,7 @@ class ServiceDispatch:
     def add(self, svc: Service, activators: dict[tuple[int, int], Activator] | None = None,
             streams: StreamWatch | None = None) -> None:
         self.vips[svc.vip.packed] = svc
+        svc.share_backends(self.backend_ips)
         self.activators[svc] = dict(activators or {})
         self._told[svc] = False
         if streams is not None and streams.ports:
@@ -141,32 +144,20 @@ class ServiceDispatch:
         if self.streams.pop(svc, None) is not None:
             self.router.stream_vips.discard(svc.vip.packed)
             self._told_streams.pop(svc, None)
-        for ip, lst in list(self.backend_ips.items()):
-            if svc in lst:
-                lst.remove(svc)
-                if not lst:
-                    del self.backend_ips[ip]
+        if svc.peers is self.backend_ips:
+            svc.share_backends({})
 
     def set_backend(self, svc: Service, name: str, ip: str, ready: bool, now: float) -> None:
         """A backend's readiness changed (or it appeared): update the service and send what
         its hold can release now."""
+        svc.share_backends(self.backend_ips)
         svc.set_backend(name, ip, ready, now)
-        packed = svc.backends[name].ip
-        lst = self.backend_ips.setdefault(packed, [])
-        if svc not in lst:
-            lst.append(svc)
         self.release(svc, now)
 
     def remove_backend(self, svc: Service, name: str, now: float) -> None:
-        b = svc.backends.get(name)
-        if b is None:
+        if name not in svc.backends:
             return
         svc.remove_backend(name, now)
-        lst = self.backend_ips.get(b.ip)
-        if lst is not None and svc in lst:
-            lst.remove(svc)
-            if not lst:
-                del self.backend_ips[b.ip]
         self.release(svc, now)
 
     def probe_result(self, svc: Service, name: str, ok: bool, now: float) -> None:
@@ -187,7 +178,8 @@ class ServiceDispatch:
     def from_backend(self, src: bytes, buf: bytearray, h: int, ip: int, total: int,
                      now: float) -> bytes:
         """A packet from a backend pod: un-NAT replies of service flows (the source
-        becomes the VIP); the destination to route by."""
+        becomes the VIP); the destination to route by. A reply matches at most one of
+        the services of `src` (their flows never share a translated tuple)."""
         partial = bool(h and buf[0] & F_NEEDS_CSUM)
         for svc in self.backend_ips[src]:
             if svc.reply(buf, ip, total, now, partial) == core.FORWARD:

@@ -245,7 +245,8 @@ class ServiceManager:
             return sock
 
         core = StreamCore(host, p.port, p.target_port, hold_timeout=spec.hold.timeout,
-                          label=host.label)
+                          label=host.label, release_burst=spec.hold.release_burst,
+                          release_interval=spec.hold.release_interval)
         name, port = spec.name, p.port
         dp: DataPlaneHost | None = None
         if self.stream_thread == "dataplane":

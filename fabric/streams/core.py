@@ -14,7 +14,15 @@ with bytes and a clock of their own:
   the ready backends, as the L3 path picks);
 - the port's need, from the guest's ``set_backend_need`` and the host's own fallback;
 - the fallback when the guest fails (ABI.md): streams whose bytes it only relayed go on
-  as plain byte proxies, the others are closed after their output is flushed.
+  as plain byte proxies, the others are closed after their output is flushed;
+- the pace of a wake's upstream connects (the service's ``hold.release_burst`` and
+  ``hold.release_interval``, as the packet path releases held flows): streams held
+  while no backend was ready connect at most `release_burst` per backend per
+  `release_interval`, in arrival order, so a wake storm does not overflow the backend's
+  listen backlog. A connect waiting its turn looks to the guest like a slow connect:
+  what it sends upstream meanwhile is kept and follows the CONNECT. Connections that
+  arrive with a backend up connect at once, unless that backend's burst is in progress
+  (then they queue behind it, and nothing overtakes a held stream).
 
 Byte limits on the queues toward the client and the backend are the shell's (it knows
 what the kernel took); the core bounds what it keeps itself (the unforwarded client
@@ -23,6 +31,7 @@ bytes of a transparent stream) and the number of streams.
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 import re
 from collections.abc import Sequence
@@ -30,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from fabric.activator import abi
+from fabric.config.specs import DEFAULT_RELEASE_BURST, DEFAULT_RELEASE_INTERVAL
 from fabric.histogram import WAKE_BUCKETS, Histogram
 
 # --- commands for the shell: (kind, stream id, argument) -----------------------------------
@@ -83,7 +93,11 @@ COUNTERS = (
     "upstream_failed", "upstream_no_backend", "spliced", "splice_refused",
     "fallback_proxied", "fallback_closed", "fallback_timeouts", "guest_failures",
     "bad_actions", "late_actions", "sends_dropped", "count_refused", "ticks",
+    "release_paced",
 )
+
+# Stream.paced: its connect is not waiting, waits its turn, waits and was counted.
+PACE_NONE, PACE_QUEUED, PACE_COUNTED = 0, 1, 2
 
 
 class Guest(Protocol):
@@ -131,6 +145,23 @@ class Stream:
     transparent: bool = True
     pending_up: bytearray = field(default_factory=bytearray)
     pending_down: bytearray = field(default_factory=bytearray)
+    # Held while no backend was ready: its next connect is part of a wake's burst.
+    held: bool = False
+    paced: int = PACE_NONE
+    port: int = 0  # the port of the connect waiting its turn
+    # What the guest sent upstream while the connect waits (None: an upstream close).
+    paced_sends: list[bytes | None] = field(default_factory=list)
+
+
+class _Burst:
+    """One backend's wake: connects started in the current window, and those waiting."""
+
+    __slots__ = ("until", "used", "queue")
+
+    def __init__(self, until: float) -> None:
+        self.until = until  # the end of the current window
+        self.used = 0  # connects started in it
+        self.queue: list[Stream] = []  # waiting, in arrival order
 
 
 class StreamCore:
@@ -138,7 +169,9 @@ class StreamCore:
 
     def __init__(self, guest: Guest, port: int, target_port: int, *,
                  hold_timeout: float = 30.0, max_streams: int = MAX_STREAMS,
-                 stream_buffer: int = STREAM_BUFFER, label: str = "") -> None:
+                 stream_buffer: int = STREAM_BUFFER, label: str = "",
+                 release_burst: int = DEFAULT_RELEASE_BURST,
+                 release_interval: float = DEFAULT_RELEASE_INTERVAL) -> None:
         self.gen = Generation(guest, 1)
         self.gens = [self.gen]
         self.retired: list[Guest] = []  # generations done with: the shell closes them
@@ -147,6 +180,9 @@ class StreamCore:
         self.hold_timeout = hold_timeout
         self.max_streams = max_streams
         self.stream_buffer = stream_buffer
+        self.release_burst = max(1, release_burst)
+        self.release_interval = release_interval
+        self._bursts: dict[str, _Burst] = {}  # by backend address
         self.label = label or str(port)
         self.streams: dict[int, Stream] = {}
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
@@ -217,7 +253,7 @@ class StreamCore:
         self._next_sid = (sid + 1) & 0xFFFFFFFF
         gen = self.gen
         self._reset_ended.pop(sid, None)
-        live[sid] = Stream(sid, peer, now, gen)
+        live[sid] = Stream(sid, peer, now, gen, held=not self.ready)
         gen.nstreams += 1
         if not self.ready and self._wake_t0 is None:
             self._wake_t0 = self._wake_mark = now
@@ -422,7 +458,11 @@ class StreamCore:
     def backends(self, ready: list[str], now: float) -> None:
         """The service's ready backends (addresses) changed."""
         self._now = now
-
+        if ready and not self.ready:
+            # Streams with no upstream wait for this backend like held ones.
+            for s in self.streams.values():
+                if s.up == UP_NONE:
+                    s.held = True
         self.ready = list(ready)
         has = bool(self.ready)
         for g in self.gens:
@@ -434,14 +474,24 @@ class StreamCore:
             for s in list(self.streams.values()):
                 if s.mode == WAITING and s.up == UP_NONE:
                     self._connect(s, self.target_port)
+        if self._bursts and self._pump(now):
+            self._flush(now)
         self._update_need()
 
     # --- timers -------------------------------------------------------------------------
 
     def next_timer(self) -> float | None:
-        return self._next_tick if self.streams or self.gen.tail_tick else None
+        t = self._next_tick if self.streams or self.gen.tail_tick else None
+        for b in self._bursts.values():
+            if b.queue and (t is None or b.until < t):
+                t = b.until
+        return t
 
     def handle_timer(self, now: float) -> None:
+        if self._bursts:
+            self._now = now
+            if self._pump(now):
+                self._flush(now)
         if not self.streams and not self.gen.tail_tick:
             self._next_tick = None
             return
@@ -505,6 +555,8 @@ class StreamCore:
                     continue
                 for a in actions:
                     self._apply(a, g)
+            if self._bursts and self._pump(now):
+                busy = True
         self._update_need()
 
     def _apply(self, a: abi.Action, g: Generation) -> None:
@@ -553,7 +605,10 @@ class StreamCore:
             if s.transparent:
                 self._match(s, s.pending_up, data)
             counters["bytes_to_backends"] += len(data)
-            self._out.append((SEND_UPSTREAM, s.sid, data))
+            if s.paced:
+                s.paced_sends.append(data)  # after its CONNECT
+            else:
+                self._out.append((SEND_UPSTREAM, s.sid, data))
         elif k == abi.ACT_UPSTREAM_CONNECT or k == abi.ACT_UPSTREAM_CONNECT_LIKE:
             port = a.port or self.target_port  # type: ignore[union-attr]
             like = self.streams.get(a.like) if k == abi.ACT_UPSTREAM_CONNECT_LIKE else None  # type: ignore[union-attr]
@@ -565,7 +620,12 @@ class StreamCore:
         elif k == abi.ACT_UPSTREAM_CLOSE:
             if s.up in (UP_CONNECTING, UP_OPEN):
                 s.up = UP_CLOSED
-                self._out.append((CLOSE_UPSTREAM, s.sid, None))
+                if not s.paced:
+                    self._out.append((CLOSE_UPSTREAM, s.sid, None))
+                elif s.paced_sends:
+                    s.paced_sends.append(None)  # connect, send, then close
+                else:
+                    s.paced = PACE_NONE  # nothing to send: no connect at all
         elif k == abi.ACT_PAUSE:
             self._out.append((READ_CLIENT, s.sid, False))
         elif k == abi.ACT_RESUME:
@@ -597,24 +657,114 @@ class StreamCore:
     def _connect(self, s: Stream, port: int, prefer: str | None = None) -> bool:
         """Connect `s` to a ready backend: `prefer` while it is one (upstream_connect_like:
         another stream's backend), else the hash of the client's address and port."""
-        ready = self.ready
-        if not ready:
+        backend = self._pick(s, prefer)
+        if backend is None:
             self.counters["upstream_no_backend"] += 1
             return False
-        if prefer is not None and prefer in ready:
-            backend = prefer
-        else:
-            ip, cport = s.peer
-            try:
-                key = int(ipaddress.IPv4Address(ip)) * 65537 + cport
-            except ValueError:
-                key = s.sid
-            backend = ready[(key * 0x9E3779B1 >> 7) % len(ready)]
         s.up = UP_CONNECTING
         s.backend = backend
+        if (s.held or self._bursts) and self._pace(s, backend, port):
+            return True
+        s.held = False
         self.counters["upstream_connects"] += 1
         self._out.append((CONNECT, s.sid, (backend, port)))
         return True
+
+    def _pick(self, s: Stream, prefer: str | None) -> str | None:
+        ready = self.ready
+        if not ready:
+            return None
+        if prefer is not None and prefer in ready:
+            return prefer
+        ip, cport = s.peer
+        try:
+            key = int(ipaddress.IPv4Address(ip)) * 65537 + cport
+        except ValueError:
+            key = s.sid
+        return ready[(key * 0x9E3779B1 >> 7) % len(ready)]
+
+    # --- pacing a wake's connects -------------------------------------------------------
+
+    def _pace(self, s: Stream, backend: str, port: int) -> bool:
+        """Whether `s`'s connect to `backend` waits its turn (the next ``_pump`` starts
+        it, maybe at once): a held stream's always does, another's only while that
+        backend's burst is in progress."""
+        b = self._bursts.get(backend)
+        now = self._now
+        if b is not None and not b.queue and now >= b.until:
+            del self._bursts[backend]  # that burst is over
+            b = None
+        if b is None:
+            if not s.held:
+                return False
+            b = self._bursts[backend] = _Burst(now)
+        s.paced = PACE_QUEUED
+        s.port = port
+        # in arrival order, whatever order the guest asked in
+        bisect.insort(b.queue, s, key=_arrival)
+        return True
+
+    def _pump(self, now: float) -> bool:
+        """Start the waiting connects whose turn it is; True when a guest has events to
+        hear (a connect whose backend went away with no other ready)."""
+        told = False
+        burst, interval = self.release_burst, self.release_interval
+        moved: list[Stream] = []
+        out = self._out
+        for backend, b in list(self._bursts.items()):
+            if not b.queue:
+                if now >= b.until:
+                    del self._bursts[backend]
+                continue
+            if now >= b.until:
+                b.until = now + interval
+                b.used = 0
+            gone = backend not in self.ready
+            keep: list[Stream] = []
+            for s in b.queue:
+                if not s.paced or self.streams.get(s.sid) is not s:
+                    continue  # it ended, or its connect was called off
+                if gone:
+                    moved.append(s)
+                    continue
+                if b.used >= burst:
+                    keep.append(s)
+                    if s.paced == PACE_QUEUED:
+                        s.paced = PACE_COUNTED
+                        self.counters["release_paced"] += 1
+                    continue
+                b.used += 1
+                s.paced = PACE_NONE
+                s.held = False
+                self.counters["upstream_connects"] += 1
+                out.append((CONNECT, s.sid, (backend, s.port)))
+                for data in s.paced_sends:
+                    out.append((SEND_UPSTREAM, s.sid, data) if data is not None
+                               else (CLOSE_UPSTREAM, s.sid, None))
+                s.paced_sends.clear()
+            b.queue = keep
+            if gone:
+                del self._bursts[backend]
+        for s in moved:  # its backend went away: another one's burst, or a failure
+            s.paced = PACE_NONE
+            backend = self._pick(s, None) if s.up == UP_CONNECTING else None
+            if backend is not None:
+                s.backend = backend
+                s.held = True  # it keeps its place in a wake
+                self._pace(s, backend, s.port)
+                continue
+            s.paced_sends.clear()
+            s.held = False
+            if s.up != UP_CONNECTING:
+                continue  # the guest closed it meanwhile: nothing to tell
+            s.up = UP_NONE
+            self.counters["upstream_no_backend"] += 1
+            if s.mode == GUEST and s.gen is not None:
+                s.gen.events.append(abi.UpstreamConnectResult(s.sid, 0))
+                told = True
+        if moved and any(b.queue for b in self._bursts.values()):
+            told = self._pump(now) or told
+        return told
 
     def _end(self, s: Stream, close: bool = False) -> None:
         """The core is done with `s`: close what is open (after flushing) and forget it."""
@@ -632,6 +782,7 @@ class StreamCore:
         """Forget `s`; a generation left with no stream (and replaced) is retired."""
         if self.streams.pop(s.sid, None) is None:
             return False
+        s.paced = PACE_NONE  # a connect still waiting its turn is called off
         if s.mode == WAITING:
             self._waiting -= 1
         g = s.gen
@@ -704,9 +855,14 @@ class StreamCore:
                 "generations_live": len(self.gens), "relayed_by_guest": modes[GUEST],
                 "waiting": modes[WAITING], "spliced": modes[SPLICED],
                 "need": ("none", "traffic", "active")[self.need],
+                "connects_paced": sum(len(b.queue) for b in self._bursts.values()),
                 "counters": dict(self.counters), "guest_counters": dict(self.guest_counters),
                 "wake": _summary(self.wake_seconds),
                 "phases": {p: _summary(h) for p, h in self.wake_phase_seconds.items()}}
+
+
+def _arrival(s: Stream) -> tuple[float, int]:
+    return s.opened, s.sid
 
 
 def _summary(h: Histogram) -> dict[str, float]:

@@ -183,3 +183,53 @@ def test_two_backends_share_and_unready_takes_no_new_flows(sandbox: Sandbox) -> 
     assert len(after) == 1 and after < seen, (after, seen)
     backends = {b["name"]: b for b in d.get("/v1/services")[0]["backends"]}
     assert backends["web-2"]["ready"] is False and backends["web-1"]["ready"] is True
+
+
+SAME_PORT_CLIENT = r"""
+import socket, sys
+def conn(vip):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("10.40.0.2", 40000))
+    s.settimeout(5)
+    s.connect((vip, 80))
+    return s
+a = conn(sys.argv[1])  # kept open while the second connects from the same port
+b = conn(sys.argv[2])
+for s in (b, a):
+    s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    data = b""
+    while b"hello from" not in data:
+        more = s.recv(4096)
+        assert more, data
+        data += more
+print("ok", a.getpeername()[0], b.getpeername()[0])
+"""
+
+
+def test_two_services_with_one_backend_and_one_client_port(sandbox: Sandbox) -> None:
+    """Two VIPs in front of the same pod:port; one client connects to both from port
+    40000, the first connection kept open: both are answered from their own VIP (the
+    second flow's source port is remapped toward the backend)."""
+    worker = sandbox.netns("worker")
+    client, web = sandbox.netns("client"), sandbox.netns("web")
+    other = "10.40.0.101"
+    ns = {"name": "shop", "id": 7, "cidr": "10.40.0.0/24",
+          "pods": [{"name": "client", "ip": "10.40.0.2", "netns": client},
+                   {"name": "web-1", "ip": "10.40.0.3", "netns": web}],
+          "services": [{"name": n, "ip": ip, "backends": ["web-1"],
+                        "ports": [{"port": 80, "target_port": 8080}]}
+                       for n, ip in (("a", VIP), ("b", other))]}
+    d = Daemon(sandbox, worker, {"namespaces": [ns]}).start()
+    d.wait_attached(2)
+    sandbox.http_server(web, 8080)
+    deadline = time.monotonic() + 10
+    while not all(s["backends"][0]["ready"] for s in d.get("/v1/services")):
+        assert time.monotonic() < deadline, d.get("/v1/services")
+        time.sleep(0.1)
+    r = sandbox.run(client, sys.executable, "-c", SAME_PORT_CLIENT, VIP, other,
+                    check=False, timeout=30)
+    assert r.returncode == 0 and r.stdout.split() == ["ok", VIP, other], (
+        r.stdout, r.stderr[-2000:], d.log()[-2000:])
+    flows = {s["name"]: s["counters"]["dnat_flows"] for s in d.get("/v1/services")}
+    assert flows == {"a": 1, "b": 1}, flows

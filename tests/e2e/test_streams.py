@@ -248,3 +248,33 @@ def test_reload_swaps_the_module_by_generation(sandbox: Sandbox) -> None:
     assert r.stdout.strip() == "still"
     events = [e for e in d.get("/v1/events/recent") if e.get("kind") == "activator_reloaded"]
     assert events and events[-1]["port"] == 7000, events
+
+
+def test_held_streams_connect_upstream_paced(sandbox: Sandbox) -> None:
+    """40 connections held while the backend starts connect to it at most 4 per 50 ms
+    (hold.release_burst/release_interval), and every one is served."""
+    web_ns = sandbox.name("web")
+    d, client, web = setup(sandbox, [{
+        "name": "web", "ip": VIP, "backends": ["web-1"],
+        "hold": {"release_burst": 4, "release_interval": "50ms"},
+        "ports": [{"port": 80, "target_port": 8080, "activator": "stream"}],
+        "on_activate": start_cmd(web_ns, 2.0)}])
+    def timed(_: int) -> tuple[subprocess.CompletedProcess[str], float]:
+        r = curl(sandbox, client, f"http://{VIP}/")
+        return r, time.monotonic()
+
+    with concurrent.futures.ThreadPoolExecutor(40) as pool:
+        done = list(pool.map(timed, range(40)))
+    results = [r for r, _ in done]
+    ends = sorted(t for _, t in done)
+    failed = [r for r in results if r.returncode != 0 or "hello from" not in r.stdout]
+    assert not failed, (len(failed), failed[0].stderr if failed else "", d.log()[-3000:])
+    st = d.get("/v1/services")[0]["streams"]["80"]
+    c = st["counters"]
+    # All but the first burst wait at least one interval (some may arrive after the
+    # backend is up, and queue behind the burst all the same).
+    assert c["release_paced"] >= 30 and c["upstream_connects"] >= 40, st
+    assert st["connects_paced"] == 0, st
+    # Ten windows of 4: the last connect starts at least 9 intervals after the first
+    # (0.45 s), so the answers are spread over about that long.
+    assert ends[-1] - ends[0] >= 0.35, ends

@@ -1,8 +1,11 @@
-"""Reloading a packet port's activator on the data plane (ServiceDispatch)."""
+"""ServiceDispatch on the data plane: reloading a packet port's activator, and replies
+of services that share a backend."""
 
 from __future__ import annotations
 
 from fabric.config.specs import PortSpec
+from fabric.net import packets
+from fabric.net.packets import TCP_ACK, TCP_SYN
 from fabric.router.router import Router
 from fabric.services.core import Service
 from fabric.services.dispatch import ServiceDispatch
@@ -33,3 +36,36 @@ def test_a_reloaded_packet_activator_takes_the_next_packet_and_the_old_is_closed
     assert old.closed and not new.closed
     assert dispatch.activators[svc][(80, 6)] is new
     assert [type(e).__name__ for e in new.seen] == ["BackendAvailable"]
+
+
+def test_replies_of_two_services_with_one_backend_reach_the_right_vip() -> None:
+    """Two VIPs in front of one pod, one client port toward both: the dispatch hands
+    each backend reply to the service whose flow it is (bytes in, explicit time)."""
+    r = Router("shop", "10.10.0.0/24")
+    dispatch = ServiceDispatch(r)
+    r.attach_services(dispatch)
+    ports = (PortSpec(80, 8080, "tcp"),)
+    a = Service("a", "10.10.0.50", ports, readiness="external")
+    b = Service("b", "10.10.0.51", ports, readiness="external")
+    for svc in (a, b):
+        dispatch.add(svc)
+        dispatch.set_backend(svc, "web", "10.10.0.3", True, 1.0)
+    client, web = bytes([10, 10, 0, 2]), bytes([10, 10, 0, 3])
+    assert r.backend_ips is dispatch.backend_ips and dispatch.backend_ips[web] == [a, b]
+    sports = []
+    for svc in (a, b):
+        pkt = bytearray(packets.tcp_packet(client, svc.vip.packed, 40000, 80, 1, 0, TCP_SYN))
+        assert svc.outbound(pkt, 0, len(pkt), 1.0, False) == 0  # FORWARD
+        assert pkt[16:20] == web
+        sports.append(pkt[20] << 8 | pkt[21])
+    assert sports[0] != sports[1]
+    for svc, sport in zip((a, b), sports, strict=True):
+        reply = bytearray(packets.tcp_packet(web, client, 8080, sport, 9, 2,
+                                             TCP_SYN | TCP_ACK))
+        assert dispatch.from_backend(web, reply, 0, 0, len(reply), 1.1) == client
+        assert reply[12:16] == svc.vip.packed
+        assert reply[20:24] == bytes([0, 80, 0x9c, 0x40])  # 80 -> 40000
+    dispatch.remove(a)
+    assert dispatch.backend_ips[web] == [b]
+    dispatch.remove_backend(b, "web", 2.0)
+    assert web not in dispatch.backend_ips

@@ -530,6 +530,56 @@ def test_reply_tuple_clash_remaps_the_source_port() -> None:
     assert addrs(valid(rb)) == ("10.0.0.100", 8080, "10.0.0.2", 40000)
 
 
+VIP2 = bytes([10, 0, 0, 101])
+
+
+def _replies_from_shared_backend(services: list[Service], pkt: bytes) -> bytes:
+    """A backend's packet offered to each of its services in turn, as the dispatch
+    does (fabric.services.dispatch.from_backend): the first that translates it wins."""
+    for svc in services:
+        v, outp = back(svc, pkt)
+        if v == FORWARD:
+            return outp
+    return pkt
+
+
+def test_two_services_sharing_a_backend_never_share_a_reply_tuple() -> None:
+    """A client uses port 40000 toward two VIPs that both point at web:8080: the
+    second flow is remapped, and each SYN-ACK and data reply comes from its own VIP."""
+    peers: dict[bytes, list[Service]] = {}
+    a = Service("a", ip_s(VIP), PORTS, readiness="external", peers=peers)
+    b = Service("b", ip_s(VIP2), PORTS, readiness="external", peers=peers)
+    a.set_backend("web", ip_s(B1), True)
+    b.set_backend("web", ip_s(B1), True)
+    assert peers[B1] == [a, b]
+    va, fa = out(a, syn(dst=VIP))
+    vb, fb = out(b, syn(dst=VIP2))
+    assert va == vb == FORWARD
+    pa, pb = valid(fa), valid(fb)
+    assert (pa.dst, pa[TCP].dport) == (pb.dst, pb[TCP].dport) == ("10.0.0.11", 8080)
+    assert pa[TCP].sport != pb[TCP].sport  # else the backend's replies look alike
+    for flags, payload in ((TCP_SYN | TCP_ACK, b""), (TCP_ACK | TCP_PSH, b"hello")):
+        for p, vip in ((pa, "10.0.0.100"), (pb, "10.0.0.101")):
+            r = valid(_replies_from_shared_backend(
+                peers[B1], tcp(B1, CLIENT, 8080, p[TCP].sport, flags, payload)))
+            assert addrs(r) == (vip, 80, "10.0.0.2", 40000)
+    # Either order of creation, and either service first in the list.
+    for s in (a, b):
+        s.remove_backend("web")
+    assert B1 not in peers
+
+
+def test_a_service_joins_shared_backends_with_its_existing_backends() -> None:
+    """share_backends moves a service's backends to the shared map (the dispatch's),
+    and leaving takes them out again."""
+    a = service(B1, B2)
+    shared: dict[bytes, list[Service]] = {}
+    a.share_backends(shared)
+    assert shared == {B1: [a], B2: [a]} and a.peers is shared
+    a.share_backends({})
+    assert shared == {}
+
+
 # --- signals ---------------------------------------------------------------------------------
 
 
