@@ -151,6 +151,11 @@ class Stream:
     port: int = 0  # the port of the connect waiting its turn
     # What the guest sent upstream while the connect waits (None: an upstream close).
     paced_sends: list[bytes | None] = field(default_factory=list)
+    paced_bytes: int = 0
+    # Its client's reads stopped because paced_sends outgrew the stream buffer (resumed
+    # with the connect unless the guest itself asked for a pause meanwhile).
+    pace_paused: bool = False
+    guest_paused: bool = False
 
 
 class _Burst:
@@ -607,6 +612,10 @@ class StreamCore:
             counters["bytes_to_backends"] += len(data)
             if s.paced:
                 s.paced_sends.append(data)  # after its CONNECT
+                s.paced_bytes += len(data)
+                if s.paced_bytes > self.stream_buffer and not s.pace_paused:
+                    s.pace_paused = True  # bounded: the client waits with its connect
+                    self._out.append((READ_CLIENT, s.sid, False))
             else:
                 self._out.append((SEND_UPSTREAM, s.sid, data))
         elif k == abi.ACT_UPSTREAM_CONNECT or k == abi.ACT_UPSTREAM_CONNECT_LIKE:
@@ -627,8 +636,10 @@ class StreamCore:
                 else:
                     s.paced = PACE_NONE  # nothing to send: no connect at all
         elif k == abi.ACT_PAUSE:
+            s.guest_paused = True
             self._out.append((READ_CLIENT, s.sid, False))
         elif k == abi.ACT_RESUME:
+            s.guest_paused = False
             self._out.append((READ_CLIENT, s.sid, True))
         elif k == abi.ACT_SPLICE:
             if s.up != UP_OPEN:
@@ -742,6 +753,11 @@ class StreamCore:
                     out.append((SEND_UPSTREAM, s.sid, data) if data is not None
                                else (CLOSE_UPSTREAM, s.sid, None))
                 s.paced_sends.clear()
+                s.paced_bytes = 0
+                if s.pace_paused:
+                    s.pace_paused = False
+                    if not s.guest_paused:
+                        out.append((READ_CLIENT, s.sid, True))
             b.queue = keep
             if gone:
                 del self._bursts[backend]
@@ -754,6 +770,7 @@ class StreamCore:
                 self._pace(s, backend, s.port)
                 continue
             s.paced_sends.clear()
+            s.paced_bytes = 0
             s.held = False
             if s.up != UP_CONNECTING:
                 continue  # the guest closed it meanwhile: nothing to tell

@@ -154,3 +154,32 @@ def test_a_waiting_connect_whose_backend_goes_away_moves_or_fails() -> None:
     assert connects(core2.commands()) == []
     assert abi.UpstreamConnectResult(b, 0) in core2.guest.seen  # type: ignore[attr-defined]
     assert core2.streams[b].up == sc.UP_NONE
+
+
+class BigSendGuest(OddGuest):
+    """As OddGuest, with a preamble larger than the stream buffer."""
+
+    def process(self, port: int, events: Sequence[abi.Event], streams: int = 0
+                ) -> list[abi.Action]:
+        out = super().process(port, events, streams)
+        return [abi.UpstreamSend(a.stream_id, b"x" * 40_000)
+                if isinstance(a, abi.UpstreamSend) else a for a in out]
+
+
+def test_bytes_kept_for_a_waiting_connect_are_bounded_by_pausing_its_client() -> None:
+    """What a guest sends while the connect waits is kept, not lost; past the stream
+    buffer the client's reads stop until the connect goes, then resume."""
+    core = StreamCore(BigSendGuest(), 80, 8080, release_burst=1, release_interval=0.01,
+                      stream_buffer=32_000)
+    a = core.accepted(("10.0.0.2", 40000), 1.0)
+    b = core.accepted(("10.0.0.2", 40001), 1.0)
+    core.backends([B1], 2.0)
+    cmds = core.commands()
+    assert (sc.CONNECT, a, (B1, 8080)) in cmds
+    assert (sc.READ_CLIENT, b, False) in cmds  # 40,000 bytes wait for b: paused
+    reads_a = [arg for kind, sid, arg in cmds if kind == sc.READ_CLIENT and sid == a]
+    assert reads_a in ([], [False, True])  # a connected in this same pass: reading again
+    core.handle_timer(2.01)
+    cmds = core.commands()
+    assert cmds == [(sc.CONNECT, b, (B1, 8080)), (sc.SEND_UPSTREAM, b, b"x" * 40_000),
+                    (sc.READ_CLIENT, b, True)]
