@@ -7,8 +7,9 @@ namespace behind a dormant service, real clients (psql, pgbench, psycopg) in ano
   self-signed certificate (TLS end to end, spliced);
 - the database frozen (SIGSTOP of the postmaster and its children from ``on_idle``,
   SIGCONT from ``on_activate``) under 21 open psycopg connections once they are all
-  idle; a keep-alive ``SELECT 1`` every second on one of them answered while it is
-  frozen, with no wake; the next real query thaws it and every connection goes on;
+  idle; a keep-alive every second on one of them (``SELECT 1`` simple and extended,
+  pgx's ``-- ping``, a commented ``SELECT 1``) answered while it is frozen, with no
+  wake; the next real query thaws it and every connection goes on;
 - the database frozen and never thawed (``on_activate`` does nothing): a new psql's
   startup is relayed to the stopped postmaster (its kernel still accepts), and psql gets
   FATAL 57P03 after ``hold_timeout_ms`` instead of hanging.
@@ -149,12 +150,16 @@ for line in sys.stdin:
             t = []
             for i in range(int(cmd[1])):
                 t0 = time.monotonic()
-                if i % 3 == 0:  # simple protocol
+                if i % 5 == 0:  # simple protocol
                     assert ka.execute("SELECT 1").fetchone() == (1,)
-                elif i % 3 == 1:  # extended, binary results
+                elif i % 5 == 1:  # extended, binary results
                     assert ka.cursor(binary=True).execute("SELECT 1").fetchone() == (1,)
-                else:  # extended, a named prepared statement
+                elif i % 5 == 2:  # extended, a named prepared statement
                     assert ka.execute("select 1", prepare=True).fetchone() == (1,)
+                elif i % 5 == 3:  # pgx's pgconn.Ping: the simple Query "-- ping"
+                    assert ka.pgconn.exec_(b"-- ping").status == 0  # EMPTY_QUERY
+                else:  # commented, extended
+                    assert ka.execute("/* ping */ SELECT 1 -- health").fetchone() == (1,)
                 t.append(time.monotonic() - t0)
                 time.sleep(1)
             out = {"max_s": max(t)}  # reported, not asserted
