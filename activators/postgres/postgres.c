@@ -9,8 +9,9 @@
  *     (protocol 3.0 and 3.2 alike; the authentication exchange is relayed too);
  *   - a CancelRequest is forwarded when a backend is up, the connection closed otherwise;
  *   - on an established session whose last ReadyForQuery said 'I' and with nothing in
- *     flight, keep-alive queries (SELECT 1, ';', the empty query; simple and extended
- *     protocol) are answered locally with the bytes a real PostgreSQL 15 sends;
+ *     flight, keep-alive queries (SELECT 1, ';', the empty query, with SQL comments or
+ *     comments alone as pgx's "-- ping"; simple and extended protocol) are answered
+ *     locally with the bytes a real PostgreSQL 15 sends;
  *   - need is "active" while any session has a query in flight, is inside a
  *     transaction, waits for a backend or is spliced (TLS: unseen), and "none" otherwise;
  *   - a real query while no backend is up is held (bounded; the client is paused at the

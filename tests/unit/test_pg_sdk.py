@@ -69,7 +69,8 @@ def test_pgping_answers_the_handshake_and_select_1_like_postgresql(ping: StreamG
     greeting = W.split(g.to_client(1))
     assert greeting[0] == (b"R", struct.pack("!i", 0)) and greeting[-1] == (b"Z", b"I")
     assert (b"S", b"server_version\x0015.0\x00") in greeting
-    for name in ("q_select1", "q_select1_semi", "q_semi", "q_empty"):
+    for name in ("q_select1", "q_select1_semi", "q_semi", "q_empty", "q_comment_dash",
+                 "q_comment_nested", "q_comment_select1_semi"):
         g.client(1, FORMS[name])
         assert g.to_client(1) == answer(name), name
     assert g.need is None and not g.streams[1].connects  # nothing to wake
