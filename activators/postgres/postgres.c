@@ -9,14 +9,16 @@
  *     (protocol 3.0 and 3.2 alike; the authentication exchange is relayed too);
  *   - a CancelRequest is forwarded when a backend is up, the connection closed otherwise;
  *   - on an established session whose last ReadyForQuery said 'I' and with nothing in
- *     flight, keep-alive queries (SELECT 1, ';', the empty query; simple and extended
- *     protocol) are answered locally with the bytes a real PostgreSQL 15 sends;
+ *     flight, keep-alive queries (SELECT 1, ';', the empty query, with SQL comments or
+ *     comments alone as pgx's "-- ping"; simple and extended protocol) are answered
+ *     locally with the bytes a real PostgreSQL 15 sends;
  *   - need is "active" while any session has a query in flight, is inside a
  *     transaction, waits for a backend or is spliced (TLS: unseen), and "none" otherwise;
  *   - a real query while no backend is up is held (bounded; the client is paused at the
  *     bound) and relayed in order once one is; when the hold runs out the client gets
  *     ErrorResponse 57P03 (FATAL before the session is established, ERROR plus
- *     ReadyForQuery inside one).
+ *     ReadyForQuery inside one); a startup relayed to a backend that sends nothing back
+ *     within hold_timeout_ms (frozen, never thawed) gets the same FATAL 57P03 and a close.
  *   - a CancelRequest goes to the replica running the session it names (the session's
  *     BackendKeyData is noted as it goes by; upstream_connect_like, ABI.md);
  *   - malformed client input is answered as PostgreSQL 15 answers the same bytes (its
@@ -99,6 +101,7 @@ struct stream {
     u8 term;              /* a Terminate was relayed or held: later client bytes are dropped */
     u8 kset;              /* the backend's BackendKeyData went by: kpid, khash are its */
     u8 has_like;          /* a CancelRequest for the session on stream `like` */
+    u8 banswered;         /* a backend byte came after the startup was relayed */
     u16 kpos;             /* bytes of BackendKeyData's body seen */
     u32 kpid, khash;      /* its process id, a hash of its secret key (any length, 3.2) */
     u32 like;
@@ -136,11 +139,11 @@ static u32 budget; /* actions this call may still write (ABI: 4 per event + 16) 
 /* Counters of the port (ABI "count" actions), summed over a call and sent at its end. */
 enum { C_KEEPALIVES, C_WAKE_STARTUP, C_WAKE_QUERY, C_WAKE_TLS, C_HOLD_TIMEOUTS,
        C_PROTOCOL_ERRORS, C_CANCELS_FORWARDED, C_CANCELS_CLOSED, C_STATEMENTS_RECREATED,
-       C_CANCELS_MATCHED, NCOUNT };
+       C_CANCELS_MATCHED, C_STARTUP_TIMEOUTS, NCOUNT };
 static const char *const count_names[NCOUNT] = {
     "keepalives_answered", "wake_startup", "wake_query", "wake_tls", "hold_timeouts",
     "protocol_errors", "cancels_forwarded", "cancels_closed", "statements_recreated",
-    "cancels_matched"};
+    "cancels_matched", "startup_timeouts"};
 static u32 counts[NCOUNT];
 static u32 counted; /* a bit per counter with something to send (batch_end) */
 #define COUNT(c) (counts[c]++, counted |= 1u << (c))
@@ -298,7 +301,10 @@ static void update(struct stream *s) {
     case PH_PASSTHRU:
         busy = 1; work = 1; holding = 1;
         break;
-    case PH_STARTUP:
+    case PH_STARTUP: /* timed until the backend says anything (a frozen one never does) */
+        busy = 1;
+        holding = !s->banswered;
+        break;
     case PH_SPLICED: /* TLS end to end: a query may be in flight, unseen; never freeze it */
         busy = 1;
         break;
@@ -1287,6 +1293,7 @@ static void on_connected(struct stream *s) {
     buf_copy(&s->hold, 0, h, 4);
     send_hold(s, fab_be32(h));
     s->phase = PH_STARTUP;
+    s->t0_set = 0; /* the backend has hold_timeout_ms from now to answer the startup */
     /* Whatever followed the startup packet is typed messages: parse it as such. */
     struct buf rest = s->hold;
     buf_init(&s->hold);
@@ -1472,6 +1479,17 @@ static void check_timeouts(void) {
                 COUNT(C_HOLD_TIMEOUTS);
                 close_stream(s);
             }
+        } else if (s->phase == PH_STARTUP) {
+            /* Relayed, and not a byte back: a backend that accepts connections but never
+             * runs (a SIGSTOPped postmaster still completes TCP handshakes, so the
+             * readiness probe passed). Without this the client would wait for ever. */
+            u8 m[FAB_PG_ERROR_MAX];
+            send_down(s, m, fab_pg_error(m, "FATAL", "57P03",
+                                         "the database system is not available (hold timeout)"));
+            logmsg(FAB_WARNING, "postgres activator: the backend did not answer a relayed startup"
+                   " within the hold timeout; answered 57P03", 0);
+            COUNT(C_STARTUP_TIMEOUTS);
+            close_stream(s);
         } else if (s->phase == PH_SESSION) {
             if (!fab_pg_between(&s->bfr)) close_stream(s); /* no answer fits in there */
             else if (s->hold_quiescent) session_timeout(s);
@@ -1560,6 +1578,7 @@ static void on_upstream_data(u32 id, const u8 *d, u32 n) {
     struct stream *s = fab_table_get(&streams, id);
     if (!s || !s->connected) return;
     if (s->phase == PH_STARTUP || s->phase == PH_SESSION) {
+        if (n) s->banswered = 1;
         backend_feed(s, d, n);
         update(s);
     }

@@ -7,8 +7,12 @@ namespace behind a dormant service, real clients (psql, pgbench, psycopg) in ano
   self-signed certificate (TLS end to end, spliced);
 - the database frozen (SIGSTOP of the postmaster and its children from ``on_idle``,
   SIGCONT from ``on_activate``) under 21 open psycopg connections once they are all
-  idle; a keep-alive ``SELECT 1`` every second on one of them answered while it is
-  frozen, with no wake; the next real query thaws it and every connection goes on.
+  idle; a keep-alive every second on one of them (``SELECT 1`` simple and extended,
+  pgx's ``-- ping``, a commented ``SELECT 1``) answered while it is frozen, with no
+  wake; the next real query thaws it and every connection goes on;
+- the database frozen and never thawed (``on_activate`` does nothing): a new psql's
+  startup is relayed to the stopped postmaster (its kernel still accepts), and psql gets
+  FATAL 57P03 after ``hold_timeout_ms`` instead of hanging.
 """
 
 from __future__ import annotations
@@ -146,12 +150,16 @@ for line in sys.stdin:
             t = []
             for i in range(int(cmd[1])):
                 t0 = time.monotonic()
-                if i % 3 == 0:  # simple protocol
+                if i % 5 == 0:  # simple protocol
                     assert ka.execute("SELECT 1").fetchone() == (1,)
-                elif i % 3 == 1:  # extended, binary results
+                elif i % 5 == 1:  # extended, binary results
                     assert ka.cursor(binary=True).execute("SELECT 1").fetchone() == (1,)
-                else:  # extended, a named prepared statement
+                elif i % 5 == 2:  # extended, a named prepared statement
                     assert ka.execute("select 1", prepare=True).fetchone() == (1,)
+                elif i % 5 == 3:  # pgx's pgconn.Ping: the simple Query "-- ping"
+                    assert ka.pgconn.exec_(b"-- ping").status == 0  # EMPTY_QUERY
+                else:  # commented, extended
+                    assert ka.execute("/* ping */ SELECT 1 -- health").fetchone() == (1,)
                 t.append(time.monotonic() - t0)
                 time.sleep(1)
             out = {"max_s": max(t)}  # reported, not asserted
@@ -273,4 +281,35 @@ def test_database_frozen_under_idle_connections_keepalives_answered(sandbox: San
         if proc.stdin:
             proc.stdin.close()
         proc.kill()
+        srv.stop()
+
+
+def test_a_startup_to_a_database_frozen_for_good_gets_57p03(sandbox: Sandbox,
+                                                           pgroot: Path) -> None:
+    """on_activate fails to thaw the database (here: it does nothing). The frozen
+    postmaster still completes TCP handshakes, so the readiness probe passes and the
+    StartupMessage is relayed; psql (no connect_timeout) gets the activator's FATAL 57P03
+    once hold_timeout_ms has passed without a byte back, instead of hanging for ever."""
+    pidfile = pgroot / "data" / "postmaster.pid"
+    d, client, srv = setup(sandbox, pgroot, service(
+        [{"port": 5432, "target_port": 5432, "activator": WASM,
+          "activator_config": {"hold_timeout_ms": 2000}}], idle_timeout="1s",
+        on_idle=freeze_cmd(pidfile, "STOP"), on_activate="true"))
+    base = f"host={VIP} port=5432 user=postgres dbname=postgres sslmode=disable"
+    try:
+        r = psql(sandbox, client, f"{base} connect_timeout=30", "select 40 + 2")
+        assert r.returncode == 0 and r.stdout.strip() == "42", (r.stderr, d.log()[-3000:])
+        wait(lambda: frozen(srv), "the database to be frozen once idle")
+        t0 = time.monotonic()
+        r = psql(sandbox, client, base, "select 1", timeout=30)
+        took = time.monotonic() - t0
+        assert r.returncode != 0 and "not available (hold timeout)" in r.stderr, (
+            r.stdout, r.stderr, d.log()[-3000:])
+        assert 1.5 < took < 15, took
+        assert frozen(srv), "nothing thawed it"
+        st = stats(d, 5432)
+        assert st["guest_counters"].get("startup_timeouts", 0) >= 1, st
+        assert st["counters"]["guest_failures"] == 0, st
+    finally:
+        subprocess.run(freeze_cmd(pidfile, "CONT"), shell=True, check=False, timeout=10)
         srv.stop()

@@ -69,7 +69,8 @@ def test_pgping_answers_the_handshake_and_select_1_like_postgresql(ping: StreamG
     greeting = W.split(g.to_client(1))
     assert greeting[0] == (b"R", struct.pack("!i", 0)) and greeting[-1] == (b"Z", b"I")
     assert (b"S", b"server_version\x0015.0\x00") in greeting
-    for name in ("q_select1", "q_select1_semi", "q_semi", "q_empty"):
+    for name in ("q_select1", "q_select1_semi", "q_semi", "q_empty", "q_comment_dash",
+                 "q_comment_nested", "q_comment_select1_semi"):
         g.client(1, FORMS[name])
         assert g.to_client(1) == answer(name), name
     assert g.need is None and not g.streams[1].connects  # nothing to wake
@@ -228,8 +229,11 @@ def _cut(data: bytes, cuts: list[int]) -> list[bytes]:
 #: the session where it stands (an unsynced keep-alive group before it is dropped, bytes
 #: after it are not read), and malformed input is answered as PostgreSQL answers it: a
 #: batch where postgres.c refuses a client (it logs why) ends the comparison.
+#: Since the keep-alive review (docs/reliability.md), comments are skipped (pgx's
+#: "-- ping" is answered locally), and a startup relayed to a backend that sends nothing
+#: back within the hold timeout gets FATAL 57P03 (logged; that ends the comparison too).
 _CHANGED = {FORMS["x_asyncpg"], FORMS["x_asyncpg_again"], FORMS["x_maxrows1"], W.FLUSH,
-            *(FORMS[k] for k in FORMS if k.startswith("x_types")),
+            *(FORMS[k] for k in FORMS if k.startswith("x_types") or "comment" in k),
             b"\x16\x03\x01\x00\x02hi", W.TERMINATE,
             W.parse("SELECT 1") + W.bind() + W.execute(max_rows=1) + W.SYNC}
 _EQ_PIECES = [p for p in _PIECES if p not in _CHANGED]
@@ -284,7 +288,8 @@ def test_the_sdk_rewrite_answers_every_batch_as_the_hand_written_one(
         for batch in _events(ops):
             got = new.send(*batch)
             if any(isinstance(a, abi.Log) and a.level == abi.LOG_WARNING
-                   and ("closing a client" in a.message or "a client sent" in a.message)
+                   and ("closing a client" in a.message or "a client sent" in a.message
+                        or "did not answer a relayed startup" in a.message)
                    for a in got):
                 break  # refused as the server refuses it; the reference did otherwise
             assert got == old.send(*batch), batch

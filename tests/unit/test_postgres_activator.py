@@ -84,7 +84,22 @@ FORMS: dict[str, bytes] = {
     + W.execute() + W.SYNC,
     "x_types_empty": W.parse(";", "", (21,)) + W.describe(b"S") + W.bind(params=(b"+7",))
     + W.execute() + W.SYNC,
+    # comments are whitespace to the server's lexer: pgx's pgconn.Ping sends "-- ping"
+    "q_comment_dash": W.query("-- ping"),
+    "q_comment_block": W.query("/* ping */"),
+    "q_comment_nested": W.query("/* a /* b */ c */\n-- d\r"),
+    "q_comment_select1": W.query("SELECT 1 -- health"),
+    "q_comment_select1_semi": W.query("/* ping */ SELECT 1;  -- x"),
+    "q_comment_select1_inside": W.query("select/**/1/*/ x */"),
+    "x_comment_dash": W.parse("-- ping") + W.bind() + W.describe(b"P") + W.execute() + W.SYNC,
+    "x_comment_desc": W.parse("/* ping */") + W.describe(b"S") + W.SYNC,
+    "x_comment_select1": W.parse("select -- x\n 1 /* y */") + W.bind() + W.describe(b"P")
+    + W.execute() + W.SYNC,
 }
+
+#: texts that look like keep-alives but are the server's to answer (its error): unterminated
+#: comments, and the vertical tab, which is no whitespace to PostgreSQL 15's lexer
+NOT_KEEPALIVES = ["/* ping", "/* a /* b */", "SELECT 1 /*", "SELECT 1 */", "SELECT\v1", "\v"]
 
 _T = "540000002100013f636f6c756d6e3f00000000000000000000170004ffffffff0000"  # RowDescription
 _D = "440000000b0001000000013143"[:-2]  # DataRow "1"
@@ -121,6 +136,15 @@ CAPTURED: dict[str, str] = {
     "x_types_bin": "3100000004" "3200000004" "440000000e00010000000400000001" + _C,
     "x_types_empty": "3100000004" "740000000a000100000015" "6e00000004" "3200000004"
     "49000000045a0000000549",
+    "q_comment_dash": "49000000045a0000000549",
+    "q_comment_block": "49000000045a0000000549",
+    "q_comment_nested": "49000000045a0000000549",
+    "q_comment_select1": _T + _D + _C,
+    "q_comment_select1_semi": _T + _D + _C,
+    "q_comment_select1_inside": _T + _D + _C,
+    "x_comment_dash": "310000000432000000046e0000000449000000045a0000000549",
+    "x_comment_desc": "3100000004740000000600006e000000045a0000000549",
+    "x_comment_select1": "3100000004" "3200000004" + _T + _D + _C,
 }
 
 GREETING = W.msg(b"R", struct.pack("!i", 0)) + W.msg(b"S", b"server_version\x0015.18\x00") \
@@ -333,7 +357,8 @@ def test_keepalives_split_across_reads_are_still_answered_locally(guest) -> None
 
 
 @pytest.mark.parametrize("sql", ["SELECT 2", "SELECT 1; SELECT 1", "SELECT 10", "select1",
-                                 "SELECT 1 -- c", "SELECT 1;;", "BEGIN"])
+                                 "SELECT 1;;", "BEGIN", *NOT_KEEPALIVES, "-- x\n\v",
+                                 "-- x\nSELECT 2", "SELECT /* 1 */ 2", "select 1-- x\n;x"])
 def test_other_queries_are_relayed(guest, sql: str) -> None:
     g = guest()
     session(g)
@@ -341,6 +366,43 @@ def test_other_queries_are_relayed(guest, sql: str) -> None:
     assert g.to_backend(1) == W.query(sql) and g.to_client(1) == b"" and g.need == ACTIVE
     g.backend(1, W.msg(b"C", b"X\0") + rfq())
     assert g.need == NONE
+
+
+def test_pgx_ping_and_commented_keepalives_are_answered_locally(guest) -> None:
+    """pgx v5's pgconn.Ping is the simple Query "-- ping" (pgxpool pings on acquire,
+    database/sql's PingContext too): relayed, it woke a frozen database on every probe."""
+    g = guest()
+    session(g)
+    g.unavailable()  # asleep: a relayed one would be held and wake it
+    for sql, name in (("-- ping", "q_comment_dash"), ("/* ping */", "q_comment_block"),
+                      ("SELECT 1 -- health", "q_comment_select1"),
+                      ("/* ping */ SELECT 1;", "q_comment_select1"),
+                      ("select\n-- a\n1 -- b", "q_comment_select1"),
+                      ("/* /* nested */ */ select 1", "q_comment_select1")):
+        g.client(1, W.query(sql))
+        assert g.to_client(1).hex() == CAPTURED[name], sql
+        assert g.to_backend(1) == b"" and g.need == NONE, sql
+    # split over reads (the buffered path, not the whole-body fast path)
+    q = W.query("-- ping")
+    for i in range(len(q)):
+        g.client(1, q[i:i + 1])
+    assert g.to_client(1).hex() == CAPTURED["q_comment_dash"] and g.need == NONE
+    counts: dict[str, int] = {}
+    for a in g.actions:
+        if isinstance(a, abi.Count):
+            counts[a.name] = counts.get(a.name, 0) + a.n
+    assert counts.get("keepalives_answered") == 7 and "wake_query" not in counts
+
+
+def test_an_unterminated_comment_is_relayed_for_the_servers_error(guest) -> None:
+    g = guest()
+    session(g)
+    for sql in ("-- ping\n/* x", "/* a /* b */ c", "SELECT 1 /* x"):
+        g.client(1, W.parse(sql) + W.bind() + W.execute() + W.SYNC)
+        assert g.to_client(1) == b"" and g.need == ACTIVE, sql
+        assert g.to_backend(1) == W.parse(sql) + W.bind() + W.execute() + W.SYNC, sql
+        g.backend(1, W.msg(b"E", b"SERROR\0C42601\0Munterminated /* comment\0\0") + rfq())
+        assert errors(g.to_client(1))[0]["C"] == "42601" and g.need == NONE
 
 
 def test_keepalives_inside_a_transaction_or_behind_a_query_are_relayed(guest) -> None:
@@ -472,6 +534,72 @@ def test_hold_timeout_before_the_session_is_fatal_57p03(guest) -> None:
     e = errors(g.to_client(1))
     assert e[0]["S"] == "FATAL" and e[0]["C"] == "57P03" and g.streams[1].downstream_closed
     assert g.need == NONE
+
+
+def _counts(g: StreamGuest) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for a in g.actions:
+        if isinstance(a, abi.Count):
+            out[a.name] = out.get(a.name, 0) + a.n
+    return out
+
+
+def test_a_startup_relayed_to_a_backend_that_never_answers_is_fatal_57p03(guest) -> None:
+    """A SIGSTOPped postmaster still completes TCP handshakes (the kernel does), so the
+    readiness probe passes and the startup is relayed; if it is never thawed, the client
+    used to wait for ever with need active."""
+    g = guest(hold_timeout_ms=1000)
+    g.tick(1)
+    g.open(1)
+    g.client(1, W.startup())
+    g.tick(500)
+    g.connected(1)  # held for 500 ms, then relayed
+    assert g.to_backend(1) == W.startup() and g.need == ACTIVE
+    g.tick(600)
+    g.tick(1550)  # over 1 s since the startup came, 0.95 s since the relay: waiting
+    assert g.to_client(1) == b"" and not g.streams[1].downstream_closed
+    g.tick(1700)
+    e = errors(g.to_client(1))
+    assert [(x["S"], x["C"]) for x in e] == [("FATAL", "57P03")]
+    assert "hold timeout" in e[0]["M"]
+    assert g.streams[1].downstream_closed and g.streams[1].upstream_closed
+    assert g.need == NONE
+    assert _counts(g).get("startup_timeouts") == 1 and "hold_timeouts" not in _counts(g)
+
+
+def test_a_backend_that_answers_the_startup_is_not_timed_out(guest) -> None:
+    g = guest(hold_timeout_ms=1000)
+    g.tick(1)
+    g.open(1)
+    g.client(1, W.startup())
+    g.connected(1)
+    g.tick(500)
+    # any answer shows a running backend: an AuthenticationRequest that waits for the
+    # user to type a password (the server's own authentication_timeout covers it) ...
+    g.backend(1, W.msg(b"R", struct.pack("!i", 3)))
+    g.open(2)
+    g.client(2, W.startup())
+    g.connected(2)
+    g.tick(600)
+    g.backend(2, W.msg(b"E", b"SFATAL\0C28000\0Mno such role\0\0")[:7])  # ... or a part of one
+    g.tick(10_000)
+    g.tick(20_000)
+    assert not g.streams[1].downstream_closed and not g.streams[2].downstream_closed
+    assert g.to_client(1) == W.msg(b"R", struct.pack("!i", 3))
+    assert "startup_timeouts" not in _counts(g)
+
+
+def test_a_query_on_an_established_session_is_never_timed_out(guest) -> None:
+    """A long query is legitimate: only the startup has a deadline."""
+    g = guest(hold_timeout_ms=1000)
+    g.tick(1)
+    session(g)
+    g.client(1, W.query("SELECT pg_sleep(3600)"))
+    assert g.to_backend(1) == W.query("SELECT pg_sleep(3600)")
+    for t in range(100, 120_000, 5000):
+        g.tick(t)
+    assert g.to_client(1) == b"" and not g.streams[1].downstream_closed and g.need == ACTIVE
+    assert not {"startup_timeouts", "hold_timeouts"} & set(_counts(g))
 
 
 def test_need_follows_queries_and_transactions_over_many_sessions(guest) -> None:
@@ -1011,8 +1139,24 @@ def test_keepalives_through_the_guest_match_the_live_server(bridge, pg: W.PgServ
     direct.close()
 
 
+def test_unterminated_comments_reach_the_live_server_for_its_error(bridge, pg: W.PgServer
+                                                                   ) -> None:
+    b = bridge()
+    direct = W.RawPg.unix(pg.socket_path)
+    via = W.RawPg.unix(b.listen_path)
+    for sql in NOT_KEEPALIVES:
+        sent = b.counters.upstream_bytes
+        want = direct.exchange(W.query(sql), 1)
+        assert [t for t, _ in W.split(want)] == [b"E", b"Z"], sql
+        assert via.exchange(W.query(sql), 1) == want, sql
+        assert b.counters.upstream_bytes > sent, sql
+    via.close()
+    direct.close()
+
+
 def _msgs() -> st.SearchStrategy[bytes]:
-    sql = st.sampled_from(["SELECT 1", "select 1 ;", ";", "", "SELECT 2", "SELECT 'x'"])
+    sql = st.sampled_from(["SELECT 1", "select 1 ;", ";", "", "SELECT 2", "SELECT 'x'",
+                           "-- ping", "/* x */ select 1 -- y", "/* x"])
     name = st.sampled_from(["", "a", "b"])
     portal = st.sampled_from(["", "p"])
     types = st.sampled_from([(), (), (23,), (25, 20), (0,)])

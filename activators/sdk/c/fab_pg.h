@@ -50,8 +50,8 @@
  *     BindComplete, CloseComplete, NoData, EmptyQueryResponse), AuthenticationOk,
  *     ParameterStatus, BackendKeyData; fab_pg_answer_query() writes what PostgreSQL 15
  *     answers to a keep-alive simple Query, byte for byte;
- *   - the keep-alive classifier: `SELECT 1` (any case, any whitespace, optional `;`), `;`
- *     and the empty query.
+ *   - the keep-alive classifier: `SELECT 1` (any case, any whitespace or comments,
+ *     optional `;`), `;`, the empty query and a text of comments alone (pgx's `-- ping`).
  *
  * Limits: protocol 3 only (major version 3, any minor); builders write into memory the
  * caller provides and trust the caller for room (each says its size; FAB_PG_*_MAX);
@@ -420,29 +420,58 @@ static FAB_UNUSED int fab_pg_target_msg(u8 type, const u8 *b, u32 n, struct fab_
 
 #define FAB_PG_KA_NONE 0
 #define FAB_PG_KA_SELECT1 1 /* SELECT 1 */
-#define FAB_PG_KA_EMPTY 2   /* ";" or the empty query */
+#define FAB_PG_KA_EMPTY 2   /* ";", the empty query, or comments alone */
 
+/* SQL whitespace as PostgreSQL 15's lexer has it (scan.l `space`): no vertical tab, which
+ * makes `SELECT\v1` a syntax error there (a text with one is the server's to answer). */
 FAB_INLINE int fab_pg_space(u8 c) {
-    return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == '\v';
+    return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f';
 }
 
-/* The keep-alive a query text is: ws* ["select" ws+ "1" ws*] [";" ws*], any case. */
+/* Skip whitespace and comments from q[i]: `--` to the end of the line (or the text), and
+ * block comments (slash-star to star-slash), which nest in PostgreSQL. Returns the index
+ * of the first byte after them, or FAB_NIL when a block comment is not closed (the
+ * server's error is then the answer: such a text is never a keep-alive). */
+static FAB_UNUSED u32 fab_pg_skip(const u8 *q, u32 n, u32 i) {
+    while (i < n) {
+        if (fab_pg_space(q[i])) {
+            i++;
+        } else if (q[i] == '-' && i + 1 < n && q[i + 1] == '-') {
+            for (i += 2; i < n && q[i] != '\n' && q[i] != '\r';) i++;
+        } else if (q[i] == '/' && i + 1 < n && q[i + 1] == '*') {
+            u32 depth = 1;
+            for (i += 2; depth;) {
+                if (i + 1 >= n) return FAB_NIL;
+                if (q[i] == '/' && q[i + 1] == '*') { depth++; i += 2; }
+                else if (q[i] == '*' && q[i + 1] == '/') { depth--; i += 2; }
+                else i++;
+            }
+        } else {
+            break;
+        }
+    }
+    return i;
+}
+
+/* The keep-alive a query text is: c* ["select" c+ "1" c*] [";" c*], any case, where c is
+ * whitespace or a comment: pgx's `-- ping` (pgconn.Ping), a block comment alone and
+ * `SELECT 1 -- health` are keep-alives (to the server, comments alone are the empty query). */
 static FAB_UNUSED u32 fab_pg_keepalive(const u8 *q, u32 n) {
-    u32 i = 0, kind = FAB_PG_KA_EMPTY;
-    while (i < n && fab_pg_space(q[i])) i++;
+    u32 i = fab_pg_skip(q, n, 0), kind = FAB_PG_KA_EMPTY;
+    if (i == FAB_NIL) return FAB_PG_KA_NONE;
     if (i + 6 <= n && fab_lower(q[i]) == 's') {
         if (!fab_memeq_ci(q + i, "select", 6)) return FAB_PG_KA_NONE;
         i += 6;
         u32 w = i;
-        while (i < n && fab_pg_space(q[i])) i++;
-        if (i == w || i >= n || q[i] != '1') return FAB_PG_KA_NONE;
-        i++;
-        while (i < n && fab_pg_space(q[i])) i++;
+        i = fab_pg_skip(q, n, i);
+        if (i == FAB_NIL || i == w || i >= n || q[i] != '1') return FAB_PG_KA_NONE;
+        i = fab_pg_skip(q, n, i + 1);
+        if (i == FAB_NIL) return FAB_PG_KA_NONE;
         kind = FAB_PG_KA_SELECT1;
     }
     if (i < n && q[i] == ';') {
-        i++;
-        while (i < n && fab_pg_space(q[i])) i++;
+        i = fab_pg_skip(q, n, i + 1);
+        if (i == FAB_NIL) return FAB_PG_KA_NONE;
     }
     return i == n ? kind : FAB_PG_KA_NONE;
 }

@@ -3,8 +3,8 @@
  * An example for activator authors (fabricd.h + fab_pg.h): the guest alone answers every
  * connection, no database behind it: SSLRequest/GSSENCRequest 'N'; a StartupMessage with
  * AuthenticationOk (trust), a few ParameterStatus, BackendKeyData and ReadyForQuery;
- * keep-alive queries (`SELECT 1` in any case, `;`, the empty query) with the bytes
- * PostgreSQL 15 sends; `SHOW server_version` (built with the generic row builders);
+ * keep-alive queries (`SELECT 1` in any case, `;`, the empty query, SQL comments around
+ * or alone, as pgx's `-- ping`) with the bytes PostgreSQL 15 sends; `SHOW server_version` (built with the generic row builders);
  * Terminate with a close; a CancelRequest with a close; any other query with ERROR 0A000 and
  * ReadyForQuery (an extended-protocol group gets its error at its Sync). So health
  * checks (`psql -c 'SELECT 1'`, pg_isready, a pool's validation query) succeed and the
