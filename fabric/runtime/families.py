@@ -99,7 +99,8 @@ FAMILIES: tuple[Family, ...] = (
            "local stack, fabric.streams)"),
     Family("fabric_service_stream_total", "counter", ("namespace", "service", "counter"),
            "Stream host events of the service's stream ports (streams opened and refused, "
-           "bytes each way, upstream connects, splices and bytes spliced, fallbacks, "
+           "bytes each way, upstream connects and those paced after a wake (`release_paced`), "
+           "splices and bytes spliced, fallbacks, "
            "dropped actions, upstreams made inside the backend pod and the VIP "
            "fallbacks of upstream: pod-local...), by counter name"),
     Family("fabric_service_activator_total", "counter", ("namespace", "service", "counter"),

@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from fabric.activator import abi
-from fabric.config.specs import DEFAULT_RELEASE_BURST, DEFAULT_RELEASE_INTERVAL
 from fabric.histogram import WAKE_BUCKETS, Histogram
 
 # --- commands for the shell: (kind, stream id, argument) -----------------------------------
@@ -63,6 +62,11 @@ SPLICED = 2  # the shell relays it (the guest asked, or the fallback)
 UP_NONE, UP_CONNECTING, UP_OPEN, UP_CLOSED = 0, 1, 2, 3
 
 TICK_INTERVAL = 0.1
+# The pace of a wake's connects when the shell gives none: the defaults of a service's
+# hold.release_burst and hold.release_interval (fabric.config.specs; this layer does not
+# read the config, the manager passes the service's own).
+RELEASE_BURST = 128
+RELEASE_INTERVAL = 0.001
 MAX_STREAMS = 4096
 STREAM_BUFFER = 256 << 10
 MAX_CHUNK = 64 << 10  # bytes per stream_data event
@@ -175,8 +179,8 @@ class StreamCore:
     def __init__(self, guest: Guest, port: int, target_port: int, *,
                  hold_timeout: float = 30.0, max_streams: int = MAX_STREAMS,
                  stream_buffer: int = STREAM_BUFFER, label: str = "",
-                 release_burst: int = DEFAULT_RELEASE_BURST,
-                 release_interval: float = DEFAULT_RELEASE_INTERVAL) -> None:
+                 release_burst: int = RELEASE_BURST,
+                 release_interval: float = RELEASE_INTERVAL) -> None:
         self.gen = Generation(guest, 1)
         self.gens = [self.gen]
         self.retired: list[Guest] = []  # generations done with: the shell closes them

@@ -183,3 +183,9 @@ def test_bytes_kept_for_a_waiting_connect_are_bounded_by_pausing_its_client() ->
     cmds = core.commands()
     assert cmds == [(sc.CONNECT, b, (B1, 8080)), (sc.SEND_UPSTREAM, b, b"x" * 40_000),
                     (sc.READ_CLIENT, b, True)]
+
+
+def test_the_cores_own_pace_defaults_are_the_configs() -> None:
+    from fabric.config.specs import DEFAULT_RELEASE_BURST, DEFAULT_RELEASE_INTERVAL
+    assert (sc.RELEASE_BURST, sc.RELEASE_INTERVAL) == (DEFAULT_RELEASE_BURST,
+                                                       DEFAULT_RELEASE_INTERVAL)
