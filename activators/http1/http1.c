@@ -14,7 +14,8 @@
 #define MAX_CONNS 1024
 #define SMALL 2048                 /* client bytes kept inline per connection */
 #define BIG (160 * 1024)           /* a pool block: the pause threshold plus two host reads */
-#define BIG_BLOCKS 36
+#define BIG_MARGIN (1536 * 1024)  /* memory left under the cap (event buffers the host grows) */
+#define DEFAULT_MEMORY (16u << 20) /* the host's default memory_limit */
 #define MAXQ 32                    /* pipelined requests per connection awaiting answers */
 #define MAX_HEALTH 8
 #define STAGE (64 * 1024)
@@ -77,7 +78,29 @@ struct health {
 };
 
 FAB_TABLE(conns, struct conn, MAX_CONNS);
-FAB_POOL(bigs, BIG, BIG_BLOCKS);
+/* Big blocks are made on first need, up to what the instance's memory_limit leaves
+ * room for (init), and pooled: idle ports stay small, a larger activator_memory_mib
+ * holds more uploads at once. A free block's first bytes link it to the next. */
+static u8 *big_free;
+static u32 big_made, big_max;
+
+static u8 *big_get(void) {
+    u8 *b = big_free;
+    if (b) {
+        fab_copy(&big_free, b, sizeof big_free);
+        return b;
+    }
+    if (big_made >= big_max) return 0;
+    u32 p = fab_alloc(BIG);
+    if (!p) return 0;
+    big_made++;
+    return (u8 *)p;
+}
+
+static void big_put(u8 *b) {
+    fab_copy(b, &big_free, sizeof big_free);
+    big_free = b;
+}
 
 static struct health health[MAX_HEALTH];
 static u32 nhealth;
@@ -179,6 +202,11 @@ static int init(struct fab_json cfg) {
     head_timeout_ms = fab_cfg_u32(cfg, "head_timeout_ms", 30000);
     retry_after_s = fab_cfg_u32(cfg, "retry_after_s", 5);
     hold_soft = fab_cfg_u32(cfg, "stream_hold_bytes", 16 * 1024);
+    u32 mem = fab_cfg_u32(cfg, "memory_limit", DEFAULT_MEMORY);
+    u32 top = fab_alloc(0);  /* the heap's end: statics and what exists already */
+    u32 room = mem > top + BIG_MARGIN ? mem - top - BIG_MARGIN : 0;
+    big_max = big_made + room / BIG;
+    if (big_max < 1) big_max = 1;
     if (hold_soft < FAB_H1_MAX_HEAD) hold_soft = FAB_H1_MAX_HEAD;
     if (hold_soft > BIG - 128 * 1024) hold_soft = BIG - 128 * 1024;
     local_when_ready = (u32)fab_cfg_bool(cfg, "health_local_when_ready", 0);
@@ -229,7 +257,7 @@ static int init(struct fab_json cfg) {
 /* ------------------------------------------------------------ buffers */
 
 static void in_release(struct conn *c) {
-    if (c->in_big) fab_pool_put(&bigs, c->in_big);
+    if (c->in_big) big_put(c->in_big);
     c->in_big = 0;
     fab_buf_init(&c->in, c->small, SMALL);
 }
@@ -239,7 +267,7 @@ static int in_put(struct conn *c, const u8 *p, u32 n) {
     if (!n) return 0;
     if (n > fab_buf_room(&c->in)) {
         if (c->in_big || c->in.len + n > BIG) return -1;
-        u8 *b = fab_pool_get(&bigs);
+        u8 *b = big_get();
         if (!b) return -1;
         fab_copy(b, c->in.data, c->in.len);
         u32 len = c->in.len;
@@ -255,7 +283,7 @@ static void in_take(struct conn *c, u32 n) {
     if (c->in_big && c->in.len <= SMALL) {
         u32 len = c->in.len;
         fab_copy(c->small, c->in.data, len);
-        fab_pool_put(&bigs, c->in_big);
+        big_put(c->in_big);
         c->in_big = 0;
         fab_buf_init(&c->in, c->small, SMALL);
         c->in.len = len;
@@ -263,7 +291,7 @@ static void in_take(struct conn *c, u32 n) {
 }
 
 static void rin_release(struct conn *c) {
-    if (c->rin.data) fab_pool_put(&bigs, c->rin.data);
+    if (c->rin.data) big_put(c->rin.data);
     c->rin.data = 0;
     c->rin.len = c->rin.cap = 0;
 }
@@ -665,7 +693,7 @@ static void on_upstream_data(u32 sid, const u8 *d, u32 n) {
     if (!c->rin.len) {
         u32 k = pump_backend(c, d, n, &bad);
         if (!bad && k < n && !c->stop) {
-            c->rin.data = fab_pool_get(&bigs);
+            c->rin.data = big_get();
             if (!c->rin.data) bad = 1;
             else { c->rin.cap = BIG; c->rin.len = 0; fab_buf_put(&c->rin, d + k, n - k); }
         }

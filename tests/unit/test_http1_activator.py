@@ -679,3 +679,25 @@ def test_a_response_larger_than_an_answer_is_cut_with_a_close() -> None:
         assert guest.failed == 0
     finally:
         guest.close()
+
+
+@pytest.mark.parametrize(("mib", "held_at_least"), [(16, 70), (32, 170)])
+def test_uploads_held_at_once_follow_the_memory_limit(mib: int, held_at_least: int) -> None:
+    """Request bodies held while the backend wakes take a 160 KiB block each past 2 KiB;
+    blocks are made as needed up to what the instance's memory_limit leaves room for (36
+    were a static pool before: the 37th upload of a wake got a 503). Past that, 503."""
+    g = StreamGuest(WASM, {"hold_timeout_ms": 60000}, memory_limit=mib << 20)
+    try:
+        g.tick(1)
+        n = 300
+        for sid in range(1, n + 1):
+            g.open(sid)
+            g.client(sid, b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 3000\r\n\r\n"
+                     + b"x" * 3000)
+        refused = [sid for sid in range(1, n + 1) if bytes(g.streams[sid].client)]
+        assert n - len(refused) >= held_at_least
+        assert all(bytes(g.streams[sid].client).startswith(b"HTTP/1.1 503") for sid in refused)
+        assert g.failed == 0 and g.host.stats.memory_cap == 0
+        assert g.host.instance(80)._size <= (mib << 20) - (1 << 20)
+    finally:
+        g.close()
