@@ -59,6 +59,7 @@ from fabric.streams.core import StreamCore
 from fabric.streams.podlocal import COUNTERS as POD_LOCAL_COUNTERS
 from fabric.streams.podlocal import PodLocal
 from fabric.streams.relay import Pipe
+from fabric.streams.splicer import Splicer, shared_splicer
 
 log = logging.getLogger("fabricd.streams")
 
@@ -129,7 +130,7 @@ class _Timer:
         self.cancelled = True
 
 SHELL_COUNTERS = ("buffer_overflow", "bytes_spliced", "accept_errors", "accept_shed",
-                  "socket_errors", "connect_timeouts")
+                  "socket_errors", "connect_timeouts", "splices_handed")
 
 
 def _spare_fd() -> int | None:
@@ -160,7 +161,7 @@ class _Conn:
 
 class _Pair:
     __slots__ = ("sid", "client", "up", "guest_paused", "forgotten", "pipes",
-                 "connect_timer", "splice_timer")
+                 "connect_timer", "splice_timer", "handed")
 
     def __init__(self, sid: int, client: _Conn) -> None:
         self.sid = sid
@@ -171,6 +172,7 @@ class _Pair:
         self.pipes: tuple[Pipe, Pipe] | None = None
         self.connect_timer: _Timer | None = None
         self.splice_timer: _Timer | None = None
+        self.handed = False  # a bulk pair the splicer thread owns (fabric.streams.splicer)
 
 
 class StreamFront:
@@ -180,10 +182,11 @@ class StreamFront:
                  upstream_socket: Callable[[], socket.socket | None],
                  on_need: Callable[[int], None], label: str,
                  dataplane: DataPlaneHost | None = None,
-                 pod_local: PodLocal | None = None) -> None:
+                 pod_local: PodLocal | None = None, bulk_thread: bool = True) -> None:
         """Made on the event loop; with `dataplane` it runs there once `start()` was
         awaited, else on this loop at once. With `pod_local` upstream sockets are made
-        in the backend pod when it can be entered (`upstream: pod-local`)."""
+        in the backend pod when it can be entered (`upstream: pod-local`). With
+        `bulk_thread` bulk spliced pairs move to the splicer thread."""
         self.core = core
         self.listener = listener
         self._upstream_socket = upstream_socket
@@ -195,6 +198,7 @@ class StreamFront:
         self.pairs: dict[int, _Pair] = {}
         self.counters = dict.fromkeys(SHELL_COUNTERS, 0)
         self.pod_local = pod_local
+        self.splicer: Splicer | None = shared_splicer() if bulk_thread else None
         if pod_local is not None:
             self.counters.update(dict.fromkeys(POD_LOCAL_COUNTERS, 0))
         self.limit = core.stream_buffer
@@ -742,7 +746,7 @@ class StreamFront:
         pipes' bound still holds; smaller exchanges are watched as before, so an
         interactive stream is not delayed."""
         pipes = pair.pipes
-        if pipes is None:
+        if pipes is None or pair.handed:
             return
         pair.splice_timer = None
         client, up = pair.client, pair.up
@@ -778,10 +782,42 @@ class StreamFront:
             self._splice_done(pair)
             return
         if p0.moved + p1.moved - before >= SPLICE_BULK:
+            if self._hand_over(pair):
+                return
             read_c = read_u = write_c = write_u = False
             pair.splice_timer = self._call_later(SPLICE_BATCH, self._spliced_step, pair)
         self._watch(pair, client, read_c, write_c)
         self._watch(pair, up, read_u, write_u)
+
+    def _hand_over(self, pair: _Pair) -> bool:
+        """A bulk pair goes to the splicer thread, off the data plane (see
+        fabric.streams.splicer); it comes back through `_handed_back` when it ends."""
+        splicer = self.splicer
+        up = pair.up
+        if splicer is None or up is None or pair.client.out or up.out or pair.pipes is None:
+            return False
+        for c in (pair.client, up):
+            self._watch(pair, c, False, False)
+        pair.handed = True
+        if splicer.adopt(pair, pair.client.sock, up.sock, pair.pipes,
+                         lambda failed, pair=pair: self._back(pair)):
+            self.counters["splices_handed"] += 1
+            return True
+        pair.handed = False
+        return False
+
+    def _back(self, pair: _Pair) -> None:
+        """(On the splicer's thread.) Its pair ended: the rest on the front's thread."""
+        if self.dataplane is None:
+            self.loop.call_soon_threadsafe(self._handed_back, pair)
+        else:
+            self.dataplane.post(self._handed_back, pair)
+
+    def _handed_back(self, pair: _Pair) -> None:
+        if not pair.handed or self.pairs.get(pair.sid) is not pair:
+            return  # dropped meanwhile (reclaimed first)
+        pair.handed = False
+        self._splice_done(pair)
 
     def _splice_done(self, pair: _Pair) -> None:
         pipes = pair.pipes
@@ -835,6 +871,10 @@ class StreamFront:
         self.core.client_closed(sid, time.monotonic(), reset=True)
 
     def _drop(self, pair: _Pair) -> None:
+        if pair.handed:  # the splicer lets go of its sockets and pipes first
+            assert self.splicer is not None
+            self.splicer.reclaim(pair)
+            pair.handed = False
         if pair.connect_timer is not None:
             pair.connect_timer.cancel()
             pair.connect_timer = None

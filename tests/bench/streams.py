@@ -5,7 +5,8 @@ bulk:  iperf3 -R (the server sends: a download) from pod a through a stream port
        then spliced in the kernel; readiness "external" so no probe touches the one-shot
        iperf3 server) against a -> b directly, interleaved. Target: >= 80 % of direct.
        Each run also reads fabricd's per-thread CPU (/proc): the data-plane thread's
-       CPU-seconds per GB moved and how busy it was. A spliced stream crosses the router
+       CPU-seconds per GB moved and how busy it was, and the splicer thread's (bulk
+       spliced pairs move there, fabric.streams.splicer). A spliced stream crosses the router
        twice (b -> local stack, local stack -> a), so its data-plane cost per GB is about
        twice direct's; with the thread near saturation in both, that ratio, not the
        splice, bounds the throughput ratio (docs/performance.md, "Spliced streams").
@@ -47,7 +48,7 @@ WAKE_TARGET_MS = 3.0
 BULK_TARGET = 0.80
 VIP, DIRECT, WAKE = "stream port", "direct", "wake"
 LOCAL = "stream port, upstream: pod-local"
-DATAPLANE, LOOP = "fabric-dataplane", "MainThread"
+DATAPLANE, LOOP, SPLICER = "fabric-dataplane", "MainThread", "fabric-splicer"
 
 AGENT = r"""
 import json, socket, sys, threading, time
@@ -195,7 +196,8 @@ def run(s: Settings) -> Report:
         assert topo.daemon is not None and topo.daemon.proc is not None
         pid = topo.daemon.proc.pid
         cost: dict[str, dict[str, list[float]]] = {
-            side: {"dp": [], "busy": [], "loop": []} for side in (VIP, DIRECT, LOCAL)}
+            side: {"dp": [], "busy": [], "loop": [], "splicer": []}
+            for side in (VIP, DIRECT, LOCAL)}
 
         def bulk(side: str, i: int) -> float:
             t0 = time.monotonic()
@@ -213,9 +215,11 @@ def run(s: Settings) -> Report:
             if gb > 0:
                 c["dp"].append(per_gb)
                 c["loop"].append(cpu.percent.get(LOOP, 0.0) / 100 * wall / gb)
+                c["splicer"].append(cpu.percent.get(SPLICER, 0.0) / 100 * wall / gb)
             c["busy"].append(busy)
             progress(NAME, f"run {i + 1}/{s.runs} {side}: {gbps:.2f} Gbit/s, data plane "
-                           f"{busy:.0f} % busy, {per_gb:.2f} CPU-s/GB")
+                           f"{busy:.0f} % busy, {per_gb:.2f} CPU-s/GB, splicer thread "
+                           f"{c['splicer'][-1] if gb > 0 else 0:.2f} CPU-s/GB")
             return float(gbps)
 
         got = interleaved(s.runs, {
@@ -254,7 +258,11 @@ def run(s: Settings) -> Report:
             "x", "", None)
     r.check("data-plane thread busy, stream port", median(cost[VIP]["busy"]), "%", "", None)
     r.check("data-plane thread busy, direct", median(cost[DIRECT]["busy"]), "%", "", None)
-    r.check("event loop CPU per GB, stream port (splicing)", median(cost[VIP]["loop"]),
+    r.check("event loop CPU per GB, stream port", median(cost[VIP]["loop"]),
+            "s/GB", "", None)
+    r.check("splicer thread CPU per GB, stream port", median(cost[VIP]["splicer"]),
+            "s/GB", "", None)
+    r.check("splicer thread CPU per GB, pod-local", median(cost[LOCAL]["splicer"]),
             "s/GB", "", None)
     r.check("wake overhead p99", percentile(ov, 99), "ms", "", None)
     r.check("direct connect + 1 byte each way (median)", base, "ms", "", None)

@@ -78,6 +78,7 @@ def test_a_pod_local_download_is_intact_and_never_crosses_the_backends_port(
     c = st["counters"]
     assert c["pod_local_connects"] == 1 and c["pod_local_fallback_not_local"] == 0, st
     assert c["spliced"] == 1 and c["bytes_spliced"] >= BLOB, st
+    assert c["splices_handed"] == 1, st  # the bulk moved on the splicer thread
     # The 32 MiB went over the pod's loopback: its TAP carried at most a few probes
     # (readiness), never the download (the VIP path moves all of it through there).
     moved = (after["tx_bytes"] - before["tx_bytes"]) + (after["rx_bytes"] - before["rx_bytes"])
