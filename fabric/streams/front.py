@@ -409,6 +409,8 @@ class StreamFront:
                 pair = self.pairs.get(sid)
                 if pair is None:
                     continue
+                if pair.handed:  # the core acts on it: the front's again (rarely: a FORGET)
+                    self._take_back(pair)
                 if kind == sc.SEND_CLIENT:
                     self._queue(pair, pair.client, arg)  # type: ignore[arg-type]
                 elif kind == sc.SEND_UPSTREAM:
@@ -806,6 +808,14 @@ class StreamFront:
         pair.handed = False
         return False
 
+    def _take_back(self, pair: _Pair) -> None:
+        """The pair is the front's again (its sockets watched on the next pass)."""
+        assert self.splicer is not None
+        self.splicer.reclaim(pair)
+        pair.handed = False
+        if pair.pipes is not None and pair.splice_timer is None:
+            pair.splice_timer = self._call_later(0.0, self._spliced_step, pair)
+
     def _back(self, pair: _Pair) -> None:
         """(On the splicer's thread.) Its pair ended: the rest on the front's thread."""
         if self.dataplane is None:
@@ -872,9 +882,7 @@ class StreamFront:
 
     def _drop(self, pair: _Pair) -> None:
         if pair.handed:  # the splicer lets go of its sockets and pipes first
-            assert self.splicer is not None
-            self.splicer.reclaim(pair)
-            pair.handed = False
+            self._take_back(pair)
         if pair.connect_timer is not None:
             pair.connect_timer.cancel()
             pair.connect_timer = None
