@@ -119,6 +119,14 @@ class Splicer:
             pass  # already awake
 
     def _run(self) -> None:
+        while True:
+            try:
+                self._loop()
+            except Exception:  # the thread must outlive any one bad turn
+                log.exception("%s: unexpected error; going on", self.name)
+                time.sleep(0.01)
+
+    def _loop(self) -> None:
         ep = self._ep
         bulk_at = 0.0  # when bulk pairs get their next pass
         while True:

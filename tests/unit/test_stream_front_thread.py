@@ -166,6 +166,52 @@ def test_a_spliced_pair_relays_through_the_fronts_epoll(on_dataplane: bool) -> N
     backend.join(10)
 
 
+@pytest.mark.parametrize("on_dataplane", [True, False])
+def test_a_bulk_pair_moves_to_the_splicer_and_a_closing_front_takes_it_back(
+        on_dataplane: bool) -> None:
+    """A pass that moved a bulk's worth hands the pair to the splicer thread (counted
+    splices_handed); the bytes keep flowing from there, and a front that closes while
+    the pair is live takes it back first: the client sees its connection end."""
+    backend = _Echo()
+    backend.start()
+    dp = DataPlane()
+    dp.start()
+    guest = Guest(splice=True)
+    data = bytes(range(256)) * 4096
+
+    async def main() -> tuple[bytes, dict, bytes]:
+        front = _front(guest, dp if on_dataplane else None, backend.port)
+        try:
+            port = await _ready(front)
+            c = await asyncio.to_thread(socket.create_connection, ("127.0.0.1", port), 10)
+            deadline = time.monotonic() + 10
+            while not (await front.astatus())["counters"]["spliced"]:
+                assert time.monotonic() < deadline, "the pair was never spliced"
+                await asyncio.sleep(0.01)
+            got = await asyncio.to_thread(_send_recv, c, data)
+            counters = dict((await front.astatus())["counters"])
+            assert front.splicer is not None and front.splicer.owned() >= 1
+        finally:
+            front.close()
+            await dp.acall(lambda: None)
+        c.settimeout(10)
+        try:
+            tail = await asyncio.to_thread(c.recv, 65536)  # b"" (FIN) or a reset
+        except ConnectionResetError:
+            tail = b""
+        c.close()
+        return got, counters, tail
+
+    try:
+        got, counters, tail = asyncio.run(main())
+    finally:
+        dp.close()
+    assert got == data
+    assert counters["spliced"] == 1 and counters["splices_handed"] == 1, counters
+    assert tail == b""
+    backend.join(10)
+
+
 def test_a_wakeup_past_its_budget_leaves_the_other_streams_to_the_next_turn(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Level-triggered readiness: what a wakeup did not reach is reported again, so a
