@@ -126,6 +126,11 @@ VERDICTS = ("forward", "held", "queued", "hold_full", "no_backend", "table_full"
 
 PROBE_INTERVAL = 0.2
 ACTIVE_PROBE_INTERVAL = 0.001
+# While the service's on_idle hook runs (a stop in progress), a new demand does not probe
+# its backends: a server that is shutting down still accepts, and a client released to it
+# gets its reset (or PostgreSQL's "shutting down"). Probes start when the hook ends, or at
+# the latest this long after it started.
+IDLE_HOOK_WAIT = 10.0
 
 # The phases of a wake (see Service.hook_started): to the on_activate hook started, to a
 # backend ready (its port accepted the probe, or the controller's word), to the release.
@@ -154,6 +159,7 @@ COUNTERS = (
     "idles",
     "probes",
     "stream_need_changes",
+    "waits_for_idle_hook",
 )
 
 _PROTO_NAMES = {PROTO_TCP: "tcp", PROTO_UDP: "udp"}
@@ -288,6 +294,8 @@ class Service:
         self._wake_phase = 0  # 0: waiting for the hook or a backend, 1: hook started, 2: ready
         # Stream ports whose level is `active` (True) or `traffic` (False).
         self._stream_active: dict[int, bool] = {}
+        # The on_idle hook runs (since the shell said so): backends stay parked until then.
+        self._idle_hook_until: float | None = None
 
     @classmethod
     def from_spec(cls, spec: ServiceSpec, **kw: Any) -> Service:
@@ -363,6 +371,11 @@ class Service:
         out: list[tuple[str, str, int]] = []
         if not self._probe:
             return out
+        until = self._idle_hook_until
+        if until is not None and now >= until:
+            self._idle_hook_until = None
+            if self.demand.need:
+                self._unpark(now)
         port = self.probe_port
         assert port is not None
         for b in self.backends.values():
@@ -764,11 +777,32 @@ class Service:
     def take_signals(self) -> list[Signal]:
         return self.demand.take_signals()
 
-    def _raise_need(self, reason: str, flow: FlowId | None, now: float) -> None:
+    def idle_hook(self, running: bool, now: float) -> None:
+        """The on_idle hook started or ended (the shell says when): while it runs, a new
+        demand waits for it before probing (IDLE_HOOK_WAIT at most)."""
+        if running:
+            self._idle_hook_until = now + IDLE_HOOK_WAIT
+            for b in self.backends.values():  # a demand that came first waits too
+                if not b.probed:
+                    b.parked = True
+            return
+        self._idle_hook_until = None
+        if self.demand.need:
+            self._unpark(now)
+
+    def _unpark(self, now: float) -> None:
         for b in self.backends.values():
             if b.parked:
                 b.parked = False
                 b.probe_due = now
+
+    def _raise_need(self, reason: str, flow: FlowId | None, now: float) -> None:
+        until = self._idle_hook_until
+        if until is None or now >= until:
+            self._idle_hook_until = None
+            self._unpark(now)
+        elif not self.demand.need:
+            self.counters["waits_for_idle_hook"] += 1
         if not self._ready and self._wake_start is None:
             self._wake_start = self._wake_mark = now
             self._wake_phase = 0
@@ -829,6 +863,9 @@ class Service:
         for b in self.backends.values():
             if b.marked and not b.probed and not b.parked and (t is None or b.probe_due < t):
                 t = b.probe_due
+        until = self._idle_hook_until
+        if until is not None and self.demand.need and (t is None or until < t):
+            t = until  # the hook overran its wait: probe anyway then
         return t
 
     def handle_timer(self, now: float) -> list[Action]:

@@ -29,7 +29,8 @@ from fabric.config.specs import split_command
 log = logging.getLogger("fabricd.services")
 
 Emit = Callable[..., None]
-# (service, kind, monotonic time): a hook's process started (the wake's first phase ends).
+# (service, kind, monotonic time): a hook's process started (the wake's first phase ends),
+# or ended (however: exit, failure, timeout, cancel).
 Started = Callable[[str, str, float], None]
 
 HOOK_TIMEOUT = 60.0
@@ -72,10 +73,12 @@ class HookRunner:
     """Runs one namespace's hooks (see module docstring)."""
 
     def __init__(self, namespace: str, emit: Emit, *, timeout: float = HOOK_TIMEOUT,
-                 concurrency: int = HOOK_CONCURRENCY, started: Started | None = None) -> None:
+                 concurrency: int = HOOK_CONCURRENCY, started: Started | None = None,
+                 ended: Started | None = None) -> None:
         self.namespace = namespace
         self._emit = emit
         self._started = started
+        self._ended = ended
         self.timeout = timeout
         self._lanes: dict[str, _Lane] = {}
         self._slots = asyncio.Semaphore(concurrency)
@@ -153,29 +156,38 @@ class HookRunner:
                 return
             if self._started is not None:
                 self._started(service, kind, time.monotonic())
-            tail: deque[str] = deque(maxlen=HOOK_OUTPUT_LINES)
             try:
-                await asyncio.wait_for(self._read(proc, tail, stats), self.timeout)
-                code = await proc.wait()
-            except TimeoutError:
-                _kill_group(proc)
-                await proc.wait()
-                stats.timed_out += 1
-                log.error("%s %r killed (with its process group) after %.0fs", where, cmd,
-                          self.timeout)
-                failed("timeout")
-                return
-            except asyncio.CancelledError:
-                _kill_group(proc)
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(proc.wait())
-                raise
+                await self._wait(proc, where, cmd, stats, failed)
             finally:
-                for line in tail:
-                    log.info("%s: %s", where, line)
-            if code:
-                log.warning("%s %r exited with %d", where, cmd, code)
-                failed(f"exit {code}")
+                if self._ended is not None:
+                    self._ended(service, kind, time.monotonic())
+
+    async def _wait(self, proc: asyncio.subprocess.Process, where: str, cmd: str,
+                    stats: HookStats, failed: Callable[[str], None]) -> None:
+        """Wait for a started hook: its output read and logged, killed at the timeout."""
+        tail: deque[str] = deque(maxlen=HOOK_OUTPUT_LINES)
+        try:
+            await asyncio.wait_for(self._read(proc, tail, stats), self.timeout)
+            code = await proc.wait()
+        except TimeoutError:
+            _kill_group(proc)
+            await proc.wait()
+            stats.timed_out += 1
+            log.error("%s %r killed (with its process group) after %.0fs", where, cmd,
+                      self.timeout)
+            failed("timeout")
+            return
+        except asyncio.CancelledError:
+            _kill_group(proc)
+            with contextlib.suppress(Exception):
+                await asyncio.shield(proc.wait())
+            raise
+        finally:
+            for line in tail:
+                log.info("%s: %s", where, line)
+        if code:
+            log.warning("%s %r exited with %d", where, cmd, code)
+            failed(f"exit {code}")
 
     @staticmethod
     async def _read(proc: asyncio.subprocess.Process, tail: deque[str],

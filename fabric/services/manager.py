@@ -109,7 +109,8 @@ class ServiceManager:
         self.stream_thread = default_thread()
         self._removing: dict[str, asyncio.Future[None]] = {}  # VIPs leaving the stack
         self._loop = asyncio.get_running_loop()
-        self.hooks = HookRunner(namespace, emit, started=self._hook_started)
+        self.hooks = HookRunner(namespace, emit, started=self._hook_started,
+                                ended=self._hook_ended)
         self._loop.add_reader(signals.fd, self._on_signals)
 
     # --- specs ---------------------------------------------------------------------------
@@ -387,8 +388,17 @@ class ServiceManager:
 
     def _hook_started(self, service: str, kind: str, t: float) -> None:
         svc = self.by_name.get(service)
-        if kind == "activate" and svc is not None:
+        if svc is None:
+            return
+        if kind == "activate":
             self._post(svc.hook_started, t)
+        elif kind == "idle":
+            self._post(svc.idle_hook, True, t)
+
+    def _hook_ended(self, service: str, kind: str, t: float) -> None:
+        svc = self.by_name.get(service)
+        if svc is not None and kind == "idle":
+            self._post(svc.idle_hook, False, t)
 
     # --- views ---------------------------------------------------------------------------
 

@@ -159,3 +159,22 @@ def test_failures_are_events_and_a_removed_service_kills_its_hook(tmp_path: Path
         await asyncio.sleep(0.2)
         assert not runner.busy("d")
     asyncio.run(main())
+
+
+def test_every_started_hook_is_reported_ended_however_it_ends() -> None:
+    """The service core keeps a wake's probes back while on_idle runs; it learns the hook
+    ended from this report, so it comes for an exit, a failure and a timeout alike."""
+    seen: list[tuple[str, str, str]] = []
+
+    async def main() -> None:
+        runner = HookRunner("ns", Events(), timeout=1.0,
+                            started=lambda svc, kind, t: seen.append(("start", svc, kind)),
+                            ended=lambda svc, kind, t: seen.append(("end", svc, kind)))
+        runner.submit("a", "idle", py("pass"))
+        runner.submit("b", "idle", py("raise SystemExit(3)"))
+        runner.submit("c", "idle", py("import time; time.sleep(30)"))
+        for svc in "abc":
+            await settle(runner, svc)
+    asyncio.run(main())
+    for svc in "abc":
+        assert [e for e in seen if e[1] == svc] == [("start", svc, "idle"), ("end", svc, "idle")]

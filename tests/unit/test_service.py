@@ -819,6 +819,46 @@ def test_after_idle_a_probed_backend_is_trusted_again_only_after_a_new_probe() -
     assert s.releasable
 
 
+def test_a_demand_during_the_idle_hook_probes_only_once_the_hook_ended() -> None:
+    """on_idle stops the backend (a stop takes a while, and a server shutting down still
+    accepts): a client arriving meanwhile is held, and the backend is probed only after
+    the hook ended, so the client is not released into the dying server."""
+    s = Service("web", ip_s(VIP), PORTS, probe_interval=0.5, idle_timeout=5.0)
+    s.set_backend("web-1", ip_s(B1), True, 0.0)
+    assert s.probes_due(0.0)
+    s.probe_result("web-1", True, 0.1)
+    assert out(s, udp(dport=53), 1.0)[0] in (FORWARD, NOT_SERVICE)
+    s.handle_timer(100.0)
+    s.take_signals()
+    assert s.status()["backends"][0]["ready"] is False  # idle: parked
+    s.idle_hook(True, 100.01)  # the stop runs
+    assert out(s, syn(), 100.5)[0] == HELD
+    assert any(sig.kind == "activate" for sig in s.take_signals())
+    assert s.probes_due(100.5) == [] and s.probes_due(101.0) == []
+    assert s.counters["waits_for_idle_hook"] == 1
+    s.idle_hook(False, 101.2)  # stopped: now the wake's probes
+    assert s.probes_due(101.2) == [("web-1", "10.0.0.11", 8080)]
+    s.probe_result("web-1", True, 101.3)
+    assert s.releasable
+
+
+def test_an_idle_hook_that_overruns_holds_the_probes_back_for_ten_seconds_at_most() -> None:
+    s = Service("web", ip_s(VIP), PORTS, probe_interval=0.5, idle_timeout=5.0)
+    s.set_backend("web-1", ip_s(B1), True, 0.0)
+    s.probe_result("web-1", True, 0.1)
+    assert out(s, udp(dport=53), 1.0)[0] in (FORWARD, NOT_SERVICE)
+    s.handle_timer(100.0)
+    s.take_signals()
+    s.idle_hook(True, 100.0)
+    assert out(s, syn(), 101.0)[0] == HELD
+    assert s.next_probe() == 110.0
+    assert s.probes_due(109.9) == []
+    assert s.probes_due(110.0) == [("web-1", "10.0.0.11", 8080)]
+    s.idle_hook(False, 130.0)  # its late end changes nothing
+    s.probe_result("web-1", True, 110.1)
+    assert s.releasable
+
+
 # --- wake latency -------------------------------------------------------------------------
 
 
