@@ -1620,12 +1620,18 @@ static void check_timeouts(void) {
             /* connected: the backend accepted and never answered (frozen, never thawed) */
             COUNT(s->connected ? C_STARTUP_TIMEOUTS : C_HOLD_TIMEOUTS);
             if (s->phase == PH_PASSTHRU && !s->ssl_seen && !s->gss_seen) {
+                if (s->connected)
+                    logmsg(FAB_INFO, "postgres activator: the backend did not answer a direct"
+                           " TLS ClientHello within the hold timeout; closed", 0);
                 close_stream(s); /* direct TLS: no plaintext answer is possible */
             } else {
                 /* libpq takes an 'E' for the answer to its SSLRequest and reports it */
                 send_down(s, m, fab_pg_error(m, "FATAL", "57P03",
                                              "the database system is not available (hold timeout)"));
-                logmsg(FAB_INFO, "postgres activator: hold timed out before the session; answered 57P03", 0);
+                logmsg(FAB_INFO, s->connected
+                       ? "postgres activator: the backend did not answer a forwarded encryption"
+                         " request within the hold timeout; answered 57P03"
+                       : "postgres activator: hold timed out before the session; answered 57P03", 0);
                 close_stream(s);
             }
         } else if (s->phase == PH_STARTUP && s->retries) {
