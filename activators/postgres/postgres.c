@@ -3,10 +3,14 @@
  * Owns the client side of every PostgreSQL connection to the service port so that a
  * database can sleep under open, idle sessions:
  *   - SSLRequest / GSSENCRequest are answered 'N' (or, with "ssl": "passthrough", the
- *     request is forwarded to a woken backend and the pair spliced: TLS end to end);
- *     PG 17 direct TLS (first byte 0x16) is always passed through that way;
+ *     request is forwarded to a woken backend and the pair spliced at its first byte:
+ *     TLS end to end); PG 17 direct TLS (first byte 0x16) is always passed through that
+ *     way; a backend that never answers gets the client a 57P03 (direct TLS: a close);
  *   - the StartupMessage is held while a backend wakes, then relayed untouched
- *     (protocol 3.0 and 3.2 alike; the authentication exchange is relayed too);
+ *     (protocol 3.0 and 3.2 alike; the authentication exchange is relayed too); until
+ *     the backend takes it (its first AuthenticationRequest) a copy is kept, and a FATAL
+ *     57P03 (starting up, in recovery, shutting down) is not relayed: the startup goes
+ *     again on a new connection, 100 ms doubling to 1 s, within hold_timeout_ms;
  *   - a CancelRequest is forwarded when a backend is up, the connection closed otherwise;
  *   - on an established session whose last ReadyForQuery said 'I' and with nothing in
  *     flight, keep-alive queries (SELECT 1, ';', the empty query, with SQL comments or
@@ -1516,7 +1520,15 @@ static int is_57p03(const u8 *b, u32 n) {
  * messages are held, and an 'E' of 57P03 is retried while the hold lasts; anything else
  * (an 'R', another error, what does not parse) is relayed with what was held. */
 static void startup_answer(struct stream *s, const u8 *d, u32 n) {
-    if (buf_append(&s->bpend, d, n) < 0 || s->bpend.len > BPEND_MAX) {
+    u32 had = s->bpend.len;
+    if (buf_append(&s->bpend, d, n) < 0) { /* no room to hold: relay, nothing lost */
+        u32 took = s->bpend.len - had;
+        startup_relay(s);
+        if (s->phase == PH_SPLICED) send_down(s, d + took, n - took);
+        else backend_feed(s, d + took, n - took);
+        return;
+    }
+    if (s->bpend.len > BPEND_MAX) {
         startup_relay(s);
         return;
     }
