@@ -3,10 +3,14 @@
  * Owns the client side of every PostgreSQL connection to the service port so that a
  * database can sleep under open, idle sessions:
  *   - SSLRequest / GSSENCRequest are answered 'N' (or, with "ssl": "passthrough", the
- *     request is forwarded to a woken backend and the pair spliced: TLS end to end);
- *     PG 17 direct TLS (first byte 0x16) is always passed through that way;
+ *     request is forwarded to a woken backend and the pair spliced at its first byte:
+ *     TLS end to end); PG 17 direct TLS (first byte 0x16) is always passed through that
+ *     way; a backend that never answers gets the client a 57P03 (direct TLS: a close);
  *   - the StartupMessage is held while a backend wakes, then relayed untouched
- *     (protocol 3.0 and 3.2 alike; the authentication exchange is relayed too);
+ *     (protocol 3.0 and 3.2 alike; the authentication exchange is relayed too); until
+ *     the backend takes it (its first AuthenticationRequest) a copy is kept, and a FATAL
+ *     57P03 (starting up, in recovery, shutting down) is not relayed: the startup goes
+ *     again on a new connection, 100 ms doubling to 1 s, within hold_timeout_ms;
  *   - a CancelRequest is forwarded when a backend is up, the connection closed otherwise;
  *   - on an established session whose last ReadyForQuery said 'I' and with nothing in
  *     flight, keep-alive queries (SELECT 1, ';', the empty query, with SQL comments or
@@ -57,6 +61,9 @@
 #define NAME_CAP 64     /* statement names up to 63 bytes are tracked */
 #define BACKEND_LEN_MAX 0x40000000u
 #define RETRY_MS 1000
+#define STARTUP_RETRY_MIN_MS 100  /* first delay before a startup is resent after a 57P03 */
+#define STARTUP_RETRY_MAX_MS 1000 /* ... doubling up to this */
+#define BPEND_MAX 16384           /* backend bytes held before the startup is taken */
 #define NIL FAB_NIL
 
 enum { PH_FREE, PH_INIT, PH_WAIT_STARTUP, PH_STARTUP, PH_SESSION, PH_PASSTHRU, PH_CANCEL,
@@ -102,13 +109,20 @@ struct stream {
     u8 kset;              /* the backend's BackendKeyData went by: kpid, khash are its */
     u8 has_like;          /* a CancelRequest for the session on stream `like` */
     u8 banswered;         /* a backend byte came after the startup was relayed */
+    u8 acked;             /* the backend took the startup (an 'R', or an answer relayed) */
+    u8 retries;           /* startups resent after a 57P03 (starting up, shutting down) */
+    u16 retry_delay;      /* ms before the next one: 100, doubling to 1000 */
     u16 kpos;             /* bytes of BackendKeyData's body seen */
     u32 kpid, khash;      /* its process id, a hash of its secret key (any length, 3.2) */
     u32 like;
     u32 bnames[8];        /* hashes of statement names the backend may have (a Bloom bit set) */
     u32 pending;
     u64 t0, connect_at;
+    u64 st0, retry_at;    /* when the startup packet came; when to connect again */
     struct buf hold, cand;
+    struct buf replay;    /* the StartupMessage, kept until the backend takes it */
+    struct buf bpend;     /* the backend's first messages, held until they say which */
+    struct buf blast;     /* the last 57P03 answer, relayed when the retries run out */
     struct fab_pg_framer fr;  /* client messages */
     struct fab_pg_framer bfr; /* backend messages */
     struct stmt stmts[MAX_STMTS];
@@ -139,11 +153,11 @@ static u32 budget; /* actions this call may still write (ABI: 4 per event + 16) 
 /* Counters of the port (ABI "count" actions), summed over a call and sent at its end. */
 enum { C_KEEPALIVES, C_WAKE_STARTUP, C_WAKE_QUERY, C_WAKE_TLS, C_HOLD_TIMEOUTS,
        C_PROTOCOL_ERRORS, C_CANCELS_FORWARDED, C_CANCELS_CLOSED, C_STATEMENTS_RECREATED,
-       C_CANCELS_MATCHED, C_STARTUP_TIMEOUTS, NCOUNT };
+       C_CANCELS_MATCHED, C_STARTUP_TIMEOUTS, C_STARTUP_RETRIES, NCOUNT };
 static const char *const count_names[NCOUNT] = {
     "keepalives_answered", "wake_startup", "wake_query", "wake_tls", "hold_timeouts",
     "protocol_errors", "cancels_forwarded", "cancels_closed", "statements_recreated",
-    "cancels_matched", "startup_timeouts"};
+    "cancels_matched", "startup_timeouts", "startup_retries"};
 static u32 counts[NCOUNT];
 static u32 counted; /* a bit per counter with something to send (batch_end) */
 #define COUNT(c) (counts[c]++, counted |= 1u << (c))
@@ -269,6 +283,9 @@ static struct stream *stream_new(u32 id) {
     s->status = 'I';
     buf_init(&s->hold);
     buf_init(&s->cand);
+    buf_init(&s->replay);
+    buf_init(&s->bpend);
+    buf_init(&s->blast);
     fab_pg_framer_init(&s->fr, max_message_bytes, FAB_PG_FRONTEND_TYPES);
     fab_pg_framer_init(&s->bfr, BACKEND_LEN_MAX, 0);
     return s;
@@ -277,6 +294,9 @@ static struct stream *stream_new(u32 id) {
 static void stream_free(struct stream *s) {
     buf_consume(&s->hold, s->hold.len);
     buf_consume(&s->cand, s->cand.len);
+    buf_consume(&s->replay, s->replay.len);
+    buf_consume(&s->bpend, s->bpend.len);
+    buf_consume(&s->blast, s->blast.len);
     s->phase = PH_FREE;
     update(s);
     fab_table_del(&streams, s);
@@ -298,12 +318,18 @@ static void update(struct stream *s) {
         holding = 1;
         break;
     case PH_WAIT_STARTUP:
-    case PH_PASSTHRU:
         busy = 1; work = 1; holding = 1;
         break;
-    case PH_STARTUP: /* timed until the backend says anything (a frozen one never does) */
+    case PH_PASSTHRU: /* timed until the backend's first byte (then spliced) */
+        busy = 1; work = !s->connected; holding = 1;
+        break;
+    case PH_STARTUP:
+        /* timed until the backend says anything (a frozen one never does); once resent
+         * after a 57P03, until it takes the startup. Work: a connect again, or client
+         * bytes held until the backend took the startup. */
         busy = 1;
-        holding = !s->banswered;
+        holding = !s->banswered || (s->retries && !s->acked);
+        work = !s->connected || (s->acked && s->hold.len);
         break;
     case PH_SPLICED: /* TLS end to end: a query may be in flight, unseen; never freeze it */
         busy = 1;
@@ -831,7 +857,10 @@ static void note_relayed(struct stream *s, u8 t, const u8 *b, u32 n) {
 }
 
 static int route_bytes(struct stream *s, u32 route, const u8 *p, u32 n) {
-    if (route == R_FORWARD && s->phase == PH_STARTUP && s->connected) {
+    if (route == R_FORWARD && s->phase == PH_STARTUP) {
+        /* until the backend takes the startup, what follows it stays here: a 57P03 makes
+         * the startup go again, on a new connection, and these after it */
+        if (!s->connected || !s->acked || s->hold.len) return hold_bytes_in(s, p, n);
         send_up(s, p, n);
     } else if (route == R_FORWARD) {
         if (s->hold.len || !backend_ready(s)) {
@@ -1120,6 +1149,7 @@ static void start_wait(struct stream *s, u32 phase) {
     if (!backend_up) COUNT(phase == PH_PASSTHRU ? C_WAKE_TLS : C_WAKE_STARTUP);
     s->phase = (u8)phase;
     s->t0_set = 0; /* the hold starts now, not when the connection opened */
+    s->st0 = now_ms;
     update(s);
     try_connect(s);
 }
@@ -1271,6 +1301,7 @@ static void flush_hold(struct stream *s) {
 }
 
 static u8 refeed[CAND_MAX];
+static void send_replay(struct stream *s);
 
 static void on_connected(struct stream *s) {
     u8 h[4];
@@ -1282,15 +1313,29 @@ static void on_connected(struct stream *s) {
         return;
     }
     if (s->phase == PH_PASSTHRU) {
+        /* Spliced at the backend's first byte, not now: a frozen postmaster accepts (its
+         * kernel does) and never answers, and a splice would leave the client there. */
         send_hold(s, s->hold.len);
-        ACT(fab_splice(s->id));
-        s->phase = PH_SPLICED;
+        s->t0_set = 0; /* the backend has hold_timeout_ms from now to answer */
         if (s->paused) resume(s);
+        update(s);
+        return;
+    }
+    if (s->phase == PH_STARTUP) { /* the startup again, after a 57P03 */
+        send_replay(s);
+        s->t0_set = 0;
         update(s);
         return;
     }
     if (s->phase != PH_WAIT_STARTUP) return;
     buf_copy(&s->hold, 0, h, 4);
+    {
+        /* kept until the backend takes it: one that is starting up or shutting down
+         * answers 57P03, and the startup goes again (no copy, no retry) */
+        u32 len = fab_be32(h);
+        buf_copy(&s->hold, 0, startup_pkt, len);
+        if (buf_append(&s->replay, startup_pkt, len) < 0) buf_consume(&s->replay, s->replay.len);
+    }
     send_hold(s, fab_be32(h));
     s->phase = PH_STARTUP;
     s->t0_set = 0; /* the backend has hold_timeout_ms from now to answer the startup */
@@ -1394,6 +1439,118 @@ static void backend_feed(struct stream *s, const u8 *p, u32 n) {
     send_down(s, seg, (u32)(end - seg));
 }
 
+/* ---------------------------------------------------------------- startup retries */
+
+/* A chain's bytes to the client (it stays as it is). */
+static void buf_send_down(struct stream *s, const struct buf *b) {
+    u32 off = 0;
+    while (off < b->len) {
+        u32 k = fab_min(b->len - off, (u32)sizeof refeed);
+        buf_copy(b, off, refeed, k);
+        send_down(s, refeed, k);
+        off += k;
+    }
+}
+
+static void send_replay(struct stream *s) {
+    u32 n = s->replay.len;
+    buf_copy(&s->replay, 0, startup_pkt, n);
+    send_up(s, startup_pkt, n);
+}
+
+/* The backend took the startup, or answered it for good: relay what it said so far
+ * (held in bpend) and from now on all it says; the client bytes held meanwhile go. */
+static void startup_relay(struct stream *s) {
+    s->acked = 1;
+    buf_consume(&s->replay, s->replay.len);
+    buf_consume(&s->blast, s->blast.len);
+    struct buf b = s->bpend;
+    buf_init(&s->bpend);
+    while (b.len) {
+        u32 k = fab_min(b.len, (u32)sizeof refeed);
+        buf_copy(&b, 0, refeed, k);
+        buf_consume(&b, k);
+        if (s->phase == PH_SPLICED) send_down(s, refeed, k); /* it did not parse */
+        else backend_feed(s, refeed, k);
+    }
+    if (s->phase == PH_STARTUP && s->hold.len) flush_hold(s);
+}
+
+/* A 57P03 before the startup was taken: close this upstream and connect again after a
+ * delay (do_work), the startup resent (on_connected). The answer is kept in blast. */
+static int startup_retry(struct stream *s) {
+    u32 d = s->retry_delay ? s->retry_delay * 2 : STARTUP_RETRY_MIN_MS;
+    if (d > STARTUP_RETRY_MAX_MS) d = STARTUP_RETRY_MAX_MS;
+    u64 end = s->st0 + hold_timeout_ms, at = now_ms + d; /* the last try: 100 ms before it */
+    if (at + STARTUP_RETRY_MIN_MS > end) at = end - STARTUP_RETRY_MIN_MS;
+    if (!s->replay.len || now_ms + STARTUP_RETRY_MIN_MS >= end || budget < 4) return 0;
+    ACT(fab_upstream_close(s->id));
+    if (!acted) return 0;
+    s->connected = 0;
+    s->banswered = 0;
+    buf_consume(&s->blast, s->blast.len);
+    s->blast = s->bpend;
+    buf_init(&s->bpend);
+    s->retry_delay = (u16)d;
+    s->retry_at = at;
+    if (s->retries < 255) s->retries++;
+    COUNT(C_STARTUP_RETRIES);
+    if (s->retries == 1)
+        logmsg(FAB_INFO, "postgres activator: the backend is not accepting connections yet"
+               " (57P03); resending the startup", 0);
+    return 1;
+}
+
+/* Whether an ErrorResponse body (n bytes) has SQLSTATE 57P03 (cannot connect now). */
+static int is_57p03(const u8 *b, u32 n) {
+    const u8 *end = b + n;
+    while (b < end && *b) {
+        u8 tag = *b++;
+        i32 l = fab_pg_cstr(b, end);
+        if (l < 0) return 0;
+        if (tag == 'C') return l == 5 && fab_memeq(b, "57P03", 5);
+        b += l + 1;
+    }
+    return 0;
+}
+
+/* Backend bytes before it took the startup. A postmaster that is starting up, in
+ * recovery or shutting down answers the startup with FATAL 57P03 and closes; for a 3.2
+ * startup PostgreSQL 15 sends NegotiateProtocolVersion ('v') first. So whole 'v' and 'E'
+ * messages are held, and an 'E' of 57P03 is retried while the hold lasts; anything else
+ * (an 'R', another error, what does not parse) is relayed with what was held. */
+static void startup_answer(struct stream *s, const u8 *d, u32 n) {
+    u32 had = s->bpend.len;
+    if (buf_append(&s->bpend, d, n) < 0) { /* no room to hold: relay, nothing lost */
+        u32 took = s->bpend.len - had;
+        startup_relay(s);
+        if (s->phase == PH_SPLICED) send_down(s, d + took, n - took);
+        else backend_feed(s, d + took, n - took);
+        return;
+    }
+    if (s->bpend.len > BPEND_MAX) {
+        startup_relay(s);
+        return;
+    }
+    u32 off = 0;
+    for (;;) {
+        u8 h[5];
+        if (s->bpend.len - off < 5) return;
+        buf_copy(&s->bpend, off, h, 5);
+        u32 len = fab_be32(h + 1);
+        if ((h[0] != 'v' && h[0] != 'E') || len < 4 || len > CAND_MAX) break;
+        if (s->bpend.len - off - 1 < len) return; /* the rest is still coming */
+        if (h[0] == 'E') {
+            buf_copy(&s->bpend, off + 5, scratch, len - 4);
+            if (is_57p03(scratch, len - 4) && s->bpend.len == off + 1 + len
+                && startup_retry(s)) return;
+            break;
+        }
+        off += 1 + len;
+    }
+    startup_relay(s);
+}
+
 /* ---------------------------------------------------------------- hold timeouts */
 
 /* The held messages of an established session will never reach a backend: answer each
@@ -1466,19 +1623,39 @@ static void check_timeouts(void) {
             if (now_ms - s->t0 >= startup_timeout_ms && budget >= 6) close_stream(s);
             continue;
         }
-        if (now_ms - s->t0 < hold_timeout_ms) continue;
+        /* a startup resent after a 57P03 has hold_timeout_ms from the client's startup */
+        u64 since = s->phase == PH_STARTUP && s->retries ? now_ms - s->st0 : now_ms - s->t0;
+        if (since < hold_timeout_ms) continue;
         if (budget < 6) return;
         if (s->phase == PH_WAIT_STARTUP || s->phase == PH_PASSTHRU) {
             u8 m[FAB_PG_ERROR_MAX];
+            /* connected: the backend accepted and never answered (frozen, never thawed) */
+            COUNT(s->connected ? C_STARTUP_TIMEOUTS : C_HOLD_TIMEOUTS);
             if (s->phase == PH_PASSTHRU && !s->ssl_seen && !s->gss_seen) {
+                if (s->connected)
+                    logmsg(FAB_INFO, "postgres activator: the backend did not answer a direct"
+                           " TLS ClientHello within the hold timeout; closed", 0);
                 close_stream(s); /* direct TLS: no plaintext answer is possible */
             } else {
+                /* libpq takes an 'E' for the answer to its SSLRequest and reports it */
                 send_down(s, m, fab_pg_error(m, "FATAL", "57P03",
                                              "the database system is not available (hold timeout)"));
-                logmsg(FAB_INFO, "postgres activator: hold timed out before the session; answered 57P03", 0);
-                COUNT(C_HOLD_TIMEOUTS);
+                logmsg(FAB_INFO, s->connected
+                       ? "postgres activator: the backend did not answer a forwarded encryption"
+                         " request within the hold timeout; answered 57P03"
+                       : "postgres activator: hold timed out before the session; answered 57P03", 0);
                 close_stream(s);
             }
+        } else if (s->phase == PH_STARTUP && s->retries) {
+            /* still 57P03 (or nothing) when the hold ran out: the backend's last word */
+            u8 m[FAB_PG_ERROR_MAX];
+            if (s->blast.len) buf_send_down(s, &s->blast);
+            else send_down(s, m, fab_pg_error(m, "FATAL", "57P03",
+                                              "the database system is not available (hold timeout)"));
+            COUNT(s->connected && !s->banswered ? C_STARTUP_TIMEOUTS : C_HOLD_TIMEOUTS);
+            logmsg(FAB_INFO, "postgres activator: the backend did not take a startup within the"
+                   " hold timeout; relayed its 57P03", 0);
+            close_stream(s);
         } else if (s->phase == PH_STARTUP) {
             /* Relayed, and not a byte back: a backend that accepts connections but never
              * runs (a SIGSTOPped postmaster still completes TCP handshakes, so the
@@ -1503,10 +1680,13 @@ static void do_work(void) {
     struct stream *s;
     for (u32 it = 0; nwork && budget > 4 && (s = fab_table_next(&streams, &it));) {
         if (!s->work) continue;
-        if ((s->phase == PH_WAIT_STARTUP || s->phase == PH_PASSTHRU) && !s->connected
-            && !s->inflight && (backend_up || (ticked && now_ms - s->connect_at >= RETRY_MS)))
+        int waits = s->phase == PH_WAIT_STARTUP || s->phase == PH_PASSTHRU
+                    || (s->phase == PH_STARTUP && now_ms >= s->retry_at);
+        if (waits && !s->connected && !s->inflight
+            && (backend_up || (ticked && now_ms - s->connect_at >= RETRY_MS)))
             try_connect(s);
-        if (s->phase == PH_SESSION && s->hold.len) flush_hold(s);
+        if ((s->phase == PH_SESSION || (s->phase == PH_STARTUP && s->acked)) && s->hold.len)
+            flush_hold(s);
         if (s->paused && s->hold.len + s->cand.len < stream_hold_bytes / 2
             && nchunks_used * 2 < max_chunks && (s->phase == PH_SESSION || s->phase == PH_STARTUP
                                                  || s->phase == PH_INIT)) {
@@ -1539,8 +1719,11 @@ static void on_data(u32 id, const u8 *d, u32 n) {
         if (hold_bytes_in(s, d, n) < 0) return;
         init_feed(s);
         return;
-    case PH_WAIT_STARTUP:
     case PH_PASSTHRU:
+        if (s->connected) { send_up(s, d, n); return; } /* TLS: the backend's to read */
+        hold_bytes_in(s, d, n);
+        return;
+    case PH_WAIT_STARTUP:
     case PH_CANCEL:
         hold_bytes_in(s, d, n);
         return;
@@ -1577,9 +1760,19 @@ static void on_connect_result(u32 id, int ok) {
 static void on_upstream_data(u32 id, const u8 *d, u32 n) {
     struct stream *s = fab_table_get(&streams, id);
     if (!s || !s->connected) return;
+    if (s->phase == PH_PASSTHRU && n) {
+        /* the answer to the SSLRequest, or the ServerHello: TLS end to end from here */
+        send_down(s, d, n);
+        ACT(fab_splice(s->id));
+        s->phase = PH_SPLICED;
+        if (s->paused) resume(s);
+        update(s);
+        return;
+    }
     if (s->phase == PH_STARTUP || s->phase == PH_SESSION) {
         if (n) s->banswered = 1;
-        backend_feed(s, d, n);
+        if (s->phase == PH_STARTUP && !s->acked) startup_answer(s, d, n);
+        else backend_feed(s, d, n);
         update(s);
     }
 }
@@ -1588,6 +1781,7 @@ static void on_upstream_close(u32 id) {
     struct stream *s = fab_table_get(&streams, id);
     if (!s || !s->connected) return;
     s->connected = 0;
+    if (s->phase == PH_STARTUP && !s->acked) buf_send_down(s, &s->bpend); /* its last word */
     ACT(fab_close(s->id));
     stream_free(s);
 }

@@ -12,7 +12,12 @@ namespace behind a dormant service, real clients (psql, pgbench, psycopg) in ano
   wake; the next real query thaws it and every connection goes on;
 - the database frozen and never thawed (``on_activate`` does nothing): a new psql's
   startup is relayed to the stopped postmaster (its kernel still accepts), and psql gets
-  FATAL 57P03 after ``hold_timeout_ms`` instead of hanging.
+  FATAL 57P03 after ``hold_timeout_ms`` instead of hanging; the same with ``ssl:
+  passthrough`` (the SSLRequest forwarded, no answer: the activator's 57P03 in its place);
+- a real postmaster answering FATAL 57P03 (a smart shutdown waiting for its last
+  session answers every new startup "the database system is shutting down"): a psql
+  started then gets its session from the server started after it, the startup resent
+  meanwhile; a startup error of another SQLSTATE is relayed at once.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -293,8 +299,10 @@ def test_a_startup_to_a_database_frozen_for_good_gets_57p03(sandbox: Sandbox,
     pidfile = pgroot / "data" / "postmaster.pid"
     d, client, srv = setup(sandbox, pgroot, service(
         [{"port": 5432, "target_port": 5432, "activator": WASM,
-          "activator_config": {"hold_timeout_ms": 2000}}], idle_timeout="1s",
-        on_idle=freeze_cmd(pidfile, "STOP"), on_activate="true"))
+          "activator_config": {"hold_timeout_ms": 2000}},
+         {"port": 6432, "target_port": 5432, "activator": WASM,
+          "activator_config": {"hold_timeout_ms": 2000, "ssl": "passthrough"}}],
+        idle_timeout="1s", on_idle=freeze_cmd(pidfile, "STOP"), on_activate="true"))
     base = f"host={VIP} port=5432 user=postgres dbname=postgres sslmode=disable"
     try:
         r = psql(sandbox, client, f"{base} connect_timeout=30", "select 40 + 2")
@@ -310,6 +318,84 @@ def test_a_startup_to_a_database_frozen_for_good_gets_57p03(sandbox: Sandbox,
         st = stats(d, 5432)
         assert st["guest_counters"].get("startup_timeouts", 0) >= 1, st
         assert st["counters"]["guest_failures"] == 0, st
+        # TLS passthrough: the SSLRequest goes to the frozen postmaster, which never
+        # answers; spliced at once, psql hung here for ever
+        t0 = time.monotonic()
+        r = psql(sandbox, client, f"host={VIP} port=6432 user=postgres dbname=postgres"
+                 " sslmode=require", "select 1", timeout=30)
+        took = time.monotonic() - t0
+        # libpq takes the 'E' for the answer to its SSLRequest; since the fix of
+        # CVE-2024-10977 it no longer prints the (unauthenticated) text of one
+        assert r.returncode != 0 and ("not available (hold timeout)" in r.stderr
+                                      or "error response during SSL" in r.stderr), (
+            r.stdout, r.stderr, d.log()[-3000:])
+        assert 1.5 < took < 15, took
+        st = stats(d, 6432)
+        assert st["guest_counters"].get("startup_timeouts", 0) >= 1, st
+        assert st["counters"].get("spliced", 0) == 0 and st["counters"]["guest_failures"] == 0
     finally:
         subprocess.run(freeze_cmd(pidfile, "CONT"), shell=True, check=False, timeout=10)
+        srv.stop()
+
+
+def startup_answer(path: str) -> bytes:
+    """Everything a server sends to a StartupMessage on its unix socket, to its close."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    try:
+        s.connect(path)
+        s.sendall(W.startup())
+        got = b""
+        while not W.count_rfq(got) and (chunk := s.recv(65536)):
+            got += chunk
+        return got
+    except OSError:
+        return b""
+    finally:
+        s.close()
+
+
+def test_a_startup_during_a_smart_shutdown_gets_its_session_from_the_next_server(
+        sandbox: Sandbox, pgroot: Path) -> None:
+    """The stop half of the wake race (an on_idle ``pg_ctl stop -m smart`` while a client
+    connects), with the real server's answers: a smart shutdown waits for its last
+    session and answers every new startup FATAL 57P03 "the database system is shutting
+    down" meanwhile; then it exits, and the next server takes the startup. psql (no
+    connect_timeout) used to get the FATAL."""
+    d, client, srv = setup(sandbox, pgroot, service(
+        [{"port": 5432, "target_port": 5432, "activator": WASM,
+          "activator_config": {"hold_timeout_ms": 30000}}]))
+    base = f"host={VIP} port=5432 user=postgres sslmode=disable"
+    held = None
+    try:
+        r = psql(sandbox, client, f"{base} dbname=postgres connect_timeout=30", "select 1")
+        assert r.returncode == 0, (r.stderr, d.log()[-3000:])
+        held = W.RawPg.unix(srv.socket_path)  # keeps the smart shutdown waiting
+        pid = int((srv.data / "postmaster.pid").read_text().split()[0])
+        os.kill(pid, signal.SIGTERM)
+        wait(lambda: b"shutting down" in startup_answer(srv.socket_path),
+             "the postmaster to answer 57P03")
+        p = sandbox.popen(client, "psql", "-X", "-At", "-v", "ON_ERROR_STOP=1",
+                          f"{base} dbname=postgres", "-c", "select 40 + 2", text=True)
+        wait(lambda: stats(d, 5432)["guest_counters"].get("startup_retries", 0) >= 3,
+             "the startup to be answered 57P03 and resent")
+        assert p.poll() is None, p.communicate()
+        held.close()  # its last session ends: the postmaster exits ...
+        held = None
+        wait(lambda: not (srv.data / "postmaster.pid").exists(), "the postmaster to exit")
+        srv.proc.wait(10)
+        srv.proc = subprocess.Popen(srv.argv, stdout=srv.log, stderr=srv.log)  # ... restarted
+        out, err = p.communicate(timeout=40)
+        assert p.returncode == 0 and out.strip() == "42", (out, err, d.log()[-3000:])
+        # another SQLSTATE is the client's to see at once (3D000: no such database)
+        t0 = time.monotonic()
+        r = psql(sandbox, client, f"{base} dbname=nope", "select 1")
+        assert r.returncode != 0 and 'database "nope" does not exist' in r.stderr, r.stderr
+        assert time.monotonic() - t0 < 5
+        st = stats(d, 5432)
+        assert st["counters"]["guest_failures"] == 0, st
+        assert "startup_timeouts" not in st["guest_counters"], st
+    finally:
+        if held is not None:
+            held.sock.close()
         srv.stop()

@@ -8,11 +8,15 @@ certificate in the backend pod. What is checked is the activator's part: the dor
 service wakes on the ClientHello, the bytes are forwarded and the pair spliced, the
 handshake completes against the backend's own certificate (TLS end to end, nothing
 terminated in the fabric), data flows both ways afterwards, and once the connection is
-gone the port's need falls back to none.
+gone the port's need falls back to none. And a backend that accepts and never answers (the
+server SIGSTOPped: its kernel still completes the handshake) has the client's connection
+closed after ``hold_timeout_ms``, where a splice at the connect left it hanging.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -93,6 +97,55 @@ def test_direct_tls_wakes_and_is_passed_through_end_to_end(sandbox: Sandbox,
         wait(lambda: d.get("/v1/services")[0]["streams"]["5432"]["need"] == "none",
              "need to fall to none after the last connection")
     finally:
+        srv.kill()
+
+
+FROZEN_CLIENT = r"""
+import socket, ssl, sys, time
+ctx = ssl.create_default_context(cafile=sys.argv[2])
+ctx.set_alpn_protocols(["postgresql"])
+t0 = time.monotonic()
+try:
+    with socket.create_connection((sys.argv[1], 5432), timeout=60) as s:
+        with ctx.wrap_socket(s, server_hostname="db.fabric.test") as t:
+            print("handshake", t.version())
+except (OSError, ssl.SSLError) as e:
+    print("failed", type(e).__name__, round(time.monotonic() - t0, 2))
+"""
+
+
+def test_direct_tls_to_a_frozen_backend_is_closed_after_the_hold(sandbox: Sandbox,
+                                                                 tmp_path: Path) -> None:
+    cert, key = tmp_path / "server.crt", tmp_path / "server.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=db.fabric.test", "-addext", "subjectAltName=DNS:db.fabric.test",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    worker, client, db = sandbox.netns("worker"), sandbox.netns("client"), sandbox.netns("db")
+    ns = {"name": "data", "id": 9, "cidr": "10.43.0.0/24",
+          "pods": [{"name": "client", "ip": "10.43.0.2", "netns": client},
+                   {"name": "db-1", "ip": DB_IP, "netns": db}],
+          "services": [{"name": "pg", "ip": VIP, "backends": ["db-1"], "readiness": "external",
+                        "ports": [{"port": 5432, "target_port": 5432, "activator": WASM,
+                                   "activator_config": {"hold_timeout_ms": 1500}}]}]}
+    d = Daemon(sandbox, worker, {"namespaces": [ns]}).start()
+    d.wait_attached(2)
+    srv = sandbox.popen(db, sys.executable, "-c", SERVER, str(cert), str(key),
+                        stderr=subprocess.PIPE)
+    try:
+        sandbox.wait_port(db, 5432)
+        os.killpg(srv.pid, signal.SIGSTOP)  # frozen, never thawed: the kernel still accepts
+        r = sandbox.run(client, sys.executable, "-c", FROZEN_CLIENT, VIP, str(cert),
+                        check=False, timeout=40)
+        words = r.stdout.split()
+        assert words[:1] == ["failed"], (r.stdout, r.stderr, d.log()[-3000:])
+        assert 1.2 < float(words[-1]) < 10, words
+        port = d.get("/v1/services")[0]["streams"]["5432"]
+        assert port["guest_counters"].get("startup_timeouts", 0) == 1, port
+        assert port["counters"].get("spliced", 0) == 0 and port["counters"]["guest_failures"] == 0
+        wait(lambda: d.get("/v1/services")[0]["streams"]["5432"]["need"] == "none",
+             "need to fall to none after the connection was closed")
+    finally:
+        os.killpg(srv.pid, signal.SIGCONT)
         srv.kill()
 
 

@@ -227,6 +227,12 @@ def test_ssl_passthrough_wakes_forwards_the_request_and_splices(guest) -> None:
     g.client(1, b"early")  # bytes before the answer are relayed, not parsed
     g.connected(1)
     assert g.to_backend(1) == W.SSL_REQUEST + b"early"
+    # spliced at the backend's answer, not at the connect (a frozen backend never answers)
+    assert not g.streams[1].spliced
+    g.client(1, b"more")
+    assert g.to_backend(1) == b"more"
+    g.backend(1, b"S")
+    assert g.to_client(1) == b"S"
     # The session inside TLS is invisible: a query may be running in it at any time, and
     # a database suspended under it would never be woken (spliced bytes bypass the
     # guest). So it keeps the database up until it ends.
@@ -247,7 +253,9 @@ def test_direct_tls_is_passed_through_without_config(guest) -> None:
     g.available()
     assert g.streams[1].connects == [0, 0]
     g.connected(1)
-    assert g.to_backend(1) == hello and g.streams[1].spliced
+    assert g.to_backend(1) == hello and not g.streams[1].spliced
+    g.backend(1, bytes.fromhex("160303") + b"\x00\x02sh")  # the ServerHello's first bytes
+    assert g.to_client(1) == bytes.fromhex("160303") + b"\x00\x02sh" and g.streams[1].spliced
 
 
 def test_startup_is_held_until_a_backend_is_up_then_relayed(guest) -> None:
@@ -636,6 +644,228 @@ def test_passthrough_hold_timeout_answers_the_ssl_request_with_57p03(guest) -> N
     assert e[0]["S"] == "FATAL" and e[0]["C"] == "57P03" and g.streams[1].downstream_closed
     assert g.to_client(2) == b"" and g.streams[2].downstream_closed
     assert g.need == NONE
+
+
+# ---- a backend that is starting up, in recovery or shutting down (57P03) -------------------
+
+#: what PostgreSQL 15 answers a startup while it shuts down (captured: a smart shutdown
+#: waiting for a session), and before it for a 3.2 startup: NegotiateProtocolVersion
+SHUTTING_DOWN = W.msg(b"E", b"SFATAL\0VFATAL\0C57P03\0Mthe database system is shutting down\0"
+                      b"Fpostmaster.c\0L2432\0RProcessStartupPacket\0\0")
+STARTING_UP = W.msg(b"E", b"SFATAL\0VFATAL\0C57P03\0Mthe database system is starting up\0\0")
+NEGOTIATE_30 = W.msg(b"v", bytes.fromhex("0003000000000000"))
+
+
+def test_a_57p03_startup_is_resent_until_the_backend_takes_it(guest) -> None:
+    """A postmaster accepts TCP before it takes sessions (starting up, crash recovery) and
+    after it stopped taking them (a smart shutdown): its FATAL 57P03 used to reach the
+    client, which failed although the database was up a moment later."""
+    g = guest(hold_timeout_ms=5000)
+    g.tick(1)
+    g.open(1)
+    g.client(1, W.startup(application_name="retry"))
+    g.connected(1)
+    assert g.to_backend(1) == W.startup(application_name="retry")
+    g.backend(1, STARTING_UP)
+    assert g.to_client(1) == b"" and not g.streams[1].downstream_closed
+    assert g.streams[1].upstream_closed and g.need == ACTIVE
+    g.backend_close(1)  # its close after the FATAL: nothing for the client
+    assert not g.streams[1].downstream_closed
+    g.streams[1].upstream_closed = False
+    g.tick(50)
+    assert g.streams[1].connects == [0]  # not at once: 100 ms later
+    g.tick(150)
+    assert g.streams[1].connects == [0, 0]
+    g.connected(1)
+    assert g.to_backend(1) == W.startup(application_name="retry")
+    g.backend(1, SHUTTING_DOWN)  # again: 200 ms now
+    g.tick(250)
+    assert g.streams[1].connects == [0, 0]
+    g.tick(350)
+    assert g.streams[1].connects == [0, 0, 0] and g.streams[1].upstream_closed
+    g.streams[1].upstream_closed = False
+    g.connected(1, ok=False)  # the postmaster is gone: refused until the new one listens
+    g.available()
+    assert g.streams[1].connects == [0, 0, 0, 0]
+    g.connected(1)
+    assert g.to_backend(1) == W.startup(application_name="retry")
+    g.backend(1, GREETING)
+    assert g.to_client(1) == GREETING and g.need == NONE
+    assert not g.streams[1].upstream_closed and not g.streams[1].downstream_closed
+    c = _counts(g)
+    assert c.get("startup_retries") == 2 and "startup_timeouts" not in c, c
+    g.client(1, W.query("SELECT 2"))
+    assert g.to_backend(1) == W.query("SELECT 2")
+
+
+def test_bytes_after_the_startup_wait_for_the_backend_to_take_it(guest) -> None:
+    """What a client pipelines behind its startup goes after it on every connection."""
+    g = guest(hold_timeout_ms=5000)
+    g.tick(1)
+    g.open(1)
+    g.client(1, W.startup())
+    g.connected(1)
+    assert g.to_backend(1) == W.startup()
+    g.client(1, W.query("SELECT 3"))
+    assert g.to_backend(1) == b""  # held until the backend takes the startup
+    g.backend(1, STARTING_UP)
+    g.tick(200)
+    g.connected(1)
+    assert g.to_backend(1) == W.startup()
+    g.backend(1, W.msg(b"R", struct.pack("!i", 0)))
+    assert g.to_backend(1) == W.query("SELECT 3")
+    assert g.to_client(1) == W.msg(b"R", struct.pack("!i", 0))
+
+
+def test_a_32_startup_gets_negotiate_then_57p03_and_is_resent(guest) -> None:
+    """PostgreSQL 15 answers a 3.2 startup with NegotiateProtocolVersion before it checks
+    whether it takes sessions: 'v' then the 57P03 (captured). Neither reaches the client;
+    the 'v' of the connection that takes the startup does, with its 'R'."""
+    g = guest(hold_timeout_ms=5000)
+    st32 = W.startup(proto=W.PROTO_32)
+    g.tick(1)
+    g.open(1)
+    g.client(1, st32)
+    g.connected(1)
+    assert g.to_backend(1) == st32
+    g.backend(1, NEGOTIATE_30)
+    assert g.to_client(1) == b""
+    g.backend(1, SHUTTING_DOWN[:9])  # split anywhere
+    g.backend(1, SHUTTING_DOWN[9:])
+    assert g.to_client(1) == b"" and g.streams[1].upstream_closed
+    g.tick(200)
+    g.connected(1)
+    assert g.to_backend(1) == st32
+    g.backend(1, NEGOTIATE_30)
+    assert g.to_client(1) == b""
+    g.backend(1, GREETING)
+    assert g.to_client(1) == NEGOTIATE_30 + GREETING and g.need == NONE
+
+
+@pytest.mark.parametrize("code", ["28P01", "3D000", "53300", "28000", "57P01"])
+def test_other_startup_errors_are_relayed_at_once(guest, code: str) -> None:
+    g = guest(hold_timeout_ms=5000)
+    g.tick(1)
+    for sid, first in ((1, b""), (2, NEGOTIATE_30)):
+        g.open(sid)
+        g.client(sid, W.startup())
+        g.connected(sid)
+        err = W.msg(b"E", b"SFATAL\0VFATAL\0C" + code.encode() + b"\0Mno\0\0")
+        g.backend(sid, first + err)
+        g.backend_close(sid)
+        assert g.to_client(sid) == first + err and g.streams[sid].downstream_closed
+        assert g.streams[sid].connects == [0]
+    assert "startup_retries" not in _counts(g)
+
+
+def test_57p03_past_the_hold_is_relayed_as_the_backend_said_it(guest) -> None:
+    """The retries last hold_timeout_ms from the client's startup; then the client gets
+    the backend's last answer (its 'v' too), and a 57P03 that comes too late for another
+    try is relayed at once."""
+    g = guest(hold_timeout_ms=1000)
+    g.tick(1)
+    g.open(1)
+    g.client(1, W.startup(proto=W.PROTO_32))
+    g.connected(1)
+    now, n = 1, 0
+    while not g.streams[1].downstream_closed and now < 3000:
+        if g.streams[1].connects and len(g.streams[1].connects) > n:
+            n = len(g.streams[1].connects)
+            if n > 1:
+                g.connected(1)
+            g.backend(1, NEGOTIATE_30 + SHUTTING_DOWN)
+            g.backend_close(1)  # ignored after a retry's own close
+        now += 100
+        g.tick(now)
+    assert g.streams[1].downstream_closed and 800 <= now <= 1100, now
+    assert g.to_client(1) == NEGOTIATE_30 + SHUTTING_DOWN
+    assert 2 <= _counts(g).get("startup_retries", 0) <= 4, _counts(g)
+    # a refusing backend (connects fail) after a 57P03: the activator's own 57P03
+    g.open(2)
+    g.client(2, W.startup())
+    g.connected(2)
+    g.backend(2, STARTING_UP)
+    start = now
+    while not g.streams[2].downstream_closed and now < start + 3000:
+        now += 100
+        g.tick(now)
+        if len(g.streams[2].connects) > 1:
+            g.connected(2, ok=False)
+            g.streams[2].connects = [0]
+    assert g.streams[2].downstream_closed and now - start <= 1200
+    assert errors(g.to_client(2))[0]["M"] == "the database system is starting up"
+
+
+def test_57p03_from_a_backend_that_then_freezes_ends_at_the_hold(guest) -> None:
+    g = guest(hold_timeout_ms=1000)
+    g.tick(1)
+    g.open(1)
+    g.client(1, W.startup())
+    g.connected(1)
+    g.backend(1, STARTING_UP)
+    g.tick(200)
+    g.connected(1)  # ... and then not a byte
+    for t in range(300, 1000, 100):
+        g.tick(t)
+        assert not g.streams[1].downstream_closed, t
+    g.tick(1100)
+    assert g.streams[1].downstream_closed
+    assert errors(g.to_client(1))[0]["C"] == "57P03"
+    assert _counts(g).get("startup_timeouts") == 1
+
+
+def test_a_cancel_request_answered_57p03_is_not_retried(guest) -> None:
+    g = guest(hold_timeout_ms=5000)
+    g.tick(1)
+    g.open(1)
+    cancel = struct.pack("!iiii", 16, 80877102, 7, 8)
+    g.client(1, cancel)
+    g.connected(1)
+    assert g.to_backend(1) == cancel and g.streams[1].downstream_closed
+    g.tick(300)
+    assert g.streams[1].connects == [0] and "startup_retries" not in _counts(g)
+
+
+# ---- TLS passthrough to a backend that accepts and never answers --------------------------
+
+
+def test_passthrough_to_a_frozen_backend_gets_57p03_after_the_hold(guest) -> None:
+    """A SIGSTOPped postmaster still completes TCP handshakes: the connect succeeds and
+    the SSLRequest goes, then nothing. Spliced at once, the client hung for ever."""
+    g = guest(ssl="passthrough", hold_timeout_ms=1000)
+    g.tick(1)
+    g.open(1)
+    g.client(1, W.SSL_REQUEST)
+    g.tick(300)
+    g.connected(1)  # 300 ms held; the backend has the hold from now
+    assert g.to_backend(1) == W.SSL_REQUEST and not g.streams[1].spliced
+    for t in range(400, 1300, 100):
+        g.tick(t)
+        assert not g.streams[1].downstream_closed, t
+    g.tick(1400)
+    e = errors(g.to_client(1))
+    assert [(x["S"], x["C"]) for x in e] == [("FATAL", "57P03")]
+    assert g.streams[1].downstream_closed and g.streams[1].upstream_closed
+    assert not g.streams[1].spliced and g.need == NONE
+    assert _counts(g).get("startup_timeouts") == 1
+
+
+def test_direct_tls_to_a_frozen_backend_is_closed_after_the_hold(guest) -> None:
+    g = guest(hold_timeout_ms=1000)
+    g.tick(1)
+    g.open(1)
+    hello = bytes.fromhex("160301") + b"\x00\x05hel"
+    g.client(1, hello)
+    g.connected(1)
+    g.client(1, b"lo")  # the rest of the ClientHello goes on
+    assert g.to_backend(1) == hello + b"lo" and not g.streams[1].spliced
+    for t in range(100, 1100, 100):
+        g.tick(t)
+    assert not g.streams[1].downstream_closed
+    g.tick(1200)
+    assert g.to_client(1) == b"" and g.streams[1].downstream_closed
+    assert g.streams[1].upstream_closed and g.need == NONE
+    assert _counts(g).get("startup_timeouts") == 1
 
 
 def test_many_held_sessions_are_all_relayed_when_the_backend_returns(guest) -> None:

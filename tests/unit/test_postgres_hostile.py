@@ -255,7 +255,9 @@ def test_bytes_after_a_request_are_the_servers_to_judge_with_passthrough(guest) 
     g.open(1)
     g.client(1, W.SSL_REQUEST + b"\x16\x03\x01")
     g.connected(1)
-    assert g.to_backend(1) == W.SSL_REQUEST + b"\x16\x03\x01" and g.streams[1].spliced
+    assert g.to_backend(1) == W.SSL_REQUEST + b"\x16\x03\x01"
+    g.backend(1, b"N")  # spliced at the backend's answer
+    assert g.to_client(1) == b"N" and g.streams[1].spliced
 
 
 @pytest.mark.parametrize("data", [

@@ -79,6 +79,8 @@ def test_one_tick_after_the_last_stream_lets_a_debounced_guest_lower_its_need() 
     assert core.need == abi.NEED_ACTIVE
     core.backends(["10.0.0.3"], 1.02)
     core.upstream_result(sid, True, 1.03)
+    core.upstream_data(sid, b"\x16\x03\x03\x00\x02sh", 1.04)  # spliced at the ServerHello
+    core.flush(1.04)
     assert core.streams[sid].mode == sc.SPLICED
     core.splice_ended(sid, 2.0)
     assert not core.streams and core.need == abi.NEED_ACTIVE  # debounced: not yet
