@@ -111,7 +111,7 @@ _SERVICE_KEYS = (
     "on_idle",
 )
 _PORT_KEYS = ("port", "target_port", "protocol", "activator", "activator_config",
-              "upstream", "activator_memory_mib")
+              "upstream", "activator_memory_mib", "max_connections_per_client")
 _UPSTREAMS = ("vip", "pod-local")
 _HOLD_KEYS = ("packets", "bytes", "timeout", "release_burst", "release_interval")
 _DNS_KEYS = ("domain", "upstream", "resolv_conf", "cache")
@@ -479,6 +479,13 @@ def _parse_port(data: Any, src: str, key: str) -> PortSpec:
                           MAX_ACTIVATOR_MEMORY >> 20) << 20
         if activator == "none":
             raise ConfigError(src, mkey, "activator_memory_mib given but activator is none")
+    per_client = 0
+    if obj.has("max_connections_per_client"):
+        ckey = obj.key("max_connections_per_client")
+        per_client = read_int(obj.get("max_connections_per_client"), src, ckey, 1, 65535)
+        if activator == "none" or protocol != "tcp":
+            raise ConfigError(src, ckey, "max_connections_per_client needs a stream "
+                                         "activator on a tcp port")
     return PortSpec(
         port=port,
         target_port=target,
@@ -487,6 +494,7 @@ def _parse_port(data: Any, src: str, key: str) -> PortSpec:
         activator_config=config,
         upstream=upstream,
         activator_memory=memory,
+        max_connections_per_client=per_client,
     )
 
 

@@ -63,6 +63,8 @@ def service_to_dict(svc: ServiceSpec) -> dict[str, Any]:
                 **({"upstream": p.upstream} if p.upstream != "vip" else {}),
                 **({"activator_memory_mib": p.activator_memory >> 20}
                    if p.activator_memory != DEFAULT_ACTIVATOR_MEMORY else {}),
+                **({"max_connections_per_client": p.max_connections_per_client}
+                   if p.max_connections_per_client else {}),
             }
             for p in svc.ports
         ],

@@ -155,6 +155,8 @@ class PortSpec:
     # the shipped http2 and http1 activators turn what is past the default into more
     # connections busy at once.
     activator_memory: int = DEFAULT_ACTIVATOR_MEMORY
+    # A stream port's live connections from one client address, at most (0: no cap).
+    max_connections_per_client: int = 0
 
 
 @dataclass(frozen=True)

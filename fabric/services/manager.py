@@ -132,6 +132,10 @@ class ServiceManager:
                 else:
                     host.close()
                 continue
+            if p.max_connections_per_client:
+                log.warning("namespace %s: service %s port %d: max_connections_per_client "
+                            "applies to stream activators; %s is a packet activator, so it "
+                            "is ignored", self.namespace, spec.name, p.port, p.activator)
             hosts[(p.port, 6 if p.protocol == "tcp" else 17)] = host
         activators: dict[tuple[int, int], Activator] = {
             k: h for k, h in hosts.items() if k[0] not in fronts or k[1] != 6}
@@ -247,7 +251,8 @@ class ServiceManager:
 
         core = StreamCore(host, p.port, p.target_port, hold_timeout=spec.hold.timeout,
                           label=host.label, release_burst=spec.hold.release_burst,
-                          release_interval=spec.hold.release_interval)
+                          release_interval=spec.hold.release_interval,
+                          max_per_client=p.max_connections_per_client)
         name, port = spec.name, p.port
         dp: DataPlaneHost | None = None
         if self.stream_thread == "dataplane":

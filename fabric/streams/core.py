@@ -97,7 +97,7 @@ COUNTERS = (
     "upstream_failed", "upstream_no_backend", "spliced", "splice_refused",
     "fallback_proxied", "fallback_closed", "fallback_timeouts", "guest_failures",
     "bad_actions", "late_actions", "sends_dropped", "count_refused", "ticks",
-    "release_paced",
+    "release_paced", "client_limit",
 )
 
 # Stream.paced: its connect is not waiting, waits its turn, waits and was counted.
@@ -180,7 +180,8 @@ class StreamCore:
                  hold_timeout: float = 30.0, max_streams: int = MAX_STREAMS,
                  stream_buffer: int = STREAM_BUFFER, label: str = "",
                  release_burst: int = RELEASE_BURST,
-                 release_interval: float = RELEASE_INTERVAL) -> None:
+                 release_interval: float = RELEASE_INTERVAL,
+                 max_per_client: int = 0) -> None:
         self.gen = Generation(guest, 1)
         self.gens = [self.gen]
         self.retired: list[Guest] = []  # generations done with: the shell closes them
@@ -194,6 +195,10 @@ class StreamCore:
         self._bursts: dict[str, _Burst] = {}  # by backend address
         self.label = label or str(port)
         self.streams: dict[int, Stream] = {}
+        # Live streams by client address, when a port caps them (max_per_client > 0): one
+        # client cannot take every slot of max_streams.
+        self.max_per_client = max_per_client
+        self._per_client: dict[str, int] = {}
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self.guest_counters: dict[str, int] = {}
         self.logs: list[tuple[int, str]] = []  # (level, text) for the shell to log
@@ -256,6 +261,17 @@ class StreamCore:
         if len(live) >= self.max_streams:
             self.counters["streams_refused"] += 1
             return None
+        cap = self.max_per_client
+        if cap:
+            n = self._per_client.get(peer[0], 0)
+            if n >= cap:
+                k = self.counters["client_limit"] = self.counters["client_limit"] + 1
+                if k == 1 or k % 1000 == 0:
+                    self.logs.append((2, f"client {peer[0]} has {n} connections open, the "
+                                         f"port's max_connections_per_client: refused "
+                                         f"({k} so far)"))
+                return None
+            self._per_client[peer[0]] = n + 1
         sid = self._next_sid
         while sid in live or sid == 0:
             sid = (sid + 1) & 0xFFFFFFFF
@@ -803,6 +819,13 @@ class StreamCore:
         """Forget `s`; a generation left with no stream (and replaced) is retired."""
         if self.streams.pop(s.sid, None) is None:
             return False
+        if self.max_per_client:
+            ip = s.peer[0]
+            n = self._per_client.get(ip, 0) - 1
+            if n > 0:
+                self._per_client[ip] = n
+            else:
+                self._per_client.pop(ip, None)
         s.paced = PACE_NONE  # a connect still waiting its turn is called off
         if s.mode == WAITING:
             self._waiting -= 1

@@ -278,3 +278,49 @@ def test_held_streams_connect_upstream_paced(sandbox: Sandbox) -> None:
     # Ten windows of 4: the last connect starts at least 9 intervals after the first
     # (0.45 s), so the answers are spread over about that long.
     assert ends[-1] - ends[0] >= 0.35, ends
+
+
+CAP_CLIENT = """
+import socket, sys, time
+vip, n = sys.argv[1], int(sys.argv[2])
+socks, alive = [], []
+for i in range(n):
+    s = socket.create_connection((vip, 80), timeout=10)
+    socks.append(s)
+    time.sleep(0.02)  # accepted in order
+time.sleep(0.5)
+for s in socks:
+    s.settimeout(0.5)
+    try:
+        s.sendall(b"ping")
+        alive.append(s.recv(4) == b"ping")
+    except OSError:
+        alive.append(False)
+print("alive", sum(alive))
+for s in socks[:2]:
+    s.close()
+time.sleep(0.5)
+t = socket.create_connection((vip, 80), timeout=10)
+t.sendall(b"again")
+print("after", t.recv(5).decode())
+"""
+
+
+def test_a_client_past_its_connection_cap_is_refused_and_others_are_not(
+        sandbox: Sandbox) -> None:
+    """max_connections_per_client: one pod opening more connections than its cap has the
+    extra ones closed at once (counted); closing some frees their slots."""
+    d, client, web = setup(sandbox, [{
+        "name": "echo", "ip": VIP, "backends": ["web-1"],
+        "ports": [{"port": 80, "target_port": 7000, "activator": "stream",
+                   "max_connections_per_client": 5}]}])
+    echo_server(sandbox, web, 7000)
+    path = os.path.join(sandbox.tmp, "cap_client.py")
+    with open(path, "w") as f:
+        f.write(CAP_CLIENT)
+    r = sandbox.run(client, sys.executable, path, VIP, "8", check=False, timeout=60)
+    assert "alive 5" in r.stdout and "after again" in r.stdout, (r.stdout, r.stderr,
+                                                                   d.log()[-3000:])
+    c = d.get("/v1/services")[0]["streams"]["80"]["counters"]
+    assert c["client_limit"] == 3, c
+    assert "max_connections_per_client" in d.log()

@@ -986,6 +986,18 @@ SERVICE_CASES = [
         "ports[0].activator_memory_mib",
         "activator_memory_mib given but activator is none",
     ),
+    (
+        ["ports"],
+        [{"port": 80, "activator": "http2", "max_connections_per_client": 0}],
+        "ports[0].max_connections_per_client",
+        "0 is out of range (1..65535)",
+    ),
+    (
+        ["ports"],
+        [{"port": 80, "max_connections_per_client": 8}],
+        "ports[0].max_connections_per_client",
+        "max_connections_per_client needs a stream activator on a tcp port",
+    ),
     (["backends"], ["web-9"], "backends[0]", "no pod named web-9 in namespace shop"),
     (["backends"], ["web-1", "web-1"], "backends[1]", "web-1 is listed twice"),
     (["backends"], [3], "backends[0]", "expected a string, got integer 3"),
@@ -1698,12 +1710,16 @@ def test_activator_memory_defaults_to_16_mib_and_round_trips() -> None:
     pods = [{"name": "web", "ip": "10.1.0.5", "netns": "web"}]
     ns = parse_namespace({"name": "a", "cidr": "10.1.0.0/24", "pods": pods, "services": [
         {"name": "rpc", "ip": "10.1.0.100", "backends": ["web"],
-         "ports": [{"port": 80, "activator": "http2", "activator_memory_mib": 64},
+         "ports": [{"port": 80, "activator": "http2", "activator_memory_mib": 64,
+                    "max_connections_per_client": 32},
                    {"port": 81, "activator": "http2"}]}]},
         "x", "w1")
     big, default = ns.services[0].ports
     assert (big.activator_memory, default.activator_memory) == (64 << 20, 16 << 20)
     d = namespace_to_dict(ns)
     assert d["services"][0]["ports"][0]["activator_memory_mib"] == 64
+    assert big.max_connections_per_client == 32 and default.max_connections_per_client == 0
+    assert d["services"][0]["ports"][0]["max_connections_per_client"] == 32
+    assert "max_connections_per_client" not in d["services"][0]["ports"][1]
     assert "activator_memory_mib" not in d["services"][0]["ports"][1]
     assert parse_namespace(json.loads(json.dumps(d)), "api", "w1") == ns

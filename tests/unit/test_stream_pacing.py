@@ -189,3 +189,21 @@ def test_the_cores_own_pace_defaults_are_the_configs() -> None:
     from fabric.config.specs import DEFAULT_RELEASE_BURST, DEFAULT_RELEASE_INTERVAL
     assert (sc.RELEASE_BURST, sc.RELEASE_INTERVAL) == (DEFAULT_RELEASE_BURST,
                                                        DEFAULT_RELEASE_INTERVAL)
+
+
+def test_a_port_caps_live_connections_per_client_address() -> None:
+    """max_connections_per_client: one address cannot take every slot of the port (1,024
+    idle sockets from one pod locked every other client out); other addresses are
+    served, and a closed connection frees its slot."""
+    core = StreamCore(OddGuest(), 80, 8080, max_per_client=3)
+    a = [core.accepted(("10.0.0.2", 40000 + i), 1.0) for i in range(5)]
+    assert all(sid is not None for sid in a[:3]) and a[3:] == [None, None]
+    assert core.counters["client_limit"] == 2
+    assert any("max_connections_per_client" in text for _lvl, text in core.logs)
+    assert core.accepted(("10.0.0.9", 5000), 1.0) is not None  # another client
+    core.client_closed(a[0], 1.1, reset=True)  # type: ignore[arg-type]
+    core.commands()
+    assert core.accepted(("10.0.0.2", 41000), 1.2) is not None
+    assert core.accepted(("10.0.0.2", 41001), 1.2) is None
+    uncapped = StreamCore(OddGuest(), 80, 8080)
+    assert all(uncapped.accepted(("10.0.0.2", 40000 + i), 1.0) for i in range(50))
