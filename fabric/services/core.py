@@ -126,6 +126,11 @@ VERDICTS = ("forward", "held", "queued", "hold_full", "no_backend", "table_full"
 
 PROBE_INTERVAL = 0.2
 ACTIVE_PROBE_INTERVAL = 0.001
+# ... for the first seconds of a wake; a backend still not accepting after that (a slow
+# start, or one that crashed while clients wait) is probed less often, so dormant
+# services woken together (a port scan of their VIPs) cost the data plane a bounded
+# rate of connects each: (wake age from, interval).
+PROBE_BACKOFF = ((10.0, 0.02), (2.0, 0.005))
 # While the service's on_idle hook runs (a stop in progress), a new demand does not probe
 # its backends: a server that is shutting down still accepts, and a client released to it
 # gets its reset (or PostgreSQL's "shutting down"). Probes start when the hook ends, or at
@@ -382,7 +387,7 @@ class Service:
             if b.marked and not b.probed and not b.parked and b.probe_due <= now:
                 # While clients wait, probe fast: the wake is only as quick as the probe
                 # that sees the backend's port accept.
-                b.probe_due = now + (ACTIVE_PROBE_INTERVAL if self._waiting else
+                b.probe_due = now + (self._active_interval(now) if self._waiting else
                                      self.probe_interval)
                 out.append((b.name, str(b.addr), port))
                 self.counters["probes"] += 1
@@ -396,8 +401,20 @@ class Service:
             return
         b.probed = ok
         if not ok:
-            b.probe_due = now + (ACTIVE_PROBE_INTERVAL if self._waiting else self.probe_interval)
+            b.probe_due = now + (self._active_interval(now) if self._waiting
+                                 else self.probe_interval)
         self._update_ready(now)
+
+    def _active_interval(self, now: float) -> float:
+        """How soon to probe again while clients wait: every millisecond early in a wake,
+        less often as it drags on (PROBE_BACKOFF)."""
+        start = self._wake_start
+        if start is not None:
+            age = now - start
+            for since, interval in PROBE_BACKOFF:
+                if age >= since:
+                    return interval
+        return ACTIVE_PROBE_INTERVAL
 
     def is_ready(self, b: Backend) -> bool:
         return b.marked and (b.probed or not self._probe)

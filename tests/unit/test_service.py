@@ -859,6 +859,32 @@ def test_an_idle_hook_that_overruns_holds_the_probes_back_for_ten_seconds_at_mos
     assert s.releasable
 
 
+def test_probes_back_off_as_a_wake_drags_on() -> None:
+    """While clients wait, a backend is probed every millisecond for the first 2 s of the
+    wake, then every 5 ms, and every 20 ms past 10 s: a backend that does not come (a
+    crashed one, or dormant services woken together by a scan of their VIPs) costs the
+    data plane a bounded rate of connects, and a normal start still wakes in ~1 ms."""
+    s = Service("web", ip_s(VIP), PORTS, probe_interval=0.5)
+    s.set_backend("web-1", ip_s(B1), True, 0.0)
+    s.probe_result("web-1", False, 0.0)
+    assert out(s, syn(), 10.0)[0] == HELD
+
+    def probes(t0: float, t1: float, step: float = 0.0005) -> int:
+        n, t = 0, t0
+        while t < t1:
+            for _ in s.probes_due(t):
+                n += 1
+                s.probe_result("web-1", False, t)
+            t += step
+        return n
+
+    assert 900 <= probes(10.0, 11.0) <= 1100  # the first second: every 1 ms
+    assert 180 <= probes(12.5, 13.5) <= 220  # past 2 s: every 5 ms
+    assert 45 <= probes(21.0, 22.0, 0.002) <= 55  # past 10 s: every 20 ms
+    s.probe_result("web-1", True, 22.0)
+    assert s.releasable
+
+
 # --- wake latency -------------------------------------------------------------------------
 
 
