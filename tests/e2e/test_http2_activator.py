@@ -19,17 +19,23 @@ from fabric.tools.sandbox import Daemon, Sandbox
 VIP = "10.42.0.100"
 
 GRPC_SERVER = """
-import sys, grpc
+import os, sys, time, grpc
 from concurrent import futures
 def unary(req, ctx):
     return b"echo:" + req
 def stream(req, ctx):
     for i in range(int(req)):
         yield b"item%d" % i
+def watch(req, ctx):  # one item, then open until the file argv[2] exists
+    yield b"first"
+    while not os.path.exists(sys.argv[2]) and ctx.is_active():
+        time.sleep(0.05)
+    yield b"last"
 h = grpc.method_handlers_generic_handler("fab.Echo", {
     "Unary": grpc.unary_unary_rpc_method_handler(unary),
-    "Stream": grpc.unary_stream_rpc_method_handler(stream)})
-s = grpc.server(futures.ThreadPoolExecutor(8))
+    "Stream": grpc.unary_stream_rpc_method_handler(stream),
+    "Watch": grpc.unary_stream_rpc_method_handler(watch)})
+s = grpc.server(futures.ThreadPoolExecutor(80))
 s.add_generic_rpc_handlers((h,))
 s.add_insecure_port("0.0.0.0:" + sys.argv[1])
 s.start()
@@ -329,26 +335,6 @@ def test_grpc_unary_and_server_streaming_through_a_dormant_service(sandbox: Sand
     assert r.stdout.strip() == "item0,item1,item2,item3,item4", (r.stdout, r.stderr)
 
 
-WATCH_SERVER = """
-import os, sys, time, grpc
-from concurrent import futures
-def unary(req, ctx):
-    return b"echo:" + req
-def watch(req, ctx):
-    yield b"first"
-    while not os.path.exists(sys.argv[2]) and ctx.is_active():
-        time.sleep(0.05)
-    yield b"last"
-h = grpc.method_handlers_generic_handler("fab.Echo", {
-    "Unary": grpc.unary_unary_rpc_method_handler(unary),
-    "Watch": grpc.unary_stream_rpc_method_handler(watch)})
-s = grpc.server(futures.ThreadPoolExecutor(80))
-s.add_generic_rpc_handlers((h,))
-s.add_insecure_port("0.0.0.0:" + sys.argv[1])
-s.start()
-s.wait_for_termination()
-"""
-
 WATCH_CLIENT = """
 import sys, threading, grpc
 target, n, stop = sys.argv[1], int(sys.argv[2]), sys.argv[3]
@@ -391,7 +377,7 @@ def test_grpc_streams_held_open_on_many_connections_leave_room_for_new_calls(
     default 18 busy connections, and a new client's call is served at once."""
     web_ns = sandbox.name("web")
     stop = os.path.join(sandbox.tmp, "stop-watches")
-    server = script(sandbox, "watch_server.py", WATCH_SERVER)
+    server = script(sandbox, "grpc_server.py", GRPC_SERVER)
     start = (f"sh -c '(exec ip netns exec {web_ns} {sys.executable} {server} 50051 {stop})"
              " >/dev/null 2>&1 &'")
     svc = service("rpc", target_port=50051, on_activate=start)

@@ -800,9 +800,8 @@ def test_hairpin_fragmented_reply() -> None:
     assert got[0][UDP].sport == 53 and got[0][UDP].dport == 50000
 
 
-def test_after_idle_a_probed_backend_is_trusted_again_only_after_a_new_probe() -> None:
-    """Idle means the controller scales the backend down: no probing while parked, and
-    the next request is held (and activates) until a fresh probe succeeds."""
+def _gone_idle() -> Service:
+    """A service whose probed backend served a flow, then went idle at t=100 (parked)."""
     s = Service("web", ip_s(VIP), PORTS, probe_interval=0.5, idle_timeout=5.0)
     s.set_backend("web-1", ip_s(B1), True, 0.0)
     assert s.probes_due(0.0)
@@ -811,6 +810,13 @@ def test_after_idle_a_probed_backend_is_trusted_again_only_after_a_new_probe() -
     s.handle_timer(100.0)
     s.take_signals()
     assert s.status()["backends"][0]["ready"] is False
+    return s
+
+
+def test_after_idle_a_probed_backend_is_trusted_again_only_after_a_new_probe() -> None:
+    """Idle means the controller scales the backend down: no probing while parked, and
+    the next request is held (and activates) until a fresh probe succeeds."""
+    s = _gone_idle()
     assert s.probes_due(101.0) == []  # parked: nothing to probe without demand
     assert out(s, syn(), 102.0)[0] == HELD
     assert any(sig.kind == "activate" for sig in s.take_signals())
@@ -823,14 +829,7 @@ def test_a_demand_during_the_idle_hook_probes_only_once_the_hook_ended() -> None
     """on_idle stops the backend (a stop takes a while, and a server shutting down still
     accepts): a client arriving meanwhile is held, and the backend is probed only after
     the hook ended, so the client is not released into the dying server."""
-    s = Service("web", ip_s(VIP), PORTS, probe_interval=0.5, idle_timeout=5.0)
-    s.set_backend("web-1", ip_s(B1), True, 0.0)
-    assert s.probes_due(0.0)
-    s.probe_result("web-1", True, 0.1)
-    assert out(s, udp(dport=53), 1.0)[0] in (FORWARD, NOT_SERVICE)
-    s.handle_timer(100.0)
-    s.take_signals()
-    assert s.status()["backends"][0]["ready"] is False  # idle: parked
+    s = _gone_idle()
     s.idle_hook(True, 100.01)  # the stop runs
     assert out(s, syn(), 100.5)[0] == HELD
     assert any(sig.kind == "activate" for sig in s.take_signals())
@@ -843,12 +842,7 @@ def test_a_demand_during_the_idle_hook_probes_only_once_the_hook_ended() -> None
 
 
 def test_an_idle_hook_that_overruns_holds_the_probes_back_for_ten_seconds_at_most() -> None:
-    s = Service("web", ip_s(VIP), PORTS, probe_interval=0.5, idle_timeout=5.0)
-    s.set_backend("web-1", ip_s(B1), True, 0.0)
-    s.probe_result("web-1", True, 0.1)
-    assert out(s, udp(dport=53), 1.0)[0] in (FORWARD, NOT_SERVICE)
-    s.handle_timer(100.0)
-    s.take_signals()
+    s = _gone_idle()
     s.idle_hook(True, 100.0)
     assert out(s, syn(), 101.0)[0] == HELD
     assert s.next_probe() == 110.0
