@@ -82,7 +82,8 @@ def add_test_command(where: Any) -> argparse.ArgumentParser:
                         "backend_unavailable; a later wake+SECONDS brings it back")
     p.add_argument("--config", metavar="JSON", default="{}",
                    help="the activator config, a JSON object (stream activators also get "
-                        "port, target_port, hold_timeout_ms, hold_bytes unless set)")
+                        "port, target_port, hold_timeout_ms, hold_bytes, memory_limit "
+                        "unless set)")
     p.add_argument("--expect", action="append", default=[], metavar="EXPR",
                    help="a check on the outcome (repeatable; below)")
     p.add_argument("--update-golden", action="store_true",
