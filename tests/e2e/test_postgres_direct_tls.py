@@ -61,20 +61,31 @@ with socket.create_connection((sys.argv[1], 5432), timeout=30) as s:
 """
 
 
-def test_direct_tls_wakes_and_is_passed_through_end_to_end(sandbox: Sandbox,
-                                                            tmp_path: Path) -> None:
+def _setup(sandbox: Sandbox, tmp_path: Path, config: dict
+           ) -> tuple[Path, Path, str, str, Daemon]:
+    """A certificate for db.fabric.test, and the daemon with a dormant service whose
+    port runs the PostgreSQL activator with `config`: (cert, key, client, db, daemon)."""
     cert, key = tmp_path / "server.crt", tmp_path / "server.key"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
                     "-subj", "/CN=db.fabric.test", "-addext", "subjectAltName=DNS:db.fabric.test",
                     "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
     worker, client, db = sandbox.netns("worker"), sandbox.netns("client"), sandbox.netns("db")
+    port: dict = {"port": 5432, "target_port": 5432, "activator": WASM}
+    if config:
+        port["activator_config"] = config
     ns = {"name": "data", "id": 9, "cidr": "10.43.0.0/24",
           "pods": [{"name": "client", "ip": "10.43.0.2", "netns": client},
                    {"name": "db-1", "ip": DB_IP, "netns": db}],
           "services": [{"name": "pg", "ip": VIP, "backends": ["db-1"], "readiness": "external",
-                        "ports": [{"port": 5432, "target_port": 5432, "activator": WASM}]}]}
+                        "ports": [port]}]}
     d = Daemon(sandbox, worker, {"namespaces": [ns]}).start()
     d.wait_attached(2)
+    return cert, key, client, db, d
+
+
+def test_direct_tls_wakes_and_is_passed_through_end_to_end(sandbox: Sandbox,
+                                                            tmp_path: Path) -> None:
+    cert, key, client, db, d = _setup(sandbox, tmp_path, {})
     srv = sandbox.popen(db, sys.executable, "-c", SERVER, str(cert), str(key),
                         stderr=subprocess.PIPE)
     try:
@@ -116,19 +127,7 @@ except (OSError, ssl.SSLError) as e:
 
 def test_direct_tls_to_a_frozen_backend_is_closed_after_the_hold(sandbox: Sandbox,
                                                                  tmp_path: Path) -> None:
-    cert, key = tmp_path / "server.crt", tmp_path / "server.key"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                    "-subj", "/CN=db.fabric.test", "-addext", "subjectAltName=DNS:db.fabric.test",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
-    worker, client, db = sandbox.netns("worker"), sandbox.netns("client"), sandbox.netns("db")
-    ns = {"name": "data", "id": 9, "cidr": "10.43.0.0/24",
-          "pods": [{"name": "client", "ip": "10.43.0.2", "netns": client},
-                   {"name": "db-1", "ip": DB_IP, "netns": db}],
-          "services": [{"name": "pg", "ip": VIP, "backends": ["db-1"], "readiness": "external",
-                        "ports": [{"port": 5432, "target_port": 5432, "activator": WASM,
-                                   "activator_config": {"hold_timeout_ms": 1500}}]}]}
-    d = Daemon(sandbox, worker, {"namespaces": [ns]}).start()
-    d.wait_attached(2)
+    cert, key, client, db, d = _setup(sandbox, tmp_path, {"hold_timeout_ms": 1500})
     srv = sandbox.popen(db, sys.executable, "-c", SERVER, str(cert), str(key),
                         stderr=subprocess.PIPE)
     try:
