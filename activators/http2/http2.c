@@ -161,6 +161,7 @@ static u32 nconns_alloc;
 FAB_TABLE(conn_by_sid, conn *, MAX_CONNS);
 static u32 max_conns = MAX_CONNS;
 static u32 hold_timeout_ms = 30000;
+static u32 reopen_upstream;  /* config: a session outlives an upstream with nothing in flight */
 static u32 have_now;
 static u32 backend_state;  /* 0 unknown (try), 1 up, 2 down */
 static u64 last_retry;
@@ -170,12 +171,13 @@ static u32 budget;
 /* counters reported with `count` actions at the end of each call */
 enum { C_PINGS, C_HOLD_TIMEOUTS, C_REFUSED, C_PROTO_ERRORS, C_BACKEND_GOAWAYS, C_STREAMS,
        C_UP_TIMEOUTS, C_CONN_REFUSED, C_MALFORMED, C_TOO_LARGE, C_MALFORMED_RESP, C_STALLED,
-       C_SEND_TIMEOUTS, C_EARLY, C_WORK_WAITS, C_PREFACE_TIMEOUTS, NCOUNT };
+       C_SEND_TIMEOUTS, C_EARLY, C_WORK_WAITS, C_PREFACE_TIMEOUTS, C_UP_REOPENED, NCOUNT };
 static const char *const COUNT_NAME[NCOUNT] = {
     "pings_answered", "hold_timeouts", "streams_refused_h2", "protocol_errors",
     "backend_goaways", "requests", "upstream_timeouts", "connections_refused",
     "malformed_requests", "headers_too_large", "malformed_responses", "stalled_closed",
-    "send_timeouts", "early_responses", "work_block_waits", "preface_timeouts"};
+    "send_timeouts", "early_responses", "work_block_waits", "preface_timeouts",
+    "upstreams_reopened"};
 static u32 counts[NCOUNT], count_len[NCOUNT];
 
 static u8 D[SCR_CAP], U[SCR_CAP];
@@ -676,6 +678,70 @@ static void backend_gone(conn *c) {
     }
     c->w->q2b.len = 0;
     start_goaway(c);
+}
+
+/* A stream the backend accepted (up to `last`, its GOAWAY's) and has not finished: what
+ * its going away would lose. */
+static int in_flight(conn *c, u32 last) {
+    struct work *w = c->w;
+    for (u32 i = 0; w && i < NSTREAMS; i++) {
+        strm *s = &w->st[i];
+        if (is_open(s) && (s->flags & F_SENT_UP) && s->id <= last) return 1;
+    }
+    return 0;
+}
+
+/* reopen_upstream: the backend closed or sent GOAWAY with nothing of this connection in
+ * flight (a stop, a restart, its own idle timeout). The client's session stays; the
+ * upstream is forgotten as if never opened, and the next request (or one held now) opens
+ * a new one, which wakes the backend when it sleeps. Requests toward the backend are
+ * re-encoded without its dynamic table, so they are valid on any new connection; its
+ * table toward us starts empty again. Stream ids go on from the client's (a new
+ * connection may start at any odd id, RFC 9113 5.1.1). */
+static void drop_upstream(conn *c) {
+    if (c->up == UP_OPEN || c->up == UP_CONNECTING) fab_upstream_close(c->sid);
+    c->up = UP_NONE;
+    c->up_preface = c->up_close = 0;
+    c->b_settings = c->b_goaway = 0;
+    c->b_last = 0x7fffffff;
+    c->b_cont = c->b_cont_flags = c->b_cont_cost = c->bhb_len = 0;
+    c->b_tsu = c->b_taint = 0;
+    c->b_send = c->b_recv = c->b_init = WIN0;
+    c->b_credit = 0;
+    c->b_maxf = MAXF;
+    c->b_maxcs = c->b_maxhl = 0xffffffff;
+    c->bdec_max = FAB_HPACK_TABLE_SIZE;
+    c->bsnap_len = 0;
+    counts[C_UP_REOPENED]++;
+    struct work *w = c->w;
+    if (!w) return;
+    fab_h2_reader_init(&w->bin, 0);
+    fab_hpack_decoder_init(&w->bdec);
+    w->bdec.max = FAB_HPACK_TABLE_SIZE;
+    /* toward the backend, keep only what held requests (never sent) queued there */
+    queue *q = &w->q2b;
+    u32 r = 0, k = 0;
+    while (r < q->len) {
+        u8 *rec = q->buf + r;
+        u32 sid = fab_le32(rec + 2), n = fab_le32(rec + 6), rl = 10 + n;
+        strm *s = sid ? find(c, sid) : 0;
+        if (s && is_open(s) && !(s->flags & F_SENT_UP)) {
+            if (k != r) fab_move(q->buf + k, rec, rl);
+            k += rl;
+        } else {
+            if (rec[0] == FAB_H2_DATA) c->c_credit += n;
+            if (s) s->qb--;
+        }
+        r += rl;
+    }
+    q->len = k;
+    for (u32 i = 0; i < NSTREAMS; i++) {
+        strm *s = &w->st[i];
+        if (!(s->flags & F_USED)) continue;
+        s->b_credit = 0;
+        if (!(s->flags & F_SENT_UP)) { s->b_send = WIN0; s->b_recv = WIN0; }
+    }
+    c->dirty = 1;
 }
 
 static void up_error(conn *c, u32 code) {
@@ -1230,6 +1296,19 @@ static void b_frame(conn *c, const struct fab_h2_frame *f) {
         if (!c->b_goaway || last < c->b_last) c->b_last = last;
         if (!c->b_goaway) counts[C_BACKEND_GOAWAYS]++;
         c->b_goaway = 1;
+        if (reopen_upstream && !in_flight(c, c->b_last)) {
+            /* nothing it processed is unfinished: keep the session, reconnect when asked;
+             * what it was sent and did not process is refused (safe to retry, 8.7) */
+            for (u32 i = 0; i < NSTREAMS; i++) {
+                strm *s = &c->w->st[i];
+                if (!is_open(s) || !(s->flags & F_SENT_UP)) continue;
+                purge_to_backend(c, s);
+                rst2c(c, s, s->id, FAB_H2_REFUSED_STREAM);
+                s->flags |= F_RESET;
+            }
+            drop_upstream(c);
+            return;
+        }
         for (u32 i = 0; i < NSTREAMS; i++) {
             strm *s = &c->w->st[i];
             if (!is_open(s)) continue;
@@ -1728,6 +1807,7 @@ static void event_done(conn *c) {
 /* ---- the handlers (fabricd.h's event loop) ---- */
 static int on_init(struct fab_json cfg) {
     hold_timeout_ms = fab_cfg_u32(cfg, "hold_timeout_ms", 30000);
+    reopen_upstream = fab_cfg_bool(cfg, "reopen_upstream", 0);
     max_conns = fab_cfg_u32(cfg, "max_connections", MAX_CONNS);
     if (max_conns == 0 || max_conns > MAX_CONNS) max_conns = MAX_CONNS;
     u32 mem = fab_cfg_u32(cfg, "memory_limit", DEFAULT_MEMORY);
@@ -1994,8 +2074,10 @@ static void on_upstream_data(u32 sid, const u8 *p, u32 n) {
     if (!c) return;
     c->dirty = 1;
     if (c->up == UP_OPEN && !get_work(c)) {
-        /* an idle connection whose backend speaks, and no block: close it gracefully */
-        if (!c->dead) { c->dead = FAB_H2_NO_ERROR + 1; counts[C_CONN_REFUSED]++; }
+        /* an idle connection whose backend speaks, and no block: its upstream goes (a
+         * new one when a request comes), or, by default, the connection, gracefully */
+        if (reopen_upstream) drop_upstream(c);
+        else if (!c->dead) { c->dead = FAB_H2_NO_ERROR + 1; counts[C_CONN_REFUSED]++; }
         return;
     }
     if (c->up == UP_OPEN) b_input(c, p, n);
@@ -2007,6 +2089,17 @@ static void on_upstream_close(u32 sid) {
     if (!c) return;
     c->dirty = 1;
     if (c->up == UP_OPEN || c->up == UP_CONNECTING) {
+        if (reopen_upstream && !in_flight(c, 0x7fffffff)) {
+            /* closed before its SETTINGS: taken for a failed connect (a server going down
+             * that still accepts), so held requests retry once a second, not at once */
+            if (c->up == UP_OPEN && !c->b_settings) {
+                backend_state = 2;
+                last_retry = fab_now();
+            }
+            drop_upstream(c);  /* idle (no block needed) or nothing sent unfinished */
+            event_done(c);
+            return;
+        }
         if (!get_work(c)) {
             if (!c->dead) { c->dead = FAB_H2_NO_ERROR + 1; counts[C_CONN_REFUSED]++; }
             return;

@@ -672,6 +672,12 @@ class StreamFront:
     # --- upstream connections -------------------------------------------------------------
 
     def _connect(self, pair: _Pair, ip: str, port: int) -> None:
+        old = pair.up
+        if old is not None and not old.closed:
+            # A guest that reconnects (the backend closed, or it dropped an idle upstream)
+            # is done with the old socket: closed now, so no event of it can be taken for
+            # the new connection's, and no socket is left without its pair's interest.
+            self._close_now(pair, old)
         sock = None
         if self.pod_local is not None:  # else (or failing that) from the VIP
             sock, counter = self.pod_local.socket(ip)

@@ -503,6 +503,90 @@ def test_backend_frozen_under_an_open_connection_and_thawed_by_a_request(
     assert st["counters"]["upstream_connects"] == 1, st
 
 
+REOPEN_CLIENT = """
+import os, socket, sys, time, h2.connection, h2.config, h2.events
+s = socket.create_connection((sys.argv[1], 80), timeout=60)
+c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+c.initiate_connection()
+s.sendall(c.data_to_send())
+backlog, goaways = [], 0
+def wait(pred):
+    global goaways
+    while True:
+        while backlog:
+            e = backlog.pop(0)
+            if pred(e):
+                return e
+        evs = c.receive_data(s.recv(65536))
+        goaways += sum(isinstance(e, h2.events.ConnectionTerminated) for e in evs)
+        s.sendall(c.data_to_send())
+        backlog.extend(evs)
+def get(sid):
+    c.send_headers(sid, [(":method", "GET"), (":scheme", "http"), (":authority", "svc"),
+                         (":path", "/"), ("x-same", "v" * 100)], end_stream=True)
+    s.sendall(c.data_to_send())
+    e = wait(lambda e: isinstance(e, h2.events.ResponseReceived) and e.stream_id == sid)
+    wait(lambda e: isinstance(e, h2.events.StreamEnded) and e.stream_id == sid)
+    return dict(e.headers)[b":status"].decode()
+print("first", get(1), flush=True)
+open(os.path.join(sys.argv[2], "asked"), "w").close()
+while not os.path.exists(os.path.join(sys.argv[2], "stopped")):
+    time.sleep(0.05)
+s.settimeout(0.5)  # whatever the backend's stop made the activator send: read it now
+try:
+    backlog.extend(c.receive_data(s.recv(65536)))
+except socket.timeout:
+    pass
+goaways += sum(isinstance(e, h2.events.ConnectionTerminated) for e in backlog)
+s.settimeout(60)
+print("goaways", goaways, flush=True)
+print("second", get(3), flush=True)
+"""
+
+
+def test_backend_stopped_under_an_open_connection_with_reopen_upstream(
+        sandbox: Sandbox) -> None:
+    """`reopen_upstream`: the first request starts nghttpd (on_activate), on_idle kills it
+    (a stop, not a freeze) under the client's open connection; the client is sent no
+    GOAWAY, and its next request on the same connection starts a new server and is
+    answered by it."""
+    root = os.path.join(sandbox.tmp, "docroot")
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, "index.html"), "w") as f:
+        f.write("hi\n")
+    pidfile = os.path.join(sandbox.tmp, "nghttpd.pid")
+    starter = os.path.join(sandbox.tmp, "start.sh")  # written once the namespace exists
+    svc = service("web", idle_timeout="2s", on_idle=f"sh -c 'kill $(cat {pidfile})'",
+                  on_activate=f"sh {starter}")
+    svc["ports"][0]["activator_config"] = {"reopen_upstream": True}
+    d, client, web_ns = setup(sandbox, [svc])
+    with open(starter, "w") as f:
+        f.write(f"ip netns exec {web_ns} nghttpd --no-tls -d {root} 8080 >/dev/null 2>&1 &\n"
+                f"echo $! > {pidfile}\n")
+    flags = os.path.join(sandbox.tmp, "flags")
+    os.makedirs(flags)
+    cli = script(sandbox, "reopen_client.py", REOPEN_CLIENT)
+    err = open(os.path.join(sandbox.tmp, "client.err"), "w+")
+    p = sandbox.popen(client, sys.executable, cli, VIP, flags, stdout=subprocess.PIPE,
+                      stderr=err, text=True)
+    deadline = time.monotonic() + 30
+    while not os.path.exists(os.path.join(flags, "asked")) and p.poll() is None:
+        assert time.monotonic() < deadline, (_tail(err), d.log()[-3000:])
+        time.sleep(0.05)
+    pid = int(_read(pidfile))  # the first request started it (on_activate)
+    while os.path.exists(f"/proc/{pid}"):  # on_idle stopped it under the open connection
+        assert time.monotonic() < deadline, (d.get("/v1/services"), d.log()[-3000:])
+        time.sleep(0.1)
+    open(os.path.join(flags, "stopped"), "w").close()
+    out, _ = p.communicate(timeout=40)
+    assert out.splitlines() == ["first 200", "goaways 0", "second 200"], (
+        out, _tail(err), d.log()[-3000:])
+    st = d.get("/v1/services")[0]["streams"]["80"]
+    assert st["guest_counters"].get("upstreams_reopened", 0) >= 1, repr(st)
+    assert st["counters"]["upstream_connects"] == 2, st
+    assert int(_read(pidfile)) != pid, "the second request was not served by a new server"
+
+
 def test_client_half_close_still_gets_every_response(sandbox: Sandbox) -> None:
     """The client sends its requests and then its FIN (shutdown(SHUT_WR)) while the
     service is dormant: the held requests wake it and every response still arrives."""
