@@ -57,8 +57,11 @@ wheel: $(STAMP)
 	$(BIN)/pip wheel -q --disable-pip-version-check --no-deps --no-build-isolation -w dist .
 	rm -rf build *.egg-info
 
+# Namespaces of crashed test, demo and benchmark runs, then any daemon's pod resolv.conf
+# files (/etc/netns/<name>/) whose netns is gone: a daemon killed with SIGKILL leaves them.
 sweep: $(STAMP)
 	$(BIN)/python -m fabric.tools.sandbox --sweep
+	$(BIN)/python -m gateway.resolvconf --sweep
 
 clean:
 	rm -rf $(VENV) *.egg-info build dist

@@ -65,7 +65,8 @@ class PacketPort(PortFd):
         """Bind to an existing `ifname` in the current namespace and bring it up.
 
         Refused: the interfaces in `refuse` (the fabric's own, such as the egress TUN) and
-        any interface that carries this host's addresses or routes (its uplink, a bridge):
+        any interface that carries this host's addresses or routes (its uplink, a bridge) or is
+        a port of a bridge or bond (docker's veths in docker0):
         a typo must never hand a tenant the host's traffic. IPv6 is disabled on it (best
         effort) so the host stack does not chatter (RS, MLD, DAD) or answer on a port that
         belongs to the fabric; close() gives back what was there.

@@ -463,8 +463,10 @@ def disable_ipv6(name: str, value: str = "1") -> str | None:
 
 def host_role(name: str) -> str | None:
     """Why an interface of this namespace must not become a pod port, or None: it carries
-    addresses of its own or a route (the host's uplink, a bridge, the egress TUN), or it is
-    the loopback."""
+    addresses of its own or a route (the host's uplink, a bridge, the egress TUN), it is
+    the loopback, or it is enslaved to a bridge or bond (docker's host end of a container's
+    veth in docker0): that interface's traffic is the master's, and taking it would steal
+    it from whoever is behind it."""
     try:
         with _ipr() as ipr:
             index = _lookup(ipr, name)
@@ -473,6 +475,9 @@ def host_role(name: str) -> str | None:
             link = ipr.get_links(index)[0]
             if link.get("flags", 0) & 0x8:  # IFF_LOOPBACK
                 return "it is the loopback interface"
+            master = link.get_attr("IFLA_MASTER")
+            if master:
+                return f"it is a port of {_describe_link(ipr, master)}"
             addrs = [str(m.get_attr("IFA_ADDRESS")) for m in ipr.get_addr(index=index)
                      if m.get("scope", 0) == 0]  # global scope: link-local IPv6 is harmless
             if addrs:
@@ -488,6 +493,18 @@ def host_role(name: str) -> str | None:
     except Exception as exc:
         return f"it cannot be checked ({_nl_error(exc)})"
     return None
+
+
+def _describe_link(ipr: IPRoute, index: int) -> str:
+    """"bridge docker0", "bond bond0": a master by kind and name, for a refusal's text."""
+    try:
+        link = ipr.get_links(index)[0]
+    except Exception:
+        return f"the interface with index {index}"
+    name = link.get_attr("IFLA_IFNAME") or f"index {index}"
+    info = link.get_attr("IFLA_LINKINFO")
+    kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+    return f"{kind} {name}" if kind else str(name)
 
 
 def local_ipv4() -> tuple[ipaddress.IPv4Address, ...]:

@@ -50,6 +50,7 @@ from fabric.runtime.namespace import RETRY_INTERVAL, Namespace
 from fabric.runtime.netnswatch import NetnsWatch
 from fabric.runtime.prometheus import Metric
 from fabric.runtime.reconcile import NamespacePlan, plan_namespace, plan_peers
+from gateway import resolvconf
 from gateway.uplink import Uplink
 
 if TYPE_CHECKING:
@@ -113,6 +114,9 @@ class Fabric:
 
     async def start(self) -> None:
         if self._dataplane is None:
+            # A daemon killed with SIGKILL left its pods' resolv.conf files behind; those
+            # whose netns is gone are nobody's any more (gateway.resolvconf).
+            await asyncio.to_thread(resolvconf.sweep_stale)
             self._dataplane = DataPlane(busy_poll=self.busy_poll,
                                         adaptive=self.busy_poll_adaptive)
             self._dataplane.start()

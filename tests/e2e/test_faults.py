@@ -5,6 +5,7 @@ removed and recreated, and the daemon killed with SIGKILL and started again."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import threading
@@ -127,3 +128,33 @@ def test_the_daemon_killed_and_started_again_serves_at_once(sandbox: Sandbox) ->
     print(f"\n[faults] kill -9 and restart: serving {time.monotonic() - t0:.2f} s after the "
           f"start (first ping {took:.2f} s after the pods attached)")
     assert pings(sandbox, a, "10.45.0.3")
+
+
+def test_after_a_kill_9_a_start_removes_resolv_conf_files_whose_netns_is_gone(
+        sandbox: Sandbox) -> None:
+    """The killed daemon removed nothing; pod b's netns went while it was down. The next
+    start removes b's file (whoever wrote it, only that netns read it), says so once, and
+    keeps c's: c left the config, but its netns still exists and may be another
+    daemon's."""
+    worker = sandbox.netns("worker")
+    a, b, c = sandbox.netns("a"), sandbox.netns("b"), sandbox.netns("c")
+    pods = [{"name": n, "ip": f"10.45.0.{i + 2}", "netns": netns}
+            for i, (n, netns) in enumerate((("a", a), ("b", b), ("c", c)))]
+    ns = {"name": "shop", "id": 7, "cidr": CIDR, "pods": pods}
+    d = Daemon(sandbox, worker, {"namespaces": [ns]}).start()
+    d.wait_attached(3)
+    path = {n: f"/etc/netns/{n}/resolv.conf" for n in (a, b, c)}
+    assert all(os.path.exists(p) for p in path.values())
+    d.signal(signal.SIGKILL)
+    assert d.proc is not None
+    d.proc.wait(10)
+    subprocess.run(["ip", "netns", "delete", b], check=True)  # /etc/netns/<b> stays
+    assert os.path.exists(path[b]) and os.path.exists(path[c])
+    d.write_config({"worker": {"id": "fabricd"}, "namespaces": [{**ns, "pods": pods[:1]}]})
+    d2 = d.start()
+    d2.wait_attached(1)
+    assert not os.path.exists(os.path.dirname(path[b]))
+    assert d2.log().count(f"removed stale {path[b]}") == 1, d2.log()
+    assert os.path.exists(path[c]) and os.path.exists(path[a])
+    d2.stop()
+    assert not os.path.exists(path[a])

@@ -385,6 +385,24 @@ def test_packet_port_refuses_host_interfaces(worker: str, pod_b: str) -> None:
     assert run_in(worker, "cat", sysctl).stdout.strip() == "0", "close should give IPv6 back"
 
 
+@pytest.mark.parametrize("kind", ["bridge", "bond"])
+def test_packet_port_refuses_a_bridge_or_bond_port(worker: str, pod_b: str, kind: str) -> None:
+    """docker's host end of a container's veth sits in docker0 with no address of its
+    own: taking it as a pod port would steal the container's traffic. Refused, naming the
+    master; out of the master it is accepted."""
+    ifname = make_veth(worker, pod_b, "10.98.0.2")
+    master = f"fbt-{kind}0"
+    made = run_in(worker, "ip", "link", "add", master, "type", kind, check=False)
+    if made.returncode != 0:
+        pytest.skip(f"this kernel cannot make a {kind}: {made.stderr.strip()}")
+    run_in(worker, "ip", "link", "set", ifname, "master", master)
+    with pytest.raises(PortError, match=f"it is a port of {kind} {master}"):
+        call_in(worker, PacketPort.open, ifname)
+    run_in(worker, "ip", "link", "set", ifname, "nomaster")
+    port = call_in(worker, PacketPort.open, ifname)
+    call_in(worker, port.close)
+
+
 def test_packet_port_missing_interface(worker: str) -> None:
     with pytest.raises(PortError, match="does not exist"):
         call_in(worker, PacketPort.open, "fbv-nope")

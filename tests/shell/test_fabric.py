@@ -27,6 +27,7 @@ from fabric.net.packets import TCP_SYN
 from fabric.runtime.events import Event, Subscription
 from fabric.runtime.prometheus import render
 from fabric.runtime.worker import Fabric
+from gateway import resolvconf
 from tests.support.packets import valid
 from tests.support.pods import SocketPod
 from tests.support.procstat import Metrics
@@ -57,6 +58,26 @@ async def next_event(sub: Subscription, kind: str, timeout: float = 5.0) -> Even
                 return ev
         raise AssertionError("subscription closed")
     return await asyncio.wait_for(wait(), timeout)
+
+
+def test_a_starting_fabric_sweeps_resolv_conf_files_whose_netns_is_gone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a kill -9 the files of pods in netns that are gone stay behind: the next
+    start removes them (gateway.resolvconf.sweep_stale), and leaves a live netns' file."""
+    etc, netns_dir = tmp_path / "etc-netns", tmp_path / "run-netns"
+    netns_dir.mkdir()
+    monkeypatch.setattr(resolvconf, "ETC_NETNS", str(etc))
+    monkeypatch.setattr(resolvconf, "RUN_NETNS", str(netns_dir))
+    resolvconf.write("gone", "shop/a", "10.10.0.1", ["shop.fabric.internal"])
+    resolvconf.write("alive", "shop/b", "10.10.0.1", ["shop.fabric.internal"])
+    (netns_dir / "alive").touch()
+
+    async def main() -> None:
+        async with fabric():
+            assert not (etc / "gone").exists()
+            assert (etc / "alive" / "resolv.conf").exists()
+
+    run(main)
 
 
 def test_two_pods_talk_through_the_data_plane() -> None:
