@@ -1593,8 +1593,10 @@ static int wants_up(conn *c) {
 
 /* The client connection and its upstream are done: close both. */
 static void close_conn(conn *c) {
-    fab_close(c->sid);
+    /* the upstream first: after downstream_close the host has forgotten the stream, and
+     * an action for it would be counted a bad one */
     if (c->up == UP_OPEN || c->up == UP_CONNECTING) fab_upstream_close(c->sid);
+    fab_close(c->sid);
     free_conn(c);
 }
 

@@ -584,6 +584,7 @@ def test_backend_stopped_under_an_open_connection_with_reopen_upstream(
     st = d.get("/v1/services")[0]["streams"]["80"]
     assert st["guest_counters"].get("upstreams_reopened", 0) >= 1, repr(st)
     assert st["counters"]["upstream_connects"] == 2, st
+    assert st["counters"]["bad_actions"] == 0, st  # the client's close, in the right order
     assert int(_read(pidfile)) != pid, "the second request was not served by a new server"
 
 
