@@ -12,9 +12,22 @@ from __future__ import annotations
 
 import h2.events
 from hyperframe.frame import GoAwayFrame
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fabric.activator import abi
-from tests.unit.test_http2_activator import ACTIVE, NONE, SID, Rig, frames_of, req, server_conn
+from tests.support.streamguest import StreamGuest, fuzz_step
+from tests.unit.test_http2_activator import (
+    ACTIVE,
+    NONE,
+    SID,
+    WASM,
+    Rig,
+    client_conn,
+    frames_of,
+    req,
+    server_conn,
+)
 
 REOPEN = {"hold_timeout_ms": 1000, "reopen_upstream": True}
 
@@ -167,3 +180,36 @@ def test_an_upstream_closed_before_its_settings_is_retried_a_second_later() -> N
         assert [e.stream_id for e in r.sev if isinstance(e, h2.events.RequestReceived)] == [1]
     finally:
         r.close()
+
+
+def _pieces() -> list[bytes]:
+    c = client_conn()
+    c.send_headers(1, req("/x", x_k="v" * 40), end_stream=True)
+    c.send_headers(3, req("/x", x_k="v" * 40), end_stream=False)
+    s = server_conn()
+    goaway = GoAwayFrame(0)
+    goaway.last_stream_id = 1
+    return [c.data_to_send(), s.data_to_send(), goaway.serialize(), b"\x00" * 9,
+            b"\x00\x00\x00\x04\x01\x00\x00\x00\x00"]  # a SETTINGS ACK
+
+
+PIECES = _pieces()
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(0, 9), st.lists(st.integers(0, len(PIECES) - 1),
+                                                       max_size=3), st.booleans()),
+                max_size=40))
+def test_fuzz_reopen_no_trap(steps: list[tuple[int, list[int], bool]]) -> None:
+    """Random host events (connects that fail or succeed, backends that close, speak or
+    send GOAWAY, ticks, availability) with `reopen_upstream`: no trap, ever."""
+    g = StreamGuest(WASM, {"hold_timeout_ms": 300, "reopen_upstream": True})
+    try:
+        now = 0
+        g.tick(now)
+        for op, idx, ok in steps:
+            now = fuzz_step(g, op, 1, [PIECES[i] for i in idx], ok, now)
+        assert g.failed == 0
+        assert g.host.stats.traps == 0 and g.host.stats.malformed == 0
+    finally:
+        g.close()
