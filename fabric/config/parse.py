@@ -16,6 +16,7 @@ from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
+from fabric.config.activator_keys import check_shipped
 from fabric.config.fields import (
     ACTIVATOR_NAME,
     DNS_LABEL,
@@ -463,6 +464,7 @@ def _parse_port(data: Any, src: str, key: str) -> PortSpec:
         config = read_json(raw, src, ckey)
         if config and activator == "none":
             raise ConfigError(src, ckey, "activator_config given but activator is none")
+        config = check_shipped(activator, config, src, ckey)
     upstream = "vip"
     if obj.has("upstream"):
         ukey = obj.key("upstream")

@@ -13,6 +13,7 @@ import stat
 import sys
 from typing import TextIO
 
+from fabric.config.activator_keys import known, unknown_keys
 from fabric.config.load import check_config
 from fabric.config.specs import SHIPPED_ACTIVATORS, Config
 
@@ -42,7 +43,8 @@ def check(path: str, out: TextIO | None = None, err: TextIO | None = None) -> in
 
 
 def warnings(config: Config) -> list[tuple[str, str]]:
-    """(key, text) for what the daemon accepts but would run without: activators."""
+    """(key, text) for what the daemon accepts but would run without: activators, and
+    activator_config keys a shipped activator does not read."""
     out: list[tuple[str, str]] = []
     without = "the service would hold and activate without it"
     for i, ns in enumerate(config.namespaces):
@@ -50,6 +52,11 @@ def warnings(config: Config) -> list[tuple[str, str]]:
             for k, port in enumerate(svc.ports):
                 key = f"namespaces[{i}].services[{j}].ports[{k}].activator"
                 name = port.activator
+                unread = unknown_keys(name, port.activator_config)
+                if unread:
+                    out.append((f"{key}_config", f"the {name} activator does not read "
+                                f"{', '.join(unread)} (it reads {', '.join(known(name))}): "
+                                "ignored"))
                 if name == "none" or name in SHIPPED_ACTIVATORS:
                     continue
                 if not name.endswith(".wasm"):

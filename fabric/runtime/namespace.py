@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from fabric.config.activator_keys import known, unknown_keys
 from fabric.config.parse import Taken
 from fabric.config.specs import (
     DEFAULT_EGRESS_TUN,
@@ -244,6 +245,13 @@ class Namespace:
             self.services.remove(name)
         for spec in plan.add:
             assert isinstance(spec, ServiceSpec)
+            for p in spec.ports:
+                unread = unknown_keys(p.activator, p.activator_config)
+                if unread:
+                    log.warning("namespace %s: service %s port %d: the %s activator does "
+                                "not read activator_config %s (it reads %s); ignored",
+                                self.name, spec.name, p.port, p.activator, ", ".join(unread),
+                                ", ".join(known(p.activator)))
             await self.services.add(spec)
 
     def _backend_state(self, pod_name: str) -> BackendState | None:

@@ -216,3 +216,70 @@ namespaces:
         f"{at}[5].activator: warning: cannot read relative.wasm: No such file or directory; "
         "the service would hold and activate without it",
     ]
+
+
+SHIPPED_CONFIG = """\
+namespaces:
+  - name: shop
+    cidr: 10.1.0.0/24
+    pods: [{{name: a, ip: 10.1.0.2, netns: a}}]
+    services:
+      - name: web
+        ip: 10.1.0.100
+        backends: [a]
+        ports:
+          - {{port: 80, activator: {name}, activator_config: {config}}}
+"""
+
+
+@pytest.mark.parametrize(("name", "config", "key", "problem"), [
+    ("http2", "{reopen_upstream: 'yes'}", "reopen_upstream",
+     "expected true or false, got string 'yes'"),
+    ("http2", "{max_connections: 5000}", "max_connections",
+     "expected an integer from 0 to 1024, got integer 5000"),
+    ("http2", "{hold_timeout_ms: 2s}", "hold_timeout_ms",
+     "expected an integer of at least 1, got string '2s'"),
+    ("stream", "{wake_on_data: 2}", "wake_on_data",
+     "expected 0, 1, true or false, got integer 2"),
+    ("postgres", "{ssl: passtrough}", "ssl",
+     "expected one of passthrough, off, got string 'passtrough'"),
+    ("postgres", "{stream_hold_bytes: -1}", "stream_hold_bytes",
+     "expected an integer of at least 1, got integer -1"),
+    ("tcp", "{max_flows: 1.5}", "max_flows", "expected an integer of at least 1, got"),
+    ("http1", "{health: [{path: /h, status: 700}]}", "health[0].status",
+     "expected an integer from 200 to 599, got integer 700"),
+    ("http1", "{health: [{path: /h, code: 200}]}", "health[0].code", "unknown field"),
+])
+def test_shipped_activator_config_values_the_module_cannot_read_are_errors(
+        tmp_path: Path, name: str, config: str, key: str, problem: str) -> None:
+    """The SDK's readers fall back to the default on a value they cannot read, so these
+    would have been taken silently as if never written."""
+    path = write(tmp_path, SHIPPED_CONFIG.format(name=name, config=config))
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert f"namespaces[0].services[0].ports[0].activator_config.{key}" in msg, msg
+    assert problem in msg, msg
+
+
+def test_shipped_activator_flags_given_as_booleans_reach_the_module_as_numbers(
+        tmp_path: Path) -> None:
+    path = write(tmp_path, SHIPPED_CONFIG.format(
+        name="stream", config="{wake_on_data: true, hold_timeout_ms: 500}"))
+    port = load_config(path).namespaces[0].services[0].ports[0]
+    assert port.activator_config == {"wake_on_data": 1, "hold_timeout_ms": 500}
+    assert type(port.activator_config["wake_on_data"]) is int
+
+
+def test_keys_a_shipped_activator_does_not_read_are_warnings(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, SHIPPED_CONFIG.format(
+        name="http2", config="{reopen_upstreams: true, hold_timeout_ms: 500}"))
+    assert cli.main(["check", "-c", path]) == 0
+    out, err = capsys.readouterr()
+    assert "1 warning)" in out, out
+    assert err.splitlines() == [
+        f"fabricd: {path}: namespaces[0].services[0].ports[0].activator_config: warning: "
+        "the http2 activator does not read reopen_upstreams (it reads hold_bytes, "
+        "hold_timeout_ms, max_busy_connections, max_connections, memory_limit, port, "
+        "reopen_upstream, target_port): ignored"]
