@@ -242,7 +242,7 @@ namespaces:
     ("stream", "{wake_on_data: 2}", "wake_on_data",
      "expected 0, 1, true or false, got integer 2"),
     ("postgres", "{ssl: passtrough}", "ssl",
-     "expected one of passthrough, off, got string 'passtrough'"),
+     "expected one of passthrough, off, disable, none, got string 'passtrough'"),
     ("postgres", "{stream_hold_bytes: -1}", "stream_hold_bytes",
      "expected an integer of at least 1, got integer -1"),
     ("tcp", "{max_flows: 1.5}", "max_flows", "expected an integer of at least 1, got"),
