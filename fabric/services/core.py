@@ -23,6 +23,12 @@ Forwarding
     service with that backend has the tuple; otherwise the port is remapped, and each
     reply matches exactly one service's table.
 
+    One client cannot take the table: a client address (as it sent the packet, before
+    any hairpin SNAT) keeps at most `client_flows` flows of a protocol open in one
+    service (CLIENT_FLOW_SHARE of the table by default; closed TCP flows do not count,
+    the table evicts them). A new flow past it is refused (CLIENT_QUOTA, counted
+    `client_quota`) after due flows are expired; other clients still get theirs.
+
 Hairpin
     A backend calling its own service would get a packet from itself to itself: its
     kernel drops it (a "martian" with a local source) and, even if not, would answer
@@ -120,9 +126,10 @@ NOT_SERVICE = 6  # not for a service port (or not TCP/UDP): the router decides
 NOT_OURS = 7  # reply(): not part of any flow, untouched: route as usual
 NO_FLOW = 8  # a later fragment or ICMP error with no flow: drop
 MALFORMED = 9
+CLIENT_QUOTA = 10  # the client has its share of the flow table open already: drop
 
 VERDICTS = ("forward", "held", "queued", "hold_full", "no_backend", "table_full",
-            "not_service", "not_ours", "no_flow", "malformed")
+            "not_service", "not_ours", "no_flow", "malformed", "client_quota")
 
 PROBE_INTERVAL = 0.2
 ACTIVE_PROBE_INTERVAL = 0.001
@@ -154,6 +161,7 @@ COUNTERS = (
     "hairpin",
     "no_backend",
     "table_full",
+    "client_quota",
     "not_service",
     "no_flow",
     "malformed",
@@ -177,6 +185,14 @@ _from_bytes = int.from_bytes
 SERVICE_FLOWS = FlowPolicy(
     max_flows=65536, tcp_syn=120.0, tcp_established=7440.0, tcp_closed=10.0,
     udp_unreplied=30.0, udp_replied=120.0, evict_closed=True, max_fragments=1024)
+# One client address may keep at most this share of a service's flow table open (per
+# protocol), so a pod that opens connections without end and keeps them established
+# cannot lock the other pods out of the service for the established timeout (2 h). A
+# quarter (16384 of 65536) is far more than any ordinary client keeps open to one
+# service (a connection pool holds hundreds), and leaves three quarters to everybody
+# else. Closed TCP flows do not count: the table evicts them for anyone's new flow, so
+# a client that opens and closes connections fast (a load test) is never refused.
+CLIENT_FLOW_SHARE = 0.25
 
 
 # --- actions --------------------------------------------------------------------------------
@@ -250,6 +266,7 @@ class Service:
         probe_interval: float = PROBE_INTERVAL,
         activate_debounce: float = ACTIVATE_DEBOUNCE,
         flow_policy: FlowPolicy = SERVICE_FLOWS,
+        client_flows: int | None = None,
         now: float = 0.0,
         peers: dict[bytes, list[Service]] | None = None,
     ) -> None:
@@ -276,7 +293,15 @@ class Service:
         self.idle_timeout = idle_timeout
         self.probe_interval = probe_interval
         self.activate_debounce = activate_debounce
-        self.table = FlowTable(flow_policy, on_remove=self._flow_removed)
+        self.table = FlowTable(flow_policy, on_remove=self._flow_removed,
+                               on_close=self._flow_closed)
+        # Open flows per (protocol, client address): the client as it sent its packets,
+        # before any hairpin SNAT (Flow.orig_addrs). With a policy that does not evict
+        # closed flows, closed ones count too: they hold their place as long.
+        self.client_flows = client_flows if client_flows is not None else max(
+            1, int(flow_policy.max_flows * CLIENT_FLOW_SHARE))
+        self._count_closed = not flow_policy.evict_closed
+        self._per_client: dict[tuple[int, bytes], int] = {}
         self._h = Headers()
         self.backends: dict[str, Backend] = {}
         self._by_ip: dict[bytes, Backend] = {}
@@ -468,6 +493,34 @@ class Service:
         b = flow.tag
         if isinstance(b, Backend):
             b.flows -= 1
+        if flow.open or self._count_closed:
+            self._client_count(flow, -1)
+
+    def _flow_closed(self, flow: Flow, closed: bool) -> None:
+        if not self._count_closed:
+            self._client_count(flow, -1 if closed else 1)
+
+    def _client_count(self, flow: Flow, step: int) -> None:
+        who = (flow.proto, flow.orig_addrs[:4])
+        n = self._per_client.get(who, 0) + step
+        if n > 0:
+            self._per_client[who] = n
+        else:
+            self._per_client.pop(who, None)
+
+    def client_flow_count(self, proto: int, client: bytes) -> int:
+        """The flows of `client` (4 address bytes) that count against its share."""
+        return self._per_client.get((proto, client), 0)
+
+    def _over_quota(self, proto: int, client: bytes, now: float) -> bool:
+        """Whether a new flow of `client` would pass its share, after expiring due flows
+        (which may be the client's own)."""
+        who = (proto, client)
+        limit = self.client_flows
+        if self._per_client.get(who, 0) < limit:
+            return False
+        self.counters["flows_expired"] += self.table.expire(now)
+        return self._per_client.get(who, 0) >= limit
 
     # --- packets: client -> VIP --------------------------------------------------------------
 
@@ -517,6 +570,9 @@ class Service:
                 return NOT_SERVICE
             if not releasing and (self._hold or not self._ready):
                 return self._hold_packet(pkt, off, length, now, partial, proto, l4)
+            if self._over_quota(proto, bytes(pkt[off + 12:off + 16]), now):
+                counters["client_quota"] += 1
+                return CLIENT_QUOTA
             flow = self._new_flow(pkt, h, target, now)
             if flow is None:
                 counters["table_full"] += 1
@@ -558,6 +614,8 @@ class Service:
         if not self.table.add(flow, now):
             return None
         b.flows += 1
+        who = (proto, src)
+        self._per_client[who] = self._per_client.get(who, 0) + 1
         self.counters["dnat_flows"] += 1
         if hairpin:
             self.counters["hairpin"] += 1

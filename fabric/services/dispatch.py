@@ -32,6 +32,7 @@ from fabric.router.model import (
     DROP_HOLD_TIMEOUT,
     DROP_MALFORMED,
     DROP_NO_ROUTE,
+    DROP_SERVICE_CLIENT_QUOTA,
     DROP_SERVICE_HOLD_FULL,
     DROP_SERVICE_NO_BACKEND,
     DROP_SERVICE_PORT,
@@ -223,6 +224,8 @@ class ServiceDispatch:
             router.icmp_error(port, buf, ip, ICMP_UNREACH, UNREACH_PORT, now, DROP_SERVICE_PORT)
         elif v == core.TABLE_FULL:
             port.drop(DROP_SERVICE_TABLE_FULL)
+        elif v == core.CLIENT_QUOTA:
+            port.drop(DROP_SERVICE_CLIENT_QUOTA)
         elif v != core.HELD:
             port.drop(DROP_MALFORMED)
         if svc.signals_pending:
