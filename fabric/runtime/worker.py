@@ -50,6 +50,7 @@ from fabric.runtime.namespace import RETRY_INTERVAL, Namespace
 from fabric.runtime.netnswatch import NetnsWatch
 from fabric.runtime.prometheus import Metric
 from fabric.runtime.reconcile import NamespacePlan, plan_namespace, plan_peers
+from fabric.services.core import HoldBudget
 from gateway import resolvconf
 from gateway.uplink import Uplink
 
@@ -93,6 +94,9 @@ class Fabric:
         self.local_stack = local_stack
         self.bus = EventBus()
         self.namespaces: dict[str, Namespace] = {}
+        # What every namespace's services hold together (fabric.services.core): a flood to
+        # many dormant VIPs is bounded once, not once per service.
+        self.hold_budget = HoldBudget()
         self.started = time.time()
         # True while a daemon applies its config file: not healthy (ready) until done
         self.starting = False
@@ -303,7 +307,7 @@ class Fabric:
 
     async def _create(self, spec: NamespaceSpec) -> Namespace:
         ns = Namespace(spec, self.dataplane, self.bus, netns_watch=self.netns_watch,
-                       closer=self.closer)
+                       closer=self.closer, hold_budget=self.hold_budget)
         try:
             if self.local_stack:
                 await ns.start_local_stack()

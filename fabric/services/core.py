@@ -53,7 +53,8 @@ Readiness
 
 Holding and release order
     While no backend is ready, packets of new flows are held in arrival order, bounded by
-    packets, bytes and time (HoldSpec); overflow is tail-drop. When a backend becomes
+    packets, bytes and time (HoldSpec), and with the other services of the worker by a
+    shared HoldBudget (HOLD_BUDGET_BYTES); overflow is tail-drop. When a backend becomes
     ready the shell calls `release(now)`, which DNATs the held packets (pinning their
     flows) and returns them in arrival order. Ordering guarantee: while the hold queue is
     not empty, every packet that belongs to no pinned flow joins the queue instead of
@@ -127,9 +128,11 @@ NOT_OURS = 7  # reply(): not part of any flow, untouched: route as usual
 NO_FLOW = 8  # a later fragment or ICMP error with no flow: drop
 MALFORMED = 9
 CLIENT_QUOTA = 10  # the client has its share of the flow table open already: drop
+HOLD_BUDGET = 11  # the services sharing a HoldBudget hold all it allows: tail-dropped
 
 VERDICTS = ("forward", "held", "queued", "hold_full", "no_backend", "table_full",
-            "not_service", "not_ours", "no_flow", "malformed", "client_quota")
+            "not_service", "not_ours", "no_flow", "malformed", "client_quota",
+            "hold_budget")
 
 PROBE_INTERVAL = 0.2
 ACTIVE_PROBE_INTERVAL = 0.001
@@ -154,6 +157,7 @@ COUNTERS = (
     "release_dropped",
     "release_paced",
     "hold_overflow",
+    "hold_budget",
     "hold_timeout",
     "dnat_flows",
     "dnat_packets",
@@ -193,6 +197,28 @@ SERVICE_FLOWS = FlowPolicy(
 # else. Closed TCP flows do not count: the table evicts them for anyone's new flow, so
 # a client that opens and closes connections fast (a load test) is never refused.
 CLIENT_FLOW_SHARE = 0.25
+# What the services of a worker hold at most, together (HoldBudget). Each holds up to its
+# own hold.bytes (8 MiB by default, up to 256 MiB), and nothing else summed them: a pod
+# SYN-flooding 50 dormant VIPs made the daemon hold 50 times that. 64 MiB is eight
+# services' default holds at once, far more than a wake storm of ordinary clients needs
+# (a held SYN is 60-80 bytes: a million of them).
+HOLD_BUDGET_BYTES = 64 * 1024 * 1024
+
+
+class HoldBudget:
+    """The bytes held by every service that shares this budget (the worker's:
+    ServiceDispatch gives it to its services, `Service.set_hold_budget`), bounded by
+    `limit`. Past it a service's new held packet is tail-dropped (HOLD_BUDGET, counted
+    `hold_budget`) even if its own hold has room. Data-plane thread only."""
+
+    __slots__ = ("limit", "used", "refused")
+
+    def __init__(self, limit: int = HOLD_BUDGET_BYTES) -> None:
+        if limit < 0:
+            raise ValueError("a hold budget cannot be negative")
+        self.limit = limit
+        self.used = 0
+        self.refused = 0  # packets refused, all services together
 
 
 # --- actions --------------------------------------------------------------------------------
@@ -313,6 +339,7 @@ class Service:
         # (arrival, frame, off, length, partial, (proto, flow key) or None for a fragment)
         self._hold: deque[tuple[float, bytes, int, int, bool, tuple[int, Any] | None]] = deque()
         self.held_bytes = 0
+        self.hold_budget: HoldBudget | None = None  # shared with other services, if set
         self._release_at: float | None = None  # a release is pending since then
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self.demand = Demand(idle_timeout, activate_debounce, now, self.counters)
@@ -370,6 +397,18 @@ class Service:
             if flow.tag is b:
                 self.table.remove(flow)
         self._update_ready(now)
+
+    def set_hold_budget(self, budget: HoldBudget | None) -> None:
+        """Count this service's held bytes in `budget` (None: in none), moving what it
+        holds now from the budget it had, so a service that leaves gives its bytes back."""
+        old = self.hold_budget
+        if old is budget:
+            return
+        if old is not None:
+            old.used -= self.held_bytes
+        if budget is not None:
+            budget.used += self.held_bytes
+        self.hold_budget = budget
 
     def share_backends(self, peers: dict[bytes, list[Service]]) -> None:
         """Use `peers` (backend address -> services) with the other services of the same
@@ -742,6 +781,13 @@ class Service:
         if len(self._hold) >= spec.packets or self.held_bytes + length > spec.bytes:
             counters["hold_overflow"] += 1
             return HOLD_FULL
+        budget = self.hold_budget
+        if budget is not None:
+            if budget.used + length > budget.limit:
+                budget.refused += 1
+                counters["hold_budget"] += 1
+                return HOLD_BUDGET
+            budget.used += length
         fk = (proto, self._h.key(pkt)) if l4 >= 0 else None
         self._hold.append((now, bytes(pkt[:off + length]), off, length, partial, fk))
         self.held_bytes += length
@@ -788,7 +834,7 @@ class Service:
                 budget -= 1
                 started.add(fk)
             _, frame, off, length, partial, _ = entry[:6]
-            self.held_bytes -= length
+            self._unhold(length)
             b = bytearray(frame)
             v = self._outbound(b, off, length, now, partial, True)
             if v == FORWARD:
@@ -810,6 +856,11 @@ class Service:
             self._wake_step("release", now)
             self._wake_done(now)
         return out
+
+    def _unhold(self, length: int) -> None:
+        self.held_bytes -= length
+        if self.hold_budget is not None:
+            self.hold_budget.used -= length
 
     @property
     def held_packets(self) -> int:
@@ -955,7 +1006,7 @@ class Service:
         timeout = self.hold_spec.timeout
         while hold and hold[0][0] + timeout <= now:
             _, frame, off, length, partial, _ = hold.popleft()[:6]
-            self.held_bytes -= length
+            self._unhold(length)
             self.counters["hold_timeout"] += 1
             resp = reject_response(frame[off:off + length], partial)
             out.append(HoldTimeout(frame, off, length, partial, resp))

@@ -36,6 +36,7 @@ from fabric.services.core import (
     CLIENT_QUOTA,
     FORWARD,
     HELD,
+    HOLD_BUDGET,
     HOLD_FULL,
     NO_BACKEND,
     NO_FLOW,
@@ -45,6 +46,7 @@ from fabric.services.core import (
     SERVICE_FLOWS,
     TABLE_FULL,
     FlowId,
+    HoldBudget,
     HoldTimeout,
     Released,
     Service,
@@ -854,6 +856,51 @@ def test_held_packets_past_the_share_are_dropped_at_release() -> None:
     assert len(rel) == 1 and s.counters["release_dropped"] == 1
     assert s.counters["client_quota"] == 1
     _recount(s)
+
+
+# --- the hold budget services share --------------------------------------------------------
+
+
+def test_a_shared_hold_budget_bounds_what_services_hold_together() -> None:
+    n = len(syn())
+    budget = HoldBudget(limit=3 * n)
+    a = Service("a", "10.0.0.100", PORTS, readiness="external")
+    b = Service("b", "10.0.0.101", PORTS, readiness="external")
+    for svc in (a, b):
+        svc.set_hold_budget(budget)
+    assert out(a, syn(sport=1), 0.0)[0] == HELD
+    assert out(a, syn(sport=2), 0.0)[0] == HELD
+    assert out(b, syn(dst=b.vip.packed, sport=3), 0.0)[0] == HELD
+    assert budget.used == 3 * n
+    # Both services have room of their own (8 MiB each), the budget has none.
+    assert out(b, syn(dst=b.vip.packed, sport=4), 0.1)[0] == HOLD_BUDGET  # and unchanged
+    assert out(a, syn(sport=5), 0.1)[0] == HOLD_BUDGET
+    assert a.counters["hold_budget"] == 1 and b.counters["hold_budget"] == 1
+    assert budget.refused == 2 and a.counters["hold_overflow"] == 0
+    assert b.need()  # a refused packet still asks for a backend
+    # Released packets give their bytes back...
+    a.set_backend("web-1", ip_s(B1), True, 0.2)
+    assert len(a.release(0.2)) == 2 and budget.used == n
+    assert out(b, syn(dst=b.vip.packed, sport=6), 0.3)[0] == HELD
+    # ... and so do timed-out ones, and a service that leaves the budget.
+    b.handle_timer(30.05)
+    assert b.held_packets == 1 and budget.used == n
+    b.set_hold_budget(None)
+    assert budget.used == 0 and b.held_bytes == n
+    b.handle_timer(31.0)
+    assert b.held_bytes == 0 and budget.used == 0
+    c = Service("c", "10.0.0.102", PORTS, readiness="external")
+    c.set_hold_budget(budget)
+    assert out(c, syn(dst=c.vip.packed), 32.0)[0] == HELD
+    c.handle_timer(62.0)
+    assert c.counters["hold_timeout"] == 1 and budget.used == 0
+
+
+def test_no_budget_is_each_service_on_its_own() -> None:
+    s = service(hold=HoldSpec(packets=2))
+    assert s.hold_budget is None
+    assert [out(s, syn(sport=i), 0.0)[0] for i in range(3)] == [HELD, HELD, HOLD_FULL]
+    assert s.counters["hold_budget"] == 0
 
 
 # --- robustness ------------------------------------------------------------------------------
