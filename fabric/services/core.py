@@ -92,7 +92,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from fabric.config.specs import DEFAULT_IDLE_TIMEOUT, HoldSpec, PortSpec, ServiceSpec
+from fabric.config.specs import (
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_SERVICE_HOLD_BYTES,
+    HoldSpec,
+    PortSpec,
+    ServiceSpec,
+)
 from fabric.flows import tcpstate
 from fabric.flows.headers import FRAGMENT, ICMP_ERROR, TRANSPORT, Headers
 from fabric.flows.headers import MALFORMED as MALFORMED_PACKET
@@ -197,12 +203,12 @@ SERVICE_FLOWS = FlowPolicy(
 # else. Closed TCP flows do not count: the table evicts them for anyone's new flow, so
 # a client that opens and closes connections fast (a load test) is never refused.
 CLIENT_FLOW_SHARE = 0.25
-# What the services of a worker hold at most, together (HoldBudget). Each holds up to its
-# own hold.bytes (8 MiB by default, up to 256 MiB), and nothing else summed them: a pod
-# SYN-flooding 50 dormant VIPs made the daemon hold 50 times that. 64 MiB is eight
-# services' default holds at once, far more than a wake storm of ordinary clients needs
-# (a held SYN is 60-80 bytes: a million of them).
-HOLD_BUDGET_BYTES = 64 * 1024 * 1024
+# What the services of a worker hold at most, together (HoldBudget; the config's
+# `worker.service_hold_bytes`). Each holds up to its own hold.bytes (8 MiB by default, up
+# to 256 MiB), and nothing else summed them: a pod SYN-flooding 50 dormant VIPs made the
+# daemon hold 50 times that. 64 MiB is eight services' default holds at once, far more
+# than a wake storm of ordinary clients needs (a held SYN is 60-80 bytes: a million).
+HOLD_BUDGET_BYTES = DEFAULT_SERVICE_HOLD_BYTES
 
 
 class HoldBudget:
