@@ -62,6 +62,7 @@ from fabric.config.specs import (
     DEFAULT_MTU,
     DEFAULT_RELEASE_BURST,
     DEFAULT_RELEASE_INTERVAL,
+    DEFAULT_SERVICE_HOLD_BYTES,
     MAX_ACTIVATOR_MEMORY,
     NETNS_DIR,
     TUNNEL_MTU,
@@ -800,7 +801,12 @@ def validate_namespace_set(
 # Worker
 # ---------------------------------------------------------------------------
 
-_WORKER_KEYS = ("id", "control", "control_mode", "state_dir", "egress", "tunnel", "busy_poll")
+_WORKER_KEYS = ("id", "control", "control_mode", "state_dir", "egress", "tunnel", "busy_poll",
+                "service_hold_bytes")
+# The services' hold budget: less than a MiB is a typo (a few thousand SYNs), more than
+# 4 GiB would let dormant services take the host's memory.
+MIN_SERVICE_HOLD_BYTES = 1 << 20
+MAX_SERVICE_HOLD_BYTES = 4 << 30
 MAX_BUSY_POLL = 0.1  # longer is a typo: the data plane would spin for most of a second
 _EGRESS_KEYS = ("tun", "pool")
 _TUNNEL_KEYS = ("listen", "private_key", "private_key_file", "psk", "keepalive", "peers")
@@ -958,11 +964,18 @@ def _parse_worker(value: Any, src: str, key: str, base_dir: str | None) -> Worke
         if not state_dir.startswith("/") or not state_dir.isprintable():
             raise ConfigError(src, obj.key("state_dir"), f"{state_dir!r} is not an absolute path")
     busy_poll, adaptive = _parse_busy_poll(obj.get("busy_poll"), src, obj.key("busy_poll"))
+    hold_bytes = DEFAULT_SERVICE_HOLD_BYTES
+    if obj.has("service_hold_bytes"):
+        key = obj.key("service_hold_bytes")
+        hold_bytes = parse_size(obj.get("service_hold_bytes"), src, key)
+        if not MIN_SERVICE_HOLD_BYTES <= hold_bytes <= MAX_SERVICE_HOLD_BYTES:
+            raise ConfigError(src, key, f"{hold_bytes} bytes is not between 1MiB and 4GiB")
     egress = _parse_egress(obj.get("egress"), src, obj.key("egress"))
     tunnel = _parse_tunnel(obj.get("tunnel"), src, obj.key("tunnel"), worker_id, base_dir)
     return WorkerSpec(
         id=worker_id, control=control, control_mode=mode, egress=egress, tunnel=tunnel,
         state_dir=state_dir, busy_poll=busy_poll, busy_poll_adaptive=adaptive,
+        service_hold_bytes=hold_bytes,
     )
 
 

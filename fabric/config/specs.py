@@ -31,6 +31,10 @@ DEFAULT_EGRESS_POOL = IPv4Network("100.64.0.0/16")
 DEFAULT_HOLD_PACKETS = 1024
 DEFAULT_HOLD_BYTES = 8 * 1024 * 1024
 DEFAULT_HOLD_TIMEOUT = 30.0
+# What all services of a worker hold together (`worker.service_hold_bytes`): each holds
+# up to its own hold.bytes, and a flood to many dormant VIPs would otherwise hold that
+# many times over (fabric.services.core.HoldBudget).
+DEFAULT_SERVICE_HOLD_BYTES = 64 * 1024 * 1024
 # Release pacing: new flows handed to the ready backends per step, per backend, and the
 # time between steps (a burst of 1,000 SYNs into a backlog of 128 loses SYNs to a
 # full accept queue, and each lost one costs its client a 1 s retransmit).
@@ -286,6 +290,8 @@ class WorkerSpec:
     # see fabric.runtime.spin); adaptive: the most it polls, the window follows the gaps.
     busy_poll: float = ADAPTIVE_MAX
     busy_poll_adaptive: bool = True
+    # Bytes all services of the worker hold at most, together.
+    service_hold_bytes: int = DEFAULT_SERVICE_HOLD_BYTES
 
     @property
     def state_path(self) -> str:

@@ -95,7 +95,8 @@ class Daemon:
         self.fabric = Fabric(worker_id=config.worker.id, egress=config.worker.egress,
                              tunnel=config.worker.tunnel, state_dir=config.worker.state_path,
                              busy_poll=config.worker.busy_poll,
-                             busy_poll_adaptive=config.worker.busy_poll_adaptive)
+                             busy_poll_adaptive=config.worker.busy_poll_adaptive,
+                             service_hold_bytes=config.worker.service_hold_bytes)
         self.stop = asyncio.Event()
         self._reloading: asyncio.Task[None] | None = None
         env = notify_env if notify_env is not None else NotifyEnv.take(os.environ, os.getpid())
@@ -292,9 +293,14 @@ class Daemon:
                      new_w.busy_poll * 1000)
             old_w = dataclasses.replace(old_w, busy_poll=new_w.busy_poll,
                                         busy_poll_adaptive=new_w.busy_poll_adaptive)
+        if new_w.service_hold_bytes != old_w.service_hold_bytes:
+            self.fabric.set_service_hold_bytes(new_w.service_hold_bytes)
+            log.info("reload: the services' hold budget is now %d bytes",
+                     new_w.service_hold_bytes)
+            old_w = dataclasses.replace(old_w, service_hold_bytes=new_w.service_hold_bytes)
         if new_w != old_w:
-            log.warning("reload: changes to `worker` other than tunnel peers and busy_poll "
-                        "need a restart; they are not applied")
+            log.warning("reload: changes to `worker` other than tunnel peers, busy_poll and "
+                        "service_hold_bytes need a restart; they are not applied")
         running = {name: ns.spec for name, ns in self.fabric.namespaces.items()}
         wid = self.fabric.worker_id
 

@@ -177,12 +177,17 @@ class FlowTable:
     """Bounded flows with TCP/UDP state, fragments and expiry (see module docstring).
 
     `on_remove(flow)` runs for every flow that leaves the table (expired, evicted or
-    removed), after it is gone."""
+    removed), after it is gone. `on_close(flow, closed)` runs when a TCP flow in the
+    table closes (True) or a closed one reopens (False): what a user that counts only
+    open flows needs besides `on_remove` (a removed flow's `open` still says which it
+    was)."""
 
     def __init__(self, policy: FlowPolicy | None = None,
-                 on_remove: Callable[[Flow], None] | None = None) -> None:
+                 on_remove: Callable[[Flow], None] | None = None,
+                 on_close: Callable[[Flow, bool], None] | None = None) -> None:
         self.policy = policy = policy or FlowPolicy()
         self.on_remove = on_remove
+        self.on_close = on_close
         self.fwd: dict[int, dict[tuple[int, int], Flow]] = {
             PROTO_TCP: {}, PROTO_UDP: {}, PROTO_ICMP: {}}
         self.rev: dict[int, dict[tuple[int, int], Flow]] = {
@@ -339,9 +344,13 @@ class FlowTable:
             self.open -= 1
             self._closed[flow] = None
             self.counters["closed"] += 1
+            if self.on_close is not None:
+                self.on_close(flow, True)
         elif old == _CLOSED:  # reopened
             self.open += 1
             self._closed.pop(flow, None)
+            if self.on_close is not None:
+                self.on_close(flow, False)
         t = self.policy.tcp_timeout(st)
         flow.timeout = t
         self.wheel.move_earlier(flow, flow.last + t)

@@ -41,9 +41,11 @@ DROP_EGRESS_FULL: Final = "egress_table_full"
 DROP_EGRESS_UNSUPPORTED: Final = "egress_unsupported"
 DROP_NO_FLOW: Final = "no_flow"
 DROP_SERVICE_HOLD_FULL: Final = "service_hold_full"
+DROP_SERVICE_HOLD_BUDGET: Final = "service_hold_budget"
 DROP_SERVICE_NO_BACKEND: Final = "service_no_backend"
 DROP_SERVICE_PORT: Final = "service_port_closed"
 DROP_SERVICE_TABLE_FULL: Final = "service_table_full"
+DROP_SERVICE_CLIENT_QUOTA: Final = "service_client_quota"
 DROP_ACTIVATOR: Final = "activator_drop"
 DROP_NO_NAMESPACE: Final = "no_namespace"  # on the uplink: for no namespace's address
 

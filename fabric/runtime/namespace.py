@@ -50,6 +50,7 @@ from fabric.runtime.dataplane import DataPlane
 from fabric.runtime.events import EventBus
 from fabric.runtime.netnswatch import NetnsWatch
 from fabric.runtime.reconcile import SpecPlan
+from fabric.services.core import HoldBudget
 from fabric.services.dispatch import ServiceDispatch, SignalQueue
 from fabric.services.manager import BackendState, ServiceManager
 from fabric.services.probes import ProbeRunner
@@ -100,7 +101,8 @@ class PodState:
 
 class Namespace:
     def __init__(self, spec: NamespaceSpec, dataplane: DataPlane, bus: EventBus, *,
-                 netns_watch: NetnsWatch | None = None, closer: Closer | None = None) -> None:
+                 netns_watch: NetnsWatch | None = None, closer: Closer | None = None,
+                 hold_budget: HoldBudget | None = None) -> None:
         # The pods of the spec live in a dict (attach and detach are O(1)); the tuple of
         # `spec.pods` is made again only when someone reads `spec` (see the property).
         self._spec = spec
@@ -112,7 +114,7 @@ class Namespace:
         self.bus = bus
         self.router = Router(spec.name, spec.cidr, gateway_mac=spec.gateway_mac)
         self.signals = SignalQueue()
-        self.dispatch = ServiceDispatch(self.router, self.signals)
+        self.dispatch = ServiceDispatch(self.router, self.signals, hold_budget)
         self.router.attach_services(self.dispatch)
         self.probes: ProbeRunner | None = None
         self.pods: dict[str, PodState] = {}

@@ -50,6 +50,7 @@ from fabric.runtime.namespace import RETRY_INTERVAL, Namespace
 from fabric.runtime.netnswatch import NetnsWatch
 from fabric.runtime.prometheus import Metric
 from fabric.runtime.reconcile import NamespacePlan, plan_namespace, plan_peers
+from fabric.services.core import HOLD_BUDGET_BYTES, HoldBudget
 from gateway import resolvconf
 from gateway.uplink import Uplink
 
@@ -70,7 +71,8 @@ class Fabric:
     def __init__(self, worker_id: str | None = None, *, local_stack: bool = True,
                  egress: EgressSpec | None = None, tunnel: TunnelSpec | None = None,
                  state_dir: str | None = None, busy_poll: float = 0.0,
-                 busy_poll_adaptive: bool = False) -> None:
+                 busy_poll_adaptive: bool = False,
+                 service_hold_bytes: int = HOLD_BUDGET_BYTES) -> None:
         self.worker_id = worker_id or socket.gethostname()
         # the data plane's busy-poll window (fabric.runtime.spin)
         self.busy_poll = busy_poll
@@ -93,6 +95,9 @@ class Fabric:
         self.local_stack = local_stack
         self.bus = EventBus()
         self.namespaces: dict[str, Namespace] = {}
+        # What every namespace's services hold together (fabric.services.core): a flood to
+        # many dormant VIPs is bounded once, not once per service.
+        self.hold_budget = HoldBudget(service_hold_bytes)
         self.started = time.time()
         # True while a daemon applies its config file: not healthy (ready) until done
         self.starting = False
@@ -251,6 +256,11 @@ class Fabric:
         if self._dataplane is not None:
             self._dataplane.set_busy_poll(seconds, adaptive)
 
+    def set_service_hold_bytes(self, limit: int) -> None:
+        """What all services hold together (a config reload): packets already held stay;
+        the data-plane thread compares against the new limit from its next packet."""
+        self.hold_budget.limit = limit
+
     @property
     def dataplane(self) -> DataPlane:
         if self._dataplane is None:
@@ -303,7 +313,7 @@ class Fabric:
 
     async def _create(self, spec: NamespaceSpec) -> Namespace:
         ns = Namespace(spec, self.dataplane, self.bus, netns_watch=self.netns_watch,
-                       closer=self.closer)
+                       closer=self.closer, hold_budget=self.hold_budget)
         try:
             if self.local_stack:
                 await ns.start_local_stack()

@@ -23,6 +23,12 @@ Forwarding
     service with that backend has the tuple; otherwise the port is remapped, and each
     reply matches exactly one service's table.
 
+    One client cannot take the table: a client address (as it sent the packet, before
+    any hairpin SNAT) keeps at most `client_flows` flows of a protocol open in one
+    service (CLIENT_FLOW_SHARE of the table by default; closed TCP flows do not count,
+    the table evicts them). A new flow past it is refused (CLIENT_QUOTA, counted
+    `client_quota`) after due flows are expired; other clients still get theirs.
+
 Hairpin
     A backend calling its own service would get a packet from itself to itself: its
     kernel drops it (a "martian" with a local source) and, even if not, would answer
@@ -47,7 +53,8 @@ Readiness
 
 Holding and release order
     While no backend is ready, packets of new flows are held in arrival order, bounded by
-    packets, bytes and time (HoldSpec); overflow is tail-drop. When a backend becomes
+    packets, bytes and time (HoldSpec), and with the other services of the worker by a
+    shared HoldBudget (HOLD_BUDGET_BYTES); overflow is tail-drop. When a backend becomes
     ready the shell calls `release(now)`, which DNATs the held packets (pinning their
     flows) and returns them in arrival order. Ordering guarantee: while the hold queue is
     not empty, every packet that belongs to no pinned flow joins the queue instead of
@@ -85,7 +92,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from fabric.config.specs import DEFAULT_IDLE_TIMEOUT, HoldSpec, PortSpec, ServiceSpec
+from fabric.config.specs import (
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_SERVICE_HOLD_BYTES,
+    HoldSpec,
+    PortSpec,
+    ServiceSpec,
+)
 from fabric.flows import tcpstate
 from fabric.flows.headers import FRAGMENT, ICMP_ERROR, TRANSPORT, Headers
 from fabric.flows.headers import MALFORMED as MALFORMED_PACKET
@@ -120,9 +133,12 @@ NOT_SERVICE = 6  # not for a service port (or not TCP/UDP): the router decides
 NOT_OURS = 7  # reply(): not part of any flow, untouched: route as usual
 NO_FLOW = 8  # a later fragment or ICMP error with no flow: drop
 MALFORMED = 9
+CLIENT_QUOTA = 10  # the client has its share of the flow table open already: drop
+HOLD_BUDGET = 11  # the services sharing a HoldBudget hold all it allows: tail-dropped
 
 VERDICTS = ("forward", "held", "queued", "hold_full", "no_backend", "table_full",
-            "not_service", "not_ours", "no_flow", "malformed")
+            "not_service", "not_ours", "no_flow", "malformed", "client_quota",
+            "hold_budget")
 
 PROBE_INTERVAL = 0.2
 ACTIVE_PROBE_INTERVAL = 0.001
@@ -147,6 +163,7 @@ COUNTERS = (
     "release_dropped",
     "release_paced",
     "hold_overflow",
+    "hold_budget",
     "hold_timeout",
     "dnat_flows",
     "dnat_packets",
@@ -154,6 +171,7 @@ COUNTERS = (
     "hairpin",
     "no_backend",
     "table_full",
+    "client_quota",
     "not_service",
     "no_flow",
     "malformed",
@@ -177,6 +195,36 @@ _from_bytes = int.from_bytes
 SERVICE_FLOWS = FlowPolicy(
     max_flows=65536, tcp_syn=120.0, tcp_established=7440.0, tcp_closed=10.0,
     udp_unreplied=30.0, udp_replied=120.0, evict_closed=True, max_fragments=1024)
+# One client address may keep at most this share of a service's flow table open (per
+# protocol), so a pod that opens connections without end and keeps them established
+# cannot lock the other pods out of the service for the established timeout (2 h). A
+# quarter (16384 of 65536) is far more than any ordinary client keeps open to one
+# service (a connection pool holds hundreds), and leaves three quarters to everybody
+# else. Closed TCP flows do not count: the table evicts them for anyone's new flow, so
+# a client that opens and closes connections fast (a load test) is never refused.
+CLIENT_FLOW_SHARE = 0.25
+# What the services of a worker hold at most, together (HoldBudget; the config's
+# `worker.service_hold_bytes`). Each holds up to its own hold.bytes (8 MiB by default, up
+# to 256 MiB), and nothing else summed them: a pod SYN-flooding 50 dormant VIPs made the
+# daemon hold 50 times that. 64 MiB is eight services' default holds at once, far more
+# than a wake storm of ordinary clients needs (a held SYN is 60-80 bytes: a million).
+HOLD_BUDGET_BYTES = DEFAULT_SERVICE_HOLD_BYTES
+
+
+class HoldBudget:
+    """The bytes held by every service that shares this budget (the worker's:
+    ServiceDispatch gives it to its services, `Service.set_hold_budget`), bounded by
+    `limit`. Past it a service's new held packet is tail-dropped (HOLD_BUDGET, counted
+    `hold_budget`) even if its own hold has room. Data-plane thread only."""
+
+    __slots__ = ("limit", "used", "refused")
+
+    def __init__(self, limit: int = HOLD_BUDGET_BYTES) -> None:
+        if limit < 0:
+            raise ValueError("a hold budget cannot be negative")
+        self.limit = limit
+        self.used = 0
+        self.refused = 0  # packets refused, all services together
 
 
 # --- actions --------------------------------------------------------------------------------
@@ -250,6 +298,7 @@ class Service:
         probe_interval: float = PROBE_INTERVAL,
         activate_debounce: float = ACTIVATE_DEBOUNCE,
         flow_policy: FlowPolicy = SERVICE_FLOWS,
+        client_flows: int | None = None,
         now: float = 0.0,
         peers: dict[bytes, list[Service]] | None = None,
     ) -> None:
@@ -276,7 +325,15 @@ class Service:
         self.idle_timeout = idle_timeout
         self.probe_interval = probe_interval
         self.activate_debounce = activate_debounce
-        self.table = FlowTable(flow_policy, on_remove=self._flow_removed)
+        self.table = FlowTable(flow_policy, on_remove=self._flow_removed,
+                               on_close=self._flow_closed)
+        # Open flows per (protocol, client address): the client as it sent its packets,
+        # before any hairpin SNAT (Flow.orig_addrs). With a policy that does not evict
+        # closed flows, closed ones count too: they hold their place as long.
+        self.client_flows = client_flows if client_flows is not None else max(
+            1, int(flow_policy.max_flows * CLIENT_FLOW_SHARE))
+        self._count_closed = not flow_policy.evict_closed
+        self._per_client: dict[tuple[int, bytes], int] = {}
         self._h = Headers()
         self.backends: dict[str, Backend] = {}
         self._by_ip: dict[bytes, Backend] = {}
@@ -288,6 +345,7 @@ class Service:
         # (arrival, frame, off, length, partial, (proto, flow key) or None for a fragment)
         self._hold: deque[tuple[float, bytes, int, int, bool, tuple[int, Any] | None]] = deque()
         self.held_bytes = 0
+        self.hold_budget: HoldBudget | None = None  # shared with other services, if set
         self._release_at: float | None = None  # a release is pending since then
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self.demand = Demand(idle_timeout, activate_debounce, now, self.counters)
@@ -345,6 +403,18 @@ class Service:
             if flow.tag is b:
                 self.table.remove(flow)
         self._update_ready(now)
+
+    def set_hold_budget(self, budget: HoldBudget | None) -> None:
+        """Count this service's held bytes in `budget` (None: in none), moving what it
+        holds now from the budget it had, so a service that leaves gives its bytes back."""
+        old = self.hold_budget
+        if old is budget:
+            return
+        if old is not None:
+            old.used -= self.held_bytes
+        if budget is not None:
+            budget.used += self.held_bytes
+        self.hold_budget = budget
 
     def share_backends(self, peers: dict[bytes, list[Service]]) -> None:
         """Use `peers` (backend address -> services) with the other services of the same
@@ -468,6 +538,34 @@ class Service:
         b = flow.tag
         if isinstance(b, Backend):
             b.flows -= 1
+        if flow.open or self._count_closed:
+            self._client_count(flow, -1)
+
+    def _flow_closed(self, flow: Flow, closed: bool) -> None:
+        if not self._count_closed:
+            self._client_count(flow, -1 if closed else 1)
+
+    def _client_count(self, flow: Flow, step: int) -> None:
+        who = (flow.proto, flow.orig_addrs[:4])
+        n = self._per_client.get(who, 0) + step
+        if n > 0:
+            self._per_client[who] = n
+        else:
+            self._per_client.pop(who, None)
+
+    def client_flow_count(self, proto: int, client: bytes) -> int:
+        """The flows of `client` (4 address bytes) that count against its share."""
+        return self._per_client.get((proto, client), 0)
+
+    def _over_quota(self, proto: int, client: bytes, now: float) -> bool:
+        """Whether a new flow of `client` would pass its share, after expiring due flows
+        (which may be the client's own)."""
+        who = (proto, client)
+        limit = self.client_flows
+        if self._per_client.get(who, 0) < limit:
+            return False
+        self.counters["flows_expired"] += self.table.expire(now)
+        return self._per_client.get(who, 0) >= limit
 
     # --- packets: client -> VIP --------------------------------------------------------------
 
@@ -517,6 +615,9 @@ class Service:
                 return NOT_SERVICE
             if not releasing and (self._hold or not self._ready):
                 return self._hold_packet(pkt, off, length, now, partial, proto, l4)
+            if self._over_quota(proto, bytes(pkt[off + 12:off + 16]), now):
+                counters["client_quota"] += 1
+                return CLIENT_QUOTA
             flow = self._new_flow(pkt, h, target, now)
             if flow is None:
                 counters["table_full"] += 1
@@ -558,6 +659,8 @@ class Service:
         if not self.table.add(flow, now):
             return None
         b.flows += 1
+        who = (proto, src)
+        self._per_client[who] = self._per_client.get(who, 0) + 1
         self.counters["dnat_flows"] += 1
         if hairpin:
             self.counters["hairpin"] += 1
@@ -684,6 +787,13 @@ class Service:
         if len(self._hold) >= spec.packets or self.held_bytes + length > spec.bytes:
             counters["hold_overflow"] += 1
             return HOLD_FULL
+        budget = self.hold_budget
+        if budget is not None:
+            if budget.used + length > budget.limit:
+                budget.refused += 1
+                counters["hold_budget"] += 1
+                return HOLD_BUDGET
+            budget.used += length
         fk = (proto, self._h.key(pkt)) if l4 >= 0 else None
         self._hold.append((now, bytes(pkt[:off + length]), off, length, partial, fk))
         self.held_bytes += length
@@ -730,7 +840,7 @@ class Service:
                 budget -= 1
                 started.add(fk)
             _, frame, off, length, partial, _ = entry[:6]
-            self.held_bytes -= length
+            self._unhold(length)
             b = bytearray(frame)
             v = self._outbound(b, off, length, now, partial, True)
             if v == FORWARD:
@@ -752,6 +862,11 @@ class Service:
             self._wake_step("release", now)
             self._wake_done(now)
         return out
+
+    def _unhold(self, length: int) -> None:
+        self.held_bytes -= length
+        if self.hold_budget is not None:
+            self.hold_budget.used -= length
 
     @property
     def held_packets(self) -> int:
@@ -897,7 +1012,7 @@ class Service:
         timeout = self.hold_spec.timeout
         while hold and hold[0][0] + timeout <= now:
             _, frame, off, length, partial, _ = hold.popleft()[:6]
-            self.held_bytes -= length
+            self._unhold(length)
             self.counters["hold_timeout"] += 1
             resp = reject_response(frame[off:off + length], partial)
             out.append(HoldTimeout(frame, off, length, partial, resp))

@@ -17,6 +17,7 @@ gains or loses its last ready backend.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -32,6 +33,8 @@ from fabric.router.model import (
     DROP_HOLD_TIMEOUT,
     DROP_MALFORMED,
     DROP_NO_ROUTE,
+    DROP_SERVICE_CLIENT_QUOTA,
+    DROP_SERVICE_HOLD_BUDGET,
     DROP_SERVICE_HOLD_FULL,
     DROP_SERVICE_NO_BACKEND,
     DROP_SERVICE_PORT,
@@ -41,10 +44,14 @@ from fabric.router.model import (
 )
 from fabric.router.router import Router
 from fabric.services import core
-from fabric.services.core import Action, HoldTimeout, Released, Service
+from fabric.services.core import Action, HoldBudget, HoldTimeout, Released, Service
 from fabric.services.demand import Signal, coalesce
 
+log = logging.getLogger("fabricd.services")
+
 _from_bytes = int.from_bytes
+# A service whose packets the shared hold budget refuses logs it at most this often.
+BUDGET_WARN_INTERVAL = 60.0
 
 
 class Activator(Protocol):
@@ -106,9 +113,14 @@ class StreamWatch(NamedTuple):
 class ServiceDispatch:
     """One namespace's services as its router sees them (see module docstring)."""
 
-    def __init__(self, router: Router, signals: SignalSink | None = None) -> None:
+    def __init__(self, router: Router, signals: SignalSink | None = None,
+                 hold_budget: HoldBudget | None = None) -> None:
         self.router = router
         self.signals = signals
+        # What the services hold together, with other namespaces' (the worker's budget);
+        # None: each service only by its own hold spec.
+        self.hold_budget = hold_budget
+        self._budget_warned: dict[Service, float] = {}  # the last warning's time
         self.vips: dict[bytes, Service] = {}
         # Backend pod address -> the services it serves (a dict check on the hot path).
         # The services keep it themselves (Service.share_backends): a new flow's tuple
@@ -130,6 +142,7 @@ class ServiceDispatch:
             streams: StreamWatch | None = None) -> None:
         self.vips[svc.vip.packed] = svc
         svc.share_backends(self.backend_ips)
+        svc.set_hold_budget(self.hold_budget)
         self.activators[svc] = dict(activators or {})
         self._told[svc] = False
         if streams is not None and streams.ports:
@@ -141,6 +154,9 @@ class ServiceDispatch:
         self.vips.pop(svc.vip.packed, None)
         self.activators.pop(svc, None)
         self._told.pop(svc, None)
+        self._budget_warned.pop(svc, None)
+        if svc.hold_budget is self.hold_budget:
+            svc.set_hold_budget(None)  # what it holds goes with it
         if self.streams.pop(svc, None) is not None:
             self.router.stream_vips.discard(svc.vip.packed)
             self._told_streams.pop(svc, None)
@@ -214,6 +230,9 @@ class ServiceDispatch:
             self.release(svc, now)
         elif v == core.HOLD_FULL:
             port.drop(DROP_SERVICE_HOLD_FULL)
+        elif v == core.HOLD_BUDGET:
+            port.drop(DROP_SERVICE_HOLD_BUDGET)
+            self._budget_warning(svc, now)
         elif v == core.NO_BACKEND:
             port.drop(DROP_SERVICE_NO_BACKEND)
             resp = core.reject_response(bytes(buf[ip:ip + total]), partial)
@@ -223,11 +242,25 @@ class ServiceDispatch:
             router.icmp_error(port, buf, ip, ICMP_UNREACH, UNREACH_PORT, now, DROP_SERVICE_PORT)
         elif v == core.TABLE_FULL:
             port.drop(DROP_SERVICE_TABLE_FULL)
+        elif v == core.CLIENT_QUOTA:
+            port.drop(DROP_SERVICE_CLIENT_QUOTA)
         elif v != core.HELD:
             port.drop(DROP_MALFORMED)
         if svc.signals_pending:
             self._take_signals(svc)
         return out
+
+    def _budget_warning(self, svc: Service, now: float) -> None:
+        last = self._budget_warned.get(svc)
+        if last is not None and now - last < BUDGET_WARN_INTERVAL:
+            return
+        self._budget_warned[svc] = now
+        budget = svc.hold_budget
+        log.warning("namespace %s: service %s: the worker's services hold %d bytes, their "
+                    "budget is %d; new packets to hold are dropped (hold_budget: %d for "
+                    "this service so far)", self.router.name, svc.name,
+                    budget.used if budget is not None else 0,
+                    budget.limit if budget is not None else 0, svc.counters["hold_budget"])
 
     def replace_activator(self, svc: Service, key: tuple[int, int], host: Activator) -> None:
         """A reload on a packet port: the next packet goes to `host` (the service's core

@@ -233,3 +233,71 @@ def test_two_services_with_one_backend_and_one_client_port(sandbox: Sandbox) -> 
         r.stdout, r.stderr[-2000:], d.log()[-2000:])
     flows = {s["name"]: s["counters"]["dnat_flows"] for s in d.get("/v1/services")}
     assert flows == {"a": 1, "b": 1}, flows
+
+
+def _services(d: Daemon) -> dict[str, dict]:
+    return {s["name"]: s for s in d.get("/v1/services")}
+
+
+def test_dormant_services_share_the_worker_hold_budget(sandbox: Sandbox) -> None:
+    """Two dormant services, each allowed 8 MiB of held packets, under a worker budget
+    of 1 MiB: a pod's datagrams to both fill the budget, not 2 x 8 MiB; the rest are
+    dropped (`service_hold_budget`) with one warning; a reload raises the budget."""
+    worker, client = sandbox.netns("worker"), sandbox.netns("client")
+
+    def svc(name: str, ip: str) -> dict:
+        return {"name": name, "ip": ip, "hold": {"packets": 4096, "timeout": "60s"},
+                "ports": [{"port": 53, "target_port": 5353, "protocol": "udp"}]}
+
+    ns = {"name": "shop", "id": 7, "cidr": "10.40.0.0/24",
+          "pods": [{"name": "client", "ip": "10.40.0.2", "netns": client}],
+          "services": [svc("a", "10.40.0.100"), svc("b", "10.40.0.101")]}
+    config = {"worker": {"id": "fabricd", "service_hold_bytes": "1MiB"}, "namespaces": [ns]}
+    d = Daemon(sandbox, worker, config).start()
+    d.wait_attached(1)
+    # 1,000-byte IPv4 packets, paced a little so nothing is lost on the way in.
+    send = ("import socket, sys, time\n"
+            "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            "n = int(sys.argv[1])\n"
+            "for ip in sys.argv[2:]:\n"
+            "    for i in range(n):\n"
+            "        s.sendto(b'x' * 972, (ip, 53))\n"
+            "        time.sleep(0.0005)\n")
+    sandbox.run(client, sys.executable, "-c", send, "800", "10.40.0.100", "10.40.0.101")
+    limit = 1 << 20
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        svcs = _services(d)
+        held = svcs["a"]["held_bytes"] + svcs["b"]["held_bytes"]
+        if held + 1000 > limit:
+            break
+        time.sleep(0.1)
+    assert limit - 1000 < held <= limit, (svcs, d.log()[-2000:])
+    refused = svcs["b"]["counters"]["hold_budget"]
+    assert refused >= 500 and svcs["a"]["counters"]["hold_budget"] == 0, svcs
+    assert svcs["a"]["counters"]["hold_overflow"] == svcs["b"]["counters"]["hold_overflow"] == 0
+    from fabric.control.client import ControlClient
+
+    text = ControlClient(d.control).get_text("/metrics")
+    drops = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+             if line.startswith("fabric_drops_total{") and 'reason="service_hold_budget"' in line]
+    assert sum(drops) == refused, (drops, refused)
+    warned = [line for line in d.log().splitlines() if "service b: the worker's services hold"
+              in line]
+    assert len(warned) == 1, d.log()[-3000:]
+    # A reload raises the budget: b holds again.
+    config["worker"]["service_hold_bytes"] = "2MiB"
+    d.write_config(config)
+    d.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "hold budget is now 2097152 bytes" not in d.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "hold budget is now 2097152 bytes" in d.log(), d.log()[-3000:]
+    assert "need a restart" not in d.log()
+    before = svcs["b"]["held_packets"]
+    sandbox.run(client, sys.executable, "-c", send, "100", "10.40.0.101")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _services(d)["b"]["held_packets"] < before + 100:
+        time.sleep(0.1)
+    b = _services(d)["b"]
+    assert b["held_packets"] == before + 100 and b["counters"]["hold_budget"] == refused, b

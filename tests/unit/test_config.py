@@ -546,7 +546,7 @@ UNKNOWN_CASES = [
         ["worker", "ident"],
         "worker.ident",
         "unknown key 'ident' (expected one of: id, control, control_mode, state_dir, egress, "
-        "tunnel, busy_poll)",
+        "tunnel, busy_poll, service_hold_bytes)",
     ),
 ]
 
@@ -1665,6 +1665,22 @@ def test_worker_busy_poll_is_a_short_duration_and_adaptive_by_default() -> None:
     assert e.key == "worker.busy_poll" and "more than 100 ms" in e.problem
     e = cfg_err(_set(["worker", "busy_poll"], -1))
     assert e.key == "worker.busy_poll"
+
+
+def test_worker_service_hold_bytes_is_a_bounded_size() -> None:
+    from fabric.config.specs import DEFAULT_SERVICE_HOLD_BYTES
+
+    assert parse_config(base(), SRC).worker.service_hold_bytes == \
+        DEFAULT_SERVICE_HOLD_BYTES == 64 << 20
+    data = base()
+    data["worker"]["service_hold_bytes"] = "128MiB"
+    assert parse_config(data, SRC).worker.service_hold_bytes == 128 << 20
+    for bad, problem in (("512KiB", "not between 1MiB and 4GiB"),
+                         ("5GiB", "not between 1MiB and 4GiB"),
+                         ("lots", "is not a size"), (True, "size"), (-1, "negative")):
+        e = cfg_err(_set(["worker", "service_hold_bytes"], bad))
+        assert e.key == "worker.service_hold_bytes" and problem in e.problem, e.problem
+        assert e.source == SRC
 
 
 def test_worker_busy_poll_adaptive_has_a_max_and_a_mapping_form() -> None:

@@ -293,6 +293,19 @@ def test_reopened_flow_is_open_again() -> None:
     assert t.open == 0 and t.counters["closed"] == 2
 
 
+def test_the_close_hook_sees_closes_and_reopens() -> None:
+    seen: list[tuple[Flow, bool]] = []
+    t = FlowTable(FlowPolicy(), on_close=lambda f, closed: seen.append((f, closed)))
+    f = flow()
+    t.add(f, 0.0)
+    t.track_tcp(f, tcpstate.ORIG, TCP_SYN)
+    assert seen == []
+    t.track_tcp(f, tcpstate.ORIG, TCP_RST)
+    t.track_tcp(f, tcpstate.ORIG, TCP_RST)  # no change: no call
+    t.track_tcp(f, tcpstate.ORIG, TCP_SYN)
+    assert seen == [(f, True), (f, False)]
+
+
 def test_udp_first_reply_lengthens_the_timeout() -> None:
     t = table(udp_unreplied=30.0, udp_replied=120.0)
     f = flow(PROTO_UDP)

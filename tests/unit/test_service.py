@@ -33,8 +33,10 @@ from fabric.net.packets import (
     UNREACH_PORT,
 )
 from fabric.services.core import (
+    CLIENT_QUOTA,
     FORWARD,
     HELD,
+    HOLD_BUDGET,
     HOLD_FULL,
     NO_BACKEND,
     NO_FLOW,
@@ -44,6 +46,7 @@ from fabric.services.core import (
     SERVICE_FLOWS,
     TABLE_FULL,
     FlowId,
+    HoldBudget,
     HoldTimeout,
     Released,
     Service,
@@ -692,7 +695,7 @@ def test_status_row() -> None:
 
 
 def test_conntrack_bound_evicts_closed_flows_first() -> None:
-    s = service(B1, flow_policy=replace(SERVICE_FLOWS, max_flows=2))
+    s = service(B1, flow_policy=replace(SERVICE_FLOWS, max_flows=2), client_flows=3)
     assert out(s, syn(sport=1), 0.0)[0] == FORWARD
     assert out(s, syn(sport=2), 0.0)[0] == FORWARD
     assert out(s, syn(sport=3), 0.0)[0] == TABLE_FULL
@@ -737,6 +740,167 @@ def test_new_syn_on_a_closed_tuple_is_a_new_connection() -> None:
         _, t = out(s, syn(sport=sport))
         assert IP(t).dst != first  # chosen again among the ready ones
         s.set_backend(unready, ip_s(B1 if unready == "web-1" else B2), True)
+
+
+# --- a client's share of the flow table -----------------------------------------------------
+
+
+def _recount(s: Service) -> dict[tuple[int, bytes], int]:
+    """The per-client counts as they should be: the open flows in the table by client."""
+    want: dict[tuple[int, bytes], int] = {}
+    for f in s.table:
+        if f.open:
+            k = (f.proto, f.orig_addrs[:4])
+            want[k] = want.get(k, 0) + 1
+    assert s._per_client == want
+    return want
+
+
+def test_default_client_share_is_a_quarter_of_the_table() -> None:
+    assert service(B1).client_flows == SERVICE_FLOWS.max_flows // 4 == 16384
+    s = service(B1, flow_policy=replace(SERVICE_FLOWS, max_flows=2))
+    assert s.client_flows == 1
+
+
+def test_client_past_its_share_is_refused_others_are_not() -> None:
+    s = service(B1, client_flows=3)
+    for sport in (1, 2, 3):
+        assert out(s, syn(sport=sport), 0.0)[0] == FORWARD
+    assert out(s, syn(sport=4), 1.0)[0] == CLIENT_QUOTA  # and left unchanged
+    assert out(s, syn(sport=5), 1.0)[0] == CLIENT_QUOTA
+    assert s.counters["client_quota"] == 2 and s.counters["table_full"] == 0
+    # Its flows go on; another client, and the same client over UDP, get new flows.
+    assert out(s, tcp(CLIENT, VIP, 1, 80, TCP_ACK), 1.0)[0] == FORWARD
+    assert out(s, syn(src=CLIENT2, sport=4), 1.0)[0] == FORWARD
+    assert out(s, udp(), 1.0)[0] == FORWARD
+    assert s.client_flow_count(PROTO_TCP, CLIENT) == 3
+    assert s.client_flow_count(PROTO_TCP, CLIENT2) == 1
+    assert s.client_flow_count(PROTO_UDP, CLIENT) == 1
+    assert len(s.table) == 5
+    _recount(s)
+
+
+def test_client_share_frees_as_its_flows_close_expire_or_go() -> None:
+    s = service(B1, client_flows=2,
+                flow_policy=replace(SERVICE_FLOWS, tcp_syn=20.0, tcp_closed=5.0))
+    out(s, syn(sport=1), 0.0)
+    out(s, syn(sport=2), 1.0)
+    assert out(s, syn(sport=3), 2.0)[0] == CLIENT_QUOTA
+    # Closed (RST): no longer counted, though still in the table for stragglers.
+    out(s, tcp(CLIENT, VIP, 1, 80, TCP_RST), 3.0)
+    assert s.client_flow_count(PROTO_TCP, CLIENT) == 1 and len(s.table) == 2
+    assert out(s, syn(sport=3), 3.0)[0] == FORWARD
+    assert out(s, syn(sport=4), 3.0)[0] == CLIENT_QUOTA
+    _recount(s)
+    # A FIN both ways closes as well.
+    back(s, tcp(B1, CLIENT, 8080, 3, TCP_SYN | TCP_ACK), 4.0)
+    out(s, tcp(CLIENT, VIP, 3, 80, TCP_ACK), 4.0)
+    out(s, tcp(CLIENT, VIP, 3, 80, TCP_FIN | TCP_ACK), 5.0)
+    back(s, tcp(B1, CLIENT, 8080, 3, TCP_FIN | TCP_ACK), 5.0)
+    assert s.client_flow_count(PROTO_TCP, CLIENT) == 1
+    _recount(s)
+    # Expired: sport 2 (opening since 1.0) is due at 21.0; no timer ran, the refusal
+    # expires due flows first.
+    assert out(s, syn(sport=4), 21.5)[0] == FORWARD
+    assert out(s, syn(sport=5), 21.5)[0] == FORWARD
+    assert out(s, syn(sport=6), 21.5)[0] == CLIENT_QUOTA
+    assert s.counters["flows_expired"] >= 1
+    _recount(s)
+    # A removed backend takes its flows, and the count with them.
+    s.remove_backend("web-1")
+    assert len(s.table) == 0 and s._per_client == {}
+    s.set_backend("web-1", ip_s(B1), True)
+    assert out(s, syn(sport=7), 22.0)[0] == FORWARD
+
+
+def test_a_reopened_tuple_counts_once() -> None:
+    s = service(B1, client_flows=1)
+    out(s, syn(sport=1), 0.0)
+    out(s, tcp(CLIENT, VIP, 1, 80, TCP_RST), 0.5)
+    assert s.client_flow_count(PROTO_TCP, CLIENT) == 0
+    assert out(s, syn(sport=1), 1.0)[0] == FORWARD  # a new connection on the closed tuple
+    assert s.client_flow_count(PROTO_TCP, CLIENT) == 1
+    assert out(s, syn(sport=2), 1.0)[0] == CLIENT_QUOTA
+    _recount(s)
+
+
+def test_closed_flows_of_a_fast_client_never_refuse_it() -> None:
+    """Short connections: the closed ones wait tcp_closed in the table but are evicted
+    for new flows; only open ones count."""
+    s = service(B1, client_flows=4, flow_policy=replace(SERVICE_FLOWS, max_flows=8))
+    for sport in range(1000, 1100):
+        assert out(s, syn(sport=sport), 0.0)[0] == FORWARD
+        out(s, tcp(CLIENT, VIP, sport, 80, TCP_RST), 0.0)
+    assert s.counters["client_quota"] == 0 and len(s.table) == 8
+    _recount(s)
+
+
+def test_hairpin_counts_against_the_original_client() -> None:
+    s = service(B1, client_flows=1)
+    assert out(s, tcp(B1, VIP, 40000, 80, TCP_SYN), 0.0)[0] == FORWARD  # SNATed to the VIP
+    assert s.client_flow_count(PROTO_TCP, B1) == 1
+    assert s.client_flow_count(PROTO_TCP, VIP) == 0
+    # The backend's answer to the VIP is the flow's reply, not a new flow of the VIP.
+    assert out(s, tcp(B1, VIP, 8080, 40000, TCP_SYN | TCP_ACK), 0.1)[0] == FORWARD
+    assert out(s, tcp(B1, VIP, 40001, 80, TCP_SYN), 0.2)[0] == CLIENT_QUOTA
+    assert out(s, syn(), 0.2)[0] == FORWARD
+    _recount(s)
+
+
+def test_held_packets_past_the_share_are_dropped_at_release() -> None:
+    s = service(client_flows=1)
+    assert out(s, syn(sport=1), 0.0)[0] == HELD
+    assert out(s, syn(sport=2), 0.0)[0] == HELD
+    s.set_backend("web-1", ip_s(B1), True, 0.1)
+    rel = s.release(0.1)
+    assert len(rel) == 1 and s.counters["release_dropped"] == 1
+    assert s.counters["client_quota"] == 1
+    _recount(s)
+
+
+# --- the hold budget services share --------------------------------------------------------
+
+
+def test_a_shared_hold_budget_bounds_what_services_hold_together() -> None:
+    n = len(syn())
+    budget = HoldBudget(limit=3 * n)
+    a = Service("a", "10.0.0.100", PORTS, readiness="external")
+    b = Service("b", "10.0.0.101", PORTS, readiness="external")
+    for svc in (a, b):
+        svc.set_hold_budget(budget)
+    assert out(a, syn(sport=1), 0.0)[0] == HELD
+    assert out(a, syn(sport=2), 0.0)[0] == HELD
+    assert out(b, syn(dst=b.vip.packed, sport=3), 0.0)[0] == HELD
+    assert budget.used == 3 * n
+    # Both services have room of their own (8 MiB each), the budget has none.
+    assert out(b, syn(dst=b.vip.packed, sport=4), 0.1)[0] == HOLD_BUDGET  # and unchanged
+    assert out(a, syn(sport=5), 0.1)[0] == HOLD_BUDGET
+    assert a.counters["hold_budget"] == 1 and b.counters["hold_budget"] == 1
+    assert budget.refused == 2 and a.counters["hold_overflow"] == 0
+    assert b.need()  # a refused packet still asks for a backend
+    # Released packets give their bytes back...
+    a.set_backend("web-1", ip_s(B1), True, 0.2)
+    assert len(a.release(0.2)) == 2 and budget.used == n
+    assert out(b, syn(dst=b.vip.packed, sport=6), 0.3)[0] == HELD
+    # ... and so do timed-out ones, and a service that leaves the budget.
+    b.handle_timer(30.05)
+    assert b.held_packets == 1 and budget.used == n
+    b.set_hold_budget(None)
+    assert budget.used == 0 and b.held_bytes == n
+    b.handle_timer(31.0)
+    assert b.held_bytes == 0 and budget.used == 0
+    c = Service("c", "10.0.0.102", PORTS, readiness="external")
+    c.set_hold_budget(budget)
+    assert out(c, syn(dst=c.vip.packed), 32.0)[0] == HELD
+    c.handle_timer(62.0)
+    assert c.counters["hold_timeout"] == 1 and budget.used == 0
+
+
+def test_no_budget_is_each_service_on_its_own() -> None:
+    s = service(hold=HoldSpec(packets=2))
+    assert s.hold_budget is None
+    assert [out(s, syn(sport=i), 0.0)[0] for i in range(3)] == [HELD, HELD, HOLD_FULL]
+    assert s.counters["hold_budget"] == 0
 
 
 # --- robustness ------------------------------------------------------------------------------
