@@ -70,7 +70,8 @@ SHIPPED_KEYS: dict[str, dict[str, Kind]] = {
               "stream_hold_bytes": Int(1)},
     "http2": {**_HOST, "max_connections": Int(0, 1024), "max_busy_connections": Int(),
               "reopen_upstream": Bool()},
-    "postgres": {**_HOST, "ssl": Choice(("passthrough", "off", "disable", "none")), "startup_timeout_ms": Int(1),
+    "postgres": {**_HOST, "ssl": Choice(("passthrough", "off", "disable", "none")),
+                 "startup_timeout_ms": Int(1),
                  "stream_hold_bytes": Int(1), "max_message_bytes": Int(1),
                  "local_keepalive": Flag(), "need_debounce": Flag()},
 }
