@@ -276,6 +276,123 @@ def s_errors(host):
         out["psycopg"] = log
     return out
 
+async def s_asyncpg_more(host):
+    out = {}
+    c = await asyncpg.connect(host=host, port=5432, user="postgres", database="postgres",
+                              timeout=60)
+    try:
+        await c.execute("CREATE TEMP TABLE nn (a int NOT NULL, b text)")
+        try:  # an error in the middle of a COPY: the server ends it, the session goes on
+            await c.copy_records_to_table("nn", records=[(i, "v") for i in range(20000)]
+                                          + [(None, "bad")] + [(1, "w")] * 20000)
+        except asyncpg.NotNullViolationError as e:
+            out["copy_err"] = e.sqlstate
+        out["after_copy_err"] = await c.fetchval("SELECT count(*) FROM nn")
+        # many statements: past the cache of locally known ones, reused, then dropped
+        out["stmts"] = [await c.fetchval(f"SELECT {i} + $1::int", i) for i in range(12)] * 2
+        out["again"] = [await c.fetchval("SELECT 1"), await c.fetchval("select 1")]
+        await c.execute("DEALLOCATE ALL")
+        await c.reset()
+        out["after_reset"] = await c.fetchval("SELECT 2")
+        rows = await c.fetch("SELECT repeat('y', 1000000) FROM generate_series(1, 20)")
+        out["large"] = [len(rows), all(r[0] == "y" * 1000000 for r in rows)]
+        # executemany sends its Bind/Execute pairs pipelined before one Sync
+        await c.execute("CREATE TEMP TABLE em (a int, b text)")
+        await c.executemany("INSERT INTO em VALUES ($1, $2)",
+                            [(i, "e" * (i % 300)) for i in range(5000)])
+        out["em"] = list(await c.fetchrow("SELECT count(*), sum(length(b)) FROM em"))
+        try:
+            await c.executemany("INSERT INTO nn VALUES ($1, $2)", [(1, "a"), (None, "b"), (2, "c")])
+        except asyncpg.NotNullViolationError as e:
+            out["em_err"] = e.sqlstate
+        out["cursor"] = []
+        async with c.transaction():
+            async for r in c.cursor("SELECT g FROM generate_series(1, 500) g", prefetch=50):
+                out["cursor"].append(r[0])
+        out["big_param"] = await c.fetchval("SELECT md5($1::text)", "p" * 3_000_000)
+    finally:
+        await c.close()
+    return out
+
+
+def s_psycopg_more(host):
+    out = {}
+    with psycopg.connect(host=host, autocommit=True, **KW) as conn:
+        # keep-alives alone in a pipeline, their results fetched in the middle (a Flush)
+        with conn.pipeline() as p:
+            curs = [conn.execute("SELECT 1") for _ in range(10)]
+            first = curs[0].fetchone()
+            curs += [conn.execute("SELECT 1") for _ in range(5)]
+            p.sync()
+            curs += [conn.execute("SELECT 1") for _ in range(5)]
+            curs.append(conn.execute("SELECT %s::int", (77,)))
+            curs += [conn.execute("SELECT 1") for _ in range(5)]
+        out["ka_pipeline"] = [list(first)] + [list(c.fetchone()) for c in curs[1:]]
+        with conn.pipeline():
+            curs = [conn.execute("SELECT 1") for _ in range(100)]  # more than a group holds
+        out["ka_100"] = sum(c.fetchone()[0] for c in curs)
+        conn.execute("CREATE TEMP TABLE cp (a int NOT NULL)")
+        errs = []
+        try:
+            with conn.cursor().copy("COPY cp FROM STDIN") as cp:
+                for i in range(30000):
+                    cp.write_row((i,))
+                cp.write(b"oops\n")
+                for i in range(30000):
+                    cp.write_row((i,))
+        except psycopg.Error as e:
+            errs.append([type(e).__name__, e.sqlstate])
+        out["copy_err"] = errs
+        out["after"] = conn.execute("SELECT count(*) FROM cp").fetchone()[0]
+        with conn.transaction():  # a server-side cursor
+            cur = conn.cursor("sc")
+            cur.execute("SELECT g, repeat('c', 1000) FROM generate_series(1, 3000) g")
+            n = 0
+            while rows := cur.fetchmany(250):
+                n += len(rows)
+            cur.close()
+        out["named_cursor"] = n
+    return out
+
+
+sessions = {}
+
+
+def s_session(cmd, host):
+    # Sessions kept open across steps (a pool's idle connections): asyncpg and psycopg.
+    loop = sessions.setdefault("loop", asyncio.new_event_loop())
+    run = loop.run_until_complete
+    if cmd == "open":
+        sessions[host, "a"] = run(asyncpg.connect(host=host, port=5432, user="postgres",
+                                                  database="postgres", timeout=60))
+        sessions[host, "p"] = psycopg.connect(host=host, autocommit=True, **KW)
+        a = sessions[host, "a"]
+        run(a.execute("CREATE TEMP TABLE s (a int, b text)"))
+        return [run(a.fetchval("SELECT 1")), run(a.fetchval("SELECT $1::int", 5))]
+    a, p = sessions[host, "a"], sessions[host, "p"]
+    if cmd == "ping":  # keep-alives as pools send them
+        got = []
+        for _ in range(3):
+            got.append(run(a.fetchval("SELECT 1")))
+            got.append(run(a.execute("SELECT 1")))
+            got.append(p.execute("SELECT 1").fetchone()[0])
+        return got
+    if cmd == "work":  # what wakes it: a held big parameter, a pipeline, a COPY
+        out = [run(a.fetchval("SELECT length($1::text)", "h" * 3_000_000))]
+        with p.pipeline():
+            curs = [p.execute("SELECT %s::int * 3", (i,)) for i in range(100)]
+        out.append([c.fetchone()[0] for c in curs])
+        recs = [(i, "r" * 100) for i in range(30000)]
+        out.append(run(a.copy_records_to_table("s", records=recs)))
+        out.append(run(a.fetchval("SELECT sum(a) FROM s")))
+        out.append(run(a.fetchval("SELECT 1")))
+        return out
+    if cmd == "close":
+        run(a.close())
+        p.close()
+        return True
+    raise ValueError(cmd)
+
 
 listeners = {}
 notifiers = {}
@@ -290,6 +407,12 @@ def handle(cmd, host):
         return s_large(host)
     if cmd == "errors":
         return s_errors(host)
+    if cmd == "asyncpg_more":
+        return asyncio.run(s_asyncpg_more(host))
+    if cmd == "psycopg_more":
+        return s_psycopg_more(host)
+    if cmd.startswith("session "):
+        return s_session(cmd.split()[1], host)
     if cmd == "listen":  # a session that LISTENs, then sits idle
         c = listeners.get(host) or psycopg.connect(host=host, autocommit=True, **KW)
         listeners[host] = c
@@ -442,6 +565,23 @@ def test_errors_mid_session(env: Env) -> None:
     env.healthy()
 
 
+def test_asyncpg_copy_errors_statements_cursors_large(env: Env) -> None:
+    via, direct = env.both("asyncpg_more")
+    assert via == direct
+    assert via["copy_err"] == "23502" and via["after_copy_err"] == 0
+    assert via["large"] == [20, True] and via["cursor"] == list(range(1, 501))
+    env.healthy()
+
+
+def test_psycopg_keepalive_pipelines_copy_error_named_cursor(env: Env) -> None:
+    via, direct = env.both("psycopg_more")
+    assert via == direct
+    assert via["ka_pipeline"] == [[1]] * 20 + [[77]] + [[1]] * 5
+    assert via["ka_100"] == 100 and via["named_cursor"] == 3000
+    assert via["copy_err"] == [["InvalidTextRepresentation", "22P02"]] and via["after"] == 0
+    env.healthy()
+
+
 def test_listen_notify_idle(env: Env) -> None:
     """The listener sits idle with need none (the service idles, on_idle runs: here it
     freezes nothing); another session's NOTIFY reaches it."""
@@ -484,6 +624,19 @@ def test_listen_notify_frozen_database(env: Env) -> None:
         assert env.ask("listen", VIP)["ok"]
         assert env.ask("notify third", VIP)["ok"]
         assert env.ask("recv", VIP)["got"] == [["ch", "third"]]
+        # idle asyncpg and psycopg sessions: keep-alives answered while frozen, then
+        # real work (a 3 MB parameter held while it thaws, a pipeline, a COPY)
+        oracle = env.ask("session open", DB_IP), None
+        oracle = oracle[0], env.ask("session work", DB_IP)
+        env.ask("session close", DB_IP)
+        assert env.ask("session open", VIP) == oracle[0]
+        wait(lambda: frozen(env.srv), "the database to be frozen under idle sessions")
+        answered = stats(env.d, 5432)["guest_counters"].get("keepalives_answered", 0)
+        assert env.ask("session ping", VIP) == [1, "SELECT 1", 1] * 3
+        assert frozen(env.srv), "a keep-alive thawed the database"
+        assert stats(env.d, 5432)["guest_counters"]["keepalives_answered"] - answered >= 9
+        assert env.ask("session work", VIP) == oracle[1]
+        env.ask("session close", VIP)
         env.healthy()
     finally:
         env.flag.unlink()
