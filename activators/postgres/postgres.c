@@ -15,7 +15,9 @@
  *   - on an established session whose last ReadyForQuery said 'I' and with nothing in
  *     flight, keep-alive queries (SELECT 1, ';', the empty query, with SQL comments or
  *     comments alone as pgx's "-- ping"; simple and extended protocol) are answered
- *     locally with the bytes a real PostgreSQL 15 sends;
+ *     locally with the bytes a real PostgreSQL 15 sends; so is asyncpg's pool reset query
+ *     on a session the backend has heard nothing from since its startup or its last
+ *     completed reset (the reset then has nothing to undo);
  *   - need is "active" while any session has a query in flight, is inside a
  *     transaction, waits for a backend or is spliced (TLS: unseen), and "none" otherwise;
  *   - a real query while no backend is up is held (bounded; the client is paused at the

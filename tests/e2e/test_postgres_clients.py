@@ -15,7 +15,9 @@ service between steps:
   real queries and alone, prepared statements, an error aborting the rest);
 - LISTEN/NOTIFY: a listening session sits idle (need ``none``, the service idles), another
   session NOTIFYs, the listener gets it; the same with the database frozen by
-  ``on_idle`` under both sessions and thawed by the NOTIFY;
+  ``on_idle`` under both sessions and thawed by the NOTIFY; idle asyncpg, asyncpg pool
+  and psycopg sessions whose keep-alives (a pool's reset query included) are answered
+  while the database stays frozen, then real work (a 3 MB parameter held while it thaws);
 - a large result (20 rows of 1 MB), byte for byte on the wire and through psycopg;
 - an error inside a transaction: ``SELECT 1/0``, then keep-alive shaped queries (simple,
   extended, a named statement, ``-- ping``) while the transaction is failed (the server
