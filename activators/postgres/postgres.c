@@ -15,7 +15,9 @@
  *   - on an established session whose last ReadyForQuery said 'I' and with nothing in
  *     flight, keep-alive queries (SELECT 1, ';', the empty query, with SQL comments or
  *     comments alone as pgx's "-- ping"; simple and extended protocol) are answered
- *     locally with the bytes a real PostgreSQL 15 sends;
+ *     locally with the bytes a real PostgreSQL 15 sends; so is asyncpg's pool reset query
+ *     on a session the backend has heard nothing from since its startup or its last
+ *     completed reset (the reset then has nothing to undo);
  *   - need is "active" while any session has a query in flight, is inside a
  *     transaction, waits for a backend or is spliced (TLS: unseen), and "none" otherwise;
  *   - a real query while no backend is up is held (bounded; the client is paused at the
@@ -109,6 +111,9 @@ struct stream {
     u8 kset;              /* the backend's BackendKeyData went by: kpid, khash are its */
     u8 has_like;          /* a CancelRequest for the session on stream `like` */
     u8 banswered;         /* a backend byte came after the startup was relayed */
+    u8 clean;             /* nothing reached the backend since the startup or since a reset
+                           * query it completed: asyncpg's reset query is then a no-op */
+    u8 resetting;         /* the reset query relayed alone from an idle session */
     u8 acked;             /* the backend took the startup (an 'R', or an answer relayed) */
     u8 retries;           /* startups resent after a 57P03 (starting up, shutting down) */
     u16 retry_delay;      /* ms before the next one: 100, doubling to 1000 */
@@ -281,6 +286,7 @@ static struct stream *stream_new(u32 id) {
     s->id = id;
     s->phase = PH_INIT;
     s->status = 'I';
+    s->clean = 1;
     buf_init(&s->hold);
     buf_init(&s->cand);
     buf_init(&s->replay);
@@ -455,6 +461,29 @@ static int contains_ci(const u8 *q, u32 n, const char *w) {
     return 0;
 }
 
+/* asyncpg's reset query (Connection.get_reset_query against PostgreSQL 15), sent as a
+ * simple Query by every pool release: on a clean session (above) it changes nothing and
+ * PostgreSQL 15 answers it with these bytes (captured; a ParameterStatus only comes when a
+ * reported setting was changed, which a clean session has not done). */
+static const char reset_query[] =
+    "SELECT pg_advisory_unlock_all();\nCLOSE ALL;\nUNLISTEN *;\nRESET ALL;";
+static const u8 reset_answer[] = {
+    'T', 0, 0, 0, 47, 0, 1, 'p', 'g', '_', 'a', 'd', 'v', 'i', 's', 'o', 'r', 'y', '_',
+    'u', 'n', 'l', 'o', 'c', 'k', '_', 'a', 'l', 'l', 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x08, 0xe6,
+    0, 4, 0xff, 0xff, 0xff, 0xff, 0, 0,
+    'D', 0, 0, 0, 10, 0, 1, 0, 0, 0, 0,
+    'C', 0, 0, 0, 13, 'S', 'E', 'L', 'E', 'C', 'T', ' ', '1', 0,
+    'C', 0, 0, 0, 21, 'C', 'L', 'O', 'S', 'E', ' ', 'C', 'U', 'R', 'S', 'O', 'R', ' ', 'A',
+    'L', 'L', 0,
+    'C', 0, 0, 0, 13, 'U', 'N', 'L', 'I', 'S', 'T', 'E', 'N', 0,
+    'C', 0, 0, 0, 10, 'R', 'E', 'S', 'E', 'T', 0,
+    'Z', 0, 0, 0, 5, 'I'};
+
+/* Whether a Query's body (n bytes with its NUL) is exactly that reset query. */
+static int is_reset(const u8 *b, u32 n) {
+    return n == sizeof reset_query && fab_memeq(b, reset_query, n);
+}
+
 static int name_eq(const struct stmt *t, const u8 *name, u32 n) {
     return t->nlen == n && fab_memeq(t->name, name, n);
 }
@@ -588,7 +617,12 @@ static int group_eval(struct stream *s, int final) {
         off += 1 + len;
         if (resp_len + 128 > sizeof resp) return 0;
         u8 *r = resp + resp_len;
-        if (t == 'Q') {
+        if (t == 'Q' && s->clean && is_reset(b, blen)) {
+            fab_copy(r, reset_answer, sizeof reset_answer);
+            resp_len += sizeof reset_answer;
+            gunnamed = K_NONE;
+            gtouch = 1;
+        } else if (t == 'Q') {
             u32 k = fab_pg_keepalive_query(b, blen);
             if (k == K_NONE) return 0;
             resp_len += fab_pg_answer_query(r, k);
@@ -785,6 +819,8 @@ static void drop_stmt(struct stream *s, const u8 *name, u32 n) {
  * since the COPY's Query/Execute are taken back at CopyDone/CopyFail, and a COPY started
  * by an Execute then waits for its Sync (libpq sends one after CopyDone). */
 static void count_msg(struct stream *s, u8 t) {
+    s->clean = 0;
+    s->resetting = 0;
     if (t == 'Q' || t == 'S' || t == 'F') s->pending++;
     if (t == 'S') {
         s->unsynced = 0;
@@ -949,9 +985,10 @@ static int peek_decide(struct stream *s, const u8 *b, u32 n) {
     if (s->cand.len || n < len || !len || b[len - 1]) return 0;
     if (t == 'Q') {
         u32 k = fab_pg_keepalive(b, len - 1);
-        if (k == K_NONE) return 1;
-        resp_len = fab_pg_answer_query(resp, k);
-        send_down(s, resp, resp_len);
+        int reset = s->clean && is_reset(b, len);
+        if (k == K_NONE && !reset) return 1;
+        if (reset) send_down(s, reset_answer, sizeof reset_answer);
+        else send_down(s, resp, fab_pg_answer_query(resp, k));
         COUNT(C_KEEPALIVES);
         s->unnamed_kind = K_NONE; /* a simple Query drops the unnamed statement */
         if (s->bunnamed) s->kill_unnamed = 1;
@@ -980,6 +1017,7 @@ static int msg_begin(struct stream *s, const u8 *p, u32 n) {
     u32 len = s->fr.len;
     if (s->phase == PH_STARTUP) {
         s->route = R_FORWARD;
+        if (t != 'p') s->clean = s->resetting = 0; /* pipelined behind the startup */
     } else if (s->discard_sync && t == 'X') {
         close_stream(s); /* the group being skipped never reached a backend */
         return 0;
@@ -1009,7 +1047,10 @@ static int msg_begin(struct stream *s, const u8 *p, u32 n) {
             }
             s->route = backend_ready(s) && !s->hold.len ? R_FORWARD : R_HOLD;
             begin_backend(s, s->route, t == 'Q');
+            int idle = !s->pending && !s->unsynced && s->status == 'I';
             count_msg(s, t);
+            /* the reset query alone: once the backend completes it, the session is clean */
+            if (t == 'Q' && idle && n >= s->fr.left && is_reset(p, s->fr.left)) s->resetting = 1;
             note_relayed(s, t, p, fab_min(n, s->fr.left));
             if (s->nstmt && (t == 'P' || t == 'C' || t == 'Q')) {
                 if (n >= s->fr.left) forget_stmts(s, t, p, s->fr.left); /* body at hand */
@@ -1366,6 +1407,10 @@ static void bmsg_end(struct stream *s) {
         } else {
             if (s->pending) s->pending--;
             s->status = s->bz;
+            if (s->resetting) {
+                if (!s->pending && s->bz == 'I') s->clean = 1;
+                s->resetting = 0;
+            }
             s->bcopy = 0;
             if (s->phase == PH_STARTUP) {
                 s->phase = PH_SESSION;
@@ -1425,6 +1470,7 @@ static void backend_feed(struct stream *s, const u8 *p, u32 n) {
             else { s->bdrop = 1; s->bskip--; }
         }
         if (t == 'G' && !s->bdrop) s->bcopy = 1;
+        if (t == 'E' && !s->bdrop) s->resetting = 0; /* it failed: not known to be clean */
         if (s->bdrop) {
             send_down(s, seg, (u32)(start - seg));
             seg = p;

@@ -147,6 +147,14 @@ CAPTURED: dict[str, str] = {
     "x_comment_select1": "3100000004" "3200000004" + _T + _D + _C,
 }
 
+#: asyncpg's reset query (every pool release sends it) and what PostgreSQL 15 answers on
+#: a session that changed nothing it resets (captured the same way; re-checked below)
+ASYNCPG_RESET = W.query("SELECT pg_advisory_unlock_all();\nCLOSE ALL;\nUNLISTEN *;\nRESET ALL;")
+RESET_ANSWER = (
+    "540000002f000170675f61647669736f72795f756e6c6f636b5f616c6c00000000000000000008e60004"
+    "ffffffff0000440000000a000100000000430000000d53454c4543542031004300000015434c4f534520"
+    "435552534f5220414c4c00430000000d554e4c495354454e00430000000a5245534554005a0000000549")
+
 GREETING = W.msg(b"R", struct.pack("!i", 0)) + W.msg(b"S", b"server_version\x0015.18\x00") \
     + W.msg(b"K", struct.pack("!ii", 4242, 77)) + W.msg(b"Z", b"I")
 
@@ -362,6 +370,55 @@ def test_keepalives_split_across_reads_are_still_answered_locally(guest) -> None
     g.client(1, q[:7])
     g.client(1, q[7:])
     assert g.to_backend(1) == q and g.to_client(1) == b""
+
+def test_asyncpg_reset_on_a_clean_session_is_answered_locally(guest) -> None:
+    """An asyncpg pool sends its reset query at every release, a pool keep-alive
+    included: on a session that sent the backend nothing since its startup (or since a
+    reset the backend completed) it changes nothing, and is answered locally; after any
+    relayed message it goes to the backend, and its success makes the session clean."""
+    g = guest()
+    session(g)
+    for _ in range(2):
+        g.client(1, W.query("SELECT 1") + ASYNCPG_RESET)
+        assert g.to_client(1).hex() == CAPTURED["q_select1"] + RESET_ANSWER
+        assert g.to_backend(1) == b"" and g.need == NONE
+    g.client(1, W.query("SET work_mem = '8MB'"))
+    assert g.to_backend(1) == W.query("SET work_mem = '8MB'")
+    g.backend(1, W.msg(b"C", b"SET\0") + rfq())
+    g.to_client(1)
+    g.client(1, ASYNCPG_RESET)  # the SET must be undone by the server
+    assert g.to_backend(1) == ASYNCPG_RESET and g.to_client(1) == b"" and g.need == ACTIVE
+    answer = bytes.fromhex(RESET_ANSWER)
+    g.backend(1, answer)
+    assert g.to_client(1) == answer
+    g.client(1, ASYNCPG_RESET)  # clean again
+    assert g.to_client(1) == answer and g.to_backend(1) == b""
+    # a relayed reset that fails (or has company in flight) leaves the session dirty
+    g.client(1, W.query("LISTEN x"))
+    assert g.to_backend(1) == W.query("LISTEN x")
+    g.backend(1, W.msg(b"C", b"LISTEN\0") + rfq())
+    g.client(1, ASYNCPG_RESET)
+    g.backend(1, W.msg(b"E", b"SERROR\0C57014\0Mcanceled\0\0") + rfq())
+    g.to_client(1)
+    g.client(1, ASYNCPG_RESET)
+    assert g.to_backend(1) == ASYNCPG_RESET * 2
+    g.backend(1, answer)  # that one went through: clean
+    g.client(1, W.query("SET a.b = 1") + ASYNCPG_RESET)
+    g.client(1, ASYNCPG_RESET)  # behind the SET: relayed, in order
+    assert g.to_backend(1) == W.query("SET a.b = 1") + ASYNCPG_RESET * 2
+
+
+def test_asyncpg_reset_after_the_startup_pipeline_is_relayed(guest) -> None:
+    """A query pipelined behind the StartupMessage reached the backend: not clean."""
+    g = guest()
+    g.open(1)
+    g.client(1, W.startup() + W.query("SET work_mem = '8MB'"))
+    g.connected(1)
+    g.backend(1, GREETING + W.msg(b"C", b"SET\0") + rfq())
+    g.to_backend(1)
+    g.to_client(1)
+    g.client(1, ASYNCPG_RESET)
+    assert g.to_backend(1) == ASYNCPG_RESET and g.to_client(1) == b""
 
 
 @pytest.mark.parametrize("sql", ["SELECT 2", "SELECT 1; SELECT 1", "SELECT 10", "select1",
@@ -1539,6 +1596,40 @@ def test_asyncpg_through_the_guest(bridge) -> None:
         b.set_backend(True)
         assert await conn.fetchval("SELECT 7") == 7
         await conn.close()
+
+    asyncio.run(run())
+
+
+def test_an_asyncpg_pool_keepalive_does_not_reach_a_sleeping_backend(bridge, pg: W.PgServer
+                                                                     ) -> None:
+    """pool.fetchval("SELECT 1") is the keep-alive and the reset query of the release:
+    with the backend down both are answered (the reset was held until the hold timeout,
+    and asyncpg then dropped the connection); the local answer is the live server's."""
+    asyncpg = pytest.importorskip("asyncpg")
+    import asyncio
+
+    direct = W.RawPg.unix(pg.socket_path)
+    assert direct.exchange(ASYNCPG_RESET, 1).hex() == RESET_ANSWER
+    direct.close()
+    b = bridge(hold_timeout_ms=1000)
+
+    async def run() -> None:
+        pool = await asyncpg.create_pool(host=str(b.sockdir), port=5433, user="postgres",
+                                         database="postgres", min_size=2, max_size=2)
+        assert await pool.fetchval("SELECT $1::int", 5) == 5  # relayed, then its reset
+        wait_for(lambda: b.need == NONE, "need none on the idle pool")
+        b.set_backend(False)
+        up = b.counters.upstream_bytes
+        for _ in range(4):
+            assert await pool.fetchval("SELECT 1") == 1
+            assert await pool.execute("SELECT 1") == "SELECT 1"
+        assert b.counters.upstream_bytes == up and b.need == NONE
+        b.set_backend(True)
+        async with pool.acquire() as c:
+            await c.execute("SET work_mem = '8MB'")
+        async with pool.acquire() as c:
+            assert await c.fetchval("SHOW work_mem") == "4MB"  # the reset was the server's
+        await pool.close()
 
     asyncio.run(run())
 
